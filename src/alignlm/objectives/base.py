@@ -1,0 +1,43 @@
+"""The objective contract: ``forward(batch, out, model) -> LossTerm``, composed by weight in the stage config.
+
+An objective that needs extra batch fields names them in ``requires_batch_keys``; the trainer checks the
+first batch against every objective before training, so a missing field fails at start-up, not at step 40k.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class LossTerm:
+    """A scalar loss and the metrics worth logging beside it."""
+
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Objective(nn.Module):
+    """Base class; subclasses set ``name`` and may declare the batch keys and model outputs they need."""
+
+    name: str = ""
+    requires_batch_keys: tuple[str, ...] = ()
+    needs_hidden_states: bool = False
+    # True when the loss is already normalised by the global supervised-token count (the LM loss);
+    # other losses are per-micro-batch means that the trainer averages over accumulation steps.
+    token_normalized: bool = False
+
+    def forward(self, batch: dict[str, Any], out: Any, model: nn.Module) -> LossTerm:  # pragma: no cover
+        raise NotImplementedError
+
+
+def check_batch(objectives: dict[str, Objective], batch: dict[str, Any]) -> None:
+    """Fail early, naming the objective and the missing batch keys."""
+    for key, obj in objectives.items():
+        missing = [k for k in obj.requires_batch_keys if batch.get(k) is None]
+        if missing:
+            raise KeyError(f"objective {key!r} needs batch fields {missing}, which the configured data does not provide")

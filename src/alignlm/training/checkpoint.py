@@ -1,0 +1,103 @@
+"""Checkpoints: full training state for exact resume, and ``final/`` weights that reload without training code.
+
+Layout (per stage): ``checkpoints/step_000500/`` holds trainable weights (safetensors), optimizer and
+scheduler state, per-rank RNG and ``trainer_state.json`` (step, data position); ``final/`` holds
+``config.yaml`` and ``model.safetensors`` with every part trained so far. Everything is written under a
+temporary name and renamed, so a killed job never leaves a half checkpoint that looks whole. Tensors
+load with safetensors or ``torch.load(weights_only=True)``: no arbitrary pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from alignlm.models.io import load_part_state, part_state
+
+STEP_PREFIX = "step_"
+
+
+def atomic_dir(final: Path) -> Path:
+    """A fresh temporary sibling of ``final``; publish it with ``publish``."""
+    tmp = final.with_name(final.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Replace ``final`` with ``tmp`` in one rename (the old copy is removed first if present)."""
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def save_training_state(
+    ckpt_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, state: dict[str, Any], rng: dict[int, Any]
+) -> None:
+    """Everything exact resume needs, written atomically (called on the main process)."""
+    tmp = atomic_dir(ckpt_dir)
+    save_file(part_state(model, ("vision", "connector", "llm"), only_trainable=True), str(tmp / "trainable.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    for rank, r in rng.items():
+        torch.save(r, tmp / f"rng_{rank}.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+    publish(tmp, ckpt_dir)
+
+
+def load_training_state(ckpt_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, rank: int) -> dict[str, Any]:
+    """Restore weights, optimizer, scheduler and this rank's RNG; returns the trainer state."""
+    state = load_file(str(ckpt_dir / "trainable.safetensors"))
+    load_part_state(model, state, [])
+    optimizer.load_state_dict(torch.load(ckpt_dir / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(ckpt_dir / "scheduler.pt", weights_only=True))
+    rng_file = ckpt_dir / f"rng_{rank}.pt"
+    if rng_file.exists():
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    return json.loads((ckpt_dir / "trainer_state.json").read_text())
+
+
+def rng_state() -> dict[str, Any]:
+    """Torch CPU and CUDA generator states (data order is seeded separately, by step)."""
+    out: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def step_dirs(stage_dir: Path) -> list[Path]:
+    """Complete step checkpoints, oldest first (temporary ones are ignored)."""
+    root = stage_dir / "checkpoints"
+    if not root.exists():
+        return []
+    return sorted(p for p in root.iterdir() if p.name.startswith(STEP_PREFIX) and not p.name.endswith(".tmp"))
+
+
+def prune(stage_dir: Path, keep_last: int) -> None:
+    """Keep only the newest ``keep_last`` step checkpoints (0 keeps all)."""
+    if keep_last > 0:
+        for old in step_dirs(stage_dir)[:-keep_last]:
+            shutil.rmtree(old)
+
+
+def save_final(final_dir: Path, model: nn.Module, config_yaml: str, parts: Iterable[str]) -> None:
+    """Weights of every part trained so far plus the resolved config: enough to rebuild the model."""
+    tmp = atomic_dir(final_dir)
+    save_file(part_state(model, parts), str(tmp / "model.safetensors"), metadata={"parts": ",".join(parts)})
+    (tmp / "config.yaml").write_text(config_yaml)
+    publish(tmp, final_dir)

@@ -1,0 +1,93 @@
+"""Rank-aware logging: console log, ``metrics.jsonl`` (always), wandb (by config), end-of-stage summary."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+WANDB_MODES = ("disabled", "offline", "online")
+
+
+def get_logger(name: str, rank: int) -> logging.Logger:
+    """A logger that speaks on rank 0 only (other ranks warn and above), with the rank in each line."""
+    log = logging.getLogger(name)
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(f"[%(asctime)s rank{rank} %(levelname)s] %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+        log.propagate = False
+    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    return log
+
+
+class MetricsLogger:
+    """Writes every scalar to ``metrics.jsonl`` and, when enabled, to wandb (offline mode needs no network)."""
+
+    def __init__(self, path: Path, wandb_cfg: Mapping[str, Any] | None, run_name: str, config: dict[str, Any], enabled: bool,
+                 start_step: int = 0) -> None:
+        self.enabled = enabled
+        self.path = path
+        self.wandb = None
+        if not enabled:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _drop_rows_after(path, start_step)
+        self.file = path.open("a", encoding="utf-8")
+        cfg = dict(wandb_cfg or {})
+        mode = cfg.get("mode", "disabled")
+        if mode not in WANDB_MODES:
+            raise ValueError(f"logging.wandb.mode={mode!r} is not known; choose one of {list(WANDB_MODES)}")
+        if mode != "disabled":
+            import wandb
+
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self.wandb = wandb.init(
+                project=cfg.get("project", "alignlm"),
+                entity=cfg.get("entity"),
+                name=run_name,
+                mode=mode,
+                dir=str(path.parent),
+                config=config,
+                reinit="finish_previous",
+            )
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log(dict(metrics), step=step)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _drop_rows_after(path: Path, step: int) -> None:
+    """A resumed run repeats the steps after its checkpoint: forget their first, unfinished record."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    kept = [line for line in rows if json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(rows):
+        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def summary_table(title: str, rows: Mapping[str, Any]) -> str:
+    """A two-column text table for the end of a stage or the pipeline."""
+    width = max(len(k) for k in rows)
+    lines = [f"== {title} ==", *(f"  {k:<{width}}  {_fmt(v)}" for k, v in rows.items())]
+    return "\n".join(lines)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)

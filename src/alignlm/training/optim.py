@@ -1,0 +1,38 @@
+"""Optimiser and learning-rate schedule for a stage: AdamW per parameter group, warmup then decay."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import torch
+
+from alignlm.models.mllm import AlignLM
+from alignlm.training.stages import param_groups
+
+
+def lr_lambda(total_steps: int, warmup_steps: int, schedule: str = "cosine"):
+    """Linear warmup then cosine (or constant / linear) decay to zero, as LLaVA trains."""
+    if schedule not in ("cosine", "linear", "constant"):
+        raise ValueError(f"stage.scheduler={schedule!r} is not known; choose one of ['cosine', 'linear', 'constant']")
+
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 1.0
+
+    return f
+
+
+def build_optimizer(model: AlignLM, stage: Mapping[str, Any], total_steps: int):
+    """AdamW over the stage's parameter groups plus its warmup/decay schedule."""
+    groups = param_groups(model, stage["lr"], float(stage.get("weight_decay", 0.0)))
+    optimizer = torch.optim.AdamW(groups, betas=tuple(stage.get("betas", (0.9, 0.999))), eps=1e-8)
+    warmup = int(round(float(stage.get("warmup_ratio", 0.03)) * total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup, stage.get("scheduler", "cosine")))
+    return optimizer, scheduler

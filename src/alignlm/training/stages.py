@@ -1,0 +1,88 @@
+"""What trains in a stage: each part frozen, fully trained or LoRA-adapted, with its own learning rate.
+
+LoRA wraps the LLM with peft in place; ``merge_lora`` folds it back before a final save, so ``final/``
+always holds plain weights that load without peft.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from torch import nn
+
+from alignlm.models.mllm import AlignLM
+
+MODES = ("frozen", "full", "lora")
+
+
+def apply_stage(model: AlignLM, parts: Mapping[str, str], lora: Mapping[str, Any] | None = None) -> None:
+    """Set ``requires_grad`` per part and inject LoRA where asked; frozen parts stay in eval mode."""
+    unknown = set(parts) - set(AlignLM.PARTS)
+    if unknown:
+        raise ValueError(f"stage.parts has unknown parts {sorted(unknown)}; parts are {list(AlignLM.PARTS)}")
+    model.frozen_parts = set()
+    for part in AlignLM.PARTS:
+        mode = parts.get(part, "frozen")
+        if mode not in MODES:
+            raise ValueError(f"stage.parts.{part}={mode!r} is not known; choose one of {list(MODES)}")
+        module: nn.Module = getattr(model, part)
+        module.requires_grad_(mode == "full")
+        if mode == "frozen":
+            model.frozen_parts.add(part)
+        elif mode == "lora":
+            setattr(model, part, _add_lora(module, dict(lora or {}), part))
+    model.train()
+
+
+def _add_lora(module: nn.Module, lora: dict[str, Any], part: str) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    if part == "connector":
+        raise ValueError("stage.parts.connector=lora is not supported; train the connector fully")
+    config = LoraConfig(
+        r=int(lora.get("r", 16)),
+        lora_alpha=int(lora.get("alpha", 32)),
+        lora_dropout=float(lora.get("dropout", 0.05)),
+        target_modules=lora.get("target_modules", "all-linear"),
+    )
+    return get_peft_model(module, config)
+
+
+def merge_lora(model: AlignLM) -> None:
+    """Fold LoRA adapters into their base weights (for final saves and export)."""
+    from peft import PeftModel
+
+    for part in AlignLM.PARTS:
+        module = getattr(model, part)
+        if isinstance(module, PeftModel):
+            setattr(model, part, module.merge_and_unload())
+
+
+def trainable_parts(parts: Mapping[str, str]) -> list[str]:
+    """Parts whose weights this stage changes (and a final save must therefore include)."""
+    return [p for p in AlignLM.PARTS if parts.get(p, "frozen") != "frozen"]
+
+
+def param_groups(model: AlignLM, lr: Mapping[str, float], weight_decay: float) -> list[dict[str, Any]]:
+    """One group per (part, decay) pair: biases and norm weights are never decayed."""
+    groups = []
+    for part in AlignLM.PARTS:
+        params = [(n, p) for n, p in getattr(model, part).named_parameters() if p.requires_grad]
+        if not params:
+            continue
+        if part not in lr:
+            raise ValueError(f"stage.lr.{part} is missing but the {part} trains in this stage")
+        decay = [p for n, p in params if p.ndim >= 2]
+        no_decay = [p for n, p in params if p.ndim < 2]
+        for ps, wd in ((decay, weight_decay), (no_decay, 0.0)):
+            if ps:
+                groups.append({"params": ps, "lr": float(lr[part]), "weight_decay": wd, "name": part})
+    if not groups:
+        raise ValueError("stage trains nothing: set at least one of stage.parts to full or lora")
+    return groups
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts, for the start-of-stage summary."""
+    total = sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), total

@@ -1,0 +1,111 @@
+"""Shared fixtures: a tiny LLaVA-format dataset on disk and tiny models composed from the real config tree."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from alignlm.constants import IGNORE_INDEX
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
+
+
+def write_colour_set(root: Path, n: int = 48) -> dict[str, Path]:
+    """Solid-colour images (varied aspect ratios) with captions, two-turn QA and a test set."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    names = list(COLOURS)
+    pretrain, instruct, test = [], [], []
+    for i in range(n):
+        name = names[i % 3]
+        Image.new("RGB", (40 + i % 5, 30), COLOURS[name]).save(root / "images" / f"{i}.png")
+        img = f"images/{i}.png"
+        pretrain.append({"id": f"p{i}", "image": img, "conversations": [
+            {"from": "human", "value": "<image>"}, {"from": "gpt", "value": f"A {name} square."}]})
+        instruct.append({"id": f"q{i}", "image": img, "conversations": [
+            {"from": "human", "value": "<image>\nWhat color is it?"}, {"from": "gpt", "value": name},
+            {"from": "human", "value": "Is it a photo?"}, {"from": "gpt", "value": "no"}]})
+        test.append({"id": f"t{i}", "image": img, "answer": name, "meta": {"choices": names}, "conversations": [
+            {"from": "human", "value": "<image>\nWhat color is it?"}, {"from": "gpt", "value": name}]})
+    paths = {}
+    for key, recs in (("pretrain", pretrain), ("instruct", instruct), ("test", test[:12])):
+        paths[key] = root / f"{key}.json"
+        paths[key].write_text(json.dumps(recs))
+    return paths
+
+
+@pytest.fixture(scope="session")
+def colour_set(tmp_path_factory) -> dict[str, Path]:
+    return write_colour_set(tmp_path_factory.mktemp("colours"))
+
+
+def tiny_overrides(colour_set: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    """Overrides for a seconds-long tiny two-stage run on the colour set."""
+    return [
+        f"output_dir={out}",
+        "run_name=t",
+        "stages.pretrain.max_steps=6",
+        "stages.finetune.max_steps=4",
+        "stages.pretrain.per_device_batch_size=4",
+        "stages.finetune.per_device_batch_size=4",
+        "stages.pretrain.save_every=2",
+        "stages.finetune.save_every=2",
+        "stages.finetune.data.template=vicuna_v1",
+        f"stages.pretrain.data.sources=[{{path:{colour_set['pretrain']}}}]",
+        f"stages.finetune.data.sources=[{{path:{colour_set['instruct']}}}]",
+        *extra,
+    ]
+
+
+def compose(*overrides: str):
+    from alignlm.cli import compose as _compose
+
+    return _compose(list(overrides))
+
+
+@pytest.fixture
+def tiny_model():
+    from alignlm.models.build import build_model
+
+    def make(*overrides: str):
+        return build_model(compose(*overrides).model)
+
+    return make
+
+
+def read_losses(stage_dir: Path) -> list[float]:
+    rows = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss/total"] for r in rows]
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
+
+
+def make_batch(model, image_counts: list[int], text_len: int = 6, seed: int = 0) -> dict:
+    """Sequences with ``count`` image blocks each, then supervised text; right padded by construction."""
+    g = torch.Generator().manual_seed(seed)
+    m, img = model.num_image_tokens, model.image_token_id
+    rows, labels = [], []
+    for count in image_counts:
+        text = torch.randint(10, 200, (text_len,), generator=g)
+        ids = torch.cat([torch.full((m,), img)] * count + [text]) if count else text
+        lab = ids.clone()
+        lab[ids == img] = IGNORE_INDEX
+        rows.append(ids)
+        labels.append(lab)
+    length = max(len(r) for r in rows)
+    pad = lambda xs, v: torch.stack([torch.cat([x, torch.full((length - len(x),), v)]) for x in xs])  # noqa: E731
+    input_ids = pad(rows, 0)
+    size = model.image_spec.size
+    return {
+        "input_ids": input_ids,
+        "labels": pad(labels, IGNORE_INDEX),
+        "attention_mask": pad([torch.ones(len(r), dtype=torch.long) for r in rows], 0),
+        "pixel_values": torch.randn(sum(image_counts), 3, size, size, generator=g) if sum(image_counts) else None,
+    }

@@ -1,0 +1,153 @@
+"""LLaVA data pipeline: image expansion, padding, mixtures, and every kind of bad input."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from alignlm.constants import IGNORE_INDEX
+from alignlm.data.collate import Collator, Skipped
+from alignlm.data.images import pad_to_square, preprocess
+from alignlm.data.llava import DataError, LlavaDataset, Source, mixture_index
+from alignlm.data.templates import get_template
+from alignlm.models.vision import ImageSpec
+
+
+@pytest.fixture(scope="module")
+def model():
+    from alignlm.models.build import build_model
+    from tests.conftest import compose
+
+    return build_model(compose().model)
+
+
+def dataset(model, records, root: Path, template="vicuna_v1", **kw) -> LlavaDataset:
+    path = root / "data.json"
+    path.write_text(json.dumps(records))
+    return LlavaDataset([Source(str(path))], model.tokenizer, get_template(template), model.image_spec,
+                        model.num_image_tokens, **kw)
+
+
+def record(rid: str, image="images/0.png", question="<image>\nWhat color?", answer="red"):
+    return {"id": rid, "image": image, "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]}
+
+
+@pytest.fixture
+def root(tmp_path) -> Path:
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (20, 10), (255, 0, 0)).save(tmp_path / "images" / "0.png")
+    Image.new("RGB", (10, 10), (0, 0, 255)).save(tmp_path / "images" / "1.png")
+    (tmp_path / "images" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    return tmp_path
+
+
+def test_each_image_expands_to_its_visual_tokens(model, root):
+    two = {"id": "two", "image": ["images/0.png", "images/1.png"],
+           "conversations": [{"from": "human", "value": "<image> and <image>: same?"}, {"from": "gpt", "value": "no"}]}
+    ds = dataset(model, [record("a"), two, {"id": "text", "conversations": record("x")["conversations"][:0] + [
+        {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}], root)
+    for i, n_img in enumerate([1, 2, 0]):
+        s = ds[i]
+        slots = s["input_ids"] == model.image_token_id
+        assert s["n_images"] == n_img and int(slots.sum()) == n_img * model.num_image_tokens
+        assert (s["labels"][slots] == IGNORE_INDEX).all()
+        assert (s["pixel_values"] is None) == (n_img == 0)
+    batch = Collator(model.tokenizer.pad_token_id)([ds[0], ds[1], ds[2]])
+    assert batch["pixel_values"].shape[0] == 3 and batch["image_counts"].tolist() == [1, 2, 0]
+    out = model(batch)  # the whole batch (several images and text-only) runs through the model
+    assert torch.isfinite(out.lm_loss)
+
+
+def test_image_added_before_first_question_when_record_has_no_placeholder(model, root):
+    ds = dataset(model, [record("a", question="What color?")], root)
+    assert int((ds[0]["input_ids"] == model.image_token_id).sum()) == model.num_image_tokens
+
+
+def test_placeholder_count_mismatch(model, root):
+    ds = dataset(model, [record("bad", question="<image><image> two?")], root, on_error="raise")
+    with pytest.raises(DataError, match="id=bad.*2 <image> placeholders but 1 images"):
+        ds[0]
+
+
+@pytest.mark.parametrize("image,match", [("images/missing.png", "missing.png: .*No such file"), ("images/corrupt.png", "cannot read image .*corrupt.png")])
+def test_bad_images_skip_or_raise(model, root, image, match):
+    ds = dataset(model, [record("ok"), record("bad", image=image)], root)
+    skipped = ds[1]
+    assert isinstance(skipped, Skipped) and skipped.id == "bad" and re.search(match, skipped.reason)
+    batch = Collator(0)([ds[0], skipped])
+    assert batch["ids"] == ["ok"] and [s.id for s in batch["skipped"]] == ["bad"]
+    strict = dataset(model, [record("bad", image=image)], root, on_error="raise")
+    with pytest.raises(DataError, match="id=bad"):
+        strict[0]
+
+
+def test_malformed_records_fail_at_start_up(model, root):
+    records = [record("ok"), {"id": "noconv"}, {"id": "badrole", "conversations": [{"from": "bot", "value": "x"}]}, 7]
+    ds = dataset(model, records, root)
+    assert len(ds) == 1 and len(ds.malformed) == 3
+    assert "noconv" in ds.malformed[0] and "bot" in ds.malformed[1]
+    with pytest.raises(DataError, match="record 1 .*id='noconv'.*conversations"):
+        dataset(model, records, root, on_error="raise")
+
+
+def test_bad_json_names_the_line(model, root):
+    path = root / "d.jsonl"
+    path.write_text(json.dumps(record("a")) + "\n{oops\n")
+    with pytest.raises(DataError, match="d.jsonl:2"):
+        LlavaDataset([Source(str(path))], model.tokenizer, get_template("plain"), model.image_spec, model.num_image_tokens)
+
+
+def test_unknown_on_error_policy(model, root):
+    with pytest.raises(ValueError, match="skip.*raise"):
+        dataset(model, [record("a")], root, on_error="ignore")
+
+
+def test_overlong_sample_truncates_text_but_never_visual_tokens(model, root):
+    long_answer = " ".join(["red"] * 200)
+    first_answer_pos = int(np.flatnonzero(dataset(model, [record("long", answer=long_answer)], root)[0]["labels"] != IGNORE_INDEX)[0])
+    limit = first_answer_pos + 5
+    ds = dataset(model, [record("long", answer=long_answer)], root, max_length=limit)
+    s = ds[0]
+    assert len(s["input_ids"]) == limit
+    assert int((s["input_ids"] == model.image_token_id).sum()) == model.num_image_tokens
+    assert (s["labels"] != IGNORE_INDEX).any()
+    cut_inside = dataset(model, [record("long", answer=long_answer)], root, max_length=10)
+    assert isinstance(cut_inside[0], Skipped) and "split visual tokens" in cut_inside[0].reason
+    strict = dataset(model, [record("long", answer=long_answer)], root, max_length=10, on_error="raise")
+    with pytest.raises(DataError, match="id=long.*max_length=10"):
+        strict[0]
+
+
+def test_pad_to_square_uses_mean_colour_and_keeps_aspect():
+    img = Image.new("RGB", (20, 10), (255, 0, 0))
+    sq = pad_to_square(img, (10, 20, 30))
+    assert sq.size == (20, 20)
+    assert sq.getpixel((0, 0)) == (10, 20, 30) and sq.getpixel((10, 10)) == (255, 0, 0)
+    spec = ImageSpec(16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    x = preprocess(img, spec)
+    assert x.shape == (3, 16, 16)
+    assert torch.allclose(x[:, 0, 0], torch.zeros(3), atol=2 / 255)  # the mean colour normalises to ~0 (8-bit rounding)
+
+
+def test_mixture_weights():
+    idx = mixture_index([10, 4], [2.0, 0.5], seed=0)
+    src = idx[:, 0]
+    assert (src == 0).sum() == 20 and (src == 1).sum() == 2
+    assert np.array_equal(idx, mixture_index([10, 4], [2.0, 0.5], seed=0))
+    with pytest.raises(ValueError, match="weight"):
+        mixture_index([3], [-1.0], seed=0)
+
+
+def test_left_padding_for_generation(model, root):
+    ds = dataset(model, [record("a"), record("b", question="<image>\nWhat color is this, exactly, in one word?")], root,
+                 for_generation=True)
+    batch = Collator(model.tokenizer.pad_token_id, padding_side="left")([ds[0], ds[1]])
+    assert (batch["attention_mask"][:, -1] == 1).all() and batch["attention_mask"][0, 0] == 0
+    text = model.tokenizer.decode(batch["input_ids"][0][batch["attention_mask"][0].bool()])
+    assert text.endswith("ASSISTANT:")

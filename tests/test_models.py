@@ -1,0 +1,156 @@
+"""Model assembly: towers, connectors, splicing of visual tokens, loss and gradients, on tiny CPU models."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from alignlm.models.build import build_model
+from alignlm.models.connectors import LinearConnector, MLPConnector
+from alignlm.models.vision import EfficientNetLiteTower, HFVisionTower
+from tests.conftest import compose, make_batch
+
+
+def test_tiny_model_builds_fast():
+    cfg = compose().model
+    build_model(cfg)  # the first build pays for importing transformers' model code
+    start = time.perf_counter()
+    model = build_model(cfg)
+    assert time.perf_counter() - start < 1.0
+    assert model.num_image_tokens == 16  # 32 px / patch 8 -> 4x4
+    assert model.tokenizer.convert_tokens_to_ids("<image>") == model.image_token_id
+    assert model.llm.get_input_embeddings().num_embeddings >= len(model.tokenizer)
+
+
+@pytest.mark.parametrize("connector", ["mlp2x_gelu", "linear"])
+def test_forward_backward_per_connector(tiny_model, connector):
+    model = tiny_model(f"model/connector={connector}")
+    batch = make_batch(model, [1, 2, 0])
+    out = model(batch)
+    assert out.visual_tokens.shape == (3, model.num_image_tokens, model.llm.config.hidden_size)
+    assert out.image_positions.sum() == 3 * model.num_image_tokens
+    assert torch.isfinite(out.lm_loss)
+    out.lm_loss.backward()
+    grads = [p.grad for p in model.connector.parameters()]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_mlp_depth_and_linear_shapes():
+    mlp3 = MLPConnector(8, 16, depth=3)
+    assert sum(isinstance(m, torch.nn.Linear) for m in mlp3.proj) == 3
+    assert mlp3(torch.randn(2, 5, 8)).tokens.shape == (2, 5, 16)
+    assert LinearConnector(8, 16, bias=False)(torch.randn(2, 5, 8)).tokens.shape == (2, 5, 16)
+    with pytest.raises(ValueError, match="depth"):
+        MLPConnector(8, 16, depth=0)
+
+
+def test_loss_matches_transformers_reference(tiny_model):
+    """Sparse-logit loss equals the HF causal-LM loss on the same spliced embeddings."""
+    model = tiny_model()
+    batch = make_batch(model, [1, 0, 2])
+    out = model(batch)
+    embeds, _ = model.embed(batch)
+    ref = model.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    torch.testing.assert_close(out.lm_loss, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_each_sample_sees_its_own_images(tiny_model):
+    """Splicing keeps reading order: changing image 2 changes only the sample that holds it."""
+    model = tiny_model()
+    model.eval()
+    batch = make_batch(model, [1, 2, 1])
+    base = model(batch, return_logits=True).logits
+    batch["pixel_values"] = batch["pixel_values"].clone()
+    batch["pixel_values"][2] += 1.0  # second image of sample 1
+    changed = model(batch, return_logits=True).logits
+    diff = (changed - base).abs().flatten(1).amax(1)
+    assert diff[1] > 1e-4 and diff[0] == 0 and diff[2] == 0
+
+
+def test_text_only_batch_runs_vision_path(tiny_model):
+    model = tiny_model()
+    batch = make_batch(model, [0, 0])
+    out = model(batch)
+    out.lm_loss.backward()
+    # the zero image keeps the connector in the graph (DDP/ZeRO-3 need every rank to touch it)
+    assert all(p.grad is not None for p in model.connector.parameters())
+
+
+def test_slot_mismatch_is_a_clear_error(tiny_model):
+    model = tiny_model()
+    batch = make_batch(model, [1])
+    batch["pixel_values"] = torch.cat([batch["pixel_values"]] * 2)
+    with pytest.raises(ValueError, match="image-token slots"):
+        model(batch)
+
+
+def test_image_embeds_bypass_the_tower(tiny_model):
+    model = tiny_model()
+    batch = make_batch(model, [1, 1])
+    feats = model.vision(batch.pop("pixel_values"))
+    batch["image_embeds"] = feats
+    assert torch.isfinite(model(batch).lm_loss)
+
+
+@pytest.mark.parametrize(
+    "config,prefix",
+    [
+        ({"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+          "num_attention_heads": 2, "image_size": 32, "patch_size": 8}, 1),
+        ({"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+          "num_attention_heads": 2, "image_size": 32, "patch_size": 8}, 0),
+        ({"model_type": "dinov2", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+          "num_attention_heads": 2, "image_size": 32, "patch_size": 8}, 1),
+    ],
+)
+def test_hf_towers_select_feature(config, prefix):
+    patch = HFVisionTower(config=config, select_feature="patch")
+    both = HFVisionTower(config=config, select_feature="cls_patch")
+    x = torch.randn(2, 3, 32, 32)
+    assert patch(x).shape == (2, 16, 32)
+    assert both(x).shape == (2, 16 + prefix, 32)
+
+
+def test_hf_cnn_backbone_feature_map_becomes_tokens():
+    config = {"model_type": "resnet", "embedding_size": 8, "hidden_sizes": [8, 16], "depths": [1, 1], "image_size": 64}
+    tower = HFVisionTower(config=config, select_layer=-1)
+    assert tower(torch.randn(2, 3, 64, 64)).shape == (2, tower.num_patches, 16)
+
+
+def test_tower_loads_a_saved_checkpoint_by_path(tmp_path):
+    """Loading by name is the same code path as loading a folder the test saved itself."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8)
+    CLIPVisionModel(cfg).save_pretrained(tmp_path)
+    tower = HFVisionTower(name_or_path=str(tmp_path))
+    ref = CLIPVisionModel.from_pretrained(tmp_path)
+    x = torch.randn(1, 3, 32, 32)
+    expected = ref(pixel_values=x, output_hidden_states=True).hidden_states[-2][:, 1:]
+    torch.testing.assert_close(tower(x), expected)
+
+
+def test_efficientnet_tower_tokens():
+    tower = EfficientNetLiteTower(image_size=64, weights=None)
+    assert tower(torch.randn(2, 3, 64, 64)).shape == (2, 4, 1280)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        EfficientNetLiteTower(image_size=100, weights=None)
+
+
+def test_frozen_parts_stay_in_eval_mode(tiny_model):
+    from alignlm.training.stages import apply_stage
+
+    model = tiny_model()
+    apply_stage(model, {"vision": "frozen", "connector": "full", "llm": "frozen"})
+    model.train()
+    assert not model.vision.training and model.connector.training and not model.llm.training
+    assert not any(p.requires_grad for p in model.llm.parameters())
+
+
+def test_unknown_stage_mode_lists_choices(tiny_model):
+    from alignlm.training.stages import apply_stage
+
+    with pytest.raises(ValueError, match="frozen.*full.*lora"):
+        apply_stage(tiny_model(), {"llm": "half"})

@@ -1,0 +1,137 @@
+"""Label masks: for every template and tokenizer, the supervised tokens decode to exactly the assistant turns."""
+
+from __future__ import annotations
+
+import pytest
+
+from alignlm.constants import IGNORE_INDEX, IMAGE_TOKEN
+from alignlm.data.templates import TemplateError, get_template, to_turns, tokenize
+from alignlm.models.tokenizer import build_tiny_tokenizer
+
+CONVERSATION = [
+    {"from": "human", "value": "<image>\nWhat digit is shown in the image? Answer with a single number."},
+    {"from": "gpt", "value": "7"},
+    {"from": "human", "value": "Is it even or odd?"},
+    {"from": "gpt", "value": "It is odd, because seven is not divisible by two."},
+]
+CAPTION = [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "A handwritten digit seven."}]
+
+
+def _with_image_token(tok):
+    tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]}, replace_extra_special_tokens=False)
+    return tok
+
+
+def _tiny():
+    return _with_image_token(build_tiny_tokenizer())
+
+
+def _tiny_with_bos():
+    """A Llama-like tokenizer that prepends BOS itself."""
+    from tokenizers.processors import TemplateProcessing
+
+    tok = _tiny()
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)])
+    return tok
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    from transformers import AutoTokenizer
+
+    from alignlm.models.llm import _smollm2_gguf
+
+    gguf = _smollm2_gguf()
+    return _with_image_token(AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name))
+
+
+def supervised_segments(ids, labels, tok) -> list[str]:
+    """Decode each maximal run of supervised tokens separately."""
+    segments, current = [], []
+    for i, lab in zip(ids, labels):
+        if lab != IGNORE_INDEX:
+            current.append(int(i))
+        elif current:
+            segments.append(tok.decode(current))
+            current = []
+    if current:
+        segments.append(tok.decode(current))
+    return segments
+
+
+def expected_answers(template: str, tok, conversation) -> list[str]:
+    answers = [m["value"] for m in conversation if m["from"] == "gpt"]
+    if template == "plain":
+        return [answers[0] + "\n"]
+    eot = tok.eos_token if template == "vicuna_v1" else "<|im_end|>"
+    return [a + eot for a in answers]
+
+
+@pytest.mark.parametrize("template", ["plain", "vicuna_v1", "chat"])
+@pytest.mark.parametrize("make_tok", [_tiny, _tiny_with_bos], ids=["tiny", "tiny_bos"])
+def test_supervised_tokens_are_the_assistant_turns(template, make_tok):
+    tok = make_tok()
+    conv = CAPTION if template == "plain" else CONVERSATION
+    ids, labels = tokenize(get_template(template).render(to_turns(conv), tok), tok)
+    got = [s.strip(" ") for s in supervised_segments(ids, labels, tok)]
+    assert got == expected_answers(template, tok, conv)
+    assert (ids == tok.convert_tokens_to_ids(IMAGE_TOKEN)).sum() == 1
+
+
+@pytest.mark.parametrize("template", ["plain", "vicuna_v1", "chat"])
+def test_real_tokenizer_smollm2(template, smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    conv = CAPTION if template == "plain" else CONVERSATION
+    ids, labels = tokenize(get_template(template).render(to_turns(conv), tok), tok)
+    got = [s.strip(" ") for s in supervised_segments(ids, labels, tok)]
+    assert got == expected_answers(template, tok, conv)
+
+
+def test_bos_only_when_the_tokenizer_uses_one():
+    plain = get_template("vicuna_v1").render(to_turns(CONVERSATION), _tiny())
+    bos = get_template("vicuna_v1").render(to_turns(CONVERSATION), _tiny_with_bos())
+    assert not plain.text.startswith("<s>") and bos.text.startswith("<s>")
+
+
+def test_generation_prompt_ends_where_the_answer_starts():
+    tok = _tiny()
+    for name in ("vicuna_v1", "chat"):
+        t = get_template(name)
+        prompt = t.render(to_turns(CONVERSATION[:1]), tok, add_generation_prompt=True).text
+        full = t.render(to_turns(CONVERSATION[:2]), tok).text
+        assert full.startswith(prompt) and full[len(prompt):].strip().startswith("7")
+
+
+def test_system_prompt_is_configurable():
+    tok = _tiny()
+    text = get_template("chat", system="Answer briefly.").render(to_turns(CONVERSATION), tok).text
+    assert text.startswith("<|im_start|>system\nAnswer briefly.")
+    text = get_template("vicuna_v1", system="Be terse.").render(to_turns(CONVERSATION), tok).text
+    assert text.startswith("Be terse. USER:")
+
+
+@pytest.mark.parametrize(
+    "conv,template,match",
+    [
+        (CONVERSATION, "plain", "one user turn then one assistant turn"),
+        ([{"from": "human", "value": "hi"}], "vicuna_v1", "alternate"),
+        ([{"from": "gpt", "value": "hi"}, {"from": "human", "value": "x"}], "chat", "alternate"),
+        ([{"from": "robot", "value": "hi"}], "chat", "robot"),
+    ],
+)
+def test_bad_conversations_raise(conv, template, match):
+    with pytest.raises(TemplateError, match=match):
+        get_template(template).render(to_turns(conv), _tiny())
+
+
+def test_unknown_template_lists_choices():
+    with pytest.raises(ValueError, match="chat.*plain.*vicuna_v1"):
+        get_template("alpaca")
+
+
+def test_chat_template_without_prefix_property_raises():
+    tok = _tiny()
+    # a template that renders the last turn differently breaks prefix rendering: refuse, do not guess
+    tok.chat_template = "{% for m in messages %}{% if loop.last %}LAST:{% endif %}{{ m['content'] }}|{% endfor %}"
+    with pytest.raises(TemplateError, match="prefix"):
+        get_template("chat").render(to_turns(CONVERSATION), tok)

@@ -1,0 +1,146 @@
+"""Training: stages chain, loss goes down, resume and accumulation reproduce an uninterrupted run, final/ reloads."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from alignlm.training.pipeline import run
+from alignlm.training.trainer import StopTraining
+from tests.conftest import compose, read_losses, tiny_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_pipeline_trains_both_stages_and_evaluates(colour_set, tmp_path):
+    cfg = compose(*tiny_overrides(colour_set, tmp_path, "stages.pretrain.max_steps=30", "stages.pretrain.lr.connector=5e-3",
+                                  f"eval.sets=[{{name:colours,path:{colour_set['test']}}}]"))
+    summary = run(cfg)
+    pre = read_losses(tmp_path / "t" / "pretrain")
+    assert len(pre) == 30 and sum(pre[-5:]) / 5 < sum(pre[:5]) / 5  # loss goes down
+    assert summary["stages"]["finetune"]["steps"] == 4
+    assert summary["eval"]["colours"]["n"] == 12 and summary["eval"]["colours"]["chance"] == pytest.approx(1 / 3)
+    for stage, parts in (("pretrain", ["connector"]), ("finetune", ["connector", "llm"])):
+        final = tmp_path / "t" / stage / "final"
+        assert (final / "config.yaml").exists()
+        from alignlm.models.io import final_parts
+
+        assert final_parts(final) == parts
+    assert json.loads((tmp_path / "t" / "summary.json").read_text())["stages"]["pretrain"]["world_size"] == 1
+    # finished stages are skipped on a rerun (resume=auto)
+    assert run(cfg)["stages"] == {}
+
+
+def test_final_reloads_without_training_code(colour_set, tmp_path):
+    from alignlm.models.io import load_model
+    from tests.conftest import make_batch
+
+    run(compose(*tiny_overrides(colour_set, tmp_path, "run=[pretrain]")))
+    final = tmp_path / "t" / "pretrain" / "final"
+    a, b = load_model(final), load_model(final)
+    batch = make_batch(a, [1, 0])
+    torch.testing.assert_close(a(batch, return_logits=True).logits, b(batch, return_logits=True).logits)
+    fresh = compose().model
+    from alignlm.models.build import build_model
+
+    untrained = build_model(fresh)
+    assert not torch.equal(untrained.connector.proj[0].weight, a.connector.proj[0].weight)
+
+
+def test_resume_after_stop_matches_uninterrupted(colour_set, tmp_path):
+    base = tiny_overrides(colour_set, tmp_path, "run=[pretrain]", "stages.pretrain.max_steps=7")
+    run(compose(*base, "run_name=full"))
+    with pytest.raises(StopTraining, match="after step 3"):
+        run(compose(*base, "run_name=resumed", "stop_after_steps=3"))
+    assert not (tmp_path / "resumed" / "pretrain" / "final").exists()
+    run(compose(*base, "run_name=resumed"))
+    full, resumed = read_losses(tmp_path / "full" / "pretrain"), read_losses(tmp_path / "resumed" / "pretrain")
+    assert len(resumed) == 7
+    assert resumed == pytest.approx(full, rel=1e-6, abs=1e-7)
+
+
+def test_resume_after_sigkill_matches_uninterrupted(colour_set, tmp_path):
+    """A hard kill mid-epoch: rerunning the same command resumes from the newest checkpoint and reproduces every step."""
+    steps = 40
+    base = tiny_overrides(colour_set, tmp_path, "run=[pretrain]", f"stages.pretrain.max_steps={steps}", "stages.pretrain.save_every=3")
+    run(compose(*base, "run_name=full"))
+    cmd = [sys.executable, str(ROOT / "train.py"), *base, "run_name=killed"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    metrics = tmp_path / "killed" / "pretrain" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 8):
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "pretrain" / "final").exists(), "the run finished before it could be killed"
+    run(compose(*base, "run_name=killed"))
+    assert read_losses(tmp_path / "killed" / "pretrain") == pytest.approx(read_losses(tmp_path / "full" / "pretrain"), rel=1e-6, abs=1e-7)
+
+
+def test_gradient_accumulation_matches_one_big_batch(colour_set, tmp_path):
+    """Token-normalised LM loss: 2 micro-batches of 4 == 1 batch of 8, though samples differ in length."""
+    base = tiny_overrides(colour_set, tmp_path, "run=[finetune]", "stages.finetune.init_from=null", "stages.finetune.max_steps=3")
+    run(compose(*base, "run_name=big", "stages.finetune.per_device_batch_size=8"))
+    run(compose(*base, "run_name=accum", "stages.finetune.per_device_batch_size=4", "stages.finetune.grad_accum=2"))
+    assert read_losses(tmp_path / "accum" / "finetune") == pytest.approx(read_losses(tmp_path / "big" / "finetune"), rel=1e-5)
+
+
+def test_lora_stage_saves_merged_weights(colour_set, tmp_path):
+    from alignlm.models.io import load_model
+
+    run(compose(*tiny_overrides(colour_set, tmp_path, "stages.finetune.parts.llm=lora", "stages.finetune.lr.llm=1e-2")))
+    final = tmp_path / "t" / "finetune" / "final"
+    model = load_model(final)  # plain weights: no peft wrapper needed to reload
+    assert not any("lora" in n for n in model.state_dict())
+    pre = load_model(tmp_path / "t" / "pretrain" / "final")
+    w = "layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(dict(model.llm.model.named_parameters())[w[len(""):]], dict(pre.llm.model.named_parameters())[w])
+
+
+@pytest.mark.parametrize(
+    "overrides,error,match",
+    [
+        (["model/vision=nonexistent"], Exception, "(?s)nonexistent.*clip_vit_l14_336.*efficientnet_lite0"),
+        (["run=[pretrain,polish]"], ValueError, "polish"),
+        (["stages.pretrain.parts.llm=half"], ValueError, "frozen.*full.*lora"),
+        (["stages.pretrain.data.on_error=ignore"], ValueError, "skip.*raise"),
+        (["stages.pretrain.data.template=alpaca"], ValueError, "chat.*plain.*vicuna_v1"),
+        (["resume=sometimes"], ValueError, "auto.*never"),
+        (["~stages.pretrain.lr.connector"], ValueError, "stage.lr.connector"),
+        (["mixed_precision=fp8"], ValueError, "auto.*bf16"),
+        (["model.llm._target_=alignlm.models.llm.nope"], ValueError, "model.llm"),
+    ],
+)
+def test_config_errors_are_clear(colour_set, tmp_path, overrides, error, match):
+    with pytest.raises(error, match=match):
+        run(compose(*tiny_overrides(colour_set, tmp_path, "run=[pretrain]", *overrides)))
+
+
+def test_missing_data_file_names_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere.json"):
+        run(compose(f"output_dir={tmp_path}", "run=[pretrain]", "stages.pretrain.data.sources=[{path:nowhere.json}]"))
+
+
+def test_wandb_offline_needs_no_network(colour_set, tmp_path):
+    run(compose(*tiny_overrides(colour_set, tmp_path, "run=[pretrain]", "stages.pretrain.max_steps=2", "logging.wandb.mode=offline")))
+    assert list((tmp_path / "t" / "pretrain" / "wandb").glob("offline-run-*"))
+
+
+def test_data_parallel_two_processes_matches_one(colour_set, tmp_path):
+    """Two gloo processes (per-device 2) == one process accumulating 2 micro-batches of 2: same global batch."""
+    base = tiny_overrides(colour_set, tmp_path, "run=[pretrain]", "stages.pretrain.max_steps=4", "stages.pretrain.per_device_batch_size=2")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train.py")]
+    subprocess.run([*launch, *base, "run_name=ddp"], cwd=ROOT, check=True, capture_output=True, timeout=300)
+    run(compose(*base, "run_name=one", "stages.pretrain.grad_accum=2"))
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["stages"]["pretrain"]["world_size"] == 2  # really two ranks, not two lone processes
+    assert read_losses(tmp_path / "ddp" / "pretrain") == pytest.approx(read_losses(tmp_path / "one" / "pretrain"), rel=1e-5)

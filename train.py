@@ -1,0 +1,8 @@
+"""Shim so ``accelerate launch train.py +exp=sea`` equals ``alignlm train +exp=sea``."""
+
+import sys
+
+from alignlm.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["train", *sys.argv[1:]]))
