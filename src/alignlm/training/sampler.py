@@ -1,5 +1,9 @@
 """Deterministic data order defined per *global* step, so resume and data parallelism are exact.
 
+With ``lengths`` given, batches are length-grouped (as LLaVA's ``group_by_modality_length``): each run of
+``group_size`` global batches of the shuffled order is sorted by length and cut into batches, and the
+batches are shuffled again, so padding shrinks while every epoch still visits each sample once.
+
 The order of an epoch is a permutation seeded by ``(seed, epoch)``. Global step ``s`` takes the next
 ``global_batch = per_device * world * accum`` indices; micro-batch ``a`` of rank ``r`` is a fixed slice
 of them. One process with accumulation 2 and two processes with accumulation 1 therefore see the same
@@ -9,7 +13,7 @@ samples in every optimizer step, and a run resumed at step ``s`` continues with 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 
@@ -26,6 +30,8 @@ class StepSampler:
     seed: int
     total_steps: int
     start_step: int = 0
+    lengths: Sequence[int] | None = None
+    group_size: int = 16
 
     @property
     def global_batch(self) -> int:
@@ -41,19 +47,29 @@ class StepSampler:
             )
         return steps
 
-    def _perm(self, epoch: int) -> torch.Tensor:
+    def epoch_batches(self, epoch: int) -> torch.Tensor:
+        """The epoch's global batches ``[steps_per_epoch, global_batch]``, a pure function of seed and epoch."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.num_samples, generator=g)
+        spe, gb = self.steps_per_epoch, self.global_batch
+        order = torch.randperm(self.num_samples, generator=g)[: spe * gb]
+        if self.lengths is None:
+            return order.view(spe, gb)
+        lengths = torch.as_tensor(self.lengths)[order]
+        groups = []
+        for start in range(0, spe * gb, gb * self.group_size):
+            idx, lens = order[start : start + gb * self.group_size], lengths[start : start + gb * self.group_size]
+            groups.append(idx[torch.argsort(lens, descending=True, stable=True)])
+        batches = torch.cat(groups).view(spe, gb)
+        return batches[torch.randperm(spe, generator=g)]
 
     def __iter__(self) -> Iterator[list[int]]:
         spe = self.steps_per_epoch
-        perm, perm_epoch = None, -1
+        batches, batches_epoch = None, -1
         for step in range(self.start_step, self.total_steps):
             epoch = step // spe
-            if epoch != perm_epoch:
-                perm, perm_epoch = self._perm(epoch), epoch
-            chunk = perm[(step % spe) * self.global_batch : (step % spe + 1) * self.global_batch]
-            chunk = chunk.view(self.accum, self.world, self.per_device)[:, self.rank]
+            if epoch != batches_epoch:
+                batches, batches_epoch = self.epoch_batches(epoch), epoch
+            chunk = batches[step % spe].view(self.accum, self.world, self.per_device)[:, self.rank]
             yield from (c.tolist() for c in chunk)
 
     def __len__(self) -> int:

@@ -111,8 +111,9 @@ class Trainer:
 
     def sampler(self, start: int) -> StepSampler:
         st = self.stage
+        lengths = self.dataset.length_estimates() if st.data.get("group_by_length") else None
         return StepSampler(len(self.dataset), int(st.per_device_batch_size), self.acc.num_processes, self.acc.process_index,
-                           int(st.grad_accum), int(self.cfg.seed), getattr(self, "total_steps", 1), start)
+                           int(st.grad_accum), int(self.cfg.seed), getattr(self, "total_steps", 1), start, lengths)
 
     def _total_steps(self) -> int:
         if self.stage.get("max_steps"):

