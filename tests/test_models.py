@@ -154,3 +154,49 @@ def test_unknown_stage_mode_lists_choices(tiny_model):
 
     with pytest.raises(ValueError, match="frozen.*full.*lora"):
         apply_stage(tiny_model(), {"llm": "half"})
+
+
+def test_llm_loads_a_saved_checkpoint_by_path(tmp_path):
+    """``model/llm`` by name or path is one code path: save a tiny Llama + tokenizer, load it as a user would."""
+    from alignlm.models.llm import tiny
+
+    llm, tok = tiny()
+    llm.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    model = build_model(compose("model.llm._target_=alignlm.models.llm.pretrained", f"+model.llm.name_or_path={tmp_path}",
+                                "~model.llm.hidden_size", "~model.llm.num_hidden_layers", "~model.llm.num_attention_heads",
+                                "~model.llm.num_key_value_heads", "~model.llm.intermediate_size", "~model.llm.vocab_size").model)
+    ids = torch.tensor([[5, 6, 7]])
+    torch.testing.assert_close(model.llm(input_ids=ids).logits[..., : len(tok)], llm(input_ids=ids).logits)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_model):
+    a, b = tiny_model(), tiny_model()
+    b.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    a.train(), b.train()
+    batch = make_batch(a, [1, 2])
+    a(batch).lm_loss.backward()
+    b(batch).lm_loss.backward()
+    for pa, pb in zip(a.connector.parameters(), b.connector.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad)
+
+
+@pytest.mark.slow
+def test_demo_models_load_offline():
+    """The embedded default: real EfficientNet-Lite0 and SmolLM2-135M from their wheels, no hub."""
+    model = build_model(compose("model=demo").model)
+    assert model.vision.hidden_size == 1280 and model.num_image_tokens == 16
+    assert model.llm.config.hidden_size == 576
+    batch = make_batch(model, [1, 0], text_len=4)
+    assert torch.isfinite(model(batch).lm_loss)
+    # the tower is really pretrained: scikit-learn's bundled flower photo is an ImageNet daisy (class 985)
+    from PIL import Image
+    from sklearn.datasets import load_sample_image
+
+    from alignlm.data.images import preprocess
+    from alignlm.models.vision import ImageSpec
+
+    x = preprocess(Image.fromarray(load_sample_image("flower.jpg")), ImageSpec(224, *[model.image_spec.mean, model.image_spec.std]), pad=False)
+    with torch.no_grad():
+        top5 = model.vision.model(x[None]).topk(5).indices[0].tolist()
+    assert 985 in top5

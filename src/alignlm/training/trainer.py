@@ -9,6 +9,7 @@ Exactness choices, so that a resumed run and a data-parallel run reproduce a pla
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -96,7 +97,11 @@ class Trainer:
         if stage.get("gradient_checkpointing"):
             model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.dataset = build_dataset(stage.data, model, cfg.seed, for_generation=False)
-        self.total_steps = self._total_steps()
+        self.order = StepSampler(
+            len(self.dataset), int(stage.per_device_batch_size), acc.num_processes, acc.process_index, int(stage.grad_accum),
+            int(cfg.seed), total_steps=0, lengths=self.dataset.length_estimates() if stage.data.get("group_by_length") else None,
+        )
+        self.total_steps = int(stage.max_steps) if stage.get("max_steps") else int(math.ceil(float(stage.epochs) * self.order.steps_per_epoch))
         self.objectives = build_objectives(stage)
         optimizer, self.scheduler = build_optimizer(model, stage, self.total_steps)
         self.model, self.optimizer = acc.prepare(model, optimizer)
@@ -104,21 +109,13 @@ class Trainer:
             obj.to(acc.device)
         self.start_step, self.skipped = self._maybe_resume()
         trainable, total = count_params(model)
+        # Model FLOPs per token: forward through every weight, activation gradients back through the LLM,
+        # weight gradients for what trains (the usual 6N when everything trains). An estimate for MFU.
+        self.flops_per_token = 2 * total + 2 * sum(p.numel() for p in model.llm.parameters()) + 2 * trainable
         self.log.info(
             "stage %s: %d steps of %d samples (global batch), %s trainable of %s params, %d processes",
-            self.name, self.total_steps, self.sampler(0).global_batch, f"{trainable:,}", f"{total:,}", acc.num_processes,
+            self.name, self.total_steps, self.order.global_batch, f"{trainable:,}", f"{total:,}", acc.num_processes,
         )
-
-    def sampler(self, start: int) -> StepSampler:
-        st = self.stage
-        lengths = self.dataset.length_estimates() if st.data.get("group_by_length") else None
-        return StepSampler(len(self.dataset), int(st.per_device_batch_size), self.acc.num_processes, self.acc.process_index,
-                           int(st.grad_accum), int(self.cfg.seed), getattr(self, "total_steps", 1), start, lengths)
-
-    def _total_steps(self) -> int:
-        if self.stage.get("max_steps"):
-            return int(self.stage.max_steps)
-        return int(math.ceil(float(self.stage.epochs) * self.sampler(0).steps_per_epoch))
 
     def _maybe_resume(self) -> tuple[int, int]:
         if self.cfg.resume == "never" or not ckpt.step_dirs(self.dir):
@@ -152,7 +149,7 @@ class Trainer:
         acc, st = self.acc, self.stage
         metrics = MetricsLogger(self.dir / "metrics.jsonl", self.cfg.logging.get("wandb"), f"{self.cfg.run_name}/{self.name}",
                                 OmegaConf.to_container(self.cfg, resolve=True), acc.is_main_process, self.start_step)
-        loader = DataLoader(self.dataset, batch_sampler=self.sampler(self.start_step),
+        loader = DataLoader(self.dataset, batch_sampler=dataclasses.replace(self.order, total_steps=self.total_steps, start_step=self.start_step),
                             collate_fn=Collator(self.dataset.tokenizer.pad_token_id), num_workers=int(st.data.get("num_workers", 0)))
         batches = iter(loader)
         accum, max_norm = int(st.grad_accum), float(st.get("max_grad_norm", 1.0))
@@ -165,6 +162,11 @@ class Trainer:
             micro = [next(batches) for _ in range(accum)]
             self.skipped += int(acc.reduce(torch.tensor(sum(len(b["skipped"]) for b in micro), device=acc.device), "sum"))
             micro = [send_to_device(b, acc.device) for b in micro if "input_ids" in b]
+            if int(acc.reduce(torch.tensor(accum - len(micro), device=acc.device), "sum")):
+                # every sample of a micro-batch was skipped on some rank: skip the step on all ranks, in step
+                self.log.warning("step %d skipped: a whole micro-batch was bad data (see the skipped count)", step + 1)
+                bar.update(1)
+                continue
             n_items = acc.reduce(sum((b["labels"][:, 1:] != IGNORE_INDEX).sum() for b in micro).to(acc.device), "sum")
             if step == self.start_step:
                 check_batch({k: o for k, (o, _) in self.objectives.items()}, micro[0])
@@ -192,7 +194,10 @@ class Trainer:
             samples += int(acc.reduce(torch.tensor(sum(len(b["ids"]) for b in micro), device=acc.device), "sum"))
             tokens += int(acc.reduce(sum(b["attention_mask"].sum() for b in micro).to(acc.device), "sum"))
             elapsed = time.perf_counter() - t0
-            row.update({"samples_per_s": samples / elapsed, "tokens_per_s": tokens / elapsed, "skipped": self.skipped})
+            row.update({"samples_per_s": samples / elapsed, "tokens_per_s": tokens / elapsed, "skipped": self.skipped,
+                        "tflops": tokens * self.flops_per_token / elapsed / 1e12})
+            if self.cfg.logging.get("peak_tflops"):
+                row["mfu"] = row["tflops"] / (float(self.cfg.logging.peak_tflops) * acc.num_processes)
             losses.append(row["loss/total"])
             metrics.log(row, step + 1)
             bar.update(1)
