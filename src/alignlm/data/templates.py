@@ -1,0 +1,182 @@
+"""Prompt templates and label masks, derived from the template itself rather than string splitting.
+
+Each template renders a conversation into one string *and* records the character spans it wrote for
+the assistant turns (answer plus end-of-turn token). The whole string is tokenized once with offsets,
+and a token is supervised when it overlaps an assistant span. This holds for any tokenizer, including
+BPE merges across boundaries, and a template that finds no assistant span raises instead of silently
+masking the sample (LLaVA's string-splitting failure mode).
+
+Templates: ``plain`` (LLaVA pretraining: images + caption + newline), ``vicuna_v1`` (LLaVA-1.5), and
+``chat`` (the tokenizer's own chat template, located turn by turn through prefix rendering).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from alignlm.constants import IGNORE_INDEX, IMAGE_TOKEN
+
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+class TemplateError(ValueError):
+    """A conversation the template cannot render or supervise."""
+
+
+@dataclass(frozen=True)
+class Turn:
+    role: str  # user | assistant | system
+    content: str
+
+
+@dataclass(frozen=True)
+class Rendered:
+    text: str
+    spans: tuple[tuple[int, int], ...]  # character spans of supervised text
+
+
+def to_turns(conversations: Sequence[dict[str, Any]]) -> list[Turn]:
+    """LLaVA's ``[{"from": "human"|"gpt", "value": ...}]`` -> typed turns, with a clear error for bad roles."""
+    turns = []
+    for i, msg in enumerate(conversations):
+        if not isinstance(msg, dict) or "value" not in msg or "from" not in msg:
+            raise TemplateError(f"conversations[{i}] must be an object with 'from' and 'value', got {msg!r}")
+        role = ROLES.get(str(msg["from"]).lower())
+        if role is None:
+            raise TemplateError(f"conversations[{i}].from={msg['from']!r} is not one of {sorted(ROLES)}")
+        turns.append(Turn(role, str(msg["value"])))
+    return turns
+
+
+class Template:
+    """Base: ``render`` a conversation for training, or a prompt (ending at the assistant's turn) for generation."""
+
+    name: str = ""
+
+    def render(self, turns: Sequence[Turn], tokenizer: Any, add_generation_prompt: bool = False) -> Rendered:
+        raise NotImplementedError  # pragma: no cover - interface
+
+
+def _bos(tokenizer: Any) -> str:
+    """The BOS text if this tokenizer adds one itself (Llama does, GPT-2-style ones do not)."""
+    bos = tokenizer.bos_token
+    if bos is None:
+        return ""
+    ids = tokenizer("a", add_special_tokens=True).input_ids
+    return bos if ids and ids[0] == tokenizer.bos_token_id else ""
+
+
+class PlainTemplate(Template):
+    """LLaVA pretraining: ``<image>...`` then the caption and a newline; only the caption is supervised."""
+
+    name = "plain"
+
+    def render(self, turns: Sequence[Turn], tokenizer: Any, add_generation_prompt: bool = False) -> Rendered:
+        dialog = [t for t in turns if t.role != "system"]
+        expected = 1 if add_generation_prompt else 2
+        if len(dialog) != expected or dialog[0].role != "user" or (expected == 2 and dialog[1].role != "assistant"):
+            raise TemplateError(f"template 'plain' needs one user turn then one assistant turn, got {[t.role for t in dialog]}")
+        prefix = _bos(tokenizer) + IMAGE_TOKEN * dialog[0].content.count(IMAGE_TOKEN)
+        if add_generation_prompt:
+            return Rendered(prefix, ())
+        text = prefix + dialog[1].content.strip() + "\n"
+        return Rendered(text, ((len(prefix), len(text)),))
+
+
+class VicunaV1Template(Template):
+    """LLaVA-1.5: ``SYSTEM USER: q ASSISTANT: a</s>USER: ...``; answers and their EOS are supervised."""
+
+    name = "vicuna_v1"
+
+    def __init__(
+        self,
+        system: str = "A chat between a curious user and an artificial intelligence assistant. "
+        "The assistant gives helpful, detailed, and polite answers to the user's questions.",
+    ) -> None:
+        self.system = system
+
+    def render(self, turns: Sequence[Turn], tokenizer: Any, add_generation_prompt: bool = False) -> Rendered:
+        system = next((t.content for t in turns if t.role == "system"), self.system)
+        text = _bos(tokenizer) + system + " "
+        spans: list[tuple[int, int]] = []
+        dialog = [t for t in turns if t.role != "system"]
+        _check_alternation(dialog, self.name, add_generation_prompt)
+        for turn in dialog:
+            if turn.role == "user":
+                text += f"USER: {turn.content} ASSISTANT:"
+            else:
+                start = len(text)
+                text += " " + turn.content.strip() + tokenizer.eos_token
+                spans.append((start, len(text)))
+        return Rendered(text, tuple(spans))
+
+
+class ChatTemplate(Template):
+    """The tokenizer's own chat template; assistant spans found by rendering each prefix of the dialog."""
+
+    name = "chat"
+
+    def __init__(self, system: str | None = None) -> None:
+        self.system = system
+
+    def render(self, turns: Sequence[Turn], tokenizer: Any, add_generation_prompt: bool = False) -> Rendered:
+        if not getattr(tokenizer, "chat_template", None):
+            raise TemplateError("template 'chat' needs a tokenizer with a chat_template; use vicuna_v1 or plain")
+        messages = [{"role": t.role, "content": t.content} for t in turns]
+        if self.system is not None and not any(m["role"] == "system" for m in messages):
+            messages.insert(0, {"role": "system", "content": self.system})
+        dialog = [m for m in messages if m["role"] != "system"]
+        _check_alternation([Turn(m["role"], m["content"]) for m in dialog], self.name, add_generation_prompt)
+
+        def render(msgs: list[dict[str, str]], gen: bool) -> str:
+            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+
+        text = render(messages, add_generation_prompt)
+        spans = []
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            prompt, upto = render(messages[:i], True), render(messages[: i + 1], False)
+            if not (text.startswith(prompt) and text.startswith(upto) and upto.startswith(prompt)):
+                raise TemplateError(
+                    "the tokenizer's chat template does not render conversations prefix by prefix, "
+                    "so assistant turns cannot be located; use template vicuna_v1"
+                )
+            spans.append((len(prompt), len(upto.rstrip())))
+        return Rendered(text, tuple(spans))
+
+
+def _check_alternation(dialog: Sequence[Turn], name: str, add_generation_prompt: bool) -> None:
+    roles = [t.role for t in dialog]
+    expected = ["user", "assistant"] * ((len(roles) + 1) // 2)
+    ends_ok = (roles[-1:] == ["user"]) if add_generation_prompt else (roles[-1:] == ["assistant"])
+    if not roles or roles != expected[: len(roles)] or not ends_ok:
+        want = "alternate user/assistant and end with a user turn" if add_generation_prompt else "alternate user/assistant turns, starting with user and ending with assistant"
+        raise TemplateError(f"template {name!r}: turns must {want}, got {roles}")
+
+
+TEMPLATES: dict[str, type[Template]] = {t.name: t for t in (PlainTemplate, VicunaV1Template, ChatTemplate)}
+
+
+def get_template(name: str, **kwargs: Any) -> Template:
+    """Template by config name, listing the choices when the name is unknown."""
+    if name not in TEMPLATES:
+        raise ValueError(f"data template {name!r} is not known; choose one of {sorted(TEMPLATES)}")
+    return TEMPLATES[name](**kwargs)
+
+
+def tokenize(rendered: Rendered, tokenizer: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids and labels: a token is supervised iff it overlaps an assistant span."""
+    enc = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = np.asarray(enc["input_ids"], dtype=np.int64)
+    offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+    labels = np.full_like(ids, IGNORE_INDEX)
+    if rendered.spans:
+        spans = np.asarray(rendered.spans, dtype=np.int64)
+        overlap = (offsets[:, None, 0] < spans[None, :, 1]) & (offsets[:, None, 1] > spans[None, :, 0])
+        supervised = overlap.any(axis=1)
+        labels[supervised] = ids[supervised]
+    return ids, labels

@@ -1,0 +1,214 @@
+"""The offline generators (digits, shapes): same seed same bytes, disjoint splits, valid records and answers,
+per-patch labels for SEA, and knob errors that name the knob and the value."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from alignlm.data import digits, shapes
+
+# Small but non-default sizes, so the tests also check that the knobs reach the files.
+KNOBS = {
+    "digits": {"limit": 80, "n_test": 20, "image_size": 32},
+    "shapes": {"n_train": 40, "n_test": 12, "image_size": 96},
+}
+GENERATE = {"digits": digits.generate, "shapes": shapes.generate}
+RECORD_FILES = ("pretrain", "instruct", "test", "test_captions")
+SHAPE_WORDS = re.compile(r"\b(" + "|".join([*shapes.COLOURS, *shapes.SHAPES]) + r")\b")
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def load(path: Path):
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module", params=sorted(GENERATE))
+def dataset(request, tmp_path_factory) -> tuple[str, Path]:
+    name = request.param
+    root = tmp_path_factory.mktemp(name) / name
+    GENERATE[name](root, seed=3, **KNOBS[name])
+    return name, root
+
+
+def test_same_seed_same_bytes_other_seed_differs(dataset, tmp_path):
+    name, root = dataset
+    GENERATE[name](tmp_path / "same", seed=3, **KNOBS[name])
+    GENERATE[name](tmp_path / "other", seed=4, **KNOBS[name])
+    first, same, other = tree(root), tree(tmp_path / "same"), tree(tmp_path / "other")
+    assert first == same
+    assert other != first and {k for k in first if first[k] != other.get(k)} >= {"pretrain.json", "test.json"}
+
+
+def test_splits_disjoint_and_every_image_is_rgb_of_the_requested_size(dataset):
+    name, root = dataset
+    train = {r["image"] for f in ("pretrain", "instruct") for r in load(root / f"{f}.json")}
+    test = {r["image"] for f in ("test", "test_captions") for r in load(root / f"{f}.json")}
+    assert train and test and not train & test
+    assert len(list((root / "images").iterdir())) == len(train | test)
+    size = KNOBS[name]["image_size"]
+    for image in sorted(train | test):
+        with Image.open(root / image) as im:
+            assert (im.mode, im.size) == ("RGB", (size, size))
+
+
+def test_records_have_unique_ids_and_llava_conversations(dataset):
+    _, root = dataset
+    for fname in RECORD_FILES:
+        records = load(root / f"{fname}.json")
+        ids = [r["id"] for r in records]
+        assert all(isinstance(i, str) and i for i in ids) and len(set(ids)) == len(ids), fname
+        for r in records:
+            assert r["image"] == f"images/{r['id']}.png"
+            conv = r["conversations"]
+            assert [m["from"] for m in conv] == ["human", "gpt"] * (len(conv) // 2) and conv
+            assert all(m["value"] for m in conv)
+            assert conv[0]["value"].startswith("<image>")
+            assert all("<image>" not in m["value"] for m in conv[1:])
+            if fname in ("pretrain", "test_captions"):
+                assert conv[0]["value"] == "<image>" and len(conv) == 2 and conv[1]["value"].endswith(".")
+
+
+def test_test_answers_are_terse_and_among_the_choices(dataset):
+    name, root = dataset
+    tests = load(root / "test.json")
+    for r in tests:
+        question, answer = r["conversations"][0]["value"], r["conversations"][1]["value"]
+        assert len(r["conversations"]) == 2 and answer == r["answer"]
+        assert question.startswith("<image>\n") and re.search(r"\? Answer [^?]+\.$", question)
+        assert answer in r["meta"]["choices"] and r["meta"]["qtype"]
+        assert answer == answer.lower() and not answer.endswith(".")
+    info = load(root / "info.json")
+    assert info["chance"] == pytest.approx(np.mean([1 / len(r["meta"]["choices"]) for r in tests]))
+    if name == "digits":
+        assert info["chance"] == 0.1
+
+
+def test_instruct_asks_the_test_questions_with_the_same_answer_style(dataset):
+    """A model finetuned on instruct has seen every test phrasing, answered in the same terse way."""
+    _, root = dataset
+
+    def template(question: str) -> str:
+        return SHAPE_WORDS.sub("<w>", question.removeprefix("<image>\n"))
+
+    seen: dict[str, set[str]] = {}
+    for r in load(root / "instruct.json"):
+        conv = r["conversations"]
+        for q, a in zip(conv[::2], conv[1::2]):
+            seen.setdefault(template(q["value"]), set()).add(a["value"])
+    for r in load(root / "test.json"):
+        assert seen[template(r["conversations"][0]["value"])] <= set(r["meta"]["choices"])
+
+
+def test_info_counts_and_knobs(dataset):
+    name, root = dataset
+    info = load(root / "info.json")
+    assert info["name"] == name and info["seed"] == 3
+    assert {k: info["knobs"][k] for k in KNOBS[name]} == KNOBS[name]
+    for fname in RECORD_FILES:
+        assert info["counts"][fname] == len(load(root / f"{fname}.json"))
+    n_test = KNOBS[name]["n_test"]
+    assert info["counts"]["test"] == info["counts"]["test_captions"] == n_test
+
+
+def test_digit_captions_name_the_digit_as_numeral_and_word(tmp_path):
+    digits.generate(tmp_path, seed=0, limit=40, n_test=5)
+    answers = {r["id"]: r["conversations"][1]["value"] for r in load(tmp_path / "instruct.json")}
+    for r in load(tmp_path / "pretrain.json"):
+        d = int(answers[r["id"]])
+        caption = r["conversations"][1]["value"]
+        assert str(d) in caption and digits.WORDS[d] in caption
+
+
+def test_digit_limit_keeps_a_prefix_of_the_same_permutation(tmp_path):
+    """With ``limit`` the kept images are the first of the permutation that the full set uses."""
+    rng = np.random.default_rng(0)
+    perm = rng.permutation(1797)
+    digits.generate(tmp_path, seed=0, limit=30, n_test=6)
+    test_ids = {r["id"] for r in load(tmp_path / "test.json")}
+    assert test_ids == {f"digits_{i:04d}" for i in perm[:6]}
+
+
+def test_shape_scenes_stay_in_their_quadrants_and_never_overlap():
+    rng = np.random.default_rng(0)
+    size, half = 128, 64
+    for _ in range(200):
+        scene = shapes.sample_scene(rng, size, 4)
+        assert len({o.position for o in scene}) == len(scene) == len({(o.shape, o.color) for o in scene})
+        for o in scene:
+            q = shapes.POSITIONS.index(o.position)
+            x0, y0, x1, y1 = o.box
+            ox, oy = half * (q % 2), half * (q // 2)
+            assert ox < x0 < x1 < ox + half and oy < y0 < y1 < oy + half
+            assert 0.35 * half - 1 <= x1 - x0 <= 0.45 * half + 1
+
+
+def test_shapes_instruct_has_two_to_four_distinct_turns(tmp_path):
+    shapes.generate(tmp_path, seed=0, n_train=60, n_test=1)
+    for r in load(tmp_path / "instruct.json"):
+        questions = [m["value"] for m in r["conversations"][::2]]
+        assert 2 <= len(questions) <= 4 and len(set(questions)) == len(questions)
+
+
+def test_shapes_patch_labels(tmp_path):
+    shapes.generate(tmp_path, seed=0, n_train=20, n_test=5, max_shapes=1, label_grid=5, label_top_k=3)
+    labels = load(tmp_path / "patch_labels.json")
+    grid, vocab = labels["grid"], labels["words"]
+    assert grid == 5 and len(set(vocab)) == len(vocab) and "background" in vocab
+    captions = {r["id"]: r["conversations"][1]["value"] for f in ("pretrain", "test_captions")
+                for r in load(tmp_path / f"{f}.json")}
+    assert set(labels["images"]) == set(captions)
+    background_only = 0
+    for rid, cells in labels["images"].items():
+        assert len(cells) == grid * grid
+        for cell in cells:
+            scores = [s for _, s in cell]
+            assert 1 <= len(cell) <= 3 and all(0 <= s <= 1 for s in scores) and scores == sorted(scores, reverse=True)
+            assert all(w in vocab and (w == "background" or w in captions[rid]) for w, _ in cell)
+            background_only += cell == [["background", 1.0]]
+    assert background_only  # one shape in one quadrant leaves whole cells empty
+
+
+def test_shapes_patch_label_scores_are_coverage_of_the_rendered_mask(tmp_path):
+    shapes.generate(tmp_path, seed=1, n_train=6, n_test=2, max_shapes=2, label_grid=2, label_top_k=1)
+    labels = load(tmp_path / "patch_labels.json")
+    for rid, cells in labels["images"].items():
+        assert len(cells) == 4 and all(len(c) == 1 for c in cells)
+        with Image.open(tmp_path / "images" / f"{rid}.png") as im:
+            white = (np.asarray(im) == 255).all(axis=2)  # no shape colour is white and nothing is antialiased
+        h = white.shape[0] // 2
+        quads = [white[r * h:(r + 1) * h, c * h:(c + 1) * h] for r in range(2) for c in range(2)]
+        for cell, quad in zip(cells, quads):
+            assert cell[0][0] == "background" and cell[0][1] == pytest.approx(quad.mean(), abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    "name,knobs,match",
+    [
+        ("digits", {"n_test": 5000}, "n_test=5000"),
+        ("digits", {"n_test": 0}, "n_test=0"),
+        ("digits", {"limit": 20, "n_test": 20}, "n_test=20"),
+        ("digits", {"limit": 1}, "limit=1"),
+        ("digits", {"image_size": 8}, "image_size=8"),
+        ("digits", {"image_size": "64"}, "image_size='64'"),
+        ("shapes", {"max_shapes": 5}, "max_shapes=5"),
+        ("shapes", {"max_shapes": 0}, "max_shapes=0"),
+        ("shapes", {"image_size": 15}, "image_size=15"),
+        ("shapes", {"n_train": 0}, "n_train=0"),
+        ("shapes", {"n_test": -1}, "n_test=-1"),
+        ("shapes", {"label_grid": 0}, "label_grid=0"),
+        ("shapes", {"label_top_k": 0}, "label_top_k=0"),
+    ],
+)
+def test_bad_knobs_raise_naming_the_knob_the_value_and_what_is_allowed(tmp_path, name, knobs, match):
+    with pytest.raises(ValueError, match=re.escape(match) + " is not allowed: an integer"):
+        GENERATE[name](tmp_path / "out", **knobs)
+    assert not (tmp_path / "out").exists(), "a bad knob must fail before anything is written"
