@@ -137,7 +137,7 @@ def test_wandb_offline_needs_no_network(colour_set, tmp_path):
 def test_data_parallel_two_processes_matches_one(colour_set, tmp_path):
     """Two gloo processes (per-device 2) == one process accumulating 2 micro-batches of 2: same global batch."""
     base = tiny_overrides(colour_set, tmp_path, "run=[pretrain]", "stages.pretrain.max_steps=4", "stages.pretrain.per_device_batch_size=2")
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train.py")]
     subprocess.run([*launch, *base, "run_name=ddp"], cwd=ROOT, check=True, capture_output=True, timeout=300)
     run(compose(*base, "run_name=one", "stages.pretrain.grad_accum=2"))

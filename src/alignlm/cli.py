@@ -37,7 +37,13 @@ def compose(overrides: Sequence[str]):
 def cmd_train(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
-    cfg = compose(args.overrides)
+    cfg = compose(args.overrides)  # config errors surface here, before any process is spawned
+    if not args.print_config:
+        from alignlm.launch import cpu_processes_to_spawn, spawn_cpu_ranks
+
+        n = cpu_processes_to_spawn()
+        if n:
+            return spawn_cpu_ranks(n, args.overrides)
     if args.print_config:
         print(OmegaConf.to_yaml(cfg, resolve=True))
         return 0
