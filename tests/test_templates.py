@@ -135,3 +135,29 @@ def test_chat_template_without_prefix_property_raises():
     tok.chat_template = "{% for m in messages %}{% if loop.last %}LAST:{% endif %}{{ m['content'] }}|{% endfor %}"
     with pytest.raises(TemplateError, match="prefix"):
         get_template("chat").render(to_turns(CONVERSATION), tok)
+
+
+def _typed(conversation):
+    """LLaVA records -> Hugging Face processor messages with typed image/text content."""
+    msgs = []
+    for m in conversation:
+        text = m["value"].replace(IMAGE_TOKEN + "\n", "").replace(IMAGE_TOKEN, "")
+        content = [{"type": "image"}] * m["value"].count(IMAGE_TOKEN) + ([{"type": "text", "text": text}] if text else [])
+        msgs.append({"role": "user" if m["from"] == "human" else "assistant", "content": content})
+    return msgs
+
+
+@pytest.mark.parametrize("template,kwargs", [("plain", {}), ("vicuna_v1", {}), ("chat", {}), ("chat", {"system": "Answer briefly."})])
+@pytest.mark.parametrize("make_tok", [_tiny, _tiny_with_bos], ids=["tiny", "tiny_bos"])
+def test_jinja_export_renders_what_training_saw(template, kwargs, make_tok):
+    """The processor chat template an export ships gives the training text, for the prompt and the whole dialog."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    tok = make_tok()
+    t = get_template(template, **kwargs)
+    conv = CAPTION if template == "plain" else CONVERSATION
+    for upto, gen in ((len(conv), False), (1, True)):
+        want = t.render(to_turns(conv[:upto]), tok, add_generation_prompt=gen).text
+        got, _ = render_jinja_template(conversations=[_typed(conv[:upto])], chat_template=t.jinja(tok),
+                                       add_generation_prompt=gen, **tok.special_tokens_map)
+        assert got[0] == want

@@ -1,4 +1,4 @@
-"""Command line: ``alignlm train | data | eval``.
+"""Command line: ``alignlm train | data | eval | export``.
 
 ``train`` takes Hydra overrides (``alignlm train +exp=demo stages.pretrain.max_steps=20``) and composes the
 config tree in ``configs/`` (or ``$ALIGNLM_CONFIG_DIR``); ``--print-config`` shows the result and exits.
@@ -86,6 +86,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from alignlm.export.hf_llava import export
+
+    out = export(args.checkpoint, args.out_dir)
+    print(f"wrote {out}: LlavaForConditionalGeneration.from_pretrained({str(out)!r}) loads it")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``alignlm`` console script."""
     parser = argparse.ArgumentParser(prog="alignlm", description=__doc__.splitlines()[0])
@@ -110,6 +118,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--limit", type=int, default=None)
     p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("export", help="write a final/ checkpoint as a transformers LlavaForConditionalGeneration folder")
+    p.add_argument("checkpoint", help="a final/ folder")
+    p.add_argument("out_dir")
+    p.set_defaults(func=cmd_export)
     args = parser.parse_args(argv)
     return args.func(args)
 

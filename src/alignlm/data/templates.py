@@ -12,6 +12,7 @@ Templates: ``plain`` (LLaVA pretraining: images + caption + newline), ``vicuna_v
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -52,12 +53,41 @@ def to_turns(conversations: Sequence[dict[str, Any]]) -> list[Turn]:
 
 
 class Template:
-    """Base: ``render`` a conversation for training, or a prompt (ending at the assistant's turn) for generation."""
+    """Base: ``render`` a conversation for training, or a prompt (ending at the assistant's turn) for generation.
+
+    ``jinja`` gives the same template as a Hugging Face processor chat template, so an exported model is prompted
+    exactly as it was trained (messages may carry ``[{"type": "image"}, {"type": "text", ...}]`` content).
+    """
 
     name: str = ""
 
     def render(self, turns: Sequence[Turn], tokenizer: Any, add_generation_prompt: bool = False) -> Rendered:
         raise NotImplementedError  # pragma: no cover - interface
+
+    def jinja(self, tokenizer: Any) -> str:
+        raise NotImplementedError  # pragma: no cover - interface
+
+
+# Typed message content -> the training text convention: "<image>" per image, a newline, then the text.
+_JINJA_FLATTEN = (
+    "{%- set ns = namespace(msgs=[]) -%}"
+    "{%- for m in messages -%}"
+    "{%- if m['content'] is string -%}{%- set ns.msgs = ns.msgs + [{'role': m['role'], 'content': m['content']}] -%}"
+    "{%- else -%}{%- set c = namespace(img='', txt='') -%}"
+    "{%- for item in m['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{%- set c.img = c.img + '" + IMAGE_TOKEN + "' -%}"
+    "{%- elif item['type'] == 'text' -%}{%- set c.txt = c.txt + item['text'] -%}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- set ns.msgs = ns.msgs + [{'role': m['role'], 'content': (c.img + '\\n' + c.txt) if (c.img and c.txt) else (c.img + c.txt)}] -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- set messages = ns.msgs -%}"
+)
+
+
+def _jinja_str(text: str) -> str:
+    """A Jinja string literal (JSON escaping is valid Jinja)."""
+    return json.dumps(text)
 
 
 def _bos(tokenizer: Any) -> str:
@@ -84,6 +114,14 @@ class PlainTemplate(Template):
             return Rendered(prefix, ())
         text = prefix + dialog[1].content.strip() + "\n"
         return Rendered(text, ((len(prefix), len(text)),))
+
+    def jinja(self, tokenizer: Any) -> str:
+        return _JINJA_FLATTEN + (
+            "{{ " + _jinja_str(_bos(tokenizer)) + " }}"
+            "{%- for m in messages if m['role'] == 'user' -%}"
+            "{{ '" + IMAGE_TOKEN + "' * (m['content'].split('" + IMAGE_TOKEN + "') | length - 1) }}{%- endfor -%}"
+            "{%- for m in messages if m['role'] == 'assistant' -%}{{ m['content'] | trim }}{{ '\\n' }}{%- endfor -%}"
+        )
 
 
 class VicunaV1Template(Template):
@@ -112,6 +150,17 @@ class VicunaV1Template(Template):
                 text += " " + turn.content.strip() + tokenizer.eos_token
                 spans.append((start, len(text)))
         return Rendered(text, tuple(spans))
+
+    def jinja(self, tokenizer: Any) -> str:
+        return _JINJA_FLATTEN + (
+            "{%- set sys = namespace(text=" + _jinja_str(self.system) + ") -%}"
+            "{%- for m in messages if m['role'] == 'system' -%}{%- if loop.first -%}{%- set sys.text = m['content'] -%}{%- endif -%}{%- endfor -%}"
+            "{{ " + _jinja_str(_bos(tokenizer)) + " }}{{ sys.text + ' ' }}"
+            "{%- for m in messages if m['role'] != 'system' -%}"
+            "{%- if m['role'] == 'user' -%}{{ 'USER: ' + m['content'] + ' ASSISTANT:' }}"
+            "{%- else -%}{{ ' ' + (m['content'] | trim) + " + _jinja_str(tokenizer.eos_token) + " }}{%- endif -%}"
+            "{%- endfor -%}"
+        )
 
 
 class ChatTemplate(Template):
@@ -147,6 +196,18 @@ class ChatTemplate(Template):
                 )
             spans.append((len(prompt), len(upto.rstrip())))
         return Rendered(text, tuple(spans))
+
+    def jinja(self, tokenizer: Any) -> str:
+        if not getattr(tokenizer, "chat_template", None):
+            raise TemplateError("template 'chat' needs a tokenizer with a chat_template; use vicuna_v1 or plain")
+        system = ""
+        if self.system is not None:
+            system = (
+                "{%- if not (messages and messages[0]['role'] == 'system') -%}"
+                "{%- set messages = [{'role': 'system', 'content': " + _jinja_str(self.system) + "}] + messages -%}"
+                "{%- endif -%}"
+            )
+        return _JINJA_FLATTEN + system + tokenizer.chat_template
 
 
 def _check_alternation(dialog: Sequence[Turn], name: str, add_generation_prompt: bool) -> None:

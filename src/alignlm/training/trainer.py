@@ -79,7 +79,7 @@ class Trainer:
         self.log = get_logger("alignlm", accelerator.process_index)
 
     def resolve_init(self) -> Path | None:
-        """``init_from`` is a stage name of this run, or a path to a ``final/`` folder."""
+        """``init_from`` is a stage name of this run, a path to a ``final/`` folder, or a transformers Llava folder."""
         src = self.stage.get("init_from")
         if not src:
             return None
@@ -87,12 +87,22 @@ class Trainer:
             return Path(self.cfg.output_dir) / self.cfg.run_name / src / "final"
         return Path(src)
 
+    @staticmethod
+    def load_init(model: torch.nn.Module, init: Path) -> list[str]:
+        """Load the starting weights; returns the parts they covered (saved again in this stage's ``final/``)."""
+        from alignlm.export.hf_llava import is_llava_dir, load_llava_weights
+
+        if is_llava_dir(init):
+            load_llava_weights(model, init)
+            return list(model.PARTS)
+        return load_final_weights(model, init)
+
     def setup(self) -> None:
         cfg, stage, acc = self.cfg, self.stage, self.acc
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model)
         init = self.resolve_init()
-        self.prev_parts = load_final_weights(model, init) if init else []
+        self.prev_parts = self.load_init(model, init) if init else []
         apply_stage(model, stage.parts, stage.get("lora"))
         if stage.get("gradient_checkpointing"):
             model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

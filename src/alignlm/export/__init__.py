@@ -1,0 +1,1 @@
+"""Leaving alignlm: export to transformers' ``LlavaForConditionalGeneration`` (and importing from it)."""

@@ -1,0 +1,272 @@
+"""Export to, and import from, transformers' ``LlavaForConditionalGeneration``.
+
+The ecosystem (transformers, vLLM, lmms-eval, the Hub) speaks Llava, so a trained alignlm model leaves as a
+directory that ``LlavaForConditionalGeneration.from_pretrained`` and ``AutoProcessor.from_pretrained`` load with
+no custom code, and a published Llava checkpoint comes in as ``init_from`` to continue training.
+
+Llava's architecture is fixed: a transformers vision model (``hidden_states[vision_feature_layer]``, with the CLS
+token dropped or kept), a two-layer projector ``linear_1 -> act -> linear_2``, and a causal LM. alignlm models that
+fit (an ``HFVisionTower``, the ``mlp2x_gelu`` connector) map onto it weight for weight; anything else (CNN towers,
+MoE or linear connectors, towers with register tokens) is refused up front with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from alignlm.constants import IMAGE_TOKEN
+from alignlm.models.connectors.mlp import MLPConnector
+from alignlm.models.mllm import AlignLM
+from alignlm.models.vision import HFVisionTower
+
+
+class ExportError(ValueError):
+    """A model that transformers' Llava cannot represent; the message says why and what to use instead."""
+
+
+_ALTERNATIVE = "keep alignlm's own format (final/, loaded with alignlm.models.io.load_model)"
+
+
+def feature_strategy(vision: HFVisionTower) -> str:
+    """Llava's ``vision_feature_select_strategy`` reproducing the tower's ``select_feature``.
+
+    ``default`` drops exactly one leading token (CLIP's CLS); ``full`` keeps every token (SigLIP, or ``cls_patch``).
+    """
+    cfg = vision.model.config
+    grid = (cfg.image_size // cfg.patch_size) ** 2
+    size = vision.image_spec.size
+    with torch.no_grad():
+        out = vision.model(pixel_values=torch.zeros(1, 3, size, size, dtype=vision.model.dtype), output_hidden_states=True)
+    prefix = out.hidden_states[vision.select_layer].shape[1] - grid
+    if vision.select_feature == "cls_patch" or prefix == 0:
+        return "full"
+    if prefix == 1:
+        return "default"
+    raise ExportError(
+        f"the vision tower has {prefix} prefix tokens (registers?) that select_feature='patch' drops; Llava can drop "
+        f"only one (CLS). Use select_feature=cls_patch to keep them all, or {_ALTERNATIVE}"
+    )
+
+
+def check_exportable(model: AlignLM) -> str:
+    """Raise ``ExportError`` unless Llava can represent ``model``; return the feature strategy it will use."""
+    if not isinstance(model.vision, HFVisionTower):
+        raise ExportError(
+            f"vision tower {type(model.vision).__name__} is not a transformers vision model, and Llava loads its tower "
+            f"with AutoModel; export needs model.vision=HFVisionTower (CLIP, SigLIP, ...), or {_ALTERNATIVE}"
+        )
+    if getattr(model.vision.model.config, "patch_size", None) is None:
+        raise ExportError(f"vision model {model.vision.model.config.model_type!r} has no patch_size; Llava counts image "
+                          f"tokens from it. {_ALTERNATIVE[0].upper() + _ALTERNATIVE[1:]}")
+    if type(model.connector) is not MLPConnector or model.connector.depth != 2:
+        name = type(model.connector).__name__ + (f"(depth={model.connector.depth})" if isinstance(model.connector, MLPConnector) else "")
+        raise ExportError(
+            f"connector {name} has no Llava counterpart: Llava's projector is exactly mlp2x_gelu "
+            f"(linear_1 -> GELU -> linear_2). Train with model/connector=mlp2x_gelu, or {_ALTERNATIVE}"
+        )
+    return feature_strategy(model.vision)
+
+
+def llava_config(model: AlignLM, strategy: str) -> Any:
+    """The ``LlavaConfig`` describing ``model``."""
+    from transformers import LlavaConfig
+
+    text_config = model.llm.config.to_dict()
+    text_config["vocab_size"] = model.llm.get_input_embeddings().num_embeddings
+    return LlavaConfig(
+        vision_config=model.vision.model.config.to_dict(),
+        text_config=text_config,
+        image_token_index=model.image_token_id,
+        image_seq_length=model.num_image_tokens,
+        projector_hidden_act="gelu",
+        multimodal_projector_bias=model.connector.proj[0].bias is not None,
+        vision_feature_select_strategy=strategy,
+        vision_feature_layer=model.vision.select_layer,
+        tie_word_embeddings=bool(getattr(model.llm.config, "tie_word_embeddings", False)),
+    )
+
+
+def _pairs(model: AlignLM, hf: nn.Module) -> list[tuple[str, nn.Module, nn.Module]]:
+    """(name, alignlm module, Llava module) whose state dicts correspond one to one."""
+    return [
+        ("vision tower", model.vision.model, hf.model.vision_tower),
+        ("projector linear_1", model.connector.proj[0], hf.model.multi_modal_projector.linear_1),
+        ("projector linear_2", model.connector.proj[2], hf.model.multi_modal_projector.linear_2),
+        ("language model", model.llm.get_decoder(), hf.model.language_model),
+        ("lm head", model.llm.get_output_embeddings(), hf.lm_head),
+    ]
+
+
+def _copy(src: nn.Module, dst: nn.Module, name: str) -> None:
+    try:
+        dst.load_state_dict(src.state_dict(), strict=True)
+    except RuntimeError as e:
+        raise ExportError(f"{name}: weights do not match the Llava layout: {e}") from e
+
+
+def to_llava(model: AlignLM) -> Any:
+    """An in-memory ``LlavaForConditionalGeneration`` with ``model``'s weights (LoRA must be merged already)."""
+    from transformers import LlavaForConditionalGeneration
+
+    strategy = check_exportable(model)
+    config = llava_config(model, strategy)
+    dtype = model.llm.get_input_embeddings().weight.dtype
+    hf = LlavaForConditionalGeneration(config).to(dtype)
+    for name, src, dst in _pairs(model, hf):
+        _copy(src, dst, name)
+    hf.tie_weights()
+    return hf.eval()
+
+
+def llava_processor(model: AlignLM, template: Any, strategy: str) -> Any:
+    """A ``LlavaProcessor`` whose image preprocessing and chat template are the ones the model was trained with."""
+    from transformers import LlavaImageProcessor, LlavaProcessor
+
+    spec = model.image_spec
+    image_processor = LlavaImageProcessor(
+        do_pad=True,  # pad to square with the mean colour, as alignlm's loader does
+        do_resize=True, size={"height": spec.size, "width": spec.size}, do_center_crop=False,
+        resample=3,  # bicubic
+        do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+        image_mean=list(spec.mean), image_std=list(spec.std), do_convert_rgb=True,
+    )
+    cfg = model.vision.model.config
+    with torch.no_grad():
+        size = spec.size
+        n_tokens = model.vision.model(pixel_values=torch.zeros(1, 3, size, size, dtype=model.vision.model.dtype),
+                                      output_hidden_states=True).hidden_states[model.vision.select_layer].shape[1]
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=model.tokenizer,
+        patch_size=cfg.patch_size,
+        num_additional_image_tokens=n_tokens - (cfg.image_size // cfg.patch_size) ** 2,
+        vision_feature_select_strategy=strategy,
+        image_token=IMAGE_TOKEN,
+        chat_template=template.jinja(model.tokenizer),
+    )
+
+
+def model_card(cfg: Any, summary: dict[str, Any] | None) -> str:
+    """README.md of an export: what was trained, how, and how it scored, so the Hub page is self-explaining."""
+    from omegaconf import OmegaConf
+
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    lines = ["---", "library_name: transformers", "pipeline_tag: image-text-to-text", "tags: [llava, alignlm]", "---", "",
+             f"# {plain.get('run_name', 'alignlm model')}", "",
+             "A LLaVA-style model trained with [alignlm](https://github.com/) and exported to transformers' "
+             "`LlavaForConditionalGeneration` (LoRA adapters merged).", "", "```python",
+             "from transformers import AutoProcessor, LlavaForConditionalGeneration",
+             "model = LlavaForConditionalGeneration.from_pretrained(PATH)",
+             "processor = AutoProcessor.from_pretrained(PATH)",
+             "messages = [{'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', 'text': 'What is shown?'}]}]",
+             "prompt = processor.apply_chat_template(messages, add_generation_prompt=True)", "```", "", "## Stages", "",
+             "| stage | parts (vision / connector / llm) | lr | steps | objectives | template |", "|---|---|---|---|---|---|"]
+    for name in plain.get("run", []):
+        st = plain["stages"][name]
+        parts = " / ".join(str(st["parts"].get(p)) for p in ("vision", "connector", "llm"))
+        lr = ", ".join(f"{k} {v:g}" for k, v in st.get("lr", {}).items() if st["parts"].get(k) != "frozen")
+        objectives = ", ".join(f"{k} x{v.get('weight', 1)}" for k, v in (st.get("objectives") or {}).items())
+        steps = st.get("max_steps") or f"{st.get('epochs')} epoch(s)"
+        lines.append(f"| {name} | {parts} | {lr} | {steps} | {objectives} | {st['data']['template']} |")
+    evals = (summary or {}).get("eval", {})
+    if evals:
+        lines += ["", "## Evaluation (alignlm)", "", "| set | n | accuracy | chance |", "|---|---|---|---|"]
+        lines += [f"| {k} | {v['n']} | {100 * v['accuracy']:.1f} % | {100 * v['chance']:.1f} % |" for k, v in evals.items()]
+    lines += ["", "## alignlm config", "", "```yaml", OmegaConf.to_yaml(cfg, resolve=True).rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def export(final_dir: str | Path, out_dir: str | Path) -> Path:
+    """``alignlm export``: a ``final/`` checkpoint -> a transformers Llava directory (config, weights, processor, card)."""
+    from omegaconf import OmegaConf
+
+    from alignlm.data.templates import get_template
+    from alignlm.models.io import load_model
+
+    final_dir, out_dir = Path(final_dir), Path(out_dir)
+    model = load_model(final_dir)
+    cfg = OmegaConf.load(final_dir / "config.yaml")
+    hf = to_llava(model)  # raises ExportError before anything is written
+    data = cfg.stages[cfg.run[-1]].data
+    args = data.get("template_args")
+    template = get_template(data.template, **(OmegaConf.to_container(args, resolve=True) if args else {}))
+    processor = llava_processor(model, template, hf.config.vision_feature_select_strategy)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    hf.save_pretrained(out_dir, safe_serialization=True)
+    processor.save_pretrained(out_dir)
+    summary_file = final_dir.parent.parent / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.exists() else None
+    (out_dir / "README.md").write_text(model_card(cfg, summary), encoding="utf-8")
+    (out_dir / "alignlm_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
+    return out_dir
+
+
+def is_llava_dir(path: str | Path) -> bool:
+    """True for a transformers Llava checkpoint folder (``config.json`` with ``model_type: llava``)."""
+    config = Path(path) / "config.json"
+    return config.exists() and json.loads(config.read_text()).get("model_type") == "llava"
+
+
+def load_llava_weights(model: AlignLM, path: str | Path) -> None:
+    """Copy a transformers Llava checkpoint's weights into ``model`` (``init_from`` a Llava folder).
+
+    Loading through ``LlavaForConditionalGeneration.from_pretrained`` accepts every key layout transformers
+    accepts (including checkpoints converted before its 2025 renaming); shapes must match ``model``'s config.
+    """
+    from transformers import LlavaForConditionalGeneration
+
+    hf = LlavaForConditionalGeneration.from_pretrained(str(path), dtype=model.llm.get_input_embeddings().weight.dtype)
+    strategy = check_exportable(model)
+    want = {"vision_feature_select_strategy": strategy, "vision_feature_layer": model.vision.select_layer,
+            "image_token_index": model.image_token_id}
+    wrong = {k: (getattr(hf.config, k), v) for k, v in want.items() if getattr(hf.config, k) != v}
+    if wrong:
+        raise ValueError(f"init_from={path}: the Llava config disagrees with model config (Llava value, ours): {wrong}; "
+                         "build the model with model=llava_hf model.path=<that folder>")
+    for name, dst, src in _pairs(model, hf):
+        try:
+            dst.load_state_dict(src.state_dict(), strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"init_from={path}: {name} does not fit the model config: {e}") from e
+    model.llm.tie_weights()
+
+
+def vision_from_llava(path: str) -> HFVisionTower:
+    """The vision tower a Llava folder describes (random weights; ``init_from`` the folder loads them)."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(path)
+    vc = cfg.vision_config
+    tower = HFVisionTower(config={"model_type": vc.model_type, **_own_fields(vc)}, select_layer=cfg.vision_feature_layer,
+                          select_feature="patch" if cfg.vision_feature_select_strategy == "default" else "cls_patch",
+                          **_image_norm(path))
+    return tower
+
+
+def llm_from_llava(path: str) -> tuple[nn.Module, Any]:
+    """The causal LM and tokenizer a Llava folder describes (random weights; ``init_from`` the folder loads them)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    cfg = AutoConfig.from_pretrained(path)
+    llm = AutoModelForCausalLM.from_config(cfg.text_config)
+    return llm, AutoTokenizer.from_pretrained(path)
+
+
+def _own_fields(config: Any) -> dict[str, Any]:
+    """A sub-config's own fields, without the generic keys ``AutoConfig.for_model`` sets itself."""
+    skip = {"model_type", "transformers_version", "architectures", "_name_or_path", "torch_dtype", "dtype"}
+    return {k: v for k, v in config.to_dict().items() if k not in skip}
+
+
+def _image_norm(path: str) -> dict[str, Any]:
+    """The mean/std the folder's image processor normalises with, if it has one."""
+    pre = Path(path) / "preprocessor_config.json"
+    if not pre.exists():
+        return {}
+    p = json.loads(pre.read_text())
+    return {k: p[k] for k in ("image_mean", "image_std") if k in p}

@@ -1,0 +1,132 @@
+"""Export to transformers' LlavaForConditionalGeneration and import back: same logits, same generation, no loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from alignlm.data.images import preprocess
+from alignlm.data.templates import get_template, to_turns
+from alignlm.export.hf_llava import ExportError, export, load_llava_weights, to_llava
+from alignlm.models.build import build_model
+from alignlm.models.io import load_model
+from alignlm.training.pipeline import run
+from tests.conftest import compose, tiny_overrides
+
+SIGLIP = ["model.vision.config.model_type=siglip_vision_model", "model.vision.select_feature=patch"]
+QUESTION = [{"from": "human", "value": "<image>\nWhat color is it?"}]
+
+
+def _train(colour_set, out, *extra: str):
+    """A tiny two-stage run; returns the finetune final/ folder."""
+    run(compose(*tiny_overrides(colour_set, out, "stages.pretrain.max_steps=2", "stages.finetune.max_steps=2", *extra)))
+    return out / "t" / "finetune" / "final"
+
+
+def _inputs(processor, image: Image.Image):
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is it?"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    return processor(images=image, text=prompt, return_tensors="pt")
+
+
+def _same_model(model, out_dir, image):
+    """Logits within 1e-4 and identical greedy decoding, through transformers' own processor."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    hf = LlavaForConditionalGeneration.from_pretrained(out_dir).eval()
+    processor = AutoProcessor.from_pretrained(out_dir)
+    inputs = _inputs(processor, image)
+    # the processor's pixels are alignlm's preprocessing (pad with the mean colour, bicubic resize, normalise)
+    torch.testing.assert_close(inputs["pixel_values"][0], preprocess(image, model.image_spec), atol=2e-2, rtol=0)
+    batch = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"],
+             "labels": torch.full_like(inputs["input_ids"], -100), "pixel_values": inputs["pixel_values"]}
+    with torch.no_grad():
+        ours = model(batch, return_logits=True).logits
+        theirs = hf(**inputs).logits
+    assert (ours - theirs).abs().max().item() < 1e-4
+    new = model.generate(batch, max_new_tokens=6, do_sample=False)
+    ref = hf.generate(**inputs, max_new_tokens=6, do_sample=False)[:, inputs["input_ids"].shape[1]:]
+    n = min(new.shape[1], ref.shape[1])
+    assert new[:, :n].tolist() == ref[:, :n].tolist() and n > 0
+
+
+def _prompt_ids(model, template_name, **kwargs):
+    rendered = get_template(template_name, **kwargs).render(to_turns(QUESTION), model.tokenizer, add_generation_prompt=True)
+    ids = model.tokenizer(rendered.text, add_special_tokens=False).input_ids
+    img = model.image_token_id
+    out = []
+    for t in ids:
+        out += [img] * model.num_image_tokens if t == img else [t]
+    return out
+
+
+@pytest.mark.parametrize("vision", [[], SIGLIP], ids=["clip", "siglip"])
+def test_export_gives_the_same_logits_and_generation(colour_set, tmp_path, vision):
+    final = _train(colour_set, tmp_path, *vision)
+    out = export(final, tmp_path / "hf")
+    model = load_model(final)
+    image = Image.new("RGB", (40, 30), (200, 40, 40))
+    _same_model(model, out, image)
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(out)
+    assert _inputs(processor, image)["input_ids"][0].tolist() == _prompt_ids(model, "vicuna_v1")
+    card = (out / "README.md").read_text()
+    assert "| finetune |" in card and "vicuna_v1" in card
+
+
+def test_lora_finetuned_model_exports_merged(colour_set, tmp_path):
+    from alignlm.cli import main
+
+    final = _train(colour_set, tmp_path, "stages.finetune.parts.llm=lora", "stages.finetune.lr.llm=1e-2")
+    out = tmp_path / "hf"
+    assert main(["export", str(final), str(out)]) == 0
+    weights = load_file(str(out / "model.safetensors"))
+    assert not any("lora" in k for k in weights)
+    model = load_model(final)
+    base = build_model(compose("model=tiny").model)
+    assert not torch.equal(model.llm.get_decoder().layers[0].self_attn.q_proj.weight, base.llm.get_decoder().layers[0].self_attn.q_proj.weight)
+    _same_model(model, out, Image.new("RGB", (30, 30), (20, 200, 40)))
+
+
+def test_import_export_import_is_lossless_and_trains(colour_set, tmp_path):
+    final = _train(colour_set, tmp_path)
+    first = export(final, tmp_path / "a")
+    cfg = compose("model=llava_hf", f"model.path={first}")
+    imported = build_model(cfg.model)
+    load_llava_weights(imported, first)
+    original = load_model(final)
+    ours = {k: v for k, v in original.state_dict().items()}
+    for k, v in imported.state_dict().items():
+        torch.testing.assert_close(v, ours[k], rtol=0, atol=0, msg=k)
+    again = to_llava(imported)
+    saved = load_file(str(first / "model.safetensors"))
+    for k, v in again.state_dict().items():
+        if k in saved:
+            assert torch.equal(v, saved[k]), k
+    # continue training the imported Llava folder with alignlm (init_from the folder)
+    run(compose(f"output_dir={tmp_path}", "run_name=cont", "run=[finetune]", "model=llava_hf", f"model.path={first}",
+                f"stages.finetune.init_from={first}", "stages.finetune.max_steps=2", "stages.finetune.per_device_batch_size=2",
+                "stages.finetune.data.template=vicuna_v1", f"stages.finetune.data.sources=[{{path:{colour_set['instruct']}}}]"))
+    assert (tmp_path / "cont" / "finetune" / "final" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["model/connector=linear"], "LinearConnector has no Llava counterpart"),
+    (["model.connector.depth=3"], r"MLPConnector\(depth=3\) has no Llava counterpart"),
+    (["model/vision=efficientnet_lite0", "model.vision.weights=null"], "EfficientNetLiteTower is not a transformers vision model"),
+])
+def test_unsupported_combinations_fail_up_front(overrides, match):
+    model = build_model(compose("model=tiny", *overrides).model)
+    with pytest.raises(ExportError, match=match) as err:
+        to_llava(model)
+    assert "alignlm's own format" in str(err.value)
+
+
+def test_export_of_a_non_llava_model_writes_nothing(colour_set, tmp_path):
+    final = _train(colour_set, tmp_path, "model/connector=linear")
+    with pytest.raises(ExportError):
+        export(final, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
