@@ -51,9 +51,13 @@ def _assemble(model_cfg: Mapping[str, Any]) -> AlignLM:
     if not isinstance(vision, VisionTower):
         raise TypeError(f"model.vision built a {type(vision).__name__}, not an alignlm VisionTower")
     llm, tokenizer = instantiate(model_cfg["llm"], "model.llm")
-    connector = instantiate(
-        model_cfg["connector"], "model.connector", in_dim=vision.hidden_size, out_dim=llm.get_input_embeddings().embedding_dim
-    )
+    # The connector draws from its own stream, so swapping connectors (dense -> MoE upcycling) leaves the
+    # other random inits, such as the new <image> embedding row, unchanged.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(model_cfg.get("init_seed", 0)) + 1)
+        connector = instantiate(
+            model_cfg["connector"], "model.connector", in_dim=vision.hidden_size, out_dim=llm.get_input_embeddings().embedding_dim
+        )
     if not isinstance(connector, Connector):
         raise TypeError(f"model.connector built a {type(connector).__name__}, not an alignlm Connector")
     return AlignLM(vision, connector, llm, tokenizer)

@@ -38,7 +38,12 @@ def part_state(model: nn.Module, parts: Iterable[str], only_trainable: bool = Fa
 
 
 def load_part_state(model: nn.Module, state: dict[str, torch.Tensor], parts: Iterable[str]) -> None:
-    """Load part weights strictly: every key of these parts must arrive unless it is tied to one that did."""
+    """Load part weights strictly: every key of these parts must arrive unless it is tied to one that did.
+
+    A part may define ``adapt_state(sub_state) -> sub_state`` to accept another layout of its weights (the MoE
+    connector upcycles a dense connector's weights this way).
+    """
+    state = adapt_parts(model, state, parts)
     full = model.state_dict()
     wanted = {k for k in full if k.split(".", 1)[0] in set(parts)}
     unknown = set(state) - set(full)
@@ -51,6 +56,19 @@ def load_part_state(model: nn.Module, state: dict[str, torch.Tensor], parts: Ite
     with torch.no_grad():
         for k, v in state.items():
             full[k].copy_(v.to(full[k].dtype))
+
+
+def adapt_parts(model: nn.Module, state: dict[str, torch.Tensor], parts: Iterable[str]) -> dict[str, torch.Tensor]:
+    """Pass each part's weights through its ``adapt_state`` hook, if it has one."""
+    state = dict(state)
+    for part in parts:
+        adapt = getattr(getattr(model, part, None), "adapt_state", None)
+        if adapt is None:
+            continue
+        prefix = f"{part}."
+        sub = {k[len(prefix):]: state.pop(k) for k in list(state) if k.startswith(prefix)}
+        state.update({prefix + k: v for k, v in adapt(sub).items()})
+    return state
 
 
 def final_parts(final_dir: Path) -> list[str]:

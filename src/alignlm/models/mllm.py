@@ -113,6 +113,8 @@ class AlignLM(nn.Module):
             if n_slots:
                 raise ValueError(f"batch has {n_slots} image-token slots but no pixel_values or image_embeds")
             embeds = embeds + 0.0 * visual.sum().to(embeds.dtype)
+            # the zero image only keeps ranks in step: its auxiliary losses must not train the connector
+            conn.aux_losses = {k: 0.0 * v for k, v in conn.aux_losses.items()}
         extras = {"features": features, "visual": visual, "is_image": is_image, "conn": conn}
         return embeds, extras
 

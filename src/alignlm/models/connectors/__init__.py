@@ -3,5 +3,6 @@
 from alignlm.models.connectors.base import Connector, ConnectorOutput
 from alignlm.models.connectors.linear import LinearConnector
 from alignlm.models.connectors.mlp import MLPConnector
+from alignlm.models.connectors.moe import MoEConnector
 
-__all__ = ["Connector", "ConnectorOutput", "LinearConnector", "MLPConnector"]
+__all__ = ["Connector", "ConnectorOutput", "LinearConnector", "MLPConnector", "MoEConnector"]

@@ -1,0 +1,108 @@
+"""CuMo-style mixture-of-experts connector: top-k routing over ``mlp2x_gelu`` experts.
+
+Each visual token goes to its ``top_k`` experts and their outputs are mixed by the renormalised router
+probabilities. The router is kept honest by two auxiliary losses, returned with their configured weights
+so the trainer adds them as they are: the Switch-Transformer balance loss ``E * sum_e f_e * P_e`` (1 for
+perfectly uniform routing) and the router z-loss ``mean(logsumexp(logits)^2)`` (keeps logits small).
+
+Dispatch is vectorised: (token, slot) pairs are scattered into a ``[E, capacity, Dv]`` buffer (capacity = the
+busiest expert's load, so nothing is dropped), all experts run as one batched matmul, and results are gathered
+back. No Python loop over tokens or experts. ``adapt_state`` upcycles a dense ``mlp2x_gelu`` connector: every
+expert copies the dense weights, so the MoE output equals the dense output at step 0 whatever the router says.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from alignlm.models.connectors.base import Connector, ConnectorOutput
+
+
+def balance_loss(probs: torch.Tensor, top1: torch.Tensor) -> torch.Tensor:
+    """``E * sum_e f_e * P_e``: ``f_e`` share of tokens whose top-1 expert is ``e``, ``P_e`` mean router probability."""
+    num_experts = probs.shape[-1]
+    f = torch.bincount(top1, minlength=num_experts).to(probs.dtype) / top1.numel()
+    return num_experts * (f * probs.mean(0)).sum()
+
+
+def z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Router z-loss (ST-MoE): ``mean(logsumexp(logits)^2)``."""
+    return torch.logsumexp(logits, dim=-1).pow(2).mean()
+
+
+class MoEConnector(Connector):
+    """Experts ``Linear(Dv, Dl) -> GELU -> Linear(Dl, Dl)``, router ``Linear(Dv, E, bias=False)``."""
+
+    def __init__(self, in_dim: int, out_dim: int, num_experts: int = 4, top_k: int = 2,
+                 balance_weight: float = 0.1, z_weight: float = 0.01) -> None:
+        super().__init__(in_dim, out_dim)
+        if num_experts < 1 or not 1 <= top_k <= num_experts:
+            raise ValueError(f"model.connector: need num_experts >= 1 and 1 <= top_k <= num_experts, "
+                             f"got num_experts={num_experts}, top_k={top_k}")
+        self.num_experts, self.top_k = num_experts, top_k
+        self.balance_weight, self.z_weight = balance_weight, z_weight
+        self.router = nn.Linear(in_dim, num_experts, bias=False)
+        # Expert weights stacked [E, in, out], initialised like nn.Linear (uniform +-1/sqrt(fan_in)).
+        self.w1 = nn.Parameter(self._uniform(num_experts, in_dim, out_dim))
+        self.b1 = nn.Parameter(self._uniform(num_experts, 1, out_dim, fan_in=in_dim).squeeze(1))
+        self.w2 = nn.Parameter(self._uniform(num_experts, out_dim, out_dim))
+        self.b2 = nn.Parameter(self._uniform(num_experts, 1, out_dim, fan_in=out_dim).squeeze(1))
+
+    @staticmethod
+    def _uniform(e: int, rows: int, cols: int, fan_in: int | None = None) -> torch.Tensor:
+        bound = 1.0 / math.sqrt(fan_in or rows)
+        return torch.empty(e, rows, cols).uniform_(-bound, bound)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Router logits, probabilities (float32), and the renormalised top-k weights and expert ids per token."""
+        logits = self.router(x).float()
+        probs = logits.softmax(-1)
+        weights, experts = probs.topk(self.top_k, dim=-1)
+        return logits, probs, weights / weights.sum(-1, keepdim=True), experts
+
+    def experts_forward(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """Outputs ``[T, k, Dl]`` of each token's chosen experts, computed by one batched matmul per layer."""
+        t, k = experts.shape
+        flat = experts.reshape(-1)  # (token, slot) pairs, token-major
+        onehot = F.one_hot(flat, self.num_experts)
+        slot = (onehot.cumsum(0) - 1).gather(1, flat[:, None]).squeeze(1)  # position within its expert's queue
+        capacity = int(onehot.sum(0).max())
+        buf = x.new_zeros(self.num_experts, capacity, x.shape[-1])
+        buf[flat, slot] = x.repeat_interleave(k, dim=0)
+        h = F.gelu(torch.baddbmm(self.b1[:, None].to(x.dtype), buf, self.w1.to(x.dtype)))
+        out = torch.baddbmm(self.b2[:, None].to(x.dtype), h, self.w2.to(x.dtype))
+        return out[flat, slot].view(t, k, -1)
+
+    def forward(self, features: torch.Tensor) -> ConnectorOutput:
+        shape = features.shape[:-1]
+        x = features.reshape(-1, features.shape[-1])
+        logits, probs, weights, experts = self.route(x)
+        y = (self.experts_forward(x, experts) * weights.unsqueeze(-1).to(x.dtype)).sum(1)
+        balance, z = balance_loss(probs, experts[:, 0]), z_loss(logits)
+        load = torch.bincount(experts.reshape(-1), minlength=self.num_experts).float() / experts.numel()
+        metrics = {"moe_balance": balance.detach(), "moe_z": z.detach()}
+        metrics.update({f"expert_load/{e}": load[e] for e in range(self.num_experts)})
+        return ConnectorOutput(
+            y.view(*shape, -1),
+            aux_losses={"moe_balance": self.balance_weight * balance, "moe_z": self.z_weight * z},
+            metrics=metrics,
+        )
+
+    def adapt_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Upcycle a dense ``mlp2x_gelu`` state (``proj.0``, ``proj.2``) into every expert; keep the router's init."""
+        if not any(k.startswith("proj.") for k in state):
+            return state
+        dense = {"proj.0.weight", "proj.0.bias", "proj.2.weight", "proj.2.bias"}
+        if set(state) != dense:
+            raise ValueError(f"cannot upcycle connector weights {sorted(state)}: only a dense mlp2x_gelu "
+                             f"connector ({sorted(dense)}) maps onto the MoE experts")
+        e = self.num_experts
+        return {
+            "router.weight": self.router.weight.detach().clone(),
+            "w1": state["proj.0.weight"].t().expand(e, -1, -1).clone(), "b1": state["proj.0.bias"].expand(e, -1).clone(),
+            "w2": state["proj.2.weight"].t().expand(e, -1, -1).clone(), "b2": state["proj.2.bias"].expand(e, -1).clone(),
+        }

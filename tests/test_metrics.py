@@ -1,0 +1,401 @@
+"""Alignment metrics: hand-checkable cases, invariances, chance levels, and agreement with naive, loop-based
+implementations written straight from the papers' formulas."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from alignlm.geometry import metrics as M
+
+PLATONIC = [M.mutual_knn, M.cycle_knn, M.lcs_knn, M.edit_distance_knn, M.cka, M.unbiased_cka, M.cknna, M.svcca]
+KNN = [M.mutual_knn, M.cycle_knn, M.lcs_knn, M.edit_distance_knn]
+
+
+def related_pair(n: int = 64, da: int = 24, db: int = 40, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two feature sets of the same items that share structure, so that every metric lands mid-range."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(n, da, generator=g)
+    B = A @ torch.randn(da, db, generator=g) + 5.0 * torch.randn(n, db, generator=g)
+    return A, B
+
+
+def random_rotation(d: int, seed: int) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    return q
+
+
+# ------------------------------------------------------------------ naive references, from the formulas
+
+
+def naive_prepare(x: torch.Tensor, q: float = 0.95) -> np.ndarray:
+    """Clamp every entry to the sorted |entry| at index int(q * numel), then divide each row by its norm."""
+    magnitudes = sorted(abs(v) for v in x.flatten().tolist())
+    t = magnitudes[int(q * len(magnitudes))]
+    rows = []
+    for row in x.tolist():
+        clamped = [max(-t, min(t, v)) for v in row]
+        norm = math.sqrt(sum(v * v for v in clamped))
+        rows.append([v / norm for v in clamped])
+    return np.array(rows)
+
+
+def naive_knn(x: np.ndarray, k: int) -> list[list[int]]:
+    """Each item's k most similar other items by inner product, most similar first."""
+    n = len(x)
+    sim = x @ x.T
+    return [sorted((j for j in range(n) if j != i), key=lambda j: -sim[i, j])[:k] for i in range(n)]
+
+
+def naive_lcs(x: list[int], y: list[int]) -> int:
+    dp = [[0] * (len(y) + 1) for _ in range(len(x) + 1)]
+    for i in range(1, len(x) + 1):
+        for j in range(1, len(y) + 1):
+            dp[i][j] = dp[i - 1][j - 1] + 1 if x[i - 1] == y[j - 1] else max(dp[i - 1][j], dp[i][j - 1])
+    return dp[-1][-1]
+
+
+def naive_edit(x: list[int], y: list[int]) -> int:
+    dp = [[i + j if i * j == 0 else 0 for j in range(len(y) + 1)] for i in range(len(x) + 1)]
+    for i in range(1, len(x) + 1):
+        for j in range(1, len(y) + 1):
+            dp[i][j] = min(dp[i - 1][j] + 1, dp[i][j - 1] + 1, dp[i - 1][j - 1] + (x[i - 1] != y[j - 1]))
+    return dp[-1][-1]
+
+
+def naive_knn_metric(name: str, a: np.ndarray, b: np.ndarray, k: int) -> float:
+    na, nb = naive_knn(a, k), naive_knn(b, k)
+    n = len(a)
+    if name == "mutual_knn":
+        return float(np.mean([len(set(na[i]) & set(nb[i])) / k for i in range(n)]))
+    if name == "cycle_knn":
+        return float(np.mean([any(i in na[j] for j in nb[i]) for i in range(n)]))
+    if name == "lcs_knn":
+        return float(np.mean([naive_lcs(na[i], nb[i]) / k for i in range(n)]))
+    return 1.0 - float(np.mean([naive_edit(na[i], nb[i]) / k for i in range(n)]))
+
+
+def naive_gram(x: np.ndarray, kernel: str, sigma: float | None) -> np.ndarray:
+    n = len(x)
+    if kernel == "linear":
+        return np.array([[float(np.dot(x[i], x[j])) for j in range(n)] for i in range(n)])
+    sq = np.array([[float(np.sum((x[i] - x[j]) ** 2)) for j in range(n)] for i in range(n)])
+    bandwidth_sq = np.median(sq) if sigma is None else sigma**2
+    return np.exp(-sq / (2 * bandwidth_sq))
+
+
+def naive_hsic_biased(K: np.ndarray, L: np.ndarray) -> float:
+    n = len(K)
+    H = np.eye(n) - np.ones((n, n)) / n
+    return float(np.trace(K @ H @ L @ H))
+
+
+def naive_hsic_unbiased(K: np.ndarray, L: np.ndarray) -> float:
+    """Song et al. 2012, eq. 5, with explicit ones vectors."""
+    n = len(K)
+    Kt, Lt = K * (1 - np.eye(n)), L * (1 - np.eye(n))
+    one = np.ones(n)
+    return float((np.trace(Kt @ Lt) + (one @ Kt @ one) * (one @ Lt @ one) / ((n - 1) * (n - 2))
+                  - 2 / (n - 2) * (one @ Kt @ Lt @ one)) / (n * (n - 3)))
+
+
+def naive_hsic_u_statistic(K: np.ndarray, L: np.ndarray) -> float:
+    """The unbiased HSIC as the U-statistic it is: mean over distinct (i, j, q, r) of k_ij l_ij + k_ij l_qr
+    - 2 k_ij l_iq (Song et al. 2012, Theorem 2)."""
+    total, count = 0.0, 0
+    for i, j, q, r in itertools.permutations(range(len(K)), 4):
+        total += K[i, j] * L[i, j] + K[i, j] * L[q, r] - 2 * K[i, j] * L[i, q]
+        count += 1
+    return total / count
+
+
+def naive_cka(a: np.ndarray, b: np.ndarray, kernel: str, sigma: float | None, hsic) -> float:
+    K, L = naive_gram(a, kernel, sigma), naive_gram(b, kernel, sigma)
+    return hsic(K, L) / math.sqrt(hsic(K, K) * hsic(L, L))
+
+
+def naive_cknna(a: np.ndarray, b: np.ndarray, k: int) -> float:
+    n = len(a)
+    K, L = naive_gram(a, "linear", None), naive_gram(b, "linear", None)
+    na, nb = naive_knn(a, k), naive_knn(b, k)
+    in_a = np.array([[1.0 if j in set(na[i]) else 0.0 for j in range(n)] for i in range(n)])
+    in_b = np.array([[1.0 if j in set(nb[i]) else 0.0 for j in range(n)] for i in range(n)])
+    both = in_a * in_b
+    return naive_hsic_unbiased(K * both, L * both) / math.sqrt(
+        naive_hsic_unbiased(K * in_a, K * in_a) * naive_hsic_unbiased(L * in_b, L * in_b))
+
+
+def naive_top_subspace(x: np.ndarray, dim: int) -> np.ndarray:
+    x = (x - x.mean(axis=0)) / (x.std(axis=0, ddof=1) + 1e-8)
+    return np.linalg.svd(x, full_matrices=False)[0][:, :dim]
+
+
+def naive_svcca(a: np.ndarray, b: np.ndarray, dim: int) -> float:
+    """SVD step, then textbook CCA: singular values of Cxx^-1/2 Cxy Cyy^-1/2 on the reduced data."""
+    x, y = naive_top_subspace(a, dim), naive_top_subspace(b, dim)
+    x, y = x - x.mean(axis=0), y - y.mean(axis=0)
+
+    def inv_sqrt(c: np.ndarray) -> np.ndarray:
+        w, v = np.linalg.eigh(c)
+        return v @ np.diag(w**-0.5) @ v.T
+
+    whitened = inv_sqrt(x.T @ x) @ (x.T @ y) @ inv_sqrt(y.T @ y)
+    return float(np.mean(np.linalg.svd(whitened, compute_uv=False)))
+
+
+# ------------------------------------------------------------------------------ hand-checkable cases
+
+
+@pytest.mark.parametrize("metric", PLATONIC, ids=lambda f: f.__name__)
+def test_identical_features_score_one(metric):
+    A, _ = related_pair()
+    assert metric(A, A) == pytest.approx(1.0, abs=1e-9)
+
+
+def test_identical_features_have_no_gap():
+    A, _ = related_pair()
+    assert M.modality_gap(A, A) == 0.0
+    assert torch.equal(M.gap_vector(A, A), torch.zeros(A.shape[1], dtype=torch.float64))
+
+
+def test_known_gap_between_two_clusters():
+    # A around e1, B around e2, offsets +-s*e3 in pairs: the normalised means are e_i / sqrt(1 + s^2).
+    s, n = 0.5, 20
+    e = torch.eye(4)
+    signs = torch.tensor([1.0, -1.0]).repeat(n // 2)[:, None]
+    A = e[0] + s * signs * e[2]
+    B = e[1] + s * signs * e[2]
+    assert M.modality_gap(A, B) == pytest.approx(math.sqrt(2) / math.sqrt(1 + s**2), abs=1e-12)
+    assert torch.allclose(M.gap_vector(A, B), (e[0] - e[1]).double() / math.sqrt(1 + s**2))
+
+
+def test_shift_closes_the_gap_and_matches_the_notebook_convention():
+    e = torch.eye(3)
+    A, B = e[0].repeat(8, 1), e[1].repeat(8, 1)
+    closed_a, closed_b = M.shift_along_gap(A, B, math.sqrt(2))  # moves each cone half way to the other
+    assert torch.allclose(closed_a, closed_b) and M.modality_gap(closed_a, closed_b) < 1e-12
+    curve = M.gap_shift_curve(A, B, [-0.5, 0.0, 0.5], M.modality_gap)
+    assert [d for d, _ in curve] == [-0.5, 0.0, 0.5]
+    assert curve[1][1] == pytest.approx(math.sqrt(2))
+    assert curve[0][1] > curve[1][1] > curve[2][1]
+
+    img, txt = related_pair(n=32, da=16, db=16)
+    img_n = img.double() / img.double().norm(dim=-1, keepdim=True)
+    txt_n = txt.double() / txt.double().norm(dim=-1, keepdim=True)
+    direction = img_n.mean(dim=0) - txt_n.mean(dim=0)
+    direction = direction / direction.norm()
+    want_img, want_txt = img_n - 0.5 * 0.3 * direction, txt_n + 0.5 * 0.3 * direction
+    got_img, got_txt = M.shift_along_gap(img, txt, 0.3)
+    assert torch.allclose(got_img, want_img / want_img.norm(dim=-1, keepdim=True), atol=1e-12)
+    assert torch.allclose(got_txt, want_txt / want_txt.norm(dim=-1, keepdim=True), atol=1e-12)
+
+
+def test_random_features_mutual_knn_near_chance():
+    g = torch.Generator().manual_seed(1)
+    n, k = 200, 10
+    A, B = torch.randn(n, 128, generator=g), torch.randn(n, 96, generator=g)
+    assert M.mutual_knn(A, B, topk=k) == pytest.approx(k / (n - 1), abs=0.02)
+
+
+@pytest.mark.parametrize("metric", KNN + [M.cka, M.unbiased_cka, M.cknna], ids=lambda f: f.__name__)
+def test_invariant_to_orthogonal_rotation(metric):
+    # Without the clamp, whose per-entry threshold is tied to the coordinate axes.
+    A, B = related_pair()
+    rotated = A.double() @ random_rotation(A.shape[1], seed=3)
+    assert metric(rotated, B, preprocess=False) == pytest.approx(metric(A, B, preprocess=False), abs=1e-9)
+
+
+def test_rbf_cka_invariant_to_rotation_and_scale_with_median_bandwidth():
+    A, B = related_pair()
+    moved = 5.0 * A.double() @ random_rotation(A.shape[1], seed=4)
+    want = M.cka(A, B, kernel="rbf", preprocess=False)
+    assert M.cka(moved, B, kernel="rbf", preprocess=False) == pytest.approx(want, abs=1e-9)
+
+
+@pytest.mark.parametrize("metric", PLATONIC, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("preprocess", [True, False])
+def test_invariant_to_isotropic_scaling(metric, preprocess):
+    A, B = related_pair()
+    assert metric(7.5 * A, B, preprocess=preprocess) == pytest.approx(metric(A, B, preprocess=preprocess), abs=1e-7)
+
+
+def test_cknna_over_all_neighbours_is_unbiased_cka():
+    A, B = related_pair()
+    assert M.cknna(A, B, topk=A.shape[0] - 1) == pytest.approx(M.unbiased_cka(A, B), abs=1e-12)
+
+
+def test_retrieval_perfect_for_identical_and_chance_for_random():
+    g = torch.Generator().manual_seed(5)
+    n = 200
+    feats = torch.randn(n, 32, generator=g)
+    assert set(M.retrieval_recall(feats, feats).values()) == {1.0}
+    recalls = M.retrieval_recall(feats, torch.randn(n, 32, generator=g), ks=(10, 50))
+    for direction in ("i2t", "t2i"):
+        assert recalls[f"{direction}_recall@10"] == pytest.approx(10 / n, abs=0.05)
+        assert recalls[f"{direction}_recall@50"] == pytest.approx(50 / n, abs=0.1)
+
+
+def test_retrieval_ties_count_against_the_match():
+    collapsed = torch.ones(10, 4)
+    assert set(M.retrieval_recall(collapsed, collapsed, ks=(1, 5)).values()) == {0.0}
+
+
+def test_token_word_accuracy_on_a_constructed_case():
+    words = torch.eye(4)  # four words on the axes
+    tokens = torch.tensor([[1.0, 0.1, 0, 0], [0, 0, 2.0, 0.5], [0.2, 1.0, 0, 0], [0, 0, 0, 1.0]])
+    # nearest words: 0, 2, 1, 3
+    labels = [[0], [1, 2], [3], []]
+    assert M.token_word_accuracy(tokens, words, labels) == pytest.approx(2 / 4)
+
+
+def test_a_score_is_one_when_the_reference_contains_the_visual_tokens():
+    g = torch.Generator().manual_seed(6)
+    visual = torch.randn(5, 7, 16, generator=g)
+    reference = torch.cat([torch.randn(5, 3, 16, generator=g), 2.0 * visual.flip(1)], dim=1)
+    assert M.a_score(visual, reference) == pytest.approx(1.0, abs=1e-12)
+
+
+# --------------------------------------------------------------------- agreement with naive references
+
+
+def test_prepare_features_matches_the_reference_clamp():
+    A, _ = related_pair()
+    A[0, 0] = 50.0  # an outlier that the clamp must cut
+    got = M.prepare_features(A)
+    assert got[0, 0].item() < 0.9
+    np.testing.assert_allclose(got.numpy(), naive_prepare(A), atol=1e-12)
+
+
+@pytest.mark.parametrize("name", [f.__name__ for f in KNN])
+@pytest.mark.parametrize("preprocess", [True, False])
+def test_knn_metrics_match_naive(name, preprocess):
+    A, B = related_pair(seed=7)
+    a, b = (naive_prepare(A), naive_prepare(B)) if preprocess else (A.double().numpy(), B.double().numpy())
+    got = getattr(M, name)(A, B, topk=10, preprocess=preprocess)
+    assert got == pytest.approx(naive_knn_metric(name, a, b, 10), abs=1e-5)
+    assert 0.0 < got < 1.0
+
+
+def test_vectorised_lcs_and_edit_distance_match_the_classic_dp():
+    g = torch.Generator().manual_seed(8)
+    x, y = torch.randint(0, 4, (50, 9), generator=g), torch.randint(0, 4, (50, 9), generator=g)
+    assert M._lcs_lengths(x, y).tolist() == [naive_lcs(p, q) for p, q in zip(x.tolist(), y.tolist())]
+    assert M._edit_distances(x, y).tolist() == [naive_edit(p, q) for p, q in zip(x.tolist(), y.tolist())]
+
+
+@pytest.mark.parametrize("kernel,sigma", [("linear", None), ("rbf", None), ("rbf", 1.0)])
+@pytest.mark.parametrize("unbiased", [False, True])
+def test_cka_matches_naive(kernel, sigma, unbiased):
+    A, B = related_pair(seed=9)
+    metric, hsic = (M.unbiased_cka, naive_hsic_unbiased) if unbiased else (M.cka, naive_hsic_biased)
+    want = naive_cka(naive_prepare(A), naive_prepare(B), kernel, sigma, hsic)
+    assert metric(A, B, kernel=kernel, sigma=sigma) == pytest.approx(want, abs=1e-5)
+
+
+def test_unbiased_hsic_is_the_u_statistic():
+    A, B = related_pair(n=8, da=3, db=5, seed=10)
+    a, b = A.double().numpy(), B.double().numpy()
+    want = naive_cka(a, b, "linear", None, naive_hsic_u_statistic)
+    assert M.unbiased_cka(A, B, preprocess=False) == pytest.approx(want, abs=1e-9)
+
+
+def test_cknna_matches_naive():
+    A, B = related_pair(seed=11)
+    got = M.cknna(A, B, topk=10)
+    assert got == pytest.approx(naive_cknna(naive_prepare(A), naive_prepare(B), 10), abs=1e-5)
+    assert 0.0 < got < 1.0
+
+
+def test_svcca_matches_textbook_cca_and_the_reference_pipeline():
+    from sklearn.cross_decomposition import CCA
+
+    A, B = related_pair(seed=12)
+    a, b = naive_prepare(A), naive_prepare(B)
+    got = M.svcca(A, B, cca_dim=10)
+    assert got == pytest.approx(naive_svcca(a, b, 10), abs=1e-5)
+    # The reference's route: scikit-learn's iterative CCA on the singular subspaces, mean score correlation.
+    x, y = naive_top_subspace(a, 10), naive_top_subspace(b, 10)
+    xs, ys = CCA(n_components=10, max_iter=5000, tol=1e-12).fit(x, y).transform(x, y)
+    assert got == pytest.approx(np.mean([np.corrcoef(xs[:, i], ys[:, i])[0, 1] for i in range(10)]), abs=1e-4)
+
+
+def test_modality_gap_matches_naive():
+    A, B = related_pair(n=40, da=16, db=16, seed=13)
+    mean_a, mean_b = np.zeros(16), np.zeros(16)
+    for row_a, row_b in zip(A.double().numpy(), B.double().numpy()):
+        mean_a += row_a / np.linalg.norm(row_a) / len(A)
+        mean_b += row_b / np.linalg.norm(row_b) / len(B)
+    assert M.modality_gap(A, B) == pytest.approx(float(np.linalg.norm(mean_a - mean_b)), abs=1e-12)
+
+
+def test_retrieval_matches_the_notebook_definition():
+    img, txt = related_pair(n=100, da=16, db=16, seed=14)
+    i = img.double() / img.double().norm(dim=-1, keepdim=True)
+    t = txt.double() / txt.double().norm(dim=-1, keepdim=True)
+    sim = i @ t.T
+    got = M.retrieval_recall(img, txt)
+    for k in (1, 5, 10):
+        by_row, by_col = sim.argsort(dim=1), sim.argsort(dim=0)
+        assert got[f"i2t_recall@{k}"] == pytest.approx(np.mean([q in by_row[q, -k:] for q in range(100)]))
+        assert got[f"t2i_recall@{k}"] == pytest.approx(np.mean([q in by_col[-k:, q] for q in range(100)]))
+    assert 0.0 < got["i2t_recall@1"] < 1.0
+
+
+def test_a_score_matches_naive():
+    g = torch.Generator().manual_seed(15)
+    visual, reference = torch.randn(4, 6, 8, generator=g), torch.randn(4, 5, 8, generator=g)
+    per_image = []
+    for v_img, r_img in zip(visual.double(), reference.double()):
+        best = [max(float(v @ r / (v.norm() * r.norm())) for r in r_img) for v in v_img]
+        per_image.append(sum(best) / len(best))
+    assert M.a_score(visual, reference) == pytest.approx(sum(per_image) / len(per_image), abs=1e-12)
+
+
+def test_token_word_accuracy_matches_naive():
+    g = torch.Generator().manual_seed(16)
+    words = torch.randn(30, 8, generator=g)
+    tokens = words[torch.randint(0, 30, (60,), generator=g)] + 0.8 * torch.randn(60, 8, generator=g)
+    labels = [torch.randint(0, 30, (int(c),), generator=g).tolist() for c in torch.randint(0, 4, (60,), generator=g)]
+    hits = 0
+    for token, ids in zip(tokens.double(), labels):
+        cosines = [float(token @ w / (token.norm() * w.norm())) for w in words.double()]
+        hits += cosines.index(max(cosines)) in ids
+    assert M.token_word_accuracy(tokens, words, labels) == pytest.approx(hits / 60)
+
+
+# --------------------------------------------------------------------------------- determinism, errors
+
+
+@pytest.mark.parametrize("metric", PLATONIC + [M.modality_gap], ids=lambda f: f.__name__)
+def test_same_call_same_result(metric):
+    A, B = related_pair(da=24, db=24, seed=17)
+    assert metric(A, B) == metric(A, B)
+
+
+def test_errors_name_the_problem():
+    A, B = related_pair()
+    with pytest.raises(ValueError, match="same items"):
+        M.mutual_knn(A, B[:10])
+    with pytest.raises(ValueError, match="topk"):
+        M.mutual_knn(A, B, topk=A.shape[0])
+    with pytest.raises(ValueError, match="share a feature space"):
+        M.modality_gap(A, B)
+    with pytest.raises(ValueError, match="kernel"):
+        M.cka(A, B, kernel="cosine")
+    with pytest.raises(ValueError, match="one list per visual token"):
+        M.token_word_accuracy(A, A, [[0]])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu():
+    A, B = related_pair(seed=18)
+    for metric in PLATONIC:
+        assert metric(A.cuda(), B.cuda()) == pytest.approx(metric(A, B), abs=1e-9)
+    C = B[:, :24]
+    assert M.modality_gap(A.cuda(), C.cuda()) == pytest.approx(M.modality_gap(A, C), abs=1e-12)
+    assert M.retrieval_recall(A.cuda(), C.cuda()) == M.retrieval_recall(A, C)

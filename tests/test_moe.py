@@ -1,0 +1,98 @@
+"""MoE connector: balance and z losses, vectorised dispatch equal to a per-token reference, exact upcycling."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from alignlm.models.connectors import MLPConnector, MoEConnector
+from alignlm.models.connectors.moe import balance_loss, z_loss
+from alignlm.models.io import load_final_weights, load_part_state, part_state
+from alignlm.training.pipeline import run
+from tests.conftest import compose, make_batch, tiny_overrides
+
+
+def test_balance_is_one_for_uniform_routing_and_larger_when_skewed():
+    probs = torch.full((12, 4), 0.25)
+    assert balance_loss(probs, torch.arange(12) % 4).item() == pytest.approx(1.0)
+    skewed = torch.tensor([[0.7, 0.1, 0.1, 0.1]]).repeat(12, 1)
+    assert balance_loss(skewed, torch.zeros(12, dtype=torch.long)).item() == pytest.approx(4 * 0.7)
+
+
+def test_z_loss_is_mean_squared_logsumexp():
+    logits = torch.tensor([[0.0, 0.0], [1.0, 2.0]])
+    want = (torch.log(torch.tensor(2.0)) ** 2 + torch.logsumexp(torch.tensor([1.0, 2.0]), 0) ** 2) / 2
+    assert z_loss(logits).item() == pytest.approx(want.item())
+
+
+def test_dispatch_matches_a_per_token_reference_and_weights_sum_to_one():
+    torch.manual_seed(0)
+    moe = MoEConnector(6, 5, num_experts=4, top_k=2)
+    x = torch.randn(3, 7, 6)
+    out = moe(x)
+    flat = x.reshape(-1, 6)
+    _, _, weights, experts = moe.route(flat)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(21))
+    ref = torch.zeros(21, 5)
+    for t in range(21):  # the naive definition: y = sum_k w_k * expert_k(x)
+        for j in range(2):
+            e = experts[t, j]
+            h = F.gelu(flat[t] @ moe.w1[e] + moe.b1[e])
+            ref[t] += weights[t, j] * (h @ moe.w2[e] + moe.b2[e])
+    torch.testing.assert_close(out.tokens.reshape(-1, 5), ref, atol=1e-5, rtol=1e-5)
+    load = torch.stack([out.metrics[f"expert_load/{e}"] for e in range(4)])
+    assert load.sum().item() == pytest.approx(1.0)
+    assert set(out.aux_losses) == {"moe_balance", "moe_z"}
+
+
+def test_gradients_reach_router_and_experts():
+    moe = MoEConnector(6, 5)
+    out = moe(torch.randn(2, 4, 6))
+    (out.tokens.pow(2).mean() + sum(out.aux_losses.values())).backward()
+    for name, p in moe.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_upcycled_moe_reproduces_the_dense_connector():
+    torch.manual_seed(1)
+    dense = MLPConnector(6, 5, depth=2)
+    moe = MoEConnector(6, 5, num_experts=4, top_k=2)
+    moe.load_state_dict(moe.adapt_state(dense.state_dict()))
+    x = torch.randn(2, 9, 6)
+    torch.testing.assert_close(moe(x).tokens, dense(x).tokens, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="only a dense mlp2x_gelu"):
+        moe.adapt_state(MLPConnector(6, 5, depth=3).state_dict())
+
+
+def test_bad_knobs_name_the_config():
+    with pytest.raises(ValueError, match="top_k"):
+        MoEConnector(6, 5, num_experts=2, top_k=3)
+
+
+def test_moe_trains_in_the_pipeline_logs_expert_load_and_upcycles_a_dense_stage(colour_set, tmp_path):
+    base = tiny_overrides(colour_set, tmp_path, "run=[pretrain]", "stages.pretrain.max_steps=2")
+    run(compose(*base, "run_name=dense"))
+    dense_final = tmp_path / "dense" / "pretrain" / "final"
+    run(compose(*base, "run_name=moe", "model/connector=moe", f"stages.pretrain.init_from={dense_final}"))
+    rows = [json.loads(r) for r in (tmp_path / "moe" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    assert {"aux/moe_balance", "aux/moe_z", "connector/expert_load/0"} <= set(rows[0])
+    from alignlm.models.build import build_model
+
+    dense_model, moe_model = build_model(compose(*base).model), build_model(compose(*base, "model/connector=moe").model)
+    load_final_weights(dense_model, dense_final)
+    load_final_weights(moe_model, dense_final)
+    batch = make_batch(dense_model, [1, 2])
+    with torch.no_grad():
+        torch.testing.assert_close(moe_model(batch).lm_loss, dense_model(batch).lm_loss)
+
+
+def test_text_only_batch_does_not_train_the_router():
+    from alignlm.models.build import build_model
+
+    model = build_model(compose("model/connector=moe").model)
+    out = model(make_batch(model, [0, 0]))
+    assert all(v.item() == 0 for v in out.aux_losses.values())
+    load_part_state(model, part_state(model, ["connector"]), ["connector"])  # its own layout loads unchanged
