@@ -122,6 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("checkpoint", help="a final/ folder")
     p.add_argument("out_dir")
     p.set_defaults(func=cmd_export)
+    # subcommands that live beside their code: each module has register(subparsers)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -31,6 +31,13 @@ class Objective(nn.Module):
     # other losses are per-micro-batch means that the trainer averages over accumulation steps.
     token_normalized: bool = False
 
+    def setup(self, model: nn.Module, dataset: Any) -> None:
+        """Called once by the trainer after the model and the stage's dataset exist, before the first step.
+
+        For state that depends on them: a word prior counted over the training captions (VLAP), frozen word
+        embeddings taken from the LLM (SEA). The default does nothing.
+        """
+
     def forward(self, batch: dict[str, Any], out: Any, model: nn.Module) -> LossTerm:  # pragma: no cover
         raise NotImplementedError
 

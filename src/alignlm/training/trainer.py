@@ -113,6 +113,8 @@ class Trainer:
         )
         self.total_steps = int(stage.max_steps) if stage.get("max_steps") else int(math.ceil(float(stage.epochs) * self.order.steps_per_epoch))
         self.objectives = build_objectives(stage)
+        for obj, _ in self.objectives.values():
+            obj.setup(model, self.dataset)
         optimizer, self.scheduler = build_optimizer(model, stage, self.total_steps)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         for obj, _ in self.objectives.values():
