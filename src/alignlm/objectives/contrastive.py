@@ -1,0 +1,74 @@
+"""Global contrastive alignment (CLIP-style symmetric InfoNCE): the baseline every alignment paper compares against.
+
+Each image's pooled visual tokens (mean of the connector output) should be closer to its own caption's mean
+LLM input embedding than to the other captions of the batch, and each caption closer to its own images:
+
+    logits = scale * norm(v) @ norm(t).T          [P images, C captions], scale = 1 / temperature
+    L = 0.5 * (CE(image -> its caption) + CE(caption -> any of its images))
+
+Images pair with their own sample's caption (``objectives/pairs.py``). Captions are the batch's *distinct*
+captioned samples, so two images of one sample never act as each other's negatives: image -> text is a plain
+cross-entropy over the captions, and text -> image is ``-log`` of the probability mass on *any* of the
+caption's images (MIL-NCE's multiple-positive form; with one image per sample both reduce to the usual
+InfoNCE). Negatives are those of the local micro-batch.
+
+The temperature is learnable (``log(1 / temperature)`` is the parameter, clamped to at most
+``max_scale``, as CLIP does) or fixed. The objective also logs in-batch retrieval accuracy both ways.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from alignlm.objectives.base import LossTerm, Objective
+from alignlm.objectives.pairs import image_caption_pairs, zero_loss
+
+
+def info_nce(visual: torch.Tensor, captions: torch.Tensor, caption_of_image: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Symmetric InfoNCE between ``visual`` ``[P, D]`` and ``captions`` ``[C, D]``; image ``i`` matches caption ``caption_of_image[i]``."""
+    logits = scale * F.normalize(visual.float(), dim=-1) @ F.normalize(captions.float(), dim=-1).T  # [P, C]
+    i2t = F.cross_entropy(logits, caption_of_image)
+    positives = F.one_hot(caption_of_image, captions.shape[0]).T.bool()  # [C, P]
+    t2i = (logits.T.logsumexp(1) - logits.T.masked_fill(~positives, -math.inf).logsumexp(1)).mean()
+    with torch.no_grad():
+        metrics = {
+            "i2t_acc": (logits.argmax(1) == caption_of_image).float().mean(),
+            "t2i_acc": positives.gather(1, logits.T.argmax(1, keepdim=True)).float().mean(),
+        }
+    return 0.5 * (i2t + t2i), metrics
+
+
+class ContrastiveObjective(Objective):
+    """Symmetric image-caption InfoNCE on pooled visual tokens vs mean caption embeddings."""
+
+    name = "contrastive"
+
+    def __init__(self, temperature: float = 0.07, learnable_temperature: bool = True, max_scale: float = 100.0) -> None:
+        super().__init__()
+        if temperature <= 0 or max_scale <= 0:
+            raise ValueError(f"contrastive needs temperature > 0 and max_scale > 0, got {temperature} and {max_scale}")
+        self.max_log_scale = math.log(max_scale)
+        log_scale = torch.tensor(math.log(1.0 / temperature))
+        if learnable_temperature:
+            self.log_scale = nn.Parameter(log_scale)
+        else:
+            self.register_buffer("log_scale", log_scale)
+
+    @property
+    def scale(self) -> torch.Tensor:
+        """``1 / temperature``, clamped so a learnable temperature cannot collapse (CLIP clamps at 100)."""
+        return self.log_scale.clamp(max=self.max_log_scale).exp()
+
+    def forward(self, batch: dict[str, Any], out: Any, model: nn.Module) -> LossTerm:
+        pairs = image_caption_pairs(batch, out, model)
+        scale = self.scale
+        if pairs.visual.shape[0] == 0:
+            return LossTerm(zero_loss(out) + 0.0 * scale, {"temperature": 1.0 / scale.detach()})
+        loss, metrics = info_nce(pairs.visual, pairs.captions, pairs.caption_of_image, scale)
+        metrics["temperature"] = 1.0 / scale.detach()
+        return LossTerm(loss, metrics)

@@ -1,0 +1,135 @@
+"""VLAP: assignment prediction against the LLM vocabulary (METHODS.md section 3; Park et al., ICLR 2024).
+
+Both modalities are softly assigned to the LLM's (frozen, normalised) word embeddings by optimal transport,
+and each modality must predict the other's assignment, so image and caption come to "mean" the same words:
+
+    z_v = norm(mean of an image's visual tokens)         z_t = norm(mean input embedding of its caption)
+    S_v = z_v @ W.T,  S_t = z_t @ W.T                    W = norm(LLM input embeddings)  [V, Dl]
+    Q_v = sinkhorn(S_v), Q_t = sinkhorn(S_t)             no gradient; rows sum to 1, columns toward mu
+    L_map = 0.5 * (H(Q_t, softmax(S_v / tau)) + H(Q_v, softmax(S_t / tau)))
+
+``mu`` is a word-frequency prior over the whole vocabulary, counted in ``setup`` from the stage's training
+captions (the assistant turns, tokenised with the LLM tokenizer) and smoothed as
+``softmax(log(count + 1) / prior_temperature)``: the ``+ 1`` gives words that never occur a small, finite
+share (one part in ``sum (count + 1) ** (1 / prior_temperature)``), so the transport problem stays feasible and
+``log(mu)`` finite. Images pair with their own sample's caption (``objectives/pairs.py``); the Sinkhorn runs over
+the pairs of the micro-batch on this rank.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from alignlm.geometry.sinkhorn import sinkhorn
+from alignlm.objectives.base import LossTerm, Objective
+from alignlm.objectives.pairs import image_caption_pairs, zero_loss
+
+log = logging.getLogger(__name__)
+
+ASSISTANT_ROLES = ("gpt", "assistant")
+
+
+def caption_texts(dataset: Any) -> Iterable[str]:
+    """The supervised (assistant) text of every sample of an epoch, in the dataset's mixture proportions."""
+    if not hasattr(dataset, "record"):
+        raise TypeError(f"VLAP counts its word prior over LLaVA-format records; {type(dataset).__name__} has no record(i)")
+    for i in range(len(dataset)):
+        _, rec = dataset.record(i)
+        yield "\n".join(str(m.get("value", "")) for m in rec["conversations"] if str(m.get("from", "")).lower() in ASSISTANT_ROLES)
+
+
+def token_counts(texts: Iterable[str], tokenizer: Any, vocab_size: int, chunk: int = 4096) -> torch.Tensor:
+    """How often each vocabulary id occurs in ``texts`` (tokenised without special tokens) ``[vocab_size]``."""
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    texts = list(texts)
+    for start in range(0, len(texts), chunk):
+        ids = tokenizer(texts[start : start + chunk], add_special_tokens=False)["input_ids"]
+        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64)
+        counts += np.bincount(flat, minlength=vocab_size)[:vocab_size]
+    return torch.from_numpy(counts)
+
+
+def log_word_prior(counts: torch.Tensor, temperature: float = 0.25) -> torch.Tensor:
+    """``log(mu)`` with ``mu = softmax(log(count + 1) / temperature)``, in float64 (some shares are ~1e-20)."""
+    if temperature <= 0:
+        raise ValueError(f"prior_temperature must be > 0, got {temperature}")
+    return torch.log_softmax(torch.log1p(counts.double()) / temperature, dim=0)
+
+
+def vlap_loss(
+    z_v: torch.Tensor,
+    z_t: torch.Tensor,
+    prototypes: torch.Tensor,
+    log_mu: torch.Tensor | None,
+    tau: float = 0.01,
+    epsilon: float = 0.01,
+    iterations: int = 3,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Swapped assignment prediction between two row-aligned, unit-norm batches ``[P, D]`` over ``prototypes`` ``[V, D]``."""
+    s_v, s_t = (torch.cat([z_v, z_t]) @ prototypes.T).chunk(2)  # [P, V] cosines each; one pass over the table
+    q_v = sinkhorn(s_v.detach(), log_mu, epsilon, iterations)
+    q_t = sinkhorn(s_t.detach(), log_mu, epsilon, iterations)
+    log_p_v = F.log_softmax(s_v.float() / tau, dim=-1)
+    log_p_t = F.log_softmax(s_t.float() / tau, dim=-1)
+    loss = -0.5 * ((q_t * log_p_v).sum(-1).mean() + (q_v * log_p_t).sum(-1).mean())
+    with torch.no_grad():
+        metrics = {
+            "assign_agree": (q_v.argmax(-1) == q_t.argmax(-1)).float().mean(),  # same top word for image and caption
+            "pred_agree": (log_p_v.argmax(-1) == q_t.argmax(-1)).float().mean(),
+        }
+    return loss, metrics
+
+
+class VLAPObjective(Objective):
+    """VLAP's assignment-prediction loss; pair it with the LM captioning loss (weights 0.1 and 1)."""
+
+    name = "vlap"
+
+    def __init__(self, tau: float = 0.01, epsilon: float = 0.01, iterations: int = 3, prior_temperature: float = 0.25) -> None:
+        super().__init__()
+        self.tau, self.epsilon, self.iterations, self.prior_temperature = tau, epsilon, iterations, prior_temperature
+        self.register_buffer("log_mu", None, persistent=False)
+        self._prototypes: torch.Tensor | None = None
+        self._prototype_key: tuple | None = None
+
+    def setup(self, model: nn.Module, dataset: Any) -> None:
+        """Count the word prior over the stage's training captions, with the model's tokenizer and vocabulary."""
+        start = time.perf_counter()
+        vocab = model.llm.get_input_embeddings().num_embeddings
+        counts = token_counts(caption_texts(dataset), model.tokenizer, vocab)
+        self.set_prior(counts)
+        log.info("VLAP word prior: %d caption tokens, %d distinct of %d, from %d samples in %.1fs",
+                 int(counts.sum()), int((counts > 0).sum()), vocab, len(dataset), time.perf_counter() - start)
+
+    def set_prior(self, counts: torch.Tensor) -> None:
+        """Use this per-token count vector (length = the LLM's embedding rows) for ``mu``."""
+        self.log_mu = log_word_prior(counts, self.prior_temperature).float()
+
+    def prototypes(self, weight: torch.Tensor) -> torch.Tensor:
+        """``norm(W)`` ``[V, Dl]``, recomputed only when the embedding table changed (it is frozen in pretraining)."""
+        key = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.device)
+        if self._prototype_key != key:
+            self._prototypes = F.normalize(weight.detach().float(), dim=-1)
+            self._prototype_key = key
+        return self._prototypes
+
+    def forward(self, batch: dict[str, Any], out: Any, model: nn.Module) -> LossTerm:
+        if self.log_mu is None:
+            raise RuntimeError("VLAPObjective needs its word prior: the trainer calls setup(model, dataset) before step 1")
+        weight = model.llm.get_input_embeddings().weight
+        if weight.shape[0] != self.log_mu.shape[0]:
+            raise ValueError(f"VLAP prior covers {self.log_mu.shape[0]} words but the LLM has {weight.shape[0]} embedding rows")
+        pairs = image_caption_pairs(batch, out, model)
+        if pairs.visual.shape[0] == 0:
+            return LossTerm(zero_loss(out))
+        loss, metrics = vlap_loss(F.normalize(pairs.visual, dim=-1), F.normalize(pairs.text, dim=-1), self.prototypes(weight),
+                                  self.log_mu, self.tau, self.epsilon, self.iterations)
+        return LossTerm(loss, metrics)

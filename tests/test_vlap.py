@@ -1,0 +1,173 @@
+"""VLAP: Sinkhorn assignments (rows exact, columns toward mu, no gradient, stable at 150k words), swap-symmetric loss,
+word prior counted from the captions, and a tiny +exp=vlap training run."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from alignlm.geometry.sinkhorn import sinkhorn
+from alignlm.objectives.vlap import VLAPObjective, log_word_prior, token_counts, vlap_loss
+from alignlm.training.pipeline import run
+from tests.conftest import compose, tiny_overrides
+
+
+def textbook_sinkhorn(scores: torch.Tensor, log_mu: torch.Tensor, epsilon: float, iterations: int) -> torch.Tensor:
+    """The definition, in float64: alternate column and row normalisation of exp(scores / epsilon) in log space."""
+    log_q = scores.double() / epsilon
+    log_cols = log_mu.double() + math.log(scores.shape[0])
+    for _ in range(iterations):
+        log_q = log_q - (torch.logsumexp(log_q, 0, keepdim=True) - log_cols)
+        log_q = log_q - torch.logsumexp(log_q, 1, keepdim=True)
+    return log_q.exp()
+
+
+def cosine_scores(b: int, v: int, d: int = 16, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(b, d, generator=g), dim=-1) @ F.normalize(torch.randn(v, d, generator=g), dim=-1).T
+
+
+def random_log_mu(v: int, seed: int = 1) -> torch.Tensor:
+    return torch.log_softmax(torch.randn(v, generator=torch.Generator().manual_seed(seed)) * 2, 0)
+
+
+@pytest.mark.parametrize("iterations", [1, 3, 10])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_rows_of_q_sum_to_one(iterations, dtype):
+    q = sinkhorn(cosine_scores(32, 500).to(dtype), random_log_mu(500), epsilon=0.01, iterations=iterations)
+    assert q.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert (q >= 0).all()
+    torch.testing.assert_close(q.sum(1).double(), torch.ones(32, dtype=torch.float64), atol=2e-6, rtol=0)
+
+
+def test_column_marginals_approach_mu_with_more_iterations():
+    log_mu = random_log_mu(300)
+    scores = cosine_scores(64, 300)
+    errors = [(sinkhorn(scores, log_mu, epsilon=0.05, iterations=n).sum(0) / 64 - log_mu.exp()).abs().sum().item()
+              for n in (1, 3, 10, 100)]
+    assert errors == sorted(errors, reverse=True) and errors[-1] < 0.05 * errors[0]
+    uniform = sinkhorn(scores, None, epsilon=0.05, iterations=300).sum(0) / 64
+    torch.testing.assert_close(uniform, torch.full((300,), 1 / 300), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("scale,dtype,atol", [(1.0, torch.float32, 2e-5), (1e4, torch.float32, 2e-5), (1e6, torch.float64, 1e-9)])
+def test_matches_the_textbook_log_domain_iteration(scale, dtype, atol):
+    """Also where the fast path must fall back (a row dominated everywhere; exponents of 1e6 / epsilon, where
+    float32 itself has no digits left, so that case runs in float64)."""
+    scores = (cosine_scores(16, 2000) * scale).to(dtype)
+    scores[0] -= 3 * scale
+    log_mu = random_log_mu(2000)
+    for n in (1, 3, 7):
+        torch.testing.assert_close(sinkhorn(scores, log_mu, 0.01, n).double(), textbook_sinkhorn(scores, log_mu, 0.01, n),
+                                   atol=atol, rtol=0)
+
+
+def test_finite_and_normalised_on_a_150k_vocabulary_with_extreme_logits():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(8, 150_000, generator=g) * 1e4
+    scores[1] = -3e4  # a row no column prefers
+    scores[:, :1000] = 5e4  # columns every row prefers
+    counts = torch.zeros(150_000, dtype=torch.long)
+    counts[:50] = torch.randint(1, 10_000, (50,), generator=g)
+    q = sinkhorn(scores, log_word_prior(counts).float())
+    assert q.isfinite().all() and (q >= 0).all()
+    torch.testing.assert_close(q.sum(1), torch.ones(8), atol=1e-5, rtol=0)
+    z = F.normalize(torch.randn(8, 16, generator=g), dim=-1)
+    loss, _ = vlap_loss(z, z.flip(0), F.normalize(torch.randn(150_000, 16, generator=g), dim=-1), log_word_prior(counts).float())
+    assert loss.isfinite()
+
+
+def test_q_carries_no_gradient_and_the_loss_gradient_flows_only_through_the_prediction():
+    scores = cosine_scores(8, 100).requires_grad_()
+    q = sinkhorn(scores)
+    assert not q.requires_grad and q.grad_fn is None
+    protos = F.normalize(torch.randn(100, 16), dim=-1)
+    z_v = F.normalize(torch.randn(8, 16), dim=-1).requires_grad_()
+    z_t = F.normalize(torch.randn(8, 16), dim=-1)
+    loss, _ = vlap_loss(z_v, z_t, protos, None)
+    loss.backward()
+    # the same loss with both assignments precomputed as constants gives the same gradient
+    z = z_v.detach().clone().requires_grad_()
+    q_v, q_t = sinkhorn(z.detach() @ protos.T), sinkhorn(z_t @ protos.T)
+    manual = -0.5 * ((q_t * F.log_softmax(z @ protos.T / 0.01, -1)).sum(-1).mean()
+                     + (q_v * F.log_softmax(z_t @ protos.T / 0.01, -1)).sum(-1).mean())
+    manual.backward()
+    torch.testing.assert_close(z_v.grad, z.grad)
+
+
+def test_loss_is_symmetric_when_v_and_t_are_swapped():
+    protos = F.normalize(torch.randn(400, 16), dim=-1)
+    z_v, z_t = F.normalize(torch.randn(12, 16), dim=-1), F.normalize(torch.randn(12, 16), dim=-1)
+    log_mu = random_log_mu(400)
+    a, _ = vlap_loss(z_v, z_t, protos, log_mu)
+    b, _ = vlap_loss(z_t, z_v, protos, log_mu)
+    torch.testing.assert_close(a, b)
+    same, _ = vlap_loss(z_v, z_v, protos, log_mu)
+    assert same < a  # identical representations predict each other best
+
+
+def test_word_prior_is_counted_from_the_training_captions(colour_set, tiny_model):
+    from alignlm.data.build import build_dataset
+
+    model = tiny_model()
+    data = {"sources": [{"path": str(colour_set["pretrain"]), "weight": 2.0}], "template": "plain"}
+    dataset = build_dataset(data, model, seed=0)
+    obj = VLAPObjective()
+    obj.setup(model, dataset)
+    vocab = model.llm.get_input_embeddings().num_embeddings
+    captions = [f"A {c} square." for c in ("red", "green", "blue")] * 16 * 2  # 48 records, weight 2
+    expected = token_counts(captions, model.tokenizer, vocab)
+    assert expected.sum() > 0 and obj.log_mu.shape == (vocab,)
+    torch.testing.assert_close(obj.log_mu, log_word_prior(expected).float())
+    mu = obj.log_mu.double().exp()
+    assert mu.sum().item() == pytest.approx(1.0)
+    # softmax(log(count + 1) / 0.25): shares go as (count + 1) ** 4, so unseen words keep a tiny, equal, non-zero share
+    seen, unseen = expected > 0, expected == 0
+    assert mu[seen].min() > mu[unseen].max() and mu[unseen].min() > 0 and torch.allclose(mu[unseen], mu[unseen][0])
+    i, j = torch.nonzero(seen).flatten()[:2]
+    assert (mu[i] / mu[j]).item() == pytest.approx(((expected[i] + 1) / (expected[j] + 1)).item() ** 4, rel=1e-4)
+
+
+def test_forward_without_setup_says_what_is_missing(tiny_model):
+    from tests.conftest import make_batch
+
+    model = tiny_model("model/connector=linear")
+    batch = make_batch(model, [1, 1])
+    with pytest.raises(RuntimeError, match="setup"):
+        VLAPObjective()(batch, model(batch), model)
+
+
+def test_pairs_images_with_their_own_captions_and_skips_text_only_samples(tiny_model):
+    """Two images in sample 0, none in sample 1, one in sample 2: three pairs, one loss, gradient to the connector."""
+    from tests.conftest import make_batch
+
+    model = tiny_model("model/connector=linear")
+    vocab = model.llm.get_input_embeddings().num_embeddings
+    obj = VLAPObjective()
+    obj.set_prior(torch.arange(vocab) % 7)
+    batch = make_batch(model, [2, 0, 1])
+    term = obj(batch, model(batch), model)
+    term.loss.backward()
+    assert term.loss.isfinite() and model.connector.proj.weight.grad.abs().sum() > 0
+    # a batch with no image at all still gives a (zero) loss connected to the connector
+    model.zero_grad()
+    text_only = make_batch(model, [0, 0])
+    term = obj(text_only, model(text_only), model)
+    assert term.loss.item() == 0.0
+    term.loss.backward()
+
+
+def test_tiny_vlap_training_run(colour_set, tmp_path):
+    cfg = compose("+exp=vlap", *tiny_overrides(colour_set, tmp_path, "model=tiny", "run=[pretrain]", "stages.pretrain.max_steps=3",
+                                                "offline_datasets=[]", "eval.sets=[]"))
+    assert cfg.model.connector._target_.endswith("LinearConnector")
+    assert cfg.stages.pretrain.objectives.vlap.weight == 0.1 and cfg.stages.pretrain.objectives.lm.weight == 1.0
+    run(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "t" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(math.isfinite(r["loss/vlap"]) and r["loss/vlap"] > 0 for r in rows)
+    # total = lm + 0.1 * vlap
+    assert rows[0]["loss/total"] == pytest.approx(rows[0]["loss/lm"] + 0.1 * rows[0]["loss/vlap"], rel=1e-4)
