@@ -24,4 +24,16 @@ def build_dataset(data_cfg: Mapping[str, Any], model: Any, seed: int, for_genera
         on_error=str(data_cfg.get("on_error", "skip")),
         for_generation=for_generation,
         seed=seed,
+        sea_labels=None if for_generation else _sea_labels(data_cfg, model),
     )
+
+
+def _sea_labels(data_cfg: Mapping[str, Any], model: Any) -> Any:
+    """``data.sea_labels`` opened and placed on this model's visual tokens (None when SEA labels are off)."""
+    from alignlm.data.sea_labels import SeaLabels, labels_spec
+
+    spec = labels_spec(data_cfg.get("sea_labels"))
+    if spec is None:
+        return None
+    vision = model.vision
+    return SeaLabels(spec[0]).place_on_tokens(model.num_image_tokens, vision.num_patches, vision.num_prefix_tokens)

@@ -46,6 +46,9 @@ class Collator:
         images = [s["pixel_values"] for s in kept if s.get("pixel_values") is not None]
         batch["pixel_values"] = torch.cat(images) if images else None
         batch["image_counts"] = torch.tensor([s["n_images"] for s in kept])
+        for key in ("sea_words", "sea_scores"):  # per image, in the same order as pixel_values
+            if key in kept[0]:
+                batch[key] = torch.cat([s[key] for s in kept])
         for key in ("answer", "meta"):
             if key in kept[0]:
                 batch[key] = [s.get(key) for s in kept]

@@ -13,7 +13,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
@@ -24,6 +24,9 @@ from alignlm.data.collate import Skipped
 from alignlm.data.images import load_rgb, preprocess
 from alignlm.data.templates import Template, TemplateError, to_turns, tokenize
 from alignlm.models.vision import ImageSpec
+
+if TYPE_CHECKING:
+    from alignlm.data.sea_labels import SeaLabels
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +113,7 @@ class LlavaDataset(Dataset):
         on_error: str = "skip",
         for_generation: bool = False,
         seed: int = 0,
+        sea_labels: SeaLabels | None = None,
     ) -> None:
         if on_error not in ON_ERROR:
             raise ValueError(f"data.on_error={on_error!r} is not known; choose one of {list(ON_ERROR)}")
@@ -141,6 +145,12 @@ class LlavaDataset(Dataset):
         self.index = mixture_index([len(r) for r in self.records], [s.weight for s in self.sources], seed)
         if len(self.index) == 0:
             raise DataError(f"no usable records in {[s.path for s in self.sources]}")
+        self.sea_labels = sea_labels  # placed on the model's visual tokens; adds sea_words / sea_scores per image
+        if sea_labels is not None:
+            n = sum(sea_labels.coverage(self._image_paths(s, r)) for s, recs in zip(self.sources, self.records) for r in recs)
+            if n == 0:
+                raise DataError(f"SEA labels {sea_labels.path} label none of the images of {[s.path for s in self.sources]}")
+            log.info("SEA labels %s cover %d image uses of this stage's data", sea_labels.path, n)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -170,10 +180,16 @@ class LlavaDataset(Dataset):
                 raise DataError(f"record id={rid} in {src.path}: {e}") from e
             return Skipped(rid, f"{type(e).__name__}: {e}")
 
-    def encode(self, src: Source, rec: dict[str, Any], rid: str) -> dict[str, Any]:
-        """Render, tokenize, expand image placeholders and load images for one record."""
+    @staticmethod
+    def _image_paths(src: Source, rec: dict[str, Any]) -> list[Path]:
         images = rec.get("image")
         images = [] if images is None else [images] if isinstance(images, str) else list(images)
+        root = Path(src.image_root) if src.image_root else Path(src.path).parent
+        return [root / p for p in images]
+
+    def encode(self, src: Source, rec: dict[str, Any], rid: str) -> dict[str, Any]:
+        """Render, tokenize, expand image placeholders and load images for one record."""
+        images = self._image_paths(src, rec)
         turns = to_turns(rec["conversations"])
         n_placeholders = sum(t.content.count(IMAGE_TOKEN) for t in turns)
         if images and n_placeholders == 0:  # LLaVA convention: the image goes before the first question
@@ -189,9 +205,10 @@ class LlavaDataset(Dataset):
             raise TemplateError(f"template {self.template.name!r} supervised no token of this record")
         ids, labels = self._expand_images(ids, labels)
         ids, labels = self._fit_length(ids, labels)
-        root = Path(src.image_root) if src.image_root else Path(src.path).parent
-        pixels = torch.stack([self._image(root / p) for p in images]) if images else None
+        pixels = torch.stack([self._image(p) for p in images]) if images else None
         sample = {"id": rid, "input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels), "pixel_values": pixels, "n_images": len(images)}
+        if self.sea_labels is not None:
+            sample["sea_words"], sample["sea_scores"] = self.sea_labels.for_images(images)
         if "answer" in rec:
             sample["answer"] = rec["answer"]
             sample["meta"] = rec.get("meta", {})

@@ -33,6 +33,8 @@ class VisionTower(nn.Module):
     hidden_size: int
     num_patches: int
     image_spec: ImageSpec
+    # tokens before the row-major patch grid (CLS, registers, a pooled feature): they describe no single patch
+    num_prefix_tokens: int = 0
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
@@ -106,6 +108,9 @@ class HFVisionTower(VisionTower):
             probe = self._features(torch.zeros(1, 3, size, size))
         self.hidden_size = probe.shape[-1]
         self.num_patches = probe.shape[1]
+        if select_feature == "cls_patch":  # a ViT keeps CLS (and registers); a feature map gains one pooled token
+            patch = getattr(hf_config, "patch_size", None)
+            self.num_prefix_tokens = self.num_patches - (size // patch) ** 2 if patch else 1
 
     def _features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         out = self.model(pixel_values=pixel_values, output_hidden_states=True)
@@ -164,7 +169,8 @@ class EfficientNetLiteTower(VisionTower):
         # TF-Lite models were trained on inputs scaled to [-1, 1].
         self.image_spec = ImageSpec(size=image_size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
         self.hidden_size = self.model._conv_head.out_channels
-        self.num_patches = (image_size // 32) ** 2 + (select_feature == "cls_patch")
+        self.num_prefix_tokens = int(select_feature == "cls_patch")
+        self.num_patches = (image_size // 32) ** 2 + self.num_prefix_tokens
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         features = self.model.extract_features(pixel_values.to(self.model._conv_stem.weight.dtype))

@@ -31,7 +31,8 @@ def make_accelerator(cfg: DictConfig) -> Accelerator:
 
 
 def ensure_offline_datasets(cfg: DictConfig) -> None:
-    """Generate the offline sets the config names (digits, shapes) when their folder has no info.json."""
+    """Generate the offline sets the config names (digits, shapes) when their folder has no info.json, then
+    the SEA label files the stages to run ask for (``data.sea_labels.make``) when missing."""
     from alignlm.data import GENERATORS
 
     for name in cfg.offline_datasets:
@@ -41,6 +42,10 @@ def ensure_offline_datasets(cfg: DictConfig) -> None:
         if not (out / "info.json").exists():
             args = dict((cfg.get("offline_dataset_args") or {}).get(name) or {})
             GENERATORS[name](out, seed=int(cfg.seed), **args)
+    from alignlm.data.sea_labels import ensure_labels
+
+    for stage in cfg.run:  # SEA label files a stage names with a `make` recipe, written beside their data
+        ensure_labels(OmegaConf.to_container(cfg.stages[stage].data, resolve=True).get("sea_labels"))
 
 
 def check_config(cfg: DictConfig) -> None:

@@ -1,0 +1,260 @@
+"""SEA: label files (annotations, a saved dual encoder), labels in the batch, the objective's METHODS.md properties,
+and a tiny `+exp=sea` run that writes its own labels and trains."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from alignlm.cli import main
+from alignlm.data.build import build_dataset
+from alignlm.data.collate import Collator
+from alignlm.data.llava import DataError
+from alignlm.data.sea_labels import SeaLabels
+from alignlm.objectives.sea import SEAObjective, sample_labels, sea_logits
+from tests.conftest import compose, make_batch
+
+
+@pytest.fixture(scope="session")
+def shapes_root(tmp_path_factory) -> Path:
+    """A tiny shapes set (32 px, 4x4 label grid = the tiny tower's 16 patches) with its SEA labels file."""
+    from alignlm.data.shapes import generate
+
+    root = tmp_path_factory.mktemp("sea")
+    generate(root / "shapes", n_train=8, n_test=2, image_size=32, label_grid=4)
+    shapes = root / "shapes"
+    assert main(["sea-labels", "annotations", "--data", str(shapes / "pretrain.json"), str(shapes / "test_captions.json")]) == 0
+    return root
+
+
+def tiny_clip(path: Path) -> Path:
+    """A random tiny CLIPModel and a local tokenizer saved to ``path``, loadable by path like a hub checkpoint."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from alignlm.models.tokenizer import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=len(tok),
+                max_position_embeddings=32, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8)
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+# ---- label files ---------------------------------------------------------------------------------------------------
+
+
+def test_labels_from_annotations_match_the_shapes_patch_labels(shapes_root):
+    shapes = shapes_root / "shapes"
+    labels = SeaLabels(shapes / "sea_labels.safetensors")
+    ann = json.loads((shapes / "patch_labels.json").read_text())
+    assert labels.source == "annotations" and labels.grid == (4, 4) and labels.k == 5 and labels.words == ann["words"]
+    assert len(labels.index) == 10  # 8 train + 2 test images
+    ids, scores = labels.lookup(shapes / "images" / "shapes_train_00003.png")
+    assert ids.shape == scores.shape == (16, 5)
+    for cell, cands in enumerate(ann["images"]["shapes_train_00003"]):
+        cands = sorted(cands, key=lambda ws: -ws[1])
+        assert [labels.words[i] for i in ids[cell] if i >= 0] == [w for w, _ in cands]
+        assert scores[cell, : len(cands)].tolist() == pytest.approx([s for _, s in cands])
+        assert (ids[cell, len(cands):] == -1).all()
+    assert labels.lookup(shapes_root / "elsewhere.png") is None
+
+
+def test_annotations_must_cover_every_record(shapes_root, tmp_path):
+    recs = json.loads((shapes_root / "shapes" / "pretrain.json").read_text())
+    recs[0]["id"] = "not_annotated"
+    (tmp_path / "data.json").write_text(json.dumps(recs))
+    with pytest.raises(DataError, match="no labels for 1 records"):
+        main(["sea-labels", "annotations", "--data", str(tmp_path / "data.json"),
+              "--annotations", str(shapes_root / "shapes" / "patch_labels.json"), "--image-root", str(shapes_root / "shapes")])
+
+
+def test_labels_from_a_saved_clip_model(shapes_root, tmp_path):
+    from transformers import CLIPModel
+
+    from alignlm.data.images import load_rgb, preprocess
+    from alignlm.models.dual_encoder import HFDualEncoder
+
+    clip = tiny_clip(tmp_path / "clip")
+    words = ["red", "green", "blue", "circle", "square", "background"]
+    data = str(shapes_root / "shapes" / "pretrain.json")
+    for grid, cells in ((None, (4, 4)), (2, (2, 2))):
+        out = tmp_path / f"labels_{grid}.safetensors"
+        argv = ["sea-labels", "dual_encoder", "--model", str(clip), "--words", ",".join(words), "--data", data, "--k", "3", "--out", str(out)]
+        assert main(argv + (["--grid", str(grid)] if grid else [])) == 0
+        labels = SeaLabels(out)
+        assert labels.source == "dual_encoder" and labels.grid == cells and labels.k == 3 and labels.words == words
+        assert len(labels.index) == 8
+    # the 4x4 labels are the top-3 cosines of patch tokens -> post_layernorm -> visual_projection vs "a photo of a {w}"
+    model, enc = CLIPModel.from_pretrained(clip).eval(), HFDualEncoder(str(clip))
+    image = shapes_root / "shapes" / "images" / "shapes_train_00001.png"
+    with torch.no_grad():
+        hidden = model.vision_model(pixel_values=preprocess(load_rgb(image), enc.image_spec)[None]).last_hidden_state
+        patches = model.visual_projection(model.vision_model.post_layernorm(hidden[0, 1:]))
+        tok = enc.tokenizer([f"a photo of a {w}" for w in words], padding=True, return_tensors="pt")
+        text = model.get_text_features(**tok).pooler_output
+    expect_scores, expect_ids = (F.normalize(patches, dim=-1) @ F.normalize(text, dim=-1).T).topk(3, dim=-1)
+    ids, scores = SeaLabels(tmp_path / "labels_None.safetensors").lookup(image)
+    assert torch.equal(ids, expect_ids)
+    torch.testing.assert_close(scores, expect_scores, atol=1e-5, rtol=1e-5)
+
+
+# ---- labels in the batch -------------------------------------------------------------------------------------------
+
+
+def test_dataset_puts_labels_on_the_visual_tokens(shapes_root, tiny_model, colour_set):
+    model = tiny_model()
+    shapes = shapes_root / "shapes"
+    data_cfg = {"sources": [{"path": str(shapes / "pretrain.json")}, {"path": str(colour_set["pretrain"])}],
+                "sea_labels": str(shapes / "sea_labels.safetensors")}
+    ds = build_dataset(data_cfg, model, seed=0)
+    labels = SeaLabels(shapes / "sea_labels.safetensors")
+    shape_item = next(i for i in range(len(ds)) if ds[i]["id"].startswith("shapes"))
+    colour_item = next(i for i in range(len(ds)) if not ds[i]["id"].startswith("shapes"))
+    a, b = ds[shape_item], ds[colour_item]
+    assert a["sea_words"].shape == a["sea_scores"].shape == (1, model.num_image_tokens, 5)
+    expect = labels.lookup(shapes / "images" / f"{a['id']}.png")[0]
+    assert torch.equal(a["sea_words"][0], expect)
+    assert (b["sea_words"] == -1).all()  # an image the file does not label
+    batch = Collator(model.tokenizer.pad_token_id)([a, b])
+    assert batch["sea_words"].shape == (2, 16, 5) and batch["sea_words"].dtype == torch.long
+    assert torch.equal(batch["sea_words"][0], expect) and (batch["sea_words"][1] == -1).all()
+    # without sea_labels the batch has no SEA fields, and objective sea refuses to start
+    plain = build_dataset({"sources": data_cfg["sources"]}, model, seed=0)
+    assert "sea_words" not in plain[0]
+    with pytest.raises(ValueError, match="stage.data.sea_labels"):
+        SEAObjective().setup(model, plain)
+
+
+def test_grid_to_token_mapping_skips_pooled_tokens_and_checks_counts(shapes_root):
+    labels = SeaLabels(shapes_root / "shapes" / "sea_labels.safetensors")
+    image = shapes_root / "shapes" / "images" / "shapes_train_00000.png"
+    # EfficientNet with cls_patch: one pooled token first, then the 4x4 map
+    ids, _ = labels.place_on_tokens(num_image_tokens=17, num_patches=17, num_prefix_tokens=1).for_images([image])
+    assert (ids[0, 0] == -1).all() and torch.equal(ids[0, 1:], labels.lookup(image)[0])
+    assert labels.place_on_tokens(16, 16, 0).offset == 0
+    with pytest.raises(DataError, match=r"4x4 grid \(16 cells per image\) but the model gives 25 visual tokens"):
+        labels.place_on_tokens(25, 25, 0)
+    with pytest.raises(DataError, match="17 tokens, 0 of them CLS"):
+        labels.place_on_tokens(17, 17, 0)
+
+
+# ---- the objective (METHODS.md section 2 properties) ---------------------------------------------------------------
+
+
+def test_sampling_frequency_matches_softmax_of_scores():
+    torch.manual_seed(0)
+    n, t = 40000, 0.1
+    words = torch.tensor([[3, 7, 1, -1]]).repeat(n, 1)
+    scores = torch.tensor([[0.5, 0.42, 0.3, 0.9]]).repeat(n, 1)  # the -1 slot's score must never matter
+    picked = sample_labels(words, scores, t)
+    freq = torch.stack([(picked == w).float().mean() for w in (3, 7, 1)])
+    expect = torch.softmax(torch.tensor([0.5, 0.42, 0.3]) / t, 0)
+    torch.testing.assert_close(freq, expect, atol=0.01, rtol=0)
+    assert (picked >= 0).all()
+    none = sample_labels(torch.full((5, 3), -1), torch.zeros(5, 3), t)
+    assert (none == -1).all()
+
+
+def test_loss_is_minimal_when_tokens_equal_their_label_embedding():
+    g = torch.Generator().manual_seed(0)
+    word_emb = torch.randn(6, 64, generator=g)
+    labels = torch.tensor([0, 1, 2, 3, 4, 5, 0, 2, -1])
+    exact = word_emb[labels.clamp(min=0)] * torch.rand(9, 1, generator=g).add(0.5)  # scale is irrelevant: V is normalised
+
+    def loss(v: torch.Tensor) -> float:
+        return F.cross_entropy(*sea_logits(v, labels, word_emb, 0.07)).item()
+
+    best = loss(exact)
+    assert best < 1e-3
+    for _ in range(20):
+        assert loss(exact + 0.3 * torch.randn(exact.shape, generator=g)) > best
+    assert loss(exact[torch.tensor([1, 2, 3, 4, 5, 0, 1, 3, 8])]) > 1.0  # every token on another label's word
+    assert loss(torch.randn(exact.shape, generator=g)) > best
+
+
+def test_duplicate_labels_are_one_class_never_a_negative():
+    g = torch.Generator().manual_seed(1)
+    word_emb, v = torch.randn(5, 32, generator=g), torch.randn(4, 32, generator=g)
+    logits, target = sea_logits(v[:3], torch.tensor([2, 2, 4]), word_emb, 0.07)
+    assert logits.shape == (3, 2) and target.tolist() == [0, 0, 1]  # two distinct labels, the duplicate shares a class
+    alone, _ = sea_logits(v[[0, 2]], torch.tensor([2, 4]), word_emb, 0.07)
+    per_token = F.cross_entropy(logits, target, reduction="none")
+    torch.testing.assert_close(per_token[0], F.cross_entropy(alone, torch.tensor([0, 1]), reduction="none")[0])
+    more, t2 = sea_logits(v, torch.tensor([2, 2, 4, 1]), word_emb, 0.07)  # a new word is a new negative
+    assert more.shape == (4, 3) and F.cross_entropy(more, t2, reduction="none")[0] > per_token[0]
+
+
+def test_objective_shapes_and_gradient_reaches_the_connector_only(tiny_model):
+    model = tiny_model()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    for p in model.vision.parameters():  # frozen as in every stage config
+        p.requires_grad_(False)
+    model.frozen_parts = {"vision"}
+    obj = SEAObjective(k=3)
+    obj.set_words(model, ["red", "green", "blue", "circle", "square"])
+    assert obj.word_emb.shape == (5, model.llm.config.hidden_size) and not obj.word_emb.requires_grad
+    batch = make_batch(model, [1, 2])
+    m = model.num_image_tokens
+    g = torch.Generator().manual_seed(0)
+    batch["sea_words"] = torch.randint(-1, 5, (3, m, 5), generator=g)
+    batch["sea_scores"] = torch.rand(3, m, 5, generator=g)
+    out = model(batch)
+    term = obj(batch, out, model)
+    assert term.loss.shape == () and torch.isfinite(term.loss) and 0 <= term.metrics["acc"] <= 1
+    term.loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.connector.parameters())
+    assert all(p.grad is None or not p.grad.any() for p in model.llm.parameters())
+    assert all(p.grad is None for p in model.vision.parameters())
+    # a batch without images (zero image) or without labelled tokens gives a zero loss that still reaches the graph
+    batch["sea_words"] = torch.full((3, m, 5), -1)
+    assert obj(batch, model(batch), model).loss.item() == 0.0
+    with pytest.raises(ValueError, match="sea_words cover"):
+        obj({**batch, "sea_words": batch["sea_words"][:2], "sea_scores": batch["sea_scores"][:2]}, out, model)
+
+
+def test_sea_objective_config_defaults():
+    cfg = compose("+exp=sea")
+    sea = cfg.stages.pretrain.objectives.sea
+    assert (sea.weight, sea.k, sea.t_sample, sea.tau) == (1.0, 5, 0.1, 0.07)
+    assert set(cfg.stages.pretrain.objectives) == {"lm", "sea"} and set(cfg.stages.finetune.objectives) == {"lm"}
+    assert set(compose("+exp=baseline").stages.pretrain.objectives) == {"lm"}
+
+
+# ---- end to end ----------------------------------------------------------------------------------------------------
+
+
+def test_exp_sea_writes_its_labels_and_trains(shapes_root, tmp_path):
+    from alignlm.training.pipeline import run
+    from tests.conftest import read_losses
+
+    root = tmp_path / "data"
+    (root / "shapes").mkdir(parents=True)
+    for item in (shapes_root / "shapes").iterdir():  # the tiny set without its labels file
+        if item.name != "sea_labels.safetensors":
+            (root / "shapes" / item.name).symlink_to(item)
+    cfg = compose("+exp=sea", "model=tiny", f"data_root={root}", "offline_datasets=[]", f"output_dir={tmp_path / 'out'}",
+                  "run_name=sea_t", "run=[pretrain]", "eval.sets=[]", "stages.pretrain.max_steps=3",
+                  "stages.pretrain.per_device_batch_size=4", "stages.pretrain.data.sources=[{path:${data_root}/shapes/pretrain.json}]")
+    run(cfg)
+    assert SeaLabels(root / "shapes" / "sea_labels.safetensors").grid == (4, 4)
+    rows = [json.loads(r) for r in (tmp_path / "out" / "sea_t" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all("loss/sea" in r and "sea/acc" in r for r in rows)
+    # a batch whose sampled labels are all one word (background) has one class and a zero loss
+    assert all(r["loss/sea"] >= 0 for r in rows) and rows[0]["loss/sea"] > 0
+    assert len(read_losses(tmp_path / "out" / "sea_t" / "pretrain")) == 3
+    # the measurement command reads the checkpoint back and reports token-word accuracy beside a reference level
+    final, report = tmp_path / "out" / "sea_t" / "pretrain" / "final", tmp_path / "report.json"
+    assert main(["sea-eval", str(final), str(final), "--labels", str(root / "shapes" / "sea_labels.safetensors"),
+                 "--data", str(root / "shapes" / "test_captions.json"), "--exclude-words", "background", "--json", str(report)]) == 0
+    figures = json.loads(report.read_text())[str(final)]
+    assert figures["all words"]["tokens"] == 2 * 16 and figures["all words"]["constant_acc"] == 1.0  # every cell lists background
+    assert figures["without background"]["tokens"] < 2 * 16
+    assert all(0 <= f[k] <= 1 for f in figures.values() for k in ("token_word_acc", "top_word_acc", "constant_acc"))
