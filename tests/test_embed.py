@@ -1,0 +1,92 @@
+"""``alignlm embed`` with a tiny random CLIPModel saved by the test (no hub): shards, ids, resume."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from alignlm.cli import main
+from alignlm.revision.embed import HFDualEncoder, collect_images, collect_texts, embed_items
+from alignlm.revision.shards import list_shards
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from alignlm.models.tokenizer import build_tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny_clip")
+    tok = build_tiny_tokenizer()
+    small = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tok), max_position_embeddings=32, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, **small),
+        vision_config=dict(image_size=32, patch_size=8, **small),
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
+    return path
+
+
+def test_collect_from_llava_json_and_text_files(tmp_path, colour_set):
+    images = collect_images(colour_set["pretrain"])
+    assert len(images) == 48 and images[0][0] == "images/0.png" and images[0][1].exists()
+    texts = collect_texts(colour_set["pretrain"])
+    assert texts[0] == ("p0", "A red square.")
+    (tmp_path / "caps.txt").write_text("a cat\n\na dog\n")
+    assert collect_texts(tmp_path / "caps.txt") == [("caps:0", "a cat"), ("caps:2", "a dog")]
+    assert [i for i, _ in collect_images(colour_set["pretrain"].parent / "images")][:2] == ["0.png", "1.png"]
+
+
+def test_embed_writes_id_shards_matching_the_model_and_resumes(tmp_path, tiny_clip, colour_set, capsys):
+    out = tmp_path / "emb"
+    args = ["embed", "--encoder", str(tiny_clip), "--encoder-name", "tiny-clip", "--images", str(colour_set["pretrain"]),
+            "--texts", str(colour_set["pretrain"]), "--out", str(out), "--shard-size", "20", "--batch-size", "7"]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["images"] == {"items": 48, "shards": 3, "folder": str(out / "images")}
+    images, texts = list_shards(out / "images"), list_shards(out / "texts")
+    assert [s.rows for s in images] == [20, 20, 8] and [s.dim for s in texts] == [16] * 3
+    assert texts[2].ids[-1] == "p47" and images[0].encoder == "tiny-clip"
+
+    # the shards hold what the model gives for those items, whatever the batching
+    encoder = HFDualEncoder(str(tiny_clip))
+    x = np.concatenate(list(texts[1].chunks(100)))
+    expected = encoder.encode_texts([t for _, t in collect_texts(colour_set["pretrain"])[20:40]])
+    np.testing.assert_allclose(x, expected.numpy(), atol=1e-5)
+
+    # a rerun skips finished shards and redoes only a missing one
+    stamp = images[0].path.stat().st_mtime_ns
+    images[1].path.unlink()
+    assert main(args) == 0
+    assert images[0].path.stat().st_mtime_ns == stamp and images[1].path.exists()
+
+
+def test_a_changed_input_is_not_mistaken_for_a_finished_shard(tmp_path, tiny_clip):
+    encoder = HFDualEncoder(str(tiny_clip), name="tiny")
+    embed_items(encoder, "texts", [("a", "red"), ("b", "blue")], tmp_path, progress=False)
+    with pytest.raises(ValueError, match="input changed"):
+        embed_items(encoder, "texts", [("a", "red"), ("c", "green")], tmp_path, progress=False)
+
+
+def test_unknown_model_type_is_refused(tmp_path):
+    from transformers import BertConfig
+
+    BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="not a dual encoder"):
+        HFDualEncoder(str(tmp_path))
+
+
+def test_images_are_read_as_rgb(tmp_path, tiny_clip):
+    Image.new("L", (40, 20), 128).save(tmp_path / "grey.png")
+    encoder = HFDualEncoder(str(tiny_clip), name="tiny")
+    (path,) = embed_items(encoder, "images", collect_images(tmp_path), tmp_path / "o", progress=False)
+    assert list_shards(path)[0].ids == ["grey.png"]

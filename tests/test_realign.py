@@ -1,0 +1,161 @@
+"""ReAlign (METHODS.md section 4): the statistics, the mapping's properties, shard streaming and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from alignlm.cli import main
+from alignlm.revision.realign import CentroidSum, Moments, ReAlignStats, apply, fit, moments
+from alignlm.revision.shards import list_shards, shard_metadata, write_shard
+
+DIM = 32
+
+
+def cone(n: int, centre: torch.Tensor, spread: float, seed: int) -> torch.Tensor:
+    """Float32 embeddings clustered around ``centre`` (a modality's cone), with arbitrary lengths."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.rand(n, 1, generator=g) * 5 + 0.5
+    return ((centre + spread * torch.randn(n, DIM, generator=g)) * lengths).float()
+
+
+@pytest.fixture
+def pair():
+    g = torch.Generator().manual_seed(0)
+    image_dir, text_dir = torch.randn(DIM, generator=g), torch.randn(DIM, generator=g)
+    images = cone(700, F.normalize(image_dir, dim=0), 0.08, 1)
+    texts = cone(500, F.normalize(text_dir, dim=0), 0.15, 2)
+    return images, texts
+
+
+def write_set(root, x: torch.Tensor, sizes: list[int], suffix: str = ".npy", encoder: str = "toy"):
+    root.mkdir(parents=True, exist_ok=True)
+    start = 0
+    for i, size in enumerate(sizes):
+        part = x[start : start + size]
+        meta = shard_metadata([f"r{start + j}" for j in range(size)], encoder, "x") if suffix == ".safetensors" else None
+        write_shard(root / f"shard_{i:03d}{suffix}", part, meta)
+        start += size
+    assert start == len(x)
+    return root
+
+
+def fit_tensors(tmp_path, images, texts, **kw) -> ReAlignStats:
+    return fit(write_set(tmp_path / "img", images, [len(images)]), write_set(tmp_path / "txt", texts, [len(texts)]), **kw)
+
+
+def test_identity_when_text_and_image_statistics_are_equal(tmp_path, pair):
+    images, _ = pair
+    stats = fit_tensors(tmp_path, images, images)
+    # exact up to the 1e-10 guard in s = sqrt(T_x / (T_y + 1e-10))
+    assert stats.s == pytest.approx(1.0, abs=1e-9)
+    torch.testing.assert_close(stats.mu1, stats.mu_x, rtol=0, atol=1e-9)
+    torch.testing.assert_close(stats(images), F.normalize(images.double(), dim=-1), rtol=0, atol=1e-9)
+
+
+def test_statistics_match_the_closed_form_in_float64(tmp_path, pair):
+    images, texts = pair
+    stats = fit_tensors(tmp_path, images, texts)
+    x, y = F.normalize(images.double(), dim=-1), F.normalize(texts.double(), dim=-1)
+    mu_x, mu_y = x.mean(0), y.mean(0)
+    t_x, t_y = ((x - mu_x) ** 2).sum(1).mean().item(), ((y - mu_y) ** 2).sum(1).mean().item()
+    assert stats.T_x == pytest.approx(t_x, rel=1e-12) and stats.T_y == pytest.approx(t_y, rel=1e-12)
+    assert stats.s == pytest.approx((t_x / (t_y + 1e-10)) ** 0.5, rel=1e-12)
+    y1 = F.normalize((y - mu_y) * stats.s + mu_x, dim=-1)
+    torch.testing.assert_close(stats.mu1, y1.mean(0), rtol=0, atol=1e-13)
+    expected = F.normalize(y1 - y1.mean(0) + mu_x, dim=-1)
+    torch.testing.assert_close(stats(texts), expected, rtol=0, atol=1e-13)
+    for v in (stats.mu_x, stats.mu_y, stats.mu1, stats(texts)):
+        assert v.dtype == torch.float64
+    assert (stats.n_image, stats.n_text, stats.encoder) == (700, 500, "unknown")
+
+
+def test_centroid_gap_closes_and_outputs_are_unit_and_finite(tmp_path, pair):
+    images, texts = pair
+    stats = fit_tensors(tmp_path, images, texts)
+    y2 = stats(texts)
+    before = (stats.mu_y - stats.mu_x).norm().item()
+    after = (y2.mean(0) - stats.mu_x).norm().item()
+    assert before > 0.5 and after < 1e-2 * before
+    assert torch.isfinite(y2).all()
+    torch.testing.assert_close(y2.norm(dim=-1), torch.ones(len(y2), dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".safetensors"])
+def test_shard_merge_equals_one_pass(tmp_path, pair, suffix):
+    images, texts = pair
+    one = fit(write_set(tmp_path / "i1", images, [700], suffix), write_set(tmp_path / "t1", texts, [500], suffix))
+    many = fit(write_set(tmp_path / "i2", images, [3, 250, 1, 446], suffix),
+               write_set(tmp_path / "t2", texts, [499, 1], suffix), rows=64)
+    for name in ("mu_x", "mu_y", "mu1"):
+        torch.testing.assert_close(getattr(many, name), getattr(one, name), rtol=0, atol=1e-14)
+    for name in ("s", "T_x", "T_y"):
+        assert getattr(many, name) == pytest.approx(getattr(one, name), rel=1e-13)
+    # records from separate "ranks", merged in any grouping, give the one-pass moments too
+    shards = list_shards(tmp_path / "i2")
+    parts = [moments([s]) for s in shards]
+    merged = (parts[0].merge(parts[2])).merge(parts[1].merge(parts[3]))
+    whole = moments(shards)
+    assert merged.count == whole.count == 700
+    torch.testing.assert_close(merged.mean, whole.mean, rtol=0, atol=1e-14)
+    assert merged.trace == pytest.approx(whole.trace, rel=1e-13)
+    sums = CentroidSum.of(torch.ones(2, DIM, dtype=torch.float64)).merge(CentroidSum.empty(DIM))
+    assert sums.count == 2 and torch.equal(sums.mean, torch.ones(DIM, dtype=torch.float64))
+
+
+def test_moments_stay_accurate_for_a_tight_cone():
+    """Chan's merge keeps T when the spread is tiny next to the centroid (the shortcut formula cancels)."""
+    x = F.normalize(torch.ones(4000, DIM, dtype=torch.float64) + 1e-6 * torch.randn(4000, DIM, dtype=torch.float64), dim=-1)
+    exact = ((x - x.mean(0)) ** 2).sum(1).mean().item()
+    total = Moments.empty(DIM)
+    for part in x.split(333):
+        total = total.merge(Moments.of(part.clone()))
+    assert total.trace == pytest.approx(exact, rel=1e-6)
+
+
+def test_zero_or_non_finite_rows_are_reported_with_their_place(tmp_path, pair):
+    images, texts = pair
+    texts = texts.clone()
+    texts[17] = float("nan")
+    with pytest.raises(ValueError, match=r"shard_000.npy: row 17 "):
+        fit_tensors(tmp_path, images, texts)
+
+
+def test_cli_fit_then_apply_writes_stats_and_aligned_shards(tmp_path, pair, capsys):
+    images, texts = pair
+    write_set(tmp_path / "img", images, [400, 300], ".safetensors", encoder="toy-clip")
+    write_set(tmp_path / "txt", texts, [200, 300], ".safetensors", encoder="toy-clip")
+    stats_path = tmp_path / "stats.safetensors"
+    assert main(["realign", "fit", "--images", str(tmp_path / "img"), "--texts", str(tmp_path / "txt"),
+                 "--out", str(stats_path), "--chunk-rows", "128"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["encoder"] == "toy-clip" and (summary["n_image"], summary["n_text"]) == (700, 500)
+    stats = ReAlignStats.load(stats_path)
+    assert stats.mu_x.dtype == torch.float64 and stats.encoder == "toy-clip"
+    assert main(["realign", "apply", "--stats", str(stats_path), "--texts", str(tmp_path / "txt"),
+                 "--out", str(tmp_path / "aligned")]) == 0
+    out = list_shards(tmp_path / "aligned")
+    assert [s.rows for s in out] == [200, 300] and out[1].ids[0] == "r200" and out[0].encoder == "toy-clip"
+    got = torch.cat([torch.from_numpy(np.concatenate(list(s.chunks(1000)))) for s in out])
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), stats(texts), rtol=0, atol=1e-6)
+
+
+def test_shards_from_different_encoders_are_refused(tmp_path, pair):
+    images, texts = pair
+    img = write_set(tmp_path / "img", images, [700], ".safetensors", encoder="clip")
+    txt = write_set(tmp_path / "txt", texts, [500], ".safetensors", encoder="siglip")
+    with pytest.raises(ValueError, match="different encoders"):
+        fit(img, txt)
+
+
+def test_apply_keeps_npy_format(tmp_path, pair):
+    images, texts = pair
+    stats = fit_tensors(tmp_path, images, texts)
+    (path,) = apply(stats, tmp_path / "txt", tmp_path / "out", rows=100)
+    assert path.suffix == ".npy"
+    np.testing.assert_allclose(np.load(path), stats(texts).float().numpy(), atol=1e-7)
