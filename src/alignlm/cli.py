@@ -1,4 +1,4 @@
-"""Command line: ``alignlm train | data | eval | export``.
+"""Command line: ``alignlm train | data | eval | export | sea-labels | realign | embed | dual-encoder ...``.
 
 ``train`` takes Hydra overrides (``alignlm train +exp=demo stages.pretrain.max_steps=20``) and composes the
 config tree in ``configs/`` (or ``$ALIGNLM_CONFIG_DIR``); ``--print-config`` shows the result and exits.
@@ -7,6 +7,7 @@ config tree in ``configs/`` (or ``$ALIGNLM_CONFIG_DIR``); ``--print-config`` sho
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -65,27 +66,6 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from omegaconf import OmegaConf
-
-    from alignlm.evaluation.evaluate import answer_accuracy
-    from alignlm.models.io import load_model
-
-    report = {}
-    for ck in args.checkpoints:
-        model = load_model(ck)
-        cfg = OmegaConf.load(Path(ck) / "config.yaml")
-        data_cfg = OmegaConf.to_container(cfg.stages[cfg.run[-1]].data, resolve=True)
-        if args.template:
-            data_cfg["template"] = args.template
-        report[ck] = {}
-        for item in args.sets:
-            name, _, path = item.partition("=")
-            report[ck][name] = answer_accuracy(model, name, path, data_cfg, args.batch_size, args.max_new_tokens, args.limit)
-    print(json.dumps(report, indent=2))
-    return 0
-
-
 def cmd_export(args: argparse.Namespace) -> int:
     from alignlm.export.hf_llava import export
 
@@ -110,19 +90,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", metavar="KNOB=VALUE", help="generator knob, e.g. --set n_train=500")
     p.set_defaults(func=cmd_data)
-    p = sub.add_parser("eval", help="answer accuracy of final/ checkpoints on question sets")
-    p.add_argument("checkpoints", nargs="+", help="final/ folders")
-    p.add_argument("--sets", nargs="+", required=True, metavar="NAME=PATH", help="e.g. digits=data/digits/test.json")
-    p.add_argument("--template", default=None, help="override the template the checkpoint was finetuned with")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=8)
-    p.add_argument("--limit", type=int, default=None)
-    p.set_defaults(func=cmd_eval)
     p = sub.add_parser("export", help="write a final/ checkpoint as a transformers LlavaForConditionalGeneration folder")
     p.add_argument("checkpoint", help="a final/ folder")
     p.add_argument("out_dir")
     p.set_defaults(func=cmd_export)
     # subcommands that live beside their code: each module has register(subparsers)
+    for module in ("alignlm.evaluation.commands", "alignlm.sea_commands", "alignlm.revision.commands"):
+        importlib.import_module(module).register(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

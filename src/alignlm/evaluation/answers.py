@@ -21,3 +21,18 @@ def normalize_answer(text: str) -> str:
 def is_correct(prediction: str, answer: str) -> bool:
     """Exact match after normalisation."""
     return normalize_answer(prediction) == normalize_answer(answer)
+
+
+def vqa_accuracy(prediction: str, answers: list[str]) -> float:
+    """VQA accuracy (Antol et al. 2015): ``min(1, matches / 3)`` against each leave-one-out subset of the
+    human answers, averaged; a single reference answer reduces to exact match."""
+    if len(answers) == 1:
+        return float(is_correct(prediction, answers[0]))
+    pred = normalize_answer(prediction)
+    hits = [normalize_answer(a) == pred for a in answers]
+    return sum(min(1.0, (sum(hits) - h) / 3.0) for h in hits) / len(hits)
+
+
+def score_answer(prediction: str, answer: str | list[str]) -> float:
+    """One question's score: exact match for one reference, VQA accuracy for a list of human answers."""
+    return vqa_accuracy(prediction, [answer] if isinstance(answer, str) else [str(a) for a in answer])

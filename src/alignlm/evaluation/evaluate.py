@@ -1,7 +1,11 @@
-"""Score a trained model on LLaVA-format question sets: greedy (or sampled) answers vs reference answers.
+"""Score a trained model on LLaVA-format sets: greedy (or sampled) answers vs reference answers or captions.
 
-Each record carries ``answer`` and, optionally, ``meta.choices`` (all valid answers for its question type),
-from which the chance level is computed, so every accuracy is printed next to what guessing would get.
+Two kinds of set share one generation path:
+- ``qa``: each record carries ``answer`` (a string, or a list of human answers scored VQA-style) and, optionally,
+  ``meta.choices`` (all valid answers for its question type), from which the chance level is computed, so every
+  accuracy is printed next to what guessing would get;
+- ``caption``: the reference captions are the record's ``captions`` list, else its last assistant turn; scored
+  with BLEU-4 and CIDEr-D.
 """
 
 from __future__ import annotations
@@ -13,10 +17,54 @@ from torch.utils.data import DataLoader
 
 from alignlm.data.build import build_dataset
 from alignlm.data.collate import Collator
-from alignlm.evaluation.answers import is_correct
+from alignlm.data.llava import read_records
+from alignlm.evaluation.answers import score_answer
+from alignlm.evaluation.captions import bleu, cider_d
+
+KINDS = ("auto", "qa", "caption")
+N_EXAMPLES = 5
 
 
 @torch.no_grad()
+def generate_set(
+    model: Any,
+    path: str,
+    data_cfg: Mapping[str, Any],
+    batch_size: int = 16,
+    max_new_tokens: int = 8,
+    limit: int | None = None,
+    generation: Mapping[str, Any] | None = None,
+    seed: int = 0,
+) -> list[tuple[str, str, dict[str, Any]]]:
+    """``(id, prediction, record)`` for the first ``limit`` records of a set, in file order."""
+    cfg = {**dict(data_cfg), "sources": [{"path": path}], "on_error": "raise"}
+    dataset = build_dataset(cfg, model, seed=0, for_generation=True)
+    indices = list(range(len(dataset) if limit is None else min(limit, len(dataset))))
+    loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size,
+                        collate_fn=Collator(model.tokenizer.pad_token_id, padding_side="left"))
+    device = next(model.parameters()).device
+    model.eval()
+    torch.manual_seed(seed)  # sampled decoding gives the same report twice
+    out = []
+    records = iter(dataset.record(i)[1] for i in indices)
+    for batch in loader:
+        inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        new_tokens = model.generate(inputs, max_new_tokens=max_new_tokens, **dict(generation or {}))
+        for pred_ids, rid in zip(new_tokens, batch["ids"]):
+            out.append((rid, model.tokenizer.decode(pred_ids, skip_special_tokens=True).strip(), next(records)))
+    return out
+
+
+def set_kind(path: str, kind: str = "auto") -> str:
+    """``qa`` when the set's records carry answers, else ``caption`` (``kind`` other than auto is kept)."""
+    if kind not in KINDS:
+        raise ValueError(f"eval set kind={kind!r} is not known; choose one of {list(KINDS)}")
+    if kind != "auto":
+        return kind
+    records = read_records(path)
+    return "qa" if records and "answer" in records[0] else "caption"
+
+
 def answer_accuracy(
     model: Any,
     name: str,
@@ -26,26 +74,49 @@ def answer_accuracy(
     max_new_tokens: int = 8,
     limit: int | None = None,
     generation: Mapping[str, Any] | None = None,
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """Accuracy, chance level and a few examples for one question set."""
-    cfg = {**dict(data_cfg), "sources": [{"path": path}], "on_error": "raise"}
-    dataset = build_dataset(cfg, model, seed=0, for_generation=True)
-    indices = list(range(len(dataset) if limit is None else min(limit, len(dataset))))
-    loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size,
-                        collate_fn=Collator(model.tokenizer.pad_token_id, padding_side="left"))
-    device = next(model.parameters()).device
-    model.eval()
-    correct, chance, examples = 0, 0.0, []
-    for batch in loader:
-        inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        new_tokens = model.generate(inputs, max_new_tokens=max_new_tokens, **dict(generation or {}))
-        for pred_ids, answer, meta, rid in zip(new_tokens, batch["answer"], batch["meta"], batch["ids"]):
-            pred = model.tokenizer.decode(pred_ids, skip_special_tokens=True).strip()
-            ok = is_correct(pred, answer)
-            correct += ok
-            choices = (meta or {}).get("choices") or []
-            chance += 1.0 / len(choices) if choices else 0.0
-            if len(examples) < 5:
-                examples.append({"id": rid, "prediction": pred, "answer": answer, "correct": ok})
-    n = len(indices)
-    return {"name": name, "n": n, "accuracy": correct / max(n, 1), "chance": chance / max(n, 1), "examples": examples}
+    """Accuracy (exact match, or VQA accuracy for lists of answers), chance level and a few examples."""
+    preds = generate_set(model, path, data_cfg, batch_size, max_new_tokens, limit, generation, seed)
+    correct, chance, examples = 0.0, 0.0, []
+    for rid, pred, rec in preds:
+        if "answer" not in rec:
+            raise ValueError(f"{path} record id={rid} has no 'answer'; a question set needs one per record")
+        score = score_answer(pred, rec["answer"])
+        correct += score
+        choices = (rec.get("meta") or {}).get("choices") or []
+        chance += 1.0 / len(choices) if choices else 0.0
+        if len(examples) < N_EXAMPLES:
+            examples.append({"id": rid, "prediction": pred, "answer": rec["answer"], "correct": score == 1.0})
+    n = len(preds)
+    return {"name": name, "kind": "qa", "n": n, "accuracy": correct / max(n, 1), "chance": chance / max(n, 1), "examples": examples}
+
+
+def reference_captions(rec: Mapping[str, Any]) -> list[str]:
+    """A record's reference captions: its ``captions`` list, else its last assistant turn."""
+    if rec.get("captions"):
+        return [str(c) for c in rec["captions"]]
+    turns = [t["value"] for t in rec.get("conversations", []) if t.get("from") in ("gpt", "assistant")]
+    if not turns:
+        raise ValueError(f"record id={rec.get('id')!r} has neither 'captions' nor an assistant turn to use as reference")
+    return [str(turns[-1])]
+
+
+def caption_scores(
+    model: Any,
+    name: str,
+    path: str,
+    data_cfg: Mapping[str, Any],
+    batch_size: int = 16,
+    max_new_tokens: int = 32,
+    limit: int | None = None,
+    generation: Mapping[str, Any] | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """BLEU-4 and CIDEr-D of generated captions against the set's references, with a few examples."""
+    preds = generate_set(model, path, data_cfg, batch_size, max_new_tokens, limit, generation, seed)
+    hyps = [p for _, p, _ in preds]
+    refs = [reference_captions(rec) for _, _, rec in preds]
+    examples = [{"id": rid, "prediction": p, "reference": r[0]} for (rid, p, _), r in zip(preds[:N_EXAMPLES], refs)]
+    return {"name": name, "kind": "caption", "n": len(preds), "bleu4": bleu(hyps, refs), "cider": cider_d(hyps, refs),
+            "examples": examples}

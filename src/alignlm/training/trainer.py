@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from alignlm.constants import IGNORE_INDEX
 from alignlm.data.build import build_dataset
 from alignlm.data.collate import Collator
+from alignlm.evaluation.monitor import AlignmentMonitor
 from alignlm.models.build import build_model, instantiate
 from alignlm.models.io import load_final_weights
 from alignlm.models.mllm import AlignLM
@@ -113,6 +114,7 @@ class Trainer:
         )
         self.total_steps = int(stage.max_steps) if stage.get("max_steps") else int(math.ceil(float(stage.epochs) * self.order.steps_per_epoch))
         self.objectives = build_objectives(stage)
+        self.monitor = AlignmentMonitor(cfg.get("monitor"), model)
         for obj, _ in self.objectives.values():
             obj.setup(model, self.dataset)
         optimizer, self.scheduler = build_optimizer(model, stage, self.total_steps)
@@ -161,6 +163,8 @@ class Trainer:
         acc, st = self.acc, self.stage
         metrics = MetricsLogger(self.dir / "metrics.jsonl", self.cfg.logging.get("wandb"), f"{self.cfg.run_name}/{self.name}",
                                 OmegaConf.to_container(self.cfg, resolve=True), acc.is_main_process, self.start_step)
+        if acc.is_main_process:  # what eval needs to rebuild a step checkpoint before final/ exists
+            (self.dir / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
         loader = DataLoader(self.dataset, batch_sampler=dataclasses.replace(self.order, total_steps=self.total_steps, start_step=self.start_step),
                             collate_fn=Collator(self.dataset.tokenizer.pad_token_id), num_workers=int(st.data.get("num_workers", 0)))
         batches = iter(loader)
@@ -211,6 +215,7 @@ class Trainer:
             if self.cfg.logging.get("peak_tflops"):
                 row["mfu"] = row["tflops"] / (float(self.cfg.logging.peak_tflops) * acc.num_processes)
             losses.append(row["loss/total"])
+            row.update(self.monitor(step + 1, acc.unwrap_model(self.model)))
             metrics.log(row, step + 1)
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss/total']:.4f}", sps=f"{row['samples_per_s']:.1f}", tps=f"{row['tokens_per_s']:.0f}")

@@ -1,0 +1,89 @@
+"""Captioning scores: corpus BLEU-4 (Papineni et al. 2002) and CIDEr-D (Vedantam et al. 2015).
+
+Both follow the COCO caption evaluation conventions (lower-cased words without punctuation; BLEU's brevity
+penalty against the closest reference length; CIDEr-D's document frequencies over the references of the scored
+set, clipped tf-idf, a Gaussian length penalty with sigma 6, times 10), in plain Python with no Java tokenizer.
+CIDEr needs a corpus: with a single image every n-gram has zero idf and the score is 0 by definition.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Sequence
+
+_WORD = re.compile(r"[a-z0-9]+")
+MAX_N = 4
+
+
+def tokenize(text: str) -> list[str]:
+    """Lower-cased alphanumeric words: punctuation never decides a caption score."""
+    return _WORD.findall(text.lower())
+
+
+def ngrams(words: Sequence[str], n: int) -> Counter:
+    """Counts of the n-grams of one sentence."""
+    return Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+
+
+def bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str]], max_n: int = MAX_N) -> float:
+    """Corpus BLEU-``max_n``: clipped n-gram precisions pooled over the corpus, geometric mean, brevity penalty."""
+    _check(hypotheses, references)
+    matches, totals = [0] * max_n, [0] * max_n
+    hyp_len = ref_len = 0
+    for hyp, refs in zip(hypotheses, references):
+        h, rs = tokenize(hyp), [tokenize(r) for r in refs]
+        hyp_len += len(h)
+        ref_len += min((abs(len(r) - len(h)), len(r)) for r in rs)[1]  # closest length, the shorter on a tie
+        for n in range(1, max_n + 1):
+            counts = ngrams(h, n)
+            best: Counter = Counter()
+            for r in rs:
+                best |= ngrams(r, n)
+            matches[n - 1] += sum(min(c, best[g]) for g, c in counts.items())
+            totals[n - 1] += max(len(h) - n + 1, 0)
+    if min(matches) == 0:
+        return 0.0
+    log_precision = sum(math.log(m / t) for m, t in zip(matches, totals)) / max_n
+    brevity = 1.0 if hyp_len >= ref_len else math.exp(1.0 - ref_len / max(hyp_len, 1))
+    return brevity * math.exp(log_precision)
+
+
+def cider_d(hypotheses: Sequence[str], references: Sequence[Sequence[str]], sigma: float = 6.0) -> float:
+    """Corpus CIDEr-D: mean over images of the tf-idf n-gram similarity to each reference, n = 1..4, x10."""
+    _check(hypotheses, references)
+    refs = [[tokenize(r) for r in rs] for rs in references]
+    hyps = [tokenize(h) for h in hypotheses]
+    doc_freq: Counter = Counter()
+    for rs in refs:
+        doc_freq.update({g for r in rs for n in range(1, MAX_N + 1) for g in ngrams(r, n)})
+    log_docs = math.log(len(refs))
+
+    def vectors(words: list[str]) -> list[tuple[dict, float]]:
+        out = []
+        for n in range(1, MAX_N + 1):
+            vec = {g: c * (log_docs - math.log(max(1.0, doc_freq[g]))) for g, c in ngrams(words, n).items()}
+            out.append((vec, math.sqrt(sum(v * v for v in vec.values()))))
+        return out
+
+    scores = []
+    for h, rs in zip(hyps, refs):
+        hv = vectors(h)
+        total = 0.0
+        for r in rs:
+            penalty = math.exp(-((len(h) - len(r)) ** 2) / (2 * sigma**2))
+            for (hvec, hnorm), (rvec, rnorm) in zip(hv, vectors(r)):
+                if hnorm and rnorm:
+                    dot = sum(min(v, rvec[g]) * rvec[g] for g, v in hvec.items() if g in rvec)
+                    total += penalty * dot / (hnorm * rnorm)
+        scores.append(10.0 * total / (MAX_N * len(rs)))
+    return sum(scores) / len(scores)
+
+
+def _check(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> None:
+    if len(hypotheses) != len(references) or not hypotheses:
+        raise ValueError(f"need one reference list per hypothesis: got {len(hypotheses)} hypotheses, {len(references)} reference lists")
+    empty = [i for i, rs in enumerate(references) if not rs]
+    if empty:
+        raise ValueError(f"item {empty[0]} has no reference caption")

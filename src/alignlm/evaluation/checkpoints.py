@@ -1,0 +1,125 @@
+"""Find and rebuild the checkpoints an evaluation names: ``final/`` folders, step checkpoints, stages, runs.
+
+A path may be
+- a ``final/`` folder (``config.yaml`` + ``model.safetensors``);
+- a step checkpoint ``<stage>/checkpoints/step_000500`` (trainable weights only): the model is rebuilt from the
+  stage's config, its ``init_from`` weights are loaded, the stage's LoRA is applied, then the step's weights;
+- a stage folder: each of its step checkpoints, oldest first, then its ``final/``;
+- a run folder: the ``final/`` of each stage, in the order the run trained them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+STEP_PREFIX = "step_"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One evaluable checkpoint and where it came from."""
+
+    path: Path
+    kind: str            # final | step
+    run: str
+    stage: str
+    step: int | None     # the training step of a step checkpoint; None for final/
+
+    @property
+    def label(self) -> str:
+        return f"{self.run}/{self.stage}/{'final' if self.kind == 'final' else self.path.name}"
+
+    @property
+    def stage_dir(self) -> Path:
+        return self.path.parent if self.kind == "final" else self.path.parent.parent
+
+
+def _is_final(p: Path) -> bool:
+    return (p / "model.safetensors").exists() and (p / "config.yaml").exists()
+
+
+def _is_step(p: Path) -> bool:
+    return (p / "trainable.safetensors").exists() and (p / "trainer_state.json").exists()
+
+
+def _steps(stage_dir: Path) -> list[Path]:
+    root = stage_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.name.startswith(STEP_PREFIX) and not p.name.endswith(".tmp") and _is_step(p))
+
+
+def _one(p: Path) -> Checkpoint:
+    if _is_final(p):
+        return Checkpoint(p, "final", p.parent.parent.name, p.parent.name, None)
+    import json
+
+    state = json.loads((p / "trainer_state.json").read_text())
+    stage_dir = p.parent.parent
+    return Checkpoint(p, "step", stage_dir.parent.name, str(state.get("stage", stage_dir.name)), int(state["step"]))
+
+
+def resolve(paths: list[str]) -> list[Checkpoint]:
+    """Expand the paths given on the command line into checkpoints, in the order given."""
+    out: list[Checkpoint] = []
+    for raw in paths:
+        p = Path(raw)
+        if _is_final(p) or _is_step(p):
+            out.append(_one(p))
+        elif _steps(p) or _is_final(p / "final"):
+            out += [_one(s) for s in _steps(p)] + ([_one(p / "final")] if _is_final(p / "final") else [])
+        else:
+            finals = [d / "final" for d in sorted(p.iterdir()) if _is_final(d / "final")] if p.is_dir() else []
+            if not finals:
+                raise FileNotFoundError(f"{p} is neither a final/ folder, a step checkpoint, a stage folder nor a run folder "
+                                        "(no model.safetensors + config.yaml, no trainable.safetensors + trainer_state.json)")
+            order = list(OmegaConf.load(finals[-1] / "config.yaml").get("run") or [])
+            finals.sort(key=lambda f: (order.index(f.parent.name) if f.parent.name in order else len(order), f.parent.name))
+            out += [_one(f) for f in finals]
+    return out
+
+
+def stage_config(ck: Checkpoint) -> DictConfig:
+    """The resolved training config the checkpoint was trained with."""
+    for candidate in (ck.path / "config.yaml", ck.stage_dir / "config.yaml", ck.stage_dir / "final" / "config.yaml"):
+        if candidate.exists():
+            return OmegaConf.load(candidate)
+    raise FileNotFoundError(f"no config.yaml for {ck.path}: looked in the checkpoint, {ck.stage_dir} and its final/")
+
+
+def data_config(ck: Checkpoint, cfg: DictConfig) -> dict[str, Any]:
+    """The data node of the checkpoint's stage (its template), or of the run's last stage."""
+    stage = ck.stage if ck.stage in cfg.stages else cfg.run[-1]
+    return OmegaConf.to_container(cfg.stages[stage].data, resolve=True)
+
+
+def load(ck: Checkpoint) -> Any:
+    """Rebuild the model of a checkpoint, in eval mode on the CPU."""
+    from alignlm.models.io import load_model
+
+    if ck.kind == "final":
+        return load_model(ck.path)
+    from safetensors.torch import load_file
+
+    from alignlm.models.build import build_model
+    from alignlm.models.io import load_part_state
+    from alignlm.training.stages import apply_stage, merge_lora
+    from alignlm.training.trainer import Trainer
+
+    cfg = stage_config(ck)
+    stage = cfg.stages[ck.stage]
+    model = build_model(cfg.model)
+    src = stage.get("init_from")
+    if src:
+        init = ck.stage_dir.parent / src / "final" if src in cfg.stages else Path(src)
+        Trainer.load_init(model, init)
+    apply_stage(model, stage.parts, stage.get("lora"))
+    load_part_state(model, load_file(str(ck.path / "trainable.safetensors")), [])
+    merge_lora(model)
+    model.requires_grad_(False)
+    model.eval()
+    return model

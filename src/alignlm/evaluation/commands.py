@@ -1,0 +1,110 @@
+"""``alignlm eval`` (checkpoints -> report) and ``alignlm plot-runs`` (monitor curves of runs side by side).
+
+Eval knobs come from ``configs/eval/default.yaml``, then ``--config FILE``, then ``--set key=value``, then the flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+
+def eval_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The merged eval config of defaults, ``--config``, ``--set`` and flags."""
+    from omegaconf import OmegaConf
+
+    from alignlm.cli import config_dir
+
+    cfg = OmegaConf.load(config_dir() / "eval" / "default.yaml")
+    if args.config:
+        cfg = OmegaConf.merge(cfg, OmegaConf.load(args.config))
+    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(args.set or [])))
+    flags = {"template": args.template, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
+             "limit": args.limit, "device": args.device}
+    for key, value in flags.items():
+        if value is not None:
+            cfg[key] = value
+    if args.sets:
+        sets = []
+        for item in args.sets:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                raise SystemExit(f"--sets takes NAME=PATH, got {item!r}")
+            sets.append({"name": name, "path": path, "kind": "auto"})
+        cfg.sets = sets
+    if args.probe:
+        cfg.probe.path = args.probe
+    if args.probe_n is not None:
+        cfg.probe.n = args.probe_n
+    if args.layers is not None:
+        cfg.probe.layers = args.layers if args.layers == "all" else [int(x) for x in args.layers.split(",") if x]
+    if args.no_probe:
+        cfg.probe.enabled = False
+    if args.no_plots:
+        cfg.plots = False
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from alignlm.evaluation import checkpoints
+    from alignlm.evaluation.report import evaluate_checkpoint, write_report
+    from alignlm.training.logging import get_logger
+
+    log = get_logger("alignlm", 0)
+    t0 = time.perf_counter()
+    ecfg = eval_config(args)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if ecfg["device"] == "auto" else ecfg["device"])
+    cks = checkpoints.resolve(args.checkpoints)
+    log.info("evaluating %d checkpoints: %s", len(cks), ", ".join(c.label for c in cks))
+    results, features = [], []
+    for ck in cks:
+        r, f = evaluate_checkpoint(ck, ecfg, device)
+        results.append(r)
+        features.append(f)
+    files = write_report(results, features, ecfg, Path(args.out))
+    if args.json:
+        print(files["json"].read_text())
+    else:
+        print(files["md"].read_text())
+    log.info("wrote %s in %.1f s", ", ".join(str(p) for p in files.values()), time.perf_counter() - t0)
+    return 0
+
+
+def cmd_plot_runs(args: argparse.Namespace) -> int:
+    from alignlm.evaluation.plots import plot_runs
+
+    out = plot_runs([Path(r) for r in args.runs], Path(args.out), args.metrics)
+    print(f"wrote {out}")
+    return 0
+
+
+def register(sub: Any) -> None:
+    """Add ``eval`` and ``plot-runs`` to the ``alignlm`` command line."""
+    p = sub.add_parser("eval", help="evaluate checkpoints: question/caption sets and alignment probes -> report + plots")
+    p.add_argument("checkpoints", nargs="+", help="final/ folders, step checkpoints, stage folders (every step, then final) or run folders")
+    p.add_argument("--sets", nargs="+", metavar="NAME=PATH", help="LLaVA-format sets (default: the checkpoint's eval.sets); "
+                   "records with 'answer' are scored as questions, others as captions")
+    p.add_argument("--out", default="eval_report", help="folder for report.json, report.md and the plots")
+    p.add_argument("--config", help="YAML merged over configs/eval/default.yaml")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="eval config override, e.g. --set generation.do_sample=true")
+    p.add_argument("--template", default=None, help="override the template the checkpoint was trained with")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--limit", type=int, default=None, help="only the first N records of each set")
+    p.add_argument("--probe", default=None, help="caption records for the alignment probes (default: test_captions.json beside the first set)")
+    p.add_argument("--probe-n", type=int, default=None, help="image-caption pairs to probe")
+    p.add_argument("--layers", default=None, help="LLM layers to probe: all, or e.g. 0,6,-1")
+    p.add_argument("--no-probe", action="store_true", help="generation sets only")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--device", default=None, help="auto | cpu | cuda:0")
+    p.add_argument("--json", action="store_true", help="print report.json instead of report.md")
+    p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("plot-runs", help="plot the alignment monitor's curves (monitor/* in metrics.jsonl) of runs side by side")
+    p.add_argument("runs", nargs="+", help="run folders (stages chained) or stage folders")
+    p.add_argument("--out", default="runs.png")
+    p.add_argument("--metrics", nargs="*", default=None, help="only these metrics, e.g. pooled/modality_gap mutual_knn")
+    p.set_defaults(func=cmd_plot_runs)

@@ -1,0 +1,142 @@
+"""PNG figures of an evaluation report and of training-time monitor logs (matplotlib, Agg backend, no display).
+
+- ``pca``: pooled visual tokens and caption embeddings on the unit sphere, projected on their joint top-2 principal
+  components and coloured by modality, one panel per checkpoint: the Mind-the-Gap picture;
+- ``metrics``: each headline figure (accuracies, caption scores, probe metrics) per checkpoint or step;
+- ``gap_shift``: a metric as both modalities slide along the gap direction, one line per checkpoint;
+- ``layers``: probe metrics per LLM layer, one line per checkpoint;
+- ``runs``: ``monitor/*`` curves of several training runs side by side (``alignlm plot-runs``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+COLOURS = {"image": "tab:blue", "text": "tab:red"}
+_SAVE = {"dpi": 90, "metadata": {"Software": None}}  # no version string: same inputs, same bytes
+
+
+def _grid(n: int, width: float = 3.6, height: float = 3.0) -> tuple[Any, list[Any]]:
+    cols = min(n, 4)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    flat = [a for row in axes for a in row]
+    for a in flat[n:]:
+        a.axis("off")
+    return fig, flat[:n]
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, **_SAVE)
+    plt.close(fig)
+    return path
+
+
+def pca_2d(image: Tensor, text: Tensor) -> tuple[Tensor, Tensor]:
+    """Both sets normalised to the sphere, projected on the top-2 principal axes of their union (signs fixed)."""
+    x = torch.cat([torch.nn.functional.normalize(image.double(), dim=1), torch.nn.functional.normalize(text.double(), dim=1)])
+    x = x - x.mean(0)
+    _, _, v = torch.linalg.svd(x, full_matrices=False)
+    axes = v[:2].T
+    axes = axes * torch.sign(axes[axes.abs().argmax(0), torch.arange(2)])  # deterministic orientation
+    y = x @ axes
+    return y[: len(image)], y[len(image):]
+
+
+def plot_pca(panels: Sequence[tuple[str, Tensor, Tensor, float]], path: Path) -> Path:
+    """One panel per ``(label, image [n, d], text [n, d], gap)``: matched pairs joined by faint lines."""
+    fig, axes = _grid(len(panels), 3.8, 3.6)
+    for ax, (label, image, text, gap) in zip(axes, panels):
+        a, b = pca_2d(image, text)
+        for p, q in zip(a.tolist(), b.tolist()):
+            ax.plot([p[0], q[0]], [p[1], q[1]], color="0.85", lw=0.4, zorder=1)
+        ax.scatter(a[:, 0], a[:, 1], s=9, c=COLOURS["image"], label="image (visual tokens)", zorder=2)
+        ax.scatter(b[:, 0], b[:, 1], s=9, c=COLOURS["text"], label="text (caption embedding)", zorder=2)
+        ax.set_title(f"{label}\ngap {gap:.3f}", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[0].legend(fontsize=7, loc="best")
+    return _save(fig, path)
+
+
+def plot_series(series: Mapping[str, Sequence[float]], xlabels: Sequence[str], path: Path, xlabel: str = "") -> Path:
+    """One small panel per metric, its value at each checkpoint (or step)."""
+    fig, axes = _grid(len(series))
+    xs = list(range(len(xlabels)))
+    for ax, (name, ys) in zip(axes, series.items()):
+        ax.plot(xs, ys, marker="o")
+        ax.set_title(name, fontsize=9)
+        ax.set_xticks(xs)
+        ax.set_xticklabels(xlabels, rotation=30, ha="right", fontsize=7)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_panels(panels: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]], path: Path, xlabel: str) -> Path:
+    """One panel per title, one ``(x, y)`` line per label in it (gap-shift, per-layer and monitor curves)."""
+    fig, axes = _grid(len(panels), 4.2 if len(panels) > 1 else 5.5, 3.2 if len(panels) > 1 else 3.8)
+    for ax, (title, lines) in zip(axes, panels.items()):
+        for label, pts in lines.items():
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=2.5, label=label)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    return _save(fig, path)
+
+
+def read_monitor(run: Path) -> dict[str, list[tuple[int, float]]]:
+    """``monitor/*`` values of a run folder (its stages chained, steps continuing across stages) or one stage."""
+    stages = [run] if (run / "metrics.jsonl").exists() else _stage_dirs(run)
+    if not stages:
+        raise FileNotFoundError(f"{run} has no metrics.jsonl, nor stage folders holding one")
+    out: dict[str, list[tuple[int, float]]] = {}
+    offset = 0
+    for stage in stages:
+        last = 0
+        for line in (stage / "metrics.jsonl").read_text().splitlines():
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            last = max(last, int(row["step"]))
+            for k, v in row.items():
+                if k.startswith("monitor/") and isinstance(v, (int, float)) and k not in ("monitor/seconds", "monitor/time_share"):
+                    out.setdefault(k[len("monitor/"):], []).append((offset + int(row["step"]), float(v)))
+        offset += last
+    return out
+
+
+def _stage_dirs(run: Path) -> list[Path]:
+    """Stage folders of a run in training order (the order of ``run`` in its summary/config, else by time)."""
+    dirs = [d for d in sorted(run.iterdir()) if (d / "metrics.jsonl").exists()] if run.is_dir() else []
+    cfg = next((d / f for d in dirs for f in ("config.yaml", "final/config.yaml") if (d / f).exists()), None)
+    if cfg is not None:
+        from omegaconf import OmegaConf
+
+        order = list(OmegaConf.load(cfg).get("run") or [])
+        return sorted(dirs, key=lambda d: (order.index(d.name) if d.name in order else len(order), d.name))
+    return dirs
+
+
+def plot_runs(runs: Sequence[Path], path: Path, metrics: Sequence[str] | None = None) -> Path:
+    """The monitor's curves of several runs side by side: one panel per metric, one line per run."""
+    data = {str(r): read_monitor(Path(r)) for r in runs}
+    names = sorted(set().union(*(d.keys() for d in data.values())))
+    if metrics:
+        names = [n for n in names if n in metrics or n.split("/")[-1] in metrics]
+    if not names:
+        raise ValueError(f"no monitor/* metrics in {list(map(str, runs))}: train with monitor.every > 0 and monitor.probe set")
+    panels = {name: {Path(run).name or run: series[name] for run, series in data.items() if name in series} for name in names}
+    return plot_panels(panels, path, "step (stages chained)")

@@ -1,0 +1,199 @@
+"""Checkpoints -> ``report.json``, ``report.md`` (one comparison table) and PNG plots.
+
+For each checkpoint: generation sets (question accuracy, caption BLEU-4 / CIDEr-D), alignment probes on a held-out
+caption set (METHODS.md section 7), and Mind the Gap's shift curve. The report is deterministic: fixed seeds,
+first-``n`` subsets, rounded floats, sorted keys; timings go to the console, never into the report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from alignlm.evaluation import checkpoints as C
+from alignlm.evaluation import plots
+from alignlm.evaluation.evaluate import answer_accuracy, caption_scores, set_kind
+from alignlm.evaluation.probes import extract, flat, gap_shift, load_probe_set, probe_metrics, resolve_layers
+
+log = logging.getLogger("alignlm")
+
+# Columns of the comparison table after the per-set scores (flattened probe keys).
+HEADLINE = ("pooled/modality_gap", "pooled/mutual_knn", "pooled/cka", "pooled/cknna", "pooled/i2t_recall@1",
+            "pooled/t2i_recall@1", "per_token/a_score_visual_to_text")
+DIGITS = 6
+
+
+def rounded(x: Any) -> Any:
+    """Floats to 6 significant digits, recursively: the last bits of a float sum never reach the report."""
+    if isinstance(x, float):
+        return float(f"{x:.{DIGITS}g}")
+    if isinstance(x, Mapping):
+        return {str(k): rounded(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [rounded(v) for v in x]
+    return x
+
+
+def eval_sets(ecfg: Mapping[str, Any], train_cfg: Any) -> list[dict[str, Any]]:
+    """The configured sets, else the ones the checkpoint's run evaluated (``eval.sets`` of its config)."""
+    sets = list(ecfg.get("sets") or [])
+    if not sets:
+        sets = [dict(s) for s in (train_cfg.get("eval") or {}).get("sets") or []]
+    return [{"name": str(s["name"]), "path": str(s["path"]), "kind": set_kind(str(s["path"]), str(s.get("kind", "auto")))} for s in sets]
+
+
+def probe_path(ecfg: Mapping[str, Any], sets: list[dict[str, Any]]) -> str | None:
+    """``probe.path``, else the ``test_captions.json`` beside the first question set (the offline sets ship one)."""
+    probe = ecfg.get("probe") or {}
+    if probe.get("path"):
+        return str(probe["path"])
+    for s in sets:
+        candidate = Path(s["path"]).parent / "test_captions.json"
+        if candidate.exists():
+            return str(candidate)
+    return None
+
+
+def evaluate_checkpoint(ck: C.Checkpoint, ecfg: Mapping[str, Any], device: torch.device) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One checkpoint's results, and the pooled features the plots draw."""
+    t0 = time.perf_counter()
+    model = C.load(ck).to(device)
+    train_cfg = C.stage_config(ck)
+    data_cfg = C.data_config(ck, train_cfg)
+    if ecfg.get("template"):
+        data_cfg["template"] = ecfg["template"]
+    sets = eval_sets(ecfg, train_cfg)
+    result: dict[str, Any] = {"label": ck.label, "path": str(ck.path), "kind": ck.kind, "run": ck.run, "stage": ck.stage,
+                              "step": ck.step, "template": data_cfg.get("template"), "sets": {}}
+    gen = dict(ecfg.get("generation") or {})
+    common = {"batch_size": int(ecfg["batch_size"]), "limit": ecfg.get("limit"), "generation": gen, "seed": int(ecfg.get("seed", 0))}
+    for s in sets:
+        if s["kind"] == "qa":
+            r = answer_accuracy(model, s["name"], s["path"], data_cfg, max_new_tokens=int(ecfg["max_new_tokens"]), **common)
+        else:
+            r = caption_scores(model, s["name"], s["path"], data_cfg, max_new_tokens=int(ecfg["caption_max_new_tokens"]), **common)
+        result["sets"][s["name"]] = r
+    t_gen = time.perf_counter()
+    features: dict[str, Any] = {}
+    pcfg = dict(ecfg.get("probe") or {})
+    path = probe_path(ecfg, sets)
+    if path and pcfg.get("enabled", True):
+        probe = load_probe_set(path, pcfg.get("n"), pcfg.get("image_root"))
+        layers = resolve_layers(model, pcfg.get("layers"))
+        feats = extract(model, probe, int(pcfg.get("batch_size", 32)), layers)
+        result["probe"] = {"path": path, **probe_metrics(feats, list(pcfg["metrics"]), int(pcfg.get("topk", 10)), pcfg.get("layer_metrics"))}
+        shift = dict(ecfg.get("gap_shift") or {})
+        if shift.get("deltas"):
+            result["gap_shift"] = {"metric": shift["metric"], "curve": gap_shift(feats, [float(d) for d in shift["deltas"]], shift["metric"])}
+        features = {"image": feats.visual_mean, "text": feats.text_mean}
+    log.info("%s: generation %.1f s, probes %.1f s", ck.label, t_gen - t0, time.perf_counter() - t_gen)
+    del model
+    return result, features
+
+
+def write_report(results: list[dict[str, Any]], features: list[dict[str, Any]], ecfg: Mapping[str, Any], out: Path) -> dict[str, Path]:
+    """``report.json``, ``report.md`` and the plots for evaluated checkpoints, in the order given."""
+    out.mkdir(parents=True, exist_ok=True)
+    config = {k: v for k, v in ecfg.items() if k != "plots"}  # what was measured, not which files were drawn
+    plot = bool(ecfg.get("plots", True))
+    report = rounded({"config": config, "checkpoints": results})
+    files = {"json": out / "report.json", "md": out / "report.md"}
+    files["json"].write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    files["md"].write_text(markdown(report["checkpoints"]))
+    if plot:
+        files.update(write_plots(report["checkpoints"], features, out))
+    return files
+
+
+def table_columns(results: list[dict[str, Any]]) -> list[tuple[str, Any]]:
+    """``(header, getter)`` for every set score and headline probe metric any checkpoint has."""
+    cols: list[tuple[str, Any]] = []
+    names = sorted({(n, r["kind"]) for res in results for n, r in res["sets"].items()})
+    for name, kind in names:
+        if kind == "qa":
+            cols.append((f"{name} acc %", lambda res, n=name: _pct(res["sets"].get(n, {}).get("accuracy"))))
+        else:
+            cols.append((f"{name} BLEU-4", lambda res, n=name: _num(res["sets"].get(n, {}).get("bleu4"))))
+            cols.append((f"{name} CIDEr", lambda res, n=name: _num(res["sets"].get(n, {}).get("cider"))))
+    flats = [flat(res.get("probe", {})) for res in results]
+    for key in HEADLINE:
+        if any(key in f for f in flats):
+            cols.append((key.split("/", 1)[1], lambda res, k=key: _num(flat(res.get("probe", {})).get(k))))
+    return cols
+
+
+def markdown(results: list[dict[str, Any]]) -> str:
+    """The comparison table, chance levels, every probe metric, and a few predictions per set."""
+    cols = table_columns(results)
+    lines = ["# alignlm evaluation", "", "| checkpoint | " + " | ".join(h for h, _ in cols) + " |",
+             "|---|" + "---:|" * len(cols)]
+    lines += [f"| {res['label']} | " + " | ".join(get(res) for _, get in cols) + " |" for res in results]
+    chance = {n: r["chance"] for res in results for n, r in res["sets"].items() if r.get("chance")}
+    if chance:
+        lines += ["", "Chance level: " + ", ".join(f"{n} {100 * c:.1f} %" for n, c in sorted(chance.items()))]
+    probes = [flat(res.get("probe", {})) for res in results]
+    keys = sorted({k for p in probes for k in p if k != "n" and not k.startswith("layers/")})
+    if keys:
+        n = next(res["probe"]["n"] for res in results if "probe" in res)
+        lines += ["", f"## Alignment probes ({n} image-caption pairs, visual tokens vs caption embeddings)", "",
+                  "| metric | " + " | ".join(r["label"] for r in results) + " |", "|---|" + "---:|" * len(results)]
+        lines += [f"| {k} | " + " | ".join(_num(p.get(k)) for p in probes) + " |" for k in keys]
+    layer_keys = sorted({k for p in probes for k in p if k.startswith("layers/")}, key=_layer_key)
+    if layer_keys:
+        lines += ["", "## Per LLM layer (mean image-token vs mean caption hidden state)", "",
+                  "| layer / metric | " + " | ".join(r["label"] for r in results) + " |", "|---|" + "---:|" * len(results)]
+        lines += [f"| {k[len('layers/'):]} | " + " | ".join(_num(p.get(k)) for p in probes) + " |" for k in layer_keys]
+    lines += ["", "## Examples", ""]
+    for res in results:
+        for name, r in sorted(res["sets"].items()):
+            for ex in r["examples"][:3]:
+                ref = ex.get("answer", ex.get("reference"))
+                lines.append(f"- `{res['label']}` {name} {ex['id']}: {ex['prediction']!r} (reference {ref!r})")
+    return "\n".join(lines) + "\n"
+
+
+def write_plots(results: list[dict[str, Any]], features: list[dict[str, Any]], out: Path) -> dict[str, Path]:
+    """The PCA picture, the metric-per-checkpoint panels, the gap-shift and per-layer curves."""
+    files: dict[str, Path] = {}
+    labels = [r["label"] for r in results]
+    panels = [(r["label"], f["image"], f["text"], r["probe"]["pooled"].get("modality_gap", float("nan")))
+              for r, f in zip(results, features) if f]
+    if panels:
+        files["pca"] = plots.plot_pca(panels, out / "pca.png")
+    series: dict[str, list[float]] = {}
+    for header, get in table_columns(results):
+        series[header] = [float(v) if v != "-" else float("nan") for v in (get(r) for r in results)]
+    if series:
+        files["metrics"] = plots.plot_series(series, labels, out / "metrics.png")
+    curves = {r["label"]: r["gap_shift"]["curve"] for r in results if "gap_shift" in r}
+    if curves:
+        metric = next(r["gap_shift"]["metric"] for r in results if "gap_shift" in r)
+        files["gap_shift"] = plots.plot_panels({f"Mind the Gap shift: {metric}": curves}, out / "gap_shift.png",
+                                               "delta (> 0 closes the gap)")
+    per_layer: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for r in results:
+        layers = (r.get("probe") or {}).get("layers") or {}
+        for i, values in sorted(layers.items(), key=lambda kv: int(kv[0])):
+            for name, v in values.items():
+                per_layer.setdefault(name, {}).setdefault(r["label"], []).append((int(i), v))
+    if per_layer:
+        files["layers"] = plots.plot_panels(dict(sorted(per_layer.items())), out / "layers.png", "LLM layer (0 = input embeddings)")
+    return files
+
+
+def _layer_key(k: str) -> tuple[int, str]:
+    layer, _, metric = k[len("layers/"):].partition("/")
+    return int(layer), metric
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"

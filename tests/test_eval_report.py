@@ -1,0 +1,193 @@
+"""Evaluation: caption and answer scores on hand-checkable cases, deterministic reports over several checkpoints,
+the alignment monitor logging at its configured steps, the runs plot, and the lmms-eval loading path."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from alignlm.cli import main
+from alignlm.evaluation.answers import normalize_answer, score_answer, vqa_accuracy
+from alignlm.evaluation.captions import bleu, cider_d, tokenize
+from alignlm.training.pipeline import run
+from tests.conftest import compose, tiny_overrides
+
+
+# ------------------------------------------------------------------------------------------- scores
+
+
+def test_vqa_normalisation_and_accuracy():
+    assert normalize_answer("Seven.") == normalize_answer("7") == "7"
+    assert normalize_answer("The Red  circle!") == "red circle"
+    assert score_answer("an apple", "Apple") == 1.0 and score_answer("pear", "apple") == 0.0
+    # VQA: min(1, matches / 3) over the ten leave-one-out subsets of ten human answers
+    assert vqa_accuracy("two", ["2"] * 3 + ["3"] * 7) == pytest.approx((3 * 2 / 3 + 7 * 1.0) / 10)
+    assert vqa_accuracy("2", ["2"] * 4 + ["3"] * 6) == 1.0
+    assert vqa_accuracy("2", ["2"] + ["3"] * 9) == pytest.approx(9 * (1 / 3) / 10)
+    assert score_answer("yes", ["no"] * 10) == 0.0
+
+
+def test_bleu_hand_checked():
+    assert tokenize("A red, square!") == ["a", "red", "square"]
+    assert bleu(["a red square on grey"], [["a red square on grey"]]) == pytest.approx(1.0)
+    assert bleu(["blue"], [["a red square"]]) == 0.0
+    # hypothesis "the cat sat on the mat" vs reference "the cat is on the mat": matches 5/6, 3/5, 1/4, 0/3 -> 0
+    assert bleu(["the cat sat on the mat"], [["the cat is on the mat"]]) == 0.0
+    # 7-word hypothesis, reference with one substitution at the end: p = 6/7, 5/6, 4/5, 3/4, no brevity penalty
+    hyp, ref = "a b c d e f g", "a b c d e f x"
+    expected = math.exp((math.log(6 / 7) + math.log(5 / 6) + math.log(4 / 5) + math.log(3 / 4)) / 4)
+    assert bleu([hyp], [[ref]]) == pytest.approx(expected)
+    # brevity penalty: a perfect 4-word prefix of an 8-word reference scores exp(1 - 8/4)
+    assert bleu(["a b c d"], [["a b c d e f g h"]]) == pytest.approx(math.exp(-1.0))
+    # the closest reference length counts: adding an exact-length reference lifts the penalty
+    assert bleu(["a b c d"], [["a b c d e f g h", "a b c d"]]) == pytest.approx(1.0)
+
+
+def test_cider_hand_checked():
+    # two images whose references share no n-gram: every idf is log 2, identical captions score 10 each
+    hyps, refs = ["a red square here", "two blue circles there"], [["a red square here"], ["two blue circles there"]]
+    assert cider_d(hyps, refs) == pytest.approx(10.0)
+    assert cider_d(hyps[::-1], refs) == 0.0  # swapped: nothing matches
+    # three-word captions have no 4-gram: that order contributes 0, so identical captions score 7.5
+    assert cider_d(["a red square", "two blue circles"], [["a red square"], ["two blue circles"]]) == pytest.approx(7.5)
+    # a single image: every n-gram occurs in every document, idf 0, CIDEr is 0 by definition
+    assert cider_d(["a red square"], [["a red square"]]) == 0.0
+    # partial credit: 3 of 4 unigrams, 2 of 3 bigrams, 1 of 2 trigrams (cosines 3/sqrt(12), 2/sqrt(6), 1/sqrt(2)),
+    # times the length penalty exp(-1 / (2 * 6^2)) for one word too few
+    part = cider_d(["a red square", "two blue circles"], [["a red square"], ["two blue circles here"]])
+    second = 10 * (3 / math.sqrt(12) + 2 / math.sqrt(6) + 1 / math.sqrt(2)) / 4 * math.exp(-1 / 72)
+    assert part == pytest.approx((7.5 + second) / 2)
+    with pytest.raises(ValueError, match="one reference list per hypothesis"):
+        cider_d(["x"], [])
+
+
+# ------------------------------------------------------------------------------ trained tiny checkpoints
+
+
+@pytest.fixture(scope="module")
+def tiny_run(colour_set, tmp_path_factory):
+    """A tiny two-stage run with the monitor on: pretrain 4 steps, finetune 4, checkpoints every 2."""
+    out = tmp_path_factory.mktemp("evalrun")
+    probe = colour_set["pretrain"]  # image + caption records
+    run(compose(*tiny_overrides(colour_set, out, "monitor.every=2", f"monitor.probe={probe}", "monitor.n=12", "stages.pretrain.max_steps=4",
+                                "stages.finetune.save_every=2", "stages.finetune.keep_last=0")))
+    return out / "t"
+
+
+def test_monitor_logs_at_configured_steps(tiny_run):
+    for stage, steps in (("pretrain", [1, 2, 4]), ("finetune", [1, 2, 4])):
+        rows = [json.loads(line) for line in (tiny_run / stage / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))  # one row per step: merged, not added
+        logged = [r for r in rows if "monitor/pooled/modality_gap" in r]
+        assert [r["step"] for r in logged] == steps
+        first = logged[0]
+        for key in ("monitor/pooled/mutual_knn", "monitor/pooled/cka", "monitor/pooled/i2t_recall@1",
+                    "monitor/per_token/a_score_visual_to_text", "monitor/seconds"):
+            assert key in first and math.isfinite(first[key])
+        assert 0.0 < logged[-1]["monitor/time_share"] < 1.0
+        assert "loss/total" in first
+
+
+def _eval(ckpts, out, colour_set, *extra):
+    argv = ["eval", *map(str, ckpts), "--out", str(out), "--sets", f"colours={colour_set['test']}",
+            f"captions={colour_set['pretrain']}", "--probe", str(colour_set["pretrain"]), "--probe-n", "12",
+            "--limit", "4", "--layers", "0,-1", "--set", "caption_max_new_tokens=4", *extra]
+    assert main(argv) == 0
+    return out
+
+
+def test_report_over_several_checkpoints_is_deterministic(tiny_run, colour_set, tmp_path):
+    ckpts = [tiny_run / "pretrain" / "final", tiny_run / "finetune"]  # a final/ and a stage (its steps, then final)
+    a = _eval(ckpts, tmp_path / "a", colour_set)
+    b = _eval(ckpts, tmp_path / "b", colour_set, "--no-plots")
+    assert (a / "report.json").read_bytes() == (b / "report.json").read_bytes()
+    report = json.loads((a / "report.json").read_text())
+    labels = [c["label"] for c in report["checkpoints"]]
+    assert labels == ["t/pretrain/final", "t/finetune/step_000002", "t/finetune/final"]
+    assert [c["step"] for c in report["checkpoints"]] == [None, 2, None]
+    for c in report["checkpoints"]:
+        assert c["sets"]["colours"]["kind"] == "qa" and c["sets"]["colours"]["n"] == 4
+        assert c["sets"]["captions"]["kind"] == "caption" and c["sets"]["captions"]["cider"] >= 0.0
+        probe = c["probe"]
+        assert probe["n"] == 12 and 0.0 <= probe["pooled"]["modality_gap"] <= 2.0
+        assert {"mutual_knn", "cycle_knn", "lcs_knn", "edit_distance_knn", "cka", "unbiased_cka", "cknna", "svcca",
+                "i2t_recall@10", "t2i_recall@1"} <= set(probe["pooled"])
+        assert set(probe["layers"]) == {"0", "2"}  # the tiny LLM has 2 layers: -1 is hidden state 2
+        assert [d for d, _ in c["gap_shift"]["curve"]][:3] == [-0.5, -0.25, 0.0]
+    assert c["template"] == "vicuna_v1" and report["checkpoints"][0]["template"] == "plain"
+    md = (a / "report.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| checkpoint |"))
+    assert "colours acc %" in header and "captions CIDEr" in header and "modality_gap" in header
+    assert all(f"| {label} |" in md for label in labels)
+    for png in ("pca.png", "metrics.png", "gap_shift.png", "layers.png"):
+        assert (a / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (b / "pca.png").exists()
+
+
+def test_eval_defaults_to_the_runs_own_sets(tiny_run, colour_set, tmp_path):
+    """With no --sets, the checkpoint's training config decides (here: none), and a bad path says what it expected."""
+    out = tmp_path / "r"
+    assert main(["eval", str(tiny_run / "finetune" / "checkpoints" / "step_000002"), "--out", str(out),
+                 "--probe", str(colour_set["pretrain"]), "--probe-n", "8", "--no-plots"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["checkpoints"][0]["sets"] == {} and report["checkpoints"][0]["probe"]["n"] == 8
+    with pytest.raises(FileNotFoundError, match="neither a final/ folder"):
+        main(["eval", str(tmp_path), "--out", str(out)])
+
+
+def test_plot_runs_side_by_side(tiny_run, tmp_path):
+    out = tmp_path / "runs.png"
+    assert main(["plot-runs", str(tiny_run), str(tiny_run / "pretrain"), "--out", str(out)]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    from alignlm.evaluation.plots import read_monitor
+
+    chained = read_monitor(tiny_run)["pooled/modality_gap"]
+    assert [s for s, _ in chained] == [1, 2, 4, 5, 6, 8]  # finetune continues after pretrain's 4 steps
+
+
+def test_exported_folder_loads_like_lmms_eval_llava_hf(tiny_run, colour_set, tmp_path):
+    """lmms-eval's ``llava_hf`` path: AutoConfig -> Llava.from_pretrained -> AutoProcessor (left padding) -> a string
+    ``<image>\\n question`` through the tokenizer's chat template -> processor -> generate(image_sizes=...). Its prompt
+    must be the one alignlm trained with, and its greedy answers alignlm's."""
+    from PIL import Image
+    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+
+    from alignlm.data.collate import Collator
+    from alignlm.data.images import preprocess
+    from alignlm.data.templates import get_template, to_turns
+    from alignlm.evaluation.lmms import drop_unused_image_sizes
+    from alignlm.export.hf_llava import export
+    from alignlm.models.io import load_model
+
+    final = tiny_run / "finetune" / "final"
+    out = export(final, tmp_path / "hf")
+    assert AutoConfig.from_pretrained(out).model_type == "llava"
+    hf = LlavaForConditionalGeneration.from_pretrained(out, dtype="auto", device_map="cpu").eval()
+    processor = AutoProcessor.from_pretrained(out)
+    processor.tokenizer.padding_side = "left"
+    questions = ["What color is it?", "Is it a photo? Answer yes or no."]
+    texts = [processor.tokenizer.apply_chat_template([{"role": "user", "content": f"<image>\n{q}"}], tokenize=False,
+                                                     add_generation_prompt=True) for q in questions]
+    images = [Image.new("RGB", (40, 30), c) for c in ((220, 30, 30), (30, 30, 220))]
+    inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
+    drop_unused_image_sizes()  # what `python -m alignlm.evaluation.lmms` does before lmms-eval runs
+    theirs = hf.generate(**inputs, max_new_tokens=5, do_sample=False, image_sizes=[im.size for im in images])
+    theirs = theirs[:, inputs["input_ids"].shape[1]:]
+
+    model = load_model(final)
+    template = get_template("vicuna_v1")  # what the tiny run finetuned with
+    samples = []
+    for q, image in zip(questions, images):
+        rendered = template.render(to_turns([{"from": "human", "value": f"<image>\n{q}"}]), model.tokenizer, add_generation_prompt=True)
+        ids = model.tokenizer(rendered.text, add_special_tokens=False).input_ids
+        ids = [t for i in ids for t in ([i] * model.num_image_tokens if i == model.image_token_id else [i])]
+        samples.append({"id": q, "input_ids": torch.tensor(ids), "labels": torch.full((len(ids),), -100),
+                        "pixel_values": preprocess(image, model.image_spec)[None], "n_images": 1})
+    batch = Collator(model.tokenizer.pad_token_id, padding_side="left")(samples)
+    assert batch["input_ids"].tolist() == inputs["input_ids"].tolist()  # the same prompt, token for token
+    ours = model.generate(batch, max_new_tokens=5, do_sample=False)
+    n = min(ours.shape[1], theirs.shape[1])
+    assert n > 0 and ours[:, :n].tolist() == theirs[:, :n].tolist()
