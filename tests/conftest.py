@@ -43,6 +43,29 @@ def colour_set(tmp_path_factory) -> dict[str, Path]:
     return write_colour_set(tmp_path_factory.mktemp("colours"))
 
 
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> Path:
+    """A tiny random CLIPModel folder with tokenizer and image processor (32 px images, 16-d joint space)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from alignlm.models.tokenizer import build_tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny_clip")
+    tok = build_tiny_tokenizer()
+    small = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tok), max_position_embeddings=32, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, **small),
+        vision_config=dict(image_size=32, patch_size=8, **small),
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
+    return path
+
+
 def tiny_overrides(colour_set: dict[str, Path], out: Path, *extra: str) -> list[str]:
     """Overrides for a seconds-long tiny two-stage run on the colour set."""
     return [

@@ -98,3 +98,24 @@ def test_tiny_contrastive_training_run(colour_set, tmp_path):
     for r in rows:
         assert math.isfinite(r["loss/contrastive"]) and 0 <= r["contrastive/i2t_acc"] <= 1 and 0 <= r["contrastive/t2i_acc"] <= 1
     assert rows[0]["loss/total"] == pytest.approx(rows[0]["loss/lm"] + rows[0]["loss/contrastive"], rel=1e-4)
+
+
+def test_learned_temperature_trains_and_resumes_exactly(colour_set, tmp_path):
+    """The temperature is an optimizer group of its own (stage.lr.objectives) and is saved with step checkpoints."""
+    from alignlm.training.trainer import StopTraining
+
+    base = ["+exp=contrastive", *tiny_overrides(colour_set, tmp_path, "model=tiny", "run=[pretrain]", "stages.pretrain.max_steps=6",
+                                                "offline_datasets=[]", "eval.sets=[]", "stages.pretrain.lr.objectives=0.05")]
+    run(compose(*base, "run_name=full"))
+    with pytest.raises(StopTraining):
+        run(compose(*base, "run_name=resumed", "stop_after_steps=3"))
+    assert (tmp_path / "resumed" / "pretrain" / "checkpoints" / "step_000002" / "objectives.safetensors").exists()
+    run(compose(*base, "run_name=resumed"))
+
+    def rows(name: str) -> list[tuple[float, float]]:
+        lines = (tmp_path / name / "pretrain" / "metrics.jsonl").read_text().splitlines()
+        return [(r["loss/total"], r["contrastive/temperature"]) for r in map(json.loads, lines)]
+
+    full = rows("full")
+    assert full[0][1] == pytest.approx(0.07, rel=1e-4) and abs(full[-1][1] - 0.07) > 1e-3  # it moved
+    assert rows("resumed") == [pytest.approx(r, rel=1e-6, abs=1e-7) for r in full]

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from alignlm.cli import main
-from alignlm.revision.embed import HFDualEncoder, collect_images, collect_texts, embed_items
+from alignlm.models.dual_encoder import HFDualEncoder
+from alignlm.revision.embed import collect_images, collect_texts, embed_items
 from alignlm.revision.shards import list_shards
 
 
@@ -81,7 +82,7 @@ def test_unknown_model_type_is_refused(tmp_path):
     from transformers import BertConfig
 
     BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="not a dual encoder"):
+    with pytest.raises(ValueError, match="not a supported dual encoder"):
         HFDualEncoder(str(tmp_path))
 
 

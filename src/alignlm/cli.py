@@ -1,4 +1,4 @@
-"""Command line: ``alignlm train | data | eval | export | sea-labels | realign | embed | dual-encoder ...``.
+"""Command line: ``alignlm train | data | eval | export | sea-labels | aligngpt-levels | realign | embed | dual-encoder ...``.
 
 ``train`` takes Hydra overrides (``alignlm train +exp=demo stages.pretrain.max_steps=20``) and composes the
 config tree in ``configs/`` (or ``$ALIGNLM_CONFIG_DIR``); ``--print-config`` shows the result and exits.
@@ -95,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("out_dir")
     p.set_defaults(func=cmd_export)
     # subcommands that live beside their code: each module has register(subparsers)
-    for module in ("alignlm.evaluation.commands", "alignlm.sea_commands", "alignlm.revision.commands"):
+    for module in ("alignlm.evaluation.commands", "alignlm.sea_commands", "alignlm.aligngpt_commands", "alignlm.revision.commands"):
         importlib.import_module(module).register(sub)
     args = parser.parse_args(argv)
     return args.func(args)

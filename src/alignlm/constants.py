@@ -1,4 +1,5 @@
-"""Names every layer agrees on: the label ignored by the loss and the image placeholder token."""
+"""Names every layer agrees on: the label ignored by the loss and the placeholder tokens the data pipeline inserts."""
 
 IGNORE_INDEX = -100
 IMAGE_TOKEN = "<image>"
+ALIGN_TOKEN = "<align>"  # AlignGPT's level slot, added to the tokenizer only by models with align_levels

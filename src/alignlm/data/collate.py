@@ -43,12 +43,15 @@ class Collator:
             labels[i, sl] = s["labels"]
             attention[i, sl] = 1
         batch.update(input_ids=input_ids, labels=labels, attention_mask=attention)
-        images = [s["pixel_values"] for s in kept if s.get("pixel_values") is not None]
-        batch["pixel_values"] = torch.cat(images) if images else None
+        for key in ("pixel_values", "image_embeds"):  # images (or the embeddings standing in for them) in reading order
+            images = [s[key] for s in kept if s.get(key) is not None]
+            batch[key] = torch.cat(images) if images else None
         batch["image_counts"] = torch.tensor([s["n_images"] for s in kept])
         for key in ("sea_words", "sea_scores"):  # per image, in the same order as pixel_values
             if key in kept[0]:
                 batch[key] = torch.cat([s[key] for s in kept])
+        if "align_level" in kept[0]:  # AlignGPT pretraining: one level per sample
+            batch["align_levels"] = torch.tensor([s["align_level"] for s in kept], dtype=torch.long)
         for key in ("answer", "meta"):
             if key in kept[0]:
                 batch[key] = [s.get(key) for s in kept]

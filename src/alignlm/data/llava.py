@@ -19,13 +19,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from alignlm.constants import IGNORE_INDEX, IMAGE_TOKEN
+from alignlm.constants import ALIGN_TOKEN, IGNORE_INDEX, IMAGE_TOKEN
 from alignlm.data.collate import Skipped
 from alignlm.data.images import load_rgb, preprocess
-from alignlm.data.templates import Template, TemplateError, to_turns, tokenize
+from alignlm.data.templates import Template, TemplateError, adds_bos, to_turns, tokenize
 from alignlm.models.vision import ImageSpec
 
 if TYPE_CHECKING:
+    from alignlm.data.aligngpt_levels import LevelLabels
     from alignlm.data.sea_labels import SeaLabels
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,8 @@ class LlavaDataset(Dataset):
         for_generation: bool = False,
         seed: int = 0,
         sea_labels: SeaLabels | None = None,
+        align_token_id: int | None = None,
+        align_levels: LevelLabels | None = None,
     ) -> None:
         if on_error not in ON_ERROR:
             raise ValueError(f"data.on_error={on_error!r} is not known; choose one of {list(ON_ERROR)}")
@@ -151,6 +154,24 @@ class LlavaDataset(Dataset):
             if n == 0:
                 raise DataError(f"SEA labels {sea_labels.path} label none of the images of {[s.path for s in self.sources]}")
             log.info("SEA labels %s cover %d image uses of this stage's data", sea_labels.path, n)
+        # AlignGPT: one <align> slot per sample after BOS (the model writes its level token there); per-sample levels
+        self.align_token_id = align_token_id
+        self.bos_token_id = tokenizer.bos_token_id if align_token_id is not None and adds_bos(tokenizer) else None
+        self.align_levels = align_levels
+        if align_levels is not None:
+            self._check_level_coverage(align_levels)
+
+    def _check_level_coverage(self, levels: LevelLabels) -> None:
+        """Start-up: a levels file that covers none of the stage's records fails; gaps are reported, then skipped."""
+        ids = [str(rec.get("id", f"{src.path}#{r}")) for src, recs in zip(self.sources, self.records) for r, rec in enumerate(recs)]
+        missing = [rid for rid in ids if levels.get(rid) is None]
+        if len(missing) == len(ids) or (missing and self.on_error == "raise"):
+            raise DataError(f"AlignGPT levels {levels.path} have no level for {len(missing)} of the {len(ids)} records of "
+                            f"{[s.path for s in self.sources]}, e.g. {missing[:3]}; write them for this data "
+                            "(alignlm aligngpt-levels --data ...)")
+        if missing:
+            log.warning("AlignGPT levels %s have no level for %d of %d records (e.g. %s); those are skipped",
+                        levels.path, len(missing), len(ids), missing[:3])
 
     def __len__(self) -> int:
         return len(self.index)
@@ -165,9 +186,7 @@ class LlavaDataset(Dataset):
         for s, r in self.index:
             rec = self.records[s][r]
             chars = sum(len(str(m.get("value", ""))) for m in rec["conversations"])
-            images = rec.get("image")
-            n_images = 0 if images is None else 1 if isinstance(images, str) else len(images)
-            out.append(chars // 4 + n_images * self.num_image_tokens)
+            out.append(chars // 4 + len(self.visual_inputs(self.sources[s], rec)) * self.num_image_tokens)
         return out
 
     def __getitem__(self, i: int) -> dict[str, Any] | Skipped:
@@ -180,6 +199,14 @@ class LlavaDataset(Dataset):
                 raise DataError(f"record id={rid} in {src.path}: {e}") from e
             return Skipped(rid, f"{type(e).__name__}: {e}")
 
+    def visual_inputs(self, src: Source, rec: dict[str, Any]) -> list[Any]:
+        """What stands for each image of a record, in order: here its image files (a subclass may differ)."""
+        return self._image_paths(src, rec)
+
+    def load_visuals(self, inputs: list[Any]) -> dict[str, torch.Tensor | None]:
+        """The sample's visual fields: ``pixel_values`` ``[n_images, 3, H, W]`` (None for a text-only record)."""
+        return {"pixel_values": torch.stack([self._image(p) for p in inputs]) if inputs else None}
+
     @staticmethod
     def _image_paths(src: Source, rec: dict[str, Any]) -> list[Path]:
         images = rec.get("image")
@@ -189,7 +216,7 @@ class LlavaDataset(Dataset):
 
     def encode(self, src: Source, rec: dict[str, Any], rid: str) -> dict[str, Any]:
         """Render, tokenize, expand image placeholders and load images for one record."""
-        images = self._image_paths(src, rec)
+        images = self.visual_inputs(src, rec)
         turns = to_turns(rec["conversations"])
         n_placeholders = sum(t.content.count(IMAGE_TOKEN) for t in turns)
         if images and n_placeholders == 0:  # LLaVA convention: the image goes before the first question
@@ -203,12 +230,19 @@ class LlavaDataset(Dataset):
         ids, labels = tokenize(rendered, self.tokenizer)
         if not self.for_generation and not (labels != IGNORE_INDEX).any():
             raise TemplateError(f"template {self.template.name!r} supervised no token of this record")
+        if self.align_token_id is not None:
+            ids, labels = self._insert_align_slot(ids, labels)
         ids, labels = self._expand_images(ids, labels)
         ids, labels = self._fit_length(ids, labels)
-        pixels = torch.stack([self._image(p) for p in images]) if images else None
-        sample = {"id": rid, "input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels), "pixel_values": pixels, "n_images": len(images)}
+        sample = {"id": rid, "input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels), **self.load_visuals(images),
+                  "n_images": len(images)}
         if self.sea_labels is not None:
             sample["sea_words"], sample["sea_scores"] = self.sea_labels.for_images(images)
+        if self.align_levels is not None:
+            level = self.align_levels.get(rid)
+            if level is None:
+                raise DataError(f"AlignGPT levels {self.align_levels.path} have no level for this record")
+            sample["align_level"] = level
         if "answer" in rec:
             sample["answer"] = rec["answer"]
             sample["meta"] = rec.get("meta", {})
@@ -219,6 +253,16 @@ class LlavaDataset(Dataset):
             return preprocess(load_rgb(path), self.image_spec)
         except (OSError, ValueError) as e:
             raise DataError(f"cannot read image {path}: {e}") from e
+
+    def _insert_align_slot(self, ids: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One ``<align>`` slot (label -100) right after the tokenizer's own BOS, or first when the sequence has none.
+
+        Placed by token id, never by string: the template's text is tokenized as it would be without AlignGPT.
+        """
+        if (ids == self.align_token_id).any():
+            raise DataError(f"the text contains the reserved {ALIGN_TOKEN} token")
+        at = int(self.bos_token_id is not None and len(ids) > 0 and ids[0] == self.bos_token_id)
+        return np.insert(ids, at, self.align_token_id), np.insert(labels, at, IGNORE_INDEX)
 
     def _expand_images(self, ids: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         repeats = np.where(ids == self.image_token_id, self.num_image_tokens, 1)

@@ -232,7 +232,7 @@ class DualEncoder(Protocol):
     def patch_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Dense patch features in the joint image-text space, ``[B, rows, cols, D]``."""
 
-    def text_embeddings(self, texts: Sequence[str]) -> torch.Tensor:
+    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
         """Text features in the joint space, ``[n, D]``."""
 
 
@@ -270,7 +270,7 @@ def from_dual_encoder(data: Sequence[str | Path], k: int, model: str | DualEncod
         raise ValueError(f"prompt {prompt!r} must contain {{w}}, where each word goes")
     paths = sorted({p for _, images in record_images(data, image_root) for p in images})
     with torch.no_grad():
-        text = encoder.text_embeddings([prompt.format(w=w) for w in words])
+        text = encoder.encode_texts([prompt.format(w=w) for w in words])
         ids, scores, shape = [], [], None
         for start in range(0, len(paths), batch_size):
             pixels = torch.stack([preprocess(load_rgb(p), encoder.image_spec) for p in paths[start:start + batch_size]])
@@ -317,8 +317,9 @@ def make_labels(out: str | Path, source: str, data: Sequence[str | Path], k: int
     return write_labels(out, SOURCES[source]([str(d) for d in data], k, **knobs))
 
 
-def labels_spec(node: Any) -> tuple[Path, dict[str, Any] | None] | None:
-    """``data.sea_labels`` as ``(path, make)``: null = off, a string = a path, ``{path, make}`` = a path to write if missing."""
+def labels_spec(node: Any, key: str = "data.sea_labels") -> tuple[Path, dict[str, Any] | None] | None:
+    """A per-sample label file's config (``data.sea_labels``, ``data.align_levels``) as ``(path, make)``: null = off,
+    a string = a path, ``{path, make}`` = a path to write if missing."""
     if node is None:
         return None
     if isinstance(node, (str, Path)):
@@ -326,7 +327,7 @@ def labels_spec(node: Any) -> tuple[Path, dict[str, Any] | None] | None:
     if isinstance(node, Mapping) and "path" in node:
         make = node.get("make")
         return Path(node["path"]), (dict(make) if make else None)
-    raise ValueError(f"data.sea_labels must be null, a path, or {{path, make}}; got {node!r}")
+    raise ValueError(f"{key} must be null, a path, or {{path, make}}; got {node!r}")
 
 
 def ensure_labels(node: Any) -> Path | None:

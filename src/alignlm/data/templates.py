@@ -90,13 +90,17 @@ def _jinja_str(text: str) -> str:
     return json.dumps(text)
 
 
-def _bos(tokenizer: Any) -> str:
-    """The BOS text if this tokenizer adds one itself (Llama does, GPT-2-style ones do not)."""
-    bos = tokenizer.bos_token
-    if bos is None:
-        return ""
+def adds_bos(tokenizer: Any) -> bool:
+    """Whether this tokenizer starts a sequence with its BOS itself (Llama does, GPT-2-style ones do not)."""
+    if tokenizer.bos_token is None:
+        return False
     ids = tokenizer("a", add_special_tokens=True).input_ids
-    return bos if ids and ids[0] == tokenizer.bos_token_id else ""
+    return bool(ids) and ids[0] == tokenizer.bos_token_id
+
+
+def _bos(tokenizer: Any) -> str:
+    """The BOS text the templates write, when the tokenizer uses one."""
+    return tokenizer.bos_token if adds_bos(tokenizer) else ""
 
 
 class PlainTemplate(Template):

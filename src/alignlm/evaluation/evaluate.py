@@ -37,7 +37,8 @@ def generate_set(
     seed: int = 0,
 ) -> list[tuple[str, str, dict[str, Any]]]:
     """``(id, prediction, record)`` for the first ``limit`` records of a set, in file order."""
-    cfg = {**dict(data_cfg), "sources": [{"path": path}], "on_error": "raise"}
+    # evaluation sets are read with their images, also for a stage that trained on caption embeddings (ReVision)
+    cfg = {**dict(data_cfg), "kind": "llava", "sources": [{"path": path}], "on_error": "raise"}
     dataset = build_dataset(cfg, model, seed=0, for_generation=True)
     indices = list(range(len(dataset) if limit is None else min(limit, len(dataset))))
     loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size,

@@ -7,7 +7,7 @@ no custom code, and a published Llava checkpoint comes in as ``init_from`` to co
 Llava's architecture is fixed: a transformers vision model (``hidden_states[vision_feature_layer]``, with the CLS
 token dropped or kept), a two-layer projector ``linear_1 -> act -> linear_2``, and a causal LM. alignlm models that
 fit (an ``HFVisionTower``, the ``mlp2x_gelu`` connector) map onto it weight for weight; anything else (CNN towers,
-MoE or linear connectors, towers with register tokens) is refused up front with the reason.
+MoE or linear connectors, towers with register tokens, AlignGPT's level token) is refused up front with the reason.
 """
 
 from __future__ import annotations
@@ -55,6 +55,11 @@ def feature_strategy(vision: HFVisionTower) -> str:
 
 def check_exportable(model: AlignLM) -> str:
     """Raise ``ExportError`` unless Llava can represent ``model``; return the feature strategy it will use."""
+    if getattr(model, "align_levels", None) is not None:
+        raise ExportError(
+            "the model has AlignGPT alignment levels (model.align_levels): Llava has no level token after BOS and no gate "
+            f"to compute it, so an export would answer differently from the trained model. {_ALTERNATIVE[0].upper() + _ALTERNATIVE[1:]}"
+        )
     if not isinstance(model.vision, HFVisionTower):
         raise ExportError(
             f"vision tower {type(model.vision).__name__} is not a transformers vision model, and Llava loads its tower "

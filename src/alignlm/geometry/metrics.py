@@ -302,6 +302,8 @@ def cknna(A: Tensor, B: Tensor, topk: int = 10, preprocess: bool = True) -> floa
 
     Linear kernels keep only the entries (i, j) with j among i's k nearest neighbours in both spaces (each
     space alone for the self terms), then the unbiased HSIC. With k = n - 1 it equals ``unbiased_cka``.
+    Unlike CKA it is not bounded by 1: a masked kernel is not positive semi-definite, so Cauchy-Schwarz no longer
+    caps the ratio. The reference definition shares this (a 12-item probe with k = 10 gave 1.26); use n >> k.
     """
     if topk < 2:
         raise ValueError(f"cknna needs topk >= 2, got {topk}")

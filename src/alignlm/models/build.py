@@ -10,6 +10,7 @@ from typing import Any, Mapping
 
 import torch
 
+from alignlm.models.align_levels import AlignLevels
 from alignlm.models.connectors.base import Connector
 from alignlm.models.mllm import AlignLM
 from alignlm.models.vision import VisionTower
@@ -60,4 +61,23 @@ def _assemble(model_cfg: Mapping[str, Any]) -> AlignLM:
         )
     if not isinstance(connector, Connector):
         raise TypeError(f"model.connector built a {type(connector).__name__}, not an alignlm Connector")
-    return AlignLM(vision, connector, llm, tokenizer)
+    return AlignLM(vision, connector, llm, tokenizer, _align_levels(model_cfg, vision, connector, llm))
+
+
+def _align_levels(model_cfg: Mapping[str, Any], vision: VisionTower, connector: Connector, llm: Any) -> AlignLevels | None:
+    """AlignGPT's optional ``model.align_levels`` part, sized to the LLM and the connector's token count.
+
+    Drawn from its own seed stream (like the connector), so adding it leaves the other parts' initialisation as it
+    was (only the placeholder rows of the embedding table differ, and the model writes over their slots).
+    """
+    if model_cfg.get("align_levels") is None:
+        return None
+    table = llm.get_input_embeddings().weight.detach()
+    sample = table[:: max(1, table.shape[0] // 4096)].float()  # ~4k rows: a 128k-row bf16 table need not be copied whole
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(model_cfg.get("init_seed", 0)) + 2)
+        module = instantiate(model_cfg["align_levels"], "model.align_levels", hidden_size=table.shape[1],
+                             num_visual_tokens=connector.num_tokens(vision.num_patches), embed_std=float(sample.std()))
+    if not isinstance(module, AlignLevels):
+        raise TypeError(f"model.align_levels built a {type(module).__name__}, not an alignlm AlignLevels")
+    return module

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from alignlm.models.vision import ImageSpec
 from alignlm.revision.embed import MANIFEST, collect_texts
 
 HEADS = "heads.safetensors"
@@ -62,13 +63,20 @@ class OfflineDualEncoder(nn.Module):
         self.device = torch.device(device)
         self.to(self.device)
 
+    @property
+    def image_spec(self) -> ImageSpec:
+        """The preprocessing the image tower expects (what ``DualEncoderTower`` asks the data pipeline for)."""
+        return self.image_tower.image_spec
+
+    def _pixels(self, images: list) -> Tensor:
+        from alignlm.data.images import preprocess
+
+        return torch.stack([preprocess(im, self.image_spec) for im in images]).to(self.device)
+
     @torch.inference_mode()
     def image_features(self, images: list) -> Tensor:
         """Pooled frozen EfficientNet features ``[B, 1280]``."""
-        from alignlm.data.images import preprocess
-
-        pixels = torch.stack([preprocess(im, self.image_tower.image_spec) for im in images]).to(self.device)
-        return self.image_tower(pixels)[:, 0].float()
+        return self.image_tower(self._pixels(images))[:, 0].float()
 
     @torch.inference_mode()
     def text_features(self, texts: list[str]) -> Tensor:
@@ -78,9 +86,13 @@ class OfflineDualEncoder(nn.Module):
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
 
+    def encode_pixels(self, pixel_values: Tensor) -> Tensor:
+        """``[B, dim]`` image embeddings of preprocessed pixels, on their device (the ReVision tower's forward)."""
+        return self.image_head(self.image_tower(pixel_values)[:, 0].float())
+
     @torch.inference_mode()
     def encode_images(self, images: list) -> Tensor:
-        return self.image_head(self.image_features(images)).cpu()
+        return self.encode_pixels(self._pixels(images)).cpu()
 
     @torch.inference_mode()
     def encode_texts(self, texts: list[str]) -> Tensor:
@@ -207,20 +219,33 @@ def evaluate(model: OfflineDualEncoder, img_feats: Tensor, txt_feats: Tensor, ca
     return {"n": len(captions), "modality_gap": modality_gap(img, txt), **grouped_recall(img, txt, captions)}
 
 
-def _cmd_fit(args: argparse.Namespace) -> int:
-    torch.manual_seed(args.seed)
+def fit_encoder(train: Sequence[str | Path], out: str | Path, *, held_out: Sequence[str | Path] = (), dim: int = 256,
+                image_size: int = 224, epochs: int = 40, batch_size: int = 256, lr: float = 1e-3, limit: int | None = None,
+                name: str = "alignlm-lit-effnet-minilm", seed: int = 0, device: str | None = None) -> dict[str, Any]:
+    """Fit the heads on caption records, report held-out gap and recall, and write the folder; returns the report.
+
+    The one entry point of ``alignlm dual-encoder fit`` and of ``+exp=revision``'s first step.
+    """
+    torch.manual_seed(seed)
     start = time.perf_counter()
-    model = OfflineDualEncoder(args.dim, args.image_size, args.name, device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    images, texts = _pairs(args.train, args.limit)
-    train = _features(model, images, texts)
-    held_out = {str(p): _pairs([p]) for p in args.eval or []}
-    held_out_feats = {p: _features(model, *pairs) for p, pairs in held_out.items()}
-    history = fit_heads(model, *train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    model = OfflineDualEncoder(dim, image_size, name, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    images, texts = _pairs(train, limit)
+    train_feats = _features(model, images, texts)
+    pairs = {str(p): _pairs([p]) for p in held_out}
+    pair_feats = {p: _features(model, *pairs[p]) for p in pairs}
+    history = fit_heads(model, *train_feats, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
     report: dict[str, Any] = {"train_pairs": len(images), "loss_first_epoch": history[0], "loss_last_epoch": history[-1]}
-    for path, feats in held_out_feats.items():
-        report[path] = evaluate(model, *feats, held_out[path][1])
+    for path, feats in pair_feats.items():
+        report[path] = evaluate(model, *feats, pairs[path][1])
     report["seconds"] = round(time.perf_counter() - start, 1)
-    model.save(args.out, report)
+    model.save(out, report)
+    return report
+
+
+def _cmd_fit(args: argparse.Namespace) -> int:
+    report = fit_encoder(args.train, args.out, held_out=args.eval or (), dim=args.dim, image_size=args.image_size,
+                         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, limit=args.limit, name=args.name,
+                         seed=args.seed, device=args.device)
     print(json.dumps({"out": str(args.out), **report}, indent=2))
     return 0
 

@@ -23,6 +23,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from alignlm.models.dual_encoder import HFDualEncoder
 from alignlm.revision.shards import open_shard, shard_metadata, write_shard
 
 MANIFEST = "dual_encoder.json"  # marks a folder written by `alignlm dual-encoder fit`
@@ -38,47 +39,6 @@ class DualEncoder(Protocol):
     def encode_images(self, images: list) -> Tensor: ...
 
     def encode_texts(self, texts: list[str]) -> Tensor: ...
-
-
-def _features(out: object) -> Tensor:
-    """transformers < 5 returns the projected features; >= 5 returns an output whose pooler_output holds them."""
-    return out if isinstance(out, Tensor) else out.pooler_output  # type: ignore[attr-defined]
-
-
-class HFDualEncoder:
-    """A Hugging Face CLIP or SigLIP model with its tokenizer and image processor."""
-
-    MODEL_TYPES = ("clip", "siglip", "siglip2")
-
-    def __init__(self, path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 name: str | None = None) -> None:
-        from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
-
-        config = AutoConfig.from_pretrained(path)
-        if config.model_type not in self.MODEL_TYPES:
-            raise ValueError(f"{path}: model_type {config.model_type!r} is not a dual encoder; expected one of "
-                             f"{self.MODEL_TYPES} or a folder from `alignlm dual-encoder fit`")
-        self.name = name or str(path)
-        self.device = torch.device(device)
-        self.model = AutoModel.from_pretrained(path, dtype=dtype).to(self.device).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.image_processor = AutoImageProcessor.from_pretrained(path)
-        # SigLIP was trained on texts padded to the full length; CLIP pools at the EOS token, any padding works.
-        self.padding = "max_length" if config.model_type.startswith("siglip") else True
-        self.max_length = config.text_config.max_position_embeddings
-
-    @torch.inference_mode()
-    def encode_images(self, images: list) -> Tensor:
-        pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
-        pixels = pixels.to(self.device, self.model.dtype)
-        return _features(self.model.get_image_features(pixel_values=pixels)).float().cpu()
-
-    @torch.inference_mode()
-    def encode_texts(self, texts: list[str]) -> Tensor:
-        batch = self.tokenizer(texts, padding=self.padding, truncation=True, max_length=self.max_length, return_tensors="pt")
-        keys = ("input_ids", "attention_mask") if "attention_mask" in batch else ("input_ids",)
-        inputs = {k: batch[k].to(self.device) for k in keys}
-        return _features(self.model.get_text_features(**inputs)).float().cpu()
 
 
 def load_encoder(spec: str, device: str | torch.device = "cpu", name: str | None = None) -> DualEncoder:

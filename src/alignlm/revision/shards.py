@@ -4,7 +4,8 @@ A shard set is a folder (or a list of files) of ``*.safetensors`` or ``*.npy`` f
 A safetensors shard holds one ``[n, d]`` tensor ``embeddings``; its metadata holds ``ids`` (a JSON list, one
 per row), ``encoder`` and ``modality``. A ``.npy`` shard is a bare ``[n, d]`` array (rows are their ids).
 Shards are read in row chunks (memory-mapped ``.npy``, sliced safetensors), so a set larger than memory
-streams, and written to a temporary name and renamed, so a file that exists is complete.
+streams, and written to a temporary name and renamed, so a file that exists is complete. ``ShardTable``
+finds rows by id instead (ReVision's text-only data), memory-mapped, so it too works on sets larger than memory.
 """
 
 from __future__ import annotations
@@ -61,6 +62,12 @@ class Shard:
                 if f.readinto(memoryview(part).cast("B")) != part.nbytes:
                     raise ValueError(f"{self.path}: file ends before row {self.rows} (truncated?)")
                 yield part
+
+    def matrix(self) -> np.ndarray:
+        """The whole ``[rows, dim]`` matrix, memory-mapped read-only: random rows without loading the file."""
+        offset, dtype, fortran = _data_layout(self.path)
+        return np.memmap(self.path, dtype=dtype, mode="r", offset=offset, shape=(self.rows, self.dim),
+                         order="F" if fortran else "C")
 
 
 _SAFETENSORS_DTYPES = {"F16": np.float16, "BF16": None, "F32": np.float32, "F64": np.float64}
@@ -124,6 +131,35 @@ def list_shards(sources: str | Path | Sequence[str | Path]) -> list[Shard]:
     if len(dims) > 1:
         raise ValueError(f"shards of one set must share a dimension, got {sorted(dims)} in {[str(p) for p in paths]}")
     return shards
+
+
+class ShardTable:
+    """Rows of a shard set looked up by id (ReVision's caption embeddings), memory-mapped, each id exactly once."""
+
+    def __init__(self, sources: str | Path | Sequence[str | Path]) -> None:
+        self.shards = list_shards(sources)
+        self.dim = self.shards[0].dim
+        self.encoders = sorted({s.encoder for s in self.shards if s.encoder})
+        self.where: dict[str, tuple[int, int]] = {}
+        for k, shard in enumerate(self.shards):
+            for row, item in enumerate(shard.ids):
+                if item in self.where:
+                    raise ValueError(f"id {item!r} is in both {self.shards[self.where[item][0]].path} and {shard.path}: "
+                                     "rows must be found by id unambiguously")
+                self.where[item] = (k, row)
+        self.matrices = [s.matrix() for s in self.shards]
+
+    def __len__(self) -> int:
+        return len(self.where)
+
+    def missing(self, ids: Sequence[str]) -> list[str]:
+        """The ids that have no row, in the order given."""
+        return [i for i in ids if i not in self.where]
+
+    def __getitem__(self, item: str) -> np.ndarray:
+        """A copy of the row of ``item`` (a ``KeyError`` names it when absent)."""
+        k, row = self.where[item]
+        return np.array(self.matrices[k][row])
 
 
 def write_shard(path: str | Path, embeddings: torch.Tensor | np.ndarray, metadata: dict[str, str] | None = None) -> Path:

@@ -1,4 +1,4 @@
-"""The whole recipe in one command: offline data if needed, each stage in ``cfg.run``, then evaluation.
+"""The whole recipe in one command: offline data (and ReVision's inputs) if needed, each stage in ``cfg.run``, then evaluation.
 
 ``alignlm train +exp=demo`` and ``accelerate launch train.py +exp=demo`` both land in ``run``.
 """
@@ -31,8 +31,8 @@ def make_accelerator(cfg: DictConfig) -> Accelerator:
 
 
 def ensure_offline_datasets(cfg: DictConfig) -> None:
-    """Generate the offline sets the config names (digits, shapes) when their folder has no info.json, then
-    the SEA label files the stages to run ask for (``data.sea_labels.make``) when missing."""
+    """Generate the offline sets the config names (digits, shapes) when their folder has no info.json, then the
+    per-sample label files the stages to run ask for (``data.sea_labels.make``, ``data.align_levels.make``) when missing."""
     from alignlm.data import GENERATORS
 
     for name in cfg.offline_datasets:
@@ -42,10 +42,24 @@ def ensure_offline_datasets(cfg: DictConfig) -> None:
         if not (out / "info.json").exists():
             args = dict((cfg.get("offline_dataset_args") or {}).get(name) or {})
             GENERATORS[name](out, seed=int(cfg.seed), **args)
+    from alignlm.data.aligngpt_levels import ensure_levels
     from alignlm.data.sea_labels import ensure_labels
 
-    for stage in cfg.run:  # SEA label files a stage names with a `make` recipe, written beside their data
-        ensure_labels(OmegaConf.to_container(cfg.stages[stage].data, resolve=True).get("sea_labels"))
+    for stage in cfg.run:  # label files a stage names with a `make` recipe, written beside their data
+        data = OmegaConf.to_container(cfg.stages[stage].data, resolve=True)
+        ensure_labels(data.get("sea_labels"))
+        ensure_levels(data.get("align_levels"))
+
+
+def ensure_revision_inputs(cfg: DictConfig) -> None:
+    """ReVision's dual encoder, embeddings and ReAlign statistics (the ``revision`` node) when missing; the
+    embeddings only when a stage to run reads them (``data.kind: revision``)."""
+    if cfg.get("revision") is None:
+        return
+    from alignlm.revision.prepare import prepare
+
+    kinds = {cfg.stages[stage].data.get("kind", "llava") for stage in cfg.run}
+    prepare(OmegaConf.to_container(cfg.revision, resolve=True), embeddings="revision" in kinds)
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -64,6 +78,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     log = get_logger("alignlm", acc.process_index)
     if acc.is_main_process:
         ensure_offline_datasets(cfg)
+        ensure_revision_inputs(cfg)
     acc.wait_for_everyone()
     run_dir = Path(cfg.output_dir) / cfg.run_name
     summary: dict[str, Any] = {"run": str(run_dir), "stages": {}, "eval": {}}

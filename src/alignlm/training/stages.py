@@ -1,7 +1,8 @@
 """What trains in a stage: each part frozen, fully trained or LoRA-adapted, with its own learning rate.
 
 LoRA wraps the LLM with peft in place; ``merge_lora`` folds it back before a final save, so ``final/``
-always holds plain weights that load without peft.
+always holds plain weights that load without peft. A part may define its own modes (``TRAIN_MODES`` and
+``set_train_mode``): AlignGPT's ``align_levels`` trains its ``levels`` in pretraining and its ``gate`` in finetuning.
 """
 
 from __future__ import annotations
@@ -17,16 +18,20 @@ MODES = ("frozen", "full", "lora")
 
 def apply_stage(model: AlignLM, parts: Mapping[str, str], lora: Mapping[str, Any] | None = None) -> None:
     """Set ``requires_grad`` per part and inject LoRA where asked; frozen parts stay in eval mode."""
-    unknown = set(parts) - set(AlignLM.PARTS)
+    unknown = set(parts) - set(model.PARTS)
     if unknown:
-        raise ValueError(f"stage.parts has unknown parts {sorted(unknown)}; parts are {list(AlignLM.PARTS)}")
+        raise ValueError(f"stage.parts has unknown parts {sorted(unknown)}; this model's parts are {list(model.PARTS)}")
     model.frozen_parts = set()
-    for part in AlignLM.PARTS:
+    for part in model.PARTS:
         mode = parts.get(part, "frozen")
-        if mode not in MODES:
-            raise ValueError(f"stage.parts.{part}={mode!r} is not known; choose one of {list(MODES)}")
         module: nn.Module = getattr(model, part)
-        module.requires_grad_(mode == "full")
+        modes = getattr(module, "TRAIN_MODES", MODES)
+        if mode not in modes:
+            raise ValueError(f"stage.parts.{part}={mode!r} is not known; choose one of {list(modes)}")
+        if hasattr(module, "set_train_mode"):
+            module.set_train_mode(mode)
+        else:
+            module.requires_grad_(mode == "full")
         if mode == "frozen":
             model.frozen_parts.add(part)
         elif mode == "lora":
@@ -60,13 +65,13 @@ def merge_lora(model: AlignLM) -> None:
 
 def trainable_parts(parts: Mapping[str, str]) -> list[str]:
     """Parts whose weights this stage changes (and a final save must therefore include)."""
-    return [p for p in AlignLM.PARTS if parts.get(p, "frozen") != "frozen"]
+    return [p for p, mode in parts.items() if mode != "frozen"]
 
 
 def param_groups(model: AlignLM, lr: Mapping[str, float], weight_decay: float) -> list[dict[str, Any]]:
     """One group per (part, decay) pair: biases and norm weights are never decayed."""
     groups = []
-    for part in AlignLM.PARTS:
+    for part in model.PARTS:
         params = [(n, p) for n, p in getattr(model, part).named_parameters() if p.requires_grad]
         if not params:
             continue

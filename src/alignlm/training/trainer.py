@@ -117,10 +117,11 @@ class Trainer:
         self.monitor = AlignmentMonitor(cfg.get("monitor"), model)
         for obj, _ in self.objectives.values():
             obj.setup(model, self.dataset)
-        optimizer, self.scheduler = build_optimizer(model, stage, self.total_steps)
+        # objectives by config key: their parameters train in their own optimizer group, their state resumes
+        self.objective_modules = torch.nn.ModuleDict({k: o for k, (o, _) in self.objectives.items()}).to(acc.device)
+        self.objective_params = [p for p in self.objective_modules.parameters() if p.requires_grad]
+        optimizer, self.scheduler = build_optimizer(model, stage, self.total_steps, self.objective_params)
         self.model, self.optimizer = acc.prepare(model, optimizer)
-        for obj, _ in self.objectives.values():
-            obj.to(acc.device)
         self.start_step, self.skipped = self._maybe_resume()
         trainable, total = count_params(model)
         # Model FLOPs per token: forward through every weight, activation gradients back through the LLM,
@@ -135,7 +136,8 @@ class Trainer:
         if self.cfg.resume == "never" or not ckpt.step_dirs(self.dir):
             return 0, 0
         last = ckpt.step_dirs(self.dir)[-1]
-        state = ckpt.load_training_state(last, self.acc.unwrap_model(self.model), self.optimizer, self.scheduler, self.acc.process_index)
+        state = ckpt.load_training_state(last, self.acc.unwrap_model(self.model), self.optimizer, self.scheduler, self.acc.process_index,
+                                         self.objective_modules)
         self.log.info("resumed stage %s from %s (step %d)", self.name, last, state["step"])
         return int(state["step"]), int(state.get("skipped", 0))
 
@@ -197,6 +199,9 @@ class Trainer:
                 total_sum += total.detach()
                 for k, v in step_logs.items():
                     logs[k] = logs.get(k, 0.0) + v
+            if acc.num_processes > 1:  # objective parameters live outside the DDP model: average their gradients here
+                for p in self.objective_params:
+                    p.grad = acc.reduce(p.grad if p.grad is not None else torch.zeros_like(p), "mean")
             grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm) if max_norm > 0 else None
             self.optimizer.step()
             self.scheduler.step()
@@ -237,14 +242,15 @@ class Trainer:
         if self.acc.is_main_process:
             state = {"step": step, "stage": self.name, "skipped": self.skipped, "world": self.acc.num_processes}
             path = self.dir / "checkpoints" / f"{ckpt.STEP_PREFIX}{step:06d}"
-            ckpt.save_training_state(path, self.acc.unwrap_model(self.model), self.optimizer, self.scheduler, state, dict(enumerate(rng)))
+            ckpt.save_training_state(path, self.acc.unwrap_model(self.model), self.optimizer, self.scheduler, state, dict(enumerate(rng)),
+                                     self.objective_modules)
             ckpt.prune(self.dir, int(self.stage.get("keep_last", 2)))
         self.acc.wait_for_everyone()
 
     def save_final(self) -> Path:
         model: AlignLM = self.acc.unwrap_model(self.model)
         merge_lora(model)
-        parts = [p for p in AlignLM.PARTS if p in set(self.prev_parts) | set(trainable_parts(self.stage.parts))]
+        parts = [p for p in model.PARTS if p in set(self.prev_parts) | set(trainable_parts(self.stage.parts))]
         final = self.dir / "final"
         if self.acc.is_main_process:
             ckpt.save_final(final, model, OmegaConf.to_yaml(self.cfg, resolve=True), parts)

@@ -1,0 +1,264 @@
+"""AlignGPT alignment levels: equal-count bucketing and the levels file, the <align> slot after BOS for every template,
+H[level] in pretraining and the gate's mixture otherwise, which half trains in which stage, generation, save/reload."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from alignlm.cli import main
+from alignlm.constants import ALIGN_TOKEN, IGNORE_INDEX, IMAGE_TOKEN
+from alignlm.data.aligngpt_levels import LevelLabels, equal_count_levels, make_levels
+from alignlm.data.build import build_dataset
+from alignlm.data.collate import Collator
+from alignlm.data.llava import DataError, LlavaDataset, Source
+from alignlm.data.templates import get_template
+from alignlm.models.tokenizer import build_tiny_tokenizer
+from alignlm.models.vision import ImageSpec
+from alignlm.training.stages import apply_stage
+from tests.conftest import COLOURS, compose, make_batch, tiny_overrides
+from tests.test_sea import tiny_clip
+
+WITH_LEVELS = "+model/align_levels=aligngpt"
+
+
+class ColourEncoder:
+    """A stand-in dual encoder: an image is its mean RGB, a caption the RGB of the colour it names."""
+
+    name = "colour-stub"
+
+    def encode_images(self, images: list) -> torch.Tensor:
+        return torch.tensor(np.stack([np.asarray(im, dtype=np.float32).reshape(-1, 3).mean(0) for im in images]))
+
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        return torch.tensor([COLOURS[next(c for c in COLOURS if c in t)] for t in texts], dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def mismatched(colour_set, tmp_path_factory) -> tuple[Path, set[str]]:
+    """The colour captions with every third one naming the wrong colour, plus one text-only and one broken record."""
+    records = json.loads(colour_set["pretrain"].read_text())
+    wrong = set()
+    for i, rec in enumerate(records):
+        rec["image"] = str(colour_set["pretrain"].parent / rec["image"])
+        if i % 3 == 0:
+            name = list(COLOURS)[(i + 1) % 3]  # the image shows colour i % 3
+            rec["conversations"][1]["value"] = f"A {name} square."
+            wrong.add(rec["id"])
+    records.append({"id": "text", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "A red word."}]})
+    records.append({"id": "broken", "image": "missing.png", "conversations": records[1]["conversations"]})
+    path = tmp_path_factory.mktemp("mismatched") / "pretrain.json"
+    path.write_text(json.dumps(records))
+    return path, wrong
+
+
+@pytest.fixture(scope="module")
+def clip_path(tmp_path_factory) -> Path:
+    return tiny_clip(tmp_path_factory.mktemp("clip"))
+
+
+# ---- levels ---------------------------------------------------------------------------------------------------------
+
+
+def test_equal_count_bins_by_rank(rng):
+    scores = np.round(rng.normal(size=103), 1)  # many ties
+    levels, edges = equal_count_levels(scores, 8)
+    counts = np.bincount(levels, minlength=8)
+    assert counts.sum() == 103 and counts.max() - counts.min() <= 1
+    for k in range(1, 8):  # bins are ordered by score and each edge is its bin's lowest score
+        assert scores[levels == k - 1].max() <= scores[levels == k].min() == edges[k - 1]
+    order = np.argsort(scores, kind="stable")
+    assert np.all(np.diff(levels[order]) >= 0)
+    with pytest.raises(DataError, match="cannot fill 8"):
+        equal_count_levels(scores[:5], 8)
+
+
+def test_levels_file_ranks_mismatched_pairs_lowest(mismatched, tmp_path):
+    data, wrong = mismatched
+    levels = LevelLabels(make_levels(tmp_path / "levels.json", [data], ColourEncoder(), num_levels=4))
+    assert levels.encoder == "colour-stub" and levels.num_levels == 4 and len(levels.edges) == 3
+    assert levels.counts == [12, 12, 12, 12] and levels.skipped == {"no image": 1, "unreadable image": 1}
+    assert levels.get("text") is None and levels.get("broken") is None
+    assert sorted(levels.get(r) for r in wrong) == [0] * 12 + [1] * 4  # the 16 wrong captions score lowest
+    assert min(v for r, v in levels.levels.items() if r not in wrong) == 1
+    with pytest.raises(DataError, match="holds 4 levels but model.align_levels.num_levels=8"):
+        levels.check(8)
+
+
+def test_cli_scores_pairs_with_a_saved_clip(mismatched, clip_path, tmp_path, capsys):
+    out = tmp_path / "levels.json"
+    assert main(["aligngpt-levels", "--data", str(mismatched[0]), "--encoder", str(clip_path), "--levels", "3", "--out", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["counts"] == [16, 16, 16] and summary["encoder"] == str(clip_path) and summary["pairs"] == 48
+
+
+# ---- the <align> slot -------------------------------------------------------------------------------------------------
+
+
+def _tokenizer(with_bos: bool):
+    from tokenizers.processors import TemplateProcessing
+
+    tok = build_tiny_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN, ALIGN_TOKEN]}, replace_extra_special_tokens=False)
+    if with_bos:  # Llama-like: the tokenizer starts every sequence with BOS itself
+        tok.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)])
+    return tok
+
+
+@pytest.mark.parametrize("for_generation", [False, True], ids=["train", "prompt"])
+@pytest.mark.parametrize("template,split", [("plain", "pretrain"), ("vicuna_v1", "instruct"), ("chat", "instruct")])
+@pytest.mark.parametrize("with_bos", [False, True], ids=["no_bos", "bos"])
+def test_slot_lands_right_after_bos_with_an_ignored_label(colour_set, with_bos, template, split, for_generation):
+    tok = _tokenizer(with_bos)
+    align = tok.convert_tokens_to_ids(ALIGN_TOKEN)
+
+    def sample(token: int | None) -> dict:
+        return LlavaDataset([Source(str(colour_set[split]))], tok, get_template(template), ImageSpec(16, (0.5,) * 3, (0.5,) * 3),
+                            num_image_tokens=4, for_generation=for_generation, align_token_id=token)[0]
+
+    got, plain = sample(align), sample(None)
+    ids, labels = got["input_ids"], got["labels"]
+    starts_with_bos = with_bos and template != "chat"  # the tiny ChatML template writes no BOS
+    at = 1 if starts_with_bos else 0
+    assert torch.nonzero(ids == align).flatten().tolist() == [at] and labels[at] == IGNORE_INDEX
+    assert (ids[0] == tok.bos_token_id) == starts_with_bos
+    keep = torch.arange(len(ids)) != at  # everything else is exactly the sequence without AlignGPT
+    assert torch.equal(ids[keep], plain["input_ids"]) and torch.equal(labels[keep], plain["labels"])
+
+
+def test_models_without_levels_are_untouched(tiny_model):
+    model = tiny_model()
+    assert model.PARTS == ("vision", "connector", "llm") and model.align_levels is None
+    assert ALIGN_TOKEN not in model.tokenizer.get_vocab()
+    with pytest.raises(ValueError, match="unknown parts"):
+        apply_stage(model, {"align_levels": "levels"})
+
+
+# ---- the model side ---------------------------------------------------------------------------------------------------
+
+
+def _with_slot(model, batch: dict, prompt: int = 0) -> dict:
+    """``make_batch`` rows with the <align> slot first and the first ``prompt`` text tokens unsupervised."""
+    rows = batch["input_ids"].shape[0]
+    labels = batch["labels"].clone()
+    for r in range(rows):
+        text = torch.nonzero(batch["input_ids"][r] != model.image_token_id).flatten()[:prompt]
+        labels[r, text] = IGNORE_INDEX
+    column = lambda v: torch.full((rows, 1), v)  # noqa: E731
+    return {**batch, "input_ids": torch.cat([column(model.align_token_id), batch["input_ids"]], 1),
+            "labels": torch.cat([column(IGNORE_INDEX), labels], 1), "attention_mask": torch.cat([column(1), batch["attention_mask"]], 1)}
+
+
+def test_level_token_is_H_of_the_level_or_the_gated_mixture(tiny_model):
+    model = tiny_model(WITH_LEVELS)
+    levels = model.align_levels
+    batch = _with_slot(model, make_batch(model, [1, 2, 0]), prompt=3)
+    with torch.no_grad():
+        embeds, _ = model.embed({**batch, "align_levels": torch.tensor([0, 3, 7])})
+        torch.testing.assert_close(embeds[:, 0], levels.embeddings[[0, 3, 7]])
+        mixed, _ = model.embed(batch)
+        visual = model.connector(model.vision(batch["pixel_values"])).tokens
+        per_sample = torch.stack([visual[0], visual[1:3].mean(0), torch.zeros_like(visual[0])])
+        ids = batch["input_ids"]
+        prompt = [row[(row != model.image_token_id) & (row != model.align_token_id)][:3] for row in ids]  # unsupervised text
+        text = torch.stack([model.llm.get_input_embeddings()(t).mean(0) for t in prompt])
+        torch.testing.assert_close(mixed[:, 0], levels.gated(per_sample, text))
+        torch.testing.assert_close(mixed[:, 1:], embeds[:, 1:])  # only the slot differs
+    with pytest.raises(ValueError, match="exactly one <align> slot"):
+        model.embed({**batch, "input_ids": batch["input_ids"][:, 1:], "attention_mask": batch["attention_mask"][:, 1:]})
+
+
+def test_gate_weights_are_a_distribution_over_the_lower_levels(tiny_model):
+    levels = tiny_model(WITH_LEVELS).align_levels
+    visual, text = torch.randn(5, levels.num_visual_tokens, 64), torch.randn(5, 64)
+    a = levels.gate_weights(visual, text)
+    assert a.shape == (5, 7) and torch.all(a >= 0)
+    torch.testing.assert_close(a.sum(-1), torch.ones(5))
+    torch.testing.assert_close(levels.gated(visual, text), a @ levels.embeddings[:7] + levels.embeddings[7])
+    levels.set_train_mode("levels")
+    assert levels.embeddings.requires_grad and not any(p.requires_grad for p in levels.gate.parameters())
+    levels.set_train_mode("gate")
+    assert not levels.embeddings.requires_grad and all(p.requires_grad for p in levels.gate.parameters())
+
+
+def test_stage_parts_and_data_must_agree(tiny_model, colour_set, tmp_path):
+    model = tiny_model(WITH_LEVELS)
+    data = {"sources": [{"path": str(colour_set["pretrain"])}]}
+    eight = make_levels(tmp_path / "l8.json", [colour_set["pretrain"]], ColourEncoder(), 8)
+    four = make_levels(tmp_path / "l4.json", [colour_set["pretrain"]], ColourEncoder(), 4)
+    with pytest.raises(ValueError, match=r"choose one of \['frozen', 'levels', 'gate'\]"):
+        apply_stage(model, {"connector": "full", "align_levels": "full"})
+    apply_stage(model, {"connector": "full", "align_levels": "levels"})
+    with pytest.raises(ValueError, match="stage.data.align_levels is not set"):
+        build_dataset(data, model, 0)
+    with pytest.raises(DataError, match="holds 4 levels"):
+        build_dataset({**data, "align_levels": str(four)}, model, 0)
+    batch = Collator(model.tokenizer.pad_token_id)([build_dataset({**data, "align_levels": str(eight)}, model, 0)[i] for i in range(3)])
+    assert batch["align_levels"].tolist() == [LevelLabels(eight).get(f"p{i}") for i in range(3)]
+    apply_stage(model, {"connector": "full", "align_levels": "gate"})
+    with pytest.raises(ValueError, match="only parts.align_levels=levels uses"):
+        build_dataset({**data, "align_levels": str(eight)}, model, 0)
+    with pytest.raises(ValueError, match="no AlignGPT levels"):
+        build_dataset({**data, "align_levels": str(eight)}, tiny_model(), 0)
+
+
+def test_export_refuses_the_level_token(tiny_model):
+    from alignlm.export.hf_llava import ExportError, check_exportable
+
+    with pytest.raises(ExportError, match="AlignGPT alignment levels"):
+        check_exportable(tiny_model(WITH_LEVELS))
+
+
+# ---- end to end --------------------------------------------------------------------------------------------------------
+
+
+def test_exp_aligngpt_trains_levels_then_gate_generates_and_reloads(colour_set, clip_path, tmp_path):
+    from alignlm.models.build import build_model
+    from alignlm.models.io import final_parts, load_model
+    from alignlm.training.pipeline import run
+
+    levels_file = tmp_path / "levels.json"
+    cfg = compose("+exp=aligngpt", "model=tiny", "offline_datasets=[]", *tiny_overrides(colour_set, tmp_path),
+                  "stages.pretrain.max_steps=3", "stages.finetune.max_steps=2", f"stages.pretrain.data.align_levels.path={levels_file}",
+                  f"stages.pretrain.data.align_levels.make.data=[{colour_set['pretrain']}]",
+                  f"stages.pretrain.data.align_levels.make.encoder={clip_path}", "stages.pretrain.data.align_levels.make.fit=null",
+                  f"eval.sets=[{{name:colours,path:{colour_set['test']}}}]", "eval.limit=4")
+    summary = run(cfg)
+    assert LevelLabels(levels_file).counts == [6] * 8  # written by the pipeline from the make recipe
+    assert summary["eval"]["colours"]["n"] == 4  # prompts get the slot and the gate's mixture: generation works
+    init = build_model(cfg.model).align_levels
+    pre, fine = (load_model(tmp_path / "t" / s / "final") for s in ("pretrain", "finetune"))
+    assert not torch.equal(pre.align_levels.embeddings, init.embeddings)  # pretraining trains H ...
+    torch.testing.assert_close(pre.align_levels.gate.state_dict(), init.gate.state_dict())  # ... not the gate
+    torch.testing.assert_close(fine.align_levels.embeddings, pre.align_levels.embeddings)  # finetuning keeps H ...
+    assert not torch.equal(fine.align_levels.gate[0].weight, init.gate[0].weight)  # ... and trains the gate
+    assert final_parts(tmp_path / "t" / "finetune" / "final") == ["connector", "llm", "align_levels"]
+    data = {"sources": [{"path": str(colour_set["test"])}], "template": "vicuna_v1"}
+    batch = Collator(fine.tokenizer.pad_token_id, "left")([build_dataset(data, fine, 0, for_generation=True)[i] for i in range(2)])
+    again = load_model(tmp_path / "t" / "finetune" / "final")
+    torch.testing.assert_close(fine(batch, return_logits=True).logits, again(batch, return_logits=True).logits)
+    torch.testing.assert_close(fine.generate(batch, max_new_tokens=3), again.generate(batch, max_new_tokens=3))
+
+
+def test_resumed_level_training_matches_an_uninterrupted_run(colour_set, clip_path, tmp_path):
+    """Step checkpoints carry the level embeddings, so a stopped and resumed stage reproduces every loss and H."""
+    from alignlm.models.io import load_model
+    from alignlm.training.pipeline import run
+    from alignlm.training.trainer import StopTraining
+    from tests.conftest import read_losses
+
+    base = ["+exp=aligngpt", "model=tiny", "offline_datasets=[]", *tiny_overrides(colour_set, tmp_path), "run=[pretrain]",
+            "stages.pretrain.max_steps=5", f"stages.pretrain.data.align_levels.path={tmp_path / 'levels.json'}",
+            f"stages.pretrain.data.align_levels.make.data=[{colour_set['pretrain']}]",
+            f"stages.pretrain.data.align_levels.make.encoder={clip_path}", "stages.pretrain.data.align_levels.make.fit=null", "eval.sets=[]"]
+    run(compose(*base, "run_name=full"))
+    with pytest.raises(StopTraining):
+        run(compose(*base, "run_name=resumed", "stop_after_steps=3"))
+    run(compose(*base, "run_name=resumed"))
+    assert read_losses(tmp_path / "resumed" / "pretrain") == pytest.approx(read_losses(tmp_path / "full" / "pretrain"), rel=1e-6, abs=1e-7)
+    full, resumed = (load_model(tmp_path / r / "pretrain" / "final").align_levels.embeddings for r in ("full", "resumed"))
+    torch.testing.assert_close(resumed, full)

@@ -1,0 +1,163 @@
+"""ReVision: the dual-encoder tower, the text-only dataset and collator, and the `+exp=revision` chain with tiny models."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from alignlm.constants import IGNORE_INDEX
+from alignlm.data.build import build_dataset
+from alignlm.data.collate import Collator
+from alignlm.data.images import preprocess
+from alignlm.data.llava import DataError
+from alignlm.revision.realign import ReAlignStats, fit
+from alignlm.revision.shards import shard_metadata, write_shard
+from alignlm.revision.tower import DualEncoderTower
+from tests.conftest import compose
+
+
+def noise_images(n: int, size: int = 32, seed: int = 0) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def test_tower_puts_the_unit_global_embedding_on_every_token(tiny_clip):
+    from alignlm.models.dual_encoder import HFDualEncoder
+
+    tower = DualEncoderTower(str(tiny_clip), num_tokens=5)
+    encoder = HFDualEncoder(str(tiny_clip))
+    assert tower.image_spec == encoder.image_spec and (tower.hidden_size, tower.num_patches) == (16, 5)
+    images = noise_images(3)
+    out = tower(torch.stack([preprocess(im, tower.image_spec) for im in images]))
+    assert out.shape == (3, 5, 16) and (out == out[:, :1]).all()
+    torch.testing.assert_close(out.norm(dim=-1), torch.ones(3, 5))
+    # the tower sees what `alignlm embed` saw for the same images
+    torch.testing.assert_close(out[:, 0], F.normalize(encoder.encode_images(images), dim=-1), atol=1e-5, rtol=1e-4)
+    assert not any(p.requires_grad for p in tower.parameters())
+    with pytest.raises(ValueError, match="stage.parts.vision must be frozen"):
+        tower.requires_grad_(True)
+    tower.scale = 4.0  # model.vision.scale: the norm the connector sees
+    torch.testing.assert_close(tower(torch.zeros(1, 3, 32, 32)).norm(dim=-1), torch.full((1, 5), 4.0))
+
+
+def test_tower_on_the_offline_dual_encoder_matches_its_embeddings(tmp_path):
+    from alignlm.models.vision import ImageSpec
+    from alignlm.revision.dual_encoder import OfflineDualEncoder
+
+    torch.manual_seed(0)
+    encoder = OfflineDualEncoder(dim=8, image_size=64)
+    encoder.save(tmp_path / "enc")
+    tower = DualEncoderTower(str(tmp_path / "enc"), num_tokens=3)
+    assert tower.image_spec == ImageSpec(64, (0.5,) * 3, (0.5,) * 3) and tower.hidden_size == 8
+    images = noise_images(2, size=50)
+    out = tower.eval()(torch.stack([preprocess(im, tower.image_spec) for im in images]))
+    torch.testing.assert_close(out[:, 2], F.normalize(encoder.encode_images(images), dim=-1), atol=1e-5, rtol=1e-4)
+
+
+@pytest.fixture
+def text_shards(tmp_path, colour_set):
+    """Random 32-d caption 'embeddings' of the colour set's pretrain records (p0..p47), in two shards."""
+    vectors = torch.randn(48, 32, generator=torch.Generator().manual_seed(1)) * 3 + 1
+    ids = [f"p{i}" for i in range(48)]
+    for k, rows in enumerate((slice(0, 30), slice(30, 48))):
+        write_shard(tmp_path / "texts" / f"shard_{k:05d}.safetensors", vectors[rows], shard_metadata(ids[rows], "enc", "texts"))
+    return tmp_path / "texts", dict(zip(ids, vectors))
+
+
+def revision_data(colour_set, folder, **extra) -> dict:
+    return {"kind": "revision", "text_embeds": str(folder), "sources": [{"path": str(colour_set["pretrain"])}], **extra}
+
+
+def test_revision_dataset_feeds_each_records_caption_embedding(tiny_model, colour_set, text_shards, tmp_path):
+    model = tiny_model()  # tiny CLIP-ViT tower: 16 tokens of width 32
+    folder, vectors = text_shards
+    ds = build_dataset(revision_data(colour_set, folder), model, seed=0)
+    for i in (0, 7, 40):
+        sample = ds[i]
+        assert sample["pixel_values"] is None and sample["image_embeds"].shape == (1, 16, 32)
+        expected = F.normalize(vectors[sample["id"]], dim=-1).expand(16, -1)
+        torch.testing.assert_close(sample["image_embeds"][0], expected)
+        caption = model.tokenizer.decode(sample["labels"][sample["labels"] != IGNORE_INDEX])
+        assert "square" in caption and (sample["input_ids"] == model.image_token_id).sum() == model.num_image_tokens
+
+    # with ReAlign statistics, the embedding is the ReAligned caption
+    write_shard(tmp_path / "images" / "shard_00000.safetensors", torch.randn(40, 32) - 2, shard_metadata([str(i) for i in range(40)], "enc", "images"))
+    fit(tmp_path / "images", folder).save(tmp_path / "realign.safetensors")
+    ds = build_dataset(revision_data(colour_set, folder, realign=str(tmp_path / "realign.safetensors")), model, seed=0)
+    sample = ds[3]
+    stats = ReAlignStats.load(tmp_path / "realign.safetensors")
+    torch.testing.assert_close(sample["image_embeds"][0, 0], stats(vectors[sample["id"]][None])[0].float())
+
+    model.vision.scale = 2.0  # a DualEncoderTower's scale: text embeddings get the norm image embeddings get
+    sample = build_dataset(revision_data(colour_set, folder), model, seed=0)[3]
+    torch.testing.assert_close(sample["image_embeds"][0, 0], 2 * F.normalize(vectors[sample["id"]], dim=-1))
+
+
+def test_revision_dataset_errors_name_the_config_key(tiny_model, colour_set, text_shards, tmp_path):
+    model = tiny_model()
+    folder, vectors = text_shards
+    (folder / "shard_00001.safetensors").unlink()  # p30..p47 now have no embedding
+    with pytest.raises(DataError, match=r"data.text_embeds=.* no embedding for 18 of 48 .*first: \['p30'"):
+        build_dataset(revision_data(colour_set, folder), model, seed=0)
+    write_shard(tmp_path / "narrow" / "s.safetensors", torch.randn(48, 12), shard_metadata(list(vectors), "enc", "texts"))
+    with pytest.raises(DataError, match="12-d embeddings but model.vision gives 32-d"):
+        build_dataset(revision_data(colour_set, tmp_path / "narrow"), model, seed=0)
+    with pytest.raises(ValueError, match=r"data.kind='text'.*\['llava', 'revision'\]"):
+        build_dataset(revision_data(colour_set, folder, kind="text"), model, seed=0)
+    with pytest.raises(ValueError, match="needs data.text_embeds"):
+        build_dataset(revision_data(colour_set, folder, text_embeds=None), model, seed=0)
+
+
+def test_collator_concatenates_embeddings_in_order_and_the_model_takes_them(tiny_model, colour_set, text_shards):
+    model = tiny_model()
+    folder, vectors = text_shards
+    ds = build_dataset(revision_data(colour_set, folder), model, seed=0)
+    samples = [ds[i] for i in (5, 0, 9)]
+    batch = Collator(model.tokenizer.pad_token_id)(samples)
+    assert batch["pixel_values"] is None and batch["image_embeds"].shape == (3, 16, 32)
+    for row, sample in zip(batch["image_embeds"], samples):
+        torch.testing.assert_close(row, sample["image_embeds"][0])
+    out = model(batch)
+    assert torch.isfinite(out.lm_loss) and out.vision_features is batch["image_embeds"]
+
+
+def test_revision_chain_embeds_realigns_pretrains_on_captions_then_finetunes(tiny_clip, colour_set, tmp_path):
+    from alignlm.training.pipeline import run
+
+    # the pretrain captions without their images: the text-only stage must never need one
+    records = json.loads(colour_set["pretrain"].read_text())
+    captions = tmp_path / "captions.json"
+    captions.write_text(json.dumps([{k: v for k, v in r.items() if k != "image"} for r in records]))
+    emb = tmp_path / "emb"
+    cfg = compose(
+        "+exp=revision", "model/llm=tiny", f"output_dir={tmp_path}", "run_name=r", "offline_datasets=[]",
+        f"revision.encoder={tiny_clip}", "revision.fit=null", f"revision.embeddings={emb}",
+        f"revision.images=[{colour_set['pretrain']}]", f"revision.texts=[{captions}]", "model.vision.num_tokens=4",
+        "stages.pretrain.max_steps=4", "stages.finetune.max_steps=3", "stages.pretrain.per_device_batch_size=4",
+        "stages.finetune.per_device_batch_size=4", "stages.finetune.data.template=vicuna_v1", "stages.finetune.data.template_args={}",
+        f"stages.pretrain.data.sources=[{{path:{captions}}}]", f"stages.finetune.data.sources=[{{path:{colour_set['instruct']}}}]",
+        f"eval.sets=[{{name:colours,path:{colour_set['test']}}}]", "eval.limit=4",
+    )
+    summary = run(cfg)
+    assert [summary["stages"][s]["steps"] for s in ("pretrain", "finetune")] == [4, 3]
+    assert summary["stages"]["pretrain"]["skipped"] == 0 and summary["eval"]["colours"]["n"] == 4
+    assert [p.name for p in sorted((emb / "texts").iterdir())] == ["shard_00000.safetensors"]
+    stats = ReAlignStats.load(emb / "realign.safetensors")
+    assert (stats.n_image, stats.n_text, stats.encoder) == (48, 48, str(tiny_clip))
+
+    # a rerun skips every finished step: encoder, shards, statistics and stages
+    stamps = {p: p.stat().st_mtime_ns for p in [emb / "realign.safetensors", *emb.rglob("shard_*")]}
+    assert run(cfg)["stages"] == {}
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_an_unknown_revision_key_is_refused():
+    from alignlm.revision.prepare import prepare
+
+    with pytest.raises(ValueError, match=r"revision has unknown keys \['realing'\]"):
+        prepare({"encoder": "enc", "realing": None}, embeddings=False)
