@@ -6,35 +6,12 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from alignlm.cli import main
 from alignlm.models.dual_encoder import HFDualEncoder
 from alignlm.revision.embed import collect_images, collect_texts, embed_items
 from alignlm.revision.shards import list_shards
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
-
-    from alignlm.models.tokenizer import build_tiny_tokenizer
-
-    path = tmp_path_factory.mktemp("tiny_clip")
-    tok = build_tiny_tokenizer()
-    small = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(tok), max_position_embeddings=32, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, **small),
-        vision_config=dict(image_size=32, patch_size=8, **small),
-        projection_dim=16,
-    )
-    torch.manual_seed(0)
-    CLIPModel(config).save_pretrained(path)
-    tok.save_pretrained(path)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
-    return path
 
 
 def test_collect_from_llava_json_and_text_files(tmp_path, colour_set):
