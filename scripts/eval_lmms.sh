@@ -1,24 +1,32 @@
 #!/usr/bin/env bash
-# Evaluate an alignlm checkpoint with lmms-eval's `llava_hf` model: export it as a transformers Llava folder, then
-# run lmms-eval on it (which downloads its task data from the Hugging Face Hub).
-#   scripts/eval_lmms.sh outputs/demo/finetune/final exports/demo mme,textvqa_val [extra lmms_eval flags]
-# Needs `pip install lmms-eval` (same transformers as the export). lmms-eval runs through alignlm.evaluation.lmms, which
-# drops the `image_sizes` that lmms-eval <= 0.7.3 passes to generate (transformers 5's Llava fails on it with CLIP towers).
-# One process: device_map must name a device (lmms-eval's default "" is refused by transformers >= 4.57).
+# Evaluate an alignlm checkpoint with lmms-eval's `llava_hf` model: export it as a transformers Llava folder, then run
+# lmms-eval on it. TASKS is lmms-eval task names (their data comes from the Hugging Face Hub) or a LLaVA-format
+# question set (a .json path, e.g. data/digits/test.json), which runs offline as a local task (alignlm lmms-task).
+#   scripts/eval_lmms.sh outputs/demo/finetune/final exports/demo data/digits/test.json [extra lmms-eval flags]
+#   scripts/eval_lmms.sh outputs/demo/finetune/final exports/demo mme,textvqa_val
+# Needs lmms-eval importable beside alignlm (docs/evaluation.md: install it in its own venv). DEVICE, DTYPE,
+# NUM_PROCESSES, OUTPUT_PATH override the defaults. lmms-eval exits 0 even when a task fails: read its results file.
 set -euo pipefail
 if [ $# -lt 3 ]; then
-  sed -n 2,7p "$0"; exit 2
+  sed -n 2,8p "$0"; exit 2
 fi
 final=$1; export_dir=$2; tasks=$3; shift 3
 cd "$(dirname "$0")/.."
-[ -f .venv/bin/activate ] && . .venv/bin/activate
+[ -f .venv/bin/activate ] && [ -z "${VIRTUAL_ENV:-}" ] && . .venv/bin/activate
 [ -f "$export_dir/config.json" ] || alignlm export "$final" "$export_dir"
+include=()
+if [[ "$tasks" == *.json ]]; then  # a local question set -> an lmms-eval task folder
+  name=alignlm_$(basename "$(dirname "$tasks")")
+  alignlm lmms-task "$tasks" "$export_dir/lmms_tasks" --name "$name"
+  include=(--include_path "$export_dir/lmms_tasks"); tasks=$name
+fi
 nproc=${NUM_PROCESSES:-1}
 args="pretrained=$export_dir,dtype=${DTYPE:-bfloat16}"
-if [ "$nproc" = 1 ]; then  # one process: name the device; several: llava_hf places each rank itself
-  args="$args,device_map=${DEVICE:-$(python -c 'import torch; print("cuda:0" if torch.cuda.is_available() else "cpu")')}"
+flags=(--model llava_hf --tasks "$tasks" "${include[@]}" --batch_size 1 --log_samples
+       --output_path "${OUTPUT_PATH:-$export_dir/lmms_eval}" "$@")
+if [ "$nproc" = 1 ]; then  # llava_hf needs the device named twice (device_map, and device for its .to() calls)
+  dev=${DEVICE:-$(python -c 'import torch; print("cuda:0" if torch.cuda.is_available() else "cpu")')}
+  exec python -m alignlm.evaluation.lmms --model_args "$args,device_map=$dev,device=$dev" "${flags[@]}"
 fi
-exec accelerate launch --num_processes "$nproc" -m alignlm.evaluation.lmms \
-  --model llava_hf \
-  --model_args "$args" \
-  --tasks "$tasks" --batch_size 1 --log_samples --output_path "${OUTPUT_PATH:-$export_dir/lmms_eval}" "$@"
+# several processes: llava_hf places each rank on cuda:<local rank> itself
+exec accelerate launch --num_processes "$nproc" -m alignlm.evaluation.lmms --model_args "$args" "${flags[@]}"

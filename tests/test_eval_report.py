@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -191,3 +192,38 @@ def test_exported_folder_loads_like_lmms_eval_llava_hf(tiny_run, colour_set, tmp
     ours = model.generate(batch, max_new_tokens=5, do_sample=False)
     n = min(ours.shape[1], theirs.shape[1])
     assert n > 0 and ours[:, :n].tolist() == theirs[:, :n].tolist()
+    # lmms-eval 0.7.3's default (chat) llava_hf renders structured content with the processor's chat template
+    for q, text in zip(questions, texts):
+        chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
+        assert processor.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == text
+
+
+def test_lmms_task_writes_a_local_question_set(colour_set, tmp_path):
+    """``alignlm lmms-task``: one JSONL row per question with an absolute image path, a task YAML naming it, and
+    task functions that score as ``alignlm eval`` does."""
+    import importlib.util
+
+    import yaml
+    from PIL import Image
+
+    assert main(["lmms-task", str(colour_set["test"]), str(tmp_path), "--name", "colours"]) == 0
+    task = tmp_path / "colours"
+    records = json.loads(colour_set["test"].read_text())
+    rows = [json.loads(line) for line in (task / "colours.jsonl").read_text().splitlines()]
+    assert [r["answer"] for r in rows] == [r["answer"] for r in records]
+    assert all(Path(r["image"]).is_absolute() and Path(r["image"]).exists() and "<image>" not in r["question"] for r in rows)
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
+    cfg = yaml.load((task / "colours.yaml").read_text(), Loader=Loader)
+    assert cfg["task"] == "colours" and cfg["dataset_path"] == "json"
+    assert Path(cfg["dataset_kwargs"]["data_files"]["test"]) == (task / "colours.jsonl").resolve()
+    assert cfg["process_results"] == "utils.process_results"
+    spec = importlib.util.spec_from_file_location("lmms_task_utils", task / "utils.py")
+    utils = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(utils)
+    assert isinstance(utils.doc_to_visual(rows[0])[0], Image.Image)
+    assert utils.process_results(rows[0], [rows[0]["answer"].upper() + "."]) == {"accuracy": 1.0}
+    assert utils.process_results(rows[0], ["no such colour"]) == {"accuracy": 0.0}

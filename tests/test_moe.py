@@ -40,8 +40,8 @@ def test_dispatch_matches_a_per_token_reference_and_weights_sum_to_one():
     for t in range(21):  # the naive definition: y = sum_k w_k * expert_k(x)
         for j in range(2):
             e = experts[t, j]
-            h = F.gelu(flat[t] @ moe.w1[e] + moe.b1[e])
-            ref[t] += weights[t, j] * (h @ moe.w2[e] + moe.b2[e])
+            h = F.gelu(flat[t] @ moe.w1[e] + moe.bias1[e])
+            ref[t] += weights[t, j] * (h @ moe.w2[e] + moe.bias2[e])
     torch.testing.assert_close(out.tokens.reshape(-1, 5), ref, atol=1e-5, rtol=1e-5)
     load = torch.stack([out.metrics[f"expert_load/{e}"] for e in range(4)])
     assert load.sum().item() == pytest.approx(1.0)
@@ -70,6 +70,31 @@ def test_upcycled_moe_reproduces_the_dense_connector():
 def test_bad_knobs_name_the_config():
     with pytest.raises(ValueError, match="top_k"):
         MoEConnector(6, 5, num_experts=2, top_k=3)
+
+
+def test_router_trains_at_its_own_learning_rate_scale():
+    """``router_lr_scale``: the router gets its own optimizer groups at scale x the connector lr; the rest keep it."""
+    from alignlm.models.build import build_model
+    from alignlm.training.optim import build_optimizer
+
+    m = build_model(compose("model=tiny", "model/connector=moe", "model.connector.router_lr_scale=0.05").model)
+    for p in m.parameters():
+        p.requires_grad_(False)
+    for p in m.connector.parameters():
+        p.requires_grad_(True)
+    opt, _ = build_optimizer(m, {"lr": {"connector": 2e-3}, "weight_decay": 0.1, "warmup_ratio": 0.0}, total_steps=10)
+    by_name = {}
+    for g in opt.param_groups:
+        by_name.setdefault(g["name"], []).append(g)
+    assert set(by_name) == {"connector", "connector.router"}
+    router = by_name["connector.router"]
+    assert [p is m.connector.router.weight for g in router for p in g["params"]] == [True]
+    assert router[0]["lr"] == pytest.approx(1e-4) and router[0]["weight_decay"] == 0.1
+    rest = [p for g in by_name["connector"] for p in g["params"]]
+    assert len(rest) == 4 and all(g["lr"] == pytest.approx(2e-3) for g in by_name["connector"])
+    assert {g["weight_decay"] for g in by_name["connector"]} == {0.1, 0.0}  # biases are never decayed
+    with pytest.raises(ValueError, match="router_lr_scale"):
+        MoEConnector(6, 5, router_lr_scale=0.0)
 
 
 def test_moe_trains_in_the_pipeline_logs_expert_load_and_upcycles_a_dense_stage(colour_set, tmp_path):

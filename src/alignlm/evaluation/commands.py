@@ -82,8 +82,16 @@ def cmd_plot_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lmms_task(args: argparse.Namespace) -> int:
+    from alignlm.evaluation.lmms import write_local_task
+
+    task = write_local_task(Path(args.questions), Path(args.out), args.name, args.max_new_tokens)
+    print(f"wrote {task}; run lmms-eval with --include_path {task.parent} --tasks {args.name}")
+    return 0
+
+
 def register(sub: Any) -> None:
-    """Add ``eval`` and ``plot-runs`` to the ``alignlm`` command line."""
+    """Add ``eval``, ``plot-runs`` and ``lmms-task`` to the ``alignlm`` command line."""
     p = sub.add_parser("eval", help="evaluate checkpoints: question/caption sets and alignment probes -> report + plots")
     p.add_argument("checkpoints", nargs="+", help="final/ folders, step checkpoints, stage folders (every step, then final) or run folders")
     p.add_argument("--sets", nargs="+", metavar="NAME=PATH", help="LLaVA-format sets (default: the checkpoint's eval.sets); "
@@ -108,3 +116,9 @@ def register(sub: Any) -> None:
     p.add_argument("--out", default="runs.png")
     p.add_argument("--metrics", nargs="*", default=None, help="only these metrics, e.g. pooled/modality_gap mutual_knn")
     p.set_defaults(func=cmd_plot_runs)
+    p = sub.add_parser("lmms-task", help="write a LLaVA-format question set as a local lmms-eval task (no Hub needed)")
+    p.add_argument("questions", help="LLaVA JSON whose records carry 'answer', e.g. data/digits/test.json")
+    p.add_argument("out", help="task folder parent, given to lmms-eval as --include_path")
+    p.add_argument("--name", default="alignlm_local", help="task name (and sub-folder)")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.set_defaults(func=cmd_lmms_task)

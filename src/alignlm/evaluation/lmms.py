@@ -1,15 +1,76 @@
 """Run lmms-eval on an exported alignlm model: ``accelerate launch -m alignlm.evaluation.lmms --model llava_hf ...``.
 
-The same arguments as ``lmms-eval``; first it removes one incompatibility between lmms-eval (<= 0.7.3) and
-transformers 5: lmms-eval's ``llava_hf`` passes ``image_sizes`` to ``generate``, and transformers 5's Llava then splits
-image features Pixtral-style with ``vision_tower.patch_size``, which CLIP and SigLIP towers lack. Those towers take
-fixed-size images, so the argument carries nothing for them and is dropped; any other tower receives it unchanged.
+The same arguments as ``lmms-eval``; first it removes one incompatibility between lmms-eval and transformers 5:
+lmms-eval's simple ``llava_hf`` class (and its releases before 0.7) passes ``image_sizes`` to ``generate``, and
+transformers 5's Llava then splits image features Pixtral-style with ``vision_tower.patch_size``, which CLIP and
+SigLIP towers lack. Those towers take fixed-size images, so the argument carries nothing for them and is dropped; any
+other tower receives it unchanged. (lmms-eval 0.7.3's default chat ``llava_hf`` does not pass it.)
+
+``write_local_task`` turns a LLaVA-format question set (the offline ``digits`` / ``shapes`` test sets, or any set
+whose records carry ``answer``) into an lmms-eval task folder for ``--include_path``: lmms-eval tasks otherwise
+download their data from the Hugging Face Hub.
 """
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 from typing import Any, Sequence
+
+TASK_UTILS = '''"""lmms-eval task functions for a question set written by ``alignlm lmms-task``."""
+
+from PIL import Image
+
+from alignlm.evaluation.answers import score_answer
+
+
+def doc_to_visual(doc):
+    return [Image.open(doc["image"]).convert("RGB")]
+
+
+def doc_to_text(doc, lmms_eval_specific_kwargs=None):
+    return doc["question"]
+
+
+def process_results(doc, results):
+    return {"accuracy": score_answer(results[0], doc["answer"])}
+'''
+
+
+def write_local_task(questions: Path, out_dir: Path, name: str, max_new_tokens: int = 16) -> Path:
+    """Write ``out_dir/name/`` (task YAML, ``utils.py``, ``name.jsonl`` with absolute image paths); returns it.
+
+    Each record's first human turn, without its ``<image>`` placeholder, is the question; ``answer`` the reference,
+    scored as ``alignlm eval`` scores it (normalised exact match, or VQA accuracy for a list of answers).
+    """
+    records = json.loads(Path(questions).read_text())
+    task = Path(out_dir) / name
+    task.mkdir(parents=True, exist_ok=True)
+    root = Path(questions).resolve().parent
+    with open(task / f"{name}.jsonl", "w") as f:
+        for r in records:
+            if "answer" not in r or "image" not in r:
+                raise ValueError(f"{questions}: record {r.get('id')!r} needs 'image' and 'answer' to be a question")
+            human = next(t["value"] for t in r["conversations"] if t["from"] == "human")
+            f.write(json.dumps({"question_id": r["id"], "image": str(root / r["image"]),
+                                "question": human.replace("<image>", "").strip(), "answer": r["answer"]}) + "\n")
+    (task / "utils.py").write_text(TASK_UTILS)
+    (task / f"{name}.yaml").write_text(
+        f"# lmms-eval task over {Path(questions).resolve()} (written by alignlm lmms-task)\n"
+        f"task: {name}\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {(task / f'{name}.jsonl').resolve()}\n"
+        "test_split: test\n"
+        "output_type: generate_until\n"
+        "doc_to_visual: !function utils.doc_to_visual\n"
+        "doc_to_text: !function utils.doc_to_text\n"
+        "doc_to_target: answer\n"
+        f"generation_kwargs:\n  max_new_tokens: {max_new_tokens}\n  temperature: 0\n  do_sample: false\n  num_beams: 1\n"
+        "process_results: !function utils.process_results\n"
+        "metric_list:\n  - metric: accuracy\n    aggregation: mean\n    higher_is_better: true\n"
+        "metadata:\n  - version: 0.0\n")
+    return task
 
 
 def drop_unused_image_sizes() -> None:

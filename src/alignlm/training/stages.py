@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import torch
 from torch import nn
 
 from alignlm.models.mllm import AlignLM
@@ -69,19 +70,29 @@ def trainable_parts(parts: Mapping[str, str]) -> list[str]:
 
 
 def param_groups(model: AlignLM, lr: Mapping[str, float], weight_decay: float) -> list[dict[str, Any]]:
-    """One group per (part, decay) pair: biases and norm weights are never decayed."""
+    """One group per (part, lr scale, decay) triple: biases and norm weights are never decayed.
+
+    A part may define ``lr_scales() -> {parameter-name prefix: multiplier}`` for sub-modules that need a smaller
+    step than the rest of the part (the MoE router: at the connector's learning rate its logits swing by whole
+    units per step and routing collapses); the longest matching prefix wins.
+    """
     groups = []
     for part in model.PARTS:
-        params = [(n, p) for n, p in getattr(model, part).named_parameters() if p.requires_grad]
+        module = getattr(model, part)
+        params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         if not params:
             continue
         if part not in lr:
             raise ValueError(f"stage.lr.{part} is missing but the {part} trains in this stage")
-        decay = [p for n, p in params if p.ndim >= 2]
-        no_decay = [p for n, p in params if p.ndim < 2]
-        for ps, wd in ((decay, weight_decay), (no_decay, 0.0)):
-            if ps:
-                groups.append({"params": ps, "lr": float(lr[part]), "weight_decay": wd, "name": part})
+        scales = getattr(module, "lr_scales", dict)()
+        by_key: dict[tuple[str, float, bool], list[torch.nn.Parameter]] = {}
+        for n, p in params:
+            prefix = max((k for k in scales if n == k or n.startswith(k + ".")), key=len, default="")
+            decays = p.ndim >= 2 and not n.rsplit(".", 1)[-1].startswith("bias")  # stacked MoE biases are 2-D
+            by_key.setdefault((prefix, float(scales.get(prefix, 1.0)), decays), []).append(p)
+        for (prefix, scale, decays), ps in by_key.items():
+            groups.append({"params": ps, "lr": float(lr[part]) * scale, "weight_decay": weight_decay if decays else 0.0,
+                           "name": f"{part}.{prefix}" if prefix else part})
     if not groups:
         raise ValueError("stage trains nothing: set at least one of stage.parts to full or lora")
     return groups

@@ -38,24 +38,31 @@ class MoEConnector(Connector):
     """Experts ``Linear(Dv, Dl) -> GELU -> Linear(Dl, Dl)``, router ``Linear(Dv, E, bias=False)``."""
 
     def __init__(self, in_dim: int, out_dim: int, num_experts: int = 4, top_k: int = 2,
-                 balance_weight: float = 0.1, z_weight: float = 0.01) -> None:
+                 balance_weight: float = 0.1, z_weight: float = 0.01, router_lr_scale: float = 1.0) -> None:
         super().__init__(in_dim, out_dim)
         if num_experts < 1 or not 1 <= top_k <= num_experts:
             raise ValueError(f"model.connector: need num_experts >= 1 and 1 <= top_k <= num_experts, "
                              f"got num_experts={num_experts}, top_k={top_k}")
         self.num_experts, self.top_k = num_experts, top_k
         self.balance_weight, self.z_weight = balance_weight, z_weight
+        if router_lr_scale <= 0:
+            raise ValueError(f"model.connector.router_lr_scale must be > 0, got {router_lr_scale}")
+        self.router_lr_scale = router_lr_scale
         self.router = nn.Linear(in_dim, num_experts, bias=False)
         # Expert weights stacked [E, in, out], initialised like nn.Linear (uniform +-1/sqrt(fan_in)).
         self.w1 = nn.Parameter(self._uniform(num_experts, in_dim, out_dim))
-        self.b1 = nn.Parameter(self._uniform(num_experts, 1, out_dim, fan_in=in_dim).squeeze(1))
+        self.bias1 = nn.Parameter(self._uniform(num_experts, 1, out_dim, fan_in=in_dim).squeeze(1))
         self.w2 = nn.Parameter(self._uniform(num_experts, out_dim, out_dim))
-        self.b2 = nn.Parameter(self._uniform(num_experts, 1, out_dim, fan_in=out_dim).squeeze(1))
+        self.bias2 = nn.Parameter(self._uniform(num_experts, 1, out_dim, fan_in=out_dim).squeeze(1))
 
     @staticmethod
     def _uniform(e: int, rows: int, cols: int, fan_in: int | None = None) -> torch.Tensor:
         bound = 1.0 / math.sqrt(fan_in or rows)
         return torch.empty(e, rows, cols).uniform_(-bound, bound)
+
+    def lr_scales(self) -> dict[str, float]:
+        """The router trains at ``router_lr_scale`` times the connector's learning rate (see ``param_groups``)."""
+        return {"router": self.router_lr_scale}
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Router logits, probabilities (float32), and the renormalised top-k weights and expert ids per token."""
@@ -73,8 +80,8 @@ class MoEConnector(Connector):
         capacity = int(onehot.sum(0).max())
         buf = x.new_zeros(self.num_experts, capacity, x.shape[-1])
         buf[flat, slot] = x.repeat_interleave(k, dim=0)
-        h = F.gelu(torch.baddbmm(self.b1[:, None].to(x.dtype), buf, self.w1.to(x.dtype)))
-        out = torch.baddbmm(self.b2[:, None].to(x.dtype), h, self.w2.to(x.dtype))
+        h = F.gelu(torch.baddbmm(self.bias1[:, None].to(x.dtype), buf, self.w1.to(x.dtype)))
+        out = torch.baddbmm(self.bias2[:, None].to(x.dtype), h, self.w2.to(x.dtype))
         return out[flat, slot].view(t, k, -1)
 
     def forward(self, features: torch.Tensor) -> ConnectorOutput:
@@ -103,6 +110,6 @@ class MoEConnector(Connector):
         e = self.num_experts
         return {
             "router.weight": self.router.weight.detach().clone(),
-            "w1": state["proj.0.weight"].t().expand(e, -1, -1).clone(), "b1": state["proj.0.bias"].expand(e, -1).clone(),
-            "w2": state["proj.2.weight"].t().expand(e, -1, -1).clone(), "b2": state["proj.2.bias"].expand(e, -1).clone(),
+            "w1": state["proj.0.weight"].t().expand(e, -1, -1).clone(), "bias1": state["proj.0.bias"].expand(e, -1).clone(),
+            "w2": state["proj.2.weight"].t().expand(e, -1, -1).clone(), "bias2": state["proj.2.bias"].expand(e, -1).clone(),
         }
