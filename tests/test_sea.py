@@ -221,9 +221,11 @@ def test_objective_shapes_and_gradient_reaches_the_connector_only(tiny_model):
 
 
 def test_sea_objective_config_defaults():
+    """METHODS.md defaults in the objective config; the shapes recipe samples its coverage-fraction labels at 1.0."""
+    assert compose("+objective@x=sea").x.t_sample == 0.1
     cfg = compose("+exp=sea")
     sea = cfg.stages.pretrain.objectives.sea
-    assert (sea.weight, sea.k, sea.t_sample, sea.tau) == (1.0, 5, 0.1, 0.07)
+    assert (sea.weight, sea.k, sea.t_sample, sea.tau) == (1.0, 5, 1.0, 0.07)
     assert set(cfg.stages.pretrain.objectives) == {"lm", "sea"} and set(cfg.stages.finetune.objectives) == {"lm"}
     assert set(compose("+exp=baseline").stages.pretrain.objectives) == {"lm"}
 
