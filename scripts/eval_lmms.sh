@@ -22,7 +22,7 @@ if [[ "$tasks" == *.json ]]; then  # a local question set -> an lmms-eval task f
 fi
 nproc=${NUM_PROCESSES:-1}
 args="pretrained=$export_dir,dtype=${DTYPE:-bfloat16}"
-flags=(--model llava_hf --tasks "$tasks" "${include[@]}" --batch_size 1 --log_samples
+flags=(--model llava_hf --tasks "$tasks" ${include[@]+"${include[@]}"} --batch_size 1 --log_samples
        --output_path "${OUTPUT_PATH:-$export_dir/lmms_eval}" "$@")
 if [ "$nproc" = 1 ]; then  # llava_hf needs the device named twice (device_map, and device for its .to() calls)
   dev=${DEVICE:-$(python -c 'import torch; print("cuda:0" if torch.cuda.is_available() else "cpu")')}
