@@ -8,7 +8,9 @@ import math
 import pytest
 import torch
 
-from alignlm.revision.dual_encoder import grouped_recall, info_nce
+from torch import nn
+
+from alignlm.revision.dual_encoder import fit_heads, grouped_recall, info_nce
 
 
 def test_info_nce_is_low_for_matched_pairs_and_symmetric():
@@ -30,6 +32,29 @@ def test_grouped_recall_counts_same_caption_hits_and_gives_exact_chance():
     assert r["chance@2"] == pytest.approx((5 / 6 + 5 / 6 + 1 / 2 + 1 / 2) / 4)
 
 
+class _Heads(nn.Module):
+    """The trained part of the dual encoder, on toy features (what ``fit_heads`` touches)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.image_head, self.text_head = nn.Linear(6, 4), nn.Linear(5, 4)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+
+def test_fit_heads_learns_the_temperature_unless_it_is_fixed():
+    torch.manual_seed(0)
+    img, txt = torch.randn(64, 6), torch.randn(64, 5)
+    learnt, fixed = _Heads(), _Heads()
+    fit_heads(learnt, img, txt, epochs=3, batch_size=16)
+    head_before = fixed.image_head.weight.clone()
+    fit_heads(fixed, img, txt, epochs=3, batch_size=16, temperature=0.01)
+    assert learnt.logit_scale.item() != pytest.approx(math.log(1 / 0.07))
+    assert fixed.logit_scale.item() == pytest.approx(math.log(100.0))
+    assert not torch.equal(fixed.image_head.weight, head_before)
+    with pytest.raises(ValueError, match="temperature must be in"):
+        fit_heads(_Heads(), img, txt, epochs=1, temperature=0.0)
+
+
 @pytest.mark.slow
 def test_fit_with_the_real_towers_writes_a_loadable_encoder(tmp_path, colour_set, capsys):
     from alignlm.cli import main
@@ -37,8 +62,10 @@ def test_fit_with_the_real_towers_writes_a_loadable_encoder(tmp_path, colour_set
 
     out = tmp_path / "enc"
     assert main(["dual-encoder", "fit", "--train", str(colour_set["pretrain"]), "--eval", str(colour_set["pretrain"]),
-                 "--out", str(out), "--image-size", "64", "--dim", "32", "--epochs", "30", "--batch-size", "16"]) == 0
+                 "--out", str(out), "--image-size", "64", "--dim", "32", "--epochs", "30", "--batch-size", "16",
+                 "--temperature", "0.01"]) == 0
     report = json.loads(capsys.readouterr().out)
+    assert report["temperature"] == pytest.approx(0.01) and not report["temperature_learnt"]
     held = report[str(colour_set["pretrain"])]
     assert report["loss_last_epoch"] < report["loss_first_epoch"]
     assert held["i2t_recall@1"] > held["chance@1"] and held["t2i_recall@1"] > held["chance@1"]

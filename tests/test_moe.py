@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from alignlm.models.connectors import MLPConnector, MoEConnector
-from alignlm.models.connectors.moe import balance_loss, z_loss
+from alignlm.models.connectors.moe import balance_loss, capacity_route, z_loss
 from alignlm.models.io import load_final_weights, load_part_state, part_state
 from alignlm.training.pipeline import run
 from tests.conftest import compose, make_batch, tiny_overrides
@@ -121,3 +122,58 @@ def test_text_only_batch_does_not_train_the_router():
     out = model(make_batch(model, [0, 0]))
     assert all(v.item() == 0 for v in out.aux_losses.values())
     load_part_state(model, part_state(model, ["connector"]), ["connector"])  # its own layout loads unchanged
+
+
+def _loads(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
+    return torch.bincount(experts.reshape(-1), minlength=num_experts)
+
+
+def test_capacity_route_caps_every_expert_and_gives_each_token_k_distinct_experts():
+    torch.manual_seed(0)
+    skew = torch.tensor([4.0, 2.0, 0.0, -2.0])  # every token prefers expert 0, then 1
+    probs = (torch.randn(128, 4) + skew).softmax(-1)
+    capacity = math.ceil(1.1 * 128 * 2 / 4)
+    experts = capacity_route(probs, 2, capacity)
+    assert experts.shape == (128, 2) and (experts[:, 0] != experts[:, 1]).all()
+    load = _loads(experts, 4)
+    assert load.sum() == 256 and load.max() <= capacity
+    share = load / 256  # the cap bounds the smallest share too: 1 - 3 * 1.1 / 4
+    assert share.min() >= 1 - 3 * capacity / 256 and share.min() > 0.10
+    assert _loads(probs.topk(2, -1).indices, 4)[3] < 10  # without the cap expert 3 would starve
+    # the most confident tokens keep their first choice
+    first = experts.eq(0).any(1)
+    assert probs[first, 0].min() >= probs[~first, 0].max()
+
+
+def test_capacity_route_changes_nothing_when_no_expert_is_over_its_cap():
+    probs = torch.randn(40, 4).softmax(-1)
+    torch.testing.assert_close(capacity_route(probs, 2, 80), probs.topk(2, -1).indices)
+
+
+def test_capacity_route_fills_short_tokens_over_the_cap_rather_than_dropping_them():
+    # capacity 3 for 4 tokens x top-2 over 3 experts: the least confident token is refused by experts 0 and 1,
+    # gets expert 2, and must still get a second expert: its best one, over the cap
+    probs = torch.tensor([[0.5, 0.4, 0.1]] * 3 + [[0.45, 0.35, 0.2]])
+    experts = capacity_route(probs, 2, 3)
+    assert (experts[:, 0] != experts[:, 1]).all()
+    assert experts[3].tolist() == [0, 2] and _loads(experts, 3).tolist() == [4, 3, 1]
+
+
+def test_moe_capacity_applies_in_training_only_by_default_and_logs_both_loads():
+    torch.manual_seed(0)
+    moe = MoEConnector(6, 5, num_experts=4, top_k=2, capacity_factor=1.1)
+    with torch.no_grad():
+        moe.router.weight.zero_()
+        moe.router.weight[0, 0] = 5.0  # a skewed router: feature 0 > 0 sends tokens to expert 0
+    x = torch.randn(4, 32, 6).abs()
+    out = moe(x)
+    loads = torch.stack([out.metrics[f"expert_load/{e}"] for e in range(4)])
+    assert loads.max() <= math.ceil(1.1 * 128 * 2 / 4) / 256 + 1e-6 and loads.min() > 0.10
+    assert out.metrics["expert_pref/0"] > 0.45 and out.metrics["moe_rerouted"] > 0
+    moe.eval()
+    flat = x.reshape(-1, 6)
+    _, probs, _, experts = moe.route(flat)
+    torch.testing.assert_close(experts, probs.topk(2, -1).indices)  # eval_capacity_factor null: plain top-k
+    assert "moe_rerouted" not in moe(x).metrics
+    with pytest.raises(ValueError, match="capacity_factor must be >= 1"):
+        MoEConnector(6, 5, capacity_factor=0.9)

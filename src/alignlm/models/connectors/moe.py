@@ -5,9 +5,18 @@ probabilities. The router is kept honest by two auxiliary losses, returned with 
 so the trainer adds them as they are: the Switch-Transformer balance loss ``E * sum_e f_e * P_e`` (1 for
 perfectly uniform routing) and the router z-loss ``mean(logsumexp(logits)^2)`` (keeps logits small).
 
+Optional expert capacity (``capacity_factor``, GShard / Switch style, separate knobs for training and
+evaluation): no expert takes more than ``ceil(capacity_factor * T * k / E)`` of a batch's ``T * k`` (token, slot)
+pairs. Nothing is dropped, since a connector has no residual path to carry a dropped token: a token refused by a
+full expert goes to its next preferred expert with room (``capacity_route``). The cap bounds every expert's
+share from above, and so from below too: with ``E = 4, k = 2`` and a factor of 1.1 each share lies in
+[17.5 %, 27.5 %]. The balance loss still sees the router's own preference, so the router keeps learning to
+balance and the cap only moves the few tokens it must; the log has both loads.
+
 Dispatch is vectorised: (token, slot) pairs are scattered into a ``[E, capacity, Dv]`` buffer (capacity = the
 busiest expert's load, so nothing is dropped), all experts run as one batched matmul, and results are gathered
-back. No Python loop over tokens or experts. ``adapt_state`` upcycles a dense ``mlp2x_gelu`` connector: every
+back. No Python loop over tokens or experts (``capacity_route`` loops over at most ``E`` preference ranks, each
+one vectorised over all tokens). ``adapt_state`` upcycles a dense ``mlp2x_gelu`` connector: every
 expert copies the dense weights, so the MoE output equals the dense output at step 0 whatever the router says.
 """
 
@@ -29,6 +38,40 @@ def balance_loss(probs: torch.Tensor, top1: torch.Tensor) -> torch.Tensor:
     return num_experts * (f * probs.mean(0)).sum()
 
 
+def capacity_route(probs: torch.Tensor, top_k: int, capacity: int) -> torch.Tensor:
+    """Each token's ``top_k`` distinct experts ``[T, top_k]`` (by descending probability), no expert over ``capacity``.
+
+    Round ``r`` offers every token still short of ``top_k`` experts to its ``r``-th preferred expert; among the
+    tokens offered to one expert the most confident are taken first, until the expert is full. After ``E`` rounds
+    every token has been offered every expert. Tokens can only be left short when ``capacity < T * k / (E - k + 1)``
+    (all their other experts are full); they then take their best remaining experts over the cap, so every token
+    always gets ``top_k`` experts.
+    """
+    t, e = probs.shape
+    ranked = probs.argsort(-1, descending=True)
+    taken = torch.zeros(t, e, dtype=torch.bool, device=probs.device)
+    load = torch.zeros(e, dtype=torch.long, device=probs.device)
+    for r in range(e):
+        need = taken.sum(1) < top_k
+        if not bool(need.any()):
+            break
+        choice = ranked[:, r]
+        score = torch.where(need, probs.gather(1, choice[:, None]).squeeze(1), torch.full_like(probs[:, 0], -1.0))
+        order = score.argsort(descending=True)  # priority: the most confident tokens first
+        ch, nd = choice[order], need[order]
+        queued = (F.one_hot(ch, e) * nd[:, None]).cumsum(0).gather(1, ch[:, None]).squeeze(1)  # 1-based place in queue
+        accept = torch.zeros_like(need)
+        accept[order] = nd & (load[ch] + queued <= capacity)
+        taken[accept.nonzero().squeeze(1), choice[accept]] = True
+        load += torch.bincount(choice[accept], minlength=e)
+    short = top_k - taken.sum(1)
+    if bool(short.any()):  # over the cap, only when the factor is below E / (E - k + 1)
+        spare = probs.masked_fill(taken, -1.0).argsort(-1, descending=True)  # untaken experts first, best first
+        extra = torch.arange(e, device=probs.device)[None, :] < short[:, None]
+        taken.scatter_(1, spare, taken.gather(1, spare) | extra)
+    return probs.masked_fill(~taken, -1.0).topk(top_k, dim=-1).indices
+
+
 def z_loss(logits: torch.Tensor) -> torch.Tensor:
     """Router z-loss (ST-MoE): ``mean(logsumexp(logits)^2)``."""
     return torch.logsumexp(logits, dim=-1).pow(2).mean()
@@ -38,7 +81,8 @@ class MoEConnector(Connector):
     """Experts ``Linear(Dv, Dl) -> GELU -> Linear(Dl, Dl)``, router ``Linear(Dv, E, bias=False)``."""
 
     def __init__(self, in_dim: int, out_dim: int, num_experts: int = 4, top_k: int = 2,
-                 balance_weight: float = 0.1, z_weight: float = 0.01, router_lr_scale: float = 1.0) -> None:
+                 balance_weight: float = 0.1, z_weight: float = 0.01, router_lr_scale: float = 1.0,
+                 capacity_factor: float | None = None, eval_capacity_factor: float | None = None) -> None:
         super().__init__(in_dim, out_dim)
         if num_experts < 1 or not 1 <= top_k <= num_experts:
             raise ValueError(f"model.connector: need num_experts >= 1 and 1 <= top_k <= num_experts, "
@@ -48,6 +92,11 @@ class MoEConnector(Connector):
         if router_lr_scale <= 0:
             raise ValueError(f"model.connector.router_lr_scale must be > 0, got {router_lr_scale}")
         self.router_lr_scale = router_lr_scale
+        for name, factor in (("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor)):
+            if factor is not None and factor < 1:
+                raise ValueError(f"model.connector.{name} must be >= 1 (or null: no cap), got {factor}: below 1 the "
+                                 f"experts together cannot take every token's top_k slots")
+        self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
         self.router = nn.Linear(in_dim, num_experts, bias=False)
         # Expert weights stacked [E, in, out], initialised like nn.Linear (uniform +-1/sqrt(fan_in)).
         self.w1 = nn.Parameter(self._uniform(num_experts, in_dim, out_dim))
@@ -64,11 +113,21 @@ class MoEConnector(Connector):
         """The router trains at ``router_lr_scale`` times the connector's learning rate (see ``param_groups``)."""
         return {"router": self.router_lr_scale}
 
+    def capacity(self, tokens: int) -> int | None:
+        """The most (token, slot) pairs one expert takes in a batch of ``tokens`` (None: no cap in this mode)."""
+        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        return None if factor is None else math.ceil(factor * tokens * self.top_k / self.num_experts)
+
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Router logits, probabilities (float32), and the renormalised top-k weights and expert ids per token."""
+        """Router logits, probabilities (float32), and the renormalised weights and ids of each token's experts."""
         logits = self.router(x).float()
         probs = logits.softmax(-1)
-        weights, experts = probs.topk(self.top_k, dim=-1)
+        capacity = self.capacity(len(x))
+        if capacity is None:
+            weights, experts = probs.topk(self.top_k, dim=-1)
+        else:
+            experts = capacity_route(probs.detach(), self.top_k, capacity)
+            weights = probs.gather(1, experts)
         return logits, probs, weights / weights.sum(-1, keepdim=True), experts
 
     def experts_forward(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
@@ -89,10 +148,16 @@ class MoEConnector(Connector):
         x = features.reshape(-1, features.shape[-1])
         logits, probs, weights, experts = self.route(x)
         y = (self.experts_forward(x, experts) * weights.unsqueeze(-1).to(x.dtype)).sum(1)
-        balance, z = balance_loss(probs, experts[:, 0]), z_loss(logits)
+        preferred = probs.topk(self.top_k, dim=-1).indices  # the router's own choice, before any capacity cap
+        balance, z = balance_loss(probs, preferred[:, 0]), z_loss(logits)
         load = torch.bincount(experts.reshape(-1), minlength=self.num_experts).float() / experts.numel()
         metrics = {"moe_balance": balance.detach(), "moe_z": z.detach()}
         metrics.update({f"expert_load/{e}": load[e] for e in range(self.num_experts)})
+        if self.capacity(len(x)) is not None:
+            pref = torch.bincount(preferred.reshape(-1), minlength=self.num_experts).float() / preferred.numel()
+            metrics.update({f"expert_pref/{e}": pref[e] for e in range(self.num_experts)})
+            kept = (F.one_hot(experts, self.num_experts).sum(1) * F.one_hot(preferred, self.num_experts).sum(1)).sum()
+            metrics["moe_rerouted"] = 1 - kept.float() / experts.numel()  # share of slots moved off the router's choice
         return ConnectorOutput(
             y.view(*shape, -1),
             aux_losses={"moe_balance": self.balance_weight * balance, "moe_z": self.z_weight * z},
