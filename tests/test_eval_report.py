@@ -137,6 +137,9 @@ def test_eval_defaults_to_the_runs_own_sets(tiny_run, colour_set, tmp_path):
     assert report["checkpoints"][0]["sets"] == {} and report["checkpoints"][0]["probe"]["n"] == 8
     with pytest.raises(FileNotFoundError, match="neither a final/ folder"):
         main(["eval", str(tmp_path), "--out", str(out)])
+    with pytest.raises(ValueError, match=r"nothing to evaluate .* the probe is off \(--no-probe\)"):
+        main(["eval", str(tiny_run / "finetune" / "checkpoints" / "step_000002"), "--out", str(out),
+              "--probe", str(colour_set["pretrain"]), "--no-probe"])
 
 
 def test_plot_runs_side_by_side(tiny_run, tmp_path):

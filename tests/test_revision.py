@@ -98,6 +98,23 @@ def test_revision_dataset_feeds_each_records_caption_embedding(tiny_model, colou
     torch.testing.assert_close(sample["image_embeds"][0, 0], 2 * F.normalize(vectors[sample["id"]], dim=-1))
 
 
+def test_embed_noise_perturbs_each_caption_reproducibly_and_stays_on_the_sphere(tiny_model, colour_set, text_shards):
+    model = tiny_model()
+    folder, vectors = text_shards
+    clean = build_dataset(revision_data(colour_set, folder), model, seed=0)
+    noisy = build_dataset(revision_data(colour_set, folder, embed_noise=0.1), model, seed=0)
+    again = build_dataset(revision_data(colour_set, folder, embed_noise=0.1), model, seed=0)
+    other = build_dataset(revision_data(colour_set, folder, embed_noise=0.1), model, seed=1)
+    a, b = clean[5]["image_embeds"][0], noisy[5]["image_embeds"][0]
+    torch.testing.assert_close(b.norm(dim=-1), torch.ones(16))
+    cos = (a[0] * b[0]).sum().item()
+    assert 0.4 < cos < 0.95  # 32 coordinates of std 0.1: noise of norm ~0.57 against a unit vector
+    assert torch.equal(b, again[5]["image_embeds"][0]) and torch.equal(b[0], b[-1])  # one draw, on every token
+    assert not torch.equal(b, other[5]["image_embeds"][0])
+    with pytest.raises(DataError, match="data.embed_noise must be >= 0"):
+        build_dataset(revision_data(colour_set, folder, embed_noise=-0.1), model, seed=0)
+
+
 def test_revision_dataset_errors_name_the_config_key(tiny_model, colour_set, text_shards, tmp_path):
     model = tiny_model()
     folder, vectors = text_shards

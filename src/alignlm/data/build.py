@@ -50,7 +50,7 @@ def _revision(data_cfg: Mapping[str, Any], model: Any, sources: list[Source], co
     vision = model.vision
     return ReVisionDataset(sources, **common, text_embeds=str(data_cfg["text_embeds"]), realign=data_cfg.get("realign"),
                            num_tokens=vision.num_patches, dim=vision.hidden_size, scale=getattr(vision, "scale", 1.0),
-                           encoder=getattr(vision, "encoder_name", None))
+                           encoder=getattr(vision, "encoder_name", None), embed_noise=float(data_cfg.get("embed_noise") or 0.0))
 
 
 def _sea_labels(data_cfg: Mapping[str, Any], model: Any) -> Any:

@@ -7,11 +7,18 @@ text-embedding shards (``alignlm embed --texts``, found by record id), L2-normal
 statistics are given (``data.realign``; without them, the raw normalised embedding: the ablation), multiplied by
 the tower's ``scale`` and broadcast to its ``N`` tokens: what ``DualEncoderTower`` gives a real image. Every record's id is
 checked against the shards at start-up, so a mismatch fails before step 1.
+
+``data.embed_noise`` (CapDec-style noise injection, off by default): Gaussian noise of that standard deviation per
+coordinate is added to the unit (ReAligned) embedding, which is then re-normalised. Why: a set of templated captions
+gives few distinct embeddings, and a connector fitted on those points alone maps a real image's embedding, which
+lies at some distance from its caption's, to nonsense; noise of that distance teaches it the neighbourhood. One
+draw per record, seeded by the run's seed and the record id, so a resumed run sees the same inputs.
 """
 
 from __future__ import annotations
 
 import logging
+import zlib
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -29,8 +36,12 @@ class ReVisionDataset(LlavaDataset):
     """A LLaVA caption dataset whose one image per record is that record's caption embedding."""
 
     def __init__(self, sources: Sequence[Source], *args: Any, text_embeds: str | Path, realign: str | Path | None = None,
-                 num_tokens: int, dim: int, scale: float = 1.0, encoder: str | None = None, **kwargs: Any) -> None:
+                 num_tokens: int, dim: int, scale: float = 1.0, encoder: str | None = None, embed_noise: float = 0.0,
+                 **kwargs: Any) -> None:
         super().__init__(sources, *args, **kwargs)
+        if embed_noise < 0:
+            raise DataError(f"data.embed_noise must be >= 0 (a standard deviation per coordinate), got {embed_noise}")
+        self.embed_noise, self.noise_seed = float(embed_noise), int(kwargs.get("seed", 0))
         self.table = ShardTable(text_embeds)
         where = f"data.text_embeds={text_embeds}"
         if self.table.dim != dim:
@@ -64,5 +75,9 @@ class ReVisionDataset(LlavaDataset):
         """``image_embeds`` ``[1, N, D]``: the caption's unit (ReAligned) embedding, scaled, on every visual token."""
         rows = torch.from_numpy(self.table[inputs[0]]).to(torch.float64).unsqueeze(0)
         unit = F.normalize(rows, dim=-1) if self.realign is None else self.realign(rows)
+        if self.embed_noise:
+            g = torch.Generator().manual_seed(zlib.crc32(f"{self.noise_seed}:{inputs[0]}".encode()))
+            noise = torch.randn(unit.shape, generator=g, dtype=unit.dtype)
+            unit = F.normalize(unit + self.embed_noise * noise, dim=-1)
         embeds = (unit * self.scale).float()
         return {"pixel_values": None, "image_embeds": embeds.unsqueeze(1).expand(-1, self.num_tokens, -1)}

@@ -62,12 +62,17 @@ def probe_path(ecfg: Mapping[str, Any], sets: list[dict[str, Any]]) -> str | Non
 def evaluate_checkpoint(ck: C.Checkpoint, ecfg: Mapping[str, Any], device: torch.device) -> tuple[dict[str, Any], dict[str, Any]]:
     """One checkpoint's results, and the pooled features the plots draw."""
     t0 = time.perf_counter()
-    model = C.load(ck).to(device)
     train_cfg = C.stage_config(ck)
+    sets = eval_sets(ecfg, train_cfg)
+    pcfg = dict(ecfg.get("probe") or {})
+    path = probe_path(ecfg, sets)
+    if not sets and not (path and pcfg.get("enabled", True)):
+        raise ValueError(f"nothing to evaluate for {ck.label}: its run had eval.sets=[] and no --sets NAME=PATH was "
+                         f"given, and the probe is {'off (--no-probe)' if path else 'without a caption set (probe.path)'}")
+    model = C.load(ck).to(device)
     data_cfg = C.data_config(ck, train_cfg)
     if ecfg.get("template"):
         data_cfg["template"] = ecfg["template"]
-    sets = eval_sets(ecfg, train_cfg)
     result: dict[str, Any] = {"label": ck.label, "path": str(ck.path), "kind": ck.kind, "run": ck.run, "stage": ck.stage,
                               "step": ck.step, "template": data_cfg.get("template"), "sets": {}}
     gen = dict(ecfg.get("generation") or {})
@@ -80,8 +85,6 @@ def evaluate_checkpoint(ck: C.Checkpoint, ecfg: Mapping[str, Any], device: torch
         result["sets"][s["name"]] = r
     t_gen = time.perf_counter()
     features: dict[str, Any] = {}
-    pcfg = dict(ecfg.get("probe") or {})
-    path = probe_path(ecfg, sets)
     if path and pcfg.get("enabled", True):
         probe = load_probe_set(path, pcfg.get("n"), pcfg.get("image_root"))
         layers = resolve_layers(model, pcfg.get("layers"))
