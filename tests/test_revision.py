@@ -178,3 +178,26 @@ def test_an_unknown_revision_key_is_refused():
 
     with pytest.raises(ValueError, match=r"revision has unknown keys \['realing'\]"):
         prepare({"encoder": "enc", "realing": None}, embeddings=False)
+
+
+def test_zero_shot_scores_are_the_training_loss_of_each_candidate(tiny_model):
+    from alignlm.revision.zero_shot import candidate_batch, candidate_losses, classify
+
+    model = tiny_model().eval()
+    candidates = ["A red square.", "Two blue circles in the top left.", "A green triangle."]
+    embeds = torch.randn(2, 32, generator=torch.Generator().manual_seed(0))
+    losses = candidate_losses(model, embeds, candidates)
+    assert losses.shape == (2, 3) and torch.isfinite(losses).all()
+    batch = candidate_batch(model, candidates)
+    for c, text in enumerate(candidates):  # supervised: the caption and the plain template's newline, nothing else
+        row = batch["labels"][c]
+        assert model.tokenizer.decode(row[row != IGNORE_INDEX]) == text + "\n"
+        assert (batch["input_ids"][c] == model.image_token_id).sum() == model.num_image_tokens
+    for m in range(2):  # each score is the model's own training loss for that candidate alone
+        for c in range(3):
+            one = {k: v[c : c + 1] for k, v in batch.items()}
+            one["image_embeds"] = embeds[m][None, None].expand(1, model.num_image_tokens, -1)
+            torch.testing.assert_close(losses[m, c], model(one).lm_loss_sum, rtol=1e-4, atol=1e-4)
+    assert classify(model, embeds, candidates, ["r", "b", "g"]) == [["r", "b", "g"][int(i)] for i in losses.argmin(1)]
+    with pytest.raises(ValueError, match="2 labels for 3 candidates"):
+        classify(model, embeds, candidates, ["r", "b"])
