@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from alignlm.cli import main
-from alignlm.revision.realign import CentroidSum, Moments, ReAlignStats, apply, fit, moments
+from alignlm.revision.realign import CentroidSum, Moments, ReAlignStats, apply, covariance_map, fit, moments
 from alignlm.revision.shards import list_shards, shard_metadata, write_shard
 
 DIM = 32
@@ -159,3 +159,61 @@ def test_apply_keeps_npy_format(tmp_path, pair):
     (path,) = apply(stats, tmp_path / "txt", tmp_path / "out", rows=100)
     assert path.suffix == ".npy"
     np.testing.assert_allclose(np.load(path), stats(texts).float().numpy(), atol=1e-7)
+
+
+# --------------------------------------------------------------- Anchor + Covariance (extension, opt-in)
+
+
+def test_covariance_map_is_the_trace_scale_for_isotropic_sets():
+    n, mean = 10, torch.zeros(DIM, dtype=torch.float64)
+    image = Moments(n, mean, 0.0, n * 0.04 * torch.eye(DIM, dtype=torch.float64))
+    text = Moments(n, mean, 0.0, n * 0.01 * torch.eye(DIM, dtype=torch.float64))
+    text.m2 = text.comoment.trace().item()
+    torch.testing.assert_close(covariance_map(image, text, 0.0), 2.0 * torch.eye(DIM, dtype=torch.float64))
+
+
+def test_covariance_step_gives_text_the_image_covariance(tmp_path, pair):
+    images, texts = pair
+    stats = fit_tensors(tmp_path, images, texts, covariance=0.0)
+    y = F.normalize(texts.double(), dim=-1)
+    x = F.normalize(images.double(), dim=-1)
+    moved = (y - stats.mu_y) @ stats.A.T  # the affine part of Anchor + Covariance, before normalising
+    torch.testing.assert_close(torch.cov(moved.T, correction=0), torch.cov(x.T, correction=0), rtol=0, atol=1e-10)
+    same = fit_tensors(tmp_path / "same", images, images, covariance=0.0)
+    torch.testing.assert_close(same(images), x, rtol=0, atol=1e-8)  # equal statistics: identity
+    out = stats(texts)
+    torch.testing.assert_close(out.norm(dim=-1), torch.ones(len(out), dtype=torch.float64), rtol=0, atol=1e-12)
+    assert (out.mean(0) - stats.mu_x).norm() < 0.2 * (stats.mu_y - stats.mu_x).norm()
+
+
+def test_covariance_statistics_merge_across_shards_and_survive_save_load(tmp_path, pair):
+    images, texts = pair
+    one = fit(write_set(tmp_path / "i1", images, [700]), write_set(tmp_path / "t1", texts, [500]), covariance=0.5)
+    many = fit(write_set(tmp_path / "i2", images, [3, 250, 1, 446]), write_set(tmp_path / "t2", texts, [499, 1]),
+               rows=64, covariance=0.5)
+    torch.testing.assert_close(many.A, one.A, rtol=0, atol=1e-10)
+    torch.testing.assert_close(many.mu1, one.mu1, rtol=0, atol=1e-12)
+    back = ReAlignStats.load(one.save(tmp_path / "stats.safetensors"))
+    assert back.covariance == 0.5 and back.A.dtype == torch.float64
+    torch.testing.assert_close(back(texts), one(texts), rtol=0, atol=0)
+    assert ReAlignStats.load(fit_tensors(tmp_path / "t", images, texts).save(tmp_path / "t.safetensors")).A is None
+
+
+def test_a_low_rank_text_covariance_needs_shrinkage(tmp_path, pair):
+    images, texts = pair
+    few = texts[torch.arange(len(texts)) % 5]  # five distinct captions: rank 4 < DIM
+    with pytest.raises(ValueError, match="rank 4 < 32.*shrinkage"):
+        fit_tensors(tmp_path, images, few, covariance=0.0)
+    assert torch.isfinite(fit_tensors(tmp_path / "ok", images, few, covariance=1.0)(few)).all()
+    with pytest.raises(ValueError, match=">= 0"):
+        fit_tensors(tmp_path / "neg", images, texts, covariance=-1.0)
+
+
+def test_cli_fit_takes_the_covariance_shrinkage(tmp_path, pair, capsys):
+    images, texts = pair
+    write_set(tmp_path / "img", images, [700])
+    write_set(tmp_path / "txt", texts, [500])
+    assert main(["realign", "fit", "--images", str(tmp_path / "img"), "--texts", str(tmp_path / "txt"),
+                 "--out", str(tmp_path / "s.safetensors"), "--covariance", "1.0"]) == 0
+    assert json.loads(capsys.readouterr().out)["covariance"] == 1.0
+    assert ReAlignStats.load(tmp_path / "s.safetensors").A.shape == (DIM, DIM)

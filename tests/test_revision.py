@@ -180,6 +180,25 @@ def test_an_unknown_revision_key_is_refused():
         prepare({"encoder": "enc", "realing": None}, embeddings=False)
 
 
+def test_realign_statistics_are_fitted_with_the_configured_covariance_and_never_reused_across_it(tmp_path):
+    from alignlm.revision.prepare import ensure_realign
+
+    g = torch.Generator().manual_seed(0)
+    emb = tmp_path / "emb"
+    for modality, shift in (("images", 3.0), ("texts", -3.0)):
+        rows = torch.randn(64, 8, generator=g) + shift
+        write_shard(emb / modality / "shard_00000.safetensors", rows,
+                    shard_metadata([f"{modality}{i}" for i in range(64)], "toy", modality))
+    node = {"embeddings": str(emb), "realign": str(tmp_path / "cov.safetensors"), "covariance": 0.5}
+    ensure_realign(node)
+    assert ReAlignStats.load(tmp_path / "cov.safetensors").covariance == 0.5
+    ensure_realign(node)  # same knob: kept
+    with pytest.raises(ValueError, match=r"fitted with covariance=0.5, but revision.covariance=None"):
+        ensure_realign({**node, "covariance": None})
+    ensure_realign({**node, "realign": str(tmp_path / "trace.safetensors"), "covariance": None})
+    assert ReAlignStats.load(tmp_path / "trace.safetensors").A is None
+
+
 def test_zero_shot_scores_are_the_training_loss_of_each_candidate(tiny_model):
     from alignlm.revision.zero_shot import candidate_batch, candidate_losses, classify
 
@@ -201,3 +220,16 @@ def test_zero_shot_scores_are_the_training_loss_of_each_candidate(tiny_model):
     assert classify(model, embeds, candidates, ["r", "b", "g"]) == [["r", "b", "g"][int(i)] for i in losses.argmin(1)]
     with pytest.raises(ValueError, match="2 labels for 3 candidates"):
         classify(model, embeds, candidates, ["r", "b"])
+
+
+def test_factor_shares_split_a_grid_into_its_main_effects_and_interaction():
+    from alignlm.revision.zero_shot import factor_shares
+
+    g = torch.Generator().manual_seed(0)
+    rows, cols = torch.randn(4, 1, 16, generator=g), torch.randn(1, 10, 16, generator=g)
+    only_rows = factor_shares(rows.expand(4, 10, 16) + 5.0)
+    assert only_rows["a"] == pytest.approx(1.0) and only_rows["b"] == pytest.approx(0.0, abs=1e-12)
+    mixed = factor_shares(rows + cols + 0.01 * torch.randn(4, 10, 16, generator=g))
+    assert sum(mixed.values()) == pytest.approx(1.0) and 0 < mixed["interaction"] < 0.01
+    with pytest.raises(ValueError, match=r"\[A, B, D\] grid"):
+        factor_shares(torch.randn(40, 16))

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 log = logging.getLogger(__name__)
 
-KEYS = ("encoder", "fit", "embeddings", "images", "texts", "realign", "shard_size", "batch_size", "device")
+KEYS = ("encoder", "fit", "embeddings", "images", "texts", "realign", "covariance", "shard_size", "batch_size", "device")
 
 
 def prepare(node: Mapping[str, Any], embeddings: bool) -> None:
@@ -65,13 +65,24 @@ def ensure_embeddings(node: Mapping[str, Any]) -> None:
 
 
 def ensure_realign(node: Mapping[str, Any]) -> None:
-    """(c) ReAlign's statistics of the image and caption shards, written to ``revision.realign`` when missing."""
-    from alignlm.revision.realign import fit
+    """(c) ReAlign's statistics of the image and caption shards, written to ``revision.realign`` when missing.
+
+    ``revision.covariance`` (null: METHODS.md's trace step; a shrinkage: Anchor + Covariance) must agree with
+    an existing file, so changing the knob never silently reuses statistics fitted the other way.
+    """
+    from alignlm.revision.realign import ReAlignStats, fit
 
     path = Path(node["realign"])
+    covariance = node.get("covariance")
+    covariance = None if covariance is None else float(covariance)
     if path.exists():
+        stored = ReAlignStats.load(path).covariance
+        if stored != covariance:
+            raise ValueError(f"revision.realign={path} was fitted with covariance={stored}, but revision.covariance="
+                             f"{covariance}: point revision.realign at another file, or delete this one to refit")
         return
     folder = Path(node["embeddings"])
-    stats = fit(folder / "images", folder / "texts")
+    stats = fit(folder / "images", folder / "texts", covariance=covariance)
     stats.save(path)
-    log.info("revision: ReAlign statistics in %s (s=%.3f, gap before %.3f)", path, stats.s, stats.summary()["gap_before"])
+    log.info("revision: ReAlign statistics in %s (s=%.3f, covariance %s, gap before %.3f)", path, stats.s,
+             covariance, stats.summary()["gap_before"])

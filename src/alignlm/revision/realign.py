@@ -7,6 +7,15 @@ With ``x`` the unit image embeddings and ``y`` the unit text embeddings of *unpa
     mu1 = mean(y1) over the whole text set       its own pass
     y2 = norm(y1 - mu1 + mu_x)                   Centroid
 
+An extension beyond METHODS.md, off by default (``covariance``, a shrinkage ``lam >= 0``): Anchor + Covariance
+replaces the single scale ``s`` by the matrix ``A = C_x^1/2 (C_y + lam T_y/D I)^-1/2`` (``C`` the covariances of
+the unit embeddings), ``y1 = norm((y - mu_y) A^T + mu_x)``, so the text set takes the images' covariance, not
+only their total variance. Why: text embeddings vary in directions images do not (a caption's wording, which no
+image shows); the trace step keeps that variance, and a connector pretrained on it learns to read the wording,
+which a real image embedding fills with noise. ``A`` shrinks text directions to the images' spread. With equal
+isotropic covariances it is ``s I`` (the trace step); ``lam`` regularises a text covariance of low rank (few
+distinct captions). Its statistics still stream: :class:`Moments` then also folds the co-moment matrix.
+
 Statistics are float64 and streamed: every pass folds row chunks into a small mergeable record
 (:class:`Moments`, :class:`CentroidSum`), so shards, files and data-parallel ranks each fold their part
 and the merged record equals one pass over everything. Fitting reads the images once and the texts
@@ -56,18 +65,20 @@ class Moments:
     count: int
     mean: Tensor
     m2: float
+    comoment: Tensor | None = None  # sum (v - mean)(v - mean)^T, only when the full covariance is asked for
 
     @classmethod
-    def empty(cls, dim: int) -> Moments:
-        return cls(0, torch.zeros(dim, dtype=torch.float64), 0.0)
+    def empty(cls, dim: int, full: bool = False) -> Moments:
+        zeros = torch.zeros(dim, dim, dtype=torch.float64) if full else None
+        return cls(0, torch.zeros(dim, dtype=torch.float64), 0.0, zeros)
 
     @classmethod
-    def of(cls, unit: Tensor) -> Moments:
+    def of(cls, unit: Tensor, full: bool = False) -> Moments:
         """Moments of a float64 chunk of unit rows; the chunk is left centred (it is a scratch buffer)."""
         mean = unit.mean(dim=0)
         unit.sub_(mean)
         flat = unit.reshape(-1)
-        return cls(unit.shape[0], mean, torch.dot(flat, flat).item())
+        return cls(unit.shape[0], mean, torch.dot(flat, flat).item(), unit.T @ unit if full else None)
 
     def merge(self, other: Moments) -> Moments:
         """The moments of both sets together."""
@@ -76,13 +87,24 @@ class Moments:
             return self
         delta = other.mean - self.mean
         mean = self.mean + delta * (other.count / n)
-        m2 = self.m2 + other.m2 + torch.dot(delta, delta).item() * self.count * other.count / n
-        return Moments(n, mean, m2)
+        weight = self.count * other.count / n
+        m2 = self.m2 + other.m2 + torch.dot(delta, delta).item() * weight
+        comoment = None
+        if self.comoment is not None and other.comoment is not None:
+            comoment = self.comoment + other.comoment + torch.outer(delta, delta) * weight
+        return Moments(n, mean, m2, comoment)
 
     @property
     def trace(self) -> float:
         """``T = mean ||v - mu||^2``: the total variance, the trace of the covariance."""
         return self.m2 / self.count
+
+    @property
+    def covariance(self) -> Tensor:
+        """``C = mean (v - mu)(v - mu)^T`` (needs ``full=True`` records)."""
+        if self.comoment is None:
+            raise ValueError("these moments were folded without the co-moment matrix (full=False)")
+        return self.comoment / self.count
 
 
 @dataclass
@@ -169,12 +191,33 @@ def unit_chunks(shards: Sequence[Shard], rows: int = CHUNK_ROWS) -> Iterator[tup
             start += len(chunk)
 
 
-def moments(shards: Sequence[Shard], rows: int = CHUNK_ROWS) -> Moments:
-    """``mu`` and ``T`` of a set of shards, one pass."""
-    total = Moments.empty(shards[0].dim)
+def moments(shards: Sequence[Shard], rows: int = CHUNK_ROWS, full: bool = False) -> Moments:
+    """``mu`` and ``T`` (and with ``full`` the covariance) of a set of shards, one pass."""
+    total = Moments.empty(shards[0].dim, full)
     for _, x in unit_chunks(shards, rows):
-        total = total.merge(Moments.of(x))
+        total = total.merge(Moments.of(x, full))
     return total
+
+
+def _sym_power(c: Tensor, power: float) -> Tensor:
+    """``C^power`` of a symmetric positive semi-definite matrix, by eigendecomposition (negative noise clipped)."""
+    eigval, eigvec = torch.linalg.eigh(c)
+    return (eigvec * eigval.clamp_min(0).pow(power)) @ eigvec.T
+
+
+def covariance_map(image: Moments, text: Moments, shrinkage: float) -> Tensor:
+    """``A = C_x^1/2 (C_y + shrinkage * T_y/D * I)^-1/2``: the Anchor + Covariance matrix (see the module doc)."""
+    if not shrinkage >= 0:
+        raise ValueError(f"ReAlign covariance shrinkage must be >= 0 (or null: the trace step), got {shrinkage}")
+    c_y = text.covariance
+    dim = c_y.shape[0]
+    c_y = c_y + shrinkage * text.trace / dim * torch.eye(dim, dtype=torch.float64)
+    eigval = torch.linalg.eigvalsh(c_y)
+    if eigval[0] <= 1e-12 * eigval[-1]:
+        rank = int((eigval > 1e-12 * eigval[-1]).sum())
+        raise ValueError(f"the text covariance has rank {rank} < {dim} (few distinct captions): give a positive "
+                         f"covariance shrinkage (revision.covariance / --covariance), e.g. 1.0")
+    return _sym_power(image.covariance, 0.5) @ _sym_power(c_y, -0.5)
 
 
 # ------------------------------------------------------------------------------------------ statistics
@@ -194,15 +237,22 @@ class ReAlignStats:
     n_text: int
     encoder: str = "unknown"
     extra: dict[str, Any] = field(default_factory=dict)
+    A: Tensor | None = None  # Anchor + Covariance matrix; None: the trace step of METHODS.md
+    covariance: float | None = None  # its shrinkage
 
-    def anchor_trace_(self, y: Tensor) -> Tensor:
-        """``y1 = norm((y - mu_y) * s + mu_x)`` on float64 unit rows, in place."""
-        y.sub_(self.mu_y).mul_(self.s).add_(self.mu_x)
-        return _unit_rows_(y, "Anchor + Trace", 0)
+    def anchor_(self, y: Tensor) -> Tensor:
+        """``y1 = norm((y - mu_y) * s + mu_x)``, or ``(y - mu_y) A^T`` in place of ``* s``; float64 unit rows, in place."""
+        y.sub_(self.mu_y)
+        if self.A is None:
+            y.mul_(self.s)
+        else:
+            y.copy_(y @ self.A.T)
+        y.add_(self.mu_x)
+        return _unit_rows_(y, "Anchor + Trace" if self.A is None else "Anchor + Covariance", 0)
 
     def apply_(self, y: Tensor) -> Tensor:
         """``y2``: the ReAligned rows of float64 unit text embeddings, in place."""
-        self.anchor_trace_(y).sub_(self.mu1).add_(self.mu_x)
+        self.anchor_(y).sub_(self.mu1).add_(self.mu_x)
         return _unit_rows_(y, "Centroid", 0)
 
     def __call__(self, embeddings: Tensor) -> Tensor:
@@ -214,14 +264,15 @@ class ReAlignStats:
 
     def to(self, device: torch.device | str) -> ReAlignStats:
         return ReAlignStats(self.mu_x.to(device), self.mu_y.to(device), self.mu1.to(device), self.s, self.T_x,
-                            self.T_y, self.n_image, self.n_text, self.encoder, self.extra)
+                            self.T_y, self.n_image, self.n_text, self.encoder, self.extra,
+                            None if self.A is None else self.A.to(device), self.covariance)
 
     def summary(self) -> dict[str, Any]:
         """The scalars, for logs and the file's JSON metadata."""
         return {
             "format": FORMAT, "encoder": self.encoder, "dim": int(self.mu_x.numel()), "n_image": self.n_image,
             "n_text": self.n_text, "s": self.s, "T_x": self.T_x, "T_y": self.T_y,
-            "gap_before": (self.mu_y - self.mu_x).norm().item(), **self.extra,
+            "gap_before": (self.mu_y - self.mu_x).norm().item(), "covariance": self.covariance, **self.extra,
         }
 
     def save(self, path: str | Path) -> Path:
@@ -233,6 +284,8 @@ class ReAlignStats:
         scalar = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
         tensors = {"mu_x": self.mu_x, "mu_y": self.mu_y, "mu1": self.mu1,
                    "s": scalar(self.s), "T_x": scalar(self.T_x), "T_y": scalar(self.T_y)}
+        if self.A is not None:
+            tensors["A"] = self.A
         tmp = path.with_name(f".{path.name}.tmp")
         save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp),
                   metadata={"realign": json.dumps(self.summary())})
@@ -248,10 +301,10 @@ class ReAlignStats:
             if meta.get("format") != FORMAT:
                 raise ValueError(f"{path}: not a ReAlign statistics file (format {meta.get('format')!r}, want {FORMAT!r})")
             t = {k: f.get_tensor(k) for k in f.keys()}
-        known = {"format", "encoder", "dim", "n_image", "n_text", "s", "T_x", "T_y", "gap_before"}
+        known = {"format", "encoder", "dim", "n_image", "n_text", "s", "T_x", "T_y", "gap_before", "covariance"}
         return cls(t["mu_x"], t["mu_y"], t["mu1"], t["s"].item(), t["T_x"].item(), t["T_y"].item(),
                    meta["n_image"], meta["n_text"], meta.get("encoder", "unknown"),
-                   {k: v for k, v in meta.items() if k not in known})
+                   {k: v for k, v in meta.items() if k not in known}, t.get("A"), meta.get("covariance"))
 
 
 def _encoder_of(images: Sequence[Shard], texts: Sequence[Shard], given: str | None) -> str:
@@ -265,8 +318,11 @@ def _encoder_of(images: Sequence[Shard], texts: Sequence[Shard], given: str | No
 
 
 def fit(image_sources: Any, text_sources: Any, *, encoder: str | None = None, rows: int = CHUNK_ROWS,
-        threads: int = THREADS) -> ReAlignStats:
+        threads: int = THREADS, covariance: float | None = None) -> ReAlignStats:
     """Fit ReAlign's statistics on unpaired image and text shard sets (folders or files).
+
+    ``covariance``: ``None`` for METHODS.md's trace step, or a shrinkage ``>= 0`` for Anchor + Covariance
+    (module doc); the co-moment matrices then stream too (``D x D`` float64 per record).
 
     Under ``torch.distributed`` each rank reads every ``world``-th shard and the records are merged across
     ranks, so all ranks return the same statistics as one process would.
@@ -275,18 +331,20 @@ def fit(image_sources: Any, text_sources: Any, *, encoder: str | None = None, ro
     if images[0].dim != texts[0].dim:
         raise ValueError(f"image embeddings have dim {images[0].dim}, text embeddings {texts[0].dim}: not one space")
     name = _encoder_of(images, texts, encoder)
+    full = covariance is not None
     with _threads(threads):
-        image_m = all_merge(moments(rank_shards(images), rows))
-        text_m = all_merge(moments(rank_shards(texts), rows))
+        image_m = all_merge(moments(rank_shards(images), rows, full))
+        text_m = all_merge(moments(rank_shards(texts), rows, full))
     if image_m.count == 0 or text_m.count == 0:
         raise ValueError(f"empty set: {image_m.count} image and {text_m.count} text embeddings")
     s = (image_m.trace / (text_m.trace + EPS_TRACE)) ** 0.5
+    a = covariance_map(image_m, text_m, float(covariance)) if full else None
     stats = ReAlignStats(image_m.mean, text_m.mean, torch.zeros_like(image_m.mean), s, image_m.trace,
-                         text_m.trace, image_m.count, text_m.count, name)
+                         text_m.trace, image_m.count, text_m.count, name, A=a, covariance=covariance)
     centroid = CentroidSum.empty(texts[0].dim)
     with _threads(threads):
         for _, y in unit_chunks(rank_shards(texts), rows):
-            centroid = centroid.merge(CentroidSum.of(stats.anchor_trace_(y)))
+            centroid = centroid.merge(CentroidSum.of(stats.anchor_(y)))
     stats.mu1 = all_merge(centroid).mean
     return stats
 
@@ -318,7 +376,8 @@ def apply(stats: ReAlignStats, text_sources: Any, out_dir: str | Path, *, rows: 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    stats = fit(args.images, args.texts, encoder=args.encoder, rows=args.chunk_rows, threads=args.threads)
+    stats = fit(args.images, args.texts, encoder=args.encoder, rows=args.chunk_rows, threads=args.threads,
+                covariance=args.covariance)
     stats.save(args.out)
     print(json.dumps({"out": str(args.out), "seconds": round(time.perf_counter() - start, 2), **stats.summary()}, indent=2))
     return 0
@@ -343,6 +402,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     f.add_argument("--encoder", default=None, help="encoder name to record (default: from the shards' metadata)")
     f.add_argument("--chunk-rows", type=int, default=CHUNK_ROWS, help="rows widened to float64 at once")
     f.add_argument("--threads", type=int, default=THREADS, help="intra-op threads (more cores: use torchrun ranks)")
+    f.add_argument("--covariance", type=float, default=None, metavar="SHRINKAGE",
+                   help="match the images' covariance, not only their trace (an extension of METHODS.md; "
+                        "shrinkage >= 0 of the text covariance, e.g. 1.0); default: the trace step")
     f.set_defaults(func=_cmd_fit)
     a = sub.add_parser("apply", help="write ReAligned text embeddings, shard by shard")
     a.add_argument("--stats", required=True, help="file written by `alignlm realign fit`")

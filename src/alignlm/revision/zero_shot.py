@@ -83,3 +83,18 @@ def classify(model: Any, embeds: Tensor, candidates: Sequence[str], labels: Sequ
         raise ValueError(f"{len(labels)} labels for {len(candidates)} candidates")
     best = candidate_losses(model, embeds, candidates, template).argmin(dim=1)
     return [labels[int(c)] for c in best]
+
+
+def factor_shares(grid: Tensor) -> dict[str, float]:
+    """How the variance of vectors on a two-factor grid ``[A, B, D]`` splits: A's main effect, B's, and the rest.
+
+    For the digits captions (A = wording, B = digit) this says what a connector's outputs mostly encode: an image
+    carries the digit but no wording, so a connector whose outputs vary mainly with the wording has little for an
+    image to address. Shares of the total squared deviation from the grand mean; they sum to 1 (balanced grid).
+    """
+    if grid.dim() != 3 or min(grid.shape[:2]) < 2:
+        raise ValueError(f"factor_shares needs an [A, B, D] grid with A, B >= 2, got {tuple(grid.shape)}")
+    x = grid.double() - grid.double().mean((0, 1))
+    total = x.pow(2).sum(-1).mean()
+    a, b = x.mean(1).pow(2).sum(-1).mean() / total, x.mean(0).pow(2).sum(-1).mean() / total
+    return {"a": a.item(), "b": b.item(), "interaction": (1 - a - b).item()}
