@@ -117,6 +117,7 @@ def test_import_export_import_is_lossless_and_trains(colour_set, tmp_path):
     (["model/connector=linear"], "LinearConnector has no Llava counterpart"),
     (["model.connector.depth=3"], r"MLPConnector\(depth=3\) has no Llava counterpart"),
     (["model/vision=efficientnet_lite0", "model.vision.weights=null"], "EfficientNetLiteTower is not a transformers vision model"),
+    (["model.visual_token_norm=1.0"], "fixed norm"),
 ])
 def test_unsupported_combinations_fail_up_front(overrides, match):
     model = build_model(compose("model=tiny", *overrides).model)

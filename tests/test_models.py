@@ -37,6 +37,31 @@ def test_forward_backward_per_connector(tiny_model, connector):
     assert all(g is not None and g.abs().sum() > 0 for g in grads)
 
 
+@pytest.mark.parametrize("connector", ["mlp2x_gelu", "linear", "moe"])
+def test_visual_token_norm_fixes_every_token(tiny_model, connector):
+    """model.visual_token_norm: each visual token (any connector, any caller) has that multiple of the mean norm of
+    the LLM's token embeddings as built, and the connector still trains through the normalisation."""
+    base = tiny_model(f"model/connector={connector}")
+    model = tiny_model(f"model/connector={connector}", "model.visual_token_norm=2.0")
+    assert base.connector.token_norm is None
+    table = base.llm.get_input_embeddings().weight
+    built = torch.arange(table.shape[0]) != base.image_token_id  # the rows as built, before <image> was added
+    expected = 2.0 * table[built].float().norm(dim=-1).mean().item()
+    assert model.connector.token_norm == pytest.approx(expected, rel=1e-5)
+    out = model(make_batch(model, [1, 2, 0]))
+    torch.testing.assert_close(out.visual_tokens.norm(dim=-1), torch.full(out.visual_tokens.shape[:2], expected))
+    direct = model.connector(torch.randn(2, 5, model.vision.hidden_size)).tokens
+    torch.testing.assert_close(direct.norm(dim=-1), torch.full((2, 5), expected))
+    out.lm_loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.connector.parameters())
+
+
+@pytest.mark.parametrize("value", [0, -1.0, "big", True])
+def test_visual_token_norm_rejects_bad_values(tiny_model, value):
+    with pytest.raises(ValueError, match="model.visual_token_norm"):
+        tiny_model(f"model.visual_token_norm={value}")
+
+
 def test_mlp_depth_and_linear_shapes():
     mlp3 = MLPConnector(8, 16, depth=3)
     assert sum(isinstance(m, torch.nn.Linear) for m in mlp3.proj) == 3

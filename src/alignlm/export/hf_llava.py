@@ -74,6 +74,11 @@ def check_exportable(model: AlignLM) -> str:
             f"connector {name} has no Llava counterpart: Llava's projector is exactly mlp2x_gelu "
             f"(linear_1 -> GELU -> linear_2). Train with model/connector=mlp2x_gelu, or {_ALTERNATIVE}"
         )
+    if model.connector.token_norm is not None:
+        raise ExportError(
+            "the connector rescales its tokens to a fixed norm (model.visual_token_norm); Llava's projector has no "
+            f"output normalisation, so an export would answer differently from the trained model. {_ALTERNATIVE[0].upper() + _ALTERNATIVE[1:]}"
+        )
     return feature_strategy(model.vision)
 
 

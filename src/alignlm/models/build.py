@@ -61,7 +61,28 @@ def _assemble(model_cfg: Mapping[str, Any]) -> AlignLM:
         )
     if not isinstance(connector, Connector):
         raise TypeError(f"model.connector built a {type(connector).__name__}, not an alignlm Connector")
+    connector.token_norm = _visual_token_norm(model_cfg, llm)
     return AlignLM(vision, connector, llm, tokenizer, _align_levels(model_cfg, vision, connector, llm))
+
+
+def _embedding_sample(llm: Any) -> torch.Tensor:
+    """~4k rows of the LLM's input embedding table in float32 (a 128k-row bf16 table need not be copied whole)."""
+    table = llm.get_input_embeddings().weight.detach()
+    return table[:: max(1, table.shape[0] // 4096)].float()
+
+
+def _visual_token_norm(model_cfg: Mapping[str, Any], llm: Any) -> float | None:
+    """``model.visual_token_norm`` times the mean norm of the LLM's token embeddings, or None when the knob is null.
+
+    Measured on the LLM as the config builds it (before any checkpoint loads), so a rebuilt model gets the same value.
+    """
+    factor = model_cfg.get("visual_token_norm")
+    if factor is None:
+        return None
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
+        raise ValueError(f"model.visual_token_norm={factor!r} must be a number > 0 (a multiple of the LLM's mean "
+                         "token-embedding norm), or null to leave the connector's outputs as they are")
+    return float(factor) * float(_embedding_sample(llm).norm(dim=-1).mean())
 
 
 def _align_levels(model_cfg: Mapping[str, Any], vision: VisionTower, connector: Connector, llm: Any) -> AlignLevels | None:
@@ -72,11 +93,10 @@ def _align_levels(model_cfg: Mapping[str, Any], vision: VisionTower, connector: 
     """
     if model_cfg.get("align_levels") is None:
         return None
-    table = llm.get_input_embeddings().weight.detach()
-    sample = table[:: max(1, table.shape[0] // 4096)].float()  # ~4k rows: a 128k-row bf16 table need not be copied whole
+    sample = _embedding_sample(llm)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(model_cfg.get("init_seed", 0)) + 2)
-        module = instantiate(model_cfg["align_levels"], "model.align_levels", hidden_size=table.shape[1],
+        module = instantiate(model_cfg["align_levels"], "model.align_levels", hidden_size=sample.shape[1],
                              num_visual_tokens=connector.num_tokens(vision.num_patches), embed_std=float(sample.std()))
     if not isinstance(module, AlignLevels):
         raise TypeError(f"model.align_levels built a {type(module).__name__}, not an alignlm AlignLevels")
