@@ -123,6 +123,10 @@ def test_report_over_several_checkpoints_is_deterministic(tiny_run, colour_set, 
     header = next(line for line in md.splitlines() if line.startswith("| checkpoint |"))
     assert "colours acc %" in header and "captions CIDEr" in header and "modality_gap" in header
     assert all(f"| {label} |" in md for label in labels)
+    scores = [c["sets"]["colours"]["scores"] for c in report["checkpoints"]]
+    assert all(len(s) == 4 and set(s) == set(scores[0]) for s in scores)  # every question, by id, for pairing
+    assert [(r["b"], r["set"], r["n"]) for r in report["paired"]] == [(label, "colours", 4) for label in labels[1:]]
+    assert "## Paired differences against t/pretrain/final" in md
     for png in ("pca.png", "metrics.png", "gap_shift.png", "layers.png"):
         assert (a / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (b / "pca.png").exists()
@@ -230,3 +234,59 @@ def test_lmms_task_writes_a_local_question_set(colour_set, tmp_path):
     assert isinstance(utils.doc_to_visual(rows[0])[0], Image.Image)
     assert utils.process_results(rows[0], [rows[0]["answer"].upper() + "."]) == {"accuracy": 1.0}
     assert utils.process_results(rows[0], ["no such colour"]) == {"accuracy": 0.0}
+
+
+def test_paired_difference_hand_checked():
+    """B right on q2 and q3, A right on q1: diff = (0 + 1 + 1 - 1 + 0) / 5 over the shared ids only."""
+    from alignlm.evaluation.paired import paired_difference
+
+    a = {"q0": 1.0, "q1": 1.0, "q2": 0.0, "q3": 0.0, "q4": 0.0, "only_a": 1.0}
+    b = {"q0": 1.0, "q1": 0.0, "q2": 1.0, "q3": 1.0, "q4": 0.0, "only_b": 0.0}
+    r = paired_difference(a, b)
+    d = [0.0, -1.0, 1.0, 1.0, 0.0]
+    mean = sum(d) / 5
+    se = (sum((x - mean) ** 2 for x in d) / 4 / 5) ** 0.5
+    assert r is not None and r["n"] == 5 and r["a_acc"] == 0.4 and r["b_acc"] == 0.6
+    assert abs(r["diff"] - 0.2) < 1e-12 and abs(r["se"] - se) < 1e-12 and abs(r["z"] - 0.2 / se) < 1e-12
+    assert (r["only_b"], r["only_a"]) == (2, 1)
+    assert paired_difference({"x": 1.0}, {"x": 0.0}) is None  # one shared question has no standard error
+    same = paired_difference(a, a)
+    assert same is not None and same["diff"] == 0.0 and same["se"] == 0.0 and same["z"] == 0.0
+
+
+def test_paired_rows_per_set_and_pooled():
+    from alignlm.evaluation.paired import POOLED, against_first, markdown_lines
+
+    def ck(label, s1, s2):
+        return {"label": label, "sets": {"s1": {"scores": dict(enumerate(s1))}, "s2": {"scores": dict(enumerate(s2))},
+                                         "cap": {"kind": "caption"}}}
+
+    results = [ck("base", [1, 0, 0], [0, 0]), ck("new", [1, 1, 1], [1, 0])]
+    rows = against_first(results)
+    assert [(r["b"], r["set"], r["n"]) for r in rows] == [("new", "s1", 3), ("new", "s2", 2), ("new", POOLED, 5)]
+    pooled = rows[-1]
+    assert pooled["a_acc"] == 0.2 and pooled["b_acc"] == 0.8 and pooled["only_b"] == 3 and pooled["only_a"] == 0
+    md = "\n".join(markdown_lines(rows))
+    assert "Paired differences against base" in md and "| new | all | 5 | 80.0 | 20.0 | +60.0 |" in md
+    assert against_first(results[:1]) == [] and markdown_lines([]) == []
+
+
+def test_compare_reads_separate_reports(tmp_path, capsys):
+    """One eval per run, then `alignlm compare`: rows against --reference, bad labels and old reports refused."""
+    def report(path, label, s1):
+        path.write_text(json.dumps({"checkpoints": [{"label": label, "sets": {"s1": {"scores": dict(enumerate(s1))}}}]}))
+        return str(path)
+
+    a = report(tmp_path / "a.json", "run_a/finetune/final", [1, 0, 0, 1])
+    b = report(tmp_path / "b.json", "run_b/finetune/final", [1, 1, 1, 1])
+    assert main(["compare", a, b, "--reference", "run_b/finetune/final", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["a"], r["b"], r["set"], r["diff"]) for r in rows] == [("run_b/finetune/final", "run_a/finetune/final", "s1", -0.5)]
+    with pytest.raises(SystemExit, match="none of the reports"):
+        main(["compare", a, b, "--reference", "nope"])
+    with pytest.raises(SystemExit, match="repeat a checkpoint label"):
+        main(["compare", a, a])
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"checkpoints": [{"label": "x", "sets": {"s1": {"accuracy": 0.5}}}]}))
+    with pytest.raises(SystemExit, match="lack 'scores'"):
+        main(["compare", str(old), a])

@@ -1,4 +1,5 @@
-"""``alignlm eval`` (checkpoints -> report) and ``alignlm plot-runs`` (monitor curves of runs side by side).
+"""``alignlm eval`` (checkpoints -> report), ``alignlm compare`` (paired differences between the checkpoints of
+several reports) and ``alignlm plot-runs`` (monitor curves of runs side by side).
 
 Eval knobs come from ``configs/eval/default.yaml``, then ``--config FILE``, then ``--set key=value``, then the flags.
 """
@@ -74,6 +75,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Paired differences against one checkpoint, over reports written separately (e.g. one eval job per run)."""
+    import json
+
+    from alignlm.evaluation.paired import against_first, markdown_lines
+
+    results = [c for path in args.reports for c in json.loads(Path(path).read_text())["checkpoints"]]
+    labels = [c["label"] for c in results]
+    if len(set(labels)) != len(labels):
+        raise SystemExit(f"the reports repeat a checkpoint label: {labels}; compare each checkpoint once")
+    ref = labels[0] if args.reference is None else args.reference
+    if ref not in labels:
+        raise SystemExit(f"--reference {ref!r} is none of the reports' checkpoints: {labels}")
+    rows = against_first([c for c in results if c["label"] == ref] + [c for c in results if c["label"] != ref])
+    if not rows:
+        raise SystemExit("nothing to compare: the checkpoints share no question set with per-question scores "
+                         "(reports written before alignlm recorded them lack 'scores'; evaluate again)")
+    print(json.dumps(rows, indent=2) if args.json else "\n".join(markdown_lines(rows)).strip())
+    return 0
+
+
 def cmd_plot_runs(args: argparse.Namespace) -> int:
     from alignlm.evaluation.plots import plot_runs
 
@@ -91,7 +113,7 @@ def cmd_lmms_task(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    """Add ``eval``, ``plot-runs`` and ``lmms-task`` to the ``alignlm`` command line."""
+    """Add ``eval``, ``compare``, ``plot-runs`` and ``lmms-task`` to the ``alignlm`` command line."""
     p = sub.add_parser("eval", help="evaluate checkpoints: question/caption sets and alignment probes -> report + plots")
     p.add_argument("checkpoints", nargs="+", help="final/ folders, step checkpoints, stage folders (every step, then final) or run folders")
     p.add_argument("--sets", nargs="+", metavar="NAME=PATH", help="LLaVA-format sets (default: the checkpoint's eval.sets); "
@@ -111,6 +133,11 @@ def register(sub: Any) -> None:
     p.add_argument("--device", default=None, help="auto | cpu | cuda:0")
     p.add_argument("--json", action="store_true", help="print report.json instead of report.md")
     p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("compare", help="paired per-question differences between checkpoints of report.json files")
+    p.add_argument("reports", nargs="+", help="report.json files written by alignlm eval")
+    p.add_argument("--reference", default=None, help="checkpoint label to compare against (default: the first)")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.set_defaults(func=cmd_compare)
     p = sub.add_parser("plot-runs", help="plot the alignment monitor's curves (monitor/* in metrics.jsonl) of runs side by side")
     p.add_argument("runs", nargs="+", help="run folders (stages chained) or stage folders")
     p.add_argument("--out", default="runs.png")

@@ -10,6 +10,7 @@ Two kinds of set share one generation path:
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any, Mapping
 
 import torch
@@ -77,20 +78,24 @@ def answer_accuracy(
     generation: Mapping[str, Any] | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Accuracy (exact match, or VQA accuracy for lists of answers), chance level and a few examples."""
+    """Accuracy (exact match, or VQA accuracy for lists of answers), chance level, a few examples, and every
+    question's score by id (``scores``), so that two checkpoints can be compared question by question."""
     preds = generate_set(model, path, data_cfg, batch_size, max_new_tokens, limit, generation, seed)
-    correct, chance, examples = 0.0, 0.0, []
+    correct, chance, examples, scores, seen = 0.0, 0.0, [], {}, Counter[str]()
     for rid, pred, rec in preds:
         if "answer" not in rec:
             raise ValueError(f"{path} record id={rid} has no 'answer'; a question set needs one per record")
         score = score_answer(pred, rec["answer"])
         correct += score
+        seen[str(rid)] += 1  # a repeated id gets "#k" from its second occurrence on, so no score is lost
+        scores[str(rid) if seen[str(rid)] == 1 else f"{rid}#{seen[str(rid)] - 1}"] = score
         choices = (rec.get("meta") or {}).get("choices") or []
         chance += 1.0 / len(choices) if choices else 0.0
         if len(examples) < N_EXAMPLES:
             examples.append({"id": rid, "prediction": pred, "answer": rec["answer"], "correct": score == 1.0})
     n = len(preds)
-    return {"name": name, "kind": "qa", "n": n, "accuracy": correct / max(n, 1), "chance": chance / max(n, 1), "examples": examples}
+    return {"name": name, "kind": "qa", "n": n, "accuracy": correct / max(n, 1), "chance": chance / max(n, 1), "examples": examples,
+            "scores": scores}
 
 
 def reference_captions(rec: Mapping[str, Any]) -> list[str]:

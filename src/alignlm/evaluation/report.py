@@ -11,12 +11,12 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
 from alignlm.evaluation import checkpoints as C
-from alignlm.evaluation import plots
+from alignlm.evaluation import paired, plots
 from alignlm.evaluation.evaluate import answer_accuracy, caption_scores, set_kind
 from alignlm.evaluation.probes import extract, flat, gap_shift, load_probe_set, probe_metrics, resolve_layers
 
@@ -104,10 +104,10 @@ def write_report(results: list[dict[str, Any]], features: list[dict[str, Any]], 
     out.mkdir(parents=True, exist_ok=True)
     config = {k: v for k, v in ecfg.items() if k != "plots"}  # what was measured, not which files were drawn
     plot = bool(ecfg.get("plots", True))
-    report = rounded({"config": config, "checkpoints": results})
+    report = rounded({"config": config, "checkpoints": results, "paired": paired.against_first(results)})
     files = {"json": out / "report.json", "md": out / "report.md"}
     files["json"].write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-    files["md"].write_text(markdown(report["checkpoints"]))
+    files["md"].write_text(markdown(report["checkpoints"], report["paired"]))
     if plot:
         files.update(write_plots(report["checkpoints"], features, out))
     return files
@@ -130,8 +130,8 @@ def table_columns(results: list[dict[str, Any]]) -> list[tuple[str, Any]]:
     return cols
 
 
-def markdown(results: list[dict[str, Any]]) -> str:
-    """The comparison table, chance levels, every probe metric, and a few predictions per set."""
+def markdown(results: list[dict[str, Any]], paired_rows: Sequence[Mapping[str, Any]] = ()) -> str:
+    """The comparison table, chance levels, paired differences, every probe metric, and a few predictions per set."""
     cols = table_columns(results)
     lines = ["# alignlm evaluation", "", "| checkpoint | " + " | ".join(h for h, _ in cols) + " |",
              "|---|" + "---:|" * len(cols)]
@@ -139,6 +139,7 @@ def markdown(results: list[dict[str, Any]]) -> str:
     chance = {n: r["chance"] for res in results for n, r in res["sets"].items() if r.get("chance")}
     if chance:
         lines += ["", "Chance level: " + ", ".join(f"{n} {100 * c:.1f} %" for n, c in sorted(chance.items()))]
+    lines += paired.markdown_lines(paired_rows)
     probes = [flat(res.get("probe", {})) for res in results]
     keys = sorted({k for p in probes for k in p if k != "n" and not k.startswith("layers/")})
     if keys:

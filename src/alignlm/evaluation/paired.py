@@ -1,0 +1,70 @@
+"""Paired comparison of checkpoints on the same questions: is B really better than A, or is it noise?
+
+Two checkpoints evaluated on the same question set answer the *same* questions, so the right uncertainty is that of
+the per-question differences ``d_i = score_B(i) - score_A(i)``, not two independent binomial errors: questions both
+get right (or both get wrong) cancel. For each question set the two share, and for all their shared questions pooled,
+this reports the accuracy difference, its paired standard error ``std(d, ddof=1) / sqrt(n)``, ``z = diff / se``, and
+the discordant counts (questions only B gets right, only A gets right), from which McNemar's test follows.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+POOLED = "all"
+
+
+def paired_difference(a: Mapping[str, float], b: Mapping[str, float]) -> dict[str, Any] | None:
+    """Difference ``B - A`` over the question ids both score; ``None`` when they share fewer than two."""
+    ids = sorted(a.keys() & b.keys())
+    n = len(ids)
+    if n < 2:
+        return None
+    d = [float(b[i]) - float(a[i]) for i in ids]
+    mean = math.fsum(d) / n
+    var = math.fsum((x - mean) ** 2 for x in d) / (n - 1)
+    se = math.sqrt(var / n)
+    return {"n": n, "a_acc": math.fsum(float(a[i]) for i in ids) / n, "b_acc": math.fsum(float(b[i]) for i in ids) / n,
+            "diff": mean, "se": se, "z": mean / se if se > 0 else (0.0 if mean == 0 else math.copysign(math.inf, mean)),
+            "only_b": sum(x > 0 for x in d), "only_a": sum(x < 0 for x in d)}
+
+
+def against_first(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Every checkpoint after the first against the first, per shared question set and pooled over them."""
+    if len(results) < 2:
+        return []
+    base = results[0]
+    rows = []
+    for res in results[1:]:
+        pooled_a: dict[str, float] = {}
+        pooled_b: dict[str, float] = {}
+        for name in sorted(base["sets"].keys() & res["sets"].keys()):
+            sa, sb = base["sets"][name].get("scores"), res["sets"][name].get("scores")
+            if sa is None or sb is None:
+                continue
+            row = paired_difference(sa, sb)
+            if row is not None:
+                rows.append({"a": base["label"], "b": res["label"], "set": name, **row})
+                pooled_a.update({f"{name}/{k}": v for k, v in sa.items()})
+                pooled_b.update({f"{name}/{k}": v for k, v in sb.items()})
+        sets = {r["set"] for r in rows if r["b"] == res["label"]}
+        if len(sets) > 1:
+            row = paired_difference(pooled_a, pooled_b)
+            assert row is not None
+            rows.append({"a": base["label"], "b": res["label"], "set": POOLED, **row})
+    return rows
+
+
+def markdown_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The report's section for :func:`against_first` rows (empty when there are none)."""
+    if not rows:
+        return []
+    lines = ["", f"## Paired differences against {rows[0]['a']} (same questions)", "",
+             "| checkpoint | set | n | accuracy % | reference % | difference (points) | paired SE | z | only it right | only reference right |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['b']} | {r['set']} | {r['n']} | {100 * r['b_acc']:.1f} | {100 * r['a_acc']:.1f} | "
+                     f"{100 * r['diff']:+.1f} | {100 * r['se']:.1f} | {r['z']:+.2f} | {r['only_b']} | {r['only_a']} |")
+    lines += ["", f"`{POOLED}`: every shared question of the sets above, pooled. |z| > 2 is about 95 % confidence."]
+    return lines
