@@ -108,7 +108,7 @@ def test_report_over_several_checkpoints_is_deterministic(tiny_run, colour_set, 
     report = json.loads((a / "report.json").read_text())
     labels = [c["label"] for c in report["checkpoints"]]
     assert labels == ["t/pretrain/final", "t/finetune/step_000002", "t/finetune/final"]
-    assert [c["step"] for c in report["checkpoints"]] == [None, 2, None]
+    assert [c["step"] for c in report["checkpoints"]] == [4, 2, 4]  # a final/ is at its stage's last step
     for c in report["checkpoints"]:
         assert c["sets"]["colours"]["kind"] == "qa" and c["sets"]["colours"]["n"] == 4
         assert c["sets"]["captions"]["kind"] == "caption" and c["sets"]["captions"]["cider"] >= 0.0
@@ -286,6 +286,20 @@ def test_compare_reads_separate_reports(tmp_path, capsys):
         main(["compare", a, b, "--reference", "nope"])
     with pytest.raises(SystemExit, match="repeat a checkpoint label"):
         main(["compare", a, a])
+    def ck(run, step, acc):
+        return {"label": f"{run}/finetune/{step}", "run": run, "step": step,
+                "sets": {"s1": {"kind": "qa", "n": 4, "accuracy": acc, "scores": {}}, "cap": {"kind": "caption"}}}
+
+    curves = tmp_path / "curves.json"
+    curves.write_text(json.dumps({"checkpoints": [ck("r1", 2, 0.25), ck("r1", 4, 0.5), ck("r2", 2, 0.75), ck("r2", None, 1.0)]}))
+    png = tmp_path / "curves.png"
+    with pytest.raises(SystemExit, match="nothing to compare"):  # no scores in it: the table refuses, as for old reports
+        main(["compare", str(curves), "--plot", str(png)])
+    from alignlm.evaluation.plots import plot_accuracy_curves
+
+    assert plot_accuracy_curves(json.loads(curves.read_text())["checkpoints"], png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="no question-set accuracy"):
+        plot_accuracy_curves([ck("r3", None, 0.5)], png)
     old = tmp_path / "old.json"
     old.write_text(json.dumps({"checkpoints": [{"label": "x", "sets": {"s1": {"accuracy": 0.5}}}]}))
     with pytest.raises(SystemExit, match="lack 'scores'"):

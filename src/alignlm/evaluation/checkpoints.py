@@ -27,7 +27,7 @@ class Checkpoint:
     kind: str            # final | step
     run: str
     stage: str
-    step: int | None     # the training step of a step checkpoint; None for final/
+    step: int | None     # the training step; for final/, the stage's last logged step (None when it logged none)
 
     @property
     def label(self) -> str:
@@ -53,9 +53,18 @@ def _steps(stage_dir: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.name.startswith(STEP_PREFIX) and not p.name.endswith(".tmp") and _is_step(p))
 
 
+def _last_logged_step(stage_dir: Path) -> int | None:
+    """The step of the last row of a stage's ``metrics.jsonl``: where its ``final/`` was written."""
+    import json
+
+    log = stage_dir / "metrics.jsonl"
+    rows = [line for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
+    return int(json.loads(rows[-1])["step"]) if rows else None
+
+
 def _one(p: Path) -> Checkpoint:
     if _is_final(p):
-        return Checkpoint(p, "final", p.parent.parent.name, p.parent.name, None)
+        return Checkpoint(p, "final", p.parent.parent.name, p.parent.name, _last_logged_step(p.parent))
     import json
 
     state = json.loads((p / "trainer_state.json").read_text())

@@ -93,6 +93,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise SystemExit("nothing to compare: the checkpoints share no question set with per-question scores "
                          "(reports written before alignlm recorded them lack 'scores'; evaluate again)")
     print(json.dumps(rows, indent=2) if args.json else "\n".join(markdown_lines(rows)).strip())
+    if args.plot:
+        from alignlm.evaluation.plots import plot_accuracy_curves
+
+        print(f"wrote {plot_accuracy_curves(results, Path(args.plot))}")
     return 0
 
 
@@ -137,6 +141,7 @@ def register(sub: Any) -> None:
     p.add_argument("reports", nargs="+", help="report.json files written by alignlm eval")
     p.add_argument("--reference", default=None, help="checkpoint label to compare against (default: the first)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.add_argument("--plot", default=None, metavar="PNG", help="also draw accuracy against training step, one line per run")
     p.set_defaults(func=cmd_compare)
     p = sub.add_parser("plot-runs", help="plot the alignment monitor's curves (monitor/* in metrics.jsonl) of runs side by side")
     p.add_argument("runs", nargs="+", help="run folders (stages chained) or stage folders")

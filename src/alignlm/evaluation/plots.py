@@ -5,7 +5,8 @@
 - ``metrics``: each headline figure (accuracies, caption scores, probe metrics) per checkpoint or step;
 - ``gap_shift``: a metric as both modalities slide along the gap direction, one line per checkpoint;
 - ``layers``: probe metrics per LLM layer, one line per checkpoint;
-- ``runs``: ``monitor/*`` curves of several training runs side by side (``alignlm plot-runs``).
+- ``runs``: ``monitor/*`` curves of several training runs side by side (``alignlm plot-runs``);
+- ``curves``: question accuracy against training step, one line per run (``alignlm compare --plot``).
 """
 
 from __future__ import annotations
@@ -95,6 +96,28 @@ def plot_panels(panels: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     return _save(fig, path)
+
+
+def plot_accuracy_curves(results: Sequence[Mapping[str, Any]], path: Path) -> Path:
+    """Accuracy per question set against the step of each checkpoint, one line per run; with several sets, also
+    all their questions pooled. Checkpoints of unknown step are left out."""
+    panels: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    pooled: dict[str, dict[int, list[float]]] = {}
+    for res in results:
+        if res.get("step") is None:
+            continue
+        for name, r in sorted(res["sets"].items()):
+            if r.get("kind") != "qa":
+                continue
+            panels.setdefault(f"{name} accuracy %", {}).setdefault(res["run"], []).append((res["step"], 100 * r["accuracy"]))
+            tot = pooled.setdefault(res["run"], {}).setdefault(int(res["step"]), [0.0, 0.0])
+            tot[0] += r["accuracy"] * r["n"]
+            tot[1] += r["n"]
+    if not panels:
+        raise ValueError("no question-set accuracy at a known step to plot")
+    if len(panels) > 1:
+        panels["all questions accuracy %"] = {run: [(st, 100 * c / n) for st, (c, n) in steps.items()] for run, steps in pooled.items()}
+    return plot_panels({t: {run: sorted(pts) for run, pts in lines.items()} for t, lines in panels.items()}, path, "training step")
 
 
 def read_monitor(run: Path) -> dict[str, list[tuple[int, float]]]:
