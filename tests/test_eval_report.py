@@ -126,7 +126,7 @@ def test_report_over_several_checkpoints_is_deterministic(tiny_run, colour_set, 
     scores = [c["sets"]["colours"]["scores"] for c in report["checkpoints"]]
     assert all(len(s) == 4 and set(s) == set(scores[0]) for s in scores)  # every question, by id, for pairing
     assert [(r["b"], r["set"], r["n"]) for r in report["paired"]] == [(label, "colours", 4) for label in labels[1:]]
-    assert "## Paired differences against t/pretrain/final" in md
+    assert "## Paired differences (same questions)" in md and "| t/finetune/final | t/pretrain/final | colours | 4 |" in md
     for png in ("pca.png", "metrics.png", "gap_shift.png", "layers.png"):
         assert (a / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (b / "pca.png").exists()
@@ -267,14 +267,15 @@ def test_paired_rows_per_set_and_pooled():
     pooled = rows[-1]
     assert pooled["a_acc"] == 0.2 and pooled["b_acc"] == 0.8 and pooled["only_b"] == 3 and pooled["only_a"] == 0
     md = "\n".join(markdown_lines(rows))
-    assert "Paired differences against base" in md and "| new | all | 5 | 80.0 | 20.0 | +60.0 |" in md
+    assert "Paired differences" in md and "| new | base | all | 5 | 80.0 | 20.0 | +60.0 |" in md
     assert against_first(results[:1]) == [] and markdown_lines([]) == []
 
 
 def test_compare_reads_separate_reports(tmp_path, capsys):
     """One eval per run, then `alignlm compare`: rows against --reference, bad labels and old reports refused."""
-    def report(path, label, s1):
-        path.write_text(json.dumps({"checkpoints": [{"label": label, "sets": {"s1": {"scores": dict(enumerate(s1))}}}]}))
+    def report(path, label, s1, more=()):
+        cks = [{"label": label, "run": label.split("/")[0], "step": 8, "sets": {"s1": {"scores": dict(enumerate(s1))}}}, *more]
+        path.write_text(json.dumps({"checkpoints": cks}))
         return str(path)
 
     a = report(tmp_path / "a.json", "run_a/finetune/final", [1, 0, 0, 1])
@@ -284,6 +285,15 @@ def test_compare_reads_separate_reports(tmp_path, capsys):
     assert [(r["a"], r["b"], r["set"], r["diff"]) for r in rows] == [("run_b/finetune/final", "run_a/finetune/final", "s1", -0.5)]
     with pytest.raises(SystemExit, match="none of the reports"):
         main(["compare", a, b, "--reference", "nope"])
+    # --same-step: each run's checkpoint against the reference run's at the same step (run_c's step 4 has no partner)
+    early = {"label": "run_c/finetune/step_000004", "run": "run_c", "step": 4, "sets": {"s1": {"scores": {0: 1, 1: 1}}}}
+    c = report(tmp_path / "c.json", "run_c/finetune/final", [0, 0, 0, 0], [early])
+    assert main(["compare", a, b, c, "--same-step", "--reference", "run_a", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["a"], r["b"], r["diff"]) for r in rows] == [("run_a/finetune/final", "run_b/finetune/final", 0.5),
+                                                           ("run_a/finetune/final", "run_c/finetune/final", -0.5)]
+    with pytest.raises(SystemExit, match="none of the reports' runs"):
+        main(["compare", a, b, "--same-step", "--reference", "run_x"])
     with pytest.raises(SystemExit, match="repeat a checkpoint label"):
         main(["compare", a, a])
     def ck(run, step, acc):

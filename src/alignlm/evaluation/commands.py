@@ -76,22 +76,31 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    """Paired differences against one checkpoint, over reports written separately (e.g. one eval job per run)."""
+    """Paired differences over reports written separately (e.g. one eval job per run): against one checkpoint,
+    or with ``--same-step`` every run against the reference run at equal training steps."""
     import json
 
-    from alignlm.evaluation.paired import against_first, markdown_lines
+    from alignlm.evaluation.paired import against_first, markdown_lines, same_step
 
     results = [c for path in args.reports for c in json.loads(Path(path).read_text())["checkpoints"]]
     labels = [c["label"] for c in results]
     if len(set(labels)) != len(labels):
         raise SystemExit(f"the reports repeat a checkpoint label: {labels}; compare each checkpoint once")
-    ref = labels[0] if args.reference is None else args.reference
-    if ref not in labels:
-        raise SystemExit(f"--reference {ref!r} is none of the reports' checkpoints: {labels}")
-    rows = against_first([c for c in results if c["label"] == ref] + [c for c in results if c["label"] != ref])
+    if args.same_step:
+        runs = list(dict.fromkeys(c["run"] for c in results))
+        ref = runs[0] if args.reference is None else args.reference
+        if ref not in runs:
+            raise SystemExit(f"--reference {ref!r} is none of the reports' runs: {runs}")
+        rows = same_step(results, ref)
+    else:
+        ref = labels[0] if args.reference is None else args.reference
+        if ref not in labels:
+            raise SystemExit(f"--reference {ref!r} is none of the reports' checkpoints: {labels}")
+        rows = against_first([c for c in results if c["label"] == ref] + [c for c in results if c["label"] != ref])
     if not rows:
         raise SystemExit("nothing to compare: the checkpoints share no question set with per-question scores "
-                         "(reports written before alignlm recorded them lack 'scores'; evaluate again)")
+                         "(reports written before alignlm recorded them lack 'scores'; evaluate again)"
+                         + (" at a step the reference run has" if args.same_step else ""))
     print(json.dumps(rows, indent=2) if args.json else "\n".join(markdown_lines(rows)).strip())
     if args.plot:
         from alignlm.evaluation.plots import plot_accuracy_curves
@@ -139,7 +148,10 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("compare", help="paired per-question differences between checkpoints of report.json files")
     p.add_argument("reports", nargs="+", help="report.json files written by alignlm eval")
-    p.add_argument("--reference", default=None, help="checkpoint label to compare against (default: the first)")
+    p.add_argument("--reference", default=None, help="checkpoint label to compare against (default: the first); "
+                   "with --same-step, a run name")
+    p.add_argument("--same-step", action="store_true", help="pair each run's checkpoints with the reference run's "
+                   "checkpoint at the same training step")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.add_argument("--plot", default=None, metavar="PNG", help="also draw accuracy against training step, one line per run")
     p.set_defaults(func=cmd_compare)

@@ -56,15 +56,26 @@ def against_first(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def same_step(results: Sequence[Mapping[str, Any]], reference_run: str) -> list[dict[str, Any]]:
+    """Every other run's checkpoints against the reference run's checkpoint at the same training step: the
+    comparison of arms that had the same number of steps (e.g. of image finetuning)."""
+    ref = {r["step"]: r for r in results if r["run"] == reference_run and r.get("step") is not None}
+    rows = []
+    for res in results:
+        if res["run"] != reference_run and res.get("step") in ref:
+            rows += against_first([ref[res["step"]], res])
+    return rows
+
+
 def markdown_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The report's section for :func:`against_first` rows (empty when there are none)."""
+    """The report's section for :func:`against_first` / :func:`same_step` rows (empty when there are none)."""
     if not rows:
         return []
-    lines = ["", f"## Paired differences against {rows[0]['a']} (same questions)", "",
-             "| checkpoint | set | n | accuracy % | reference % | difference (points) | paired SE | z | only it right | only reference right |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["", "## Paired differences (same questions)", "",
+             "| checkpoint | reference | set | n | accuracy % | reference % | difference (points) | paired SE | z | only it right | only reference right |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['b']} | {r['set']} | {r['n']} | {100 * r['b_acc']:.1f} | {100 * r['a_acc']:.1f} | "
+        lines.append(f"| {r['b']} | {r['a']} | {r['set']} | {r['n']} | {100 * r['b_acc']:.1f} | {100 * r['a_acc']:.1f} | "
                      f"{100 * r['diff']:+.1f} | {100 * r['se']:.1f} | {r['z']:+.2f} | {r['only_b']} | {r['only_a']} |")
     lines += ["", f"`{POOLED}`: every shared question of the sets above, pooled. |z| > 2 is about 95 % confidence."]
     return lines
