@@ -314,3 +314,32 @@ def test_compare_reads_separate_reports(tmp_path, capsys):
     old.write_text(json.dumps({"checkpoints": [{"label": "x", "sets": {"s1": {"accuracy": 0.5}}}]}))
     with pytest.raises(SystemExit, match="lack 'scores'"):
         main(["compare", str(old), a])
+
+
+def test_revision_seed_table_hand_checked(tmp_path):
+    """scripts/revision_seed_table.py: per seed, final accuracies and paired differences; across seeds, mean, SE, t."""
+    import runpy
+
+    table = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "revision_seed_table.py"))["table"]
+    arms = ["untrained", "raw", "revision"]
+    given = {"seed_a": {"untrained": ([1, 0, 0, 1], [0, 0]), "raw": ([0, 0, 0, 0], [1, 1]), "revision": ([1, 1, 1, 1], [1, 0])},
+             "seed_b": {"untrained": ([1, 1, 1, 1], [1, 1]), "raw": ([1, 1, 1, 1], [1, 1]), "revision": ([0, 0, 0, 0], [0, 0])}}
+    for seed, by_arm in given.items():
+        for arm, (s1, s2) in by_arm.items():
+            sets = {"s1": {"scores": {f"q{i}": v for i, v in enumerate(s1)}}, "s2": {"scores": {f"q{i}": v for i, v in enumerate(s2)}}}
+            step = {"kind": "step", "label": f"{arm}/finetune/step_000002", "sets": {"s1": {"scores": {}}, "s2": {"scores": {}}}}
+            (tmp_path / seed / f"eval_{arm}").mkdir(parents=True)
+            (tmp_path / seed / f"eval_{arm}" / "report.json").write_text(json.dumps(
+                {"checkpoints": [step, {"kind": "final", "label": f"{arm}/finetune/final", "sets": sets}]}))
+    lines = table([tmp_path / "seed_a", tmp_path / "seed_b"], arms)
+    assert lines[2] == "| seed | untrained | raw | revision | raw vs untrained | revision vs untrained | revision vs raw |"
+    # seed_a over all 6 questions: untrained 2/6, raw 2/6, revision 5/6; paired SE of revision - untrained (3 of +1,
+    # 3 of 0): sqrt(0.3 / 6) = 0.224; of revision - raw (4 of +1, 0, -1): sqrt(0.7 / 6) = 0.342
+    assert lines[4] == ("| seed_a | 50.0 / 0.0 / 33.3 | 0.0 / 100.0 / 33.3 | 100.0 / 50.0 / 83.3 | +0.0 (36.5) "
+                        "| +50.0 (22.4) | +50.0 (34.2) |")
+    # across seeds, revision - untrained: +0.5 and -1.0, mean -0.25, SE 0.75
+    assert "| -25.0 (SE 75.0, t -0.33, positive at 1/2) |" in lines[6]
+    assert lines[6].startswith("| mean of 2 | 75.0 / 50.0 / 66.7 |")
+    (tmp_path / "seed_b" / "eval_raw" / "report.json").write_text(json.dumps({"checkpoints": [step]}))
+    with pytest.raises(ValueError, match="not a final/"):
+        table([tmp_path / "seed_b"], arms)
