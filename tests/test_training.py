@@ -35,8 +35,10 @@ def test_pipeline_trains_both_stages_and_evaluates(colour_set, tmp_path):
 
         assert final_parts(final) == parts
     assert json.loads((tmp_path / "t" / "summary.json").read_text())["stages"]["pretrain"]["world_size"] == 1
-    # finished stages are skipped on a rerun (resume=auto)
-    assert run(cfg)["stages"] == {}
+    # finished stages are skipped on a rerun (resume=auto), and their figures are kept, with or without eval sets
+    again = run(compose(*tiny_overrides(colour_set, tmp_path, "stages.pretrain.max_steps=30", "eval.sets=[]")))
+    assert again["stages"] == summary["stages"] and again["eval"] == {}
+    assert json.loads((tmp_path / "t" / "summary.json").read_text())["stages"] == summary["stages"]
 
 
 def test_final_reloads_without_training_code(colour_set, tmp_path):

@@ -82,7 +82,7 @@ def _drop_rows_after(path: Path, step: int) -> None:
 
 def summary_table(title: str, rows: Mapping[str, Any]) -> str:
     """A two-column text table for the end of a stage or the pipeline."""
-    width = max(len(k) for k in rows)
+    width = max((len(k) for k in rows), default=0)
     lines = [f"== {title} ==", *(f"  {k:<{width}}  {_fmt(v)}" for k, v in rows.items())]
     return "\n".join(lines)
 

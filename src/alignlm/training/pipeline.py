@@ -82,11 +82,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     acc.wait_for_everyone()
     run_dir = Path(cfg.output_dir) / cfg.run_name
     summary: dict[str, Any] = {"run": str(run_dir), "stages": {}, "eval": {}}
+    earlier = _earlier_stage_summaries(run_dir)
     final = None
     for name in cfg.run:
         final = run_dir / name / "final"
         if stage_done(cfg, name):
             log.info("stage %s already finished at %s; skipping (resume=never retrains)", name, final)
+            if name in earlier:
+                summary["stages"][name] = earlier[name]
             continue
         result: StageResult = Trainer(cfg, name, acc).fit()
         log.info("\n%s", summarize(result))
@@ -102,6 +105,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         log.info("\n%s", pipeline_table(summary))
     acc.wait_for_everyone()
     return summary
+
+
+def _earlier_stage_summaries(run_dir: Path) -> dict[str, Any]:
+    """Stage figures of an earlier run of this pipeline, so that a rerun which skips finished stages keeps them."""
+    path = run_dir / "summary.json"
+    return json.loads(path.read_text())["stages"] if path.exists() else {}
 
 
 def evaluate_final(cfg: DictConfig, final: Path, device: torch.device) -> dict[str, Any]:
