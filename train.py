@@ -2,7 +2,7 @@
 
 import sys
 
-from alignlm.cli import main
+from alignlm.commands import main
 
 if __name__ == "__main__":
     sys.exit(main(["train", *sys.argv[1:]]))

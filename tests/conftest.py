@@ -85,7 +85,7 @@ def tiny_overrides(colour_set: dict[str, Path], out: Path, *extra: str) -> list[
 
 
 def compose(*overrides: str):
-    from alignlm.cli import compose as _compose
+    from alignlm.config import compose as _compose
 
     return _compose(list(overrides))
 

@@ -10,15 +10,18 @@ import numpy as np
 import pytest
 import torch
 
-from alignlm.cli import main
-from alignlm.constants import ALIGN_TOKEN, IGNORE_INDEX, IMAGE_TOKEN
-from alignlm.data.aligngpt_levels import LevelLabels, equal_count_levels, make_levels
+from alignlm.commands import main
+from alignlm.constants import IGNORE_INDEX, IMAGE_TOKEN
 from alignlm.data.build import build_dataset
 from alignlm.data.collate import Collator
-from alignlm.data.llava import DataError, LlavaDataset, Source
+from alignlm.data.llava import LlavaDataset
+from alignlm.data.records import DataError, Source
 from alignlm.data.templates import get_template
+from alignlm.data.images import ImageSpec
+from alignlm.methods.aligngpt.levels import LevelLabels, equal_count_levels, make_levels
+from alignlm.methods.aligngpt.part import ALIGN_TOKEN
 from alignlm.models.tokenizer import build_tiny_tokenizer
-from alignlm.models.vision import ImageSpec
+from alignlm.objectives.base import check_batch
 from alignlm.training.stages import apply_stage
 from tests.conftest import COLOURS, compose, make_batch, tiny_overrides
 from tests.test_sea import tiny_clip
@@ -118,7 +121,7 @@ def test_slot_lands_right_after_bos_with_an_ignored_label(colour_set, with_bos, 
 
     def sample(token: int | None) -> dict:
         return LlavaDataset([Source(str(colour_set[split]))], tok, get_template(template), ImageSpec(16, (0.5,) * 3, (0.5,) * 3),
-                            num_image_tokens=4, for_generation=for_generation, align_token_id=token)[0]
+                            num_image_tokens=4, for_generation=for_generation, slot_token_ids=[token] if token else ())[0]
 
     got, plain = sample(align), sample(None)
     ids, labels = got["input_ids"], got["labels"]
@@ -132,7 +135,7 @@ def test_slot_lands_right_after_bos_with_an_ignored_label(colour_set, with_bos, 
 
 def test_models_without_levels_are_untouched(tiny_model):
     model = tiny_model()
-    assert model.PARTS == ("vision", "connector", "llm") and model.align_levels is None
+    assert model.PARTS == ("vision", "connector", "llm") and not model.extras and model.slot_token_ids == []
     assert ALIGN_TOKEN not in model.tokenizer.get_vocab()
     with pytest.raises(ValueError, match="unknown parts"):
         apply_stage(model, {"align_levels": "levels"})
@@ -149,7 +152,7 @@ def _with_slot(model, batch: dict, prompt: int = 0) -> dict:
         text = torch.nonzero(batch["input_ids"][r] != model.image_token_id).flatten()[:prompt]
         labels[r, text] = IGNORE_INDEX
     column = lambda v: torch.full((rows, 1), v)  # noqa: E731
-    return {**batch, "input_ids": torch.cat([column(model.align_token_id), batch["input_ids"]], 1),
+    return {**batch, "input_ids": torch.cat([column(model.extras["align_levels"]), batch["input_ids"]], 1),
             "labels": torch.cat([column(IGNORE_INDEX), labels], 1), "attention_mask": torch.cat([column(1), batch["attention_mask"]], 1)}
 
 
@@ -164,7 +167,7 @@ def test_level_token_is_H_of_the_level_or_the_gated_mixture(tiny_model):
         visual = model.connector(model.vision(batch["pixel_values"])).tokens
         per_sample = torch.stack([visual[0], visual[1:3].mean(0), torch.zeros_like(visual[0])])
         ids = batch["input_ids"]
-        prompt = [row[(row != model.image_token_id) & (row != model.align_token_id)][:3] for row in ids]  # unsupervised text
+        prompt = [row[(row != model.image_token_id) & (row != model.extras["align_levels"])][:3] for row in ids]  # unsupervised text
         text = torch.stack([model.llm.get_input_embeddings()(t).mean(0) for t in prompt])
         torch.testing.assert_close(mixed[:, 0], levels.gated(per_sample, text))
         torch.testing.assert_close(mixed[:, 1:], embeds[:, 1:])  # only the slot differs
@@ -190,26 +193,31 @@ def test_stage_parts_and_data_must_agree(tiny_model, colour_set, tmp_path):
     data = {"sources": [{"path": str(colour_set["pretrain"])}]}
     eight = make_levels(tmp_path / "l8.json", [colour_set["pretrain"]], ColourEncoder(), 8)
     four = make_levels(tmp_path / "l4.json", [colour_set["pretrain"]], ColourEncoder(), 4)
+    hook = lambda path: {"hooks": {"levels": {"_target_": "alignlm.methods.aligngpt.hook.LevelHook", "path": str(path)}}}  # noqa: E731
     with pytest.raises(ValueError, match=r"choose one of \['frozen', 'levels', 'gate'\]"):
         apply_stage(model, {"connector": "full", "align_levels": "full"})
     apply_stage(model, {"connector": "full", "align_levels": "levels"})
-    with pytest.raises(ValueError, match="stage.data.align_levels is not set"):
-        build_dataset(data, model, 0)
+    batch = Collator(model.tokenizer.pad_token_id)([build_dataset(data, model, 0)[i] for i in range(3)])
+    with pytest.raises(KeyError, match=r"needs batch fields \['align_levels'\]"):  # levels train only with the hook
+        check_batch({"the model's extra parts": model.requires_batch_keys}, batch)
     with pytest.raises(DataError, match="holds 4 levels"):
-        build_dataset({**data, "align_levels": str(four)}, model, 0)
-    batch = Collator(model.tokenizer.pad_token_id)([build_dataset({**data, "align_levels": str(eight)}, model, 0)[i] for i in range(3)])
+        build_dataset({**data, **hook(four)}, model, 0)
+    dataset = build_dataset({**data, **hook(eight)}, model, 0)
+    batch = Collator(model.tokenizer.pad_token_id, hooks=dataset.hooks)([dataset[i] for i in range(3)])
     assert batch["align_levels"].tolist() == [LevelLabels(eight).get(f"p{i}") for i in range(3)]
+    check_batch({"the model's extra parts": model.requires_batch_keys}, batch)
     apply_stage(model, {"connector": "full", "align_levels": "gate"})
+    assert model.requires_batch_keys == ()
     with pytest.raises(ValueError, match="only parts.align_levels=levels uses"):
-        build_dataset({**data, "align_levels": str(eight)}, model, 0)
-    with pytest.raises(ValueError, match="no AlignGPT levels"):
-        build_dataset({**data, "align_levels": str(eight)}, tiny_model(), 0)
+        build_dataset({**data, **hook(eight)}, model, 0)
+    with pytest.raises(ValueError, match="the model has no AlignGPT part"):
+        build_dataset({**data, **hook(eight)}, tiny_model(), 0)
 
 
 def test_export_refuses_the_level_token(tiny_model):
     from alignlm.export.hf_llava import ExportError, check_exportable
 
-    with pytest.raises(ExportError, match="AlignGPT alignment levels"):
+    with pytest.raises(ExportError, match=r"extra input parts \(model.extras: \['align_levels'\]\)"):
         check_exportable(tiny_model(WITH_LEVELS))
 
 
@@ -219,16 +227,16 @@ def test_export_refuses_the_level_token(tiny_model):
 def test_exp_aligngpt_trains_levels_then_gate_generates_and_reloads(colour_set, clip_path, tmp_path):
     from alignlm.models.build import build_model
     from alignlm.models.io import final_parts, load_model
-    from alignlm.training.pipeline import run
+    from alignlm.pipeline import run
 
     levels_file = tmp_path / "levels.json"
     cfg = compose("+exp=aligngpt", "model=tiny", "offline_datasets=[]", *tiny_overrides(colour_set, tmp_path),
-                  "stages.pretrain.max_steps=3", "stages.finetune.max_steps=2", f"stages.pretrain.data.align_levels.path={levels_file}",
-                  f"stages.pretrain.data.align_levels.make.data=[{colour_set['pretrain']}]",
-                  f"stages.pretrain.data.align_levels.make.encoder={clip_path}", "stages.pretrain.data.align_levels.make.fit=null",
+                  "stages.pretrain.max_steps=3", "stages.finetune.max_steps=2", f"stages.pretrain.prepare.aligngpt_levels.out={levels_file}",
+                  f"stages.pretrain.prepare.aligngpt_levels.data=[{colour_set['pretrain']}]",
+                  f"stages.pretrain.prepare.aligngpt_levels.encoder={clip_path}", "stages.pretrain.prepare.aligngpt_levels.fit=null",
                   f"eval.sets=[{{name:colours,path:{colour_set['test']}}}]", "eval.limit=4")
     summary = run(cfg)
-    assert LevelLabels(levels_file).counts == [6] * 8  # written by the pipeline from the make recipe
+    assert LevelLabels(levels_file).counts == [6] * 8  # written by the pipeline's prepare step
     assert summary["eval"]["colours"]["n"] == 4  # prompts get the slot and the gate's mixture: generation works
     init = build_model(cfg.model).align_levels
     pre, fine = (load_model(tmp_path / "t" / s / "final") for s in ("pretrain", "finetune"))
@@ -247,14 +255,14 @@ def test_exp_aligngpt_trains_levels_then_gate_generates_and_reloads(colour_set, 
 def test_resumed_level_training_matches_an_uninterrupted_run(colour_set, clip_path, tmp_path):
     """Step checkpoints carry the level embeddings, so a stopped and resumed stage reproduces every loss and H."""
     from alignlm.models.io import load_model
-    from alignlm.training.pipeline import run
+    from alignlm.pipeline import run
     from alignlm.training.trainer import StopTraining
     from tests.conftest import read_losses
 
     base = ["+exp=aligngpt", "model=tiny", "offline_datasets=[]", *tiny_overrides(colour_set, tmp_path), "run=[pretrain]",
-            "stages.pretrain.max_steps=5", f"stages.pretrain.data.align_levels.path={tmp_path / 'levels.json'}",
-            f"stages.pretrain.data.align_levels.make.data=[{colour_set['pretrain']}]",
-            f"stages.pretrain.data.align_levels.make.encoder={clip_path}", "stages.pretrain.data.align_levels.make.fit=null", "eval.sets=[]"]
+            "stages.pretrain.max_steps=5", f"stages.pretrain.prepare.aligngpt_levels.out={tmp_path / 'levels.json'}",
+            f"stages.pretrain.prepare.aligngpt_levels.data=[{colour_set['pretrain']}]",
+            f"stages.pretrain.prepare.aligngpt_levels.encoder={clip_path}", "stages.pretrain.prepare.aligngpt_levels.fit=null", "eval.sets=[]"]
     run(compose(*base, "run_name=full"))
     with pytest.raises(StopTraining):
         run(compose(*base, "run_name=resumed", "stop_after_steps=3"))

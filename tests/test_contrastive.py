@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from alignlm.objectives.contrastive import ContrastiveObjective, info_nce
 from alignlm.objectives.pairs import image_caption_pairs
-from alignlm.training.pipeline import run
+from alignlm.pipeline import run
 from tests.conftest import compose, make_batch, tiny_overrides
 
 

@@ -14,9 +14,10 @@ from PIL import Image
 from alignlm.constants import IGNORE_INDEX
 from alignlm.data.collate import Collator, Skipped
 from alignlm.data.images import pad_to_square, preprocess
-from alignlm.data.llava import DataError, LlavaDataset, Source, mixture_index
+from alignlm.data.llava import LlavaDataset
+from alignlm.data.records import DataError, Source, mixture_index
 from alignlm.data.templates import get_template
-from alignlm.models.vision import ImageSpec
+from alignlm.data.images import ImageSpec
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import torch
 
 from torch import nn
 
-from alignlm.revision.dual_encoder import fit_heads, grouped_recall, info_nce
+from alignlm.models.encoder_fit import fit_heads, grouped_recall, info_nce
 
 
 def test_info_nce_is_low_for_matched_pairs_and_symmetric():
@@ -57,8 +57,8 @@ def test_fit_heads_learns_the_temperature_unless_it_is_fixed():
 
 @pytest.mark.slow
 def test_fit_with_the_real_towers_writes_a_loadable_encoder(tmp_path, colour_set, capsys):
-    from alignlm.cli import main
-    from alignlm.revision.embed import load_encoder
+    from alignlm.commands import main
+    from alignlm.models.encoders import load_encoder
 
     out = tmp_path / "enc"
     assert main(["dual-encoder", "fit", "--train", str(colour_set["pretrain"]), "--eval", str(colour_set["pretrain"]),

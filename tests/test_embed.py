@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from alignlm.cli import main
-from alignlm.models.dual_encoder import HFDualEncoder
-from alignlm.revision.embed import collect_images, collect_texts, embed_items
-from alignlm.revision.shards import list_shards
+from alignlm.commands import main
+from alignlm.models.encoders import HFDualEncoder
+from alignlm.methods.revision.embed import collect_images, collect_texts, embed_items
+from alignlm.methods.revision.shards import list_shards
 
 
 def test_collect_from_llava_json_and_text_files(tmp_path, colour_set):

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from alignlm.cli import main
+from alignlm.commands import main
 from alignlm.evaluation.answers import normalize_answer, score_answer, vqa_accuracy
 from alignlm.evaluation.captions import bleu, cider_d, tokenize
-from alignlm.training.pipeline import run
+from alignlm.pipeline import run
 from tests.conftest import compose, tiny_overrides
 
 
@@ -317,10 +317,10 @@ def test_compare_reads_separate_reports(tmp_path, capsys):
 
 
 def test_revision_seed_table_hand_checked(tmp_path):
-    """scripts/revision_seed_table.py: per seed, final accuracies and paired differences; across seeds, mean, SE, t."""
+    """experiments/revision/seed_table.py: per seed, final accuracies and paired differences; across seeds, mean, SE, t."""
     import runpy
 
-    table = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "revision_seed_table.py"))["table"]
+    table = runpy.run_path(str(Path(__file__).parents[1] / "experiments" / "revision" / "seed_table.py"))["table"]
     arms = ["untrained", "raw", "revision"]
     given = {"seed_a": {"untrained": ([1, 0, 0, 1], [0, 0]), "raw": ([0, 0, 0, 0], [1, 1]), "revision": ([1, 1, 1, 1], [1, 0])},
              "seed_b": {"untrained": ([1, 1, 1, 1], [1, 1]), "raw": ([1, 1, 1, 1], [1, 1]), "revision": ([0, 0, 0, 0], [0, 0])}}

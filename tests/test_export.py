@@ -12,7 +12,7 @@ from alignlm.data.templates import get_template, to_turns
 from alignlm.export.hf_llava import ExportError, export, load_llava_weights, to_llava
 from alignlm.models.build import build_model
 from alignlm.models.io import load_model
-from alignlm.training.pipeline import run
+from alignlm.pipeline import run
 from tests.conftest import compose, tiny_overrides
 
 SIGLIP = ["model.vision.config.model_type=siglip_vision_model", "model.vision.select_feature=patch"]
@@ -78,7 +78,7 @@ def test_export_gives_the_same_logits_and_generation(colour_set, tmp_path, visio
 
 
 def test_lora_finetuned_model_exports_merged(colour_set, tmp_path):
-    from alignlm.cli import main
+    from alignlm.commands import main
 
     final = _train(colour_set, tmp_path, "stages.finetune.parts.llm=lora", "stages.finetune.lr.llm=1e-2")
     out = tmp_path / "hf"

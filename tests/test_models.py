@@ -228,7 +228,7 @@ def test_demo_models_load_offline():
     from sklearn.datasets import load_sample_image
 
     from alignlm.data.images import preprocess
-    from alignlm.models.vision import ImageSpec
+    from alignlm.data.images import ImageSpec
 
     x = preprocess(Image.fromarray(load_sample_image("flower.jpg")), ImageSpec(224, model.image_spec.mean, model.image_spec.std), pad=False)
     with torch.no_grad():

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from alignlm.models.connectors import MLPConnector, MoEConnector
 from alignlm.models.connectors.moe import balance_loss, capacity_route, z_loss
 from alignlm.models.io import load_final_weights, load_part_state, part_state
-from alignlm.training.pipeline import run
+from alignlm.pipeline import run
 from tests.conftest import compose, make_batch, tiny_overrides
 
 

@@ -111,7 +111,7 @@ def test_bad_knobs_name_the_knob(tmp_path, name, knobs, match):
 
 
 def test_cli_writes_a_set(tmp_path, capsys):
-    from alignlm.cli import main
+    from alignlm.commands import main
 
     assert main(["data", "shapes", "--out", str(tmp_path), "--set", "n_train=8", "--set", "n_test=4"]) == 0
     assert json.loads(capsys.readouterr().out)["counts"]["test"] == 4

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from alignlm.cli import main
-from alignlm.revision.realign import CentroidSum, Moments, ReAlignStats, apply, covariance_map, fit, moments
-from alignlm.revision.shards import list_shards, shard_metadata, write_shard
+from alignlm.commands import main
+from alignlm.methods.revision.realign import CentroidSum, Moments, ReAlignStats, apply, covariance_map, fit, moments
+from alignlm.methods.revision.shards import list_shards, shard_metadata, write_shard
 
 DIM = 32
 

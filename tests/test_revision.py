@@ -1,8 +1,11 @@
-"""ReVision: the dual-encoder tower, the text-only dataset and collator, and the `+exp=revision` chain with tiny models."""
+"""ReVision: the dual-encoder tower, the text-embedding data hook and collator, the prepare steps, the `+exp=revision`
+chain with tiny models, and the zero-shot analysis of experiments/revision."""
 
 from __future__ import annotations
 
 import json
+import runpy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,11 +17,14 @@ from alignlm.constants import IGNORE_INDEX
 from alignlm.data.build import build_dataset
 from alignlm.data.collate import Collator
 from alignlm.data.images import preprocess
-from alignlm.data.llava import DataError
-from alignlm.revision.realign import ReAlignStats, fit
-from alignlm.revision.shards import shard_metadata, write_shard
-from alignlm.revision.tower import DualEncoderTower
+from alignlm.data.records import DataError
+from alignlm.methods.revision.realign import ReAlignStats, fit
+from alignlm.methods.revision.shards import shard_metadata, write_shard
+from alignlm.methods.revision.tower import DualEncoderTower
+from alignlm.pipeline import run_prepare_steps
 from tests.conftest import compose
+
+ZERO_SHOT = runpy.run_path(str(Path(__file__).parents[1] / "experiments" / "revision" / "zero_shot.py"))
 
 
 def noise_images(n: int, size: int = 32, seed: int = 0) -> list[Image.Image]:
@@ -27,7 +33,7 @@ def noise_images(n: int, size: int = 32, seed: int = 0) -> list[Image.Image]:
 
 
 def test_tower_puts_the_unit_global_embedding_on_every_token(tiny_clip):
-    from alignlm.models.dual_encoder import HFDualEncoder
+    from alignlm.models.encoders import HFDualEncoder
 
     tower = DualEncoderTower(str(tiny_clip), num_tokens=5)
     encoder = HFDualEncoder(str(tiny_clip))
@@ -46,8 +52,8 @@ def test_tower_puts_the_unit_global_embedding_on_every_token(tiny_clip):
 
 
 def test_tower_on_the_offline_dual_encoder_matches_its_embeddings(tmp_path):
-    from alignlm.models.vision import ImageSpec
-    from alignlm.revision.dual_encoder import OfflineDualEncoder
+    from alignlm.data.images import ImageSpec
+    from alignlm.models.encoders import OfflineDualEncoder
 
     torch.manual_seed(0)
     encoder = OfflineDualEncoder(dim=8, image_size=64)
@@ -70,7 +76,8 @@ def text_shards(tmp_path, colour_set):
 
 
 def revision_data(colour_set, folder, **extra) -> dict:
-    return {"kind": "revision", "text_embeds": str(folder), "sources": [{"path": str(colour_set["pretrain"])}], **extra}
+    hook = {"_target_": "alignlm.methods.revision.text_embeds.TextEmbeddingHook", "text_embeds": str(folder), **extra}
+    return {"sources": [{"path": str(colour_set["pretrain"])}], "hooks": {"text_embeds": hook}}
 
 
 def test_revision_dataset_feeds_each_records_caption_embedding(tiny_model, colour_set, text_shards, tmp_path):
@@ -111,7 +118,7 @@ def test_embed_noise_perturbs_each_caption_reproducibly_and_stays_on_the_sphere(
     assert 0.4 < cos < 0.95  # 32 coordinates of std 0.1: noise of norm ~0.57 against a unit vector
     assert torch.equal(b, again[5]["image_embeds"][0]) and torch.equal(b[0], b[-1])  # one draw, on every token
     assert not torch.equal(b, other[5]["image_embeds"][0])
-    with pytest.raises(DataError, match="data.embed_noise must be >= 0"):
+    with pytest.raises(DataError, match="embed_noise must be >= 0"):
         build_dataset(revision_data(colour_set, folder, embed_noise=-0.1), model, seed=0)
 
 
@@ -119,15 +126,15 @@ def test_revision_dataset_errors_name_the_config_key(tiny_model, colour_set, tex
     model = tiny_model()
     folder, vectors = text_shards
     (folder / "shard_00001.safetensors").unlink()  # p30..p47 now have no embedding
-    with pytest.raises(DataError, match=r"data.text_embeds=.* no embedding for 18 of 48 .*first: \['p30'"):
+    with pytest.raises(DataError, match=r"text_embeds=.* no embedding for 18 of 48 .*first: \['p30'"):
         build_dataset(revision_data(colour_set, folder), model, seed=0)
     write_shard(tmp_path / "narrow" / "s.safetensors", torch.randn(48, 12), shard_metadata(list(vectors), "enc", "texts"))
     with pytest.raises(DataError, match="12-d embeddings but model.vision gives 32-d"):
         build_dataset(revision_data(colour_set, tmp_path / "narrow"), model, seed=0)
-    with pytest.raises(ValueError, match=r"data.kind='text'.*\['llava', 'revision'\]"):
-        build_dataset(revision_data(colour_set, folder, kind="text"), model, seed=0)
-    with pytest.raises(ValueError, match="needs data.text_embeds"):
-        build_dataset(revision_data(colour_set, folder, text_embeds=None), model, seed=0)
+    with pytest.raises(ValueError, match=r"(?s)data.hooks.text_embeds .* could not be built.*unexpected keyword argument 'text_embed'"):
+        build_dataset(revision_data(colour_set, folder, text_embed="typo"), model, seed=0)
+    with pytest.raises(TypeError, match="not an alignlm SampleHook"):
+        build_dataset({**revision_data(colour_set, folder), "hooks": {"x": {"_target_": "builtins.dict"}}}, model, seed=0)
 
 
 def test_collator_concatenates_embeddings_in_order_and_the_model_takes_them(tiny_model, colour_set, text_shards):
@@ -144,7 +151,7 @@ def test_collator_concatenates_embeddings_in_order_and_the_model_takes_them(tiny
 
 
 def test_revision_chain_embeds_realigns_pretrains_on_captions_then_finetunes(tiny_clip, colour_set, tmp_path):
-    from alignlm.training.pipeline import run
+    from alignlm.pipeline import run
 
     # the pretrain captions without their images: the text-only stage must never need one
     records = json.loads(colour_set["pretrain"].read_text())
@@ -173,15 +180,15 @@ def test_revision_chain_embeds_realigns_pretrains_on_captions_then_finetunes(tin
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
 
-def test_an_unknown_revision_key_is_refused():
-    from alignlm.revision.prepare import prepare
-
-    with pytest.raises(ValueError, match=r"revision has unknown keys \['realing'\]"):
-        prepare({"encoder": "enc", "realing": None}, embeddings=False)
+def test_a_prepare_step_with_an_unknown_knob_is_refused_naming_it():
+    cfg = compose("+exp=revision", "run=[pretrain]", "stages.pretrain.prepare.revision_encoder=null",
+                  "stages.pretrain.prepare.revision_embeddings=null", "+stages.pretrain.prepare.revision_realign.realing=x")
+    with pytest.raises(ValueError, match=r"(?s)stages.pretrain.prepare.revision_realign .* unexpected keyword argument 'realing'"):
+        run_prepare_steps(cfg)
 
 
 def test_realign_statistics_are_fitted_with_the_configured_covariance_and_never_reused_across_it(tmp_path):
-    from alignlm.revision.prepare import ensure_realign
+    from alignlm.methods.revision.prepare import ensure_realign
 
     g = torch.Generator().manual_seed(0)
     emb = tmp_path / "emb"
@@ -190,18 +197,17 @@ def test_realign_statistics_are_fitted_with_the_configured_covariance_and_never_
         write_shard(emb / modality / "shard_00000.safetensors", rows,
                     shard_metadata([f"{modality}{i}" for i in range(64)], "toy", modality))
     node = {"embeddings": str(emb), "realign": str(tmp_path / "cov.safetensors"), "covariance": 0.5}
-    ensure_realign(node)
+    ensure_realign(**node)
     assert ReAlignStats.load(tmp_path / "cov.safetensors").covariance == 0.5
-    ensure_realign(node)  # same knob: kept
+    ensure_realign(**node)  # same knob: kept
     with pytest.raises(ValueError, match=r"fitted with covariance=0.5, but revision.covariance=None"):
-        ensure_realign({**node, "covariance": None})
-    ensure_realign({**node, "realign": str(tmp_path / "trace.safetensors"), "covariance": None})
+        ensure_realign(**{**node, "covariance": None})
+    ensure_realign(**{**node, "realign": str(tmp_path / "trace.safetensors"), "covariance": None})
     assert ReAlignStats.load(tmp_path / "trace.safetensors").A is None
 
 
 def test_zero_shot_scores_are_the_training_loss_of_each_candidate(tiny_model):
-    from alignlm.revision.zero_shot import candidate_batch, candidate_losses, classify
-
+    candidate_batch, candidate_losses, classify = (ZERO_SHOT[k] for k in ("candidate_batch", "candidate_losses", "classify"))
     model = tiny_model().eval()
     candidates = ["A red square.", "Two blue circles in the top left.", "A green triangle."]
     embeds = torch.randn(2, 32, generator=torch.Generator().manual_seed(0))
@@ -223,8 +229,7 @@ def test_zero_shot_scores_are_the_training_loss_of_each_candidate(tiny_model):
 
 
 def test_factor_shares_split_a_grid_into_its_main_effects_and_interaction():
-    from alignlm.revision.zero_shot import factor_shares
-
+    factor_shares = ZERO_SHOT["factor_shares"]
     g = torch.Generator().manual_seed(0)
     rows, cols = torch.randn(4, 1, 16, generator=g), torch.randn(1, 10, 16, generator=g)
     only_rows = factor_shares(rows.expand(4, 10, 16) + 5.0)

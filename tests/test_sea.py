@@ -10,12 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from alignlm.cli import main
+from alignlm.commands import main
 from alignlm.data.build import build_dataset
 from alignlm.data.collate import Collator
-from alignlm.data.llava import DataError
-from alignlm.data.sea_labels import SeaLabels
-from alignlm.objectives.sea import SEAObjective, sample_labels, sea_logits
+from alignlm.data.records import DataError
+from alignlm.methods.sea.labels import SeaLabels
+from alignlm.methods.sea.objective import SEAObjective, sample_labels, sea_logits
 from tests.conftest import compose, make_batch
 
 
@@ -79,7 +79,7 @@ def test_labels_from_a_saved_clip_model(shapes_root, tmp_path):
     from transformers import CLIPModel
 
     from alignlm.data.images import load_rgb, preprocess
-    from alignlm.models.dual_encoder import HFDualEncoder
+    from alignlm.models.encoders import HFDualEncoder
 
     clip = tiny_clip(tmp_path / "clip")
     words = ["red", "green", "blue", "circle", "square", "background"]
@@ -112,7 +112,7 @@ def test_dataset_puts_labels_on_the_visual_tokens(shapes_root, tiny_model, colou
     model = tiny_model()
     shapes = shapes_root / "shapes"
     data_cfg = {"sources": [{"path": str(shapes / "pretrain.json")}, {"path": str(colour_set["pretrain"])}],
-                "sea_labels": str(shapes / "sea_labels.safetensors")}
+                "hooks": {"sea": {"_target_": "alignlm.methods.sea.hook.SeaLabelHook", "path": str(shapes / "sea_labels.safetensors")}}}
     ds = build_dataset(data_cfg, model, seed=0)
     labels = SeaLabels(shapes / "sea_labels.safetensors")
     shape_item = next(i for i in range(len(ds)) if ds[i]["id"].startswith("shapes"))
@@ -122,13 +122,13 @@ def test_dataset_puts_labels_on_the_visual_tokens(shapes_root, tiny_model, colou
     expect = labels.lookup(shapes / "images" / f"{a['id']}.png")[0]
     assert torch.equal(a["sea_words"][0], expect)
     assert (b["sea_words"] == -1).all()  # an image the file does not label
-    batch = Collator(model.tokenizer.pad_token_id)([a, b])
+    batch = Collator(model.tokenizer.pad_token_id, hooks=ds.hooks)([a, b])
     assert batch["sea_words"].shape == (2, 16, 5) and batch["sea_words"].dtype == torch.long
     assert torch.equal(batch["sea_words"][0], expect) and (batch["sea_words"][1] == -1).all()
-    # without sea_labels the batch has no SEA fields, and objective sea refuses to start
+    # without the sea hook the batch has no SEA fields, and objective sea refuses to start
     plain = build_dataset({"sources": data_cfg["sources"]}, model, seed=0)
     assert "sea_words" not in plain[0]
-    with pytest.raises(ValueError, match="stage.data.sea_labels"):
+    with pytest.raises(ValueError, match="stage.data.hooks.sea"):
         SEAObjective().setup(model, plain)
 
 
@@ -234,7 +234,7 @@ def test_sea_objective_config_defaults():
 
 
 def test_exp_sea_writes_its_labels_and_trains(shapes_root, tmp_path):
-    from alignlm.training.pipeline import run
+    from alignlm.pipeline import run
     from tests.conftest import read_losses
 
     root = tmp_path / "data"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from alignlm.training.pipeline import run
+from alignlm.pipeline import run
 from alignlm.training.trainer import StopTraining
 from tests.conftest import compose, read_losses, tiny_overrides
 

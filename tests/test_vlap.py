@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from alignlm.geometry.sinkhorn import sinkhorn
 from alignlm.objectives.vlap import VLAPObjective, log_word_prior, token_counts, vlap_loss
-from alignlm.training.pipeline import run
+from alignlm.pipeline import run
 from tests.conftest import compose, tiny_overrides
 
 

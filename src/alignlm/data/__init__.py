@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 # name -> module with ``generate(out_dir, *, seed, **knobs) -> dict``; add a generator by adding a line.
 _GENERATOR_MODULES = {"digits": "alignlm.data.digits", "shapes": "alignlm.data.shapes"}

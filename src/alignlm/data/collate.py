@@ -1,13 +1,18 @@
-"""Batch assembly: pad token sequences, concatenate images in reading order, drop skipped samples."""
+"""Batch assembly: pad token sequences, concatenate images in reading order, drop skipped samples.
+
+The fields a method's :class:`~alignlm.data.hooks.SampleHook` added to each sample are assembled by that hook.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from alignlm.constants import IGNORE_INDEX
+from alignlm.data.hooks import SampleHook
 
 
 @dataclass(frozen=True)
@@ -24,6 +29,7 @@ class Collator:
 
     pad_token_id: int
     padding_side: str = "right"
+    hooks: Sequence[SampleHook] = field(default_factory=tuple)
 
     def __call__(self, samples: Sequence[dict[str, Any] | Skipped]) -> dict[str, Any]:
         kept = [s for s in samples if not isinstance(s, Skipped)]
@@ -47,11 +53,8 @@ class Collator:
             images = [s[key] for s in kept if s.get(key) is not None]
             batch[key] = torch.cat(images) if images else None
         batch["image_counts"] = torch.tensor([s["n_images"] for s in kept])
-        for key in ("sea_words", "sea_scores"):  # per image, in the same order as pixel_values
-            if key in kept[0]:
-                batch[key] = torch.cat([s[key] for s in kept])
-        if "align_level" in kept[0]:  # AlignGPT pretraining: one level per sample
-            batch["align_levels"] = torch.tensor([s["align_level"] for s in kept], dtype=torch.long)
+        for hook in self.hooks:
+            batch.update(hook.collate(kept))
         for key in ("answer", "meta"):
             if key in kept[0]:
                 batch[key] = [s.get(key) for s in kept]

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from sklearn.datasets import load_digits
 
 from alignlm.data.synthetic import DatasetWriter, Question, check_int, split
 
@@ -58,8 +59,6 @@ def questions(d: int, rng: np.random.Generator) -> list[Question]:
 def generate(out_dir: str | Path, *, seed: int = 0, image_size: int = 64, n_test: int = 300,
              limit: int | None = None) -> dict[str, Any]:
     """Write the digits set (train: captions + QA; test: one digit question per held-out image); return info.json."""
-    from sklearn.datasets import load_digits
-
     check_int("image_size", image_size, 16, why="pixels per side")
     data = load_digits()
     rng = np.random.default_rng(seed)

@@ -1,14 +1,26 @@
-"""Image loading and preprocessing: pad to square with the mean colour (LLaVA-1.5), resize, normalise."""
+"""Image loading and preprocessing: pad to square with the mean colour (LLaVA-1.5), resize, normalise.
+
+``ImageSpec`` lives here, on the data side: a vision tower declares the spec it expects, and everything that turns
+files into pixels (the dataset, the probes, the encoders) prepares images from it, so no reader ever guesses.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from alignlm.models.vision import ImageSpec
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """How images must be prepared for a tower: square size and per-channel normalisation."""
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
 
 
 def load_rgb(path: str | Path) -> Image.Image:

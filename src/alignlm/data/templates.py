@@ -13,8 +13,9 @@ Templates: ``plain`` (LLaVA pretraining: images + caption + newline), ``vicuna_v
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 

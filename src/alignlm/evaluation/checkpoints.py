@@ -10,13 +10,18 @@ A path may be
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file
 
-STEP_PREFIX = "step_"
+from alignlm.models.build import build_model
+from alignlm.models.io import load_model, load_part_state
+from alignlm.training.checkpoint import load_init, resolve_init, step_dirs
+from alignlm.training.stages import apply_stage, merge_lora
 
 
 @dataclass(frozen=True)
@@ -47,16 +52,11 @@ def _is_step(p: Path) -> bool:
 
 
 def _steps(stage_dir: Path) -> list[Path]:
-    root = stage_dir / "checkpoints"
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.name.startswith(STEP_PREFIX) and not p.name.endswith(".tmp") and _is_step(p))
+    return [p for p in step_dirs(stage_dir) if _is_step(p)]
 
 
 def _last_logged_step(stage_dir: Path) -> int | None:
     """The step of the last row of a stage's ``metrics.jsonl``: where its ``final/`` was written."""
-    import json
-
     log = stage_dir / "metrics.jsonl"
     rows = [line for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
     return int(json.loads(rows[-1])["step"]) if rows else None
@@ -65,8 +65,6 @@ def _last_logged_step(stage_dir: Path) -> int | None:
 def _one(p: Path) -> Checkpoint:
     if _is_final(p):
         return Checkpoint(p, "final", p.parent.parent.name, p.parent.name, _last_logged_step(p.parent))
-    import json
-
     state = json.loads((p / "trainer_state.json").read_text())
     stage_dir = p.parent.parent
     return Checkpoint(p, "step", stage_dir.parent.name, str(state.get("stage", stage_dir.name)), int(state["step"]))
@@ -108,24 +106,14 @@ def data_config(ck: Checkpoint, cfg: DictConfig) -> dict[str, Any]:
 
 def load(ck: Checkpoint) -> Any:
     """Rebuild the model of a checkpoint, in eval mode on the CPU."""
-    from alignlm.models.io import load_model
-
     if ck.kind == "final":
         return load_model(ck.path)
-    from safetensors.torch import load_file
-
-    from alignlm.models.build import build_model
-    from alignlm.models.io import load_part_state
-    from alignlm.training.stages import apply_stage, merge_lora
-    from alignlm.training.trainer import Trainer
-
     cfg = stage_config(ck)
     stage = cfg.stages[ck.stage]
     model = build_model(cfg.model)
-    src = stage.get("init_from")
-    if src:
-        init = ck.stage_dir.parent / src / "final" if src in cfg.stages else Path(src)
-        Trainer.load_init(model, init)
+    init = resolve_init(stage.get("init_from"), ck.stage_dir.parent, cfg.stages)
+    if init:
+        load_init(model, init)
     apply_stage(model, stage.parts, stage.get("lora"))
     load_part_state(model, load_file(str(ck.path / "trainable.safetensors")), [])
     merge_lora(model)

@@ -11,14 +11,15 @@ Two kinds of set share one generation path:
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
 from alignlm.data.build import build_dataset
 from alignlm.data.collate import Collator
-from alignlm.data.llava import read_records
+from alignlm.data.records import read_records, reference_captions
 from alignlm.evaluation.answers import score_answer
 from alignlm.evaluation.captions import bleu, cider_d
 
@@ -38,8 +39,8 @@ def generate_set(
     seed: int = 0,
 ) -> list[tuple[str, str, dict[str, Any]]]:
     """``(id, prediction, record)`` for the first ``limit`` records of a set, in file order."""
-    # evaluation sets are read with their images, also for a stage that trained on caption embeddings (ReVision)
-    cfg = {**dict(data_cfg), "kind": "llava", "sources": [{"path": path}], "on_error": "raise"}
+    # generation datasets use no data hooks: sets are read with their images, whatever side data the stage trained on
+    cfg = {**dict(data_cfg), "sources": [{"path": path}], "on_error": "raise"}
     dataset = build_dataset(cfg, model, seed=0, for_generation=True)
     indices = list(range(len(dataset) if limit is None else min(limit, len(dataset))))
     loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size,
@@ -96,16 +97,6 @@ def answer_accuracy(
     n = len(preds)
     return {"name": name, "kind": "qa", "n": n, "accuracy": correct / max(n, 1), "chance": chance / max(n, 1), "examples": examples,
             "scores": scores}
-
-
-def reference_captions(rec: Mapping[str, Any]) -> list[str]:
-    """A record's reference captions: its ``captions`` list, else its last assistant turn."""
-    if rec.get("captions"):
-        return [str(c) for c in rec["captions"]]
-    turns = [t["value"] for t in rec.get("conversations", []) if t.get("from") in ("gpt", "assistant")]
-    if not turns:
-        raise ValueError(f"record id={rec.get('id')!r} has neither 'captions' nor an assistant turn to use as reference")
-    return [str(turns[-1])]
 
 
 def caption_scores(

@@ -1,4 +1,5 @@
-"""Run lmms-eval on an exported alignlm model: ``accelerate launch -m alignlm.evaluation.lmms --model llava_hf ...``.
+"""Run lmms-eval on an exported alignlm model: ``alignlm lmms-eval --model llava_hf ...`` (or, several processes,
+``accelerate launch -m alignlm.commands lmms-eval ...``).
 
 The same arguments as ``lmms-eval``; first it removes one incompatibility between lmms-eval and transformers 5:
 lmms-eval's simple ``llava_hf`` class (and its releases before 0.7) passes ``image_sizes`` to ``generate``, and
@@ -15,8 +16,11 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
+
+from transformers import LlavaForConditionalGeneration
 
 TASK_UTILS = '''"""lmms-eval task functions for a question set written by ``alignlm lmms-task``."""
 
@@ -75,8 +79,6 @@ def write_local_task(questions: Path, out_dir: Path, name: str, max_new_tokens: 
 
 def drop_unused_image_sizes() -> None:
     """Make ``LlavaForConditionalGeneration.generate`` ignore ``image_sizes`` for towers without a patch size."""
-    from transformers import LlavaForConditionalGeneration
-
     original = LlavaForConditionalGeneration.generate
     if getattr(original, "_alignlm_drops_image_sizes", False):
         return
@@ -91,16 +93,12 @@ def drop_unused_image_sizes() -> None:
     LlavaForConditionalGeneration.generate = generate
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """lmms-eval's own command line, after the fix above."""
+def run_lmms_eval(argv: Sequence[str]) -> None:
+    """lmms-eval's own command line with ``argv``, after the fix above."""
     try:
-        from lmms_eval.cli.dispatch import main as lmms_main
+        from lmms_eval.cli.dispatch import main as lmms_main  # noqa: PLC0415 - optional, installed in its own venv
     except ImportError as e:
         raise SystemExit(f"lmms-eval is not installed here ({e}); pip install lmms-eval") from e
     drop_unused_image_sizes()
-    sys.argv = ["lmms-eval", *(sys.argv[1:] if argv is None else argv)]
+    sys.argv = ["lmms-eval", *argv]
     lmms_main()
-
-
-if __name__ == "__main__":
-    main()

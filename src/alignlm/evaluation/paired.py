@@ -10,7 +10,8 @@ the discordant counts (questions only B gets right, only A gets right), from whi
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 POOLED = "all"
 

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import matplotlib
+from omegaconf import OmegaConf
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -146,8 +148,6 @@ def _stage_dirs(run: Path) -> list[Path]:
     dirs = [d for d in sorted(run.iterdir()) if (d / "metrics.jsonl").exists()] if run.is_dir() else []
     cfg = next((d / f for d in dirs for f in ("config.yaml", "final/config.yaml") if (d / f).exists()), None)
     if cfg is not None:
-        from omegaconf import OmegaConf
-
         order = list(OmegaConf.load(cfg).get("run") or [])
         return sorted(dirs, key=lambda d: (order.index(d.name) if d.name in order else len(order), d.name))
     return dirs

@@ -1,7 +1,7 @@
 """Checkpoints -> ``report.json``, ``report.md`` (one comparison table) and PNG plots.
 
 For each checkpoint: generation sets (question accuracy, caption BLEU-4 / CIDEr-D), alignment probes on a held-out
-caption set (METHODS.md section 7), and Mind the Gap's shift curve. The report is deterministic: fixed seeds,
+caption set (docs/methods.md, metrics), and Mind the Gap's shift curve. The report is deterministic: fixed seeds,
 first-``n`` subsets, rounded floats, sorted keys; timings go to the console, never into the report.
 """
 
@@ -10,15 +10,17 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 
 from alignlm.evaluation import checkpoints as C
 from alignlm.evaluation import paired, plots
 from alignlm.evaluation.evaluate import answer_accuracy, caption_scores, set_kind
-from alignlm.evaluation.probes import extract, flat, gap_shift, load_probe_set, probe_metrics, resolve_layers
+from alignlm.geometry.suite import flat
+from alignlm.models.probes import extract, gap_shift, load_probe_set, probe_metrics, resolve_layers
 
 log = logging.getLogger("alignlm")
 

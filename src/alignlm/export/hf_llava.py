@@ -7,7 +7,7 @@ no custom code, and a published Llava checkpoint comes in as ``init_from`` to co
 Llava's architecture is fixed: a transformers vision model (``hidden_states[vision_feature_layer]``, with the CLS
 token dropped or kept), a two-layer projector ``linear_1 -> act -> linear_2``, and a causal LM. alignlm models that
 fit (an ``HFVisionTower``, the ``mlp2x_gelu`` connector) map onto it weight for weight; anything else (CNN towers,
-MoE or linear connectors, towers with register tokens, AlignGPT's level token) is refused up front with the reason.
+MoE or linear connectors, towers with register tokens, extra input parts) is refused up front with the reason.
 """
 
 from __future__ import annotations
@@ -17,10 +17,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
 
 from alignlm.constants import IMAGE_TOKEN
+from alignlm.data.templates import get_template
 from alignlm.models.connectors.mlp import MLPConnector
+from alignlm.models.io import load_model
 from alignlm.models.mllm import AlignLM
 from alignlm.models.vision import HFVisionTower
 
@@ -55,10 +66,11 @@ def feature_strategy(vision: HFVisionTower) -> str:
 
 def check_exportable(model: AlignLM) -> str:
     """Raise ``ExportError`` unless Llava can represent ``model``; return the feature strategy it will use."""
-    if getattr(model, "align_levels", None) is not None:
+    if model.extras:
         raise ExportError(
-            "the model has AlignGPT alignment levels (model.align_levels): Llava has no level token after BOS and no gate "
-            f"to compute it, so an export would answer differently from the trained model. {_ALTERNATIVE[0].upper() + _ALTERNATIVE[1:]}"
+            f"the model has extra input parts (model.extras: {sorted(model.extras)}) that write their own token after BOS: "
+            "Llava has no such parts, so an export would answer differently from the trained model. "
+            f"{_ALTERNATIVE[0].upper() + _ALTERNATIVE[1:]}"
         )
     if not isinstance(model.vision, HFVisionTower):
         raise ExportError(
@@ -84,8 +96,6 @@ def check_exportable(model: AlignLM) -> str:
 
 def llava_config(model: AlignLM, strategy: str) -> Any:
     """The ``LlavaConfig`` describing ``model``."""
-    from transformers import LlavaConfig
-
     text_config = model.llm.config.to_dict()
     text_config["vocab_size"] = model.llm.get_input_embeddings().num_embeddings
     return LlavaConfig(
@@ -121,8 +131,6 @@ def _copy(src: nn.Module, dst: nn.Module, name: str) -> None:
 
 def to_llava(model: AlignLM) -> Any:
     """An in-memory ``LlavaForConditionalGeneration`` with ``model``'s weights (LoRA must be merged already)."""
-    from transformers import LlavaForConditionalGeneration
-
     strategy = check_exportable(model)
     config = llava_config(model, strategy)
     dtype = model.llm.get_input_embeddings().weight.dtype
@@ -135,7 +143,8 @@ def to_llava(model: AlignLM) -> Any:
 
 def llava_processor(model: AlignLM, template: Any, strategy: str) -> Any:
     """A ``LlavaProcessor`` whose image preprocessing and chat template are the ones the model was trained with."""
-    from transformers import LlavaImageProcessor, LlavaProcessor
+    # imported here: on a machine without torchvision, importing it prints a warning on every alignlm command
+    from transformers import LlavaImageProcessor  # noqa: PLC0415
 
     spec = model.image_spec
     image_processor = LlavaImageProcessor(
@@ -163,8 +172,6 @@ def llava_processor(model: AlignLM, template: Any, strategy: str) -> Any:
 
 def model_card(cfg: Any, summary: dict[str, Any] | None) -> str:
     """README.md of an export: what was trained, how, and how it scored, so the Hub page is self-explaining."""
-    from omegaconf import OmegaConf
-
     plain = OmegaConf.to_container(cfg, resolve=True)
     lines = ["---", "library_name: transformers", "pipeline_tag: image-text-to-text", "tags: [llava, alignlm]", "---", "",
              f"# {plain.get('run_name', 'alignlm model')}", "",
@@ -193,11 +200,6 @@ def model_card(cfg: Any, summary: dict[str, Any] | None) -> str:
 
 def export(final_dir: str | Path, out_dir: str | Path) -> Path:
     """``alignlm export``: a ``final/`` checkpoint -> a transformers Llava directory (config, weights, processor, card)."""
-    from omegaconf import OmegaConf
-
-    from alignlm.data.templates import get_template
-    from alignlm.models.io import load_model
-
     final_dir, out_dir = Path(final_dir), Path(out_dir)
     model = load_model(final_dir)
     cfg = OmegaConf.load(final_dir / "config.yaml")
@@ -228,8 +230,6 @@ def load_llava_weights(model: AlignLM, path: str | Path) -> None:
     Loading through ``LlavaForConditionalGeneration.from_pretrained`` accepts every key layout transformers
     accepts (including checkpoints converted before its 2025 renaming); shapes must match ``model``'s config.
     """
-    from transformers import LlavaForConditionalGeneration
-
     hf = LlavaForConditionalGeneration.from_pretrained(str(path), dtype=model.llm.get_input_embeddings().weight.dtype)
     strategy = check_exportable(model)
     want = {"vision_feature_select_strategy": strategy, "vision_feature_layer": model.vision.select_layer,
@@ -248,8 +248,6 @@ def load_llava_weights(model: AlignLM, path: str | Path) -> None:
 
 def vision_from_llava(path: str) -> HFVisionTower:
     """The vision tower a Llava folder describes (random weights; ``init_from`` the folder loads them)."""
-    from transformers import AutoConfig
-
     cfg = AutoConfig.from_pretrained(path)
     vc = cfg.vision_config
     tower = HFVisionTower(config={"model_type": vc.model_type, **_own_fields(vc)}, select_layer=cfg.vision_feature_layer,
@@ -260,8 +258,6 @@ def vision_from_llava(path: str) -> HFVisionTower:
 
 def llm_from_llava(path: str) -> tuple[nn.Module, Any]:
     """The causal LM and tokenizer a Llava folder describes (random weights; ``init_from`` the folder loads them)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     cfg = AutoConfig.from_pretrained(path)
     llm = AutoModelForCausalLM.from_config(cfg.text_config)
     return llm, AutoTokenizer.from_pretrained(path)

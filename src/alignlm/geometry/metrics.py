@@ -264,10 +264,10 @@ def _hsic_unbiased(K: Tensor, L: Tensor) -> Tensor:
     n = K.shape[0]
     if n < 4:
         raise ValueError(f"the unbiased HSIC needs at least 4 items, got {n}")
-    k, l = K.clone().fill_diagonal_(0), L.clone().fill_diagonal_(0)
-    trace = (k * l.T).sum()
-    totals = k.sum() * l.sum() / ((n - 1) * (n - 2))
-    cross = 2 * (k.sum(dim=0) @ l.sum(dim=1)) / (n - 2)
+    k0, l0 = K.clone().fill_diagonal_(0), L.clone().fill_diagonal_(0)  # the kernels with a zero diagonal
+    trace = (k0 * l0.T).sum()
+    totals = k0.sum() * l0.sum() / ((n - 1) * (n - 2))
+    cross = 2 * (k0.sum(dim=0) @ l0.sum(dim=1)) / (n - 2)
     return (trace + totals - cross) / (n * (n - 3))
 
 

@@ -6,30 +6,16 @@ needs to change. Errors name the config key and what went wrong.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
-from alignlm.models.align_levels import AlignLevels
+from alignlm.config import instantiate
 from alignlm.models.connectors.base import Connector
+from alignlm.models.extras import InputPart
 from alignlm.models.mllm import AlignLM
 from alignlm.models.vision import VisionTower
-
-
-def instantiate(node: Mapping[str, Any], key: str, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate`` with the config key in the error message."""
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate as hydra_instantiate
-    from omegaconf import DictConfig, OmegaConf
-
-    if node is None or "_target_" not in node:
-        raise ValueError(f"config {key} needs a _target_ (the class or function to build), got {node!r}")
-    if not isinstance(node, DictConfig):
-        node = OmegaConf.create(dict(node))
-    try:
-        return hydra_instantiate(node, **kwargs)
-    except InstantiationException as e:
-        raise ValueError(f"config {key} (_target_={node.get('_target_')}) could not be built: {e}") from e
 
 
 def build_model(model_cfg: Mapping[str, Any]) -> AlignLM:
@@ -62,7 +48,7 @@ def _assemble(model_cfg: Mapping[str, Any]) -> AlignLM:
     if not isinstance(connector, Connector):
         raise TypeError(f"model.connector built a {type(connector).__name__}, not an alignlm Connector")
     connector.token_norm = _visual_token_norm(model_cfg, llm)
-    return AlignLM(vision, connector, llm, tokenizer, _align_levels(model_cfg, vision, connector, llm))
+    return AlignLM(vision, connector, llm, tokenizer, _extras(model_cfg, vision, connector, llm))
 
 
 def _embedding_sample(llm: Any) -> torch.Tensor:
@@ -85,19 +71,23 @@ def _visual_token_norm(model_cfg: Mapping[str, Any], llm: Any) -> float | None:
     return float(factor) * float(_embedding_sample(llm).norm(dim=-1).mean())
 
 
-def _align_levels(model_cfg: Mapping[str, Any], vision: VisionTower, connector: Connector, llm: Any) -> AlignLevels | None:
-    """AlignGPT's optional ``model.align_levels`` part, sized to the LLM and the connector's token count.
+def _extras(model_cfg: Mapping[str, Any], vision: VisionTower, connector: Connector, llm: Any) -> dict[str, InputPart]:
+    """The optional ``model.extras`` input parts (null entries are off), sized to the LLM and the connector's tokens.
 
-    Drawn from its own seed stream (like the connector), so adding it leaves the other parts' initialisation as it
-    was (only the placeholder rows of the embedding table differ, and the model writes over their slots).
+    Each draws from its own seed stream (after the connector's), so adding one leaves the other parts' initialisation
+    as it was (only the slot rows of the embedding table differ, and the model writes over their slots).
     """
-    if model_cfg.get("align_levels") is None:
-        return None
+    nodes = {k: v for k, v in (model_cfg.get("extras") or {}).items() if v is not None}
+    if not nodes:
+        return {}
     sample = _embedding_sample(llm)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(model_cfg.get("init_seed", 0)) + 2)
-        module = instantiate(model_cfg["align_levels"], "model.align_levels", hidden_size=sample.shape[1],
-                             num_visual_tokens=connector.num_tokens(vision.num_patches), embed_std=float(sample.std()))
-    if not isinstance(module, AlignLevels):
-        raise TypeError(f"model.align_levels built a {type(module).__name__}, not an alignlm AlignLevels")
-    return module
+    parts = {}
+    for i, (name, node) in enumerate(nodes.items()):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(model_cfg.get("init_seed", 0)) + 2 + i)
+            part = instantiate(node, f"model.extras.{name}", hidden_size=sample.shape[1],
+                               num_visual_tokens=connector.num_tokens(vision.num_patches), embed_std=float(sample.std()))
+        if not isinstance(part, InputPart):
+            raise TypeError(f"model.extras.{name} built a {type(part).__name__}, not an alignlm InputPart")
+        parts[name] = part
+    return parts

@@ -5,12 +5,17 @@ Lives with the models (not the trainer) so evaluation and export reload a checkp
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
+from omegaconf import OmegaConf
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
+
+from alignlm.models.build import build_model
 
 
 def _unique_state(module: nn.Module, prefix: str, only_trainable: bool) -> dict[str, torch.Tensor]:
@@ -73,8 +78,6 @@ def adapt_parts(model: nn.Module, state: dict[str, torch.Tensor], parts: Iterabl
 
 def final_parts(final_dir: Path) -> list[str]:
     """Which parts a ``final/`` checkpoint carries."""
-    from safetensors import safe_open
-
     with safe_open(str(final_dir / "model.safetensors"), "pt") as f:
         parts = (f.metadata() or {}).get("parts", "")
     return [p for p in parts.split(",") if p]
@@ -92,10 +95,6 @@ def load_final_weights(model: nn.Module, final_dir: Path) -> list[str]:
 
 def load_model(final_dir: str | Path) -> Any:
     """Rebuild a trained model from a ``final/`` folder: its saved config, then its weights."""
-    from omegaconf import OmegaConf
-
-    from alignlm.models.build import build_model
-
     final_dir = Path(final_dir)
     cfg = OmegaConf.load(final_dir / "config.yaml")
     model = build_model(cfg.model)

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from alignlm.models.tokenizer import build_tiny_tokenizer
 
@@ -45,8 +46,6 @@ def pretrained(
     tokenizer: str | None = None,
 ) -> LLMAndTokenizer:
     """Load any ``AutoModelForCausalLM`` and its tokenizer (a local folder, or a hub name where online)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     kwargs: dict[str, Any] = {"dtype": torch_dtype(dtype), "trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -77,8 +76,6 @@ def _smollm2_gguf() -> Path:
 
 def _convert_gguf(gguf: Path, folder: Path) -> None:
     """Dequantise a GGUF checkpoint into a plain safetensors folder, atomically."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     config = loaded.config
@@ -104,8 +101,6 @@ def tiny(
     vocab_size: int = 512,
 ) -> LLMAndTokenizer:
     """A random Llama and a locally trained tokenizer: builds in milliseconds, for tests and smoke runs."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     tok = build_tiny_tokenizer(vocab_size)
     config = LlamaConfig(
         vocab_size=len(tok),

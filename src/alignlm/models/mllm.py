@@ -6,11 +6,10 @@ text-only samples mixed in. A batch with no image at all still runs one zero ima
 path (scaled by zero), so data-parallel and ZeRO-3 ranks stay in step.
 
 Batch keys (a plain dict of tensors): ``input_ids``, ``attention_mask``, ``labels`` ``[B, T]``;
-``pixel_values`` ``[n_images, 3, H, W]`` or ``image_embeds`` ``[n_images, N, Dv]`` (precomputed features,
-e.g. ReVision's text embeddings), images in reading order across the batch; ``align_levels`` ``[B]`` (AlignGPT
-pretraining's per-sample levels, for a model with ``align_levels``); optional ``num_items_in_batch``
-(supervised-token count the LM loss is normalised by, set by the trainer so that gradient accumulation and data
-parallelism give the same gradients as one big batch).
+``pixel_values`` ``[n_images, 3, H, W]`` or ``image_embeds`` ``[n_images, N, Dv]`` (precomputed features standing in
+for the tower's output), images in reading order across the batch; optional ``num_items_in_batch`` (supervised-token
+count the LM loss is normalised by, set by the trainer so that gradient accumulation and data parallelism give the
+same gradients as one big batch); and whatever fields the model's extra input parts read (``models/extras.py``).
 """
 
 from __future__ import annotations
@@ -22,11 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alignlm.constants import ALIGN_TOKEN, IGNORE_INDEX, IMAGE_TOKEN
-from alignlm.models.align_levels import AlignLevels
+from alignlm.constants import IGNORE_INDEX, IMAGE_TOKEN
 from alignlm.models.connectors.base import Connector
+from alignlm.models.extras import InputPart
 from alignlm.models.vision import VisionTower
-
 
 Batch = dict[str, Any]
 
@@ -50,10 +48,10 @@ class AlignOutput:
 class AlignLM(nn.Module):
     """A LLaVA-style multimodal LLM whose three parts are swappable by config."""
 
-    PARTS: tuple[str, ...] = ("vision", "connector", "llm")  # a model with align_levels adds that part to its own
+    PARTS: tuple[str, ...] = ("vision", "connector", "llm")  # a model with extra input parts adds their names
 
     def __init__(self, vision: VisionTower, connector: Connector, llm: nn.Module, tokenizer: Any,
-                 align_levels: AlignLevels | None = None) -> None:
+                 extras: dict[str, InputPart] | None = None) -> None:
         super().__init__()
         self.vision = vision
         self.connector = connector
@@ -61,13 +59,16 @@ class AlignLM(nn.Module):
         self.tokenizer = tokenizer
         if IMAGE_TOKEN not in tokenizer.get_vocab():
             tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]}, replace_extra_special_tokens=False)
-        self.align_levels = align_levels  # AlignGPT's level token (models/align_levels.py); None leaves the model as is
-        self.align_token_id: int | None = None
-        if align_levels is not None:
-            if ALIGN_TOKEN not in tokenizer.get_vocab():
-                tokenizer.add_special_tokens({"additional_special_tokens": [ALIGN_TOKEN]}, replace_extra_special_tokens=False)
-            self.align_token_id = tokenizer.convert_tokens_to_ids(ALIGN_TOKEN)
-            self.PARTS = (*AlignLM.PARTS, "align_levels")
+        self.extras: dict[str, int] = {}  # extra input part name -> the id of its slot token
+        for name, part in (extras or {}).items():
+            if hasattr(self, name):
+                raise ValueError(f"model.extras.{name}: the name is taken by the model itself; choose another")
+            if part.slot_token not in tokenizer.get_vocab():
+                tokenizer.add_special_tokens({"additional_special_tokens": [part.slot_token]}, replace_extra_special_tokens=False)
+            setattr(self, name, part)
+            self.extras[name] = tokenizer.convert_tokens_to_ids(part.slot_token)
+        if self.extras:
+            self.PARTS = (*AlignLM.PARTS, *self.extras)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.image_token_id: int = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
@@ -77,10 +78,20 @@ class AlignLM(nn.Module):
         self.frozen_parts: set[str] = set()
 
     @property
+    def slot_token_ids(self) -> list[int]:
+        """The extra parts' slot tokens, which the data pipeline inserts after BOS (in this order)."""
+        return list(self.extras.values())
+
+    @property
+    def requires_batch_keys(self) -> tuple[str, ...]:
+        """Batch fields the extra parts need in their current train modes."""
+        return tuple(k for name in self.extras for k in getattr(self, name).requires_batch_keys)
+
+    @property
     def image_spec(self):
         return self.vision.image_spec
 
-    def train(self, mode: bool = True) -> "AlignLM":
+    def train(self, mode: bool = True) -> AlignLM:
         """Frozen parts stay in eval mode, so BatchNorm statistics and dropout of a frozen tower never move."""
         super().train(mode)
         for part in self.frozen_parts:
@@ -125,47 +136,24 @@ class AlignLM(nn.Module):
             embeds = embeds + 0.0 * visual.sum().to(embeds.dtype)
             # the zero image only keeps ranks in step: its auxiliary losses must not train the connector
             conn.aux_losses = {k: 0.0 * v for k, v in conn.aux_losses.items()}
-        if self.align_levels is not None:
-            embeds = self._write_align_tokens(batch, embeds, visual if has_images else None, is_image)
-        extras = {"features": features, "visual": visual, "is_image": is_image, "conn": conn}
-        return embeds, extras
+        if self.extras:
+            embeds = self._write_slots(batch, embeds, visual if has_images else None, is_image)
+        return embeds, {"features": features, "visual": visual, "is_image": is_image, "conn": conn}
 
-    def _write_align_tokens(self, batch: Batch, embeds: torch.Tensor, visual: torch.Tensor | None,
-                            is_image: torch.Tensor) -> torch.Tensor:
-        """AlignGPT: the level token of each sample at its one ``<align>`` slot (the data pipeline puts it after BOS).
-
-        With ``batch["align_levels"]`` (pretraining) the token is ``H[level]``; without (finetuning, generation) the
-        gate mixes the levels from the sample's visual tokens (mean over its images; zeros without one) and the mean
-        embedding of its *unsupervised* text: the prompt, which is all that generation sees, so training matches it.
-        """
+    def _write_slots(self, batch: Batch, embeds: torch.Tensor, visual: torch.Tensor | None,
+                     is_image: torch.Tensor) -> torch.Tensor:
+        """Each extra part's embedding at its one slot per sample (the data pipeline puts the slots after BOS)."""
         input_ids = batch["input_ids"]
-        is_align = input_ids == self.align_token_id
-        per_row = is_align.sum(1)
-        if not bool((per_row == 1).all()):
-            raise ValueError(f"every sample needs exactly one {ALIGN_TOKEN} slot for model.align_levels (the data pipeline "
-                             f"inserts it after BOS); slots per sample: {per_row.tolist()}")
-        levels = batch.get("align_levels")
-        if levels is not None:
-            tokens = self.align_levels.labelled(levels)
-        else:
-            text = batch["attention_mask"].bool() & ~is_image & ~is_align
-            if batch.get("labels") is not None:
-                text = text & (batch["labels"] == IGNORE_INDEX)
-            weight = text.unsqueeze(-1).to(embeds.dtype)
-            text_mean = (embeds * weight).sum(1) / weight.sum(1).clamp(min=1)
-            tokens = self.align_levels.gated(self._per_sample_visual(visual, is_image), text_mean)
-        return embeds.masked_scatter(is_align.unsqueeze(-1), tokens.to(embeds.dtype))
-
-    def _per_sample_visual(self, visual: torch.Tensor | None, is_image: torch.Tensor) -> torch.Tensor:
-        """Each sample's visual tokens ``[B, M, Dl]``, averaged over its images; zeros for a sample without any."""
-        rows = is_image.shape[0]
-        out = torch.zeros(rows, self.num_image_tokens, self.align_levels.embeddings.shape[1], device=is_image.device,
-                          dtype=self.align_levels.embeddings.dtype if visual is None else visual.dtype)
-        if visual is None:
-            return out
-        counts = is_image.sum(1) // self.num_image_tokens
-        owner = torch.repeat_interleave(torch.arange(rows, device=is_image.device), counts)
-        return out.index_add(0, owner, visual) / counts.clamp(min=1).to(visual.dtype)[:, None, None]
+        is_slot = torch.isin(input_ids, torch.tensor(self.slot_token_ids, device=input_ids.device))
+        for name, token_id in self.extras.items():
+            here = input_ids == token_id
+            per_row = here.sum(1)
+            if not bool((per_row == 1).all()):
+                raise ValueError(f"every sample needs exactly one {getattr(self, name).slot_token} slot for model.extras.{name} "
+                                 f"(the data pipeline inserts it after BOS); slots per sample: {per_row.tolist()}")
+            tokens = getattr(self, name)(batch, embeds, visual, is_image, is_slot)
+            embeds = embeds.masked_scatter(here.unsqueeze(-1), tokens.to(embeds.dtype))
+        return embeds
 
     def forward(self, batch: Batch, output_hidden_states: bool = False, return_logits: bool = False) -> AlignOutput:
         embeds, ex = self.embed(batch)

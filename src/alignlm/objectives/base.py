@@ -42,9 +42,10 @@ class Objective(nn.Module):
         raise NotImplementedError
 
 
-def check_batch(objectives: dict[str, Objective], batch: dict[str, Any]) -> None:
-    """Fail early, naming the objective and the missing batch keys."""
-    for key, obj in objectives.items():
-        missing = [k for k in obj.requires_batch_keys if batch.get(k) is None]
+def check_batch(needs: dict[str, tuple[str, ...]], batch: dict[str, Any]) -> None:
+    """Fail early, naming who needs which missing batch keys (``needs``: who -> keys, e.g. an objective's)."""
+    for who, keys in needs.items():
+        missing = [k for k in keys if batch.get(k) is None]
         if missing:
-            raise KeyError(f"objective {key!r} needs batch fields {missing}, which the configured data does not provide")
+            raise KeyError(f"{who} needs batch fields {missing}, which the configured data does not provide "
+                           "(a stage.data.hooks entry provides a method's fields)")

@@ -21,7 +21,8 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import torch

@@ -5,6 +5,8 @@ scheduler state, per-rank RNG and ``trainer_state.json`` (step, data position); 
 ``config.yaml`` and ``model.safetensors`` with every part trained so far. Everything is written under a
 temporary name and renamed, so a killed job never leaves a half checkpoint that looks whole. Tensors
 load with safetensors or ``torch.load(weights_only=True)``: no arbitrary pickle.
+
+A stage's starting weights (``init_from``) are read here too: another stage's ``final/`` or a transformers Llava folder.
 """
 
 from __future__ import annotations
@@ -12,17 +14,36 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from alignlm.models.io import load_part_state, part_state
+from alignlm.export.hf_llava import is_llava_dir, load_llava_weights
+from alignlm.models.io import load_final_weights, load_part_state, part_state
 
 STEP_PREFIX = "step_"
 OBJECTIVES_FILE = "objectives.safetensors"  # persistent objective state (a learned temperature), by config key
+
+
+def resolve_init(init_from: str | None, run_dir: Path, stages: Mapping[str, Any]) -> Path | None:
+    """``init_from`` as a folder: a stage name of this run (its ``final/`` under ``run_dir``), else a path as given."""
+    if not init_from:
+        return None
+    if init_from in stages:
+        return Path(run_dir) / init_from / "final"
+    return Path(init_from)
+
+
+def load_init(model: nn.Module, init: Path) -> list[str]:
+    """Load a stage's starting weights; returns the parts they covered (saved again in the stage's ``final/``)."""
+    if is_llava_dir(init):
+        load_llava_weights(model, init)
+        return list(model.PARTS)
+    return load_final_weights(model, init)
 
 
 def atomic_dir(final: Path) -> Path:
@@ -48,7 +69,7 @@ def save_training_state(
     """Everything exact resume needs, written atomically (called on the main process); ``objectives`` holds the
     stage's objectives by config key, whose persistent state (a learned temperature) resumes with them."""
     tmp = atomic_dir(ckpt_dir)
-    save_file(part_state(model, model.PARTS, only_trainable=True), str(tmp / "trainable.safetensors"))  # align_levels too
+    save_file(part_state(model, model.PARTS, only_trainable=True), str(tmp / "trainable.safetensors"))  # extra parts too
     if objectives is not None and objectives.state_dict():
         save_file({k: v.detach().cpu().contiguous() for k, v in objectives.state_dict().items()}, str(tmp / OBJECTIVES_FILE))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")

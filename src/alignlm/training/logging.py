@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 WANDB_MODES = ("disabled", "offline", "online")
 
@@ -41,7 +42,7 @@ class MetricsLogger:
         if mode not in WANDB_MODES:
             raise ValueError(f"logging.wandb.mode={mode!r} is not known; choose one of {list(WANDB_MODES)}")
         if mode != "disabled":
-            import wandb
+            import wandb  # noqa: PLC0415 - heavy (seconds to import), needed only when logging to it
 
             os.environ.setdefault("WANDB_SILENT", "true")
             self.wandb = wandb.init(

@@ -12,8 +12,8 @@ samples in every optimizer step, and a run resumed at step ``s`` continues with 
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import torch
 

@@ -7,9 +7,11 @@ always holds plain weights that load without peft. A part may define its own mod
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from alignlm.models.mllm import AlignLM
@@ -41,8 +43,6 @@ def apply_stage(model: AlignLM, parts: Mapping[str, str], lora: Mapping[str, Any
 
 
 def _add_lora(module: nn.Module, lora: dict[str, Any], part: str) -> nn.Module:
-    from peft import LoraConfig, get_peft_model
-
     if part == "connector":
         raise ValueError("stage.parts.connector=lora is not supported; train the connector fully")
     config = LoraConfig(
@@ -56,8 +56,6 @@ def _add_lora(module: nn.Module, lora: dict[str, Any], part: str) -> nn.Module:
 
 def merge_lora(model: AlignLM) -> None:
     """Fold LoRA adapters into their base weights (for final saves and export)."""
-    from peft import PeftModel
-
     for part in AlignLM.PARTS:
         module = getattr(model, part)
         if isinstance(module, PeftModel):

@@ -12,9 +12,10 @@ import contextlib
 import dataclasses
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -23,16 +24,16 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from alignlm.config import instantiate
 from alignlm.constants import IGNORE_INDEX
 from alignlm.data.build import build_dataset
 from alignlm.data.collate import Collator
-from alignlm.evaluation.monitor import AlignmentMonitor
-from alignlm.models.build import build_model, instantiate
-from alignlm.models.io import load_final_weights
+from alignlm.models.build import build_model
 from alignlm.models.mllm import AlignLM
 from alignlm.objectives.base import Objective, check_batch
 from alignlm.training import checkpoint as ckpt
 from alignlm.training.logging import MetricsLogger, get_logger, summary_table
+from alignlm.training.monitor import AlignmentMonitor
 from alignlm.training.optim import build_optimizer
 from alignlm.training.sampler import StepSampler
 from alignlm.training.stages import apply_stage, count_params, merge_lora, trainable_parts
@@ -79,31 +80,12 @@ class Trainer:
         self.dir = Path(cfg.output_dir) / cfg.run_name / name
         self.log = get_logger("alignlm", accelerator.process_index)
 
-    def resolve_init(self) -> Path | None:
-        """``init_from`` is a stage name of this run, a path to a ``final/`` folder, or a transformers Llava folder."""
-        src = self.stage.get("init_from")
-        if not src:
-            return None
-        if src in self.cfg.stages:
-            return Path(self.cfg.output_dir) / self.cfg.run_name / src / "final"
-        return Path(src)
-
-    @staticmethod
-    def load_init(model: torch.nn.Module, init: Path) -> list[str]:
-        """Load the starting weights; returns the parts they covered (saved again in this stage's ``final/``)."""
-        from alignlm.export.hf_llava import is_llava_dir, load_llava_weights
-
-        if is_llava_dir(init):
-            load_llava_weights(model, init)
-            return list(model.PARTS)
-        return load_final_weights(model, init)
-
     def setup(self) -> None:
         cfg, stage, acc = self.cfg, self.stage, self.acc
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model)
-        init = self.resolve_init()
-        self.prev_parts = self.load_init(model, init) if init else []
+        init = ckpt.resolve_init(stage.get("init_from"), Path(cfg.output_dir) / cfg.run_name, cfg.stages)
+        self.prev_parts = ckpt.load_init(model, init) if init else []
         apply_stage(model, stage.parts, stage.get("lora"))
         if stage.get("gradient_checkpointing"):
             model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -168,7 +150,7 @@ class Trainer:
         if acc.is_main_process:  # what eval needs to rebuild a step checkpoint before final/ exists
             (self.dir / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
         loader = DataLoader(self.dataset, batch_sampler=dataclasses.replace(self.order, total_steps=self.total_steps, start_step=self.start_step),
-                            collate_fn=Collator(self.dataset.tokenizer.pad_token_id), num_workers=int(st.data.get("num_workers", 0)))
+                            collate_fn=Collator(self.dataset.tokenizer.pad_token_id, hooks=self.dataset.hooks), num_workers=int(st.data.get("num_workers", 0)))
         batches = iter(loader)
         accum, max_norm = int(st.grad_accum), float(st.get("max_grad_norm", 1.0))
         stop_at = min(self.total_steps, self.start_step + int(self.cfg.stop_after_steps or self.total_steps))
@@ -187,7 +169,8 @@ class Trainer:
                 continue
             n_items = acc.reduce(sum((b["labels"][:, 1:] != IGNORE_INDEX).sum() for b in micro).to(acc.device), "sum")
             if step == self.start_step:
-                check_batch({k: o for k, (o, _) in self.objectives.items()}, micro[0])
+                check_batch({f"objective {k}": o.requires_batch_keys for k, (o, _) in self.objectives.items()}
+                            | {"the model's extra parts": self.acc.unwrap_model(self.model).requires_batch_keys}, micro[0])
             lm_sum, total_sum, logs = torch.zeros((), device=acc.device), torch.zeros((), device=acc.device), {}
             for i, batch in enumerate(micro):
                 batch["num_items_in_batch"] = n_items.float() / acc.num_processes

@@ -1,0 +1,7 @@
+"""``python -m alignlm.commands ...`` equals ``alignlm ...`` (how spawned ranks and ``accelerate launch -m`` start it)."""
+
+import sys
+
+from alignlm.commands import main
+
+sys.exit(main())

@@ -1,0 +1,29 @@
+"""``alignlm data NAME``: write an offline dataset (LLaVA JSON + PNG) with its generator's knobs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from alignlm.data import GENERATORS
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    knobs = {}
+    for kv in args.set or []:
+        k, _, v = kv.partition("=")
+        knobs[k] = json.loads(v) if v[:1].isdigit() or v in ("true", "false", "null") else v
+    summary = GENERATORS[args.name](Path(args.out) / args.name, seed=args.seed, **knobs)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``data`` to the ``alignlm`` command line."""
+    p = sub.add_parser("data", help="write an offline dataset in LLaVA JSON + PNG")
+    p.add_argument("name", choices=sorted(GENERATORS))
+    p.add_argument("--out", default="data", help="parent folder; the set goes to OUT/NAME")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", metavar="KNOB=VALUE", help="generator knob, e.g. --set n_train=500")
+    p.set_defaults(func=cmd_data)

@@ -1,0 +1,170 @@
+"""``alignlm eval`` (checkpoints -> report), ``alignlm compare`` (paired differences between the checkpoints of
+several reports), ``alignlm plot-runs`` (monitor curves of runs side by side), ``alignlm lmms-task`` (a question set as
+a local lmms-eval task) and ``alignlm lmms-eval`` (lmms-eval's own command line on an exported model).
+
+Eval knobs come from ``configs/eval/default.yaml``, then ``--config FILE``, then ``--set key=value``, then the flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from alignlm.config import config_dir
+from alignlm.evaluation import checkpoints
+from alignlm.evaluation.lmms import run_lmms_eval, write_local_task
+from alignlm.evaluation.paired import against_first, markdown_lines, same_step
+from alignlm.evaluation.plots import plot_accuracy_curves, plot_runs
+from alignlm.evaluation.report import evaluate_checkpoint, write_report
+from alignlm.training.logging import get_logger
+
+
+def eval_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The merged eval config of defaults, ``--config``, ``--set`` and flags."""
+    cfg = OmegaConf.load(config_dir() / "eval" / "default.yaml")
+    if args.config:
+        cfg = OmegaConf.merge(cfg, OmegaConf.load(args.config))
+    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(args.set or [])))
+    flags = {"template": args.template, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
+             "limit": args.limit, "device": args.device}
+    for key, value in flags.items():
+        if value is not None:
+            cfg[key] = value
+    if args.sets:
+        sets = []
+        for item in args.sets:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                raise SystemExit(f"--sets takes NAME=PATH, got {item!r}")
+            sets.append({"name": name, "path": path, "kind": "auto"})
+        cfg.sets = sets
+    if args.probe:
+        cfg.probe.path = args.probe
+    if args.probe_n is not None:
+        cfg.probe.n = args.probe_n
+    if args.layers is not None:
+        cfg.probe.layers = args.layers if args.layers == "all" else [int(x) for x in args.layers.split(",") if x]
+    if args.no_probe:
+        cfg.probe.enabled = False
+    if args.no_plots:
+        cfg.plots = False
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    log = get_logger("alignlm", 0)
+    t0 = time.perf_counter()
+    ecfg = eval_config(args)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if ecfg["device"] == "auto" else ecfg["device"])
+    cks = checkpoints.resolve(args.checkpoints)
+    log.info("evaluating %d checkpoints: %s", len(cks), ", ".join(c.label for c in cks))
+    results, features = [], []
+    for ck in cks:
+        r, f = evaluate_checkpoint(ck, ecfg, device)
+        results.append(r)
+        features.append(f)
+    files = write_report(results, features, ecfg, Path(args.out))
+    if args.json:
+        print(files["json"].read_text())
+    else:
+        print(files["md"].read_text())
+    log.info("wrote %s in %.1f s", ", ".join(str(p) for p in files.values()), time.perf_counter() - t0)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Paired differences over reports written separately (e.g. one eval job per run): against one checkpoint,
+    or with ``--same-step`` every run against the reference run at equal training steps."""
+    results = [c for path in args.reports for c in json.loads(Path(path).read_text())["checkpoints"]]
+    labels = [c["label"] for c in results]
+    if len(set(labels)) != len(labels):
+        raise SystemExit(f"the reports repeat a checkpoint label: {labels}; compare each checkpoint once")
+    if args.same_step:
+        runs = list(dict.fromkeys(c["run"] for c in results))
+        ref = runs[0] if args.reference is None else args.reference
+        if ref not in runs:
+            raise SystemExit(f"--reference {ref!r} is none of the reports' runs: {runs}")
+        rows = same_step(results, ref)
+    else:
+        ref = labels[0] if args.reference is None else args.reference
+        if ref not in labels:
+            raise SystemExit(f"--reference {ref!r} is none of the reports' checkpoints: {labels}")
+        rows = against_first([c for c in results if c["label"] == ref] + [c for c in results if c["label"] != ref])
+    if not rows:
+        raise SystemExit("nothing to compare: the checkpoints share no question set with per-question scores "
+                         "(reports written before alignlm recorded them lack 'scores'; evaluate again)"
+                         + (" at a step the reference run has" if args.same_step else ""))
+    print(json.dumps(rows, indent=2) if args.json else "\n".join(markdown_lines(rows)).strip())
+    if args.plot:
+        print(f"wrote {plot_accuracy_curves(results, Path(args.plot))}")
+    return 0
+
+
+def cmd_plot_runs(args: argparse.Namespace) -> int:
+    out = plot_runs([Path(r) for r in args.runs], Path(args.out), args.metrics)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_lmms_task(args: argparse.Namespace) -> int:
+    task = write_local_task(Path(args.questions), Path(args.out), args.name, args.max_new_tokens)
+    print(f"wrote {task}; run lmms-eval with --include_path {task.parent} --tasks {args.name}")
+    return 0
+
+
+def cmd_lmms_eval(args: argparse.Namespace) -> int:
+    run_lmms_eval(args.lmms_args)
+    return 0
+
+
+def register(sub: Any) -> None:
+    """Add ``eval``, ``compare``, ``plot-runs``, ``lmms-task`` and ``lmms-eval`` to the ``alignlm`` command line."""
+    p = sub.add_parser("eval", help="evaluate checkpoints: question/caption sets and alignment probes -> report + plots")
+    p.add_argument("checkpoints", nargs="+", help="final/ folders, step checkpoints, stage folders (every step, then final) or run folders")
+    p.add_argument("--sets", nargs="+", metavar="NAME=PATH", help="LLaVA-format sets (default: the checkpoint's eval.sets); "
+                   "records with 'answer' are scored as questions, others as captions")
+    p.add_argument("--out", default="eval_report", help="folder for report.json, report.md and the plots")
+    p.add_argument("--config", help="YAML merged over configs/eval/default.yaml")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="eval config override, e.g. --set generation.do_sample=true")
+    p.add_argument("--template", default=None, help="override the template the checkpoint was trained with")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--limit", type=int, default=None, help="only the first N records of each set")
+    p.add_argument("--probe", default=None, help="caption records for the alignment probes (default: test_captions.json beside the first set)")
+    p.add_argument("--probe-n", type=int, default=None, help="image-caption pairs to probe")
+    p.add_argument("--layers", default=None, help="LLM layers to probe: all, or e.g. 0,6,-1")
+    p.add_argument("--no-probe", action="store_true", help="generation sets only")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--device", default=None, help="auto | cpu | cuda:0")
+    p.add_argument("--json", action="store_true", help="print report.json instead of report.md")
+    p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("compare", help="paired per-question differences between checkpoints of report.json files")
+    p.add_argument("reports", nargs="+", help="report.json files written by alignlm eval")
+    p.add_argument("--reference", default=None, help="checkpoint label to compare against (default: the first); "
+                   "with --same-step, a run name")
+    p.add_argument("--same-step", action="store_true", help="pair each run's checkpoints with the reference run's "
+                   "checkpoint at the same training step")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.add_argument("--plot", default=None, metavar="PNG", help="also draw accuracy against training step, one line per run")
+    p.set_defaults(func=cmd_compare)
+    p = sub.add_parser("plot-runs", help="plot the alignment monitor's curves (monitor/* in metrics.jsonl) of runs side by side")
+    p.add_argument("runs", nargs="+", help="run folders (stages chained) or stage folders")
+    p.add_argument("--out", default="runs.png")
+    p.add_argument("--metrics", nargs="*", default=None, help="only these metrics, e.g. pooled/modality_gap mutual_knn")
+    p.set_defaults(func=cmd_plot_runs)
+    p = sub.add_parser("lmms-task", help="write a LLaVA-format question set as a local lmms-eval task (no Hub needed)")
+    p.add_argument("questions", help="LLaVA JSON whose records carry 'answer', e.g. data/digits/test.json")
+    p.add_argument("out", help="task folder parent, given to lmms-eval as --include_path")
+    p.add_argument("--name", default="alignlm_local", help="task name (and sub-folder)")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.set_defaults(func=cmd_lmms_task)
+    p = sub.add_parser("lmms-eval", help="lmms-eval's own command line (e.g. --model llava_hf) on an exported model, "
+                       "with its one transformers-5 incompatibility removed", add_help=False)
+    p.add_argument("lmms_args", nargs=argparse.REMAINDER, help="lmms-eval arguments")
+    p.set_defaults(func=cmd_lmms_eval)

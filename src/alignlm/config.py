@@ -1,0 +1,54 @@
+"""Config composition and object building: where the ``configs/`` tree is, how overrides compose, how a node builds.
+
+The bottom layer beside ``constants``: every layer above builds its parts from config nodes with ``instantiate``,
+and the commands compose the tree with ``compose``. Nothing here knows a model, a dataset or a method.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate as hydra_instantiate
+from omegaconf import DictConfig, OmegaConf
+
+
+def config_dir() -> Path:
+    """The config tree: ``$ALIGNLM_CONFIG_DIR``, else ``configs/`` of the source checkout."""
+    env = os.environ.get("ALIGNLM_CONFIG_DIR")
+    candidates = [Path(env)] if env else []
+    candidates.append(Path(__file__).resolve().parents[2] / "configs")
+    for c in candidates:
+        if (c / "train.yaml").exists():
+            return c
+    raise FileNotFoundError(f"no configs/train.yaml found in {[str(c) for c in candidates]}; set ALIGNLM_CONFIG_DIR")
+
+
+def compose(overrides: Sequence[str], config_name: str = "train") -> DictConfig:
+    """The training config for these Hydra overrides (resolved on access)."""
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name="alignlm"):
+        return hydra_compose(config_name=config_name, overrides=list(overrides))
+
+
+def plain(node: Any) -> Any:
+    """A config node as plain Python containers, interpolations resolved (other values are returned as they are)."""
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) or OmegaConf.is_list(node) else node
+
+
+def instantiate(node: Mapping[str, Any], key: str, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` with the config key in the error message."""
+    if node is None or "_target_" not in node:
+        raise ValueError(f"config {key} needs a _target_ (the class or function to build), got {node!r}")
+    if not isinstance(node, DictConfig):
+        node = OmegaConf.create(dict(node))
+    try:
+        return hydra_instantiate(node, **kwargs)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, (ValueError, OSError)):  # the part's own message already names the bad value
+            raise e.__cause__ from None
+        raise ValueError(f"config {key} (_target_={node.get('_target_')}) could not be built: {e}") from e

@@ -1,0 +1,146 @@
+"""Reading LLaVA-format records: files, sources of a mixture, a record's images and caption, and the bad-input error.
+
+Every layer that reads records (the training dataset, the label and level makers of the methods, the encoders' fitting,
+the probes, ``alignlm embed``) goes through these functions, so a record means the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from alignlm.constants import IMAGE_TOKEN
+from alignlm.data.templates import TemplateError, to_turns
+
+ASSISTANT_ROLES = ("gpt", "assistant")
+
+
+class DataError(ValueError):
+    """Bad input data, with the record that caused it."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """One file of a mixture; ``weight`` 2.0 repeats it twice per epoch, 0.5 keeps a seeded half."""
+
+    path: str
+    image_root: str | None = None
+    weight: float = 1.0
+
+    @property
+    def root(self) -> Path:
+        """The folder the records' image paths are relative to: ``image_root``, else the file's own folder."""
+        return Path(self.image_root) if self.image_root else Path(self.path).parent
+
+
+def read_records(path: str | Path) -> list[Any]:
+    """All records of a ``.json`` (a list) or ``.jsonl`` file, with the line named on a parse error."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"data file {path} does not exist (run `alignlm data ...` to make the offline sets)")
+    if path.suffix == ".jsonl":
+        records = []
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        return records
+    with path.open(encoding="utf-8") as f:
+        data = json.load(f)
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+    return data
+
+
+def record_id(record: Any, path: str | Path, index: int) -> str:
+    """A record's ``id``, else ``<file>#<index>``."""
+    rid = record.get("id") if isinstance(record, dict) else None
+    return str(rid) if rid is not None else f"{path}#{index}"
+
+
+def record_problem(record: Any) -> str | None:
+    """Why a record is malformed, or None: checked for every record before training starts."""
+    if not isinstance(record, dict):
+        return f"record is a {type(record).__name__}, not an object"
+    conv = record.get("conversations")
+    if not isinstance(conv, list) or not conv:
+        return "missing or empty 'conversations' list"
+    image = record.get("image")
+    if image is not None and not (isinstance(image, str) or (isinstance(image, list) and all(isinstance(i, str) for i in image))):
+        return f"'image' must be a path or a list of paths, got {image!r}"
+    try:
+        to_turns(conv)
+    except TemplateError as e:
+        return str(e)
+    return None
+
+
+def image_names(record: dict[str, Any]) -> list[str]:
+    """The record's ``image`` entries as written, in reading order (one path, a list, or absent)."""
+    images = record.get("image")
+    return [] if images is None else [images] if isinstance(images, str) else list(images)
+
+
+def image_paths(record: dict[str, Any], root: str | Path) -> list[Path]:
+    """The record's image files in reading order, under ``root``."""
+    return [Path(root) / p for p in image_names(record)]
+
+
+def record_images(data: Sequence[str | Path], image_root: str | Path | None = None) -> list[tuple[str, list[Path]]]:
+    """``(record id, absolute image paths)`` of every record with an image, over LLaVA data files."""
+    out = []
+    for path in data:
+        root = Path(image_root) if image_root else Path(path).parent
+        for i, rec in enumerate(read_records(path)):
+            paths = image_paths(rec, root) if isinstance(rec, dict) else []
+            if paths:
+                out.append((record_id(rec, path, i), [p.resolve() for p in paths]))
+    return out
+
+
+def record_caption(record: dict[str, Any]) -> str | None:
+    """A caption record's text: its ``caption`` or ``text`` field, else its first assistant turn without ``<image>``."""
+    for key in ("caption", "text"):
+        if isinstance(record.get(key), str):
+            return record[key]
+    for turn in record.get("conversations") or []:
+        if isinstance(turn, dict) and turn.get("from") in ASSISTANT_ROLES:
+            return str(turn.get("value", "")).replace(IMAGE_TOKEN, "").strip()
+    return None
+
+
+def reference_captions(record: dict[str, Any]) -> list[str]:
+    """A record's reference captions for scoring: its ``captions`` list, else its last assistant turn."""
+    if record.get("captions"):
+        return [str(c) for c in record["captions"]]
+    turns = [t["value"] for t in record.get("conversations", []) if t.get("from") in ASSISTANT_ROLES]
+    if not turns:
+        raise ValueError(f"record id={record.get('id')!r} has neither 'captions' nor an assistant turn to use as reference")
+    return [str(turns[-1])]
+
+
+def assistant_text(record: dict[str, Any]) -> str:
+    """Every assistant turn of a record, joined by newlines: the text the LM loss trains on."""
+    return "\n".join(str(m.get("value", "")) for m in record["conversations"] if str(m.get("from", "")).lower() in ASSISTANT_ROLES)
+
+
+def mixture_index(sizes: Sequence[int], weights: Sequence[float], seed: int) -> np.ndarray:
+    """``(source, record)`` pairs for one epoch: integer part of each weight repeats the source, the rest is sampled."""
+    rng = np.random.default_rng(seed)
+    parts = []
+    for s, (n, w) in enumerate(zip(sizes, weights)):
+        if w < 0:
+            raise ValueError(f"data source {s} has weight {w}; weights must be >= 0")
+        whole, frac = int(w), w - int(w)
+        idx = [np.arange(n)] * whole + [np.sort(rng.permutation(n)[: int(round(frac * n))])]
+        rec = np.concatenate(idx) if idx else np.zeros(0, dtype=np.int64)
+        parts.append(np.stack([np.full_like(rec, s), rec], axis=1))
+    return np.concatenate(parts).astype(np.int64)

@@ -1,0 +1,67 @@
+"""The metric suite: every alignment metric of ``geometry.metrics`` by name, between two pooled feature sets.
+
+Used by the probes of ``alignlm eval`` and by the in-training monitor, so both report the same figures under the
+same names; ``flat`` turns the nested results into ``group/metric`` keys for tables and logs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from torch import Tensor
+
+from alignlm.geometry import metrics as M
+
+# Metrics between two pooled feature sets ([n, d] each); ``same_dim`` ones need both in the LLM space.
+PAIR_METRICS: dict[str, tuple[Callable[..., Any], bool]] = {
+    "modality_gap": (M.modality_gap, True),
+    "mutual_knn": (M.mutual_knn, False),
+    "cycle_knn": (M.cycle_knn, False),
+    "lcs_knn": (M.lcs_knn, False),
+    "edit_distance_knn": (M.edit_distance_knn, False),
+    "cka": (M.cka, False),
+    "unbiased_cka": (M.unbiased_cka, False),
+    "cknna": (M.cknna, False),
+    "svcca": (M.svcca, False),
+    "retrieval": (M.retrieval_recall, True),
+}
+TOKEN_METRICS = ("a_score",)
+ALL_METRICS = (*PAIR_METRICS, *TOKEN_METRICS)
+KNN_METRICS = {"mutual_knn", "cycle_knn", "lcs_knn", "edit_distance_knn", "cknna"}
+
+
+def pair_metrics(A: Tensor, B: Tensor, names: Sequence[str], topk: int = 10) -> dict[str, float]:
+    """The named pooled-feature metrics between ``A`` and ``B`` (those needing one space are skipped otherwise)."""
+    unknown = [m for m in names if m not in ALL_METRICS]
+    if unknown:
+        raise ValueError(f"unknown probe metrics {unknown}; choose from {list(ALL_METRICS)}")
+    k = max(1, min(topk, A.shape[0] - 1))
+    out: dict[str, float] = {}
+    for name in names:
+        if name not in PAIR_METRICS:
+            continue
+        fn, same_dim = PAIR_METRICS[name]
+        if same_dim and A.shape[1] != B.shape[1]:
+            continue
+        if name == "retrieval":
+            out.update(fn(A, B))
+        elif name in KNN_METRICS:
+            out[name] = fn(A, B, topk=k)
+        elif name == "svcca":
+            out[name] = fn(A, B, cca_dim=min(10, A.shape[0] - 1, A.shape[1], B.shape[1]))
+        else:
+            out[name] = fn(A, B)
+    return out
+
+
+def flat(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """``{"pooled": {"cka": x}}`` -> ``{"pooled/cka": x}`` (scalars only), for tables and logs."""
+    out: dict[str, float] = {}
+    for k, v in metrics.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flat(v, key + "/"))
+        elif isinstance(v, (int, float)):
+            out[key] = float(v)
+    return out

@@ -1,0 +1,188 @@
+"""AlignGPT's per-sample alignment levels (docs/methods.md, AlignGPT): one JSON file beside the data, written by
+``alignlm aligngpt-levels`` or the ``aligngpt_levels`` prepare step, read by the ``levels`` data hook in pretraining.
+
+Every image-caption record is scored with a dual encoder, the cosine of its global image and caption embeddings, and
+the scores are bucketed into ``L`` equal-count bins *(ours)*: by rank, level ``k`` holds the ``k``-th ``1/L`` of the
+pairs, so each level embedding trains on the same number of samples whatever range the encoder's cosines span. File:
+
+    {"format": "alignlm.aligngpt_levels", "version": 1, "num_levels": L, "encoder": name, "similarity": "cosine",
+     "edges": [L-1 floats], "counts": [L ints], "data": [files], "skipped": {reason: count}, "levels": {id: level}}
+
+``edges[k-1]`` is the lowest score in level ``k``. Records are keyed by their ``id``. A record with no image, several
+images, no caption or an unreadable image gets no level (counted under ``skipped``); a stage that trains on it skips
+it per ``data.on_error``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from alignlm.data.images import load_rgb
+from alignlm.data.records import DataError, image_paths, read_records, record_caption
+from alignlm.models.encoder_fit import fit_encoder
+from alignlm.models.encoders import MANIFEST, DualEncoder, load_encoder
+
+log = logging.getLogger(__name__)
+
+FORMAT = "alignlm.aligngpt_levels"
+VERSION = 1
+
+
+def equal_count_levels(scores: np.ndarray, num_levels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Levels ``0..L-1`` by rank (bin sizes differ by at most one; ties keep input order) and the ``L-1`` bin edges."""
+    scores = np.asarray(scores, dtype=np.float64)
+    n = len(scores)
+    if num_levels < 2:
+        raise ValueError(f"num_levels={num_levels}: AlignGPT needs at least 2 levels")
+    if n < num_levels:
+        raise DataError(f"{n} scored pairs cannot fill {num_levels} equal-count levels; give more data or fewer levels")
+    order = np.argsort(scores, kind="stable")
+    levels = np.empty(n, dtype=np.int64)
+    levels[order] = np.arange(n) * num_levels // n
+    first = -(-np.arange(1, num_levels) * n // num_levels)  # the first rank of each level 1..L-1: ceil(k * n / L)
+    return levels, scores[order[first]]
+
+
+def caption_pairs(data: Sequence[str | Path], image_root: str | Path | None = None) -> tuple[list[tuple[str, Path, str]], Counter]:
+    """``(record id, image path, caption)`` of every single-image caption record, and why the others were left out.
+
+    The caption is ``data.records.record_caption`` (a LLaVA pretraining record's first assistant turn).
+    An id seen twice is an error: the levels file is keyed by id.
+    """
+    pairs: list[tuple[str, Path, str]] = []
+    skipped: Counter = Counter()
+    where: dict[str, str] = {}
+    for path in map(Path, data):
+        root = Path(image_root) if image_root else path.parent
+        for i, rec in enumerate(read_records(path)):
+            if not isinstance(rec, dict) or "id" not in rec:
+                raise DataError(f"{path} record {i} has no 'id'; AlignGPT levels are keyed by record id")
+            rid = str(rec["id"])
+            if rid in where:
+                raise DataError(f"record id {rid!r} appears in {where[rid]} and {path}; levels need ids unique across files")
+            where[rid] = str(path)
+            image = rec.get("image")
+            caption = record_caption(rec) or ""
+            if not image:
+                skipped["no image"] += 1
+            elif not isinstance(image, str):
+                skipped["several images"] += 1
+            elif not caption:
+                skipped["no caption"] += 1
+            else:
+                pairs.append((rid, image_paths(rec, root)[0], caption))
+    return pairs, skipped
+
+
+@torch.no_grad()
+def pair_scores(encoder: DualEncoder, images: Sequence[Path], captions: Sequence[str],
+                batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine of each image with its caption, and a mask of the pairs whose image could be read."""
+    scores = np.full(len(images), np.nan)
+    for start in tqdm(range(0, len(images), batch_size), desc="aligngpt levels", unit="batch"):
+        readable, pictures = [], []
+        for j in range(start, min(start + batch_size, len(images))):
+            try:
+                pictures.append(load_rgb(images[j]))
+                readable.append(j)
+            except (OSError, ValueError) as e:
+                log.warning("aligngpt levels: cannot read %s (%s); the record gets no level", images[j], e)
+        if readable:
+            img = F.normalize(encoder.encode_images(pictures).float(), dim=-1)
+            txt = F.normalize(encoder.encode_texts([captions[j] for j in readable]).float(), dim=-1)
+            scores[readable] = (img * txt).sum(-1).double().numpy()
+    return scores, ~np.isnan(scores)
+
+
+def make_levels(out: str | Path, data: Sequence[str | Path], encoder: str | DualEncoder, num_levels: int = 8,
+                batch_size: int = 64, image_root: str | Path | None = None, device: str | None = None) -> Path:
+    """Score, bucket and write a levels file; the one entry the CLI and the pipeline call.
+
+    ``encoder``: an ``alignlm dual-encoder fit`` folder, a Hugging Face CLIP / SigLIP name or folder, or an object
+    with ``name``, ``encode_images`` and ``encode_texts``.
+    """
+    if not data:
+        raise ValueError("AlignGPT levels need at least one LLaVA data file whose image-caption pairs to score")
+    if isinstance(encoder, str):
+        encoder = load_encoder(encoder, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pairs, skipped = caption_pairs(data, image_root)
+    scores, ok = pair_scores(encoder, [p[1] for p in pairs], [p[2] for p in pairs], batch_size)
+    if (~ok).any():
+        skipped["unreadable image"] += int((~ok).sum())
+    kept = [p[0] for p, good in zip(pairs, ok) if good]
+    levels, edges = equal_count_levels(scores[ok], num_levels)
+    meta = {"format": FORMAT, "version": VERSION, "num_levels": int(num_levels), "encoder": encoder.name,
+            "similarity": "cosine", "edges": [round(float(e), 6) for e in edges],
+            "counts": np.bincount(levels, minlength=num_levels).tolist(), "data": [str(d) for d in data],
+            "skipped": dict(skipped), "levels": dict(zip(kept, levels.tolist()))}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(meta), encoding="utf-8")
+    tmp.replace(out)  # a kill never leaves a half file that looks whole
+    log.info("aligngpt levels: %d pairs in %d levels -> %s (skipped %s)", len(kept), num_levels, out, dict(skipped))
+    return out
+
+
+class LevelLabels:
+    """A levels file opened for lookup by record id."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise FileNotFoundError(f"AlignGPT levels file {self.path} does not exist; write it with `alignlm aligngpt-levels`, "
+                                    "or give the stage an aligngpt_levels prepare step so the pipeline writes it")
+        meta = json.loads(self.path.read_text(encoding="utf-8"))
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise DataError(f"{self.path} is not an alignlm AlignGPT levels file (no format {FORMAT!r})")
+        if meta.get("version") != VERSION:
+            raise DataError(f"{self.path}: levels format version {meta.get('version')} is not supported (expected {VERSION})")
+        self.num_levels: int = int(meta["num_levels"])
+        self.encoder: str = str(meta["encoder"])
+        self.edges: list[float] = list(meta["edges"])
+        self.counts: list[int] = list(meta["counts"])
+        self.skipped: dict[str, int] = dict(meta.get("skipped", {}))
+        self.levels: dict[str, int] = {str(k): int(v) for k, v in meta["levels"].items()}
+        bad = [k for k, v in self.levels.items() if not 0 <= v < self.num_levels]
+        if bad:
+            raise DataError(f"{self.path}: levels of {bad[:3]} are outside 0..{self.num_levels - 1}")
+
+    def get(self, record_id: str) -> int | None:
+        """The level of a record, or None when the file has none for it."""
+        return self.levels.get(record_id)
+
+    def check(self, num_levels: int) -> LevelLabels:
+        """Fail at start-up when the file was bucketed for another ``L`` than the model's; returns self."""
+        if num_levels != self.num_levels:
+            raise DataError(f"{self.path} holds {self.num_levels} levels but model.align_levels.num_levels={num_levels}; "
+                            "point the levels hook at a file made with that many (or delete this one so the "
+                            "aligngpt_levels prepare step rewrites it)")
+        return self
+
+
+def ensure_levels(out: str | Path, data: Sequence[str | Path], encoder: str, num_levels: int = 8, batch_size: int = 64,
+                  image_root: str | Path | None = None, device: str | None = None,
+                  fit: dict[str, Any] | None = None) -> Path:
+    """The ``aligngpt_levels`` prepare step: write the levels file only when it is missing.
+
+    ``fit`` (``alignlm dual-encoder fit`` knobs) fits the offline dual encoder into ``encoder`` first when that folder
+    does not exist yet; null never fits (``encoder`` is then a CLIP / SigLIP name or an existing folder).
+    """
+    out = Path(out)
+    if out.exists():
+        return out
+    if fit and not (Path(encoder) / MANIFEST).exists():
+        log.info("aligngpt levels: fitting the offline dual encoder into %s", encoder)
+        fit_encoder(out=encoder, **dict(fit))
+    return make_levels(out, data, encoder, num_levels, batch_size, image_root, device)

@@ -1,0 +1,104 @@
+"""Images and captions -> embedding shards with a dual encoder (``alignlm embed``, ReVision's embed step).
+
+The encoder is anything ``models.encoders.load_encoder`` loads: a Hugging Face ``CLIPModel`` / ``SiglipModel`` folder or
+hub name, or a folder written by ``alignlm dual-encoder fit``.
+Inputs are image folders or LLaVA JSON/JSONL (its images), and text files (one caption a line) or LLaVA
+JSON/JSONL (the first assistant turn, the caption in LLaVA pretraining data).
+
+Items are cut into shards of ``shard_size`` in input order; shard ``k`` is
+``OUT/<modality>/shard_<k>.safetensors`` (float32 ``embeddings`` with ``ids``, ``encoder`` and ``modality``
+metadata, see :mod:`alignlm.methods.revision.shards`). Shards are written whole and atomically, so a rerun skips
+the finished ones (after checking they hold the expected ids) and resumes at the first missing one.
+Embeddings are stored as the encoder returns them (not normalised); ReAlign normalises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from alignlm.data.images import load_rgb
+from alignlm.data.records import image_names, read_records, record_caption
+from alignlm.methods.revision.shards import open_shard, shard_metadata, write_shard
+from alignlm.models.encoders import DualEncoder
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+MODALITIES = ("images", "texts")
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+
+def collect_images(source: str | Path, image_root: str | Path | None = None) -> list[tuple[str, Path]]:
+    """``(id, path)`` of every image of a folder (recursive) or a LLaVA JSON, each image once, in order."""
+    source = Path(source)
+    if source.is_dir():
+        return [(p.relative_to(source).as_posix(), p) for p in sorted(source.rglob("*"))
+                if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+    root = Path(image_root) if image_root else source.parent
+    seen: dict[str, Path] = {}
+    for rec in read_records(source):
+        for name in image_names(rec):
+            seen.setdefault(name, root / name)
+    if not seen:
+        raise ValueError(f"{source}: no images (records need an 'image' field, or pass an image folder)")
+    return list(seen.items())
+
+
+def collect_texts(source: str | Path) -> list[tuple[str, str]]:
+    """``(id, text)`` of a text file (one a line) or of LLaVA JSON/JSONL records (their captions)."""
+    source = Path(source)
+    if source.suffix in (".json", ".jsonl"):
+        out = []
+        for i, rec in enumerate(read_records(source)):
+            rid, caption = str(rec["id"]) if rec.get("id") is not None else str(i), record_caption(rec)
+            if caption is None:
+                raise ValueError(f"{source} record {rid}: no caption ('caption', 'text' or an assistant turn in 'conversations')")
+            out.append((rid, caption))
+        return out
+    lines = source.read_text(encoding="utf-8").splitlines()
+    return [(f"{source.stem}:{i}", line.strip()) for i, line in enumerate(lines) if line.strip()]
+
+
+# ------------------------------------------------------------------------------------------------- shards
+
+
+def embed_items(encoder: DualEncoder, modality: str, items: Sequence[tuple[str, object]], out_dir: str | Path, *,
+                shard_size: int = 10_000, batch_size: int = 64, progress: bool = True) -> list[Path]:
+    """Encode ``(id, image path or text)`` items into ``out_dir/<modality>/shard_*.safetensors``; resumable."""
+    if modality not in MODALITIES:
+        raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
+    folder = Path(out_dir) / modality
+    encode = encoder.encode_images if modality == "images" else encoder.encode_texts
+    n_shards = (len(items) + shard_size - 1) // shard_size
+    paths = [folder / f"shard_{k:05d}.safetensors" for k in range(n_shards)]
+    done = [_finished(p, [i for i, _ in items[k * shard_size : (k + 1) * shard_size]], encoder.name)
+            for k, p in enumerate(paths)]
+    bar = tqdm(total=len(items), initial=sum(min(shard_size, len(items) - k * shard_size) for k, d in enumerate(done) if d),
+               desc=f"embed {modality}", unit="item", disable=not progress)
+    for k, path in enumerate(paths):
+        if done[k]:
+            continue
+        shard = items[k * shard_size : (k + 1) * shard_size]
+        parts = []
+        for start in range(0, len(shard), batch_size):
+            batch = [x for _, x in shard[start : start + batch_size]]
+            parts.append(encode([load_rgb(p) for p in batch] if modality == "images" else batch))
+            bar.update(len(batch))
+        write_shard(path, torch.cat(parts).float(), shard_metadata([i for i, _ in shard], encoder.name, modality))
+    bar.close()
+    return paths
+
+
+def _finished(path: Path, ids: list[str], encoder: str) -> bool:
+    """Whether a shard already holds exactly these ids from this encoder; a mismatch is an error, not a redo."""
+    if not path.exists():
+        return False
+    shard = open_shard(path)
+    if shard.ids != ids or shard.encoder != encoder:
+        raise ValueError(f"{path} exists but holds other items or another encoder ({shard.encoder!r}, want {encoder!r}): "
+                         "the input changed since it was written; use a new --out folder or delete it")
+    return True

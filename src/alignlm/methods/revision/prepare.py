@@ -1,0 +1,72 @@
+"""ReVision's prepare steps, run by ``alignlm train`` before training (``stage.prepare`` in ``configs/exp/revision.yaml``).
+
+Three steps, each skipped when its output exists, so a rerun goes straight to training:
+``ensure_encoder`` fits the offline dual encoder into the encoder folder when it is missing and ``fit`` says how;
+``ensure_embeddings`` embeds the images and captions (``alignlm embed``: resumable shards); ``ensure_realign`` fits
+ReAlign's statistics. The text-embedding data hook applies them to each caption embedding as it reads it (the same
+float64 map as ``alignlm realign apply``), so switching ReAlign off for the ablation (``revision.realign=null``)
+changes one knob and no files. The pretraining stage (which reads caption embeddings) names all three; the
+finetuning stage only the encoder (its vision tower), so a finetune-only run fits nothing else.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from alignlm.methods.revision.embed import collect_images, collect_texts, embed_items
+from alignlm.methods.revision.realign import ReAlignStats, fit
+from alignlm.models.encoder_fit import fit_encoder
+from alignlm.models.encoders import MANIFEST, load_encoder
+
+log = logging.getLogger(__name__)
+
+
+def ensure_encoder(encoder: str, fit: Mapping[str, Any] | None = None) -> None:
+    """Fit the offline dual encoder into ``encoder`` when it is not a dual encoder folder yet and ``fit`` is set."""
+    if (Path(encoder) / MANIFEST).exists() or not fit:
+        return  # an existing folder, or a CLIP / SigLIP name that load_encoder resolves
+    log.info("revision: fitting the offline dual encoder into %s", encoder)
+    try:
+        fit_encoder(out=encoder, **dict(fit))
+    except TypeError as e:
+        raise ValueError(f"revision.fit has a knob `alignlm dual-encoder fit` does not take: {e}") from e
+
+
+def ensure_embeddings(encoder: str, embeddings: str, images: Sequence[str], texts: Sequence[str], shard_size: int = 10_000,
+                      batch_size: int = 64, device: str | None = None) -> None:
+    """Image and caption embedding shards in ``embeddings``/images and /texts; finished shards are checked and kept."""
+    for key, value in (("images", images), ("texts", texts)):
+        if not value:
+            raise ValueError(f"revision.{key} is empty; list the LLaVA JSON files (or folders) to embed")
+    model = load_encoder(str(encoder), device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    knobs = {"shard_size": int(shard_size), "batch_size": int(batch_size)}
+    embed_items(model, "images", [item for source in images for item in collect_images(source)], embeddings, **knobs)
+    embed_items(model, "texts", [item for source in texts for item in collect_texts(source)], embeddings, **knobs)
+
+
+def ensure_realign(embeddings: str, realign: str | None, covariance: float | None = None) -> None:
+    """ReAlign's statistics of the image and caption shards, written to ``realign`` when missing (null: no ReAlign).
+
+    ``covariance`` (null: the paper's trace step; a shrinkage: Anchor + Covariance) must agree with an existing file,
+    so changing the knob never silently reuses statistics fitted the other way.
+    """
+    if not realign:
+        return
+    path = Path(realign)
+    covariance = None if covariance is None else float(covariance)
+    if path.exists():
+        stored = ReAlignStats.load(path).covariance
+        if stored != covariance:
+            raise ValueError(f"revision.realign={path} was fitted with covariance={stored}, but revision.covariance="
+                             f"{covariance}: point revision.realign at another file, or delete this one to refit")
+        return
+    folder = Path(embeddings)
+    stats = fit(folder / "images", folder / "texts", covariance=covariance)
+    stats.save(path)
+    log.info("revision: ReAlign statistics in %s (s=%.3f, covariance %s, gap before %.3f)", path, stats.s,
+             covariance, stats.summary()["gap_before"])

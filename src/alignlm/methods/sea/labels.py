@@ -1,0 +1,294 @@
+"""SEA's per-patch word labels: one file beside the data, written by ``alignlm sea-labels`` or the ``sea_labels``
+prepare step, read by the ``sea`` data hook (``methods/sea/hook.py``).
+
+A labels file is a single safetensors file (``<data dir>/sea_labels.safetensors`` by convention):
+
+- ``words``  int32 ``[n_images, cells, k]``: index into the word list, -1 where a cell has fewer candidates;
+- ``scores`` float32 ``[n_images, cells, k]``: the candidates' scores, descending within a cell;
+- metadata ``alignlm.sea_labels``: JSON ``{version, source, grid: [rows, cols], words, images, info}``.
+
+``cells = rows * cols`` in row-major order. ``images`` are image paths relative to the labels file's folder,
+so one file serves every record (caption, QA) showing an image, and images of other folders never collide.
+Labels come from a *source*, a function ``(data files, k, **knobs) -> LabelSet`` registered in ``SOURCES``:
+``annotations`` (labels shipped with the data, as the ``shapes`` set writes them) and ``dual_encoder``
+(dense patch features of a CLIP-like model against text embeddings of a word list). A new labeller is one
+function and one line in ``SOURCES``; the file format and everything that reads it stay as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from alignlm.data.images import load_rgb, preprocess
+from alignlm.data.records import DataError, record_images
+from alignlm.models.encoders import DualEncoder, load_encoder
+
+VERSION = 1
+META_KEY = "alignlm.sea_labels"
+DEFAULT_NAME = "sea_labels.safetensors"
+
+
+@dataclass
+class LabelSet:
+    """Labels in memory: the arrays of the file plus the word list, grid and image keys (absolute paths)."""
+
+    words: list[str]
+    grid: tuple[int, int]
+    images: list[Path]
+    word_ids: np.ndarray  # int32 [n_images, cells, k], -1 = no candidate
+    scores: np.ndarray  # float32 [n_images, cells, k]
+    source: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        cells = self.grid[0] * self.grid[1]
+        n = len(self.images)
+        if self.word_ids.shape != self.scores.shape or self.word_ids.ndim != 3 or self.word_ids.shape[:2] != (n, cells):
+            raise DataError(f"SEA labels need words and scores of shape [{n} images, {cells} cells, k]; got "
+                            f"{tuple(self.word_ids.shape)} and {tuple(self.scores.shape)}")
+        if self.word_ids.size and (self.word_ids.min() < -1 or self.word_ids.max() >= len(self.words)):
+            raise DataError(f"SEA label word ids must be in [-1, {len(self.words)}); got [{self.word_ids.min()}, {self.word_ids.max()}]")
+        if len(set(self.words)) != len(self.words):
+            raise DataError("SEA label word list has duplicates")
+
+
+def write_labels(path: str | Path, labels: LabelSet) -> Path:
+    """Write a labels file atomically (a temporary name, then a rename), candidates sorted by score."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ids, scores = labels.word_ids.astype(np.int32), labels.scores.astype(np.float32)
+    scores = np.where(ids < 0, -np.inf, scores)
+    order = np.argsort(-scores, axis=-1, kind="stable")
+    ids, scores = np.take_along_axis(ids, order, -1), np.take_along_axis(scores, order, -1)
+    scores = np.where(ids < 0, 0.0, scores).astype(np.float32)
+    root = path.parent.resolve()
+    meta = {"version": VERSION, "source": labels.source, "grid": list(labels.grid), "words": labels.words,
+            "images": [Path(os.path.relpath(p.resolve(), root)).as_posix() for p in labels.images], "info": labels.info}
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file({"words": np.ascontiguousarray(ids), "scores": np.ascontiguousarray(scores)}, str(tmp),
+              metadata={META_KEY: json.dumps(meta)})
+    tmp.chmod(0o644)  # readable like the data beside it
+    tmp.replace(path)
+    return path
+
+
+class SeaLabels:
+    """A labels file opened for lookup by image path; rows are read lazily (one open handle per process)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise FileNotFoundError(f"SEA labels file {self.path} does not exist; write it with `alignlm sea-labels`, "
+                                    "or give the stage a sea_labels prepare step so the pipeline writes it")
+        with safe_open(str(self.path), "pt") as f:
+            raw = (f.metadata() or {}).get(META_KEY)
+            shape = f.get_slice("words").get_shape() if raw else None
+        if raw is None:
+            raise DataError(f"{self.path} is not an alignlm SEA labels file (no {META_KEY!r} metadata)")
+        meta = json.loads(raw)
+        if meta.get("version") != VERSION:
+            raise DataError(f"{self.path}: labels format version {meta.get('version')} is not supported (expected {VERSION})")
+        self.words: list[str] = list(meta["words"])
+        self.grid: tuple[int, int] = (int(meta["grid"][0]), int(meta["grid"][1]))
+        self.source: str = meta["source"]
+        self.info: dict[str, Any] = meta.get("info", {})
+        self.k: int = int(shape[2])
+        self.root = self.path.parent.resolve()
+        self.index = {key: i for i, key in enumerate(meta["images"])}
+        self._handle: Any = None
+        self.offset: int = 0
+        self.num_tokens: int | None = None  # set by place_on_tokens
+
+    @property
+    def cells(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def __getstate__(self) -> dict[str, Any]:  # data-loader workers open their own handle
+        return {**self.__dict__, "_handle": None}
+
+    def key(self, image: str | Path) -> str:
+        """The file's key for an image path: relative to the labels folder, POSIX separators."""
+        return Path(os.path.relpath(Path(image).resolve(), self.root)).as_posix()
+
+    def lookup(self, image: str | Path) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(word ids [cells, k], scores [cells, k])`` of an image, or None when the file does not label it."""
+        i = self.index.get(self.key(image))
+        if i is None:
+            return None
+        if self._handle is None:
+            self._handle = safe_open(str(self.path), "pt")
+        return self._handle.get_slice("words")[i].long(), self._handle.get_slice("scores")[i].float()
+
+    def place_on_tokens(self, num_image_tokens: int, num_patches: int, num_prefix_tokens: int) -> SeaLabels:
+        """Fix where cell 0 lands among a model's visual tokens (cells follow in row-major order); returns self.
+
+        Prefix tokens (CLS, a CNN's pooled feature) describe no single patch and get no label. Counts that do not
+        line up fail here, at start-up, naming both sides.
+        """
+        if num_image_tokens == self.cells:
+            self.offset = 0
+        elif num_image_tokens == num_patches and num_patches - num_prefix_tokens == self.cells:
+            self.offset = num_prefix_tokens
+        else:
+            raise DataError(
+                f"SEA labels {self.path} have a {self.grid[0]}x{self.grid[1]} grid ({self.cells} cells per image) but the "
+                f"model gives {num_image_tokens} visual tokens per image (vision tower: {num_patches} tokens, "
+                f"{num_prefix_tokens} of them CLS/pooled); write labels on the model's patch grid "
+                "(alignlm sea-labels ... --grid) or pick a tower and connector whose patch tokens match the labels"
+            )
+        self.num_tokens = num_image_tokens
+        return self
+
+    def for_images(self, images: Sequence[str | Path]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Labels laid out on each image's visual tokens: ``[n_images, M, k]`` word ids (-1 = none) and scores."""
+        if self.num_tokens is None:
+            raise RuntimeError("call place_on_tokens(...) before for_images(...)")
+        ids = torch.full((len(images), self.num_tokens, self.k), -1, dtype=torch.long)
+        scores = torch.zeros((len(images), self.num_tokens, self.k), dtype=torch.float32)
+        cells = slice(self.offset, self.offset + self.cells)
+        for i, image in enumerate(images):
+            found = self.lookup(image)
+            if found is not None:
+                ids[i, cells], scores[i, cells] = found
+        return ids, scores
+
+    def coverage(self, images: Sequence[str | Path]) -> int:
+        """How many of these images the file labels (a stage whose data it does not cover fails at start-up)."""
+        return sum(self.key(p) in self.index for p in images)
+
+
+# ---- sources -------------------------------------------------------------------------------------------------------
+
+
+def from_annotations(data: Sequence[str | Path], k: int, annotations: str | Path | None = None,
+                     image_root: str | Path | None = None) -> LabelSet:
+    """Convert per-record patch annotations ``{grid, words, images: {id: [per cell: [[word, score], ...]]}}``.
+
+    ``annotations`` defaults to ``patch_labels.json`` beside the first data file (what ``shapes`` writes). Every
+    record of ``data`` with an image must be annotated, on the same grid, with words from the word list.
+    """
+    path = Path(annotations) if annotations else Path(data[0]).parent / "patch_labels.json"
+    if not path.exists():
+        raise FileNotFoundError(f"annotations file {path} does not exist")
+    ann = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(ann, dict) or not {"grid", "words", "images"} <= set(ann):
+        raise DataError(f"{path}: expected an object with grid, words and images")
+    grid = (int(ann["grid"]), int(ann["grid"])) if isinstance(ann["grid"], int) else tuple(int(g) for g in ann["grid"])
+    words = [str(w) for w in ann["words"]]
+    word_index = {w: i for i, w in enumerate(words)}
+    images: dict[Path, str] = {}
+    for rid, paths in record_images(data, image_root):
+        if len(paths) != 1:
+            raise DataError(f"record {rid} has {len(paths)} images; per-record annotations label exactly one")
+        images.setdefault(paths[0], rid)
+    missing = [rid for rid in images.values() if rid not in ann["images"]]
+    if missing:
+        raise DataError(f"{path} has no labels for {len(missing)} records of {[str(d) for d in data]}, e.g. {missing[:3]}")
+    cells = grid[0] * grid[1]
+    ids = np.full((len(images), cells, k), -1, dtype=np.int32)
+    scores = np.zeros((len(images), cells, k), dtype=np.float32)
+    for n, rid in enumerate(images.values()):
+        per_cell = ann["images"][rid]
+        if len(per_cell) != cells:
+            raise DataError(f"{path}: record {rid} has {len(per_cell)} cells, the grid {grid[0]}x{grid[1]} needs {cells}")
+        for c, cands in enumerate(per_cell):
+            for j, (word, score) in enumerate(sorted(cands, key=lambda ws: -float(ws[1]))[:k]):
+                if word not in word_index:
+                    raise DataError(f"{path}: record {rid} cell {c} has word {word!r}, not in the word list {words}")
+                ids[n, c, j], scores[n, c, j] = word_index[word], float(score)
+    return LabelSet(words, grid, list(images), ids, scores, "annotations", {"annotations": str(path)})
+
+
+def dual_encoder_scores(encoder: DualEncoder, pixel_values: torch.Tensor, text: torch.Tensor, k: int,
+                        grid: int | None = None) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    """Top-k words per patch by cosine: ``(ids [B, cells, k], scores [B, cells, k], (rows, cols))``.
+
+    ``grid`` average-pools the patch features to ``grid x grid`` first, so labels can match a coarser training tower.
+    """
+    patches = encoder.patch_embeddings(pixel_values).float()
+    if grid is not None:
+        patches = torch.nn.functional.adaptive_avg_pool2d(patches.permute(0, 3, 1, 2), grid).permute(0, 2, 3, 1)
+    rows, cols = patches.shape[1:3]
+    sims = torch.nn.functional.normalize(patches.flatten(1, 2), dim=-1) @ torch.nn.functional.normalize(text.float(), dim=-1).T
+    scores, ids = sims.topk(min(k, text.shape[0]), dim=-1)
+    return ids, scores, (rows, cols)
+
+
+def from_dual_encoder(data: Sequence[str | Path], k: int, model: str | DualEncoder, words: Sequence[str] | str,
+                      prompt: str = "a photo of a {w}", grid: int | None = None, batch_size: int = 32,
+                      image_root: str | Path | None = None, trust_remote_code: bool = False) -> LabelSet:
+    """Label every image of ``data`` with its patches' nearest words under a dual encoder.
+
+    ``model`` is a Hugging Face CLIPModel / SiglipModel name or path, an ``alignlm dual-encoder fit`` folder, or any
+    ``DualEncoder``; ``words`` a list or a
+    text file with one word per line; ``prompt`` wraps each word before the text encoder.
+    """
+    encoder = load_encoder(model, trust_remote_code=trust_remote_code) if isinstance(model, str) else model
+    words = read_words(words)
+    if "{w}" not in prompt:
+        raise ValueError(f"prompt {prompt!r} must contain {{w}}, where each word goes")
+    paths = sorted({p for _, images in record_images(data, image_root) for p in images})
+    with torch.no_grad():
+        text = encoder.encode_texts([prompt.format(w=w) for w in words])
+        ids, scores, shape = [], [], None
+        for start in range(0, len(paths), batch_size):
+            pixels = torch.stack([preprocess(load_rgb(p), encoder.image_spec) for p in paths[start:start + batch_size]])
+            i, s, shape = dual_encoder_scores(encoder, pixels, text, k, grid)
+            ids.append(i)
+            scores.append(s)
+    if shape is None:
+        raise DataError(f"no images in {[str(d) for d in data]}")
+    word_ids = torch.cat(ids).to(torch.int32).numpy()
+    if word_ids.shape[-1] < k:  # fewer words than k: pad with no-candidate slots
+        pad = ((0, 0), (0, 0), (0, k - word_ids.shape[-1]))
+        word_ids = np.pad(word_ids, pad, constant_values=-1)
+        score_arr = np.pad(torch.cat(scores).numpy(), pad)
+    else:
+        score_arr = torch.cat(scores).numpy()
+    info = {"model": model if isinstance(model, str) else type(model).__name__, "prompt": prompt, "pooled_grid": grid}
+    return LabelSet(list(words), shape, paths, word_ids, score_arr, "dual_encoder", info)
+
+
+def read_words(words: Sequence[str] | str) -> list[str]:
+    """A word list given inline or as a text file (one word per line, ``#`` comments)."""
+    if isinstance(words, str):
+        path = Path(words)
+        if not path.exists():
+            raise FileNotFoundError(f"word list {path} does not exist")
+        words = [w.strip() for w in path.read_text(encoding="utf-8").splitlines() if w.strip() and not w.startswith("#")]
+    words = [str(w) for w in words]
+    if not words:
+        raise ValueError("the word list is empty")
+    return words
+
+
+SOURCES: dict[str, Callable[..., LabelSet]] = {"annotations": from_annotations, "dual_encoder": from_dual_encoder}
+
+
+def make_labels(out: str | Path, source: str, data: Sequence[str | Path], k: int = 5, **knobs: Any) -> Path:
+    """Compute labels from a source and write them to ``out``; the one entry the CLI and the pipeline call."""
+    if source not in SOURCES:
+        raise ValueError(f"SEA label source {source!r} is not known; choose one of {sorted(SOURCES)}")
+    if not data:
+        raise ValueError("SEA labels need at least one data file (LLaVA JSON) whose images to label")
+    if k < 1:
+        raise ValueError(f"k={k}: keep at least one candidate word per patch")
+    return write_labels(out, SOURCES[source]([str(d) for d in data], k, **knobs))
+
+
+def ensure_labels(path: str | Path, source: str, data: Sequence[str | Path], k: int = 5, **knobs: Any) -> Path:
+    """The ``sea_labels`` prepare step: write the labels file from this recipe only when it is missing."""
+    path = Path(path)
+    if not path.exists():
+        make_labels(path, source, data, k, **knobs)
+    return path

@@ -1,0 +1,106 @@
+"""SEA, supervised embedding alignment at token level (docs/methods.md, SEA): pull each visual token, as the
+connector outputs it, toward the LLM input embedding of a word that describes its patch.
+
+Per step, one label per token is sampled from its top-k candidates with ``softmax(score / t_sample)``; the
+classes are the *distinct* sampled labels of the batch, so the same word twice is never its own negative;
+``L_sea = CE(norm(V) @ norm(T_U).T / tau)``. Word embeddings ``T_w`` are the mean of the LLM's input-embedding
+rows of the word's sub-tokens, taken once in ``setup`` and frozen, so the loss trains the connector only.
+The batch carries ``sea_words`` / ``sea_scores`` ``[n_images, M, k]`` (word id -1 = no candidate), laid out on
+the visual tokens by SEA's data hook (``data.hooks.sea``, ``methods/sea/hook.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from alignlm.methods.sea.hook import SeaLabelHook
+from alignlm.objectives.base import LossTerm, Objective
+
+
+def word_embeddings(model: nn.Module, words: Sequence[str], prefix: str = " ") -> torch.Tensor:
+    """``[W, Dl]`` float32: per word, the mean input-embedding row of the sub-tokens of ``prefix + word``.
+
+    ``prefix`` " " embeds the word as it appears inside running text (" red", not "red", for BPE vocabularies).
+    """
+    table = model.llm.get_input_embeddings().weight.detach().float()
+    rows = []
+    for word in words:
+        ids = model.tokenizer(prefix + word, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ValueError(f"SEA word {word!r} tokenizes to nothing with prefix {prefix!r}")
+        rows.append(table[torch.tensor(ids, device=table.device)].mean(0))
+    return torch.stack(rows)
+
+
+def sample_labels(words: torch.Tensor, scores: torch.Tensor, t_sample: float) -> torch.Tensor:
+    """One word id per row of candidates ``[T, k]`` drawn with ``softmax(score / t_sample)``; -1 for rows with none."""
+    valid = words >= 0
+    has = valid.any(-1)
+    logits = (scores.float() / t_sample).masked_fill(~valid, float("-inf"))
+    probs = torch.softmax(logits.masked_fill(~has[:, None], 0.0), dim=-1)  # unlabelled rows: any pick, dropped below
+    pick = torch.multinomial(probs, 1)
+    return torch.where(has, words.gather(-1, pick).squeeze(-1), -1)
+
+
+def sea_logits(visual: torch.Tensor, labels: torch.Tensor, word_emb: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of labelled tokens over the batch's distinct labels, and each token's class index.
+
+    ``visual [T, D]``, ``labels [T]`` (-1 = ignored), ``word_emb [W, D]``. Returns ``[T', U]`` and ``[T']``.
+    """
+    keep = labels >= 0
+    classes, target = torch.unique(labels[keep], return_inverse=True)
+    v = F.normalize(visual[keep].float(), dim=-1)
+    t = F.normalize(word_emb[classes].float(), dim=-1)
+    return v @ t.T / tau, target
+
+
+class SEAObjective(Objective):
+    """Token-level contrastive alignment of connector outputs to label-word embeddings; logs in-batch accuracy."""
+
+    name = "sea"
+    requires_batch_keys = ("sea_words", "sea_scores")
+
+    def __init__(self, k: int = 5, t_sample: float = 0.1, tau: float = 0.07, word_prefix: str = " ") -> None:
+        super().__init__()
+        for key, value in (("k", k), ("t_sample", t_sample), ("tau", tau)):
+            if not value > 0:
+                raise ValueError(f"objective sea: {key}={value!r} must be > 0")
+        self.k, self.t_sample, self.tau, self.word_prefix = int(k), float(t_sample), float(tau), word_prefix
+        self.words: list[str] = []
+        self.register_buffer("word_emb", torch.empty(0), persistent=False)
+
+    def setup(self, model: nn.Module, dataset: Any) -> None:
+        hook = next((h for h in getattr(dataset, "hooks", ()) if isinstance(h, SeaLabelHook)), None)
+        if hook is None:
+            raise ValueError("objective sea needs per-patch word labels: add the data hook stage.data.hooks.sea "
+                             "(a labels file from alignlm sea-labels, or the sea_labels prepare step; see configs/exp/sea.yaml)")
+        self.set_words(model, hook.labels.words)
+
+    def set_words(self, model: nn.Module, words: Sequence[str]) -> None:
+        """Freeze the word embeddings of the label vocabulary (label ids index this list)."""
+        self.words = list(words)
+        self.word_emb = word_embeddings(model, self.words, self.word_prefix)
+
+    def forward(self, batch: dict[str, Any], out: Any, model: nn.Module) -> LossTerm:
+        if not self.words:
+            raise RuntimeError("objective sea: setup(model, dataset) must run before the first step")
+        visual = out.visual_tokens
+        words, scores = batch["sea_words"][..., : self.k], batch["sea_scores"][..., : self.k]
+        zero = 0.0 * visual.sum()  # keeps the graph (and data-parallel ranks) in step when nothing is labelled
+        if words.shape[0] == 0:
+            return LossTerm(zero, {"acc": zero.detach()})
+        if words.shape[:2] != visual.shape[:2]:
+            raise ValueError(f"sea_words cover {tuple(words.shape[:2])} (images, tokens) but the connector gave "
+                             f"{tuple(visual.shape[:2])}")
+        labels = sample_labels(words.flatten(0, 1), scores.flatten(0, 1), self.t_sample)
+        if not (labels >= 0).any():
+            return LossTerm(zero, {"acc": zero.detach()})
+        logits, target = sea_logits(visual.flatten(0, 1), labels, self.word_emb, self.tau)
+        loss = F.cross_entropy(logits, target)
+        acc = (logits.argmax(-1) == target).float().mean()
+        return LossTerm(loss, {"acc": acc.detach()})

