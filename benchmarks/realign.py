@@ -22,8 +22,8 @@ shards (alignlm never unpickles). Each side's inputs are read once before its ti
 from a warm page cache. The script prints both times, the speed-up, and the largest absolute difference
 between the two sets of aligned embeddings (and of the statistics).
 
-    python scripts/bench_realign.py                      # 1,000,000 x 768 per set: ~18 GB of temp files
-    python scripts/bench_realign.py --n 100000 --keep    # quicker look; --workdir picks the temp location
+    python benchmarks/realign.py                      # 1,000,000 x 768 per set: ~18 GB of temp files
+    python benchmarks/realign.py --n 100000 --keep    # quicker look; --workdir picks the temp location
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from alignlm.methods.revision.realign import ReAlignStats
 
 # ------------------------------------------------------------------------------------------------ peer
 
@@ -126,8 +128,14 @@ def peer(text_dir: Path, image_dir: Path, out_dir: Path, chunk: int = 10_000) ->
             result.append(new)
         with open(out_dir / "trace" / f"{path.stem}_trace{path.suffix}", "wb") as f:
             pickle.dump(result, f)
-    stats = {"mu_txt": mu_t32, "mu_img": mu_i32, "mu_hat": mu_hat.astype(np.float32), "scale": float(scale),
-             "trace_txt": float(t_txt), "trace_img": float(t_img)}
+    stats = {
+        "mu_txt": mu_t32,
+        "mu_img": mu_i32,
+        "mu_hat": mu_hat.astype(np.float32),
+        "scale": float(scale),
+        "trace_txt": float(t_txt),
+        "trace_img": float(t_img),
+    }
     with open(out_dir / "trace_stats.pkl", "wb") as f:
         pickle.dump(stats, f)
 
@@ -171,8 +179,6 @@ def timed(cmd: list[str]) -> float:
 
 def compare(root: Path) -> dict[str, float]:
     """Largest absolute differences between the peer's and alignlm's outputs and statistics."""
-    from alignlm.revision.realign import ReAlignStats
-
     worst = 0.0
     for ours in sorted((root / "ours" / "aligned").glob("*.npy")):
         with open(root / "peer" / "trace" / f"{ours.stem}_trace.pkl", "rb") as f:
@@ -182,8 +188,13 @@ def compare(root: Path) -> dict[str, float]:
         ref = pickle.load(f)
     stats = ReAlignStats.load(root / "ours" / "stats.safetensors")
     diff = lambda a, b: float(np.abs(np.asarray(a, dtype=np.float64) - b.numpy()).max())  # noqa: E731
-    return {"aligned_embeddings": worst, "mu_x": diff(ref["mu_img"], stats.mu_x), "mu_y": diff(ref["mu_txt"], stats.mu_y),
-            "mu1": diff(ref["mu_hat"], stats.mu1), "s": abs(ref["scale"] - stats.s)}
+    return {
+        "aligned_embeddings": worst,
+        "mu_x": diff(ref["mu_img"], stats.mu_x),
+        "mu_y": diff(ref["mu_txt"], stats.mu_y),
+        "mu1": diff(ref["mu_hat"], stats.mu1),
+        "s": abs(ref["scale"] - stats.s),
+    }
 
 
 def main() -> int:
@@ -204,24 +215,64 @@ def main() -> int:
         print(f"building {args.n:,} x {args.dim} float32 image and text embeddings in {root} ...", flush=True)
         build(root, args.n, args.dim, args.records, args.seed)
         warm(root / "pkl")
-        t_peer = timed([sys.executable, __file__, "--peer-run", str(root / "pkl" / "text"), str(root / "pkl" / "image"),
-                        str(root / "peer")])
+        t_peer = timed(
+            [
+                sys.executable,
+                __file__,
+                "--peer-run",
+                str(root / "pkl" / "text"),
+                str(root / "pkl" / "image"),
+                str(root / "peer"),
+            ]
+        )
         print(f"reference (peer) fit + apply: {t_peer:8.1f} s", flush=True)
         warm(root / "npy")
-        cli = [sys.executable, "-m", "alignlm.cli", "realign"]
+        cli = [sys.executable, "-m", "alignlm.commands", "realign"]
         stats = str(root / "ours" / "stats.safetensors")
-        t_fit = timed([*cli, "fit", "--images", str(root / "npy" / "image"), "--texts", str(root / "npy" / "text"),
-                       "--out", stats])
-        t_apply = timed([*cli, "apply", "--stats", stats, "--texts", str(root / "npy" / "text"),
-                         "--out", str(root / "ours" / "aligned")])
+        t_fit = timed(
+            [
+                *cli,
+                "fit",
+                "--images",
+                str(root / "npy" / "image"),
+                "--texts",
+                str(root / "npy" / "text"),
+                "--out",
+                stats,
+            ]
+        )
+        t_apply = timed(
+            [
+                *cli,
+                "apply",
+                "--stats",
+                stats,
+                "--texts",
+                str(root / "npy" / "text"),
+                "--out",
+                str(root / "ours" / "aligned"),
+            ]
+        )
         t_ours = t_fit + t_apply
         print(f"alignlm realign fit + apply:  {t_ours:8.1f} s  (fit {t_fit:.1f} s, apply {t_apply:.1f} s)")
         print(f"speed-up: {t_peer / t_ours:.1f}x")
         diffs = compare(root)
         print("max |difference|: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
-        print(json.dumps({"n": args.n, "dim": args.dim, "peer_s": round(t_peer, 2), "ours_s": round(t_ours, 2),
-                          "fit_s": round(t_fit, 2), "apply_s": round(t_apply, 2), "speedup": round(t_peer / t_ours, 2),
-                          "max_abs_diff": diffs["aligned_embeddings"], "agree_1e-5": diffs["aligned_embeddings"] <= 1e-5}))
+        print(
+            json.dumps(
+                {
+                    "n": args.n,
+                    "dim": args.dim,
+                    "peer_s": round(t_peer, 2),
+                    "ours_s": round(t_ours, 2),
+                    "fit_s": round(t_fit, 2),
+                    "apply_s": round(t_apply, 2),
+                    "speedup": round(t_peer / t_ours, 2),
+                    "max_abs_diff": diffs["aligned_embeddings"],
+                    "agree_1e-5": diffs["aligned_embeddings"] <= 1e-5,
+                }
+            )
+        )
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)

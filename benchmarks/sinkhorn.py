@@ -1,7 +1,7 @@
 """Time VLAP's Sinkhorn (``alignlm.geometry.sinkhorn``) against two naive peers on the same inputs, in one run.
 
-    python scripts/bench_sinkhorn.py                 # V=150,000 prototypes, B=256 samples, 3 iterations
-    python scripts/bench_sinkhorn.py --vocab 49152 --batch 64 --repeats 7
+    python benchmarks/sinkhorn.py                 # V=150,000 prototypes, B=256 samples, 3 iterations
+    python benchmarks/sinkhorn.py --vocab 49152 --batch 64 --repeats 7
 
 Inputs: cosine similarities between unit vectors (``--dim``; half the batch lies close to some word, as after
 training, so ``S / epsilon`` reaches ~90) and a word prior ``mu`` shaped like a real one
@@ -77,9 +77,13 @@ def main() -> None:
     reference = textbook_log_domain(scores.double(), log_mu.double(), args.epsilon, args.iterations)
     mu = log_mu.double().exp()
 
-    print(f"Sinkhorn, B={args.batch} x V={args.vocab:,}, epsilon={args.epsilon}, {args.iterations} iterations, float32, "
-          f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}")
-    print(f"{'implementation':28s} {'median s':>9s} {'best s':>8s} {'finite':>7s} {'row err':>9s} {'col err':>9s} {'vs f64':>9s}")
+    print(
+        f"Sinkhorn, B={args.batch} x V={args.vocab:,}, epsilon={args.epsilon}, {args.iterations} iterations, float32, "
+        f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}"
+    )
+    print(
+        f"{'implementation':28s} {'median s':>9s} {'best s':>8s} {'finite':>7s} {'row err':>9s} {'col err':>9s} {'vs f64':>9s}"
+    )
     peers = [
         ("alignlm sinkhorn", lambda: sinkhorn(scores, log_mu, args.epsilon, args.iterations)),
         ("textbook log-domain", lambda: textbook_log_domain(scores, log_mu, args.epsilon, args.iterations)),
@@ -94,10 +98,14 @@ def main() -> None:
         col_err = (q64.sum(0) / args.batch - mu).abs().sum().item() if finite else float("nan")
         diff = (q64 - reference).abs().max().item() if finite else float("nan")
         results[name] = statistics.median(times)
-        print(f"{name:28s} {statistics.median(times):9.3f} {min(times):8.3f} {str(finite):>7s} {row_err:9.1e} {col_err:9.4f} {diff:9.1e}")
+        print(
+            f"{name:28s} {statistics.median(times):9.3f} {min(times):8.3f} {str(finite):>7s} {row_err:9.1e} {col_err:9.4f} {diff:9.1e}"
+        )
     ours = results["alignlm sinkhorn"]
-    print(f"speed-up over the textbook log-domain implementation: {results['textbook log-domain'] / ours:.1f}x; "
-          f"target < 1 s: {'met' if ours < 1.0 else 'NOT met'} ({ours:.3f} s median)")
+    print(
+        f"speed-up over the textbook log-domain implementation: {results['textbook log-domain'] / ours:.1f}x; "
+        f"target < 1 s: {'met' if ours < 1.0 else 'NOT met'} ({ours:.3f} s median)"
+    )
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ flags=(--model llava_hf --tasks "$tasks" ${include[@]+"${include[@]}"} --batch_s
        --output_path "${OUTPUT_PATH:-$export_dir/lmms_eval}" "$@")
 if [ "$nproc" = 1 ]; then  # llava_hf needs the device named twice (device_map, and device for its .to() calls)
   dev=${DEVICE:-$(python -c 'import torch; print("cuda:0" if torch.cuda.is_available() else "cpu")')}
-  exec python -m alignlm.evaluation.lmms --model_args "$args,device_map=$dev,device=$dev" "${flags[@]}"
+  exec alignlm lmms-eval --model_args "$args,device_map=$dev,device=$dev" "${flags[@]}"
 fi
 # several processes: llava_hf places each rank on cuda:<local rank> itself
-exec accelerate launch --num_processes "$nproc" -m alignlm.evaluation.lmms --model_args "$args" "${flags[@]}"
+exec accelerate launch --num_processes "$nproc" -m alignlm.commands lmms-eval --model_args "$args" "${flags[@]}"

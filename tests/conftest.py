@@ -24,13 +24,37 @@ def write_colour_set(root: Path, n: int = 48) -> dict[str, Path]:
         name = names[i % 3]
         Image.new("RGB", (40 + i % 5, 30), COLOURS[name]).save(root / "images" / f"{i}.png")
         img = f"images/{i}.png"
-        pretrain.append({"id": f"p{i}", "image": img, "conversations": [
-            {"from": "human", "value": "<image>"}, {"from": "gpt", "value": f"A {name} square."}]})
-        instruct.append({"id": f"q{i}", "image": img, "conversations": [
-            {"from": "human", "value": "<image>\nWhat color is it?"}, {"from": "gpt", "value": name},
-            {"from": "human", "value": "Is it a photo?"}, {"from": "gpt", "value": "no"}]})
-        test.append({"id": f"t{i}", "image": img, "answer": name, "meta": {"choices": names}, "conversations": [
-            {"from": "human", "value": "<image>\nWhat color is it?"}, {"from": "gpt", "value": name}]})
+        pretrain.append(
+            {
+                "id": f"p{i}",
+                "image": img,
+                "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": f"A {name} square."}],
+            }
+        )
+        instruct.append(
+            {
+                "id": f"q{i}",
+                "image": img,
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWhat color is it?"},
+                    {"from": "gpt", "value": name},
+                    {"from": "human", "value": "Is it a photo?"},
+                    {"from": "gpt", "value": "no"},
+                ],
+            }
+        )
+        test.append(
+            {
+                "id": f"t{i}",
+                "image": img,
+                "answer": name,
+                "meta": {"choices": names},
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWhat color is it?"},
+                    {"from": "gpt", "value": name},
+                ],
+            }
+        )
     paths = {}
     for key, recs in (("pretrain", pretrain), ("instruct", instruct), ("test", test[:12])):
         paths[key] = root / f"{key}.json"
@@ -54,8 +78,14 @@ def tiny_clip(tmp_path_factory) -> Path:
     tok = build_tiny_tokenizer()
     small = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2)
     config = CLIPConfig(
-        text_config=dict(vocab_size=len(tok), max_position_embeddings=32, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, **small),
+        text_config=dict(
+            vocab_size=len(tok),
+            max_position_embeddings=32,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            **small,
+        ),
         vision_config=dict(image_size=32, patch_size=8, **small),
         projection_dim=16,
     )

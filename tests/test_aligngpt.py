@@ -14,10 +14,10 @@ from alignlm.commands import main
 from alignlm.constants import IGNORE_INDEX, IMAGE_TOKEN
 from alignlm.data.build import build_dataset
 from alignlm.data.collate import Collator
+from alignlm.data.images import ImageSpec
 from alignlm.data.llava import LlavaDataset
 from alignlm.data.records import DataError, Source
 from alignlm.data.templates import get_template
-from alignlm.data.images import ImageSpec
 from alignlm.methods.aligngpt.levels import LevelLabels, equal_count_levels, make_levels
 from alignlm.methods.aligngpt.part import ALIGN_TOKEN
 from alignlm.models.tokenizer import build_tiny_tokenizer
@@ -52,7 +52,9 @@ def mismatched(colour_set, tmp_path_factory) -> tuple[Path, set[str]]:
             name = list(COLOURS)[(i + 1) % 3]  # the image shows colour i % 3
             rec["conversations"][1]["value"] = f"A {name} square."
             wrong.add(rec["id"])
-    records.append({"id": "text", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "A red word."}]})
+    records.append(
+        {"id": "text", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "A red word."}]}
+    )
     records.append({"id": "broken", "image": "missing.png", "conversations": records[1]["conversations"]})
     path = tmp_path_factory.mktemp("mismatched") / "pretrain.json"
     path.write_text(json.dumps(records))
@@ -94,7 +96,22 @@ def test_levels_file_ranks_mismatched_pairs_lowest(mismatched, tmp_path):
 
 def test_cli_scores_pairs_with_a_saved_clip(mismatched, clip_path, tmp_path, capsys):
     out = tmp_path / "levels.json"
-    assert main(["aligngpt-levels", "--data", str(mismatched[0]), "--encoder", str(clip_path), "--levels", "3", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "aligngpt-levels",
+                "--data",
+                str(mismatched[0]),
+                "--encoder",
+                str(clip_path),
+                "--levels",
+                "3",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     assert summary["counts"] == [16, 16, 16] and summary["encoder"] == str(clip_path) and summary["pairs"] == 48
 
@@ -106,9 +123,13 @@ def _tokenizer(with_bos: bool):
     from tokenizers.processors import TemplateProcessing
 
     tok = build_tiny_tokenizer()
-    tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN, ALIGN_TOKEN]}, replace_extra_special_tokens=False)
+    tok.add_special_tokens(
+        {"additional_special_tokens": [IMAGE_TOKEN, ALIGN_TOKEN]}, replace_extra_special_tokens=False
+    )
     if with_bos:  # Llama-like: the tokenizer starts every sequence with BOS itself
-        tok.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)])
+        tok.backend_tokenizer.post_processor = TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)]
+        )
     return tok
 
 
@@ -120,8 +141,15 @@ def test_slot_lands_right_after_bos_with_an_ignored_label(colour_set, with_bos, 
     align = tok.convert_tokens_to_ids(ALIGN_TOKEN)
 
     def sample(token: int | None) -> dict:
-        return LlavaDataset([Source(str(colour_set[split]))], tok, get_template(template), ImageSpec(16, (0.5,) * 3, (0.5,) * 3),
-                            num_image_tokens=4, for_generation=for_generation, slot_token_ids=[token] if token else ())[0]
+        return LlavaDataset(
+            [Source(str(colour_set[split]))],
+            tok,
+            get_template(template),
+            ImageSpec(16, (0.5,) * 3, (0.5,) * 3),
+            num_image_tokens=4,
+            for_generation=for_generation,
+            slot_token_ids=[token] if token else (),
+        )[0]
 
     got, plain = sample(align), sample(None)
     ids, labels = got["input_ids"], got["labels"]
@@ -152,8 +180,12 @@ def _with_slot(model, batch: dict, prompt: int = 0) -> dict:
         text = torch.nonzero(batch["input_ids"][r] != model.image_token_id).flatten()[:prompt]
         labels[r, text] = IGNORE_INDEX
     column = lambda v: torch.full((rows, 1), v)  # noqa: E731
-    return {**batch, "input_ids": torch.cat([column(model.extras["align_levels"]), batch["input_ids"]], 1),
-            "labels": torch.cat([column(IGNORE_INDEX), labels], 1), "attention_mask": torch.cat([column(1), batch["attention_mask"]], 1)}
+    return {
+        **batch,
+        "input_ids": torch.cat([column(model.extras["align_levels"]), batch["input_ids"]], 1),
+        "labels": torch.cat([column(IGNORE_INDEX), labels], 1),
+        "attention_mask": torch.cat([column(1), batch["attention_mask"]], 1),
+    }
 
 
 def test_level_token_is_H_of_the_level_or_the_gated_mixture(tiny_model):
@@ -167,7 +199,9 @@ def test_level_token_is_H_of_the_level_or_the_gated_mixture(tiny_model):
         visual = model.connector(model.vision(batch["pixel_values"])).tokens
         per_sample = torch.stack([visual[0], visual[1:3].mean(0), torch.zeros_like(visual[0])])
         ids = batch["input_ids"]
-        prompt = [row[(row != model.image_token_id) & (row != model.extras["align_levels"])][:3] for row in ids]  # unsupervised text
+        prompt = [
+            row[(row != model.image_token_id) & (row != model.extras["align_levels"])][:3] for row in ids
+        ]  # unsupervised text
         text = torch.stack([model.llm.get_input_embeddings()(t).mean(0) for t in prompt])
         torch.testing.assert_close(mixed[:, 0], levels.gated(per_sample, text))
         torch.testing.assert_close(mixed[:, 1:], embeds[:, 1:])  # only the slot differs
@@ -193,7 +227,9 @@ def test_stage_parts_and_data_must_agree(tiny_model, colour_set, tmp_path):
     data = {"sources": [{"path": str(colour_set["pretrain"])}]}
     eight = make_levels(tmp_path / "l8.json", [colour_set["pretrain"]], ColourEncoder(), 8)
     four = make_levels(tmp_path / "l4.json", [colour_set["pretrain"]], ColourEncoder(), 4)
-    hook = lambda path: {"hooks": {"levels": {"_target_": "alignlm.methods.aligngpt.hook.LevelHook", "path": str(path)}}}  # noqa: E731
+    hook = lambda path: {
+        "hooks": {"levels": {"_target_": "alignlm.methods.aligngpt.hook.LevelHook", "path": str(path)}}
+    }  # noqa: E731
     with pytest.raises(ValueError, match=r"choose one of \['frozen', 'levels', 'gate'\]"):
         apply_stage(model, {"connector": "full", "align_levels": "full"})
     apply_stage(model, {"connector": "full", "align_levels": "levels"})
@@ -230,11 +266,20 @@ def test_exp_aligngpt_trains_levels_then_gate_generates_and_reloads(colour_set, 
     from alignlm.pipeline import run
 
     levels_file = tmp_path / "levels.json"
-    cfg = compose("+exp=aligngpt", "model=tiny", "offline_datasets=[]", *tiny_overrides(colour_set, tmp_path),
-                  "stages.pretrain.max_steps=3", "stages.finetune.max_steps=2", f"stages.pretrain.prepare.aligngpt_levels.out={levels_file}",
-                  f"stages.pretrain.prepare.aligngpt_levels.data=[{colour_set['pretrain']}]",
-                  f"stages.pretrain.prepare.aligngpt_levels.encoder={clip_path}", "stages.pretrain.prepare.aligngpt_levels.fit=null",
-                  f"eval.sets=[{{name:colours,path:{colour_set['test']}}}]", "eval.limit=4")
+    cfg = compose(
+        "+exp=aligngpt",
+        "model=tiny",
+        "offline_datasets=[]",
+        *tiny_overrides(colour_set, tmp_path),
+        "stages.pretrain.max_steps=3",
+        "stages.finetune.max_steps=2",
+        f"stages.pretrain.prepare.aligngpt_levels.out={levels_file}",
+        f"stages.pretrain.prepare.aligngpt_levels.data=[{colour_set['pretrain']}]",
+        f"stages.pretrain.prepare.aligngpt_levels.encoder={clip_path}",
+        "stages.pretrain.prepare.aligngpt_levels.fit=null",
+        f"eval.sets=[{{name:colours,path:{colour_set['test']}}}]",
+        "eval.limit=4",
+    )
     summary = run(cfg)
     assert LevelLabels(levels_file).counts == [6] * 8  # written by the pipeline's prepare step
     assert summary["eval"]["colours"]["n"] == 4  # prompts get the slot and the gate's mixture: generation works
@@ -246,7 +291,9 @@ def test_exp_aligngpt_trains_levels_then_gate_generates_and_reloads(colour_set, 
     assert not torch.equal(fine.align_levels.gate[0].weight, init.gate[0].weight)  # ... and trains the gate
     assert final_parts(tmp_path / "t" / "finetune" / "final") == ["connector", "llm", "align_levels"]
     data = {"sources": [{"path": str(colour_set["test"])}], "template": "vicuna_v1"}
-    batch = Collator(fine.tokenizer.pad_token_id, "left")([build_dataset(data, fine, 0, for_generation=True)[i] for i in range(2)])
+    batch = Collator(fine.tokenizer.pad_token_id, "left")(
+        [build_dataset(data, fine, 0, for_generation=True)[i] for i in range(2)]
+    )
     again = load_model(tmp_path / "t" / "finetune" / "final")
     torch.testing.assert_close(fine(batch, return_logits=True).logits, again(batch, return_logits=True).logits)
     torch.testing.assert_close(fine.generate(batch, max_new_tokens=3), again.generate(batch, max_new_tokens=3))
@@ -259,14 +306,27 @@ def test_resumed_level_training_matches_an_uninterrupted_run(colour_set, clip_pa
     from alignlm.training.trainer import StopTraining
     from tests.conftest import read_losses
 
-    base = ["+exp=aligngpt", "model=tiny", "offline_datasets=[]", *tiny_overrides(colour_set, tmp_path), "run=[pretrain]",
-            "stages.pretrain.max_steps=5", f"stages.pretrain.prepare.aligngpt_levels.out={tmp_path / 'levels.json'}",
-            f"stages.pretrain.prepare.aligngpt_levels.data=[{colour_set['pretrain']}]",
-            f"stages.pretrain.prepare.aligngpt_levels.encoder={clip_path}", "stages.pretrain.prepare.aligngpt_levels.fit=null", "eval.sets=[]"]
+    base = [
+        "+exp=aligngpt",
+        "model=tiny",
+        "offline_datasets=[]",
+        *tiny_overrides(colour_set, tmp_path),
+        "run=[pretrain]",
+        "stages.pretrain.max_steps=5",
+        f"stages.pretrain.prepare.aligngpt_levels.out={tmp_path / 'levels.json'}",
+        f"stages.pretrain.prepare.aligngpt_levels.data=[{colour_set['pretrain']}]",
+        f"stages.pretrain.prepare.aligngpt_levels.encoder={clip_path}",
+        "stages.pretrain.prepare.aligngpt_levels.fit=null",
+        "eval.sets=[]",
+    ]
     run(compose(*base, "run_name=full"))
     with pytest.raises(StopTraining):
         run(compose(*base, "run_name=resumed", "stop_after_steps=3"))
     run(compose(*base, "run_name=resumed"))
-    assert read_losses(tmp_path / "resumed" / "pretrain") == pytest.approx(read_losses(tmp_path / "full" / "pretrain"), rel=1e-6, abs=1e-7)
-    full, resumed = (load_model(tmp_path / r / "pretrain" / "final").align_levels.embeddings for r in ("full", "resumed"))
+    assert read_losses(tmp_path / "resumed" / "pretrain") == pytest.approx(
+        read_losses(tmp_path / "full" / "pretrain"), rel=1e-6, abs=1e-7
+    )
+    full, resumed = (
+        load_model(tmp_path / r / "pretrain" / "final").align_levels.embeddings for r in ("full", "resumed")
+    )
     torch.testing.assert_close(resumed, full)

@@ -90,13 +90,27 @@ def test_objective_logs_retrieval_and_trains_the_connector_and_handles_text_only
 
 
 def test_tiny_contrastive_training_run(colour_set, tmp_path):
-    cfg = compose("+exp=contrastive", *tiny_overrides(colour_set, tmp_path, "model=tiny", "run=[pretrain]", "stages.pretrain.max_steps=3",
-                                                      "offline_datasets=[]", "eval.sets=[]"))
+    cfg = compose(
+        "+exp=contrastive",
+        *tiny_overrides(
+            colour_set,
+            tmp_path,
+            "model=tiny",
+            "run=[pretrain]",
+            "stages.pretrain.max_steps=3",
+            "offline_datasets=[]",
+            "eval.sets=[]",
+        ),
+    )
     run(cfg)
     rows = [json.loads(line) for line in (tmp_path / "t" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3
     for r in rows:
-        assert math.isfinite(r["loss/contrastive"]) and 0 <= r["contrastive/i2t_acc"] <= 1 and 0 <= r["contrastive/t2i_acc"] <= 1
+        assert (
+            math.isfinite(r["loss/contrastive"])
+            and 0 <= r["contrastive/i2t_acc"] <= 1
+            and 0 <= r["contrastive/t2i_acc"] <= 1
+        )
     assert rows[0]["loss/total"] == pytest.approx(rows[0]["loss/lm"] + rows[0]["loss/contrastive"], rel=1e-4)
 
 
@@ -104,8 +118,19 @@ def test_learned_temperature_trains_and_resumes_exactly(colour_set, tmp_path):
     """The temperature is an optimizer group of its own (stage.lr.objectives) and is saved with step checkpoints."""
     from alignlm.training.trainer import StopTraining
 
-    base = ["+exp=contrastive", *tiny_overrides(colour_set, tmp_path, "model=tiny", "run=[pretrain]", "stages.pretrain.max_steps=6",
-                                                "offline_datasets=[]", "eval.sets=[]", "stages.pretrain.lr.objectives=0.05")]
+    base = [
+        "+exp=contrastive",
+        *tiny_overrides(
+            colour_set,
+            tmp_path,
+            "model=tiny",
+            "run=[pretrain]",
+            "stages.pretrain.max_steps=6",
+            "offline_datasets=[]",
+            "eval.sets=[]",
+            "stages.pretrain.lr.objectives=0.05",
+        ),
+    ]
     run(compose(*base, "run_name=full"))
     with pytest.raises(StopTraining):
         run(compose(*base, "run_name=resumed", "stop_after_steps=3"))

@@ -13,11 +13,10 @@ from PIL import Image
 
 from alignlm.constants import IGNORE_INDEX
 from alignlm.data.collate import Collator, Skipped
-from alignlm.data.images import pad_to_square, preprocess
+from alignlm.data.images import ImageSpec, pad_to_square, preprocess
 from alignlm.data.llava import LlavaDataset
 from alignlm.data.records import DataError, Source, mixture_index
 from alignlm.data.templates import get_template
-from alignlm.data.images import ImageSpec
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +30,17 @@ def model():
 def dataset(model, records, root: Path, template="vicuna_v1", **kw) -> LlavaDataset:
     path = root / "data.json"
     path.write_text(json.dumps(records))
-    return LlavaDataset([Source(str(path))], model.tokenizer, get_template(template), model.image_spec,
-                        model.num_image_tokens, **kw)
+    return LlavaDataset(
+        [Source(str(path))], model.tokenizer, get_template(template), model.image_spec, model.num_image_tokens, **kw
+    )
 
 
 def record(rid: str, image="images/0.png", question="<image>\nWhat color?", answer="red"):
-    return {"id": rid, "image": image, "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]}
+    return {
+        "id": rid,
+        "image": image,
+        "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}],
+    }
 
 
 @pytest.fixture
@@ -49,10 +53,24 @@ def root(tmp_path) -> Path:
 
 
 def test_each_image_expands_to_its_visual_tokens(model, root):
-    two = {"id": "two", "image": ["images/0.png", "images/1.png"],
-           "conversations": [{"from": "human", "value": "<image> and <image>: same?"}, {"from": "gpt", "value": "no"}]}
-    ds = dataset(model, [record("a"), two, {"id": "text", "conversations": record("x")["conversations"][:0] + [
-        {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}], root)
+    two = {
+        "id": "two",
+        "image": ["images/0.png", "images/1.png"],
+        "conversations": [{"from": "human", "value": "<image> and <image>: same?"}, {"from": "gpt", "value": "no"}],
+    }
+    ds = dataset(
+        model,
+        [
+            record("a"),
+            two,
+            {
+                "id": "text",
+                "conversations": record("x")["conversations"][:0]
+                + [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}],
+            },
+        ],
+        root,
+    )
     for i, n_img in enumerate([1, 2, 0]):
         s = ds[i]
         slots = s["input_ids"] == model.image_token_id
@@ -76,7 +94,10 @@ def test_placeholder_count_mismatch(model, root):
         ds[0]
 
 
-@pytest.mark.parametrize("image,match", [("images/missing.png", "missing.png: .*No such file"), ("images/corrupt.png", "cannot read image .*corrupt.png")])
+@pytest.mark.parametrize(
+    "image,match",
+    [("images/missing.png", "missing.png: .*No such file"), ("images/corrupt.png", "cannot read image .*corrupt.png")],
+)
 def test_bad_images_skip_or_raise(model, root, image, match):
     ds = dataset(model, [record("ok"), record("bad", image=image)], root)
     skipped = ds[1]
@@ -101,7 +122,9 @@ def test_bad_json_names_the_line(model, root):
     path = root / "d.jsonl"
     path.write_text(json.dumps(record("a")) + "\n{oops\n")
     with pytest.raises(DataError, match="d.jsonl:2"):
-        LlavaDataset([Source(str(path))], model.tokenizer, get_template("plain"), model.image_spec, model.num_image_tokens)
+        LlavaDataset(
+            [Source(str(path))], model.tokenizer, get_template("plain"), model.image_spec, model.num_image_tokens
+        )
 
 
 def test_unknown_on_error_policy(model, root):
@@ -111,7 +134,9 @@ def test_unknown_on_error_policy(model, root):
 
 def test_overlong_sample_truncates_text_but_never_visual_tokens(model, root):
     long_answer = " ".join(["red"] * 200)
-    first_answer_pos = int(np.flatnonzero(dataset(model, [record("long", answer=long_answer)], root)[0]["labels"] != IGNORE_INDEX)[0])
+    first_answer_pos = int(
+        np.flatnonzero(dataset(model, [record("long", answer=long_answer)], root)[0]["labels"] != IGNORE_INDEX)[0]
+    )
     limit = first_answer_pos + 5
     ds = dataset(model, [record("long", answer=long_answer)], root, max_length=limit)
     s = ds[0]
@@ -146,8 +171,12 @@ def test_mixture_weights():
 
 
 def test_left_padding_for_generation(model, root):
-    ds = dataset(model, [record("a"), record("b", question="<image>\nWhat color is this, exactly, in one word?")], root,
-                 for_generation=True)
+    ds = dataset(
+        model,
+        [record("a"), record("b", question="<image>\nWhat color is this, exactly, in one word?")],
+        root,
+        for_generation=True,
+    )
     batch = Collator(model.tokenizer.pad_token_id, padding_side="left")([ds[0], ds[1]])
     assert (batch["attention_mask"][:, -1] == 1).all() and batch["attention_mask"][0, 0] == 0
     text = model.tokenizer.decode(batch["input_ids"][0][batch["attention_mask"][0].bool()])

@@ -163,8 +163,11 @@ def test_shapes_patch_labels(tmp_path):
     labels = load(tmp_path / "patch_labels.json")
     grid, vocab = labels["grid"], labels["words"]
     assert grid == 5 and len(set(vocab)) == len(vocab) and "background" in vocab
-    captions = {r["id"]: r["conversations"][1]["value"] for f in ("pretrain", "test_captions")
-                for r in load(tmp_path / f"{f}.json")}
+    captions = {
+        r["id"]: r["conversations"][1]["value"]
+        for f in ("pretrain", "test_captions")
+        for r in load(tmp_path / f"{f}.json")
+    }
     assert set(labels["images"]) == set(captions)
     background_only = 0
     for rid, cells in labels["images"].items():
@@ -185,7 +188,7 @@ def test_shapes_patch_label_scores_are_coverage_of_the_rendered_mask(tmp_path):
         with Image.open(tmp_path / "images" / f"{rid}.png") as im:
             white = (np.asarray(im) == 255).all(axis=2)  # no shape colour is white and nothing is antialiased
         h = white.shape[0] // 2
-        quads = [white[r * h:(r + 1) * h, c * h:(c + 1) * h] for r in range(2) for c in range(2)]
+        quads = [white[r * h : (r + 1) * h, c * h : (c + 1) * h] for r in range(2) for c in range(2)]
         for cell, quad in zip(cells, quads):
             assert cell[0][0] == "background" and cell[0][1] == pytest.approx(quad.mean(), abs=1e-4)
 

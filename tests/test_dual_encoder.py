@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-
 from torch import nn
 
 from alignlm.models.encoder_fit import fit_heads, grouped_recall, info_nce
@@ -61,9 +60,31 @@ def test_fit_with_the_real_towers_writes_a_loadable_encoder(tmp_path, colour_set
     from alignlm.models.encoders import load_encoder
 
     out = tmp_path / "enc"
-    assert main(["dual-encoder", "fit", "--train", str(colour_set["pretrain"]), "--eval", str(colour_set["pretrain"]),
-                 "--out", str(out), "--image-size", "64", "--dim", "32", "--epochs", "30", "--batch-size", "16",
-                 "--temperature", "0.01"]) == 0
+    assert (
+        main(
+            [
+                "dual-encoder",
+                "fit",
+                "--train",
+                str(colour_set["pretrain"]),
+                "--eval",
+                str(colour_set["pretrain"]),
+                "--out",
+                str(out),
+                "--image-size",
+                "64",
+                "--dim",
+                "32",
+                "--epochs",
+                "30",
+                "--batch-size",
+                "16",
+                "--temperature",
+                "0.01",
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     assert report["temperature"] == pytest.approx(0.01) and not report["temperature_learnt"]
     held = report[str(colour_set["pretrain"])]

@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 
 from alignlm.commands import main
-from alignlm.models.encoders import HFDualEncoder
 from alignlm.methods.revision.embed import collect_images, collect_texts, embed_items
 from alignlm.methods.revision.shards import list_shards
+from alignlm.models.encoders import HFDualEncoder
 
 
 def test_collect_from_llava_json_and_text_files(tmp_path, colour_set):
@@ -26,8 +26,23 @@ def test_collect_from_llava_json_and_text_files(tmp_path, colour_set):
 
 def test_embed_writes_id_shards_matching_the_model_and_resumes(tmp_path, tiny_clip, colour_set, capsys):
     out = tmp_path / "emb"
-    args = ["embed", "--encoder", str(tiny_clip), "--encoder-name", "tiny-clip", "--images", str(colour_set["pretrain"]),
-            "--texts", str(colour_set["pretrain"]), "--out", str(out), "--shard-size", "20", "--batch-size", "7"]
+    args = [
+        "embed",
+        "--encoder",
+        str(tiny_clip),
+        "--encoder-name",
+        "tiny-clip",
+        "--images",
+        str(colour_set["pretrain"]),
+        "--texts",
+        str(colour_set["pretrain"]),
+        "--out",
+        str(out),
+        "--shard-size",
+        "20",
+        "--batch-size",
+        "7",
+    ]
     assert main(args) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["images"] == {"items": 48, "shards": 3, "folder": str(out / "images")}

@@ -16,7 +16,6 @@ from alignlm.evaluation.captions import bleu, cider_d, tokenize
 from alignlm.pipeline import run
 from tests.conftest import compose, tiny_overrides
 
-
 # ------------------------------------------------------------------------------------------- scores
 
 
@@ -73,8 +72,20 @@ def tiny_run(colour_set, tmp_path_factory):
     """A tiny two-stage run with the monitor on: pretrain 4 steps, finetune 4, checkpoints every 2."""
     out = tmp_path_factory.mktemp("evalrun")
     probe = colour_set["pretrain"]  # image + caption records
-    run(compose(*tiny_overrides(colour_set, out, "monitor.every=2", f"monitor.probe={probe}", "monitor.n=12", "stages.pretrain.max_steps=4",
-                                "stages.finetune.save_every=2", "stages.finetune.keep_last=0")))
+    run(
+        compose(
+            *tiny_overrides(
+                colour_set,
+                out,
+                "monitor.every=2",
+                f"monitor.probe={probe}",
+                "monitor.n=12",
+                "stages.pretrain.max_steps=4",
+                "stages.finetune.save_every=2",
+                "stages.finetune.keep_last=0",
+            )
+        )
+    )
     return out / "t"
 
 
@@ -85,17 +96,39 @@ def test_monitor_logs_at_configured_steps(tiny_run):
         logged = [r for r in rows if "monitor/pooled/modality_gap" in r]
         assert [r["step"] for r in logged] == steps
         first = logged[0]
-        for key in ("monitor/pooled/mutual_knn", "monitor/pooled/cka", "monitor/pooled/i2t_recall@1",
-                    "monitor/per_token/a_score_visual_to_text", "monitor/seconds"):
+        for key in (
+            "monitor/pooled/mutual_knn",
+            "monitor/pooled/cka",
+            "monitor/pooled/i2t_recall@1",
+            "monitor/per_token/a_score_visual_to_text",
+            "monitor/seconds",
+        ):
             assert key in first and math.isfinite(first[key])
         assert 0.0 < logged[-1]["monitor/time_share"] < 1.0
         assert "loss/total" in first
 
 
 def _eval(ckpts, out, colour_set, *extra):
-    argv = ["eval", *map(str, ckpts), "--out", str(out), "--sets", f"colours={colour_set['test']}",
-            f"captions={colour_set['pretrain']}", "--probe", str(colour_set["pretrain"]), "--probe-n", "12",
-            "--limit", "4", "--layers", "0,-1", "--set", "caption_max_new_tokens=4", *extra]
+    argv = [
+        "eval",
+        *map(str, ckpts),
+        "--out",
+        str(out),
+        "--sets",
+        f"colours={colour_set['test']}",
+        f"captions={colour_set['pretrain']}",
+        "--probe",
+        str(colour_set["pretrain"]),
+        "--probe-n",
+        "12",
+        "--limit",
+        "4",
+        "--layers",
+        "0,-1",
+        "--set",
+        "caption_max_new_tokens=4",
+        *extra,
+    ]
     assert main(argv) == 0
     return out
 
@@ -114,8 +147,18 @@ def test_report_over_several_checkpoints_is_deterministic(tiny_run, colour_set, 
         assert c["sets"]["captions"]["kind"] == "caption" and c["sets"]["captions"]["cider"] >= 0.0
         probe = c["probe"]
         assert probe["n"] == 12 and 0.0 <= probe["pooled"]["modality_gap"] <= 2.0
-        assert {"mutual_knn", "cycle_knn", "lcs_knn", "edit_distance_knn", "cka", "unbiased_cka", "cknna", "svcca",
-                "i2t_recall@10", "t2i_recall@1"} <= set(probe["pooled"])
+        assert {
+            "mutual_knn",
+            "cycle_knn",
+            "lcs_knn",
+            "edit_distance_knn",
+            "cka",
+            "unbiased_cka",
+            "cknna",
+            "svcca",
+            "i2t_recall@10",
+            "t2i_recall@1",
+        } <= set(probe["pooled"])
         assert set(probe["layers"]) == {"0", "2"}  # the tiny LLM has 2 layers: -1 is hidden state 2
         assert [d for d, _ in c["gap_shift"]["curve"]][:3] == [-0.5, -0.25, 0.0]
     assert c["template"] == "vicuna_v1" and report["checkpoints"][0]["template"] == "plain"
@@ -126,7 +169,9 @@ def test_report_over_several_checkpoints_is_deterministic(tiny_run, colour_set, 
     scores = [c["sets"]["colours"]["scores"] for c in report["checkpoints"]]
     assert all(len(s) == 4 and set(s) == set(scores[0]) for s in scores)  # every question, by id, for pairing
     assert [(r["b"], r["set"], r["n"]) for r in report["paired"]] == [(label, "colours", 4) for label in labels[1:]]
-    assert "## Paired differences (same questions)" in md and "| t/finetune/final | t/pretrain/final | colours | 4 |" in md
+    assert (
+        "## Paired differences (same questions)" in md and "| t/finetune/final | t/pretrain/final | colours | 4 |" in md
+    )
     for png in ("pca.png", "metrics.png", "gap_shift.png", "layers.png"):
         assert (a / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (b / "pca.png").exists()
@@ -135,15 +180,38 @@ def test_report_over_several_checkpoints_is_deterministic(tiny_run, colour_set, 
 def test_eval_defaults_to_the_runs_own_sets(tiny_run, colour_set, tmp_path):
     """With no --sets, the checkpoint's training config decides (here: none), and a bad path says what it expected."""
     out = tmp_path / "r"
-    assert main(["eval", str(tiny_run / "finetune" / "checkpoints" / "step_000002"), "--out", str(out),
-                 "--probe", str(colour_set["pretrain"]), "--probe-n", "8", "--no-plots"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(tiny_run / "finetune" / "checkpoints" / "step_000002"),
+                "--out",
+                str(out),
+                "--probe",
+                str(colour_set["pretrain"]),
+                "--probe-n",
+                "8",
+                "--no-plots",
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "report.json").read_text())
     assert report["checkpoints"][0]["sets"] == {} and report["checkpoints"][0]["probe"]["n"] == 8
     with pytest.raises(FileNotFoundError, match="neither a final/ folder"):
         main(["eval", str(tmp_path), "--out", str(out)])
     with pytest.raises(ValueError, match=r"nothing to evaluate .* the probe is off \(--no-probe\)"):
-        main(["eval", str(tiny_run / "finetune" / "checkpoints" / "step_000002"), "--out", str(out),
-              "--probe", str(colour_set["pretrain"]), "--no-probe"])
+        main(
+            [
+                "eval",
+                str(tiny_run / "finetune" / "checkpoints" / "step_000002"),
+                "--out",
+                str(out),
+                "--probe",
+                str(colour_set["pretrain"]),
+                "--no-probe",
+            ]
+        )
 
 
 def test_plot_runs_side_by_side(tiny_run, tmp_path):
@@ -177,23 +245,36 @@ def test_exported_folder_loads_like_lmms_eval_llava_hf(tiny_run, colour_set, tmp
     processor = AutoProcessor.from_pretrained(out)
     processor.tokenizer.padding_side = "left"
     questions = ["What color is it?", "Is it a photo? Answer yes or no."]
-    texts = [processor.tokenizer.apply_chat_template([{"role": "user", "content": f"<image>\n{q}"}], tokenize=False,
-                                                     add_generation_prompt=True) for q in questions]
+    texts = [
+        processor.tokenizer.apply_chat_template(
+            [{"role": "user", "content": f"<image>\n{q}"}], tokenize=False, add_generation_prompt=True
+        )
+        for q in questions
+    ]
     images = [Image.new("RGB", (40, 30), c) for c in ((220, 30, 30), (30, 30, 220))]
     inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
     drop_unused_image_sizes()  # what `python -m alignlm.evaluation.lmms` does before lmms-eval runs
     theirs = hf.generate(**inputs, max_new_tokens=5, do_sample=False, image_sizes=[im.size for im in images])
-    theirs = theirs[:, inputs["input_ids"].shape[1]:]
+    theirs = theirs[:, inputs["input_ids"].shape[1] :]
 
     model = load_model(final)
     template = get_template("vicuna_v1")  # what the tiny run finetuned with
     samples = []
     for q, image in zip(questions, images):
-        rendered = template.render(to_turns([{"from": "human", "value": f"<image>\n{q}"}]), model.tokenizer, add_generation_prompt=True)
+        rendered = template.render(
+            to_turns([{"from": "human", "value": f"<image>\n{q}"}]), model.tokenizer, add_generation_prompt=True
+        )
         ids = model.tokenizer(rendered.text, add_special_tokens=False).input_ids
         ids = [t for i in ids for t in ([i] * model.num_image_tokens if i == model.image_token_id else [i])]
-        samples.append({"id": q, "input_ids": torch.tensor(ids), "labels": torch.full((len(ids),), -100),
-                        "pixel_values": preprocess(image, model.image_spec)[None], "n_images": 1})
+        samples.append(
+            {
+                "id": q,
+                "input_ids": torch.tensor(ids),
+                "labels": torch.full((len(ids),), -100),
+                "pixel_values": preprocess(image, model.image_spec)[None],
+                "n_images": 1,
+            }
+        )
     batch = Collator(model.tokenizer.pad_token_id, padding_side="left")(samples)
     assert batch["input_ids"].tolist() == inputs["input_ids"].tolist()  # the same prompt, token for token
     ours = model.generate(batch, max_new_tokens=5, do_sample=False)
@@ -218,7 +299,9 @@ def test_lmms_task_writes_a_local_question_set(colour_set, tmp_path):
     records = json.loads(colour_set["test"].read_text())
     rows = [json.loads(line) for line in (task / "colours.jsonl").read_text().splitlines()]
     assert [r["answer"] for r in rows] == [r["answer"] for r in records]
-    assert all(Path(r["image"]).is_absolute() and Path(r["image"]).exists() and "<image>" not in r["question"] for r in rows)
+    assert all(
+        Path(r["image"]).is_absolute() and Path(r["image"]).exists() and "<image>" not in r["question"] for r in rows
+    )
 
     class Loader(yaml.SafeLoader):
         pass
@@ -258,8 +341,14 @@ def test_paired_rows_per_set_and_pooled():
     from alignlm.evaluation.paired import POOLED, against_first, markdown_lines
 
     def ck(label, s1, s2):
-        return {"label": label, "sets": {"s1": {"scores": dict(enumerate(s1))}, "s2": {"scores": dict(enumerate(s2))},
-                                         "cap": {"kind": "caption"}}}
+        return {
+            "label": label,
+            "sets": {
+                "s1": {"scores": dict(enumerate(s1))},
+                "s2": {"scores": dict(enumerate(s2))},
+                "cap": {"kind": "caption"},
+            },
+        }
 
     results = [ck("base", [1, 0, 0], [0, 0]), ck("new", [1, 1, 1], [1, 0])]
     rows = against_first(results)
@@ -273,8 +362,12 @@ def test_paired_rows_per_set_and_pooled():
 
 def test_compare_reads_separate_reports(tmp_path, capsys):
     """One eval per run, then `alignlm compare`: rows against --reference, bad labels and old reports refused."""
+
     def report(path, label, s1, more=()):
-        cks = [{"label": label, "run": label.split("/")[0], "step": 8, "sets": {"s1": {"scores": dict(enumerate(s1))}}}, *more]
+        cks = [
+            {"label": label, "run": label.split("/")[0], "step": 8, "sets": {"s1": {"scores": dict(enumerate(s1))}}},
+            *more,
+        ]
         path.write_text(json.dumps({"checkpoints": cks}))
         return str(path)
 
@@ -282,7 +375,9 @@ def test_compare_reads_separate_reports(tmp_path, capsys):
     b = report(tmp_path / "b.json", "run_b/finetune/final", [1, 1, 1, 1])
     assert main(["compare", a, b, "--reference", "run_b/finetune/final", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [(r["a"], r["b"], r["set"], r["diff"]) for r in rows] == [("run_b/finetune/final", "run_a/finetune/final", "s1", -0.5)]
+    assert [(r["a"], r["b"], r["set"], r["diff"]) for r in rows] == [
+        ("run_b/finetune/final", "run_a/finetune/final", "s1", -0.5)
+    ]
     with pytest.raises(SystemExit, match="none of the reports"):
         main(["compare", a, b, "--reference", "nope"])
     # --same-step: each run's checkpoint against the reference run's at the same step (run_c's step 4 has no partner)
@@ -290,24 +385,38 @@ def test_compare_reads_separate_reports(tmp_path, capsys):
     c = report(tmp_path / "c.json", "run_c/finetune/final", [0, 0, 0, 0], [early])
     assert main(["compare", a, b, c, "--same-step", "--reference", "run_a", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [(r["a"], r["b"], r["diff"]) for r in rows] == [("run_a/finetune/final", "run_b/finetune/final", 0.5),
-                                                           ("run_a/finetune/final", "run_c/finetune/final", -0.5)]
+    assert [(r["a"], r["b"], r["diff"]) for r in rows] == [
+        ("run_a/finetune/final", "run_b/finetune/final", 0.5),
+        ("run_a/finetune/final", "run_c/finetune/final", -0.5),
+    ]
     with pytest.raises(SystemExit, match="none of the reports' runs"):
         main(["compare", a, b, "--same-step", "--reference", "run_x"])
     with pytest.raises(SystemExit, match="repeat a checkpoint label"):
         main(["compare", a, a])
+
     def ck(run, step, acc):
-        return {"label": f"{run}/finetune/{step}", "run": run, "step": step,
-                "sets": {"s1": {"kind": "qa", "n": 4, "accuracy": acc, "scores": {}}, "cap": {"kind": "caption"}}}
+        return {
+            "label": f"{run}/finetune/{step}",
+            "run": run,
+            "step": step,
+            "sets": {"s1": {"kind": "qa", "n": 4, "accuracy": acc, "scores": {}}, "cap": {"kind": "caption"}},
+        }
 
     curves = tmp_path / "curves.json"
-    curves.write_text(json.dumps({"checkpoints": [ck("r1", 2, 0.25), ck("r1", 4, 0.5), ck("r2", 2, 0.75), ck("r2", None, 1.0)]}))
+    curves.write_text(
+        json.dumps({"checkpoints": [ck("r1", 2, 0.25), ck("r1", 4, 0.5), ck("r2", 2, 0.75), ck("r2", None, 1.0)]})
+    )
     png = tmp_path / "curves.png"
-    with pytest.raises(SystemExit, match="nothing to compare"):  # no scores in it: the table refuses, as for old reports
+    with pytest.raises(
+        SystemExit, match="nothing to compare"
+    ):  # no scores in it: the table refuses, as for old reports
         main(["compare", str(curves), "--plot", str(png)])
     from alignlm.evaluation.plots import plot_accuracy_curves
 
-    assert plot_accuracy_curves(json.loads(curves.read_text())["checkpoints"], png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (
+        plot_accuracy_curves(json.loads(curves.read_text())["checkpoints"], png).read_bytes()[:8]
+        == b"\x89PNG\r\n\x1a\n"
+    )
     with pytest.raises(ValueError, match="no question-set accuracy"):
         plot_accuracy_curves([ck("r3", None, 0.5)], png)
     old = tmp_path / "old.json"
@@ -322,21 +431,43 @@ def test_revision_seed_table_hand_checked(tmp_path):
 
     table = runpy.run_path(str(Path(__file__).parents[1] / "experiments" / "revision" / "seed_table.py"))["table"]
     arms = ["untrained", "raw", "revision"]
-    given = {"seed_a": {"untrained": ([1, 0, 0, 1], [0, 0]), "raw": ([0, 0, 0, 0], [1, 1]), "revision": ([1, 1, 1, 1], [1, 0])},
-             "seed_b": {"untrained": ([1, 1, 1, 1], [1, 1]), "raw": ([1, 1, 1, 1], [1, 1]), "revision": ([0, 0, 0, 0], [0, 0])}}
+    given = {
+        "seed_a": {
+            "untrained": ([1, 0, 0, 1], [0, 0]),
+            "raw": ([0, 0, 0, 0], [1, 1]),
+            "revision": ([1, 1, 1, 1], [1, 0]),
+        },
+        "seed_b": {
+            "untrained": ([1, 1, 1, 1], [1, 1]),
+            "raw": ([1, 1, 1, 1], [1, 1]),
+            "revision": ([0, 0, 0, 0], [0, 0]),
+        },
+    }
     for seed, by_arm in given.items():
         for arm, (s1, s2) in by_arm.items():
-            sets = {"s1": {"scores": {f"q{i}": v for i, v in enumerate(s1)}}, "s2": {"scores": {f"q{i}": v for i, v in enumerate(s2)}}}
-            step = {"kind": "step", "label": f"{arm}/finetune/step_000002", "sets": {"s1": {"scores": {}}, "s2": {"scores": {}}}}
+            sets = {
+                "s1": {"scores": {f"q{i}": v for i, v in enumerate(s1)}},
+                "s2": {"scores": {f"q{i}": v for i, v in enumerate(s2)}},
+            }
+            step = {
+                "kind": "step",
+                "label": f"{arm}/finetune/step_000002",
+                "sets": {"s1": {"scores": {}}, "s2": {"scores": {}}},
+            }
             (tmp_path / seed / f"eval_{arm}").mkdir(parents=True)
-            (tmp_path / seed / f"eval_{arm}" / "report.json").write_text(json.dumps(
-                {"checkpoints": [step, {"kind": "final", "label": f"{arm}/finetune/final", "sets": sets}]}))
+            (tmp_path / seed / f"eval_{arm}" / "report.json").write_text(
+                json.dumps({"checkpoints": [step, {"kind": "final", "label": f"{arm}/finetune/final", "sets": sets}]})
+            )
     lines = table([tmp_path / "seed_a", tmp_path / "seed_b"], arms)
-    assert lines[2] == "| seed | untrained | raw | revision | raw vs untrained | revision vs untrained | revision vs raw |"
+    assert (
+        lines[2] == "| seed | untrained | raw | revision | raw vs untrained | revision vs untrained | revision vs raw |"
+    )
     # seed_a over all 6 questions: untrained 2/6, raw 2/6, revision 5/6; paired SE of revision - untrained (3 of +1,
     # 3 of 0): sqrt(0.3 / 6) = 0.224; of revision - raw (4 of +1, 0, -1): sqrt(0.7 / 6) = 0.342
-    assert lines[4] == ("| seed_a | 50.0 / 0.0 / 33.3 | 0.0 / 100.0 / 33.3 | 100.0 / 50.0 / 83.3 | +0.0 (36.5) "
-                        "| +50.0 (22.4) | +50.0 (34.2) |")
+    assert lines[4] == (
+        "| seed_a | 50.0 / 0.0 / 33.3 | 0.0 / 100.0 / 33.3 | 100.0 / 50.0 / 83.3 | +0.0 (36.5) "
+        "| +50.0 (22.4) | +50.0 (34.2) |"
+    )
     # across seeds, revision - untrained: +0.5 and -1.0, mean -0.25, SE 0.75
     assert "| -25.0 (SE 75.0, t -0.33, positive at 1/2) |" in lines[6]
     assert lines[6].startswith("| mean of 2 | 75.0 / 50.0 / 66.7 |")

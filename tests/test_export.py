@@ -40,20 +40,26 @@ def _same_model(model, out_dir, image):
     inputs = _inputs(processor, image)
     # the processor's pixels are alignlm's preprocessing (pad with the mean colour, bicubic resize, normalise)
     torch.testing.assert_close(inputs["pixel_values"][0], preprocess(image, model.image_spec), atol=2e-2, rtol=0)
-    batch = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"],
-             "labels": torch.full_like(inputs["input_ids"], -100), "pixel_values": inputs["pixel_values"]}
+    batch = {
+        "input_ids": inputs["input_ids"],
+        "attention_mask": inputs["attention_mask"],
+        "labels": torch.full_like(inputs["input_ids"], -100),
+        "pixel_values": inputs["pixel_values"],
+    }
     with torch.no_grad():
         ours = model(batch, return_logits=True).logits
         theirs = hf(**inputs).logits
     assert (ours - theirs).abs().max().item() < 1e-4
     new = model.generate(batch, max_new_tokens=6, do_sample=False)
-    ref = hf.generate(**inputs, max_new_tokens=6, do_sample=False)[:, inputs["input_ids"].shape[1]:]
+    ref = hf.generate(**inputs, max_new_tokens=6, do_sample=False)[:, inputs["input_ids"].shape[1] :]
     n = min(new.shape[1], ref.shape[1])
     assert new[:, :n].tolist() == ref[:, :n].tolist() and n > 0
 
 
 def _prompt_ids(model, template_name, **kwargs):
-    rendered = get_template(template_name, **kwargs).render(to_turns(QUESTION), model.tokenizer, add_generation_prompt=True)
+    rendered = get_template(template_name, **kwargs).render(
+        to_turns(QUESTION), model.tokenizer, add_generation_prompt=True
+    )
     ids = model.tokenizer(rendered.text, add_special_tokens=False).input_ids
     img = model.image_token_id
     out = []
@@ -87,7 +93,10 @@ def test_lora_finetuned_model_exports_merged(colour_set, tmp_path):
     assert not any("lora" in k for k in weights)
     model = load_model(final)
     base = build_model(compose("model=tiny").model)
-    assert not torch.equal(model.llm.get_decoder().layers[0].self_attn.q_proj.weight, base.llm.get_decoder().layers[0].self_attn.q_proj.weight)
+    assert not torch.equal(
+        model.llm.get_decoder().layers[0].self_attn.q_proj.weight,
+        base.llm.get_decoder().layers[0].self_attn.q_proj.weight,
+    )
     _same_model(model, out, Image.new("RGB", (30, 30), (20, 200, 40)))
 
 
@@ -107,18 +116,35 @@ def test_import_export_import_is_lossless_and_trains(colour_set, tmp_path):
         if k in saved:
             assert torch.equal(v, saved[k]), k
     # continue training the imported Llava folder with alignlm (init_from the folder)
-    run(compose(f"output_dir={tmp_path}", "run_name=cont", "run=[finetune]", "model=llava_hf", f"model.path={first}",
-                f"stages.finetune.init_from={first}", "stages.finetune.max_steps=2", "stages.finetune.per_device_batch_size=2",
-                "stages.finetune.data.template=vicuna_v1", f"stages.finetune.data.sources=[{{path:{colour_set['instruct']}}}]"))
+    run(
+        compose(
+            f"output_dir={tmp_path}",
+            "run_name=cont",
+            "run=[finetune]",
+            "model=llava_hf",
+            f"model.path={first}",
+            f"stages.finetune.init_from={first}",
+            "stages.finetune.max_steps=2",
+            "stages.finetune.per_device_batch_size=2",
+            "stages.finetune.data.template=vicuna_v1",
+            f"stages.finetune.data.sources=[{{path:{colour_set['instruct']}}}]",
+        )
+    )
     assert (tmp_path / "cont" / "finetune" / "final" / "model.safetensors").exists()
 
 
-@pytest.mark.parametrize("overrides,match", [
-    (["model/connector=linear"], "LinearConnector has no Llava counterpart"),
-    (["model.connector.depth=3"], r"MLPConnector\(depth=3\) has no Llava counterpart"),
-    (["model/vision=efficientnet_lite0", "model.vision.weights=null"], "EfficientNetLiteTower is not a transformers vision model"),
-    (["model.visual_token_norm=1.0"], "fixed norm"),
-])
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (["model/connector=linear"], "LinearConnector has no Llava counterpart"),
+        (["model.connector.depth=3"], r"MLPConnector\(depth=3\) has no Llava counterpart"),
+        (
+            ["model/vision=efficientnet_lite0", "model.vision.weights=null"],
+            "EfficientNetLiteTower is not a transformers vision model",
+        ),
+        (["model.visual_token_norm=1.0"], "fixed norm"),
+    ],
+)
 def test_unsupported_combinations_fail_up_front(overrides, match):
     model = build_model(compose("model=tiny", *overrides).model)
     with pytest.raises(ExportError, match=match) as err:

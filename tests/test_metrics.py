@@ -99,8 +99,14 @@ def naive_hsic_unbiased(K: np.ndarray, L: np.ndarray) -> float:
     n = len(K)
     Kt, Lt = K * (1 - np.eye(n)), L * (1 - np.eye(n))
     one = np.ones(n)
-    return float((np.trace(Kt @ Lt) + (one @ Kt @ one) * (one @ Lt @ one) / ((n - 1) * (n - 2))
-                  - 2 / (n - 2) * (one @ Kt @ Lt @ one)) / (n * (n - 3)))
+    return float(
+        (
+            np.trace(Kt @ Lt)
+            + (one @ Kt @ one) * (one @ Lt @ one) / ((n - 1) * (n - 2))
+            - 2 / (n - 2) * (one @ Kt @ Lt @ one)
+        )
+        / (n * (n - 3))
+    )
 
 
 def naive_hsic_u_statistic(K: np.ndarray, L: np.ndarray) -> float:
@@ -126,7 +132,8 @@ def naive_cknna(a: np.ndarray, b: np.ndarray, k: int) -> float:
     in_b = np.array([[1.0 if j in set(nb[i]) else 0.0 for j in range(n)] for i in range(n)])
     both = in_a * in_b
     return naive_hsic_unbiased(K * both, L * both) / math.sqrt(
-        naive_hsic_unbiased(K * in_a, K * in_a) * naive_hsic_unbiased(L * in_b, L * in_b))
+        naive_hsic_unbiased(K * in_a, K * in_a) * naive_hsic_unbiased(L * in_b, L * in_b)
+    )
 
 
 def naive_top_subspace(x: np.ndarray, dim: int) -> np.ndarray:

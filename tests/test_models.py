@@ -122,12 +122,42 @@ def test_image_embeds_bypass_the_tower(tiny_model):
 @pytest.mark.parametrize(
     "config,prefix",
     [
-        ({"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-          "num_attention_heads": 2, "image_size": 32, "patch_size": 8}, 1),
-        ({"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-          "num_attention_heads": 2, "image_size": 32, "patch_size": 8}, 0),
-        ({"model_type": "dinov2", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-          "num_attention_heads": 2, "image_size": 32, "patch_size": 8}, 1),
+        (
+            {
+                "model_type": "clip_vision_model",
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 2,
+                "image_size": 32,
+                "patch_size": 8,
+            },
+            1,
+        ),
+        (
+            {
+                "model_type": "siglip_vision_model",
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 2,
+                "image_size": 32,
+                "patch_size": 8,
+            },
+            0,
+        ),
+        (
+            {
+                "model_type": "dinov2",
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 2,
+                "image_size": 32,
+                "patch_size": 8,
+            },
+            1,
+        ),
     ],
 )
 def test_hf_towers_select_feature(config, prefix):
@@ -150,7 +180,9 @@ def test_tower_loads_a_saved_checkpoint_by_path(tmp_path):
     """Loading by name is the same code path as loading a folder the test saved itself."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8)
+    cfg = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+    )
     CLIPVisionModel(cfg).save_pretrained(tmp_path)
     tower = HFVisionTower(name_or_path=str(tmp_path))
     ref = CLIPVisionModel.from_pretrained(tmp_path)
@@ -197,9 +229,18 @@ def test_llm_loads_a_saved_checkpoint_by_path(tmp_path):
     llm, tok = tiny()
     llm.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
-    model = build_model(compose("model.llm._target_=alignlm.models.llm.pretrained", f"+model.llm.name_or_path={tmp_path}",
-                                "~model.llm.hidden_size", "~model.llm.num_hidden_layers", "~model.llm.num_attention_heads",
-                                "~model.llm.num_key_value_heads", "~model.llm.intermediate_size", "~model.llm.vocab_size").model)
+    model = build_model(
+        compose(
+            "model.llm._target_=alignlm.models.llm.pretrained",
+            f"+model.llm.name_or_path={tmp_path}",
+            "~model.llm.hidden_size",
+            "~model.llm.num_hidden_layers",
+            "~model.llm.num_attention_heads",
+            "~model.llm.num_key_value_heads",
+            "~model.llm.intermediate_size",
+            "~model.llm.vocab_size",
+        ).model
+    )
     ids = torch.tensor([[5, 6, 7]])
     torch.testing.assert_close(model.llm(input_ids=ids).logits[..., : len(tok)], llm(input_ids=ids).logits)
 
@@ -227,10 +268,13 @@ def test_demo_models_load_offline():
     from PIL import Image
     from sklearn.datasets import load_sample_image
 
-    from alignlm.data.images import preprocess
-    from alignlm.data.images import ImageSpec
+    from alignlm.data.images import ImageSpec, preprocess
 
-    x = preprocess(Image.fromarray(load_sample_image("flower.jpg")), ImageSpec(224, model.image_spec.mean, model.image_spec.std), pad=False)
+    x = preprocess(
+        Image.fromarray(load_sample_image("flower.jpg")),
+        ImageSpec(224, model.image_spec.mean, model.image_spec.std),
+        pad=False,
+    )
     with torch.no_grad():
         top5 = model.vision.model.eval()(x[None]).topk(5).indices[0].tolist()  # eval: BatchNorm running stats
     assert 985 in top5

@@ -58,7 +58,9 @@ def test_records_are_llava_and_answers_valid(generated):
         assert all(ids) and len(set(ids)) == len(ids)
         for r in records:
             roles = [m["from"] for m in r["conversations"]]
-            assert roles == ["human", "gpt"] * (len(roles) // 2) and r["conversations"][0]["value"].startswith("<image>")
+            assert roles == ["human", "gpt"] * (len(roles) // 2) and r["conversations"][0]["value"].startswith(
+                "<image>"
+            )
     for r in load(a / "test.json"):
         assert r["answer"] in r["meta"]["choices"] and r["conversations"][1]["value"] == r["answer"]
     info = json.loads((a / "info.json").read_text())
@@ -71,8 +73,12 @@ def test_records_are_llava_and_answers_valid(generated):
 def test_instruct_answers_use_the_test_phrasing(generated):
     """A model finetuned on instruct sees each test question phrasing with the same answer style."""
     _, root = generated
-    instruct_qs = {m["value"].removeprefix("<image>\n") for r in load(root / "a" / "instruct.json") for m in r["conversations"]
-                   if m["from"] == "human"}
+    instruct_qs = {
+        m["value"].removeprefix("<image>\n")
+        for r in load(root / "a" / "instruct.json")
+        for m in r["conversations"]
+        if m["from"] == "human"
+    }
     test_qs = {r["conversations"][0]["value"].removeprefix("<image>\n") for r in load(root / "a" / "test.json")}
     generic = {q.split("?")[0].split(" the ")[0] for q in instruct_qs}
     assert all(q.split("?")[0].split(" the ")[0] in generic for q in test_qs)

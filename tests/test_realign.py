@@ -1,4 +1,4 @@
-"""ReAlign (METHODS.md section 4): the statistics, the mapping's properties, shard streaming and the CLI."""
+"""ReAlign (docs/methods.md, ReAlign and ReVision): the statistics, the mapping's properties, shard streaming and the CLI."""
 
 from __future__ import annotations
 
@@ -37,7 +37,9 @@ def write_set(root, x: torch.Tensor, sizes: list[int], suffix: str = ".npy", enc
     start = 0
     for i, size in enumerate(sizes):
         part = x[start : start + size]
-        meta = shard_metadata([f"r{start + j}" for j in range(size)], encoder, "x") if suffix == ".safetensors" else None
+        meta = (
+            shard_metadata([f"r{start + j}" for j in range(size)], encoder, "x") if suffix == ".safetensors" else None
+        )
         write_shard(root / f"shard_{i:03d}{suffix}", part, meta)
         start += size
     assert start == len(x)
@@ -45,7 +47,9 @@ def write_set(root, x: torch.Tensor, sizes: list[int], suffix: str = ".npy", enc
 
 
 def fit_tensors(tmp_path, images, texts, **kw) -> ReAlignStats:
-    return fit(write_set(tmp_path / "img", images, [len(images)]), write_set(tmp_path / "txt", texts, [len(texts)]), **kw)
+    return fit(
+        write_set(tmp_path / "img", images, [len(images)]), write_set(tmp_path / "txt", texts, [len(texts)]), **kw
+    )
 
 
 def test_identity_when_text_and_image_statistics_are_equal(tmp_path, pair):
@@ -89,8 +93,11 @@ def test_centroid_gap_closes_and_outputs_are_unit_and_finite(tmp_path, pair):
 def test_shard_merge_equals_one_pass(tmp_path, pair, suffix):
     images, texts = pair
     one = fit(write_set(tmp_path / "i1", images, [700], suffix), write_set(tmp_path / "t1", texts, [500], suffix))
-    many = fit(write_set(tmp_path / "i2", images, [3, 250, 1, 446], suffix),
-               write_set(tmp_path / "t2", texts, [499, 1], suffix), rows=64)
+    many = fit(
+        write_set(tmp_path / "i2", images, [3, 250, 1, 446], suffix),
+        write_set(tmp_path / "t2", texts, [499, 1], suffix),
+        rows=64,
+    )
     for name in ("mu_x", "mu_y", "mu1"):
         torch.testing.assert_close(getattr(many, name), getattr(one, name), rtol=0, atol=1e-14)
     for name in ("s", "T_x", "T_y"):
@@ -109,7 +116,9 @@ def test_shard_merge_equals_one_pass(tmp_path, pair, suffix):
 
 def test_moments_stay_accurate_for_a_tight_cone():
     """Chan's merge keeps T when the spread is tiny next to the centroid (the shortcut formula cancels)."""
-    x = F.normalize(torch.ones(4000, DIM, dtype=torch.float64) + 1e-6 * torch.randn(4000, DIM, dtype=torch.float64), dim=-1)
+    x = F.normalize(
+        torch.ones(4000, DIM, dtype=torch.float64) + 1e-6 * torch.randn(4000, DIM, dtype=torch.float64), dim=-1
+    )
     exact = ((x - x.mean(0)) ** 2).sum(1).mean().item()
     total = Moments.empty(DIM)
     for part in x.split(333):
@@ -130,14 +139,42 @@ def test_cli_fit_then_apply_writes_stats_and_aligned_shards(tmp_path, pair, caps
     write_set(tmp_path / "img", images, [400, 300], ".safetensors", encoder="toy-clip")
     write_set(tmp_path / "txt", texts, [200, 300], ".safetensors", encoder="toy-clip")
     stats_path = tmp_path / "stats.safetensors"
-    assert main(["realign", "fit", "--images", str(tmp_path / "img"), "--texts", str(tmp_path / "txt"),
-                 "--out", str(stats_path), "--chunk-rows", "128"]) == 0
+    assert (
+        main(
+            [
+                "realign",
+                "fit",
+                "--images",
+                str(tmp_path / "img"),
+                "--texts",
+                str(tmp_path / "txt"),
+                "--out",
+                str(stats_path),
+                "--chunk-rows",
+                "128",
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     assert summary["encoder"] == "toy-clip" and (summary["n_image"], summary["n_text"]) == (700, 500)
     stats = ReAlignStats.load(stats_path)
     assert stats.mu_x.dtype == torch.float64 and stats.encoder == "toy-clip"
-    assert main(["realign", "apply", "--stats", str(stats_path), "--texts", str(tmp_path / "txt"),
-                 "--out", str(tmp_path / "aligned")]) == 0
+    assert (
+        main(
+            [
+                "realign",
+                "apply",
+                "--stats",
+                str(stats_path),
+                "--texts",
+                str(tmp_path / "txt"),
+                "--out",
+                str(tmp_path / "aligned"),
+            ]
+        )
+        == 0
+    )
     out = list_shards(tmp_path / "aligned")
     assert [s.rows for s in out] == [200, 300] and out[1].ids[0] == "r200" and out[0].encoder == "toy-clip"
     got = torch.cat([torch.from_numpy(np.concatenate(list(s.chunks(1000)))) for s in out])
@@ -189,8 +226,12 @@ def test_covariance_step_gives_text_the_image_covariance(tmp_path, pair):
 def test_covariance_statistics_merge_across_shards_and_survive_save_load(tmp_path, pair):
     images, texts = pair
     one = fit(write_set(tmp_path / "i1", images, [700]), write_set(tmp_path / "t1", texts, [500]), covariance=0.5)
-    many = fit(write_set(tmp_path / "i2", images, [3, 250, 1, 446]), write_set(tmp_path / "t2", texts, [499, 1]),
-               rows=64, covariance=0.5)
+    many = fit(
+        write_set(tmp_path / "i2", images, [3, 250, 1, 446]),
+        write_set(tmp_path / "t2", texts, [499, 1]),
+        rows=64,
+        covariance=0.5,
+    )
     torch.testing.assert_close(many.A, one.A, rtol=0, atol=1e-10)
     torch.testing.assert_close(many.mu1, one.mu1, rtol=0, atol=1e-12)
     back = ReAlignStats.load(one.save(tmp_path / "stats.safetensors"))
@@ -213,7 +254,22 @@ def test_cli_fit_takes_the_covariance_shrinkage(tmp_path, pair, capsys):
     images, texts = pair
     write_set(tmp_path / "img", images, [700])
     write_set(tmp_path / "txt", texts, [500])
-    assert main(["realign", "fit", "--images", str(tmp_path / "img"), "--texts", str(tmp_path / "txt"),
-                 "--out", str(tmp_path / "s.safetensors"), "--covariance", "1.0"]) == 0
+    assert (
+        main(
+            [
+                "realign",
+                "fit",
+                "--images",
+                str(tmp_path / "img"),
+                "--texts",
+                str(tmp_path / "txt"),
+                "--out",
+                str(tmp_path / "s.safetensors"),
+                "--covariance",
+                "1.0",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["covariance"] == 1.0
     assert ReAlignStats.load(tmp_path / "s.safetensors").A.shape == (DIM, DIM)

@@ -71,7 +71,9 @@ def text_shards(tmp_path, colour_set):
     vectors = torch.randn(48, 32, generator=torch.Generator().manual_seed(1)) * 3 + 1
     ids = [f"p{i}" for i in range(48)]
     for k, rows in enumerate((slice(0, 30), slice(30, 48))):
-        write_shard(tmp_path / "texts" / f"shard_{k:05d}.safetensors", vectors[rows], shard_metadata(ids[rows], "enc", "texts"))
+        write_shard(
+            tmp_path / "texts" / f"shard_{k:05d}.safetensors", vectors[rows], shard_metadata(ids[rows], "enc", "texts")
+        )
     return tmp_path / "texts", dict(zip(ids, vectors))
 
 
@@ -93,7 +95,11 @@ def test_revision_dataset_feeds_each_records_caption_embedding(tiny_model, colou
         assert "square" in caption and (sample["input_ids"] == model.image_token_id).sum() == model.num_image_tokens
 
     # with ReAlign statistics, the embedding is the ReAligned caption
-    write_shard(tmp_path / "images" / "shard_00000.safetensors", torch.randn(40, 32) - 2, shard_metadata([str(i) for i in range(40)], "enc", "images"))
+    write_shard(
+        tmp_path / "images" / "shard_00000.safetensors",
+        torch.randn(40, 32) - 2,
+        shard_metadata([str(i) for i in range(40)], "enc", "images"),
+    )
     fit(tmp_path / "images", folder).save(tmp_path / "realign.safetensors")
     ds = build_dataset(revision_data(colour_set, folder, realign=str(tmp_path / "realign.safetensors")), model, seed=0)
     sample = ds[3]
@@ -128,13 +134,19 @@ def test_revision_dataset_errors_name_the_config_key(tiny_model, colour_set, tex
     (folder / "shard_00001.safetensors").unlink()  # p30..p47 now have no embedding
     with pytest.raises(DataError, match=r"text_embeds=.* no embedding for 18 of 48 .*first: \['p30'"):
         build_dataset(revision_data(colour_set, folder), model, seed=0)
-    write_shard(tmp_path / "narrow" / "s.safetensors", torch.randn(48, 12), shard_metadata(list(vectors), "enc", "texts"))
+    write_shard(
+        tmp_path / "narrow" / "s.safetensors", torch.randn(48, 12), shard_metadata(list(vectors), "enc", "texts")
+    )
     with pytest.raises(DataError, match="12-d embeddings but model.vision gives 32-d"):
         build_dataset(revision_data(colour_set, tmp_path / "narrow"), model, seed=0)
-    with pytest.raises(ValueError, match=r"(?s)data.hooks.text_embeds .* could not be built.*unexpected keyword argument 'text_embed'"):
+    with pytest.raises(
+        ValueError, match=r"(?s)data.hooks.text_embeds .* could not be built.*unexpected keyword argument 'text_embed'"
+    ):
         build_dataset(revision_data(colour_set, folder, text_embed="typo"), model, seed=0)
     with pytest.raises(TypeError, match="not an alignlm SampleHook"):
-        build_dataset({**revision_data(colour_set, folder), "hooks": {"x": {"_target_": "builtins.dict"}}}, model, seed=0)
+        build_dataset(
+            {**revision_data(colour_set, folder), "hooks": {"x": {"_target_": "builtins.dict"}}}, model, seed=0
+        )
 
 
 def test_collator_concatenates_embeddings_in_order_and_the_model_takes_them(tiny_model, colour_set, text_shards):
@@ -159,13 +171,27 @@ def test_revision_chain_embeds_realigns_pretrains_on_captions_then_finetunes(tin
     captions.write_text(json.dumps([{k: v for k, v in r.items() if k != "image"} for r in records]))
     emb = tmp_path / "emb"
     cfg = compose(
-        "+exp=revision", "model/llm=tiny", f"output_dir={tmp_path}", "run_name=r", "offline_datasets=[]",
-        f"revision.encoder={tiny_clip}", "revision.fit=null", f"revision.embeddings={emb}",
-        f"revision.images=[{colour_set['pretrain']}]", f"revision.texts=[{captions}]", "model.vision.num_tokens=4",
-        "stages.pretrain.max_steps=4", "stages.finetune.max_steps=3", "stages.pretrain.per_device_batch_size=4",
-        "stages.finetune.per_device_batch_size=4", "stages.finetune.data.template=vicuna_v1", "stages.finetune.data.template_args={}",
-        f"stages.pretrain.data.sources=[{{path:{captions}}}]", f"stages.finetune.data.sources=[{{path:{colour_set['instruct']}}}]",
-        f"eval.sets=[{{name:colours,path:{colour_set['test']}}}]", "eval.limit=4",
+        "+exp=revision",
+        "model/llm=tiny",
+        f"output_dir={tmp_path}",
+        "run_name=r",
+        "offline_datasets=[]",
+        f"revision.encoder={tiny_clip}",
+        "revision.fit=null",
+        f"revision.embeddings={emb}",
+        f"revision.images=[{colour_set['pretrain']}]",
+        f"revision.texts=[{captions}]",
+        "model.vision.num_tokens=4",
+        "stages.pretrain.max_steps=4",
+        "stages.finetune.max_steps=3",
+        "stages.pretrain.per_device_batch_size=4",
+        "stages.finetune.per_device_batch_size=4",
+        "stages.finetune.data.template=vicuna_v1",
+        "stages.finetune.data.template_args={}",
+        f"stages.pretrain.data.sources=[{{path:{captions}}}]",
+        f"stages.finetune.data.sources=[{{path:{colour_set['instruct']}}}]",
+        f"eval.sets=[{{name:colours,path:{colour_set['test']}}}]",
+        "eval.limit=4",
     )
     summary = run(cfg)
     assert [summary["stages"][s]["steps"] for s in ("pretrain", "finetune")] == [4, 3]
@@ -181,9 +207,16 @@ def test_revision_chain_embeds_realigns_pretrains_on_captions_then_finetunes(tin
 
 
 def test_a_prepare_step_with_an_unknown_knob_is_refused_naming_it():
-    cfg = compose("+exp=revision", "run=[pretrain]", "stages.pretrain.prepare.revision_encoder=null",
-                  "stages.pretrain.prepare.revision_embeddings=null", "+stages.pretrain.prepare.revision_realign.realing=x")
-    with pytest.raises(ValueError, match=r"(?s)stages.pretrain.prepare.revision_realign .* unexpected keyword argument 'realing'"):
+    cfg = compose(
+        "+exp=revision",
+        "run=[pretrain]",
+        "stages.pretrain.prepare.revision_encoder=null",
+        "stages.pretrain.prepare.revision_embeddings=null",
+        "+stages.pretrain.prepare.revision_realign.realing=x",
+    )
+    with pytest.raises(
+        ValueError, match=r"(?s)stages.pretrain.prepare.revision_realign .* unexpected keyword argument 'realing'"
+    ):
         run_prepare_steps(cfg)
 
 
@@ -194,8 +227,11 @@ def test_realign_statistics_are_fitted_with_the_configured_covariance_and_never_
     emb = tmp_path / "emb"
     for modality, shift in (("images", 3.0), ("texts", -3.0)):
         rows = torch.randn(64, 8, generator=g) + shift
-        write_shard(emb / modality / "shard_00000.safetensors", rows,
-                    shard_metadata([f"{modality}{i}" for i in range(64)], "toy", modality))
+        write_shard(
+            emb / modality / "shard_00000.safetensors",
+            rows,
+            shard_metadata([f"{modality}{i}" for i in range(64)], "toy", modality),
+        )
     node = {"embeddings": str(emb), "realign": str(tmp_path / "cov.safetensors"), "covariance": 0.5}
     ensure_realign(**node)
     assert ReAlignStats.load(tmp_path / "cov.safetensors").covariance == 0.5
@@ -207,7 +243,9 @@ def test_realign_statistics_are_fitted_with_the_configured_covariance_and_never_
 
 
 def test_zero_shot_scores_are_the_training_loss_of_each_candidate(tiny_model):
-    candidate_batch, candidate_losses, classify = (ZERO_SHOT[k] for k in ("candidate_batch", "candidate_losses", "classify"))
+    candidate_batch, candidate_losses, classify = (
+        ZERO_SHOT[k] for k in ("candidate_batch", "candidate_losses", "classify")
+    )
     model = tiny_model().eval()
     candidates = ["A red square.", "Two blue circles in the top left.", "A green triangle."]
     embeds = torch.randn(2, 32, generator=torch.Generator().manual_seed(0))

@@ -9,8 +9,20 @@ from alignlm.training.sampler import StepSampler
 
 
 def micro_batches(**kw) -> list[list[int]]:
-    return list(StepSampler(**{"num_samples": 40, "per_device": 2, "world": 1, "rank": 0, "accum": 1, "seed": 3,
-                               "total_steps": 10, **kw}))
+    return list(
+        StepSampler(
+            **{
+                "num_samples": 40,
+                "per_device": 2,
+                "world": 1,
+                "rank": 0,
+                "accum": 1,
+                "seed": 3,
+                "total_steps": 10,
+                **kw,
+            }
+        )
+    )
 
 
 def test_ranks_and_accumulation_partition_the_same_global_batches():

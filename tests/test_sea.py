@@ -1,4 +1,4 @@
-"""SEA: label files (annotations, a saved dual encoder), labels in the batch, the objective's METHODS.md properties,
+"""SEA: label files (annotations, a saved dual encoder), labels in the batch, the objective's properties (docs/methods.md),
 and a tiny `+exp=sea` run that writes its own labels and trains."""
 
 from __future__ import annotations
@@ -27,7 +27,10 @@ def shapes_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("sea")
     generate(root / "shapes", n_train=8, n_test=2, image_size=32, label_grid=4)
     shapes = root / "shapes"
-    assert main(["sea-labels", "annotations", "--data", str(shapes / "pretrain.json"), str(shapes / "test_captions.json")]) == 0
+    assert (
+        main(["sea-labels", "annotations", "--data", str(shapes / "pretrain.json"), str(shapes / "test_captions.json")])
+        == 0
+    )
     return root
 
 
@@ -38,9 +41,20 @@ def tiny_clip(path: Path) -> Path:
     from alignlm.models.tokenizer import build_tiny_tokenizer
 
     tok = build_tiny_tokenizer()
-    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=len(tok),
-                max_position_embeddings=32, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8)
+    text = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        vocab_size=len(tok),
+        max_position_embeddings=32,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    vision = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8
+    )
     torch.manual_seed(0)
     CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(path)
     tok.save_pretrained(path)
@@ -62,7 +76,7 @@ def test_labels_from_annotations_match_the_shapes_patch_labels(shapes_root):
         cands = sorted(cands, key=lambda ws: -ws[1])
         assert [labels.words[i] for i in ids[cell] if i >= 0] == [w for w, _ in cands]
         assert scores[cell, : len(cands)].tolist() == pytest.approx([s for _, s in cands])
-        assert (ids[cell, len(cands):] == -1).all()
+        assert (ids[cell, len(cands) :] == -1).all()
     assert labels.lookup(shapes_root / "elsewhere.png") is None
 
 
@@ -71,8 +85,18 @@ def test_annotations_must_cover_every_record(shapes_root, tmp_path):
     recs[0]["id"] = "not_annotated"
     (tmp_path / "data.json").write_text(json.dumps(recs))
     with pytest.raises(DataError, match="no labels for 1 records"):
-        main(["sea-labels", "annotations", "--data", str(tmp_path / "data.json"),
-              "--annotations", str(shapes_root / "shapes" / "patch_labels.json"), "--image-root", str(shapes_root / "shapes")])
+        main(
+            [
+                "sea-labels",
+                "annotations",
+                "--data",
+                str(tmp_path / "data.json"),
+                "--annotations",
+                str(shapes_root / "shapes" / "patch_labels.json"),
+                "--image-root",
+                str(shapes_root / "shapes"),
+            ]
+        )
 
 
 def test_labels_from_a_saved_clip_model(shapes_root, tmp_path):
@@ -86,7 +110,20 @@ def test_labels_from_a_saved_clip_model(shapes_root, tmp_path):
     data = str(shapes_root / "shapes" / "pretrain.json")
     for grid, cells in ((None, (4, 4)), (2, (2, 2))):
         out = tmp_path / f"labels_{grid}.safetensors"
-        argv = ["sea-labels", "dual_encoder", "--model", str(clip), "--words", ",".join(words), "--data", data, "--k", "3", "--out", str(out)]
+        argv = [
+            "sea-labels",
+            "dual_encoder",
+            "--model",
+            str(clip),
+            "--words",
+            ",".join(words),
+            "--data",
+            data,
+            "--k",
+            "3",
+            "--out",
+            str(out),
+        ]
         assert main(argv + (["--grid", str(grid)] if grid else [])) == 0
         labels = SeaLabels(out)
         assert labels.source == "dual_encoder" and labels.grid == cells and labels.k == 3 and labels.words == words
@@ -111,8 +148,12 @@ def test_labels_from_a_saved_clip_model(shapes_root, tmp_path):
 def test_dataset_puts_labels_on_the_visual_tokens(shapes_root, tiny_model, colour_set):
     model = tiny_model()
     shapes = shapes_root / "shapes"
-    data_cfg = {"sources": [{"path": str(shapes / "pretrain.json")}, {"path": str(colour_set["pretrain"])}],
-                "hooks": {"sea": {"_target_": "alignlm.methods.sea.hook.SeaLabelHook", "path": str(shapes / "sea_labels.safetensors")}}}
+    data_cfg = {
+        "sources": [{"path": str(shapes / "pretrain.json")}, {"path": str(colour_set["pretrain"])}],
+        "hooks": {
+            "sea": {"_target_": "alignlm.methods.sea.hook.SeaLabelHook", "path": str(shapes / "sea_labels.safetensors")}
+        },
+    }
     ds = build_dataset(data_cfg, model, seed=0)
     labels = SeaLabels(shapes / "sea_labels.safetensors")
     shape_item = next(i for i in range(len(ds)) if ds[i]["id"].startswith("shapes"))
@@ -145,7 +186,7 @@ def test_grid_to_token_mapping_skips_pooled_tokens_and_checks_counts(shapes_root
         labels.place_on_tokens(17, 17, 0)
 
 
-# ---- the objective (METHODS.md section 2 properties) ---------------------------------------------------------------
+# ---- the objective (docs/methods.md, SEA properties) ---------------------------------------------------------------
 
 
 def test_sampling_frequency_matches_softmax_of_scores():
@@ -166,7 +207,9 @@ def test_loss_is_minimal_when_tokens_equal_their_label_embedding():
     g = torch.Generator().manual_seed(0)
     word_emb = torch.randn(6, 64, generator=g)
     labels = torch.tensor([0, 1, 2, 3, 4, 5, 0, 2, -1])
-    exact = word_emb[labels.clamp(min=0)] * torch.rand(9, 1, generator=g).add(0.5)  # scale is irrelevant: V is normalised
+    exact = word_emb[labels.clamp(min=0)] * torch.rand(9, 1, generator=g).add(
+        0.5
+    )  # scale is irrelevant: V is normalised
 
     def loss(v: torch.Tensor) -> float:
         return F.cross_entropy(*sea_logits(v, labels, word_emb, 0.07)).item()
@@ -221,7 +264,7 @@ def test_objective_shapes_and_gradient_reaches_the_connector_only(tiny_model):
 
 
 def test_sea_objective_config_defaults():
-    """METHODS.md defaults in the objective config; the shapes recipe samples its coverage-fraction labels at 1.0."""
+    """The documented defaults in the objective config (docs/methods.md); the shapes recipe samples its coverage-fraction labels at 1.0."""
     assert compose("+objective@x=sea").x.t_sample == 0.1
     cfg = compose("+exp=sea")
     sea = cfg.stages.pretrain.objectives.sea
@@ -242,9 +285,19 @@ def test_exp_sea_writes_its_labels_and_trains(shapes_root, tmp_path):
     for item in (shapes_root / "shapes").iterdir():  # the tiny set without its labels file
         if item.name != "sea_labels.safetensors":
             (root / "shapes" / item.name).symlink_to(item)
-    cfg = compose("+exp=sea", "model=tiny", f"data_root={root}", "offline_datasets=[]", f"output_dir={tmp_path / 'out'}",
-                  "run_name=sea_t", "run=[pretrain]", "eval.sets=[]", "stages.pretrain.max_steps=3",
-                  "stages.pretrain.per_device_batch_size=4", "stages.pretrain.data.sources=[{path:${data_root}/shapes/pretrain.json}]")
+    cfg = compose(
+        "+exp=sea",
+        "model=tiny",
+        f"data_root={root}",
+        "offline_datasets=[]",
+        f"output_dir={tmp_path / 'out'}",
+        "run_name=sea_t",
+        "run=[pretrain]",
+        "eval.sets=[]",
+        "stages.pretrain.max_steps=3",
+        "stages.pretrain.per_device_batch_size=4",
+        "stages.pretrain.data.sources=[{path:${data_root}/shapes/pretrain.json}]",
+    )
     run(cfg)
     assert SeaLabels(root / "shapes" / "sea_labels.safetensors").grid == (4, 4)
     rows = [json.loads(r) for r in (tmp_path / "out" / "sea_t" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
@@ -254,9 +307,27 @@ def test_exp_sea_writes_its_labels_and_trains(shapes_root, tmp_path):
     assert len(read_losses(tmp_path / "out" / "sea_t" / "pretrain")) == 3
     # the measurement command reads the checkpoint back and reports token-word accuracy beside a reference level
     final, report = tmp_path / "out" / "sea_t" / "pretrain" / "final", tmp_path / "report.json"
-    assert main(["sea-eval", str(final), str(final), "--labels", str(root / "shapes" / "sea_labels.safetensors"),
-                 "--data", str(root / "shapes" / "test_captions.json"), "--exclude-words", "background", "--json", str(report)]) == 0
+    assert (
+        main(
+            [
+                "sea-eval",
+                str(final),
+                str(final),
+                "--labels",
+                str(root / "shapes" / "sea_labels.safetensors"),
+                "--data",
+                str(root / "shapes" / "test_captions.json"),
+                "--exclude-words",
+                "background",
+                "--json",
+                str(report),
+            ]
+        )
+        == 0
+    )
     figures = json.loads(report.read_text())[str(final)]
-    assert figures["all words"]["tokens"] == 2 * 16 and figures["all words"]["constant_acc"] == 1.0  # every cell lists background
+    assert (
+        figures["all words"]["tokens"] == 2 * 16 and figures["all words"]["constant_acc"] == 1.0
+    )  # every cell lists background
     assert figures["without background"]["tokens"] < 2 * 16
     assert all(0 <= f[k] <= 1 for f in figures.values() for k in ("token_word_acc", "top_word_acc", "constant_acc"))

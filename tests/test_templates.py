@@ -31,7 +31,9 @@ def _tiny_with_bos():
     from tokenizers.processors import TemplateProcessing
 
     tok = _tiny()
-    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)])
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)]
+    )
     return tok
 
 
@@ -99,7 +101,7 @@ def test_generation_prompt_ends_where_the_answer_starts():
         t = get_template(name)
         prompt = t.render(to_turns(CONVERSATION[:1]), tok, add_generation_prompt=True).text
         full = t.render(to_turns(CONVERSATION[:2]), tok).text
-        assert full.startswith(prompt) and full[len(prompt):].strip().startswith("7")
+        assert full.startswith(prompt) and full[len(prompt) :].strip().startswith("7")
 
 
 def test_system_prompt_is_configurable():
@@ -142,12 +144,16 @@ def _typed(conversation):
     msgs = []
     for m in conversation:
         text = m["value"].replace(IMAGE_TOKEN + "\n", "").replace(IMAGE_TOKEN, "")
-        content = [{"type": "image"}] * m["value"].count(IMAGE_TOKEN) + ([{"type": "text", "text": text}] if text else [])
+        content = [{"type": "image"}] * m["value"].count(IMAGE_TOKEN) + (
+            [{"type": "text", "text": text}] if text else []
+        )
         msgs.append({"role": "user" if m["from"] == "human" else "assistant", "content": content})
     return msgs
 
 
-@pytest.mark.parametrize("template,kwargs", [("plain", {}), ("vicuna_v1", {}), ("chat", {}), ("chat", {"system": "Answer briefly."})])
+@pytest.mark.parametrize(
+    "template,kwargs", [("plain", {}), ("vicuna_v1", {}), ("chat", {}), ("chat", {"system": "Answer briefly."})]
+)
 @pytest.mark.parametrize("make_tok", [_tiny, _tiny_with_bos], ids=["tiny", "tiny_bos"])
 def test_jinja_export_renders_what_training_saw(template, kwargs, make_tok):
     """The processor chat template an export ships gives the training text, for the prompt and the whole dialog."""
@@ -158,6 +164,10 @@ def test_jinja_export_renders_what_training_saw(template, kwargs, make_tok):
     conv = CAPTION if template == "plain" else CONVERSATION
     for upto, gen in ((len(conv), False), (1, True)):
         want = t.render(to_turns(conv[:upto]), tok, add_generation_prompt=gen).text
-        got, _ = render_jinja_template(conversations=[_typed(conv[:upto])], chat_template=t.jinja(tok),
-                                       add_generation_prompt=gen, **tok.special_tokens_map)
+        got, _ = render_jinja_template(
+            conversations=[_typed(conv[:upto])],
+            chat_template=t.jinja(tok),
+            add_generation_prompt=gen,
+            **tok.special_tokens_map,
+        )
         assert got[0] == want

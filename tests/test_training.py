@@ -21,8 +21,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_pipeline_trains_both_stages_and_evaluates(colour_set, tmp_path):
-    cfg = compose(*tiny_overrides(colour_set, tmp_path, "stages.pretrain.max_steps=30", "stages.pretrain.lr.connector=5e-3",
-                                  f"eval.sets=[{{name:colours,path:{colour_set['test']}}}]"))
+    cfg = compose(
+        *tiny_overrides(
+            colour_set,
+            tmp_path,
+            "stages.pretrain.max_steps=30",
+            "stages.pretrain.lr.connector=5e-3",
+            f"eval.sets=[{{name:colours,path:{colour_set['test']}}}]",
+        )
+    )
     summary = run(cfg)
     pre = read_losses(tmp_path / "t" / "pretrain")
     assert len(pre) == 30 and sum(pre[-5:]) / 5 < sum(pre[:5]) / 5  # loss goes down
@@ -72,7 +79,9 @@ def test_resume_after_stop_matches_uninterrupted(colour_set, tmp_path):
 def test_resume_after_sigkill_matches_uninterrupted(colour_set, tmp_path):
     """A hard kill mid-epoch: rerunning the same command resumes from the newest checkpoint and reproduces every step."""
     steps = 40
-    base = tiny_overrides(colour_set, tmp_path, "run=[pretrain]", f"stages.pretrain.max_steps={steps}", "stages.pretrain.save_every=3")
+    base = tiny_overrides(
+        colour_set, tmp_path, "run=[pretrain]", f"stages.pretrain.max_steps={steps}", "stages.pretrain.save_every=3"
+    )
     run(compose(*base, "run_name=full"))
     cmd = [sys.executable, str(ROOT / "train.py"), *base, "run_name=killed"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -84,15 +93,21 @@ def test_resume_after_sigkill_matches_uninterrupted(colour_set, tmp_path):
     proc.wait()
     assert not (tmp_path / "killed" / "pretrain" / "final").exists(), "the run finished before it could be killed"
     run(compose(*base, "run_name=killed"))
-    assert read_losses(tmp_path / "killed" / "pretrain") == pytest.approx(read_losses(tmp_path / "full" / "pretrain"), rel=1e-6, abs=1e-7)
+    assert read_losses(tmp_path / "killed" / "pretrain") == pytest.approx(
+        read_losses(tmp_path / "full" / "pretrain"), rel=1e-6, abs=1e-7
+    )
 
 
 def test_gradient_accumulation_matches_one_big_batch(colour_set, tmp_path):
     """Token-normalised LM loss: 2 micro-batches of 4 == 1 batch of 8, though samples differ in length."""
-    base = tiny_overrides(colour_set, tmp_path, "run=[finetune]", "stages.finetune.init_from=null", "stages.finetune.max_steps=3")
+    base = tiny_overrides(
+        colour_set, tmp_path, "run=[finetune]", "stages.finetune.init_from=null", "stages.finetune.max_steps=3"
+    )
     run(compose(*base, "run_name=big", "stages.finetune.per_device_batch_size=8"))
     run(compose(*base, "run_name=accum", "stages.finetune.per_device_batch_size=4", "stages.finetune.grad_accum=2"))
-    assert read_losses(tmp_path / "accum" / "finetune") == pytest.approx(read_losses(tmp_path / "big" / "finetune"), rel=1e-5)
+    assert read_losses(tmp_path / "accum" / "finetune") == pytest.approx(
+        read_losses(tmp_path / "big" / "finetune"), rel=1e-5
+    )
 
 
 def test_lora_stage_saves_merged_weights(colour_set, tmp_path):
@@ -104,7 +119,9 @@ def test_lora_stage_saves_merged_weights(colour_set, tmp_path):
     assert not any("lora" in n for n in model.state_dict())
     pre = load_model(tmp_path / "t" / "pretrain" / "final")
     w = "layers.0.self_attn.q_proj.weight"
-    assert not torch.equal(dict(model.llm.model.named_parameters())[w[len(""):]], dict(pre.llm.model.named_parameters())[w])
+    assert not torch.equal(
+        dict(model.llm.model.named_parameters())[w[len("") :]], dict(pre.llm.model.named_parameters())[w]
+    )
 
 
 @pytest.mark.parametrize(
@@ -132,20 +149,43 @@ def test_missing_data_file_names_it(tmp_path):
 
 
 def test_wandb_offline_needs_no_network(colour_set, tmp_path):
-    run(compose(*tiny_overrides(colour_set, tmp_path, "run=[pretrain]", "stages.pretrain.max_steps=2", "logging.wandb.mode=offline")))
+    run(
+        compose(
+            *tiny_overrides(
+                colour_set, tmp_path, "run=[pretrain]", "stages.pretrain.max_steps=2", "logging.wandb.mode=offline"
+            )
+        )
+    )
     assert list((tmp_path / "t" / "pretrain" / "wandb").glob("offline-run-*"))
 
 
 def test_data_parallel_two_processes_matches_one(colour_set, tmp_path):
     """Two gloo processes (per-device 2) == one process accumulating 2 micro-batches of 2: same global batch."""
-    base = tiny_overrides(colour_set, tmp_path, "run=[pretrain]", "stages.pretrain.max_steps=4", "stages.pretrain.per_device_batch_size=2")
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train.py")]
+    base = tiny_overrides(
+        colour_set, tmp_path, "run=[pretrain]", "stages.pretrain.max_steps=4", "stages.pretrain.per_device_batch_size=2"
+    )
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--cpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(ROOT / "train.py"),
+    ]
     subprocess.run([*launch, *base, "run_name=ddp"], cwd=ROOT, check=True, capture_output=True, timeout=300)
     run(compose(*base, "run_name=one", "stages.pretrain.grad_accum=2"))
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert summary["stages"]["pretrain"]["world_size"] == 2  # really two ranks, not two lone processes
-    assert read_losses(tmp_path / "ddp" / "pretrain") == pytest.approx(read_losses(tmp_path / "one" / "pretrain"), rel=1e-5)
+    assert read_losses(tmp_path / "ddp" / "pretrain") == pytest.approx(
+        read_losses(tmp_path / "one" / "pretrain"), rel=1e-5
+    )
 
 
 def test_bad_images_are_skipped_counted_and_reported(tmp_path):
@@ -157,12 +197,28 @@ def test_bad_images_are_skipped_counted_and_reported(tmp_path):
     for r in records[2:]:
         r["image"] = "images/missing.png"
     paths["pretrain"].write_text(json.dumps(records))
-    summary = run(compose(f"output_dir={tmp_path}", "run_name=t", "run=[pretrain]", "stages.pretrain.max_steps=4",
-                          "stages.pretrain.per_device_batch_size=2", "stages.pretrain.data.group_by_length=false",
-                          f"stages.pretrain.data.sources=[{{path:{paths['pretrain']}}}]"))
+    summary = run(
+        compose(
+            f"output_dir={tmp_path}",
+            "run_name=t",
+            "run=[pretrain]",
+            "stages.pretrain.max_steps=4",
+            "stages.pretrain.per_device_batch_size=2",
+            "stages.pretrain.data.group_by_length=false",
+            f"stages.pretrain.data.sources=[{{path:{paths['pretrain']}}}]",
+        )
+    )
     assert summary["stages"]["pretrain"]["skipped"] == 6  # one epoch of 4 steps visits every record once
     assert len(read_losses(tmp_path / "t" / "pretrain")) < 4  # steps with only bad samples did not train
     with pytest.raises(Exception, match="missing.png"):
-        run(compose(f"output_dir={tmp_path}", "run_name=strict", "run=[pretrain]", "stages.pretrain.max_steps=4",
-                    "stages.pretrain.per_device_batch_size=2", "stages.pretrain.data.on_error=raise",
-                    f"stages.pretrain.data.sources=[{{path:{paths['pretrain']}}}]"))
+        run(
+            compose(
+                f"output_dir={tmp_path}",
+                "run_name=strict",
+                "run=[pretrain]",
+                "stages.pretrain.max_steps=4",
+                "stages.pretrain.per_device_batch_size=2",
+                "stages.pretrain.data.on_error=raise",
+                f"stages.pretrain.data.sources=[{{path:{paths['pretrain']}}}]",
+            )
+        )

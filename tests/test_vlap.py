@@ -47,14 +47,18 @@ def test_rows_of_q_sum_to_one(iterations, dtype):
 def test_column_marginals_approach_mu_with_more_iterations():
     log_mu = random_log_mu(300)
     scores = cosine_scores(64, 300)
-    errors = [(sinkhorn(scores, log_mu, epsilon=0.05, iterations=n).sum(0) / 64 - log_mu.exp()).abs().sum().item()
-              for n in (1, 3, 10, 100)]
+    errors = [
+        (sinkhorn(scores, log_mu, epsilon=0.05, iterations=n).sum(0) / 64 - log_mu.exp()).abs().sum().item()
+        for n in (1, 3, 10, 100)
+    ]
     assert errors == sorted(errors, reverse=True) and errors[-1] < 0.05 * errors[0]
     uniform = sinkhorn(scores, None, epsilon=0.05, iterations=300).sum(0) / 64
     torch.testing.assert_close(uniform, torch.full((300,), 1 / 300), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("scale,dtype,atol", [(1.0, torch.float32, 2e-5), (1e4, torch.float32, 2e-5), (1e6, torch.float64, 1e-9)])
+@pytest.mark.parametrize(
+    "scale,dtype,atol", [(1.0, torch.float32, 2e-5), (1e4, torch.float32, 2e-5), (1e6, torch.float64, 1e-9)]
+)
 def test_matches_the_textbook_log_domain_iteration(scale, dtype, atol):
     """Also where the fast path must fall back (a row dominated everywhere; exponents of 1e6 / epsilon, where
     float32 itself has no digits left, so that case runs in float64)."""
@@ -62,8 +66,9 @@ def test_matches_the_textbook_log_domain_iteration(scale, dtype, atol):
     scores[0] -= 3 * scale
     log_mu = random_log_mu(2000)
     for n in (1, 3, 7):
-        torch.testing.assert_close(sinkhorn(scores, log_mu, 0.01, n).double(), textbook_sinkhorn(scores, log_mu, 0.01, n),
-                                   atol=atol, rtol=0)
+        torch.testing.assert_close(
+            sinkhorn(scores, log_mu, 0.01, n).double(), textbook_sinkhorn(scores, log_mu, 0.01, n), atol=atol, rtol=0
+        )
 
 
 def test_finite_and_normalised_on_a_150k_vocabulary_with_extreme_logits():
@@ -77,7 +82,9 @@ def test_finite_and_normalised_on_a_150k_vocabulary_with_extreme_logits():
     assert q.isfinite().all() and (q >= 0).all()
     torch.testing.assert_close(q.sum(1), torch.ones(8), atol=1e-5, rtol=0)
     z = F.normalize(torch.randn(8, 16, generator=g), dim=-1)
-    loss, _ = vlap_loss(z, z.flip(0), F.normalize(torch.randn(150_000, 16, generator=g), dim=-1), log_word_prior(counts).float())
+    loss, _ = vlap_loss(
+        z, z.flip(0), F.normalize(torch.randn(150_000, 16, generator=g), dim=-1), log_word_prior(counts).float()
+    )
     assert loss.isfinite()
 
 
@@ -93,8 +100,10 @@ def test_q_carries_no_gradient_and_the_loss_gradient_flows_only_through_the_pred
     # the same loss with both assignments precomputed as constants gives the same gradient
     z = z_v.detach().clone().requires_grad_()
     q_v, q_t = sinkhorn(z.detach() @ protos.T), sinkhorn(z_t @ protos.T)
-    manual = -0.5 * ((q_t * F.log_softmax(z @ protos.T / 0.01, -1)).sum(-1).mean()
-                     + (q_v * F.log_softmax(z_t @ protos.T / 0.01, -1)).sum(-1).mean())
+    manual = -0.5 * (
+        (q_t * F.log_softmax(z @ protos.T / 0.01, -1)).sum(-1).mean()
+        + (q_v * F.log_softmax(z_t @ protos.T / 0.01, -1)).sum(-1).mean()
+    )
     manual.backward()
     torch.testing.assert_close(z_v.grad, z.grad)
 
@@ -162,8 +171,18 @@ def test_pairs_images_with_their_own_captions_and_skips_text_only_samples(tiny_m
 
 
 def test_tiny_vlap_training_run(colour_set, tmp_path):
-    cfg = compose("+exp=vlap", *tiny_overrides(colour_set, tmp_path, "model=tiny", "run=[pretrain]", "stages.pretrain.max_steps=3",
-                                                "offline_datasets=[]", "eval.sets=[]"))
+    cfg = compose(
+        "+exp=vlap",
+        *tiny_overrides(
+            colour_set,
+            tmp_path,
+            "model=tiny",
+            "run=[pretrain]",
+            "stages.pretrain.max_steps=3",
+            "offline_datasets=[]",
+            "eval.sets=[]",
+        ),
+    )
     assert cfg.model.connector._target_.endswith("LinearConnector")
     assert cfg.stages.pretrain.objectives.vlap.weight == 0.1 and cfg.stages.pretrain.objectives.lm.weight == 1.0
     run(cfg)

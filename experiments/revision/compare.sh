@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# ReVision against its two baselines, on the same image finetuning (the claim, docs/revision.md section 4):
+# ReVision against its two baselines, on the same image finetuning (the claim, docs/experiments/revision.md section 4):
 #   revision            +exp=revision: connector pretrained on ReAligned captions alone, then image finetuning
 #   revision_raw        the same pretraining on raw normalised captions (no ReAlign)
 #   revision_untrained  no pretraining: image finetuning from an untrained connector
@@ -7,14 +7,14 @@
 # paired per-question differences against each baseline at equal finetuning steps, and accuracy against step
 # (curves.png).
 #
-#   bash scripts/revision_compare.sh outputs/rc                       # the recipe as configured
-#   bash scripts/revision_compare.sh outputs/rc_s1 seed=1             # any Hydra override goes to every arm
-#   JOBS=2 bash scripts/revision_compare.sh outputs/rc                # two arms at a time, one thread each
+#   bash experiments/revision/compare.sh outputs/rc                       # the recipe as configured
+#   bash experiments/revision/compare.sh outputs/rc_s1 seed=1             # any Hydra override goes to every arm
+#   JOBS=2 bash experiments/revision/compare.sh outputs/rc                # two arms at a time, one thread each
 #
 # About 65 min on a 2-core CPU with JOBS=2 (the one-off preparation, then the arms). Rerunning resumes: finished
 # stages and evaluations are kept.
 set -euo pipefail
-out=${1:?usage: bash scripts/revision_compare.sh OUTPUT_DIR [hydra overrides...]}
+out=${1:?usage: bash experiments/revision/compare.sh OUTPUT_DIR [hydra overrides...]}
 shift
 jobs=${JOBS:-1}
 data=${DATA_ROOT:-data}

@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
-# More image-finetuning seeds for the ReVision comparison (docs/revision.md, "Seeds"), reusing connectors that are
+# More image-finetuning seeds for the ReVision comparison (docs/experiments/revision.md, "Seeds"), reusing connectors that are
 # already pretrained: the 80-step finetuning, not the pretraining, is where most of the seed noise is, and it costs
-# a fraction of a pretraining. For each seed, the three arms of scripts/revision_compare.sh finetune with that seed
+# a fraction of a pretraining. For each seed, the three arms of experiments/revision/compare.sh finetune with that seed
 # (untrained connector; connector pretrained on raw captions; connector pretrained with ReVision), and each arm's
 # final/ is evaluated on the whole held-out digits and shapes sets.
 #
-#   PRETRAINED="REVISION_FINAL:RAW_FINAL ..." JOBS=2 bash scripts/revision_finetune_seeds.sh OUT "3 4 5" [overrides]
+#   PRETRAINED="REVISION_FINAL:RAW_FINAL ..." JOBS=2 bash experiments/revision/finetune_seeds.sh OUT "3 4 5" [overrides]
 #
 # PRETRAINED lists pairs of pretrain final/ folders (ReVision, no ReAlign); seed k starts from pair k mod n.
 # Overrides go to every arm; they must name the dual encoder the connectors were pretrained with
 # (revision.encoder=...). Results: OUT/seed_<k>/eval_<arm>/report.json, then one paired comparison per seed and the
-# per-seed table with means (scripts/revision_seed_table.py). Rerunning skips finished arms and evaluations.
+# per-seed table with means (experiments/revision/seed_table.py). Rerunning skips finished arms and evaluations.
 set -euo pipefail
-out=${1:?usage: PRETRAINED=... bash scripts/revision_finetune_seeds.sh OUT "SEEDS" [hydra overrides...]}
+out=${1:?usage: PRETRAINED=... bash experiments/revision/finetune_seeds.sh OUT "SEEDS" [hydra overrides...]}
 seeds=${2:?give the seeds as one argument, e.g. "3 4 5"}
 shift 2
 read -r -a pairs <<< "${PRETRAINED:?set PRETRAINED to REVISION_FINAL:RAW_FINAL pairs}"
@@ -47,4 +47,4 @@ for seed in $seeds; do
       "$d"/eval_revision/report.json --same-step --reference revision_untrained
 done
 # shellcheck disable=SC2046  # one folder per seed
-python "$(dirname "$0")/revision_seed_table.py" $(for seed in $seeds; do echo "$out/seed_$seed"; done)
+python "$(dirname "$0")/seed_table.py" $(for seed in $seeds; do echo "$out/seed_$seed"; done)

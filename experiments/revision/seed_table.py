@@ -1,15 +1,15 @@
 """The ReVision comparison over several seeds: one row per seed, then what holds across seeds.
 
-Each SEED_DIR holds the three arms' evaluations as ``eval_<arm>/report.json`` (scripts/revision_compare.sh,
-scripts/revision_finetune_seeds.sh). For every seed, the arms' final checkpoints (the same number of image finetuning
+Each SEED_DIR holds the three arms' evaluations as ``eval_<arm>/report.json`` (experiments/revision/compare.sh,
+experiments/revision/finetune_seeds.sh). For every seed, the arms' final checkpoints (the same number of image finetuning
 steps): accuracy per question set and over all questions, and each arm minus the reference arm on the same questions
 (the paired difference of `alignlm.evaluation.paired`). Across seeds: the mean of each column, and for each
 difference its standard error over seeds, ``t = mean / SE`` and how many seeds it is positive at. The per-question
 standard error answers "is it better at this seed"; the one over seeds answers "is it better", since the seed
 (finetuning order, connector init) moves accuracy by far more than the questions do.
 
-    python scripts/revision_seed_table.py outputs/ft/seed_*
-    python scripts/revision_seed_table.py outputs/s1 --arms untrained raw cov     # other arm folder names
+    python experiments/revision/seed_table.py outputs/ft/seed_*
+    python experiments/revision/seed_table.py outputs/s1 --arms untrained raw cov     # other arm folder names
 """
 
 from __future__ import annotations
@@ -58,27 +58,48 @@ def table(seed_dirs: list[Path], arms: list[str]) -> list[str]:
     sets = rows[0]["sets"]
     dkeys = list(rows[0]["diffs"])
     dnames = [f"{k} vs {ref}" if "-" not in k else k.replace("-", " vs ") for k in dkeys]
-    lines = [f"Accuracy % ({' / '.join(sets)}) of each arm's final checkpoint; differences in points over all "
-             f"questions, paired per question (SE in brackets).", "",
-             "| seed | " + " | ".join(arms) + " | " + " | ".join(dnames) + " |",
-             "|---|" + "---:|" * (len(arms) + len(dkeys))]
+    lines = [
+        f"Accuracy % ({' / '.join(sets)}) of each arm's final checkpoint; differences in points over all "
+        f"questions, paired per question (SE in brackets).",
+        "",
+        "| seed | " + " | ".join(arms) + " | " + " | ".join(dnames) + " |",
+        "|---|" + "---:|" * (len(arms) + len(dkeys)),
+    ]
     for r in rows:
         cells = [" / ".join(f"{100 * r['acc'][a][s]:.1f}" for s in sets) for a in arms]
         cells += [f"{100 * r['diffs'][k]['diff']:+.1f} ({100 * r['diffs'][k]['se']:.1f})" for k in dkeys]
         lines.append(f"| {r['seed']} | " + " | ".join(cells) + " |")
     means = [" / ".join(f"{100 * mean_se([r['acc'][a][s] for r in rows])[0]:.1f}" for s in sets) for a in arms]
-    lines.append(f"| mean of {len(rows)} | " + " | ".join(means) + " | " + " | ".join(
-        "{:+.1f} (SE {:.1f}, t {:+.2f}, positive at {}/{})".format(
-            100 * m, 100 * se, m / se if se > 0 else math.nan, sum(r["diffs"][k]["diff"] > 0 for r in rows), len(rows))
-        for k in dkeys for m, se in [mean_se([r["diffs"][k]["diff"] for r in rows])]) + " |")
+    lines.append(
+        f"| mean of {len(rows)} | "
+        + " | ".join(means)
+        + " | "
+        + " | ".join(
+            "{:+.1f} (SE {:.1f}, t {:+.2f}, positive at {}/{})".format(
+                100 * m,
+                100 * se,
+                m / se if se > 0 else math.nan,
+                sum(r["diffs"][k]["diff"] > 0 for r in rows),
+                len(rows),
+            )
+            for k in dkeys
+            for m, se in [mean_se([r["diffs"][k]["diff"] for r in rows])]
+        )
+        + " |"
+    )
     return lines
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("seed_dirs", nargs="+", type=Path)
-    ap.add_argument("--arms", nargs=3, default=["revision_untrained", "revision_raw", "revision"],
-                    metavar=("REFERENCE", "NO_REALIGN", "REVISION"), help="the arms' eval_<arm> folder names")
+    ap.add_argument(
+        "--arms",
+        nargs=3,
+        default=["revision_untrained", "revision_raw", "revision"],
+        metavar=("REFERENCE", "NO_REALIGN", "REVISION"),
+        help="the arms' eval_<arm> folder names",
+    )
     args = ap.parse_args()
     print("\n".join(table(args.seed_dirs, args.arms)))
 

@@ -22,8 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -54,13 +55,21 @@ def candidate_batch(model: Any, candidates: Sequence[str], template: str = "plai
     """The candidates as caption records (one ``<image>``, then the caption), padded like a training batch."""
     if not candidates:
         raise ValueError("no candidate captions to score")
-    records = [{"id": f"c{i}", "conversations": [{"from": "human", "value": IMAGE_TOKEN},
-                                                 {"from": "gpt", "value": text}]} for i, text in enumerate(candidates)]
+    records = [
+        {"id": f"c{i}", "conversations": [{"from": "human", "value": IMAGE_TOKEN}, {"from": "gpt", "value": text}]}
+        for i, text in enumerate(candidates)
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "candidates.json"
         path.write_text(json.dumps(records))
-        ds = _Captions([Source(str(path))], tokenizer=model.tokenizer, template=get_template(template),
-                       image_spec=model.image_spec, num_image_tokens=model.num_image_tokens, on_error="raise")
+        ds = _Captions(
+            [Source(str(path))],
+            tokenizer=model.tokenizer,
+            template=get_template(template),
+            image_spec=model.image_spec,
+            num_image_tokens=model.num_image_tokens,
+            on_error="raise",
+        )
         samples = [ds[i] for i in range(len(ds))]
     assert [s["id"] for s in samples] == [r["id"] for r in records], "candidates must keep their order"
     batch = Collator(model.tokenizer.pad_token_id)(samples)
@@ -90,8 +99,9 @@ def candidate_losses(model: Any, embeds: Tensor, candidates: Sequence[str], temp
     return torch.stack(rows)
 
 
-def classify(model: Any, embeds: Tensor, candidates: Sequence[str], labels: Sequence[Any],
-             template: str = "plain") -> list[Any]:
+def classify(
+    model: Any, embeds: Tensor, candidates: Sequence[str], labels: Sequence[Any], template: str = "plain"
+) -> list[Any]:
     """The label of each input's cheapest candidate caption (``labels[c]`` labels ``candidates[c]``)."""
     if len(labels) != len(candidates):
         raise ValueError(f"{len(labels)} labels for {len(candidates)} candidates")
@@ -142,22 +152,29 @@ def main() -> None:
             ds = build_dataset({"sources": [{"path": args.test}], "template": "plain"}, model, seed=0)
             pixels = torch.cat([ds[i]["pixel_values"] for i in range(len(records))])
             images = vision(pixels)[:, 0]
-            out_c, out_i = model.connector(captions[:, None]).tokens[:, 0], model.connector(images[:, None]).tokens[:, 0]
+            out_c, out_i = (
+                model.connector(captions[:, None]).tokens[:, 0],
+                model.connector(images[:, None]).tokens[:, 0],
+            )
             vocab_norm = model.llm.get_input_embeddings().weight.float().norm(dim=-1).mean().item()
         grid = (len(CAPTIONS), 10, -1)  # texts are wording-major: CAPTIONS[w] for digits 0..9
         ins, outs = factor_shares(captions.view(grid)), factor_shares(out_c.view(grid))
         nearest = (F.normalize(images, dim=-1) @ F.normalize(captions, dim=-1).T).argmax(-1)
         acc_nn = sum(digits[int(j)] == d for j, d in zip(nearest, gold)) / len(gold)
-        geometry.append(f"| {ck.label} | {out_c.norm(dim=-1).mean():.1f} / {out_i.norm(dim=-1).mean():.1f} | "
-                        f"{vocab_norm:.2f} | {100 * acc_nn:.1f} | {ins['b']:.2f} / {ins['a']:.2f} | "
-                        f"{outs['b']:.2f} / {outs['a']:.2f} |")
+        geometry.append(
+            f"| {ck.label} | {out_c.norm(dim=-1).mean():.1f} / {out_i.norm(dim=-1).mean():.1f} | "
+            f"{vocab_norm:.2f} | {100 * acc_nn:.1f} | {ins['b']:.2f} / {ins['a']:.2f} | "
+            f"{outs['b']:.2f} / {outs['a']:.2f} |"
+        )
         if not args.geometry:
             acc_t = sum(p == d for p, d in zip(classify(model, captions, texts, digits), digits)) / len(texts)
             acc_i = sum(p == d for p, d in zip(classify(model, images, texts, digits), gold)) / len(gold)
             print(f"| {ck.label} | {100 * acc_t:.1f} | {100 * acc_i:.1f} | {len(gold)} |", flush=True)
-    print("\n| checkpoint | connector output norm: captions / images | LLM token-embedding norm | "
-          "images -> nearest caption's digit % | caption inputs: digit / wording share | "
-          "connector outputs on captions: digit / wording share |\n|---|---:|---:|---:|---:|---:|")
+    print(
+        "\n| checkpoint | connector output norm: captions / images | LLM token-embedding norm | "
+        "images -> nearest caption's digit % | caption inputs: digit / wording share | "
+        "connector outputs on captions: digit / wording share |\n|---|---:|---:|---:|---:|---:|"
+    )
     print("\n".join(geometry))
 
 

@@ -37,7 +37,9 @@ def compose(overrides: Sequence[str], config_name: str = "train") -> DictConfig:
 
 def plain(node: Any) -> Any:
     """A config node as plain Python containers, interpolations resolved (other values are returned as they are)."""
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) or OmegaConf.is_list(node) else node
+    return (
+        OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) or OmegaConf.is_list(node) else node
+    )
 
 
 def instantiate(node: Mapping[str, Any], key: str, **kwargs: Any) -> Any:

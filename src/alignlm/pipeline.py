@@ -88,10 +88,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             continue
         result: StageResult = Trainer(cfg, name, acc).fit()
         log.info("\n%s", summarize(result))
-        summary["stages"][name] = {"steps": result.steps, "first_loss": result.first_loss, "last_loss": result.last_loss,
-                                   "seconds": result.seconds, "samples_per_s": result.samples_per_s,
-                                   "tokens_per_s": result.tokens_per_s, "skipped": result.skipped,
-                                   "world_size": result.world_size}
+        summary["stages"][name] = {
+            "steps": result.steps,
+            "first_loss": result.first_loss,
+            "last_loss": result.last_loss,
+            "seconds": result.seconds,
+            "samples_per_s": result.samples_per_s,
+            "tokens_per_s": result.tokens_per_s,
+            "skipped": result.skipped,
+            "world_size": result.world_size,
+        }
     if cfg.eval.sets and final is not None and acc.is_main_process:
         summary["eval"] = evaluate_final(cfg, final, acc.device)
     if acc.is_main_process:
@@ -114,8 +120,16 @@ def evaluate_final(cfg: DictConfig, final: Path, device: torch.device) -> dict[s
     data_cfg = OmegaConf.to_container(cfg.stages[cfg.run[-1]].data, resolve=True)
     out = {}
     for s in cfg.eval.sets:
-        out[s.name] = answer_accuracy(model, s.name, s.path, data_cfg, int(cfg.eval.batch_size), int(cfg.eval.max_new_tokens),
-                                      cfg.eval.limit, OmegaConf.to_container(cfg.eval.generation))
+        out[s.name] = answer_accuracy(
+            model,
+            s.name,
+            s.path,
+            data_cfg,
+            int(cfg.eval.batch_size),
+            int(cfg.eval.max_new_tokens),
+            cfg.eval.limit,
+            OmegaConf.to_container(cfg.eval.generation),
+        )
     return out
 
 
@@ -123,7 +137,9 @@ def pipeline_table(summary: dict[str, Any]) -> str:
     """Loss per stage and held-out accuracy next to chance, the figures a user checks first."""
     rows: dict[str, Any] = {}
     for name, s in summary["stages"].items():
-        rows[f"{name} loss"] = f"{s['first_loss']:.3f} -> {s['last_loss']:.3f}  ({s['steps']} steps, {s['seconds']:.0f} s)"
+        rows[f"{name} loss"] = (
+            f"{s['first_loss']:.3f} -> {s['last_loss']:.3f}  ({s['steps']} steps, {s['seconds']:.0f} s)"
+        )
     for name, e in summary["eval"].items():
         rows[f"{name} accuracy"] = f"{100 * e['accuracy']:.1f} %  (chance {100 * e['chance']:.1f} %, n={e['n']})"
     return summary_table(f"alignlm run {summary['run']}", rows)

@@ -18,8 +18,10 @@ from collections.abc import Sequence
 
 def build_parser() -> argparse.ArgumentParser:
     """The root parser with every command module's subcommands, modules in name order."""
-    parser = argparse.ArgumentParser(prog="alignlm", description="Train LLaVA-style multimodal LLMs with alignment "
-                                     "objectives, and measure modality alignment.")
+    parser = argparse.ArgumentParser(
+        prog="alignlm",
+        description="Train LLaVA-style multimodal LLMs with alignment objectives, and measure modality alignment.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         if info.name.startswith("_"):  # __main__ runs the command line when imported
@@ -31,8 +33,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``alignlm`` console script."""
-    args = build_parser().parse_args(argv)
+    """Entry point of the ``alignlm`` console script.
+
+    A subcommand whose parser has a ``pass_through`` function (a wrapped tool's own command line, such as
+    ``lmms-eval``) receives its arguments unparsed.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    pass_through = getattr(commands.get(argv[0]), "pass_through", None) if argv else None
+    if pass_through is not None:
+        return pass_through(argv[1:])
+    args = parser.parse_args(argv)
     return args.func(args)
 
 

@@ -21,9 +21,18 @@ def register(subparsers: Any) -> None:
     """Add ``aligngpt-levels`` to the ``alignlm`` command line."""
     p = subparsers.add_parser("aligngpt-levels", help="write AlignGPT per-sample alignment levels beside the data")
     p.add_argument("--data", nargs="+", required=True, metavar="JSON", help="LLaVA caption files whose pairs to score")
-    p.add_argument("--encoder", required=True, help="an `alignlm dual-encoder fit` folder, or a CLIP / SigLIP name or folder")
-    p.add_argument("--levels", type=int, default=8, help="L: equal-count bins of the image-text cosine (model.extras.align_levels.num_levels)")
-    p.add_argument("--out", default=None, help="levels file (default: aligngpt_levels_L<levels>.json beside the first data file)")
+    p.add_argument(
+        "--encoder", required=True, help="an `alignlm dual-encoder fit` folder, or a CLIP / SigLIP name or folder"
+    )
+    p.add_argument(
+        "--levels",
+        type=int,
+        default=8,
+        help="L: equal-count bins of the image-text cosine (model.extras.align_levels.num_levels)",
+    )
+    p.add_argument(
+        "--out", default=None, help="levels file (default: aligngpt_levels_L<levels>.json beside the first data file)"
+    )
     p.add_argument("--image-root", default=None, help="image folder (default: each data file's folder)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default=None, help="default: cuda when present, else cpu")
@@ -34,6 +43,17 @@ def cmd_aligngpt_levels(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.data[0]).parent / f"aligngpt_levels_L{args.levels}.json"
     path = make_levels(out, args.data, args.encoder, args.levels, args.batch_size, args.image_root, args.device)
     levels = LevelLabels(path)
-    print(json.dumps({"path": str(path), "encoder": levels.encoder, "pairs": len(levels.levels), "counts": levels.counts,
-                      "edges": levels.edges, "skipped": levels.skipped}, indent=2))
+    print(
+        json.dumps(
+            {
+                "path": str(path),
+                "encoder": levels.encoder,
+                "pairs": len(levels.levels),
+                "counts": levels.counts,
+                "edges": levels.edges,
+                "skipped": levels.skipped,
+            },
+            indent=2,
+        )
+    )
     return 0

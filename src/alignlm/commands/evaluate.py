@@ -31,8 +31,13 @@ def eval_config(args: argparse.Namespace) -> dict[str, Any]:
     if args.config:
         cfg = OmegaConf.merge(cfg, OmegaConf.load(args.config))
     cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(args.set or [])))
-    flags = {"template": args.template, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
-             "limit": args.limit, "device": args.device}
+    flags = {
+        "template": args.template,
+        "batch_size": args.batch_size,
+        "max_new_tokens": args.max_new_tokens,
+        "limit": args.limit,
+        "device": args.device,
+    }
     for key, value in flags.items():
         if value is not None:
             cfg[key] = value
@@ -61,7 +66,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     log = get_logger("alignlm", 0)
     t0 = time.perf_counter()
     ecfg = eval_config(args)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if ecfg["device"] == "auto" else ecfg["device"])
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if ecfg["device"] == "auto" else ecfg["device"]
+    )
     cks = checkpoints.resolve(args.checkpoints)
     log.info("evaluating %d checkpoints: %s", len(cks), ", ".join(c.label for c in cks))
     results, features = [], []
@@ -97,9 +104,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
             raise SystemExit(f"--reference {ref!r} is none of the reports' checkpoints: {labels}")
         rows = against_first([c for c in results if c["label"] == ref] + [c for c in results if c["label"] != ref])
     if not rows:
-        raise SystemExit("nothing to compare: the checkpoints share no question set with per-question scores "
-                         "(reports written before alignlm recorded them lack 'scores'; evaluate again)"
-                         + (" at a step the reference run has" if args.same_step else ""))
+        raise SystemExit(
+            "nothing to compare: the checkpoints share no question set with per-question scores "
+            "(reports written before alignlm recorded them lack 'scores'; evaluate again)"
+            + (" at a step the reference run has" if args.same_step else "")
+        )
     print(json.dumps(rows, indent=2) if args.json else "\n".join(markdown_lines(rows)).strip())
     if args.plot:
         print(f"wrote {plot_accuracy_curves(results, Path(args.plot))}")
@@ -118,25 +127,42 @@ def cmd_lmms_task(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_lmms_eval(args: argparse.Namespace) -> int:
-    run_lmms_eval(args.lmms_args)
+def lmms_eval(argv: list[str]) -> int:
+    run_lmms_eval(argv)
     return 0
 
 
 def register(sub: Any) -> None:
     """Add ``eval``, ``compare``, ``plot-runs``, ``lmms-task`` and ``lmms-eval`` to the ``alignlm`` command line."""
-    p = sub.add_parser("eval", help="evaluate checkpoints: question/caption sets and alignment probes -> report + plots")
-    p.add_argument("checkpoints", nargs="+", help="final/ folders, step checkpoints, stage folders (every step, then final) or run folders")
-    p.add_argument("--sets", nargs="+", metavar="NAME=PATH", help="LLaVA-format sets (default: the checkpoint's eval.sets); "
-                   "records with 'answer' are scored as questions, others as captions")
+    p = sub.add_parser(
+        "eval", help="evaluate checkpoints: question/caption sets and alignment probes -> report + plots"
+    )
+    p.add_argument(
+        "checkpoints",
+        nargs="+",
+        help="final/ folders, step checkpoints, stage folders (every step, then final) or run folders",
+    )
+    p.add_argument(
+        "--sets",
+        nargs="+",
+        metavar="NAME=PATH",
+        help="LLaVA-format sets (default: the checkpoint's eval.sets); "
+        "records with 'answer' are scored as questions, others as captions",
+    )
     p.add_argument("--out", default="eval_report", help="folder for report.json, report.md and the plots")
     p.add_argument("--config", help="YAML merged over configs/eval/default.yaml")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="eval config override, e.g. --set generation.do_sample=true")
+    p.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="eval config override, e.g. --set generation.do_sample=true"
+    )
     p.add_argument("--template", default=None, help="override the template the checkpoint was trained with")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--limit", type=int, default=None, help="only the first N records of each set")
-    p.add_argument("--probe", default=None, help="caption records for the alignment probes (default: test_captions.json beside the first set)")
+    p.add_argument(
+        "--probe",
+        default=None,
+        help="caption records for the alignment probes (default: test_captions.json beside the first set)",
+    )
     p.add_argument("--probe-n", type=int, default=None, help="image-caption pairs to probe")
     p.add_argument("--layers", default=None, help="LLM layers to probe: all, or e.g. 0,6,-1")
     p.add_argument("--no-probe", action="store_true", help="generation sets only")
@@ -146,14 +172,24 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("compare", help="paired per-question differences between checkpoints of report.json files")
     p.add_argument("reports", nargs="+", help="report.json files written by alignlm eval")
-    p.add_argument("--reference", default=None, help="checkpoint label to compare against (default: the first); "
-                   "with --same-step, a run name")
-    p.add_argument("--same-step", action="store_true", help="pair each run's checkpoints with the reference run's "
-                   "checkpoint at the same training step")
+    p.add_argument(
+        "--reference",
+        default=None,
+        help="checkpoint label to compare against (default: the first); with --same-step, a run name",
+    )
+    p.add_argument(
+        "--same-step",
+        action="store_true",
+        help="pair each run's checkpoints with the reference run's checkpoint at the same training step",
+    )
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
-    p.add_argument("--plot", default=None, metavar="PNG", help="also draw accuracy against training step, one line per run")
+    p.add_argument(
+        "--plot", default=None, metavar="PNG", help="also draw accuracy against training step, one line per run"
+    )
     p.set_defaults(func=cmd_compare)
-    p = sub.add_parser("plot-runs", help="plot the alignment monitor's curves (monitor/* in metrics.jsonl) of runs side by side")
+    p = sub.add_parser(
+        "plot-runs", help="plot the alignment monitor's curves (monitor/* in metrics.jsonl) of runs side by side"
+    )
     p.add_argument("runs", nargs="+", help="run folders (stages chained) or stage folders")
     p.add_argument("--out", default="runs.png")
     p.add_argument("--metrics", nargs="*", default=None, help="only these metrics, e.g. pooled/modality_gap mutual_knn")
@@ -164,7 +200,9 @@ def register(sub: Any) -> None:
     p.add_argument("--name", default="alignlm_local", help="task name (and sub-folder)")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.set_defaults(func=cmd_lmms_task)
-    p = sub.add_parser("lmms-eval", help="lmms-eval's own command line (e.g. --model llava_hf) on an exported model, "
-                       "with its one transformers-5 incompatibility removed", add_help=False)
-    p.add_argument("lmms_args", nargs=argparse.REMAINDER, help="lmms-eval arguments")
-    p.set_defaults(func=cmd_lmms_eval)
+    p = sub.add_parser(
+        "lmms-eval",
+        help="lmms-eval's own command line (e.g. --model llava_hf) on an exported model, "
+        "with its one transformers-5 incompatibility removed; every argument goes to lmms-eval",
+    )
+    p.pass_through = lmms_eval

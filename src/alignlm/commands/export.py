@@ -15,7 +15,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``export`` to the ``alignlm`` command line."""
-    p = sub.add_parser("export", help="write a final/ checkpoint as a transformers LlavaForConditionalGeneration folder")
+    p = sub.add_parser(
+        "export", help="write a final/ checkpoint as a transformers LlavaForConditionalGeneration folder"
+    )
     p.add_argument("checkpoint", help="a final/ folder")
     p.add_argument("out_dir")
     p.set_defaults(func=cmd_export)

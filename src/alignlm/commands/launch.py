@@ -27,8 +27,10 @@ def _launcher_argv(pid: int) -> list[str] | None:
     except OSError:  # not Linux, or the parent is gone
         return None
     for i, arg in enumerate(argv):
-        if arg == "accelerate.commands.launch" or (arg == "launch" and i > 0 and Path(argv[i - 1]).name == "accelerate"):
-            return [a for a in argv[i + 1:] if a]
+        if arg == "accelerate.commands.launch" or (
+            arg == "launch" and i > 0 and Path(argv[i - 1]).name == "accelerate"
+        ):
+            return [a for a in argv[i + 1 :] if a]
     return None
 
 
@@ -59,9 +61,26 @@ def cpu_processes_to_spawn() -> int:
 
 def spawn_cpu_ranks(n: int, train_args: Sequence[str]) -> int:
     """Run ``alignlm train <train_args>`` as ``n`` gloo ranks on this machine; return their exit status."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(n),
-           "--master_addr", os.environ["MASTER_ADDR"], "--master_port", os.environ.get("MASTER_PORT", "29500"),
-           "-m", "alignlm.commands", "train", *train_args]
-    print(f"alignlm: accelerate started one process for --cpu --num_processes {n}; starting {n} gloo ranks",
-          file=sys.stderr, flush=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        str(n),
+        "--master_addr",
+        os.environ["MASTER_ADDR"],
+        "--master_port",
+        os.environ.get("MASTER_PORT", "29500"),
+        "-m",
+        "alignlm.commands",
+        "train",
+        *train_args,
+    ]
+    print(
+        f"alignlm: accelerate started one process for --cpu --num_processes {n}; starting {n} gloo ranks",
+        file=sys.stderr,
+        flush=True,
+    )
     return subprocess.run(cmd, check=False).returncode

@@ -1,9 +1,9 @@
 """Dual-encoder and ReVision commands: ``alignlm embed``, ``alignlm realign fit|apply``, ``alignlm dual-encoder fit``.
 
-    alignlm dual-encoder fit --train data/shapes/pretrain.json --eval data/shapes/test_captions.json --out runs/de
-    alignlm embed --encoder runs/de --images data/shapes/pretrain.json --texts data/shapes/pretrain.json --out emb/
-    alignlm realign fit --images emb/images --texts emb/texts --out emb/realign.safetensors
-    alignlm realign apply --stats emb/realign.safetensors --texts emb/texts --out emb/texts_realigned
+alignlm dual-encoder fit --train data/shapes/pretrain.json --eval data/shapes/test_captions.json --out runs/de
+alignlm embed --encoder runs/de --images data/shapes/pretrain.json --texts data/shapes/pretrain.json --out emb/
+alignlm realign fit --images emb/images --texts emb/texts --out emb/realign.safetensors
+alignlm realign apply --stats emb/realign.safetensors --texts emb/texts --out emb/texts_realigned
 """
 
 from __future__ import annotations
@@ -39,7 +39,9 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         for source in sources or []:
             items += collect_images(source, args.image_root) if modality == "images" else collect_texts(source)
         if items:
-            paths = embed_items(encoder, modality, items, args.out, shard_size=args.shard_size, batch_size=args.batch_size)
+            paths = embed_items(
+                encoder, modality, items, args.out, shard_size=args.shard_size, batch_size=args.batch_size
+            )
             summary[modality] = {"items": len(items), "shards": len(paths), "folder": str(Path(args.out) / modality)}
     print(json.dumps(summary, indent=2))
     return 0
@@ -48,7 +50,9 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 def _register_embed(subparsers: argparse._SubParsersAction) -> None:
     """``alignlm embed``."""
     p = subparsers.add_parser("embed", help="images and captions -> embedding shards with a dual encoder")
-    p.add_argument("--encoder", required=True, help="CLIP/SigLIP folder or hub name, or an `alignlm dual-encoder fit` folder")
+    p.add_argument(
+        "--encoder", required=True, help="CLIP/SigLIP folder or hub name, or an `alignlm dual-encoder fit` folder"
+    )
     p.add_argument("--encoder-name", default=None, help="name recorded in the shards (default: --encoder)")
     p.add_argument("--images", nargs="*", help="image folders or LLaVA JSON/JSONL files")
     p.add_argument("--image-root", default=None, help="folder LLaVA image paths are relative to (default: the JSON's)")
@@ -62,17 +66,29 @@ def _register_embed(subparsers: argparse._SubParsersAction) -> None:
 
 def _cmd_realign_fit(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    stats = fit(args.images, args.texts, encoder=args.encoder, rows=args.chunk_rows, threads=args.threads,
-                covariance=args.covariance)
+    stats = fit(
+        args.images,
+        args.texts,
+        encoder=args.encoder,
+        rows=args.chunk_rows,
+        threads=args.threads,
+        covariance=args.covariance,
+    )
     stats.save(args.out)
-    print(json.dumps({"out": str(args.out), "seconds": round(time.perf_counter() - start, 2), **stats.summary()}, indent=2))
+    print(
+        json.dumps(
+            {"out": str(args.out), "seconds": round(time.perf_counter() - start, 2), **stats.summary()}, indent=2
+        )
+    )
     return 0
 
 
 def _cmd_realign_apply(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     stats = ReAlignStats.load(args.stats)
-    paths = apply(stats, args.texts, args.out, rows=args.chunk_rows, dtype=getattr(torch, args.dtype), threads=args.threads)
+    paths = apply(
+        stats, args.texts, args.out, rows=args.chunk_rows, dtype=getattr(torch, args.dtype), threads=args.threads
+    )
     print(json.dumps({"out": str(args.out), "shards": len(paths), "seconds": round(time.perf_counter() - start, 2)}))
     return 0
 
@@ -88,9 +104,14 @@ def _register_realign(subparsers: argparse._SubParsersAction) -> None:
     f.add_argument("--encoder", default=None, help="encoder name to record (default: from the shards' metadata)")
     f.add_argument("--chunk-rows", type=int, default=CHUNK_ROWS, help="rows widened to float64 at once")
     f.add_argument("--threads", type=int, default=THREADS, help="intra-op threads (more cores: use torchrun ranks)")
-    f.add_argument("--covariance", type=float, default=None, metavar="SHRINKAGE",
-                   help="match the images' covariance, not only their trace (an extension of the paper; "
-                        "shrinkage >= 0 of the text covariance, e.g. 1.0); default: the trace step")
+    f.add_argument(
+        "--covariance",
+        type=float,
+        default=None,
+        metavar="SHRINKAGE",
+        help="match the images' covariance, not only their trace (an extension of the paper; "
+        "shrinkage >= 0 of the text covariance, e.g. 1.0); default: the trace step",
+    )
     f.set_defaults(func=_cmd_realign_fit)
     a = sub.add_parser("apply", help="write ReAligned text embeddings, shard by shard")
     a.add_argument("--stats", required=True, help="file written by `alignlm realign fit`")
@@ -103,9 +124,21 @@ def _register_realign(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _cmd_dual_encoder_fit(args: argparse.Namespace) -> int:
-    report = fit_encoder(args.train, args.out, held_out=args.eval or (), dim=args.dim, image_size=args.image_size,
-                         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, limit=args.limit, name=args.name,
-                         seed=args.seed, device=args.device, temperature=args.temperature)
+    report = fit_encoder(
+        args.train,
+        args.out,
+        held_out=args.eval or (),
+        dim=args.dim,
+        image_size=args.image_size,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        limit=args.limit,
+        name=args.name,
+        seed=args.seed,
+        device=args.device,
+        temperature=args.temperature,
+    )
     print(json.dumps({"out": str(args.out), **report}, indent=2))
     return 0
 
@@ -115,7 +148,9 @@ def _register_dual_encoder(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("dual-encoder", help="the offline LiT-style dual encoder (EfficientNet-Lite0 + MiniLM)")
     sub = p.add_subparsers(dest="dual_encoder_command", required=True)
     f = sub.add_parser("fit", help="train the two linear heads with symmetric InfoNCE on caption records")
-    f.add_argument("--train", nargs="+", required=True, help="LLaVA caption JSON files (e.g. data/shapes/pretrain.json)")
+    f.add_argument(
+        "--train", nargs="+", required=True, help="LLaVA caption JSON files (e.g. data/shapes/pretrain.json)"
+    )
     f.add_argument("--eval", nargs="*", help="held-out caption JSON files (e.g. data/shapes/test_captions.json)")
     f.add_argument("--out", required=True, help="folder to write; `alignlm embed --encoder OUT` loads it")
     f.add_argument("--dim", type=int, default=256, help="shared embedding width")
@@ -127,7 +162,11 @@ def _register_dual_encoder(subparsers: argparse._SubParsersAction) -> None:
     f.add_argument("--name", default="alignlm-lit-effnet-minilm", help="encoder name recorded in shards")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--device", default=None)
-    f.add_argument("--temperature", type=float, default=None,
-                   help="fix the InfoNCE temperature (e.g. 0.01, CLIP's final value, keeps a modality gap); "
-                        "default: learnt from 0.07")
+    f.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="fix the InfoNCE temperature (e.g. 0.01, CLIP's final value, keeps a modality gap); "
+        "default: learnt from 0.07",
+    )
     f.set_defaults(func=_cmd_dual_encoder_fit)

@@ -25,19 +25,36 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("sea-labels", help="write SEA per-patch top-k word labels beside the data")
     sources = p.add_subparsers(dest="source", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--data", nargs="+", required=True, metavar="JSON", help="LLaVA data files whose images to label")
-    common.add_argument("--out", default=None, help="labels file (default: sea_labels.safetensors beside the first data file)")
+    common.add_argument(
+        "--data", nargs="+", required=True, metavar="JSON", help="LLaVA data files whose images to label"
+    )
+    common.add_argument(
+        "--out", default=None, help="labels file (default: sea_labels.safetensors beside the first data file)"
+    )
     common.add_argument("--k", type=int, default=5, help="candidate words kept per patch")
     common.add_argument("--image-root", default=None, help="image folder (default: each data file's folder)")
-    s = sources.add_parser("annotations", parents=[common], help="convert labels shipped with the data (shapes: patch_labels.json)")
-    s.add_argument("--annotations", default=None, help="{grid, words, images: {record id: [per cell: [[word, score]...]]}} "
-                   "(default: patch_labels.json beside the first data file)")
-    s = sources.add_parser("dual_encoder", parents=[common], help="nearest words of a dual encoder's dense patch features")
-    s.add_argument("--model", required=True, help="Hugging Face CLIPModel / SiglipModel name or local path, or an "
-                   "`alignlm dual-encoder fit` folder")
+    s = sources.add_parser(
+        "annotations", parents=[common], help="convert labels shipped with the data (shapes: patch_labels.json)"
+    )
+    s.add_argument(
+        "--annotations",
+        default=None,
+        help="{grid, words, images: {record id: [per cell: [[word, score]...]]}} "
+        "(default: patch_labels.json beside the first data file)",
+    )
+    s = sources.add_parser(
+        "dual_encoder", parents=[common], help="nearest words of a dual encoder's dense patch features"
+    )
+    s.add_argument(
+        "--model",
+        required=True,
+        help="Hugging Face CLIPModel / SiglipModel name or local path, or an `alignlm dual-encoder fit` folder",
+    )
     s.add_argument("--words", required=True, help="word list: a text file (one per line) or comma-separated words")
     s.add_argument("--prompt", default="a photo of a {w}", help="text template around each word")
-    s.add_argument("--grid", type=int, default=None, help="pool the patch features to GRID x GRID (match the training tower)")
+    s.add_argument(
+        "--grid", type=int, default=None, help="pool the patch features to GRID x GRID (match the training tower)"
+    )
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(func=cmd_sea_labels)
@@ -45,13 +62,20 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("sea-eval", help="token-word accuracy of final/ checkpoints, side by side")
     p.add_argument("checkpoints", nargs="+", help="final/ folders")
     p.add_argument("--labels", required=True, help="SEA labels file covering the images of --data")
-    p.add_argument("--data", nargs="+", required=True, metavar="JSON", help="LLaVA data files whose images to measure on")
+    p.add_argument(
+        "--data", nargs="+", required=True, metavar="JSON", help="LLaVA data files whose images to measure on"
+    )
     p.add_argument("--image-root", default=None)
     p.add_argument("--word-prefix", default=" ", help="as objective sea's word_prefix")
     p.add_argument("--limit", type=int, default=None, help="measure on the first N labelled images")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--exclude-words", nargs="*", default=[], metavar="WORD",
-                   help="also report with these words left out (e.g. background, which every shapes cell lists)")
+    p.add_argument(
+        "--exclude-words",
+        nargs="*",
+        default=[],
+        metavar="WORD",
+        help="also report with these words left out (e.g. background, which every shapes cell lists)",
+    )
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     p.set_defaults(func=cmd_sea_eval)
 
@@ -62,23 +86,44 @@ def cmd_sea_labels(args: argparse.Namespace) -> int:
         knobs["annotations"] = args.annotations
     else:
         words = args.words if Path(args.words).exists() else [w.strip() for w in args.words.split(",") if w.strip()]
-        knobs.update(model=args.model, words=words, prompt=args.prompt, grid=args.grid, batch_size=args.batch_size,
-                     trust_remote_code=args.trust_remote_code)
+        knobs.update(
+            model=args.model,
+            words=words,
+            prompt=args.prompt,
+            grid=args.grid,
+            batch_size=args.batch_size,
+            trust_remote_code=args.trust_remote_code,
+        )
     out = Path(args.out) if args.out else Path(args.data[0]).parent / DEFAULT_NAME
     path = make_labels(out, args.source, args.data, args.k, **knobs)
     labels = SeaLabels(path)
-    print(json.dumps({"path": str(path), "source": labels.source, "images": len(labels.index),
-                      "grid": list(labels.grid), "k": labels.k, "words": labels.words}, indent=2))
+    print(
+        json.dumps(
+            {
+                "path": str(path),
+                "source": labels.source,
+                "images": len(labels.index),
+                "grid": list(labels.grid),
+                "k": labels.k,
+                "words": labels.words,
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
 def cmd_sea_eval(args: argparse.Namespace) -> int:
     labels = SeaLabels(args.labels)
-    images = sorted({p for _, paths in record_images(args.data, args.image_root) for p in paths if labels.key(p) in labels.index})
+    images = sorted(
+        {p for _, paths in record_images(args.data, args.image_root) for p in paths if labels.key(p) in labels.index}
+    )
     if not images:
         raise SystemExit(f"{args.labels} labels none of the images of {args.data}")
     images = images[: args.limit] if args.limit else images
-    variants = {"all words": ()} | ({f"without {' '.join(args.exclude_words)}": args.exclude_words} if args.exclude_words else {})
+    variants = {"all words": ()} | (
+        {f"without {' '.join(args.exclude_words)}": args.exclude_words} if args.exclude_words else {}
+    )
     report: dict[str, dict[str, Any]] = {ck: {} for ck in args.checkpoints}
     for ck in args.checkpoints:
         model = load_model(ck)
@@ -88,8 +133,10 @@ def cmd_sea_eval(args: argparse.Namespace) -> int:
     width = max(12, *(len(n) for n in names))
     for name in variants:
         first = report[args.checkpoints[0]][name]
-        print(f"token-word accuracy on {len(images)} images ({int(first['tokens'])} labelled tokens), nearest among the "
-              f"label words' LLM embeddings, {name}")
+        print(
+            f"token-word accuracy on {len(images)} images ({int(first['tokens'])} labelled tokens), nearest among the "
+            f"label words' LLM embeddings, {name}"
+        )
         print(f"{'':16}" + "".join(f"{n:>{width + 2}}" for n in names))
         for key in ("token_word_acc", "top_word_acc", "constant_acc"):
             print(f"{key:16}" + "".join(f"{100 * report[ck][name][key]:>{width + 1}.1f}%" for ck in args.checkpoints))

@@ -32,5 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add ``train`` to the ``alignlm`` command line."""
     p = sub.add_parser("train", help="run the stages of a config (Hydra overrides follow)")
     p.add_argument("--print-config", action="store_true", help="print the composed config and exit")
-    p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. +exp=demo model=tiny stages.pretrain.max_steps=10")
+    p.add_argument(
+        "overrides", nargs="*", help="Hydra overrides, e.g. +exp=demo model=tiny stages.pretrain.max_steps=10"
+    )
     p.set_defaults(func=cmd_train)

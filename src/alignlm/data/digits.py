@@ -56,8 +56,9 @@ def questions(d: int, rng: np.random.Generator) -> list[Question]:
     return qa
 
 
-def generate(out_dir: str | Path, *, seed: int = 0, image_size: int = 64, n_test: int = 300,
-             limit: int | None = None) -> dict[str, Any]:
+def generate(
+    out_dir: str | Path, *, seed: int = 0, image_size: int = 64, n_test: int = 300, limit: int | None = None
+) -> dict[str, Any]:
     """Write the digits set (train: captions + QA; test: one digit question per held-out image); return info.json."""
     check_int("image_size", image_size, 16, why="pixels per side")
     data = load_digits()

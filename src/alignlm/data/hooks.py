@@ -11,13 +11,26 @@ picture). Generation datasets (evaluation) use no hooks: side data trains, it is
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
-if TYPE_CHECKING:  # the dataset module imports this one
-    from alignlm.data.llava import LlavaDataset
-    from alignlm.data.records import Source
+from alignlm.data.records import Source
+
+
+class HookedDataset(Protocol):
+    """What a hook may read of the dataset it is bound to (``data.llava.LlavaDataset`` is one)."""
+
+    sources: list[Source]
+    records: list[list[Any]]
+    seed: int
+    on_error: str
+
+    def distinct_records(self) -> list[tuple[Source, str, dict[str, Any]]]:
+        """``(source, record id, record)`` of every usable record once."""
+
+    def visual_inputs(self, source: Source, record: dict[str, Any]) -> list[Any]:
+        """What stands for each image of a record, in order."""
 
 
 class SampleHook:
@@ -25,7 +38,7 @@ class SampleHook:
 
     replaces_visuals: bool = False
 
-    def bind(self, dataset: LlavaDataset) -> None:
+    def bind(self, dataset: HookedDataset) -> None:
         """Start-up check against every record of the stage (coverage, sizes); raise ``DataError`` naming the gap."""
 
     def visual_inputs(self, source: Source, record: dict[str, Any]) -> list[Any]:

@@ -86,7 +86,9 @@ class LlavaDataset(Dataset):
         self.hooks = list(hooks)
         visual = [h for h in self.hooks if h.replaces_visuals]
         if len(visual) > 1:
-            raise ValueError(f"data.hooks: {[type(h).__name__ for h in visual]} all replace the images; at most one may")
+            raise ValueError(
+                f"data.hooks: {[type(h).__name__ for h in visual]} all replace the images; at most one may"
+            )
         self.visual_hook = visual[0] if visual else None
         for hook in self.hooks:
             hook.bind(self)
@@ -100,8 +102,11 @@ class LlavaDataset(Dataset):
 
     def distinct_records(self) -> list[tuple[Source, str, dict[str, Any]]]:
         """``(source, record id, record)`` of every usable record once, whatever the mixture weights (start-up checks)."""
-        return [(src, record_id(rec, src.path, r), rec) for src, recs in zip(self.sources, self.records)
-                for r, rec in enumerate(recs)]
+        return [
+            (src, record_id(rec, src.path, r), rec)
+            for src, recs in zip(self.sources, self.records)
+            for r, rec in enumerate(recs)
+        ]
 
     def length_estimates(self) -> list[int]:
         """Cheap per-sample token-count estimates (characters / 4 plus visual tokens) for length grouping."""
@@ -154,8 +159,13 @@ class LlavaDataset(Dataset):
             ids, labels = self._insert_slots(ids, labels)
         ids, labels = self._expand_images(ids, labels)
         ids, labels = self._fit_length(ids, labels)
-        sample = {"id": rid, "input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels), **self.load_visuals(images),
-                  "n_images": len(images)}
+        sample = {
+            "id": rid,
+            "input_ids": torch.from_numpy(ids),
+            "labels": torch.from_numpy(labels),
+            **self.load_visuals(images),
+            "n_images": len(images),
+        }
         for hook in self.hooks:
             sample.update(hook.fields(rid, rec, images))
         if "answer" in rec:
@@ -176,7 +186,9 @@ class LlavaDataset(Dataset):
         """
         slots = np.asarray(self.slot_token_ids, dtype=ids.dtype)
         if np.isin(ids, slots).any():
-            raise DataError(f"the text contains a reserved token {self.tokenizer.convert_ids_to_tokens(self.slot_token_ids)}")
+            raise DataError(
+                f"the text contains a reserved token {self.tokenizer.convert_ids_to_tokens(self.slot_token_ids)}"
+            )
         at = int(self.bos_token_id is not None and len(ids) > 0 and ids[0] == self.bos_token_id)
         return np.insert(ids, at, slots), np.insert(labels, at, np.full(len(slots), IGNORE_INDEX))
 
@@ -192,7 +204,11 @@ class LlavaDataset(Dataset):
             return ids, labels
         image_pos = np.flatnonzero(ids == self.image_token_id)
         if len(image_pos) and image_pos[-1] >= self.max_length:
-            raise DataError(f"{len(ids)} tokens exceed data.max_length={self.max_length} and a cut would split visual tokens")
+            raise DataError(
+                f"{len(ids)} tokens exceed data.max_length={self.max_length} and a cut would split visual tokens"
+            )
         if self.for_generation or not (labels[: self.max_length] != IGNORE_INDEX).any():
-            raise DataError(f"{len(ids)} tokens exceed data.max_length={self.max_length} and a cut would leave no answer")
+            raise DataError(
+                f"{len(ids)} tokens exceed data.max_length={self.max_length} and a cut would leave no answer"
+            )
         return ids[: self.max_length], labels[: self.max_length]

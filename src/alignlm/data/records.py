@@ -74,7 +74,9 @@ def record_problem(record: Any) -> str | None:
     if not isinstance(conv, list) or not conv:
         return "missing or empty 'conversations' list"
     image = record.get("image")
-    if image is not None and not (isinstance(image, str) or (isinstance(image, list) and all(isinstance(i, str) for i in image))):
+    if image is not None and not (
+        isinstance(image, str) or (isinstance(image, list) and all(isinstance(i, str) for i in image))
+    ):
         return f"'image' must be a path or a list of paths, got {image!r}"
     try:
         to_turns(conv)
@@ -123,13 +125,17 @@ def reference_captions(record: dict[str, Any]) -> list[str]:
         return [str(c) for c in record["captions"]]
     turns = [t["value"] for t in record.get("conversations", []) if t.get("from") in ASSISTANT_ROLES]
     if not turns:
-        raise ValueError(f"record id={record.get('id')!r} has neither 'captions' nor an assistant turn to use as reference")
+        raise ValueError(
+            f"record id={record.get('id')!r} has neither 'captions' nor an assistant turn to use as reference"
+        )
     return [str(turns[-1])]
 
 
 def assistant_text(record: dict[str, Any]) -> str:
     """Every assistant turn of a record, joined by newlines: the text the LM loss trains on."""
-    return "\n".join(str(m.get("value", "")) for m in record["conversations"] if str(m.get("from", "")).lower() in ASSISTANT_ROLES)
+    return "\n".join(
+        str(m.get("value", "")) for m in record["conversations"] if str(m.get("from", "")).lower() in ASSISTANT_ROLES
+    )
 
 
 def mixture_index(sizes: Sequence[int], weights: Sequence[float], seed: int) -> np.ndarray:

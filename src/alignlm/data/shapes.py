@@ -3,7 +3,7 @@
 Every fact in a scene is known, so questions on count, colour, shape and position have exact answers and
 known answer spaces (the chance level). ``patch_labels.json`` gives, for each image and each cell of a
 ``label_grid`` x ``label_grid`` grid, the words of what covers the cell with coverage scores measured on the
-rendered mask: the annotation source of SEA's token-level labels.
+rendered mask: an annotation source of token-level word labels (``alignlm sea-labels annotations``).
 """
 
 from __future__ import annotations
@@ -16,8 +16,14 @@ from PIL import Image, ImageDraw
 
 from alignlm.data.synthetic import DatasetWriter, Question, check_int
 
-COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
-           "yellow": (235, 200, 30), "purple": (140, 60, 180), "orange": (240, 130, 30)}
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 200, 30),
+    "purple": (140, 60, 180),
+    "orange": (240, 130, 30),
+}
 SHAPES = ("circle", "square", "triangle")
 POSITIONS = ("top left", "top right", "bottom left", "bottom right")  # quadrant q is row q // 2, column q % 2
 QTYPES = ("count", "color", "shape", "position")
@@ -78,19 +84,26 @@ def caption(scene: list[Shape]) -> str:
 
 def candidates(qtype: str, scene: list[Shape], max_shapes: int) -> list[Question]:
     """All unambiguous questions of a type: a shape is named by a kind or colour only it has in the scene."""
+
     def unique(key: Any) -> list[Shape]:
         return [o for o in scene if sum(key(x) == key(o) for x in scene) == 1]
 
     if qtype == "count":
         return [Question(COUNT_Q, str(len(scene)), qtype, tuple(str(n) for n in range(1, max_shapes + 1)))]
     if qtype == "color":
-        return [Question(f"What color is the {o.shape}? Answer with one word.", o.color, qtype, tuple(COLOURS))
-                for o in unique(lambda x: x.shape)]
+        return [
+            Question(f"What color is the {o.shape}? Answer with one word.", o.color, qtype, tuple(COLOURS))
+            for o in unique(lambda x: x.shape)
+        ]
     if qtype == "shape":
-        return [Question(f"What shape is the {o.color} object? Answer with one word.", o.shape, qtype, SHAPES)
-                for o in unique(lambda x: x.color)]
-    return [Question(f"Where is the {o.color} {o.shape}? Answer with the position.", o.position, qtype, POSITIONS)
-            for o in scene]
+        return [
+            Question(f"What shape is the {o.color} object? Answer with one word.", o.shape, qtype, SHAPES)
+            for o in unique(lambda x: x.color)
+        ]
+    return [
+        Question(f"Where is the {o.color} {o.shape}? Answer with the position.", o.position, qtype, POSITIONS)
+        for o in scene
+    ]
 
 
 def instruct_questions(scene: list[Shape], rng: np.random.Generator, max_shapes: int) -> list[Question]:
@@ -102,7 +115,7 @@ def instruct_questions(scene: list[Shape], rng: np.random.Generator, max_shapes:
 
 def held_out_question(scene: list[Shape], rng: np.random.Generator, max_shapes: int, index: int) -> Question:
     """One question whose type cycles with ``index`` to keep types balanced (the next type if the scene has none)."""
-    rotated = QTYPES[index % len(QTYPES):] + QTYPES[:index % len(QTYPES)]
+    rotated = QTYPES[index % len(QTYPES) :] + QTYPES[: index % len(QTYPES)]
     pool = next(p for p in (candidates(t, scene, max_shapes) for t in rotated) if p)  # count always has one
     return pool[int(rng.integers(len(pool)))]
 
@@ -113,7 +126,7 @@ def patch_labels(labels: np.ndarray, scene: list[Shape], grid: int, top_k: int) 
     cells = []
     for r in range(grid):
         for c in range(grid):
-            cell = labels[edges[r]:edges[r + 1], edges[c]:edges[c + 1]]
+            cell = labels[edges[r] : edges[r + 1], edges[c] : edges[c + 1]]
             coverage = np.bincount(cell.ravel(), minlength=len(scene) + 1) / cell.size
             cells.append(cell_words(coverage, scene)[:top_k])
     return cells
@@ -131,8 +144,17 @@ def cell_words(coverage: np.ndarray, scene: list[Shape]) -> list[list[Any]]:
     return sorted(words, key=lambda w: -w[1])
 
 
-def generate(out_dir: str | Path, *, seed: int = 0, image_size: int = 128, n_train: int = 2000, n_test: int = 200,
-             max_shapes: int = 3, label_grid: int = 4, label_top_k: int = 3) -> dict[str, Any]:
+def generate(
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    image_size: int = 128,
+    n_train: int = 2000,
+    n_test: int = 200,
+    max_shapes: int = 3,
+    label_grid: int = 4,
+    label_top_k: int = 3,
+) -> dict[str, Any]:
     """Write the shapes set: captions, multi-turn QA, held-out questions and per-patch word labels; return info.json."""
     check_int("image_size", image_size, 32, why="pixels per side; smaller shapes are not legible")
     check_int("n_train", n_train, 1)
@@ -152,6 +174,12 @@ def generate(out_dir: str | Path, *, seed: int = 0, image_size: int = 128, n_tra
             writer.add_train(rid, pixels, caption(scene), instruct_questions(scene, rng, max_shapes))
         else:
             writer.add_test(rid, pixels, caption(scene), held_out_question(scene, rng, max_shapes, i - n_train))
-    knobs = {"image_size": image_size, "n_train": n_train, "n_test": n_test, "max_shapes": max_shapes,
-             "label_grid": label_grid, "label_top_k": label_top_k}
+    knobs = {
+        "image_size": image_size,
+        "n_train": n_train,
+        "n_test": n_test,
+        "max_shapes": max_shapes,
+        "label_grid": label_grid,
+        "label_top_k": label_top_k,
+    }
     return writer.finish(seed, knobs, {"patch_labels": {"grid": label_grid, "words": list(VOCAB), "images": images}})

@@ -50,8 +50,11 @@ def split(n: int, n_test: int, rng: np.random.Generator, limit: int | None = Non
 
 def caption_record(rid: str, image: str, caption: str) -> dict[str, Any]:
     """A captioning record (pretraining): the image alone as the user turn, the caption as the answer."""
-    return {"id": rid, "image": image,
-            "conversations": [{"from": "human", "value": IMAGE_TOKEN}, {"from": "gpt", "value": caption}]}
+    return {
+        "id": rid,
+        "image": image,
+        "conversations": [{"from": "human", "value": IMAGE_TOKEN}, {"from": "gpt", "value": caption}],
+    }
 
 
 def qa_record(rid: str, image: str, qa: Sequence[tuple[str, str]]) -> dict[str, Any]:
@@ -63,8 +66,9 @@ def qa_record(rid: str, image: str, qa: Sequence[tuple[str, str]]) -> dict[str, 
     return {"id": rid, "image": image, "conversations": conversations}
 
 
-def held_out_record(rid: str, image: str, question: str, answer: str, qtype: str,
-                    choices: Sequence[str]) -> dict[str, Any]:
+def held_out_record(
+    rid: str, image: str, question: str, answer: str, qtype: str, choices: Sequence[str]
+) -> dict[str, Any]:
     """A test question with its answer and every valid answer of its type, so scoring and chance need no guessing."""
     record = qa_record(rid, image, [(question, answer)])
     record.update(answer=answer, meta={"qtype": qtype, "choices": list(choices)})
@@ -118,7 +122,12 @@ class DatasetWriter:
             write_json(self.out / f"{fname}.json", obj)
         counts = {"images": sum(len(self.files[k]) for k in ("pretrain", "test"))}
         counts.update({k: len(v) for k, v in self.files.items()})
-        summary = {"name": self.name, "seed": seed, "counts": counts, "knobs": knobs,
-                   "chance": chance(self.files["test"])}
+        summary = {
+            "name": self.name,
+            "seed": seed,
+            "counts": counts,
+            "knobs": knobs,
+            "chance": chance(self.files["test"]),
+        }
         write_json(self.out / "info.json", summary, indent=2)
         return summary

@@ -113,7 +113,9 @@ class PlainTemplate(Template):
         dialog = [t for t in turns if t.role != "system"]
         expected = 1 if add_generation_prompt else 2
         if len(dialog) != expected or dialog[0].role != "user" or (expected == 2 and dialog[1].role != "assistant"):
-            raise TemplateError(f"template 'plain' needs one user turn then one assistant turn, got {[t.role for t in dialog]}")
+            raise TemplateError(
+                f"template 'plain' needs one user turn then one assistant turn, got {[t.role for t in dialog]}"
+            )
         prefix = _bos(tokenizer) + IMAGE_TOKEN * dialog[0].content.count(IMAGE_TOKEN)
         if add_generation_prompt:
             return Rendered(prefix, ())
@@ -220,7 +222,11 @@ def _check_alternation(dialog: Sequence[Turn], name: str, add_generation_prompt:
     expected = ["user", "assistant"] * ((len(roles) + 1) // 2)
     ends_ok = (roles[-1:] == ["user"]) if add_generation_prompt else (roles[-1:] == ["assistant"])
     if not roles or roles != expected[: len(roles)] or not ends_ok:
-        want = "alternate user/assistant and end with a user turn" if add_generation_prompt else "alternate user/assistant turns, starting with user and ending with assistant"
+        want = (
+            "alternate user/assistant and end with a user turn"
+            if add_generation_prompt
+            else "alternate user/assistant turns, starting with user and ending with assistant"
+        )
         raise TemplateError(f"template {name!r}: turns must {want}, got {roles}")
 
 

@@ -24,7 +24,7 @@ def tokenize(text: str) -> list[str]:
 
 def ngrams(words: Sequence[str], n: int) -> Counter:
     """Counts of the n-grams of one sentence."""
-    return Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+    return Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
 
 
 def bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str]], max_n: int = MAX_N) -> float:
@@ -83,7 +83,9 @@ def cider_d(hypotheses: Sequence[str], references: Sequence[Sequence[str]], sigm
 
 def _check(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> None:
     if len(hypotheses) != len(references) or not hypotheses:
-        raise ValueError(f"need one reference list per hypothesis: got {len(hypotheses)} hypotheses, {len(references)} reference lists")
+        raise ValueError(
+            f"need one reference list per hypothesis: got {len(hypotheses)} hypotheses, {len(references)} reference lists"
+        )
     empty = [i for i, rs in enumerate(references) if not rs]
     if empty:
         raise ValueError(f"item {empty[0]} has no reference caption")

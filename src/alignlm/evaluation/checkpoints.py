@@ -29,10 +29,10 @@ class Checkpoint:
     """One evaluable checkpoint and where it came from."""
 
     path: Path
-    kind: str            # final | step
+    kind: str  # final | step
     run: str
     stage: str
-    step: int | None     # the training step; for final/, the stage's last logged step (None when it logged none)
+    step: int | None  # the training step; for final/, the stage's last logged step (None when it logged none)
 
     @property
     def label(self) -> str:
@@ -82,10 +82,14 @@ def resolve(paths: list[str]) -> list[Checkpoint]:
         else:
             finals = [d / "final" for d in sorted(p.iterdir()) if _is_final(d / "final")] if p.is_dir() else []
             if not finals:
-                raise FileNotFoundError(f"{p} is neither a final/ folder, a step checkpoint, a stage folder nor a run folder "
-                                        "(no model.safetensors + config.yaml, no trainable.safetensors + trainer_state.json)")
+                raise FileNotFoundError(
+                    f"{p} is neither a final/ folder, a step checkpoint, a stage folder nor a run folder "
+                    "(no model.safetensors + config.yaml, no trainable.safetensors + trainer_state.json)"
+                )
             order = list(OmegaConf.load(finals[-1] / "config.yaml").get("run") or [])
-            finals.sort(key=lambda f: (order.index(f.parent.name) if f.parent.name in order else len(order), f.parent.name))
+            finals.sort(
+                key=lambda f: (order.index(f.parent.name) if f.parent.name in order else len(order), f.parent.name)
+            )
             out += [_one(f) for f in finals]
     return out
 

@@ -43,8 +43,11 @@ def generate_set(
     cfg = {**dict(data_cfg), "sources": [{"path": path}], "on_error": "raise"}
     dataset = build_dataset(cfg, model, seed=0, for_generation=True)
     indices = list(range(len(dataset) if limit is None else min(limit, len(dataset))))
-    loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size,
-                        collate_fn=Collator(model.tokenizer.pad_token_id, padding_side="left"))
+    loader = DataLoader(
+        torch.utils.data.Subset(dataset, indices),
+        batch_size=batch_size,
+        collate_fn=Collator(model.tokenizer.pad_token_id, padding_side="left"),
+    )
     device = next(model.parameters()).device
     model.eval()
     torch.manual_seed(seed)  # sampled decoding gives the same report twice
@@ -95,8 +98,15 @@ def answer_accuracy(
         if len(examples) < N_EXAMPLES:
             examples.append({"id": rid, "prediction": pred, "answer": rec["answer"], "correct": score == 1.0})
     n = len(preds)
-    return {"name": name, "kind": "qa", "n": n, "accuracy": correct / max(n, 1), "chance": chance / max(n, 1), "examples": examples,
-            "scores": scores}
+    return {
+        "name": name,
+        "kind": "qa",
+        "n": n,
+        "accuracy": correct / max(n, 1),
+        "chance": chance / max(n, 1),
+        "examples": examples,
+        "scores": scores,
+    }
 
 
 def caption_scores(
@@ -115,5 +125,11 @@ def caption_scores(
     hyps = [p for _, p, _ in preds]
     refs = [reference_captions(rec) for _, _, rec in preds]
     examples = [{"id": rid, "prediction": p, "reference": r[0]} for (rid, p, _), r in zip(preds[:N_EXAMPLES], refs)]
-    return {"name": name, "kind": "caption", "n": len(preds), "bleu4": bleu(hyps, refs), "cider": cider_d(hyps, refs),
-            "examples": examples}
+    return {
+        "name": name,
+        "kind": "caption",
+        "n": len(preds),
+        "bleu4": bleu(hyps, refs),
+        "cider": cider_d(hyps, refs),
+        "examples": examples,
+    }

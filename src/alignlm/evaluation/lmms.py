@@ -57,8 +57,17 @@ def write_local_task(questions: Path, out_dir: Path, name: str, max_new_tokens: 
             if "answer" not in r or "image" not in r:
                 raise ValueError(f"{questions}: record {r.get('id')!r} needs 'image' and 'answer' to be a question")
             human = next(t["value"] for t in r["conversations"] if t["from"] == "human")
-            f.write(json.dumps({"question_id": r["id"], "image": str(root / r["image"]),
-                                "question": human.replace("<image>", "").strip(), "answer": r["answer"]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "question_id": r["id"],
+                        "image": str(root / r["image"]),
+                        "question": human.replace("<image>", "").strip(),
+                        "answer": r["answer"],
+                    }
+                )
+                + "\n"
+            )
     (task / "utils.py").write_text(TASK_UTILS)
     (task / f"{name}.yaml").write_text(
         f"# lmms-eval task over {Path(questions).resolve()} (written by alignlm lmms-task)\n"
@@ -73,7 +82,8 @@ def write_local_task(questions: Path, out_dir: Path, name: str, max_new_tokens: 
         f"generation_kwargs:\n  max_new_tokens: {max_new_tokens}\n  temperature: 0\n  do_sample: false\n  num_beams: 1\n"
         "process_results: !function utils.process_results\n"
         "metric_list:\n  - metric: accuracy\n    aggregation: mean\n    higher_is_better: true\n"
-        "metadata:\n  - version: 0.0\n")
+        "metadata:\n  - version: 0.0\n"
+    )
     return task
 
 

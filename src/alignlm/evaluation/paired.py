@@ -26,9 +26,16 @@ def paired_difference(a: Mapping[str, float], b: Mapping[str, float]) -> dict[st
     mean = math.fsum(d) / n
     var = math.fsum((x - mean) ** 2 for x in d) / (n - 1)
     se = math.sqrt(var / n)
-    return {"n": n, "a_acc": math.fsum(float(a[i]) for i in ids) / n, "b_acc": math.fsum(float(b[i]) for i in ids) / n,
-            "diff": mean, "se": se, "z": mean / se if se > 0 else (0.0 if mean == 0 else math.copysign(math.inf, mean)),
-            "only_b": sum(x > 0 for x in d), "only_a": sum(x < 0 for x in d)}
+    return {
+        "n": n,
+        "a_acc": math.fsum(float(a[i]) for i in ids) / n,
+        "b_acc": math.fsum(float(b[i]) for i in ids) / n,
+        "diff": mean,
+        "se": se,
+        "z": mean / se if se > 0 else (0.0 if mean == 0 else math.copysign(math.inf, mean)),
+        "only_b": sum(x > 0 for x in d),
+        "only_a": sum(x < 0 for x in d),
+    }
 
 
 def against_first(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -72,11 +79,17 @@ def markdown_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     """The report's section for :func:`against_first` / :func:`same_step` rows (empty when there are none)."""
     if not rows:
         return []
-    lines = ["", "## Paired differences (same questions)", "",
-             "| checkpoint | reference | set | n | accuracy % | reference % | difference (points) | paired SE | z | only it right | only reference right |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "",
+        "## Paired differences (same questions)",
+        "",
+        "| checkpoint | reference | set | n | accuracy % | reference % | difference (points) | paired SE | z | only it right | only reference right |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['b']} | {r['a']} | {r['set']} | {r['n']} | {100 * r['b_acc']:.1f} | {100 * r['a_acc']:.1f} | "
-                     f"{100 * r['diff']:+.1f} | {100 * r['se']:.1f} | {r['z']:+.2f} | {r['only_b']} | {r['only_a']} |")
+        lines.append(
+            f"| {r['b']} | {r['a']} | {r['set']} | {r['n']} | {100 * r['b_acc']:.1f} | {100 * r['a_acc']:.1f} | "
+            f"{100 * r['diff']:+.1f} | {100 * r['se']:.1f} | {r['z']:+.2f} | {r['only_b']} | {r['only_a']} |"
+        )
     lines += ["", f"`{POOLED}`: every shared question of the sets above, pooled. |z| > 2 is about 95 % confidence."]
     return lines

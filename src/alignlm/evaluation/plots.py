@@ -48,13 +48,15 @@ def _save(fig: Any, path: Path) -> Path:
 
 def pca_2d(image: Tensor, text: Tensor) -> tuple[Tensor, Tensor]:
     """Both sets normalised to the sphere, projected on the top-2 principal axes of their union (signs fixed)."""
-    x = torch.cat([torch.nn.functional.normalize(image.double(), dim=1), torch.nn.functional.normalize(text.double(), dim=1)])
+    x = torch.cat(
+        [torch.nn.functional.normalize(image.double(), dim=1), torch.nn.functional.normalize(text.double(), dim=1)]
+    )
     x = x - x.mean(0)
     _, _, v = torch.linalg.svd(x, full_matrices=False)
     axes = v[:2].T
     axes = axes * torch.sign(axes[axes.abs().argmax(0), torch.arange(2)])  # deterministic orientation
     y = x @ axes
-    return y[: len(image)], y[len(image):]
+    return y[: len(image)], y[len(image) :]
 
 
 def plot_pca(panels: Sequence[tuple[str, Tensor, Tensor, float]], path: Path) -> Path:
@@ -111,15 +113,21 @@ def plot_accuracy_curves(results: Sequence[Mapping[str, Any]], path: Path) -> Pa
         for name, r in sorted(res["sets"].items()):
             if r.get("kind") != "qa":
                 continue
-            panels.setdefault(f"{name} accuracy %", {}).setdefault(res["run"], []).append((res["step"], 100 * r["accuracy"]))
+            panels.setdefault(f"{name} accuracy %", {}).setdefault(res["run"], []).append(
+                (res["step"], 100 * r["accuracy"])
+            )
             tot = pooled.setdefault(res["run"], {}).setdefault(int(res["step"]), [0.0, 0.0])
             tot[0] += r["accuracy"] * r["n"]
             tot[1] += r["n"]
     if not panels:
         raise ValueError("no question-set accuracy at a known step to plot")
     if len(panels) > 1:
-        panels["all questions accuracy %"] = {run: [(st, 100 * c / n) for st, (c, n) in steps.items()] for run, steps in pooled.items()}
-    return plot_panels({t: {run: sorted(pts) for run, pts in lines.items()} for t, lines in panels.items()}, path, "training step")
+        panels["all questions accuracy %"] = {
+            run: [(st, 100 * c / n) for st, (c, n) in steps.items()] for run, steps in pooled.items()
+        }
+    return plot_panels(
+        {t: {run: sorted(pts) for run, pts in lines.items()} for t, lines in panels.items()}, path, "training step"
+    )
 
 
 def read_monitor(run: Path) -> dict[str, list[tuple[int, float]]]:
@@ -137,8 +145,12 @@ def read_monitor(run: Path) -> dict[str, list[tuple[int, float]]]:
             row = json.loads(line)
             last = max(last, int(row["step"]))
             for k, v in row.items():
-                if k.startswith("monitor/") and isinstance(v, (int, float)) and k not in ("monitor/seconds", "monitor/time_share"):
-                    out.setdefault(k[len("monitor/"):], []).append((offset + int(row["step"]), float(v)))
+                if (
+                    k.startswith("monitor/")
+                    and isinstance(v, (int, float))
+                    and k not in ("monitor/seconds", "monitor/time_share")
+                ):
+                    out.setdefault(k[len("monitor/") :], []).append((offset + int(row["step"]), float(v)))
         offset += last
     return out
 
@@ -160,6 +172,10 @@ def plot_runs(runs: Sequence[Path], path: Path, metrics: Sequence[str] | None = 
     if metrics:
         names = [n for n in names if n in metrics or n.split("/")[-1] in metrics]
     if not names:
-        raise ValueError(f"no monitor/* metrics in {list(map(str, runs))}: train with monitor.every > 0 and monitor.probe set")
-    panels = {name: {Path(run).name or run: series[name] for run, series in data.items() if name in series} for name in names}
+        raise ValueError(
+            f"no monitor/* metrics in {list(map(str, runs))}: train with monitor.every > 0 and monitor.probe set"
+        )
+    panels = {
+        name: {Path(run).name or run: series[name] for run, series in data.items() if name in series} for name in names
+    }
     return plot_panels(panels, path, "step (stages chained)")

@@ -25,8 +25,15 @@ from alignlm.models.probes import extract, gap_shift, load_probe_set, probe_metr
 log = logging.getLogger("alignlm")
 
 # Columns of the comparison table after the per-set scores (flattened probe keys).
-HEADLINE = ("pooled/modality_gap", "pooled/mutual_knn", "pooled/cka", "pooled/cknna", "pooled/i2t_recall@1",
-            "pooled/t2i_recall@1", "per_token/a_score_visual_to_text")
+HEADLINE = (
+    "pooled/modality_gap",
+    "pooled/mutual_knn",
+    "pooled/cka",
+    "pooled/cknna",
+    "pooled/i2t_recall@1",
+    "pooled/t2i_recall@1",
+    "per_token/a_score_visual_to_text",
+)
 DIGITS = 6
 
 
@@ -46,7 +53,10 @@ def eval_sets(ecfg: Mapping[str, Any], train_cfg: Any) -> list[dict[str, Any]]:
     sets = list(ecfg.get("sets") or [])
     if not sets:
         sets = [dict(s) for s in (train_cfg.get("eval") or {}).get("sets") or []]
-    return [{"name": str(s["name"]), "path": str(s["path"]), "kind": set_kind(str(s["path"]), str(s.get("kind", "auto")))} for s in sets]
+    return [
+        {"name": str(s["name"]), "path": str(s["path"]), "kind": set_kind(str(s["path"]), str(s.get("kind", "auto")))}
+        for s in sets
+    ]
 
 
 def probe_path(ecfg: Mapping[str, Any], sets: list[dict[str, Any]]) -> str | None:
@@ -61,7 +71,9 @@ def probe_path(ecfg: Mapping[str, Any], sets: list[dict[str, Any]]) -> str | Non
     return None
 
 
-def evaluate_checkpoint(ck: C.Checkpoint, ecfg: Mapping[str, Any], device: torch.device) -> tuple[dict[str, Any], dict[str, Any]]:
+def evaluate_checkpoint(
+    ck: C.Checkpoint, ecfg: Mapping[str, Any], device: torch.device
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """One checkpoint's results, and the pooled features the plots draw."""
     t0 = time.perf_counter()
     train_cfg = C.stage_config(ck)
@@ -69,21 +81,40 @@ def evaluate_checkpoint(ck: C.Checkpoint, ecfg: Mapping[str, Any], device: torch
     pcfg = dict(ecfg.get("probe") or {})
     path = probe_path(ecfg, sets)
     if not sets and not (path and pcfg.get("enabled", True)):
-        raise ValueError(f"nothing to evaluate for {ck.label}: its run had eval.sets=[] and no --sets NAME=PATH was "
-                         f"given, and the probe is {'off (--no-probe)' if path else 'without a caption set (probe.path)'}")
+        raise ValueError(
+            f"nothing to evaluate for {ck.label}: its run had eval.sets=[] and no --sets NAME=PATH was "
+            f"given, and the probe is {'off (--no-probe)' if path else 'without a caption set (probe.path)'}"
+        )
     model = C.load(ck).to(device)
     data_cfg = C.data_config(ck, train_cfg)
     if ecfg.get("template"):
         data_cfg["template"] = ecfg["template"]
-    result: dict[str, Any] = {"label": ck.label, "path": str(ck.path), "kind": ck.kind, "run": ck.run, "stage": ck.stage,
-                              "step": ck.step, "template": data_cfg.get("template"), "sets": {}}
+    result: dict[str, Any] = {
+        "label": ck.label,
+        "path": str(ck.path),
+        "kind": ck.kind,
+        "run": ck.run,
+        "stage": ck.stage,
+        "step": ck.step,
+        "template": data_cfg.get("template"),
+        "sets": {},
+    }
     gen = dict(ecfg.get("generation") or {})
-    common = {"batch_size": int(ecfg["batch_size"]), "limit": ecfg.get("limit"), "generation": gen, "seed": int(ecfg.get("seed", 0))}
+    common = {
+        "batch_size": int(ecfg["batch_size"]),
+        "limit": ecfg.get("limit"),
+        "generation": gen,
+        "seed": int(ecfg.get("seed", 0)),
+    }
     for s in sets:
         if s["kind"] == "qa":
-            r = answer_accuracy(model, s["name"], s["path"], data_cfg, max_new_tokens=int(ecfg["max_new_tokens"]), **common)
+            r = answer_accuracy(
+                model, s["name"], s["path"], data_cfg, max_new_tokens=int(ecfg["max_new_tokens"]), **common
+            )
         else:
-            r = caption_scores(model, s["name"], s["path"], data_cfg, max_new_tokens=int(ecfg["caption_max_new_tokens"]), **common)
+            r = caption_scores(
+                model, s["name"], s["path"], data_cfg, max_new_tokens=int(ecfg["caption_max_new_tokens"]), **common
+            )
         result["sets"][s["name"]] = r
     t_gen = time.perf_counter()
     features: dict[str, Any] = {}
@@ -91,17 +122,25 @@ def evaluate_checkpoint(ck: C.Checkpoint, ecfg: Mapping[str, Any], device: torch
         probe = load_probe_set(path, pcfg.get("n"), pcfg.get("image_root"))
         layers = resolve_layers(model, pcfg.get("layers"))
         feats = extract(model, probe, int(pcfg.get("batch_size", 32)), layers)
-        result["probe"] = {"path": path, **probe_metrics(feats, list(pcfg["metrics"]), int(pcfg.get("topk", 10)), pcfg.get("layer_metrics"))}
+        result["probe"] = {
+            "path": path,
+            **probe_metrics(feats, list(pcfg["metrics"]), int(pcfg.get("topk", 10)), pcfg.get("layer_metrics")),
+        }
         shift = dict(ecfg.get("gap_shift") or {})
         if shift.get("deltas"):
-            result["gap_shift"] = {"metric": shift["metric"], "curve": gap_shift(feats, [float(d) for d in shift["deltas"]], shift["metric"])}
+            result["gap_shift"] = {
+                "metric": shift["metric"],
+                "curve": gap_shift(feats, [float(d) for d in shift["deltas"]], shift["metric"]),
+            }
         features = {"image": feats.visual_mean, "text": feats.text_mean}
     log.info("%s: generation %.1f s, probes %.1f s", ck.label, t_gen - t0, time.perf_counter() - t_gen)
     del model
     return result, features
 
 
-def write_report(results: list[dict[str, Any]], features: list[dict[str, Any]], ecfg: Mapping[str, Any], out: Path) -> dict[str, Path]:
+def write_report(
+    results: list[dict[str, Any]], features: list[dict[str, Any]], ecfg: Mapping[str, Any], out: Path
+) -> dict[str, Path]:
     """``report.json``, ``report.md`` and the plots for evaluated checkpoints, in the order given."""
     out.mkdir(parents=True, exist_ok=True)
     config = {k: v for k, v in ecfg.items() if k != "plots"}  # what was measured, not which files were drawn
@@ -135,8 +174,12 @@ def table_columns(results: list[dict[str, Any]]) -> list[tuple[str, Any]]:
 def markdown(results: list[dict[str, Any]], paired_rows: Sequence[Mapping[str, Any]] = ()) -> str:
     """The comparison table, chance levels, paired differences, every probe metric, and a few predictions per set."""
     cols = table_columns(results)
-    lines = ["# alignlm evaluation", "", "| checkpoint | " + " | ".join(h for h, _ in cols) + " |",
-             "|---|" + "---:|" * len(cols)]
+    lines = [
+        "# alignlm evaluation",
+        "",
+        "| checkpoint | " + " | ".join(h for h, _ in cols) + " |",
+        "|---|" + "---:|" * len(cols),
+    ]
     lines += [f"| {res['label']} | " + " | ".join(get(res) for _, get in cols) + " |" for res in results]
     chance = {n: r["chance"] for res in results for n, r in res["sets"].items() if r.get("chance")}
     if chance:
@@ -146,14 +189,24 @@ def markdown(results: list[dict[str, Any]], paired_rows: Sequence[Mapping[str, A
     keys = sorted({k for p in probes for k in p if k != "n" and not k.startswith("layers/")})
     if keys:
         n = next(res["probe"]["n"] for res in results if "probe" in res)
-        lines += ["", f"## Alignment probes ({n} image-caption pairs, visual tokens vs caption embeddings)", "",
-                  "| metric | " + " | ".join(r["label"] for r in results) + " |", "|---|" + "---:|" * len(results)]
+        lines += [
+            "",
+            f"## Alignment probes ({n} image-caption pairs, visual tokens vs caption embeddings)",
+            "",
+            "| metric | " + " | ".join(r["label"] for r in results) + " |",
+            "|---|" + "---:|" * len(results),
+        ]
         lines += [f"| {k} | " + " | ".join(_num(p.get(k)) for p in probes) + " |" for k in keys]
     layer_keys = sorted({k for p in probes for k in p if k.startswith("layers/")}, key=_layer_key)
     if layer_keys:
-        lines += ["", "## Per LLM layer (mean image-token vs mean caption hidden state)", "",
-                  "| layer / metric | " + " | ".join(r["label"] for r in results) + " |", "|---|" + "---:|" * len(results)]
-        lines += [f"| {k[len('layers/'):]} | " + " | ".join(_num(p.get(k)) for p in probes) + " |" for k in layer_keys]
+        lines += [
+            "",
+            "## Per LLM layer (mean image-token vs mean caption hidden state)",
+            "",
+            "| layer / metric | " + " | ".join(r["label"] for r in results) + " |",
+            "|---|" + "---:|" * len(results),
+        ]
+        lines += [f"| {k[len('layers/') :]} | " + " | ".join(_num(p.get(k)) for p in probes) + " |" for k in layer_keys]
     lines += ["", "## Examples", ""]
     for res in results:
         for name, r in sorted(res["sets"].items()):
@@ -167,8 +220,11 @@ def write_plots(results: list[dict[str, Any]], features: list[dict[str, Any]], o
     """The PCA picture, the metric-per-checkpoint panels, the gap-shift and per-layer curves."""
     files: dict[str, Path] = {}
     labels = [r["label"] for r in results]
-    panels = [(r["label"], f["image"], f["text"], r["probe"]["pooled"].get("modality_gap", float("nan")))
-              for r, f in zip(results, features) if f]
+    panels = [
+        (r["label"], f["image"], f["text"], r["probe"]["pooled"].get("modality_gap", float("nan")))
+        for r, f in zip(results, features)
+        if f
+    ]
     if panels:
         files["pca"] = plots.plot_pca(panels, out / "pca.png")
     series: dict[str, list[float]] = {}
@@ -179,8 +235,9 @@ def write_plots(results: list[dict[str, Any]], features: list[dict[str, Any]], o
     curves = {r["label"]: r["gap_shift"]["curve"] for r in results if "gap_shift" in r}
     if curves:
         metric = next(r["gap_shift"]["metric"] for r in results if "gap_shift" in r)
-        files["gap_shift"] = plots.plot_panels({f"Mind the Gap shift: {metric}": curves}, out / "gap_shift.png",
-                                               "delta (> 0 closes the gap)")
+        files["gap_shift"] = plots.plot_panels(
+            {f"Mind the Gap shift: {metric}": curves}, out / "gap_shift.png", "delta (> 0 closes the gap)"
+        )
     per_layer: dict[str, dict[str, list[tuple[int, float]]]] = {}
     for r in results:
         layers = (r.get("probe") or {}).get("layers") or {}
@@ -188,12 +245,14 @@ def write_plots(results: list[dict[str, Any]], features: list[dict[str, Any]], o
             for name, v in values.items():
                 per_layer.setdefault(name, {}).setdefault(r["label"], []).append((int(i), v))
     if per_layer:
-        files["layers"] = plots.plot_panels(dict(sorted(per_layer.items())), out / "layers.png", "LLM layer (0 = input embeddings)")
+        files["layers"] = plots.plot_panels(
+            dict(sorted(per_layer.items())), out / "layers.png", "LLM layer (0 = input embeddings)"
+        )
     return files
 
 
 def _layer_key(k: str) -> tuple[int, str]:
-    layer, _, metric = k[len("layers/"):].partition("/")
+    layer, _, metric = k[len("layers/") :].partition("/")
     return int(layer), metric
 
 

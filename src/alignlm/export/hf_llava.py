@@ -52,7 +52,9 @@ def feature_strategy(vision: HFVisionTower) -> str:
     grid = (cfg.image_size // cfg.patch_size) ** 2
     size = vision.image_spec.size
     with torch.no_grad():
-        out = vision.model(pixel_values=torch.zeros(1, 3, size, size, dtype=vision.model.dtype), output_hidden_states=True)
+        out = vision.model(
+            pixel_values=torch.zeros(1, 3, size, size, dtype=vision.model.dtype), output_hidden_states=True
+        )
     prefix = out.hidden_states[vision.select_layer].shape[1] - grid
     if vision.select_feature == "cls_patch" or prefix == 0:
         return "full"
@@ -78,10 +80,14 @@ def check_exportable(model: AlignLM) -> str:
             f"with AutoModel; export needs model.vision=HFVisionTower (CLIP, SigLIP, ...), or {_ALTERNATIVE}"
         )
     if getattr(model.vision.model.config, "patch_size", None) is None:
-        raise ExportError(f"vision model {model.vision.model.config.model_type!r} has no patch_size; Llava counts image "
-                          f"tokens from it. {_ALTERNATIVE[0].upper() + _ALTERNATIVE[1:]}")
+        raise ExportError(
+            f"vision model {model.vision.model.config.model_type!r} has no patch_size; Llava counts image "
+            f"tokens from it. {_ALTERNATIVE[0].upper() + _ALTERNATIVE[1:]}"
+        )
     if type(model.connector) is not MLPConnector or model.connector.depth != 2:
-        name = type(model.connector).__name__ + (f"(depth={model.connector.depth})" if isinstance(model.connector, MLPConnector) else "")
+        name = type(model.connector).__name__ + (
+            f"(depth={model.connector.depth})" if isinstance(model.connector, MLPConnector) else ""
+        )
         raise ExportError(
             f"connector {name} has no Llava counterpart: Llava's projector is exactly mlp2x_gelu "
             f"(linear_1 -> GELU -> linear_2). Train with model/connector=mlp2x_gelu, or {_ALTERNATIVE}"
@@ -149,16 +155,27 @@ def llava_processor(model: AlignLM, template: Any, strategy: str) -> Any:
     spec = model.image_spec
     image_processor = LlavaImageProcessor(
         do_pad=True,  # pad to square with the mean colour, as alignlm's loader does
-        do_resize=True, size={"height": spec.size, "width": spec.size}, do_center_crop=False,
+        do_resize=True,
+        size={"height": spec.size, "width": spec.size},
+        do_center_crop=False,
         resample=3,  # bicubic
-        do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
-        image_mean=list(spec.mean), image_std=list(spec.std), do_convert_rgb=True,
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=list(spec.mean),
+        image_std=list(spec.std),
+        do_convert_rgb=True,
     )
     cfg = model.vision.model.config
     with torch.no_grad():
         size = spec.size
-        n_tokens = model.vision.model(pixel_values=torch.zeros(1, 3, size, size, dtype=model.vision.model.dtype),
-                                      output_hidden_states=True).hidden_states[model.vision.select_layer].shape[1]
+        n_tokens = (
+            model.vision.model(
+                pixel_values=torch.zeros(1, 3, size, size, dtype=model.vision.model.dtype), output_hidden_states=True
+            )
+            .hidden_states[model.vision.select_layer]
+            .shape[1]
+        )
     return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=model.tokenizer,
@@ -173,16 +190,31 @@ def llava_processor(model: AlignLM, template: Any, strategy: str) -> Any:
 def model_card(cfg: Any, summary: dict[str, Any] | None) -> str:
     """README.md of an export: what was trained, how, and how it scored, so the Hub page is self-explaining."""
     plain = OmegaConf.to_container(cfg, resolve=True)
-    lines = ["---", "library_name: transformers", "pipeline_tag: image-text-to-text", "tags: [llava, alignlm]", "---", "",
-             f"# {plain.get('run_name', 'alignlm model')}", "",
-             "A LLaVA-style model trained with [alignlm](https://github.com/) and exported to transformers' "
-             "`LlavaForConditionalGeneration` (LoRA adapters merged).", "", "```python",
-             "from transformers import AutoProcessor, LlavaForConditionalGeneration",
-             "model = LlavaForConditionalGeneration.from_pretrained(PATH)",
-             "processor = AutoProcessor.from_pretrained(PATH)",
-             "messages = [{'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', 'text': 'What is shown?'}]}]",
-             "prompt = processor.apply_chat_template(messages, add_generation_prompt=True)", "```", "", "## Stages", "",
-             "| stage | parts (vision / connector / llm) | lr | steps | objectives | template |", "|---|---|---|---|---|---|"]
+    lines = [
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: image-text-to-text",
+        "tags: [llava, alignlm]",
+        "---",
+        "",
+        f"# {plain.get('run_name', 'alignlm model')}",
+        "",
+        "A LLaVA-style model trained with [alignlm](https://github.com/) and exported to transformers' "
+        "`LlavaForConditionalGeneration` (LoRA adapters merged).",
+        "",
+        "```python",
+        "from transformers import AutoProcessor, LlavaForConditionalGeneration",
+        "model = LlavaForConditionalGeneration.from_pretrained(PATH)",
+        "processor = AutoProcessor.from_pretrained(PATH)",
+        "messages = [{'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', 'text': 'What is shown?'}]}]",
+        "prompt = processor.apply_chat_template(messages, add_generation_prompt=True)",
+        "```",
+        "",
+        "## Stages",
+        "",
+        "| stage | parts (vision / connector / llm) | lr | steps | objectives | template |",
+        "|---|---|---|---|---|---|",
+    ]
     for name in plain.get("run", []):
         st = plain["stages"][name]
         parts = " / ".join(str(st["parts"].get(p)) for p in ("vision", "connector", "llm"))
@@ -193,7 +225,9 @@ def model_card(cfg: Any, summary: dict[str, Any] | None) -> str:
     evals = (summary or {}).get("eval", {})
     if evals:
         lines += ["", "## Evaluation (alignlm)", "", "| set | n | accuracy | chance |", "|---|---|---|---|"]
-        lines += [f"| {k} | {v['n']} | {100 * v['accuracy']:.1f} % | {100 * v['chance']:.1f} % |" for k, v in evals.items()]
+        lines += [
+            f"| {k} | {v['n']} | {100 * v['accuracy']:.1f} % | {100 * v['chance']:.1f} % |" for k, v in evals.items()
+        ]
     lines += ["", "## alignlm config", "", "```yaml", OmegaConf.to_yaml(cfg, resolve=True).rstrip(), "```", ""]
     return "\n".join(lines)
 
@@ -232,12 +266,17 @@ def load_llava_weights(model: AlignLM, path: str | Path) -> None:
     """
     hf = LlavaForConditionalGeneration.from_pretrained(str(path), dtype=model.llm.get_input_embeddings().weight.dtype)
     strategy = check_exportable(model)
-    want = {"vision_feature_select_strategy": strategy, "vision_feature_layer": model.vision.select_layer,
-            "image_token_index": model.image_token_id}
+    want = {
+        "vision_feature_select_strategy": strategy,
+        "vision_feature_layer": model.vision.select_layer,
+        "image_token_index": model.image_token_id,
+    }
     wrong = {k: (getattr(hf.config, k), v) for k, v in want.items() if getattr(hf.config, k) != v}
     if wrong:
-        raise ValueError(f"init_from={path}: the Llava config disagrees with model config (Llava value, ours): {wrong}; "
-                         "build the model with model=llava_hf model.path=<that folder>")
+        raise ValueError(
+            f"init_from={path}: the Llava config disagrees with model config (Llava value, ours): {wrong}; "
+            "build the model with model=llava_hf model.path=<that folder>"
+        )
     for name, dst, src in _pairs(model, hf):
         try:
             dst.load_state_dict(src.state_dict(), strict=True)
@@ -250,9 +289,12 @@ def vision_from_llava(path: str) -> HFVisionTower:
     """The vision tower a Llava folder describes (random weights; ``init_from`` the folder loads them)."""
     cfg = AutoConfig.from_pretrained(path)
     vc = cfg.vision_config
-    tower = HFVisionTower(config={"model_type": vc.model_type, **_own_fields(vc)}, select_layer=cfg.vision_feature_layer,
-                          select_feature="patch" if cfg.vision_feature_select_strategy == "default" else "cls_patch",
-                          **_image_norm(path))
+    tower = HFVisionTower(
+        config={"model_type": vc.model_type, **_own_fields(vc)},
+        select_layer=cfg.vision_feature_layer,
+        select_feature="patch" if cfg.vision_feature_select_strategy == "default" else "cls_patch",
+        **_image_norm(path),
+    )
     return tower
 
 

@@ -1,4 +1,4 @@
-"""Alignment metrics between two representations of the same items (METHODS.md section 7).
+"""Alignment metrics between two representations of the same items (docs/methods.md, measuring alignment).
 
 Every function is pure and deterministic, takes tensors on any device (the work stays there), computes in
 float64 and returns Python floats for scores and float64 tensors for features and vectors. Sources:
@@ -276,23 +276,29 @@ def _normalised(kl: Tensor, kk: Tensor, ll: Tensor) -> float:
     return (kl / torch.sqrt(kk * ll)).item()
 
 
-def _cka(A: Tensor, B: Tensor, kernel: Kernel, sigma: float | None, preprocess: bool,
-         hsic: Callable[[Tensor, Tensor], Tensor]) -> float:
+def _cka(
+    A: Tensor,
+    B: Tensor,
+    kernel: Kernel,
+    sigma: float | None,
+    preprocess: bool,
+    hsic: Callable[[Tensor, Tensor], Tensor],
+) -> float:
     a, b = _prepared_pair(A, B, preprocess)
     K, L = _gram(a, kernel, sigma), _gram(b, kernel, sigma)
     return _normalised(hsic(K, L), hsic(K, K), hsic(L, L))
 
 
-def cka(A: Tensor, B: Tensor, kernel: Kernel = "linear", sigma: float | None = None,
-        preprocess: bool = True) -> float:
+def cka(A: Tensor, B: Tensor, kernel: Kernel = "linear", sigma: float | None = None, preprocess: bool = True) -> float:
     """Kornblith et al. 2019, as used in the Platonic Representation: centred kernel alignment with the biased
     HSIC, invariant to rotations and isotropic scaling of either representation. ``sigma=None`` picks the
     rbf bandwidth by the median heuristic."""
     return _cka(A, B, kernel, sigma, preprocess, _hsic_biased)
 
 
-def unbiased_cka(A: Tensor, B: Tensor, kernel: Kernel = "linear", sigma: float | None = None,
-                 preprocess: bool = True) -> float:
+def unbiased_cka(
+    A: Tensor, B: Tensor, kernel: Kernel = "linear", sigma: float | None = None, preprocess: bool = True
+) -> float:
     """Platonic Representation's CKA with Song et al.'s unbiased HSIC, which does not drift with n."""
     return _cka(A, B, kernel, sigma, preprocess, _hsic_unbiased)
 
@@ -311,9 +317,11 @@ def cknna(A: Tensor, B: Tensor, topk: int = 10, preprocess: bool = True) -> floa
     K, L = a @ a.T, b @ b.T
     mask_k, mask_l = _knn_mask(_knn(K, topk)), _knn_mask(_knn(L, topk))
     both = mask_k & mask_l
-    return _normalised(_hsic_unbiased(K * both, L * both),
-                       _hsic_unbiased(K * mask_k, K * mask_k),
-                       _hsic_unbiased(L * mask_l, L * mask_l))
+    return _normalised(
+        _hsic_unbiased(K * both, L * both),
+        _hsic_unbiased(K * mask_k, K * mask_k),
+        _hsic_unbiased(L * mask_l, L * mask_l),
+    )
 
 
 def _standardise(x: Tensor) -> Tensor:
@@ -346,17 +354,22 @@ def a_score(visual_tokens: Tensor, reference_tokens: Tensor) -> float:
     tokens of the same image; for each visual token the best cosine to any reference token, mean over tokens,
     then over images. Takes ``[n, m, d]`` and ``[n, r, d]``."""
     if visual_tokens.ndim != 3 or reference_tokens.ndim != 3:
-        raise ValueError(f"a_score takes [images, tokens, dim] tensors, got shapes {tuple(visual_tokens.shape)} "
-                         f"and {tuple(reference_tokens.shape)}")
+        raise ValueError(
+            f"a_score takes [images, tokens, dim] tensors, got shapes {tuple(visual_tokens.shape)} "
+            f"and {tuple(reference_tokens.shape)}"
+        )
     n, m, d = visual_tokens.shape
     if reference_tokens.shape[0] != n or reference_tokens.shape[2] != d:
-        raise ValueError(f"reference_tokens must be [{n}, r, {d}] to match visual_tokens, "
-                         f"got {tuple(reference_tokens.shape)}")
+        raise ValueError(
+            f"reference_tokens must be [{n}, r, {d}] to match visual_tokens, got {tuple(reference_tokens.shape)}"
+        )
     visual, reference = _unit(visual_tokens.to(torch.float64)), _unit(reference_tokens.to(torch.float64))
-    per_image = torch.cat([
-        torch.bmm(visual[rows], reference[rows].transpose(1, 2)).amax(dim=2).mean(dim=1)
-        for rows in _chunks(n, m * reference.shape[1])
-    ])
+    per_image = torch.cat(
+        [
+            torch.bmm(visual[rows], reference[rows].transpose(1, 2)).amax(dim=2).mean(dim=1)
+            for rows in _chunks(n, m * reference.shape[1])
+        ]
+    )
     return per_image.mean().item()
 
 
@@ -389,7 +402,7 @@ def retrieval_recall(img: Tensor, txt: Tensor, ks: Sequence[int] = (1, 5, 10)) -
 
 
 def token_word_accuracy(visual_tokens: Tensor, word_embeddings: Tensor, label_word_ids: list[list[int]]) -> float:
-    """SEA's check (ours): the fraction of visual tokens whose nearest word embedding (cosine) is one of that
+    """Token-level alignment check (ours): the fraction of visual tokens whose nearest word embedding (cosine) is one of that
     token's label words, i.e. whether the connector put each patch next to the words describing it.
 
     ``visual_tokens [T, d]``, ``word_embeddings [V, d]``, one list of label word ids per token; a token with
@@ -398,20 +411,22 @@ def token_word_accuracy(visual_tokens: Tensor, word_embeddings: Tensor, label_wo
     tokens, words = _matrix(visual_tokens, "visual_tokens"), _matrix(word_embeddings, "word_embeddings")
     n_tokens, vocab = tokens.shape[0], words.shape[0]
     if tokens.shape[1] != words.shape[1]:
-        raise ValueError(f"visual_tokens and word_embeddings must share a dimension: got {tokens.shape[1]} "
-                         f"and {words.shape[1]}")
+        raise ValueError(
+            f"visual_tokens and word_embeddings must share a dimension: got {tokens.shape[1]} and {words.shape[1]}"
+        )
     if len(label_word_ids) != n_tokens:
-        raise ValueError(f"label_word_ids needs one list per visual token: got {len(label_word_ids)} lists "
-                         f"for {n_tokens} tokens")
+        raise ValueError(
+            f"label_word_ids needs one list per visual token: got {len(label_word_ids)} lists for {n_tokens} tokens"
+        )
     tokens, words = _unit(tokens), _unit(words)
     nearest = torch.cat([(tokens[rows] @ words.T).argmax(dim=1) for rows in _chunks(n_tokens, vocab)])
-    ids = torch.tensor([w for token_ids in label_word_ids for w in token_ids], dtype=torch.long,
-                       device=tokens.device)
+    ids = torch.tensor([w for token_ids in label_word_ids for w in token_ids], dtype=torch.long, device=tokens.device)
     if ids.numel() and (ids.min() < 0 or ids.max() >= vocab):
-        raise ValueError(f"label word ids must be in [0, {vocab}), got range [{ids.min().item()}, "
-                         f"{ids.max().item()}]")
-    owner = torch.repeat_interleave(torch.arange(n_tokens, device=tokens.device),
-                                    torch.tensor([len(t) for t in label_word_ids], device=tokens.device))
+        raise ValueError(f"label word ids must be in [0, {vocab}), got range [{ids.min().item()}, {ids.max().item()}]")
+    owner = torch.repeat_interleave(
+        torch.arange(n_tokens, device=tokens.device),
+        torch.tensor([len(t) for t in label_word_ids], device=tokens.device),
+    )
     correct = torch.zeros(n_tokens, dtype=torch.bool, device=tokens.device)
     correct[owner[nearest[owner] == ids]] = True
     return correct.to(torch.float64).mean().item()

@@ -1,4 +1,4 @@
-"""Entropic optimal transport of a batch onto a large set of prototypes (VLAP's assignments, METHODS.md section 3).
+"""Entropic optimal transport of a batch onto a large set of prototypes (VLAP's assignments, docs/methods.md, VLAP).
 
 ``sinkhorn(scores, log_marginals)`` returns the transport plan ``Q`` ``[B, K]`` of
 ``max <Q, scores> + epsilon * H(Q)`` with every row summing to 1 and the column sums ``Q.sum(0) / B``
@@ -47,7 +47,9 @@ def sinkhorn(scores: Tensor, log_marginals: Tensor | None = None, epsilon: float
     if scores.ndim != 2:
         raise ValueError(f"sinkhorn expects scores [B, K], got shape {tuple(scores.shape)}")
     if epsilon <= 0 or iterations < 1:
-        raise ValueError(f"sinkhorn needs epsilon > 0 and iterations >= 1, got epsilon={epsilon}, iterations={iterations}")
+        raise ValueError(
+            f"sinkhorn needs epsilon > 0 and iterations >= 1, got epsilon={epsilon}, iterations={iterations}"
+        )
     dtype = torch.promote_types(scores.dtype, torch.float32)
     scores = scores.to(dtype)
     b, k = scores.shape

@@ -43,7 +43,10 @@ def _assemble(model_cfg: Mapping[str, Any]) -> AlignLM:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(model_cfg.get("init_seed", 0)) + 1)
         connector = instantiate(
-            model_cfg["connector"], "model.connector", in_dim=vision.hidden_size, out_dim=llm.get_input_embeddings().embedding_dim
+            model_cfg["connector"],
+            "model.connector",
+            in_dim=vision.hidden_size,
+            out_dim=llm.get_input_embeddings().embedding_dim,
         )
     if not isinstance(connector, Connector):
         raise TypeError(f"model.connector built a {type(connector).__name__}, not an alignlm Connector")
@@ -66,8 +69,10 @@ def _visual_token_norm(model_cfg: Mapping[str, Any], llm: Any) -> float | None:
     if factor is None:
         return None
     if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
-        raise ValueError(f"model.visual_token_norm={factor!r} must be a number > 0 (a multiple of the LLM's mean "
-                         "token-embedding norm), or null to leave the connector's outputs as they are")
+        raise ValueError(
+            f"model.visual_token_norm={factor!r} must be a number > 0 (a multiple of the LLM's mean "
+            "token-embedding norm), or null to leave the connector's outputs as they are"
+        )
     return float(factor) * float(_embedding_sample(llm).norm(dim=-1).mean())
 
 
@@ -85,8 +90,13 @@ def _extras(model_cfg: Mapping[str, Any], vision: VisionTower, connector: Connec
     for i, (name, node) in enumerate(nodes.items()):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(model_cfg.get("init_seed", 0)) + 2 + i)
-            part = instantiate(node, f"model.extras.{name}", hidden_size=sample.shape[1],
-                               num_visual_tokens=connector.num_tokens(vision.num_patches), embed_std=float(sample.std()))
+            part = instantiate(
+                node,
+                f"model.extras.{name}",
+                hidden_size=sample.shape[1],
+                num_visual_tokens=connector.num_tokens(vision.num_patches),
+                embed_std=float(sample.std()),
+            )
         if not isinstance(part, InputPart):
             raise TypeError(f"model.extras.{name} built a {type(part).__name__}, not an alignlm InputPart")
         parts[name] = part

@@ -1,9 +1,9 @@
 """Fitting the offline dual encoder's two linear heads: symmetric InfoNCE on precomputed frozen features.
 
-No CLIP weights can be had offline, but ReAlign, AlignGPT's levels and SEA's dual-encoder labels need a dual encoder
+No CLIP weights can be had offline, but methods that score image-text pairs or embed captions need a dual encoder
 with a real modality gap. Only the heads ``1280 -> dim`` and ``384 -> dim`` and the temperature train, so fitting
 precomputes the frozen features once and fits the heads in seconds. ``alignlm dual-encoder fit`` (and the prepare
-steps of ``+exp=revision`` and ``+exp=aligngpt``) train on LLaVA caption records and write a folder
+steps of the recipes that need an encoder) train on LLaVA caption records and write a folder
 (``heads.safetensors`` + ``dual_encoder.json``) that ``load_encoder`` reads. Held-out evaluation reports the modality
 gap and image->text / text->image recall@k, where a hit is any gallery item with the same caption text (the offline
 sets repeat captions), next to the exact chance level of that protocol.
@@ -35,8 +35,18 @@ def info_nce(img: Tensor, txt: Tensor, logit_scale: Tensor) -> Tensor:
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 
-def fit_heads(model: OfflineDualEncoder, img_feats: Tensor, txt_feats: Tensor, *, epochs: int = 40, batch_size: int = 256,
-              lr: float = 1e-3, weight_decay: float = 0.01, seed: int = 0, temperature: float | None = None) -> list[float]:
+def fit_heads(
+    model: OfflineDualEncoder,
+    img_feats: Tensor,
+    txt_feats: Tensor,
+    *,
+    epochs: int = 40,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    weight_decay: float = 0.01,
+    seed: int = 0,
+    temperature: float | None = None,
+) -> list[float]:
     """Train the heads (and the temperature, unless ``temperature`` fixes it) on precomputed frozen features.
 
     Returns the mean loss per epoch. Why fix the temperature: the randomly initialised heads start with a wide
@@ -108,7 +118,9 @@ def _pairs(paths: Sequence[str | Path], limit: int | None = None) -> tuple[list[
     return images[:limit], texts[:limit]
 
 
-def _features(model: OfflineDualEncoder, images: list[Path], texts: list[str], batch_size: int = 64) -> tuple[Tensor, Tensor]:
+def _features(
+    model: OfflineDualEncoder, images: list[Path], texts: list[str], batch_size: int = 64
+) -> tuple[Tensor, Tensor]:
     img, txt = [], []
     for start in tqdm(range(0, len(images), batch_size), desc="frozen features", unit="batch"):
         img.append(model.image_features([load_rgb(p) for p in images[start : start + batch_size]]))
@@ -123,10 +135,22 @@ def evaluate(model: OfflineDualEncoder, img_feats: Tensor, txt_feats: Tensor, ca
     return {"n": len(captions), "modality_gap": modality_gap(img, txt), **grouped_recall(img, txt, captions)}
 
 
-def fit_encoder(train: Sequence[str | Path], out: str | Path, *, held_out: Sequence[str | Path] = (), dim: int = 256,
-                image_size: int = 224, epochs: int = 40, batch_size: int = 256, lr: float = 1e-3, limit: int | None = None,
-                name: str = "alignlm-lit-effnet-minilm", seed: int = 0, device: str | None = None,
-                temperature: float | None = None) -> dict[str, Any]:
+def fit_encoder(
+    train: Sequence[str | Path],
+    out: str | Path,
+    *,
+    held_out: Sequence[str | Path] = (),
+    dim: int = 256,
+    image_size: int = 224,
+    epochs: int = 40,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    limit: int | None = None,
+    name: str = "alignlm-lit-effnet-minilm",
+    seed: int = 0,
+    device: str | None = None,
+    temperature: float | None = None,
+) -> dict[str, Any]:
     """Fit the heads on caption records, report held-out gap and recall, and write the folder; returns the report.
 
     The one entry point of ``alignlm dual-encoder fit`` and of the prepare steps that fit an encoder when missing.
@@ -138,10 +162,16 @@ def fit_encoder(train: Sequence[str | Path], out: str | Path, *, held_out: Seque
     train_feats = _features(model, images, texts)
     pairs = {str(p): _pairs([p]) for p in held_out}
     pair_feats = {p: _features(model, *pairs[p]) for p in pairs}
-    history = fit_heads(model, *train_feats, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, temperature=temperature)
-    report: dict[str, Any] = {"train_pairs": len(images), "loss_first_epoch": history[0], "loss_last_epoch": history[-1],
-                              "temperature": 1 / min(model.logit_scale.exp().item(), 100.0),
-                              "temperature_learnt": temperature is None}
+    history = fit_heads(
+        model, *train_feats, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, temperature=temperature
+    )
+    report: dict[str, Any] = {
+        "train_pairs": len(images),
+        "loss_first_epoch": history[0],
+        "loss_last_epoch": history[-1],
+        "temperature": 1 / min(model.logit_scale.exp().item(), 100.0),
+        "temperature_learnt": temperature is None,
+    }
     for path, feats in pair_feats.items():
         report[path] = evaluate(model, *feats, pairs[path][1])
     report["seconds"] = round(time.perf_counter() - start, 1)

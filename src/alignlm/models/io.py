@@ -53,7 +53,9 @@ def load_part_state(model: nn.Module, state: dict[str, torch.Tensor], parts: Ite
     wanted = {k for k in full if k.split(".", 1)[0] in set(parts)}
     unknown = set(state) - set(full)
     if unknown:
-        raise KeyError(f"checkpoint has weights the model lacks (was it built from another config?): {sorted(unknown)[:5]}")
+        raise KeyError(
+            f"checkpoint has weights the model lacks (was it built from another config?): {sorted(unknown)[:5]}"
+        )
     loaded_ptrs = {full[k].data_ptr() for k in state}
     missing = [k for k in wanted - set(state) if full[k].data_ptr() not in loaded_ptrs]
     if missing:
@@ -71,7 +73,7 @@ def adapt_parts(model: nn.Module, state: dict[str, torch.Tensor], parts: Iterabl
         if adapt is None:
             continue
         prefix = f"{part}."
-        sub = {k[len(prefix):]: state.pop(k) for k in list(state) if k.startswith(prefix)}
+        sub = {k[len(prefix) :]: state.pop(k) for k in list(state) if k.startswith(prefix)}
         state.update({prefix + k: v for k, v in adapt(sub).items()})
     return state
 

@@ -50,21 +50,31 @@ class AlignLM(nn.Module):
 
     PARTS: tuple[str, ...] = ("vision", "connector", "llm")  # a model with extra input parts adds their names
 
-    def __init__(self, vision: VisionTower, connector: Connector, llm: nn.Module, tokenizer: Any,
-                 extras: dict[str, InputPart] | None = None) -> None:
+    def __init__(
+        self,
+        vision: VisionTower,
+        connector: Connector,
+        llm: nn.Module,
+        tokenizer: Any,
+        extras: dict[str, InputPart] | None = None,
+    ) -> None:
         super().__init__()
         self.vision = vision
         self.connector = connector
         self.llm = llm
         self.tokenizer = tokenizer
         if IMAGE_TOKEN not in tokenizer.get_vocab():
-            tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]}, replace_extra_special_tokens=False)
+            tokenizer.add_special_tokens(
+                {"additional_special_tokens": [IMAGE_TOKEN]}, replace_extra_special_tokens=False
+            )
         self.extras: dict[str, int] = {}  # extra input part name -> the id of its slot token
         for name, part in (extras or {}).items():
             if hasattr(self, name):
                 raise ValueError(f"model.extras.{name}: the name is taken by the model itself; choose another")
             if part.slot_token not in tokenizer.get_vocab():
-                tokenizer.add_special_tokens({"additional_special_tokens": [part.slot_token]}, replace_extra_special_tokens=False)
+                tokenizer.add_special_tokens(
+                    {"additional_special_tokens": [part.slot_token]}, replace_extra_special_tokens=False
+                )
             setattr(self, name, part)
             self.extras[name] = tokenizer.convert_tokens_to_ids(part.slot_token)
         if self.extras:
@@ -140,8 +150,9 @@ class AlignLM(nn.Module):
             embeds = self._write_slots(batch, embeds, visual if has_images else None, is_image)
         return embeds, {"features": features, "visual": visual, "is_image": is_image, "conn": conn}
 
-    def _write_slots(self, batch: Batch, embeds: torch.Tensor, visual: torch.Tensor | None,
-                     is_image: torch.Tensor) -> torch.Tensor:
+    def _write_slots(
+        self, batch: Batch, embeds: torch.Tensor, visual: torch.Tensor | None, is_image: torch.Tensor
+    ) -> torch.Tensor:
         """Each extra part's embedding at its one slot per sample (the data pipeline puts the slots after BOS)."""
         input_ids = batch["input_ids"]
         is_slot = torch.isin(input_ids, torch.tensor(self.slot_token_ids, device=input_ids.device))
@@ -149,8 +160,10 @@ class AlignLM(nn.Module):
             here = input_ids == token_id
             per_row = here.sum(1)
             if not bool((per_row == 1).all()):
-                raise ValueError(f"every sample needs exactly one {getattr(self, name).slot_token} slot for model.extras.{name} "
-                                 f"(the data pipeline inserts it after BOS); slots per sample: {per_row.tolist()}")
+                raise ValueError(
+                    f"every sample needs exactly one {getattr(self, name).slot_token} slot for model.extras.{name} "
+                    f"(the data pipeline inserts it after BOS); slots per sample: {per_row.tolist()}"
+                )
             tokens = getattr(self, name)(batch, embeds, visual, is_image, is_slot)
             embeds = embeds.masked_scatter(here.unsqueeze(-1), tokens.to(embeds.dtype))
         return embeds
@@ -172,7 +185,9 @@ class AlignLM(nn.Module):
         loss_sum = F.cross_entropy(logits.float(), shift_labels[supervised], reduction="sum")
         local_items = supervised.sum()
         num_items = batch.get("num_items_in_batch")
-        denom = torch.as_tensor(num_items if num_items is not None else local_items, device=loss_sum.device).clamp(min=1)
+        denom = torch.as_tensor(num_items if num_items is not None else local_items, device=loss_sum.device).clamp(
+            min=1
+        )
         return AlignOutput(
             lm_loss=loss_sum / denom,
             lm_loss_sum=loss_sum.detach(),

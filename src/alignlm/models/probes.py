@@ -55,7 +55,9 @@ def load_probe_set(path: str | Path, n: int | None = None, image_root: str | Non
         probe.images.append(root / rec["image"])
         probe.captions.append(reference_captions(rec)[0])
     if len(probe.ids) < 3:
-        raise ValueError(f"probe set {path} has {len(probe.ids)} usable image+caption records; the metrics need at least 3")
+        raise ValueError(
+            f"probe set {path} has {len(probe.ids)} usable image+caption records; the metrics need at least 3"
+        )
     return probe
 
 
@@ -63,10 +65,10 @@ def load_probe_set(path: str | Path, n: int | None = None, image_root: str | Non
 class ProbeFeatures:
     """Both modalities of every probe item, on the CPU in float32."""
 
-    visual_tokens: Tensor              # [n, M, D]
-    text_tokens: Tensor                # [n, T, D], short captions padded by repeating their own last token
-    text_mean: Tensor                  # [n, D] mean input embedding of the caption
-    encoder: Tensor                    # [n, Dv] pooled vision-tower features
+    visual_tokens: Tensor  # [n, M, D]
+    text_tokens: Tensor  # [n, T, D], short captions padded by repeating their own last token
+    text_mean: Tensor  # [n, D] mean input embedding of the caption
+    encoder: Tensor  # [n, Dv] pooled vision-tower features
     layers: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)  # layer -> (visual [n, D], text [n, D])
 
     @property
@@ -82,7 +84,9 @@ def _pad_by_repeat(rows: list[Tensor]) -> Tensor:
 
 def _layer_means(llm: Any, embeds: Tensor, mask: Tensor, layers: Sequence[int]) -> list[Tensor]:
     """Masked mean of the chosen hidden states (0 = input embeddings) of one LLM pass."""
-    hidden = llm.get_decoder()(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=True, use_cache=False).hidden_states
+    hidden = llm.get_decoder()(
+        inputs_embeds=embeds, attention_mask=mask, output_hidden_states=True, use_cache=False
+    ).hidden_states
     w = mask.unsqueeze(-1).to(embeds.dtype)
     return [((hidden[i] * w).sum(1) / w.sum(1)).float().cpu() for i in layers]
 
@@ -99,8 +103,9 @@ def resolve_layers(model: Any, layers: Any) -> list[int]:
 
 
 @torch.no_grad()
-def extract(model: Any, probe: ProbeSet, batch_size: int = 32, layers: Sequence[int] = (),
-            vision_features: Tensor | None = None) -> ProbeFeatures:
+def extract(
+    model: Any, probe: ProbeSet, batch_size: int = 32, layers: Sequence[int] = (), vision_features: Tensor | None = None
+) -> ProbeFeatures:
     """Run the probe set through vision tower, connector and (for ``layers``) the LLM, in eval mode.
 
     ``vision_features`` (the tower's output for the whole probe set) skips the tower: the monitor reuses them while
@@ -128,23 +133,41 @@ def extract(model: Any, probe: ProbeSet, batch_size: int = 32, layers: Sequence[
         text_mean.append(((words * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)).float().cpu())
         if layers:
             image_mask = torch.ones(tokens.shape[:2], dtype=torch.long, device=device)
-            for i, v, t in zip(layers, _layer_means(model.llm, tokens.to(words.dtype), image_mask, layers),
-                               _layer_means(model.llm, words, mask, layers)):
+            for i, v, t in zip(
+                layers,
+                _layer_means(model.llm, tokens.to(words.dtype), image_mask, layers),
+                _layer_means(model.llm, words, mask, layers),
+            ):
                 per_layer[i][0].append(v)
                 per_layer[i][1].append(t)
     model.train(was_training)
-    return ProbeFeatures(torch.cat(visual), _pad_by_repeat(text_rows), torch.cat(text_mean), torch.cat(encoder),
-                         {i: (torch.cat(v), torch.cat(t)) for i, (v, t) in per_layer.items()})
+    return ProbeFeatures(
+        torch.cat(visual),
+        _pad_by_repeat(text_rows),
+        torch.cat(text_mean),
+        torch.cat(encoder),
+        {i: (torch.cat(v), torch.cat(t)) for i, (v, t) in per_layer.items()},
+    )
 
 
-def probe_metrics(feats: ProbeFeatures, names: Sequence[str], topk: int = 10,
-                  layer_names: Sequence[str] | None = None, encoder: bool = True) -> dict[str, Any]:
+def probe_metrics(
+    feats: ProbeFeatures,
+    names: Sequence[str],
+    topk: int = 10,
+    layer_names: Sequence[str] | None = None,
+    encoder: bool = True,
+) -> dict[str, Any]:
     """``pooled`` (visual vs caption), ``per_token`` (A-score both ways), ``encoder`` (the vision tower's pooled
     features vs caption, a reference for what the connector adds) and ``layers`` groups."""
-    out: dict[str, Any] = {"n": int(feats.visual_tokens.shape[0]), "pooled": pair_metrics(feats.visual_mean, feats.text_mean, names, topk)}
+    out: dict[str, Any] = {
+        "n": int(feats.visual_tokens.shape[0]),
+        "pooled": pair_metrics(feats.visual_mean, feats.text_mean, names, topk),
+    }
     if "a_score" in names:
-        out["per_token"] = {"a_score_visual_to_text": M.a_score(feats.visual_tokens, feats.text_tokens),
-                            "a_score_text_to_visual": M.a_score(feats.text_tokens, feats.visual_tokens)}
+        out["per_token"] = {
+            "a_score_visual_to_text": M.a_score(feats.visual_tokens, feats.text_tokens),
+            "a_score_text_to_visual": M.a_score(feats.text_tokens, feats.visual_tokens),
+        }
     if encoder:
         out["encoder"] = pair_metrics(feats.encoder, feats.text_mean, names, topk)
     if feats.layers:
@@ -155,11 +178,11 @@ def probe_metrics(feats: ProbeFeatures, names: Sequence[str], topk: int = 10,
 
 def gap_shift(feats: ProbeFeatures, deltas: Sequence[float], metric: str = "i2t_recall@1") -> list[tuple[float, float]]:
     """Mind the Gap's shift curve on the pooled features, for one metric of ``pair_metrics``."""
+
     def measure(a: Tensor, b: Tensor) -> float:
         values = M.retrieval_recall(a, b) if "recall@" in metric else pair_metrics(a, b, [metric])
         if metric not in values:
             raise ValueError(f"gap_shift.metric={metric!r} is not a pooled metric; e.g. i2t_recall@1, mutual_knn, cka")
         return values[metric]
+
     return M.gap_shift_curve(feats.visual_mean, feats.text_mean, deltas, measure)
-
-

@@ -81,7 +81,9 @@ class HFVisionTower(VisionTower):
             config = dict(config)
             model_type = config.pop("model_type", None)
             if model_type is None:
-                raise ValueError("model.vision.config needs a model_type, e.g. clip_vision_model or siglip_vision_model")
+                raise ValueError(
+                    "model.vision.config needs a model_type, e.g. clip_vision_model or siglip_vision_model"
+                )
             hf_config = AutoConfig.for_model(model_type, **config)
         else:
             hf_config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
@@ -147,7 +149,11 @@ class EfficientNetLiteTower(VisionTower):
     """
 
     def __init__(
-        self, variant: str = "efficientnet-lite0", image_size: int = 128, weights: str | None = "package", select_feature: str = "patch"
+        self,
+        variant: str = "efficientnet-lite0",
+        image_size: int = 128,
+        weights: str | None = "package",
+        select_feature: str = "patch",
     ) -> None:
         super().__init__()
 
@@ -157,7 +163,9 @@ class EfficientNetLiteTower(VisionTower):
             raise ValueError(f"model.vision.image_size={image_size} must be a multiple of 32 for EfficientNet")
         self.model = EfficientNet.from_name(variant, image_size=image_size)
         if weights is not None:
-            self.model.load_state_dict(torch.load(_efficientnet_weights(variant, weights), map_location="cpu", weights_only=True))
+            self.model.load_state_dict(
+                torch.load(_efficientnet_weights(variant, weights), map_location="cpu", weights_only=True)
+            )
         # TF-Lite models were trained on inputs scaled to [-1, 1].
         self.image_spec = ImageSpec(size=image_size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
         self.hidden_size = self.model._conv_head.out_channels

@@ -35,7 +35,7 @@ class Objective(nn.Module):
         """Called once by the trainer after the model and the stage's dataset exist, before the first step.
 
         For state that depends on them: a word prior counted over the training captions (VLAP), frozen word
-        embeddings taken from the LLM (SEA). The default does nothing.
+        embeddings taken from the LLM. The default does nothing.
         """
 
     def forward(self, batch: dict[str, Any], out: Any, model: nn.Module) -> LossTerm:  # pragma: no cover
@@ -47,5 +47,7 @@ def check_batch(needs: dict[str, tuple[str, ...]], batch: dict[str, Any]) -> Non
     for who, keys in needs.items():
         missing = [k for k in keys if batch.get(k) is None]
         if missing:
-            raise KeyError(f"{who} needs batch fields {missing}, which the configured data does not provide "
-                           "(a stage.data.hooks entry provides a method's fields)")
+            raise KeyError(
+                f"{who} needs batch fields {missing}, which the configured data does not provide "
+                "(a stage.data.hooks entry provides a method's fields)"
+            )

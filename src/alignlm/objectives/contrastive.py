@@ -29,7 +29,9 @@ from alignlm.objectives.base import LossTerm, Objective
 from alignlm.objectives.pairs import image_caption_pairs, zero_loss
 
 
-def info_nce(visual: torch.Tensor, captions: torch.Tensor, caption_of_image: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def info_nce(
+    visual: torch.Tensor, captions: torch.Tensor, caption_of_image: torch.Tensor, scale: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Symmetric InfoNCE between ``visual`` ``[P, D]`` and ``captions`` ``[C, D]``; image ``i`` matches caption ``caption_of_image[i]``."""
     logits = scale * F.normalize(visual.float(), dim=-1) @ F.normalize(captions.float(), dim=-1).T  # [P, C]
     i2t = F.cross_entropy(logits, caption_of_image)

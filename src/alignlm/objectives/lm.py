@@ -17,4 +17,3 @@ class LMObjective(Objective):
 
     def forward(self, batch: dict[str, Any], out: Any, model: nn.Module) -> LossTerm:
         return LossTerm(out.lm_loss)
-

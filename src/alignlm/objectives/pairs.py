@@ -38,7 +38,9 @@ def image_caption_pairs(batch: dict[str, Any], out: Any, model: nn.Module) -> Pa
     visual_tokens = out.visual_tokens  # [n_images, M, Dl]; one zero image when the batch has none
     per_image = visual_tokens.shape[1]
     images_per_sample = out.image_positions.sum(1) // per_image  # [B]
-    sample_of_image = torch.repeat_interleave(torch.arange(len(images_per_sample), device=visual_tokens.device), images_per_sample)
+    sample_of_image = torch.repeat_interleave(
+        torch.arange(len(images_per_sample), device=visual_tokens.device), images_per_sample
+    )
     n_images = int(images_per_sample.sum())
 
     supervised = batch["labels"] != IGNORE_INDEX  # [B, T]: labels are unshifted, so these positions are the caption

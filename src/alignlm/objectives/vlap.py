@@ -1,4 +1,4 @@
-"""VLAP: assignment prediction against the LLM vocabulary (METHODS.md section 3; Park et al., ICLR 2024).
+"""VLAP: assignment prediction against the LLM vocabulary (docs/methods.md, VLAP; Park et al., ICLR 2024).
 
 Both modalities are softly assigned to the LLM's (frozen, normalised) word embeddings by optimal transport,
 and each modality must predict the other's assignment, so image and caption come to "mean" the same words:
@@ -41,10 +41,14 @@ ASSISTANT_ROLES = ("gpt", "assistant")
 def caption_texts(dataset: Any) -> Iterable[str]:
     """The supervised (assistant) text of every sample of an epoch, in the dataset's mixture proportions."""
     if not hasattr(dataset, "record"):
-        raise TypeError(f"VLAP counts its word prior over LLaVA-format records; {type(dataset).__name__} has no record(i)")
+        raise TypeError(
+            f"VLAP counts its word prior over LLaVA-format records; {type(dataset).__name__} has no record(i)"
+        )
     for i in range(len(dataset)):
         _, rec = dataset.record(i)
-        yield "\n".join(str(m.get("value", "")) for m in rec["conversations"] if str(m.get("from", "")).lower() in ASSISTANT_ROLES)
+        yield "\n".join(
+            str(m.get("value", "")) for m in rec["conversations"] if str(m.get("from", "")).lower() in ASSISTANT_ROLES
+        )
 
 
 def token_counts(texts: Iterable[str], tokenizer: Any, vocab_size: int, chunk: int = 4096) -> torch.Tensor:
@@ -94,7 +98,9 @@ class VLAPObjective(Objective):
 
     name = "vlap"
 
-    def __init__(self, tau: float = 0.01, epsilon: float = 0.01, iterations: int = 3, prior_temperature: float = 0.25) -> None:
+    def __init__(
+        self, tau: float = 0.01, epsilon: float = 0.01, iterations: int = 3, prior_temperature: float = 0.25
+    ) -> None:
         super().__init__()
         self.tau, self.epsilon, self.iterations, self.prior_temperature = tau, epsilon, iterations, prior_temperature
         self.register_buffer("log_mu", None, persistent=False)
@@ -107,8 +113,14 @@ class VLAPObjective(Objective):
         vocab = model.llm.get_input_embeddings().num_embeddings
         counts = token_counts(caption_texts(dataset), model.tokenizer, vocab)
         self.set_prior(counts)
-        log.info("VLAP word prior: %d caption tokens, %d distinct of %d, from %d samples in %.1fs",
-                 int(counts.sum()), int((counts > 0).sum()), vocab, len(dataset), time.perf_counter() - start)
+        log.info(
+            "VLAP word prior: %d caption tokens, %d distinct of %d, from %d samples in %.1fs",
+            int(counts.sum()),
+            int((counts > 0).sum()),
+            vocab,
+            len(dataset),
+            time.perf_counter() - start,
+        )
 
     def set_prior(self, counts: torch.Tensor) -> None:
         """Use this per-token count vector (length = the LLM's embedding rows) for ``mu``."""
@@ -124,13 +136,24 @@ class VLAPObjective(Objective):
 
     def forward(self, batch: dict[str, Any], out: Any, model: nn.Module) -> LossTerm:
         if self.log_mu is None:
-            raise RuntimeError("VLAPObjective needs its word prior: the trainer calls setup(model, dataset) before step 1")
+            raise RuntimeError(
+                "VLAPObjective needs its word prior: the trainer calls setup(model, dataset) before step 1"
+            )
         weight = model.llm.get_input_embeddings().weight
         if weight.shape[0] != self.log_mu.shape[0]:
-            raise ValueError(f"VLAP prior covers {self.log_mu.shape[0]} words but the LLM has {weight.shape[0]} embedding rows")
+            raise ValueError(
+                f"VLAP prior covers {self.log_mu.shape[0]} words but the LLM has {weight.shape[0]} embedding rows"
+            )
         pairs = image_caption_pairs(batch, out, model)
         if pairs.visual.shape[0] == 0:
             return LossTerm(zero_loss(out))
-        loss, metrics = vlap_loss(F.normalize(pairs.visual, dim=-1), F.normalize(pairs.text, dim=-1), self.prototypes(weight),
-                                  self.log_mu, self.tau, self.epsilon, self.iterations)
+        loss, metrics = vlap_loss(
+            F.normalize(pairs.visual, dim=-1),
+            F.normalize(pairs.text, dim=-1),
+            self.prototypes(weight),
+            self.log_mu,
+            self.tau,
+            self.epsilon,
+            self.iterations,
+        )
         return LossTerm(loss, metrics)

@@ -63,15 +63,24 @@ def publish(tmp: Path, final: Path) -> None:
 
 
 def save_training_state(
-    ckpt_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, state: dict[str, Any], rng: dict[int, Any],
+    ckpt_dir: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: dict[str, Any],
+    rng: dict[int, Any],
     objectives: nn.Module | None = None,
 ) -> None:
     """Everything exact resume needs, written atomically (called on the main process); ``objectives`` holds the
     stage's objectives by config key, whose persistent state (a learned temperature) resumes with them."""
     tmp = atomic_dir(ckpt_dir)
-    save_file(part_state(model, model.PARTS, only_trainable=True), str(tmp / "trainable.safetensors"))  # extra parts too
+    save_file(
+        part_state(model, model.PARTS, only_trainable=True), str(tmp / "trainable.safetensors")
+    )  # extra parts too
     if objectives is not None and objectives.state_dict():
-        save_file({k: v.detach().cpu().contiguous() for k, v in objectives.state_dict().items()}, str(tmp / OBJECTIVES_FILE))
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in objectives.state_dict().items()}, str(tmp / OBJECTIVES_FILE)
+        )
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     for rank, r in rng.items():
@@ -80,15 +89,23 @@ def save_training_state(
     publish(tmp, ckpt_dir)
 
 
-def load_training_state(ckpt_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, rank: int,
-                        objectives: nn.Module | None = None) -> dict[str, Any]:
+def load_training_state(
+    ckpt_dir: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    rank: int,
+    objectives: nn.Module | None = None,
+) -> dict[str, Any]:
     """Restore weights, objective state, optimizer, scheduler and this rank's RNG; returns the trainer state."""
     state = load_file(str(ckpt_dir / "trainable.safetensors"))
     load_part_state(model, state, [])
     if objectives is not None and objectives.state_dict():
         if not (ckpt_dir / OBJECTIVES_FILE).exists():
-            raise FileNotFoundError(f"{ckpt_dir} has no {OBJECTIVES_FILE}, but this stage's objectives have state to resume "
-                                    "(was the checkpoint written with other objectives?)")
+            raise FileNotFoundError(
+                f"{ckpt_dir} has no {OBJECTIVES_FILE}, but this stage's objectives have state to resume "
+                "(was the checkpoint written with other objectives?)"
+            )
         objectives.load_state_dict(load_file(str(ckpt_dir / OBJECTIVES_FILE)))  # copies onto each tensor's device
     optimizer.load_state_dict(torch.load(ckpt_dir / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(ckpt_dir / "scheduler.pt", weights_only=True))

@@ -27,8 +27,15 @@ def get_logger(name: str, rank: int) -> logging.Logger:
 class MetricsLogger:
     """Writes every scalar to ``metrics.jsonl`` and, when enabled, to wandb (offline mode needs no network)."""
 
-    def __init__(self, path: Path, wandb_cfg: Mapping[str, Any] | None, run_name: str, config: dict[str, Any], enabled: bool,
-                 start_step: int = 0) -> None:
+    def __init__(
+        self,
+        path: Path,
+        wandb_cfg: Mapping[str, Any] | None,
+        run_name: str,
+        config: dict[str, Any],
+        enabled: bool,
+        start_step: int = 0,
+    ) -> None:
         self.enabled = enabled
         self.path = path
         self.wandb = None

@@ -33,8 +33,10 @@ class AlignmentMonitor:
         if not self.every:
             return
         if not cfg.get("probe"):
-            raise ValueError("monitor.every > 0 needs monitor.probe: a caption file (image + caption records), "
-                             "e.g. monitor.probe=${data_root}/digits/test_captions.json")
+            raise ValueError(
+                "monitor.every > 0 needs monitor.probe: a caption file (image + caption records), "
+                "e.g. monitor.probe=${data_root}/digits/test_captions.json"
+            )
         self.probe = load_probe_set(str(cfg["probe"]), cfg.get("n"), cfg.get("image_root"))
         self.metrics = list(cfg.get("metrics") or ["modality_gap", "mutual_knn", "cka", "retrieval"])
         self.topk = int(cfg.get("topk", 10))
@@ -53,8 +55,12 @@ class AlignmentMonitor:
         if self.tower_features is None:
             pixels = self.probe.pixels(model.image_spec)
             device = next(model.parameters()).device
-            self.tower_features = torch.cat([model.vision(pixels[i:i + self.batch_size].to(device)).cpu()
-                                             for i in range(0, len(pixels), self.batch_size)])
+            self.tower_features = torch.cat(
+                [
+                    model.vision(pixels[i : i + self.batch_size].to(device)).cpu()
+                    for i in range(0, len(pixels), self.batch_size)
+                ]
+            )
         return self.tower_features
 
     def due(self, step: int) -> bool:

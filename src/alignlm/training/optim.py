@@ -30,7 +30,9 @@ def lr_lambda(total_steps: int, warmup_steps: int, schedule: str = "cosine"):
     return f
 
 
-def build_optimizer(model: AlignLM, stage: Mapping[str, Any], total_steps: int, objective_params: Sequence[torch.nn.Parameter] = ()):
+def build_optimizer(
+    model: AlignLM, stage: Mapping[str, Any], total_steps: int, objective_params: Sequence[torch.nn.Parameter] = ()
+):
     """AdamW over the stage's parameter groups plus its warmup/decay schedule.
 
     ``objective_params`` (a learnable contrastive temperature, ...) form one more group at ``stage.lr.objectives``,
@@ -40,8 +42,17 @@ def build_optimizer(model: AlignLM, stage: Mapping[str, Any], total_steps: int, 
     if objective_params:
         if "objectives" not in stage["lr"]:
             raise ValueError("stage.lr.objectives is missing but an objective of this stage has trainable parameters")
-        groups.append({"params": list(objective_params), "lr": float(stage["lr"]["objectives"]), "weight_decay": 0.0, "name": "objectives"})
+        groups.append(
+            {
+                "params": list(objective_params),
+                "lr": float(stage["lr"]["objectives"]),
+                "weight_decay": 0.0,
+                "name": "objectives",
+            }
+        )
     optimizer = torch.optim.AdamW(groups, betas=tuple(stage.get("betas", (0.9, 0.999))), eps=1e-8)
     warmup = int(round(float(stage.get("warmup_ratio", 0.03)) * total_steps))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup, stage.get("scheduler", "cosine")))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(total_steps, warmup, stage.get("scheduler", "cosine"))
+    )
     return optimizer, scheduler

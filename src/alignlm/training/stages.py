@@ -2,7 +2,7 @@
 
 LoRA wraps the LLM with peft in place; ``merge_lora`` folds it back before a final save, so ``final/``
 always holds plain weights that load without peft. A part may define its own modes (``TRAIN_MODES`` and
-``set_train_mode``): AlignGPT's ``align_levels`` trains its ``levels`` in pretraining and its ``gate`` in finetuning.
+``set_train_mode``): an extra input part may train one half of itself in one stage and the other half in the next.
 """
 
 from __future__ import annotations
@@ -89,8 +89,14 @@ def param_groups(model: AlignLM, lr: Mapping[str, float], weight_decay: float) -
             decays = p.ndim >= 2 and not n.rsplit(".", 1)[-1].startswith("bias")  # stacked MoE biases are 2-D
             by_key.setdefault((prefix, float(scales.get(prefix, 1.0)), decays), []).append(p)
         for (prefix, scale, decays), ps in by_key.items():
-            groups.append({"params": ps, "lr": float(lr[part]) * scale, "weight_decay": weight_decay if decays else 0.0,
-                           "name": f"{part}.{prefix}" if prefix else part})
+            groups.append(
+                {
+                    "params": ps,
+                    "lr": float(lr[part]) * scale,
+                    "weight_decay": weight_decay if decays else 0.0,
+                    "name": f"{part}.{prefix}" if prefix else part,
+                }
+            )
     if not groups:
         raise ValueError("stage trains nothing: set at least one of stage.parts to full or lora")
     return groups

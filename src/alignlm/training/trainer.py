@@ -91,10 +91,20 @@ class Trainer:
             model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.dataset = build_dataset(stage.data, model, cfg.seed, for_generation=False)
         self.order = StepSampler(
-            len(self.dataset), int(stage.per_device_batch_size), acc.num_processes, acc.process_index, int(stage.grad_accum),
-            int(cfg.seed), total_steps=0, lengths=self.dataset.length_estimates() if stage.data.get("group_by_length") else None,
+            len(self.dataset),
+            int(stage.per_device_batch_size),
+            acc.num_processes,
+            acc.process_index,
+            int(stage.grad_accum),
+            int(cfg.seed),
+            total_steps=0,
+            lengths=self.dataset.length_estimates() if stage.data.get("group_by_length") else None,
         )
-        self.total_steps = int(stage.max_steps) if stage.get("max_steps") else int(math.ceil(float(stage.epochs) * self.order.steps_per_epoch))
+        self.total_steps = (
+            int(stage.max_steps)
+            if stage.get("max_steps")
+            else int(math.ceil(float(stage.epochs) * self.order.steps_per_epoch))
+        )
         self.objectives = build_objectives(stage)
         self.monitor = AlignmentMonitor(cfg.get("monitor"), model)
         for obj, _ in self.objectives.values():
@@ -111,15 +121,26 @@ class Trainer:
         self.flops_per_token = 2 * total + 2 * sum(p.numel() for p in model.llm.parameters()) + 2 * trainable
         self.log.info(
             "stage %s: %d steps of %d samples (global batch), %s trainable of %s params, %d processes",
-            self.name, self.total_steps, self.order.global_batch, f"{trainable:,}", f"{total:,}", acc.num_processes,
+            self.name,
+            self.total_steps,
+            self.order.global_batch,
+            f"{trainable:,}",
+            f"{total:,}",
+            acc.num_processes,
         )
 
     def _maybe_resume(self) -> tuple[int, int]:
         if self.cfg.resume == "never" or not ckpt.step_dirs(self.dir):
             return 0, 0
         last = ckpt.step_dirs(self.dir)[-1]
-        state = ckpt.load_training_state(last, self.acc.unwrap_model(self.model), self.optimizer, self.scheduler, self.acc.process_index,
-                                         self.objective_modules)
+        state = ckpt.load_training_state(
+            last,
+            self.acc.unwrap_model(self.model),
+            self.optimizer,
+            self.scheduler,
+            self.acc.process_index,
+            self.objective_modules,
+        )
         self.log.info("resumed stage %s from %s (step %d)", self.name, last, state["step"])
         return int(state["step"]), int(state.get("skipped", 0))
 
@@ -145,22 +166,40 @@ class Trainer:
     def fit(self) -> StageResult:
         self.setup()
         acc, st = self.acc, self.stage
-        metrics = MetricsLogger(self.dir / "metrics.jsonl", self.cfg.logging.get("wandb"), f"{self.cfg.run_name}/{self.name}",
-                                OmegaConf.to_container(self.cfg, resolve=True), acc.is_main_process, self.start_step)
+        metrics = MetricsLogger(
+            self.dir / "metrics.jsonl",
+            self.cfg.logging.get("wandb"),
+            f"{self.cfg.run_name}/{self.name}",
+            OmegaConf.to_container(self.cfg, resolve=True),
+            acc.is_main_process,
+            self.start_step,
+        )
         if acc.is_main_process:  # what eval needs to rebuild a step checkpoint before final/ exists
             (self.dir / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
-        loader = DataLoader(self.dataset, batch_sampler=dataclasses.replace(self.order, total_steps=self.total_steps, start_step=self.start_step),
-                            collate_fn=Collator(self.dataset.tokenizer.pad_token_id, hooks=self.dataset.hooks), num_workers=int(st.data.get("num_workers", 0)))
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=dataclasses.replace(self.order, total_steps=self.total_steps, start_step=self.start_step),
+            collate_fn=Collator(self.dataset.tokenizer.pad_token_id, hooks=self.dataset.hooks),
+            num_workers=int(st.data.get("num_workers", 0)),
+        )
         batches = iter(loader)
         accum, max_norm = int(st.grad_accum), float(st.get("max_grad_norm", 1.0))
         stop_at = min(self.total_steps, self.start_step + int(self.cfg.stop_after_steps or self.total_steps))
-        bar = tqdm(total=self.total_steps, initial=self.start_step, desc=self.name, disable=not acc.is_main_process, dynamic_ncols=True)
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.start_step,
+            desc=self.name,
+            disable=not acc.is_main_process,
+            dynamic_ncols=True,
+        )
         losses: list[float] = []
         t0, samples, tokens = time.perf_counter(), 0, 0
         self.model.train()
         for step in range(self.start_step, stop_at):
             micro = [next(batches) for _ in range(accum)]
-            self.skipped += int(acc.reduce(torch.tensor(sum(len(b["skipped"]) for b in micro), device=acc.device), "sum"))
+            self.skipped += int(
+                acc.reduce(torch.tensor(sum(len(b["skipped"]) for b in micro), device=acc.device), "sum")
+            )
             micro = [send_to_device(b, acc.device) for b in micro if "input_ids" in b]
             if int(acc.reduce(torch.tensor(accum - len(micro), device=acc.device), "sum")):
                 # every sample of a micro-batch was skipped on some rank: skip the step on all ranks, in step
@@ -169,8 +208,11 @@ class Trainer:
                 continue
             n_items = acc.reduce(sum((b["labels"][:, 1:] != IGNORE_INDEX).sum() for b in micro).to(acc.device), "sum")
             if step == self.start_step:
-                check_batch({f"objective {k}": o.requires_batch_keys for k, (o, _) in self.objectives.items()}
-                            | {"the model's extra parts": self.acc.unwrap_model(self.model).requires_batch_keys}, micro[0])
+                check_batch(
+                    {f"objective {k}": o.requires_batch_keys for k, (o, _) in self.objectives.items()}
+                    | {"the model's extra parts": self.acc.unwrap_model(self.model).requires_batch_keys},
+                    micro[0],
+                )
             lm_sum, total_sum, logs = torch.zeros((), device=acc.device), torch.zeros((), device=acc.device), {}
             for i, batch in enumerate(micro):
                 batch["num_items_in_batch"] = n_items.float() / acc.num_processes
@@ -190,7 +232,10 @@ class Trainer:
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             # every logged value is the global (all ranks, all micro-batches) figure
-            row = {"loss/total": float(acc.reduce(total_sum, "mean")), "loss/lm": float(acc.reduce(lm_sum, "sum") / n_items.clamp(min=1))}
+            row = {
+                "loss/total": float(acc.reduce(total_sum, "mean")),
+                "loss/lm": float(acc.reduce(lm_sum, "sum") / n_items.clamp(min=1)),
+            }
             row.update({k: float(acc.reduce(torch.as_tensor(v, device=acc.device), "mean")) for k, v in logs.items()})
             row["lr"] = self.scheduler.get_last_lr()[-1]
             if grad_norm is not None:
@@ -198,35 +243,62 @@ class Trainer:
             samples += int(acc.reduce(torch.tensor(sum(len(b["ids"]) for b in micro), device=acc.device), "sum"))
             tokens += int(acc.reduce(sum(b["attention_mask"].sum() for b in micro).to(acc.device), "sum"))
             elapsed = time.perf_counter() - t0
-            row.update({"samples_per_s": samples / elapsed, "tokens_per_s": tokens / elapsed, "skipped": self.skipped,
-                        "tflops": tokens * self.flops_per_token / elapsed / 1e12})
+            row.update(
+                {
+                    "samples_per_s": samples / elapsed,
+                    "tokens_per_s": tokens / elapsed,
+                    "skipped": self.skipped,
+                    "tflops": tokens * self.flops_per_token / elapsed / 1e12,
+                }
+            )
             if self.cfg.logging.get("peak_tflops"):
                 row["mfu"] = row["tflops"] / (float(self.cfg.logging.peak_tflops) * acc.num_processes)
             losses.append(row["loss/total"])
             row.update(self.monitor(step + 1, acc.unwrap_model(self.model)))
             metrics.log(row, step + 1)
             bar.update(1)
-            bar.set_postfix(loss=f"{row['loss/total']:.4f}", sps=f"{row['samples_per_s']:.1f}", tps=f"{row['tokens_per_s']:.0f}")
+            bar.set_postfix(
+                loss=f"{row['loss/total']:.4f}", sps=f"{row['samples_per_s']:.1f}", tps=f"{row['tokens_per_s']:.0f}"
+            )
             if int(st.save_every) and (step + 1) % int(st.save_every) == 0 and step + 1 < self.total_steps:
                 self.save_checkpoint(step + 1)
         bar.close()
         metrics.close()
         if stop_at < self.total_steps:
             self.save_checkpoint(stop_at)
-            raise StopTraining(f"stopped after step {stop_at} of {self.total_steps} (stop_after_steps); rerun to resume")
+            raise StopTraining(
+                f"stopped after step {stop_at} of {self.total_steps} (stop_after_steps); rerun to resume"
+            )
         final = self.save_final()
         elapsed = time.perf_counter() - t0
-        return StageResult(self.name, final, len(losses), losses[0] if losses else float("nan"), losses[-1] if losses else float("nan"),
-                           elapsed, samples / max(elapsed, 1e-9), tokens / max(elapsed, 1e-9), self.skipped, acc.num_processes,
-                           self.dataset.malformed[:3])
+        return StageResult(
+            self.name,
+            final,
+            len(losses),
+            losses[0] if losses else float("nan"),
+            losses[-1] if losses else float("nan"),
+            elapsed,
+            samples / max(elapsed, 1e-9),
+            tokens / max(elapsed, 1e-9),
+            self.skipped,
+            acc.num_processes,
+            self.dataset.malformed[:3],
+        )
 
     def save_checkpoint(self, step: int) -> None:
         rng = gather_object([ckpt.rng_state()])
         if self.acc.is_main_process:
             state = {"step": step, "stage": self.name, "skipped": self.skipped, "world": self.acc.num_processes}
             path = self.dir / "checkpoints" / f"{ckpt.STEP_PREFIX}{step:06d}"
-            ckpt.save_training_state(path, self.acc.unwrap_model(self.model), self.optimizer, self.scheduler, state, dict(enumerate(rng)),
-                                     self.objective_modules)
+            ckpt.save_training_state(
+                path,
+                self.acc.unwrap_model(self.model),
+                self.optimizer,
+                self.scheduler,
+                state,
+                dict(enumerate(rng)),
+                self.objective_modules,
+            )
             ckpt.prune(self.dir, int(self.stage.get("keep_last", 2)))
         self.acc.wait_for_everyone()
 

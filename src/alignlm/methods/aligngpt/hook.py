@@ -15,8 +15,7 @@ from typing import Any
 
 import torch
 
-from alignlm.data.hooks import SampleHook
-from alignlm.data.llava import LlavaDataset
+from alignlm.data.hooks import HookedDataset, SampleHook
 from alignlm.data.records import DataError
 from alignlm.methods.aligngpt.levels import LevelLabels
 from alignlm.methods.aligngpt.part import LEVELS_KEY, AlignLevels
@@ -30,24 +29,35 @@ class LevelHook(SampleHook):
     def __init__(self, path: str | Path, model: Any, part: str = "align_levels") -> None:
         module = getattr(model, part, None)
         if not isinstance(module, AlignLevels):
-            raise ValueError(f"data.hooks.levels gives per-sample levels but the model has no AlignGPT part "
-                             f"model.extras.{part}; add +model/align_levels=aligngpt (or train +exp=aligngpt)")
+            raise ValueError(
+                f"data.hooks.levels gives per-sample levels but the model has no AlignGPT part "
+                f"model.extras.{part}; add +model/align_levels=aligngpt (or train +exp=aligngpt)"
+            )
         if module.train_mode != "levels":
-            raise ValueError(f"data.hooks.levels gives per-sample levels, which only parts.{part}=levels uses (this stage: "
-                             f"{module.train_mode!r}); a gate stage mixes the levels itself, so remove the hook")
+            raise ValueError(
+                f"data.hooks.levels gives per-sample levels, which only parts.{part}=levels uses (this stage: "
+                f"{module.train_mode!r}); a gate stage mixes the levels itself, so remove the hook"
+            )
         self.levels = LevelLabels(path).check(module.num_levels)
 
-    def bind(self, dataset: LlavaDataset) -> None:
+    def bind(self, dataset: HookedDataset) -> None:
         """A levels file that covers none of the stage's records fails; gaps are reported, then skipped."""
         ids = [rid for _, rid, _ in dataset.distinct_records()]
         missing = [rid for rid in ids if self.levels.get(rid) is None]
         if len(missing) == len(ids) or (missing and dataset.on_error == "raise"):
-            raise DataError(f"AlignGPT levels {self.levels.path} have no level for {len(missing)} of the {len(ids)} records "
-                            f"of {[s.path for s in dataset.sources]}, e.g. {missing[:3]}; write them for this data "
-                            "(alignlm aligngpt-levels --data ...)")
+            raise DataError(
+                f"AlignGPT levels {self.levels.path} have no level for {len(missing)} of the {len(ids)} records "
+                f"of {[s.path for s in dataset.sources]}, e.g. {missing[:3]}; write them for this data "
+                "(alignlm aligngpt-levels --data ...)"
+            )
         if missing:
-            log.warning("AlignGPT levels %s have no level for %d of %d records (e.g. %s); those are skipped",
-                        self.levels.path, len(missing), len(ids), missing[:3])
+            log.warning(
+                "AlignGPT levels %s have no level for %d of %d records (e.g. %s); those are skipped",
+                self.levels.path,
+                len(missing),
+                len(ids),
+                missing[:3],
+            )
 
     def fields(self, record_id: str, record: dict[str, Any], visual_inputs: list[Any]) -> dict[str, Any]:
         level = self.levels.get(record_id)

@@ -54,7 +54,9 @@ def equal_count_levels(scores: np.ndarray, num_levels: int) -> tuple[np.ndarray,
     return levels, scores[order[first]]
 
 
-def caption_pairs(data: Sequence[str | Path], image_root: str | Path | None = None) -> tuple[list[tuple[str, Path, str]], Counter]:
+def caption_pairs(
+    data: Sequence[str | Path], image_root: str | Path | None = None
+) -> tuple[list[tuple[str, Path, str]], Counter]:
     """``(record id, image path, caption)`` of every single-image caption record, and why the others were left out.
 
     The caption is ``data.records.record_caption`` (a LLaVA pretraining record's first assistant turn).
@@ -70,7 +72,9 @@ def caption_pairs(data: Sequence[str | Path], image_root: str | Path | None = No
                 raise DataError(f"{path} record {i} has no 'id'; AlignGPT levels are keyed by record id")
             rid = str(rec["id"])
             if rid in where:
-                raise DataError(f"record id {rid!r} appears in {where[rid]} and {path}; levels need ids unique across files")
+                raise DataError(
+                    f"record id {rid!r} appears in {where[rid]} and {path}; levels need ids unique across files"
+                )
             where[rid] = str(path)
             image = rec.get("image")
             caption = record_caption(rec) or ""
@@ -86,8 +90,9 @@ def caption_pairs(data: Sequence[str | Path], image_root: str | Path | None = No
 
 
 @torch.no_grad()
-def pair_scores(encoder: DualEncoder, images: Sequence[Path], captions: Sequence[str],
-                batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+def pair_scores(
+    encoder: DualEncoder, images: Sequence[Path], captions: Sequence[str], batch_size: int = 64
+) -> tuple[np.ndarray, np.ndarray]:
     """Cosine of each image with its caption, and a mask of the pairs whose image could be read."""
     scores = np.full(len(images), np.nan)
     for start in tqdm(range(0, len(images), batch_size), desc="aligngpt levels", unit="batch"):
@@ -105,8 +110,15 @@ def pair_scores(encoder: DualEncoder, images: Sequence[Path], captions: Sequence
     return scores, ~np.isnan(scores)
 
 
-def make_levels(out: str | Path, data: Sequence[str | Path], encoder: str | DualEncoder, num_levels: int = 8,
-                batch_size: int = 64, image_root: str | Path | None = None, device: str | None = None) -> Path:
+def make_levels(
+    out: str | Path,
+    data: Sequence[str | Path],
+    encoder: str | DualEncoder,
+    num_levels: int = 8,
+    batch_size: int = 64,
+    image_root: str | Path | None = None,
+    device: str | None = None,
+) -> Path:
     """Score, bucket and write a levels file; the one entry the CLI and the pipeline call.
 
     ``encoder``: an ``alignlm dual-encoder fit`` folder, a Hugging Face CLIP / SigLIP name or folder, or an object
@@ -122,10 +134,18 @@ def make_levels(out: str | Path, data: Sequence[str | Path], encoder: str | Dual
         skipped["unreadable image"] += int((~ok).sum())
     kept = [p[0] for p, good in zip(pairs, ok) if good]
     levels, edges = equal_count_levels(scores[ok], num_levels)
-    meta = {"format": FORMAT, "version": VERSION, "num_levels": int(num_levels), "encoder": encoder.name,
-            "similarity": "cosine", "edges": [round(float(e), 6) for e in edges],
-            "counts": np.bincount(levels, minlength=num_levels).tolist(), "data": [str(d) for d in data],
-            "skipped": dict(skipped), "levels": dict(zip(kept, levels.tolist()))}
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "num_levels": int(num_levels),
+        "encoder": encoder.name,
+        "similarity": "cosine",
+        "edges": [round(float(e), 6) for e in edges],
+        "counts": np.bincount(levels, minlength=num_levels).tolist(),
+        "data": [str(d) for d in data],
+        "skipped": dict(skipped),
+        "levels": dict(zip(kept, levels.tolist())),
+    }
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
@@ -141,13 +161,17 @@ class LevelLabels:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         if not self.path.exists():
-            raise FileNotFoundError(f"AlignGPT levels file {self.path} does not exist; write it with `alignlm aligngpt-levels`, "
-                                    "or give the stage an aligngpt_levels prepare step so the pipeline writes it")
+            raise FileNotFoundError(
+                f"AlignGPT levels file {self.path} does not exist; write it with `alignlm aligngpt-levels`, "
+                "or give the stage an aligngpt_levels prepare step so the pipeline writes it"
+            )
         meta = json.loads(self.path.read_text(encoding="utf-8"))
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise DataError(f"{self.path} is not an alignlm AlignGPT levels file (no format {FORMAT!r})")
         if meta.get("version") != VERSION:
-            raise DataError(f"{self.path}: levels format version {meta.get('version')} is not supported (expected {VERSION})")
+            raise DataError(
+                f"{self.path}: levels format version {meta.get('version')} is not supported (expected {VERSION})"
+            )
         self.num_levels: int = int(meta["num_levels"])
         self.encoder: str = str(meta["encoder"])
         self.edges: list[float] = list(meta["edges"])
@@ -165,15 +189,24 @@ class LevelLabels:
     def check(self, num_levels: int) -> LevelLabels:
         """Fail at start-up when the file was bucketed for another ``L`` than the model's; returns self."""
         if num_levels != self.num_levels:
-            raise DataError(f"{self.path} holds {self.num_levels} levels but model.align_levels.num_levels={num_levels}; "
-                            "point the levels hook at a file made with that many (or delete this one so the "
-                            "aligngpt_levels prepare step rewrites it)")
+            raise DataError(
+                f"{self.path} holds {self.num_levels} levels but model.align_levels.num_levels={num_levels}; "
+                "point the levels hook at a file made with that many (or delete this one so the "
+                "aligngpt_levels prepare step rewrites it)"
+            )
         return self
 
 
-def ensure_levels(out: str | Path, data: Sequence[str | Path], encoder: str, num_levels: int = 8, batch_size: int = 64,
-                  image_root: str | Path | None = None, device: str | None = None,
-                  fit: dict[str, Any] | None = None) -> Path:
+def ensure_levels(
+    out: str | Path,
+    data: Sequence[str | Path],
+    encoder: str,
+    num_levels: int = 8,
+    batch_size: int = 64,
+    image_root: str | Path | None = None,
+    device: str | None = None,
+    fit: dict[str, Any] | None = None,
+) -> Path:
     """The ``aligngpt_levels`` prepare step: write the levels file only when it is missing.
 
     ``fit`` (``alignlm dual-encoder fit`` knobs) fits the offline dual encoder into ``encoder`` first when that folder

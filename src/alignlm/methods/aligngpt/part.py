@@ -33,20 +33,33 @@ class AlignLevels(InputPart):
     TRAIN_MODES = ("frozen", "levels", "gate")
     slot_token = ALIGN_TOKEN
 
-    def __init__(self, hidden_size: int, num_visual_tokens: int, embed_std: float, num_levels: int = 8,
-                 gate_hidden: int = 256, init_std: float | None = None) -> None:
+    def __init__(
+        self,
+        hidden_size: int,
+        num_visual_tokens: int,
+        embed_std: float,
+        num_levels: int = 8,
+        gate_hidden: int = 256,
+        init_std: float | None = None,
+    ) -> None:
         super().__init__()
         if num_levels < 2:
-            raise ValueError(f"model.align_levels.num_levels={num_levels}: AlignGPT needs at least 2 levels "
-                             "(the gate mixes levels 0..L-2 on top of level L-1)")
+            raise ValueError(
+                f"model.align_levels.num_levels={num_levels}: AlignGPT needs at least 2 levels "
+                "(the gate mixes levels 0..L-2 on top of level L-1)"
+            )
         if gate_hidden < 1:
             raise ValueError(f"model.align_levels.gate_hidden={gate_hidden} must be >= 1")
         std = embed_std if init_std is None else init_std
         if not std > 0:
-            raise ValueError(f"model.align_levels.init_std={init_std!r} must be > 0 (null: the LLM embedding table's std)")
+            raise ValueError(
+                f"model.align_levels.init_std={init_std!r} must be > 0 (null: the LLM embedding table's std)"
+            )
         self.num_levels, self.num_visual_tokens = int(num_levels), int(num_visual_tokens)
         self.embeddings = nn.Parameter(torch.randn(num_levels, hidden_size) * std)
-        self.gate = nn.Sequential(nn.Linear(num_visual_tokens, gate_hidden), nn.GELU(), nn.Linear(gate_hidden, num_levels - 1))
+        self.gate = nn.Sequential(
+            nn.Linear(num_visual_tokens, gate_hidden), nn.GELU(), nn.Linear(gate_hidden, num_levels - 1)
+        )
         self.train_mode = "frozen"
 
     def set_train_mode(self, mode: str) -> None:
@@ -65,7 +78,9 @@ class AlignLevels(InputPart):
     def gate_weights(self, visual: Tensor, text: Tensor) -> Tensor:
         """Mixture weights ``[B, L-1]`` (rows sum to 1) from visual tokens ``[B, M, D]`` and mean text ``[B, D]``."""
         if visual.shape[1] != self.num_visual_tokens:
-            raise ValueError(f"the align-levels gate takes {self.num_visual_tokens} visual tokens per sample, got {visual.shape[1]}")
+            raise ValueError(
+                f"the align-levels gate takes {self.num_visual_tokens} visual tokens per sample, got {visual.shape[1]}"
+            )
         dots = torch.einsum("bmd,bd->bm", visual, text.to(visual.dtype))
         return self.gate(dots.to(self.gate[0].weight.dtype)).softmax(dim=-1)
 
@@ -81,7 +96,9 @@ class AlignLevels(InputPart):
         """Finetuning's and inference's level token, the gated mixture per sample, ``[B, D]``."""
         return self.mixture(self.gate_weights(visual, text))
 
-    def forward(self, batch: dict[str, Any], embeds: Tensor, visual: Tensor | None, is_image: Tensor, is_slot: Tensor) -> Tensor:
+    def forward(
+        self, batch: dict[str, Any], embeds: Tensor, visual: Tensor | None, is_image: Tensor, is_slot: Tensor
+    ) -> Tensor:
         """Each sample's level token: ``H[level]`` with ``batch["align_levels"]`` (pretraining); without (finetuning,
         generation) the gate's mixture from the sample's visual tokens (mean over its images; zeros without one) and
         the mean embedding of its *unsupervised* text: the prompt, which is all that generation sees, so training
@@ -99,8 +116,13 @@ class AlignLevels(InputPart):
     def _per_sample_visual(self, visual: Tensor | None, is_image: Tensor) -> Tensor:
         """Each sample's visual tokens ``[B, M, D]``, averaged over its images; zeros for a sample without any."""
         rows = is_image.shape[0]
-        out = torch.zeros(rows, self.num_visual_tokens, self.embeddings.shape[1], device=is_image.device,
-                          dtype=self.embeddings.dtype if visual is None else visual.dtype)
+        out = torch.zeros(
+            rows,
+            self.num_visual_tokens,
+            self.embeddings.shape[1],
+            device=is_image.device,
+            dtype=self.embeddings.dtype if visual is None else visual.dtype,
+        )
         if visual is None:
             return out
         counts = is_image.sum(1) // self.num_visual_tokens

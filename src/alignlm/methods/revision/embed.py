@@ -36,8 +36,11 @@ def collect_images(source: str | Path, image_root: str | Path | None = None) -> 
     """``(id, path)`` of every image of a folder (recursive) or a LLaVA JSON, each image once, in order."""
     source = Path(source)
     if source.is_dir():
-        return [(p.relative_to(source).as_posix(), p) for p in sorted(source.rglob("*"))
-                if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+        return [
+            (p.relative_to(source).as_posix(), p)
+            for p in sorted(source.rglob("*"))
+            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+        ]
     root = Path(image_root) if image_root else source.parent
     seen: dict[str, Path] = {}
     for rec in read_records(source):
@@ -56,7 +59,9 @@ def collect_texts(source: str | Path) -> list[tuple[str, str]]:
         for i, rec in enumerate(read_records(source)):
             rid, caption = str(rec["id"]) if rec.get("id") is not None else str(i), record_caption(rec)
             if caption is None:
-                raise ValueError(f"{source} record {rid}: no caption ('caption', 'text' or an assistant turn in 'conversations')")
+                raise ValueError(
+                    f"{source} record {rid}: no caption ('caption', 'text' or an assistant turn in 'conversations')"
+                )
             out.append((rid, caption))
         return out
     lines = source.read_text(encoding="utf-8").splitlines()
@@ -66,8 +71,16 @@ def collect_texts(source: str | Path) -> list[tuple[str, str]]:
 # ------------------------------------------------------------------------------------------------- shards
 
 
-def embed_items(encoder: DualEncoder, modality: str, items: Sequence[tuple[str, object]], out_dir: str | Path, *,
-                shard_size: int = 10_000, batch_size: int = 64, progress: bool = True) -> list[Path]:
+def embed_items(
+    encoder: DualEncoder,
+    modality: str,
+    items: Sequence[tuple[str, object]],
+    out_dir: str | Path,
+    *,
+    shard_size: int = 10_000,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> list[Path]:
     """Encode ``(id, image path or text)`` items into ``out_dir/<modality>/shard_*.safetensors``; resumable."""
     if modality not in MODALITIES:
         raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
@@ -75,10 +88,17 @@ def embed_items(encoder: DualEncoder, modality: str, items: Sequence[tuple[str, 
     encode = encoder.encode_images if modality == "images" else encoder.encode_texts
     n_shards = (len(items) + shard_size - 1) // shard_size
     paths = [folder / f"shard_{k:05d}.safetensors" for k in range(n_shards)]
-    done = [_finished(p, [i for i, _ in items[k * shard_size : (k + 1) * shard_size]], encoder.name)
-            for k, p in enumerate(paths)]
-    bar = tqdm(total=len(items), initial=sum(min(shard_size, len(items) - k * shard_size) for k, d in enumerate(done) if d),
-               desc=f"embed {modality}", unit="item", disable=not progress)
+    done = [
+        _finished(p, [i for i, _ in items[k * shard_size : (k + 1) * shard_size]], encoder.name)
+        for k, p in enumerate(paths)
+    ]
+    bar = tqdm(
+        total=len(items),
+        initial=sum(min(shard_size, len(items) - k * shard_size) for k, d in enumerate(done) if d),
+        desc=f"embed {modality}",
+        unit="item",
+        disable=not progress,
+    )
     for k, path in enumerate(paths):
         if done[k]:
             continue
@@ -99,6 +119,8 @@ def _finished(path: Path, ids: list[str], encoder: str) -> bool:
         return False
     shard = open_shard(path)
     if shard.ids != ids or shard.encoder != encoder:
-        raise ValueError(f"{path} exists but holds other items or another encoder ({shard.encoder!r}, want {encoder!r}): "
-                         "the input changed since it was written; use a new --out folder or delete it")
+        raise ValueError(
+            f"{path} exists but holds other items or another encoder ({shard.encoder!r}, want {encoder!r}): "
+            "the input changed since it was written; use a new --out folder or delete it"
+        )
     return True

@@ -37,8 +37,15 @@ def ensure_encoder(encoder: str, fit: Mapping[str, Any] | None = None) -> None:
         raise ValueError(f"revision.fit has a knob `alignlm dual-encoder fit` does not take: {e}") from e
 
 
-def ensure_embeddings(encoder: str, embeddings: str, images: Sequence[str], texts: Sequence[str], shard_size: int = 10_000,
-                      batch_size: int = 64, device: str | None = None) -> None:
+def ensure_embeddings(
+    encoder: str,
+    embeddings: str,
+    images: Sequence[str],
+    texts: Sequence[str],
+    shard_size: int = 10_000,
+    batch_size: int = 64,
+    device: str | None = None,
+) -> None:
     """Image and caption embedding shards in ``embeddings``/images and /texts; finished shards are checked and kept."""
     for key, value in (("images", images), ("texts", texts)):
         if not value:
@@ -62,11 +69,18 @@ def ensure_realign(embeddings: str, realign: str | None, covariance: float | Non
     if path.exists():
         stored = ReAlignStats.load(path).covariance
         if stored != covariance:
-            raise ValueError(f"revision.realign={path} was fitted with covariance={stored}, but revision.covariance="
-                             f"{covariance}: point revision.realign at another file, or delete this one to refit")
+            raise ValueError(
+                f"revision.realign={path} was fitted with covariance={stored}, but revision.covariance="
+                f"{covariance}: point revision.realign at another file, or delete this one to refit"
+            )
         return
     folder = Path(embeddings)
     stats = fit(folder / "images", folder / "texts", covariance=covariance)
     stats.save(path)
-    log.info("revision: ReAlign statistics in %s (s=%.3f, covariance %s, gap before %.3f)", path, stats.s,
-             covariance, stats.summary()["gap_before"])
+    log.info(
+        "revision: ReAlign statistics in %s (s=%.3f, covariance %s, gap before %.3f)",
+        path,
+        stats.s,
+        covariance,
+        stats.summary()["gap_before"],
+    )

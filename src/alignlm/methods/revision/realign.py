@@ -212,8 +212,10 @@ def covariance_map(image: Moments, text: Moments, shrinkage: float) -> Tensor:
     eigval = torch.linalg.eigvalsh(c_y)
     if eigval[0] <= 1e-12 * eigval[-1]:
         rank = int((eigval > 1e-12 * eigval[-1]).sum())
-        raise ValueError(f"the text covariance has rank {rank} < {dim} (few distinct captions): give a positive "
-                         f"covariance shrinkage (revision.covariance / --covariance), e.g. 1.0")
+        raise ValueError(
+            f"the text covariance has rank {rank} < {dim} (few distinct captions): give a positive "
+            f"covariance shrinkage (revision.covariance / --covariance), e.g. 1.0"
+        )
     return _sym_power(image.covariance, 0.5) @ _sym_power(c_y, -0.5)
 
 
@@ -234,7 +236,7 @@ class ReAlignStats:
     n_text: int
     encoder: str = "unknown"
     extra: dict[str, Any] = field(default_factory=dict)
-    A: Tensor | None = None  # Anchor + Covariance matrix; None: the trace step of METHODS.md
+    A: Tensor | None = None  # Anchor + Covariance matrix; None: the paper's trace step
     covariance: float | None = None  # its shrinkage
 
     def anchor_(self, y: Tensor) -> Tensor:
@@ -260,16 +262,35 @@ class ReAlignStats:
         return stats.apply_(_unit_rows_(y, "text embeddings", 0))
 
     def to(self, device: torch.device | str) -> ReAlignStats:
-        return ReAlignStats(self.mu_x.to(device), self.mu_y.to(device), self.mu1.to(device), self.s, self.T_x,
-                            self.T_y, self.n_image, self.n_text, self.encoder, self.extra,
-                            None if self.A is None else self.A.to(device), self.covariance)
+        return ReAlignStats(
+            self.mu_x.to(device),
+            self.mu_y.to(device),
+            self.mu1.to(device),
+            self.s,
+            self.T_x,
+            self.T_y,
+            self.n_image,
+            self.n_text,
+            self.encoder,
+            self.extra,
+            None if self.A is None else self.A.to(device),
+            self.covariance,
+        )
 
     def summary(self) -> dict[str, Any]:
         """The scalars, for logs and the file's JSON metadata."""
         return {
-            "format": FORMAT, "encoder": self.encoder, "dim": int(self.mu_x.numel()), "n_image": self.n_image,
-            "n_text": self.n_text, "s": self.s, "T_x": self.T_x, "T_y": self.T_y,
-            "gap_before": (self.mu_y - self.mu_x).norm().item(), "covariance": self.covariance, **self.extra,
+            "format": FORMAT,
+            "encoder": self.encoder,
+            "dim": int(self.mu_x.numel()),
+            "n_image": self.n_image,
+            "n_text": self.n_text,
+            "s": self.s,
+            "T_x": self.T_x,
+            "T_y": self.T_y,
+            "gap_before": (self.mu_y - self.mu_x).norm().item(),
+            "covariance": self.covariance,
+            **self.extra,
         }
 
     def save(self, path: str | Path) -> Path:
@@ -277,13 +298,22 @@ class ReAlignStats:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         scalar = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
-        tensors = {"mu_x": self.mu_x, "mu_y": self.mu_y, "mu1": self.mu1,
-                   "s": scalar(self.s), "T_x": scalar(self.T_x), "T_y": scalar(self.T_y)}
+        tensors = {
+            "mu_x": self.mu_x,
+            "mu_y": self.mu_y,
+            "mu1": self.mu1,
+            "s": scalar(self.s),
+            "T_x": scalar(self.T_x),
+            "T_y": scalar(self.T_y),
+        }
         if self.A is not None:
             tensors["A"] = self.A
         tmp = path.with_name(f".{path.name}.tmp")
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-                  metadata={"realign": json.dumps(self.summary())})
+        save_file(
+            {k: v.contiguous().cpu() for k, v in tensors.items()},
+            str(tmp),
+            metadata={"realign": json.dumps(self.summary())},
+        )
         tmp.replace(path)
         return path
 
@@ -292,12 +322,25 @@ class ReAlignStats:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {}).get("realign", "{}"))
             if meta.get("format") != FORMAT:
-                raise ValueError(f"{path}: not a ReAlign statistics file (format {meta.get('format')!r}, want {FORMAT!r})")
+                raise ValueError(
+                    f"{path}: not a ReAlign statistics file (format {meta.get('format')!r}, want {FORMAT!r})"
+                )
             t = {k: f.get_tensor(k) for k in f.keys()}
         known = {"format", "encoder", "dim", "n_image", "n_text", "s", "T_x", "T_y", "gap_before", "covariance"}
-        return cls(t["mu_x"], t["mu_y"], t["mu1"], t["s"].item(), t["T_x"].item(), t["T_y"].item(),
-                   meta["n_image"], meta["n_text"], meta.get("encoder", "unknown"),
-                   {k: v for k, v in meta.items() if k not in known}, t.get("A"), meta.get("covariance"))
+        return cls(
+            t["mu_x"],
+            t["mu_y"],
+            t["mu1"],
+            t["s"].item(),
+            t["T_x"].item(),
+            t["T_y"].item(),
+            meta["n_image"],
+            meta["n_text"],
+            meta.get("encoder", "unknown"),
+            {k: v for k, v in meta.items() if k not in known},
+            t.get("A"),
+            meta.get("covariance"),
+        )
 
 
 def _encoder_of(images: Sequence[Shard], texts: Sequence[Shard], given: str | None) -> str:
@@ -310,11 +353,18 @@ def _encoder_of(images: Sequence[Shard], texts: Sequence[Shard], given: str | No
     return names.pop() if names else "unknown"
 
 
-def fit(image_sources: Any, text_sources: Any, *, encoder: str | None = None, rows: int = CHUNK_ROWS,
-        threads: int = THREADS, covariance: float | None = None) -> ReAlignStats:
+def fit(
+    image_sources: Any,
+    text_sources: Any,
+    *,
+    encoder: str | None = None,
+    rows: int = CHUNK_ROWS,
+    threads: int = THREADS,
+    covariance: float | None = None,
+) -> ReAlignStats:
     """Fit ReAlign's statistics on unpaired image and text shard sets (folders or files).
 
-    ``covariance``: ``None`` for METHODS.md's trace step, or a shrinkage ``>= 0`` for Anchor + Covariance
+    ``covariance``: ``None`` for the paper's trace step, or a shrinkage ``>= 0`` for Anchor + Covariance
     (module doc); the co-moment matrices then stream too (``D x D`` float64 per record).
 
     Under ``torch.distributed`` each rank reads every ``world``-th shard and the records are merged across
@@ -332,8 +382,19 @@ def fit(image_sources: Any, text_sources: Any, *, encoder: str | None = None, ro
         raise ValueError(f"empty set: {image_m.count} image and {text_m.count} text embeddings")
     s = (image_m.trace / (text_m.trace + EPS_TRACE)) ** 0.5
     a = covariance_map(image_m, text_m, float(covariance)) if full else None
-    stats = ReAlignStats(image_m.mean, text_m.mean, torch.zeros_like(image_m.mean), s, image_m.trace,
-                         text_m.trace, image_m.count, text_m.count, name, A=a, covariance=covariance)
+    stats = ReAlignStats(
+        image_m.mean,
+        text_m.mean,
+        torch.zeros_like(image_m.mean),
+        s,
+        image_m.trace,
+        text_m.trace,
+        image_m.count,
+        text_m.count,
+        name,
+        A=a,
+        covariance=covariance,
+    )
     centroid = CentroidSum.empty(texts[0].dim)
     with _threads(threads):
         for _, y in unit_chunks(rank_shards(texts), rows):
@@ -342,8 +403,15 @@ def fit(image_sources: Any, text_sources: Any, *, encoder: str | None = None, ro
     return stats
 
 
-def apply(stats: ReAlignStats, text_sources: Any, out_dir: str | Path, *, rows: int = CHUNK_ROWS,
-          dtype: torch.dtype = torch.float32, threads: int = THREADS) -> list[Path]:
+def apply(
+    stats: ReAlignStats,
+    text_sources: Any,
+    out_dir: str | Path,
+    *,
+    rows: int = CHUNK_ROWS,
+    dtype: torch.dtype = torch.float32,
+    threads: int = THREADS,
+) -> list[Path]:
     """Write ReAligned text embeddings, one output shard per input shard (same name and format, ids kept)."""
     texts = list_shards(text_sources)
     if texts[0].dim != stats.mu_x.numel():

@@ -68,8 +68,9 @@ class Shard:
     def matrix(self) -> np.ndarray:
         """The whole ``[rows, dim]`` matrix, memory-mapped read-only: random rows without loading the file."""
         offset, dtype, fortran = _data_layout(self.path)
-        return np.memmap(self.path, dtype=dtype, mode="r", offset=offset, shape=(self.rows, self.dim),
-                         order="F" if fortran else "C")
+        return np.memmap(
+            self.path, dtype=dtype, mode="r", offset=offset, shape=(self.rows, self.dim), order="F" if fortran else "C"
+        )
 
 
 _SAFETENSORS_DTYPES = {"F16": np.float16, "BF16": None, "F32": np.float32, "F64": np.float64}
@@ -144,8 +145,10 @@ class ShardTable:
         for k, shard in enumerate(self.shards):
             for row, item in enumerate(shard.ids):
                 if item in self.where:
-                    raise ValueError(f"id {item!r} is in both {self.shards[self.where[item][0]].path} and {shard.path}: "
-                                     "rows must be found by id unambiguously")
+                    raise ValueError(
+                        f"id {item!r} is in both {self.shards[self.where[item][0]].path} and {shard.path}: "
+                        "rows must be found by id unambiguously"
+                    )
                 self.where[item] = (k, row)
         self.matrices = [s.matrix() for s in self.shards]
 
@@ -162,7 +165,9 @@ class ShardTable:
         return np.array(self.matrices[k][row])
 
 
-def write_shard(path: str | Path, embeddings: torch.Tensor | np.ndarray, metadata: dict[str, str] | None = None) -> Path:
+def write_shard(
+    path: str | Path, embeddings: torch.Tensor | np.ndarray, metadata: dict[str, str] | None = None
+) -> Path:
     """Write one shard atomically (temporary name, then rename); the suffix picks the format."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

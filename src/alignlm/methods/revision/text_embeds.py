@@ -26,8 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from alignlm.data.hooks import SampleHook
-from alignlm.data.llava import LlavaDataset
+from alignlm.data.hooks import HookedDataset, SampleHook
 from alignlm.data.records import DataError, Source
 from alignlm.methods.revision.realign import ReAlignStats
 from alignlm.methods.revision.shards import ShardTable
@@ -40,8 +39,9 @@ class TextEmbeddingHook(SampleHook):
 
     replaces_visuals = True
 
-    def __init__(self, text_embeds: str | Path, model: Any, realign: str | Path | None = None,
-                 embed_noise: float = 0.0) -> None:
+    def __init__(
+        self, text_embeds: str | Path, model: Any, realign: str | Path | None = None, embed_noise: float = 0.0
+    ) -> None:
         if embed_noise < 0:
             raise DataError(f"embed_noise must be >= 0 (a standard deviation per coordinate), got {embed_noise}")
         vision = model.vision
@@ -49,20 +49,28 @@ class TextEmbeddingHook(SampleHook):
         self.table = ShardTable(text_embeds)
         self.where = f"text_embeds={text_embeds}"
         if self.table.dim != vision.hidden_size:
-            raise DataError(f"{self.where} holds {self.table.dim}-d embeddings but model.vision gives {vision.hidden_size}-d "
-                            "features: embed the captions with the tower's dual encoder")
+            raise DataError(
+                f"{self.where} holds {self.table.dim}-d embeddings but model.vision gives {vision.hidden_size}-d "
+                "features: embed the captions with the tower's dual encoder"
+            )
         encoder = getattr(vision, "encoder_name", None)
         if encoder is not None and self.table.encoders and self.table.encoders != [encoder]:
-            log.warning("%s was written by encoder %s, model.vision uses %r: make sure they are the same model",
-                        self.where, self.table.encoders, encoder)
+            log.warning(
+                "%s was written by encoder %s, model.vision uses %r: make sure they are the same model",
+                self.where,
+                self.table.encoders,
+                encoder,
+            )
         self.realign = ReAlignStats.load(realign) if realign else None
         if self.realign is not None and self.table.encoders and self.table.encoders != [self.realign.encoder]:
-            raise DataError(f"realign={realign} was fitted on {self.realign.encoder!r} embeddings but {self.where} holds "
-                            f"{self.table.encoders}: ReAlign only applies in the space it was fitted in")
+            raise DataError(
+                f"realign={realign} was fitted on {self.realign.encoder!r} embeddings but {self.where} holds "
+                f"{self.table.encoders}: ReAlign only applies in the space it was fitted in"
+            )
         self.num_tokens, self.scale = vision.num_patches, float(getattr(vision, "scale", 1.0))
         self.noise_seed = 0
 
-    def bind(self, dataset: LlavaDataset) -> None:
+    def bind(self, dataset: HookedDataset) -> None:
         """Every record needs an ``id`` with a row in the shards; the noise is seeded by the run's seed."""
         self.noise_seed = dataset.seed
         ids = []
@@ -73,9 +81,11 @@ class TextEmbeddingHook(SampleHook):
                 ids.append(str(rec["id"]))
         missing = self.table.missing(ids)
         if missing:
-            raise DataError(f"{self.where} has no embedding for {len(missing)} of {len(ids)} caption records of "
-                            f"{[s.path for s in dataset.sources]} (first: {missing[:3]}); embed these records' captions "
-                            "(`alignlm embed --texts ...`, or add them to the revision embed step's texts)")
+            raise DataError(
+                f"{self.where} has no embedding for {len(missing)} of {len(ids)} caption records of "
+                f"{[s.path for s in dataset.sources]} (first: {missing[:3]}); embed these records' captions "
+                "(`alignlm embed --texts ...`, or add them to the revision embed step's texts)"
+            )
 
     def visual_inputs(self, source: Source, record: dict[str, Any]) -> list[str]:
         """One pseudo-image per record, named by its id; the record's image files are never read."""

@@ -33,7 +33,9 @@ class DualEncoderTower(VisionTower):
         if int(num_tokens) < 1:
             raise ValueError(f"model.vision.num_tokens={num_tokens} must be at least 1")
         if not float(scale) > 0:
-            raise ValueError(f"model.vision.scale={scale} must be positive (the norm of the embedding the connector sees)")
+            raise ValueError(
+                f"model.vision.scale={scale} must be positive (the norm of the embedding the connector sees)"
+            )
         self.scale = float(scale)
         self.encoder = load_encoder(str(encoder), name=name)
         self.encoder.requires_grad_(False).eval()
@@ -48,8 +50,10 @@ class DualEncoderTower(VisionTower):
     def requires_grad_(self, requires_grad: bool = True) -> DualEncoderTower:
         """Refuse to train: text embeddings and ReAlign statistics were computed in the frozen encoder's space."""
         if requires_grad:
-            raise ValueError("stage.parts.vision must be frozen with model.vision=dual_encoder: the caption embeddings "
-                             "and ReAlign statistics describe the frozen encoder's space")
+            raise ValueError(
+                "stage.parts.vision must be frozen with model.vision=dual_encoder: the caption embeddings "
+                "and ReAlign statistics describe the frozen encoder's space"
+            )
         return super().requires_grad_(False)
 
     def forward(self, pixel_values: Tensor) -> Tensor:

@@ -12,8 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from alignlm.data.hooks import SampleHook, cat_per_image
-from alignlm.data.llava import LlavaDataset
+from alignlm.data.hooks import HookedDataset, SampleHook, cat_per_image
 from alignlm.data.records import DataError
 from alignlm.methods.sea.labels import SeaLabels
 
@@ -27,12 +26,16 @@ class SeaLabelHook(SampleHook):
 
     def __init__(self, path: str | Path, model: Any) -> None:
         vision = model.vision
-        self.labels = SeaLabels(path).place_on_tokens(model.num_image_tokens, vision.num_patches, vision.num_prefix_tokens)
+        self.labels = SeaLabels(path).place_on_tokens(
+            model.num_image_tokens, vision.num_patches, vision.num_prefix_tokens
+        )
 
-    def bind(self, dataset: LlavaDataset) -> None:
+    def bind(self, dataset: HookedDataset) -> None:
         uses = sum(self.labels.coverage(dataset.visual_inputs(src, rec)) for src, _, rec in dataset.distinct_records())
         if uses == 0:
-            raise DataError(f"SEA labels {self.labels.path} label none of the images of {[s.path for s in dataset.sources]}")
+            raise DataError(
+                f"SEA labels {self.labels.path} label none of the images of {[s.path for s in dataset.sources]}"
+            )
         log.info("SEA labels %s cover %d image uses of this stage's data", self.labels.path, uses)
 
     def fields(self, record_id: str, record: dict[str, Any], visual_inputs: list[Any]) -> dict[str, Any]:

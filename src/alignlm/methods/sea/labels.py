@@ -54,10 +54,14 @@ class LabelSet:
         cells = self.grid[0] * self.grid[1]
         n = len(self.images)
         if self.word_ids.shape != self.scores.shape or self.word_ids.ndim != 3 or self.word_ids.shape[:2] != (n, cells):
-            raise DataError(f"SEA labels need words and scores of shape [{n} images, {cells} cells, k]; got "
-                            f"{tuple(self.word_ids.shape)} and {tuple(self.scores.shape)}")
+            raise DataError(
+                f"SEA labels need words and scores of shape [{n} images, {cells} cells, k]; got "
+                f"{tuple(self.word_ids.shape)} and {tuple(self.scores.shape)}"
+            )
         if self.word_ids.size and (self.word_ids.min() < -1 or self.word_ids.max() >= len(self.words)):
-            raise DataError(f"SEA label word ids must be in [-1, {len(self.words)}); got [{self.word_ids.min()}, {self.word_ids.max()}]")
+            raise DataError(
+                f"SEA label word ids must be in [-1, {len(self.words)}); got [{self.word_ids.min()}, {self.word_ids.max()}]"
+            )
         if len(set(self.words)) != len(self.words):
             raise DataError("SEA label word list has duplicates")
 
@@ -72,11 +76,20 @@ def write_labels(path: str | Path, labels: LabelSet) -> Path:
     ids, scores = np.take_along_axis(ids, order, -1), np.take_along_axis(scores, order, -1)
     scores = np.where(ids < 0, 0.0, scores).astype(np.float32)
     root = path.parent.resolve()
-    meta = {"version": VERSION, "source": labels.source, "grid": list(labels.grid), "words": labels.words,
-            "images": [Path(os.path.relpath(p.resolve(), root)).as_posix() for p in labels.images], "info": labels.info}
+    meta = {
+        "version": VERSION,
+        "source": labels.source,
+        "grid": list(labels.grid),
+        "words": labels.words,
+        "images": [Path(os.path.relpath(p.resolve(), root)).as_posix() for p in labels.images],
+        "info": labels.info,
+    }
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file({"words": np.ascontiguousarray(ids), "scores": np.ascontiguousarray(scores)}, str(tmp),
-              metadata={META_KEY: json.dumps(meta)})
+    save_file(
+        {"words": np.ascontiguousarray(ids), "scores": np.ascontiguousarray(scores)},
+        str(tmp),
+        metadata={META_KEY: json.dumps(meta)},
+    )
     tmp.chmod(0o644)  # readable like the data beside it
     tmp.replace(path)
     return path
@@ -88,8 +101,10 @@ class SeaLabels:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         if not self.path.exists():
-            raise FileNotFoundError(f"SEA labels file {self.path} does not exist; write it with `alignlm sea-labels`, "
-                                    "or give the stage a sea_labels prepare step so the pipeline writes it")
+            raise FileNotFoundError(
+                f"SEA labels file {self.path} does not exist; write it with `alignlm sea-labels`, "
+                "or give the stage a sea_labels prepare step so the pipeline writes it"
+            )
         with safe_open(str(self.path), "pt") as f:
             raw = (f.metadata() or {}).get(META_KEY)
             shape = f.get_slice("words").get_shape() if raw else None
@@ -97,7 +112,9 @@ class SeaLabels:
             raise DataError(f"{self.path} is not an alignlm SEA labels file (no {META_KEY!r} metadata)")
         meta = json.loads(raw)
         if meta.get("version") != VERSION:
-            raise DataError(f"{self.path}: labels format version {meta.get('version')} is not supported (expected {VERSION})")
+            raise DataError(
+                f"{self.path}: labels format version {meta.get('version')} is not supported (expected {VERSION})"
+            )
         self.words: list[str] = list(meta["words"])
         self.grid: tuple[int, int] = (int(meta["grid"][0]), int(meta["grid"][1]))
         self.source: str = meta["source"]
@@ -170,8 +187,9 @@ class SeaLabels:
 # ---- sources -------------------------------------------------------------------------------------------------------
 
 
-def from_annotations(data: Sequence[str | Path], k: int, annotations: str | Path | None = None,
-                     image_root: str | Path | None = None) -> LabelSet:
+def from_annotations(
+    data: Sequence[str | Path], k: int, annotations: str | Path | None = None, image_root: str | Path | None = None
+) -> LabelSet:
     """Convert per-record patch annotations ``{grid, words, images: {id: [per cell: [[word, score], ...]]}}``.
 
     ``annotations`` defaults to ``patch_labels.json`` beside the first data file (what ``shapes`` writes). Every
@@ -193,14 +211,18 @@ def from_annotations(data: Sequence[str | Path], k: int, annotations: str | Path
         images.setdefault(paths[0], rid)
     missing = [rid for rid in images.values() if rid not in ann["images"]]
     if missing:
-        raise DataError(f"{path} has no labels for {len(missing)} records of {[str(d) for d in data]}, e.g. {missing[:3]}")
+        raise DataError(
+            f"{path} has no labels for {len(missing)} records of {[str(d) for d in data]}, e.g. {missing[:3]}"
+        )
     cells = grid[0] * grid[1]
     ids = np.full((len(images), cells, k), -1, dtype=np.int32)
     scores = np.zeros((len(images), cells, k), dtype=np.float32)
     for n, rid in enumerate(images.values()):
         per_cell = ann["images"][rid]
         if len(per_cell) != cells:
-            raise DataError(f"{path}: record {rid} has {len(per_cell)} cells, the grid {grid[0]}x{grid[1]} needs {cells}")
+            raise DataError(
+                f"{path}: record {rid} has {len(per_cell)} cells, the grid {grid[0]}x{grid[1]} needs {cells}"
+            )
         for c, cands in enumerate(per_cell):
             for j, (word, score) in enumerate(sorted(cands, key=lambda ws: -float(ws[1]))[:k]):
                 if word not in word_index:
@@ -209,8 +231,9 @@ def from_annotations(data: Sequence[str | Path], k: int, annotations: str | Path
     return LabelSet(words, grid, list(images), ids, scores, "annotations", {"annotations": str(path)})
 
 
-def dual_encoder_scores(encoder: DualEncoder, pixel_values: torch.Tensor, text: torch.Tensor, k: int,
-                        grid: int | None = None) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+def dual_encoder_scores(
+    encoder: DualEncoder, pixel_values: torch.Tensor, text: torch.Tensor, k: int, grid: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
     """Top-k words per patch by cosine: ``(ids [B, cells, k], scores [B, cells, k], (rows, cols))``.
 
     ``grid`` average-pools the patch features to ``grid x grid`` first, so labels can match a coarser training tower.
@@ -219,14 +242,25 @@ def dual_encoder_scores(encoder: DualEncoder, pixel_values: torch.Tensor, text: 
     if grid is not None:
         patches = torch.nn.functional.adaptive_avg_pool2d(patches.permute(0, 3, 1, 2), grid).permute(0, 2, 3, 1)
     rows, cols = patches.shape[1:3]
-    sims = torch.nn.functional.normalize(patches.flatten(1, 2), dim=-1) @ torch.nn.functional.normalize(text.float(), dim=-1).T
+    sims = (
+        torch.nn.functional.normalize(patches.flatten(1, 2), dim=-1)
+        @ torch.nn.functional.normalize(text.float(), dim=-1).T
+    )
     scores, ids = sims.topk(min(k, text.shape[0]), dim=-1)
     return ids, scores, (rows, cols)
 
 
-def from_dual_encoder(data: Sequence[str | Path], k: int, model: str | DualEncoder, words: Sequence[str] | str,
-                      prompt: str = "a photo of a {w}", grid: int | None = None, batch_size: int = 32,
-                      image_root: str | Path | None = None, trust_remote_code: bool = False) -> LabelSet:
+def from_dual_encoder(
+    data: Sequence[str | Path],
+    k: int,
+    model: str | DualEncoder,
+    words: Sequence[str] | str,
+    prompt: str = "a photo of a {w}",
+    grid: int | None = None,
+    batch_size: int = 32,
+    image_root: str | Path | None = None,
+    trust_remote_code: bool = False,
+) -> LabelSet:
     """Label every image of ``data`` with its patches' nearest words under a dual encoder.
 
     ``model`` is a Hugging Face CLIPModel / SiglipModel name or path, an ``alignlm dual-encoder fit`` folder, or any
@@ -242,7 +276,9 @@ def from_dual_encoder(data: Sequence[str | Path], k: int, model: str | DualEncod
         text = encoder.encode_texts([prompt.format(w=w) for w in words])
         ids, scores, shape = [], [], None
         for start in range(0, len(paths), batch_size):
-            pixels = torch.stack([preprocess(load_rgb(p), encoder.image_spec) for p in paths[start:start + batch_size]])
+            pixels = torch.stack(
+                [preprocess(load_rgb(p), encoder.image_spec) for p in paths[start : start + batch_size]]
+            )
             i, s, shape = dual_encoder_scores(encoder, pixels, text, k, grid)
             ids.append(i)
             scores.append(s)
@@ -265,7 +301,9 @@ def read_words(words: Sequence[str] | str) -> list[str]:
         path = Path(words)
         if not path.exists():
             raise FileNotFoundError(f"word list {path} does not exist")
-        words = [w.strip() for w in path.read_text(encoding="utf-8").splitlines() if w.strip() and not w.startswith("#")]
+        words = [
+            w.strip() for w in path.read_text(encoding="utf-8").splitlines() if w.strip() and not w.startswith("#")
+        ]
     words = [str(w) for w in words]
     if not words:
         raise ValueError("the word list is empty")

@@ -47,7 +47,9 @@ def sample_labels(words: torch.Tensor, scores: torch.Tensor, t_sample: float) ->
     return torch.where(has, words.gather(-1, pick).squeeze(-1), -1)
 
 
-def sea_logits(visual: torch.Tensor, labels: torch.Tensor, word_emb: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+def sea_logits(
+    visual: torch.Tensor, labels: torch.Tensor, word_emb: torch.Tensor, tau: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits of labelled tokens over the batch's distinct labels, and each token's class index.
 
     ``visual [T, D]``, ``labels [T]`` (-1 = ignored), ``word_emb [W, D]``. Returns ``[T', U]`` and ``[T']``.
@@ -77,8 +79,10 @@ class SEAObjective(Objective):
     def setup(self, model: nn.Module, dataset: Any) -> None:
         hook = next((h for h in getattr(dataset, "hooks", ()) if isinstance(h, SeaLabelHook)), None)
         if hook is None:
-            raise ValueError("objective sea needs per-patch word labels: add the data hook stage.data.hooks.sea "
-                             "(a labels file from alignlm sea-labels, or the sea_labels prepare step; see configs/exp/sea.yaml)")
+            raise ValueError(
+                "objective sea needs per-patch word labels: add the data hook stage.data.hooks.sea "
+                "(a labels file from alignlm sea-labels, or the sea_labels prepare step; see configs/exp/sea.yaml)"
+            )
         self.set_words(model, hook.labels.words)
 
     def set_words(self, model: nn.Module, words: Sequence[str]) -> None:
@@ -95,8 +99,10 @@ class SEAObjective(Objective):
         if words.shape[0] == 0:
             return LossTerm(zero, {"acc": zero.detach()})
         if words.shape[:2] != visual.shape[:2]:
-            raise ValueError(f"sea_words cover {tuple(words.shape[:2])} (images, tokens) but the connector gave "
-                             f"{tuple(visual.shape[:2])}")
+            raise ValueError(
+                f"sea_words cover {tuple(words.shape[:2])} (images, tokens) but the connector gave "
+                f"{tuple(visual.shape[:2])}"
+            )
         labels = sample_labels(words.flatten(0, 1), scores.flatten(0, 1), self.t_sample)
         if not (labels >= 0).any():
             return LossTerm(zero, {"acc": zero.detach()})

@@ -19,8 +19,14 @@ from alignlm.methods.sea.objective import word_embeddings
 
 
 @torch.no_grad()
-def token_word_report(model: Any, labels: SeaLabels, images: Sequence[Path], word_prefix: str = " ", batch_size: int = 32,
-                      exclude: Sequence[str] = ()) -> dict[str, float]:
+def token_word_report(
+    model: Any,
+    labels: SeaLabels,
+    images: Sequence[Path],
+    word_prefix: str = " ",
+    batch_size: int = 32,
+    exclude: Sequence[str] = (),
+) -> dict[str, float]:
     """Token-word accuracy of a model's connector outputs on labelled images, among the label word list's embeddings.
 
     ``token_word_acc``: nearest word is any of the token's candidate words; ``top_word_acc``: it is the top-scoring
@@ -31,7 +37,7 @@ def token_word_report(model: Any, labels: SeaLabels, images: Sequence[Path], wor
     device = next(model.parameters()).device
     tokens, ids = [], []
     for start in range(0, len(images), batch_size):
-        chunk = images[start:start + batch_size]
+        chunk = images[start : start + batch_size]
         pixels = torch.stack([preprocess(load_rgb(p), model.image_spec) for p in chunk]).to(device)
         tokens.append(model.connector(model.vision(pixels)).tokens.flatten(0, 1).float().cpu())
         ids.append(labels.for_images(chunk)[0].flatten(0, 1))

@@ -5,8 +5,8 @@ passes them on in ``AlignOutput.aux_losses`` so objectives and logs see them wit
 
 ``token_norm`` (``model.visual_token_norm``, set by the model builder) fixes the L2 norm of every output token,
 for every connector and every caller (the model, probes, scripts): a connector trained against a frozen LLM
-can otherwise lower its loss by inflating its outputs far beyond the LLM's own token embeddings (ReVision's
-caption pretraining reached ~100x, docs/revision.md), a start that later training cannot undo.
+can otherwise lower its loss by inflating its outputs far beyond the LLM's own token embeddings (caption
+pretraining on text embeddings reached ~100x in the study of docs/experiments/), a start that later training cannot undo.
 """
 
 from __future__ import annotations

@@ -80,13 +80,24 @@ def z_loss(logits: torch.Tensor) -> torch.Tensor:
 class MoEConnector(Connector):
     """Experts ``Linear(Dv, Dl) -> GELU -> Linear(Dl, Dl)``, router ``Linear(Dv, E, bias=False)``."""
 
-    def __init__(self, in_dim: int, out_dim: int, num_experts: int = 4, top_k: int = 2,
-                 balance_weight: float = 0.1, z_weight: float = 0.01, router_lr_scale: float = 1.0,
-                 capacity_factor: float | None = None, eval_capacity_factor: float | None = None) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        num_experts: int = 4,
+        top_k: int = 2,
+        balance_weight: float = 0.1,
+        z_weight: float = 0.01,
+        router_lr_scale: float = 1.0,
+        capacity_factor: float | None = None,
+        eval_capacity_factor: float | None = None,
+    ) -> None:
         super().__init__(in_dim, out_dim)
         if num_experts < 1 or not 1 <= top_k <= num_experts:
-            raise ValueError(f"model.connector: need num_experts >= 1 and 1 <= top_k <= num_experts, "
-                             f"got num_experts={num_experts}, top_k={top_k}")
+            raise ValueError(
+                f"model.connector: need num_experts >= 1 and 1 <= top_k <= num_experts, "
+                f"got num_experts={num_experts}, top_k={top_k}"
+            )
         self.num_experts, self.top_k = num_experts, top_k
         self.balance_weight, self.z_weight = balance_weight, z_weight
         if router_lr_scale <= 0:
@@ -94,8 +105,10 @@ class MoEConnector(Connector):
         self.router_lr_scale = router_lr_scale
         for name, factor in (("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor)):
             if factor is not None and factor < 1:
-                raise ValueError(f"model.connector.{name} must be >= 1 (or null: no cap), got {factor}: below 1 the "
-                                 f"experts together cannot take every token's top_k slots")
+                raise ValueError(
+                    f"model.connector.{name} must be >= 1 (or null: no cap), got {factor}: below 1 the "
+                    f"experts together cannot take every token's top_k slots"
+                )
         self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
         self.router = nn.Linear(in_dim, num_experts, bias=False)
         # Expert weights stacked [E, in, out], initialised like nn.Linear (uniform +-1/sqrt(fan_in)).
@@ -170,11 +183,15 @@ class MoEConnector(Connector):
             return state
         dense = {"proj.0.weight", "proj.0.bias", "proj.2.weight", "proj.2.bias"}
         if set(state) != dense:
-            raise ValueError(f"cannot upcycle connector weights {sorted(state)}: only a dense mlp2x_gelu "
-                             f"connector ({sorted(dense)}) maps onto the MoE experts")
+            raise ValueError(
+                f"cannot upcycle connector weights {sorted(state)}: only a dense mlp2x_gelu "
+                f"connector ({sorted(dense)}) maps onto the MoE experts"
+            )
         e = self.num_experts
         return {
             "router.weight": self.router.weight.detach().clone(),
-            "w1": state["proj.0.weight"].t().expand(e, -1, -1).clone(), "bias1": state["proj.0.bias"].expand(e, -1).clone(),
-            "w2": state["proj.2.weight"].t().expand(e, -1, -1).clone(), "bias2": state["proj.2.bias"].expand(e, -1).clone(),
+            "w1": state["proj.0.weight"].t().expand(e, -1, -1).clone(),
+            "bias1": state["proj.0.bias"].expand(e, -1).clone(),
+            "w2": state["proj.2.weight"].t().expand(e, -1, -1).clone(),
+            "bias2": state["proj.2.bias"].expand(e, -1).clone(),
         }
