@@ -206,7 +206,7 @@ def test_level_token_is_H_of_the_level_or_the_gated_mixture(tiny_model):
         torch.testing.assert_close(mixed[:, 0], levels.gated(per_sample, text))
         torch.testing.assert_close(mixed[:, 1:], embeds[:, 1:])  # only the slot differs
     with pytest.raises(ValueError, match="exactly one <align> slot"):
-        model.embed({**batch, "input_ids": batch["input_ids"][:, 1:], "attention_mask": batch["attention_mask"][:, 1:]})
+        model.embed({**batch, **{k: batch[k][:, 1:] for k in ("input_ids", "attention_mask", "labels")}})
 
 
 def test_gate_weights_are_a_distribution_over_the_lower_levels(tiny_model):

@@ -239,6 +239,8 @@ def test_llm_loads_a_saved_checkpoint_by_path(tmp_path):
             "~model.llm.num_key_value_heads",
             "~model.llm.intermediate_size",
             "~model.llm.vocab_size",
+            "~model.llm.max_position_embeddings",
+            "~model.llm.embedding_rows",
         ).model
     )
     ids = torch.tensor([[5, 6, 7]])

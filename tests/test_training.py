@@ -100,8 +100,13 @@ def test_resume_after_sigkill_matches_uninterrupted(colour_set, tmp_path):
 
 def test_gradient_accumulation_matches_one_big_batch(colour_set, tmp_path):
     """Token-normalised LM loss: 2 micro-batches of 4 == 1 batch of 8, though samples differ in length."""
-    base = tiny_overrides(
-        colour_set, tmp_path, "run=[finetune]", "stages.finetune.init_from=null", "stages.finetune.max_steps=3"
+    base = tiny_overrides(  # exactness is checked in fp32 (on a GPU, auto would pick bf16)
+        colour_set,
+        tmp_path,
+        "run=[finetune]",
+        "stages.finetune.init_from=null",
+        "stages.finetune.max_steps=3",
+        "mixed_precision=no",
     )
     run(compose(*base, "run_name=big", "stages.finetune.per_device_batch_size=8"))
     run(compose(*base, "run_name=accum", "stages.finetune.per_device_batch_size=4", "stages.finetune.grad_accum=2"))
@@ -159,8 +164,10 @@ def test_wandb_offline_needs_no_network(colour_set, tmp_path):
     assert list((tmp_path / "t" / "pretrain" / "wandb").glob("offline-run-*"))
 
 
-def test_data_parallel_two_processes_matches_one(colour_set, tmp_path):
-    """Two gloo processes (per-device 2) == one process accumulating 2 micro-batches of 2: same global batch."""
+def test_data_parallel_two_processes_matches_one(colour_set, tmp_path, monkeypatch):
+    """Two gloo processes (per-device 2) == one process accumulating 2 micro-batches of 2: same global batch.
+
+    ``--cpu`` means the CPU for every rank, also on a GPU machine; the one-process run is pinned there too."""
     base = tiny_overrides(
         colour_set, tmp_path, "run=[pretrain]", "stages.pretrain.max_steps=4", "stages.pretrain.per_device_batch_size=2"
     )
@@ -180,6 +187,7 @@ def test_data_parallel_two_processes_matches_one(colour_set, tmp_path):
         str(ROOT / "train.py"),
     ]
     subprocess.run([*launch, *base, "run_name=ddp"], cwd=ROOT, check=True, capture_output=True, timeout=300)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
     run(compose(*base, "run_name=one", "stages.pretrain.grad_accum=2"))
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert summary["stages"]["pretrain"]["world_size"] == 2  # really two ranks, not two lone processes

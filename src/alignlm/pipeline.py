@@ -10,6 +10,7 @@ training. They run on the main process, stage by stage in run order, before any 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +33,12 @@ def make_accelerator(cfg: DictConfig) -> Accelerator:
     mp = str(cfg.mixed_precision)
     if mp not in PRECISIONS:
         raise ValueError(f"mixed_precision={mp!r} is not known; choose one of {list(PRECISIONS)}")
+    # `accelerate launch --cpu` sets ACCELERATE_USE_CPU: then every rank runs on the CPU, even on a GPU machine.
+    # cpu=True (also with no GPU at all) lets accelerate see torchrun's ranks as a gloo (MULTI_CPU) group.
+    cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
     if mp == "auto":
-        mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    # cpu=True with no GPU lets accelerate see torchrun's ranks as a gloo (MULTI_CPU) group.
-    return Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
+        mp = "bf16" if not cpu and torch.cuda.is_bf16_supported() else "no"
+    return Accelerator(mixed_precision=mp, cpu=cpu)
 
 
 def ensure_offline_datasets(cfg: DictConfig) -> None:
@@ -95,6 +98,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "seconds": result.seconds,
             "samples_per_s": result.samples_per_s,
             "tokens_per_s": result.tokens_per_s,
+            "tflops": result.tflops,
+            "mfu": result.mfu,
+            "peak_memory_gib": result.peak_memory_gib,
             "skipped": result.skipped,
             "world_size": result.world_size,
         }

@@ -1,6 +1,19 @@
-"""Batch assembly: pad token sequences, concatenate images in reading order, drop skipped samples.
+"""Batch assembly: padded or packed rows, images in reading order, the index of every sample and supervised token.
 
-The fields a method's :class:`~alignlm.data.hooks.SampleHook` added to each sample are assembled by that hook.
+Two layouts, one batch format:
+- *padded* (generation, or ``data.packing: false``): one sample per row, padded to the longest (right for training,
+  left for generation); ``attention_mask`` marks the real tokens.
+- *packed* (training by default): the micro-batch's samples laid end to end in rows of at most ``pack_length``
+  tokens (first fit, in sample order), each sample's ``position_ids`` starting at 0, so the model isolates samples
+  from each other (block-diagonal causal attention) and no compute is spent on padding. A row's unused tail is one
+  more isolated run of padding.
+
+Either way the batch carries, computed here on the CPU so the training step never waits on the GPU to learn them:
+``sample_ids`` ``[rows, T]`` (which sample each token belongs to, -1 for padding), ``image_sample`` ``[n_images]``
+(the sample of each image), ``lm_positions`` / ``lm_targets`` (each supervised next-token prediction: the flat index
+``row * T + t`` of the predicting position and the token it must predict) and ``num_samples``. Images, their
+stand-ins and every hook's fields follow the order in which the samples' tokens are laid out, which is what the
+model's ``masked_scatter`` of visual tokens expects.
 """
 
 from __future__ import annotations
@@ -23,32 +36,73 @@ class Skipped:
     reason: str
 
 
+def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Samples (by index, in order) into rows of at most ``capacity`` tokens, each into the first row with room.
+
+    A sample longer than ``capacity`` gets a row of its own.
+    """
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i, n in enumerate(lengths):
+        j = next((r for r, free in enumerate(room) if n <= free), None)
+        if j is None:
+            rows.append([i])
+            room.append(capacity - n)
+        else:
+            rows[j].append(i)
+            room[j] -= n
+    return rows
+
+
+def index_fields(labels: torch.Tensor, sample_ids: torch.Tensor, is_image: torch.Tensor, num_image_tokens: int) -> dict:
+    """``lm_positions``, ``lm_targets`` and ``image_sample`` of a batch (on the CPU: free; on a GPU: a host sync)."""
+    rows, length = labels.shape
+    target = torch.cat([labels[:, 1:], labels.new_full((rows, 1), IGNORE_INDEX)], dim=1)
+    same = torch.cat([sample_ids[:, 1:] == sample_ids[:, :-1], sample_ids.new_zeros(rows, 1, dtype=torch.bool)], dim=1)
+    predicts = (target != IGNORE_INDEX) & same  # never across a sample boundary of a packed row
+    positions = predicts.flatten().nonzero().squeeze(1)
+    image_starts = is_image.flatten().nonzero().squeeze(1)[:: max(num_image_tokens, 1)]
+    return {
+        "lm_positions": positions,
+        "lm_targets": target.flatten()[positions],
+        "image_sample": sample_ids.flatten()[image_starts],
+    }
+
+
 @dataclass
 class Collator:
-    """Pads to the longest sample (right for training, left for generation) and stacks images."""
+    """Pads or packs a micro-batch's samples and assembles images and hook fields (see the module docstring).
+
+    ``pack_length`` (tokens per row) turns packing on; ``image_token_id`` and ``num_image_tokens`` let the collator
+    index the images (without them ``image_sample`` is left to the model).
+    """
 
     pad_token_id: int
     padding_side: str = "right"
     hooks: Sequence[SampleHook] = field(default_factory=tuple)
+    pack_length: int | None = None
+    image_token_id: int | None = None
+    num_image_tokens: int = 0
 
     def __call__(self, samples: Sequence[dict[str, Any] | Skipped]) -> dict[str, Any]:
         kept = [s for s in samples if not isinstance(s, Skipped)]
         skipped = [s for s in samples if isinstance(s, Skipped)]
-        batch: dict[str, Any] = {"skipped": skipped, "ids": [s["id"] for s in kept]}
+        batch: dict[str, Any] = {"skipped": skipped}
         if not kept:
+            batch["ids"] = []
             return batch
-        length = max(len(s["input_ids"]) for s in kept)
-        n = len(kept)
-        input_ids = torch.full((n, length), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((n, length), IGNORE_INDEX, dtype=torch.long)
-        attention = torch.zeros((n, length), dtype=torch.long)
-        for i, s in enumerate(kept):
-            k = len(s["input_ids"])
-            sl = slice(length - k, length) if self.padding_side == "left" else slice(0, k)
-            input_ids[i, sl] = s["input_ids"]
-            labels[i, sl] = s["labels"]
-            attention[i, sl] = 1
-        batch.update(input_ids=input_ids, labels=labels, attention_mask=attention)
+        lengths = [len(s["input_ids"]) for s in kept]
+        if self.pack_length and self.padding_side == "right":
+            rows = pack_rows(lengths, self.pack_length)
+            kept = [kept[i] for row in rows for i in row]  # samples in the order their tokens are laid out
+            batch.update(self._packed(_renumber(rows), kept))
+        else:
+            batch.update(self._padded(kept))
+        batch["ids"] = [s["id"] for s in kept]
+        batch["num_samples"] = len(kept)
+        is_image = batch["input_ids"] == self.image_token_id if self.image_token_id is not None else None
+        if is_image is not None:
+            batch.update(index_fields(batch["labels"], batch["sample_ids"], is_image, self.num_image_tokens))
         for key in ("pixel_values", "image_embeds"):  # images (or the embeddings standing in for them) in reading order
             images = [s[key] for s in kept if s.get(key) is not None]
             batch[key] = torch.cat(images) if images else None
@@ -59,3 +113,55 @@ class Collator:
             if key in kept[0]:
                 batch[key] = [s.get(key) for s in kept]
         return batch
+
+    def _padded(self, kept: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        length = max(len(s["input_ids"]) for s in kept)
+        n = len(kept)
+        input_ids = torch.full((n, length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((n, length), IGNORE_INDEX, dtype=torch.long)
+        attention = torch.zeros((n, length), dtype=torch.long)
+        sample_ids = torch.full((n, length), -1, dtype=torch.long)
+        for i, s in enumerate(kept):
+            k = len(s["input_ids"])
+            sl = slice(length - k, length) if self.padding_side == "left" else slice(0, k)
+            input_ids[i, sl] = s["input_ids"]
+            labels[i, sl] = s["labels"]
+            attention[i, sl] = 1
+            sample_ids[i, sl] = i
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention, "sample_ids": sample_ids}
+
+    def _packed(self, rows: list[list[int]], kept: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        length = max(sum(len(kept[i]["input_ids"]) for i in row) for row in rows)
+        n = len(rows)
+        input_ids = torch.full((n, length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((n, length), IGNORE_INDEX, dtype=torch.long)
+        attention = torch.zeros((n, length), dtype=torch.long)
+        sample_ids = torch.full((n, length), -1, dtype=torch.long)
+        positions = torch.zeros((n, length), dtype=torch.long)
+        for r, row in enumerate(rows):
+            at = 0
+            for i in row:
+                k = len(kept[i]["input_ids"])
+                input_ids[r, at : at + k] = kept[i]["input_ids"]
+                labels[r, at : at + k] = kept[i]["labels"]
+                attention[r, at : at + k] = 1
+                sample_ids[r, at : at + k] = i
+                positions[r, at : at + k] = torch.arange(k)
+                at += k
+            positions[r, at:] = torch.arange(length - at)  # the tail is a run of its own: it attends to nothing real
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "attention_mask": attention,
+            "sample_ids": sample_ids,
+            "position_ids": positions,
+        }
+
+
+def _renumber(rows: list[list[int]]) -> list[list[int]]:
+    """Rows of original sample indices -> rows of indices into the samples reordered row by row."""
+    out, k = [], 0
+    for row in rows:
+        out.append(list(range(k, k + len(row))))
+        k += len(row)
+    return out

@@ -93,6 +93,14 @@ class LlavaDataset(Dataset):
         for hook in self.hooks:
             hook.bind(self)
 
+    def set_visual_hook(self, hook: SampleHook) -> None:
+        """Add a hook that replaces the images after construction (the trainer's feature cache), and bind it."""
+        if self.visual_hook is not None:
+            raise ValueError(f"{type(self.visual_hook).__name__} already replaces this dataset's images")
+        self.hooks.append(hook)
+        self.visual_hook = hook
+        hook.bind(self)
+
     def __len__(self) -> int:
         return len(self.index)
 

@@ -33,11 +33,13 @@ class InputPart(nn.Module):
         visual: torch.Tensor | None,
         is_image: torch.Tensor,
         is_slot: torch.Tensor,
+        index: dict[str, Any],
     ) -> torch.Tensor:  # pragma: no cover - interface
         """Each sample's embedding ``[B, D]`` for its slot.
 
         ``embeds`` ``[B, T, D]`` are the input embeddings with visual tokens spliced in; ``visual`` ``[n_images, M, D]``
-        the connector's tokens (None when the batch has no image); ``is_image`` / ``is_slot`` ``[B, T]`` mark the
-        visual positions and every extra part's slot.
+        the connector's tokens (None when the batch has no image); ``is_image`` / ``is_slot`` ``[rows, T]`` mark the
+        visual positions and every extra part's slot; ``index`` is ``AlignLM.index(batch)`` (which sample each token
+        and each image belongs to; samples may be packed several to a row). Rows of the result follow sample order.
         """
         raise NotImplementedError

@@ -99,11 +99,18 @@ def tiny(
     intermediate_size: int = 128,
     max_position_embeddings: int = 512,
     vocab_size: int = 512,
+    embedding_rows: int | None = None,
+    attn_implementation: str | None = None,
 ) -> LLMAndTokenizer:
-    """A random Llama and a locally trained tokenizer: builds in milliseconds, for tests and smoke runs."""
+    """A random Llama and a locally trained tokenizer: builds in milliseconds, for tests and smoke runs.
+
+    Any Llama shape works (``hidden_size`` 4096 and 32 layers is LLaVA-1.5-7B's LLM). ``embedding_rows`` gives the
+    embedding table and LM head a real vocabulary's size (32000, 151936) while the tokenizer stays tiny: what the
+    throughput of a real model depends on, for benchmarks with random token ids.
+    """
     tok = build_tiny_tokenizer(vocab_size)
     config = LlamaConfig(
-        vocab_size=len(tok),
+        vocab_size=max(len(tok), embedding_rows or 0),
         hidden_size=hidden_size,
         num_hidden_layers=num_hidden_layers,
         num_attention_heads=num_attention_heads,
@@ -114,5 +121,6 @@ def tiny(
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
         tie_word_embeddings=False,
+        attn_implementation=attn_implementation,
     )
     return LlamaForCausalLM(config), tok

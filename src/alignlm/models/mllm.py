@@ -5,11 +5,15 @@ splicing is one ``masked_scatter``: no Python loop over samples, any number of i
 text-only samples mixed in. A batch with no image at all still runs one zero image through the vision
 path (scaled by zero), so data-parallel and ZeRO-3 ranks stay in step.
 
-Batch keys (a plain dict of tensors): ``input_ids``, ``attention_mask``, ``labels`` ``[B, T]``;
+Batch keys (a plain dict of tensors): ``input_ids``, ``attention_mask``, ``labels`` ``[rows, T]``;
 ``pixel_values`` ``[n_images, 3, H, W]`` or ``image_embeds`` ``[n_images, N, Dv]`` (precomputed features standing in
-for the tower's output), images in reading order across the batch; optional ``num_items_in_batch`` (supervised-token
+for the tower's output), images in reading order across the batch; ``position_ids`` when samples are packed end to
+end in rows (each sample's positions start at 0, which isolates it in attention); the index the collator computes
+on the CPU (``sample_ids``, ``num_samples``, ``image_sample``, ``lm_positions``, ``lm_targets``, see
+``data/collate.py``; computed here for a batch built by hand); optional ``num_items_in_batch`` (supervised-token
 count the LM loss is normalised by, set by the trainer so that gradient accumulation and data parallelism give the
 same gradients as one big batch); and whatever fields the model's extra input parts read (``models/extras.py``).
+Nothing in the forward pass waits on the GPU: consistency checks are device-side asserts there.
 """
 
 from __future__ import annotations
@@ -21,10 +25,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alignlm.constants import IGNORE_INDEX, IMAGE_TOKEN
+from alignlm.constants import IMAGE_TOKEN
+from alignlm.data.collate import index_fields
 from alignlm.models.connectors.base import Connector
 from alignlm.models.extras import InputPart
+from alignlm.models.lm_loss import linear_cross_entropy
 from alignlm.models.vision import VisionTower
+
+INDEX_KEYS = ("sample_ids", "num_samples", "image_sample", "lm_positions", "lm_targets")
 
 Batch = dict[str, Any]
 
@@ -129,20 +137,18 @@ class AlignLM(nn.Module):
         visual = conn.tokens
         embeds = self.llm.get_input_embeddings()(input_ids)
         is_image = input_ids == self.image_token_id
-        n_slots = int(is_image.sum())
         has_images = batch.get("image_embeds") is not None or (
             batch.get("pixel_values") is not None and batch["pixel_values"].shape[0] > 0
         )
         if has_images:
-            if n_slots != visual.shape[0] * visual.shape[1]:
-                raise ValueError(
-                    f"batch has {n_slots} image-token slots but {visual.shape[0]} images x {visual.shape[1]} tokens; "
-                    "the data pipeline must expand each <image> to model.num_image_tokens positions"
-                )
+            check(
+                is_image.sum() == visual.shape[0] * visual.shape[1],
+                f"the batch's image-token slots are not {visual.shape[0]} images x {visual.shape[1]} tokens; "
+                "the data pipeline must expand each <image> to model.num_image_tokens positions",
+            )
             embeds = embeds.masked_scatter(is_image.unsqueeze(-1), visual.to(embeds.dtype))
         else:
-            if n_slots:
-                raise ValueError(f"batch has {n_slots} image-token slots but no pixel_values or image_embeds")
+            check(~is_image.any(), "the batch has image-token slots but no pixel_values or image_embeds")
             embeds = embeds + 0.0 * visual.sum().to(embeds.dtype)
             # the zero image only keeps ranks in step: its auxiliary losses must not train the connector
             conn.aux_losses = {k: 0.0 * v for k, v in conn.aux_losses.items()}
@@ -150,46 +156,57 @@ class AlignLM(nn.Module):
             embeds = self._write_slots(batch, embeds, visual if has_images else None, is_image)
         return embeds, {"features": features, "visual": visual, "is_image": is_image, "conn": conn}
 
+    def index(self, batch: Batch) -> dict[str, Any]:
+        """``sample_ids``, ``num_samples``, ``image_sample``, ``lm_positions``, ``lm_targets`` of a batch: the
+        collator's (computed on the CPU), else computed here for a batch built by hand (one sample per row)."""
+        if all(batch.get(k) is not None for k in INDEX_KEYS):
+            return {k: batch[k] for k in INDEX_KEYS}
+        input_ids = batch["input_ids"]
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(input_ids)
+        mask = batch.get("attention_mask")
+        sample_ids = rows if mask is None else torch.where(mask.bool(), rows, -1)
+        fields = index_fields(batch["labels"], sample_ids, input_ids == self.image_token_id, self.num_image_tokens)
+        return {"sample_ids": sample_ids, "num_samples": input_ids.shape[0], **fields}
+
     def _write_slots(
         self, batch: Batch, embeds: torch.Tensor, visual: torch.Tensor | None, is_image: torch.Tensor
     ) -> torch.Tensor:
         """Each extra part's embedding at its one slot per sample (the data pipeline puts the slots after BOS)."""
         input_ids = batch["input_ids"]
+        index = self.index(batch)
         is_slot = torch.isin(input_ids, torch.tensor(self.slot_token_ids, device=input_ids.device))
         for name, token_id in self.extras.items():
             here = input_ids == token_id
-            per_row = here.sum(1)
-            if not bool((per_row == 1).all()):
-                raise ValueError(
-                    f"every sample needs exactly one {getattr(self, name).slot_token} slot for model.extras.{name} "
-                    f"(the data pipeline inserts it after BOS); slots per sample: {per_row.tolist()}"
-                )
-            tokens = getattr(self, name)(batch, embeds, visual, is_image, is_slot)
+            per_sample = torch.bincount(index["sample_ids"][here], minlength=index["num_samples"])
+            check(
+                (per_sample == 1).all(),
+                f"every sample needs exactly one {getattr(self, name).slot_token} slot for model.extras.{name} "
+                "(the data pipeline inserts it after BOS)",
+            )
+            tokens = getattr(self, name)(batch, embeds, visual, is_image, is_slot, index)
             embeds = embeds.masked_scatter(here.unsqueeze(-1), tokens.to(embeds.dtype))
         return embeds
 
     def forward(self, batch: Batch, output_hidden_states: bool = False, return_logits: bool = False) -> AlignOutput:
         embeds, ex = self.embed(batch)
+        index = self.index(batch)
+        packed = batch.get("position_ids") is not None  # samples laid end to end in rows
         out = self.llm.get_decoder()(
             inputs_embeds=embeds,
-            attention_mask=batch["attention_mask"],
+            attention_mask=self.packed_mask(index["sample_ids"], embeds.dtype) if packed else batch["attention_mask"],
+            position_ids=batch.get("position_ids"),
             output_hidden_states=output_hidden_states,
             use_cache=False,
         )
         hidden = out.last_hidden_state
-        shift_labels = batch["labels"][:, 1:]
-        supervised = shift_labels != IGNORE_INDEX
-        # The vocabulary projection runs only where a label exists: on a 49k-150k vocabulary that is a
-        # large share of the step (and of activation memory) for LLaVA-style data.
-        logits = self.lm_logits(hidden[:, :-1][supervised])
-        loss_sum = F.cross_entropy(logits.float(), shift_labels[supervised], reduction="sum")
-        local_items = supervised.sum()
+        # The vocabulary projection runs only where a label exists, chunk by chunk: on a 32k-150k vocabulary the
+        # logits are otherwise a large share of the step and of its memory (models/lm_loss.py).
+        loss_sum = self.lm_loss_sum(hidden.flatten(0, 1).index_select(0, index["lm_positions"]), index["lm_targets"])
+        local_items = torch.full((), index["lm_targets"].numel(), device=loss_sum.device)  # a fill: no host-device copy
         num_items = batch.get("num_items_in_batch")
-        denom = torch.as_tensor(num_items if num_items is not None else local_items, device=loss_sum.device).clamp(
-            min=1
-        )
+        denom = torch.as_tensor(num_items if num_items is not None else local_items, device=loss_sum.device)
         return AlignOutput(
-            lm_loss=loss_sum / denom,
+            lm_loss=loss_sum / denom.clamp(min=1),
             lm_loss_sum=loss_sum.detach(),
             num_items=local_items,
             logits=self.lm_logits(hidden) if return_logits else None,
@@ -200,6 +217,28 @@ class AlignLM(nn.Module):
             metrics=ex["conn"].metrics,
             hidden_states=out.hidden_states if output_hidden_states else None,
         )
+
+    def packed_mask(self, sample_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        """The block-diagonal causal mask ``[rows, 1, T, T]`` of packed rows: a token sees the earlier tokens of its own
+        sample only (padding sees padding, so no row is empty). Built on the device from ``sample_ids``; for attention
+        kernels that take the samples from the position ids instead (flash-attention), None."""
+        impl = self.llm.config._attn_implementation
+        if impl not in ("sdpa", "eager"):
+            return None
+        length = sample_ids.shape[1]
+        causal = torch.ones(length, length, dtype=torch.bool, device=sample_ids.device).tril()
+        mask = ((sample_ids[:, :, None] == sample_ids[:, None, :]) & causal)[:, None]
+        if impl == "sdpa":
+            return mask
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+
+    def lm_loss_sum(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Summed next-token cross-entropy of ``hidden`` ``[n, D]`` against ``targets`` ``[n]`` through the LM head."""
+        head = self.llm.get_output_embeddings()
+        if getattr(head, "bias", None) is not None:  # no chunked path for a biased head: the plain one
+            return F.cross_entropy(self.lm_logits(hidden).float(), targets, reduction="sum")
+        cap = getattr(self.llm.config, "final_logit_softcapping", None)
+        return linear_cross_entropy(hidden, head.weight, targets, softcap=cap)
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The LLM's output head, including the logit soft-capping some models (Gemma-2) apply."""
@@ -232,3 +271,12 @@ def _stop_ids(tokenizer: Any) -> list[int]:
         if tid is not None:
             ids.add(tid)
     return sorted(i for i in ids if i is not None)
+
+
+def check(ok: torch.Tensor, message: str) -> None:
+    """Raise ``ValueError(message)`` unless ``ok``; on a GPU a device-side assert, so the step never waits for it."""
+    if ok.device.type == "cpu":
+        if not bool(ok):
+            raise ValueError(message)
+    else:
+        torch._assert_async(ok, message)

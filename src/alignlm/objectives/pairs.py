@@ -34,22 +34,22 @@ class Pairs:
 
 
 def image_caption_pairs(batch: dict[str, Any], out: Any, model: nn.Module) -> Pairs:
-    """Pair every image of the batch with its own sample's caption (vectorised, no loop over samples or tokens)."""
-    visual_tokens = out.visual_tokens  # [n_images, M, Dl]; one zero image when the batch has none
-    per_image = visual_tokens.shape[1]
-    images_per_sample = out.image_positions.sum(1) // per_image  # [B]
-    sample_of_image = torch.repeat_interleave(
-        torch.arange(len(images_per_sample), device=visual_tokens.device), images_per_sample
-    )
-    n_images = int(images_per_sample.sum())
+    """Pair every image of the batch with its own sample's caption (vectorised, no loop over samples or tokens).
 
-    supervised = batch["labels"] != IGNORE_INDEX  # [B, T]: labels are unshifted, so these positions are the caption
-    rows, cols = supervised.nonzero(as_tuple=True)
+    Samples are found through the model's batch index, so padded rows and packed rows pair alike.
+    """
+    index = model.index(batch)
+    visual_tokens = out.visual_tokens  # [n_images, M, Dl]; one zero image when the batch has none
+    n_samples = int(index["num_samples"])
+    sample_of_image = index["image_sample"]  # [n_images]: empty when the batch has no image
+    n_images = sample_of_image.shape[0]
+
+    supervised = (batch["labels"] != IGNORE_INDEX) & (index["sample_ids"] >= 0)  # unshifted: the caption tokens
+    owner = torch.where(supervised, index["sample_ids"], n_samples).flatten()  # row n_samples: not a caption
     table = model.llm.get_input_embeddings()
-    tok_embeds = table(batch["input_ids"][rows, cols]).float()  # [n_supervised, Dl]
-    n_samples = supervised.shape[0]
-    sums = tok_embeds.new_zeros(n_samples, tok_embeds.shape[-1]).index_add_(0, rows, tok_embeds)
-    counts = supervised.sum(1)
+    tok_embeds = table(batch["input_ids"].flatten()).float() * supervised.flatten().unsqueeze(1)
+    sums = tok_embeds.new_zeros(n_samples + 1, tok_embeds.shape[-1]).index_add_(0, owner, tok_embeds)[:n_samples]
+    counts = torch.bincount(owner, minlength=n_samples + 1)[:n_samples]
     caption_mean = sums / counts.clamp(min=1).unsqueeze(1).to(sums.dtype)
 
     keep_image = counts[sample_of_image] > 0

@@ -4,6 +4,11 @@ Exactness choices, so that a resumed run and a data-parallel run reproduce a pla
 - the LM loss of every micro-batch is a *sum* divided by the supervised-token count of the whole global
   step (all micro-batches on all ranks), so accumulation and DDP averaging give one big batch's gradient;
 - data order comes from ``StepSampler`` (a function of seed and step), model RNG is checkpointed per rank.
+
+Speed choices, on by default: samples are packed into rows (no padding computed), the step never waits on the GPU
+(counts come from the CPU-side batch, logged values stay on the device and are fetched together every
+``logging.every`` steps and before every checkpoint), frozen parts that no checkpoint saves are stored in bf16
+when training in bf16, AdamW is fused on CUDA, data loading runs in worker processes with pinned memory on CUDA.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -25,23 +31,26 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from alignlm.config import instantiate
-from alignlm.constants import IGNORE_INDEX
 from alignlm.data.build import build_dataset
 from alignlm.data.collate import Collator
 from alignlm.models.build import build_model
 from alignlm.models.mllm import AlignLM
 from alignlm.objectives.base import Objective, check_batch
 from alignlm.training import checkpoint as ckpt
+from alignlm.training.feature_cache import attach_feature_cache
 from alignlm.training.logging import MetricsLogger, get_logger, summary_table
 from alignlm.training.monitor import AlignmentMonitor
 from alignlm.training.optim import build_optimizer
 from alignlm.training.sampler import StepSampler
 from alignlm.training.stages import apply_stage, count_params, merge_lora, trainable_parts
+from alignlm.training.throughput import Meter, model_flops_per_token, peak_memory_gib, peak_tflops
+
+LOG_EVERY = 10  # logging.every default: steps between fetches of the logged values from the device
 
 
 @dataclass
 class StageResult:
-    """What a finished stage reports to the pipeline summary."""
+    """What a finished stage reports to the pipeline summary (throughput: steady state, real tokens)."""
 
     name: str
     final_dir: Path
@@ -54,6 +63,20 @@ class StageResult:
     skipped: int
     world_size: int
     skipped_examples: list[str] = field(default_factory=list)
+    tflops: float = 0.0
+    mfu: float | None = None
+    peak_memory_gib: float | None = None
+
+
+@dataclass
+class StepLog:
+    """One step's logged values: device tensors until the next fetch, plus what the host already knows."""
+
+    step: int
+    device: dict[str, torch.Tensor]  # summed over micro-batches on this rank; reduced over ranks at the fetch
+    grad_norm: torch.Tensor | None
+    host: dict[str, float]
+    counts: tuple[int, int, int, int]  # samples, real tokens, supervised tokens, skipped samples on this rank
 
 
 def build_objectives(stage: Mapping[str, Any]) -> dict[str, tuple[Objective, float]]:
@@ -81,15 +104,42 @@ class Trainer:
         self.log = get_logger("alignlm", accelerator.process_index)
 
     def setup(self) -> None:
+        """The model, the stage's data and everything that steps: what ``fit`` needs, in that order."""
+        model = self.setup_model()
+        self.setup_data(model)
+        self.setup_optimization(model, self.dataset)
+        self.log.info(
+            "stage %s: %d steps of %d samples (global batch), %s trainable of %s params, %d processes",
+            self.name,
+            self.total_steps,
+            self.order.global_batch,
+            *(f"{n:,}" for n in count_params(model)),
+            self.acc.num_processes,
+        )
+
+    def setup_model(self) -> AlignLM:
+        """The stage's model on the device: built, its starting weights loaded, parts frozen or trained as the stage
+        says, frozen unsaved parts in bf16 storage when training in bf16, checkpointing and compilation as configured."""
         cfg, stage, acc = self.cfg, self.stage, self.acc
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model)
         init = ckpt.resolve_init(stage.get("init_from"), Path(cfg.output_dir) / cfg.run_name, cfg.stages)
         self.prev_parts = ckpt.load_init(model, init) if init else []
         apply_stage(model, stage.parts, stage.get("lora"))
-        if stage.get("gradient_checkpointing"):
-            model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.saved_parts = [p for p in model.PARTS if p in set(self.prev_parts) | set(trainable_parts(stage.parts))]
+        self._store_frozen_in_half_precision(model)
+        model.to(acc.device)
+        enable_checkpointing(model, stage.get("gradient_checkpointing"))
+        if stage.get("compile"):
+            compile_llm_layers(model)
+        return model
+
+    def setup_data(self, model: AlignLM) -> None:
+        """The stage's dataset (with the feature cache when configured), its step sampler and its number of steps."""
+        cfg, stage, acc = self.cfg, self.stage, self.acc
         self.dataset = build_dataset(stage.data, model, cfg.seed, for_generation=False)
+        cache_root = Path(cfg.output_dir) / "feature_cache"
+        attach_feature_cache(model, self.dataset, stage.data.get("feature_cache"), cache_root, cfg.model.vision, acc)
         self.order = StepSampler(
             len(self.dataset),
             int(stage.per_device_batch_size),
@@ -105,29 +155,31 @@ class Trainer:
             if stage.get("max_steps")
             else int(math.ceil(float(stage.epochs) * self.order.steps_per_epoch))
         )
+
+    def setup_optimization(self, model: AlignLM, dataset: Any) -> None:
+        """Objectives (set up on ``dataset``), the monitor, optimizer and schedule over ``self.total_steps``, the
+        accelerator's wrapping, and a resume from the newest checkpoint."""
+        cfg, stage, acc = self.cfg, self.stage, self.acc
         self.objectives = build_objectives(stage)
         self.monitor = AlignmentMonitor(cfg.get("monitor"), model)
         for obj, _ in self.objectives.values():
-            obj.setup(model, self.dataset)
+            obj.setup(model, dataset)
         # objectives by config key: their parameters train in their own optimizer group, their state resumes
         self.objective_modules = torch.nn.ModuleDict({k: o for k, (o, _) in self.objectives.items()}).to(acc.device)
         self.objective_params = [p for p in self.objective_modules.parameters() if p.requires_grad]
         optimizer, self.scheduler = build_optimizer(model, stage, self.total_steps, self.objective_params)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.start_step, self.skipped = self._maybe_resume()
-        trainable, total = count_params(model)
-        # Model FLOPs per token: forward through every weight, activation gradients back through the LLM,
-        # weight gradients for what trains (the usual 6N when everything trains). An estimate for MFU.
-        self.flops_per_token = 2 * total + 2 * sum(p.numel() for p in model.llm.parameters()) + 2 * trainable
-        self.log.info(
-            "stage %s: %d steps of %d samples (global batch), %s trainable of %s params, %d processes",
-            self.name,
-            self.total_steps,
-            self.order.global_batch,
-            f"{trainable:,}",
-            f"{total:,}",
-            acc.num_processes,
-        )
+        self.flops_per_token = model_flops_per_token(model)
+        self.peak_tflops = peak_tflops(cfg.logging.get("peak_tflops", "auto"))
+
+    def _store_frozen_in_half_precision(self, model: AlignLM) -> None:
+        """Frozen parts that this stage's ``final/`` will not save run in bf16 storage when training in bf16: the same
+        matmuls autocast would do, without re-casting their weights at every step, in half the memory."""
+        if self.acc.mixed_precision != "bf16":
+            return
+        for part in model.frozen_parts - set(self.saved_parts):
+            getattr(model, part).to(torch.bfloat16)
 
     def _maybe_resume(self) -> tuple[int, int]:
         if self.cfg.resume == "never" or not ckpt.step_dirs(self.dir):
@@ -163,6 +215,132 @@ class Trainer:
         logs.update({f"connector/{k}": v.detach() / n_micro for k, v in out.metrics.items()})
         return total, logs, out
 
+    def loader(self) -> DataLoader:
+        """The stage's batches from ``start_step`` on: packed rows, workers and pinned memory on CUDA by default."""
+        data, cuda = self.stage.data, self.acc.device.type == "cuda"
+        workers = data.get("num_workers", "auto")
+        if workers == "auto":
+            workers = min(8, (os.cpu_count() or 1) // max(1, self.acc.num_processes)) if cuda else 0
+        packing = data.get("packing", True)
+        collator = Collator(
+            self.dataset.tokenizer.pad_token_id,
+            hooks=self.dataset.hooks,
+            pack_length=int(data.get("pack_length") or data.get("max_length", 2048)) if packing else None,
+            image_token_id=self.dataset.image_token_id,
+            num_image_tokens=self.dataset.num_image_tokens,
+        )
+        order = dataclasses.replace(self.order, total_steps=self.total_steps, start_step=self.start_step)
+        extra = {"persistent_workers": True, "prefetch_factor": 4} if int(workers) > 0 else {}
+        return DataLoader(
+            self.dataset, batch_sampler=order, collate_fn=collator, num_workers=int(workers), pin_memory=cuda, **extra
+        )
+
+    def step(self, micro: list[dict[str, Any]], step: int) -> StepLog | None:
+        """One optimizer step over this rank's micro-batches; nothing here waits on the device.
+
+        A micro-batch whose samples were all skipped: one process skips the step (as the data say); with several,
+        the rank runs an empty batch instead, so every rank stays in step without asking the others.
+        """
+        acc, accum = self.acc, len(micro)
+        skipped = sum(len(b["skipped"]) for b in micro)
+        kept = [b for b in micro if b.get("input_ids") is not None]
+        if len(kept) < accum:
+            if acc.num_processes == 1:
+                self.log.warning("step %d skipped: a whole micro-batch was bad data (see the skipped count)", step)
+                return StepLog(step, {}, None, {}, (0, 0, 0, skipped))
+            kept = [b if b.get("input_ids") is not None else self.empty_batch() for b in micro]
+        samples = sum(b["num_samples"] for b in kept)
+        tokens = sum(int(b["attention_mask"].sum()) for b in kept)  # CPU tensors: no device involved
+        local_items = sum(len(b["lm_targets"]) for b in kept)
+        n_items = torch.full(
+            (), float(local_items), device=acc.device
+        )  # a fill kernel: a copy from the host would sync
+        if acc.num_processes > 1:
+            n_items = acc.reduce(n_items, "sum")  # queued collective; nobody reads it on the host
+        kept = [send_to_device(b, acc.device, non_blocking=True) for b in kept]
+        if step == self.start_step + 1:
+            check_batch(
+                {f"objective {k}": o.requires_batch_keys for k, (o, _) in self.objectives.items()}
+                | {"the model's extra parts": self.acc.unwrap_model(self.model).requires_batch_keys},
+                kept[0],
+            )
+        sums: dict[str, torch.Tensor] = {}
+        for i, batch in enumerate(kept):
+            batch["num_items_in_batch"] = n_items / acc.num_processes
+            sync = contextlib.nullcontext() if i == len(kept) - 1 else acc.no_sync(self.model)
+            with sync, acc.autocast():
+                total, logs, out = self.loss(batch, len(kept))
+                acc.backward(total)
+            for k, v in {"loss/total": total.detach(), "loss/lm_sum": out.lm_loss_sum, **logs}.items():
+                sums[k] = sums[k] + v if k in sums else v
+        if acc.num_processes > 1:  # objective parameters live outside the DDP model: average their gradients here
+            for p in self.objective_params:
+                p.grad = acc.reduce(p.grad if p.grad is not None else torch.zeros_like(p), "mean")
+        max_norm = float(self.stage.get("max_grad_norm", 1.0))
+        grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm) if max_norm > 0 else None
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        host = {"lr": self.scheduler.get_last_lr()[-1]}
+        return StepLog(step, sums, grad_norm, host, (samples, tokens, local_items, skipped))
+
+    def empty_batch(self) -> dict[str, Any]:
+        """A one-token batch that supervises nothing and has no image: a rank's stand-in for a micro-batch of bad data."""
+        pad = self.dataset.tokenizer.pad_token_id
+        collate = Collator(
+            pad, image_token_id=self.dataset.image_token_id, num_image_tokens=self.dataset.num_image_tokens
+        )
+        return collate(
+            [
+                {
+                    "id": "empty",
+                    "input_ids": torch.tensor([pad]),
+                    "labels": torch.tensor([-100]),
+                    "pixel_values": None,
+                    "n_images": 0,
+                }
+            ]
+        )
+
+    def fetch(self, pending: list[StepLog]) -> list[dict[str, float]]:
+        """The global values of buffered steps: one collective and one device-to-host copy for all of them."""
+        if not pending:
+            return []
+        keys = sorted({k for s in pending for k in s.device})
+        device = self.acc.device
+        zero = torch.zeros((), device=device)
+        table = torch.stack(
+            [
+                torch.stack(
+                    [s.device.get(k, zero).float() for k in keys]
+                    + [torch.tensor(float(c), device=device) for c in s.counts]
+                )
+                for s in pending
+            ]
+        )
+        if self.acc.num_processes > 1:
+            table = self.acc.reduce(table, "sum")
+        norms = [s.grad_norm.float() if s.grad_norm is not None else zero - 1 for s in pending]
+        values, norms = table.tolist(), torch.stack(norms).tolist()
+        rows = []
+        for s, v, norm in zip(pending, values, norms):
+            samples, tokens, items, skipped = v[len(keys) :]
+            self.skipped += int(skipped)
+            if not s.device:  # a step skipped for bad data: nothing trained
+                continue
+            got = dict(zip(keys, v[: len(keys)]))
+            row = {
+                "loss/total": got.pop("loss/total") / self.acc.num_processes,
+                "loss/lm": got.pop("loss/lm_sum") / max(items, 1.0),
+            }
+            row.update({k: x / self.acc.num_processes for k, x in got.items()})
+            row.update(s.host)
+            if norm >= 0:
+                row["grad_norm"] = norm
+            row["skipped"] = self.skipped
+            rows.append((s.step, row, int(samples), int(tokens)))
+        return rows
+
     def fit(self) -> StageResult:
         self.setup()
         acc, st = self.acc, self.stage
@@ -176,14 +354,8 @@ class Trainer:
         )
         if acc.is_main_process:  # what eval needs to rebuild a step checkpoint before final/ exists
             (self.dir / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
-        loader = DataLoader(
-            self.dataset,
-            batch_sampler=dataclasses.replace(self.order, total_steps=self.total_steps, start_step=self.start_step),
-            collate_fn=Collator(self.dataset.tokenizer.pad_token_id, hooks=self.dataset.hooks),
-            num_workers=int(st.data.get("num_workers", 0)),
-        )
-        batches = iter(loader)
-        accum, max_norm = int(st.grad_accum), float(st.get("max_grad_norm", 1.0))
+        batches = iter(self.loader())
+        accum, every = int(st.grad_accum), int(self.cfg.logging.get("every") or LOG_EVERY)
         stop_at = min(self.total_steps, self.start_step + int(self.cfg.stop_after_steps or self.total_steps))
         bar = tqdm(
             total=self.total_steps,
@@ -193,75 +365,38 @@ class Trainer:
             dynamic_ncols=True,
         )
         losses: list[float] = []
-        t0, samples, tokens = time.perf_counter(), 0, 0
+        meter = Meter()
+        pending: list[StepLog] = []
         self.model.train()
-        for step in range(self.start_step, stop_at):
-            micro = [next(batches) for _ in range(accum)]
-            self.skipped += int(
-                acc.reduce(torch.tensor(sum(len(b["skipped"]) for b in micro), device=acc.device), "sum")
-            )
-            micro = [send_to_device(b, acc.device) for b in micro if "input_ids" in b]
-            if int(acc.reduce(torch.tensor(accum - len(micro), device=acc.device), "sum")):
-                # every sample of a micro-batch was skipped on some rank: skip the step on all ranks, in step
-                self.log.warning("step %d skipped: a whole micro-batch was bad data (see the skipped count)", step + 1)
-                bar.update(1)
-                continue
-            n_items = acc.reduce(sum((b["labels"][:, 1:] != IGNORE_INDEX).sum() for b in micro).to(acc.device), "sum")
-            if step == self.start_step:
-                check_batch(
-                    {f"objective {k}": o.requires_batch_keys for k, (o, _) in self.objectives.items()}
-                    | {"the model's extra parts": self.acc.unwrap_model(self.model).requires_batch_keys},
-                    micro[0],
-                )
-            lm_sum, total_sum, logs = torch.zeros((), device=acc.device), torch.zeros((), device=acc.device), {}
-            for i, batch in enumerate(micro):
-                batch["num_items_in_batch"] = n_items.float() / acc.num_processes
-                sync = contextlib.nullcontext() if i == len(micro) - 1 else acc.no_sync(self.model)
-                with sync, acc.autocast():
-                    total, step_logs, out = self.loss(batch, len(micro))
-                    acc.backward(total)
-                lm_sum += out.lm_loss_sum
-                total_sum += total.detach()
-                for k, v in step_logs.items():
-                    logs[k] = logs.get(k, 0.0) + v
-            if acc.num_processes > 1:  # objective parameters live outside the DDP model: average their gradients here
-                for p in self.objective_params:
-                    p.grad = acc.reduce(p.grad if p.grad is not None else torch.zeros_like(p), "mean")
-            grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm) if max_norm > 0 else None
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            # every logged value is the global (all ranks, all micro-batches) figure
-            row = {
-                "loss/total": float(acc.reduce(total_sum, "mean")),
-                "loss/lm": float(acc.reduce(lm_sum, "sum") / n_items.clamp(min=1)),
-            }
-            row.update({k: float(acc.reduce(torch.as_tensor(v, device=acc.device), "mean")) for k, v in logs.items()})
-            row["lr"] = self.scheduler.get_last_lr()[-1]
-            if grad_norm is not None:
-                row["grad_norm"] = float(grad_norm)
-            samples += int(acc.reduce(torch.tensor(sum(len(b["ids"]) for b in micro), device=acc.device), "sum"))
-            tokens += int(acc.reduce(sum(b["attention_mask"].sum() for b in micro).to(acc.device), "sum"))
-            elapsed = time.perf_counter() - t0
-            row.update(
-                {
-                    "samples_per_s": samples / elapsed,
-                    "tokens_per_s": tokens / elapsed,
-                    "skipped": self.skipped,
-                    "tflops": tokens * self.flops_per_token / elapsed / 1e12,
-                }
-            )
-            if self.cfg.logging.get("peak_tflops"):
-                row["mfu"] = row["tflops"] / (float(self.cfg.logging.peak_tflops) * acc.num_processes)
-            losses.append(row["loss/total"])
-            row.update(self.monitor(step + 1, acc.unwrap_model(self.model)))
-            metrics.log(row, step + 1)
+
+        def flush() -> None:
+            for step, row, samples, tokens in self.fetch(pending):
+                meter.add(samples, tokens)
+                sps, tps = meter.rates()
+                row.update({"samples_per_s": sps, "tokens_per_s": tps, "tflops": tps * self.flops_per_token / 1e12})
+                if self.peak_tflops:
+                    row["mfu"] = row["tflops"] / (self.peak_tflops * acc.num_processes)
+                memory = peak_memory_gib(acc.device)
+                if memory is not None:
+                    row["memory/peak_gib"] = memory
+                row.update(monitored.pop(step, {}))
+                losses.append(row["loss/total"])
+                metrics.log(row, step)
+                bar.set_postfix(loss=f"{row['loss/total']:.4f}", sps=f"{sps:.1f}", tps=f"{tps:.0f}")
+            pending.clear()
+
+        monitored: dict[int, dict[str, float]] = {}
+        for step in range(self.start_step + 1, stop_at + 1):
+            log = self.step([next(batches) for _ in range(accum)], step)
+            pending.append(log)
+            if log.device:
+                monitored[step] = self.monitor(step, acc.unwrap_model(self.model))
             bar.update(1)
-            bar.set_postfix(
-                loss=f"{row['loss/total']:.4f}", sps=f"{row['samples_per_s']:.1f}", tps=f"{row['tokens_per_s']:.0f}"
-            )
-            if int(st.save_every) and (step + 1) % int(st.save_every) == 0 and step + 1 < self.total_steps:
-                self.save_checkpoint(step + 1)
+            due_checkpoint = int(st.save_every) and step % int(st.save_every) == 0 and step < self.total_steps
+            if len(pending) >= every or due_checkpoint or step == stop_at:
+                flush()
+            if due_checkpoint:
+                self.save_checkpoint(step)
         bar.close()
         metrics.close()
         if stop_at < self.total_steps:
@@ -270,19 +405,23 @@ class Trainer:
                 f"stopped after step {stop_at} of {self.total_steps} (stop_after_steps); rerun to resume"
             )
         final = self.save_final()
-        elapsed = time.perf_counter() - t0
+        sps, tps = meter.rates()
+        tflops = tps * self.flops_per_token / 1e12
         return StageResult(
             self.name,
             final,
             len(losses),
             losses[0] if losses else float("nan"),
             losses[-1] if losses else float("nan"),
-            elapsed,
-            samples / max(elapsed, 1e-9),
-            tokens / max(elapsed, 1e-9),
+            time.perf_counter() - meter.start,
+            sps,
+            tps,
             self.skipped,
             acc.num_processes,
             self.dataset.malformed[:3],
+            tflops,
+            tflops / (self.peak_tflops * acc.num_processes) if self.peak_tflops else None,
+            peak_memory_gib(acc.device),
         )
 
     def save_checkpoint(self, step: int) -> None:
@@ -305,12 +444,38 @@ class Trainer:
     def save_final(self) -> Path:
         model: AlignLM = self.acc.unwrap_model(self.model)
         merge_lora(model)
-        parts = [p for p in model.PARTS if p in set(self.prev_parts) | set(trainable_parts(self.stage.parts))]
         final = self.dir / "final"
         if self.acc.is_main_process:
-            ckpt.save_final(final, model, OmegaConf.to_yaml(self.cfg, resolve=True), parts)
+            ckpt.save_final(final, model, OmegaConf.to_yaml(self.cfg, resolve=True), self.saved_parts)
         self.acc.wait_for_everyone()
         return final
+
+
+def enable_checkpointing(model: AlignLM, setting: Any) -> None:
+    """``stage.gradient_checkpointing``: false, true (the LLM), or a list of parts (``[llm, vision]``)."""
+    if not setting:
+        return
+    parts = ["llm"] if setting is True else list(setting)
+    unknown = [p for p in parts if p not in ("llm", "vision")]
+    if unknown:
+        raise ValueError(
+            f"stage.gradient_checkpointing={setting!r}: checkpointing applies to llm and vision, not {unknown}"
+        )
+    for part in parts:
+        module = getattr(model, part)
+        inner = getattr(module, "model", module)  # an HFVisionTower wraps the transformers model
+        if not hasattr(inner, "gradient_checkpointing_enable"):
+            raise ValueError(f"stage.gradient_checkpointing: model.{part} ({type(inner).__name__}) cannot checkpoint")
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def compile_llm_layers(model: AlignLM) -> None:
+    """``stage.compile``: each LLM decoder layer through ``torch.compile`` (dynamic shapes: packed rows vary)."""
+    layers = getattr(model.llm.get_decoder(), "layers", None)
+    if layers is None:
+        raise ValueError("stage.compile: the LLM has no decoder .layers to compile")
+    for layer in layers:
+        layer.compile(dynamic=True)
 
 
 class StopTraining(RuntimeError):
@@ -331,8 +496,11 @@ def summarize(result: StageResult) -> str:
             "steps": result.steps,
             "loss first -> last": f"{result.first_loss:.4f} -> {result.last_loss:.4f}",
             "time (s)": round(result.seconds, 1),
-            "samples/s": result.samples_per_s,
-            "tokens/s": result.tokens_per_s,
+            "samples/s (steady)": result.samples_per_s,
+            "tokens/s (steady, real tokens)": result.tokens_per_s,
+            "model TFLOP/s": result.tflops,
+            **({"MFU": f"{100 * result.mfu:.1f} %"} if result.mfu is not None else {}),
+            **({"peak memory (GiB)": result.peak_memory_gib} if result.peak_memory_gib is not None else {}),
             "skipped samples": result.skipped,
             "final": str(result.final_dir),
         },

@@ -97,7 +97,13 @@ class AlignLevels(InputPart):
         return self.mixture(self.gate_weights(visual, text))
 
     def forward(
-        self, batch: dict[str, Any], embeds: Tensor, visual: Tensor | None, is_image: Tensor, is_slot: Tensor
+        self,
+        batch: dict[str, Any],
+        embeds: Tensor,
+        visual: Tensor | None,
+        is_image: Tensor,
+        is_slot: Tensor,
+        index: dict[str, Any],
     ) -> Tensor:
         """Each sample's level token: ``H[level]`` with ``batch["align_levels"]`` (pretraining); without (finetuning,
         generation) the gate's mixture from the sample's visual tokens (mean over its images; zeros without one) and
@@ -106,25 +112,21 @@ class AlignLevels(InputPart):
         levels = batch.get(LEVELS_KEY)
         if levels is not None:
             return self.labelled(levels)
-        text = batch["attention_mask"].bool() & ~is_image & ~is_slot
+        sample_ids, n = index["sample_ids"], int(index["num_samples"])
+        text = (sample_ids >= 0) & ~is_image & ~is_slot
         if batch.get("labels") is not None:
             text = text & (batch["labels"] == IGNORE_INDEX)
-        weight = text.unsqueeze(-1).to(embeds.dtype)
-        text_mean = (embeds * weight).sum(1) / weight.sum(1).clamp(min=1)
-        return self.gated(self._per_sample_visual(visual, is_image), text_mean)
+        owner = torch.where(text, sample_ids, n).flatten()  # row n collects what belongs to no sample's prompt
+        sums = embeds.new_zeros(n + 1, embeds.shape[-1]).index_add_(0, owner, embeds.flatten(0, 1))
+        counts = torch.bincount(owner, minlength=n + 1)
+        text_mean = sums[:n] / counts[:n].clamp(min=1).unsqueeze(1).to(sums.dtype)
+        return self.gated(self._per_sample_visual(visual, index["image_sample"], n), text_mean)
 
-    def _per_sample_visual(self, visual: Tensor | None, is_image: Tensor) -> Tensor:
-        """Each sample's visual tokens ``[B, M, D]``, averaged over its images; zeros for a sample without any."""
-        rows = is_image.shape[0]
-        out = torch.zeros(
-            rows,
-            self.num_visual_tokens,
-            self.embeddings.shape[1],
-            device=is_image.device,
-            dtype=self.embeddings.dtype if visual is None else visual.dtype,
-        )
+    def _per_sample_visual(self, visual: Tensor | None, image_sample: Tensor, n: int) -> Tensor:
+        """Each sample's visual tokens ``[n, M, D]``, averaged over its images; zeros for a sample without any."""
+        dtype = self.embeddings.dtype if visual is None else visual.dtype
+        out = torch.zeros(n, self.num_visual_tokens, self.embeddings.shape[1], device=image_sample.device, dtype=dtype)
         if visual is None:
             return out
-        counts = is_image.sum(1) // self.num_visual_tokens
-        owner = torch.repeat_interleave(torch.arange(rows, device=is_image.device), counts)
-        return out.index_add(0, owner, visual) / counts.clamp(min=1).to(visual.dtype)[:, None, None]
+        counts = torch.bincount(image_sample, minlength=n)
+        return out.index_add(0, image_sample, visual) / counts.clamp(min=1).to(dtype)[:, None, None]

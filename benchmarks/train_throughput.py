@@ -1,0 +1,365 @@
+"""Training throughput: alignlm's training step against a plain transformers Llava loop, same weights, same samples.
+
+Both sides train the same model (alignlm's, exported weight for weight to ``LlavaForConditionalGeneration`` for the
+peer) on the same LLaVA-like samples, one after the other in one process, and the script prints a table and JSON:
+real (non-padding) tokens/s, samples/s, peak memory, model TFLOP/s and MFU, and alignlm / peer.
+
+- Samples: 576 image tokens (a CLIP ViT-L/14-336 tower) plus text whose length follows a LLaVA-665k-like
+  distribution for ``finetune`` (multi-turn, answers supervised, a lognormal long tail up to 2k tokens) or
+  LLaVA-558k-like captions for ``pretrain`` (~55 tokens). Token ids are random below the vocabulary size.
+- alignlm: its own ``Trainer`` (``setup_model``, ``setup_optimization``, ``step``) with the stage's default settings
+  (packing, chunked LM loss over supervised positions, bf16 storage of frozen parts, fused AdamW, no host sync in
+  the step); ``--cached-features`` feeds the frozen tower's features as the feature cache would.
+- peer: the loop a user writes in an afternoon: ``LlavaForConditionalGeneration`` on the device in float32 under
+  bf16 autocast, ``torch.optim.AdamW`` over the trainable parts, batches padded to their longest sample,
+  ``labels=`` to the model (its loss over every position), ``loss.backward()``, ``optimizer.step()``.
+- MFU = model FLOPs per real token (``training/throughput.py``: 2 x params + 2 x LLM params + 2 x trainable params)
+  x tokens/s / peak dense bf16 FLOP/s (989 TFLOP/s on an H100/H200); the same formula for both sides.
+
+    python benchmarks/train_throughput.py --size tiny --steps 3 --warmup 1 --batch 2      # CPU, seconds
+    python benchmarks/train_throughput.py --size 1.1b --stage finetune --vocab 32000 --batch 16
+    python benchmarks/train_throughput.py --size 1.1b --stage pretrain --cached-features --batch 32
+    python benchmarks/train_throughput.py --size 7b --stage pretrain --batch 32 --no-peer
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+
+from alignlm.config import compose
+from alignlm.constants import IGNORE_INDEX
+from alignlm.data.collate import Collator
+from alignlm.export.hf_llava import to_llava
+from alignlm.models.mllm import AlignLM
+from alignlm.training.throughput import model_flops_per_token, peak_tflops
+from alignlm.training.trainer import Trainer
+
+CLIP_L_336 = {
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "image_size": 336,
+    "patch_size": 14,
+}
+SIZES: dict[str, dict[str, Any]] = {  # LLM shapes (Llama architecture) and the tower they are paired with
+    "tiny": {"llm": {}, "vision": {}},
+    "0.5b": {
+        "llm": {
+            "hidden_size": 896,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 14,
+            "num_key_value_heads": 2,
+            "intermediate_size": 4864,
+        },
+        "vision": CLIP_L_336,
+    },  # Qwen2.5-0.5B's shape
+    "1.1b": {
+        "llm": {
+            "hidden_size": 2048,
+            "num_hidden_layers": 22,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 4,
+            "intermediate_size": 5632,
+        },
+        "vision": CLIP_L_336,
+    },  # TinyLlama-1.1B's shape
+    "7b": {
+        "llm": {
+            "hidden_size": 4096,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 32,
+            "intermediate_size": 11008,
+        },
+        "vision": CLIP_L_336,
+    },  # Vicuna-7B / LLaVA-1.5-7B's shape
+}
+PARTS = {
+    "finetune": "{vision: frozen, connector: full, llm: full}",
+    "pretrain": "{vision: frozen, connector: full, llm: frozen}",
+}
+
+
+def config(size: str, stage: str, vocab: int, batch: int, steps: int, device: str):
+    """The alignlm config of one benchmark point: the tiny parts resized to ``size``."""
+    shape = SIZES[size]
+    overrides = [f"model.llm.{k}={v}" for k, v in shape["llm"].items()]
+    overrides += [f"model.vision.config.{k}={v}" for k, v in shape["vision"].items()]
+    overrides += [
+        f"model.llm.embedding_rows={vocab}",
+        "model.llm.max_position_embeddings=4096",
+        f"run=[{stage}]",
+        f"stages.{stage}.parts={PARTS[stage]}",
+        f"stages.{stage}.init_from=null",
+        f"stages.{stage}.max_steps={steps}",
+        f"stages.{stage}.per_device_batch_size={batch}",
+        "output_dir=/tmp/alignlm_bench",
+        "mixed_precision=" + ("bf16" if device == "cuda" else "no"),
+    ]
+    return compose(overrides)
+
+
+def text_lengths(stage: str, n: int, rng: np.random.Generator) -> list[list[tuple[int, bool]]]:
+    """Per sample, its text after the image as (length, supervised) segments."""
+    out = []
+    for _ in range(n):
+        if stage == "pretrain":  # one caption (LLaVA-558k: ~55 tokens with the template)
+            out.append([(int(rng.integers(2, 6)), False), (int(np.clip(rng.normal(50, 15), 8, 150)), True)])
+            continue
+        turns = 1 + min(int(rng.poisson(2.0)), 9)  # LLaVA-665k: mostly a few turns, some many
+        total = int(np.clip(np.exp(rng.normal(math.log(150), 0.9)), 24, 2048 - 576 - 8))  # long tail to 2k
+        share = rng.dirichlet(np.ones(2 * turns)) * total
+        segments = [(max(2, int(s)), i % 2 == 1) for i, s in enumerate(share)]  # question, answer, question, ...
+        out.append(segments)
+    return out
+
+
+def make_samples(model: AlignLM, stage: str, n: int, seed: int, cached_features: bool) -> list[dict[str, Any]]:
+    """alignlm samples (BOS, 576 image tokens, text segments; answers supervised) with their image or features."""
+    rng = np.random.default_rng(seed)
+    vocab = model.llm.get_input_embeddings().num_embeddings
+    size, m = model.image_spec.size, model.num_image_tokens
+    bos = model.tokenizer.bos_token_id
+    g = torch.Generator().manual_seed(seed)
+    samples = []
+    for i, segments in enumerate(text_lengths(stage, n, rng)):
+        ids = [torch.tensor([bos]), torch.full((m,), model.image_token_id)]
+        labels = [torch.tensor([IGNORE_INDEX]), torch.full((m,), IGNORE_INDEX)]
+        for length, supervised in segments:
+            tokens = torch.from_numpy(rng.integers(10, vocab, length))
+            tokens[tokens == model.image_token_id] = 10  # text never holds the image placeholder
+            ids.append(tokens)
+            labels.append(tokens.clone() if supervised else torch.full((length,), IGNORE_INDEX))
+        sample = {
+            "id": f"s{i}",
+            "input_ids": torch.cat(ids),
+            "labels": torch.cat(labels),
+            "n_images": 1,
+            "pixel_values": torch.randn(1, 3, size, size, generator=g),
+        }
+        samples.append(sample)
+    if cached_features:  # what the feature cache stores: the frozen tower's output, once per image
+        device = next(model.vision.parameters()).device
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            for s in samples:
+                s["image_embeds"] = model.vision(s.pop("pixel_values").to(device)).cpu()
+                s["pixel_values"] = None
+    return samples
+
+
+def pinned(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The batch's tensors in page-locked memory on CUDA (a copy from pageable memory would wait for the device)."""
+    if device.type != "cuda":
+        return batch
+    return {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(run_step, batches: list[Any], warmup: int, device: torch.device) -> tuple[float, list[int]]:
+    """Seconds for the batches after ``warmup`` (each step fed one batch), and each timed step's index."""
+    for b in batches[:warmup]:
+        run_step(b)
+    sync(device)
+    start = time.perf_counter()
+    for b in batches[warmup:]:
+        run_step(b)
+    sync(device)
+    return time.perf_counter() - start, list(range(warmup, len(batches)))
+
+
+def bench_alignlm(
+    cfg, stage: str, samples: list[dict[str, Any]], batch: int, warmup: int, trainer: Trainer, model: AlignLM
+) -> dict[str, Any]:
+    """alignlm's own step, default settings: packed rows, chunked loss, bf16 frozen parts, fused AdamW."""
+    acc = trainer.acc
+    data = cfg.stages[stage].data
+    collate = Collator(
+        model.tokenizer.pad_token_id,
+        pack_length=int(data.get("pack_length") or data.max_length),
+        image_token_id=model.image_token_id,
+        num_image_tokens=model.num_image_tokens,
+    )
+    chunks = [samples[i : i + batch] for i in range(0, len(samples), batch)]
+    batches = [pinned(collate(c), acc.device) for c in chunks]  # as the data loader hands them over on CUDA
+    step = {"i": 0}
+
+    def run_step(b: dict[str, Any]) -> None:
+        step["i"] += 1
+        trainer.step([b], step["i"])
+
+    if acc.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(acc.device)
+    seconds, timed = time_steps(run_step, batches, warmup, acc.device)
+    return summarise("alignlm", seconds, [chunks[i] for i in timed], acc.device, model_flops_per_token(model))
+
+
+def bench_peer(
+    model: AlignLM, stage: str, samples: list[dict[str, Any]], batch: int, warmup: int, device: torch.device
+) -> dict[str, Any]:
+    """The plain transformers loop on the same weights and samples."""
+    flops = model_flops_per_token(model)
+    trainable = {"finetune": ("connector", "llm"), "pretrain": ("connector",)}[stage]
+    with torch.device(device):  # the peer's copy made on the device, then every weight copied from alignlm's
+        hf = to_llava(model.float()).train()
+    train_prefixes = {"connector": ("model.multi_modal_projector.",), "llm": ("model.language_model.", "lm_head.")}
+    prefixes = tuple(p for part in trainable for p in train_prefixes[part])
+    for name, p in hf.named_parameters():
+        p.requires_grad_(name.startswith(prefixes))
+    opt = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=1e-5)
+    chunks = [samples[i : i + batch] for i in range(0, len(samples), batch)]
+    pad = model.tokenizer.pad_token_id
+    batches = []
+    for c in chunks:
+        length = max(len(s["input_ids"]) for s in c)
+        ids = torch.full((len(c), length), pad)
+        labels = torch.full((len(c), length), IGNORE_INDEX)
+        mask = torch.zeros((len(c), length), dtype=torch.long)
+        for i, s in enumerate(c):
+            ids[i, : len(s["input_ids"])] = s["input_ids"]
+            labels[i, : len(s["labels"])] = s["labels"]
+            mask[i, : len(s["input_ids"])] = 1
+        pixels = torch.cat([s["pixel_values"] for s in c]) if c[0].get("pixel_values") is not None else None
+        batches.append(
+            pinned({"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": pixels}, device)
+        )
+    del model
+    gc.collect()
+
+    def run_step(b: dict[str, Any]) -> None:
+        b = {k: v.to(device, non_blocking=True) if v is not None else None for k, v in b.items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = hf(**b).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds, timed = time_steps(run_step, batches, warmup, device)
+    return summarise("transformers Llava (peer)", seconds, [chunks[i] for i in timed], device, flops)
+
+
+def summarise(
+    name: str, seconds: float, chunks: list[list[dict[str, Any]]], device: torch.device, flops_per_token: float
+) -> dict[str, Any]:
+    samples = sum(len(c) for c in chunks)
+    tokens = sum(len(s["input_ids"]) for c in chunks for s in c)
+    peak = peak_tflops("auto")
+    out = {
+        "side": name,
+        "samples_per_s": samples / seconds,
+        "tokens_per_s": tokens / seconds,
+        "tflops": tokens / seconds * flops_per_token / 1e12,
+        "seconds": seconds,
+        "steps": len(chunks),
+    }
+    out["mfu"] = out["tflops"] / peak if peak else None
+    out["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return out
+
+
+def run(
+    size: str,
+    stage: str,
+    vocab: int,
+    batch: int,
+    steps: int,
+    warmup: int,
+    cached_features: bool,
+    peer: bool,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """One benchmark point: both sides (or alignlm alone), and their ratio."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = config(size, stage, vocab, batch, warmup + steps, device)
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=device == "cpu")
+    trainer = Trainer(cfg, stage, acc)
+    with torch.device(acc.device):  # random weights made on the device: a 7B model in seconds
+        model = trainer.setup_model()
+    trainer.total_steps = warmup + steps
+    trainer.setup_optimization(model, None)
+    samples = make_samples(model, stage, batch * (warmup + steps), seed, cached_features)
+    result: dict[str, Any] = {
+        "size": size,
+        "stage": stage,
+        "vocab": vocab,
+        "batch": batch,
+        "steps": steps,
+        "cached_features": cached_features,
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "flops_per_token": model_flops_per_token(model),
+    }
+    result["alignlm"] = bench_alignlm(cfg, stage, samples, batch, warmup, trainer, model)
+    if peer:
+        del trainer
+        gc.collect()
+        torch.cuda.empty_cache() if device == "cuda" else None
+        for s in samples:  # the peer always reads images: it has no feature cache
+            if s.get("pixel_values") is None:
+                s["pixel_values"] = torch.randn(1, 3, model.image_spec.size, model.image_spec.size)
+        result["peer"] = bench_peer(model, stage, samples, batch, warmup, acc.device)
+        result["ratio_tokens_per_s"] = result["alignlm"]["tokens_per_s"] / result["peer"]["tokens_per_s"]
+    if stage == "pretrain":  # LLaVA-1.5 stage 1: 558k captions, one epoch
+        result["projected_hours_558k"] = 558_000 / result["alignlm"]["samples_per_s"] / 3600
+    return result
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    lines = [
+        "| size | stage | vocab | batch | side | tokens/s | samples/s | TFLOP/s | MFU | peak GiB | ratio |",
+        "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        for key in ("alignlm", "peer"):
+            if key not in r:
+                continue
+            s = r[key]
+            mfu = f"{100 * s['mfu']:.1f} %" if s["mfu"] is not None else "-"
+            mem = f"{s['peak_memory_gib']:.1f}" if s["peak_memory_gib"] is not None else "-"
+            ratio = f"{r['ratio_tokens_per_s']:.2f}x" if key == "alignlm" and "ratio_tokens_per_s" in r else ""
+            stage = r["stage"] + (" (cached features)" if r["cached_features"] else "")
+            lines.append(
+                f"| {r['size']} | {stage} | {r['vocab']} | {r['batch']} | {s['side']} | {s['tokens_per_s']:,.0f} | "
+                f"{s['samples_per_s']:.2f} | {s['tflops']:.1f} | {mfu} | {mem} | {ratio} |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    ap.add_argument("--stage", choices=sorted(PARTS), default="finetune")
+    ap.add_argument("--vocab", type=int, default=32000, help="embedding and LM-head rows")
+    ap.add_argument("--batch", type=int, default=16, help="samples per step")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    ap.add_argument("--cached-features", action="store_true", help="alignlm reads the frozen tower's cached features")
+    ap.add_argument("--no-peer", action="store_true", help="alignlm alone (the peer does not fit, e.g. 7B)")
+    ap.add_argument("--json", default=None, help="also write the result to this file")
+    args = ap.parse_args()
+    result = run(
+        args.size, args.stage, args.vocab, args.batch, args.steps, args.warmup, args.cached_features, not args.no_peer
+    )
+    print(table([result]))
+    print(json.dumps(result, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

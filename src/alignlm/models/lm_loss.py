@@ -1,0 +1,75 @@
+"""The LM head and its cross-entropy in chunks: the summed next-token loss without materialising every logit.
+
+On real vocabularies (32k to 152k words) the logits of a batch's supervised positions, in float32 and again as their
+gradient, are often the largest tensors of a step. ``linear_cross_entropy`` computes the head and the loss chunk by
+chunk of positions and, in the same pass, the gradients of the hidden states and the head's weight, so only one
+chunk's logits exist at a time (~256 MiB by default). The numbers are those of ``F.cross_entropy(head(h).float(),
+targets, reduction="sum")``: the matmul in the autocast dtype (or the hidden states' dtype without autocast), the
+softmax in float32, optional logit soft-capping (Gemma-2) included.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+CHUNK_BYTES = 256 << 20  # float32 logits of one chunk
+
+
+def chunk_rows(vocab: int) -> int:
+    """Positions per chunk so one chunk's float32 logits take about ``CHUNK_BYTES``."""
+    return max(64, CHUNK_BYTES // (4 * vocab))
+
+
+def linear_cross_entropy(
+    hidden: Tensor, weight: Tensor, targets: Tensor, softcap: float | None = None, rows: int | None = None
+) -> Tensor:
+    """``sum_i CE(softcap(hidden_i @ weight.T), targets_i)`` for ``hidden`` ``[n, D]``, ``weight`` ``[V, D]``."""
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    return _LinearCrossEntropy.apply(hidden, weight, targets, softcap, rows or chunk_rows(weight.shape[0]), dtype)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Forward computes the loss and, when asked for, both gradients; backward only scales them."""
+
+    @staticmethod
+    def forward(
+        ctx, hidden: Tensor, weight: Tensor, targets: Tensor, softcap: float | None, rows: int, dtype: torch.dtype
+    ) -> Tensor:
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(dtype)
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            grad_h = torch.empty_like(hidden) if need_h else None
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+            for start in range(0, hidden.shape[0], rows):
+                h = hidden[start : start + rows].to(dtype)
+                t = targets[start : start + rows]
+                logits = (h @ w.T).float()
+                capped = None
+                if softcap:
+                    capped = torch.tanh(logits / softcap)
+                    logits = capped * softcap
+                lse = logits.logsumexp(-1)
+                total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+                if need_h or need_w:
+                    g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                    g[torch.arange(len(t), device=g.device), t] -= 1
+                    if capped is not None:
+                        g *= 1 - capped * capped
+                    g = g.to(dtype)
+                    if need_h:
+                        grad_h[start : start + rows] = g @ w
+                    if need_w:
+                        grad_w += g.T @ h
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        dh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+        dw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
+        return dh, dw, None, None, None, None

@@ -1,0 +1,76 @@
+"""Throughput figures: model FLOPs per token, the accelerator's peak, and a steady-state meter.
+
+Model FLOPs per real (non-padding) token, the formula every alignlm figure uses:
+``2 * (all parameters a token passes through)`` for the forward pass, ``+ 2 * (LLM parameters)`` for the activation
+gradients that flow back through the LLM to whatever trains before it, ``+ 2 * (trainable parameters)`` for their
+weight gradients: the usual ``6 N`` when everything trains, ``4 N`` for LLaVA's stage 1 (frozen LLM and tower).
+Attention's own FLOPs (which grow with sequence length) are left out, as in the usual ``6 N`` convention, so MFU
+here slightly understates the work done. MFU = achieved model FLOP/s / (peak FLOP/s of the device x devices).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+# dense bf16 peak TFLOP/s per device, by a substring of torch.cuda.get_device_name()
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
+WARMUP_STEPS = 3  # steps left out of the steady-state figures (allocator growth, kernel selection, compilation)
+
+
+def model_flops_per_token(model: nn.Module) -> float:
+    """The formula of the module docstring, for an ``AlignLM`` in its current train/freeze state."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return float(2 * total + 2 * sum(p.numel() for p in model.llm.parameters()) + 2 * trainable)
+
+
+def peak_tflops(setting: float | str | None) -> float | None:
+    """``logging.peak_tflops``: a number, ``auto`` (looked up from the CUDA device name; None when unknown), or null."""
+    if setting is None:
+        return None
+    if setting != "auto":
+        return float(setting)
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+class Meter:
+    """Samples and tokens per second over the steps after the first ``warmup`` (whole run while still warming up)."""
+
+    def __init__(self, warmup: int = WARMUP_STEPS) -> None:
+        self.warmup = warmup
+        self.steps = 0
+        self.start = time.perf_counter()
+        self.counts = [0, 0]  # samples, tokens since the window opened
+        self.all_counts = [0, 0]
+
+    def add(self, samples: int, tokens: int) -> None:
+        """Record one finished step (call after its work is done)."""
+        self.steps += 1
+        self.all_counts = [self.all_counts[0] + samples, self.all_counts[1] + tokens]
+        if self.steps == self.warmup:
+            self.window = time.perf_counter()
+            self.counts = [0, 0]
+        elif self.steps > self.warmup:
+            self.counts = [self.counts[0] + samples, self.counts[1] + tokens]
+
+    def rates(self) -> tuple[float, float]:
+        """(samples/s, tokens/s): steady state once past the warm-up, else over everything so far."""
+        now = time.perf_counter()
+        if self.steps > self.warmup:
+            elapsed = max(now - self.window, 1e-9)
+            return self.counts[0] / elapsed, self.counts[1] / elapsed
+        elapsed = max(now - self.start, 1e-9)
+        return self.all_counts[0] / elapsed, self.all_counts[1] / elapsed
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    """The most memory the device's tensors have held so far (CUDA), in GiB."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**30

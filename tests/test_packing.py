@@ -1,0 +1,167 @@
+"""Packed rows and the chunked LM loss: the fast default paths compute exactly what the plain ones do.
+
+Packing: every sample's loss and every gradient equal those of the sample alone, unpadded (fp32, 1e-5), whichever
+row it lands in and whatever precedes it there. The chunked linear cross-entropy equals the plain one, soft-capping
+and frozen heads included.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from alignlm.constants import IGNORE_INDEX
+from alignlm.data.build import build_dataset
+from alignlm.data.collate import Collator, pack_rows
+from alignlm.models.lm_loss import linear_cross_entropy
+
+
+def collator(model, **kw) -> Collator:
+    return Collator(
+        model.tokenizer.pad_token_id, image_token_id=model.image_token_id, num_image_tokens=model.num_image_tokens, **kw
+    )
+
+
+def test_pack_rows_is_first_fit_in_order():
+    assert pack_rows([5, 4, 3, 6, 2], capacity=8) == [[0, 2], [1, 4], [3]]
+    assert pack_rows([9, 1], capacity=8) == [[0], [1]]  # too long for a row: a row of its own
+    assert pack_rows([], capacity=8) == []
+
+
+@pytest.fixture
+def samples(tiny_model, colour_set):
+    model = tiny_model()
+    data = {
+        "sources": [{"path": str(colour_set["instruct"])}, {"path": str(colour_set["pretrain"])}],
+        "template": "vicuna_v1",
+    }
+    ds = build_dataset(data, model, seed=0)
+    picked = [ds[i] for i in (0, 50, 3, 60, 7)]  # two-turn QA and captions: different lengths
+    assert len({len(s["input_ids"]) for s in picked}) > 1
+    return model, picked
+
+
+def test_packed_batch_layout(samples):
+    model, picked = samples
+    cap = 2 * max(len(s["input_ids"]) for s in picked)
+    batch = collator(model, pack_length=cap)(picked)
+    rows = batch["input_ids"].shape[0]
+    assert rows < len(picked) and batch["num_samples"] == len(picked)
+    for r in range(rows):  # position ids restart at 0 for every sample, and for the padding tail
+        pos, sid = batch["position_ids"][r], batch["sample_ids"][r]
+        starts = torch.nonzero(pos == 0).flatten().tolist()
+        assert starts[0] == 0 and all(sid[s] != sid[s - 1] for s in starts[1:])
+    by_id = {s["id"]: s for s in picked}
+    for k, sid in enumerate(batch["ids"]):  # each sample's tokens, contiguous, in the order of batch["ids"]
+        assert torch.equal(batch["input_ids"][batch["sample_ids"] == k], by_id[sid]["input_ids"])
+    # images follow the order the samples are laid out in, and image_sample says whose they are
+    expected = torch.cat([by_id[sid]["pixel_values"] for sid in batch["ids"]])
+    assert torch.equal(batch["pixel_values"], expected)
+    assert batch["image_sample"].tolist() == list(range(len(picked)))
+    # no prediction crosses from one sample into the next
+    flat = batch["sample_ids"].flatten()
+    assert torch.equal(flat[batch["lm_positions"]], flat[batch["lm_positions"] + 1])
+
+
+def per_sample_losses(model, batch) -> list[torch.Tensor]:
+    """Summed LM loss of each sample of a batch, from the model's full logits."""
+    out = model(batch, return_logits=True)
+    index = model.index(batch)
+    logits = out.logits.flatten(0, 1)[index["lm_positions"]].float()
+    ce = F.cross_entropy(logits, index["lm_targets"], reduction="none")
+    owner = index["sample_ids"].flatten()[index["lm_positions"]]
+    return [ce[owner == k].sum() for k in range(index["num_samples"])], out
+
+
+def summed_loss(model, batch) -> torch.Tensor:
+    """The batch's summed LM loss with its graph (normalised by 1 instead of the supervised-token count)."""
+    return model({**batch, "num_items_in_batch": torch.tensor(1.0)}).lm_loss
+
+
+def test_packing_gives_each_samples_own_loss_and_gradients(samples):
+    model, picked = samples
+    model.train()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    params = list(model.parameters())
+
+    def grads_of(loss: torch.Tensor) -> list[torch.Tensor]:
+        got = torch.autograd.grad(loss, params, allow_unused=True)
+        return [torch.zeros_like(p) if g is None else g for g, p in zip(got, params)]
+
+    alone = {}  # every sample alone, unpadded
+    for s in picked:
+        loss = summed_loss(model, collator(model)([s]))
+        alone[s["id"]] = (loss.detach(), grads_of(loss))
+    packed = collator(model, pack_length=2 * max(len(s["input_ids"]) for s in picked))(picked)
+    assert packed["input_ids"].shape[0] < len(picked)
+    losses, _ = per_sample_losses(model, packed)
+    for sid, loss in zip(packed["ids"], losses):
+        torch.testing.assert_close(loss, alone[sid][0], rtol=1e-5, atol=1e-5)
+    total = summed_loss(model, packed)
+    torch.testing.assert_close(total.detach(), sum(a[0] for a in alone.values()), rtol=1e-5, atol=1e-5)
+    summed = [sum(a[1][i] for a in alone.values()) for i in range(len(params))]
+    for got, want in zip(grads_of(total), summed):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # and the padded layout agrees too
+    torch.testing.assert_close(model(collator(model)(picked)).lm_loss_sum, total.detach(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+@pytest.mark.parametrize("train_head", [True, False])
+def test_chunked_cross_entropy_equals_the_plain_one(softcap, train_head):
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(37, 16, generator=g, requires_grad=True)
+    weight = (torch.randn(50, 16, generator=g) * 3).requires_grad_(train_head)
+    targets = torch.randint(0, 50, (37,), generator=g)
+    logits = hidden @ weight.T
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    plain = F.cross_entropy(logits, targets, reduction="sum")
+    chunked = linear_cross_entropy(hidden, weight, targets, softcap=softcap, rows=8)  # five chunks, the last short
+    torch.testing.assert_close(chunked, plain, rtol=1e-6, atol=1e-5)
+    wrt = [hidden, weight] if train_head else [hidden]
+    for a, b in zip(torch.autograd.grad(2.5 * chunked, wrt), torch.autograd.grad(2.5 * plain, wrt)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_model_loss_uses_only_supervised_positions(tiny_model):
+    model = tiny_model()
+    from tests.conftest import make_batch
+
+    batch = make_batch(model, [1, 0, 2])
+    out = model(batch, return_logits=True)
+    shift = batch["labels"][:, 1:]
+    plain = F.cross_entropy(
+        out.logits[:, :-1].flatten(0, 1).float(), shift.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    torch.testing.assert_close(out.lm_loss_sum, plain, rtol=1e-5, atol=1e-5)
+    assert int(out.num_items) == int((shift != IGNORE_INDEX).sum())
+
+
+# ---- the vision-feature cache ------------------------------------------------------------------------------------------
+
+
+def test_feature_cache_trains_exactly_like_live_features_and_is_reused(colour_set, tmp_path):
+    from alignlm.pipeline import run
+    from tests.conftest import compose, read_losses, tiny_overrides
+
+    common = [*tiny_overrides(colour_set, tmp_path), "run=[pretrain]", "eval.sets=[]", "stages.pretrain.max_steps=5"]
+    run(compose(*common, "run_name=live"))
+    run(compose(*common, "run_name=cached", "stages.pretrain.data.feature_cache=true"))
+    assert read_losses(tmp_path / "cached" / "pretrain") == read_losses(tmp_path / "live" / "pretrain")
+    shards = sorted((tmp_path / "feature_cache").rglob("*.safetensors"))
+    assert len(shards) == 1
+    stamp = shards[0].stat().st_mtime_ns
+    run(compose(*common, "run_name=again", "stages.pretrain.data.feature_cache=true"))  # same tower: nothing recomputed
+    assert [p.stat().st_mtime_ns for p in (tmp_path / "feature_cache").rglob("*.safetensors")] == [stamp]
+    with pytest.raises(ValueError, match="this stage trains model.vision"):
+        run(
+            compose(
+                *common,
+                "run_name=trained",
+                "stages.pretrain.data.feature_cache=true",
+                "stages.pretrain.parts.vision=full",
+            )
+        )
