@@ -230,18 +230,7 @@ def test_llm_loads_a_saved_checkpoint_by_path(tmp_path):
     llm.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     model = build_model(
-        compose(
-            "model.llm._target_=alignlm.models.llm.pretrained",
-            f"+model.llm.name_or_path={tmp_path}",
-            "~model.llm.hidden_size",
-            "~model.llm.num_hidden_layers",
-            "~model.llm.num_attention_heads",
-            "~model.llm.num_key_value_heads",
-            "~model.llm.intermediate_size",
-            "~model.llm.vocab_size",
-            "~model.llm.max_position_embeddings",
-            "~model.llm.embedding_rows",
-        ).model
+        compose("model/llm=qwen2_5_0_5b", f"model.llm.name_or_path={tmp_path}", "model.llm.dtype=float32").model
     )
     ids = torch.tensor([[5, 6, 7]])
     torch.testing.assert_close(model.llm(input_ids=ids).logits[..., : len(tok)], llm(input_ids=ids).logits)
