@@ -305,10 +305,13 @@ def run(
         "flops_per_token": model_flops_per_token(model),
     }
     result["alignlm"] = bench_alignlm(cfg, stage, samples, batch, warmup, trainer, model)
-    if peer:
+    if peer:  # free alignlm's side first: the peer's peak memory is its own
+        acc.free_memory()
         del trainer
+        model.cpu()
         gc.collect()
-        torch.cuda.empty_cache() if device == "cuda" else None
+        if device == "cuda":
+            torch.cuda.empty_cache()
         for s in samples:  # the peer always reads images: it has no feature cache
             if s.get("pixel_values") is None:
                 s["pixel_values"] = torch.randn(1, 3, model.image_spec.size, model.image_spec.size)

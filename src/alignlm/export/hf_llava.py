@@ -53,7 +53,8 @@ def feature_strategy(vision: HFVisionTower) -> str:
     size = vision.image_spec.size
     with torch.no_grad():
         out = vision.model(
-            pixel_values=torch.zeros(1, 3, size, size, dtype=vision.model.dtype), output_hidden_states=True
+            pixel_values=torch.zeros(1, 3, size, size, dtype=vision.model.dtype, device=vision.model.device),
+            output_hidden_states=True,
         )
     prefix = out.hidden_states[vision.select_layer].shape[1] - grid
     if vision.select_feature == "cls_patch" or prefix == 0:
@@ -171,7 +172,10 @@ def llava_processor(model: AlignLM, template: Any, strategy: str) -> Any:
         size = spec.size
         n_tokens = (
             model.vision.model(
-                pixel_values=torch.zeros(1, 3, size, size, dtype=model.vision.model.dtype), output_hidden_states=True
+                pixel_values=torch.zeros(
+                    1, 3, size, size, dtype=model.vision.model.dtype, device=model.vision.model.device
+                ),
+                output_hidden_states=True,
             )
             .hidden_states[model.vision.select_layer]
             .shape[1]

