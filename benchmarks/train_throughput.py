@@ -7,11 +7,14 @@ real (non-padding) tokens/s, samples/s, peak memory, model TFLOP/s and MFU, and 
 - Samples: 576 image tokens (a CLIP ViT-L/14-336 tower) plus text whose length follows a LLaVA-665k-like
   distribution for ``finetune`` (multi-turn, answers supervised, a lognormal long tail up to 2k tokens) or
   LLaVA-558k-like captions for ``pretrain`` (~55 tokens). Token ids are random below the vocabulary size.
-- alignlm: its own ``Trainer`` (``setup_model``, ``setup_optimization``, ``step``) with the stage's default settings
-  (packing, chunked LM loss over supervised positions, bf16 storage of frozen parts, fused AdamW, no host sync in
-  the step); ``--cached-features`` feeds the frozen tower's features as the feature cache would.
+- Both sides get the same batches, of similar length as alignlm's sampler groups them (runs of 16 batches sorted by
+  length).
+- alignlm: its own ``Trainer`` (``setup_model``, ``setup_optimization``, ``collator``, ``step``) with the stage's
+  default settings (packed rows where the attention kernel isolates them for free, else padded; chunked LM loss over
+  supervised positions; bf16 storage of frozen parts; fused AdamW; no host sync in the step); ``--cached-features``
+  feeds the frozen tower's features as the feature cache would.
 - peer: the loop a user writes in an afternoon: ``LlavaForConditionalGeneration`` on the device in float32 under
-  bf16 autocast, ``torch.optim.AdamW`` over the trainable parts, batches padded to their longest sample,
+  bf16 autocast, ``torch.optim.AdamW`` over the trainable parts, each batch padded to its longest sample,
   ``labels=`` to the model (its loss over every position), ``loss.backward()``, ``optimizer.step()``.
 - MFU = model FLOPs per real token (``training/throughput.py``: 2 x params + 2 x LLM params + 2 x trainable params)
   x tokens/s / peak dense bf16 FLOP/s (989 TFLOP/s on an H100/H200); the same formula for both sides.
@@ -38,7 +41,6 @@ from accelerate import Accelerator
 
 from alignlm.config import compose
 from alignlm.constants import IGNORE_INDEX
-from alignlm.data.collate import Collator
 from alignlm.export.hf_llava import to_llava
 from alignlm.models.mllm import AlignLM
 from alignlm.training.throughput import model_flops_per_token, peak_tflops
@@ -182,19 +184,22 @@ def time_steps(run_step, batches: list[Any], warmup: int, device: torch.device) 
     return time.perf_counter() - start, list(range(warmup, len(batches)))
 
 
+def grouped(samples: list[dict[str, Any]], batch: int, seed: int) -> list[list[dict[str, Any]]]:
+    """Batches of similar length, as alignlm's sampler makes them (runs of 16 batches sorted, then shuffled)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for start in range(0, len(samples), batch * 16):
+        run_ = sorted(samples[start : start + batch * 16], key=lambda s: -len(s["input_ids"]))
+        out += [run_[i : i + batch] for i in range(0, len(run_), batch)]
+    return [out[i] for i in rng.permutation(len(out))]
+
+
 def bench_alignlm(
-    cfg, stage: str, samples: list[dict[str, Any]], batch: int, warmup: int, trainer: Trainer, model: AlignLM
+    stage: str, chunks: list[list[dict[str, Any]]], warmup: int, trainer: Trainer, model: AlignLM
 ) -> dict[str, Any]:
-    """alignlm's own step, default settings: packed rows, chunked loss, bf16 frozen parts, fused AdamW."""
+    """alignlm's own step and collator, default settings."""
     acc = trainer.acc
-    data = cfg.stages[stage].data
-    collate = Collator(
-        model.tokenizer.pad_token_id,
-        pack_length=int(data.get("pack_length") or data.max_length),
-        image_token_id=model.image_token_id,
-        num_image_tokens=model.num_image_tokens,
-    )
-    chunks = [samples[i : i + batch] for i in range(0, len(samples), batch)]
+    collate = trainer.collator()
     batches = [pinned(collate(c), acc.device) for c in chunks]  # as the data loader hands them over on CUDA
     step = {"i": 0}
 
@@ -205,13 +210,15 @@ def bench_alignlm(
     if acc.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(acc.device)
     seconds, timed = time_steps(run_step, batches, warmup, acc.device)
-    return summarise("alignlm", seconds, [chunks[i] for i in timed], acc.device, model_flops_per_token(model))
+    result = summarise("alignlm", seconds, [chunks[i] for i in timed], acc.device, model_flops_per_token(model))
+    result["packed"] = collate.pack_length is not None
+    return result
 
 
 def bench_peer(
-    model: AlignLM, stage: str, samples: list[dict[str, Any]], batch: int, warmup: int, device: torch.device
+    model: AlignLM, stage: str, chunks: list[list[dict[str, Any]]], warmup: int, device: torch.device
 ) -> dict[str, Any]:
-    """The plain transformers loop on the same weights and samples."""
+    """The plain transformers loop on the same weights and the same batches."""
     flops = model_flops_per_token(model)
     trainable = {"finetune": ("connector", "llm"), "pretrain": ("connector",)}[stage]
     with torch.device(device):  # the peer's copy made on the device, then every weight copied from alignlm's
@@ -221,7 +228,6 @@ def bench_peer(
     for name, p in hf.named_parameters():
         p.requires_grad_(name.startswith(prefixes))
     opt = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=1e-5)
-    chunks = [samples[i : i + batch] for i in range(0, len(samples), batch)]
     pad = model.tokenizer.pad_token_id
     batches = []
     for c in chunks:
@@ -294,6 +300,7 @@ def run(
     trainer.total_steps = warmup + steps
     trainer.setup_optimization(model, None)
     samples = make_samples(model, stage, batch * (warmup + steps), seed, cached_features)
+    chunks = grouped(samples, batch, seed)
     result: dict[str, Any] = {
         "size": size,
         "stage": stage,
@@ -304,7 +311,7 @@ def run(
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "flops_per_token": model_flops_per_token(model),
     }
-    result["alignlm"] = bench_alignlm(cfg, stage, samples, batch, warmup, trainer, model)
+    result["alignlm"] = bench_alignlm(stage, chunks, warmup, trainer, model)
     if peer:  # free alignlm's side first: the peer's peak memory is its own
         acc.free_memory()
         del trainer
@@ -315,7 +322,7 @@ def run(
         for s in samples:  # the peer always reads images: it has no feature cache
             if s.get("pixel_values") is None:
                 s["pixel_values"] = torch.randn(1, 3, model.image_spec.size, model.image_spec.size)
-        result["peer"] = bench_peer(model, stage, samples, batch, warmup, acc.device)
+        result["peer"] = bench_peer(model, stage, chunks, warmup, acc.device)
         result["ratio_tokens_per_s"] = result["alignlm"]["tokens_per_s"] / result["peer"]["tokens_per_s"]
     if stage == "pretrain":  # LLaVA-1.5 stage 1: 558k captions, one epoch
         result["projected_hours_558k"] = 558_000 / result["alignlm"]["samples_per_s"] / 3600

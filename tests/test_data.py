@@ -96,12 +96,13 @@ def test_placeholder_count_mismatch(model, root):
 
 @pytest.mark.parametrize(
     "image,match",
-    [("images/missing.png", "missing.png: .*No such file"), ("images/corrupt.png", "cannot read image .*corrupt.png")],
+    [("images/missing.png", "missing.png does not exist"), ("images/corrupt.png", "cannot read image .*corrupt.png")],
 )
 def test_bad_images_skip_or_raise(model, root, image, match):
     ds = dataset(model, [record("ok"), record("bad", image=image)], root)
     skipped = ds[1]
     assert isinstance(skipped, Skipped) and skipped.id == "bad" and re.search(match, skipped.reason)
+    assert skipped.cause == ("missing image" if "missing" in image else "unreadable image")
     batch = Collator(0)([ds[0], skipped])
     assert batch["ids"] == ["ok"] and [s.id for s in batch["skipped"]] == ["bad"]
     strict = dataset(model, [record("bad", image=image)], root, on_error="raise")
@@ -111,20 +112,24 @@ def test_bad_images_skip_or_raise(model, root, image, match):
 
 def test_malformed_records_fail_at_start_up(model, root):
     records = [record("ok"), {"id": "noconv"}, {"id": "badrole", "conversations": [{"from": "bot", "value": "x"}]}, 7]
-    ds = dataset(model, records, root)
-    assert len(ds) == 1 and len(ds.malformed) == 3
-    assert "noconv" in ds.malformed[0] and "bot" in ds.malformed[1]
+    ds = dataset(model, records, root, min_usable_fraction=0.0)
+    assert len(ds) == 1 and ds.report.counts == {"malformed record": 3}
+    assert ds.report.examples["malformed record"][:2] == ["noconv", "badrole"]
     with pytest.raises(DataError, match="record 1 .*id='noconv'.*conversations"):
         dataset(model, records, root, on_error="raise")
+    with pytest.raises(DataError, match="only 1 of 4 records .* below data.min_usable_fraction=0.5"):
+        dataset(model, records, root)
 
 
-def test_bad_json_names_the_line(model, root):
+def test_bad_json_line_is_counted_under_skip_and_named_under_raise(model, root):
     path = root / "d.jsonl"
-    path.write_text(json.dumps(record("a")) + "\n{oops\n")
+    path.write_text(json.dumps(record("a")) + "\n{oops\n" + json.dumps(record("b")) + "\n")
+    args = ([Source(str(path))], model.tokenizer, get_template("plain"), model.image_spec, model.num_image_tokens)
+    ds = LlavaDataset(*args)
+    assert len(ds) == 2 and ds.report.counts == {"invalid JSON line": 1}
+    assert ds.report.examples["invalid JSON line"] == [f"{path}:2"]
     with pytest.raises(DataError, match="d.jsonl:2"):
-        LlavaDataset(
-            [Source(str(path))], model.tokenizer, get_template("plain"), model.image_spec, model.num_image_tokens
-        )
+        LlavaDataset(*args, on_error="raise")
 
 
 def test_unknown_on_error_policy(model, root):

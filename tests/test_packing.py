@@ -165,3 +165,50 @@ def test_feature_cache_trains_exactly_like_live_features_and_is_reused(colour_se
                 "stages.pretrain.parts.vision=full",
             )
         )
+
+
+# ---- checkpointing per part, compilation ------------------------------------------------------------------------------
+
+
+def test_checkpointing_per_part_changes_no_number(colour_set, tmp_path):
+    from alignlm.pipeline import run
+    from tests.conftest import compose, read_losses, tiny_overrides
+
+    common = [
+        *tiny_overrides(colour_set, tmp_path),
+        "run=[pretrain]",
+        "eval.sets=[]",
+        "stages.pretrain.max_steps=3",
+        "stages.pretrain.parts.vision=full",
+    ]
+    run(compose(*common, "run_name=plain"))
+    run(compose(*common, "run_name=ckpt", "stages.pretrain.gradient_checkpointing=[llm,vision]"))
+    assert read_losses(tmp_path / "ckpt" / "pretrain") == pytest.approx(
+        read_losses(tmp_path / "plain" / "pretrain"), rel=1e-5
+    )
+    with pytest.raises(ValueError, match="checkpointing applies to llm and vision, not \\['connector'\\]"):
+        run(compose(*common, "run_name=bad", "stages.pretrain.gradient_checkpointing=[connector]"))
+
+
+def test_compile_wraps_every_llm_layer(tiny_model):
+    from alignlm.training.trainer import compile_llm_layers
+
+    model = tiny_model()
+    compile_llm_layers(model)
+    assert all(layer._compiled_call_impl is not None for layer in model.llm.get_decoder().layers)
+
+
+def test_packing_auto_packs_only_where_attention_isolates_samples_for_free(colour_set, tmp_path):
+    from alignlm.pipeline import make_accelerator
+    from alignlm.training.trainer import Trainer
+    from tests.conftest import compose, tiny_overrides
+
+    def collator(*extra: str):
+        cfg = compose(*tiny_overrides(colour_set, tmp_path), "run=[pretrain]", *extra)
+        trainer = Trainer(cfg, "pretrain", make_accelerator(cfg))
+        trainer.model = trainer.setup_model()
+        return trainer.collator()
+
+    assert collator().pack_length is None  # sdpa: a packed row would cost attention over the whole row
+    assert collator("stages.pretrain.data.packing=true").pack_length == 2048
+    assert collator("model.llm.attn_implementation=flex_attention").pack_length == 2048

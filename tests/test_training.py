@@ -41,7 +41,13 @@ def test_pipeline_trains_both_stages_and_evaluates(colour_set, tmp_path):
         from alignlm.models.io import final_parts
 
         assert final_parts(final) == parts
-    assert json.loads((tmp_path / "t" / "summary.json").read_text())["stages"]["pretrain"]["world_size"] == 1
+    stages = json.loads((tmp_path / "t" / "summary.json").read_text())["stages"]
+    assert stages["pretrain"]["world_size"] == 1
+    # steady-state throughput in real tokens, with the model FLOP/s it means (no MFU or GPU memory on a CPU)
+    assert stages["pretrain"]["tokens_per_s"] > 0 and stages["pretrain"]["tflops"] > 0
+    assert stages["pretrain"]["mfu"] is None and stages["pretrain"]["peak_memory_gib"] is None
+    rows = [json.loads(r) for r in (tmp_path / "t" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 31)) and all("tokens_per_s" in r and "tflops" in r for r in rows)
     # finished stages are skipped on a rerun (resume=auto), and their figures are kept, with or without eval sets
     again = run(compose(*tiny_overrides(colour_set, tmp_path, "stages.pretrain.max_steps=30", "eval.sets=[]")))
     assert again["stages"] == summary["stages"] and again["eval"] == {}
@@ -98,8 +104,10 @@ def test_resume_after_sigkill_matches_uninterrupted(colour_set, tmp_path):
     )
 
 
-def test_gradient_accumulation_matches_one_big_batch(colour_set, tmp_path):
-    """Token-normalised LM loss: 2 micro-batches of 4 == 1 batch of 8, though samples differ in length."""
+@pytest.mark.parametrize("packing", ["false", "true"])
+def test_gradient_accumulation_matches_one_big_batch(colour_set, tmp_path, packing):
+    """Token-normalised LM loss: 2 micro-batches of 4 == 1 batch of 8, though samples differ in length; padded or
+    packed rows alike."""
     base = tiny_overrides(  # exactness is checked in fp32 (on a GPU, auto would pick bf16)
         colour_set,
         tmp_path,
@@ -107,6 +115,7 @@ def test_gradient_accumulation_matches_one_big_batch(colour_set, tmp_path):
         "stages.finetune.init_from=null",
         "stages.finetune.max_steps=3",
         "mixed_precision=no",
+        f"stages.finetune.data.packing={packing}",
     )
     run(compose(*base, "run_name=big", "stages.finetune.per_device_batch_size=8"))
     run(compose(*base, "run_name=accum", "stages.finetune.per_device_batch_size=4", "stages.finetune.grad_accum=2"))

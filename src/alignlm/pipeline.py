@@ -10,6 +10,7 @@ training. They run on the main process, stage by stage in run order, before any 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 from alignlm.config import instantiate
 from alignlm.data import GENERATORS
 from alignlm.evaluation.evaluate import answer_accuracy
-from alignlm.models.io import load_model
+from alignlm.models.build import build_model
+from alignlm.models.io import load_final_weights
 from alignlm.training.logging import get_logger, summary_table
 from alignlm.training.trainer import StageResult, Trainer, stage_done, summarize
 
@@ -61,12 +63,62 @@ def run_prepare_steps(cfg: DictConfig) -> None:
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Config mistakes that would otherwise surface mid-run: unknown stage names, bad resume mode."""
+    """Config mistakes that would otherwise surface mid-run, each named with its key and the values allowed: unknown
+    stage names, a bad resume mode, a run name that is not a plain folder name, numbers out of range."""
     unknown = [s for s in cfg.run if s not in cfg.stages]
     if unknown:
         raise ValueError(f"run lists stages {unknown} that are not configured; stages: {list(cfg.stages)}")
     if cfg.resume not in ("auto", "never"):
         raise ValueError(f"resume={cfg.resume!r} is not known; choose one of ['auto', 'never']")
+    name = cfg.run_name
+    if isinstance(name, bool) or not isinstance(name, (str, int, float)) or not _plain_name(str(name)):
+        raise ValueError(
+            f"run_name={name!r} must be a plain folder name (letters, digits, '.', '_', '-'; not '.' or "
+            "'..'): outputs go to output_dir/run_name"
+        )
+    cfg.run_name = str(name)  # `run_name=nan` or `run_name=7` arrive as numbers
+    if cfg.get("stop_after_steps") is not None:
+        _positive_int("stop_after_steps", cfg.stop_after_steps)
+    for stage in cfg.run:
+        _check_stage(f"stages.{stage}", cfg.stages[stage])
+
+
+def _plain_name(name: str) -> bool:
+    return bool(name) and name not in (".", "..") and all(c.isalnum() or c in "._-" for c in name)
+
+
+def _number(key: str, value: Any, low: float, high: float = math.inf, *, low_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        bound = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if math.isfinite(high) else "")
+        raise ValueError(f"{key}={value!r} must be a finite number {bound}")
+
+
+def _positive_int(key: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{key}={value!r} must be a whole number >= 1")
+
+
+def _check_stage(key: str, stage: DictConfig) -> None:
+    """A stage's numbers, checked before anything is built (an ``inf`` learning rate never reaches step 1)."""
+    for part, lr in (stage.get("lr") or {}).items():
+        _number(f"{key}.lr.{part}", lr, 0.0, low_open=True)
+    _number(f"{key}.weight_decay", stage.get("weight_decay", 0.0), 0.0)
+    _number(f"{key}.max_grad_norm", stage.get("max_grad_norm", 1.0), 0.0)
+    _number(f"{key}.warmup_ratio", stage.get("warmup_ratio", 0.0), 0.0, 1.0)
+    for i, beta in enumerate(stage.get("betas") or (0.9, 0.999)):
+        _number(f"{key}.betas[{i}]", beta, 0.0, 0.999999)
+    _positive_int(f"{key}.per_device_batch_size", stage.per_device_batch_size)
+    _positive_int(f"{key}.grad_accum", stage.grad_accum)
+    if stage.get("max_steps") is not None:
+        _positive_int(f"{key}.max_steps", stage.max_steps)
+    else:
+        _number(f"{key}.epochs", stage.get("epochs", 1), 0.0, low_open=True)
+    for name in ("save_every", "keep_last"):
+        value = stage.get(name, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{key}.{name}={value!r} must be a whole number >= 0")
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -102,6 +154,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "mfu": result.mfu,
             "peak_memory_gib": result.peak_memory_gib,
             "skipped": result.skipped,
+            "data": result.data,
+            "nonfinite_steps": result.nonfinite_steps,
             "world_size": result.world_size,
         }
     if cfg.eval.sets and final is not None and acc.is_main_process:
@@ -121,8 +175,11 @@ def _earlier_stage_summaries(run_dir: Path) -> dict[str, Any]:
 
 
 def evaluate_final(cfg: DictConfig, final: Path, device: torch.device) -> dict[str, Any]:
-    """Answer accuracy of a ``final/`` checkpoint on every ``eval.sets`` entry."""
-    model = load_model(final).to(device)
+    """Answer accuracy of this run's ``final/`` checkpoint on every ``eval.sets`` entry (the model built from the run's
+    own config, not the copy on disk)."""
+    model = build_model(cfg.model)
+    load_final_weights(model, final)
+    model = model.eval().to(device)
     data_cfg = OmegaConf.to_container(cfg.stages[cfg.run[-1]].data, resolve=True)
     out = {}
     for s in cfg.eval.sets:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
+from alignlm.commands._flags import add_trust_flags
 from alignlm.config import config_dir
 from alignlm.evaluation import checkpoints
 from alignlm.evaluation.lmms import run_lmms_eval, write_local_task
@@ -59,6 +60,7 @@ def eval_config(args: argparse.Namespace) -> dict[str, Any]:
         cfg.probe.enabled = False
     if args.no_plots:
         cfg.plots = False
+    cfg.allow_code, cfg.trust_remote_code = args.allow_code, args.trust_remote_code
     return OmegaConf.to_container(cfg, resolve=True)
 
 
@@ -169,6 +171,7 @@ def register(sub: Any) -> None:
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--device", default=None, help="auto | cpu | cuda:0")
     p.add_argument("--json", action="store_true", help="print report.json instead of report.md")
+    add_trust_flags(p)
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("compare", help="paired per-question differences between checkpoints of report.json files")
     p.add_argument("reports", nargs="+", help="report.json files written by alignlm eval")

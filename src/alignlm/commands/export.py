@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+from alignlm.commands._flags import add_trust_flags
 from alignlm.export.hf_llava import export
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    out = export(args.checkpoint, args.out_dir)
+    out = export(args.checkpoint, args.out_dir, args.allow_code, args.trust_remote_code)
     print(f"wrote {out}: LlavaForConditionalGeneration.from_pretrained({str(out)!r}) loads it")
     return 0
 
@@ -20,4 +21,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("checkpoint", help="a final/ folder")
     p.add_argument("out_dir")
+    add_trust_flags(p)
     p.set_defaults(func=cmd_export)

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from alignlm.commands._flags import add_trust_flags
 from alignlm.data.records import record_images
 from alignlm.methods.sea.labels import DEFAULT_NAME, SeaLabels, make_labels
 from alignlm.methods.sea.token_words import token_word_report
@@ -77,6 +78,7 @@ def register(subparsers: Any) -> None:
         help="also report with these words left out (e.g. background, which every shapes cell lists)",
     )
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    add_trust_flags(p)
     p.set_defaults(func=cmd_sea_eval)
 
 
@@ -126,7 +128,7 @@ def cmd_sea_eval(args: argparse.Namespace) -> int:
     )
     report: dict[str, dict[str, Any]] = {ck: {} for ck in args.checkpoints}
     for ck in args.checkpoints:
-        model = load_model(ck)
+        model = load_model(ck, args.allow_code, args.trust_remote_code)
         for name, exclude in variants.items():
             report[ck][name] = token_word_report(model, labels, images, args.word_prefix, args.batch_size, exclude)
     names = [str(Path(ck).parent.parent.name + "/" + Path(ck).parent.name) for ck in args.checkpoints]

@@ -2,18 +2,26 @@
 
 ``train`` takes Hydra overrides (``alignlm train +exp=demo stages.pretrain.max_steps=20``) and composes the config
 tree in ``configs/`` (or ``$ALIGNLM_CONFIG_DIR``); ``--print-config`` shows the result and exits. Config errors
-surface before any process is spawned.
+surface before any process is spawned. Exit status: 0 done, 75 stopped by ``stop_after_steps`` (rerun to resume),
+65 unusable data, 1 a stage that diverged or trained nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from omegaconf import OmegaConf
 
 from alignlm.commands.launch import cpu_processes_to_spawn, spawn_cpu_ranks
 from alignlm.config import compose
+from alignlm.data.records import DataError
 from alignlm.pipeline import run
+from alignlm.training.trainer import StopTraining, TrainingError
+
+STOPPED = 75  # exit status of a run that stop_after_steps ended early (sysexits' EX_TEMPFAIL: rerun to continue)
+FAILED = 1  # a stage that diverged, or whose data left nothing to train on
+BAD_DATA = 65  # sysexits' EX_DATAERR: the data cannot be used as configured (the message says why)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -24,7 +32,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     n = cpu_processes_to_spawn()
     if n:
         return spawn_cpu_ranks(n, args.overrides)
-    run(cfg)
+    try:
+        run(cfg)
+    except StopTraining as e:  # the planned end of a time-limited job: a message, no traceback
+        print(f"alignlm: {e}", file=sys.stderr)
+        return STOPPED
+    except TrainingError as e:
+        print(f"alignlm: {e}", file=sys.stderr)
+        return FAILED
+    except DataError as e:
+        print(f"alignlm: {e}", file=sys.stderr)
+        return BAD_DATA
     return 0
 
 

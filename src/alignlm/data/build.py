@@ -7,6 +7,7 @@ from typing import Any
 
 from alignlm.config import instantiate
 from alignlm.data.hooks import SampleHook
+from alignlm.data.images import MAX_PIXELS
 from alignlm.data.llava import LlavaDataset
 from alignlm.data.records import Source
 from alignlm.data.templates import get_template
@@ -24,7 +25,10 @@ def build_dataset(data_cfg: Mapping[str, Any], model: Any, seed: int, for_genera
         raise ValueError("data.sources is empty; give at least one {path, image_root, weight}")
     hooks = [] if for_generation else build_hooks(data_cfg.get("hooks"), model)
     return LlavaDataset(
-        [Source(str(s["path"]), s.get("image_root"), float(s.get("weight", 1.0))) for s in sources],
+        [
+            Source(str(s["path"]), s.get("image_root"), float(s.get("weight", 1.0)), bool(s.get("allow_outside_root")))
+            for s in sources
+        ],
         tokenizer=model.tokenizer,
         template=get_template(str(data_cfg.get("template", "plain")), **dict(data_cfg.get("template_args") or {})),
         image_spec=model.image_spec,
@@ -35,6 +39,8 @@ def build_dataset(data_cfg: Mapping[str, Any], model: Any, seed: int, for_genera
         seed=seed,
         hooks=hooks,
         slot_token_ids=getattr(model, "slot_token_ids", ()),
+        max_image_pixels=data_cfg.get("max_image_pixels", MAX_PIXELS),
+        min_usable_fraction=float(data_cfg.get("min_usable_fraction", 0.5)),
     )
 
 

@@ -34,6 +34,7 @@ class Skipped:
 
     id: str
     reason: str
+    cause: str = "malformed record"
 
 
 def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -107,6 +108,7 @@ class Collator:
             images = [s[key] for s in kept if s.get(key) is not None]
             batch[key] = torch.cat(images) if images else None
         batch["image_counts"] = torch.tensor([s["n_images"] for s in kept])
+        batch["truncated"] = [s["id"] for s in kept if s.get("truncated")]
         for hook in self.hooks:
             batch.update(hook.collate(kept))
         for key in ("answer", "meta"):

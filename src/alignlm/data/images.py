@@ -6,12 +6,17 @@ files into pixels (the dataset, the probes, the encoders) prepares images from i
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from alignlm.data.records import IMAGE_TOO_LARGE, MISSING_IMAGE, UNREADABLE_IMAGE, DataError
+
+MAX_PIXELS = 50_000_000  # data.max_image_pixels default: ~7000 x 7000, far above any training image's need
 
 
 @dataclass(frozen=True)
@@ -23,11 +28,34 @@ class ImageSpec:
     std: tuple[float, float, float]
 
 
-def load_rgb(path: str | Path) -> Image.Image:
-    """Open an image fully (so a truncated file fails here, not later) and convert it to RGB."""
-    with Image.open(path) as im:
-        im.load()
-        return im.convert("RGB")
+def load_rgb(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> Image.Image:
+    """Open an image fully (so a truncated file fails here, not later) and convert it to RGB.
+
+    The size is read from the header and checked against ``max_pixels`` before anything is decoded, so a
+    decompression bomb (a few hundred kilobytes that expand to gigabytes) costs nothing. Failures are ``DataError`` s
+    counted by cause: missing file, image too large, unreadable file.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit below is the one that applies
+            im = Image.open(path)
+    except FileNotFoundError as e:
+        raise DataError(f"image {path} does not exist", MISSING_IMAGE) from e
+    except Image.DecompressionBombError as e:
+        raise DataError(f"image {path}: {e}", IMAGE_TOO_LARGE) from e
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read image {path}: {e}", UNREADABLE_IMAGE) from e
+    with im:
+        width, height = im.size
+        if max_pixels and width * height > max_pixels:
+            raise DataError(
+                f"image {path} has {width}x{height} pixels, over data.max_image_pixels={max_pixels}", IMAGE_TOO_LARGE
+            )
+        try:
+            im.load()
+            return im.convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise DataError(f"cannot read image {path}: {e}", UNREADABLE_IMAGE) from e
 
 
 def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:

@@ -1,9 +1,11 @@
 """The LLaVA-format training dataset: records of a weighted mixture rendered, tokenized and masked per sample.
 
-Records are read and validated at start-up (a malformed record is reported with its file and index before step 1);
-images and tokenization happen lazily per sample. Missing or corrupt images and over-long samples follow
-``on_error``: ``skip`` drops the sample and counts it, ``raise`` stops with the record id. Truncation never cuts
-inside or before visual tokens, and never leaves a sample with nothing supervised.
+Records are read and validated at start-up (a malformed record, an invalid JSONL line or an image path that leaves its
+``image_root`` is reported with its file and index before step 1); images and tokenization happen lazily per sample.
+Missing, corrupt or oversized images and over-long samples follow ``on_error``: ``skip`` drops the sample and counts
+it under its cause (``data/report.py``), ``raise`` stops with the record id. A stage whose usable records fall below
+``min_usable_fraction`` fails at start-up. Truncation never cuts inside or before visual tokens, never leaves a sample
+with nothing supervised, and is counted.
 
 Methods add their own per-sample data through :class:`~alignlm.data.hooks.SampleHook` s; model parts that write an
 input embedding of their own get a reserved slot token right after BOS (``slot_token_ids``), inserted by id.
@@ -23,8 +25,23 @@ from torch.utils.data import Dataset
 from alignlm.constants import IGNORE_INDEX, IMAGE_TOKEN
 from alignlm.data.collate import Skipped
 from alignlm.data.hooks import SampleHook
-from alignlm.data.images import ImageSpec, load_rgb, preprocess
-from alignlm.data.records import DataError, Source, image_paths, mixture_index, read_records, record_id, record_problem
+from alignlm.data.images import MAX_PIXELS, ImageSpec, load_rgb, preprocess
+from alignlm.data.records import (
+    INVALID_JSON,
+    MALFORMED,
+    OUTSIDE_ROOT,
+    TOO_LONG,
+    DataError,
+    Source,
+    cause_of,
+    image_paths,
+    image_problem,
+    mixture_index,
+    read_records,
+    record_id,
+    record_problem,
+)
+from alignlm.data.report import DataReport
 from alignlm.data.templates import Template, TemplateError, adds_bos, to_turns, tokenize
 
 log = logging.getLogger(__name__)
@@ -48,9 +65,13 @@ class LlavaDataset(Dataset):
         seed: int = 0,
         hooks: Sequence[SampleHook] = (),
         slot_token_ids: Sequence[int] = (),
+        max_image_pixels: int | None = MAX_PIXELS,
+        min_usable_fraction: float = 0.5,
     ) -> None:
         if on_error not in ON_ERROR:
             raise ValueError(f"data.on_error={on_error!r} is not known; choose one of {list(ON_ERROR)}")
+        if not 0 <= min_usable_fraction <= 1:
+            raise ValueError(f"data.min_usable_fraction={min_usable_fraction} must be within [0, 1]")
         self.tokenizer = tokenizer
         self.template = template
         self.image_spec = image_spec
@@ -60,23 +81,38 @@ class LlavaDataset(Dataset):
         self.on_error = on_error
         self.for_generation = for_generation
         self.seed = seed
+        self.max_image_pixels = max_image_pixels
         self.sources = list(sources)
         self.records: list[list[Any]] = []
-        self.malformed: list[str] = []
+        self.report = DataReport()  # what start-up left out, by cause
+        total = 0
         for src in self.sources:
+            bad_lines: list[tuple[int, str]] = []
+            records = read_records(src.path, bad_lines if on_error == "skip" else None)
+            for lineno, why in bad_lines:
+                self._drop(INVALID_JSON, f"{src.path}:{lineno}", f"{src.path}:{lineno}: not valid JSON ({why})")
             kept = []
-            for i, rec in enumerate(read_records(src.path)):
-                problem = record_problem(rec)
+            for i, rec in enumerate(records):
+                problem, cause = record_problem(rec), MALFORMED
+                if problem is None:
+                    problem, cause = image_problem(rec, src), OUTSIDE_ROOT
                 if problem is None:
                     kept.append(rec)
                     continue
-                where = f"{src.path} record {i} (id={rec.get('id') if isinstance(rec, dict) else None!r})"
-                if on_error == "raise":
-                    raise DataError(f"{where}: {problem}")
-                self.malformed.append(f"{where}: {problem}")
+                rid = record_id(rec, src.path, i) if isinstance(rec, dict) else f"{src.path}#{i}"
+                self._drop(cause, rid, f"{src.path} record {i} (id={rid!r}): {problem}")
+            total += len(records) + len(bad_lines)
             self.records.append(kept)
-        if self.malformed:
-            log.warning("skipped %d malformed records at start-up, first: %s", len(self.malformed), self.malformed[0])
+        if self.report.counts:
+            log.warning(
+                "left out %d of %d records at start-up: %s", self.report.left_out, total, "; ".join(self.report.lines())
+            )
+        usable = sum(len(r) for r in self.records)
+        if total and usable < min_usable_fraction * total:
+            raise DataError(
+                f"only {usable} of {total} records of {[s.path for s in self.sources]} are usable, below "
+                f"data.min_usable_fraction={min_usable_fraction}: {'; '.join(self.report.lines())}"
+            )
         self.index = mixture_index([len(r) for r in self.records], [s.weight for s in self.sources], seed)
         if len(self.index) == 0:
             raise DataError(f"no usable records in {[s.path for s in self.sources]}")
@@ -92,6 +128,17 @@ class LlavaDataset(Dataset):
         self.visual_hook = visual[0] if visual else None
         for hook in self.hooks:
             hook.bind(self)
+
+    def _drop(self, cause: str, rid: str, message: str) -> None:
+        """A record left out at start-up: raised under ``on_error=raise``, else counted under its cause."""
+        if self.on_error == "raise":
+            raise DataError(message, cause)
+        self.report.add(cause, rid)
+
+    @property
+    def malformed(self) -> list[str]:
+        """Record ids left out at start-up (the first few per cause)."""
+        return [i for ids in self.report.examples.values() for i in ids]
 
     def set_visual_hook(self, hook: SampleHook) -> None:
         """Add a hook that replaces the images after construction (the trainer's feature cache), and bind it."""
@@ -132,8 +179,8 @@ class LlavaDataset(Dataset):
             return self.encode(src, rec, rid)
         except (DataError, TemplateError, OSError) as e:
             if self.on_error == "raise":
-                raise DataError(f"record id={rid} in {src.path}: {e}") from e
-            return Skipped(rid, f"{type(e).__name__}: {e}")
+                raise DataError(f"record id={rid} in {src.path}: {e}", cause_of(e)) from e
+            return Skipped(rid, f"{type(e).__name__}: {e}", cause_of(e))
 
     def visual_inputs(self, src: Source, rec: dict[str, Any]) -> list[Any]:
         """What stands for each image of a record, in order: its image files, or what a visual hook puts there."""
@@ -151,7 +198,8 @@ class LlavaDataset(Dataset):
         """Render, tokenize, expand image placeholders and load images for one record."""
         images = self.visual_inputs(src, rec)
         turns = to_turns(rec["conversations"])
-        n_placeholders = sum(t.content.count(IMAGE_TOKEN) for t in turns)
+        # an image's place is an <image> in a user turn; anywhere else the characters are text (templates.tokenize)
+        n_placeholders = sum(t.content.count(IMAGE_TOKEN) for t in turns if t.role == "user")
         if images and n_placeholders == 0:  # LLaVA convention: the image goes before the first question
             turns[0] = type(turns[0])(turns[0].role, IMAGE_TOKEN + "\n" + turns[0].content)
             n_placeholders = len(images)
@@ -166,8 +214,10 @@ class LlavaDataset(Dataset):
         if self.slot_token_ids:
             ids, labels = self._insert_slots(ids, labels)
         ids, labels = self._expand_images(ids, labels)
+        full_length = len(ids)
         ids, labels = self._fit_length(ids, labels)
         sample = {
+            "truncated": len(ids) < full_length,
             "id": rid,
             "input_ids": torch.from_numpy(ids),
             "labels": torch.from_numpy(labels),
@@ -182,10 +232,7 @@ class LlavaDataset(Dataset):
         return sample
 
     def _image(self, path: Path) -> torch.Tensor:
-        try:
-            return preprocess(load_rgb(path), self.image_spec)
-        except (OSError, ValueError) as e:
-            raise DataError(f"cannot read image {path}: {e}") from e
+        return preprocess(load_rgb(path, self.max_image_pixels), self.image_spec)
 
     def _insert_slots(self, ids: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The reserved slot tokens (label -100) right after the tokenizer's own BOS, or first when there is none.
@@ -213,10 +260,11 @@ class LlavaDataset(Dataset):
         image_pos = np.flatnonzero(ids == self.image_token_id)
         if len(image_pos) and image_pos[-1] >= self.max_length:
             raise DataError(
-                f"{len(ids)} tokens exceed data.max_length={self.max_length} and a cut would split visual tokens"
+                f"{len(ids)} tokens exceed data.max_length={self.max_length} and a cut would split visual tokens",
+                TOO_LONG,
             )
         if self.for_generation or not (labels[: self.max_length] != IGNORE_INDEX).any():
             raise DataError(
-                f"{len(ids)} tokens exceed data.max_length={self.max_length} and a cut would leave no answer"
+                f"{len(ids)} tokens exceed data.max_length={self.max_length} and a cut would leave no answer", TOO_LONG
             )
         return ids[: self.max_length], labels[: self.max_length]

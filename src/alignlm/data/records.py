@@ -7,6 +7,7 @@ the probes, ``alignlm embed``) goes through these functions, so a record means t
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +21,28 @@ from alignlm.data.templates import TemplateError, to_turns
 ASSISTANT_ROLES = ("gpt", "assistant")
 
 
+# Why a record or sample was left out: the keys of every per-cause count (stage table, summary.json, log).
+MALFORMED = "malformed record"
+INVALID_JSON = "invalid JSON line"
+OUTSIDE_ROOT = "image path outside its image_root"
+MISSING_IMAGE = "missing image"
+UNREADABLE_IMAGE = "unreadable image"
+IMAGE_TOO_LARGE = "image over data.max_image_pixels"
+TOO_LONG = "too long to cut"
+TRUNCATED = "truncated to data.max_length (kept)"
+
+
 class DataError(ValueError):
-    """Bad input data, with the record that caused it."""
+    """Bad input data, with the record that caused it and the cause it is counted under."""
+
+    def __init__(self, message: str, cause: str = MALFORMED) -> None:
+        super().__init__(message)
+        self.cause = cause
+
+
+def cause_of(error: Exception) -> str:
+    """The count an error of a sample goes to."""
+    return str(getattr(error, "cause", None) or MALFORMED)
 
 
 @dataclass(frozen=True)
@@ -31,6 +52,7 @@ class Source:
     path: str
     image_root: str | None = None
     weight: float = 1.0
+    allow_outside_root: bool = False  # image paths may be absolute or climb out of image_root with '..'
 
     @property
     def root(self) -> Path:
@@ -38,20 +60,26 @@ class Source:
         return Path(self.image_root) if self.image_root else Path(self.path).parent
 
 
-def read_records(path: str | Path) -> list[Any]:
-    """All records of a ``.json`` (a list) or ``.jsonl`` file, with the line named on a parse error."""
+def read_records(path: str | Path, bad_lines: list[tuple[int, str]] | None = None) -> list[Any]:
+    """All records of a ``.json`` (a list) or ``.jsonl`` file, with the line named on a parse error.
+
+    ``bad_lines``: a list to collect ``(line number, why)`` of invalid JSONL lines instead of failing on the first.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"data file {path} does not exist (run `alignlm data ...` to make the offline sets)")
     if path.suffix == ".jsonl":
         records = []
-        with path.open(encoding="utf-8") as f:
+        with path.open(encoding="utf-8", errors="replace") as f:
             for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                if not line.strip():
+                    continue
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    if bad_lines is None:
+                        raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})", INVALID_JSON) from None
+                    bad_lines.append((lineno, e.msg))
         return records
     with path.open(encoding="utf-8") as f:
         data = json.load(f)
@@ -94,6 +122,24 @@ def image_names(record: dict[str, Any]) -> list[str]:
 def image_paths(record: dict[str, Any], root: str | Path) -> list[Path]:
     """The record's image files in reading order, under ``root``."""
     return [Path(root) / p for p in image_names(record)]
+
+
+def outside_root(name: str, root: str | Path) -> bool:
+    """Whether an image path as written leaves its root: absolute, or climbing out with ``..`` (checked on the path's
+    text; a link the data's owner placed inside the root is followed like any file)."""
+    base = os.path.normpath(root)
+    joined = os.path.normpath(os.path.join(base, name))
+    return joined != base and not joined.startswith(base.rstrip(os.sep) + os.sep)
+
+
+def image_problem(record: dict[str, Any], source: Source) -> str | None:
+    """Why a record's images may not be read from ``source``, or None."""
+    if source.allow_outside_root:
+        return None
+    bad = [name for name in image_names(record) if outside_root(name, source.root)]
+    if bad:
+        return f"image path {bad[0]!r} leaves image_root {str(source.root)!r} (set allow_outside_root on the source to allow)"
+    return None
 
 
 def record_images(data: Sequence[str | Path], image_root: str | Path | None = None) -> list[tuple[str, list[Path]]]:

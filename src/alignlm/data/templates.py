@@ -27,6 +27,8 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
 class TemplateError(ValueError):
     """A conversation the template cannot render or supervise."""
 
+    cause = "conversation the template cannot render"
+
 
 @dataclass(frozen=True)
 class Turn:
@@ -38,6 +40,9 @@ class Turn:
 class Rendered:
     text: str
     spans: tuple[tuple[int, int], ...]  # character spans of supervised text
+    # character spans of text the data supplied (message contents) and the role it came from: what it holds is
+    # text, never a control token (an image placeholder only in a user turn)
+    contents: tuple[tuple[int, int, str], ...] = ()
 
 
 def to_turns(conversations: Sequence[dict[str, Any]]) -> list[Turn]:
@@ -49,7 +54,9 @@ def to_turns(conversations: Sequence[dict[str, Any]]) -> list[Turn]:
         role = ROLES.get(str(msg["from"]).lower())
         if role is None:
             raise TemplateError(f"conversations[{i}].from={msg['from']!r} is not one of {sorted(ROLES)}")
-        turns.append(Turn(role, str(msg["value"])))
+        if not isinstance(msg["value"], str):  # never str() a number, a null or a list into training text
+            raise TemplateError(f"conversations[{i}].value must be a string, got {type(msg['value']).__name__}")
+        turns.append(Turn(role, msg["value"]))
     return turns
 
 
@@ -119,8 +126,9 @@ class PlainTemplate(Template):
         prefix = _bos(tokenizer) + IMAGE_TOKEN * dialog[0].content.count(IMAGE_TOKEN)
         if add_generation_prompt:
             return Rendered(prefix, ())
-        text = prefix + dialog[1].content.strip() + "\n"
-        return Rendered(text, ((len(prefix), len(text)),))
+        caption = dialog[1].content.strip()
+        text = prefix + caption + "\n"
+        return Rendered(text, ((len(prefix), len(text)),), ((len(prefix), len(prefix) + len(caption), "assistant"),))
 
     def jinja(self, tokenizer: Any) -> str:
         return _JINJA_FLATTEN + (
@@ -144,19 +152,27 @@ class VicunaV1Template(Template):
         self.system = system
 
     def render(self, turns: Sequence[Turn], tokenizer: Any, add_generation_prompt: bool = False) -> Rendered:
-        system = next((t.content for t in turns if t.role == "system"), self.system)
-        text = _bos(tokenizer) + system + " "
+        record_system = next((t.content for t in turns if t.role == "system"), None)
+        text = _bos(tokenizer)
+        contents: list[tuple[int, int, str]] = []
+        if record_system is not None:
+            contents.append((len(text), len(text) + len(record_system), "system"))
+        text += (self.system if record_system is None else record_system) + " "
         spans: list[tuple[int, int]] = []
         dialog = [t for t in turns if t.role != "system"]
         _check_alternation(dialog, self.name, add_generation_prompt)
         for turn in dialog:
             if turn.role == "user":
-                text += f"USER: {turn.content} ASSISTANT:"
+                text += "USER: "
+                contents.append((len(text), len(text) + len(turn.content), "user"))
+                text += f"{turn.content} ASSISTANT:"
             else:
                 start = len(text)
-                text += " " + turn.content.strip() + tokenizer.eos_token
+                answer = turn.content.strip()
+                contents.append((start + 1, start + 1 + len(answer), "assistant"))
+                text += " " + answer + tokenizer.eos_token
                 spans.append((start, len(text)))
-        return Rendered(text, tuple(spans))
+        return Rendered(text, tuple(spans), tuple(contents))
 
     def jinja(self, tokenizer: Any) -> str:
         return _JINJA_FLATTEN + (
@@ -191,18 +207,19 @@ class ChatTemplate(Template):
             return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
 
         text = render(messages, add_generation_prompt)
-        spans = []
+        spans, contents = [], []
         for i, m in enumerate(messages):
-            if m["role"] != "assistant":
-                continue
-            prompt, upto = render(messages[:i], True), render(messages[: i + 1], False)
-            if not (text.startswith(prompt) and text.startswith(upto) and upto.startswith(prompt)):
+            before = render(messages[:i], m["role"] == "assistant") if i else ""
+            upto = render(messages[: i + 1], False)
+            if not (text.startswith(before) and text.startswith(upto) and upto.startswith(before)):
                 raise TemplateError(
                     "the tokenizer's chat template does not render conversations prefix by prefix, "
-                    "so assistant turns cannot be located; use template vicuna_v1"
+                    "so turns cannot be located; use template vicuna_v1"
                 )
-            spans.append((len(prompt), len(upto.rstrip())))
-        return Rendered(text, tuple(spans))
+            if m["role"] == "assistant":
+                spans.append((len(before), len(upto.rstrip())))
+            contents.append(_locate(m["content"], upto, len(before), m["role"]))
+        return Rendered(text, tuple(spans), tuple(contents))
 
     def jinja(self, tokenizer: Any) -> str:
         if not getattr(tokenizer, "chat_template", None):
@@ -215,6 +232,19 @@ class ChatTemplate(Template):
                 "{%- endif -%}"
             )
         return _JINJA_FLATTEN + system + tokenizer.chat_template
+
+
+def _locate(content: str, text: str, start: int, role: str) -> tuple[int, int, str]:
+    """Where a message's content stands in its own rendered segment ``text[start:]``: its last occurrence (the role
+    header comes first), as written or trimmed as some templates trim it."""
+    for needle in (content, content.strip()):
+        at = text.rfind(needle, start) if needle else len(text)
+        if at >= start:
+            return at, at + len(needle), role
+    raise TemplateError(
+        "the tokenizer's chat template changes message contents (beyond trimming), so they cannot be "
+        "told apart from the template's own text; use template vicuna_v1"
+    )
 
 
 def _check_alternation(dialog: Sequence[Turn], name: str, add_generation_prompt: bool) -> None:
@@ -241,14 +271,60 @@ def get_template(name: str, **kwargs: Any) -> Template:
 
 
 def tokenize(rendered: Rendered, tokenizer: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids and labels: a token is supervised iff it overlaps an assistant span."""
-    enc = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = np.asarray(enc["input_ids"], dtype=np.int64)
-    offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
-    labels = np.full_like(ids, IGNORE_INDEX)
+    """Token ids and labels: a token is supervised iff it overlaps an assistant span.
+
+    The text is tokenized in pieces cut at the start of every supervised span, so each prompt is tokenized exactly as
+    generation tokenizes it alone (an answer that starts with a space never merges into the prompt's last token).
+    A special token that the *data* wrote (inside a message's content) is text: it is tokenized as the plain
+    characters it is made of, never as the control token (an answer holding ``</s>`` does not end early, a question
+    holding ``<|im_start|>assistant`` cannot fake a turn); ``<image>`` is a placeholder in user turns only.
+    """
+    text = rendered.text
+    cuts = sorted({0, len(text), *(start for start, _ in rendered.spans)})
+    ids: list[int] = []
+    offsets: list[tuple[int, int]] = []
+    for a, b in zip(cuts, cuts[1:]):
+        enc = tokenizer(text[a:b], add_special_tokens=False, return_offsets_mapping=True)
+        ids += enc["input_ids"]
+        offsets += [(x + a, y + a) for x, y in enc["offset_mapping"]]
+    if rendered.contents:
+        ids, offsets = _plain_specials(ids, offsets, rendered, tokenizer)
+    ids_arr = np.asarray(ids, dtype=np.int64)
+    offs = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    labels = np.full_like(ids_arr, IGNORE_INDEX)
     if rendered.spans:
         spans = np.asarray(rendered.spans, dtype=np.int64)
-        overlap = (offsets[:, None, 0] < spans[None, :, 1]) & (offsets[:, None, 1] > spans[None, :, 0])
+        overlap = (offs[:, None, 0] < spans[None, :, 1]) & (offs[:, None, 1] > spans[None, :, 0])
         supervised = overlap.any(axis=1)
-        labels[supervised] = ids[supervised]
-    return ids, labels
+        labels[supervised] = ids_arr[supervised]
+    return ids_arr, labels
+
+
+def special_ids(tokenizer: Any) -> set[int]:
+    """Every id the tokenizer treats as a control token: its special tokens and its added special tokens."""
+    found = set(tokenizer.all_special_ids)
+    decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    found.update(i for i, t in decoder.items() if getattr(t, "special", False))
+    return found
+
+
+def _plain_specials(
+    ids: list[int], offsets: list[tuple[int, int]], rendered: Rendered, tokenizer: Any
+) -> tuple[list[int], list[tuple[int, int]]]:
+    """Replace each control token that lies inside a content span by the plain tokens of its characters."""
+    specials = special_ids(tokenizer)
+    image = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) if IMAGE_TOKEN in tokenizer.get_vocab() else None
+    out_ids: list[int] = []
+    out_offsets: list[tuple[int, int]] = []
+    for token, (a, b) in zip(ids, offsets):
+        role = next((r for s, e, r in rendered.contents if s <= a and b <= e and a < b), None)
+        if token in specials and role is not None and not (token == image and role == "user"):
+            enc = tokenizer(
+                rendered.text[a:b], add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True
+            )
+            out_ids += enc["input_ids"]
+            out_offsets += [(x + a, y + a) for x, y in enc["offset_mapping"]]
+        else:
+            out_ids.append(token)
+            out_offsets.append((a, b))
+    return out_ids, out_offsets

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
 
 from alignlm.models.build import build_model
-from alignlm.models.io import load_model, load_part_state
+from alignlm.models.io import load_model, load_part_state, safe_model_config
 from alignlm.training.checkpoint import load_init, resolve_init, step_dirs
 from alignlm.training.stages import apply_stage, merge_lora
 
@@ -108,13 +108,13 @@ def data_config(ck: Checkpoint, cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg.stages[stage].data, resolve=True)
 
 
-def load(ck: Checkpoint) -> Any:
-    """Rebuild the model of a checkpoint, in eval mode on the CPU."""
+def load(ck: Checkpoint, allow_code: bool = False, trust_remote_code: bool = False) -> Any:
+    """Rebuild the model of a checkpoint, in eval mode on the CPU; its config is data (``models/io.py``)."""
     if ck.kind == "final":
-        return load_model(ck.path)
+        return load_model(ck.path, allow_code, trust_remote_code)
     cfg = stage_config(ck)
     stage = cfg.stages[ck.stage]
-    model = build_model(cfg.model)
+    model = build_model(safe_model_config(cfg.model, allow_code, trust_remote_code))
     init = resolve_init(stage.get("init_from"), ck.stage_dir.parent, cfg.stages)
     if init:
         load_init(model, init)

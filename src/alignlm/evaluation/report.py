@@ -85,7 +85,7 @@ def evaluate_checkpoint(
             f"nothing to evaluate for {ck.label}: its run had eval.sets=[] and no --sets NAME=PATH was "
             f"given, and the probe is {'off (--no-probe)' if path else 'without a caption set (probe.path)'}"
         )
-    model = C.load(ck).to(device)
+    model = C.load(ck, bool(ecfg.get("allow_code")), bool(ecfg.get("trust_remote_code"))).to(device)
     data_cfg = C.data_config(ck, train_cfg)
     if ecfg.get("template"):
         data_cfg["template"] = ecfg["template"]

@@ -236,10 +236,12 @@ def model_card(cfg: Any, summary: dict[str, Any] | None) -> str:
     return "\n".join(lines)
 
 
-def export(final_dir: str | Path, out_dir: str | Path) -> Path:
+def export(
+    final_dir: str | Path, out_dir: str | Path, allow_code: bool = False, trust_remote_code: bool = False
+) -> Path:
     """``alignlm export``: a ``final/`` checkpoint -> a transformers Llava directory (config, weights, processor, card)."""
     final_dir, out_dir = Path(final_dir), Path(out_dir)
-    model = load_model(final_dir)
+    model = load_model(final_dir, allow_code, trust_remote_code)
     cfg = OmegaConf.load(final_dir / "config.yaml")
     hf = to_llava(model)  # raises ExportError before anything is written
     data = cfg.stages[cfg.run[-1]].data

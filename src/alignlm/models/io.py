@@ -1,21 +1,81 @@
 """Weight files of parts of an ``AlignLM``: save, load strictly, and rebuild a model from ``final/``.
 
 Lives with the models (not the trainer) so evaluation and export reload a checkpoint with no training code.
+
+A checkpoint is data, never code. Rebuilding one from its ``config.yaml`` builds only alignlm's own part classes
+and loaders (vision towers, connectors, extra input parts, LLM loaders), checked by name *before* anything is
+imported; any other ``_target_`` (a user's own connector, ``builtins.open``, ...) is refused unless the caller
+passes ``allow_code=True`` (``--allow-code``). ``trust_remote_code`` in a checkpoint's config is ignored: it is on
+only when the caller sets it (``--trust-remote-code``).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
+from hydra._internal.utils import _locate
+from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
 from alignlm.models.build import build_model
+from alignlm.models.connectors.base import Connector
+from alignlm.models.extras import InputPart
+from alignlm.models.vision import VisionTower
+
+PART_BASES = (VisionTower, Connector, InputPart)  # alignlm classes of these kinds may be built from a checkpoint
+LOADERS = {  # and these functions, which return parts
+    f"alignlm.models.llm.{name}" for name in ("pretrained", "tiny", "smollm2_from_package")
+} | {f"alignlm.export.hf_llava.{name}" for name in ("vision_from_llava", "llm_from_llava")}
+
+
+class UnsafeConfigError(ValueError):
+    """A checkpoint's config names code alignlm does not build on its own authority."""
+
+
+def safe_model_config(node: Any, allow_code: bool = False, trust_remote_code: bool = False) -> DictConfig:
+    """A copy of a ``model`` config node fit to build: every ``_target_`` checked, every ``trust_remote_code`` set to
+    the caller's choice. Raises ``UnsafeConfigError`` naming the key and the target otherwise."""
+    plain = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    _check_targets(plain, "model", allow_code, trust_remote_code)
+    return OmegaConf.create(plain)
+
+
+def _check_targets(node: Any, key: str, allow_code: bool, trust_remote_code: bool) -> None:
+    if isinstance(node, list):
+        for i, item in enumerate(node):
+            _check_targets(item, f"{key}[{i}]", allow_code, trust_remote_code)
+        return
+    if not isinstance(node, dict):
+        return
+    if "trust_remote_code" in node:
+        node["trust_remote_code"] = trust_remote_code
+    target = node.get("_target_")
+    if target is not None and not allow_code and not _is_part_builder(str(target)):
+        raise UnsafeConfigError(
+            f"{key}._target_={target!r} is not one of alignlm's part classes or loaders, and a checkpoint is data, "
+            "never code: rebuild it with allow_code=True (--allow-code) only if you trust where it came from"
+        )
+    for k, v in node.items():
+        _check_targets(v, f"{key}.{k}", allow_code, trust_remote_code)
+
+
+def _is_part_builder(target: str) -> bool:
+    """Whether ``target`` names an alignlm part class or loader; nothing outside alignlm is ever imported to tell."""
+    if not target.startswith("alignlm."):
+        return False
+    if target in LOADERS:
+        return True
+    try:
+        obj = _locate(target)
+    except ImportError:
+        return False
+    return inspect.isclass(obj) and issubclass(obj, PART_BASES) and obj.__module__.startswith("alignlm.")
 
 
 def _unique_state(module: nn.Module, prefix: str, only_trainable: bool) -> dict[str, torch.Tensor]:
@@ -95,11 +155,12 @@ def load_final_weights(model: nn.Module, final_dir: Path) -> list[str]:
     return parts
 
 
-def load_model(final_dir: str | Path) -> Any:
-    """Rebuild a trained model from a ``final/`` folder: its saved config, then its weights."""
+def load_model(final_dir: str | Path, allow_code: bool = False, trust_remote_code: bool = False) -> Any:
+    """Rebuild a trained model from a ``final/`` folder: its saved config (checked, see the module docstring), then
+    its weights."""
     final_dir = Path(final_dir)
     cfg = OmegaConf.load(final_dir / "config.yaml")
-    model = build_model(cfg.model)
+    model = build_model(safe_model_config(cfg.model, allow_code, trust_remote_code))
     load_final_weights(model, final_dir)
     model.eval()
     return model

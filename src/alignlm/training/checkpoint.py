@@ -1,7 +1,8 @@
 """Checkpoints: full training state for exact resume, and ``final/`` weights that reload without training code.
 
 Layout (per stage): ``checkpoints/step_000500/`` holds trainable weights (safetensors), optimizer and
-scheduler state, per-rank RNG and ``trainer_state.json`` (step, data position); ``final/`` holds
+scheduler state, per-rank RNG, ``trainer_state.json`` (step, data position) and, written last, ``manifest.json``
+(every file's size and SHA-256), so a file damaged after the fact is caught before it is loaded; ``final/`` holds
 ``config.yaml`` and ``model.safetensors`` with every part trained so far. Everything is written under a
 temporary name and renamed, so a killed job never leaves a half checkpoint that looks whole. Tensors
 load with safetensors or ``torch.load(weights_only=True)``: no arbitrary pickle.
@@ -11,6 +12,7 @@ A stage's starting weights (``init_from``) are read here too: another stage's ``
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -26,6 +28,7 @@ from alignlm.export.hf_llava import is_llava_dir, load_llava_weights
 from alignlm.models.io import load_final_weights, load_part_state, part_state
 
 STEP_PREFIX = "step_"
+MANIFEST = "manifest.json"
 OBJECTIVES_FILE = "objectives.safetensors"  # persistent objective state (a learned temperature), by config key
 
 
@@ -86,7 +89,42 @@ def save_training_state(
     for rank, r in rng.items():
         torch.save(r, tmp / f"rng_{rank}.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+    write_manifest(tmp)
     publish(tmp, ckpt_dir)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 23), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """Every file's size and SHA-256, written last: a checkpoint is whole only when its manifest says so."""
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(folder.iterdir()) if p.is_file()}
+    (folder / MANIFEST).write_text(json.dumps(files, indent=2))
+
+
+def verify(folder: Path) -> str | None:
+    """Why a step checkpoint cannot be trusted (naming the file), or None when every file matches its manifest."""
+    manifest = folder / MANIFEST
+    if not manifest.exists():  # written before manifests existed: its atomic publication is all the proof there is
+        return None
+    try:
+        files = json.loads(manifest.read_text())
+    except json.JSONDecodeError:
+        return f"{manifest} is not valid JSON"
+    for name, want in files.items():
+        path = folder / name
+        if not path.exists():
+            return f"{path} is missing"
+        if path.stat().st_size != want["bytes"]:
+            return f"{path} has {path.stat().st_size} bytes, the manifest says {want['bytes']} (truncated?)"
+        if _sha256(path) != want["sha256"]:
+            return f"{path} does not match its SHA-256 in the manifest (damaged)"
+    return None
 
 
 def load_training_state(

@@ -5,7 +5,8 @@ Exactness choices, so that a resumed run and a data-parallel run reproduce a pla
   step (all micro-batches on all ranks), so accumulation and DDP averaging give one big batch's gradient;
 - data order comes from ``StepSampler`` (a function of seed and step), model RNG is checkpointed per rank.
 
-Speed choices, on by default: samples are packed into rows (no padding computed), the step never waits on the GPU
+Speed choices, on by default: length-grouped batches (and packed rows where the attention kernel isolates packed
+samples for free), the step never waits on the GPU
 (counts come from the CPU-side batch, logged values stay on the device and are fetched together every
 ``logging.every`` steps and before every checkpoint), frozen parts that no checkpoint saves are stored in bf16
 when training in bf16, AdamW is fused on CUDA, data loading runs in worker processes with pinned memory on CUDA.
@@ -15,10 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,8 @@ from tqdm.auto import tqdm
 from alignlm.config import instantiate
 from alignlm.data.build import build_dataset
 from alignlm.data.collate import Collator
+from alignlm.data.records import TRUNCATED
+from alignlm.data.report import DataReport
 from alignlm.models.build import build_model
 from alignlm.models.mllm import AlignLM
 from alignlm.objectives.base import Objective, check_batch
@@ -46,6 +50,7 @@ from alignlm.training.stages import apply_stage, count_params, merge_lora, train
 from alignlm.training.throughput import Meter, model_flops_per_token, peak_memory_gib, peak_tflops
 
 LOG_EVERY = 10  # logging.every default: steps between fetches of the logged values from the device
+PACKED_ATTENTION = ("flash_attention_2", "flash_attention_3", "flex_attention")  # isolate packed samples for free
 
 
 @dataclass
@@ -66,11 +71,15 @@ class StageResult:
     tflops: float = 0.0
     mfu: float | None = None
     peak_memory_gib: float | None = None
+    data: dict[str, Any] = field(default_factory=dict)  # DataReport.to_dict(): what was left out, by cause
+    nonfinite_steps: list[int] = field(default_factory=list)  # steps skipped for a non-finite loss or gradient
 
 
 @dataclass
 class StepLog:
-    """One step's logged values: device tensors until the next fetch, plus what the host already knows."""
+    """One step's logged values: device tensors until the next fetch, plus what the host already knows.
+
+    ``device["nonfinite"]`` is 1 when the step's loss or gradient norm was not finite (nothing was updated)."""
 
     step: int
     device: dict[str, torch.Tensor]  # summed over micro-batches on this rank; reduced over ranks at the fetch
@@ -138,6 +147,8 @@ class Trainer:
         """The stage's dataset (with the feature cache when configured), its step sampler and its number of steps."""
         cfg, stage, acc = self.cfg, self.stage, self.acc
         self.dataset = build_dataset(stage.data, model, cfg.seed, for_generation=False)
+        # start-up drops are the same on every rank: counted once
+        self.report = self.dataset.report if acc.is_main_process else DataReport()
         cache_root = Path(cfg.output_dir) / "feature_cache"
         attach_feature_cache(model, self.dataset, stage.data.get("feature_cache"), cache_root, cfg.model.vision, acc)
         self.order = StepSampler(
@@ -182,19 +193,55 @@ class Trainer:
             getattr(model, part).to(torch.bfloat16)
 
     def _maybe_resume(self) -> tuple[int, int]:
+        """Resume from the newest step checkpoint that passes its integrity check (an older one when the newest is
+        damaged, naming the file); a changed world size or global batch is refused unless ``resume_allow_changes``."""
+        self.segment_seconds, self.nonfinite = 0.0, []
         if self.cfg.resume == "never" or not ckpt.step_dirs(self.dir):
             return 0, 0
-        last = ckpt.step_dirs(self.dir)[-1]
-        state = ckpt.load_training_state(
-            last,
-            self.acc.unwrap_model(self.model),
-            self.optimizer,
-            self.scheduler,
-            self.acc.process_index,
-            self.objective_modules,
+        problems = []
+        for folder in reversed(ckpt.step_dirs(self.dir)):
+            problem = ckpt.verify(folder)
+            if problem is None:
+                try:
+                    state = ckpt.load_training_state(
+                        folder,
+                        self.acc.unwrap_model(self.model),
+                        self.optimizer,
+                        self.scheduler,
+                        self.acc.process_index,
+                        self.objective_modules,
+                    )
+                except Exception as e:  # a damaged file the manifest could not vouch for: try the one before
+                    problem = f"{folder} could not be loaded: {type(e).__name__}: {e}"
+            if problem is not None:
+                self.log.warning("resume: %s; falling back to the checkpoint before it", problem)
+                problems.append(problem)
+                continue
+            self._check_resume_layout(folder, state)
+            if problems:
+                self.log.warning("resumed from %s instead of the newest checkpoint", folder)
+            self.log.info("resumed stage %s from %s (step %d)", self.name, folder, state["step"])
+            if self.acc.is_main_process and "data" in state:  # the whole stage's report so far, counted once
+                self.report = DataReport.from_dict(state["data"])
+            self.segment_seconds = float(state.get("seconds", 0.0))
+            self.nonfinite = list(state.get("nonfinite_steps", []))
+            return int(state["step"]), int(state.get("skipped", 0))
+        raise RuntimeError(
+            f"no step checkpoint of {self.dir} can be resumed: {'; '.join(problems)}; "
+            "delete them or rerun with resume=never to start the stage over"
         )
-        self.log.info("resumed stage %s from %s (step %d)", self.name, last, state["step"])
-        return int(state["step"]), int(state.get("skipped", 0))
+
+    def _check_resume_layout(self, folder: Path, state: dict[str, Any]) -> None:
+        """The data order of a global step depends on the global batch, each rank's RNG on the world size."""
+        want = {"world": self.acc.num_processes, "global_batch": self.order.global_batch}
+        changed = {k: (state[k], v) for k, v in want.items() if k in state and state[k] != v}
+        if changed and not self.cfg.get("resume_allow_changes"):
+            raise ValueError(
+                f"{folder} was written with {', '.join(f'{k}={a}' for k, (a, _) in changed.items())}, this run has "
+                f"{', '.join(f'{k}={b}' for k, (_, b) in changed.items())}: the resumed stage would not reproduce an "
+                "uninterrupted one (data order, per-rank RNG). Resume with the same processes and batch, or set "
+                "resume_allow_changes=true to continue anyway"
+            )
 
     def loss(self, batch: dict[str, Any], n_micro: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], Any]:
         """Weighted sum of objectives (plus the connector's auxiliary losses) for one micro-batch."""
@@ -215,24 +262,41 @@ class Trainer:
         logs.update({f"connector/{k}": v.detach() / n_micro for k, v in out.metrics.items()})
         return total, logs, out
 
+    def collator(self, hooks: Sequence[Any] = ()) -> Collator:
+        """Padded rows, or packed rows where the attention kernel isolates packed samples at no extra cost.
+
+        ``data.packing: auto`` packs when the LLM attends with flash-attention or FlexAttention, which take each
+        sample's extent from its position ids and skip the other samples' tokens; with SDPA or eager attention a packed
+        row costs attention over the whole row (measured slower on the demo, docs/performance.md), so batches stay
+        padded there, padding kept small by length-grouped batches. ``true`` / ``false`` force it.
+        """
+        data, model = self.stage.data, self.acc.unwrap_model(self.model)
+        packing = data.get("packing", "auto")
+        if packing == "auto":
+            packing = getattr(model.llm.config, "_attn_implementation", None) in PACKED_ATTENTION
+        return Collator(
+            model.tokenizer.pad_token_id,
+            hooks=hooks,
+            pack_length=int(data.get("pack_length") or data.get("max_length", 2048)) if packing else None,
+            image_token_id=model.image_token_id,
+            num_image_tokens=model.num_image_tokens,
+        )
+
     def loader(self) -> DataLoader:
-        """The stage's batches from ``start_step`` on: packed rows, workers and pinned memory on CUDA by default."""
+        """The stage's batches from ``start_step`` on; workers and pinned memory on CUDA by default."""
         data, cuda = self.stage.data, self.acc.device.type == "cuda"
         workers = data.get("num_workers", "auto")
         if workers == "auto":
             workers = min(8, (os.cpu_count() or 1) // max(1, self.acc.num_processes)) if cuda else 0
-        packing = data.get("packing", True)
-        collator = Collator(
-            self.dataset.tokenizer.pad_token_id,
-            hooks=self.dataset.hooks,
-            pack_length=int(data.get("pack_length") or data.get("max_length", 2048)) if packing else None,
-            image_token_id=self.dataset.image_token_id,
-            num_image_tokens=self.dataset.num_image_tokens,
-        )
         order = dataclasses.replace(self.order, total_steps=self.total_steps, start_step=self.start_step)
         extra = {"persistent_workers": True, "prefetch_factor": 4} if int(workers) > 0 else {}
         return DataLoader(
-            self.dataset, batch_sampler=order, collate_fn=collator, num_workers=int(workers), pin_memory=cuda, **extra
+            self.dataset,
+            batch_sampler=order,
+            collate_fn=self.collator(),
+            num_workers=int(workers),
+            pin_memory=cuda,
+            **extra,
         )
 
     def step(self, micro: list[dict[str, Any]], step: int) -> StepLog | None:
@@ -243,6 +307,11 @@ class Trainer:
         """
         acc, accum = self.acc, len(micro)
         skipped = sum(len(b["skipped"]) for b in micro)
+        for b in micro:  # per cause, on this rank; merged over ranks at checkpoints and at the end
+            for sample in b["skipped"]:
+                self.report.add(sample.cause, sample.id)
+            for rid in b.get("truncated", []):
+                self.report.add(TRUNCATED, rid)
         kept = [b for b in micro if b.get("input_ids") is not None]
         if len(kept) < accum:
             if acc.num_processes == 1:
@@ -277,12 +346,27 @@ class Trainer:
             for p in self.objective_params:
                 p.grad = acc.reduce(p.grad if p.grad is not None else torch.zeros_like(p), "mean")
         max_norm = float(self.stage.get("max_grad_norm", 1.0))
-        grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm) if max_norm > 0 else None
-        self.optimizer.step()
+        grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm if max_norm > 0 else math.inf)
+        finite = torch.isfinite(sums["loss/total"]) & torch.isfinite(grad_norm)
+        self.optimizer_step(finite)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        sums["nonfinite"] = (~finite).float()
         host = {"lr": self.scheduler.get_last_lr()[-1]}
-        return StepLog(step, sums, grad_norm, host, (samples, tokens, local_items, skipped))
+        return StepLog(step, sums, grad_norm if max_norm > 0 else None, host, (samples, tokens, local_items, skipped))
+
+    def optimizer_step(self, finite: torch.Tensor) -> None:
+        """Update unless the loss or the gradient is not finite. A fused optimizer skips the update on the device
+        (its ``found_inf``, as a gradient scaler uses it): no wait for the host; otherwise the host decides."""
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        if inner.defaults.get("fused") and self.acc.scaler is None:
+            inner.found_inf = (~finite).float().reshape(1)
+            try:
+                self.optimizer.step()
+            finally:
+                del inner.found_inf
+        elif bool(finite):
+            self.optimizer.step()
 
     def empty_batch(self) -> dict[str, Any]:
         """A one-token batch that supervises nothing and has no image: a rank's stand-in for a micro-batch of bad data."""
@@ -329,17 +413,43 @@ class Trainer:
             if not s.device:  # a step skipped for bad data: nothing trained
                 continue
             got = dict(zip(keys, v[: len(keys)]))
+            nonfinite = got.pop("nonfinite") > 0
             row = {
                 "loss/total": got.pop("loss/total") / self.acc.num_processes,
                 "loss/lm": got.pop("loss/lm_sum") / max(items, 1.0),
             }
             row.update({k: x / self.acc.num_processes for k, x in got.items()})
             row.update(s.host)
-            if norm >= 0:
+            if s.grad_norm is not None:
                 row["grad_norm"] = norm
+            row = {k: (x if not isinstance(x, float) or math.isfinite(x) else None) for k, x in row.items()}
+            if nonfinite:  # skipped: logged, as null where a value was not finite, never hidden
+                row["nonfinite"] = True
+                self.nonfinite.append(s.step)
             row["skipped"] = self.skipped
             rows.append((s.step, row, int(samples), int(tokens)))
         return rows
+
+    def check_divergence(self, step: int) -> None:
+        """``nonfinite.stop_after`` skipped steps within the last ``nonfinite.window`` steps stop the stage."""
+        policy = self.cfg.get("nonfinite") or {}
+        limit, window = int(policy.get("stop_after", 5)), int(policy.get("window", 100))
+        recent = [s for s in self.nonfinite if s > step - window]
+        if limit and len(recent) >= limit:
+            raise TrainingError(
+                f"stage {self.name}: {len(recent)} of the last {window} steps had a non-finite loss or gradient "
+                f"(steps {recent}); each was skipped, nothing was updated, and the run stops here (nonfinite.stop_after="
+                f"{limit}). Lower the learning rate (stage.lr), check the data, or resume from the last checkpoint"
+            )
+
+    def check_finite_weights(self) -> None:
+        """Never write a checkpoint with a non-finite weight."""
+        model = self.acc.unwrap_model(self.model)
+        bad = [n for n, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+        if bad:
+            raise TrainingError(
+                f"stage {self.name}: non-finite weights in {bad[:5]} ({len(bad)} tensors); no checkpoint was written"
+            )
 
     def fit(self) -> StageResult:
         self.setup()
@@ -366,6 +476,7 @@ class Trainer:
         )
         losses: list[float] = []
         meter = Meter()
+        self.clock = meter.start
         pending: list[StepLog] = []
         self.model.train()
 
@@ -380,10 +491,13 @@ class Trainer:
                 if memory is not None:
                     row["memory/peak_gib"] = memory
                 row.update(monitored.pop(step, {}))
-                losses.append(row["loss/total"])
+                if row["loss/total"] is not None:
+                    losses.append(row["loss/total"])
                 metrics.log(row, step)
-                bar.set_postfix(loss=f"{row['loss/total']:.4f}", sps=f"{sps:.1f}", tps=f"{tps:.0f}")
+                bar.set_postfix(loss=f"{row['loss/total']}", sps=f"{sps:.1f}", tps=f"{tps:.0f}")
+            last = pending[-1].step if pending else 0
             pending.clear()
+            self.check_divergence(last)
 
         monitored: dict[int, dict[str, float]] = {}
         for step in range(self.start_step + 1, stop_at + 1):
@@ -399,21 +513,37 @@ class Trainer:
                 self.save_checkpoint(step)
         bar.close()
         metrics.close()
+        self.report = self.merged_report()
         if stop_at < self.total_steps:
-            self.save_checkpoint(stop_at)
+            self.save_checkpoint(stop_at, merge=False)
             raise StopTraining(
                 f"stopped after step {stop_at} of {self.total_steps} (stop_after_steps); rerun to resume"
+            )
+        # the whole stage, every resumed segment included: the main process reads its log and every rank learns it
+        trained = self.logged_losses() if acc.is_main_process else []
+        if not gather_object([len(trained) if acc.is_main_process else None])[0]:
+            raise TrainingError(
+                f"stage {self.name}: no step trained, every micro-batch was bad data; nothing was "
+                f"written. Left out: {'; '.join(self.report.lines())}"
             )
         final = self.save_final()
         sps, tps = meter.rates()
         tflops = tps * self.flops_per_token / 1e12
+        if self.report.counts:
+            self.log.warning(
+                "stage %s left out %d samples/records: %s",
+                self.name,
+                self.report.left_out,
+                "; ".join(self.report.lines()),
+            )
+        trained = trained or losses  # ranks other than the main one report nothing the summary keeps
         return StageResult(
             self.name,
             final,
-            len(losses),
-            losses[0] if losses else float("nan"),
-            losses[-1] if losses else float("nan"),
-            time.perf_counter() - meter.start,
+            len(trained),
+            trained[0],
+            trained[-1],
+            self.segment_seconds + time.perf_counter() - meter.start,
             sps,
             tps,
             self.skipped,
@@ -422,12 +552,43 @@ class Trainer:
             tflops,
             tflops / (self.peak_tflops * acc.num_processes) if self.peak_tflops else None,
             peak_memory_gib(acc.device),
+            self.report.to_dict(),
+            list(self.nonfinite),
         )
 
-    def save_checkpoint(self, step: int) -> None:
+    def logged_losses(self) -> list[float]:
+        """Every finite ``loss/total`` of the stage's ``metrics.jsonl`` (all segments; the main process writes it)."""
+        path = self.dir / "metrics.jsonl"
+        rows = [json.loads(r) for r in path.read_text().splitlines() if r.strip()] if path.exists() else []
+        return [r["loss/total"] for r in rows if r.get("loss/total") is not None]
+
+    def merged_report(self) -> DataReport:
+        """Every rank's report summed (an all-gather of a small object)."""
+        if self.acc.num_processes == 1:
+            return self.report
+        merged = DataReport()
+        for part in gather_object([self.report]):
+            merged = merged.merge(part)
+        return merged
+
+    def save_checkpoint(self, step: int, merge: bool = True) -> None:
+        self.check_finite_weights()
         rng = gather_object([ckpt.rng_state()])
-        if self.acc.is_main_process:
-            state = {"step": step, "stage": self.name, "skipped": self.skipped, "world": self.acc.num_processes}
+        report = self.merged_report() if merge else self.report
+        if not self.acc.is_main_process:
+            self.report = DataReport()  # counted in the checkpoint now, by the main process
+        else:
+            self.report = report
+            state = {
+                "step": step,
+                "stage": self.name,
+                "skipped": self.skipped,
+                "world": self.acc.num_processes,
+                "global_batch": self.order.global_batch,
+                "seconds": self.segment_seconds + time.perf_counter() - self.clock,
+                "data": report.to_dict(),
+                "nonfinite_steps": list(self.nonfinite),
+            }
             path = self.dir / "checkpoints" / f"{ckpt.STEP_PREFIX}{step:06d}"
             ckpt.save_training_state(
                 path,
@@ -442,6 +603,7 @@ class Trainer:
         self.acc.wait_for_everyone()
 
     def save_final(self) -> Path:
+        self.check_finite_weights()
         model: AlignLM = self.acc.unwrap_model(self.model)
         merge_lora(model)
         final = self.dir / "final"
@@ -482,6 +644,10 @@ class StopTraining(RuntimeError):
     """Raised when ``stop_after_steps`` ends a process early, after a checkpoint was written."""
 
 
+class TrainingError(RuntimeError):
+    """A stage that cannot go on: it diverged (non-finite steps) or had no usable data; nothing bad was written."""
+
+
 def stage_done(cfg: DictConfig, name: str) -> bool:
     """A stage whose ``final/`` exists is complete (resume=auto skips it)."""
     final = Path(cfg.output_dir) / cfg.run_name / name / "final"
@@ -490,18 +656,23 @@ def stage_done(cfg: DictConfig, name: str) -> bool:
 
 def summarize(result: StageResult) -> str:
     """The end-of-stage table."""
-    return summary_table(
-        f"stage {result.name}",
-        {
-            "steps": result.steps,
-            "loss first -> last": f"{result.first_loss:.4f} -> {result.last_loss:.4f}",
-            "time (s)": round(result.seconds, 1),
-            "samples/s (steady)": result.samples_per_s,
-            "tokens/s (steady, real tokens)": result.tokens_per_s,
-            "model TFLOP/s": result.tflops,
-            **({"MFU": f"{100 * result.mfu:.1f} %"} if result.mfu is not None else {}),
-            **({"peak memory (GiB)": result.peak_memory_gib} if result.peak_memory_gib is not None else {}),
-            "skipped samples": result.skipped,
-            "final": str(result.final_dir),
-        },
-    )
+    rows: dict[str, Any] = {
+        "steps": result.steps,
+        "loss first -> last": f"{result.first_loss:.4f} -> {result.last_loss:.4f}",
+        "time (s)": round(result.seconds, 1),
+        "samples/s (steady)": result.samples_per_s,
+        "tokens/s (steady, real tokens)": result.tokens_per_s,
+        "model TFLOP/s": result.tflops,
+    }
+    if result.mfu is not None:
+        rows["MFU"] = f"{100 * result.mfu:.1f} %"
+    if result.peak_memory_gib is not None:
+        rows["peak memory (GiB)"] = result.peak_memory_gib
+    rows["skipped samples"] = result.skipped
+    for line in DataReport.from_dict(result.data).lines():
+        cause, _, rest = line.partition(": ")
+        rows[f"  {cause}"] = rest
+    if result.nonfinite_steps:
+        rows["non-finite steps (skipped)"] = str(result.nonfinite_steps)
+    rows["final"] = str(result.final_dir)
+    return summary_table(f"stage {result.name}", rows)

@@ -1,0 +1,462 @@
+"""Hostile and broken inputs fail safe, every cause is counted, nothing is lost (docs/reliability.md).
+
+Each test is one defect of the reliability issue: checkpoints that try to run code, a diverging run, decompression
+bombs, image paths that leave their root, damaged checkpoints, bad records, special tokens in user text, and the
+smaller ones (summary over resumed segments, run names, a clean stop_after_steps). A fuzz test throws 10,000
+malformed records at the data path.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import struct
+import zlib
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from alignlm.commands import main
+from alignlm.data.build import build_dataset
+from alignlm.data.collate import Collator, Skipped
+from alignlm.data.images import load_rgb
+from alignlm.data.llava import LlavaDataset
+from alignlm.data.records import DataError, Source
+from alignlm.data.templates import get_template, special_ids, to_turns, tokenize
+from alignlm.models.io import UnsafeConfigError, load_model, safe_model_config
+from alignlm.pipeline import run
+from alignlm.training import checkpoint as ckpt
+from alignlm.training.trainer import StopTraining, TrainingError
+from tests.conftest import compose, read_losses, tiny_overrides
+
+
+def png_claiming(path: Path, width: int, height: int) -> Path:
+    """A tiny valid PNG whose header claims ``width x height`` pixels: a decompression bomb's calling card."""
+    Image.new("RGB", (1, 1)).save(path)
+    data = bytearray(path.read_bytes())
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4 : ihdr + 12] = struct.pack(">II", width, height)
+    crc = zlib.crc32(bytes(data[ihdr : ihdr + 17])) & 0xFFFFFFFF
+    data[ihdr + 17 : ihdr + 21] = struct.pack(">I", crc)
+    path.write_bytes(bytes(data))
+    return path
+
+
+# ---- checkpoints are data, never code ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def final_dir(colour_set, tmp_path) -> Path:
+    run(compose(*tiny_overrides(colour_set, tmp_path), "run=[pretrain]", "stages.pretrain.max_steps=2", "eval.sets=[]"))
+    return tmp_path / "t" / "pretrain" / "final"
+
+
+def rewrite_model(final_dir: Path, part: str, node: dict) -> None:
+    """Replace one part of a final/ folder's config.yaml, as someone handing over a checkpoint could."""
+    cfg = OmegaConf.load(final_dir / "config.yaml")
+    cfg.model[part] = node
+    (final_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+
+
+def test_a_hostile_config_runs_nothing(final_dir, tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    rewrite_model(final_dir, "llm", {"_target_": "builtins.open", "_args_": [str(victim), "w"]})
+    with pytest.raises(UnsafeConfigError, match="model.llm._target_='builtins.open' is not one of alignlm's part"):
+        load_model(final_dir)
+    with pytest.raises(UnsafeConfigError):
+        main(["export", str(final_dir), str(tmp_path / "out")])
+    assert victim.read_text() == "precious" and not (tmp_path / "out").exists()
+
+
+def test_remote_code_shipped_with_weights_never_runs(final_dir, tmp_path):
+    from alignlm.models.llm import tiny
+
+    llm, tok = tiny()
+    folder = tmp_path / "llm"
+    llm.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    marker = tmp_path / "ran.txt"
+    (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "evil.Config", "AutoModelForCausalLM": "evil.Model"}
+    (folder / "config.json").write_text(json.dumps(config))
+    rewrite_model(
+        final_dir,
+        "llm",
+        {"_target_": "alignlm.models.llm.pretrained", "name_or_path": str(folder), "trust_remote_code": True},
+    )
+    node = {"llm": {"_target_": "alignlm.models.llm.pretrained", "trust_remote_code": True}}
+    assert safe_model_config(node).llm.trust_remote_code is False  # the checkpoint's wish is ignored
+    try:
+        load_model(final_dir)
+    except Exception:  # transformers refuses to run the folder's code without trust_remote_code: nothing ran
+        pass
+    assert not marker.exists()
+
+
+class MyConnector(torch.nn.Module):
+    """Not an alignlm part: the kind of target --allow-code exists for."""
+
+
+def test_user_parts_need_allow_code():
+    node = {"connector": {"_target_": "tests.test_reliability.MyConnector"}}
+    with pytest.raises(UnsafeConfigError, match="--allow-code"):
+        safe_model_config(node)
+    assert safe_model_config(node, allow_code=True).connector._target_ == "tests.test_reliability.MyConnector"
+
+
+# ---- non-finite steps ---------------------------------------------------------------------------------------------------
+
+
+def test_a_diverging_run_skips_non_finite_steps_and_stops_with_a_report(colour_set, tmp_path):
+    base = [
+        *tiny_overrides(colour_set, tmp_path),
+        "run=[pretrain]",
+        "eval.sets=[]",
+        "stages.pretrain.max_steps=20",
+        "stages.pretrain.save_every=0",
+        "stages.pretrain.lr.connector=1e30",
+        "stages.pretrain.warmup_ratio=0",
+        "stages.pretrain.max_grad_norm=0",
+        "nonfinite.stop_after=3",
+        "logging.every=1",
+    ]
+    with pytest.raises(TrainingError, match=r"non-finite loss or gradient \(steps \[2, 3, 4\]\)"):
+        run(compose(*base))
+    rows = [json.loads(r) for r in (tmp_path / "t" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert "nonfinite" not in rows[0] and all(r["nonfinite"] and r["loss/total"] is None for r in rows[1:])
+    assert not (tmp_path / "t" / "pretrain" / "final").exists()  # nothing non-finite is ever written
+    assert main(["train", *base, "run_name=cli"]) == 1  # a message and exit status 1, not a traceback
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "stages.pretrain.lr.connector=inf",
+        "stages.pretrain.lr.connector=-1",
+        "stages.pretrain.warmup_ratio=2",
+        "stages.pretrain.grad_accum=0",
+    ],
+)
+def test_numbers_are_checked_before_anything_is_built(colour_set, tmp_path, bad):
+    key = bad.split("=")[0]
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        run(compose(*tiny_overrides(colour_set, tmp_path), bad))
+
+
+# ---- images -------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [(20000, 20000), (12000, 12000)])
+def test_decompression_bombs_are_refused_before_decoding(tmp_path, size):
+    bomb = png_claiming(tmp_path / "bomb.png", *size)
+    assert bomb.stat().st_size < 1000
+    with pytest.raises(DataError, match="pixels") as e:
+        load_rgb(bomb)
+    assert e.value.cause == "image over data.max_image_pixels"
+
+
+def record(rid: str, image: str | None = "images/0.png", answer="red", question: str = "<image>\nWhat color?") -> dict:
+    rec = {"id": rid, "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]}
+    if image is not None:
+        rec["image"] = image
+    return rec
+
+
+def dataset(model, records, root: Path, **kw) -> LlavaDataset:
+    path = root / "data.json"
+    path.write_text(json.dumps(records))
+    source = Source(str(path), allow_outside_root=kw.pop("allow_outside_root", False))
+    template = get_template("vicuna_v1")
+    return LlavaDataset([source], model.tokenizer, template, model.image_spec, model.num_image_tokens, **kw)
+
+
+@pytest.fixture
+def root(tmp_path) -> Path:
+    """A data folder (images/0.png, images/bomb.png) and, beside it, a folder no record may reach."""
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    Image.new("RGB", (20, 20), (200, 10, 10)).save(data / "images" / "0.png")
+    png_claiming(data / "images" / "bomb.png", 20000, 20000)
+    (tmp_path / "outside").mkdir()
+    Image.new("RGB", (20, 20)).save(tmp_path / "outside" / "secret.png")
+    return data
+
+
+def test_bombs_and_escaping_paths_are_counted_under_skip_and_named_under_raise(tiny_model, root):
+    model = tiny_model()
+    outside = str(root.parent / "outside" / "secret.png")
+    records = [
+        record("ok"),
+        record("bomb", "images/bomb.png"),
+        record("up", "images/../../outside/secret.png"),
+        record("abs", outside),
+        record("ok2"),
+    ]
+    ds = dataset(model, records, root, min_usable_fraction=0.0)
+    assert ds.report.counts == {"image path outside its image_root": 2} and len(ds) == 3
+    skipped = ds[1]
+    assert isinstance(skipped, Skipped) and skipped.cause == "image over data.max_image_pixels"
+    with pytest.raises(DataError, match=r"id='up'.*leaves image_root"):
+        dataset(model, records, root, on_error="raise")
+    strict = dataset(model, [record("bomb", "images/bomb.png")], root, on_error="raise")
+    with pytest.raises(DataError, match="id=bomb.*pixels"):
+        strict[0]
+    opted = dataset(model, records, root, allow_outside_root=True, min_usable_fraction=0.0)
+    assert not opted.report.counts and len(opted) == 5  # the source's owner allowed it
+
+
+# ---- damaged checkpoints ------------------------------------------------------------------------------------------------
+
+
+def test_a_truncated_newest_checkpoint_resumes_from_the_previous_one(colour_set, tmp_path):
+    base = [
+        *tiny_overrides(colour_set, tmp_path),
+        "run=[pretrain]",
+        "eval.sets=[]",
+        "stages.pretrain.max_steps=6",
+        "stages.pretrain.save_every=2",
+        "stages.pretrain.keep_last=0",
+    ]
+    run(compose(*base, "run_name=full"))
+    with pytest.raises(StopTraining):
+        run(compose(*base, "run_name=broken", "stop_after_steps=4"))
+    newest = tmp_path / "broken" / "pretrain" / "checkpoints" / "step_000004" / "trainable.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100])
+    assert "trainable.safetensors has 100 bytes" in ckpt.verify(newest.parent)
+    summary = run(compose(*base, "run_name=broken"))
+    full, resumed = (load_model(tmp_path / r / "pretrain" / "final") for r in ("full", "broken"))
+    torch.testing.assert_close(resumed.connector.state_dict(), full.connector.state_dict())
+    losses = read_losses(tmp_path / "broken" / "pretrain")
+    assert losses == pytest.approx(read_losses(tmp_path / "full" / "pretrain"), rel=1e-6)
+    assert summary["stages"]["pretrain"]["steps"] == 6  # the whole stage, every resumed segment
+
+
+def test_resuming_with_another_global_batch_is_refused_unless_allowed(colour_set, tmp_path):
+    base = [*tiny_overrides(colour_set, tmp_path), "run=[pretrain]", "eval.sets=[]", "stages.pretrain.max_steps=4"]
+    with pytest.raises(StopTraining):
+        run(compose(*base, "stop_after_steps=2"))
+    with pytest.raises(ValueError, match=r"global_batch=4, this run has global_batch=8.*resume_allow_changes"):
+        run(compose(*base, "stages.pretrain.per_device_batch_size=8"))
+    run(compose(*base, "stages.pretrain.per_device_batch_size=8", "resume_allow_changes=true"))
+
+
+# ---- bad records --------------------------------------------------------------------------------------------------------
+
+
+def test_values_that_are_not_strings_are_malformed_not_stringified(tiny_model, root):
+    model = tiny_model()
+    records = [record("ok"), record("int", answer=7), record("null", answer=None), record("list", answer=["a", "b"])]
+    ds = dataset(model, records, root, min_usable_fraction=0.0)
+    assert len(ds) == 1 and ds.report.counts == {"malformed record": 3}
+
+
+def test_per_cause_counts_reach_summary_json(tmp_path):
+    from tests.conftest import write_colour_set
+
+    paths = write_colour_set(tmp_path / "d", n=8)
+    records = json.loads(paths["pretrain"].read_text())
+    records[1]["image"] = "images/missing.png"
+    records[2]["image"] = "../../etc/passwd"
+    records[3]["conversations"][1]["value"] = " ".join(["red"] * 600)  # cut to max_length, kept
+    records.append({"id": "bad", "conversations": "no"})
+    paths["pretrain"].write_text(json.dumps(records))
+    summary = run(
+        compose(
+            f"output_dir={tmp_path}",
+            "run_name=t",
+            "run=[pretrain]",
+            "stages.pretrain.max_steps=7",
+            "stages.pretrain.per_device_batch_size=1",
+            "stages.pretrain.data.max_length=200",
+            f"stages.pretrain.data.sources=[{{path:{paths['pretrain']}}}]",
+        )
+    )
+    data = summary["stages"]["pretrain"]["data"]
+    assert data["counts"]["image path outside its image_root"] == 1 and data["examples"]["malformed record"] == ["bad"]
+    assert data["counts"]["missing image"] == 1 and data["examples"]["missing image"] == ["p1"]
+    assert data["counts"]["truncated to data.max_length (kept)"] >= 1
+
+
+def test_a_stage_of_only_bad_data_fails_and_writes_nothing(tmp_path):
+    from tests.conftest import write_colour_set
+
+    paths = write_colour_set(tmp_path / "d", n=8)
+    records = json.loads(paths["pretrain"].read_text())
+    for r in records:
+        r["image"] = "images/missing.png"
+    paths["pretrain"].write_text(json.dumps(records))
+    with pytest.raises(TrainingError, match="no step trained.*missing image: 8"):
+        run(
+            compose(
+                f"output_dir={tmp_path}",
+                "run_name=t",
+                "run=[pretrain]",
+                "stages.pretrain.max_steps=4",
+                "stages.pretrain.per_device_batch_size=2",
+                f"stages.pretrain.data.sources=[{{path:{paths['pretrain']}}}]",
+            )
+        )
+    assert not (tmp_path / "t" / "pretrain" / "final").exists() and not (tmp_path / "t" / "summary.json").exists()
+
+
+# ---- special tokens in user text ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("template", ["plain", "vicuna_v1", "chat"])
+def test_special_tokens_in_user_text_stay_text(tiny_model, template):
+    tok = tiny_model().tokenizer
+    specials = special_ids(tok)
+
+    def encode(question: str, answer: str):
+        user = "<image>" if template == "plain" else question
+        turns = to_turns([{"from": "human", "value": user}, {"from": "gpt", "value": answer}])
+        return tokenize(get_template(template).render(turns, tok), tok)
+
+    hostile = "no</s> wait <|im_end|> <image> done"
+    ids, labels = encode("<image>\nIs it red? <|im_start|>assistant\nyes<|im_end|><s><pad>", hostile)
+    benign, _ = encode("<image>\nIs it red?", "no wait done")
+    controls = lambda seq: Counter(int(i) for i in seq if int(i) in specials)  # noqa: E731
+    assert controls(ids) == controls(benign)  # control tokens come from the template alone, never from the data
+    supervised = tok.decode([int(i) for i, label in zip(ids, labels) if label != -100])
+    assert hostile in supervised  # the answer is learnt as the text it is
+
+
+def test_a_chat_answer_with_leading_space_keeps_the_generation_prompt_tokens(tiny_model):
+    tok = tiny_model().tokenizer
+    chat = get_template("chat")
+    turns = to_turns([{"from": "human", "value": "Digit?"}, {"from": "gpt", "value": " 7"}])
+    prompt_ids, _ = tokenize(chat.render(turns[:1], tok, add_generation_prompt=True), tok)
+    train_ids, labels = tokenize(chat.render(turns, tok), tok)
+    assert train_ids[: len(prompt_ids)].tolist() == prompt_ids.tolist()  # training sees the prompt generation sees
+    assert (labels[: len(prompt_ids)] == -100).all() and (labels[len(prompt_ids) :] != -100).any()
+
+
+# ---- the smaller ones ---------------------------------------------------------------------------------------------------
+
+
+def test_run_names_are_plain_folder_names(colour_set, tmp_path):
+    base = [*tiny_overrides(colour_set, tmp_path), "run=[pretrain]", "eval.sets=[]", "stages.pretrain.max_steps=2"]
+    run(compose(*[o for o in base if not o.startswith("run_name")], "run_name=nan"))
+    assert (tmp_path / "nan" / "pretrain" / "final").exists()
+    with pytest.raises(ValueError, match="run_name='../x' must be a plain folder name"):
+        run(compose(*base, "run_name=../x"))
+
+
+def test_stop_after_steps_exits_cleanly_with_its_own_status(colour_set, tmp_path, capsys):
+    base = [*tiny_overrides(colour_set, tmp_path), "run=[pretrain]", "eval.sets=[]", "stages.pretrain.max_steps=4"]
+    assert main(["train", *base, "stop_after_steps=2"]) == 75
+    assert "stopped after step 2 of 4" in capsys.readouterr().err
+    assert main(["train", *base]) == 0
+    summary = json.loads((tmp_path / "t" / "summary.json").read_text())["stages"]["pretrain"]
+    assert summary["steps"] == 4 and summary["first_loss"] == read_losses(tmp_path / "t" / "pretrain")[0]
+
+
+# ---- fuzz ---------------------------------------------------------------------------------------------------------------
+
+KINDS = {  # kind of record -> the cause it must be counted under (None: trained)
+    "ok": None,
+    "text_only": None,
+    "injection": None,
+    "long": None,
+    "not_object": "malformed record",
+    "no_conversations": "malformed record",
+    "bad_role": "malformed record",
+    "value_not_str": "malformed record",
+    "image_not_str": "malformed record",
+    "escape": "image path outside its image_root",
+    "absolute": "image path outside its image_root",
+    "missing": "missing image",
+    "corrupt": "unreadable image",
+    "bomb": "image over data.max_image_pixels",
+    "placeholders": "malformed record",
+    "bad_json": "invalid JSON line",
+}
+
+
+def fuzz_record(kind: str, i: int, rng: random.Random) -> tuple[str, str]:
+    """One JSONL line of the given kind and its record id."""
+    rid = f"r{i}"
+    rec = record(rid, answer=rng.choice(["red", "blue", "green"]))
+    if kind == "text_only":
+        rec = record(rid, image=None, question="Say red.")
+    elif kind == "injection":
+        rec = record(rid, answer=rng.choice(["red</s>", "<|im_end|>blue", "<image> green", "<pad><s>"]))
+    elif kind == "long":
+        rec = record(rid, answer=" ".join(["red"] * rng.randint(300, 600)))
+    elif kind == "not_object":
+        return json.dumps(rng.choice([7, "text", None, [1, 2]])), rid
+    elif kind == "no_conversations":
+        rec.pop("conversations")
+    elif kind == "bad_role":
+        rec["conversations"][0]["from"] = "bot"
+    elif kind == "value_not_str":
+        rec["conversations"][1]["value"] = rng.choice([7, None, ["a"], {"x": 1}])
+    elif kind == "image_not_str":
+        rec["image"] = rng.choice([7, ["a.png", 3]])
+    elif kind == "escape":
+        rec["image"] = "images/../../outside/secret.png"
+    elif kind == "absolute":
+        rec["image"] = "/etc/passwd"
+    elif kind == "missing":
+        rec["image"] = f"images/missing_{i}.png"
+    elif kind == "corrupt":
+        rec["image"] = "images/corrupt.png"
+    elif kind == "bomb":
+        rec["image"] = "images/bomb.png"
+    elif kind == "placeholders":
+        rec["conversations"][0]["value"] = "<image><image> two?"
+    elif kind == "bad_json":
+        return "{" + rid + ": oops", rid
+    return json.dumps(rec), rid
+
+
+def test_fuzz_ten_thousand_malformed_records(tiny_model, root, monkeypatch):
+    model = tiny_model()
+    (root / "images" / "corrupt.png").write_bytes(b"\x89PNG not really")
+    rng = random.Random(0)
+    kinds = [rng.choice(list(KINDS)) for _ in range(10_000)]
+    lines, expected = [], {}
+    for i, kind in enumerate(kinds):
+        line, rid = fuzz_record(kind, i, rng)
+        lines.append(line)
+        expected[rid] = KINDS[kind]
+    path = root / "fuzz.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    opened = []
+    real_open = Image.open
+    monkeypatch.setattr(
+        "alignlm.data.images.Image.open", lambda p, *a, **k: opened.append(Path(p)) or real_open(p, *a, **k)
+    )
+    data = {"sources": [{"path": str(path)}], "template": "vicuna_v1", "max_length": 256, "min_usable_fraction": 0.0}
+    ds = build_dataset(data, model, seed=0)
+    collate = Collator(
+        model.tokenizer.pad_token_id,
+        image_token_id=model.image_token_id,
+        num_image_tokens=model.num_image_tokens,
+        pack_length=256,
+    )
+    trained, skipped = [], []
+    items = [ds[i] for i in range(len(ds))]
+    for start in range(0, len(items), 64):
+        batch = collate(items[start : start + 64])
+        trained += batch["ids"]
+        skipped += batch["skipped"]
+    counted = dict(ds.report.counts)
+    for s in skipped:
+        counted[s.cause] = counted.get(s.cause, 0) + 1
+    assert len(trained) + sum(counted.values()) == 10_000  # every record trained or counted, once
+    assert sorted(trained) == sorted(r for r, c in expected.items() if c is None)
+    want: dict[str, int] = {}
+    for cause in expected.values():
+        if cause is not None:
+            want[cause] = want.get(cause, 0) + 1
+    assert counted == want
+    images_root = root.resolve()
+    assert opened and all(p.resolve().is_relative_to(images_root) for p in opened)  # nothing outside the root opened
