@@ -25,6 +25,9 @@ bench() {  # NAME, then train_throughput.py flags
 }
 
 bench ft_1.1b_32k --size 1.1b --stage finetune --vocab 32000 --batch 16 --steps 10 --warmup 3
+# packing=auto pads under SDPA (no flash-attn on the machine): the same point packed says whether SDPA should pack too
+bench ft_1.1b_32k_packed --size 1.1b --stage finetune --vocab 32000 --batch 16 --steps 10 --warmup 3 --no-peer \
+  --packing true
 bench pt_7b_32k --size 7b --stage pretrain --vocab 32000 --batch 32 --steps 6 --warmup 3 --no-peer
 bench pt_1.1b_cached --size 1.1b --stage pretrain --vocab 32000 --batch 32 --steps 10 --warmup 3 --cached-features
 

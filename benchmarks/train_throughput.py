@@ -93,7 +93,7 @@ PARTS = {
 }
 
 
-def config(size: str, stage: str, vocab: int, batch: int, steps: int, device: str):
+def config(size: str, stage: str, vocab: int, batch: int, steps: int, device: str, packing: str = "auto"):
     """The alignlm config of one benchmark point: the tiny parts resized to ``size``."""
     shape = SIZES[size]
     overrides = [f"model.llm.{k}={v}" for k, v in shape["llm"].items()]
@@ -106,6 +106,7 @@ def config(size: str, stage: str, vocab: int, batch: int, steps: int, device: st
         f"stages.{stage}.init_from=null",
         f"stages.{stage}.max_steps={steps}",
         f"stages.{stage}.per_device_batch_size={batch}",
+        f"stages.{stage}.data.packing={packing}",
         "output_dir=/tmp/alignlm_bench",
         "mixed_precision=" + ("bf16" if device == "cuda" else "no"),
     ]
@@ -289,10 +290,11 @@ def run(
     cached_features: bool,
     peer: bool,
     seed: int = 0,
+    packing: str = "auto",
 ) -> dict[str, Any]:
     """One benchmark point: both sides (or alignlm alone), and their ratio."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg = config(size, stage, vocab, batch, warmup + steps, device)
+    cfg = config(size, stage, vocab, batch, warmup + steps, device, packing)
     acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=device == "cpu")
     trainer = Trainer(cfg, stage, acc)
     with torch.device(acc.device):  # random weights made on the device: a 7B model in seconds
@@ -343,6 +345,7 @@ def table(results: list[dict[str, Any]]) -> str:
             mem = f"{s['peak_memory_gib']:.1f}" if s["peak_memory_gib"] is not None else "-"
             ratio = f"{r['ratio_tokens_per_s']:.2f}x" if key == "alignlm" and "ratio_tokens_per_s" in r else ""
             stage = r["stage"] + (" (cached features)" if r["cached_features"] else "")
+            stage += " (packed)" if key == "alignlm" and s.get("packed") else ""
             lines.append(
                 f"| {r['size']} | {stage} | {r['vocab']} | {r['batch']} | {s['side']} | {s['tokens_per_s']:,.0f} | "
                 f"{s['samples_per_s']:.2f} | {s['tflops']:.1f} | {mfu} | {mem} | {ratio} |"
@@ -360,10 +363,19 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     ap.add_argument("--cached-features", action="store_true", help="alignlm reads the frozen tower's cached features")
     ap.add_argument("--no-peer", action="store_true", help="alignlm alone (the peer does not fit, e.g. 7B)")
+    ap.add_argument("--packing", choices=("auto", "true", "false"), default="auto", help="alignlm's stage.data.packing")
     ap.add_argument("--json", default=None, help="also write the result to this file")
     args = ap.parse_args()
     result = run(
-        args.size, args.stage, args.vocab, args.batch, args.steps, args.warmup, args.cached_features, not args.no_peer
+        args.size,
+        args.stage,
+        args.vocab,
+        args.batch,
+        args.steps,
+        args.warmup,
+        args.cached_features,
+        not args.no_peer,
+        packing=args.packing,
     )
     print(table([result]))
     print(json.dumps(result, indent=2))

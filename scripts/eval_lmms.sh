@@ -5,10 +5,11 @@
 #   scripts/eval_lmms.sh outputs/demo/finetune/final exports/demo data/digits/test.json [extra lmms-eval flags]
 #   scripts/eval_lmms.sh outputs/demo/finetune/final exports/demo mme,textvqa_val
 # Needs lmms-eval importable beside alignlm (docs/evaluation.md: install it in its own venv). DEVICE, DTYPE,
-# NUM_PROCESSES, OUTPUT_PATH override the defaults. lmms-eval exits 0 even when a task fails: read its results file.
+# NUM_PROCESSES, OUTPUT_PATH override the defaults. lmms-eval exits 0 even when a task fails, so this script exits 1
+# unless the run wrote a results file.
 set -euo pipefail
 if [ $# -lt 3 ]; then
-  sed -n 2,8p "$0"; exit 2
+  sed -n 2,9p "$0"; exit 2
 fi
 final=$1; export_dir=$2; tasks=$3; shift 3
 cd "$(dirname "$0")/.."
@@ -21,12 +22,21 @@ if [[ "$tasks" == *.json ]]; then  # a local question set -> an lmms-eval task f
   include=(--include_path "$export_dir/lmms_tasks"); tasks=$name
 fi
 nproc=${NUM_PROCESSES:-1}
+out=${OUTPUT_PATH:-$export_dir/lmms_eval}
 args="pretrained=$export_dir,dtype=${DTYPE:-bfloat16}"
 flags=(--model llava_hf --tasks "$tasks" ${include[@]+"${include[@]}"} --batch_size 1 --log_samples
-       --output_path "${OUTPUT_PATH:-$export_dir/lmms_eval}" "$@")
+       --output_path "$out" "$@")
+mkdir -p "$out"
+stamp=$(mktemp "$out/.started.XXXXXX"); trap 'rm -f "$stamp"' EXIT
 if [ "$nproc" = 1 ]; then  # llava_hf needs the device named twice (device_map, and device for its .to() calls)
   dev=${DEVICE:-$(python -c 'import torch; print("cuda:0" if torch.cuda.is_available() else "cpu")')}
-  exec alignlm lmms-eval --model_args "$args,device_map=$dev,device=$dev" "${flags[@]}"
+  alignlm lmms-eval --model_args "$args,device_map=$dev,device=$dev" "${flags[@]}"
+else  # several processes: llava_hf places each rank on cuda:<local rank> itself
+  accelerate launch --num_processes "$nproc" -m alignlm.commands lmms-eval --model_args "$args" "${flags[@]}"
 fi
-# several processes: llava_hf places each rank on cuda:<local rank> itself
-exec accelerate launch --num_processes "$nproc" -m alignlm.commands lmms-eval --model_args "$args" "${flags[@]}"
+# lmms-eval exits 0 when a task or the model fails to load: success is a results file written by this run
+results=$(find "$out" -name '*_results.json' -newer "$stamp" | head -n 1)
+if [ -z "$results" ]; then
+  echo "eval_lmms.sh: lmms-eval wrote no results file under $out (see its log above)" >&2; exit 1
+fi
+echo "results: $results"

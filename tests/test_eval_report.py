@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -474,3 +476,29 @@ def test_revision_seed_table_hand_checked(tmp_path):
     (tmp_path / "seed_b" / "eval_raw" / "report.json").write_text(json.dumps({"checkpoints": [step]}))
     with pytest.raises(ValueError, match="not a final/"):
         table([tmp_path / "seed_b"], arms)
+
+
+@pytest.mark.parametrize("writes_results", [False, True])
+def test_eval_lmms_script_fails_without_a_results_file(tmp_path, writes_results):
+    """lmms-eval exits 0 when a task fails; the script's exit status must say whether it produced results."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    # a stand-in `alignlm`: `lmms-eval` exits 0 and writes a results file only when asked to
+    write = 'mkdir -p "$out/m" && echo {} > "$out/m/run_results.json"' if writes_results else ":"
+    fake = bin_dir / "alignlm"
+    fake.write_text(
+        '#!/usr/bin/env bash\nout=""\nwhile [ $# -gt 0 ]; do [ "$1" = --output_path ] && out=$2; shift; done\n'
+        f"{write}\nexit 0\n"
+    )
+    fake.chmod(0o755)
+    export_dir = tmp_path / "export"
+    export_dir.mkdir()
+    (export_dir / "config.json").write_text("{}")  # already exported: the script skips `alignlm export`
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "VIRTUAL_ENV": "x", "DEVICE": "cpu"}
+    script = Path(__file__).resolve().parents[1] / "scripts" / "eval_lmms.sh"
+    proc = subprocess.run(
+        ["bash", str(script), "unused", str(export_dir), "mme"], env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == (0 if writes_results else 1), proc.stderr
+    if not writes_results:
+        assert "wrote no results file" in proc.stderr

@@ -157,3 +157,33 @@ def test_export_of_a_non_llava_model_writes_nothing(colour_set, tmp_path):
     with pytest.raises(ExportError):
         export(final, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("template", ["vicuna_v1", "chat"])
+def test_export_stops_where_the_template_ends_a_turn(colour_set, tmp_path, template):
+    """transformers' generate stops where alignlm's does: at the template's end of turn, also when that is not EOS."""
+    from transformers import AutoProcessor, GenerationConfig, LlavaForConditionalGeneration
+
+    final = _train(
+        colour_set,
+        tmp_path,
+        f"stages.finetune.data.template={template}",
+        "stages.finetune.max_steps=40",
+        "stages.finetune.lr.llm=3e-3",
+        "stages.finetune.lr.connector=3e-3",
+    )
+    out = export(final, tmp_path / "hf")
+    model = load_model(final)
+    end = model.tokenizer.convert_tokens_to_ids("</s>" if template == "vicuna_v1" else "<|im_end|>")
+    stops = GenerationConfig.from_pretrained(out).eos_token_id
+    processor = AutoProcessor.from_pretrained(out)
+    assert end in (stops if isinstance(stops, list) else [stops]) and processor.tokenizer.eos_token_id == end
+    hf = LlavaForConditionalGeneration.from_pretrained(out).eval()
+    inputs = _inputs(processor, Image.new("RGB", (30, 30), (200, 40, 40)))
+    batch = {
+        **{k: inputs[k] for k in ("input_ids", "attention_mask", "pixel_values")},
+        "labels": torch.full_like(inputs["input_ids"], -100),
+    }
+    ours = model.generate(batch, max_new_tokens=12, do_sample=False)[0].tolist()
+    theirs = hf.generate(**inputs, max_new_tokens=12, do_sample=False)[0, inputs["input_ids"].shape[1] :].tolist()
+    assert ours == theirs and theirs[-1] == end and len(theirs) < 12  # one answer, then the stop, in both

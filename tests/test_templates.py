@@ -171,3 +171,71 @@ def test_jinja_export_renders_what_training_saw(template, kwargs, make_tok):
             **tok.special_tokens_map,
         )
         assert got[0] == want
+
+
+# ---- LLaVA-1.5 fidelity -----------------------------------------------------------------------------------------------
+
+LLAVA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+LLAVA_RECORDS = [  # LLaVA-Instruct-150K's shapes: the image after the question, before it, alone; several turns
+    [
+        {"from": "human", "value": "What are the colors of the bus in the image?\n<image>"},
+        {"from": "gpt", "value": "The bus in the image is white and red."},
+        {"from": "human", "value": "What feature can be seen on the back of the bus?"},
+        {"from": "gpt", "value": "The back of the bus features an advertisement."},
+    ],
+    [{"from": "human", "value": "<image>\nWhat is the man doing?"}, {"from": "gpt", "value": "He is surfing."}],
+    [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "A photo of a cat on a sofa."}],
+    [{"from": "human", "value": "Describe it. <image> Briefly."}, {"from": "gpt", "value": "A red square."}],
+]
+
+
+def llava15_prompt(conversation: list[dict]) -> str:
+    """LLaVA-1.5's prompt, written from its description: ``preprocess_multimodal`` moves a turn's <image> to its front
+    (removed, the rest stripped, "<image>\\n" prepended, stripped again); ``conv_vicuna_v1`` joins the system prompt and
+    "ROLE: message" turns with " " after user turns and "</s>" after assistant turns."""
+    text = LLAVA_SYSTEM + " "
+    for m in conversation:
+        value = m["value"]
+        if IMAGE_TOKEN in value:
+            value = (IMAGE_TOKEN + "\n" + value.replace(IMAGE_TOKEN, "").strip()).strip()
+        text += ("USER: " + value + " ") if m["from"] == "human" else ("ASSISTANT: " + value + "</s>")
+    return text
+
+
+def llava15_supervised(conversation: list[dict]) -> list[str]:
+    """LLaVA-1.5's masking rule: per round, what follows "ASSISTANT: " up to and including "</s>"."""
+    return [m["value"] + "</s>" for m in conversation if m["from"] == "gpt"]
+
+
+@pytest.mark.parametrize("conversation", LLAVA_RECORDS, ids=["image_last", "image_first", "image_only", "image_inside"])
+def test_vicuna_v1_is_llava15_on_llava_records(conversation):
+    tok = _tiny()
+    rendered = get_template("vicuna_v1").render(to_turns(conversation), tok)
+    assert rendered.text == llava15_prompt(conversation)  # the same prompt text, image placement included
+    ids, labels = tokenize(rendered, tok)
+    assert [s.strip() for s in supervised_segments(ids, labels, tok)] == llava15_supervised(conversation)
+
+
+def test_image_placement_in_place_on_request():
+    tok = _tiny()
+    turns = to_turns(LLAVA_RECORDS[0])
+    kept = get_template("vicuna_v1", image_first=False).render(turns, tok).text
+    assert (
+        "the image?\n<image> ASSISTANT:" in kept
+        and "USER: <image>\nWhat are" in get_template("vicuna_v1").render(turns, tok).text
+    )
+
+
+def test_answers_are_stripped_in_training_and_in_the_exported_template():
+    import jinja2
+
+    tok = _tiny()
+    conversation = [{"from": "human", "value": "<image>\nDigit?"}, {"from": "gpt", "value": "  7  "}]
+    template = get_template("vicuna_v1")
+    rendered = template.render(to_turns(conversation), tok)
+    assert rendered.text.endswith("ASSISTANT: 7</s>")
+    messages = [{"role": "user", "content": "<image>\nDigit?"}, {"role": "assistant", "content": "  7  "}]
+    assert jinja2.Environment().from_string(template.jinja(tok)).render(messages=messages) == rendered.text

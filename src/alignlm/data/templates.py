@@ -139,8 +139,31 @@ class PlainTemplate(Template):
         )
 
 
+def image_first(content: str) -> str:
+    """LLaVA-1.5's placement of images in a user turn: its ``<image>`` placeholders moved to the front, then a newline,
+    then the rest of the text, stripped (LLaVA-Instruct writes "What is in the image?\n<image>")."""
+    n = content.count(IMAGE_TOKEN)
+    if not n:
+        return content
+    return (IMAGE_TOKEN * n + "\n" + content.replace(IMAGE_TOKEN, "").strip()).strip()
+
+
+# The same rule in Jinja, on a string ``c``: the exported chat template prompts exactly as training rendered.
+_JINJA_IMAGE_FIRST = (
+    "{%- if '" + IMAGE_TOKEN + "' in c -%}"
+    "{%- set c = ('" + IMAGE_TOKEN + "' * (c.split('" + IMAGE_TOKEN + "') | length - 1) + '\\n' + "
+    "(c.replace('" + IMAGE_TOKEN + "', '') | trim)) | trim -%}{%- endif -%}"
+)
+
+
 class VicunaV1Template(Template):
-    """LLaVA-1.5: ``SYSTEM USER: q ASSISTANT: a</s>USER: ...``; answers and their EOS are supervised."""
+    """LLaVA-1.5: ``SYSTEM USER: q ASSISTANT: a</s>USER: ...``; answers and their EOS are supervised.
+
+    ``image_first`` (default, as LLaVA-1.5 does): a user turn's images go to its front (:func:`image_first`), so
+    LLaVA's own records prompt exactly as in LLaVA; false keeps each ``<image>`` where the record wrote it. Answers are
+    stripped of surrounding whitespace (LLaVA keeps it): a stray space would otherwise be a token the model must learn
+    to write, and the exported chat template trims them alike.
+    """
 
     name = "vicuna_v1"
 
@@ -148,8 +171,10 @@ class VicunaV1Template(Template):
         self,
         system: str = "A chat between a curious user and an artificial intelligence assistant. "
         "The assistant gives helpful, detailed, and polite answers to the user's questions.",
+        image_first: bool = True,
     ) -> None:
         self.system = system
+        self.image_first = image_first
 
     def render(self, turns: Sequence[Turn], tokenizer: Any, add_generation_prompt: bool = False) -> Rendered:
         record_system = next((t.content for t in turns if t.role == "system"), None)
@@ -163,9 +188,10 @@ class VicunaV1Template(Template):
         _check_alternation(dialog, self.name, add_generation_prompt)
         for turn in dialog:
             if turn.role == "user":
+                question = image_first(turn.content) if self.image_first else turn.content
                 text += "USER: "
-                contents.append((len(text), len(text) + len(turn.content), "user"))
-                text += f"{turn.content} ASSISTANT:"
+                contents.append((len(text), len(text) + len(question), "user"))
+                text += f"{question} ASSISTANT:"
             else:
                 start = len(text)
                 answer = turn.content.strip()
@@ -180,7 +206,9 @@ class VicunaV1Template(Template):
             "{%- for m in messages if m['role'] == 'system' -%}{%- if loop.first -%}{%- set sys.text = m['content'] -%}{%- endif -%}{%- endfor -%}"
             "{{ " + _jinja_str(_bos(tokenizer)) + " }}{{ sys.text + ' ' }}"
             "{%- for m in messages if m['role'] != 'system' -%}"
-            "{%- if m['role'] == 'user' -%}{{ 'USER: ' + m['content'] + ' ASSISTANT:' }}"
+            "{%- if m['role'] == 'user' -%}{%- set c = m['content'] -%}"
+            + (_JINJA_IMAGE_FIRST if self.image_first else "")
+            + "{{ 'USER: ' + c + ' ASSISTANT:' }}"
             "{%- else -%}{{ ' ' + (m['content'] | trim) + " + _jinja_str(tokenizer.eos_token) + " }}{%- endif -%}"
             "{%- endfor -%}"
         )

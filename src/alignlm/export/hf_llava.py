@@ -12,6 +12,7 @@ MoE or linear connectors, towers with register tokens, extra input parts) is ref
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from transformers import (
 )
 
 from alignlm.constants import IMAGE_TOKEN
-from alignlm.data.templates import get_template
+from alignlm.data.templates import get_template, special_ids, to_turns, tokenize
 from alignlm.models.connectors.mlp import MLPConnector
 from alignlm.models.io import load_model
 from alignlm.models.mllm import AlignLM
@@ -182,7 +183,7 @@ def llava_processor(model: AlignLM, template: Any, strategy: str) -> Any:
         )
     return LlavaProcessor(
         image_processor=image_processor,
-        tokenizer=model.tokenizer,
+        tokenizer=copy.deepcopy(model.tokenizer),  # the export may change its EOS (set_stop_tokens), never the model's
         patch_size=cfg.patch_size,
         num_additional_image_tokens=n_tokens - (cfg.image_size // cfg.patch_size) ** 2,
         vision_feature_select_strategy=strategy,
@@ -236,6 +237,28 @@ def model_card(cfg: Any, summary: dict[str, Any] | None) -> str:
     return "\n".join(lines)
 
 
+def end_of_turn_ids(template: Any, tokenizer: Any) -> list[int]:
+    """The control token that ends an assistant turn under ``template`` (``</s>`` for vicuna_v1, ``<|im_end|>`` for a
+    ChatML chat template): where generation must stop. Empty when turns end in plain text (the ``plain`` template)."""
+    rendered = template.render(to_turns([{"from": "human", "value": "x"}, {"from": "gpt", "value": "y"}]), tokenizer)
+    ids, labels = tokenize(rendered, tokenizer)
+    last = int(ids[labels != -100][-1])
+    return [last] if last in special_ids(tokenizer) else []
+
+
+def set_stop_tokens(hf: Any, tokenizer: Any, template: Any) -> None:
+    """Generation stops at the template's end of turn in every consumer: ``generation_config.eos_token_id`` lists it
+    beside EOS (transformers' ``generate``), and the exported tokenizer's EOS is it (tools that stop on the tokenizer's
+    EOS, such as lmms-eval). Without this a model trained with a chat template whose turns end in ``<|im_end|>`` but
+    whose EOS is ``</s>`` never stops outside alignlm."""
+    ends = end_of_turn_ids(template, tokenizer)
+    stops = sorted({tokenizer.eos_token_id, *ends} - {None})
+    hf.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
+    hf.generation_config.pad_token_id = tokenizer.pad_token_id
+    if ends and ends[0] != tokenizer.eos_token_id:
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(ends[0])
+
+
 def export(
     final_dir: str | Path, out_dir: str | Path, allow_code: bool = False, trust_remote_code: bool = False
 ) -> Path:
@@ -248,6 +271,7 @@ def export(
     args = data.get("template_args")
     template = get_template(data.template, **(OmegaConf.to_container(args, resolve=True) if args else {}))
     processor = llava_processor(model, template, hf.config.vision_feature_select_strategy)
+    set_stop_tokens(hf, processor.tokenizer, template)
     out_dir.mkdir(parents=True, exist_ok=True)
     hf.save_pretrained(out_dir, safe_serialization=True)
     processor.save_pretrained(out_dir)

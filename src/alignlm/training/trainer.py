@@ -267,8 +267,9 @@ class Trainer:
 
         ``data.packing: auto`` packs when the LLM attends with flash-attention or FlexAttention, which take each
         sample's extent from its position ids and skip the other samples' tokens; with SDPA or eager attention a packed
-        row costs attention over the whole row (measured slower on the demo, docs/performance.md), so batches stay
-        padded there, padding kept small by length-grouped batches. ``true`` / ``false`` force it.
+        row needs a block-diagonal mask, which costs attention over the whole row and, on CUDA, moves SDPA off its
+        flash kernel, so batches stay padded there, padding kept small by length-grouped batches, until a GPU
+        measurement says otherwise (docs/performance.md). ``true`` / ``false`` force it.
         """
         data, model = self.stage.data, self.acc.unwrap_model(self.model)
         packing = data.get("packing", "auto")
@@ -293,7 +294,7 @@ class Trainer:
         return DataLoader(
             self.dataset,
             batch_sampler=order,
-            collate_fn=self.collator(),
+            collate_fn=self.collator(self.dataset.hooks),
             num_workers=int(workers),
             pin_memory=cuda,
             **extra,
