@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from alignlm.commands import main
 from alignlm.data.images import preprocess
 from alignlm.data.templates import get_template, to_turns
 from alignlm.export.hf_llava import ExportError, export, load_llava_weights, to_llava
@@ -187,3 +190,23 @@ def test_export_stops_where_the_template_ends_a_turn(colour_set, tmp_path, templ
     ours = model.generate(batch, max_new_tokens=12, do_sample=False)[0].tolist()
     theirs = hf.generate(**inputs, max_new_tokens=12, do_sample=False)[0, inputs["input_ids"].shape[1] :].tolist()
     assert ours == theirs and theirs[-1] == end and len(theirs) < 12  # one answer, then the stop, in both
+    # the same on a whole question set, through `alignlm export --check` (lmms-eval's way of asking)
+    args = ["export", str(final), str(tmp_path / "hf2"), "--check", str(colour_set["test"]), "--max-new-tokens", "12"]
+    assert main(args) == 0
+    check = json.loads((tmp_path / "hf2" / "export_check.json").read_text())
+    assert check["n"] == 12 and check["same_answers"] == 12 and check["differences"] == []
+    assert check["export_accuracy"] == check["alignlm_accuracy"]
+
+
+def test_export_check_fails_when_an_answer_differs(tmp_path, monkeypatch, capsys):
+    """`alignlm export --check` exits 1 and names the differing answers when the export answers otherwise."""
+    import alignlm.commands.export as command
+
+    differ = {"id": "q1", "alignlm": "red", "export": "redredred", "answer": "red"}
+    result = {"set": "s.json", "n": 2, "same_answers": 1, "alignlm_accuracy": 1.0, "export_accuracy": 0.5}
+    monkeypatch.setattr(command, "export", lambda *a: tmp_path)
+    monkeypatch.setattr(command, "compare_with_export", lambda *a: {**result, "differences": [differ]})
+    assert main(["export", "ckpt", str(tmp_path), "--check", "s.json"]) == 1
+    out = capsys.readouterr().out
+    assert "1 of 2 answers identical" in out and "redredred" in out and "exported folder" in out
+    assert json.loads((tmp_path / "export_check.json").read_text())["differences"] == [differ]

@@ -48,6 +48,10 @@ def test_pipeline_trains_both_stages_and_evaluates(colour_set, tmp_path):
     assert stages["pretrain"]["mfu"] is None and stages["pretrain"]["peak_memory_gib"] is None
     rows = [json.loads(r) for r in (tmp_path / "t" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 31)) and all("tokens_per_s" in r and "tflops" in r for r in rows)
+    # a logged rate covers the time its steps took, not the instant their values reached the host (every 10 steps):
+    # no row may claim more samples per second than the stage's samples over its whole wall time allow by far
+    overall = 30 * 4 / stages["pretrain"]["seconds"]
+    assert max(r["samples_per_s"] for r in rows) < 5 * overall
     # finished stages are skipped on a rerun (resume=auto), and their figures are kept, with or without eval sets
     again = run(compose(*tiny_overrides(colour_set, tmp_path, "stages.pretrain.max_steps=30", "eval.sets=[]")))
     assert again["stages"] == summary["stages"] and again["eval"] == {}
@@ -239,3 +243,16 @@ def test_bad_images_are_skipped_counted_and_reported(tmp_path):
                 f"stages.pretrain.data.sources=[{{path:{paths['pretrain']}}}]",
             )
         )
+
+
+def test_meter_measures_steps_by_when_they_ran(monkeypatch):
+    """Counts arrive in batches long after their steps ran; the rate is work over the steps' own time span."""
+    from alignlm.training import throughput
+
+    clock = iter([100.0, 113.0])  # construction, then the settle after the fetch
+    monkeypatch.setattr(throughput.time, "perf_counter", lambda: next(clock))
+    meter = throughput.Meter(warmup=1)
+    for at in (101.0, 104.0, 107.0, 110.0):  # 4 steps issued 3 s apart, their counts all fetched at 113 s
+        meter.add(4, 40, at=at)
+    meter.settle()
+    assert meter.rates() == pytest.approx((12 / 12.0, 120 / 12.0))  # 3 steps after the warm-up one, 101 s -> 113 s

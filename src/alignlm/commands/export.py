@@ -3,15 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 from alignlm.commands._flags import add_trust_flags
+from alignlm.evaluation.export_check import compare_with_export, format_check
 from alignlm.export.hf_llava import export
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     out = export(args.checkpoint, args.out_dir, args.allow_code, args.trust_remote_code)
     print(f"wrote {out}: LlavaForConditionalGeneration.from_pretrained({str(out)!r}) loads it")
-    return 0
+    if not args.check:
+        return 0
+    result = compare_with_export(
+        args.checkpoint,
+        out,
+        args.check,
+        args.limit,
+        args.max_new_tokens,
+        args.allow_code,
+        args.trust_remote_code,
+    )
+    print(format_check(result))
+    (out / "export_check.json").write_text(json.dumps(result, indent=2))
+    return 0 if result["same_answers"] == result["n"] else 1
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,5 +36,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("checkpoint", help="a final/ folder")
     p.add_argument("out_dir")
+    p.add_argument(
+        "--check",
+        metavar="SET",
+        help="then answer this question set with the checkpoint (alignlm) and the exported folder (transformers "
+        "generate, as lmms-eval's llava_hf) and compare; exit 1 when an answer differs (export_check.json)",
+    )
+    p.add_argument("--limit", type=int, default=None, help="--check: the first N questions")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="--check: greedy answer length limit")
     add_trust_flags(p)
     p.set_defaults(func=cmd_export)

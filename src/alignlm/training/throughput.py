@@ -40,32 +40,41 @@ def peak_tflops(setting: float | str | None) -> float | None:
 
 
 class Meter:
-    """Samples and tokens per second over the steps after the first ``warmup`` (whole run while still warming up)."""
+    """Samples and tokens per second over the steps after the first ``warmup`` (whole run while still warming up).
+
+    Logged values reach the host in batches (every ``logging.every`` steps), so a step's counts arrive long after it
+    ran: each step is added with the host time it was issued at, and the clock stops at :meth:`settle`, called once
+    the device has finished the added steps (right after a fetch), never at the moment the counts happen to arrive.
+    """
 
     def __init__(self, warmup: int = WARMUP_STEPS) -> None:
         self.warmup = warmup
         self.steps = 0
-        self.start = time.perf_counter()
+        self.start = self.end = time.perf_counter()
+        self.window = self.start
         self.counts = [0, 0]  # samples, tokens since the window opened
         self.all_counts = [0, 0]
 
-    def add(self, samples: int, tokens: int) -> None:
-        """Record one finished step (call after its work is done)."""
+    def add(self, samples: int, tokens: int, at: float) -> None:
+        """Record one step, issued at host time ``at`` (``time.perf_counter()``)."""
         self.steps += 1
         self.all_counts = [self.all_counts[0] + samples, self.all_counts[1] + tokens]
         if self.steps == self.warmup:
-            self.window = time.perf_counter()
+            self.window = at
             self.counts = [0, 0]
         elif self.steps > self.warmup:
             self.counts = [self.counts[0] + samples, self.counts[1] + tokens]
 
+    def settle(self) -> None:
+        """The added steps are done (the device was just synchronised): the rates are measured up to now."""
+        self.end = time.perf_counter()
+
     def rates(self) -> tuple[float, float]:
-        """(samples/s, tokens/s): steady state once past the warm-up, else over everything so far."""
-        now = time.perf_counter()
+        """(samples/s, tokens/s) up to the last :meth:`settle`: steady state once past the warm-up, else overall."""
         if self.steps > self.warmup:
-            elapsed = max(now - self.window, 1e-9)
+            elapsed = max(self.end - self.window, 1e-9)
             return self.counts[0] / elapsed, self.counts[1] / elapsed
-        elapsed = max(now - self.start, 1e-9)
+        elapsed = max(self.end - self.start, 1e-9)
         return self.all_counts[0] / elapsed, self.all_counts[1] / elapsed
 
 

@@ -481,10 +481,16 @@ class Trainer:
         pending: list[StepLog] = []
         self.model.train()
 
+        issued: dict[int, float] = {}  # step -> host time it was issued at, for the meter
+
         def flush() -> None:
-            for step, row, samples, tokens in self.fetch(pending):
-                meter.add(samples, tokens)
-                sps, tps = meter.rates()
+            rows = self.fetch(pending)  # waits for the device: every pending step is done
+            meter.settle()
+            for step, _, samples, tokens in rows:
+                meter.add(samples, tokens, issued.pop(step))
+            issued.clear()  # steps skipped for bad data are not in the rows
+            sps, tps = meter.rates()
+            for step, row, _, _ in rows:
                 row.update({"samples_per_s": sps, "tokens_per_s": tps, "tflops": tps * self.flops_per_token / 1e12})
                 if self.peak_tflops:
                     row["mfu"] = row["tflops"] / (self.peak_tflops * acc.num_processes)
@@ -495,7 +501,9 @@ class Trainer:
                 if row["loss/total"] is not None:
                     losses.append(row["loss/total"])
                 metrics.log(row, step)
-                bar.set_postfix(loss=f"{row['loss/total']}", sps=f"{sps:.1f}", tps=f"{tps:.0f}")
+            if rows:
+                loss = rows[-1][1]["loss/total"]
+                bar.set_postfix(loss="skipped" if loss is None else f"{loss:.4f}", sps=f"{sps:.2f}", tps=f"{tps:.0f}")
             last = pending[-1].step if pending else 0
             pending.clear()
             self.check_divergence(last)
@@ -503,6 +511,7 @@ class Trainer:
         monitored: dict[int, dict[str, float]] = {}
         for step in range(self.start_step + 1, stop_at + 1):
             log = self.step([next(batches) for _ in range(accum)], step)
+            issued[step] = time.perf_counter()
             pending.append(log)
             if log.device:
                 monitored[step] = self.monitor(step, acc.unwrap_model(self.model))

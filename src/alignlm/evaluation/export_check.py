@@ -1,0 +1,101 @@
+"""Does an exported folder answer as its checkpoint does? Both sides answer one question set, greedily.
+
+``alignlm export FINAL OUT --check SET`` runs this after writing ``OUT``. alignlm's side is ``alignlm eval``'s path
+(the checkpoint rebuilt, the record rendered with the training template); the export's side is what lmms-eval's
+``llava_hf`` does: ``LlavaForConditionalGeneration`` and ``AutoProcessor`` from the folder, the question (the record's
+first user turn without ``<image>``) as ``[image, text]`` chat content through the exported chat template, and
+``generate`` to the exported stop tokens. A difference in prompt, preprocessing, weights or stop shows up as answers
+that differ; the report lists the first few.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from alignlm.constants import IMAGE_TOKEN
+from alignlm.data.records import image_paths
+from alignlm.evaluation.answers import score_answer
+from alignlm.evaluation.checkpoints import data_config, load, resolve, stage_config
+from alignlm.evaluation.evaluate import generate_set
+
+N_SHOWN = 5
+
+
+def question_of(record: dict[str, Any]) -> str:
+    """The record's first user turn without its image placeholder: the question lmms-eval tasks ask."""
+    human = next(t["value"] for t in record["conversations"] if t["from"] == "human")
+    return human.replace(IMAGE_TOKEN, "").strip()
+
+
+@torch.no_grad()
+def exported_answers(out_dir: str | Path, records: list[dict[str, Any]], root: Path, max_new_tokens: int) -> list[str]:
+    """Greedy answers of the exported folder, one question at a time, as lmms-eval's ``llava_hf`` asks them."""
+    processor = AutoProcessor.from_pretrained(out_dir)
+    model = LlavaForConditionalGeneration.from_pretrained(out_dir).eval()
+    answers = []
+    for record in records:
+        paths = image_paths(record, root)  # inside the root: alignlm's side read the same records with the checks on
+        if len(paths) != 1:
+            raise ValueError(f"export check: record {record.get('id')!r} has {len(paths)} images; it compares one")
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question_of(record)}]}]
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+        image = Image.open(paths[0]).convert("RGB")
+        inputs = processor(images=image, text=prompt, return_tensors="pt")
+        new = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)[
+            0, inputs["input_ids"].shape[1] :
+        ]
+        answers.append(processor.tokenizer.decode(new, skip_special_tokens=True).strip())
+    return answers
+
+
+def compare_with_export(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    questions: str | Path,
+    limit: int | None = None,
+    max_new_tokens: int = 16,
+    allow_code: bool = False,
+    trust_remote_code: bool = False,
+) -> dict[str, Any]:
+    """Both sides' answers on the first ``limit`` questions: agreement, each side's accuracy, the first differences."""
+    ck = resolve([str(checkpoint)])[-1]
+    model = load(ck, allow_code, trust_remote_code)
+    data_cfg = data_config(ck, stage_config(ck))
+    ours = generate_set(model, str(questions), data_cfg, max_new_tokens=max_new_tokens, limit=limit)
+    records = [rec for _, _, rec in ours]
+    theirs = exported_answers(out_dir, records, Path(questions).resolve().parent, max_new_tokens)
+    differ = [
+        {"id": rid, "alignlm": pred, "export": other, "answer": rec.get("answer")}
+        for (rid, pred, rec), other in zip(ours, theirs)
+        if pred != other
+    ]
+    n = len(records)
+    scored = all("answer" in rec for rec in records)
+    return {
+        "set": str(questions),
+        "n": n,
+        "same_answers": n - len(differ),
+        "alignlm_accuracy": sum(score_answer(p, r["answer"]) for _, p, r in ours) / max(n, 1) if scored else None,
+        "export_accuracy": sum(score_answer(t, r["answer"]) for t, r in zip(theirs, records)) / max(n, 1)
+        if scored
+        else None,
+        "differences": differ[:N_SHOWN],
+    }
+
+
+def format_check(result: dict[str, Any]) -> str:
+    """A few lines for the terminal."""
+    lines = [f"export check on {result['set']}: {result['same_answers']} of {result['n']} answers identical"]
+    if result["alignlm_accuracy"] is not None:
+        lines.append(
+            f"  accuracy: alignlm {100 * result['alignlm_accuracy']:.1f} %, "
+            f"exported folder (transformers generate) {100 * result['export_accuracy']:.1f} %"
+        )
+    lines += [f"  differs: {json.dumps(d)}" for d in result["differences"]]
+    return "\n".join(lines)
