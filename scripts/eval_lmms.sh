@@ -2,8 +2,8 @@
 # Evaluate an alignlm checkpoint with lmms-eval's `llava_hf` model: export it as a transformers Llava folder, then run
 # lmms-eval on it. TASKS is lmms-eval task names (their data comes from the Hugging Face Hub) or a LLaVA-format
 # question set (a .json path, e.g. data/digits/test.json), which runs offline as a local task (alignlm lmms-task).
-#   scripts/eval_lmms.sh outputs/demo/finetune/final exports/demo data/digits/test.json [extra lmms-eval flags]
-#   scripts/eval_lmms.sh outputs/demo/finetune/final exports/demo mme,textvqa_val
+#   scripts/eval_lmms.sh outputs/tiny/finetune/final exports/tiny data/digits/test.json [extra lmms-eval flags]
+#   scripts/eval_lmms.sh outputs/tiny/finetune/final exports/tiny mme,textvqa_val
 # Needs lmms-eval importable beside alignlm (docs/evaluation.md: install it in its own venv). DEVICE, DTYPE,
 # NUM_PROCESSES, OUTPUT_PATH override the defaults. lmms-eval exits 0 even when a task fails, so this script exits 1
 # unless the run wrote a results file.

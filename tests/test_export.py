@@ -155,11 +155,14 @@ def test_unsupported_combinations_fail_up_front(overrides, match):
     assert "alignlm's own format" in str(err.value)
 
 
-def test_export_of_a_non_llava_model_writes_nothing(colour_set, tmp_path):
+def test_export_of_a_non_llava_model_writes_nothing(colour_set, tmp_path, capsys):
     final = _train(colour_set, tmp_path, "model/connector=linear")
     with pytest.raises(ExportError):
         export(final, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+    # the command says why in one line, with its own exit status, and writes nothing either
+    assert main(["export", str(final), str(tmp_path / "hf")]) == 2
+    assert "alignlm export: " in capsys.readouterr().err and not (tmp_path / "hf").exists()
 
 
 @pytest.mark.parametrize("template", ["vicuna_v1", "chat"])

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from alignlm.commands._flags import add_trust_flags
 from alignlm.evaluation.export_check import compare_with_export, format_check
-from alignlm.export.hf_llava import export
+from alignlm.export.hf_llava import ExportError, export
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    out = export(args.checkpoint, args.out_dir, args.allow_code, args.trust_remote_code)
+    try:
+        out = export(args.checkpoint, args.out_dir, args.allow_code, args.trust_remote_code)
+    except ExportError as e:  # a model with no Llava counterpart: the reason, no traceback, nothing written
+        print(f"alignlm export: {e}", file=sys.stderr)
+        return 2
     print(f"wrote {out}: LlavaForConditionalGeneration.from_pretrained({str(out)!r}) loads it")
     if not args.check:
         return 0
