@@ -268,8 +268,8 @@ class Trainer:
         ``data.packing: auto`` packs when the LLM attends with flash-attention or FlexAttention, which take each
         sample's extent from its position ids and skip the other samples' tokens; with SDPA or eager attention a packed
         row needs a block-diagonal mask, which costs attention over the whole row and, on CUDA, moves SDPA off its
-        flash kernel, so batches stay padded there, padding kept small by length-grouped batches, until a GPU
-        measurement says otherwise (docs/performance.md). ``true`` / ``false`` force it.
+        flash kernel (about 20 % slower than padded on the CPU demo, docs/performance.md), so batches stay padded
+        there, padding kept small by length-grouped batches. ``true`` / ``false`` force it.
         """
         data, model = self.stage.data, self.acc.unwrap_model(self.model)
         packing = data.get("packing", "auto")
