@@ -12,11 +12,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
 from omegaconf import DictConfig, OmegaConf
 
 from alignlm.config import instantiate
@@ -40,7 +43,9 @@ def make_accelerator(cfg: DictConfig) -> Accelerator:
     cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
     if mp == "auto":
         mp = "bf16" if not cpu and torch.cuda.is_bf16_supported() else "no"
-    return Accelerator(mixed_precision=mp, cpu=cpu)
+    # a collective that outwaits this (a dead or hung rank) raises on every rank still running, instead of hanging
+    timeout = timedelta(seconds=float((cfg.get("distributed") or {}).get("timeout_s", 600)))
+    return Accelerator(mixed_precision=mp, cpu=cpu, kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)])
 
 
 def ensure_offline_datasets(cfg: DictConfig) -> None:
@@ -79,6 +84,11 @@ def check_config(cfg: DictConfig) -> None:
     cfg.run_name = str(name)  # `run_name=nan` or `run_name=7` arrive as numbers
     if cfg.get("stop_after_steps") is not None:
         _positive_int("stop_after_steps", cfg.stop_after_steps)
+    dist = cfg.get("distributed") or {}
+    _number("distributed.timeout_s", dist.get("timeout_s", 600), 0.0, low_open=True)
+    stop = dist.get("stop_signal")
+    if stop is not None and not (isinstance(stop, str) and isinstance(getattr(signal, stop, None), signal.Signals)):
+        raise ValueError(f"distributed.stop_signal={stop!r} must be a signal name such as SIGUSR1, or null")
     for stage in cfg.run:
         _check_stage(f"stages.{stage}", cfg.stages[stage])
 

@@ -19,8 +19,11 @@ import dataclasses
 import json
 import math
 import os
+import signal
+import threading
 import time
-from collections.abc import Mapping, Sequence
+import types
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +38,7 @@ from tqdm.auto import tqdm
 from alignlm.config import instantiate
 from alignlm.data.build import build_dataset
 from alignlm.data.collate import Collator
-from alignlm.data.records import TRUNCATED
+from alignlm.data.records import TRUNCATED, DataError
 from alignlm.data.report import DataReport
 from alignlm.models.build import build_model
 from alignlm.models.mllm import AlignLM
@@ -111,6 +114,7 @@ class Trainer:
         self.stage = cfg.stages[name]
         self.dir = Path(cfg.output_dir) / cfg.run_name / name
         self.log = get_logger("alignlm", accelerator.process_index)
+        self.stop_requested = self.stop_agreed = False  # distributed.stop_signal: received here / by some rank
 
     def setup(self) -> None:
         """The model, the stage's data and everything that steps: what ``fit`` needs, in that order."""
@@ -394,11 +398,14 @@ class Trainer:
         keys = sorted({k for s in pending for k in s.device})
         device = self.acc.device
         zero = torch.zeros((), device=device)
+        # this rank got the stop signal or sees the stop file: every rank learns it in the same reduce
+        stop_file = (self.cfg.get("distributed") or {}).get("stop_file")
+        stop = float(self.stop_requested or bool(stop_file and Path(stop_file).exists()))
         table = torch.stack(
             [
                 torch.stack(
                     [s.device.get(k, zero).float() for k in keys]
-                    + [torch.tensor(float(c), device=device) for c in s.counts]
+                    + [torch.tensor(float(c), device=device) for c in (*s.counts, stop)]
                 )
                 for s in pending
             ]
@@ -407,9 +414,10 @@ class Trainer:
             table = self.acc.reduce(table, "sum")
         norms = [s.grad_norm.float() if s.grad_norm is not None else zero - 1 for s in pending]
         values, norms = table.tolist(), torch.stack(norms).tolist()
+        self.stop_agreed = values[-1][-1] > 0
         rows = []
         for s, v, norm in zip(pending, values, norms):
-            samples, tokens, items, skipped = v[len(keys) :]
+            samples, tokens, items, skipped = v[len(keys) : len(keys) + 4]
             self.skipped += int(skipped)
             if not s.device:  # a step skipped for bad data: nothing trained
                 continue
@@ -430,6 +438,55 @@ class Trainer:
             row["skipped"] = self.skipped
             rows.append((s.step, row, int(samples), int(tokens)))
         return rows
+
+    @contextlib.contextmanager
+    def stop_signal_handler(self) -> Iterator[None]:
+        """``distributed.stop_signal`` (SIGUSR1 by default) or ``distributed.stop_file`` asks for a clean stop: the flag
+        travels with the next fetch of logged values, so every rank stops after the same step, with a checkpoint, and
+        exits 75. A file works where a signal cannot reach the ranks through the launchers (SLURM's batch shell)."""
+        self.stop_requested = self.stop_agreed = False
+        name = (self.cfg.get("distributed") or {}).get("stop_signal")
+        if not name or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        number = getattr(signal, str(name))
+
+        def request_stop(signum: int, frame: Any) -> None:
+            self.stop_requested = True
+
+        previous = signal.signal(number, request_stop)
+        try:
+            yield
+        finally:
+            signal.signal(number, previous)
+
+    @contextlib.contextmanager
+    def failure_names_rank_and_step(self) -> Iterator[Any]:
+        """An error inside the step loop (a collective that timed out or lost a peer, a device fault) is logged with
+        this rank and the step before it propagates; the launcher then ends the other ranks."""
+        at = types.SimpleNamespace(step=self.start_step)
+        try:
+            yield at
+        except (StopTraining, TrainingError, DataError):
+            raise
+        except Exception as e:
+            timeout = (self.cfg.get("distributed") or {}).get("timeout_s", 600)
+            hint = (
+                f" (a collective failed: another rank stopped, or did not reach it within distributed.timeout_s={timeout})"
+                if self.acc.num_processes > 1
+                else ""
+            )
+            self.log.error(
+                "rank %d of %d: stage %s failed at step %d%s: %s: %s",
+                self.acc.process_index,
+                self.acc.num_processes,
+                self.name,
+                at.step,
+                hint,
+                type(e).__name__,
+                str(e).splitlines()[0] if str(e) else "",
+            )
+            raise
 
     def check_divergence(self, step: int) -> None:
         """``nonfinite.stop_after`` skipped steps within the last ``nonfinite.window`` steps stop the stage."""
@@ -509,26 +566,33 @@ class Trainer:
             self.check_divergence(last)
 
         monitored: dict[int, dict[str, float]] = {}
-        for step in range(self.start_step + 1, stop_at + 1):
-            log = self.step([next(batches) for _ in range(accum)], step)
-            issued[step] = time.perf_counter()
-            pending.append(log)
-            if log.device:
-                monitored[step] = self.monitor(step, acc.unwrap_model(self.model))
-            bar.update(1)
-            due_checkpoint = int(st.save_every) and step % int(st.save_every) == 0 and step < self.total_steps
-            if len(pending) >= every or due_checkpoint or step == stop_at:
-                flush()
-            if due_checkpoint:
-                self.save_checkpoint(step)
+        why = "stop_after_steps"
+        with self.stop_signal_handler(), self.failure_names_rank_and_step() as at:
+            for step in range(self.start_step + 1, stop_at + 1):
+                at.step = step
+                log = self.step([next(batches) for _ in range(accum)], step)
+                issued[step] = time.perf_counter()
+                pending.append(log)
+                if log.device:
+                    monitored[step] = self.monitor(step, acc.unwrap_model(self.model))
+                bar.update(1)
+                due_checkpoint = int(st.save_every) and step % int(st.save_every) == 0 and step < self.total_steps
+                if len(pending) >= every or due_checkpoint or step == stop_at:
+                    flush()
+                if self.stop_agreed and step < self.total_steps:  # a rank was asked to stop: all stop here
+                    stop_at, why = step, "distributed.stop_signal or stop_file"
+                    break
+                if due_checkpoint:
+                    self.save_checkpoint(step)
         bar.close()
         metrics.close()
         self.report = self.merged_report()
         if stop_at < self.total_steps:
             self.save_checkpoint(stop_at, merge=False)
-            raise StopTraining(
-                f"stopped after step {stop_at} of {self.total_steps} (stop_after_steps); rerun to resume"
-            )
+            stop_file = (self.cfg.get("distributed") or {}).get("stop_file")
+            if self.stop_agreed and stop_file and acc.is_main_process:  # served: the rerun must not stop at once
+                Path(stop_file).unlink(missing_ok=True)
+            raise StopTraining(f"stopped after step {stop_at} of {self.total_steps} ({why}); rerun to resume")
         # the whole stage, every resumed segment included: the main process reads its log and every rank learns it
         trained = self.logged_losses() if acc.is_main_process else []
         if not gather_object([len(trained) if acc.is_main_process else None])[0]:

@@ -1,0 +1,185 @@
+"""Cluster behaviour on the CPU (gloo): a dead or hung rank ends the job naming the rank and the step; the stop
+signal checkpoints every rank at the same step; a two-node job on loopback trains and resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from alignlm.pipeline import run
+from tests.conftest import compose, read_losses, tiny_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(
+    overrides: list[str], nodes: int = 1, per_node: int = 2, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """``alignlm train`` as gloo ranks on this machine (``--cpu`` semantics also on a GPU machine): ``nodes`` torchrun
+    launchers of ``per_node`` ranks each, meeting on loopback as separate machines would. Returns the launchers'
+    worst exit status and their stderr together."""
+    port = str(free_port())
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    launchers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                f"--nnodes={nodes}",
+                f"--node_rank={node}",
+                f"--nproc_per_node={per_node}",
+                "--master_addr=127.0.0.1",
+                f"--master_port={port}",
+                "-m",
+                "alignlm.commands",
+                "train",
+                *overrides,
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for node in range(nodes)
+    ]
+    outs = [p.communicate(timeout=timeout) for p in launchers]
+    status = max((p.returncode for p in launchers), key=abs)
+    return subprocess.CompletedProcess(
+        launchers[0].args, status, "".join(o for o, _ in outs), "".join(e for _, e in outs)
+    )
+
+
+def fault(action: str, after: int) -> list[str]:
+    return [
+        "+stages.pretrain.data.hooks.fault._target_=tests.faults.Fault",
+        "+stages.pretrain.data.hooks.fault.rank=1",
+        f"+stages.pretrain.data.hooks.fault.after={after}",
+        f"+stages.pretrain.data.hooks.fault.action={action}",
+    ]
+
+
+def base(colour_set, tmp_path, *extra: str) -> list[str]:
+    return tiny_overrides(
+        colour_set,
+        tmp_path,
+        "run=[pretrain]",
+        "eval.sets=[]",
+        "stages.pretrain.max_steps=8",
+        "stages.pretrain.per_device_batch_size=2",
+        "mixed_precision=no",
+        *extra,
+    )
+
+
+@pytest.mark.parametrize("action", ["hang", "die"])
+def test_a_hung_or_dead_rank_ends_the_job_naming_rank_and_step(colour_set, tmp_path, action):
+    start = time.monotonic()
+    proc = torchrun([*base(colour_set, tmp_path, "distributed.timeout_s=10"), *fault(action, after=4)])
+    took = time.monotonic() - start
+    assert proc.returncode != 0 and took < 120, (took, proc.stderr[-2000:])
+    # rank 1 stopped inside step 3 (its 5th sample, 2 per step); rank 0 fails there, saying so
+    assert "rank 0 of 2: stage pretrain failed at step 3" in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "t" / "pretrain" / "final").exists()
+
+
+def test_a_two_node_job_stops_on_the_signal_at_one_step_and_resumes_exactly(colour_set, tmp_path, monkeypatch):
+    """Two "nodes" on loopback, one rank each. SIGUSR1 reaches rank 1 alone during step 3; both ranks stop after
+    step 4 (the next fetch of logged values, logging.every=2) with a checkpoint there, and the resumed job's losses
+    are those of one uninterrupted process with the same global batch."""
+    job = base(colour_set, tmp_path, "logging.every=2", "run_name=ddp")
+    proc = torchrun([*job, *fault("signal", after=4)], nodes=2, per_node=1)
+    assert proc.returncode != 0  # 75 from each rank; the launcher reports the ranks' failure
+    assert proc.stderr.count("stopped after step 4 of 8 (distributed.stop_signal or stop_file); rerun to resume") == 2
+    stage = tmp_path / "ddp" / "pretrain"
+    assert sorted(p.name for p in (stage / "checkpoints").iterdir())[-1] == "step_000004"
+    assert len(read_losses(stage)) == 4 and not (stage / "final").exists()
+    assert torchrun(job, nodes=2, per_node=1).returncode == 0  # the rerun resumes at step 5
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    run(compose(*base(colour_set, tmp_path, "run_name=one", "stages.pretrain.grad_accum=2")))
+    assert read_losses(stage) == pytest.approx(read_losses(tmp_path / "one" / "pretrain"), rel=1e-5)
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())["stages"]["pretrain"]
+    assert summary["steps"] == 8 and summary["world_size"] == 2
+
+
+def test_a_stop_file_stops_cleanly_once_and_is_consumed(colour_set, tmp_path):
+    from alignlm.training.trainer import StopTraining
+
+    overrides = base(colour_set, tmp_path, "logging.every=2", "stages.pretrain.max_steps=6")
+    (tmp_path / "t").mkdir(parents=True)
+    (tmp_path / "t" / "STOP").touch()  # as `touch outputs/<run>/STOP`, or the sbatch scripts on SLURM's warning
+    with pytest.raises(StopTraining, match="stopped after step 2 of 6"):
+        run(compose(*overrides))
+    assert not (tmp_path / "t" / "STOP").exists()  # served: the rerun goes on
+    assert run(compose(*overrides))["stages"]["pretrain"]["steps"] == 6
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [("distributed.timeout_s=0", "distributed.timeout_s"), ("distributed.stop_signal=SIGFOO", "signal name")],
+)
+def test_distributed_settings_are_checked_at_start_up(colour_set, tmp_path, override, match):
+    with pytest.raises(ValueError, match=match):
+        run(compose(*base(colour_set, tmp_path, override)))
+
+
+def test_the_slurm_script_checkpoints_and_requeues_on_slurms_warning(colour_set, tmp_path):
+    """scripts/slurm/train.sbatch under stand-in srun / scontrol, one node, torchrun: SIGUSR1 to the batch script (what
+    `--signal=B:USR1@600` sends) touches the stop file, the rank checkpoints and exits, the job requeues itself."""
+    import signal
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/usr/bin/env bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
+    (bin_dir / "scontrol").write_text(
+        f'#!/usr/bin/env bash\ncase "$1" in show) echo 127.0.0.1 ;; requeue) echo "$2" >> {tmp_path}/requeued ;; esac\n'
+    )
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "SLURM_JOB_NODELIST": "node1",
+        "SLURM_NNODES": "1",
+        "SLURM_NODEID": "0",
+        "SLURM_JOB_ID": "42",
+        "LAUNCHER": "torchrun",
+        "GPUS_PER_NODE": "1",
+        "MAIN_PORT": str(free_port()),
+        "ACCELERATE_USE_CPU": "true",
+    }
+    overrides = base(
+        colour_set, tmp_path, "logging.every=2", "stages.pretrain.max_steps=2000", "stages.pretrain.save_every=0"
+    )
+    job = subprocess.Popen(
+        ["bash", str(ROOT / "scripts" / "slurm" / "train.sbatch"), *overrides],
+        cwd=tmp_path,
+        env={**env, "ALIGNLM_CONFIG_DIR": str(ROOT / "configs")},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    metrics = tmp_path / "t" / "pretrain" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and metrics.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    job.send_signal(signal.SIGUSR1)
+    out, _ = job.communicate(timeout=120)
+    assert (tmp_path / "requeued").read_text().split() == ["42"], out[-3000:]
+    checkpoints = sorted((tmp_path / "t" / "pretrain" / "checkpoints").iterdir())
+    assert len(checkpoints) == 1 and "stopped after step" in out and not (tmp_path / "t" / "STOP").exists()
+    assert int(checkpoints[0].name.split("_")[1]) == len(read_losses(tmp_path / "t" / "pretrain")) < 2000
