@@ -33,3 +33,38 @@ def test_training_step_never_waits_for_the_device(colour_set, tmp_path):
         torch.cuda.set_sync_debug_mode("default")
     rows = trainer.fetch(logs)  # the one wait, for all four steps
     assert len(rows) == 4 and all(torch.isfinite(torch.tensor(r[1]["loss/total"])) for r in rows)
+
+
+def test_fsdp2_on_cuda_trains_like_ddp(colour_set, tmp_path):
+    """distributed.strategy=fsdp2 on one GPU (its own one-rank group, so in subprocesses) against plain training:
+    the same losses within bf16 noise, LoRA merged into the same final weights."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    losses = {}
+    for strategy in ("ddp", "fsdp2"):
+        overrides = tiny_overrides(
+            colour_set,
+            tmp_path,
+            f"run_name={strategy}",
+            f"distributed.strategy={strategy}",
+            "mixed_precision=bf16",
+            "stages.finetune.parts.llm=lora",
+        )
+        env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+        proc = subprocess.run(
+            [sys.executable, "-m", "alignlm.commands", "train", *overrides],
+            cwd=root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rows = (tmp_path / strategy / "finetune" / "metrics.jsonl").read_text().splitlines()
+        losses[strategy] = [json.loads(r)["loss/total"] for r in rows]
+    assert losses["fsdp2"] == pytest.approx(losses["ddp"], rel=2e-2)

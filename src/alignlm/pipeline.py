@@ -28,6 +28,7 @@ from alignlm.evaluation.evaluate import answer_accuracy
 from alignlm.models.build import build_model
 from alignlm.models.io import load_final_weights
 from alignlm.training.logging import get_logger, summary_table
+from alignlm.training.sharding import STRATEGIES
 from alignlm.training.trainer import StageResult, Trainer, stage_done, summarize
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")
@@ -35,6 +36,13 @@ PRECISIONS = ("auto", "no", "bf16", "fp16")
 
 def make_accelerator(cfg: DictConfig) -> Accelerator:
     """Accelerator with the configured precision; ``auto`` picks bf16 on a GPU that supports it."""
+    for var, what in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(var, "").lower() in ("1", "true"):
+            raise ValueError(
+                f"launched with accelerate's {what} settings ({var}); alignlm shards the model itself: launch with a "
+                "plain config (configs/accelerate/ddp.yaml, multinode.yaml) and set distributed.strategy=fsdp2 "
+                "(DeepSpeed ZeRO is not supported yet)"
+            )
     mp = str(cfg.mixed_precision)
     if mp not in PRECISIONS:
         raise ValueError(f"mixed_precision={mp!r} is not known; choose one of {list(PRECISIONS)}")
@@ -85,6 +93,10 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.get("stop_after_steps") is not None:
         _positive_int("stop_after_steps", cfg.stop_after_steps)
     dist = cfg.get("distributed") or {}
+    if dist.get("strategy", "ddp") not in STRATEGIES:
+        raise ValueError(
+            f"distributed.strategy={dist.get('strategy')!r} is not known; choose one of {list(STRATEGIES)}"
+        )
     _number("distributed.timeout_s", dist.get("timeout_s", 600), 0.0, low_open=True)
     stop = dist.get("stop_signal")
     if stop is not None and not (isinstance(stop, str) and isinstance(getattr(signal, stop, None), signal.Signals)):

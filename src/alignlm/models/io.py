@@ -12,7 +12,7 @@ only when the caller sets it (``--trust-remote-code``).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -78,28 +78,37 @@ def _is_part_builder(target: str) -> bool:
     return inspect.isclass(obj) and issubclass(obj, PART_BASES) and obj.__module__.startswith("alignlm.")
 
 
-def _unique_state(module: nn.Module, prefix: str, only_trainable: bool) -> dict[str, torch.Tensor]:
-    """State dict without tied duplicates (safetensors refuses shared storage)."""
+def _unique_state(
+    module: nn.Module, prefix: str, only_trainable: bool, state: Mapping[str, torch.Tensor] | None
+) -> dict[str, torch.Tensor]:
+    """State dict without tied duplicates (safetensors refuses shared storage); ``state``: the part's whole state when
+    the module's own tensors are shards (FSDP2), keyed as ``module.state_dict()``."""
     seen: set[int] = set()
     out = {}
     params = dict(module.named_parameters())
-    for name, t in module.state_dict().items():
+    for name, t in (state if state is not None else module.state_dict()).items():
         if only_trainable and not (name in params and params[name].requires_grad):
             continue
         ptr = t.data_ptr()
         if ptr in seen:
             continue
         seen.add(ptr)
-        out[prefix + name] = t.detach().contiguous().cpu()
+        out[prefix + name] = t.detach().to("cpu", copy=True).contiguous()
     return out
 
 
-def part_state(model: nn.Module, parts: Iterable[str], only_trainable: bool = False) -> dict[str, torch.Tensor]:
-    """Weights of the named parts, keyed ``part.param``."""
-    state: dict[str, torch.Tensor] = {}
+def part_state(
+    model: nn.Module,
+    parts: Iterable[str],
+    only_trainable: bool = False,
+    state: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Weights of the named parts, keyed ``part.param``; from ``state`` (the model's whole state dict) when given."""
+    out: dict[str, torch.Tensor] = {}
     for part in parts:
-        state.update(_unique_state(getattr(model, part), f"{part}.", only_trainable))
-    return state
+        sub = None if state is None else {k[len(part) + 1 :]: v for k, v in state.items() if k.startswith(f"{part}.")}
+        out.update(_unique_state(getattr(model, part), f"{part}.", only_trainable, sub))
+    return out
 
 
 def load_part_state(model: nn.Module, state: dict[str, torch.Tensor], parts: Iterable[str]) -> None:

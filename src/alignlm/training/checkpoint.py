@@ -25,7 +25,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from alignlm.export.hf_llava import is_llava_dir, load_llava_weights
-from alignlm.models.io import load_final_weights, load_part_state, part_state
+from alignlm.models.io import load_final_weights, part_state
+from alignlm.training import sharding
 
 STEP_PREFIX = "step_"
 MANIFEST = "manifest.json"
@@ -68,23 +69,26 @@ def publish(tmp: Path, final: Path) -> None:
 def save_training_state(
     ckpt_dir: Path,
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer_state: dict[str, Any],
     scheduler: Any,
     state: dict[str, Any],
     rng: dict[int, Any],
     objectives: nn.Module | None = None,
+    model_state: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
-    """Everything exact resume needs, written atomically (called on the main process); ``objectives`` holds the
-    stage's objectives by config key, whose persistent state (a learned temperature) resumes with them."""
+    """Everything exact resume needs, written atomically (called on the main process, with the model's whole weights
+    in place and ``optimizer_state`` from :func:`sharding.optimizer_state`); ``objectives`` holds the stage's
+    objectives by config key, whose persistent state (a learned temperature) resumes with them; ``model_state``: the
+    model's whole state dict when its own tensors are shards (:func:`sharding.full_state`)."""
     tmp = atomic_dir(ckpt_dir)
     save_file(
-        part_state(model, model.PARTS, only_trainable=True), str(tmp / "trainable.safetensors")
+        part_state(model, model.PARTS, only_trainable=True, state=model_state), str(tmp / "trainable.safetensors")
     )  # extra parts too
     if objectives is not None and objectives.state_dict():
         save_file(
             {k: v.detach().cpu().contiguous() for k, v in objectives.state_dict().items()}, str(tmp / OBJECTIVES_FILE)
         )
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     for rank, r in rng.items():
         torch.save(r, tmp / f"rng_{rank}.pt")
@@ -136,8 +140,7 @@ def load_training_state(
     objectives: nn.Module | None = None,
 ) -> dict[str, Any]:
     """Restore weights, objective state, optimizer, scheduler and this rank's RNG; returns the trainer state."""
-    state = load_file(str(ckpt_dir / "trainable.safetensors"))
-    load_part_state(model, state, [])
+    sharding.load_weights(model, load_file(str(ckpt_dir / "trainable.safetensors")))
     if objectives is not None and objectives.state_dict():
         if not (ckpt_dir / OBJECTIVES_FILE).exists():
             raise FileNotFoundError(
@@ -145,7 +148,9 @@ def load_training_state(
                 "(was the checkpoint written with other objectives?)"
             )
         objectives.load_state_dict(load_file(str(ckpt_dir / OBJECTIVES_FILE)))  # copies onto each tensor's device
-    optimizer.load_state_dict(torch.load(ckpt_dir / "optimizer.pt", weights_only=True))
+    sharding.load_optimizer_state(
+        sharding.optimizer_owner(model, objectives), optimizer, torch.load(ckpt_dir / "optimizer.pt", weights_only=True)
+    )
     scheduler.load_state_dict(torch.load(ckpt_dir / "scheduler.pt", weights_only=True))
     rng_file = ckpt_dir / f"rng_{rank}.pt"
     if rng_file.exists():

@@ -44,6 +44,7 @@ from alignlm.models.build import build_model
 from alignlm.models.mllm import AlignLM
 from alignlm.objectives.base import Objective, check_batch
 from alignlm.training import checkpoint as ckpt
+from alignlm.training import sharding
 from alignlm.training.feature_cache import attach_feature_cache
 from alignlm.training.logging import MetricsLogger, get_logger, summary_table
 from alignlm.training.monitor import AlignmentMonitor
@@ -182,8 +183,20 @@ class Trainer:
         # objectives by config key: their parameters train in their own optimizer group, their state resumes
         self.objective_modules = torch.nn.ModuleDict({k: o for k, (o, _) in self.objectives.items()}).to(acc.device)
         self.objective_params = [p for p in self.objective_modules.parameters() if p.requires_grad]
-        optimizer, self.scheduler = build_optimizer(model, stage, self.total_steps, self.objective_params)
-        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.strategy = str((cfg.get("distributed") or {}).get("strategy", "ddp"))
+        if self.strategy == "fsdp2" and self.monitor.every:
+            raise ValueError(
+                "monitor.every > 0 is not available with distributed.strategy=fsdp2 (the probes call the model's parts "
+                "outside its forward, where their weights are shards): set monitor.every=0, or probe the checkpoints "
+                "afterwards with alignlm eval"
+            )
+        if self.strategy == "fsdp2":  # sharded before the optimizer is built: it must hold the sharded parameters
+            sharding.shard(model, acc.device, bool(cfg.distributed.get("reshard_after_forward", True)))
+            optimizer, self.scheduler = build_optimizer(model, stage, self.total_steps, self.objective_params)
+            self.model, self.optimizer = model, acc.prepare(optimizer)
+        else:
+            optimizer, self.scheduler = build_optimizer(model, stage, self.total_steps, self.objective_params)
+            self.model, self.optimizer = acc.prepare(model, optimizer)
         self.start_step, self.skipped = self._maybe_resume()
         self.flops_per_token = model_flops_per_token(model)
         self.peak_tflops = peak_tflops(cfg.logging.get("peak_tflops", "auto"))
@@ -207,6 +220,13 @@ class Trainer:
             problem = ckpt.verify(folder)
             if problem is None:
                 try:
+                    layout = json.loads((folder / "trainer_state.json").read_text())
+                except (OSError, json.JSONDecodeError) as e:
+                    problem = f"{folder}/trainer_state.json could not be read: {type(e).__name__}: {e}"
+            if problem is None:
+                # a checkpoint of another layout is refused before anything is loaded: it is whole, not damaged
+                self._check_resume_layout(folder, layout)
+                try:
                     state = ckpt.load_training_state(
                         folder,
                         self.acc.unwrap_model(self.model),
@@ -221,7 +241,6 @@ class Trainer:
                 self.log.warning("resume: %s; falling back to the checkpoint before it", problem)
                 problems.append(problem)
                 continue
-            self._check_resume_layout(folder, state)
             if problems:
                 self.log.warning("resumed from %s instead of the newest checkpoint", folder)
             self.log.info("resumed stage %s from %s (step %d)", self.name, folder, state["step"])
@@ -237,6 +256,11 @@ class Trainer:
 
     def _check_resume_layout(self, folder: Path, state: dict[str, Any]) -> None:
         """The data order of a global step depends on the global batch, each rank's RNG on the world size."""
+        if state.get("strategy", "ddp") != self.strategy:
+            raise ValueError(
+                f"{folder} was written with distributed.strategy={state.get('strategy', 'ddp')}, this run has "
+                f"{self.strategy}: their optimizer states differ in layout; resume with the same strategy"
+            )
         want = {"world": self.acc.num_processes, "global_batch": self.order.global_batch}
         changed = {k: (state[k], v) for k, v in want.items() if k in state and state[k] != v}
         if changed and not self.cfg.get("resume_allow_changes"):
@@ -341,7 +365,11 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         for i, batch in enumerate(kept):
             batch["num_items_in_batch"] = n_items / acc.num_processes
-            sync = contextlib.nullcontext() if i == len(kept) - 1 else acc.no_sync(self.model)
+            last = i == len(kept) - 1
+            if sharding.is_sharded(self.model):  # gradients reduced once, after the last micro-batch
+                sync = sharding.gradient_sync(self.model, last)
+            else:
+                sync = contextlib.nullcontext() if last else acc.no_sync(self.model)
             with sync, acc.autocast():
                 total, logs, out = self.loss(batch, len(kept))
                 acc.backward(total)
@@ -351,7 +379,9 @@ class Trainer:
             for p in self.objective_params:
                 p.grad = acc.reduce(p.grad if p.grad is not None else torch.zeros_like(p), "mean")
         max_norm = float(self.stage.get("max_grad_norm", 1.0))
-        grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm if max_norm > 0 else math.inf)
+        grad_norm = sharding.full_value(  # over every rank's shard under fsdp2
+            acc.clip_grad_norm_(self.model.parameters(), max_norm if max_norm > 0 else math.inf)
+        )
         finite = torch.isfinite(sums["loss/total"]) & torch.isfinite(grad_norm)
         self.optimizer_step(finite)
         self.scheduler.step()
@@ -502,8 +532,9 @@ class Trainer:
 
     def check_finite_weights(self) -> None:
         """Never write a checkpoint with a non-finite weight."""
-        model = self.acc.unwrap_model(self.model)
-        bad = [n for n, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+        bad = sharding.nonfinite_trainable(self.acc.unwrap_model(self.model))
+        if sharding.is_sharded(self.model):  # each rank saw its own shard
+            bad = sorted({n for part in gather_object([bad]) for n in part})
         if bad:
             raise TrainingError(
                 f"stage {self.name}: non-finite weights in {bad[:5]} ({len(bad)} tensors); no checkpoint was written"
@@ -573,7 +604,7 @@ class Trainer:
                 log = self.step([next(batches) for _ in range(accum)], step)
                 issued[step] = time.perf_counter()
                 pending.append(log)
-                if log.device:
+                if log.device and self.monitor.due(step):
                     monitored[step] = self.monitor(step, acc.unwrap_model(self.model))
                 bar.update(1)
                 due_checkpoint = int(st.save_every) and step % int(st.save_every) == 0 and step < self.total_steps
@@ -646,19 +677,25 @@ class Trainer:
         return merged
 
     def save_checkpoint(self, step: int, merge: bool = True) -> None:
+        """Everything exact resume needs, written by the main process; under fsdp2 the weights and the optimizer
+        state are gathered there first (collectives: every rank takes part)."""
         self.check_finite_weights()
+        model = self.acc.unwrap_model(self.model)
+        model_state = sharding.full_state(model)
+        optimizer_state = sharding.optimizer_state(
+            sharding.optimizer_owner(model, self.objective_modules), self.optimizer
+        )
         rng = gather_object([ckpt.rng_state()])
         report = self.merged_report() if merge else self.report
-        if not self.acc.is_main_process:
-            self.report = DataReport()  # counted in the checkpoint now, by the main process
-        else:
-            self.report = report
+        self.report = report if self.acc.is_main_process else DataReport()  # counted in the checkpoint, once
+        if self.acc.is_main_process:
             state = {
                 "step": step,
                 "stage": self.name,
                 "skipped": self.skipped,
                 "world": self.acc.num_processes,
                 "global_batch": self.order.global_batch,
+                "strategy": self.strategy,
                 "seconds": self.segment_seconds + time.perf_counter() - self.clock,
                 "data": report.to_dict(),
                 "nonfinite_steps": list(self.nonfinite),
@@ -666,21 +703,30 @@ class Trainer:
             path = self.dir / "checkpoints" / f"{ckpt.STEP_PREFIX}{step:06d}"
             ckpt.save_training_state(
                 path,
-                self.acc.unwrap_model(self.model),
-                self.optimizer,
+                model,
+                optimizer_state,
                 self.scheduler,
                 state,
                 dict(enumerate(rng)),
                 self.objective_modules,
+                model_state,
             )
             ckpt.prune(self.dir, int(self.stage.get("keep_last", 2)))
         self.acc.wait_for_everyone()
 
     def save_final(self) -> Path:
+        """Every part trained so far, LoRA merged. Under fsdp2 the main process rebuilds the model on the CPU from the
+        gathered weights and merges there: the sharded model itself is never changed."""
         self.check_finite_weights()
         model: AlignLM = self.acc.unwrap_model(self.model)
-        merge_lora(model)
         final = self.dir / "final"
+        full = sharding.full_state(model)
+        if full is not None and self.acc.is_main_process:
+            model = build_model(self.cfg.model)
+            apply_stage(model, self.stage.parts, self.stage.get("lora"))
+            model.load_state_dict(full)
+        if full is None or self.acc.is_main_process:
+            merge_lora(model)
         if self.acc.is_main_process:
             ckpt.save_final(final, model, OmegaConf.to_yaml(self.cfg, resolve=True), self.saved_parts)
         self.acc.wait_for_everyone()
