@@ -501,9 +501,12 @@ class Trainer:
             raise
         except Exception as e:
             timeout = (self.cfg.get("distributed") or {}).get("timeout_s", 600)
+            collective = isinstance(e, torch.distributed.DistError) or any(
+                w in str(e) for w in ("gloo", "NCCL", "Connection closed", "Timed out", "timed out")
+            )
             hint = (
                 f" (a collective failed: another rank stopped, or did not reach it within distributed.timeout_s={timeout})"
-                if self.acc.num_processes > 1
+                if collective and self.acc.num_processes > 1
                 else ""
             )
             self.log.error(
