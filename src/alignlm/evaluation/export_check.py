@@ -18,19 +18,13 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from alignlm.constants import IMAGE_TOKEN
 from alignlm.data.records import image_paths
 from alignlm.evaluation.answers import score_answer
 from alignlm.evaluation.checkpoints import data_config, load, resolve, stage_config
 from alignlm.evaluation.evaluate import generate_set
+from alignlm.evaluation.lmms import question_of
 
 N_SHOWN = 5
-
-
-def question_of(record: dict[str, Any]) -> str:
-    """The record's first user turn without its image placeholder: the question lmms-eval tasks ask."""
-    human = next(t["value"] for t in record["conversations"] if t["from"] == "human")
-    return human.replace(IMAGE_TOKEN, "").strip()
 
 
 @torch.no_grad()

@@ -22,6 +22,8 @@ from typing import Any
 
 from transformers import LlavaForConditionalGeneration
 
+from alignlm.constants import IMAGE_TOKEN
+
 TASK_UTILS = '''"""lmms-eval task functions for a question set written by ``alignlm lmms-task``."""
 
 from PIL import Image
@@ -42,6 +44,12 @@ def process_results(doc, results):
 '''
 
 
+def question_of(record: dict[str, Any]) -> str:
+    """The record's first user turn without its image placeholder: the question an lmms-eval task asks."""
+    human = next(t["value"] for t in record["conversations"] if t["from"] == "human")
+    return human.replace(IMAGE_TOKEN, "").strip()
+
+
 def write_local_task(questions: Path, out_dir: Path, name: str, max_new_tokens: int = 16) -> Path:
     """Write ``out_dir/name/`` (task YAML, ``utils.py``, ``name.jsonl`` with absolute image paths); returns it.
 
@@ -56,13 +64,12 @@ def write_local_task(questions: Path, out_dir: Path, name: str, max_new_tokens: 
         for r in records:
             if "answer" not in r or "image" not in r:
                 raise ValueError(f"{questions}: record {r.get('id')!r} needs 'image' and 'answer' to be a question")
-            human = next(t["value"] for t in r["conversations"] if t["from"] == "human")
             f.write(
                 json.dumps(
                     {
                         "question_id": r["id"],
                         "image": str(root / r["image"]),
-                        "question": human.replace("<image>", "").strip(),
+                        "question": question_of(r),
                         "answer": r["answer"],
                     }
                 )

@@ -111,6 +111,15 @@ def part_state(
     return out
 
 
+def check_known_keys(state: Mapping[str, Any], model_state: Mapping[str, Any]) -> None:
+    """Refuse weights the model has no place for (a checkpoint of another config), naming a few."""
+    unknown = set(state) - set(model_state)
+    if unknown:
+        raise KeyError(
+            f"checkpoint has weights the model lacks (was it built from another config?): {sorted(unknown)[:5]}"
+        )
+
+
 def load_part_state(model: nn.Module, state: dict[str, torch.Tensor], parts: Iterable[str]) -> None:
     """Load part weights strictly: every key of these parts must arrive unless it is tied to one that did.
 
@@ -120,11 +129,7 @@ def load_part_state(model: nn.Module, state: dict[str, torch.Tensor], parts: Ite
     state = adapt_parts(model, state, parts)
     full = model.state_dict()
     wanted = {k for k in full if k.split(".", 1)[0] in set(parts)}
-    unknown = set(state) - set(full)
-    if unknown:
-        raise KeyError(
-            f"checkpoint has weights the model lacks (was it built from another config?): {sorted(unknown)[:5]}"
-        )
+    check_known_keys(state, full)
     loaded_ptrs = {full[k].data_ptr() for k in state}
     missing = [k for k in wanted - set(state) if full[k].data_ptr() not in loaded_ptrs]
     if missing:

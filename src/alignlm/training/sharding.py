@@ -35,7 +35,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
-from alignlm.models.io import load_part_state
+from alignlm.models.io import check_known_keys, load_part_state
 
 STRATEGIES = ("ddp", "fsdp2")
 
@@ -87,11 +87,8 @@ def full_state(model: nn.Module) -> dict[str, torch.Tensor] | None:
 
 
 @contextlib.contextmanager
-def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
-    """Accumulate without reducing gradients (``enabled=False``) on every micro-batch but the last."""
-    if not is_sharded(model) or enabled:
-        yield
-        return
+def no_gradient_sync(model: nn.Module) -> Iterator[None]:
+    """Accumulate gradients without reducing them (every micro-batch but the last), as DDP's ``no_sync``."""
     model.set_requires_gradient_sync(False)
     try:
         yield
@@ -131,9 +128,7 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     if not is_sharded(model):
         load_part_state(model, state, [])
         return
-    unknown = set(state) - set(model.state_dict())
-    if unknown:
-        raise KeyError(f"checkpoint has weights the model lacks: {sorted(unknown)[:5]}")
+    check_known_keys(state, model.state_dict())
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
 
 

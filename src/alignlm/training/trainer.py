@@ -115,6 +115,8 @@ class Trainer:
         self.stage = cfg.stages[name]
         self.dir = Path(cfg.output_dir) / cfg.run_name / name
         self.log = get_logger("alignlm", accelerator.process_index)
+        self.dist = cfg.get("distributed") or {}  # strategy, timeout, stop signal and file
+        self.strategy = str(self.dist.get("strategy", "ddp"))
         self.stop_requested = self.stop_agreed = False  # distributed.stop_signal: received here / by some rank
 
     def setup(self) -> None:
@@ -183,19 +185,18 @@ class Trainer:
         # objectives by config key: their parameters train in their own optimizer group, their state resumes
         self.objective_modules = torch.nn.ModuleDict({k: o for k, (o, _) in self.objectives.items()}).to(acc.device)
         self.objective_params = [p for p in self.objective_modules.parameters() if p.requires_grad]
-        self.strategy = str((cfg.get("distributed") or {}).get("strategy", "ddp"))
-        if self.strategy == "fsdp2" and self.monitor.every:
-            raise ValueError(
-                "monitor.every > 0 is not available with distributed.strategy=fsdp2 (the probes call the model's parts "
-                "outside its forward, where their weights are shards): set monitor.every=0, or probe the checkpoints "
-                "afterwards with alignlm eval"
-            )
         if self.strategy == "fsdp2":  # sharded before the optimizer is built: it must hold the sharded parameters
-            sharding.shard(model, acc.device, bool(cfg.distributed.get("reshard_after_forward", True)))
-            optimizer, self.scheduler = build_optimizer(model, stage, self.total_steps, self.objective_params)
+            if self.monitor.every:
+                raise ValueError(
+                    "monitor.every > 0 is not available with distributed.strategy=fsdp2 (the probes call the model's "
+                    "parts outside its forward, where their weights are shards): set monitor.every=0, or probe the "
+                    "checkpoints afterwards with alignlm eval"
+                )
+            sharding.shard(model, acc.device, bool(self.dist.get("reshard_after_forward", True)))
+        optimizer, self.scheduler = build_optimizer(model, stage, self.total_steps, self.objective_params)
+        if sharding.is_sharded(model):  # already distributed: accelerate only wraps the optimizer
             self.model, self.optimizer = model, acc.prepare(optimizer)
         else:
-            optimizer, self.scheduler = build_optimizer(model, stage, self.total_steps, self.objective_params)
             self.model, self.optimizer = acc.prepare(model, optimizer)
         self.start_step, self.skipped = self._maybe_resume()
         self.flops_per_token = model_flops_per_token(model)
@@ -365,11 +366,12 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         for i, batch in enumerate(kept):
             batch["num_items_in_batch"] = n_items / acc.num_processes
-            last = i == len(kept) - 1
-            if sharding.is_sharded(self.model):  # gradients reduced once, after the last micro-batch
-                sync = sharding.gradient_sync(self.model, last)
+            if i == len(kept) - 1:  # gradients reduced once, after the last micro-batch
+                sync = contextlib.nullcontext()
+            elif sharding.is_sharded(self.model):
+                sync = sharding.no_gradient_sync(self.model)
             else:
-                sync = contextlib.nullcontext() if last else acc.no_sync(self.model)
+                sync = acc.no_sync(self.model)
             with sync, acc.autocast():
                 total, logs, out = self.loss(batch, len(kept))
                 acc.backward(total)
@@ -429,7 +431,7 @@ class Trainer:
         device = self.acc.device
         zero = torch.zeros((), device=device)
         # this rank got the stop signal or sees the stop file: every rank learns it in the same reduce
-        stop_file = (self.cfg.get("distributed") or {}).get("stop_file")
+        stop_file = self.dist.get("stop_file")
         stop = float(self.stop_requested or bool(stop_file and Path(stop_file).exists()))
         table = torch.stack(
             [
@@ -475,7 +477,7 @@ class Trainer:
         travels with the next fetch of logged values, so every rank stops after the same step, with a checkpoint, and
         exits 75. A file works where a signal cannot reach the ranks through the launchers (SLURM's batch shell)."""
         self.stop_requested = self.stop_agreed = False
-        name = (self.cfg.get("distributed") or {}).get("stop_signal")
+        name = self.dist.get("stop_signal")
         if not name or threading.current_thread() is not threading.main_thread():
             yield
             return
@@ -500,7 +502,7 @@ class Trainer:
         except (StopTraining, TrainingError, DataError):
             raise
         except Exception as e:
-            timeout = (self.cfg.get("distributed") or {}).get("timeout_s", 600)
+            timeout = self.dist.get("timeout_s", 600)
             collective = isinstance(e, torch.distributed.DistError) or any(
                 w in str(e) for w in ("gloo", "NCCL", "Connection closed", "Timed out", "timed out")
             )
@@ -623,9 +625,8 @@ class Trainer:
         self.report = self.merged_report()
         if stop_at < self.total_steps:
             self.save_checkpoint(stop_at, merge=False)
-            stop_file = (self.cfg.get("distributed") or {}).get("stop_file")
-            if self.stop_agreed and stop_file and acc.is_main_process:  # served: the rerun must not stop at once
-                Path(stop_file).unlink(missing_ok=True)
+            if self.stop_agreed and self.dist.get("stop_file") and acc.is_main_process:  # served: a rerun goes on
+                Path(self.dist["stop_file"]).unlink(missing_ok=True)
             raise StopTraining(f"stopped after step {stop_at} of {self.total_steps} ({why}); rerun to resume")
         # the whole stage, every resumed segment included: the main process reads its log and every rank learns it
         trained = self.logged_losses() if acc.is_main_process else []
