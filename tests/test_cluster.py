@@ -186,34 +186,6 @@ def test_the_slurm_script_checkpoints_and_requeues_on_slurms_warning(colour_set,
     assert int(checkpoints[0].name.split("_")[1]) == len(read_losses(tmp_path / "t" / "pretrain")) < 2000
 
 
-def test_fsdp2_trains_like_one_process_and_resumes_exactly(colour_set, tmp_path, monkeypatch):
-    """Two gloo ranks under distributed.strategy=fsdp2 (pretrain, then LoRA finetune, accumulating 2 micro-batches),
-    interrupted after step 5 and resumed, give the losses (fp32, rel. 1e-5) and the final weights of one process with
-    the same global batch."""
-    from safetensors.torch import load_file
-
-    stages = ["run=[pretrain,finetune]", "stages.finetune.parts.llm=lora"]
-    job = base(colour_set, tmp_path, "run_name=fsdp", "distributed.strategy=fsdp2", *stages)
-    accumulate = ["stages.pretrain.grad_accum=2", "stages.finetune.grad_accum=2"]
-    assert torchrun([*job, *accumulate, "stop_after_steps=5"]).returncode != 0  # stopped (75 from each rank)
-    assert (tmp_path / "fsdp" / "pretrain" / "checkpoints" / "step_000005").exists()
-    resumed = torchrun([*job, *accumulate])
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
-    one = ["stages.pretrain.grad_accum=4", "stages.finetune.grad_accum=4"]
-    run(compose(*base(colour_set, tmp_path, "run_name=one", *stages, *one)))
-    for stage in ("pretrain", "finetune"):
-        assert read_losses(tmp_path / "fsdp" / stage) == pytest.approx(read_losses(tmp_path / "one" / stage), rel=1e-5)
-    ours, theirs = (load_file(tmp_path / r / "finetune" / "final" / "model.safetensors") for r in ("fsdp", "one"))
-    assert ours.keys() == theirs.keys() and not any("lora" in k for k in ours)  # LoRA merged
-    # Adam's first steps on LoRA's zero-initialised B turn reduction-order noise into ~4e-5 on merged weights of
-    # scale 0.1; DDP against one process differs by the same 4.2e-5
-    for k in ours:
-        assert torch.allclose(ours[k], theirs[k], rtol=0, atol=1e-4), k
-    summary = json.loads((tmp_path / "fsdp" / "summary.json").read_text())["stages"]
-    assert summary["pretrain"]["steps"] == 8 and summary["finetune"]["world_size"] == 2
-
-
 def test_fsdp2_refuses_what_it_cannot_do(colour_set, tmp_path):
     """The alignment monitor calls the parts outside a forward; a checkpoint of one strategy does not resume under
     the other (their optimizer states differ in layout)."""
@@ -231,8 +203,154 @@ def test_fsdp2_refuses_what_it_cannot_do(colour_set, tmp_path):
     assert proc.returncode != 0 and "was written with distributed.strategy=ddp, this run has fsdp2" in proc.stderr
 
 
-@pytest.mark.parametrize("var", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
-def test_an_accelerate_sharding_launch_is_refused_with_the_switch_to_use(colour_set, tmp_path, monkeypatch, var):
-    monkeypatch.setenv(var, "true")
-    with pytest.raises(ValueError, match="distributed.strategy=fsdp2"):
-        run(compose(*base(colour_set, tmp_path)))
+def test_an_accelerate_deepspeed_config_launches_zero3_with_offloading(colour_set, tmp_path):
+    """`accelerate launch --config_file configs/accelerate/zero3_offload.yaml` (2 CPU processes) trains under ZeRO-3
+    with the optimizer and the parameters offloaded: the launch config chose the strategy (distributed.strategy=auto)."""
+    pytest.importorskip("deepspeed")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        "configs/accelerate/zero3_offload.yaml",
+    ]
+    launch += ["--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port())]
+    job = base(colour_set, tmp_path, "stages.pretrain.max_steps=2", "stages.pretrain.save_every=0")
+    proc = subprocess.run([*launch, "train.py", *job], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 processes, zero3, offload_optimizer, offload_param" in proc.stderr
+    assert (tmp_path / "t" / "pretrain" / "final" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    ("env", "overrides", "message"),
+    [
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, [], "alignlm shards with FSDP2"),
+        ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "1"}, [], "runs stages 2 and 3"),
+        (
+            {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"},
+            ["launcher=fsdp2"],
+            "asks for zero3",
+        ),
+        (
+            {},
+            ["launcher=zero2", "distributed.offload_param=true"],
+            "offload_param=true needs distributed.strategy=zero3",
+        ),
+        ({}, ["launcher=zero2", "mixed_precision=fp16"], "fp16 is not available with distributed.strategy=zero2"),
+    ],
+)
+def test_strategy_settings_that_cannot_work_are_refused(colour_set, tmp_path, monkeypatch, env, overrides, message):
+    if any("zero" in o for o in overrides):
+        pytest.importorskip("deepspeed")
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    with pytest.raises(ValueError, match=message):
+        run(compose(*base(colour_set, tmp_path, *overrides)))
+
+
+def with_text_only_records(instruct: Path) -> Path:
+    """The instruction set with a text-only record after every third one, beside the images it names: with one sample
+    per micro-batch, some ranks run the zero-image path while others see images (ZeRO-3's classic hang)."""
+    mixed = instruct.parent / "instruct_mixed.json"
+    if not mixed.exists():
+        out = []
+        for i, record in enumerate(json.loads(instruct.read_text())):
+            out.append(record)
+            if i % 3 == 2:
+                turns = [{"from": "human", "value": f"Say {i}."}, {"from": "gpt", "value": str(i)}]
+                out.append({"id": f"text{i}", "conversations": turns})
+        mixed.write_text(json.dumps(out))
+    return mixed
+
+
+@pytest.mark.parametrize("strategy", ["fsdp2", "zero2", "zero3"])
+def test_sharded_training_matches_one_process_and_resumes_exactly(colour_set, tmp_path, monkeypatch, strategy):
+    """Two gloo ranks under FSDP2 or DeepSpeed ZeRO (pretrain, then LoRA finetuning on a set with text-only records,
+    one sample per micro-batch, 2 accumulated: in this order rank 1's second micro-batch has no image, rank 0's has
+    one), stopped after step 5 and resumed, give the losses (fp32, rel. 1e-5) and the final weights of one DDP process
+    with the same global batch."""
+    if strategy.startswith("zero"):
+        pytest.importorskip("deepspeed")
+    from safetensors.torch import load_file
+
+    mixed = with_text_only_records(Path(colour_set["instruct"]))
+    stages = [
+        "run=[pretrain,finetune]",
+        "stages.finetune.parts.llm=lora",
+        f"stages.finetune.data.sources=[{{path:{mixed}}}]",
+        "stages.finetune.data.group_by_length=false",  # else the short text-only records meet in the same steps
+        "stages.pretrain.per_device_batch_size=1",
+        "stages.finetune.per_device_batch_size=1",
+    ]
+    job = base(colour_set, tmp_path, f"run_name={strategy}", f"launcher={strategy}", *stages)
+    accumulate = ["stages.pretrain.grad_accum=2", "stages.finetune.grad_accum=2"]
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # DeepSpeed's ranks stay on the CPU on a GPU machine too
+    assert torchrun([*job, *accumulate, "stop_after_steps=5"]).returncode != 0  # stopped (75 from each rank)
+    step5 = tmp_path / strategy / "pretrain" / "checkpoints" / "step_000005"
+    partitions = ["optimizer_rank0.pt", "optimizer_rank1.pt"] if strategy.startswith("zero") else []
+    assert step5.exists() and sorted(p.name for p in step5.glob("optimizer_rank*.pt")) == partitions
+    resumed = torchrun([*job, *accumulate])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    one = ["stages.pretrain.grad_accum=4", "stages.finetune.grad_accum=4"]
+    run(compose(*base(colour_set, tmp_path, "run_name=one", *stages, *one)))
+    for stage in ("pretrain", "finetune"):
+        theirs = read_losses(tmp_path / "one" / stage)
+        assert read_losses(tmp_path / strategy / stage) == pytest.approx(theirs, rel=1e-5)
+    ours, theirs = (load_file(tmp_path / r / "finetune" / "final" / "model.safetensors") for r in (strategy, "one"))
+    assert ours.keys() == theirs.keys() and not any("lora" in k for k in ours)  # LoRA merged
+    # Adam's first steps on LoRA's zero-initialised B turn reduction-order noise into ~4e-5 on merged weights of
+    # scale 0.1; DDP against one process differs by the same 4.2e-5
+    for k in ours:
+        assert torch.allclose(ours[k], theirs[k], rtol=0, atol=1e-4), k
+    summary = json.loads((tmp_path / strategy / "summary.json").read_text())["stages"]
+    assert summary["pretrain"]["steps"] == 8 and summary["finetune"]["world_size"] == 2
+
+
+def test_a_deepspeed_json_tunes_zero_but_leaves_the_step_to_the_stage(tmp_path):
+    """distributed.deepspeed_config merges its ZeRO knobs; "auto" entries (accelerate/transformers style) are filled
+    by alignlm; a batch size, clipping or precision of its own is refused, as is another ZeRO stage."""
+    from alignlm.training.zero import deepspeed_config
+
+    def config(extra: dict, strategy: str = "zero3") -> dict:
+        path = tmp_path / "ds.json"
+        path.write_text(json.dumps(extra))
+        return deepspeed_config(strategy, {"deepspeed_config": str(path)}, 2, 4, 8, 1.0, "bf16")
+
+    got = config({"train_batch_size": "auto", "bf16": {"enabled": "auto"}, "zero_optimization": {"overlap_comm": True}})
+    assert got["train_batch_size"] == 64 and got["gradient_accumulation_steps"] == 4 and got["gradient_clipping"] == 1.0
+    assert got["zero_optimization"] == {"stage": 3, "overlap_comm": True} and "bf16" not in got
+    assert got["torch_autocast"]["enabled"] and got["torch_autocast"]["lower_precision_safe_modules"] == []
+    with pytest.raises(ValueError, match=r"sets \['gradient_clipping'\], which alignlm sets from the stage"):
+        config({"gradient_clipping": 0.5})
+    with pytest.raises(ValueError, match="zero_optimization.stage=2, distributed.strategy=zero3"):
+        config({"zero_optimization": {"stage": 2}})
+
+
+@pytest.mark.parametrize("launcher", ["zero3", "zero3_offload"])
+def test_zero3_partitions_objective_parameters_and_resumes_like_ddp(colour_set, tmp_path, launcher):
+    """One process: ZeRO-3 (also with the optimizer and parameters offloaded) holds the contrastive objective's learned
+    temperature with the model's parameters; stopped after step 2 and resumed, the losses and the temperature are
+    DDP's (fp32, rel. 1e-5)."""
+    pytest.importorskip("deepspeed")
+    from alignlm.training.trainer import StopTraining
+
+    job = [
+        "+exp=contrastive",
+        *tiny_overrides(colour_set, tmp_path, "model=tiny", "run=[pretrain]", "offline_datasets=[]", "eval.sets=[]"),
+        "stages.pretrain.max_steps=4",
+        "mixed_precision=no",
+    ]
+    with pytest.raises(StopTraining):
+        run(compose(*job, "run_name=zero", f"launcher={launcher}", "stop_after_steps=2"))
+    run(compose(*job, "run_name=zero", f"launcher={launcher}"))
+    run(compose(*job, "run_name=ddp"))
+    rows = {
+        r: [json.loads(x) for x in (tmp_path / r / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+        for r in ("zero", "ddp")
+    }
+    for key in ("loss/total", "loss/contrastive", "contrastive/temperature"):
+        assert [x[key] for x in rows["zero"]] == pytest.approx([x[key] for x in rows["ddp"]], rel=1e-5), key
+    assert rows["zero"][-1]["contrastive/temperature"] != rows["zero"][0]["contrastive/temperature"]  # it trained

@@ -101,6 +101,7 @@ def test_resume_after_sigkill_matches_uninterrupted(colour_set, tmp_path):
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    assert metrics.exists() and len(metrics.read_text().splitlines()) >= 8, "the run never reached step 8"
     assert not (tmp_path / "killed" / "pretrain" / "final").exists(), "the run finished before it could be killed"
     run(compose(*base, "run_name=killed"))
     assert read_losses(tmp_path / "killed" / "pretrain") == pytest.approx(

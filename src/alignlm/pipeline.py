@@ -30,25 +30,85 @@ from alignlm.models.io import load_final_weights
 from alignlm.training.logging import get_logger, summary_table
 from alignlm.training.sharding import STRATEGIES
 from alignlm.training.trainer import StageResult, Trainer, stage_done, summarize
+from alignlm.training.zero import STAGES as ZERO_STAGES
+from alignlm.training.zero import check_settings as check_zero_settings
+from alignlm.training.zero import launcher_env as zero_launcher_env
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 
 
+def _on(var: str) -> bool:
+    return os.environ.get(var, "").lower() in ("1", "true", "yes")
+
+
+def launch_strategy() -> tuple[str | None, dict[str, Any]]:
+    """The strategy an ``accelerate launch`` config asks for through its environment (DeepSpeed ZeRO stage and
+    offloading, or FSDP version 2) and its settings; ``(None, {})`` for a plain launch."""
+    env = os.environ
+    if _on("ACCELERATE_USE_DEEPSPEED"):
+        knobs: dict[str, Any] = {}
+        stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+        config_file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+        if config_file.lower() != "none":
+            knobs["deepspeed_config"] = config_file
+            stage = str((json.loads(Path(config_file).read_text()).get("zero_optimization") or {}).get("stage"))
+        if stage not in ("2", "3"):
+            raise ValueError(
+                f"the accelerate launch config asks for DeepSpeed ZeRO stage {stage}; alignlm runs stages 2 and 3 "
+                "(configs/accelerate/zero2.yaml, zero3.yaml, zero3_offload.yaml)"
+            )
+        for key in ("optimizer", "param"):
+            device = env.get(f"ACCELERATE_DEEPSPEED_OFFLOAD_{key.upper()}_DEVICE", "none").lower()
+            if device not in ("none", ""):
+                knobs[f"offload_{key}"] = True
+        return f"zero{stage}", knobs
+    if _on("ACCELERATE_USE_FSDP"):
+        if env.get("FSDP_VERSION", "1") != "2":
+            raise ValueError(
+                "the accelerate launch config asks for FSDP version 1; alignlm shards with FSDP2: set fsdp_version: 2 "
+                "(configs/accelerate/fsdp2.yaml)"
+            )
+        return "fsdp2", {"reshard_after_forward": env.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() == "true"}
+    return None, {}
+
+
+# what accelerate would read to wrap the model itself; alignlm does the wrapping (training/sharding.py, zero.py)
+_LAUNCH_SHARDING_VARS = ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP")
+
+
+def resolve_strategy(cfg: DictConfig) -> None:
+    """``distributed.strategy: auto`` becomes the launch config's strategy (else ddp); an explicit strategy must agree
+    with the launch config. alignlm then wraps the model itself, so accelerate is kept from doing it too."""
+    launched, knobs = launch_strategy()
+    dist = cfg.distributed
+    if dist.strategy == "auto":
+        dist.strategy = launched or "ddp"
+        for key, value in knobs.items():
+            dist[key] = value
+    elif launched is not None and launched != dist.strategy:
+        raise ValueError(
+            f"the accelerate launch config asks for {launched}, distributed.strategy={dist.strategy}: leave "
+            "distributed.strategy at auto (or launcher=auto) to follow the launch config, or launch with a plain one"
+        )
+    for var in _LAUNCH_SHARDING_VARS:
+        os.environ.pop(var, None)
+    if dist.strategy in ZERO_STAGES:
+        check_zero_settings(dist.strategy, dist, str(cfg.mixed_precision))
+
+
+def cpu_only() -> bool:
+    """No GPU, or ``accelerate launch --cpu`` (``ACCELERATE_USE_CPU``): then every rank runs on the CPU."""
+    return not torch.cuda.is_available() or _on("ACCELERATE_USE_CPU")
+
+
 def make_accelerator(cfg: DictConfig) -> Accelerator:
     """Accelerator with the configured precision; ``auto`` picks bf16 on a GPU that supports it."""
-    for var, what in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
-        if os.environ.get(var, "").lower() in ("1", "true"):
-            raise ValueError(
-                f"launched with accelerate's {what} settings ({var}); alignlm shards the model itself: launch with a "
-                "plain config (configs/accelerate/ddp.yaml, multinode.yaml) and set distributed.strategy=fsdp2 "
-                "(DeepSpeed ZeRO is not supported yet)"
-            )
     mp = str(cfg.mixed_precision)
     if mp not in PRECISIONS:
         raise ValueError(f"mixed_precision={mp!r} is not known; choose one of {list(PRECISIONS)}")
     # `accelerate launch --cpu` sets ACCELERATE_USE_CPU: then every rank runs on the CPU, even on a GPU machine.
     # cpu=True (also with no GPU at all) lets accelerate see torchrun's ranks as a gloo (MULTI_CPU) group.
-    cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    cpu = cpu_only()
     if mp == "auto":
         mp = "bf16" if not cpu and torch.cuda.is_bf16_supported() else "no"
     # a collective that outwaits this (a dead or hung rank) raises on every rank still running, instead of hanging
@@ -93,9 +153,9 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.get("stop_after_steps") is not None:
         _positive_int("stop_after_steps", cfg.stop_after_steps)
     dist = cfg.get("distributed") or {}
-    if dist.get("strategy", "ddp") not in STRATEGIES:
+    if dist.get("strategy", "auto") not in ("auto", *STRATEGIES):
         raise ValueError(
-            f"distributed.strategy={dist.get('strategy')!r} is not known; choose one of {list(STRATEGIES)}"
+            f"distributed.strategy={dist.get('strategy')!r} is not known; choose one of {['auto', *STRATEGIES]}"
         )
     _number("distributed.timeout_s", dist.get("timeout_s", 600), 0.0, low_open=True)
     stop = dist.get("stop_signal")
@@ -146,6 +206,19 @@ def _check_stage(key: str, stage: DictConfig) -> None:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run every stage of ``cfg.run`` in order, then evaluate the last stage's ``final/``."""
     check_config(cfg)
+    resolve_strategy(cfg)
+    try:
+        with zero_launcher_env(cfg.distributed.strategy in ZERO_STAGES, cpu_only()):
+            return _run(cfg)
+    finally:
+        # DeepSpeed's communication threads can abort a process that exits with its group alive; a one-rank group
+        # (no launcher) is kept: DeepSpeed caches it, and a later run in this process reuses it
+        dist = torch.distributed
+        if cfg.distributed.strategy in ZERO_STAGES and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.destroy_process_group()
+
+
+def _run(cfg: DictConfig) -> dict[str, Any]:
     acc = make_accelerator(cfg)
     log = get_logger("alignlm", acc.process_index)
     if acc.is_main_process:

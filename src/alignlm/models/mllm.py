@@ -18,12 +18,13 @@ Nothing in the forward pass waits on the GPU: consistency checks are device-side
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.utils import ModelOutput
 
 from alignlm.constants import IMAGE_TOKEN
 from alignlm.data.collate import index_fields
@@ -38,19 +39,28 @@ Batch = dict[str, Any]
 
 
 @dataclass
-class AlignOutput:
-    """Everything objectives may need from one forward pass."""
+class AlignOutput(ModelOutput):
+    """Everything objectives may need from one forward pass (``AlignLM.forward`` sets every field but ``logits`` and
+    ``hidden_states``, which are asked for).
+
+    A ``ModelOutput`` (a dict as well as a dataclass), so that wrappers which look for the tensors in a module's
+    output find them: DeepSpeed ZeRO-3 gathers the LM head's weight for the backward only if it does."""
 
     lm_loss: torch.Tensor
-    lm_loss_sum: torch.Tensor
-    num_items: torch.Tensor
-    logits: torch.Tensor | None
-    vision_features: torch.Tensor
-    visual_tokens: torch.Tensor
-    image_positions: torch.Tensor
-    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
-    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    lm_loss_sum: torch.Tensor | None = None
+    num_items: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    vision_features: torch.Tensor | None = None
+    visual_tokens: torch.Tensor | None = None
+    image_positions: torch.Tensor | None = None
+    aux_losses: dict[str, torch.Tensor] | None = None  # {} when not given
+    metrics: dict[str, torch.Tensor] | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
+
+    def __post_init__(self) -> None:
+        self.aux_losses = {} if self.aux_losses is None else self.aux_losses
+        self.metrics = {} if self.metrics is None else self.metrics
+        super().__post_init__()
 
 
 class AlignLM(nn.Module):

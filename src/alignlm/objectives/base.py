@@ -6,19 +6,27 @@ first batch against every objective before training, so a missing field fails at
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from transformers.utils import ModelOutput
 
 
 @dataclass
-class LossTerm:
-    """A scalar loss and the metrics worth logging beside it."""
+class LossTerm(ModelOutput):
+    """A scalar loss and the metrics worth logging beside it.
+
+    A ``ModelOutput`` (a dict as well as a dataclass), so that DeepSpeed ZeRO-3 finds the loss in an objective's
+    output and gathers the objective's own parameters (a learned temperature) for the backward."""
 
     loss: torch.Tensor
-    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    metrics: dict[str, torch.Tensor] | None = None  # {} when not given
+
+    def __post_init__(self) -> None:
+        self.metrics = {} if self.metrics is None else self.metrics
+        super().__post_init__()
 
 
 class Objective(nn.Module):

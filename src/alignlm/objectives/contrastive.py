@@ -55,7 +55,8 @@ class ContrastiveObjective(Objective):
         if temperature <= 0 or max_scale <= 0:
             raise ValueError(f"contrastive needs temperature > 0 and max_scale > 0, got {temperature} and {max_scale}")
         self.max_log_scale = math.log(max_scale)
-        log_scale = torch.tensor(math.log(1.0 / temperature))
+        # shape [1], not a 0-d tensor: DeepSpeed cannot broadcast 0-d parameters (a 0-d one in an older checkpoint loads)
+        log_scale = torch.tensor([math.log(1.0 / temperature)])
         if learnable_temperature:
             self.log_scale = nn.Parameter(log_scale)
         else:
@@ -64,7 +65,7 @@ class ContrastiveObjective(Objective):
     @property
     def scale(self) -> torch.Tensor:
         """``1 / temperature``, clamped so a learnable temperature cannot collapse (CLIP clamps at 100)."""
-        return self.log_scale.clamp(max=self.max_log_scale).exp()
+        return self.log_scale.clamp(max=self.max_log_scale).exp().reshape(())
 
     def forward(self, batch: dict[str, Any], out: Any, model: nn.Module) -> LossTerm:
         pairs = image_caption_pairs(batch, out, model)

@@ -1,7 +1,8 @@
 """Checkpoints: full training state for exact resume, and ``final/`` weights that reload without training code.
 
 Layout (per stage): ``checkpoints/step_000500/`` holds trainable weights (safetensors), optimizer and
-scheduler state, per-rank RNG, ``trainer_state.json`` (step, data position) and, written last, ``manifest.json``
+scheduler state (under DeepSpeed ZeRO, one optimizer file per rank: its partition), per-rank RNG,
+``trainer_state.json`` (step, data position) and, written last, ``manifest.json``
 (every file's size and SHA-256), so a file damaged after the fact is caught before it is loaded; ``final/`` holds
 ``config.yaml`` and ``model.safetensors`` with every part trained so far. Everything is written under a
 temporary name and renamed, so a killed job never leaves a half checkpoint that looks whole. Tensors
@@ -26,7 +27,7 @@ from torch import nn
 
 from alignlm.export.hf_llava import is_llava_dir, load_llava_weights
 from alignlm.models.io import load_final_weights, part_state
-from alignlm.training import sharding
+from alignlm.training import sharding, zero
 
 STEP_PREFIX = "step_"
 MANIFEST = "manifest.json"
@@ -50,9 +51,19 @@ def load_init(model: nn.Module, init: Path) -> list[str]:
     return load_final_weights(model, init)
 
 
+def temporary(final: Path) -> Path:
+    """Where ``final`` is written before ``publish`` (every rank can name it)."""
+    return final.with_name(final.name + ".tmp")
+
+
+def zero_optimizer_file(rank: int) -> str:
+    """The file of one rank's partition of a ZeRO optimizer state in a step checkpoint."""
+    return f"optimizer_rank{rank}.pt"
+
+
 def atomic_dir(final: Path) -> Path:
     """A fresh temporary sibling of ``final``; publish it with ``publish``."""
-    tmp = final.with_name(final.name + ".tmp")
+    tmp = temporary(final)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
@@ -69,26 +80,27 @@ def publish(tmp: Path, final: Path) -> None:
 def save_training_state(
     ckpt_dir: Path,
     model: nn.Module,
-    optimizer_state: dict[str, Any],
+    optimizer_state: dict[str, Any] | None,
     scheduler: Any,
     state: dict[str, Any],
     rng: dict[int, Any],
-    objectives: nn.Module | None = None,
+    objective_state: Mapping[str, torch.Tensor] | None = None,
     model_state: Mapping[str, torch.Tensor] | None = None,
+    started: bool = False,
 ) -> None:
     """Everything exact resume needs, written atomically (called on the main process, with the model's whole weights
-    in place and ``optimizer_state`` from :func:`sharding.optimizer_state`); ``objectives`` holds the stage's
-    objectives by config key, whose persistent state (a learned temperature) resumes with them; ``model_state``: the
-    model's whole state dict when its own tensors are shards (:func:`sharding.full_state`)."""
-    tmp = atomic_dir(ckpt_dir)
+    in place and ``optimizer_state`` from :func:`sharding.optimizer_state`, or None when every rank wrote its own
+    :func:`zero_optimizer_file` into the folder's :func:`temporary` copy, which ``started=True`` says was made for
+    them); ``objective_state``: the objectives' state by config key (a learned temperature resumes with them);
+    ``model_state``: the model's whole state dict when its own tensors are shards (:func:`sharding.full_state`)."""
+    tmp = temporary(ckpt_dir) if started else atomic_dir(ckpt_dir)
     save_file(
         part_state(model, model.PARTS, only_trainable=True, state=model_state), str(tmp / "trainable.safetensors")
     )  # extra parts too
-    if objectives is not None and objectives.state_dict():
-        save_file(
-            {k: v.detach().cpu().contiguous() for k, v in objectives.state_dict().items()}, str(tmp / OBJECTIVES_FILE)
-        )
-    torch.save(optimizer_state, tmp / "optimizer.pt")
+    if objective_state:
+        save_file({k: v.detach().cpu().contiguous() for k, v in objective_state.items()}, str(tmp / OBJECTIVES_FILE))
+    if optimizer_state is not None:
+        torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     for rank, r in rng.items():
         torch.save(r, tmp / f"rng_{rank}.pt")
@@ -147,10 +159,13 @@ def load_training_state(
                 f"{ckpt_dir} has no {OBJECTIVES_FILE}, but this stage's objectives have state to resume "
                 "(was the checkpoint written with other objectives?)"
             )
-        objectives.load_state_dict(load_file(str(ckpt_dir / OBJECTIVES_FILE)))  # copies onto each tensor's device
-    sharding.load_optimizer_state(
-        sharding.optimizer_owner(model, objectives), optimizer, torch.load(ckpt_dir / "optimizer.pt", weights_only=True)
-    )
+        sharding.load_weights(objectives, load_file(str(ckpt_dir / OBJECTIVES_FILE)))
+    partition = ckpt_dir / zero_optimizer_file(rank)
+    if partition.exists():  # written under DeepSpeed ZeRO: this rank's partition
+        zero.load_optimizer(optimizer, torch.load(partition, weights_only=True))
+    else:
+        optimizer_file = torch.load(ckpt_dir / "optimizer.pt", weights_only=True)
+        sharding.load_optimizer_state(sharding.optimizer_owner(model, objectives), optimizer, optimizer_file)
     scheduler.load_state_dict(torch.load(ckpt_dir / "scheduler.pt", weights_only=True))
     rng_file = ckpt_dir / f"rng_{rank}.pt"
     if rng_file.exists():

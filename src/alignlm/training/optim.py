@@ -31,9 +31,14 @@ def lr_lambda(total_steps: int, warmup_steps: int, schedule: str = "cosine"):
 
 
 def build_optimizer(
-    model: AlignLM, stage: Mapping[str, Any], total_steps: int, objective_params: Sequence[torch.nn.Parameter] = ()
+    model: AlignLM,
+    stage: Mapping[str, Any],
+    total_steps: int,
+    objective_params: Sequence[torch.nn.Parameter] = (),
+    fused: bool | None = None,
 ):
-    """AdamW over the stage's parameter groups (fused when every parameter is on CUDA) plus its warmup/decay schedule.
+    """AdamW over the stage's parameter groups (fused when every parameter is on CUDA, unless ``fused=False``: the
+    optimizer state will live elsewhere) plus its warmup/decay schedule.
 
     ``objective_params`` (a learnable contrastive temperature, ...) form one more group at ``stage.lr.objectives``,
     without weight decay: they live outside the model, so a stage config can tune them apart from the parts.
@@ -51,7 +56,8 @@ def build_optimizer(
             }
         )
     params = [p for g in groups for p in g["params"]]
-    fused = all(p.is_cuda and p.dtype.is_floating_point for p in params)  # one kernel for every tensor on CUDA
+    if fused is None:
+        fused = all(p.is_cuda and p.dtype.is_floating_point for p in params)  # one kernel for every tensor on CUDA
     optimizer = torch.optim.AdamW(groups, betas=tuple(stage.get("betas", (0.9, 0.999))), eps=1e-8, fused=fused or None)
     warmup = int(round(float(stage.get("warmup_ratio", 0.03)) * total_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -36,8 +36,9 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
 from alignlm.models.io import check_known_keys, load_part_state
+from alignlm.training import zero
 
-STRATEGIES = ("ddp", "fsdp2")
+STRATEGIES = ("ddp", "fsdp2", *zero.STAGES)  # zero2 / zero3: DeepSpeed (training/zero.py)
 
 
 def decoder_layers(llm: nn.Module) -> list[nn.Module]:
@@ -96,6 +97,20 @@ def no_gradient_sync(model: nn.Module) -> Iterator[None]:
         model.set_requires_gradient_sync(True)
 
 
+def clip_gradients(groups: Sequence[Iterable[nn.Parameter]], max_norm: float) -> torch.Tensor:
+    """Clip the gradients of every group by one global norm and return it (as DeepSpeed clips everything it steps):
+    the model's parameters (shards under FSDP2, their norm taken over every rank) and the objectives' own."""
+    groups = [[p for p in g if p.grad is not None] for g in groups]
+    norms = [full_value(torch.nn.utils.get_total_norm([p.grad for p in g])) for g in groups if g]
+    if not norms:
+        return torch.zeros(())
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    for g in groups:
+        if g:
+            torch.nn.utils.clip_grads_with_norm_(g, max_norm, total)
+    return total
+
+
 def full_value(x: Any) -> Any:
     """A sharded scalar (the gradient norm over DTensor gradients) as a plain tensor."""
     return x.full_tensor() if isinstance(x, DTensor) else x
@@ -125,6 +140,10 @@ def load_optimizer_state(owner: nn.Module, optimizer: torch.optim.Optimizer, sta
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load whole weights (``part.param`` keys, a subset of the model's) into the model, sharded or not."""
+    if zero.is_partitioned(model):
+        check_known_keys(state, model.state_dict())
+        zero.load_weights(model, state)
+        return
     if not is_sharded(model):
         load_part_state(model, state, [])
         return
@@ -133,12 +152,12 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 
 def nonfinite_trainable(model: nn.Module) -> list[str]:
-    """Names of trainable parameters holding a non-finite value; under FSDP2 each rank checks its shard (gather the
-    lists over ranks for the answer)."""
+    """Names of trainable parameters holding a non-finite value; under FSDP2 and ZeRO-3 each rank checks its shard
+    (gather the lists over ranks for the answer)."""
     bad = []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            local = p.to_local() if isinstance(p, DTensor) else p
+            local = p.to_local() if isinstance(p, DTensor) else getattr(p, "ds_tensor", p)
             if not bool(torch.isfinite(local).all()):
                 bad.append(name)
     return bad

@@ -104,5 +104,6 @@ def param_groups(model: AlignLM, lr: Mapping[str, float], weight_decay: float) -
 
 def count_params(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts, for the start-of-stage summary."""
-    total = sum(p.numel() for p in model.parameters())
-    return sum(p.numel() for p in model.parameters() if p.requires_grad), total
+    size = lambda p: getattr(p, "ds_numel", p.numel())  # a ZeRO-3 parameter holds only its partition
+    total = sum(size(p) for p in model.parameters())
+    return sum(size(p) for p in model.parameters() if p.requires_grad), total

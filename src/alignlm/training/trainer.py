@@ -44,7 +44,7 @@ from alignlm.models.build import build_model
 from alignlm.models.mllm import AlignLM
 from alignlm.objectives.base import Objective, check_batch
 from alignlm.training import checkpoint as ckpt
-from alignlm.training import sharding
+from alignlm.training import sharding, zero
 from alignlm.training.feature_cache import attach_feature_cache
 from alignlm.training.logging import MetricsLogger, get_logger, summary_table
 from alignlm.training.monitor import AlignmentMonitor
@@ -116,8 +116,14 @@ class Trainer:
         self.dir = Path(cfg.output_dir) / cfg.run_name / name
         self.log = get_logger("alignlm", accelerator.process_index)
         self.dist = cfg.get("distributed") or {}  # strategy, timeout, stop signal and file
-        self.strategy = str(self.dist.get("strategy", "ddp"))
+        self.strategy = str(self.dist.get("strategy", "ddp"))  # resolved by the pipeline (never ``auto`` here)
+        self.engine: Any = None  # the DeepSpeed engine under zero2 / zero3
         self.stop_requested = self.stop_agreed = False  # distributed.stop_signal: received here / by some rank
+
+    def core(self) -> AlignLM:
+        """The model itself, whatever wraps it (DDP, the DeepSpeed engine and its owner module)."""
+        model = self.acc.unwrap_model(self.model)
+        return model.model if isinstance(model, zero.Owner) else model
 
     def setup(self) -> None:
         """The model, the stage's data and everything that steps: what ``fit`` needs, in that order."""
@@ -125,12 +131,13 @@ class Trainer:
         self.setup_data(model)
         self.setup_optimization(model, self.dataset)
         self.log.info(
-            "stage %s: %d steps of %d samples (global batch), %s trainable of %s params, %d processes",
+            "stage %s: %d steps of %d samples (global batch), %s trainable of %s params, %d processes, %s",
             self.name,
             self.total_steps,
             self.order.global_batch,
             *(f"{n:,}" for n in count_params(model)),
             self.acc.num_processes,
+            self.strategy + "".join(f", {k}" for k in ("offload_optimizer", "offload_param") if self.dist.get(k)),
         )
 
     def setup_model(self) -> AlignLM:
@@ -185,22 +192,37 @@ class Trainer:
         # objectives by config key: their parameters train in their own optimizer group, their state resumes
         self.objective_modules = torch.nn.ModuleDict({k: o for k, (o, _) in self.objectives.items()}).to(acc.device)
         self.objective_params = [p for p in self.objective_modules.parameters() if p.requires_grad]
+        self.flops_per_token = model_flops_per_token(model)  # counted before any partitioning
+        self.peak_tflops = peak_tflops(cfg.logging.get("peak_tflops", "auto"))
+        if self.strategy in ("fsdp2", "zero3") and self.monitor.every:
+            raise ValueError(
+                f"monitor.every > 0 is not available with distributed.strategy={self.strategy} (the probes call the "
+                "model's parts outside its forward, where their weights are shards): set monitor.every=0, or probe "
+                "the checkpoints afterwards with alignlm eval"
+            )
         if self.strategy == "fsdp2":  # sharded before the optimizer is built: it must hold the sharded parameters
-            if self.monitor.every:
-                raise ValueError(
-                    "monitor.every > 0 is not available with distributed.strategy=fsdp2 (the probes call the model's "
-                    "parts outside its forward, where their weights are shards): set monitor.every=0, or probe the "
-                    "checkpoints afterwards with alignlm eval"
-                )
             sharding.shard(model, acc.device, bool(self.dist.get("reshard_after_forward", True)))
-        optimizer, self.scheduler = build_optimizer(model, stage, self.total_steps, self.objective_params)
-        if sharding.is_sharded(model):  # already distributed: accelerate only wraps the optimizer
+        offload = self.strategy in zero.STAGES and bool(self.dist.get("offload_optimizer"))
+        optimizer, self.scheduler = build_optimizer(
+            model, stage, self.total_steps, self.objective_params, fused=False if offload else None
+        )
+        if self.strategy in zero.STAGES:  # DeepSpeed wraps model, objectives and optimizer; accelerate nothing
+            config = zero.deepspeed_config(
+                self.strategy,
+                self.dist,
+                int(stage.per_device_batch_size),
+                int(stage.grad_accum),
+                acc.num_processes,
+                float(stage.get("max_grad_norm", 1.0)),
+                acc.mixed_precision,
+            )
+            self.engine, self.optimizer = zero.initialize(model, self.objective_modules, optimizer, config)
+            self.model = self.engine
+        elif sharding.is_sharded(model):  # already distributed: accelerate only wraps the optimizer
             self.model, self.optimizer = model, acc.prepare(optimizer)
         else:
             self.model, self.optimizer = acc.prepare(model, optimizer)
         self.start_step, self.skipped = self._maybe_resume()
-        self.flops_per_token = model_flops_per_token(model)
-        self.peak_tflops = peak_tflops(cfg.logging.get("peak_tflops", "auto"))
 
     def _store_frozen_in_half_precision(self, model: AlignLM) -> None:
         """Frozen parts that this stage's ``final/`` will not save run in bf16 storage when training in bf16: the same
@@ -230,7 +252,7 @@ class Trainer:
                 try:
                     state = ckpt.load_training_state(
                         folder,
-                        self.acc.unwrap_model(self.model),
+                        self.core(),
                         self.optimizer,
                         self.scheduler,
                         self.acc.process_index,
@@ -264,6 +286,13 @@ class Trainer:
             )
         want = {"world": self.acc.num_processes, "global_batch": self.order.global_batch}
         changed = {k: (state[k], v) for k, v in want.items() if k in state and state[k] != v}
+        if self.strategy in zero.STAGES and "world" in changed:
+            raise ValueError(
+                f"{folder} was written by {state['world']} ranks under distributed.strategy={self.strategy}, this run "
+                f"has {self.acc.num_processes}: each rank resumes its own partition of the optimizer state, so resume "
+                "with the same number of ranks (its trainable.safetensors holds the whole weights: init_from a "
+                "final/ made from them starts a new stage at any size)"
+            )
         if changed and not self.cfg.get("resume_allow_changes"):
             raise ValueError(
                 f"{folder} was written with {', '.join(f'{k}={a}' for k, (a, _) in changed.items())}, this run has "
@@ -274,7 +303,7 @@ class Trainer:
 
     def loss(self, batch: dict[str, Any], n_micro: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], Any]:
         """Weighted sum of objectives (plus the connector's auxiliary losses) for one micro-batch."""
-        model = self.acc.unwrap_model(self.model)
+        model = self.core()
         needs_hidden = any(o.needs_hidden_states for o, _ in self.objectives.values())
         out = self.model(batch, output_hidden_states=needs_hidden)
         total = out.lm_loss.new_zeros(())
@@ -300,7 +329,7 @@ class Trainer:
         flash kernel (about 20 % slower than padded on the CPU demo, docs/performance.md), so batches stay padded
         there, padding kept small by length-grouped batches. ``true`` / ``false`` force it.
         """
-        data, model = self.stage.data, self.acc.unwrap_model(self.model)
+        data, model = self.stage.data, self.core()
         packing = data.get("packing", "auto")
         if packing == "auto":
             packing = getattr(model.llm.config, "_attn_implementation", None) in PACKED_ATTENTION
@@ -360,13 +389,16 @@ class Trainer:
         if step == self.start_step + 1:
             check_batch(
                 {f"objective {k}": o.requires_batch_keys for k, (o, _) in self.objectives.items()}
-                | {"the model's extra parts": self.acc.unwrap_model(self.model).requires_batch_keys},
+                | {"the model's extra parts": self.core().requires_batch_keys},
                 kept[0],
             )
         sums: dict[str, torch.Tensor] = {}
         for i, batch in enumerate(kept):
             batch["num_items_in_batch"] = n_items / acc.num_processes
-            if i == len(kept) - 1:  # gradients reduced once, after the last micro-batch
+            last = i == len(kept) - 1
+            if self.engine is not None:  # DeepSpeed reduces as it goes and steps after the last micro-batch
+                sync = zero.accumulating(self.engine, last)
+            elif last:  # gradients reduced once, after the last micro-batch
                 sync = contextlib.nullcontext()
             elif sharding.is_sharded(self.model):
                 sync = sharding.no_gradient_sync(self.model)
@@ -374,18 +406,27 @@ class Trainer:
                 sync = acc.no_sync(self.model)
             with sync, acc.autocast():
                 total, logs, out = self.loss(batch, len(kept))
-                acc.backward(total)
+                if self.engine is not None:  # the loss is already normalised over the global step
+                    self.engine.backward(total, scale_wrt_gas=False)
+                else:
+                    acc.backward(total)
             for k, v in {"loss/total": total.detach(), "loss/lm_sum": out.lm_loss_sum, **logs}.items():
                 sums[k] = sums[k] + v if k in sums else v
-        if acc.num_processes > 1:  # objective parameters live outside the DDP model: average their gradients here
-            for p in self.objective_params:
-                p.grad = acc.reduce(p.grad if p.grad is not None else torch.zeros_like(p), "mean")
         max_norm = float(self.stage.get("max_grad_norm", 1.0))
-        grad_norm = sharding.full_value(  # over every rank's shard under fsdp2
-            acc.clip_grad_norm_(self.model.parameters(), max_norm if max_norm > 0 else math.inf)
-        )
-        finite = torch.isfinite(sums["loss/total"]) & torch.isfinite(grad_norm)
-        self.optimizer_step(finite)
+        if self.engine is not None:  # reduces, clips to max_grad_norm and skips a step whose gradient is not finite
+            self.engine.step()
+            grad_norm = zero.grad_norm(self.engine, acc.device)
+            finite = torch.isfinite(sums["loss/total"]) & torch.isfinite(grad_norm)
+        else:
+            if acc.num_processes > 1:  # objective parameters live outside the DDP model: average their gradients
+                for p in self.objective_params:
+                    p.grad = acc.reduce(p.grad if p.grad is not None else torch.zeros_like(p), "mean")
+            acc.unscale_gradients()  # fp16: the gradient scaler's factor out first
+            grad_norm = sharding.clip_gradients(
+                [self.model.parameters(), self.objective_params], max_norm if max_norm > 0 else math.inf
+            )
+            finite = torch.isfinite(sums["loss/total"]) & torch.isfinite(grad_norm)
+            self.optimizer_step(finite)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         sums["nonfinite"] = (~finite).float()
@@ -537,8 +578,8 @@ class Trainer:
 
     def check_finite_weights(self) -> None:
         """Never write a checkpoint with a non-finite weight."""
-        bad = sharding.nonfinite_trainable(self.acc.unwrap_model(self.model))
-        if sharding.is_sharded(self.model):  # each rank saw its own shard
+        bad = sharding.nonfinite_trainable(self.core())
+        if sharding.is_sharded(self.model) or zero.is_partitioned(self.core()):  # each rank saw its own shard
             bad = sorted({n for part in gather_object([bad]) for n in part})
         if bad:
             raise TrainingError(
@@ -610,7 +651,7 @@ class Trainer:
                 issued[step] = time.perf_counter()
                 pending.append(log)
                 if log.device and self.monitor.due(step):
-                    monitored[step] = self.monitor(step, acc.unwrap_model(self.model))
+                    monitored[step] = self.monitor(step, self.core())
                 bar.update(1)
                 due_checkpoint = int(st.save_every) and step % int(st.save_every) == 0 and step < self.total_steps
                 if len(pending) >= every or due_checkpoint or step == stop_at:
@@ -680,15 +721,37 @@ class Trainer:
             merged = merged.merge(part)
         return merged
 
+    def whole_state(self) -> tuple[dict[str, torch.Tensor] | None, dict[str, torch.Tensor]]:
+        """The model's whole state dict (None where its own tensors are whole) and the objectives' state, on the main
+        process; gathered from the shards under fsdp2 and zero3 (collectives: every rank calls it)."""
+        if self.engine is not None:
+            full = zero.full_state(self.engine.module, self.acc.process_index)
+            if full is not None:
+                return (
+                    {k.removeprefix("model."): v for k, v in full.items() if k.startswith("model.")},
+                    {k.removeprefix("objectives."): v for k, v in full.items() if k.startswith("objectives.")},
+                )
+        return sharding.full_state(self.core()), self.objective_modules.state_dict()
+
     def save_checkpoint(self, step: int, merge: bool = True) -> None:
         """Everything exact resume needs, written by the main process; under fsdp2 the weights and the optimizer
-        state are gathered there first (collectives: every rank takes part)."""
+        state are gathered there first, under zero2/zero3 each rank writes its partition of the optimizer state
+        (collectives: every rank takes part)."""
         self.check_finite_weights()
-        model = self.acc.unwrap_model(self.model)
-        model_state = sharding.full_state(model)
-        optimizer_state = sharding.optimizer_state(
-            sharding.optimizer_owner(model, self.objective_modules), self.optimizer
-        )
+        model = self.core()
+        model_state, objective_state = self.whole_state()
+        path = self.dir / "checkpoints" / f"{ckpt.STEP_PREFIX}{step:06d}"
+        if self.engine is not None:
+            if self.acc.is_main_process:
+                ckpt.atomic_dir(path)
+            self.acc.wait_for_everyone()
+            partition = zero.optimizer_state(self.optimizer)
+            torch.save(partition, ckpt.temporary(path) / ckpt.zero_optimizer_file(self.acc.process_index))
+            self.acc.wait_for_everyone()
+            optimizer_state = None
+        else:
+            owner = sharding.optimizer_owner(model, self.objective_modules)
+            optimizer_state = sharding.optimizer_state(owner, self.optimizer)
         rng = gather_object([ckpt.rng_state()])
         report = self.merged_report() if merge else self.report
         self.report = report if self.acc.is_main_process else DataReport()  # counted in the checkpoint, once
@@ -704,7 +767,6 @@ class Trainer:
                 "data": report.to_dict(),
                 "nonfinite_steps": list(self.nonfinite),
             }
-            path = self.dir / "checkpoints" / f"{ckpt.STEP_PREFIX}{step:06d}"
             ckpt.save_training_state(
                 path,
                 model,
@@ -712,19 +774,20 @@ class Trainer:
                 self.scheduler,
                 state,
                 dict(enumerate(rng)),
-                self.objective_modules,
+                objective_state,
                 model_state,
+                started=self.engine is not None,
             )
             ckpt.prune(self.dir, int(self.stage.get("keep_last", 2)))
         self.acc.wait_for_everyone()
 
     def save_final(self) -> Path:
-        """Every part trained so far, LoRA merged. Under fsdp2 the main process rebuilds the model on the CPU from the
-        gathered weights and merges there: the sharded model itself is never changed."""
+        """Every part trained so far, LoRA merged. Under fsdp2 and zero3 the main process rebuilds the model on the CPU
+        from the gathered weights and merges there: the sharded model itself is never changed."""
         self.check_finite_weights()
-        model: AlignLM = self.acc.unwrap_model(self.model)
+        model = self.core()
         final = self.dir / "final"
-        full = sharding.full_state(model)
+        full, _ = self.whole_state()
         if full is not None and self.acc.is_main_process:
             model = build_model(self.cfg.model)
             apply_stage(model, self.stage.parts, self.stage.get("lora"))

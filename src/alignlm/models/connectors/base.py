@@ -11,20 +11,29 @@ pretraining on text embeddings reached ~100x in the study of docs/experiments/),
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.utils import ModelOutput
 
 
 @dataclass
-class ConnectorOutput:
-    """Visual tokens plus whatever side losses and metrics the connector wants trained and logged."""
+class ConnectorOutput(ModelOutput):
+    """Visual tokens plus whatever side losses and metrics the connector wants trained and logged.
+
+    A ``ModelOutput`` (a dict as well as a dataclass), so that wrappers which look for the tensors in a module's
+    output find them: DeepSpeed ZeRO-3 re-gathers the connector's weights for its backward only if it does."""
 
     tokens: torch.Tensor
-    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
-    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    aux_losses: dict[str, torch.Tensor] | None = None  # {} when not given (a ModelOutput's fields default to None)
+    metrics: dict[str, torch.Tensor] | None = None
+
+    def __post_init__(self) -> None:
+        self.aux_losses = {} if self.aux_losses is None else self.aux_losses
+        self.metrics = {} if self.metrics is None else self.metrics
+        super().__post_init__()
 
 
 class Connector(nn.Module):
