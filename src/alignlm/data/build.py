@@ -41,6 +41,7 @@ def build_dataset(data_cfg: Mapping[str, Any], model: Any, seed: int, for_genera
         slot_token_ids=getattr(model, "slot_token_ids", ()),
         max_image_pixels=data_cfg.get("max_image_pixels", MAX_PIXELS),
         min_usable_fraction=float(data_cfg.get("min_usable_fraction", 0.5)),
+        preference=bool(data_cfg.get("preference", False)) and not for_generation,
     )
 
 

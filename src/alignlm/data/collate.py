@@ -85,7 +85,8 @@ class Collator:
     image_token_id: int | None = None
     num_image_tokens: int = 0
 
-    def __call__(self, samples: Sequence[dict[str, Any] | Skipped]) -> dict[str, Any]:
+    def __call__(self, samples: Sequence[dict[str, Any] | tuple[dict[str, Any], ...] | Skipped]) -> dict[str, Any]:
+        samples = _unpair(samples)
         kept = [s for s in samples if not isinstance(s, Skipped)]
         skipped = [s for s in samples if isinstance(s, Skipped)]
         batch: dict[str, Any] = {"skipped": skipped}
@@ -114,6 +115,9 @@ class Collator:
         for key in ("answer", "meta"):
             if key in kept[0]:
                 batch[key] = [s.get(key) for s in kept]
+        if "pair" in kept[0]:  # preference pairs: which pair each sample answers, and whether it is the chosen answer
+            batch["pair"] = torch.tensor([s["pair"] for s in kept])
+            batch["chosen"] = torch.tensor([s["chosen"] for s in kept])
         return batch
 
     def _padded(self, kept: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -158,6 +162,18 @@ class Collator:
             "sample_ids": sample_ids,
             "position_ids": positions,
         }
+
+
+def _unpair(samples: Sequence[Any]) -> list[Any]:
+    """A preference dataset's items, ``(chosen, rejected)`` tuples, as two samples each that know their pair (its
+    place in this micro-batch) and their side; the layout may reorder samples, the pair index survives it."""
+    out = []
+    for k, item in enumerate(samples):
+        if isinstance(item, tuple):
+            out += [{**sample, "pair": k, "chosen": side == 0} for side, sample in enumerate(item)]
+        else:
+            out.append(item)
+    return out
 
 
 def _renumber(rows: list[list[int]]) -> list[list[int]]:

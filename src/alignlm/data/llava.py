@@ -37,6 +37,7 @@ from alignlm.data.records import (
     image_paths,
     image_problem,
     mixture_index,
+    preference_problem,
     read_records,
     record_id,
     record_problem,
@@ -45,6 +46,19 @@ from alignlm.data.report import DataReport
 from alignlm.data.templates import Template, TemplateError, adds_bos, to_turns, tokenize
 
 log = logging.getLogger(__name__)
+
+
+def last_answer_only(labels: torch.Tensor) -> torch.Tensor:
+    """``labels`` with every supervised token before the last contiguous supervised run masked out."""
+    supervised = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+    if len(supervised) == 0:
+        return labels
+    breaks = (supervised[1:] - supervised[:-1] > 1).nonzero().squeeze(1)
+    start = int(supervised[breaks[-1] + 1]) if len(breaks) else int(supervised[0])
+    out = labels.clone()
+    out[:start] = IGNORE_INDEX
+    return out
+
 
 ON_ERROR = ("skip", "raise")
 
@@ -67,6 +81,7 @@ class LlavaDataset(Dataset):
         slot_token_ids: Sequence[int] = (),
         max_image_pixels: int | None = MAX_PIXELS,
         min_usable_fraction: float = 0.5,
+        preference: bool = False,
     ) -> None:
         if on_error not in ON_ERROR:
             raise ValueError(f"data.on_error={on_error!r} is not known; choose one of {list(ON_ERROR)}")
@@ -82,6 +97,7 @@ class LlavaDataset(Dataset):
         self.for_generation = for_generation
         self.seed = seed
         self.max_image_pixels = max_image_pixels
+        self.preference = preference  # items are (chosen, rejected) sample pairs of one prompt
         self.sources = list(sources)
         self.records: list[list[Any]] = []
         self.report = DataReport()  # what start-up left out, by cause
@@ -94,6 +110,8 @@ class LlavaDataset(Dataset):
             kept = []
             for i, rec in enumerate(records):
                 problem, cause = record_problem(rec), MALFORMED
+                if problem is None and preference:
+                    problem = preference_problem(rec)
                 if problem is None:
                     problem, cause = image_problem(rec, src), OUTSIDE_ROOT
                 if problem is None:
@@ -172,11 +190,11 @@ class LlavaDataset(Dataset):
             out.append(chars // 4 + len(self.visual_inputs(self.sources[s], rec)) * self.num_image_tokens)
         return out
 
-    def __getitem__(self, i: int) -> dict[str, Any] | Skipped:
+    def __getitem__(self, i: int) -> dict[str, Any] | tuple[dict[str, Any], dict[str, Any]] | Skipped:
         src, rec = self.record(i)
         rid = record_id(rec, src.path, int(self.index[i][1]))
         try:
-            return self.encode(src, rec, rid)
+            return self.encode_pair(src, rec, rid) if self.preference else self.encode(src, rec, rid)
         except (DataError, TemplateError, OSError) as e:
             if self.on_error == "raise":
                 raise DataError(f"record id={rid} in {src.path}: {e}", cause_of(e)) from e
@@ -230,6 +248,18 @@ class LlavaDataset(Dataset):
             sample["answer"] = rec["answer"]
             sample["meta"] = rec.get("meta", {})
         return sample
+
+    def encode_pair(self, src: Source, rec: dict[str, Any], rid: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """A preference record as two samples, its prompt answered with ``chosen`` and with ``rejected``, each
+        supervising its final answer only (the template's labels of that last assistant turn: earlier assistant turns
+        of the prompt are context, as the prompt is)."""
+        pair = []
+        for key in ("chosen", "rejected"):
+            answered = {**rec, "conversations": [*rec["conversations"], {"from": "gpt", "value": rec[key]}]}
+            sample = self.encode(src, answered, rid)
+            sample["labels"] = last_answer_only(sample["labels"])
+            pair.append(sample)
+        return pair[0], pair[1]
 
     def _image(self, path: Path) -> torch.Tensor:
         return preprocess(load_rgb(path, self.max_image_pixels), self.image_spec)

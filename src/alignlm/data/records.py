@@ -113,6 +113,19 @@ def record_problem(record: Any) -> str | None:
     return None
 
 
+def preference_problem(record: dict[str, Any]) -> str | None:
+    """Why a preference record (a prompt conversation ending with the user's turn, plus a ``chosen`` and a
+    ``rejected`` answer) cannot be used, or None."""
+    for key in ("chosen", "rejected"):
+        if not isinstance(record.get(key), str) or not record[key].strip():
+            return f"a preference record needs a non-empty string {key!r}, got {record.get(key)!r}"
+    if record["chosen"] == record["rejected"]:
+        return "'chosen' and 'rejected' are the same answer"
+    if to_turns(record["conversations"])[-1].role != "user":
+        return "a preference record's 'conversations' must end with the user's turn (the answers are 'chosen' and 'rejected')"
+    return None
+
+
 def image_names(record: dict[str, Any]) -> list[str]:
     """The record's ``image`` entries as written, in reading order (one path, a list, or absent)."""
     images = record.get("image")

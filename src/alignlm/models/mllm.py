@@ -56,6 +56,7 @@ class AlignOutput(ModelOutput):
     aux_losses: dict[str, torch.Tensor] | None = None  # {} when not given
     metrics: dict[str, torch.Tensor] | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
+    sample_logps: torch.Tensor | None = None  # [num_samples]: each sample's summed log-probability of its labels
 
     def __post_init__(self) -> None:
         self.aux_losses = {} if self.aux_losses is None else self.aux_losses
@@ -197,7 +198,13 @@ class AlignLM(nn.Module):
             embeds = embeds.masked_scatter(here.unsqueeze(-1), tokens.to(embeds.dtype))
         return embeds
 
-    def forward(self, batch: Batch, output_hidden_states: bool = False, return_logits: bool = False) -> AlignOutput:
+    def forward(
+        self,
+        batch: Batch,
+        output_hidden_states: bool = False,
+        return_logits: bool = False,
+        sample_logps: bool = False,
+    ) -> AlignOutput:
         embeds, ex = self.embed(batch)
         index = self.index(batch)
         packed = batch.get("position_ids") is not None  # samples laid end to end in rows
@@ -211,7 +218,8 @@ class AlignLM(nn.Module):
         hidden = out.last_hidden_state
         # The vocabulary projection runs only where a label exists, chunk by chunk: on a 32k-150k vocabulary the
         # logits are otherwise a large share of the step and of its memory (models/lm_loss.py).
-        loss_sum = self.lm_loss_sum(hidden.flatten(0, 1).index_select(0, index["lm_positions"]), index["lm_targets"])
+        supervised = hidden.flatten(0, 1).index_select(0, index["lm_positions"])
+        loss_sum = self.lm_loss_sum(supervised, index["lm_targets"])
         local_items = torch.full((), index["lm_targets"].numel(), device=loss_sum.device)  # a fill: no host-device copy
         num_items = batch.get("num_items_in_batch")
         denom = torch.as_tensor(num_items if num_items is not None else local_items, device=loss_sum.device)
@@ -226,7 +234,16 @@ class AlignLM(nn.Module):
             aux_losses=ex["conn"].aux_losses,
             metrics=ex["conn"].metrics,
             hidden_states=out.hidden_states if output_hidden_states else None,
+            sample_logps=self.sample_logps(supervised, index) if sample_logps else None,
         )
+
+    def sample_logps(self, supervised: torch.Tensor, index: dict[str, Any]) -> torch.Tensor:
+        """Each sample's summed log-probability of its supervised tokens ``[num_samples]`` (preference objectives),
+        from the hidden states at the supervised positions; logits in fp32, only there."""
+        logps = torch.log_softmax(self.lm_logits(supervised).float(), dim=-1)
+        token = logps.gather(1, index["lm_targets"][:, None]).squeeze(1)
+        owner = index["sample_ids"].flatten().index_select(0, index["lm_positions"])
+        return token.new_zeros(int(index["num_samples"])).index_add(0, owner, token)
 
     def packed_mask(self, sample_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
         """The block-diagonal causal mask ``[rows, 1, T, T]`` of packed rows: a token sees the earlier tokens of its own

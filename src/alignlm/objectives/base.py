@@ -35,6 +35,7 @@ class Objective(nn.Module):
     name: str = ""
     requires_batch_keys: tuple[str, ...] = ()
     needs_hidden_states: bool = False
+    needs_sample_logps: bool = False  # each sample's summed log-probability of its labels (preference objectives)
     # True when the loss is already normalised by the global supervised-token count (the LM loss);
     # other losses are per-micro-batch means that the trainer averages over accumulation steps.
     token_normalized: bool = False

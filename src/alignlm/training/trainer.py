@@ -93,9 +93,11 @@ class StepLog:
 
 
 def build_objectives(stage: Mapping[str, Any]) -> dict[str, tuple[Objective, float]]:
-    """Objectives of a stage with their weights: ``total = sum(weight * loss)``."""
+    """Objectives of a stage with their weights: ``total = sum(weight * loss)``; null entries are off."""
     objectives = {}
     for key, node in (stage.get("objectives") or {}).items():
+        if node is None:  # switched off (a stage that inherits the LM loss and trains on another)
+            continue
         node = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
         weight = float(node.pop("weight", 1.0))
         obj = instantiate(node, f"stage.objectives.{key}")
@@ -305,7 +307,8 @@ class Trainer:
         """Weighted sum of objectives (plus the connector's auxiliary losses) for one micro-batch."""
         model = self.core()
         needs_hidden = any(o.needs_hidden_states for o, _ in self.objectives.values())
-        out = self.model(batch, output_hidden_states=needs_hidden)
+        needs_logps = any(o.needs_sample_logps for o, _ in self.objectives.values())
+        out = self.model(batch, output_hidden_states=needs_hidden, sample_logps=needs_logps)
         total = out.lm_loss.new_zeros(())
         logs: dict[str, torch.Tensor] = {}
         for key, (obj, weight) in self.objectives.items():

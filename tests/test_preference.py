@@ -1,0 +1,174 @@
+"""Preference tuning (the dpo stage): the loss is the formula, the reference is the starting model (adapters disabled
+equals a frozen copy), masks cover the final answer only, and a stage trains, checkpoints and resumes exactly."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from alignlm.constants import IGNORE_INDEX
+from alignlm.data.build import build_dataset
+from alignlm.data.collate import Collator
+from alignlm.objectives.preference import PreferenceObjective, preference_loss
+from alignlm.pipeline import run
+from alignlm.training.stages import apply_stage
+from alignlm.training.trainer import StopTraining
+from tests.conftest import COLOURS, compose, read_losses, tiny_overrides
+
+
+def write_preferences(colour_set: dict[str, Path]) -> Path:
+    """Each colour question with its right answer chosen and a wrong one rejected; every fourth record asks a second,
+    follow-up question after an earlier answer (whose tokens must not be supervised)."""
+    path = Path(colour_set["instruct"]).parent / "preferences.json"
+    names = list(COLOURS)
+    records = []
+    for i in range(24):
+        right, wrong = names[i % 3], names[(i + 1) % 3]
+        turns = [{"from": "human", "value": "<image>\nWhat color is it?"}]
+        if i % 4 == 3:
+            turns += [{"from": "gpt", "value": "A square."}, {"from": "human", "value": "And its color?"}]
+        records.append(
+            {"id": f"d{i}", "image": f"images/{i}.png", "conversations": turns, "chosen": right, "rejected": wrong}
+        )
+    path.write_text(json.dumps(records))
+    return path
+
+
+def dpo_stage(colour_set, tmp_path, *extra: str) -> list[str]:
+    prefs = write_preferences(colour_set)
+    return [
+        *tiny_overrides(colour_set, tmp_path, "eval.sets=[]"),
+        "+stage@stages.dpo=dpo",
+        "run=[finetune,dpo]",
+        "stages.finetune.init_from=null",
+        "stages.finetune.data.template=chat",
+        "stages.dpo.data.template=chat",
+        f"stages.dpo.data.sources=[{{path:{prefs}}}]",
+        "stages.dpo.per_device_batch_size=4",
+        "stages.dpo.max_steps=6",
+        "stages.dpo.save_every=3",
+        "mixed_precision=no",
+        *extra,
+    ]
+
+
+def pair_batch(model, colour_set, tmp_path) -> dict:
+    cfg = compose(*dpo_stage(colour_set, tmp_path))
+    dataset = build_dataset(cfg.stages.dpo.data, model, 0)
+    collate = Collator(
+        model.tokenizer.pad_token_id, image_token_id=model.image_token_id, num_image_tokens=model.num_image_tokens
+    )
+    return collate([dataset[i] for i in range(4)])
+
+
+def test_the_loss_is_the_formula_on_hand_computed_log_probabilities():
+    pc, pr, rc, rr = (torch.tensor([v]) for v in (-1.0, -2.0, -1.5, -1.0))
+    h, beta = (-1.0 + 1.5) - (-2.0 + 1.0), 0.5  # 1.5
+    assert preference_loss(pc, pr, rc, rr, beta).item() == pytest.approx(math.log1p(math.exp(-beta * h)))
+    smoothed = 0.8 * math.log1p(math.exp(-beta * h)) + 0.2 * math.log1p(math.exp(beta * h))
+    assert preference_loss(pc, pr, rc, rr, beta, label_smoothing=0.2).item() == pytest.approx(smoothed)
+    assert preference_loss(pc, pr, rc, rr, beta, loss="ipo").item() == pytest.approx((h - 1 / (2 * beta)) ** 2)
+
+
+def test_masks_cover_the_final_answer_only(tiny_model, colour_set, tmp_path):
+    """Chosen and rejected share the prompt token for token; only the final answer (and the template's end of turn)
+    is supervised, also after an earlier answer in the prompt."""
+    model = tiny_model()
+    cfg = compose(*dpo_stage(colour_set, tmp_path))
+    dataset = build_dataset(cfg.stages.dpo.data, model, 0)
+    records = {r["id"]: r for r in json.loads(write_preferences(colour_set).read_text())}
+    follow_ups = 0
+    for i in range(len(dataset)):
+        chosen, rejected = dataset[i]
+        record = records[chosen["id"]]
+        follow_ups += len(record["conversations"]) > 1
+        for sample, answer in ((chosen, record["chosen"]), (rejected, record["rejected"])):
+            supervised = (sample["labels"] != IGNORE_INDEX).nonzero().squeeze(1)
+            start = int(supervised[0])
+            assert supervised.tolist() == list(range(start, start + len(supervised)))  # one contiguous run
+            text = model.tokenizer.decode(sample["labels"][supervised])
+            assert text.startswith(answer) and "A square" not in text
+        start = int((chosen["labels"] != IGNORE_INDEX).nonzero()[0])
+        assert torch.equal(chosen["input_ids"][:start], rejected["input_ids"][:start])
+    assert follow_ups > 0
+
+
+def test_zero_margin_while_the_policy_is_the_reference(tiny_model, colour_set, tmp_path):
+    model = tiny_model()
+    apply_stage(model, {"vision": "frozen", "connector": "frozen", "llm": "lora"}, {"r": 4, "alpha": 8, "dropout": 0.0})
+    dpo = PreferenceObjective(beta=0.1)
+    dpo.setup(model, None)
+    assert dpo.reference == "adapters"
+    batch = pair_batch(model, colour_set, tmp_path)
+    term = dpo(batch, model(batch, sample_logps=True), model)
+    assert term.metrics["rewards/margin"].item() == 0.0 and term.loss.item() == pytest.approx(math.log(2))
+
+
+def test_adapters_disabled_reference_equals_a_frozen_copy(tiny_model, colour_set, tmp_path):
+    model = tiny_model()
+    before = copy.deepcopy(model).eval()
+    apply_stage(model, {"vision": "frozen", "connector": "frozen", "llm": "lora"}, {"r": 4, "alpha": 8, "dropout": 0.0})
+    with torch.no_grad():  # adapters that change the answers (LoRA's B starts at zero)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    batch = pair_batch(model, colour_set, tmp_path)
+    adapters, frozen = PreferenceObjective(reference="adapters"), PreferenceObjective(reference="copy")
+    adapters.setup(model, None)
+    frozen.setup(before, None)  # a copy of the weights before the adapters
+    reference = adapters.reference_logps(batch, model)
+    assert torch.allclose(reference, frozen.reference_logps(batch, before), atol=1e-5)
+    assert not torch.allclose(reference, model(batch, sample_logps=True).sample_logps, atol=1e-3)
+    with pytest.raises(ValueError, match="reference=adapters needs a stage whose only trained parameters"):
+        PreferenceObjective(reference="adapters").setup(before, None)  # everything trainable: no adapters to disable
+
+
+def test_a_dpo_stage_learns_the_preferences_and_resumes_exactly(colour_set, tmp_path):
+    """finetune -> dpo (LoRA, reference = adapters disabled): the chosen answers gain reward; stopped after step 3
+    and resumed, every loss equals the uninterrupted run's."""
+    run(compose(*dpo_stage(colour_set, tmp_path, "run_name=full")))
+    with pytest.raises(StopTraining):
+        run(compose(*dpo_stage(colour_set, tmp_path, "run_name=cut", "stop_after_steps=3")))
+    run(compose(*dpo_stage(colour_set, tmp_path, "run_name=cut")))
+    full = read_losses(tmp_path / "full" / "dpo")
+    assert len(full) == 6 and read_losses(tmp_path / "cut" / "dpo") == pytest.approx(full, rel=1e-6, abs=1e-7)
+    rows = [json.loads(r) for r in (tmp_path / "full" / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["loss/dpo"] == pytest.approx(math.log(2), abs=1e-4)  # the policy starts as its reference
+    assert rows[-1]["dpo/rewards/margin"] > 0 and rows[-1]["loss/dpo"] < math.log(2)
+    assert sum(r["dpo/rewards/accuracy"] for r in rows[1:]) / 5 > 0.5  # the chosen answers mostly gain more
+    assert (tmp_path / "full" / "dpo" / "final" / "model.safetensors").exists()
+
+
+def test_preference_records_that_cannot_be_used_are_counted(tiny_model, colour_set, tmp_path):
+    model = tiny_model()
+    good = json.loads(write_preferences(colour_set).read_text())[:8]
+    bad = [
+        {**good[0], "id": "same", "rejected": good[0]["chosen"]},
+        {k: v for k, v in good[1].items() if k != "rejected"} | {"id": "none"},
+        {**good[2], "id": "answered", "conversations": [*good[2]["conversations"], {"from": "gpt", "value": "x"}]},
+    ]
+    path = Path(colour_set["instruct"]).parent / "preferences_bad.json"
+    path.write_text(json.dumps(good + bad))
+    cfg = compose(*dpo_stage(colour_set, tmp_path, f"stages.dpo.data.sources=[{{path:{path}}}]"))
+    dataset = build_dataset(cfg.stages.dpo.data, model, 0)
+    assert len(dataset) == 8 and dataset.report.counts == {"malformed record": 3}
+
+
+def test_two_data_parallel_ranks_train_like_one_process(colour_set, tmp_path, monkeypatch):
+    """The pair index is local to a micro-batch and the loss a mean over pairs: 2 gloo ranks of 2 pairs each give one
+    process's losses with 4 pairs a step (fp32, rel. 1e-5)."""
+    from tests.test_cluster import torchrun
+
+    job = dpo_stage(
+        colour_set, tmp_path, "run_name=ddp", "stages.dpo.per_device_batch_size=2", "stages.dpo.save_every=0"
+    )
+    proc = torchrun(job)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    run(compose(*dpo_stage(colour_set, tmp_path, "run_name=one", "stages.dpo.save_every=0")))
+    assert read_losses(tmp_path / "ddp" / "dpo") == pytest.approx(read_losses(tmp_path / "one" / "dpo"), rel=1e-5)
