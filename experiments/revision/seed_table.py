@@ -15,31 +15,11 @@ standard error answers "is it better at this seed"; the one over seeds answers "
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 from typing import Any
 
-from alignlm.evaluation.paired import POOLED, paired_difference
-
-
-def final_scores(report: Path) -> dict[str, dict[str, float]]:
-    """Per question set, each question's score at the report's final checkpoint (the last one)."""
-    with open(report) as f:
-        last = json.load(f)["checkpoints"][-1]
-    if last["kind"] != "final":
-        raise ValueError(f"{report}: the last checkpoint is {last['label']}, not a final/")
-    sets = {name: s["scores"] for name, s in last["sets"].items()}
-    sets[POOLED] = {f"{name}/{k}": v for name, s in last["sets"].items() for k, v in s["scores"].items()}
-    return sets
-
-
-def mean_se(xs: list[float]) -> tuple[float, float]:
-    """Mean and its standard error (``nan`` with a single value)."""
-    m = math.fsum(xs) / len(xs)
-    if len(xs) < 2:
-        return m, math.nan
-    return m, math.sqrt(math.fsum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
+from alignlm.evaluation.paired import POOLED, final_scores, mean_se, paired_difference
 
 
 def table(seed_dirs: list[Path], arms: list[str]) -> list[str]:

@@ -21,8 +21,8 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from alignlm.data.records import image_paths
 from alignlm.evaluation.answers import score_answer
 from alignlm.evaluation.checkpoints import data_config, load, resolve, stage_config
-from alignlm.evaluation.evaluate import generate_set
 from alignlm.evaluation.lmms import question_of
+from alignlm.models.generation import generate_set
 
 N_SHOWN = 5
 

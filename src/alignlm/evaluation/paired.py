@@ -9,8 +9,10 @@ the discordant counts (questions only B gets right, only A gets right), from whi
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 POOLED = "all"
@@ -36,6 +38,25 @@ def paired_difference(a: Mapping[str, float], b: Mapping[str, float]) -> dict[st
         "only_b": sum(x > 0 for x in d),
         "only_a": sum(x < 0 for x in d),
     }
+
+
+def final_scores(report: str | Path) -> dict[str, dict[str, float]]:
+    """Per question set of an ``alignlm eval`` report, each question's score at its final checkpoint (the last one),
+    plus all sets pooled (:data:`POOLED`, ids prefixed by the set)."""
+    last = json.loads(Path(report).read_text())["checkpoints"][-1]
+    if last["kind"] != "final":
+        raise ValueError(f"{report}: the last checkpoint is {last['label']}, not a final/")
+    sets = {name: s["scores"] for name, s in last["sets"].items()}
+    sets[POOLED] = {f"{name}/{k}": v for name, s in last["sets"].items() for k, v in s["scores"].items()}
+    return sets
+
+
+def mean_se(xs: Sequence[float]) -> tuple[float, float]:
+    """Mean and its standard error over independent runs (seeds); ``nan`` error with a single value."""
+    m = math.fsum(xs) / len(xs)
+    if len(xs) < 2:
+        return m, math.nan
+    return m, math.sqrt(math.fsum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
 
 
 def against_first(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

@@ -1,0 +1,71 @@
+"""SIMA's commands: ``alignlm sima generate`` writes self-generated, self-judged preference records from a finetuned
+checkpoint; ``alignlm sima check`` scores the judge against the reference answers (docs/methods.md, SIMA).
+
+    alignlm sima generate outputs/demo/finetune/final --set digits=data/digits/instruct.json --out outputs/sima/prefs
+    alignlm sima check outputs/sima/prefs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from alignlm.evaluation.checkpoints import data_config, resolve, stage_config
+from alignlm.evaluation.preferences import judge_agreement
+from alignlm.methods.sima.generate import prepare_preferences
+
+
+def register(subparsers: Any) -> None:
+    """Add ``sima generate`` and ``sima check`` to the ``alignlm`` command line."""
+    p = subparsers.add_parser("sima", help="SIMA self-improvement: self-generated, self-judged preference pairs")
+    sub = p.add_subparsers(dest="sima_command", required=True)
+    g = sub.add_parser("generate", help="answer, judge and write preference records from a final/ checkpoint")
+    g.add_argument("checkpoint", help="a final/ folder (its config gives the template)")
+    g.add_argument("--set", action="append", required=True, metavar="NAME=JSON", help="question set (repeatable)")
+    g.add_argument("--out", required=True, help="folder for <name>.json (records) and <name>.critic.json")
+    g.add_argument("--samples", type=int, default=2, help="sampled answers per question besides the greedy one")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--max-new-tokens", type=int, default=8)
+    g.add_argument("--limit", type=int, default=None, help="first N records of each set")
+    g.add_argument("--keep-inconsistent", action="store_true", help="keep pairs whose two orders disagree")
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(func=cmd_generate)
+    c = sub.add_parser("check", help="agreement of the judged pairs with the reference answers")
+    c.add_argument("out", help="a `sima generate` folder")
+    c.set_defaults(func=cmd_check)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    sets = []
+    for item in args.set:
+        name, _, path = item.partition("=")
+        if not name or not path:
+            raise SystemExit(f"alignlm sima generate: --set takes NAME=JSON, got {item!r}")
+        sets.append({"name": name, "path": path})
+    checkpoint = resolve([args.checkpoint])[0]
+    data = data_config(checkpoint, stage_config(checkpoint))  # the template the checkpoint was trained with
+    prepare_preferences(
+        args.checkpoint,
+        sets,
+        args.out,
+        data,
+        samples=args.samples,
+        temperature=args.temperature,
+        max_new_tokens=args.max_new_tokens,
+        limit=args.limit,
+        drop_inconsistent=not args.keep_inconsistent,
+        seed=args.seed,
+    )
+    return cmd_check(argparse.Namespace(out=args.out))
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    report = {
+        f.name.removesuffix(".critic.json"): judge_agreement(json.loads(f.read_text()))
+        for f in sorted(Path(args.out).glob("*.critic.json"))
+    }
+    print(json.dumps(report, indent=2))
+    (Path(args.out) / "critic_check.json").write_text(json.dumps(report, indent=2))
+    return 0

@@ -1,0 +1,203 @@
+"""SIMA's data step: response self-generation and in-context self-critic, written as preference records.
+
+For each prompt (an image and a question, with its reference answer) of a question set:
+
+1. *Self-generation*: one greedy answer and ``samples`` sampled ones (``temperature``), all from the model itself.
+2. *Self-critic*: every sampled answer that differs from the greedy one is paired with it, and the same model judges
+   the pair in context: the image, the question, the reference answer, the two answers as "A" and "B", and SIMA's
+   three visual criteria (the objects named, their relationships, their attributes). The judgement is read off the
+   next-token distribution, ``p(A) / (p(A) + p(B))``, asked in both orders to cancel position bias:
+   ``prefer(a over b) = (p_A(a, b) + p_B(b, a)) / 2``. A pair whose two orders disagree is dropped
+   (``drop_inconsistent``).
+3. The preferred answer becomes ``chosen``, the other ``rejected``: records for ``data.preference: true``.
+
+Written per set, into ``out``: ``<name>.json`` (the preference records; images stay where the set has them, so a
+stage reads them with ``image_root`` set to the set's folder) and ``<name>.critic.json`` (every judged pair with both
+orders' probabilities and the reference answer, for the critic check of ``alignlm eval``). A set whose file exists is
+not generated again.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from alignlm.constants import IMAGE_TOKEN
+from alignlm.data.build import build_dataset
+from alignlm.data.collate import Collator
+from alignlm.data.records import read_records
+from alignlm.models.generation import generate_set
+from alignlm.models.io import load_model
+
+CRITERIA = (
+    "objects: does it name only objects that are in the image?",
+    "relationships: are positions and counts right?",
+    "attributes: are colours, shapes and sizes right?",
+)
+
+
+def critic_question(question: str, reference: str, first: str, second: str) -> str:
+    """The in-context critic's question (ours; SIMA's criteria, the reference answer and both answers)."""
+    criteria = "\n".join(f"- {c}" for c in CRITERIA)
+    return (
+        f"Two answers to a question about this image.\nQuestion: {question}\nReference answer: {reference}\n"
+        f"Answer A: {first}\nAnswer B: {second}\nJudge them by:\n{criteria}\nWhich answer is better? Reply A or B."
+    )
+
+
+def single_turn_prompts(path: str | Path, limit: int | None) -> list[dict[str, Any]]:
+    """Each record's first question with its first answer as the reference (multi-turn training records give one
+    prompt each)."""
+    prompts = []
+    for i, rec in enumerate(read_records(path)[:limit]):
+        turns = rec["conversations"]
+        if len(turns) < 2:
+            continue
+        question = str(turns[0]["value"])
+        prompts.append(
+            {
+                "id": str(rec.get("id", i)),
+                "image": rec.get("image"),
+                "conversations": [{"from": "human", "value": question}],
+                "answer": str(turns[1]["value"]),
+            }
+        )
+    return prompts
+
+
+@torch.no_grad()
+def judge(
+    model: Any, pairs: Sequence[dict[str, Any]], data_cfg: Mapping[str, Any], image_root: str, work: Path, batch: int
+) -> list[float]:
+    """``p(A) / (p(A) + p(B))`` for each critic record (image + critic question), from the next-token logits."""
+    path = work / "critic_prompts.json"
+    path.write_text(json.dumps(list(pairs)))
+    cfg = {**dict(data_cfg), "sources": [{"path": str(path), "image_root": image_root}], "on_error": "raise"}
+    dataset = build_dataset(cfg, model, seed=0, for_generation=True)
+    loader = DataLoader(
+        dataset, batch_size=batch, collate_fn=Collator(model.tokenizer.pad_token_id, padding_side="left")
+    )
+    tokens = [model.tokenizer.encode(x, add_special_tokens=False)[0] for x in ("A", "B")]
+    device = next(model.parameters()).device
+    out = []
+    for b in loader:
+        inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
+        embeds, _ = model.embed(inputs)
+        mask = inputs["attention_mask"]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions as generation numbers them
+        logits = model.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits
+        logits = logits[:, -1, tokens]
+        out += torch.softmax(logits.float(), dim=-1)[:, 0].tolist()
+    return out
+
+
+def self_critic_pairs(
+    model: Any,
+    prompts: list[dict[str, Any]],
+    answers: list[list[str]],
+    data_cfg: Mapping[str, Any],
+    image_root: str,
+    work: Path,
+    batch: int,
+) -> list[dict[str, Any]]:
+    """Every (greedy, sampled) pair of distinct answers, judged in both orders."""
+    pairs = []
+    for prompt, options in zip(prompts, answers):
+        greedy = options[0]
+        for other in dict.fromkeys(a for a in options[1:] if a.strip() and a != greedy):
+            pairs.append({"prompt": prompt, "a": greedy, "b": other})
+    critic = []
+    for p in pairs:
+        question = p["prompt"]["conversations"][0]["value"].replace(IMAGE_TOKEN, "").strip()
+        for first, second in ((p["a"], p["b"]), (p["b"], p["a"])):
+            text = critic_question(question, p["prompt"]["answer"], first, second)
+            critic.append(
+                {
+                    "id": p["prompt"]["id"],
+                    "image": p["prompt"]["image"],
+                    "conversations": [{"from": "human", "value": text}],
+                }
+            )
+    probs = judge(model, critic, data_cfg, image_root, work, batch) if critic else []
+    for i, p in enumerate(pairs):
+        p["p_a_first"], p["p_a_second"] = probs[2 * i], 1.0 - probs[2 * i + 1]  # both: p(a is better)
+    return pairs
+
+
+def prepare_preferences(
+    checkpoint: str,
+    sets: Sequence[Mapping[str, Any]],
+    out: str,
+    data: Mapping[str, Any],
+    samples: int = 2,
+    temperature: float = 1.0,
+    max_new_tokens: int = 8,
+    limit: int | None = None,
+    batch_size: int = 16,
+    drop_inconsistent: bool = True,
+    seed: int = 0,
+) -> None:
+    """The stage ``prepare`` step (``+exp=sima``): preference records from ``checkpoint`` for each of ``sets``
+    (``{name, path}``), into ``out`` (see the module docstring)."""
+    out_dir = Path(out)
+    todo = [s for s in sets if not (out_dir / f"{s['name']}.json").exists()]
+    if not todo:
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = load_model(checkpoint)
+    if torch.cuda.is_available():
+        model = model.cuda()
+    for s in todo:
+        image_root = str(Path(s["path"]).parent)
+        prompts = single_turn_prompts(s["path"], limit)
+        prompt_file = out_dir / f"{s['name']}.prompts.json"
+        prompt_file.write_text(json.dumps(prompts))
+        runs = [{"do_sample": False}] + [{"do_sample": True, "temperature": temperature, "top_k": 0}] * samples
+        answers_by_run = [
+            [
+                pred
+                for _, pred, _ in generate_set(
+                    model, str(prompt_file), data, batch_size, max_new_tokens, None, g, seed + k, image_root
+                )
+            ]
+            for k, g in enumerate(runs)
+        ]
+        answers = [list(a) for a in zip(*answers_by_run)]
+        pairs = self_critic_pairs(model, prompts, answers, data, image_root, out_dir, batch_size)
+        records = []
+        for p in pairs:
+            prefer_a = (p["p_a_first"] + p["p_a_second"]) / 2 > 0.5
+            consistent = (p["p_a_first"] > 0.5) == (p["p_a_second"] > 0.5)
+            p["consistent"], p["chosen"] = consistent, p["a"] if prefer_a else p["b"]
+            if consistent or not drop_inconsistent:
+                prompt = p["prompt"]
+                records.append(
+                    {
+                        "id": f"{prompt['id']}",
+                        "image": prompt["image"],
+                        "conversations": prompt["conversations"],
+                        "chosen": p["chosen"],
+                        "rejected": p["b"] if prefer_a else p["a"],
+                    }
+                )
+        critic = [
+            {
+                "id": p["prompt"]["id"],
+                "question": p["prompt"]["conversations"][0]["value"],
+                "answer": p["prompt"]["answer"],
+                "a": p["a"],
+                "b": p["b"],
+                "p_a_first": p["p_a_first"],
+                "p_a_second": p["p_a_second"],
+                "consistent": p["consistent"],
+                "chosen": p["chosen"],
+            }
+            for p in pairs
+        ]
+        (out_dir / f"{s['name']}.critic.json").write_text(json.dumps(critic, indent=1))
+        (out_dir / f"{s['name']}.json").write_text(json.dumps(records))

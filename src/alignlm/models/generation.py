@@ -1,0 +1,53 @@
+"""Answers of a model to a LLaVA-format question set: left-padded prompts, ``AlignLM.generate``, decoded text.
+
+Shared by evaluation (accuracy, captions, the export check) and by methods that make their own training data from
+the model's answers (SIMA's self-generated responses).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from alignlm.data.build import build_dataset
+from alignlm.data.collate import Collator
+
+
+@torch.no_grad()
+def generate_set(
+    model: Any,
+    path: str,
+    data_cfg: Mapping[str, Any],
+    batch_size: int = 16,
+    max_new_tokens: int = 8,
+    limit: int | None = None,
+    generation: Mapping[str, Any] | None = None,
+    seed: int = 0,
+    image_root: str | None = None,
+) -> list[tuple[str, str, dict[str, Any]]]:
+    """``(id, prediction, record)`` for the first ``limit`` records of a set, in file order (images under
+    ``image_root``, by default the set's folder)."""
+    # generation datasets use no data hooks: sets are read with their images, whatever side data the stage trained on
+    source = {"path": path} if image_root is None else {"path": path, "image_root": image_root}
+    cfg = {**dict(data_cfg), "sources": [source], "on_error": "raise"}
+    dataset = build_dataset(cfg, model, seed=0, for_generation=True)
+    indices = list(range(len(dataset) if limit is None else min(limit, len(dataset))))
+    loader = DataLoader(
+        torch.utils.data.Subset(dataset, indices),
+        batch_size=batch_size,
+        collate_fn=Collator(model.tokenizer.pad_token_id, padding_side="left"),
+    )
+    device = next(model.parameters()).device
+    model.eval()
+    torch.manual_seed(seed)  # sampled decoding gives the same report twice
+    out = []
+    records = iter(dataset.record(i)[1] for i in indices)
+    for batch in loader:
+        inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        new_tokens = model.generate(inputs, max_new_tokens=max_new_tokens, **dict(generation or {}))
+        for pred_ids, rid in zip(new_tokens, batch["ids"]):
+            out.append((rid, model.tokenizer.decode(pred_ids, skip_special_tokens=True).strip(), next(records)))
+    return out
