@@ -1,0 +1,82 @@
+"""``alignlm wca``: zero-shot classification of a question set's images with a dual encoder, the plain score against
+WCA's crop-description score (docs/methods.md, WCA), over several crop seeds with paired differences.
+
+    alignlm wca --encoder runs/dual_encoder --set data/digits/test.json --prompt "The digit {c}." \\
+        --descriptions "The digit {c}, written by hand in dark ink." "A handwritten {c}." --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from alignlm.data.images import load_rgb
+from alignlm.data.records import image_paths, read_records
+from alignlm.evaluation.paired import mean_se, paired_difference
+from alignlm.methods.wca.score import WCAConfig, descriptions_for, zero_shot
+from alignlm.models.encoders import load_encoder
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("wca", help="zero-shot classification: plain cosine vs WCA (crops x descriptions)")
+    p.add_argument("--encoder", required=True, help="an `alignlm dual-encoder fit` folder or a CLIP / SigLIP name")
+    p.add_argument("--set", required=True, help="question set whose records carry `answer` and `meta.choices`")
+    p.add_argument("--qtype", default=None, help="only records whose meta.qtype is this")
+    p.add_argument("--prompt", default="a photo of {c}", help="class prompt, {c} the class")
+    p.add_argument("--descriptions", nargs="+", required=True, help="description templates ({c}) or a JSON file")
+    p.add_argument("--crops", type=int, default=WCAConfig.crops)
+    p.add_argument("--scale", type=float, nargs=2, default=WCAConfig.scale)
+    p.add_argument("--tau-crop", type=float, default=WCAConfig.tau_crop)
+    p.add_argument("--tau-text", type=float, default=WCAConfig.tau_text)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="crop seeds")
+    p.add_argument("--out", default=None, help="write the report as JSON here")
+    p.set_defaults(func=cmd_wca)
+
+
+def cmd_wca(args: argparse.Namespace) -> int:
+    records = [
+        r for r in read_records(args.set) if args.qtype is None or (r.get("meta") or {}).get("qtype") == args.qtype
+    ]
+    records = records[: args.limit]
+    if not records or "answer" not in records[0] or not (records[0].get("meta") or {}).get("choices"):
+        raise SystemExit(f"alignlm wca: {args.set} needs records with `answer` and `meta.choices`")
+    classes = [str(c) for c in records[0]["meta"]["choices"]]
+    images = [load_rgb(image_paths(r, Path(args.set).parent)[0]) for r in records]
+    labels = [classes.index(str(r["answer"])) for r in records]
+    given = args.descriptions
+    templates = json.loads(Path(given[0]).read_text()) if len(given) == 1 and given[0].endswith(".json") else given
+    descriptions = descriptions_for(classes, templates)
+    encoder = load_encoder(args.encoder)
+    config = WCAConfig(args.crops, tuple(args.scale), args.tau_crop, args.tau_text)
+    prompts = [args.prompt.format(c=c) for c in classes]
+    runs = []
+    for seed in args.seeds:
+        r = zero_shot(encoder, images, labels, prompts, descriptions, config, seed)
+        ids = [str(i) for i in range(len(labels))]
+        d = paired_difference(dict(zip(ids, r["plain_right"])), dict(zip(ids, r["wca_right"])))
+        runs.append({"seed": seed, "plain": r["plain"], "wca": r["wca"], "diff": d["diff"], "se": d["se"]})
+        print(
+            f"seed {seed}: plain {100 * r['plain']:.1f} %  WCA {100 * r['wca']:.1f} %  "
+            f"WCA - plain {100 * d['diff']:+.1f} (paired SE {100 * d['se']:.1f}), n={r['n']}"
+        )
+    m, se = mean_se([r["diff"] for r in runs])
+    summary = {
+        "set": args.set,
+        "qtype": args.qtype,
+        "classes": classes,
+        "n": len(labels),
+        "chance": 1 / len(classes),
+        "runs": runs,
+        "mean_diff": m,
+        "se_over_seeds": se,
+    }
+    print(
+        f"over {len(runs)} seeds: WCA - plain {100 * m:+.2f} points (SE {100 * se:.2f}); chance {100 / len(classes):.1f} %"
+    )
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(summary, indent=2))
+    return 0

@@ -1,0 +1,71 @@
+"""WCA: crops are where and as large as asked, the score reduces to the plain cosine when every crop is the whole image
+and the class prompt is the only description, and `alignlm wca` reports both with paired differences."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from alignlm.commands import main
+from alignlm.methods.wca.score import WCAConfig, class_texts, descriptions_for, random_crops, scores
+from alignlm.models.encoders import load_encoder
+
+
+def test_crops_keep_their_scale_and_stay_inside_the_image():
+    image = Image.new("RGB", (60, 40))
+    crops = random_crops(image, 50, (0.4, 0.9), np.random.default_rng(0))
+    assert len(crops) == 50
+    for c in crops:
+        assert 0.4 * 60 - 1 <= c.size[0] <= 0.9 * 60 + 1 and 0.4 * 40 - 1 <= c.size[1] <= 0.9 * 40 + 1
+    again = random_crops(image, 50, (0.4, 0.9), np.random.default_rng(0))
+    assert [c.size for c in crops] == [c.size for c in again]
+
+
+def test_wca_is_the_plain_score_with_whole_image_crops_and_the_prompt_as_the_only_description(tiny_clip):
+    encoder = load_encoder(str(tiny_clip))
+    classes = ["red", "green", "blue"]
+    prompts = [f"a {c} square" for c in classes]
+    p, per_class = class_texts(encoder, prompts, descriptions_for(classes, ["a {c} square"]), tau=0.1)
+    image = Image.new("RGB", (32, 32), (200, 30, 30))
+    plain, wca = scores(encoder, image, p, per_class, WCAConfig(crops=4, scale=(1.0, 1.0)), np.random.default_rng(0))
+    assert torch.allclose(plain, wca, atol=1e-5)
+    p, per_class = class_texts(encoder, prompts, descriptions_for(classes, ["a {c} square", "the colour {c}"]), tau=0.1)
+    assert all(torch.isclose(v.sum(), torch.tensor(1.0)) and v.shape == (2,) for _, v in per_class)
+
+
+def test_descriptions_from_templates_or_a_mapping():
+    assert descriptions_for(["1", "2"], ["the digit {c}", "{c}."]) == [["the digit 1", "1."], ["the digit 2", "2."]]
+    assert descriptions_for(["a"], {"a": ["x", "y"]}) == [["x", "y"]]
+    with pytest.raises(ValueError, match="lack classes"):
+        descriptions_for(["a", "b"], {"a": ["x"]})
+
+
+def test_the_command_reports_plain_and_wca_per_seed(tiny_clip, colour_set, tmp_path):
+    out = tmp_path / "wca.json"
+    args = ["wca", "--encoder", str(tiny_clip), "--set", str(colour_set["test"]), "--prompt", "a {c} square"]
+    assert (
+        main(
+            [
+                *args,
+                "--descriptions",
+                "a {c} square",
+                "the colour {c}",
+                "--crops",
+                "3",
+                "--seeds",
+                "0",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    report = json.loads(out.read_text())
+    assert report["n"] == 12 and report["classes"] == ["red", "green", "blue"] and len(report["runs"]) == 2
+    assert all(0 <= r["plain"] <= 1 and 0 <= r["wca"] <= 1 for r in report["runs"])
+    assert report["runs"][0]["plain"] == report["runs"][1]["plain"]  # the crops' seed moves WCA only
