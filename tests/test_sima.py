@@ -36,6 +36,7 @@ def test_the_critic_check_counts_only_pairs_with_one_right_answer():
     ]
     report = judge_agreement(pairs)
     assert report["pairs"] == 4 and report["informative"] == 2 and report["agreement"] == 0.5
+    assert report["a_right"] == 0.5 and report["chose_a"] == 1.0
     assert report["informative_consistent"] == 1 and report["agreement_consistent"] == 1.0
     assert report["consistent"] == 3 and report["prefers_first_shown"] == pytest.approx(5 / 8)
 
