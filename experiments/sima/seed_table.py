@@ -25,7 +25,7 @@ def table(out: Path) -> list[str]:
     lines = [
         f"Before (the finetuned model, greedy): {' / '.join(f'{s} {100 * acc[s]:.1f} %' for s in sets)}.",
         "",
-        "| seed | critic agreement (informative pairs; consistent ones) | pairs kept / judged | "
+        "| seed | critic agreement on informative pairs (always-greedy baseline) | pairs kept / judged | "
         + " | ".join(f"{s} after" for s in sets)
         + " | after - before, all (paired SE) |",
         "|---|---|---|" + "---:|" * (len(sets) + 1),
@@ -37,7 +37,7 @@ def table(out: Path) -> list[str]:
         judged = sum(c["pairs"] for c in critic.values())
         kept = sum(len(json.loads((run / "sima" / f"{name}.json").read_text())) for name in critic)
         agreement = "; ".join(
-            f"{name} {_pct(c['agreement'])} of {c['informative']}, {_pct(c['agreement_consistent'])} of "
+            f"{name} {_pct(c['agreement'])} of {c['informative']} (greedy right {_pct(c['a_right'])}); consistent "
             f"{c['informative_consistent']}"
             for name, c in critic.items()
         )

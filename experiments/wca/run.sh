@@ -19,3 +19,7 @@ alignlm wca --encoder "$enc" --set "$data/shapes/test.json" --qtype color --prom
 alignlm wca --encoder "$enc" --set "$data/shapes/test.json" --qtype shape --prompt "A {c}." \
     --descriptions "A red {c}." "A green {c}." "A blue {c}." "A yellow {c}." "A purple {c}." "An orange {c}." \
     "${seeds[@]}" --out "$out/shapes_shape.json"
+# the digits again with larger crops (each side 0.8-1.0 of the image's): how much of WCA's loss there is the crop size
+alignlm wca --encoder "$enc" --set "$data/digits/test.json" --prompt "The digit {c}." \
+    --descriptions "The digit {c}, written by hand in dark ink." "A handwritten {c}." "The number {c}." "{c}." \
+    --scale 0.8 1.0 "${seeds[@]}" --out "$out/digits_large_crops.json"
