@@ -267,7 +267,7 @@ def with_text_only_records(instruct: Path) -> Path:
 
 @pytest.mark.parametrize("strategy", ["fsdp2", "zero2", "zero3"])
 def test_sharded_training_matches_one_process_and_resumes_exactly(colour_set, tmp_path, monkeypatch, strategy):
-    """Two gloo ranks under FSDP2 or DeepSpeed ZeRO (pretrain, then LoRA finetuning on a set with text-only records,
+    """Two gloo ranks under FSDP2 or DeepSpeed ZeRO, 20 steps (pretrain, then LoRA finetuning on a set with text-only records,
     one sample per micro-batch, 2 accumulated: in this order rank 1's second micro-batch has no image, rank 0's has
     one), stopped after step 5 and resumed, give the losses (fp32, rel. 1e-5) and the final weights of one DDP process
     with the same global batch."""
@@ -283,6 +283,7 @@ def test_sharded_training_matches_one_process_and_resumes_exactly(colour_set, tm
         "stages.finetune.data.group_by_length=false",  # else the short text-only records meet in the same steps
         "stages.pretrain.per_device_batch_size=1",
         "stages.finetune.per_device_batch_size=1",
+        "stages.pretrain.max_steps=16",  # 20 steps in all with the finetuning's 4
     ]
     job = base(colour_set, tmp_path, f"run_name={strategy}", f"launcher={strategy}", *stages)
     accumulate = ["stages.pretrain.grad_accum=2", "stages.finetune.grad_accum=2"]
@@ -306,7 +307,7 @@ def test_sharded_training_matches_one_process_and_resumes_exactly(colour_set, tm
     for k in ours:
         assert torch.allclose(ours[k], theirs[k], rtol=0, atol=1e-4), k
     summary = json.loads((tmp_path / strategy / "summary.json").read_text())["stages"]
-    assert summary["pretrain"]["steps"] == 8 and summary["finetune"]["world_size"] == 2
+    assert summary["pretrain"]["steps"] == 16 and summary["finetune"]["world_size"] == 2
 
 
 def test_a_deepspeed_json_tunes_zero_but_leaves_the_step_to_the_stage(tmp_path):
