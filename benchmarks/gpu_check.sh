@@ -3,6 +3,8 @@
 # the machine, the throughput points of benchmarks/train_throughput.py (alignlm against transformers' Llava), then the
 # test suite. Run from the repository root with alignlm importable (installed, or PYTHONPATH=src plus its deps):
 #   OUT=gpu_out bash benchmarks/gpu_check.sh
+# The suite's DeepSpeed GPU checks (tests/test_gpu.py, zero2/zero3 vs DDP) skip unless deepspeed is importable: on a
+# machine without it, carry its pure-Python package with the others on PYTHONPATH.
 set -u
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
