@@ -6,7 +6,7 @@ the model's answers (SIMA's self-generated responses).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -14,6 +14,33 @@ from torch.utils.data import DataLoader
 
 from alignlm.data.build import build_dataset
 from alignlm.data.collate import Collator
+
+
+def prompt_batches(
+    model: Any,
+    path: str,
+    data_cfg: Mapping[str, Any],
+    batch_size: int = 16,
+    limit: int | None = None,
+    image_root: str | None = None,
+) -> Iterator[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """Left-padded prompt batches of a set's first ``limit`` records, in file order, on the model's device, each with
+    its records (images under ``image_root``, by default the set's folder)."""
+    # generation datasets use no data hooks: sets are read with their images, whatever side data the stage trained on
+    source = {"path": path} if image_root is None else {"path": path, "image_root": image_root}
+    cfg = {**dict(data_cfg), "sources": [source], "on_error": "raise"}
+    dataset = build_dataset(cfg, model, seed=0, for_generation=True)
+    indices = list(range(len(dataset) if limit is None else min(limit, len(dataset))))
+    loader = DataLoader(
+        torch.utils.data.Subset(dataset, indices),
+        batch_size=batch_size,
+        collate_fn=Collator(model.tokenizer.pad_token_id, padding_side="left"),
+    )
+    device = next(model.parameters()).device
+    records = iter(dataset.record(i)[1] for i in indices)
+    for batch in loader:
+        inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        yield inputs, [next(records) for _ in batch["ids"]]
 
 
 @torch.no_grad()
@@ -28,26 +55,13 @@ def generate_set(
     seed: int = 0,
     image_root: str | None = None,
 ) -> list[tuple[str, str, dict[str, Any]]]:
-    """``(id, prediction, record)`` for the first ``limit`` records of a set, in file order (images under
-    ``image_root``, by default the set's folder)."""
-    # generation datasets use no data hooks: sets are read with their images, whatever side data the stage trained on
-    source = {"path": path} if image_root is None else {"path": path, "image_root": image_root}
-    cfg = {**dict(data_cfg), "sources": [source], "on_error": "raise"}
-    dataset = build_dataset(cfg, model, seed=0, for_generation=True)
-    indices = list(range(len(dataset) if limit is None else min(limit, len(dataset))))
-    loader = DataLoader(
-        torch.utils.data.Subset(dataset, indices),
-        batch_size=batch_size,
-        collate_fn=Collator(model.tokenizer.pad_token_id, padding_side="left"),
-    )
-    device = next(model.parameters()).device
+    """``(id, prediction, record)`` for the first ``limit`` records of a set, in file order (see
+    :func:`prompt_batches`)."""
     model.eval()
     torch.manual_seed(seed)  # sampled decoding gives the same report twice
     out = []
-    records = iter(dataset.record(i)[1] for i in indices)
-    for batch in loader:
-        inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    for inputs, records in prompt_batches(model, path, data_cfg, batch_size, limit, image_root):
         new_tokens = model.generate(inputs, max_new_tokens=max_new_tokens, **dict(generation or {}))
-        for pred_ids, rid in zip(new_tokens, batch["ids"]):
-            out.append((rid, model.tokenizer.decode(pred_ids, skip_special_tokens=True).strip(), next(records)))
+        for pred_ids, rid, record in zip(new_tokens, inputs["ids"], records):
+            out.append((rid, model.tokenizer.decode(pred_ids, skip_special_tokens=True).strip(), record))
     return out

@@ -94,9 +94,9 @@ class PreferenceObjective(Objective):
                 f"lora, the others frozen); this one also trains {[n for n in trained if 'lora_' not in n][:3]}. "
                 "Use reference=copy (or auto)"
             )
-        self.reference = "adapters" if self.reference == "auto" and adapters_only else self.reference
-        if self.reference in ("auto", "copy"):
-            self.reference = "copy"
+        if self.reference == "auto":
+            self.reference = "adapters" if adapters_only else "copy"
+        if self.reference == "copy":
             frozen = copy.deepcopy(model).eval().requires_grad_(False)
             object.__setattr__(self, "frozen_reference", frozen)  # not a submodule: never saved, never stepped
 

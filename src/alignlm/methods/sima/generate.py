@@ -25,13 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
 from alignlm.constants import IMAGE_TOKEN
-from alignlm.data.build import build_dataset
-from alignlm.data.collate import Collator
 from alignlm.data.records import read_records
-from alignlm.models.generation import generate_set
+from alignlm.models.generation import generate_set, prompt_batches
 from alignlm.models.io import load_model
 
 CRITERIA = (
@@ -77,16 +74,9 @@ def judge(
     """``p(A) / (p(A) + p(B))`` for each critic record (image + critic question), from the next-token logits."""
     path = work / "critic_prompts.json"
     path.write_text(json.dumps(list(pairs)))
-    cfg = {**dict(data_cfg), "sources": [{"path": str(path), "image_root": image_root}], "on_error": "raise"}
-    dataset = build_dataset(cfg, model, seed=0, for_generation=True)
-    loader = DataLoader(
-        dataset, batch_size=batch, collate_fn=Collator(model.tokenizer.pad_token_id, padding_side="left")
-    )
     tokens = [model.tokenizer.encode(x, add_special_tokens=False)[0] for x in ("A", "B")]
-    device = next(model.parameters()).device
     out = []
-    for b in loader:
-        inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
+    for inputs, _ in prompt_batches(model, str(path), data_cfg, batch, image_root=image_root):
         embeds, _ = model.embed(inputs)
         mask = inputs["attention_mask"]
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions as generation numbers them
