@@ -163,6 +163,9 @@ def test_report_over_several_checkpoints_is_deterministic(tiny_run, colour_set, 
         } <= set(probe["pooled"])
         assert set(probe["layers"]) == {"0", "2"}  # the tiny LLM has 2 layers: -1 is hidden state 2
         assert [d for d, _ in c["gap_shift"]["curve"]][:3] == [-0.5, -0.25, 0.0]
+        art = c["artifacts"]["layers"]  # the tiny CLIP tower: embeddings, 2 layers, then the output (CLS dropped)
+        assert list(art) == ["layer 0", "layer 1", "layer 2", "output"] and art["output"]["prefix_ratio"] is None
+        assert all(0.0 <= v["outlier_share"] <= 1.0 and v["max_ratio"] >= 1.0 for v in art.values())
     assert c["template"] == "vicuna_v1" and report["checkpoints"][0]["template"] == "plain"
     md = (a / "report.md").read_text()
     header = next(line for line in md.splitlines() if line.startswith("| checkpoint |"))
@@ -174,7 +177,8 @@ def test_report_over_several_checkpoints_is_deterministic(tiny_run, colour_set, 
     assert (
         "## Paired differences (same questions)" in md and "| t/finetune/final | t/pretrain/final | colours | 4 |" in md
     )
-    for png in ("pca.png", "metrics.png", "gap_shift.png", "layers.png"):
+    assert "## Vision-tower artifact tokens: t/pretrain/final" in md
+    for png in ("pca.png", "metrics.png", "gap_shift.png", "layers.png", "artifacts.png"):
         assert (a / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (b / "pca.png").exists()
 

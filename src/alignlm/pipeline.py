@@ -117,13 +117,20 @@ def make_accelerator(cfg: DictConfig) -> Accelerator:
 
 
 def ensure_offline_datasets(cfg: DictConfig) -> None:
-    """Generate the offline sets the config names (digits, shapes) when their folder has no info.json."""
+    """Generate the offline sets the config names (digits, shapes) when their folder has no info.json, or was written
+    with other generator knobs than ``offline_dataset_args`` asks for (e.g. ``{shapes: {som: true}}``)."""
     for name in cfg.offline_datasets:
         if name not in GENERATORS:
             raise ValueError(f"offline_datasets has {name!r}; available: {sorted(GENERATORS)}")
         out = Path(cfg.data_root) / name
-        if not (out / "info.json").exists():
-            args = dict((cfg.get("offline_dataset_args") or {}).get(name) or {})
+        args = dict((cfg.get("offline_dataset_args") or {}).get(name) or {})
+        info = out / "info.json"
+        knobs = json.loads(info.read_text()).get("knobs", {}) if info.exists() else None
+        if knobs is None or any(knobs.get(k) != v for k, v in args.items()):
+            if knobs is not None:
+                get_logger("alignlm", 0).info(
+                    "regenerating %s: it was written with knobs %s, the config asks for %s", out, knobs, args
+                )
             GENERATORS[name](out, seed=int(cfg.seed), **args)
 
 

@@ -4,6 +4,11 @@ Every fact in a scene is known, so questions on count, colour, shape and positio
 known answer spaces (the chance level). ``patch_labels.json`` gives, for each image and each cell of a
 ``label_grid`` x ``label_grid`` grid, the words of what covers the cell with coverage scores measured on the
 rendered mask: an annotation source of token-level word labels (``alignlm sea-labels annotations``).
+
+With ``som`` on, every training scene is also written with a numbered tag on each object (Set-of-Mark prompting) and a
+``som.json`` record asks for the objects one by one in tag order ("list items one by one", Yan et al. 2024): tags in
+a random order per scene, so the answer is read off the marks. The tags draw from their own random stream, so the
+other files are the same bytes with ``som`` on or off.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from alignlm.data.synthetic import DatasetWriter, Question, check_int
 
@@ -31,6 +36,7 @@ KINDS = tuple((shape, color) for shape in SHAPES for color in COLOURS)  # a scen
 BACKGROUND = "background"
 VOCAB = (*COLOURS, *SHAPES, BACKGROUND)
 COUNT_Q = "How many shapes are there? Answer with a single number."
+SOM_Q = "Every object in the image has a numbered tag. Name the objects one by one, in the order of their tags."
 
 
 class Shape(NamedTuple):
@@ -73,6 +79,30 @@ def draw_scene(size: int, scene: list[Shape]) -> tuple[np.ndarray, np.ndarray]:
             else:
                 canvas.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
     return np.asarray(image), np.asarray(labels)
+
+
+def draw_marks(pixels: np.ndarray, scene: list[Shape], tags: list[int]) -> np.ndarray:
+    """The image with each object's tag number, white on a black box, at the object's centre (a triangle's centroid)."""
+    image = Image.fromarray(pixels)
+    canvas = ImageDraw.Draw(image)
+    size = max(8, pixels.shape[0] // 12)
+    try:
+        font: ImageFont.ImageFont | ImageFont.FreeTypeFont = ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
+        font = ImageFont.load_default()
+    for obj, tag in zip(scene, tags):
+        cx, cy = (obj.box[0] + obj.box[2]) / 2, (obj.box[1] + obj.box[3]) / 2
+        if obj.shape == "triangle":  # its centroid, where the triangle is widest around the tag
+            cy = (obj.box[1] + 2 * obj.box[3]) / 3
+        x0, y0, x1, y1 = canvas.textbbox((cx, cy), str(tag), font=font, anchor="mm")
+        canvas.rectangle((x0 - 2, y0 - 2, x1 + 2, y1 + 2), fill=(0, 0, 0))
+        canvas.text((cx, cy), str(tag), font=font, anchor="mm", fill=(255, 255, 255))
+    return np.asarray(image)
+
+
+def listing(scene: list[Shape], tags: list[int]) -> str:
+    """The objects in tag order, one per line: "1. blue square" then "2. red circle"."""
+    return "\n".join(f"{tag}. {obj.color} {obj.shape}" for tag, obj in sorted(zip(tags, scene)))
 
 
 def caption(scene: list[Shape]) -> str:
@@ -154,15 +184,20 @@ def generate(
     max_shapes: int = 3,
     label_grid: int = 4,
     label_top_k: int = 3,
+    som: bool = False,
 ) -> dict[str, Any]:
-    """Write the shapes set: captions, multi-turn QA, held-out questions and per-patch word labels; return info.json."""
+    """Write the shapes set: captions, multi-turn QA, held-out questions and per-patch word labels, with ``som`` also
+    the tagged training images and their listing records (``som.json``); return info.json."""
     check_int("image_size", image_size, 32, why="pixels per side; smaller shapes are not legible")
     check_int("n_train", n_train, 1)
     check_int("n_test", n_test, 1)
     check_int("max_shapes", max_shapes, 1, 4, "one shape per quadrant")
     check_int("label_grid", label_grid, 1, image_size, "cells per side, at most one per pixel")
     check_int("label_top_k", label_top_k, 1)
+    if not isinstance(som, bool):
+        raise ValueError(f"shapes: som must be true or false, got {som!r}")
     rng = np.random.default_rng(seed)
+    tag_rng = np.random.default_rng([seed, 1])  # its own stream: som on or off leaves the other files unchanged
     writer = DatasetWriter(out_dir, "shapes")
     images: dict[str, list[list[list[Any]]]] = {}
     for i in range(n_train + n_test):
@@ -172,6 +207,10 @@ def generate(
         images[rid] = patch_labels(labels, scene, label_grid, label_top_k)
         if i < n_train:
             writer.add_train(rid, pixels, caption(scene), instruct_questions(scene, rng, max_shapes))
+            if som:
+                tags = (tag_rng.permutation(len(scene)) + 1).tolist()
+                marked = draw_marks(pixels, scene, tags)
+                writer.add_qa("som", f"shapes_som_{i:05d}", marked, [(SOM_Q, listing(scene, tags))])
         else:
             writer.add_test(rid, pixels, caption(scene), held_out_question(scene, rng, max_shapes, i - n_train))
     knobs = {
@@ -181,5 +220,6 @@ def generate(
         "max_shapes": max_shapes,
         "label_grid": label_grid,
         "label_top_k": label_top_k,
+        "som": som,
     }
     return writer.finish(seed, knobs, {"patch_labels": {"grid": label_grid, "words": list(VOCAB), "images": images}})

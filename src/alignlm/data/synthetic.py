@@ -97,11 +97,13 @@ class DatasetWriter:
         self.out = Path(out_dir)
         self.name = name
         self.files: dict[str, list[dict[str, Any]]] = {"pretrain": [], "instruct": [], "test": [], "test_captions": []}
+        self.images = 0
         (self.out / "images").mkdir(parents=True, exist_ok=True)
 
     def _image(self, rid: str, pixels: np.ndarray) -> str:
         image = f"images/{rid}.png"
         save_png(pixels, self.out / image)
+        self.images += 1
         return image
 
     def add_train(self, rid: str, pixels: np.ndarray, caption: str, questions: Sequence[Question]) -> None:
@@ -109,6 +111,10 @@ class DatasetWriter:
         image = self._image(rid, pixels)
         self.files["pretrain"].append(caption_record(rid, image, caption))
         self.files["instruct"].append(qa_record(rid, image, [(q.question, q.answer) for q in questions]))
+
+    def add_qa(self, fname: str, rid: str, pixels: np.ndarray, qa: Sequence[tuple[str, str]]) -> None:
+        """Save an image with one conversation into the extra record file ``fname`` (e.g. shapes' ``som``)."""
+        self.files.setdefault(fname, []).append(qa_record(rid, self._image(rid, pixels), qa))
 
     def add_test(self, rid: str, pixels: np.ndarray, caption: str, question: Question) -> None:
         """Save a test image with its caption (test_captions) and its one held-out question (test)."""
@@ -120,7 +126,7 @@ class DatasetWriter:
         """Write the record files, any ``extra`` JSON files (name -> object) and ``info.json``; return the summary."""
         for fname, obj in {**self.files, **(extra or {})}.items():
             write_json(self.out / f"{fname}.json", obj)
-        counts = {"images": sum(len(self.files[k]) for k in ("pretrain", "test"))}
+        counts = {"images": self.images}
         counts.update({k: len(v) for k, v in self.files.items()})
         summary = {
             "name": self.name,

@@ -20,6 +20,7 @@ from alignlm.evaluation import checkpoints as C
 from alignlm.evaluation import paired, plots
 from alignlm.evaluation.evaluate import answer_accuracy, caption_scores, set_kind
 from alignlm.geometry.suite import flat
+from alignlm.models.artifacts import artifact_report
 from alignlm.models.probes import extract, gap_shift, load_probe_set, probe_metrics, resolve_layers
 
 log = logging.getLogger("alignlm")
@@ -133,6 +134,20 @@ def evaluate_checkpoint(
                 "curve": gap_shift(feats, [float(d) for d in shift["deltas"]], shift["metric"]),
             }
         features = {"image": feats.visual_mean, "text": feats.text_mean}
+        artifacts = dict(pcfg.get("artifacts") or {})
+        if artifacts.get("enabled", True):
+            try:
+                result["artifacts"] = {
+                    "factor": float(artifacts.get("factor", 4.0)),
+                    "layers": artifact_report(
+                        model.vision,
+                        probe.pixels(model.image_spec),
+                        float(artifacts.get("factor", 4.0)),
+                        int(pcfg.get("batch_size", 32)),
+                    ),
+                }
+            except NotImplementedError as e:
+                result["artifacts"] = {"unavailable": str(e)}
     log.info("%s: generation %.1f s, probes %.1f s", ck.label, t_gen - t0, time.perf_counter() - t_gen)
     del model
     return result, features
@@ -207,6 +222,7 @@ def markdown(results: list[dict[str, Any]], paired_rows: Sequence[Mapping[str, A
             "|---|" + "---:|" * len(results),
         ]
         lines += [f"| {k[len('layers/') :]} | " + " | ".join(_num(p.get(k)) for p in probes) + " |" for k in layer_keys]
+    lines += artifact_lines(results)
     lines += ["", "## Examples", ""]
     for res in results:
         for name, r in sorted(res["sets"].items()):
@@ -214,6 +230,31 @@ def markdown(results: list[dict[str, Any]], paired_rows: Sequence[Mapping[str, A
                 ref = ex.get("answer", ex.get("reference"))
                 lines.append(f"- `{res['label']}` {name} {ex['id']}: {ex['prediction']!r} (reference {ref!r})")
     return "\n".join(lines) + "\n"
+
+
+def artifact_lines(results: list[dict[str, Any]]) -> list[str]:
+    """Per checkpoint, the tower's outlier tokens layer by layer (the probe of models/artifacts.py)."""
+    lines = []
+    for res in results:
+        art = res.get("artifacts")
+        if not art:
+            continue
+        lines += ["", f"## Vision-tower artifact tokens: {res['label']}", ""]
+        if "unavailable" in art:
+            lines.append(f"Not measured: {art['unavailable']}.")
+            continue
+        lines += [
+            f"Patch tokens over {art['factor']:g}x their image's median norm, per tower layer (output: what the "
+            "connector gets).",
+            "",
+            "| layer | outlier share % | max / median norm | prefix / median norm |",
+            "|---|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {name} | {_pct(v['outlier_share'])} | {_num(v['max_ratio'])} | {_num(v['prefix_ratio'])} |"
+            for name, v in art["layers"].items()
+        ]
+    return lines
 
 
 def write_plots(results: list[dict[str, Any]], features: list[dict[str, Any]], out: Path) -> dict[str, Path]:
@@ -248,6 +289,15 @@ def write_plots(results: list[dict[str, Any]], features: list[dict[str, Any]], o
         files["layers"] = plots.plot_panels(
             dict(sorted(per_layer.items())), out / "layers.png", "LLM layer (0 = input embeddings)"
         )
+    towers: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for r in results:
+        layers = (r.get("artifacts") or {}).get("layers") or {}
+        for key, title in (("outlier_share", "outlier token share"), ("max_ratio", "max / median token norm")):
+            pts = [(float(i), v[key]) for i, v in enumerate(layers.values())]
+            if pts:
+                towers.setdefault(title, {})[r["label"]] = pts
+    if towers:
+        files["artifacts"] = plots.plot_panels(towers, out / "artifacts.png", "vision-tower layer (last: output)")
     return files
 
 

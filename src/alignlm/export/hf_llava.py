@@ -99,6 +99,11 @@ def check_exportable(model: AlignLM) -> str:
             "the connector rescales its tokens to a fixed norm (model.visual_token_norm); Llava's projector has no "
             f"output normalisation, so an export would answer differently from the trained model. {_ALTERNATIVE[0].upper() + _ALTERNATIVE[1:]}"
         )
+    if getattr(model.vision, "artifact_filter", None) is not None:
+        raise ExportError(
+            "the tower's outlier tokens are filtered (model.vision_artifacts); Llava's vision tower has no such step, "
+            f"so an export would see other features than the trained model. {_ALTERNATIVE[0].upper() + _ALTERNATIVE[1:]}"
+        )
     return feature_strategy(model.vision)
 
 

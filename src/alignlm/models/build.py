@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from alignlm.config import instantiate
+from alignlm.models.artifacts import attach_filter
 from alignlm.models.connectors.base import Connector
 from alignlm.models.extras import InputPart
 from alignlm.models.mllm import AlignLM
@@ -37,6 +38,7 @@ def _assemble(model_cfg: Mapping[str, Any]) -> AlignLM:
     vision = instantiate(model_cfg["vision"], "model.vision")
     if not isinstance(vision, VisionTower):
         raise TypeError(f"model.vision built a {type(vision).__name__}, not an alignlm VisionTower")
+    attach_filter(vision, model_cfg.get("vision_artifacts"))
     llm, tokenizer = instantiate(model_cfg["llm"], "model.llm")
     # The connector draws from its own stream, so swapping connectors (dense -> MoE upcycling) leaves the
     # other random inits, such as the new <image> embedding row, unchanged.
@@ -50,6 +52,7 @@ def _assemble(model_cfg: Mapping[str, Any]) -> AlignLM:
         )
     if not isinstance(connector, Connector):
         raise TypeError(f"model.connector built a {type(connector).__name__}, not an alignlm Connector")
+    connector.bind_vocabulary(llm.get_input_embeddings().weight.detach(), tokenizer)
     connector.token_norm = _visual_token_norm(model_cfg, llm)
     return AlignLM(vision, connector, llm, tokenizer, _extras(model_cfg, vision, connector, llm))
 

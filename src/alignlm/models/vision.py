@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoModel, CLIPVisionModel, SiglipVisionMod
 from alignlm.data.images import ImageSpec
 
 SELECT_FEATURES = ("patch", "cls_patch")
+REGISTERS = ("drop", "keep")
 
 
 class VisionTower(nn.Module):
@@ -34,6 +35,11 @@ class VisionTower(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def layer_tokens(self, pixel_values: torch.Tensor) -> list[tuple[str, torch.Tensor, int]]:
+        """Every layer's tokens ``(name, [B, T, D], prefix tokens)``, input to output, for the artifact probe
+        (models/artifacts.py); towers that cannot expose their layers say so."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose its layers to the artifact probe")
 
 
 def _check_select_feature(select_feature: str) -> None:
@@ -59,7 +65,9 @@ class HFVisionTower(VisionTower):
     """Any Hugging Face vision model, by name or local path, or built at random from a config dict.
 
     For a dual encoder checkpoint (CLIPModel, SiglipModel) only its vision half is kept. ``select_layer``
-    indexes ``hidden_states`` (LLaVA uses -2); ``patch`` drops the prefix tokens (CLS, registers).
+    indexes ``hidden_states`` (LLaVA uses -2); ``patch`` drops the prefix tokens (CLS, registers). Register tokens
+    (DINOv2 with registers) hold the model's global scratch computation, not patch content, so ``cls_patch`` keeps
+    them only with ``registers='keep'``.
     """
 
     def __init__(
@@ -71,10 +79,13 @@ class HFVisionTower(VisionTower):
         image_mean: Sequence[float] | None = None,
         image_std: Sequence[float] | None = None,
         trust_remote_code: bool = False,
+        registers: str = "drop",
     ) -> None:
         super().__init__()
 
         _check_select_feature(select_feature)
+        if registers not in REGISTERS:
+            raise ValueError(f"model.vision.registers={registers!r} is not known; choose one of {list(REGISTERS)}")
         if (name_or_path is None) == (config is None):
             raise ValueError("model.vision needs exactly one of name_or_path (a checkpoint) or config (a random init)")
         if config is not None:
@@ -95,6 +106,8 @@ class HFVisionTower(VisionTower):
             self.model = model_cls.from_pretrained(name_or_path, config=hf_config, trust_remote_code=trust_remote_code)
         self.select_layer = select_layer
         self.select_feature = select_feature
+        # registers sit right after CLS ([CLS, registers, patches]); kept only when asked to
+        self.num_registers = int(getattr(hf_config, "num_register_tokens", 0) or 0) if registers == "drop" else 0
         size = _image_size(hf_config)
         self.image_spec = ImageSpec(
             size=size,
@@ -115,9 +128,23 @@ class HFVisionTower(VisionTower):
         if hidden.dim() == 4:  # convolutional backbone: feature map -> tokens
             return _map_to_tokens(hidden, self.select_feature)
         if self.select_feature == "patch":
-            grid = self.model.config.image_size // self.model.config.patch_size
-            hidden = hidden[:, hidden.shape[1] - grid * grid :]
+            hidden = hidden[:, hidden.shape[1] - self._grid() ** 2 :]
+        elif self.num_registers:
+            hidden = torch.cat([hidden[:, :1], hidden[:, 1 + self.num_registers :]], dim=1)
         return hidden
+
+    def _grid(self) -> int:
+        return _image_size(self.model.config) // self.model.config.patch_size
+
+    def layer_tokens(self, pixel_values: torch.Tensor) -> list[tuple[str, torch.Tensor, int]]:
+        out = self.model(pixel_values=pixel_values.to(self.model.dtype), output_hidden_states=True)
+        layers = []
+        for i, hidden in enumerate(out.hidden_states):
+            if hidden.dim() == 4:
+                layers.append((f"layer {i}", _map_to_tokens(hidden, "patch"), 0))
+            else:
+                layers.append((f"layer {i}", hidden, hidden.shape[1] - self._grid() ** 2))
+        return layers
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self._features(pixel_values.to(self.model.dtype))
@@ -175,6 +202,18 @@ class EfficientNetLiteTower(VisionTower):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         features = self.model.extract_features(pixel_values.to(self.model._conv_stem.weight.dtype))
         return _map_to_tokens(features, self.select_feature)
+
+    def layer_tokens(self, pixel_values: torch.Tensor) -> list[tuple[str, torch.Tensor, int]]:
+        """The output of every MBConv block, then the head's feature map (what ``forward`` turns into tokens)."""
+        maps: list[torch.Tensor] = []
+        hooks = [b.register_forward_hook(lambda m, a, out: maps.append(out)) for b in self.model._blocks]
+        try:
+            maps.append(self.model.extract_features(pixel_values.to(self.model._conv_stem.weight.dtype)))
+        finally:
+            for h in hooks:
+                h.remove()
+        names = [f"block {i}" for i in range(len(maps) - 1)] + ["head"]
+        return [(name, _map_to_tokens(m, "patch"), 0) for name, m in zip(names, maps)]
 
 
 def _efficientnet_weights(variant: str, weights: str) -> str:

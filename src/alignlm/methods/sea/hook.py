@@ -27,7 +27,7 @@ class SeaLabelHook(SampleHook):
     def __init__(self, path: str | Path, model: Any) -> None:
         vision = model.vision
         self.labels = SeaLabels(path).place_on_tokens(
-            model.num_image_tokens, vision.num_patches, vision.num_prefix_tokens
+            model.num_image_tokens, vision.num_patches, vision.num_prefix_tokens, model.connector.num_prefix_tokens
         )
 
     def bind(self, dataset: HookedDataset) -> None:

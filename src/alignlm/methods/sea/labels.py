@@ -146,16 +146,19 @@ class SeaLabels:
             self._handle = safe_open(str(self.path), "pt")
         return self._handle.get_slice("words")[i].long(), self._handle.get_slice("scores")[i].float()
 
-    def place_on_tokens(self, num_image_tokens: int, num_patches: int, num_prefix_tokens: int) -> SeaLabels:
+    def place_on_tokens(
+        self, num_image_tokens: int, num_patches: int, num_prefix_tokens: int, connector_prefix: int = 0
+    ) -> SeaLabels:
         """Fix where cell 0 lands among a model's visual tokens (cells follow in row-major order); returns self.
 
-        Prefix tokens (CLS, a CNN's pooled feature) describe no single patch and get no label. Counts that do not
-        line up fail here, at start-up, naming both sides.
+        Prefix tokens (the tower's CLS or pooled feature, a connector's whole-image tokens such as V2L's global words)
+        describe no single patch and get no label. Counts that do not line up fail here, at start-up, naming both sides.
         """
-        if num_image_tokens == self.cells:
-            self.offset = 0
-        elif num_image_tokens == num_patches and num_patches - num_prefix_tokens == self.cells:
-            self.offset = num_prefix_tokens
+        per_patch = num_image_tokens - connector_prefix
+        if per_patch == self.cells:
+            self.offset = connector_prefix
+        elif per_patch == num_patches and num_patches - num_prefix_tokens == self.cells:
+            self.offset = connector_prefix + num_prefix_tokens
         else:
             raise DataError(
                 f"SEA labels {self.path} have a {self.grid[0]}x{self.grid[1]} grid ({self.cells} cells per image) but the "

@@ -12,6 +12,7 @@ pretraining on text embeddings reached ~100x in the study of docs/experiments/),
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +45,13 @@ class Connector(nn.Module):
         self.in_dim = in_dim
         self.out_dim = out_dim
         self.token_norm: float | None = None  # None: the subclass's outputs as they are
+        # tokens the connector puts before its per-patch ones, describing the whole image (V2L's global words)
+        self.num_prefix_tokens = 0
         self.register_forward_hook(_fix_token_norm)
+
+    def bind_vocabulary(self, table: torch.Tensor, tokenizer: Any) -> None:
+        """Called once by the model builder with the LLM's input embedding table ``[V, Dl]`` (before any new token
+        rows are added) and its tokenizer; connectors that map onto the LLM's own words use it, the rest ignore it."""
 
     def num_tokens(self, num_patches: int) -> int:
         """How many visual tokens ``M`` one image becomes; token-preserving connectors return ``N``."""

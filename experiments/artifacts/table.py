@@ -1,0 +1,57 @@
+"""The artifact filter's effect on the alignment monitor (experiments/artifacts/run.sh): per seed and arm, the last
+monitor measurement and the final training loss; each filtered arm minus the unfiltered one paired by seed, with the
+mean over seeds, its standard error and ``t = mean / SE``.
+
+    python experiments/artifacts/table.py outputs/artifacts
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from alignlm.evaluation.paired import mean_se
+
+METRICS = ("pooled/modality_gap", "pooled/mutual_knn", "pooled/cka", "pooled/cknna", "pooled/i2t_recall@10")
+
+
+def last_row(run: Path) -> dict[str, float]:
+    """The monitor's last measurement, with the mean loss of the last 10 steps as ``loss``."""
+    rows = [json.loads(r) for r in (run / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    monitor = [r for r in rows if any(k.startswith("monitor/") for k in r)][-1]
+    out = {m: monitor[f"monitor/{m}"] for m in METRICS if f"monitor/{m}" in monitor}
+    losses = [r["loss/total"] for r in rows if "loss/total" in r][-10:]
+    return out | {"loss": math.fsum(losses) / len(losses)}
+
+
+def table(out: Path) -> list[str]:
+    runs = {p.name for p in out.iterdir() if (p / "pretrain" / "metrics.jsonl").exists()}
+    arms = sorted({r.rsplit("_seed_", 1)[0] for r in runs}, key=lambda a: (a != "none", a))
+    seeds = sorted({r.rsplit("_seed_", 1)[1] for r in runs}, key=int)
+    values = {(a, s): last_row(out / f"{a}_seed_{s}") for a in arms for s in seeds if f"{a}_seed_{s}" in runs}
+    keys = list(next(iter(values.values())))
+    lines = ["| arm | seed | " + " | ".join(keys) + " |", "|---|---|" + "---:|" * len(keys)]
+    for (a, s), v in values.items():
+        lines.append(f"| {a} | {s} | " + " | ".join(f"{v[k]:.4f}" for k in keys) + " |")
+    lines.append("")
+    for a in arms[1:]:
+        for k in keys:
+            d = [
+                values[(a, s)][k] - values[("none", s)][k] for s in seeds if (a, s) in values and ("none", s) in values
+            ]
+            m, se = mean_se(d)
+            t = m / se if se and se > 0 else math.nan
+            lines.append(f"- {a} - none, {k}: {m:+.4f} over {len(d)} seeds (SE {se:.4f}, t {t:+.2f})")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", type=Path)
+    print("\n".join(table(ap.parse_args().out)))
+
+
+if __name__ == "__main__":
+    main()

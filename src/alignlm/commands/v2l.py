@@ -1,0 +1,58 @@
+"""``alignlm v2l-words``: read images as a V2L checkpoint's frozen LLM sees them, the vocabulary word of every visual
+token (docs/methods.md, V2L): the image's global words, then one word per patch on the patch grid.
+
+    alignlm v2l-words outputs/v2l/pretrain/final --data data/shapes/test_captions.json --limit 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from typing import Any
+
+import torch
+
+from alignlm.commands._flags import add_trust_flags
+from alignlm.data.images import load_rgb, preprocess
+from alignlm.data.records import record_images
+from alignlm.methods.v2l.connector import V2LConnector
+from alignlm.models.io import load_model
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("v2l-words", help="the vocabulary words a V2L checkpoint turns images into")
+    p.add_argument("checkpoint", help="a final/ folder trained with model/connector=v2l")
+    p.add_argument("--data", nargs="+", required=True, metavar="JSON", help="LLaVA data files whose images to read")
+    p.add_argument("--image-root", default=None)
+    p.add_argument("--limit", type=int, default=4, help="the first N images")
+    p.add_argument("--json", default=None, help="also write {record id: {global: [...], patches: [...]}} here")
+    add_trust_flags(p)
+    p.set_defaults(func=cmd_v2l_words)
+
+
+def cmd_v2l_words(args: argparse.Namespace) -> int:
+    model = load_model(args.checkpoint, args.allow_code, args.trust_remote_code)
+    if not isinstance(model.connector, V2LConnector):
+        raise SystemExit(f"{args.checkpoint} has a {type(model.connector).__name__} connector, not v2l")
+    conn, prefix = model.connector, model.vision.num_prefix_tokens
+    found = [(rid, paths[0]) for rid, paths in record_images(args.data, args.image_root)][: args.limit]
+    if not found:
+        raise SystemExit(f"no images in {args.data}")
+    pixels = torch.stack([preprocess(load_rgb(p), model.image_spec) for _, p in found])
+    with torch.no_grad():
+        ids = conn.words(model.vision(pixels))
+    report = {}
+    for (rid, path), row in zip(found, ids.tolist()):
+        words = [w.strip() or repr(w) for w in model.tokenizer.batch_decode([[i] for i in row])]
+        glob, patches = words[: conn.global_tokens], words[conn.global_tokens + prefix :]
+        report[rid] = {"image": str(path), "global": glob, "patches": patches}
+        side = math.isqrt(len(patches))
+        print(f"{rid} ({path.name})\n  global: {' '.join(glob) or '-'}")
+        rows = [patches[r * side : (r + 1) * side] for r in range(side)] if side * side == len(patches) else [patches]
+        width = max(len(w) for w in patches)
+        print("\n".join("  " + " ".join(f"{w:<{width}}" for w in row) for row in rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0

@@ -1,0 +1,146 @@
+"""The V2L connector: every visual token is one of the frozen LLM's own word embeddings.
+
+V2L (Zhu et al. 2024, "Beyond Text: Frozen Large Language Models in Visual Signal Comprehension") quantises an image
+onto the LLM's vocabulary, so a frozen LLM reads an image as a sequence of real words and the tokens can be printed.
+Here an encoder (``Linear -> GELU -> Linear``, as ``mlp2x_gelu``) maps each patch feature to the LLM's width and the
+nearest codebook row by cosine becomes the token; a projection of the mean-pooled feature picks ``global_tokens``
+distinct words for the whole image, placed before the local ones (the paper's global and local tokens).
+
+The codebook is the LLM's input embedding table as built (a copy kept out of checkpoints; the LLM must stay frozen
+for the tokens to stay its words), restricted by ``codebook``: ``words`` keeps the vocabulary entries that decode to
+a space and letters (" red", " circle"), which is what makes the tokens readable; ``all`` keeps every non-special
+entry. Gradients reach the encoder by the straight-through estimator: the forward value is exactly the chosen word's
+embedding, the backward pass treats it as the encoder's output rescaled to that word's norm. The commitment loss
+``commitment_weight * mean(1 - cos(z, e))`` pulls each encoder output towards its chosen word (cosine rather than the
+paper's squared distance, since the search is by cosine and embedding norms vary by word). Deviations from the paper:
+the training signal is the LM loss of the stage (captioning, then questions) instead of an image reconstruction
+decoder, and the global words come from the same codebook instead of an expanded bigram/trigram vocabulary filtered
+by CLIP.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from alignlm.models.connectors.base import Connector, ConnectorOutput
+
+CODEBOOKS = ("words", "all")
+
+
+def word_ids(tokenizer: Any, rows: int, codebook: str) -> list[int]:
+    """The vocabulary ids the codebook keeps: every non-special id below ``rows`` (``all``), or those that decode to a
+    space followed by ASCII letters only (``words``)."""
+    if codebook not in CODEBOOKS:
+        raise ValueError(f"model.connector.codebook={codebook!r} is not known; choose one of {list(CODEBOOKS)}")
+    special = set(tokenizer.all_special_ids)
+    ids = [i for i in range(min(rows, len(tokenizer))) if i not in special]
+    if codebook == "words":
+        texts = tokenizer.batch_decode([[i] for i in ids])
+        ids = [i for i, t in zip(ids, texts) if len(t) > 1 and t[0] == " " and t[1:].isascii() and t[1:].isalpha()]
+    return ids
+
+
+class V2LConnector(Connector):
+    """Patch features ``[B, N, Dv]`` -> ``global_tokens + N`` word embeddings of the LLM ``[B, G + N, Dl]``."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        global_tokens: int = 4,
+        codebook: str = "words",
+        commitment_weight: float = 0.25,
+    ) -> None:
+        super().__init__(in_dim, out_dim)
+        if isinstance(global_tokens, bool) or not isinstance(global_tokens, int) or global_tokens < 0:
+            raise ValueError(f"model.connector.global_tokens must be an integer >= 0, got {global_tokens!r}")
+        if not commitment_weight >= 0:
+            raise ValueError(f"model.connector.commitment_weight must be >= 0, got {commitment_weight!r}")
+        if codebook not in CODEBOOKS:
+            raise ValueError(f"model.connector.codebook={codebook!r} is not known; choose one of {list(CODEBOOKS)}")
+        self.global_tokens, self.codebook, self.commitment_weight = global_tokens, codebook, commitment_weight
+        self.num_prefix_tokens = global_tokens
+        self.proj = nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+        self.global_proj = nn.Linear(in_dim, out_dim) if global_tokens else None
+        # Filled by bind_vocabulary; not saved (rebuilt from the LLM with the model).
+        self.register_buffer("table", torch.empty(0, out_dim), persistent=False)
+        self.register_buffer("vocab_ids", torch.empty(0, dtype=torch.long), persistent=False)
+
+    @property
+    def token_norm(self) -> None:
+        return None
+
+    @token_norm.setter
+    def token_norm(self, value: float | None) -> None:
+        if value is not None:
+            raise ValueError(
+                "model.visual_token_norm must be null with the v2l connector: its tokens are the LLM's own word "
+                "embeddings, rescaling them would make them no word at all"
+            )
+
+    def bind_vocabulary(self, table: torch.Tensor, tokenizer: Any) -> None:
+        ids = word_ids(tokenizer, table.shape[0], self.codebook)
+        if len(ids) < max(2, self.global_tokens):
+            raise ValueError(
+                f"model.connector.codebook={self.codebook!r} keeps {len(ids)} entries of this tokenizer's vocabulary, "
+                f"too few for a codebook (and global_tokens={self.global_tokens}); use codebook=all"
+            )
+        self.vocab_ids = torch.tensor(ids, dtype=torch.long, device=table.device)
+        self.table = table[self.vocab_ids].detach().clone().to(self.table.dtype)
+
+    def num_tokens(self, num_patches: int) -> int:
+        return self.global_tokens + num_patches
+
+    def _search(self, z: torch.Tensor, k: int) -> torch.Tensor:
+        """Codebook indices ``[..., k]`` of the ``k`` rows nearest to each ``z`` by cosine (distinct, best first)."""
+        if self.table.numel() == 0:
+            raise RuntimeError("the v2l connector has no codebook: build it with the model (models.build_model)")
+        sim = F.normalize(z.float(), dim=-1) @ F.normalize(self.table.float(), dim=-1).T
+        return sim.topk(k, dim=-1).indices
+
+    def _straight_through(self, z: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The chosen words' embeddings (exactly, in the forward pass) with gradients to ``z``; and 1 - cos(z, word)."""
+        words = self.table[codes].to(z.dtype)
+        z = z.unsqueeze(-2).expand_as(words)
+        shaped = F.normalize(z, dim=-1) * words.norm(dim=-1, keepdim=True)
+        return words + (shaped - shaped.detach()), 1 - F.cosine_similarity(z.float(), words.float(), dim=-1)
+
+    def forward(self, features: torch.Tensor) -> ConnectorOutput:
+        z = self.proj(features)
+        codes = [self._search(z, 1)]
+        local, gap = self._straight_through(z, codes[0])
+        tokens, gaps = [local.squeeze(-2)], [gap.flatten()]
+        if self.global_proj is not None:
+            g = self.global_proj(features.mean(1))
+            codes.append(self._search(g, self.global_tokens))
+            glob, gap = self._straight_through(g, codes[-1])
+            tokens.insert(0, glob)
+            gaps.append(gap.flatten())
+        commitment = torch.cat(gaps).mean()
+        flat = torch.cat([c.flatten() for c in codes])
+        used = torch.zeros(len(self.table), device=flat.device).index_add_(
+            0, flat, torch.ones_like(flat, dtype=torch.float)
+        )
+        share = used / used.sum()
+        return ConnectorOutput(
+            torch.cat(tokens, dim=1),
+            aux_losses={"v2l_commitment": self.commitment_weight * commitment} if self.commitment_weight else {},
+            metrics={
+                "v2l_commitment": commitment.detach(),
+                "v2l_code_perplexity": torch.exp(-(share * share.clamp_min(1e-12).log()).sum()),
+                "v2l_codes_used": (used > 0).sum().float(),
+            },
+        )
+
+    @torch.no_grad()
+    def words(self, features: torch.Tensor) -> torch.Tensor:
+        """The LLM vocabulary ids ``[B, G + N]`` of an image's tokens: decode them with the tokenizer to read it."""
+        z = self.proj(features)
+        codes = self._search(z, 1).squeeze(-1)
+        if self.global_proj is not None:
+            codes = torch.cat([self._search(self.global_proj(features.mean(1)), self.global_tokens), codes], dim=1)
+        return self.vocab_ids[codes]

@@ -1,0 +1,126 @@
+"""High-norm artifact tokens of vision towers: a per-layer probe, and a filter that masks or replaces them.
+
+Large ViTs trained long enough (DINOv2, CLIP, DeiT-III; Darcet et al. 2024, "Vision Transformers Need Registers")
+repurpose a few low-information patch tokens as global scratch space: their norm is ~10x that of the other patches
+and their features no longer describe their patch. Towers trained with register tokens move that computation to the
+registers, which ``select_feature`` drops before the connector. For towers without registers, ``model.
+vision_artifacts`` filters the tower's output: a patch token whose norm exceeds ``factor`` times the median patch
+norm of its image is an outlier, and ``mask`` zeroes it, ``replace`` puts the mean of its non-outlier 3x3
+neighbours in its place (the image's mean non-outlier token where the patches form no square grid or every
+neighbour is an outlier too). Prefix tokens (CLS, registers, a pooled token) are never touched.
+
+The probe (:func:`artifact_report`, ``alignlm eval``'s ``probe.artifacts``) reports, per tower layer, the share of
+outlier patch tokens, the mean over images of the largest norm ratio, and the prefix tokens' norm ratio.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MODES = ("mask", "replace")
+
+
+def norm_ratios(tokens: torch.Tensor, prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's L2 norm over the median patch-token norm of its image, in float32: ``([B, P], [B, prefix])``."""
+    norms = tokens.float().norm(dim=-1)
+    median = norms[:, prefix:].median(dim=1, keepdim=True).values.clamp_min(torch.finfo(torch.float32).tiny)
+    return norms[:, prefix:] / median, norms[:, :prefix] / median
+
+
+@torch.no_grad()
+def artifact_report(
+    vision: Any, pixels: torch.Tensor, factor: float, batch_size: int = 32
+) -> dict[str, dict[str, Any]]:
+    """Per tower layer (``vision.layer_tokens``) and for the tower's ``output`` (after ``model.vision_artifacts`` when
+    set): ``outlier_share`` (patch tokens over ``factor`` x their image's median norm), ``max_ratio`` (mean over images
+    of the largest patch ratio), ``prefix_ratio`` (mean norm ratio of the prefix tokens; None without any)."""
+    sums: dict[
+        str, list[float]
+    ] = {}  # name -> [outliers, patches, sum of max ratios, images, prefix ratio sum, prefix n]
+    device = next(vision.parameters()).device
+    for start in range(0, len(pixels), batch_size):
+        batch = pixels[start : start + batch_size].to(device)
+        layers = [*vision.layer_tokens(batch), ("output", vision(batch), vision.num_prefix_tokens)]
+        for name, tokens, prefix in layers:
+            patches, pre = norm_ratios(tokens, prefix)
+            acc = sums.setdefault(name, [0.0] * 6)
+            for i, v in enumerate(
+                (
+                    (patches > factor).sum().item(),
+                    patches.numel(),
+                    patches.max(dim=1).values.sum().item(),
+                    len(patches),
+                    pre.sum().item(),
+                    pre.numel(),
+                )
+            ):
+                acc[i] += v
+    return {
+        name: {
+            "outlier_share": a[0] / a[1],
+            "max_ratio": a[2] / a[3],
+            "prefix_ratio": a[4] / a[5] if a[5] else None,
+        }
+        for name, a in sums.items()
+    }
+
+
+class ArtifactFilter(nn.Module):
+    """Masks or replaces outlier patch tokens of a tower's output ``[B, prefix + P, D]`` (see the module docstring).
+
+    Registered by the model builder as a forward hook of the tower, so every caller (training, probes, the monitor,
+    generation) sees the filtered features. Holds no parameters."""
+
+    def __init__(self, mode: str, factor: float, prefix: int) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"model.vision_artifacts.mode={mode!r} is not known; choose one of {list(MODES)}")
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 1:
+            raise ValueError(
+                f"model.vision_artifacts.factor={factor!r} must be a number > 1 (times the median patch-token norm)"
+            )
+        self.mode, self.factor, self.prefix = mode, float(factor), prefix
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        head, patches = features[:, : self.prefix], features[:, self.prefix :]
+        ratio, _ = norm_ratios(features, self.prefix)
+        outlier = (ratio > self.factor).unsqueeze(-1)
+        if self.mode == "mask":
+            cleaned = patches.masked_fill(outlier, 0)
+        else:
+            cleaned = torch.where(outlier, self._neighbour_mean(patches, ~outlier), patches)
+        return torch.cat([head, cleaned], dim=1)
+
+    @staticmethod
+    def _neighbour_mean(patches: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Per token, the mean of the kept tokens among its 3x3 neighbours, else of all kept tokens of its image."""
+        b, p, d = patches.shape
+        keep = keep.to(patches.dtype)
+        whole = (patches * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True).clamp_min(1)
+        side = math.isqrt(p)
+        if side * side != p:
+            return whole.expand_as(patches)
+        grid = lambda x: x.transpose(1, 2).reshape(b, -1, side, side)  # noqa: E731
+        sums = F.avg_pool2d(grid(patches * keep), 3, stride=1, padding=1, divisor_override=1)
+        counts = F.avg_pool2d(grid(keep), 3, stride=1, padding=1, divisor_override=1)
+        local = (sums / counts.clamp_min(1)).flatten(2).transpose(1, 2)
+        return torch.where(counts.flatten(2).transpose(1, 2) > 0, local, whole)
+
+
+def attach_filter(vision: nn.Module, node: Mapping[str, Any] | None) -> ArtifactFilter | None:
+    """Build ``model.vision_artifacts`` (null: off) and hook it onto the tower's output."""
+    if node is None:
+        return None
+    unknown = set(node) - {"mode", "factor"}
+    if unknown:
+        raise ValueError(f"model.vision_artifacts has unknown keys {sorted(unknown)}; it takes mode and factor")
+    filt = ArtifactFilter(str(node.get("mode", "replace")), node.get("factor", 4.0), vision.num_prefix_tokens)
+    vision.artifact_filter = filt  # a submodule without state: visible in the model tree, nothing in checkpoints
+    vision.register_forward_hook(lambda module, args, output: module.artifact_filter(output))
+    return filt

@@ -1,0 +1,128 @@
+"""V2L connector: tokens are exactly the LLM's word embeddings, straight-through gradients, the codebook, the switch."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from alignlm.methods.v2l.connector import V2LConnector, word_ids
+from alignlm.models.build import build_model
+from alignlm.models.io import load_model
+from alignlm.pipeline import run
+from tests.conftest import compose, make_batch, tiny_overrides
+
+
+@pytest.fixture
+def v2l_model():
+    return build_model(compose("model=tiny", "model/connector=v2l").model)
+
+
+def test_every_visual_token_is_a_word_embedding_of_the_llm_and_decodes_to_it(v2l_model):
+    conn, table = v2l_model.connector, v2l_model.llm.get_input_embeddings().weight
+    features = torch.randn(3, v2l_model.vision.num_patches, v2l_model.vision.hidden_size)
+    tokens = conn(features).tokens
+    ids = conn.words(features)
+    assert tokens.shape == (3, v2l_model.num_image_tokens, table.shape[1]) and ids.shape == tokens.shape[:2]
+    assert v2l_model.num_image_tokens == conn.global_tokens + v2l_model.vision.num_patches
+    torch.testing.assert_close(tokens, table[ids], rtol=0, atol=0)
+    # the global words of one image are distinct, best first
+    assert all(len(set(row[: conn.global_tokens].tolist())) == conn.global_tokens for row in ids)
+    # a visual token never becomes a control token: no special id and not <image>
+    special = set(v2l_model.tokenizer.all_special_ids) | {v2l_model.image_token_id}
+    assert not special & set(ids.flatten().tolist())
+
+
+def test_the_nearest_word_by_cosine_is_chosen(v2l_model):
+    conn = v2l_model.connector
+    features = torch.randn(2, v2l_model.vision.num_patches, v2l_model.vision.hidden_size)
+    z = conn.proj(features)
+    sim = F.normalize(z, dim=-1) @ F.normalize(conn.table, dim=-1).T
+    assert torch.equal(conn.words(features)[:, conn.global_tokens :], conn.vocab_ids[sim.argmax(-1)])
+
+
+def test_straight_through_gradient_is_that_of_the_encoder_output_rescaled_to_the_word_norm(v2l_model):
+    conn = V2LConnector(8, v2l_model.connector.out_dim, global_tokens=0, commitment_weight=0.0)
+    conn.bind_vocabulary(v2l_model.llm.get_input_embeddings().weight.detach(), v2l_model.tokenizer)
+    features, weight = torch.randn(2, 5, 8), torch.randn(2, 5, conn.out_dim)
+    (conn(features).tokens * weight).sum().backward()
+    got = {n: p.grad.clone() for n, p in conn.named_parameters()}
+    conn.zero_grad()
+    z = conn.proj(features)
+    norms = conn.table[conn._search(z, 1).squeeze(-1)].norm(dim=-1, keepdim=True)
+    ((F.normalize(z, dim=-1) * norms) * weight).sum().backward()
+    for name, p in conn.named_parameters():
+        torch.testing.assert_close(got[name], p.grad, msg=name)
+    assert not conn.table.requires_grad
+
+
+def test_commitment_loss_pulls_the_encoder_towards_its_words(v2l_model):
+    conn = v2l_model.connector
+    torch.manual_seed(0)
+    features = torch.randn(4, v2l_model.vision.num_patches, v2l_model.vision.hidden_size)
+    opt = torch.optim.Adam(conn.parameters(), lr=1e-2)
+    first = None
+    for _ in range(60):
+        out = conn(features)
+        first = first if first is not None else out.metrics["v2l_commitment"].item()
+        opt.zero_grad()
+        out.aux_losses["v2l_commitment"].backward()
+        opt.step()
+    assert out.metrics["v2l_commitment"].item() < 0.5 * first
+    assert 1 <= out.metrics["v2l_codes_used"].item() <= out.metrics["v2l_code_perplexity"].item() * 10
+
+
+def test_codebooks_keep_words_or_every_non_special_entry(v2l_model):
+    tok, rows = v2l_model.tokenizer, 512
+    words, everything = word_ids(tok, rows, "words"), word_ids(tok, rows, "all")
+    assert set(words) < set(everything) and not set(tok.all_special_ids) & set(everything)
+    assert all(t[0] == " " and t[1:].isalpha() for t in tok.batch_decode([[i] for i in words]))
+    assert max(everything) < rows
+    with pytest.raises(ValueError, match="codebook"):
+        word_ids(tok, rows, "bigrams")
+
+
+def test_bad_knobs_and_token_norm_are_refused():
+    with pytest.raises(ValueError, match="visual_token_norm must be null"):
+        build_model(compose("model=tiny", "model/connector=v2l", "model.visual_token_norm=1.0").model)
+    with pytest.raises(ValueError, match="global_tokens"):
+        V2LConnector(8, 8, global_tokens=-1)
+    with pytest.raises(ValueError, match="commitment_weight"):
+        V2LConnector(8, 8, commitment_weight=-0.1)
+    with pytest.raises(RuntimeError, match="no codebook"):
+        V2LConnector(8, 8)(torch.randn(1, 2, 8))
+
+
+def test_v2l_trains_with_a_frozen_llm_saves_no_codebook_and_reloads_the_same_words(colour_set, tmp_path):
+    overrides = tiny_overrides(
+        colour_set, tmp_path, "model/connector=v2l", "stages.finetune.parts.llm=frozen", "stages.finetune.lora=null"
+    )
+    run(compose(*overrides))
+    rows = [json.loads(r) for r in (tmp_path / "t" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    assert {"aux/v2l_commitment", "connector/v2l_code_perplexity"} <= set(rows[0])
+    final = tmp_path / "t" / "finetune" / "final"
+    model = load_model(final)
+    assert not any("table" in k or "vocab_ids" in k for k in model.connector.state_dict())
+    fresh = build_model(compose(*overrides).model)
+    table = fresh.llm.get_input_embeddings().weight
+    torch.testing.assert_close(model.llm.get_input_embeddings().weight, table)  # the LLM stayed frozen
+    batch = make_batch(model, [1, 1])
+    features = model.vision(batch["pixel_values"])
+    torch.testing.assert_close(model.connector(features).tokens, table[model.connector.words(features)])
+
+
+def test_v2l_words_prints_the_words_of_a_checkpoint(colour_set, tmp_path, capsys):
+    from alignlm.commands import main
+
+    run(compose(*tiny_overrides(colour_set, tmp_path, "model/connector=v2l", "run=[pretrain]")))
+    final, out = tmp_path / "t" / "pretrain" / "final", tmp_path / "words.json"
+    assert (
+        main(["v2l-words", str(final), "--data", str(colour_set["pretrain"]), "--limit", "2", "--json", str(out)]) == 0
+    )
+    report = json.loads(out.read_text())
+    model = load_model(final)
+    assert len(report) == 2 and all(len(r["global"]) == model.connector.global_tokens for r in report.values())
+    assert all(len(r["patches"]) == model.vision.num_patches - model.vision.num_prefix_tokens for r in report.values())
+    assert "global:" in capsys.readouterr().out
