@@ -126,3 +126,12 @@ def test_v2l_words_prints_the_words_of_a_checkpoint(colour_set, tmp_path, capsys
     assert len(report) == 2 and all(len(r["global"]) == model.connector.global_tokens for r in report.values())
     assert all(len(r["patches"]) == model.vision.num_patches - model.vision.num_prefix_tokens for r in report.values())
     assert "global:" in capsys.readouterr().out
+
+
+def test_the_codebook_moves_with_the_module_but_is_no_buffer(v2l_model):
+    conn = v2l_model.connector
+    assert not dict(conn.named_buffers()) and "table" not in conn.state_dict()  # DDP broadcasts no codebook
+    conn.to(torch.float64)
+    assert conn.table.dtype == torch.float64 and conn.vocab_ids.dtype == torch.long
+    features = torch.randn(1, v2l_model.vision.num_patches, v2l_model.vision.hidden_size, dtype=torch.float64)
+    assert conn(features).tokens.dtype == torch.float64

@@ -66,9 +66,15 @@ class V2LConnector(Connector):
         self.num_prefix_tokens = global_tokens
         self.proj = nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
         self.global_proj = nn.Linear(in_dim, out_dim) if global_tokens else None
-        # Filled by bind_vocabulary; not saved (rebuilt from the LLM with the model).
-        self.register_buffer("table", torch.empty(0, out_dim), persistent=False)
-        self.register_buffer("vocab_ids", torch.empty(0, dtype=torch.long), persistent=False)
+        # Filled by bind_vocabulary. Plain tensors, not buffers: kept out of checkpoints (rebuilt from the LLM with the
+        # model) and out of DDP's per-step buffer broadcast (the table is tens of MB); _apply moves them with the module.
+        self.table = torch.empty(0, out_dim)
+        self.vocab_ids = torch.empty(0, dtype=torch.long)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> V2LConnector:
+        super()._apply(fn, recurse)
+        self.table, self.vocab_ids = fn(self.table), fn(self.vocab_ids)
+        return self
 
     @property
     def token_norm(self) -> None:
@@ -90,7 +96,7 @@ class V2LConnector(Connector):
                 f"too few for a codebook (and global_tokens={self.global_tokens}); use codebook=all"
             )
         self.vocab_ids = torch.tensor(ids, dtype=torch.long, device=table.device)
-        self.table = table[self.vocab_ids].detach().clone().to(self.table.dtype)
+        self.table = table[self.vocab_ids].detach().clone().to(self.proj[0].weight.dtype)
 
     def num_tokens(self, num_patches: int) -> int:
         return self.global_tokens + num_patches
