@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -44,7 +45,14 @@ def test_the_nearest_word_by_cosine_is_chosen(v2l_model):
 
 
 def test_straight_through_gradient_is_that_of_the_encoder_output_rescaled_to_the_word_norm(v2l_model):
-    conn = V2LConnector(8, v2l_model.connector.out_dim, global_tokens=0, commitment_weight=0.0)
+    conn = V2LConnector(
+        8,
+        v2l_model.connector.out_dim,
+        global_tokens=0,
+        commitment_weight=0,
+        reconstruction_weight=0,
+        diversity_weight=0,
+    )
     conn.bind_vocabulary(v2l_model.llm.get_input_embeddings().weight.detach(), v2l_model.tokenizer)
     features, weight = torch.randn(2, 5, 8), torch.randn(2, 5, conn.out_dim)
     (conn(features).tokens * weight).sum().backward()
@@ -68,7 +76,7 @@ def test_commitment_loss_pulls_the_encoder_towards_its_words(v2l_model):
         out = conn(features)
         first = first if first is not None else out.metrics["v2l_commitment"].item()
         opt.zero_grad()
-        out.aux_losses["v2l_commitment"].backward()
+        out.aux_losses["v2l_commitment"].backward()  # this term alone
         opt.step()
     assert out.metrics["v2l_commitment"].item() < 0.5 * first
     assert 1 <= out.metrics["v2l_codes_used"].item() <= out.metrics["v2l_code_perplexity"].item() * 10
@@ -135,3 +143,24 @@ def test_the_codebook_moves_with_the_module_but_is_no_buffer(v2l_model):
     assert conn.table.dtype == torch.float64 and conn.vocab_ids.dtype == torch.long
     features = torch.randn(1, v2l_model.vision.num_patches, v2l_model.vision.hidden_size, dtype=torch.float64)
     assert conn(features).tokens.dtype == torch.float64
+
+
+def test_diversity_is_low_for_confident_tokens_spread_over_words_and_high_when_they_collapse(v2l_model):
+    conn = v2l_model.connector
+    n = 16
+    spread = torch.full((n, len(conn.table)), -1.0)
+    spread[torch.arange(n), torch.arange(n)] = 1.0  # each token sure of its own word
+    collapsed = torch.full((n, len(conn.table)), -1.0)
+    collapsed[:, 0] = 1.0  # every token sure of the same word
+    assert conn._diversity(spread).item() == pytest.approx(-math.log(n), abs=1e-3)
+    assert conn._diversity(collapsed).item() == pytest.approx(0.0, abs=1e-3)
+
+
+def test_every_auxiliary_term_is_logged_with_its_weight(v2l_model):
+    conn = v2l_model.connector
+    out = conn(torch.randn(2, v2l_model.vision.num_patches, v2l_model.vision.hidden_size))
+    assert set(out.aux_losses) == {"v2l_commitment", "v2l_reconstruction", "v2l_diversity"}
+    for name, weight in (("commitment", 0.25), ("reconstruction", 1.0), ("diversity", 1.0)):
+        torch.testing.assert_close(out.aux_losses[f"v2l_{name}"].detach(), weight * out.metrics[f"v2l_{name}"])
+    with pytest.raises(ValueError, match="reconstruction_weight"):
+        V2LConnector(8, 8, reconstruction_weight=-1)

@@ -54,6 +54,9 @@ class V2LConnector(Connector):
         global_tokens: int = 4,
         codebook: str = "words",
         commitment_weight: float = 0.25,
+        reconstruction_weight: float = 1.0,
+        diversity_weight: float = 1.0,
+        temperature: float = 0.01,
     ) -> None:
         super().__init__(in_dim, out_dim)
         if isinstance(global_tokens, bool) or not isinstance(global_tokens, int) or global_tokens < 0:
@@ -66,6 +69,17 @@ class V2LConnector(Connector):
         self.num_prefix_tokens = global_tokens
         self.proj = nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
         self.global_proj = nn.Linear(in_dim, out_dim) if global_tokens else None
+        if not reconstruction_weight >= 0:
+            raise ValueError(f"model.connector.reconstruction_weight must be >= 0, got {reconstruction_weight!r}")
+        self.reconstruction_weight = reconstruction_weight
+        if not diversity_weight >= 0 or not temperature > 0:
+            raise ValueError(
+                f"model.connector: need diversity_weight >= 0 and temperature > 0, got {diversity_weight!r}, "
+                f"{temperature!r}"
+            )
+        self.diversity_weight, self.temperature = diversity_weight, temperature
+        # reads the patch features back from the words alone: tokens must keep what their patch shows
+        self.decoder = nn.Linear(out_dim, in_dim) if reconstruction_weight else None
         # Filled by bind_vocabulary. Plain tensors, not buffers: kept out of checkpoints (rebuilt from the LLM with the
         # model) and out of DDP's per-step buffer broadcast (the table is tens of MB); _apply moves them with the module.
         self.table = torch.empty(0, out_dim)
@@ -101,12 +115,15 @@ class V2LConnector(Connector):
     def num_tokens(self, num_patches: int) -> int:
         return self.global_tokens + num_patches
 
-    def _search(self, z: torch.Tensor, k: int) -> torch.Tensor:
-        """Codebook indices ``[..., k]`` of the ``k`` rows nearest to each ``z`` by cosine (distinct, best first)."""
+    def _similarity(self, z: torch.Tensor) -> torch.Tensor:
+        """Cosine of each ``z`` to every codebook row, float32 ``[..., V]``."""
         if self.table.numel() == 0:
             raise RuntimeError("the v2l connector has no codebook: build it with the model (models.build_model)")
-        sim = F.normalize(z.float(), dim=-1) @ F.normalize(self.table.float(), dim=-1).T
-        return sim.topk(k, dim=-1).indices
+        return F.normalize(z.float(), dim=-1) @ F.normalize(self.table.float(), dim=-1).T
+
+    def _search(self, z: torch.Tensor, k: int) -> torch.Tensor:
+        """Codebook indices ``[..., k]`` of the ``k`` rows nearest to each ``z`` by cosine (distinct, best first)."""
+        return self._similarity(z).topk(k, dim=-1).indices
 
     def _straight_through(self, z: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The chosen words' embeddings (exactly, in the forward pass) with gradients to ``z``; and 1 - cos(z, word)."""
@@ -117,16 +134,35 @@ class V2LConnector(Connector):
 
     def forward(self, features: torch.Tensor) -> ConnectorOutput:
         z = self.proj(features)
-        codes = [self._search(z, 1)]
+        sim = self._similarity(z)
+        codes = [sim.argmax(-1, keepdim=True)]
         local, gap = self._straight_through(z, codes[0])
-        tokens, gaps = [local.squeeze(-2)], [gap.flatten()]
+        local = local.squeeze(-2)
+        tokens, gaps = [local], [gap.flatten()]
+        sims, pooled = [sim.flatten(0, -2)], None
         if self.global_proj is not None:
             g = self.global_proj(features.mean(1))
-            codes.append(self._search(g, self.global_tokens))
+            sims.append(self._similarity(g))
+            codes.append(sims[-1].topk(self.global_tokens, dim=-1).indices)
             glob, gap = self._straight_through(g, codes[-1])
             tokens.insert(0, glob)
             gaps.append(gap.flatten())
+            pooled = glob.mean(1, keepdim=True)
         commitment = torch.cat(gaps).mean()
+        aux = {"v2l_commitment": self.commitment_weight * commitment} if self.commitment_weight else {}
+        metrics = {"v2l_commitment": commitment.detach()}
+        if self.decoder is not None:
+            target = F.layer_norm(features.detach().float(), features.shape[-1:])
+            rec = F.mse_loss(self.decoder(local).float(), target)
+            if pooled is not None:  # the image's mean feature from its global words
+                whole = F.layer_norm(features.detach().float().mean(1, keepdim=True), features.shape[-1:])
+                rec = (rec + F.mse_loss(self.decoder(pooled).float(), whole)) / 2
+            aux["v2l_reconstruction"] = self.reconstruction_weight * rec
+            metrics["v2l_reconstruction"] = rec.detach()
+        if self.diversity_weight:
+            diversity = torch.stack([self._diversity(x) for x in sims]).mean()
+            aux["v2l_diversity"] = self.diversity_weight * diversity
+            metrics["v2l_diversity"] = diversity.detach()
         flat = torch.cat([c.flatten() for c in codes])
         used = torch.zeros(len(self.table), device=flat.device).index_add_(
             0, flat, torch.ones_like(flat, dtype=torch.float)
@@ -134,13 +170,21 @@ class V2LConnector(Connector):
         share = used / used.sum()
         return ConnectorOutput(
             torch.cat(tokens, dim=1),
-            aux_losses={"v2l_commitment": self.commitment_weight * commitment} if self.commitment_weight else {},
-            metrics={
-                "v2l_commitment": commitment.detach(),
+            aux_losses=aux,
+            metrics=metrics
+            | {
                 "v2l_code_perplexity": torch.exp(-(share * share.clamp_min(1e-12).log()).sum()),
                 "v2l_codes_used": (used > 0).sum().float(),
             },
         )
+
+    def _diversity(self, sim: torch.Tensor) -> torch.Tensor:
+        """``mean_n H(p_n) - H(mean_n p_n)`` of soft assignments ``p_n = softmax(sim_n / temperature)``: low when each
+        token is sure of its word and the batch's tokens spread over many words (what keeps the codes from collapsing
+        onto a few words while the encoder is still far from the vocabulary)."""
+        soft = (sim / self.temperature).softmax(-1)
+        mean = soft.mean(0)
+        return (mean * mean.clamp_min(1e-12).log()).sum() - (soft * soft.clamp_min(1e-12).log()).sum(-1).mean()
 
     @torch.no_grad()
     def words(self, features: torch.Tensor) -> torch.Tensor:
