@@ -506,3 +506,14 @@ def test_eval_lmms_script_fails_without_a_results_file(tmp_path, writes_results)
     assert proc.returncode == (0 if writes_results else 1), proc.stderr
     if not writes_results:
         assert "wrote no results file" in proc.stderr
+
+
+def test_names_only_counts_a_sentence_that_names_the_right_choice_alone():
+    from alignlm.evaluation.answers import names_only
+
+    colours = ["red", "green", "blue"]
+    assert names_only("The circle is red.", "red", colours)
+    assert not names_only("It is red or blue", "red", colours)  # two choices named
+    assert not names_only("reddish", "red", colours)  # whole words only
+    assert names_only("In the top left corner.", "top left", ["top left", "top right", "bottom left"])
+    assert not names_only("There are 10000", "1", ["1", "2", "3"])

@@ -33,6 +33,14 @@ def vqa_accuracy(prediction: str, answers: list[str]) -> float:
     return sum(min(1.0, (sum(hits) - h) / 3.0) for h in hits) / len(hits)
 
 
+def names_only(prediction: str, answer: str, choices: list[str]) -> bool:
+    """Whether the prediction names the right choice and no other (whole words after normalisation): "The circle is
+    red." names red. A lenient score for models that answer in sentences; exact match stays the headline."""
+    pred = f" {normalize_answer(prediction)} "
+    named = {c for c in choices if f" {normalize_answer(c)} " in pred}
+    return named == {answer}
+
+
 def score_answer(prediction: str, answer: str | list[str]) -> float:
     """One question's score: exact match for one reference, VQA accuracy for a list of human answers."""
     return vqa_accuracy(prediction, [answer] if isinstance(answer, str) else [str(a) for a in answer])

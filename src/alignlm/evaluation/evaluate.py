@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from alignlm.data.records import read_records, reference_captions
-from alignlm.evaluation.answers import score_answer
+from alignlm.evaluation.answers import names_only, score_answer
 from alignlm.evaluation.captions import bleu, cider_d
 from alignlm.models.generation import generate_set
 
@@ -45,18 +45,24 @@ def answer_accuracy(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Accuracy (exact match, or VQA accuracy for lists of answers), chance level, a few examples, and every
-    question's score by id (``scores``), so that two checkpoints can be compared question by question."""
+    question's score by id (``scores``), so that two checkpoints can be compared question by question. Sets with
+    ``meta.choices`` also get ``choice_accuracy`` and ``choice_scores``: the answer counts when the prediction names
+    the right choice and no other, for models that answer in sentences."""
     preds = generate_set(model, path, data_cfg, batch_size, max_new_tokens, limit, generation, seed)
     correct, chance, examples, scores, seen = 0.0, 0.0, [], {}, Counter[str]()
+    choice_scores: dict[str, float] = {}
     for rid, pred, rec in preds:
         if "answer" not in rec:
             raise ValueError(f"{path} record id={rid} has no 'answer'; a question set needs one per record")
         score = score_answer(pred, rec["answer"])
         correct += score
         seen[str(rid)] += 1  # a repeated id gets "#k" from its second occurrence on, so no score is lost
-        scores[str(rid) if seen[str(rid)] == 1 else f"{rid}#{seen[str(rid)] - 1}"] = score
+        key = str(rid) if seen[str(rid)] == 1 else f"{rid}#{seen[str(rid)] - 1}"
+        scores[key] = score
         choices = (rec.get("meta") or {}).get("choices") or []
         chance += 1.0 / len(choices) if choices else 0.0
+        if choices and isinstance(rec["answer"], str):
+            choice_scores[key] = float(names_only(pred, rec["answer"], [str(c) for c in choices]))
         if len(examples) < N_EXAMPLES:
             examples.append({"id": rid, "prediction": pred, "answer": rec["answer"], "correct": score == 1.0})
     n = len(preds)
@@ -68,7 +74,11 @@ def answer_accuracy(
         "chance": chance / max(n, 1),
         "examples": examples,
         "scores": scores,
-    }
+    } | (
+        {"choice_accuracy": sum(choice_scores.values()) / len(choice_scores), "choice_scores": choice_scores}
+        if choice_scores
+        else {}
+    )
 
 
 def caption_scores(

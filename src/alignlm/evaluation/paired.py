@@ -40,14 +40,15 @@ def paired_difference(a: Mapping[str, float], b: Mapping[str, float]) -> dict[st
     }
 
 
-def final_scores(report: str | Path) -> dict[str, dict[str, float]]:
+def final_scores(report: str | Path, key: str = "scores") -> dict[str, dict[str, float]]:
     """Per question set of an ``alignlm eval`` report, each question's score at its final checkpoint (the last one),
-    plus all sets pooled (:data:`POOLED`, ids prefixed by the set)."""
+    plus all sets pooled (:data:`POOLED`, ids prefixed by the set); ``key="choice_scores"`` for the names-the-choice
+    scores."""
     last = json.loads(Path(report).read_text())["checkpoints"][-1]
     if last["kind"] != "final":
         raise ValueError(f"{report}: the last checkpoint is {last['label']}, not a final/")
-    sets = {name: s["scores"] for name, s in last["sets"].items()}
-    sets[POOLED] = {f"{name}/{k}": v for name, s in last["sets"].items() for k, v in s["scores"].items()}
+    sets = {name: s[key] for name, s in last["sets"].items() if key in s}
+    sets[POOLED] = {f"{name}/{k}": v for name, scores in sets.items() for k, v in scores.items()}
     return sets
 
 

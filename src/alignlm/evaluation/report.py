@@ -176,6 +176,10 @@ def table_columns(results: list[dict[str, Any]]) -> list[tuple[str, Any]]:
     for name, kind in names:
         if kind == "qa":
             cols.append((f"{name} acc %", lambda res, n=name: _pct(res["sets"].get(n, {}).get("accuracy"))))
+            if any("choice_accuracy" in res["sets"].get(name, {}) for res in results):
+                cols.append(
+                    (f"{name} names-choice %", lambda res, n=name: _pct(res["sets"].get(n, {}).get("choice_accuracy")))
+                )
         else:
             cols.append((f"{name} BLEU-4", lambda res, n=name: _num(res["sets"].get(n, {}).get("bleu4"))))
             cols.append((f"{name} CIDEr", lambda res, n=name: _num(res["sets"].get(n, {}).get("cider"))))
