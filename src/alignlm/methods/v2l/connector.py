@@ -10,12 +10,13 @@ The codebook is the LLM's input embedding table as built (a copy kept out of che
 for the tokens to stay its words), restricted by ``codebook``: ``words`` keeps the vocabulary entries that decode to
 a space and letters (" red", " circle"), which is what makes the tokens readable; ``all`` keeps every non-special
 entry. Gradients reach the encoder by the straight-through estimator: the forward value is exactly the chosen word's
-embedding, the backward pass treats it as the encoder's output rescaled to that word's norm. The commitment loss
-``commitment_weight * mean(1 - cos(z, e))`` pulls each encoder output towards its chosen word (cosine rather than the
-paper's squared distance, since the search is by cosine and embedding norms vary by word). Deviations from the paper:
-the training signal is the LM loss of the stage (captioning, then questions) instead of an image reconstruction
-decoder, and the global words come from the same codebook instead of an expanded bigram/trigram vocabulary filtered
-by CLIP.
+embedding, the backward pass treats it as the encoder's output rescaled to that word's norm. Three auxiliary losses
+(docs/methods.md, V2L): commitment ``mean(1 - cos(z, e))`` pulls each encoder output towards its word (a cosine, as the
+search); reconstruction, a linear read-back of the patch features from the words (of the pooled feature from the
+global words), makes the words carry their patch; diversity, ``mean_n H(p_n) - H(mean_n p_n)`` over soft assignments,
+keeps many words in use. Without the last two the LM loss drives every token onto one word. Deviations from the paper:
+the stage's LM loss trains the encoder too (the paper trains the tokenizer alone, on image reconstruction), and the
+global words come from the same codebook instead of an expanded bigram/trigram vocabulary filtered by CLIP.
 """
 
 from __future__ import annotations
@@ -61,23 +62,23 @@ class V2LConnector(Connector):
         super().__init__(in_dim, out_dim)
         if isinstance(global_tokens, bool) or not isinstance(global_tokens, int) or global_tokens < 0:
             raise ValueError(f"model.connector.global_tokens must be an integer >= 0, got {global_tokens!r}")
-        if not commitment_weight >= 0:
-            raise ValueError(f"model.connector.commitment_weight must be >= 0, got {commitment_weight!r}")
         if codebook not in CODEBOOKS:
             raise ValueError(f"model.connector.codebook={codebook!r} is not known; choose one of {list(CODEBOOKS)}")
-        self.global_tokens, self.codebook, self.commitment_weight = global_tokens, codebook, commitment_weight
+        weights = {
+            "commitment": commitment_weight,
+            "reconstruction": reconstruction_weight,
+            "diversity": diversity_weight,
+        }
+        for name, w in weights.items():
+            if not w >= 0:
+                raise ValueError(f"model.connector.{name}_weight must be >= 0, got {w!r}")
+        if not temperature > 0:
+            raise ValueError(f"model.connector.temperature must be > 0, got {temperature!r}")
+        self.global_tokens, self.codebook, self.temperature = global_tokens, codebook, temperature
+        self.commitment_weight, self.reconstruction_weight, self.diversity_weight = weights.values()
         self.num_prefix_tokens = global_tokens
         self.proj = nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
         self.global_proj = nn.Linear(in_dim, out_dim) if global_tokens else None
-        if not reconstruction_weight >= 0:
-            raise ValueError(f"model.connector.reconstruction_weight must be >= 0, got {reconstruction_weight!r}")
-        self.reconstruction_weight = reconstruction_weight
-        if not diversity_weight >= 0 or not temperature > 0:
-            raise ValueError(
-                f"model.connector: need diversity_weight >= 0 and temperature > 0, got {diversity_weight!r}, "
-                f"{temperature!r}"
-            )
-        self.diversity_weight, self.temperature = diversity_weight, temperature
         # reads the patch features back from the words alone: tokens must keep what their patch shows
         self.decoder = nn.Linear(out_dim, in_dim) if reconstruction_weight else None
         # Filled by bind_vocabulary. Plain tensors, not buffers: kept out of checkpoints (rebuilt from the LLM with the
