@@ -517,3 +517,14 @@ def test_names_only_counts_a_sentence_that_names_the_right_choice_alone():
     assert not names_only("reddish", "red", colours)  # whole words only
     assert names_only("In the top left corner.", "top left", ["top left", "top right", "bottom left"])
     assert not names_only("There are 10000", "1", ["1", "2", "3"])
+
+
+def test_seed_line_and_the_seed_table_entry_point(tmp_path, capsys):
+    from alignlm.evaluation.paired import print_seed_table, seed_line
+
+    assert seed_line("d", [0.01, 0.03]) == "- d: +2.00 points over 2 seeds (SE 1.00, t +2.00)"
+    assert seed_line("same", [0.5, 0.5], scale=1.0, unit="") == "- same: +0.50 over 2 seeds (SE 0.00, t +nan)"
+    print_seed_table(lambda out: [f"read {out.name}"], "usage", [str(tmp_path / "runs")])
+    assert capsys.readouterr().out == "read runs\n"
+    with pytest.raises(SystemExit, match="usage"):
+        print_seed_table(lambda out: [], "usage", ["--help"])

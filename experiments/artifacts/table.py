@@ -7,12 +7,11 @@ mean over seeds, its standard error and ``t = mean / SE``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
 
-from alignlm.evaluation.paired import mean_se
+from alignlm.evaluation.paired import print_seed_table, seed_line
 
 METRICS = ("pooled/modality_gap", "pooled/mutual_knn", "pooled/cka", "pooled/cknna", "pooled/i2t_recall@10")
 
@@ -41,17 +40,9 @@ def table(out: Path) -> list[str]:
             d = [
                 values[(a, s)][k] - values[("none", s)][k] for s in seeds if (a, s) in values and ("none", s) in values
             ]
-            m, se = mean_se(d)
-            t = m / se if se and se > 0 else math.nan
-            lines.append(f"- {a} - none, {k}: {m:+.4f} over {len(d)} seeds (SE {se:.4f}, t {t:+.2f})")
+            lines.append(seed_line(f"{a} - none, {k}", d, scale=1.0, unit=""))
     return lines
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("out", type=Path)
-    print("\n".join(table(ap.parse_args().out)))
-
-
 if __name__ == "__main__":
-    main()
+    print_seed_table(table, __doc__)

@@ -7,12 +7,11 @@ and ``t = mean / SE``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
 
-from alignlm.evaluation.paired import POOLED, final_scores, mean_se, paired_difference
+from alignlm.evaluation.paired import POOLED, final_scores, paired_difference, print_seed_table, seed_line
 
 
 def qtypes(test_set: Path) -> dict[str, str]:
@@ -46,20 +45,9 @@ def table(out: Path) -> list[str]:
             + " |"
         )
     lines.append("")
-    for name, xs in {"all questions": diffs, **per_type}.items():
-        m, se = mean_se(xs)
-        t = m / se if se and se > 0 else math.nan
-        lines.append(
-            f"- som - plain, {name}: {100 * m:+.2f} points over {len(xs)} seeds (SE {100 * se:.2f}, t {t:+.2f})"
-        )
+    lines += [seed_line(f"som - plain, {name}", xs) for name, xs in {"all questions": diffs, **per_type}.items()]
     return lines
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("out", type=Path)
-    print("\n".join(table(ap.parse_args().out)))
-
-
 if __name__ == "__main__":
-    main()
+    print_seed_table(table, __doc__)

@@ -9,12 +9,11 @@ and ``t = mean / SE``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
 
-from alignlm.evaluation.paired import POOLED, final_scores, mean_se, paired_difference
+from alignlm.evaluation.paired import POOLED, final_scores, paired_difference, print_seed_table, seed_line
 
 ARMS = ("baseline", "vlap", "v2l")
 OTHERS = ("baseline", "vlap")
@@ -46,18 +45,9 @@ def table(out: Path) -> list[str]:
             pairs = " | ".join(f"{100 * paired[a]['diff']:+.1f} ({100 * paired[a]['se']:.1f})" for a in OTHERS)
             lines.append(f"| {seed} | answers, {metric} | {acc} | {pairs} |")
     lines.append("")
-    for name, xs in diffs.items():
-        m, se = mean_se(xs)
-        t = m / se if se and se > 0 else math.nan
-        lines.append(f"- {name}: {100 * m:+.2f} points over {len(xs)} seeds (SE {100 * se:.2f}, t {t:+.2f})")
+    lines += [seed_line(name, xs) for name, xs in diffs.items()]
     return lines
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("out", type=Path)
-    print("\n".join(table(ap.parse_args().out)))
-
-
 if __name__ == "__main__":
-    main()
+    print_seed_table(table, __doc__)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,22 @@ def final_scores(report: str | Path, key: str = "scores") -> dict[str, dict[str,
     sets = {name: s[key] for name, s in last["sets"].items() if key in s}
     sets[POOLED] = {f"{name}/{k}": v for name, scores in sets.items() for k, v in scores.items()}
     return sets
+
+
+def print_seed_table(table: Callable[[Path], list[str]], usage: str, argv: Sequence[str] | None = None) -> None:
+    """The entry point of the experiments' seed-table scripts: ``table(OUT)`` for the one folder argument, printed."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 1 or args[0].startswith("-"):
+        raise SystemExit(usage)
+    print("\n".join(table(Path(args[0]))))
+
+
+def seed_line(name: str, xs: Sequence[float], scale: float = 100.0, unit: str = " points") -> str:
+    """``- name: +m unit over n seeds (SE se, t t)``: a difference's mean over seeds (times ``scale``), its standard
+    error and ``t = mean / SE`` (nan when the seeds agree exactly or there is one)."""
+    m, se = mean_se(xs)
+    t = m / se if se and se > 0 else math.nan
+    return f"- {name}: {scale * m:+.2f}{unit} over {len(xs)} seeds (SE {scale * se:.2f}, t {t:+.2f})"
 
 
 def mean_se(xs: Sequence[float]) -> tuple[float, float]:
