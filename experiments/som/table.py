@@ -1,6 +1,6 @@
 """Set-of-Mark against plain finetuning over seeds (experiments/som/run.sh): per seed, held-out accuracy of each arm
-overall and per question type, and som - plain paired per question; then the mean over seeds, its standard error
-and ``t = mean / SE``.
+overall and per question type, and arm - plain paired per question; then the mean over seeds, its standard error
+and ``t = mean / SE``. Every ``eval_<run>`` of a run ``<arm>_seed_<S>`` other than plain is an arm.
 
     python experiments/som/table.py outputs/som
 """
@@ -20,23 +20,35 @@ def qtypes(test_set: Path) -> dict[str, str]:
 
 
 def table(out: Path) -> list[str]:
+    """One block per arm other than ``plain`` (``som``; ``som78``, the equal-plain-samples control), against plain."""
     kinds = qtypes(out / "data" / "shapes" / "test.json")
+    runs = [p.name[len("eval_") :] for p in out.glob("eval_*_seed_*") if (out / p.name[len("eval_") :]).is_dir()]
+    arms = sorted({r.rsplit("_seed_", 1)[0] for r in runs} - {"plain"})
+    lines: list[str] = []
+    for arm in arms:
+        lines += arm_block(out, arm, kinds) + [""]
+    return lines[:-1]
+
+
+def arm_block(out: Path, arm: str, kinds: dict[str, str]) -> list[str]:
     types = sorted(set(kinds.values()))
-    seeds = sorted({p.name.rsplit("_", 1)[1] for p in out.glob("som_seed_*")}, key=int)
+    seeds = sorted({p.name.rsplit("_", 1)[1] for p in out.glob(f"eval_{arm}_seed_*")}, key=int)
     lines = [
-        "| seed | plain | som | som - plain (paired SE) | " + " | ".join(f"{t}: plain / som" for t in types) + " |",
+        f"| seed | plain | {arm} | {arm} - plain (paired SE) | "
+        + " | ".join(f"{t}: plain / {arm}" for t in types)
+        + " |",
         "|---|---:|---:|---:|" + "---:|" * len(types),
     ]
     diffs: list[float] = []
     per_type: dict[str, list[float]] = {t: [] for t in types}
     for seed in seeds:
-        plain, som = (final_scores(out / f"eval_{arm}_seed_{seed}" / "report.json")[POOLED] for arm in ("plain", "som"))
-        d = paired_difference(plain, som)
+        plain, other = (final_scores(out / f"eval_{a}_seed_{seed}" / "report.json")[POOLED] for a in ("plain", arm))
+        d = paired_difference(plain, other)
         diffs.append(d["diff"])
         cells = []
         for t in types:
             ids = [i for i in plain if kinds[i.split("/", 1)[1]] == t]
-            a, b = (math.fsum(s[i] for i in ids) / len(ids) for s in (plain, som))
+            a, b = (math.fsum(s[i] for i in ids) / len(ids) for s in (plain, other))
             per_type[t].append(b - a)
             cells.append(f"{100 * a:.1f} / {100 * b:.1f}")
         lines.append(
@@ -45,7 +57,7 @@ def table(out: Path) -> list[str]:
             + " |"
         )
     lines.append("")
-    lines += [seed_line(f"som - plain, {name}", xs) for name, xs in {"all questions": diffs, **per_type}.items()]
+    lines += [seed_line(f"{arm} - plain, {name}", xs) for name, xs in {"all questions": diffs, **per_type}.items()]
     return lines
 
 
