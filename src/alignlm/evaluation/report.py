@@ -136,16 +136,11 @@ def evaluate_checkpoint(
         features = {"image": feats.visual_mean, "text": feats.text_mean}
         artifacts = dict(pcfg.get("artifacts") or {})
         if artifacts.get("enabled", True):
+            factor = float(artifacts.get("factor", 4.0))
             try:
-                result["artifacts"] = {
-                    "factor": float(artifacts.get("factor", 4.0)),
-                    "layers": artifact_report(
-                        model.vision,
-                        probe.pixels(model.image_spec),
-                        float(artifacts.get("factor", 4.0)),
-                        int(pcfg.get("batch_size", 32)),
-                    ),
-                }
+                pixels = probe.pixels(model.image_spec)  # decoded once, by extract above
+                layers = artifact_report(model.vision, pixels, factor, int(pcfg.get("batch_size", 32)))
+                result["artifacts"] = {"factor": factor, "layers": layers}
             except NotImplementedError as e:
                 result["artifacts"] = {"unavailable": str(e)}
     log.info("%s: generation %.1f s, probes %.1f s", ck.label, t_gen - t0, time.perf_counter() - t_gen)

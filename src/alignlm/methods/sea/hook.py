@@ -25,10 +25,7 @@ class SeaLabelHook(SampleHook):
     """Opens a labels file and places it on ``model``'s visual tokens (the counts must line up, or it fails here)."""
 
     def __init__(self, path: str | Path, model: Any) -> None:
-        vision = model.vision
-        self.labels = SeaLabels(path).place_on_tokens(
-            model.num_image_tokens, vision.num_patches, vision.num_prefix_tokens, model.connector.num_prefix_tokens
-        )
+        self.labels = SeaLabels(path).place_on_model(model)
 
     def bind(self, dataset: HookedDataset) -> None:
         uses = sum(self.labels.coverage(dataset.visual_inputs(src, rec)) for src, _, rec in dataset.distinct_records())

@@ -169,6 +169,13 @@ class SeaLabels:
         self.num_tokens = num_image_tokens
         return self
 
+    def place_on_model(self, model: Any) -> SeaLabels:
+        """:meth:`place_on_tokens` with an ``AlignLM``'s own counts (its tower's and its connector's prefix tokens)."""
+        vision = model.vision
+        return self.place_on_tokens(
+            model.num_image_tokens, vision.num_patches, vision.num_prefix_tokens, model.connector.num_prefix_tokens
+        )
+
     def for_images(self, images: Sequence[str | Path]) -> tuple[torch.Tensor, torch.Tensor]:
         """Labels laid out on each image's visual tokens: ``[n_images, M, k]`` word ids (-1 = none) and scores."""
         if self.num_tokens is None:

@@ -33,12 +33,7 @@ def token_word_report(
     one; ``constant_acc``: the best single word for every token, the level a collapsed connector gets for free.
     ``exclude`` drops words (e.g. "background") from both the candidates and the words searched.
     """
-    labels.place_on_tokens(
-        model.num_image_tokens,
-        model.vision.num_patches,
-        model.vision.num_prefix_tokens,
-        model.connector.num_prefix_tokens,
-    )
+    labels.place_on_model(model)
     device = next(model.parameters()).device
     tokens, ids = [], []
     for start in range(0, len(images), batch_size):

@@ -32,11 +32,15 @@ from alignlm.models.connectors.base import Connector, ConnectorOutput
 CODEBOOKS = ("words", "all")
 
 
+def check_codebook(codebook: str) -> None:
+    if codebook not in CODEBOOKS:
+        raise ValueError(f"model.connector.codebook={codebook!r} is not known; choose one of {list(CODEBOOKS)}")
+
+
 def word_ids(tokenizer: Any, rows: int, codebook: str) -> list[int]:
     """The vocabulary ids the codebook keeps: every non-special id below ``rows`` (``all``), or those that decode to a
     space followed by ASCII letters only (``words``)."""
-    if codebook not in CODEBOOKS:
-        raise ValueError(f"model.connector.codebook={codebook!r} is not known; choose one of {list(CODEBOOKS)}")
+    check_codebook(codebook)
     special = set(tokenizer.all_special_ids)
     ids = [i for i in range(min(rows, len(tokenizer))) if i not in special]
     if codebook == "words":
@@ -62,8 +66,7 @@ class V2LConnector(Connector):
         super().__init__(in_dim, out_dim)
         if isinstance(global_tokens, bool) or not isinstance(global_tokens, int) or global_tokens < 0:
             raise ValueError(f"model.connector.global_tokens must be an integer >= 0, got {global_tokens!r}")
-        if codebook not in CODEBOOKS:
-            raise ValueError(f"model.connector.codebook={codebook!r} is not known; choose one of {list(CODEBOOKS)}")
+        check_codebook(codebook)
         weights = {
             "commitment": commitment_weight,
             "reconstruction": reconstruction_weight,
