@@ -93,14 +93,17 @@ PARTS = {
 }
 
 
-def config(size: str, stage: str, vocab: int, batch: int, steps: int, device: str, packing: str = "auto"):
-    """The alignlm config of one benchmark point: the tiny parts resized to ``size``."""
+def shape_overrides(size: str, vocab: int) -> list[str]:
+    """Hydra overrides that resize the tiny model's parts to ``size`` with ``vocab`` embedding and LM-head rows."""
     shape = SIZES[size]
     overrides = [f"model.llm.{k}={v}" for k, v in shape["llm"].items()]
     overrides += [f"model.vision.config.{k}={v}" for k, v in shape["vision"].items()]
-    overrides += [
-        f"model.llm.embedding_rows={vocab}",
-        "model.llm.max_position_embeddings=4096",
+    return overrides + [f"model.llm.embedding_rows={vocab}", "model.llm.max_position_embeddings=4096"]
+
+
+def config(size: str, stage: str, vocab: int, batch: int, steps: int, device: str, packing: str = "auto"):
+    """The alignlm config of one benchmark point: the tiny parts resized to ``size``."""
+    overrides = shape_overrides(size, vocab) + [
         f"run=[{stage}]",
         f"stages.{stage}.parts={PARTS[stage]}",
         f"stages.{stage}.init_from=null",

@@ -215,8 +215,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     check_config(cfg)
     resolve_strategy(cfg)
     try:
+        # the accelerator first: with DeepSpeed's LOCAL_RANK already set, a process started without a launcher would
+        # wait for a launcher's rendezvous (MASTER_ADDR) instead of training as one rank
+        acc = make_accelerator(cfg)
         with zero_launcher_env(cfg.distributed.strategy in ZERO_STAGES, cpu_only()):
-            return _run(cfg)
+            return _run(cfg, acc)
     finally:
         # DeepSpeed's communication threads can abort a process that exits with its group alive; a one-rank group
         # (no launcher) is kept: DeepSpeed caches it, and a later run in this process reuses it
@@ -225,8 +228,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             dist.destroy_process_group()
 
 
-def _run(cfg: DictConfig) -> dict[str, Any]:
-    acc = make_accelerator(cfg)
+def _run(cfg: DictConfig, acc: Accelerator) -> dict[str, Any]:
     log = get_logger("alignlm", acc.process_index)
     if acc.is_main_process:
         ensure_offline_datasets(cfg)
