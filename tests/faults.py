@@ -11,7 +11,8 @@ from alignlm.data.hooks import SampleHook
 
 
 class Fault(SampleHook):
-    """After ``after`` samples on rank ``rank``: ``hang`` (sleep), ``die`` (SIGKILL itself) or ``signal`` (SIGUSR1, once)."""
+    """After ``after`` samples on rank ``rank``: ``hang`` (sleep), ``die`` (SIGKILL itself), ``term`` (SIGTERM itself, as
+    torchrun ends the surviving ranks) or ``signal`` (SIGUSR1, once)."""
 
     def __init__(self, model: Any, rank: int, after: int, action: str) -> None:
         self.rank, self.after, self.action, self.calls = rank, after, action, 0
@@ -25,6 +26,8 @@ class Fault(SampleHook):
                 time.sleep(3600)
             elif self.action == "die":
                 os.kill(os.getpid(), signal.SIGKILL)
+            elif self.action == "term":
+                os.kill(os.getpid(), signal.SIGTERM)
             elif self.action == "signal":
                 os.kill(os.getpid(), signal.SIGUSR1)
         return {}

@@ -98,6 +98,22 @@ def test_a_hung_or_dead_rank_ends_the_job_naming_rank_and_step(colour_set, tmp_p
     assert not (tmp_path / "t" / "pretrain" / "final").exists()
 
 
+def test_sigterm_inside_a_step_names_the_rank_and_step(colour_set, tmp_path, capfd):
+    """torchrun SIGTERMs the surviving ranks once one dies, which can reach a rank before its next collective fails:
+    that rank still names itself and its step (here one process terminates itself inside step 3, in process)."""
+    import signal
+
+    from alignlm.training.trainer import Terminated
+
+    before = signal.getsignal(signal.SIGTERM)
+    job = [*base(colour_set, tmp_path, "stages.pretrain.data.num_workers=0"), *fault("term", after=4)]
+    with pytest.raises(Terminated, match="SIGTERM"):
+        run(compose(*[o.replace("fault.rank=1", "fault.rank=0") for o in job]))
+    assert "rank 0 of 1: stage pretrain failed at step 3: Terminated: SIGTERM" in capfd.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler lives only as long as the step loop
+    assert not (tmp_path / "t" / "pretrain" / "final").exists()
+
+
 def test_a_two_node_job_stops_on_the_signal_at_one_step_and_resumes_exactly(colour_set, tmp_path, monkeypatch):
     """Two "nodes" on loopback, one rank each. SIGUSR1 reaches rank 1 alone during step 3; both ranks stop after
     step 4 (the next fetch of logged values, logging.every=2) with a checkpoint there, and the resumed job's losses

@@ -539,8 +539,19 @@ class Trainer:
     @contextlib.contextmanager
     def failure_names_rank_and_step(self) -> Iterator[Any]:
         """An error inside the step loop (a collective that timed out or lost a peer, a device fault) is logged with
-        this rank and the step before it propagates; the launcher then ends the other ranks."""
+        this rank and the step before it propagates; the launcher then ends the other ranks. So is SIGTERM, which is
+        how torchrun ends the surviving ranks when one dies: it can arrive before a rank's next collective would
+        have failed, and without this the job would end with no rank naming its step."""
         at = types.SimpleNamespace(step=self.start_step)
+
+        def terminated(signum: int, frame: Any) -> None:
+            raise Terminated(
+                "SIGTERM: the launcher ends every rank once one has failed (its report names that rank), or the job "
+                "was cancelled"
+            )
+
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, terminated) if main else None
         try:
             yield at
         except (StopTraining, TrainingError, DataError):
@@ -566,6 +577,9 @@ class Trainer:
                 str(e).splitlines()[0] if str(e) else "",
             )
             raise
+        finally:
+            if main:
+                signal.signal(signal.SIGTERM, previous)
 
     def check_divergence(self, step: int) -> None:
         """``nonfinite.stop_after`` skipped steps within the last ``nonfinite.window`` steps stop the stage."""
@@ -832,6 +846,10 @@ def compile_llm_layers(model: AlignLM) -> None:
 
 class StopTraining(RuntimeError):
     """Raised when ``stop_after_steps`` ends a process early, after a checkpoint was written."""
+
+
+class Terminated(RuntimeError):
+    """SIGTERM reached a rank inside the step loop (raised by its handler, so the rank and step are logged)."""
 
 
 class TrainingError(RuntimeError):
