@@ -62,6 +62,17 @@ def write_colour_set(root: Path, n: int = 48) -> dict[str, Path]:
     return paths
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each test gets accelerate's process-wide state (precision, device, accumulation) afresh, as a process of its
+    own would: otherwise the first test's precision sticks, and a later test asking for another one fails."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
 @pytest.fixture(scope="session")
 def colour_set(tmp_path_factory) -> dict[str, Path]:
     return write_colour_set(tmp_path_factory.mktemp("colours"))
@@ -97,8 +108,10 @@ def tiny_clip(tmp_path_factory) -> Path:
 
 
 def tiny_overrides(colour_set: dict[str, Path], out: Path, *extra: str) -> list[str]:
-    """Overrides for a seconds-long tiny two-stage run on the colour set."""
+    """Overrides for a seconds-long tiny two-stage run on the colour set, in fp32 on any machine (exactness tests
+    compare numbers; on a GPU ``mixed_precision=auto`` would be bf16): a test that wants bf16 says so in ``extra``."""
     return [
+        "mixed_precision=no",
         f"output_dir={out}",
         "run_name=t",
         "stages.pretrain.max_steps=6",

@@ -140,6 +140,29 @@ def test_a_diverging_run_skips_non_finite_steps_and_stops_with_a_report(colour_s
     assert main(["train", *base, "run_name=cli"]) == 1  # a message and exit status 1, not a traceback
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_non_finite_step_changes_no_weight_and_counts_no_step(colour_set, tmp_path, fused):
+    """The fused optimizer skips on the device (its found_inf), the other one on the host: either way a non-finite
+    step leaves every weight and Adam's step count as they were, and the next finite step updates."""
+    from alignlm.pipeline import make_accelerator
+    from alignlm.training.trainer import Trainer
+
+    cfg = compose(*tiny_overrides(colour_set, tmp_path), f"stages.pretrain.fused_optimizer={str(fused).lower()}")
+    trainer = Trainer(cfg, "pretrain", make_accelerator(cfg))
+    trainer.setup()
+    inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    assert bool(inner.defaults.get("fused")) == fused
+    params = [p for g in inner.param_groups for p in g["params"]]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    before = [p.detach().clone() for p in params]
+    trainer.optimizer_step(torch.tensor(False))
+    assert all(torch.equal(a, p) for a, p in zip(before, params))
+    trainer.optimizer_step(torch.tensor(True))
+    assert all(not torch.equal(a, p) for a, p in zip(before, params))
+    assert all(int(inner.state[p]["step"]) == 1 for p in params)
+
+
 @pytest.mark.parametrize(
     "bad",
     [

@@ -129,6 +129,27 @@ def test_gradient_accumulation_matches_one_big_batch(colour_set, tmp_path, packi
     )
 
 
+def test_the_gpu_defaults_train_on_the_cpu_too(colour_set, tmp_path):
+    """What a GPU run does by default, here on the CPU: bf16 autocast with the frozen parts stored in bf16, the fused
+    AdamW and the alignment monitor; plain data parallelism (accelerate converts the forward's output to fp32)."""
+    out = run(
+        compose(
+            *tiny_overrides(colour_set, tmp_path),
+            "mixed_precision=bf16",
+            "stages.pretrain.fused_optimizer=true",
+            "stages.finetune.fused_optimizer=true",
+            "monitor.every=2",
+            f"monitor.probe={colour_set['pretrain']}",
+            "monitor.n=8",
+        )
+    )
+    for stage in ("pretrain", "finetune"):
+        rows = [json.loads(r) for r in (tmp_path / "t" / stage / "metrics.jsonl").read_text().splitlines()]
+        assert all(torch.isfinite(torch.tensor(r["loss/total"])) for r in rows)
+        assert "monitor/pooled/cka" in rows[0] and "monitor/pooled/cka" in rows[1]  # after step 1, then every 2
+    assert (tmp_path / "t" / "finetune" / "final" / "model.safetensors").exists() and out["stages"]["finetune"]
+
+
 def test_lora_stage_saves_merged_weights(colour_set, tmp_path):
     from alignlm.models.io import load_model
 

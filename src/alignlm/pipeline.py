@@ -198,6 +198,8 @@ def _check_stage(key: str, stage: DictConfig) -> None:
     _number(f"{key}.warmup_ratio", stage.get("warmup_ratio", 0.0), 0.0, 1.0)
     for i, beta in enumerate(stage.get("betas") or (0.9, 0.999)):
         _number(f"{key}.betas[{i}]", beta, 0.0, 0.999999)
+    if stage.get("fused_optimizer", "auto") not in ("auto", True, False):
+        raise ValueError(f"{key}.fused_optimizer={stage.fused_optimizer!r}: choose auto, true or false")
     _positive_int(f"{key}.per_device_batch_size", stage.per_device_batch_size)
     _positive_int(f"{key}.grad_accum", stage.grad_accum)
     if stage.get("max_steps") is not None:

@@ -59,9 +59,11 @@ class AlignOutput(ModelOutput):
     sample_logps: torch.Tensor | None = None  # [num_samples]: each sample's summed log-probability of its labels
 
     def __post_init__(self) -> None:
+        # ModelOutput first: it tells a copy made from a dict (accelerate's fp32 conversion of a mixed-precision
+        # forward's output does that) by every field but the first being None, which the defaults below would spoil
+        super().__post_init__()
         self.aux_losses = {} if self.aux_losses is None else self.aux_losses
         self.metrics = {} if self.metrics is None else self.metrics
-        super().__post_init__()
 
 
 class AlignLM(nn.Module):

@@ -100,10 +100,11 @@ def no_gradient_sync(model: nn.Module) -> Iterator[None]:
 def clip_gradients(groups: Sequence[Iterable[nn.Parameter]], max_norm: float) -> torch.Tensor:
     """Clip the gradients of every group by one global norm and return it (as DeepSpeed clips everything it steps):
     the model's parameters (shards under FSDP2, their norm taken over every rank) and the objectives' own."""
-    groups = [[p for p in g if p.grad is not None] for g in groups]
+    params = [list(g) for g in groups]
+    groups = [[p for p in g if p.grad is not None] for g in params]
     norms = [full_value(torch.nn.utils.get_total_norm([p.grad for p in g])) for g in groups if g]
-    if not norms:
-        return torch.zeros(())
+    if not norms:  # on the parameters' device, like the norm of a step that has gradients (the log stacks them)
+        return torch.zeros((), device=next((p.device for g in params for p in g), None))
     total = torch.linalg.vector_norm(torch.stack(norms))
     for g in groups:
         if g:

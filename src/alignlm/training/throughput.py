@@ -83,3 +83,9 @@ def peak_memory_gib(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start the device's peak-memory count afresh (each stage reports its own peak, not an earlier stage's)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)

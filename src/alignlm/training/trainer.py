@@ -51,7 +51,13 @@ from alignlm.training.monitor import AlignmentMonitor
 from alignlm.training.optim import build_optimizer
 from alignlm.training.sampler import StepSampler
 from alignlm.training.stages import apply_stage, count_params, merge_lora, trainable_parts
-from alignlm.training.throughput import Meter, model_flops_per_token, peak_memory_gib, peak_tflops
+from alignlm.training.throughput import (
+    Meter,
+    model_flops_per_token,
+    peak_memory_gib,
+    peak_tflops,
+    reset_peak_memory,
+)
 
 LOG_EVERY = 10  # logging.every default: steps between fetches of the logged values from the device
 PACKED_ATTENTION = ("flash_attention_2", "flash_attention_3", "flex_attention")  # isolate packed samples for free
@@ -205,8 +211,9 @@ class Trainer:
         if self.strategy == "fsdp2":  # sharded before the optimizer is built: it must hold the sharded parameters
             sharding.shard(model, acc.device, bool(self.dist.get("reshard_after_forward", True)))
         offload = self.strategy in zero.STAGES and bool(self.dist.get("offload_optimizer"))
+        fused = {"auto": None, True: True, False: False}[stage.get("fused_optimizer", "auto")]
         optimizer, self.scheduler = build_optimizer(
-            model, stage, self.total_steps, self.objective_params, fused=False if offload else None
+            model, stage, self.total_steps, self.objective_params, fused=False if offload else fused
         )
         if self.strategy in zero.STAGES:  # DeepSpeed wraps model, objectives and optimizer; accelerate nothing
             config = zero.deepspeed_config(
@@ -441,7 +448,7 @@ class Trainer:
         (its ``found_inf``, as a gradient scaler uses it): no wait for the host; otherwise the host decides."""
         inner = getattr(self.optimizer, "optimizer", self.optimizer)
         if inner.defaults.get("fused") and self.acc.scaler is None:
-            inner.found_inf = (~finite).float().reshape(1)
+            inner.found_inf = (~finite).float()  # 0-dim, like the step counters the fused kernel corrects with it
             try:
                 self.optimizer.step()
             finally:
@@ -604,6 +611,7 @@ class Trainer:
             )
 
     def fit(self) -> StageResult:
+        reset_peak_memory(self.acc.device)
         self.setup()
         acc, st = self.acc, self.stage
         metrics = MetricsLogger(
@@ -668,7 +676,8 @@ class Trainer:
                 issued[step] = time.perf_counter()
                 pending.append(log)
                 if log.device and self.monitor.due(step):
-                    monitored[step] = self.monitor(step, self.core())
+                    with acc.autocast():  # the precision the step trains in (a frozen tower is bf16)
+                        monitored[step] = self.monitor(step, self.core())
                 bar.update(1)
                 due_checkpoint = int(st.save_every) and step % int(st.save_every) == 0 and step < self.total_steps
                 if len(pending) >= every or due_checkpoint or step == stop_at:

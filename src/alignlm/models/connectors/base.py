@@ -32,9 +32,11 @@ class ConnectorOutput(ModelOutput):
     metrics: dict[str, torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
+        # ModelOutput first: it tells a copy made from a dict (accelerate's fp32 conversion of a mixed-precision
+        # forward's output does that) by every field but the first being None, which the defaults below would spoil
+        super().__post_init__()
         self.aux_losses = {} if self.aux_losses is None else self.aux_losses
         self.metrics = {} if self.metrics is None else self.metrics
-        super().__post_init__()
 
 
 class Connector(nn.Module):
