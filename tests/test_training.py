@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -148,6 +149,57 @@ def test_the_gpu_defaults_train_on_the_cpu_too(colour_set, tmp_path):
         assert all(torch.isfinite(torch.tensor(r["loss/total"])) for r in rows)
         assert "monitor/pooled/cka" in rows[0] and "monitor/pooled/cka" in rows[1]  # after step 1, then every 2
     assert (tmp_path / "t" / "finetune" / "final" / "model.safetensors").exists() and out["stages"]["finetune"]
+
+
+# ops whose result the host must wait for on a GPU: a scalar read, or an output whose size depends on the data
+WAITING_OPS = {
+    "aten._local_scalar_dense.default",
+    "aten.nonzero.default",
+    "aten.masked_select.default",
+    "aten.bincount.default",
+    "aten._unique2.default",
+    "aten.unique_consecutive.default",
+    "aten.repeat_interleave.Tensor",
+}
+
+
+@pytest.mark.parametrize("packing", ["false", "true"])
+def test_the_training_step_reads_nothing_back_from_the_device(colour_set, tmp_path, packing):
+    """tests/test_gpu.py's check, as far as a CPU can tell: over whole finetuning steps (connector and LLM trained,
+    fused AdamW) no op runs that would make the host wait for the GPU. Batches come from the collator beforehand,
+    as the data loader's workers make them."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from alignlm.pipeline import make_accelerator
+    from alignlm.training.trainer import Trainer
+
+    class Waits(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if str(func) in WAITING_OPS:
+                self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    cfg = compose(
+        *tiny_overrides(colour_set, tmp_path),
+        "run=[finetune]",
+        "stages.finetune.init_from=null",
+        "stages.finetune.fused_optimizer=true",
+        f"stages.finetune.data.packing={packing}",
+    )
+    trainer = Trainer(cfg, "finetune", make_accelerator(cfg))
+    trainer.setup()
+    batches = iter(trainer.loader())
+    trainer.step([next(batches)], 1)
+    ready = [next(batches) for _ in range(2)]
+    with Waits() as waits:
+        logs = [trainer.step([b], step) for step, b in enumerate(ready, start=2)]
+    assert waits.seen == []
+    rows = trainer.fetch(logs)  # the one wait, for both steps
+    assert len(rows) == 2 and all(math.isfinite(r[1]["loss/total"]) for r in rows)
 
 
 def test_lora_stage_saves_merged_weights(colour_set, tmp_path):

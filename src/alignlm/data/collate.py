@@ -12,8 +12,8 @@ Either way the batch carries, computed here on the CPU so the training step neve
 ``sample_ids`` ``[rows, T]`` (which sample each token belongs to, -1 for padding), ``image_sample`` ``[n_images]``
 (the sample of each image), ``lm_positions`` / ``lm_targets`` (each supervised next-token prediction: the flat index
 ``row * T + t`` of the predicting position and the token it must predict) and ``num_samples``. Images, their
-stand-ins and every hook's fields follow the order in which the samples' tokens are laid out, which is what the
-model's ``masked_scatter`` of visual tokens expects.
+stand-ins and every hook's fields follow the order in which the samples' tokens are laid out, which is the order
+the model writes visual tokens into ``image_positions`` (the flat index of every image-token slot).
 """
 
 from __future__ import annotations
@@ -56,17 +56,19 @@ def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
 
 
 def index_fields(labels: torch.Tensor, sample_ids: torch.Tensor, is_image: torch.Tensor, num_image_tokens: int) -> dict:
-    """``lm_positions``, ``lm_targets`` and ``image_sample`` of a batch (on the CPU: free; on a GPU: a host sync)."""
+    """``lm_positions``, ``lm_targets``, ``image_positions`` (the flat index of every image-token slot, in reading
+    order) and ``image_sample`` of a batch (on the CPU: free; on a GPU: a host sync)."""
     rows, length = labels.shape
     target = torch.cat([labels[:, 1:], labels.new_full((rows, 1), IGNORE_INDEX)], dim=1)
     same = torch.cat([sample_ids[:, 1:] == sample_ids[:, :-1], sample_ids.new_zeros(rows, 1, dtype=torch.bool)], dim=1)
     predicts = (target != IGNORE_INDEX) & same  # never across a sample boundary of a packed row
     positions = predicts.flatten().nonzero().squeeze(1)
-    image_starts = is_image.flatten().nonzero().squeeze(1)[:: max(num_image_tokens, 1)]
+    image_positions = is_image.flatten().nonzero().squeeze(1)
     return {
         "lm_positions": positions,
         "lm_targets": target.flatten()[positions],
-        "image_sample": sample_ids.flatten()[image_starts],
+        "image_positions": image_positions,
+        "image_sample": sample_ids.flatten()[image_positions[:: max(num_image_tokens, 1)]],
     }
 
 
@@ -102,6 +104,7 @@ class Collator:
             batch.update(self._padded(kept))
         batch["ids"] = [s["id"] for s in kept]
         batch["num_samples"] = len(kept)
+        batch["num_tokens"] = sum(lengths)  # real tokens, counted here so that nobody counts them on the device
         is_image = batch["input_ids"] == self.image_token_id if self.image_token_id is not None else None
         if is_image is not None:
             batch.update(index_fields(batch["labels"], batch["sample_ids"], is_image, self.num_image_tokens))

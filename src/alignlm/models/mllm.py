@@ -1,7 +1,7 @@
 """``AlignLM``: vision tower -> connector -> causal LLM, with visual tokens spliced in place.
 
 The data pipeline already expanded each ``<image>`` placeholder to ``M`` copies of the image token, so
-splicing is one ``masked_scatter``: no Python loop over samples, any number of images per sample, and
+splicing is one ``index_copy`` into those slots: no Python loop over samples, any number of images per sample, and
 text-only samples mixed in. A batch with no image at all still runs one zero image through the vision
 path (scaled by zero), so data-parallel and ZeRO-3 ranks stay in step.
 
@@ -9,8 +9,8 @@ Batch keys (a plain dict of tensors): ``input_ids``, ``attention_mask``, ``label
 ``pixel_values`` ``[n_images, 3, H, W]`` or ``image_embeds`` ``[n_images, N, Dv]`` (precomputed features standing in
 for the tower's output), images in reading order across the batch; ``position_ids`` when samples are packed end to
 end in rows (each sample's positions start at 0, which isolates it in attention); the index the collator computes
-on the CPU (``sample_ids``, ``num_samples``, ``image_sample``, ``lm_positions``, ``lm_targets``, see
-``data/collate.py``; computed here for a batch built by hand); optional ``num_items_in_batch`` (supervised-token
+on the CPU (``sample_ids``, ``num_samples``, ``image_sample``, ``image_positions``, ``lm_positions``, ``lm_targets``,
+see ``data/collate.py``; computed here for a batch built by hand); optional ``num_items_in_batch`` (supervised-token
 count the LM loss is normalised by, set by the trainer so that gradient accumulation and data parallelism give the
 same gradients as one big batch); and whatever fields the model's extra input parts read (``models/extras.py``).
 Nothing in the forward pass waits on the GPU: consistency checks are device-side asserts there.
@@ -154,12 +154,18 @@ class AlignLM(nn.Module):
             batch.get("pixel_values") is not None and batch["pixel_values"].shape[0] > 0
         )
         if has_images:
-            check(
-                is_image.sum() == visual.shape[0] * visual.shape[1],
-                f"the batch's image-token slots are not {visual.shape[0]} images x {visual.shape[1]} tokens; "
-                "the data pipeline must expand each <image> to model.num_image_tokens positions",
-            )
-            embeds = embeds.masked_scatter(is_image.unsqueeze(-1), visual.to(embeds.dtype))
+            # slot positions from the collator (the CPU), else found here (a batch built by hand: a host sync). An
+            # index_copy, not a masked_scatter: the latter's backward selects by mask, which waits for the device
+            positions = batch.get("image_positions")
+            positions = is_image.flatten().nonzero().squeeze(1) if positions is None else positions
+            if positions.numel() != visual.shape[0] * visual.shape[1]:
+                raise ValueError(
+                    f"the batch has {positions.numel()} image-token slots, not {visual.shape[0]} images x "
+                    f"{visual.shape[1]} tokens; the data pipeline must expand each <image> to model.num_image_tokens "
+                    "positions"
+                )
+            flat = embeds.flatten(0, 1).index_copy(0, positions, visual.flatten(0, 1).to(embeds.dtype))
+            embeds = flat.view_as(embeds)
         else:
             check(~is_image.any(), "the batch has image-token slots but no pixel_values or image_embeds")
             embeds = embeds + 0.0 * visual.sum().to(embeds.dtype)
@@ -209,10 +215,15 @@ class AlignLM(nn.Module):
     ) -> AlignOutput:
         embeds, ex = self.embed(batch)
         index = self.index(batch)
-        packed = batch.get("position_ids") is not None  # samples laid end to end in rows
+        # The 4D mask from sample_ids for packed and padded rows alike: given a 2D mask (or none) transformers would
+        # inspect it (or the position ids) on the host to choose a mask, a wait for the device in every step.
+        # Flash-attention takes packed samples from the position ids and padded rows from the 2D mask instead.
+        mask = self.packed_mask(index["sample_ids"], embeds.dtype)
+        if mask is None and batch.get("position_ids") is None:
+            mask = batch["attention_mask"]
         out = self.llm.get_decoder()(
             inputs_embeds=embeds,
-            attention_mask=self.packed_mask(index["sample_ids"], embeds.dtype) if packed else batch["attention_mask"],
+            attention_mask=mask,
             position_ids=batch.get("position_ids"),
             output_hidden_states=output_hidden_states,
             use_cache=False,
@@ -248,9 +259,10 @@ class AlignLM(nn.Module):
         return token.new_zeros(int(index["num_samples"])).index_add(0, owner, token)
 
     def packed_mask(self, sample_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
-        """The block-diagonal causal mask ``[rows, 1, T, T]`` of packed rows: a token sees the earlier tokens of its own
-        sample only (padding sees padding, so no row is empty). Built on the device from ``sample_ids``; for attention
-        kernels that take the samples from the position ids instead (flash-attention), None."""
+        """The block-diagonal causal mask ``[rows, 1, T, T]``: a token sees the earlier tokens of its own sample only
+        (padding sees padding, so no row is empty), in packed rows and in padded ones (one sample per row). Built on
+        the device from ``sample_ids``; for attention kernels that take the samples from the position ids or a 2D
+        mask instead (flash-attention), None."""
         impl = self.llm.config._attn_implementation
         if impl not in ("sdpa", "eager"):
             return None

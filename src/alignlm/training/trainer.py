@@ -388,7 +388,7 @@ class Trainer:
                 return StepLog(step, {}, None, {}, (0, 0, 0, skipped))
             kept = [b if b.get("input_ids") is not None else self.empty_batch() for b in micro]
         samples = sum(b["num_samples"] for b in kept)
-        tokens = sum(int(b["attention_mask"].sum()) for b in kept)  # CPU tensors: no device involved
+        tokens = sum(b["num_tokens"] for b in kept)
         local_items = sum(len(b["lm_targets"]) for b in kept)
         n_items = torch.full(
             (), float(local_items), device=acc.device
