@@ -35,7 +35,8 @@ def info_nce(
     """Symmetric InfoNCE between ``visual`` ``[P, D]`` and ``captions`` ``[C, D]``; image ``i`` matches caption ``caption_of_image[i]``."""
     logits = scale * F.normalize(visual.float(), dim=-1) @ F.normalize(captions.float(), dim=-1).T  # [P, C]
     i2t = F.cross_entropy(logits, caption_of_image)
-    positives = F.one_hot(caption_of_image, captions.shape[0]).T.bool()  # [C, P]
+    # [C, P]; not F.one_hot, which checks the indices' range on the host (a wait for the device every step)
+    positives = torch.arange(captions.shape[0], device=logits.device)[:, None] == caption_of_image[None, :]
     t2i = (logits.T.logsumexp(1) - logits.T.masked_fill(~positives, -math.inf).logsumexp(1)).mean()
     with torch.no_grad():
         metrics = {

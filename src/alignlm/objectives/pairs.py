@@ -49,7 +49,8 @@ def image_caption_pairs(batch: dict[str, Any], out: Any, model: nn.Module) -> Pa
     table = model.llm.get_input_embeddings()
     tok_embeds = table(batch["input_ids"].flatten()).float() * supervised.flatten().unsqueeze(1)
     sums = tok_embeds.new_zeros(n_samples + 1, tok_embeds.shape[-1]).index_add_(0, owner, tok_embeds)[:n_samples]
-    counts = torch.bincount(owner, minlength=n_samples + 1)[:n_samples]
+    # an index_add, not a bincount: that sizes its output by the largest index, read on the host
+    counts = owner.new_zeros(n_samples + 1).index_add_(0, owner, torch.ones_like(owner))[:n_samples]
     caption_mean = sums / counts.clamp(min=1).unsqueeze(1).to(sums.dtype)
 
     keep_image = counts[sample_of_image] > 0
