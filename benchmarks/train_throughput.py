@@ -269,7 +269,7 @@ def summarise(
 ) -> dict[str, Any]:
     samples = sum(len(c) for c in chunks)
     tokens = sum(len(s["input_ids"]) for c in chunks for s in c)
-    peak = peak_tflops("auto")
+    peak = peak_tflops("auto", device)
     out = {
         "side": name,
         "samples_per_s": samples / seconds,

@@ -14,6 +14,9 @@ from alignlm.constants import IGNORE_INDEX
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
 
+# fp32 means fp32 in the tests on a GPU as well: cuDNN would run convolutions (the towers' patch embeddings) in TF32
+torch.backends.cudnn.allow_tf32 = False
+
 
 def write_colour_set(root: Path, n: int = 48) -> dict[str, Path]:
     """Solid-colour images (varied aspect ratios) with captions, two-turn QA and a test set."""

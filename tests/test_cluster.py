@@ -123,6 +123,26 @@ def test_sigterm_inside_a_step_names_the_rank_and_step(colour_set, tmp_path):
     assert not (tmp_path / "t" / "pretrain" / "final").exists()
 
 
+def test_data_loader_workers_ignore_the_stop_signal(colour_set, tmp_path):
+    """The stop signal sent to a rank's whole process group asks the rank to stop; its data-loader workers (forked
+    before the rank's handler exists) ignore it instead of dying mid-epoch."""
+    import signal
+
+    from alignlm.pipeline import make_accelerator
+    from alignlm.training.trainer import Trainer
+
+    cfg = compose(*base(colour_set, tmp_path, "stages.pretrain.data.num_workers=1"))
+    trainer = Trainer(cfg, "pretrain", make_accelerator(cfg))
+    trainer.setup()
+    batches = iter(trainer.loader())
+    next(batches)
+    for worker in batches._workers:
+        os.kill(worker.pid, signal.SIGUSR1)
+    time.sleep(0.5)
+    assert all(w.is_alive() for w in batches._workers)
+    assert next(batches)["num_samples"] == 2
+
+
 def test_a_two_node_job_stops_on_the_signal_at_one_step_and_resumes_exactly(colour_set, tmp_path, monkeypatch):
     """Two "nodes" on loopback, one rank each. SIGUSR1 reaches rank 1 alone during step 3; both ranks stop after
     step 4 (the next fetch of logged values, logging.every=2) with a checkpoint there, and the resumed job's losses
@@ -232,7 +252,8 @@ def test_an_accelerate_deepspeed_config_launches_zero3_with_offloading(colour_se
     """`accelerate launch --config_file configs/accelerate/zero3_offload.yaml` (2 CPU processes) trains under ZeRO-3
     with the optimizer and the parameters offloaded: the launch config chose the strategy (distributed.strategy=auto)."""
     pytest.importorskip("deepspeed")
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    # CPU ranks on a GPU machine too: accelerate's DeepSpeed launcher has no --cpu, the variable reaches the ranks
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     launch = [
         sys.executable,
         "-m",

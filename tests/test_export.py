@@ -122,6 +122,7 @@ def test_import_export_import_is_lossless_and_trains(colour_set, tmp_path):
     run(
         compose(
             f"output_dir={tmp_path}",
+            "mixed_precision=no",  # as the first run (one precision per test process on a GPU too)
             "run_name=cont",
             "run=[finetune]",
             "model=llava_hf",

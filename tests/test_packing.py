@@ -150,7 +150,10 @@ def test_feature_cache_trains_exactly_like_live_features_and_is_reused(colour_se
     common = [*tiny_overrides(colour_set, tmp_path), "run=[pretrain]", "eval.sets=[]", "stages.pretrain.max_steps=5"]
     run(compose(*common, "run_name=live"))
     run(compose(*common, "run_name=cached", "stages.pretrain.data.feature_cache=true"))
-    assert read_losses(tmp_path / "cached" / "pretrain") == read_losses(tmp_path / "live" / "pretrain")
+    # equal on a CPU; on a GPU the tower runs in other batch sizes for the cache (other kernels, last bits)
+    assert read_losses(tmp_path / "cached" / "pretrain") == pytest.approx(
+        read_losses(tmp_path / "live" / "pretrain"), rel=1e-6
+    )
     shards = sorted((tmp_path / "feature_cache").rglob("*.safetensors"))
     assert len(shards) == 1
     stamp = shards[0].stat().st_mtime_ns

@@ -46,13 +46,18 @@ def test_pipeline_trains_both_stages_and_evaluates(colour_set, tmp_path):
     assert stages["pretrain"]["world_size"] == 1
     # steady-state throughput in real tokens, with the model FLOP/s it means (no MFU or GPU memory on a CPU)
     assert stages["pretrain"]["tokens_per_s"] > 0 and stages["pretrain"]["tflops"] > 0
-    assert stages["pretrain"]["mfu"] is None and stages["pretrain"]["peak_memory_gib"] is None
+    if torch.cuda.is_available():
+        assert stages["pretrain"]["peak_memory_gib"] > 0
+    else:
+        assert stages["pretrain"]["mfu"] is None and stages["pretrain"]["peak_memory_gib"] is None
     rows = [json.loads(r) for r in (tmp_path / "t" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 31)) and all("tokens_per_s" in r and "tflops" in r for r in rows)
     # a logged rate covers the time its steps took, not the instant their values reached the host (every 10 steps):
-    # no row may claim more samples per second than the stage's samples over its whole wall time allow by far
+    # no row may claim more samples per second than the stage's samples over its whole wall time allow by far (the
+    # wall time also holds start-up and 14 checkpoints, a large share next to a GPU's millisecond steps; a rate taken
+    # at the fetch would be orders of magnitude off)
     overall = 30 * 4 / stages["pretrain"]["seconds"]
-    assert max(r["samples_per_s"] for r in rows) < 5 * overall
+    assert max(r["samples_per_s"] for r in rows) < 20 * overall
     # finished stages are skipped on a rerun (resume=auto), and their figures are kept, with or without eval sets
     again = run(compose(*tiny_overrides(colour_set, tmp_path, "stages.pretrain.max_steps=30", "eval.sets=[]")))
     assert again["stages"] == summary["stages"] and again["eval"] == {}

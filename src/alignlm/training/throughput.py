@@ -27,15 +27,16 @@ def model_flops_per_token(model: nn.Module) -> float:
     return float(2 * total + 2 * sum(p.numel() for p in model.llm.parameters()) + 2 * trainable)
 
 
-def peak_tflops(setting: float | str | None) -> float | None:
-    """``logging.peak_tflops``: a number, ``auto`` (looked up from the CUDA device name; None when unknown), or null."""
+def peak_tflops(setting: float | str | None, device: torch.device) -> float | None:
+    """``logging.peak_tflops``: a number, ``auto`` (looked up from the name of ``device`` when it is a GPU; None when
+    unknown or a CPU, also a CPU rank on a GPU machine), or null."""
     if setting is None:
         return None
     if setting != "auto":
         return float(setting)
-    if not torch.cuda.is_available():
+    if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name()
+    name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -201,7 +202,7 @@ class Trainer:
         self.objective_modules = torch.nn.ModuleDict({k: o for k, (o, _) in self.objectives.items()}).to(acc.device)
         self.objective_params = [p for p in self.objective_modules.parameters() if p.requires_grad]
         self.flops_per_token = model_flops_per_token(model)  # counted before any partitioning
-        self.peak_tflops = peak_tflops(cfg.logging.get("peak_tflops", "auto"))
+        self.peak_tflops = peak_tflops(cfg.logging.get("peak_tflops", "auto"), acc.device)
         if self.strategy in ("fsdp2", "zero3") and self.monitor.every:
             raise ValueError(
                 f"monitor.every > 0 is not available with distributed.strategy={self.strategy} (the probes call the "
@@ -358,7 +359,13 @@ class Trainer:
         if workers == "auto":
             workers = min(8, (os.cpu_count() or 1) // max(1, self.acc.num_processes)) if cuda else 0
         order = dataclasses.replace(self.order, total_steps=self.total_steps, start_step=self.start_step)
-        extra = {"persistent_workers": True, "prefetch_factor": 4} if int(workers) > 0 else {}
+        extra: dict[str, Any] = {}
+        if int(workers) > 0:
+            stop = self.dist.get("stop_signal")
+            extra = {"persistent_workers": True, "prefetch_factor": 4}
+            # a stop signal sent to the whole process group (kill -USR1 -PGID) asks the rank to stop cleanly; its
+            # workers, forked before the rank's handler exists, would die of it instead
+            extra["worker_init_fn"] = functools.partial(ignore_signal, str(stop)) if stop else None
         return DataLoader(
             self.dataset,
             batch_sampler=order,
@@ -851,6 +858,11 @@ def compile_llm_layers(model: AlignLM) -> None:
         raise ValueError("stage.compile: the LLM has no decoder .layers to compile")
     for layer in layers:
         layer.compile(dynamic=True)
+
+
+def ignore_signal(name: str, worker_id: int) -> None:
+    """A data-loader worker's start: the signal ``name`` is for the rank, not for its workers."""
+    signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 class StopTraining(RuntimeError):
