@@ -119,7 +119,7 @@ def _run_strategy(strategy: str, args: list[str], run_dir: Path, steps: int, tim
     spans = [(1, half), (half + 1, steps)] if half else [(1, steps)]
     for proc, (first, last) in zip(procs, spans):
         proc["peak_memory_gib"] = peak_gib(rows, first, last)
-    resumed = any(
+    resumed = not half or any(  # the resumed process's own log line, with the step it started from
         "resumed stage finetune" in line and f"(step {half})" in line
         for line in Path(procs[-1]["log"]).read_text().splitlines()
     )
@@ -128,7 +128,7 @@ def _run_strategy(strategy: str, args: list[str], run_dir: Path, steps: int, tim
         "processes": procs,
         "ok": True,
         "resumed_at": half or None,
-        "resumed": not half or resumed,
+        "resumed": resumed,
         "losses": {r["step"]: r["loss/total"] for r in rows if r.get("loss/total") is not None},
         "final_saved": (run_dir / "finetune" / "final").is_dir(),
     }
@@ -184,7 +184,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a Hydra override for every run")
     ap.add_argument("--strategies", nargs="+", default=["ddp", *SHARDED], choices=["ddp", *SHARDED])
     ap.add_argument("--out", type=Path, default=Path("strategies_out"))
-    ap.add_argument("--keep-runs", action="store_true", help="keep each run's folder (checkpoints, final/, logs)")
+    ap.add_argument("--keep-runs", action="store_true", help="keep each run's folder (checkpoints, final/, metrics)")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per process")
     args = ap.parse_args()
     (args.out / "logs").mkdir(parents=True, exist_ok=True)

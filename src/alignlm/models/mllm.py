@@ -218,7 +218,7 @@ class AlignLM(nn.Module):
         # The 4D mask from sample_ids for packed and padded rows alike: given a 2D mask (or none) transformers would
         # inspect it (or the position ids) on the host to choose a mask, a wait for the device in every step.
         # Flash-attention takes packed samples from the position ids and padded rows from the 2D mask instead.
-        mask = self.packed_mask(index["sample_ids"], embeds.dtype)
+        mask = self.sample_mask(index["sample_ids"], embeds.dtype)
         if mask is None and batch.get("position_ids") is None:
             mask = batch["attention_mask"]
         out = self.llm.get_decoder()(
@@ -258,7 +258,7 @@ class AlignLM(nn.Module):
         owner = index["sample_ids"].flatten().index_select(0, index["lm_positions"])
         return token.new_zeros(int(index["num_samples"])).index_add(0, owner, token)
 
-    def packed_mask(self, sample_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    def sample_mask(self, sample_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
         """The block-diagonal causal mask ``[rows, 1, T, T]``: a token sees the earlier tokens of its own sample only
         (padding sees padding, so no row is empty), in packed rows and in padded ones (one sample per row). Built on
         the device from ``sample_ids``; for attention kernels that take the samples from the position ids or a 2D
