@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from alignlm.constants import IGNORE_INDEX
 
@@ -16,6 +17,36 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
 
 # fp32 means fp32 in the tests on a GPU as well: cuDNN would run convolutions (the towers' patch embeddings) in TF32
 torch.backends.cudnn.allow_tf32 = False
+
+
+# ops whose result the host must wait for on a GPU: a scalar read, or an output whose size depends on the data
+WAITING_OPS = {
+    "aten._local_scalar_dense.default",
+    "aten.nonzero.default",
+    "aten.masked_select.default",
+    "aten.bincount.default",
+    "aten._unique2.default",
+    "aten.unique_consecutive.default",
+    "aten.repeat_interleave.Tensor",
+}
+
+
+class DeviceWaits(TorchDispatchMode):
+    """Records, in ``seen``, every op run inside it that would make the host wait for a GPU: the CPU stand-in for
+    ``torch.cuda.set_sync_debug_mode("error")``. A boolean index counts: it is a nonzero inside the op. The CPU
+    branch of ``models.mllm.check`` reads its flag (a GPU asserts on the device): patch it to ``torch._assert_async``
+    where a test runs it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        indices = args[1] if str(func).startswith("aten.index") and len(args) > 1 else ()
+        by_mask = any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices or ())
+        if str(func) in WAITING_OPS or by_mask:
+            self.seen.append(str(func) + (" (boolean index)" if by_mask else ""))
+        return func(*args, **(kwargs or {}))
 
 
 def write_colour_set(root: Path, n: int = 48) -> dict[str, Path]:

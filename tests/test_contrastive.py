@@ -10,6 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from alignlm.constants import IGNORE_INDEX
+from alignlm.data.build import build_dataset
+from alignlm.data.collate import Collator
 from alignlm.objectives.contrastive import ContrastiveObjective, info_nce
 from alignlm.objectives.pairs import image_caption_pairs
 from alignlm.pipeline import run
@@ -59,19 +62,56 @@ def test_temperature_learnable_or_fixed_and_clamped():
 
 
 def test_pairs_follow_the_samples_images(tiny_model):
-    """Sample 0 has two images, sample 1 none, sample 2 one: three pairs over two captions."""
+    """Sample 0 has two images, sample 1 none, sample 2 one, sample 3 one but no supervised token: three pairs over
+    two captions (sample 3's image has no caption to align with)."""
     model = tiny_model()
-    batch = make_batch(model, [2, 0, 1])
+    batch = make_batch(model, [2, 0, 1, 1])
+    batch["labels"][3] = IGNORE_INDEX
     out = model(batch)
     pairs = image_caption_pairs(batch, out, model)
     assert pairs.caption_of_image.tolist() == [0, 0, 1]
-    torch.testing.assert_close(pairs.visual, out.visual_tokens.float().mean(1))
+    torch.testing.assert_close(pairs.visual, out.visual_tokens[:3].float().mean(1))
     table = model.llm.get_input_embeddings()
     supervised = batch["labels"] != -100
     for row, sample in ((0, 0), (1, 2)):
         ids = batch["input_ids"][sample][supervised[sample]]
         torch.testing.assert_close(pairs.captions[row], table(ids).float().mean(0))
     torch.testing.assert_close(pairs.text, pairs.captions[[0, 0, 1]])
+
+
+@pytest.fixture
+def samples_of_each_kind(tiny_model, colour_set, tmp_path):
+    """Two captions and a question-answer record with their images, and a text-only record."""
+    model = tiny_model()
+    text_only = tmp_path / "text_only.json"
+    turns = [{"from": "human", "value": "Say four."}, {"from": "gpt", "value": "four"}]
+    text_only.write_text(json.dumps([{"id": "text", "conversations": turns}]))
+    sources = [{"path": str(colour_set[k])} for k in ("instruct", "pretrain")] + [{"path": str(text_only)}]
+    ds = build_dataset({"sources": sources, "template": "vicuna_v1"}, model, seed=0)
+    picked = [ds[i] for i in range(len(ds)) if ds[i]["n_images"] == 0][:1]
+    picked += [ds[i] for i in (0, 50, 60)]
+    assert picked[0]["n_images"] == 0 and all(s["n_images"] == 1 for s in picked[1:])
+    return model, picked
+
+
+def test_collated_pairs_match_and_are_chosen_on_the_cpu(samples_of_each_kind):
+    """Packed rows pair exactly as one sample per row; the collator's pair fields are what the model reads."""
+    model, picked = samples_of_each_kind
+    make = lambda **kw: Collator(  # noqa: E731
+        model.tokenizer.pad_token_id, image_token_id=model.image_token_id, num_image_tokens=model.num_image_tokens, **kw
+    )
+    padded, packed = make()(picked), make(pack_length=2 * max(len(s["input_ids"]) for s in picked))(picked)
+    assert packed["input_ids"].shape[0] < len(picked)
+    assert all(isinstance(b[k], torch.Tensor) for b in (padded, packed) for k in ("pair_images", "pair_caption"))
+    by_sample = {}
+    for batch in (padded, packed):
+        pairs = image_caption_pairs(batch, model(batch), model)
+        sample = [batch["ids"][int(s)] for s in batch["image_sample"][batch["pair_images"]]]
+        by_sample[len(by_sample)] = {sid: (pairs.visual[i], pairs.text[i]) for i, sid in enumerate(sample)}
+    assert by_sample[0].keys() == by_sample[1].keys() and len(by_sample[0]) == 3  # the text-only sample: no pair
+    for sid, (visual, text) in by_sample[0].items():
+        torch.testing.assert_close(by_sample[1][sid][0], visual, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(by_sample[1][sid][1], text, rtol=1e-5, atol=1e-5)
 
 
 def test_objective_logs_retrieval_and_trains_the_connector_and_handles_text_only_batches(tiny_model):

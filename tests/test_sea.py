@@ -15,8 +15,8 @@ from alignlm.data.build import build_dataset
 from alignlm.data.collate import Collator
 from alignlm.data.records import DataError
 from alignlm.methods.sea.labels import SeaLabels
-from alignlm.methods.sea.objective import SEAObjective, sample_labels, sea_logits
-from tests.conftest import compose, make_batch
+from alignlm.methods.sea.objective import SEAObjective, sample_labels, sea_logits, sea_loss
+from tests.conftest import DeviceWaits, compose, make_batch
 
 
 @pytest.fixture(scope="session")
@@ -212,7 +212,7 @@ def test_loss_is_minimal_when_tokens_equal_their_label_embedding():
     )  # scale is irrelevant: V is normalised
 
     def loss(v: torch.Tensor) -> float:
-        return F.cross_entropy(*sea_logits(v, labels, word_emb, 0.07)).item()
+        return sea_loss(v, labels, word_emb, 0.07)[0].item()
 
     best = loss(exact)
     assert best < 1e-3
@@ -223,15 +223,28 @@ def test_loss_is_minimal_when_tokens_equal_their_label_embedding():
 
 
 def test_duplicate_labels_are_one_class_never_a_negative():
+    """The classes are the batch's distinct labels: the same as a softmax over those words alone."""
     g = torch.Generator().manual_seed(1)
     word_emb, v = torch.randn(5, 32, generator=g), torch.randn(4, 32, generator=g)
-    logits, target = sea_logits(v[:3], torch.tensor([2, 2, 4]), word_emb, 0.07)
-    assert logits.shape == (3, 2) and target.tolist() == [0, 0, 1]  # two distinct labels, the duplicate shares a class
-    alone, _ = sea_logits(v[[0, 2]], torch.tensor([2, 4]), word_emb, 0.07)
-    per_token = F.cross_entropy(logits, target, reduction="none")
-    torch.testing.assert_close(per_token[0], F.cross_entropy(alone, torch.tensor([0, 1]), reduction="none")[0])
-    more, t2 = sea_logits(v, torch.tensor([2, 2, 4, 1]), word_emb, 0.07)  # a new word is a new negative
-    assert more.shape == (4, 3) and F.cross_entropy(more, t2, reduction="none")[0] > per_token[0]
+    logits = sea_logits(v[:3], torch.tensor([2, 2, 4]), word_emb, 0.07)
+    assert logits.shape == (3, 5) and (logits[:, [0, 1, 3]] == torch.finfo(torch.float32).min).all()
+    alone = F.normalize(v[:3], dim=-1) @ F.normalize(word_emb[[2, 4]], dim=-1).T / 0.07  # the two words drawn
+    per_token = F.cross_entropy(logits, torch.tensor([2, 2, 4]), reduction="none")
+    torch.testing.assert_close(per_token, F.cross_entropy(alone, torch.tensor([0, 0, 1]), reduction="none"))
+    more = sea_logits(v, torch.tensor([2, 2, 4, 1]), word_emb, 0.07)  # a new word is a new negative
+    assert F.cross_entropy(more[:1], torch.tensor([2])) > per_token[0]
+
+
+def test_tokens_without_a_label_are_left_out_and_none_gives_zero():
+    g = torch.Generator().manual_seed(2)
+    word_emb, v = torch.randn(5, 32, generator=g), torch.randn(4, 32, generator=g, requires_grad=True)
+    loss, acc = sea_loss(v, torch.tensor([3, -1, 1, -1]), word_emb, 0.07)
+    want, _ = sea_loss(v[[0, 2]], torch.tensor([3, 1]), word_emb, 0.07)
+    torch.testing.assert_close(loss, want)
+    assert 0 <= acc.item() <= 1
+    none, none_acc = sea_loss(v, torch.full((4,), -1), word_emb, 0.07)
+    none.backward()
+    assert none.item() == 0 and none_acc.item() == 0 and torch.isfinite(v.grad).all()
 
 
 def test_objective_shapes_and_gradient_reaches_the_connector_only(tiny_model):
@@ -250,9 +263,11 @@ def test_objective_shapes_and_gradient_reaches_the_connector_only(tiny_model):
     batch["sea_words"] = torch.randint(-1, 5, (3, m, 5), generator=g)
     batch["sea_scores"] = torch.rand(3, m, 5, generator=g)
     out = model(batch)
-    term = obj(batch, out, model)
+    with DeviceWaits() as waits:  # on a GPU the objective neither reads from the device nor sizes a tensor by data
+        term = obj(batch, out, model)
+        term.loss.backward()
+    assert waits.seen == []
     assert term.loss.shape == () and torch.isfinite(term.loss) and 0 <= term.metrics["acc"] <= 1
-    term.loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.connector.parameters())
     assert all(p.grad is None or not p.grad.any() for p in model.llm.parameters())
     assert all(p.grad is None for p in model.vision.parameters())

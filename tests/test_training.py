@@ -16,7 +16,7 @@ import torch
 
 from alignlm.pipeline import run
 from alignlm.training.trainer import StopTraining
-from tests.conftest import compose, read_losses, tiny_overrides
+from tests.conftest import DeviceWaits, compose, read_losses, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -156,50 +156,36 @@ def test_the_gpu_defaults_train_on_the_cpu_too(colour_set, tmp_path):
     assert (tmp_path / "t" / "finetune" / "final" / "model.safetensors").exists() and out["stages"]["finetune"]
 
 
-# ops whose result the host must wait for on a GPU: a scalar read, or an output whose size depends on the data
-WAITING_OPS = {
-    "aten._local_scalar_dense.default",
-    "aten.nonzero.default",
-    "aten.masked_select.default",
-    "aten.bincount.default",
-    "aten._unique2.default",
-    "aten.unique_consecutive.default",
-    "aten.repeat_interleave.Tensor",
-}
-
-
 @pytest.mark.parametrize(
-    "stage, recipe, extra",
+    "stage, extra",
     [
-        ("finetune", [], ["stages.finetune.data.packing=false"]),
-        ("finetune", [], ["stages.finetune.data.packing=true"]),
+        ("finetune", ["stages.finetune.data.packing=false"]),
+        ("finetune", ["stages.finetune.data.packing=true"]),
+        ("pretrain", ["+objective@stages.pretrain.objectives.contrastive=contrastive"]),
+        ("pretrain", ["model/connector=moe", "model.connector.capacity_factor=1.1"]),
+        (
+            "finetune",
+            [
+                "+model/align_levels=aligngpt",
+                "+stages.finetune.parts.align_levels=gate",
+                "+stages.finetune.lr.align_levels=1e-3",
+            ],
+        ),
     ],
+    ids=["padded", "packed", "contrastive", "moe-capacity", "aligngpt-gate"],
 )
-def test_the_training_step_reads_nothing_back_from_the_device(colour_set, tmp_path, stage, recipe, extra):
-    """tests/test_gpu.py's check, as far as a CPU can tell: over whole finetuning steps (connector and LLM trained,
-    padded or packed rows, fused AdamW) no op runs that would make the host wait for the GPU. Batches come from the
-    collator beforehand, as the data loader's workers make them. Known waits elsewhere, by design for now: pairing
-    images with captions drops caption-less images by a boolean index (contrastive, VLAP, ...), the MoE connector
-    routes by data-dependent sizes, VLAP's Sinkhorn checks for underflow on the host each iteration."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
+def test_the_training_step_reads_nothing_back_from_the_device(colour_set, tmp_path, monkeypatch, stage, extra):
+    """tests/test_gpu.py's check, as far as a CPU can tell: over whole training steps (padded or packed rows, fused
+    AdamW, and the recipes' extra parts: the contrastive objective, the MoE connector with an expert cap, AlignGPT's
+    level slot) no op runs that would make the host wait for the GPU. Batches come from the collator beforehand, as
+    the data loader's workers make them. Known waits elsewhere, by design for now: VLAP's Sinkhorn decides its
+    underflow fallbacks on the host each iteration."""
+    from alignlm.models import mllm
     from alignlm.pipeline import make_accelerator
     from alignlm.training.trainer import Trainer
 
-    class Waits(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.seen: list[str] = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            indices = args[1] if str(func).startswith("aten.index") and len(args) > 1 else ()
-            by_mask = any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices or ())
-            if str(func) in WAITING_OPS or by_mask:  # a boolean index is a nonzero inside the op
-                self.seen.append(str(func) + (" (boolean index)" if by_mask else ""))
-            return func(*args, **(kwargs or {}))
-
+    monkeypatch.setattr(mllm, "check", torch._assert_async)  # what a GPU runs: a device-side assert
     cfg = compose(
-        *recipe,
         *tiny_overrides(colour_set, tmp_path),
         f"run=[{stage}]",
         f"stages.{stage}.init_from=null",
@@ -211,7 +197,7 @@ def test_the_training_step_reads_nothing_back_from_the_device(colour_set, tmp_pa
     batches = iter(trainer.loader())
     trainer.step([next(batches)], 1)
     ready = [next(batches) for _ in range(2)]
-    with Waits() as waits:
+    with DeviceWaits() as waits:
         logs = [trainer.step([b], step) for step, b in enumerate(ready, start=2)]
     assert waits.seen == []
     rows = trainer.fetch(logs)  # the one wait, for both steps

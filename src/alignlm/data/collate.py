@@ -11,7 +11,8 @@ Two layouts, one batch format:
 Either way the batch carries, computed here on the CPU so the training step never waits on the GPU to learn them:
 ``sample_ids`` ``[rows, T]`` (which sample each token belongs to, -1 for padding), ``image_sample`` ``[n_images]``
 (the sample of each image), ``lm_positions`` / ``lm_targets`` (each supervised next-token prediction: the flat index
-``row * T + t`` of the predicting position and the token it must predict) and ``num_samples``. Images, their
+``row * T + t`` of the predicting position and the token it must predict), the image-caption pairs
+(``pair_images``, ``pair_samples``, ``pair_caption``) and ``num_samples``. Images, their
 stand-ins and every hook's fields follow the order in which the samples' tokens are laid out, which is the order
 the model writes visual tokens into ``image_positions`` (the flat index of every image-token slot).
 """
@@ -55,20 +56,34 @@ def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return rows
 
 
-def index_fields(labels: torch.Tensor, sample_ids: torch.Tensor, is_image: torch.Tensor, num_image_tokens: int) -> dict:
-    """``lm_positions``, ``lm_targets``, ``image_positions`` (the flat index of every image-token slot, in reading
-    order) and ``image_sample`` of a batch (on the CPU: free; on a GPU: a host sync)."""
+def index_fields(
+    labels: torch.Tensor, sample_ids: torch.Tensor, is_image: torch.Tensor, num_image_tokens: int, num_samples: int
+) -> dict:
+    """The batch's index (on the CPU: free; on a GPU: a host sync): ``lm_positions``, ``lm_targets``,
+    ``image_positions`` (the flat index of every image-token slot, in reading order), ``image_sample``, and the
+    image-caption pairs of the global alignment objectives (``objectives/pairs.py``): ``pair_images`` (the images
+    whose sample supervises a token), ``pair_samples`` (the samples those images belong to, ascending) and
+    ``pair_caption`` (each paired image's row in ``pair_samples``)."""
     rows, length = labels.shape
     target = torch.cat([labels[:, 1:], labels.new_full((rows, 1), IGNORE_INDEX)], dim=1)
     same = torch.cat([sample_ids[:, 1:] == sample_ids[:, :-1], sample_ids.new_zeros(rows, 1, dtype=torch.bool)], dim=1)
     predicts = (target != IGNORE_INDEX) & same  # never across a sample boundary of a packed row
     positions = predicts.flatten().nonzero().squeeze(1)
     image_positions = is_image.flatten().nonzero().squeeze(1)
+    image_sample = sample_ids.flatten()[image_positions[:: max(num_image_tokens, 1)]]
+    supervised = (labels != IGNORE_INDEX) & (sample_ids >= 0)  # unshifted: a sample's caption tokens
+    captioned = torch.bincount(sample_ids[supervised], minlength=num_samples)[:num_samples] > 0
+    pair_images = captioned[image_sample].nonzero().squeeze(1)
+    paired = torch.zeros(num_samples, dtype=torch.bool, device=labels.device)
+    paired[image_sample[pair_images]] = True
     return {
         "lm_positions": positions,
         "lm_targets": target.flatten()[positions],
         "image_positions": image_positions,
-        "image_sample": sample_ids.flatten()[image_positions[:: max(num_image_tokens, 1)]],
+        "image_sample": image_sample,
+        "pair_images": pair_images,
+        "pair_samples": paired.nonzero().squeeze(1),
+        "pair_caption": (torch.cumsum(paired, 0) - 1)[image_sample[pair_images]],
     }
 
 
@@ -107,7 +122,7 @@ class Collator:
         batch["num_tokens"] = sum(lengths)  # real tokens, counted here so that nobody counts them on the device
         is_image = batch["input_ids"] == self.image_token_id if self.image_token_id is not None else None
         if is_image is not None:
-            batch.update(index_fields(batch["labels"], batch["sample_ids"], is_image, self.num_image_tokens))
+            batch.update(index_fields(batch["labels"], batch["sample_ids"], is_image, self.num_image_tokens, len(kept)))
         for key in ("pixel_values", "image_embeds"):  # images (or the embeddings standing in for them) in reading order
             images = [s[key] for s in kept if s.get(key) is not None]
             batch[key] = torch.cat(images) if images else None

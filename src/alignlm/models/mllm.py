@@ -10,7 +10,7 @@ Batch keys (a plain dict of tensors): ``input_ids``, ``attention_mask``, ``label
 for the tower's output), images in reading order across the batch; ``position_ids`` when samples are packed end to
 end in rows (each sample's positions start at 0, which isolates it in attention); the index the collator computes
 on the CPU (``sample_ids``, ``num_samples``, ``image_sample``, ``image_positions``, ``lm_positions``, ``lm_targets``,
-see ``data/collate.py``; computed here for a batch built by hand); optional ``num_items_in_batch`` (supervised-token
+the image-caption pairs; see ``data/collate.py``; computed here for a batch built by hand); optional ``num_items_in_batch`` (supervised-token
 count the LM loss is normalised by, set by the trainer so that gradient accumulation and data parallelism give the
 same gradients as one big batch); and whatever fields the model's extra input parts read (``models/extras.py``).
 Nothing in the forward pass waits on the GPU: consistency checks are device-side asserts there.
@@ -33,7 +33,16 @@ from alignlm.models.extras import InputPart
 from alignlm.models.lm_loss import linear_cross_entropy
 from alignlm.models.vision import VisionTower
 
-INDEX_KEYS = ("sample_ids", "num_samples", "image_sample", "lm_positions", "lm_targets")
+INDEX_KEYS = (
+    "sample_ids",
+    "num_samples",
+    "image_sample",
+    "lm_positions",
+    "lm_targets",
+    "pair_images",
+    "pair_samples",
+    "pair_caption",
+)
 
 Batch = dict[str, Any]
 
@@ -176,15 +185,16 @@ class AlignLM(nn.Module):
         return embeds, {"features": features, "visual": visual, "is_image": is_image, "conn": conn}
 
     def index(self, batch: Batch) -> dict[str, Any]:
-        """``sample_ids``, ``num_samples``, ``image_sample``, ``lm_positions``, ``lm_targets`` of a batch: the
-        collator's (computed on the CPU), else computed here for a batch built by hand (one sample per row)."""
+        """The batch's index (``INDEX_KEYS``: see ``data/collate.py``): the collator's (computed on the CPU), else
+        computed here for a batch built by hand (one sample per row)."""
         if all(batch.get(k) is not None for k in INDEX_KEYS):
             return {k: batch[k] for k in INDEX_KEYS}
         input_ids = batch["input_ids"]
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(input_ids)
         mask = batch.get("attention_mask")
         sample_ids = rows if mask is None else torch.where(mask.bool(), rows, -1)
-        fields = index_fields(batch["labels"], sample_ids, input_ids == self.image_token_id, self.num_image_tokens)
+        is_image = input_ids == self.image_token_id
+        fields = index_fields(batch["labels"], sample_ids, is_image, self.num_image_tokens, input_ids.shape[0])
         return {"sample_ids": sample_ids, "num_samples": input_ids.shape[0], **fields}
 
     def _write_slots(
@@ -194,16 +204,19 @@ class AlignLM(nn.Module):
         input_ids = batch["input_ids"]
         index = self.index(batch)
         is_slot = torch.isin(input_ids, torch.tensor(self.slot_token_ids, device=input_ids.device))
+        sample_ids, n = index["sample_ids"], int(index["num_samples"])
         for name, token_id in self.extras.items():
             here = input_ids == token_id
-            per_sample = torch.bincount(index["sample_ids"][here], minlength=index["num_samples"])
+            owner = torch.where(here, sample_ids, n).flatten()  # entry n counts every other token
+            per_sample = owner.new_zeros(n + 1).index_add_(0, owner, torch.ones_like(owner))[:n]
             check(
                 (per_sample == 1).all(),
                 f"every sample needs exactly one {getattr(self, name).slot_token} slot for model.extras.{name} "
                 "(the data pipeline inserts it after BOS)",
             )
-            tokens = getattr(self, name)(batch, embeds, visual, is_image, is_slot, index)
-            embeds = embeds.masked_scatter(here.unsqueeze(-1), tokens.to(embeds.dtype))
+            tokens = getattr(self, name)(batch, embeds, visual, is_image, is_slot, index)  # [n, D]
+            # each token's sample's row, kept at the slots: a masked_scatter's backward would select by mask (a wait)
+            embeds = torch.where(here.unsqueeze(-1), tokens.to(embeds.dtype)[sample_ids.clamp(min=0)], embeds)
         return embeds
 
     def forward(

@@ -36,14 +36,12 @@ class Pairs:
 def image_caption_pairs(batch: dict[str, Any], out: Any, model: nn.Module) -> Pairs:
     """Pair every image of the batch with its own sample's caption (vectorised, no loop over samples or tokens).
 
-    Samples are found through the model's batch index, so padded rows and packed rows pair alike.
+    Samples are found through the model's batch index, so padded rows and packed rows pair alike. Who pairs with
+    whom comes from the index (``pair_images``, ``pair_samples``, ``pair_caption``), which the collator computes
+    on the CPU: selecting the pairs on the device would size tensors by data there, a wait for the host.
     """
     index = model.index(batch)
-    visual_tokens = out.visual_tokens  # [n_images, M, Dl]; one zero image when the batch has none
     n_samples = int(index["num_samples"])
-    sample_of_image = index["image_sample"]  # [n_images]: empty when the batch has no image
-    n_images = sample_of_image.shape[0]
-
     supervised = (batch["labels"] != IGNORE_INDEX) & (index["sample_ids"] >= 0)  # unshifted: the caption tokens
     owner = torch.where(supervised, index["sample_ids"], n_samples).flatten()  # row n_samples: not a caption
     table = model.llm.get_input_embeddings()
@@ -52,14 +50,8 @@ def image_caption_pairs(batch: dict[str, Any], out: Any, model: nn.Module) -> Pa
     # an index_add, not a bincount: that sizes its output by the largest index, read on the host
     counts = owner.new_zeros(n_samples + 1).index_add_(0, owner, torch.ones_like(owner))[:n_samples]
     caption_mean = sums / counts.clamp(min=1).unsqueeze(1).to(sums.dtype)
-
-    keep_image = counts[sample_of_image] > 0
-    sample_of_image = sample_of_image[keep_image]
-    visual = visual_tokens[:n_images][keep_image].float().mean(1)
-    captioned = torch.zeros(n_samples, dtype=torch.bool, device=visual.device)
-    captioned[sample_of_image] = True
-    caption_index = torch.cumsum(captioned.long(), 0) - 1  # sample -> row of ``captions``
-    return Pairs(visual, caption_mean[captioned], caption_index[sample_of_image])
+    visual = out.visual_tokens[index["pair_images"]].float().mean(1)  # [n_images, M, Dl] holds a zero image if none
+    return Pairs(visual, caption_mean[index["pair_samples"]], index["pair_caption"])
 
 
 def zero_loss(out: Any) -> torch.Tensor:

@@ -118,7 +118,7 @@ class AlignLevels(InputPart):
             text = text & (batch["labels"] == IGNORE_INDEX)
         owner = torch.where(text, sample_ids, n).flatten()  # row n collects what belongs to no sample's prompt
         sums = embeds.new_zeros(n + 1, embeds.shape[-1]).index_add_(0, owner, embeds.flatten(0, 1))
-        counts = torch.bincount(owner, minlength=n + 1)
+        counts = owner.new_zeros(n + 1).index_add_(0, owner, torch.ones_like(owner))  # bincount would read max(owner)
         text_mean = sums[:n] / counts[:n].clamp(min=1).unsqueeze(1).to(sums.dtype)
         return self.gated(self._per_sample_visual(visual, index["image_sample"], n), text_mean)
 
@@ -128,5 +128,5 @@ class AlignLevels(InputPart):
         out = torch.zeros(n, self.num_visual_tokens, self.embeddings.shape[1], device=image_sample.device, dtype=dtype)
         if visual is None:
             return out
-        counts = torch.bincount(image_sample, minlength=n)
+        counts = image_sample.new_zeros(n).index_add_(0, image_sample, torch.ones_like(image_sample))
         return out.index_add(0, image_sample, visual) / counts.clamp(min=1).to(dtype)[:, None, None]

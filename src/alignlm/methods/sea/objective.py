@@ -47,18 +47,31 @@ def sample_labels(words: torch.Tensor, scores: torch.Tensor, t_sample: float) ->
     return torch.where(has, words.gather(-1, pick).squeeze(-1), -1)
 
 
-def sea_logits(
+def sea_logits(visual: torch.Tensor, labels: torch.Tensor, word_emb: torch.Tensor, tau: float) -> torch.Tensor:
+    """Logits ``[T, W]`` of every token over the label words, where only the batch's distinct labels are classes.
+
+    ``visual [T, D]``, ``labels [T]`` (-1 = ignored), ``word_emb [W, D]``. A word no token of the batch drew gets the
+    lowest float instead of a logit, so it weighs nothing in the softmax; a word drawn twice is one class, never its
+    own negative. Keeping every token and every word (rather than selecting the labelled tokens and the distinct
+    labels) gives shapes that do not depend on the data, which a GPU can run without a wait for the host.
+    """
+    drawn = torch.zeros(word_emb.shape[0] + 1, dtype=torch.bool, device=labels.device)
+    drawn[torch.where(labels >= 0, labels, word_emb.shape[0])] = True  # the last entry catches the ignored tokens
+    v = F.normalize(visual.float(), dim=-1)
+    t = F.normalize(word_emb.float(), dim=-1)
+    return (v @ t.T / tau).masked_fill(~drawn[:-1], torch.finfo(torch.float32).min)
+
+
+def sea_loss(
     visual: torch.Tensor, labels: torch.Tensor, word_emb: torch.Tensor, tau: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits of labelled tokens over the batch's distinct labels, and each token's class index.
-
-    ``visual [T, D]``, ``labels [T]`` (-1 = ignored), ``word_emb [W, D]``. Returns ``[T', U]`` and ``[T']``.
-    """
+    """``L_sea``, the mean cross-entropy over the labelled tokens (0 when none is), and their accuracy."""
+    logits = sea_logits(visual, labels, word_emb, tau)
     keep = labels >= 0
-    classes, target = torch.unique(labels[keep], return_inverse=True)
-    v = F.normalize(visual[keep].float(), dim=-1)
-    t = F.normalize(word_emb[classes].float(), dim=-1)
-    return v @ t.T / tau, target
+    count = keep.sum().clamp(min=1)
+    loss = F.cross_entropy(logits, labels, ignore_index=-1, reduction="sum") / count
+    acc = ((logits.argmax(-1) == labels) & keep).sum() / count
+    return loss, acc
 
 
 class SEAObjective(Objective):
@@ -104,9 +117,5 @@ class SEAObjective(Objective):
                 f"{tuple(visual.shape[:2])}"
             )
         labels = sample_labels(words.flatten(0, 1), scores.flatten(0, 1), self.t_sample)
-        if not (labels >= 0).any():
-            return LossTerm(zero, {"acc": zero.detach()})
-        logits, target = sea_logits(visual.flatten(0, 1), labels, self.word_emb, self.tau)
-        loss = F.cross_entropy(logits, target)
-        acc = (logits.argmax(-1) == target).float().mean()
-        return LossTerm(loss, {"acc": acc.detach()})
+        loss, acc = sea_loss(visual.flatten(0, 1), labels, self.word_emb, self.tau)
+        return LossTerm(loss + zero, {"acc": acc.detach().float()})
