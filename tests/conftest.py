@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,9 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
 
 # fp32 means fp32 in the tests on a GPU as well: cuDNN would run convolutions (the towers' patch embeddings) in TF32
 torch.backends.cudnn.allow_tf32 = False
+# cuBLAS reads its workspace setting when the process first uses it: set here, before any test touches a GPU, what a
+# deterministic run (tiny_overrides) sets for its own process (training/determinism.py)
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
 # ops whose result the host must wait for on a GPU: a scalar read, or an output whose size depends on the data
@@ -142,10 +146,12 @@ def tiny_clip(tmp_path_factory) -> Path:
 
 
 def tiny_overrides(colour_set: dict[str, Path], out: Path, *extra: str) -> list[str]:
-    """Overrides for a seconds-long tiny two-stage run on the colour set, in fp32 on any machine (exactness tests
-    compare numbers; on a GPU ``mixed_precision=auto`` would be bf16): a test that wants bf16 says so in ``extra``."""
+    """Overrides for a seconds-long tiny two-stage run on the colour set, in fp32 and with deterministic kernels on
+    any machine (exactness tests compare numbers: on a GPU ``mixed_precision=auto`` would be bf16, and atomic
+    additions would differ run to run in the last bits): a test that wants bf16 says so in ``extra``."""
     return [
         "mixed_precision=no",
+        "deterministic=true",
         f"output_dir={out}",
         "run_name=t",
         "stages.pretrain.max_steps=6",

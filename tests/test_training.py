@@ -204,6 +204,34 @@ def test_the_training_step_reads_nothing_back_from_the_device(colour_set, tmp_pa
     assert len(rows) == 2 and all(math.isfinite(r[1]["loss/total"]) for r in rows)
 
 
+def test_deterministic_kernels_hold_for_the_run_only_and_change_no_number_on_the_cpu(colour_set, tmp_path, monkeypatch):
+    """``deterministic: true`` switches PyTorch to its deterministic kernels while the run trains (the GPU's
+    bitwise reproducibility) and restores the previous settings afterwards; on a CPU the numbers stay the same."""
+    from alignlm.training.trainer import Trainer
+
+    seen = []
+    fit = Trainer.fit
+
+    def watched(self):
+        seen.append((torch.are_deterministic_algorithms_enabled(), os.environ.get("CUBLAS_WORKSPACE_CONFIG")))
+        return fit(self)
+
+    monkeypatch.setattr(Trainer, "fit", watched)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = torch.are_deterministic_algorithms_enabled()
+    losses = {}
+    for flag in ("false", "true"):
+        run(
+            compose(
+                *tiny_overrides(colour_set, tmp_path, "run=[pretrain]", f"run_name=d{flag}", f"deterministic={flag}")
+            )
+        )
+        losses[flag] = read_losses(tmp_path / f"d{flag}" / "pretrain")
+    assert seen == [(before, None), (True, ":4096:8")]
+    assert torch.are_deterministic_algorithms_enabled() == before and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    assert losses["true"] == losses["false"] and len(losses["true"]) == 6
+
+
 def test_lora_stage_saves_merged_weights(colour_set, tmp_path):
     from alignlm.models.io import load_model
 
@@ -229,6 +257,7 @@ def test_lora_stage_saves_merged_weights(colour_set, tmp_path):
         (["resume=sometimes"], ValueError, "auto.*never"),
         (["~stages.pretrain.lr.connector"], ValueError, "stage.lr.connector"),
         (["mixed_precision=fp8"], ValueError, "auto.*bf16"),
+        (["deterministic=sometimes"], ValueError, "deterministic.*true or false"),
         (["model.llm._target_=alignlm.models.llm.nope"], ValueError, "model.llm"),
     ],
 )

@@ -27,6 +27,7 @@ from alignlm.data import GENERATORS
 from alignlm.evaluation.evaluate import answer_accuracy
 from alignlm.models.build import build_model
 from alignlm.models.io import load_final_weights
+from alignlm.training.determinism import deterministic
 from alignlm.training.logging import get_logger, summary_table
 from alignlm.training.sharding import STRATEGIES
 from alignlm.training.trainer import StageResult, Trainer, stage_done, summarize
@@ -148,6 +149,8 @@ def check_config(cfg: DictConfig) -> None:
     unknown = [s for s in cfg.run if s not in cfg.stages]
     if unknown:
         raise ValueError(f"run lists stages {unknown} that are not configured; stages: {list(cfg.stages)}")
+    if not isinstance(cfg.get("deterministic", False), bool):
+        raise ValueError(f"deterministic={cfg.deterministic!r} must be true or false")
     if cfg.resume not in ("auto", "never"):
         raise ValueError(f"resume={cfg.resume!r} is not known; choose one of ['auto', 'never']")
     name = cfg.run_name
@@ -217,11 +220,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     check_config(cfg)
     resolve_strategy(cfg)
     try:
-        # the accelerator first: with DeepSpeed's LOCAL_RANK already set, a process started without a launcher would
-        # wait for a launcher's rendezvous (MASTER_ADDR) instead of training as one rank
-        acc = make_accelerator(cfg)
-        with zero_launcher_env(cfg.distributed.strategy in ZERO_STAGES, cpu_only()):
-            return _run(cfg, acc)
+        with deterministic(cfg.get("deterministic", False)):  # before anything touches the GPU
+            # the accelerator first: with DeepSpeed's LOCAL_RANK already set, a process started without a launcher
+            # would wait for a launcher's rendezvous (MASTER_ADDR) instead of training as one rank
+            acc = make_accelerator(cfg)
+            with zero_launcher_env(cfg.distributed.strategy in ZERO_STAGES, cpu_only()):
+                return _run(cfg, acc)
     finally:
         # DeepSpeed's communication threads can abort a process that exits with its group alive; a one-rank group
         # (no launcher) is kept: DeepSpeed caches it, and a later run in this process reuses it
