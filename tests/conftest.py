@@ -53,6 +53,26 @@ class DeviceWaits(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def waits_in_training_steps(cfg, stage: str) -> tuple[list[str], list]:
+    """The ops of two whole training steps that would make the host wait for a GPU (``DeviceWaits``), and the two
+    steps' logged rows. A first step runs before (allocations, lazy set-up); batches come from the collator
+    beforehand, as the data loader's workers make them; ``check`` asserts on the device, as a GPU's would."""
+    from unittest import mock
+
+    from alignlm.models import mllm
+    from alignlm.pipeline import make_accelerator
+    from alignlm.training.trainer import Trainer
+
+    trainer = Trainer(cfg, stage, make_accelerator(cfg))
+    trainer.setup()
+    batches = iter(trainer.loader())
+    trainer.step([next(batches)], 1)
+    ready = [next(batches) for _ in range(2)]
+    with mock.patch.object(mllm, "check", torch._assert_async), DeviceWaits() as waits:
+        logs = [trainer.step([b], step) for step, b in enumerate(ready, start=2)]
+    return waits.seen, trainer.fetch(logs)  # the one wait, for both steps
+
+
 def write_colour_set(root: Path, n: int = 48) -> dict[str, Path]:
     """Solid-colour images (varied aspect ratios) with captions, two-turn QA and a test set."""
     (root / "images").mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ from alignlm.objectives.preference import PreferenceObjective, preference_loss
 from alignlm.pipeline import run
 from alignlm.training.stages import apply_stage
 from alignlm.training.trainer import StopTraining
-from tests.conftest import COLOURS, compose, read_losses, tiny_overrides
+from tests.conftest import COLOURS, compose, read_losses, tiny_overrides, waits_in_training_steps
 
 
 def write_preferences(colour_set: dict[str, Path]) -> Path:
@@ -142,6 +142,16 @@ def test_a_dpo_stage_learns_the_preferences_and_resumes_exactly(colour_set, tmp_
     assert rows[-1]["dpo/rewards/margin"] > 0 and rows[-1]["loss/dpo"] < math.log(2)
     assert sum(r["dpo/rewards/accuracy"] for r in rows[1:]) / 5 > 0.5  # the chosen answers mostly gain more
     assert (tmp_path / "full" / "dpo" / "final" / "model.safetensors").exists()
+
+
+def test_a_dpo_step_reads_nothing_back_from_the_device(colour_set, tmp_path):
+    """Chosen and rejected sequences, the policy's and the reference's log-probabilities, CUDA's fused AdamW: no op
+    that would wait for a GPU (tests/test_training.py has the same check for the other stages)."""
+    cfg = compose(
+        *dpo_stage(colour_set, tmp_path, "run=[dpo]", "stages.dpo.init_from=null", "stages.dpo.fused_optimizer=true")
+    )
+    seen, rows = waits_in_training_steps(cfg, "dpo")
+    assert seen == [] and len(rows) == 2
 
 
 def test_preference_records_that_cannot_be_used_are_counted(tiny_model, colour_set, tmp_path):

@@ -16,7 +16,7 @@ import torch
 
 from alignlm.pipeline import run
 from alignlm.training.trainer import StopTraining
-from tests.conftest import DeviceWaits, compose, read_losses, tiny_overrides
+from tests.conftest import compose, read_losses, tiny_overrides, waits_in_training_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -174,17 +174,11 @@ def test_the_gpu_defaults_train_on_the_cpu_too(colour_set, tmp_path):
     ],
     ids=["padded", "packed", "contrastive", "moe-capacity", "aligngpt-gate"],
 )
-def test_the_training_step_reads_nothing_back_from_the_device(colour_set, tmp_path, monkeypatch, stage, extra):
+def test_the_training_step_reads_nothing_back_from_the_device(colour_set, tmp_path, stage, extra):
     """tests/test_gpu.py's check, as far as a CPU can tell: over whole training steps (padded or packed rows, fused
     AdamW, and the recipes' extra parts: the contrastive objective, the MoE connector with an expert cap, AlignGPT's
-    level slot) no op runs that would make the host wait for the GPU. Batches come from the collator beforehand, as
-    the data loader's workers make them. Known waits elsewhere, by design for now: VLAP's Sinkhorn decides its
-    underflow fallbacks on the host each iteration."""
-    from alignlm.models import mllm
-    from alignlm.pipeline import make_accelerator
-    from alignlm.training.trainer import Trainer
-
-    monkeypatch.setattr(mllm, "check", torch._assert_async)  # what a GPU runs: a device-side assert
+    level slot) no op runs that would make the host wait for the GPU. Known wait elsewhere, by design for now: VLAP's
+    Sinkhorn decides its underflow fallbacks on the host each iteration."""
     cfg = compose(
         *tiny_overrides(colour_set, tmp_path),
         f"run=[{stage}]",
@@ -192,15 +186,8 @@ def test_the_training_step_reads_nothing_back_from_the_device(colour_set, tmp_pa
         f"stages.{stage}.fused_optimizer=true",
         *extra,
     )
-    trainer = Trainer(cfg, stage, make_accelerator(cfg))
-    trainer.setup()
-    batches = iter(trainer.loader())
-    trainer.step([next(batches)], 1)
-    ready = [next(batches) for _ in range(2)]
-    with DeviceWaits() as waits:
-        logs = [trainer.step([b], step) for step, b in enumerate(ready, start=2)]
-    assert waits.seen == []
-    rows = trainer.fetch(logs)  # the one wait, for both steps
+    seen, rows = waits_in_training_steps(cfg, stage)
+    assert seen == []
     assert len(rows) == 2 and all(math.isfinite(r[1]["loss/total"]) for r in rows)
 
 
