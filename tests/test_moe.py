@@ -49,6 +49,18 @@ def test_dispatch_matches_a_per_token_reference_and_weights_sum_to_one():
     assert set(out.aux_losses) == {"moe_balance", "moe_z"}
 
 
+def test_tokens_keep_the_features_precision_under_bf16_autocast():
+    """float32 features (a trained tower) mix the experts' bf16 outputs in float32, as a sum over the chosen experts
+    would; bf16 features (a frozen tower stored in bf16) give bf16 tokens."""
+    torch.manual_seed(0)
+    moe = MoEConnector(6, 5, num_experts=4, top_k=2)
+    x = torch.randn(2, 7, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        full, half = moe(x).tokens, moe(x.bfloat16()).tokens
+    assert full.dtype == torch.float32 and half.dtype == torch.bfloat16
+    torch.testing.assert_close(full, moe(x).tokens, atol=5e-2, rtol=5e-2)  # bf16 matmuls, float32 mixing
+
+
 def test_gradients_reach_router_and_experts():
     moe = MoEConnector(6, 5)
     out = moe(torch.randn(2, 4, 6))

@@ -247,6 +247,20 @@ def test_tokens_without_a_label_are_left_out_and_none_gives_zero():
     assert none.item() == 0 and none_acc.item() == 0 and torch.isfinite(v.grad).all()
 
 
+def test_the_loss_is_float32_under_bf16_autocast():
+    """A GPU's default precision: the logits stay in float32 (bf16 would be coarse at tau 0.07, and could not even
+    hold the float32 floor that masks the undrawn words)."""
+    g = torch.Generator().manual_seed(3)
+    word_emb, v = torch.randn(6, 32, generator=g), torch.randn(8, 32, generator=g, requires_grad=True)
+    labels = torch.tensor([0, 2, 2, -1, 5, 0, -1, 3])
+    want = sea_loss(v, labels, word_emb, 0.07)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, acc = sea_loss(v, labels, word_emb, 0.07)
+    assert loss.dtype == torch.float32 and loss.item() == want.item()
+    loss.backward()
+    assert torch.isfinite(v.grad).all() and v.grad.abs().sum() > 0
+
+
 def test_objective_shapes_and_gradient_reaches_the_connector_only(tiny_model):
     model = tiny_model()
     for p in model.parameters():

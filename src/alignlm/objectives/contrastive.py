@@ -35,7 +35,8 @@ def info_nce(
     """Symmetric InfoNCE between ``visual`` ``[P, D]`` and ``captions`` ``[C, D]``; image ``i`` matches caption ``caption_of_image[i]``."""
     logits = scale * F.normalize(visual.float(), dim=-1) @ F.normalize(captions.float(), dim=-1).T  # [P, C]
     i2t = F.cross_entropy(logits, caption_of_image)
-    # [C, P]; not F.one_hot, which checks the indices' range on the host (a wait for the device every step)
+    # [C, P], by comparison: F.one_hot would do on a GPU (device asserts there), but on a CPU it reads the index range,
+    # which the CPU no-wait test (tests/test_training.py) cannot tell from a GPU wait
     positives = torch.arange(captions.shape[0], device=logits.device)[:, None] == caption_of_image[None, :]
     t2i = (logits.T.logsumexp(1) - logits.T.masked_fill(~positives, -math.inf).logsumexp(1)).mean()
     with torch.no_grad():

@@ -18,7 +18,9 @@ was routed to (a ``[T, E]`` gate matrix, zero for the others). That is ``E / k``
 (2x for CuMo's 4 experts and top-2), on a part whose 4 experts hold about 1 % of a 7B model's FLOPs per visual token
 (by parameter count, at CLIP-L's width), and it is what keeps the connector free of host waits on a GPU: sparse
 dispatch sizes its buffers by how many tokens the busiest expert got, a number only the device knows. Routing is vectorised too (``capacity_route`` loops over the ``E`` preference
-ranks, each round over all tokens at once), with no shape or branch that depends on the data. ``adapt_state``
+ranks, each round over all tokens at once), with no shape or branch that depends on the data. (In fp16 an expert
+that was not chosen can overflow where sparse dispatch never ran it, and 0 x inf makes the step non-finite, so
+skipped; bf16 and float32 have the range.) ``adapt_state``
 upcycles a dense ``mlp2x_gelu`` connector: every expert copies the dense weights, so the MoE output equals the
 dense output at step 0 whatever the router says.
 """
@@ -35,8 +37,8 @@ from alignlm.models.connectors.base import Connector, ConnectorOutput
 
 
 def expert_counts(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """How many entries of ``experts`` name each expert ``[E]`` (a comparison, not a bincount or ``F.one_hot``:
-    those read the largest id on the host)."""
+    """How many entries of ``experts`` name each expert ``[E]`` (a comparison, not a bincount: that sizes its output
+    by the largest id, read on the host)."""
     ids = torch.arange(num_experts, device=experts.device)
     return (experts.reshape(-1, 1) == ids).sum(0)
 
@@ -166,7 +168,10 @@ class MoEConnector(Connector):
         x = features.reshape(-1, features.shape[-1])
         logits, probs, weights, experts = self.route(x)
         gates = torch.zeros_like(probs).scatter(1, experts, weights)  # [T, E]: 0 for the experts not chosen
-        y = torch.einsum("te,etd->td", gates.to(x.dtype), self.experts_forward(x))
+        out = self.experts_forward(x)  # autocast's dtype under autocast
+        dtype = torch.promote_types(out.dtype, x.dtype)  # float32 features mix in float32, bf16 ones in bf16
+        with torch.autocast(x.device.type, enabled=False):
+            y = torch.einsum("te,etd->td", gates.to(dtype), out.to(dtype))
         preferred = probs.topk(self.top_k, dim=-1).indices  # the router's own choice, before any capacity cap
         balance, z = balance_loss(probs, preferred[:, 0]), z_loss(logits)
         load = expert_counts(experts, self.num_experts).float() / experts.numel()
