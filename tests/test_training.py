@@ -174,16 +174,18 @@ def test_the_gpu_defaults_train_on_the_cpu_too(colour_set, tmp_path):
     ],
     ids=["padded", "packed", "contrastive", "moe-capacity", "aligngpt-gate"],
 )
-def test_the_training_step_reads_nothing_back_from_the_device(colour_set, tmp_path, stage, extra):
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_the_training_step_reads_nothing_back_from_the_device(colour_set, tmp_path, stage, extra, precision):
     """tests/test_gpu.py's check, as far as a CPU can tell: over whole training steps (padded or packed rows, fused
     AdamW, and the recipes' extra parts: the contrastive objective, the MoE connector with an expert cap, AlignGPT's
-    level slot) no op runs that would make the host wait for the GPU. Known wait elsewhere, by design for now: VLAP's
-    Sinkhorn decides its underflow fallbacks on the host each iteration."""
+    level slot) no op runs that would make the host wait for the GPU, in fp32 and in a GPU's default bf16. Known wait
+    elsewhere, by design for now: VLAP's Sinkhorn decides its underflow fallbacks on the host each iteration."""
     cfg = compose(
         *tiny_overrides(colour_set, tmp_path),
         f"run=[{stage}]",
         f"stages.{stage}.init_from=null",
         f"stages.{stage}.fused_optimizer=true",
+        f"mixed_precision={precision}",
         *extra,
     )
     seen, rows = waits_in_training_steps(cfg, stage)
