@@ -179,7 +179,7 @@ def test_the_training_step_reads_nothing_back_from_the_device(colour_set, tmp_pa
     """tests/test_gpu.py's check, as far as a CPU can tell: over whole training steps (padded or packed rows, fused
     AdamW, and the recipes' extra parts: the contrastive objective, the MoE connector with an expert cap, AlignGPT's
     level slot) no op runs that would make the host wait for the GPU, in fp32 and in a GPU's default bf16. Known wait
-    elsewhere, by design for now: VLAP's Sinkhorn decides its underflow fallbacks on the host each iteration."""
+    elsewhere, by design for now: VLAP's Sinkhorn reads three flags per iteration (tests/test_vlap.py)."""
     cfg = compose(
         *tiny_overrides(colour_set, tmp_path),
         f"run=[{stage}]",

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from alignlm.geometry.sinkhorn import sinkhorn
 from alignlm.objectives.vlap import VLAPObjective, log_word_prior, token_counts, vlap_loss
 from alignlm.pipeline import run
-from tests.conftest import compose, tiny_overrides
+from tests.conftest import DeviceWaits, compose, tiny_overrides
 
 
 def textbook_sinkhorn(scores: torch.Tensor, log_mu: torch.Tensor, epsilon: float, iterations: int) -> torch.Tensor:
@@ -69,6 +69,16 @@ def test_matches_the_textbook_log_domain_iteration(scale, dtype, atol):
         torch.testing.assert_close(
             sinkhorn(scores, log_mu, 0.01, n).double(), textbook_sinkhorn(scores, log_mu, 0.01, n), atol=atol, rtol=0
         )
+
+
+def test_the_host_reads_three_flags_per_iteration():
+    """On a GPU each read waits for the device: the re-centring check and the two underflow checks, once each per
+    iteration (the fallbacks they guard reuse the flags), and nothing data-sized when no fallback is needed."""
+    scores, log_mu = cosine_scores(16, 300), random_log_mu(300)
+    for n in (1, 3):
+        with DeviceWaits() as waits:
+            sinkhorn(scores, log_mu, 0.01, n)
+        assert waits.seen == ["aten._local_scalar_dense.default"] * 3 * n
 
 
 def test_finite_and_normalised_on_a_150k_vocabulary_with_extreme_logits():

@@ -63,7 +63,7 @@ def sinkhorn(scores: Tensor, log_marginals: Tensor | None = None, epsilon: float
     info = torch.finfo(dtype)
     plan = torch.empty_like(scores)
     frame = torch.zeros(b, dtype=dtype, device=scores.device)  # row potentials absorbed into A
-    col_max = absorb(scores, frame, epsilon, plan)
+    col_max = absorb(scores, None, epsilon, plan)
 
     def log_kernel(rows: Tensor | slice, cols: Tensor | slice) -> Tensor:
         """The log of A (before underflow) on a slice, recomputed for the exact fallbacks."""
@@ -71,6 +71,7 @@ def sinkhorn(scores: Tensor, log_marginals: Tensor | None = None, epsilon: float
 
     f = torch.zeros(b, dtype=dtype, device=scores.device)  # row potentials on top of A: Q = exp(log A + f + g)
     for _ in range(iterations):
+        # each host read below is a wait on a GPU: every flag is read once per iteration, and branches reuse it
         if f.max() - f.min() > ABSORB_SPREAD:  # rows so far apart that v below would underflow: re-centre A
             frame, f = frame + f, torch.zeros_like(f)
             col_max = absorb(scores, frame, epsilon, plan)
@@ -79,20 +80,22 @@ def sinkhorn(scores: Tensor, log_marginals: Tensor | None = None, epsilon: float
         col_sum = v @ plan
         # entries of A lost to underflow hold < tiny each: they matter only where a sum is near tiny / eps
         thin_cols = col_sum < info.tiny * v.sum() / info.eps
+        any_thin_cols = bool(thin_cols.any())
         log_w = log_col_target - col_sum.log()  # g + shift on ordinary columns
-        if thin_cols.any():
+        if any_thin_cols:
             thin_logits = log_kernel(slice(None), thin_cols) + f.unsqueeze(1)
             g_thin = log_col_target[thin_cols] - torch.logsumexp(thin_logits, 0)
             log_w[thin_cols] = -math.inf  # their mass is added exactly below, not through A
         w = log_w.exp()
         a_w = plan @ w
         log_row = (f - shift) + a_w.log()
-        if thin_cols.any():
+        if any_thin_cols:
             log_row = torch.logaddexp(log_row, torch.logsumexp(thin_logits + g_thin, 1))
         thin_rows = a_w < info.tiny * w.sum() / info.eps
-        if thin_rows.any():
+        any_thin_rows = bool(thin_rows.any())
+        if any_thin_rows:
             g = log_w - shift
-            if thin_cols.any():
+            if any_thin_cols:
                 g[thin_cols] = g_thin
             row_logits = log_kernel(thin_rows, slice(None)) + f[thin_rows].unsqueeze(1) + g
             log_row[thin_rows] = torch.logsumexp(row_logits, 1)
@@ -102,16 +105,17 @@ def sinkhorn(scores: Tensor, log_marginals: Tensor | None = None, epsilon: float
     # with extreme logits, where a float32 difference of two of them keeps no digits) and is applied first:
     # A * w alone could underflow.
     plan.mul_(row_scale.exp().unsqueeze(1)).mul_(w)
-    if thin_cols.any():
+    if any_thin_cols:
         plan[:, thin_cols] = (thin_logits - log_row.unsqueeze(1) + g_thin).exp()
-    if thin_rows.any():
+    if any_thin_rows:
         plan[thin_rows] = torch.softmax(row_logits, dim=1)  # normalised as a whole: exact row sums at any scale
     return plan
 
 
-def absorb(scores: Tensor, frame: Tensor, epsilon: float, out: Tensor) -> Tensor:
-    """Write ``A = exp(scores / epsilon + frame - column max)`` into ``out``; returns the column maxima."""
-    if frame.any():
+def absorb(scores: Tensor, frame: Tensor | None, epsilon: float, out: Tensor) -> Tensor:
+    """Write ``A = exp(scores / epsilon + frame - column max)`` into ``out`` (``frame`` None: zero); returns the
+    column maxima."""
+    if frame is not None:
         torch.add(frame.unsqueeze(1), scores, alpha=1.0 / epsilon, out=out)
         col_max = out.amax(0)
         out.sub_(col_max)
