@@ -53,6 +53,24 @@ class DeviceWaits(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+# (stage, overrides) whose training steps must never wait for the GPU: checked on the CPU by DeviceWaits
+# (tests/test_training.py) and on CUDA by the sync debug mode (tests/test_gpu.py)
+WAIT_FREE_RECIPES = {
+    "padded": ("finetune", ["stages.finetune.data.packing=false"]),
+    "packed": ("finetune", ["stages.finetune.data.packing=true"]),
+    "contrastive": ("pretrain", ["+objective@stages.pretrain.objectives.contrastive=contrastive"]),
+    "moe-capacity": ("pretrain", ["model/connector=moe", "model.connector.capacity_factor=1.1"]),
+    "aligngpt-gate": (
+        "finetune",
+        [
+            "+model/align_levels=aligngpt",
+            "+stages.finetune.parts.align_levels=gate",
+            "+stages.finetune.lr.align_levels=1e-3",
+        ],
+    ),
+}
+
+
 def waits_in_training_steps(cfg, stage: str) -> tuple[list[str], list]:
     """The ops of two whole training steps that would make the host wait for a GPU (``DeviceWaits``), and the two
     steps' logged rows. A first step runs before (allocations, lazy set-up); batches come from the collator

@@ -8,20 +8,22 @@ import torch
 
 from alignlm.pipeline import make_accelerator
 from alignlm.training.trainer import Trainer
-from tests.conftest import compose, tiny_overrides
+from tests.conftest import WAIT_FREE_RECIPES, compose, tiny_overrides
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
-def test_training_step_never_waits_for_the_device(colour_set, tmp_path):
+@pytest.mark.parametrize("stage, extra", WAIT_FREE_RECIPES.values(), ids=WAIT_FREE_RECIPES.keys())
+def test_training_step_never_waits_for_the_device(colour_set, tmp_path, stage, extra):
     cfg = compose(
         *tiny_overrides(colour_set, tmp_path),
-        "run=[finetune]",
-        "stages.finetune.init_from=null",
-        "stages.finetune.max_steps=8",
+        f"run=[{stage}]",
+        f"stages.{stage}.init_from=null",
+        f"stages.{stage}.max_steps=8",
         "mixed_precision=bf16",
+        *extra,
     )
-    trainer = Trainer(cfg, "finetune", make_accelerator(cfg))
+    trainer = Trainer(cfg, stage, make_accelerator(cfg))
     trainer.setup()
     batches = iter(trainer.loader())
     for step in range(1, 4):  # warm up: allocator, kernel selection

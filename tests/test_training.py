@@ -16,7 +16,7 @@ import torch
 
 from alignlm.pipeline import run
 from alignlm.training.trainer import StopTraining
-from tests.conftest import compose, read_losses, tiny_overrides, waits_in_training_steps
+from tests.conftest import WAIT_FREE_RECIPES, compose, read_losses, tiny_overrides, waits_in_training_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -156,24 +156,7 @@ def test_the_gpu_defaults_train_on_the_cpu_too(colour_set, tmp_path):
     assert (tmp_path / "t" / "finetune" / "final" / "model.safetensors").exists() and out["stages"]["finetune"]
 
 
-@pytest.mark.parametrize(
-    "stage, extra",
-    [
-        ("finetune", ["stages.finetune.data.packing=false"]),
-        ("finetune", ["stages.finetune.data.packing=true"]),
-        ("pretrain", ["+objective@stages.pretrain.objectives.contrastive=contrastive"]),
-        ("pretrain", ["model/connector=moe", "model.connector.capacity_factor=1.1"]),
-        (
-            "finetune",
-            [
-                "+model/align_levels=aligngpt",
-                "+stages.finetune.parts.align_levels=gate",
-                "+stages.finetune.lr.align_levels=1e-3",
-            ],
-        ),
-    ],
-    ids=["padded", "packed", "contrastive", "moe-capacity", "aligngpt-gate"],
-)
+@pytest.mark.parametrize("stage, extra", WAIT_FREE_RECIPES.values(), ids=WAIT_FREE_RECIPES.keys())
 @pytest.mark.parametrize("precision", ["no", "bf16"])
 def test_the_training_step_reads_nothing_back_from_the_device(colour_set, tmp_path, stage, extra, precision):
     """tests/test_gpu.py's check, as far as a CPU can tell: over whole training steps (padded or packed rows, fused
