@@ -60,6 +60,7 @@ WAIT_FREE_RECIPES = {
     "packed": ("finetune", ["stages.finetune.data.packing=true"]),
     "contrastive": ("pretrain", ["+objective@stages.pretrain.objectives.contrastive=contrastive"]),
     "moe-capacity": ("pretrain", ["model/connector=moe", "model.connector.capacity_factor=1.1"]),
+    "v2l": ("pretrain", ["model/connector=v2l"]),
     "aligngpt-gate": (
         "finetune",
         [

@@ -160,7 +160,7 @@ def test_the_gpu_defaults_train_on_the_cpu_too(colour_set, tmp_path):
 @pytest.mark.parametrize("precision", ["no", "bf16"])
 def test_the_training_step_reads_nothing_back_from_the_device(colour_set, tmp_path, stage, extra, precision):
     """tests/test_gpu.py's check, as far as a CPU can tell: over whole training steps (padded or packed rows, fused
-    AdamW, and the recipes' extra parts: the contrastive objective, the MoE connector with an expert cap, AlignGPT's
+    AdamW, and the recipes' extra parts: the contrastive objective, the MoE connector with an expert cap, V2L, AlignGPT's
     level slot) no op runs that would make the host wait for the GPU, in fp32 and in a GPU's default bf16. Known wait
     elsewhere, by design for now: VLAP's Sinkhorn reads three flags per iteration (tests/test_vlap.py)."""
     cfg = compose(
