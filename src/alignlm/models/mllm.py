@@ -10,9 +10,10 @@ Batch keys (a plain dict of tensors): ``input_ids``, ``attention_mask``, ``label
 for the tower's output), images in reading order across the batch; ``position_ids`` when samples are packed end to
 end in rows (each sample's positions start at 0, which isolates it in attention); the index the collator computes
 on the CPU (``sample_ids``, ``num_samples``, ``image_sample``, ``image_positions``, ``lm_positions``, ``lm_targets``,
-the image-caption pairs; see ``data/collate.py``; computed here for a batch built by hand); optional ``num_items_in_batch`` (supervised-token
-count the LM loss is normalised by, set by the trainer so that gradient accumulation and data parallelism give the
-same gradients as one big batch); and whatever fields the model's extra input parts read (``models/extras.py``).
+the image-caption pairs; see ``data/collate.py``; computed here for a batch built by hand); optional
+``num_items_in_batch`` (supervised-token count the LM loss is normalised by, set by the trainer so that gradient
+accumulation and data parallelism give the same gradients as one big batch); and whatever fields the model's extra
+input parts read (``models/extras.py``).
 Nothing in the forward pass waits on the GPU: consistency checks are device-side asserts there.
 """
 

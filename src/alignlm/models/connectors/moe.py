@@ -17,12 +17,12 @@ Every expert runs on every token as one batched matmul per layer, and each token
 was routed to (a ``[T, E]`` gate matrix, zero for the others). That is ``E / k`` times the FLOPs of sparse dispatch
 (2x for CuMo's 4 experts and top-2), on a part whose 4 experts hold about 1 % of a 7B model's FLOPs per visual token
 (by parameter count, at CLIP-L's width), and it is what keeps the connector free of host waits on a GPU: sparse
-dispatch sizes its buffers by how many tokens the busiest expert got, a number only the device knows. Routing is vectorised too (``capacity_route`` loops over the ``E`` preference
-ranks, each round over all tokens at once), with no shape or branch that depends on the data. (In fp16 an expert
-that was not chosen can overflow where sparse dispatch never ran it, and 0 x inf makes the step non-finite, so
-skipped; bf16 and float32 have the range.) ``adapt_state``
-upcycles a dense ``mlp2x_gelu`` connector: every expert copies the dense weights, so the MoE output equals the
-dense output at step 0 whatever the router says.
+dispatch sizes its buffers by how many tokens the busiest expert got, a number only the device knows. Routing is
+vectorised too (``capacity_route`` loops over the ``E`` preference ranks, each round over all tokens at once), with
+no shape or branch that depends on the data. (In fp16 an expert that was not chosen can overflow where sparse
+dispatch never ran it, and 0 x inf makes the step non-finite, so skipped; bf16 and float32 have the range.)
+``adapt_state`` upcycles a dense ``mlp2x_gelu`` connector: every expert copies the dense weights, so the MoE output
+equals the dense output at step 0 whatever the router says.
 """
 
 from __future__ import annotations
