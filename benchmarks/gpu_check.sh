@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks of one session on a CUDA machine, each part time-boxed, every result written to $OUT as it comes:
 # the machine, then the parts named in PARTS (default all three, in this order):
-#   bench       throughput points of benchmarks/train_throughput.py (alignlm against transformers' Llava)
+#   bench       throughput points of benchmarks/train_throughput.py (alignlm against transformers' Llava); a point
+#               that runs out of memory is run once more at half its batch (NAME_b<half>.json)
 #   strategies  benchmarks/strategies.py: the 1.1B-shaped finetune, 50 steps, under ddp, then zero2, zero3, fsdp2
 #               each stopped at step 25 and resumed; losses against ddp's, peak memory per process
 #   suite       the whole test suite
@@ -22,27 +23,32 @@ log() { echo "[$(date +%T)] $*" | tee -a "$OUT/log.txt"; }
 } > "$OUT/machine.txt" 2>&1
 log "machine: $(tr '\n' ' ' < "$OUT/machine.txt")"
 
-bench() {  # NAME, then train_throughput.py flags
-  local name=$1
-  shift
-  log "bench $name: $*"
-  timeout "${BENCH_TIMEOUT:-240}" python3 benchmarks/train_throughput.py --json "$OUT/$name.json" "$@" \
+run_bench() {  # NAME BATCH, then train_throughput.py flags
+  local name=$1 batch=$2
+  shift 2
+  log "bench $name: --batch $batch $*"
+  timeout "${BENCH_TIMEOUT:-240}" python3 benchmarks/train_throughput.py --json "$OUT/$name.json" --batch "$batch" "$@" \
     > "$OUT/bench_$name.txt" 2>&1
   log "  rc=$? $(grep -E '^\| [0-9.]+b' "$OUT/bench_$name.txt" | tr '\n' ' ')"
+}
+
+bench() {  # as run_bench; out of memory at BATCH (an H100 has 78 GiB, an H200 139), once more at half of it
+  local name=$1 batch=$2
+  shift 2
+  run_bench "$name" "$batch" "$@"
+  if grep -q OutOfMemoryError "$OUT/bench_$name.txt"; then
+    run_bench "${name}_b$((batch / 2))" $((batch / 2)) "$@"
+  fi
 }
 
 has() { [[ " ${PARTS:-bench strategies suite} " == *" $1 "* ]]; }
 
 if has bench; then
-  bench ft_1.1b_32k --size 1.1b --stage finetune --vocab 32000 --batch 16 --steps 10 --warmup 3
+  bench ft_1.1b_32k 16 --size 1.1b --stage finetune --vocab 32000 --steps 10 --warmup 3
   # packing=auto pads under SDPA (no flash-attn on the machine): the same point packed says whether SDPA should pack
-  bench ft_1.1b_32k_packed --size 1.1b --stage finetune --vocab 32000 --batch 16 --steps 10 --warmup 3 --no-peer \
-    --packing true
-  bench pt_7b_32k --size 7b --stage pretrain --vocab 32000 --batch 32 --steps 6 --warmup 3 --no-peer
-  if grep -q OutOfMemoryError "$OUT/bench_pt_7b_32k.txt"; then  # batch 32 fit in an H200's 139 GiB; an H100 has 78
-    bench pt_7b_32k_b16 --size 7b --stage pretrain --vocab 32000 --batch 16 --steps 6 --warmup 3 --no-peer
-  fi
-  bench pt_1.1b_cached --size 1.1b --stage pretrain --vocab 32000 --batch 32 --steps 10 --warmup 3 --cached-features
+  bench ft_1.1b_32k_packed 16 --size 1.1b --stage finetune --vocab 32000 --steps 10 --warmup 3 --no-peer --packing true
+  bench pt_7b_32k 32 --size 7b --stage pretrain --vocab 32000 --steps 6 --warmup 3 --no-peer
+  bench pt_1.1b_cached 32 --size 1.1b --stage pretrain --vocab 32000 --steps 10 --warmup 3 --cached-features
 fi
 
 if has strategies; then
