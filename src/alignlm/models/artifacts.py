@@ -29,8 +29,11 @@ MODES = ("mask", "replace")
 def norm_ratios(tokens: torch.Tensor, prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each token's L2 norm over the median patch-token norm of its image, in float32: ``([B, P], [B, prefix])``."""
     norms = tokens.float().norm(dim=-1)
-    median = norms[:, prefix:].median(dim=1, keepdim=True).values.clamp_min(torch.finfo(torch.float32).tiny)
-    return norms[:, prefix:] / median, norms[:, :prefix] / median
+    patches = norms[:, prefix:]
+    # torch.median's lower middle value, taken from a sort: median with indices has no deterministic CUDA kernel, so
+    # it would stop a `deterministic: true` run
+    median = patches.sort(dim=1).values[:, (patches.shape[1] - 1) // 2, None].clamp_min(torch.finfo(torch.float32).tiny)
+    return patches / median, norms[:, :prefix] / median
 
 
 @torch.no_grad()

@@ -4,8 +4,11 @@ On a CPU alignlm's training is already reproducible bit for bit. On a GPU severa
 threads finish (atomic additions: ``index_add``, embedding and scatter backward passes, some cuBLAS and cuDNN
 algorithms, flash-attention's backward), so two runs of one config differ in the last bits, and so does a resumed
 run from an uninterrupted one. ``deterministic`` switches PyTorch to its deterministic kernels for the run (cuBLAS
-with a fixed workspace, cuDNN without autotuning, flash-attention's deterministic backward) and back afterwards, at
-some speed. An op that has no deterministic CUDA kernel warns, naming itself, rather than stopping the run.
+with a fixed workspace, cuDNN without autotuning, the deterministic backward passes of SDPA's flash and
+memory-efficient attention and of the flash-attention package) and back afterwards, at some speed. It is PyTorch's
+strict mode, as ``transformers``' full determinism: with ``warn_only`` SDPA's attention backward would only warn and
+stay non-deterministic. An op that has no deterministic CUDA kernel (a float ``cumsum``, ``kthvalue``, some pooling
+and interpolation backward passes) stops the run at its first use with PyTorch's error naming it.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ def deterministic(on: bool) -> Iterator[None]:
     saved_env = {k: os.environ.get(k) for k in ENV}
     for key, value in ENV.items():
         os.environ.setdefault(key, value)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.use_deterministic_algorithms(True)
     # the deterministic kernels are what reproduce a run; filling every new buffer with NaN as well (PyTorch's default
     # in this mode, against reads of memory never written) tripled a two-rank ZeRO-2 test's time on the CPU
     # (DeepSpeed's half-GiB gradient buckets)
