@@ -35,21 +35,46 @@ WAITING_OPS = {
 }
 
 
+# ops with no deterministic CUDA kernel (PyTorch's list for torch.use_deterministic_algorithms): each would stop a
+# `deterministic: true` run on a GPU
+NO_DETERMINISTIC_CUDA_KERNEL = ("aten.kthvalue", "aten.median.dim", "aten.nanmedian.dim", "aten.histc", "aten.put")
+BACKWARDS_WITHOUT_ONE = ("pool", "upsample", "grid_sampler", "ctc_loss", "reflection_pad3d", "replication_pad3d")
+
+
+def no_deterministic_cuda_kernel(name: str, args: tuple) -> bool:
+    """Whether the op ``name`` called with ``args`` is one PyTorch's strict deterministic mode refuses on CUDA."""
+    if name.startswith(("aten.cumsum", "aten.cumprod")):  # floating point only
+        return args[0].is_floating_point() or args[0].is_complex()
+    if name.startswith("aten.bincount"):  # with weights
+        return len(args) > 1 and args[1] is not None
+    if name.startswith("aten.scatter_reduce"):  # reduce="prod"
+        return "prod" in args
+    if name.startswith("aten._embedding_bag"):  # mode="max"
+        return len(args) > 4 and args[4] == 2
+    if "_backward" in name:
+        return any(k in name for k in BACKWARDS_WITHOUT_ONE)
+    return name.startswith(NO_DETERMINISTIC_CUDA_KERNEL) or "nll_loss2d" in name
+
+
 class DeviceWaits(TorchDispatchMode):
     """Records, in ``seen``, every op run inside it that would make the host wait for a GPU: the CPU stand-in for
     ``torch.cuda.set_sync_debug_mode("error")``. A boolean index counts: it is a nonzero inside the op. The CPU
     branch of ``models.mllm.check`` reads its flag (a GPU asserts on the device): patch it to ``torch._assert_async``
-    where a test runs it."""
+    where a test runs it. Also records, in ``nondeterministic``, the ops that have no deterministic CUDA kernel."""
 
     def __init__(self) -> None:
         super().__init__()
         self.seen: list[str] = []
+        self.nondeterministic: list[str] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        indices = args[1] if str(func).startswith("aten.index") and len(args) > 1 else ()
+        name = str(func)
+        indices = args[1] if name.startswith("aten.index") and len(args) > 1 else ()
         by_mask = any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices or ())
-        if str(func) in WAITING_OPS or by_mask:
-            self.seen.append(str(func) + (" (boolean index)" if by_mask else ""))
+        if name in WAITING_OPS or by_mask:
+            self.seen.append(name + (" (boolean index)" if by_mask else ""))
+        if no_deterministic_cuda_kernel(name, args):
+            self.nondeterministic.append(name)
         return func(*args, **(kwargs or {}))
 
 
@@ -72,9 +97,9 @@ WAIT_FREE_RECIPES = {
 }
 
 
-def waits_in_training_steps(cfg, stage: str) -> tuple[list[str], list]:
-    """The ops of two whole training steps that would make the host wait for a GPU (``DeviceWaits``), and the two
-    steps' logged rows. A first step runs before (allocations, lazy set-up); batches come from the collator
+def waits_in_training_steps(cfg, stage: str) -> tuple[DeviceWaits, list]:
+    """What ``DeviceWaits`` saw in two whole training steps (ops that would make the host wait for a GPU, ops with
+    no deterministic CUDA kernel), and the two steps' logged rows. A first step runs before (allocations, lazy set-up); batches come from the collator
     beforehand, as the data loader's workers make them; ``check`` asserts on the device, as a GPU's would."""
     from unittest import mock
 
@@ -89,7 +114,7 @@ def waits_in_training_steps(cfg, stage: str) -> tuple[list[str], list]:
     ready = [next(batches) for _ in range(2)]
     with mock.patch.object(mllm, "check", torch._assert_async), DeviceWaits() as waits:
         logs = [trainer.step([b], step) for step, b in enumerate(ready, start=2)]
-    return waits.seen, trainer.fetch(logs)  # the one wait, for both steps
+    return waits, trainer.fetch(logs)  # the one wait, for both steps
 
 
 def write_colour_set(root: Path, n: int = 48) -> dict[str, Path]:
