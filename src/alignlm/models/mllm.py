@@ -28,7 +28,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from alignlm.constants import IMAGE_TOKEN
-from alignlm.data.collate import index_fields
+from alignlm.data.collate import index_fields, sample_counts
 from alignlm.models.connectors.base import Connector
 from alignlm.models.extras import InputPart
 from alignlm.models.lm_loss import linear_cross_entropy
@@ -208,10 +208,8 @@ class AlignLM(nn.Module):
         sample_ids, n = index["sample_ids"], int(index["num_samples"])
         for name, token_id in self.extras.items():
             here = input_ids == token_id
-            owner = torch.where(here, sample_ids, n).flatten()  # entry n counts every other token
-            per_sample = owner.new_zeros(n + 1).index_add_(0, owner, torch.ones_like(owner))[:n]
             check(
-                (per_sample == 1).all(),
+                (sample_counts(sample_ids, here, n) == 1).all(),
                 f"every sample needs exactly one {getattr(self, name).slot_token} slot for model.extras.{name} "
                 "(the data pipeline inserts it after BOS)",
             )

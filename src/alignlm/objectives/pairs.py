@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from alignlm.constants import IGNORE_INDEX
+from alignlm.data.collate import sample_means
 
 
 @dataclass
@@ -43,13 +44,8 @@ def image_caption_pairs(batch: dict[str, Any], out: Any, model: nn.Module) -> Pa
     index = model.index(batch)
     n_samples = int(index["num_samples"])
     supervised = (batch["labels"] != IGNORE_INDEX) & (index["sample_ids"] >= 0)  # unshifted: the caption tokens
-    owner = torch.where(supervised, index["sample_ids"], n_samples).flatten()  # row n_samples: not a caption
-    table = model.llm.get_input_embeddings()
-    tok_embeds = table(batch["input_ids"].flatten()).float() * supervised.flatten().unsqueeze(1)
-    sums = tok_embeds.new_zeros(n_samples + 1, tok_embeds.shape[-1]).index_add_(0, owner, tok_embeds)[:n_samples]
-    # an index_add, not a bincount: that sizes its output by the largest index, read on the host
-    counts = owner.new_zeros(n_samples + 1).index_add_(0, owner, torch.ones_like(owner))[:n_samples]
-    caption_mean = sums / counts.clamp(min=1).unsqueeze(1).to(sums.dtype)
+    tok_embeds = model.llm.get_input_embeddings()(batch["input_ids"]).float()
+    caption_mean = sample_means(tok_embeds, index["sample_ids"], supervised, n_samples)
     visual = out.visual_tokens[index["pair_images"]].float().mean(1)  # [n_images, M, Dl] holds a zero image if none
     return Pairs(visual, caption_mean[index["pair_samples"]], index["pair_caption"])
 

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from alignlm.constants import IGNORE_INDEX
+from alignlm.data.collate import sample_means
 from alignlm.models.extras import InputPart
 
 ALIGN_TOKEN = "<align>"
@@ -116,10 +117,7 @@ class AlignLevels(InputPart):
         text = (sample_ids >= 0) & ~is_image & ~is_slot
         if batch.get("labels") is not None:
             text = text & (batch["labels"] == IGNORE_INDEX)
-        owner = torch.where(text, sample_ids, n).flatten()  # row n collects what belongs to no sample's prompt
-        sums = embeds.new_zeros(n + 1, embeds.shape[-1]).index_add_(0, owner, embeds.flatten(0, 1))
-        counts = owner.new_zeros(n + 1).index_add_(0, owner, torch.ones_like(owner))  # bincount would read max(owner)
-        text_mean = sums[:n] / counts[:n].clamp(min=1).unsqueeze(1).to(sums.dtype)
+        text_mean = sample_means(embeds, sample_ids, text, n)
         return self.gated(self._per_sample_visual(visual, index["image_sample"], n), text_mean)
 
     def _per_sample_visual(self, visual: Tensor | None, image_sample: Tensor, n: int) -> Tensor:
