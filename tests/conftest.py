@@ -56,16 +56,38 @@ def no_deterministic_cuda_kernel(name: str, args: tuple) -> bool:
     return name.startswith(NO_DETERMINISTIC_CUDA_KERNEL) or "nll_loss2d" in name
 
 
+class StrictModeAsOnAGpu(TorchDispatchMode):
+    """While PyTorch's strict deterministic mode is on (a ``deterministic: true`` run: every ``tiny_overrides`` run),
+    raises on the ops it refuses on CUDA, as a GPU would, so that the CPU suite finds them before a GPU run stops at
+    them. The CPU itself has a deterministic kernel for each."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        strict = (
+            torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
+        )
+        if strict and no_deterministic_cuda_kernel(str(func), args):
+            raise RuntimeError(
+                f"{func} has no deterministic CUDA kernel: a `deterministic: true` run on a GPU stops here"
+            )
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def strict_mode_as_on_a_gpu():
+    """Every test, session fixtures included (autouse fixtures come first in their scope), under ``StrictModeAsOnAGpu``."""
+    with StrictModeAsOnAGpu():
+        yield
+
+
 class DeviceWaits(TorchDispatchMode):
     """Records, in ``seen``, every op run inside it that would make the host wait for a GPU: the CPU stand-in for
     ``torch.cuda.set_sync_debug_mode("error")``. A boolean index counts: it is a nonzero inside the op. The CPU
     branch of ``models.mllm.check`` reads its flag (a GPU asserts on the device): patch it to ``torch._assert_async``
-    where a test runs it. Also records, in ``nondeterministic``, the ops that have no deterministic CUDA kernel."""
+    where a test runs it."""
 
     def __init__(self) -> None:
         super().__init__()
         self.seen: list[str] = []
-        self.nondeterministic: list[str] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func)
@@ -73,8 +95,6 @@ class DeviceWaits(TorchDispatchMode):
         by_mask = any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices or ())
         if name in WAITING_OPS or by_mask:
             self.seen.append(name + (" (boolean index)" if by_mask else ""))
-        if no_deterministic_cuda_kernel(name, args):
-            self.nondeterministic.append(name)
         return func(*args, **(kwargs or {}))
 
 
@@ -98,23 +118,26 @@ WAIT_FREE_RECIPES = {
 
 
 def waits_in_training_steps(cfg, stage: str) -> tuple[DeviceWaits, list]:
-    """What ``DeviceWaits`` saw in two whole training steps (ops that would make the host wait for a GPU, ops with
-    no deterministic CUDA kernel), and the two steps' logged rows. A first step runs before (allocations, lazy set-up); batches come from the collator
-    beforehand, as the data loader's workers make them; ``check`` asserts on the device, as a GPU's would."""
+    """What ``DeviceWaits`` saw in two whole training steps, and their logged rows. A first step runs before
+    (allocations, lazy set-up); batches come from the collator beforehand, as the data loader's workers make them;
+    ``check`` asserts on the device, as a GPU's would. The steps run with the config's deterministic kernels, as
+    ``pipeline.run`` would run them: under ``StrictModeAsOnAGpu`` an op without a deterministic CUDA kernel raises."""
     from unittest import mock
 
     from alignlm.models import mllm
     from alignlm.pipeline import make_accelerator
+    from alignlm.training.determinism import deterministic
     from alignlm.training.trainer import Trainer
 
-    trainer = Trainer(cfg, stage, make_accelerator(cfg))
-    trainer.setup()
-    batches = iter(trainer.loader())
-    trainer.step([next(batches)], 1)
-    ready = [next(batches) for _ in range(2)]
-    with mock.patch.object(mllm, "check", torch._assert_async), DeviceWaits() as waits:
-        logs = [trainer.step([b], step) for step, b in enumerate(ready, start=2)]
-    return waits, trainer.fetch(logs)  # the one wait, for both steps
+    with deterministic(bool(cfg.deterministic)):
+        trainer = Trainer(cfg, stage, make_accelerator(cfg))
+        trainer.setup()
+        batches = iter(trainer.loader())
+        trainer.step([next(batches)], 1)
+        ready = [next(batches) for _ in range(2)]
+        with mock.patch.object(mllm, "check", torch._assert_async), DeviceWaits() as waits:
+            logs = [trainer.step([b], step) for step, b in enumerate(ready, start=2)]
+        return waits, trainer.fetch(logs)  # the one wait, for both steps
 
 
 def write_colour_set(root: Path, n: int = 48) -> dict[str, Path]:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from alignlm.geometry import metrics as M
+from alignlm.training.determinism import deterministic
 
 PLATONIC = [M.mutual_knn, M.cycle_knn, M.lcs_knn, M.edit_distance_knn, M.cka, M.unbiased_cka, M.cknna, M.svcca]
 KNN = [M.mutual_knn, M.cycle_knn, M.lcs_knn, M.edit_distance_knn]
@@ -274,6 +275,17 @@ def test_prepare_features_matches_the_reference_clamp():
     A[0, 0] = 50.0  # an outlier that the clamp must cut
     got = M.prepare_features(A)
     assert got[0, 0].item() < 0.9
+    np.testing.assert_allclose(got.numpy(), naive_prepare(A), atol=1e-12)
+
+
+def test_prepare_features_runs_with_deterministic_kernels():
+    """The training monitor clamps features inside ``deterministic: true`` runs, where ``kthvalue`` (no deterministic
+    CUDA kernel) would stop a GPU run: the clamp's threshold comes from a sort. conftest raises as a GPU would."""
+    A, _ = related_pair()
+    with deterministic(True):
+        got = M.prepare_features(A)
+        with pytest.raises(RuntimeError, match="no deterministic CUDA kernel"):
+            A.abs().flatten().kthvalue(3)
     np.testing.assert_allclose(got.numpy(), naive_prepare(A), atol=1e-12)
 
 

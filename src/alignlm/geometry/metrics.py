@@ -73,14 +73,15 @@ def prepare_features(x: Tensor, q: float = 0.95) -> Tensor:
 
     The threshold is one scalar per feature set, the ``q`` quantile of all entries' magnitudes taken as the
     sorted value at index ``int(q * numel)`` (the reference's exact mode); every entry is clamped to
-    ``[-threshold, threshold]``. ``q = 1`` only normalises.
+    ``[-threshold, threshold]``. ``q = 1`` only normalises. The value comes from a sort, not ``kthvalue``: that
+    has no deterministic CUDA kernel, and the training monitor runs this inside ``deterministic: true`` runs.
     """
     if not 0.0 < q <= 1.0:
         raise ValueError(f"q must be in (0, 1], got {q}")
     x = _matrix(x, "features")
     index = int(q * x.numel())
     if index < x.numel():
-        threshold = x.abs().flatten().kthvalue(index + 1).values
+        threshold = x.abs().flatten().sort().values[index]
         x = x.clamp(min=-threshold, max=threshold)
     return _unit(x)
 
