@@ -21,6 +21,9 @@ torch.backends.cudnn.allow_tf32 = False
 # cuBLAS reads its workspace setting when the process first uses it: set here, before any test touches a GPU, what a
 # deterministic run (tiny_overrides) sets for its own process (training/determinism.py)
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+# and for the processes the tests launch (a killed run's rerun, two-rank runs), which the flag above does not reach:
+# NVIDIA's libraries read this variable, so their convolutions run in fp32 like this process's
+os.environ.setdefault("NVIDIA_TF32_OVERRIDE", "0")
 
 
 # ops whose result the host must wait for on a GPU: a scalar read, or an output whose size depends on the data
@@ -32,28 +35,53 @@ WAITING_OPS = {
     "aten._unique2.default",
     "aten.unique_consecutive.default",
     "aten.repeat_interleave.Tensor",
+    # a tensor made from Python data (``torch.tensor(...)``, ``torch.as_tensor(number)``): on a GPU a blocking
+    # host-to-device copy. ``x[i] = value`` shows the same op here, harmless on a GPU (the value stays a CPU scalar):
+    # fill with ``index_fill_`` or ``masked_fill`` instead, which name no tensor of the value
+    "aten.lift_fresh.default",
 }
 
 
 # ops with no deterministic CUDA kernel (PyTorch's list for torch.use_deterministic_algorithms): each would stop a
-# `deterministic: true` run on a GPU
+# `deterministic: true` run on a GPU. Forward ops always, or when the argument at the given position has the value:
 NO_DETERMINISTIC_CUDA_KERNEL = ("aten.kthvalue", "aten.median.dim", "aten.nanmedian.dim", "aten.histc", "aten.put")
-BACKWARDS_WITHOUT_ONE = ("pool", "upsample", "grid_sampler", "ctc_loss", "reflection_pad3d", "replication_pad3d")
+NO_DETERMINISTIC_CUDA_KERNEL += ("aten.max_unpool",)
+NO_DETERMINISTIC_WHEN = {
+    "aten.bincount": (1, lambda weights: weights is not None),
+    "aten.scatter_reduce": (4, lambda reduce: reduce == "prod"),
+    "aten.nll_loss2d_forward": (3, lambda reduction: reduction != 0),  # 0: reduction="none"
+    "aten._embedding_bag_backward": (8, lambda mode: mode == 2),  # 2: mode="max"
+    "aten._embedding_bag_dense_backward": (7, lambda mode: mode == 2),
+}
+# backward passes (of the inputs' gradients)
+BACKWARDS_WITHOUT_ONE = (
+    "avg_pool3d_backward",
+    "adaptive_avg_pool2d_backward",
+    "adaptive_avg_pool3d_backward",
+    "adaptive_max_pool2d_backward",
+    "fractional_max_pool",
+    "upsample_linear1d",
+    "upsample_bilinear2d",
+    "upsample_bicubic2d",
+    "upsample_trilinear3d",
+    "reflection_pad",
+    "ctc_loss_backward",
+    "grid_sampler",
+)
 
 
-def no_deterministic_cuda_kernel(name: str, args: tuple) -> bool:
-    """Whether the op ``name`` called with ``args`` is one PyTorch's strict deterministic mode refuses on CUDA."""
-    if name.startswith(("aten.cumsum", "aten.cumprod")):  # floating point only
-        return args[0].is_floating_point() or args[0].is_complex()
-    if name.startswith("aten.bincount"):  # with weights
-        return len(args) > 1 and args[1] is not None
-    if name.startswith("aten.scatter_reduce"):  # reduce="prod"
-        return "prod" in args
-    if name.startswith("aten._embedding_bag"):  # mode="max"
-        return len(args) > 4 and args[4] == 2
+def no_deterministic_cuda_kernel(name: str, args: tuple, kwargs: dict | None = None) -> bool:
+    """Whether the op ``name`` called with ``args`` and ``kwargs`` is one PyTorch's strict deterministic mode refuses
+    on CUDA."""
+    if name.startswith("aten.cumsum"):  # a floating point or complex result
+        dtype = (kwargs or {}).get("dtype") or args[0].dtype
+        return dtype.is_floating_point or dtype.is_complex
+    for prefix, (position, refused) in NO_DETERMINISTIC_WHEN.items():
+        if name.startswith(prefix + "."):
+            return len(args) > position and refused(args[position])
     if "_backward" in name:
         return any(k in name for k in BACKWARDS_WITHOUT_ONE)
-    return name.startswith(NO_DETERMINISTIC_CUDA_KERNEL) or "nll_loss2d" in name
+    return name.startswith(NO_DETERMINISTIC_CUDA_KERNEL)
 
 
 class StrictModeAsOnAGpu(TorchDispatchMode):
@@ -65,7 +93,7 @@ class StrictModeAsOnAGpu(TorchDispatchMode):
         strict = (
             torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
         )
-        if strict and no_deterministic_cuda_kernel(str(func), args):
+        if strict and no_deterministic_cuda_kernel(str(func), args, kwargs):
             raise RuntimeError(
                 f"{func} has no deterministic CUDA kernel: a `deterministic: true` run on a GPU stops here"
             )

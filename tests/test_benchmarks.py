@@ -35,6 +35,7 @@ def test_strategies_benchmark_stops_resumes_and_matches_plain_training(tmp_path)
     sharded = "zero2" if importlib.util.find_spec("deepspeed") else "fsdp2"
     script = Path(__file__).parents[1] / "benchmarks" / "strategies.py"
     args = ["--size", "tiny", "--vocab", "1000", "--steps", "4", "--batch", "2", "--precision", "no"]
+    args += ["--set", "deterministic=true"]  # a GPU's atomic additions would differ between the runs
     proc = subprocess.run(
         [sys.executable, str(script), *args, "--strategies", "ddp", sharded, "--out", str(tmp_path)],
         capture_output=True,

@@ -70,6 +70,13 @@ def test_a_changed_input_is_not_mistaken_for_a_finished_shard(tmp_path, tiny_cli
         embed_items(encoder, "texts", [("a", "red"), ("c", "green")], tmp_path, progress=False)
 
 
+def test_the_encoder_is_where_its_weights_are(tiny_clip):
+    """An encoder inside a model (``DualEncoderTower``) moves with it: inputs go where the weights are now."""
+    encoder = HFDualEncoder(str(tiny_clip))
+    assert encoder.device.type == "cpu"
+    assert encoder.to("meta").device.type == "meta"
+
+
 def test_unknown_model_type_is_refused(tmp_path):
     from transformers import BertConfig
 

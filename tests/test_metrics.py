@@ -284,8 +284,6 @@ def test_prepare_features_runs_with_deterministic_kernels():
     A, _ = related_pair()
     with deterministic(True):
         got = M.prepare_features(A)
-        with pytest.raises(RuntimeError, match="no deterministic CUDA kernel"):
-            A.abs().flatten().kthvalue(3)
     np.testing.assert_allclose(got.numpy(), naive_prepare(A), atol=1e-12)
 
 

@@ -151,8 +151,9 @@ def test_feature_cache_trains_exactly_like_live_features_and_is_reused(colour_se
     run(compose(*common, "run_name=live"))
     run(compose(*common, "run_name=cached", "stages.pretrain.data.feature_cache=true"))
     # equal on a CPU; on a GPU the tower runs in other batch sizes for the cache (other kernels, last bits)
+    rel = 1e-5 if torch.cuda.is_available() else 1e-6
     assert read_losses(tmp_path / "cached" / "pretrain") == pytest.approx(
-        read_losses(tmp_path / "live" / "pretrain"), rel=1e-6
+        read_losses(tmp_path / "live" / "pretrain"), rel=rel
     )
     shards = sorted((tmp_path / "feature_cache").rglob("*.safetensors"))
     assert len(shards) == 1

@@ -26,6 +26,7 @@ from alignlm.config import instantiate
 from alignlm.data import GENERATORS
 from alignlm.evaluation.evaluate import answer_accuracy
 from alignlm.models.build import build_model
+from alignlm.models.device import cpu_only
 from alignlm.models.io import load_final_weights
 from alignlm.training.determinism import deterministic
 from alignlm.training.logging import get_logger, summary_table
@@ -95,11 +96,6 @@ def resolve_strategy(cfg: DictConfig) -> None:
         os.environ.pop(var, None)
     if dist.strategy in ZERO_STAGES:
         check_zero_settings(dist.strategy, dist, str(cfg.mixed_precision))
-
-
-def cpu_only() -> bool:
-    """No GPU, or ``accelerate launch --cpu`` (``ACCELERATE_USE_CPU``): then every rank runs on the CPU."""
-    return not torch.cuda.is_available() or _on("ACCELERATE_USE_CPU")
 
 
 def make_accelerator(cfg: DictConfig) -> Accelerator:

@@ -23,6 +23,7 @@ from alignlm.evaluation.lmms import run_lmms_eval, write_local_task
 from alignlm.evaluation.paired import against_first, markdown_lines, same_step
 from alignlm.evaluation.plots import plot_accuracy_curves, plot_runs
 from alignlm.evaluation.report import evaluate_checkpoint, write_report
+from alignlm.models.device import default_device
 from alignlm.training.logging import get_logger
 
 
@@ -68,9 +69,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     log = get_logger("alignlm", 0)
     t0 = time.perf_counter()
     ecfg = eval_config(args)
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if ecfg["device"] == "auto" else ecfg["device"]
-    )
+    device = torch.device(default_device() if ecfg["device"] == "auto" else ecfg["device"])
     cks = checkpoints.resolve(args.checkpoints)
     log.info("evaluating %d checkpoints: %s", len(cks), ", ".join(c.label for c in cks))
     results, features = [], []

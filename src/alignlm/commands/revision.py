@@ -17,6 +17,7 @@ import torch
 
 from alignlm.methods.revision.embed import collect_images, collect_texts, embed_items
 from alignlm.methods.revision.realign import CHUNK_ROWS, THREADS, ReAlignStats, apply, fit
+from alignlm.models.device import default_device
 from alignlm.models.encoder_fit import fit_encoder
 from alignlm.models.encoders import load_encoder
 
@@ -31,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _cmd_embed(args: argparse.Namespace) -> int:
     if not (args.images or args.texts):
         raise SystemExit("alignlm embed: give --images and/or --texts")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device or default_device()
     encoder = load_encoder(args.encoder, device=device, name=args.encoder_name)
     summary = {"encoder": encoder.name, "device": str(device)}
     for modality, sources in (("images", args.images), ("texts", args.texts)):

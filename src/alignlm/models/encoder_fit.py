@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from alignlm.data.images import load_rgb
 from alignlm.data.records import image_paths, read_records, record_caption
 from alignlm.geometry.metrics import modality_gap
+from alignlm.models.device import default_device
 from alignlm.models.encoders import OfflineDualEncoder
 
 
@@ -157,7 +158,7 @@ def fit_encoder(
     """
     torch.manual_seed(seed)
     start = time.perf_counter()
-    model = OfflineDualEncoder(dim, image_size, name, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = OfflineDualEncoder(dim, image_size, name, device=device or default_device())
     images, texts = _pairs(train, limit)
     train_feats = _features(model, images, texts)
     pairs = {str(p): _pairs([p]) for p in held_out}

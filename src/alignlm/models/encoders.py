@@ -90,7 +90,16 @@ def _features(out: object) -> Tensor:
     return out if isinstance(out, Tensor) else out.pooler_output  # type: ignore[attr-defined]
 
 
-class HFDualEncoder(nn.Module):
+class _Weights(nn.Module):
+    """An encoder whose ``device`` is where its weights are now: they move with a model that holds the encoder
+    (``DualEncoderTower``), so a device fixed at construction would go stale."""
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+
+class HFDualEncoder(_Weights):
     """A CLIPModel / SiglipModel by name or local path, with its tokenizer and (when it ships one) image processor."""
 
     def __init__(
@@ -110,11 +119,8 @@ class HFDualEncoder(nn.Module):
             )
         self.family = FAMILIES[config.model_type]
         self.name = name or str(name_or_path)
-        self.device = torch.device(device)
         self.model = (
-            AutoModel.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
-            .to(self.device)
-            .eval()
+            AutoModel.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code).to(device).eval()
         )
         self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         self.max_length = config.text_config.max_position_embeddings
@@ -185,7 +191,7 @@ def load_minilm() -> tuple[nn.Module, Any]:
     return AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
 
 
-class OfflineDualEncoder(nn.Module):
+class OfflineDualEncoder(_Weights):
     """Frozen EfficientNet-Lite0 + frozen MiniLM, each followed by a trained linear head into ``dim``."""
 
     def __init__(
@@ -204,8 +210,7 @@ class OfflineDualEncoder(nn.Module):
         self.image_head = nn.Linear(self.image_tower.hidden_size, dim)
         self.text_head = nn.Linear(self.text_model.config.hidden_size, dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature
-        self.device = torch.device(device)
-        self.to(self.device)
+        self.to(device)
 
     @property
     def image_spec(self) -> ImageSpec:

@@ -204,7 +204,10 @@ class AlignLM(nn.Module):
         """Each extra part's embedding at its one slot per sample (the data pipeline puts the slots after BOS)."""
         input_ids = batch["input_ids"]
         index = self.index(batch)
-        is_slot = torch.isin(input_ids, torch.tensor(self.slot_token_ids, device=input_ids.device))
+        # compared id by id: a tensor of the ids made here would be a blocking host-to-device copy on a GPU
+        is_slot = torch.zeros_like(input_ids, dtype=torch.bool)
+        for token_id in self.slot_token_ids:
+            is_slot |= input_ids == token_id
         sample_ids, n = index["sample_ids"], int(index["num_samples"])
         for name, token_id in self.extras.items():
             here = input_ids == token_id

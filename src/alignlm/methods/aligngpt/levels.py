@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from alignlm.data.images import load_rgb
 from alignlm.data.records import DataError, image_paths, read_records, record_caption
+from alignlm.models.device import default_device
 from alignlm.models.encoder_fit import fit_encoder
 from alignlm.models.encoders import MANIFEST, DualEncoder, load_encoder
 
@@ -127,7 +128,7 @@ def make_levels(
     if not data:
         raise ValueError("AlignGPT levels need at least one LLaVA data file whose image-caption pairs to score")
     if isinstance(encoder, str):
-        encoder = load_encoder(encoder, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        encoder = load_encoder(encoder, device=device or default_device())
     pairs, skipped = caption_pairs(data, image_root)
     scores, ok = pair_scores(encoder, [p[1] for p in pairs], [p[2] for p in pairs], batch_size)
     if (~ok).any():

@@ -16,10 +16,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from alignlm.methods.revision.embed import collect_images, collect_texts, embed_items
 from alignlm.methods.revision.realign import ReAlignStats, fit
+from alignlm.models.device import default_device
 from alignlm.models.encoder_fit import fit_encoder
 from alignlm.models.encoders import MANIFEST, load_encoder
 
@@ -50,7 +49,7 @@ def ensure_embeddings(
     for key, value in (("images", images), ("texts", texts)):
         if not value:
             raise ValueError(f"revision.{key} is empty; list the LLaVA JSON files (or folders) to embed")
-    model = load_encoder(str(encoder), device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_encoder(str(encoder), device=device or default_device())
     knobs = {"shard_size": int(shard_size), "batch_size": int(batch_size)}
     embed_items(model, "images", [item for source in images for item in collect_images(source)], embeddings, **knobs)
     embed_items(model, "texts", [item for source in texts for item in collect_texts(source)], embeddings, **knobs)

@@ -57,8 +57,9 @@ def sea_logits(visual: torch.Tensor, labels: torch.Tensor, word_emb: torch.Tenso
     is ``[T, W]`` logits over the whole word list (W in the tens for annotations, thousands for a dual encoder's).
     Float32 even under autocast: at ``tau`` 0.07 the logits span +-14, where bf16 keeps two decimals.
     """
+    # the last entry catches the ignored tokens; a fill by index (``drawn[i] = True`` would make a tensor of the value)
     drawn = torch.zeros(word_emb.shape[0] + 1, dtype=torch.bool, device=labels.device)
-    drawn[torch.where(labels >= 0, labels, word_emb.shape[0])] = True  # the last entry catches the ignored tokens
+    drawn.index_fill_(0, torch.where(labels >= 0, labels, word_emb.shape[0]), True)
     with torch.autocast(visual.device.type, enabled=False):
         logits = F.normalize(visual.float(), dim=-1) @ F.normalize(word_emb.float(), dim=-1).T / tau
     return logits.masked_fill(~drawn[:-1], torch.finfo(logits.dtype).min)

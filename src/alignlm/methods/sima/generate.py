@@ -28,6 +28,7 @@ import torch
 
 from alignlm.constants import IMAGE_TOKEN
 from alignlm.data.records import read_records
+from alignlm.models.device import default_device
 from alignlm.models.generation import generate_set, prompt_batches
 from alignlm.models.io import load_model
 
@@ -139,9 +140,7 @@ def prepare_preferences(
     if not todo:
         return
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = load_model(checkpoint)
-    if torch.cuda.is_available():
-        model = model.cuda()
+    model = load_model(checkpoint).to(default_device())
     for s in todo:
         image_root = str(Path(s["path"]).parent)
         prompts = single_turn_prompts(s["path"], limit)
