@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +106,16 @@ class StrictModeAsOnAGpu(TorchDispatchMode):
 def strict_mode_as_on_a_gpu():
     """Every test, session fixtures included (autouse fixtures come first in their scope), under ``StrictModeAsOnAGpu``."""
     with StrictModeAsOnAGpu():
+        yield
+
+
+@contextlib.contextmanager
+def without_dispatch_modes() -> Iterator[None]:
+    """No Python dispatch mode inside (``StrictModeAsOnAGpu`` off): ``torch.compile`` runs its frames eagerly under
+    one, silently, so a test of compiled code needs this."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with _disable_current_modes():
         yield
 
 

@@ -194,12 +194,28 @@ def test_checkpointing_per_part_changes_no_number(colour_set, tmp_path):
         run(compose(*common, "run_name=bad", "stages.pretrain.gradient_checkpointing=[connector]"))
 
 
-def test_compile_wraps_every_llm_layer(tiny_model):
+def test_compiled_llm_layers_train_like_eager_ones(tiny_model, colour_set, tmp_path):
+    """``stage.compile``: every decoder layer goes through ``torch.compile`` (inductor, dynamic shapes), and packed
+    finetuning rows of varying length train to the eager run's losses, with deterministic kernels on."""
+    from torch._dynamo.utils import counters
+
+    from alignlm.pipeline import run
     from alignlm.training.trainer import compile_llm_layers
+    from tests.conftest import compose, read_losses, tiny_overrides, without_dispatch_modes
 
     model = tiny_model()
     compile_llm_layers(model)
     assert all(layer._compiled_call_impl is not None for layer in model.llm.get_decoder().layers)
+    common = [*tiny_overrides(colour_set, tmp_path), "run=[finetune]", "stages.finetune.init_from=null"]
+    common += ["eval.sets=[]", "stages.finetune.max_steps=3", "stages.finetune.data.packing=true"]
+    run(compose(*common, "run_name=eager"))
+    counters.clear()
+    with without_dispatch_modes():
+        run(compose(*common, "run_name=compiled", "stages.finetune.compile=true"))
+    assert counters["stats"]["unique_graphs"] > 0 and not counters["graph_break"]  # compiled, whole layers
+    assert read_losses(tmp_path / "compiled" / "finetune") == pytest.approx(
+        read_losses(tmp_path / "eager" / "finetune"), rel=1e-5
+    )
 
 
 def test_packing_auto_packs_only_where_attention_isolates_samples_for_free(colour_set, tmp_path):
