@@ -23,7 +23,7 @@ from alignlm.methods.aligngpt.part import ALIGN_TOKEN
 from alignlm.models.tokenizer import build_tiny_tokenizer
 from alignlm.objectives.base import check_batch
 from alignlm.training.stages import apply_stage
-from tests.conftest import COLOURS, compose, make_batch, tiny_overrides
+from tests.conftest import COLOURS, compose, make_batch, tiny_overrides, waits_in_training_steps
 from tests.test_sea import tiny_clip
 
 WITH_LEVELS = "+model/align_levels=aligngpt"
@@ -266,7 +266,7 @@ def test_exp_aligngpt_trains_levels_then_gate_generates_and_reloads(colour_set, 
     from alignlm.pipeline import run
 
     levels_file = tmp_path / "levels.json"
-    cfg = compose(
+    args = [
         "+exp=aligngpt",
         "model=tiny",
         "offline_datasets=[]",
@@ -279,9 +279,14 @@ def test_exp_aligngpt_trains_levels_then_gate_generates_and_reloads(colour_set, 
         "stages.pretrain.prepare.aligngpt_levels.fit=null",
         f"eval.sets=[{{name:colours,path:{colour_set['test']}}}]",
         "eval.limit=4",
-    )
+    ]
+    cfg = compose(*args)
     summary = run(cfg)
     assert LevelLabels(levels_file).counts == [6] * 8  # written by the pipeline's prepare step
+    # level-embedding pretraining in whole steps, CUDA's fused AdamW: nothing waits for a GPU
+    fused = compose(*args, "run_name=waits", "stages.pretrain.fused_optimizer=true")
+    ops, _ = waits_in_training_steps(fused, "pretrain")
+    assert ops.seen == []
     assert summary["eval"]["colours"]["n"] == 4  # prompts get the slot and the gate's mixture: generation works
     init = build_model(cfg.model).align_levels
     pre, fine = (load_model(tmp_path / "t" / s / "final") for s in ("pretrain", "finetune"))

@@ -22,7 +22,7 @@ from alignlm.methods.revision.realign import ReAlignStats, fit
 from alignlm.methods.revision.shards import shard_metadata, write_shard
 from alignlm.methods.revision.tower import DualEncoderTower
 from alignlm.pipeline import run_prepare_steps
-from tests.conftest import compose
+from tests.conftest import compose, waits_in_training_steps
 
 ZERO_SHOT = runpy.run_path(str(Path(__file__).parents[1] / "experiments" / "revision" / "zero_shot.py"))
 
@@ -170,7 +170,7 @@ def test_revision_chain_embeds_realigns_pretrains_on_captions_then_finetunes(tin
     captions = tmp_path / "captions.json"
     captions.write_text(json.dumps([{k: v for k, v in r.items() if k != "image"} for r in records]))
     emb = tmp_path / "emb"
-    cfg = compose(
+    args = [
         "+exp=revision",
         "model/llm=tiny",
         f"output_dir={tmp_path}",
@@ -192,7 +192,8 @@ def test_revision_chain_embeds_realigns_pretrains_on_captions_then_finetunes(tin
         f"stages.finetune.data.sources=[{{path:{colour_set['instruct']}}}]",
         f"eval.sets=[{{name:colours,path:{colour_set['test']}}}]",
         "eval.limit=4",
-    )
+    ]
+    cfg = compose(*args)
     summary = run(cfg)
     assert [summary["stages"][s]["steps"] for s in ("pretrain", "finetune")] == [4, 3]
     assert summary["stages"]["pretrain"]["skipped"] == 0 and summary["eval"]["colours"]["n"] == 4
@@ -204,6 +205,13 @@ def test_revision_chain_embeds_realigns_pretrains_on_captions_then_finetunes(tin
     stamps = {p: p.stat().st_mtime_ns for p in [emb / "realign.safetensors", *emb.rglob("shard_*")]}
     assert run(cfg)["stages"] == summary["stages"]
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+    for stage in ("pretrain", "finetune"):  # caption embeddings for images, then the dual-encoder tower: no waits
+        fused = compose(
+            *args, "run_name=waits", f"stages.{stage}.fused_optimizer=true", f"stages.{stage}.init_from=null"
+        )
+        ops, rows = waits_in_training_steps(fused, stage)
+        assert ops.seen == [] and len(rows) == 2
 
 
 def test_a_prepare_step_with_an_unknown_knob_is_refused_naming_it():

@@ -16,7 +16,7 @@ from alignlm.data.collate import Collator
 from alignlm.data.records import DataError
 from alignlm.methods.sea.labels import SeaLabels
 from alignlm.methods.sea.objective import SEAObjective, sample_labels, sea_logits, sea_loss
-from tests.conftest import DeviceWaits, compose, make_batch
+from tests.conftest import DeviceWaits, compose, make_batch, waits_in_training_steps
 
 
 @pytest.fixture(scope="session")
@@ -314,7 +314,7 @@ def test_exp_sea_writes_its_labels_and_trains(shapes_root, tmp_path):
     for item in (shapes_root / "shapes").iterdir():  # the tiny set without its labels file
         if item.name != "sea_labels.safetensors":
             (root / "shapes" / item.name).symlink_to(item)
-    cfg = compose(
+    args = [
         "+exp=sea",
         "model=tiny",
         f"data_root={root}",
@@ -326,14 +326,18 @@ def test_exp_sea_writes_its_labels_and_trains(shapes_root, tmp_path):
         "stages.pretrain.max_steps=3",
         "stages.pretrain.per_device_batch_size=4",
         "stages.pretrain.data.sources=[{path:${data_root}/shapes/pretrain.json}]",
-    )
-    run(cfg)
+    ]
+    run(compose(*args))
     assert SeaLabels(root / "shapes" / "sea_labels.safetensors").grid == (4, 4)
     rows = [json.loads(r) for r in (tmp_path / "out" / "sea_t" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all("loss/sea" in r and "sea/acc" in r for r in rows)
     # a batch whose sampled labels are all one word (background) has one class and a zero loss
     assert all(r["loss/sea"] >= 0 for r in rows) and rows[0]["loss/sea"] > 0
     assert len(read_losses(tmp_path / "out" / "sea_t" / "pretrain")) == 3
+    # whole steps (the labels hook's batches, the objective, CUDA's fused AdamW): nothing waits for a GPU
+    fused = compose(*args, "run_name=waits", "stages.pretrain.fused_optimizer=true")
+    ops, logged = waits_in_training_steps(fused, "pretrain")
+    assert ops.seen == [] and all("loss/sea" in r[1] for r in logged)
     # the measurement command reads the checkpoint back and reports token-word accuracy beside a reference level
     final, report = tmp_path / "out" / "sea_t" / "pretrain" / "final", tmp_path / "report.json"
     assert (
