@@ -1,42 +1,69 @@
 #!/usr/bin/env bash
-# The GPU checks of one session on a CUDA machine, each part time-boxed, every result written to $OUT as it comes:
-# the machine, then the parts named in PARTS (default all three, in this order):
-#   bench       throughput points of benchmarks/train_throughput.py (alignlm against transformers' Llava); a point
-#               that runs out of memory is run once more at half its batch (NAME_b<half>.json)
-#   strategies  benchmarks/strategies.py: the 1.1B-shaped finetune, 50 steps, under ddp, then zero2, zero3, fsdp2
-#               each stopped at step 25 and resumed; losses against ddp's, peak memory per process
+# The GPU checks of one session on a CUDA machine, every result written to $OUT as it comes, all within one deadline:
+# the machine and a pre-flight (what is missing to import), then the parts named in PARTS (default all three, in order):
+#   bench       throughput points of benchmarks/train_throughput.py (alignlm against transformers' Llava), the issue's
+#               three targets first; batches follow the card's memory (under 100 GiB: 1.1B finetune at 8, 7B stage 1
+#               at 16), and a point that runs out of memory is run once more at half its batch (NAME_b<half>.json)
+#   strategies  benchmarks/strategies.py: the 1.1B-shaped finetune under ddp, then zero2, zero3, fsdp2 each stopped
+#               halfway and resumed; losses against ddp's, peak memory per process (checkpoints stay in a temporary
+#               folder, never under $OUT)
 #   suite       the whole test suite
-# Run from the repository root with alignlm importable (installed, or PYTHONPATH=src plus its deps):
+# DEADLINE (seconds from the start, default 540) bounds the whole script: each part's timeout is cut to the time
+# left, and a part with under 40 s left is skipped (logged). Run from the repository root with alignlm importable:
 #   OUT=gpu_out bash benchmarks/gpu_check.sh
-#   PARTS="strategies suite" OUT=gpu_out bash benchmarks/gpu_check.sh
+#   PARTS="strategies suite" OUT=gpu_out DEADLINE=560 bash benchmarks/gpu_check.sh
 # The suite's DeepSpeed GPU checks (tests/test_gpu.py, zero2/zero3 vs DDP) skip unless deepspeed is importable: on a
-# machine without it, carry its pure-Python package with the others on PYTHONPATH.
+# machine without it, carry its pure-Python package (and einops, msgpack) with the others on PYTHONPATH.
 set -u
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-log() { echo "[$(date +%T)] $*" | tee -a "$OUT/log.txt"; }
+START=$SECONDS
+DEADLINE=${DEADLINE:-540}
+log() { echo "[$(date +%T) +$((SECONDS - START))s] $*" | tee -a "$OUT/log.txt"; }
+left() { echo $((DEADLINE - (SECONDS - START))); }
+budget() {  # the timeout of a part: its own (default $2), cut to the time left less a margin; 0: skip it
+  local want=$1 rest
+  rest=$(($(left) - 15))
+  if ((rest < 40)); then echo 0; elif ((want < rest)); then echo "$want"; else echo "$rest"; fi
+}
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch, transformers, accelerate, peft; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'peft', peft.__version__)"
 } > "$OUT/machine.txt" 2>&1
 log "machine: $(tr '\n' ' ' < "$OUT/machine.txt")"
+timeout -k 5 60 python3 - > "$OUT/preflight.txt" 2>&1 <<'PY'
+import importlib, importlib.util
+need = ["hydra", "omegaconf", "PIL", "matplotlib", "numpy", "safetensors", "deepspeed", "einops", "msgpack"]
+print("missing:", [m for m in need if importlib.util.find_spec(m) is None])
+for module in ("alignlm.commands", "alignlm.pipeline", "deepspeed"):
+    try:
+        importlib.import_module(module)
+        print("import", module, "ok")
+    except Exception as e:  # noqa: BLE001 - what fails to import is the finding
+        print("import", module, "FAILED:", type(e).__name__, e)
+PY
+log "pre-flight: $(tr '\n' ' ' < "$OUT/preflight.txt")"
+MEM_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -n 1 | tr -dc 0-9)
+if ((${MEM_MIB:-0} >= 100000)); then FT_BATCH=16 PT7_BATCH=32; else FT_BATCH=8 PT7_BATCH=16; fi
 
 run_bench() {  # NAME BATCH, then train_throughput.py flags
-  local name=$1 batch=$2
+  local name=$1 batch=$2 limit
   shift 2
-  log "bench $name: --batch $batch $*"
-  timeout "${BENCH_TIMEOUT:-240}" python3 benchmarks/train_throughput.py --json "$OUT/$name.json" --batch "$batch" "$@" \
+  limit=$(budget "${BENCH_TIMEOUT:-240}")
+  if ((limit == 0)); then log "bench $name: skipped, $(left) s left" && return; fi
+  log "bench $name: --batch $batch $* (timeout $limit s)"
+  timeout -k 10 "$limit" python3 benchmarks/train_throughput.py --json "$OUT/$name.json" --batch "$batch" "$@" \
     > "$OUT/bench_$name.txt" 2>&1
   log "  rc=$? $(grep -E '^\| [0-9.]+b' "$OUT/bench_$name.txt" | tr '\n' ' ')"
 }
 
-bench() {  # as run_bench; out of memory at BATCH (an H100 has 78 GiB, an H200 139), once more at half of it
+bench() {  # as run_bench; out of memory at BATCH (either side), once more at half of it
   local name=$1 batch=$2
   shift 2
   run_bench "$name" "$batch" "$@"
-  if grep -q OutOfMemoryError "$OUT/bench_$name.txt"; then
+  if grep -q OutOfMemoryError "$OUT/bench_$name.txt" 2>/dev/null; then
     run_bench "${name}_b$((batch / 2))" $((batch / 2)) "$@"
   fi
 }
@@ -44,25 +71,35 @@ bench() {  # as run_bench; out of memory at BATCH (an H100 has 78 GiB, an H200 1
 has() { [[ " ${PARTS:-bench strategies suite} " == *" $1 "* ]]; }
 
 if has bench; then
-  bench ft_1.1b_32k 16 --size 1.1b --stage finetune --vocab 32000 --steps 10 --warmup 3
-  # packing=auto pads under SDPA (no flash-attn on the machine): the same point packed says whether SDPA should pack
-  bench ft_1.1b_32k_packed 16 --size 1.1b --stage finetune --vocab 32000 --steps 10 --warmup 3 --no-peer --packing true
-  bench pt_7b_32k 32 --size 7b --stage pretrain --vocab 32000 --steps 6 --warmup 3 --no-peer
+  bench ft_1.1b_32k "$FT_BATCH" --size 1.1b --stage finetune --vocab 32000 --steps 10 --warmup 3
+  bench pt_7b_32k "$PT7_BATCH" --size 7b --stage pretrain --vocab 32000 --steps 6 --warmup 3 --no-peer
   bench pt_1.1b_cached 32 --size 1.1b --stage pretrain --vocab 32000 --steps 10 --warmup 3 --cached-features
+  # packing=auto pads under SDPA (no flash-attn on the machine): the same point packed says whether SDPA should pack
+  bench ft_1.1b_32k_packed "$FT_BATCH" --size 1.1b --stage finetune --vocab 32000 --steps 10 --warmup 3 --no-peer \
+    --packing true
 fi
 
 if has strategies; then
-  log "strategies: 1.1b finetune, 50 steps, ddp / zero2 / zero3 / fsdp2 (stop at 25, resume)"
-  timeout "${STRATEGIES_TIMEOUT:-420}" python3 benchmarks/strategies.py --size 1.1b --vocab 32000 --batch 8 \
-    --steps 50 --timeout 150 --out "$OUT/strategies" > "$OUT/strategies.txt" 2>&1
-  log "  rc=$? $(tail -n 6 "$OUT/strategies.txt" | tr '\n' ' ')"
-  rm -rf "$OUT/strategies/data"
+  limit=$(budget "${STRATEGIES_TIMEOUT:-420}")
+  if ((limit == 0)); then
+    log "strategies: skipped, $(left) s left"
+  else
+    log "strategies: 1.1b finetune, ${STRATEGY_STEPS:-50} steps, ddp / zero2 / zero3 / fsdp2 (stop halfway, resume; timeout $limit s)"
+    timeout -k 15 "$limit" python3 benchmarks/strategies.py --size 1.1b --vocab 32000 --batch 8 \
+      --steps "${STRATEGY_STEPS:-50}" --timeout 150 --out "$OUT/strategies" > "$OUT/strategies.txt" 2>&1
+    log "  rc=$? $(tail -n 6 "$OUT/strategies.txt" | tr '\n' ' ')"
+  fi
 fi
 
 if has suite; then
-  log "pytest, the whole suite"
-  timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -n 16 -p no:cacheprovider > "$OUT/pytest.txt" 2>&1
-  log "  rc=$? $(tail -n 1 "$OUT/pytest.txt")"
+  limit=$(budget "${TEST_TIMEOUT:-240}")
+  if ((limit == 0)); then
+    log "suite: skipped, $(left) s left"
+  else
+    log "pytest, the whole suite (timeout $limit s)"
+    timeout -k 10 "$limit" python3 -m pytest -q -n 16 -p no:cacheprovider > "$OUT/pytest.txt" 2>&1
+    log "  rc=$? $(tail -n 1 "$OUT/pytest.txt")"
+  fi
 fi
 
 log done

@@ -25,6 +25,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -92,20 +93,22 @@ def peak_gib(rows: list[dict[str, Any]], first: int, last: int) -> float | None:
     return max(peaks) if peaks else None
 
 
-def run_strategy(strategy: str, common: dict[str, Any], out: Path, timeout: float, keep: bool) -> dict[str, Any]:
+def run_strategy(
+    strategy: str, common: dict[str, Any], work: Path, logs: Path, timeout: float, keep: bool
+) -> dict[str, Any]:
     """The reference runs straight through; a sharded strategy stops halfway and is resumed by the same command."""
-    run_dir = out / strategy
+    run_dir = work / strategy
     try:
-        return _run_strategy(
-            strategy, overrides(strategy=strategy, out=out, **common), run_dir, common["steps"], timeout
-        )
+        args = overrides(strategy=strategy, out=work, **common)
+        return _run_strategy(strategy, args, run_dir, logs, common["steps"], timeout)
     finally:
         if not keep:  # a 1.1B run's checkpoints with optimizer state are tens of GiB; the figures are in the result
             shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def _run_strategy(strategy: str, args: list[str], run_dir: Path, steps: int, timeout: float) -> dict[str, Any]:
-    logs = run_dir.parent / "logs"
+def _run_strategy(
+    strategy: str, args: list[str], run_dir: Path, logs: Path, steps: int, timeout: float
+) -> dict[str, Any]:
     half = max(1, steps // 2) if strategy != "ddp" else 0
     procs = []
     if half:
@@ -184,11 +187,20 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a Hydra override for every run")
     ap.add_argument("--strategies", nargs="+", default=["ddp", *SHARDED], choices=["ddp", *SHARDED])
     ap.add_argument("--out", type=Path, default=Path("strategies_out"))
+    ap.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="the runs' folders and data (checkpoints: tens of GiB at 1.1B; default: a new folder in the system's "
+        "temporary directory); --out gets only the logs and the results",
+    )
     ap.add_argument("--keep-runs", action="store_true", help="keep each run's folder (checkpoints, final/, metrics)")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per process")
     args = ap.parse_args()
-    (args.out / "logs").mkdir(parents=True, exist_ok=True)
-    data = args.out / "data"
+    logs = args.out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    work = args.work or Path(tempfile.mkdtemp(prefix="alignlm_strategies_"))
+    data = work / "data"
     if not (data / "shapes" / "info.json").exists():
         generate(data / "shapes", seed=0, n_train=max(64, args.batch * args.steps // 2), n_test=8)
     common = {
@@ -202,11 +214,13 @@ def main() -> None:
     }
     results = []
     for strategy in args.strategies:
-        results.append(run_strategy(strategy, common, args.out, args.timeout, args.keep_runs))
+        results.append(run_strategy(strategy, common, work, logs, args.timeout, args.keep_runs))
         compare(results, args.steps)
         (args.out / "strategies.json").write_text(json.dumps(results, indent=2, default=str))
         print(table(results, args.steps), flush=True)
     (args.out / "strategies.md").write_text(table(results, args.steps) + "\n")
+    if args.work is None and not args.keep_runs:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

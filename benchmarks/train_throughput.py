@@ -32,6 +32,7 @@ import gc
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -294,8 +295,10 @@ def run(
     peer: bool,
     seed: int = 0,
     packing: str = "auto",
+    save: Callable[[dict[str, Any]], None] = lambda result: None,
 ) -> dict[str, Any]:
-    """One benchmark point: both sides (or alignlm alone), and their ratio."""
+    """One benchmark point: both sides (or alignlm alone), and their ratio. ``save`` gets the result as soon as
+    alignlm's side is measured and again at the end: a peer that fails or is killed loses nothing of alignlm's."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = config(size, stage, vocab, batch, warmup + steps, device, packing)
     acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=device == "cpu")
@@ -317,6 +320,9 @@ def run(
         "flops_per_token": model_flops_per_token(model),
     }
     result["alignlm"] = bench_alignlm(stage, chunks, warmup, trainer, model)
+    if stage == "pretrain":  # LLaVA-1.5 stage 1: 558k captions, one epoch
+        result["projected_hours_558k"] = 558_000 / result["alignlm"]["samples_per_s"] / 3600
+    save(result)
     if peer:  # free alignlm's side first: the peer's peak memory is its own
         acc.free_memory()
         del trainer
@@ -327,10 +333,13 @@ def run(
         for s in samples:  # the peer always reads images: it has no feature cache
             if s.get("pixel_values") is None:
                 s["pixel_values"] = torch.randn(1, 3, model.image_spec.size, model.image_spec.size)
-        result["peer"] = bench_peer(model, stage, chunks, warmup, acc.device)
-        result["ratio_tokens_per_s"] = result["alignlm"]["tokens_per_s"] / result["peer"]["tokens_per_s"]
-    if stage == "pretrain":  # LLaVA-1.5 stage 1: 558k captions, one epoch
-        result["projected_hours_558k"] = 558_000 / result["alignlm"]["samples_per_s"] / 3600
+        try:
+            result["peer"] = bench_peer(model, stage, chunks, warmup, acc.device)
+            result["ratio_tokens_per_s"] = result["alignlm"]["tokens_per_s"] / result["peer"]["tokens_per_s"]
+        except torch.OutOfMemoryError:  # alignlm fitted this batch; the peer did not
+            result["peer_error"] = f"OutOfMemoryError at batch {batch}"
+            print(f"peer: {result['peer_error']}", flush=True)
+        save(result)
     return result
 
 
@@ -353,6 +362,8 @@ def table(results: list[dict[str, Any]]) -> str:
                 f"| {r['size']} | {stage} | {r['vocab']} | {r['batch']} | {s['side']} | {s['tokens_per_s']:,.0f} | "
                 f"{s['samples_per_s']:.2f} | {s['tflops']:.1f} | {mfu} | {mem} | {ratio} |"
             )
+        if "peer_error" in r:
+            lines.append(f"| {r['size']} | {r['stage']} | {r['vocab']} | {r['batch']} | peer | {r['peer_error']} |||||")
     return "\n".join(lines)
 
 
@@ -369,6 +380,11 @@ def main() -> None:
     ap.add_argument("--packing", choices=("auto", "true", "false"), default="auto", help="alignlm's stage.data.packing")
     ap.add_argument("--json", default=None, help="also write the result to this file")
     args = ap.parse_args()
+
+    def save(result: dict[str, Any]) -> None:
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2))
+
     result = run(
         args.size,
         args.stage,
@@ -379,11 +395,10 @@ def main() -> None:
         args.cached_features,
         not args.no_peer,
         packing=args.packing,
+        save=save,
     )
     print(table([result]))
     print(json.dumps(result, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

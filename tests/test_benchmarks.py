@@ -24,6 +24,22 @@ def test_tiny_throughput_benchmark_prints_both_sides_and_the_ratio(stage, cached
         assert result["projected_hours_558k"] > 0
 
 
+def test_alignlm_figures_are_saved_before_the_peer_runs_and_kept_when_it_runs_out_of_memory(monkeypatch):
+    """On a GPU the peer may not fit a batch alignlm fits: alignlm's figures are saved first and kept, the peer's
+    failure is recorded (benchmarks/gpu_check.sh then retries the point at half the batch)."""
+    import torch
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setitem(BENCH["run"].__globals__, "bench_peer", out_of_memory)  # run_path returned a copy
+    saved = []
+    result = BENCH["run"]("tiny", "finetune", 1000, 2, 1, 1, False, True, save=lambda r: saved.append(dict(r)))
+    assert "peer" not in saved[0] and saved[0]["alignlm"]["tokens_per_s"] > 0
+    assert result["peer_error"] == "OutOfMemoryError at batch 2" and saved[-1] == result
+    assert "OutOfMemoryError at batch 2" in BENCH["table"]([result])
+
+
 def test_strategies_benchmark_stops_resumes_and_matches_plain_training(tmp_path):
     """benchmarks/strategies.py, tiny and fp32: DeepSpeed ZeRO-2 (FSDP2 without DeepSpeed) in fresh one-rank processes
     (no launcher), stopped halfway and resumed by the same command, ends with plain training's losses."""

@@ -669,7 +669,7 @@ class Trainer:
             self.check_divergence(last)
 
         monitored: dict[int, dict[str, float]] = {}
-        why = "stop_after_steps"
+        why, saved_at = "stop_after_steps", 0
         with self.stop_signal_handler(), self.failure_names_rank_and_step() as at:
             for step in range(self.start_step + 1, stop_at + 1):
                 at.step = step
@@ -688,11 +688,13 @@ class Trainer:
                     break
                 if due_checkpoint:
                     self.save_checkpoint(step)
+                    saved_at = step
         bar.close()
         metrics.close()
         self.report = self.merged_report()
         if stop_at < self.total_steps:
-            self.save_checkpoint(stop_at, merge=False)
+            if saved_at != stop_at:  # not twice: a checkpoint of a 7B run with its optimizer state is ~100 GB
+                self.save_checkpoint(stop_at, merge=False)
             if self.stop_agreed and self.dist.get("stop_file") and acc.is_main_process:  # served: a rerun goes on
                 Path(self.dist["stop_file"]).unlink(missing_ok=True)
             raise StopTraining(f"stopped after step {stop_at} of {self.total_steps} ({why}); rerun to resume")
