@@ -215,7 +215,9 @@ def bench_alignlm(
     if acc.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(acc.device)
     seconds, timed = time_steps(run_step, batches, warmup, acc.device)
-    result = summarise("alignlm", seconds, [chunks[i] for i in timed], acc.device, model_flops_per_token(model))
+    cached = chunks[0][0].get("pixel_values") is None  # the features of --cached-features: the tower never runs
+    flops = model_flops_per_token(model, tower_runs=not cached)
+    result = summarise("alignlm", seconds, [chunks[i] for i in timed], acc.device, flops)
     result["packed"] = collate.pack_length is not None
     return result
 

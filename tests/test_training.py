@@ -212,6 +212,21 @@ def test_deterministic_kernels_hold_for_the_run_only_and_change_no_number_on_the
     assert len(losses["true"]) == 6
 
 
+def test_model_flops_count_the_tower_only_when_it_runs(tiny_model):
+    """LLaVA's stage 1: 4 N for the frozen LLM (forward, and the activation gradients back to the connector), 4 N for
+    the connector (forward, weight gradients), 2 N for the frozen tower, nothing for a tower whose features come
+    from the cache."""
+    from alignlm.training.throughput import model_flops_per_token
+
+    model = tiny_model()
+    model.requires_grad_(False)
+    model.connector.requires_grad_(True)  # LLaVA's stage 1
+    n = {part: sum(p.numel() for p in getattr(model, part).parameters()) for part in ("vision", "connector", "llm")}
+    other = sum(p.numel() for p in model.parameters()) - sum(n.values())
+    assert model_flops_per_token(model) == 2 * n["vision"] + 4 * n["connector"] + 4 * n["llm"] + 2 * other
+    assert model_flops_per_token(model, tower_runs=False) == 4 * n["connector"] + 4 * n["llm"] + 2 * other
+
+
 def _unpool():
     return F.max_unpool2d(*F.max_pool2d(torch.randn(1, 1, 4, 4), 2, return_indices=True), 2)
 
