@@ -19,6 +19,7 @@ Nothing is loaded with pickle: DeepSpeed's own ``load_checkpoint`` would unpickl
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib.util
 import json
@@ -160,6 +161,9 @@ def initialize(
     if not torch.distributed.is_initialized():
         backend = "nccl" if next(model.parameters()).is_cuda else "gloo"
         torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
+        # kept for later runs in this process (DeepSpeed caches it); ended before the interpreter's teardown, where a
+        # backend destroyed late can abort and lose the exit status
+        atexit.register(_end_own_group)
     deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
     engine, zero_optimizer, _, _ = deepspeed.initialize(
         model=Owner(model, objectives), optimizer=optimizer, config=config
@@ -167,6 +171,11 @@ def initialize(
     if config["zero_optimization"]["stage"] == 3:
         deepspeed.zero.register_external_parameter(model, model.llm.get_output_embeddings().weight)
     return engine, zero_optimizer
+
+
+def _end_own_group() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def is_partitioned(module: nn.Module) -> bool:
