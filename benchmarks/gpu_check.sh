@@ -18,6 +18,8 @@ set -u
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+WORK=$(mktemp -d)  # the strategies' checkpoints (tens of GB), never under $OUT; removed however the script ends
+trap 'rm -rf "$WORK"' EXIT
 START=$SECONDS
 DEADLINE=${DEADLINE:-540}
 log() { echo "[$(date +%T) +$((SECONDS - START))s] $*" | tee -a "$OUT/log.txt"; }
@@ -86,7 +88,8 @@ if has strategies; then
   else
     log "strategies: 1.1b finetune, ${STRATEGY_STEPS:-50} steps, ddp / zero2 / zero3 / fsdp2 (stop halfway, resume; timeout $limit s)"
     timeout -k 15 "$limit" python3 benchmarks/strategies.py --size 1.1b --vocab 32000 --batch 8 \
-      --steps "${STRATEGY_STEPS:-50}" --timeout 150 --out "$OUT/strategies" > "$OUT/strategies.txt" 2>&1
+      --steps "${STRATEGY_STEPS:-50}" --timeout 150 --out "$OUT/strategies" --work "$WORK/strategies" \
+      > "$OUT/strategies.txt" 2>&1
     log "  rc=$? $(tail -n 6 "$OUT/strategies.txt" | tr '\n' ' ')"
   fi
 fi

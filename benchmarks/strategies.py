@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -197,9 +198,13 @@ def main() -> None:
     ap.add_argument("--keep-runs", action="store_true", help="keep each run's folder (checkpoints, final/, metrics)")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per process")
     args = ap.parse_args()
+    # a time limit's SIGTERM (timeout, a scheduler) as an exception: the running process is killed and the runs'
+    # folders are removed on the way out, not left behind with their checkpoints
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     logs = args.out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     work = args.work or Path(tempfile.mkdtemp(prefix="alignlm_strategies_"))
+    print(f"runs in {work}", flush=True)
     data = work / "data"
     if not (data / "shapes" / "info.json").exists():
         generate(data / "shapes", seed=0, n_train=max(64, args.batch * args.steps // 2), n_test=8)

@@ -319,7 +319,7 @@ def run(
         "steps": steps,
         "cached_features": cached_features,
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-        "flops_per_token": model_flops_per_token(model),
+        "flops_per_token": model_flops_per_token(model, tower_runs=not cached_features),  # alignlm's side
     }
     result["alignlm"] = bench_alignlm(stage, chunks, warmup, trainer, model)
     if stage == "pretrain":  # LLaVA-1.5 stage 1: 558k captions, one epoch
@@ -338,7 +338,9 @@ def run(
         try:
             result["peer"] = bench_peer(model, stage, chunks, warmup, acc.device)
             result["ratio_tokens_per_s"] = result["alignlm"]["tokens_per_s"] / result["peer"]["tokens_per_s"]
-        except torch.OutOfMemoryError:  # alignlm fitted this batch; the peer did not
+        except (torch.OutOfMemoryError, RuntimeError) as e:  # alignlm fitted this batch; the peer did not
+            if not isinstance(e, torch.OutOfMemoryError) and "out of memory" not in str(e).lower():
+                raise
             result["peer_error"] = f"OutOfMemoryError at batch {batch}"
             print(f"peer: {result['peer_error']}", flush=True)
         save(result)

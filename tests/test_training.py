@@ -212,6 +212,35 @@ def test_deterministic_kernels_hold_for_the_run_only_and_change_no_number_on_the
     assert len(losses["true"]) == 6
 
 
+def test_a_checkpoint_due_at_the_stop_step_is_written_once(colour_set, tmp_path, monkeypatch):
+    """stop_after_steps at a save_every step: one write (a 7B checkpoint with its optimizer state is ~100 GB)."""
+    from alignlm.training.trainer import Trainer
+
+    written = []
+    save = Trainer.save_checkpoint
+    monkeypatch.setattr(
+        Trainer, "save_checkpoint", lambda self, step, **kw: written.append(step) or save(self, step, **kw)
+    )
+    base = tiny_overrides(colour_set, tmp_path, "run=[pretrain]", "eval.sets=[]", "stages.pretrain.max_steps=6")
+    with pytest.raises(StopTraining, match="after step 4"):
+        run(compose(*base, "stop_after_steps=4"))
+    assert written == [2, 4]
+
+
+def test_a_deterministic_run_evaluates_with_top_p_sampling(colour_set, tmp_path):
+    """Top-p takes a float cumulative sum, which has no deterministic CUDA kernel: after a ``deterministic: true``
+    stage the evaluation warns there instead of stopping (conftest raises as a GPU would in strict mode)."""
+    cfg = compose(
+        *tiny_overrides(colour_set, tmp_path, "run=[finetune]", "stages.finetune.init_from=null"),
+        f"eval.sets=[{{name:colours,path:{colour_set['test']}}}]",
+        "eval.limit=4",
+        "eval.generation.do_sample=true",
+        "+eval.generation.top_p=0.9",
+    )
+    assert run(cfg)["eval"]["colours"]["n"] == 4
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
 def test_model_flops_count_the_tower_only_when_it_runs(tiny_model):
     """LLaVA's stage 1: 4 N for the frozen LLM (forward, and the activation gradients back to the connector), 4 N for
     the connector (forward, weight gradients), 2 N for the frozen tower, nothing for a tower whose features come
@@ -246,6 +275,10 @@ STRICT_CASES = {  # name: (op, refused on CUDA in strict mode)
     "long cumsum": (lambda: torch.arange(5).cumsum(0), False),
     "weighted bincount": (lambda: torch.arange(2).bincount(torch.ones(2)), True),
     "scatter_reduce prod": (lambda: torch.ones(3).scatter_reduce(0, torch.arange(2), torch.ones(2), "prod"), True),
+    "in-place scatter_reduce prod": (
+        lambda: torch.ones(3).scatter_reduce_(0, torch.arange(2), torch.ones(2), "prod"),
+        True,
+    ),
     "scatter_reduce sum": (lambda: torch.ones(3).scatter_reduce(0, torch.arange(2), torch.ones(2), "sum"), False),
     "histc": (lambda: torch.randn(9).histc(), True),
     "max_unpool": (_unpool, True),
@@ -268,6 +301,7 @@ STRICT_CASES = {  # name: (op, refused on CUDA in strict mode)
 }
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine PyTorch refuses the CUDA ops itself")
 @pytest.mark.parametrize("name", STRICT_CASES)
 def test_the_cpu_suite_refuses_what_strict_mode_refuses_on_cuda(name):
     """conftest's stand-in for CUDA's strict deterministic mode follows PyTorch's list, arguments included: a run of

@@ -35,7 +35,11 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--image-root", default=None, help="image folder (default: each data file's folder)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default=None, help="default: cuda when present, else cpu")
+    p.add_argument(
+        "--device",
+        default=None,
+        help="default: cuda when present, else cpu (also under accelerate launch --cpu, ACCELERATE_USE_CPU)",
+    )
     p.set_defaults(func=cmd_aligngpt_levels)
 
 

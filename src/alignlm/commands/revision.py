@@ -61,7 +61,11 @@ def _register_embed(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder; shards go to OUT/images and OUT/texts")
     p.add_argument("--shard-size", type=int, default=10_000, help="items per shard (the unit of resumption)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default=None, help="default: cuda when present, else cpu")
+    p.add_argument(
+        "--device",
+        default=None,
+        help="default: cuda when present, else cpu (also under accelerate launch --cpu, ACCELERATE_USE_CPU)",
+    )
     p.set_defaults(func=_cmd_embed)
 
 

@@ -3,14 +3,14 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
+from accelerate.utils import parse_flag_from_env
 
 
 def cpu_only() -> bool:
-    """No GPU, or ``accelerate launch --cpu`` (``ACCELERATE_USE_CPU``): then every rank runs on the CPU."""
-    return not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    """No GPU, or ``accelerate launch --cpu`` (``ACCELERATE_USE_CPU``, read as accelerate reads it): then every rank
+    runs on the CPU."""
+    return not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU")
 
 
 def default_device() -> str:

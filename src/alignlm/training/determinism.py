@@ -8,7 +8,8 @@ with a fixed workspace, cuDNN without autotuning, the deterministic backward pas
 memory-efficient attention and of the flash-attention package) and back afterwards, at some speed. It is PyTorch's
 strict mode, as ``transformers``' full determinism: with ``warn_only`` SDPA's attention backward would only warn and
 stay non-deterministic. An op that has no deterministic CUDA kernel (a float ``cumsum``, ``kthvalue``, some pooling
-and interpolation backward passes) stops the run at its first use with PyTorch's error naming it.
+and interpolation backward passes) stops the run at its first use with PyTorch's error naming it; the evaluation
+after training only warns there (``warn_only``): sampling with top-p takes a float cumulative sum.
 """
 
 from __future__ import annotations
@@ -61,3 +62,17 @@ def deterministic(on: bool) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@contextlib.contextmanager
+def warn_only() -> Iterator[None]:
+    """Inside the block, where deterministic kernels are on, an op that has none warns instead of stopping the run;
+    the deterministic kernels that exist stay on. Nothing changes when they are off."""
+    strict = torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
+    if strict:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        if strict:
+            torch.use_deterministic_algorithms(True)

@@ -163,7 +163,7 @@ def initialize(
         torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
         # kept for later runs in this process (DeepSpeed caches it); ended before the interpreter's teardown, where a
         # backend destroyed late can abort and lose the exit status
-        atexit.register(_end_own_group)
+        atexit.register(_end_own_group, torch.distributed.group.WORLD)
     deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
     engine, zero_optimizer, _, _ = deepspeed.initialize(
         model=Owner(model, objectives), optimizer=optimizer, config=config
@@ -173,9 +173,13 @@ def initialize(
     return engine, zero_optimizer
 
 
-def _end_own_group() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+def _end_own_group(group: Any) -> None:
+    """Destroy ``group`` if it is still the default one (the process's last moments: a failure here is no news)."""
+    try:
+        if torch.distributed.is_initialized() and torch.distributed.group.WORLD is group:
+            torch.distributed.destroy_process_group()
+    except Exception:  # noqa: BLE001, S110 - at exit, the run's status already stands
+        pass
 
 
 def is_partitioned(module: nn.Module) -> bool:
