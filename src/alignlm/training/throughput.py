@@ -4,10 +4,11 @@ Model FLOPs per real (non-padding) token, the formula every alignlm figure uses:
 ``2 * (all parameters a token passes through)`` for the forward pass, ``+ 2 * (LLM parameters)`` for the activation
 gradients that flow back through the LLM to whatever trains before it, ``+ 2 * (trainable parameters)`` for their
 weight gradients: the usual ``6 N`` when everything trains, ``4 N`` for LLaVA's stage 1 (frozen LLM and tower).
-Where a visual hook supplies the tower's output (cached features, a method's embeddings in place of images) the tower does not
-run and is not counted. Two approximations, in opposite directions: attention's own FLOPs (which grow with sequence
-length) are left out, as in the usual ``6 N`` convention, which understates; the tower and connector are charged for every token, text tokens included
-(each visual token does pass through them, about once), which overstates by ``2 x tower x text share``: about
+Where a visual hook supplies the tower's output (cached features, a method's embeddings in place of images) the
+tower does not run and is not counted. Two approximations, in opposite directions: attention's own FLOPs (which grow
+with sequence length) are left out, as in the usual ``6 N`` convention, which understates; the tower and connector
+are charged for every token, text tokens included (each visual token does pass through them, about once), which
+overstates by ``2 x tower x text share``: about
 0.2 % of a 7B stage 1's FLOPs (a CLIP-L/336 tower, ~9 % text), a few % of a 1.1B finetune's.
 MFU = achieved model FLOP/s / (peak FLOP/s of the device x devices).
 """

@@ -201,7 +201,8 @@ class Trainer:
         # objectives by config key: their parameters train in their own optimizer group, their state resumes
         self.objective_modules = torch.nn.ModuleDict({k: o for k, (o, _) in self.objectives.items()}).to(acc.device)
         self.objective_params = [p for p in self.objective_modules.parameters() if p.requires_grad]
-        # a visual hook supplies the tower's output (the feature cache, a method's embeddings in place of images): it never runs
+        # a visual hook supplies the tower's output (the feature cache, a method's embeddings in place of images):
+        # then the tower never runs
         tower_runs = getattr(dataset, "visual_hook", None) is None
         self.flops_per_token = model_flops_per_token(model, tower_runs=tower_runs)  # counted before any partitioning
         self.peak_tflops = peak_tflops(cfg.logging.get("peak_tflops", "auto"), acc.device)
