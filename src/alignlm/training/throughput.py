@@ -8,8 +8,8 @@ Where a visual hook supplies the tower's output (cached features, a method's emb
 tower does not run and is not counted. Two approximations, in opposite directions: attention's own FLOPs (which grow
 with sequence length) are left out, as in the usual ``6 N`` convention, which understates; the tower and connector
 are charged for every token, text tokens included (each visual token does pass through them, about once), which
-overstates by ``2 x tower x text share``: about
-0.2 % of a 7B stage 1's FLOPs (a CLIP-L/336 tower, ~9 % text), a few % of a 1.1B finetune's.
+overstates by ``2 x tower x text share``: about 0.2 % of a 7B stage 1's FLOPs (a CLIP-L/336 tower, ~9 % text), a
+few % of a 1.1B finetune's.
 MFU = achieved model FLOP/s / (peak FLOP/s of the device x devices).
 """
 
