@@ -200,7 +200,12 @@ def grouped(samples: list[dict[str, Any]], batch: int, seed: int) -> list[list[d
 
 
 def bench_alignlm(
-    stage: str, chunks: list[list[dict[str, Any]]], warmup: int, trainer: Trainer, model: AlignLM
+    stage: str,
+    chunks: list[list[dict[str, Any]]],
+    warmup: int,
+    trainer: Trainer,
+    model: AlignLM,
+    flops_per_token: float,
 ) -> dict[str, Any]:
     """alignlm's own step and collator, default settings."""
     acc = trainer.acc
@@ -215,9 +220,7 @@ def bench_alignlm(
     if acc.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(acc.device)
     seconds, timed = time_steps(run_step, batches, warmup, acc.device)
-    cached = chunks[0][0].get("pixel_values") is None  # the features of --cached-features: the tower never runs
-    flops = model_flops_per_token(model, tower_runs=not cached)
-    result = summarise("alignlm", seconds, [chunks[i] for i in timed], acc.device, flops)
+    result = summarise("alignlm", seconds, [chunks[i] for i in timed], acc.device, flops_per_token)
     result["packed"] = collate.pack_length is not None
     return result
 
@@ -319,9 +322,10 @@ def run(
         "steps": steps,
         "cached_features": cached_features,
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-        "flops_per_token": model_flops_per_token(model, tower_runs=not cached_features),  # alignlm's side
+        # alignlm's side: with cached features the tower never runs
+        "flops_per_token": model_flops_per_token(model, tower_runs=not cached_features),
     }
-    result["alignlm"] = bench_alignlm(stage, chunks, warmup, trainer, model)
+    result["alignlm"] = bench_alignlm(stage, chunks, warmup, trainer, model, result["flops_per_token"])
     if stage == "pretrain":  # LLaVA-1.5 stage 1: 558k captions, one epoch
         result["projected_hours_558k"] = 558_000 / result["alignlm"]["samples_per_s"] / 3600
     save(result)

@@ -15,6 +15,8 @@ from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from alignlm.constants import IGNORE_INDEX
+from alignlm.training.determinism import ENV as DETERMINISTIC_ENV
+from alignlm.training.determinism import strict
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
 
@@ -22,7 +24,7 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
 torch.backends.cudnn.allow_tf32 = False
 # cuBLAS reads its workspace setting when the process first uses it: set here, before any test touches a GPU, what a
 # deterministic run (tiny_overrides) sets for its own process (training/determinism.py)
-os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", DETERMINISTIC_ENV["CUBLAS_WORKSPACE_CONFIG"])
 # and for the processes the tests launch (a killed run's rerun, two-rank runs), which the flag above does not reach:
 # NVIDIA's libraries read this variable, so their convolutions run in fp32 like this process's
 os.environ.setdefault("NVIDIA_TF32_OVERRIDE", "0")
@@ -46,8 +48,14 @@ WAITING_OPS = {
 
 # ops with no deterministic CUDA kernel (PyTorch's list for torch.use_deterministic_algorithms): each would stop a
 # `deterministic: true` run on a GPU. Forward ops always, or when the argument at the given position has the value:
-NO_DETERMINISTIC_CUDA_KERNEL = ("aten.kthvalue", "aten.median.dim", "aten.nanmedian.dim", "aten.histc", "aten.put")
-NO_DETERMINISTIC_CUDA_KERNEL += ("aten.max_unpool",)
+NO_DETERMINISTIC_CUDA_KERNEL = (
+    "aten.kthvalue",
+    "aten.median.dim",
+    "aten.nanmedian.dim",
+    "aten.histc",
+    "aten.put",
+    "aten.max_unpool",
+)
 NO_DETERMINISTIC_WHEN = {
     "aten.bincount": (1, lambda weights: weights is not None),
     "aten.scatter_reduce": (4, lambda reduce: reduce == "prod"),
@@ -93,10 +101,7 @@ class StrictModeAsOnAGpu(TorchDispatchMode):
     them. The CPU itself has a deterministic kernel for each."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        strict = (
-            torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
-        )
-        if strict and no_deterministic_cuda_kernel(str(func), args, kwargs):
+        if strict() and no_deterministic_cuda_kernel(str(func), args, kwargs):
             raise RuntimeError(
                 f"{func} has no deterministic CUDA kernel: a `deterministic: true` run on a GPU stops here"
             )

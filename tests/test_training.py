@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from alignlm.pipeline import run
-from alignlm.training.determinism import deterministic
+from alignlm.training.determinism import deterministic, strict
 from alignlm.training.trainer import StopTraining
 from tests.conftest import WAIT_FREE_RECIPES, compose, read_losses, tiny_overrides, waits_in_training_steps
 
@@ -188,10 +188,7 @@ def test_deterministic_kernels_hold_for_the_run_only_and_change_no_number_on_the
     fit = Trainer.fit
 
     def watched(self):
-        strict = (
-            torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
-        )
-        seen.append((strict, os.environ.get("CUBLAS_WORKSPACE_CONFIG")))
+        seen.append((strict(), os.environ.get("CUBLAS_WORKSPACE_CONFIG")))
         return fit(self)
 
     monkeypatch.setattr(Trainer, "fit", watched)

@@ -91,18 +91,25 @@ def sample_counts(sample_ids: torch.Tensor, keep: torch.Tensor, num_samples: int
     """How many ``keep`` tokens each sample has ``[num_samples]``, on the tokens' device without reading anything back
     (a bincount would size its output by the largest id, and a boolean index by the data, both read on the host):
     every token is added to its sample's row, the ones not kept to one spare row that is dropped."""
-    owner = torch.where(keep, sample_ids, num_samples).flatten()
-    return owner.new_zeros(num_samples + 1).index_add_(0, owner, torch.ones_like(owner))[:num_samples]
+    return _counts(_owners(sample_ids, keep, num_samples), num_samples)
 
 
 def sample_means(values: torch.Tensor, sample_ids: torch.Tensor, keep: torch.Tensor, num_samples: int) -> torch.Tensor:
     """The mean of ``values`` ``[rows, T, D]`` over each sample's ``keep`` tokens ``[num_samples, D]`` (zeros for a
     sample with none), in ``values``' dtype, the same way as ``sample_counts``."""
-    owner = torch.where(keep, sample_ids, num_samples).flatten()
+    owner = _owners(sample_ids, keep, num_samples)
     flat = values.flatten(0, 1)
     sums = flat.new_zeros(num_samples + 1, flat.shape[-1]).index_add_(0, owner, flat)[:num_samples]
-    counts = sample_counts(sample_ids, keep, num_samples)
-    return sums / counts.clamp(min=1).unsqueeze(1).to(sums.dtype)
+    return sums / _counts(owner, num_samples).clamp(min=1).unsqueeze(1).to(sums.dtype)
+
+
+def _owners(sample_ids: torch.Tensor, keep: torch.Tensor, num_samples: int) -> torch.Tensor:
+    """Each token's row: its sample's where kept, else the spare row ``num_samples``."""
+    return torch.where(keep, sample_ids, num_samples).flatten()
+
+
+def _counts(owner: torch.Tensor, num_samples: int) -> torch.Tensor:
+    return owner.new_zeros(num_samples + 1).index_add_(0, owner, torch.ones_like(owner))[:num_samples]
 
 
 @dataclass

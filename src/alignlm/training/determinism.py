@@ -64,15 +64,20 @@ def deterministic(on: bool) -> Iterator[None]:
                 os.environ[key] = value
 
 
+def strict() -> bool:
+    """Whether PyTorch's strict deterministic mode is on: an op without a deterministic kernel stops the run."""
+    return torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
+
+
 @contextlib.contextmanager
 def warn_only() -> Iterator[None]:
     """Inside the block, where deterministic kernels are on, an op that has none warns instead of stopping the run;
     the deterministic kernels that exist stay on. Nothing changes when they are off."""
-    strict = torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
-    if strict:
+    was_strict = strict()
+    if was_strict:
         torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         yield
     finally:
-        if strict:
+        if was_strict:
             torch.use_deterministic_algorithms(True)

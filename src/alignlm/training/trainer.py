@@ -494,9 +494,10 @@ class Trainer:
         # this rank got the stop signal or sees the stop file: every rank learns it in the same reduce
         stop_file = self.dist.get("stop_file")
         stop = float(self.stop_requested or bool(stop_file and Path(stop_file).exists()))
-        logged = [torch.stack([s.device.get(k, zero).float() for k in keys]) for s in pending] if keys else []
-        counts = torch.tensor([[*s.counts, stop] for s in pending], dtype=torch.float32)  # one copy to the device
-        table = torch.cat([torch.stack(logged), counts.to(device)], dim=1) if keys else counts.to(device)
+        table = torch.tensor([[*s.counts, stop] for s in pending], dtype=torch.float32).to(device)  # one copy
+        if keys:
+            logged = torch.stack([torch.stack([s.device.get(k, zero).float() for k in keys]) for s in pending])
+            table = torch.cat([logged, table], dim=1)
         if self.acc.num_processes > 1:
             table = self.acc.reduce(table, "sum")
         norms = [s.grad_norm.float() if s.grad_norm is not None else zero - 1 for s in pending]
