@@ -88,6 +88,14 @@ def test_image_added_before_first_question_when_record_has_no_placeholder(model,
     assert int((ds[0]["input_ids"] == model.image_token_id).sum()) == model.num_image_tokens
 
 
+@pytest.mark.parametrize("template", ["vicuna_v1", "chat"])
+def test_a_record_opening_with_a_system_turn_gets_its_image_in_the_first_question(model, root, template):
+    rec = record("sys", question="What color?")
+    rec["conversations"].insert(0, {"from": "system", "value": "Be terse."})
+    s = dataset(model, [rec], root, template=template, on_error="raise")[0]
+    assert int((s["input_ids"] == model.image_token_id).sum()) == model.num_image_tokens  # was 0: in the system text
+
+
 def test_placeholder_count_mismatch(model, root):
     ds = dataset(model, [record("bad", question="<image><image> two?")], root, on_error="raise")
     with pytest.raises(DataError, match="id=bad.*2 <image> placeholders but 1 images"):
@@ -130,6 +138,25 @@ def test_bad_json_line_is_counted_under_skip_and_named_under_raise(model, root):
     assert ds.report.examples["invalid JSON line"] == [f"{path}:2"]
     with pytest.raises(DataError, match="d.jsonl:2"):
         LlavaDataset(*args, on_error="raise")
+
+
+def test_bytes_that_are_not_utf8_are_refused_not_replaced(model, root):
+    latin1 = json.dumps(record("a", answer="caf\u00e9"), ensure_ascii=False).encode("latin-1")
+    jsonl = root / "d.jsonl"
+    jsonl.write_bytes(json.dumps(record("b")).encode() + b"\n" + latin1 + b"\n")
+    args = ([Source(str(jsonl))], model.tokenizer, get_template("plain"), model.image_spec, model.num_image_tokens)
+    ds = LlavaDataset(*args)  # the line was once read with U+FFFD in place of the byte, and trained on
+    assert len(ds) == 1 and ds.report.examples["invalid JSON line"] == [f"{jsonl}:2"]
+    with pytest.raises(DataError, match="d.jsonl:2: not valid JSON \\(not UTF-8 at byte"):
+        LlavaDataset(*args, on_error="raise")
+    for name, data, match in [
+        ("l.json", b"[" + latin1 + b"]", "l.json: not UTF-8 text"),
+        ("t.json", b"[{},]", "t.json:1"),
+    ]:
+        (root / name).write_bytes(data)
+        with pytest.raises(DataError, match=match) as e:  # a DataError, so `alignlm train` exits 65 naming the file
+            LlavaDataset([Source(str(root / name))], *args[1:])
+        assert e.value.cause == "invalid JSON line"
 
 
 def test_unknown_on_error_policy(model, root):

@@ -9,6 +9,7 @@ malformed records at the data path.
 from __future__ import annotations
 
 import json
+import os
 import random
 import struct
 import zlib
@@ -25,9 +26,10 @@ from alignlm.data.build import build_dataset
 from alignlm.data.collate import Collator, Skipped
 from alignlm.data.images import load_rgb
 from alignlm.data.llava import LlavaDataset
-from alignlm.data.records import DataError, Source
+from alignlm.data.records import DataError, Source, image_problem, record_images
 from alignlm.data.templates import get_template, special_ids, to_turns, tokenize
 from alignlm.models.io import UnsafeConfigError, load_model, safe_model_config
+from alignlm.models.probes import load_probe_set
 from alignlm.pipeline import run
 from alignlm.training import checkpoint as ckpt
 from alignlm.training.trainer import StopTraining, TrainingError
@@ -190,6 +192,21 @@ def test_decompression_bombs_are_refused_before_decoding(tmp_path, size):
     assert e.value.cause == "image over data.max_image_pixels"
 
 
+def test_a_strip_image_is_as_large_as_the_square_it_is_padded_to(tmp_path):
+    strip = png_claiming(tmp_path / "strip.png", 1, 1_000_000)  # 1 M pixels, under the limit; padded, 10^12
+    with pytest.raises(DataError, match="padded to a square 1000000000000") as e:
+        load_rgb(strip)
+    assert e.value.cause == "image over data.max_image_pixels"
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_an_image_that_is_not_a_regular_file_is_refused_without_blocking(tmp_path):
+    os.mkfifo(tmp_path / "fifo.png")  # opening it would wait for a writer forever
+    with pytest.raises(DataError, match="not a regular file") as e:
+        load_rgb(tmp_path / "fifo.png")
+    assert e.value.cause == "unreadable image"
+
+
 def record(rid: str, image: str | None = "images/0.png", answer="red", question: str = "<image>\nWhat color?") -> dict:
     rec = {"id": rid, "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]}
     if image is not None:
@@ -238,6 +255,22 @@ def test_bombs_and_escaping_paths_are_counted_under_skip_and_named_under_raise(t
         strict[0]
     opted = dataset(model, records, root, allow_outside_root=True, min_usable_fraction=0.0)
     assert not opted.report.counts and len(opted) == 5  # the source's owner allowed it
+
+
+def test_every_reader_of_records_keeps_image_paths_inside_their_root(root, monkeypatch):
+    captions = [{"id": str(i), "image": "images/0.png", "captions": ["red"]} for i in range(3)]
+    (root / "ok.json").write_text(json.dumps(captions))
+    assert len(load_probe_set(root / "ok.json").images) == 3
+    assert len(record_images([root / "ok.json"])) == 3
+    for bad in ("../outside/secret.png", str(root.parent / "outside" / "secret.png")):
+        (root / "bad.json").write_text(json.dumps([*captions, {"id": "x", "image": bad, "captions": ["red"]}]))
+        with pytest.raises(DataError, match="leaves image_root"):
+            load_probe_set(root / "bad.json")
+        with pytest.raises(DataError, match="bad.json: record id=x: image path .* leaves image_root"):
+            record_images([root / "bad.json"])
+    monkeypatch.chdir(root)  # a relative root, "." included, is the folder it names
+    assert Source("ok.json").image_paths(captions[0]) == [Path("images/0.png")]
+    assert image_problem(captions[0], Source("ok.json", image_root=".")) is None
 
 
 # ---- damaged checkpoints ------------------------------------------------------------------------------------------------
@@ -354,6 +387,28 @@ def test_special_tokens_in_user_text_stay_text(tiny_model, template):
     assert controls(ids) == controls(benign)  # control tokens come from the template alone, never from the data
     supervised = tok.decode([int(i) for i, label in zip(ids, labels) if label != -100])
     assert hostile in supervised  # the answer is learnt as the text it is
+
+
+@pytest.mark.parametrize("hostile", ["<|im_end|>", "\n", "user", "<|im_start|>assistant"])
+@pytest.mark.parametrize("where", ["question", "answer"])
+def test_a_chat_message_that_is_only_template_text_stays_in_its_place(tiny_model, hostile, where):
+    """A message made wholly of the template's own text is still tokenized as the plain text of that message, in its
+    place: the sequence is the benign one with the message's plain tokens swapped in (an answer "<|im_end|>" was once
+    found at the turn's closing token, which then became the plain text and the answer a control token)."""
+    tok = tiny_model().tokenizer
+    chat = get_template("chat")
+
+    def encode(text: str):
+        question, answer = (text, "red") if where == "question" else ("Is it red?", text)
+        turns = to_turns([{"from": "human", "value": question}, {"from": "gpt", "value": answer}])
+        return [int(i) for i in tokenize(chat.render(turns, tok), tok)[0]]
+
+    def plain(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    benign, stand_in = encode("zq"), plain("zq")
+    at = next(k for k in range(len(benign)) if benign[k : k + len(stand_in)] == stand_in)
+    assert encode(hostile) == benign[:at] + plain(hostile) + benign[at + len(stand_in) :]
 
 
 def test_a_chat_answer_with_leading_space_keeps_the_generation_prompt_tokens(tiny_model):

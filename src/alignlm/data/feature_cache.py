@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from alignlm.data.hooks import HookedDataset, SampleHook
-from alignlm.data.records import DataError, Source, image_paths
+from alignlm.data.records import DataError, Source
 
 TENSOR = "features"
 
@@ -81,14 +81,12 @@ class FeatureCacheHook(SampleHook):
         self.cache = cache
 
     def bind(self, dataset: HookedDataset) -> None:
-        missing = self.cache.missing(
-            [p for src, _, rec in dataset.distinct_records() for p in image_paths(rec, src.root)]
-        )
+        missing = self.cache.missing([p for src, _, rec in dataset.distinct_records() for p in src.image_paths(rec)])
         if missing:
             raise DataError(f"the feature cache {self.cache.folder} lacks {len(missing)} images, e.g. {missing[:2]}")
 
     def visual_inputs(self, source: Source, record: dict[str, Any]) -> list[Path]:
-        return image_paths(record, source.root)
+        return source.image_paths(record)
 
     def load_visuals(self, inputs: list[Path]) -> dict[str, torch.Tensor | None]:
         return {"pixel_values": None, "image_embeds": self.cache.get(inputs) if inputs else None}

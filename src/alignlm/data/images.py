@@ -6,6 +6,8 @@ files into pixels (the dataset, the probes, the encoders) prepares images from i
 
 from __future__ import annotations
 
+import os
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,10 +34,14 @@ def load_rgb(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> Image.Ima
     """Open an image fully (so a truncated file fails here, not later) and convert it to RGB.
 
     The size is read from the header and checked against ``max_pixels`` before anything is decoded, so a
-    decompression bomb (a few hundred kilobytes that expand to gigabytes) costs nothing. Failures are ``DataError`` s
-    counted by cause: missing file, image too large, unreadable file.
+    decompression bomb (a few hundred kilobytes that expand to gigabytes) costs nothing; the check is on the square
+    the image is padded to (``pad_to_square``), so a 1 x 1,000,000 strip is as large as it becomes. Only a regular
+    file is opened (a FIFO or a device would block the reader). Failures are ``DataError`` s counted by cause: missing
+    file, image too large, unreadable file.
     """
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise DataError(f"cannot read image {path}: not a regular file", UNREADABLE_IMAGE)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit below is the one that applies
             im = Image.open(path)
@@ -47,9 +53,11 @@ def load_rgb(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> Image.Ima
         raise DataError(f"cannot read image {path}: {e}", UNREADABLE_IMAGE) from e
     with im:
         width, height = im.size
-        if max_pixels and width * height > max_pixels:
+        if max_pixels and max(width, height) ** 2 > max_pixels:
             raise DataError(
-                f"image {path} has {width}x{height} pixels, over data.max_image_pixels={max_pixels}", IMAGE_TOO_LARGE
+                f"image {path} has {width}x{height} pixels, padded to a square {max(width, height) ** 2}, over "
+                f"data.max_image_pixels={max_pixels}",
+                IMAGE_TOO_LARGE,
             )
         try:
             im.load()

@@ -34,7 +34,6 @@ from alignlm.data.records import (
     DataError,
     Source,
     cause_of,
-    image_paths,
     image_problem,
     mixture_index,
     preference_problem,
@@ -204,7 +203,7 @@ class LlavaDataset(Dataset):
         """What stands for each image of a record, in order: its image files, or what a visual hook puts there."""
         if self.visual_hook is not None:
             return self.visual_hook.visual_inputs(src, rec)
-        return image_paths(rec, src.root)
+        return src.image_paths(rec)
 
     def load_visuals(self, inputs: list[Any]) -> dict[str, torch.Tensor | None]:
         """The sample's visual fields: ``pixel_values`` ``[n_images, 3, H, W]`` (None for a text-only record)."""
@@ -219,14 +218,18 @@ class LlavaDataset(Dataset):
         # an image's place is an <image> in a user turn; anywhere else the characters are text (templates.tokenize)
         n_placeholders = sum(t.content.count(IMAGE_TOKEN) for t in turns if t.role == "user")
         if images and n_placeholders == 0:  # LLaVA convention: the image goes before the first question
-            turns[0] = type(turns[0])(turns[0].role, IMAGE_TOKEN + "\n" + turns[0].content)
-            n_placeholders = len(images)
+            first = next((k for k, t in enumerate(turns) if t.role == "user"), None)
+            if first is not None:
+                turns[first] = type(turns[first])("user", IMAGE_TOKEN + "\n" + turns[first].content)
+                n_placeholders = len(images)
         if n_placeholders != len(images):
             raise DataError(f"{n_placeholders} {IMAGE_TOKEN} placeholders but {len(images)} images")
         if self.for_generation:
             turns = turns[: max(i for i, t in enumerate(turns) if t.role == "user") + 1]
         rendered = self.template.render(turns, self.tokenizer, add_generation_prompt=self.for_generation)
         ids, labels = tokenize(rendered, self.tokenizer)
+        if (slots := int((ids == self.image_token_id).sum())) != len(images):
+            raise DataError(f"the template wrote {slots} {IMAGE_TOKEN} slots for {len(images)} images")
         if not self.for_generation and not (labels != IGNORE_INDEX).any():
             raise TemplateError(f"template {self.template.name!r} supervised no token of this record")
         if self.slot_token_ids:

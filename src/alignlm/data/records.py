@@ -59,6 +59,10 @@ class Source:
         """The folder the records' image paths are relative to: ``image_root``, else the file's own folder."""
         return Path(self.image_root) if self.image_root else Path(self.path).parent
 
+    def image_paths(self, record: dict[str, Any]) -> list[Path]:
+        """A record's image files under this source's root (``image_paths`` with the source's permission)."""
+        return image_paths(record, self.root, self.allow_outside_root)
+
 
 def read_records(path: str | Path, bad_lines: list[tuple[int, str]] | None = None) -> list[Any]:
     """All records of a ``.json`` (a list) or ``.jsonl`` file, with the line named on a parse error.
@@ -70,19 +74,24 @@ def read_records(path: str | Path, bad_lines: list[tuple[int, str]] | None = Non
         raise FileNotFoundError(f"data file {path} does not exist (run `alignlm data ...` to make the offline sets)")
     if path.suffix == ".jsonl":
         records = []
-        with path.open(encoding="utf-8", errors="replace") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
+        with path.open("rb") as f:
+            for lineno, raw in enumerate(f, 1):
                 try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
+                    line = raw.decode("utf-8")
+                    if line.strip():
+                        records.append(json.loads(line))
+                except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                    why = e.msg if isinstance(e, json.JSONDecodeError) else f"not UTF-8 at byte {e.start}"
                     if bad_lines is None:
-                        raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})", INVALID_JSON) from None
-                    bad_lines.append((lineno, e.msg))
+                        raise DataError(f"{path}:{lineno}: not valid JSON ({why})", INVALID_JSON) from None
+                    bad_lines.append((lineno, why))
         return records
-    with path.open(encoding="utf-8") as f:
-        data = json.load(f)
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start})", INVALID_JSON) from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})", INVALID_JSON) from None
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
     return data
@@ -132,26 +141,36 @@ def image_names(record: dict[str, Any]) -> list[str]:
     return [] if images is None else [images] if isinstance(images, str) else list(images)
 
 
-def image_paths(record: dict[str, Any], root: str | Path) -> list[Path]:
-    """The record's image files in reading order, under ``root``."""
-    return [Path(root) / p for p in image_names(record)]
+def image_paths(record: dict[str, Any], root: str | Path, allow_outside_root: bool = False) -> list[Path]:
+    """The record's image files in reading order, under ``root``: every reader of records takes its paths here, so a
+    path that leaves the root (absolute, or climbing out with ``..``) is refused wherever it is read, unless the data's
+    owner allowed it."""
+    names = image_names(record)
+    bad = [] if allow_outside_root else [name for name in names if outside_root(name, root)]
+    if bad:
+        raise DataError(
+            f"image path {bad[0]!r} leaves image_root {str(root)!r} (name a root that holds it, or set "
+            "allow_outside_root on the source)",
+            OUTSIDE_ROOT,
+        )
+    return [Path(root) / name for name in names]
 
 
 def outside_root(name: str, root: str | Path) -> bool:
     """Whether an image path as written leaves its root: absolute, or climbing out with ``..`` (checked on the path's
-    text; a link the data's owner placed inside the root is followed like any file)."""
-    base = os.path.normpath(root)
+    text; a link the data's owner placed inside the root is followed like any file, as LLaVA's layout links its
+    image folders)."""
+    base = os.path.abspath(root)
     joined = os.path.normpath(os.path.join(base, name))
     return joined != base and not joined.startswith(base.rstrip(os.sep) + os.sep)
 
 
 def image_problem(record: dict[str, Any], source: Source) -> str | None:
     """Why a record's images may not be read from ``source``, or None."""
-    if source.allow_outside_root:
-        return None
-    bad = [name for name in image_names(record) if outside_root(name, source.root)]
-    if bad:
-        return f"image path {bad[0]!r} leaves image_root {str(source.root)!r} (set allow_outside_root on the source to allow)"
+    try:
+        source.image_paths(record)
+    except DataError as e:
+        return str(e)
     return None
 
 
@@ -161,7 +180,10 @@ def record_images(data: Sequence[str | Path], image_root: str | Path | None = No
     for path in data:
         root = Path(image_root) if image_root else Path(path).parent
         for i, rec in enumerate(read_records(path)):
-            paths = image_paths(rec, root) if isinstance(rec, dict) else []
+            try:
+                paths = image_paths(rec, root) if isinstance(rec, dict) else []
+            except DataError as e:
+                raise DataError(f"{path}: record id={record_id(rec, path, i)}: {e}", e.cause) from e
             if paths:
                 out.append((record_id(rec, path, i), [p.resolve() for p in paths]))
     return out

@@ -246,7 +246,8 @@ class ChatTemplate(Template):
                 )
             if m["role"] == "assistant":
                 spans.append((len(before), len(upto.rstrip())))
-            contents.append(_locate(m["content"], upto, len(before), m["role"]))
+            marked = render([*messages[:i], {**m, "content": _MARK}], False)
+            contents.append(_locate(m["content"], upto, marked.find(_MARK, len(before)), m["role"]))
         return Rendered(text, tuple(spans), tuple(contents))
 
     def jinja(self, tokenizer: Any) -> str:
@@ -262,12 +263,16 @@ class ChatTemplate(Template):
         return _JINJA_FLATTEN + system + tokenizer.chat_template
 
 
-def _locate(content: str, text: str, start: int, role: str) -> tuple[int, int, str]:
-    """Where a message's content stands in its own rendered segment ``text[start:]``: its last occurrence (the role
-    header comes first), as written or trimmed as some templates trim it."""
+# Stands in for a message's content to find where the template writes it: a search for the content itself could
+# match the template's own text, e.g. an answer "<|im_end|>" found at the turn's closing token.
+_MARK = "\u2063alignlm-content\u2063"
+
+
+def _locate(content: str, text: str, at: int, role: str) -> tuple[int, int, str]:
+    """The span of a message's content in ``text``, where the template wrote the stand-in at ``at`` (-1: nowhere):
+    as written, or trimmed as some templates trim it."""
     for needle in (content, content.strip()):
-        at = text.rfind(needle, start) if needle else len(text)
-        if at >= start:
+        if at >= 0 and text.startswith(needle, at):
             return at, at + len(needle), role
     raise TemplateError(
         "the tokenizer's chat template changes message contents (beyond trimming), so they cannot be "

@@ -23,6 +23,7 @@ from typing import Any
 from transformers import LlavaForConditionalGeneration
 
 from alignlm.constants import IMAGE_TOKEN
+from alignlm.data.records import image_paths
 
 TASK_UTILS = '''"""lmms-eval task functions for a question set written by ``alignlm lmms-task``."""
 
@@ -68,7 +69,7 @@ def write_local_task(questions: Path, out_dir: Path, name: str, max_new_tokens: 
                 json.dumps(
                     {
                         "question_id": r["id"],
-                        "image": str(root / r["image"]),
+                        "image": str(image_paths(r, root)[0]),
                         "question": question_of(r),
                         "answer": r["answer"],
                     }

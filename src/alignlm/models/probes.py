@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from alignlm.data.images import load_rgb, preprocess
-from alignlm.data.records import read_records, reference_captions
+from alignlm.data.records import image_paths, read_records, reference_captions
 from alignlm.geometry import metrics as M
 from alignlm.geometry.suite import pair_metrics
 
@@ -52,7 +52,7 @@ def load_probe_set(path: str | Path, n: int | None = None, image_root: str | Non
         if not isinstance(rec.get("image"), str):
             continue
         probe.ids.append(str(rec.get("id", f"{path}#{i}")))
-        probe.images.append(root / rec["image"])
+        probe.images.append(image_paths(rec, root)[0])
         probe.captions.append(reference_captions(rec)[0])
     if len(probe.ids) < 3:
         raise ValueError(

@@ -18,7 +18,6 @@ from omegaconf import OmegaConf
 
 from alignlm.data.feature_cache import FeatureCache, FeatureCacheHook
 from alignlm.data.llava import LlavaDataset
-from alignlm.data.records import image_paths
 from alignlm.models.mllm import AlignLM
 
 BATCH = 32  # images per tower forward while filling
@@ -58,7 +57,7 @@ def attach_feature_cache(
         )
     root = default_root if setting is True else Path(str(setting))
     cache = FeatureCache(root / tower_fingerprint(model, vision_cfg))
-    paths = sorted({p for src, _, rec in dataset.distinct_records() for p in image_paths(rec, src.root)})
+    paths = sorted({p for src, _, rec in dataset.distinct_records() for p in src.image_paths(rec)})
     missing = cache.missing(paths)
     mine = missing[acc.process_index :: acc.num_processes]
     was_training = model.vision.training
