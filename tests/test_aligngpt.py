@@ -43,11 +43,14 @@ class ColourEncoder:
 
 @pytest.fixture(scope="module")
 def mismatched(colour_set, tmp_path_factory) -> tuple[Path, set[str]]:
-    """The colour captions with every third one naming the wrong colour, plus one text-only and one broken record."""
+    """The colour captions with every third one naming the wrong colour, plus one text-only and one broken record, in
+    a folder of their own that links the colour images in (LLaVA's layout links its image folders)."""
     records = json.loads(colour_set["pretrain"].read_text())
+    folder = tmp_path_factory.mktemp("mismatched")
+    (folder / "images").symlink_to(colour_set["pretrain"].parent / "images", target_is_directory=True)
     wrong = set()
     for i, rec in enumerate(records):
-        rec["image"] = str(colour_set["pretrain"].parent / rec["image"])
+        assert rec["image"].startswith("images/")
         if i % 3 == 0:
             name = list(COLOURS)[(i + 1) % 3]  # the image shows colour i % 3
             rec["conversations"][1]["value"] = f"A {name} square."
@@ -56,7 +59,7 @@ def mismatched(colour_set, tmp_path_factory) -> tuple[Path, set[str]]:
         {"id": "text", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "A red word."}]}
     )
     records.append({"id": "broken", "image": "missing.png", "conversations": records[1]["conversations"]})
-    path = tmp_path_factory.mktemp("mismatched") / "pretrain.json"
+    path = folder / "pretrain.json"
     path.write_text(json.dumps(records))
     return path, wrong
 

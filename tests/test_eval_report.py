@@ -15,6 +15,7 @@ import torch
 from alignlm.commands import main
 from alignlm.evaluation.answers import normalize_answer, score_answer, vqa_accuracy
 from alignlm.evaluation.captions import bleu, cider_d, tokenize
+from alignlm.evaluation.report import write_report
 from alignlm.pipeline import run
 from tests.conftest import compose, tiny_overrides
 
@@ -323,6 +324,14 @@ def test_lmms_task_writes_a_local_question_set(colour_set, tmp_path):
     assert isinstance(utils.doc_to_visual(rows[0])[0], Image.Image)
     assert utils.process_results(rows[0], [rows[0]["answer"].upper() + "."]) == {"accuracy": 1.0}
     assert utils.process_results(rows[0], ["no such colour"]) == {"accuracy": 0.0}
+
+
+def test_a_metric_that_is_not_finite_is_null_in_report_json_and_nan_in_the_table(tmp_path):
+    result = {"label": "a", "sets": {}, "probe": {"n": 3, "pooled": {"cka": float("nan"), "mutual_knn": 0.5}}}
+    files = write_report([result], [], {"plots": False}, tmp_path)
+    report = json.loads(files["json"].read_text(), parse_constant=pytest.fail)  # strict: no bare NaN
+    assert report["checkpoints"][0]["probe"]["pooled"] == {"cka": None, "mutual_knn": 0.5}
+    assert "| pooled/cka | nan |" in files["md"].read_text()
 
 
 def test_paired_difference_hand_checked():

@@ -7,6 +7,8 @@ and frozen heads included.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -169,6 +171,49 @@ def test_feature_cache_trains_exactly_like_live_features_and_is_reused(colour_se
                 "stages.pretrain.parts.vision=full",
             )
         )
+
+
+def test_a_swap_of_two_weight_rows_is_another_tower(tiny_model):
+    from alignlm.training.feature_cache import tower_fingerprint
+
+    model = tiny_model()
+    before = tower_fingerprint(model, {"name": "tiny"})
+    weight = next(p for p in model.vision.parameters() if p.dim() == 2 and not torch.equal(p[0], p[1]))
+    with torch.no_grad():
+        weight[[0, 1]] = weight[[1, 0]]  # same sum and sum of squares, other features
+    assert tower_fingerprint(model, {"name": "tiny"}) != before
+
+
+def test_a_damaged_feature_cache_is_refused_when_opened_and_never_written_with_nan(tmp_path):
+    from safetensors.torch import save_file
+
+    from alignlm.data.feature_cache import FeatureCache
+    from alignlm.data.records import DataError
+
+    with pytest.raises(DataError, match="not finite: not cached"):
+        FeatureCache(tmp_path / "nan").write("a", ["x.png"], torch.tensor([[[0.0, float("nan")]]]))
+    assert not (tmp_path / "nan").exists() or not list((tmp_path / "nan").iterdir())
+    good = FeatureCache(tmp_path / "ok")
+    good.write("a", ["x.png", "y.png"], torch.zeros(2, 3, 4))
+    assert FeatureCache(tmp_path / "ok").layout == ((3, 4), "F32")
+    for name, tensors, ids, match in [
+        (
+            "rows",
+            {"features": torch.zeros(2, 3, 4)},
+            ["a", "b", "c"],
+            "one image per row",
+        ),  # once an IndexError mid-run
+        ("ids", {"features": torch.zeros(1, 3, 4)}, "not json", "cannot be read"),
+        ("tensor", {"other": torch.zeros(1, 3, 4)}, ["a"], "no 'features' tensor"),
+        ("shape", {"features": torch.zeros(1, 5, 4)}, ["z"], r"holds \(5, 4\) F32 features per image"),
+    ]:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "0.safetensors").write_bytes((tmp_path / "ok" / "a.safetensors").read_bytes())
+        meta = {"ids": ids if isinstance(ids, str) else json.dumps(ids)}
+        save_file(tensors, str(folder / "1.safetensors"), metadata=meta)
+        with pytest.raises(DataError, match=match):
+            FeatureCache(folder)
 
 
 # ---- checkpointing per part, compilation ------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import struct
 import zlib
 from collections import Counter
@@ -20,6 +21,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from alignlm.commands import main
 from alignlm.data.build import build_dataset
@@ -28,7 +31,7 @@ from alignlm.data.images import load_rgb
 from alignlm.data.llava import LlavaDataset
 from alignlm.data.records import DataError, Source, image_problem, record_images
 from alignlm.data.templates import get_template, special_ids, to_turns, tokenize
-from alignlm.models.io import UnsafeConfigError, load_model, safe_model_config
+from alignlm.models.io import UnsafeConfigError, config_yaml, load_checkpoint_config, load_model, safe_model_config
 from alignlm.models.probes import load_probe_set
 from alignlm.pipeline import run
 from alignlm.training import checkpoint as ckpt
@@ -73,6 +76,37 @@ def test_a_hostile_config_runs_nothing(final_dir, tmp_path):
     with pytest.raises(UnsafeConfigError):
         main(["export", str(final_dir), str(tmp_path / "out")])
     assert victim.read_text() == "precious" and not (tmp_path / "out").exists()
+
+
+def test_a_handed_over_config_that_reads_the_environment_is_refused(final_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("ALIGNLM_TEST_SECRET", "hunter2")
+    config = final_dir / "config.yaml"
+    config.write_text(config.read_text().replace("run_name: t\n", "run_name: ${oc.env:ALIGNLM_TEST_SECRET}\n", 1))
+    for attempt in (lambda: load_model(final_dir), lambda: main(["export", str(final_dir), str(tmp_path / "hf")])):
+        with pytest.raises(UnsafeConfigError, match=r"run_name holds the interpolation '\$\{oc.env") as e:
+            attempt()  # the export once wrote the secret into the model card it makes for the Hub
+        assert "hunter2" not in str(e.value)
+    assert not (tmp_path / "hf").exists()
+
+
+def test_a_literal_dollar_brace_in_a_value_round_trips_through_a_checkpoint_config(tmp_path):
+    cfg = OmegaConf.create({"prompt": "\\${not} an interpolation", "copy": "${prompt}", "rows": ["a ${prompt}"]})
+    (tmp_path / "config.yaml").write_text(config_yaml(cfg))
+    back = OmegaConf.to_container(load_checkpoint_config(tmp_path / "config.yaml"), resolve=True)
+    assert back == {"prompt": "${not} an interpolation", "copy": "${not} an interpolation",
+                    "rows": ["a ${not} an interpolation"]}  # fmt: skip
+
+
+def test_weights_holding_nan_are_refused_on_load(final_dir):
+    weights = final_dir / "model.safetensors"
+    with safe_open(str(weights), "pt") as f:
+        metadata = f.metadata()
+    state = load_file(str(weights))
+    name = sorted(k for k, v in state.items() if v.is_floating_point())[0]
+    state[name].view(-1)[0] = float("nan")
+    save_file(state, str(weights), metadata=metadata)
+    with pytest.raises(ValueError, match=f"checkpoint weights hold NaN: \\['{re.escape(name)}'\\]"):
+        load_model(final_dir)
 
 
 def test_remote_code_shipped_with_weights_never_runs(final_dir, tmp_path):
@@ -297,6 +331,24 @@ def test_a_truncated_newest_checkpoint_resumes_from_the_previous_one(colour_set,
     losses = read_losses(tmp_path / "broken" / "pretrain")
     assert losses == pytest.approx(read_losses(tmp_path / "full" / "pretrain"), rel=1e-6)
     assert summary["stages"]["pretrain"]["steps"] == 6  # the whole stage, every resumed segment
+
+
+def test_a_manifest_that_is_not_one_is_a_reason_to_pass_the_checkpoint_by_not_a_crash(tmp_path):
+    (tmp_path / "trainable.safetensors").write_bytes(b"weights")
+    (tmp_path / "trainer_state.json").write_text("{}")
+    ckpt.write_manifest(tmp_path)
+    assert ckpt.verify(tmp_path) is None
+    whole = json.loads((tmp_path / ckpt.MANIFEST).read_text())
+    outside = tmp_path.parent / "victim.bin"
+    outside.write_bytes(b"x")
+    for bad, why in [
+        ([], "is not a manifest"),
+        ({"trainable.safetensors": 5}, "is not a manifest"),
+        ({**whole, "../victim.bin": {"bytes": 1, "sha256": ckpt._sha256(outside)}}, "is not a manifest"),
+        ({}, "trainable.safetensors is not in the manifest"),  # an empty manifest once vouched for any files
+    ]:
+        (tmp_path / ckpt.MANIFEST).write_text(json.dumps(bad))
+        assert why in ckpt.verify(tmp_path)  # the trainer then resumes from an older checkpoint, naming this one
 
 
 def test_resuming_with_another_global_batch_is_refused_unless_allowed(colour_set, tmp_path):

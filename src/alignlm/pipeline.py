@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from alignlm.config import instantiate
 from alignlm.data import GENERATORS
 from alignlm.evaluation.evaluate import answer_accuracy
+from alignlm.evaluation.report import json_values
 from alignlm.models.build import build_model
 from alignlm.models.device import cpu_only
 from alignlm.models.io import load_final_weights
@@ -269,7 +270,7 @@ def _run(cfg: DictConfig, acc: Accelerator) -> dict[str, Any]:
             summary["eval"] = evaluate_final(cfg, final, acc.device)
     if acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        (run_dir / "summary.json").write_text(json.dumps(json_values(summary), indent=2, allow_nan=False))
         log.info("\n%s", pipeline_table(summary))
     acc.wait_for_everyone()
     return summary

@@ -37,11 +37,33 @@ class FeatureCache:
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
         self.where: dict[str, tuple[Path, int]] = {}
+        self.layout: tuple[tuple[int, ...], str] | None = None  # (shape of one image's features, dtype), all shards
         for shard in sorted(self.folder.glob("*.safetensors")) if self.folder.exists() else []:
-            with safe_open(str(shard), "pt") as f:
-                ids = json.loads((f.metadata() or {}).get("ids", "[]"))
+            ids = self._check(shard)
             self.where.update({key: (shard, row) for row, key in enumerate(ids)})
         self._handles: dict[Path, Any] = {}
+
+    def _check(self, shard: Path) -> list[str]:
+        """A shard's ids, once its index, rows, shape and dtype agree (a damaged shard fails here, at start-up, not
+        at the step that first reads it)."""
+        try:
+            with safe_open(str(shard), "pt") as f:
+                ids = json.loads((f.metadata() or {}).get("ids", "[]"))
+                if TENSOR not in f.keys():
+                    raise ValueError(f"no {TENSOR!r} tensor")
+                part = f.get_slice(TENSOR)
+                shape, dtype = tuple(part.get_shape()), str(part.get_dtype())
+        except Exception as e:  # noqa: BLE001 - whatever the file holds, the message names it
+            raise DataError(f"feature cache shard {shard} cannot be read: {type(e).__name__}: {e}") from e
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids) or len(ids) != shape[0]:
+            raise DataError(f"feature cache shard {shard}: its index does not list one image per row of {shape}")
+        if self.layout is not None and (shape[1:], dtype) != self.layout:
+            raise DataError(
+                f"feature cache shard {shard} holds {shape[1:]} {dtype} features per image, the folder's others "
+                f"{self.layout[0]} {self.layout[1]}"
+            )
+        self.layout = (shape[1:], dtype)
+        return ids
 
     def __getstate__(self) -> dict[str, Any]:  # data-loader workers open their own handles
         return {**self.__dict__, "_handles": {}}
@@ -66,6 +88,8 @@ class FeatureCache:
         path = self.folder / f"{name}.safetensors"
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         keys = [image_key(p) for p in paths]
+        if not bool(torch.isfinite(features).all()):
+            raise DataError(f"the tower's features of {len(paths)} images, e.g. {paths[0]}, are not finite: not cached")
         save_file({TENSOR: features.detach().cpu().contiguous()}, str(tmp), metadata={"ids": json.dumps(keys)})
         os.replace(tmp, path)
         self.where.update({key: (path, row) for row, key in enumerate(keys)})

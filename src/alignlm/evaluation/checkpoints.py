@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
 
 from alignlm.models.build import build_model
-from alignlm.models.io import load_model, load_part_state, safe_model_config
+from alignlm.models.io import load_checkpoint_config, load_model, load_part_state, safe_model_config
 from alignlm.training.checkpoint import load_init, resolve_init, step_dirs
 from alignlm.training.stages import apply_stage, merge_lora
 
@@ -86,7 +86,7 @@ def resolve(paths: list[str]) -> list[Checkpoint]:
                     f"{p} is neither a final/ folder, a step checkpoint, a stage folder nor a run folder "
                     "(no model.safetensors + config.yaml, no trainable.safetensors + trainer_state.json)"
                 )
-            order = list(OmegaConf.load(finals[-1] / "config.yaml").get("run") or [])
+            order = list(load_checkpoint_config(finals[-1] / "config.yaml").get("run") or [])
             finals.sort(
                 key=lambda f: (order.index(f.parent.name) if f.parent.name in order else len(order), f.parent.name)
             )
@@ -98,7 +98,7 @@ def stage_config(ck: Checkpoint) -> DictConfig:
     """The resolved training config the checkpoint was trained with."""
     for candidate in (ck.path / "config.yaml", ck.stage_dir / "config.yaml", ck.stage_dir / "final" / "config.yaml"):
         if candidate.exists():
-            return OmegaConf.load(candidate)
+            return load_checkpoint_config(candidate)
     raise FileNotFoundError(f"no config.yaml for {ck.path}: looked in the checkpoint, {ck.stage_dir} and its final/")
 
 

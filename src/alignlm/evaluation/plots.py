@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
-from omegaconf import OmegaConf
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
+
+from alignlm.models.io import load_checkpoint_config  # noqa: E402
 
 COLOURS = {"image": "tab:blue", "text": "tab:red"}
 _SAVE = {"dpi": 90, "metadata": {"Software": None}}  # no version string: same inputs, same bytes
@@ -160,7 +161,7 @@ def _stage_dirs(run: Path) -> list[Path]:
     dirs = [d for d in sorted(run.iterdir()) if (d / "metrics.jsonl").exists()] if run.is_dir() else []
     cfg = next((d / f for d in dirs for f in ("config.yaml", "final/config.yaml") if (d / f).exists()), None)
     if cfg is not None:
-        order = list(OmegaConf.load(cfg).get("run") or [])
+        order = list(load_checkpoint_config(cfg).get("run") or [])
         return sorted(dirs, key=lambda d: (order.index(d.name) if d.name in order else len(order), d.name))
     return dirs
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -46,6 +47,18 @@ def rounded(x: Any) -> Any:
         return {str(k): rounded(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [rounded(v) for v in x]
+    return x
+
+
+def json_values(x: Any) -> Any:
+    """The report for ``report.json``: a value that is not finite (CKA of a probe set whose items are all alike) is
+    null there, where strict JSON readers would refuse a bare ``NaN``; the tables show it as ``nan``."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, Mapping):
+        return {k: json_values(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [json_values(v) for v in x]
     return x
 
 
@@ -157,7 +170,7 @@ def write_report(
     plot = bool(ecfg.get("plots", True))
     report = rounded({"config": config, "checkpoints": results, "paired": paired.against_first(results)})
     files = {"json": out / "report.json", "md": out / "report.md"}
-    files["json"].write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    files["json"].write_text(json.dumps(json_values(report), indent=2, sort_keys=True, allow_nan=False) + "\n")
     files["md"].write_text(markdown(report["checkpoints"], report["paired"]))
     if plot:
         files.update(write_plots(report["checkpoints"], features, out))

@@ -32,7 +32,7 @@ from transformers import (
 from alignlm.constants import IMAGE_TOKEN
 from alignlm.data.templates import get_template, special_ids, to_turns, tokenize
 from alignlm.models.connectors.mlp import MLPConnector
-from alignlm.models.io import load_model
+from alignlm.models.io import config_yaml, load_checkpoint_config, load_model
 from alignlm.models.mllm import AlignLM
 from alignlm.models.vision import HFVisionTower
 
@@ -238,7 +238,7 @@ def model_card(cfg: Any, summary: dict[str, Any] | None) -> str:
         lines += [
             f"| {k} | {v['n']} | {100 * v['accuracy']:.1f} % | {100 * v['chance']:.1f} % |" for k, v in evals.items()
         ]
-    lines += ["", "## alignlm config", "", "```yaml", OmegaConf.to_yaml(cfg, resolve=True).rstrip(), "```", ""]
+    lines += ["", "## alignlm config", "", "```yaml", config_yaml(cfg).rstrip(), "```", ""]
     return "\n".join(lines)
 
 
@@ -270,7 +270,7 @@ def export(
     """``alignlm export``: a ``final/`` checkpoint -> a transformers Llava directory (config, weights, processor, card)."""
     final_dir, out_dir = Path(final_dir), Path(out_dir)
     model = load_model(final_dir, allow_code, trust_remote_code)
-    cfg = OmegaConf.load(final_dir / "config.yaml")
+    cfg = load_checkpoint_config(final_dir / "config.yaml")
     hf = to_llava(model)  # raises ExportError before anything is written
     data = cfg.stages[cfg.run[-1]].data
     args = data.get("template_args")
@@ -283,7 +283,7 @@ def export(
     summary_file = final_dir.parent.parent / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.exists() else None
     (out_dir / "README.md").write_text(model_card(cfg, summary), encoding="utf-8")
-    (out_dir / "alignlm_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
+    (out_dir / "alignlm_config.yaml").write_text(config_yaml(cfg), encoding="utf-8")
     return out_dir
 
 

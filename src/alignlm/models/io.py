@@ -12,6 +12,7 @@ only when the caller sets it (``--trust-remote-code``).
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,46 @@ LOADERS = {  # and these functions, which return parts
 
 class UnsafeConfigError(ValueError):
     """A checkpoint's config names code alignlm does not build on its own authority."""
+
+
+_UNESCAPED = re.compile(r"(?<!\\)\$\{")  # an interpolation's start; "\${" is a literal "${"
+
+
+def config_yaml(cfg: DictConfig) -> str:
+    """A config resolved, as YAML that loads back to the same values and holds no interpolation: a literal ``${`` in
+    a value (a prompt that shows one) is escaped, which ``OmegaConf.to_yaml(resolve=True)`` leaves bare."""
+
+    def escape(node: Any) -> Any:
+        if isinstance(node, str):
+            return _UNESCAPED.sub(lambda _: "\\${", node)
+        if isinstance(node, dict):
+            return {k: escape(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [escape(v) for v in node]
+        return node
+
+    return OmegaConf.to_yaml(OmegaConf.create(escape(OmegaConf.to_container(cfg, resolve=True))))
+
+
+def load_checkpoint_config(path: str | Path) -> DictConfig:
+    """A checkpoint's ``config.yaml``, which alignlm writes resolved (``config_yaml``). An interpolation in it was
+    written by someone else and would run when read (``${oc.env:...}`` reads the environment into an export's model
+    card): refused, naming the key."""
+    cfg = OmegaConf.load(path)
+
+    def find(node: Any, key: str) -> tuple[str, str] | None:
+        if isinstance(node, str):
+            return (key, node) if _UNESCAPED.search(node) else None
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        return next((found for k, v in items if (found := find(v, f"{key}.{k}" if key else str(k)))), None)
+
+    bad = find(OmegaConf.to_container(cfg, resolve=False), "")
+    if bad is not None:
+        raise UnsafeConfigError(
+            f"{path}: {bad[0]} holds the interpolation {bad[1]!r}; alignlm writes checkpoint configs resolved, so this "
+            "one was edited: refused (a checkpoint is data)"
+        )
+    return cfg
 
 
 def safe_model_config(node: Any, allow_code: bool = False, trust_remote_code: bool = False) -> DictConfig:
@@ -127,6 +168,9 @@ def load_part_state(model: nn.Module, state: dict[str, torch.Tensor], parts: Ite
     connector upcycles a dense connector's weights this way).
     """
     state = adapt_parts(model, state, parts)
+    nan = [k for k, v in state.items() if v.is_floating_point() and bool(torch.isnan(v).any())]
+    if nan:
+        raise ValueError(f"checkpoint weights hold NaN: {sorted(nan)[:5]} ({len(nan)} tensors); nothing was loaded")
     full = model.state_dict()
     wanted = {k for k in full if k.split(".", 1)[0] in set(parts)}
     check_known_keys(state, full)
@@ -173,7 +217,7 @@ def load_model(final_dir: str | Path, allow_code: bool = False, trust_remote_cod
     """Rebuild a trained model from a ``final/`` folder: its saved config (checked, see the module docstring), then
     its weights."""
     final_dir = Path(final_dir)
-    cfg = OmegaConf.load(final_dir / "config.yaml")
+    cfg = load_checkpoint_config(final_dir / "config.yaml")
     model = build_model(safe_model_config(cfg.model, allow_code, trust_remote_code))
     load_final_weights(model, final_dir)
     model.eval()

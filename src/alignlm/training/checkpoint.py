@@ -130,8 +130,17 @@ def verify(folder: Path) -> str | None:
         return None
     try:
         files = json.loads(manifest.read_text())
-    except json.JSONDecodeError:
+    except (UnicodeDecodeError, json.JSONDecodeError):
         return f"{manifest} is not valid JSON"
+    if not isinstance(files, dict) or not all(
+        isinstance(name, str) and name == Path(name).name and name not in ("", ".", "..")
+        and isinstance(want, dict) and isinstance(want.get("bytes"), int) and isinstance(want.get("sha256"), str)
+        for name, want in files.items()
+    ):  # fmt: skip
+        return f"{manifest} is not a manifest (file names in this folder, each with its bytes and sha256)"
+    unlisted = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != MANIFEST and p.name not in files)
+    if unlisted:
+        return f"{folder / unlisted[0]} is not in the manifest"
     for name, want in files.items():
         path = folder / name
         if not path.exists():

@@ -25,14 +25,13 @@ SHARD = 4096  # images per cache shard
 
 
 def tower_fingerprint(model: AlignLM, vision_cfg: Any) -> str:
-    """The tower's config and weights (the exact float64 sum and sum of squares of every tensor), hashed."""
+    """The tower's config and the bytes of every weight, hashed: any change of a weight, a swap of two rows
+    included, is another cache (once a sum and a sum of squares per tensor, which a swap leaves equal)."""
     digest = hashlib.sha256(OmegaConf.to_yaml(vision_cfg, resolve=True).encode())
     with torch.no_grad():
         for name, tensor in model.vision.state_dict().items():
-            t = tensor.detach().double()
-            digest.update(
-                f"{name}:{tuple(tensor.shape)}:{tensor.dtype}:{t.sum().item()!r}:{t.square().sum().item()!r}".encode()
-            )
+            digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}:".encode())
+            digest.update(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
     digest.update(repr(model.image_spec).encode())
     return digest.hexdigest()[:16]
 

@@ -42,6 +42,7 @@ from alignlm.data.collate import Collator
 from alignlm.data.records import TRUNCATED, DataError
 from alignlm.data.report import DataReport
 from alignlm.models.build import build_model
+from alignlm.models.io import config_yaml
 from alignlm.models.mllm import AlignLM
 from alignlm.objectives.base import Objective, check_batch
 from alignlm.training import checkpoint as ckpt
@@ -628,7 +629,7 @@ class Trainer:
             self.start_step,
         )
         if acc.is_main_process:  # what eval needs to rebuild a step checkpoint before final/ exists
-            (self.dir / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
+            (self.dir / "config.yaml").write_text(config_yaml(self.cfg))
         batches = iter(self.loader())
         accum, every = int(st.grad_accum), int(self.cfg.logging.get("every") or LOG_EVERY)
         stop_at = min(self.total_steps, self.start_step + int(self.cfg.stop_after_steps or self.total_steps))
@@ -828,7 +829,7 @@ class Trainer:
         if full is None or self.acc.is_main_process:
             merge_lora(model)
         if self.acc.is_main_process:
-            ckpt.save_final(final, model, OmegaConf.to_yaml(self.cfg, resolve=True), self.saved_parts)
+            ckpt.save_final(final, model, config_yaml(self.cfg), self.saved_parts)
         self.acc.wait_for_everyone()
         return final
 

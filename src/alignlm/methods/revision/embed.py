@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from alignlm.data.images import load_rgb
-from alignlm.data.records import image_names, read_records, record_caption
+from alignlm.data.records import image_names, image_paths, read_records, record_caption
 from alignlm.methods.revision.shards import open_shard, shard_metadata, write_shard
 from alignlm.models.encoders import DualEncoder
 
@@ -44,8 +44,8 @@ def collect_images(source: str | Path, image_root: str | Path | None = None) -> 
     root = Path(image_root) if image_root else source.parent
     seen: dict[str, Path] = {}
     for rec in read_records(source):
-        for name in image_names(rec):
-            seen.setdefault(name, root / name)
+        for name, path in zip(image_names(rec), image_paths(rec, root)):
+            seen.setdefault(name, path)
     if not seen:
         raise ValueError(f"{source}: no images (records need an 'image' field, or pass an image folder)")
     return list(seen.items())
