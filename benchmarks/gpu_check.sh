@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks of one session on a CUDA machine, every result written to $OUT as it comes, all within one deadline:
-# the machine and a pre-flight (what is missing to import), then the parts named in PARTS (default all three, in order):
+# the machine and a pre-flight (what is missing to import), then the parts named in PARTS, in the order named (default
+# "gputests bench strategies suite"):
+#   gputests    the tests only a GPU runs (tests/test_gpu.py, the CUDA metrics check), verbose, first: a minute or two
 #   bench       throughput points of benchmarks/train_throughput.py (alignlm against transformers' Llava), the issue's
 #               three targets first; batches follow the card's memory (under 100 GiB: 1.1B finetune at 8, 7B stage 1
 #               at 16), and a point that runs out of memory is run once more at half its batch (NAME_b<half>.json)
@@ -12,6 +14,7 @@
 # left, and a part with under 40 s left is skipped (logged). Run from the repository root with alignlm importable:
 #   OUT=gpu_out bash benchmarks/gpu_check.sh
 #   PARTS="strategies suite" OUT=gpu_out DEADLINE=560 bash benchmarks/gpu_check.sh
+# The whole suite runs on 16 processes where pytest-xdist is installed, else on one.
 # The suite's DeepSpeed GPU checks (tests/test_gpu.py, zero2/zero3 vs DDP) skip unless deepspeed is importable: on a
 # machine without it, carry its pure-Python package (and einops, msgpack) with the others on PYTHONPATH.
 set -u
@@ -31,14 +34,18 @@ budget() {  # the timeout of a part: its own (default $2), cut to the time left 
 }
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  df -h /dev/shm | tail -n 1  # data-loader workers pass batches through it (a container's 64 MB default is too small)
   python3 -c "import torch, transformers, accelerate, peft; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'peft', peft.__version__)"
 } > "$OUT/machine.txt" 2>&1
 log "machine: $(tr '\n' ' ' < "$OUT/machine.txt")"
 timeout -k 5 60 python3 - > "$OUT/preflight.txt" 2>&1 <<'PY'
 import importlib, importlib.util
-need = ["hydra", "omegaconf", "PIL", "matplotlib", "numpy", "safetensors", "deepspeed", "einops", "msgpack"]
+import shutil
+need = ["hydra", "omegaconf", "PIL", "matplotlib", "numpy", "safetensors", "deepspeed", "einops", "msgpack", "pytest",
+        "xdist"]
 print("missing:", [m for m in need if importlib.util.find_spec(m) is None])
+print("ninja:", shutil.which("ninja"), "c++:", shutil.which("c++") or shutil.which("g++"))  # DeepSpeed's CPU tests build
 for module in ("alignlm.commands", "alignlm.pipeline", "deepspeed"):
     try:
         importlib.import_module(module)
@@ -70,39 +77,52 @@ bench() {  # as run_bench; out of memory at BATCH (either side), once more at ha
   fi
 }
 
-has() { [[ " ${PARTS:-bench strategies suite} " == *" $1 "* ]]; }
+part_gputests() {
+  local limit
+  limit=$(budget "${GPUTESTS_TIMEOUT:-180}")
+  if ((limit == 0)); then log "gputests: skipped, $(left) s left" && return; fi
+  log "pytest, the GPU-only tests (timeout $limit s)"
+  timeout -k 10 "$limit" python3 -m pytest -v -p no:cacheprovider -p no:randomly --tb=short tests/test_gpu.py \
+    "tests/test_metrics.py::test_cuda_matches_cpu" > "$OUT/pytest_gpu.txt" 2>&1
+  log "  rc=$? $(tail -n 1 "$OUT/pytest_gpu.txt")"
+}
 
-if has bench; then
+part_bench() {
   bench ft_1.1b_32k "$FT_BATCH" --size 1.1b --stage finetune --vocab 32000 --steps 10 --warmup 3
   bench pt_7b_32k "$PT7_BATCH" --size 7b --stage pretrain --vocab 32000 --steps 6 --warmup 3 --no-peer
   bench pt_1.1b_cached 32 --size 1.1b --stage pretrain --vocab 32000 --steps 10 --warmup 3 --cached-features
   # packing=auto pads under SDPA (no flash-attn on the machine): the same point packed says whether SDPA should pack
   bench ft_1.1b_32k_packed "$FT_BATCH" --size 1.1b --stage finetune --vocab 32000 --steps 10 --warmup 3 --no-peer \
     --packing true
-fi
+}
 
-if has strategies; then
+part_strategies() {
+  local limit
   limit=$(budget "${STRATEGIES_TIMEOUT:-420}")
-  if ((limit == 0)); then
-    log "strategies: skipped, $(left) s left"
-  else
-    log "strategies: 1.1b finetune, ${STRATEGY_STEPS:-50} steps, ddp / zero2 / zero3 / fsdp2 (stop halfway, resume; timeout $limit s)"
-    timeout -k 15 "$limit" python3 benchmarks/strategies.py --size 1.1b --vocab 32000 --batch 8 \
-      --steps "${STRATEGY_STEPS:-50}" --timeout 150 --out "$OUT/strategies" --work "$WORK/strategies" \
-      > "$OUT/strategies.txt" 2>&1
-    log "  rc=$? $(tail -n 6 "$OUT/strategies.txt" | tr '\n' ' ')"
-  fi
-fi
+  if ((limit == 0)); then log "strategies: skipped, $(left) s left" && return; fi
+  log "strategies: 1.1b finetune, ${STRATEGY_STEPS:-50} steps, ddp / zero2 / zero3 / fsdp2 (stop halfway, resume; timeout $limit s)"
+  timeout -k 15 "$limit" python3 benchmarks/strategies.py --size 1.1b --vocab 32000 --batch 8 \
+    --steps "${STRATEGY_STEPS:-50}" --timeout 150 --out "$OUT/strategies" --work "$WORK/strategies" \
+    > "$OUT/strategies.txt" 2>&1
+  log "  rc=$? $(tail -n 6 "$OUT/strategies.txt" | tr '\n' ' ')"
+}
 
-if has suite; then
+part_suite() {
+  local limit workers=()
   limit=$(budget "${TEST_TIMEOUT:-240}")
-  if ((limit == 0)); then
-    log "suite: skipped, $(left) s left"
-  else
-    log "pytest, the whole suite (timeout $limit s)"
-    timeout -k 10 "$limit" python3 -m pytest -q -n 16 -p no:cacheprovider > "$OUT/pytest.txt" 2>&1
-    log "  rc=$? $(tail -n 1 "$OUT/pytest.txt")"
-  fi
-fi
+  if ((limit == 0)); then log "suite: skipped, $(left) s left" && return; fi
+  python3 -c "import xdist" 2> /dev/null && workers=(-n 16)
+  log "pytest, the whole suite ${workers[*]} (timeout $limit s)"
+  timeout -k 10 "$limit" python3 -m pytest -q "${workers[@]}" -p no:cacheprovider --tb=short --maxfail=10 \
+    > "$OUT/pytest.txt" 2>&1
+  log "  rc=$? $(tail -n 1 "$OUT/pytest.txt")"
+}
+
+for part in ${PARTS:-gputests bench strategies suite}; do
+  case $part in
+    gputests | bench | strategies | suite) "part_$part" ;;
+    *) log "unknown part $part (gputests, bench, strategies, suite): skipped" ;;
+  esac
+done
 
 log done

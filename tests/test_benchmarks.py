@@ -64,3 +64,33 @@ def test_strategies_benchmark_stops_resumes_and_matches_plain_training(tmp_path)
     assert [p["returncode"] for p in other["processes"]] == [75, 0]
     assert other["losses"] == pytest.approx(ddp["losses"], rel=1e-5) and len(ddp["losses"]) == 4
     assert f"| {sharded} |" in (tmp_path / "strategies.md").read_text()
+
+
+def test_the_gpu_check_runs_its_parts_in_the_order_named_within_its_deadline(tmp_path):
+    """benchmarks/gpu_check.sh on a stand-in machine (nvidia-smi and python3 faked): parts in PARTS order, an unknown
+    one named, a part that no longer fits the deadline skipped and logged."""
+    import os
+    import subprocess
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "nvidia-smi").write_text('#!/bin/bash\n[[ "$*" == *noheader* ]] && echo 81559 || echo "H100, 81559 MiB"\n')
+    (fake / "python3").write_text(
+        '#!/bin/bash\n[[ "$1" == - || "$1" == -c ]] && echo "missing: []" && exit\necho "ran $*"; sleep "${NAP:-0}"\n'
+    )
+    for f in fake.iterdir():
+        f.chmod(0o755)
+    root = Path(__file__).parents[1]
+
+    def check(parts: str, deadline: int, nap: int = 0) -> str:
+        out = tmp_path / f"out_{deadline}"
+        env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "OUT": str(out), "PARTS": parts}
+        env.update(DEADLINE=str(deadline), NAP=str(nap))
+        subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=root, env=env, check=True, capture_output=True)
+        return (out / "log.txt").read_text()
+
+    log = check("suite gputests nonsense", 600)
+    assert log.index("the whole suite") < log.index("the GPU-only tests") < log.index("unknown part nonsense")
+    assert "pre-flight: missing: []" in log and "rc=0 ran -m pytest" in log
+    log = check("gputests suite", 60, nap=8)  # the GPU tests take 8 s of 60: under 40 s left (less a margin of 15)
+    assert "the GPU-only tests" in log and "suite: skipped" in log

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -72,6 +73,24 @@ def fault(action: str, after: int) -> list[str]:
         f"+stages.pretrain.data.hooks.fault.after={after}",
         f"+stages.pretrain.data.hooks.fault.action={action}",
     ]
+
+
+def deepspeed_on_cpu() -> None:
+    """Skip unless DeepSpeed's CPU accelerator can run here: it compiles its shared-memory op at first use, with ninja
+    and a C++ compiler (a GPU machine may have neither; its GPU path needs no build)."""
+    pytest.importorskip("deepspeed")
+    from torch.utils.cpp_extension import is_ninja_available
+
+    if not is_ninja_available() or not (shutil.which("c++") or shutil.which("g++")):
+        pytest.skip("DeepSpeed's CPU accelerator builds its shared-memory op with ninja and a C++ compiler: not here")
+
+
+def partitioning_zero3(tmp_path: Path) -> list[str]:
+    """A DeepSpeed JSON that partitions every parameter under ZeRO-3: by default it keeps whole any of under 100k
+    elements, which is every parameter of the tiny model, so the gathers and releases would never run."""
+    path = tmp_path / "partition_all.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 0}}))
+    return [f"distributed.deepspeed_config={path}"]
 
 
 def base(colour_set, tmp_path, *extra: str) -> list[str]:
@@ -251,7 +270,7 @@ def test_fsdp2_refuses_what_it_cannot_do(colour_set, tmp_path):
 def test_an_accelerate_deepspeed_config_launches_zero3_with_offloading(colour_set, tmp_path):
     """`accelerate launch --config_file configs/accelerate/zero3_offload.yaml` (2 CPU processes) trains under ZeRO-3
     with the optimizer and the parameters offloaded: the launch config chose the strategy (distributed.strategy=auto)."""
-    pytest.importorskip("deepspeed")
+    deepspeed_on_cpu()
     # CPU ranks on a GPU machine too: accelerate's DeepSpeed launcher has no --cpu, the variable reaches the ranks
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     launch = [
@@ -318,7 +337,7 @@ def test_sharded_training_matches_one_process_and_resumes_exactly(colour_set, tm
     one), stopped after step 5 and resumed, give the losses (fp32, rel. 1e-5) and the final weights of one DDP process
     with the same global batch."""
     if strategy.startswith("zero"):
-        pytest.importorskip("deepspeed")
+        deepspeed_on_cpu()
     from safetensors.torch import load_file
 
     mixed = with_text_only_records(Path(colour_set["instruct"]))
@@ -331,7 +350,8 @@ def test_sharded_training_matches_one_process_and_resumes_exactly(colour_set, tm
         "stages.finetune.per_device_batch_size=1",
         "stages.pretrain.max_steps=16",  # 20 steps in all with the finetuning's 4
     ]
-    job = base(colour_set, tmp_path, f"run_name={strategy}", f"launcher={strategy}", *stages)
+    partition = partitioning_zero3(tmp_path) if strategy == "zero3" else []
+    job = base(colour_set, tmp_path, f"run_name={strategy}", f"launcher={strategy}", *stages, *partition)
     accumulate = ["stages.pretrain.grad_accum=2", "stages.finetune.grad_accum=2"]
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # DeepSpeed's ranks stay on the CPU on a GPU machine too
     assert torchrun([*job, *accumulate, "stop_after_steps=5"]).returncode != 0  # stopped (75 from each rank)
@@ -390,9 +410,10 @@ def test_zero3_partitions_objective_parameters_and_resumes_like_ddp(colour_set, 
         "stages.pretrain.max_steps=4",
         "mixed_precision=no",
     ]
+    zero = ["run_name=zero", f"launcher={launcher}", *partitioning_zero3(tmp_path)]
     with pytest.raises(StopTraining):
-        run(compose(*job, "run_name=zero", f"launcher={launcher}", "stop_after_steps=2"))
-    run(compose(*job, "run_name=zero", f"launcher={launcher}"))
+        run(compose(*job, *zero, "stop_after_steps=2"))
+    run(compose(*job, *zero))
     run(compose(*job, "run_name=ddp"))
     rows = {
         r: [json.loads(x) for x in (tmp_path / r / "pretrain" / "metrics.jsonl").read_text().splitlines()]

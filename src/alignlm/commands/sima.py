@@ -1,7 +1,8 @@
 """SIMA's commands: ``alignlm sima generate`` writes self-generated, self-judged preference records from a finetuned
 checkpoint; ``alignlm sima check`` scores the judge against the reference answers (docs/methods.md, SIMA).
 
-    alignlm sima generate outputs/demo/finetune/final --set digits=data/digits/instruct.json --out outputs/sima/prefs
+    alignlm sima generate outputs/demo/finetune/final --set digits=data/digits/instruct.json --out outputs/sima/prefs \\
+        --keep-inconsistent   # the demo's judge answers "A" in both orders: without it, no pair is kept
     alignlm sima check outputs/sima/prefs
 """
 

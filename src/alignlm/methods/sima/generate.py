@@ -193,7 +193,7 @@ def prepare_preferences(
             raise ValueError(
                 f"SIMA kept no preference pair of {s['name']}: {len(pairs)} pairs judged, "
                 f"{sum(p['consistent'] for p in pairs)} with both judging orders agreeing (a judge that always answers "
-                "the same letter agrees with itself in neither order). Set drop_inconsistent=false to keep every pair "
+                "the same letter agrees with itself in neither order). Set drop_inconsistent=false (`alignlm sima generate --keep-inconsistent`) to keep every pair "
                 f"with the two orders averaged; the judged pairs are in {out_dir / (s['name'] + '.critic.json')}"
             )
         (out_dir / f"{s['name']}.json").write_text(json.dumps(records))
