@@ -253,6 +253,19 @@ def test_model_flops_count_the_tower_only_when_it_runs(tiny_model):
     assert model_flops_per_token(model, tower_runs=False) == 4 * n["connector"] + 4 * n["llm"] + 2 * other
 
 
+@pytest.mark.parametrize(
+    "name,peak",
+    [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 NVL", 835.0), ("NVIDIA H200", 989.0),
+     ("NVIDIA A100-SXM4-80GB", 312.0), ("Tesla T4", None)],
+)  # fmt: skip
+def test_mfu_divides_by_the_peak_of_the_card_by_its_name(monkeypatch, name, peak):
+    from alignlm.training.throughput import peak_tflops
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert peak_tflops("auto", torch.device("cuda", 0)) == peak  # an H100 PCIe once got the SXM card's 989
+    assert peak_tflops("auto", torch.device("cpu")) is None and peak_tflops(500, torch.device("cpu")) == 500.0
+
+
 def _unpool():
     return F.max_unpool2d(*F.max_pool2d(torch.randn(1, 1, 4, 4), 2, return_indices=True), 2)
 

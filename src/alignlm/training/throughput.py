@@ -20,8 +20,19 @@ import time
 import torch
 from torch import nn
 
-# dense bf16 peak TFLOP/s per device, by a substring of torch.cuda.get_device_name()
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
+# dense bf16 peak TFLOP/s per device, by the first substring of torch.cuda.get_device_name() found here (the PCIe
+# and NVL cards, clocked lower, before the SXM ones whose names they contain)
+PEAK_TFLOPS = {
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "H200 NVL": 835.0,
+    "H200": 989.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "A10G": 125.0,
+    "L4": 121.0,
+}
 WARMUP_STEPS = 3  # steps left out of the steady-state figures (allocator growth, kernel selection, compilation)
 
 
