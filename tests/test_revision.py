@@ -15,7 +15,7 @@ from PIL import Image
 
 from alignlm.constants import IGNORE_INDEX
 from alignlm.data.build import build_dataset
-from alignlm.data.collate import Collator
+from alignlm.data.collate import Collator, Skipped
 from alignlm.data.images import preprocess
 from alignlm.data.records import DataError
 from alignlm.methods.revision.realign import ReAlignStats, fit
@@ -147,6 +147,28 @@ def test_revision_dataset_errors_name_the_config_key(tiny_model, colour_set, tex
         build_dataset(
             {**revision_data(colour_set, folder), "hooks": {"x": {"_target_": "builtins.dict"}}}, model, seed=0
         )
+
+
+def test_embeddings_that_are_not_finite_are_never_written_and_a_row_without_direction_is_never_served(
+    tiny_model, colour_set, text_shards, tmp_path
+):
+    from safetensors.torch import save_file
+
+    folder, vectors = text_shards
+    bad = torch.stack(list(vectors.values()))
+    bad[3, 0] = float("nan")
+    with pytest.raises(ValueError, match="1 embeddings are not finite: not written"):
+        write_shard(tmp_path / "nan" / "s.safetensors", bad, shard_metadata(list(vectors), "enc", "texts"))
+    assert not (tmp_path / "nan" / "s.safetensors").exists()
+    bad[3] = 0.0  # a table written by another tool: a zero row would be served as a zero "image"
+    (tmp_path / "zero").mkdir()
+    save_file(
+        {"embeddings": bad}, str(tmp_path / "zero" / "s.safetensors"), shard_metadata(list(vectors), "enc", "texts")
+    )
+    ds = build_dataset(revision_data(colour_set, tmp_path / "zero"), tiny_model(), seed=0)
+    which = next(i for i in range(len(ds)) if ds.record(i)[1]["id"] == "p3")
+    skipped = ds[which]
+    assert isinstance(skipped, Skipped) and "'p3' is not finite or all zeros" in skipped.reason
 
 
 def test_collator_concatenates_embeddings_in_order_and_the_model_takes_them(tiny_model, colour_set, text_shards):
