@@ -130,8 +130,12 @@ def test_zero_or_non_finite_rows_are_reported_with_their_place(tmp_path, pair):
     images, texts = pair
     texts = texts.clone()
     texts[17] = float("nan")
+    with pytest.raises(ValueError, match="1 embeddings are not finite: not written"):
+        write_set(tmp_path / "refused", texts, [len(texts)])  # alignlm never writes such a shard
+    (tmp_path / "txt").mkdir()
+    np.save(tmp_path / "txt" / "shard_000.npy", texts.numpy())  # another tool's
     with pytest.raises(ValueError, match=r"shard_000.npy: row 17 "):
-        fit_tensors(tmp_path, images, texts)
+        fit(write_set(tmp_path / "img", images, [len(images)]), tmp_path / "txt")
 
 
 def test_cli_fit_then_apply_writes_stats_and_aligned_shards(tmp_path, pair, capsys):
