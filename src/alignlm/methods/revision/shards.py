@@ -173,7 +173,9 @@ def write_shard(
     path.parent.mkdir(parents=True, exist_ok=True)
     array = embeddings.detach().cpu().numpy() if isinstance(embeddings, torch.Tensor) else np.asarray(embeddings)
     if not np.isfinite(array).all():
-        raise ValueError(f"{path}: {int((~np.isfinite(array)).any(axis=-1).sum())} embeddings are not finite: not written")
+        raise ValueError(
+            f"{path}: {int((~np.isfinite(array)).any(axis=-1).sum())} embeddings are not finite: not written"
+        )
     tmp = path.with_name(f".{path.name}.tmp")
     if path.suffix == ".npy":
         with open(tmp, "wb") as f:

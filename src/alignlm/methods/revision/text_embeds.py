@@ -94,7 +94,8 @@ class TextEmbeddingHook(SampleHook):
     def load_visuals(self, inputs: list[str]) -> dict[str, torch.Tensor | None]:
         """``image_embeds`` ``[1, N, D]``: the caption's unit (ReAligned) embedding, scaled, on every visual token."""
         rows = torch.from_numpy(self.table[inputs[0]]).to(torch.float64).unsqueeze(0)
-        if not bool(torch.isfinite(rows).all() and rows.any()):  # a table written elsewhere: a zero row has no direction
+        # a table written elsewhere may hold them; a zero row has no direction to normalise
+        if not bool(torch.isfinite(rows).all() and rows.any()):
             raise DataError(f"{self.where}: the caption embedding of {inputs[0]!r} is not finite or all zeros")
         unit = F.normalize(rows, dim=-1) if self.realign is None else self.realign(rows)
         if self.embed_noise:
