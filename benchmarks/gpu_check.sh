@@ -113,7 +113,8 @@ part_suite() {
   if ((limit == 0)); then log "suite: skipped, $(left) s left" && return; fi
   python3 -c "import xdist" 2> /dev/null && workers=(-n 16)
   log "pytest, the whole suite ${workers[*]} (timeout $limit s)"
-  timeout -k 10 "$limit" python3 -m pytest -q "${workers[@]}" -p no:cacheprovider --tb=short --maxfail=10 \
+  # 16 processes of one thread each on 16 cores, not 16 x 16
+  OMP_NUM_THREADS=${OMP_NUM_THREADS:-$((${#workers[@]} ? 1 : 16))} timeout -k 10 "$limit" python3 -m pytest -q "${workers[@]}" -p no:cacheprovider --tb=short --maxfail=10 \
     > "$OUT/pytest.txt" 2>&1
   log "  rc=$? $(tail -n 1 "$OUT/pytest.txt")"
 }

@@ -96,6 +96,21 @@ def test_a_record_opening_with_a_system_turn_gets_its_image_in_the_first_questio
     assert int((s["input_ids"] == model.image_token_id).sum()) == model.num_image_tokens  # was 0: in the system text
 
 
+def test_a_system_turn_after_the_first_is_malformed_not_dropped(model, root):
+    late = record("late")
+    late["conversations"].append({"from": "system", "value": "Now answer in French."})
+    late["conversations"].append({"from": "human", "value": "Again?"})
+    late["conversations"].append({"from": "gpt", "value": "rouge"})
+    ds = dataset(model, [record("a"), late, record("b")], root)
+    assert (
+        len(ds) == 2
+        and ds.report.counts == {"malformed record": 1}
+        and ds.report.examples["malformed record"] == ["late"]
+    )
+    with pytest.raises(DataError, match=r"conversations\[2\] is a system turn: only the first turn may be one"):
+        dataset(model, [late], root, on_error="raise")
+
+
 def test_placeholder_count_mismatch(model, root):
     ds = dataset(model, [record("bad", question="<image><image> two?")], root, on_error="raise")
     with pytest.raises(DataError, match="id=bad.*2 <image> placeholders but 1 images"):

@@ -56,6 +56,8 @@ def to_turns(conversations: Sequence[dict[str, Any]]) -> list[Turn]:
             raise TemplateError(f"conversations[{i}].from={msg['from']!r} is not one of {sorted(ROLES)}")
         if not isinstance(msg["value"], str):  # never str() a number, a null or a list into training text
             raise TemplateError(f"conversations[{i}].value must be a string, got {type(msg['value']).__name__}")
+        if role == "system" and i > 0:  # the templates use one system text, the first turn's
+            raise TemplateError(f"conversations[{i}] is a system turn: only the first turn may be one")
         turns.append(Turn(role, msg["value"]))
     return turns
 
