@@ -333,6 +333,26 @@ def test_a_truncated_newest_checkpoint_resumes_from_the_previous_one(colour_set,
     assert summary["stages"]["pretrain"]["steps"] == 6  # the whole stage, every resumed segment
 
 
+def test_a_resumed_run_draws_the_same_random_numbers_as_an_uninterrupted_one(colour_set, tmp_path):
+    """LoRA's dropout masks come from torch's global random stream, which a checkpoint restores: the data loader once
+    drew from it after the restore, so a resumed run's masks from step 3 on were not the uninterrupted run's (losses
+    off by 1e-5; SEA's sampled labels by 5e-2, `tests/test_sea.py`)."""
+    base = [*tiny_overrides(colour_set, tmp_path), "eval.sets=[]", "run=[finetune]", "stages.finetune.init_from=null",
+            "stages.finetune.parts.llm=lora", "stages.finetune.lora.dropout=0.1", "stages.finetune.max_steps=4"]  # fmt: skip
+    assert_resume_is_exact(base, tmp_path, "finetune")
+
+
+def assert_resume_is_exact(base: list[str], out: Path, stage: str) -> None:
+    """The run stopped after step 2 and resumed ends with the uninterrupted run's losses and weights, bit for bit."""
+    run(compose(*base, f"stages.{stage}.save_every=2", "run_name=whole"))
+    with pytest.raises(StopTraining):
+        run(compose(*base, f"stages.{stage}.save_every=2", "run_name=resumed", "stop_after_steps=2"))
+    run(compose(*base, f"stages.{stage}.save_every=2", "run_name=resumed"))
+    assert read_losses(out / "resumed" / stage) == read_losses(out / "whole" / stage)
+    whole, resumed = (load_file(str(out / r / stage / "final" / "model.safetensors")) for r in ("whole", "resumed"))
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
 def test_a_manifest_that_is_not_one_is_a_reason_to_pass_the_checkpoint_by_not_a_crash(tmp_path):
     (tmp_path / "trainable.safetensors").write_bytes(b"weights")
     (tmp_path / "trainer_state.json").write_text("{}")

@@ -376,6 +376,9 @@ class Trainer:
             collate_fn=self.collator(self.dataset.hooks),
             num_workers=int(workers),
             pin_memory=cuda,
+            # its own generator: making the iterator draws the workers' base seed, which from torch's global stream
+            # (restored by a resume just before) shifted every later random draw of a resumed run, dropout included
+            generator=torch.Generator().manual_seed(int(self.cfg.seed) + self.acc.process_index),
             **extra,
         )
 
