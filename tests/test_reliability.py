@@ -214,6 +214,49 @@ def test_numbers_are_checked_before_anything_is_built(colour_set, tmp_path, bad)
         run(compose(*tiny_overrides(colour_set, tmp_path), bad))
 
 
+def test_a_config_that_cannot_work_is_a_message_and_status_2_not_a_traceback(colour_set, tmp_path, capsys):
+    base = ["train", *tiny_overrides(colour_set, tmp_path)]
+    assert main([*base, "stages.finetune.scheduler=cosin"]) == 2
+    assert main([*base, "stages.finetune.max_stepz=3"]) == 2  # Hydra's own error: a key that does not exist
+    err = capsys.readouterr().err
+    assert "stages.finetune.scheduler='cosin' is not known" in err and "max_stepz" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "stages.finetune.data.template=vicunaa",
+        "stages.finetune.parts.llm=lroa",
+        "+stages.finetune.parts.conector=full",
+        "+stages.finetune.lr.conector=1e-3",
+        "stages.finetune.scheduler=cosin",
+        "stages.finetune.data.on_error=ignore",
+        "stages.finetune.data.min_usable_fraction=1.5",
+        "stages.finetune.data.packing=maybe",
+        "stages.finetune.data.group_by_length=maybe",
+        "stages.finetune.compile=maybe",
+        "stages.finetune.gradient_checkpointing=[llm,visoin]",
+        "stages.finetune.init_from=nope",
+        "stages.finetune.parts.llm=lora stages.finetune.lora.r=0",
+        "stages.finetune.parts.llm=lora stages.finetune.lora.dropout=1.5",
+        "seed=-1",
+        "logging.every=0",
+        "nonfinite.window=0",
+        "eval.limit=-1",
+        "resume_allow_changes=maybe",
+    ],
+)
+def test_the_second_stages_names_and_switches_are_checked_before_the_first_trains(colour_set, tmp_path, bad):
+    """Each mistake once surfaced late: after the first stage had trained, at a step, or never (a string such as
+    "maybe" counted as true, a learning rate for a missing part was ignored, logging.every=0 became 10)."""
+    *extra, last = bad.split()
+    parent, _, leaf = last.split("=")[0].lstrip("+").rpartition(".")
+    cfg = compose(*tiny_overrides(colour_set, tmp_path, "run=[pretrain,finetune]"), *extra, last)
+    with pytest.raises(ValueError, match=f"{re.escape(parent)}.*{re.escape(leaf)}"):  # the key, named
+        run(cfg)
+    assert not (tmp_path / "t").exists()  # nothing trained, nothing written
+
+
 # ---- images -------------------------------------------------------------------------------------------------------------
 
 

@@ -18,6 +18,11 @@ from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig, OmegaConf
 
 
+class ConfigError(ValueError):
+    """A value of the composed config that cannot work, found before anything is built; the message names the key
+    and what it may be (``alignlm train`` prints it without a traceback)."""
+
+
 def config_dir() -> Path:
     """The config tree: ``$ALIGNLM_CONFIG_DIR``, else ``configs/`` of the source checkout."""
     env = os.environ.get("ALIGNLM_CONFIG_DIR")

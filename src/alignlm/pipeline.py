@@ -22,16 +22,21 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 from omegaconf import DictConfig, OmegaConf
 
-from alignlm.config import instantiate
+from alignlm.config import ConfigError, instantiate
 from alignlm.data import GENERATORS
+from alignlm.data.llava import ON_ERROR
+from alignlm.data.templates import TEMPLATES
 from alignlm.evaluation.evaluate import answer_accuracy
 from alignlm.evaluation.report import json_values
 from alignlm.models.build import build_model
 from alignlm.models.device import cpu_only
 from alignlm.models.io import load_final_weights
+from alignlm.models.mllm import AlignLM
 from alignlm.training.determinism import deterministic, warn_only
 from alignlm.training.logging import get_logger, summary_table
+from alignlm.training.optim import SCHEDULES
 from alignlm.training.sharding import STRATEGIES
+from alignlm.training.stages import MODES
 from alignlm.training.trainer import StageResult, Trainer, stage_done, summarize
 from alignlm.training.zero import STAGES as ZERO_STAGES
 from alignlm.training.zero import check_settings as check_zero_settings
@@ -56,7 +61,7 @@ def launch_strategy() -> tuple[str | None, dict[str, Any]]:
             knobs["deepspeed_config"] = config_file
             stage = str((json.loads(Path(config_file).read_text()).get("zero_optimization") or {}).get("stage"))
         if stage not in ("2", "3"):
-            raise ValueError(
+            raise ConfigError(
                 f"the accelerate launch config asks for DeepSpeed ZeRO stage {stage}; alignlm runs stages 2 and 3 "
                 "(configs/accelerate/zero2.yaml, zero3.yaml, zero3_offload.yaml)"
             )
@@ -67,7 +72,7 @@ def launch_strategy() -> tuple[str | None, dict[str, Any]]:
         return f"zero{stage}", knobs
     if _on("ACCELERATE_USE_FSDP"):
         if env.get("FSDP_VERSION", "1") != "2":
-            raise ValueError(
+            raise ConfigError(
                 "the accelerate launch config asks for FSDP version 1; alignlm shards with FSDP2: set fsdp_version: 2 "
                 "(configs/accelerate/fsdp2.yaml)"
             )
@@ -89,7 +94,7 @@ def resolve_strategy(cfg: DictConfig) -> None:
         for key, value in knobs.items():
             dist[key] = value
     elif launched is not None and launched != dist.strategy:
-        raise ValueError(
+        raise ConfigError(
             f"the accelerate launch config asks for {launched}, distributed.strategy={dist.strategy}: leave "
             "distributed.strategy at auto (or launcher=auto) to follow the launch config, or launch with a plain one"
         )
@@ -103,7 +108,7 @@ def make_accelerator(cfg: DictConfig) -> Accelerator:
     """Accelerator with the configured precision; ``auto`` picks bf16 on a GPU that supports it."""
     mp = str(cfg.mixed_precision)
     if mp not in PRECISIONS:
-        raise ValueError(f"mixed_precision={mp!r} is not known; choose one of {list(PRECISIONS)}")
+        raise ConfigError(f"mixed_precision={mp!r} is not known; choose one of {list(PRECISIONS)}")
     # `accelerate launch --cpu` sets ACCELERATE_USE_CPU: then every rank runs on the CPU, even on a GPU machine.
     # cpu=True (also with no GPU at all) lets accelerate see torchrun's ranks as a gloo (MULTI_CPU) group.
     cpu = cpu_only()
@@ -119,7 +124,7 @@ def ensure_offline_datasets(cfg: DictConfig) -> None:
     with other generator knobs than ``offline_dataset_args`` asks for (e.g. ``{shapes: {som: true}}``)."""
     for name in cfg.offline_datasets:
         if name not in GENERATORS:
-            raise ValueError(f"offline_datasets has {name!r}; available: {sorted(GENERATORS)}")
+            raise ConfigError(f"offline_datasets has {name!r}; available: {sorted(GENERATORS)}")
         out = Path(cfg.data_root) / name
         args = dict((cfg.get("offline_dataset_args") or {}).get(name) or {})
         info = out / "info.json"
@@ -145,14 +150,14 @@ def check_config(cfg: DictConfig) -> None:
     stage names, a bad resume mode, a run name that is not a plain folder name, numbers out of range."""
     unknown = [s for s in cfg.run if s not in cfg.stages]
     if unknown:
-        raise ValueError(f"run lists stages {unknown} that are not configured; stages: {list(cfg.stages)}")
+        raise ConfigError(f"run lists stages {unknown} that are not configured; stages: {list(cfg.stages)}")
     if not isinstance(cfg.get("deterministic", False), bool):
-        raise ValueError(f"deterministic={cfg.deterministic!r} must be true or false")
+        raise ConfigError(f"deterministic={cfg.deterministic!r} must be true or false")
     if cfg.resume not in ("auto", "never"):
-        raise ValueError(f"resume={cfg.resume!r} is not known; choose one of ['auto', 'never']")
+        raise ConfigError(f"resume={cfg.resume!r} is not known; choose one of ['auto', 'never']")
     name = cfg.run_name
     if isinstance(name, bool) or not isinstance(name, (str, int, float)) or not _plain_name(str(name)):
-        raise ValueError(
+        raise ConfigError(
             f"run_name={name!r} must be a plain folder name (letters, digits, '.', '_', '-'; not '.' or "
             "'..'): outputs go to output_dir/run_name"
         )
@@ -161,15 +166,39 @@ def check_config(cfg: DictConfig) -> None:
         _positive_int("stop_after_steps", cfg.stop_after_steps)
     dist = cfg.get("distributed") or {}
     if dist.get("strategy", "auto") not in ("auto", *STRATEGIES):
-        raise ValueError(
+        raise ConfigError(
             f"distributed.strategy={dist.get('strategy')!r} is not known; choose one of {['auto', *STRATEGIES]}"
         )
     _number("distributed.timeout_s", dist.get("timeout_s", 600), 0.0, low_open=True)
     stop = dist.get("stop_signal")
     if stop is not None and not (isinstance(stop, str) and isinstance(getattr(signal, stop, None), signal.Signals)):
-        raise ValueError(f"distributed.stop_signal={stop!r} must be a signal name such as SIGUSR1, or null")
-    for stage in cfg.run:
+        raise ConfigError(f"distributed.stop_signal={stop!r} must be a signal name such as SIGUSR1, or null")
+    for flag in ("resume_allow_changes", "distributed.offload_optimizer", "distributed.offload_param",
+                 "distributed.reshard_after_forward"):  # fmt: skip
+        _flag(flag, OmegaConf.select(cfg, flag, default=False))
+    seed = cfg.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"seed={seed!r} must be a whole number >= 0")
+    _positive_int("logging.every", (cfg.get("logging") or {}).get("every", 10))
+    nonfinite = cfg.get("nonfinite") or {}
+    _positive_int("nonfinite.window", nonfinite.get("window", 100))
+    stop_after = nonfinite.get("stop_after", 5)
+    if isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 0:
+        raise ConfigError(f"nonfinite.stop_after={stop_after!r} must be a whole number >= 0 (0: never stop)")
+    ecfg = cfg.get("eval") or {}
+    for name in ("batch_size", "max_new_tokens"):
+        if ecfg.get(name) is not None:
+            _positive_int(f"eval.{name}", ecfg[name])
+    if ecfg.get("limit") is not None:
+        _positive_int("eval.limit", ecfg.limit)
+    for i, s in enumerate(ecfg.get("sets") or []):
+        if not (isinstance(s, DictConfig) and isinstance(s.get("name"), str) and isinstance(s.get("path"), str)):
+            raise ConfigError(f"eval.sets[{i}]={s!r} must be {{name: ..., path: ...}}")
+    parts = (*AlignLM.PARTS, *((cfg.get("model") or {}).get("extras") or {}))
+    for i, stage in enumerate(cfg.run):
         _check_stage(f"stages.{stage}", cfg.stages[stage])
+        _check_stage_choices(f"stages.{stage}", cfg.stages[stage], parts)
+        _check_init_from(cfg, stage, cfg.run[:i])
 
 
 def _plain_name(name: str) -> bool:
@@ -181,12 +210,12 @@ def _number(key: str, value: Any, low: float, high: float = math.inf, *, low_ope
     ok = ok and (value > low if low_open else value >= low) and value <= high
     if not ok:
         bound = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if math.isfinite(high) else "")
-        raise ValueError(f"{key}={value!r} must be a finite number {bound}")
+        raise ConfigError(f"{key}={value!r} must be a finite number {bound}")
 
 
 def _positive_int(key: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{key}={value!r} must be a whole number >= 1")
+        raise ConfigError(f"{key}={value!r} must be a whole number >= 1")
 
 
 def _check_stage(key: str, stage: DictConfig) -> None:
@@ -199,7 +228,7 @@ def _check_stage(key: str, stage: DictConfig) -> None:
     for i, beta in enumerate(stage.get("betas") or (0.9, 0.999)):
         _number(f"{key}.betas[{i}]", beta, 0.0, 0.999999)
     if stage.get("fused_optimizer", "auto") not in ("auto", True, False):
-        raise ValueError(f"{key}.fused_optimizer={stage.fused_optimizer!r}: choose auto, true or false")
+        raise ConfigError(f"{key}.fused_optimizer={stage.fused_optimizer!r}: choose auto, true or false")
     _positive_int(f"{key}.per_device_batch_size", stage.per_device_batch_size)
     _positive_int(f"{key}.grad_accum", stage.grad_accum)
     if stage.get("max_steps") is not None:
@@ -209,7 +238,68 @@ def _check_stage(key: str, stage: DictConfig) -> None:
     for name in ("save_every", "keep_last"):
         value = stage.get(name, 0)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{key}.{name}={value!r} must be a whole number >= 0")
+            raise ConfigError(f"{key}.{name}={value!r} must be a whole number >= 0")
+
+
+def _flag(key: str, value: Any, also: tuple[Any, ...] = ()) -> None:
+    """A switch is true or false (a string such as ``maybe`` would otherwise count as true)."""
+    if not isinstance(value, bool) and value not in also:
+        raise ConfigError(f"{key}={value!r}: choose one of {[*also, True, False]}")
+
+
+def _check_stage_choices(key: str, stage: DictConfig, parts: tuple[str, ...]) -> None:
+    """Names and switches of a stage, checked before the first stage trains (a typo in the second stage would
+    otherwise surface after the first had trained)."""
+    modes = stage.get("parts") or {}
+    unknown = [p for p in modes if p not in parts]
+    if unknown:
+        raise ConfigError(f"{key}.parts has unknown parts {unknown}; this model's parts are {list(parts)}")
+    for part in AlignLM.PARTS:
+        if part in modes and modes[part] not in MODES:
+            raise ConfigError(f"{key}.parts.{part}={modes[part]!r} is not known; choose one of {list(MODES)}")
+    if modes.get("connector") == "lora":
+        raise ConfigError(f"{key}.parts.connector=lora is not supported; train the connector fully")
+    stray = [p for p in stage.get("lr") or {} if p not in (*parts, "objectives")]
+    if stray:
+        raise ConfigError(f"{key}.lr has learning rates for {stray}, which are not parts ({list(parts)}) or objectives")
+    if stage.get("scheduler", "cosine") not in SCHEDULES:
+        raise ConfigError(f"{key}.scheduler={stage.scheduler!r} is not known; choose one of {list(SCHEDULES)}")
+    _flag(f"{key}.compile", stage.get("compile", False))
+    checkpointing = stage.get("gradient_checkpointing", False)
+    if not isinstance(checkpointing, bool) and not (
+        OmegaConf.is_list(checkpointing) and all(p in ("llm", "vision") for p in checkpointing)
+    ):
+        raise ConfigError(f"{key}.gradient_checkpointing={checkpointing!r}: true, false, or a list of llm and vision")
+    if "lora" in modes.values():
+        lora = stage.get("lora") or {}
+        _positive_int(f"{key}.lora.r", lora.get("r", 16))
+        _number(f"{key}.lora.alpha", lora.get("alpha", 32), 0.0, low_open=True)
+        _number(f"{key}.lora.dropout", lora.get("dropout", 0.05), 0.0, 0.999)
+    data = stage.get("data") or {}
+    if data.get("template", "vicuna_v1") not in TEMPLATES:
+        raise ConfigError(f"{key}.data.template={data.template!r} is not known; choose one of {sorted(TEMPLATES)}")
+    if data.get("on_error", "skip") not in ON_ERROR:
+        raise ConfigError(f"{key}.data.on_error={data.on_error!r} is not known; choose one of {list(ON_ERROR)}")
+    _number(f"{key}.data.min_usable_fraction", data.get("min_usable_fraction", 0.5), 0.0, 1.0)
+    _positive_int(f"{key}.data.max_length", data.get("max_length", 2048))
+    _flag(f"{key}.data.packing", data.get("packing", "auto"), ("auto",))
+    for name in ("group_by_length", "preference"):
+        _flag(f"{key}.data.{name}", data.get(name, False))
+
+
+def _check_init_from(cfg: DictConfig, stage: str, before: list[str]) -> None:
+    """``init_from`` names a stage run before this one (or whose ``final/`` this run already has), or a folder."""
+    init = cfg.stages[stage].get("init_from")
+    if not init:
+        return
+    if init in cfg.stages:
+        if init not in before and not (Path(cfg.output_dir) / str(cfg.run_name) / init / "final").exists():
+            raise ConfigError(
+                f"stages.{stage}.init_from={init!r}: that stage is not run before {stage!r} in run={list(cfg.run)}, "
+                f"and {Path(cfg.output_dir) / str(cfg.run_name) / init / 'final'} does not exist yet"
+            )
+    elif not Path(str(init)).exists():
+        raise ConfigError(f"stages.{stage}.init_from={init!r} is neither a stage of this config nor a folder")
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 ``train`` takes Hydra overrides (``alignlm train +exp=demo stages.pretrain.max_steps=20``) and composes the config
 tree in ``configs/`` (or ``$ALIGNLM_CONFIG_DIR``); ``--print-config`` shows the result and exits. Config errors
 surface before any process is spawned. Exit status: 0 done, 75 stopped by ``stop_after_steps`` (rerun to resume),
-65 unusable data, 1 a stage that diverged or trained nothing.
+65 unusable data, 2 a config that cannot work (an unknown key or choice, a value out of range), 1 a stage that
+diverged or trained nothing.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
 from alignlm.commands.launch import cpu_processes_to_spawn, spawn_cpu_ranks
-from alignlm.config import compose
+from alignlm.config import ConfigError, compose
 from alignlm.data.records import DataError
 from alignlm.pipeline import run
 from alignlm.training.trainer import StopTraining, TrainingError
@@ -22,10 +24,15 @@ from alignlm.training.trainer import StopTraining, TrainingError
 STOPPED = 75  # exit status of a run that stop_after_steps ended early (sysexits' EX_TEMPFAIL: rerun to continue)
 FAILED = 1  # a stage that diverged, or whose data left nothing to train on
 BAD_DATA = 65  # sysexits' EX_DATAERR: the data cannot be used as configured (the message says why)
+USAGE = 2  # as argparse: the config cannot work as composed (the message names the key)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    cfg = compose(args.overrides)
+    try:
+        cfg = compose(args.overrides)
+    except HydraException as e:  # a key or a choice that does not exist, a malformed override: the message, no trace
+        print(f"alignlm: {e}", file=sys.stderr)
+        return USAGE
     if args.print_config:
         print(OmegaConf.to_yaml(cfg, resolve=True))
         return 0
@@ -34,6 +41,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         return spawn_cpu_ranks(n, args.overrides)
     try:
         run(cfg)
+    except ConfigError as e:
+        print(f"alignlm: {e}", file=sys.stderr)
+        return USAGE
     except StopTraining as e:  # the planned end of a time-limited job: a message, no traceback
         print(f"alignlm: {e}", file=sys.stderr)
         return STOPPED

@@ -11,11 +11,13 @@ import torch
 from alignlm.models.mllm import AlignLM
 from alignlm.training.stages import param_groups
 
+SCHEDULES = ("cosine", "linear", "constant")
+
 
 def lr_lambda(total_steps: int, warmup_steps: int, schedule: str = "cosine"):
     """Linear warmup then cosine (or constant / linear) decay to zero, as LLaVA trains."""
-    if schedule not in ("cosine", "linear", "constant"):
-        raise ValueError(f"stage.scheduler={schedule!r} is not known; choose one of ['cosine', 'linear', 'constant']")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"stage.scheduler={schedule!r} is not known; choose one of {list(SCHEDULES)}")
 
     def f(step: int) -> float:
         if step < warmup_steps:
