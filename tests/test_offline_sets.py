@@ -122,3 +122,12 @@ def test_cli_writes_a_set(tmp_path, capsys):
     assert main(["data", "shapes", "--out", str(tmp_path), "--set", "n_train=8", "--set", "n_test=4"]) == 0
     assert json.loads(capsys.readouterr().out)["counts"]["test"] == 4
     assert (tmp_path / "shapes" / "test.json").exists()
+
+
+def test_cli_names_the_knobs_when_one_is_unknown(tmp_path, capsys):
+    from alignlm.commands import main
+
+    assert main(["data", "digits", "--out", str(tmp_path), "--set", "n_train=8"]) == 2  # digits has no n_train
+    assert (
+        "its knobs: ['image_size', 'n_test', 'limit']" in capsys.readouterr().err and not (tmp_path / "digits").exists()
+    )

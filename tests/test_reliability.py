@@ -244,6 +244,8 @@ def test_a_config_that_cannot_work_is_a_message_and_status_2_not_a_traceback(col
         "nonfinite.window=0",
         "eval.limit=-1",
         "resume_allow_changes=maybe",
+        "run=pretrain",
+        "+offline_dataset_args.shapes.n_trian=5",
     ],
 )
 def test_the_second_stages_names_and_switches_are_checked_before_the_first_trains(colour_set, tmp_path, bad):

@@ -23,7 +23,7 @@ from accelerate.utils import InitProcessGroupKwargs
 from omegaconf import DictConfig, OmegaConf
 
 from alignlm.config import ConfigError, instantiate
-from alignlm.data import GENERATORS
+from alignlm.data import GENERATORS, generator_knobs
 from alignlm.data.llava import ON_ERROR
 from alignlm.data.templates import TEMPLATES
 from alignlm.evaluation.evaluate import answer_accuracy
@@ -122,11 +122,12 @@ def make_accelerator(cfg: DictConfig) -> Accelerator:
 def ensure_offline_datasets(cfg: DictConfig) -> None:
     """Generate the offline sets the config names (digits, shapes) when their folder has no info.json, or was written
     with other generator knobs than ``offline_dataset_args`` asks for (e.g. ``{shapes: {som: true}}``)."""
+    given = dict(cfg.get("offline_dataset_args") or {})
     for name in cfg.offline_datasets:
         if name not in GENERATORS:
             raise ConfigError(f"offline_datasets has {name!r}; available: {sorted(GENERATORS)}")
         out = Path(cfg.data_root) / name
-        args = dict((cfg.get("offline_dataset_args") or {}).get(name) or {})
+        args = dict(given.get(name) or {})
         info = out / "info.json"
         knobs = json.loads(info.read_text()).get("knobs", {}) if info.exists() else None
         if knobs is None or any(knobs.get(k) != v for k, v in args.items()):
@@ -148,6 +149,11 @@ def run_prepare_steps(cfg: DictConfig) -> None:
 def check_config(cfg: DictConfig) -> None:
     """Config mistakes that would otherwise surface mid-run, each named with its key and the values allowed: unknown
     stage names, a bad resume mode, a run name that is not a plain folder name, numbers out of range."""
+    for key in ("run", "offline_datasets"):
+        if not OmegaConf.is_list(cfg.get(key, [])):
+            raise ConfigError(f"{key}={cfg.get(key)!r} must be a list, e.g. {key}=[{cfg.get(key)}]")
+    if not cfg.run:
+        raise ConfigError(f"run=[] names no stage to run; stages: {list(cfg.stages)}")
     unknown = [s for s in cfg.run if s not in cfg.stages]
     if unknown:
         raise ConfigError(f"run lists stages {unknown} that are not configured; stages: {list(cfg.stages)}")
@@ -194,6 +200,15 @@ def check_config(cfg: DictConfig) -> None:
     for i, s in enumerate(ecfg.get("sets") or []):
         if not (isinstance(s, DictConfig) and isinstance(s.get("name"), str) and isinstance(s.get("path"), str)):
             raise ConfigError(f"eval.sets[{i}]={s!r} must be {{name: ..., path: ...}}")
+    for name in cfg.get("offline_datasets") or []:
+        if name not in GENERATORS:
+            raise ConfigError(f"offline_datasets has {name!r}; available: {sorted(GENERATORS)}")
+    for name, args in (cfg.get("offline_dataset_args") or {}).items():
+        if name not in GENERATORS:
+            raise ConfigError(f"offline_dataset_args has {name!r}; the generators are {sorted(GENERATORS)}")
+        unknown = [k for k in (args or {}) if k not in generator_knobs(name)]
+        if unknown:
+            raise ConfigError(f"offline_dataset_args.{name} has {unknown}; its knobs are {generator_knobs(name)}")
     parts = (*AlignLM.PARTS, *((cfg.get("model") or {}).get("extras") or {}))
     for i, stage in enumerate(cfg.run):
         _check_stage(f"stages.{stage}", cfg.stages[stage])

@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-from alignlm.data import GENERATORS
+from alignlm.data import GENERATORS, generator_knobs
 
 
 def cmd_data(args: argparse.Namespace) -> int:
     knobs = {}
     for kv in args.set or []:
         k, _, v = kv.partition("=")
-        knobs[k] = json.loads(v) if v[:1].isdigit() or v in ("true", "false", "null") else v
+        if k not in generator_knobs(args.name):
+            print(f"alignlm data {args.name}: no knob {k!r}; its knobs: {generator_knobs(args.name)}", file=sys.stderr)
+            return 2
+        try:
+            knobs[k] = json.loads(v)  # numbers (negative ones too), true / false / null
+        except json.JSONDecodeError:
+            knobs[k] = v
     summary = GENERATORS[args.name](Path(args.out) / args.name, seed=args.seed, **knobs)
     print(json.dumps(summary, indent=2))
     return 0
@@ -25,5 +32,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("name", choices=sorted(GENERATORS))
     p.add_argument("--out", default="data", help="parent folder; the set goes to OUT/NAME")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--set", action="append", metavar="KNOB=VALUE", help="generator knob, e.g. --set n_train=500")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KNOB=VALUE",
+        help="generator knob, e.g. --set n_test=100 (an unknown one lists the knobs)",
+    )
     p.set_defaults(func=cmd_data)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,3 +20,9 @@ def _lazy(module: str) -> Callable[..., dict[str, Any]]:
 
 
 GENERATORS: dict[str, Callable[..., dict[str, Any]]] = {k: _lazy(m) for k, m in _GENERATOR_MODULES.items()}
+
+
+def generator_knobs(name: str) -> list[str]:
+    """The knobs generator ``name`` takes: its keyword arguments besides the seed."""
+    params = inspect.signature(importlib.import_module(_GENERATOR_MODULES[name]).generate).parameters
+    return [k for k, p in params.items() if p.kind is p.KEYWORD_ONLY and k != "seed"]
