@@ -281,10 +281,13 @@ def _check_stage_choices(key: str, stage: DictConfig, parts: tuple[str, ...]) ->
         raise ConfigError(f"{key}.scheduler={stage.scheduler!r} is not known; choose one of {list(SCHEDULES)}")
     _flag(f"{key}.compile", stage.get("compile", False))
     checkpointing = stage.get("gradient_checkpointing", False)
-    if not isinstance(checkpointing, bool) and not (
-        OmegaConf.is_list(checkpointing) and all(p in ("llm", "vision") for p in checkpointing)
-    ):
-        raise ConfigError(f"{key}.gradient_checkpointing={checkpointing!r}: true, false, or a list of llm and vision")
+    if not isinstance(checkpointing, bool):
+        unknown = [p for p in checkpointing if p not in ("llm", "vision")] if OmegaConf.is_list(checkpointing) else None
+        if unknown is None or unknown:
+            raise ConfigError(
+                f"{key}.gradient_checkpointing={checkpointing!r}: true, false, or a list of parts; checkpointing "
+                f"applies to llm and vision, not {unknown if unknown else checkpointing!r}"
+            )
     if "lora" in modes.values():
         lora = stage.get("lora") or {}
         _positive_int(f"{key}.lora.r", lora.get("r", 16))
