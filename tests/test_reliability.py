@@ -246,6 +246,9 @@ def test_a_config_that_cannot_work_is_a_message_and_status_2_not_a_traceback(col
         "resume_allow_changes=maybe",
         "run=pretrain",
         "+offline_dataset_args.shapes.n_trian=5",
+        "monitor.every=-1",
+        "monitor.every=2 monitor.probe=x.json monitor.metrics=[modality_gap,foo]",
+        "launcher=zero2 distributed.deepspeed_config=/nonexistent.json",
     ],
 )
 def test_the_second_stages_names_and_switches_are_checked_before_the_first_trains(colour_set, tmp_path, bad):

@@ -28,6 +28,7 @@ from alignlm.data.llava import ON_ERROR
 from alignlm.data.templates import TEMPLATES
 from alignlm.evaluation.evaluate import answer_accuracy
 from alignlm.evaluation.report import json_values
+from alignlm.geometry.suite import ALL_METRICS
 from alignlm.models.build import build_model
 from alignlm.models.device import cpu_only
 from alignlm.models.io import load_final_weights
@@ -209,6 +210,13 @@ def check_config(cfg: DictConfig) -> None:
         unknown = [k for k in (args or {}) if k not in generator_knobs(name)]
         if unknown:
             raise ConfigError(f"offline_dataset_args.{name} has {unknown}; its knobs are {generator_knobs(name)}")
+    _check_monitor(cfg.get("monitor") or {})
+    if dist.get("strategy") in ZERO_STAGES and dist.get("deepspeed_config"):
+        path = Path(str(dist.deepspeed_config))
+        try:
+            json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"distributed.deepspeed_config={str(path)!r} is not a readable JSON file: {e}") from None
     parts = (*AlignLM.PARTS, *((cfg.get("model") or {}).get("extras") or {}))
     for i, stage in enumerate(cfg.run):
         _check_stage(f"stages.{stage}", cfg.stages[stage])
@@ -254,6 +262,24 @@ def _check_stage(key: str, stage: DictConfig) -> None:
         value = stage.get(name, 0)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ConfigError(f"{key}.{name}={value!r} must be a whole number >= 0")
+
+
+def _check_monitor(monitor: Any) -> None:
+    """The in-training monitor's knobs, which it would otherwise read at its first measurement."""
+    every = monitor.get("every", 0)
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        raise ConfigError(f"monitor.every={every!r} must be a whole number >= 0 (0: off)")
+    if not every:
+        return
+    if not monitor.get("probe"):
+        raise ConfigError("monitor.every > 0 needs monitor.probe: a caption file (image + caption records)")
+    for name in ("n", "batch_size", "topk"):
+        if monitor.get(name) is not None:
+            _positive_int(f"monitor.{name}", monitor[name])
+    for name in ("metrics", "layer_metrics"):
+        unknown = [m for m in monitor.get(name) or [] if m not in ALL_METRICS]
+        if unknown:
+            raise ConfigError(f"monitor.{name} has unknown metrics {unknown}; choose from {list(ALL_METRICS)}")
 
 
 def _flag(key: str, value: Any, also: tuple[Any, ...] = ()) -> None:
