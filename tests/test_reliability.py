@@ -244,6 +244,8 @@ def test_a_config_that_cannot_work_is_a_message_and_status_2_not_a_traceback(col
         "nonfinite.window=0",
         "eval.limit=-1",
         "resume_allow_changes=maybe",
+        "+stages.finetune.max_stepz=3",  # Hydra's advice for a typo: it was added and never read
+        "+stages.finetune.data.templat=plain",
         "run=pretrain",
         "+offline_dataset_args.shapes.n_trian=5",
         "monitor.every=-1",

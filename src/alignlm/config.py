@@ -40,6 +40,18 @@ def compose(overrides: Sequence[str], config_name: str = "train") -> DictConfig:
         return hydra_compose(config_name=config_name, overrides=list(overrides))
 
 
+def stage_keys() -> tuple[set[str], set[str]]:
+    """The keys a stage may have, and those its ``data`` may have: every key some ``configs/stage/*.yaml`` sets (a key
+    no stage config knows is a typo: Hydra's advice for one, ``+stages.x.max_stepz=3``, would add it unread)."""
+    keys: set[str] = set()
+    data: set[str] = set()
+    for path in sorted((config_dir() / "stage").glob("*.yaml")):
+        node = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        keys |= set(node) - {"defaults"}
+        data |= set(node.get("data") or {})
+    return keys, data
+
+
 def plain(node: Any) -> Any:
     """A config node as plain Python containers, interpolations resolved (other values are returned as they are)."""
     return (

@@ -9,6 +9,7 @@ training. They run on the main process, stage by stage in run order, before any 
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import os
@@ -22,7 +23,7 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 from omegaconf import DictConfig, OmegaConf
 
-from alignlm.config import ConfigError, instantiate
+from alignlm.config import ConfigError, instantiate, stage_keys
 from alignlm.data import GENERATORS, generator_knobs
 from alignlm.data.llava import ON_ERROR
 from alignlm.data.templates import TEMPLATES
@@ -217,6 +218,17 @@ def check_config(cfg: DictConfig) -> None:
             json.loads(path.read_text())
         except (OSError, ValueError) as e:
             raise ConfigError(f"distributed.deepspeed_config={str(path)!r} is not a readable JSON file: {e}") from None
+    known, known_data = stage_keys()
+    for stage in cfg.run:
+        for where, keys, allowed in (
+            (f"stages.{stage}", cfg.stages[stage], known),
+            (f"stages.{stage}.data", cfg.stages[stage].get("data") or {}, known_data),
+        ):
+            for key in keys:
+                if key not in allowed:
+                    near = difflib.get_close_matches(str(key), sorted(allowed), n=1)
+                    hint = f"did you mean {near[0]!r}? " if near else ""
+                    raise ConfigError(f"{where}.{key} is not a setting of a stage; {hint}known: {sorted(allowed)}")
     parts = (*AlignLM.PARTS, *((cfg.get("model") or {}).get("extras") or {}))
     for i, stage in enumerate(cfg.run):
         _check_stage(f"stages.{stage}", cfg.stages[stage])
