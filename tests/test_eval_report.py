@@ -537,3 +537,21 @@ def test_seed_line_and_the_seed_table_entry_point(tmp_path, capsys):
     assert capsys.readouterr().out == "read runs\n"
     with pytest.raises(SystemExit, match="usage"):
         print_seed_table(lambda out: [], "usage", ["--help"])
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--batch-size", "0"], "batch_size=0 must be a whole number >= 1"),
+        (["--limit", "-1"], r"limit=-1 must be a whole number >= 1 \(or null: all\)"),  # once: n=0, exit 0
+        (["--template", "vicunaa"], "template='vicunaa' is not known"),
+        (["--sets", "x=/missing.json"], r"do not exist: \['/missing.json'\]"),
+        (["--set", "batch_sise=4"], "no knob 'batch_sise'; did you mean 'batch_size'"),
+        (["--set", "probe.metrics=[cka,foo]"], r"unknown metrics \['foo'\]"),
+        (["--device", "gpu"], "device='gpu': auto, cpu, cuda or cuda:N"),
+    ],
+)
+def test_eval_refuses_knobs_that_cannot_work_before_loading_anything(tmp_path, flags, message):
+    missing = tmp_path / "no_checkpoint_here"  # never read: the knobs fail first
+    with pytest.raises(SystemExit, match=message):
+        main(["eval", str(missing), "--out", str(tmp_path / "r"), *flags])

@@ -8,6 +8,7 @@ Eval knobs come from ``configs/eval/default.yaml``, then ``--config FILE``, then
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import time
 from pathlib import Path
@@ -18,11 +19,13 @@ from omegaconf import OmegaConf
 
 from alignlm.commands._flags import add_trust_flags
 from alignlm.config import config_dir
+from alignlm.data.templates import TEMPLATES
 from alignlm.evaluation import checkpoints
 from alignlm.evaluation.lmms import run_lmms_eval, write_local_task
 from alignlm.evaluation.paired import against_first, markdown_lines, same_step
 from alignlm.evaluation.plots import plot_accuracy_curves, plot_runs
 from alignlm.evaluation.report import evaluate_checkpoint, write_report
+from alignlm.geometry.suite import ALL_METRICS
 from alignlm.models.device import default_device
 from alignlm.training.logging import get_logger
 
@@ -65,10 +68,41 @@ def eval_config(args: argparse.Namespace) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)
 
 
+def check_eval_config(ecfg: dict[str, Any]) -> None:
+    """Knobs that would otherwise fail after a checkpoint is loaded, or quietly evaluate nothing (``--limit -1``)."""
+    known = OmegaConf.to_container(OmegaConf.load(config_dir() / "eval" / "default.yaml"))
+    for key in ecfg:
+        if key not in known:
+            near = difflib.get_close_matches(key, sorted(known), n=1)
+            raise SystemExit(f"eval has no knob {key!r}" + (f"; did you mean {near[0]!r}?" if near else ""))
+    for key in ("batch_size", "max_new_tokens", "caption_max_new_tokens", "limit"):
+        value = ecfg.get(key)
+        if (value is not None or key != "limit") and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise SystemExit(
+                f"eval {key}={value!r} must be a whole number >= 1" + (" (or null: all)" * (key == "limit"))
+            )
+    if ecfg.get("template") is not None and ecfg["template"] not in TEMPLATES:
+        raise SystemExit(f"eval template={ecfg['template']!r} is not known; choose one of {sorted(TEMPLATES)}")
+    missing = [s["path"] for s in ecfg.get("sets") or [] if not Path(s["path"]).exists()]
+    if missing:
+        raise SystemExit(f"eval sets name files that do not exist: {missing}")
+    unknown = [m for m in ecfg["probe"].get("metrics") or [] if m not in ALL_METRICS]
+    if unknown:
+        raise SystemExit(f"eval probe.metrics has unknown metrics {unknown}; choose from {list(ALL_METRICS)}")
+    if ecfg["device"] != "auto":
+        try:
+            torch.device(ecfg["device"])
+        except RuntimeError:
+            raise SystemExit(f"eval device={ecfg['device']!r}: auto, cpu, cuda or cuda:N") from None
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     log = get_logger("alignlm", 0)
     t0 = time.perf_counter()
     ecfg = eval_config(args)
+    check_eval_config(ecfg)
     device = torch.device(default_device() if ecfg["device"] == "auto" else ecfg["device"])
     cks = checkpoints.resolve(args.checkpoints)
     log.info("evaluating %d checkpoints: %s", len(cks), ", ".join(c.label for c in cks))
