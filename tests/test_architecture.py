@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("export", ("alignlm.export",)),
     ("training", ("alignlm.training",)),
     ("evaluation", ("alignlm.evaluation",)),
-    ("pipeline", ("alignlm.pipeline",)),
+    ("pipeline", ("alignlm.pipeline", "alignlm.checks")),
     ("commands", ("alignlm.commands",)),
 ]
 GENERIC = ("base", "geometry", "data", "models", "objectives", "export", "training", "evaluation", "pipeline")

@@ -1,0 +1,252 @@
+"""Config checks before anything is built: every mistake a user can make in the composed tree (a key that does not
+exist, a choice that is not one, a number out of range, a switch that is not true or false, a stage that starts from
+one not yet trained) is a ``ConfigError`` naming the key and what it may be, raised before the first stage trains. A
+mistake in the second stage used to surface after the first had trained.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import signal
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from alignlm.config import ConfigError, stage_keys
+from alignlm.data import GENERATORS, generator_knobs
+from alignlm.data.llava import ON_ERROR
+from alignlm.data.templates import TEMPLATES
+from alignlm.geometry.suite import ALL_METRICS
+from alignlm.models.mllm import AlignLM
+from alignlm.training.optim import SCHEDULES
+from alignlm.training.sharding import STRATEGIES
+from alignlm.training.stages import MODES
+from alignlm.training.zero import STAGES as ZERO_STAGES
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Config mistakes that would otherwise surface mid-run, each named with its key and the values allowed: unknown
+    stage names, a bad resume mode, a run name that is not a plain folder name, numbers out of range."""
+    for key in ("run", "offline_datasets"):
+        if not OmegaConf.is_list(cfg.get(key, [])):
+            raise ConfigError(f"{key}={cfg.get(key)!r} must be a list, e.g. {key}=[{cfg.get(key)}]")
+    if not cfg.run:
+        raise ConfigError(f"run=[] names no stage to run; stages: {list(cfg.stages)}")
+    unknown = [s for s in cfg.run if s not in cfg.stages]
+    if unknown:
+        raise ConfigError(f"run lists stages {unknown} that are not configured; stages: {list(cfg.stages)}")
+    if not isinstance(cfg.get("deterministic", False), bool):
+        raise ConfigError(f"deterministic={cfg.deterministic!r} must be true or false")
+    if cfg.resume not in ("auto", "never"):
+        raise ConfigError(f"resume={cfg.resume!r} is not known; choose one of ['auto', 'never']")
+    name = cfg.run_name
+    if isinstance(name, bool) or not isinstance(name, (str, int, float)) or not _plain_name(str(name)):
+        raise ConfigError(
+            f"run_name={name!r} must be a plain folder name (letters, digits, '.', '_', '-'; not '.' or "
+            "'..'): outputs go to output_dir/run_name"
+        )
+    cfg.run_name = str(name)  # `run_name=nan` or `run_name=7` arrive as numbers
+    if cfg.get("stop_after_steps") is not None:
+        _positive_int("stop_after_steps", cfg.stop_after_steps)
+    dist = cfg.get("distributed") or {}
+    if dist.get("strategy", "auto") not in ("auto", *STRATEGIES):
+        raise ConfigError(
+            f"distributed.strategy={dist.get('strategy')!r} is not known; choose one of {['auto', *STRATEGIES]}"
+        )
+    _number("distributed.timeout_s", dist.get("timeout_s", 600), 0.0, low_open=True)
+    stop = dist.get("stop_signal")
+    if stop is not None and not (isinstance(stop, str) and isinstance(getattr(signal, stop, None), signal.Signals)):
+        raise ConfigError(f"distributed.stop_signal={stop!r} must be a signal name such as SIGUSR1, or null")
+    _check_switches_and_counts(cfg)
+    _check_datasets(cfg)
+    _check_monitor(cfg.get("monitor") or {})
+    if dist.get("strategy") in ZERO_STAGES and dist.get("deepspeed_config"):
+        path = Path(str(dist.deepspeed_config))
+        try:
+            json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"distributed.deepspeed_config={str(path)!r} is not a readable JSON file: {e}") from None
+    _check_stage_keys(cfg)
+    parts = (*AlignLM.PARTS, *((cfg.get("model") or {}).get("extras") or {}))
+    for i, stage in enumerate(cfg.run):
+        _check_stage(f"stages.{stage}", cfg.stages[stage])
+        _check_stage_choices(f"stages.{stage}", cfg.stages[stage], parts)
+        _check_init_from(cfg, stage, cfg.run[:i])
+
+
+def _check_switches_and_counts(cfg: DictConfig) -> None:
+    """True/false switches, the seed, logging and the non-finite rule, the evaluation's sizes and sets."""
+    for flag in ("resume_allow_changes", "distributed.offload_optimizer", "distributed.offload_param",
+                 "distributed.reshard_after_forward"):  # fmt: skip
+        _flag(flag, OmegaConf.select(cfg, flag, default=False))
+    seed = cfg.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"seed={seed!r} must be a whole number >= 0")
+    _positive_int("logging.every", (cfg.get("logging") or {}).get("every", 10))
+    nonfinite = cfg.get("nonfinite") or {}
+    _positive_int("nonfinite.window", nonfinite.get("window", 100))
+    stop_after = nonfinite.get("stop_after", 5)
+    if isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 0:
+        raise ConfigError(f"nonfinite.stop_after={stop_after!r} must be a whole number >= 0 (0: never stop)")
+    ecfg = cfg.get("eval") or {}
+    for name in ("batch_size", "max_new_tokens"):
+        if ecfg.get(name) is not None:
+            _positive_int(f"eval.{name}", ecfg[name])
+    if ecfg.get("limit") is not None:
+        _positive_int("eval.limit", ecfg.limit)
+    for i, s in enumerate(ecfg.get("sets") or []):
+        if not (isinstance(s, DictConfig) and isinstance(s.get("name"), str) and isinstance(s.get("path"), str)):
+            raise ConfigError(f"eval.sets[{i}]={s!r} must be {{name: ..., path: ...}}")
+
+
+def _check_datasets(cfg: DictConfig) -> None:
+    """The offline sets to generate and their generators' knobs."""
+    for name in cfg.get("offline_datasets") or []:
+        if name not in GENERATORS:
+            raise ConfigError(f"offline_datasets has {name!r}; available: {sorted(GENERATORS)}")
+    for name, args in (cfg.get("offline_dataset_args") or {}).items():
+        if name not in GENERATORS:
+            raise ConfigError(f"offline_dataset_args has {name!r}; the generators are {sorted(GENERATORS)}")
+        unknown = [k for k in (args or {}) if k not in generator_knobs(name)]
+        if unknown:
+            raise ConfigError(f"offline_dataset_args.{name} has {unknown}; its knobs are {generator_knobs(name)}")
+
+
+def _check_stage_keys(cfg: DictConfig) -> None:
+    """Every key of a stage to run, and of its data, is one some ``configs/stage/*.yaml`` sets."""
+    known, known_data = stage_keys()
+    for stage in cfg.run:
+        for where, keys, allowed in (
+            (f"stages.{stage}", cfg.stages[stage], known),
+            (f"stages.{stage}.data", cfg.stages[stage].get("data") or {}, known_data),
+        ):
+            for key in keys:
+                if key not in allowed:
+                    near = difflib.get_close_matches(str(key), sorted(allowed), n=1)
+                    hint = f"did you mean {near[0]!r}? " if near else ""
+                    raise ConfigError(f"{where}.{key} is not a setting of a stage; {hint}known: {sorted(allowed)}")
+
+
+def _plain_name(name: str) -> bool:
+    return bool(name) and name not in (".", "..") and all(c.isalnum() or c in "._-" for c in name)
+
+
+def _number(key: str, value: Any, low: float, high: float = math.inf, *, low_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        bound = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if math.isfinite(high) else "")
+        raise ConfigError(f"{key}={value!r} must be a finite number {bound}")
+
+
+def _positive_int(key: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{key}={value!r} must be a whole number >= 1")
+
+
+def _check_stage(key: str, stage: DictConfig) -> None:
+    """A stage's numbers, checked before anything is built (an ``inf`` learning rate never reaches step 1)."""
+    for part, lr in (stage.get("lr") or {}).items():
+        _number(f"{key}.lr.{part}", lr, 0.0, low_open=True)
+    _number(f"{key}.weight_decay", stage.get("weight_decay", 0.0), 0.0)
+    _number(f"{key}.max_grad_norm", stage.get("max_grad_norm", 1.0), 0.0)
+    _number(f"{key}.warmup_ratio", stage.get("warmup_ratio", 0.0), 0.0, 1.0)
+    for i, beta in enumerate(stage.get("betas") or (0.9, 0.999)):
+        _number(f"{key}.betas[{i}]", beta, 0.0, 0.999999)
+    if stage.get("fused_optimizer", "auto") not in ("auto", True, False):
+        raise ConfigError(f"{key}.fused_optimizer={stage.fused_optimizer!r}: choose auto, true or false")
+    _positive_int(f"{key}.per_device_batch_size", stage.per_device_batch_size)
+    _positive_int(f"{key}.grad_accum", stage.grad_accum)
+    if stage.get("max_steps") is not None:
+        _positive_int(f"{key}.max_steps", stage.max_steps)
+    else:
+        _number(f"{key}.epochs", stage.get("epochs", 1), 0.0, low_open=True)
+    for name in ("save_every", "keep_last"):
+        value = stage.get(name, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{key}.{name}={value!r} must be a whole number >= 0")
+
+
+def _check_monitor(monitor: Any) -> None:
+    """The in-training monitor's knobs, which it would otherwise read at its first measurement."""
+    every = monitor.get("every", 0)
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        raise ConfigError(f"monitor.every={every!r} must be a whole number >= 0 (0: off)")
+    if not every:
+        return
+    if not monitor.get("probe"):
+        raise ConfigError("monitor.every > 0 needs monitor.probe: a caption file (image + caption records)")
+    for name in ("n", "batch_size", "topk"):
+        if monitor.get(name) is not None:
+            _positive_int(f"monitor.{name}", monitor[name])
+    for name in ("metrics", "layer_metrics"):
+        unknown = [m for m in monitor.get(name) or [] if m not in ALL_METRICS]
+        if unknown:
+            raise ConfigError(f"monitor.{name} has unknown metrics {unknown}; choose from {list(ALL_METRICS)}")
+
+
+def _flag(key: str, value: Any, also: tuple[Any, ...] = ()) -> None:
+    """A switch is true or false (a string such as ``maybe`` would otherwise count as true)."""
+    if not isinstance(value, bool) and value not in also:
+        raise ConfigError(f"{key}={value!r}: choose one of {[*also, True, False]}")
+
+
+def _check_stage_choices(key: str, stage: DictConfig, parts: tuple[str, ...]) -> None:
+    """Names and switches of a stage, checked before the first stage trains (a typo in the second stage would
+    otherwise surface after the first had trained)."""
+    modes = stage.get("parts") or {}
+    unknown = [p for p in modes if p not in parts]
+    if unknown:
+        raise ConfigError(f"{key}.parts has unknown parts {unknown}; this model's parts are {list(parts)}")
+    for part in AlignLM.PARTS:
+        if part in modes and modes[part] not in MODES:
+            raise ConfigError(f"{key}.parts.{part}={modes[part]!r} is not known; choose one of {list(MODES)}")
+    if modes.get("connector") == "lora":
+        raise ConfigError(f"{key}.parts.connector=lora is not supported; train the connector fully")
+    stray = [p for p in stage.get("lr") or {} if p not in (*parts, "objectives")]
+    if stray:
+        raise ConfigError(f"{key}.lr has learning rates for {stray}, which are not parts ({list(parts)}) or objectives")
+    if stage.get("scheduler", "cosine") not in SCHEDULES:
+        raise ConfigError(f"{key}.scheduler={stage.scheduler!r} is not known; choose one of {list(SCHEDULES)}")
+    _flag(f"{key}.compile", stage.get("compile", False))
+    checkpointing = stage.get("gradient_checkpointing", False)
+    if not isinstance(checkpointing, bool):
+        unknown = [p for p in checkpointing if p not in ("llm", "vision")] if OmegaConf.is_list(checkpointing) else None
+        if unknown is None or unknown:
+            raise ConfigError(
+                f"{key}.gradient_checkpointing={checkpointing!r}: true, false, or a list of parts; checkpointing "
+                f"applies to llm and vision, not {unknown if unknown else checkpointing!r}"
+            )
+    if "lora" in modes.values():
+        lora = stage.get("lora") or {}
+        _positive_int(f"{key}.lora.r", lora.get("r", 16))
+        _number(f"{key}.lora.alpha", lora.get("alpha", 32), 0.0, low_open=True)
+        _number(f"{key}.lora.dropout", lora.get("dropout", 0.05), 0.0, 0.999)
+    data = stage.get("data") or {}
+    if data.get("template", "vicuna_v1") not in TEMPLATES:
+        raise ConfigError(f"{key}.data.template={data.template!r} is not known; choose one of {sorted(TEMPLATES)}")
+    if data.get("on_error", "skip") not in ON_ERROR:
+        raise ConfigError(f"{key}.data.on_error={data.on_error!r} is not known; choose one of {list(ON_ERROR)}")
+    _number(f"{key}.data.min_usable_fraction", data.get("min_usable_fraction", 0.5), 0.0, 1.0)
+    _positive_int(f"{key}.data.max_length", data.get("max_length", 2048))
+    _flag(f"{key}.data.packing", data.get("packing", "auto"), ("auto",))
+    for name in ("group_by_length", "preference"):
+        _flag(f"{key}.data.{name}", data.get(name, False))
+
+
+def _check_init_from(cfg: DictConfig, stage: str, before: list[str]) -> None:
+    """``init_from`` names a stage run before this one (or whose ``final/`` this run already has), or a folder."""
+    init = cfg.stages[stage].get("init_from")
+    if not init:
+        return
+    if init in cfg.stages:
+        if init not in before and not (Path(cfg.output_dir) / str(cfg.run_name) / init / "final").exists():
+            raise ConfigError(
+                f"stages.{stage}.init_from={init!r}: that stage is not run before {stage!r} in run={list(cfg.run)}, "
+                f"and {Path(cfg.output_dir) / str(cfg.run_name) / init / 'final'} does not exist yet"
+            )
+    elif not Path(str(init)).exists():
+        raise ConfigError(f"stages.{stage}.init_from={init!r} is neither a stage of this config nor a folder")
