@@ -174,6 +174,14 @@ def test_bytes_that_are_not_utf8_are_refused_not_replaced(model, root):
         assert e.value.cause == "invalid JSON line"
 
 
+def test_a_max_length_that_cannot_hold_an_image_is_refused_at_start_up(model, root):
+    with pytest.raises(DataError, match=f"max_length={model.num_image_tokens} cannot hold one image's"):
+        dataset(model, [record("a")], root, max_length=model.num_image_tokens)  # every step ran, then "no step trained"
+    text_only = {"id": "t", "conversations": record("x")["conversations"][:0] + [
+        {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}  # fmt: skip
+    assert len(dataset(model, [text_only], root, max_length=model.num_image_tokens)) == 1
+
+
 def test_unknown_on_error_policy(model, root):
     with pytest.raises(ValueError, match="skip.*raise"):
         dataset(model, [record("a")], root, on_error="ignore")
@@ -190,10 +198,11 @@ def test_overlong_sample_truncates_text_but_never_visual_tokens(model, root):
     assert len(s["input_ids"]) == limit
     assert int((s["input_ids"] == model.image_token_id).sum()) == model.num_image_tokens
     assert (s["labels"] != IGNORE_INDEX).any()
-    cut_inside = dataset(model, [record("long", answer=long_answer)], root, max_length=10)
+    short = model.num_image_tokens + 1  # room for the image alone, but the template's text comes first
+    cut_inside = dataset(model, [record("long", answer=long_answer)], root, max_length=short)
     assert isinstance(cut_inside[0], Skipped) and "split visual tokens" in cut_inside[0].reason
-    strict = dataset(model, [record("long", answer=long_answer)], root, max_length=10, on_error="raise")
-    with pytest.raises(DataError, match="id=long.*max_length=10"):
+    strict = dataset(model, [record("long", answer=long_answer)], root, max_length=short, on_error="raise")
+    with pytest.raises(DataError, match=f"id=long.*max_length={short}"):
         strict[0]
 
 

@@ -34,6 +34,7 @@ from alignlm.data.records import (
     DataError,
     Source,
     cause_of,
+    image_names,
     image_problem,
     mixture_index,
     preference_problem,
@@ -129,6 +130,11 @@ class LlavaDataset(Dataset):
             raise DataError(
                 f"only {usable} of {total} records of {[s.path for s in self.sources]} are usable, below "
                 f"data.min_usable_fraction={min_usable_fraction}: {'; '.join(self.report.lines())}"
+            )
+        if max_length <= num_image_tokens and any(image_names(r) for recs in self.records for r in recs):
+            raise DataError(
+                f"data.max_length={max_length} cannot hold one image's {num_image_tokens} visual tokens and a token "
+                "of text: every record with an image would be cut away"
             )
         self.index = mixture_index([len(r) for r in self.records], [s.weight for s in self.sources], seed)
         if len(self.index) == 0:
