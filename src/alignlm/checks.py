@@ -24,6 +24,7 @@ from alignlm.models.mllm import AlignLM
 from alignlm.training.optim import SCHEDULES
 from alignlm.training.sharding import STRATEGIES
 from alignlm.training.stages import MODES
+from alignlm.training.trainer import checkpointing_parts
 from alignlm.training.zero import STAGES as ZERO_STAGES
 
 
@@ -50,7 +51,7 @@ def check_config(cfg: DictConfig) -> None:
         )
     cfg.run_name = str(name)  # `run_name=nan` or `run_name=7` arrive as numbers
     if cfg.get("stop_after_steps") is not None:
-        _positive_int("stop_after_steps", cfg.stop_after_steps)
+        _whole("stop_after_steps", cfg.stop_after_steps)
     dist = cfg.get("distributed") or {}
     if dist.get("strategy", "auto") not in ("auto", *STRATEGIES):
         raise ConfigError(
@@ -82,21 +83,17 @@ def _check_switches_and_counts(cfg: DictConfig) -> None:
     for flag in ("resume_allow_changes", "distributed.offload_optimizer", "distributed.offload_param",
                  "distributed.reshard_after_forward"):  # fmt: skip
         _flag(flag, OmegaConf.select(cfg, flag, default=False))
-    seed = cfg.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ConfigError(f"seed={seed!r} must be a whole number >= 0")
-    _positive_int("logging.every", (cfg.get("logging") or {}).get("every", 10))
+    _whole("seed", cfg.get("seed", 0), 0)
+    _whole("logging.every", (cfg.get("logging") or {}).get("every", 10))
     nonfinite = cfg.get("nonfinite") or {}
-    _positive_int("nonfinite.window", nonfinite.get("window", 100))
-    stop_after = nonfinite.get("stop_after", 5)
-    if isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 0:
-        raise ConfigError(f"nonfinite.stop_after={stop_after!r} must be a whole number >= 0 (0: never stop)")
+    _whole("nonfinite.window", nonfinite.get("window", 100))
+    _whole("nonfinite.stop_after", nonfinite.get("stop_after", 5), 0, " (0: never stop)")
     ecfg = cfg.get("eval") or {}
     for name in ("batch_size", "max_new_tokens"):
         if ecfg.get(name) is not None:
-            _positive_int(f"eval.{name}", ecfg[name])
+            _whole(f"eval.{name}", ecfg[name])
     if ecfg.get("limit") is not None:
-        _positive_int("eval.limit", ecfg.limit)
+        _whole("eval.limit", ecfg.limit)
     for i, s in enumerate(ecfg.get("sets") or []):
         if not (isinstance(s, DictConfig) and isinstance(s.get("name"), str) and isinstance(s.get("path"), str)):
             raise ConfigError(f"eval.sets[{i}]={s!r} must be {{name: ..., path: ...}}")
@@ -142,9 +139,10 @@ def _number(key: str, value: Any, low: float, high: float = math.inf, *, low_ope
         raise ConfigError(f"{key}={value!r} must be a finite number {bound}")
 
 
-def _positive_int(key: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{key}={value!r} must be a whole number >= 1")
+def _whole(key: str, value: Any, low: int = 1, note: str = "") -> None:
+    """``value`` is a whole number (not a bool, float or string) of at least ``low``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{key}={value!r} must be a whole number >= {low}{note}")
 
 
 def _check_stage(key: str, stage: DictConfig) -> None:
@@ -156,32 +154,27 @@ def _check_stage(key: str, stage: DictConfig) -> None:
     _number(f"{key}.warmup_ratio", stage.get("warmup_ratio", 0.0), 0.0, 1.0)
     for i, beta in enumerate(stage.get("betas") or (0.9, 0.999)):
         _number(f"{key}.betas[{i}]", beta, 0.0, 0.999999)
-    if stage.get("fused_optimizer", "auto") not in ("auto", True, False):
-        raise ConfigError(f"{key}.fused_optimizer={stage.fused_optimizer!r}: choose auto, true or false")
-    _positive_int(f"{key}.per_device_batch_size", stage.per_device_batch_size)
-    _positive_int(f"{key}.grad_accum", stage.grad_accum)
+    _flag(f"{key}.fused_optimizer", stage.get("fused_optimizer", "auto"), ("auto",))
+    _whole(f"{key}.per_device_batch_size", stage.per_device_batch_size)
+    _whole(f"{key}.grad_accum", stage.grad_accum)
     if stage.get("max_steps") is not None:
-        _positive_int(f"{key}.max_steps", stage.max_steps)
+        _whole(f"{key}.max_steps", stage.max_steps)
     else:
         _number(f"{key}.epochs", stage.get("epochs", 1), 0.0, low_open=True)
     for name in ("save_every", "keep_last"):
-        value = stage.get(name, 0)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ConfigError(f"{key}.{name}={value!r} must be a whole number >= 0")
+        _whole(f"{key}.{name}", stage.get(name, 0), 0)
 
 
 def _check_monitor(monitor: Any) -> None:
     """The in-training monitor's knobs, which it would otherwise read at its first measurement."""
-    every = monitor.get("every", 0)
-    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
-        raise ConfigError(f"monitor.every={every!r} must be a whole number >= 0 (0: off)")
-    if not every:
+    _whole("monitor.every", monitor.get("every", 0), 0, " (0: off)")
+    if not monitor.get("every", 0):
         return
     if not monitor.get("probe"):
         raise ConfigError("monitor.every > 0 needs monitor.probe: a caption file (image + caption records)")
     for name in ("n", "batch_size", "topk"):
         if monitor.get(name) is not None:
-            _positive_int(f"monitor.{name}", monitor[name])
+            _whole(f"monitor.{name}", monitor[name])
     for name in ("metrics", "layer_metrics"):
         unknown = [m for m in monitor.get(name) or [] if m not in ALL_METRICS]
         if unknown:
@@ -212,17 +205,10 @@ def _check_stage_choices(key: str, stage: DictConfig, parts: tuple[str, ...]) ->
     if stage.get("scheduler", "cosine") not in SCHEDULES:
         raise ConfigError(f"{key}.scheduler={stage.scheduler!r} is not known; choose one of {list(SCHEDULES)}")
     _flag(f"{key}.compile", stage.get("compile", False))
-    checkpointing = stage.get("gradient_checkpointing", False)
-    if not isinstance(checkpointing, bool):
-        unknown = [p for p in checkpointing if p not in ("llm", "vision")] if OmegaConf.is_list(checkpointing) else None
-        if unknown is None or unknown:
-            raise ConfigError(
-                f"{key}.gradient_checkpointing={checkpointing!r}: true, false, or a list of parts; checkpointing "
-                f"applies to llm and vision, not {unknown if unknown else checkpointing!r}"
-            )
+    checkpointing_parts(stage.get("gradient_checkpointing", False), f"{key}.gradient_checkpointing")
     if "lora" in modes.values():
         lora = stage.get("lora") or {}
-        _positive_int(f"{key}.lora.r", lora.get("r", 16))
+        _whole(f"{key}.lora.r", lora.get("r", 16))
         _number(f"{key}.lora.alpha", lora.get("alpha", 32), 0.0, low_open=True)
         _number(f"{key}.lora.dropout", lora.get("dropout", 0.05), 0.0, 0.999)
     data = stage.get("data") or {}
@@ -231,7 +217,7 @@ def _check_stage_choices(key: str, stage: DictConfig, parts: tuple[str, ...]) ->
     if data.get("on_error", "skip") not in ON_ERROR:
         raise ConfigError(f"{key}.data.on_error={data.on_error!r} is not known; choose one of {list(ON_ERROR)}")
     _number(f"{key}.data.min_usable_fraction", data.get("min_usable_fraction", 0.5), 0.0, 1.0)
-    _positive_int(f"{key}.data.max_length", data.get("max_length", 2048))
+    _whole(f"{key}.data.max_length", data.get("max_length", 2048))
     _flag(f"{key}.data.packing", data.get("packing", "auto"), ("auto",))
     for name in ("group_by_length", "preference"):
         _flag(f"{key}.data.{name}", data.get(name, False))
@@ -243,10 +229,11 @@ def _check_init_from(cfg: DictConfig, stage: str, before: list[str]) -> None:
     if not init:
         return
     if init in cfg.stages:
-        if init not in before and not (Path(cfg.output_dir) / str(cfg.run_name) / init / "final").exists():
+        final = Path(cfg.output_dir) / str(cfg.run_name) / init / "final"
+        if init not in before and not final.exists():
             raise ConfigError(
                 f"stages.{stage}.init_from={init!r}: that stage is not run before {stage!r} in run={list(cfg.run)}, "
-                f"and {Path(cfg.output_dir) / str(cfg.run_name) / init / 'final'} does not exist yet"
+                f"and {final} does not exist yet"
             )
     elif not Path(str(init)).exists():
         raise ConfigError(f"stages.{stage}.init_from={init!r} is neither a stage of this config nor a folder")

@@ -36,7 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from alignlm.config import instantiate
+from alignlm.config import ConfigError, instantiate
 from alignlm.data.build import build_dataset
 from alignlm.data.collate import Collator
 from alignlm.data.records import TRUNCATED, DataError
@@ -837,17 +837,26 @@ class Trainer:
         return final
 
 
+def checkpointing_parts(setting: Any, key: str = "stage.gradient_checkpointing") -> list[str]:
+    """The parts ``gradient_checkpointing`` names: false (none), true (the LLM), or a list of llm and vision; the
+    config check before the first stage and the trainer read it here."""
+    if isinstance(setting, bool):
+        return ["llm"] if setting else []
+    parts = list(setting) if OmegaConf.is_list(setting) or isinstance(setting, (list, tuple)) else None
+    unknown = None if parts is None else [p for p in parts if p not in ("llm", "vision")]
+    if unknown is None or unknown:
+        raise ConfigError(
+            f"{key}={setting!r}: true, false, or a list of parts; checkpointing applies to llm and vision, not "
+            f"{unknown if unknown else setting!r}"
+        )
+    return parts
+
+
 def enable_checkpointing(model: AlignLM, setting: Any) -> None:
     """``stage.gradient_checkpointing``: false, true (the LLM), or a list of parts (``[llm, vision]``)."""
     if not setting:
         return
-    parts = ["llm"] if setting is True else list(setting)
-    unknown = [p for p in parts if p not in ("llm", "vision")]
-    if unknown:
-        raise ValueError(
-            f"stage.gradient_checkpointing={setting!r}: checkpointing applies to llm and vision, not {unknown}"
-        )
-    for part in parts:
+    for part in checkpointing_parts(setting):
         module = getattr(model, part)
         inner = getattr(module, "model", module)  # an HFVisionTower wraps the transformers model
         if not hasattr(inner, "gradient_checkpointing_enable"):
