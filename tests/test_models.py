@@ -222,6 +222,16 @@ def test_unknown_stage_mode_lists_choices(tiny_model):
         apply_stage(tiny_model(), {"llm": "half"})
 
 
+def test_lora_alpha_below_one_keeps_its_scaling(tiny_model):
+    """LoRA's update is scaled by alpha / r; alpha was cast to int, so an alpha of 0.5 trained a scaling of 0."""
+    from alignlm.training.stages import apply_stage
+
+    model = tiny_model()
+    apply_stage(model, {"connector": "full", "llm": "lora"}, {"r": 4, "alpha": 0.5, "dropout": 0.0})
+    scalings = {m.scaling["default"] for m in model.llm.modules() if isinstance(getattr(m, "scaling", None), dict)}
+    assert scalings == {0.125}
+
+
 def test_llm_loads_a_saved_checkpoint_by_path(tmp_path):
     """``model/llm`` by name or path is one code path: save a tiny Llama + tokenizer, load it as a user would."""
     from alignlm.models.llm import tiny

@@ -17,13 +17,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from alignlm.config import ConfigError, stage_keys
 from alignlm.data import GENERATORS, generator_knobs
-from alignlm.data.llava import ON_ERROR
+from alignlm.data.llava import check_error_policy
 from alignlm.data.templates import TEMPLATES
 from alignlm.geometry.suite import ALL_METRICS
 from alignlm.models.mllm import AlignLM
-from alignlm.training.optim import SCHEDULES
+from alignlm.training.optim import check_schedule
 from alignlm.training.sharding import STRATEGIES
-from alignlm.training.stages import MODES
+from alignlm.training.stages import MODES, check_parts
 from alignlm.training.trainer import checkpointing_parts
 from alignlm.training.zero import STAGES as ZERO_STAGES
 
@@ -191,19 +191,11 @@ def _check_stage_choices(key: str, stage: DictConfig, parts: tuple[str, ...]) ->
     """Names and switches of a stage, checked before the first stage trains (a typo in the second stage would
     otherwise surface after the first had trained)."""
     modes = stage.get("parts") or {}
-    unknown = [p for p in modes if p not in parts]
-    if unknown:
-        raise ConfigError(f"{key}.parts has unknown parts {unknown}; this model's parts are {list(parts)}")
-    for part in AlignLM.PARTS:
-        if part in modes and modes[part] not in MODES:
-            raise ConfigError(f"{key}.parts.{part}={modes[part]!r} is not known; choose one of {list(MODES)}")
-    if modes.get("connector") == "lora":
-        raise ConfigError(f"{key}.parts.connector=lora is not supported; train the connector fully")
+    check_parts(modes, {p: MODES if p in AlignLM.PARTS else () for p in parts}, key)
     stray = [p for p in stage.get("lr") or {} if p not in (*parts, "objectives")]
     if stray:
         raise ConfigError(f"{key}.lr has learning rates for {stray}, which are not parts ({list(parts)}) or objectives")
-    if stage.get("scheduler", "cosine") not in SCHEDULES:
-        raise ConfigError(f"{key}.scheduler={stage.scheduler!r} is not known; choose one of {list(SCHEDULES)}")
+    check_schedule(stage.get("scheduler", "cosine"), key)
     _flag(f"{key}.compile", stage.get("compile", False))
     checkpointing_parts(stage.get("gradient_checkpointing", False), f"{key}.gradient_checkpointing")
     if "lora" in modes.values():
@@ -212,11 +204,9 @@ def _check_stage_choices(key: str, stage: DictConfig, parts: tuple[str, ...]) ->
         _number(f"{key}.lora.alpha", lora.get("alpha", 32), 0.0, low_open=True)
         _number(f"{key}.lora.dropout", lora.get("dropout", 0.05), 0.0, 0.999)
     data = stage.get("data") or {}
-    if data.get("template", "vicuna_v1") not in TEMPLATES:
+    if data.get("template", "plain") not in TEMPLATES:
         raise ConfigError(f"{key}.data.template={data.template!r} is not known; choose one of {sorted(TEMPLATES)}")
-    if data.get("on_error", "skip") not in ON_ERROR:
-        raise ConfigError(f"{key}.data.on_error={data.on_error!r} is not known; choose one of {list(ON_ERROR)}")
-    _number(f"{key}.data.min_usable_fraction", data.get("min_usable_fraction", 0.5), 0.0, 1.0)
+    check_error_policy(data.get("on_error", "skip"), data.get("min_usable_fraction", 0.5), f"{key}.data")
     _whole(f"{key}.data.max_length", data.get("max_length", 2048))
     _flag(f"{key}.data.packing", data.get("packing", "auto"), ("auto",))
     for name in ("group_by_length", "preference"):

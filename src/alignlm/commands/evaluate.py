@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from alignlm.commands._flags import add_trust_flags
 from alignlm.config import config_dir
@@ -30,9 +30,14 @@ from alignlm.models.device import default_device
 from alignlm.training.logging import get_logger
 
 
+def eval_defaults() -> DictConfig:
+    """``configs/eval/default.yaml``: every eval knob with its default."""
+    return OmegaConf.load(config_dir() / "eval" / "default.yaml")
+
+
 def eval_config(args: argparse.Namespace) -> dict[str, Any]:
     """The merged eval config of defaults, ``--config``, ``--set`` and flags."""
-    cfg = OmegaConf.load(config_dir() / "eval" / "default.yaml")
+    cfg = eval_defaults()
     if args.config:
         cfg = OmegaConf.merge(cfg, OmegaConf.load(args.config))
     cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(args.set or [])))
@@ -70,7 +75,7 @@ def eval_config(args: argparse.Namespace) -> dict[str, Any]:
 
 def check_eval_config(ecfg: dict[str, Any]) -> None:
     """Knobs that would otherwise fail after a checkpoint is loaded, or quietly evaluate nothing (``--limit -1``)."""
-    known = OmegaConf.to_container(OmegaConf.load(config_dir() / "eval" / "default.yaml"))
+    known = OmegaConf.to_container(eval_defaults())
     for key in ecfg:
         if key not in known:
             near = difflib.get_close_matches(key, sorted(known), n=1)

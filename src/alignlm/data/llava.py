@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from alignlm.config import ConfigError
 from alignlm.constants import IGNORE_INDEX, IMAGE_TOKEN
 from alignlm.data.collate import Skipped
 from alignlm.data.hooks import SampleHook
@@ -63,6 +64,16 @@ def last_answer_only(labels: torch.Tensor) -> torch.Tensor:
 ON_ERROR = ("skip", "raise")
 
 
+def check_error_policy(on_error: Any, min_usable_fraction: Any, key: str = "data") -> None:
+    """``on_error`` is a policy the dataset knows and ``min_usable_fraction`` a fraction (checked for every stage
+    before the first trains, and again when a dataset is built)."""
+    if on_error not in ON_ERROR:
+        raise ConfigError(f"{key}.on_error={on_error!r} is not known; choose one of {list(ON_ERROR)}")
+    ok = isinstance(min_usable_fraction, (int, float)) and not isinstance(min_usable_fraction, bool)
+    if not (ok and 0 <= min_usable_fraction <= 1):
+        raise ConfigError(f"{key}.min_usable_fraction={min_usable_fraction!r} must be a number within [0, 1]")
+
+
 class LlavaDataset(Dataset):
     """Lazy LLaVA-style dataset: one item = token ids, labels (assistant turns only) and preprocessed images."""
 
@@ -83,10 +94,7 @@ class LlavaDataset(Dataset):
         min_usable_fraction: float = 0.5,
         preference: bool = False,
     ) -> None:
-        if on_error not in ON_ERROR:
-            raise ValueError(f"data.on_error={on_error!r} is not known; choose one of {list(ON_ERROR)}")
-        if not 0 <= min_usable_fraction <= 1:
-            raise ValueError(f"data.min_usable_fraction={min_usable_fraction} must be within [0, 1]")
+        check_error_policy(on_error, min_usable_fraction)
         self.tokenizer = tokenizer
         self.template = template
         self.image_spec = image_spec

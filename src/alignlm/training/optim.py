@@ -8,16 +8,22 @@ from typing import Any
 
 import torch
 
+from alignlm.config import ConfigError
 from alignlm.models.mllm import AlignLM
 from alignlm.training.stages import param_groups
 
 SCHEDULES = ("cosine", "linear", "constant")
 
 
+def check_schedule(schedule: Any, key: str = "stage") -> None:
+    """``schedule`` is one ``lr_lambda`` knows (checked for every stage before the first trains, and again here)."""
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"{key}.scheduler={schedule!r} is not known; choose one of {list(SCHEDULES)}")
+
+
 def lr_lambda(total_steps: int, warmup_steps: int, schedule: str = "cosine"):
     """Linear warmup then cosine (or constant / linear) decay to zero, as LLaVA trains."""
-    if schedule not in SCHEDULES:
-        raise ValueError(f"stage.scheduler={schedule!r} is not known; choose one of {list(SCHEDULES)}")
+    check_schedule(schedule)
 
     def f(step: int) -> float:
         if step < warmup_steps:

@@ -7,30 +7,40 @@ always holds plain weights that load without peft. A part may define its own mod
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
+from alignlm.config import ConfigError
 from alignlm.models.mllm import AlignLM
 
 MODES = ("frozen", "full", "lora")
 
 
+def check_parts(modes: Mapping[str, str], part_modes: Mapping[str, Sequence[str]], key: str = "stage") -> None:
+    """``stage.parts`` names only parts the model has, each in a mode that part has (``part_modes``; an empty list
+    skips a part whose modes are known only once it is built), and trains the connector fully. The config check
+    calls this before the first stage trains, and ``apply_stage`` on the built model."""
+    unknown = [p for p in modes if p not in part_modes]
+    if unknown:
+        raise ConfigError(f"{key}.parts has unknown parts {unknown}; this model's parts are {list(part_modes)}")
+    for part, mode in modes.items():
+        if part_modes[part] and mode not in part_modes[part]:
+            raise ConfigError(f"{key}.parts.{part}={mode!r} is not known; choose one of {list(part_modes[part])}")
+    if modes.get("connector") == "lora":
+        raise ConfigError(f"{key}.parts.connector=lora is not supported; train the connector fully")
+
+
 def apply_stage(model: AlignLM, parts: Mapping[str, str], lora: Mapping[str, Any] | None = None) -> None:
     """Set ``requires_grad`` per part and inject LoRA where asked; frozen parts stay in eval mode."""
-    unknown = set(parts) - set(model.PARTS)
-    if unknown:
-        raise ValueError(f"stage.parts has unknown parts {sorted(unknown)}; this model's parts are {list(model.PARTS)}")
+    check_parts(parts, {p: getattr(getattr(model, p), "TRAIN_MODES", MODES) for p in model.PARTS})
     model.frozen_parts = set()
     for part in model.PARTS:
         mode = parts.get(part, "frozen")
         module: nn.Module = getattr(model, part)
-        modes = getattr(module, "TRAIN_MODES", MODES)
-        if mode not in modes:
-            raise ValueError(f"stage.parts.{part}={mode!r} is not known; choose one of {list(modes)}")
         if hasattr(module, "set_train_mode"):
             module.set_train_mode(mode)
         else:
@@ -38,16 +48,14 @@ def apply_stage(model: AlignLM, parts: Mapping[str, str], lora: Mapping[str, Any
         if mode == "frozen":
             model.frozen_parts.add(part)
         elif mode == "lora":
-            setattr(model, part, _add_lora(module, dict(lora or {}), part))
+            setattr(model, part, _add_lora(module, dict(lora or {})))
     model.train()
 
 
-def _add_lora(module: nn.Module, lora: dict[str, Any], part: str) -> nn.Module:
-    if part == "connector":
-        raise ValueError("stage.parts.connector=lora is not supported; train the connector fully")
+def _add_lora(module: nn.Module, lora: dict[str, Any]) -> nn.Module:
     config = LoraConfig(
         r=int(lora.get("r", 16)),
-        lora_alpha=int(lora.get("alpha", 32)),
+        lora_alpha=float(lora.get("alpha", 32)),  # scaling alpha / r; int() made an alpha of 0.5 a scaling of 0
         lora_dropout=float(lora.get("dropout", 0.05)),
         target_modules=lora.get("target_modules", "all-linear"),
     )
