@@ -197,14 +197,14 @@ def test_eval_defaults_to_the_runs_own_sets(tiny_run, colour_set, tmp_path):
                 "--probe",
                 str(colour_set["pretrain"]),
                 "--probe-n",
-                "8",
+                "12",
                 "--no-plots",
             ]
         )
         == 0
     )
     report = json.loads((out / "report.json").read_text())
-    assert report["checkpoints"][0]["sets"] == {} and report["checkpoints"][0]["probe"]["n"] == 8
+    assert report["checkpoints"][0]["sets"] == {} and report["checkpoints"][0]["probe"]["n"] == 12
     with pytest.raises(FileNotFoundError, match="neither a final/ folder"):
         main(["eval", str(tmp_path), "--out", str(out)])
     with pytest.raises(ValueError, match=r"nothing to evaluate .* the probe is off \(--no-probe\)"):
@@ -555,3 +555,55 @@ def test_eval_refuses_knobs_that_cannot_work_before_loading_anything(tmp_path, f
     missing = tmp_path / "no_checkpoint_here"  # never read: the knobs fail first
     with pytest.raises(SystemExit, match=message):
         main(["eval", str(missing), "--out", str(tmp_path / "r"), *flags])
+
+
+def test_paired_p_is_the_exact_sign_test():
+    """z overstates confidence with few discordant questions: 4 of 50 all for B give z 2.06 but p 0.125."""
+    from alignlm.evaluation.paired import paired_difference, sign_test
+
+    a = {str(i): 0.0 for i in range(50)}
+    b = {k: float(int(k) < 4) for k in a}
+    r = paired_difference(a, b)
+    assert r is not None and r["z"] > 2 and r["p"] == pytest.approx(0.125)
+    assert sign_test(3, 0) == pytest.approx(0.25) and sign_test(0, 0) == 1.0 and sign_test(5, 5) == 1.0
+    assert sign_test(2, 8) == pytest.approx(2 * (1 + 10 + 45) / 1024)
+    assert 0 < sign_test(3000, 2000) < 1e-40  # exact integers, no overflow
+
+
+def test_same_step_pairs_checkpoints_of_the_same_stage():
+    """Steps restart in each stage: b's pretrain at step 500 pairs with a's pretrain, not a's finetune at 500."""
+    from unittest import mock
+
+    from alignlm.evaluation import plots
+    from alignlm.evaluation.paired import same_step
+
+    def ck(run, stage, acc):
+        scores = {str(i): acc for i in range(10)}
+        return {
+            "run": run,
+            "stage": stage,
+            "step": 500,
+            "label": f"{run}/{stage}/final",
+            "sets": {s: {"kind": "qa", "accuracy": acc, "n": 10, "scores": scores} for s in ("s1", "s2")},
+        }
+
+    results = [ck("a", "pretrain", 0.0), ck("a", "finetune", 1.0), ck("b", "pretrain", 0.0), ck("b", "finetune", 1.0)]
+    pairs = {(r["b"], r["a"], r["diff"]) for r in same_step(results, "a")}
+    assert pairs == {("b/pretrain/final", "a/pretrain/final", 0.0), ("b/finetune/final", "a/finetune/final", 0.0)}
+    with mock.patch.object(plots, "plot_panels", lambda panels, path, xlabel: panels):
+        panels = plots.plot_accuracy_curves(results[:2], Path("unused.png"))
+    assert panels["all questions accuracy %"] == {"a/pretrain": [(500, 0.0)], "a/finetune": [(500, 100.0)]}
+
+
+def test_monitor_skips_a_measurement_of_non_finite_features(tiny_model, colour_set, caplog):
+    """The metrics refuse NaN features; the in-training monitor warns and logs nothing rather than end the run."""
+    from alignlm.training.monitor import AlignmentMonitor
+
+    model = tiny_model()
+    monitor = AlignmentMonitor({"every": 1, "probe": str(colour_set["pretrain"]), "n": 12, "topk": 4}, model)
+    assert "monitor/pooled/cka" in monitor(1, model)
+    with torch.no_grad():
+        next(model.connector.parameters()).fill_(float("nan"))
+    with caplog.at_level("WARNING", logger="alignlm"):
+        assert monitor(2, model) == {}
+    assert "not finite" in caplog.text

@@ -416,3 +416,78 @@ def test_cuda_matches_cpu():
     C = B[:, :24]
     assert M.modality_gap(A.cuda(), C.cuda()) == pytest.approx(M.modality_gap(A, C), abs=1e-12)
     assert M.retrieval_recall(A.cuda(), C.cuda()) == M.retrieval_recall(A, C)
+
+
+def test_retrieval_ties_from_rounding_count_against_the_match():
+    """Collapsed features and repeated captions: the match's cosine and its rivals' differ only in their last bits
+    (a row sum against a matmul), which used to decide the rank."""
+    g = torch.Generator().manual_seed(19)
+    n, d = 64, 4096
+    img = torch.randn(1, d, generator=g, dtype=torch.float64).expand(n, d).clone()
+    txt = torch.randn(1, d, generator=g, dtype=torch.float64).expand(n, d).clone()
+    got = M.retrieval_recall(img, txt)
+    assert got["i2t_recall@1"] == 0.0 and got["t2i_recall@1"] == 0.0
+    img = torch.randn(n, 768, generator=g, dtype=torch.float64)
+    captions = torch.randn(4, 768, generator=g, dtype=torch.float64)[torch.arange(n) % 4]  # 16 of each caption
+    assert M.retrieval_recall(img + captions, captions)["i2t_recall@1"] == 0.0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_or_empty_features_are_refused(bad):
+    A, B = related_pair(da=24, db=24, seed=20)
+    A[3, 0] = bad
+    for metric in [*PLATONIC, M.modality_gap, M.retrieval_recall]:
+        with pytest.raises(ValueError, match="1 non-finite entries"):
+            metric(A, B)
+    with pytest.raises(ValueError, match="non-finite"):
+        M.a_score(A[None], B[None])
+    with pytest.raises(ValueError, match="non-finite"):
+        M.token_word_accuracy(A, B, [[0]] * A.shape[0])
+    with pytest.raises(ValueError, match="empty"):
+        M.modality_gap(A[:0], B[:0])
+
+
+def test_all_zero_rows_have_no_direction():
+    A, B = related_pair(da=24, db=24, seed=21)
+    A[2] = 0
+    for metric in (M.modality_gap, M.retrieval_recall, M.mutual_knn):
+        with pytest.raises(ValueError, match="1 all-zero rows"):
+            metric(A, B)
+    assert M.mutual_knn(A, B, preprocess=False) >= 0  # raw inner products need no direction
+
+
+@pytest.mark.parametrize("d", [48, 100, 777])
+def test_kernel_metrics_of_a_collapsed_representation_are_nan(d):
+    """A dead connector gives its bias for every image: 0 / 0, which rounding noise used to decide (cknna 0.70)."""
+    g = torch.Generator().manual_seed(22)
+    A = torch.randn(1, d, generator=g).expand(64, d).clone()
+    B = torch.randn(64, d, generator=g)
+    for value in (M.cka(A, B), M.unbiased_cka(A, B), M.cknna(A, B), M.cka(A, B, kernel="rbf"), M.cka(B, A)):
+        assert math.isnan(value)
+
+
+def test_suite_refuses_a_topk_that_makes_knn_metrics_trivial():
+    """With k = n - 1 every item's neighbours are all the others: the kNN metrics were 1 for independent features."""
+    from alignlm.geometry.suite import pair_metrics
+
+    g = torch.Generator().manual_seed(23)
+    A, B = torch.randn(11, 16, generator=g), torch.randn(11, 16, generator=g)
+    with pytest.raises(ValueError, match="topk <= n - 2 = 9"):
+        pair_metrics(A, B, ["mutual_knn"], topk=10)
+    got = pair_metrics(A, B, ["mutual_knn", "svcca", "cka"], topk=9)
+    assert got["mutual_knn"] < 1 and got["svcca"] < 1
+    assert pair_metrics(A, B, ["cka"], topk=10)["cka"] < 1  # no kNN metric asked: no limit
+    with pytest.raises(ValueError, match="cca_dim"):
+        M.svcca(A, B, cca_dim=10)  # n - 1 centred directions span everything: always 1
+
+
+def test_a_score_averages_over_real_query_tokens_only():
+    g = torch.Generator().manual_seed(24)
+    text = [torch.randn(t, 8, generator=g) for t in (2, 5, 3)]
+    visual = torch.randn(3, 6, 8, generator=g)
+    padded = torch.stack([torch.cat([r, r[-1:].expand(5 - len(r), -1)]) for r in text])
+    one_by_one = [M.a_score(r[None], visual[i : i + 1]) for i, r in enumerate(text)]
+    got = M.a_score(padded, visual, [len(r) for r in text])
+    assert got == pytest.approx(sum(one_by_one) / 3, abs=1e-12) and got != pytest.approx(M.a_score(padded, visual))
+    with pytest.raises(ValueError, match="lengths"):
+        M.a_score(padded, visual, [0, 5, 3])

@@ -149,6 +149,7 @@ def test_the_gpu_defaults_train_on_the_cpu_too(colour_set, tmp_path):
             "monitor.every=2",
             f"monitor.probe={colour_set['pretrain']}",
             "monitor.n=8",
+            "monitor.topk=4",
         )
     )
     for stage in ("pretrain", "finetune"):

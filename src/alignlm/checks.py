@@ -175,6 +175,9 @@ def _check_monitor(monitor: Any) -> None:
     for name in ("n", "batch_size", "topk"):
         if monitor.get(name) is not None:
             _whole(f"monitor.{name}", monitor[name])
+    n, topk = monitor.get("n", 64), monitor.get("topk", 10)
+    if n is not None and n < topk + 2:
+        raise ConfigError(f"monitor.n={n} must be at least monitor.topk + 2 = {topk + 2} for the kNN metrics")
     for name in ("metrics", "layer_metrics"):
         unknown = [m for m in monitor.get(name) or [] if m not in ALL_METRICS]
         if unknown:

@@ -93,6 +93,15 @@ def check_eval_config(ecfg: dict[str, Any]) -> None:
     missing = [s["path"] for s in ecfg.get("sets") or [] if not Path(s["path"]).exists()]
     if missing:
         raise SystemExit(f"eval sets name files that do not exist: {missing}")
+    probe = ecfg["probe"]
+    for key in ("n", "topk", "batch_size"):
+        value = probe.get(key)
+        if (value is not None or key != "n") and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise SystemExit(
+                f"eval probe.{key}={value!r} must be a whole number >= 1" + (" (or null: all)" * (key == "n"))
+            )
+    if probe.get("n") is not None and probe["n"] < probe["topk"] + 2:
+        raise SystemExit(f"eval probe.n={probe['n']} must be at least probe.topk + 2 = {probe['topk'] + 2}")
     unknown = [m for m in ecfg["probe"].get("metrics") or [] if m not in ALL_METRICS]
     if unknown:
         raise SystemExit(f"eval probe.metrics has unknown metrics {unknown}; choose from {list(ALL_METRICS)}")

@@ -3,8 +3,10 @@
 Two checkpoints evaluated on the same question set answer the *same* questions, so the right uncertainty is that of
 the per-question differences ``d_i = score_B(i) - score_A(i)``, not two independent binomial errors: questions both
 get right (or both get wrong) cancel. For each question set the two share, and for all their shared questions pooled,
-this reports the accuracy difference, its paired standard error ``std(d, ddof=1) / sqrt(n)``, ``z = diff / se``, and
-the discordant counts (questions only B gets right, only A gets right), from which McNemar's test follows.
+this reports the accuracy difference, its paired standard error ``std(d, ddof=1) / sqrt(n)``, ``z = diff / se`` (a
+normal approximation, poor when few questions differ), the discordant counts (questions B scores higher on, and A
+higher on) and ``p``, the exact two-sided sign test on them: under "neither is better" each discordant question is a
+fair coin. With right/wrong scores that is McNemar's exact test.
 """
 
 from __future__ import annotations
@@ -38,7 +40,16 @@ def paired_difference(a: Mapping[str, float], b: Mapping[str, float]) -> dict[st
         "z": mean / se if se > 0 else (0.0 if mean == 0 else math.copysign(math.inf, mean)),
         "only_b": sum(x > 0 for x in d),
         "only_a": sum(x < 0 for x in d),
+        "p": sign_test(sum(x > 0 for x in d), sum(x < 0 for x in d)),
     }
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Exact two-sided sign test: the chance, if each of the ``wins + losses`` discordant questions were a fair
+    coin, of a split at least this uneven (1 when there are none). Exact integer arithmetic, so large counts too."""
+    n = wins + losses
+    tail = sum(math.comb(n, i) for i in range(min(wins, losses) + 1))
+    return min(1.0, 2 * tail / 2**n) if n else 1.0
 
 
 def final_scores(report: str | Path, key: str = "scores") -> dict[str, dict[str, float]]:
@@ -104,13 +115,15 @@ def against_first(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 
 def same_step(results: Sequence[Mapping[str, Any]], reference_run: str) -> list[dict[str, Any]]:
-    """Every other run's checkpoints against the reference run's checkpoint at the same training step: the
-    comparison of arms that had the same number of steps (e.g. of image finetuning)."""
-    ref = {r["step"]: r for r in results if r["run"] == reference_run and r.get("step") is not None}
+    """Every other run's checkpoints against the reference run's checkpoint of the same stage at the same step: the
+    comparison of arms that had the same number of steps (e.g. of image finetuning). Steps restart in each stage, so
+    a step alone would pair one run's pretrain with another's finetune."""
+    ref = {(r.get("stage"), r["step"]): r for r in results if r["run"] == reference_run and r.get("step") is not None}
     rows = []
     for res in results:
-        if res["run"] != reference_run and res.get("step") in ref:
-            rows += against_first([ref[res["step"]], res])
+        key = (res.get("stage"), res.get("step"))
+        if res["run"] != reference_run and key in ref:
+            rows += against_first([ref[key], res])
     return rows
 
 
@@ -122,13 +135,19 @@ def markdown_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
         "",
         "## Paired differences (same questions)",
         "",
-        "| checkpoint | reference | set | n | accuracy % | reference % | difference (points) | paired SE | z | only it right | only reference right |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| checkpoint | reference | set | n | accuracy % | reference % | difference (points) | paired SE | z | p | it higher | reference higher |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['b']} | {r['a']} | {r['set']} | {r['n']} | {100 * r['b_acc']:.1f} | {100 * r['a_acc']:.1f} | "
-            f"{100 * r['diff']:+.1f} | {100 * r['se']:.1f} | {r['z']:+.2f} | {r['only_b']} | {r['only_a']} |"
+            f"{100 * r['diff']:+.1f} | {100 * r['se']:.1f} | {r['z']:+.2f} | {r['p']:.3g} | {r['only_b']} | "
+            f"{r['only_a']} |"
         )
-    lines += ["", f"`{POOLED}`: every shared question of the sets above, pooled. |z| > 2 is about 95 % confidence."]
+    lines += [
+        "",
+        f"`{POOLED}`: every shared question of the sets above, pooled. p: exact two-sided sign test on the questions "
+        "the two score differently (McNemar's exact test for right/wrong scores); z is its normal approximation, "
+        "which overstates confidence when few questions differ.",
+    ]
     return lines

@@ -104,20 +104,22 @@ def plot_panels(panels: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]
 
 
 def plot_accuracy_curves(results: Sequence[Mapping[str, Any]], path: Path) -> Path:
-    """Accuracy per question set against the step of each checkpoint, one line per run; with several sets, also
-    all their questions pooled. Checkpoints of unknown step are left out."""
+    """Accuracy per question set against the step of each checkpoint, one line per run and stage (steps restart in
+    each stage); with several sets, also all their questions pooled. Checkpoints of unknown step are left out."""
     panels: dict[str, dict[str, list[tuple[float, float]]]] = {}
     pooled: dict[str, dict[int, list[float]]] = {}
+    stages: dict[str, set[Any]] = {}
+    for res in results:
+        stages.setdefault(res["run"], set()).add(res.get("stage"))
     for res in results:
         if res.get("step") is None:
             continue
+        line = f"{res['run']}/{res.get('stage')}" if len(stages[res["run"]]) > 1 else res["run"]
         for name, r in sorted(res["sets"].items()):
             if r.get("kind") != "qa":
                 continue
-            panels.setdefault(f"{name} accuracy %", {}).setdefault(res["run"], []).append(
-                (res["step"], 100 * r["accuracy"])
-            )
-            tot = pooled.setdefault(res["run"], {}).setdefault(int(res["step"]), [0.0, 0.0])
+            panels.setdefault(f"{name} accuracy %", {}).setdefault(line, []).append((res["step"], 100 * r["accuracy"]))
+            tot = pooled.setdefault(line, {}).setdefault(int(res["step"]), [0.0, 0.0])
             tot[0] += r["accuracy"] * r["n"]
             tot[1] += r["n"]
     if not panels:

@@ -30,18 +30,49 @@ from torch import Tensor
 Kernel = Literal["linear", "rbf"]
 Metric = Callable[[Tensor, Tensor], float]
 
-# Largest float64 block (elements, 128 MiB) built at once by the chunked similarity computations.
+# Largest float64 block (elements, 128 MiB) built at once by the chunked similarity computations (retrieval,
+# A-score, token-word accuracy; the kNN and kernel metrics build whole n x n matrices).
 _BLOCK_ELEMENTS = 2**24
+# Cosines closer than this are a tie: far above float64 rounding of a dot product (d * 1e-16), far below any
+# difference between real items.
+TIE = 1e-9
 
 
 # ---------------------------------------------------------------------------------------------- inputs
+
+
+def _finite(x: Tensor, name: str) -> Tensor:
+    """``x`` in float64, refused when empty or not finite: ``topk`` ranks NaN highest and comparisons with NaN are
+    false, so one NaN would otherwise give a plausible score (an fp16 overflow in a connector does that)."""
+    if x.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(x.shape)}): there is nothing to measure")
+    bad = int((~torch.isfinite(x)).sum())
+    if bad:
+        raise ValueError(f"{name} has {bad} non-finite entries (NaN or inf) of {x.numel()}")
+    return x.to(torch.float64)
 
 
 def _matrix(x: Tensor, name: str) -> Tensor:
     """Check an [items, features] input and move it to float64 on its own device."""
     if x.ndim != 2:
         raise ValueError(f"{name} must be a 2-D [items, features] tensor, got shape {tuple(x.shape)}")
-    return x.to(torch.float64)
+    return _finite(x, name)
+
+
+def _directions(x: Tensor, name: str) -> Tensor:
+    """Rows of ``x`` (float64) on the unit sphere, refused where a row is all zeros: it has no direction, and
+    normalising would make it the origin, which is equally near everything."""
+    zero = int((x == 0).all(dim=-1).sum())
+    if zero:
+        raise ValueError(f"{name} has {zero} all-zero rows: a cosine needs a direction")
+    return _unit(x)
+
+
+def _no_spread(x: Tensor) -> bool:
+    """All rows equal up to rounding: a representation that separates no items (a dead connector gives its bias
+    for every image). Kernel metrics are then 0 / 0, decided by rounding noise, so they report nan."""
+    scale = x.abs().max()
+    return bool((x - x.mean(dim=0)).abs().max() <= 1e-12 * scale) if scale > 0 else True
 
 
 def _pair(A: Tensor, B: Tensor, same_dim: bool = False) -> tuple[Tensor, Tensor]:
@@ -83,7 +114,7 @@ def prepare_features(x: Tensor, q: float = 0.95) -> Tensor:
     if index < x.numel():
         threshold = x.abs().flatten().sort().values[index]
         x = x.clamp(min=-threshold, max=threshold)
-    return _unit(x)
+    return _directions(x, "features")
 
 
 def _prepared_pair(A: Tensor, B: Tensor, preprocess: bool) -> tuple[Tensor, Tensor]:
@@ -96,7 +127,7 @@ def _prepared_pair(A: Tensor, B: Tensor, preprocess: bool) -> tuple[Tensor, Tens
 
 
 def _gap(a: Tensor, b: Tensor) -> Tensor:
-    return _unit(a).mean(dim=0) - _unit(b).mean(dim=0)
+    return _directions(a, "A").mean(dim=0) - _directions(b, "B").mean(dim=0)
 
 
 def gap_vector(A: Tensor, B: Tensor) -> Tensor:
@@ -286,6 +317,8 @@ def _cka(
     hsic: Callable[[Tensor, Tensor], Tensor],
 ) -> float:
     a, b = _prepared_pair(A, B, preprocess)
+    if _no_spread(a) or _no_spread(b):
+        return float("nan")
     K, L = _gram(a, kernel, sigma), _gram(b, kernel, sigma)
     return _normalised(hsic(K, L), hsic(K, K), hsic(L, L))
 
@@ -293,7 +326,7 @@ def _cka(
 def cka(A: Tensor, B: Tensor, kernel: Kernel = "linear", sigma: float | None = None, preprocess: bool = True) -> float:
     """Kornblith et al. 2019, as used in the Platonic Representation: centred kernel alignment with the biased
     HSIC, invariant to rotations and isotropic scaling of either representation. ``sigma=None`` picks the
-    rbf bandwidth by the median heuristic."""
+    rbf bandwidth by the median heuristic. nan when either representation has every row equal."""
     return _cka(A, B, kernel, sigma, preprocess, _hsic_biased)
 
 
@@ -315,6 +348,8 @@ def cknna(A: Tensor, B: Tensor, topk: int = 10, preprocess: bool = True) -> floa
     if topk < 2:
         raise ValueError(f"cknna needs topk >= 2, got {topk}")
     a, b = _prepared_pair(A, B, preprocess)
+    if _no_spread(a) or _no_spread(b):
+        return float("nan")  # the neighbour masks would be chosen by rounding noise
     K, L = a @ a.T, b @ b.T
     mask_k, mask_l = _knn_mask(_knn(K, topk)), _knn_mask(_knn(L, topk))
     both = mask_k & mask_l
@@ -339,9 +374,9 @@ def svcca(A: Tensor, B: Tensor, cca_dim: int = 10, preprocess: bool = True) -> f
     computed exactly (the reference uses a randomised SVD and scikit-learn's iterative CCA).
     """
     a, b = _prepared_pair(A, B, preprocess)
-    limit = min(a.shape[0], a.shape[1], b.shape[1])
+    limit = min(a.shape[0] - 2, a.shape[1], b.shape[1])  # centred data spans n - 1 directions: all of them agree
     if not 1 <= cca_dim <= limit:
-        raise ValueError(f"cca_dim must be in [1, min(n, da, db)] = [1, {limit}], got {cca_dim}")
+        raise ValueError(f"cca_dim must be in [1, min(n - 2, da, db)] = [1, {limit}], got {cca_dim}")
     u_a = torch.linalg.svd(_standardise(a), full_matrices=False).U[:, :cca_dim]
     u_b = torch.linalg.svd(_standardise(b), full_matrices=False).U[:, :cca_dim]
     return torch.linalg.svdvals(u_a.T @ u_b).clamp(max=1.0).mean().item()
@@ -350,10 +385,11 @@ def svcca(A: Tensor, B: Tensor, cca_dim: int = 10, preprocess: bool = True) -> f
 # ----------------------------------------------------------------------------- token- and pair-level
 
 
-def a_score(visual_tokens: Tensor, reference_tokens: Tensor) -> float:
+def a_score(visual_tokens: Tensor, reference_tokens: Tensor, lengths: Sequence[int] | None = None) -> float:
     """Law of Vision Representation (Yang et al. 2024): how well connector outputs cover a reference model's
     tokens of the same image; for each visual token the best cosine to any reference token, mean over tokens,
-    then over images. Takes ``[n, m, d]`` and ``[n, r, d]``."""
+    then over images. Takes ``[n, m, d]`` and ``[n, r, d]``; ``lengths``: how many of each item's ``m`` query
+    tokens are real (ragged rows padded at the end), the rest left out of the mean."""
     if visual_tokens.ndim != 3 or reference_tokens.ndim != 3:
         raise ValueError(
             f"a_score takes [images, tokens, dim] tensors, got shapes {tuple(visual_tokens.shape)} "
@@ -364,10 +400,16 @@ def a_score(visual_tokens: Tensor, reference_tokens: Tensor) -> float:
         raise ValueError(
             f"reference_tokens must be [{n}, r, {d}] to match visual_tokens, got {tuple(reference_tokens.shape)}"
         )
-    visual, reference = _unit(visual_tokens.to(torch.float64)), _unit(reference_tokens.to(torch.float64))
+    visual = _directions(_finite(visual_tokens, "visual_tokens"), "visual_tokens")
+    reference = _directions(_finite(reference_tokens, "reference_tokens"), "reference_tokens")
+    real = torch.full((n,), m, dtype=torch.long) if lengths is None else torch.as_tensor(lengths, dtype=torch.long)
+    if real.shape != (n,) or not bool(((real >= 1) & (real <= m)).all()):
+        raise ValueError(f"lengths must be {n} counts in [1, {m}], got {list(real.tolist())}")
+    real = real.to(visual.device)
+    weight = (torch.arange(m, device=visual.device) < real[:, None]).to(torch.float64) / real[:, None]
     per_image = torch.cat(
         [
-            torch.bmm(visual[rows], reference[rows].transpose(1, 2)).amax(dim=2).mean(dim=1)
+            (torch.bmm(visual[rows], reference[rows].transpose(1, 2)).amax(dim=2) * weight[rows]).sum(dim=1)
             for rows in _chunks(n, m * reference.shape[1])
         ]
     )
@@ -378,13 +420,14 @@ def retrieval_recall(img: Tensor, txt: Tensor, ks: Sequence[int] = (1, 5, 10)) -
     """Cross-modal retrieval by cosine similarity, item i matching item i: keys ``i2t_recall@k`` (image
     queries, text gallery) and ``t2i_recall@k``.
 
-    A match's rank counts the other items scoring at least as high, so ties count against the match and
-    collapsed features cannot score well.
+    A match's rank counts the other items scoring at least as high, within ``TIE`` (the match's score and the
+    others' come from different summation orders, whose last bits differ), so ties count against the match and
+    collapsed features or repeated captions cannot score well.
     """
-    if any(k < 1 for k in ks):
-        raise ValueError(f"every k in ks must be >= 1, got {tuple(ks)}")
+    if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
+        raise ValueError(f"every k in ks must be a whole number >= 1, got {tuple(ks)}")
     i, t = _pair(img, txt, same_dim=True)
-    i, t = _unit(i), _unit(t)
+    i, t = _directions(i, "img"), _directions(t, "txt")
     n = i.shape[0]
     matched = (i * t).sum(dim=1)
     items = torch.arange(n, device=i.device)
@@ -393,8 +436,8 @@ def retrieval_recall(img: Tensor, txt: Tensor, ks: Sequence[int] = (1, 5, 10)) -
     for rows in _chunks(n, n):
         sim = i[rows] @ t.T
         others = items[rows, None] != items[None, :]
-        i2t_rank[rows] = ((sim >= matched[rows, None]) & others).sum(dim=1)
-        t2i_rank += ((sim >= matched[None, :]) & others).sum(dim=0)
+        i2t_rank[rows] = ((sim >= matched[rows, None] - TIE) & others).sum(dim=1)
+        t2i_rank += ((sim >= matched[None, :] - TIE) & others).sum(dim=0)
     result = {}
     for direction, rank in (("i2t", i2t_rank), ("t2i", t2i_rank)):
         for k in ks:
@@ -419,7 +462,7 @@ def token_word_accuracy(visual_tokens: Tensor, word_embeddings: Tensor, label_wo
         raise ValueError(
             f"label_word_ids needs one list per visual token: got {len(label_word_ids)} lists for {n_tokens} tokens"
         )
-    tokens, words = _unit(tokens), _unit(words)
+    tokens, words = _directions(tokens, "visual_tokens"), _directions(words, "word_embeddings")
     nearest = torch.cat([(tokens[rows] @ words.T).argmax(dim=1) for rows in _chunks(n_tokens, vocab)])
     ids = torch.tensor([w for token_ids in label_word_ids for w in token_ids], dtype=torch.long, device=tokens.device)
     if ids.numel() and (ids.min() < 0 or ids.max() >= vocab):

@@ -36,7 +36,12 @@ def pair_metrics(A: Tensor, B: Tensor, names: Sequence[str], topk: int = 10) -> 
     unknown = [m for m in names if m not in ALL_METRICS]
     if unknown:
         raise ValueError(f"unknown probe metrics {unknown}; choose from {list(ALL_METRICS)}")
-    k = max(1, min(topk, A.shape[0] - 1))
+    n = A.shape[0]
+    if any(m in KNN_METRICS for m in names) and not 1 <= topk <= n - 2:
+        raise ValueError(
+            f"the kNN metrics need 1 <= topk <= n - 2 = {n - 2} for {n} items, got topk={topk} (with k = n - 1 every "
+            "item's neighbours are all the others, and they score 1 for any features): probe more items or lower topk"
+        )
     out: dict[str, float] = {}
     for name in names:
         if name not in PAIR_METRICS:
@@ -47,9 +52,9 @@ def pair_metrics(A: Tensor, B: Tensor, names: Sequence[str], topk: int = 10) -> 
         if name == "retrieval":
             out.update(fn(A, B))
         elif name in KNN_METRICS:
-            out[name] = fn(A, B, topk=k)
+            out[name] = fn(A, B, topk=topk)
         elif name == "svcca":
-            out[name] = fn(A, B, cca_dim=min(10, A.shape[0] - 1, A.shape[1], B.shape[1]))
+            out[name] = fn(A, B, cca_dim=min(10, n - 2, A.shape[1], B.shape[1]))
         else:
             out[name] = fn(A, B)
     return out

@@ -67,6 +67,7 @@ class ProbeFeatures:
 
     visual_tokens: Tensor  # [n, M, D]
     text_tokens: Tensor  # [n, T, D], short captions padded by repeating their own last token
+    text_lengths: Tensor  # [n] each caption's real token count (the A-score averages over those only)
     text_mean: Tensor  # [n, D] mean input embedding of the caption
     encoder: Tensor  # [n, Dv] pooled vision-tower features
     layers: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)  # layer -> (visual [n, D], text [n, D])
@@ -115,7 +116,10 @@ def extract(
     model.eval()
     tok, embed = model.tokenizer, model.llm.get_input_embeddings()
     images = probe.pixels(model.image_spec)
-    visual, encoder, text_rows, text_mean = [], [], [], []
+    visual: list[Tensor] = []
+    encoder: list[Tensor] = []
+    text_rows: list[Tensor] = []
+    text_mean: list[Tensor] = []
     per_layer: dict[int, tuple[list[Tensor], list[Tensor]]] = {i: ([], []) for i in layers}
     for start in range(0, len(probe.ids), batch_size):
         sl = slice(start, start + batch_size)
@@ -144,6 +148,7 @@ def extract(
     return ProbeFeatures(
         torch.cat(visual),
         _pad_by_repeat(text_rows),
+        torch.tensor([r.shape[0] for r in text_rows]),
         torch.cat(text_mean),
         torch.cat(encoder),
         {i: (torch.cat(v), torch.cat(t)) for i, (v, t) in per_layer.items()},
@@ -166,7 +171,7 @@ def probe_metrics(
     if "a_score" in names:
         out["per_token"] = {
             "a_score_visual_to_text": M.a_score(feats.visual_tokens, feats.text_tokens),
-            "a_score_text_to_visual": M.a_score(feats.text_tokens, feats.visual_tokens),
+            "a_score_text_to_visual": M.a_score(feats.text_tokens, feats.visual_tokens, feats.text_lengths),
         }
     if encoder:
         out["encoder"] = pair_metrics(feats.encoder, feats.text_mean, names, topk)
@@ -176,11 +181,14 @@ def probe_metrics(
     return out
 
 
-def gap_shift(feats: ProbeFeatures, deltas: Sequence[float], metric: str = "i2t_recall@1") -> list[tuple[float, float]]:
-    """Mind the Gap's shift curve on the pooled features, for one metric of ``pair_metrics``."""
+def gap_shift(
+    feats: ProbeFeatures, deltas: Sequence[float], metric: str = "i2t_recall@1", topk: int = 10
+) -> list[tuple[float, float]]:
+    """Mind the Gap's shift curve on the pooled features, for one metric of ``pair_metrics`` (``topk`` as the
+    probe table's)."""
 
     def measure(a: Tensor, b: Tensor) -> float:
-        values = M.retrieval_recall(a, b) if "recall@" in metric else pair_metrics(a, b, [metric])
+        values = M.retrieval_recall(a, b) if "recall@" in metric else pair_metrics(a, b, [metric], topk)
         if metric not in values:
             raise ValueError(f"gap_shift.metric={metric!r} is not a pooled metric; e.g. i2t_recall@1, mutual_knn, cka")
         return values[metric]

@@ -11,6 +11,7 @@ runs it (sharded ZeRO-3 weights need all ranks in a forward); only the main proc
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -74,6 +75,12 @@ class AlignmentMonitor:
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices):
             feats = extract(model, self.probe, self.batch_size, self.layers, self.frozen_tower_features(model))
+            tensors = [feats.visual_tokens, feats.text_tokens, *(t for pair in feats.layers.values() for t in pair)]
+            if not all(bool(torch.isfinite(t).all()) for t in tensors):
+                # the metrics refuse such features; a diagnostic must not end the run, nor log a made-up number
+                logging.getLogger("alignlm").warning("monitor at step %d: probe features are not finite; skipped", step)
+                self.last = time.perf_counter()
+                return {}
             values = flat(probe_metrics(feats, self.metrics, self.topk, self.layer_metrics, encoder=False))
         values.pop("n", None)
         t1 = time.perf_counter()
