@@ -10,8 +10,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from alignlm.commands import main
+from alignlm.constants import IMAGE_TOKEN
 from alignlm.data.images import preprocess
-from alignlm.data.templates import get_template, to_turns
+from alignlm.data.templates import get_template, to_turns, tokenize
 from alignlm.export.hf_llava import ExportError, export, load_llava_weights, to_llava
 from alignlm.models.build import build_model
 from alignlm.models.io import load_model
@@ -42,7 +43,7 @@ def _same_model(model, out_dir, image):
     processor = AutoProcessor.from_pretrained(out_dir)
     inputs = _inputs(processor, image)
     # the processor's pixels are alignlm's preprocessing (pad with the mean colour, bicubic resize, normalise)
-    torch.testing.assert_close(inputs["pixel_values"][0], preprocess(image, model.image_spec), atol=2e-2, rtol=0)
+    torch.testing.assert_close(inputs["pixel_values"][0], preprocess(image, model.image_spec), atol=1e-5, rtol=0)
     batch = {
         "input_ids": inputs["input_ids"],
         "attention_mask": inputs["attention_mask"],
@@ -63,10 +64,10 @@ def _prompt_ids(model, template_name, **kwargs):
     rendered = get_template(template_name, **kwargs).render(
         to_turns(QUESTION), model.tokenizer, add_generation_prompt=True
     )
-    ids = model.tokenizer(rendered.text, add_special_tokens=False).input_ids
+    ids, _ = tokenize(rendered, model.tokenizer)  # the ids training and alignlm's own generation use
     img = model.image_token_id
     out = []
-    for t in ids:
+    for t in ids.tolist():
         out += [img] * model.num_image_tokens if t == img else [t]
     return out
 
@@ -214,3 +215,52 @@ def test_export_check_fails_when_an_answer_differs(tmp_path, monkeypatch, capsys
     out = capsys.readouterr().out
     assert "1 of 2 answers identical" in out and "redredred" in out and "exported folder" in out
     assert json.loads((tmp_path / "export_check.json").read_text())["differences"] == [differ]
+
+
+@pytest.mark.parametrize("template", ["vicuna_v1", "plain", "chat"])
+def test_exported_processor_prompts_as_training_with_a_tokenizer_that_adds_bos(tiny_model, tmp_path, template):
+    """Llama/Vicuna tokenizers add BOS themselves: a chat template that also wrote it as text gave the exported
+    model two (processor(text=...) adds one more). The processor pads left, for batched generation, and a record
+    that writes its image after the question is prompted as trained (images first)."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoProcessor
+
+    from alignlm.export.hf_llava import llava_processor
+
+    model = tiny_model()
+    tok = model.tokenizer
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)]
+    )
+    hf = to_llava(model)
+    llava_processor(model, get_template(template), hf.config.vision_feature_select_strategy).save_pretrained(tmp_path)
+    processor = AutoProcessor.from_pretrained(tmp_path)
+    assert processor.tokenizer.padding_side == "left"
+    size = model.image_spec.size
+    assert processor.image_processor.crop_size == {"height": size, "width": size}  # its token-count API reads it
+    image = Image.new("RGB", (40, 30), (200, 40, 40))
+    ids = _inputs(processor, image)["input_ids"][0].tolist()
+    assert ids[:2].count(tok.bos_token_id) == 1 and ids == _prompt_ids(model, template)
+    late = [{"from": "human", "value": "What color is it?\n<image>"}]
+    if template != "plain":
+        rendered = get_template(template).render(to_turns(late), tok, add_generation_prompt=True)
+        assert rendered.text == processor.apply_chat_template(
+            [{"role": "user", "content": late[0]["value"]}], add_generation_prompt=True
+        )
+        assert IMAGE_TOKEN + "\nWhat color" in rendered.text
+
+
+def test_a_tower_whose_registers_are_dropped_but_cls_kept_is_not_exported(tiny_model):
+    """Llava keeps every prefix token or drops exactly one: CLS kept with registers dropped computed otherwise."""
+    from alignlm.export.hf_llava import feature_strategy
+    from alignlm.models.vision import HFVisionTower
+
+    tower = HFVisionTower(
+        config=dict(
+            model_type="dinov2_with_registers", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=2, image_size=32, patch_size=8, num_register_tokens=4,
+        ),
+        select_feature="cls_patch",
+    )  # fmt: skip
+    with pytest.raises(ExportError, match="4 register tokens are dropped"):
+        feature_strategy(tower)

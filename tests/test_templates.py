@@ -89,10 +89,16 @@ def test_real_tokenizer_smollm2(template, smollm2_tokenizer):
     assert got == expected_answers(template, tok, conv)
 
 
-def test_bos_only_when_the_tokenizer_uses_one():
-    plain = get_template("vicuna_v1").render(to_turns(CONVERSATION), _tiny())
-    bos = get_template("vicuna_v1").render(to_turns(CONVERSATION), _tiny_with_bos())
-    assert not plain.text.startswith("<s>") and bos.text.startswith("<s>")
+@pytest.mark.parametrize("template", ["plain", "vicuna_v1"])
+def test_bos_only_when_the_tokenizer_uses_one_and_as_an_id_never_text(template):
+    """The BOS is the tokenizer's, as in LLaVA's tokenizer call: text holding "<s>" got a second BOS from the exported
+    processor, and a SentencePiece tokenizer tokenizes the word after a written "<s>" without its "▁"."""
+    conv = CAPTION if template == "plain" else CONVERSATION
+    for tok, first in ((_tiny(), []), (_tiny_with_bos(), [_tiny_with_bos().bos_token_id])):
+        rendered = get_template(template).render(to_turns(conv), tok)
+        ids, labels = tokenize(rendered, tok)
+        assert "<s>" not in rendered.text and ids[:1].tolist() != [] and (ids == tok.bos_token_id).sum() == len(first)
+        assert ids[: len(first)].tolist() == first and (labels[: len(first)] == -100).all()
 
 
 def test_generation_prompt_ends_where_the_answer_starts():

@@ -80,7 +80,7 @@ def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image
 def preprocess(image: Image.Image, spec: ImageSpec, pad: bool = True) -> torch.Tensor:
     """PIL image -> normalised ``[3, size, size]`` float tensor as the tower expects."""
     if pad:
-        image = pad_to_square(image, tuple(int(round(m * 255)) for m in spec.mean))
+        image = pad_to_square(image, tuple(int(m * 255) for m in spec.mean))  # truncated, as LLaVA and transformers do
     image = image.resize((spec.size, spec.size), Image.Resampling.BICUBIC)
     x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
     mean = torch.tensor(spec.mean).view(3, 1, 1)

@@ -8,6 +8,11 @@ masking the sample (LLaVA's string-splitting failure mode).
 
 Templates: ``plain`` (LLaVA pretraining: images + caption + newline), ``vicuna_v1`` (LLaVA-1.5), and
 ``chat`` (the tokenizer's own chat template, located turn by turn through prefix rendering).
+
+``plain`` and ``vicuna_v1`` never write the BOS as text: ``tokenize`` puts the tokenizer's BOS id first where the
+tokenizer adds one, as LLaVA's tokenizer call does, and the exported chat templates leave it to the tokenizer too
+(a BOS written as text gets a second one from ``processor(text=...)``, and shifts a SentencePiece tokenizer's first
+word from "▁A" to "A").
 """
 
 from __future__ import annotations
@@ -108,11 +113,6 @@ def adds_bos(tokenizer: Any) -> bool:
     return bool(ids) and ids[0] == tokenizer.bos_token_id
 
 
-def _bos(tokenizer: Any) -> str:
-    """The BOS text the templates write, when the tokenizer uses one."""
-    return tokenizer.bos_token if adds_bos(tokenizer) else ""
-
-
 class PlainTemplate(Template):
     """LLaVA pretraining: ``<image>...`` then the caption and a newline; only the caption is supervised."""
 
@@ -125,7 +125,7 @@ class PlainTemplate(Template):
             raise TemplateError(
                 f"template 'plain' needs one user turn then one assistant turn, got {[t.role for t in dialog]}"
             )
-        prefix = _bos(tokenizer) + IMAGE_TOKEN * dialog[0].content.count(IMAGE_TOKEN)
+        prefix = IMAGE_TOKEN * dialog[0].content.count(IMAGE_TOKEN)
         if add_generation_prompt:
             return Rendered(prefix, ())
         caption = dialog[1].content.strip()
@@ -134,7 +134,6 @@ class PlainTemplate(Template):
 
     def jinja(self, tokenizer: Any) -> str:
         return _JINJA_FLATTEN + (
-            "{{ " + _jinja_str(_bos(tokenizer)) + " }}"
             "{%- for m in messages if m['role'] == 'user' -%}"
             "{{ '" + IMAGE_TOKEN + "' * (m['content'].split('" + IMAGE_TOKEN + "') | length - 1) }}{%- endfor -%}"
             "{%- for m in messages if m['role'] == 'assistant' -%}{{ m['content'] | trim }}{{ '\\n' }}{%- endfor -%}"
@@ -180,7 +179,7 @@ class VicunaV1Template(Template):
 
     def render(self, turns: Sequence[Turn], tokenizer: Any, add_generation_prompt: bool = False) -> Rendered:
         record_system = next((t.content for t in turns if t.role == "system"), None)
-        text = _bos(tokenizer)
+        text = ""
         contents: list[tuple[int, int, str]] = []
         if record_system is not None:
             contents.append((len(text), len(text) + len(record_system), "system"))
@@ -206,7 +205,7 @@ class VicunaV1Template(Template):
         return _JINJA_FLATTEN + (
             "{%- set sys = namespace(text=" + _jinja_str(self.system) + ") -%}"
             "{%- for m in messages if m['role'] == 'system' -%}{%- if loop.first -%}{%- set sys.text = m['content'] -%}{%- endif -%}{%- endfor -%}"
-            "{{ " + _jinja_str(_bos(tokenizer)) + " }}{{ sys.text + ' ' }}"
+            "{{ sys.text + ' ' }}"
             "{%- for m in messages if m['role'] != 'system' -%}"
             "{%- if m['role'] == 'user' -%}{%- set c = m['content'] -%}"
             + (_JINJA_IMAGE_FIRST if self.image_first else "")
@@ -217,17 +216,24 @@ class VicunaV1Template(Template):
 
 
 class ChatTemplate(Template):
-    """The tokenizer's own chat template; assistant spans found by rendering each prefix of the dialog."""
+    """The tokenizer's own chat template; assistant spans found by rendering each prefix of the dialog.
+
+    ``image_first`` (default, as LLaVA does for every template): a user turn's images go to its front
+    (:func:`image_first`), as the exported chat template places them too."""
 
     name = "chat"
 
-    def __init__(self, system: str | None = None) -> None:
+    def __init__(self, system: str | None = None, image_first: bool = True) -> None:
         self.system = system
+        self.image_first = image_first
 
     def render(self, turns: Sequence[Turn], tokenizer: Any, add_generation_prompt: bool = False) -> Rendered:
         if not getattr(tokenizer, "chat_template", None):
             raise TemplateError("template 'chat' needs a tokenizer with a chat_template; use vicuna_v1 or plain")
-        messages = [{"role": t.role, "content": t.content} for t in turns]
+        messages = [
+            {"role": t.role, "content": image_first(t.content) if self.image_first and t.role == "user" else t.content}
+            for t in turns
+        ]
         if self.system is not None and not any(m["role"] == "system" for m in messages):
             messages.insert(0, {"role": "system", "content": self.system})
         dialog = [m for m in messages if m["role"] != "system"]
@@ -262,7 +268,18 @@ class ChatTemplate(Template):
                 "{%- set messages = [{'role': 'system', 'content': " + _jinja_str(self.system) + "}] + messages -%}"
                 "{%- endif -%}"
             )
-        return _JINJA_FLATTEN + system + tokenizer.chat_template
+        return _JINJA_FLATTEN + (_JINJA_USER_IMAGE_FIRST if self.image_first else "") + system + tokenizer.chat_template
+
+
+# :data:`_JINJA_IMAGE_FIRST` applied to every user message of ``messages`` (the chat template reads them as given).
+_JINJA_USER_IMAGE_FIRST = (
+    "{%- set ns = namespace(msgs=[]) -%}"
+    "{%- for m in messages -%}{%- set c = m['content'] -%}"
+    "{%- if m['role'] == 'user' -%}" + _JINJA_IMAGE_FIRST + "{%- endif -%}"
+    "{%- set ns.msgs = ns.msgs + [{'role': m['role'], 'content': c}] -%}"
+    "{%- endfor -%}"
+    "{%- set messages = ns.msgs -%}"
+)
 
 
 # Stands in for a message's content to find where the template writes it: a search for the content itself could
@@ -306,7 +323,8 @@ def get_template(name: str, **kwargs: Any) -> Template:
 
 
 def tokenize(rendered: Rendered, tokenizer: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids and labels: a token is supervised iff it overlaps an assistant span.
+    """Token ids and labels: a token is supervised iff it overlaps an assistant span; the tokenizer's BOS first where
+    it adds one (and the text does not start with it).
 
     The text is tokenized in pieces cut at the start of every supervised span, so each prompt is tokenized exactly as
     generation tokenizes it alone (an answer that starts with a space never merges into the prompt's last token).
@@ -324,6 +342,8 @@ def tokenize(rendered: Rendered, tokenizer: Any) -> tuple[np.ndarray, np.ndarray
         offsets += [(x + a, y + a) for x, y in enc["offset_mapping"]]
     if rendered.contents:
         ids, offsets = _plain_specials(ids, offsets, rendered, tokenizer)
+    if adds_bos(tokenizer) and ids[:1] != [tokenizer.bos_token_id]:  # a chat template may write it itself
+        ids, offsets = [tokenizer.bos_token_id, *ids], [(0, 0), *offsets]
     ids_arr = np.asarray(ids, dtype=np.int64)
     offs = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
     labels = np.full_like(ids_arr, IGNORE_INDEX)

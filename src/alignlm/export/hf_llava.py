@@ -58,6 +58,11 @@ def feature_strategy(vision: HFVisionTower) -> str:
             output_hidden_states=True,
         )
     prefix = out.hidden_states[vision.select_layer].shape[1] - grid
+    if vision.select_feature == "cls_patch" and vision.num_registers:
+        raise ExportError(
+            f"the vision tower's {vision.num_registers} register tokens are dropped (registers=drop) while CLS is kept; "
+            f"Llava keeps all prefix tokens or drops exactly one. Train with registers=keep, or {_ALTERNATIVE}"
+        )
     if vision.select_feature == "cls_patch" or prefix == 0:
         return "full"
     if prefix == 1:
@@ -165,6 +170,7 @@ def llava_processor(model: AlignLM, template: Any, strategy: str) -> Any:
         do_resize=True,
         size={"height": spec.size, "width": spec.size},
         do_center_crop=False,
+        crop_size={"height": spec.size, "width": spec.size},  # what its token-count API reads, crop or not
         resample=3,  # bicubic
         do_rescale=True,
         rescale_factor=1 / 255,
@@ -186,9 +192,12 @@ def llava_processor(model: AlignLM, template: Any, strategy: str) -> Any:
             .hidden_states[model.vision.select_layer]
             .shape[1]
         )
+    tokenizer = copy.deepcopy(model.tokenizer)  # the export may change its EOS (set_stop_tokens), never the model's
+    # batched generation appends to every row's end, as alignlm's generate pads; init_kwargs is what is saved
+    tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = "left"
     return LlavaProcessor(
         image_processor=image_processor,
-        tokenizer=copy.deepcopy(model.tokenizer),  # the export may change its EOS (set_stop_tokens), never the model's
+        tokenizer=tokenizer,
         patch_size=cfg.patch_size,
         num_additional_image_tokens=n_tokens - (cfg.image_size // cfg.patch_size) ** 2,
         vision_feature_select_strategy=strategy,
@@ -215,7 +224,7 @@ def model_card(cfg: Any, summary: dict[str, Any] | None) -> str:
         "```python",
         "from transformers import AutoProcessor, LlavaForConditionalGeneration",
         "model = LlavaForConditionalGeneration.from_pretrained(PATH)",
-        "processor = AutoProcessor.from_pretrained(PATH)",
+        "processor = AutoProcessor.from_pretrained(PATH, backend='pil')  # PIL's bicubic resize, as in training",
         "messages = [{'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', 'text': 'What is shown?'}]}]",
         "prompt = processor.apply_chat_template(messages, add_generation_prompt=True)",
         "```",
