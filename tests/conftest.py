@@ -154,6 +154,7 @@ WAIT_FREE_RECIPES = {
     "contrastive": ("pretrain", ["+objective@stages.pretrain.objectives.contrastive=contrastive"]),
     "moe-capacity": ("pretrain", ["model/connector=moe", "model.connector.capacity_factor=1.1"]),
     "v2l": ("pretrain", ["model/connector=v2l"]),
+    "vlap": ("pretrain", ["+exp=vlap"]),
     "aligngpt-gate": (
         "finetune",
         [

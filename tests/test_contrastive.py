@@ -61,6 +61,42 @@ def test_temperature_learnable_or_fixed_and_clamped():
     assert learn.scale.item() == pytest.approx(100.0)  # CLIP's clamp: temperature never below 0.01
 
 
+def test_a_learned_scale_pushed_past_the_bound_is_used_at_the_bound_and_can_come_back():
+    """The parameter's value is clamped, not the graph: at the bound the loss still has a gradient (a clamp in the
+    forward gave exactly 0 there, so once past the bound the temperature could never rise again)."""
+    obj = ContrastiveObjective(temperature=0.07, max_scale=100.0)
+    with torch.no_grad():
+        obj.log_scale.fill_(math.log(100.0) + 1.0)  # where an optimizer step can leave it
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(4, 8, generator=g)
+    t = v + 3 * torch.randn(4, 8, generator=g)  # a hard batch: the loss wants a lower scale
+    scale = obj.scale
+    assert scale.item() == pytest.approx(100.0) and obj.log_scale.item() == pytest.approx(math.log(100.0))
+    info_nce(v, t, torch.arange(4), scale)[0].backward()
+    assert obj.log_scale.grad.item() > 0  # gradient descent lowers the scale back into the range
+
+
+def test_the_logits_are_float32_under_bf16_autocast():
+    """The trainer computes objectives under autocast; at a scale of 100 bf16 cosines (spacing 2^-8 near 1) would move
+    the logits by up to 0.4. Features sharing a common direction (a modality cone) have cosines near 1."""
+    g = torch.Generator().manual_seed(0)
+    shared = torch.randn(1, 64, generator=g)
+    base = torch.randn(8, 64, generator=g)
+    visual = base + 0.3 * torch.randn(8, 64, generator=g) + 3 * shared
+    captions = base + 3 * shared
+
+    def loss_and_grad(autocast: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        v = visual.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss, _ = info_nce(v, captions, torch.arange(8), torch.tensor(100.0))
+        loss.backward()
+        return loss.detach(), v.grad
+
+    (want, want_grad), (got, got_grad) = loss_and_grad(False), loss_and_grad(True)
+    assert got.dtype == torch.float32 and got.item() == want.item()
+    torch.testing.assert_close(got_grad, want_grad, atol=0, rtol=0)
+
+
 def test_pairs_follow_the_samples_images(tiny_model):
     """Sample 0 has two images, sample 1 none, sample 2 one, sample 3 one but no supervised token: three pairs over
     two captions (sample 3's image has no caption to align with)."""

@@ -69,6 +69,21 @@ def test_gradients_reach_router_and_experts():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+def test_top1_routing_scales_by_the_router_probability_so_the_task_loss_trains_the_router():
+    """With top_k 1 a renormalised weight is the constant 1, through which no task gradient reaches the router; the
+    expert's output is scaled by its probability instead (Switch Transformer). The aux losses are off here."""
+    torch.manual_seed(0)
+    for capacity_factor in (None, 1.0):
+        moe = MoEConnector(
+            16, 8, num_experts=4, top_k=1, balance_weight=0.0, z_weight=0.0, capacity_factor=capacity_factor
+        )
+        x = torch.randn(2, 5, 16)
+        _, probs, weights, experts = moe.route(x.reshape(-1, 16))
+        torch.testing.assert_close(weights, probs.gather(1, experts))
+        moe(x).tokens.pow(2).sum().backward()
+        assert moe.router.weight.grad.norm() > 0.1, capacity_factor
+
+
 def test_upcycled_moe_reproduces_the_dense_connector():
     torch.manual_seed(1)
     dense = MLPConnector(6, 5, depth=2)

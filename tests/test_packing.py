@@ -128,6 +128,37 @@ def test_chunked_cross_entropy_equals_the_plain_one(softcap, train_head):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_chunked_cross_entropy_does_no_gradient_work_where_autograd_records_nothing():
+    """Under ``torch.no_grad`` (an evaluation or a judge on a loaded model) the head's weight still requires grad, and
+    an autograd Function's ``needs_input_grad`` follows only that: the loss alone is computed there (one matmul per
+    chunk, no ``[V, D]`` gradient buffer), the same number."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[tuple[str, tuple[int, ...] | None]] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.seen.append((str(func), tuple(out.shape) if isinstance(out, torch.Tensor) else None))
+            return out
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(37, 16, generator=g, requires_grad=True)
+    weight = torch.randn(50, 16, generator=g, requires_grad=True)
+    targets = torch.randint(0, 50, (37,), generator=g)
+    losses, ops = [], []
+    for recording in (True, False):
+        with torch.set_grad_enabled(recording), Ops() as seen:
+            losses.append(linear_cross_entropy(hidden, weight, targets, rows=8))  # five chunks
+        ops.append(seen.seen)
+    matmuls = [sum(name == "aten.mm.default" for name, _ in seen) for seen in ops]
+    assert matmuls == [15, 5]  # per chunk: the logits, then the hidden states' and the head's gradients
+    assert not any(shape == tuple(weight.shape) for _, shape in ops[1])
+    assert torch.equal(losses[1], losses[0].detach())
+
+
 def test_model_loss_uses_only_supervised_positions(tiny_model):
     model = tiny_model()
     from tests.conftest import make_batch
@@ -277,3 +308,91 @@ def test_packing_auto_packs_only_where_attention_isolates_samples_for_free(colou
     assert collator().pack_length is None  # sdpa: a packed row would cost attention over the whole row
     assert collator("stages.pretrain.data.packing=true").pack_length == 2048
     assert collator("model.llm.attn_implementation=flex_attention").pack_length == 2048
+
+
+@pytest.fixture
+def fake_flash(monkeypatch):
+    """transformers' flash-attention path on the CPU, with kernels made of SDPA: which kernel runs, whether packed
+    samples stay apart, and what reads the device (outside the fake kernels, which read their lengths themselves)."""
+    import inspect
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    fa = pytest.importorskip("transformers.modeling_flash_attention_utils")
+    if (
+        not hasattr(fa, "lazy_import_flash_attention")
+        or "cu_seq_lens_q" not in inspect.signature(fa._flash_attention_forward).parameters
+    ):
+        pytest.skip("this transformers' flash-attention internals are not the ones faked here")
+    seen: dict[str, list] = {"kernels": [], "reads": []}
+    inside = [False]
+
+    def attend(q, k, v, causal, scale):  # [B, T, H, D]
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal, scale=scale, enable_gqa=True
+        )
+        return out.transpose(1, 2)
+
+    def dense(q, k, v, softmax_scale=None, causal=True, **_):
+        seen["kernels"].append("dense")
+        return attend(q, k, v, causal, softmax_scale)
+
+    def varlen(q, k, v, cu_seqlens_q=None, max_seqlen_q=None, softmax_scale=None, causal=True, **_):
+        seen["kernels"].append(f"varlen max_seqlen {type(max_seqlen_q).__name__}")
+        inside[0] = True
+        cu = cu_seqlens_q.tolist()
+        inside[0] = False
+        runs = [attend(q[a:b][None], k[a:b][None], v[a:b][None], causal, softmax_scale)[0] for a, b in zip(cu, cu[1:])]
+        return torch.cat(runs)
+
+    def kwargs(**kw):
+        return {"softmax_scale": kw.get("softmax_scale"), "causal": kw.get("is_causal", True), **{
+            k: kw[k] for k in ("max_seqlen_q",) if k in kw
+        }}  # fmt: skip
+
+    monkeypatch.setattr(
+        fa,
+        "lazy_import_flash_attention",
+        lambda *a, **k: ((dense, varlen, None, fa._pad_input, fa._unpad_input), (kwargs, dict)),
+    )
+
+    class Reads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not inside[0] and str(func) in ("aten._local_scalar_dense.default", "aten.nonzero.default"):
+                seen["reads"].append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    seen["mode"] = Reads
+    return seen
+
+
+def test_flash_attention_keeps_packed_and_padded_samples_apart_without_reading_the_device(samples, fake_flash):
+    """transformers takes packed samples from the position ids only for one row; with several it ran plain causal
+    attention over each row, so samples attended to the ones packed before them. The collator's run boundaries go
+    to the kernel as cu_seq_lens (its max length a Python int), for packed and padded batches alike."""
+    model, picked = samples
+    model.eval()
+    with torch.no_grad():
+        reference, _ = per_sample_losses(model, collator(model)(picked))  # SDPA, one sample per row
+        model.llm.config._attn_implementation = "flash_attention_2"
+        try:
+            cap = 2 * max(len(s["input_ids"]) for s in picked)
+            for name, batch in (
+                ("packed", collator(model, pack_length=cap)(picked)),
+                ("padded", collator(model)(picked)),
+            ):
+                fake_flash["kernels"].clear()
+                fake_flash["reads"].clear()
+                with fake_flash["mode"]():
+                    out = model(batch)
+                losses, _ = per_sample_losses(model, batch)
+                order = {sid: k for k, sid in enumerate(collator(model)(picked)["ids"])}
+                for sid, loss in zip(batch["ids"], losses):
+                    torch.testing.assert_close(loss, reference[order[sid]], rtol=1e-5, atol=1e-5, msg=name)
+                assert set(fake_flash["kernels"]) == {"varlen max_seqlen int"}, name
+                # none in alignlm; transformers' own mask preparation (create_causal_mask) reads the position ids once
+                # per forward to look for packed rows, whatever the model passes
+                assert len(fake_flash["reads"]) <= 1, (name, fake_flash["reads"])
+                assert torch.isfinite(out.lm_loss_sum)
+        finally:
+            model.llm.config._attn_implementation = "sdpa"

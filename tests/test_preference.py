@@ -7,13 +7,14 @@ import copy
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from alignlm.constants import IGNORE_INDEX
 from alignlm.data.build import build_dataset
-from alignlm.data.collate import Collator
+from alignlm.data.collate import Collator, Skipped
 from alignlm.objectives.preference import PreferenceObjective, preference_loss
 from alignlm.pipeline import run
 from alignlm.training.stages import apply_stage
@@ -73,6 +74,32 @@ def test_the_loss_is_the_formula_on_hand_computed_log_probabilities():
     smoothed = 0.8 * math.log1p(math.exp(-beta * h)) + 0.2 * math.log1p(math.exp(beta * h))
     assert preference_loss(pc, pr, rc, rr, beta, label_smoothing=0.2).item() == pytest.approx(smoothed)
     assert preference_loss(pc, pr, rc, rr, beta, loss="ipo").item() == pytest.approx((h - 1 / (2 * beta)) ** 2)
+
+
+def test_pairs_are_numbered_among_the_kept_items_when_a_record_before_them_was_skipped():
+    """The objective's per-pair buffers hold num_samples // 2 pairs: a pair numbered by its place in the micro-batch
+    (counting a skipped record) indexed past them."""
+
+    def answer(last: int) -> dict:
+        return {
+            "id": "r",
+            "input_ids": torch.tensor([1, 2, last]),
+            "labels": torch.tensor([IGNORE_INDEX, 2, last]),
+            "n_images": 0,
+        }
+
+    items = [Skipped("bad", "OSError"), (answer(3), answer(4)), Skipped("worse", "OSError"), (answer(5), answer(6))]
+    batch = Collator(pad_token_id=0)(items)
+    assert batch["pair"].tolist() == [0, 0, 1, 1] and batch["chosen"].tolist() == [True, False, True, False]
+    assert len(batch["skipped"]) == 2 and batch["num_samples"] == 4
+    obj = PreferenceObjective()
+    obj.reference = "adapters"
+    reference = torch.tensor([-1.0, -2.0, -3.0, -1.0])
+    obj.reference_logps = lambda batch, model: reference
+    policy = torch.tensor([-0.5, -2.5, -2.0, -1.5], requires_grad=True)
+    term = obj(batch, SimpleNamespace(sample_logps=policy), None)
+    want = preference_loss(policy[[0, 2]], policy[[1, 3]], reference[[0, 2]], reference[[1, 3]], obj.beta).mean()
+    torch.testing.assert_close(term.loss, want)
 
 
 def test_masks_cover_the_final_answer_only(tiny_model, colour_set, tmp_path):

@@ -164,9 +164,8 @@ def test_the_gpu_defaults_train_on_the_cpu_too(colour_set, tmp_path):
 def test_the_training_step_reads_nothing_back_from_the_device(colour_set, tmp_path, stage, extra, precision):
     """tests/test_gpu.py's check, as far as a CPU can tell: over whole training steps (padded or packed rows, fused
     AdamW, and the recipes' extra parts: the contrastive objective, the MoE connector with an expert cap, V2L, AlignGPT's
-    level slot) no op runs that would make the host wait for the GPU, in fp32 and in a GPU's default bf16, and none
-    that lacks a deterministic CUDA kernel (it would stop a ``deterministic: true`` run). Known wait elsewhere, by
-    design for now: VLAP's Sinkhorn reads three flags per iteration (tests/test_vlap.py)."""
+    level slot, VLAP's Sinkhorn) no op runs that would make the host wait for the GPU, in fp32 and in a GPU's default
+    bf16, and none that lacks a deterministic CUDA kernel (it would stop a ``deterministic: true`` run)."""
     cfg = compose(
         *tiny_overrides(colour_set, tmp_path),
         f"run=[{stage}]",
@@ -338,6 +337,59 @@ def test_lora_stage_saves_merged_weights(colour_set, tmp_path):
     assert not torch.equal(
         dict(model.llm.model.named_parameters())[w[len("") :]], dict(pre.llm.model.named_parameters())[w]
     )
+
+
+def test_a_bf16_lora_stage_stores_its_frozen_base_in_bf16_and_merges_in_fp32(colour_set, tmp_path, monkeypatch):
+    """Under bf16 the LoRA-adapted LLM's frozen linear layers are stored in bf16 (autocast casts them at every use
+    anyway), LoRA's weights, the embeddings and the norms stay fp32; ``final/`` merges LoRA in fp32 (a delta added to
+    a bf16 weight rounds away): plain fp32 weights, finite, that load; a stopped and resumed run trains the same."""
+    from safetensors.torch import load_file
+
+    from alignlm.models.io import load_model
+    from alignlm.training.trainer import Trainer
+
+    seen: dict[str, tuple[torch.dtype, bool]] = {}
+    q: dict[str, torch.Tensor] = {}
+    save_final = Trainer.save_final
+
+    def watched(self: Trainer):
+        llm = self.core().llm
+        seen.update({n: (p.dtype, p.requires_grad) for n, p in llm.named_parameters()})
+        layer = llm.base_model.model.model.layers[0].self_attn.q_proj
+        q["base"] = layer.base_layer.weight.detach().float().clone()
+        q["delta"] = layer.get_delta_weight("default").detach().clone()
+        return save_final(self)
+
+    monkeypatch.setattr(Trainer, "save_final", watched)
+    base = tiny_overrides(
+        colour_set,
+        tmp_path,
+        "run=[finetune]",
+        "stages.finetune.init_from=null",
+        "mixed_precision=bf16",
+        "stages.finetune.parts.llm=lora",
+        "stages.finetune.lr.llm=1e-2",
+    )
+    run(compose(*base))
+    frozen = {n: d for n, (d, trains) in seen.items() if not trains}
+    assert {d for n, d in frozen.items() if n.endswith("base_layer.weight")} == {torch.bfloat16}
+    assert frozen["base_model.model.lm_head.weight"] == torch.bfloat16  # the head (untied here): a matmul only
+    assert frozen["base_model.model.model.embed_tokens.weight"] == torch.float32  # a lookup: autocast casts nothing
+    assert all(d == torch.float32 for n, d in frozen.items() if "norm" in n)
+    assert {d for d, trains in seen.values() if trains} == {torch.float32}  # LoRA's A and B
+    final = tmp_path / "t" / "finetune" / "final"
+    weights = load_file(final / "model.safetensors")
+    assert not any("lora" in k for k in weights)
+    assert all(v.dtype == torch.float32 and bool(torch.isfinite(v).all()) for v in weights.values())
+    assert q["delta"].abs().max() > 0
+    torch.testing.assert_close(
+        weights["llm.model.layers.0.self_attn.q_proj.weight"], q["base"] + q["delta"], rtol=0, atol=1e-7
+    )
+    load_model(final)
+    with pytest.raises(StopTraining):
+        run(compose(*base, "run_name=resumed", "stop_after_steps=2"))
+    run(compose(*base, "run_name=resumed"))
+    assert read_losses(tmp_path / "resumed" / "finetune") == pytest.approx(read_losses(tmp_path / "t" / "finetune"))
 
 
 @pytest.mark.parametrize(

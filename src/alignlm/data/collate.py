@@ -3,7 +3,7 @@
 Two layouts, one batch format:
 - *padded* (generation, or ``data.packing: false``): one sample per row, padded to the longest (right for training,
   left for generation); ``attention_mask`` marks the real tokens.
-- *packed* (training by default): the micro-batch's samples laid end to end in rows of at most ``pack_length``
+- *packed* (``data.packing``; ``auto`` packs where attention isolates samples for free): the micro-batch's samples laid end to end in rows of at most ``pack_length``
   tokens (first fit, in sample order), each sample's ``position_ids`` starting at 0, so the model isolates samples
   from each other (block-diagonal causal attention) and no compute is spent on padding. A row's unused tail is one
   more isolated run of padding.
@@ -12,7 +12,9 @@ Either way the batch carries, computed here on the CPU so the training step neve
 ``sample_ids`` ``[rows, T]`` (which sample each token belongs to, -1 for padding), ``image_sample`` ``[n_images]``
 (the sample of each image), ``lm_positions`` / ``lm_targets`` (each supervised next-token prediction: the flat index
 ``row * T + t`` of the predicting position and the token it must predict), the image-caption pairs
-(``pair_images``, ``pair_samples``, ``pair_caption``) and ``num_samples``. Images, their
+(``pair_images``, ``pair_samples``, ``pair_caption``), ``num_samples``, and ``cu_seq_lens`` / ``max_seq_len`` (each
+run of one sample, or of a row's padding, over the rows laid end to end: what flash-attention's varlen kernel takes,
+packed or padded). Images, their
 stand-ins and every hook's fields follow the order in which the samples' tokens are laid out, which is the order
 the model writes visual tokens into ``image_positions`` (the flat index of every image-token slot).
 """
@@ -23,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from alignlm.constants import IGNORE_INDEX
@@ -142,6 +145,7 @@ class Collator:
             batch.update(self._packed(_renumber(rows), kept))
         else:
             batch.update(self._padded(kept))
+        batch["cu_seq_lens"], batch["max_seq_len"] = runs(batch["sample_ids"])
         batch["ids"] = [s["id"] for s in kept]
         batch["num_samples"] = len(kept)
         batch["num_tokens"] = sum(lengths)  # real tokens, counted here so that nobody counts them on the device
@@ -207,13 +211,28 @@ class Collator:
         }
 
 
+def runs(sample_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The runs of one sample (or of one row's padding) over the rows laid end to end: cumulative lengths ``[0, ...,
+    rows * T]`` (int32) and the longest run, what flash-attention's varlen kernel takes to keep samples apart. On the
+    CPU, while collating, so that the kernel's maximum is a number and nobody reads the device for it."""
+    rows, length = sample_ids.shape
+    ids = sample_ids.numpy()
+    starts = np.flatnonzero(np.diff(ids, axis=1, prepend=ids[:, :1] - 1) != 0)  # a row's first token starts a run
+    bounds = np.append(starts, rows * length)
+    return torch.from_numpy(bounds.astype(np.int32)), int(np.diff(bounds).max())
+
+
 def _unpair(samples: Sequence[Any]) -> list[Any]:
-    """A preference dataset's items, ``(chosen, rejected)`` tuples, as two samples each that know their pair (its
-    place in this micro-batch) and their side; the layout may reorder samples, the pair index survives it."""
-    out = []
-    for k, item in enumerate(samples):
+    """A preference dataset's items, ``(chosen, rejected)`` tuples, as two samples each that know their pair and
+    their side; the layout may reorder samples, the pair index survives it. Pairs are numbered 0, 1, ... among the
+    kept pairs only (a ``Skipped`` item takes no number): the objective sizes its per-pair buffers by the kept
+    samples, ``num_samples // 2``, so a number counting skipped items would index past them."""
+    out: list[Any] = []
+    pairs = 0
+    for item in samples:
         if isinstance(item, tuple):
-            out += [{**sample, "pair": k, "chosen": side == 0} for side, sample in enumerate(item)]
+            out += [{**sample, "pair": pairs, "chosen": side == 0} for side, sample in enumerate(item)]
+            pairs += 1
         else:
             out.append(item)
     return out

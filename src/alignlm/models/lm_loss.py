@@ -2,10 +2,12 @@
 
 On real vocabularies (32k to 152k words) the logits of a batch's supervised positions, in float32 and again as their
 gradient, are often the largest tensors of a step. ``linear_cross_entropy`` computes the head and the loss chunk by
-chunk of positions and, in the same pass, the gradients of the hidden states and the head's weight, so only one
-chunk's logits exist at a time (~256 MiB by default). The numbers are those of ``F.cross_entropy(head(h).float(),
-targets, reduction="sum")``: the matmul in the autocast dtype (or the hidden states' dtype without autocast), the
-softmax in float32, optional logit soft-capping (Gemma-2) included.
+chunk of positions and, in the same pass, the gradients of the hidden states and the head's weight, so only one chunk's
+logits exist at a time (~256 MiB by default); where autograd records nothing (``torch.no_grad``: an evaluation or a
+judge running a loaded model, whose weights keep ``requires_grad``) it computes the loss alone, without the gradient
+matmuls or the ``[V, D]`` float32 buffer. The numbers are those of ``F.cross_entropy(head(h).float(), targets,
+reduction="sum")``: the matmul in the autocast dtype (or the hidden states' dtype without autocast), the softmax in
+float32, optional logit soft-capping (Gemma-2) included.
 """
 
 from __future__ import annotations
@@ -24,20 +26,32 @@ def chunk_rows(vocab: int) -> int:
 def linear_cross_entropy(
     hidden: Tensor, weight: Tensor, targets: Tensor, softcap: float | None = None, rows: int | None = None
 ) -> Tensor:
-    """``sum_i CE(softcap(hidden_i @ weight.T), targets_i)`` for ``hidden`` ``[n, D]``, ``weight`` ``[V, D]``."""
+    """``sum_i CE(softcap(hidden_i @ weight.T), targets_i)`` for ``hidden`` ``[n, D]``, ``weight`` ``[V, D]``.
+
+    The grad mode is read here: inside ``forward`` autograd has it off, and ``ctx.needs_input_grad`` follows only
+    ``requires_grad``, which a trained head's weight keeps under ``torch.no_grad`` too."""
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
-    return _LinearCrossEntropy.apply(hidden, weight, targets, softcap, rows or chunk_rows(weight.shape[0]), dtype)
+    rows = rows or chunk_rows(weight.shape[0])
+    return _LinearCrossEntropy.apply(hidden, weight, targets, softcap, rows, dtype, torch.is_grad_enabled())
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """Forward computes the loss and, when asked for, both gradients; backward only scales them."""
+    """Forward computes the loss and, when autograd records and asks for them, both gradients; backward only scales
+    them."""
 
     @staticmethod
     def forward(
-        ctx, hidden: Tensor, weight: Tensor, targets: Tensor, softcap: float | None, rows: int, dtype: torch.dtype
+        ctx,
+        hidden: Tensor,
+        weight: Tensor,
+        targets: Tensor,
+        softcap: float | None,
+        rows: int,
+        dtype: torch.dtype,
+        recorded: bool,
     ) -> Tensor:
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_h, need_w = recorded and ctx.needs_input_grad[0], recorded and ctx.needs_input_grad[1]
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(dtype)
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -72,4 +86,4 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         dh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
         dw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
-        return dh, dw, None, None, None, None
+        return dh, dw, None, None, None, None, None

@@ -10,7 +10,9 @@ Batch keys (a plain dict of tensors): ``input_ids``, ``attention_mask``, ``label
 for the tower's output), images in reading order across the batch; ``position_ids`` when samples are packed end to
 end in rows (each sample's positions start at 0, which isolates it in attention); the index the collator computes
 on the CPU (``sample_ids``, ``num_samples``, ``image_sample``, ``image_positions``, ``lm_positions``, ``lm_targets``,
-the image-caption pairs; see ``data/collate.py``; computed here for a batch built by hand); optional
+the image-caption pairs; see ``data/collate.py``; computed here for a batch built by hand); ``cu_seq_lens`` and
+``max_seq_len`` (the runs of one sample each, and the longest, over the flattened rows: flash-attention's varlen
+kernel takes the samples from them, packed or padded, without a look at the device); optional
 ``num_items_in_batch`` (supervised-token count the LM loss is normalised by, set by the trainer so that gradient
 accumulation and data parallelism give the same gradients as one big batch); and whatever fields the model's extra
 input parts read (``models/extras.py``).
@@ -33,6 +35,9 @@ from alignlm.models.connectors.base import Connector
 from alignlm.models.extras import InputPart
 from alignlm.models.lm_loss import linear_cross_entropy
 from alignlm.models.vision import VisionTower
+
+# attention kernels that take each sample's run of tokens from cumulative lengths (cu_seq_lens), any number of rows
+VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3", "flash_attention_4")
 
 INDEX_KEYS = (
     "sample_ids",
@@ -232,9 +237,12 @@ class AlignLM(nn.Module):
         index = self.index(batch)
         # The 4D mask from sample_ids for packed and padded rows alike: given a 2D mask (or none) transformers would
         # inspect it (or the position ids) on the host to choose a mask, a wait for the device in every step.
-        # Flash-attention takes packed samples from the position ids and padded rows from the 2D mask instead.
+        # Flash-attention takes the samples from the collator's cumulative lengths instead: from position ids it finds
+        # packed samples only in a single row (several rows ran plain causal attention across samples), and from a
+        # 2D mask it unpads with reads of the device in every layer.
         mask = self.sample_mask(index["sample_ids"], embeds.dtype)
-        if mask is None and batch.get("position_ids") is None:
+        varlen = self.varlen_kwargs(batch)
+        if mask is None and not varlen and batch.get("position_ids") is None:
             mask = batch["attention_mask"]
         out = self.llm.get_decoder()(
             inputs_embeds=embeds,
@@ -242,6 +250,7 @@ class AlignLM(nn.Module):
             position_ids=batch.get("position_ids"),
             output_hidden_states=output_hidden_states,
             use_cache=False,
+            **varlen,
         )
         hidden = out.last_hidden_state
         # The vocabulary projection runs only where a label exists, chunk by chunk: on a 32k-150k vocabulary the
@@ -272,6 +281,14 @@ class AlignLM(nn.Module):
         token = logps.gather(1, index["lm_targets"][:, None]).squeeze(1)
         owner = index["sample_ids"].flatten().index_select(0, index["lm_positions"])
         return token.new_zeros(int(index["num_samples"])).index_add(0, owner, token)
+
+    def varlen_kwargs(self, batch: Batch) -> dict[str, Any]:
+        """flash-attention's cumulative run lengths for this batch (transformers passes them to every layer's
+        kernel), where the LLM attends with a varlen kernel and the collator computed them; else none."""
+        if self.llm.config._attn_implementation not in VARLEN_ATTENTION or batch.get("cu_seq_lens") is None:
+            return {}
+        cu, longest = batch["cu_seq_lens"], int(batch["max_seq_len"])
+        return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
     def sample_mask(self, sample_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
         """The block-diagonal causal mask ``[rows, 1, T, T]``: a token sees the earlier tokens of its own sample only

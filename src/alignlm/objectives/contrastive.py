@@ -12,8 +12,10 @@ cross-entropy over the captions, and text -> image is ``-log`` of the probabilit
 caption's images (MIL-NCE's multiple-positive form; with one image per sample both reduce to the usual
 InfoNCE). Negatives are those of the local micro-batch.
 
-The temperature is learnable (``log(1 / temperature)`` is the parameter, clamped to at most
-``max_scale``, as CLIP does) or fixed. The objective also logs in-batch retrieval accuracy both ways.
+The temperature is learnable (``log(1 / temperature)`` is the parameter, its value clamped in place to at most
+``log(max_scale)``, as CLIP does) or fixed. The logits are float32 even under autocast: at a scale of 100 a bf16
+matmul's cosines (spacing 2^-8 near 1) move a logit by up to 0.4. The objective also logs in-batch retrieval
+accuracy both ways.
 """
 
 from __future__ import annotations
@@ -32,8 +34,11 @@ from alignlm.objectives.pairs import image_caption_pairs, zero_loss
 def info_nce(
     visual: torch.Tensor, captions: torch.Tensor, caption_of_image: torch.Tensor, scale: torch.Tensor
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Symmetric InfoNCE between ``visual`` ``[P, D]`` and ``captions`` ``[C, D]``; image ``i`` matches caption ``caption_of_image[i]``."""
-    logits = scale * F.normalize(visual.float(), dim=-1) @ F.normalize(captions.float(), dim=-1).T  # [P, C]
+    """Symmetric InfoNCE between ``visual`` ``[P, D]`` and ``captions`` ``[C, D]``; image ``i`` matches caption ``caption_of_image[i]``.
+
+    The logits are computed in float32 with autocast off (the trainer runs objectives under autocast)."""
+    with torch.autocast(visual.device.type, enabled=False):
+        logits = scale.float() * F.normalize(visual.float(), dim=-1) @ F.normalize(captions.float(), dim=-1).T  # [P, C]
     i2t = F.cross_entropy(logits, caption_of_image)
     # [C, P], by comparison: F.one_hot would do on a GPU (device asserts there), but on a CPU it reads the index range,
     # which the CPU no-wait test (tests/test_training.py) cannot tell from a GPU wait
@@ -66,8 +71,14 @@ class ContrastiveObjective(Objective):
 
     @property
     def scale(self) -> torch.Tensor:
-        """``1 / temperature``, clamped so a learnable temperature cannot collapse (CLIP clamps at 100)."""
-        return self.log_scale.clamp(max=self.max_log_scale).exp().reshape(())
+        """``1 / temperature``, at most ``max_scale`` so a learnable temperature cannot collapse (CLIP clamps at 100).
+
+        The stored value is clamped in place, and the clamped parameter used as it is: a clamp inside the graph
+        would give a parameter past the bound a gradient of exactly 0, so it could never come back (OpenCLIP
+        clamps the value after each step, which is the same thing one step earlier)."""
+        with torch.no_grad():
+            self.log_scale.clamp_(max=self.max_log_scale)
+        return self.log_scale.exp().reshape(())
 
     def forward(self, batch: dict[str, Any], out: Any, model: nn.Module) -> LossTerm:
         pairs = image_caption_pairs(batch, out, model)

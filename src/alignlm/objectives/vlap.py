@@ -78,12 +78,16 @@ def vlap_loss(
     epsilon: float = 0.01,
     iterations: int = 3,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Swapped assignment prediction between two row-aligned, unit-norm batches ``[P, D]`` over ``prototypes`` ``[V, D]``."""
-    s_v, s_t = (torch.cat([z_v, z_t]) @ prototypes.T).chunk(2)  # [P, V] cosines each; one pass over the table
+    """Swapped assignment prediction between two row-aligned, unit-norm batches ``[P, D]`` over ``prototypes`` ``[V, D]``.
+
+    The scores are float32 with autocast off (the trainer runs objectives under autocast): divided by ``tau`` and
+    ``epsilon`` of 0.01, a bf16 cosine's rounding (2^-8 near 1) would move a logit and a Sinkhorn exponent by ~0.4."""
+    with torch.autocast(z_v.device.type, enabled=False):  # [P, V] cosines each; one pass over the table
+        s_v, s_t = (torch.cat([z_v, z_t]).float() @ prototypes.float().T).chunk(2)
     q_v = sinkhorn(s_v.detach(), log_mu, epsilon, iterations)
     q_t = sinkhorn(s_t.detach(), log_mu, epsilon, iterations)
-    log_p_v = F.log_softmax(s_v.float() / tau, dim=-1)
-    log_p_t = F.log_softmax(s_t.float() / tau, dim=-1)
+    log_p_v = F.log_softmax(s_v / tau, dim=-1)
+    log_p_t = F.log_softmax(s_t / tau, dim=-1)
     loss = -0.5 * ((q_t * log_p_v).sum(-1).mean() + (q_v * log_p_t).sum(-1).mean())
     with torch.no_grad():
         metrics = {

@@ -9,7 +9,8 @@ Speed choices, on by default: length-grouped batches (and packed rows where the 
 samples for free), the step never waits on the GPU
 (counts come from the CPU-side batch, logged values stay on the device and are fetched together every
 ``logging.every`` steps and before every checkpoint), frozen parts that no checkpoint saves are stored in bf16
-when training in bf16, AdamW is fused on CUDA, data loading runs in worker processes with pinned memory on CUDA.
+when training in bf16 and the frozen base weights of a LoRA-adapted part in bf16 or fp16 under that mixed precision,
+AdamW is fused on CUDA, data loading runs in worker processes with pinned memory on CUDA.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ from alignlm.training.throughput import (
 )
 
 LOG_EVERY = 10  # logging.every default: steps between fetches of the logged values from the device
+HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}  # mixed_precision -> autocast dtype
 PACKED_ATTENTION = ("flash_attention_2", "flash_attention_3", "flex_attention")  # isolate packed samples for free
 
 
@@ -152,7 +154,8 @@ class Trainer:
 
     def setup_model(self) -> AlignLM:
         """The stage's model on the device: built, its starting weights loaded, parts frozen or trained as the stage
-        says, frozen unsaved parts in bf16 storage when training in bf16, checkpointing and compilation as configured."""
+        says, frozen weights in half-precision storage where autocast would cast them anyway, checkpointing and
+        compilation as configured."""
         cfg, stage, acc = self.cfg, self.stage, self.acc
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model)
@@ -239,12 +242,24 @@ class Trainer:
         self.start_step, self.skipped = self._maybe_resume()
 
     def _store_frozen_in_half_precision(self, model: AlignLM) -> None:
-        """Frozen parts that this stage's ``final/`` will not save run in bf16 storage when training in bf16: the same
-        matmuls autocast would do, without re-casting their weights at every step, in half the memory."""
-        if self.acc.mixed_precision != "bf16":
+        """Frozen weights run in half-precision storage under mixed precision: the same matmuls autocast would do,
+        without re-casting their weights at every step, in half the memory.
+
+        Under bf16, whole frozen parts that this stage's ``final/`` will not save. Under bf16 and fp16, the frozen
+        linear layers of a LoRA-adapted part (its base weights and an untied head; LoRA's own weights train in fp32):
+        autocast casts exactly these to its dtype at every use, so no number of the step changes; embeddings and norms
+        keep their dtype. ``save_final`` casts those layers back before merging LoRA into them (``half_stored``)."""
+        self.half_stored: list[tuple[torch.nn.Linear, torch.dtype]] = []
+        half = HALF.get(self.acc.mixed_precision)
+        if half is None:
             return
-        for part in model.frozen_parts - set(self.saved_parts):
-            getattr(model, part).to(torch.bfloat16)
+        if half is torch.bfloat16:
+            for part in model.frozen_parts - set(self.saved_parts):
+                getattr(model, part).to(half)
+        for part in (p for p, mode in self.stage.parts.items() if mode == "lora"):
+            for linear in frozen_linears(getattr(model, part)):
+                self.half_stored.append((linear, linear.weight.dtype))
+                linear.to(half)
 
     def _maybe_resume(self) -> tuple[int, int]:
         """Resume from the newest step checkpoint that passes its integrity check (an older one when the newest is
@@ -820,7 +835,11 @@ class Trainer:
 
     def save_final(self) -> Path:
         """Every part trained so far, LoRA merged. Under fsdp2 and zero3 the main process rebuilds the model on the CPU
-        from the gathered weights and merges there: the sharded model itself is never changed."""
+        from the gathered weights and merges there: the sharded model itself is never changed.
+
+        LoRA merges in its own precision (fp32): base weights stored in half precision go back to their dtype first,
+        since a delta added to a bf16 weight would round away (a bf16 weight keeps ~3 significant digits). The merged
+        base is then the half-precision-rounded one every matmul of the stage used: exact for LLMs shipped in bf16."""
         self.check_finite_weights()
         model = self.core()
         final = self.dir / "final"
@@ -829,12 +848,29 @@ class Trainer:
             model = build_model(self.cfg.model)
             apply_stage(model, self.stage.parts, self.stage.get("lora"))
             model.load_state_dict(full)
+        if full is None:
+            for linear, dtype in self.half_stored:
+                linear.to(dtype)
         if full is None or self.acc.is_main_process:
             merge_lora(model)
         if self.acc.is_main_process:
             ckpt.save_final(final, model, config_yaml(self.cfg), self.saved_parts)
         self.acc.wait_for_everyone()
         return final
+
+
+def frozen_linears(module: torch.nn.Module) -> list[torch.nn.Linear]:
+    """The linear layers of ``module`` that nothing trains, less any whose weight a layer of another kind shares (a head
+    tied to the token embeddings: the table is also read by lookup, where autocast casts nothing)."""
+    shared = {
+        id(p) for m in module.modules() if not isinstance(m, torch.nn.Linear) for p in m.parameters(recurse=False)
+    }
+    return [
+        m
+        for m in module.modules()
+        if isinstance(m, torch.nn.Linear)
+        and not any(p.requires_grad or id(p) in shared for p in m.parameters(recurse=False))
+    ]
 
 
 def checkpointing_parts(setting: Any, key: str = "stage.gradient_checkpointing") -> list[str]:

@@ -1,9 +1,11 @@
 """CuMo-style mixture-of-experts connector: top-k routing over ``mlp2x_gelu`` experts.
 
 Each visual token goes to its ``top_k`` experts and their outputs are mixed by the renormalised router
-probabilities. The router is kept honest by two auxiliary losses, returned with their configured weights
-so the trainer adds them as they are: the Switch-Transformer balance loss ``E * sum_e f_e * P_e`` (1 for
-perfectly uniform routing) and the router z-loss ``mean(logsumexp(logits)^2)`` (keeps logits small).
+probabilities; with ``top_k`` 1 the one expert's output is scaled by its router probability instead (Switch
+Transformer): a renormalised weight would be exactly 1, and the router would get no gradient from the task. The
+router is kept honest by two auxiliary losses, returned with their configured weights so the trainer adds them as
+they are: the Switch-Transformer balance loss ``E * sum_e f_e * P_e`` (1 for perfectly uniform routing) and the
+router z-loss ``mean(logsumexp(logits)^2)`` (keeps logits small).
 
 Optional expert capacity (``capacity_factor``, GShard / Switch style, separate knobs for training and
 evaluation): no expert takes more than ``ceil(capacity_factor * T * k / E)`` of a batch's ``T * k`` (token, slot)
@@ -22,7 +24,8 @@ vectorised too (``capacity_route`` loops over the ``E`` preference ranks, each r
 no shape or branch that depends on the data. (In fp16 an expert that was not chosen can overflow where sparse
 dispatch never ran it, and 0 x inf makes the step non-finite, so skipped; bf16 and float32 have the range.)
 ``adapt_state`` upcycles a dense ``mlp2x_gelu`` connector: every expert copies the dense weights, so the MoE output
-equals the dense output at step 0 whatever the router says.
+equals the dense output at step 0 whatever the router says (with ``top_k`` 1, the dense output times the chosen
+expert's probability).
 """
 
 from __future__ import annotations
@@ -146,7 +149,11 @@ class MoEConnector(Connector):
         return None if factor is None else math.ceil(factor * tokens * self.top_k / self.num_experts)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Router logits, probabilities (float32), and the renormalised weights and ids of each token's experts."""
+        """Router logits, probabilities (float32), and the mixing weights and ids of each token's experts.
+
+        The weights are the chosen experts' probabilities renormalised to sum to 1, except with ``top_k`` 1: there the
+        renormalised weight is the constant 1, through which the task loss sends the router no gradient, so the
+        expert's output is scaled by its probability as it is (Switch Transformer, Fedus et al. 2021, eq. 2)."""
         logits = self.router(x).float()
         probs = logits.softmax(-1)
         capacity = self.capacity(len(x))
@@ -155,7 +162,9 @@ class MoEConnector(Connector):
         else:
             experts = capacity_route(probs.detach(), self.top_k, capacity)
             weights = probs.gather(1, experts)
-        return logits, probs, weights / weights.sum(-1, keepdim=True), experts
+        if self.top_k > 1:
+            weights = weights / weights.sum(-1, keepdim=True)
+        return logits, probs, weights, experts
 
     def experts_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Every expert's output on every token ``[E, T, Dl]``, one batched matmul per layer."""
