@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from alignlm.commands import main
 from alignlm.data.build import build_dataset
@@ -73,3 +74,40 @@ def test_sima_generate_writes_records_a_dpo_stage_reads(colour_set, tmp_path):
     assert len(dataset) == len(records) and isinstance(dataset[0], tuple)
     report = json.loads((out / "critic_check.json").read_text())["colours"]
     assert report["pairs"] == len(critic)
+
+
+@pytest.mark.parametrize("template", ["vicuna_v1", "chat"])
+def test_the_judge_scores_the_replies_as_the_template_writes_them(tiny_model, colour_set, tmp_path, template):
+    """After vicuna_v1's "ASSISTANT:" a reply starts with a space: the tiny tokenizer writes " A" as one token and " B"
+    as " " then "B"; the judge read the bare "A" and "B", tokens the model is never trained to write there."""
+    from alignlm.data.templates import get_template, to_turns, tokenize
+    from alignlm.methods.sima.generate import answer_tokens, judge
+
+    model = tiny_model().eval()
+    tok = model.tokenizer
+    data = {"template": template, "max_length": 512}
+    a, b = answer_tokens(tok, data)
+    if template == "vicuna_v1":
+        assert (tok.convert_ids_to_tokens(a), tok.convert_ids_to_tokens(b)) == (["ĠA"], ["Ġ", "B"])
+    else:
+        assert (a, b) == (tok.encode("A", add_special_tokens=False), tok.encode("B", add_special_tokens=False))
+    record = json.loads(colour_set["test"].read_text())[0]
+    questions = ["<image>\nWhich is better?", "<image>\nA much longer question, to pad the other prompt on the left?"]
+    pairs = [{"id": str(i), "image": record["image"], "conversations": [{"from": "human", "value": q}]} for i, q in enumerate(questions)]  # fmt: skip
+    got = judge(model, pairs, data, str(colour_set["test"].parent), tmp_path, batch=2)
+    from alignlm.data.images import load_rgb, preprocess
+
+    pixels = preprocess(load_rgb(colour_set["test"].parent / record["image"]), model.image_spec)[None]
+    for q, p in zip(questions, got):  # each prompt alone, unpadded, each reply scored token by token
+        rendered = get_template(template).render(to_turns([{"from": "human", "value": q}]), tok, True)
+        prompt = tokenize(rendered, tok)[0].tolist()
+        prompt = [t for i in prompt for t in ([i] * model.num_image_tokens if i == model.image_token_id else [i])]
+        scores = []
+        for reply in (a, b):
+            ids = torch.tensor([prompt + reply])
+            batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.full_like(ids, -100),
+                     "pixel_values": pixels}  # fmt: skip
+            with torch.no_grad():
+                logps = model(batch, return_logits=True).logits[0].float().log_softmax(-1)
+            scores.append(sum(logps[len(prompt) - 1 + k, t] for k, t in enumerate(reply)))
+        assert p == pytest.approx(torch.softmax(torch.stack(scores), 0)[0].item(), abs=1e-4)

@@ -10,7 +10,7 @@ from alignlm.data.hooks import SampleHook
 from alignlm.data.images import MAX_PIXELS
 from alignlm.data.llava import LlavaDataset
 from alignlm.data.records import Source
-from alignlm.data.templates import get_template
+from alignlm.data.templates import Template, get_template
 
 
 def build_dataset(data_cfg: Mapping[str, Any], model: Any, seed: int, for_generation: bool = False) -> LlavaDataset:
@@ -30,7 +30,7 @@ def build_dataset(data_cfg: Mapping[str, Any], model: Any, seed: int, for_genera
             for s in sources
         ],
         tokenizer=model.tokenizer,
-        template=get_template(str(data_cfg.get("template", "plain")), **dict(data_cfg.get("template_args") or {})),
+        template=template_of(data_cfg),
         image_spec=model.image_spec,
         num_image_tokens=model.num_image_tokens,
         max_length=int(data_cfg.get("max_length", 2048)),
@@ -43,6 +43,11 @@ def build_dataset(data_cfg: Mapping[str, Any], model: Any, seed: int, for_genera
         min_usable_fraction=float(data_cfg.get("min_usable_fraction", 0.5)),
         preference=bool(data_cfg.get("preference", False)) and not for_generation,
     )
+
+
+def template_of(data_cfg: Mapping[str, Any]) -> Template:
+    """The template a ``data`` node names (``template``, default ``plain``), built with its ``template_args``."""
+    return get_template(str(data_cfg.get("template", "plain")), **dict(data_cfg.get("template_args") or {}))
 
 
 def build_hooks(nodes: Mapping[str, Any] | None, model: Any) -> list[SampleHook]:

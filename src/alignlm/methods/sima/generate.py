@@ -6,7 +6,8 @@ For each prompt (an image and a question, with its reference answer) of a questi
 2. *Self-critic*: every sampled answer that differs from the greedy one is paired with it, and the same model judges
    the pair in context: the image, the question, the reference answer, the two answers as "A" and "B", and SIMA's
    three visual criteria (the objects named, their relationships, their attributes). The judgement is read off the
-   next-token distribution, ``p(A) / (p(A) + p(B))``, asked in both orders to cancel position bias:
+   probabilities of the two replies as the template writes them, ``p(A) / (p(A) + p(B))`` (the next-token
+   distribution when each reply is one token), asked in both orders to cancel position bias:
    ``prefer(a over b) = (p_A(a, b) + p_B(b, a)) / 2``. A pair whose two orders disagree is dropped
    (``drop_inconsistent``).
 3. The preferred answer becomes ``chosen``, the other ``rejected``: records for ``data.preference: true``.
@@ -26,8 +27,10 @@ from typing import Any
 
 import torch
 
-from alignlm.constants import IMAGE_TOKEN
+from alignlm.constants import IGNORE_INDEX, IMAGE_TOKEN
+from alignlm.data.build import template_of
 from alignlm.data.records import read_records
+from alignlm.data.templates import to_turns, tokenize
 from alignlm.models.device import default_device
 from alignlm.models.generation import generate_set, prompt_batches
 from alignlm.models.io import load_model
@@ -68,23 +71,63 @@ def single_turn_prompts(path: str | Path, limit: int | None) -> list[dict[str, A
     return prompts
 
 
+def answer_tokens(tokenizer: Any, data_cfg: Mapping[str, Any]) -> tuple[list[int], list[int]]:
+    """The tokens of the replies "A" and "B" as the stage's template writes an answer after its prompt, less the
+    end of turn they share: after vicuna_v1's ``ASSISTANT:`` a reply starts with a space (" A", which a tokenizer may
+    split into " " and "A"); after a chat template's newline it does not. The bare "A" is the wrong token there."""
+    template = template_of(data_cfg)
+    replies = []
+    for letter in "AB":
+        turns = to_turns([{"from": "human", "value": "x"}, {"from": "gpt", "value": letter}])
+        ids, labels = tokenize(template.render(turns, tokenizer), tokenizer)
+        replies.append(ids[labels != IGNORE_INDEX].tolist())
+    a, b = replies
+    while a and b and a[-1] == b[-1]:
+        a, b = a[:-1], b[:-1]
+    if not a or not b:
+        raise ValueError(f"template {template.name!r} writes the replies A and B as the same tokens")
+    return a, b
+
+
 @torch.no_grad()
 def judge(
     model: Any, pairs: Sequence[dict[str, Any]], data_cfg: Mapping[str, Any], image_root: str, work: Path, batch: int
 ) -> list[float]:
-    """``p(A) / (p(A) + p(B))`` for each critic record (image + critic question), from the next-token logits."""
+    """``p(A) / (p(A) + p(B))`` for each critic record (image + critic question): the probabilities of the two replies
+    as the template writes them after the prompt, from the logits of one pass per reply (one pass in all when each
+    reply is one token, the usual case: then it is the next-token distribution)."""
     path = work / "critic_prompts.json"
     path.write_text(json.dumps(list(pairs)))
-    tokens = [model.tokenizer.encode(x, add_special_tokens=False)[0] for x in ("A", "B")]
+    replies = answer_tokens(model.tokenizer, data_cfg)
     out = []
     for inputs, _ in prompt_batches(model, str(path), data_cfg, batch, image_root=image_root):
-        embeds, _ = model.embed(inputs)
-        mask = inputs["attention_mask"]
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions as generation numbers them
-        logits = model.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits
-        logits = logits[:, -1, tokens]
-        out += torch.softmax(logits.float(), dim=-1)[:, 0].tolist()
+        if all(len(r) == 1 for r in replies):
+            logps = _reply_logps(model, inputs, [])[:, -1].log_softmax(-1)
+            scores = torch.stack([logps[:, r[0]] for r in replies], dim=1)
+        else:
+            scores = torch.stack([_reply_logps(model, inputs, r) for r in replies], dim=1)
+        out += torch.softmax(scores, dim=-1)[:, 0].tolist()
     return out
+
+
+def _reply_logps(model: Any, inputs: dict[str, Any], reply: list[int]) -> torch.Tensor:
+    """With ``reply`` empty, the fp32 logits after each (left-padded) prompt ``[rows, 1, V]``; else the summed
+    log-probability of ``reply`` appended to every prompt ``[rows]``."""
+    ids, mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
+    if reply:
+        tail = torch.tensor(reply, device=ids.device).expand(ids.shape[0], -1)
+        ids, mask = torch.cat([ids, tail], dim=1), torch.cat([mask, torch.ones_like(tail)], dim=1)
+        labels = torch.cat([labels, torch.full_like(tail, IGNORE_INDEX)], dim=1)
+    kept = {k: v for k, v in inputs.items() if k not in ("sample_ids", "cu_seq_lens", "max_seq_len")}
+    embeds, _ = model.embed({**kept, "input_ids": ids, "attention_mask": mask, "labels": labels})
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions as generation numbers them
+    logits = model.llm(
+        inputs_embeds=embeds, attention_mask=mask, position_ids=positions, logits_to_keep=len(reply) + 1
+    ).logits.float()
+    if not reply:
+        return logits
+    logps = logits[:, :-1].log_softmax(-1)  # position -k-1 predicts the reply's token -k
+    return logps.gather(2, tail[:, :, None]).squeeze(2).sum(1)
 
 
 def self_critic_pairs(
