@@ -230,3 +230,18 @@ def test_tiny_vlap_training_run(colour_set, tmp_path):
     assert len(rows) == 3 and all(math.isfinite(r["loss/vlap"]) and r["loss/vlap"] > 0 for r in rows)
     # total = lm + 0.1 * vlap
     assert rows[0]["loss/total"] == pytest.approx(rows[0]["loss/lm"] + 0.1 * rows[0]["loss/vlap"], rel=1e-4)
+
+
+@pytest.mark.parametrize("objective", ["vlap", "contrastive"])
+def test_an_objective_across_pairs_refuses_a_micro_batch_of_one(objective):
+    """With one pair VLAP's transport plan is the prior whatever the scores, and contrast has no negative."""
+    from alignlm.config import ConfigError
+    from alignlm.training.trainer import build_objectives
+
+    stage = {"per_device_batch_size": 1, "objectives": {objective: {"_target_": "x"}}}
+    cls = {"vlap": VLAPObjective, "contrastive": "alignlm.objectives.contrastive.ContrastiveObjective"}[objective]
+    target = cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__name__}"
+    stage["objectives"][objective] = {"_target_": target}
+    with pytest.raises(ConfigError, match=f"{objective}.*per_device_batch_size >= 2"):
+        build_objectives(stage)
+    assert objective in build_objectives({**stage, "per_device_batch_size": 2})

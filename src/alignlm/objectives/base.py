@@ -39,6 +39,8 @@ class Objective(nn.Module):
     # True when the loss is already normalised by the global supervised-token count (the LM loss);
     # other losses are per-micro-batch means that the trainer averages over accumulation steps.
     token_normalized: bool = False
+    # the fewest samples a micro-batch needs for the loss to mean anything (a transport or contrast across pairs)
+    min_batch_size: int = 1
 
     def setup(self, model: nn.Module, dataset: Any) -> None:
         """Called once by the trainer after the model and the stage's dataset exist, before the first step.

@@ -56,6 +56,7 @@ class ContrastiveObjective(Objective):
     """Symmetric image-caption InfoNCE on pooled visual tokens vs mean caption embeddings."""
 
     name = "contrastive"
+    min_batch_size = 2  # with one pair there is no negative: the loss is zero
 
     def __init__(self, temperature: float = 0.07, learnable_temperature: bool = True, max_scale: float = 100.0) -> None:
         super().__init__()

@@ -101,6 +101,7 @@ class VLAPObjective(Objective):
     """VLAP's assignment-prediction loss; pair it with the LM captioning loss (weights 0.1 and 1)."""
 
     name = "vlap"
+    min_batch_size = 2  # with one pair the transport plan is the prior whatever the scores
 
     def __init__(
         self, tau: float = 0.01, epsilon: float = 0.01, iterations: int = 3, prior_temperature: float = 0.25

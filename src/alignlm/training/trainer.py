@@ -113,6 +113,11 @@ def build_objectives(stage: Mapping[str, Any]) -> dict[str, tuple[Objective, flo
         obj = instantiate(node, f"stage.objectives.{key}")
         if not isinstance(obj, Objective):
             raise TypeError(f"stage.objectives.{key} built a {type(obj).__name__}, not an alignlm Objective")
+        if int(stage.get("per_device_batch_size", 1)) < obj.min_batch_size:
+            raise ConfigError(
+                f"stage.objectives.{key} ({obj.name}) needs per_device_batch_size >= {obj.min_batch_size}: its loss "
+                f"relates the samples of a micro-batch, got {stage.get('per_device_batch_size')}"
+            )
         objectives[key] = (obj, weight)
     if not objectives:
         raise ValueError("stage.objectives is empty; add at least objective lm")
