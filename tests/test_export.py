@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from alignlm.commands import main
 from alignlm.constants import IMAGE_TOKEN
 from alignlm.data.images import preprocess
-from alignlm.data.templates import get_template, to_turns, tokenize
+from alignlm.data.templates import get_template, to_turns, tokenize, turn_end
 from alignlm.export.hf_llava import ExportError, export, load_llava_weights, to_llava
 from alignlm.models.build import build_model
 from alignlm.models.io import load_model
@@ -192,7 +192,8 @@ def test_export_stops_where_the_template_ends_a_turn(colour_set, tmp_path, templ
         **{k: inputs[k] for k in ("input_ids", "attention_mask", "pixel_values")},
         "labels": torch.full_like(inputs["input_ids"], -100),
     }
-    ours = model.generate(batch, max_new_tokens=12, do_sample=False)[0].tolist()
+    stop = turn_end(get_template(template), model.tokenizer)
+    ours = model.generate(batch, max_new_tokens=12, stop=stop, do_sample=False)[0].tolist()
     theirs = hf.generate(**inputs, max_new_tokens=12, do_sample=False)[0, inputs["input_ids"].shape[1] :].tolist()
     assert ours == theirs and theirs[-1] == end and len(theirs) < 12  # one answer, then the stop, in both
     # the same on a whole question set, through `alignlm export --check` (lmms-eval's way of asking)

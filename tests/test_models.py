@@ -279,3 +279,50 @@ def test_demo_models_load_offline():
     with torch.no_grad():
         top5 = model.vision.model.eval()(x[None]).topk(5).indices[0].tolist()  # eval: BatchNorm running stats
     assert 985 in top5
+
+
+@pytest.mark.parametrize("template", ["plain", "vicuna_v1", "chat"])
+def test_generation_stops_at_the_templates_end_of_turn(colour_set, tmp_path, template):
+    """The model's tokens are forced (answer, the template's end of turn, then more): an answer ends where the template
+    ends a turn. ``plain`` ends a turn with a newline, and a pretrain checkpoint used to write on to max_new_tokens."""
+    import json
+
+    from omegaconf import OmegaConf
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    from alignlm.models.generation import generate_set
+    from tests.conftest import compose
+
+    class Force(LogitsProcessor):
+        def __init__(self, rows):
+            self.rows = rows
+
+        def __call__(self, input_ids, scores):
+            out = torch.full_like(scores, -1e9)
+            for b, seq in enumerate(self.rows):
+                out[b, seq[min(input_ids.shape[1], len(seq) - 1)]] = 0
+            return out
+
+    cfg = compose()
+    model = build_model(cfg.model).eval()
+    data = {**OmegaConf.to_container(cfg.stages.finetune.data, resolve=True), "template": template}
+    records = json.loads(colour_set["test"].read_text())[:4]
+    questions = tmp_path / "q.json"
+    questions.write_text(json.dumps(records))
+    tok = model.tokenizer
+
+    def enc(text):
+        return tok(text, add_special_tokens=False).input_ids
+
+    end = {"plain": enc("\n"), "vicuna_v1": [tok.eos_token_id], "chat": [tok.convert_tokens_to_ids("<|im_end|>")]}
+    rows = [
+        [tok.eos_token_id],  # EOS first: an empty answer
+        enc("red") + end[template] + enc(" blue green yellow"),
+        enc("blue green two three four five six seven"),  # never ends: max_new_tokens
+        end[template] + enc(" yellow"),  # the end of turn first: an empty answer
+    ]
+    generation = {"do_sample": False, "logits_processor": LogitsProcessorList([Force(rows)])}
+    preds = generate_set(model, str(questions), data, batch_size=4, max_new_tokens=8, generation=generation,
+                         image_root=str(colour_set["test"].parent))  # fmt: skip
+    assert [p for _, p, _ in preds][:2] + [p for _, p, _ in preds][3:] == ["", "red", ""]
+    assert preds[2][1].startswith("blue green")

@@ -355,6 +355,26 @@ def tokenize(rendered: Rendered, tokenizer: Any) -> tuple[np.ndarray, np.ndarray
     return ids_arr, labels
 
 
+@dataclass(frozen=True)
+class TurnEnd:
+    """What ends an answer under a template: a control token (``</s>`` for vicuna_v1, ``<|im_end|>`` for ChatML), or
+    plain text (``plain``: a newline), where generation must stop and what the decoded answer is cut at."""
+
+    ids: tuple[int, ...]  # control tokens that end a turn (beside the tokenizer's EOS)
+    text: str  # plain text that ends a turn ("" when a control token does)
+
+
+def turn_end(template: Template, tokenizer: Any) -> TurnEnd:
+    """The end of an answer as ``template`` trains it: the supervised text after the answer's content."""
+    rendered = template.render(to_turns([{"from": "human", "value": "x"}, {"from": "gpt", "value": "y"}]), tokenizer)
+    ids, labels = tokenize(rendered, tokenizer)
+    last = int(ids[labels != IGNORE_INDEX][-1])
+    if last in special_ids(tokenizer):
+        return TurnEnd((last,), "")
+    answer_end = max(end for _, end, role in rendered.contents if role == "assistant")
+    return TurnEnd((), rendered.text[answer_end : rendered.spans[-1][1]])
+
+
 def special_ids(tokenizer: Any) -> set[int]:
     """Every id the tokenizer treats as a control token: its special tokens and its added special tokens."""
     found = set(tokenizer.all_special_ids)

@@ -30,7 +30,7 @@ from transformers import (
 )
 
 from alignlm.constants import IMAGE_TOKEN
-from alignlm.data.templates import get_template, special_ids, to_turns, tokenize
+from alignlm.data.templates import get_template, turn_end
 from alignlm.models.connectors.mlp import MLPConnector
 from alignlm.models.io import config_yaml, load_checkpoint_config, load_model
 from alignlm.models.mllm import AlignLM
@@ -251,21 +251,16 @@ def model_card(cfg: Any, summary: dict[str, Any] | None) -> str:
     return "\n".join(lines)
 
 
-def end_of_turn_ids(template: Any, tokenizer: Any) -> list[int]:
-    """The control token that ends an assistant turn under ``template`` (``</s>`` for vicuna_v1, ``<|im_end|>`` for a
-    ChatML chat template): where generation must stop. Empty when turns end in plain text (the ``plain`` template)."""
-    rendered = template.render(to_turns([{"from": "human", "value": "x"}, {"from": "gpt", "value": "y"}]), tokenizer)
-    ids, labels = tokenize(rendered, tokenizer)
-    last = int(ids[labels != -100][-1])
-    return [last] if last in special_ids(tokenizer) else []
-
-
 def set_stop_tokens(hf: Any, tokenizer: Any, template: Any) -> None:
     """Generation stops at the template's end of turn in every consumer: ``generation_config.eos_token_id`` lists it
     beside EOS (transformers' ``generate``), and the exported tokenizer's EOS is it (tools that stop on the tokenizer's
     EOS, such as lmms-eval). Without this a model trained with a chat template whose turns end in ``<|im_end|>`` but
-    whose EOS is ``</s>`` never stops outside alignlm."""
-    ends = end_of_turn_ids(template, tokenizer)
+    whose EOS is ``</s>`` never stops outside alignlm. Where turns end in plain text (``plain``: a newline), its token
+    stops generation when the text is one token: ids cannot say more, and transformers' stop strings would need the
+    tokenizer at every ``generate`` call."""
+    end = turn_end(template, tokenizer)
+    text = tokenizer.encode(end.text, add_special_tokens=False) if end.text else []
+    ends = list(end.ids) or (text if len(text) == 1 else [])
     stops = sorted({tokenizer.eos_token_id, *ends} - {None})
     hf.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
     hf.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -12,8 +12,9 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from alignlm.data.build import build_dataset
+from alignlm.data.build import build_dataset, template_of
 from alignlm.data.collate import Collator
+from alignlm.data.templates import turn_end
 
 
 def prompt_batches(
@@ -59,9 +60,11 @@ def generate_set(
     :func:`prompt_batches`)."""
     model.eval()
     torch.manual_seed(seed)  # sampled decoding gives the same report twice
+    stop = turn_end(template_of(data_cfg), model.tokenizer)
     out = []
     for inputs, records in prompt_batches(model, path, data_cfg, batch_size, limit, image_root):
-        new_tokens = model.generate(inputs, max_new_tokens=max_new_tokens, **dict(generation or {}))
+        new_tokens = model.generate(inputs, max_new_tokens=max_new_tokens, stop=stop, **dict(generation or {}))
         for pred_ids, rid, record in zip(new_tokens, inputs["ids"], records):
-            out.append((rid, model.tokenizer.decode(pred_ids, skip_special_tokens=True).strip(), record))
+            text = model.tokenizer.decode(pred_ids, skip_special_tokens=True)
+            out.append((rid, (text.split(stop.text)[0] if stop.text else text).strip(), record))
     return out

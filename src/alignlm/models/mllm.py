@@ -31,6 +31,7 @@ from transformers.utils import ModelOutput
 
 from alignlm.constants import IMAGE_TOKEN
 from alignlm.data.collate import index_fields, sample_counts
+from alignlm.data.templates import TurnEnd
 from alignlm.models.connectors.base import Connector
 from alignlm.models.extras import InputPart
 from alignlm.models.lm_loss import linear_cross_entropy
@@ -322,28 +323,25 @@ class AlignLM(nn.Module):
         return logits
 
     @torch.no_grad()
-    def generate(self, batch: Batch, max_new_tokens: int = 16, **gen_kwargs: Any) -> torch.Tensor:
-        """Decode continuations of left-padded prompts; returns only the new token ids ``[B, <=max_new_tokens]``."""
+    def generate(
+        self, batch: Batch, max_new_tokens: int = 16, stop: TurnEnd | None = None, **gen_kwargs: Any
+    ) -> torch.Tensor:
+        """Decode continuations of left-padded prompts; returns only the new token ids ``[B, <=max_new_tokens]``.
+        ``stop``: the template's end of turn, where decoding stops besides EOS (plain text through transformers' stop
+        strings; the caller cuts the decoded text there too)."""
         embeds, _ = self.embed(batch)
         tok = self.tokenizer
+        ends = sorted({tok.eos_token_id, *(stop.ids if stop else ())} - {None})
+        strings = {"stop_strings": [stop.text], "tokenizer": tok} if stop and stop.text else {}
         return self.llm.generate(
             inputs_embeds=embeds,
             attention_mask=batch["attention_mask"],
             max_new_tokens=max_new_tokens,
             pad_token_id=tok.pad_token_id,
-            eos_token_id=_stop_ids(tok),
+            eos_token_id=ends,
+            **strings,
             **gen_kwargs,
         )
-
-
-def _stop_ids(tokenizer: Any) -> list[int]:
-    """End-of-turn tokens a chat model may emit, besides EOS."""
-    ids = {tokenizer.eos_token_id}
-    for t in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>"):
-        tid = tokenizer.get_vocab().get(t)
-        if tid is not None:
-            ids.add(tid)
-    return sorted(i for i in ids if i is not None)
 
 
 def check(ok: torch.Tensor, message: str) -> None:
