@@ -1,5 +1,6 @@
-"""Evaluation: caption and answer scores on hand-checkable cases, deterministic reports over several checkpoints,
-the alignment monitor logging at its configured steps, the runs plot, and the lmms-eval loading path."""
+"""Evaluation: caption scores on hand-checkable cases, question-set accuracy and chance, deterministic reports over
+several checkpoints, the alignment monitor logging at its configured steps, the runs plot, and the lmms-eval loading
+path. (Answer scoring itself: tests/test_answers.py.)"""
 
 from __future__ import annotations
 
@@ -13,24 +14,12 @@ import pytest
 import torch
 
 from alignlm.commands import main
-from alignlm.evaluation.answers import normalize_answer, score_answer, vqa_accuracy
 from alignlm.evaluation.captions import bleu, cider_d, tokenize
 from alignlm.evaluation.report import write_report
 from alignlm.pipeline import run
 from tests.conftest import compose, tiny_overrides
 
 # ------------------------------------------------------------------------------------------- scores
-
-
-def test_vqa_normalisation_and_accuracy():
-    assert normalize_answer("Seven.") == normalize_answer("7") == "7"
-    assert normalize_answer("The Red  circle!") == "red circle"
-    assert score_answer("an apple", "Apple") == 1.0 and score_answer("pear", "apple") == 0.0
-    # VQA: min(1, matches / 3) over the ten leave-one-out subsets of ten human answers
-    assert vqa_accuracy("two", ["2"] * 3 + ["3"] * 7) == pytest.approx((3 * 2 / 3 + 7 * 1.0) / 10)
-    assert vqa_accuracy("2", ["2"] * 4 + ["3"] * 6) == 1.0
-    assert vqa_accuracy("2", ["2"] + ["3"] * 9) == pytest.approx(9 * (1 / 3) / 10)
-    assert score_answer("yes", ["no"] * 10) == 0.0
 
 
 def test_bleu_hand_checked():
@@ -326,6 +315,64 @@ def test_lmms_task_writes_a_local_question_set(colour_set, tmp_path):
     assert utils.process_results(rows[0], ["no such colour"]) == {"accuracy": 0.0}
 
 
+def test_lmms_task_reads_a_jsonl_set_as_eval_does(colour_set, tmp_path):
+    """``alignlm lmms-task`` reads ``.jsonl`` sets (through ``read_records``, as ``alignlm eval``); numeric answers are
+    written as text, the choices travel with each row, and a record without a usable answer is named."""
+    import importlib.util
+    import shutil
+
+    records = json.loads(colour_set["test"].read_text())[:3]
+    records[0]["answer"] = 7
+    questions = tmp_path / "set.jsonl"
+    questions.write_text("".join(json.dumps(r) + "\n" for r in records))
+    shutil.copytree(colour_set["test"].parent / "images", tmp_path / "images")
+    assert main(["lmms-task", str(questions), str(tmp_path / "tasks"), "--name", "jl"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "tasks" / "jl" / "jl.jsonl").read_text().splitlines()]
+    assert [r["answer"] for r in rows] == ["7", *(r["answer"] for r in records[1:])]
+    assert all(row["choices"] == r["meta"]["choices"] for row, r in zip(rows, records))
+    spec = importlib.util.spec_from_file_location("lmms_task_utils_jl", tmp_path / "tasks" / "jl" / "utils.py")
+    utils = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(utils)
+    letter = {"answer": "B", "choices": ["A", "B", "C"]}
+    assert utils.process_results(letter, ["The answer is B."]) == {"accuracy": 1.0}
+
+    records[1]["answer"] = []
+    questions.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(ValueError, match=f"record '{records[1]['id']}': answer is an empty list"):
+        main(["lmms-task", str(questions), str(tmp_path / "tasks"), "--name", "jl"])
+
+
+def _answer_accuracy_of(monkeypatch, preds):
+    """``answer_accuracy`` over fixed ``(id, prediction, record)`` triples, without a model."""
+    from alignlm.evaluation import evaluate
+
+    monkeypatch.setattr(evaluate, "generate_set", lambda *args, **kwargs: preds)
+    return evaluate.answer_accuracy(None, "set", "set.json", {})
+
+
+def test_chance_averages_over_the_records_that_have_choices(monkeypatch):
+    two, three = {"choices": ["red", "blue"]}, {"choices": ["1", "2", "3"]}
+    preds = [
+        ("q0", "red", {"answer": "red", "meta": two}),
+        ("q1", "2", {"answer": "2", "meta": three}),
+        ("q2", "red", {"answer": "red"}),  # no choices: no guessing level
+        ("q3", "no", {"answer": ["no"] * 4}),
+    ]
+    r = _answer_accuracy_of(monkeypatch, preds)
+    assert r["n"] == 4 and r["accuracy"] == 1.0
+    assert r["chance"] == pytest.approx((1 / 2 + 1 / 3) / 2) and r["chance_n"] == 2
+    none = _answer_accuracy_of(monkeypatch, [("q0", "red", {"answer": "red"})])
+    assert none["chance"] == 0.0 and none["chance_n"] == 0
+
+
+def test_a_numeric_answer_is_scored_and_an_unscorable_one_names_its_record(monkeypatch):
+    preds = [("q0", "2", {"answer": 2, "meta": {"choices": ["1", "2", "3"]}}), ("q1", "two", {"answer": 2})]
+    r = _answer_accuracy_of(monkeypatch, preds)
+    assert r["scores"] == {"q0": 1.0, "q1": 1.0} and r["choice_scores"] == {"q0": 1.0}
+    with pytest.raises(ValueError, match="set.json record id=q1: answer is an empty list"):
+        _answer_accuracy_of(monkeypatch, [("q0", "red", {"answer": "red"}), ("q1", "red", {"answer": []})])
+
+
 def test_a_metric_that_is_not_finite_is_null_in_report_json_and_nan_in_the_table(tmp_path):
     result = {"label": "a", "sets": {}, "probe": {"n": 3, "pooled": {"cka": float("nan"), "mutual_knn": 0.5}}}
     files = write_report([result], [], {"plots": False}, tmp_path)
@@ -515,17 +562,6 @@ def test_eval_lmms_script_fails_without_a_results_file(tmp_path, writes_results)
     assert proc.returncode == (0 if writes_results else 1), proc.stderr
     if not writes_results:
         assert "wrote no results file" in proc.stderr
-
-
-def test_names_only_counts_a_sentence_that_names_the_right_choice_alone():
-    from alignlm.evaluation.answers import names_only
-
-    colours = ["red", "green", "blue"]
-    assert names_only("The circle is red.", "red", colours)
-    assert not names_only("It is red or blue", "red", colours)  # two choices named
-    assert not names_only("reddish", "red", colours)  # whole words only
-    assert names_only("In the top left corner.", "top left", ["top left", "top right", "bottom left"])
-    assert not names_only("There are 10000", "1", ["1", "2", "3"])
 
 
 def test_seed_line_and_the_seed_table_entry_point(tmp_path, capsys):

@@ -507,3 +507,19 @@ def test_meter_measures_steps_by_when_they_ran(monkeypatch):
         meter.add(4, 40, at=at)
     meter.settle()
     assert meter.rates() == pytest.approx((12 / 12.0, 120 / 12.0))  # 3 steps after the warm-up one, 101 s -> 113 s
+
+
+def test_data_workers_count_the_cpus_this_process_may_use_on_its_node(monkeypatch):
+    """A SLURM job with --cpus-per-task gets that many CPUs of a bigger machine, shared by the ranks of its node only."""
+    import os
+
+    from alignlm.training.trainer import local_processes, usable_cpus
+
+    if hasattr(os, "sched_getaffinity"):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+        monkeypatch.setattr(os, "cpu_count", lambda: 128)
+        assert usable_cpus() == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert local_processes(16) == 8
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert local_processes(2) == 2

@@ -1,21 +1,67 @@
-"""Answer normalisation for exact-match scoring, in the spirit of the VQA evaluation script.
+"""Answer scoring for question sets: the official VQA normalisation, VQA accuracy, and multiple-choice letters.
 
-Lower-case, strip punctuation and articles, map number words to digits, so that "Seven." and "7" match.
+``normalize_answer`` follows the rules of the official VQA evaluation (Antol et al. 2015; the EvalAI answer processor
+that lmms-eval uses for VQAv2 and TextVQA), so that accuracies on VQA-style sets are comparable with published ones:
+lower-case; the listed punctuation marks are removed where one stands next to a space (or anywhere once the text holds
+a digit-comma-digit, so "1,000" is "1000") and replaced by a space otherwise ("t-shirt" is "t shirt"); a period goes
+unless a digit follows it ("2.5" stays, "Red." is "red"); other marks ($ % : ') are kept; "none" and the number words
+up to ten become digits; articles go; a contraction written without its apostrophe gets it back ("dont" is "don't").
+
+One deliberate difference: an answer made of articles only keeps them, so the multiple-choice letter "A" stays "a"
+instead of vanishing (the official rules would let an empty prediction match it).
+
+Multiple-choice questions whose choices (or answer) are single letters are scored on the letter the prediction picks:
+"(B)", "B.", "B) red", "Answer: B" and "The answer is B" all answer B.
 """
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Sequence
+from itertools import product
 
-_NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
-_ARTICLES = {"a", "an", "the"}
-_PUNCT = re.compile(r"[^\w\s]")
+_PUNCTUATION = frozenset(';/[]"{}()=+\\_-><@`,?!')  # the official list
+_DIGIT_COMMA_DIGIT = re.compile(r"\d,\d")
+_PERIOD = re.compile(r"\.(?!\d)")  # any period but a decimal point
+_NUMBER_WORDS = "zero one two three four five six seven eight nine ten".split()
+_NUMBERS = {"none": "0"} | {w: str(i) for i, w in enumerate(_NUMBER_WORDS)}
+_ARTICLES = frozenset({"a", "an", "the"})
+# Contractions whose apostrophe-less spelling is no other English word ("its", "well", "were", "shed" are left alone).
+_CONTRACTED = (
+    "ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't haven't he'd he'd've "
+    "he's how'd how'll how's i'd've i'm i've isn't it'd it'd've it'll ma'am mightn't mightn't've might've mustn't "
+    "must've needn't not've o'clock oughtn't shan't she'd've she's should've shouldn't shouldn't've somebody'd've "
+    "somebody'll somebody's someone'd someone'd've someone'll someone's something'd something'd've something'll "
+    "that's there'd there'd've there're there's they'd they'd've they'll they're they've 'twas wasn't we'd've we've "
+    "weren't what'll what're what's what've when's where'd where's where've who'd who'd've who'll who's who've why'll "
+    "why're why's won't would've wouldn't wouldn't've y'all y'all'd've y'all'll you'd you'd've you'll you're you've"
+).split()
+
+
+def _spellings(word: str) -> set[str]:
+    """Every spelling of a contraction with some of its apostrophes left out ("couldnt've", "couldntve", ...)."""
+    parts = word.split("'")
+    return {"".join(p + s for p, s in zip(parts, (*seps, ""))) for seps in product(("'", ""), repeat=len(parts) - 1)}
+
+
+_CONTRACTIONS = {spelling: word for word in _CONTRACTED for spelling in _spellings(word) if spelling != word}
+
+
+def _strip_punctuation(text: str) -> str:
+    """The official punctuation rule: a mark that stands next to a space anywhere in the text (or any mark, once the
+    text holds a digit-comma-digit) is removed; the others become spaces; then periods go, except decimal points."""
+    drop_all = _DIGIT_COMMA_DIGIT.search(text) is not None
+    dropped = {m for m in _PUNCTUATION if drop_all or f"{m} " in text or f" {m}" in text}
+    spaced = "".join("" if c in dropped else " " if c in _PUNCTUATION else c for c in text)
+    return _PERIOD.sub("", spaced)
 
 
 def normalize_answer(text: str) -> str:
-    """Canonical form of a short answer."""
-    words = _PUNCT.sub(" ", text.lower()).split()
-    return " ".join(_NUMBERS.get(w, w) for w in words if w not in _ARTICLES)
+    """Canonical form of a short answer under the official VQA rules (module docstring), so "Seven." matches "7"."""
+    words = [_NUMBERS.get(w, w) for w in _strip_punctuation(text.lower().strip()).split()]
+    kept = [w for w in words if w not in _ARTICLES] or words  # a lone letter "A" is an answer, not an article
+    return " ".join(_CONTRACTIONS.get(w, w) for w in kept)
 
 
 def is_correct(prediction: str, answer: str) -> bool:
@@ -23,24 +69,105 @@ def is_correct(prediction: str, answer: str) -> bool:
     return normalize_answer(prediction) == normalize_answer(answer)
 
 
-def vqa_accuracy(prediction: str, answers: list[str]) -> float:
+def _reference(value: object) -> str:
+    """One reference answer as text: JSON numbers (``7``, ``2.5``) are compared as they would be written; a reference
+    with nothing left after normalisation ("", "?") would be matched by an empty prediction, so it is refused."""
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, int) and not isinstance(value, bool):
+        text = str(value)
+    elif isinstance(value, float) and math.isfinite(value):
+        text = str(int(value)) if value.is_integer() else str(value)
+    else:
+        raise ValueError(f"answer {value!r} is not a string, a number or a list of them")
+    if not normalize_answer(text):
+        raise ValueError(f"answer {value!r} is empty after normalisation; an empty prediction would match it")
+    return text
+
+
+def reference_answers(answer: object) -> list[str]:
+    """A record's ``answer`` as reference strings: a string or a number is one reference, a list the human answers
+    of a VQA-style question; an empty list has nothing to score against and is refused."""
+    if isinstance(answer, list):
+        if not answer:
+            raise ValueError("answer is an empty list; a list of human answers needs at least one")
+        return [_reference(a) for a in answer]
+    return [_reference(answer)]
+
+
+def vqa_accuracy(prediction: str, answers: object) -> float:
     """VQA accuracy (Antol et al. 2015): ``min(1, matches / 3)`` against each leave-one-out subset of the
-    human answers, averaged; a single reference answer reduces to exact match."""
-    if len(answers) == 1:
-        return float(is_correct(prediction, answers[0]))
+    human answers, averaged; a single reference answer (a list of one, a string or a number) reduces to exact match."""
+    refs = reference_answers(answers)
+    if len(refs) == 1:
+        return float(is_correct(prediction, refs[0]))
     pred = normalize_answer(prediction)
-    hits = [normalize_answer(a) == pred for a in answers]
+    hits = [normalize_answer(a) == pred for a in refs]
     return sum(min(1.0, (sum(hits) - h) / 3.0) for h in hits) / len(hits)
 
 
-def names_only(prediction: str, answer: str, choices: list[str]) -> bool:
+_LETTER = re.compile(r"[A-Za-z]")
+_ANSWER_LEAD = re.compile(r"\b(?:answer|option|choice)\b(?:\s+is)?\s*:?\s*", re.IGNORECASE)
+_MARKED_LETTER = re.compile(r"(?:\(([A-Za-z])\)|([A-Za-z])[.):])(?=[\s.,;:!]|$)")  # "(B)", "B.", "B)", "B:"
+_BARE_LETTER = re.compile(r"(?:([A-Z])(?=[\s.,;:!]|$)|([a-z])(?=[.!]?$))")  # "B ...", or a lower-case "b" that ends
+
+
+def choice_letter(prediction: str) -> str | None:
+    """The letter a multiple-choice prediction picks, upper-case, or None when it picks none.
+
+    A letter counts when it is the whole prediction ("b") or leads it marked ("(B)", "B.", "B) red"); after "answer",
+    "option" or "choice" ("Answer: B", "The answer is B because ...") an upper-case letter counts bare too, so that the
+    article in "the answer is a red circle" is no letter.
+    """
+    text = prediction.strip()
+    if _LETTER.fullmatch(text):
+        return text.upper()
+    found = _MARKED_LETTER.match(text)
+    lead = None if found else _ANSWER_LEAD.search(text)
+    if lead:
+        rest = text[lead.end() :]
+        found = _MARKED_LETTER.match(rest) or _BARE_LETTER.match(rest)
+    return next(g for g in found.groups() if g).upper() if found else None
+
+
+def _lettered(references: Sequence[str], choices: Sequence[str]) -> bool:
+    """Whether a question is answered by letter: its choices, or else its reference answers, are single letters."""
+    return all(_LETTER.fullmatch(s.strip()) for s in (choices or references))
+
+
+def _as_scored(prediction: str, references: Sequence[str], choices: Sequence[str]) -> str:
+    """The prediction as it is scored: on a question answered by letter, the letter it picks (if any)."""
+    letter = choice_letter(prediction) if _lettered(references, choices) else None
+    return letter or prediction
+
+
+def _whole(phrase: str) -> re.Pattern[str]:
+    """``phrase`` as whole words of a normalised text."""
+    return re.compile(rf"(?<!\S){re.escape(phrase)}(?!\S)")
+
+
+def names_only(prediction: str, answer: str, choices: Sequence[str]) -> bool:
     """Whether the prediction names the right choice and no other (whole words after normalisation): "The circle is
-    red." names red. A lenient score for models that answer in sentences; exact match stays the headline."""
-    pred = f" {normalize_answer(prediction)} "
-    named = {c for c in choices if f" {normalize_answer(c)} " in pred}
-    return named == {answer}
+    red." names red. A lenient score for models that answer in sentences; exact match stays the headline.
+
+    Longer choices are found first and blanked out, so "dark red" names "dark red" but not also "red", while "red, not
+    dark red" names both. On a question answered by letter, the prediction's letter is what it names.
+    """
+    forms = {normalize_answer(c): c for c in choices}
+    if "" in forms:
+        raise ValueError(f"choice {forms['']!r} is empty after normalisation; every choice must be an answer")
+    text = normalize_answer(_as_scored(prediction, [answer], choices))
+    named = set()
+    for form in sorted(forms, key=lambda f: (len(f.split()), len(f)), reverse=True):
+        pattern = _whole(form)
+        if pattern.search(text):
+            named.add(form)
+            text = pattern.sub("|", text)
+    return named == {normalize_answer(answer)}
 
 
-def score_answer(prediction: str, answer: str | list[str]) -> float:
-    """One question's score: exact match for one reference, VQA accuracy for a list of human answers."""
-    return vqa_accuracy(prediction, [answer] if isinstance(answer, str) else [str(a) for a in answer])
+def score_answer(prediction: str, answer: object, choices: Sequence[str] = ()) -> float:
+    """One question's score: exact match for one reference (a string or a number), VQA accuracy for a list of human
+    answers; with single-letter ``choices`` (or a single-letter answer), on the letter the prediction picks."""
+    refs = reference_answers(answer)
+    return vqa_accuracy(_as_scored(prediction, refs, choices), refs)

@@ -1,9 +1,9 @@
 """Score a trained model on LLaVA-format sets: greedy (or sampled) answers vs reference answers or captions.
 
 Two kinds of set share one generation path:
-- ``qa``: each record carries ``answer`` (a string, or a list of human answers scored VQA-style) and, optionally,
-  ``meta.choices`` (all valid answers for its question type), from which the chance level is computed, so every
-  accuracy is printed next to what guessing would get;
+- ``qa``: each record carries ``answer`` (a string or a number, or a list of human answers scored VQA-style) and,
+  optionally, ``meta.choices`` (all valid answers for its question type), from which the chance level is computed,
+  so every accuracy is printed next to what guessing would get;
 - ``caption``: the reference captions are the record's ``captions`` list, else its last assistant turn; scored
   with BLEU-4 and CIDEr-D.
 """
@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from alignlm.data.records import read_records, reference_captions
-from alignlm.evaluation.answers import names_only, score_answer
+from alignlm.evaluation.answers import names_only, reference_answers, score_answer
 from alignlm.evaluation.captions import bleu, cider_d
 from alignlm.models.generation import generate_set
 
@@ -47,22 +47,32 @@ def answer_accuracy(
     """Accuracy (exact match, or VQA accuracy for lists of answers), chance level, a few examples, and every
     question's score by id (``scores``), so that two checkpoints can be compared question by question. Sets with
     ``meta.choices`` also get ``choice_accuracy`` and ``choice_scores``: the answer counts when the prediction names
-    the right choice and no other, for models that answer in sentences."""
+    the right choice and no other, for models that answer in sentences.
+
+    ``chance`` is the mean of ``1 / len(choices)`` over the ``chance_n`` records that have choices (0.0 when none
+    has): a record without choices has no guessing level, and counting it as 0 would understate the others'.
+    """
     preds = generate_set(model, path, data_cfg, batch_size, max_new_tokens, limit, generation, seed)
-    correct, chance, examples, scores, seen = 0.0, 0.0, [], {}, Counter[str]()
+    correct, examples, scores, seen = 0.0, [], {}, Counter[str]()
+    guesses: list[float] = []
     choice_scores: dict[str, float] = {}
     for rid, pred, rec in preds:
         if "answer" not in rec:
             raise ValueError(f"{path} record id={rid} has no 'answer'; a question set needs one per record")
-        score = score_answer(pred, rec["answer"])
-        correct += score
         seen[str(rid)] += 1  # a repeated id gets "#k" from its second occurrence on, so no score is lost
         key = str(rid) if seen[str(rid)] == 1 else f"{rid}#{seen[str(rid)] - 1}"
+        choices = [str(c) for c in (rec.get("meta") or {}).get("choices") or []]
+        try:
+            refs = reference_answers(rec["answer"])
+            score = score_answer(pred, refs, choices)
+            if choices and not isinstance(rec["answer"], list):
+                choice_scores[key] = float(names_only(pred, refs[0], choices))
+        except ValueError as e:
+            raise ValueError(f"{path} record id={rid}: {e}") from e
+        correct += score
         scores[key] = score
-        choices = (rec.get("meta") or {}).get("choices") or []
-        chance += 1.0 / len(choices) if choices else 0.0
-        if choices and isinstance(rec["answer"], str):
-            choice_scores[key] = float(names_only(pred, rec["answer"], [str(c) for c in choices]))
+        if choices:
+            guesses.append(1.0 / len(choices))
         if len(examples) < N_EXAMPLES:
             examples.append({"id": rid, "prediction": pred, "answer": rec["answer"], "correct": score == 1.0})
     n = len(preds)
@@ -71,7 +81,8 @@ def answer_accuracy(
         "kind": "qa",
         "n": n,
         "accuracy": correct / max(n, 1),
-        "chance": chance / max(n, 1),
+        "chance": sum(guesses) / max(len(guesses), 1),
+        "chance_n": len(guesses),
         "examples": examples,
         "scores": scores,
     } | (

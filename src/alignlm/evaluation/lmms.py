@@ -7,9 +7,9 @@ transformers 5's Llava then splits image features Pixtral-style with ``vision_to
 SigLIP towers lack. Those towers take fixed-size images, so the argument carries nothing for them and is dropped; any
 other tower receives it unchanged. (lmms-eval 0.7.3's default chat ``llava_hf`` does not pass it.)
 
-``write_local_task`` turns a LLaVA-format question set (the offline ``digits`` / ``shapes`` test sets, or any set
-whose records carry ``answer``) into an lmms-eval task folder for ``--include_path``: lmms-eval tasks otherwise
-download their data from the Hugging Face Hub.
+``write_local_task`` turns a LLaVA-format question set (``.json`` or ``.jsonl``: the offline ``digits`` / ``shapes``
+test sets, or any set whose records carry ``answer``) into an lmms-eval task folder for ``--include_path``: lmms-eval
+tasks otherwise download their data from the Hugging Face Hub.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from typing import Any
 from transformers import LlavaForConditionalGeneration
 
 from alignlm.constants import IMAGE_TOKEN
-from alignlm.data.records import image_paths
+from alignlm.data.records import image_paths, read_records
+from alignlm.evaluation.answers import reference_answers
 
 TASK_UTILS = '''"""lmms-eval task functions for a question set written by ``alignlm lmms-task``."""
 
@@ -41,7 +42,7 @@ def doc_to_text(doc, lmms_eval_specific_kwargs=None):
 
 
 def process_results(doc, results):
-    return {"accuracy": score_answer(results[0], doc["answer"])}
+    return {"accuracy": score_answer(results[0], doc["answer"], doc["choices"])}
 '''
 
 
@@ -54,10 +55,12 @@ def question_of(record: dict[str, Any]) -> str:
 def write_local_task(questions: Path, out_dir: Path, name: str, max_new_tokens: int = 16) -> Path:
     """Write ``out_dir/name/`` (task YAML, ``utils.py``, ``name.jsonl`` with absolute image paths); returns it.
 
-    Each record's first human turn, without its ``<image>`` placeholder, is the question; ``answer`` the reference,
-    scored as ``alignlm eval`` scores it (normalised exact match, or VQA accuracy for a list of answers).
+    Each record's first human turn, without its ``<image>`` placeholder, is the question; ``answer`` the reference
+    (numbers written as text, so that every row has the same type) and ``meta.choices`` the choices, scored as
+    ``alignlm eval`` scores them (normalised exact match, VQA accuracy for a list of answers, the picked letter on a
+    question answered by letter). The set is read as ``alignlm eval`` reads it, ``.json`` or ``.jsonl``.
     """
-    records = json.loads(Path(questions).read_text())
+    records = read_records(questions)
     task = Path(out_dir) / name
     task.mkdir(parents=True, exist_ok=True)
     root = Path(questions).resolve().parent
@@ -65,17 +68,18 @@ def write_local_task(questions: Path, out_dir: Path, name: str, max_new_tokens: 
         for r in records:
             if "answer" not in r or "image" not in r:
                 raise ValueError(f"{questions}: record {r.get('id')!r} needs 'image' and 'answer' to be a question")
-            f.write(
-                json.dumps(
-                    {
-                        "question_id": r["id"],
-                        "image": str(image_paths(r, root)[0]),
-                        "question": question_of(r),
-                        "answer": r["answer"],
-                    }
-                )
-                + "\n"
-            )
+            try:
+                refs = reference_answers(r["answer"])
+            except ValueError as e:
+                raise ValueError(f"{questions}: record {r.get('id')!r}: {e}") from e
+            row = {
+                "question_id": r["id"],
+                "image": str(image_paths(r, root)[0]),
+                "question": question_of(r),
+                "answer": refs if isinstance(r["answer"], list) else refs[0],
+                "choices": [str(c) for c in (r.get("meta") or {}).get("choices") or []],
+            }
+            f.write(json.dumps(row) + "\n")
     (task / "utils.py").write_text(TASK_UTILS)
     (task / f"{name}.yaml").write_text(
         f"# lmms-eval task over {Path(questions).resolve()} (written by alignlm lmms-task)\n"

@@ -381,7 +381,7 @@ class Trainer:
         data, cuda = self.stage.data, self.acc.device.type == "cuda"
         workers = data.get("num_workers", "auto")
         if workers == "auto":
-            workers = min(8, (os.cpu_count() or 1) // max(1, self.acc.num_processes)) if cuda else 0
+            workers = min(8, usable_cpus() // local_processes(self.acc.num_processes)) if cuda else 0
         order = dataclasses.replace(self.order, total_steps=self.total_steps, start_step=self.start_step)
         extra: dict[str, Any] = {}
         if int(workers) > 0:
@@ -862,6 +862,16 @@ class Trainer:
             ckpt.save_final(final, model, config_yaml(self.cfg), self.saved_parts)
         self.acc.wait_for_everyone()
         return final
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity (SLURM's --cpus-per-task, a cgroup), not the machine's count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def local_processes(world_size: int) -> int:
+    """Processes on this node, which share its CPUs: torchrun's and accelerate's LOCAL_WORLD_SIZE, else all of them."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
 
 
 def frozen_linears(module: torch.nn.Module) -> list[torch.nn.Linear]:

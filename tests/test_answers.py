@@ -1,0 +1,125 @@
+"""Answer scoring: the official VQA normalisation (lmms-eval 0.7.3's behaviour as the expectation), VQA accuracy,
+multiple-choice letters, names-the-choice, odd answer types, and the offline sets' answers scoring as before."""
+
+from __future__ import annotations
+
+import pytest
+
+from alignlm.data.digits import NUMERALS, WORDS
+from alignlm.data.shapes import COLOURS, POSITIONS, SHAPES
+from alignlm.evaluation.answers import choice_letter, names_only, normalize_answer, score_answer, vqa_accuracy
+
+LETTERS = ["A", "B", "C", "D"]
+
+
+def test_vqa_normalisation_and_accuracy():
+    assert normalize_answer("Seven.") == normalize_answer("7") == "7"
+    assert normalize_answer("The Red  circle!") == "red circle"
+    assert score_answer("an apple", "Apple") == 1.0 and score_answer("pear", "apple") == 0.0
+    # VQA: min(1, matches / 3) over the ten leave-one-out subsets of ten human answers
+    assert vqa_accuracy("two", ["2"] * 3 + ["3"] * 7) == pytest.approx((3 * 2 / 3 + 7 * 1.0) / 10)
+    assert vqa_accuracy("2", ["2"] * 4 + ["3"] * 6) == 1.0
+    assert vqa_accuracy("2", ["2"] + ["3"] * 9) == pytest.approx(9 * (1 / 3) / 10)
+    assert score_answer("yes", ["no"] * 10) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("prediction", "answer", "expected"),
+    [
+        # what lmms-eval 0.7.3's EvalAI answer processor scores (vqav2 / textvqa), ten identical human answers
+        ("none", "0", 1.0),  # "none" is the number 0
+        ("1000", "1,000", 1.0),  # a digit-comma-digit text loses its punctuation
+        ("don't know", "dont know", 1.0),  # contractions are made uniform
+        ("2.5", "2 5", 0.0),  # a decimal point is kept
+        ("$5", "5", 0.0),  # marks outside the official list are kept
+        ("50%", "50", 0.0),
+        ("10:30", "1030", 0.0),
+        ("it's red", "its red", 0.0),  # "its" is a word of its own
+        ("t-shirt", "t shirt", 1.0),  # a mark inside a word becomes a space
+        ("Red.", "red", 1.0),
+        ("a", "none", 0.0),
+    ],
+)
+def test_normalisation_follows_the_official_vqa_rules(prediction, answer, expected):
+    assert score_answer(prediction, [answer] * 10) == expected
+
+
+def test_the_official_punctuation_rule_by_example():
+    assert normalize_answer("2.5") == "2.5" and normalize_answer("U.S.A.") == "usa"
+    assert normalize_answer("t-shirt - red") == "tshirt red"  # a mark next to a space goes everywhere in the text
+    assert normalize_answer("1,000 people") == "1000 people"
+    assert normalize_answer("couldnt've") == normalize_answer("couldn'tve") == "couldn't've"
+
+
+def test_a_lone_letter_is_an_answer_not_an_article():
+    assert normalize_answer("A") == "a" and normalize_answer("the") == "the"
+    assert score_answer("", "A") == 0.0 and score_answer("the", "A") == 0.0
+    assert not names_only("", "A", LETTERS)
+    assert normalize_answer("a cat") == "cat"  # an article next to other words still goes
+
+
+@pytest.mark.parametrize(
+    "prediction", ["B", "b", "(B)", "B.", "B)", "B) red", "(B) red", "Answer: B", "The answer is B", "the answer is b."]
+)
+def test_a_multiple_choice_prediction_is_scored_on_the_letter_it_picks(prediction):
+    assert choice_letter(prediction) == "B"
+    assert score_answer(prediction, "B", LETTERS) == 1.0 and score_answer(prediction, "A", LETTERS) == 0.0
+    assert score_answer(prediction, "B") == 1.0  # a single-letter answer is enough to know the question is lettered
+    assert names_only(prediction, "B", LETTERS) and not names_only(prediction, "A", LETTERS)
+
+
+def test_words_that_only_look_like_letters_pick_none():
+    assert choice_letter("A cat") is None
+    assert choice_letter("The answer is a red circle") is None
+    assert choice_letter("e.g. blue") is None
+    assert score_answer("A cat", "A", LETTERS) == 0.0
+    assert score_answer("(A) red", "red", ["red", "blue"]) == 1.0  # letters are read only on a lettered question
+
+
+def test_names_only_counts_a_sentence_that_names_the_right_choice_alone():
+    colours = ["red", "green", "blue"]
+    assert names_only("The circle is red.", "red", colours)
+    assert not names_only("It is red or blue", "red", colours)  # two choices named
+    assert not names_only("reddish", "red", colours)  # whole words only
+    assert names_only("In the top left corner.", "top left", ["top left", "top right", "bottom left"])
+    assert not names_only("There are 10000", "1", ["1", "2", "3"])
+
+
+def test_names_only_compares_normalised_choices_and_prefers_the_longer_one():
+    assert names_only("red", "red", ["Red", "Green"])
+    assert names_only("It is dark red.", "dark red", ["red", "dark red"])
+    assert not names_only("It is dark red.", "red", ["red", "dark red"])
+    assert not names_only("red, not dark red", "dark red", ["red", "dark red"])  # both named
+    with pytest.raises(ValueError, match="empty after normalisation"):
+        names_only("red", "red", ["red", "?"])
+
+
+def test_a_numeric_answer_is_its_text_and_an_empty_list_is_refused():
+    assert score_answer("7", 7) == 1.0 and score_answer("seven", 7) == 1.0 and score_answer("8", 7) == 0.0
+    assert score_answer("2.5", 2.5) == 1.0 and score_answer("3", 3.0) == 1.0
+    assert vqa_accuracy("7", [7] * 4) == 1.0
+    with pytest.raises(ValueError, match="empty list"):
+        score_answer("7", [])
+    with pytest.raises(ValueError, match="empty list"):
+        vqa_accuracy("7", [])
+    for bad in (True, None, {"a": 1}, float("nan")):
+        with pytest.raises(ValueError, match="not a string, a number or a list"):
+            score_answer("7", bad)
+    for empty in ("", " ", "?", ["yes", ""]):
+        with pytest.raises(ValueError, match="empty after normalisation"):
+            score_answer("", empty)
+
+
+@pytest.mark.parametrize(
+    "choices",
+    [list(NUMERALS), ["1", "2", "3"], list(COLOURS), list(SHAPES), list(POSITIONS)],
+    ids=["digits", "shapes count", "shapes colour", "shapes shape", "shapes position"],
+)
+def test_the_offline_sets_answers_score_as_before(choices):
+    """Every answer the digits / shapes generators write, in the forms a model gives it, still matches itself and no
+    other choice, exactly and as the named choice (the demo's figures do not move)."""
+    for answer in choices:
+        for form in (answer, answer.capitalize(), f"{answer}.", answer.upper(), f"The {answer}."):
+            assert [score_answer(form, other) for other in choices] == [float(c == answer) for c in choices]
+            assert names_only(f"It is {form}", answer, choices)
+    assert all(score_answer(word, digit) == 1.0 for word, digit in zip(WORDS, NUMERALS))
