@@ -212,7 +212,8 @@ def test_export_check_fails_when_an_answer_differs(tmp_path, monkeypatch, capsys
     result = {"set": "s.json", "n": 2, "same_answers": 1, "alignlm_accuracy": 1.0, "export_accuracy": 0.5}
     monkeypatch.setattr(command, "export", lambda *a: tmp_path)
     monkeypatch.setattr(command, "compare_with_export", lambda *a: {**result, "differences": [differ]})
-    assert main(["export", "ckpt", str(tmp_path), "--check", "s.json"]) == 1
+    (tmp_path / "s.json").write_text("[]")
+    assert main(["export", "ckpt", str(tmp_path), "--check", str(tmp_path / "s.json")]) == 1
     out = capsys.readouterr().out
     assert "1 of 2 answers identical" in out and "redredred" in out and "exported folder" in out
     assert json.loads((tmp_path / "export_check.json").read_text())["differences"] == [differ]
@@ -265,3 +266,65 @@ def test_a_tower_whose_registers_are_dropped_but_cls_kept_is_not_exported(tiny_m
     )  # fmt: skip
     with pytest.raises(ExportError, match="4 register tokens are dropped"):
         feature_strategy(tower)
+
+
+def _llava_folder(model, folder, **config):
+    """``model`` saved as a Llava folder (processor included), with ``config`` fields of config.json overwritten."""
+    from alignlm.export.hf_llava import llava_processor
+
+    hf = to_llava(model)
+    hf.save_pretrained(folder)
+    llava_processor(model, get_template("vicuna_v1"), hf.config.vision_feature_select_strategy).save_pretrained(folder)
+    if config:
+        data = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**data, **config}))
+    return folder
+
+
+def test_a_llava_folder_is_imported_with_its_image_statistics_or_refused_naming_what_differs(tiny_model, tmp_path):
+    """transformers 5 writes the image processor into processor_config.json, which import did not read (a SigLIP
+    folder came in normalised with CLIP's mean); a projector activation, a list of feature layers or a strategy that
+    drops the first token of a tower without CLS computed something else, or failed with a raw error."""
+    from alignlm.config import ConfigError
+    from alignlm.export.hf_llava import vision_from_llava
+
+    folder = _llava_folder(tiny_model(), tmp_path / "a")
+    processor = json.loads((folder / "processor_config.json").read_text())
+    processor["image_processor"].update(image_mean=[0.5, 0.5, 0.5], image_std=[0.25, 0.25, 0.25])
+    (folder / "processor_config.json").write_text(json.dumps(processor))
+    spec = vision_from_llava(str(folder)).image_spec
+    assert spec.mean == (0.5, 0.5, 0.5) and spec.std == (0.25, 0.25, 0.25)
+    for field, value, match in (
+        ("projector_hidden_act", "silu", "projector_hidden_act='silu'"),
+        ("vision_feature_layer", [-3, -2], r"vision_feature_layer=\[-3, -2\]"),
+    ):
+        _llava_folder(tiny_model(), tmp_path / field, **{field: value})
+        with pytest.raises(ConfigError, match=match):
+            build_model(compose("model=llava_hf", f"model.path={tmp_path / field}").model)
+    siglip = _llava_folder(tiny_model(*SIGLIP), tmp_path / "siglip", vision_feature_select_strategy="default")
+    with pytest.raises(ConfigError, match="drops the first token of a siglip_vision_model tower, which has no class"):
+        vision_from_llava(str(siglip))
+    with pytest.raises(ConfigError, match="is not a transformers Llava folder"):
+        vision_from_llava(str(tmp_path))
+
+
+def test_export_never_writes_over_its_checkpoint_or_another_folder(colour_set, tmp_path, capsys):
+    """`alignlm export FINAL FINAL` wrote Llava's weights over alignlm's; a re-export keeps nothing of the old one."""
+    final = _train(colour_set, tmp_path)
+    before = (final / "model.safetensors").read_bytes()
+    for out in (final, final / "hf", final.parent):
+        assert main(["export", str(final), str(out)]) == 2
+        assert "overlaps the checkpoint" in capsys.readouterr().err or out == final
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "mine.txt").write_text("keep")
+    assert main(["export", str(final), str(other)]) == 2 and (other / "mine.txt").exists()
+    assert (final / "model.safetensors").read_bytes() == before
+    out = tmp_path / "hf"
+    assert main(["export", str(final), str(out)]) == 0
+    (out / "export_check.json").write_text("{}")  # a verdict about earlier weights
+    assert main(["export", str(final), str(out)]) == 0 and not (out / "export_check.json").exists()
+    assert not list(tmp_path.glob(".hf.tmp*"))
+    for flags in (["--check", str(tmp_path / "none.json")], ["--check", str(colour_set["test"]), "--limit", "0"]):
+        assert main(["export", str(final), str(tmp_path / "hf3"), *flags]) == 2
+        assert not (tmp_path / "hf3").exists()

@@ -5,16 +5,27 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from alignlm.commands._flags import add_trust_flags
 from alignlm.evaluation.export_check import compare_with_export, format_check
 from alignlm.export.hf_llava import ExportError, export
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """What ``--check`` needs, before anything is exported (``--limit 0`` checked nothing and passed)."""
+    if args.check is not None and not Path(args.check).is_file():
+        raise ExportError(f"--check {args.check}: no such question set file")
+    for flag, value in (("--limit", args.limit), ("--max-new-tokens", args.max_new_tokens)):
+        if value is not None and value < 1:
+            raise ExportError(f"{flag} {value}: must be at least 1")
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     try:
+        check_args(args)
         out = export(args.checkpoint, args.out_dir, args.allow_code, args.trust_remote_code)
-    except ExportError as e:  # a model with no Llava counterpart: the reason, no traceback, nothing written
+    except ExportError as e:  # a model with no Llava counterpart, a bad flag: the reason, no traceback, nothing written
         print(f"alignlm export: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}: LlavaForConditionalGeneration.from_pretrained({str(out)!r}) loads it")

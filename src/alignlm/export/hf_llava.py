@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ from transformers import (
     LlavaProcessor,
 )
 
+from alignlm.config import ConfigError
 from alignlm.constants import IMAGE_TOKEN
 from alignlm.data.templates import get_template, turn_end
 from alignlm.models.connectors.mlp import MLPConnector
@@ -273,6 +276,7 @@ def export(
 ) -> Path:
     """``alignlm export``: a ``final/`` checkpoint -> a transformers Llava directory (config, weights, processor, card)."""
     final_dir, out_dir = Path(final_dir), Path(out_dir)
+    check_out_dir(final_dir, out_dir)
     model = load_model(final_dir, allow_code, trust_remote_code)
     cfg = load_checkpoint_config(final_dir / "config.yaml")
     hf = to_llava(model)  # raises ExportError before anything is written
@@ -281,14 +285,35 @@ def export(
     template = get_template(data.template, **(OmegaConf.to_container(args, resolve=True) if args else {}))
     processor = llava_processor(model, template, hf.config.vision_feature_select_strategy)
     set_stop_tokens(hf, processor.tokenizer, template)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    hf.save_pretrained(out_dir, safe_serialization=True)
-    processor.save_pretrained(out_dir)
+    # written beside, then swapped in: an interrupted export leaves no half folder, and a re-export keeps nothing of
+    # the old one (an export_check.json of other weights)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    hf.save_pretrained(tmp, safe_serialization=True)
+    processor.save_pretrained(tmp)
     summary_file = final_dir.parent.parent / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.exists() else None
-    (out_dir / "README.md").write_text(model_card(cfg, summary), encoding="utf-8")
-    (out_dir / "alignlm_config.yaml").write_text(config_yaml(cfg), encoding="utf-8")
+    (tmp / "README.md").write_text(model_card(cfg, summary), encoding="utf-8")
+    (tmp / "alignlm_config.yaml").write_text(config_yaml(cfg), encoding="utf-8")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
     return out_dir
+
+
+def check_out_dir(final_dir: Path, out_dir: Path) -> None:
+    """The export's folder may replace only an earlier export (or an empty folder), and never holds or lies inside
+    the checkpoint: ``alignlm export FINAL FINAL`` wrote Llava's weights over alignlm's."""
+    final, out = final_dir.resolve(), out_dir.resolve()
+    if out == final or final in out.parents or out in final.parents:
+        raise ExportError(
+            f"the output folder {out_dir} {'is' if out == final else 'overlaps'} the checkpoint {final_dir}"
+        )
+    if out.is_file():
+        raise ExportError(f"the output {out_dir} is a file; name a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "alignlm_config.yaml").exists():
+        raise ExportError(f"{out_dir} exists and is not an earlier alignlm export; name a new or empty folder")
 
 
 def is_llava_dir(path: str | Path) -> bool:
@@ -326,7 +351,7 @@ def load_llava_weights(model: AlignLM, path: str | Path) -> None:
 
 def vision_from_llava(path: str) -> HFVisionTower:
     """The vision tower a Llava folder describes (random weights; ``init_from`` the folder loads them)."""
-    cfg = AutoConfig.from_pretrained(path)
+    cfg = llava_folder_config(path)
     vc = cfg.vision_config
     tower = HFVisionTower(
         config={"model_type": vc.model_type, **_own_fields(vc)},
@@ -334,14 +359,40 @@ def vision_from_llava(path: str) -> HFVisionTower:
         select_feature="patch" if cfg.vision_feature_select_strategy == "default" else "cls_patch",
         **_image_norm(path),
     )
+    if feature_strategy(tower) != cfg.vision_feature_select_strategy:  # "default" drops one token, "patch" the prefix
+        raise ConfigError(
+            f"{path}: vision_feature_select_strategy={cfg.vision_feature_select_strategy!r} drops the first token of "
+            f"a {vc.model_type} tower, which has {'no class token' if tower.num_patches == tower._grid() ** 2 else 'other prefix tokens'}: "
+            "alignlm keeps or drops the prefix tokens as a whole, so it cannot compute this model"
+        )
     return tower
 
 
 def llm_from_llava(path: str) -> tuple[nn.Module, Any]:
     """The causal LM and tokenizer a Llava folder describes (random weights; ``init_from`` the folder loads them)."""
-    cfg = AutoConfig.from_pretrained(path)
+    cfg = llava_folder_config(path)
     llm = AutoModelForCausalLM.from_config(cfg.text_config)
     return llm, AutoTokenizer.from_pretrained(path)
+
+
+def llava_folder_config(path: str) -> Any:
+    """A Llava folder's config, refused (naming the field) where alignlm's parts would compute something else: the
+    projector's activation and bias, one vision feature layer (not a list of them)."""
+    if not is_llava_dir(path):
+        raise ConfigError(
+            f"model.path={path!r} is not a transformers Llava folder (a config.json with model_type llava)"
+        )
+    cfg = AutoConfig.from_pretrained(path)
+    problems = []
+    if cfg.projector_hidden_act != "gelu":
+        problems.append(f"projector_hidden_act={cfg.projector_hidden_act!r} (the connector uses exact GELU)")
+    if not getattr(cfg, "multimodal_projector_bias", True):
+        problems.append("multimodal_projector_bias=false (the connector's linear layers have biases)")
+    if not isinstance(cfg.vision_feature_layer, int):
+        problems.append(f"vision_feature_layer={cfg.vision_feature_layer!r} (the tower gives one layer's features)")
+    if problems:
+        raise ConfigError(f"{path}: alignlm cannot compute this Llava model: {'; '.join(problems)}")
+    return cfg
 
 
 def _own_fields(config: Any) -> dict[str, Any]:
@@ -351,9 +402,12 @@ def _own_fields(config: Any) -> dict[str, Any]:
 
 
 def _image_norm(path: str) -> dict[str, Any]:
-    """The mean/std the folder's image processor normalises with, if it has one."""
-    pre = Path(path) / "preprocessor_config.json"
-    if not pre.exists():
-        return {}
-    p = json.loads(pre.read_text())
-    return {k: p[k] for k in ("image_mean", "image_std") if k in p}
+    """The mean/std the folder's image processor normalises with, if it has one: ``preprocessor_config.json``, or the
+    ``image_processor`` entry of ``processor_config.json``, where transformers 5 (and alignlm's export) write it."""
+    folder = Path(path)
+    found: dict[str, Any] = {}
+    if (folder / "processor_config.json").exists():
+        found = json.loads((folder / "processor_config.json").read_text()).get("image_processor") or {}
+    if (folder / "preprocessor_config.json").exists():
+        found = json.loads((folder / "preprocessor_config.json").read_text())
+    return {k: found[k] for k in ("image_mean", "image_std") if k in found}
