@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from alignlm.models.encoder_fit import fit_heads, grouped_recall, info_nce
+from alignlm.models.encoder_fit import fit_encoder, fit_heads, grouped_recall, info_nce
 
 
 def test_info_nce_is_low_for_matched_pairs_and_symmetric():
@@ -52,6 +52,23 @@ def test_fit_heads_learns_the_temperature_unless_it_is_fixed():
     assert not torch.equal(fixed.image_head.weight, head_before)
     with pytest.raises(ValueError, match="temperature must be in"):
         fit_heads(_Heads(), img, txt, epochs=1, temperature=0.0)
+
+
+@pytest.mark.parametrize(
+    "knob,message",
+    [
+        ({"dim": 0}, "dim=0 must be a whole number >= 1"),  # once: a chance-level encoder, exit 0
+        ({"epochs": -1}, "epochs=-1 must be a whole number >= 1"),
+        ({"batch_size": 0}, "batch_size=0 must be a whole number >= 1"),
+        ({"limit": 0}, r"limit=0 must be a whole number >= 1 \(or null: all\)"),
+        ({"lr": float("inf")}, "lr=inf must be a finite number > 0"),
+    ],
+)
+def test_fit_refuses_counts_below_one_before_the_towers_load(tmp_path, knob, message):
+    """The prepare steps call ``fit_encoder`` with config values, not through the command's flag checks."""
+    with pytest.raises(ValueError, match=f"dual-encoder {message}"):
+        fit_encoder([str(tmp_path / "missing.json")], tmp_path / "enc", **knob)
+    assert not (tmp_path / "enc").exists()
 
 
 @pytest.mark.slow

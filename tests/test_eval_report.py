@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from alignlm.commands import main
+from alignlm.config import ConfigError
 from alignlm.evaluation.captions import bleu, cider_d, tokenize
 from alignlm.evaluation.report import write_report
 from alignlm.pipeline import run
@@ -218,6 +219,21 @@ def test_plot_runs_side_by_side(tiny_run, tmp_path):
 
     chained = read_monitor(tiny_run)["pooled/modality_gap"]
     assert [s for s, _ in chained] == [1, 2, 4, 5, 6, 8]  # finetune continues after pretrain's 4 steps
+
+
+def test_a_layer_or_a_metric_the_run_lacks_is_named(tiny_run, colour_set, tmp_path):
+    """``--layers 99`` on the 2-layer LLM was probed and reported as layer 0; ``--metrics bogus`` on a run with monitor
+    metrics said to train with the monitor on."""
+    final = str(tiny_run / "finetune" / "final")
+    probe = ["--probe", str(colour_set["pretrain"]), "--probe-n", "12", "--no-plots"]
+    with pytest.raises(
+        ConfigError, match=r"layers=\[99\]: this LLM has 2 layers; give 'all' or whole numbers in -3\.\.2"
+    ):
+        main(["eval", final, "--out", str(tmp_path / "r"), *probe, "--layers", "99"])
+    with pytest.raises(
+        ValueError, match=r"none of the metrics \['bogus'\] is among the runs' monitor metrics \[.*'pooled/cka'"
+    ):
+        main(["plot-runs", str(tiny_run), "--out", str(tmp_path / "p.png"), "--metrics", "bogus"])
 
 
 def test_exported_folder_loads_like_lmms_eval_llava_hf(tiny_run, colour_set, tmp_path):

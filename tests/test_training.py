@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from alignlm.data.records import DataError
 from alignlm.pipeline import run
 from alignlm.training.determinism import deterministic, strict
 from alignlm.training.trainer import StopTraining
@@ -413,7 +414,7 @@ def test_config_errors_are_clear(colour_set, tmp_path, overrides, error, match):
 
 
 def test_missing_data_file_names_it(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nowhere.json"):
+    with pytest.raises(DataError, match="data file nowhere.json does not exist"):  # exit status 65, no traceback
         run(compose(f"output_dir={tmp_path}", "run=[pretrain]", "stages.pretrain.data.sources=[{path:nowhere.json}]"))
 
 

@@ -69,3 +69,25 @@ def test_the_command_reports_plain_and_wca_per_seed(tiny_clip, colour_set, tmp_p
     assert report["n"] == 12 and report["classes"] == ["red", "green", "blue"] and len(report["runs"]) == 2
     assert all(0 <= r["plain"] <= 1 and 0 <= r["wca"] <= 1 for r in report["runs"])
     assert report["runs"][0]["plain"] == report["runs"][1]["plain"]  # the crops' seed moves WCA only
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--crops", "0"], "crops=0 must be a whole number >= 1"),  # once: a made-up result, exit 0
+        (["--crops", "-2"], "crops=-2 must be a whole number >= 1"),
+        (
+            ["--scale", "2", "1"],
+            r"scale=\(2.0, 1.0\) must be LOW HIGH with 0 < LOW <= HIGH <= 1",
+        ),  # once: numpy's error
+        (["--scale", "0", "0.5"], r"scale=\(0.0, 0.5\)"),
+        (["--tau-crop", "0"], "tau_crop=0.0 must be a finite number > 0"),
+        (["--tau-text", "-1"], "tau_text=-1.0 must be a finite number > 0"),
+    ],
+)
+def test_the_command_refuses_knobs_that_cannot_score_before_reading_anything(tmp_path, flags, message):
+    missing = str(tmp_path / "missing")  # neither the set nor the encoder is read: the knobs fail first
+    with pytest.raises(SystemExit, match=f"alignlm wca: WCA {message}"):
+        main(["wca", "--encoder", missing, "--set", missing, "--descriptions", "a {c}", *flags])
+    with pytest.raises(ValueError, match="crops=0"):
+        WCAConfig(crops=0)

@@ -19,6 +19,7 @@ from alignlm.config import ConfigError, stage_keys
 from alignlm.data import GENERATORS, generator_knobs
 from alignlm.data.llava import check_error_policy
 from alignlm.data.templates import TEMPLATES
+from alignlm.export.hf_llava import is_llava_dir
 from alignlm.geometry.suite import ALL_METRICS
 from alignlm.models.mllm import AlignLM
 from alignlm.training.optim import check_schedule
@@ -26,6 +27,8 @@ from alignlm.training.sharding import STRATEGIES
 from alignlm.training.stages import MODES, check_parts
 from alignlm.training.trainer import checkpointing_parts
 from alignlm.training.zero import STAGES as ZERO_STAGES
+
+_LLAVA_BUILDERS = ("alignlm.export.hf_llava.vision_from_llava", "alignlm.export.hf_llava.llm_from_llava")
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -71,6 +74,7 @@ def check_config(cfg: DictConfig) -> None:
         except (OSError, ValueError) as e:
             raise ConfigError(f"distributed.deepspeed_config={str(path)!r} is not a readable JSON file: {e}") from None
     _check_stage_keys(cfg)
+    _check_llava_start(cfg)
     parts = (*AlignLM.PARTS, *((cfg.get("model") or {}).get("extras") or {}))
     for i, stage in enumerate(cfg.run):
         _check_stage(f"stages.{stage}", cfg.stages[stage])
@@ -217,7 +221,9 @@ def _check_stage_choices(key: str, stage: DictConfig, parts: tuple[str, ...]) ->
 
 
 def _check_init_from(cfg: DictConfig, stage: str, before: list[str]) -> None:
-    """``init_from`` names a stage run before this one (or whose ``final/`` this run already has), or a folder."""
+    """``init_from`` names a stage run before this one (or whose ``final/`` this run already has), a ``final/`` folder
+    or a transformers Llava folder: anything else (a step checkpoint, a file) failed only when the stage started,
+    after the stages before it had trained."""
     init = cfg.stages[stage].get("init_from")
     if not init:
         return
@@ -228,5 +234,47 @@ def _check_init_from(cfg: DictConfig, stage: str, before: list[str]) -> None:
                 f"stages.{stage}.init_from={init!r}: that stage is not run before {stage!r} in run={list(cfg.run)}, "
                 f"and {final} does not exist yet"
             )
-    elif not Path(str(init)).exists():
-        raise ConfigError(f"stages.{stage}.init_from={init!r} is neither a stage of this config nor a folder")
+        return
+    problem = _not_starting_weights(Path(str(init)))
+    if problem:
+        raise ConfigError(
+            f"stages.{stage}.init_from={init!r} {problem}; it takes a stage of this config, a final/ folder "
+            "(model.safetensors + config.yaml) or a transformers Llava folder"
+        )
+
+
+def _not_starting_weights(path: Path) -> str | None:
+    """What ``path`` is instead of starting weights that ``training/checkpoint.py: load_init`` reads (a Llava folder,
+    else a ``final/`` folder), or None."""
+    if not path.exists():
+        return "does not exist"
+    if not path.is_dir():
+        return "is a file, not a folder"
+    if is_llava_dir(path) or all((path / name).is_file() for name in ("model.safetensors", "config.yaml")):
+        return None
+    if (path / "trainable.safetensors").exists():
+        return "is a step checkpoint (it resumes its own stage; a stage starts from a final/ folder)"
+    finals = [str(p) for p in (path / "final", *sorted(path.glob("*/final"))) if p.is_dir()]
+    if finals:
+        return f"is a stage or run folder; name one of its final/ folders: {finals}"
+    if (path / "config.json").exists():
+        return "is a transformers folder whose config.json is not a Llava model's (model_type llava)"
+    return "holds neither model.safetensors + config.yaml nor a config.json"
+
+
+def _check_llava_start(cfg: DictConfig) -> None:
+    """A model built from a Llava folder (``model=llava_hf``) has random weights: only ``init_from`` loads the
+    folder's, so a first stage without one trained a random model and said nothing."""
+    model = cfg.get("model") or {}
+    parts = [p for p in ("vision", "llm") if OmegaConf.select(model, f"{p}._target_") in _LLAVA_BUILDERS]
+    if not parts:
+        return
+    path = OmegaConf.select(model, f"{parts[0]}.path", default=None, throw_on_resolution_failure=False)
+    if path is None:
+        raise ConfigError("model=llava_hf needs model.path=DIR: the transformers Llava folder to build the model from")
+    first = cfg.run[0]
+    if not cfg.stages[first].get("init_from"):
+        raise ConfigError(
+            f"model=llava_hf builds the model from model.path={path} with random weights, and stages.{first}."
+            f"init_from is not set: add stages.{first}.init_from={path} to start from the folder's weights"
+        )

@@ -11,14 +11,39 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 from collections.abc import Sequence
+from typing import Any
+
+from alignlm.config import ConfigError
+from alignlm.data.records import DataError
+
+BAD_DATA = 65  # sysexits' EX_DATAERR: the data cannot be used (the message says why)
+USAGE = 2  # as argparse: a flag, an override or a config value that cannot work
+FAILED = 1  # a stage that diverged or trained nothing, a file that cannot be read or written, another error
+INTERRUPTED = 130  # the shell's status of a command stopped by Ctrl-C (128 + SIGINT)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default beside its help, unless it is None: that help says what leaving the flag out means."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """Every command's parser (nested ones inherit the class): ``--help`` shows the defaults, which it hid."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The root parser with every command module's subcommands, modules in name order."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="alignlm",
         description="Train LLaVA-style multimodal LLMs with alignment objectives, and measure modality alignment.",
     )
@@ -33,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``alignlm`` console script.
+    """The command line as a function: errors propagate (tests and callers catch them; ``console`` prints them).
 
     A subcommand whose parser has a ``pass_through`` function (a wrapped tool's own command line, such as
     ``lmms-eval``) receives its arguments unparsed.
@@ -48,5 +73,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     return args.func(args)
 
 
+def console(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``alignlm`` console script, ``python -m alignlm.commands`` and ``train.py``: ``main`` with
+    a user's mistake as one line ``alignlm <command>: <message>`` on stderr and an exit status, not a traceback.
+
+    65 unusable data, 2 a usage or config mistake, 1 a file that cannot be read or written, or another ``ValueError``
+    or ``KeyError`` (its type named: it may be a library's bug), 130 Ctrl-C; any other exception is a bug and keeps
+    its traceback. ``ALIGNLM_DEBUG=1`` re-raises everything, with the traceback.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    prog = "alignlm" + (f" {argv[0]}" if argv and not argv[0].startswith("-") else "")
+    if os.environ.get("ALIGNLM_DEBUG") == "1":
+        return main(argv)
+    try:
+        return main(argv)
+    except SystemExit as e:  # argparse's own exits (it printed the usage) keep their status; a command's message is 2
+        if not isinstance(e.code, str):
+            return e.code or 0
+        return _say(prog, e.code, USAGE)
+    except DataError as e:
+        return _say(prog, str(e), BAD_DATA)
+    except ConfigError as e:
+        return _say(prog, str(e), USAGE)
+    except OSError as e:  # errno errors read "[Errno 2] No such file or directory: 'x'": the file first
+        return _say(prog, f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e), FAILED)
+    except (ValueError, KeyError) as e:
+        ours = type(e).__module__.startswith("alignlm.")
+        return _say(prog, str(e) if ours else f"{type(e).__name__}: {e}", FAILED)
+    except KeyboardInterrupt:
+        return _say(prog, "interrupted", INTERRUPTED)
+
+
+def _say(prog: str, message: str, status: int) -> int:
+    """Print ``message`` as ``prog: message`` (unless it names the command already) to stderr; return ``status``."""
+    print(message if message.startswith("alignlm") else f"{prog}: {message}", file=sys.stderr)
+    return status
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())

@@ -2,6 +2,6 @@
 
 import sys
 
-from alignlm.commands import main
+from alignlm.commands import console
 
-sys.exit(main())
+sys.exit(console())

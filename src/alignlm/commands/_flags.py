@@ -1,8 +1,32 @@
-"""Flags several commands share."""
+"""Flags several commands share, and the ``type=`` checks of their values."""
 
 from __future__ import annotations
 
 import argparse
+import math
+
+
+def positive_int(text: str) -> int:
+    """argparse ``type=`` of a count (a limit, a batch size, samples, epochs): a whole number >= 1. Zero and negative
+    counts once ran on and did nothing (``--limit 0`` measured nothing and exited 0) or failed late with a traceback."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse ``type=`` of a rate or a temperature: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number > 0")
+    return value
 
 
 def add_trust_flags(p: argparse.ArgumentParser) -> None:

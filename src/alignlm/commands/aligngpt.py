@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from alignlm.commands._flags import positive_int
 from alignlm.methods.aligngpt.levels import LevelLabels, make_levels
 
 
@@ -34,7 +35,7 @@ def register(subparsers: Any) -> None:
         "--out", default=None, help="levels file (default: aligngpt_levels_L<levels>.json beside the first data file)"
     )
     p.add_argument("--image-root", default=None, help="image folder (default: each data file's folder)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=64, help="pairs encoded at once")
     p.add_argument(
         "--device",
         default=None,

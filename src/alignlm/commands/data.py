@@ -13,7 +13,10 @@ from alignlm.data import GENERATORS, generator_knobs
 def cmd_data(args: argparse.Namespace) -> int:
     knobs = {}
     for kv in args.set or []:
-        k, _, v = kv.partition("=")
+        k, sep, v = kv.partition("=")
+        if not sep:
+            print(f"alignlm data {args.name}: --set takes KNOB=VALUE, got {kv!r}", file=sys.stderr)
+            return 2
         if k not in generator_knobs(args.name):
             print(f"alignlm data {args.name}: no knob {k!r}; its knobs: {generator_knobs(args.name)}", file=sys.stderr)
             return 2
@@ -29,9 +32,9 @@ def cmd_data(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``data`` to the ``alignlm`` command line."""
     p = sub.add_parser("data", help="write an offline dataset in LLaVA JSON + PNG")
-    p.add_argument("name", choices=sorted(GENERATORS))
+    p.add_argument("name", choices=sorted(GENERATORS), help="the generator")
     p.add_argument("--out", default="data", help="parent folder; the set goes to OUT/NAME")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the generator")
     p.add_argument(
         "--set",
         action="append",

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from alignlm.commands._flags import add_trust_flags
+from alignlm.commands._flags import add_trust_flags, positive_int
 from alignlm.config import config_dir
 from alignlm.data.templates import TEMPLATES
 from alignlm.evaluation import checkpoints
@@ -64,13 +64,26 @@ def eval_config(args: argparse.Namespace) -> dict[str, Any]:
     if args.probe_n is not None:
         cfg.probe.n = args.probe_n
     if args.layers is not None:
-        cfg.probe.layers = args.layers if args.layers == "all" else [int(x) for x in args.layers.split(",") if x]
+        cfg.probe.layers = args.layers
     if args.no_probe:
         cfg.probe.enabled = False
     if args.no_plots:
         cfg.plots = False
     cfg.allow_code, cfg.trust_remote_code = args.allow_code, args.trust_remote_code
     return OmegaConf.to_container(cfg, resolve=True)
+
+
+def layer_list(text: str) -> str | list[int]:
+    """argparse ``type=`` of ``--layers``: ``all``, or comma-separated layer indices such as ``0,6,-1``."""
+    if text == "all":
+        return text
+    try:
+        layers = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        layers = []
+    if not layers:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither 'all' nor comma-separated layer indices such as 0,6,-1")
+    return layers
 
 
 def check_eval_config(ecfg: dict[str, Any]) -> None:
@@ -204,8 +217,12 @@ def register(sub: Any) -> None:
         "--set", action="append", metavar="KEY=VALUE", help="eval config override, e.g. --set generation.do_sample=true"
     )
     p.add_argument("--template", default=None, help="override the template the checkpoint was trained with")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="questions per generation batch (default: the config's)"
+    )
+    p.add_argument(
+        "--max-new-tokens", type=int, default=None, help="answer length limit in tokens (default: the config's)"
+    )
     p.add_argument("--limit", type=int, default=None, help="only the first N records of each set")
     p.add_argument(
         "--probe",
@@ -213,9 +230,14 @@ def register(sub: Any) -> None:
         help="caption records for the alignment probes (default: test_captions.json beside the first set)",
     )
     p.add_argument("--probe-n", type=int, default=None, help="image-caption pairs to probe")
-    p.add_argument("--layers", default=None, help="LLM layers to probe: all, or e.g. 0,6,-1")
+    p.add_argument(
+        "--layers",
+        type=layer_list,
+        default=None,
+        help="LLM hidden states to probe: all, or e.g. 0,6,-1 (0: the input embeddings, -1: the last layer)",
+    )
     p.add_argument("--no-probe", action="store_true", help="generation sets only")
-    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--no-plots", action="store_true", help="write report.json and report.md only")
     p.add_argument("--device", default=None, help="auto | cpu | cuda:0")
     p.add_argument("--json", action="store_true", help="print report.json instead of report.md")
     add_trust_flags(p)
@@ -241,14 +263,14 @@ def register(sub: Any) -> None:
         "plot-runs", help="plot the alignment monitor's curves (monitor/* in metrics.jsonl) of runs side by side"
     )
     p.add_argument("runs", nargs="+", help="run folders (stages chained) or stage folders")
-    p.add_argument("--out", default="runs.png")
+    p.add_argument("--out", default="runs.png", help="image file to write")
     p.add_argument("--metrics", nargs="*", default=None, help="only these metrics, e.g. pooled/modality_gap mutual_knn")
     p.set_defaults(func=cmd_plot_runs)
     p = sub.add_parser("lmms-task", help="write a LLaVA-format question set as a local lmms-eval task (no Hub needed)")
     p.add_argument("questions", help="LLaVA JSON whose records carry 'answer', e.g. data/digits/test.json")
     p.add_argument("out", help="task folder parent, given to lmms-eval as --include_path")
     p.add_argument("--name", default="alignlm_local", help="task name (and sub-folder)")
-    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=positive_int, default=16, help="answer length limit the task sets")
     p.set_defaults(func=cmd_lmms_task)
     p = sub.add_parser(
         "lmms-eval",

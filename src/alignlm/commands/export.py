@@ -51,7 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "export", help="write a final/ checkpoint as a transformers LlavaForConditionalGeneration folder"
     )
     p.add_argument("checkpoint", help="a final/ folder")
-    p.add_argument("out_dir")
+    p.add_argument("out_dir", help="the folder to write (new, empty, or an earlier export, which it replaces)")
     p.add_argument(
         "--check",
         metavar="SET",

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from alignlm.commands._flags import positive_float, positive_int
 from alignlm.methods.revision.embed import collect_images, collect_texts, embed_items
 from alignlm.methods.revision.realign import CHUNK_ROWS, THREADS, ReAlignStats, apply, fit
 from alignlm.models.device import default_device
@@ -59,8 +60,8 @@ def _register_embed(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--image-root", default=None, help="folder LLaVA image paths are relative to (default: the JSON's)")
     p.add_argument("--texts", nargs="*", help="text files (one caption a line) or LLaVA JSON/JSONL files")
     p.add_argument("--out", required=True, help="output folder; shards go to OUT/images and OUT/texts")
-    p.add_argument("--shard-size", type=int, default=10_000, help="items per shard (the unit of resumption)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--shard-size", type=positive_int, default=10_000, help="items per shard (the unit of resumption)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="items encoded at once")
     p.add_argument(
         "--device",
         default=None,
@@ -107,8 +108,10 @@ def _register_realign(subparsers: argparse._SubParsersAction) -> None:
     f.add_argument("--texts", nargs="+", required=True, help="text embedding shard folders or files")
     f.add_argument("--out", required=True, help="statistics file to write (.safetensors)")
     f.add_argument("--encoder", default=None, help="encoder name to record (default: from the shards' metadata)")
-    f.add_argument("--chunk-rows", type=int, default=CHUNK_ROWS, help="rows widened to float64 at once")
-    f.add_argument("--threads", type=int, default=THREADS, help="intra-op threads (more cores: use torchrun ranks)")
+    f.add_argument("--chunk-rows", type=positive_int, default=CHUNK_ROWS, help="rows widened to float64 at once")
+    f.add_argument(
+        "--threads", type=positive_int, default=THREADS, help="intra-op threads (more cores: use torchrun ranks)"
+    )
     f.add_argument(
         "--covariance",
         type=float,
@@ -122,9 +125,13 @@ def _register_realign(subparsers: argparse._SubParsersAction) -> None:
     a.add_argument("--stats", required=True, help="file written by `alignlm realign fit`")
     a.add_argument("--texts", nargs="+", required=True, help="text embedding shard folders or files")
     a.add_argument("--out", required=True, help="output folder; shards keep their names")
-    a.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16"])
-    a.add_argument("--chunk-rows", type=int, default=CHUNK_ROWS)
-    a.add_argument("--threads", type=int, default=THREADS)
+    a.add_argument(
+        "--dtype", default="float32", choices=["float32", "float64", "float16"], help="dtype of the written shards"
+    )
+    a.add_argument("--chunk-rows", type=positive_int, default=CHUNK_ROWS, help="rows widened to float64 at once")
+    a.add_argument(
+        "--threads", type=positive_int, default=THREADS, help="intra-op threads (more cores: use torchrun ranks)"
+    )
     a.set_defaults(func=_cmd_realign_apply)
 
 
@@ -158,15 +165,17 @@ def _register_dual_encoder(subparsers: argparse._SubParsersAction) -> None:
     )
     f.add_argument("--eval", nargs="*", help="held-out caption JSON files (e.g. data/shapes/test_captions.json)")
     f.add_argument("--out", required=True, help="folder to write; `alignlm embed --encoder OUT` loads it")
-    f.add_argument("--dim", type=int, default=256, help="shared embedding width")
-    f.add_argument("--image-size", type=int, default=224, help="EfficientNet input side (a multiple of 32)")
-    f.add_argument("--epochs", type=int, default=40)
-    f.add_argument("--batch-size", type=int, default=256)
-    f.add_argument("--lr", type=float, default=1e-3)
-    f.add_argument("--limit", type=int, default=None, help="use at most this many training pairs")
+    f.add_argument("--dim", type=positive_int, default=256, help="shared embedding width")
+    f.add_argument("--image-size", type=positive_int, default=224, help="EfficientNet input side (a multiple of 32)")
+    f.add_argument("--epochs", type=positive_int, default=40, help="passes over the training pairs")
+    f.add_argument("--batch-size", type=positive_int, default=256, help="pairs per InfoNCE batch")
+    f.add_argument(
+        "--lr", type=positive_float, default=1e-3, help="peak learning rate of the heads (AdamW, one-cycle schedule)"
+    )
+    f.add_argument("--limit", type=positive_int, default=None, help="use at most this many training pairs")
     f.add_argument("--name", default="alignlm-lit-effnet-minilm", help="encoder name recorded in shards")
-    f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--device", default=None)
+    f.add_argument("--seed", type=int, default=0, help="seed of the heads' initialisation and the batch order")
+    f.add_argument("--device", default=None, help="default: cuda when present, else cpu")
     f.add_argument(
         "--temperature",
         type=float,

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from alignlm.commands._flags import add_trust_flags
+from alignlm.commands._flags import add_trust_flags, positive_int
 from alignlm.data.records import record_images
 from alignlm.methods.sea.labels import DEFAULT_NAME, SeaLabels, make_labels
 from alignlm.methods.sea.token_words import token_word_report
@@ -32,7 +32,7 @@ def register(subparsers: Any) -> None:
     common.add_argument(
         "--out", default=None, help="labels file (default: sea_labels.safetensors beside the first data file)"
     )
-    common.add_argument("--k", type=int, default=5, help="candidate words kept per patch")
+    common.add_argument("--k", type=positive_int, default=5, help="candidate words kept per patch")
     common.add_argument("--image-root", default=None, help="image folder (default: each data file's folder)")
     s = sources.add_parser(
         "annotations", parents=[common], help="convert labels shipped with the data (shapes: patch_labels.json)"
@@ -54,10 +54,13 @@ def register(subparsers: Any) -> None:
     s.add_argument("--words", required=True, help="word list: a text file (one per line) or comma-separated words")
     s.add_argument("--prompt", default="a photo of a {w}", help="text template around each word")
     s.add_argument(
-        "--grid", type=int, default=None, help="pool the patch features to GRID x GRID (match the training tower)"
+        "--grid",
+        type=positive_int,
+        default=None,
+        help="pool the patch features to GRID x GRID (match the training tower; default: the model's own grid)",
     )
-    s.add_argument("--batch-size", type=int, default=32)
-    s.add_argument("--trust-remote-code", action="store_true")
+    s.add_argument("--batch-size", type=positive_int, default=32, help="images encoded at once")
+    s.add_argument("--trust-remote-code", action="store_true", help="let transformers run code shipped with the model")
     p.set_defaults(func=cmd_sea_labels)
 
     p = subparsers.add_parser("sea-eval", help="token-word accuracy of final/ checkpoints, side by side")
@@ -66,10 +69,12 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--data", nargs="+", required=True, metavar="JSON", help="LLaVA data files whose images to measure on"
     )
-    p.add_argument("--image-root", default=None)
+    p.add_argument("--image-root", default=None, help="image folder (default: each data file's folder)")
     p.add_argument("--word-prefix", default=" ", help="as objective sea's word_prefix")
-    p.add_argument("--limit", type=int, default=None, help="measure on the first N labelled images")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument(
+        "--limit", type=positive_int, default=None, help="measure on the first N labelled images (default: all)"
+    )
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass")
     p.add_argument(
         "--exclude-words",
         nargs="*",
@@ -122,7 +127,7 @@ def cmd_sea_eval(args: argparse.Namespace) -> int:
     )
     if not images:
         raise SystemExit(f"{args.labels} labels none of the images of {args.data}")
-    images = images[: args.limit] if args.limit else images
+    images = images[: args.limit]
     variants = {"all words": ()} | (
         {f"without {' '.join(args.exclude_words)}": args.exclude_words} if args.exclude_words else {}
     )

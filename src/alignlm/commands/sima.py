@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from alignlm.commands._flags import positive_float, positive_int
 from alignlm.evaluation.checkpoints import data_config, resolve, stage_config
 from alignlm.evaluation.preferences import judge_agreement
 from alignlm.methods.sima.generate import prepare_preferences
@@ -26,12 +27,14 @@ def register(subparsers: Any) -> None:
     g.add_argument("checkpoint", help="a final/ folder (its config gives the template)")
     g.add_argument("--set", action="append", required=True, metavar="NAME=JSON", help="question set (repeatable)")
     g.add_argument("--out", required=True, help="folder for <name>.json (records) and <name>.critic.json")
-    g.add_argument("--samples", type=int, default=2, help="sampled answers per question besides the greedy one")
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--max-new-tokens", type=int, default=8)
-    g.add_argument("--limit", type=int, default=None, help="first N records of each set")
+    g.add_argument(
+        "--samples", type=positive_int, default=2, help="sampled answers per question besides the greedy one"
+    )
+    g.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature of those answers")
+    g.add_argument("--max-new-tokens", type=positive_int, default=8, help="answer length limit in tokens")
+    g.add_argument("--limit", type=positive_int, default=None, help="first N records of each set (default: all)")
     g.add_argument("--keep-inconsistent", action="store_true", help="keep pairs whose two orders disagree")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seed of the sampled answers")
     g.set_defaults(func=cmd_generate)
     c = sub.add_parser("check", help="agreement of the judged pairs with the reference answers")
     c.add_argument("out", help="a `sima generate` folder")
@@ -63,10 +66,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    report = {
-        f.name.removesuffix(".critic.json"): judge_agreement(json.loads(f.read_text()))
-        for f in sorted(Path(args.out).glob("*.critic.json"))
-    }
+    critics = sorted(Path(args.out).glob("*.critic.json"))
+    if not critics:  # an empty report, exit 0, read as a judge with nothing to disagree about
+        raise SystemExit(
+            f"alignlm sima check: no <name>.critic.json in {args.out}; name a folder `alignlm sima generate` wrote"
+        )
+    report = {f.name.removesuffix(".critic.json"): judge_agreement(json.loads(f.read_text())) for f in critics}
     print(json.dumps(report, indent=2))
     (Path(args.out) / "critic_check.json").write_text(json.dumps(report, indent=2))
     return 0

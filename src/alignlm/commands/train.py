@@ -15,6 +15,7 @@ import sys
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
+from alignlm.commands import BAD_DATA, FAILED, USAGE
 from alignlm.commands.launch import cpu_processes_to_spawn, spawn_cpu_ranks
 from alignlm.config import ConfigError, compose
 from alignlm.data.records import DataError
@@ -22,9 +23,6 @@ from alignlm.pipeline import run
 from alignlm.training.trainer import StopTraining, TrainingError
 
 STOPPED = 75  # exit status of a run that stop_after_steps ended early (sysexits' EX_TEMPFAIL: rerun to continue)
-FAILED = 1  # a stage that diverged, or whose data left nothing to train on
-BAD_DATA = 65  # sysexits' EX_DATAERR: the data cannot be used as configured (the message says why)
-USAGE = 2  # as argparse: the config cannot work as composed (the message names the key)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -58,7 +56,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``train`` to the ``alignlm`` command line."""
-    p = sub.add_parser("train", help="run the stages of a config (Hydra overrides follow)")
+    p = sub.add_parser(
+        "train",
+        help="run the stages of a config (Hydra overrides follow)",
+        description="Compose the config from Hydra overrides and run its stages, then evaluate the last one. "
+        "Exit status: 0 done; 75 stopped by stop_after_steps (rerun to resume); 65 data that cannot be used; "
+        "2 a config that cannot work (an unknown key or choice, a value out of range); 1 a stage that diverged or "
+        "trained nothing, or a file that cannot be read. Each is one line on stderr, not a traceback.",
+    )
     p.add_argument("--print-config", action="store_true", help="print the composed config and exit")
     p.add_argument(
         "overrides", nargs="*", help="Hydra overrides, e.g. +exp=demo model=tiny stages.pretrain.max_steps=10"

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from alignlm.commands._flags import add_trust_flags
+from alignlm.commands._flags import add_trust_flags, positive_int
 from alignlm.data.images import load_rgb, preprocess
 from alignlm.data.records import record_images
 from alignlm.methods.v2l.connector import V2LConnector
@@ -24,8 +24,8 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("v2l-words", help="the vocabulary words a V2L checkpoint turns images into")
     p.add_argument("checkpoint", help="a final/ folder trained with model/connector=v2l")
     p.add_argument("--data", nargs="+", required=True, metavar="JSON", help="LLaVA data files whose images to read")
-    p.add_argument("--image-root", default=None)
-    p.add_argument("--limit", type=int, default=4, help="the first N images")
+    p.add_argument("--image-root", default=None, help="image folder (default: each data file's folder)")
+    p.add_argument("--limit", type=positive_int, default=4, help="the first N images")
     p.add_argument("--json", default=None, help="also write {record id: {global: [...], patches: [...]}} here")
     add_trust_flags(p)
     p.set_defaults(func=cmd_v2l_words)

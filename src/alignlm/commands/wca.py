@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from alignlm.commands._flags import positive_int
 from alignlm.data.images import load_rgb
 from alignlm.data.records import image_paths, read_records
 from alignlm.evaluation.paired import mean_se, paired_difference
@@ -26,17 +27,30 @@ def register(subparsers: Any) -> None:
     p.add_argument("--qtype", default=None, help="only records whose meta.qtype is this")
     p.add_argument("--prompt", default="a photo of {c}", help="class prompt, {c} the class")
     p.add_argument("--descriptions", nargs="+", required=True, help="description templates ({c}) or a JSON file")
-    p.add_argument("--crops", type=int, default=WCAConfig.crops)
-    p.add_argument("--scale", type=float, nargs=2, default=WCAConfig.scale)
-    p.add_argument("--tau-crop", type=float, default=WCAConfig.tau_crop)
-    p.add_argument("--tau-text", type=float, default=WCAConfig.tau_text)
-    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--crops", type=int, default=WCAConfig.crops, help="random crops per image (>= 1)")
+    p.add_argument(
+        "--scale",
+        type=float,
+        nargs=2,
+        default=WCAConfig.scale,
+        metavar=("LOW", "HIGH"),
+        help="crop side as a share of the image side, drawn uniformly from LOW..HIGH (0 < LOW <= HIGH <= 1)",
+    )
+    p.add_argument("--tau-crop", type=float, default=WCAConfig.tau_crop, help="temperature of the crop weights (> 0)")
+    p.add_argument(
+        "--tau-text", type=float, default=WCAConfig.tau_text, help="temperature of the description weights (> 0)"
+    )
+    p.add_argument("--limit", type=positive_int, default=None, help="only the first N records (default: all)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="crop seeds")
     p.add_argument("--out", default=None, help="write the report as JSON here")
     p.set_defaults(func=cmd_wca)
 
 
 def cmd_wca(args: argparse.Namespace) -> int:
+    try:  # before the set and the encoder are read
+        config = WCAConfig(args.crops, tuple(args.scale), args.tau_crop, args.tau_text)
+    except ValueError as e:
+        raise SystemExit(f"alignlm wca: {e}") from None
     records = [
         r for r in read_records(args.set) if args.qtype is None or (r.get("meta") or {}).get("qtype") == args.qtype
     ]
@@ -50,7 +64,6 @@ def cmd_wca(args: argparse.Namespace) -> int:
     templates = json.loads(Path(given[0]).read_text()) if len(given) == 1 and given[0].endswith(".json") else given
     descriptions = descriptions_for(classes, templates)
     encoder = load_encoder(args.encoder)
-    config = WCAConfig(args.crops, tuple(args.scale), args.tau_crop, args.tau_text)
     prompts = [args.prompt.format(c=c) for c in classes]
     runs = []
     for seed in args.seeds:

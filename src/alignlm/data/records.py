@@ -70,8 +70,10 @@ def read_records(path: str | Path, bad_lines: list[tuple[int, str]] | None = Non
     ``bad_lines``: a list to collect ``(line number, why)`` of invalid JSONL lines instead of failing on the first.
     """
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"data file {path} does not exist (run `alignlm data ...` to make the offline sets)")
+    if not path.exists():  # a data error (exit status 65), like a file that holds no records
+        raise DataError(f"data file {path} does not exist (run `alignlm data ...` to make the offline sets)")
+    if path.is_dir():
+        raise DataError(f"data file {path} is a folder; name a .json or .jsonl file of records")
     if path.suffix == ".jsonl":
         records = []
         with path.open("rb") as f:

@@ -175,8 +175,11 @@ def plot_runs(runs: Sequence[Path], path: Path, metrics: Sequence[str] | None = 
     if metrics:
         names = [n for n in names if n in metrics or n.split("/")[-1] in metrics]
     if not names:
+        found = sorted(set().union(*(d.keys() for d in data.values())))
         raise ValueError(
-            f"no monitor/* metrics in {list(map(str, runs))}: train with monitor.every > 0 and monitor.probe set"
+            f"none of the metrics {list(metrics or [])} is among the runs' monitor metrics {found}"
+            if found
+            else f"no monitor/* metrics in {list(map(str, runs))}: train with monitor.every > 0 and monitor.probe set"
         )
     panels = {
         name: {Path(run).name or run: series[name] for run, series in data.items() if name in series} for name in names

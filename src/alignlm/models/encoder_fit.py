@@ -136,6 +136,22 @@ def evaluate(model: OfflineDualEncoder, img_feats: Tensor, txt_feats: Tensor, ca
     return {"n": len(captions), "modality_gap": modality_gap(img, txt), **grouped_recall(img, txt, captions)}
 
 
+def _check_fit_args(dim: int, image_size: int, epochs: int, batch_size: int, limit: int | None, lr: float) -> None:
+    """Counts are whole numbers >= 1 (``limit`` may be None: all pairs) and ``lr`` a finite number > 0, checked before
+    the towers load: ``dim=0`` fitted a chance-level encoder and exited 0, ``epochs=0`` or ``batch_size=0`` failed
+    after the frozen features were computed."""
+    counts = {"dim": dim, "image_size": image_size, "epochs": epochs, "batch_size": batch_size, "limit": limit}
+    for key, value in counts.items():
+        if (value is not None or key != "limit") and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise ValueError(
+                f"dual-encoder {key}={value!r} must be a whole number >= 1" + " (or null: all)" * (key == "limit")
+            )
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"dual-encoder lr={lr!r} must be a finite number > 0")
+
+
 def fit_encoder(
     train: Sequence[str | Path],
     out: str | Path,
@@ -156,6 +172,7 @@ def fit_encoder(
 
     The one entry point of ``alignlm dual-encoder fit`` and of the prepare steps that fit an encoder when missing.
     """
+    _check_fit_args(dim=dim, image_size=image_size, epochs=epochs, batch_size=batch_size, limit=limit, lr=lr)
     torch.manual_seed(seed)
     start = time.perf_counter()
     model = OfflineDualEncoder(dim, image_size, name, device=device or default_device())

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from alignlm.config import ConfigError
 from alignlm.data.images import load_rgb, preprocess
 from alignlm.data.records import image_paths, read_records, reference_captions
 from alignlm.geometry import metrics as M
@@ -93,14 +94,23 @@ def _layer_means(llm: Any, embeds: Tensor, mask: Tensor, layers: Sequence[int]) 
 
 
 def resolve_layers(model: Any, layers: Any) -> list[int]:
-    """``layers`` as hidden-state indices: ``all``, a list (negative counts from the top), or none."""
+    """``layers`` as hidden-state indices: ``all``, a list (negative counts from the top), or none.
+
+    An index outside the ``n + 1`` hidden states is refused: wrapped around, layer 99 of a 2-layer LLM was reported as
+    layer 0 (``eval --layers``, ``monitor.layers``)."""
     n = int(model.llm.config.num_hidden_layers)
     if layers in (None, "none", [], ()):
         return []
     if layers == "all":
         return list(range(n + 1))
-    out = sorted({int(i) % (n + 1) for i in layers})
-    return out
+    if isinstance(layers, str) or any(
+        isinstance(i, bool) or not isinstance(i, int) or not -(n + 1) <= i <= n for i in layers
+    ):
+        raise ConfigError(
+            f"layers={layers!r}: this LLM has {n} layers; give 'all' or whole numbers in {-(n + 1)}..{n} "
+            "(0: the input embeddings, -1: the last layer)"
+        )
+    return sorted({i % (n + 1) for i in layers})
 
 
 @torch.no_grad()

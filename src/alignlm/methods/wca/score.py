@@ -15,6 +15,7 @@ similarity); the temperatures, crop scales and the count are knobs (*ours* where
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,21 @@ class WCAConfig:
     scale: tuple[float, float] = (0.4, 0.9)  # crop side as a share of the image side
     tau_crop: float = 0.1
     tau_text: float = 0.1
+
+    def __post_init__(self) -> None:
+        """Refused here, before an image is read: no crop scored a made-up result and exited 0, a temperature <= 0 a
+        meaningless softmax, a reversed scale range failed inside numpy."""
+        if isinstance(self.crops, bool) or not isinstance(self.crops, int) or self.crops < 1:
+            raise ValueError(f"WCA crops={self.crops!r} must be a whole number >= 1 (random crops per image)")
+        for name in ("tau_crop", "tau_text"):
+            tau = getattr(self, name)
+            if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not (math.isfinite(tau) and tau > 0):
+                raise ValueError(f"WCA {name}={tau!r} must be a finite number > 0 (a softmax temperature)")
+        if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1] <= 1:
+            raise ValueError(
+                f"WCA scale={self.scale!r} must be LOW HIGH with 0 < LOW <= HIGH <= 1 (crop side as a share of the "
+                "image side)"
+            )
 
 
 def random_crops(image: Image.Image, n: int, scale: tuple[float, float], rng: np.random.Generator) -> list[Image.Image]:

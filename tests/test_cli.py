@@ -1,0 +1,235 @@
+"""The command line's answer to a user's mistake (docs/reliability.md): one line and an exit status from ``console``,
+counts and other flag values refused when parsed, a config that cannot start refused before anything is built, and
+``--help`` that shows every flag's default. Every test here runs in-process and loads no model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import runpy
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+import alignlm.commands as commands
+from alignlm.checks import check_config
+from alignlm.commands import HelpFormatter, build_parser, console, main
+from alignlm.config import ConfigError
+from alignlm.data.records import DataError, read_records
+from alignlm.models.probes import resolve_layers
+from tests.conftest import compose
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# ---- console: a mistake is one line and a status, a bug keeps its traceback ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    "error,status,line",
+    [
+        (DataError("data file x.json does not exist"), 65, "alignlm eval: data file x.json does not exist"),
+        (ConfigError("stages.x.lr=-1 must be ..."), 2, "alignlm eval: stages.x.lr=-1 must be ..."),
+        (SystemExit("--sets takes NAME=PATH, got 'foo'"), 2, "alignlm eval: --sets takes NAME=PATH, got 'foo'"),
+        (SystemExit("alignlm wca: no records"), 2, "alignlm wca: no records"),  # names its command already
+        (
+            FileNotFoundError(2, "No such file or directory", "/x/report.json"),
+            1,
+            "alignlm eval: /x/report.json: No such",
+        ),
+        (IsADirectoryError(21, "Is a directory", "/x"), 1, "alignlm eval: /x: Is a directory"),
+        (ValueError("invalid literal for int()"), 1, "alignlm eval: ValueError: invalid literal for int()"),
+        (KeyError("checkpoints"), 1, "alignlm eval: KeyError: 'checkpoints'"),
+        (KeyboardInterrupt(), 130, "alignlm eval: interrupted"),
+    ],
+)
+def test_console_prints_a_mistake_as_one_line_and_an_exit_status(monkeypatch, capsys, error, status, line):
+    def fail(argv):
+        raise error
+
+    monkeypatch.setattr(commands, "main", fail)
+    assert console(["eval", "ckpt"]) == status
+    err = capsys.readouterr().err
+    assert err.startswith(line) and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_console_keeps_argparse_statuses_and_the_traceback_of_a_bug_or_under_alignlm_debug(monkeypatch, capsys):
+    assert console(["--help"]) == 0
+    assert console(["bogus"]) == 2  # argparse printed the usage
+    capsys.readouterr()
+
+    def bug(argv):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(commands, "main", bug)
+    with pytest.raises(ZeroDivisionError):
+        console(["dual-encoder", "fit"])
+
+    def mistake(argv):
+        raise DataError("no records")
+
+    monkeypatch.setattr(commands, "main", mistake)
+    monkeypatch.setenv("ALIGNLM_DEBUG", "1")
+    with pytest.raises(DataError):
+        console(["train"])
+
+
+def test_every_entry_point_runs_console(monkeypatch):
+    """The console script, ``python -m alignlm.commands`` (spawned ranks) and the ``train.py`` shim."""
+    assert '\nalignlm = "alignlm.commands:console"\n' in (ROOT / "pyproject.toml").read_text()
+    calls = []
+    monkeypatch.setattr(commands, "console", lambda argv=None: calls.append(argv) or 7)
+    monkeypatch.setattr(sys, "argv", ["x", "stages.pretrain.max_steps=2"])
+    for start in (
+        lambda: runpy.run_module("alignlm.commands", run_name="__main__"),
+        lambda: runpy.run_path(str(ROOT / "train.py"), run_name="__main__"),
+    ):
+        with pytest.raises(SystemExit) as done:
+            start()
+        assert done.value.code == 7
+    assert calls == [None, ["train", "stages.pretrain.max_steps=2"]]
+
+
+def test_a_data_source_that_is_missing_or_a_folder_is_a_data_error_exit_65(tmp_path, capsys):
+    with pytest.raises(DataError, match="nowhere.json does not exist"):
+        read_records(tmp_path / "nowhere.json")
+    with pytest.raises(DataError, match="is a folder"):
+        read_records(tmp_path)
+    assert console(["lmms-task", str(tmp_path), str(tmp_path / "tasks")]) == 65
+    assert f"alignlm lmms-task: data file {tmp_path} is a folder" in capsys.readouterr().err
+
+
+# ---- flag values refused when parsed, before anything loads -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["v2l-words", "ckpt", "--data", "d.json", "--limit", "0"], "--limit: '0' is not a whole number >= 1"),
+        (["v2l-words", "ckpt", "--data", "d.json", "--limit", "-1"], "--limit: '-1' is not a whole number >= 1"),
+        (["sea-eval", "ckpt", "--labels", "l", "--data", "d.json", "--limit", "-1"], "--limit: '-1'"),
+        (["sea-eval", "ckpt", "--labels", "l", "--data", "d.json", "--batch-size", "0"], "--batch-size: '0'"),
+        (["wca", "--encoder", "e", "--set", "d.json", "--descriptions", "a {c}", "--limit", "0"], "--limit: '0'"),
+        (["sima", "generate", "ckpt", "--set", "c=d.json", "--out", "o", "--limit", "0"], "--limit: '0'"),
+        (["sima", "generate", "ckpt", "--set", "c=d.json", "--out", "o", "--samples", "0"], "--samples: '0'"),
+        (["sima", "generate", "ckpt", "--set", "c=d.json", "--out", "o", "--samples", "-1"], "--samples: '-1'"),
+        (
+            ["sima", "generate", "ckpt", "--set", "c=d.json", "--out", "o", "--temperature", "0"],
+            "--temperature: '0' is not a finite number > 0",
+        ),
+        (["dual-encoder", "fit", "--train", "d.json", "--out", "o", "--dim", "0"], "--dim: '0'"),
+        (["dual-encoder", "fit", "--train", "d.json", "--out", "o", "--batch-size", "0"], "--batch-size: '0'"),
+        (["dual-encoder", "fit", "--train", "d.json", "--out", "o", "--epochs", "-1"], "--epochs: '-1'"),
+        (["dual-encoder", "fit", "--train", "d.json", "--out", "o", "--limit", "0"], "--limit: '0'"),
+        (["realign", "fit", "--images", "i", "--texts", "t", "--out", "o", "--chunk-rows", "0"], "--chunk-rows: '0'"),
+        (["realign", "fit", "--images", "i", "--texts", "t", "--out", "o", "--threads", "0"], "--threads: '0'"),
+        (["realign", "apply", "--stats", "s", "--texts", "t", "--out", "o", "--chunk-rows", "0"], "--chunk-rows"),
+        (["embed", "--encoder", "e", "--texts", "d.json", "--out", "o", "--shard-size", "0"], "--shard-size: '0'"),
+        (["eval", "ckpt", "--layers", "a,b"], "--layers: 'a,b' is neither 'all' nor comma-separated layer indices"),
+    ],
+)
+def test_counts_and_layer_lists_are_refused_when_parsed(tmp_path, monkeypatch, capsys, argv, message):
+    """Each once ran on: to a traceback, a made-up result with exit status 0, or a leftover file."""
+    monkeypatch.chdir(tmp_path)  # every path named is missing: the flag fails first
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    assert done.value.code == 2 and message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # sima generate --limit 0 left c.prompts.json behind
+
+
+def test_a_knob_without_a_value_and_a_folder_without_critics_are_refused(tmp_path, capsys):
+    assert main(["data", "digits", "--out", str(tmp_path), "--set", "n_test"]) == 2  # once n_test='' reached the maker
+    assert "alignlm data digits: --set takes KNOB=VALUE, got 'n_test'" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=r"no <name>\.critic\.json in .*; name a folder `alignlm sima generate`"):
+        main(["sima", "check", str(tmp_path)])  # printed {} and exited 0
+    assert not (tmp_path / "critic_check.json").exists()
+
+
+def test_layers_outside_the_llms_hidden_states_are_refused():
+    """``--layers 99`` on a 2-layer LLM was probed as layer 0 (the index wrapped around)."""
+    model = SimpleNamespace(llm=SimpleNamespace(config=SimpleNamespace(num_hidden_layers=2)))
+    assert resolve_layers(model, [0, -1, -3, 2]) == [0, 2]
+    assert resolve_layers(model, "all") == [0, 1, 2]
+    for bad in ([99], [3], [-4], [1.5], "0"):
+        with pytest.raises(ConfigError, match=r"this LLM has 2 layers; give 'all' or whole numbers in -3\.\.2"):
+            resolve_layers(model, bad)
+
+
+# ---- init_from and model=llava_hf: refused before anything is built --------------------------------------------
+
+
+def _folder(path: Path, *files: str, llava: bool = False) -> Path:
+    path.mkdir(parents=True)
+    for name in files:
+        (path / name).write_text("{}")
+    if llava:
+        (path / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    return path
+
+
+def _init_from(tmp_path: Path, init: Path, *extra: str) -> None:
+    check_config(compose(f"output_dir={tmp_path}", "run=[finetune]", f"stages.finetune.init_from={init}", *extra))
+
+
+@pytest.mark.parametrize(
+    "make,found",
+    [
+        (lambda d: _folder(d, "trainable.safetensors", "trainer_state.json"), "is a step checkpoint"),
+        (lambda d: _folder(d, "x.json") / "x.json", "is a file, not a folder"),
+        (
+            lambda d: _folder(d / "finetune" / "final", "model.safetensors", "config.yaml").parents[1],
+            "is a stage or run folder",
+        ),
+        (
+            lambda d: _folder(d, "config.json", "model.safetensors"),
+            "is a transformers folder whose config.json is not a Llava",
+        ),
+        (lambda d: _folder(d), "holds neither model.safetensors + config.yaml nor a config.json"),
+    ],
+)
+def test_init_from_must_be_a_final_or_a_llava_folder(tmp_path, make, found):
+    """A step checkpoint or a file passed the check and failed when the stage started, after earlier stages trained."""
+    init = make(tmp_path / "init")
+    with pytest.raises(ConfigError, match=re.escape(f"stages.finetune.init_from='{init}' {found}")):
+        _init_from(tmp_path, init)
+
+
+def test_a_final_or_a_llava_folder_starts_a_stage(tmp_path):
+    _init_from(tmp_path, _folder(tmp_path / "final", "model.safetensors", "config.yaml"))
+    _init_from(tmp_path, _folder(tmp_path / "llava", llava=True))
+
+
+def test_a_llava_model_must_start_from_its_weights(tmp_path):
+    """``model=llava_hf`` with no ``init_from`` trained its random weights and said nothing."""
+    llava = _folder(tmp_path / "llava", llava=True)
+    with pytest.raises(ConfigError, match=rf"add stages\.finetune\.init_from={llava} to start from the folder"):
+        _init_from(tmp_path, "null", "model=llava_hf", f"model.path={llava}")
+    with pytest.raises(ConfigError, match="model=llava_hf needs model.path=DIR"):
+        _init_from(tmp_path, llava, "model=llava_hf")
+    _init_from(tmp_path, llava, "model=llava_hf", f"model.path={llava}")  # README's command
+
+
+# ---- --help ------------------------------------------------------------------------------------------------------
+
+
+def _parsers(parser: argparse.ArgumentParser, name: str = "alignlm"):
+    yield name, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub, p in action.choices.items():
+                yield from _parsers(p, f"{name} {sub}")
+
+
+def test_help_shows_every_flags_default_and_train_its_exit_statuses():
+    parsers = dict(_parsers(build_parser()))
+    for name, parser in parsers.items():
+        assert parser.formatter_class is HelpFormatter, name
+        undocumented = [a.option_strings for a in parser._actions if a.option_strings and not a.help]
+        assert not undocumented, (name, undocumented)
+    assert "(default: 16)" in parsers["alignlm wca"].format_help()
+    assert "(default: 40)" in parsers["alignlm dual-encoder fit"].format_help()
+    assert "(default: None)" not in parsers["alignlm eval"].format_help()  # the help says what leaving it out means
+    train = " ".join(parsers["alignlm train"].format_help().split())
+    assert all(s in train for s in ("75 stopped", "65 data", "2 a config"))
