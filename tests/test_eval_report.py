@@ -659,3 +659,25 @@ def test_monitor_skips_a_measurement_of_non_finite_features(tiny_model, colour_s
     with caplog.at_level("WARNING", logger="alignlm"):
         assert monitor(2, model) == {}
     assert "not finite" in caplog.text
+
+
+def test_generation_settings_alignlm_sets_itself_are_refused_and_lmms_tasks_ask_one_bare_question():
+    """A second max_new_tokens was a duplicate-keyword TypeError; several sequences per question were paired with the
+    wrong ids. An lmms-eval task asks one question with no history, so a multi-turn or system record is refused."""
+    from alignlm.config import ConfigError
+    from alignlm.evaluation.lmms import question_of
+    from alignlm.models.generation import check_generation
+
+    check_generation({"do_sample": True, "temperature": 0.7})
+    for key in ("max_new_tokens", "num_return_sequences", "eos_token_id"):
+        with pytest.raises(ConfigError, match=key):
+            check_generation({key: 2})
+    with pytest.raises(ConfigError, match="max_new_tokens"):
+        run(compose("+eval.generation.max_new_tokens=4"))
+    one = {"id": "a", "conversations": [{"from": "user", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "x"}]}
+    assert question_of(one) == "What?"
+    two = {"id": "b", "conversations": [*one["conversations"], *one["conversations"]]}
+    system = {"id": "c", "conversations": [{"from": "system", "value": "Be brief."}, *one["conversations"]]}
+    for record in (two, system):
+        with pytest.raises(ValueError, match=f"id='{record['id']}'"):
+            question_of(record)

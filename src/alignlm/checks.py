@@ -21,6 +21,7 @@ from alignlm.data.llava import check_error_policy
 from alignlm.data.templates import TEMPLATES
 from alignlm.export.hf_llava import is_llava_dir
 from alignlm.geometry.suite import ALL_METRICS
+from alignlm.models.generation import check_generation
 from alignlm.models.mllm import AlignLM
 from alignlm.training.optim import check_schedule
 from alignlm.training.sharding import STRATEGIES
@@ -98,6 +99,7 @@ def _check_switches_and_counts(cfg: DictConfig) -> None:
             _whole(f"eval.{name}", ecfg[name])
     if ecfg.get("limit") is not None:
         _whole("eval.limit", ecfg.limit)
+    check_generation(ecfg.get("generation"))
     for i, s in enumerate(ecfg.get("sets") or []):
         if not (isinstance(s, DictConfig) and isinstance(s.get("name"), str) and isinstance(s.get("path"), str)):
             raise ConfigError(f"eval.sets[{i}]={s!r} must be {{name: ..., path: ...}}")

@@ -27,6 +27,7 @@ from alignlm.evaluation.plots import plot_accuracy_curves, plot_runs
 from alignlm.evaluation.report import evaluate_checkpoint, write_report
 from alignlm.geometry.suite import ALL_METRICS
 from alignlm.models.device import default_device
+from alignlm.models.generation import check_generation
 from alignlm.training.logging import get_logger
 
 
@@ -106,6 +107,7 @@ def check_eval_config(ecfg: dict[str, Any]) -> None:
     missing = [s["path"] for s in ecfg.get("sets") or [] if not Path(s["path"]).exists()]
     if missing:
         raise SystemExit(f"eval sets name files that do not exist: {missing}")
+    check_generation(ecfg.get("generation"))
     probe = ecfg["probe"]
     for key in ("n", "topk", "batch_size"):
         value = probe.get(key)

@@ -24,6 +24,7 @@ from transformers import LlavaForConditionalGeneration
 
 from alignlm.constants import IMAGE_TOKEN
 from alignlm.data.records import image_paths, read_records
+from alignlm.data.templates import to_turns
 from alignlm.evaluation.answers import reference_answers
 
 TASK_UTILS = '''"""lmms-eval task functions for a question set written by ``alignlm lmms-task``."""
@@ -47,9 +48,16 @@ def process_results(doc, results):
 
 
 def question_of(record: dict[str, Any]) -> str:
-    """The record's first user turn without its image placeholder: the question an lmms-eval task asks."""
-    human = next(t["value"] for t in record["conversations"] if t["from"] == "human")
-    return human.replace(IMAGE_TOKEN, "").strip()
+    """The record's one user turn without its image placeholder: the question an lmms-eval task asks. A record with
+    several user turns or a system turn is refused: a task asks one bare question, where ``alignlm eval`` prompts with
+    the record's history and system text, so the two would score different prompts."""
+    turns = to_turns(record.get("conversations") or [])
+    roles = [t.role for t in turns]
+    if roles.count("user") != 1 or "system" in roles:
+        raise ValueError(
+            f"record id={record.get('id')!r} has turns {roles}: an lmms-eval task asks one question with no system text"
+        )
+    return next(t.content for t in turns if t.role == "user").replace(IMAGE_TOKEN, "").strip()
 
 
 def write_local_task(questions: Path, out_dir: Path, name: str, max_new_tokens: int = 16) -> Path:

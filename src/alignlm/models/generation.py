@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from alignlm.config import ConfigError
 from alignlm.data.build import build_dataset, template_of
 from alignlm.data.collate import Collator
 from alignlm.data.templates import turn_end
@@ -44,6 +45,21 @@ def prompt_batches(
         yield inputs, [next(records) for _ in batch["ids"]]
 
 
+# generate() settings alignlm sets itself: the answer length is its own knob, the stops come from the template, and
+# one answer per question is what the scores pair with the question ids
+RESERVED_GENERATION = ("max_new_tokens", "eos_token_id", "pad_token_id", "stop_strings", "tokenizer",
+                       "num_return_sequences")  # fmt: skip
+
+
+def check_generation(generation: Mapping[str, Any] | None, key: str = "eval.generation") -> None:
+    """``generation`` (transformers ``generate`` settings) sets none of :data:`RESERVED_GENERATION`: a second
+    ``max_new_tokens`` was a duplicate-keyword TypeError, and several sequences per question were paired with the
+    wrong ids."""
+    taken = [k for k in generation or {} if k in RESERVED_GENERATION]
+    if taken:
+        raise ConfigError(f"{key} sets {taken}, which alignlm sets itself (the answer length is max_new_tokens)")
+
+
 @torch.no_grad()
 def generate_set(
     model: Any,
@@ -58,6 +74,7 @@ def generate_set(
 ) -> list[tuple[str, str, dict[str, Any]]]:
     """``(id, prediction, record)`` for the first ``limit`` records of a set, in file order (see
     :func:`prompt_batches`)."""
+    check_generation(generation)
     model.eval()
     torch.manual_seed(seed)  # sampled decoding gives the same report twice
     stop = turn_end(template_of(data_cfg), model.tokenizer)
