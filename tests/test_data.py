@@ -218,12 +218,13 @@ def test_pad_to_square_uses_mean_colour_and_keeps_aspect():
 
 
 def test_mixture_weights():
-    idx = mixture_index([10, 4], [2.0, 0.5], seed=0)
+    """Whole weights repeat a source; a fractional part is a pool of one more copy, of which an epoch draws its share."""
+    idx, pools = mixture_index([10, 4], [2.0, 0.5])
     src = idx[:, 0]
-    assert (src == 0).sum() == 20 and (src == 1).sum() == 2
-    assert np.array_equal(idx, mixture_index([10, 4], [2.0, 0.5], seed=0))
+    assert (src == 0).sum() == 20 and (src == 1).sum() == 4 and pools == [(20, 24, 2)]
+    assert mixture_index([10, 4], [1.0, 0.0])[1] == [] and (mixture_index([10, 4], [1.0, 0.0])[0][:, 0] == 0).all()
     with pytest.raises(ValueError, match="weight"):
-        mixture_index([3], [-1.0], seed=0)
+        mixture_index([3], [-1.0])
 
 
 def test_left_padding_for_generation(model, root):

@@ -61,3 +61,18 @@ def test_length_grouping_reduces_padding():
 def test_too_small_dataset_is_a_clear_error():
     with pytest.raises(ValueError, match="fewer than one global batch"):
         micro_batches(num_samples=3, per_device=4)
+
+
+def test_a_fractional_mixture_weight_draws_a_fresh_share_each_epoch():
+    """Sources of 100 records at weight 1 and 20 at weight 0.5: each epoch shows 10 of the 20, a different 10 (the
+    share was drawn once per run, so half the source was never seen), and resume still continues exactly."""
+    kw = {"per_device": 2, "world": 1, "rank": 0, "accum": 1, "seed": 5, "total_steps": 550}
+    s = StepSampler(120, **kw, pools=[(100, 120, 10)])
+    assert s.epoch_size == 110 and s.steps_per_epoch == 55
+    seen = set()
+    for epoch in range(10):
+        batch = s.epoch_batches(epoch).flatten().tolist()
+        assert len(set(batch)) == len(batch) and sum(i >= 100 for i in batch) <= 10
+        seen |= {i for i in batch if i >= 100}
+    assert seen == set(range(100, 120))
+    assert list(StepSampler(120, **{**kw, "start_step": 70}, pools=[(100, 120, 10)])) == list(s)[70:]

@@ -245,3 +245,13 @@ def test_an_objective_across_pairs_refuses_a_micro_batch_of_one(objective):
     with pytest.raises(ConfigError, match=f"{objective}.*per_device_batch_size >= 2"):
         build_objectives(stage)
     assert objective in build_objectives({**stage, "per_device_batch_size": 2})
+
+
+def test_a_later_stage_with_a_contrastive_objective_and_one_sample_per_device_is_refused_before_any_trains():
+    from alignlm.config import ConfigError
+
+    cfg = compose(
+        "+objective@stages.finetune.objectives.contrastive=contrastive", "stages.finetune.per_device_batch_size=1"
+    )
+    with pytest.raises(ConfigError, match="stages.finetune.objectives.contrastive needs per_device_batch_size >= 2"):
+        run(cfg)

@@ -13,6 +13,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from alignlm.config import ConfigError, stage_keys
@@ -79,6 +80,7 @@ def check_config(cfg: DictConfig) -> None:
     parts = (*AlignLM.PARTS, *((cfg.get("model") or {}).get("extras") or {}))
     for i, stage in enumerate(cfg.run):
         _check_stage(f"stages.{stage}", cfg.stages[stage])
+        _check_objective_batch(f"stages.{stage}", cfg.stages[stage])
         _check_stage_choices(f"stages.{stage}", cfg.stages[stage], parts)
         _check_init_from(cfg, stage, cfg.run[:i])
 
@@ -220,6 +222,22 @@ def _check_stage_choices(key: str, stage: DictConfig, parts: tuple[str, ...]) ->
     _flag(f"{key}.data.packing", data.get("packing", "auto"), ("auto",))
     for name in ("group_by_length", "preference"):
         _flag(f"{key}.data.{name}", data.get(name, False))
+
+
+def _check_objective_batch(key: str, stage: DictConfig) -> None:
+    """An objective that relates a micro-batch's samples (its class's ``min_batch_size``) gets that many per device;
+    checked for every stage before the first trains (the trainer checks again when it builds the objectives)."""
+    for name, node in (stage.get("objectives") or {}).items():
+        try:
+            cls = get_class(str(node["_target_"])) if node and node.get("_target_") else None
+        except (ImportError, ValueError, AttributeError):
+            continue  # an unknown target is named when the stage builds it
+        need = int(getattr(cls, "min_batch_size", 1))
+        if stage.get("per_device_batch_size", 1) < need:
+            raise ConfigError(
+                f"{key}.objectives.{name} needs per_device_batch_size >= {need}: its loss relates the samples of a "
+                f"micro-batch, got {stage.per_device_batch_size}"
+            )
 
 
 def _check_init_from(cfg: DictConfig, stage: str, before: list[str]) -> None:

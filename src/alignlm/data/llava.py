@@ -144,7 +144,7 @@ class LlavaDataset(Dataset):
                 f"data.max_length={max_length} cannot hold one image's {num_image_tokens} visual tokens and a token "
                 "of text: every record with an image would be cut away"
             )
-        self.index = mixture_index([len(r) for r in self.records], [s.weight for s in self.sources], seed)
+        self.index, self.pools = mixture_index([len(r) for r in self.records], [s.weight for s in self.sources])
         if len(self.index) == 0:
             raise DataError(f"no usable records in {[s.path for s in self.sources]}")
         # reserved tokens after BOS, one per model part that writes its own input embedding there (ids, never text)

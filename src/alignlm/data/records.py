@@ -221,15 +221,25 @@ def assistant_text(record: dict[str, Any]) -> str:
     )
 
 
-def mixture_index(sizes: Sequence[int], weights: Sequence[float], seed: int) -> np.ndarray:
-    """``(source, record)`` pairs for one epoch: integer part of each weight repeats the source, the rest is sampled."""
-    rng = np.random.default_rng(seed)
-    parts = []
+def mixture_index(sizes: Sequence[int], weights: Sequence[float]) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+    """``(source, record)`` pairs and the fractional pools of a weighted mixture of sources.
+
+    A weight's integer part repeats its source; its fractional part adds one more copy of the source as a *pool*
+    ``(start, stop, take)`` of index positions, of which each epoch draws ``take = round(frac * n)`` afresh (the
+    sampler does, seeded by the epoch): a weight of 0.1 shows a different tenth each epoch, where a draw made once
+    showed the same tenth all run and never the rest.
+    """
+    parts, pools, at = [], [], 0
     for s, (n, w) in enumerate(zip(sizes, weights)):
         if w < 0:
             raise ValueError(f"data source {s} has weight {w}; weights must be >= 0")
         whole, frac = int(w), w - int(w)
-        idx = [np.arange(n)] * whole + [np.sort(rng.permutation(n)[: int(round(frac * n))])]
-        rec = np.concatenate(idx) if idx else np.zeros(0, dtype=np.int64)
+        take = int(round(frac * n))
+        copies = whole + (take > 0)
+        rec = np.tile(np.arange(n), copies)
         parts.append(np.stack([np.full_like(rec, s), rec], axis=1))
-    return np.concatenate(parts).astype(np.int64)
+        if take:
+            pools.append((at + whole * n, at + copies * n, take))
+        at += copies * n
+    index = np.concatenate(parts).astype(np.int64) if parts else np.zeros((0, 2), dtype=np.int64)
+    return index, pools

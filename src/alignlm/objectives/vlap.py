@@ -39,12 +39,16 @@ ASSISTANT_ROLES = ("gpt", "assistant")
 
 
 def caption_texts(dataset: Any) -> Iterable[str]:
-    """The supervised (assistant) text of every sample of an epoch, in the dataset's mixture proportions."""
+    """The supervised (assistant) text of every sample of an epoch, in the dataset's mixture proportions (of a
+    fractional weight's pool, the first ``take`` records stand for the share an epoch draws)."""
     if not hasattr(dataset, "record"):
         raise TypeError(
             f"VLAP counts its word prior over LLaVA-format records; {type(dataset).__name__} has no record(i)"
         )
+    unused = {i for start, stop, take in getattr(dataset, "pools", ()) for i in range(start + take, stop)}
     for i in range(len(dataset)):
+        if i in unused:
+            continue
         _, rec = dataset.record(i)
         yield "\n".join(
             str(m.get("value", "")) for m in rec["conversations"] if str(m.get("from", "")).lower() in ASSISTANT_ROLES

@@ -1,8 +1,13 @@
 """Deterministic data order defined per *global* step, so resume and data parallelism are exact.
 
-With ``lengths`` given, batches are length-grouped (as LLaVA's ``group_by_modality_length``): each run of
-``group_size`` global batches of the shuffled order is sorted by length and cut into batches, and the
-batches are shuffled again, so padding shrinks while every epoch still visits each sample once.
+With ``lengths`` given, batches are length-grouped: each run of ``group_size`` global batches of the shuffled order
+is sorted by length and cut into batches, and the batches are shuffled again, so padding shrinks while every epoch
+still visits each sample once. Each global batch is then a band of similar lengths (bucketing, as fairseq does),
+unlike LLaVA's ``group_by_modality_length``, which keeps a global batch a random sample (and separates images from
+text) and sorts it only across ranks: with one GPU that saves no padding, this does.
+
+``pools`` are the fractional shares of a weighted mixture (``data.records.mixture_index``): index ranges of which
+each epoch takes a fresh random ``take``, seeded by the epoch like the rest of its order.
 
 The order of an epoch is a permutation seeded by ``(seed, epoch)``. Global step ``s`` takes the next
 ``global_batch = per_device * world * accum`` indices; micro-batch ``a`` of rank ``r`` is a fixed slice
@@ -32,6 +37,12 @@ class StepSampler:
     start_step: int = 0
     lengths: Sequence[int] | None = None
     group_size: int = 16
+    pools: Sequence[tuple[int, int, int]] = ()  # (start, stop, take): draw ``take`` of positions start..stop-1
+
+    @property
+    def epoch_size(self) -> int:
+        """Samples an epoch visits: every position outside the pools, and each pool's ``take``."""
+        return self.num_samples - sum(stop - start - take for start, stop, take in self.pools)
 
     @property
     def global_batch(self) -> int:
@@ -39,10 +50,10 @@ class StepSampler:
 
     @property
     def steps_per_epoch(self) -> int:
-        steps = self.num_samples // self.global_batch
+        steps = self.epoch_size // self.global_batch
         if steps == 0:
             raise ValueError(
-                f"dataset has {self.num_samples} samples, fewer than one global batch of {self.global_batch} "
+                f"dataset has {self.epoch_size} samples per epoch, fewer than one global batch of {self.global_batch} "
                 "(per_device_batch_size x processes x grad_accum)"
             )
         return steps
@@ -51,7 +62,8 @@ class StepSampler:
         """The epoch's global batches ``[steps_per_epoch, global_batch]``, a pure function of seed and epoch."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         spe, gb = self.steps_per_epoch, self.global_batch
-        order = torch.randperm(self.num_samples, generator=g)[: spe * gb]
+        order = self.epoch_positions(g)
+        order = order[torch.randperm(len(order), generator=g)][: spe * gb]
         if self.lengths is None:
             return order.view(spe, gb)
         lengths = torch.as_tensor(self.lengths)[order]
@@ -61,6 +73,16 @@ class StepSampler:
             groups.append(idx[torch.argsort(lens, descending=True, stable=True)])
         batches = torch.cat(groups).view(spe, gb)
         return batches[torch.randperm(spe, generator=g)]
+
+    def epoch_positions(self, g: torch.Generator) -> torch.Tensor:
+        """The index positions this epoch visits, in index order: all outside the pools, a fresh draw from each."""
+        if not self.pools:
+            return torch.arange(self.num_samples)
+        keep = torch.ones(self.num_samples, dtype=torch.bool)
+        for start, stop, take in self.pools:
+            keep[start:stop] = False
+            keep[start + torch.randperm(stop - start, generator=g)[:take]] = True
+        return torch.nonzero(keep).flatten()
 
     def __iter__(self) -> Iterator[list[int]]:
         spe = self.steps_per_epoch

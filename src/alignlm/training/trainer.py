@@ -192,6 +192,7 @@ class Trainer:
             int(cfg.seed),
             total_steps=0,
             lengths=self.dataset.length_estimates() if stage.data.get("group_by_length") else None,
+            pools=self.dataset.pools,
         )
         self.total_steps = (
             int(stage.max_steps)
