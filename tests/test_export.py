@@ -281,7 +281,9 @@ def _llava_folder(model, folder, **config):
     return folder
 
 
-def test_a_llava_folder_is_imported_with_its_image_statistics_or_refused_naming_what_differs(tiny_model, tmp_path):
+def test_a_llava_folder_is_imported_with_its_image_statistics_or_refused_naming_what_differs(
+    tiny_model, tmp_path, caplog
+):
     """transformers 5 writes the image processor into processor_config.json, which import did not read (a SigLIP
     folder came in normalised with CLIP's mean); a projector activation, a list of feature layers or a strategy that
     drops the first token of a tower without CLS computed something else, or failed with a raw error."""
@@ -294,6 +296,11 @@ def test_a_llava_folder_is_imported_with_its_image_statistics_or_refused_naming_
     (folder / "processor_config.json").write_text(json.dumps(processor))
     spec = vision_from_llava(str(folder)).image_spec
     assert spec.mean == (0.5, 0.5, 0.5) and spec.std == (0.25, 0.25, 0.25)
+    processor["image_processor"].update(do_pad=False, do_center_crop=True)  # as llava-1.5-hf's CLIPImageProcessor
+    (folder / "processor_config.json").write_text(json.dumps(processor))
+    with caplog.at_level("WARNING", logger="alignlm"):
+        vision_from_llava(str(folder))
+    assert "crops the centre; alignlm pads to a square" in caplog.text
     for field, value, match in (
         ("projector_hidden_act", "silu", "projector_hidden_act='silu'"),
         ("vision_feature_layer", [-3, -2], r"vision_feature_layer=\[-3, -2\]"),

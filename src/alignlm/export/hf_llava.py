@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -410,4 +411,10 @@ def _image_norm(path: str) -> dict[str, Any]:
         found = json.loads((folder / "processor_config.json").read_text()).get("image_processor") or {}
     if (folder / "preprocessor_config.json").exists():
         found = json.loads((folder / "preprocessor_config.json").read_text())
+    if found.get("do_center_crop") and not found.get("do_pad"):
+        logging.getLogger("alignlm").warning(
+            "%s: its image processor resizes and crops the centre; alignlm pads to a square with the mean colour, as "
+            "LLaVA-1.5 trained, so its pixels (and answers) differ from transformers' own preprocessing of this folder",
+            path,
+        )
     return {k: found[k] for k in ("image_mean", "image_std") if k in found}
