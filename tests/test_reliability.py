@@ -665,3 +665,70 @@ def test_fuzz_ten_thousand_malformed_records(tiny_model, root, monkeypatch):
     assert counted == want
     images_root = root.resolve()
     assert opened and all(p.resolve().is_relative_to(images_root) for p in opened)  # nothing outside the root opened
+
+
+def test_one_process_trains_the_good_micro_batches_of_a_step_and_its_schedule_ends(tmp_path):
+    """grad_accum 2, one sample per micro-batch, every other image missing: a step with one bad micro-batch trained
+    nothing on one process (two processes trained the other), and skipped steps never advanced the schedule."""
+    from alignlm.pipeline import run
+    from tests.conftest import compose, write_colour_set
+
+    sets = write_colour_set(tmp_path / "d", n=8)
+    records = json.loads(sets["pretrain"].read_text())
+    for r in records[::2]:
+        r["image"] = "images/missing.png"
+    sets["pretrain"].write_text(json.dumps(records))
+    summary = run(
+        compose(
+            f"output_dir={tmp_path}",
+            "run_name=t",
+            "run=[pretrain]",
+            "eval.sets=[]",
+            "mixed_precision=no",
+            "stages.pretrain.max_steps=4",
+            "stages.pretrain.per_device_batch_size=1",
+            "stages.pretrain.grad_accum=2",
+            "stages.pretrain.warmup_ratio=0",
+            "stages.pretrain.scheduler=linear",
+            "stages.pretrain.save_every=0",
+            "logging.every=1",
+            "stages.pretrain.data.group_by_length=false",
+            f"stages.pretrain.data.sources=[{{path:{sets['pretrain']}}}]",
+        )  # fmt: skip
+    )
+    rows = [json.loads(r) for r in (tmp_path / "t" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    # 4 good samples over 4 steps of 2 micro-batches: every step with one trains (the old code trained 1 step of 4)
+    assert summary["stages"]["pretrain"]["skipped"] == 4 and len(rows) >= 3
+    assert rows[-1]["step"] == 4 and rows[-1]["lr"] == 0.0  # the linear schedule reaches its end at the last step
+
+
+def test_resume_never_sets_an_earlier_runs_checkpoints_aside(colour_set, tmp_path):
+    """A new run (resume=never) in a stage folder holding a longer run's step_6 and step_8 wrote step_2, which pruning
+    by name deleted at once; a later resume=auto would then have resumed from the old run."""
+    from alignlm.pipeline import run
+    from alignlm.training import checkpoint as ckpt
+    from tests.conftest import compose, tiny_overrides
+
+    def go(*extra: str) -> None:
+        run(compose(*tiny_overrides(colour_set, tmp_path, "run=[pretrain]", "eval.sets=[]", *extra)))
+
+    stage = tmp_path / "t" / "pretrain"
+    go("stages.pretrain.max_steps=10", "stages.pretrain.save_every=2", "stages.pretrain.keep_last=2")
+    assert [p.name for p in ckpt.step_dirs(stage)] == ["step_000006", "step_000008"]
+    go("resume=never", "stages.pretrain.max_steps=6", "stages.pretrain.save_every=2", "stages.pretrain.keep_last=2")
+    assert [p.name for p in ckpt.step_dirs(stage)] == ["step_000002", "step_000004"]
+    (aside,) = stage.glob("checkpoints.before-*")
+    assert sorted(p.name for p in aside.iterdir()) == ["step_000006", "step_000008"]  # nothing deleted
+
+
+def test_pruning_keeps_the_checkpoint_just_written(tmp_path):
+    """After a resume past a damaged newer checkpoint, pruning by name kept the damaged one and deleted the new one."""
+    from alignlm.training import checkpoint as ckpt
+
+    for step in (10, 15, 20):
+        (tmp_path / "checkpoints" / f"step_{step:06d}").mkdir(parents=True)
+    ckpt.prune(tmp_path, 1, tmp_path / "checkpoints" / "step_000015")
+    assert [p.name for p in ckpt.step_dirs(tmp_path)] == ["step_000015"]
+    (tmp_path / "checkpoints" / "step_000020").mkdir()
+    ckpt.prune(tmp_path, 2, tmp_path / "checkpoints" / "step_000020")
+    assert [p.name for p in ckpt.step_dirs(tmp_path)] == ["step_000015", "step_000020"]

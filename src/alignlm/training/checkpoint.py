@@ -204,10 +204,12 @@ def step_dirs(stage_dir: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.name.startswith(STEP_PREFIX) and not p.name.endswith(".tmp"))
 
 
-def prune(stage_dir: Path, keep_last: int) -> None:
-    """Keep only the newest ``keep_last`` step checkpoints (0 keeps all)."""
+def prune(stage_dir: Path, keep_last: int, written: Path) -> None:
+    """Keep ``written`` (the checkpoint just saved) and the newest others up to ``keep_last`` in all (0 keeps all).
+    By name alone, a newer folder the run resumed past (damaged) would outlive the one just written."""
     if keep_last > 0:
-        for old in step_dirs(stage_dir)[:-keep_last]:
+        others = [d for d in step_dirs(stage_dir) if d.resolve() != written.resolve()]
+        for old in others[: max(0, len(others) - (keep_last - 1))]:
             shutil.rmtree(old)
 
 

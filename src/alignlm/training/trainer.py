@@ -267,10 +267,22 @@ class Trainer:
                 self.half_stored.append((linear, linear.weight.dtype))
                 linear.to(half)
 
+    def _set_aside_checkpoints(self) -> None:
+        """``resume=never`` in a stage folder that holds an earlier run's step checkpoints: they move to
+        ``checkpoints.before-<time>`` (nothing is deleted), so this run's checkpoints are the only ones a later
+        ``resume=auto`` finds and pruning never removes a new checkpoint in favour of an old run's."""
+        if self.acc.is_main_process:
+            aside = self.dir / f"checkpoints.before-{time.strftime('%Y%m%dT%H%M%S')}"
+            os.replace(self.dir / "checkpoints", aside)
+            self.log.warning("resume=never: the earlier run's step checkpoints moved to %s", aside)
+        self.acc.wait_for_everyone()
+
     def _maybe_resume(self) -> tuple[int, int]:
         """Resume from the newest step checkpoint that passes its integrity check (an older one when the newest is
         damaged, naming the file); a changed world size or global batch is refused unless ``resume_allow_changes``."""
         self.segment_seconds, self.nonfinite = 0.0, []
+        if self.cfg.resume == "never" and ckpt.step_dirs(self.dir):
+            self._set_aside_checkpoints()
         if self.cfg.resume == "never" or not ckpt.step_dirs(self.dir):
             return 0, 0
         problems = []
@@ -406,8 +418,9 @@ class Trainer:
     def step(self, micro: list[dict[str, Any]], step: int) -> StepLog | None:
         """One optimizer step over this rank's micro-batches; nothing here waits on the device.
 
-        A micro-batch whose samples were all skipped: one process skips the step (as the data say); with several,
-        the rank runs an empty batch instead, so every rank stays in step without asking the others.
+        A micro-batch whose samples were all skipped is replaced by an empty batch, so the step trains on the rest of
+        its data (normalised by their supervised tokens, as one big batch without them) and every rank stays in step
+        without asking the others; one process whose every micro-batch was bad skips the step, its schedule advancing.
         """
         acc, accum = self.acc, len(micro)
         skipped = sum(len(b["skipped"]) for b in micro)
@@ -418,8 +431,9 @@ class Trainer:
                 self.report.add(TRUNCATED, rid)
         kept = [b for b in micro if b.get("input_ids") is not None]
         if len(kept) < accum:
-            if acc.num_processes == 1:
-                self.log.warning("step %d skipped: a whole micro-batch was bad data (see the skipped count)", step)
+            if acc.num_processes == 1 and not kept:
+                self.log.warning("step %d skipped: all its samples were bad data (see the skipped count)", step)
+                self.scheduler.step()  # the schedule counts steps, taken or not, as the data order does
                 return StepLog(step, {}, None, {}, (0, 0, 0, skipped))
             kept = [b if b.get("input_ids") is not None else self.empty_batch() for b in micro]
         samples = sum(b["num_samples"] for b in kept)
@@ -836,7 +850,7 @@ class Trainer:
                 model_state,
                 started=self.engine is not None,
             )
-            ckpt.prune(self.dir, int(self.stage.get("keep_last", 2)))
+            ckpt.prune(self.dir, int(self.stage.get("keep_last", 2)), path)
         self.acc.wait_for_everyone()
 
     def save_final(self) -> Path:
