@@ -732,3 +732,22 @@ def test_pruning_keeps_the_checkpoint_just_written(tmp_path):
     (tmp_path / "checkpoints" / "step_000020").mkdir()
     ckpt.prune(tmp_path, 2, tmp_path / "checkpoints" / "step_000020")
     assert [p.name for p in ckpt.step_dirs(tmp_path)] == ["step_000015", "step_000020"]
+
+
+def test_a_skipped_fp16_step_still_updates_the_gradient_scaler():
+    """Under fp16 a non-finite step skipped optimizer.step(), so the scaler never updated: its next unscale_() raised
+    "unscale_() has already been called on this optimizer since the last update()" and the scale never backed off."""
+    import types
+
+    from alignlm.training.trainer import Trainer
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([weight], foreach=False)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    trainer = types.SimpleNamespace(optimizer=optimizer, acc=types.SimpleNamespace(scaler=scaler))
+    for _ in range(2):
+        scaler.scale((weight * float("inf")).sum()).backward()
+        scaler.unscale_(optimizer)  # what accelerate's unscale_gradients does before clipping
+        Trainer.optimizer_step(trainer, torch.tensor(False))
+        optimizer.zero_grad()
+    assert scaler.get_scale() == 2.0**14 and torch.equal(weight.detach(), torch.ones(3))  # backed off twice, untouched

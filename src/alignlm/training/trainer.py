@@ -494,7 +494,9 @@ class Trainer:
 
     def optimizer_step(self, finite: torch.Tensor) -> None:
         """Update unless the loss or the gradient is not finite. A fused optimizer skips the update on the device
-        (its ``found_inf``, as a gradient scaler uses it): no wait for the host; otherwise the host decides."""
+        (its ``found_inf``, as a gradient scaler uses it): no wait for the host; otherwise the host decides. A skipped
+        step under fp16 still updates the gradient scaler (backing off where the gradients overflowed): its gradients
+        were unscaled, and unscaling again before an update raises."""
         inner = getattr(self.optimizer, "optimizer", self.optimizer)
         if inner.defaults.get("fused") and self.acc.scaler is None:
             inner.found_inf = (~finite).float()  # 0-dim, like the step counters the fused kernel corrects with it
@@ -504,6 +506,8 @@ class Trainer:
                 del inner.found_inf
         elif bool(finite):
             self.optimizer.step()
+        elif self.acc.scaler is not None:
+            self.acc.scaler.update()
 
     def empty_batch(self) -> dict[str, Any]:
         """A one-token batch that supervises nothing and has no image: a rank's stand-in for a micro-batch of bad data."""
