@@ -24,6 +24,7 @@ from alignlm.export.hf_llava import is_llava_dir
 from alignlm.geometry.suite import ALL_METRICS
 from alignlm.models.generation import check_generation
 from alignlm.models.mllm import AlignLM
+from alignlm.objectives.base import check_min_batch
 from alignlm.training.optim import check_schedule
 from alignlm.training.sharding import STRATEGIES
 from alignlm.training.stages import MODES, check_parts
@@ -225,19 +226,14 @@ def _check_stage_choices(key: str, stage: DictConfig, parts: tuple[str, ...]) ->
 
 
 def _check_objective_batch(key: str, stage: DictConfig) -> None:
-    """An objective that relates a micro-batch's samples (its class's ``min_batch_size``) gets that many per device;
-    checked for every stage before the first trains (the trainer checks again when it builds the objectives)."""
+    """An objective that relates a micro-batch's samples gets its ``min_batch_size`` per device, known from its class
+    before anything is built."""
     for name, node in (stage.get("objectives") or {}).items():
         try:
             cls = get_class(str(node["_target_"])) if node and node.get("_target_") else None
         except (ImportError, ValueError, AttributeError):
             continue  # an unknown target is named when the stage builds it
-        need = int(getattr(cls, "min_batch_size", 1))
-        if stage.get("per_device_batch_size", 1) < need:
-            raise ConfigError(
-                f"{key}.objectives.{name} needs per_device_batch_size >= {need}: its loss relates the samples of a "
-                f"micro-batch, got {stage.per_device_batch_size}"
-            )
+        check_min_batch(cls, stage.get("per_device_batch_size", 1), f"{key}.objectives.{name}")
 
 
 def _check_init_from(cfg: DictConfig, stage: str, before: list[str]) -> None:

@@ -94,30 +94,22 @@ def check_eval_config(ecfg: dict[str, Any]) -> None:
         if key not in known:
             near = difflib.get_close_matches(key, sorted(known), n=1)
             raise SystemExit(f"eval has no knob {key!r}" + (f"; did you mean {near[0]!r}?" if near else ""))
-    for key in ("batch_size", "max_new_tokens", "caption_max_new_tokens", "limit"):
-        value = ecfg.get(key)
-        if (value is not None or key != "limit") and (
-            isinstance(value, bool) or not isinstance(value, int) or value < 1
-        ):
-            raise SystemExit(
-                f"eval {key}={value!r} must be a whole number >= 1" + (" (or null: all)" * (key == "limit"))
-            )
+    probe = ecfg["probe"]
+    counts = {k: ecfg.get(k) for k in ("batch_size", "max_new_tokens", "caption_max_new_tokens", "limit")}
+    counts |= {f"probe.{k}": probe.get(k) for k in ("n", "topk", "batch_size")}
+    for key, value in counts.items():  # limit and probe.n may be null: all
+        nullable = key in ("limit", "probe.n")
+        if (value is not None or not nullable) and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise SystemExit(f"eval {key}={value!r} must be a whole number >= 1" + (" (or null: all)" * nullable))
     if ecfg.get("template") is not None and ecfg["template"] not in TEMPLATES:
         raise SystemExit(f"eval template={ecfg['template']!r} is not known; choose one of {sorted(TEMPLATES)}")
     missing = [s["path"] for s in ecfg.get("sets") or [] if not Path(s["path"]).exists()]
     if missing:
         raise SystemExit(f"eval sets name files that do not exist: {missing}")
     check_generation(ecfg.get("generation"))
-    probe = ecfg["probe"]
-    for key in ("n", "topk", "batch_size"):
-        value = probe.get(key)
-        if (value is not None or key != "n") and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise SystemExit(
-                f"eval probe.{key}={value!r} must be a whole number >= 1" + (" (or null: all)" * (key == "n"))
-            )
     if probe.get("n") is not None and probe["n"] < probe["topk"] + 2:
         raise SystemExit(f"eval probe.n={probe['n']} must be at least probe.topk + 2 = {probe['topk'] + 2}")
-    unknown = [m for m in ecfg["probe"].get("metrics") or [] if m not in ALL_METRICS]
+    unknown = [m for m in probe.get("metrics") or [] if m not in ALL_METRICS]
     if unknown:
         raise SystemExit(f"eval probe.metrics has unknown metrics {unknown}; choose from {list(ALL_METRICS)}")
     if ecfg["device"] != "auto":

@@ -364,11 +364,18 @@ class TurnEnd:
     text: str  # plain text that ends a turn ("" when a control token does)
 
 
+def reply(template: Template, tokenizer: Any, answer: str) -> tuple[Rendered, list[int]]:
+    """A one-question exchange answered ``answer``, as ``template`` renders it, and the ids it supervises: the
+    answer as the template writes it after its prompt, then its end of turn."""
+    rendered = template.render(to_turns([{"from": "human", "value": "x"}, {"from": "gpt", "value": answer}]), tokenizer)
+    ids, labels = tokenize(rendered, tokenizer)
+    return rendered, ids[labels != IGNORE_INDEX].tolist()
+
+
 def turn_end(template: Template, tokenizer: Any) -> TurnEnd:
     """The end of an answer as ``template`` trains it: the supervised text after the answer's content."""
-    rendered = template.render(to_turns([{"from": "human", "value": "x"}, {"from": "gpt", "value": "y"}]), tokenizer)
-    ids, labels = tokenize(rendered, tokenizer)
-    last = int(ids[labels != IGNORE_INDEX][-1])
+    rendered, supervised = reply(template, tokenizer, "y")
+    last = supervised[-1]
     if last in special_ids(tokenizer):
         return TurnEnd((last,), "")
     answer_end = max(end for _, end, role in rendered.contents if role == "assistant")

@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
+from alignlm.config import ConfigError
+
 
 @dataclass
 class LossTerm(ModelOutput):
@@ -51,6 +53,18 @@ class Objective(nn.Module):
 
     def forward(self, batch: dict[str, Any], out: Any, model: nn.Module) -> LossTerm:  # pragma: no cover
         raise NotImplementedError
+
+
+def check_min_batch(objective: Any, per_device: Any, key: str) -> None:
+    """``objective`` (an Objective class or instance, or anything else: no demand) gets its ``min_batch_size`` of
+    samples per device; the config check calls this for every stage before the first trains, the trainer again
+    when it builds the objectives."""
+    need = int(getattr(objective, "min_batch_size", 1))
+    if int(per_device) < need:
+        raise ConfigError(
+            f"{key} needs per_device_batch_size >= {need}: its loss relates the samples of a micro-batch, "
+            f"got {per_device}"
+        )
 
 
 def check_batch(needs: dict[str, tuple[str, ...]], batch: dict[str, Any]) -> None:

@@ -45,7 +45,7 @@ from alignlm.data.report import DataReport
 from alignlm.models.build import build_model
 from alignlm.models.io import config_yaml
 from alignlm.models.mllm import AlignLM
-from alignlm.objectives.base import Objective, check_batch
+from alignlm.objectives.base import Objective, check_batch, check_min_batch
 from alignlm.training import checkpoint as ckpt
 from alignlm.training import sharding, zero
 from alignlm.training.feature_cache import attach_feature_cache
@@ -113,11 +113,7 @@ def build_objectives(stage: Mapping[str, Any]) -> dict[str, tuple[Objective, flo
         obj = instantiate(node, f"stage.objectives.{key}")
         if not isinstance(obj, Objective):
             raise TypeError(f"stage.objectives.{key} built a {type(obj).__name__}, not an alignlm Objective")
-        if int(stage.get("per_device_batch_size", 1)) < obj.min_batch_size:
-            raise ConfigError(
-                f"stage.objectives.{key} ({obj.name}) needs per_device_batch_size >= {obj.min_batch_size}: its loss "
-                f"relates the samples of a micro-batch, got {stage.get('per_device_batch_size')}"
-            )
+        check_min_batch(obj, stage.get("per_device_batch_size", 1), f"stage.objectives.{key}")
         objectives[key] = (obj, weight)
     if not objectives:
         raise ValueError("stage.objectives is empty; add at least objective lm")

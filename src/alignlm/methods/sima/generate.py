@@ -30,7 +30,7 @@ import torch
 from alignlm.constants import IGNORE_INDEX, IMAGE_TOKEN
 from alignlm.data.build import template_of
 from alignlm.data.records import read_records
-from alignlm.data.templates import to_turns, tokenize
+from alignlm.data.templates import reply
 from alignlm.models.device import default_device
 from alignlm.models.generation import generate_set, prompt_batches
 from alignlm.models.io import load_model
@@ -76,12 +76,7 @@ def answer_tokens(tokenizer: Any, data_cfg: Mapping[str, Any]) -> tuple[list[int
     end of turn they share: after vicuna_v1's ``ASSISTANT:`` a reply starts with a space (" A", which a tokenizer may
     split into " " and "A"); after a chat template's newline it does not. The bare "A" is the wrong token there."""
     template = template_of(data_cfg)
-    replies = []
-    for letter in "AB":
-        turns = to_turns([{"from": "human", "value": "x"}, {"from": "gpt", "value": letter}])
-        ids, labels = tokenize(template.render(turns, tokenizer), tokenizer)
-        replies.append(ids[labels != IGNORE_INDEX].tolist())
-    a, b = replies
+    a, b = (reply(template, tokenizer, letter)[1] for letter in "AB")
     while a and b and a[-1] == b[-1]:
         a, b = a[:-1], b[:-1]
     if not a or not b:
