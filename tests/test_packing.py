@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from alignlm.constants import IGNORE_INDEX
 from alignlm.data.build import build_dataset
 from alignlm.data.collate import Collator, pack_rows
-from alignlm.models.lm_loss import linear_cross_entropy
+from alignlm.models.lm_loss import linear_cross_entropy, linear_token_nll
 
 
 def collator(model, **kw) -> Collator:
@@ -126,6 +126,69 @@ def test_chunked_cross_entropy_equals_the_plain_one(softcap, train_head):
     wrt = [hidden, weight] if train_head else [hidden]
     for a, b in zip(torch.autograd.grad(2.5 * chunked, wrt), torch.autograd.grad(2.5 * plain, wrt)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+@pytest.mark.parametrize("train_head", [True, False])
+def test_chunked_per_token_cross_entropy_equals_the_plain_one_under_any_weighting(softcap, train_head):
+    """The per-position loss (preference objectives weigh each sample's tokens by their own factor): values and
+    gradients under non-uniform weights equal ``F.cross_entropy(..., reduction="none")``."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(37, 16, generator=g, requires_grad=True)
+    weight = (torch.randn(50, 16, generator=g) * 3).requires_grad_(train_head)
+    targets = torch.randint(0, 50, (37,), generator=g)
+    per_row = torch.randn(37, generator=g)
+    logits = hidden @ weight.T
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    plain = F.cross_entropy(logits, targets, reduction="none")
+    chunked = linear_token_nll(hidden, weight, targets, softcap=softcap, rows=8)  # five chunks, the last short
+    torch.testing.assert_close(chunked, plain, rtol=1e-6, atol=1e-5)
+    wrt = [hidden, weight] if train_head else [hidden]
+    for a, b in zip(
+        torch.autograd.grad((per_row * chunked).sum(), wrt), torch.autograd.grad((per_row * plain).sum(), wrt)
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_sample_log_probabilities_and_the_lm_loss_share_one_pass_of_the_head(tiny_model):
+    """A preference stage asks for each sample's log-probability: it and the LM loss come from one evaluation of the
+    head on the supervised positions (the loss computed it a second time, with its gradients ahead, even where the
+    stage trained no LM loss), equal to the plain log-softmax of the full logits."""
+    from tests.conftest import make_batch
+
+    model = tiny_model()
+    batch = make_batch(model, [1, 0, 2])
+    out = model(batch, return_logits=True, sample_logps=True)
+    logps = torch.log_softmax(out.logits[:, :-1].float(), -1)
+    shift = batch["labels"][:, 1:]
+    token = logps.gather(2, shift.clamp(min=0)[..., None]).squeeze(2) * (shift != IGNORE_INDEX)
+    torch.testing.assert_close(out.sample_logps, token.sum(1), rtol=1e-5, atol=1e-5)  # one sample per row here
+    torch.testing.assert_close(out.lm_loss_sum, -token.sum(), rtol=1e-5, atol=1e-5)
+    head = model.llm.get_output_embeddings()
+    calls = []
+    handle = head.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with torch.no_grad():
+            model(batch, sample_logps=True)
+    finally:
+        handle.remove()
+    assert not calls  # the chunked path reads the head's weight; it never runs the module on all positions
+    n = int((shift != IGNORE_INDEX).sum())
+    seen = []
+    original = torch.Tensor.__matmul__
+
+    def counting(a, b):
+        if b.shape[0] == head.weight.shape[1] and b.shape[1] == head.weight.shape[0]:
+            seen.append(a.shape[0])
+        return original(a, b)
+
+    torch.Tensor.__matmul__ = counting
+    try:
+        model(batch, sample_logps=True)
+    finally:
+        torch.Tensor.__matmul__ = original
+    assert sum(seen) == n  # every supervised position through the head once
 
 
 def test_chunked_cross_entropy_does_no_gradient_work_where_autograd_records_nothing():

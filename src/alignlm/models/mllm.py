@@ -34,7 +34,7 @@ from alignlm.data.collate import index_fields, sample_counts
 from alignlm.data.templates import TurnEnd
 from alignlm.models.connectors.base import Connector
 from alignlm.models.extras import InputPart
-from alignlm.models.lm_loss import linear_cross_entropy
+from alignlm.models.lm_loss import linear_cross_entropy, linear_token_nll
 from alignlm.models.vision import VisionTower
 
 # attention kernels that take each sample's run of tokens from cumulative lengths (cu_seq_lens), any number of rows
@@ -257,7 +257,14 @@ class AlignLM(nn.Module):
         # The vocabulary projection runs only where a label exists, chunk by chunk: on a 32k-150k vocabulary the
         # logits are otherwise a large share of the step and of its memory (models/lm_loss.py).
         supervised = hidden.flatten(0, 1).index_select(0, index["lm_positions"])
-        loss_sum = self.lm_loss_sum(supervised, index["lm_targets"])
+        logps = None
+        if sample_logps:  # one pass of the head per token serves both: each sample's log-probability and the LM loss
+            token_nll = self.token_nll(supervised, index["lm_targets"])
+            loss_sum = token_nll.sum()
+            owner = index["sample_ids"].flatten().index_select(0, index["lm_positions"])
+            logps = token_nll.new_zeros(int(index["num_samples"])).index_add(0, owner, -token_nll)
+        else:
+            loss_sum = self.lm_loss_sum(supervised, index["lm_targets"])
         local_items = torch.full((), index["lm_targets"].numel(), device=loss_sum.device)  # a fill: no host-device copy
         num_items = batch.get("num_items_in_batch")
         denom = torch.as_tensor(num_items if num_items is not None else local_items, device=loss_sum.device)
@@ -272,16 +279,8 @@ class AlignLM(nn.Module):
             aux_losses=ex["conn"].aux_losses,
             metrics=ex["conn"].metrics,
             hidden_states=out.hidden_states if output_hidden_states else None,
-            sample_logps=self.sample_logps(supervised, index) if sample_logps else None,
+            sample_logps=logps,
         )
-
-    def sample_logps(self, supervised: torch.Tensor, index: dict[str, Any]) -> torch.Tensor:
-        """Each sample's summed log-probability of its supervised tokens ``[num_samples]`` (preference objectives),
-        from the hidden states at the supervised positions; logits in fp32, only there."""
-        logps = torch.log_softmax(self.lm_logits(supervised).float(), dim=-1)
-        token = logps.gather(1, index["lm_targets"][:, None]).squeeze(1)
-        owner = index["sample_ids"].flatten().index_select(0, index["lm_positions"])
-        return token.new_zeros(int(index["num_samples"])).index_add(0, owner, token)
 
     def varlen_kwargs(self, batch: Batch) -> dict[str, Any]:
         """flash-attention's cumulative run lengths for this batch (transformers passes them to every layer's
@@ -313,6 +312,14 @@ class AlignLM(nn.Module):
             return F.cross_entropy(self.lm_logits(hidden).float(), targets, reduction="sum")
         cap = getattr(self.llm.config, "final_logit_softcapping", None)
         return linear_cross_entropy(hidden, head.weight, targets, softcap=cap)
+
+    def token_nll(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Each position's next-token cross-entropy ``[n]`` (float32), chunked as ``lm_loss_sum``."""
+        head = self.llm.get_output_embeddings()
+        if getattr(head, "bias", None) is not None:
+            return F.cross_entropy(self.lm_logits(hidden).float(), targets, reduction="none")
+        cap = getattr(self.llm.config, "final_logit_softcapping", None)
+        return linear_token_nll(hidden, head.weight, targets, softcap=cap)
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The LLM's output head, including the logit soft-capping some models (Gemma-2) apply."""
