@@ -430,6 +430,54 @@ def test_resuming_with_another_global_batch_is_refused_unless_allowed(colour_set
     run(compose(*base, "stages.pretrain.per_device_batch_size=8", "resume_allow_changes=true"))
 
 
+def test_a_changed_learning_rate_on_resume_is_refused_or_applied_never_ignored(colour_set, tmp_path):
+    """Loading the optimizer's and schedule's state restored the checkpoint's learning rates, decay and betas whatever
+    this run's config said (lowered after a loss spike, the rate stayed the old one, the logged lr too): a changed
+    stage setting is now named and refused, and with resume_allow_changes=true this run's rate applies from the
+    resumed step, on this run's schedule."""
+    base = [*tiny_overrides(colour_set, tmp_path), "run=[pretrain]", "eval.sets=[]", "stages.pretrain.max_steps=6"]
+    base += ["stages.pretrain.warmup_ratio=0", "stages.pretrain.scheduler=constant"]
+    with pytest.raises(StopTraining):
+        run(compose(*base, "stop_after_steps=3"))
+    lower = "stages.pretrain.lr.connector=1e-4"
+    with pytest.raises(
+        ValueError, match=r"stages\.pretrain\.lr\.connector=0\.001, this run has .*=0\.0001.*resume_allow_changes"
+    ):
+        run(compose(*base, lower))
+    with pytest.raises(ValueError, match=r"seed=0, this run has seed=1"):
+        run(compose(*base, "seed=1"))
+    run(compose(*base, lower, "resume_allow_changes=true", "stages.pretrain.save_every=100", "logging.every=1"))
+    rows = [json.loads(r) for r in (tmp_path / "t" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows] == pytest.approx([1e-3] * 3 + [1e-4] * 3)
+
+
+def test_a_checkpoint_of_another_model_is_refused_as_such_not_passed_over_as_damaged(colour_set, tmp_path):
+    """A checkpoint whose tensors do not fit (LoRA rank, parts, connector changed) is whole: it is refused before
+    loading, naming the tensors, instead of every checkpoint being reported as damaged with advice to delete them."""
+    base = [*tiny_overrides(colour_set, tmp_path), "run=[pretrain]", "eval.sets=[]", "stages.pretrain.max_steps=4"]
+    with pytest.raises(StopTraining):
+        run(compose(*base, "stop_after_steps=2"))
+    with pytest.raises(
+        ValueError, match=r"does not fit this run's model: \d+ missing from the checkpoint \(llm\."
+    ) as e:
+        run(compose(*base, "stages.pretrain.parts.llm=full"))
+    assert "could not be loaded" not in str(e.value) and "delete them" not in str(e.value)
+    run(compose(*base, "stages.pretrain.save_every=1", "stages.pretrain.keep_last=1"))  # the free keys resume
+
+
+def test_a_rerun_after_a_stop_in_a_later_stage_keeps_the_finished_stages_figures(colour_set, tmp_path):
+    """The cluster's requeue path: stopped in finetune, rerun; pretrain is skipped as finished and its figures, now
+    kept beside its final/, are in the run's summary.json (the run's file was written only at the end of a whole run,
+    so the rerun's summary had finetune alone)."""
+    base = [*tiny_overrides(colour_set, tmp_path), "eval.sets=[]", "stages.pretrain.max_steps=2"]
+    base += ["stages.finetune.max_steps=4", "stages.finetune.save_every=1"]
+    with pytest.raises(StopTraining):
+        run(compose(*base, "stop_after_steps=3"))
+    summary = run(compose(*base))
+    assert list(summary["stages"]) == ["pretrain", "finetune"] and summary["stages"]["pretrain"]["steps"] == 2
+    assert json.loads((tmp_path / "t" / "summary.json").read_text())["stages"] == summary["stages"]
+
+
 # ---- bad records --------------------------------------------------------------------------------------------------------
 
 
@@ -751,3 +799,65 @@ def test_a_skipped_fp16_step_still_updates_the_gradient_scaler():
         Trainer.optimizer_step(trainer, torch.tensor(False))
         optimizer.zero_grad()
     assert scaler.get_scale() == 2.0**14 and torch.equal(weight.detach(), torch.ones(3))  # backed off twice, untouched
+
+
+# ---- weights that do not fit the model, and a metrics row cut short ---------------------------------------------------
+
+
+def test_weights_of_another_shape_or_kind_or_not_finite_are_refused_naming_them(final_dir, tiny_model):
+    """``copy_`` broadcast a checkpoint's tensor over the model's: a [32] row filled every row of a [64, 32] weight, a
+    1-expert MoE connector loaded as 4 identical experts, integers and booleans became weights, and inf passed."""
+    from alignlm.models.io import load_part_state, part_state
+
+    weights = final_dir / "model.safetensors"
+    with safe_open(str(weights), "pt") as f:
+        metadata = f.metadata()
+    state = load_file(str(weights))
+    name = "connector.proj.0.weight"
+    rows, cols = state[name].shape
+    inf = state[name].clone()
+    inf[0, 0] = float("inf")
+    where = f"weight {re.escape(name)} of {re.escape(str(weights))}"
+    for value, match in (
+        (torch.randn(cols), rf"{where} has shape \[{cols}\] where the model's is \[{rows}, {cols}\] \(was it built"),
+        (torch.ones(1, cols), rf"{where} has shape \[1, {cols}\] where the model's is \[{rows}, {cols}\]"),
+        (torch.ones(rows, cols, dtype=torch.int64), f"{where} is torch.int64 where the model's is torch.float32"),
+        (torch.ones(rows, cols, dtype=torch.bool), f"{where} is torch.bool where the model's is torch.float32"),
+        (inf, rf"checkpoint weights hold inf: \['{re.escape(name)}'\] \(1 tensors of {re.escape(str(weights))}\)"),
+    ):
+        save_file({**state, name: value}, str(weights), metadata=metadata)
+        with pytest.raises(ValueError, match=match):
+            load_model(final_dir)
+    one, four = (
+        tiny_model("model/connector=moe", f"model.connector.num_experts={n}", "model.connector.top_k=1") for n in (1, 4)
+    )
+    router = four.connector.router.weight.clone()
+    with pytest.raises(ValueError, match=r"weight connector\.\w+ of the checkpoint has shape \[1, .*model's is \[4, "):
+        load_part_state(four, part_state(one, ["connector"]), ["connector"])
+    assert torch.equal(four.connector.router.weight, router)  # nothing was loaded
+
+
+def test_a_metrics_row_cut_short_is_left_out_on_resume_with_a_warning(tmp_path, caplog, monkeypatch):
+    """A node lost mid-write leaves the last row of metrics.jsonl cut short: the resumed run failed at start with a
+    JSONDecodeError naming no file. The cut row is left out, named in a warning; a bad row elsewhere is an error."""
+    import logging
+
+    from alignlm.training.logging import MetricsLogger
+
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": step, "loss/total": 1.0 / step} for step in (1, 2, 3)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows) + '{"step": 4, "loss/to')
+    monkeypatch.setattr(logging.getLogger("alignlm"), "propagate", True)  # a trainer's logger keeps to its own handler
+    with caplog.at_level("WARNING", logger="alignlm"):
+        metrics = MetricsLogger(path, None, "t", {}, enabled=True, start_step=2)  # resumed from step 2's checkpoint
+    metrics.log({"loss/total": 0.25}, step=3)
+    metrics.close()
+    assert f"{path}:4: the last row was cut short" in caplog.text
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [*rows[:2], {"step": 3, "loss/total": 0.25}]
+
+    from alignlm.training.logging import read_rows
+
+    path.write_text('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n')
+    with pytest.raises(ValueError, match=f"{re.escape(str(path))}:2: not a JSON object"):
+        read_rows(path)
+    assert read_rows(tmp_path / "none.jsonl") == []

@@ -36,6 +36,7 @@ from alignlm.training.zero import check_settings as check_zero_settings
 from alignlm.training.zero import launcher_env as zero_launcher_env
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")
+STAGE_SUMMARY = "summary.json"  # a stage's figures in its own folder; the run's summary.json gathers them
 
 
 def _on(var: str) -> bool:
@@ -166,14 +167,14 @@ def _run(cfg: DictConfig, acc: Accelerator) -> dict[str, Any]:
     acc.wait_for_everyone()
     run_dir = Path(cfg.output_dir) / cfg.run_name
     summary: dict[str, Any] = {"run": str(run_dir), "stages": {}, "eval": {}}
-    earlier = _earlier_stage_summaries(run_dir)
     final = None
     for name in cfg.run:
         final = run_dir / name / "final"
+        stage_file = run_dir / name / STAGE_SUMMARY
         if stage_done(cfg, name):
             log.info("stage %s already finished at %s; skipping (resume=never retrains)", name, final)
-            if name in earlier:
-                summary["stages"][name] = earlier[name]
+            if stage_file.exists():
+                summary["stages"][name] = json.loads(stage_file.read_text())
             continue
         result: StageResult = Trainer(cfg, name, acc).fit()
         log.info("\n%s", summarize(result))
@@ -192,6 +193,8 @@ def _run(cfg: DictConfig, acc: Accelerator) -> dict[str, Any]:
             "nonfinite_steps": result.nonfinite_steps,
             "world_size": result.world_size,
         }
+        if acc.is_main_process:  # beside final/ as soon as the stage ends: a later stage's stop and rerun keeps it
+            stage_file.write_text(json.dumps(json_values(summary["stages"][name]), indent=2, allow_nan=False))
     if cfg.eval.sets and final is not None and acc.is_main_process:
         with warn_only():  # the weights are saved: an op without a deterministic kernel (top-p) must not stop it now
             summary["eval"] = evaluate_final(cfg, final, acc.device)
@@ -201,12 +204,6 @@ def _run(cfg: DictConfig, acc: Accelerator) -> dict[str, Any]:
         log.info("\n%s", pipeline_table(summary))
     acc.wait_for_everyone()
     return summary
-
-
-def _earlier_stage_summaries(run_dir: Path) -> dict[str, Any]:
-    """Stage figures of an earlier run of this pipeline, so that a rerun which skips finished stages keeps them."""
-    path = run_dir / "summary.json"
-    return json.loads(path.read_text())["stages"] if path.exists() else {}
 
 
 def evaluate_final(cfg: DictConfig, final: Path, device: torch.device) -> dict[str, Any]:

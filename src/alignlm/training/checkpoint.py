@@ -182,6 +182,74 @@ def load_training_state(
     return json.loads((ckpt_dir / "trainer_state.json").read_text())
 
 
+# Stage keys a resumed run may change without changing what it computes: when and how checkpoints are kept, how the
+# same numbers are computed (recomputation, compilation, one fused kernel, cached tower features), data loading.
+# Every other key of the stage (learning rates, schedule, data, objectives, ...), the seed and the precision make the
+# trajectory and are compared (``recipe``); the step count is compared as the stage's total, not as epochs/max_steps,
+# and the batch as the global batch (with the world size), not as its split into micro-batches.
+FREE_ON_RESUME = (
+    "save_every",
+    "keep_last",
+    "gradient_checkpointing",
+    "compile",
+    "fused_optimizer",
+    "init_from",
+    "prepare",
+    "epochs",
+    "max_steps",
+    "per_device_batch_size",
+    "grad_accum",
+    "data.num_workers",
+    "data.feature_cache",
+    "data.on_error",
+    "data.min_usable_fraction",
+)
+
+
+def flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config as ``{dotted.key: leaf}`` (lists are leaves: a list of data sources changes as a whole)."""
+    if not isinstance(tree, Mapping):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        out.update(flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def recipe(stage: Mapping[str, Any], name: str, total_steps: int, seed: int, precision: str) -> dict[str, Any]:
+    """What makes a stage's trajectory besides the world size and global batch, by config key: written into each
+    step checkpoint and compared on resume (the optimizer's and schedule's loaded state would otherwise keep the
+    checkpoint's learning rates and decay whatever this run's config says, without a word)."""
+    keys = {f"stages.{name}.{k}": v for k, v in flat(stage).items() if not any(_under(k, f) for f in FREE_ON_RESUME)}
+    return keys | {f"stages.{name} total steps": total_steps, "seed": seed, "mixed_precision": precision}
+
+
+def _under(key: str, prefix: str) -> bool:
+    return key == prefix or key.startswith(prefix + ".")
+
+
+def layout(model: nn.Module, objectives: nn.Module | None) -> dict[str, list[int]]:
+    """Every trained tensor's name and shape (and the objectives' state): what a checkpoint must hold to load here
+    (under ZeRO-3 a parameter's own shape is its partition's; ``ds_shape`` is the whole one)."""
+    out = {n: list(getattr(p, "ds_shape", p.shape)) for n, p in model.named_parameters() if p.requires_grad}
+    if objectives is not None:
+        out |= {f"objectives.{k}": list(getattr(v, "ds_shape", v.shape)) for k, v in objectives.state_dict().items()}
+    return out
+
+
+def layout_difference(theirs: Mapping[str, list[int]], ours: Mapping[str, list[int]]) -> str | None:
+    """What differs between a checkpoint's layout and this run's, the first few of each kind, or None."""
+    parts = []
+    for what, names in (
+        ("missing from the checkpoint", [n for n in ours if n not in theirs]),
+        ("not trained by this run", [n for n in theirs if n not in ours]),
+        ("of another shape", [f"{n} {theirs[n]} -> {ours[n]}" for n in ours if n in theirs and theirs[n] != ours[n]]),
+    ):
+        if names:
+            parts.append(f"{len(names)} {what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
+    return "; ".join(parts) or None
+
+
 def rng_state() -> dict[str, Any]:
     """Torch CPU and CUDA generator states (data order is seeded separately, by step)."""
     out: dict[str, Any] = {"cpu": torch.get_rng_state()}

@@ -48,6 +48,10 @@ class AlignmentMonitor:
         self.last: float | None = None
         self.tower_features: torch.Tensor | None = None
 
+    def start(self) -> None:
+        """``time_share``'s clock starts with this process's training loop: a resumed run's first measurement has one."""
+        self.last = time.perf_counter()
+
     @torch.no_grad()
     def frozen_tower_features(self, model: Any) -> torch.Tensor | None:
         """The tower's features of the probe images, computed once while the tower is frozen (most of the cost)."""
