@@ -98,6 +98,8 @@ def test_monitor_logs_at_configured_steps(tiny_run):
         ):
             assert key in first and math.isfinite(first[key])
         assert 0.0 < logged[-1]["monitor/time_share"] < 1.0
+        # its clock starts with the loop: the first measurement of a process (of a resumed run too) has its share
+        assert all("monitor/time_share" in r for r in logged)
         assert "loss/total" in first
 
 
@@ -219,6 +221,82 @@ def test_plot_runs_side_by_side(tiny_run, tmp_path):
 
     chained = read_monitor(tiny_run)["pooled/modality_gap"]
     assert [s for s, _ in chained] == [1, 2, 4, 5, 6, 8]  # finetune continues after pretrain's 4 steps
+
+
+def test_runs_and_checkpoints_of_the_same_name_keep_a_label_each(tmp_path, monkeypatch):
+    """Two runs both called ``raw`` (``outputs/s1/raw``, ``outputs/s2/raw``) were two table rows labelled alike, one
+    gap-shift line and one zig-zag per-layer line; ``plot-runs a/finetune b/finetune`` drew one line, dropping ``a``."""
+    from alignlm.evaluation import plots
+    from alignlm.evaluation.checkpoints import resolve
+
+    finals = [tmp_path / s / "raw" / "finetune" / "final" for s in ("s1", "s2")]
+    for final in finals:
+        final.mkdir(parents=True)
+        (final / "model.safetensors").write_bytes(b"")
+        (final / "config.yaml").write_text("{}\n")
+    assert [c.label for c in resolve(list(map(str, finals)))] == ["s1/raw/finetune/final", "s2/raw/finetune/final"]
+    with pytest.raises(ValueError, match=r"name the checkpoint .*s1/raw/finetune/final more than once"):
+        resolve([str(finals[0]), str(finals[0].parent)])  # the stage folder holds the same final/
+
+    drawn = {}
+    monkeypatch.setattr(plots, "plot_panels", lambda panels, path, xlabel: drawn.update(panels))
+    for name, gap in (("a", 1.5), ("b", 0.5)):
+        (tmp_path / name / "finetune").mkdir(parents=True)
+        (tmp_path / name / "finetune" / "metrics.jsonl").write_text(
+            json.dumps({"step": 1, "monitor/pooled/modality_gap": gap}) + "\n"
+        )
+    main(
+        [
+            "plot-runs",
+            str(tmp_path / "a" / "finetune"),
+            str(tmp_path / "b" / "finetune"),
+            "--out",
+            str(tmp_path / "x.png"),
+        ]
+    )
+    assert drawn == {"pooled/modality_gap": {"a/finetune": [(1, 1.5)], "b/finetune": [(1, 0.5)]}}
+
+
+def test_metrics_plot_draws_the_measured_numbers_not_the_tables_text(tmp_path, monkeypatch):
+    """The table rounds (4 decimals, percentages to 1); metrics.png drew those strings, so a change below 1e-4 was
+    flat and 12.345 % was 12.3."""
+    from alignlm.evaluation import plots
+
+    drawn = {}
+    monkeypatch.setattr(plots, "plot_series", lambda series, xlabels, path, xlabel="": drawn.update(series))
+    results = [
+        {
+            "label": label,
+            "sets": {"colours": {"kind": "qa", "accuracy": acc, "n": 4, "examples": []}},
+            "probe": {"n": 3, "pooled": {"modality_gap": gap}},
+        }
+        for label, acc, gap in (("a", 0.12345, 0.50001), ("b", 0.5, 0.50004))
+    ]
+    files = write_report(results, [{}, {}], {}, tmp_path)
+    assert drawn == {"colours acc %": [12.345, 50.0], "modality_gap": [0.50001, 0.50004]}
+    assert "| a | 12.3 | 0.5000 |" in files["md"].read_text()
+
+
+def test_a_step_checkpoint_unlike_its_manifest_or_lacking_a_trained_weight_is_refused(tiny_run, tmp_path):
+    """A truncated ``trainable.safetensors`` was evaluated with the initial weights standing in for what it lost."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from alignlm.evaluation.checkpoints import load, resolve
+    from alignlm.training.checkpoint import write_manifest
+
+    shutil.copytree(tiny_run, tmp_path / "t")
+    step = tmp_path / "t" / "finetune" / "checkpoints" / "step_000002"
+    state = load_file(str(step / "trainable.safetensors"))
+    lost = sorted(state)[0]
+    save_file({k: v for k, v in state.items() if k != lost}, str(step / "trainable.safetensors"))
+    with pytest.raises(ValueError, match=rf"step checkpoint {step} cannot be evaluated: .* \(truncated\?\)"):
+        load(resolve([str(step)])[0])
+    (step / "manifest.json").unlink()
+    write_manifest(step)  # the manifest agrees now: the weight is still missing
+    with pytest.raises(ValueError, match=rf"step checkpoint {step} lacks the weights of 1 parameters .*{lost}"):
+        load(resolve([str(step)])[0])
 
 
 def test_a_layer_or_a_metric_the_run_lacks_is_named(tiny_run, colour_set, tmp_path):
@@ -356,6 +434,26 @@ def test_lmms_task_reads_a_jsonl_set_as_eval_does(colour_set, tmp_path):
     questions.write_text("".join(json.dumps(r) + "\n" for r in records))
     with pytest.raises(ValueError, match=f"record '{records[1]['id']}': answer is an empty list"):
         main(["lmms-task", str(questions), str(tmp_path / "tasks"), "--name", "jl"])
+
+
+def test_lmms_task_shows_one_image_per_question_and_names_a_record_without_id(colour_set, tmp_path):
+    """A two-image record was written with its first image and both ``<image>`` markers gone; ``image: []`` raised
+    IndexError and a record without ``id`` KeyError."""
+    import shutil
+
+    shutil.copytree(colour_set["test"].parent / "images", tmp_path / "images")
+    record = json.loads(colour_set["test"].read_text())[0]
+    questions = tmp_path / "set.json"
+    for images, count in (([record["image"], record["image"]], 2), ([], 0)):
+        questions.write_text(json.dumps([{**record, "image": images}]))
+        with pytest.raises(
+            ValueError, match=rf"record '{record['id']}' has {count} images; an lmms-eval task shows one"
+        ):
+            main(["lmms-task", str(questions), str(tmp_path / "tasks")])
+    questions.write_text(json.dumps([{k: v for k, v in record.items() if k != "id"}]))
+    assert main(["lmms-task", str(questions), str(tmp_path / "tasks"), "--name", "t"]) == 0
+    row = json.loads((tmp_path / "tasks" / "t" / "t.jsonl").read_text())
+    assert row["question_id"] == f"{questions}#0"  # as alignlm eval names it
 
 
 def _answer_accuracy_of(monkeypatch, preds):

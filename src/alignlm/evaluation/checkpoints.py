@@ -11,7 +11,9 @@ A path may be
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ from safetensors.torch import load_file
 
 from alignlm.models.build import build_model
 from alignlm.models.io import load_checkpoint_config, load_model, load_part_state, safe_model_config
-from alignlm.training.checkpoint import load_init, resolve_init, step_dirs
+from alignlm.training.checkpoint import load_init, resolve_init, step_dirs, verify
 from alignlm.training.stages import apply_stage, merge_lora
 
 
@@ -33,10 +35,12 @@ class Checkpoint:
     run: str
     stage: str
     step: int | None  # the training step; for final/, the stage's last logged step (None when it logged none)
+    above: str = ""  # folders above the run that tell it from another evaluated run of the same name
 
     @property
     def label(self) -> str:
-        return f"{self.run}/{self.stage}/{'final' if self.kind == 'final' else self.path.name}"
+        name = f"{self.run}/{self.stage}/{'final' if self.kind == 'final' else self.path.name}"
+        return f"{self.above}/{name}" if self.above else name
 
     @property
     def stage_dir(self) -> Path:
@@ -70,8 +74,28 @@ def _one(p: Path) -> Checkpoint:
     return Checkpoint(p, "step", stage_dir.parent.name, str(state.get("stage", stage_dir.name)), int(state["step"]))
 
 
+def unique_labels(labels: Sequence[str], folders: Sequence[Path]) -> list[str]:
+    """Each label, where another one is the same, prefixed with the fewest names of the folders above it (``folders``:
+    the folder each label sits in) that tell them apart: ``s1/raw/finetune/final`` and ``s2/raw/finetune/final`` are
+    two rows and two lines of a report, where ``raw/finetune/final`` twice was one."""
+    parents = [Path(os.path.abspath(f)).parts for f in folders]
+
+    def at(i: int, depth: int) -> str:
+        return "/".join([*parents[i][len(parents[i]) - depth :], labels[i]])
+
+    out = []
+    for i, label in enumerate(labels):
+        same = [j for j, other in enumerate(labels) if other == label and j != i]
+        depth = 0
+        while depth < len(parents[i]) and any(at(j, depth) == at(i, depth) for j in same):
+            depth += 1
+        out.append(at(i, depth))
+    return out
+
+
 def resolve(paths: list[str]) -> list[Checkpoint]:
-    """Expand the paths given on the command line into checkpoints, in the order given."""
+    """Expand the paths given on the command line into checkpoints, in the order given; each named once, with a label
+    of its own (:func:`unique_labels` over the folders that hold the runs)."""
     out: list[Checkpoint] = []
     for raw in paths:
         p = Path(raw)
@@ -91,7 +115,12 @@ def resolve(paths: list[str]) -> list[Checkpoint]:
                 key=lambda f: (order.index(f.parent.name) if f.parent.name in order else len(order), f.parent.name)
             )
             out += [_one(f) for f in finals]
-    return out
+    where = [Path(os.path.abspath(c.path)) for c in out]
+    twice = sorted({str(w) for w in where if where.count(w) > 1})
+    if twice:
+        raise ValueError(f"{paths} name the checkpoint {twice[0]} more than once; evaluate each checkpoint once")
+    labels = unique_labels([c.label for c in out], [c.stage_dir.parent.parent for c in out])
+    return [replace(c, above=label.removesuffix(c.label).rstrip("/")) for c, label in zip(out, labels)]
 
 
 def stage_config(ck: Checkpoint) -> DictConfig:
@@ -112,6 +141,9 @@ def load(ck: Checkpoint, allow_code: bool = False, trust_remote_code: bool = Fal
     """Rebuild the model of a checkpoint, in eval mode on the CPU; its config is data (``models/io.py``)."""
     if ck.kind == "final":
         return load_model(ck.path, allow_code, trust_remote_code)
+    problem = verify(ck.path)
+    if problem:
+        raise ValueError(f"step checkpoint {ck.path} cannot be evaluated: {problem}")
     cfg = stage_config(ck)
     stage = cfg.stages[ck.stage]
     model = build_model(safe_model_config(cfg.model, allow_code, trust_remote_code))
@@ -119,7 +151,15 @@ def load(ck: Checkpoint, allow_code: bool = False, trust_remote_code: bool = Fal
     if init:
         load_init(model, init)
     apply_stage(model, stage.parts, stage.get("lora"))
-    load_part_state(model, load_file(str(ck.path / "trainable.safetensors")), [])
+    state = load_file(str(ck.path / "trainable.safetensors"))
+    held = {p.data_ptr() for k, p in model.state_dict().items() if k in state}  # a tied weight arrives with its twin
+    untrained = [k for k, p in model.named_parameters() if p.requires_grad and p.data_ptr() not in held]
+    if untrained:
+        raise ValueError(
+            f"step checkpoint {ck.path} lacks the weights of {len(untrained)} parameters its stage "
+            f"{ck.stage!r} trains ({untrained[:5]}); evaluating it would use their initial values"
+        )
+    load_part_state(model, state, [])
     merge_lora(model)
     model.requires_grad_(False)
     model.eval()

@@ -23,7 +23,7 @@ from typing import Any
 from transformers import LlavaForConditionalGeneration
 
 from alignlm.constants import IMAGE_TOKEN
-from alignlm.data.records import image_paths, read_records
+from alignlm.data.records import image_paths, read_records, record_id
 from alignlm.data.templates import to_turns
 from alignlm.evaluation.answers import reference_answers
 
@@ -63,7 +63,9 @@ def question_of(record: dict[str, Any]) -> str:
 def write_local_task(questions: Path, out_dir: Path, name: str, max_new_tokens: int = 16) -> Path:
     """Write ``out_dir/name/`` (task YAML, ``utils.py``, ``name.jsonl`` with absolute image paths); returns it.
 
-    Each record's first human turn, without its ``<image>`` placeholder, is the question; ``answer`` the reference
+    Each record's one image is the task's; a record with none or several is refused (the task shows one image per
+    question), and a record without ``id`` is ``<file>#<index>``, as ``alignlm eval`` names it. Each record's first
+    human turn, without its ``<image>`` placeholder, is the question; ``answer`` the reference
     (numbers written as text, so that every row has the same type) and ``meta.choices`` the choices, scored as
     ``alignlm eval`` scores them (normalised exact match, VQA accuracy for a list of answers, the picked letter on a
     question answered by letter). The set is read as ``alignlm eval`` reads it, ``.json`` or ``.jsonl``.
@@ -73,16 +75,20 @@ def write_local_task(questions: Path, out_dir: Path, name: str, max_new_tokens: 
     task.mkdir(parents=True, exist_ok=True)
     root = Path(questions).resolve().parent
     with open(task / f"{name}.jsonl", "w") as f:
-        for r in records:
+        for i, r in enumerate(records):
+            rid = record_id(r, questions, i)
             if "answer" not in r or "image" not in r:
-                raise ValueError(f"{questions}: record {r.get('id')!r} needs 'image' and 'answer' to be a question")
+                raise ValueError(f"{questions}: record {rid!r} needs 'image' and 'answer' to be a question")
+            paths = image_paths(r, root)
+            if len(paths) != 1:
+                raise ValueError(f"{questions}: record {rid!r} has {len(paths)} images; an lmms-eval task shows one")
             try:
                 refs = reference_answers(r["answer"])
             except ValueError as e:
-                raise ValueError(f"{questions}: record {r.get('id')!r}: {e}") from e
+                raise ValueError(f"{questions}: record {rid!r}: {e}") from e
             row = {
-                "question_id": r["id"],
-                "image": str(image_paths(r, root)[0]),
+                "question_id": rid,
+                "image": str(paths[0]),
                 "question": question_of(r),
                 "answer": refs if isinstance(r["answer"], list) else refs[0],
                 "choices": [str(c) for c in (r.get("meta") or {}).get("choices") or []],

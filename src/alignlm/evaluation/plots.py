@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+from alignlm.evaluation.checkpoints import unique_labels  # noqa: E402
 from alignlm.models.io import load_checkpoint_config  # noqa: E402
 
 COLOURS = {"image": "tab:blue", "text": "tab:red"}
@@ -169,8 +171,11 @@ def _stage_dirs(run: Path) -> list[Path]:
 
 
 def plot_runs(runs: Sequence[Path], path: Path, metrics: Sequence[str] | None = None) -> Path:
-    """The monitor's curves of several runs side by side: one panel per metric, one line per run."""
-    data = {str(r): read_monitor(Path(r)) for r in runs}
+    """The monitor's curves of several runs side by side: one panel per metric, one line per run, named by its folder
+    (with as many folders above it as tell apart two runs of the same name)."""
+    folders = [Path(os.path.abspath(r)) for r in runs]
+    labels = unique_labels([f.name for f in folders], [f.parent for f in folders])
+    data = {label: read_monitor(f) for label, f in zip(labels, folders)}
     names = sorted(set().union(*(d.keys() for d in data.values())))
     if metrics:
         names = [n for n in names if n in metrics or n.split("/")[-1] in metrics]
@@ -181,7 +186,5 @@ def plot_runs(runs: Sequence[Path], path: Path, metrics: Sequence[str] | None = 
             if found
             else f"no monitor/* metrics in {list(map(str, runs))}: train with monitor.every > 0 and monitor.probe set"
         )
-    panels = {
-        name: {Path(run).name or run: series[name] for run, series in data.items() if name in series} for name in names
-    }
+    panels = {name: {run: series[name] for run, series in data.items() if name in series} for name in names}
     return plot_panels(panels, path, "step (stages chained)")

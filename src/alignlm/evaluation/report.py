@@ -11,7 +11,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ HEADLINE = (
     "per_token/a_score_visual_to_text",
 )
 DIGITS = 6
+Column = tuple[str, Callable[[dict[str, Any]], float | None], int]  # header, the value, its decimals in the table
 
 
 def rounded(x: Any) -> Any:
@@ -177,24 +178,29 @@ def write_report(
     return files
 
 
-def table_columns(results: list[dict[str, Any]]) -> list[tuple[str, Any]]:
-    """``(header, getter)`` for every set score and headline probe metric any checkpoint has."""
-    cols: list[tuple[str, Any]] = []
+def table_columns(results: list[dict[str, Any]]) -> list[Column]:
+    """``(header, value, decimals)`` for every set score and headline probe metric any checkpoint has: the table
+    writes each value with its decimals, the plots draw the value itself (percentages as percent)."""
+    cols: list[Column] = []
     names = sorted({(n, r["kind"]) for res in results for n, r in res["sets"].items()})
     for name, kind in names:
         if kind == "qa":
-            cols.append((f"{name} acc %", lambda res, n=name: _pct(res["sets"].get(n, {}).get("accuracy"))))
+            cols.append((f"{name} acc %", lambda res, n=name: _percent(res["sets"].get(n, {}).get("accuracy")), 1))
             if any("choice_accuracy" in res["sets"].get(name, {}) for res in results):
                 cols.append(
-                    (f"{name} names-choice %", lambda res, n=name: _pct(res["sets"].get(n, {}).get("choice_accuracy")))
+                    (
+                        f"{name} names-choice %",
+                        lambda res, n=name: _percent(res["sets"].get(n, {}).get("choice_accuracy")),
+                        1,
+                    )
                 )
         else:
-            cols.append((f"{name} BLEU-4", lambda res, n=name: _num(res["sets"].get(n, {}).get("bleu4"))))
-            cols.append((f"{name} CIDEr", lambda res, n=name: _num(res["sets"].get(n, {}).get("cider"))))
+            cols.append((f"{name} BLEU-4", lambda res, n=name: res["sets"].get(n, {}).get("bleu4"), 4))
+            cols.append((f"{name} CIDEr", lambda res, n=name: res["sets"].get(n, {}).get("cider"), 4))
     flats = [flat(res.get("probe", {})) for res in results]
     for key in HEADLINE:
         if any(key in f for f in flats):
-            cols.append((key.split("/", 1)[1], lambda res, k=key: _num(flat(res.get("probe", {})).get(k))))
+            cols.append((key.split("/", 1)[1], lambda res, k=key: flat(res.get("probe", {})).get(k), 4))
     return cols
 
 
@@ -204,10 +210,10 @@ def markdown(results: list[dict[str, Any]], paired_rows: Sequence[Mapping[str, A
     lines = [
         "# alignlm evaluation",
         "",
-        "| checkpoint | " + " | ".join(h for h, _ in cols) + " |",
+        "| checkpoint | " + " | ".join(h for h, _, _ in cols) + " |",
         "|---|" + "---:|" * len(cols),
     ]
-    lines += [f"| {res['label']} | " + " | ".join(get(res) for _, get in cols) + " |" for res in results]
+    lines += [f"| {res['label']} | " + " | ".join(_text(get(res), d) for _, get, d in cols) + " |" for res in results]
     chance = {n: r["chance"] for res in results for n, r in res["sets"].items() if r.get("chance")}
     if chance:
         lines += ["", "Chance level: " + ", ".join(f"{n} {100 * c:.1f} %" for n, c in sorted(chance.items()))]
@@ -280,9 +286,10 @@ def write_plots(results: list[dict[str, Any]], features: list[dict[str, Any]], o
     ]
     if panels:
         files["pca"] = plots.plot_pca(panels, out / "pca.png")
-    series: dict[str, list[float]] = {}
-    for header, get in table_columns(results):
-        series[header] = [float(v) if v != "-" else float("nan") for v in (get(r) for r in results)]
+    series = {
+        header: [math.nan if v is None else float(v) for v in map(get, results)]
+        for header, get, _ in table_columns(results)
+    }
     if series:
         files["metrics"] = plots.plot_series(series, labels, out / "metrics.png")
     curves = {r["label"]: r["gap_shift"]["curve"] for r in results if "gap_shift" in r}
@@ -318,9 +325,17 @@ def _layer_key(k: str) -> tuple[int, str]:
     return int(layer), metric
 
 
+def _percent(x: float | None) -> float | None:
+    return None if x is None else 100 * x
+
+
+def _text(x: float | None, decimals: int) -> str:
+    return "-" if x is None else f"{x:.{decimals}f}"
+
+
 def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}"
+    return _text(_percent(x), 1)
 
 
 def _num(x: float | None) -> str:
-    return "-" if x is None else f"{x:.4f}"
+    return _text(x, 4)
