@@ -97,6 +97,22 @@ def test_levels_file_ranks_mismatched_pairs_lowest(mismatched, tmp_path):
         levels.check(8)
 
 
+def test_an_image_given_as_a_list_of_one_gets_its_level(mismatched, tmp_path):
+    """Datasets that always write `image` as a list once had every record skipped as "several images"."""
+    data, _ = mismatched
+    records = json.loads(data.read_text())
+    for r in records:
+        if "image" in r:
+            r["image"] = [r["image"]]
+    records.append({**records[0], "id": "two", "image": records[0]["image"] * 2})
+    listed = data.with_name("listed.json")
+    listed.write_text(json.dumps(records))
+    levels = LevelLabels(make_levels(tmp_path / "levels.json", [listed], ColourEncoder(), num_levels=4))
+    plain = LevelLabels(make_levels(tmp_path / "plain.json", [data], ColourEncoder(), num_levels=4))
+    assert levels.levels == plain.levels and len(levels.levels) == 48
+    assert levels.skipped == {"no image": 1, "unreadable image": 1, "several images": 1}
+
+
 def test_cli_scores_pairs_with_a_saved_clip(mismatched, clip_path, tmp_path, capsys):
     out = tmp_path / "levels.json"
     assert (

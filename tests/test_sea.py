@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,7 +15,7 @@ from alignlm.commands import main
 from alignlm.data.build import build_dataset
 from alignlm.data.collate import Collator
 from alignlm.data.records import DataError
-from alignlm.methods.sea.labels import SeaLabels
+from alignlm.methods.sea.labels import LabelSet, SeaLabels, write_labels
 from alignlm.methods.sea.objective import SEAObjective, sample_labels, sea_logits, sea_loss
 from tests.conftest import DeviceWaits, compose, make_batch, waits_in_training_steps
 
@@ -140,6 +141,71 @@ def test_labels_from_a_saved_clip_model(shapes_root, tmp_path):
     ids, scores = SeaLabels(tmp_path / "labels_None.safetensors").lookup(image)
     assert torch.equal(ids, expect_ids)
     torch.testing.assert_close(scores, expect_scores, atol=1e-5, rtol=1e-5)
+
+
+def test_annotations_with_a_non_finite_score_are_refused_naming_record_and_cell(shapes_root, tmp_path):
+    """json reads NaN and Infinity; such a score once went into the file and failed the first step's draw."""
+    shapes = shapes_root / "shapes"
+    ann = json.loads((shapes / "patch_labels.json").read_text())
+    ann["images"]["shapes_train_00002"][5][0][1] = float("nan")
+    (tmp_path / "patch_labels.json").write_text(json.dumps(ann))
+    out = tmp_path / "labels.safetensors"
+    argv = ["sea-labels", "annotations", "--data", str(shapes / "pretrain.json"), "--out", str(out)]
+    with pytest.raises(
+        DataError, match=r"record shapes_train_00002 cell 5 gives word '\w+' the score nan; scores must"
+    ):
+        main([*argv, "--annotations", str(tmp_path / "patch_labels.json"), "--image-root", str(shapes)])
+    assert not out.exists()
+
+
+def test_opening_a_labels_file_checks_it_against_its_metadata(shapes_root, tmp_path):
+    """A file written elsewhere with word ids past the word list once opened and served them: a step's IndexError.
+    Shapes are checked at open; word ids and scores per row as it is read."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    with safe_open(str(shapes_root / "shapes" / "sea_labels.safetensors"), "np") as f:
+        meta, ids, scores = f.metadata(), f.get_tensor("words"), f.get_tensor("scores")
+    first = json.loads(meta["alignlm.sea_labels"])["images"][0]
+    broken = {
+        "word_id": (
+            np.where(ids >= 0, 99, ids),
+            scores,
+            rf"image {first} cell 0 has word id 99; ids must be in \[-1, 10\)",
+        ),
+        "score": (ids, np.where(ids >= 0, np.inf, scores), rf"image {first} cell 0 has score inf; candidate scores"),
+        "grid": (ids[:, :8], scores[:, :8], r"shape \[10 images, 16 cells, k\]; got \(10, 8, 5\) and \(10, 8, 5\)"),
+        "images": (ids[:9], scores[:9], r"shape \[10 images, 16 cells, k\]; got \(9, 16, 5\)"),
+        "2-d": (ids[..., 0], scores[..., 0], r"got \(10, 16\) and \(10, 16\)"),
+    }
+    for name, (bad_ids, bad_scores, message) in broken.items():
+        path = tmp_path / f"{name}.safetensors"
+        arrays = {"words": np.ascontiguousarray(bad_ids), "scores": np.ascontiguousarray(bad_scores, dtype=np.float32)}
+        save_file(arrays, str(path), metadata=meta)
+        if name in ("word_id", "score"):  # values are checked row by row as they are read: a bad row, a bad sample
+            labels = SeaLabels(path)
+            with pytest.raises(DataError, match=f"{path}: .*{message}"):
+                labels.lookup(labels.root / first)
+            continue
+        with pytest.raises(DataError, match=f"{path}: .*{message}"):
+            SeaLabels(path)
+
+
+def test_constant_accuracy_counts_word_0_in_cells_with_empty_slots(shapes_root, tiny_model, tmp_path):
+    """Every token lists word 0 ("red"), so answering "red" always is right: constant_acc 1.0. The empty slots (-1)
+    once erased word 0 from every cell with fewer than k candidates, reporting 0.5."""
+    from alignlm.methods.sea.token_words import token_word_report
+
+    images = sorted((shapes_root / "shapes" / "images").glob("shapes_test_*.png"))
+    ids = np.full((len(images), 16, 3), -1, dtype=np.int32)
+    ids[:, :, 0] = 0
+    ids[:, ::2, 1] = 1  # every other cell also lists "blue"
+    labels = LabelSet(["red", "blue", "green"], (4, 4), images, ids, np.where(ids >= 0, 0.5, 0.0), "annotations")
+    path = write_labels(tmp_path / "word0.safetensors", labels)
+    report = token_word_report(tiny_model().eval(), SeaLabels(path), images)
+    assert report["tokens"] == 2 * 16 and report["constant_acc"] == 1.0
+    report = token_word_report(tiny_model().eval(), SeaLabels(path), images, exclude=["red"])
+    assert report["tokens"] == 16 and report["constant_acc"] == 1.0  # only the "blue" cells stay labelled
 
 
 # ---- labels in the batch -------------------------------------------------------------------------------------------

@@ -71,6 +71,37 @@ def test_the_command_reports_plain_and_wca_per_seed(tiny_clip, colour_set, tmp_p
     assert report["runs"][0]["plain"] == report["runs"][1]["plain"]  # the crops' seed moves WCA only
 
 
+def test_one_seed_reports_no_spread_over_seeds(tiny_clip, colour_set, tmp_path, capsys):
+    """One seed once printed "(SE nan)" and wrote NaN into the report."""
+    out = tmp_path / "wca.json"
+    args = ["wca", "--encoder", str(tiny_clip), "--set", str(colour_set["test"]), "--descriptions", "a {c} square"]
+    assert main([*args, "--crops", "2", "--seeds", "3", "--out", str(out)]) == 0
+    summary = capsys.readouterr().out.splitlines()[-1]
+    assert summary.startswith("over 1 seed: WCA - plain") and "SE" not in summary and "nan" not in summary
+    assert json.loads(out.read_text())["se_over_seeds"] is None
+
+
+def test_a_set_mixing_question_types_is_refused_naming_them(colour_set, tmp_path):
+    """Classes came from the first record: a shapes test set without --qtype died with "'purple' is not in list"."""
+    records = json.loads(colour_set["test"].read_text())[:4]
+    for i, r in enumerate(records):
+        r["meta"]["qtype"] = "color"
+        if i % 2:
+            r.update(answer="2", meta={"choices": ["1", "2", "3"], "qtype": "count"})
+    mixed = colour_set["test"].with_name("mixed.json")  # beside the images: only the classes can fail
+    mixed.write_text(json.dumps(records))
+    args = ["wca", "--encoder", str(tmp_path / "unread"), "--set", str(mixed), "--descriptions", "a {c}"]
+    with pytest.raises(
+        SystemExit, match=r"has 2 different choice lists .* --qtype \(question types present: color, count\)"
+    ):
+        main(args)
+    records = [r for r in records if r["meta"]["qtype"] == "color"]
+    records[1]["answer"] = "purple"
+    mixed.write_text(json.dumps(records))
+    with pytest.raises(SystemExit, match=r"record 't2' answers 'purple', not one of its choices"):
+        main(args)
+
+
 @pytest.mark.parametrize(
     "flags,message",
     [

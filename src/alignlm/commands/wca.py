@@ -55,9 +55,7 @@ def cmd_wca(args: argparse.Namespace) -> int:
         r for r in read_records(args.set) if args.qtype is None or (r.get("meta") or {}).get("qtype") == args.qtype
     ]
     records = records[: args.limit]
-    if not records or "answer" not in records[0] or not (records[0].get("meta") or {}).get("choices"):
-        raise SystemExit(f"alignlm wca: {args.set} needs records with `answer` and `meta.choices`")
-    classes = [str(c) for c in records[0]["meta"]["choices"]]
+    classes = class_list(records, args.set, args.qtype)
     images = [load_rgb(image_paths(r, Path(args.set).parent)[0]) for r in records]
     labels = [classes.index(str(r["answer"])) for r in records]
     given = args.descriptions
@@ -76,6 +74,7 @@ def cmd_wca(args: argparse.Namespace) -> int:
             f"WCA - plain {100 * d['diff']:+.1f} (paired SE {100 * d['se']:.1f}), n={r['n']}"
         )
     m, se = mean_se([r["diff"] for r in runs])
+    spread = f" (SE {100 * se:.2f})" if len(runs) > 1 else ""  # one seed has no spread to report
     summary = {
         "set": args.set,
         "qtype": args.qtype,
@@ -84,12 +83,34 @@ def cmd_wca(args: argparse.Namespace) -> int:
         "chance": 1 / len(classes),
         "runs": runs,
         "mean_diff": m,
-        "se_over_seeds": se,
+        "se_over_seeds": se if len(runs) > 1 else None,
     }
     print(
-        f"over {len(runs)} seeds: WCA - plain {100 * m:+.2f} points (SE {100 * se:.2f}); chance {100 / len(classes):.1f} %"
+        f"over {len(runs)} seed{'s' * (len(runs) > 1)}: WCA - plain {100 * m:+.2f} points{spread}; "
+        f"chance {100 / len(classes):.1f} %"
     )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(summary, indent=2))
     return 0
+
+
+def class_list(records: list[dict[str, Any]], path: str, qtype: str | None) -> list[str]:
+    """The one class list every record shares: a set mixing question types has several, and their answers index none."""
+    if not records or any("answer" not in r or not (r.get("meta") or {}).get("choices") for r in records):
+        where = f"{path} (qtype {qtype})" if qtype else path
+        raise SystemExit(f"alignlm wca: {where} needs records, each with `answer` and `meta.choices`")
+    lists = {tuple(str(c) for c in r["meta"]["choices"]) for r in records}
+    if len(lists) > 1:
+        qtypes = sorted({str(r["meta"].get("qtype")) for r in records})
+        raise SystemExit(
+            f"alignlm wca: {path} has {len(lists)} different choice lists among its records; WCA classifies over one "
+            f"class list, so pick one question type with --qtype (question types present: {', '.join(qtypes)})"
+        )
+    classes = list(lists.pop())
+    stray = next((r for r in records if str(r["answer"]) not in classes), None)
+    if stray is not None:
+        raise SystemExit(
+            f"alignlm wca: {path} record {stray.get('id')!r} answers {stray['answer']!r}, not one of its choices {classes}"
+        )
+    return classes

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from alignlm.data.images import load_rgb
-from alignlm.data.records import DataError, image_paths, read_records, record_caption
+from alignlm.data.records import DataError, image_names, image_paths, read_records, record_caption
 from alignlm.models.device import default_device
 from alignlm.models.encoder_fit import fit_encoder
 from alignlm.models.encoders import MANIFEST, DualEncoder, load_encoder
@@ -77,11 +77,11 @@ def caption_pairs(
                     f"record id {rid!r} appears in {where[rid]} and {path}; levels need ids unique across files"
                 )
             where[rid] = str(path)
-            image = rec.get("image")
+            images = image_names(rec)  # one path or a list of one: the same single image
             caption = record_caption(rec) or ""
-            if not image:
+            if not images:
                 skipped["no image"] += 1
-            elif not isinstance(image, str):
+            elif len(images) > 1:
                 skipped["several images"] += 1
             elif not caption:
                 skipped["no caption"] += 1

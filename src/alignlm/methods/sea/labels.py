@@ -18,6 +18,7 @@ function and one line in ``SOURCES``; the file format and everything that reads 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +39,33 @@ META_KEY = "alignlm.sea_labels"
 DEFAULT_NAME = "sea_labels.safetensors"
 
 
+def check_shapes(words: tuple[int, ...], scores: tuple[int, ...], n_images: int, cells: int, where: str) -> None:
+    """Refuse arrays that do not line up with the image list and the grid: a lookup would serve another image's row."""
+    if words != scores or len(words) != 3 or words[:2] != (n_images, cells):
+        raise DataError(
+            f"{where}: SEA labels need words and scores of shape [{n_images} images, {cells} cells, k]; got "
+            f"{words} and {scores}"
+        )
+
+
+def check_candidates(ids: np.ndarray, scores: np.ndarray, n_words: int, images: Sequence[Any], where: str) -> None:
+    """Refuse word ids outside the word list and non-finite candidate scores, naming the first bad image and cell:
+    either one fails a training step far from its cause (an IndexError, a NaN draw)."""
+    bad = (ids < -1) | (ids >= n_words)
+    if bad.any():
+        i, c, j = np.argwhere(bad)[0]
+        raise DataError(
+            f"{where}: image {images[i]} cell {c} has word id {ids[i, c, j]}; ids must be in [-1, {n_words}) "
+            f"(the word list has {n_words} words; -1 = no candidate)"
+        )
+    bad = (ids >= 0) & ~np.isfinite(scores)
+    if bad.any():
+        i, c, j = np.argwhere(bad)[0]
+        raise DataError(
+            f"{where}: image {images[i]} cell {c} has score {scores[i, c, j]}; candidate scores must be finite numbers"
+        )
+
+
 @dataclass
 class LabelSet:
     """Labels in memory: the arrays of the file plus the word list, grid and image keys (absolute paths)."""
@@ -51,17 +79,10 @@ class LabelSet:
     info: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        where = f"SEA labels from {self.source}"
         cells = self.grid[0] * self.grid[1]
-        n = len(self.images)
-        if self.word_ids.shape != self.scores.shape or self.word_ids.ndim != 3 or self.word_ids.shape[:2] != (n, cells):
-            raise DataError(
-                f"SEA labels need words and scores of shape [{n} images, {cells} cells, k]; got "
-                f"{tuple(self.word_ids.shape)} and {tuple(self.scores.shape)}"
-            )
-        if self.word_ids.size and (self.word_ids.min() < -1 or self.word_ids.max() >= len(self.words)):
-            raise DataError(
-                f"SEA label word ids must be in [-1, {len(self.words)}); got [{self.word_ids.min()}, {self.word_ids.max()}]"
-            )
+        check_shapes(tuple(self.word_ids.shape), tuple(self.scores.shape), len(self.images), cells, where)
+        check_candidates(self.word_ids, self.scores, len(self.words), self.images, where)
         if len(set(self.words)) != len(self.words):
             raise DataError("SEA label word list has duplicates")
 
@@ -96,7 +117,13 @@ def write_labels(path: str | Path, labels: LabelSet) -> Path:
 
 
 class SeaLabels:
-    """A labels file opened for lookup by image path; rows are read lazily (one open handle per process)."""
+    """A labels file opened for lookup by image path; rows are read lazily (one open handle per process).
+
+    Opening checks the arrays' shapes against the metadata (image list, grid); each row read is checked for word ids
+    outside the word list and non-finite scores, so a bad row is a bad sample (skipped and counted, or raised naming
+    the file, the image and the cell) rather than an IndexError or a NaN draw in a training step. Checking every value
+    at open would read the whole file (gigabytes at LLaVA's scale) on every rank at every start.
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -105,21 +132,20 @@ class SeaLabels:
                 f"SEA labels file {self.path} does not exist; write it with `alignlm sea-labels`, "
                 "or give the stage a sea_labels prepare step so the pipeline writes it"
             )
-        with safe_open(str(self.path), "pt") as f:
+        with safe_open(str(self.path), "np") as f:
             raw = (f.metadata() or {}).get(META_KEY)
-            shape = f.get_slice("words").get_shape() if raw else None
-        if raw is None:
-            raise DataError(f"{self.path} is not an alignlm SEA labels file (no {META_KEY!r} metadata)")
-        meta = json.loads(raw)
-        if meta.get("version") != VERSION:
-            raise DataError(
-                f"{self.path}: labels format version {meta.get('version')} is not supported (expected {VERSION})"
-            )
-        self.words: list[str] = list(meta["words"])
-        self.grid: tuple[int, int] = (int(meta["grid"][0]), int(meta["grid"][1]))
+            if raw is None:
+                raise DataError(f"{self.path} is not an alignlm SEA labels file (no {META_KEY!r} metadata)")
+            meta = json.loads(raw)
+            if meta.get("version") != VERSION:
+                raise DataError(
+                    f"{self.path}: labels format version {meta.get('version')} is not supported (expected {VERSION})"
+                )
+            self.words: list[str] = list(meta["words"])
+            self.grid: tuple[int, int] = (int(meta["grid"][0]), int(meta["grid"][1]))
+            self.k: int = self.check_arrays(f, meta["images"])
         self.source: str = meta["source"]
         self.info: dict[str, Any] = meta.get("info", {})
-        self.k: int = int(shape[2])
         self.root = self.path.parent.resolve()
         self.index = {key: i for i, key in enumerate(meta["images"])}
         self._handle: Any = None
@@ -129,6 +155,16 @@ class SeaLabels:
     @property
     def cells(self) -> int:
         return self.grid[0] * self.grid[1]
+
+    def check_arrays(self, handle: Any, images: list[str]) -> int:
+        """Check the open file's arrays line up with its image list and grid (their values: per row, at lookup);
+        returns ``k``."""
+        missing = sorted({"words", "scores"} - set(handle.keys()))
+        if missing:
+            raise DataError(f"{self.path}: no {missing} array in the file; a SEA labels file holds words and scores")
+        shape = tuple(handle.get_slice("words").get_shape())
+        check_shapes(shape, tuple(handle.get_slice("scores").get_shape()), len(images), self.cells, str(self.path))
+        return int(shape[2])
 
     def __getstate__(self) -> dict[str, Any]:  # data-loader workers open their own handle
         return {**self.__dict__, "_handle": None}
@@ -143,8 +179,10 @@ class SeaLabels:
         if i is None:
             return None
         if self._handle is None:
-            self._handle = safe_open(str(self.path), "pt")
-        return self._handle.get_slice("words")[i].long(), self._handle.get_slice("scores")[i].float()
+            self._handle = safe_open(str(self.path), "np")
+        ids, scores = self._handle.get_slice("words")[i : i + 1], self._handle.get_slice("scores")[i : i + 1]
+        check_candidates(ids, scores, len(self.words), [self.key(image)], str(self.path))
+        return torch.from_numpy(ids[0]).long(), torch.from_numpy(scores[0]).float()
 
     def place_on_tokens(
         self, num_image_tokens: int, num_patches: int, num_prefix_tokens: int, connector_prefix: int = 0
@@ -234,9 +272,15 @@ def from_annotations(
                 f"{path}: record {rid} has {len(per_cell)} cells, the grid {grid[0]}x{grid[1]} needs {cells}"
             )
         for c, cands in enumerate(per_cell):
-            for j, (word, score) in enumerate(sorted(cands, key=lambda ws: -float(ws[1]))[:k]):
+            for word, score in cands:
                 if word not in word_index:
                     raise DataError(f"{path}: record {rid} cell {c} has word {word!r}, not in the word list {words}")
+                if not math.isfinite(float(score)):
+                    raise DataError(
+                        f"{path}: record {rid} cell {c} gives word {word!r} the score {score}; scores must be finite "
+                        "numbers"
+                    )
+            for j, (word, score) in enumerate(sorted(cands, key=lambda ws: -float(ws[1]))[:k]):
                 ids[n, c, j], scores[n, c, j] = word_index[word], float(score)
     return LabelSet(words, grid, list(images), ids, scores, "annotations", {"annotations": str(path)})
 

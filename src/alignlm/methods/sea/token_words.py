@@ -51,7 +51,9 @@ def token_word_report(
     tokens_t, ids_t = tokens_t[labelled], ids_t[labelled]
     words = word_embeddings(model, [labels.words[i] for i in kept], word_prefix).cpu()
     any_ids = [[w for w in row if w >= 0] for row in ids_t.tolist()]
-    has_word = torch.zeros(len(ids_t), len(kept), dtype=torch.bool).scatter_(1, ids_t.clamp(min=0), ids_t >= 0)
+    # empty slots (-1) mark a spare last column, dropped after: clamped to 0 they would erase a real word 0
+    slots = torch.where(ids_t >= 0, ids_t, len(kept))
+    has_word = torch.zeros(len(ids_t), len(kept) + 1, dtype=torch.bool).scatter_(1, slots, True)[:, :-1]
     return {
         "token_word_acc": token_word_accuracy(tokens_t, words, any_ids),
         "top_word_acc": token_word_accuracy(tokens_t, words, [row[:1] for row in any_ids]),
