@@ -110,43 +110,27 @@ def test_packing_gives_each_samples_own_loss_and_gradients(samples):
     torch.testing.assert_close(model(collator(model)(picked)).lm_loss_sum, total.detach(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("per_token", [False, True])
 @pytest.mark.parametrize("softcap", [None, 30.0])
 @pytest.mark.parametrize("train_head", [True, False])
-def test_chunked_cross_entropy_equals_the_plain_one(softcap, train_head):
+def test_chunked_cross_entropy_equals_the_plain_one(softcap, train_head, per_token):
+    """Summed (the LM loss) and per position (preference objectives weigh each sample's tokens by their own factor):
+    values and gradients equal ``F.cross_entropy``'s, the per-position one under non-uniform weights."""
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(37, 16, generator=g, requires_grad=True)
     weight = (torch.randn(50, 16, generator=g) * 3).requires_grad_(train_head)
     targets = torch.randint(0, 50, (37,), generator=g)
+    weights = torch.randn(37, generator=g) if per_token else torch.full((), 2.5)
     logits = hidden @ weight.T
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
-    plain = F.cross_entropy(logits, targets, reduction="sum")
-    chunked = linear_cross_entropy(hidden, weight, targets, softcap=softcap, rows=8)  # five chunks, the last short
-    torch.testing.assert_close(chunked, plain, rtol=1e-6, atol=1e-5)
-    wrt = [hidden, weight] if train_head else [hidden]
-    for a, b in zip(torch.autograd.grad(2.5 * chunked, wrt), torch.autograd.grad(2.5 * plain, wrt)):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("softcap", [None, 30.0])
-@pytest.mark.parametrize("train_head", [True, False])
-def test_chunked_per_token_cross_entropy_equals_the_plain_one_under_any_weighting(softcap, train_head):
-    """The per-position loss (preference objectives weigh each sample's tokens by their own factor): values and
-    gradients under non-uniform weights equal ``F.cross_entropy(..., reduction="none")``."""
-    g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(37, 16, generator=g, requires_grad=True)
-    weight = (torch.randn(50, 16, generator=g) * 3).requires_grad_(train_head)
-    targets = torch.randint(0, 50, (37,), generator=g)
-    per_row = torch.randn(37, generator=g)
-    logits = hidden @ weight.T
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    plain = F.cross_entropy(logits, targets, reduction="none")
-    chunked = linear_token_nll(hidden, weight, targets, softcap=softcap, rows=8)  # five chunks, the last short
+    reduction, chunked_loss = ("none", linear_token_nll) if per_token else ("sum", linear_cross_entropy)
+    plain = F.cross_entropy(logits, targets, reduction=reduction)
+    chunked = chunked_loss(hidden, weight, targets, softcap=softcap, rows=8)  # five chunks, the last short
     torch.testing.assert_close(chunked, plain, rtol=1e-6, atol=1e-5)
     wrt = [hidden, weight] if train_head else [hidden]
     for a, b in zip(
-        torch.autograd.grad((per_row * chunked).sum(), wrt), torch.autograd.grad((per_row * plain).sum(), wrt)
+        torch.autograd.grad((weights * chunked).sum(), wrt), torch.autograd.grad((weights * plain).sum(), wrt)
     ):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
@@ -189,6 +173,19 @@ def test_sample_log_probabilities_and_the_lm_loss_share_one_pass_of_the_head(tin
     finally:
         torch.Tensor.__matmul__ = original
     assert sum(seen) == n  # every supervised position through the head once
+
+
+def test_the_lm_loss_divides_by_the_global_share_even_below_one_item_per_rank(tiny_model):
+    """``num_items_in_batch`` is the global step's supervised tokens over the ranks: with fewer tokens than ranks (the
+    other ranks ran empty stand-in batches) it is below 1, and the loss must still be sum / share (it was clamped to 1,
+    so the gradient was P / items times too small), as one big batch would weigh it; 0 (no items anywhere) divides by 1."""
+    from tests.conftest import make_batch
+
+    model = tiny_model()
+    batch = make_batch(model, [1, 0])
+    for share, denom in ((0.5, 0.5), (0.0, 1.0), (3.0, 3.0)):
+        out = model({**batch, "num_items_in_batch": torch.tensor(share)})
+        torch.testing.assert_close(out.lm_loss, out.lm_loss_sum / denom)
 
 
 def test_chunked_cross_entropy_does_no_gradient_work_where_autograd_records_nothing():
@@ -267,6 +264,63 @@ def test_feature_cache_trains_exactly_like_live_features_and_is_reused(colour_se
         )
 
 
+def test_an_unreadable_image_is_skipped_or_raised_with_the_cache_as_without_it(tmp_path):
+    """The cache leaves a broken image out: its sample is skipped and counted under data.on_error=skip (the stage
+    died, naming the file only), raised naming the record under raise, as with live images."""
+    from alignlm.data.records import DataError
+    from alignlm.pipeline import run
+    from tests.conftest import compose, tiny_overrides, write_colour_set
+
+    colours = write_colour_set(tmp_path / "colours")
+    (tmp_path / "colours" / "images" / "0.png").write_bytes(b"not a png")
+    common = [*tiny_overrides(colours, tmp_path), "run=[pretrain]", "eval.sets=[]", "stages.pretrain.max_steps=12"]
+    counts = {}
+    for name, cache in (("live", "false"), ("cached", "true")):
+        skip = [f"run_name={name}", f"stages.pretrain.data.feature_cache={cache}", "stages.pretrain.data.on_error=skip"]
+        run(compose(*common, *skip))
+        counts[name] = json.loads((tmp_path / name / "summary.json").read_text())["stages"]["pretrain"]["data"]
+    left_out = {"left_out": 1, "counts": {"unreadable image": 1}, "examples": {"unreadable image": ["p0"]}}
+    assert counts == {"live": left_out, "cached": left_out}
+    with pytest.raises(DataError, match=r"record id=p0 in .*cannot read image .*0\.png"):
+        run(
+            compose(
+                *common,
+                "run_name=raise",
+                "stages.pretrain.data.feature_cache=true",
+                "stages.pretrain.data.on_error=raise",
+            )
+        )
+
+
+def test_an_image_changed_in_place_is_computed_again_not_served_from_the_cache(tmp_path):
+    """An image edited or regenerated at the same path (same size on disk, another modification time) gets its new
+    features: the cached run trains as the live one on the new images (the old features were served silently)."""
+    from PIL import Image
+    from safetensors import safe_open
+
+    from alignlm.pipeline import run
+    from tests.conftest import compose, read_losses, tiny_overrides, write_colour_set
+
+    colours = write_colour_set(tmp_path / "colours")
+    common = [*tiny_overrides(colours, tmp_path), "run=[pretrain]", "eval.sets=[]", "stages.pretrain.max_steps=5"]
+    cached = [*common, "stages.pretrain.data.feature_cache=true"]
+    run(compose(*cached, "run_name=before"))
+    edited = sorted((tmp_path / "colours" / "images").glob("*.png"))[::2]
+    for path in edited:  # the data's owner regenerates half the images: other colours, same sizes
+        with Image.open(path) as im:
+            Image.new("RGB", im.size, (255 - im.getpixel((0, 0))[0], 128, 30)).save(path)
+    run(compose(*cached, "run_name=after"))
+    run(compose(*common, "run_name=live"))
+    rel = 1e-5 if torch.cuda.is_available() else 1e-6
+    assert read_losses(tmp_path / "after" / "pretrain") == pytest.approx(
+        read_losses(tmp_path / "live" / "pretrain"), rel=rel
+    )
+    assert read_losses(tmp_path / "after" / "pretrain") != read_losses(tmp_path / "before" / "pretrain")
+    shards = sorted((tmp_path / "feature_cache").rglob("*.safetensors"), key=lambda p: p.stat().st_mtime_ns)
+    with safe_open(str(shards[-1]), "pt") as f:  # only the changed images were computed again
+        assert sorted(json.loads(f.metadata()["ids"])) == sorted(str(p.resolve()) for p in edited)
+
+
 def test_a_swap_of_two_weight_rows_is_another_tower(tiny_model):
     from alignlm.training.feature_cache import tower_fingerprint
 
@@ -285,10 +339,10 @@ def test_a_damaged_feature_cache_is_refused_when_opened_and_never_written_with_n
     from alignlm.data.records import DataError
 
     with pytest.raises(DataError, match="not finite: not cached"):
-        FeatureCache(tmp_path / "nan").write("a", ["x.png"], torch.tensor([[[0.0, float("nan")]]]))
+        FeatureCache(tmp_path / "nan").write("a", ["x.png"], [(1, 2)], torch.tensor([[[0.0, float("nan")]]]))
     assert not (tmp_path / "nan").exists() or not list((tmp_path / "nan").iterdir())
     good = FeatureCache(tmp_path / "ok")
-    good.write("a", ["x.png", "y.png"], torch.zeros(2, 3, 4))
+    good.write("a", ["x.png", "y.png"], [(1, 2), None], torch.zeros(2, 3, 4))
     assert FeatureCache(tmp_path / "ok").layout == ((3, 4), "F32")
     for name, tensors, ids, match in [
         (
@@ -300,11 +354,20 @@ def test_a_damaged_feature_cache_is_refused_when_opened_and_never_written_with_n
         ("ids", {"features": torch.zeros(1, 3, 4)}, "not json", "cannot be read"),
         ("tensor", {"other": torch.zeros(1, 3, 4)}, ["a"], "no 'features' tensor"),
         ("shape", {"features": torch.zeros(1, 5, 4)}, ["z"], r"holds \(5, 4\) F32 features per image"),
+        (
+            "stamps",
+            {"features": torch.zeros(2, 3, 4)},
+            ["a", "b"],
+            r"stamps do not list one \(size, mtime_ns\) per row",
+        ),
     ]:
         folder = tmp_path / name
         folder.mkdir()
         (folder / "0.safetensors").write_bytes((tmp_path / "ok" / "a.safetensors").read_bytes())
-        meta = {"ids": ids if isinstance(ids, str) else json.dumps(ids)}
+        meta = {
+            "ids": ids if isinstance(ids, str) else json.dumps(ids),
+            **({"stamps": "[[1, 2]]"} if name == "stamps" else {}),  # one stamp for two rows
+        }
         save_file(tensors, str(folder / "1.safetensors"), metadata=meta)
         with pytest.raises(DataError, match=match):
             FeatureCache(folder)

@@ -272,6 +272,50 @@ def test_realign_statistics_are_fitted_with_the_configured_covariance_and_never_
     assert ReAlignStats.load(tmp_path / "trace.safetensors").A is None
 
 
+def test_an_encoder_refitted_in_place_gets_its_captions_embedded_and_realign_fitted_again(
+    tiny_clip, colour_set, tmp_path
+):
+    """A refitted encoder keeps its folder and name (`alignlm dual-encoder fit` writes one default name): the shards
+    and ReAlign's statistics made with the old weights are made again, not reused (pretraining read the old space
+    while finetuning's tower used the new one)."""
+    import shutil
+
+    from transformers import CLIPModel
+
+    from alignlm.methods.revision.embed import collect_texts
+    from alignlm.methods.revision.prepare import ensure_embeddings, ensure_realign
+    from alignlm.methods.revision.shards import list_shards
+    from alignlm.models.encoders import HFDualEncoder
+
+    encoder, emb = tmp_path / "dual_encoder", tmp_path / "emb"
+    shutil.copytree(tiny_clip, encoder)
+    records = [str(colour_set["pretrain"])]
+    node = {"encoder": str(encoder), "embeddings": str(emb), "images": records, "texts": records, "device": "cpu"}
+    realign = {"embeddings": str(emb), "realign": str(emb / "realign.safetensors")}
+    ensure_embeddings(**node)
+    ensure_realign(**realign)
+    kept = {p: p.stat().st_mtime_ns for p in [emb / "realign.safetensors", *emb.rglob("shard_*")]}
+    ensure_embeddings(**node)  # the same weights: everything kept
+    ensure_realign(**realign)
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
+
+    model = CLIPModel.from_pretrained(encoder)
+    with torch.no_grad():  # the refit: other weights, same folder, same name
+        for head in (model.visual_projection, model.text_projection):
+            head.weight.add_(torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(1)))
+    model.save_pretrained(encoder)
+    ensure_embeddings(**node)
+    ensure_realign(**realign)
+
+    refitted = HFDualEncoder(str(encoder))
+    texts = np.concatenate([x.copy() for shard in list_shards(emb / "texts") for x in shard.chunks(100)])
+    captions = [text for _, text in collect_texts(colour_set["pretrain"])]
+    np.testing.assert_allclose(texts, refitted.encode_texts(captions).numpy(), atol=1e-5)
+    stats, expected = ReAlignStats.load(emb / "realign.safetensors"), fit(emb / "images", emb / "texts")
+    torch.testing.assert_close(stats.mu_y, expected.mu_y)
+    torch.testing.assert_close(stats.mu_x, expected.mu_x)
+
+
 def test_zero_shot_scores_are_the_training_loss_of_each_candidate(tiny_model):
     candidate_batch, candidate_losses, classify = (
         ZERO_SHOT[k] for k in ("candidate_batch", "candidate_losses", "classify")

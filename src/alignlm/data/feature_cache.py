@@ -4,8 +4,10 @@ While the tower is frozen its features of an image never change, so a stage that
 (several epochs, captions and questions about the same image, a sweep over connectors) can compute them once. The
 cache is a folder per tower (named by its fingerprint, so another tower or other weights never hit it) of
 safetensors shards: ``features`` ``[n, N, Dv]`` in the tower's output dtype (bf16 stays bf16, bit for bit), with the
-images' resolved paths as ``ids`` in the metadata. :class:`FeatureCacheHook` serves them as ``image_embeds``; the
-training layer fills the cache (``training/feature_cache.py``).
+images' resolved paths as ``ids`` and their files' ``(size, mtime_ns)`` when read as ``stamps`` in the metadata: an
+image edited or regenerated in place has another stamp, so it is not cached any more and is computed again (a stat
+per image, no hashing of content). :class:`FeatureCacheHook` serves them as ``image_embeds``; the training layer
+fills the cache (``training/feature_cache.py``).
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from alignlm.data.hooks import HookedDataset, SampleHook
-from alignlm.data.records import DataError, Source
+from alignlm.data.images import load_rgb
+from alignlm.data.records import UNREADABLE_IMAGE, DataError, Source
 
 TENSOR = "features"
+Stamp = tuple[int, int]  # an image file's (size, mtime_ns)
 
 
 def image_key(path: str | Path) -> str:
@@ -31,24 +35,42 @@ def image_key(path: str | Path) -> str:
     return str(Path(path).resolve())
 
 
+def file_stamp(path: str | Path) -> Stamp | None:
+    """An image file's size and modification time: what tells the image whose features were cached from one edited
+    or regenerated in place since (a stat, not a read); None when the file cannot be stat'ed."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def _is_stamp(value: Any) -> bool:
+    """A stored stamp: two whole numbers, or null (an image to compute again)."""
+    return value is None or (isinstance(value, list) and len(value) == 2 and all(type(v) is int for v in value))
+
+
 class FeatureCache:
-    """The shards of one tower's folder, looked up by image path; rows are read lazily."""
+    """The shards of one tower's folder, looked up by image path (as its file is now); rows are read lazily."""
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
-        self.where: dict[str, tuple[Path, int]] = {}
+        # every cached copy of an image: shard, row and the file's stamp when it was read (one per edit of the image)
+        self.where: dict[str, list[tuple[Path, int, Stamp | None]]] = {}
         self.layout: tuple[tuple[int, ...], str] | None = None  # (shape of one image's features, dtype), all shards
         for shard in sorted(self.folder.glob("*.safetensors")) if self.folder.exists() else []:
-            ids = self._check(shard)
-            self.where.update({key: (shard, row) for row, key in enumerate(ids)})
+            for row, (key, stamp) in enumerate(zip(*self._check(shard))):
+                self.where.setdefault(key, []).append((shard, row, stamp))
         self._handles: dict[Path, Any] = {}
 
-    def _check(self, shard: Path) -> list[str]:
-        """A shard's ids, once its index, rows, shape and dtype agree (a damaged shard fails here, at start-up, not
-        at the step that first reads it)."""
+    def _check(self, shard: Path) -> tuple[list[str], list[Stamp | None]]:
+        """A shard's ids and stamps, once its index, rows, shape and dtype agree (a damaged shard fails here, at
+        start-up, not at the step that first reads it)."""
         try:
             with safe_open(str(shard), "pt") as f:
-                ids = json.loads((f.metadata() or {}).get("ids", "[]"))
+                meta = f.metadata() or {}
+                ids = json.loads(meta.get("ids", "[]"))
+                stamps = json.loads(meta.get("stamps", "null"))  # null: written before stamps, every row computed again
                 if TENSOR not in f.keys():
                     raise ValueError(f"no {TENSOR!r} tensor")
                 part = f.get_slice(TENSOR)
@@ -57,60 +79,99 @@ class FeatureCache:
             raise DataError(f"feature cache shard {shard} cannot be read: {type(e).__name__}: {e}") from e
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids) or len(ids) != shape[0]:
             raise DataError(f"feature cache shard {shard}: its index does not list one image per row of {shape}")
+        stamps = [None] * shape[0] if stamps is None else stamps
+        if not isinstance(stamps, list) or len(stamps) != shape[0] or not all(map(_is_stamp, stamps)):
+            raise DataError(
+                f"feature cache shard {shard}: its stamps do not list one (size, mtime_ns) per row of {shape}"
+            )
         if self.layout is not None and (shape[1:], dtype) != self.layout:
             raise DataError(
                 f"feature cache shard {shard} holds {shape[1:]} {dtype} features per image, the folder's others "
                 f"{self.layout[0]} {self.layout[1]}"
             )
         self.layout = (shape[1:], dtype)
-        return ids
+        return ids, [None if s is None else (s[0], s[1]) for s in stamps]
 
     def __getstate__(self) -> dict[str, Any]:  # data-loader workers open their own handles
         return {**self.__dict__, "_handles": {}}
 
+    def _row(self, path: str | Path) -> tuple[Path, int] | None:
+        """Where the features of the image as its file is now are: a copy read with the file's current stamp."""
+        stamp = file_stamp(path)
+        copies = self.where.get(image_key(path), []) if stamp is not None else []
+        return next(((shard, row) for shard, row, cached in copies if cached == stamp), None)
+
     def missing(self, paths: Sequence[str | Path]) -> list[Path]:
-        """The images with no cached features, each once, in the order given."""
-        return list(dict.fromkeys(Path(p) for p in paths if image_key(p) not in self.where))
+        """The images with no cached features of their file as it is now (never cached, or changed since), each
+        once, in the order given."""
+        return [p for p in dict.fromkeys(Path(p) for p in paths) if self._row(p) is None]
 
     def get(self, paths: Sequence[str | Path]) -> torch.Tensor:
         """``[len(paths), N, Dv]`` features of these images."""
         rows = []
         for p in paths:
-            shard, row = self.where[image_key(p)]
+            found = self._row(p)
+            if found is None:
+                raise DataError(
+                    f"image {p} has no features in the feature cache {self.folder} for its file as it is now (size, "
+                    f"modification time {file_stamp(p)}): it changed after the cache was filled; rerun to recompute",
+                    UNREADABLE_IMAGE,
+                )
+            shard, row = found
             if shard not in self._handles:
                 self._handles[shard] = safe_open(str(shard), "pt")
             rows.append(self._handles[shard].get_slice(TENSOR)[row])
         return torch.stack(rows)
 
-    def write(self, name: str, paths: Sequence[str | Path], features: torch.Tensor) -> Path:
-        """One more shard (atomically: a temporary name, then a rename)."""
+    def write(
+        self, name: str, paths: Sequence[str | Path], stamps: Sequence[Stamp | None], features: torch.Tensor
+    ) -> Path:
+        """One more shard (atomically: a temporary name, then a rename); ``stamps``: each file's, taken before it was
+        read (an edit while it is read then counts as a change next time)."""
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"{name}.safetensors"
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         keys = [image_key(p) for p in paths]
         if not bool(torch.isfinite(features).all()):
             raise DataError(f"the tower's features of {len(paths)} images, e.g. {paths[0]}, are not finite: not cached")
-        save_file({TENSOR: features.detach().cpu().contiguous()}, str(tmp), metadata={"ids": json.dumps(keys)})
+        meta = {"ids": json.dumps(keys), "stamps": json.dumps(list(stamps))}
+        save_file({TENSOR: features.detach().cpu().contiguous()}, str(tmp), metadata=meta)
         os.replace(tmp, path)
-        self.where.update({key: (path, row) for row, key in enumerate(keys)})
+        for row, (key, stamp) in enumerate(zip(keys, stamps)):
+            self.where.setdefault(key, []).append((path, row, stamp))
         return path
 
 
 class FeatureCacheHook(SampleHook):
-    """Each image of a record is read from the cache as ``image_embeds``; the files themselves are never opened."""
+    """Each image of a record is read from the cache as ``image_embeds``; the files themselves are not opened, but for
+    the images the cache left out because they cannot be read, once at start-up for their error: their samples then
+    fail as without the cache (skipped and counted under its cause, or raised naming the record: ``data.on_error``)."""
 
     replaces_visuals = True
 
-    def __init__(self, cache: FeatureCache) -> None:
+    def __init__(self, cache: FeatureCache, max_pixels: int | None) -> None:
         self.cache = cache
+        self.max_pixels = max_pixels  # the dataset's data.max_image_pixels, for the images the cache lacks
+        self.unreadable: dict[str, tuple[str, str]] = {}  # image key -> (message, cause) of its DataError
 
     def bind(self, dataset: HookedDataset) -> None:
-        missing = self.cache.missing([p for src, _, rec in dataset.distinct_records() for p in src.image_paths(rec)])
-        if missing:
-            raise DataError(f"the feature cache {self.cache.folder} lacks {len(missing)} images, e.g. {missing[:2]}")
+        """Every image is cached or cannot be read (kept with its error, raised by the samples that need it)."""
+        lacking = []
+        for path in self.cache.missing([p for src, _, rec in dataset.distinct_records() for p in src.image_paths(rec)]):
+            try:
+                load_rgb(path, self.max_pixels)
+            except DataError as e:
+                self.unreadable[image_key(path)] = (str(e), e.cause)
+            else:
+                lacking.append(path)
+        if lacking:
+            raise DataError(f"the feature cache {self.cache.folder} lacks {len(lacking)} images, e.g. {lacking[:2]}")
 
     def visual_inputs(self, source: Source, record: dict[str, Any]) -> list[Path]:
         return source.image_paths(record)
 
     def load_visuals(self, inputs: list[Path]) -> dict[str, torch.Tensor | None]:
+        for path in inputs:
+            if (error := self.unreadable.get(image_key(path))) is not None:
+                raise DataError(*error)
         return {"pixel_values": None, "image_embeds": self.cache.get(inputs) if inputs else None}

@@ -15,6 +15,7 @@ CLIPModel / SiglipModel folder or hub name (``trust_remote_code`` stays off unle
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Sequence
@@ -49,6 +50,23 @@ class DualEncoder(Protocol):
 
     def patch_embeddings(self, pixel_values: Tensor) -> Tensor:
         """Dense patch features in the joint space, ``[B, rows, cols, D]``, on the CPU."""
+
+    def fingerprint(self) -> str:
+        """Its weights and image spec hashed: what embeddings made with it are checked against."""
+
+
+def weights_fingerprint(module: nn.Module, *context: str) -> str:
+    """The bytes of every weight of ``module`` and the ``context`` that shapes its output (config, image spec),
+    hashed: any change of a weight, a swap of two rows included, is another fingerprint (a sum and a sum of squares
+    per tensor, which a swap leaves equal, would not be). The key of the feature cache and of ReVision's embeddings."""
+    digest = hashlib.sha256()
+    for part in context:
+        digest.update(f"{len(part)}:{part}".encode())
+    with torch.no_grad():
+        for name, tensor in module.state_dict().items():
+            digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}:".encode())
+            digest.update(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()[:16]
 
 
 def load_encoder(
@@ -97,6 +115,11 @@ class _Weights(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+    def fingerprint(self) -> str:
+        """Its weights and image spec hashed: an encoder refitted into the same folder, under the same name, is
+        another encoder to the embeddings made with the old one."""
+        return weights_fingerprint(self, repr(self.image_spec))
 
 
 class HFDualEncoder(_Weights):

@@ -269,7 +269,8 @@ class AlignLM(nn.Module):
         num_items = batch.get("num_items_in_batch")
         denom = torch.as_tensor(num_items if num_items is not None else local_items, device=loss_sum.device)
         return AlignOutput(
-            lm_loss=loss_sum / denom.clamp(min=1),
+            # a global step's items shared by P ranks may be under one per rank (2 items, 4 ranks: 0.5); 0 is none
+            lm_loss=loss_sum / torch.where(denom > 0, denom, 1),
             lm_loss_sum=loss_sum.detach(),
             num_items=local_items,
             logits=self.lm_logits(hidden) if return_logits else None,

@@ -3,12 +3,17 @@
 Before the first step, every image the stage's records name is run once through the tower, exactly as the training
 step would run it (same device, same autocast), and the features are written to the tower's cache folder; then the
 dataset reads them instead of the images. Images already cached (an earlier stage, an earlier run, another sweep
-point with the same tower) are not recomputed. Data-parallel ranks split the missing images and wait for each other.
+point with the same tower) are not recomputed, unless their file changed since (size or modification time). An image
+that cannot be read is left out of the cache (a batch that fails is read again image by image), so its samples fail
+as they would without the cache, by ``data.on_error``. Data-parallel ranks split the missing images and wait for each
+other.
 """
 
 from __future__ import annotations
 
-import hashlib
+import logging
+import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,24 +21,39 @@ import torch
 from accelerate import Accelerator
 from omegaconf import OmegaConf
 
-from alignlm.data.feature_cache import FeatureCache, FeatureCacheHook
+from alignlm.data.feature_cache import FeatureCache, FeatureCacheHook, file_stamp, image_key
 from alignlm.data.llava import LlavaDataset
+from alignlm.data.records import DataError
+from alignlm.models.encoders import weights_fingerprint
 from alignlm.models.mllm import AlignLM
+
+log = logging.getLogger(__name__)
 
 BATCH = 32  # images per tower forward while filling
 SHARD = 4096  # images per cache shard
 
 
 def tower_fingerprint(model: AlignLM, vision_cfg: Any) -> str:
-    """The tower's config and the bytes of every weight, hashed: any change of a weight, a swap of two rows
-    included, is another cache (once a sum and a sum of squares per tensor, which a swap leaves equal)."""
-    digest = hashlib.sha256(OmegaConf.to_yaml(vision_cfg, resolve=True).encode())
-    with torch.no_grad():
-        for name, tensor in model.vision.state_dict().items():
-            digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}:".encode())
-            digest.update(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
-    digest.update(repr(model.image_spec).encode())
-    return digest.hexdigest()[:16]
+    """The tower's config, the bytes of every weight and its image spec, hashed: any change of a weight is another
+    cache."""
+    return weights_fingerprint(model.vision, OmegaConf.to_yaml(vision_cfg, resolve=True), repr(model.image_spec))
+
+
+def readable(dataset: LlavaDataset, paths: Sequence[Path]) -> tuple[list[Path], torch.Tensor | None]:
+    """The images of ``paths`` that can be read and their pixels: a batch that fails is read image by image, and an
+    image that fails is left out (not cached, its samples fail as without the cache, by ``data.on_error``)."""
+    try:
+        return list(paths), dataset.load_visuals(list(paths))["pixel_values"]
+    except DataError:
+        pass
+    kept, pixels = [], []
+    for path in paths:
+        try:
+            pixels.append(dataset.load_visuals([path])["pixel_values"])
+        except DataError:
+            continue
+        kept.append(path)
+    return kept, torch.cat(pixels) if pixels else None
 
 
 def attach_feature_cache(
@@ -58,19 +78,34 @@ def attach_feature_cache(
     cache = FeatureCache(root / tower_fingerprint(model, vision_cfg))
     paths = sorted({p for src, _, rec in dataset.distinct_records() for p in src.image_paths(rec)})
     missing = cache.missing(paths)
+    changed = [p for p in missing if image_key(p) in cache.where]
+    if changed and acc.is_main_process:
+        log.info(
+            "feature cache: %d images changed since their features were cached (size or modification time), "
+            "computing them again, e.g. %s",
+            len(changed),
+            changed[0],
+        )
     mine = missing[acc.process_index :: acc.num_processes]
     was_training = model.vision.training
     model.vision.eval()
     for start in range(0, len(mine), SHARD):
-        chunk = mine[start : start + SHARD]
-        feats = []
-        for b in range(0, len(chunk), BATCH):
-            pixels = dataset.load_visuals(chunk[b : b + BATCH])["pixel_values"].to(acc.device)
+        part = mine[start : start + SHARD]
+        chunk, stamps, feats = [], [], []
+        for b in range(0, len(part), BATCH):
+            batch = part[b : b + BATCH]
+            before = dict(zip(batch, map(file_stamp, batch)))  # before reading: an edit meanwhile is seen next time
+            kept, pixels = readable(dataset, batch)
+            if pixels is None:
+                continue
             with torch.no_grad(), acc.autocast():
-                feats.append(model.vision(pixels).cpu())
-        cache.write(f"rank{acc.process_index}_{len(cache.where):09d}", chunk, torch.cat(feats))
+                feats.append(model.vision(pixels.to(acc.device)).cpu())
+            chunk += kept
+            stamps += [before[p] for p in kept]
+        if chunk:  # a unique name: a concurrent run or rank never replaces another's shard
+            cache.write(f"rank{acc.process_index}_{uuid.uuid4().hex}", chunk, stamps, torch.cat(feats))
     model.vision.train(was_training)
     acc.wait_for_everyone()
     cache = FeatureCache(cache.folder)  # every rank's shards
-    dataset.set_visual_hook(FeatureCacheHook(cache))
+    dataset.set_visual_hook(FeatureCacheHook(cache, dataset.max_image_pixels))
     return cache

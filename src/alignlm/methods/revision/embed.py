@@ -6,14 +6,16 @@ Inputs are image folders or LLaVA JSON/JSONL (its images), and text files (one c
 JSON/JSONL (the first assistant turn, the caption in LLaVA pretraining data).
 
 Items are cut into shards of ``shard_size`` in input order; shard ``k`` is
-``OUT/<modality>/shard_<k>.safetensors`` (float32 ``embeddings`` with ``ids``, ``encoder`` and ``modality``
-metadata, see :mod:`alignlm.methods.revision.shards`). Shards are written whole and atomically, so a rerun skips
-the finished ones (after checking they hold the expected ids) and resumes at the first missing one.
+``OUT/<modality>/shard_<k>.safetensors`` (float32 ``embeddings`` with ``ids``, ``encoder``, ``encoder_fingerprint``
+and ``modality`` metadata, see :mod:`alignlm.methods.revision.shards`). Shards are written whole and atomically, so a
+rerun skips the finished ones (after checking they hold the expected ids) and resumes at the first missing one; a
+shard of an encoder of the same name with other weights (refitted into the same folder) is embedded again.
 Embeddings are stored as the encoder returns them (not normalised); ReAlign normalises.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,6 +26,8 @@ from alignlm.data.images import load_rgb
 from alignlm.data.records import image_names, image_paths, read_records, record_caption
 from alignlm.methods.revision.shards import open_shard, shard_metadata, write_shard
 from alignlm.models.encoders import DualEncoder
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 MODALITIES = ("images", "texts")
@@ -88,8 +92,9 @@ def embed_items(
     encode = encoder.encode_images if modality == "images" else encoder.encode_texts
     n_shards = (len(items) + shard_size - 1) // shard_size
     paths = [folder / f"shard_{k:05d}.safetensors" for k in range(n_shards)]
+    fingerprint = encoder.fingerprint()
     done = [
-        _finished(p, [i for i, _ in items[k * shard_size : (k + 1) * shard_size]], encoder.name)
+        _finished(p, [i for i, _ in items[k * shard_size : (k + 1) * shard_size]], encoder.name, fingerprint)
         for k, p in enumerate(paths)
     ]
     bar = tqdm(
@@ -108,13 +113,16 @@ def embed_items(
             batch = [x for _, x in shard[start : start + batch_size]]
             parts.append(encode([load_rgb(p) for p in batch] if modality == "images" else batch))
             bar.update(len(batch))
-        write_shard(path, torch.cat(parts).float(), shard_metadata([i for i, _ in shard], encoder.name, modality))
+        meta = shard_metadata([i for i, _ in shard], encoder.name, modality, encoder_fingerprint=fingerprint)
+        write_shard(path, torch.cat(parts).float(), meta)
     bar.close()
     return paths
 
 
-def _finished(path: Path, ids: list[str], encoder: str) -> bool:
-    """Whether a shard already holds exactly these ids from this encoder; a mismatch is an error, not a redo."""
+def _finished(path: Path, ids: list[str], encoder: str, fingerprint: str) -> bool:
+    """Whether a shard already holds exactly these ids from this encoder, its weights as they are now. Other ids or
+    another encoder's name are an error, not a redo; other weights under the same name (an encoder refitted into its
+    folder: `alignlm dual-encoder fit` writes one default name) are a redo."""
     if not path.exists():
         return False
     shard = open_shard(path)
@@ -123,4 +131,13 @@ def _finished(path: Path, ids: list[str], encoder: str) -> bool:
             f"{path} exists but holds other items or another encoder ({shard.encoder!r}, want {encoder!r}): "
             "the input changed since it was written; use a new --out folder or delete it"
         )
+    if shard.encoder_fingerprint != fingerprint:
+        log.warning(
+            "%s was embedded by %s with other weights (fingerprint %s, now %s): the encoder changed, embedding again",
+            path,
+            encoder,
+            shard.encoder_fingerprint,
+            fingerprint,
+        )
+        return False
     return True

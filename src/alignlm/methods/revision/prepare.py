@@ -2,11 +2,13 @@
 
 Three steps, each skipped when its output exists, so a rerun goes straight to training:
 ``ensure_encoder`` fits the offline dual encoder into the encoder folder when it is missing and ``fit`` says how;
-``ensure_embeddings`` embeds the images and captions (``alignlm embed``: resumable shards); ``ensure_realign`` fits
-ReAlign's statistics. The text-embedding data hook applies them to each caption embedding as it reads it (the same
-float64 map as ``alignlm realign apply``), so switching ReAlign off for the ablation (``revision.realign=null``)
-changes one knob and no files. The pretraining stage (which reads caption embeddings) names all three; the
-finetuning stage only the encoder (its vision tower), so a finetune-only run fits nothing else.
+``ensure_embeddings`` embeds the images and captions (``alignlm embed``: resumable shards, embedded again when the
+encoder's weights changed: a refitted encoder keeps its folder and name); ``ensure_realign`` fits ReAlign's statistics
+(again when the shards' encoder fingerprint is not the one they were fitted on). The text-embedding data hook applies
+them to each caption embedding as it reads it (the same float64 map as ``alignlm realign apply``), so switching
+ReAlign off for the ablation (``revision.realign=null``) changes one knob and no files. The pretraining stage (which
+reads caption embeddings) names all three; the finetuning stage only the encoder (its vision tower), so a
+finetune-only run fits nothing else.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 from alignlm.methods.revision.embed import collect_images, collect_texts, embed_items
 from alignlm.methods.revision.realign import ReAlignStats, fit
+from alignlm.methods.revision.shards import list_shards
 from alignlm.models.device import default_device
 from alignlm.models.encoder_fit import fit_encoder
 from alignlm.models.encoders import MANIFEST, load_encoder
@@ -55,8 +58,16 @@ def ensure_embeddings(
     embed_items(model, "texts", [item for source in texts for item in collect_texts(source)], embeddings, **knobs)
 
 
+def _embedded_by(embeddings: str | Path) -> str:
+    """The encoder fingerprints of the image and caption shards, joined (empty where a shard stores none)."""
+    folder = Path(embeddings)
+    shards = list_shards([folder / "images", folder / "texts"])
+    return ",".join(sorted({s.encoder_fingerprint or "" for s in shards}))
+
+
 def ensure_realign(embeddings: str, realign: str | None, covariance: float | None = None) -> None:
-    """ReAlign's statistics of the image and caption shards, written to ``realign`` when missing (null: no ReAlign).
+    """ReAlign's statistics of the image and caption shards, written to ``realign`` when missing or fitted on shards
+    of other encoder weights (null: no ReAlign).
 
     ``covariance`` (null: the paper's trace step; a shrinkage: Anchor + Covariance) must agree with an existing file,
     so changing the knob never silently reuses statistics fitted the other way.
@@ -65,16 +76,27 @@ def ensure_realign(embeddings: str, realign: str | None, covariance: float | Non
         return
     path = Path(realign)
     covariance = None if covariance is None else float(covariance)
+    fingerprint = _embedded_by(embeddings)
     if path.exists():
-        stored = ReAlignStats.load(path).covariance
-        if stored != covariance:
+        stored = ReAlignStats.load(path)
+        if stored.covariance != covariance:
             raise ValueError(
-                f"revision.realign={path} was fitted with covariance={stored}, but revision.covariance="
+                f"revision.realign={path} was fitted with covariance={stored.covariance}, but revision.covariance="
                 f"{covariance}: point revision.realign at another file, or delete this one to refit"
             )
-        return
+        if stored.extra.get("encoder_fingerprint") == fingerprint:
+            return
+        log.warning(
+            "revision: %s was fitted on embeddings of encoder fingerprint %s, %s now holds %s (the encoder changed): "
+            "fitting it again",
+            path,
+            stored.extra.get("encoder_fingerprint"),
+            embeddings,
+            fingerprint,
+        )
     folder = Path(embeddings)
     stats = fit(folder / "images", folder / "texts", covariance=covariance)
+    stats.extra["encoder_fingerprint"] = fingerprint
     stats.save(path)
     log.info(
         "revision: ReAlign statistics in %s (s=%.3f, covariance %s, gap before %.3f)",

@@ -2,7 +2,8 @@
 
 A shard set is a folder (or a list of files) of ``*.safetensors`` or ``*.npy`` files, read in name order.
 A safetensors shard holds one ``[n, d]`` tensor ``embeddings``; its metadata holds ``ids`` (a JSON list, one
-per row), ``encoder`` and ``modality``. A ``.npy`` shard is a bare ``[n, d]`` array (rows are their ids).
+per row), ``encoder`` and ``modality``, and from ``alignlm embed`` ``encoder_fingerprint`` (the encoder's weights
+hashed). A ``.npy`` shard is a bare ``[n, d]`` array (rows are their ids).
 Shards are read in row chunks (memory-mapped ``.npy``, sliced safetensors), so a set larger than memory
 streams, and written to a temporary name and renamed, so a file that exists is complete. ``ShardTable``
 finds rows by id instead (ReVision's text-only data), memory-mapped, so it too works on sets larger than memory.
@@ -44,6 +45,11 @@ class Shard:
     @property
     def encoder(self) -> str | None:
         return self.metadata.get("encoder")
+
+    @property
+    def encoder_fingerprint(self) -> str | None:
+        """The weights of the encoder that wrote it, hashed (``DualEncoder.fingerprint``); None when not stored."""
+        return self.metadata.get("encoder_fingerprint")
 
     def chunks(self, rows: int) -> Iterator[np.ndarray]:
         """The shard's rows, ``rows`` at a time, read from disk into one reused buffer (copy before the next).
