@@ -15,7 +15,7 @@ from alignlm.constants import IGNORE_INDEX
 from alignlm.data.collate import Collator, Skipped
 from alignlm.data.images import ImageSpec, pad_to_square, preprocess
 from alignlm.data.llava import LlavaDataset
-from alignlm.data.records import DataError, Source, mixture_index
+from alignlm.data.records import DataError, Source, mixture_index, reference_captions
 from alignlm.data.templates import get_template
 
 
@@ -238,3 +238,28 @@ def test_left_padding_for_generation(model, root):
     assert (batch["attention_mask"][:, -1] == 1).all() and batch["attention_mask"][0, 0] == 0
     text = model.tokenizer.decode(batch["input_ids"][0][batch["attention_mask"][0].bool()])
     assert text.endswith("ASSISTANT:")
+
+
+def test_an_evaluation_record_with_no_user_turn_is_malformed_at_start_up(model, root):
+    """It passed start-up and failed when asked, with ``max() arg is an empty sequence`` naming no record."""
+    records = [
+        record("asked"),
+        {"id": "only-answer", "answer": "red", "conversations": [{"from": "gpt", "value": "red"}]},
+    ]
+    with pytest.raises(DataError, match=r"record 1 \(id='only-answer'\): an evaluation record needs a user turn"):
+        dataset(model, records, root, for_generation=True, on_error="raise")
+    ds = dataset(model, records, root, for_generation=True)
+    assert len(ds) == 1 and ds.report.counts == {"malformed record": 1} and ds[0]["id"] == "asked"
+
+
+def test_reference_captions_are_a_list_of_texts_never_the_characters_of_one(model, root):
+    """A string ``captions`` was split into its characters and ``[null, 3]`` became 'None' and '3': an exact caption
+    scored BLEU 0. Refused naming the record, and by an evaluation set at start-up, before anything is generated."""
+    captioned = {**record("c1"), "captions": ["A red square.", "A square in red."]}
+    assert reference_captions(captioned) == ["A red square.", "A square in red."]
+    assert reference_captions(record("c1")) == ["red"]  # no captions: the last answer
+    for captions in ("A red square.", [None, 3], [], ["A red square.", " "]):
+        with pytest.raises(DataError, match="record id='c1': 'captions' must be a non-empty list of non-empty strings"):
+            reference_captions({**captioned, "captions": captions})
+    with pytest.raises(DataError, match=r"id='c1'\): 'captions' must be a non-empty list"):
+        dataset(model, [{**captioned, "captions": "A red square."}], root, for_generation=True, on_error="raise")

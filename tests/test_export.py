@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from alignlm.commands import main
 from alignlm.constants import IMAGE_TOKEN
@@ -313,6 +314,40 @@ def test_a_llava_folder_is_imported_with_its_image_statistics_or_refused_naming_
         vision_from_llava(str(siglip))
     with pytest.raises(ConfigError, match="is not a transformers Llava folder"):
         vision_from_llava(str(tmp_path))
+
+
+def test_a_llava_folder_holding_nan_weights_is_refused_naming_the_tensor(tiny_model, tmp_path):
+    """init_from a Llava folder loaded NaN weights, where a final/ refuses them."""
+    folder = _llava_folder(tiny_model(), tmp_path / "a")
+    weights = load_file(str(folder / "model.safetensors"))
+    name = next(k for k in sorted(weights) if "linear_1.weight" in k)
+    weights[name].view(-1)[0] = float("nan")
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    target = tiny_model()
+    before = target.connector.proj[0].weight.clone()
+    with pytest.raises(ValueError, match=rf"hold NaN: \['[\w.]*{re.escape(name)}'\] \(1 tensors of the Llava folder"):
+        load_llava_weights(target, folder)
+    assert torch.equal(target.connector.proj[0].weight, before)
+
+
+def test_a_llava_folders_image_statistics_are_three_finite_numbers_or_refused_naming_the_field(tiny_model, tmp_path):
+    """An image std of 0 in the folder's image processor made every pixel inf; a mean of one number or of strings
+    failed only once training read an image."""
+    from alignlm.config import ConfigError
+    from alignlm.export.hf_llava import vision_from_llava
+
+    folder = _llava_folder(tiny_model(), tmp_path / "a")
+    processor = json.loads((folder / "processor_config.json").read_text())
+    for field, value in (
+        ("image_std", [0.0, 0.0, 0.0]),
+        ("image_std", [0.25, float("nan"), 0.25]),
+        ("image_mean", [0.5]),
+        ("image_mean", ["0.5", "0.5", "0.5"]),
+    ):
+        image = {**processor["image_processor"], field: value}
+        (folder / "processor_config.json").write_text(json.dumps({**processor, "image_processor": image}))
+        with pytest.raises(ConfigError, match=re.escape(f"processor_config.json: image_processor.{field}={value!r}")):
+            vision_from_llava(str(folder))
 
 
 def test_export_never_writes_over_its_checkpoint_or_another_folder(colour_set, tmp_path, capsys):

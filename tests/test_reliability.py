@@ -352,6 +352,12 @@ def test_every_reader_of_records_keeps_image_paths_inside_their_root(root, monke
             load_probe_set(root / "bad.json")
         with pytest.raises(DataError, match="bad.json: record id=x: image path .* leaves image_root"):
             record_images([root / "bad.json"])
+    # a list of one image is one image; a record that is not an object is named, not an AttributeError
+    (root / "listed.json").write_text(json.dumps([{**c, "image": [c["image"]]} for c in captions]))
+    assert load_probe_set(root / "listed.json").ids == ["0", "1", "2"]
+    (root / "odd.json").write_text(json.dumps([*captions, "not a record"]))
+    with pytest.raises(DataError, match=r"odd.json: record .*odd.json#3 is a str, not an object"):
+        load_probe_set(root / "odd.json")
     monkeypatch.chdir(root)  # a relative root, "." included, is the folder it names
     assert Source("ok.json").image_paths(captions[0]) == [Path("images/0.png")]
     assert image_problem(captions[0], Source("ok.json", image_root=".")) is None

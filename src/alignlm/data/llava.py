@@ -35,6 +35,7 @@ from alignlm.data.records import (
     DataError,
     Source,
     cause_of,
+    generation_problem,
     image_names,
     image_problem,
     mixture_index,
@@ -120,6 +121,8 @@ class LlavaDataset(Dataset):
                 problem, cause = record_problem(rec), MALFORMED
                 if problem is None and preference:
                     problem = preference_problem(rec)
+                if problem is None and for_generation:
+                    problem = generation_problem(rec)
                 if problem is None:
                     problem, cause = image_problem(rec, src), OUTSIDE_ROOT
                 if problem is None:

@@ -137,6 +137,26 @@ def preference_problem(record: dict[str, Any]) -> str | None:
     return None
 
 
+def generation_problem(record: dict[str, Any]) -> str | None:
+    """Why a record of an evaluation set cannot be asked and scored (the model answers up to its last user turn, and
+    a caption set scores against its ``captions``), or None."""
+    roles = [turn.role for turn in to_turns(record["conversations"])]
+    if "user" not in roles:
+        return f"an evaluation record needs a user turn for the model to answer; its turns are {roles}"
+    return captions_problem(record)
+
+
+def captions_problem(record: dict[str, Any]) -> str | None:
+    """Why a record's ``captions`` (its reference captions, when present) cannot be scored against, or None: a string
+    was read as its characters and ``[null, 3]`` as the texts 'None' and '3'."""
+    captions = record.get("captions")
+    if captions is None or (
+        isinstance(captions, list) and captions and all(isinstance(c, str) and c.strip() for c in captions)
+    ):
+        return None
+    return f"'captions' must be a non-empty list of non-empty strings, got {captions!r}"
+
+
 def image_names(record: dict[str, Any]) -> list[str]:
     """The record's ``image`` entries as written, in reading order (one path, a list, or absent)."""
     images = record.get("image")
@@ -204,11 +224,14 @@ def record_caption(record: dict[str, Any]) -> str | None:
 
 def reference_captions(record: dict[str, Any]) -> list[str]:
     """A record's reference captions for scoring: its ``captions`` list, else its last assistant turn."""
-    if record.get("captions"):
-        return [str(c) for c in record["captions"]]
+    problem = captions_problem(record)
+    if problem is not None:
+        raise DataError(f"record id={record.get('id')!r}: {problem}")
+    if record.get("captions") is not None:
+        return list(record["captions"])
     turns = [t["value"] for t in record.get("conversations", []) if t.get("from") in ASSISTANT_ROLES]
     if not turns:
-        raise ValueError(
+        raise DataError(
             f"record id={record.get('id')!r} has neither 'captions' nor an assistant turn to use as reference"
         )
     return [str(turns[-1])]

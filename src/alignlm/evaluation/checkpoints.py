@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from alignlm.models.build import build_model
 from alignlm.models.io import load_checkpoint_config, load_model, load_part_state, safe_model_config
 from alignlm.training.checkpoint import load_init, resolve_init, step_dirs, verify
+from alignlm.training.logging import read_rows
 from alignlm.training.stages import apply_stage, merge_lora
 
 
@@ -61,9 +62,8 @@ def _steps(stage_dir: Path) -> list[Path]:
 
 def _last_logged_step(stage_dir: Path) -> int | None:
     """The step of the last row of a stage's ``metrics.jsonl``: where its ``final/`` was written."""
-    log = stage_dir / "metrics.jsonl"
-    rows = [line for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
-    return int(json.loads(rows[-1])["step"]) if rows else None
+    rows = read_rows(stage_dir / "metrics.jsonl")
+    return int(rows[-1]["step"]) if rows else None
 
 
 def _one(p: Path) -> Checkpoint:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 import shutil
 from pathlib import Path
@@ -36,7 +37,7 @@ from alignlm.config import ConfigError
 from alignlm.constants import IMAGE_TOKEN
 from alignlm.data.templates import get_template, turn_end
 from alignlm.models.connectors.mlp import MLPConnector
-from alignlm.models.io import config_yaml, load_checkpoint_config, load_model
+from alignlm.models.io import check_finite, config_yaml, load_checkpoint_config, load_model
 from alignlm.models.mllm import AlignLM
 from alignlm.models.vision import HFVisionTower
 
@@ -327,7 +328,8 @@ def load_llava_weights(model: AlignLM, path: str | Path) -> None:
     """Copy a transformers Llava checkpoint's weights into ``model`` (``init_from`` a Llava folder).
 
     Loading through ``LlavaForConditionalGeneration.from_pretrained`` accepts every key layout transformers
-    accepts (including checkpoints converted before its 2025 renaming); shapes must match ``model``'s config.
+    accepts (including checkpoints converted before its 2025 renaming); shapes must match ``model``'s config, and
+    every weight must be finite (as ``final/`` weights must).
     """
     hf = LlavaForConditionalGeneration.from_pretrained(str(path), dtype=model.llm.get_input_embeddings().weight.dtype)
     strategy = check_exportable(model)
@@ -342,6 +344,7 @@ def load_llava_weights(model: AlignLM, path: str | Path) -> None:
             f"init_from={path}: the Llava config disagrees with model config (Llava value, ours): {wrong}; "
             "build the model with model=llava_hf model.path=<that folder>"
         )
+    check_finite(hf.state_dict(), f"the Llava folder {path}")
     for name, dst, src in _pairs(model, hf):
         try:
             dst.load_state_dict(src.state_dict(), strict=True)
@@ -404,17 +407,35 @@ def _own_fields(config: Any) -> dict[str, Any]:
 
 def _image_norm(path: str) -> dict[str, Any]:
     """The mean/std the folder's image processor normalises with, if it has one: ``preprocessor_config.json``, or the
-    ``image_processor`` entry of ``processor_config.json``, where transformers 5 (and alignlm's export) write it."""
+    ``image_processor`` entry of ``processor_config.json``, where transformers 5 (and alignlm's export) write it.
+    Each must be 3 finite numbers, the std's above 0: a std of 0 made every pixel inf, and a short list or strings
+    failed only once training read an image."""
     folder = Path(path)
     found: dict[str, Any] = {}
+    where = ""
     if (folder / "processor_config.json").exists():
         found = json.loads((folder / "processor_config.json").read_text()).get("image_processor") or {}
+        where = f"{folder / 'processor_config.json'}: image_processor."
     if (folder / "preprocessor_config.json").exists():
         found = json.loads((folder / "preprocessor_config.json").read_text())
+        where = f"{folder / 'preprocessor_config.json'}: "
     if found.get("do_center_crop") and not found.get("do_pad"):
         logging.getLogger("alignlm").warning(
             "%s: its image processor resizes and crops the centre; alignlm pads to a square with the mean colour, as "
             "LLaVA-1.5 trained, so its pixels (and answers) differ from transformers' own preprocessing of this folder",
             path,
         )
-    return {k: found[k] for k in ("image_mean", "image_std") if k in found}
+    norm = {k: found[k] for k in ("image_mean", "image_std") if k in found}
+    for key, value in norm.items():
+        numbers = isinstance(value, list) and len(value) == 3 and all(_finite_number(v) for v in value)
+        if not numbers or (key == "image_std" and min(value) <= 0):
+            raise ConfigError(
+                f"{where}{key}={value!r}: alignlm needs 3 finite numbers, one per colour channel"
+                f"{', each above 0' if key == 'image_std' else ''}"
+            )
+    return norm
+
+
+def _finite_number(value: Any) -> bool:
+    """A JSON number that is finite (not a bool, a string or null)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -161,26 +161,61 @@ def check_known_keys(state: Mapping[str, Any], model_state: Mapping[str, Any]) -
         )
 
 
-def load_part_state(model: nn.Module, state: dict[str, torch.Tensor], parts: Iterable[str]) -> None:
-    """Load part weights strictly: every key of these parts must arrive unless it is tied to one that did.
+def load_part_state(
+    model: nn.Module, state: dict[str, torch.Tensor], parts: Iterable[str], source: str = "the checkpoint"
+) -> None:
+    """Load part weights strictly: every key of these parts must arrive unless it is tied to one that did, each of
+    the model's shape and kind and finite (``source`` names where they came from in an error).
 
     A part may define ``adapt_state(sub_state) -> sub_state`` to accept another layout of its weights (the MoE
     connector upcycles a dense connector's weights this way).
     """
     state = adapt_parts(model, state, parts)
-    nan = [k for k, v in state.items() if v.is_floating_point() and bool(torch.isnan(v).any())]
-    if nan:
-        raise ValueError(f"checkpoint weights hold NaN: {sorted(nan)[:5]} ({len(nan)} tensors); nothing was loaded")
+    check_finite(state, source)
     full = model.state_dict()
     wanted = {k for k in full if k.split(".", 1)[0] in set(parts)}
     check_known_keys(state, full)
+    check_fits(state, full, source)
     loaded_ptrs = {full[k].data_ptr() for k in state}
     missing = [k for k in wanted - set(state) if full[k].data_ptr() not in loaded_ptrs]
     if missing:
         raise KeyError(f"checkpoint lacks weights for {sorted(missing)[:5]} ({len(missing)} in all)")
     with torch.no_grad():
         for k, v in state.items():
-            full[k].copy_(v.to(full[k].dtype))
+            full[k].copy_(v)
+
+
+def check_finite(state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuse weights holding NaN or inf before any is copied, naming them: they would surface later as a loss of nan
+    or a linear-algebra error in a metric."""
+    bad = sorted(k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if bad:
+        held = [
+            name
+            for name, test in (("NaN", torch.isnan), ("inf", torch.isinf))
+            if any(test(state[k]).any() for k in bad)
+        ]
+        raise ValueError(
+            f"checkpoint weights hold {' and '.join(held)}: {bad[:5]} ({len(bad)} tensors of {source}); nothing was "
+            "loaded"
+        )
+
+
+def check_fits(state: Mapping[str, torch.Tensor], model_state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuse a weight of another shape or kind than the model's, naming it: ``copy_`` broadcast a ``[32]`` row over a
+    ``[32, 32]`` matrix and cast integers and booleans into floating weights, so another config's weights loaded."""
+    for k, v in state.items():
+        own = model_state[k]
+        if v.shape != own.shape:
+            raise ValueError(
+                f"weight {k} of {source} has shape {list(v.shape)} where the model's is {list(own.shape)} (was it "
+                "built from another config?); nothing was loaded"
+            )
+        if not (v.dtype == own.dtype or (v.is_floating_point() and own.is_floating_point())):
+            raise ValueError(
+                f"weight {k} of {source} is {v.dtype} where the model's is {own.dtype} (a floating weight takes "
+                "floating values, any other its own dtype; was it built from another config?); nothing was loaded"
+            )
 
 
 def adapt_parts(model: nn.Module, state: dict[str, torch.Tensor], parts: Iterable[str]) -> dict[str, torch.Tensor]:
@@ -205,11 +240,11 @@ def final_parts(final_dir: Path) -> list[str]:
 
 def load_final_weights(model: nn.Module, final_dir: Path) -> list[str]:
     """Overlay a ``final/`` checkpoint's weights onto a freshly built model; returns the parts loaded."""
-    final_dir = Path(final_dir)
-    if not (final_dir / "model.safetensors").exists():
+    weights = Path(final_dir) / "model.safetensors"
+    if not weights.exists():
         raise FileNotFoundError(f"{final_dir} is not a final checkpoint (no model.safetensors)")
-    parts = final_parts(final_dir)
-    load_part_state(model, load_file(str(final_dir / "model.safetensors")), parts)
+    parts = final_parts(Path(final_dir))
+    load_part_state(model, load_file(str(weights)), parts, str(weights))
     return parts
 
 

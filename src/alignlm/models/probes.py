@@ -21,7 +21,7 @@ from torch import Tensor
 
 from alignlm.config import ConfigError
 from alignlm.data.images import load_rgb, preprocess
-from alignlm.data.records import image_paths, read_records, reference_captions
+from alignlm.data.records import DataError, image_names, image_paths, read_records, record_id, reference_captions
 from alignlm.geometry import metrics as M
 from alignlm.geometry.suite import pair_metrics
 
@@ -50,9 +50,13 @@ def load_probe_set(path: str | Path, n: int | None = None, image_root: str | Non
     for i, rec in enumerate(read_records(path)):
         if n is not None and len(probe.ids) >= n:
             break
-        if not isinstance(rec.get("image"), str):
+        if not isinstance(rec, dict):
+            raise DataError(
+                f"probe set {path}: record {record_id(rec, path, i)} is a {type(rec).__name__}, not an object"
+            )
+        if len(image_names(rec)) != 1:  # one path, or a list of one
             continue
-        probe.ids.append(str(rec.get("id", f"{path}#{i}")))
+        probe.ids.append(record_id(rec, path, i))
         probe.images.append(image_paths(rec, root)[0])
         probe.captions.append(reference_captions(rec)[0])
     if len(probe.ids) < 3:

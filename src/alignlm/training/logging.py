@@ -78,14 +78,35 @@ class MetricsLogger:
             self.wandb.finish()
 
 
-def _drop_rows_after(path: Path, step: int) -> None:
-    """A resumed run repeats the steps after its checkpoint: forget their first, unfinished record."""
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a ``metrics.jsonl`` (none if it does not exist). A last row that is not a JSON object was cut short
+    (disk full, a node lost mid-write): left out with a warning naming the file and line. Any other such row is
+    damage this writer never makes: an error naming the file and line."""
     if not path.exists():
-        return
-    rows = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    kept = [line for line in rows if json.loads(line).get("step", 0) <= step]
-    if len(kept) != len(rows):
-        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        return []
+    lines = [(n, line) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+    rows = []
+    for n, line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        elif n == lines[-1][0]:
+            logging.getLogger("alignlm").warning("%s:%d: the last row was cut short (%r); left out", path, n, line[:80])
+        else:
+            raise ValueError(f"{path}:{n}: not a JSON object ({line[:80]!r}); mend or delete that line")
+    return rows
+
+
+def _drop_rows_after(path: Path, step: int) -> None:
+    """A resumed run repeats the steps after its checkpoint: forget their first, unfinished record (and a row cut
+    short, which the next row would otherwise continue on its line)."""
+    rows = read_rows(path)
+    kept = "".join(json.dumps(row) + "\n" for row in rows if row.get("step", 0) <= step)
+    if path.exists() and kept != path.read_text(encoding="utf-8"):
+        path.write_text(kept, encoding="utf-8")
 
 
 def summary_table(title: str, rows: Mapping[str, Any]) -> str:

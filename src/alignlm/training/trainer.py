@@ -49,7 +49,7 @@ from alignlm.objectives.base import Objective, check_batch, check_min_batch
 from alignlm.training import checkpoint as ckpt
 from alignlm.training import sharding, zero
 from alignlm.training.feature_cache import attach_feature_cache
-from alignlm.training.logging import MetricsLogger, get_logger, summary_table
+from alignlm.training.logging import MetricsLogger, get_logger, read_rows, summary_table
 from alignlm.training.monitor import AlignmentMonitor
 from alignlm.training.optim import build_optimizer
 from alignlm.training.sampler import StepSampler
@@ -825,9 +825,7 @@ class Trainer:
 
     def logged_losses(self) -> list[float]:
         """Every finite ``loss/total`` of the stage's ``metrics.jsonl`` (all segments; the main process writes it)."""
-        path = self.dir / "metrics.jsonl"
-        rows = [json.loads(r) for r in path.read_text().splitlines() if r.strip()] if path.exists() else []
-        return [r["loss/total"] for r in rows if r.get("loss/total") is not None]
+        return [r["loss/total"] for r in read_rows(self.dir / "metrics.jsonl") if r.get("loss/total") is not None]
 
     def merged_report(self) -> DataReport:
         """Every rank's report summed (an all-gather of a small object)."""
