@@ -78,6 +78,19 @@ def test_a_hostile_config_runs_nothing(final_dir, tmp_path):
     assert victim.read_text() == "precious" and not (tmp_path / "out").exists()
 
 
+def test_a_checkpoint_config_naming_hub_kernels_for_attention_is_refused(final_dir):
+    """transformers downloads and runs a Hub repository's kernels for ``attn_implementation="<org>/<repo>"`` without
+    asking for trust_remote_code: from a checkpoint's config that is code, refused unless allowed."""
+    cfg = OmegaConf.load(final_dir / "config.yaml")
+    node = OmegaConf.to_container(cfg.model, resolve=True)
+    node["llm"]["attn_implementation"] = "kernels-community/flash-attn"
+    with pytest.raises(UnsafeConfigError, match=r"model.llm.attn_implementation='kernels-community/flash-attn' names"):
+        safe_model_config(node)
+    assert safe_model_config(node, allow_code=True).llm.attn_implementation == "kernels-community/flash-attn"
+    node["llm"]["attn_implementation"] = "sdpa"
+    assert safe_model_config(node).llm.attn_implementation == "sdpa"
+
+
 def test_a_handed_over_config_that_reads_the_environment_is_refused(final_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("ALIGNLM_TEST_SECRET", "hunter2")
     config = final_dir / "config.yaml"

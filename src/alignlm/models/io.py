@@ -96,6 +96,14 @@ def _check_targets(node: Any, key: str, allow_code: bool, trust_remote_code: boo
         return
     if "trust_remote_code" in node:
         node["trust_remote_code"] = trust_remote_code
+    attention = node.get("attn_implementation")
+    if isinstance(attention, str) and "/" in attention and not allow_code:
+        # transformers fetches and runs a Hub repository's kernels for "<org>/<repo>" (no trust_remote_code asked)
+        raise UnsafeConfigError(
+            f"{key}.attn_implementation={attention!r} names a Hub repository of kernels, code transformers would "
+            "download and run; a checkpoint is data, never code: rebuild it with allow_code=True (--allow-code) only "
+            "if you trust where it came from, or set a built-in attention (sdpa, eager, flash_attention_2, ...)"
+        )
     target = node.get("_target_")
     if target is not None and not allow_code and not _is_part_builder(str(target)):
         raise UnsafeConfigError(
