@@ -25,11 +25,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from alignlm.commands import main
+from alignlm.constants import IGNORE_INDEX
 from alignlm.data.build import build_dataset
 from alignlm.data.collate import Collator, Skipped
 from alignlm.data.images import load_rgb
 from alignlm.data.llava import LlavaDataset
-from alignlm.data.records import DataError, Source, image_problem, record_images
+from alignlm.data.records import TOO_LONG, DataError, Source, image_problem, record_images
 from alignlm.data.templates import get_template, special_ids, to_turns, tokenize
 from alignlm.models.io import UnsafeConfigError, config_yaml, load_checkpoint_config, load_model, safe_model_config
 from alignlm.models.probes import load_probe_set
@@ -329,6 +330,33 @@ def root(tmp_path) -> Path:
     (tmp_path / "outside").mkdir()
     Image.new("RGB", (20, 20)).save(tmp_path / "outside" / "secret.png")
     return data
+
+
+def test_images_without_placeholders_all_go_before_the_first_question(tiny_model, root):
+    """LLaVA's convention for a record with no <image>: the images before its first question, one slot per image (a
+    record of two images got one placeholder, counted as two, and was always skipped as malformed)."""
+    model = tiny_model()
+    two = record("two", ["images/0.png", "images/0.png"], question="Same colour?")
+    sample = dataset(model, [two, record("one", question="Colour?")], root)[0]
+    assert (
+        sample["n_images"] == 2
+        and int((sample["input_ids"] == model.image_token_id).sum()) == 2 * model.num_image_tokens
+    )
+
+
+def test_a_preference_pair_whose_final_answer_the_cut_would_lose_is_too_long_not_two_copies(tiny_model, root):
+    """A multi-turn prompt cut inside its last question by max_length: the final answers were cut away, and both
+    sides then supervised the same earlier answer of the prompt (a pair with no margin, kept as 'truncated'). The final
+    answer is chosen before the cut, so such a record is too long to cut."""
+    model = tiny_model()
+    prompt = record("p", image=None, question="q", answer="an earlier answer")
+    prompt["conversations"].append({"from": "human", "value": " ".join(["seven"] * 60)})
+    pair = dataset(model, [{**prompt, "chosen": "red", "rejected": "blue"}], root, preference=True, max_length=80)[0]
+    assert isinstance(pair, Skipped) and pair.cause == TOO_LONG
+    roomy = dataset(model, [{**prompt, "chosen": "red", "rejected": "blue"}], root, preference=True)[0]
+    for side, answer in zip(roomy, ("red", "blue")):
+        supervised = side["labels"][side["labels"] != IGNORE_INDEX]
+        assert model.tokenizer.decode(supervised).strip().startswith(answer)
 
 
 def test_bombs_and_escaping_paths_are_counted_under_skip_and_named_under_raise(tiny_model, root):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+from functools import lru_cache
+
 import pytest
 
 from alignlm.constants import IGNORE_INDEX, IMAGE_TOKEN
-from alignlm.data.templates import TemplateError, get_template, to_turns, tokenize
-from alignlm.models.tokenizer import build_tiny_tokenizer
+from alignlm.data.templates import TemplateError, TurnEnd, get_template, to_turns, tokenize, turn_end
+from alignlm.models.tokenizer import CHATML, build_tiny_tokenizer
 
 CONVERSATION = [
     {"from": "human", "value": "<image>\nWhat digit is shown in the image? Answer with a single number."},
@@ -143,6 +146,106 @@ def test_chat_template_without_prefix_property_raises():
     tok.chat_template = "{% for m in messages %}{% if loop.last %}LAST:{% endif %}{{ m['content'] }}|{% endfor %}"
     with pytest.raises(TemplateError, match="prefix"):
         get_template("chat").render(to_turns(CONVERSATION), tok)
+
+
+def test_a_chat_template_that_refuses_a_conversation_is_a_template_error():
+    """A template's raise_exception (Gemma: no system role) is alignlm's TemplateError, so the dataset skips and counts
+    the record under on_error=skip; jinja2's own error stopped the run."""
+    tok = _tiny()
+    tok.chat_template = (
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}" + CHATML
+    )
+    turns = to_turns([{"from": "system", "value": "Be brief."}, *CONVERSATION])
+    with pytest.raises(TemplateError, match="chat template refused this conversation.*System role not supported"):
+        get_template("chat").render(turns, tok)
+
+
+THREE_HASH = (  # an assistant turn that ends in plain text, no control token
+    "{% for m in messages %}{% if m['role'] == 'user' %}{{ '### Human: ' + m['content'] + '\\n' }}"
+    "{% else %}{{ '### Assistant: ' + m['content'] + '\\n\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '### Assistant: ' }}{% endif %}"
+)
+
+
+def test_a_chat_turn_that_ends_in_text_supervises_that_text_and_stops_there():
+    """The text that closes an assistant turn is learnt and ends generation, as ``plain``'s newline does (it was
+    stripped: the model never learnt to stop and generation ran to max_new_tokens)."""
+    tok = _tiny()
+    tok.chat_template = THREE_HASH
+    ids, labels = tokenize(get_template("chat").render(to_turns(CONVERSATION), tok), tok)
+    assert supervised_segments(ids, labels, tok) == [m["value"] + "\n\n" for m in CONVERSATION if m["from"] == "gpt"]
+    assert turn_end(get_template("chat"), tok) == TurnEnd((), "\n\n")
+
+
+def test_a_chat_template_that_writes_nothing_after_an_answer_has_no_turn_end():
+    tok = _tiny()
+    tok.chat_template = THREE_HASH.replace(" + '\\n\\n'", "")
+    with pytest.raises(TemplateError, match="template 'chat' writes nothing after an answer"):
+        turn_end(get_template("chat"), tok)
+
+
+# ---- SentencePiece (Llama-style) tokenizers -------------------------------------------------------------------------
+
+ZEPHYR = (  # TinyLlama-Chat's template: the answer follows a newline
+    "{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + eos_token + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+MISTRAL = (  # Mistral-Instruct's: the answer follows "[/INST]"
+    "{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+    "{% else %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+
+
+@lru_cache(maxsize=2)
+def _llama_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A SentencePiece-style BPE vocabulary (pieces start with "▁", byte-fallback pieces) trained in memory."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    bpe.train_from_iterator([m["value"] for m in CONVERSATION] * 8, trainer=trainer)
+    model = json.loads(bpe.to_str())["model"]
+    vocab = dict(model["vocab"])
+    for b in range(256):
+        vocab.setdefault(f"<0x{b:02X}>", len(vocab))
+    return vocab, [tuple(m) for m in model["merges"]]
+
+
+def _llama(legacy: bool):
+    """transformers' own LlamaTokenizer (what AutoTokenizer gives for Llama-2, Vicuna, Mistral), offline."""
+    from transformers import LlamaTokenizer
+
+    vocab, merges = _llama_vocab()
+    return _with_image_token(LlamaTokenizer(vocab=vocab, merges=merges, legacy=legacy))
+
+
+@pytest.mark.parametrize("chat_template", [ZEPHYR, MISTRAL], ids=["zephyr", "mistral"])
+@pytest.mark.parametrize("legacy", [True, False], ids=["legacy", "not_legacy"])
+def test_a_sentencepiece_chat_answer_is_tokenized_as_the_whole_conversation(chat_template, legacy):
+    """Training sees the tokens the whole conversation gives (LLaVA, apply_chat_template(tokenize=True), the exported
+    processor): an answer after "\\n" or "]" starts "It", not the "▁It" of the answer tokenized alone; the prompt
+    is still the one generation tokenizes."""
+    tok = _llama(legacy)
+    tok.chat_template = chat_template
+    chat = get_template("chat")
+    ids, labels = tokenize(chat.render(to_turns(CONVERSATION), tok), tok)
+    assert ids.tolist() == tok(chat.render(to_turns(CONVERSATION), tok).text).input_ids
+    prompt, _ = tokenize(chat.render(to_turns(CONVERSATION[:1]), tok, add_generation_prompt=True), tok)
+    assert ids[: len(prompt)].tolist() == prompt.tolist() and (labels[: len(prompt)] == IGNORE_INDEX).all()
+    starts = [int(i) for k, i in enumerate(ids) if k and labels[k] != IGNORE_INDEX and labels[k - 1] == IGNORE_INDEX]
+    assert len(starts) == 2 and not any(t.startswith("▁") for t in tok.convert_ids_to_tokens(starts))
+
+
+def test_an_answer_that_would_merge_into_the_prompt_is_tokenized_alone(smollm2_tokenizer):
+    """Where the whole string would merge the prompt's last token into the answer ("\\n" + "  7" is "\\n " then " 7"
+    in SmolLM2), the answer is tokenized alone: training sees the prompt generation sees."""
+    tok, chat = smollm2_tokenizer, get_template("chat")
+    turns = to_turns([{"from": "human", "value": "Digit?"}, {"from": "gpt", "value": "  7"}])
+    prompt, _ = tokenize(chat.render(turns[:1], tok, add_generation_prompt=True), tok)
+    ids, labels = tokenize(chat.render(turns, tok), tok)
+    assert ids[: len(prompt)].tolist() == prompt.tolist() and (labels[: len(prompt)] == IGNORE_INDEX).all()
+    assert supervised_segments(ids, labels, tok) == ["  7<|im_end|>"]
 
 
 def _typed(conversation):

@@ -50,14 +50,14 @@ from alignlm.data.templates import Template, TemplateError, adds_bos, to_turns, 
 log = logging.getLogger(__name__)
 
 
-def last_answer_only(labels: torch.Tensor) -> torch.Tensor:
+def last_answer_only(labels: np.ndarray) -> np.ndarray:
     """``labels`` with every supervised token before the last contiguous supervised run masked out."""
-    supervised = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+    supervised = np.flatnonzero(labels != IGNORE_INDEX)
     if len(supervised) == 0:
         return labels
-    breaks = (supervised[1:] - supervised[:-1] > 1).nonzero().squeeze(1)
+    breaks = np.flatnonzero(np.diff(supervised) > 1)
     start = int(supervised[breaks[-1] + 1]) if len(breaks) else int(supervised[0])
-    out = labels.clone()
+    out = labels.copy()
     out[:start] = IGNORE_INDEX
     return out
 
@@ -228,16 +228,18 @@ class LlavaDataset(Dataset):
             return self.visual_hook.load_visuals(inputs)
         return {"pixel_values": torch.stack([self._image(p) for p in inputs]) if inputs else None}
 
-    def encode(self, src: Source, rec: dict[str, Any], rid: str) -> dict[str, Any]:
-        """Render, tokenize, expand image placeholders and load images for one record."""
+    def encode(self, src: Source, rec: dict[str, Any], rid: str, last_answer: bool = False) -> dict[str, Any]:
+        """Render, tokenize, expand image placeholders and load images for one record; ``last_answer``: supervise its
+        final assistant turn only, decided before the cut to ``max_length`` (a cut into the final answer's prompt
+        would otherwise leave an earlier answer supervised: a preference pair's two sides the same sample)."""
         images = self.visual_inputs(src, rec)
         turns = to_turns(rec["conversations"])
         # an image's place is an <image> in a user turn; anywhere else the characters are text (templates.tokenize)
         n_placeholders = sum(t.content.count(IMAGE_TOKEN) for t in turns if t.role == "user")
-        if images and n_placeholders == 0:  # LLaVA convention: the image goes before the first question
+        if images and n_placeholders == 0:  # LLaVA convention: the images go before the first question
             first = next((k for k, t in enumerate(turns) if t.role == "user"), None)
             if first is not None:
-                turns[first] = type(turns[first])("user", IMAGE_TOKEN + "\n" + turns[first].content)
+                turns[first] = type(turns[first])("user", IMAGE_TOKEN * len(images) + "\n" + turns[first].content)
                 n_placeholders = len(images)
         if n_placeholders != len(images):
             raise DataError(f"{n_placeholders} {IMAGE_TOKEN} placeholders but {len(images)} images")
@@ -245,6 +247,8 @@ class LlavaDataset(Dataset):
             turns = turns[: max(i for i, t in enumerate(turns) if t.role == "user") + 1]
         rendered = self.template.render(turns, self.tokenizer, add_generation_prompt=self.for_generation)
         ids, labels = tokenize(rendered, self.tokenizer)
+        if last_answer:
+            labels = last_answer_only(labels)
         if (slots := int((ids == self.image_token_id).sum())) != len(images):
             raise DataError(f"the template wrote {slots} {IMAGE_TOKEN} slots for {len(images)} images")
         if not self.for_generation and not (labels != IGNORE_INDEX).any():
@@ -276,9 +280,7 @@ class LlavaDataset(Dataset):
         pair = []
         for key in ("chosen", "rejected"):
             answered = {**rec, "conversations": [*rec["conversations"], {"from": "gpt", "value": rec[key]}]}
-            sample = self.encode(src, answered, rid)
-            sample["labels"] = last_answer_only(sample["labels"])
-            pair.append(sample)
+            pair.append(self.encode(src, answered, rid, last_answer=True))
         return pair[0], pair[1]
 
     def _image(self, path: Path) -> torch.Tensor:

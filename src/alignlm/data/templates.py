@@ -1,7 +1,7 @@
 """Prompt templates and label masks, derived from the template itself rather than string splitting.
 
 Each template renders a conversation into one string *and* records the character spans it wrote for
-the assistant turns (answer plus end-of-turn token). The whole string is tokenized once with offsets,
+the assistant turns (answer plus end of turn). The string is tokenized whole with offsets (see :func:`tokenize`),
 and a token is supervised when it overlaps an assistant span. This holds for any tokenizer, including
 BPE merges across boundaries, and a template that finds no assistant span raises instead of silently
 masking the sample (LLaVA's string-splitting failure mode).
@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import jinja2
 import numpy as np
 
 from alignlm.constants import IGNORE_INDEX, IMAGE_TOKEN
@@ -240,7 +241,13 @@ class ChatTemplate(Template):
         _check_alternation([Turn(m["role"], m["content"]) for m in dialog], self.name, add_generation_prompt)
 
         def render(msgs: list[dict[str, str]], gen: bool) -> str:
-            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+            try:
+                return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+            except jinja2.TemplateError as e:  # raise_exception(...) in the template: a record it does not take
+                roles = [m["role"] for m in msgs]
+                raise TemplateError(
+                    f"the tokenizer's chat template refused this conversation (roles {roles}): {e}"
+                ) from e
 
         text = render(messages, add_generation_prompt)
         spans, contents = [], []
@@ -252,10 +259,10 @@ class ChatTemplate(Template):
                     "the tokenizer's chat template does not render conversations prefix by prefix, "
                     "so turns cannot be located; use template vicuna_v1"
                 )
-            if m["role"] == "assistant":
-                spans.append((len(before), len(upto.rstrip())))
             marked = render([*messages[:i], {**m, "content": _MARK}], False)
             contents.append(_locate(m["content"], upto, marked.find(_MARK, len(before)), m["role"]))
+            if m["role"] == "assistant":
+                spans.append((len(before), _turn_close(upto, contents[-1][1], tokenizer)))
         return Rendered(text, tuple(spans), tuple(contents))
 
     def jinja(self, tokenizer: Any) -> str:
@@ -285,6 +292,17 @@ _JINJA_USER_IMAGE_FIRST = (
 # Stands in for a message's content to find where the template writes it: a search for the content itself could
 # match the template's own text, e.g. an answer "<|im_end|>" found at the turn's closing token.
 _MARK = "\u2063alignlm-content\u2063"
+
+
+def _turn_close(upto: str, content_end: int, tokenizer: Any) -> int:
+    """Where the supervised end of an assistant turn rendered as ``upto`` lies: after its closing control token
+    (whitespace after it is the template's, not the model's to write), else at the end of the turn's text, so the
+    plain text that ends the turn (``### Assistant: a\\n\\n``) is learnt, as ``plain`` supervises its newline."""
+    closed = upto.rstrip()
+    controls = tokenizer.convert_ids_to_tokens(sorted(special_ids(tokenizer)))
+    if any(closed.endswith(c) and len(closed) - len(c) >= content_end for c in controls):
+        return len(closed)
+    return len(upto)
 
 
 def _locate(content: str, text: str, at: int, role: str) -> tuple[int, int, str]:
@@ -326,20 +344,15 @@ def tokenize(rendered: Rendered, tokenizer: Any) -> tuple[np.ndarray, np.ndarray
     """Token ids and labels: a token is supervised iff it overlaps an assistant span; the tokenizer's BOS first where
     it adds one (and the text does not start with it).
 
-    The text is tokenized in pieces cut at the start of every supervised span, so each prompt is tokenized exactly as
-    generation tokenizes it alone (an answer that starts with a space never merges into the prompt's last token).
+    Each answer is tokenized as the whole string tokenizes it (as LLaVA and ``apply_chat_template(tokenize=True)`` do:
+    a SentencePiece tokenizer writes "It" after ``[/INST]``, not "▁It"), except where the answer would merge into
+    the prompt's last token: then it is tokenized alone (:func:`_pieces`), so each prompt is tokenized exactly as
+    generation tokenizes it alone.
     A special token that the *data* wrote (inside a message's content) is text: it is tokenized as the plain
     characters it is made of, never as the control token (an answer holding ``</s>`` does not end early, a question
     holding ``<|im_start|>assistant`` cannot fake a turn); ``<image>`` is a placeholder in user turns only.
     """
-    text = rendered.text
-    cuts = sorted({0, len(text), *(start for start, _ in rendered.spans)})
-    ids: list[int] = []
-    offsets: list[tuple[int, int]] = []
-    for a, b in zip(cuts, cuts[1:]):
-        enc = tokenizer(text[a:b], add_special_tokens=False, return_offsets_mapping=True)
-        ids += enc["input_ids"]
-        offsets += [(x + a, y + a) for x, y in enc["offset_mapping"]]
+    ids, offsets = _pieces(rendered, tokenizer)
     if rendered.contents:
         ids, offsets = _plain_specials(ids, offsets, rendered, tokenizer)
     if adds_bos(tokenizer) and ids[:1] != [tokenizer.bos_token_id]:  # a chat template may write it itself
@@ -353,6 +366,29 @@ def tokenize(rendered: Rendered, tokenizer: Any) -> tuple[np.ndarray, np.ndarray
         supervised = overlap.any(axis=1)
         labels[supervised] = ids_arr[supervised]
     return ids_arr, labels
+
+
+def _pieces(rendered: Rendered, tokenizer: Any) -> tuple[list[int], list[tuple[int, int]]]:
+    """Ids and offsets of the text, cut at the start of every supervised span: the piece up to a cut is what the
+    tokens of the whole text up to it add to those of the text before the piece, or, where the piece changed those
+    (the prompt's last token merging into the answer, as byte-level BPE does with a leading space), its tokens alone.
+    Each prefix is tokenized once."""
+    text = rendered.text
+    cuts = sorted({0, len(text), *(start for start, _ in rendered.spans)})
+    ids: list[int] = []
+    offsets: list[tuple[int, int]] = []
+    before: list[int] = []  # the tokens of text[:a]
+    for a, b in zip(cuts, cuts[1:]):
+        upto = tokenizer(text[:b], add_special_tokens=False, return_offsets_mapping=True)
+        if upto["input_ids"][: len(before)] == before:
+            ids += upto["input_ids"][len(before) :]
+            offsets += upto["offset_mapping"][len(before) :]
+        else:
+            alone = tokenizer(text[a:b], add_special_tokens=False, return_offsets_mapping=True)
+            ids += alone["input_ids"]
+            offsets += [(x + a, y + a) for x, y in alone["offset_mapping"]]
+        before = upto["input_ids"]
+    return ids, offsets
 
 
 @dataclass(frozen=True)
@@ -379,7 +415,14 @@ def turn_end(template: Template, tokenizer: Any) -> TurnEnd:
     if last in special_ids(tokenizer):
         return TurnEnd((last,), "")
     answer_end = max(end for _, end, role in rendered.contents if role == "assistant")
-    return TurnEnd((), rendered.text[answer_end : rendered.spans[-1][1]])
+    text = rendered.text[answer_end : rendered.spans[-1][1]]
+    if not text:
+        raise TemplateError(
+            f"template {template.name!r} writes nothing after an answer (no control token, no text): a model trained "
+            "on it never learns to stop and generation runs to max_new_tokens; use a chat template that ends the "
+            "assistant turn (with the EOS or an end-of-turn token), or vicuna_v1"
+        )
+    return TurnEnd((), text)
 
 
 def special_ids(tokenizer: Any) -> set[int]:
