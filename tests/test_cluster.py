@@ -173,7 +173,8 @@ def test_a_two_node_job_stops_on_the_signal_at_one_step_and_resumes_exactly(colo
     stage = tmp_path / "ddp" / "pretrain"
     assert sorted(p.name for p in (stage / "checkpoints").iterdir())[-1] == "step_000004"
     assert len(read_losses(stage)) == 4 and not (stage / "final").exists()
-    assert torchrun(job, nodes=2, per_node=1).returncode == 0  # the rerun resumes at step 5
+    # the rerun resumes at step 5, without the fault hook: a change of the stage's data hooks, allowed explicitly
+    assert torchrun([*job, "resume_allow_changes=true"], nodes=2, per_node=1).returncode == 0
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
     run(compose(*base(colour_set, tmp_path, "run_name=one", "stages.pretrain.grad_accum=2")))
     assert read_losses(stage) == pytest.approx(read_losses(tmp_path / "one" / "pretrain"), rel=1e-5)
@@ -202,38 +203,45 @@ def test_distributed_settings_are_checked_at_start_up(colour_set, tmp_path, over
         run(compose(*base(colour_set, tmp_path, override)))
 
 
-def test_the_slurm_script_checkpoints_and_requeues_on_slurms_warning(colour_set, tmp_path):
-    """scripts/slurm/train.sbatch under stand-in srun / scontrol, one node, torchrun: SIGUSR1 to the batch script (what
-    `--signal=B:USR1@600` sends) touches the stop file, the rank checkpoints and exits, the job requeues itself."""
-    import signal
-
+def stand_in_slurm(tmp_path: Path, srun: str) -> dict[str, str]:
+    """The environment of scripts/slurm/train.sbatch under SLURM on one node, with stand-in ``srun`` (its body given)
+    and ``scontrol`` (which records a requeue in ``tmp_path/requeued``)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "srun").write_text('#!/usr/bin/env bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
+    (bin_dir / "srun").write_text(f"#!/usr/bin/env bash\n{srun}\n")
     (bin_dir / "scontrol").write_text(
         f'#!/usr/bin/env bash\ncase "$1" in show) echo 127.0.0.1 ;; requeue) echo "$2" >> {tmp_path}/requeued ;; esac\n'
     )
     for tool in ("srun", "scontrol"):
         (bin_dir / tool).chmod(0o755)
-    env = {
-        **os.environ,
+    outer = {
+        k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in ("MAIN_PORT", "GPUS_PER_NODE")
+    }
+    return {
+        **outer,
         "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
         "SLURM_JOB_NODELIST": "node1",
         "SLURM_NNODES": "1",
         "SLURM_NODEID": "0",
         "SLURM_JOB_ID": "42",
-        "LAUNCHER": "torchrun",
-        "GPUS_PER_NODE": "1",
-        "MAIN_PORT": str(free_port()),
-        "ACCELERATE_USE_CPU": "true",
+        "ALIGNLM_CONFIG_DIR": str(ROOT / "configs"),
     }
+
+
+def test_the_slurm_script_checkpoints_and_requeues_on_slurms_warning(colour_set, tmp_path):
+    """scripts/slurm/train.sbatch under stand-in srun / scontrol, one node, torchrun: SIGUSR1 to the batch script (what
+    `--signal=B:USR1@600` sends) touches the stop file, the rank checkpoints and exits, the job requeues itself."""
+    import signal
+
+    env = stand_in_slurm(tmp_path, 'while [[ "$1" == --* ]]; do shift; done\nexec "$@"')
+    env |= {"LAUNCHER": "torchrun", "GPUS_PER_NODE": "1", "MAIN_PORT": str(free_port()), "ACCELERATE_USE_CPU": "true"}
     overrides = base(
         colour_set, tmp_path, "logging.every=2", "stages.pretrain.max_steps=2000", "stages.pretrain.save_every=0"
     )
     job = subprocess.Popen(
         ["bash", str(ROOT / "scripts" / "slurm" / "train.sbatch"), *overrides],
         cwd=tmp_path,
-        env={**env, "ALIGNLM_CONFIG_DIR": str(ROOT / "configs")},
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -248,6 +256,50 @@ def test_the_slurm_script_checkpoints_and_requeues_on_slurms_warning(colour_set,
     checkpoints = sorted((tmp_path / "t" / "pretrain" / "checkpoints").iterdir())
     assert len(checkpoints) == 1 and "stopped after step" in out and not (tmp_path / "t" / "STOP").exists()
     assert int(checkpoints[0].name.split("_")[1]) == len(read_losses(tmp_path / "t" / "pretrain")) < 2000
+
+
+@pytest.mark.parametrize("ending", ["finished", "failed", "stopped"])
+def test_the_slurm_script_requeues_only_a_run_that_stopped_on_the_warning(tmp_path, ending):
+    """SLURM's warning reaches the script before the run has made its folder; the stop file is made there anyway. A
+    run that then finishes (exit 0) or fails without serving the stop file is not requeued (and the file is removed);
+    one that served it (removed it after its checkpoint) and exited non-zero, as the launchers report a rank's 75, is."""
+    import signal
+
+    stop = tmp_path / "out" / "r" / "STOP"
+    served = f"rm {stop}; exit 1" if ending == "stopped" else ("exit 0" if ending == "finished" else "exit 1")
+    # the launch: say it started, wait (at most 20 s) for the stop file, then end as `ending` says
+    srun = f"touch {tmp_path}/started; for i in $(seq 200); do [ -e {stop} ] && break; sleep 0.1; done; {served}"
+    env = stand_in_slurm(tmp_path, srun)
+    job = subprocess.Popen(
+        ["bash", str(ROOT / "scripts" / "slurm" / "train.sbatch"), f"output_dir={tmp_path / 'out'}", "run_name=r"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "started").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    job.send_signal(signal.SIGUSR1)
+    out, _ = job.communicate(timeout=60)
+    requeued = (tmp_path / "requeued").exists()
+    assert requeued == (ending == "stopped"), out
+    assert job.returncode == (0 if ending == "finished" else 1) and not stop.exists(), out
+
+
+def test_the_slurm_script_gives_srun_the_jobs_cpus_gpus_and_a_port_of_its_own(tmp_path):
+    """srun gets the job's --cpus-per-task (SLURM 22.05+ does not pass it on), a rank per GPU SLURM gave the node, and
+    a rendezvous port from the job id (two jobs on one node would otherwise both take 29500)."""
+    env = stand_in_slurm(tmp_path, f'printf "%s\\n" "$@" > {tmp_path}/srun_args')
+    env |= {"SLURM_NNODES": "2", "SLURM_JOB_ID": "12345", "SLURM_CPUS_PER_TASK": "16", "SLURM_GPUS_ON_NODE": "4"}
+    job = ["bash", str(ROOT / "scripts" / "slurm" / "train.sbatch"), f"output_dir={tmp_path / 'out'}", "run_name=r"]
+    proc = subprocess.run(job, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    args = (tmp_path / "srun_args").read_text().splitlines()
+    assert "--cpus-per-task=16" in args, args
+    launch = args[-1]  # bash -c "<the launch>"
+    assert "--num_processes 8 " in launch and "--main_process_port 32345 " in launch, launch
 
 
 def test_fsdp2_refuses_what_it_cannot_do(colour_set, tmp_path):
@@ -304,6 +356,34 @@ def test_an_accelerate_deepspeed_config_launches_zero3_with_offloading(colour_se
             "offload_param=true needs distributed.strategy=zero3",
         ),
         ({}, ["launcher=zero2", "mixed_precision=fp16"], "fp16 is not available with distributed.strategy=zero2"),
+        # what an accelerate DeepSpeed config sets that alignlm cannot take from it is refused, not dropped
+        (
+            {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}
+            | {"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4", "ACCELERATE_GRADIENT_CLIPPING": "0.5"},
+            [],
+            r"stages.<name>.grad_accum, stages.<name>.max_grad_norm: remove gradient_accumulation_steps: 4, gradient_",
+        ),
+        (
+            {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}
+            | {"ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "nvme"},
+            [],
+            "offload_optimizer_device: nvme; alignlm offloads to the CPU only",
+        ),
+        (  # configs/accelerate/zero3_offload.yaml under launcher=zero3: the offload would have been dropped
+            {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}
+            | {
+                "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu",
+                "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "cpu",
+            },
+            ["launcher=zero3"],
+            "asks for zero3, offload_optimizer=True, offload_param=True; this run has distributed.strategy=zero3, "
+            "distributed.offload_optimizer=False, distributed.offload_param=False",
+        ),
+        (  # `accelerate launch --mixed_precision bf16` (or the config file's) against alignlm's explicit no
+            {"ACCELERATE_MIXED_PRECISION": "bf16"},
+            [],
+            "asks for mixed_precision bf16, this run has mixed_precision=no",
+        ),
     ],
 )
 def test_strategy_settings_that_cannot_work_are_refused(colour_set, tmp_path, monkeypatch, env, overrides, message):
@@ -313,6 +393,57 @@ def test_strategy_settings_that_cannot_work_are_refused(colour_set, tmp_path, mo
         monkeypatch.setenv(var, value)
     with pytest.raises(ValueError, match=message):
         run(compose(*base(colour_set, tmp_path, *overrides)))
+
+
+@pytest.mark.parametrize(
+    ("launched", "ours", "trains"), [("bf16", "auto", "bf16"), ("no", "no", "no"), ("no", "bf16", "bf16")]
+)
+def test_auto_precision_follows_the_accelerate_launch_config(launched, ours, trains):
+    """``mixed_precision: auto`` trains in the precision a launch config asks for (bf16 here also on the CPU, where
+    auto alone would be fp32); an explicit one equal to the launch's stands (the refusal of a different one is above);
+    a launch's ``no``, which plain ``accelerate launch`` always passes, asks for nothing and leaves alignlm's own."""
+    code = (
+        "from omegaconf import OmegaConf; from alignlm.pipeline import make_accelerator; "
+        f"print(make_accelerator(OmegaConf.create({{'mixed_precision': '{ours}'}})).mixed_precision)"
+    )
+    env = {**os.environ, "ACCELERATE_MIXED_PRECISION": launched, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.split()[-1] == trains, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("config", ["zero2", "zero3", "zero3_offload"])
+def test_a_multi_node_deepspeed_launch_runs_one_torchrun_per_node(config):
+    """What `accelerate launch` does on node 1 of 2 with the arguments scripts/slurm/train.sbatch gives it: torchrun
+    for this node's ranks (as SLURM starts one launcher per node), not DeepSpeed's pdsh launcher over ssh."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env
+
+    argv = [
+        *("--config_file", str(ROOT / "configs" / "accelerate" / f"{config}.yaml")),
+        *("--num_machines", "2", "--num_processes", "16", "--machine_rank", "1"),
+        *("--main_process_ip", "node0", "--main_process_port", "29500", "train.py"),
+    ]
+    args, defaults, _ = _validate_launch_command(launch_command_parser().parse_args(argv))
+    args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)
+    deepspeed_cmd, _ = prepare_deepspeed_cmd_env(args)
+    assert deepspeed_cmd is None, deepspeed_cmd  # else accelerate runs `deepspeed --launcher pdsh ...`
+    assert (args.nnodes, args.node_rank, args.nproc_per_node) == ("2", 1, "8")
+
+
+def test_accelerates_launch_command_also_starts_the_cpu_ranks(tmp_path):
+    """`accelerate-launch --cpu --num_processes 2` (accelerate's console script) starts one process, as `accelerate
+    launch` does: alignlm reads the 2 from it and starts the ranks, instead of training on one."""
+    launcher = Path(sys.executable).parent / "accelerate-launch"
+    if not launcher.exists():
+        pytest.skip("accelerate's accelerate-launch script is not installed beside this Python")
+    probe = tmp_path / "probe.py"
+    probe.write_text("from alignlm.commands.launch import cpu_processes_to_spawn\nprint(cpu_processes_to_spawn())\n")
+    flags = "--cpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no".split()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [str(launcher), *flags, str(probe)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0 and proc.stdout.split()[-1] == "2", (proc.stdout, proc.stderr[-2000:])
 
 
 def with_text_only_records(instruct: Path) -> Path:
@@ -391,7 +522,7 @@ def test_a_deepspeed_json_tunes_zero_but_leaves_the_step_to_the_stage(tmp_path):
     assert got["train_batch_size"] == 64 and got["gradient_accumulation_steps"] == 4 and got["gradient_clipping"] == 1.0
     assert got["zero_optimization"] == {"stage": 3, "overlap_comm": True} and "bf16" not in got
     assert got["torch_autocast"]["enabled"] and got["torch_autocast"]["lower_precision_safe_modules"] == []
-    with pytest.raises(ValueError, match=r"sets \['gradient_clipping'\], which alignlm sets from the stage"):
+    with pytest.raises(ValueError, match=r"sets \['gradient_clipping'\], which alignlm sets itself, from stages.<n"):
         config({"gradient_clipping": 0.5})
     with pytest.raises(ValueError, match="zero_optimization.stage=2, distributed.strategy=zero3"):
         config({"zero_optimization": {"stage": 2}})

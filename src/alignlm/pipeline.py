@@ -34,9 +34,18 @@ from alignlm.training.trainer import StageResult, Trainer, stage_done, summarize
 from alignlm.training.zero import STAGES as ZERO_STAGES
 from alignlm.training.zero import check_settings as check_zero_settings
 from alignlm.training.zero import launcher_env as zero_launcher_env
+from alignlm.training.zero import owned_by_alignlm
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 STAGE_SUMMARY = "summary.json"  # a stage's figures in its own folder; the run's summary.json gathers them
+
+
+# an accelerate launch config's DeepSpeed settings that alignlm sets itself (zero.OWNED), as accelerate passes them on
+_LAUNCH_OWNED = {
+    "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "gradient_accumulation_steps",
+    "ACCELERATE_GRADIENT_CLIPPING": "gradient_clipping",
+}
+_OFFLOADS = ("offload_optimizer", "offload_param")
 
 
 def _on(var: str) -> bool:
@@ -45,9 +54,16 @@ def _on(var: str) -> bool:
 
 def launch_strategy() -> tuple[str | None, dict[str, Any]]:
     """The strategy an ``accelerate launch`` config asks for through its environment (DeepSpeed ZeRO stage and
-    offloading, or FSDP version 2) and its settings; ``(None, {})`` for a plain launch."""
+    offloading, or FSDP version 2) and its settings; ``(None, {})`` for a plain launch. What alignlm cannot take from
+    it (accumulation, clipping, an offload device other than the CPU) is refused, not dropped."""
     env = os.environ
     if _on("ACCELERATE_USE_DEEPSPEED"):
+        given = {key: env[var] for var, key in _LAUNCH_OWNED.items() if var in env}
+        if given:
+            raise ConfigError(
+                f"the accelerate launch config's deepspeed_config sets {owned_by_alignlm(given)}: remove "
+                f"{', '.join(f'{k}: {v}' for k, v in given.items())} there"
+            )
         knobs: dict[str, Any] = {}
         stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
         config_file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
@@ -59,10 +75,16 @@ def launch_strategy() -> tuple[str | None, dict[str, Any]]:
                 f"the accelerate launch config asks for DeepSpeed ZeRO stage {stage}; alignlm runs stages 2 and 3 "
                 "(configs/accelerate/zero2.yaml, zero3.yaml, zero3_offload.yaml)"
             )
-        for key in ("optimizer", "param"):
-            device = env.get(f"ACCELERATE_DEEPSPEED_OFFLOAD_{key.upper()}_DEVICE", "none").lower()
-            if device not in ("none", ""):
-                knobs[f"offload_{key}"] = True
+        for key in _OFFLOADS:
+            device = env.get(f"ACCELERATE_DEEPSPEED_{key.upper()}_DEVICE")
+            if device is None:  # not in the launch config (a DeepSpeed JSON of its own may offload)
+                continue
+            if device.lower() not in ("none", "", "cpu"):
+                raise ConfigError(
+                    f"the accelerate launch config's deepspeed_config has {key}_device: {device}; alignlm offloads "
+                    "to the CPU only: use cpu or none"
+                )
+            knobs[key] = device.lower() == "cpu"
         return f"zero{stage}", knobs
     if _on("ACCELERATE_USE_FSDP"):
         if env.get("FSDP_VERSION", "1") != "2":
@@ -79,30 +101,61 @@ _LAUNCH_SHARDING_VARS = ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP")
 
 
 def resolve_strategy(cfg: DictConfig) -> None:
-    """``distributed.strategy: auto`` becomes the launch config's strategy (else ddp); an explicit strategy must agree
-    with the launch config. alignlm then wraps the model itself, so accelerate is kept from doing it too."""
+    """``distributed.strategy: auto`` becomes the launch config's strategy (else ddp), with its settings; an explicit
+    strategy and its settings must agree with the launch config. alignlm then wraps the model itself, so accelerate is
+    kept from doing it too."""
     launched, knobs = launch_strategy()
     dist = cfg.distributed
     if dist.strategy == "auto":
         dist.strategy = launched or "ddp"
-        for key, value in knobs.items():
-            dist[key] = value
-    elif launched is not None and launched != dist.strategy:
-        raise ConfigError(
-            f"the accelerate launch config asks for {launched}, distributed.strategy={dist.strategy}: leave "
-            "distributed.strategy at auto (or launcher=auto) to follow the launch config, or launch with a plain one"
-        )
+        for key, value in knobs.items():  # an offload the alignlm config turns on stays on
+            dist[key] = value or (key in _OFFLOADS and dist[key])
+    elif launched is not None:
+        ours = {key: dist.get(key) for key, value in knobs.items() if dist.get(key) != value}
+        if launched != dist.strategy or ours:
+            theirs = "".join(f", {key}={knobs[key]}" for key in ours)
+            raise ConfigError(
+                f"the accelerate launch config asks for {launched}{theirs}; this run has distributed.strategy="
+                f"{dist.strategy}{''.join(f', distributed.{key}={value}' for key, value in ours.items())}: leave "
+                "distributed.strategy at auto (or launcher=auto) to follow the launch config, make them agree, or launch "
+                "with a plain one"
+            )
     for var in _LAUNCH_SHARDING_VARS:
         os.environ.pop(var, None)
     if dist.strategy in ZERO_STAGES:
         check_zero_settings(dist.strategy, dist, str(cfg.mixed_precision))
 
 
-def make_accelerator(cfg: DictConfig) -> Accelerator:
-    """Accelerator with the configured precision; ``auto`` picks bf16 on a GPU that supports it."""
+def resolve_precision(cfg: DictConfig) -> None:
+    """``mixed_precision: auto`` becomes the precision an accelerate launch config asks for (its ``mixed_precision``
+    or ``--mixed_precision``, passed on as ACCELERATE_MIXED_PRECISION) when it asks for bf16 or fp16, and an explicit
+    precision that differs from such a request is refused, as a contradicting strategy is. A launch saying ``no`` asks
+    for nothing: plain ``accelerate launch`` says it whenever neither a config file nor a flag set one, and a user's
+    ``accelerate launch train.py`` must still get bf16 on a GPU that has it (set ``mixed_precision=no`` for fp32)."""
     mp = str(cfg.mixed_precision)
     if mp not in PRECISIONS:
         raise ConfigError(f"mixed_precision={mp!r} is not known; choose one of {list(PRECISIONS)}")
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower()
+    if launched in ("", "no", mp):
+        return
+    if launched not in PRECISIONS:
+        raise ConfigError(
+            f"the accelerate launch config asks for mixed_precision {launched}; alignlm trains with one of "
+            f"{list(PRECISIONS[1:])}: set one of them there"
+        )
+    if mp != "auto":
+        raise ConfigError(
+            f"the accelerate launch config asks for mixed_precision {launched}, this run has mixed_precision={mp}: "
+            "leave mixed_precision at auto to follow the launch config, or launch with the same one"
+        )
+    cfg.mixed_precision = launched
+
+
+def make_accelerator(cfg: DictConfig) -> Accelerator:
+    """Accelerator with the configured precision (see :func:`resolve_precision`); ``auto`` picks bf16 on a GPU that
+    supports it."""
+    resolve_precision(cfg)
+    mp = str(cfg.mixed_precision)
     # `accelerate launch --cpu` sets ACCELERATE_USE_CPU: then every rank runs on the CPU, even on a GPU machine.
     # cpu=True (also with no GPU at all) lets accelerate see torchrun's ranks as a gloo (MULTI_CPU) group.
     cpu = cpu_only()
@@ -143,6 +196,7 @@ def run_prepare_steps(cfg: DictConfig) -> None:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run every stage of ``cfg.run`` in order, then evaluate the last stage's ``final/``."""
     check_config(cfg)
+    resolve_precision(cfg)  # before the strategy's checks, which depend on it
     resolve_strategy(cfg)
     try:
         with deterministic(cfg.get("deterministic", False)):  # before anything touches the GPU

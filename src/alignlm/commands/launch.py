@@ -21,14 +21,17 @@ _RANK_VARS = ("WORLD_SIZE", "RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COM
 
 
 def _launcher_argv(pid: int) -> list[str] | None:
-    """The arguments after ``launch`` of the ``accelerate launch`` process ``pid``, or None if it is not one."""
+    """The arguments of the ``accelerate launch`` process ``pid`` (also started as ``accelerate-launch`` or ``python -m
+    accelerate.commands.launch``) after the command itself, or None if it is not one."""
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
     except OSError:  # not Linux, or the parent is gone
         return None
     for i, arg in enumerate(argv):
-        if arg == "accelerate.commands.launch" or (
-            arg == "launch" and i > 0 and Path(argv[i - 1]).name == "accelerate"
+        if (
+            arg == "accelerate.commands.launch"
+            or Path(arg).name == "accelerate-launch"
+            or (arg == "launch" and i > 0 and Path(argv[i - 1]).name == "accelerate")
         ):
             return [a for a in argv[i + 1 :] if a]
     return None

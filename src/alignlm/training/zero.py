@@ -24,7 +24,7 @@ import contextlib
 import importlib.util
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,17 +32,18 @@ import torch
 from torch import nn
 
 STAGES = {"zero2": 2, "zero3": 3}
-# entries alignlm sets from the stage config; a user's DeepSpeed JSON may not set them
-OWNED = (
-    "train_batch_size",
-    "train_micro_batch_size_per_gpu",
-    "gradient_accumulation_steps",
-    "gradient_clipping",
-    "optimizer",
-    "scheduler",
-    "fp16",
-    "bf16",
-)
+# entries alignlm sets from its own config, and the settings it sets them from; a user's DeepSpeed JSON (or accelerate
+# launch config) may not set them
+OWNED = {
+    "train_batch_size": "stages.<name>.per_device_batch_size",
+    "train_micro_batch_size_per_gpu": "stages.<name>.per_device_batch_size",
+    "gradient_accumulation_steps": "stages.<name>.grad_accum",
+    "gradient_clipping": "stages.<name>.max_grad_norm",
+    "optimizer": "stages.<name>.lr, weight_decay, betas",
+    "scheduler": "stages.<name>.scheduler, warmup_ratio",
+    "fp16": "mixed_precision",
+    "bf16": "mixed_precision",
+}
 _LOSS_SCALER = "loss_scaler"  # a DeepSpeed object in the ZeRO state; fp32 training never scales: not saved
 
 
@@ -109,12 +110,9 @@ def deepspeed_config(
     extra_file = dist.get("deepspeed_config")
     if extra_file:
         extra = {k: v for k, v in json.loads(Path(extra_file).read_text()).items() if not _auto(v)}
-        owned = [k for k in extra if k in OWNED]
+        owned = owned_by_alignlm(extra)
         if owned:
-            raise ValueError(
-                f"distributed.deepspeed_config={extra_file} sets {owned}, which alignlm sets from the stage "
-                "(per_device_batch_size, grad_accum, max_grad_norm, mixed_precision, lr): remove them"
-            )
+            raise ValueError(f"distributed.deepspeed_config={extra_file} sets {owned}: remove them")
         if "stage" in (extra.get("zero_optimization") or {}) and extra["zero_optimization"]["stage"] != stage:
             raise ValueError(
                 f"distributed.deepspeed_config={extra_file} has zero_optimization.stage="
@@ -128,6 +126,15 @@ def deepspeed_config(
                 "needs the gradient norm (clipping, the non-finite rule, the logs)"
             )
     return config
+
+
+def owned_by_alignlm(keys: Iterable[str]) -> str:
+    """Which of ``keys`` (DeepSpeed config entries) alignlm sets itself, and from which of its settings ('' if none),
+    for a message refusing them: a second source would be silently overridden."""
+    owned = [k for k in keys if k in OWNED]
+    if not owned:
+        return ""
+    return f"{owned}, which alignlm sets itself, from {', '.join(dict.fromkeys(OWNED[k] for k in owned))}"
 
 
 def _auto(value: Any) -> bool:
