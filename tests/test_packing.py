@@ -7,6 +7,7 @@ and frozen heads included.
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -394,6 +395,41 @@ def test_checkpointing_per_part_changes_no_number(colour_set, tmp_path):
     )
     with pytest.raises(ValueError, match="checkpointing applies to llm and vision, not \\['connector'\\]"):
         run(compose(*common, "run_name=bad", "stages.pretrain.gradient_checkpointing=[connector]"))
+
+
+def note_size(sizes: list[int], tensor: torch.Tensor) -> torch.Tensor:
+    """A saved-tensors hook: count what autograd keeps for the backward."""
+    sizes.append(tensor.numel())
+    return tensor
+
+
+@pytest.mark.parametrize("llm", ["frozen", "full"])
+def test_checkpointing_saves_activations_with_the_llm_frozen_too(tiny_model, llm):
+    """Stage 1 (LLaVA's pretrain) freezes the LLM, yet the connector's gradient flows through it: checkpointing must
+    drop its layers' activations there as well (transformers checkpoints only layers in training mode, and frozen parts
+    were put in eval mode, so ``gradient_checkpointing: true`` kept every activation); the numbers stay the same."""
+    from alignlm.training.stages import apply_stage
+    from alignlm.training.trainer import enable_checkpointing
+    from tests.conftest import make_batch
+
+    saved, losses, grads = [], [], []
+    for checkpointing in (False, True):
+        model = tiny_model()
+        apply_stage(model, {"vision": "frozen", "connector": "full", "llm": llm}, None)
+        enable_checkpointing(model, checkpointing)
+        model.train()
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(functools.partial(note_size, sizes), lambda t: t):
+            out = model(make_batch(model, [1, 1, 0], text_len=8))
+        out.lm_loss.backward()
+        saved.append(sum(sizes))
+        losses.append(out.lm_loss.detach())
+        grads.append(next(model.connector.parameters()).grad)
+        if llm == "frozen":  # no dropout below the checkpointed layer of a frozen part
+            assert not model.llm.get_decoder().layers[0].mlp.training
+    assert saved[1] < saved[0] / 2
+    torch.testing.assert_close(losses[1], losses[0])
+    torch.testing.assert_close(grads[1], grads[0])
 
 
 def test_compiled_llm_layers_train_like_eager_ones(tiny_model, colour_set, tmp_path):

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from alignlm.constants import IMAGE_TOKEN
@@ -139,10 +140,18 @@ class AlignLM(nn.Module):
         return self.vision.image_spec
 
     def train(self, mode: bool = True) -> AlignLM:
-        """Frozen parts stay in eval mode, so BatchNorm statistics and dropout of a frozen tower never move."""
+        """Frozen parts stay in eval mode, so BatchNorm statistics and dropout of a frozen tower never move.
+
+        transformers checkpoints a layer only while the layer itself is in training mode, and a frozen LLM still
+        passes the gradient down to the connector (stage 1): a checkpointed frozen part's layers keep the training
+        flag on themselves alone, their modules below (dropout, attention) staying in eval mode, so
+        ``stage.gradient_checkpointing`` saves memory there too (it did nothing while the LLM was frozen)."""
         super().train(mode)
         for part in self.frozen_parts:
             getattr(self, part).eval()
+            for layer in getattr(self, part).modules():
+                if isinstance(layer, GradientCheckpointingLayer) and layer.gradient_checkpointing:
+                    layer.training = mode
         return self
 
     def encode_images(self, batch: Batch) -> torch.Tensor:
