@@ -1,128 +1,200 @@
 #!/usr/bin/env bash
-# The GPU checks of one session on a CUDA machine, every result written to $OUT as it comes, all within one deadline:
-# the machine and a pre-flight (what is missing to import), then the parts named in PARTS, in the order named (default
-# "gputests bench strategies suite"):
-#   gputests    the tests only a GPU runs (tests/test_gpu.py, the CUDA metrics check), verbose, first: a minute or two
-#   bench       throughput points of benchmarks/train_throughput.py (alignlm against transformers' Llava), the issue's
-#               three targets first; batches follow the card's memory (under 100 GiB: 1.1B finetune at 8, 7B stage 1
-#               at 16), and a point that runs out of memory is run once more at half its batch (NAME_b<half>.json)
-#   strategies  benchmarks/strategies.py: the 1.1B-shaped finetune under ddp, then zero2, zero3, fsdp2 each stopped
-#               halfway and resumed; losses against ddp's, peak memory per process (checkpoints stay in a temporary
-#               folder, never under $OUT)
-#   suite       the whole test suite
-# DEADLINE (seconds from the start, default 540) bounds the whole script: each part's timeout is cut to the time
-# left, and a part with under 40 s left is skipped (logged). Run from the repository root with alignlm importable:
-#   OUT=gpu_out bash benchmarks/gpu_check.sh
-#   PARTS="strategies suite" OUT=gpu_out DEADLINE=560 bash benchmarks/gpu_check.sh
-# The whole suite runs on 16 processes where pytest-xdist is installed, else on one.
-# The suite's DeepSpeed GPU checks (tests/test_gpu.py, zero2/zero3 vs DDP) skip unless deepspeed is importable: on a
-# machine without it, carry its pure-Python package (and einops, msgpack) with the others on PYTHONPATH.
+# The GPU checks of one device call, every result kept as it comes, all within one deadline. A session has 15 minutes
+# of device time (a machine's start-up of 1-2 minutes included), 10 minutes a command, and at most 8 files come back
+# from $OUT, so $OUT holds three: log.txt (each step, its exit status and its figures), results.jsonl (one JSON
+# object a line, {"name", "rc", "result"}, for each benchmark point and the strategies run, appended as each ends,
+# "result" being what the point saved, null if nothing) and details.tgz (every other output: the machine, the
+# pre-flight, each command's whole output; packed anew after each step, so a call cut short returns the newest).
+#
+# The two device calls, from the repository root (.carry/site, ignored by git, holds hydra, omegaconf, antlr4,
+# deepspeed and their needs; this script puts it and src/ on PYTHONPATH):
+#   1. run(command="bash benchmarks/gpu_check.sh", carry=[".carry"], timeout_s=600)
+#      the default parts, "bench gputests suite", within DEADLINE=570 s
+#   2. run(command="PARTS=strategies bash benchmarks/gpu_check.sh", carry=[".carry"], timeout_s=600)
+#
+# Parts (PARTS, run in the order named):
+#   bench       throughput points of benchmarks/train_throughput.py (alignlm against transformers' Llava), the
+#               issue's three targets first: (a) ft_1.1b_32k, the 1.1B finetune at 32k vocabulary, (b) pt_1.1b_cached,
+#               the 1.1B stage 1 from cached features, (c) pt_7b_32k, the 7B stage 1 (alignlm alone), then
+#               ft_1.1b_32k_packed (--packing true: whether SDPA should pack). Batches follow the card's memory
+#               (under 100 GiB: 8 for the 1.1B finetune, 16 for the 7B stage 1; else 16 and 32); a point that runs out
+#               of memory on either side runs once more at half its batch (NAME_b<half>); both sides run with
+#               PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+#   gputests    tests/test_metrics.py::test_cuda_matches_cpu, then tests/test_gpu.py but its sharded-strategies test
+#   suite       the whole test suite but tests/test_gpu.py, on 16 processes where pytest-xdist is installed
+#   strategies  tests/test_gpu.py's sharded-strategies test (tiny, bf16, 7 processes), then benchmarks/strategies.py:
+#               the 1.1B-shaped finetune under ddp, then zero2, zero3, fsdp2 each stopped halfway and resumed; losses
+#               against ddp's, peak memory per process (checkpoints in a temporary folder, never under $OUT)
+# DEADLINE (seconds from the start, default 570) bounds the whole script: each step's own timeout (BENCH_TIMEOUT a
+# point, default 200; GPUTESTS_TIMEOUT 180; TEST_TIMEOUT 300; SHARDED_TIMEOUT 200; STRATEGIES_TIMEOUT 400) is cut to
+# the time left less 15 s, a step cut at its timeout is logged so and the next gets what is left, and a step with
+# under 40 s left is skipped and logged.
+# Pre-flight: where deepspeed does not import, the carried one (CARRY_SITE/deepspeed*) is left off the path
+# (accelerate imports deepspeed wherever it finds it: a broken one would break every strategy, zero or not) and
+# zero2/zero3 are skipped; where alignlm.commands does not import, the script stops at once, the reason in log.txt.
 set -u
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-WORK=$(mktemp -d)  # the strategies' checkpoints (tens of GB), never under $OUT; removed however the script ends
-trap 'rm -rf "$WORK"' EXIT
+WORK=$(mktemp -d) # details/ and the strategies' checkpoints (tens of GB), never under $OUT; removed on the way out
+DETAILS=$WORK/details
+mkdir -p "$DETAILS"
 START=$SECONDS
-DEADLINE=${DEADLINE:-540}
+DEADLINE=${DEADLINE:-570}
 log() { echo "[$(date +%T) +$((SECONDS - START))s] $*" | tee -a "$OUT/log.txt"; }
 left() { echo $((DEADLINE - (SECONDS - START))); }
-budget() {  # the timeout of a part: its own (default $2), cut to the time left less a margin; 0: skip it
+MARGIN=15 MIN_STEP=40 # seconds kept back at the end (a step's kill, the last packing); the least a step is given
+budget() { # the timeout of a step: its own ($1), cut to the time left less the margin; 0: skip it
   local want=$1 rest
-  rest=$(($(left) - 15))
-  if ((rest < 40)); then echo 0; elif ((want < rest)); then echo "$want"; else echo "$rest"; fi
+  rest=$(($(left) - MARGIN))
+  if ((rest < MIN_STEP)); then echo 0; elif ((want < rest)); then echo "$want"; else echo "$rest"; fi
 }
+pack() { tar -czf "$OUT/details.tgz.part" -C "$WORK" details && mv -f "$OUT/details.tgz.part" "$OUT/details.tgz"; }
+trap 'pack; rm -rf "$WORK"' EXIT
+trap 'log "stopped by a signal"; exit 143' TERM INT
+
+step() { # NAME WANT FILE, then a command: run under its timeout (budget), output to details/FILE; status in RC
+  local name=$1 limit
+  limit=$(budget "$2")
+  local file=$DETAILS/$3
+  shift 3
+  if ((limit == 0)); then
+    log "$name: skipped, $(left) s left of DEADLINE=$DEADLINE (a step needs $((MIN_STEP + MARGIN)))"
+    RC=skipped
+    return
+  fi
+  log "$name (timeout $limit s): $*"
+  timeout -k 10 "$limit" "$@" > "$file" 2>&1
+  RC=$?
+  if ((RC == 124 || RC == 137)); then log "  $name: cut at its timeout of $limit s"; fi
+  pack
+}
+
+record() { # NAME RC JSON-FILE: one line of results.jsonl
+  local body=null
+  if [[ -s $3 ]]; then body=$(tr -d '\n' < "$3"); fi
+  printf '{"name": "%s", "rc": %s, "result": %s}\n' "$1" "$2" "$body" >> "$OUT/results.jsonl"
+}
+
+# the machine and its Python path: src/ and the carried packages first
+SITE=${CARRY_SITE:-$PWD/.carry/site}
+[[ -d $SITE ]] || SITE=
+BASE_PATH=${PYTHONPATH:-}
+use_site() { export PYTHONPATH="$PWD/src${SITE:+:$SITE}${BASE_PATH:+:$BASE_PATH}"; }
+use_site
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  df -h /dev/shm | tail -n 1  # data-loader workers pass batches through it (a container's 64 MB default is too small)
+  df -h /dev/shm | tail -n 1 # data-loader workers pass batches through it (a container's 64 MB default is too small)
   python3 -c "import torch, transformers, accelerate, peft; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'peft', peft.__version__)"
-} > "$OUT/machine.txt" 2>&1
-log "machine: $(tr '\n' ' ' < "$OUT/machine.txt")"
-timeout -k 5 60 python3 - > "$OUT/preflight.txt" 2>&1 <<'PY'
-import importlib, importlib.util
+} > "$DETAILS/machine.txt" 2>&1
+log "machine: $(tr '\n' ' ' < "$DETAILS/machine.txt")"
+log "PYTHONPATH=$PYTHONPATH"
+
+imports() { # MODULE: whether it imports (its error's last line in $WHY)
+  local out
+  out=$(timeout -k 5 120 python3 -c "import $1" 2>&1)
+  local rc=$?
+  printf 'import %s: rc=%s\n%s\n' "$1" "$rc" "$out" >> "$DETAILS/preflight.txt"
+  WHY=$(tail -n 1 <<< "$out")
+  return $rc
+}
+timeout -k 5 60 python3 - >> "$DETAILS/preflight.txt" 2>&1 << 'PY'
+import importlib.util
 import shutil
 need = ["hydra", "omegaconf", "PIL", "matplotlib", "numpy", "safetensors", "deepspeed", "einops", "msgpack", "pytest",
         "xdist"]
 print("missing:", [m for m in need if importlib.util.find_spec(m) is None])
 print("ninja:", shutil.which("ninja"), "c++:", shutil.which("c++") or shutil.which("g++"))  # DeepSpeed's CPU tests build
-for module in ("alignlm.commands", "alignlm.pipeline", "deepspeed"):
-    try:
-        importlib.import_module(module)
-        print("import", module, "ok")
-    except Exception as e:  # noqa: BLE001 - what fails to import is the finding
-        print("import", module, "FAILED:", type(e).__name__, e)
 PY
-log "pre-flight: $(tr '\n' ' ' < "$OUT/preflight.txt")"
-MEM_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -n 1 | tr -dc 0-9)
+log "pre-flight: $(head -n 2 "$DETAILS/preflight.txt" | tr '\n' ' ')"
+DEEPSPEED=yes
+if ! imports deepspeed; then
+  DEEPSPEED=no
+  if [[ -n $SITE ]] && compgen -G "$SITE/deepspeed*" > /dev/null; then
+    mkdir -p "$WORK/site" # the carried packages but deepspeed: accelerate then finds none
+    for f in "$SITE"/*; do [[ $(basename "$f") == deepspeed* ]] || ln -s "$f" "$WORK/site/"; done
+    SITE=$WORK/site
+    use_site
+    log "deepspeed does not import ($WHY): the carried deepspeed left off the path, zero2 and zero3 skipped"
+  else
+    log "deepspeed does not import ($WHY): zero2 and zero3 skipped"
+  fi
+fi
+if ! imports alignlm.commands; then
+  log "alignlm.commands does not import ($WHY): stopping here, nothing else can run (details.tgz: preflight.txt)"
+  exit 1
+fi
+MEM_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2> /dev/null | head -n 1 | tr -dc 0-9)
 if ((${MEM_MIB:-0} >= 100000)); then FT_BATCH=16 PT7_BATCH=32; else FT_BATCH=8 PT7_BATCH=16; fi
 
-run_bench() {  # NAME BATCH, then train_throughput.py flags
-  local name=$1 batch=$2 limit
+run_bench() { # NAME BATCH, then train_throughput.py flags
+  local name=$1 batch=$2
   shift 2
-  limit=$(budget "${BENCH_TIMEOUT:-240}")
-  if ((limit == 0)); then log "bench $name: skipped, $(left) s left" && return; fi
-  log "bench $name: --batch $batch $* (timeout $limit s)"
-  timeout -k 10 "$limit" python3 benchmarks/train_throughput.py --json "$OUT/$name.json" --batch "$batch" "$@" \
-    > "$OUT/bench_$name.txt" 2>&1
-  log "  rc=$? $(grep -E '^\| [0-9.]+b' "$OUT/bench_$name.txt" | tr '\n' ' ')"
+  step "bench $name" "${BENCH_TIMEOUT:-200}" "bench_$name.txt" env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
+    python3 benchmarks/train_throughput.py --json "$DETAILS/$name.json" --batch "$batch" "$@"
+  [[ $RC == skipped ]] && return
+  record "$name" "$RC" "$DETAILS/$name.json"
+  log "  rc=$RC $(grep -E '^\| [0-9.]+b |^558k' "$DETAILS/bench_$name.txt" | tr '\n' ' ')"
 }
 
-bench() {  # as run_bench; out of memory at BATCH (either side), once more at half of it
+bench() { # as run_bench; out of memory at BATCH (either side), once more at half of it
   local name=$1 batch=$2
   shift 2
   run_bench "$name" "$batch" "$@"
-  if grep -q OutOfMemoryError "$OUT/bench_$name.txt" 2>/dev/null; then
+  if grep -q OutOfMemoryError "$DETAILS/bench_$name.txt" 2> /dev/null; then
     run_bench "${name}_b$((batch / 2))" $((batch / 2)) "$@"
   fi
 }
 
-part_gputests() {
-  local limit
-  limit=$(budget "${GPUTESTS_TIMEOUT:-180}")
-  if ((limit == 0)); then log "gputests: skipped, $(left) s left" && return; fi
-  log "pytest, the GPU-only tests (timeout $limit s)"
-  timeout -k 10 "$limit" python3 -m pytest -v -p no:cacheprovider -p no:randomly --tb=short tests/test_gpu.py \
-    "tests/test_metrics.py::test_cuda_matches_cpu" > "$OUT/pytest_gpu.txt" 2>&1
-  log "  rc=$? $(tail -n 1 "$OUT/pytest_gpu.txt")"
-}
-
 part_bench() {
   bench ft_1.1b_32k "$FT_BATCH" --size 1.1b --stage finetune --vocab 32000 --steps 10 --warmup 3
-  bench pt_7b_32k "$PT7_BATCH" --size 7b --stage pretrain --vocab 32000 --steps 6 --warmup 3 --no-peer
   bench pt_1.1b_cached 32 --size 1.1b --stage pretrain --vocab 32000 --steps 10 --warmup 3 --cached-features
+  bench pt_7b_32k "$PT7_BATCH" --size 7b --stage pretrain --vocab 32000 --steps 6 --warmup 3 --no-peer
   # packing=auto pads under SDPA (no flash-attn on the machine): the same point packed says whether SDPA should pack
   bench ft_1.1b_32k_packed "$FT_BATCH" --size 1.1b --stage finetune --vocab 32000 --steps 10 --warmup 3 --no-peer \
     --packing true
 }
 
+pytest_gpu() { # NAME WANT FILE, then pytest arguments
+  local name=$1 want=$2 file=$3
+  shift 3
+  step "$name" "$want" "$file" python3 -m pytest -v -p no:cacheprovider -p no:randomly --tb=short "$@"
+  [[ $RC == skipped ]] || log "  rc=$RC $(tail -n 1 "$DETAILS/$file")"
+}
+
+part_gputests() {
+  pytest_gpu "gputests: the CUDA metrics check, the GPU-only tests but the sharded one" "${GPUTESTS_TIMEOUT:-180}" \
+    pytest_gpu.txt tests/test_metrics.py::test_cuda_matches_cpu tests/test_gpu.py -k "not sharded"
+}
+
 part_strategies() {
-  local limit
-  limit=$(budget "${STRATEGIES_TIMEOUT:-420}")
-  if ((limit == 0)); then log "strategies: skipped, $(left) s left" && return; fi
-  log "strategies: 1.1b finetune, ${STRATEGY_STEPS:-50} steps, ddp / zero2 / zero3 / fsdp2 (stop halfway, resume; timeout $limit s)"
-  timeout -k 15 "$limit" python3 benchmarks/strategies.py --size 1.1b --vocab 32000 --batch 8 \
-    --steps "${STRATEGY_STEPS:-50}" --timeout 150 --out "$OUT/strategies" --work "$WORK/strategies" \
-    > "$OUT/strategies.txt" 2>&1
-  log "  rc=$? $(tail -n 6 "$OUT/strategies.txt" | tr '\n' ' ')"
+  local only=()
+  [[ $DEEPSPEED == yes ]] || only=(--strategies ddp fsdp2)
+  pytest_gpu "strategies: the sharded GPU test" "${SHARDED_TIMEOUT:-200}" pytest_sharded.txt tests/test_gpu.py \
+    -k sharded
+  step "strategies: 1.1b finetune, ${STRATEGY_STEPS:-50} steps, each sharded one stopped halfway and resumed" \
+    "${STRATEGIES_TIMEOUT:-400}" strategies.txt python3 benchmarks/strategies.py --size 1.1b --vocab 32000 --batch 8 \
+    --steps "${STRATEGY_STEPS:-50}" --timeout 150 --out "$DETAILS/strategies" --work "$WORK/strategies" "${only[@]}"
+  [[ $RC == skipped ]] && return
+  record strategies "$RC" "$DETAILS/strategies/strategies.json"
+  log "  rc=$RC $(tail -n 6 "$DETAILS/strategies.txt" | tr '\n' ' ')"
 }
 
 part_suite() {
-  local limit workers=()
-  limit=$(budget "${TEST_TIMEOUT:-240}")
-  if ((limit == 0)); then log "suite: skipped, $(left) s left" && return; fi
+  local workers=()
   python3 -c "import xdist" 2> /dev/null && workers=(-n 16)
-  log "pytest, the whole suite ${workers[*]} (timeout $limit s)"
   # 16 processes of one thread each on 16 cores, not 16 x 16
-  OMP_NUM_THREADS=${OMP_NUM_THREADS:-$((${#workers[@]} ? 1 : 16))} timeout -k 10 "$limit" python3 -m pytest -q "${workers[@]}" -p no:cacheprovider --tb=short --maxfail=10 \
-    > "$OUT/pytest.txt" 2>&1
-  log "  rc=$? $(tail -n 1 "$OUT/pytest.txt")"
+  step "suite: the whole suite but tests/test_gpu.py${workers[*]:+, ${workers[*]}}" "${TEST_TIMEOUT:-300}" pytest.txt \
+    env OMP_NUM_THREADS="${OMP_NUM_THREADS:-$((${#workers[@]} ? 1 : 16))}" python3 -m pytest -q "${workers[@]}" \
+    -p no:cacheprovider --tb=short --maxfail=10 --ignore=tests/test_gpu.py
+  [[ $RC == skipped ]] || log "  rc=$RC $(tail -n 1 "$DETAILS/pytest.txt")"
 }
 
-for part in ${PARTS:-gputests bench strategies suite}; do
+for part in ${PARTS:-bench gputests suite}; do
   case $part in
-    gputests | bench | strategies | suite) "part_$part" ;;
-    *) log "unknown part $part (gputests, bench, strategies, suite): skipped" ;;
+    bench | gputests | strategies | suite) "part_$part" ;;
+    *) log "unknown part $part (bench, gputests, strategies, suite): skipped" ;;
   esac
 done
 

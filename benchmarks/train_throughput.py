@@ -16,8 +16,13 @@ real (non-padding) tokens/s, samples/s, peak memory, model TFLOP/s and MFU, and 
 - peer: the loop a user writes in an afternoon: ``LlavaForConditionalGeneration`` on the device in float32 under
   bf16 autocast, ``torch.optim.AdamW`` over the trainable parts, each batch padded to its longest sample,
   ``labels=`` to the model (its loss over every position), ``loss.backward()``, ``optimizer.step()``.
-- MFU = model FLOPs per real token (``training/throughput.py``: 2 x params + 2 x LLM params + 2 x trainable params)
-  x tokens/s / peak dense bf16 FLOP/s (989 TFLOP/s on an H100/H200); the same formula for both sides.
+- MFU = model FLOPs per real token (``training/throughput.py``: 2 x non-embedding params x 3 trained, 2 frozen
+  with gradients flowing back through them, 1 otherwise, plus causal attention 12 x layers x width x the positions a
+  token attends to on average, over the timed samples) x tokens/s / peak dense bf16 FLOP/s (989 TFLOP/s on an
+  H100/H200); the same formula for both sides.
+- Stage 1 (``pretrain``) also projects LLaVA-1.5's 558k captions, one epoch, from alignlm's samples/s: the hours on
+  this one GPU, and on ``--gpus`` (default 8, LLaVA-1.5's 3.5 h were on 8 A100s) at ideal scaling, fewer hours than
+  that many GPUs would take.
 
     python benchmarks/train_throughput.py --size tiny --steps 3 --warmup 1 --batch 2      # CPU, seconds
     python benchmarks/train_throughput.py --size 1.1b --stage finetune --vocab 32000 --batch 16
@@ -44,7 +49,7 @@ from alignlm.config import compose
 from alignlm.constants import IGNORE_INDEX
 from alignlm.export.hf_llava import to_llava
 from alignlm.models.mllm import AlignLM
-from alignlm.training.throughput import model_flops_per_token, peak_tflops
+from alignlm.training.throughput import attended_positions, model_flops_per_token, peak_tflops
 from alignlm.training.trainer import Trainer
 
 CLIP_L_336 = {
@@ -226,10 +231,15 @@ def bench_alignlm(
 
 
 def bench_peer(
-    model: AlignLM, stage: str, chunks: list[list[dict[str, Any]]], warmup: int, device: torch.device
+    model: AlignLM,
+    stage: str,
+    chunks: list[list[dict[str, Any]]],
+    warmup: int,
+    device: torch.device,
+    attended: float,
 ) -> dict[str, Any]:
-    """The plain transformers loop on the same weights and the same batches."""
-    flops = model_flops_per_token(model)
+    """The plain transformers loop on the same weights and the same batches (the tower always runs)."""
+    flops = model_flops_per_token(model, attended=attended)
     trainable = {"finetune": ("connector", "llm"), "pretrain": ("connector",)}[stage]
     with torch.device(device):  # the peer's copy made on the device, then every weight copied from alignlm's
         hf = to_llava(model.float()).train()
@@ -300,10 +310,12 @@ def run(
     peer: bool,
     seed: int = 0,
     packing: str = "auto",
+    gpus: int = 8,
     save: Callable[[dict[str, Any]], None] = lambda result: None,
 ) -> dict[str, Any]:
     """One benchmark point: both sides (or alignlm alone), and their ratio. ``save`` gets the result as soon as
-    alignlm's side is measured and again at the end: a peer that fails or is killed loses nothing of alignlm's."""
+    alignlm's side is measured and again at the end: a peer that fails or is killed loses nothing of alignlm's.
+    ``gpus``: the GPU count of stage 1's second 558k projection (ideal scaling)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = config(size, stage, vocab, batch, warmup + steps, device, packing)
     acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=device == "cpu")
@@ -314,6 +326,8 @@ def run(
     trainer.setup_optimization(model, None)
     samples = make_samples(model, stage, batch * (warmup + steps), seed, cached_features)
     chunks = grouped(samples, batch, seed)
+    # the timed samples' own lengths (both sides isolate each sample in attention, padding is no model FLOP)
+    attended = attended_positions(len(s["input_ids"]) for c in chunks[warmup:] for s in c)
     result: dict[str, Any] = {
         "size": size,
         "stage": stage,
@@ -322,12 +336,15 @@ def run(
         "steps": steps,
         "cached_features": cached_features,
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "attended_positions": attended,
         # alignlm's side: with cached features the tower never runs
-        "flops_per_token": model_flops_per_token(model, tower_runs=not cached_features),
+        "flops_per_token": model_flops_per_token(model, tower_runs=not cached_features, attended=attended),
     }
     result["alignlm"] = bench_alignlm(stage, chunks, warmup, trainer, model, result["flops_per_token"])
-    if stage == "pretrain":  # LLaVA-1.5 stage 1: 558k captions, one epoch
-        result["projected_hours_558k"] = 558_000 / result["alignlm"]["samples_per_s"] / 3600
+    if stage == "pretrain":  # LLaVA-1.5 stage 1: 558k captions, one epoch (its 3.5 h: on 8 A100s)
+        result["projected_hours_558k"] = 558_000 / result["alignlm"]["samples_per_s"] / 3600  # this one GPU
+        result["projection_gpus"] = gpus
+        result["projected_hours_558k_ideal_on_gpus"] = result["projected_hours_558k"] / gpus  # ideal scaling
     save(result)
     if peer:  # free alignlm's side first: the peer's peak memory is its own
         acc.free_memory()
@@ -340,7 +357,7 @@ def run(
             if s.get("pixel_values") is None:
                 s["pixel_values"] = torch.randn(1, 3, model.image_spec.size, model.image_spec.size)
         try:
-            result["peer"] = bench_peer(model, stage, chunks, warmup, acc.device)
+            result["peer"] = bench_peer(model, stage, chunks, warmup, acc.device, attended)
             result["ratio_tokens_per_s"] = result["alignlm"]["tokens_per_s"] / result["peer"]["tokens_per_s"]
         except (torch.OutOfMemoryError, RuntimeError) as e:  # alignlm fitted this batch; the peer did not
             if not isinstance(e, torch.OutOfMemoryError) and "out of memory" not in str(e).lower():
@@ -372,7 +389,18 @@ def table(results: list[dict[str, Any]]) -> str:
             )
         if "peer_error" in r:
             lines.append(f"| {r['size']} | {r['stage']} | {r['vocab']} | {r['batch']} | peer | {r['peer_error']} |||||")
+    lines += [projection(r) for r in results if "projected_hours_558k" in r]
     return "\n".join(lines)
+
+
+def projection(result: dict[str, Any]) -> str:
+    """Stage 1's 558k projection in words: one GPU's hours first, then the ideal-scaling figure, said to be one."""
+    return (
+        f"558k captions, one epoch, at alignlm's {result['alignlm']['samples_per_s']:.1f} samples/s: "
+        f"{result['projected_hours_558k']:.2f} h on one {result['device']} (this run's); "
+        f"{result['projected_hours_558k_ideal_on_gpus']:.2f} h on {result['projection_gpus']} of them at ideal scaling "
+        "(no communication cost; LLaVA-1.5's 3.5 h: on 8 A100s)"
+    )
 
 
 def main() -> None:
@@ -386,12 +414,17 @@ def main() -> None:
     ap.add_argument("--cached-features", action="store_true", help="alignlm reads the frozen tower's cached features")
     ap.add_argument("--no-peer", action="store_true", help="alignlm alone (the peer does not fit, e.g. 7B)")
     ap.add_argument("--packing", choices=("auto", "true", "false"), default="auto", help="alignlm's stage.data.packing")
+    ap.add_argument("--gpus", type=int, default=8, help="stage 1's 558k projection also for this many GPUs (ideal)")
     ap.add_argument("--json", default=None, help="also write the result to this file")
     args = ap.parse_args()
+    if args.gpus < 1:
+        ap.error(f"--gpus {args.gpus}: the 558k projection's GPU count must be at least 1")
 
     def save(result: dict[str, Any]) -> None:
-        if args.json:
-            Path(args.json).write_text(json.dumps(result, indent=2))
+        if args.json:  # whole or not at all, also when a time limit kills the process mid-write
+            tmp = Path(f"{args.json}.tmp")
+            tmp.write_text(json.dumps(result, indent=2))
+            tmp.replace(args.json)
 
     result = run(
         args.size,
@@ -403,6 +436,7 @@ def main() -> None:
         args.cached_features,
         not args.no_peer,
         packing=args.packing,
+        gpus=args.gpus,
         save=save,
     )
     print(table([result]))

@@ -239,19 +239,41 @@ def test_a_deterministic_run_evaluates_with_top_p_sampling(colour_set, tmp_path)
     assert not torch.are_deterministic_algorithms_enabled()
 
 
-def test_model_flops_count_the_tower_only_when_it_runs(tiny_model):
-    """LLaVA's stage 1: 4 N for the frozen LLM (forward, and the activation gradients back to the connector), 4 N for
-    the connector (forward, weight gradients), 2 N for the frozen tower, nothing for a tower whose features come
-    from the cache."""
-    from alignlm.training.throughput import model_flops_per_token
+def test_model_flops_follow_the_standard_formula_counted_by_hand(tiny_model):
+    """6 N + 12 L d s, each part charged for the passes it takes, counted by hand from the tiny config (Llama: width 64,
+    2 layers, 4 heads of 16, 2 KV heads, MLP 128, 513 rows; CLIP: width 32, 2 layers, MLP 64, 8x8 patches, 17
+    positions; MLP connector 32 -> 64 -> 64). The input embedding and the tower's position table are lookups, no
+    matmul; causal attention is charged for the positions each token sees; a tower fed from the cache is not counted."""
+    from alignlm.data.collate import attended_pairs
+    from alignlm.training.throughput import attended_positions, attention_flops_per_pair, model_flops_per_token
+
+    layer = 64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128 + 2 * 64  # q, k, v, o, gate/up/down, two norms
+    llm = 2 * layer + 64 + 513 * 64  # the final norm and the (untied) LM head; not the 513 x 64 embedding
+    clip_layer = 4 * (32 * 32 + 32) + 2 * 2 * 32 + (32 * 64 + 64) + (64 * 32 + 32)  # q, k, v, out, two norms, MLP
+    tower = 32 + 3 * 8 * 8 * 32 + 2 * 32 + 2 * clip_layer + 2 * 32  # class token, patch conv, pre/post norms
+    connector = (32 * 64 + 64) + (64 * 64 + 64)
+    attention = 2 * 2 * 2 * (4 * 16)  # forward, per attended position: QK^T and AV in 2 layers of 4 x 16
+    seen = attended_positions([3, 5])  # samples of 3 and 5 tokens: (1 + 2 + 3) + (1 + ... + 5) positions, 8 tokens
+    assert seen == 21 / 8 and attended_pairs([3, 5]) == 21  # the collator counts a batch's pairs
 
     model = tiny_model()
     model.requires_grad_(False)
-    model.connector.requires_grad_(True)  # LLaVA's stage 1
-    n = {part: sum(p.numel() for p in getattr(model, part).parameters()) for part in ("vision", "connector", "llm")}
-    other = sum(p.numel() for p in model.parameters()) - sum(n.values())
-    assert model_flops_per_token(model) == 2 * n["vision"] + 4 * n["connector"] + 4 * n["llm"] + 2 * other
-    assert model_flops_per_token(model, tower_runs=False) == 4 * n["connector"] + 4 * n["llm"] + 2 * other
+    model.connector.requires_grad_(True)  # LLaVA's stage 1: gradients flow back through the frozen LLM, not the tower
+    expected = 2 * tower + 6 * connector + 4 * llm + 3 * attention * seen
+    assert model_flops_per_token(model, attended=seen) == pytest.approx(expected, rel=1e-12)
+    assert model_flops_per_token(model, tower_runs=False, attended=seen) == pytest.approx(
+        expected - 2 * tower, rel=1e-12
+    )
+    assert model_flops_per_token(model) == 2 * tower + 6 * connector + 4 * llm  # attention left out
+    assert attention_flops_per_pair(model) == pytest.approx(3 * attention)  # a step's: tokens x that + pairs x this
+    model.llm.requires_grad_(True)  # the finetune: the embedding trains too and is still no matmul
+    expected = 2 * tower + 6 * connector + 6 * llm + 3 * attention * seen
+    assert model_flops_per_token(model, attended=seen) == pytest.approx(expected, rel=1e-12)
+    model.llm.lm_head.weight = model.llm.get_input_embeddings().weight  # a tied head is still a matmul
+    assert model_flops_per_token(model, attended=seen) == pytest.approx(expected, rel=1e-12)
+    model.requires_grad_(False)  # nothing trains: one forward pass
+    expected = 2 * (tower + connector + llm) + attention * seen
+    assert model_flops_per_token(model, attended=seen) == pytest.approx(expected, rel=1e-12)
 
 
 @pytest.mark.parametrize(
@@ -505,9 +527,9 @@ def test_meter_measures_steps_by_when_they_ran(monkeypatch):
     monkeypatch.setattr(throughput.time, "perf_counter", lambda: next(clock))
     meter = throughput.Meter(warmup=1)
     for at in (101.0, 104.0, 107.0, 110.0):  # 4 steps issued 3 s apart, their counts all fetched at 113 s
-        meter.add(4, 40, at=at)
+        meter.add(4, 40, at=at, pairs=300)
     meter.settle()
-    assert meter.rates() == pytest.approx((12 / 12.0, 120 / 12.0))  # 3 steps after the warm-up one, 101 s -> 113 s
+    assert meter.rates() == pytest.approx((12 / 12.0, 120 / 12.0, 900 / 12.0))  # 3 steps after the warm-up one
 
 
 def test_data_workers_count_the_cpus_this_process_may_use_on_its_node(monkeypatch):

@@ -59,6 +59,13 @@ def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return rows
 
 
+def attended_pairs(lengths: Sequence[int]) -> int:
+    """The (query, key) positions causal attention covers over samples of ``lengths`` tokens, each sample by its own
+    length (packed or padded): the ``i``-th token of a sample sees ``i`` positions. Attention's share of a step's FLOPs
+    (training/throughput.py), counted here on the CPU as the real tokens are."""
+    return sum(n * (n + 1) // 2 for n in lengths)
+
+
 def index_fields(
     labels: torch.Tensor, sample_ids: torch.Tensor, is_image: torch.Tensor, num_image_tokens: int, num_samples: int
 ) -> dict:
@@ -149,6 +156,7 @@ class Collator:
         batch["ids"] = [s["id"] for s in kept]
         batch["num_samples"] = len(kept)
         batch["num_tokens"] = sum(lengths)  # real tokens, counted here so that nobody counts them on the device
+        batch["attended_pairs"] = attended_pairs(lengths)
         is_image = batch["input_ids"] == self.image_token_id if self.image_token_id is not None else None
         if is_image is not None:
             batch.update(index_fields(batch["labels"], batch["sample_ids"], is_image, self.num_image_tokens, len(kept)))

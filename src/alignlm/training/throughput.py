@@ -1,24 +1,19 @@
 """Throughput figures: model FLOPs per token, the accelerator's peak, and a steady-state meter.
 
-Model FLOPs per real (non-padding) token, the formula every alignlm figure uses:
-``2 * (all parameters a token passes through)`` for the forward pass, ``+ 2 * (LLM parameters)`` for the activation
-gradients that flow back through the LLM to whatever trains before it, ``+ 2 * (trainable parameters)`` for their
-weight gradients: the usual ``6 N`` when everything trains, ``4 N`` for LLaVA's stage 1 (frozen LLM and tower).
-Where a visual hook supplies the tower's output (cached features, a method's embeddings in place of images) the
-tower does not run and is not counted. Two approximations, in opposite directions: attention's own FLOPs (which grow
-with sequence length) are left out, as in the usual ``6 N`` convention, which understates; the tower and connector
-are charged for every token, text tokens included (each visual token does pass through them, about once), which
-overstates by ``2 x tower x text share``: about 0.2 % of a 7B stage 1's FLOPs (a CLIP-L/336 tower, ~9 % text), a
-few % of a 1.1B finetune's.
-MFU = achieved model FLOP/s / (peak FLOP/s of the device x devices).
+Model FLOPs per real (non-padding) token, the formula every alignlm figure uses (:func:`model_flops_per_token`): the
+standard one of PaLM's appendix B and Megatron-LM, ``6 N + 12 L d s`` when everything trains, with each part charged
+for the passes it takes. MFU = achieved model FLOP/s / (peak FLOP/s of the device x devices).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 
 import torch
 from torch import nn
+
+from alignlm.data.collate import attended_pairs
 
 # dense bf16 peak TFLOP/s per device, by the first substring of torch.cuda.get_device_name() found here (the PCIe
 # and NVL cards, clocked lower, before the SXM ones whose names they contain)
@@ -36,14 +31,55 @@ PEAK_TFLOPS = {
 WARMUP_STEPS = 3  # steps left out of the steady-state figures (allocator growth, kernel selection, compilation)
 
 
-def model_flops_per_token(model: nn.Module, tower_runs: bool = True) -> float:
-    """The formula of the module docstring, for an ``AlignLM`` in its current train/freeze state; ``tower_runs``
-    False: features come from a cache, the tower's parameters pass no token."""
-    total = sum(p.numel() for p in model.parameters())
-    if not tower_runs:
-        total -= sum(p.numel() for p in model.vision.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return float(2 * total + 2 * sum(p.numel() for p in model.llm.parameters()) + 2 * trainable)
+def model_flops_per_token(model: nn.Module, tower_runs: bool = True, attended: float = 0.0) -> float:
+    """Model FLOPs per real token of an ``AlignLM`` in its current train/freeze state, the sum of two terms.
+
+    Weights: ``2 x m x n`` for each parameter ``n`` of every part but its embedding tables (a lookup is no matmul;
+    an LM head tied to the input embedding is a matmul and counts), the forward pass's multiply-adds, with ``m`` 3 for
+    a trained parameter (forward, activation gradient, weight gradient), 2 for a frozen one that gradients flow back
+    through (a trained parameter in its part or upstream: the tower before the connector, every part before the
+    LLM), 1 for a frozen one they do not reach. Biases and norms count as in the usual ``6 N`` (a rounding).
+    Attention: ``2 x 2 x L x d x attended`` forward (``QK^T`` and ``AV`` over the ``attended`` positions a token sees
+    on average, :func:`attended_positions`; ``L`` layers, ``d`` = query heads x head size), x3 where gradients flow
+    back through the LLM (both products' gradients are activation gradients), else x1; ``attended`` 0 leaves it out.
+    Where a visual hook supplies the tower's output (``tower_runs`` False: cached features, a method's embeddings in
+    place of images) the tower does not run and is not counted. Two approximations: the tower and connector are
+    charged for every token, text tokens included (each visual token does pass through them, about once; overstates
+    by ``2 x tower x text share``, 0.2 % of a 7B stage 1's FLOPs, 2.3 % of the 1.1B finetune's in the benchmark), and
+    the tower's own attention is left out (understates by 0.2 % and 0.6 %).
+    """
+    parts = {name: getattr(model, name) for name in model.PARTS if tower_runs or name != "vision"}
+    trains = {name: any(p.requires_grad for p in part.parameters()) for name, part in parts.items()}
+    upstream = {"connector": ("vision",), "llm": tuple(parts)}  # the parts a part's input comes from (and itself)
+    backward = {name: any(trains.get(n, False) for n in (name, *upstream.get(name, ()))) for name in parts}
+    flops = 0.0
+    for name, part in parts.items():
+        flops += sum(
+            2 * p.numel() * (3 if p.requires_grad else 2 if backward[name] else 1) for p in matmul_parameters(part)
+        )
+    cfg = model.llm.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    attention = 2 * 2 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim * attended
+    return flops + attention * (3 if backward["llm"] else 1)
+
+
+def matmul_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The parameters a token's forward pass multiplies by: all but embedding tables, plus a head tied to one."""
+    tables = {id(m.weight) for m in module.modules() if isinstance(m, nn.Embedding)}
+    tied = [m.weight for m in module.modules() if isinstance(m, nn.Linear) and id(m.weight) in tables]
+    return [p for p in module.parameters() if id(p) not in tables] + tied
+
+
+def attended_positions(lengths: Iterable[int]) -> float:
+    """The mean number of positions a real token attends to: :func:`attended_pairs` over the tokens."""
+    lengths = list(lengths)
+    return attended_pairs(lengths) / max(1, sum(lengths))
+
+
+def attention_flops_per_pair(model: nn.Module, tower_runs: bool = True) -> float:
+    """The attention term of :func:`model_flops_per_token` per attended (query, key) pair: a step's model FLOPs are
+    ``tokens x model_flops_per_token(model) + pairs x attention_flops_per_pair(model)``."""
+    return model_flops_per_token(model, tower_runs, 1.0) - model_flops_per_token(model, tower_runs, 0.0)
 
 
 def peak_tflops(setting: float | str | None, device: torch.device) -> float | None:
@@ -60,7 +96,8 @@ def peak_tflops(setting: float | str | None, device: torch.device) -> float | No
 
 
 class Meter:
-    """Samples and tokens per second over the steps after the first ``warmup`` (whole run while still warming up).
+    """Samples, tokens and attended token pairs per second over the steps after the first ``warmup`` (whole run while
+    still warming up).
 
     Logged values reach the host in batches (every ``logging.every`` steps), so a step's counts arrive long after it
     ran: each step is added with the host time it was issued at, and the clock stops at :meth:`settle`, called once
@@ -72,30 +109,32 @@ class Meter:
         self.steps = 0
         self.start = self.end = time.perf_counter()
         self.window = self.start
-        self.counts = [0, 0]  # samples, tokens since the window opened
-        self.all_counts = [0, 0]
+        self.counts = [0, 0, 0]  # samples, tokens, attended pairs since the window opened
+        self.all_counts = [0, 0, 0]
 
-    def add(self, samples: int, tokens: int, at: float) -> None:
-        """Record one step, issued at host time ``at`` (``time.perf_counter()``)."""
+    def add(self, samples: int, tokens: int, at: float, pairs: int = 0) -> None:
+        """Record one step, issued at host time ``at`` (``time.perf_counter()``); ``pairs``: the (query, key)
+        positions its causal attention covered, :func:`attended_pairs` of its samples."""
         self.steps += 1
-        self.all_counts = [self.all_counts[0] + samples, self.all_counts[1] + tokens]
+        step = (samples, tokens, pairs)
+        self.all_counts = [a + b for a, b in zip(self.all_counts, step)]
         if self.steps == self.warmup:
             self.window = at
-            self.counts = [0, 0]
+            self.counts = [0, 0, 0]
         elif self.steps > self.warmup:
-            self.counts = [self.counts[0] + samples, self.counts[1] + tokens]
+            self.counts = [a + b for a, b in zip(self.counts, step)]
 
     def settle(self) -> None:
         """The added steps are done (the device was just synchronised): the rates are measured up to now."""
         self.end = time.perf_counter()
 
-    def rates(self) -> tuple[float, float]:
-        """(samples/s, tokens/s) up to the last :meth:`settle`: steady state once past the warm-up, else overall."""
-        if self.steps > self.warmup:
-            elapsed = max(self.end - self.window, 1e-9)
-            return self.counts[0] / elapsed, self.counts[1] / elapsed
-        elapsed = max(self.end - self.start, 1e-9)
-        return self.all_counts[0] / elapsed, self.all_counts[1] / elapsed
+    def rates(self) -> tuple[float, float, float]:
+        """(samples/s, tokens/s, attended pairs/s) up to the last :meth:`settle`: steady state once past the warm-up,
+        else overall."""
+        steady = self.steps > self.warmup
+        counts, since = (self.counts, self.window) if steady else (self.all_counts, self.start)
+        elapsed = max(self.end - since, 1e-9)
+        return counts[0] / elapsed, counts[1] / elapsed, counts[2] / elapsed
 
 
 def peak_memory_gib(device: torch.device) -> float | None:

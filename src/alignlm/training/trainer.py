@@ -56,6 +56,7 @@ from alignlm.training.sampler import StepSampler
 from alignlm.training.stages import apply_stage, count_params, merge_lora, trainable_parts
 from alignlm.training.throughput import (
     Meter,
+    attention_flops_per_pair,
     model_flops_per_token,
     peak_memory_gib,
     peak_tflops,
@@ -99,7 +100,7 @@ class StepLog:
     device: dict[str, torch.Tensor]  # summed over micro-batches on this rank; reduced over ranks at the fetch
     grad_norm: torch.Tensor | None
     host: dict[str, float]
-    counts: tuple[int, int, int, int]  # samples, real tokens, supervised tokens, skipped samples on this rank
+    counts: tuple[int, int, int, int, int]  # samples, real tokens, supervised tokens, skipped samples, attended pairs
 
 
 def build_objectives(stage: Mapping[str, Any]) -> dict[str, tuple[Objective, float]]:
@@ -210,7 +211,9 @@ class Trainer:
         # a visual hook supplies the tower's output (the feature cache, a method's embeddings in place of images):
         # then the tower never runs
         tower_runs = getattr(dataset, "visual_hook", None) is None
-        self.flops_per_token = model_flops_per_token(model, tower_runs=tower_runs)  # counted before any partitioning
+        # counted before any partitioning: the weights' FLOPs per token, attention's per attended (query, key) pair
+        self.flops_per_token = model_flops_per_token(model, tower_runs=tower_runs)
+        self.flops_per_pair = attention_flops_per_pair(model, tower_runs=tower_runs)
         self.peak_tflops = peak_tflops(cfg.logging.get("peak_tflops", "auto"), acc.device)
         if self.strategy in ("fsdp2", "zero3") and self.monitor.every:
             raise ValueError(
@@ -474,10 +477,11 @@ class Trainer:
             if acc.num_processes == 1 and not kept:
                 self.log.warning("step %d skipped: all its samples were bad data (see the skipped count)", step)
                 self.scheduler.step()  # the schedule counts steps, taken or not, as the data order does
-                return StepLog(step, {}, None, {}, (0, 0, 0, skipped))
+                return StepLog(step, {}, None, {}, (0, 0, 0, skipped, 0))
             kept = [b if b.get("input_ids") is not None else self.empty_batch() for b in micro]
         samples = sum(b["num_samples"] for b in kept)
         tokens = sum(b["num_tokens"] for b in kept)
+        pairs = sum(b.get("attended_pairs", 0) for b in kept)  # an empty stand-in batch attends to nothing
         local_items = sum(len(b["lm_targets"]) for b in kept)
         n_items = torch.full(
             (), float(local_items), device=acc.device
@@ -530,7 +534,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         sums["nonfinite"] = (~finite).float()
         host = {"lr": self.scheduler.get_last_lr()[-1]}
-        return StepLog(step, sums, grad_norm if max_norm > 0 else None, host, (samples, tokens, local_items, skipped))
+        counts = (samples, tokens, local_items, skipped, pairs)
+        return StepLog(step, sums, grad_norm if max_norm > 0 else None, host, counts)
 
     def optimizer_step(self, finite: torch.Tensor) -> None:
         """Update unless the loss or the gradient is not finite. A fused optimizer skips the update on the device
@@ -588,7 +593,7 @@ class Trainer:
         self.stop_agreed = values[-1][-1] > 0
         rows = []
         for s, v, norm in zip(pending, values, norms):
-            samples, tokens, items, skipped = v[len(keys) : len(keys) + 4]
+            samples, tokens, items, skipped, pairs = v[len(keys) : len(keys) + 5]
             self.skipped += int(skipped)
             if not s.device:  # a step skipped for bad data: nothing trained
                 continue
@@ -607,7 +612,7 @@ class Trainer:
                 row["nonfinite"] = True
                 self.nonfinite.append(s.step)
             row["skipped"] = self.skipped
-            rows.append((s.step, row, int(samples), int(tokens)))
+            rows.append((s.step, row, int(samples), int(tokens), int(pairs)))
         return rows
 
     @contextlib.contextmanager
@@ -676,6 +681,11 @@ class Trainer:
             if main:
                 signal.signal(signal.SIGTERM, previous)
 
+    def tflops(self, tokens_per_s: float, pairs_per_s: float) -> float:
+        """Model TFLOP/s (training/throughput.py's formula): the weights' share per real token plus attention's per
+        attended pair, both counted on the host from the batches."""
+        return (tokens_per_s * self.flops_per_token + pairs_per_s * self.flops_per_pair) / 1e12
+
     def check_divergence(self, step: int) -> None:
         """``nonfinite.stop_after`` skipped steps within the last ``nonfinite.window`` steps stop the stage."""
         policy = self.cfg.get("nonfinite") or {}
@@ -734,12 +744,12 @@ class Trainer:
         def flush() -> None:
             rows = self.fetch(pending)  # waits for the device: every pending step is done
             meter.settle()
-            for step, _, samples, tokens in rows:
-                meter.add(samples, tokens, issued.pop(step))
+            for step, _, samples, tokens, pairs in rows:
+                meter.add(samples, tokens, issued.pop(step), pairs)
             issued.clear()  # steps skipped for bad data are not in the rows
-            sps, tps = meter.rates()
-            for step, row, _, _ in rows:
-                row.update({"samples_per_s": sps, "tokens_per_s": tps, "tflops": tps * self.flops_per_token / 1e12})
+            sps, tps, pps = meter.rates()
+            for step, row, *_ in rows:
+                row.update({"samples_per_s": sps, "tokens_per_s": tps, "tflops": self.tflops(tps, pps)})
                 if self.peak_tflops:
                     row["mfu"] = row["tflops"] / (self.peak_tflops * acc.num_processes)
                 memory = peak_memory_gib(acc.device)
@@ -794,8 +804,8 @@ class Trainer:
                 f"written. Left out: {'; '.join(self.report.lines())}"
             )
         final = self.save_final()
-        sps, tps = meter.rates()
-        tflops = tps * self.flops_per_token / 1e12
+        sps, tps, pps = meter.rates()
+        tflops = self.tflops(tps, pps)
         if self.report.counts:
             self.log.warning(
                 "stage %s left out %d samples/records: %s",
