@@ -546,3 +546,62 @@ def test_data_workers_count_the_cpus_this_process_may_use_on_its_node(monkeypatc
     assert local_processes(16) == 8
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     assert local_processes(2) == 2
+
+
+def test_warmup_counts_its_steps_as_transformers_trainer_does():
+    """Rounded up (LLaVA-1.5's 2,180 steps at 0.03: 66, where rounding to nearest gave 65; 10 steps at 0.03: 1, not 0),
+    from the product rounded to 6 places (100 x 0.03 is 3, not 4)."""
+    from alignlm.training.optim import warmup_steps
+
+    cases = [(0.03, 2180, 66), (0.03, 10, 1), (0.05, 50, 3), (0.03, 100, 3), (0.0, 10, 0), (0.3, 10, 3)]
+    assert [warmup_steps(ratio, total) for ratio, total, _ in cases] == [want for _, _, want in cases]
+
+
+def test_the_logged_learning_rate_is_the_one_each_update_used_per_group(colour_set, tmp_path):
+    """Each row's ``lr`` is the rate its own update used, of the first group (the connector), and every group's rate
+    is logged by name: it was the next step's rate (the last row read 0 under a decaying schedule) of the last group
+    (here the contrastive temperature's, ten times the connector's)."""
+    cfg = compose(
+        *tiny_overrides(colour_set, tmp_path),
+        "run=[pretrain]",
+        "eval.sets=[]",
+        "stages.pretrain.max_steps=4",
+        "stages.pretrain.warmup_ratio=0",
+        "stages.pretrain.scheduler=linear",
+        "+objective@stages.pretrain.objectives.contrastive=contrastive",
+        "stages.pretrain.lr.connector=1e-3",
+        "stages.pretrain.lr.objectives=1e-2",
+        "logging.every=1",
+    )
+    run(cfg)
+    rows = [json.loads(r) for r in (tmp_path / "t" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    decay = [1 - s / 4 for s in range(4)]  # the linear schedule at the step each update runs in
+    assert [r["lr"] for r in rows] == pytest.approx([1e-3 * d for d in decay])
+    assert [r["lr/connector"] for r in rows] == pytest.approx([1e-3 * d for d in decay])
+    assert [r["lr/objectives"] for r in rows] == pytest.approx([1e-2 * d for d in decay])
+
+
+def test_the_samples_an_epoch_leaves_over_are_announced(colour_set, tmp_path):
+    """Every global batch is whole, so an epoch of a size that is not a multiple of it leaves its last few samples
+    of its own order out (as drop_last); the stage's start says how many instead of saying nothing."""
+    size = len(json.loads(Path(colour_set["pretrain"]).read_text()))
+    batch = next(b for b in (5, 7, 9, 11) if size % b)
+    cfg = compose(
+        *tiny_overrides(colour_set, tmp_path),
+        "run=[pretrain]",
+        "eval.sets=[]",
+        "stages.pretrain.max_steps=1",
+        f"stages.pretrain.per_device_batch_size={batch}",
+    )
+    import logging
+
+    records: list[logging.LogRecord] = []
+    catch = logging.Handler(logging.WARNING)
+    catch.emit = records.append
+    logging.getLogger("alignlm").addHandler(catch)  # it does not propagate to the root logger
+    try:
+        run(cfg)
+    finally:
+        logging.getLogger("alignlm").removeHandler(catch)
+    said = [r.getMessage() for r in records if "left over" in r.getMessage()]
+    assert said and f"the {size % batch} left over" in said[0] and f"of its {size} samples" in said[0]

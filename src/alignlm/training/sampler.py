@@ -2,7 +2,7 @@
 
 With ``lengths`` given, batches are length-grouped: each run of ``group_size`` global batches of the shuffled order
 is sorted by length and cut into batches, and the batches are shuffled again, so padding shrinks while every epoch
-still visits each sample once. Each global batch is then a band of similar lengths (bucketing, as fairseq does),
+still visits each sample at most once. Each global batch is then a band of similar lengths (bucketing, as fairseq does),
 unlike LLaVA's ``group_by_modality_length``, which keeps a global batch a random sample (and separates images from
 text) and sorts it only across ranks: with one GPU that saves no padding, this does.
 
@@ -10,7 +10,9 @@ text) and sorts it only across ranks: with one GPU that saves no padding, this d
 each epoch takes a fresh random ``take``, seeded by the epoch like the rest of its order.
 
 The order of an epoch is a permutation seeded by ``(seed, epoch)``. Global step ``s`` takes the next
-``global_batch = per_device * world * accum`` indices; micro-batch ``a`` of rank ``r`` is a fixed slice
+``global_batch = per_device * world * accum`` indices; every global batch is whole, so the ``epoch_size mod
+global_batch`` samples at the end of an epoch's permutation are left out of that epoch (as ``drop_last``; other
+samples each epoch, and the trainer says how many); micro-batch ``a`` of rank ``r`` is a fixed slice
 of them. One process with accumulation 2 and two processes with accumulation 1 therefore see the same
 samples in every optimizer step, and a run resumed at step ``s`` continues with exactly step ``s``'s data.
 """

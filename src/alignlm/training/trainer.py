@@ -196,6 +196,18 @@ class Trainer:
             if stage.get("max_steps")
             else int(math.ceil(float(stage.epochs) * self.order.steps_per_epoch))
         )
+        left = self.order.epoch_size - self.order.steps_per_epoch * self.order.global_batch
+        if left:  # every global batch is whole (one shape on every rank); the remainder waits for a later epoch
+            self.log.warning(
+                "stage %s: each epoch trains %d of its %d samples in %d global batches of %d; the %d left over at "
+                "its end are other samples each epoch (set the batch, or max_steps over several epochs, to cover them)",
+                self.name,
+                self.order.steps_per_epoch * self.order.global_batch,
+                self.order.epoch_size,
+                self.order.steps_per_epoch,
+                self.order.global_batch,
+                left,
+            )
 
     def setup_optimization(self, model: AlignLM, dataset: Any) -> None:
         """Objectives (set up on ``dataset``), the monitor, optimizer and schedule over ``self.total_steps``, the
@@ -466,6 +478,7 @@ class Trainer:
         without asking the others; one process whose every micro-batch was bad skips the step, its schedule advancing.
         """
         acc, accum = self.acc, len(micro)
+        host = self.learning_rates()  # the rates this step's update uses (the schedule moves on after it)
         skipped = sum(len(b["skipped"]) for b in micro)
         for b in micro:  # per cause, on this rank; merged over ranks at checkpoints and at the end
             for sample in b["skipped"]:
@@ -533,9 +546,19 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         sums["nonfinite"] = (~finite).float()
-        host = {"lr": self.scheduler.get_last_lr()[-1]}
         counts = (samples, tokens, local_items, skipped, pairs)
         return StepLog(step, sums, grad_norm if max_norm > 0 else None, host, counts)
+
+    def learning_rates(self) -> dict[str, float]:
+        """``lr``: the first parameter group's rate for the coming update (the part listed first that trains); with
+        several parts, objectives or scaled sub-modules, each group's as ``lr/<group name>`` too (it logged the last
+        group's rate after the schedule's step: the next update's, of the MoE router or a contrastive temperature)."""
+        rates = {
+            g.get("name", str(i)): lr
+            for i, (g, lr) in enumerate(zip(self.optimizer.param_groups, self.scheduler.get_last_lr()))
+        }
+        first = next(iter(rates.values()))
+        return {"lr": first, **({f"lr/{k}": v for k, v in rates.items()} if len(rates) > 1 else {})}
 
     def optimizer_step(self, finite: torch.Tensor) -> None:
         """Update unless the loss or the gradient is not finite. A fused optimizer skips the update on the device
