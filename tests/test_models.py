@@ -166,6 +166,7 @@ def test_hf_towers_select_feature(config, prefix):
     x = torch.randn(2, 3, 32, 32)
     assert patch(x).shape == (2, 16, 32)
     assert both(x).shape == (2, 16 + prefix, 32)
+    assert (patch.num_prefix_tokens, both.num_prefix_tokens) == (0, prefix)
 
 
 def test_hf_cnn_backbone_feature_map_becomes_tokens():
@@ -189,6 +190,39 @@ def test_tower_loads_a_saved_checkpoint_by_path(tmp_path):
     x = torch.randn(1, 3, 32, 32)
     expected = ref(pixel_values=x, output_hidden_states=True).hidden_states[-2][:, 1:]
     torch.testing.assert_close(tower(x), expected)
+
+
+def test_tower_trains_a_half_precision_checkpoint_in_float32(tiny_model, tmp_path):
+    """A tower saved in bf16 (as Llava exports and many hub towers are) loaded in bf16: the fp32 model crashed."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    cfg = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+    )
+    CLIPVisionModel(cfg).to(torch.bfloat16).save_pretrained(tmp_path)
+    model = tiny_model("~model.vision.config", f"+model.vision.name_or_path={tmp_path}")
+    assert {p.dtype for p in model.vision.parameters()} == {torch.float32}
+    assert torch.isfinite(model(make_batch(model, [1, 2])).lm_loss)
+    half = tiny_model("~model.vision.config", f"+model.vision.name_or_path={tmp_path}", "model.vision.dtype=bfloat16")
+    assert {p.dtype for p in half.vision.parameters()} == {torch.bfloat16}
+    with pytest.raises(ValueError, match="model.vision.dtype='half'.*bfloat16"):
+        HFVisionTower(name_or_path=str(tmp_path), dtype="half")
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"model_type": "convnext", "hidden_sizes": [8, 16, 24, 32], "depths": [1, 1, 1, 1], "image_size": 64},
+        {"model_type": "resnet", "embedding_size": 8, "hidden_sizes": [8, 16], "depths": [1, 1], "image_size": 64},
+    ],
+)
+def test_cnn_tower_prefix_is_its_pooled_token(config):
+    """A feature map's tokens are its grid, plus the pooled token under cls_patch; ConvNeXt's stem patch_size of 4
+    was read as a ViT's patch grid, giving -239 prefix tokens (what SEA's grid and V2L's pooling skip)."""
+    patch = HFVisionTower(config=config, select_feature="patch")
+    both = HFVisionTower(config=config, select_feature="cls_patch")
+    assert patch.num_prefix_tokens == 0 and both.num_prefix_tokens == 1
+    assert both.num_patches == patch.num_patches + 1
 
 
 def test_efficientnet_tower_tokens():

@@ -26,10 +26,10 @@ LLMAndTokenizer = tuple[nn.Module, Any]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def torch_dtype(name: str) -> torch.dtype:
-    """Map a config string to a dtype, with the allowed names in the error."""
+def torch_dtype(name: str, key: str = "model.llm.dtype") -> torch.dtype:
+    """Map a config string to a dtype, with the key and the allowed names in the error."""
     if name not in _DTYPES:
-        raise ValueError(f"model.llm.dtype={name!r} is not known; choose one of {sorted(_DTYPES)}")
+        raise ValueError(f"{key}={name!r} is not known; choose one of {sorted(_DTYPES)}")
     return _DTYPES[name]
 
 

@@ -19,6 +19,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, CLIPVisionModel, SiglipVisionModel
 
 from alignlm.data.images import ImageSpec
+from alignlm.models.llm import torch_dtype
 
 SELECT_FEATURES = ("patch", "cls_patch")
 REGISTERS = ("drop", "keep")
@@ -67,7 +68,8 @@ class HFVisionTower(VisionTower):
     For a dual encoder checkpoint (CLIPModel, SiglipModel) only its vision half is kept. ``select_layer``
     indexes ``hidden_states`` (LLaVA uses -2); ``patch`` drops the prefix tokens (CLS, registers). Register tokens
     (DINOv2 with registers) hold the model's global scratch computation, not patch content, so ``cls_patch`` keeps
-    them only with ``registers='keep'``.
+    them only with ``registers='keep'``. The weights load in ``dtype`` (as ``model.llm.dtype``), not the checkpoint's
+    saved one: a bf16 tower fails an fp32 connector and rounds away most of a full stage's AdamW updates.
     """
 
     def __init__(
@@ -80,6 +82,7 @@ class HFVisionTower(VisionTower):
         image_std: Sequence[float] | None = None,
         trust_remote_code: bool = False,
         registers: str = "drop",
+        dtype: str = "float32",
     ) -> None:
         super().__init__()
 
@@ -100,10 +103,13 @@ class HFVisionTower(VisionTower):
             hf_config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         hf_config = getattr(hf_config, "vision_config", hf_config)  # dual encoders: keep the vision half
         model_cls = _vision_model_class(hf_config)
+        load_dtype = torch_dtype(dtype, "model.vision.dtype")
         if name_or_path is None:
-            self.model = model_cls(hf_config)
+            self.model = model_cls(hf_config).to(load_dtype)
         else:
-            self.model = model_cls.from_pretrained(name_or_path, config=hf_config, trust_remote_code=trust_remote_code)
+            self.model = model_cls.from_pretrained(
+                name_or_path, config=hf_config, trust_remote_code=trust_remote_code, dtype=load_dtype
+            )
         self.select_layer = select_layer
         self.select_feature = select_feature
         # registers sit right after CLS ([CLS, registers, patches]); kept only when asked to
@@ -115,16 +121,20 @@ class HFVisionTower(VisionTower):
             std=tuple(image_std) if image_std is not None else (0.26862954, 0.26130258, 0.27577711),
         )
         with torch.no_grad():
-            probe = self._features(torch.zeros(1, 3, size, size))
+            hidden = self._hidden(torch.zeros(1, 3, size, size, dtype=load_dtype))
+            probe = self._tokens(hidden)
         self.hidden_size = probe.shape[-1]
         self.num_patches = probe.shape[1]
-        if select_feature == "cls_patch":  # a ViT keeps CLS (and registers); a feature map gains one pooled token
-            patch = getattr(hf_config, "patch_size", None)
-            self.num_prefix_tokens = self.num_patches - (size // patch) ** 2 if patch else 1
+        # what precedes the grid: a ViT's CLS (and kept registers), a feature map's pooled token under cls_patch
+        grid_tokens = hidden.shape[2] * hidden.shape[3] if hidden.dim() == 4 else self._grid() ** 2
+        self.num_prefix_tokens = self.num_patches - grid_tokens
 
-    def _features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        out = self.model(pixel_values=pixel_values, output_hidden_states=True)
-        hidden = out.hidden_states[self.select_layer]
+    def _hidden(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The selected layer's hidden state: ``[B, T, D]`` for a ViT, a ``[B, C, H, W]`` map for a CNN."""
+        return self.model(pixel_values=pixel_values, output_hidden_states=True).hidden_states[self.select_layer]
+
+    def _tokens(self, hidden: torch.Tensor) -> torch.Tensor:
+        """That hidden state as the tokens ``select_feature`` keeps."""
         if hidden.dim() == 4:  # convolutional backbone: feature map -> tokens
             return _map_to_tokens(hidden, self.select_feature)
         if self.select_feature == "patch":
@@ -147,7 +157,7 @@ class HFVisionTower(VisionTower):
         return layers
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self._features(pixel_values.to(self.model.dtype))
+        return self._tokens(self._hidden(pixel_values.to(self.model.dtype)))
 
 
 def _vision_model_class(hf_config: Any) -> type[nn.Module]:

@@ -250,6 +250,65 @@ def layout_difference(theirs: Mapping[str, list[int]], ours: Mapping[str, list[i
     return "; ".join(parts) or None
 
 
+def resume_changes(
+    folder: Path, written: Mapping[str, Any], ours: Mapping[str, Any], stage: str, allow: bool
+) -> dict[str, tuple[Any, Any]]:
+    """Refuse a checkpoint whose tensors do not fit this run (another model, parts, LoRA or objectives) or whose
+    optimizer state another strategy wrote; name what would make the resumed stage differ from an uninterrupted one
+    (the data order of a step depends on the global batch, each rank's RNG on the world size, the rest on the stage's
+    config: ``recipe``) and refuse it unless ``allow`` (``resume_allow_changes``). ``written``: the checkpoint's
+    ``trainer_state.json``; ``ours``: the same fields of this run. Returns what changed, ``{key: (theirs, ours)}``."""
+    difference = layout_difference(written.get("layout", ours["layout"]), ours["layout"])
+    if difference:
+        raise ValueError(
+            f"{folder} does not fit this run's model: {difference}. Was the model, stages.{stage}.parts, its lora or "
+            "its objectives changed since it was written? Resume with the same config, or start the stage over with "
+            "resume=never (its checkpoints are set aside, not deleted)"
+        )
+    strategy = ours["strategy"]
+    if written.get("strategy", "ddp") != strategy:
+        raise ValueError(
+            f"{folder} was written with distributed.strategy={written.get('strategy', 'ddp')}, this run has "
+            f"{strategy}: their optimizer states differ in layout; resume with the same strategy"
+        )
+    changed = {k: (written[k], ours[k]) for k in ("world", "global_batch") if k in written and written[k] != ours[k]}
+    theirs, recipe = written.get("recipe", ours["recipe"]), ours["recipe"]
+    changed |= {k: (theirs.get(k), v) for k, v in recipe.items() if theirs.get(k) != v}
+    changed |= {k: (v, None) for k, v in theirs.items() if k not in recipe}
+    if strategy in zero.STAGES and "world" in changed:
+        raise ValueError(
+            f"{folder} was written by {written['world']} ranks under distributed.strategy={strategy}, this run has "
+            f"{ours['world']}: each rank resumes its own partition of the optimizer state, so resume with the same "
+            "number of ranks (its trainable.safetensors holds the whole weights: init_from a final/ made from them "
+            "starts a new stage at any size)"
+        )
+    if changed and not allow:
+        raise ValueError(
+            f"{folder} was written with {', '.join(f'{k}={a}' for k, (a, _) in changed.items())}, this run has "
+            f"{', '.join(f'{k}={b}' for k, (_, b) in changed.items())}: the resumed stage would not reproduce an "
+            "uninterrupted one. Resume with the same settings, or set resume_allow_changes=true to continue with "
+            "this run's"
+        )
+    return changed
+
+
+def optimizer_settings(optimizer: Any, scheduler: Any) -> list[dict[str, Any]]:
+    """Each parameter group's learning rate (before the schedule), decay, betas and eps as this run built them."""
+    keys = ("weight_decay", "betas", "eps")
+    return [{"initial_lr": lr, **{k: g[k] for k in keys}} for g, lr in zip(optimizer.param_groups, scheduler.base_lrs)]
+
+
+def take_optimizer_settings(optimizer: Any, scheduler: Any, fresh: list[dict[str, Any]]) -> None:
+    """After a resume allowed to change them: this run's optimizer settings (:func:`optimizer_settings`, taken before
+    loading) over the checkpoint's, which loading the optimizer's and schedule's state restored; the learning rate
+    at the resumed step of this run's schedule."""
+    scheduler.base_lrs = [f["initial_lr"] for f in fresh]
+    lrs = [base * f(scheduler.last_epoch) for base, f in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, settings, lr in zip(optimizer.param_groups, fresh, lrs):
+        group.update(settings, lr=lr)
+    scheduler._last_lr = lrs
+
+
 def rng_state() -> dict[str, Any]:
     """Torch CPU and CUDA generator states (data order is seeded separately, by step)."""
     out: dict[str, Any] = {"cpu": torch.get_rng_state()}

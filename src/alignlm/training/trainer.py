@@ -297,7 +297,7 @@ class Trainer:
         recipe = ckpt.recipe(stage, self.name, self.total_steps, int(self.cfg.seed), str(self.acc.mixed_precision))
         self.recipe = json.loads(json.dumps(recipe))  # as trainer_state.json will hold it (tuples as lists)
         self.layout = ckpt.layout(self.core(), self.objective_modules)
-        fresh = self._optimizer_settings()  # before a checkpoint's optimizer state replaces them
+        fresh = ckpt.optimizer_settings(self.optimizer, self.scheduler)  # before a checkpoint's state replaces them
         if self.cfg.resume == "never" and ckpt.step_dirs(self.dir):
             self._set_aside_checkpoints()
         if self.cfg.resume == "never" or not ckpt.step_dirs(self.dir):
@@ -312,7 +312,8 @@ class Trainer:
                     problem = f"{folder}/trainer_state.json could not be read: {type(e).__name__}: {e}"
             if problem is None:
                 # a checkpoint of another layout is refused before anything is loaded: it is whole, not damaged
-                changed = self._check_resume_layout(folder, written)
+                allow = bool(self.cfg.get("resume_allow_changes"))
+                changed = ckpt.resume_changes(folder, written, self.run_state(), self.name, allow)
                 try:
                     state = ckpt.load_training_state(
                         folder,
@@ -331,7 +332,7 @@ class Trainer:
             if problems:
                 self.log.warning("resumed from %s instead of the newest checkpoint", folder)
             if changed:
-                self._take_optimizer_settings(fresh)
+                ckpt.take_optimizer_settings(self.optimizer, self.scheduler, fresh)
                 self.log.warning(
                     "resumed with resume_allow_changes=true: continuing with this run's %s",
                     ", ".join(f"{k}={v}" for k, (_, v) in changed.items()),
@@ -347,61 +348,16 @@ class Trainer:
             "delete them or rerun with resume=never to start the stage over"
         )
 
-    def _check_resume_layout(self, folder: Path, state: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-        """Refuse a checkpoint whose tensors do not fit this run (another model, parts, LoRA or objectives) or whose
-        optimizer state another strategy wrote; name what would make the resumed stage differ from an uninterrupted
-        one (the data order of a step depends on the global batch, each rank's RNG on the world size, the rest on the
-        stage's config) and refuse it unless ``resume_allow_changes``. Returns what changed (allowed)."""
-        difference = ckpt.layout_difference(state.get("layout", self.layout), self.layout)
-        if difference:
-            raise ValueError(
-                f"{folder} does not fit this run's model: {difference}. Was the model, stages.{self.name}.parts, "
-                f"its lora or its objectives changed since it was written? Resume with the same config, or start the "
-                "stage over with resume=never (its checkpoints are set aside, not deleted)"
-            )
-        if state.get("strategy", "ddp") != self.strategy:
-            raise ValueError(
-                f"{folder} was written with distributed.strategy={state.get('strategy', 'ddp')}, this run has "
-                f"{self.strategy}: their optimizer states differ in layout; resume with the same strategy"
-            )
-        want = {"world": self.acc.num_processes, "global_batch": self.order.global_batch}
-        changed = {k: (state[k], v) for k, v in want.items() if k in state and state[k] != v}
-        theirs = state.get("recipe", self.recipe)
-        changed |= {k: (theirs.get(k), v) for k, v in self.recipe.items() if theirs.get(k) != v}
-        changed |= {k: (v, None) for k, v in theirs.items() if k not in self.recipe}
-        if self.strategy in zero.STAGES and "world" in changed:
-            raise ValueError(
-                f"{folder} was written by {state['world']} ranks under distributed.strategy={self.strategy}, this run "
-                f"has {self.acc.num_processes}: each rank resumes its own partition of the optimizer state, so resume "
-                "with the same number of ranks (its trainable.safetensors holds the whole weights: init_from a "
-                "final/ made from them starts a new stage at any size)"
-            )
-        if changed and not self.cfg.get("resume_allow_changes"):
-            raise ValueError(
-                f"{folder} was written with {', '.join(f'{k}={a}' for k, (a, _) in changed.items())}, this run has "
-                f"{', '.join(f'{k}={b}' for k, (_, b) in changed.items())}: the resumed stage would not reproduce an "
-                "uninterrupted one. Resume with the same settings, or set resume_allow_changes=true to continue with "
-                "this run's"
-            )
-        return changed
-
-    def _optimizer_settings(self) -> list[dict[str, Any]]:
-        """Each parameter group's learning rate (before the schedule), decay, betas and eps as this run built them."""
-        keys = ("weight_decay", "betas", "eps")
-        return [
-            {"initial_lr": lr, **{k: g[k] for k in keys}}
-            for g, lr in zip(self.optimizer.param_groups, self.scheduler.base_lrs)
-        ]
-
-    def _take_optimizer_settings(self, fresh: list[dict[str, Any]]) -> None:
-        """After a resume allowed to change them: this run's optimizer settings over the checkpoint's (which loading
-        the optimizer's and schedule's state restored), the learning rate at the resumed step of this run's schedule."""
-        sched = self.scheduler
-        sched.base_lrs = [f["initial_lr"] for f in fresh]
-        lrs = [base * f(sched.last_epoch) for base, f in zip(sched.base_lrs, sched.lr_lambdas)]
-        for group, settings, lr in zip(self.optimizer.param_groups, fresh, lrs):
-            group.update(settings, lr=lr)
-        sched._last_lr = lrs
+    def run_state(self) -> dict[str, Any]:
+        """What a step checkpoint records of the run that wrote it, and what a resume compares with its own
+        (``training/checkpoint.py: resume_changes``)."""
+        return {
+            "world": self.acc.num_processes,
+            "global_batch": self.order.global_batch,
+            "strategy": self.strategy,
+            "recipe": self.recipe,
+            "layout": self.layout,
+        }
 
     def loss(self, batch: dict[str, Any], n_micro: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], Any]:
         """Weighted sum of objectives (plus the connector's auxiliary losses) for one micro-batch."""
@@ -908,14 +864,10 @@ class Trainer:
                 "step": step,
                 "stage": self.name,
                 "skipped": self.skipped,
-                "world": self.acc.num_processes,
-                "global_batch": self.order.global_batch,
-                "strategy": self.strategy,
                 "seconds": self.segment_seconds + time.perf_counter() - self.clock,
                 "data": report.to_dict(),
                 "nonfinite_steps": list(self.nonfinite),
-                "recipe": self.recipe,
-                "layout": self.layout,
+                **self.run_state(),
             }
             ckpt.save_training_state(
                 path,
