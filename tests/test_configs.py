@@ -5,6 +5,7 @@ finally picks it shows up here instead.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -12,11 +13,13 @@ from accelerate.commands.config.config_args import load_config_from_file
 from hydra._internal.utils import _locate
 from omegaconf import OmegaConf
 
-from alignlm.config import config_dir, instantiate
+from alignlm.checks import check_config
+from alignlm.config import ConfigError, config_dir, instantiate
 from alignlm.models.build import build_model
 from alignlm.objectives.base import Objective
+from alignlm.pipeline import resolve_precision, run
 from alignlm.training.stages import apply_stage
-from tests.conftest import compose
+from tests.conftest import compose, tiny_overrides
 
 CONFIGS = config_dir()
 EXPS = sorted(p.stem for p in (CONFIGS / "exp").glob("*.yaml"))
@@ -102,3 +105,139 @@ def test_eval_defaults_and_accelerate_configs_load():
 
 def test_configs_live_where_the_tree_says():
     assert (CONFIGS / "train.yaml").exists() and Path(CONFIGS).name == "configs"
+
+
+# ---- config mistakes, refused before the first stage trains ------------------------------------------------------------
+
+LAUNCHERS = sorted(p.stem for p in (CONFIGS / "launcher").glob("*.yaml"))
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        # evaluation sizes crashed after training (int(None))
+        ("eval.batch_size=null", "eval.batch_size=None must be a whole number >= 1"),
+        ("eval.max_new_tokens=null", "eval.max_new_tokens=None must be a whole number >= 1"),
+        # the second stage's mistakes surfaced after the first had trained
+        (
+            "stages.finetune.parts.connector=frozen stages.finetune.parts.llm=frozen",
+            "stages.finetune.parts={'vision': 'frozen', 'connector': 'frozen', 'llm': 'frozen'} trains nothing: set at "
+            "least one of ['vision', 'connector', 'llm'] to full or lora",
+        ),
+        ("~stages.finetune.lr.llm", "stages.finetune.lr.llm is missing, but stages.finetune.parts.llm=full trains it"),
+        ("stages.finetune.objectives.lm=null", "stages.finetune.objectives={'lm': None} has no objective switched on"),
+        (
+            "stages.finetune.data.num_workers=-2",
+            "stages.finetune.data.num_workers=-2 must be a whole number >= 0, or auto",
+        ),
+        (
+            "stages.finetune.parts.llm=lora stages.finetune.lora.target_modules=5",
+            "stages.finetune.lora.target_modules=5 must be a module name (all-linear: every linear layer) or a list",
+        ),
+        # types and values that crashed with a traceback, or were silently read otherwise
+        ("stages.finetune.lr=5", "stages.finetune.lr=5 must be a mapping"),
+        ("stages.finetune.betas=[0.9]", "stages.finetune.betas=[0.9] must be a list of 2 numbers"),
+        ("stages.finetune.betas=0.9", "stages.finetune.betas=0.9 must be a list of 2 numbers"),
+        ("stages.finetune.betas=[0.9,1.0]", "stages.finetune.betas[1]=1.0 must be a finite number >= 0.0 and < 1.0"),
+        ("stages.finetune.data.template_args=5", "stages.finetune.data.template_args=5 must be a mapping"),
+        ("stages.finetune.data.hooks=5", "stages.finetune.data.hooks=5 must be a mapping"),
+        (
+            "stages.finetune.data.max_image_pixels=0",
+            "max_image_pixels=0 must be a whole number >= 1, or null (no limit)",
+        ),
+        ("stages.finetune.data.max_image_pixels=-1", "max_image_pixels=-1 must be a whole number >= 1, or null"),
+        ("stages.finetune.data.pack_length=0", "pack_length=0 must be a whole number >= 1, or null (max_length)"),
+        ("stages.finetune.data.num_workers=1.5", "stages.finetune.data.num_workers=1.5 must be a whole number >= 0"),
+        ("logging.peak_tflops=abc", "logging.peak_tflops='abc' must be a finite number > 0.0, or auto"),
+        ("logging.peak_tflops=0", "logging.peak_tflops=0 must be a finite number > 0.0, or auto"),
+        (
+            "distributed.stop_signal=SIGKILL",
+            "distributed.stop_signal='SIGKILL' must be a signal name a process can catch",
+        ),
+        ("distributed.stop_file=5", "distributed.stop_file=5 must be a file path, or null"),
+        ("stages.finetune.parts=null", "stages.finetune.parts=None must be a mapping"),
+        ("output_dir=null", "output_dir=None must be a folder path"),
+        ("distributed=null", "distributed=None must be a mapping"),
+        (
+            "logging.wandb.mode=foo",
+            "logging.wandb.mode='foo' is not known; choose one of ['disabled', 'offline', 'online']",
+        ),
+        # a mistyped key, added by Hydra's `+key=` and never read
+        ("+stages.finetune.lora.alpah=8", "stages.finetune.lora.alpah is not a known setting; did you mean 'alpha'?"),
+        ("+monitor.evry=5", "monitor.evry is not a known setting; did you mean 'every'?"),
+        ("+eval.batchsize=5", "eval.batchsize is not a known setting; did you mean 'batch_size'?"),
+        ("+logging.evry=5", "logging.evry is not a known setting; did you mean 'every'?"),
+        ("+logging.wandb.projekt=x", "logging.wandb.projekt is not a known setting; did you mean 'project'?"),
+        ("+distributed.timeout=5", "distributed.timeout is not a known setting; did you mean 'timeout_s'?"),
+        ("+nonfinite.windows=5", "nonfinite.windows is not a known setting; did you mean 'window'?"),
+        # a negative weight trained by gradient ascent
+        (
+            "stages.finetune.objectives.lm.weight=-1",
+            "stages.finetune.objectives.lm.weight=-1 must be a finite number > 0",
+        ),
+        (
+            "stages.finetune.objectives.lm.weight=abc",
+            "stages.finetune.objectives.lm.weight='abc' must be a finite number",
+        ),
+        # a stage named twice; a string where a list belongs was read character by character
+        ("run=[pretrain,pretrain]", "run=['pretrain', 'pretrain'] names ['pretrain'] more than once"),
+        ("monitor.every=2 monitor.probe=x.json monitor.metrics=foo", "monitor.metrics='foo' must be a list or null"),
+        ("eval.sets=foo", "eval.sets='foo' must be a list or null"),
+    ],
+)
+def test_a_config_mistake_is_refused_naming_the_key_before_the_first_stage_trains(colour_set, tmp_path, bad, message):
+    """Each once surfaced late (after the first stage had trained, or at the evaluation after the last), as a raw
+    traceback, or never (a negative weight trained by gradient ascent, pack_length=0 meant max_length)."""
+    cfg = compose(*tiny_overrides(colour_set, tmp_path, "run=[pretrain,finetune]"), *bad.split())
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        run(cfg)
+    assert not (tmp_path / "t").exists()  # nothing trained, nothing written
+
+
+def test_fp16_is_refused_on_the_cpu_before_anything_trains(colour_set, tmp_path, monkeypatch):
+    """accelerate's autocast does nothing for fp16 on a CPU: the LoRA stage crashed on its fp16 frozen weights after
+    the first stage had trained. Asked for by the run or by an accelerate launch config, it is refused at start-up;
+    on a GPU it stands."""
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")  # a CPU run also on a GPU machine
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    overrides = tiny_overrides(colour_set, tmp_path, "stages.finetune.parts.llm=lora")
+    allowed = re.escape("choose one of ['auto', 'no', 'bf16']")
+    with pytest.raises(ConfigError, match=rf"mixed_precision=fp16 does not train on the CPU .*{allowed}"):
+        run(compose(*overrides, "mixed_precision=fp16"))
+    assert not (tmp_path / "t").exists()
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # `accelerate launch --mixed_precision fp16 --cpu`
+    with pytest.raises(ConfigError, match=re.escape("mixed_precision=fp16 (from the accelerate launch config) does")):
+        resolve_precision(compose(*overrides, "mixed_precision=auto"))
+    monkeypatch.setattr("alignlm.pipeline.cpu_only", lambda: False)
+    cfg = compose(*overrides, "mixed_precision=auto")
+    resolve_precision(cfg)
+    assert cfg.mixed_precision == "fp16"
+
+
+def test_the_defaults_settings_are_accepted_with_their_documented_nulls(tmp_path):
+    """``monitor.image_root`` (read by the monitor) is a setting of train.yaml, settable without ``+``; null means no
+    image limit, pack_length = max_length, no MFU and no stop signal or file; 0 workers read in the main process."""
+    cfg = compose(
+        f"output_dir={tmp_path}",
+        "monitor.image_root=images",
+        "stages.finetune.data.max_image_pixels=null",
+        "stages.finetune.data.pack_length=null",
+        "stages.finetune.data.num_workers=0",
+        "logging.peak_tflops=null",
+        "distributed.stop_signal=null",
+        "distributed.stop_file=null",
+        "logging.wandb=null",
+    )
+    check_config(cfg)
+    assert OmegaConf.select(compose(), "monitor.image_root", default="absent") is None
+
+
+@pytest.mark.parametrize("overrides", [[f"+exp={exp}"] for exp in EXPS] + [[f"launcher={name}"] for name in LAUNCHERS])
+def test_every_recipe_and_launcher_preset_passes_the_checks(overrides, tmp_path):
+    """The known keys are read from the defaults (train.yaml, configs/launcher, configs/stage): none of the recipes'
+    or the launcher presets' settings is refused as unknown."""
+    cfg = compose(*overrides, f"output_dir={tmp_path}")
+    for name in cfg.run:  # a recipe that starts from another recipe's final/ (sima: demo's)
+        if cfg.stages[name].init_from not in (None, *cfg.run):
+            cfg.stages[name].init_from = None
+    check_config(cfg)

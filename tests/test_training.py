@@ -424,7 +424,7 @@ def test_a_bf16_lora_stage_stores_its_frozen_base_in_bf16_and_merges_in_fp32(col
         (["stages.pretrain.data.on_error=ignore"], ValueError, "skip.*raise"),
         (["stages.pretrain.data.template=alpaca"], ValueError, "chat.*plain.*vicuna_v1"),
         (["resume=sometimes"], ValueError, "auto.*never"),
-        (["~stages.pretrain.lr.connector"], ValueError, "stage.lr.connector"),
+        (["~stages.pretrain.lr.connector"], ValueError, r"stages\.pretrain\.lr\.connector is missing"),
         (["mixed_precision=fp8"], ValueError, "auto.*bf16"),
         (["deterministic=sometimes"], ValueError, "deterministic.*true or false"),
         (["model.llm._target_=alignlm.models.llm.nope"], ValueError, "model.llm"),

@@ -1,7 +1,7 @@
 """Config checks before anything is built: every mistake a user can make in the composed tree (a key that does not
-exist, a choice that is not one, a number out of range, a switch that is not true or false, a stage that starts from
-one not yet trained) is a ``ConfigError`` naming the key and what it may be, raised before the first stage trains. A
-mistake in the second stage used to surface after the first had trained.
+exist, a choice that is not one, a number out of range, a switch that is not true or false, a mapping or a list that
+is something else, a stage that starts from one not yet trained) is a ``ConfigError`` naming the key and what it may
+be, raised before the first stage trains. A mistake in the second stage used to surface after the first had trained.
 """
 
 from __future__ import annotations
@@ -10,14 +10,16 @@ import difflib
 import json
 import math
 import signal
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from alignlm.config import ConfigError, stage_keys
+from alignlm.config import ConfigError, default_keys, plain
 from alignlm.data import GENERATORS, generator_knobs
+from alignlm.data.images import MAX_PIXELS
 from alignlm.data.llava import check_error_policy
 from alignlm.data.templates import TEMPLATES
 from alignlm.export.hf_llava import is_llava_dir
@@ -25,6 +27,7 @@ from alignlm.geometry.suite import ALL_METRICS
 from alignlm.models.generation import check_generation
 from alignlm.models.mllm import AlignLM
 from alignlm.objectives.base import check_min_batch
+from alignlm.training.logging import WANDB_MODES
 from alignlm.training.optim import check_schedule
 from alignlm.training.sharding import STRATEGIES
 from alignlm.training.stages import MODES, check_parts
@@ -32,19 +35,39 @@ from alignlm.training.trainer import checkpointing_parts
 from alignlm.training.zero import STAGES as ZERO_STAGES
 
 _LLAVA_BUILDERS = ("alignlm.export.hf_llava.vision_from_llava", "alignlm.export.hf_llava.llm_from_llava")
+# the mappings of train.yaml whose keys are all its own (true: null allowed); eval.generation is free-form (generate's
+# settings, check_generation), logging.wandb has keys of its own
+_SECTIONS = {
+    "distributed": False,
+    "nonfinite": True,
+    "eval": False,
+    "monitor": True,
+    "logging": False,
+    "logging.wandb": True,
+}
+_UNCATCHABLE = ("SIGKILL", "SIGSTOP")  # no handler can be installed for these (POSIX)
 
 
 def check_config(cfg: DictConfig) -> None:
     """Config mistakes that would otherwise surface mid-run, each named with its key and the values allowed: unknown
     stage names, a bad resume mode, a run name that is not a plain folder name, numbers out of range."""
     for key in ("run", "offline_datasets"):
-        if not OmegaConf.is_list(cfg.get(key, [])):
-            raise ConfigError(f"{key}={cfg.get(key)!r} must be a list, e.g. {key}=[{cfg.get(key)}]")
+        _list(key, cfg.get(key, []))
     if not cfg.run:
         raise ConfigError(f"run=[] names no stage to run; stages: {list(cfg.stages)}")
     unknown = [s for s in cfg.run if s not in cfg.stages]
     if unknown:
         raise ConfigError(f"run lists stages {unknown} that are not configured; stages: {list(cfg.stages)}")
+    twice = sorted({s for s in cfg.run if list(cfg.run).count(s) > 1})
+    if twice:
+        raise ConfigError(
+            f"run={list(cfg.run)} names {twice} more than once; each stage runs once, into its own folder "
+            "output_dir/run_name/<stage>"
+        )
+    if not isinstance(cfg.get("output_dir"), str):
+        raise ConfigError(
+            f"output_dir={cfg.get('output_dir')!r} must be a folder path (outputs go to output_dir/run_name)"
+        )
     if not isinstance(cfg.get("deterministic", False), bool):
         raise ConfigError(f"deterministic={cfg.deterministic!r} must be true or false")
     if cfg.resume not in ("auto", "never"):
@@ -58,15 +81,24 @@ def check_config(cfg: DictConfig) -> None:
     cfg.run_name = str(name)  # `run_name=nan` or `run_name=7` arrive as numbers
     if cfg.get("stop_after_steps") is not None:
         _whole("stop_after_steps", cfg.stop_after_steps)
-    dist = cfg.get("distributed") or {}
+    known = default_keys()
+    _check_sections(cfg, known)
+    dist = cfg.distributed
     if dist.get("strategy", "auto") not in ("auto", *STRATEGIES):
         raise ConfigError(
             f"distributed.strategy={dist.get('strategy')!r} is not known; choose one of {['auto', *STRATEGIES]}"
         )
     _number("distributed.timeout_s", dist.get("timeout_s", 600), 0.0, low_open=True)
     stop = dist.get("stop_signal")
-    if stop is not None and not (isinstance(stop, str) and isinstance(getattr(signal, stop, None), signal.Signals)):
-        raise ConfigError(f"distributed.stop_signal={stop!r} must be a signal name such as SIGUSR1, or null")
+    if stop is not None and not (
+        isinstance(stop, str) and isinstance(getattr(signal, stop, None), signal.Signals) and stop not in _UNCATCHABLE
+    ):
+        raise ConfigError(
+            f"distributed.stop_signal={stop!r} must be a signal name a process can catch, such as SIGUSR1 (not "
+            f"{' or '.join(_UNCATCHABLE)}), or null (off)"
+        )
+    if not isinstance(dist.get("stop_file"), (str, type(None))):
+        raise ConfigError(f"distributed.stop_file={dist.stop_file!r} must be a file path, or null (off)")
     _check_switches_and_counts(cfg)
     _check_datasets(cfg)
     _check_monitor(cfg.get("monitor") or {})
@@ -76,12 +108,12 @@ def check_config(cfg: DictConfig) -> None:
             json.loads(path.read_text())
         except (OSError, ValueError) as e:
             raise ConfigError(f"distributed.deepspeed_config={str(path)!r} is not a readable JSON file: {e}") from None
-    _check_stage_keys(cfg)
+    _check_stage_keys(cfg, known)
     _check_llava_start(cfg)
     parts = (*AlignLM.PARTS, *((cfg.get("model") or {}).get("extras") or {}))
     for i, stage in enumerate(cfg.run):
         _check_stage(f"stages.{stage}", cfg.stages[stage])
-        _check_objective_batch(f"stages.{stage}", cfg.stages[stage])
+        _check_objectives(f"stages.{stage}", cfg.stages[stage])
         _check_stage_choices(f"stages.{stage}", cfg.stages[stage], parts)
         _check_init_from(cfg, stage, cfg.run[:i])
 
@@ -92,18 +124,23 @@ def _check_switches_and_counts(cfg: DictConfig) -> None:
                  "distributed.reshard_after_forward"):  # fmt: skip
         _flag(flag, OmegaConf.select(cfg, flag, default=False))
     _whole("seed", cfg.get("seed", 0), 0)
-    _whole("logging.every", (cfg.get("logging") or {}).get("every", 10))
+    _whole("logging.every", cfg.logging.get("every", 10))
+    peak = cfg.logging.get("peak_tflops", "auto")
+    if peak not in ("auto", None):
+        _number("logging.peak_tflops", peak, 0.0, low_open=True, note=", or auto (from the GPU's name), or null")
+    mode = (cfg.logging.get("wandb") or {}).get("mode", "disabled")
+    if mode not in WANDB_MODES:
+        raise ConfigError(f"logging.wandb.mode={mode!r} is not known; choose one of {list(WANDB_MODES)}")
     nonfinite = cfg.get("nonfinite") or {}
     _whole("nonfinite.window", nonfinite.get("window", 100))
     _whole("nonfinite.stop_after", nonfinite.get("stop_after", 5), 0, " (0: never stop)")
-    ecfg = cfg.get("eval") or {}
+    ecfg = cfg.eval
     for name in ("batch_size", "max_new_tokens"):
-        if ecfg.get(name) is not None:
-            _whole(f"eval.{name}", ecfg[name])
+        _whole(f"eval.{name}", ecfg.get(name))
     if ecfg.get("limit") is not None:
         _whole("eval.limit", ecfg.limit)
-    check_generation(ecfg.get("generation"))
-    for i, s in enumerate(ecfg.get("sets") or []):
+    check_generation(_mapping("eval.generation", ecfg.get("generation")))
+    for i, s in enumerate(_list("eval.sets", ecfg.get("sets"), null=True, example="[{name:x,path:x.json}]") or []):
         if not (isinstance(s, DictConfig) and isinstance(s.get("name"), str) and isinstance(s.get("path"), str)):
             raise ConfigError(f"eval.sets[{i}]={s!r} must be {{name: ..., path: ...}}")
 
@@ -121,31 +158,66 @@ def _check_datasets(cfg: DictConfig) -> None:
             raise ConfigError(f"offline_dataset_args.{name} has {unknown}; its knobs are {generator_knobs(name)}")
 
 
-def _check_stage_keys(cfg: DictConfig) -> None:
-    """Every key of a stage to run, and of its data, is one some ``configs/stage/*.yaml`` sets."""
-    known, known_data = stage_keys()
+def _check_sections(cfg: DictConfig, known: dict[str, set[str]]) -> None:
+    """Each of :data:`_SECTIONS` is a mapping (null where allowed) of keys ``train.yaml`` sets."""
+    for where, null in _SECTIONS.items():
+        _check_keys(where, _mapping(where, OmegaConf.select(cfg, where), null=null) or {}, known.get(where, set()))
+
+
+def _check_stage_keys(cfg: DictConfig, known: dict[str, set[str]]) -> None:
+    """Every key of a stage to run, of its data and of its LoRA settings is one some ``configs/stage/*.yaml`` sets."""
     for stage in cfg.run:
-        for where, keys, allowed in (
-            (f"stages.{stage}", cfg.stages[stage], known),
-            (f"stages.{stage}.data", cfg.stages[stage].get("data") or {}, known_data),
-        ):
-            for key in keys:
-                if key not in allowed:
-                    near = difflib.get_close_matches(str(key), sorted(allowed), n=1)
-                    hint = f"did you mean {near[0]!r}? " if near else ""
-                    raise ConfigError(f"{where}.{key} is not a setting of a stage; {hint}known: {sorted(allowed)}")
+        key, node = f"stages.{stage}", cfg.stages[stage]
+        _check_keys(key, node, known["stage"])
+        _check_keys(f"{key}.data", _mapping(f"{key}.data", node.get("data")), known["stage.data"])
+        _check_keys(f"{key}.lora", _mapping(f"{key}.lora", node.get("lora"), null=True) or {}, known["stage.lora"])
+
+
+def _check_keys(where: str, node: Mapping[str, Any], allowed: set[str]) -> None:
+    """Every key of ``node`` is in ``allowed`` (a mistyped one is named with the nearest allowed key)."""
+    for key in node:
+        if key not in allowed:
+            near = difflib.get_close_matches(str(key), sorted(allowed), n=1)
+            hint = f"did you mean {near[0]!r}? " if near else ""
+            raise ConfigError(f"{where}.{key} is not a known setting; {hint}known: {sorted(allowed)}")
+
+
+def _mapping(key: str, value: Any, *, null: bool = False) -> Any:
+    """``value`` is a mapping (or null where ``null`` allows): a number, a list or a null there crashed mid-run."""
+    if not (isinstance(value, Mapping) or (null and value is None)):
+        raise ConfigError(f"{key}={value!r} must be a mapping {{key: value, ...}}{' or null' if null else ''}")
+    return value
+
+
+def _list(key: str, value: Any, *, null: bool = False, example: str = "") -> Any:
+    """``value`` is a list (or null where ``null`` allows): a string was read character by character."""
+    if not (OmegaConf.is_list(value) or (null and value is None)):
+        example = example or f"[{value}]"
+        raise ConfigError(f"{key}={value!r} must be a list{' or null' if null else ''}, e.g. {key}={example}")
+    return value
 
 
 def _plain_name(name: str) -> bool:
     return bool(name) and name not in (".", "..") and all(c.isalnum() or c in "._-" for c in name)
 
 
-def _number(key: str, value: Any, low: float, high: float = math.inf, *, low_open: bool = False) -> None:
+def _number(
+    key: str,
+    value: Any,
+    low: float,
+    high: float = math.inf,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    note: str = "",
+) -> None:
+    """``value`` is a finite number (not a bool or string) between ``low`` and ``high``."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > low if low_open else value >= low) and value <= high
+    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
     if not ok:
-        bound = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if math.isfinite(high) else "")
-        raise ConfigError(f"{key}={value!r} must be a finite number {bound}")
+        bound = f"{'>' if low_open else '>='} {low}"
+        bound += f" and {'<' if high_open else '<='} {high}" if math.isfinite(high) else ""
+        raise ConfigError(f"{key}={value!r} must be a finite number {bound}{note}")
 
 
 def _whole(key: str, value: Any, low: int = 1, note: str = "") -> None:
@@ -156,13 +228,16 @@ def _whole(key: str, value: Any, low: int = 1, note: str = "") -> None:
 
 def _check_stage(key: str, stage: DictConfig) -> None:
     """A stage's numbers, checked before anything is built (an ``inf`` learning rate never reaches step 1)."""
-    for part, lr in (stage.get("lr") or {}).items():
+    for part, lr in _mapping(f"{key}.lr", stage.get("lr")).items():
         _number(f"{key}.lr.{part}", lr, 0.0, low_open=True)
     _number(f"{key}.weight_decay", stage.get("weight_decay", 0.0), 0.0)
     _number(f"{key}.max_grad_norm", stage.get("max_grad_norm", 1.0), 0.0)
     _number(f"{key}.warmup_ratio", stage.get("warmup_ratio", 0.0), 0.0, 1.0)
-    for i, beta in enumerate(stage.get("betas") or (0.9, 0.999)):
-        _number(f"{key}.betas[{i}]", beta, 0.0, 0.999999)
+    betas = stage.get("betas", [0.9, 0.999])
+    if not (OmegaConf.is_list(betas) and len(betas) == 2):
+        raise ConfigError(f"{key}.betas={plain(betas)!r} must be a list of 2 numbers (Adam's), e.g. [0.9, 0.999]")
+    for i, beta in enumerate(betas):
+        _number(f"{key}.betas[{i}]", beta, 0.0, 1.0, high_open=True)
     _flag(f"{key}.fused_optimizer", stage.get("fused_optimizer", "auto"), ("auto",))
     _whole(f"{key}.per_device_batch_size", stage.per_device_batch_size)
     _whole(f"{key}.grad_accum", stage.grad_accum)
@@ -188,7 +263,7 @@ def _check_monitor(monitor: Any) -> None:
     if n is not None and n < topk + 2:
         raise ConfigError(f"monitor.n={n} must be at least monitor.topk + 2 = {topk + 2} for the kNN metrics")
     for name in ("metrics", "layer_metrics"):
-        unknown = [m for m in monitor.get(name) or [] if m not in ALL_METRICS]
+        unknown = [m for m in _list(f"monitor.{name}", monitor.get(name), null=True) or [] if m not in ALL_METRICS]
         if unknown:
             raise ConfigError(f"monitor.{name} has unknown metrics {unknown}; choose from {list(ALL_METRICS)}")
 
@@ -202,11 +277,22 @@ def _flag(key: str, value: Any, also: tuple[Any, ...] = ()) -> None:
 def _check_stage_choices(key: str, stage: DictConfig, parts: tuple[str, ...]) -> None:
     """Names and switches of a stage, checked before the first stage trains (a typo in the second stage would
     otherwise surface after the first had trained)."""
-    modes = stage.get("parts") or {}
+    modes = _mapping(f"{key}.parts", stage.get("parts"))
     check_parts(modes, {p: MODES if p in AlignLM.PARTS else () for p in parts}, key)
-    stray = [p for p in stage.get("lr") or {} if p not in (*parts, "objectives")]
+    stray = [p for p in stage.lr if p not in (*parts, "objectives")]
     if stray:
         raise ConfigError(f"{key}.lr has learning rates for {stray}, which are not parts ({list(parts)}) or objectives")
+    trained = {p: mode for p, mode in modes.items() if mode != "frozen"}
+    if not trained:
+        raise ConfigError(
+            f"{key}.parts={plain(modes)} trains nothing: set at least one of {list(parts)} to full or lora"
+        )
+    missing = [p for p in trained if p not in stage.lr]
+    if missing:
+        raise ConfigError(
+            f"{key}.lr.{missing[0]} is missing, but {key}.parts.{missing[0]}={trained[missing[0]]} trains it: every "
+            "trained part needs its learning rate"
+        )
     check_schedule(stage.get("scheduler", "cosine"), key)
     _flag(f"{key}.compile", stage.get("compile", False))
     checkpointing_parts(stage.get("gradient_checkpointing", False), f"{key}.gradient_checkpointing")
@@ -215,20 +301,48 @@ def _check_stage_choices(key: str, stage: DictConfig, parts: tuple[str, ...]) ->
         _whole(f"{key}.lora.r", lora.get("r", 16))
         _number(f"{key}.lora.alpha", lora.get("alpha", 32), 0.0, low_open=True)
         _number(f"{key}.lora.dropout", lora.get("dropout", 0.05), 0.0, 0.999)
-    data = stage.get("data") or {}
+        targets = lora.get("target_modules", "all-linear")
+        if not isinstance(targets, str) and not (
+            OmegaConf.is_list(targets) and targets and all(isinstance(t, str) for t in targets)
+        ):
+            raise ConfigError(
+                f"{key}.lora.target_modules={plain(targets)!r} must be a module name (all-linear: every linear "
+                "layer) or a list of names, e.g. [q_proj, v_proj]"
+            )
+    data = stage.data
     if data.get("template", "plain") not in TEMPLATES:
         raise ConfigError(f"{key}.data.template={data.template!r} is not known; choose one of {sorted(TEMPLATES)}")
     check_error_policy(data.get("on_error", "skip"), data.get("min_usable_fraction", 0.5), f"{key}.data")
     _whole(f"{key}.data.max_length", data.get("max_length", 2048))
+    for name in ("template_args", "hooks"):
+        _mapping(f"{key}.data.{name}", data.get(name), null=True)
+    for name, default, note in (("max_image_pixels", MAX_PIXELS, "no limit"), ("pack_length", None, "max_length")):
+        value = data.get(name, default)
+        if value is not None:
+            _whole(f"{key}.data.{name}", value, 1, f", or null ({note})")
+    if data.get("num_workers", "auto") != "auto":
+        _whole(f"{key}.data.num_workers", data.num_workers, 0, ", or auto")
     _flag(f"{key}.data.packing", data.get("packing", "auto"), ("auto",))
     for name in ("group_by_length", "preference"):
         _flag(f"{key}.data.{name}", data.get(name, False))
 
 
-def _check_objective_batch(key: str, stage: DictConfig) -> None:
-    """An objective that relates a micro-batch's samples gets its ``min_batch_size`` per device, known from its class
-    before anything is built."""
-    for name, node in (stage.get("objectives") or {}).items():
+def _check_objectives(key: str, stage: DictConfig) -> None:
+    """A stage trains on at least one objective (null ones are off), each with a weight > 0 (a negative one trained by
+    gradient ascent); one that relates a micro-batch's samples gets its ``min_batch_size`` per device, known from its
+    class before anything is built."""
+    objectives = _mapping(f"{key}.objectives", stage.get("objectives"), null=True) or {}
+    if all(node is None for node in objectives.values()):
+        raise ConfigError(
+            f"{key}.objectives={plain(objectives)} has no objective switched on (null is off): a stage needs one to "
+            "train on (configs/objective/*.yaml)"
+        )
+    for name, node in objectives.items():
+        if node is None:
+            continue
+        _mapping(f"{key}.objectives.{name}", node)
+        off = " (set the objective to null to switch it off)"
+        _number(f"{key}.objectives.{name}.weight", node.get("weight", 1.0), 0.0, low_open=True, note=off)
         try:
             cls = get_class(str(node["_target_"])) if node and node.get("_target_") else None
         except (ImportError, ValueError, AttributeError):

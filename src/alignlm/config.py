@@ -40,16 +40,29 @@ def compose(overrides: Sequence[str], config_name: str = "train") -> DictConfig:
         return hydra_compose(config_name=config_name, overrides=list(overrides))
 
 
-def stage_keys() -> tuple[set[str], set[str]]:
-    """The keys a stage may have, and those its ``data`` may have: every key some ``configs/stage/*.yaml`` sets (a key
-    no stage config knows is a typo: Hydra's advice for one, ``+stages.x.max_stepz=3``, would add it unread)."""
-    keys: set[str] = set()
-    data: set[str] = set()
-    for path in sorted((config_dir() / "stage").glob("*.yaml")):
-        node = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-        keys |= set(node) - {"defaults"}
-        data |= set(node.get("data") or {})
-    return keys, data
+def default_keys() -> dict[str, set[str]]:
+    """The keys each mapping of the defaults sets, by its place in the tree: ``stage``, ``stage.data``, ``stage.lora``
+    (from every ``configs/stage/*.yaml``), ``distributed`` (``train.yaml`` and every ``configs/launcher/*.yaml``),
+    ``monitor``, ``logging.wandb``, ... (``train.yaml``). A key no default sets is a typo: Hydra's advice for one,
+    ``+stages.x.max_stepz=3``, would add it unread."""
+    root = config_dir()
+    files = [("", root / "train.yaml")]
+    files += [("distributed", path) for path in sorted((root / "launcher").glob("*.yaml"))]
+    files += [("stage", path) for path in sorted((root / "stage").glob("*.yaml"))]
+    keys: dict[str, set[str]] = {}
+    for where, path in files:
+        _add_keys(keys, where, OmegaConf.to_container(OmegaConf.load(path), resolve=False))
+    return keys
+
+
+def _add_keys(keys: dict[str, set[str]], where: str, node: dict[str, Any]) -> None:
+    """``node``'s keys under ``where``, and those of each mapping below it under its dotted place."""
+    for key, value in node.items():
+        if key == "defaults":
+            continue
+        keys.setdefault(where, set()).add(str(key))
+        if isinstance(value, dict):
+            _add_keys(keys, f"{where}.{key}" if where else str(key), value)
 
 
 def plain(node: Any) -> Any:

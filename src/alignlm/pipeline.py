@@ -131,24 +131,31 @@ def resolve_precision(cfg: DictConfig) -> None:
     or ``--mixed_precision``, passed on as ACCELERATE_MIXED_PRECISION) when it asks for bf16 or fp16, and an explicit
     precision that differs from such a request is refused, as a contradicting strategy is. A launch saying ``no`` asks
     for nothing: plain ``accelerate launch`` says it whenever neither a config file nor a flag set one, and a user's
-    ``accelerate launch train.py`` must still get bf16 on a GPU that has it (set ``mixed_precision=no`` for fp32)."""
+    ``accelerate launch train.py`` must still get bf16 on a GPU that has it (set ``mixed_precision=no`` for fp32).
+    fp16 is refused on the CPU, where accelerate's autocast does nothing for it (a LoRA stage crashed on its fp16
+    frozen weights, after the stages before it had trained)."""
     mp = str(cfg.mixed_precision)
     if mp not in PRECISIONS:
         raise ConfigError(f"mixed_precision={mp!r} is not known; choose one of {list(PRECISIONS)}")
     launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower()
-    if launched in ("", "no", mp):
-        return
-    if launched not in PRECISIONS:
+    if launched not in ("", "no", mp):
+        if launched not in PRECISIONS:
+            raise ConfigError(
+                f"the accelerate launch config asks for mixed_precision {launched}; alignlm trains with one of "
+                f"{list(PRECISIONS[1:])}: set one of them there"
+            )
+        if mp != "auto":
+            raise ConfigError(
+                f"the accelerate launch config asks for mixed_precision {launched}, this run has mixed_precision="
+                f"{mp}: leave mixed_precision at auto to follow the launch config, or launch with the same one"
+            )
+        cfg.mixed_precision = launched
+    if cfg.mixed_precision == "fp16" and cpu_only():
+        source = " (from the accelerate launch config)" if mp == "auto" else ""
         raise ConfigError(
-            f"the accelerate launch config asks for mixed_precision {launched}; alignlm trains with one of "
-            f"{list(PRECISIONS[1:])}: set one of them there"
+            f"mixed_precision=fp16{source} does not train on the CPU (autocast does nothing for fp16 there): choose "
+            f"one of {[p for p in PRECISIONS if p != 'fp16']}"
         )
-    if mp != "auto":
-        raise ConfigError(
-            f"the accelerate launch config asks for mixed_precision {launched}, this run has mixed_precision={mp}: "
-            "leave mixed_precision at auto to follow the launch config, or launch with the same one"
-        )
-    cfg.mixed_precision = launched
 
 
 def make_accelerator(cfg: DictConfig) -> Accelerator:
