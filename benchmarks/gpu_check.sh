@@ -28,7 +28,7 @@
 # DEADLINE (seconds from the start, default 570) bounds the whole script: each step's own timeout (BENCH_TIMEOUT a
 # point, default 200; GPUTESTS_TIMEOUT 180; TEST_TIMEOUT 300; SHARDED_TIMEOUT 200; STRATEGIES_TIMEOUT 400) is cut to
 # the time left less 15 s, a step cut at its timeout is logged so and the next gets what is left, and a step with
-# under 40 s left is skipped and logged.
+# under 55 s left (40 s plus the margin) is skipped and logged.
 # Pre-flight: where deepspeed does not import, the carried one (CARRY_SITE/deepspeed*) is left off the path
 # (accelerate imports deepspeed wherever it finds it: a broken one would break every strategy, zero or not) and
 # zero2/zero3 are skipped; where alignlm.commands does not import, the script stops at once, the reason in log.txt.

@@ -183,6 +183,12 @@ LAUNCHERS = sorted(p.stem for p in (CONFIGS / "launcher").glob("*.yaml"))
         ("run=[pretrain,pretrain]", "run=['pretrain', 'pretrain'] names ['pretrain'] more than once"),
         ("monitor.every=2 monitor.probe=x.json monitor.metrics=foo", "monitor.metrics='foo' must be a list or null"),
         ("eval.sets=foo", "eval.sets='foo' must be a list or null"),
+        # an objective's knobs are its constructor's arguments; a source's keys are Source's fields
+        ("+stages.finetune.objectives.lm.weigth=2", "stages.finetune.objectives.lm.weigth is not a known setting"),
+        (
+            "stages.finetune.data.sources=[{path:x.json,weigth:0.1}]",
+            "a source is a mapping with a path and any of ['image_root', 'weight', 'allow_outside_root']; ['weigth'] is",
+        ),
     ],
 )
 def test_a_config_mistake_is_refused_naming_the_key_before_the_first_stage_trains(colour_set, tmp_path, bad, message):

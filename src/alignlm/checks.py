@@ -7,6 +7,7 @@ be, raised before the first stage trains. A mistake in the second stage used to 
 from __future__ import annotations
 
 import difflib
+import inspect
 import json
 import math
 import signal
@@ -14,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
@@ -21,6 +23,7 @@ from alignlm.config import ConfigError, default_keys, plain
 from alignlm.data import GENERATORS, generator_knobs
 from alignlm.data.images import MAX_PIXELS
 from alignlm.data.llava import check_error_policy
+from alignlm.data.records import Source
 from alignlm.data.templates import TEMPLATES
 from alignlm.export.hf_llava import is_llava_dir
 from alignlm.geometry.suite import ALL_METRICS
@@ -316,6 +319,8 @@ def _check_stage_choices(key: str, stage: DictConfig, parts: tuple[str, ...]) ->
     _whole(f"{key}.data.max_length", data.get("max_length", 2048))
     for name in ("template_args", "hooks"):
         _mapping(f"{key}.data.{name}", data.get(name), null=True)
+    for i, source in enumerate(_list(f"{key}.data.sources", data.get("sources", []), example="[{path: a.json}]")):
+        Source.from_config(source, f"{key}.data.sources[{i}]")
     for name, default, note in (("max_image_pixels", MAX_PIXELS, "no limit"), ("pack_length", None, "max_length")):
         value = data.get(name, default)
         if value is not None:
@@ -348,6 +353,11 @@ def _check_objectives(key: str, stage: DictConfig) -> None:
         except (ImportError, ValueError, AttributeError):
             continue  # an unknown target is named when the stage builds it
         check_min_batch(cls, stage.get("per_device_batch_size", 1), f"{key}.objectives.{name}")
+        # its knobs are its constructor's arguments (none where it keeps torch.nn.Module's, which takes no knob)
+        knobs = [] if cls.__init__ is torch.nn.Module.__init__ else inspect.signature(cls).parameters.values()
+        if not any(p.kind is p.VAR_KEYWORD for p in knobs):
+            allowed = {p.name for p in knobs} | {"weight"} | {k for k in node if str(k).startswith("_")}
+            _check_keys(f"{key}.objectives.{name}", node, allowed)
 
 
 def _check_init_from(cfg: DictConfig, stage: str, before: list[str]) -> None:

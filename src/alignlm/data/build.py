@@ -25,10 +25,7 @@ def build_dataset(data_cfg: Mapping[str, Any], model: Any, seed: int, for_genera
         raise ValueError("data.sources is empty; give at least one {path, image_root, weight}")
     hooks = [] if for_generation else build_hooks(data_cfg.get("hooks"), model)
     return LlavaDataset(
-        [
-            Source(str(s["path"]), s.get("image_root"), float(s.get("weight", 1.0)), bool(s.get("allow_outside_root")))
-            for s in sources
-        ],
+        [Source.from_config(s, f"data.sources[{i}]") for i, s in enumerate(sources)],
         tokenizer=model.tokenizer,
         template=template_of(data_cfg),
         image_spec=model.image_spec,

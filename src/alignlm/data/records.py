@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from alignlm.config import ConfigError
 from alignlm.constants import IMAGE_TOKEN
 from alignlm.data.templates import TemplateError, to_turns
 
@@ -53,6 +54,24 @@ class Source:
     image_root: str | None = None
     weight: float = 1.0
     allow_outside_root: bool = False  # image paths may be absolute or climb out of image_root with '..'
+
+    @classmethod
+    def from_config(cls, node: Any, key: str) -> Source:
+        """A ``data.sources`` entry, ``{path, image_root, weight, allow_outside_root}``; another key is refused (a
+        mistyped ``weigth: 0.1`` trained the source at weight 1, saying nothing)."""
+        known = [f.name for f in fields(cls)]
+        if not isinstance(node, Mapping) or "path" not in node or set(node) - set(known):
+            extra = sorted(set(node) - set(known)) if isinstance(node, Mapping) else []
+            raise ConfigError(
+                f"{key}={dict(node) if isinstance(node, Mapping) else node!r}: a source is a mapping with a path and "
+                f"any of {known[1:]}{f'; {extra} is not one of them' if extra else ''}"
+            )
+        return cls(
+            str(node["path"]),
+            node.get("image_root"),
+            float(node.get("weight", 1.0)),
+            bool(node.get("allow_outside_root")),
+        )
 
     @property
     def root(self) -> Path:

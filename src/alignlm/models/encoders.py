@@ -58,7 +58,7 @@ class DualEncoder(Protocol):
 def weights_fingerprint(module: nn.Module, *context: str) -> str:
     """The bytes of every weight of ``module`` and the ``context`` that shapes its output (config, image spec),
     hashed: any change of a weight, a swap of two rows included, is another fingerprint (a sum and a sum of squares
-    per tensor, which a swap leaves equal, would not be). The key of the feature cache and of ReVision's embeddings."""
+    per tensor, which a swap leaves equal, would not be). The key of the feature cache and of a method's stored embeddings."""
     digest = hashlib.sha256()
     for part in context:
         digest.update(f"{len(part)}:{part}".encode())
