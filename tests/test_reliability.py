@@ -17,6 +17,7 @@ import zlib
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -298,6 +299,18 @@ def test_a_strip_image_is_as_large_as_the_square_it_is_padded_to(tmp_path):
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_a_16_bit_image_keeps_its_grey_and_32_bit_pixels_are_refused(tmp_path):
+    """Pillow's convert("RGB") clips 16-bit grey at 255 (a mid-grey became white) and 32-bit float at 0 or 255: 16-bit
+    grey is scaled to 8 bits, 32-bit integer or float pixels (no range says what is white) are an unreadable image."""
+    Image.fromarray(np.full((4, 4), 32896, np.uint16)).save(tmp_path / "grey16.png")
+    assert np.asarray(load_rgb(tmp_path / "grey16.png"))[0, 0].tolist() == [128, 128, 128]
+    for name, pixels in (("int32.tif", np.full((4, 4), 7, np.int32)), ("float.tif", np.full((4, 4), 0.5, np.float32))):
+        Image.fromarray(pixels).save(tmp_path / name)
+        with pytest.raises(DataError, match="no fixed range") as e:
+            load_rgb(tmp_path / name)
+        assert e.value.cause == "unreadable image"
+
+
 def test_an_image_that_is_not_a_regular_file_is_refused_without_blocking(tmp_path):
     os.mkfifo(tmp_path / "fifo.png")  # opening it would wait for a writer forever
     with pytest.raises(DataError, match="not a regular file") as e:

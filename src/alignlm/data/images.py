@@ -36,8 +36,9 @@ def load_rgb(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> Image.Ima
     The size is read from the header and checked against ``max_pixels`` before anything is decoded, so a
     decompression bomb (a few hundred kilobytes that expand to gigabytes) costs nothing; the check is on the square
     the image is padded to (``pad_to_square``), so a 1 x 1,000,000 strip is as large as it becomes. Only a regular
-    file is opened (a FIFO or a device would block the reader). Failures are ``DataError`` s counted by cause: missing
-    file, image too large, unreadable file.
+    file is opened (a FIFO or a device would block the reader). 16-bit grey images are scaled to 8 bits (convert()
+    clips them); 32-bit integer or float pixels, whose range nothing states, are refused. Failures are ``DataError`` s
+    counted by cause: missing file, image too large, unreadable file.
     """
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):
@@ -61,6 +62,16 @@ def load_rgb(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> Image.Ima
             )
         try:
             im.load()
+            if im.mode.startswith("I;16"):  # 16-bit grey: Pillow's convert("RGB") clips at 255 (mid-grey became white)
+                grey = np.asarray(im).astype(np.uint32)
+                return Image.fromarray(((grey * 255 + 32767) // 65535).astype(np.uint8), "L").convert("RGB")
+            if im.mode in ("I", "F"):  # 32-bit integer or float pixels: no range that says what is white
+                raise DataError(
+                    f"cannot read image {path}: its {im.mode!r} pixels (32-bit {'integers' if im.mode == 'I' else 'floats'}) "
+                    "have no fixed range to map to 8 bits (Pillow would clip them to black or white); save it as an 8 or "
+                    "16-bit image",
+                    UNREADABLE_IMAGE,
+                )
             return im.convert("RGB")
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise DataError(f"cannot read image {path}: {e}", UNREADABLE_IMAGE) from e
