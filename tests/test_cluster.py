@@ -530,6 +530,10 @@ def test_a_deepspeed_json_tunes_zero_but_leaves_the_step_to_the_stage(tmp_path):
         config({"gradient_clipping": 0.5})
     with pytest.raises(ValueError, match="zero_optimization.stage=2, distributed.strategy=zero3"):
         config({"zero_optimization": {"stage": 2}})
+    # offloading from the JSON left alignlm's switch off: a fused GPU AdamW over optimizer state on the CPU
+    with pytest.raises(ValueError, match=r"offload_optimizer.device='cpu': .*distributed.offload_optimizer=true"):
+        config({"zero_optimization": {"offload_optimizer": {"device": "cpu", "pin_memory": True}}})
+    assert config({"zero_optimization": {"offload_param": {"device": "none"}}})["zero_optimization"]["stage"] == 3
 
 
 @pytest.mark.parametrize("launcher", ["zero3", "zero3_offload"])

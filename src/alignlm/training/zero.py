@@ -118,6 +118,14 @@ def deepspeed_config(
                 f"distributed.deepspeed_config={extra_file} has zero_optimization.stage="
                 f"{extra['zero_optimization']['stage']}, distributed.strategy={strategy}: make them agree"
             )
+        for knob in ("offload_optimizer", "offload_param"):
+            device = ((extra.get("zero_optimization") or {}).get(knob) or {}).get("device", "none")
+            if device != "none":  # the trainer builds a CPU-ready optimizer only when its own switch is on
+                raise ValueError(
+                    f"distributed.deepspeed_config={extra_file} sets zero_optimization.{knob}.device={device!r}: "
+                    f"offloading is alignlm's switch, set distributed.{knob}=true instead (launcher=zero3_offload "
+                    "sets both); from the JSON the optimizer would be built for the GPU"
+                )
         zero.update(extra.pop("zero_optimization", None) or {})
         config.update(extra)
         if zero.get("compute_grad_norm") is False:
