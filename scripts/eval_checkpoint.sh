@@ -13,10 +13,11 @@ set -euo pipefail
 if [ $# -lt 2 ]; then
   sed -n 2,6p "$0"; exit 2
 fi
-cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
-[ -f .venv/bin/activate ] && . .venv/bin/activate
-out=$1; shift
+# paths as the caller wrote them, from the caller's folder (a job starts in the folder it was submitted from)
+out=$(realpath -m "$1"); shift
 ckpts=()
-while [ $# -gt 0 ] && [ "$1" != "--" ]; do ckpts+=("$1"); shift; done
+while [ $# -gt 0 ] && [ "$1" != "--" ]; do ckpts+=("$(realpath -m "$1")"); shift; done
+cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
+[ -f .venv/bin/activate ] && [ -z "${VIRTUAL_ENV:-}" ] && . .venv/bin/activate
 [ "${1:-}" = "--" ] && shift
 exec alignlm eval "${ckpts[@]}" --out "$out" "$@"

@@ -11,7 +11,10 @@ set -euo pipefail
 if [ $# -lt 3 ]; then
   sed -n 2,9p "$0"; exit 2
 fi
-final=$1; export_dir=$2; tasks=$3; shift 3
+# paths as the caller wrote them, from the caller's folder: the script then works from the repository's
+final=$(realpath -m "$1"); export_dir=$(realpath -m "$2"); tasks=$3; shift 3
+[[ "$tasks" == *.json ]] && tasks=$(realpath -m "$tasks")
+[ -n "${OUTPUT_PATH:-}" ] && OUTPUT_PATH=$(realpath -m "$OUTPUT_PATH")
 cd "$(dirname "$0")/.."
 [ -f .venv/bin/activate ] && [ -z "${VIRTUAL_ENV:-}" ] && . .venv/bin/activate
 [ -f "$export_dir/config.json" ] || alignlm export "$final" "$export_dir"

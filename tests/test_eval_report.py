@@ -670,12 +670,35 @@ def test_eval_lmms_script_fails_without_a_results_file(tmp_path, writes_results)
     (export_dir / "config.json").write_text("{}")  # already exported: the script skips `alignlm export`
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "VIRTUAL_ENV": "x", "DEVICE": "cpu"}
     script = Path(__file__).resolve().parents[1] / "scripts" / "eval_lmms.sh"
+    # paths relative to the caller's folder: the script moves to the repository's, so it resolves them first
     proc = subprocess.run(
-        ["bash", str(script), "unused", str(export_dir), "mme"], env=env, capture_output=True, text=True
+        ["bash", str(script), "unused", "export", "mme"], env=env, capture_output=True, text=True, cwd=tmp_path
     )
     assert proc.returncode == (0 if writes_results else 1), proc.stderr
     if not writes_results:
         assert "wrote no results file" in proc.stderr
+    else:  # under the caller's export/, not one the script's own folder holds
+        assert (export_dir / "lmms_eval" / "m" / "run_results.json").exists()
+
+
+def test_eval_checkpoint_script_reads_paths_from_the_callers_folder(tmp_path):
+    """The script moves to the repository's folder (its .venv); relative checkpoint and report paths given from
+    elsewhere named folders there."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "alignlm"
+    fake.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$ARGS_FILE"\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "ARGS_FILE": str(tmp_path / "args")}
+    env["VIRTUAL_ENV"] = "x"  # an environment already active: the script keeps it (the stand-in alignlm first)
+    env.pop("SLURM_SUBMIT_DIR", None)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "eval_checkpoint.sh"
+    proc = subprocess.run(
+        ["bash", str(script), "reports", "runs/a/final", "--", "--no-probe"], env=env, cwd=tmp_path, text=True
+    )
+    assert proc.returncode == 0
+    args = (tmp_path / "args").read_text().split()
+    assert args == ["eval", str(tmp_path / "runs/a/final"), "--out", str(tmp_path / "reports"), "--no-probe"]
 
 
 def test_seed_line_and_the_seed_table_entry_point(tmp_path, capsys):
