@@ -29,6 +29,11 @@ def test_grouped_recall_counts_same_caption_hits_and_gives_exact_chance():
     assert r["i2t_recall@1"] == r["t2i_recall@1"] == 1.0
     assert r["chance@1"] == pytest.approx((2 / 4 + 2 / 4 + 1 / 4 + 1 / 4) / 4)
     assert r["chance@2"] == pytest.approx((5 / 6 + 5 / 6 + 1 / 2 + 1 / 2) / 4)
+    # collapsed features tie every item: a tie is a miss, as in the alignment metrics' retrieval (topk broke ties by
+    # index, so each query "found" the first items, its own group among them: recall@1 0.5 for nothing learned)
+    flat = torch.ones(4, 3)
+    r = grouped_recall(flat, flat, ["a", "a", "c", "d"], ks=(1, 2))
+    assert r["i2t_recall@1"] == r["t2i_recall@1"] == r["i2t_recall@2"] == 0.0
 
 
 class _Heads(nn.Module):

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from alignlm.data.images import load_rgb
 from alignlm.data.records import image_paths, read_records, record_caption
-from alignlm.geometry.metrics import modality_gap
+from alignlm.geometry.metrics import TIE, modality_gap
 from alignlm.models.device import default_device
 from alignlm.models.encoders import OfflineDualEncoder
 
@@ -98,9 +98,12 @@ def grouped_recall(img: Tensor, txt: Tensor, groups: Sequence[Any], ks: Sequence
     n, m = len(label), same.sum(1)
     out = {}
     for direction, scores in (("i2t", sim), ("t2i", sim.T)):
-        top = scores.topk(min(max(ks), n), dim=1).indices
+        # the best right item's rank: the wrong items scoring at least as high, within the metrics' TIE (a tie is
+        # a loss, as in geometry.metrics.retrieval; topk broke it by index, so collapsed features found their group)
+        best = scores.masked_fill(~same, -math.inf).amax(1)
+        ahead = ((scores >= best[:, None] - TIE) & ~same).sum(1)
         for k in ks:
-            out[f"{direction}_recall@{k}"] = same.gather(1, top[:, :k]).any(1).double().mean().item()
+            out[f"{direction}_recall@{k}"] = (ahead < k).double().mean().item()
     for k in ks:
         chance = [1 - math.comb(n - int(mi), k) / math.comb(n, k) for mi in m]
         out[f"chance@{k}"] = sum(chance) / n
