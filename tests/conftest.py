@@ -5,8 +5,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -279,6 +280,26 @@ def tiny_clip(tmp_path_factory) -> Path:
     tok.save_pretrained(path)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
     return path
+
+
+def edited_colour_set(root: Path, edit: Callable[[list[dict[str, Any]]], None]) -> dict[str, Path]:
+    """An 8-record colour set whose pretraining records ``edit`` changed in place: bad data, on purpose."""
+    sets = write_colour_set(root, n=8)
+    records = json.loads(sets["pretrain"].read_text())
+    edit(records)
+    sets["pretrain"].write_text(json.dumps(records))
+    return sets
+
+
+def pretrain_on(sets: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    """Overrides for the pretraining stage alone on ``sets``' captions, the run ``t`` under ``out``."""
+    return [
+        f"output_dir={out}",
+        "run_name=t",
+        "run=[pretrain]",
+        f"stages.pretrain.data.sources=[{{path:{sets['pretrain']}}}]",
+        *extra,
+    ]
 
 
 def tiny_overrides(colour_set: dict[str, Path], out: Path, *extra: str) -> list[str]:

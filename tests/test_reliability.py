@@ -549,24 +549,24 @@ def test_values_that_are_not_strings_are_malformed_not_stringified(tiny_model, r
 
 
 def test_per_cause_counts_reach_summary_json(tmp_path):
-    from tests.conftest import write_colour_set
+    from tests.conftest import edited_colour_set, pretrain_on
 
-    paths = write_colour_set(tmp_path / "d", n=8)
-    records = json.loads(paths["pretrain"].read_text())
-    records[1]["image"] = "images/missing.png"
-    records[2]["image"] = "../../etc/passwd"
-    records[3]["conversations"][1]["value"] = " ".join(["red"] * 600)  # cut to max_length, kept
-    records.append({"id": "bad", "conversations": "no"})
-    paths["pretrain"].write_text(json.dumps(records))
+    def edit(records: list[dict]) -> None:
+        records[1]["image"] = "images/missing.png"
+        records[2]["image"] = "../../etc/passwd"
+        records[3]["conversations"][1]["value"] = " ".join(["red"] * 600)  # cut to max_length, kept
+        records.append({"id": "bad", "conversations": "no"})
+
+    sets = edited_colour_set(tmp_path / "d", edit)
     summary = run(
         compose(
-            f"output_dir={tmp_path}",
-            "run_name=t",
-            "run=[pretrain]",
-            "stages.pretrain.max_steps=7",
-            "stages.pretrain.per_device_batch_size=1",
-            "stages.pretrain.data.max_length=200",
-            f"stages.pretrain.data.sources=[{{path:{paths['pretrain']}}}]",
+            *pretrain_on(
+                sets,
+                tmp_path,
+                "stages.pretrain.max_steps=7",
+                "stages.pretrain.per_device_batch_size=1",
+                "stages.pretrain.data.max_length=200",
+            )
         )
     )
     data = summary["stages"]["pretrain"]["data"]
@@ -576,22 +576,17 @@ def test_per_cause_counts_reach_summary_json(tmp_path):
 
 
 def test_a_stage_of_only_bad_data_fails_and_writes_nothing(tmp_path):
-    from tests.conftest import write_colour_set
+    from tests.conftest import edited_colour_set, pretrain_on
 
-    paths = write_colour_set(tmp_path / "d", n=8)
-    records = json.loads(paths["pretrain"].read_text())
-    for r in records:
-        r["image"] = "images/missing.png"
-    paths["pretrain"].write_text(json.dumps(records))
+    def edit(records: list[dict]) -> None:
+        for r in records:
+            r["image"] = "images/missing.png"
+
+    sets = edited_colour_set(tmp_path / "d", edit)
     with pytest.raises(TrainingError, match="no step trained.*missing image: 8"):
         run(
             compose(
-                f"output_dir={tmp_path}",
-                "run_name=t",
-                "run=[pretrain]",
-                "stages.pretrain.max_steps=4",
-                "stages.pretrain.per_device_batch_size=2",
-                f"stages.pretrain.data.sources=[{{path:{paths['pretrain']}}}]",
+                *pretrain_on(sets, tmp_path, "stages.pretrain.max_steps=4", "stages.pretrain.per_device_batch_size=2")
             )
         )
     assert not (tmp_path / "t" / "pretrain" / "final").exists() and not (tmp_path / "t" / "summary.json").exists()
@@ -779,18 +774,16 @@ def test_one_process_trains_the_good_micro_batches_of_a_step_and_its_schedule_en
     """grad_accum 2, one sample per micro-batch, every other image missing: a step with one bad micro-batch trained
     nothing on one process (two processes trained the other), and skipped steps never advanced the schedule."""
     from alignlm.pipeline import run
-    from tests.conftest import compose, write_colour_set
+    from tests.conftest import compose, edited_colour_set, pretrain_on
 
-    sets = write_colour_set(tmp_path / "d", n=8)
-    records = json.loads(sets["pretrain"].read_text())
-    for r in records[::2]:
-        r["image"] = "images/missing.png"
-    sets["pretrain"].write_text(json.dumps(records))
+    def edit(records: list[dict]) -> None:
+        for r in records[::2]:
+            r["image"] = "images/missing.png"
+
+    sets = edited_colour_set(tmp_path / "d", edit)
     summary = run(
         compose(
-            f"output_dir={tmp_path}",
-            "run_name=t",
-            "run=[pretrain]",
+            *pretrain_on(sets, tmp_path),
             "eval.sets=[]",
             "mixed_precision=no",
             "stages.pretrain.max_steps=4",
@@ -801,7 +794,6 @@ def test_one_process_trains_the_good_micro_batches_of_a_step_and_its_schedule_en
             "stages.pretrain.save_every=0",
             "logging.every=1",
             "stages.pretrain.data.group_by_length=false",
-            f"stages.pretrain.data.sources=[{{path:{sets['pretrain']}}}]",
         )  # fmt: skip
     )
     rows = [json.loads(r) for r in (tmp_path / "t" / "pretrain" / "metrics.jsonl").read_text().splitlines()]

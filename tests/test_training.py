@@ -485,38 +485,19 @@ def test_data_parallel_two_processes_matches_one(colour_set, tmp_path, monkeypat
 
 def test_bad_images_are_skipped_counted_and_reported(tmp_path):
     """Missing images never crash a run: a batch made only of bad samples is skipped, and the count is reported."""
-    from tests.conftest import write_colour_set
+    from tests.conftest import edited_colour_set, pretrain_on
 
-    paths = write_colour_set(tmp_path / "d", n=8)
-    records = json.loads(paths["pretrain"].read_text())
-    for r in records[2:]:
-        r["image"] = "images/missing.png"
-    paths["pretrain"].write_text(json.dumps(records))
-    summary = run(
-        compose(
-            f"output_dir={tmp_path}",
-            "run_name=t",
-            "run=[pretrain]",
-            "stages.pretrain.max_steps=4",
-            "stages.pretrain.per_device_batch_size=2",
-            "stages.pretrain.data.group_by_length=false",
-            f"stages.pretrain.data.sources=[{{path:{paths['pretrain']}}}]",
-        )
-    )
+    def edit(records: list[dict]) -> None:
+        for r in records[2:]:
+            r["image"] = "images/missing.png"
+
+    sets = edited_colour_set(tmp_path / "d", edit)
+    steps = ["stages.pretrain.max_steps=4", "stages.pretrain.per_device_batch_size=2"]
+    summary = run(compose(*pretrain_on(sets, tmp_path, *steps, "stages.pretrain.data.group_by_length=false")))
     assert summary["stages"]["pretrain"]["skipped"] == 6  # one epoch of 4 steps visits every record once
     assert len(read_losses(tmp_path / "t" / "pretrain")) < 4  # steps with only bad samples did not train
     with pytest.raises(Exception, match="missing.png"):
-        run(
-            compose(
-                f"output_dir={tmp_path}",
-                "run_name=strict",
-                "run=[pretrain]",
-                "stages.pretrain.max_steps=4",
-                "stages.pretrain.per_device_batch_size=2",
-                "stages.pretrain.data.on_error=raise",
-                f"stages.pretrain.data.sources=[{{path:{paths['pretrain']}}}]",
-            )
-        )
+        run(compose(*pretrain_on(sets, tmp_path, "run_name=strict", *steps, "stages.pretrain.data.on_error=raise")))
 
 
 def test_meter_measures_steps_by_when_they_ran(monkeypatch):
