@@ -159,8 +159,9 @@ def load_training_state(
     scheduler: Any,
     rank: int,
     objectives: nn.Module | None = None,
-) -> dict[str, Any]:
-    """Restore weights, objective state, optimizer, scheduler and this rank's RNG; returns the trainer state."""
+) -> None:
+    """Restore weights, objective state, optimizer, scheduler and this rank's RNG (the trainer state, which says
+    whether this checkpoint may be resumed at all, is read and checked before: :func:`resume_changes`)."""
     sharding.load_weights(model, load_file(str(ckpt_dir / "trainable.safetensors")))
     if objectives is not None and objectives.state_dict():
         if not (ckpt_dir / OBJECTIVES_FILE).exists():
@@ -179,7 +180,6 @@ def load_training_state(
     rng_file = ckpt_dir / f"rng_{rank}.pt"
     if rng_file.exists():
         set_rng_state(torch.load(rng_file, weights_only=True))
-    return json.loads((ckpt_dir / "trainer_state.json").read_text())
 
 
 # Stage keys a resumed run may change without changing what it computes: when and how checkpoints are kept, how the

@@ -315,7 +315,7 @@ class Trainer:
                 allow = bool(self.cfg.get("resume_allow_changes"))
                 changed = ckpt.resume_changes(folder, written, self.run_state(), self.name, allow)
                 try:
-                    state = ckpt.load_training_state(
+                    ckpt.load_training_state(
                         folder,
                         self.core(),
                         self.optimizer,
@@ -337,12 +337,12 @@ class Trainer:
                     "resumed with resume_allow_changes=true: continuing with this run's %s",
                     ", ".join(f"{k}={v}" for k, (_, v) in changed.items()),
                 )
-            self.log.info("resumed stage %s from %s (step %d)", self.name, folder, state["step"])
-            if self.acc.is_main_process and "data" in state:  # the whole stage's report so far, counted once
-                self.report = DataReport.from_dict(state["data"])
-            self.segment_seconds = float(state.get("seconds", 0.0))
-            self.nonfinite = list(state.get("nonfinite_steps", []))
-            return int(state["step"]), int(state.get("skipped", 0))
+            self.log.info("resumed stage %s from %s (step %d)", self.name, folder, written["step"])
+            if self.acc.is_main_process and "data" in written:  # the whole stage's report so far, counted once
+                self.report = DataReport.from_dict(written["data"])
+            self.segment_seconds = float(written.get("seconds", 0.0))
+            self.nonfinite = list(written.get("nonfinite_steps", []))
+            return int(written["step"]), int(written.get("skipped", 0))
         raise RuntimeError(
             f"no step checkpoint of {self.dir} can be resumed: {'; '.join(problems)}; "
             "delete them or rerun with resume=never to start the stage over"
