@@ -46,10 +46,24 @@ def paired_difference(a: Mapping[str, float], b: Mapping[str, float]) -> dict[st
 
 def sign_test(wins: int, losses: int) -> float:
     """Exact two-sided sign test: the chance, if each of the ``wins + losses`` discordant questions were a fair
-    coin, of a split at least this uneven (1 when there are none). Exact integer arithmetic, so large counts too."""
+    coin, of a split at least this uneven (1 when there are none). Exact integer arithmetic, so large counts too.
+
+    The tail sum_{i <= m} C(n, i), m = min(wins, losses), runs down from C(n, m) by
+    C(n, i - 1) = C(n, i) i / (n - i + 1): one multiplication by a small number per term (a ``math.comb`` per term
+    took 36 s for 20,000 questions). Below n / 2 the terms shrink, so the ``i`` left add at most ``i`` times the
+    current one; once that is under 2**-64 of the sum, far below a float's precision, the sum stops (a split near
+    n / 2 of 200,000 questions: 2,200 terms, 0.4 s, most of it C(n, m)).
+    """
     n = wins + losses
-    tail = sum(math.comb(n, i) for i in range(min(wins, losses) + 1))
-    return min(1.0, 2 * tail / 2**n) if n else 1.0
+    if not n:
+        return 1.0
+    i = min(wins, losses)
+    term = tail = math.comb(n, i)
+    while i and (term * i) << 64 >= tail:
+        term = term * i // (n - i + 1)
+        i -= 1
+        tail += term
+    return min(1.0, 2 * tail / 2**n)
 
 
 def final_scores(report: str | Path, key: str = "scores") -> dict[str, dict[str, float]]:

@@ -36,6 +36,9 @@ _BLOCK_ELEMENTS = 2**24
 # Cosines closer than this are a tie: far above float64 rounding of a dot product (d * 1e-16), far below any
 # difference between real items.
 TIE = 1e-9
+# A centred direction counts towards a feature set's rank (SVCCA) when its singular value exceeds this times the
+# features' norm: far above the rounding noise of centring (about 1e-16 of it), far below real structure.
+_RANK_TOLERANCE = 1e-10
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -59,12 +62,15 @@ def _matrix(x: Tensor, name: str) -> Tensor:
     return _finite(x, name)
 
 
-def _directions(x: Tensor, name: str) -> Tensor:
+def _directions(x: Tensor, name: str, real: Tensor | None = None) -> Tensor:
     """Rows of ``x`` (float64) on the unit sphere, refused where a row is all zeros: it has no direction, and
-    normalising would make it the origin, which is equally near everything."""
-    zero = int((x == 0).all(dim=-1).sum())
+    normalising would make it the origin, which is equally near everything. ``real`` (a boolean mask over the rows)
+    limits the check to the rows that hold items: padding is no item, and zero padding stays zero."""
+    zero_rows = (x == 0).all(dim=-1)
+    zero = int((zero_rows if real is None else zero_rows & real).sum())
     if zero:
-        raise ValueError(f"{name} has {zero} all-zero rows: a cosine needs a direction")
+        where = "" if real is None else " among its real rows"
+        raise ValueError(f"{name} has {zero} all-zero rows{where}: a cosine needs a direction")
     return _unit(x)
 
 
@@ -106,6 +112,10 @@ def prepare_features(x: Tensor, q: float = 0.95) -> Tensor:
     sorted value at index ``int(q * numel)`` (the reference's exact mode); every entry is clamped to
     ``[-threshold, threshold]``. ``q = 1`` only normalises. The value comes from a sort, not ``kthvalue``: that
     has no deterministic CUDA kernel, and the training monitor runs this inside ``deterministic: true`` runs.
+
+    A threshold of 0 (sparse features, e.g. post-ReLU, with more than a fraction ``q`` of their entries exactly 0) would
+    clamp every entry to 0 and leave no row a direction; such features are only normalised. Any positive threshold
+    clamps as the reference does.
     """
     if not 0.0 < q <= 1.0:
         raise ValueError(f"q must be in (0, 1], got {q}")
@@ -113,7 +123,8 @@ def prepare_features(x: Tensor, q: float = 0.95) -> Tensor:
     index = int(q * x.numel())
     if index < x.numel():
         threshold = x.abs().flatten().sort().values[index]
-        x = x.clamp(min=-threshold, max=threshold)
+        if threshold > 0:
+            x = x.clamp(min=-threshold, max=threshold)
     return _directions(x, "features")
 
 
@@ -171,12 +182,35 @@ def gap_shift_curve(A: Tensor, B: Tensor, deltas: Iterable[float], metric: Metri
 # ----------------------------------------------------------------------------------------- kNN metrics
 
 
-def _knn(sim: Tensor, topk: int) -> Tensor:
-    """Indices [n, topk] of each item's most similar other items, most similar first, self excluded."""
+def _others(sim: Tensor, topk: int) -> Tensor:
+    """A copy of ``sim`` with the diagonal at -inf, so no item is its own neighbour; checks ``topk`` against n."""
     n = sim.shape[0]
     if not 1 <= topk <= n - 1:
         raise ValueError(f"topk must be in [1, n - 1] = [1, {n - 1}] for n = {n} items, got {topk}")
-    return sim.clone().fill_diagonal_(float("-inf")).topk(topk, dim=1).indices
+    return sim.clone().fill_diagonal_(float("-inf"))
+
+
+def _knn(sim: Tensor, topk: int) -> Tensor:
+    """Indices [n, topk] of each item's most similar other items, most similar first, self excluded. Exact ties
+    are broken by ``topk``, i.e. by item order: the ranked lists of cycle, LCS and edit-distance kNN need one."""
+    return _others(sim, topk).topk(topk, dim=1).indices
+
+
+def _neighbour_weights(sim: Tensor, topk: int) -> Tensor:
+    """[n, n] float64: how much each item j belongs to item i's k nearest neighbours, self excluded; rows sum to k.
+
+    Items more similar than i's k-th most similar count 1; those tied with it (within ``TIE`` times the largest
+    similarity's magnitude, which is 1 for cosines) share the remaining slots equally: their chance of being picked
+    when the tie is broken uniformly at random. ``topk`` breaks ties by item order, so repeated captions made the
+    set, and the metric, depend on the order the items were listed in. Without ties this is ``topk``'s set, as 0 / 1.
+    """
+    others = _others(sim, topk)
+    tolerance = TIE * sim.abs().max()
+    kth = others.topk(topk, dim=1).values[:, -1:]
+    sure = others > kth + tolerance
+    tied = (others >= kth - tolerance) & ~sure
+    share = (topk - sure.sum(dim=1, keepdim=True)).to(torch.float64) / tied.sum(dim=1, keepdim=True)
+    return torch.where(sure, 1.0, tied * share)
 
 
 def _knn_mask(knn: Tensor) -> Tensor:
@@ -186,6 +220,9 @@ def _knn_mask(knn: Tensor) -> Tensor:
 
 
 def _knn_pair(A: Tensor, B: Tensor, topk: int, preprocess: bool) -> tuple[Tensor, Tensor]:
+    """Both sides' ranked neighbour lists, for the metrics that read lists (cycle, LCS, edit distance). They have
+    no order-free form as simple as ``_neighbour_weights``: under exact ties (repeated captions, duplicate images)
+    these metrics depend on item order, as ``topk`` breaks ties by index."""
     a, b = _prepared_pair(A, B, preprocess)
     return _knn(a @ a.T, topk), _knn(b @ b.T, topk)
 
@@ -194,16 +231,18 @@ def mutual_knn(A: Tensor, B: Tensor, topk: int = 10, preprocess: bool = True) ->
     """Platonic Representation (Huh et al. 2024): mean_i |kNN_A(i) & kNN_B(i)| / k.
 
     Asks whether both models agree on which items are near each item. Identical features give 1, independent
-    random features about k / (n - 1).
+    random features about k / (n - 1). Under ties the overlap is its expectation over random tie-breaks,
+    sum_j w_A(i, j) w_B(i, j) / k with the memberships of ``_neighbour_weights``, so it does not depend on item order.
     """
-    knn_a, knn_b = _knn_pair(A, B, topk, preprocess)
-    overlap = (_knn_mask(knn_a) & _knn_mask(knn_b)).sum(dim=1)
-    return (overlap.to(torch.float64) / topk).mean().item()
+    a, b = _prepared_pair(A, B, preprocess)
+    overlap = (_neighbour_weights(a @ a.T, topk) * _neighbour_weights(b @ b.T, topk)).sum(dim=1)
+    return (overlap / topk).mean().item()
 
 
 def cycle_knn(A: Tensor, B: Tensor, topk: int = 10, preprocess: bool = True) -> float:
     """Platonic Representation (Huh et al. 2024): fraction of items i that some B-neighbour j of i has
-    among its A-neighbours, i.e. the walk i -> kNN_B -> kNN_A can return to i."""
+    among its A-neighbours, i.e. the walk i -> kNN_B -> kNN_A can return to i. Under exact ties it depends on
+    item order (``_knn_pair``)."""
     knn_a, knn_b = _knn_pair(A, B, topk, preprocess)
     returns = (_knn_mask(knn_b) & _knn_mask(knn_a).T).any(dim=1)
     return returns.to(torch.float64).mean().item()
@@ -244,14 +283,15 @@ def lcs_knn(A: Tensor, B: Tensor, topk: int = 10, preprocess: bool = True) -> fl
     neighbour lists, divided by k, so that neighbour order counts, not only membership.
 
     The reference returns the raw mean length (k times this value); dividing by k puts it on the same
-    [0, 1] scale as the other kNN metrics.
+    [0, 1] scale as the other kNN metrics. Under exact ties it depends on item order (``_knn_pair``).
     """
     knn_a, knn_b = _knn_pair(A, B, topk, preprocess)
     return (_lcs_lengths(knn_a, knn_b).to(torch.float64) / topk).mean().item()
 
 
 def edit_distance_knn(A: Tensor, B: Tensor, topk: int = 10, preprocess: bool = True) -> float:
-    """Platonic Representation (Huh et al. 2024): 1 - mean edit distance of the ranked neighbour lists / k."""
+    """Platonic Representation (Huh et al. 2024): 1 - mean edit distance of the ranked neighbour lists / k.
+    Under exact ties it depends on item order (``_knn_pair``)."""
     knn_a, knn_b = _knn_pair(A, B, topk, preprocess)
     return 1.0 - (_edit_distances(knn_a, knn_b).to(torch.float64) / topk).mean().item()
 
@@ -344,6 +384,8 @@ def cknna(A: Tensor, B: Tensor, topk: int = 10, preprocess: bool = True) -> floa
     space alone for the self terms), then the unbiased HSIC. With k = n - 1 it equals ``unbiased_cka``.
     Unlike CKA it is not bounded by 1: a masked kernel is not positive semi-definite, so Cauchy-Schwarz no longer
     caps the ratio. The reference definition shares this (a 12-item probe with k = 10 gave 1.26); use n >> k.
+    Under ties the masks hold the fractional memberships of ``_neighbour_weights`` (the pairs' mask their product),
+    so the value does not depend on item order; without ties they are the reference's 0 / 1 masks.
     """
     if topk < 2:
         raise ValueError(f"cknna needs topk >= 2, got {topk}")
@@ -351,8 +393,8 @@ def cknna(A: Tensor, B: Tensor, topk: int = 10, preprocess: bool = True) -> floa
     if _no_spread(a) or _no_spread(b):
         return float("nan")  # the neighbour masks would be chosen by rounding noise
     K, L = a @ a.T, b @ b.T
-    mask_k, mask_l = _knn_mask(_knn(K, topk)), _knn_mask(_knn(L, topk))
-    both = mask_k & mask_l
+    mask_k, mask_l = _neighbour_weights(K, topk), _neighbour_weights(L, topk)
+    both = mask_k * mask_l
     return _normalised(
         _hsic_unbiased(K * both, L * both),
         _hsic_unbiased(K * mask_k, K * mask_k),
@@ -366,19 +408,33 @@ def _standardise(x: Tensor) -> Tensor:
     return x / (x.std(dim=0) + 1e-8)
 
 
+def _rank(x: Tensor) -> int:
+    """Numerical rank of the centred features: their singular values above ``_RANK_TOLERANCE`` times the norm of
+    the uncentred ones. Centring leaves rounding noise the size of the entries, not of their spread, so the
+    tolerance follows the entries (features all equal give rank 0, however large their common value)."""
+    tolerance = _RANK_TOLERANCE * torch.linalg.vector_norm(x)
+    return int((torch.linalg.svdvals(x - x.mean(dim=0)) > tolerance).sum())
+
+
 def svcca(A: Tensor, B: Tensor, cca_dim: int = 10, preprocess: bool = True) -> float:
     """Raghu et al. 2017, as used in the Platonic Representation: mean canonical correlation between the top
     ``cca_dim`` singular subspaces of the standardised representations, ignoring low-variance noise directions.
 
     The canonical correlations of two orthonormal, centred bases are the singular values of their product,
-    computed exactly (the reference uses a randomised SVD and scikit-learn's iterative CCA).
+    computed exactly (the reference uses a randomised SVD and scikit-learn's iterative CCA). Each side keeps at
+    most its numerical rank of directions (``_rank``): past it the SVD fills in arbitrary, uncentred directions,
+    which gave two unrelated rank-1 sets 0.9; the mean is then over the fewer canonical correlations. nan when a
+    side has no spread (rank 0: every row equal, as the kernel metrics).
     """
     a, b = _prepared_pair(A, B, preprocess)
     limit = min(a.shape[0] - 2, a.shape[1], b.shape[1])  # centred data spans n - 1 directions: all of them agree
     if not 1 <= cca_dim <= limit:
         raise ValueError(f"cca_dim must be in [1, min(n - 2, da, db)] = [1, {limit}], got {cca_dim}")
-    u_a = torch.linalg.svd(_standardise(a), full_matrices=False).U[:, :cca_dim]
-    u_b = torch.linalg.svd(_standardise(b), full_matrices=False).U[:, :cca_dim]
+    dim_a, dim_b = min(cca_dim, _rank(a)), min(cca_dim, _rank(b))
+    if not (dim_a and dim_b):
+        return float("nan")
+    u_a = torch.linalg.svd(_standardise(a), full_matrices=False).U[:, :dim_a]
+    u_b = torch.linalg.svd(_standardise(b), full_matrices=False).U[:, :dim_b]
     return torch.linalg.svdvals(u_a.T @ u_b).clamp(max=1.0).mean().item()
 
 
@@ -400,13 +456,14 @@ def a_score(visual_tokens: Tensor, reference_tokens: Tensor, lengths: Sequence[i
         raise ValueError(
             f"reference_tokens must be [{n}, r, {d}] to match visual_tokens, got {tuple(reference_tokens.shape)}"
         )
-    visual = _directions(_finite(visual_tokens, "visual_tokens"), "visual_tokens")
-    reference = _directions(_finite(reference_tokens, "reference_tokens"), "reference_tokens")
     real = torch.full((n,), m, dtype=torch.long) if lengths is None else torch.as_tensor(lengths, dtype=torch.long)
     if real.shape != (n,) or not bool(((real >= 1) & (real <= m)).all()):
         raise ValueError(f"lengths must be {n} counts in [1, {m}], got {list(real.tolist())}")
-    real = real.to(visual.device)
-    weight = (torch.arange(m, device=visual.device) < real[:, None]).to(torch.float64) / real[:, None]
+    real = real.to(visual_tokens.device)
+    tokens = torch.arange(m, device=visual_tokens.device) < real[:, None]  # padding (zeros, often) is no token
+    visual = _directions(_finite(visual_tokens, "visual_tokens"), "visual_tokens", tokens)
+    reference = _directions(_finite(reference_tokens, "reference_tokens"), "reference_tokens")
+    weight = tokens.to(torch.float64) / real[:, None]
     per_image = torch.cat(
         [
             (torch.bmm(visual[rows], reference[rows].transpose(1, 2)).amax(dim=2) * weight[rows]).sum(dim=1)
