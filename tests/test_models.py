@@ -6,9 +6,13 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from alignlm.constants import IGNORE_INDEX
 from alignlm.models.build import build_model
 from alignlm.models.connectors import LinearConnector, MLPConnector
+from alignlm.models.lm_loss import head_transform, plain_head
+from alignlm.models.mllm import AlignLM
 from alignlm.models.vision import EfficientNetLiteTower, HFVisionTower
 from tests.conftest import compose, make_batch
 
@@ -103,6 +107,105 @@ def test_text_only_batch_runs_vision_path(tiny_model):
     assert all(p.grad is not None for p in model.connector.parameters())
 
 
+def test_the_zero_image_leaves_a_trained_towers_batchnorm_statistics_alone(tiny_model):
+    """A text-only micro-batch runs a zero stand-in image through a trained tower (so that every rank's tower takes
+    part in the step); in training mode it moved every BatchNorm layer's running statistics towards that image. It
+    runs in eval mode now, each module back in its own mode after, and the tower still gets its (zero) gradients."""
+    from alignlm.training.stages import apply_stage
+
+    model = tiny_model("model/vision=efficientnet_lite0", "model.vision.weights=null", "model.vision.image_size=64")
+    apply_stage(model, {"vision": "full", "connector": "full", "llm": "frozen"})
+    norms = [m for m in model.vision.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert norms and model.vision.training
+    norms[0].eval()  # a module in its own mode: it must stay so
+    modes = [m.training for m in model.vision.modules()]
+    before = {k: v.clone() for k, v in model.vision.state_dict().items() if "running" in k or "num_batches" in k}
+    model(make_batch(model, [0, 0])).lm_loss.backward()
+    after = model.vision.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert [m.training for m in model.vision.modules()] == modes
+    taking_part = [p for n, p in model.vision.named_parameters() if "_fc" not in n]  # _fc: the unused classifier
+    assert all(p.grad is not None for p in taking_part)
+
+
+@pytest.mark.parametrize("family", ["granite", "cohere"])
+def test_the_lm_loss_applies_the_transform_the_llms_head_output_gets(tiny_model, family):
+    """Granite divides its head's output by config.logits_scaling, Cohere multiplies it by config.logit_scale: the LM
+    loss (chunked), each sample's log-probability and the logits are those of the causal LM's own forward (from the
+    head's weight alone, Granite's loss was 2.4 times its own)."""
+    from transformers import CohereConfig, CohereForCausalLM, GraniteConfig, GraniteForCausalLM
+
+    base = tiny_model()
+    size = dict(
+        vocab_size=base.llm.get_input_embeddings().num_embeddings,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
+    torch.manual_seed(0)
+    if family == "granite":
+        llm = GraniteForCausalLM(GraniteConfig(logits_scaling=8.0, **size))
+    else:
+        llm = CohereForCausalLM(CohereConfig(logit_scale=0.0625, **size))
+    with torch.no_grad():
+        llm.get_output_embeddings().weight.mul_(30)  # logits as sharp as a trained head's
+    model = AlignLM(base.vision, base.connector, llm, base.tokenizer).eval()
+    assert not plain_head(model.llm) and not head_transform(llm.config).plain
+    batch = make_batch(model, [0, 0], text_len=8)
+    with torch.no_grad():
+        out = model(batch, return_logits=True, sample_logps=True)
+        own = llm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    shift = batch["labels"][:, 1:]
+    token = F.cross_entropy(own[:, :-1].transpose(1, 2).float(), shift, ignore_index=IGNORE_INDEX, reduction="none")
+    torch.testing.assert_close(out.lm_loss_sum, token.sum(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(out.sample_logps, -token.sum(1), rtol=1e-5, atol=1e-4)  # one sample per row
+    torch.testing.assert_close(model(batch).lm_loss_sum, token.sum(), rtol=1e-5, atol=1e-4)  # the summed path
+    torch.testing.assert_close(out.logits, own, rtol=1e-5, atol=1e-4)
+
+
+def test_head_transforms_follow_each_model_types_own_rule():
+    """``logits_scaling`` divides (Granite) or multiplies (HyperCLOVAX) by model type, MPT's ``logit_scale`` is never
+    applied by its transformers model, and a value alignlm cannot apply is refused, naming model.llm."""
+    from types import SimpleNamespace as Config
+
+    assert head_transform(Config(model_type="llama")).plain
+    assert head_transform(Config(model_type="granite", logits_scaling=4)).scale == 0.25
+    assert head_transform(Config(model_type="hyperclovax", logits_scaling=4)).scale == 4.0
+    assert head_transform(Config(model_type="mpt", logit_scale=3.0)).plain
+    capped = head_transform(Config(model_type="gemma2", final_logit_softcapping=30.0))
+    assert capped.softcap == 30.0 and not capped.plain
+    with pytest.raises(ValueError, match="model.llm.*logit_scale='inv_sqrt_d_model'"):
+        head_transform(Config(model_type="cohere", logit_scale="inv_sqrt_d_model"))
+
+
+def test_lora_on_the_lm_head_trains_its_adapter(tiny_model):
+    """stage.lora.target_modules may name the LM head: peft wraps it, and the loss, which read the head's base weight,
+    never ran the adapter (its weights got no gradient, though generation used them). Such a head runs as a module."""
+    from alignlm.training.stages import apply_stage
+
+    model = tiny_model()
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "lm_head"]}
+    apply_stage(model, {"connector": "full", "llm": "lora"}, lora)
+    head = model.llm.get_output_embeddings()
+    assert not plain_head(model.llm)
+    with torch.no_grad():
+        head.lora_B["default"].weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(0))
+    batch = make_batch(model, [1, 0, 2])
+    out = model(batch, sample_logps=True)
+    embeds, _ = model.embed(batch)
+    own = model.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits  # the adapter included
+    shift = batch["labels"][:, 1:]
+    token = F.cross_entropy(own[:, :-1].transpose(1, 2).float(), shift, ignore_index=IGNORE_INDEX, reduction="none")
+    torch.testing.assert_close(out.lm_loss_sum, token.sum().detach(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(out.sample_logps, -token.sum(1), rtol=1e-5, atol=1e-4)
+    model(batch).lm_loss.backward()
+    adapter = [p for n, p in model.llm.named_parameters() if "lm_head.lora_" in n]
+    assert len(adapter) == 2 and all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter)
+
+
 def test_slot_mismatch_is_a_clear_error(tiny_model):
     model = tiny_model()
     batch = make_batch(model, [1])
@@ -175,6 +278,18 @@ def test_hf_cnn_backbone_feature_map_becomes_tokens():
     assert tower(torch.randn(2, 3, 64, 64)).shape == (2, tower.num_patches, 16)
     pooled = HFVisionTower(config=config, select_layer=-1, select_feature="cls_patch")
     assert pooled.num_patches == tower.num_patches + 1
+
+
+def test_a_hydra_config_with_lists_builds_a_hf_tower():
+    """Hydra hands the tower a DictConfig whose lists are ListConfigs, which transformers' strict configs refused:
+    a CNN tower's ``hidden_sizes`` could not be set from ``configs/``."""
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.create(
+        {"model_type": "resnet", "embedding_size": 8, "hidden_sizes": [8, 16], "depths": [1, 1], "image_size": 64}
+    )
+    tower = HFVisionTower(config=config, select_layer=-1)
+    assert tower.model.config.hidden_sizes == [8, 16] and tower.hidden_size == 16
 
 
 def test_tower_loads_a_saved_checkpoint_by_path(tmp_path):

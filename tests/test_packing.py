@@ -1,8 +1,8 @@
 """Packed rows and the chunked LM loss: the fast default paths compute exactly what the plain ones do.
 
 Packing: every sample's loss and every gradient equal those of the sample alone, unpadded (fp32, 1e-5), whichever
-row it lands in and whatever precedes it there. The chunked linear cross-entropy equals the plain one, soft-capping
-and frozen heads included.
+row it lands in and whatever precedes it there, sliding-window layers attending within their window. The chunked linear
+cross-entropy equals the plain one, head transforms (scale, soft-cap) and frozen heads included.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from alignlm.constants import IGNORE_INDEX
 from alignlm.data.build import build_dataset
 from alignlm.data.collate import Collator, pack_rows
-from alignlm.models.lm_loss import linear_cross_entropy, linear_token_nll
+from alignlm.models.lm_loss import HeadTransform, linear_cross_entropy, linear_token_nll
+from alignlm.models.mllm import AlignLM, attention_windows
 
 
 def collator(model, **kw) -> Collator:
@@ -112,22 +113,24 @@ def test_packing_gives_each_samples_own_loss_and_gradients(samples):
 
 
 @pytest.mark.parametrize("per_token", [False, True])
-@pytest.mark.parametrize("softcap", [None, 30.0])
+@pytest.mark.parametrize("scale,softcap", [(1.0, None), (1.0, 30.0), (0.125, None), (3.0, 30.0)])
 @pytest.mark.parametrize("train_head", [True, False])
-def test_chunked_cross_entropy_equals_the_plain_one(softcap, train_head, per_token):
+def test_chunked_cross_entropy_equals_the_plain_one(scale, softcap, train_head, per_token):
     """Summed (the LM loss) and per position (preference objectives weigh each sample's tokens by their own factor):
-    values and gradients equal ``F.cross_entropy``'s, the per-position one under non-uniform weights."""
+    values and gradients equal ``F.cross_entropy``'s, the per-position one under non-uniform weights, through the
+    head's transform (a scale, as Granite's and Cohere's, then a soft-cap, as Gemma-2's)."""
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(37, 16, generator=g, requires_grad=True)
     weight = (torch.randn(50, 16, generator=g) * 3).requires_grad_(train_head)
     targets = torch.randint(0, 50, (37,), generator=g)
     weights = torch.randn(37, generator=g) if per_token else torch.full((), 2.5)
-    logits = hidden @ weight.T
+    logits = hidden @ weight.T * scale
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     reduction, chunked_loss = ("none", linear_token_nll) if per_token else ("sum", linear_cross_entropy)
     plain = F.cross_entropy(logits, targets, reduction=reduction)
-    chunked = chunked_loss(hidden, weight, targets, softcap=softcap, rows=8)  # five chunks, the last short
+    transform = HeadTransform(scale=scale, softcap=softcap)
+    chunked = chunked_loss(hidden, weight, targets, transform, rows=8)  # five chunks, the last short
     torch.testing.assert_close(chunked, plain, rtol=1e-6, atol=1e-5)
     wrt = [hidden, weight] if train_head else [hidden]
     for a, b in zip(
@@ -232,6 +235,82 @@ def test_model_loss_uses_only_supervised_positions(tiny_model):
     )
     torch.testing.assert_close(out.lm_loss_sum, plain, rtol=1e-5, atol=1e-5)
     assert int(out.num_items) == int((shift != IGNORE_INDEX).sum())
+
+
+# ---- sliding-window attention -----------------------------------------------------------------------------------------
+
+
+def windowed_model(base, family: str, attention: str = "sdpa") -> AlignLM:
+    """The tiny model's tower, connector and tokenizer around a random causal LM whose layers slide a window of 4
+    tokens: every layer of a Mistral, the first of two of a Gemma-3 (layer types)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, MistralConfig, MistralForCausalLM
+
+    size = dict(
+        vocab_size=base.llm.get_input_embeddings().num_embeddings,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        sliding_window=4,
+        attn_implementation=attention,
+    )
+    torch.manual_seed(0)
+    if family == "mistral":
+        llm = MistralForCausalLM(MistralConfig(**size))
+    else:
+        config = Gemma3TextConfig(head_dim=16, layer_types=["sliding_attention", "full_attention"], **size)
+        llm = Gemma3ForCausalLM(config)
+    return AlignLM(base.vision, base.connector, llm, base.tokenizer).eval()
+
+
+def text_samples(lengths: list[int]) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    samples = []
+    for k, length in enumerate(lengths):
+        ids = torch.randint(10, 200, (length,), generator=g)
+        samples.append({"id": f"s{k}", "input_ids": ids, "labels": ids.clone(), "n_images": 0, "pixel_values": None})
+    return samples
+
+
+def own_loss(llm, samples: list[dict]) -> torch.Tensor:
+    """The causal LM's own summed loss, each sample alone (transformers' masks, its sliding window included)."""
+    total = torch.zeros(())
+    for s in samples:
+        logits = llm(input_ids=s["input_ids"][None]).logits[0, :-1].float()
+        total += F.cross_entropy(logits, s["labels"][1:], reduction="sum")
+    return total
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", ["mistral", "gemma3"])
+def test_sliding_window_layers_attend_within_their_window_padded_and_packed(tiny_model, family, attention):
+    """transformers uses a mask given to the decoder in every layer, so the one block-diagonal mask let a sliding
+    layer attend to the whole sample in training (its window in generation); each layer type now gets its own mask
+    (a dict for a model with layer types), the window cut as transformers cuts it."""
+    model = windowed_model(tiny_model(), family, attention)
+    samples = text_samples([16, 12, 9])  # longer than the window of 4
+    with torch.no_grad():
+        expected = own_loss(model.llm, samples)
+        for layout, batch in (
+            ("padded", collator(model)(samples)),
+            ("packed", collator(model, pack_length=32)(samples)),  # rows [16 + 12], [9]
+        ):
+            assert layout == "padded" or batch["input_ids"].shape[0] == 2
+            torch.testing.assert_close(model(batch).lm_loss_sum, expected, rtol=1e-5, atol=1e-4, msg=layout)
+
+
+def test_layer_types_without_a_mask_here_are_refused_beside_sliding_ones():
+    from types import SimpleNamespace
+
+    assert attention_windows(SimpleNamespace()) == {"full_attention": None}  # Llama
+    assert attention_windows(SimpleNamespace(sliding_window=8)) == {"sliding_attention": 8}  # Mistral: every layer
+    full = SimpleNamespace(sliding_window=8, layer_types=["full_attention"] * 2)  # Qwen2 without use_sliding_window
+    assert attention_windows(full) == {"full_attention": None}
+    hybrid = SimpleNamespace(sliding_window=8, layer_types=["sliding_attention", "linear_attention"])
+    with pytest.raises(ValueError, match=r"model\.llm.*linear_attention"):
+        attention_windows(hybrid)
 
 
 # ---- the vision-feature cache ------------------------------------------------------------------------------------------
@@ -486,29 +565,42 @@ def fake_flash(monkeypatch):
         or "cu_seq_lens_q" not in inspect.signature(fa._flash_attention_forward).parameters
     ):
         pytest.skip("this transformers' flash-attention internals are not the ones faked here")
-    seen: dict[str, list] = {"kernels": [], "reads": []}
+    seen: dict[str, list] = {"kernels": [], "reads": [], "windows": []}
     inside = [False]
 
-    def attend(q, k, v, causal, scale):  # [B, T, H, D]
+    def attend(q, k, v, causal, scale, window=(-1, -1)):  # [B, T, H, D]; window: flash's (left, right), -1 none
+        position = torch.arange(q.shape[1])
+        back = position[:, None] - position[None, :]
+        seen = (back >= 0) if causal else torch.ones_like(back, dtype=torch.bool)
+        if window[0] >= 0:
+            seen &= back <= window[0]
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal, scale=scale, enable_gqa=True
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=seen, scale=scale, enable_gqa=True
         )
         return out.transpose(1, 2)
 
-    def dense(q, k, v, softmax_scale=None, causal=True, **_):
+    def dense(q, k, v, softmax_scale=None, causal=True, window_size=(-1, -1), **_):
         seen["kernels"].append("dense")
-        return attend(q, k, v, causal, softmax_scale)
+        return attend(q, k, v, causal, softmax_scale, window_size)
 
-    def varlen(q, k, v, cu_seqlens_q=None, max_seqlen_q=None, softmax_scale=None, causal=True, **_):
+    def varlen(
+        q, k, v, cu_seqlens_q=None, max_seqlen_q=None, softmax_scale=None, causal=True, window_size=(-1, -1), **_
+    ):
         seen["kernels"].append(f"varlen max_seqlen {type(max_seqlen_q).__name__}")
+        seen["windows"].append(window_size)
         inside[0] = True
         cu = cu_seqlens_q.tolist()
         inside[0] = False
-        runs = [attend(q[a:b][None], k[a:b][None], v[a:b][None], causal, softmax_scale)[0] for a, b in zip(cu, cu[1:])]
+        runs = [
+            attend(q[a:b][None], k[a:b][None], v[a:b][None], causal, softmax_scale, window_size)[0]
+            for a, b in zip(cu, cu[1:])
+        ]
         return torch.cat(runs)
 
-    def kwargs(**kw):
-        return {"softmax_scale": kw.get("softmax_scale"), "causal": kw.get("is_causal", True), **{
+    def kwargs(**kw):  # transformers' own conversion of a layer's sliding window to flash's (left, right) window
+        window = kw.get("sliding_window")
+        slide = {"window_size": (window - 1, window - 1)} if window is not None and kw["key_length"] > window else {}
+        return {"softmax_scale": kw.get("softmax_scale"), "causal": kw.get("is_causal", True), **slide, **{
             k: kw[k] for k in ("max_seqlen_q",) if k in kw
         }}  # fmt: skip
 
@@ -558,3 +650,20 @@ def test_flash_attention_keeps_packed_and_padded_samples_apart_without_reading_t
                 assert torch.isfinite(out.lm_loss_sum)
         finally:
             model.llm.config._attn_implementation = "sdpa"
+
+
+def test_flash_attention_slides_each_layers_window_within_each_sample(tiny_model, fake_flash):
+    """On the varlen path transformers hands the kernel each layer's sliding window with the collator's runs, so a
+    Mistral's packed and padded samples attend within their window there too, as the model alone does."""
+    model = windowed_model(tiny_model(), "mistral")
+    samples = text_samples([16, 12, 9])
+    with torch.no_grad():
+        expected = own_loss(model.llm, samples)
+        model.llm.config._attn_implementation = "flash_attention_2"
+        for layout, batch in (
+            ("padded", collator(model)(samples)),
+            ("packed", collator(model, pack_length=32)(samples)),
+        ):
+            fake_flash["windows"].clear()
+            torch.testing.assert_close(model(batch).lm_loss_sum, expected, rtol=1e-5, atol=1e-4, msg=layout)
+            assert set(fake_flash["windows"]) == {(3, 3)}, layout

