@@ -257,6 +257,20 @@ def test_runs_and_checkpoints_of_the_same_name_keep_a_label_each(tmp_path, monke
     assert drawn == {"pooled/modality_gap": {"a/finetune": [(1, 1.5)], "b/finetune": [(1, 0.5)]}}
 
 
+def test_a_final_named_from_inside_its_stage_folder_keeps_its_stage(tmp_path, monkeypatch):
+    """`alignlm eval final` run inside `outputs/raw/pretrain` read its stage and run from the relative path's empty
+    parents, so its template fell back to the run's last stage."""
+    from alignlm.evaluation.checkpoints import resolve
+
+    final = tmp_path / "raw" / "pretrain" / "final"
+    final.mkdir(parents=True)
+    (final / "model.safetensors").write_bytes(b"")
+    (final / "config.yaml").write_text("{}\n")
+    monkeypatch.chdir(final.parent)
+    (ck,) = resolve(["final"])
+    assert (ck.run, ck.stage, ck.label) == ("raw", "pretrain", "raw/pretrain/final")
+
+
 def test_metrics_plot_draws_the_measured_numbers_not_the_tables_text(tmp_path, monkeypatch):
     """The table rounds (4 decimals, percentages to 1); metrics.png drew those strings, so a change below 1e-4 was
     flat and 12.345 % was 12.3."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -370,3 +371,189 @@ def test_export_never_writes_over_its_checkpoint_or_another_folder(colour_set, t
     for flags in (["--check", str(tmp_path / "none.json")], ["--check", str(colour_set["test"]), "--limit", "0"]):
         assert main(["export", str(final), str(tmp_path / "hf3"), *flags]) == 2
         assert not (tmp_path / "hf3").exists()
+
+
+def _saved_final(cfg, stage: str):
+    """A ``final/`` folder of ``stage`` under ``cfg``'s run, written as training writes one (no training)."""
+    from alignlm.models.io import config_yaml
+    from alignlm.training.checkpoint import save_final
+
+    final = Path(cfg.output_dir) / cfg.run_name / stage / "final"
+    save_final(final, build_model(cfg.model), config_yaml(cfg), ["connector", "llm"])
+    return final
+
+
+def test_an_earlier_stages_final_exports_with_that_stages_template_and_card(colour_set, tmp_path):
+    """A two-stage run's pretrain final/ (trained with plain) was exported with the finetune stage's template and
+    stop, so `export --check` failed where `alignlm eval` prompts it with its own stage's; its model card listed the
+    later stage and the run's evaluation, which is of the later stage's checkpoint."""
+    from transformers import AutoProcessor
+
+    cfg = compose(*tiny_overrides(colour_set, tmp_path))
+    assert (cfg.stages.pretrain.data.template, cfg.stages.finetune.data.template) == ("plain", "vicuna_v1")
+    evals = {"eval": {"colours": {"n": 12, "accuracy": 0.5, "chance": 0.25}}}
+    (tmp_path / "t" / "summary.json").parent.mkdir(parents=True)
+    (tmp_path / "t" / "summary.json").write_text(json.dumps(evals))
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is it?"}]}]
+    for stage, prompt, card_rows in (
+        ("pretrain", IMAGE_TOKEN, ["| pretrain |"]),
+        ("finetune", "USER: " + IMAGE_TOKEN, ["| pretrain |", "| finetune |", "## Evaluation", "| colours | 12 |"]),
+    ):
+        out = export(_saved_final(cfg, stage), tmp_path / f"hf_{stage}")
+        rendered = AutoProcessor.from_pretrained(out).apply_chat_template(messages, add_generation_prompt=True)
+        assert prompt in rendered and (stage == "finetune") == ("USER" in rendered), rendered
+        card = (out / "README.md").read_text()
+        assert all(row in card for row in card_rows), card
+        assert ("| finetune |" in card, "## Evaluation" in card) == ((stage == "finetune",) * 2)
+
+
+def test_an_exported_chat_template_that_writes_bos_gives_one_bos_as_training(tiny_model, tmp_path):
+    """A chat template that writes ``bos_token`` itself (Llama-3, Mistral, Gemma) on a tokenizer that adds BOS too:
+    training starts with one BOS, the exported processor gave two (the text's, and the tokenizer's)."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoProcessor
+
+    from alignlm.export.hf_llava import llava_processor
+
+    model = tiny_model()
+    tok = model.tokenizer
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)]
+    )
+    tok.chat_template = "{{ bos_token }}" + tok.chat_template
+    assert get_template("chat").render(to_turns(QUESTION), tok, add_generation_prompt=True).text.startswith("<s>")
+    hf = to_llava(model)
+    llava_processor(model, get_template("chat"), hf.config.vision_feature_select_strategy).save_pretrained(tmp_path)
+    ids = _inputs(AutoProcessor.from_pretrained(tmp_path), Image.new("RGB", (40, 30), (200, 40, 40)))["input_ids"]
+    assert ids[0].tolist().count(tok.bos_token_id) == 1 and ids[0].tolist() == _prompt_ids(model, "chat")
+
+
+def test_a_llava_folder_whose_weights_miss_exceed_or_misfit_its_config_is_refused_naming_it(tiny_model, tmp_path):
+    """init_from a Llava folder loaded a missing weight as random values and passed over a weight with no place;
+    a weight of another shape stopped with transformers' generic message, naming neither the folder nor the file."""
+    folder = _llava_folder(tiny_model(), tmp_path / "a")
+    weights = load_file(str(folder / "model.safetensors"))
+    name = next(k for k in sorted(weights) if "linear_1.weight" in k)
+    rows, cols = weights[name].shape
+    for edit, match in (
+        (lambda w: w.pop(name), r"lacks the weights \['[\w.]*linear_1.weight'\]"),
+        (lambda w: w.update(extra=torch.zeros(3)), r"holds weights the model has no place for \['extra'\]"),
+        (
+            lambda w: w.update({name: w[name][:, :-1].contiguous()}),
+            rf"linear_1.weight has shape \[{rows}, {cols - 1}\] where its config.json makes \[{rows}, {cols}\]",
+        ),
+    ):
+        edited = dict(weights)
+        edit(edited)
+        save_file(edited, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        target = tiny_model()
+        before = target.connector.proj[0].weight.clone()
+        with pytest.raises(ValueError, match=rf"init_from={re.escape(str(folder))}: .*{match}"):
+            load_llava_weights(target, folder)
+        assert torch.equal(target.connector.proj[0].weight, before)
+
+
+DINO_REGISTERS = [
+    "model.vision.config.model_type=dinov2_with_registers",
+    "+model.vision.config.num_register_tokens=4",
+    "model.vision.select_feature=cls_patch",
+]
+
+
+def test_a_tower_with_registers_kept_exports_and_imports_back(tiny_model, tmp_path):
+    """An export of a DINOv2-with-registers tower (registers=keep, cls_patch: Llava's "full") came back with the
+    registers dropped, and import refused it, advising registers=keep, which model=llava_hf cannot set."""
+    from alignlm.export.hf_llava import feature_strategy
+    from alignlm.models.vision import HFVisionTower
+
+    model = tiny_model(*DINO_REGISTERS, "+model.vision.registers=keep")
+    folder = _llava_folder(model, tmp_path / "a")
+    back = build_model(compose("model=llava_hf", f"model.path={folder}").model)
+    load_llava_weights(back, folder)
+    assert back.num_image_tokens == model.num_image_tokens
+    ours = model.state_dict()
+    assert all(torch.equal(v, ours[k]) for k, v in back.state_dict().items())
+    # select_feature=patch drops CLS and registers; the advice to keep them names both switches it needs
+    config = {**dict(compose(*DINO_REGISTERS).model.vision.config), "hidden_size": 32}
+    with pytest.raises(
+        ExportError, match=r"5 prefix tokens \(CLS and 4 registers\).*cls_patch with model.vision.registers=keep"
+    ):
+        feature_strategy(HFVisionTower(config=config, select_feature="patch"))
+
+
+def test_a_final_without_its_parts_metadata_is_refused_not_loaded_in_part(tiny_model, tmp_path):
+    """A final/ re-saved without the `parts` metadata skipped the check that every weight of its parts is there,
+    and loaded what it held over the built model's weights; a part the metadata leaves out is checked too."""
+    from safetensors import safe_open
+
+    cfg = compose("model=tiny", f"output_dir={tmp_path}", "run_name=t")
+    final = _saved_final(cfg, "finetune")
+    weights = final / "model.safetensors"
+    with safe_open(str(weights), "pt") as f:
+        assert f.metadata() == {"parts": "connector,llm"}
+    load_model(final)  # as written
+    state = load_file(str(weights))
+    half = {k: v for k, v in state.items() if "layers.1." not in k}
+    save_file(half, str(weights), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"{re.escape(str(weights))} has no 'parts' metadata"):
+        load_model(final)
+    save_file(half, str(weights), metadata={"parts": "connector"})
+    with pytest.raises(KeyError, match=r"lacks weights for \['llm.model.layers.1."):
+        load_model(final)
+
+
+def test_a_convolutional_hf_tower_is_refused_with_the_reason(tiny_model):
+    """A ConvNeXt tower (its config has a patch_size) was refused for "16 prefix tokens (registers?)", or failed with
+    an AttributeError on its config's hidden_size, depending on the layer."""
+    from alignlm.models.connectors.mlp import MLPConnector
+    from alignlm.models.mllm import AlignLM
+    from alignlm.models.vision import HFVisionTower
+
+    base = tiny_model()
+    config = {"model_type": "convnext", "image_size": 32, "patch_size": 4, "hidden_sizes": [8, 16, 32, 80],
+              "depths": [1, 1, 1, 1]}  # fmt: skip
+    for layer in (-1, -2):
+        tower = HFVisionTower(config=config, select_layer=layer)
+        model = AlignLM(tower, MLPConnector(tower.hidden_size, base.llm.config.hidden_size), base.llm, base.tokenizer)
+        with pytest.raises(ExportError, match=rf"'convnext' is convolutional: its layer {layer} \(model.vision.select"):
+            to_llava(model)
+
+
+@pytest.mark.parametrize(
+    "key,value,shown",
+    [
+        ("final_logit_softcapping", 30.0, "scale 1, soft-cap 30.0"),
+        ("logits_scaling", 8.0, "scale 0.125, soft-cap None"),
+    ],
+)
+def test_an_llm_that_transforms_its_heads_logits_is_not_exported(tiny_model, key, value, shown):
+    """Gemma-2's soft cap (Granite's logits_scaling, Cohere's logit_scale) is applied by alignlm and dropped by
+    transformers' Llava, whose logits are lm_head's output: the export scored and sampled otherwise."""
+    model = tiny_model()
+    setattr(model.llm.config, key, value)
+    with pytest.raises(ExportError, match=rf"transforms its head's logits \({shown}, from its config\)"):
+        to_llava(model)
+
+
+def test_export_refuses_a_symlinked_output_and_leaves_no_temporary_folder(colour_set, tmp_path, capsys, monkeypatch):
+    """`export FINAL latest`, where latest links to an earlier export, crashed in rmtree and left its temporary folder
+    behind; an export that fails while writing leaves nothing either."""
+    import alignlm.export.hf_llava as hf_llava
+
+    final = _saved_final(compose(*tiny_overrides(colour_set, tmp_path)), "finetune")
+    real, link = tmp_path / "run3", tmp_path / "latest"
+    assert main(["export", str(final), str(real)]) == 0
+    link.symlink_to(real)
+    before = (real / "model.safetensors").read_bytes()
+    assert main(["export", str(final), str(link)]) == 2
+    assert f"the output {link} is a symbolic link (to {real})" in capsys.readouterr().err
+    assert (real / "model.safetensors").read_bytes() == before and link.is_symlink()
+
+    def fail(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(hf_llava, "model_card", fail)
+    with pytest.raises(OSError, match="disk full"):
+        export(final, tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []

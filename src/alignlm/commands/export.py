@@ -50,8 +50,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export", help="write a final/ checkpoint as a transformers LlavaForConditionalGeneration folder"
     )
-    p.add_argument("checkpoint", help="a final/ folder")
-    p.add_argument("out_dir", help="the folder to write (new, empty, or an earlier export, which it replaces)")
+    p.add_argument("checkpoint", help="a final/ folder; its stage's template becomes the chat template")
+    p.add_argument(
+        "out_dir", help="the folder to write (new, empty, or an earlier export, which it replaces; not a symbolic link)"
+    )
     p.add_argument(
         "--check",
         metavar="SET",

@@ -266,8 +266,12 @@ class ChatTemplate(Template):
         return Rendered(text, tuple(spans), tuple(contents))
 
     def jinja(self, tokenizer: Any) -> str:
+        """The tokenizer's chat template behind the same message rewriting as :meth:`render`. Where the tokenizer adds
+        the BOS itself, a template that also writes ``bos_token`` (Llama-3, Mistral, Gemma) writes nothing for it:
+        training puts one BOS first (``tokenize``), and ``processor(text=...)`` adds its own to the rendered text."""
         if not getattr(tokenizer, "chat_template", None):
             raise TemplateError("template 'chat' needs a tokenizer with a chat_template; use vicuna_v1 or plain")
+        no_bos = "{%- set bos_token = '' -%}" if adds_bos(tokenizer) else ""
         system = ""
         if self.system is not None:
             system = (
@@ -275,7 +279,8 @@ class ChatTemplate(Template):
                 "{%- set messages = [{'role': 'system', 'content': " + _jinja_str(self.system) + "}] + messages -%}"
                 "{%- endif -%}"
             )
-        return _JINJA_FLATTEN + (_JINJA_USER_IMAGE_FIRST if self.image_first else "") + system + tokenizer.chat_template
+        image_first = _JINJA_USER_IMAGE_FIRST if self.image_first else ""
+        return no_bos + _JINJA_FLATTEN + image_first + system + tokenizer.chat_template
 
 
 # :data:`_JINJA_IMAGE_FIRST` applied to every user message of ``messages`` (the chat template reads them as given).

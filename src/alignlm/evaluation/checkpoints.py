@@ -21,7 +21,13 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
 
 from alignlm.models.build import build_model
-from alignlm.models.io import load_checkpoint_config, load_model, load_part_state, safe_model_config
+from alignlm.models.io import (
+    checkpoint_stage,
+    load_checkpoint_config,
+    load_model,
+    load_part_state,
+    safe_model_config,
+)
 from alignlm.training.checkpoint import load_init, resolve_init, step_dirs, verify
 from alignlm.training.logging import read_rows
 from alignlm.training.stages import apply_stage, merge_lora
@@ -68,7 +74,8 @@ def _last_logged_step(stage_dir: Path) -> int | None:
 
 def _one(p: Path) -> Checkpoint:
     if _is_final(p):
-        return Checkpoint(p, "final", p.parent.parent.name, p.parent.name, _last_logged_step(p.parent))
+        stage_dir = Path(os.path.abspath(p)).parent  # `alignlm eval final` inside the stage folder names it too
+        return Checkpoint(p, "final", stage_dir.parent.name, stage_dir.name, _last_logged_step(p.parent))
     state = json.loads((p / "trainer_state.json").read_text())
     stage_dir = p.parent.parent
     return Checkpoint(p, "step", stage_dir.parent.name, str(state.get("stage", stage_dir.name)), int(state["step"]))
@@ -133,8 +140,7 @@ def stage_config(ck: Checkpoint) -> DictConfig:
 
 def data_config(ck: Checkpoint, cfg: DictConfig) -> dict[str, Any]:
     """The data node of the checkpoint's stage (its template), or of the run's last stage."""
-    stage = ck.stage if ck.stage in cfg.stages else cfg.run[-1]
-    return OmegaConf.to_container(cfg.stages[stage].data, resolve=True)
+    return OmegaConf.to_container(cfg.stages[checkpoint_stage(cfg, ck.stage)].data, resolve=True)
 
 
 def load(ck: Checkpoint, allow_code: bool = False, trust_remote_code: bool = False) -> Any:

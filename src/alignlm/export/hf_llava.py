@@ -7,7 +7,8 @@ no custom code, and a published Llava checkpoint comes in as ``init_from`` to co
 Llava's architecture is fixed: a transformers vision model (``hidden_states[vision_feature_layer]``, with the CLS
 token dropped or kept), a two-layer projector ``linear_1 -> act -> linear_2``, and a causal LM. alignlm models that
 fit (an ``HFVisionTower``, the ``mlp2x_gelu`` connector) map onto it weight for weight; anything else (CNN towers,
-MoE or linear connectors, towers with register tokens, extra input parts) is refused up front with the reason.
+MoE or linear connectors, towers with register tokens, extra input parts, LLMs that transform their head's logits)
+is refused up front with the reason.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ from alignlm.config import ConfigError
 from alignlm.constants import IMAGE_TOKEN
 from alignlm.data.templates import get_template, turn_end
 from alignlm.models.connectors.mlp import MLPConnector
-from alignlm.models.io import check_finite, config_yaml, load_checkpoint_config, load_model
+from alignlm.models.io import check_finite, checkpoint_stage, config_yaml, load_checkpoint_config, load_model
+from alignlm.models.lm_loss import head_transform
 from alignlm.models.mllm import AlignLM
 from alignlm.models.vision import HFVisionTower
 
@@ -49,6 +51,18 @@ class ExportError(ValueError):
 _ALTERNATIVE = "keep alignlm's own format (final/, loaded with alignlm.models.io.load_model)"
 
 
+def selected_hidden(vision: HFVisionTower) -> torch.Tensor:
+    """The tower's selected hidden state of one blank image, before alignlm picks its tokens: what Llava's vision
+    tower hands its projector (``[1, T, D]``), or a convolutional tower's feature map (``[1, C, H, W]``)."""
+    size = vision.image_spec.size
+    with torch.no_grad():
+        out = vision.model(
+            pixel_values=torch.zeros(1, 3, size, size, dtype=vision.model.dtype, device=vision.model.device),
+            output_hidden_states=True,
+        )
+    return out.hidden_states[vision.select_layer]
+
+
 def feature_strategy(vision: HFVisionTower) -> str:
     """Llava's ``vision_feature_select_strategy`` reproducing the tower's ``select_feature``.
 
@@ -56,28 +70,27 @@ def feature_strategy(vision: HFVisionTower) -> str:
     """
     cfg = vision.model.config
     grid = (cfg.image_size // cfg.patch_size) ** 2
-    size = vision.image_spec.size
-    with torch.no_grad():
-        out = vision.model(
-            pixel_values=torch.zeros(1, 3, size, size, dtype=vision.model.dtype, device=vision.model.device),
-            output_hidden_states=True,
-        )
-    prefix = out.hidden_states[vision.select_layer].shape[1] - grid
+    prefix = selected_hidden(vision).shape[1] - grid
     if vision.select_feature == "cls_patch" and vision.num_registers:
         raise ExportError(
             f"the vision tower's {vision.num_registers} register tokens are dropped (registers=drop) while CLS is kept; "
-            f"Llava keeps all prefix tokens or drops exactly one. Train with registers=keep, or {_ALTERNATIVE}"
+            "Llava keeps all prefix tokens or drops exactly one. Train with model.vision.registers=keep, or "
+            f"{_ALTERNATIVE}"
         )
     if vision.select_feature == "cls_patch" or prefix == 0:
         return "full"
     if prefix == 1:
         return "default"
+    registers = int(getattr(cfg, "num_register_tokens", 0) or 0)
+    keep = "select_feature=cls_patch" + (" with model.vision.registers=keep" if registers else "")
     raise ExportError(
-        f"the vision tower has {prefix} prefix tokens (registers?) that select_feature='patch' drops; Llava can drop "
-        f"only one (CLS). Use select_feature=cls_patch to keep them all, or {_ALTERNATIVE}"
+        f"the vision tower has {prefix} prefix tokens{f' (CLS and {registers} registers)' if registers else ''} that "
+        f"select_feature='patch' drops; Llava can drop only one (CLS). Use {keep} to keep them all, or {_ALTERNATIVE}"
     )
 
 
+# An LLM config's transforms of its head's logits (key, the value that changes nothing; 0 is no soft cap): alignlm's
+# forward applies them (models/lm_loss.py), transformers' Llava computes ``lm_head(hidden)`` alone and would drop them.
 def check_exportable(model: AlignLM) -> str:
     """Raise ``ExportError`` unless Llava can represent ``model``; return the feature strategy it will use."""
     if model.extras:
@@ -90,6 +103,13 @@ def check_exportable(model: AlignLM) -> str:
         raise ExportError(
             f"vision tower {type(model.vision).__name__} is not a transformers vision model, and Llava loads its tower "
             f"with AutoModel; export needs model.vision=HFVisionTower (CLIP, SigLIP, ...), or {_ALTERNATIVE}"
+        )
+    if selected_hidden(model.vision).dim() == 4:
+        raise ExportError(
+            f"vision model {model.vision.model.config.model_type!r} is convolutional: its layer "
+            f"{model.vision.select_layer} (model.vision.select_layer) is a feature map, which alignlm flattens into "
+            "tokens; Llava's vision tower hands its projector a transformer's tokens and has no such step. Export needs "
+            f"a ViT tower (CLIP, SigLIP, ...), or {_ALTERNATIVE}"
         )
     if getattr(model.vision.model.config, "patch_size", None) is None:
         raise ExportError(
@@ -113,6 +133,14 @@ def check_exportable(model: AlignLM) -> str:
         raise ExportError(
             "the tower's outlier tokens are filtered (model.vision_artifacts); Llava's vision tower has no such step, "
             f"so an export would see other features than the trained model. {_ALTERNATIVE[0].upper() + _ALTERNATIVE[1:]}"
+        )
+    transform = head_transform(model.llm.config)
+    if not transform.plain:
+        raise ExportError(
+            f"the LLM transforms its head's logits (scale {transform.scale:g}, soft-cap {transform.softcap}, from its "
+            "config), which alignlm applies and transformers' "
+            "Llava drops (its logits are lm_head's output): an export would score and sample otherwise. "
+            f"{_ALTERNATIVE[0].upper() + _ALTERNATIVE[1:]}"
         )
     return feature_strategy(model.vision)
 
@@ -185,18 +213,7 @@ def llava_processor(model: AlignLM, template: Any, strategy: str) -> Any:
         do_convert_rgb=True,
     )
     cfg = model.vision.model.config
-    with torch.no_grad():
-        size = spec.size
-        n_tokens = (
-            model.vision.model(
-                pixel_values=torch.zeros(
-                    1, 3, size, size, dtype=model.vision.model.dtype, device=model.vision.model.device
-                ),
-                output_hidden_states=True,
-            )
-            .hidden_states[model.vision.select_layer]
-            .shape[1]
-        )
+    n_tokens = selected_hidden(model.vision).shape[1]
     tokenizer = copy.deepcopy(model.tokenizer)  # the export may change its EOS (set_stop_tokens), never the model's
     # batched generation appends to every row's end, as alignlm's generate pads; init_kwargs is what is saved
     tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = "left"
@@ -211,9 +228,12 @@ def llava_processor(model: AlignLM, template: Any, strategy: str) -> Any:
     )
 
 
-def model_card(cfg: Any, summary: dict[str, Any] | None) -> str:
-    """README.md of an export: what was trained, how, and how it scored, so the Hub page is self-explaining."""
+def model_card(cfg: Any, stage: str, summary: dict[str, Any] | None) -> str:
+    """README.md of an export of ``stage``'s checkpoint: what was trained up to it, how, and how it scored, so the Hub
+    page is self-explaining. ``summary``: the run's, whose evaluation is of the run's last stage's checkpoint."""
     plain = OmegaConf.to_container(cfg, resolve=True)
+    run = list(plain.get("run", []))
+    trained = run[: run.index(stage) + 1] if stage in run else [stage]
     lines = [
         "---",
         "library_name: transformers",
@@ -239,14 +259,14 @@ def model_card(cfg: Any, summary: dict[str, Any] | None) -> str:
         "| stage | parts (vision / connector / llm) | lr | steps | objectives | template |",
         "|---|---|---|---|---|---|",
     ]
-    for name in plain.get("run", []):
+    for name in trained:
         st = plain["stages"][name]
         parts = " / ".join(str(st["parts"].get(p)) for p in ("vision", "connector", "llm"))
         lr = ", ".join(f"{k} {v:g}" for k, v in st.get("lr", {}).items() if st["parts"].get(k) != "frozen")
         objectives = ", ".join(f"{k} x{v.get('weight', 1)}" for k, v in (st.get("objectives") or {}).items())
         steps = st.get("max_steps") or f"{st.get('epochs')} epoch(s)"
         lines.append(f"| {name} | {parts} | {lr} | {steps} | {objectives} | {st['data']['template']} |")
-    evals = (summary or {}).get("eval", {})
+    evals = (summary or {}).get("eval", {}) if run[-1:] == [stage] else {}
     if evals:
         lines += ["", "## Evaluation (alignlm)", "", "| set | n | accuracy | chance |", "|---|---|---|---|"]
         lines += [
@@ -282,31 +302,42 @@ def export(
     model = load_model(final_dir, allow_code, trust_remote_code)
     cfg = load_checkpoint_config(final_dir / "config.yaml")
     hf = to_llava(model)  # raises ExportError before anything is written
-    data = cfg.stages[cfg.run[-1]].data
+    # the template of the stage that trained this final/, as `alignlm eval` and `--check` prompt it (a pretrain final/
+    # of a two-stage run was exported with the finetune stage's template)
+    stage = checkpoint_stage(cfg, Path(os.path.abspath(final_dir)).parent.name)
+    data = cfg.stages[stage].data
     args = data.get("template_args")
     template = get_template(data.template, **(OmegaConf.to_container(args, resolve=True) if args else {}))
     processor = llava_processor(model, template, hf.config.vision_feature_select_strategy)
     set_stop_tokens(hf, processor.tokenizer, template)
-    # written beside, then swapped in: an interrupted export leaves no half folder, and a re-export keeps nothing of
-    # the old one (an export_check.json of other weights)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    hf.save_pretrained(tmp, safe_serialization=True)
-    processor.save_pretrained(tmp)
     summary_file = final_dir.parent.parent / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.exists() else None
-    (tmp / "README.md").write_text(model_card(cfg, summary), encoding="utf-8")
-    (tmp / "alignlm_config.yaml").write_text(config_yaml(cfg), encoding="utf-8")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    # written beside, then swapped in: an interrupted export leaves no half folder, and a re-export keeps nothing of
+    # the old one (an export_check.json of other weights); a failed one leaves nothing of its own behind
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        hf.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+        (tmp / "README.md").write_text(model_card(cfg, stage, summary), encoding="utf-8")
+        (tmp / "alignlm_config.yaml").write_text(config_yaml(cfg), encoding="utf-8")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
 def check_out_dir(final_dir: Path, out_dir: Path) -> None:
     """The export's folder may replace only an earlier export (or an empty folder), and never holds or lies inside
     the checkpoint: ``alignlm export FINAL FINAL`` wrote Llava's weights over alignlm's."""
+    if out_dir.is_symlink():
+        raise ExportError(
+            f"the output {out_dir} is a symbolic link (to {os.readlink(out_dir)}); name the folder itself: the export "
+            "replaces its output as a whole"
+        )
     final, out = final_dir.resolve(), out_dir.resolve()
     if out == final or final in out.parents or out in final.parents:
         raise ExportError(
@@ -328,10 +359,17 @@ def load_llava_weights(model: AlignLM, path: str | Path) -> None:
     """Copy a transformers Llava checkpoint's weights into ``model`` (``init_from`` a Llava folder).
 
     Loading through ``LlavaForConditionalGeneration.from_pretrained`` accepts every key layout transformers
-    accepts (including checkpoints converted before its 2025 renaming); shapes must match ``model``'s config, and
-    every weight must be finite (as ``final/`` weights must).
+    accepts (including checkpoints converted before its 2025 renaming); the folder's weights file must hold exactly
+    the weights of its ``config.json`` (``check_loading_info``), their shapes must match ``model``'s config, and every
+    weight must be finite (as ``final/`` weights must).
     """
-    hf = LlavaForConditionalGeneration.from_pretrained(str(path), dtype=model.llm.get_input_embeddings().weight.dtype)
+    hf, info = LlavaForConditionalGeneration.from_pretrained(
+        str(path),
+        dtype=model.llm.get_input_embeddings().weight.dtype,
+        output_loading_info=True,
+        ignore_mismatched_sizes=True,  # listed in ``info`` and refused below, naming the folder
+    )
+    check_loading_info(hf, info, path)
     strategy = check_exportable(model)
     want = {
         "vision_feature_select_strategy": strategy,
@@ -353,6 +391,34 @@ def load_llava_weights(model: AlignLM, path: str | Path) -> None:
     model.llm.tie_weights()
 
 
+def check_loading_info(hf: nn.Module, info: dict[str, Any], path: str | Path) -> None:
+    """Refuse a Llava folder whose weights file does not hold exactly the weights of its ``config.json``:
+    ``from_pretrained`` fills a missing weight with random values and passes over one it has no place for. A weight
+    missing because it is tied to one that arrived (a tied ``lm_head``) is no loss."""
+    state = hf.state_dict()
+    missing = set(info["missing_keys"])
+    arrived = {state[k].data_ptr() for k in state if k not in missing}
+    missing = sorted(k for k in missing if k not in state or state[k].data_ptr() not in arrived)
+    problems = [
+        f"{name} {sorted(keys)[:5]} ({len(keys)} in all)"
+        for name, keys in (
+            ("it lacks the weights", missing),
+            ("it holds weights the model has no place for", [str(k) for k in info["unexpected_keys"]]),
+        )
+        if keys
+    ]
+    problems += [
+        f"weight {key} has shape {list(saved)} where its config.json makes {list(wanted)}"
+        for key, saved, wanted in sorted(info["mismatched_keys"])[:5]
+    ]
+    problems += [str(e) for e in info["error_msgs"]]
+    if problems:
+        raise ValueError(
+            f"init_from={path}: the Llava folder's weights do not match its config.json: {'; '.join(problems)}; "
+            "nothing was loaded"
+        )
+
+
 def vision_from_llava(path: str) -> HFVisionTower:
     """The vision tower a Llava folder describes (random weights; ``init_from`` the folder loads them)."""
     cfg = llava_folder_config(path)
@@ -361,6 +427,7 @@ def vision_from_llava(path: str) -> HFVisionTower:
         config={"model_type": vc.model_type, **_own_fields(vc)},
         select_layer=cfg.vision_feature_layer,
         select_feature="patch" if cfg.vision_feature_select_strategy == "default" else "cls_patch",
+        registers="keep",  # Llava keeps every prefix token or drops only CLS; it never drops registers alone
         **_image_norm(path),
     )
     if feature_strategy(tower) != cfg.vision_feature_select_strategy:  # "default" drops one token, "patch" the prefix

@@ -240,10 +240,22 @@ def adapt_parts(model: nn.Module, state: dict[str, torch.Tensor], parts: Iterabl
 
 
 def final_parts(final_dir: Path) -> list[str]:
-    """Which parts a ``final/`` checkpoint carries."""
-    with safe_open(str(final_dir / "model.safetensors"), "pt") as f:
-        parts = (f.metadata() or {}).get("parts", "")
-    return [p for p in parts.split(",") if p]
+    """Which parts a ``final/`` checkpoint carries: those its ``parts`` metadata names (``save_final`` always writes
+    it), and any part it holds weights of. Each must then arrive whole (``load_part_state``), so a file without the
+    metadata (re-saved with ``save_file``) is refused rather than loaded part by part over the built model's weights,
+    and a part the metadata leaves out is still checked when the file holds some of its weights."""
+    weights = final_dir / "model.safetensors"
+    with safe_open(str(weights), "pt") as f:
+        metadata = f.metadata() or {}
+        held = {k.split(".", 1)[0] for k in f.keys()}
+    if "parts" not in metadata:
+        raise ValueError(
+            f"{weights} has no 'parts' metadata, which alignlm writes with every final/ checkpoint to say which parts "
+            "it holds whole; without it weights missing from the file would silently keep the built model's values. "
+            "Save it again with save_file(..., metadata={'parts': 'connector,llm'}) naming the parts it holds"
+        )
+    declared = [p for p in metadata["parts"].split(",") if p]
+    return declared + sorted(held - set(declared))
 
 
 def load_final_weights(model: nn.Module, final_dir: Path) -> list[str]:
@@ -254,6 +266,14 @@ def load_final_weights(model: nn.Module, final_dir: Path) -> list[str]:
     parts = final_parts(Path(final_dir))
     load_part_state(model, load_file(str(weights)), parts, str(weights))
     return parts
+
+
+def checkpoint_stage(cfg: DictConfig, stage: str) -> str:
+    """The stage whose data config (template and its arguments) a checkpoint of the folder named ``stage`` was trained
+    with: that stage where the run's config has one of that name, else the run's last (a folder renamed or copied out
+    of its run), the way ``alignlm eval`` picks it (``evaluation/checkpoints.py: data_config``), so an export prompts a
+    checkpoint as it was trained and as its evaluation does."""
+    return stage if stage in cfg.stages else cfg.run[-1]
 
 
 def load_model(final_dir: str | Path, allow_code: bool = False, trust_remote_code: bool = False) -> Any:
