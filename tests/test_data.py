@@ -112,9 +112,54 @@ def test_a_system_turn_after_the_first_is_malformed_not_dropped(model, root):
 
 
 def test_placeholder_count_mismatch(model, root):
-    ds = dataset(model, [record("bad", question="<image><image> two?")], root, on_error="raise")
-    with pytest.raises(DataError, match="id=bad.*2 <image> placeholders but 1 images"):
-        ds[0]
+    with pytest.raises(DataError, match="id='bad'.*2 <image> placeholders but 1 images"):
+        dataset(model, [record("bad", question="<image><image> two?")], root, on_error="raise")
+
+
+def test_placeholders_and_turns_the_template_refuses_are_left_out_at_start_up(model, root):
+    """Placeholders that do not match the images and turns the template does not take passed start-up and were
+    skipped only when drawn: never counted towards min_usable_fraction, never stopping on_error=raise before step 1."""
+    reversed_turns = {
+        "id": "reversed",
+        "image": "images/0.png",
+        "conversations": [{"from": "gpt", "value": "red"}, {"from": "human", "value": "<image>"}],
+    }
+    records = [
+        record("ok"),
+        record("two", question="<image>\n<image>\nWhat color?"),  # two placeholders, one image
+        record("none", image=None),  # a placeholder, no image
+        reversed_turns,
+    ]
+    ds = dataset(model, records, root, min_usable_fraction=0.0)
+    assert len(ds) == 1 and ds[0]["id"] == "ok"
+    assert ds.report.counts == {"malformed record": 2, "conversation the template cannot render": 1}
+    assert ds.report.examples["malformed record"] == ["two", "none"]
+    with pytest.raises(DataError, match="only 1 of 4 records .* below data.min_usable_fraction=0.5"):
+        dataset(model, records, root)
+    with pytest.raises(DataError, match=r"record 1 \(id='reversed'\): template 'vicuna_v1': turns must alternate"):
+        dataset(model, [record("ok"), reversed_turns], root, on_error="raise")
+    two_turns = record("qa")
+    two_turns["conversations"] += [{"from": "human", "value": "Sure?"}, {"from": "gpt", "value": "yes"}]
+    with pytest.raises(DataError, match="template 'plain' needs one user turn then one assistant turn"):
+        dataset(model, [record("ok"), two_turns], root, template="plain", on_error="raise")
+    # a preference record is checked with its answer appended, as it is drawn
+    prompt = {**record("pref"), "chosen": "red", "rejected": "blue"}
+    prompt["conversations"] = prompt["conversations"][:1]
+    assert len(dataset(model, [prompt], root, preference=True, on_error="raise")) == 1
+
+
+def test_a_record_keeps_its_fallback_id_after_records_before_it_were_left_out(model, root):
+    """A record without an id is ``<file>#<index among all its file's records>`` at start-up; a sample counted its
+    index among the records kept, so after one was left out a skipped sample named its neighbour."""
+    records = [record("a"), {"conversations": "oops"}, record("b"), record("c", image="images/missing.png")]
+    for r in records:
+        r.pop("id", None)
+    ds = dataset(model, records, root, min_usable_fraction=0.0)
+    path = root / "data.json"
+    assert ds.report.examples["malformed record"] == [f"{path}#1"]
+    assert [rid for _, rid, _ in ds.distinct_records()] == [f"{path}#0", f"{path}#2", f"{path}#3"]
+    skipped = [s for s in (ds[i] for i in range(len(ds))) if isinstance(s, Skipped)]
+    assert [s.id for s in skipped] == [f"{path}#3"] and "missing.png" in skipped[0].reason
 
 
 @pytest.mark.parametrize(
@@ -263,3 +308,159 @@ def test_reference_captions_are_a_list_of_texts_never_the_characters_of_one(mode
             reference_captions({**captioned, "captions": captions})
     with pytest.raises(DataError, match=r"id='c1'\): 'captions' must be a non-empty list"):
         dataset(model, [{**captioned, "captions": "A red square."}], root, for_generation=True, on_error="raise")
+
+
+def test_a_sources_switch_and_weight_are_checked_not_coerced():
+    """``bool('false')`` turned the image-root guard off; a weight of nan, inf or -1 passed the start-up checks and
+    failed only when its stage built its data, after the stages before it had trained."""
+    from alignlm.config import ConfigError
+
+    for value in ("false", "no", 0, None):
+        with pytest.raises(ConfigError, match=r"data.sources\[0\].allow_outside_root=.* must be true or false"):
+            Source.from_config({"path": "d.json", "allow_outside_root": value}, "data.sources[0]")
+    for weight in (float("nan"), float("inf"), -1, "1", True):
+        with pytest.raises(ConfigError, match=r"data.sources\[2\].weight=.* must be a finite number >= 0"):
+            Source.from_config({"path": "d.json", "weight": weight}, "data.sources[2]")
+    assert Source.from_config({"path": "d.json", "allow_outside_root": True, "weight": 0}, "s") == Source(
+        "d.json", None, 0.0, True
+    )
+    assert Source.from_config({"path": "d.json", "weight": 2}, "s").weight == 2.0
+
+
+def test_json_lines_files_are_known_by_any_case_of_jsonl_or_ndjson_and_a_bom_costs_nothing(model, root):
+    """``.JSONL`` and ``.ndjson`` were parsed as one JSON document ("Extra data"); a UTF-8 byte order mark made the
+    first line invalid JSON (a record lost) and a ``.json`` file unreadable."""
+    from alignlm.data.records import read_records
+
+    lines = "".join(json.dumps(record(f"r{i}")) + "\n" for i in range(3))
+    for name in ("d.JSONL", "d.ndjson", "d.NDJSON"):
+        (root / name).write_text(lines)
+        assert [r["id"] for r in read_records(root / name)] == ["r0", "r1", "r2"]
+    (root / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + lines.encode())
+    args = (model.tokenizer, get_template("plain"), model.image_spec, model.num_image_tokens)
+    ds = LlavaDataset([Source(str(root / "bom.jsonl"))], *args, on_error="raise")
+    assert len(ds) == 3 and not ds.report.counts
+    (root / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps([record("a")]).encode())
+    assert read_records(root / "bom.json")[0]["id"] == "a"
+
+
+def png_header(path: Path, width: int, height: int) -> Path:
+    """A PNG that is only a header: its size costs nothing to read, and decoding it fails (no pixel data)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
+    return path
+
+
+def test_pillows_own_limit_follows_max_image_pixels(tmp_path):
+    """Pillow refuses an image over twice its MAX_IMAGE_PIXELS (~179 M pixels) whatever data.max_image_pixels said:
+    null (no limit) or a larger limit still refused a 14000 x 14000 image, counted as over the setting."""
+    from alignlm.data.images import load_rgb
+
+    big = png_header(tmp_path / "big.png", 14000, 14000)
+    before = Image.MAX_IMAGE_PIXELS
+    for limit in (None, 400_000_000):
+        with pytest.raises(DataError) as e:
+            load_rgb(big, limit)
+        assert e.value.cause == "unreadable image"  # past every size check, to decoding (the file holds no pixels)
+    with pytest.raises(DataError, match="over data.max_image_pixels=50000000") as e:
+        load_rgb(big)
+    assert e.value.cause == "image over data.max_image_pixels"
+    from alignlm.data.images import image_size
+
+    assert image_size(big) == (14000, 14000) and Image.MAX_IMAGE_PIXELS == before  # restored after every read
+
+
+def test_images_are_loaded_upright_and_transparency_on_white_as_transformers_loads_them(tmp_path):
+    """EXIF orientation was ignored (a portrait photo trained sideways, transformers' load_image turns it upright),
+    and convert('RGB') kept the colour under transparent pixels where the exported processor composites onto white."""
+    from transformers.image_transforms import convert_to_rgb
+    from transformers.image_utils import load_image
+
+    from alignlm.data.images import load_rgb
+
+    stored = np.zeros((20, 40, 3), np.uint8)
+    stored[:, :20] = 255  # 40 wide, 20 high, its left half white
+    photo = Image.fromarray(stored)
+    exif = photo.getexif()
+    exif[0x0112] = 6  # Orientation: shown turned 90 degrees clockwise
+    photo.save(tmp_path / "portrait.jpg", exif=exif.tobytes())
+    upright = load_rgb(tmp_path / "portrait.jpg")
+    assert upright.size == (20, 40)
+    assert np.array_equal(np.asarray(upright), np.asarray(load_image(str(tmp_path / "portrait.jpg"))))
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., 0] = 200  # red hidden under full transparency
+    rgba[2:6, 2:6, 3] = 255
+    rgba[0, :, 3] = 128  # a half-transparent row
+    images = {
+        "rgba.png": Image.fromarray(rgba, "RGBA"),
+        "la.png": Image.fromarray(rgba[..., [0, 3]], "LA"),
+        "palette.png": Image.fromarray((rgba[..., 3] == 255).astype(np.uint8), "P"),  # index 0: transparent
+    }
+    images["palette.png"].putpalette([200, 0, 0, 0, 0, 255])
+    for name, image in images.items():
+        image.save(tmp_path / name, **({"transparency": 0} if image.mode == "P" else {}))
+        loaded = np.asarray(load_rgb(tmp_path / name))
+        assert np.array_equal(loaded, convert_to_rgb(Image.open(tmp_path / name), return_numpy=True)), name
+        assert loaded[7, 7].tolist() == [255, 255, 255], name  # transparent: white, not the colour under it
+
+
+def test_a_feature_cache_holds_its_images_to_this_runs_max_image_pixels(root, monkeypatch):
+    """Images served from the feature cache skipped data.max_image_pixels: a run with a lower limit trained on the
+    images it refuses without the cache. The size is stored with the features (no image is opened to check it); a
+    shard written without sizes has them read from the images' headers."""
+    from accelerate import Accelerator
+
+    from alignlm.data import feature_cache
+    from alignlm.data.feature_cache import FeatureCache, FeatureCacheHook
+    from alignlm.models.build import build_model
+    from alignlm.training.feature_cache import attach_feature_cache
+    from tests.conftest import compose
+
+    frozen = build_model(compose().model)
+    frozen.frozen_parts.add("vision")
+    records = [record("wide"), record("square", image="images/1.png")]  # 20 x 10 (a square of 400) and 10 x 10
+    acc = Accelerator(cpu=True)
+    attach_feature_cache(frozen, dataset(frozen, records, root), True, root / "cache", {"name": "tiny"}, acc)
+    (folder,) = (root / "cache").iterdir()
+
+    def served(cache: FeatureCache) -> list:
+        ds = dataset(frozen, records, root, max_image_pixels=100)
+        ds.set_visual_hook(FeatureCacheHook(cache, ds.max_image_pixels))
+        return [ds[0], ds[1]]
+
+    wide, square = served(FeatureCache(folder))
+    assert isinstance(wide, Skipped) and wide.cause == "image over data.max_image_pixels"
+    assert "padded to a square 400, over data.max_image_pixels=100" in wide.reason
+    assert square["image_embeds"] is not None
+
+    def unopened(path):
+        raise AssertionError(f"{path} opened")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(feature_cache, "image_size", unopened)  # the sizes come from the shard
+        assert [isinstance(s, Skipped) for s in served(FeatureCache(folder))] == [True, False]
+    old = FeatureCache(root / "old")  # a shard written before sizes were stored
+    paths = [root / "images" / "0.png", root / "images" / "1.png"]
+    old.write("a", paths, [feature_cache.file_stamp(p) for p in paths], FeatureCache(folder).get(paths))
+    assert [isinstance(s, Skipped) for s in served(FeatureCache(root / "old"))] == [True, False]
+
+
+def test_the_feature_cache_of_a_tower_is_another_with_another_artifact_filter(model):
+    """model.vision_artifacts (hooked on the tower's output) was no part of the cache's key: a run with another filter
+    read the features an earlier run had cached unfiltered or filtered otherwise."""
+    from alignlm.models.build import build_model
+    from alignlm.training.feature_cache import tower_fingerprint
+    from tests.conftest import compose
+
+    cfg = compose().model
+    prints = [tower_fingerprint(model, cfg.vision)]
+    for node in ("{mode:mask,factor:4.0}", "{mode:replace,factor:4.0}", "{mode:mask,factor:2.0}"):
+        prints.append(tower_fingerprint(build_model(compose(f"model.vision_artifacts={node}").model), cfg.vision))
+    assert len(set(prints)) == 4
+    assert tower_fingerprint(build_model(cfg), cfg.vision) == prints[0]  # without a filter: the key it always had

@@ -4,10 +4,11 @@ While the tower is frozen its features of an image never change, so a stage that
 (several epochs, captions and questions about the same image, a sweep over connectors) can compute them once. The
 cache is a folder per tower (named by its fingerprint, so another tower or other weights never hit it) of
 safetensors shards: ``features`` ``[n, N, Dv]`` in the tower's output dtype (bf16 stays bf16, bit for bit), with the
-images' resolved paths as ``ids`` and their files' ``(size, mtime_ns)`` when read as ``stamps`` in the metadata: an
-image edited or regenerated in place has another stamp, so it is not cached any more and is computed again (a stat
-per image, no hashing of content). :class:`FeatureCacheHook` serves them as ``image_embeds``; the training layer
-fills the cache (``training/feature_cache.py``).
+images' resolved paths as ``ids``, their files' ``(size, mtime_ns)`` when read as ``stamps`` and their ``(width,
+height)`` as ``sizes`` in the metadata: an image edited or regenerated in place has another stamp, so it is not cached
+any more and is computed again (a stat per image, no hashing of content); the sizes hold every cached image to the
+reading run's ``data.max_image_pixels`` without opening it. :class:`FeatureCacheHook` serves them as
+``image_embeds``; the training layer fills the cache (``training/feature_cache.py``).
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from alignlm.data.hooks import HookedDataset, SampleHook
-from alignlm.data.images import load_rgb
+from alignlm.data.images import check_size, image_size, load_rgb
 from alignlm.data.records import UNREADABLE_IMAGE, DataError, Source
 
 TENSOR = "features"
 Stamp = tuple[int, int]  # an image file's (size, mtime_ns)
+Size = tuple[int, int]  # an image's (width, height) as stored
 
 
 def image_key(path: str | Path) -> str:
@@ -45,9 +47,18 @@ def file_stamp(path: str | Path) -> Stamp | None:
     return st.st_size, st.st_mtime_ns
 
 
-def _is_stamp(value: Any) -> bool:
-    """A stored stamp: two whole numbers, or null (an image to compute again)."""
+def _is_pair(value: Any) -> bool:
+    """A stored stamp or size: two whole numbers, or null (a stamp: an image to compute again; a size: not stored)."""
     return value is None or (isinstance(value, list) and len(value) == 2 and all(type(v) is int for v in value))
+
+
+def _pairs(meta: dict[str, str], key: str, rows: int, shard: Path, what: str) -> list[tuple[int, int] | None]:
+    """A shard's per-row stamps or sizes (``key`` in its metadata); all null where the shard was written before them."""
+    values = json.loads(meta.get(key, "null"))
+    values = [None] * rows if values is None else values
+    if not isinstance(values, list) or len(values) != rows or not all(map(_is_pair, values)):
+        raise DataError(f"feature cache shard {shard}: its {key} do not list one {what} per row of its {rows}")
+    return [None if v is None else (v[0], v[1]) for v in values]
 
 
 class FeatureCache:
@@ -55,22 +66,22 @@ class FeatureCache:
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
-        # every cached copy of an image: shard, row and the file's stamp when it was read (one per edit of the image)
-        self.where: dict[str, list[tuple[Path, int, Stamp | None]]] = {}
+        # every cached copy of an image: shard, row, the file's stamp when it was read (one per edit of the image)
+        # and the image's size (None in a shard written before sizes were)
+        self.where: dict[str, list[tuple[Path, int, Stamp | None, Size | None]]] = {}
         self.layout: tuple[tuple[int, ...], str] | None = None  # (shape of one image's features, dtype), all shards
         for shard in sorted(self.folder.glob("*.safetensors")) if self.folder.exists() else []:
-            for row, (key, stamp) in enumerate(zip(*self._check(shard))):
-                self.where.setdefault(key, []).append((shard, row, stamp))
+            for row, (key, stamp, size) in enumerate(zip(*self._check(shard))):
+                self.where.setdefault(key, []).append((shard, row, stamp, size))
         self._handles: dict[Path, Any] = {}
 
-    def _check(self, shard: Path) -> tuple[list[str], list[Stamp | None]]:
-        """A shard's ids and stamps, once its index, rows, shape and dtype agree (a damaged shard fails here, at
-        start-up, not at the step that first reads it)."""
+    def _check(self, shard: Path) -> tuple[list[str], list[Stamp | None], list[Size | None]]:
+        """A shard's ids, stamps and sizes, once its index, rows, shape and dtype agree (a damaged shard fails here,
+        at start-up, not at the step that first reads it)."""
         try:
             with safe_open(str(shard), "pt") as f:
                 meta = f.metadata() or {}
                 ids = json.loads(meta.get("ids", "[]"))
-                stamps = json.loads(meta.get("stamps", "null"))  # null: written before stamps, every row computed again
                 if TENSOR not in f.keys():
                     raise ValueError(f"no {TENSOR!r} tensor")
                 part = f.get_slice(TENSOR)
@@ -79,91 +90,117 @@ class FeatureCache:
             raise DataError(f"feature cache shard {shard} cannot be read: {type(e).__name__}: {e}") from e
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids) or len(ids) != shape[0]:
             raise DataError(f"feature cache shard {shard}: its index does not list one image per row of {shape}")
-        stamps = [None] * shape[0] if stamps is None else stamps
-        if not isinstance(stamps, list) or len(stamps) != shape[0] or not all(map(_is_stamp, stamps)):
-            raise DataError(
-                f"feature cache shard {shard}: its stamps do not list one (size, mtime_ns) per row of {shape}"
-            )
+        # stamps null: written before stamps, every row computed again; sizes null: read from the header when needed
+        stamps = _pairs(meta, "stamps", shape[0], shard, "(size, mtime_ns)")
+        sizes = _pairs(meta, "sizes", shape[0], shard, "(width, height)")
         if self.layout is not None and (shape[1:], dtype) != self.layout:
             raise DataError(
                 f"feature cache shard {shard} holds {shape[1:]} {dtype} features per image, the folder's others "
                 f"{self.layout[0]} {self.layout[1]}"
             )
         self.layout = (shape[1:], dtype)
-        return ids, [None if s is None else (s[0], s[1]) for s in stamps]
+        return ids, stamps, sizes
 
     def __getstate__(self) -> dict[str, Any]:  # data-loader workers open their own handles
         return {**self.__dict__, "_handles": {}}
 
-    def _row(self, path: str | Path) -> tuple[Path, int] | None:
-        """Where the features of the image as its file is now are: a copy read with the file's current stamp."""
+    def _copy(self, path: str | Path) -> tuple[Path, int, Size | None] | None:
+        """Shard, row and size of the features of the image as its file is now: a copy read with the file's current
+        stamp."""
         stamp = file_stamp(path)
         copies = self.where.get(image_key(path), []) if stamp is not None else []
-        return next(((shard, row) for shard, row, cached in copies if cached == stamp), None)
+        return next(((shard, row, size) for shard, row, cached, size in copies if cached == stamp), None)
+
+    def size(self, path: str | Path) -> Size:
+        """The (width, height) of a cached image as its file is now: stored with its features, else (a shard written
+        before sizes were) read from its header."""
+        found = self._copy(path)
+        if found is None or found[2] is None:
+            return image_size(path)
+        return found[2]
 
     def missing(self, paths: Sequence[str | Path]) -> list[Path]:
         """The images with no cached features of their file as it is now (never cached, or changed since), each
         once, in the order given."""
-        return [p for p in dict.fromkeys(Path(p) for p in paths) if self._row(p) is None]
+        return [p for p in dict.fromkeys(Path(p) for p in paths) if self._copy(p) is None]
 
     def get(self, paths: Sequence[str | Path]) -> torch.Tensor:
         """``[len(paths), N, Dv]`` features of these images."""
         rows = []
         for p in paths:
-            found = self._row(p)
+            found = self._copy(p)
             if found is None:
                 raise DataError(
                     f"image {p} has no features in the feature cache {self.folder} for its file as it is now (size, "
                     f"modification time {file_stamp(p)}): it changed after the cache was filled; rerun to recompute",
                     UNREADABLE_IMAGE,
                 )
-            shard, row = found
+            shard, row, _ = found
             if shard not in self._handles:
                 self._handles[shard] = safe_open(str(shard), "pt")
             rows.append(self._handles[shard].get_slice(TENSOR)[row])
         return torch.stack(rows)
 
     def write(
-        self, name: str, paths: Sequence[str | Path], stamps: Sequence[Stamp | None], features: torch.Tensor
+        self,
+        name: str,
+        paths: Sequence[str | Path],
+        stamps: Sequence[Stamp | None],
+        features: torch.Tensor,
+        sizes: Sequence[Size | None] | None = None,
     ) -> Path:
         """One more shard (atomically: a temporary name, then a rename); ``stamps``: each file's, taken before it was
-        read (an edit while it is read then counts as a change next time)."""
+        read (an edit while it is read then counts as a change next time); ``sizes``: each image's (width, height)
+        (None: not known, read from its header when a limit needs it)."""
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"{name}.safetensors"
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         keys = [image_key(p) for p in paths]
         if not bool(torch.isfinite(features).all()):
             raise DataError(f"the tower's features of {len(paths)} images, e.g. {paths[0]}, are not finite: not cached")
-        meta = {"ids": json.dumps(keys), "stamps": json.dumps(list(stamps))}
+        sizes = [None] * len(keys) if sizes is None else [None if s is None else list(s) for s in sizes]
+        meta = {"ids": json.dumps(keys), "stamps": json.dumps(list(stamps)), "sizes": json.dumps(sizes)}
         save_file({TENSOR: features.detach().cpu().contiguous()}, str(tmp), metadata=meta)
         os.replace(tmp, path)
-        for row, (key, stamp) in enumerate(zip(keys, stamps)):
-            self.where.setdefault(key, []).append((path, row, stamp))
+        for row, (key, stamp, size) in enumerate(zip(keys, stamps, sizes)):
+            self.where.setdefault(key, []).append((path, row, stamp, None if size is None else (size[0], size[1])))
         return path
 
 
 class FeatureCacheHook(SampleHook):
     """Each image of a record is read from the cache as ``image_embeds``; the files themselves are not opened, but for
     the images the cache left out because they cannot be read, once at start-up for their error: their samples then
-    fail as without the cache (skipped and counted under its cause, or raised naming the record: ``data.on_error``)."""
+    fail as without the cache (skipped and counted under its cause, or raised naming the record: ``data.on_error``).
+    So do the samples of a cached image over this run's ``data.max_image_pixels`` (a cache filled under a larger
+    limit had served them), known from the size stored with its features."""
 
     replaces_visuals = True
 
     def __init__(self, cache: FeatureCache, max_pixels: int | None) -> None:
         self.cache = cache
-        self.max_pixels = max_pixels  # the dataset's data.max_image_pixels, for the images the cache lacks
+        self.max_pixels = max_pixels  # the dataset's data.max_image_pixels
         self.unreadable: dict[str, tuple[str, str]] = {}  # image key -> (message, cause) of its DataError
 
     def bind(self, dataset: HookedDataset) -> None:
-        """Every image is cached or cannot be read (kept with its error, raised by the samples that need it)."""
+        """Every image is cached and within ``data.max_image_pixels``, or cannot be read (kept with its error, raised
+        by the samples that need it)."""
+        paths = list(dict.fromkeys(p for src, _, rec in dataset.distinct_records() for p in src.image_paths(rec)))
+        missing = self.cache.missing(paths)
         lacking = []
-        for path in self.cache.missing([p for src, _, rec in dataset.distinct_records() for p in src.image_paths(rec)]):
+        for path in missing:
             try:
                 load_rgb(path, self.max_pixels)
             except DataError as e:
                 self.unreadable[image_key(path)] = (str(e), e.cause)
             else:
                 lacking.append(path)
+        if self.max_pixels:
+            lacked = set(missing)
+            for path in (p for p in paths if p not in lacked):
+                try:
+                    check_size(path, self.cache.size(path), self.max_pixels)
+                except DataError as e:
+                    self.unreadable[image_key(path)] = (str(e), e.cause)
         if lacking:
             raise DataError(f"the feature cache {self.cache.folder} lacks {len(lacking)} images, e.g. {lacking[:2]}")
 

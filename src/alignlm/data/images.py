@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from alignlm.data.records import IMAGE_TOO_LARGE, MISSING_IMAGE, UNREADABLE_IMAGE, DataError
 
@@ -30,51 +33,104 @@ class ImageSpec:
     std: tuple[float, float, float]
 
 
-def load_rgb(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> Image.Image:
-    """Open an image fully (so a truncated file fails here, not later) and convert it to RGB.
+_PILLOW_LIMIT = threading.Lock()  # Pillow's limit is one global: one read at a time sets and restores it
 
-    The size is read from the header and checked against ``max_pixels`` before anything is decoded, so a
-    decompression bomb (a few hundred kilobytes that expand to gigabytes) costs nothing; the check is on the square
-    the image is padded to (``pad_to_square``), so a 1 x 1,000,000 strip is as large as it becomes. Only a regular
-    file is opened (a FIFO or a device would block the reader). 16-bit grey images are scaled to 8 bits (convert()
-    clips them); 32-bit integer or float pixels, whose range nothing states, are refused. Failures are ``DataError`` s
-    counted by cause: missing file, image too large, unreadable file.
-    """
+
+@contextmanager
+def _pillow_limit(max_pixels: int | None) -> Iterator[None]:
+    """Pillow's own decompression-bomb limit set to ``max_pixels`` (None: none) for one step of a read, and restored
+    after. Pillow refuses an image over twice its ``Image.MAX_IMAGE_PIXELS`` (~179 M pixels by default) whatever
+    ``data.max_image_pixels`` says, so a setting of null (no limit) or above Pillow's refused such images all the
+    same; its warnings are silenced (the setting is the limit that applies)."""
+    with _PILLOW_LIMIT, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        before = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = max_pixels or None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = before
+
+
+def _open_image(path: str | Path) -> Image.Image:
+    """An image file opened, its header read and nothing decoded (the caller closes it). Pillow's limit is off for
+    the header: the caller's check of the size, with its message, decides. Only a regular file is opened (a FIFO or a
+    device would block the reader). Failures are ``DataError`` s counted by cause: missing file, unreadable file."""
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):
             raise DataError(f"cannot read image {path}: not a regular file", UNREADABLE_IMAGE)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit below is the one that applies
-            im = Image.open(path)
+        with _pillow_limit(None):
+            return Image.open(path)
     except FileNotFoundError as e:
         raise DataError(f"image {path} does not exist", MISSING_IMAGE) from e
-    except Image.DecompressionBombError as e:
-        raise DataError(f"image {path}: {e}", IMAGE_TOO_LARGE) from e
     except (OSError, ValueError) as e:
         raise DataError(f"cannot read image {path}: {e}", UNREADABLE_IMAGE) from e
-    with im:
-        width, height = im.size
-        if max_pixels and max(width, height) ** 2 > max_pixels:
-            raise DataError(
-                f"image {path} has {width}x{height} pixels, padded to a square {max(width, height) ** 2}, over "
-                f"data.max_image_pixels={max_pixels}",
-                IMAGE_TOO_LARGE,
-            )
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """An image's width and height as stored, from its header alone."""
+    with _open_image(path) as im:
+        return im.size
+
+
+def check_size(path: str | Path, size: tuple[int, int], max_pixels: int | None) -> None:
+    """Refuse an image whose padded square (``pad_to_square``: a 1 x 1,000,000 strip is as large as it becomes) is
+    over ``max_pixels`` (``data.max_image_pixels``; None: no limit). The same for the size as stored and as shown
+    after its EXIF orientation: a turn or a mirror keeps the longer side."""
+    width, height = size
+    if max_pixels and max(width, height) ** 2 > max_pixels:
+        raise DataError(
+            f"image {path} has {width}x{height} pixels, padded to a square {max(width, height) ** 2}, over "
+            f"data.max_image_pixels={max_pixels}",
+            IMAGE_TOO_LARGE,
+        )
+
+
+def load_rgb(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> Image.Image:
+    """Open an image fully (so a truncated file fails here, not later) and convert it to RGB as an exported model's
+    processor sees it.
+
+    The size is read from the header and checked against ``max_pixels`` (:func:`check_size`) before anything is
+    decoded, so a decompression bomb (a few hundred kilobytes that expand to gigabytes) costs nothing; while decoding,
+    Pillow's own limit is the same (:func:`_pillow_limit`: a GIF frame larger than its header said). The image is then
+    turned upright by its EXIF orientation (as transformers' ``load_image`` does: a portrait photo trained sideways),
+    and transparency (an alpha band, or a palette or colour marked transparent) is composited onto white (as
+    transformers' ``convert_rgb`` does: ``convert("RGB")`` kept whatever colour hid under transparent pixels).
+    16-bit grey images are scaled to 8 bits (convert() clips them); 32-bit integer or float pixels, whose range
+    nothing states, are refused. Failures are ``DataError`` s counted by cause: missing file, image too large,
+    unreadable file.
+    """
+    with _open_image(path) as im:
+        check_size(path, im.size, max_pixels)
         try:
-            im.load()
-            if im.mode.startswith("I;16"):  # 16-bit grey: Pillow's convert("RGB") clips at 255 (mid-grey became white)
-                grey = np.asarray(im).astype(np.uint32)
+            with _pillow_limit(max_pixels):
+                im.load()
+            upright = ImageOps.exif_transpose(im)
+            if upright.mode.startswith("I;16"):  # 16-bit grey: Pillow's convert("RGB") clips at 255 (mid-grey: white)
+                grey = np.asarray(upright).astype(np.uint32)
                 return Image.fromarray(((grey * 255 + 32767) // 65535).astype(np.uint8), "L").convert("RGB")
-            if im.mode in ("I", "F"):  # 32-bit integer or float pixels: no range that says what is white
+            if upright.mode in ("I", "F"):  # 32-bit integer or float pixels: no range that says what is white
                 raise DataError(
-                    f"cannot read image {path}: its {im.mode!r} pixels (32-bit {'integers' if im.mode == 'I' else 'floats'}) "
-                    "have no fixed range to map to 8 bits (Pillow would clip them to black or white); save it as an 8 or "
-                    "16-bit image",
+                    f"cannot read image {path}: its {upright.mode!r} pixels (32-bit "
+                    f"{'integers' if upright.mode == 'I' else 'floats'}) have no fixed range to map to 8 bits (Pillow "
+                    "would clip them to black or white); save it as an 8 or 16-bit image",
                     UNREADABLE_IMAGE,
                 )
-            return im.convert("RGB")
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            return on_white(upright)
+        except DataError:
+            raise
+        except Image.DecompressionBombError as e:
+            raise DataError(f"image {path}: {e}", IMAGE_TOO_LARGE) from e
+        except (OSError, ValueError) as e:
             raise DataError(f"cannot read image {path}: {e}", UNREADABLE_IMAGE) from e
+
+
+def on_white(image: Image.Image) -> Image.Image:
+    """The image in RGB, any transparency composited onto white, exactly as transformers' ``convert_rgb`` does."""
+    if "A" not in image.getbands() and image.info.get("transparency") is None:
+        return image.convert("RGB")
+    rgba = image.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
 
 
 def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:

@@ -1,7 +1,8 @@
 """The LLaVA-format training dataset: records of a weighted mixture rendered, tokenized and masked per sample.
 
-Records are read and validated at start-up (a malformed record, an invalid JSONL line or an image path that leaves its
-``image_root`` is reported with its file and index before step 1); images and tokenization happen lazily per sample.
+Records are read and validated at start-up (a malformed record, an invalid JSONL line, an image path that leaves its
+``image_root``, ``<image>`` placeholders that do not match the images, or turns the template does not take is reported
+with its file and index before step 1); images and tokenization happen lazily per sample.
 Missing, corrupt or oversized images and over-long samples follow ``on_error``: ``skip`` drops the sample and counts
 it under its cause (``data/report.py``), ``raise`` stops with the record id. A stage whose usable records fall below
 ``min_usable_fraction`` fails at start-up. Truncation never cuts inside or before visual tokens, never leaves a sample
@@ -45,7 +46,7 @@ from alignlm.data.records import (
     record_problem,
 )
 from alignlm.data.report import DataReport
-from alignlm.data.templates import Template, TemplateError, adds_bos, to_turns, tokenize
+from alignlm.data.templates import Template, TemplateError, Turn, adds_bos, to_turns, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,12 @@ def last_answer_only(labels: np.ndarray) -> np.ndarray:
     out = labels.copy()
     out[:start] = IGNORE_INDEX
     return out
+
+
+def answered(rec: dict[str, Any], key: str) -> dict[str, Any]:
+    """A preference record's prompt answered with its ``key`` answer (``chosen`` or ``rejected``): a conversation
+    ending with the assistant's turn."""
+    return {**rec, "conversations": [*rec["conversations"], {"from": "gpt", "value": rec[key]}]}
 
 
 ON_ERROR = ("skip", "raise")
@@ -109,29 +116,40 @@ class LlavaDataset(Dataset):
         self.preference = preference  # items are (chosen, rejected) sample pairs of one prompt
         self.sources = list(sources)
         self.records: list[list[Any]] = []
+        # each kept record's index among all the records of its file: its fallback id ``<file>#<index>`` is the one
+        # start-up names it by, whatever was left out before it
+        self.file_index: list[list[int]] = []
         self.report = DataReport()  # what start-up left out, by cause
+        # reserved tokens after BOS, one per model part that writes its own input embedding there (ids, never text)
+        self.slot_token_ids = [int(t) for t in slot_token_ids]
+        self.bos_token_id = tokenizer.bos_token_id if self.slot_token_ids and adds_bos(tokenizer) else None
+        self.hooks = list(hooks)
+        visual = [h for h in self.hooks if h.replaces_visuals]
+        if len(visual) > 1:
+            raise ValueError(
+                f"data.hooks: {[type(h).__name__ for h in visual]} all replace the images; at most one may"
+            )
+        self.visual_hook = visual[0] if visual else None
         total = 0
+        accepted: set[tuple[str, ...]] = set()  # role sequences the template rendered (startup_problem)
         for src in self.sources:
             bad_lines: list[tuple[int, str]] = []
             records = read_records(src.path, bad_lines if on_error == "skip" else None)
             for lineno, why in bad_lines:
                 self._drop(INVALID_JSON, f"{src.path}:{lineno}", f"{src.path}:{lineno}: not valid JSON ({why})")
-            kept = []
+            kept, kept_index = [], []
             for i, rec in enumerate(records):
-                problem, cause = record_problem(rec), MALFORMED
-                if problem is None and preference:
-                    problem = preference_problem(rec)
-                if problem is None and for_generation:
-                    problem = generation_problem(rec)
-                if problem is None:
-                    problem, cause = image_problem(rec, src), OUTSIDE_ROOT
-                if problem is None:
+                found = self.startup_problem(rec, src, accepted)
+                if found is None:
                     kept.append(rec)
+                    kept_index.append(i)
                     continue
+                problem, cause = found
                 rid = record_id(rec, src.path, i) if isinstance(rec, dict) else f"{src.path}#{i}"
                 self._drop(cause, rid, f"{src.path} record {i} (id={rid!r}): {problem}")
             total += len(records) + len(bad_lines)
             self.records.append(kept)
+            self.file_index.append(kept_index)
         if self.report.counts:
             log.warning(
                 "left out %d of %d records at start-up: %s", self.report.left_out, total, "; ".join(self.report.lines())
@@ -150,18 +168,40 @@ class LlavaDataset(Dataset):
         self.index, self.pools = mixture_index([len(r) for r in self.records], [s.weight for s in self.sources])
         if len(self.index) == 0:
             raise DataError(f"no usable records in {[s.path for s in self.sources]}")
-        # reserved tokens after BOS, one per model part that writes its own input embedding there (ids, never text)
-        self.slot_token_ids = [int(t) for t in slot_token_ids]
-        self.bos_token_id = tokenizer.bos_token_id if self.slot_token_ids and adds_bos(tokenizer) else None
-        self.hooks = list(hooks)
-        visual = [h for h in self.hooks if h.replaces_visuals]
-        if len(visual) > 1:
-            raise ValueError(
-                f"data.hooks: {[type(h).__name__ for h in visual]} all replace the images; at most one may"
-            )
-        self.visual_hook = visual[0] if visual else None
         for hook in self.hooks:
             hook.bind(self)
+
+    def startup_problem(self, rec: Any, src: Source, accepted: set[tuple[str, ...]]) -> tuple[str, str] | None:
+        """Why a record can never become a sample, with the cause it is counted under, or None: the start-up check of
+        every record, so what the docs call malformed counts towards ``min_usable_fraction`` and stops
+        ``on_error=raise`` before step 1. ``accepted``: the role sequences the template has rendered so far.
+
+        Beyond the record's own shape and image paths, its ``<image>`` placeholders must match its images and the
+        template must take its turns, as :meth:`encode` places and renders them. The template is asked once per
+        sequence of roles it accepted: its turn-order rules read the roles only, so a million records cost a handful
+        of renders; a refusal that depends on the text itself is found when the sample is drawn, as is anything
+        that needs tokenizing. With a data hook that replaces the images the number of images is the hook's, known
+        per sample: the placeholders are then checked when the sample is drawn.
+        """
+        problem = record_problem(rec)
+        if problem is None and self.preference:
+            problem = preference_problem(rec)
+        if problem is None and self.for_generation:
+            problem = generation_problem(rec)
+        if problem is not None:
+            return problem, MALFORMED
+        if (problem := image_problem(rec, src)) is not None:
+            return problem, OUTSIDE_ROOT
+        rendered = answered(rec, "chosen") if self.preference else rec
+        try:
+            turns = self.dialog(rendered, None if self.visual_hook is not None else len(image_names(rec)))
+            roles = tuple(t.role for t in turns)
+            if roles not in accepted:
+                self.template.render(turns, self.tokenizer, add_generation_prompt=self.for_generation)
+                accepted.add(roles)
+        except (DataError, TemplateError) as e:
+            return str(e), cause_of(e)
+        return None
 
     def _drop(self, cause: str, rid: str, message: str) -> None:
         """A record left out at start-up: raised under ``on_error=raise``, else counted under its cause."""
@@ -192,9 +232,9 @@ class LlavaDataset(Dataset):
     def distinct_records(self) -> list[tuple[Source, str, dict[str, Any]]]:
         """``(source, record id, record)`` of every usable record once, whatever the mixture weights (start-up checks)."""
         return [
-            (src, record_id(rec, src.path, r), rec)
-            for src, recs in zip(self.sources, self.records)
-            for r, rec in enumerate(recs)
+            (src, record_id(rec, src.path, at), rec)
+            for src, recs, index in zip(self.sources, self.records, self.file_index)
+            for rec, at in zip(recs, index)
         ]
 
     def length_estimates(self) -> list[int]:
@@ -208,7 +248,8 @@ class LlavaDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any] | tuple[dict[str, Any], dict[str, Any]] | Skipped:
         src, rec = self.record(i)
-        rid = record_id(rec, src.path, int(self.index[i][1]))
+        s, r = self.index[i]
+        rid = record_id(rec, src.path, self.file_index[s][r])
         try:
             return self.encode_pair(src, rec, rid) if self.preference else self.encode(src, rec, rid)
         except (DataError, TemplateError, OSError) as e:
@@ -233,18 +274,7 @@ class LlavaDataset(Dataset):
         final assistant turn only, decided before the cut to ``max_length`` (a cut into the final answer's prompt
         would otherwise leave an earlier answer supervised: a preference pair's two sides the same sample)."""
         images = self.visual_inputs(src, rec)
-        turns = to_turns(rec["conversations"])
-        # an image's place is an <image> in a user turn; anywhere else the characters are text (templates.tokenize)
-        n_placeholders = sum(t.content.count(IMAGE_TOKEN) for t in turns if t.role == "user")
-        if images and n_placeholders == 0:  # LLaVA convention: the images go before the first question
-            first = next((k for k, t in enumerate(turns) if t.role == "user"), None)
-            if first is not None:
-                turns[first] = type(turns[first])("user", IMAGE_TOKEN * len(images) + "\n" + turns[first].content)
-                n_placeholders = len(images)
-        if n_placeholders != len(images):
-            raise DataError(f"{n_placeholders} {IMAGE_TOKEN} placeholders but {len(images)} images")
-        if self.for_generation:
-            turns = turns[: max(i for i, t in enumerate(turns) if t.role == "user") + 1]
+        turns = self.dialog(rec, len(images))
         rendered = self.template.render(turns, self.tokenizer, add_generation_prompt=self.for_generation)
         ids, labels = tokenize(rendered, self.tokenizer)
         if last_answer:
@@ -273,15 +303,37 @@ class LlavaDataset(Dataset):
             sample["meta"] = rec.get("meta", {})
         return sample
 
+    def dialog(self, rec: dict[str, Any], n_images: int | None) -> list[Turn]:
+        """The turns the template renders for a record that stands for ``n_images`` images: the images placed, and for
+        generation cut after the last user turn. One function for the start-up check and :meth:`encode`, so both see
+        the same conversation. ``None``: the number is not known yet (a hook's), the placeholders stay as written.
+
+        An image's place is an ``<image>`` in a user turn (anywhere else the characters are text:
+        ``templates.tokenize``); a record with images and no placeholder gets one per image before its first question
+        (LLaVA's convention); any other mismatch of placeholders and images is a ``DataError``.
+        """
+        turns = to_turns(rec["conversations"])
+        if n_images is not None:
+            n_placeholders = sum(t.content.count(IMAGE_TOKEN) for t in turns if t.role == "user")
+            if n_images and n_placeholders == 0:
+                first = next((k for k, t in enumerate(turns) if t.role == "user"), None)
+                if first is not None:
+                    turns[first] = Turn("user", IMAGE_TOKEN * n_images + "\n" + turns[first].content)
+                    n_placeholders = n_images
+            if n_placeholders != n_images:
+                raise DataError(f"{n_placeholders} {IMAGE_TOKEN} placeholders but {n_images} images")
+        if self.for_generation:
+            turns = turns[: max(i for i, t in enumerate(turns) if t.role == "user") + 1]
+        return turns
+
     def encode_pair(self, src: Source, rec: dict[str, Any], rid: str) -> tuple[dict[str, Any], dict[str, Any]]:
         """A preference record as two samples, its prompt answered with ``chosen`` and with ``rejected``, each
         supervising its final answer only (the template's labels of that last assistant turn: earlier assistant turns
         of the prompt are context, as the prompt is)."""
-        pair = []
-        for key in ("chosen", "rejected"):
-            answered = {**rec, "conversations": [*rec["conversations"], {"from": "gpt", "value": rec[key]}]}
-            pair.append(self.encode(src, answered, rid, last_answer=True))
-        return pair[0], pair[1]
+        chosen, rejected = (
+            self.encode(src, answered(rec, key), rid, last_answer=True) for key in ("chosen", "rejected")
+        )
+        return chosen, rejected
 
     def _image(self, path: Path) -> torch.Tensor:
         return preprocess(load_rgb(path, self.max_image_pixels), self.image_spec)

@@ -7,6 +7,7 @@ the probes, ``alignlm embed``) goes through these functions, so a record means t
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -58,7 +59,9 @@ class Source:
     @classmethod
     def from_config(cls, node: Any, key: str) -> Source:
         """A ``data.sources`` entry, ``{path, image_root, weight, allow_outside_root}``; another key is refused (a
-        mistyped ``weigth: 0.1`` trained the source at weight 1, saying nothing)."""
+        mistyped ``weigth: 0.1`` trained the source at weight 1, saying nothing). The weight is a finite number >= 0
+        and ``allow_outside_root`` a boolean, checked here, before the first stage trains: the text ``'false'`` had read
+        as true (the image-root guard off), and a weight of nan, inf or -1 failed only when its stage built its data."""
         known = [f.name for f in fields(cls)]
         if not isinstance(node, Mapping) or "path" not in node or set(node) - set(known):
             extra = sorted(set(node) - set(known)) if isinstance(node, Mapping) else []
@@ -66,12 +69,18 @@ class Source:
                 f"{key}={dict(node) if isinstance(node, Mapping) else node!r}: a source is a mapping with a path and "
                 f"any of {known[1:]}{f'; {extra} is not one of them' if extra else ''}"
             )
-        return cls(
-            str(node["path"]),
-            node.get("image_root"),
-            float(node.get("weight", 1.0)),
-            bool(node.get("allow_outside_root")),
-        )
+        weight = node.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < math.inf:
+            raise ConfigError(
+                f"{key}.weight={weight!r} must be a finite number >= 0 (copies of the source per epoch; 0 leaves "
+                "it out)"
+            )
+        allow = node.get("allow_outside_root", False)
+        if not isinstance(allow, bool):
+            raise ConfigError(
+                f"{key}.allow_outside_root={allow!r} must be true or false (a boolean, not the text of one)"
+            )
+        return cls(str(node["path"]), node.get("image_root"), float(weight), allow)
 
     @property
     def root(self) -> Path:
@@ -83,8 +92,13 @@ class Source:
         return image_paths(record, self.root, self.allow_outside_root)
 
 
+JSON_LINES = (".jsonl", ".ndjson")  # file suffixes, in any case, of one record per line
+
+
 def read_records(path: str | Path, bad_lines: list[tuple[int, str]] | None = None) -> list[Any]:
-    """All records of a ``.json`` (a list) or ``.jsonl`` file, with the line named on a parse error.
+    """All records of a ``.json`` file (a list) or a JSON Lines file (``.jsonl`` or ``.ndjson``, in any case), with the
+    line named on a parse error. A UTF-8 byte order mark at the start is not part of the text (it had cost a JSON Lines
+    file its first record and failed a ``.json`` file).
 
     ``bad_lines``: a list to collect ``(line number, why)`` of invalid JSONL lines instead of failing on the first.
     """
@@ -92,13 +106,13 @@ def read_records(path: str | Path, bad_lines: list[tuple[int, str]] | None = Non
     if not path.exists():  # a data error (exit status 65), like a file that holds no records
         raise DataError(f"data file {path} does not exist (run `alignlm data ...` to make the offline sets)")
     if path.is_dir():
-        raise DataError(f"data file {path} is a folder; name a .json or .jsonl file of records")
-    if path.suffix == ".jsonl":
+        raise DataError(f"data file {path} is a folder; name a .json, .jsonl or .ndjson file of records")
+    if path.suffix.lower() in JSON_LINES:
         records = []
         with path.open("rb") as f:
             for lineno, raw in enumerate(f, 1):
                 try:
-                    line = raw.decode("utf-8")
+                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
                     if line.strip():
                         records.append(json.loads(line))
                 except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -108,7 +122,7 @@ def read_records(path: str | Path, bad_lines: list[tuple[int, str]] | None = Non
                     bad_lines.append((lineno, why))
         return records
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
+        data = json.loads(path.read_bytes().decode("utf-8-sig"))
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text (byte {e.start})", INVALID_JSON) from None
     except json.JSONDecodeError as e:

@@ -22,6 +22,7 @@ from accelerate import Accelerator
 from omegaconf import OmegaConf
 
 from alignlm.data.feature_cache import FeatureCache, FeatureCacheHook, file_stamp, image_key
+from alignlm.data.images import image_size
 from alignlm.data.llava import LlavaDataset
 from alignlm.data.records import DataError
 from alignlm.models.encoders import weights_fingerprint
@@ -34,26 +35,41 @@ SHARD = 4096  # images per cache shard
 
 
 def tower_fingerprint(model: AlignLM, vision_cfg: Any) -> str:
-    """The tower's config, the bytes of every weight and its image spec, hashed: any change of a weight is another
-    cache."""
-    return weights_fingerprint(model.vision, OmegaConf.to_yaml(vision_cfg, resolve=True), repr(model.image_spec))
+    """The tower's config, the bytes of every weight, its image spec and the artifact filter on its output, hashed:
+    any change of a weight is another cache.
+
+    The filter (``model.vision_artifacts``, hooked on the tower by the model builder) is no part of ``model.vision``'s
+    config, so it is read from the tower itself: another mode or factor gives other features (a run with another filter
+    had read the features an earlier run cached). Without one, nothing is added: caches filled before stay valid."""
+    context = [OmegaConf.to_yaml(vision_cfg, resolve=True), repr(model.image_spec)]
+    filt = getattr(model.vision, "artifact_filter", None)
+    if filt is not None:
+        context.append(f"vision_artifacts: mode={filt.mode} factor={filt.factor!r} prefix={filt.prefix}")
+    return weights_fingerprint(model.vision, *context)
 
 
-def readable(dataset: LlavaDataset, paths: Sequence[Path]) -> tuple[list[Path], torch.Tensor | None]:
-    """The images of ``paths`` that can be read and their pixels: a batch that fails is read image by image, and an
-    image that fails is left out (not cached, its samples fail as without the cache, by ``data.on_error``)."""
+def readable(
+    dataset: LlavaDataset, paths: Sequence[Path]
+) -> tuple[list[Path], list[tuple[int, int]], torch.Tensor | None]:
+    """The images of ``paths`` that can be read, their sizes (kept with their features, so a later run's
+    ``data.max_image_pixels`` applies to them without opening them) and their pixels: a batch that fails is read image
+    by image, and an image that fails is left out (not cached, its samples fail as without the cache, by
+    ``data.on_error``)."""
     try:
-        return list(paths), dataset.load_visuals(list(paths))["pixel_values"]
+        pixels = dataset.load_visuals(list(paths))["pixel_values"]
+        return list(paths), [image_size(p) for p in paths], pixels
     except DataError:
         pass
-    kept, pixels = [], []
+    kept, sizes, pixels = [], [], []
     for path in paths:
         try:
-            pixels.append(dataset.load_visuals([path])["pixel_values"])
+            one, size = dataset.load_visuals([path])["pixel_values"], image_size(path)
         except DataError:
             continue
         kept.append(path)
-    return kept, torch.cat(pixels) if pixels else None
+        sizes.append(size)
+        pixels.append(one)
+    return kept, sizes, torch.cat(pixels) if pixels else None
 
 
 def attach_feature_cache(
@@ -91,19 +107,20 @@ def attach_feature_cache(
     model.vision.eval()
     for start in range(0, len(mine), SHARD):
         part = mine[start : start + SHARD]
-        chunk, stamps, feats = [], [], []
+        chunk, stamps, sizes, feats = [], [], [], []
         for b in range(0, len(part), BATCH):
             batch = part[b : b + BATCH]
             before = dict(zip(batch, map(file_stamp, batch)))  # before reading: an edit meanwhile is seen next time
-            kept, pixels = readable(dataset, batch)
+            kept, kept_sizes, pixels = readable(dataset, batch)
             if pixels is None:
                 continue
             with torch.no_grad(), acc.autocast():
                 feats.append(model.vision(pixels.to(acc.device)).cpu())
             chunk += kept
+            sizes += kept_sizes
             stamps += [before[p] for p in kept]
         if chunk:  # a unique name: a concurrent run or rank never replaces another's shard
-            cache.write(f"rank{acc.process_index}_{uuid.uuid4().hex}", chunk, stamps, torch.cat(feats))
+            cache.write(f"rank{acc.process_index}_{uuid.uuid4().hex}", chunk, stamps, torch.cat(feats), sizes)
     model.vision.train(was_training)
     acc.wait_for_everyone()
     cache = FeatureCache(cache.folder)  # every rank's shards
