@@ -28,11 +28,15 @@ def free_port() -> int:
 
 
 def torchrun(
-    overrides: list[str], nodes: int = 1, per_node: int = 2, timeout: float = 300
+    overrides: list[str],
+    nodes: int = 1,
+    per_node: int = 2,
+    timeout: float = 300,
+    entry: tuple[str, ...] = ("-m", "alignlm.commands", "train"),
 ) -> subprocess.CompletedProcess:
-    """``alignlm train`` as gloo ranks on this machine (``--cpu`` semantics also on a GPU machine): ``nodes`` torchrun
-    launchers of ``per_node`` ranks each, meeting on loopback as separate machines would. Returns the launchers'
-    worst exit status and their stderr together."""
+    """``alignlm train`` (or ``entry``) as gloo ranks on this machine (``--cpu`` semantics also on a GPU machine):
+    ``nodes`` torchrun launchers of ``per_node`` ranks each, meeting on loopback as separate machines would. Returns
+    the launchers' worst exit status and their stderr together."""
     port = str(free_port())
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     launchers = [
@@ -46,9 +50,7 @@ def torchrun(
                 f"--nproc_per_node={per_node}",
                 "--master_addr=127.0.0.1",
                 f"--master_port={port}",
-                "-m",
-                "alignlm.commands",
-                "train",
+                *entry,
                 *overrides,
             ],
             cwd=ROOT,
@@ -117,9 +119,50 @@ def test_a_hung_or_dead_rank_ends_the_job_naming_rank_and_step(colour_set, tmp_p
     assert not (tmp_path / "t" / "pretrain" / "final").exists()
 
 
+SLOW_EVALUATION = """
+import sys, time
+from alignlm import commands, pipeline
+evaluate = pipeline.evaluate_final
+pipeline.evaluate_final = lambda *args: time.sleep(8) or evaluate(*args)
+sys.exit(commands.main(["train", *sys.argv[1:]]))
+"""
+
+
+def test_the_main_processs_prepare_steps_and_evaluation_may_outlast_the_collective_timeout(colour_set, tmp_path):
+    """A prepare step and the final evaluation run on the main process alone. The other ranks waited for them in a
+    barrier that distributed.timeout_s bounds (600 s): a longer step or evaluation failed the job, and every rerun
+    again. Now they wait for the prepare steps without that bound and end before the evaluation."""
+    slow = tmp_path / "slow_evaluation.py"
+    slow.write_text(SLOW_EVALUATION)
+    job = base(
+        colour_set,
+        tmp_path,
+        "distributed.timeout_s=5",
+        "stages.pretrain.max_steps=2",
+        "+stages.pretrain.prepare.slow={_target_:time.sleep,_args_:[8]}",
+        f"eval.sets=[{{name:colours,path:{colour_set['test']}}}]",
+    )
+    proc = torchrun(job, entry=(str(slow),))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "t" / "summary.json").read_text())
+    questions = len(json.loads(colour_set["test"].read_text()))
+    assert summary["eval"]["colours"]["n"] == questions and summary["stages"]["pretrain"]["world_size"] == 2
+
+
+def test_a_main_process_that_dies_in_a_prepare_step_ends_the_job(colour_set, tmp_path):
+    """The other ranks' wait for the prepare steps has no short timeout (distributed.prepare_timeout_s, a day): a main
+    process that dies there still ends the job at once."""
+    start = time.monotonic()
+    proc = torchrun(base(colour_set, tmp_path, "+stages.pretrain.prepare.die={_target_:os._exit,_args_:[3]}"))
+    assert proc.returncode != 0 and time.monotonic() - start < 60, proc.stderr[-3000:]
+    assert "exitcode  : 3" in proc.stderr, proc.stderr[-3000:]
+
+
 def test_sigterm_inside_a_step_names_the_rank_and_step(colour_set, tmp_path):
     """torchrun SIGTERMs the surviving ranks once one dies, which can reach a rank before its next collective fails:
-    that rank still names itself and its step (here one process terminates itself inside step 3, in process)."""
+    that rank still names itself and its step (here one process terminates itself inside step 3, in process). SIGTERM
+    is no stop request (docs/cluster.md): the message said only "or the job was cancelled", where SLURM's preemption
+    and time limit end the ranks with no checkpoint."""
     import logging
     import signal
 
@@ -138,6 +181,8 @@ def test_sigterm_inside_a_step_names_the_rank_and_step(colour_set, tmp_path):
         logging.getLogger("alignlm").removeHandler(catch)
     said = [r.getMessage() for r in records]
     assert any("rank 0 of 1: stage pretrain failed at step 3: Terminated: SIGTERM" in m for m in said), said
+    # SLURM's preemption and time limit send it too: it says that no checkpoint is written, and what stops with one
+    assert any("preempted or reached its time limit (no checkpoint now" in m for m in said), said
     assert signal.getsignal(signal.SIGTERM) is before  # the handler lives only as long as the step loop
     assert not (tmp_path / "t" / "pretrain" / "final").exists()
 

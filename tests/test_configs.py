@@ -169,6 +169,7 @@ LAUNCHERS = sorted(p.stem for p in (CONFIGS / "launcher").glob("*.yaml"))
         ("+logging.evry=5", "logging.evry is not a known setting; did you mean 'every'?"),
         ("+logging.wandb.projekt=x", "logging.wandb.projekt is not a known setting; did you mean 'project'?"),
         ("+distributed.timeout=5", "distributed.timeout is not a known setting; did you mean 'timeout_s'?"),
+        ("distributed.prepare_timeout_s=0", "distributed.prepare_timeout_s=0 must be a finite number > 0.0"),
         ("+nonfinite.windows=5", "nonfinite.windows is not a known setting; did you mean 'window'?"),
         # a negative weight trained by gradient ascent
         (

@@ -226,13 +226,15 @@ def test_plot_runs_side_by_side(tiny_run, tmp_path):
 def test_runs_and_checkpoints_of_the_same_name_keep_a_label_each(tmp_path, monkeypatch):
     """Two runs both called ``raw`` (``outputs/s1/raw``, ``outputs/s2/raw``) were two table rows labelled alike, one
     gap-shift line and one zig-zag per-layer line; ``plot-runs a/finetune b/finetune`` drew one line, dropping ``a``."""
+    from safetensors.torch import save_file
+
     from alignlm.evaluation import plots
     from alignlm.evaluation.checkpoints import resolve
 
     finals = [tmp_path / s / "raw" / "finetune" / "final" for s in ("s1", "s2")]
     for final in finals:
         final.mkdir(parents=True)
-        (final / "model.safetensors").write_bytes(b"")
+        save_file({}, str(final / "model.safetensors"))
         (final / "config.yaml").write_text("{}\n")
     assert [c.label for c in resolve(list(map(str, finals)))] == ["s1/raw/finetune/final", "s2/raw/finetune/final"]
     with pytest.raises(ValueError, match=r"name the checkpoint .*s1/raw/finetune/final more than once"):
@@ -257,18 +259,26 @@ def test_runs_and_checkpoints_of_the_same_name_keep_a_label_each(tmp_path, monke
     assert drawn == {"pooled/modality_gap": {"a/finetune": [(1, 1.5)], "b/finetune": [(1, 0.5)]}}
 
 
-def test_a_final_named_from_inside_its_stage_folder_keeps_its_stage(tmp_path, monkeypatch):
+def test_a_final_named_from_inside_its_stage_folder_or_set_aside_keeps_its_stage(tmp_path, monkeypatch):
     """`alignlm eval final` run inside `outputs/raw/pretrain` read its stage and run from the relative path's empty
     parents, so its template fell back to the run's last stage."""
+    from safetensors.torch import save_file
+
     from alignlm.evaluation.checkpoints import resolve
 
     final = tmp_path / "raw" / "pretrain" / "final"
     final.mkdir(parents=True)
-    (final / "model.safetensors").write_bytes(b"")
+    save_file({}, str(final / "model.safetensors"))  # saved before finals named their stage
     (final / "config.yaml").write_text("{}\n")
     monkeypatch.chdir(final.parent)
     (ck,) = resolve(["final"])
     assert (ck.run, ck.stage, ck.label) == ("raw", "pretrain", "raw/pretrain/final")
+    # resume=never set it aside (pretrain/before-<time>/final): the stage its weights name, not the folder's
+    aside = tmp_path / "raw" / "pretrain" / "before-20261205T000000" / "final"
+    aside.mkdir(parents=True)
+    save_file({}, str(aside / "model.safetensors"), metadata={"parts": "connector", "stage": "pretrain"})
+    (aside / "config.yaml").write_text("{}\n")
+    assert resolve([str(aside)])[0].stage == "pretrain"
 
 
 def test_metrics_plot_draws_the_measured_numbers_not_the_tables_text(tmp_path, monkeypatch):

@@ -379,7 +379,7 @@ def _saved_final(cfg, stage: str):
     from alignlm.training.checkpoint import save_final
 
     final = Path(cfg.output_dir) / cfg.run_name / stage / "final"
-    save_final(final, build_model(cfg.model), config_yaml(cfg), ["connector", "llm"])
+    save_final(final, build_model(cfg.model), config_yaml(cfg), ["connector", "llm"], stage)
     return final
 
 
@@ -490,7 +490,7 @@ def test_a_final_without_its_parts_metadata_is_refused_not_loaded_in_part(tiny_m
     final = _saved_final(cfg, "finetune")
     weights = final / "model.safetensors"
     with safe_open(str(weights), "pt") as f:
-        assert f.metadata() == {"parts": "connector,llm"}
+        assert f.metadata() == {"parts": "connector,llm", "stage": "finetune"}
     load_model(final)  # as written
     state = load_file(str(weights))
     half = {k: v for k, v in state.items() if "layers.1." not in k}

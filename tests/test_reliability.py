@@ -806,9 +806,6 @@ def test_one_process_trains_the_good_micro_batches_of_a_step_and_its_schedule_en
 def test_resume_never_sets_an_earlier_runs_checkpoints_aside(colour_set, tmp_path):
     """A new run (resume=never) in a stage folder holding a longer run's step_6 and step_8 wrote step_2, which pruning
     by name deleted at once; a later resume=auto would then have resumed from the old run."""
-    from alignlm.pipeline import run
-    from alignlm.training import checkpoint as ckpt
-    from tests.conftest import compose, tiny_overrides
 
     def go(*extra: str) -> None:
         run(compose(*tiny_overrides(colour_set, tmp_path, "run=[pretrain]", "eval.sets=[]", *extra)))
@@ -818,8 +815,32 @@ def test_resume_never_sets_an_earlier_runs_checkpoints_aside(colour_set, tmp_pat
     assert [p.name for p in ckpt.step_dirs(stage)] == ["step_000006", "step_000008"]
     go("resume=never", "stages.pretrain.max_steps=6", "stages.pretrain.save_every=2", "stages.pretrain.keep_last=2")
     assert [p.name for p in ckpt.step_dirs(stage)] == ["step_000002", "step_000004"]
-    (aside,) = stage.glob("checkpoints.before-*")
-    assert sorted(p.name for p in aside.iterdir()) == ["step_000006", "step_000008"]  # nothing deleted
+    (aside,) = stage.glob("before-*")
+    assert [p.name for p in ckpt.step_dirs(aside)] == ["step_000006", "step_000008"]  # nothing deleted
+
+
+def test_an_interrupted_resume_never_run_is_finished_by_resume_auto_not_taken_for_the_old_one(colour_set, tmp_path):
+    """resume=never moved only the step checkpoints aside: interrupted, it left the old run's final/ and figures of
+    every stage, which a rerun with resume=auto took for the stages finished (the old weights went on to evaluation),
+    and its metrics.jsonl cut the old one to nothing. Now every stage's earlier outputs move aside before any trains."""
+    out = tmp_path / "t"
+    base = tiny_overrides(colour_set, tmp_path, "eval.sets=[]")
+    run(compose(*base))
+    old = {s: load_file(str(out / s / "final" / "model.safetensors")) for s in ("pretrain", "finetune")}
+    new_lr = "stages.pretrain.lr.connector=5e-2"
+    with pytest.raises(StopTraining, match="after step 3 of 6"):
+        run(compose(*base, "resume=never", new_lr, "stop_after_steps=3"))
+    for stage, left in (("pretrain", ["checkpoints", "config.yaml", "metrics.jsonl"]), ("finetune", [])):
+        (aside,) = (out / stage).glob("before-*")
+        assert sorted(p.name for p in (out / stage).iterdir() if p != aside) == left
+        assert {"final", "metrics.jsonl", "summary.json"} <= {p.name for p in aside.iterdir()}
+        assert len(read_losses(aside)) == {"pretrain": 6, "finetune": 4}[stage]  # the old figures, whole
+    summary = run(compose(*base, new_lr))  # resume=auto finishes the new run
+    assert summary["stages"]["pretrain"]["steps"] == 6 and summary["stages"]["finetune"]["steps"] == 4
+    assert {r["lr"] for r in map(json.loads, (out / "pretrain" / "metrics.jsonl").read_text().splitlines())} >= {5e-2}
+    for stage, weights in old.items():
+        new = load_file(str(out / stage / "final" / "model.safetensors"))
+        assert not all(torch.equal(weights[k], new[k]) for k in weights), stage
 
 
 def test_pruning_keeps_the_checkpoint_just_written(tmp_path):
@@ -852,6 +873,37 @@ def test_a_skipped_fp16_step_still_updates_the_gradient_scaler():
         Trainer.optimizer_step(trainer, torch.tensor(False))
         optimizer.zero_grad()
     assert scaler.get_scale() == 2.0**14 and torch.equal(weight.detach(), torch.ones(3))  # backed off twice, untouched
+
+
+def test_a_loss_scaler_backing_off_is_logged_and_not_counted_as_divergence(colour_set, tmp_path):
+    """fp16's loss scaler overflows the gradient by design now and then and halves its scale: each back-off was counted
+    as a non-finite step, so nonfinite.stop_after of them stopped a healthy fp16 run. A non-finite loss still counts.
+    fp16 itself is refused on the CPU: the accelerator gets a GradScaler as accelerate's fp16 mode sets one up."""
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    from alignlm.pipeline import make_accelerator
+    from alignlm.training.trainer import Trainer
+
+    cfg = compose(*tiny_overrides(colour_set, tmp_path), "nonfinite.stop_after=1", "stages.pretrain.grad_accum=1")
+    trainer = Trainer(cfg, "pretrain", make_accelerator(cfg))
+    trainer.setup()
+    inner = trainer.optimizer.optimizer
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)  # fp32 gradients overflow as fp16's do at 2**16
+    trainer.optimizer = AcceleratedOptimizer(inner, device_placement=False, scaler=scaler)
+    trainer.acc.scaler, trainer.acc.unscale_gradients = scaler, lambda optimizer=None: scaler.unscale_(inner)
+    batches = iter(trainer.loader())
+    logs = [trainer.step([next(batches)], 1)]  # overflows: the scaler backs off, nothing is updated
+    scaler.update(1.0)  # a scale the gradients fit in
+    logs.append(trainer.step([next(batches)], 2))
+    with torch.no_grad():
+        next(p for p in trainer.core().parameters() if p.requires_grad).fill_(float("nan"))
+    logs.append(trainer.step([next(batches)], 3))  # a non-finite loss: divergence, as without a scaler
+    rows = {step: row for step, row, *_ in trainer.fetch(logs)}
+    assert [rows[s].get("nonfinite", False) for s in (1, 2, 3)] == [False, False, True]
+    assert [rows[s]["scaler/overflow"] for s in (1, 2, 3)] == [1.0, 0.0, 0.0]
+    assert rows[1]["loss/total"] is not None and rows[1]["grad_norm"] is None and trainer.nonfinite == [3]
+    with pytest.raises(TrainingError, match=r"\(steps \[3\]\)"):
+        trainer.check_divergence(3)
 
 
 # ---- weights that do not fit the model, and a metrics row cut short ---------------------------------------------------

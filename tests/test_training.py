@@ -225,6 +225,18 @@ def test_a_checkpoint_due_at_the_stop_step_is_written_once(colour_set, tmp_path,
     assert written == [2, 4]
 
 
+def test_stop_after_steps_counts_the_steps_of_the_whole_process_over_its_stages(colour_set, tmp_path):
+    """``stop_after_steps`` ends the process after N steps: it counted per stage, so a process that finished one stage
+    trained up to N more of the next, and a job sized to N steps ran past its time limit."""
+    base = tiny_overrides(colour_set, tmp_path, "eval.sets=[]")  # pretrain 6 steps, finetune 4
+    with pytest.raises(StopTraining, match=r"stopped before stage finetune \(stop_after_steps=6 steps"):
+        run(compose(*base, "stop_after_steps=6"))  # pretrain used them all: finetune is the rerun's
+    assert (tmp_path / "t" / "pretrain" / "final").exists() and not (tmp_path / "t" / "finetune").exists()
+    with pytest.raises(StopTraining, match="after step 3 of 4"):  # of finetune's, counted in this process alone
+        run(compose(*base, "stop_after_steps=3"))
+    assert len(read_losses(tmp_path / "t" / "finetune")) == 3
+
+
 def test_a_deterministic_run_evaluates_with_top_p_sampling(colour_set, tmp_path):
     """Top-p takes a float cumulative sum, which has no deterministic CUDA kernel: after a ``deterministic: true``
     stage the evaluation warns there instead of stopping (conftest raises as a GPU would in strict mode)."""

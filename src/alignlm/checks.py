@@ -92,6 +92,7 @@ def check_config(cfg: DictConfig) -> None:
             f"distributed.strategy={dist.get('strategy')!r} is not known; choose one of {['auto', *STRATEGIES]}"
         )
     _number("distributed.timeout_s", dist.get("timeout_s", 600), 0.0, low_open=True)
+    _number("distributed.prepare_timeout_s", dist.get("prepare_timeout_s", 86400), 0.0, low_open=True)
     stop = dist.get("stop_signal")
     if stop is not None and not (
         isinstance(stop, str) and isinstance(getattr(signal, stop, None), signal.Signals) and stop not in _UNCATCHABLE

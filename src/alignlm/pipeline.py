@@ -4,13 +4,17 @@ then evaluation.
 ``alignlm train +exp=demo`` and ``accelerate launch train.py +exp=demo`` both land in ``run``. A stage's ``prepare``
 node names the steps that make its inputs (name -> node with ``_target_``: fit an encoder, write a labels file,
 embed captions); each step is a function that does nothing when its output exists, so a rerun goes straight to
-training. They run on the main process, stage by stage in run order, before any training.
+training. They run on the main process, stage by stage in run order, before any training, while the other ranks
+wait for them (``distributed.prepare_timeout_s``); after the last stage the other ranks end and the main process
+evaluates alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -28,9 +32,10 @@ from alignlm.evaluation.report import json_values
 from alignlm.models.build import build_model
 from alignlm.models.device import cpu_only
 from alignlm.models.io import load_final_weights
+from alignlm.training import checkpoint as ckpt
 from alignlm.training.determinism import deterministic, warn_only
 from alignlm.training.logging import get_logger, summary_table
-from alignlm.training.trainer import StageResult, Trainer, stage_done, summarize
+from alignlm.training.trainer import StageResult, StopTraining, Trainer, stage_done, summarize
 from alignlm.training.zero import STAGES as ZERO_STAGES
 from alignlm.training.zero import check_settings as check_zero_settings
 from alignlm.training.zero import launcher_env as zero_launcher_env
@@ -220,15 +225,63 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             dist.destroy_process_group()
 
 
+def prepare_timeout(cfg: DictConfig) -> timedelta:
+    """``distributed.prepare_timeout_s`` (checked by ``check_config``): how long the other ranks wait for the main
+    process's set-up work."""
+    return timedelta(seconds=float((cfg.get("distributed") or {}).get("prepare_timeout_s", 86400)))
+
+
+@contextlib.contextmanager
+def others_wait_for_main(acc: Accelerator, timeout: timedelta) -> Iterator[None]:
+    """The main process's set-up work (offline sets, prepare steps: minutes to hours) runs inside; the other ranks wait
+    at its end in a gloo group of their own whose collectives time out after ``timeout``. The run's process group
+    times out after ``distributed.timeout_s`` (600 s), which a long prepare step outlasted: every rerun failed there
+    again. A rank that dies still ends the job: its peers lose the connection, and the launcher ends the rest."""
+    if acc.num_processes == 1:
+        yield
+        return
+    group = torch.distributed.new_group(backend="gloo", timeout=timeout)  # every rank, before the main one starts
+    try:
+        yield
+        torch.distributed.barrier(group=group)
+    finally:
+        torch.distributed.destroy_process_group(group)
+
+
+def leave_process_group(acc: Accelerator) -> None:
+    """After the last stage only the main process has work left (the evaluation): the other ranks end instead of
+    waiting for it in a barrier that times out after ``distributed.timeout_s``. Every rank leaves the process group
+    first, once all have arrived, so no communicator outlives its peers. The launcher waits for every rank, and a
+    failure of the main process still fails the job."""
+    if acc.num_processes > 1 and torch.distributed.is_initialized():
+        acc.wait_for_everyone()
+        torch.distributed.destroy_process_group()
+
+
+def set_aside_earlier_runs(cfg: DictConfig, run_dir: Path) -> None:
+    """``resume=never``: every stage of ``cfg.run`` starts over, so each one's earlier outputs move aside before any
+    trains (:func:`checkpoint.set_aside`). Stage by stage as each began, an interrupted new run left a later stage's
+    old ``final/`` in place, which a rerun with ``resume=auto`` took for that stage finished."""
+    for name in cfg.run:
+        aside = ckpt.set_aside(run_dir / name)
+        if aside is not None:
+            get_logger("alignlm", 0).warning(
+                "resume=never: the earlier run's outputs of stage %s moved to %s", name, aside
+            )
+
+
 def _run(cfg: DictConfig, acc: Accelerator) -> dict[str, Any]:
     log = get_logger("alignlm", acc.process_index)
-    if acc.is_main_process:
-        ensure_offline_datasets(cfg)
-        run_prepare_steps(cfg)
-    acc.wait_for_everyone()
     run_dir = Path(cfg.output_dir) / cfg.run_name
+    with others_wait_for_main(acc, prepare_timeout(cfg)):
+        if acc.is_main_process:
+            if cfg.resume == "never":
+                set_aside_earlier_runs(cfg, run_dir)
+            ensure_offline_datasets(cfg)
+            run_prepare_steps(cfg)
     summary: dict[str, Any] = {"run": str(run_dir), "stages": {}, "eval": {}}
     final = None
+    steps_left = cfg.get("stop_after_steps")  # per process, over all its stages
     for name in cfg.run:
         final = run_dir / name / "final"
         stage_file = run_dir / name / STAGE_SUMMARY
@@ -237,7 +290,14 @@ def _run(cfg: DictConfig, acc: Accelerator) -> dict[str, Any]:
             if stage_file.exists():
                 summary["stages"][name] = json.loads(stage_file.read_text())
             continue
-        result: StageResult = Trainer(cfg, name, acc).fit()
+        if steps_left == 0:  # the earlier stages used up this process's steps: the rerun starts this one
+            raise StopTraining(
+                f"stopped before stage {name} (stop_after_steps={cfg.stop_after_steps} steps trained in this "
+                "process); rerun to resume"
+            )
+        result: StageResult = Trainer(cfg, name, acc, steps_left).fit()
+        if steps_left is not None:
+            steps_left -= result.process_steps
         log.info("\n%s", summarize(result))
         summary["stages"][name] = {
             "steps": result.steps,
@@ -256,14 +316,15 @@ def _run(cfg: DictConfig, acc: Accelerator) -> dict[str, Any]:
         }
         if acc.is_main_process:  # beside final/ as soon as the stage ends: a later stage's stop and rerun keeps it
             stage_file.write_text(json.dumps(json_values(summary["stages"][name]), indent=2, allow_nan=False))
-    if cfg.eval.sets and final is not None and acc.is_main_process:
+    leave_process_group(acc)
+    if not acc.is_main_process:
+        return summary
+    if cfg.eval.sets and final is not None:
         with warn_only():  # the weights are saved: an op without a deterministic kernel (top-p) must not stop it now
             summary["eval"] = evaluate_final(cfg, final, acc.device)
-    if acc.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "summary.json").write_text(json.dumps(json_values(summary), indent=2, allow_nan=False))
-        log.info("\n%s", pipeline_table(summary))
-    acc.wait_for_everyone()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "summary.json").write_text(json.dumps(json_values(summary), indent=2, allow_nan=False))
+    log.info("\n%s", pipeline_table(summary))
     return summary
 
 

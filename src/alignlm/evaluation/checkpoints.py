@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from alignlm.models.build import build_model
 from alignlm.models.io import (
     checkpoint_stage,
+    final_stage,
     load_checkpoint_config,
     load_model,
     load_part_state,
@@ -75,7 +76,7 @@ def _last_logged_step(stage_dir: Path) -> int | None:
 def _one(p: Path) -> Checkpoint:
     if _is_final(p):
         stage_dir = Path(os.path.abspath(p)).parent  # `alignlm eval final` inside the stage folder names it too
-        return Checkpoint(p, "final", stage_dir.parent.name, stage_dir.name, _last_logged_step(p.parent))
+        return Checkpoint(p, "final", stage_dir.parent.name, final_stage(p), _last_logged_step(p.parent))
     state = json.loads((p / "trainer_state.json").read_text())
     stage_dir = p.parent.parent
     return Checkpoint(p, "step", stage_dir.parent.name, str(state.get("stage", stage_dir.name)), int(state["step"]))

@@ -38,7 +38,14 @@ from alignlm.config import ConfigError
 from alignlm.constants import IMAGE_TOKEN
 from alignlm.data.templates import get_template, turn_end
 from alignlm.models.connectors.mlp import MLPConnector
-from alignlm.models.io import check_finite, checkpoint_stage, config_yaml, load_checkpoint_config, load_model
+from alignlm.models.io import (
+    check_finite,
+    checkpoint_stage,
+    config_yaml,
+    final_stage,
+    load_checkpoint_config,
+    load_model,
+)
 from alignlm.models.lm_loss import head_transform
 from alignlm.models.mllm import AlignLM
 from alignlm.models.vision import HFVisionTower
@@ -304,7 +311,7 @@ def export(
     hf = to_llava(model)  # raises ExportError before anything is written
     # the template of the stage that trained this final/, as `alignlm eval` and `--check` prompt it (a pretrain final/
     # of a two-stage run was exported with the finetune stage's template)
-    stage = checkpoint_stage(cfg, Path(os.path.abspath(final_dir)).parent.name)
+    stage = checkpoint_stage(cfg, final_stage(final_dir))
     data = cfg.stages[stage].data
     args = data.get("template_args")
     template = get_template(data.template, **(OmegaConf.to_container(args, resolve=True) if args else {}))

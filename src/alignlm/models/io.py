@@ -12,6 +12,7 @@ only when the caller sets it (``--trust-remote-code``).
 from __future__ import annotations
 
 import inspect
+import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -266,6 +267,16 @@ def load_final_weights(model: nn.Module, final_dir: Path) -> list[str]:
     parts = final_parts(Path(final_dir))
     load_part_state(model, load_file(str(weights)), parts, str(weights))
     return parts
+
+
+def final_stage(final_dir: str | Path) -> str:
+    """The stage that trained a ``final/``: the one its weights' metadata names (``save_final`` writes it), else the
+    folder it sits in (a ``final/`` saved before the name was written). The folder alone says nothing once the run's
+    outputs were set aside (``resume=never``: ``<stage>/before-<time>/final``) or the folder was copied elsewhere."""
+    final_dir = Path(os.path.abspath(final_dir))
+    with safe_open(str(final_dir / "model.safetensors"), "pt") as f:
+        stage = (f.metadata() or {}).get("stage")
+    return stage or final_dir.parent.name
 
 
 def checkpoint_stage(cfg: DictConfig, stage: str) -> str:

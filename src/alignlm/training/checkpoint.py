@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from alignlm.models.io import load_final_weights, part_state
 from alignlm.training import sharding, zero
 
 STEP_PREFIX = "step_"
+SET_ASIDE_PREFIX = "before-"  # resume=never: an earlier run's outputs of a stage, in ``<stage>/before-<time>/``
 MANIFEST = "manifest.json"
 OBJECTIVES_FILE = "objectives.safetensors"  # persistent objective state (a learned temperature), by config key
 
@@ -331,6 +333,27 @@ def step_dirs(stage_dir: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.name.startswith(STEP_PREFIX) and not p.name.endswith(".tmp"))
 
 
+def set_aside(stage_dir: Path) -> Path | None:
+    """``resume=never``: everything an earlier run left in ``stage_dir`` (step checkpoints, ``final/``, its figures,
+    ``metrics.jsonl``, config) moves into a new ``before-<time>/`` there; nothing is deleted. Returns that folder, or
+    None when there was nothing to move.
+
+    All of it, not the step checkpoints alone: an old ``final/`` left beside a new run that is then interrupted is
+    what a later ``resume=auto`` takes for the stage finished (the old weights reach the next stages and the
+    evaluation), and a new ``metrics.jsonl`` would cut the old one to nothing. Earlier ``before-*`` folders stay."""
+    old = [p for p in stage_dir.iterdir() if not p.name.startswith(SET_ASIDE_PREFIX)] if stage_dir.is_dir() else []
+    if not old:
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    aside, n = stage_dir / f"{SET_ASIDE_PREFIX}{stamp}", 1
+    while aside.exists():  # two runs started within one second
+        aside, n = stage_dir / f"{SET_ASIDE_PREFIX}{stamp}-{n}", n + 1
+    aside.mkdir()
+    for path in old:
+        os.replace(path, aside / path.name)
+    return aside
+
+
 def prune(stage_dir: Path, keep_last: int, written: Path) -> None:
     """Keep ``written`` (the checkpoint just saved) and the newest others up to ``keep_last`` in all (0 keeps all).
     By name alone, a newer folder the run resumed past (damaged) would outlive the one just written."""
@@ -340,9 +363,11 @@ def prune(stage_dir: Path, keep_last: int, written: Path) -> None:
             shutil.rmtree(old)
 
 
-def save_final(final_dir: Path, model: nn.Module, config_yaml: str, parts: Iterable[str]) -> None:
-    """Weights of every part trained so far plus the resolved config: enough to rebuild the model."""
+def save_final(final_dir: Path, model: nn.Module, config_yaml: str, parts: Iterable[str], stage: str) -> None:
+    """Weights of every part trained so far plus the resolved config: enough to rebuild the model. The metadata names
+    the parts held whole and the stage that trained them (``io.final_stage``: its template prompts the model)."""
     tmp = atomic_dir(final_dir)
-    save_file(part_state(model, parts), str(tmp / "model.safetensors"), metadata={"parts": ",".join(parts)})
+    metadata = {"parts": ",".join(parts), "stage": stage}
+    save_file(part_state(model, parts), str(tmp / "model.safetensors"), metadata=metadata)
     (tmp / "config.yaml").write_text(config_yaml)
     publish(tmp, final_dir)

@@ -88,13 +88,16 @@ class StageResult:
     peak_memory_gib: float | None = None
     data: dict[str, Any] = field(default_factory=dict)  # DataReport.to_dict(): what was left out, by cause
     nonfinite_steps: list[int] = field(default_factory=list)  # steps skipped for a non-finite loss or gradient
+    process_steps: int = 0  # steps this process trained (``steps`` also counts those resumed from a checkpoint)
 
 
 @dataclass
 class StepLog:
     """One step's logged values: device tensors until the next fetch, plus what the host already knows.
 
-    ``device["nonfinite"]`` is 1 when the step's loss or gradient norm was not finite (nothing was updated)."""
+    ``device["nonfinite"]`` is 1 when the step's loss or gradient norm was not finite (nothing was updated). Under
+    fp16's loss scaler a gradient that overflowed while the loss was finite is the scaler's ordinary back-off, not
+    divergence: ``device["scaler/overflow"]`` is 1 instead (nothing updated either; the scale halves)."""
 
     step: int
     device: dict[str, torch.Tensor]  # summed over micro-batches on this rank; reduced over ranks at the fetch
@@ -124,8 +127,11 @@ def build_objectives(stage: Mapping[str, Any]) -> dict[str, tuple[Objective, flo
 class Trainer:
     """Trains one stage of ``cfg.stages[name]`` and writes its checkpoints and ``final/``."""
 
-    def __init__(self, cfg: DictConfig, name: str, accelerator: Accelerator) -> None:
+    def __init__(self, cfg: DictConfig, name: str, accelerator: Accelerator, steps_left: int | None = None) -> None:
+        """``steps_left``: the steps this process may still train, at least 1 (``stop_after_steps`` less what the run's
+        earlier stages trained in it: the pipeline counts them); None: no limit."""
         self.cfg, self.name, self.acc = cfg, name, accelerator
+        self.steps_left = steps_left
         self.stage = cfg.stages[name]
         self.dir = Path(cfg.output_dir) / cfg.run_name / name
         self.log = get_logger("alignlm", accelerator.process_index)
@@ -278,16 +284,6 @@ class Trainer:
                 self.half_stored.append((linear, linear.weight.dtype))
                 linear.to(half)
 
-    def _set_aside_checkpoints(self) -> None:
-        """``resume=never`` in a stage folder that holds an earlier run's step checkpoints: they move to
-        ``checkpoints.before-<time>`` (nothing is deleted), so this run's checkpoints are the only ones a later
-        ``resume=auto`` finds and pruning never removes a new checkpoint in favour of an old run's."""
-        if self.acc.is_main_process:
-            aside = self.dir / f"checkpoints.before-{time.strftime('%Y%m%dT%H%M%S')}"
-            os.replace(self.dir / "checkpoints", aside)
-            self.log.warning("resume=never: the earlier run's step checkpoints moved to %s", aside)
-        self.acc.wait_for_everyone()
-
     def _maybe_resume(self) -> tuple[int, int]:
         """Resume from the newest step checkpoint that passes its integrity check (an older one when the newest is
         damaged, naming the file); a checkpoint of another model is refused, and so are a changed world size, global
@@ -298,8 +294,7 @@ class Trainer:
         self.recipe = json.loads(json.dumps(recipe))  # as trainer_state.json will hold it (tuples as lists)
         self.layout = ckpt.layout(self.core(), self.objective_modules)
         fresh = ckpt.optimizer_settings(self.optimizer, self.scheduler)  # before a checkpoint's state replaces them
-        if self.cfg.resume == "never" and ckpt.step_dirs(self.dir):
-            self._set_aside_checkpoints()
+        # resume=never: the pipeline set every stage's earlier outputs aside before the run began (ckpt.set_aside)
         if self.cfg.resume == "never" or not ckpt.step_dirs(self.dir):
             return 0, 0
         problems = []
@@ -501,7 +496,13 @@ class Trainer:
             self.optimizer_step(finite)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        sums["nonfinite"] = (~finite).float()
+        diverged = ~finite
+        # fp16: a gradient that overflowed under a finite loss is the loss scaler backing off, not divergence
+        if self.acc.scaler is not None:
+            overflow = torch.isfinite(sums["loss/total"]) & diverged
+            sums["scaler/overflow"] = overflow.float()
+            diverged = diverged & ~overflow
+        sums["nonfinite"] = diverged.float()
         counts = (samples, tokens, local_items, skipped, pairs)
         return StepLog(step, sums, grad_norm if max_norm > 0 else None, host, counts)
 
@@ -620,13 +621,19 @@ class Trainer:
         """An error inside the step loop (a collective that timed out or lost a peer, a device fault) is logged with
         this rank and the step before it propagates; the launcher then ends the other ranks. So is SIGTERM, which is
         how torchrun ends the surviving ranks when one dies: it can arrive before a rank's next collective would
-        have failed, and without this the job would end with no rank naming its step."""
+        have failed, and without this the job would end with no rank naming its step.
+
+        SIGTERM is not a stop request (``stop_signal_handler``): that same SIGTERM from torchrun would then send the
+        survivors into a checkpoint's collectives with a dead peer, and torchrun kills a rank 30 s after its SIGTERM,
+        too soon for a large checkpoint anyway. SLURM's preemption and time limit send it too: the time limit's warning
+        (``--signal``, scripts/slurm/train.sbatch) is what stops with a checkpoint."""
         at = types.SimpleNamespace(step=self.start_step)
 
         def terminated(signum: int, frame: Any) -> None:
             raise Terminated(
                 "SIGTERM: the launcher ends every rank once one has failed (its report names that rank), or the job "
-                "was cancelled"
+                "was cancelled, preempted or reached its time limit (no checkpoint now: the stop file or "
+                "distributed.stop_signal stops with one)"
             )
 
         main = threading.current_thread() is threading.main_thread()
@@ -703,7 +710,9 @@ class Trainer:
             (self.dir / "config.yaml").write_text(config_yaml(self.cfg))
         batches = iter(self.loader())
         accum, every = int(st.grad_accum), int(self.cfg.logging.get("every") or LOG_EVERY)
-        stop_at = min(self.total_steps, self.start_step + int(self.cfg.stop_after_steps or self.total_steps))
+        stop_at = min(
+            self.total_steps, self.start_step + (self.total_steps if self.steps_left is None else self.steps_left)
+        )
         bar = tqdm(
             total=self.total_steps,
             initial=self.start_step,
@@ -810,6 +819,7 @@ class Trainer:
             peak_memory_gib(acc.device),
             self.report.to_dict(),
             list(self.nonfinite),
+            stop_at - self.start_step,
         )
 
     def logged_losses(self) -> list[float]:
@@ -904,7 +914,7 @@ class Trainer:
         if full is None or self.acc.is_main_process:
             merge_lora(model)
         if self.acc.is_main_process:
-            ckpt.save_final(final, model, config_yaml(self.cfg), self.saved_parts)
+            ckpt.save_final(final, model, config_yaml(self.cfg), self.saved_parts, self.name)
         self.acc.wait_for_everyone()
         return final
 
