@@ -5,6 +5,7 @@ finally picks it shows up here instead.
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -16,8 +17,9 @@ from omegaconf import OmegaConf
 from alignlm.checks import check_config
 from alignlm.config import ConfigError, config_dir, instantiate
 from alignlm.models.build import build_model
+from alignlm.models.io import config_yaml
 from alignlm.objectives.base import Objective
-from alignlm.pipeline import resolve_precision, run
+from alignlm.pipeline import resolve_precision, run, warn_other_model
 from alignlm.training.stages import apply_stage
 from tests.conftest import compose, tiny_overrides
 
@@ -190,6 +192,55 @@ LAUNCHERS = sorted(p.stem for p in (CONFIGS / "launcher").glob("*.yaml"))
             "stages.finetune.data.sources=[{path:x.json,weigth:0.1}]",
             "a source is a mapping with a path and any of ['image_root', 'weight', 'allow_outside_root']; ['weigth'] is",
         ),
+        # a mistyped top-level or model key, added unread (`+stop_after_step=2` trained to the end)
+        ("+stop_after_step=2", "stop_after_step is not a known setting; did you mean 'stop_after_steps'?"),
+        ("+resum=never", "resum is not a known setting; did you mean 'resume'?"),
+        (
+            "+model.visual_token_nrom=1.0",
+            "model.visual_token_nrom is not a known setting; did you mean 'visual_token_norm'",
+        ),
+        ("+model.init_sed=3", "model.init_sed is not a known setting; did you mean 'init_seed'?"),
+        # offloading is DeepSpeed's: under ddp and fsdp2 it was read by nothing, and logged as on
+        (
+            "distributed.offload_optimizer=true",
+            "distributed.offload_optimizer=true offloads under DeepSpeed only, which distributed.strategy=auto (here "
+            "ddp",
+        ),
+        (
+            "launcher=fsdp2 distributed.offload_param=true",
+            "distributed.offload_param=true offloads under DeepSpeed only, which distributed.strategy=fsdp2 does not",
+        ),
+        # the second stage's mistakes that surfaced after the first had trained: decidable from the config ...
+        (
+            "stages.finetune.data.feature_cache=true stages.finetune.parts.vision=full",
+            "stages.finetune.data.feature_cache=True caches a frozen tower's features, but "
+            "stages.finetune.parts.vision=full trains the tower",
+        ),
+        ("stages.finetune.data.feature_cache=5", "stages.finetune.data.feature_cache=5 must be true"),
+        (
+            "+model/align_levels=aligngpt +stages.finetune.parts.align_levels=levelz "
+            "+stages.finetune.lr.align_levels=1",
+            "stages.finetune.parts.align_levels='levelz' is not known; choose one of ['frozen', 'levels', 'gate']",
+        ),
+        # ... or from the model, built once before the first stage trains
+        (
+            "stages.finetune.parts.llm=lora stages.finetune.lora.target_modules=[q_projj]",
+            "stages.finetune.lora.target_modules=['q_projj']: 'q_projj' names no module of model.llm; did you mean "
+            "'q_proj'?",
+        ),
+        (  # peft adapted q_proj alone, without a word
+            "stages.finetune.parts.llm=lora stages.finetune.lora.target_modules=[q_proj,v_projj]",
+            "'v_projj' names no module of model.llm; did you mean 'v_proj'?",
+        ),
+        (
+            "stages.finetune.data.max_length=8",
+            "stages.finetune.data.max_length=8 cannot hold one image's 16 visual tokens and a token of text",
+        ),
+        # a stop that can never fire; nulls the monitor crashed on (the checker itself, on topk)
+        ("nonfinite.stop_after=5 nonfinite.window=2", "nonfinite.stop_after=5 can never stop the run"),
+        ("monitor.every=2 monitor.probe=x.json monitor.topk=null", "monitor.topk=None must be a whole number >= 1"),
+        ("monitor.every=2 monitor.probe=x.json monitor.batch_size=null", "monitor.batch_size=None must be a whole"),
+        ("monitor.every=2 monitor.probe=x.json monitor.n=null", "monitor.n=None must be a whole number >= 1"),
     ],
 )
 def test_a_config_mistake_is_refused_naming_the_key_before_the_first_stage_trains(colour_set, tmp_path, bad, message):
@@ -248,3 +299,22 @@ def test_every_recipe_and_launcher_preset_passes_the_checks(overrides, tmp_path)
         if cfg.stages[name].init_from not in (None, *cfg.run):
             cfg.stages[name].init_from = None
     check_config(cfg)
+
+
+def test_a_stage_starting_from_a_final_of_other_model_settings_is_warned_naming_them(tmp_path, caplog):
+    """A final/ trained with another tower layer and init seed loaded onto this run's model without a word; now a
+    warning names each setting that differs (not a refusal: an upcycled MoE connector differs on purpose)."""
+    final = tmp_path / "other" / "final"
+    final.mkdir(parents=True)
+    (final / "config.yaml").write_text(config_yaml(compose("model.vision.select_layer=-1", "model.init_seed=7")))
+    cfg = compose(f"output_dir={tmp_path}", f"stages.finetune.init_from={final}")
+    log = logging.getLogger("test_configs.init_from")
+    with caplog.at_level("WARNING", logger=log.name):
+        warn_other_model(cfg, ["pretrain", "finetune"], log)
+    assert f"stages.finetune.init_from={final} was trained with other model settings" in caplog.text
+    assert "model.init_seed: 7 -> 0; model.vision.select_layer: -1 -> -2;" in caplog.text
+    caplog.clear()
+    (final / "config.yaml").write_text(config_yaml(compose()))
+    with caplog.at_level("WARNING", logger=log.name):
+        warn_other_model(cfg, ["finetune"], log)
+    assert not caplog.text  # the same settings

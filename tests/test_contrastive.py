@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -220,3 +221,56 @@ def test_learned_temperature_trains_and_resumes_exactly(colour_set, tmp_path):
     full = rows("full")
     assert full[0][1] == pytest.approx(0.07, rel=1e-4) and abs(full[-1][1] - 0.07) > 1e-3  # it moved
     assert rows("resumed") == [pytest.approx(r, rel=1e-6, abs=1e-7) for r in full]
+
+
+def test_samples_with_the_same_caption_are_one_caption_never_each_others_negatives(tiny_model, colour_set):
+    """The colour set repeats its three captions: two red squares were two captions, each the other's negative, so
+    even images equal to their captions scored a loss of 0.35 and accuracies of 0.75. Grouped by their supervised
+    token ids on the CPU, they are one caption with two images (VLAP's per-image captions stay as they were)."""
+    model = tiny_model()
+    data = build_dataset({"sources": [{"path": str(colour_set["pretrain"])}], "template": "plain"}, model, seed=0)
+    samples = [data[i] for i in range(4)]  # red, green, blue, red
+    batch = Collator(
+        model.tokenizer.pad_token_id, image_token_id=model.image_token_id, num_image_tokens=model.num_image_tokens
+    )(samples)
+    assert batch["pair_samples"].tolist() == [0, 1, 2] and batch["pair_caption"].tolist() == [0, 1, 2, 0]
+    with torch.no_grad():
+        out = model(batch)
+    pairs = image_caption_pairs(batch, out, model)
+    table = model.llm.get_input_embeddings()
+    for image, sample in enumerate(samples):  # each image's caption is its own sample's
+        own = sample["input_ids"][sample["labels"] != IGNORE_INDEX]
+        torch.testing.assert_close(pairs.text[image], table(own).float().mean(0))
+    loss, metrics = info_nce(pairs.text.clone(), pairs.captions, pairs.caption_of_image, torch.tensor(100.0))
+    assert loss.item() < 1e-3 and metrics["i2t_acc"] == 1.0 and metrics["t2i_acc"] == 1.0
+
+
+def test_a_fixed_temperature_is_config_not_checkpoint_state():
+    """A fixed temperature was a persistent buffer: saved in objectives.safetensors and loaded over the config on
+    resume, so resume_allow_changes with a new temperature trained on at the old one. Now only a learned one is
+    state, the resume layout tells the two apart, and a checkpoint holding a fixed one is refused, saying why."""
+    from alignlm.training.checkpoint import layout
+
+    learned, fixed = (ContrastiveObjective(learnable_temperature=flag) for flag in (True, False))
+    assert list(learned.state_dict()) == ["log_scale"] and fixed.state_dict() == {}
+    objectives = torch.nn.ModuleDict({"contrastive": fixed})
+    assert layout(torch.nn.Linear(1, 1), objectives) == {"weight": [1, 1], "bias": [1]}
+    from alignlm.training.trainer import refuse_config_held_state
+
+    written = {"layout": {"objectives.contrastive.log_scale": [1]}}
+    with pytest.raises(ValueError, match=r"ckpt holds \['objectives.contrastive.log_scale'\], which this run takes"):
+        refuse_config_held_state(Path("ckpt"), written, objectives)
+    refuse_config_held_state(Path("ckpt"), written, torch.nn.ModuleDict({"contrastive": learned}))
+
+
+def test_an_objective_returning_a_metric_it_does_not_declare_is_refused_naming_it():
+    """Ranks reduce their logged values as one table: a metric logged by some micro-batches only would change its
+    width on one rank, so every metric is declared in metric_names, and an undeclared one fails at once."""
+    from alignlm.objectives.base import LossTerm, check_metrics
+
+    obj = ContrastiveObjective()
+    check_metrics("stage.objectives.contrastive", obj, LossTerm(torch.zeros(()), {"temperature": torch.ones(())}))
+    with pytest.raises(
+        ValueError, match=r"stage.objectives.contrastive \(ContrastiveObjective\) returned metrics \['x'\]"
+    ):
+        check_metrics("stage.objectives.contrastive", obj, LossTerm(torch.zeros(()), {"x": torch.ones(())}))

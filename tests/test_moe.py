@@ -151,6 +151,35 @@ def test_text_only_batch_does_not_train_the_router():
     load_part_state(model, part_state(model, ["connector"]), ["connector"])  # its own layout loads unchanged
 
 
+def test_the_zero_image_of_a_text_only_micro_batch_is_not_logged_as_routing(colour_set, tmp_path):
+    """A text-only micro-batch runs a zero image through the connector to keep ranks in step: its aux losses were
+    zeroed but its expert loads were logged as data. The keys stay (every rank reduces the same table), the values are
+    left out of the step's mean: null for a step without images, the image micro-batch's alone beside one."""
+    from alignlm.pipeline import make_accelerator
+    from alignlm.training.trainer import Trainer
+    from tests.test_training import text_only_records
+
+    text = text_only_records(tmp_path / "text_only.json")
+    cfg = compose(
+        *tiny_overrides(
+            colour_set, tmp_path, "run=[pretrain]", "model/connector=moe", "stages.pretrain.lr.connector=0"
+        ),
+        f"stages.pretrain.data.sources=[{{path:{colour_set['pretrain']}}},{{path:{text}}}]",
+    )
+    trainer = Trainer(cfg, "pretrain", make_accelerator(cfg))
+    trainer.setup()
+    data, collate = trainer.dataset, trainer.collator()
+    with_images = collate([data[i] for i in range(len(data)) if data[i]["n_images"]][:4])
+    text_only = collate([data[i] for i in range(len(data)) if not data[i]["n_images"]][:4])
+    micro = [[text_only], [with_images], [with_images, text_only]]
+    logs = [trainer.step(m, step) for step, m in enumerate(micro, 1)]
+    rows = {step: row for step, row, *_ in trainer.fetch(logs)}
+    routing = [k for k in rows[2] if k.startswith("connector/")]
+    assert "connector/expert_load/0" in routing and all(k in rows[1] and k in rows[3] for k in routing)
+    assert all(rows[1][k] is None for k in routing)
+    assert all(rows[3][k] == pytest.approx(rows[2][k]) for k in routing)
+
+
 def _loads(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
     return torch.bincount(experts.reshape(-1), minlength=num_experts)
 

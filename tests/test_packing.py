@@ -333,7 +333,7 @@ def test_feature_cache_trains_exactly_like_live_features_and_is_reused(colour_se
     stamp = shards[0].stat().st_mtime_ns
     run(compose(*common, "run_name=again", "stages.pretrain.data.feature_cache=true"))  # same tower: nothing recomputed
     assert [p.stat().st_mtime_ns for p in (tmp_path / "feature_cache").rglob("*.safetensors")] == [stamp]
-    with pytest.raises(ValueError, match="this stage trains model.vision"):
+    with pytest.raises(ValueError, match=r"feature_cache=True caches a frozen tower.s features, but stages.pretrain.parts.vision=full"):
         run(
             compose(
                 *common,

@@ -8,6 +8,7 @@ import json
 import math
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -210,3 +211,36 @@ def test_two_data_parallel_ranks_train_like_one_process(colour_set, tmp_path, mo
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
     run(compose(*dpo_stage(colour_set, tmp_path, "run_name=one", "stages.dpo.save_every=0")))
     assert read_losses(tmp_path / "ddp" / "dpo") == pytest.approx(read_losses(tmp_path / "one" / "dpo"), rel=1e-5)
+
+
+def dpo_trainer(colour_set, tmp_path) -> tuple[Any, dict, dict]:
+    """A dpo stage's trainer (its LoRA frozen at lr 0: a micro-batch gives the same loss at every step), a micro-batch
+    of its data, and one whose every pair was bad data (the trainer replaces it by an empty stand-in)."""
+    from alignlm.pipeline import make_accelerator
+    from alignlm.training.trainer import Trainer
+
+    cfg = compose(*dpo_stage(colour_set, tmp_path, "run=[dpo]", "stages.dpo.init_from=null", "stages.dpo.lr.llm=0"))
+    trainer = Trainer(cfg, "dpo", make_accelerator(cfg))
+    trainer.setup()
+    return trainer, next(iter(trainer.loader())), trainer.collator()([Skipped("gone", "OSError")])
+
+
+def test_the_batch_fields_are_checked_on_the_first_micro_batch_of_data_not_a_stand_in(colour_set, tmp_path):
+    """When step 1's first micro-batch was bad data, the check read its stand-in and failed with "objective dpo needs
+    batch fields ['pair', 'chosen']", data that was in fact there."""
+    trainer, good, bad = dpo_trainer(colour_set, tmp_path)
+    trainer.step([bad, good], 1)
+    fresh, _, _ = dpo_trainer(colour_set, tmp_path / "fresh")
+    with pytest.raises(KeyError, match=r"objective dpo needs batch fields \['pair'\]"):  # data lacking one still fails
+        fresh.step([bad, {k: v for k, v in good.items() if k != "pair"}], 1)
+
+
+def test_a_stand_in_for_bad_data_does_not_scale_a_per_micro_batch_loss(colour_set, tmp_path):
+    """The stand-in counted in the micro-batches the DPO loss was averaged over, halving its gradient and logged
+    loss: a step is now the mean over its micro-batches of data, as one big batch without the bad ones."""
+    trainer, good, bad = dpo_trainer(colour_set, tmp_path)
+    logs = [trainer.step([good], 1), trainer.step([bad, good], 2)]
+    rows = {step: row for step, row, *_ in trainer.fetch(logs)}
+    assert rows[2]["loss/dpo"] == pytest.approx(rows[1]["loss/dpo"]) and rows[1]["loss/dpo"] > 0
+    assert rows[2]["loss/total"] == pytest.approx(rows[1]["loss/total"])
+    assert rows[2]["dpo/rewards/margin"] == pytest.approx(rows[1]["dpo/rewards/margin"])

@@ -19,7 +19,14 @@ from alignlm.data.records import DataError
 from alignlm.pipeline import run
 from alignlm.training.determinism import deterministic, strict
 from alignlm.training.trainer import StopTraining
-from tests.conftest import WAIT_FREE_RECIPES, compose, read_losses, tiny_overrides, waits_in_training_steps
+from tests.conftest import (
+    WAIT_FREE_RECIPES,
+    compose,
+    read_losses,
+    tiny_overrides,
+    waits_in_training_steps,
+    write_colour_set,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -598,3 +605,71 @@ def test_the_samples_an_epoch_leaves_over_are_announced(colour_set, tmp_path):
         logging.getLogger("alignlm").removeHandler(catch)
     said = [r.getMessage() for r in records if "left over" in r.getMessage()]
     assert said and f"the {size % batch} left over" in said[0] and f"of its {size} samples" in said[0]
+
+
+def text_only_records(path: Path, n: int = 4) -> Path:
+    """``n`` records without an image: a micro-batch of them has no image-caption pair."""
+    turns = [{"from": "human", "value": "Say it."}, {"from": "gpt", "value": "A word."}]
+    path.write_text(json.dumps([{"id": f"text{i}", "conversations": turns} for i in range(n)]))
+    return path
+
+
+def test_every_step_logs_the_same_keys_and_a_metric_averages_over_the_micro_batches_that_measured_it(
+    colour_set, tmp_path
+):
+    """Data-parallel ranks all-reduce their logged values as one table: a micro-batch without an image-caption pair
+    (contrastive and VLAP then measured nothing) dropped their metric keys on its rank, and the ranks reduced tables of
+    different widths (gloo aborted; NCCL may mix columns). Every step now logs every key; a metric is the mean over the
+    micro-batches that measured it, not averaged with zeros for those that did not."""
+    from alignlm.pipeline import make_accelerator
+    from alignlm.training.trainer import Trainer
+
+    text = text_only_records(tmp_path / "text_only.json")
+    cfg = compose(
+        *tiny_overrides(colour_set, tmp_path, "run=[pretrain]"),
+        f"stages.pretrain.data.sources=[{{path:{colour_set['pretrain']}}},{{path:{text}}}]",
+        "+objective@stages.pretrain.objectives.contrastive=contrastive",
+        "+objective@stages.pretrain.objectives.vlap=vlap",
+        "stages.pretrain.lr.connector=0",  # the model stays as it is: the same micro-batch measures the same
+        "stages.pretrain.lr.objectives=0",
+    )
+    trainer = Trainer(cfg, "pretrain", make_accelerator(cfg))
+    trainer.setup()
+    data, collate = trainer.dataset, trainer.collator()
+    with_images = collate([data[i] for i in range(len(data)) if data[i]["n_images"]][:4])
+    text_only = collate([data[i] for i in range(len(data)) if not data[i]["n_images"]][:4])
+    logs = [
+        trainer.step(micro, step)
+        for step, micro in enumerate([[text_only], [with_images], [with_images, text_only]], 1)
+    ]
+    assert logs[0].device.keys() == logs[1].device.keys() == logs[2].device.keys()
+    assert logs[0].measured.keys() == logs[1].measured.keys() and logs[0].measured["contrastive/i2t_acc"] == 0
+    rows = {step: row for step, row, *_ in trainer.fetch(logs)}
+    pair_metrics = ["contrastive/i2t_acc", "contrastive/t2i_acc", "vlap/assign_agree", "vlap/pred_agree"]
+    assert all(rows[1][k] is None for k in pair_metrics) and rows[1]["contrastive/temperature"] > 0
+    assert all(rows[3][k] == pytest.approx(rows[2][k]) for k in [*pair_metrics, "contrastive/temperature"])
+
+
+def test_two_ranks_whose_micro_batches_differ_in_image_caption_pairs_log_together(tmp_path):
+    """The run behind the test above, on 2 gloo ranks: half the records text-only, so at some step one rank's
+    micro-batch has pairs and the other's none; gloo aborted it with "Received data size doesn't match"."""
+    from tests.test_cluster import torchrun
+
+    sets = write_colour_set(tmp_path / "data", n=12)
+    text = text_only_records(tmp_path / "text_only.json", n=12)
+    proc = torchrun(
+        [
+            *tiny_overrides(sets, tmp_path, "run=[pretrain]", "eval.sets=[]", "logging.every=1"),
+            f"stages.pretrain.data.sources=[{{path:{sets['pretrain']}}},{{path:{text}}}]",
+            "stages.pretrain.max_steps=3",
+            "stages.pretrain.per_device_batch_size=2",
+            "stages.pretrain.save_every=0",
+            "stages.pretrain.data.group_by_length=false",
+            "+objective@stages.pretrain.objectives.contrastive=contrastive",
+            "+objective@stages.pretrain.objectives.vlap=vlap",
+        ],
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(r) for r in (tmp_path / "t" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(r["contrastive/temperature"] > 0 for r in rows)

@@ -11,19 +11,23 @@ import inspect
 import json
 import math
 import signal
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
+from peft import LoraConfig
+from peft.tuners.tuners_utils import check_target_module_exists
+from peft.utils import INCLUDE_LINEAR_LAYERS_SHORTHAND
+from torch import nn
 
 from alignlm.config import ConfigError, default_keys, plain
 from alignlm.data import GENERATORS, generator_knobs
 from alignlm.data.images import MAX_PIXELS
 from alignlm.data.llava import check_error_policy
-from alignlm.data.records import Source
+from alignlm.data.records import DataError, Source, image_names, read_records
 from alignlm.data.templates import TEMPLATES
 from alignlm.export.hf_llava import is_llava_dir
 from alignlm.geometry.suite import ALL_METRICS
@@ -54,6 +58,9 @@ _UNCATCHABLE = ("SIGKILL", "SIGSTOP")  # no handler can be installed for these (
 def check_config(cfg: DictConfig) -> None:
     """Config mistakes that would otherwise surface mid-run, each named with its key and the values allowed: unknown
     stage names, a bad resume mode, a run name that is not a plain folder name, numbers out of range."""
+    known = default_keys()
+    _check_keys("", cfg, known[""])  # `+stop_after_step=2` (meant: stop_after_steps) had trained to the end
+    _check_keys("model", _mapping("model", cfg.get("model")), known["model"])
     for key in ("run", "offline_datasets"):
         _list(key, cfg.get(key, []))
     if not cfg.run:
@@ -84,7 +91,6 @@ def check_config(cfg: DictConfig) -> None:
     cfg.run_name = str(name)  # `run_name=nan` or `run_name=7` arrive as numbers
     if cfg.get("stop_after_steps") is not None:
         _whole("stop_after_steps", cfg.stop_after_steps)
-    known = default_keys()
     _check_sections(cfg, known)
     dist = cfg.distributed
     if dist.get("strategy", "auto") not in ("auto", *STRATEGIES):
@@ -114,7 +120,7 @@ def check_config(cfg: DictConfig) -> None:
             raise ConfigError(f"distributed.deepspeed_config={str(path)!r} is not a readable JSON file: {e}") from None
     _check_stage_keys(cfg, known)
     _check_llava_start(cfg)
-    parts = (*AlignLM.PARTS, *((cfg.get("model") or {}).get("extras") or {}))
+    parts = _part_modes(cfg.model)
     for i, stage in enumerate(cfg.run):
         _check_stage(f"stages.{stage}", cfg.stages[stage])
         _check_objectives(f"stages.{stage}", cfg.stages[stage])
@@ -136,8 +142,14 @@ def _check_switches_and_counts(cfg: DictConfig) -> None:
     if mode not in WANDB_MODES:
         raise ConfigError(f"logging.wandb.mode={mode!r} is not known; choose one of {list(WANDB_MODES)}")
     nonfinite = cfg.get("nonfinite") or {}
-    _whole("nonfinite.window", nonfinite.get("window", 100))
-    _whole("nonfinite.stop_after", nonfinite.get("stop_after", 5), 0, " (0: never stop)")
+    window, stop_after = nonfinite.get("window", 100), nonfinite.get("stop_after", 5)
+    _whole("nonfinite.window", window)
+    _whole("nonfinite.stop_after", stop_after, 0, " (0: never stop)")
+    if stop_after > window:  # it counts skipped steps among the last `window`: more than that can never happen
+        raise ConfigError(
+            f"nonfinite.stop_after={stop_after} can never stop the run: it counts the non-finite steps among the last "
+            f"nonfinite.window={window} steps; set it to at most {window}, or 0 (never stop)"
+        )
     ecfg = cfg.eval
     for name in ("batch_size", "max_new_tokens"):
         _whole(f"eval.{name}", ecfg.get(name))
@@ -178,12 +190,14 @@ def _check_stage_keys(cfg: DictConfig, known: dict[str, set[str]]) -> None:
 
 
 def _check_keys(where: str, node: Mapping[str, Any], allowed: set[str]) -> None:
-    """Every key of ``node`` is in ``allowed`` (a mistyped one is named with the nearest allowed key)."""
+    """Every key of ``node`` (at ``where``; ``""``: the top level) is in ``allowed`` (a mistyped one is named with the
+    nearest allowed key)."""
     for key in node:
         if key not in allowed:
             near = difflib.get_close_matches(str(key), sorted(allowed), n=1)
             hint = f"did you mean {near[0]!r}? " if near else ""
-            raise ConfigError(f"{where}.{key} is not a known setting; {hint}known: {sorted(allowed)}")
+            name = f"{where}.{key}" if where else str(key)
+            raise ConfigError(f"{name} is not a known setting; {hint}known: {sorted(allowed)}")
 
 
 def _mapping(key: str, value: Any, *, null: bool = False) -> Any:
@@ -260,11 +274,10 @@ def _check_monitor(monitor: Any) -> None:
         return
     if not monitor.get("probe"):
         raise ConfigError("monitor.every > 0 needs monitor.probe: a caption file (image + caption records)")
-    for name in ("n", "batch_size", "topk"):
-        if monitor.get(name) is not None:
-            _whole(f"monitor.{name}", monitor[name])
+    for name, default in (("n", 64), ("batch_size", 32), ("topk", 10)):
+        _whole(f"monitor.{name}", monitor.get(name, default))  # null too: the monitor had crashed on it mid-run
     n, topk = monitor.get("n", 64), monitor.get("topk", 10)
-    if n is not None and n < topk + 2:
+    if n < topk + 2:
         raise ConfigError(f"monitor.n={n} must be at least monitor.topk + 2 = {topk + 2} for the kNN metrics")
     for name in ("metrics", "layer_metrics"):
         unknown = [m for m in _list(f"monitor.{name}", monitor.get(name), null=True) or [] if m not in ALL_METRICS]
@@ -278,11 +291,26 @@ def _flag(key: str, value: Any, also: tuple[Any, ...] = ()) -> None:
         raise ConfigError(f"{key}={value!r}: choose one of {[*also, True, False]}")
 
 
-def _check_stage_choices(key: str, stage: DictConfig, parts: tuple[str, ...]) -> None:
+def _part_modes(model: Any) -> dict[str, tuple[str, ...]]:
+    """The model's parts, each with the modes ``stages.<s>.parts`` may give it: an extra input part's are its class's
+    ``TRAIN_MODES`` (read without building it; () when the class cannot be found, which building it then names)."""
+    modes = dict.fromkeys(AlignLM.PARTS, MODES)
+    for name, node in (model.get("extras") or {}).items():
+        if node is None:  # off
+            continue
+        try:
+            modes[name] = tuple(getattr(get_class(str(node.get("_target_"))), "TRAIN_MODES", MODES))
+        except (ImportError, ValueError, AttributeError):
+            modes[name] = ()
+    return modes
+
+
+def _check_stage_choices(key: str, stage: DictConfig, part_modes: Mapping[str, tuple[str, ...]]) -> None:
     """Names and switches of a stage, checked before the first stage trains (a typo in the second stage would
     otherwise surface after the first had trained)."""
     modes = _mapping(f"{key}.parts", stage.get("parts"))
-    check_parts(modes, {p: MODES if p in AlignLM.PARTS else () for p in parts}, key)
+    check_parts(modes, part_modes, key)
+    parts = tuple(part_modes)
     stray = [p for p in stage.lr if p not in (*parts, "objectives")]
     if stray:
         raise ConfigError(f"{key}.lr has learning rates for {stray}, which are not parts ({list(parts)}) or objectives")
@@ -331,6 +359,22 @@ def _check_stage_choices(key: str, stage: DictConfig, parts: tuple[str, ...]) ->
     _flag(f"{key}.data.packing", data.get("packing", "auto"), ("auto",))
     for name in ("group_by_length", "preference"):
         _flag(f"{key}.data.{name}", data.get(name, False))
+    _check_feature_cache(key, data.get("feature_cache", False), modes.get("vision", "frozen"))
+
+
+def _check_feature_cache(key: str, cache: Any, vision: str) -> None:
+    """``data.feature_cache`` (``training/feature_cache.py``): true, a folder, or false / null (off); only for a
+    frozen tower, whose features do not change (the stage had refused a trained one after the stages before it)."""
+    if not (cache is None or isinstance(cache, bool) or (isinstance(cache, str) and cache)):
+        raise ConfigError(
+            f"{key}.data.feature_cache={cache!r} must be true (the folder output_dir/feature_cache), a folder, or "
+            "false or null (off)"
+        )
+    if cache and vision != "frozen":
+        raise ConfigError(
+            f"{key}.data.feature_cache={cache!r} caches a frozen tower's features, but {key}.parts.vision={vision} "
+            "trains the tower: turn one of them off"
+        )
 
 
 def _check_objectives(key: str, stage: DictConfig) -> None:
@@ -419,3 +463,57 @@ def _check_llava_start(cfg: DictConfig) -> None:
             f"model=llava_hf builds the model from model.path={path} with random weights, and stages.{first}."
             f"init_from is not set: add stages.{first}.init_from={path} to start from the folder's weights"
         )
+
+
+def check_stages_fit_model(cfg: DictConfig, stages: Sequence[str], model: AlignLM) -> None:
+    """What only the built model tells, for every stage of ``stages`` (those about to train), before the first trains:
+    each LoRA stage's ``target_modules`` name modules of the part it adapts (peft refused them when that stage began,
+    after the stages before it had trained), and ``data.max_length`` holds one image's visual tokens and a token of
+    text (the stage's dataset refused it then). ``model``: built from ``cfg.model``, nothing loaded."""
+    for name in stages:
+        key, stage = f"stages.{name}", cfg.stages[name]
+        targets = (stage.get("lora") or {}).get("target_modules", INCLUDE_LINEAR_LAYERS_SHORTHAND)
+        for part, mode in stage.parts.items():
+            if mode == "lora":
+                _check_lora_targets(f"{key}.lora.target_modules", plain(targets), getattr(model, part), part)
+        max_length, tokens = stage.data.get("max_length", 2048), model.num_image_tokens
+        if max_length <= tokens and _has_images(stage.data):
+            raise ConfigError(
+                f"{key}.data.max_length={max_length} cannot hold one image's {tokens} visual tokens and a token of "
+                f"text: every record with an image would be cut away; set it above {tokens}"
+            )
+
+
+def _check_lora_targets(key: str, targets: str | list[str], module: nn.Module, part: str) -> None:
+    """Every name of ``targets`` (a list, each matched as peft does: the module's name or its last components) or the
+    pattern ``targets`` (a string, matched whole against a module's name) matches a module of ``module``: peft fails
+    only when none of a list does, and a mistyped entry beside a right one adapted fewer layers without a word.
+    ``all-linear`` is every linear layer (peft's own shorthand)."""
+    if isinstance(targets, str) and targets.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND:
+        return
+    names = [n for n, _ in module.named_modules() if n]
+    for target in [targets] if isinstance(targets, str) else targets:
+        config = LoraConfig(target_modules=target if isinstance(targets, str) else [target])
+        if any(check_target_module_exists(config, n) for n in names):
+            continue
+        leaves = sorted({n.rsplit(".", 1)[-1] for n, m in module.named_modules() if n and not next(m.children(), None)})
+        near = difflib.get_close_matches(target, leaves, n=1)
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        raise ConfigError(
+            f"{key}={targets!r}: {target!r} names no module of model.{part}; {hint}its layers are named {leaves}, or "
+            f"use {INCLUDE_LINEAR_LAYERS_SHORTHAND} (every linear layer)"
+        )
+
+
+def _has_images(data: DictConfig) -> bool:
+    """Whether a record of the stage's sources names an image (read only where ``max_length`` is too short for one,
+    rarely: a text-only stage may be that short). A file that cannot be read counts as none: the stage's dataset
+    names it when it starts."""
+    for i, node in enumerate(data.get("sources") or []):
+        try:
+            records = read_records(Source.from_config(node, f"data.sources[{i}]").path, [])
+        except DataError:
+            continue
+        if any(isinstance(r, dict) and image_names(r) for r in records):
+            return True
+    return False

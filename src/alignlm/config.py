@@ -41,24 +41,30 @@ def compose(overrides: Sequence[str], config_name: str = "train") -> DictConfig:
 
 
 def default_keys() -> dict[str, set[str]]:
-    """The keys each mapping of the defaults sets, by its place in the tree: ``stage``, ``stage.data``, ``stage.lora``
-    (from every ``configs/stage/*.yaml``), ``distributed`` (``train.yaml`` and every ``configs/launcher/*.yaml``),
-    ``monitor``, ``logging.wandb``, ... (``train.yaml``). A key no default sets is a typo: Hydra's advice for one,
-    ``+stages.x.max_stepz=3``, would add it unread."""
+    """The keys each mapping of the defaults sets, by its place in the tree: ``""`` (the top level: ``train.yaml``,
+    and the sections a recipe of ``configs/exp/*.yaml`` adds, a method's own settings), ``stage``, ``stage.data``,
+    ``stage.lora`` (from every ``configs/stage/*.yaml``), ``distributed`` (``train.yaml`` and every
+    ``configs/launcher/*.yaml``), ``model`` (every ``configs/model/*.yaml``), ``monitor``, ``logging.wandb``, ...
+    (``train.yaml``). A key no default sets is a typo: Hydra's advice for one, ``+stages.x.max_stepz=3`` or
+    ``+stop_after_step=2``, would add it unread."""
     root = config_dir()
     files = [("", root / "train.yaml")]
     files += [("distributed", path) for path in sorted((root / "launcher").glob("*.yaml"))]
     files += [("stage", path) for path in sorted((root / "stage").glob("*.yaml"))]
+    files += [("model", path) for path in sorted((root / "model").glob("*.yaml"))]
     keys: dict[str, set[str]] = {}
     for where, path in files:
         _add_keys(keys, where, OmegaConf.to_container(OmegaConf.load(path), resolve=False))
+    # a recipe's top-level keys only: what it sets below them are train.yaml's settings, whose typos stay typos
+    for path in sorted((root / "exp").glob("*.yaml")):
+        keys[""] |= {str(key) for key in OmegaConf.load(path) if key != "defaults"}
     return keys
 
 
 def _add_keys(keys: dict[str, set[str]], where: str, node: dict[str, Any]) -> None:
     """``node``'s keys under ``where``, and those of each mapping below it under its dotted place."""
     for key, value in node.items():
-        if key == "defaults":
+        if key in ("defaults", "hydra"):  # Hydra's own: what to compose, where it writes; no setting of a run
             continue
         keys.setdefault(where, set()).add(str(key))
         if isinstance(value, dict):

@@ -16,6 +16,7 @@ import json
 import os
 from collections.abc import Iterator
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 from omegaconf import DictConfig, OmegaConf
 
-from alignlm.checks import check_config
+from alignlm.checks import check_config, check_stages_fit_model
 from alignlm.config import ConfigError, instantiate
 from alignlm.data import GENERATORS
 from alignlm.evaluation.evaluate import answer_accuracy
@@ -111,6 +112,7 @@ def resolve_strategy(cfg: DictConfig) -> None:
     kept from doing it too."""
     launched, knobs = launch_strategy()
     dist = cfg.distributed
+    asked = dist.strategy
     if dist.strategy == "auto":
         dist.strategy = launched or "ddp"
         for key, value in knobs.items():  # an offload the alignlm config turns on stays on
@@ -129,6 +131,23 @@ def resolve_strategy(cfg: DictConfig) -> None:
         os.environ.pop(var, None)
     if dist.strategy in ZERO_STAGES:
         check_zero_settings(dist.strategy, dist, str(cfg.mixed_precision))
+    else:
+        check_no_offload(dist, asked)
+
+
+def check_no_offload(dist: DictConfig, asked: str) -> None:
+    """Offloading to the CPU is DeepSpeed's (``zero.deepspeed_config``): under ddp or fsdp2 the switches were read by
+    nothing, while the stage's start-up line said they were on. ``asked``: the strategy before ``auto`` was resolved."""
+    on = [key for key in _OFFLOADS if dist.get(key)]
+    if on:
+        how = f"distributed.strategy={asked}" + (
+            f" (here {dist.strategy}: no DeepSpeed launch config)" if asked == "auto" else ""
+        )
+        needs = "zero3" if on[0] == "offload_param" else "zero2 or zero3"
+        raise ConfigError(
+            f"distributed.{on[0]}=true offloads under DeepSpeed only, which {how} does not run: set it to false, or "
+            f"distributed.strategy={needs} (launcher=zero3_offload offloads both)"
+        )
 
 
 def resolve_precision(cfg: DictConfig) -> None:
@@ -270,6 +289,25 @@ def set_aside_earlier_runs(cfg: DictConfig, run_dir: Path) -> None:
             )
 
 
+def warn_other_model(cfg: DictConfig, stages: list[str], log: Any) -> None:
+    """A stage whose ``init_from`` is a ``final/`` of another model config (another tower layer, seed or tower of the
+    same width) loads its weights all the same: a warning names the settings that differ
+    (:func:`checkpoint.model_changes`). One this run trains first has this run's config, and is not there yet."""
+    run_dir = Path(cfg.output_dir) / cfg.run_name
+    for name in stages:
+        init = ckpt.resolve_init(cfg.stages[name].get("init_from"), run_dir, cfg.stages)
+        changes = ckpt.model_changes(init, cfg.model) if init is not None and init.is_dir() else []
+        if changes:
+            log.warning(
+                "stages.%s.init_from=%s was trained with other model settings, %s; its weights load onto this run's "
+                "model as they are (deliberate for an upcycled connector or a swapped part; otherwise set the same "
+                "model settings)",
+                name,
+                init,
+                "; ".join(changes),
+            )
+
+
 def _run(cfg: DictConfig, acc: Accelerator) -> dict[str, Any]:
     log = get_logger("alignlm", acc.process_index)
     run_dir = Path(cfg.output_dir) / cfg.run_name
@@ -279,6 +317,12 @@ def _run(cfg: DictConfig, acc: Accelerator) -> dict[str, Any]:
                 set_aside_earlier_runs(cfg, run_dir)
             ensure_offline_datasets(cfg)
             run_prepare_steps(cfg)
+    to_train = [name for name in cfg.run if not stage_done(cfg, name)]
+    if acc.is_main_process:
+        warn_other_model(cfg, to_train, log)
+    # what only a built model tells (LoRA targets, room for the visual tokens), for every stage to train, on the first
+    # one's model as built: its mistakes had surfaced when their stage began, after the stages before it had trained
+    check_model = partial(check_stages_fit_model, cfg, to_train)
     summary: dict[str, Any] = {"run": str(run_dir), "stages": {}, "eval": {}}
     final = None
     steps_left = cfg.get("stop_after_steps")  # per process, over all its stages
@@ -295,7 +339,8 @@ def _run(cfg: DictConfig, acc: Accelerator) -> dict[str, Any]:
                 f"stopped before stage {name} (stop_after_steps={cfg.stop_after_steps} steps trained in this "
                 "process); rerun to resume"
             )
-        result: StageResult = Trainer(cfg, name, acc, steps_left).fit()
+        result: StageResult = Trainer(cfg, name, acc, steps_left, check_model).fit()
+        check_model = None
         if steps_left is not None:
             steps_left -= result.process_steps
         log.info("\n%s", summarize(result))

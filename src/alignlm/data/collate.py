@@ -72,8 +72,10 @@ def index_fields(
     """The batch's index (on the CPU: free; on a GPU: a host sync): ``lm_positions``, ``lm_targets``,
     ``image_positions`` (the flat index of every image-token slot, in reading order), ``image_sample``, and the
     image-caption pairs of the global alignment objectives (``objectives/pairs.py``): ``pair_images`` (the images
-    whose sample supervises a token), ``pair_samples`` (the samples those images belong to, ascending) and
-    ``pair_caption`` (each paired image's row in ``pair_samples``)."""
+    whose sample supervises a token), ``pair_samples`` (one sample per distinct caption of those images' samples, the
+    first to have it) and ``pair_caption`` (each paired image's row in ``pair_samples``). Samples whose supervised
+    tokens are identical have one caption: two images captioned alike are positives of one caption, never each
+    other's negatives."""
     rows, length = labels.shape
     target = torch.cat([labels[:, 1:], labels.new_full((rows, 1), IGNORE_INDEX)], dim=1)
     same = torch.cat([sample_ids[:, 1:] == sample_ids[:, :-1], sample_ids.new_zeros(rows, 1, dtype=torch.bool)], dim=1)
@@ -86,15 +88,39 @@ def index_fields(
     pair_images = captioned[image_sample].nonzero().squeeze(1)
     paired = torch.zeros(num_samples, dtype=torch.bool, device=labels.device)
     paired[image_sample[pair_images]] = True
+    caption, firsts = caption_classes(
+        labels[supervised], sample_ids[supervised], paired.nonzero().squeeze(1), num_samples
+    )
     return {
         "lm_positions": positions,
         "lm_targets": target.flatten()[positions],
         "image_positions": image_positions,
         "image_sample": image_sample,
         "pair_images": pair_images,
-        "pair_samples": paired.nonzero().squeeze(1),
-        "pair_caption": (torch.cumsum(paired, 0) - 1)[image_sample[pair_images]],
+        "pair_samples": firsts,
+        "pair_caption": caption[image_sample[pair_images]],
     }
+
+
+def caption_classes(
+    tokens: torch.Tensor, owners: torch.Tensor, samples: torch.Tensor, num_samples: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The caption class of each of ``samples`` (each owns some of the supervised token ids ``tokens``, laid out in
+    reading order), by its token ids: ``[num_samples]`` indexed by sample (-1 for the others), and the first sample of
+    each class, classes numbered by it. Read on the host: free in the collator, a sync on a GPU."""
+    texts: dict[int, list[int]] = {}
+    for token, owner in zip(tokens.tolist(), owners.tolist()):
+        texts.setdefault(owner, []).append(token)
+    classes: dict[tuple[int, ...], int] = {}
+    caption, firsts = [-1] * num_samples, []
+    for sample in samples.tolist():
+        text = tuple(texts[sample])
+        if text not in classes:
+            classes[text] = len(firsts)
+            firsts.append(sample)
+        caption[sample] = classes[text]
+    device = samples.device
+    return torch.tensor(caption, dtype=torch.long, device=device), torch.tensor(firsts, dtype=torch.long, device=device)
 
 
 def sample_counts(sample_ids: torch.Tensor, keep: torch.Tensor, num_samples: int) -> torch.Tensor:

@@ -76,6 +76,7 @@ class AlignOutput(ModelOutput):
     visual_tokens: torch.Tensor | None = None
     image_positions: torch.Tensor | None = None
     aux_losses: dict[str, torch.Tensor] | None = None  # {} when not given
+    # the connector's; of the zero image when the batch has none (``has_images``): no data, the trainer leaves them out
     metrics: dict[str, torch.Tensor] | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     sample_logps: torch.Tensor | None = None  # [num_samples]: each sample's summed log-probability of its labels
@@ -86,6 +87,13 @@ class AlignOutput(ModelOutput):
         super().__post_init__()
         self.aux_losses = {} if self.aux_losses is None else self.aux_losses
         self.metrics = {} if self.metrics is None else self.metrics
+
+
+def has_images(batch: Batch) -> bool:
+    """Whether the batch holds images (or the features standing in for them); without, the model runs a zero image
+    through the vision path to keep ranks in step, and what the connector reports of it is no data."""
+    pixels = batch.get("pixel_values")
+    return batch.get("image_embeds") is not None or (pixels is not None and pixels.shape[0] > 0)
 
 
 class AlignLM(nn.Module):
@@ -187,10 +195,7 @@ class AlignLM(nn.Module):
         visual = conn.tokens
         embeds = self.llm.get_input_embeddings()(input_ids)
         is_image = input_ids == self.image_token_id
-        has_images = batch.get("image_embeds") is not None or (
-            batch.get("pixel_values") is not None and batch["pixel_values"].shape[0] > 0
-        )
-        if has_images:
+        if has_images(batch):
             # slot positions from the collator (the CPU), else found here (a batch built by hand: a host sync). An
             # index_copy, not a masked_scatter: the latter's backward selects by mask, which waits for the device
             positions = batch.get("image_positions")
@@ -209,7 +214,7 @@ class AlignLM(nn.Module):
             # the zero image only keeps ranks in step: its auxiliary losses must not train the connector
             conn.aux_losses = {k: 0.0 * v for k, v in conn.aux_losses.items()}
         if self.extras:
-            embeds = self._write_slots(batch, embeds, visual if has_images else None, is_image)
+            embeds = self._write_slots(batch, embeds, visual if has_images(batch) else None, is_image)
         return embeds, {"features": features, "visual": visual, "is_image": is_image, "conn": conn}
 
     def index(self, batch: Batch) -> dict[str, Any]:

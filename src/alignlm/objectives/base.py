@@ -2,6 +2,8 @@
 
 An objective that needs extra batch fields names them in ``requires_batch_keys``; the trainer checks the
 first batch against every objective before training, so a missing field fails at start-up, not at step 40k.
+An objective that logs metrics names them in ``metric_names``: data-parallel ranks reduce their logged values as one
+table, which only works when every rank has the same columns whatever its micro-batches held.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ class LossTerm(ModelOutput):
     output and gathers the objective's own parameters (a learned temperature) for the backward."""
 
     loss: torch.Tensor
-    metrics: dict[str, torch.Tensor] | None = None  # {} when not given
+    # what this micro-batch measured, a subset of the objective's ``metric_names`` ({} when not given): a metric left
+    # out (no image-caption pair to score) is left out of the step's mean, not averaged in as a zero
+    metrics: dict[str, torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         self.metrics = {} if self.metrics is None else self.metrics
@@ -39,8 +43,11 @@ class Objective(nn.Module):
     needs_hidden_states: bool = False
     needs_sample_logps: bool = False  # each sample's summed log-probability of its labels (preference objectives)
     # True when the loss is already normalised by the global supervised-token count (the LM loss);
-    # other losses are per-micro-batch means that the trainer averages over accumulation steps.
+    # other losses are per-micro-batch means that the trainer averages over the global step's micro-batches of data
+    # (a rank's stand-in for a micro-batch of bad data not counted).
     token_normalized: bool = False
+    # every metric ``forward`` may return; the trainer logs each as its mean over the micro-batches that returned it
+    metric_names: tuple[str, ...] = ()
     # the fewest samples a micro-batch needs for the loss to mean anything (a transport or contrast across pairs)
     min_batch_size: int = 1
 
@@ -64,6 +71,17 @@ def check_min_batch(objective: Any, per_device: Any, key: str) -> None:
         raise ConfigError(
             f"{key} needs per_device_batch_size >= {need}: its loss relates the samples of a micro-batch, "
             f"got {per_device}"
+        )
+
+
+def check_metrics(who: str, objective: Objective, term: LossTerm) -> None:
+    """Fail on a metric ``objective`` does not declare in ``metric_names``: other ranks would not log it, and the
+    all-reduce of the logged values needs the same columns on every rank (``who``: the objective's config key)."""
+    undeclared = sorted(set(term.metrics) - set(objective.metric_names))
+    if undeclared:
+        raise ValueError(
+            f"{who} ({type(objective).__name__}) returned metrics {undeclared} that its metric_names "
+            f"{list(objective.metric_names)} do not declare: declare every metric it may log"
         )
 
 

@@ -7,13 +7,15 @@ LLM input embedding than to the other captions of the batch, and each caption cl
     L = 0.5 * (CE(image -> its caption) + CE(caption -> any of its images))
 
 Images pair with their own sample's caption (``objectives/pairs.py``). Captions are the batch's *distinct*
-captioned samples, so two images of one sample never act as each other's negatives: image -> text is a plain
-cross-entropy over the captions, and text -> image is ``-log`` of the probability mass on *any* of the
-caption's images (MIL-NCE's multiple-positive form; with one image per sample both reduce to the usual
-InfoNCE). Negatives are those of the local micro-batch.
+caption texts (samples whose supervised tokens are identical share one), so neither two images of one sample nor
+two samples with the same caption act as each other's negatives: image -> text is a plain cross-entropy over the
+captions, and text -> image is ``-log`` of the probability mass on *any* of the caption's images (MIL-NCE's
+multiple-positive form; with one image per distinct caption both reduce to the usual InfoNCE). Negatives are those
+of the local micro-batch.
 
 The temperature is learnable (``log(1 / temperature)`` is the parameter, its value clamped in place to at most
-``log(max_scale)``, as CLIP does) or fixed. The logits are float32 even under autocast: at a scale of 100 a bf16
+``log(max_scale)``, as CLIP does) or fixed: then it is configuration, not state (no checkpoint holds it, so a resume
+trains at the temperature of its own config). The logits are float32 even under autocast: at a scale of 100 a bf16
 matmul's cosines (spacing 2^-8 near 1) move a logit by up to 0.4. The objective also logs in-batch retrieval
 accuracy both ways.
 """
@@ -57,6 +59,7 @@ class ContrastiveObjective(Objective):
 
     name = "contrastive"
     min_batch_size = 2  # with one pair there is no negative: the loss is zero
+    metric_names = ("i2t_acc", "t2i_acc", "temperature")  # a micro-batch without pairs measures the temperature only
 
     def __init__(self, temperature: float = 0.07, learnable_temperature: bool = True, max_scale: float = 100.0) -> None:
         super().__init__()
@@ -67,8 +70,8 @@ class ContrastiveObjective(Objective):
         log_scale = torch.tensor([math.log(1.0 / temperature)])
         if learnable_temperature:
             self.log_scale = nn.Parameter(log_scale)
-        else:
-            self.register_buffer("log_scale", log_scale)
+        else:  # not persistent: a fixed temperature comes from the config, also on resume
+            self.register_buffer("log_scale", log_scale, persistent=False)
 
     @property
     def scale(self) -> torch.Tensor:

@@ -4,7 +4,9 @@ Pairing rule: every image is paired with the caption of the sample it belongs to
 sample's supervised tokens (the text the LM loss trains on; with the ``plain`` pretraining template, the
 caption and its newline). So a sample with two images gives two pairs that share one caption, a text-only
 sample gives none (its caption has no image to align with), and an image whose sample supervises no token is
-left out. Both sides are read from what the model already computed: the visual tokens as the connector
+left out. Samples whose supervised tokens are identical share one caption too: the colour of a square, a stock
+caption repeated over a web-scale set, is one caption with several images, not several captions that would be
+each other's negatives. Both sides are read from what the model already computed: the visual tokens as the connector
 output them, and the LLM's input-embedding table; no extra batch field is needed.
 """
 
@@ -25,7 +27,7 @@ class Pairs:
     """Pooled visual vectors per image and mean caption embeddings per captioned sample, and who goes with whom."""
 
     visual: torch.Tensor  # [P, Dl] mean of each paired image's visual tokens (connector output), float32
-    captions: torch.Tensor  # [C, Dl] mean input embedding of each caption that has at least one paired image
+    captions: torch.Tensor  # [C, Dl] mean input embedding of each distinct caption with at least one paired image
     caption_of_image: torch.Tensor  # [P] index into ``captions`` for each row of ``visual``
 
     @property

@@ -66,6 +66,14 @@ class PreferenceObjective(Objective):
     name = "dpo"
     requires_batch_keys = ("pair", "chosen")
     needs_sample_logps = True
+    metric_names = (
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margin",
+        "rewards/accuracy",
+        "logps/chosen",
+        "logps/rejected",
+    )
 
     def __init__(
         self, beta: float = 0.1, loss: str = "sigmoid", label_smoothing: float = 0.0, reference: str = "auto"

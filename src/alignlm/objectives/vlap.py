@@ -106,6 +106,7 @@ class VLAPObjective(Objective):
 
     name = "vlap"
     min_batch_size = 2  # with one pair the transport plan is the prior whatever the scores
+    metric_names = ("assign_agree", "pred_agree")  # a micro-batch without pairs measures neither
 
     def __init__(
         self, tau: float = 0.01, epsilon: float = 0.01, iterations: int = 3, prior_temperature: float = 0.25

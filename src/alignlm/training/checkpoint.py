@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -51,6 +52,27 @@ def load_init(model: nn.Module, init: Path) -> list[str]:
         load_llava_weights(model, init)
         return list(model.PARTS)
     return load_final_weights(model, init)
+
+
+def model_changes(init: Path, model_cfg: Any) -> list[str]:
+    """How the ``model`` settings a ``final/`` folder was trained with (its ``config.yaml``) differ from ``model_cfg``,
+    one ``model.<key>: theirs -> ours`` each; [] for the same settings or a folder without alignlm's config (a
+    transformers Llava folder). Its weights load onto a model of another tower layer, seed or tower of the same width
+    without a word otherwise; the caller warns rather than refuses, since some changes are deliberate (a MoE connector
+    upcycled from a dense one differs in ``model.connector``, a swapped part)."""
+    path = Path(init) / "config.yaml"
+    if is_llava_dir(init) or not path.is_file():
+        return []
+    theirs = flat(OmegaConf.to_container(OmegaConf.load(path).get("model") or {}, resolve=False), "model")
+    if isinstance(model_cfg, DictConfig):
+        model_cfg = OmegaConf.to_container(model_cfg, resolve=True)
+    ours = flat(model_cfg, "model")
+    absent = "(not set)"
+    return [
+        f"{key}: {theirs.get(key, absent)} -> {ours.get(key, absent)}"
+        for key in sorted(theirs.keys() | ours.keys())
+        if theirs.get(key, absent) != ours.get(key, absent)
+    ]
 
 
 def temporary(final: Path) -> Path:

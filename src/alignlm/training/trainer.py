@@ -2,7 +2,9 @@
 
 Exactness choices, so that a resumed run and a data-parallel run reproduce a plain single-process run:
 - the LM loss of every micro-batch is a *sum* divided by the supervised-token count of the whole global
-  step (all micro-batches on all ranks), so accumulation and DDP averaging give one big batch's gradient;
+  step (all micro-batches on all ranks), so accumulation and DDP averaging give one big batch's gradient; the other
+  losses, per-micro-batch means, are divided by the global step's count of micro-batches of data (a rank's stand-in
+  for a micro-batch of bad data counts for none), so they are their mean over those micro-batches;
 - data order comes from ``StepSampler`` (a function of seed and step), model RNG is checkpointed per rank.
 
 Speed choices, on by default: length-grouped batches (and packed rows where the attention kernel isolates packed
@@ -25,7 +27,7 @@ import signal
 import threading
 import time
 import types
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,8 +46,8 @@ from alignlm.data.records import TRUNCATED, DataError
 from alignlm.data.report import DataReport
 from alignlm.models.build import build_model
 from alignlm.models.io import config_yaml
-from alignlm.models.mllm import AlignLM
-from alignlm.objectives.base import Objective, check_batch, check_min_batch
+from alignlm.models.mllm import AlignLM, has_images
+from alignlm.objectives.base import Objective, check_batch, check_metrics, check_min_batch
 from alignlm.training import checkpoint as ckpt
 from alignlm.training import sharding, zero
 from alignlm.training.feature_cache import attach_feature_cache
@@ -104,6 +106,8 @@ class StepLog:
     grad_norm: torch.Tensor | None
     host: dict[str, float]
     counts: tuple[int, int, int, int, int]  # samples, real tokens, supervised tokens, skipped samples, attended pairs
+    # per metric of ``device`` (an objective's or the connector's): how many of this rank's micro-batches measured it
+    measured: dict[str, int] = field(default_factory=dict)
 
 
 def build_objectives(stage: Mapping[str, Any]) -> dict[str, tuple[Objective, float]]:
@@ -127,17 +131,28 @@ def build_objectives(stage: Mapping[str, Any]) -> dict[str, tuple[Objective, flo
 class Trainer:
     """Trains one stage of ``cfg.stages[name]`` and writes its checkpoints and ``final/``."""
 
-    def __init__(self, cfg: DictConfig, name: str, accelerator: Accelerator, steps_left: int | None = None) -> None:
+    def __init__(
+        self,
+        cfg: DictConfig,
+        name: str,
+        accelerator: Accelerator,
+        steps_left: int | None = None,
+        check_model: Callable[[AlignLM], None] | None = None,
+    ) -> None:
         """``steps_left``: the steps this process may still train, at least 1 (``stop_after_steps`` less what the run's
-        earlier stages trained in it: the pipeline counts them); None: no limit."""
+        earlier stages trained in it: the pipeline counts them); None: no limit. ``check_model``: called with the model
+        as built, before anything is loaded onto it (the pipeline checks every stage to train against the first
+        stage's model there, rather than building one more)."""
         self.cfg, self.name, self.acc = cfg, name, accelerator
         self.steps_left = steps_left
+        self.check_model = check_model
         self.stage = cfg.stages[name]
         self.dir = Path(cfg.output_dir) / cfg.run_name / name
         self.log = get_logger("alignlm", accelerator.process_index)
         self.dist = cfg.get("distributed") or {}  # strategy, timeout, stop signal and file
         self.strategy = str(self.dist.get("strategy", "ddp"))  # resolved by the pipeline (never ``auto`` here)
         self.engine: Any = None  # the DeepSpeed engine under zero2 / zero3
+        self.batch_checked = False  # this rank's first batch of data was checked against what the objectives need
         self.stop_requested = self.stop_agreed = False  # distributed.stop_signal: received here / by some rank
 
     def core(self) -> AlignLM:
@@ -167,6 +182,8 @@ class Trainer:
         cfg, stage, acc = self.cfg, self.stage, self.acc
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model)
+        if self.check_model is not None:
+            self.check_model(model)
         init = ckpt.resolve_init(stage.get("init_from"), Path(cfg.output_dir) / cfg.run_name, cfg.stages)
         self.prev_parts = ckpt.load_init(model, init) if init else []
         apply_stage(model, stage.parts, stage.get("lora"))
@@ -307,6 +324,7 @@ class Trainer:
                     problem = f"{folder}/trainer_state.json could not be read: {type(e).__name__}: {e}"
             if problem is None:
                 # a checkpoint of another layout is refused before anything is loaded: it is whole, not damaged
+                refuse_config_held_state(folder, written, self.objective_modules)
                 allow = bool(self.cfg.get("resume_allow_changes"))
                 changed = ckpt.resume_changes(folder, written, self.run_state(), self.name, allow)
                 try:
@@ -354,25 +372,40 @@ class Trainer:
             "layout": self.layout,
         }
 
-    def loss(self, batch: dict[str, Any], n_micro: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], Any]:
-        """Weighted sum of objectives (plus the connector's auxiliary losses) for one micro-batch."""
+    def loss(
+        self, batch: dict[str, Any], share: torch.Tensor, data: bool
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor | None], Any]:
+        """Weighted sum of objectives (plus the connector's auxiliary losses) for one micro-batch; the losses to log,
+        in their share of the step; and every metric the stage logs, its value or None where not measured.
+
+        ``share``: what a per-micro-batch mean weighs in this rank's loss, the number of ranks over the global step's
+        micro-batches of data (the ranks' gradients averaged, each of those micro-batches weighs one over their count);
+        ``data``: False for a rank's stand-in for a micro-batch of bad data, which measures nothing. The metric keys are the same in every micro-batch on every
+        rank (objectives declare theirs; a connector reports the same ones in every training forward), so that the
+        ranks reduce the same table."""
         model = self.core()
         needs_hidden = any(o.needs_hidden_states for o, _ in self.objectives.values())
         needs_logps = any(o.needs_sample_logps for o, _ in self.objectives.values())
         out = self.model(batch, output_hidden_states=needs_hidden, sample_logps=needs_logps)
         total = out.lm_loss.new_zeros(())
         logs: dict[str, torch.Tensor] = {}
+        metrics: dict[str, torch.Tensor | None] = {}
         for key, (obj, weight) in self.objectives.items():
             term = obj(batch, out, model)
-            total = total + weight * term.loss * (1.0 if obj.token_normalized else 1.0 / n_micro)
+            check_metrics(f"stage.objectives.{key}", obj, term)
+            scale = 1.0 if obj.token_normalized else share
+            total = total + weight * term.loss * scale
             if not obj.token_normalized:
-                logs[f"loss/{key}"] = term.loss.detach() / n_micro
-            logs.update({f"{key}/{k}": v.detach() / n_micro for k, v in term.metrics.items()})
+                logs[f"loss/{key}"] = term.loss.detach() * scale
+            got = term.metrics if data else {}
+            metrics.update({f"{key}/{k}": got[k].detach() if k in got else None for k in obj.metric_names})
         for key, aux in out.aux_losses.items():
-            total = total + aux / n_micro
-            logs[f"aux/{key}"] = aux.detach() / n_micro
-        logs.update({f"connector/{k}": v.detach() / n_micro for k, v in out.metrics.items()})
-        return total, logs, out
+            total = total + aux * share
+            logs[f"aux/{key}"] = aux.detach() * share
+        # a batch without images ran the connector on a zero image: its routing, codes and the like are no data
+        measured = data and has_images(batch)
+        metrics.update({f"connector/{k}": v.detach() if measured else None for k, v in out.metrics.items()})
+        return total, logs, metrics, out
 
     def collator(self, hooks: Sequence[Any] = ()) -> Collator:
         """Padded rows, or packed rows where the attention kernel isolates packed samples at no extra cost.
@@ -425,10 +458,12 @@ class Trainer:
         """One optimizer step over this rank's micro-batches; nothing here waits on the device.
 
         A micro-batch whose samples were all skipped is replaced by an empty batch, so the step trains on the rest of
-        its data (normalised by their supervised tokens, as one big batch without them) and every rank stays in step
-        without asking the others; one process whose every micro-batch was bad skips the step, its schedule advancing.
+        its data (normalised by their supervised tokens, as one big batch without them; a per-micro-batch loss by their
+        number over all ranks, its mean over them) and every rank stays in step without asking the others; one
+        process whose every micro-batch was bad skips the step, its schedule advancing. The stand-in measures no
+        metric; a metric is logged as its mean over the micro-batches that measured it.
         """
-        acc, accum = self.acc, len(micro)
+        acc = self.acc
         host = self.learning_rates()  # the rates this step's update uses (the schedule moves on after it)
         skipped = sum(len(b["skipped"]) for b in micro)
         for b in micro:  # per cause, on this rank; merged over ranks at checkpoints and at the end
@@ -436,31 +471,34 @@ class Trainer:
                 self.report.add(sample.cause, sample.id)
             for rid in b.get("truncated", []):
                 self.report.add(TRUNCATED, rid)
-        kept = [b for b in micro if b.get("input_ids") is not None]
-        if len(kept) < accum:
-            if acc.num_processes == 1 and not kept:
-                self.log.warning("step %d skipped: all its samples were bad data (see the skipped count)", step)
-                self.scheduler.step()  # the schedule counts steps, taken or not, as the data order does
-                return StepLog(step, {}, None, {}, (0, 0, 0, skipped, 0))
-            kept = [b if b.get("input_ids") is not None else self.empty_batch() for b in micro]
+        data = [b.get("input_ids") is not None for b in micro]  # False: every sample of the micro-batch was bad
+        if acc.num_processes == 1 and not any(data):
+            self.log.warning("step %d skipped: all its samples were bad data (see the skipped count)", step)
+            self.scheduler.step()  # the schedule counts steps, taken or not, as the data order does
+            return StepLog(step, {}, None, {}, (0, 0, 0, skipped, 0))
+        if any(data) and not self.batch_checked:  # this rank's first batch of data, not a stand-in for bad data
+            check_batch(
+                {f"objective {k}": o.requires_batch_keys for k, (o, _) in self.objectives.items()}
+                | {"the model's extra parts": self.core().requires_batch_keys},
+                micro[data.index(True)],
+            )
+            self.batch_checked = True
+        kept = [b if real else self.empty_batch() for b, real in zip(micro, data)]
         samples = sum(b["num_samples"] for b in kept)
         tokens = sum(b["num_tokens"] for b in kept)
         pairs = sum(b.get("attended_pairs", 0) for b in kept)  # an empty stand-in batch attends to nothing
         local_items = sum(len(b["lm_targets"]) for b in kept)
-        n_items = torch.full(
-            (), float(local_items), device=acc.device
-        )  # a fill kernel: a copy from the host would sync
+        # the supervised tokens and the micro-batches of data of the global step: fill kernels (a copy from the host
+        # would sync), then one queued collective that nobody reads on the host
+        totals = torch.stack([torch.full((), float(n), device=acc.device) for n in (local_items, sum(data))])
         if acc.num_processes > 1:
-            n_items = acc.reduce(n_items, "sum")  # queued collective; nobody reads it on the host
+            totals = acc.reduce(totals, "sum")
+        n_items, share = totals[0], acc.num_processes / totals[1].clamp(min=1)
         kept = [send_to_device(b, acc.device, non_blocking=True) for b in kept]
-        if step == self.start_step + 1:
-            check_batch(
-                {f"objective {k}": o.requires_batch_keys for k, (o, _) in self.objectives.items()}
-                | {"the model's extra parts": self.core().requires_batch_keys},
-                kept[0],
-            )
         sums: dict[str, torch.Tensor] = {}
-        for i, batch in enumerate(kept):
+        measured: dict[str, int] = {}
+        nothing = torch.zeros((), device=acc.device)  # summed where a micro-batch measured nothing
+        for i, (batch, real) in enumerate(zip(kept, data)):
             batch["num_items_in_batch"] = n_items / acc.num_processes
             last = i == len(kept) - 1
             if self.engine is not None:  # DeepSpeed reduces as it goes and steps after the last micro-batch
@@ -472,12 +510,16 @@ class Trainer:
             else:
                 sync = acc.no_sync(self.model)
             with sync, acc.autocast():
-                total, logs, out = self.loss(batch, len(kept))
+                total, logs, metrics, out = self.loss(batch, share, real)
                 if self.engine is not None:  # the loss is already normalised over the global step
                     self.engine.backward(total, scale_wrt_gas=False)
                 else:
                     acc.backward(total)
             for k, v in {"loss/total": total.detach(), "loss/lm_sum": out.lm_loss_sum, **logs}.items():
+                sums[k] = sums[k] + v if k in sums else v
+            for k, v in metrics.items():  # every key in every step: a zero where nothing was measured
+                measured[k] = measured.get(k, 0) + (v is not None)
+                v = nothing if v is None else v
                 sums[k] = sums[k] + v if k in sums else v
         max_norm = float(self.stage.get("max_grad_norm", 1.0))
         if self.engine is not None:  # reduces, clips to max_grad_norm and skips a step whose gradient is not finite
@@ -504,7 +546,7 @@ class Trainer:
             diverged = diverged & ~overflow
         sums["nonfinite"] = diverged.float()
         counts = (samples, tokens, local_items, skipped, pairs)
-        return StepLog(step, sums, grad_norm if max_norm > 0 else None, host, counts)
+        return StepLog(step, sums, grad_norm if max_norm > 0 else None, host, counts, measured)
 
     def learning_rates(self) -> dict[str, float]:
         """``lr``: the first parameter group's rate for the coming update (the part listed first that trains); with
@@ -553,16 +595,21 @@ class Trainer:
         )
 
     def fetch(self, pending: list[StepLog]) -> list[dict[str, float]]:
-        """The global values of buffered steps: one collective and one device-to-host copy for all of them."""
+        """The global values of buffered steps: one collective and one device-to-host copy for all of them.
+
+        Losses are their sum over the ranks' shares; a metric is its mean over the micro-batches of all ranks that
+        measured it, None where none did. Every rank reduces the same columns: the same keys in every step."""
         if not pending:
             return []
         keys = sorted({k for s in pending for k in s.device})
+        metric_keys = sorted({k for s in pending for k in s.measured})
         device = self.acc.device
         zero = torch.zeros((), device=device)
         # this rank got the stop signal or sees the stop file: every rank learns it in the same reduce
         stop_file = self.dist.get("stop_file")
         stop = float(self.stop_requested or bool(stop_file and Path(stop_file).exists()))
-        table = torch.tensor([[*s.counts, stop] for s in pending], dtype=torch.float32).to(device)  # one copy
+        host = [[*s.counts, *(s.measured.get(k, 0) for k in metric_keys), stop] for s in pending]
+        table = torch.tensor(host, dtype=torch.float32).to(device)  # one copy
         if keys:
             logged = torch.stack([torch.stack([s.device.get(k, zero).float() for k in keys]) for s in pending])
             table = torch.cat([logged, table], dim=1)
@@ -574,6 +621,7 @@ class Trainer:
         rows = []
         for s, v, norm in zip(pending, values, norms):
             samples, tokens, items, skipped, pairs = v[len(keys) : len(keys) + 5]
+            seen = dict(zip(metric_keys, v[len(keys) + 5 : -1]))
             self.skipped += int(skipped)
             if not s.device:  # a step skipped for bad data: nothing trained
                 continue
@@ -583,7 +631,8 @@ class Trainer:
                 "loss/total": got.pop("loss/total") / self.acc.num_processes,
                 "loss/lm": got.pop("loss/lm_sum") / max(items, 1.0),
             }
-            row.update({k: x / self.acc.num_processes for k, x in got.items()})
+            row.update({k: x / self.acc.num_processes for k, x in got.items() if k not in seen})
+            row.update({k: got[k] / n if n else None for k, n in seen.items()})
             row.update(s.host)
             if s.grad_norm is not None:
                 row["grad_norm"] = norm
@@ -917,6 +966,22 @@ class Trainer:
             ckpt.save_final(final, model, config_yaml(self.cfg), self.saved_parts, self.name)
         self.acc.wait_for_everyone()
         return final
+
+
+def refuse_config_held_state(folder: Path, written: Mapping[str, Any], objectives: torch.nn.Module) -> None:
+    """Refuse a checkpoint holding an objective tensor that this run takes from its config (a non-persistent buffer,
+    such as a fixed temperature): loaded over the config, it would train at the checkpoint's value whatever this run
+    says. The generic layout check would only call it a tensor "not trained by this run"."""
+    state = {f"objectives.{k}" for k in objectives.state_dict()}
+    buffers = {f"objectives.{n}" for n, _ in objectives.named_buffers()}
+    held = sorted((buffers - state) & set(written.get("layout", {})))
+    if held:
+        raise ValueError(
+            f"{folder} holds {held}, which this run takes from its config, not from a checkpoint (a fixed value, such "
+            "as a contrastive temperature with learnable_temperature=false). Either the checkpoint learned it: resume "
+            "with the config it was written with; or an earlier alignlm wrote it, saving fixed values too: finish the "
+            "stage with that version, or start it over with resume=never (its checkpoints are set aside, not deleted)"
+        )
 
 
 def usable_cpus() -> int:

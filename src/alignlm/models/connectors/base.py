@@ -1,7 +1,8 @@
 """The connector contract: visual features ``[B, N, Dv]`` in, LLM-width tokens ``[B, M, Dl]`` out.
 
 A connector may also report auxiliary losses (MoE balancing) and metrics (expert load); the model
-passes them on in ``AlignOutput.aux_losses`` so objectives and logs see them without special cases.
+passes them on in ``AlignOutput.aux_losses`` so objectives and logs see them without special cases. A connector
+reports the same metric keys in every training forward: data-parallel ranks reduce the logged values as one table.
 
 ``token_norm`` (``model.visual_token_norm``, set by the model builder) fixes the L2 norm of every output token,
 for every connector and every caller (the model, probes, scripts): a connector trained against a frozen LLM
