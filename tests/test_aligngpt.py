@@ -97,6 +97,38 @@ def test_levels_file_ranks_mismatched_pairs_lowest(mismatched, tmp_path):
         levels.check(8)
 
 
+def test_the_prepare_step_writes_levels_again_when_data_or_encoder_changed_and_refuses_another_L(mismatched, tmp_path):
+    """Levels kept after the captions were regenerated under the same ids, or after the recipe named another
+    encoder, were served as if current (the file even recorded the old encoder's name)."""
+    from alignlm.methods.aligngpt.levels import ensure_levels
+
+    source, _ = mismatched
+    (tmp_path / "images").symlink_to(source.parent / "images", target_is_directory=True)
+    data, out = tmp_path / "pretrain.json", tmp_path / "levels.json"
+    records = json.loads(source.read_text())
+    data.write_text(json.dumps(records))
+    node = {"out": out, "data": [str(data)], "encoder": ColourEncoder(), "num_levels": 4}
+    ensure_levels(**node)
+    stamp = out.stat().st_mtime_ns
+    ensure_levels(**node)  # nothing changed: kept
+    assert out.stat().st_mtime_ns == stamp
+
+    for i, rec in enumerate(records[:48]):  # regenerated: every caption now names its image's colour
+        rec["conversations"][1]["value"] = f"A {list(COLOURS)[i % 3]} square."
+    data.write_text(json.dumps(records))
+    ensure_levels(**node)
+    fresh = LevelLabels(make_levels(tmp_path / "fresh.json", [data], ColourEncoder(), num_levels=4))
+    assert LevelLabels(out).levels == fresh.levels
+
+    class OtherEncoder(ColourEncoder):
+        name = "another-encoder"
+
+    ensure_levels(**{**node, "encoder": OtherEncoder()})
+    assert LevelLabels(out).encoder == "another-encoder"
+    with pytest.raises(ValueError, match=r"levels.json was written with num_levels=4, but the aligngpt_levels step"):
+        ensure_levels(**{**node, "num_levels": 2})
+
+
 def test_an_image_given_as_a_list_of_one_gets_its_level(mismatched, tmp_path):
     """Datasets that always write `image` as a list once had every record skipped as "several images"."""
     data, _ = mismatched
@@ -226,6 +258,33 @@ def test_level_token_is_H_of_the_level_or_the_gated_mixture(tiny_model):
         torch.testing.assert_close(mixed[:, 1:], embeds[:, 1:])  # only the slot differs
     with pytest.raises(ValueError, match="exactly one <align> slot"):
         model.embed({**batch, **{k: batch[k][:, 1:] for k in ("input_ids", "attention_mask", "labels")}})
+
+
+def test_the_gate_reads_in_training_the_prompt_it_reads_when_generating(tiny_model, colour_set, monkeypatch):
+    """A two-turn record's gate reads the text before its first answer, the prompt that generating that answer
+    reads: not its later question, which generation of the first answer never sees."""
+    model = tiny_model(WITH_LEVELS).eval()
+    seen: list[torch.Tensor] = []
+    gated = model.align_levels.gated
+    monkeypatch.setattr(model.align_levels, "gated", lambda visual, text: seen.append(text) or gated(visual, text))
+    two_turns = build_dataset({"template": "vicuna_v1", "sources": [{"path": str(colour_set["instruct"])}]}, model, 0)
+    first_question = build_dataset(  # the same images and first question, as generation prompts
+        {"template": "vicuna_v1", "sources": [{"path": str(colour_set["test"])}]}, model, 0, for_generation=True
+    )
+    with torch.no_grad():
+        model.embed(Collator(model.tokenizer.pad_token_id)([two_turns[0], two_turns[1]]))
+        model.embed(Collator(model.tokenizer.pad_token_id, "left")([first_question[0], first_question[1]]))
+    torch.testing.assert_close(seen[0], seen[1])
+
+
+def test_before_the_first_answer_covers_each_packed_sample_up_to_its_first_supervised_token():
+    from alignlm.methods.aligngpt.part import before_first_answer
+
+    x = IGNORE_INDEX
+    sample_ids = torch.tensor([[0, 0, 0, 0, 1, 1, 1, -1], [2, 2, 2, 2, 2, -1, -1, -1]])
+    labels = torch.tensor([[x, 5, x, 6, x, x, 7, x], [x, x, x, x, x, x, x, x]])
+    keep = before_first_answer(labels, sample_ids, 3) & (sample_ids >= 0)
+    assert keep.tolist() == [[1, 0, 0, 0, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0, 0, 0]]
 
 
 def test_gate_weights_are_a_distribution_over_the_lower_levels(tiny_model):

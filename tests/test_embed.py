@@ -90,3 +90,36 @@ def test_images_are_read_as_rgb(tmp_path, tiny_clip):
     encoder = HFDualEncoder(str(tiny_clip), name="tiny")
     (path,) = embed_items(encoder, "images", collect_images(tmp_path), tmp_path / "o", progress=False)
     assert list_shards(path)[0].ids == ["grey.png"]
+
+
+def test_shards_past_a_shorter_item_list_are_removed(tmp_path, tiny_clip):
+    """A longer list's last shards stayed beside a shorter list's, and everything reading the folder (ReAlign's fit,
+    the caption lookup) took their items for this list's."""
+    encoder = HFDualEncoder(str(tiny_clip), name="tiny")
+    items = [(f"t{i}", f"caption {i}") for i in range(6)]
+    embed_items(encoder, "texts", items, tmp_path, shard_size=2, progress=False)
+    assert len(list_shards(tmp_path / "texts")) == 3
+    paths = embed_items(encoder, "texts", items[:4], tmp_path, shard_size=2, progress=False)
+    assert [s.path for s in list_shards(tmp_path / "texts")] == paths
+    assert [s.ids for s in list_shards(tmp_path / "texts")] == [["t0", "t1"], ["t2", "t3"]]
+
+
+def test_captions_and_images_changed_under_the_same_ids_are_embedded_again(tmp_path, tiny_clip):
+    """An offline set regenerated with other knobs keeps its ids: the old captions' and images' embeddings were
+    served for the new ones."""
+    encoder = HFDualEncoder(str(tiny_clip), name="tiny")
+    embed_items(encoder, "texts", [("a", "a red square"), ("b", "a blue circle")], tmp_path, progress=False)
+    (shard,) = embed_items(
+        encoder, "texts", [("a", "two green lines"), ("b", "a blue circle")], tmp_path, progress=False
+    )
+    got = np.concatenate(list(list_shards(shard)[0].chunks(10)))
+    np.testing.assert_allclose(got, encoder.encode_texts(["two green lines", "a blue circle"]).numpy(), atol=1e-5)
+
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    Image.new("RGB", (40, 30), (255, 0, 0)).save(folder / "x.png")
+    embed_items(encoder, "images", collect_images(folder), tmp_path, progress=False)
+    Image.new("RGB", (48, 30), (0, 0, 255)).save(folder / "x.png")  # regenerated in place
+    (shard,) = embed_items(encoder, "images", collect_images(folder), tmp_path, progress=False)
+    got = np.concatenate(list(list_shards(shard)[0].chunks(10)))
+    np.testing.assert_allclose(got, encoder.encode_images([Image.open(folder / "x.png")]).numpy(), atol=1e-5)

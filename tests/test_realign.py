@@ -277,3 +277,46 @@ def test_cli_fit_takes_the_covariance_shrinkage(tmp_path, pair, capsys):
     )
     assert json.loads(capsys.readouterr().out)["covariance"] == 1.0
     assert ReAlignStats.load(tmp_path / "s.safetensors").A.shape == (DIM, DIM)
+
+
+def test_fitting_under_an_initialised_process_group_reads_every_shard_and_joins_no_collective(
+    tmp_path, pair, monkeypatch
+):
+    """The pipeline's prepare step runs on the main process alone while the other ranks wait: a fit that took its
+    rank's share of the shards and gathered the others' records waited for ranks that never came (until the timeout)."""
+    from alignlm.methods.revision.prepare import ensure_realign
+
+    images, texts = pair
+    write_set(tmp_path / "emb" / "images", images, [300, 200, 200], ".safetensors")
+    write_set(tmp_path / "emb" / "texts", texts, [250, 250], ".safetensors")
+    alone = fit(tmp_path / "emb" / "images", tmp_path / "emb" / "texts")
+
+    def collective(*args, **kwargs):
+        raise AssertionError("a collective that the waiting ranks never join")
+
+    dist = torch.distributed
+    for name, value in (("is_initialized", lambda: True), ("get_world_size", lambda *a: 2), ("get_rank", lambda *a: 0)):
+        monkeypatch.setattr(dist, name, value)
+    for name in ("all_gather_object", "all_reduce", "all_gather", "broadcast_object_list", "barrier"):
+        monkeypatch.setattr(dist, name, collective)
+    ensure_realign(str(tmp_path / "emb"), str(tmp_path / "realign.safetensors"))
+    stats = ReAlignStats.load(tmp_path / "realign.safetensors")
+    assert (stats.n_image, stats.n_text) == (700, 500)
+    torch.testing.assert_close(stats.mu1, alone.mu1)
+
+
+@pytest.mark.parametrize("command", ["fit", "apply"])
+def test_the_cli_refuses_a_launch_of_several_processes(tmp_path, pair, monkeypatch, command):
+    """Under torchrun every rank read every shard and all wrote the same file through one temporary name."""
+    images, texts = pair
+    write_set(tmp_path / "img", images, [700], ".safetensors")
+    write_set(tmp_path / "txt", texts, [500], ".safetensors")
+    fit(tmp_path / "img", tmp_path / "txt").save(tmp_path / "stats.safetensors")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    args = {
+        "fit": ["--images", str(tmp_path / "img"), "--out", str(tmp_path / "out.safetensors")],
+        "apply": ["--stats", str(tmp_path / "stats.safetensors"), "--out", str(tmp_path / "out")],
+    }[command]
+    with pytest.raises(SystemExit, match=rf"alignlm realign {command} runs in one process, but it was launched as 2"):
+        main(["realign", command, "--texts", str(tmp_path / "txt"), *args])
+    assert not (tmp_path / "out.safetensors").exists() and not (tmp_path / "out").exists()

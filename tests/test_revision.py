@@ -316,6 +316,29 @@ def test_an_encoder_refitted_in_place_gets_its_captions_embedded_and_realign_fit
     torch.testing.assert_close(stats.mu_x, expected.mu_x)
 
 
+def test_realign_is_fitted_again_on_exactly_the_items_the_lists_name_now(tiny_clip, colour_set, tmp_path):
+    """revision.images narrowed from two sets to one: the shards of the second stayed in the folder and ReAlign's
+    statistics (fitted on the whole folder) kept counting them; statistics already fitted were kept whatever the
+    lists said."""
+    from alignlm.methods.revision.prepare import ensure_embeddings, ensure_realign
+
+    records = json.loads(colour_set["pretrain"].read_text())
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    (tmp_path / "images").symlink_to(colour_set["pretrain"].parent / "images", target_is_directory=True)
+    first.write_text(json.dumps(records[:16]))
+    second.write_text(json.dumps(records[16:32]))
+    emb, stats = tmp_path / "emb", tmp_path / "emb" / "realign.safetensors"
+    node = {"encoder": str(tiny_clip), "embeddings": str(emb), "texts": [str(first)], "shard_size": 8, "device": "cpu"}
+    ensure_embeddings(**node, images=[str(first), str(second)])
+    ensure_realign(str(emb), str(stats))
+    assert ReAlignStats.load(stats).n_image == 32
+    ensure_embeddings(**node, images=[str(first)])
+    ensure_realign(str(emb), str(stats))
+    assert ReAlignStats.load(stats).n_image == 16
+    expected = fit(emb / "images", emb / "texts")
+    torch.testing.assert_close(ReAlignStats.load(stats).mu_x, expected.mu_x)
+
+
 def test_zero_shot_scores_are_the_training_loss_of_each_candidate(tiny_model):
     candidate_batch, candidate_losses, classify = (
         ZERO_SHOT[k] for k in ("candidate_batch", "candidate_losses", "classify")

@@ -81,6 +81,61 @@ def test_labels_from_annotations_match_the_shapes_patch_labels(shapes_root):
     assert labels.lookup(shapes_root / "elsewhere.png") is None
 
 
+def test_the_prepare_step_writes_labels_again_when_the_data_is_regenerated_under_the_same_paths(tmp_path):
+    """The pipeline regenerates an offline set written with other generator knobs: the same ids and image paths show
+    other scenes, so labels kept from before would pull tokens toward words of objects that are not there."""
+    from alignlm.data.shapes import generate
+    from alignlm.methods.sea.labels import ensure_labels, from_annotations
+
+    shapes = tmp_path / "shapes"
+    generate(shapes, n_train=8, n_test=2, image_size=32, label_grid=4, seed=0)
+    path, data = shapes / "sea_labels.safetensors", [str(shapes / "pretrain.json")]
+    assert main(["sea-labels", "annotations", "--data", *data]) == 0  # the default annotations beside the data
+    stamp = path.stat().st_mtime_ns
+    node = {"path": path, "source": "annotations", "data": data, "annotations": str(shapes / "patch_labels.json")}
+    ensure_labels(**node)  # the recipe names the same annotations explicitly: nothing changed, the file is kept
+    assert path.stat().st_mtime_ns == stamp
+
+    generate(shapes, n_train=8, n_test=2, image_size=32, label_grid=4, seed=1, max_shapes=1)
+    ensure_labels(**node)
+    served, truth = SeaLabels(path), from_annotations(data, 5)
+    assert served.words == truth.words and len(served.index) == len(truth.images) == 8
+    for i, image in enumerate(truth.images):
+        ids, _ = served.lookup(image)
+        for cell in range(served.cells):
+            assert set(ids[cell].tolist()) == set(truth.word_ids[i, cell].tolist()), (image, cell)
+
+
+def test_the_prepare_step_refuses_labels_made_with_other_knobs_naming_the_knob(shapes_root, tmp_path):
+    """k, the source and a source's own choices make another variant of the labels: the step never serves the old
+    file for them, and never overwrites it (it may be wanted beside the new one)."""
+    from alignlm.methods.sea.labels import ensure_labels
+
+    shapes = shapes_root / "shapes"
+    path, data = tmp_path / "labels.safetensors", [str(shapes / "pretrain.json")]
+    ensure_labels(path, "annotations", data, k=5, annotations=str(shapes / "patch_labels.json"))
+    with pytest.raises(
+        ValueError, match=r"labels.safetensors was written with k=5, but the sea_labels step asks for k=2"
+    ):
+        ensure_labels(path, "annotations", data, k=2, annotations=str(shapes / "patch_labels.json"))
+    with pytest.raises(ValueError, match=r"with source='annotations', but the sea_labels step asks for source='dual_"):
+        ensure_labels(path, "dual_encoder", data, k=5, model="no/such-model", words=["red"])
+    assert SeaLabels(path).k == 5 and SeaLabels(path).source == "annotations"
+
+
+def test_a_words_argument_that_reads_as_a_missing_file_is_refused(shapes_root, tmp_path):
+    """A mistyped word-list path split on commas was a one-word list: labels that give SEA nothing to learn."""
+    clip = tiny_clip(tmp_path / "clip")
+    out = tmp_path / "labels.safetensors"
+    args = ["sea-labels", "dual_encoder", "--model", str(clip), "--data", str(shapes_root / "shapes" / "pretrain.json")]
+    for typo in (str(tmp_path / "wrods.txt"), "wrods.txt", "lists/words"):
+        with pytest.raises(SystemExit, match=r"--words .*: no such file"):
+            main([*args, "--out", str(out), "--words", typo])
+    assert not out.exists()
+    assert main([*args, "--out", str(out), "--words", "red, green,blue"]) == 0  # comma-separated words still work
+    assert SeaLabels(out).words == ["red", "green", "blue"]
+
+
 def test_annotations_must_cover_every_record(shapes_root, tmp_path):
     recs = json.loads((shapes_root / "shapes" / "pretrain.json").read_text())
     recs[0]["id"] = "not_annotated"

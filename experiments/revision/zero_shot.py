@@ -34,6 +34,7 @@ from alignlm.constants import IGNORE_INDEX, IMAGE_TOKEN
 from alignlm.data.build import build_dataset
 from alignlm.data.collate import Collator
 from alignlm.data.digits import CAPTIONS, WORDS
+from alignlm.data.hooks import SampleHook
 from alignlm.data.llava import LlavaDataset
 from alignlm.data.records import Source
 from alignlm.data.templates import get_template
@@ -41,8 +42,10 @@ from alignlm.evaluation.checkpoints import load, resolve
 from alignlm.methods.revision.realign import ReAlignStats
 
 
-class _Captions(LlavaDataset):
+class _ImageSupplied(SampleHook):
     """Caption records whose one image is supplied later, as an embedding: nothing is read from disk."""
+
+    replaces_visuals = True
 
     def visual_inputs(self, src: Source, rec: dict[str, Any]) -> list[str]:
         return [str(rec["id"])]
@@ -62,13 +65,14 @@ def candidate_batch(model: Any, candidates: Sequence[str], template: str = "plai
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "candidates.json"
         path.write_text(json.dumps(records))
-        ds = _Captions(
+        ds = LlavaDataset(
             [Source(str(path))],
             tokenizer=model.tokenizer,
             template=get_template(template),
             image_spec=model.image_spec,
             num_image_tokens=model.num_image_tokens,
             on_error="raise",
+            hooks=[_ImageSupplied()],
         )
         samples = [ds[i] for i in range(len(ds))]
     assert [s["id"] for s in samples] == [r["id"] for r in records], "candidates must keep their order"

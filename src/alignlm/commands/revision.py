@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -70,7 +71,19 @@ def _register_embed(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_embed)
 
 
+def _one_process(command: str) -> None:
+    """Refuse a launch of several processes (torchrun, accelerate launch): each would read every shard and all write
+    the same file. ReAlign's passes are memory-bound; more cores are ``--threads``."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        raise SystemExit(
+            f"alignlm realign {command} runs in one process, but it was launched as {world} (WORLD_SIZE): each would "
+            "read every shard and all would write the same output; run it without torchrun (more cores: --threads)"
+        )
+
+
 def _cmd_realign_fit(args: argparse.Namespace) -> int:
+    _one_process("fit")
     start = time.perf_counter()
     stats = fit(
         args.images,
@@ -90,6 +103,7 @@ def _cmd_realign_fit(args: argparse.Namespace) -> int:
 
 
 def _cmd_realign_apply(args: argparse.Namespace) -> int:
+    _one_process("apply")
     start = time.perf_counter()
     stats = ReAlignStats.load(args.stats)
     paths = apply(
@@ -109,9 +123,7 @@ def _register_realign(subparsers: argparse._SubParsersAction) -> None:
     f.add_argument("--out", required=True, help="statistics file to write (.safetensors)")
     f.add_argument("--encoder", default=None, help="encoder name to record (default: from the shards' metadata)")
     f.add_argument("--chunk-rows", type=positive_int, default=CHUNK_ROWS, help="rows widened to float64 at once")
-    f.add_argument(
-        "--threads", type=positive_int, default=THREADS, help="intra-op threads (more cores: use torchrun ranks)"
-    )
+    f.add_argument("--threads", type=positive_int, default=THREADS, help="intra-op threads of the streaming passes")
     f.add_argument(
         "--covariance",
         type=float,
@@ -129,9 +141,7 @@ def _register_realign(subparsers: argparse._SubParsersAction) -> None:
         "--dtype", default="float32", choices=["float32", "float64", "float16"], help="dtype of the written shards"
     )
     a.add_argument("--chunk-rows", type=positive_int, default=CHUNK_ROWS, help="rows widened to float64 at once")
-    a.add_argument(
-        "--threads", type=positive_int, default=THREADS, help="intra-op threads (more cores: use torchrun ranks)"
-    )
+    a.add_argument("--threads", type=positive_int, default=THREADS, help="intra-op threads of the streaming passes")
     a.set_defaults(func=_cmd_realign_apply)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -87,15 +88,27 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=cmd_sea_eval)
 
 
+def word_list(value: str) -> str | list[str]:
+    """``--words``: an existing file's path, else comma-separated words. A value that reads as a path (a folder
+    separator, a file suffix) but names no file is refused: split on commas it would be a one-word list, whose labels
+    give SEA nothing to learn."""
+    if Path(value).exists():
+        return value
+    if any(sep in value for sep in ("/", os.sep)) or Path(value).suffix.lower() in (".txt", ".json", ".csv", ".tsv"):
+        raise SystemExit(
+            f"--words {value}: no such file; give a word list file (one word per line) or comma-separated words"
+        )
+    return [w.strip() for w in value.split(",") if w.strip()]
+
+
 def cmd_sea_labels(args: argparse.Namespace) -> int:
     knobs: dict[str, Any] = {"image_root": args.image_root}
     if args.source == "annotations":
         knobs["annotations"] = args.annotations
     else:
-        words = args.words if Path(args.words).exists() else [w.strip() for w in args.words.split(",") if w.strip()]
         knobs.update(
             model=args.model,
-            words=words,
+            words=word_list(args.words),
             prompt=args.prompt,
             grid=args.grid,
             batch_size=args.batch_size,

@@ -6,11 +6,13 @@ the scores are bucketed into ``L`` equal-count bins *(ours)*: by rank, level ``k
 pairs, so each level embedding trains on the same number of samples whatever range the encoder's cosines span. File:
 
     {"format": "alignlm.aligngpt_levels", "version": 1, "num_levels": L, "encoder": name, "similarity": "cosine",
-     "edges": [L-1 floats], "counts": [L ints], "data": [files], "skipped": {reason: count}, "levels": {id: level}}
+     "edges": [L-1 floats], "counts": [L ints], "data": [files], "skipped": {reason: count}, "levels": {id: level},
+     "provenance": {"knobs": {"num_levels": L}, "inputs": {"data": digest, "images": digest, "encoder": digest}}}
 
 ``edges[k-1]`` is the lowest score in level ``k``. Records are keyed by their ``id``. A record with no image, several
 images, no caption or an unreadable image gets no level (counted under ``skipped``); a stage that trains on it skips
-it per ``data.on_error``.
+it per ``data.on_error``. ``provenance`` (``methods/provenance.py``) is what the levels were made from: the prepare step
+writes them again when the data, the images or the encoder changed since, and refuses a file of another ``L``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from tqdm.auto import tqdm
 
 from alignlm.data.images import load_rgb
 from alignlm.data.records import DataError, image_names, image_paths, read_records, record_caption
+from alignlm.methods.provenance import KEY, changed_inputs, check_knobs, encoder_identity, files_digest, stamps_digest
 from alignlm.models.device import default_device
 from alignlm.models.encoder_fit import fit_encoder
 from alignlm.models.encoders import MANIFEST, DualEncoder, load_encoder
@@ -90,6 +93,19 @@ def caption_pairs(
     return pairs, skipped
 
 
+def level_inputs(
+    data: Sequence[str | Path], encoder: str | DualEncoder, image_root: str | Path | None = None
+) -> dict[str, str]:
+    """Digests of what levels are made from: the data files' bytes, the scored images' sizes and modification times,
+    and the encoder (a local folder's files' stamps, an object's weights, or a hub name)."""
+    pairs, _ = caption_pairs(data, image_root)
+    return {
+        "data": files_digest(data),
+        "images": stamps_digest(p[1] for p in pairs),
+        "encoder": encoder_identity(encoder),
+    }
+
+
 @torch.no_grad()
 def pair_scores(
     encoder: DualEncoder, images: Sequence[Path], captions: Sequence[str], batch_size: int = 64
@@ -127,6 +143,7 @@ def make_levels(
     """
     if not data:
         raise ValueError("AlignGPT levels need at least one LLaVA data file whose image-caption pairs to score")
+    inputs = level_inputs(data, encoder, image_root)  # before loading: a name, not the loaded object's weights
     if isinstance(encoder, str):
         encoder = load_encoder(encoder, device=device or default_device())
     pairs, skipped = caption_pairs(data, image_root)
@@ -146,6 +163,7 @@ def make_levels(
         "data": [str(d) for d in data],
         "skipped": dict(skipped),
         "levels": dict(zip(kept, levels.tolist())),
+        KEY: {"knobs": {"num_levels": int(num_levels)}, "inputs": inputs},
     }
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -178,6 +196,7 @@ class LevelLabels:
         self.edges: list[float] = list(meta["edges"])
         self.counts: list[int] = list(meta["counts"])
         self.skipped: dict[str, int] = dict(meta.get("skipped", {}))
+        self.provenance: dict[str, Any] | None = meta.get(KEY)  # None: written before files recorded it
         self.levels: dict[str, int] = {str(k): int(v) for k, v in meta["levels"].items()}
         bad = [k for k, v in self.levels.items() if not 0 <= v < self.num_levels]
         if bad:
@@ -201,22 +220,34 @@ class LevelLabels:
 def ensure_levels(
     out: str | Path,
     data: Sequence[str | Path],
-    encoder: str,
+    encoder: str | DualEncoder,
     num_levels: int = 8,
     batch_size: int = 64,
     image_root: str | Path | None = None,
     device: str | None = None,
     fit: dict[str, Any] | None = None,
 ) -> Path:
-    """The ``aligngpt_levels`` prepare step: write the levels file only when it is missing.
+    """The ``aligngpt_levels`` prepare step: write the levels file when it is missing or what it was made from
+    changed (the data regenerated under the same ids, another or a refitted encoder); a file of another
+    ``num_levels`` is refused.
 
     ``fit`` (``alignlm dual-encoder fit`` knobs) fits the offline dual encoder into ``encoder`` first when that folder
     does not exist yet; null never fits (``encoder`` is then a CLIP / SigLIP name or an existing folder).
     """
     out = Path(out)
-    if out.exists():
-        return out
-    if fit and not (Path(encoder) / MANIFEST).exists():
+    if fit and isinstance(encoder, str) and not (Path(encoder) / MANIFEST).exists():
         log.info("aligngpt levels: fitting the offline dual encoder into %s", encoder)
         fit_encoder(out=encoder, **dict(fit))
+    if out.exists():
+        stored = LevelLabels(out).provenance
+        if stored is not None:
+            check_knobs(out, stored.get("knobs", {}), {"num_levels": int(num_levels)}, "aligngpt_levels")
+        changed = changed_inputs(
+            None if stored is None else stored.get("inputs"), level_inputs(data, encoder, image_root)
+        )
+        if not changed:
+            return out
+        log.warning(
+            "aligngpt levels %s: what they were made from changed (%s); writing them again", out, ", ".join(changed)
+        )
     return make_levels(out, data, encoder, num_levels, batch_size, image_root, device)

@@ -28,6 +28,19 @@ ALIGN_TOKEN = "<align>"
 LEVELS_KEY = "align_levels"  # the batch field of per-sample levels, written by the levels data hook
 
 
+def before_first_answer(labels: Tensor, sample_ids: Tensor, num_samples: int) -> Tensor:
+    """``[rows, T]``: the positions of each sample before its first supervised token (all of a sample with none).
+
+    A sample's tokens are one run within its row (padded or packed), so "before" is a smaller flat index. Computed on
+    the tokens' device, nothing read back: each sample's first supervised flat index by a scatter-min."""
+    flat = torch.arange(labels.numel(), device=labels.device).view_as(labels)
+    supervised = (labels != IGNORE_INDEX) & (sample_ids >= 0)
+    owner = torch.where(supervised, sample_ids, num_samples).flatten()
+    first = torch.full((num_samples + 1,), labels.numel(), device=labels.device, dtype=flat.dtype)
+    first = first.scatter_reduce(0, owner, flat.flatten(), reduce="amin")
+    return flat < first[sample_ids.clamp(min=0)]
+
+
 class AlignLevels(InputPart):
     """Level embeddings ``H [L, D]`` and the gate that mixes them when a sample has no level label."""
 
@@ -108,15 +121,15 @@ class AlignLevels(InputPart):
     ) -> Tensor:
         """Each sample's level token: ``H[level]`` with ``batch["align_levels"]`` (pretraining); without (finetuning,
         generation) the gate's mixture from the sample's visual tokens (mean over its images; zeros without one) and
-        the mean embedding of its *unsupervised* text: the prompt, which is all that generation sees, so training
-        matches it."""
+        the mean embedding of its text before its first supervised token: the prompt of the first answer, which is all
+        that generating that answer sees, so training matches it (later turns, questions included, come after it)."""
         levels = batch.get(LEVELS_KEY)
         if levels is not None:
             return self.labelled(levels)
         sample_ids, n = index["sample_ids"], int(index["num_samples"])
         text = (sample_ids >= 0) & ~is_image & ~is_slot
         if batch.get("labels") is not None:
-            text = text & (batch["labels"] == IGNORE_INDEX)
+            text = text & before_first_answer(batch["labels"], sample_ids, n)
         text_mean = sample_means(embeds, sample_ids, text, n)
         return self.gated(self._per_sample_visual(visual, index["image_sample"], n), text_mean)
 

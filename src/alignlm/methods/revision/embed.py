@@ -6,16 +6,21 @@ Inputs are image folders or LLaVA JSON/JSONL (its images), and text files (one c
 JSON/JSONL (the first assistant turn, the caption in LLaVA pretraining data).
 
 Items are cut into shards of ``shard_size`` in input order; shard ``k`` is
-``OUT/<modality>/shard_<k>.safetensors`` (float32 ``embeddings`` with ``ids``, ``encoder``, ``encoder_fingerprint``
-and ``modality`` metadata, see :mod:`alignlm.methods.revision.shards`). Shards are written whole and atomically, so a
-rerun skips the finished ones (after checking they hold the expected ids) and resumes at the first missing one; a
-shard of an encoder of the same name with other weights (refitted into the same folder) is embedded again.
+``OUT/<modality>/shard_<k>.safetensors`` (float32 ``embeddings`` with ``ids``, ``encoder``, ``encoder_fingerprint``,
+``items`` and ``modality`` metadata, see :mod:`alignlm.methods.revision.shards`). Shards are written whole and
+atomically, so a rerun skips the finished ones (after checking they hold the expected ids) and resumes at the first
+missing one. A shard is embedded again when what it embedded changed under the same ids: an encoder of the same name
+with other weights (refitted into the same folder), other captions, or images of another size or modification time
+(``items``, their digest: an offline set regenerated with other knobs keeps its ids). Shards numbered past the item
+list's last (left by a longer list) are removed: the folder holds the embeddings of this list, and ReAlign fits on
+the whole folder.
 Embeddings are stored as the encoder returns them (not normalised); ReAlign normalises.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,6 +29,7 @@ from tqdm.auto import tqdm
 
 from alignlm.data.images import load_rgb
 from alignlm.data.records import image_names, image_paths, read_records, record_caption
+from alignlm.methods.provenance import stamps_digest, strings_digest
 from alignlm.methods.revision.shards import open_shard, shard_metadata, write_shard
 from alignlm.models.encoders import DualEncoder
 
@@ -31,6 +37,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 MODALITIES = ("images", "texts")
+SHARD_NAME = re.compile(r"shard_(\d+)\.safetensors")
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -93,10 +100,11 @@ def embed_items(
     n_shards = (len(items) + shard_size - 1) // shard_size
     paths = [folder / f"shard_{k:05d}.safetensors" for k in range(n_shards)]
     fingerprint = encoder.fingerprint()
-    done = [
-        _finished(p, [i for i, _ in items[k * shard_size : (k + 1) * shard_size]], encoder.name, fingerprint)
-        for k, p in enumerate(paths)
-    ]
+    done = []
+    for k, path in enumerate(paths):
+        shard = items[k * shard_size : (k + 1) * shard_size]
+        done.append(_finished(path, [i for i, _ in shard], encoder.name, fingerprint, items_digest(modality, shard)))
+    _remove_past(folder, n_shards)  # after the checks: a folder of other items is refused untouched
     bar = tqdm(
         total=len(items),
         initial=sum(min(shard_size, len(items) - k * shard_size) for k, d in enumerate(done) if d),
@@ -113,16 +121,45 @@ def embed_items(
             batch = [x for _, x in shard[start : start + batch_size]]
             parts.append(encode([load_rgb(p) for p in batch] if modality == "images" else batch))
             bar.update(len(batch))
-        meta = shard_metadata([i for i, _ in shard], encoder.name, modality, encoder_fingerprint=fingerprint)
+        meta = shard_metadata(
+            [i for i, _ in shard],
+            encoder.name,
+            modality,
+            encoder_fingerprint=fingerprint,
+            items=items_digest(modality, shard),
+        )
         write_shard(path, torch.cat(parts).float(), meta)
     bar.close()
     return paths
 
 
-def _finished(path: Path, ids: list[str], encoder: str, fingerprint: str) -> bool:
-    """Whether a shard already holds exactly these ids from this encoder, its weights as they are now. Other ids or
-    another encoder's name are an error, not a redo; other weights under the same name (an encoder refitted into its
-    folder: `alignlm dual-encoder fit` writes one default name) are a redo."""
+def items_digest(modality: str, items: Sequence[tuple[str, object]]) -> str:
+    """What a shard embeds, hashed: the texts themselves, or each image's size and modification time (a stat, as the
+    feature cache stamps them, not a read)."""
+    if modality == "images":
+        return stamps_digest([Path(str(p)) for _, p in items], [i for i, _ in items])
+    return strings_digest(str(text) for _, text in items)
+
+
+def _remove_past(folder: Path, n_shards: int) -> None:
+    """Remove the shards numbered ``n_shards`` and up, left by a longer item list: everything that reads the folder
+    (ReAlign's fit, the caption lookup) would take their items for this list's."""
+    if not folder.is_dir():
+        return
+    for path in sorted(folder.iterdir()):
+        match = SHARD_NAME.fullmatch(path.name)
+        if match and int(match.group(1)) >= n_shards:
+            log.warning(
+                "%s holds items past the %d shards of this item list (a longer list's): removed", path, n_shards
+            )
+            path.unlink()
+
+
+def _finished(path: Path, ids: list[str], encoder: str, fingerprint: str, items: str) -> bool:
+    """Whether a shard already holds exactly these ids from this encoder, its weights and the items as they are now.
+    Other ids or another encoder's name are an error, not a redo; other weights under the same name (an encoder
+    refitted into its folder: `alignlm dual-encoder fit` writes one default name) or other items under the same ids
+    (captions edited, images regenerated) are a redo."""
     if not path.exists():
         return False
     shard = open_shard(path)
@@ -139,5 +176,8 @@ def _finished(path: Path, ids: list[str], encoder: str, fingerprint: str) -> boo
             shard.encoder_fingerprint,
             fingerprint,
         )
+        return False
+    if shard.metadata.get("items") != items:
+        log.warning("%s was embedded from other captions or images under the same ids: embedding again", path)
         return False
     return True

@@ -1,10 +1,11 @@
 """ReVision's prepare steps, run by ``alignlm train`` before training (``stage.prepare`` in ``configs/exp/revision.yaml``).
 
-Three steps, each skipped when its output exists, so a rerun goes straight to training:
+Three steps, each skipped when its output exists and is current, so a rerun goes straight to training:
 ``ensure_encoder`` fits the offline dual encoder into the encoder folder when it is missing and ``fit`` says how;
 ``ensure_embeddings`` embeds the images and captions (``alignlm embed``: resumable shards, embedded again when the
-encoder's weights changed: a refitted encoder keeps its folder and name); ``ensure_realign`` fits ReAlign's statistics
-(again when the shards' encoder fingerprint is not the one they were fitted on). The text-embedding data hook applies
+encoder's weights changed, a refitted encoder keeps its folder and name, or the captions or images changed under the
+same ids; shards of a longer, earlier item list are removed); ``ensure_realign`` fits ReAlign's statistics (again when
+the shards are not the ones they were fitted on: other items, other captions or images, another encoder). The text-embedding data hook applies
 them to each caption embedding as it reads it (the same float64 map as ``alignlm realign apply``), so switching
 ReAlign off for the ablation (``revision.realign=null``) changes one knob and no files. The pretraining stage (which
 reads caption embeddings) names all three; the finetuning stage only the encoder (its vision tower), so a
@@ -13,11 +14,13 @@ finetune-only run fits nothing else.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from alignlm.methods.provenance import KEY, changed_inputs, strings_digest
 from alignlm.methods.revision.embed import collect_images, collect_texts, embed_items
 from alignlm.methods.revision.realign import ReAlignStats, fit
 from alignlm.methods.revision.shards import list_shards
@@ -58,16 +61,22 @@ def ensure_embeddings(
     embed_items(model, "texts", [item for source in texts for item in collect_texts(source)], embeddings, **knobs)
 
 
-def _embedded_by(embeddings: str | Path) -> str:
-    """The encoder fingerprints of the image and caption shards, joined (empty where a shard stores none)."""
+def shards_inputs(embeddings: str | Path) -> dict[str, str]:
+    """Digests of the image and caption shards ReAlign reads: each shard's name, rows and metadata (ids, encoder and
+    its weights' fingerprint, the digest of the captions or images it embedded)."""
     folder = Path(embeddings)
-    shards = list_shards([folder / "images", folder / "texts"])
-    return ",".join(sorted({s.encoder_fingerprint or "" for s in shards}))
+    return {
+        modality: strings_digest(
+            json.dumps({"name": s.path.name, "rows": s.rows, **s.metadata}, sort_keys=True)
+            for s in list_shards(folder / modality)
+        )
+        for modality in ("images", "texts")
+    }
 
 
 def ensure_realign(embeddings: str, realign: str | None, covariance: float | None = None) -> None:
-    """ReAlign's statistics of the image and caption shards, written to ``realign`` when missing or fitted on shards
-    of other encoder weights (null: no ReAlign).
+    """ReAlign's statistics of the image and caption shards, written to ``realign`` when missing or fitted on other
+    shards (other items, captions, images or encoder weights; null: no ReAlign).
 
     ``covariance`` (null: the paper's trace step; a shrinkage: Anchor + Covariance) must agree with an existing file,
     so changing the knob never silently reuses statistics fitted the other way.
@@ -76,7 +85,7 @@ def ensure_realign(embeddings: str, realign: str | None, covariance: float | Non
         return
     path = Path(realign)
     covariance = None if covariance is None else float(covariance)
-    fingerprint = _embedded_by(embeddings)
+    inputs = shards_inputs(embeddings)
     if path.exists():
         stored = ReAlignStats.load(path)
         if stored.covariance != covariance:
@@ -84,19 +93,19 @@ def ensure_realign(embeddings: str, realign: str | None, covariance: float | Non
                 f"revision.realign={path} was fitted with covariance={stored.covariance}, but revision.covariance="
                 f"{covariance}: point revision.realign at another file, or delete this one to refit"
             )
-        if stored.extra.get("encoder_fingerprint") == fingerprint:
+        changed = changed_inputs((stored.extra.get(KEY) or {}).get("inputs"), inputs)
+        if not changed:
             return
         log.warning(
-            "revision: %s was fitted on embeddings of encoder fingerprint %s, %s now holds %s (the encoder changed): "
-            "fitting it again",
+            "revision: %s was fitted on other %s shards than %s now holds (other items, captions, images or encoder "
+            "weights): fitting it again",
             path,
-            stored.extra.get("encoder_fingerprint"),
+            " and ".join(changed),
             embeddings,
-            fingerprint,
         )
     folder = Path(embeddings)
     stats = fit(folder / "images", folder / "texts", covariance=covariance)
-    stats.extra["encoder_fingerprint"] = fingerprint
+    stats.extra[KEY] = {"knobs": {"covariance": covariance}, "inputs": inputs}
     stats.save(path)
     log.info(
         "revision: ReAlign statistics in %s (s=%.3f, covariance %s, gap before %.3f)",

@@ -17,15 +17,16 @@ isotropic covariances it is ``s I`` (the trace step); ``lam`` regularises a text
 distinct captions). Its statistics still stream: :class:`Moments` then also folds the co-moment matrix.
 
 Statistics are float64 and streamed: every pass folds row chunks into a small mergeable record
-(:class:`Moments`, :class:`CentroidSum`), so shards, files and data-parallel ranks each fold their part
-and the merged record equals one pass over everything. Fitting reads the images once and the texts
+(:class:`Moments`, :class:`CentroidSum`), so chunks and shards each fold their part and the merged record
+equals one pass over everything. Fitting reads the images once and the texts
 twice (moments, then ``mu1``); applying reads the texts once more. Inputs are float16/32 shards
 (:mod:`alignlm.methods.revision.shards`); each chunk is widened to float64 in a reused buffer, so memory stays at
 a few chunks whatever the set size.
 
 The per-chunk kernels are memory-bound and short, so the passes run on ``threads`` intra-op threads
 (default 1): OpenMP teams on short kernels gain little and stall badly when the cores are shared with
-other jobs. To use more cores, run under ``torchrun``: ranks split the shards and merge their records.
+other jobs. It runs in one process: the pipeline's prepare step runs on the main process alone while the other ranks
+wait, and a collective there would wait for ranks that never join it.
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
@@ -47,7 +47,7 @@ from alignlm.methods.revision.shards import Shard, list_shards, shard_metadata, 
 
 EPS_TRACE = 1e-10  # the paper's s = sqrt(T_x / (T_y + 1e-10))
 CHUNK_ROWS = 256  # rows widened to float64 at once: 256 x 768 x 8 B = 1.5 MiB, stays in cache across the ops
-THREADS = 1  # intra-op threads of the streaming passes; scale out with data-parallel ranks instead
+THREADS = 1  # intra-op threads of the streaming passes (module doc: memory-bound, one process)
 FORMAT = "alignlm.realign/1"
 
 
@@ -129,25 +129,6 @@ class CentroidSum:
     @property
     def mean(self) -> Tensor:
         return self.total / self.count
-
-
-def all_merge(record: Moments | CentroidSum) -> Moments | CentroidSum:
-    """Merge one record per data-parallel rank, in rank order, so every rank holds the same total."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return record
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, record)
-    total = gathered[0]
-    for part in gathered[1:]:
-        total = total.merge(part)
-    return total
-
-
-def rank_shards(shards: Sequence[Shard]) -> list[Shard]:
-    """This rank's share of the shards (every ``world``-th one); all of them outside data parallelism."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return list(shards)
-    return list(shards)[dist.get_rank() :: dist.get_world_size()]
 
 
 # ------------------------------------------------------------------------------------------- streaming
@@ -367,8 +348,7 @@ def fit(
     ``covariance``: ``None`` for the paper's trace step, or a shrinkage ``>= 0`` for Anchor + Covariance
     (module doc); the co-moment matrices then stream too (``D x D`` float64 per record).
 
-    Under ``torch.distributed`` each rank reads every ``world``-th shard and the records are merged across
-    ranks, so all ranks return the same statistics as one process would.
+    One process reads every shard, whether or not a process group is initialised (see the module doc).
     """
     images, texts = list_shards(image_sources), list_shards(text_sources)
     if images[0].dim != texts[0].dim:
@@ -376,8 +356,8 @@ def fit(
     name = _encoder_of(images, texts, encoder)
     full = covariance is not None
     with _threads(threads):
-        image_m = all_merge(moments(rank_shards(images), rows, full))
-        text_m = all_merge(moments(rank_shards(texts), rows, full))
+        image_m = moments(images, rows, full)
+        text_m = moments(texts, rows, full)
     if image_m.count == 0 or text_m.count == 0:
         raise ValueError(f"empty set: {image_m.count} image and {text_m.count} text embeddings")
     s = (image_m.trace / (text_m.trace + EPS_TRACE)) ** 0.5
@@ -397,9 +377,9 @@ def fit(
     )
     centroid = CentroidSum.empty(texts[0].dim)
     with _threads(threads):
-        for _, y in unit_chunks(rank_shards(texts), rows):
+        for _, y in unit_chunks(texts, rows):
             centroid = centroid.merge(CentroidSum.of(stats.anchor_(y)))
-    stats.mu1 = all_merge(centroid).mean
+    stats.mu1 = centroid.mean
     return stats
 
 
@@ -418,7 +398,7 @@ def apply(
         raise ValueError(f"text embeddings have dim {texts[0].dim}, the statistics {stats.mu_x.numel()}")
     out_dir = Path(out_dir)
     written = []
-    for shard in rank_shards(texts):
+    for shard in texts:
         out = torch.empty(shard.rows, shard.dim, dtype=dtype)
         start = 0
         with _threads(threads):

@@ -3,7 +3,8 @@
 A shard set is a folder (or a list of files) of ``*.safetensors`` or ``*.npy`` files, read in name order.
 A safetensors shard holds one ``[n, d]`` tensor ``embeddings``; its metadata holds ``ids`` (a JSON list, one
 per row), ``encoder`` and ``modality``, and from ``alignlm embed`` ``encoder_fingerprint`` (the encoder's weights
-hashed). A ``.npy`` shard is a bare ``[n, d]`` array (rows are their ids).
+hashed) and ``items`` (a digest of the captions or images embedded). A ``.npy`` shard is a bare ``[n, d]`` array
+(rows are their ids).
 Shards are read in row chunks (memory-mapped ``.npy``, sliced safetensors), so a set larger than memory
 streams, and written to a temporary name and renamed, so a file that exists is complete. ``ShardTable``
 finds rows by id instead (ReVision's text-only data), memory-mapped, so it too works on sets larger than memory.

@@ -5,7 +5,7 @@ A labels file is a single safetensors file (``<data dir>/sea_labels.safetensors`
 
 - ``words``  int32 ``[n_images, cells, k]``: index into the word list, -1 where a cell has fewer candidates;
 - ``scores`` float32 ``[n_images, cells, k]``: the candidates' scores, descending within a cell;
-- metadata ``alignlm.sea_labels``: JSON ``{version, source, grid: [rows, cols], words, images, info}``.
+- metadata ``alignlm.sea_labels``: JSON ``{version, source, grid: [rows, cols], words, images, info, provenance}``.
 
 ``cells = rows * cols`` in row-major order. ``images`` are image paths relative to the labels file's folder,
 so one file serves every record (caption, QA) showing an image, and images of other folders never collide.
@@ -13,11 +13,17 @@ Labels come from a *source*, a function ``(data files, k, **knobs) -> LabelSet``
 ``annotations`` (labels shipped with the data, as the ``shapes`` set writes them) and ``dual_encoder``
 (dense patch features of a CLIP-like model against text embeddings of a word list). A new labeller is one
 function and one line in ``SOURCES``; the file format and everything that reads it stay as they are.
+
+``provenance`` (``methods/provenance.py``) records the knobs the labels were made with and digests of what they were
+made from (the data and annotation files, the images, the encoder), so the prepare step never serves labels of scenes
+the data no longer shows.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
+import logging
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -32,7 +38,19 @@ from safetensors.numpy import save_file
 
 from alignlm.data.images import load_rgb, preprocess
 from alignlm.data.records import DataError, record_images
+from alignlm.methods.provenance import (
+    KEY,
+    as_json,
+    changed_inputs,
+    check_knobs,
+    encoder_identity,
+    file_digest,
+    files_digest,
+    stamps_digest,
+)
 from alignlm.models.encoders import DualEncoder, load_encoder
+
+log = logging.getLogger(__name__)
 
 VERSION = 1
 META_KEY = "alignlm.sea_labels"
@@ -87,8 +105,14 @@ class LabelSet:
             raise DataError("SEA label word list has duplicates")
 
 
-def write_labels(path: str | Path, labels: LabelSet) -> Path:
-    """Write a labels file atomically (a temporary name, then a rename), candidates sorted by score."""
+def image_key(image: str | Path, root: Path) -> str:
+    """An image's key in a labels file: its path relative to the file's (resolved) folder, POSIX separators."""
+    return Path(os.path.relpath(Path(image).resolve(), root)).as_posix()
+
+
+def write_labels(path: str | Path, labels: LabelSet, provenance: dict[str, Any] | None = None) -> Path:
+    """Write a labels file atomically (a temporary name, then a rename), candidates sorted by score; ``provenance``
+    (``{knobs, inputs}``, see :func:`make_labels`) goes into its metadata."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     ids, scores = labels.word_ids.astype(np.int32), labels.scores.astype(np.float32)
@@ -102,8 +126,9 @@ def write_labels(path: str | Path, labels: LabelSet) -> Path:
         "source": labels.source,
         "grid": list(labels.grid),
         "words": labels.words,
-        "images": [Path(os.path.relpath(p.resolve(), root)).as_posix() for p in labels.images],
+        "images": [image_key(p, root) for p in labels.images],
         "info": labels.info,
+        KEY: provenance,
     }
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     save_file(
@@ -146,6 +171,7 @@ class SeaLabels:
             self.k: int = self.check_arrays(f, meta["images"])
         self.source: str = meta["source"]
         self.info: dict[str, Any] = meta.get("info", {})
+        self.provenance: dict[str, Any] | None = meta.get(KEY)  # None: written before files recorded it
         self.root = self.path.parent.resolve()
         self.index = {key: i for i, key in enumerate(meta["images"])}
         self._handle: Any = None
@@ -171,7 +197,7 @@ class SeaLabels:
 
     def key(self, image: str | Path) -> str:
         """The file's key for an image path: relative to the labels folder, POSIX separators."""
-        return Path(os.path.relpath(Path(image).resolve(), self.root)).as_posix()
+        return image_key(image, self.root)
 
     def lookup(self, image: str | Path) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(word ids [cells, k], scores [cells, k])`` of an image, or None when the file does not label it."""
@@ -235,6 +261,11 @@ class SeaLabels:
 # ---- sources -------------------------------------------------------------------------------------------------------
 
 
+def annotations_file(data: Sequence[str | Path], annotations: str | Path | None) -> Path:
+    """The annotations a source reads: the one given, else ``patch_labels.json`` beside the first data file."""
+    return Path(annotations) if annotations else Path(data[0]).parent / "patch_labels.json"
+
+
 def from_annotations(
     data: Sequence[str | Path], k: int, annotations: str | Path | None = None, image_root: str | Path | None = None
 ) -> LabelSet:
@@ -243,7 +274,7 @@ def from_annotations(
     ``annotations`` defaults to ``patch_labels.json`` beside the first data file (what ``shapes`` writes). Every
     record of ``data`` with an image must be annotated, on the same grid, with words from the word list.
     """
-    path = Path(annotations) if annotations else Path(data[0]).parent / "patch_labels.json"
+    path = annotations_file(data, annotations)
     if not path.exists():
         raise FileNotFoundError(f"annotations file {path} does not exist")
     ann = json.loads(path.read_text(encoding="utf-8"))
@@ -367,20 +398,78 @@ def read_words(words: Sequence[str] | str) -> list[str]:
 SOURCES: dict[str, Callable[..., LabelSet]] = {"annotations": from_annotations, "dual_encoder": from_dual_encoder}
 
 
-def make_labels(out: str | Path, source: str, data: Sequence[str | Path], k: int = 5, **knobs: Any) -> Path:
-    """Compute labels from a source and write them to ``out``; the one entry the CLI and the pipeline call."""
+# the knobs of a source that name what it reads (their contents are inputs) or only how it computes: not variants
+READ_KNOBS = ("annotations", "model", "image_root")
+HOW_KNOBS = ("batch_size", "trust_remote_code")
+
+
+def source_arguments(source: str, data: Sequence[str | Path], k: int, knobs: dict[str, Any]) -> dict[str, Any]:
+    """A source's knobs with its defaults filled in; a knob it does not take is a TypeError naming it, as the call's."""
     if source not in SOURCES:
         raise ValueError(f"SEA label source {source!r} is not known; choose one of {sorted(SOURCES)}")
+    bound = inspect.signature(SOURCES[source]).bind([str(d) for d in data], k, **knobs)
+    bound.apply_defaults()
+    return dict(list(bound.arguments.items())[2:])
+
+
+def label_knobs(source: str, k: int, arguments: dict[str, Any]) -> dict[str, Any]:
+    """The knobs that make a variant of the labels (a file made with others is refused): the source, ``k`` and the
+    source's own choices, a word list as its words (whether given inline or as a file)."""
+    knobs: dict[str, Any] = {"source": source, "k": int(k)}
+    for name, value in arguments.items():
+        if name not in READ_KNOBS + HOW_KNOBS:
+            knobs[name] = read_words(value) if name == "words" else value
+    return as_json(knobs)
+
+
+def label_inputs(path: Path, data: Sequence[str | Path], arguments: dict[str, Any]) -> dict[str, str]:
+    """Digests of what the labels are made from: the data files' bytes, the images (their keys in the file, sizes
+    and modification times), the annotations' bytes and the encoder, where the source reads them."""
+    images = sorted({p for _, paths in record_images(data, arguments.get("image_root")) for p in paths})
+    root = path.parent.resolve()
+    inputs = {"data": files_digest(data), "images": stamps_digest(images, [image_key(p, root) for p in images])}
+    if "annotations" in arguments:
+        inputs["annotations"] = file_digest(annotations_file(data, arguments["annotations"]))
+    if "model" in arguments:
+        inputs["model"] = encoder_identity(arguments["model"])
+    return inputs
+
+
+def label_provenance(
+    out: Path, source: str, data: Sequence[str | Path], k: int, knobs: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The source's arguments and the ``{knobs, inputs}`` labels made from them record; refuses a request that cannot
+    make labels."""
     if not data:
         raise ValueError("SEA labels need at least one data file (LLaVA JSON) whose images to label")
     if k < 1:
         raise ValueError(f"k={k}: keep at least one candidate word per patch")
-    return write_labels(out, SOURCES[source]([str(d) for d in data], k, **knobs))
+    arguments = source_arguments(source, data, k, knobs)
+    return arguments, {"knobs": label_knobs(source, k, arguments), "inputs": label_inputs(out, data, arguments)}
+
+
+def make_labels(out: str | Path, source: str, data: Sequence[str | Path], k: int = 5, **knobs: Any) -> Path:
+    """Compute labels from a source and write them to ``out`` with what they were made from; the one entry the CLI
+    and the pipeline call."""
+    out = Path(out)
+    arguments, provenance = label_provenance(out, source, data, k, knobs)
+    return write_labels(out, SOURCES[source]([str(d) for d in data], k, **arguments), provenance)
 
 
 def ensure_labels(path: str | Path, source: str, data: Sequence[str | Path], k: int = 5, **knobs: Any) -> Path:
-    """The ``sea_labels`` prepare step: write the labels file from this recipe only when it is missing."""
+    """The ``sea_labels`` prepare step: write the labels file from this recipe when it is missing or what it was made
+    from changed since (the data regenerated under the same paths, an encoder refitted); a file made with other knobs
+    is refused, naming the knob."""
     path = Path(path)
-    if not path.exists():
-        make_labels(path, source, data, k, **knobs)
-    return path
+    if path.exists():
+        stored = SeaLabels(path).provenance
+        _, wanted = label_provenance(path, source, data, k, knobs)
+        if stored is not None:
+            check_knobs(path, stored.get("knobs", {}), wanted["knobs"], "sea_labels")
+        changed = changed_inputs(None if stored is None else stored.get("inputs"), wanted["inputs"])
+        if not changed:
+            return path
+        log.warning(
+            "SEA labels %s: what they were made from changed (%s); writing them again", path, ", ".join(changed)
+        )
+    return make_labels(path, source, data, k, **knobs)

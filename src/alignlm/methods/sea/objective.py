@@ -82,6 +82,7 @@ class SEAObjective(Objective):
 
     name = "sea"
     requires_batch_keys = ("sea_words", "sea_scores")
+    metric_names = ("acc",)
 
     def __init__(self, k: int = 5, t_sample: float = 0.1, tau: float = 0.07, word_prefix: str = " ") -> None:
         super().__init__()
@@ -113,7 +114,7 @@ class SEAObjective(Objective):
         words, scores = batch["sea_words"][..., : self.k], batch["sea_scores"][..., : self.k]
         zero = 0.0 * visual.sum()  # keeps the graph (and data-parallel ranks) in step when nothing is labelled
         if words.shape[0] == 0:
-            return LossTerm(zero, {"acc": zero.detach()})
+            return LossTerm(zero)  # no label word measured: left out of the step's mean, not counted as 0
         if words.shape[:2] != visual.shape[:2]:
             raise ValueError(
                 f"sea_words cover {tuple(words.shape[:2])} (images, tokens) but the connector gave "
