@@ -340,6 +340,21 @@ def tiny_model():
     return make
 
 
+def small_llm_shape(base, **extra: Any) -> dict[str, Any]:
+    """Config sizes for a random causal LM of another family (Granite, Mistral, Gemma-3, ...) that fits the tiny
+    model's tokenizer, to put beside its tower and connector."""
+    return dict(
+        vocab_size=base.llm.get_input_embeddings().num_embeddings,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        **extra,
+    )
+
+
 def read_losses(stage_dir: Path) -> list[float]:
     rows = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["loss/total"] for r in rows]

@@ -76,6 +76,24 @@ def test_words_that_only_look_like_letters_pick_none():
     assert score_answer("(A) red", "red", ["red", "blue"]) == 1.0  # letters are read only on a lettered question
 
 
+@pytest.mark.parametrize(
+    ("prediction", "picks"),
+    [
+        ("Looking at each option, the answer is C", "C"),  # an "option" before the answer hid its letter
+        ("Option A is wrong; the answer is B", "B"),  # the first "option" picked the letter it rejects
+        ("Choices A and B are wrong. Answer: D", "D"),
+        ("The answer is B, not option C", "B"),  # "answer" outranks a later option it weighs
+        ("The answer is B. Option A is wrong.", "B"),
+        ("The answer is not A, it is option C", "C"),  # no letter after "answer": the last option that has one
+        ("I would answer A, but the answer is B", "B"),  # the last "answer" a letter follows
+        ("(B) because option C is wrong", "B"),  # a leading marked letter first
+    ],
+)
+def test_the_letter_is_the_one_after_the_last_answer_then_the_last_option(prediction, picks):
+    assert choice_letter(prediction) == picks
+    assert score_answer(prediction, picks, LETTERS) == 1.0
+
+
 def test_names_only_counts_a_sentence_that_names_the_right_choice_alone():
     colours = ["red", "green", "blue"]
     assert names_only("The circle is red.", "red", colours)
@@ -108,6 +126,17 @@ def test_a_numeric_answer_is_its_text_and_an_empty_list_is_refused():
     for empty in ("", " ", "?", ["yes", ""]):
         with pytest.raises(ValueError, match="empty after normalisation"):
             score_answer("", empty)
+
+
+def test_numeric_choices_are_written_as_the_answer_is():
+    """``meta.choices`` of JSON floats were written ``str(2.0)`` = "2.0" while the answer ``2.0`` was "2": names-choice
+    never credited the right answer."""
+    from alignlm.evaluation.answers import choice_texts
+
+    assert choice_texts([1.0, 2.0, 2.5, 3, "four"]) == ["1", "2", "2.5", "3", "four"]
+    assert names_only("There are 2.", "2", choice_texts([1.0, 2.0, 3.0]))
+    with pytest.raises(ValueError, match="choice None is not a string or a number"):
+        choice_texts(["a", None])
 
 
 @pytest.mark.parametrize(

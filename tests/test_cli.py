@@ -233,3 +233,131 @@ def test_help_shows_every_flags_default_and_train_its_exit_statuses():
     assert "(default: None)" not in parsers["alignlm eval"].format_help()  # the help says what leaving it out means
     train = " ".join(parsers["alignlm train"].format_help().split())
     assert all(s in train for s in ("75 stopped", "65 data", "2 a config"))
+
+
+# ---- alignlm eval, compare and export: a mistake named before anything is loaded ------------------------------------
+
+
+def _eval(tmp_path: Path, *flags: str) -> int:
+    """``alignlm eval`` of a checkpoint that is not there: a knob's check has to fail before it is looked for."""
+    return main(["eval", str(tmp_path / "no_checkpoint_here"), "--out", str(tmp_path / "r"), *flags])
+
+
+@pytest.mark.parametrize(
+    "knob,message",
+    [
+        ("batch_sise=4", "eval.batch_sise is not a known setting; did you mean 'batch_size'"),
+        ("probe.top_k=3", "eval.probe.top_k is not a known setting; did you mean 'topk'"),
+        ("gap_shift.metirc=cka", "eval.gap_shift.metirc is not a known setting; did you mean 'metric'"),
+        ("probe.artifacts.enable=false", "eval.probe.artifacts.enable is not a known setting; did you mean 'enabled'"),
+    ],
+)
+def test_eval_names_a_mistyped_knob_at_any_level(tmp_path, knob, message):
+    """A nested knob was merged in unread (``probe.top_k=3`` measured with topk 10): only top keys were checked."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        _eval(tmp_path, "--set", knob)
+
+
+def test_eval_checks_metric_names_sets_the_device_and_out_before_loading(tmp_path, monkeypatch):
+    """Each of these failed only after every checkpoint was generated (or said nothing: a set of the same name)."""
+    with pytest.raises(FileNotFoundError, match="neither a final/ folder"):  # transformers' own knobs pass
+        _eval(tmp_path, "--set", "generation.temperature=0.7", "--set", "generation.top_k=5")
+    with pytest.raises(SystemExit, match=r"gap_shift.metric='nope' is not known; choose from \['modality_gap'"):
+        _eval(tmp_path, "--set", "gap_shift.metric=nope")
+    with pytest.raises(SystemExit, match=r"probe.layer_metrics has unknown metrics \['nope'\]"):
+        _eval(tmp_path, "--set", "probe.layer_metrics=[nope]")
+    questions = tmp_path / "q.json"
+    questions.write_text("[]")
+    with pytest.raises(ConfigError, match=r"eval.sets name \['s'\] more than once; give each set a name of its own"):
+        _eval(tmp_path, "--sets", f"s={questions}", f"s={questions}")
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SystemExit, match="--out .*afile is a file; give a folder"):
+        _eval(tmp_path, "--out", str(tmp_path / "afile"))
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(SystemExit, match="device='cuda': this machine has no CUDA device"):
+        _eval(tmp_path, "--device", "cuda")
+
+
+def _report(path: Path, *checkpoints: dict) -> str:
+    path.write_text(json.dumps({"checkpoints": list(checkpoints)}))
+    return str(path)
+
+
+def _checkpoint(label: str, scores: dict, **more) -> dict:
+    run = label.split("/")[-3]
+    sets = {"s1": {"kind": "qa", "n": len(scores), "accuracy": 0.5, "scores": scores}}
+    return {"label": label, "run": run, "stage": "finetune", "step": 8, "kind": "final", "sets": sets, **more}
+
+
+def test_compare_refuses_what_is_no_pair_and_writes_strict_json(tmp_path, capsys):
+    """One checkpoint blamed old reports, a JSON that is no report was KeyError 'checkpoints', and ``--json`` printed
+    ``Infinity`` when every shared question moved one way."""
+    a = _report(tmp_path / "a.json", _checkpoint("a/finetune/final", {"q0": 0, "q1": 0, "q2": 0}))
+    b = _report(tmp_path / "b.json", _checkpoint("b/finetune/final", {"q0": 1, "q1": 1, "q2": 1}))
+    with pytest.raises(SystemExit, match=r"hold 1 checkpoint; compare needs two or more"):
+        main(["compare", a])
+    (tmp_path / "other.json").write_text('{"a": 1}')
+    with pytest.raises(SystemExit, match="other.json is not a report.json of alignlm eval"):
+        main(["compare", str(tmp_path / "other.json"), a])
+    assert main(["compare", a, b, "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out, parse_constant=pytest.fail)
+    assert row["diff"] == 1.0 and row["z"] is None
+
+
+def test_compare_names_a_set_whose_questions_do_not_pair(tmp_path, capsys):
+    """A set keyed by another path in each report (records without an id, before they were keyed by index) shared no
+    question: its row was silently missing, or compare blamed reports without scores."""
+    old = {"s1": {"kind": "qa", "scores": {"set.json#0": 1, "set.json#1": 0}}}
+    new = {"s1": {"kind": "qa", "scores": {"#0": 1, "#1": 1}}}
+    a = _report(tmp_path / "a.json", _checkpoint("a/finetune/final", {}) | {"sets": old})
+    b = _report(tmp_path / "b.json", _checkpoint("b/finetune/final", {}) | {"sets": new})
+    with pytest.raises(SystemExit, match=r"nothing to compare: the question sets \['s1 \(a/finetune/final vs b/"):
+        main(["compare", a, b])
+    paired = {"kind": "qa", "scores": {"q0": 0, "q1": 1}}
+    a = _report(tmp_path / "a.json", _checkpoint("a/finetune/final", {}) | {"sets": {**old, "s2": paired}})
+    b = _report(tmp_path / "b.json", _checkpoint("b/finetune/final", {}) | {"sets": {**new, "s2": paired}})
+    assert main(["compare", a, b]) == 0
+    out, err = capsys.readouterr()
+    assert "| b/finetune/final | a/finetune/final | s2 | 2 |" in out
+    assert "left out: the question sets ['s1 (a/finetune/final vs b/finetune/final)'] share fewer than 2" in err
+
+
+def test_compare_tells_apart_runs_of_one_name_from_separate_reports(tmp_path, capsys):
+    """Two seeds ``s1/raw`` and ``s2/raw``, each evaluated alone: both reports say ``raw/finetune/final``, which compare
+    refused as one checkpoint twice; ``--same-step`` merged the runs."""
+    reports = [
+        _report(
+            tmp_path / f"{seed}.json",
+            _checkpoint("raw/finetune/final", {"q0": v, "q1": v}, path=f"/runs/{seed}/raw/finetune/final", above=""),
+        )
+        for seed, v in (("s1", 0), ("s2", 1))
+    ]
+    assert main(["compare", *reports, "--same-step", "--reference", "s1/raw", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert [(r["a"], r["b"], r["diff"]) for r in json.loads(out)] == [
+        ("s1/raw/finetune/final", "s2/raw/finetune/final", 1.0)
+    ]
+    assert "named by their folders: ['raw/finetune/final -> s1/raw/finetune/final'" in err
+    with pytest.raises(SystemExit, match="repeat a checkpoint label"):
+        main(["compare", reports[0], reports[0]])  # the same checkpoint twice
+
+
+def test_export_says_it_takes_a_final_folder_and_where_one_is(tmp_path, capsys):
+    """A run folder or a step checkpoint was refused with "<it>/config.yaml: No such file or directory"."""
+    from safetensors.torch import save_file
+
+    run = tmp_path / "run"
+    final = _folder(run / "finetune" / "final", "config.yaml")
+    save_file({}, str(final / "model.safetensors"))
+    step = _folder(run / "finetune" / "checkpoints" / "step_000002", "trainable.safetensors")
+    (step / "trainer_state.json").write_text(json.dumps({"step": 2, "stage": "finetune"}))
+    for given, says in (
+        (run, f"is not a final/ folder (config.yaml + model.safetensors), which export takes; the final/ folders in "
+         f"it: ['{final}']"),
+        (step, f"is a step checkpoint (its stage's trained weights only); export takes a final/ folder: its stage's "
+         f"is {final}"),
+        (tmp_path / "nothing", "is not a final/ folder"),
+    ):  # fmt: skip
+        assert main(["export", str(given), str(tmp_path / "hf")]) == 2
+        assert f"alignlm export: {given} {says}" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()

@@ -57,6 +57,18 @@ def test_cider_hand_checked():
         cider_d(["x"], [])
 
 
+def test_captions_in_any_script_have_words():
+    """``[a-z0-9]+`` split "élégant" into "l", "gant" and gave a Russian caption no word: a perfect one scored 0."""
+    assert tokenize("Un chat élégant") == ["un", "chat", "élégant"]
+    assert tokenize("Кошка сидит на столе.") == ["кошка", "сидит", "на", "столе"]
+    assert tokenize("cafe\u0301 noir") == tokenize("café noir") == ["café", "noir"]  # one word, composed or not
+    assert tokenize("हिन्दी भाषा") == ["हिन्दी", "भाषा"]  # a vowel sign is a mark inside the word
+    assert tokenize("snake_case, x2") == ["snake", "case", "x2"]  # ASCII as before
+    hyps = ["Кошка сидит на красном столе", "Собака бежит по зелёной траве", "Две птицы сидят на ветке дерева"]
+    refs = [[h] for h in hyps]
+    assert bleu(hyps, refs) == pytest.approx(1.0) and cider_d(hyps, refs) == pytest.approx(10.0)
+
+
 # ------------------------------------------------------------------------------ trained tiny checkpoints
 
 
@@ -211,6 +223,87 @@ def test_eval_defaults_to_the_runs_own_sets(tiny_run, colour_set, tmp_path):
                 "--no-probe",
             ]
         )
+
+
+def test_gap_shift_measures_with_the_probes_topk(tiny_run, colour_set, tmp_path, monkeypatch):
+    """The curve was measured with topk 10 whatever probe.topk said, so its kNN metrics were not the table's, and with
+    ``--probe-n 8`` (topk at most 6) the evaluation failed once the probe was extracted."""
+    from alignlm.evaluation import report
+
+    ks = []
+    measure = report.gap_shift
+    monkeypatch.setattr(report, "gap_shift", lambda *args: ks.append(args[3:]) or measure(*args))
+    out = tmp_path / "r"
+    flags = ["--probe", str(colour_set["pretrain"]), "--probe-n", "8", "--no-plots"]
+    knobs = [
+        "probe.topk=5",
+        "gap_shift.metric=mutual_knn",
+        "gap_shift.deltas=[0.0,0.5]",
+        "probe.artifacts.enabled=false",
+    ]
+    assert (
+        main(["eval", str(tiny_run / "finetune" / "final"), "--out", str(out), *flags, *(f"--set={k}" for k in knobs)])
+        == 0
+    )
+    (ck,) = json.loads((out / "report.json").read_text())["checkpoints"]
+    assert ks == [(5,)] and [d for d, _ in ck["gap_shift"]["curve"]] == [0.0, 0.5]
+    assert ck["above"] == ""  # recorded, so that compare tells apart runs of one name
+
+
+def test_a_step_checkpoint_named_by_a_relative_path_keeps_its_run(tiny_run, monkeypatch):
+    """Its run and stage were the names of the relative path's parents: inside the run folder its run was "", inside
+    the stage folder its ``init_from`` was looked up in the wrong folder, inside ``checkpoints/`` no config was
+    found."""
+    from alignlm.evaluation.checkpoints import load, resolve, stage_config
+
+    monkeypatch.chdir(tiny_run / "finetune" / "checkpoints")
+    (ck,) = resolve(["step_000002"])
+    assert (ck.run, ck.stage, ck.label) == ("t", "finetune", "t/finetune/step_000002")
+    assert ck.path == tiny_run / "finetune" / "checkpoints" / "step_000002" and stage_config(ck).run
+    monkeypatch.chdir(tiny_run)
+    assert [c.label for c in resolve(["finetune"])] == ["t/finetune/step_000002", "t/finetune/final"]
+    monkeypatch.chdir(tiny_run / "finetune")
+    load(resolve(["."])[0])  # the stage's init_from (pretrain's final/) is found from here too
+
+
+def test_a_reused_out_folder_keeps_no_plot_of_another_report(tmp_path):
+    """Plots the new report does not draw (no probe: no pca.png; --no-plots: none) stayed beside it from the last."""
+    results = [{"label": "a", "sets": {"colours": {"kind": "qa", "accuracy": 0.5, "n": 4, "examples": []}}}]
+    for name in ("pca", "layers", "gap_shift", "artifacts", "metrics", "mine"):
+        (tmp_path / f"{name}.png").write_bytes(b"old")
+    files = write_report(results, [{}], {}, tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["metrics.png", "mine.png"]  # not a name it draws: kept
+    assert files["metrics"].read_bytes() != b"old"
+    write_report(results, [{}], {"plots": False}, tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["mine.png"]
+
+
+def test_runs_of_one_name_are_two_runs_at_the_same_step_and_two_lines():
+    """``s1/raw`` and ``s2/raw`` evaluated together: ``--same-step`` compared bare run names (both ``raw``: one run),
+    and the accuracy plot drew them as one line."""
+    from unittest import mock
+
+    from alignlm.evaluation import plots
+    from alignlm.evaluation.paired import same_step
+
+    def ck(above, acc):
+        scores = {str(i): acc for i in range(4)}
+        return {
+            "run": "raw",
+            "above": above,
+            "stage": "finetune",
+            "step": 8,
+            "label": f"{above}/raw/finetune/final",
+            "sets": {"s1": {"kind": "qa", "accuracy": acc, "n": 4, "scores": scores}},
+        }
+
+    results = [ck("s1", 0.0), ck("s2", 1.0)]
+    assert [(r["a"], r["b"], r["diff"]) for r in same_step(results, "s1/raw")] == [
+        ("s1/raw/finetune/final", "s2/raw/finetune/final", 1.0)
+    ]
+    with mock.patch.object(plots, "plot_panels", lambda panels, path, xlabel: panels):
+        panels = plots.plot_accuracy_curves(results, Path("unused.png"))
+    assert panels == {"s1 accuracy %": {"s1/raw": [(8, 0.0)], "s2/raw": [(8, 100.0)]}}
 
 
 def test_plot_runs_side_by_side(tiny_run, tmp_path):
@@ -477,13 +570,32 @@ def test_lmms_task_shows_one_image_per_question_and_names_a_record_without_id(co
     questions.write_text(json.dumps([{k: v for k, v in record.items() if k != "id"}]))
     assert main(["lmms-task", str(questions), str(tmp_path / "tasks"), "--name", "t"]) == 0
     row = json.loads((tmp_path / "tasks" / "t" / "t.jsonl").read_text())
-    assert row["question_id"] == f"{questions}#0"  # as alignlm eval names it
+    assert row["question_id"] == f"{questions}#0"  # as the data layer names it
 
 
-def _answer_accuracy_of(monkeypatch, preds):
-    """``answer_accuracy`` over fixed ``(id, prediction, record)`` triples, without a model."""
+def test_a_refused_lmms_task_leaves_the_earlier_one_whole(colour_set, tmp_path):
+    """The rows before a bad record were written over the earlier task's JSONL, beside its YAML: lmms-eval ran the
+    truncated task without a word."""
+    import shutil
+
+    assert main(["lmms-task", str(colour_set["test"]), str(tmp_path / "tasks"), "--name", "t"]) == 0
+    before = (tmp_path / "tasks" / "t" / "t.jsonl").read_bytes()
+    records = json.loads(colour_set["test"].read_text())
+    records[2]["answer"] = []
+    shutil.copytree(colour_set["test"].parent / "images", tmp_path / "images")
+    (tmp_path / "bad.json").write_text(json.dumps(records))
+    with pytest.raises(ValueError, match="answer is an empty list"):
+        main(["lmms-task", str(tmp_path / "bad.json"), str(tmp_path / "tasks"), "--name", "t"])
+    assert (tmp_path / "tasks" / "t" / "t.jsonl").read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "tasks" / "t").iterdir()) == ["t.jsonl", "t.yaml", "utils.py"]
+
+
+def _answer_accuracy_of(monkeypatch, preds, ids=True):
+    """``answer_accuracy`` over fixed ``(id, prediction, record)`` triples, without a model; each record carries its
+    id (``ids=False``: as given, the id being the data layer's ``<file>#<index>`` of a record without one)."""
     from alignlm.evaluation import evaluate
 
+    preds = [(rid, pred, {"id": rid, **rec} if ids else rec) for rid, pred, rec in preds]
     monkeypatch.setattr(evaluate, "generate_set", lambda *args, **kwargs: preds)
     return evaluate.answer_accuracy(None, "set", "set.json", {})
 
@@ -509,6 +621,30 @@ def test_a_numeric_answer_is_scored_and_an_unscorable_one_names_its_record(monke
     assert r["scores"] == {"q0": 1.0, "q1": 1.0} and r["choice_scores"] == {"q0": 1.0}
     with pytest.raises(ValueError, match="set.json record id=q1: answer is an empty list"):
         _answer_accuracy_of(monkeypatch, [("q0", "red", {"answer": "red"}), ("q1", "red", {"answer": []})])
+
+
+def test_a_record_without_id_is_scored_by_its_place_in_the_set(monkeypatch):
+    """Its score was keyed ``<path as typed>#<i>``: a report naming the set ``colours/test.json`` and one naming it
+    ``/abs/colours/test.json`` shared no question and could not be compared."""
+    scores = [
+        _answer_accuracy_of(
+            monkeypatch, [(f"{path}#0", "red", {"answer": "red"}), (f"{path}#1", "red", {"answer": "blue"})], ids=False
+        )["scores"]
+        for path in ("colours/test.json", "/abs/colours/test.json")
+    ]
+    assert scores[0] == scores[1] == {"#0": 1.0, "#1": 0.0}
+    # a record with an id keeps it, even one that looks like a path and an index
+    assert _answer_accuracy_of(monkeypatch, [("a.json#7", "red", {"answer": "red"})])["scores"] == {"a.json#7": 1.0}
+
+
+def test_numeric_choices_name_the_numeric_answer(monkeypatch):
+    """Choices ``[1.0, 2.0, 3.0]`` were written "2.0" and the answer ``2.0`` "2": names-choice scored 0 for "2"."""
+    r = _answer_accuracy_of(
+        monkeypatch, [("q0", "There are 2.", {"answer": 2.0, "meta": {"choices": [1.0, 2.0, 3.0]}})]
+    )
+    assert r["choice_scores"] == {"q0": 1.0}
+    with pytest.raises(ValueError, match="set.json record id=q1: choice None is not a string or a number"):
+        _answer_accuracy_of(monkeypatch, [("q1", "2", {"answer": 2, "meta": {"choices": [None, 2]}})])
 
 
 def test_a_metric_that_is_not_finite_is_null_in_report_json_and_nan_in_the_table(tmp_path):
@@ -743,7 +879,6 @@ def test_seed_line_and_the_seed_table_entry_point(tmp_path, capsys):
         (["--limit", "-1"], r"limit=-1 must be a whole number >= 1 \(or null: all\)"),  # once: n=0, exit 0
         (["--template", "vicunaa"], "template='vicunaa' is not known"),
         (["--sets", "x=/missing.json"], r"do not exist: \['/missing.json'\]"),
-        (["--set", "batch_sise=4"], "no knob 'batch_sise'; did you mean 'batch_size'"),
         (["--set", "probe.metrics=[cka,foo]"], r"unknown metrics \['foo'\]"),
         (["--device", "gpu"], "device='gpu': auto, cpu, cuda or cuda:N"),
     ],

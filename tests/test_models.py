@@ -14,7 +14,7 @@ from alignlm.models.connectors import LinearConnector, MLPConnector
 from alignlm.models.lm_loss import head_transform, plain_head
 from alignlm.models.mllm import AlignLM
 from alignlm.models.vision import EfficientNetLiteTower, HFVisionTower
-from tests.conftest import compose, make_batch
+from tests.conftest import compose, make_batch, small_llm_shape
 
 
 def test_tiny_model_builds_fast():
@@ -136,15 +136,7 @@ def test_the_lm_loss_applies_the_transform_the_llms_head_output_gets(tiny_model,
     from transformers import CohereConfig, CohereForCausalLM, GraniteConfig, GraniteForCausalLM
 
     base = tiny_model()
-    size = dict(
-        vocab_size=base.llm.get_input_embeddings().num_embeddings,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
+    size = small_llm_shape(base)
     torch.manual_seed(0)
     if family == "granite":
         llm = GraniteForCausalLM(GraniteConfig(logits_scaling=8.0, **size))

@@ -19,6 +19,7 @@ from alignlm.data.build import build_dataset
 from alignlm.data.collate import Collator, pack_rows
 from alignlm.models.lm_loss import HeadTransform, linear_cross_entropy, linear_token_nll
 from alignlm.models.mllm import AlignLM, attention_windows
+from tests.conftest import small_llm_shape
 
 
 def collator(model, **kw) -> Collator:
@@ -245,17 +246,7 @@ def windowed_model(base, family: str, attention: str = "sdpa") -> AlignLM:
     tokens: every layer of a Mistral, the first of two of a Gemma-3 (layer types)."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig, MistralConfig, MistralForCausalLM
 
-    size = dict(
-        vocab_size=base.llm.get_input_embeddings().num_embeddings,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        sliding_window=4,
-        attn_implementation=attention,
-    )
+    size = small_llm_shape(base, sliding_window=4, attn_implementation=attention)
     torch.manual_seed(0)
     if family == "mistral":
         llm = MistralForCausalLM(MistralConfig(**size))
@@ -333,7 +324,9 @@ def test_feature_cache_trains_exactly_like_live_features_and_is_reused(colour_se
     stamp = shards[0].stat().st_mtime_ns
     run(compose(*common, "run_name=again", "stages.pretrain.data.feature_cache=true"))  # same tower: nothing recomputed
     assert [p.stat().st_mtime_ns for p in (tmp_path / "feature_cache").rglob("*.safetensors")] == [stamp]
-    with pytest.raises(ValueError, match=r"feature_cache=True caches a frozen tower.s features, but stages.pretrain.parts.vision=full"):
+    with pytest.raises(
+        ValueError, match=r"feature_cache=True caches a frozen tower.s features, but stages.pretrain.parts.vision=full"
+    ):
         run(
             compose(
                 *common,

@@ -59,8 +59,8 @@ def check_config(cfg: DictConfig) -> None:
     """Config mistakes that would otherwise surface mid-run, each named with its key and the values allowed: unknown
     stage names, a bad resume mode, a run name that is not a plain folder name, numbers out of range."""
     known = default_keys()
-    _check_keys("", cfg, known[""])  # `+stop_after_step=2` (meant: stop_after_steps) had trained to the end
-    _check_keys("model", _mapping("model", cfg.get("model")), known["model"])
+    check_keys("", cfg, known[""])  # `+stop_after_step=2` (meant: stop_after_steps) had trained to the end
+    check_keys("model", _mapping("model", cfg.get("model")), known["model"])
     for key in ("run", "offline_datasets"):
         _list(key, cfg.get(key, []))
     if not cfg.run:
@@ -177,19 +177,19 @@ def _check_datasets(cfg: DictConfig) -> None:
 def _check_sections(cfg: DictConfig, known: dict[str, set[str]]) -> None:
     """Each of :data:`_SECTIONS` is a mapping (null where allowed) of keys ``train.yaml`` sets."""
     for where, null in _SECTIONS.items():
-        _check_keys(where, _mapping(where, OmegaConf.select(cfg, where), null=null) or {}, known.get(where, set()))
+        check_keys(where, _mapping(where, OmegaConf.select(cfg, where), null=null) or {}, known.get(where, set()))
 
 
 def _check_stage_keys(cfg: DictConfig, known: dict[str, set[str]]) -> None:
     """Every key of a stage to run, of its data and of its LoRA settings is one some ``configs/stage/*.yaml`` sets."""
     for stage in cfg.run:
         key, node = f"stages.{stage}", cfg.stages[stage]
-        _check_keys(key, node, known["stage"])
-        _check_keys(f"{key}.data", _mapping(f"{key}.data", node.get("data")), known["stage.data"])
-        _check_keys(f"{key}.lora", _mapping(f"{key}.lora", node.get("lora"), null=True) or {}, known["stage.lora"])
+        check_keys(key, node, known["stage"])
+        check_keys(f"{key}.data", _mapping(f"{key}.data", node.get("data")), known["stage.data"])
+        check_keys(f"{key}.lora", _mapping(f"{key}.lora", node.get("lora"), null=True) or {}, known["stage.lora"])
 
 
-def _check_keys(where: str, node: Mapping[str, Any], allowed: set[str]) -> None:
+def check_keys(where: str, node: Mapping[str, Any], allowed: set[str]) -> None:
     """Every key of ``node`` (at ``where``; ``""``: the top level) is in ``allowed`` (a mistyped one is named with the
     nearest allowed key)."""
     for key in node:
@@ -402,7 +402,7 @@ def _check_objectives(key: str, stage: DictConfig) -> None:
         knobs = [] if cls.__init__ is torch.nn.Module.__init__ else inspect.signature(cls).parameters.values()
         if not any(p.kind is p.VAR_KEYWORD for p in knobs):
             allowed = {p.name for p in knobs} | {"weight"} | {k for k in node if str(k).startswith("_")}
-            _check_keys(f"{key}.objectives.{name}", node, allowed)
+            check_keys(f"{key}.objectives.{name}", node, allowed)
 
 
 def _check_init_from(cfg: DictConfig, stage: str, before: list[str]) -> None:

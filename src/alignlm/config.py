@@ -54,21 +54,21 @@ def default_keys() -> dict[str, set[str]]:
     files += [("model", path) for path in sorted((root / "model").glob("*.yaml"))]
     keys: dict[str, set[str]] = {}
     for where, path in files:
-        _add_keys(keys, where, OmegaConf.to_container(OmegaConf.load(path), resolve=False))
+        add_keys(keys, where, OmegaConf.to_container(OmegaConf.load(path), resolve=False))
     # a recipe's top-level keys only: what it sets below them are train.yaml's settings, whose typos stay typos
     for path in sorted((root / "exp").glob("*.yaml")):
         keys[""] |= {str(key) for key in OmegaConf.load(path) if key != "defaults"}
     return keys
 
 
-def _add_keys(keys: dict[str, set[str]], where: str, node: dict[str, Any]) -> None:
+def add_keys(keys: dict[str, set[str]], where: str, node: dict[str, Any]) -> None:
     """``node``'s keys under ``where``, and those of each mapping below it under its dotted place."""
     for key, value in node.items():
         if key in ("defaults", "hydra"):  # Hydra's own: what to compose, where it writes; no setting of a run
             continue
         keys.setdefault(where, set()).add(str(key))
         if isinstance(value, dict):
-            _add_keys(keys, f"{where}.{key}" if where else str(key), value)
+            add_keys(keys, f"{where}.{key}" if where else str(key), value)
 
 
 def plain(node: Any) -> Any:

@@ -8,23 +8,26 @@ Eval knobs come from ``configs/eval/default.yaml``, then ``--config FILE``, then
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
+import os
+import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from alignlm.checks import check_keys
 from alignlm.commands._flags import add_trust_flags, positive_int
-from alignlm.config import config_dir
+from alignlm.config import add_keys, config_dir
 from alignlm.data.templates import TEMPLATES
 from alignlm.evaluation import checkpoints
 from alignlm.evaluation.lmms import run_lmms_eval, write_local_task
-from alignlm.evaluation.paired import against_first, markdown_lines, same_step
+from alignlm.evaluation.paired import against_first, markdown_lines, run_key, same_step_pairs, too_few_shared
 from alignlm.evaluation.plots import plot_accuracy_curves, plot_runs
-from alignlm.evaluation.report import evaluate_checkpoint, write_report
+from alignlm.evaluation.report import check_set_names, evaluate_checkpoint, json_values, shift_metrics, write_report
 from alignlm.geometry.suite import ALL_METRICS
 from alignlm.models.device import default_device
 from alignlm.models.generation import check_generation
@@ -87,13 +90,39 @@ def layer_list(text: str) -> str | list[int]:
     return layers
 
 
+# eval knobs whose keys are another library's: transformers' generate() settings (check_generation checks them)
+OPEN_KNOBS = ("eval.generation",)
+SET_KEYS = ("name", "path", "kind")  # an entry of eval.sets
+
+
+def check_eval_keys(node: Mapping[str, Any], known: Mapping[str, set[str]], where: str = "eval") -> None:
+    """Every key of the eval config, at every level, is one ``configs/eval/default.yaml`` sets: ``--set
+    probe.top_k=3`` or ``gap_shift.metirc=cka`` was merged in unread, the report measured with the default, and a
+    mistyped key is named with the nearest known one (``checks.py``'s check, as for training knobs)."""
+    check_keys(where, node, known.get(where, set()))
+    for key, value in node.items():
+        place = f"{where}.{key}"
+        if isinstance(value, Mapping) and place in known and place not in OPEN_KNOBS:
+            check_eval_keys(value, known, place)
+
+
+def check_sets(sets: Sequence[Any]) -> None:
+    """Each entry of ``eval.sets`` has a name (one of its own: :func:`check_set_names`) and a path to a file."""
+    for i, s in enumerate(sets):
+        if not isinstance(s, Mapping) or not s.get("name") or not s.get("path"):
+            raise SystemExit(f"eval sets[{i}]={s!r} needs a name and a path ({{name, path, kind}}; --sets NAME=PATH)")
+        check_keys(f"eval.sets[{i}]", s, set(SET_KEYS))
+    check_set_names(sets)
+    missing = [s["path"] for s in sets if not Path(s["path"]).exists()]
+    if missing:
+        raise SystemExit(f"eval sets name files that do not exist: {missing}")
+
+
 def check_eval_config(ecfg: dict[str, Any]) -> None:
     """Knobs that would otherwise fail after a checkpoint is loaded, or quietly evaluate nothing (``--limit -1``)."""
-    known = OmegaConf.to_container(eval_defaults())
-    for key in ecfg:
-        if key not in known:
-            near = difflib.get_close_matches(key, sorted(known), n=1)
-            raise SystemExit(f"eval has no knob {key!r}" + (f"; did you mean {near[0]!r}?" if near else ""))
+    known: dict[str, set[str]] = {}
+    add_keys(known, "eval", OmegaConf.to_container(eval_defaults()))
+    check_eval_keys(ecfg, known)
     probe = ecfg["probe"]
     counts = {k: ecfg.get(k) for k in ("batch_size", "max_new_tokens", "caption_max_new_tokens", "limit")}
     counts |= {f"probe.{k}": probe.get(k) for k in ("n", "topk", "batch_size")}
@@ -103,20 +132,43 @@ def check_eval_config(ecfg: dict[str, Any]) -> None:
             raise SystemExit(f"eval {key}={value!r} must be a whole number >= 1" + (" (or null: all)" * nullable))
     if ecfg.get("template") is not None and ecfg["template"] not in TEMPLATES:
         raise SystemExit(f"eval template={ecfg['template']!r} is not known; choose one of {sorted(TEMPLATES)}")
-    missing = [s["path"] for s in ecfg.get("sets") or [] if not Path(s["path"]).exists()]
-    if missing:
-        raise SystemExit(f"eval sets name files that do not exist: {missing}")
+    check_sets(ecfg.get("sets") or [])
     check_generation(ecfg.get("generation"))
     if probe.get("n") is not None and probe["n"] < probe["topk"] + 2:
         raise SystemExit(f"eval probe.n={probe['n']} must be at least probe.topk + 2 = {probe['topk'] + 2}")
-    unknown = [m for m in probe.get("metrics") or [] if m not in ALL_METRICS]
-    if unknown:
-        raise SystemExit(f"eval probe.metrics has unknown metrics {unknown}; choose from {list(ALL_METRICS)}")
-    if ecfg["device"] != "auto":
-        try:
-            torch.device(ecfg["device"])
-        except RuntimeError:
-            raise SystemExit(f"eval device={ecfg['device']!r}: auto, cpu, cuda or cuda:N") from None
+    for key in ("metrics", "layer_metrics"):
+        unknown = [m for m in probe.get(key) or [] if m not in ALL_METRICS]
+        if unknown:
+            raise SystemExit(f"eval probe.{key} has unknown metrics {unknown}; choose from {list(ALL_METRICS)}")
+    shift = ecfg.get("gap_shift") or {}
+    if shift.get("deltas") and shift.get("metric") not in shift_metrics():
+        raise SystemExit(f"eval gap_shift.metric={shift.get('metric')!r} is not known; choose from {shift_metrics()}")
+    check_device(ecfg["device"])
+
+
+def check_device(device: str) -> None:
+    """``device`` names one this machine has: ``--device cuda`` without CUDA failed after the model was loaded."""
+    if device == "auto":
+        return
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise SystemExit(f"eval device={device!r}: auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"eval device={device!r}: this machine has no CUDA device; use auto or cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise SystemExit(f"eval device={device!r}: this machine has {torch.cuda.device_count()} CUDA devices")
+
+
+def prepare_out(out: Path) -> None:
+    """``--out`` as a folder, made before anything is loaded: a file there failed only once every checkpoint had
+    been evaluated."""
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"--out {out} is a file; give a folder for report.json, report.md and the plots")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"--out {out}: cannot make the folder ({e.strerror or e})") from None
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -124,6 +176,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     ecfg = eval_config(args)
     check_eval_config(ecfg)
+    prepare_out(Path(args.out))
     device = torch.device(default_device() if ecfg["device"] == "auto" else ecfg["device"])
     cks = checkpoints.resolve(args.checkpoints)
     log.info("evaluating %d checkpoints: %s", len(cks), ", ".join(c.label for c in cks))
@@ -141,31 +194,104 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def read_reports(paths: Sequence[str]) -> list[dict[str, Any]]:
+    """The checkpoints of ``report.json`` files, each told apart from another of the same label (:func:`tell_apart`);
+    a file that is no report, and fewer than two checkpoints, are refused by name."""
+    results, origins = [], []
+    for path in paths:
+        try:
+            report = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"{path}: not JSON ({e})") from None
+        cks = report.get("checkpoints") if isinstance(report, dict) else None
+        if not isinstance(cks, list) or not all(isinstance(c, dict) and "label" in c and "sets" in c for c in cks):
+            raise SystemExit(f"{path} is not a report.json of alignlm eval (no list of 'checkpoints' with labels)")
+        results += cks
+        origins += [Path(path)] * len(cks)
+    if len(results) < 2:
+        raise SystemExit(
+            f"{list(paths)} hold {len(results)} checkpoint{'s' * (len(results) != 1)}; compare needs two or more"
+        )
+    return tell_apart(results, origins)
+
+
+def tell_apart(results: list[dict[str, Any]], reports: Sequence[Path]) -> list[dict[str, Any]]:
+    """Checkpoints of one label from separate reports (``raw/finetune/final`` of seeds ``s1/raw`` and ``s2/raw``,
+    each evaluated alone) prefixed, as ``alignlm eval`` does for runs of one name evaluated together, with the
+    fewest folders above their runs (from their paths; where a report has none, its own path) that tell them apart,
+    and said so on stderr; the same checkpoint twice is refused."""
+    labels = [c["label"] for c in results]
+    if len(set(labels)) == len(labels):
+        return results
+    folders = [_run_parent(c, report) for c, report in zip(results, reports)]
+    named = checkpoints.unique_labels(labels, folders)
+    if len(set(named)) != len(named):
+        raise SystemExit(f"the reports repeat a checkpoint label: {labels}; compare each checkpoint once")
+    out = []
+    for c, label in zip(results, named):
+        own = c["label"].removeprefix(f"{c['above']}/") if c.get("above") else c["label"]
+        out.append(c | {"label": label, "above": label.removesuffix(own).rstrip("/")})
+    renamed = [f"{old} -> {new}" for old, new in zip(labels, named) if old != new]
+    print(
+        f"alignlm compare: checkpoint labels repeat across the reports; named by their folders: {renamed}",
+        file=sys.stderr,
+    )
+    return out
+
+
+def _run_parent(result: Mapping[str, Any], report: Path) -> Path:
+    """The folder above a checkpoint's run (and the folders ``above`` it its report named), from its path; for a
+    report without one, the report's own path."""
+    if not result.get("path"):
+        return Path(os.path.abspath(report))
+    path = Path(os.path.abspath(result["path"]))
+    stage_dir = path.parent if result.get("kind") == "final" else path.parent.parent
+    folder = stage_dir.parent.parent
+    for _ in Path(result.get("above") or "").parts:
+        folder = folder.parent
+    return folder
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     """Paired differences over reports written separately (e.g. one eval job per run): against one checkpoint,
     or with ``--same-step`` every run against the reference run at equal training steps."""
-    results = [c for path in args.reports for c in json.loads(Path(path).read_text())["checkpoints"]]
+    results = read_reports(args.reports)
     labels = [c["label"] for c in results]
-    if len(set(labels)) != len(labels):
-        raise SystemExit(f"the reports repeat a checkpoint label: {labels}; compare each checkpoint once")
     if args.same_step:
-        runs = list(dict.fromkeys(c["run"] for c in results))
+        runs = list(dict.fromkeys(run_key(c) for c in results))
         ref = runs[0] if args.reference is None else args.reference
         if ref not in runs:
             raise SystemExit(f"--reference {ref!r} is none of the reports' runs: {runs}")
-        rows = same_step(results, ref)
+        pairs = same_step_pairs(results, ref)
+        if not pairs:
+            at = sorted({(str(c.get("stage")), c.get("step")) for c in results if run_key(c) == ref}, key=str)
+            raise SystemExit(f"nothing to compare: no other run has a checkpoint at a stage and step of {ref!r}: {at}")
     else:
         ref = labels[0] if args.reference is None else args.reference
         if ref not in labels:
             raise SystemExit(f"--reference {ref!r} is none of the reports' checkpoints: {labels}")
-        rows = against_first([c for c in results if c["label"] == ref] + [c for c in results if c["label"] != ref])
+        base = next(c for c in results if c["label"] == ref)
+        pairs = [(base, c) for c in results if c["label"] != ref]
+    rows = [row for a, b in pairs for row in against_first([a, b])]
+    unshared = [f"{name} ({a['label']} vs {b['label']})" for a, b in pairs for name in too_few_shared(a, b)]
+    few = (
+        f"the question sets {unshared} share fewer than 2 question ids: different questions, or a report written "
+        "before alignlm keyed a record without an id by its place in the set (it keyed it by the file's path as "
+        "typed; evaluate that checkpoint again)"
+    )
     if not rows:
         raise SystemExit(
-            "nothing to compare: the checkpoints share no question set with per-question scores "
+            f"nothing to compare: {few}"
+            if unshared
+            else "nothing to compare: the checkpoints share no question set with per-question scores "
             "(reports written before alignlm recorded them lack 'scores'; evaluate again)"
-            + (" at a step the reference run has" if args.same_step else "")
         )
-    print(json.dumps(rows, indent=2) if args.json else "\n".join(markdown_lines(rows)).strip())
+    if unshared:
+        print(f"alignlm compare: left out: {few}", file=sys.stderr)
+    if args.json:  # as in report.json, a z that is not finite (every shared question moved one way) is null
+        print(json.dumps(json_values(rows), indent=2, allow_nan=False))
+    else:
+        print("\n".join(markdown_lines(rows)).strip())
     if args.plot:
         print(f"wrote {plot_accuracy_curves(results, Path(args.plot))}")
     return 0

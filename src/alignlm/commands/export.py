@@ -4,12 +4,46 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from alignlm.commands._flags import add_trust_flags
+from alignlm.evaluation.checkpoints import resolve
 from alignlm.evaluation.export_check import compare_with_export, format_check
 from alignlm.export.hf_llava import ExportError, export
+
+
+def not_a_final(path: str) -> str | None:
+    """What ``path`` is when it is not a ``final/`` folder, the one kind of checkpoint export takes, and where the
+    ``final/`` folders are (None for a final/ folder): a run folder or a step checkpoint was refused with
+    "<path>/config.yaml: No such file", which said neither what export expects nor where it is."""
+    try:
+        found = resolve([path])
+    except (FileNotFoundError, ValueError):
+        found = []
+    itself = [c for c in found if c.path == Path(os.path.abspath(path))]
+    if itself and itself[0].kind == "final":
+        return None
+    if itself:
+        final = itself[0].stage_dir / "final"
+        return f"{path} is a step checkpoint (its stage's trained weights only); export takes a final/ folder" + (
+            f": its stage's is {final}" if (final / "config.yaml").exists() else " (its stage has none yet)"
+        )
+    finals = [str(c.path) for c in found if c.kind == "final"]
+    expects = f"{path} is not a final/ folder (config.yaml + model.safetensors), which export takes"
+    return expects + (f"; the final/ folders in it: {finals}" if finals else "")
+
+
+def export_final(args: argparse.Namespace) -> Path:
+    """``export`` of ``args.checkpoint``; where it finds no checkpoint files there, :func:`not_a_final` says why."""
+    try:
+        return export(args.checkpoint, args.out_dir, args.allow_code, args.trust_remote_code)
+    except FileNotFoundError:
+        problem = not_a_final(args.checkpoint)
+        if problem is None:
+            raise
+        raise ExportError(problem) from None
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -24,7 +58,7 @@ def check_args(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> int:
     try:
         check_args(args)
-        out = export(args.checkpoint, args.out_dir, args.allow_code, args.trust_remote_code)
+        out = export_final(args)
     except ExportError as e:  # a model with no Llava counterpart, a bad flag: the reason, no traceback, nothing written
         print(f"alignlm export: {e}", file=sys.stderr)
         return 2

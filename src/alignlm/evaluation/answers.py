@@ -11,7 +11,8 @@ One deliberate difference: an answer made of articles only keeps them, so the mu
 instead of vanishing (the official rules would let an empty prediction match it).
 
 Multiple-choice questions whose choices (or answer) are single letters are scored on the letter the prediction picks:
-"(B)", "B.", "B) red", "Answer: B" and "The answer is B" all answer B.
+"(B)", "B.", "B) red", "Answer: B", "The answer is B" and "Option A is wrong; the answer is B" all answer B (the rule:
+:func:`choice_letter`).
 """
 
 from __future__ import annotations
@@ -69,16 +70,34 @@ def is_correct(prediction: str, answer: str) -> bool:
     return normalize_answer(prediction) == normalize_answer(answer)
 
 
-def _reference(value: object) -> str:
-    """One reference answer as text: JSON numbers (``7``, ``2.5``) are compared as they would be written; a reference
-    with nothing left after normalisation ("", "?") would be matched by an empty prediction, so it is refused."""
+def _as_text(value: object) -> str | None:
+    """A JSON answer or choice as text (None when it is neither a string nor a finite number): numbers as they would
+    be written (``7``, ``2.5``; ``2.0`` is ``2``), so that an answer and its choices, read from the same kind of JSON
+    number, are the same text."""
     if isinstance(value, str):
-        text = value
-    elif isinstance(value, int) and not isinstance(value, bool):
-        text = str(value)
-    elif isinstance(value, float) and math.isfinite(value):
-        text = str(int(value)) if value.is_integer() else str(value)
-    else:
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float) and math.isfinite(value):
+        return str(int(value)) if value.is_integer() else str(value)
+    return None
+
+
+def choice_texts(choices: Sequence[object]) -> list[str]:
+    """A record's ``meta.choices`` as text, written as its answer is: ``[1.0, 2.0]`` is ``["1", "2"]``, which the
+    answer ``2.0`` (written "2") names; ``str`` wrote "2.0", which no prediction of the right answer named."""
+    texts = [_as_text(c) for c in choices]
+    bad = [c for c, t in zip(choices, texts) if t is None]
+    if bad:
+        raise ValueError(f"choice {bad[0]!r} is not a string or a number")
+    return [t for t in texts if t is not None]
+
+
+def _reference(value: object) -> str:
+    """One reference answer as text (:func:`_as_text`); a reference with nothing left after normalisation ("", "?")
+    would be matched by an empty prediction, so it is refused."""
+    text = _as_text(value)
+    if text is None:
         raise ValueError(f"answer {value!r} is not a string, a number or a list of them")
     if not normalize_answer(text):
         raise ValueError(f"answer {value!r} is empty after normalisation; an empty prediction would match it")
@@ -107,26 +126,35 @@ def vqa_accuracy(prediction: str, answers: object) -> float:
 
 
 _LETTER = re.compile(r"[A-Za-z]")
-_ANSWER_LEAD = re.compile(r"\b(?:answer|option|choice)\b(?:\s+is)?\s*:?\s*", re.IGNORECASE)
+_ANSWER_LEAD = re.compile(r"\banswer\b(?:\s+is)?\s*:?\s*", re.IGNORECASE)
+_CHOICE_LEAD = re.compile(r"\b(?:option|choice)\b(?:\s+is)?\s*:?\s*", re.IGNORECASE)
 _MARKED_LETTER = re.compile(r"(?:\(([A-Za-z])\)|([A-Za-z])[.):])(?=[\s.,;:!]|$)")  # "(B)", "B.", "B)", "B:"
 _BARE_LETTER = re.compile(r"(?:([A-Z])(?=[\s.,;:!]|$)|([a-z])(?=[.!]?$))")  # "B ...", or a lower-case "b" that ends
+
+
+def _letter_after(lead: re.Pattern[str], text: str) -> re.Match[str] | None:
+    """The letter after the last match of ``lead`` that a letter follows (marked, or bare and upper-case)."""
+    found = None
+    for m in lead.finditer(text):
+        rest = text[m.end() :]
+        found = _MARKED_LETTER.match(rest) or _BARE_LETTER.match(rest) or found
+    return found
 
 
 def choice_letter(prediction: str) -> str | None:
     """The letter a multiple-choice prediction picks, upper-case, or None when it picks none.
 
-    A letter counts when it is the whole prediction ("b") or leads it marked ("(B)", "B.", "B) red"); after "answer",
-    "option" or "choice" ("Answer: B", "The answer is B because ...") an upper-case letter counts bare too, so that the
-    article in "the answer is a red circle" is no letter.
+    A letter counts when it is the whole prediction ("b") or leads it marked ("(B)", "B.", "B) red"). Else it is the
+    letter after the last "answer" a letter follows ("Answer: B", "Looking at each option, the answer is C", "the
+    answer is B, not option C"), and without one, after the last "option" or "choice" a letter follows ("Option A is
+    wrong; option B"): a prediction that names its answer says so last, and "answer" outranks the options it weighs.
+    After these words an upper-case letter counts bare too, so that the article in "the answer is a red circle" is no
+    letter.
     """
     text = prediction.strip()
     if _LETTER.fullmatch(text):
         return text.upper()
-    found = _MARKED_LETTER.match(text)
-    lead = None if found else _ANSWER_LEAD.search(text)
-    if lead:
-        rest = text[lead.end() :]
-        found = _MARKED_LETTER.match(rest) or _BARE_LETTER.match(rest)
+    found = _MARKED_LETTER.match(text) or _letter_after(_ANSWER_LEAD, text) or _letter_after(_CHOICE_LEAD, text)
     return next(g for g in found.groups() if g).upper() if found else None
 
 

@@ -1,25 +1,28 @@
 """Captioning scores: corpus BLEU-4 (Papineni et al. 2002) and CIDEr-D (Vedantam et al. 2015).
 
-Both follow the COCO caption evaluation conventions (lower-cased words without punctuation; BLEU's brevity
-penalty against the closest reference length; CIDEr-D's document frequencies over the references of the scored
-set, clipped tf-idf, a Gaussian length penalty with sigma 6, times 10), in plain Python with no Java tokenizer.
+Both follow the COCO caption evaluation conventions (lower-cased words without punctuation, in any script; BLEU's
+brevity penalty against the closest reference length; CIDEr-D's document frequencies over the references of the
+scored set, clipped tf-idf, a Gaussian length penalty with sigma 6, times 10), in plain Python with no Java tokenizer.
 CIDEr needs a corpus: with a single image every n-gram has zero idf and the score is 0 by definition.
 """
 
 from __future__ import annotations
 
 import math
-import re
+import unicodedata
 from collections import Counter
 from collections.abc import Sequence
 
-_WORD = re.compile(r"[a-z0-9]+")
 MAX_N = 4
 
 
 def tokenize(text: str) -> list[str]:
-    """Lower-cased alphanumeric words: punctuation never decides a caption score."""
-    return _WORD.findall(text.lower())
+    """Lower-cased words of letters, digits and combining marks, in any script (Unicode categories L, N, M, after
+    NFC): punctuation never decides a caption score. ASCII text splits as ``[a-z0-9]+`` did; that pattern split
+    "élégant" into "l", "gant" and gave a Russian caption no word at all. A script written without spaces (Chinese,
+    Japanese, Thai) is one word per run of text: segment such captions first, as COCO's tokenizer does not either."""
+    text = unicodedata.normalize("NFC", text.lower())
+    return "".join(c if unicodedata.category(c)[0] in "LNM" else " " for c in text).split()
 
 
 def ngrams(words: Sequence[str], n: int) -> Counter:

@@ -38,7 +38,7 @@ from alignlm.training.stages import apply_stage, merge_lora
 class Checkpoint:
     """One evaluable checkpoint and where it came from."""
 
-    path: Path
+    path: Path  # absolute
     kind: str  # final | step
     run: str
     stage: str
@@ -73,10 +73,13 @@ def _last_logged_step(stage_dir: Path) -> int | None:
     return int(rows[-1]["step"]) if rows else None
 
 
-def _one(p: Path) -> Checkpoint:
+def _one(given: Path) -> Checkpoint:
+    """The checkpoint at ``given``, its path made absolute: its run and stage are the names of the folders above it,
+    which a relative path (`alignlm eval final` inside the stage folder, `alignlm eval step_000500` inside
+    ``checkpoints/``) does not name; the stage's config and ``init_from`` are looked up there too."""
+    p = Path(os.path.abspath(given))
     if _is_final(p):
-        stage_dir = Path(os.path.abspath(p)).parent  # `alignlm eval final` inside the stage folder names it too
-        return Checkpoint(p, "final", stage_dir.parent.name, final_stage(p), _last_logged_step(p.parent))
+        return Checkpoint(p, "final", p.parent.parent.name, final_stage(p), _last_logged_step(p.parent))
     state = json.loads((p / "trainer_state.json").read_text())
     stage_dir = p.parent.parent
     return Checkpoint(p, "step", stage_dir.parent.name, str(state.get("stage", stage_dir.name)), int(state["step"]))
@@ -123,7 +126,7 @@ def resolve(paths: list[str]) -> list[Checkpoint]:
                 key=lambda f: (order.index(f.parent.name) if f.parent.name in order else len(order), f.parent.name)
             )
             out += [_one(f) for f in finals]
-    where = [Path(os.path.abspath(c.path)) for c in out]
+    where = [c.path for c in out]
     twice = sorted({str(w) for w in where if where.count(w) > 1})
     if twice:
         raise ValueError(f"{paths} name the checkpoint {twice[0]} more than once; evaluate each checkpoint once")

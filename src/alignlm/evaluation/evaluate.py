@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from alignlm.data.records import read_records, reference_captions
-from alignlm.evaluation.answers import names_only, reference_answers, score_answer
+from alignlm.evaluation.answers import choice_texts, names_only, reference_answers, score_answer
 from alignlm.evaluation.captions import bleu, cider_d
 from alignlm.models.generation import generate_set
 
@@ -33,6 +33,16 @@ def set_kind(path: str, kind: str = "auto") -> str:
     return "qa" if records and "answer" in records[0] else "caption"
 
 
+def score_key(rid: str, record: Mapping[str, Any]) -> str:
+    """The key of a question's score: its ``id``, or for a record without one ``#<index>``, its place in the set.
+    The set's name is the key above it, so a report that named the set's file by another path (relative, absolute)
+    still pairs with this one question by question, where ``<file>#<index>`` (the id the data layer gives it) did
+    not."""
+    if record.get("id") is not None:
+        return str(rid)
+    return "#" + str(rid).rpartition("#")[2]
+
+
 def answer_accuracy(
     model: Any,
     name: str,
@@ -45,9 +55,9 @@ def answer_accuracy(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Accuracy (exact match, or VQA accuracy for lists of answers), chance level, a few examples, and every
-    question's score by id (``scores``), so that two checkpoints can be compared question by question. Sets with
-    ``meta.choices`` also get ``choice_accuracy`` and ``choice_scores``: the answer counts when the prediction names
-    the right choice and no other, for models that answer in sentences.
+    question's score by id (``scores``, keyed by :func:`score_key`), so that two checkpoints can be compared question
+    by question. Sets with ``meta.choices`` also get ``choice_accuracy`` and ``choice_scores``: the answer counts when
+    the prediction names the right choice and no other, for models that answer in sentences.
 
     ``chance`` is the mean of ``1 / len(choices)`` over the ``chance_n`` records that have choices (0.0 when none
     has): a record without choices has no guessing level, and counting it as 0 would understate the others'.
@@ -59,10 +69,11 @@ def answer_accuracy(
     for rid, pred, rec in preds:
         if "answer" not in rec:
             raise ValueError(f"{path} record id={rid} has no 'answer'; a question set needs one per record")
-        seen[str(rid)] += 1  # a repeated id gets "#k" from its second occurrence on, so no score is lost
-        key = str(rid) if seen[str(rid)] == 1 else f"{rid}#{seen[str(rid)] - 1}"
-        choices = [str(c) for c in (rec.get("meta") or {}).get("choices") or []]
+        base = score_key(rid, rec)
+        seen[base] += 1  # a repeated id gets "#k" from its second occurrence on, so no score is lost
+        key = base if seen[base] == 1 else f"{base}#{seen[base] - 1}"
         try:
+            choices = choice_texts((rec.get("meta") or {}).get("choices") or [])
             refs = reference_answers(rec["answer"])
             score = score_answer(pred, refs, choices)
             if choices and not isinstance(rec["answer"], list):

@@ -15,6 +15,7 @@ tasks otherwise download their data from the Hugging Face Hub.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,7 +26,7 @@ from transformers import LlavaForConditionalGeneration
 from alignlm.constants import IMAGE_TOKEN
 from alignlm.data.records import image_paths, read_records, record_id
 from alignlm.data.templates import to_turns
-from alignlm.evaluation.answers import reference_answers
+from alignlm.evaluation.answers import choice_texts, reference_answers
 
 TASK_UTILS = '''"""lmms-eval task functions for a question set written by ``alignlm lmms-task``."""
 
@@ -64,38 +65,43 @@ def write_local_task(questions: Path, out_dir: Path, name: str, max_new_tokens: 
     """Write ``out_dir/name/`` (task YAML, ``utils.py``, ``name.jsonl`` with absolute image paths); returns it.
 
     Each record's one image is the task's; a record with none or several is refused (the task shows one image per
-    question), and a record without ``id`` is ``<file>#<index>``, as ``alignlm eval`` names it. Each record's first
+    question), and a record without ``id`` is ``<file>#<index>``, as the data layer names it. Each record's first
     human turn, without its ``<image>`` placeholder, is the question; ``answer`` the reference
     (numbers written as text, so that every row has the same type) and ``meta.choices`` the choices, scored as
     ``alignlm eval`` scores them (normalised exact match, VQA accuracy for a list of answers, the picked letter on a
-    question answered by letter). The set is read as ``alignlm eval`` reads it, ``.json`` or ``.jsonl``.
+    question answered by letter). The set is read as ``alignlm eval`` reads it, ``.json`` or ``.jsonl``; every record
+    is checked before a file is written, and each file is replaced whole, so a refused set leaves an earlier task as
+    it was.
     """
     records = read_records(questions)
     task = Path(out_dir) / name
-    task.mkdir(parents=True, exist_ok=True)
     root = Path(questions).resolve().parent
-    with open(task / f"{name}.jsonl", "w") as f:
-        for i, r in enumerate(records):
-            rid = record_id(r, questions, i)
-            if "answer" not in r or "image" not in r:
-                raise ValueError(f"{questions}: record {rid!r} needs 'image' and 'answer' to be a question")
-            paths = image_paths(r, root)
-            if len(paths) != 1:
-                raise ValueError(f"{questions}: record {rid!r} has {len(paths)} images; an lmms-eval task shows one")
-            try:
-                refs = reference_answers(r["answer"])
-            except ValueError as e:
-                raise ValueError(f"{questions}: record {rid!r}: {e}") from e
-            row = {
-                "question_id": rid,
-                "image": str(paths[0]),
-                "question": question_of(r),
-                "answer": refs if isinstance(r["answer"], list) else refs[0],
-                "choices": [str(c) for c in (r.get("meta") or {}).get("choices") or []],
-            }
-            f.write(json.dumps(row) + "\n")
-    (task / "utils.py").write_text(TASK_UTILS)
-    (task / f"{name}.yaml").write_text(
+    rows = []
+    for i, r in enumerate(records):  # every record checked before a file is written
+        rid = record_id(r, questions, i)
+        if "answer" not in r or "image" not in r:
+            raise ValueError(f"{questions}: record {rid!r} needs 'image' and 'answer' to be a question")
+        paths = image_paths(r, root)
+        if len(paths) != 1:
+            raise ValueError(f"{questions}: record {rid!r} has {len(paths)} images; an lmms-eval task shows one")
+        try:
+            refs = reference_answers(r["answer"])
+            choices = choice_texts((r.get("meta") or {}).get("choices") or [])
+        except ValueError as e:
+            raise ValueError(f"{questions}: record {rid!r}: {e}") from e
+        row = {
+            "question_id": rid,
+            "image": str(paths[0]),
+            "question": question_of(r),
+            "answer": refs if isinstance(r["answer"], list) else refs[0],
+            "choices": choices,
+        }
+        rows.append(json.dumps(row) + "\n")
+    task.mkdir(parents=True, exist_ok=True)
+    _replace(task / f"{name}.jsonl", "".join(rows))
+    _replace(task / "utils.py", TASK_UTILS)
+    _replace(
+        task / f"{name}.yaml",
         f"# lmms-eval task over {Path(questions).resolve()} (written by alignlm lmms-task)\n"
         f"task: {name}\n"
         "dataset_path: json\n"
@@ -108,9 +114,17 @@ def write_local_task(questions: Path, out_dir: Path, name: str, max_new_tokens: 
         f"generation_kwargs:\n  max_new_tokens: {max_new_tokens}\n  temperature: 0\n  do_sample: false\n  num_beams: 1\n"
         "process_results: !function utils.process_results\n"
         "metric_list:\n  - metric: accuracy\n    aggregation: mean\n    higher_is_better: true\n"
-        "metadata:\n  - version: 0.0\n"
+        "metadata:\n  - version: 0.0\n",
     )
     return task
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write ``path`` whole or not at all (beside it, then renamed): an interrupted write left a task lmms-eval would
+    run on part of its questions without a word."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def drop_unused_image_sizes() -> None:

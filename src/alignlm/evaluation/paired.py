@@ -128,17 +128,44 @@ def against_first(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def run_key(result: Mapping[str, Any]) -> str:
+    """A checkpoint's run as the report names it apart from another run of the same name: the folders ``above`` it
+    (``s1/raw``, ``s2/raw``: two seeds of one recipe) and its name."""
+    above = result.get("above") or ""
+    return f"{above}/{result['run']}" if above else str(result["run"])
+
+
+def same_step_pairs(
+    results: Sequence[Mapping[str, Any]], reference_run: str
+) -> list[tuple[Mapping[str, Any], Mapping[str, Any]]]:
+    """``(reference, other)``: every other run's checkpoint with the reference run's checkpoint (runs by
+    :func:`run_key`) of the same stage at the same step: the comparison of arms that had the same number of steps
+    (e.g. of image finetuning). Steps restart in each stage, so a step alone would pair one run's pretrain with
+    another's finetune."""
+    ref = {(r.get("stage"), r["step"]): r for r in results if run_key(r) == reference_run and r.get("step") is not None}
+    return [
+        (ref[(res.get("stage"), res.get("step"))], res)
+        for res in results
+        if run_key(res) != reference_run and (res.get("stage"), res.get("step")) in ref
+    ]
+
+
 def same_step(results: Sequence[Mapping[str, Any]], reference_run: str) -> list[dict[str, Any]]:
-    """Every other run's checkpoints against the reference run's checkpoint of the same stage at the same step: the
-    comparison of arms that had the same number of steps (e.g. of image finetuning). Steps restart in each stage, so
-    a step alone would pair one run's pretrain with another's finetune."""
-    ref = {(r.get("stage"), r["step"]): r for r in results if r["run"] == reference_run and r.get("step") is not None}
-    rows = []
-    for res in results:
-        key = (res.get("stage"), res.get("step"))
-        if res["run"] != reference_run and key in ref:
-            rows += against_first([ref[key], res])
-    return rows
+    """:func:`against_first` rows of each of :func:`same_step_pairs`."""
+    return [row for a, b in same_step_pairs(results, reference_run) for row in against_first([a, b])]
+
+
+def too_few_shared(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+    """The question sets both checkpoints score question by question but that share fewer than two question ids, so
+    :func:`against_first` has no row for them (e.g. the same set in a report written before alignlm keyed a record
+    without an id by its place in the set, when the key was the file's path as typed)."""
+    return [
+        name
+        for name in sorted(a["sets"].keys() & b["sets"].keys())
+        if "scores" in a["sets"][name]
+        and "scores" in b["sets"][name]
+        and len(a["sets"][name]["scores"].keys() & b["sets"][name]["scores"].keys()) < 2
+    ]
 
 
 def markdown_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:

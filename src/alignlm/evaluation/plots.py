@@ -6,7 +6,8 @@
 - ``gap_shift``: a metric as both modalities slide along the gap direction, one line per checkpoint;
 - ``layers``: probe metrics per LLM layer, one line per checkpoint;
 - ``runs``: ``monitor/*`` curves of several training runs side by side (``alignlm plot-runs``);
-- ``curves``: question accuracy against training step, one line per run (``alignlm compare --plot``).
+- ``curves``: question accuracy against training step, one line per run (``alignlm compare --plot``; runs of one
+  name by the folders above them).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from alignlm.evaluation.checkpoints import unique_labels  # noqa: E402
+from alignlm.evaluation.paired import run_key  # noqa: E402
 from alignlm.models.io import load_checkpoint_config  # noqa: E402
 
 COLOURS = {"image": "tab:blue", "text": "tab:red"}
@@ -112,11 +114,12 @@ def plot_accuracy_curves(results: Sequence[Mapping[str, Any]], path: Path) -> Pa
     pooled: dict[str, dict[int, list[float]]] = {}
     stages: dict[str, set[Any]] = {}
     for res in results:
-        stages.setdefault(res["run"], set()).add(res.get("stage"))
+        stages.setdefault(run_key(res), set()).add(res.get("stage"))
     for res in results:
         if res.get("step") is None:
             continue
-        line = f"{res['run']}/{res.get('stage')}" if len(stages[res["run"]]) > 1 else res["run"]
+        run = run_key(res)  # two runs of one name (s1/raw, s2/raw) are two lines
+        line = f"{run}/{res.get('stage')}" if len(stages[run]) > 1 else run
         for name, r in sorted(res["sets"].items()):
             if r.get("kind") != "qa":
                 continue

@@ -7,6 +7,7 @@ first-``n`` subsets, rounded floats, sorted keys; timings go to the console, nev
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -17,10 +18,12 @@ from typing import Any
 
 import torch
 
+from alignlm.config import ConfigError
 from alignlm.evaluation import checkpoints as C
 from alignlm.evaluation import paired, plots
 from alignlm.evaluation.evaluate import answer_accuracy, caption_scores, set_kind
-from alignlm.geometry.suite import flat
+from alignlm.geometry.metrics import retrieval_recall
+from alignlm.geometry.suite import PAIR_METRICS, flat
 from alignlm.models.artifacts import artifact_report
 from alignlm.models.probes import extract, gap_shift, load_probe_set, probe_metrics, resolve_layers
 
@@ -37,6 +40,7 @@ HEADLINE = (
     "per_token/a_score_visual_to_text",
 )
 DIGITS = 6
+PLOTS = ("pca", "metrics", "gap_shift", "layers", "artifacts")  # what write_plots draws, each to out/<name>.png
 Column = tuple[str, Callable[[dict[str, Any]], float | None], int]  # header, the value, its decimals in the table
 
 
@@ -63,15 +67,33 @@ def json_values(x: Any) -> Any:
     return x
 
 
+def check_set_names(sets: Sequence[Mapping[str, Any]]) -> None:
+    """Each set has a name of its own: the report keeps a set's scores under its name, so the last of two sets of one
+    name replaced the first, after both were generated."""
+    names = [str(s["name"]) for s in sets]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"eval.sets name {twice} more than once; give each set a name of its own")
+
+
 def eval_sets(ecfg: Mapping[str, Any], train_cfg: Any) -> list[dict[str, Any]]:
     """The configured sets, else the ones the checkpoint's run evaluated (``eval.sets`` of its config)."""
     sets = list(ecfg.get("sets") or [])
     if not sets:
         sets = [dict(s) for s in (train_cfg.get("eval") or {}).get("sets") or []]
+    check_set_names(sets)
     return [
         {"name": str(s["name"]), "path": str(s["path"]), "kind": set_kind(str(s["path"]), str(s.get("kind", "auto")))}
         for s in sets
     ]
+
+
+def shift_metrics() -> list[str]:
+    """What ``gap_shift.metric`` may name: each pooled metric that is one number, and each recall the retrieval
+    metric reports at the ``ks`` it measures by default (those gap_shift measures)."""
+    ks = inspect.signature(retrieval_recall).parameters["ks"].default
+    recalls = [f"{way}_recall@{k}" for way in ("i2t", "t2i") for k in ks]
+    return [m for m in PAIR_METRICS if m != "retrieval"] + recalls
 
 
 def probe_path(ecfg: Mapping[str, Any], sets: list[dict[str, Any]]) -> str | None:
@@ -106,6 +128,7 @@ def evaluate_checkpoint(
         data_cfg["template"] = ecfg["template"]
     result: dict[str, Any] = {
         "label": ck.label,
+        "above": ck.above,
         "path": str(ck.path),
         "kind": ck.kind,
         "run": ck.run,
@@ -137,16 +160,12 @@ def evaluate_checkpoint(
         probe = load_probe_set(path, pcfg.get("n"), pcfg.get("image_root"))
         layers = resolve_layers(model, pcfg.get("layers"))
         feats = extract(model, probe, int(pcfg.get("batch_size", 32)), layers)
-        result["probe"] = {
-            "path": path,
-            **probe_metrics(feats, list(pcfg["metrics"]), int(pcfg.get("topk", 10)), pcfg.get("layer_metrics")),
-        }
+        topk = int(pcfg.get("topk", 10))
+        result["probe"] = {"path": path, **probe_metrics(feats, list(pcfg["metrics"]), topk, pcfg.get("layer_metrics"))}
         shift = dict(ecfg.get("gap_shift") or {})
-        if shift.get("deltas"):
-            result["gap_shift"] = {
-                "metric": shift["metric"],
-                "curve": gap_shift(feats, [float(d) for d in shift["deltas"]], shift["metric"]),
-            }
+        if shift.get("deltas"):  # the probe's k: the curve at delta 0 is the table's value
+            curve = gap_shift(feats, [float(d) for d in shift["deltas"]], shift["metric"], topk)
+            result["gap_shift"] = {"metric": shift["metric"], "curve": curve}
         features = {"image": feats.visual_mean, "text": feats.text_mean}
         artifacts = dict(pcfg.get("artifacts") or {})
         if artifacts.get("enabled", True):
@@ -165,7 +184,9 @@ def evaluate_checkpoint(
 def write_report(
     results: list[dict[str, Any]], features: list[dict[str, Any]], ecfg: Mapping[str, Any], out: Path
 ) -> dict[str, Path]:
-    """``report.json``, ``report.md`` and the plots for evaluated checkpoints, in the order given."""
+    """``report.json``, ``report.md`` and the plots for evaluated checkpoints, in the order given. A plot of
+    :data:`PLOTS` this report does not draw is removed from ``out``: an earlier report's ``pca.png`` beside this one
+    would show checkpoints it never measured."""
     out.mkdir(parents=True, exist_ok=True)
     config = {k: v for k, v in ecfg.items() if k != "plots"}  # what was measured, not which files were drawn
     plot = bool(ecfg.get("plots", True))
@@ -175,6 +196,9 @@ def write_report(
     files["md"].write_text(markdown(report["checkpoints"], report["paired"]))
     if plot:
         files.update(write_plots(report["checkpoints"], features, out))
+    for name in PLOTS:
+        if name not in files:
+            (out / f"{name}.png").unlink(missing_ok=True)
     return files
 
 
