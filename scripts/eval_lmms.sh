@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Evaluate an alignlm checkpoint with lmms-eval's `llava_hf` model: export it as a transformers Llava folder, then run
-# lmms-eval on it. TASKS is lmms-eval task names (their data comes from the Hugging Face Hub) or a LLaVA-format
-# question set (a .json path, e.g. data/digits/test.json), which runs offline as a local task (alignlm lmms-task).
+# Evaluate an alignlm checkpoint with lmms-eval's `llava_hf` model: export it as a transformers Llava folder (kept while
+# newer than the checkpoint), then run lmms-eval on it. TASKS is lmms-eval task names (data from the Hugging Face Hub)
+# or a LLaVA-format question set (a .json path, e.g. data/digits/test.json), run offline as a local task (lmms-task).
 #   scripts/eval_lmms.sh outputs/tiny/finetune/final exports/tiny data/digits/test.json [extra lmms-eval flags]
 #   scripts/eval_lmms.sh outputs/tiny/finetune/final exports/tiny mme,textvqa_val
 # Needs lmms-eval importable beside alignlm (docs/evaluation.md: install it in its own venv). DEVICE, DTYPE,
@@ -17,7 +17,15 @@ final=$(realpath -m "$1"); export_dir=$(realpath -m "$2"); tasks=$3; shift 3
 [ -n "${OUTPUT_PATH:-}" ] && OUTPUT_PATH=$(realpath -m "$OUTPUT_PATH")
 cd "$(dirname "$0")/.."
 [ -f .venv/bin/activate ] && [ -z "${VIRTUAL_ENV:-}" ] && . .venv/bin/activate
-[ -f "$export_dir/config.json" ] || alignlm export "$final" "$export_dir"
+# an export older than its checkpoint (retrained into the same folder) is made again: it had scored the old model
+if [ ! -f "$export_dir/config.json" ] || [ "$final/model.safetensors" -nt "$export_dir/model.safetensors" ]; then
+  if [ -e "$export_dir/lmms_eval" ]; then
+    echo "eval_lmms.sh: $final is newer than its export $export_dir, which a new export replaces whole, with the" \
+      "lmms-eval results of the old model in $export_dir/lmms_eval: move them, or name another export folder" >&2
+    exit 2
+  fi
+  alignlm export "$final" "$export_dir"
+fi
 include=()
 if [[ "$tasks" == *.json ]]; then  # a local question set -> an lmms-eval task folder
   name=alignlm_$(basename "$(dirname "$tasks")")

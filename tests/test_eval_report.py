@@ -841,6 +841,37 @@ def test_eval_lmms_script_fails_without_a_results_file(tmp_path, writes_results)
         assert (export_dir / "lmms_eval" / "m" / "run_results.json").exists()
 
 
+def test_eval_lmms_script_exports_again_a_checkpoint_newer_than_its_export(tmp_path):
+    """An export folder was reused whenever it held a config.json: a checkpoint retrained since was scored as the
+    old model. A newer checkpoint is exported again, unless that would replace the old model's lmms-eval results."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir()
+    fake = bin_dir / "alignlm"  # records each command; lmms-eval writes a results file
+    fake.write_text(
+        '#!/usr/bin/env bash\necho "$1" >> "$CALLS"\nout=""\nwhile [ $# -gt 0 ]; do [ "$1" = --output_path ] && '
+        'out=$2; shift; done\n[ -n "$out" ] && mkdir -p "$out/m" && echo {} > "$out/m/run_results.json"\nexit 0\n'
+    )
+    fake.chmod(0o755)
+    final, export_dir = tmp_path / "final", tmp_path / "export"
+    final.mkdir()
+    export_dir.mkdir()
+    (export_dir / "config.json").write_text("{}")
+    (export_dir / "model.safetensors").write_text("")
+    os.utime(export_dir / "model.safetensors", (1_000_000, 1_000_000))
+    (final / "model.safetensors").write_text("")  # trained after the export
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "VIRTUAL_ENV": "x", "DEVICE": "cpu"}
+    env["CALLS"] = str(calls)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "eval_lmms.sh"
+    run = ["bash", str(script), str(final), str(export_dir), "mme"]
+    proc = subprocess.run(run, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert calls.read_text().split() == ["export", "lmms-eval"]
+    calls.unlink()
+    proc = subprocess.run(run, env=env, capture_output=True, text=True)  # its results now in export/lmms_eval
+    assert proc.returncode == 2 and "lmms-eval results of the old model" in proc.stderr
+    assert not calls.exists()
+
+
 def test_eval_checkpoint_script_reads_paths_from_the_callers_folder(tmp_path):
     """The script moves to the repository's folder (its .venv); relative checkpoint and report paths given from
     elsewhere named folders there."""
