@@ -9,9 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 from PIL import Image
 
-from alignlm.data import digits, shapes
+from alignlm.data import GENERATORS, digits, generator_knobs, shapes
+from alignlm.pipeline import ensure_offline_datasets
 
 # Small but non-default sizes, so the tests also check that the knobs reach the files.
 KNOBS = {
@@ -117,6 +119,37 @@ def test_info_counts_and_knobs(dataset):
         assert info["counts"][fname] == len(load(root / f"{fname}.json"))
     n_test = KNOBS[name]["n_test"]
     assert info["counts"]["test"] == info["counts"]["test_captions"] == n_test
+
+
+def test_info_records_every_knob_of_the_generator(dataset):
+    """The pipeline tells a set on disk from the one a config asks for by info.json's knobs: one left out there would
+    read as changed, and the set would be regenerated on every run."""
+    name, root = dataset
+    assert sorted(load(root / "info.json")["knobs"]) == sorted(generator_knobs(name))
+
+
+def test_an_offline_set_is_regenerated_for_the_defaults_another_seed_or_a_knob_it_does_not_record(
+    tmp_path, monkeypatch
+):
+    """A set written with n_train=3 was kept when the config went back to the defaults (only the knobs the config
+    set were compared), and one of seed 0 under seed 1."""
+    small = {"n_train": 3, "n_test": 2, "image_size": 32}
+    shapes.generate(tmp_path / "shapes", seed=0, **small)
+    calls = []
+    monkeypatch.setitem(GENERATORS, "shapes", lambda out, seed, **knobs: calls.append((seed, knobs)))
+
+    def ensure(args, seed=0):
+        cfg = {"data_root": str(tmp_path), "offline_datasets": ["shapes"], "offline_dataset_args": args, "seed": seed}
+        ensure_offline_datasets(OmegaConf.create(cfg))
+        return calls.pop() if calls else None
+
+    assert ensure({"shapes": small}) is None  # as written: left alone
+    assert ensure({}) == (0, {})  # back to the defaults
+    assert ensure({"shapes": small}, seed=1) == (1, small)
+    info = load(tmp_path / "shapes" / "info.json")
+    del info["knobs"]["som"]  # as written before the generator had the knob
+    (tmp_path / "shapes" / "info.json").write_text(json.dumps(info))
+    assert ensure({"shapes": small}) == (0, small)
 
 
 def test_digit_captions_name_the_digit_as_numeral_and_word(tmp_path):

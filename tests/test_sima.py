@@ -4,6 +4,8 @@ critic check scores the judge against the reference answers."""
 from __future__ import annotations
 
 import json
+import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,10 +13,11 @@ import torch
 from alignlm.commands import main
 from alignlm.data.build import build_dataset
 from alignlm.evaluation.preferences import judge_agreement
-from alignlm.methods.sima.generate import critic_question
+from alignlm.methods.sima import generate
+from alignlm.methods.sima.generate import critic_question, prepare_preferences
 from alignlm.models.build import build_model
 from alignlm.pipeline import run
-from tests.conftest import compose, tiny_overrides
+from tests.conftest import compose, tiny_overrides, write_colour_set
 
 
 def test_the_critic_check_counts_only_pairs_with_one_right_answer():
@@ -111,3 +114,67 @@ def test_the_judge_scores_the_replies_as_the_template_writes_them(tiny_model, co
                 logps = model(batch, return_logits=True).logits[0].float().log_softmax(-1)
             scores.append(sum(logps[len(prompt) - 1 + k, t] for k, t in enumerate(reply)))
         assert p == pytest.approx(torch.softmax(torch.stack(scores), 0)[0].item(), abs=1e-4)
+
+
+class StubModel:
+    """Stands in for a loaded checkpoint: ``tag`` is the text of its model.safetensors."""
+
+    def __init__(self, final: str) -> None:
+        self.tag = Path(final, "model.safetensors").read_text()
+
+    def to(self, device: str) -> StubModel:
+        return self
+
+
+@pytest.fixture
+def stub_sima(monkeypatch, caplog) -> list[str]:
+    """SIMA's prepare step with the model's work stubbed out: each record's chosen answer is ``<weights>: <reference
+    answer>``, so a test reads what the records were made from; returns the checkpoints loaded, and catches the
+    step's warnings in ``caplog`` (the alignlm logger does not propagate to the root)."""
+    loaded = []
+    monkeypatch.setattr(generate, "load_model", lambda final: loaded.append(final) or StubModel(final))
+    monkeypatch.setattr(generate, "default_device", lambda: "cpu")
+    monkeypatch.setattr(generate, "generate_set", lambda model, path, *_: [(None, model.tag, None)] * len(json.loads(Path(path).read_text())))  # fmt: skip
+
+    def pairs(model, prompts, *_):
+        return [{"prompt": p, "a": f"{model.tag}: {p['answer']}", "b": "?", "p_a_first": 0.9, "p_a_second": 0.9} for p in prompts]  # fmt: skip
+
+    monkeypatch.setattr(generate, "self_critic_pairs", pairs)
+    monkeypatch.setattr(logging.getLogger(generate.__name__), "handlers", [caplog.handler])
+    return loaded
+
+
+def test_sima_prepare_generates_again_from_a_retrained_model_or_a_changed_set_and_refuses_other_knobs(
+    stub_sima, tmp_path, caplog
+):
+    """The step kept any <set>.json that existed, whatever checkpoint it was given: a rerun after the model was
+    retrained trained DPO on the old model's pairs, and a checkpoint that did not exist went unnoticed."""
+    instruct = write_colour_set(tmp_path / "colours", n=3)["instruct"]
+    final = tmp_path / "finetune" / "final"
+    final.mkdir(parents=True)
+    (final / "config.yaml").write_text("model: {}")
+    (final / "model.safetensors").write_text("first model")
+    out = tmp_path / "sima"
+
+    def prepare(checkpoint=final, **knobs) -> set[str]:
+        sets = [{"name": "colours", "path": str(instruct)}]
+        prepare_preferences(str(checkpoint), sets, str(out), {"template": "chat"}, **knobs)
+        return {r["chosen"] for r in json.loads((out / "colours.json").read_text())}
+
+    assert prepare() == {"first model: red", "first model: green", "first model: blue"}
+    assert prepare() and len(stub_sima) == 1  # current: the model is not even loaded
+    (final / "model.safetensors").write_text("the retrained model")
+    assert prepare() == {"the retrained model: red", "the retrained model: green", "the retrained model: blue"}
+    assert "what they were made from changed (checkpoint)" in caplog.text
+    records = json.loads(instruct.read_text())
+    records[0]["conversations"][1]["value"] = "purple"  # the set regenerated under the same path
+    instruct.write_text(json.dumps(records))
+    assert "the retrained model: purple" in prepare()
+    with pytest.raises(ValueError, match="written with samples=2, but the sima step asks for samples=3"):
+        prepare(samples=3)
+    with pytest.raises(FileNotFoundError, match=f"checkpoint {tmp_path / 'gone'} does not exist"):
+        prepare(tmp_path / "gone")
+    (out / "colours.provenance.json").unlink()  # as written before SIMA recorded what its records were made from
+    caplog.clear()
+    prepare()
+    assert len(stub_sima) == 4 and "changed (checkpoint, data, images)" in caplog.text

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from alignlm.checks import check_config, check_stages_fit_model
 from alignlm.config import ConfigError, instantiate
-from alignlm.data import GENERATORS
+from alignlm.data import GENERATORS, generator_defaults
 from alignlm.evaluation.evaluate import answer_accuracy
 from alignlm.evaluation.report import json_values
 from alignlm.models.build import build_model
@@ -197,23 +197,48 @@ def make_accelerator(cfg: DictConfig) -> Accelerator:
     return Accelerator(mixed_precision=mp, cpu=cpu, kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)])
 
 
+def offline_set_differences(info: Path, wanted: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{knob: (as written, as asked)}`` for every knob (and the ``seed``) in which the set whose ``info`` this is
+    differs from ``wanted``: the generator's defaults with the config's knobs over them, so a config back at the
+    defaults gets a set of the defaults, not the one an earlier config asked for. A knob the file does not record (a
+    set written before the generator had it, or before info.json recorded it) counts as differing: what an older
+    generator drew for it cannot be told, and regenerating costs one run of the generator (the prepare steps' files
+    made from the set follow their inputs' digests), where keeping it would serve a set nobody asked for."""
+    missing = "not recorded"
+    written = json.loads(info.read_text())
+    stored = {"seed": written.get("seed", missing), **(written.get("knobs") or {})}
+    asked = json.loads(json.dumps(wanted))  # as it reads back from info.json (tuples become lists)
+    return {
+        k: (stored.get(k, missing), asked.get(k, missing))
+        for k in [*asked, *(k for k in stored if k not in asked)]
+        if stored.get(k, missing) != asked.get(k, missing)
+    }
+
+
 def ensure_offline_datasets(cfg: DictConfig) -> None:
     """Generate the offline sets the config names (digits, shapes) when their folder has no info.json, or was written
-    with other generator knobs than ``offline_dataset_args`` asks for (e.g. ``{shapes: {som: true}}``)."""
-    given = dict(cfg.get("offline_dataset_args") or {})
+    with another seed or other generator knobs than the defaults with ``offline_dataset_args`` over them (e.g.
+    ``{shapes: {som: true}}``, or back to the defaults after it)."""
+    node = cfg.get("offline_dataset_args")
+    given = OmegaConf.to_container(node, resolve=True) if node is not None else {}
+    seed = int(cfg.seed)
     for name in cfg.offline_datasets:
         if name not in GENERATORS:
             raise ConfigError(f"offline_datasets has {name!r}; available: {sorted(GENERATORS)}")
         out = Path(cfg.data_root) / name
         args = dict(given.get(name) or {})
         info = out / "info.json"
-        knobs = json.loads(info.read_text()).get("knobs", {}) if info.exists() else None
-        if knobs is None or any(knobs.get(k) != v for k, v in args.items()):
-            if knobs is not None:
-                get_logger("alignlm", 0).info(
-                    "regenerating %s: it was written with knobs %s, the config asks for %s", out, knobs, args
-                )
-            GENERATORS[name](out, seed=int(cfg.seed), **args)
+        if info.exists():
+            differs = offline_set_differences(info, {**generator_defaults(name), **args, "seed": seed})
+            if not differs:
+                continue
+            get_logger("alignlm", 0).warning(
+                "regenerating %s: it was written with %s, the config asks for %s",
+                out,
+                ", ".join(f"{k}={was!r}" for k, (was, _) in differs.items()),
+                ", ".join(f"{k}={now!r}" for k, (_, now) in differs.items()),
+            )
+        GENERATORS[name](out, seed=seed, **args)
 
 
 def run_prepare_steps(cfg: DictConfig) -> None:

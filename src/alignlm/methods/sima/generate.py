@@ -14,13 +14,19 @@ For each prompt (an image and a question, with its reference answer) of a questi
 
 Written per set, into ``out``: ``<name>.json`` (the preference records; images stay where the set has them, so a
 stage reads them with ``image_root`` set to the set's folder) and ``<name>.critic.json`` (every judged pair with both
-orders' probabilities and the reference answer, for the critic check of ``alignlm eval``). A set whose file exists is
-not generated again.
+orders' probabilities and the reference answer, for the critic check of ``alignlm eval``), and last
+``<name>.provenance.json``: what the records were made from (``methods/provenance.py``). The knobs (the sampling, the
+limit, the seed, the template) make one variant: a file of other knobs is refused, naming the knob. The inputs (the
+checkpoint's ``config.yaml`` and ``model.safetensors``, the set's records and the prompts' images, by size and
+modification time) are the model's own: when one changed (the model retrained, ``sima.from`` moved to another, the set
+regenerated), the set is generated again with a warning, as it is when either file is missing. A set whose records
+are current is not generated again.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,11 +35,16 @@ import torch
 
 from alignlm.constants import IGNORE_INDEX, IMAGE_TOKEN
 from alignlm.data.build import template_of
-from alignlm.data.records import read_records
+from alignlm.data.records import image_names, read_records
 from alignlm.data.templates import reply
+from alignlm.methods.provenance import KEY, as_json, changed_inputs, check_knobs, files_digest, stamps_digest
 from alignlm.models.device import default_device
 from alignlm.models.generation import generate_set, prompt_batches
 from alignlm.models.io import load_model
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FILES = ("config.yaml", "model.safetensors")  # what load_model reads of a final/ folder
 
 CRITERIA = (
     "objects: does it name only objects that are in the image?",
@@ -158,6 +169,65 @@ def self_critic_pairs(
     return pairs
 
 
+def checkpoint_identity(checkpoint: Path) -> str:
+    """The checkpoint's files as ``load_model`` reads them, by size and modification time (a stat each, like an
+    image's stamp): a model retrained into the same ``final/`` is another model. A path that holds no ``final/``
+    checkpoint is refused here, before records another model made are kept for it."""
+    missing = [f for f in CHECKPOINT_FILES if not (checkpoint / f).is_file()]
+    if missing:
+        why = "is not a final/ folder (no " + " or ".join(missing) + ")" if checkpoint.exists() else "does not exist"
+        raise FileNotFoundError(
+            f"SIMA's checkpoint {checkpoint} {why}: name the finetuned model's final/ (sima.from in +exp=sima, "
+            "CHECKPOINT of `alignlm sima generate`)"
+        )
+    return stamps_digest([checkpoint / f for f in CHECKPOINT_FILES], CHECKPOINT_FILES)
+
+
+def preference_knobs(
+    data: Mapping[str, Any],
+    samples: int,
+    temperature: float,
+    max_new_tokens: int,
+    limit: int | None,
+    drop_inconsistent: bool,
+    seed: int,
+) -> dict[str, Any]:
+    """The choices that make one variant of a set's records: the sampling, the prompts (how many, the template that
+    renders them) and the seed. The batch size is left out: it changes how the answers are computed, not which."""
+    template = {"template": str(data.get("template", "plain")), "template_args": dict(data.get("template_args") or {})}
+    sampling = {"samples": samples, "temperature": temperature, "max_new_tokens": max_new_tokens}
+    return as_json({**sampling, "limit": limit, "drop_inconsistent": drop_inconsistent, "seed": seed, **template})
+
+
+def preference_inputs(checkpoint: str, path: str | Path, prompts: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """Digests of what a set's records are made from: the model (``checkpoint``, its identity), the set's records'
+    bytes and the prompts' images (their names, sizes and modification times)."""
+    root = Path(path).parent
+    names = [name for prompt in prompts for name in image_names(dict(prompt))]
+    return {
+        "checkpoint": checkpoint,
+        "data": files_digest([path]),
+        "images": stamps_digest([root / n for n in names], names),
+    }
+
+
+def records_current(out_dir: Path, name: str, provenance: Mapping[str, Any]) -> bool:
+    """Whether ``<name>.json`` was made from ``provenance``; a file of other knobs is refused (naming the knob), one
+    whose inputs changed, or that records none (written before they were recorded), is announced stale."""
+    records, made_from = out_dir / f"{name}.json", out_dir / f"{name}.provenance.json"
+    if not records.exists():
+        return False
+    stored = json.loads(made_from.read_text()).get(KEY) if made_from.exists() else None
+    if stored is not None:
+        check_knobs(records, stored.get("knobs", {}), provenance["knobs"], "sima")
+    changed = changed_inputs(None if stored is None else stored.get("inputs"), provenance["inputs"])
+    if changed:
+        log.warning(
+            "SIMA records %s: what they were made from changed (%s); generating them again", records, ", ".join(changed)
+        )
+    return not changed
+
+
 def prepare_preferences(
     checkpoint: str,
     sets: Sequence[Mapping[str, Any]],
@@ -172,66 +242,94 @@ def prepare_preferences(
     seed: int = 0,
 ) -> None:
     """The stage ``prepare`` step (``+exp=sima``): preference records from ``checkpoint`` for each of ``sets``
-    (``{name, path}``), into ``out`` (see the module docstring)."""
+    (``{name, path}``), into ``out``, for the sets whose records are missing or stale (see the module docstring).
+    Every set's records are checked before the model is loaded, so a refused one stops the step before any work."""
     out_dir = Path(out)
-    todo = [s for s in sets if not (out_dir / f"{s['name']}.json").exists()]
+    identity = checkpoint_identity(Path(checkpoint))
+    knobs = preference_knobs(data, samples, temperature, max_new_tokens, limit, drop_inconsistent, seed)
+    todo = []
+    for s in sets:
+        prompts = single_turn_prompts(s["path"], limit)
+        provenance = {"knobs": knobs, "inputs": preference_inputs(identity, s["path"], prompts)}
+        if not records_current(out_dir, s["name"], provenance):
+            todo.append((s, prompts, provenance))
     if not todo:
         return
     out_dir.mkdir(parents=True, exist_ok=True)
     model = load_model(checkpoint).to(default_device())
-    for s in todo:
-        image_root = str(Path(s["path"]).parent)
-        prompts = single_turn_prompts(s["path"], limit)
-        prompt_file = out_dir / f"{s['name']}.prompts.json"
-        prompt_file.write_text(json.dumps(prompts))
-        runs = [{"do_sample": False}] + [{"do_sample": True, "temperature": temperature, "top_k": 0}] * samples
-        answers_by_run = [
-            [
-                pred
-                for _, pred, _ in generate_set(
-                    model, str(prompt_file), data, batch_size, max_new_tokens, None, g, seed + k, image_root
-                )
-            ]
-            for k, g in enumerate(runs)
-        ]
-        answers = [list(a) for a in zip(*answers_by_run)]
-        pairs = self_critic_pairs(model, prompts, answers, data, image_root, out_dir, batch_size)
-        records = []
-        for p in pairs:
-            prefer_a = (p["p_a_first"] + p["p_a_second"]) / 2 > 0.5
-            consistent = (p["p_a_first"] > 0.5) == (p["p_a_second"] > 0.5)
-            p["consistent"], p["chosen"] = consistent, p["a"] if prefer_a else p["b"]
-            if consistent or not drop_inconsistent:
-                prompt = p["prompt"]
-                records.append(
-                    {
-                        "id": f"{prompt['id']}",
-                        "image": prompt["image"],
-                        "conversations": prompt["conversations"],
-                        "chosen": p["chosen"],
-                        "rejected": p["b"] if prefer_a else p["a"],
-                    }
-                )
-        critic = [
-            {
-                "id": p["prompt"]["id"],
-                "question": p["prompt"]["conversations"][0]["value"],
-                "answer": p["prompt"]["answer"],
-                "a": p["a"],
-                "b": p["b"],
-                "p_a_first": p["p_a_first"],
-                "p_a_second": p["p_a_second"],
-                "consistent": p["consistent"],
-                "chosen": p["chosen"],
-            }
-            for p in pairs
-        ]
-        (out_dir / f"{s['name']}.critic.json").write_text(json.dumps(critic, indent=1))
-        if not records:
-            raise ValueError(
-                f"SIMA kept no preference pair of {s['name']}: {len(pairs)} pairs judged, "
-                f"{sum(p['consistent'] for p in pairs)} with both judging orders agreeing (a judge that always answers "
-                "the same letter agrees with itself in neither order). Set drop_inconsistent=false (`alignlm sima generate --keep-inconsistent`) to keep every pair "
-                f"with the two orders averaged; the judged pairs are in {out_dir / (s['name'] + '.critic.json')}"
+    for s, prompts, provenance in todo:
+        write_preferences(
+            model, s, prompts, out_dir, data, samples, temperature, max_new_tokens, batch_size, drop_inconsistent, seed
+        )
+        # last: records interrupted or refused before this keep the provenance of the records they replace
+        (out_dir / f"{s['name']}.provenance.json").write_text(json.dumps({KEY: provenance}, indent=1))
+
+
+def write_preferences(
+    model: Any,
+    s: Mapping[str, Any],
+    prompts: list[dict[str, Any]],
+    out_dir: Path,
+    data: Mapping[str, Any],
+    samples: int,
+    temperature: float,
+    max_new_tokens: int,
+    batch_size: int,
+    drop_inconsistent: bool,
+    seed: int,
+) -> None:
+    """Answer, judge and write one set's ``<name>.critic.json`` and ``<name>.json`` (see the module docstring)."""
+    image_root = str(Path(s["path"]).parent)
+    prompt_file = out_dir / f"{s['name']}.prompts.json"
+    prompt_file.write_text(json.dumps(prompts))
+    runs = [{"do_sample": False}] + [{"do_sample": True, "temperature": temperature, "top_k": 0}] * samples
+    answers_by_run = [
+        [
+            pred
+            for _, pred, _ in generate_set(
+                model, str(prompt_file), data, batch_size, max_new_tokens, None, g, seed + k, image_root
             )
-        (out_dir / f"{s['name']}.json").write_text(json.dumps(records))
+        ]
+        for k, g in enumerate(runs)
+    ]
+    answers = [list(a) for a in zip(*answers_by_run)]
+    pairs = self_critic_pairs(model, prompts, answers, data, image_root, out_dir, batch_size)
+    records = []
+    for p in pairs:
+        prefer_a = (p["p_a_first"] + p["p_a_second"]) / 2 > 0.5
+        consistent = (p["p_a_first"] > 0.5) == (p["p_a_second"] > 0.5)
+        p["consistent"], p["chosen"] = consistent, p["a"] if prefer_a else p["b"]
+        if consistent or not drop_inconsistent:
+            prompt = p["prompt"]
+            records.append(
+                {
+                    "id": f"{prompt['id']}",
+                    "image": prompt["image"],
+                    "conversations": prompt["conversations"],
+                    "chosen": p["chosen"],
+                    "rejected": p["b"] if prefer_a else p["a"],
+                }
+            )
+    critic = [
+        {
+            "id": p["prompt"]["id"],
+            "question": p["prompt"]["conversations"][0]["value"],
+            "answer": p["prompt"]["answer"],
+            "a": p["a"],
+            "b": p["b"],
+            "p_a_first": p["p_a_first"],
+            "p_a_second": p["p_a_second"],
+            "consistent": p["consistent"],
+            "chosen": p["chosen"],
+        }
+        for p in pairs
+    ]
+    (out_dir / f"{s['name']}.critic.json").write_text(json.dumps(critic, indent=1))
+    if not records:
+        raise ValueError(
+            f"SIMA kept no preference pair of {s['name']}: {len(pairs)} pairs judged, "
+            f"{sum(p['consistent'] for p in pairs)} with both judging orders agreeing (a judge that always answers "
+            "the same letter agrees with itself in neither order). Set drop_inconsistent=false (`alignlm sima generate --keep-inconsistent`) to keep every pair "
+            f"with the two orders averaged; the judged pairs are in {out_dir / (s['name'] + '.critic.json')}"
+        )
+    (out_dir / f"{s['name']}.json").write_text(json.dumps(records))
