@@ -9,7 +9,9 @@ import pytest
 import torch
 from torch import nn
 
+from alignlm.models import encoder_fit
 from alignlm.models.encoder_fit import fit_encoder, fit_heads, grouped_recall, info_nce
+from alignlm.models.encoders import OfflineDualEncoder
 
 
 def test_info_nce_is_low_for_matched_pairs_and_symmetric():
@@ -57,6 +59,10 @@ def test_fit_heads_learns_the_temperature_unless_it_is_fixed():
     assert not torch.equal(fixed.image_head.weight, head_before)
     with pytest.raises(ValueError, match="temperature must be in"):
         fit_heads(_Heads(), img, txt, epochs=1, temperature=0.0)
+    # a batch of one pair was skipped: batch_size=1 left the heads random with a loss of 0.0
+    for rows, batch_size in ((64, 1), (1, 16)):
+        with pytest.raises(ValueError, match=f"batch_size >= 2 and at least 2 pairs, got batch_size={batch_size} "):
+            fit_heads(_Heads(), img[:rows], txt[:rows], epochs=1, batch_size=batch_size)
 
 
 @pytest.mark.parametrize(
@@ -64,7 +70,8 @@ def test_fit_heads_learns_the_temperature_unless_it_is_fixed():
     [
         ({"dim": 0}, "dim=0 must be a whole number >= 1"),  # once: a chance-level encoder, exit 0
         ({"epochs": -1}, "epochs=-1 must be a whole number >= 1"),
-        ({"batch_size": 0}, "batch_size=0 must be a whole number >= 1"),
+        ({"batch_size": 0}, "batch_size=0 must be a whole number >= 2"),
+        ({"batch_size": 1}, "batch_size=1 must be a whole number >= 2"),  # once: untrained heads, loss 0.0
         ({"limit": 0}, r"limit=0 must be a whole number >= 1 \(or null: all\)"),
         ({"lr": float("inf")}, "lr=inf must be a finite number > 0"),
     ],
@@ -74,6 +81,103 @@ def test_fit_refuses_counts_below_one_before_the_towers_load(tmp_path, knob, mes
     with pytest.raises(ValueError, match=f"dual-encoder {message}"):
         fit_encoder([str(tmp_path / "missing.json")], tmp_path / "enc", **knob)
     assert not (tmp_path / "enc").exists()
+
+
+class _StubEncoder(_Heads):
+    """The dual encoder with toy frozen features in place of the towers (what ``fit_encoder`` calls), saved as the
+    real one saves."""
+
+    def __init__(self, dim, image_size, name, device=None) -> None:
+        super().__init__()
+        self.dim, self.image_size, self.name = dim, image_size, name
+
+    def image_features(self, images: list) -> torch.Tensor:
+        return torch.stack([torch.tensor(im.getpixel((0, 0)) + (1, 1, 1), dtype=torch.float) for im in images])
+
+    def text_features(self, texts: list[str]) -> torch.Tensor:
+        return torch.stack([torch.tensor([len(t), t.count("r"), t.count("e"), 1, 1], dtype=torch.float) for t in texts])
+
+    save = OfflineDualEncoder.save
+
+
+def _no_towers(*args, **kwargs):
+    raise AssertionError("the towers loaded before the inputs were checked")
+
+
+def _captions(path, records: list[dict]) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(records))
+    return str(path)
+
+
+def test_grouped_recall_of_fewer_items_than_k_is_one_with_chance_one():
+    """A held-out set of 4 pairs: recall@5 holds the whole gallery (C(4, 5) = 0 was a ZeroDivisionError)."""
+    torch.manual_seed(0)
+    r = grouped_recall(torch.randn(4, 8), torch.randn(4, 8), ["a", "b", "c", "d"])
+    assert r["chance@5"] == r["i2t_recall@5"] == r["t2i_recall@5"] == 1.0
+    assert r["chance@1"] == pytest.approx(1 / 4)
+
+
+def test_fit_refuses_fewer_than_two_training_pairs_or_an_empty_held_out_file_before_the_towers_load(
+    tmp_path, colour_set, monkeypatch
+):
+    from alignlm.data.records import DataError
+
+    monkeypatch.setattr(encoder_fit, "OfflineDualEncoder", _no_towers)
+    records = json.loads(colour_set["pretrain"].read_text())
+    one = _captions(tmp_path / "one_pair.json", records[:1])
+    with pytest.raises(DataError, match=r"train=\[.*one_pair.json'\] gives 1 caption pairs .* at least 2"):
+        fit_encoder([one], tmp_path / "enc", batch_size=8, image_root=colour_set["pretrain"].parent)
+    with pytest.raises(DataError, match=r"\(limit=1\) gives 1 caption pairs"):
+        fit_encoder([str(colour_set["pretrain"])], tmp_path / "enc", batch_size=8, limit=1)
+    empty = _captions(tmp_path / "empty.json", [])
+    with pytest.raises(DataError, match="held_out file .*empty.json gives 0 caption pairs"):
+        fit_encoder([str(colour_set["pretrain"])], tmp_path / "enc", held_out=[empty], batch_size=8)
+    assert not (tmp_path / "enc").exists()
+
+
+def test_fit_takes_an_image_root_and_checks_the_paths_before_the_towers_load(tmp_path, colour_set, monkeypatch):
+    """Captions in one folder with their images in another: refused (naming the root to set) before the towers
+    load, and read under image_root / --image-root (the error said to name a root, which the fit could not take)."""
+    from alignlm.commands import main
+    from alignlm.data.records import DataError
+
+    records = json.loads(colour_set["pretrain"].read_text())[:6]
+    data = colour_set["pretrain"].parent
+    captions = _captions(tmp_path / "ann" / "caps.json", records)
+    monkeypatch.setattr(encoder_fit, "OfflineDualEncoder", _no_towers)
+    with pytest.raises(DataError, match=r"caps.json'\]: 6 images are not files, the first .* --image-root"):
+        fit_encoder([captions], tmp_path / "enc", batch_size=4)
+    outside = _captions(tmp_path / "ann" / "outside.json", [{**r, "image": f"../{r['image']}"} for r in records])
+    with pytest.raises(DataError, match="outside.json: image path '../images/0.png' leaves image_root"):
+        fit_encoder([outside], tmp_path / "enc", batch_size=4)
+    monkeypatch.setattr(encoder_fit, "OfflineDualEncoder", _StubEncoder)
+    args = ["dual-encoder", "fit", "--train", captions, "--eval", captions, "--out", str(tmp_path / "enc")]
+    assert main([*args, "--image-root", str(data), "--batch-size", "4", "--epochs", "2"]) == 0
+    assert json.loads((tmp_path / "enc" / "dual_encoder.json").read_text())["report"]["train_pairs"] == 6
+
+
+def test_fit_with_a_held_out_file_of_fewer_pairs_than_k_reports_and_the_heads_are_written_first(
+    tmp_path, colour_set, monkeypatch
+):
+    """A held-out file of 4 pairs: a ZeroDivisionError after the fit, before anything was written. The heads are now
+    written before the held-out evaluation, so a failing one keeps them."""
+    records = json.loads(colour_set["pretrain"].read_text())
+    four = _captions(tmp_path / "four_pairs.json", records[:4])
+    monkeypatch.setattr(encoder_fit, "OfflineDualEncoder", _StubEncoder)
+    knobs = {"held_out": [four], "batch_size": 8, "epochs": 2, "image_root": colour_set["pretrain"].parent}
+    report = fit_encoder([str(colour_set["pretrain"])], tmp_path / "enc", **knobs)
+    assert report[four]["n"] == 4 and report[four]["chance@5"] == 1.0
+    assert json.loads((tmp_path / "enc" / "dual_encoder.json").read_text())["report"][four]["n"] == 4
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("evaluation failed")
+
+    monkeypatch.setattr(encoder_fit, "evaluate", failing)
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        fit_encoder([str(colour_set["pretrain"])], tmp_path / "kept", **knobs)
+    assert (tmp_path / "kept" / "heads.safetensors").is_file()
+    assert json.loads((tmp_path / "kept" / "dual_encoder.json").read_text())["report"]["train_pairs"] == 48
 
 
 @pytest.mark.slow

@@ -437,11 +437,13 @@ def test_generation_stops_at_the_templates_end_of_turn(colour_set, tmp_path, tem
     class Force(LogitsProcessor):
         def __init__(self, rows):
             self.rows = rows
+            self.prompt: int | None = None  # the ids hold the prompt, then the answer so far
 
         def __call__(self, input_ids, scores):
+            self.prompt = input_ids.shape[1] if self.prompt is None else self.prompt
             out = torch.full_like(scores, -1e9)
             for b, seq in enumerate(self.rows):
-                out[b, seq[min(input_ids.shape[1], len(seq) - 1)]] = 0
+                out[b, seq[min(input_ids.shape[1] - self.prompt, len(seq) - 1)]] = 0
             return out
 
     cfg = compose()
@@ -467,3 +469,51 @@ def test_generation_stops_at_the_templates_end_of_turn(colour_set, tmp_path, tem
                          image_root=str(colour_set["test"].parent))  # fmt: skip
     assert [p for _, p, _ in preds][:2] + [p for _, p, _ in preds][3:] == ["", "red", ""]
     assert preds[2][1].startswith("blue green")
+
+
+def test_repetition_penalty_answers_the_same_batched_one_by_one_and_exported(colour_set, tmp_path):
+    """With a repetition penalty, a left-padded row's first answer tokens went unpenalised (transformers skipped the
+    row's padding count of ids that held only the answer), so batched answers differed from one-by-one ones. With the
+    prompt's ids passed, every row is penalised as alone, and as the exported Llava penalises it (prompt included)."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from alignlm.export.hf_llava import to_llava
+    from alignlm.models.generation import prompt_batches
+
+    cfg = compose()
+    model = build_model(cfg.model).eval()
+    data = {**OmegaConf.to_container(cfg.stages.finetune.data, resolve=True), "template": "vicuna_v1"}
+    records = json.loads(colour_set["test"].read_text())[:4]
+    records[1]["conversations"][0]["value"] = "<image>\nWhat color is it? Please answer in one long word now."
+    records[2]["conversations"][0]["value"] = "What color? <image>"
+    questions = tmp_path / "q.json"
+    questions.write_text(json.dumps(records))
+    settings = {"max_new_tokens": 12, "do_sample": False, "repetition_penalty": 5.0}
+    hf = to_llava(model)
+
+    def answers(batch_size: int) -> tuple[list[list[int]], list[list[int]]]:
+        ours, theirs = [], []
+        batches = prompt_batches(model, str(questions), data, batch_size, image_root=str(colour_set["test"].parent))
+        for inputs, _ in batches:
+            ours += model.generate(inputs, **settings).tolist()
+            hf_inputs = {k: inputs[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+            theirs += hf.generate(**hf_inputs, **settings)[:, inputs["input_ids"].shape[1] :].tolist()
+        return ours, theirs
+
+    (batched, hf_batched), (alone, _) = answers(4), answers(1)
+    assert batched == alone == hf_batched
+    inputs, _ = next(prompt_batches(model, str(questions), data, 4, image_root=str(colour_set["test"].parent)))
+    out = model.generate(inputs, return_dict_in_generate=True, output_scores=True, **settings)
+    assert out.sequences.tolist() == batched and len(out.scores) == out.sequences.shape[1]  # the answers only
+
+
+@pytest.mark.parametrize("key", ["return_dict_in_generate", "output_scores", "output_logits"])
+def test_generation_settings_that_change_what_generate_returns_are_refused(key):
+    """``eval.generation={return_dict_in_generate: true}`` failed with a TypeError once answers were decoded."""
+    from alignlm.config import ConfigError
+    from alignlm.models.generation import check_generation
+
+    with pytest.raises(ConfigError, match=rf"eval.generation sets \['{key}'\], which alignlm sets itself"):
+        check_generation({key: True, "do_sample": False})

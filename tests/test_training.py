@@ -673,3 +673,50 @@ def test_two_ranks_whose_micro_batches_differ_in_image_caption_pairs_log_togethe
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(r) for r in (tmp_path / "t" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(r["contrastive/temperature"] > 0 for r in rows)
+
+
+def _probe_file(colour_set, path: Path, n: int) -> Path:
+    path.write_text(json.dumps(json.loads(colour_set["pretrain"].read_text())[:n]))
+    return path
+
+
+def test_a_probe_file_too_small_for_the_monitors_knn_metrics_is_refused_at_set_up(colour_set, tmp_path, tiny_model):
+    """8 usable pairs for topk=10: the config check compares monitor.n (64) with topk, so the run trained step 1 and
+    then died in the monitor with an error naming no setting. Now the monitor refuses it when it is built."""
+    from alignlm.config import ConfigError
+    from alignlm.training.monitor import AlignmentMonitor
+
+    model = tiny_model()
+    probe = _probe_file(colour_set, tmp_path / "probe8.json", 8)
+    cfg = {"every": 2, "probe": str(probe), "image_root": str(colour_set["pretrain"].parent), "n": 64, "topk": 10}
+    match = r"monitor.probe=.*probe8.json gives 8 usable .*monitor.n=64.*monitor.topk \+ 2 = 12 .*'mutual_knn'"
+    with pytest.raises(ConfigError, match=match):
+        AlignmentMonitor(cfg, model)
+    with pytest.raises(ConfigError, match=r"the kNN metrics \['cknna'\]"):  # asked for the LLM's layers only
+        AlignmentMonitor({**cfg, "metrics": ["cka"], "layers": [-1], "layer_metrics": ["cknna"]}, model)
+    assert AlignmentMonitor({**cfg, "topk": 6}, model).topk == 6
+    assert AlignmentMonitor({**cfg, "metrics": ["modality_gap", "cka"]}, model).metrics == ["modality_gap", "cka"]
+
+
+def test_a_bare_monitor_layer_index_is_refused_naming_the_key(colour_set, tmp_path, tiny_model):
+    """``monitor.layers=-1`` (not ``[-1]``) was a TypeError, 'int' object is not iterable."""
+    from alignlm.config import ConfigError
+    from alignlm.training.monitor import AlignmentMonitor
+
+    cfg = {"every": 2, "probe": str(colour_set["pretrain"]), "n": 8, "topk": 4, "layers": -1}
+    with pytest.raises(ConfigError, match=r"monitor.layers=-1: .* as a list such as \[0, -1\]"):
+        AlignmentMonitor(cfg, tiny_model())
+    assert AlignmentMonitor({**cfg, "layers": [-1]}, tiny_model()).layers == [2]
+
+
+def test_the_monitor_changes_no_training_loss_of_a_lora_stage_with_dropout(colour_set, tmp_path):
+    """Measuring every step (eval mode, its own RNG) leaves each loss of a stage whose dropout draws from the RNG
+    bit-identical."""
+    probe = [f"monitor.probe={colour_set['pretrain']}", "monitor.n=8", "monitor.topk=4", "monitor.every=1"]
+    losses = {}
+    for name, monitor in (("off", []), ("on", probe)):
+        lora = ["stages.pretrain.parts.llm=lora", "stages.pretrain.lora.dropout=0.3", "stages.pretrain.lr.llm=1e-2"]
+        knobs = ["run=[pretrain]", "stages.pretrain.max_steps=3", "stages.pretrain.save_every=0", f"run_name={name}"]
+        run(compose(*tiny_overrides(colour_set, tmp_path, *knobs, *lora, *monitor)))
+        losses[name] = read_losses(tmp_path / name / "pretrain")
+    assert losses["on"] == losses["off"] and len(losses["on"]) == 3

@@ -160,6 +160,7 @@ def _cmd_dual_encoder_fit(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
         temperature=args.temperature,
+        image_root=args.image_root,
     )
     print(json.dumps({"out": str(args.out), **report}, indent=2))
     return 0
@@ -175,6 +176,11 @@ def _register_dual_encoder(subparsers: argparse._SubParsersAction) -> None:
     )
     f.add_argument("--eval", nargs="*", help="held-out caption JSON files (e.g. data/shapes/test_captions.json)")
     f.add_argument("--out", required=True, help="folder to write; `alignlm embed --encoder OUT` loads it")
+    f.add_argument(
+        "--image-root",
+        default=None,
+        help="folder the image paths of --train and --eval are relative to (default: each file's folder)",
+    )
     f.add_argument("--dim", type=positive_int, default=256, help="shared embedding width")
     f.add_argument("--image-size", type=positive_int, default=224, help="EfficientNet input side (a multiple of 32)")
     f.add_argument("--epochs", type=positive_int, default=40, help="passes over the training pairs")

@@ -158,7 +158,7 @@ def evaluate_checkpoint(
     features: dict[str, Any] = {}
     if path and pcfg.get("enabled", True):
         probe = load_probe_set(path, pcfg.get("n"), pcfg.get("image_root"))
-        layers = resolve_layers(model, pcfg.get("layers"))
+        layers = resolve_layers(model, pcfg.get("layers"), "probe.layers")
         feats = extract(model, probe, int(pcfg.get("batch_size", 32)), layers)
         topk = int(pcfg.get("topk", 10))
         result["probe"] = {"path": path, **probe_metrics(feats, list(pcfg["metrics"]), topk, pcfg.get("layer_metrics"))}

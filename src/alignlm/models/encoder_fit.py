@@ -23,7 +23,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from alignlm.data.images import load_rgb
-from alignlm.data.records import image_paths, read_records, record_caption
+from alignlm.data.records import MISSING_IMAGE, DataError, image_paths, read_records, record_caption
 from alignlm.geometry.metrics import TIE, modality_gap
 from alignlm.models.device import default_device
 from alignlm.models.encoders import OfflineDualEncoder
@@ -54,6 +54,11 @@ def fit_heads(
     modality gap (the cone effect, about 1.15 here), and a low fixed temperature keeps it while the heads learn to
     retrieve, as in CLIP (Liang et al. 2022); a learnt one, starting at 0.07, lets training close most of it.
     """
+    if batch_size < 2 or len(img_feats) < 2:  # a batch of one pair has nothing to contrast: it is skipped
+        raise ValueError(
+            f"dual-encoder fit needs batch_size >= 2 and at least 2 pairs, got batch_size={batch_size} and "
+            f"{len(img_feats)} pairs (with none trained, the heads stayed random and the loss read 0.0)"
+        )
     params = [*model.image_head.parameters(), *model.text_head.parameters()]
     if temperature is None:
         params.append(model.logit_scale)
@@ -78,7 +83,7 @@ def fit_heads(
             opt.step()
             sched.step()
             losses.append(loss.item())
-        history.append(sum(losses) / max(len(losses), 1))
+        history.append(sum(losses) / len(losses))  # the first batch has min(batch_size, pairs) >= 2 rows
     return history
 
 
@@ -89,7 +94,9 @@ def grouped_recall(img: Tensor, txt: Tensor, groups: Sequence[Any], ks: Sequence
     """Retrieval recall@k where a hit is any gallery item of the query's group (same caption text).
 
     Also returns the exact chance level of each score: for a query with ``m`` correct items among ``n``, a
-    random ranking hits within ``k`` with probability ``1 - C(n - m, k) / C(n, k)``.
+    random ranking hits within ``k`` with probability ``1 - C(n - m, k) / C(n, k)``. Where ``k >= n`` (a held-out set
+    of fewer than 5 pairs) the top ``k`` hold the whole gallery: recall and chance are both 1, reported rather than
+    left out so every report has the same keys (``C(n, k)`` was 0 there, a ZeroDivisionError).
     """
     ids = {g: i for i, g in enumerate(dict.fromkeys(groups))}
     label = torch.tensor([ids[g] for g in groups])
@@ -105,21 +112,47 @@ def grouped_recall(img: Tensor, txt: Tensor, groups: Sequence[Any], ks: Sequence
         for k in ks:
             out[f"{direction}_recall@{k}"] = (ahead < k).double().mean().item()
     for k in ks:
+        if k >= n:
+            out[f"chance@{k}"] = 1.0
+            continue
         chance = [1 - math.comb(n - int(mi), k) / math.comb(n, k) for mi in m]
         out[f"chance@{k}"] = sum(chance) / n
     return out
 
 
-def _pairs(paths: Sequence[str | Path], limit: int | None = None) -> tuple[list[Path], list[str]]:
-    """Image paths and captions of LLaVA caption records, in order."""
+def _pairs(
+    paths: Sequence[str | Path], limit: int | None = None, image_root: str | Path | None = None
+) -> tuple[list[Path], list[str]]:
+    """Image paths and captions of LLaVA caption records, in order; image paths are under ``image_root`` (by default
+    each file's folder), as every reader of records takes them."""
     images, texts = [], []
     for path in map(Path, paths):
+        root = Path(image_root) if image_root else path.parent
         for rec in read_records(path):
-            paths_of = image_paths(rec, path.parent)
+            try:
+                paths_of = image_paths(rec, root)
+            except DataError as e:
+                raise DataError(f"{path}: {e}", e.cause) from e
             if paths_of:
                 images.append(paths_of[0])
                 texts.append(record_caption(rec) or "")
     return images[:limit], texts[:limit]
+
+
+def _check_pairs(what: str, images: list[Path], least: int) -> None:
+    """At least ``least`` pairs, every image a file, checked before the towers load (a missing image failed after
+    them, mid-way through the frozen features)."""
+    if len(images) < least:
+        raise DataError(
+            f"dual-encoder {what} gives {len(images)} caption pairs with an image; it needs at least {least}"
+        )
+    missing = [p for p in images if not p.is_file()]
+    if missing:
+        raise DataError(
+            f"dual-encoder {what}: {len(missing)} images are not files, the first {str(missing[0])!r} "
+            "(name the folder the paths are relative to with image_root / --image-root)",
+            MISSING_IMAGE,
+        )
 
 
 def _features(
@@ -140,16 +173,18 @@ def evaluate(model: OfflineDualEncoder, img_feats: Tensor, txt_feats: Tensor, ca
 
 
 def _check_fit_args(dim: int, image_size: int, epochs: int, batch_size: int, limit: int | None, lr: float) -> None:
-    """Counts are whole numbers >= 1 (``limit`` may be None: all pairs) and ``lr`` a finite number > 0, checked before
-    the towers load: ``dim=0`` fitted a chance-level encoder and exited 0, ``epochs=0`` or ``batch_size=0`` failed
-    after the frozen features were computed."""
+    """Counts are whole numbers >= 1 (``limit`` may be None: all pairs; ``batch_size`` >= 2, as InfoNCE contrasts a
+    pair with the others of its batch) and ``lr`` a finite number > 0, checked before the towers load: ``dim=0``
+    fitted a chance-level encoder and exited 0, ``epochs=0`` or ``batch_size=0`` failed after the frozen features were
+    computed, ``batch_size=1`` skipped every batch and wrote the untrained heads with a loss of 0.0."""
     counts = {"dim": dim, "image_size": image_size, "epochs": epochs, "batch_size": batch_size, "limit": limit}
     for key, value in counts.items():
+        least = 2 if key == "batch_size" else 1
         if (value is not None or key != "limit") and (
-            isinstance(value, bool) or not isinstance(value, int) or value < 1
+            isinstance(value, bool) or not isinstance(value, int) or value < least
         ):
             raise ValueError(
-                f"dual-encoder {key}={value!r} must be a whole number >= 1" + " (or null: all)" * (key == "limit")
+                f"dual-encoder {key}={value!r} must be a whole number >= {least}" + " (or null: all)" * (key == "limit")
             )
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
         raise ValueError(f"dual-encoder lr={lr!r} must be a finite number > 0")
@@ -170,18 +205,25 @@ def fit_encoder(
     seed: int = 0,
     device: str | None = None,
     temperature: float | None = None,
+    image_root: str | Path | None = None,
 ) -> dict[str, Any]:
     """Fit the heads on caption records, report held-out gap and recall, and write the folder; returns the report.
 
     The one entry point of ``alignlm dual-encoder fit`` and of the prepare steps that fit an encoder when missing.
+    ``image_root``: the folder every file's image paths are relative to (by default each file's own folder). The
+    records are read and their images checked before the towers load; the fitted heads are written before the
+    held-out evaluation, which then writes the folder again with its figures (a failing evaluation lost the fit).
     """
     _check_fit_args(dim=dim, image_size=image_size, epochs=epochs, batch_size=batch_size, limit=limit, lr=lr)
+    images, texts = _pairs(train, limit, image_root)
+    _check_pairs(f"train={[str(p) for p in train]}" + f" (limit={limit})" * (limit is not None), images, 2)
+    pairs = {str(p): _pairs([p], image_root=image_root) for p in held_out}
+    for path, (held_images, _) in pairs.items():
+        _check_pairs(f"held_out file {path}", held_images, 1)
     torch.manual_seed(seed)
     start = time.perf_counter()
     model = OfflineDualEncoder(dim, image_size, name, device=device or default_device())
-    images, texts = _pairs(train, limit)
     train_feats = _features(model, images, texts)
-    pairs = {str(p): _pairs([p]) for p in held_out}
     pair_feats = {p: _features(model, *pairs[p]) for p in pairs}
     history = fit_heads(
         model, *train_feats, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, temperature=temperature
@@ -193,6 +235,7 @@ def fit_encoder(
         "temperature": 1 / min(model.logit_scale.exp().item(), 100.0),
         "temperature_learnt": temperature is None,
     }
+    model.save(out, {**report, "seconds": round(time.perf_counter() - start, 1)})
     for path, feats in pair_feats.items():
         report[path] = evaluate(model, *feats, pairs[path][1])
     report["seconds"] = round(time.perf_counter() - start, 1)

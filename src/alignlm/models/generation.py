@@ -45,10 +45,12 @@ def prompt_batches(
         yield inputs, [next(records) for _ in batch["ids"]]
 
 
-# generate() settings alignlm sets itself: the answer length is its own knob, the stops come from the template, and
-# one answer per question is what the scores pair with the question ids
+# generate() settings alignlm sets itself: the answer length is its own knob, the stops come from the template, one
+# answer per question is what the scores pair with the question ids, and the answers are read as plain token ids (a
+# dict of outputs failed with a TypeError; scores, logits, attentions or hidden states would be computed for nothing)
 RESERVED_GENERATION = ("max_new_tokens", "eos_token_id", "pad_token_id", "stop_strings", "tokenizer",
-                       "num_return_sequences")  # fmt: skip
+                       "num_return_sequences", "return_dict_in_generate", "output_scores", "output_logits",
+                       "output_attentions", "output_hidden_states")  # fmt: skip
 
 
 def check_generation(generation: Mapping[str, Any] | None, key: str = "eval.generation") -> None:
@@ -57,7 +59,10 @@ def check_generation(generation: Mapping[str, Any] | None, key: str = "eval.gene
     wrong ids."""
     taken = [k for k in generation or {} if k in RESERVED_GENERATION]
     if taken:
-        raise ConfigError(f"{key} sets {taken}, which alignlm sets itself (the answer length is max_new_tokens)")
+        raise ConfigError(
+            f"{key} sets {taken}, which alignlm sets itself (the answer length is max_new_tokens; answers are "
+            "read as token ids, one per question)"
+        )
 
 
 @torch.no_grad()

@@ -372,15 +372,24 @@ class AlignLM(nn.Module):
     @torch.no_grad()
     def generate(
         self, batch: Batch, max_new_tokens: int = 16, stop: TurnEnd | None = None, **gen_kwargs: Any
-    ) -> torch.Tensor:
-        """Decode continuations of left-padded prompts; returns only the new token ids ``[B, <=max_new_tokens]``.
+    ) -> torch.Tensor | ModelOutput:
+        """Decode continuations of left-padded prompts; returns only the new token ids ``[B, <=max_new_tokens]`` (with
+        ``return_dict_in_generate``, transformers' output with its ``sequences`` cut to them).
         ``stop``: the template's end of turn, where decoding stops besides EOS (plain text through transformers' stop
-        strings; the caller cuts the decoded text there too)."""
+        strings; the caller cuts the decoded text there too).
+
+        The prompt's ids go in beside its embeddings (which the LLM decodes from; the ids are not embedded again):
+        with embeddings alone, transformers' repetition penalty took each row's left padding as the prompt to skip in
+        ids holding only the generated tokens, so a padded row left its first answer tokens unpenalised and batched
+        answers differed from one-by-one ones. With the ids, the penalty and n-gram blocking cover the prompt, as in
+        the exported Llava."""
         embeds, _ = self.embed(batch)
         tok = self.tokenizer
         ends = sorted({tok.eos_token_id, *(stop.ids if stop else ())} - {None})
         strings = {"stop_strings": [stop.text], "tokenizer": tok} if stop and stop.text else {}
-        return self.llm.generate(
+        prompt = batch["input_ids"]
+        out = self.llm.generate(
+            input_ids=prompt,
             inputs_embeds=embeds,
             attention_mask=batch["attention_mask"],
             max_new_tokens=max_new_tokens,
@@ -389,6 +398,10 @@ class AlignLM(nn.Module):
             **strings,
             **gen_kwargs,
         )
+        if isinstance(out, torch.Tensor):
+            return out[:, prompt.shape[1] :]
+        out.sequences = out.sequences[:, prompt.shape[1] :]
+        return out
 
 
 def attention_windows(config: Any) -> dict[str, int | None]:

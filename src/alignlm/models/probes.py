@@ -97,22 +97,26 @@ def _layer_means(llm: Any, embeds: Tensor, mask: Tensor, layers: Sequence[int]) 
     return [((hidden[i] * w).sum(1) / w.sum(1)).float().cpu() for i in layers]
 
 
-def resolve_layers(model: Any, layers: Any) -> list[int]:
-    """``layers`` as hidden-state indices: ``all``, a list (negative counts from the top), or none.
+def resolve_layers(model: Any, layers: Any, key: str = "layers") -> list[int]:
+    """``layers`` (the config key ``key``) as hidden-state indices: ``all``, a list (negative counts from the top), or
+    none.
 
     An index outside the ``n + 1`` hidden states is refused: wrapped around, layer 99 of a 2-layer LLM was reported as
-    layer 0 (``eval --layers``, ``monitor.layers``)."""
+    layer 0 (``eval --layers``, ``monitor.layers``). So is a bare index, which is not a list (``monitor.layers=-1``
+    was a TypeError naming no key): the docs and configs give a list, ``[-1]``."""
     n = int(model.llm.config.num_hidden_layers)
     if layers in (None, "none", [], ()):
         return []
     if layers == "all":
         return list(range(n + 1))
-    if isinstance(layers, str) or any(
-        isinstance(i, bool) or not isinstance(i, int) or not -(n + 1) <= i <= n for i in layers
+    if (
+        isinstance(layers, str)
+        or not isinstance(layers, Sequence)
+        or any(isinstance(i, bool) or not isinstance(i, int) or not -(n + 1) <= i <= n for i in layers)
     ):
         raise ConfigError(
-            f"layers={layers!r}: this LLM has {n} layers; give 'all' or whole numbers in {-(n + 1)}..{n} "
-            "(0: the input embeddings, -1: the last layer)"
+            f"{key}={layers!r}: this LLM has {n} layers; give 'all' or whole numbers in {-(n + 1)}..{n} as a list "
+            "such as [0, -1] (0: the input embeddings, -1: the last layer)"
         )
     return sorted({i % (n + 1) for i in layers})
 
