@@ -371,7 +371,33 @@ def test_a_final_named_from_inside_its_stage_folder_or_set_aside_keeps_its_stage
     aside.mkdir(parents=True)
     save_file({}, str(aside / "model.safetensors"), metadata={"parts": "connector", "stage": "pretrain"})
     (aside / "config.yaml").write_text("{}\n")
-    assert resolve([str(aside)])[0].stage == "pretrain"
+    assert [(c.run, c.stage) for c in resolve([str(aside)])] == [("raw", "pretrain")]  # was run "pretrain"
+
+
+def test_a_set_aside_step_checkpoint_starts_from_the_final_set_aside_with_it(tmp_path):
+    """resume=never moves every stage's outputs to <stage>/before-<time>/: a step checkpoint there was labelled with
+    its stage as run, and its stage's init_from resolved to <run>/<stage>/<init>/final, which never exists (fixing the
+    parent alone would have loaded the new run's final under the old step's weights)."""
+    from alignlm.evaluation.checkpoints import resolve
+    from alignlm.training.checkpoint import resolve_init, set_aside, set_aside_name, stage_place
+
+    run = tmp_path / "raw"
+    step = run / "finetune" / "checkpoints" / "step_000004"
+    step.mkdir(parents=True)
+    (step / "trainable.safetensors").write_bytes(b"")
+    (step / "trainer_state.json").write_text('{"step": 4, "stage": "finetune"}')
+    (run / "pretrain" / "final").mkdir(parents=True)
+    name = set_aside_name(run / s for s in ("pretrain", "finetune"))
+    for s in ("pretrain", "finetune"):
+        set_aside(run / s, name)  # one name for every stage of the run
+    (ck,) = resolve([str(run / "finetune" / name / "checkpoints" / "step_000004")])
+    assert (ck.run, ck.stage, ck.step) == ("raw", "finetune", 4)
+    run_dir, aside = stage_place(ck.stage_dir)
+    assert (run_dir, aside) == (run, name)
+    assert (
+        resolve_init("pretrain", run_dir, {"pretrain": {}, "finetune": {}}, aside) == run / "pretrain" / name / "final"
+    )
+    assert (run / "pretrain" / name / "final").is_dir()
 
 
 def test_metrics_plot_draws_the_measured_numbers_not_the_tables_text(tmp_path, monkeypatch):

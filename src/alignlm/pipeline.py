@@ -306,8 +306,9 @@ def set_aside_earlier_runs(cfg: DictConfig, run_dir: Path) -> None:
     """``resume=never``: every stage of ``cfg.run`` starts over, so each one's earlier outputs move aside before any
     trains (:func:`checkpoint.set_aside`). Stage by stage as each began, an interrupted new run left a later stage's
     old ``final/`` in place, which a rerun with ``resume=auto`` took for that stage finished."""
+    folder = ckpt.set_aside_name(run_dir / name for name in cfg.run)
     for name in cfg.run:
-        aside = ckpt.set_aside(run_dir / name)
+        aside = ckpt.set_aside(run_dir / name, folder)
         if aside is not None:
             get_logger("alignlm", 0).warning(
                 "resume=never: the earlier run's outputs of stage %s moved to %s", name, aside

@@ -29,7 +29,7 @@ from alignlm.models.io import (
     load_part_state,
     safe_model_config,
 )
-from alignlm.training.checkpoint import load_init, resolve_init, step_dirs, verify
+from alignlm.training.checkpoint import load_init, resolve_init, stage_place, step_dirs, verify
 from alignlm.training.logging import read_rows
 from alignlm.training.stages import apply_stage, merge_lora
 
@@ -79,10 +79,11 @@ def _one(given: Path) -> Checkpoint:
     ``checkpoints/``) does not name; the stage's config and ``init_from`` are looked up there too."""
     p = Path(os.path.abspath(given))
     if _is_final(p):
-        return Checkpoint(p, "final", p.parent.parent.name, final_stage(p), _last_logged_step(p.parent))
+        return Checkpoint(p, "final", stage_place(p.parent)[0].name, final_stage(p), _last_logged_step(p.parent))
     state = json.loads((p / "trainer_state.json").read_text())
-    stage_dir = p.parent.parent
-    return Checkpoint(p, "step", stage_dir.parent.name, str(state.get("stage", stage_dir.name)), int(state["step"]))
+    run_dir, aside = stage_place(p.parent.parent)
+    stage = str(state.get("stage", (p.parent.parent.parent if aside else p.parent.parent).name))
+    return Checkpoint(p, "step", run_dir.name, stage, int(state["step"]))
 
 
 def unique_labels(labels: Sequence[str], folders: Sequence[Path]) -> list[str]:
@@ -157,7 +158,13 @@ def load(ck: Checkpoint, allow_code: bool = False, trust_remote_code: bool = Fal
     cfg = stage_config(ck)
     stage = cfg.stages[ck.stage]
     model = build_model(safe_model_config(cfg.model, allow_code, trust_remote_code))
-    init = resolve_init(stage.get("init_from"), ck.stage_dir.parent, cfg.stages)
+    run_dir, aside = stage_place(ck.stage_dir)
+    init = resolve_init(stage.get("init_from"), run_dir, cfg.stages, aside)
+    if init and not init.exists():
+        raise FileNotFoundError(
+            f"step checkpoint {ck.path} starts from {init} (its stage's init_from={stage.get('init_from')!r}), which "
+            "is not there" + (": resume=never set it aside with this stage under another name" if aside else "")
+        )
     if init:
         load_init(model, init)
     apply_stage(model, stage.parts, stage.get("lora"))

@@ -37,13 +37,26 @@ MANIFEST = "manifest.json"
 OBJECTIVES_FILE = "objectives.safetensors"  # persistent objective state (a learned temperature), by config key
 
 
-def resolve_init(init_from: str | None, run_dir: Path, stages: Mapping[str, Any]) -> Path | None:
-    """``init_from`` as a folder: a stage name of this run (its ``final/`` under ``run_dir``), else a path as given."""
+def resolve_init(
+    init_from: str | None, run_dir: Path, stages: Mapping[str, Any], aside: str | None = None
+) -> Path | None:
+    """``init_from`` as a folder: a stage name of this run (its ``final/`` under ``run_dir``), else a path as given.
+    ``aside``: the checkpoint asking was set aside by ``resume=never`` in that folder (:func:`stage_place`), so the
+    stage it started from is the ``final/`` set aside with it, not the new run's."""
     if not init_from:
         return None
     if init_from in stages:
-        return Path(run_dir) / init_from / "final"
+        return Path(run_dir) / init_from / (aside or "") / "final"
     return Path(init_from)
+
+
+def stage_place(stage_dir: Path) -> tuple[Path, str | None]:
+    """The run folder a stage folder belongs to, and the ``before-*`` folder it was set aside in (None when it was
+    not): ``<run>/<stage>/before-<time>`` is stage ``<stage>`` of run ``<run>``, not a run named ``<stage>``."""
+    stage_dir = Path(os.path.abspath(stage_dir))
+    if stage_dir.name.startswith(SET_ASIDE_PREFIX):
+        return stage_dir.parent.parent, stage_dir.name
+    return stage_dir.parent, None
 
 
 def load_init(model: nn.Module, init: Path) -> list[str]:
@@ -355,10 +368,11 @@ def step_dirs(stage_dir: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.name.startswith(STEP_PREFIX) and not p.name.endswith(".tmp"))
 
 
-def set_aside(stage_dir: Path) -> Path | None:
+def set_aside(stage_dir: Path, name: str) -> Path | None:
     """``resume=never``: everything an earlier run left in ``stage_dir`` (step checkpoints, ``final/``, its figures,
-    ``metrics.jsonl``, config) moves into a new ``before-<time>/`` there; nothing is deleted. Returns that folder, or
-    None when there was nothing to move.
+    ``metrics.jsonl``, config) moves into a new folder ``name`` there (``before-<time>``, one name for every stage of
+    the run, so a set-aside stage finds the ``final/`` it started from: :func:`resolve_init`); nothing is deleted.
+    Returns that folder, or None when there was nothing to move.
 
     All of it, not the step checkpoints alone: an old ``final/`` left beside a new run that is then interrupted is
     what a later ``resume=auto`` takes for the stage finished (the old weights reach the next stages and the
@@ -366,14 +380,22 @@ def set_aside(stage_dir: Path) -> Path | None:
     old = [p for p in stage_dir.iterdir() if not p.name.startswith(SET_ASIDE_PREFIX)] if stage_dir.is_dir() else []
     if not old:
         return None
-    stamp = time.strftime("%Y%m%dT%H%M%S")
-    aside, n = stage_dir / f"{SET_ASIDE_PREFIX}{stamp}", 1
-    while aside.exists():  # two runs started within one second
-        aside, n = stage_dir / f"{SET_ASIDE_PREFIX}{stamp}-{n}", n + 1
+    aside = stage_dir / name
     aside.mkdir()
     for path in old:
         os.replace(path, aside / path.name)
     return aside
+
+
+def set_aside_name(stage_dirs: Iterable[Path]) -> str:
+    """A ``before-<time>`` name free in every one of ``stage_dirs`` (two runs set aside within one second)."""
+    stamp, n = time.strftime("%Y%m%dT%H%M%S"), 0
+    dirs = list(stage_dirs)
+    while True:
+        name = f"{SET_ASIDE_PREFIX}{stamp}" + (f"-{n}" if n else "")
+        if not any((d / name).exists() for d in dirs):
+            return name
+        n += 1
 
 
 def prune(stage_dir: Path, keep_last: int, written: Path) -> None:
