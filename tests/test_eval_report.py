@@ -250,6 +250,22 @@ def test_gap_shift_measures_with_the_probes_topk(tiny_run, colour_set, tmp_path,
     assert ck["above"] == ""  # recorded, so that compare tells apart runs of one name
 
 
+def test_a_probe_file_too_small_for_topk_is_refused_before_answers_are_generated(
+    tiny_run, colour_set, tmp_path, monkeypatch
+):
+    """The probe file was read after every set's answers were generated, so a file with fewer pairs than
+    probe.topk + 2 failed then, in the metrics, naming no setting."""
+    from alignlm.evaluation import report
+
+    monkeypatch.setattr(report, "answer_accuracy", lambda *a, **k: pytest.fail("generated before the probe check"))
+    monkeypatch.setattr(report.C, "load", lambda *a, **k: pytest.fail("loaded before the probe check"))
+    small = tmp_path / "captions.json"
+    small.write_text(json.dumps(json.loads(colour_set["pretrain"].read_text())[:6]))
+    flags = ["--probe", str(small), "--no-plots", "--out", str(tmp_path / "r")]
+    with pytest.raises(ConfigError, match=r"gives 6 usable image\+caption records .* probe.topk \+ 2 = 12"):
+        main(["eval", str(tiny_run / "finetune" / "final"), *flags])
+
+
 def test_a_step_checkpoint_named_by_a_relative_path_keeps_its_run(tiny_run, monkeypatch):
     """Its run and stage were the names of the relative path's parents: inside the run folder its run was "", inside
     the stage folder its ``init_from`` was looked up in the wrong folder, inside ``checkpoints/`` no config was
