@@ -39,6 +39,8 @@ flags=(--model llava_hf --tasks "$tasks" ${include[@]+"${include[@]}"} --batch_s
        --output_path "$out" "$@")
 mkdir -p "$out"
 stamp=$(mktemp "$out/.started.XXXXXX"); trap 'rm -f "$stamp"' EXIT
+# a second in the past: a results file written within the file system's clock tick of the stamp is not -newer
+touch -d "@$(( $(date +%s) - 1 ))" "$stamp"
 if [ "$nproc" = 1 ]; then  # llava_hf needs the device named twice (device_map, and device for its .to() calls)
   dev=${DEVICE:-$(python -c 'import torch; print("cuda:0" if torch.cuda.is_available() else "cpu")')}
   alignlm lmms-eval --model_args "$args,device_map=$dev,device=$dev" "${flags[@]}"
