@@ -23,9 +23,16 @@ from alignlm.evaluation import checkpoints as C
 from alignlm.evaluation import paired, plots
 from alignlm.evaluation.evaluate import answer_accuracy, caption_scores, set_kind
 from alignlm.geometry.metrics import retrieval_recall
-from alignlm.geometry.suite import KNN_METRICS, PAIR_METRICS, flat
+from alignlm.geometry.suite import PAIR_METRICS, flat
 from alignlm.models.artifacts import artifact_report
-from alignlm.models.probes import extract, gap_shift, load_probe_set, probe_metrics, resolve_layers
+from alignlm.models.probes import (
+    check_probe_size,
+    extract,
+    gap_shift,
+    load_probe_set,
+    probe_metrics,
+    resolve_layers,
+)
 
 log = logging.getLogger("alignlm")
 
@@ -108,21 +115,11 @@ def probe_path(ecfg: Mapping[str, Any], sets: list[dict[str, Any]]) -> str | Non
     return None
 
 
-def check_probe_size(pairs: int, path: str, pcfg: Mapping[str, Any], ecfg: Mapping[str, Any]) -> None:
-    """The kNN metrics need ``topk + 2`` probe pairs, counted on the pairs the file gave (``probe.n`` only caps
-    them), before a checkpoint is loaded and answers generated."""
-    topk = int(pcfg.get("topk", 10))
+def probe_metrics_asked(pcfg: Mapping[str, Any], ecfg: Mapping[str, Any]) -> set[str]:
+    """Every metric the probe will measure: its table, its layers' (where layers are asked), the gap-shift curve's."""
     asked = set(pcfg.get("metrics") or []) | (set(pcfg.get("layer_metrics") or []) if pcfg.get("layers") else set())
     shift = dict(ecfg.get("gap_shift") or {})
-    if shift.get("deltas"):
-        asked.add(shift.get("metric"))
-    knn = sorted(asked & KNN_METRICS)
-    if knn and pairs < topk + 2:
-        raise ConfigError(
-            f"eval probe.path={path} gives {pairs} usable image+caption records (probe.n={pcfg.get('n')}), fewer "
-            f"than the probe.topk + 2 = {topk + 2} that the kNN metrics {knn} need: probe a larger file or lower "
-            "probe.topk"
-        )
+    return asked | ({shift.get("metric")} if shift.get("deltas") else set())
 
 
 def evaluate_checkpoint(
@@ -142,7 +139,8 @@ def evaluate_checkpoint(
     probe = None
     if path and pcfg.get("enabled", True):  # read first: a file too small for topk failed after the generation
         probe = load_probe_set(path, pcfg.get("n"), pcfg.get("image_root"))
-        check_probe_size(len(probe.ids), path, pcfg, ecfg)
+        topk, asked = int(pcfg.get("topk", 10)), probe_metrics_asked(pcfg, ecfg)
+        check_probe_size(len(probe.ids), topk, asked, "probe", "eval probe.path", path, pcfg.get("n"))
     model = C.load(ck, bool(ecfg.get("allow_code")), bool(ecfg.get("trust_remote_code"))).to(device)
     data_cfg = C.data_config(ck, train_cfg)
     if ecfg.get("template"):

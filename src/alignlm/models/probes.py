@@ -23,7 +23,7 @@ from alignlm.config import ConfigError
 from alignlm.data.images import load_rgb, preprocess
 from alignlm.data.records import DataError, image_names, image_paths, read_records, record_id, reference_captions
 from alignlm.geometry import metrics as M
-from alignlm.geometry.suite import pair_metrics
+from alignlm.geometry.suite import KNN_METRICS, pair_metrics
 
 
 @dataclass
@@ -64,6 +64,19 @@ def load_probe_set(path: str | Path, n: int | None = None, image_root: str | Non
             f"probe set {path} has {len(probe.ids)} usable image+caption records; the metrics need at least 3"
         )
     return probe
+
+
+def check_probe_size(pairs: int, topk: int, asked: set[str], key: str, file: str, path: str, n: Any) -> None:
+    """The kNN metrics among ``asked`` need ``topk + 2`` probe pairs, counted on the pairs the probe file gave
+    (``n`` only caps them): a smaller file failed once its features were measured, naming no setting. ``key``: the
+    config node of ``n`` and ``topk`` (``monitor``, ``probe``); ``file``: the key naming the probe file ``path``."""
+    knn = sorted(asked & KNN_METRICS)
+    if knn and pairs < topk + 2:
+        raise ConfigError(
+            f"{file}={path} gives {pairs} usable image+caption records ({key}.n={n}), fewer than the {key}.topk + 2 = "
+            f"{topk + 2} that the kNN metrics {knn} need: probe a larger file, lower {key}.topk, or leave them out of "
+            f"{key}.metrics"
+        )
 
 
 @dataclass

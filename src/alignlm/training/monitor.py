@@ -19,9 +19,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from alignlm.config import ConfigError
-from alignlm.geometry.suite import KNN_METRICS, flat
-from alignlm.models.probes import extract, load_probe_set, probe_metrics, resolve_layers
+from alignlm.geometry.suite import flat
+from alignlm.models.probes import check_probe_size, extract, load_probe_set, probe_metrics, resolve_layers
 
 
 class AlignmentMonitor:
@@ -45,23 +44,12 @@ class AlignmentMonitor:
         self.batch_size = int(cfg.get("batch_size", 32))
         self.layers = resolve_layers(model, cfg.get("layers"), "monitor.layers")
         self.layer_metrics = cfg.get("layer_metrics")
-        self.check_probe_size(cfg)
+        # at set-up, on the pairs the file gave: the config check compares monitor.n with topk only
+        asked = set(self.metrics) | (set(self.layer_metrics or self.metrics) if self.layers else set())
+        check_probe_size(len(self.probe.ids), self.topk, asked, "monitor", "monitor.probe", cfg["probe"], cfg.get("n"))
         self.probe.pixels(model.image_spec)  # decode the images once, before the clock starts
         self.last: float | None = None
         self.tower_features: torch.Tensor | None = None
-
-    def check_probe_size(self, cfg: Mapping[str, Any]) -> None:
-        """The kNN metrics need ``topk + 2`` probe items, checked on the pairs the probe file gave, at set-up: the
-        config check compares ``monitor.n`` with ``topk``, and a file with fewer usable pairs than ``n`` stopped
-        the run after step 1 with an error that named no setting."""
-        asked = set(self.metrics) | (set(self.layer_metrics or self.metrics) if self.layers else set())
-        knn = sorted(asked & KNN_METRICS)
-        if knn and len(self.probe.ids) < self.topk + 2:
-            raise ConfigError(
-                f"monitor.probe={cfg['probe']} gives {len(self.probe.ids)} usable image+caption records "
-                f"(monitor.n={cfg.get('n')}), fewer than the monitor.topk + 2 = {self.topk + 2} that the kNN "
-                f"metrics {knn} need: probe a larger file, lower monitor.topk, or leave them out of monitor.metrics"
-            )
 
     def start(self) -> None:
         """``time_share``'s clock starts with this process's training loop: a resumed run's first measurement has one."""
