@@ -380,9 +380,9 @@ class Trainer:
 
         ``share``: what a per-micro-batch mean weighs in this rank's loss, the number of ranks over the global step's
         micro-batches of data (the ranks' gradients averaged, each of those micro-batches weighs one over their count);
-        ``data``: False for a rank's stand-in for a micro-batch of bad data, which measures nothing. The metric keys are the same in every micro-batch on every
-        rank (objectives declare theirs; a connector reports the same ones in every training forward), so that the
-        ranks reduce the same table."""
+        ``data``: False for a rank's stand-in for a micro-batch of bad data, which measures nothing. The metric keys
+        are the same in every micro-batch on every rank (objectives declare theirs; a connector reports the same ones
+        in every training forward), so that the ranks reduce the same table."""
         model = self.core()
         needs_hidden = any(o.needs_hidden_states for o, _ in self.objectives.values())
         needs_logps = any(o.needs_sample_logps for o, _ in self.objectives.values())
