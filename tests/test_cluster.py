@@ -428,6 +428,17 @@ def test_an_accelerate_deepspeed_config_launches_zero3_with_offloading(colour_se
             "asks for zero3, offload_optimizer=True, offload_param=True; this run has distributed.strategy=zero3, "
             "distributed.offload_optimizer=False, distributed.offload_param=False",
         ),
+        (  # zero3_init_flag: true asked for a partitioned build that alignlm does not do
+            {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}
+            | {"ACCELERATE_DEEPSPEED_ZERO3_INIT": "true"},
+            [],
+            "sets zero3_init_flag: true; alignlm builds the model whole on each rank",
+        ),
+        (  # a DeepSpeed JSON is read under DeepSpeed only; under ddp it was dropped without a word
+            {},
+            ["launcher=ddp", "distributed.deepspeed_config=ds.json"],
+            "distributed.deepspeed_config=ds.json is read under DeepSpeed only, which distributed.strategy=ddp",
+        ),
         (  # `accelerate launch --mixed_precision bf16` (or the config file's) against alignlm's explicit no
             {"ACCELERATE_MIXED_PRECISION": "bf16"},
             [],

@@ -81,6 +81,12 @@ def launch_strategy() -> tuple[str | None, dict[str, Any]]:
                 f"the accelerate launch config asks for DeepSpeed ZeRO stage {stage}; alignlm runs stages 2 and 3 "
                 "(configs/accelerate/zero2.yaml, zero3.yaml, zero3_offload.yaml)"
             )
+        if _on("ACCELERATE_DEEPSPEED_ZERO3_INIT"):
+            raise ConfigError(
+                "the accelerate launch config's deepspeed_config sets zero3_init_flag: true; alignlm builds the model "
+                "whole on each rank and partitions it when the stage starts (training/zero.py), so nothing would build "
+                "it partitioned: set zero3_init_flag: false"
+            )
         for key in _OFFLOADS:
             device = env.get(f"ACCELERATE_DEEPSPEED_{key.upper()}_DEVICE")
             if device is None:  # not in the launch config (a DeepSpeed JSON of its own may offload)
@@ -136,13 +142,19 @@ def resolve_strategy(cfg: DictConfig) -> None:
 
 
 def check_no_offload(dist: DictConfig, asked: str) -> None:
-    """Offloading to the CPU is DeepSpeed's (``zero.deepspeed_config``): under ddp or fsdp2 the switches were read by
-    nothing, while the stage's start-up line said they were on. ``asked``: the strategy before ``auto`` was resolved."""
+    """Offloading to the CPU and a DeepSpeed JSON are DeepSpeed's (``zero.deepspeed_config``): under ddp or fsdp2 they
+    were read by nothing, while the stage's start-up line said the offloads were on. ``asked``: the strategy before
+    ``auto`` was resolved."""
+    how = f"distributed.strategy={asked}" + (
+        f" (here {dist.strategy}: no DeepSpeed launch config)" if asked == "auto" else ""
+    )
+    if dist.get("deepspeed_config"):
+        raise ConfigError(
+            f"distributed.deepspeed_config={dist.deepspeed_config} is read under DeepSpeed only, which {how} does not "
+            "run: set it to null, or distributed.strategy=zero2 or zero3"
+        )
     on = [key for key in _OFFLOADS if dist.get(key)]
     if on:
-        how = f"distributed.strategy={asked}" + (
-            f" (here {dist.strategy}: no DeepSpeed launch config)" if asked == "auto" else ""
-        )
         needs = "zero3" if on[0] == "offload_param" else "zero2 or zero3"
         raise ConfigError(
             f"distributed.{on[0]}=true offloads under DeepSpeed only, which {how} does not run: set it to false, or "
