@@ -73,6 +73,21 @@ def test_offline_sets_are_regenerated_when_the_config_asks_for_other_knobs(tmp_p
         )
     )
     assert len(json.loads((tmp_path / "shapes" / "som.json").read_text())) == 12
+    # back to som off and fewer scenes: what only the earlier set had is gone, not read by a config naming it
+    ensure_offline_datasets(
+        compose(f"data_root={tmp_path}", "offline_datasets=[shapes]", "+offline_dataset_args.shapes.n_train=8")
+    )
+    assert not (tmp_path / "shapes" / "som.json").exists()
+    images = sorted(p.name for p in (tmp_path / "shapes" / "images").iterdir())
+    named = {
+        r["image"].split("/")[-1]
+        for f in ("pretrain", "test")
+        for r in json.loads((tmp_path / "shapes" / f"{f}.json").read_text())
+    }
+    assert (
+        set(images) == named
+        and len(images) == json.loads((tmp_path / "shapes" / "info.json").read_text())["counts"]["images"]
+    )
 
 
 def test_exp_som_mixes_the_listing_records_into_finetuning_only():

@@ -222,4 +222,5 @@ def generate(
         "label_top_k": label_top_k,
         "som": som,
     }
-    return writer.finish(seed, knobs, {"patch_labels": {"grid": label_grid, "words": list(VOCAB), "images": images}})
+    labels_file = {"grid": label_grid, "words": list(VOCAB), "images": images}
+    return writer.finish(seed, knobs, {"patch_labels": labels_file}, optional=("som",))

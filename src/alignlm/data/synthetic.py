@@ -97,13 +97,13 @@ class DatasetWriter:
         self.out = Path(out_dir)
         self.name = name
         self.files: dict[str, list[dict[str, Any]]] = {"pretrain": [], "instruct": [], "test": [], "test_captions": []}
-        self.images = 0
+        self.written: set[str] = set()  # image paths relative to ``out``
         (self.out / "images").mkdir(parents=True, exist_ok=True)
 
     def _image(self, rid: str, pixels: np.ndarray) -> str:
         image = f"images/{rid}.png"
         save_png(pixels, self.out / image)
-        self.images += 1
+        self.written.add(image)
         return image
 
     def add_train(self, rid: str, pixels: np.ndarray, caption: str, questions: Sequence[Question]) -> None:
@@ -122,11 +122,24 @@ class DatasetWriter:
         self.files["test_captions"].append(caption_record(rid, image, caption))
         self.files["test"].append(held_out_record(rid, image, *question))
 
-    def finish(self, seed: int, knobs: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Write the record files, any ``extra`` JSON files (name -> object) and ``info.json``; return the summary."""
+    def finish(
+        self, seed: int, knobs: dict[str, Any], extra: dict[str, Any] | None = None, optional: Sequence[str] = ()
+    ) -> dict[str, Any]:
+        """Write the record files, any ``extra`` JSON files (name -> object) and ``info.json``; return the summary.
+
+        What an earlier generation into the same folder wrote and this one did not is removed: an ``optional`` record
+        file this run did not write (shapes' ``som`` after ``som: false``), and this set's images (``<name>_*.png``)
+        no record of this run names (the tagged scenes, or the tail of a larger set). A config naming the old file
+        read records of a set nobody asked for. Other files in the folder (a prepare step's output) are left alone."""
+        for fname in optional:
+            if fname not in self.files:
+                (self.out / f"{fname}.json").unlink(missing_ok=True)
+        for image in (self.out / "images").glob(f"{self.name}_*.png"):
+            if f"images/{image.name}" not in self.written:
+                image.unlink()
         for fname, obj in {**self.files, **(extra or {})}.items():
             write_json(self.out / f"{fname}.json", obj)
-        counts = {"images": self.images}
+        counts = {"images": len(self.written)}
         counts.update({k: len(v) for k, v in self.files.items()})
         summary = {
             "name": self.name,
