@@ -244,3 +244,22 @@ def test_a_stand_in_for_bad_data_does_not_scale_a_per_micro_batch_loss(colour_se
     assert rows[2]["loss/dpo"] == pytest.approx(rows[1]["loss/dpo"]) and rows[1]["loss/dpo"] > 0
     assert rows[2]["loss/total"] == pytest.approx(rows[1]["loss/total"])
     assert rows[2]["dpo/rewards/margin"] == pytest.approx(rows[1]["dpo/rewards/margin"])
+
+
+def test_a_frozen_copy_reference_under_autocast_is_stored_half_and_gives_the_policys_numbers(
+    tiny_model, colour_set, tmp_path
+):
+    """reference=copy under bf16 autocast: its linear layers go to bf16 (half the copy's memory) at the first use, and
+    while the policy is the reference the margin is exactly zero and the loss log 2."""
+    model = tiny_model()
+    apply_stage(model, {"vision": "frozen", "connector": "full", "llm": "full"}, None)
+    dpo = PreferenceObjective(beta=0.1)
+    dpo.setup(model, None)
+    assert dpo.reference == "copy"
+    batch = pair_batch(model, colour_set, tmp_path)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        term = dpo(batch, model(batch, sample_logps=True), model)
+    linears = [m for m in dpo.frozen_reference.llm.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(m.weight.dtype == torch.bfloat16 for m in linears)
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)  # the policy is untouched
+    assert term.metrics["rewards/margin"].item() == 0.0 and term.loss.item() == pytest.approx(math.log(2))

@@ -9,7 +9,9 @@ of the chosen (``y_c``) and rejected (``y_r``) answers' tokens (masks from the t
 
 The reference is the stage's starting model. When every trained parameter is a LoRA adapter, it is the model itself
 with its adapters disabled (no second copy in memory); otherwise a frozen copy taken when the stage starts (kept out
-of the objective's state, so checkpoints do not carry it). Logged per step: the implicit rewards
+of the objective's state, so checkpoints do not carry it). Under mixed precision the copy's linear layers are stored
+in the autocast dtype at its first use (``models/precision.py``): autocast casts them to it at every use anyway, so
+its log-probabilities are the same numbers, and the copy of a 7B LLM takes 13 GiB less than in float32. Logged per step: the implicit rewards
 ``beta (log pi - log ref)`` of both answers, their margin, the share of pairs whose chosen answer has the higher
 reward, and both answers' log-probabilities.
 """
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from alignlm.models.precision import frozen_linears
 from alignlm.objectives.base import LossTerm, Objective
 from alignlm.objectives.pairs import zero_loss
 
@@ -113,6 +116,12 @@ class PreferenceObjective(Objective):
         if self.reference == "adapters":
             with adapters_disabled(model):
                 return model(batch, sample_logps=True).sample_logps
+        device = batch["input_ids"].device.type
+        if torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
+            for linear in frozen_linears(self.frozen_reference):
+                if linear.weight.dtype != dtype:
+                    linear.to(dtype)
         return self.frozen_reference(batch, sample_logps=True).sample_logps
 
     def forward(self, batch: dict[str, Any], out: Any, model: nn.Module) -> LossTerm:

@@ -47,6 +47,7 @@ from alignlm.data.report import DataReport
 from alignlm.models.build import build_model
 from alignlm.models.io import config_yaml
 from alignlm.models.mllm import AlignLM, has_images
+from alignlm.models.precision import frozen_linears
 from alignlm.objectives.base import Objective, check_batch, check_metrics, check_min_batch
 from alignlm.training import checkpoint as ckpt
 from alignlm.training import sharding, zero
@@ -992,20 +993,6 @@ def usable_cpus() -> int:
 def local_processes(world_size: int) -> int:
     """Processes on this node, which share its CPUs: torchrun's and accelerate's LOCAL_WORLD_SIZE, else all of them."""
     return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
-
-
-def frozen_linears(module: torch.nn.Module) -> list[torch.nn.Linear]:
-    """The linear layers of ``module`` that nothing trains, less any whose weight a layer of another kind shares (a head
-    tied to the token embeddings: the table is also read by lookup, where autocast casts nothing)."""
-    shared = {
-        id(p) for m in module.modules() if not isinstance(m, torch.nn.Linear) for p in m.parameters(recurse=False)
-    }
-    return [
-        m
-        for m in module.modules()
-        if isinstance(m, torch.nn.Linear)
-        and not any(p.requires_grad or id(p) in shared for p in m.parameters(recurse=False))
-    ]
 
 
 def checkpointing_parts(setting: Any, key: str = "stage.gradient_checkpointing") -> list[str]:
