@@ -298,7 +298,8 @@ def test_model_flops_follow_the_standard_formula_counted_by_hand(tiny_model):
 @pytest.mark.parametrize(
     "name,peak",
     [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 NVL", 835.0), ("NVIDIA H200", 989.0),
-     ("NVIDIA A100-SXM4-80GB", 312.0), ("Tesla T4", None)],
+     ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA L40", 181.0), ("NVIDIA L40S", 362.0), ("NVIDIA L4", 121.0),
+     ("NVIDIA GH200 480GB", 989.0), ("Tesla T4", None)],
 )  # fmt: skip
 def test_mfu_divides_by_the_peak_of_the_card_by_its_name(monkeypatch, name, peak):
     from alignlm.training.throughput import peak_tflops

@@ -7,6 +7,7 @@ for the passes it takes. MFU = achieved model FLOP/s / (peak FLOP/s of the devic
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterable
 
@@ -15,16 +16,19 @@ from torch import nn
 
 from alignlm.data.collate import attended_pairs
 
-# dense bf16 peak TFLOP/s per device, by the first substring of torch.cuda.get_device_name() found here (the PCIe
-# and NVL cards, clocked lower, before the SXM ones whose names they contain)
+# dense bf16 peak TFLOP/s per device, by the first name here that torch.cuda.get_device_name() holds as whole words
+# (the PCIe and NVL cards, clocked lower, before the SXM ones whose names they contain; whole words, or an L40 read
+# as an L4 and its MFU came out 1.5x too high)
 PEAK_TFLOPS = {
     "H100 PCIe": 756.0,
     "H100 NVL": 835.0,
     "H200 NVL": 835.0,
+    "GH200": 989.0,
     "H200": 989.0,
     "H100": 989.0,
     "A100": 312.0,
     "L40S": 362.0,
+    "L40": 181.0,
     "A10G": 125.0,
     "L4": 121.0,
 }
@@ -92,7 +96,7 @@ def peak_tflops(setting: float | str | None, device: torch.device) -> float | No
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    return next((v for k, v in PEAK_TFLOPS.items() if re.search(rf"(?<![A-Za-z0-9]){k}(?![A-Za-z0-9])", name)), None)
 
 
 class Meter:
