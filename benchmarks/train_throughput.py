@@ -374,6 +374,7 @@ def table(results: list[dict[str, Any]]) -> str:
         "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
+        named = r["stage"] + (" (cached features)" if r["cached_features"] else "")
         for key in ("alignlm", "peer"):
             if key not in r:
                 continue
@@ -381,14 +382,13 @@ def table(results: list[dict[str, Any]]) -> str:
             mfu = f"{100 * s['mfu']:.1f} %" if s["mfu"] is not None else "-"
             mem = f"{s['peak_memory_gib']:.1f}" if s["peak_memory_gib"] is not None else "-"
             ratio = f"{r['ratio_tokens_per_s']:.2f}x" if key == "alignlm" and "ratio_tokens_per_s" in r else ""
-            stage = r["stage"] + (" (cached features)" if r["cached_features"] else "")
-            stage += " (packed)" if key == "alignlm" and s.get("packed") else ""
+            stage = named + (" (packed)" if key == "alignlm" and s.get("packed") else "")
             lines.append(
                 f"| {r['size']} | {stage} | {r['vocab']} | {r['batch']} | {s['side']} | {s['tokens_per_s']:,.0f} | "
                 f"{s['samples_per_s']:.2f} | {s['tflops']:.1f} | {mfu} | {mem} | {ratio} |"
             )
         if "peer_error" in r:
-            lines.append(f"| {r['size']} | {r['stage']} | {r['vocab']} | {r['batch']} | peer | {r['peer_error']} |||||")
+            lines.append(f"| {r['size']} | {named} | {r['vocab']} | {r['batch']} | peer | {r['peer_error']} |||||")
     lines += [projection(r) for r in results if "projected_hours_558k" in r]
     return "\n".join(lines)
 
