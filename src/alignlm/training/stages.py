@@ -78,6 +78,10 @@ def trainable_parts(parts: Mapping[str, str]) -> list[str]:
 def param_groups(model: AlignLM, lr: Mapping[str, float], weight_decay: float) -> list[dict[str, Any]]:
     """One group per (part, lr scale, decay) triple: biases and norm weights are never decayed.
 
+    The rule is by shape, not by layer class: every 1-D parameter (biases, norm weights, and also CLIP's
+    ``class_embedding`` and BatchNorm weights, which transformers' Trainer decays) and every bias is left undecayed,
+    so a tower or connector of a kind no list names is covered too.
+
     A part may define ``lr_scales() -> {parameter-name prefix: multiplier}`` for sub-modules that need a smaller
     step than the rest of the part (the MoE router: at the connector's learning rate its logits swing by whole
     units per step and routing collapses); the longest matching prefix wins.
