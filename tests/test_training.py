@@ -460,15 +460,35 @@ def test_missing_data_file_names_it(tmp_path):
         run(compose(f"output_dir={tmp_path}", "run=[pretrain]", "stages.pretrain.data.sources=[{path:nowhere.json}]"))
 
 
-def test_wandb_offline_needs_no_network(colour_set, tmp_path):
-    run(
-        compose(
-            *tiny_overrides(
-                colour_set, tmp_path, "run=[pretrain]", "stages.pretrain.max_steps=2", "logging.wandb.mode=offline"
-            )
-        )
+def test_wandb_offline_needs_no_network_and_a_resumed_stage_continues_its_run(colour_set, tmp_path):
+    """Offline wandb needs no network; a stage stopped and resumed logs into one wandb run (one id), where each
+    segment had started a run of its own."""
+    args = tiny_overrides(
+        colour_set,
+        tmp_path,
+        "run=[pretrain]",
+        "stages.pretrain.max_steps=4",
+        "stages.pretrain.save_every=2",
+        "logging.wandb.mode=offline",
     )
-    assert list((tmp_path / "t" / "pretrain" / "wandb").glob("offline-run-*"))
+    with pytest.raises(StopTraining):
+        run(compose(*args, "stop_after_steps=2"))
+    run(compose(*args))
+    runs = sorted((tmp_path / "t" / "pretrain" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and len({r.name.rsplit("-", 1)[1] for r in runs}) == 1
+
+
+def test_metrics_rows_hold_null_where_a_value_is_not_finite(tmp_path):
+    """Every value of metrics.jsonl, a probe's NaN CKA included, is strict JSON: a bare NaN made jq and pandas refuse
+    the line (the trainer nulled its own non-finite losses, not the monitor's metrics)."""
+    from alignlm.training.logging import MetricsLogger
+
+    logger = MetricsLogger(tmp_path / "metrics.jsonl", None, "r", {}, enabled=True)
+    logger.log({"loss/total": 1.5, "monitor/pooled/cka": float("nan"), "grad_norm": float("inf")}, step=1)
+    logger.close()
+    line = (tmp_path / "metrics.jsonl").read_text()
+    row = json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in {line}"))
+    assert row == {"step": 1, "loss/total": 1.5, "monitor/pooled/cka": None, "grad_norm": None}
 
 
 def test_data_parallel_two_processes_matches_one(colour_set, tmp_path, monkeypatch):

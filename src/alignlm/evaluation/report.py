@@ -33,6 +33,7 @@ from alignlm.models.probes import (
     probe_metrics,
     resolve_layers,
 )
+from alignlm.training.logging import json_values
 
 log = logging.getLogger("alignlm")
 
@@ -59,18 +60,6 @@ def rounded(x: Any) -> Any:
         return {str(k): rounded(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [rounded(v) for v in x]
-    return x
-
-
-def json_values(x: Any) -> Any:
-    """The report for ``report.json``: a value that is not finite (CKA of a probe set whose items are all alike) is
-    null there, where strict JSON readers would refuse a bare ``NaN``; the tables show it as ``nan``."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, Mapping):
-        return {k: json_values(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [json_values(v) for v in x]
     return x
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,8 +26,26 @@ def get_logger(name: str, rank: int) -> logging.Logger:
     return log
 
 
+def json_values(x: Any) -> Any:
+    """``x`` for a JSON file (metrics.jsonl, summary.json, report.json): a value that is not finite (CKA of a probe
+    set whose items are all alike, a diverged loss) is null there, where strict JSON readers (jq, pandas, JavaScript)
+    refuse a bare ``NaN``; the tables show it as ``nan``."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, Mapping):
+        return {k: json_values(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [json_values(v) for v in x]
+    return x
+
+
 class MetricsLogger:
-    """Writes every scalar to ``metrics.jsonl`` and, when enabled, to wandb (offline mode needs no network)."""
+    """Writes every scalar to ``metrics.jsonl`` and, when enabled, to wandb (offline mode needs no network).
+
+    A stage's wandb run keeps one id (``wandb_id`` beside ``metrics.jsonl``): a resumed segment continues it, where
+    each segment had started a run of its own. Steps a resume repeats (killed after logging a step the newest
+    checkpoint had not reached) are dropped from ``metrics.jsonl`` and written again; wandb keeps its first record of
+    them and ignores the repeat (its steps only increase), the same values on an exact resume."""
 
     def __init__(
         self,
@@ -52,10 +72,16 @@ class MetricsLogger:
             import wandb  # noqa: PLC0415 - heavy (seconds to import), needed only when logging to it
 
             os.environ.setdefault("WANDB_SILENT", "true")
+            id_file = path.parent / "wandb_id"
+            resumed = start_step > 0 and id_file.exists()
+            run_id = id_file.read_text().strip() if resumed else secrets.token_hex(8)
+            id_file.write_text(run_id)
             self.wandb = wandb.init(
                 project=cfg.get("project", "alignlm"),
                 entity=cfg.get("entity"),
                 name=run_name,
+                id=run_id,
+                resume="allow",
                 mode=mode,
                 dir=str(path.parent),
                 config=config,
@@ -65,10 +91,11 @@ class MetricsLogger:
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        row = json_values(dict(metrics))
+        self.file.write(json.dumps({"step": step, **row}, allow_nan=False) + "\n")
         self.file.flush()
         if self.wandb is not None:
-            self.wandb.log(dict(metrics), step=step)
+            self.wandb.log(row, step=step)
 
     def close(self) -> None:
         if not self.enabled:
