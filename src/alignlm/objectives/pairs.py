@@ -7,7 +7,8 @@ sample gives none (its caption has no image to align with), and an image whose s
 left out. Samples whose supervised tokens are identical share one caption too: the colour of a square, a stock
 caption repeated over a web-scale set, is one caption with several images, not several captions that would be
 each other's negatives. Both sides are read from what the model already computed: the visual tokens as the connector
-output them, and the LLM's input-embedding table; no extra batch field is needed.
+output them, and the LLM's input-embedding table; no extra batch field is needed. ``caption_keys`` names each caption
+by its token ids on the device, so that data-parallel ranks find their shared captions without asking the host.
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ import torch
 from torch import nn
 
 from alignlm.constants import IGNORE_INDEX
-from alignlm.data.collate import sample_means
+from alignlm.data.collate import sample_counts, sample_means
+
+# splitmix64's finaliser constants as signed 64-bit integers (torch has no uint64 arithmetic)
+_MIX = (-4658895280553007687, -7723592293110705685)
 
 
 @dataclass
@@ -50,6 +54,44 @@ def image_caption_pairs(batch: dict[str, Any], out: Any, model: nn.Module) -> Pa
     caption_mean = sample_means(tok_embeds, index["sample_ids"], supervised, n_samples)
     visual = out.visual_tokens[index["pair_images"]].float().mean(1)  # [n_images, M, Dl] holds a zero image if none
     return Pairs(visual, caption_mean[index["pair_samples"]], index["pair_caption"])
+
+
+def caption_keys(batch: dict[str, Any], model: nn.Module) -> torch.Tensor:
+    """A 64-bit key per row of ``image_caption_pairs(...).captions`` ``[C]`` int64, equal for captions whose supervised
+    token ids are equal: the collator's rule for one caption (``pair_caption``), computed on the device.
+
+    Why not compare the caption vectors themselves: a mean embedding forgets the order, so "dog bites man" and "man
+    bites dog" would be one caption where the collator keeps two, and a GPU's atomic sums can give one caption two
+    vectors a bit apart. So every supervised token is hashed with its place in its caption (splitmix64 of
+    ``token << 32 | ordinal``, integer arithmetic wrapping modulo 2^64), a caption's hashes are summed (integer sums are
+    exact in any order) and mixed with its length. Two different captions share a key with probability about 2^-64.
+    A token's ordinal is its count of earlier supervised tokens of its sample; samples are laid out in the order of
+    their ids, padded or packed (``data/collate.py``), so that is the count before it in the batch less the count of
+    the earlier samples'. Fixed shapes throughout, nothing read back."""
+    index = model.index(batch)
+    n_samples = int(index["num_samples"])
+    sample_ids = index["sample_ids"]
+    supervised = (batch["labels"] != IGNORE_INDEX) & (sample_ids >= 0)
+    flat = supervised.flatten().long()
+    counts = sample_counts(sample_ids, supervised, n_samples)  # [n_samples]
+    starts = counts.cumsum(0) - counts  # supervised tokens of the samples before each one
+    ordinal = flat.cumsum(0) - flat - starts[sample_ids.flatten().clamp(min=0)]
+    token_hash = _mix((batch["labels"].flatten().clamp(min=0) << 32) | ordinal)
+    owner = torch.where(supervised.flatten(), sample_ids.flatten(), n_samples)
+    sums = token_hash.new_zeros(n_samples + 1).index_add_(0, owner, token_hash)[:n_samples]
+    return _mix(sums ^ _mix(counts))[index["pair_samples"]]
+
+
+def _mix(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64: a bijection that spreads every input bit over the output (shifts logical)."""
+    z = (z ^ _shift_right(z, 30)) * _MIX[0]
+    z = (z ^ _shift_right(z, 27)) * _MIX[1]
+    return z ^ _shift_right(z, 31)
+
+
+def _shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """A logical right shift of int64 (torch's is arithmetic: it copies the sign bit)."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
 
 
 def zero_loss(out: Any) -> torch.Tensor:
