@@ -68,8 +68,19 @@ def test_pipeline_trains_both_stages_and_evaluates(colour_set, tmp_path):
     # at the fetch would be orders of magnitude off)
     overall = 30 * 4 / stages["pretrain"]["seconds"]
     assert max(r["samples_per_s"] for r in rows) < 20 * overall
-    # finished stages are skipped on a rerun (resume=auto), and their figures are kept, with or without eval sets
-    again = run(compose(*tiny_overrides(colour_set, tmp_path, "stages.pretrain.max_steps=30", "eval.sets=[]")))
+    # finished stages are skipped on a rerun of the same settings (resume=auto), and their figures are kept, with or
+    # without eval sets (evaluation is no stage's setting)
+    again = run(
+        compose(
+            *tiny_overrides(
+                colour_set,
+                tmp_path,
+                "stages.pretrain.max_steps=30",
+                "stages.pretrain.lr.connector=5e-3",
+                "eval.sets=[]",
+            )
+        )
+    )
     assert again["stages"] == summary["stages"] and again["eval"] == {}
     assert json.loads((tmp_path / "t" / "summary.json").read_text())["stages"] == summary["stages"]
 

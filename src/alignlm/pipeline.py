@@ -346,6 +346,57 @@ def warn_other_model(cfg: DictConfig, stages: list[str], log: Any) -> None:
             )
 
 
+def check_finished_stages(cfg: DictConfig, acc: Accelerator, log: Any) -> None:
+    """``resume=auto`` skips a stage whose ``final/`` exists: refuse, before anything trains, every such stage of
+    ``cfg.run`` trained from other settings, model settings or file contents than this run's
+    (:func:`checkpoint.finished_changes`), naming each change; a changed lr, a regenerated labels file or pairs file
+    had been skipped over without a word, the old weights passed on to the next stages and the evaluation. With
+    ``resume_allow_changes=true`` such a stage is kept as it is, with a warning naming the changes. Every rank compares
+    the same files after the prepare steps, so every rank refuses alike (the others do not wait on the main one)."""
+    if cfg.resume == "never":  # every stage's earlier outputs were set aside: nothing is finished
+        return
+    run_dir = Path(cfg.output_dir) / cfg.run_name
+    refused = []
+    for name in (n for n in cfg.run if stage_done(cfg, n)):
+        final = run_dir / name / "final"
+        stage = OmegaConf.to_container(cfg.stages[name], resolve=True)
+        ours = ckpt.trained_from(
+            stage,
+            name,
+            int(cfg.seed),
+            str(acc.mixed_precision),
+            acc.num_processes,
+            ckpt.input_files(stage, name),
+        )
+        changes = ckpt.finished_changes(final, ours, cfg.model)
+        if changes is None:
+            log.warning(
+                "stage %s: %s was written before finished stages recorded what they were trained from "
+                "(%s); its settings and files cannot be compared with this run's, and it is kept as finished "
+                "(resume=never retrains every stage)",
+                name,
+                final,
+                ckpt.TRAINED_FROM,
+            )
+        elif changes and cfg.get("resume_allow_changes"):
+            log.warning(
+                "stage %s: keeping %s, trained from other settings or files than this run's, as finished "
+                "(resume_allow_changes=true): %s",
+                name,
+                final,
+                "; ".join(changes),
+            )
+        elif changes:
+            refused.append(f"stage {name} ({final}): {'; '.join(changes)}")
+    if refused:
+        raise ConfigError(
+            "finished stages were trained from other settings or files than this run's, and resume=auto would keep "
+            f"their weights: {' | '.join(refused)}. Set resume=never to retrain every stage (earlier outputs are set "
+            "aside in <stage>/before-<time>/, not deleted), or resume_allow_changes=true to keep the finished stages "
+            "as they are"
+        )
+
+
 def _run(cfg: DictConfig, acc: Accelerator) -> dict[str, Any]:
     log = get_logger("alignlm", acc.process_index)
     run_dir = Path(cfg.output_dir) / cfg.run_name
@@ -355,6 +406,7 @@ def _run(cfg: DictConfig, acc: Accelerator) -> dict[str, Any]:
                 set_aside_earlier_runs(cfg, run_dir)
             ensure_offline_datasets(cfg)
             run_prepare_steps(cfg)
+    check_finished_stages(cfg, acc, log)  # on every rank, from the files the prepare steps left
     to_train = [name for name in cfg.run if not stage_done(cfg, name)]
     if acc.is_main_process:
         warn_other_model(cfg, to_train, log)

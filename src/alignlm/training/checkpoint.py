@@ -4,7 +4,8 @@ Layout (per stage): ``checkpoints/step_000500/`` holds trainable weights (safete
 scheduler state (under DeepSpeed ZeRO, one optimizer file per rank: its partition), per-rank RNG,
 ``trainer_state.json`` (step, data position) and, written last, ``manifest.json``
 (every file's size and SHA-256), so a file damaged after the fact is caught before it is loaded; ``final/`` holds
-``config.yaml`` and ``model.safetensors`` with every part trained so far. Everything is written under a
+``config.yaml``, ``model.safetensors`` with every part trained so far and ``trained_from.json`` (what the stage was
+trained from: :func:`trained_from`, compared when a rerun would skip it). Everything is written under a
 temporary name and renamed, so a killed job never leaves a half checkpoint that looks whole. Tensors
 load with safetensors or ``torch.load(weights_only=True)``: no arbitrary pickle.
 
@@ -18,7 +19,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,8 @@ STEP_PREFIX = "step_"
 SET_ASIDE_PREFIX = "before-"  # resume=never: an earlier run's outputs of a stage, in ``<stage>/before-<time>/``
 MANIFEST = "manifest.json"
 OBJECTIVES_FILE = "objectives.safetensors"  # persistent objective state (a learned temperature), by config key
+TRAINED_FROM = "trained_from.json"  # in final/: the stage's recipe as it finished (:func:`trained_from`)
+CONTENTS = " contents"  # suffix of a recipe key holding the bytes' digest of the file its config key names
 
 
 def resolve_init(
@@ -253,16 +256,120 @@ def flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def recipe(stage: Mapping[str, Any], name: str, total_steps: int, seed: int, precision: str) -> dict[str, Any]:
+def recipe(
+    stage: Mapping[str, Any],
+    name: str,
+    total_steps: int | None,
+    seed: int,
+    precision: str,
+    files: Mapping[str, dict[str, str]],
+) -> dict[str, Any]:
     """What makes a stage's trajectory besides the world size and global batch, by config key: written into each
     step checkpoint and compared on resume (the optimizer's and schedule's loaded state would otherwise keep the
-    checkpoint's learning rates and decay whatever this run's config says, without a word)."""
+    checkpoint's learning rates and decay whatever this run's config says, without a word). ``files``: the stage's
+    :func:`input_files`, since a file regenerated at the same path changes what trains though no key changed.
+    ``total_steps`` None: the step count as written (``epochs``, ``max_steps``), for a finished stage, whose total
+    cannot be counted again without building its data."""
     keys = {f"stages.{name}.{k}": v for k, v in flat(stage).items() if not any(_under(k, f) for f in FREE_ON_RESUME)}
-    return keys | {f"stages.{name} total steps": total_steps, "seed": seed, "mixed_precision": precision}
+    if total_steps is None:
+        keys |= {f"stages.{name}.{k}": stage.get(k) for k in ("epochs", "max_steps")}
+    else:
+        keys[f"stages.{name} total steps"] = total_steps
+    return keys | {"seed": seed, "mixed_precision": precision} | dict(files)
 
 
 def _under(key: str, prefix: str) -> bool:
-    return key == prefix or key.startswith(prefix + ".")
+    return key == prefix or key.startswith(prefix + ".") or key.startswith(prefix + "[")
+
+
+def _strings(tree: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
+    """Every string of a nested config with its key, into lists too (``data.sources[0].path``)."""
+    if isinstance(tree, Mapping):
+        for k, v in tree.items():
+            yield from _strings(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            yield from _strings(v, f"{prefix}[{i}]")
+    elif isinstance(tree, str):
+        yield prefix, tree
+
+
+def _names_file(text: str) -> bool:
+    try:
+        return Path(text).is_file()
+    except (OSError, ValueError):  # a prompt too long to be a file name, or holding a NUL byte: text, not a path
+        return False
+
+
+def input_files(stage: Mapping[str, Any], name: str) -> dict[str, dict[str, str]]:
+    """Every existing file that a string of the stage's config names (data sources, the labels, levels or preference
+    pairs a prepare step writes), as ``{"stages.<name>.<key> contents": {"path", "sha256"}}``: a prepare step or a
+    generator that rewrites a file in place changes what the stage trains on under the same keys. Folders (image
+    roots, the feature cache) are not read, nor the keys free on resume (``prepare``, ``init_from``: where the inputs
+    came from, not what they are). Each file is read once, however many keys name it."""
+    digests: dict[str, str] = {}
+    out = {}
+    for key, text in _strings(stage):
+        if any(_under(key, free) for free in FREE_ON_RESUME) or not _names_file(text):
+            continue
+        if text not in digests:
+            digests[text] = _sha256(Path(text))
+        out[f"stages.{name}.{key}{CONTENTS}"] = {"path": text, "sha256": digests[text]}
+    return out
+
+
+def trained_from(
+    stage: Mapping[str, Any], name: str, seed: int, precision: str, world: int, files: Mapping[str, dict[str, str]]
+) -> dict[str, Any]:
+    """What a finished stage was trained from, as its ``final/`` records it (:data:`TRAINED_FROM`) and a rerun
+    compares (:func:`finished_changes`): its :func:`recipe` with the step count as written, and its global batch
+    (a step checkpoint holds that beside its recipe). ``stage``: resolved, as a container."""
+    batch = int(stage["per_device_batch_size"]) * int(stage["grad_accum"]) * world
+    settings = recipe(stage, name, None, seed, precision, files) | {f"stages.{name} global batch": batch}
+    return json.loads(json.dumps(settings))  # as the record reads back (tuples as lists)
+
+
+def recipe_changes(theirs: Mapping[str, Any], ours: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{key: (theirs, ours)}`` for every key in which two recipes differ. A file's contents count where both
+    recorded them: one written before files were hashed has none, and a path that appears or goes is named by its
+    own config key."""
+    changed = {
+        k: (theirs.get(k), v)
+        for k, v in ours.items()
+        if theirs.get(k) != v and (k in theirs or not k.endswith(CONTENTS))
+    }
+    return changed | {k: (v, None) for k, v in theirs.items() if k not in ours and not k.endswith(CONTENTS)}
+
+
+def change_text(key: str, theirs: Any, ours: Any) -> str:
+    """One changed setting for a message, ``key: theirs -> ours``; a file whose bytes changed at the same path,
+    ``key (path): contents changed`` (two digests would tell a reader nothing)."""
+    if key.endswith(CONTENTS) and isinstance(theirs, dict) and isinstance(ours, dict):
+        if theirs.get("path") == ours.get("path"):
+            return f"{key.removesuffix(CONTENTS)} ({ours.get('path')}): contents changed"
+        return f"{key.removesuffix(CONTENTS)}: file {theirs.get('path')} -> {ours.get('path')}"
+    return f"{key}: {theirs} -> {ours}"
+
+
+def finished_changes(final: Path, ours: Mapping[str, Any], model_cfg: Any) -> list[str] | None:
+    """How what ``final/`` was trained from (its :data:`TRAINED_FROM` record, and its ``config.yaml``'s model
+    settings: :func:`model_changes`) differs from this run's ``ours`` (:func:`trained_from`), one line each; None for
+    a ``final/`` written before the record existed, whose inputs cannot be compared. A rerun that skips a finished
+    stage otherwise passed its old weights on to the next stages and the evaluation whatever had changed."""
+    path = Path(final) / TRAINED_FROM
+    if not path.is_file():
+        return None
+    try:
+        theirs = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(
+            f"{path} is not valid JSON ({e}): what the stage was trained from cannot be compared with this run; "
+            "retrain with resume=never (earlier outputs are set aside, not deleted)"
+        ) from e
+    if not isinstance(theirs, dict):
+        raise ValueError(f"{path} is not a mapping of settings: retrain with resume=never")
+    lines = [change_text(k, a, b) for k, (a, b) in recipe_changes(theirs, ours).items()]
+    return lines + model_changes(final, model_cfg)
 
 
 def layout(model: nn.Module, objectives: nn.Module | None) -> dict[str, list[int]]:
@@ -309,9 +416,7 @@ def resume_changes(
             f"{strategy}: their optimizer states differ in layout; resume with the same strategy"
         )
     changed = {k: (written[k], ours[k]) for k in ("world", "global_batch") if k in written and written[k] != ours[k]}
-    theirs, recipe = written.get("recipe", ours["recipe"]), ours["recipe"]
-    changed |= {k: (theirs.get(k), v) for k, v in recipe.items() if theirs.get(k) != v}
-    changed |= {k: (v, None) for k, v in theirs.items() if k not in recipe}
+    changed |= recipe_changes(written.get("recipe", ours["recipe"]), ours["recipe"])
     if strategy in zero.STAGES and "world" in changed:
         raise ValueError(
             f"{folder} was written by {written['world']} ranks under distributed.strategy={strategy}, this run has "
@@ -320,11 +425,18 @@ def resume_changes(
             "starts a new stage at any size)"
         )
     if changed and not allow:
+        files = [change_text(k, a, b) for k, (a, b) in changed.items() if k.endswith(CONTENTS)]
+        settings = {k: ab for k, ab in changed.items() if not k.endswith(CONTENTS)}
+        said = [f"was written from other files: {'; '.join(files)}"] if files else []
+        if settings:
+            said.insert(
+                0,
+                f"was written with {', '.join(f'{k}={a}' for k, (a, _) in settings.items())}, this run has "
+                f"{', '.join(f'{k}={b}' for k, (_, b) in settings.items())}",
+            )
         raise ValueError(
-            f"{folder} was written with {', '.join(f'{k}={a}' for k, (a, _) in changed.items())}, this run has "
-            f"{', '.join(f'{k}={b}' for k, (_, b) in changed.items())}: the resumed stage would not reproduce an "
-            "uninterrupted one. Resume with the same settings, or set resume_allow_changes=true to continue with "
-            "this run's"
+            f"{folder} {' and '.join(said)}: the resumed stage would not reproduce an uninterrupted one. Resume with "
+            "the same settings and files, or set resume_allow_changes=true to continue with this run's"
         )
     return changed
 
@@ -407,11 +519,23 @@ def prune(stage_dir: Path, keep_last: int, written: Path) -> None:
             shutil.rmtree(old)
 
 
-def save_final(final_dir: Path, model: nn.Module, config_yaml: str, parts: Iterable[str], stage: str) -> None:
+def save_final(
+    final_dir: Path,
+    model: nn.Module,
+    config_yaml: str,
+    parts: Iterable[str],
+    stage: str,
+    settings: Mapping[str, Any] | None = None,
+) -> None:
     """Weights of every part trained so far plus the resolved config: enough to rebuild the model. The metadata names
-    the parts held whole and the stage that trained them (``io.final_stage``: its template prompts the model)."""
+    the parts held whole and the stage that trained them (``io.final_stage``: its template prompts the model).
+    ``settings``: what the stage was trained from (:func:`trained_from`), written in the same publish, so a
+    ``final/`` holds it exactly when it is whole; None for a folder no stage trained (written by a tool or a test),
+    which a rerun skips with a warning that its inputs cannot be compared."""
     tmp = atomic_dir(final_dir)
     metadata = {"parts": ",".join(parts), "stage": stage}
     save_file(part_state(model, parts), str(tmp / "model.safetensors"), metadata=metadata)
     (tmp / "config.yaml").write_text(config_yaml)
+    if settings is not None:
+        (tmp / TRAINED_FROM).write_text(json.dumps(settings, indent=2))
     publish(tmp, final_dir)

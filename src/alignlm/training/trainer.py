@@ -305,11 +305,15 @@ class Trainer:
     def _maybe_resume(self) -> tuple[int, int]:
         """Resume from the newest step checkpoint that passes its integrity check (an older one when the newest is
         damaged, naming the file); a checkpoint of another model is refused, and so are a changed world size, global
-        batch or stage setting unless ``resume_allow_changes`` (then this run's settings apply from the resumed step)."""
+        batch, stage setting or content of a file the stage names unless ``resume_allow_changes`` (then this run's
+        settings apply from the resumed step). Also fixes what ``final/`` will record the stage was trained from."""
         self.segment_seconds, self.nonfinite = 0.0, []
         stage = OmegaConf.to_container(self.stage, resolve=True)
-        recipe = ckpt.recipe(stage, self.name, self.total_steps, int(self.cfg.seed), str(self.acc.mixed_precision))
+        seed, precision = int(self.cfg.seed), str(self.acc.mixed_precision)
+        files = ckpt.input_files(stage, self.name)  # read once, at the stage's start: its checkpoints and final/ say so
+        recipe = ckpt.recipe(stage, self.name, self.total_steps, seed, precision, files)
         self.recipe = json.loads(json.dumps(recipe))  # as trainer_state.json will hold it (tuples as lists)
+        self.trained_from = ckpt.trained_from(stage, self.name, seed, precision, self.acc.num_processes, files)
         self.layout = ckpt.layout(self.core(), self.objective_modules)
         fresh = ckpt.optimizer_settings(self.optimizer, self.scheduler)  # before a checkpoint's state replaces them
         # resume=never: the pipeline set every stage's earlier outputs aside before the run began (ckpt.set_aside)
@@ -348,8 +352,8 @@ class Trainer:
             if changed:
                 ckpt.take_optimizer_settings(self.optimizer, self.scheduler, fresh)
                 self.log.warning(
-                    "resumed with resume_allow_changes=true: continuing with this run's %s",
-                    ", ".join(f"{k}={v}" for k, (_, v) in changed.items()),
+                    "resumed with resume_allow_changes=true: continuing with this run's settings and files (%s)",
+                    "; ".join(ckpt.change_text(k, a, b) for k, (a, b) in changed.items()),
                 )
             self.log.info("resumed stage %s from %s (step %d)", self.name, folder, written["step"])
             if self.acc.is_main_process and "data" in written:  # the whole stage's report so far, counted once
@@ -964,7 +968,7 @@ class Trainer:
         if full is None or self.acc.is_main_process:
             merge_lora(model)
         if self.acc.is_main_process:
-            ckpt.save_final(final, model, config_yaml(self.cfg), self.saved_parts, self.name)
+            ckpt.save_final(final, model, config_yaml(self.cfg), self.saved_parts, self.name, self.trained_from)
         self.acc.wait_for_everyone()
         return final
 
@@ -1049,7 +1053,8 @@ class TrainingError(RuntimeError):
 
 
 def stage_done(cfg: DictConfig, name: str) -> bool:
-    """A stage whose ``final/`` exists is complete (resume=auto skips it)."""
+    """A stage whose ``final/`` exists is complete (resume=auto skips it, once the pipeline has checked that it was
+    trained from this run's settings and files: ``pipeline.check_finished_stages``)."""
     final = Path(cfg.output_dir) / cfg.run_name / name / "final"
     return cfg.resume != "never" and (final / "model.safetensors").exists()
 
