@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from alignlm.data.records import IMAGE_TOO_LARGE, MISSING_IMAGE, UNREADABLE_IMAGE, DataError
 
@@ -52,19 +52,36 @@ def _pillow_limit(max_pixels: int | None) -> Iterator[None]:
             Image.MAX_IMAGE_PIXELS = before
 
 
+# The raster formats a LLaVA-style dataset holds: COCO, GQA, TextVQA, Visual Genome and ShareGPT4V are JPEG (a
+# camera's multi-picture JPEG, MPO, is read as JPEG), OCR-VQA adds GIF and PNG, web-crawled sets WEBP, BMP and TIFF.
+# Pillow would otherwise try every format it knows, EPS among them, which it renders by running Ghostscript, an
+# external program, on the file: a PostScript "image" named .png ran an interpreter on the data's behalf.
+RASTER_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+
+
 def _open_image(path: str | Path) -> Image.Image:
-    """An image file opened, its header read and nothing decoded (the caller closes it). Pillow's limit is off for
-    the header: the caller's check of the size, with its message, decides. Only a regular file is opened (a FIFO or a
-    device would block the reader). Failures are ``DataError`` s counted by cause: missing file, unreadable file."""
+    """An image file opened, its header read and nothing decoded (the caller closes it). Only the
+    :data:`RASTER_FORMATS` are tried, so no file reaches an external program; Pillow's limit is off for the header:
+    the caller's check of the size, with its message, decides. Only a regular file is opened (a FIFO or a device would
+    block the reader). Failures are ``DataError`` s counted by cause: missing file, unreadable file (another format,
+    and any error of a format's reader, whatever its type: the data's fault, counted, never a crash of ``on_error:
+    skip``)."""
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):
             raise DataError(f"cannot read image {path}: not a regular file", UNREADABLE_IMAGE)
         with _pillow_limit(None):
-            return Image.open(path)
+            return Image.open(path, formats=RASTER_FORMATS)
+    except DataError:
+        raise
     except FileNotFoundError as e:
         raise DataError(f"image {path} does not exist", MISSING_IMAGE) from e
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot read image {path}: {e}", UNREADABLE_IMAGE) from e
+    except UnidentifiedImageError as e:
+        raise DataError(
+            f"cannot read image {path}: not an image of the formats read ({', '.join(RASTER_FORMATS)})",
+            UNREADABLE_IMAGE,
+        ) from e
+    except Exception as e:  # a reader's error of any type (SyntaxError, struct.error, EOFError, ...)
+        raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}", UNREADABLE_IMAGE) from e
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
@@ -97,8 +114,8 @@ def load_rgb(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> Image.Ima
     and transparency (an alpha band, or a palette or colour marked transparent) is composited onto white (as
     transformers' ``convert_rgb`` does: ``convert("RGB")`` kept whatever colour hid under transparent pixels).
     16-bit grey images are scaled to 8 bits (convert() clips them); 32-bit integer or float pixels, whose range
-    nothing states, are refused. Failures are ``DataError`` s counted by cause: missing file, image too large,
-    unreadable file.
+    nothing states, are refused. Only the :data:`RASTER_FORMATS` are read. Failures are ``DataError`` s counted by
+    cause: missing file, image too large, unreadable file (any error of the decoder, whatever its type).
     """
     with _open_image(path) as im:
         check_size(path, im.size, max_pixels)
@@ -121,8 +138,8 @@ def load_rgb(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> Image.Ima
             raise
         except Image.DecompressionBombError as e:
             raise DataError(f"image {path}: {e}", IMAGE_TOO_LARGE) from e
-        except (OSError, ValueError) as e:
-            raise DataError(f"cannot read image {path}: {e}", UNREADABLE_IMAGE) from e
+        except Exception as e:  # a decoder's error of any type (EOFError, struct.error, ...), as in _open_image
+            raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}", UNREADABLE_IMAGE) from e
 
 
 def on_white(image: Image.Image) -> Image.Image:

@@ -102,8 +102,11 @@ _JINJA_FLATTEN = (
 
 
 def _jinja_str(text: str) -> str:
-    """A Jinja string literal (JSON escaping is valid Jinja)."""
-    return json.dumps(text)
+    """A Jinja string literal of ``text``, read back as exactly ``text``: JSON escaping of quotes, backslashes and
+    control characters is valid Jinja, and inside a literal ``{{`` or ``{%`` is text, never run. Every other character
+    is written as itself: Jinja reads a ``\\uXXXX`` escape as one UTF-16 unit, so JSON's surrogate pair for a
+    character beyond U+FFFF (an emoji) became two lone surrogates, garbled text that the tokenizer refuses."""
+    return json.dumps(text, ensure_ascii=False)
 
 
 def adds_bos(tokenizer: Any) -> bool:
@@ -436,6 +439,24 @@ def special_ids(tokenizer: Any) -> set[int]:
     decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
     found.update(i for i, t in decoder.items() if getattr(t, "special", False))
     return found
+
+
+def plain_text_ids(texts: Sequence[str], tokenizer: Any) -> list[list[int]]:
+    """The token ids of each of ``texts`` (captions, answers: assistant text the data wrote) as :func:`tokenize`
+    tokenizes them inside a rendered conversation: a special token or ``<image>`` written in them is the plain
+    characters it is made of (:func:`_plain_specials`), so what reads a caption outside training (the alignment
+    probes, VLAP's word prior) sees the tokens training saw, not control tokens. All are tokenized in one call; only a
+    text where the tokenizer found a control token is tokenized again."""
+    texts = list(texts)
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    specials = special_ids(tokenizer)
+    out = []
+    for text, ids, offsets in zip(texts, enc["input_ids"], enc["offset_mapping"]):
+        if not specials.isdisjoint(ids):
+            as_text = Rendered(text, (), ((0, len(text), "assistant"),))
+            ids, _ = _plain_specials(ids, [tuple(o) for o in offsets], as_text, tokenizer)
+        out.append(list(ids))
+    return out
 
 
 def _plain_specials(

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+from alignlm.data.images import load_rgb
 from alignlm.data.records import image_paths
 from alignlm.evaluation.answers import score_answer
 from alignlm.evaluation.checkpoints import data_config, load, resolve, stage_config
@@ -39,7 +39,7 @@ def exported_answers(out_dir: str | Path, records: list[dict[str, Any]], root: P
             raise ValueError(f"export check: record {record.get('id')!r} has {len(paths)} images; it compares one")
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question_of(record)}]}]
         prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-        image = Image.open(paths[0]).convert("RGB")
+        image = load_rgb(paths[0])  # as alignlm's side reads it: raster formats only, upright, on white
         inputs = processor(images=image, text=prompt, return_tensors="pt")
         new = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)[
             0, inputs["input_ids"].shape[1] :

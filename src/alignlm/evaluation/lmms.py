@@ -9,7 +9,9 @@ other tower receives it unchanged. (lmms-eval 0.7.3's default chat ``llava_hf`` 
 
 ``write_local_task`` turns a LLaVA-format question set (``.json`` or ``.jsonl``: the offline ``digits`` / ``shapes``
 test sets, or any set whose records carry ``answer``) into an lmms-eval task folder for ``--include_path``: lmms-eval
-tasks otherwise download their data from the Hugging Face Hub.
+tasks otherwise download their data from the Hugging Face Hub. Its images are read as ``alignlm eval`` reads them
+(``data/images.py: load_rgb``: the common raster formats only, never a format Pillow hands to an external program;
+upright, transparency on white), and an unreadable one is a ``DataError`` naming the file.
 """
 
 from __future__ import annotations
@@ -30,13 +32,12 @@ from alignlm.evaluation.answers import choice_texts, reference_answers
 
 TASK_UTILS = '''"""lmms-eval task functions for a question set written by ``alignlm lmms-task``."""
 
-from PIL import Image
-
+from alignlm.data.images import load_rgb
 from alignlm.evaluation.answers import score_answer
 
 
 def doc_to_visual(doc):
-    return [Image.open(doc["image"]).convert("RGB")]
+    return [load_rgb(doc["image"])]
 
 
 def doc_to_text(doc, lmms_eval_specific_kwargs=None):

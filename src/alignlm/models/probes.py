@@ -3,7 +3,8 @@
 A probe set is LLaVA-format caption records (image + caption; the offline sets' ``test_captions.json``). For each
 item the probe extracts, with no generation:
 - ``visual``: the connector's visual tokens ``[M, D]`` (pooled: their mean), the LLM's input side for the image;
-- ``text``: the caption's input embeddings ``[T, D]`` (pooled: their mean), the LLM's input side for the words;
+- ``text``: the caption's input embeddings ``[T, D]`` (pooled: their mean), the LLM's input side for the words,
+  its tokens as training's (a ``</s>`` or ``<image>`` written in it is plain characters, never a control token);
 - ``encoder``: the vision tower's features pooled, to see what the connector adds over the raw encoder;
 - per LLM layer (where asked): the mean hidden state of the image tokens alone and of the caption alone.
 Then every metric of ``alignlm.geometry.suite`` between the two sides (docs/methods.md, metrics).
@@ -22,6 +23,7 @@ from torch import Tensor
 from alignlm.config import ConfigError
 from alignlm.data.images import load_rgb, preprocess
 from alignlm.data.records import DataError, image_names, image_paths, read_records, record_id, reference_captions
+from alignlm.data.templates import plain_text_ids
 from alignlm.geometry import metrics as M
 from alignlm.geometry.suite import KNN_METRICS, pair_metrics
 
@@ -158,7 +160,7 @@ def extract(
         tokens = model.connector(feats).tokens
         encoder.append(feats.float().mean(dim=1).cpu())
         visual.append(tokens.float().cpu())
-        ids = [tok(c, add_special_tokens=False)["input_ids"] or [tok.eos_token_id] for c in probe.captions[sl]]
+        ids = [i or [tok.eos_token_id] for i in plain_text_ids(probe.captions[sl], tok)]  # as training reads them
         length = max(len(i) for i in ids)
         id_tensor = torch.tensor([i + [tok.pad_token_id] * (length - len(i)) for i in ids], device=device)
         mask = torch.tensor([[1] * len(i) + [0] * (length - len(i)) for i in ids], device=device)

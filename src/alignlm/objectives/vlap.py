@@ -9,7 +9,7 @@ and each modality must predict the other's assignment, so image and caption come
     L_map = 0.5 * (H(Q_t, softmax(S_v / tau)) + H(Q_v, softmax(S_t / tau)))
 
 ``mu`` is a word-frequency prior over the whole vocabulary, counted in ``setup`` from the stage's training
-captions (the assistant turns, tokenised with the LLM tokenizer) and smoothed as
+captions (the assistant turns, tokenised with the LLM tokenizer as training tokenises them) and smoothed as
 ``softmax(log(count + 1) / prior_temperature)``: the ``+ 1`` gives words that never occur a small, finite
 share (one part in ``sum (count + 1) ** (1 / prior_temperature)``), so the transport problem stays feasible and
 ``log(mu)`` finite. Images pair with their own sample's caption (``objectives/pairs.py``); the Sinkhorn runs over
@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from alignlm.data.templates import plain_text_ids
 from alignlm.geometry.sinkhorn import sinkhorn
 from alignlm.objectives.base import LossTerm, Objective
 from alignlm.objectives.pairs import image_caption_pairs, zero_loss
@@ -56,11 +57,13 @@ def caption_texts(dataset: Any) -> Iterable[str]:
 
 
 def token_counts(texts: Iterable[str], tokenizer: Any, vocab_size: int, chunk: int = 4096) -> torch.Tensor:
-    """How often each vocabulary id occurs in ``texts`` (tokenised without special tokens) ``[vocab_size]``."""
+    """How often each vocabulary id occurs in ``texts`` ``[vocab_size]``, tokenised as training tokenises a caption
+    (``templates.plain_text_ids``: a ``</s>`` or ``<image>`` written in it is plain characters, not a control token
+    that training never supervises)."""
     counts = np.zeros(vocab_size, dtype=np.int64)
     texts = list(texts)
     for start in range(0, len(texts), chunk):
-        ids = tokenizer(texts[start : start + chunk], add_special_tokens=False)["input_ids"]
+        ids = plain_text_ids(texts[start : start + chunk], tokenizer)
         flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64)
         counts += np.bincount(flat, minlength=vocab_size)[:vocab_size]
     return torch.from_numpy(counts)

@@ -5,7 +5,8 @@ For each prompt (an image and a question, with its reference answer) of a questi
 1. *Self-generation*: one greedy answer and ``samples`` sampled ones (``temperature``), all from the model itself.
 2. *Self-critic*: every sampled answer that differs from the greedy one is paired with it, and the same model judges
    the pair in context: the image, the question, the reference answer, the two answers as "A" and "B", and SIMA's
-   three visual criteria (the objects named, their relationships, their attributes). The judgement is read off the
+   three visual criteria (the objects named, their relationships, their attributes); an ``<image>`` written in
+   those texts is copied as text, never as an image placeholder (:func:`as_text`). The judgement is read off the
    probabilities of the two replies as the template writes them, ``p(A) / (p(A) + p(B))`` (the next-token
    distribution when each reply is one token), asked in both orders to cancel position bias:
    ``prefer(a over b) = (p_A(a, b) + p_B(b, a)) / 2``. A pair whose two orders disagree is dropped
@@ -53,9 +54,27 @@ CRITERIA = (
 )
 
 
+# What an ``<image>`` copied into the critic's question becomes: the same characters with a word joiner (U+2060,
+# invisible, no width) after the "<", text that no longer matches the placeholder. It holds no "<" but its first
+# character, so no ``<image>`` forms across it and its neighbours.
+_IMAGE_AS_TEXT = IMAGE_TOKEN[0] + "\u2060" + IMAGE_TOKEN[1:]
+
+
+def as_text(text: str) -> str:
+    """``text`` (an answer, a question) made safe to copy into a user turn, read there as the text it is. In a user
+    turn ``<image>`` is an image placeholder, and only it: control tokens written by the data are plain text in any
+    turn (``templates.tokenize``). So each ``<image>`` becomes :data:`_IMAGE_AS_TEXT`; an answer "Type <image> here"
+    otherwise lost those characters to the record's image slot, and two of them refused the record (2 placeholders,
+    1 image), stopping the step."""
+    return text.replace(IMAGE_TOKEN, _IMAGE_AS_TEXT)
+
+
 def critic_question(question: str, reference: str, first: str, second: str) -> str:
-    """The in-context critic's question (ours; SIMA's criteria, the reference answer and both answers)."""
+    """The in-context critic's question (ours; SIMA's criteria, the reference answer and both answers). Every text
+    copied in is :func:`as_text`, so it holds no image placeholder: the record's own image is placed before the
+    question as the data layer places a record's images that have none (LLaVA's convention)."""
     criteria = "\n".join(f"- {c}" for c in CRITERIA)
+    question, reference, first, second = (as_text(t) for t in (question, reference, first, second))
     return (
         f"Two answers to a question about this image.\nQuestion: {question}\nReference answer: {reference}\n"
         f"Answer A: {first}\nAnswer B: {second}\nJudge them by:\n{criteria}\nWhich answer is better? Reply A or B."

@@ -1,0 +1,187 @@
+"""Hostile data: files and texts written to make a reader do what the data's owner wants, not what training does.
+
+A PostScript "image" that ran Ghostscript, captions whose control-token text became control tokens outside training,
+answers whose ``<image>`` took the image's place in SIMA's critic, and a system prompt the exported chat template
+garbled."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from alignlm.constants import IGNORE_INDEX, IMAGE_TOKEN
+from alignlm.data.collate import Skipped
+from alignlm.data.images import image_size, load_rgb
+from alignlm.data.llava import LlavaDataset
+from alignlm.data.records import UNREADABLE_IMAGE, DataError, Source
+from alignlm.data.templates import get_template, special_ids, to_turns, tokenize
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n%%EndComments\n(any PostScript program here) print\nshowpage\n"
+HOSTILE_CAPTION = "A <s>red</s> square <image>"
+
+
+@pytest.fixture(scope="module")
+def model():
+    from alignlm.models.build import build_model
+    from tests.conftest import compose
+
+    return build_model(compose().model)
+
+
+@pytest.fixture
+def fake_gs(tmp_path, monkeypatch) -> Path:
+    """A ``gs`` first on PATH that writes down every call, and fails as a broken Ghostscript would: the file whose
+    existence says Ghostscript was run."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    ran = tmp_path / "gs_ran.txt"
+    gs = bin_dir / "gs"
+    gs.write_text(f'#!/bin/sh\necho "$*" >> {ran}\n[ "$1" = --version ] && exit 0\nexit 1\n')
+    gs.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return ran
+
+
+def _one_image_set(root: Path, image: str, answer: str = "A red square.") -> Path:
+    path = root / "data.json"
+    record = {"id": "r0", "image": image, "conversations": [{"from": "human", "value": "<image>"}]}
+    record["conversations"].append({"from": "gpt", "value": answer})
+    path.write_text(json.dumps([record]))
+    return path
+
+
+def test_a_postscript_image_never_runs_ghostscript_and_is_an_unreadable_image(model, tmp_path, fake_gs):
+    """Pillow opened every format it knows: an EPS file named .png went to Ghostscript, and a failing ``gs``'s
+    CalledProcessError escaped ``on_error: skip`` as well as ``raise``. Only raster formats are read now."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "0.png").write_bytes(EPS)
+    path = _one_image_set(tmp_path, "images/0.png")
+    args = ([Source(str(path))], model.tokenizer, get_template("plain"), model.image_spec, model.num_image_tokens)
+    skipped = LlavaDataset(*args, on_error="skip")[0]
+    assert isinstance(skipped, Skipped) and skipped.cause == UNREADABLE_IMAGE and "0.png" in skipped.reason
+    with pytest.raises(DataError, match=r"id=r0 .*cannot read image .*0\.png: not an image of the formats read"):
+        LlavaDataset(*args, on_error="raise")[0]
+    for read in (load_rgb, image_size):
+        with pytest.raises(DataError, match="not an image of the formats read") as e:
+            read(tmp_path / "images" / "0.png")
+        assert e.value.cause == UNREADABLE_IMAGE
+    assert not fake_gs.exists()
+
+
+def test_a_decoders_error_of_any_type_is_an_unreadable_image(tmp_path, monkeypatch):
+    """A reader's error that is not an OSError or ValueError (Pillow's readers raise SyntaxError, EOFError,
+    struct.error, ...) escaped ``load_rgb`` and ``on_error: skip`` as a crash."""
+    from PIL import PngImagePlugin
+
+    Image.new("RGB", (4, 4), (200, 0, 0)).save(tmp_path / "0.png")
+
+    def broken(self):
+        raise EOFError("no more frames")
+
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", broken)
+    with pytest.raises(DataError, match=r"cannot read image .*0\.png: EOFError: no more frames") as e:
+        load_rgb(tmp_path / "0.png")
+    assert e.value.cause == UNREADABLE_IMAGE
+
+
+def test_an_lmms_eval_task_reads_its_images_as_alignlm_eval_does(tmp_path, fake_gs):
+    """The lmms-eval task's ``doc_to_visual`` opened images with every Pillow format, Ghostscript's included."""
+    import importlib.util
+
+    from alignlm.evaluation.lmms import TASK_UTILS
+
+    (tmp_path / "utils.py").write_text(TASK_UTILS)
+    spec = importlib.util.spec_from_file_location("hostile_lmms_task_utils", tmp_path / "utils.py")
+    utils = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(utils)
+    (tmp_path / "eps.png").write_bytes(EPS)
+    with pytest.raises(DataError, match="not an image of the formats read"):
+        utils.doc_to_visual({"image": str(tmp_path / "eps.png")})
+    assert not fake_gs.exists()
+    Image.new("RGBA", (4, 2), (0, 0, 0, 0)).save(tmp_path / "clear.png")
+    [image] = utils.doc_to_visual({"image": str(tmp_path / "clear.png")})
+    assert image.mode == "RGB" and image.getpixel((0, 0)) == (255, 255, 255)  # on white, as load_rgb gives eval
+
+
+def _trained_caption_ids(model, caption: str) -> list[int]:
+    """The caption's tokens as training supervises them under ``plain`` (less the template's closing newline)."""
+    tok = model.tokenizer
+    turns = to_turns([{"from": "human", "value": IMAGE_TOKEN}, {"from": "gpt", "value": caption}])
+    ids, labels = tokenize(get_template("plain").render(turns, tok), tok)
+    supervised = ids[labels != IGNORE_INDEX].tolist()
+    assert tok.decode(supervised[-1:]) == "\n"
+    return supervised[:-1]
+
+
+def test_vlaps_word_prior_reads_control_token_text_in_a_caption_as_training_does(model):
+    """VLAP's word prior parsed ``<s>``, ``</s>`` and ``<image>`` in a caption as control tokens; training reads the
+    same characters as plain text."""
+    from alignlm.objectives.vlap import token_counts
+
+    tok = model.tokenizer
+    trained = _trained_caption_ids(model, HOSTILE_CAPTION)
+    assert not set(trained) & special_ids(tok)
+    counts = token_counts([HOSTILE_CAPTION, "red"], tok, len(tok))
+    expected = torch.bincount(torch.tensor(trained + _trained_caption_ids(model, "red")), minlength=len(tok))
+    assert counts.tolist() == expected.tolist()
+
+
+def test_the_probe_reads_control_token_text_in_a_caption_as_training_does(model, tmp_path):
+    """The probe's caption tokens parsed ``<s>``, ``</s>`` and ``<image>`` in a caption as control tokens."""
+    from alignlm.models.probes import ProbeSet, extract
+
+    trained = [_trained_caption_ids(model, c) for c in (HOSTILE_CAPTION, "red")]
+    Image.new("RGB", (8, 8), (200, 0, 0)).save(tmp_path / "0.png")
+    feats = extract(model, ProbeSet(["a", "b"], [tmp_path / "0.png"] * 2, [HOSTILE_CAPTION, "red"]))
+    assert feats.text_lengths.tolist() == [len(t) for t in trained]
+    with torch.no_grad():
+        words = model.llm.get_input_embeddings()(torch.tensor(trained[0])).float()
+    torch.testing.assert_close(feats.text_tokens[0, : len(trained[0])], words)
+
+
+@pytest.mark.parametrize("reference", ["Type <image> in the field.", "Write <image> twice: <image>."])
+def test_sima_critic_copies_an_answers_image_placeholder_as_text(model, tmp_path, reference):
+    """SIMA's critic copied the reference and both answers into a user turn, where ``<image>`` is the image's place:
+    one took the image's slot from the text the judge reads, two refused the record (2 placeholders, 1 image)."""
+    from alignlm.methods.sima.generate import critic_question
+
+    Image.new("RGB", (8, 8), (200, 0, 0)).save(tmp_path / "0.png")
+    text = critic_question("Which HTML tag shows a picture?", reference, "an <image> tag", "a div")
+    path = tmp_path / "critic.json"
+    path.write_text(json.dumps([{"id": "c0", "image": "0.png", "conversations": [{"from": "human", "value": text}]}]))
+    template = get_template("vicuna_v1", image_first=False)
+    args = ([Source(str(path))], model.tokenizer, template, model.image_spec, model.num_image_tokens)
+    sample = LlavaDataset(*args, on_error="raise", for_generation=True)[0]
+    ids = sample["input_ids"].tolist()
+    assert ids.count(model.image_token_id) == model.num_image_tokens and sample["n_images"] == 1
+    first = ids.index(model.image_token_id)
+    assert "Two answers" not in model.tokenizer.decode(ids[:first])  # the image first, then the whole question
+    read = model.tokenizer.decode([i for i in ids if i != model.image_token_id]).replace("\u2060", "")
+    assert f"Reference answer: {reference}\nAnswer A: an <image> tag\n" in read  # its characters, as text
+
+
+@pytest.mark.parametrize("name", ["vicuna_v1", "chat"])
+def test_the_exported_chat_template_writes_any_system_prompt_as_training_does(model, name):
+    """The system prompt was written into the exported template with JSON's ASCII escapes, whose surrogate pair for an
+    emoji Jinja reads as two lone surrogates: garbled text the tokenizer refuses. Quotes, backslashes, newlines and
+    Jinja's own delimiters in it stay text."""
+    system = "Answer briefly \U0001f642, say \"hi\" \\ 'bye'\n{{ raise_exception('x') }} {% if true %}é{% endif %}"
+    template = get_template(name, system=system)
+    tok = copy.deepcopy(model.tokenizer)
+    question = [{"from": "human", "value": "<image>\nWhat color is it?"}]
+    trained = template.render(to_turns(question), tok, add_generation_prompt=True).text
+    assert system in trained
+    tok.chat_template = template.jinja(tok)
+    exported = tok.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is it?"}]}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    assert exported == trained
+    assert tok(exported, add_special_tokens=False).input_ids == tok(trained, add_special_tokens=False).input_ids
