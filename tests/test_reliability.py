@@ -194,7 +194,8 @@ def test_a_diverging_run_skips_non_finite_steps_and_stops_with_a_report(colour_s
 @pytest.mark.parametrize("fused", [True, False])
 def test_a_non_finite_step_changes_no_weight_and_counts_no_step(colour_set, tmp_path, fused):
     """The fused optimizer skips on the device (its found_inf), the other one on the host: either way a non-finite
-    step leaves every weight and Adam's step count as they were, and the next finite step updates."""
+    step leaves every weight and Adam's step count as they were, and the next finite step updates. So does a step where
+    no rank had data: its stand-ins' zero gradients moved every weight through Adam's momentum and weight decay."""
     from alignlm.pipeline import make_accelerator
     from alignlm.training.trainer import Trainer
 
@@ -207,11 +208,18 @@ def test_a_non_finite_step_changes_no_weight_and_counts_no_step(colour_set, tmp_
     for p in params:
         p.grad = torch.ones_like(p)
     before = [p.detach().clone() for p in params]
-    trainer.optimizer_step(torch.tensor(False))
+    trainer.optimizer_step(torch.tensor(False), torch.tensor(True))
     assert all(torch.equal(a, p) for a, p in zip(before, params))
-    trainer.optimizer_step(torch.tensor(True))
+    trainer.optimizer_step(torch.tensor(True), torch.tensor(True))
     assert all(not torch.equal(a, p) for a, p in zip(before, params))
     assert all(int(inner.state[p]["step"]) == 1 for p in params)
+    for p in params:
+        p.grad = torch.zeros_like(p)  # what the stand-ins of bad data give every rank
+    before = [p.detach().clone() for p in params]
+    state = [{k: v.clone() for k, v in inner.state[p].items()} for p in params]
+    trainer.optimizer_step(torch.tensor(True), torch.tensor(False))
+    assert all(torch.equal(a, p) for a, p in zip(before, params))
+    assert all(torch.equal(s[k], inner.state[p][k]) for s, p in zip(state, params) for k in s)  # momentum, step
 
 
 @pytest.mark.parametrize(
@@ -592,6 +600,63 @@ def test_a_stage_of_only_bad_data_fails_and_writes_nothing(tmp_path):
     assert not (tmp_path / "t" / "pretrain" / "final").exists() and not (tmp_path / "t" / "summary.json").exists()
 
 
+@pytest.mark.parametrize("launcher", ["ddp", "zero2"])
+def test_ranks_of_which_none_had_data_skip_the_step_as_one_process_does(tmp_path, monkeypatch, launcher):
+    """Two gloo ranks, one sample each per step, against one process accumulating both: in the pretraining stage
+    (every other pair of images missing) some global steps have no data on any rank, and the finetuning stage has
+    none at all. The ranks ran their stand-ins and took an AdamW step on zero gradients (DeepSpeed's engine too),
+    logged it as loss 0.0, and wrote the all-bad stage's final/ with untrained weights, exit status 0."""
+    from safetensors.torch import load_file
+
+    from tests.conftest import edited_colour_set
+    from tests.test_cluster import deepspeed_on_cpu, torchrun
+
+    if launcher == "zero2":
+        deepspeed_on_cpu()
+        monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # DeepSpeed's ranks stay on the CPU on a GPU machine too
+
+    def edit(records: list[dict]) -> None:
+        for i, r in enumerate(records):
+            if i % 4 >= 2:
+                r["image"] = "images/missing.png"
+
+    sets = edited_colour_set(tmp_path / "d", edit)
+    instruct = json.loads(sets["instruct"].read_text())
+    sets["instruct"].write_text(json.dumps([{**r, "image": "images/missing.png"} for r in instruct]))
+    job = tiny_overrides(
+        sets,
+        tmp_path,
+        "run=[pretrain,finetune]",
+        "eval.sets=[]",
+        "logging.every=1",
+        "stages.pretrain.max_steps=8",
+        "stages.finetune.max_steps=2",
+        "stages.pretrain.per_device_batch_size=1",
+        "stages.finetune.per_device_batch_size=1",
+        "stages.pretrain.save_every=0",
+        "stages.finetune.save_every=0",
+        "stages.pretrain.data.group_by_length=false",
+        "stages.pretrain.warmup_ratio=0",
+        "stages.pretrain.scheduler=linear",  # a rate per step: the schedule advances over skipped steps alike
+    )
+    ranks = torchrun([*job, f"launcher={launcher}", "run_name=ranks"])
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    with pytest.raises(TrainingError, match="stage finetune: no step trained, every micro-batch was bad data"):
+        run(compose(*job, "run_name=one", "stages.pretrain.grad_accum=2", "stages.finetune.grad_accum=2"))
+    rows = {
+        r: [json.loads(line) for line in (tmp_path / r / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+        for r in ("one", "ranks")
+    }
+    assert [(r["step"], r["lr"]) for r in rows["ranks"]] == [(r["step"], r["lr"]) for r in rows["one"]]
+    assert len(rows["one"]) < 8  # steps of no data were skipped, not logged
+    losses = {r: [row["loss/total"] for row in rows[r]] for r in rows}
+    assert losses["ranks"] == pytest.approx(losses["one"], rel=1e-5)
+    ours, theirs = (load_file(tmp_path / r / "pretrain" / "final" / "model.safetensors") for r in ("ranks", "one"))
+    assert all(torch.allclose(ours[k], theirs[k], rtol=0, atol=1e-5) for k in theirs)
+    assert ranks.returncode == 1 and "stage finetune: no step trained, every micro-batch was bad data" in ranks.stderr
+    assert not (tmp_path / "ranks" / "finetune" / "final").exists()
+
+
 # ---- special tokens in user text ----------------------------------------------------------------------------------------
 
 
@@ -870,9 +935,29 @@ def test_a_skipped_fp16_step_still_updates_the_gradient_scaler():
     for _ in range(2):
         scaler.scale((weight * float("inf")).sum()).backward()
         scaler.unscale_(optimizer)  # what accelerate's unscale_gradients does before clipping
-        Trainer.optimizer_step(trainer, torch.tensor(False))
+        Trainer.optimizer_step(trainer, torch.tensor(False), torch.tensor(True))
         optimizer.zero_grad()
     assert scaler.get_scale() == 2.0**14 and torch.equal(weight.detach(), torch.ones(3))  # backed off twice, untouched
+
+
+def test_a_step_where_no_rank_had_data_leaves_the_fp16_scale_as_one_process_does():
+    """One process skips a step of only bad data before unscaling; ranks that ran stand-ins unscaled their zero
+    gradients and must update the scaler, but not count the step towards its growth (at growth_interval=1 an ordinary
+    update doubles the scale) nor update a weight."""
+    import types
+
+    from alignlm.training.trainer import Trainer
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([weight], foreach=False)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=1)
+    trainer = types.SimpleNamespace(optimizer=optimizer, acc=types.SimpleNamespace(scaler=scaler))
+    for _ in range(2):  # the second unscale_ raises unless the first step updated the scaler
+        scaler.scale((weight * 0.0).sum()).backward()
+        scaler.unscale_(optimizer)
+        Trainer.optimizer_step(trainer, torch.tensor(True), torch.tensor(False))
+        optimizer.zero_grad()
+    assert scaler.get_scale() == 2.0**16 and torch.equal(weight.detach(), torch.ones(3)) and not optimizer.state
 
 
 def test_a_loss_scaler_backing_off_is_logged_and_not_counted_as_divergence(colour_set, tmp_path):

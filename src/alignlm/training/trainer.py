@@ -8,8 +8,8 @@ Exactness choices, so that a resumed run and a data-parallel run reproduce a pla
 - data order comes from ``StepSampler`` (a function of seed and step), model RNG is checkpointed per rank.
 
 Speed choices, on by default: length-grouped batches (and packed rows where the attention kernel isolates packed
-samples for free), the step never waits on the GPU
-(counts come from the CPU-side batch, logged values stay on the device and are fetched together every
+samples for free), the step never waits on the GPU (but inside DeepSpeed's engine step, where a rank without data
+also reads the step's count) (counts come from the CPU-side batch, logged values stay on the device and are fetched together every
 ``logging.every`` steps and before every checkpoint), frozen parts that no checkpoint saves are stored in bf16
 when training in bf16 and the frozen base weights of a LoRA-adapted part in bf16 or fp16 under that mixed precision,
 AdamW is fused on CUDA, data loading runs in worker processes with pinned memory on CUDA.
@@ -100,7 +100,9 @@ class StepLog:
 
     ``device["nonfinite"]`` is 1 when the step's loss or gradient norm was not finite (nothing was updated). Under
     fp16's loss scaler a gradient that overflowed while the loss was finite is the scaler's ordinary back-off, not
-    divergence: ``device["scaler/overflow"]`` is 1 instead (nothing updated either; the scale halves)."""
+    divergence: ``device["scaler/overflow"]`` is 1 instead (nothing updated either; the scale halves).
+    ``device["nodata"]`` is 1 on every rank when no rank had a micro-batch of data: the ranks ran stand-ins only,
+    nothing was updated, and the fetch drops the step as it drops one process's step of only bad data."""
 
     step: int
     device: dict[str, torch.Tensor]  # summed over micro-batches on this rank; reduced over ranks at the fetch
@@ -460,13 +462,18 @@ class Trainer:
         )
 
     def step(self, micro: list[dict[str, Any]], step: int) -> StepLog | None:
-        """One optimizer step over this rank's micro-batches; nothing here waits on the device.
+        """One optimizer step over this rank's micro-batches; nothing here waits on the device (but DeepSpeed's step).
 
         A micro-batch whose samples were all skipped is replaced by an empty batch, so the step trains on the rest of
         its data (normalised by their supervised tokens, as one big batch without them; a per-micro-batch loss by their
         number over all ranks, its mean over them) and every rank stays in step without asking the others; one
-        process whose every micro-batch was bad skips the step, its schedule advancing. The stand-in measures no
-        metric; a metric is logged as its mean over the micro-batches that measured it.
+        process whose every micro-batch was bad skips the step, its schedule advancing. So do ranks of which none had
+        a micro-batch of data: they learn it from the same reduced count, on the device, which no host waits for
+        (``device["nodata"]``): the step runs its stand-ins, updates nothing (``optimizer_step``), counts as no
+        divergence and is dropped from the logs at the fetch. DeepSpeed's engine takes no such flag: there a rank
+        without data reads the count (the engine's step reads its gradient norm to the host anyway) and, when no rank
+        had data, every rank skips the step before its forward, as one process does. The stand-in measures no metric;
+        a metric is logged as its mean over the micro-batches that measured it.
         """
         acc = self.acc
         host = self.learning_rates()  # the rates this step's update uses (the schedule moves on after it)
@@ -477,7 +484,15 @@ class Trainer:
             for rid in b.get("truncated", []):
                 self.report.add(TRUNCATED, rid)
         data = [b.get("input_ids") is not None for b in micro]  # False: every sample of the micro-batch was bad
-        if acc.num_processes == 1 and not any(data):
+        local_items = sum(len(b["lm_targets"]) for b, real in zip(micro, data) if real)  # a stand-in supervises none
+        # the supervised tokens and the micro-batches of data of the global step: fill kernels (a copy from the host
+        # would sync), then one queued collective that no host reads (but a rank without data under DeepSpeed)
+        totals = torch.stack([torch.full((), float(n), device=acc.device) for n in (local_items, sum(data))])
+        if acc.num_processes > 1:
+            totals = acc.reduce(totals, "sum")
+        n_items, share = totals[0], acc.num_processes / totals[1].clamp(min=1)
+        has_data = totals[1] > 0  # False: every micro-batch of every rank was bad data, the step must update nothing
+        if not any(data) and (acc.num_processes == 1 or (self.engine is not None and not bool(has_data))):
             self.log.warning("step %d skipped: all its samples were bad data (see the skipped count)", step)
             self.scheduler.step()  # the schedule counts steps, taken or not, as the data order does
             return StepLog(step, {}, None, {}, (0, 0, 0, skipped, 0))
@@ -492,13 +507,6 @@ class Trainer:
         samples = sum(b["num_samples"] for b in kept)
         tokens = sum(b["num_tokens"] for b in kept)
         pairs = sum(b.get("attended_pairs", 0) for b in kept)  # an empty stand-in batch attends to nothing
-        local_items = sum(len(b["lm_targets"]) for b in kept)
-        # the supervised tokens and the micro-batches of data of the global step: fill kernels (a copy from the host
-        # would sync), then one queued collective that nobody reads on the host
-        totals = torch.stack([torch.full((), float(n), device=acc.device) for n in (local_items, sum(data))])
-        if acc.num_processes > 1:
-            totals = acc.reduce(totals, "sum")
-        n_items, share = totals[0], acc.num_processes / totals[1].clamp(min=1)
         kept = [send_to_device(b, acc.device, non_blocking=True) for b in kept]
         sums: dict[str, torch.Tensor] = {}
         measured: dict[str, int] = {}
@@ -540,16 +548,17 @@ class Trainer:
                 [self.model.parameters(), self.objective_params], max_norm if max_norm > 0 else math.inf
             )
             finite = torch.isfinite(sums["loss/total"]) & torch.isfinite(grad_norm)
-            self.optimizer_step(finite)
+            self.optimizer_step(finite, has_data)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        diverged = ~finite
+        diverged = ~finite & has_data  # a step of no data was skipped, not diverged
         # fp16: a gradient that overflowed under a finite loss is the loss scaler backing off, not divergence
         if self.acc.scaler is not None:
             overflow = torch.isfinite(sums["loss/total"]) & diverged
             sums["scaler/overflow"] = overflow.float()
             diverged = diverged & ~overflow
         sums["nonfinite"] = diverged.float()
+        sums["nodata"] = (~has_data).float()
         counts = (samples, tokens, local_items, skipped, pairs)
         return StepLog(step, sums, grad_norm if max_norm > 0 else None, host, counts, measured)
 
@@ -564,22 +573,27 @@ class Trainer:
         first = next(iter(rates.values()))
         return {"lr": first, **({f"lr/{k}": v for k, v in rates.items()} if len(rates) > 1 else {})}
 
-    def optimizer_step(self, finite: torch.Tensor) -> None:
-        """Update unless the loss or the gradient is not finite. A fused optimizer skips the update on the device
-        (its ``found_inf``, as a gradient scaler uses it): no wait for the host; otherwise the host decides. A skipped
-        step under fp16 still updates the gradient scaler (backing off where the gradients overflowed): its gradients
-        were unscaled, and unscaling again before an update raises."""
+    def optimizer_step(self, finite: torch.Tensor, data: torch.Tensor) -> None:
+        """Update unless the loss or the gradient is not finite, or no rank had data (``data`` false: the ranks ran
+        stand-ins only, whose zero gradients would still move the weights through AdamW's momentum and weight decay).
+        A fused optimizer skips the update on the device (its ``found_inf``, as a gradient scaler uses it): no wait for
+        the host; otherwise the host decides. A skipped step under fp16 still updates the gradient scaler (its
+        gradients were unscaled, and unscaling again before an update raises): backing off where the gradients
+        overflowed, keeping its scale and growth count after a step of no data, as one process, which skips such a
+        step before unscaling."""
+        update = finite & data
         inner = getattr(self.optimizer, "optimizer", self.optimizer)
         if inner.defaults.get("fused") and self.acc.scaler is None:
-            inner.found_inf = (~finite).float()  # 0-dim, like the step counters the fused kernel corrects with it
+            inner.found_inf = (~update).float()  # 0-dim, like the step counters the fused kernel corrects with it
             try:
                 self.optimizer.step()
             finally:
                 del inner.found_inf
-        elif bool(finite):
+        elif bool(update):
             self.optimizer.step()
         elif self.acc.scaler is not None:
-            self.acc.scaler.update()
+            scaler = self.acc.scaler  # the host has waited for ``update`` already: reading ``data`` waits on nothing
+            scaler.update(None if bool(data) else scaler.get_scale())
 
     def empty_batch(self) -> dict[str, Any]:
         """A one-token batch that supervises nothing and has no image: a rank's stand-in for a micro-batch of bad data."""
@@ -628,9 +642,9 @@ class Trainer:
             samples, tokens, items, skipped, pairs = v[len(keys) : len(keys) + 5]
             seen = dict(zip(metric_keys, v[len(keys) + 5 : -1]))
             self.skipped += int(skipped)
-            if not s.device:  # a step skipped for bad data: nothing trained
-                continue
             got = dict(zip(keys, v[: len(keys)]))
+            if not s.device or got.pop("nodata") > 0:  # only bad data, on one process or on every rank: nothing trained
+                continue
             nonfinite = got.pop("nonfinite") > 0
             row = {
                 "loss/total": got.pop("loss/total") / self.acc.num_processes,
