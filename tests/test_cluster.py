@@ -618,3 +618,32 @@ def test_zero3_partitions_objective_parameters_and_resumes_like_ddp(colour_set, 
     for key in ("loss/total", "loss/contrastive", "contrastive/temperature"):
         assert [x[key] for x in rows["zero"]] == pytest.approx([x[key] for x in rows["ddp"]], rel=1e-5), key
     assert rows["zero"][-1]["contrastive/temperature"] != rows["zero"][0]["contrastive/temperature"]  # it trained
+
+
+def tied_tiny(**kw):
+    """The tiny Llama with its LM head tied to the token embeddings, as SmolLM2's and Qwen2.5's are."""
+    from alignlm.models.llm import tiny
+
+    model, tok = tiny(**kw)
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight
+    return model, tok
+
+
+def test_zero3_writes_the_final_weights_of_an_llm_with_a_tied_head_as_ddp_does(colour_set, tmp_path):
+    """One process, ZeRO-3, the LLM trained whole with its head tied to its embeddings: final/ holds what DDP's holds
+    (the tied head was missing from the gathered state, and the stage failed writing final/ after training)."""
+    pytest.importorskip("deepspeed")
+    from safetensors.torch import load_file
+
+    job = [
+        *base(colour_set, tmp_path, "stages.pretrain.max_steps=2", "stages.pretrain.parts.llm=full"),
+        "stages.pretrain.lr.llm=1e-3",
+        "model.llm._target_=tests.test_cluster.tied_tiny",
+    ]
+    run(compose(*job, "run_name=zero", "launcher=zero3", *partitioning_zero3(tmp_path)))
+    run(compose(*job, "run_name=ddp"))
+    ours, theirs = (load_file(tmp_path / r / "pretrain" / "final" / "model.safetensors") for r in ("zero", "ddp"))
+    assert ours.keys() == theirs.keys()
+    for k in ours:
+        assert torch.allclose(ours[k], theirs[k], rtol=0, atol=1e-6), k

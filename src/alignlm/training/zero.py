@@ -204,16 +204,24 @@ def is_partitioned(module: nn.Module) -> bool:
 
 def full_state(module: nn.Module, rank: int) -> dict[str, torch.Tensor] | None:
     """The module's whole state dict on CPU on rank 0 (empty elsewhere), gathering one parameter at a time (a
-    collective under ZeRO-3: every rank calls it). None when the parameters are whole (ZeRO-2)."""
+    collective under ZeRO-3: every rank calls it). None when the parameters are whole (ZeRO-2). A parameter shared
+    under several names (an LM head tied to the token embeddings, as SmolLM2's and Qwen2.5's) is gathered once and
+    listed under each, as ``state_dict()`` lists it: ``named_parameters()`` names it once, and loading the state
+    strictly failed on the missing head after the whole stage had trained."""
     if not is_partitioned(module):
         return None
     from deepspeed import zero as ds_zero  # noqa: PLC0415  (optional dependency)
 
     out: dict[str, torch.Tensor] = {}
-    for name, p in module.named_parameters():
-        with ds_zero.GatheredParameters([p]):
-            if rank == 0:
-                out[name] = p.detach().cpu().clone()
+    gathered: dict[int, str] = {}  # a parameter's first name
+    for name, p in module.named_parameters(remove_duplicate=False):
+        if id(p) not in gathered:
+            gathered[id(p)] = name
+            with ds_zero.GatheredParameters([p]):
+                if rank == 0:
+                    out[name] = p.detach().cpu().clone()
+        elif rank == 0:
+            out[name] = out[gathered[id(p)]]
     if rank == 0:
         persistent = set(module.state_dict())
         out.update({n: b.detach().cpu().clone() for n, b in module.named_buffers() if n in persistent})
@@ -225,7 +233,7 @@ def load_weights(module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     written (every rank reads the same file) and partitioned again."""
     from deepspeed import zero as ds_zero  # noqa: PLC0415  (optional dependency)
 
-    params = dict(module.named_parameters())
+    params = dict(module.named_parameters(remove_duplicate=False))  # a tied head's name too
     with torch.no_grad():
         for name, value in state.items():
             if name in params:
