@@ -752,3 +752,12 @@ def test_the_monitor_changes_no_training_loss_of_a_lora_stage_with_dropout(colou
         run(compose(*tiny_overrides(colour_set, tmp_path, *knobs, *lora, *monitor)))
         losses[name] = read_losses(tmp_path / name / "pretrain")
     assert losses["on"] == losses["off"] and len(losses["on"]) == 3
+
+
+def test_grad_norm_is_logged_with_clipping_off(colour_set, tmp_path):
+    """max_grad_norm=0 turns clipping off, not the gradient norm's column: without clipping it is the first sign of a
+    diverging run (it had gone from every row)."""
+    run(compose(*tiny_overrides(colour_set, tmp_path, "run=[pretrain]", "stages.pretrain.max_steps=2",
+                                "stages.pretrain.max_grad_norm=0", "eval.sets=[]", "logging.every=1")))  # fmt: skip
+    rows = [json.loads(r) for r in (tmp_path / "t" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["grad_norm"] > 0 for r in rows)

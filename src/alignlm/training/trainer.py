@@ -560,7 +560,7 @@ class Trainer:
         sums["nonfinite"] = diverged.float()
         sums["nodata"] = (~has_data).float()
         counts = (samples, tokens, local_items, skipped, pairs)
-        return StepLog(step, sums, grad_norm if max_norm > 0 else None, host, counts, measured)
+        return StepLog(step, sums, grad_norm, host, counts, measured)  # the norm before clipping, clipped or not
 
     def learning_rates(self) -> dict[str, float]:
         """``lr``: the first parameter group's rate for the coming update (the part listed first that trains); with
