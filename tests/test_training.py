@@ -562,6 +562,22 @@ def test_meter_measures_steps_by_when_they_ran(monkeypatch):
         meter.add(4, 40, at=at, pairs=300)
     meter.settle()
     assert meter.rates() == pytest.approx((12 / 12.0, 120 / 12.0, 900 / 12.0))  # 3 steps after the warm-up one
+    assert meter.steady_totals() == pytest.approx([12, 120, 900, 12.0])
+
+
+def test_a_resumed_stages_rates_cover_every_segments_steady_state(monkeypatch):
+    """summary.json's rates of a stopped and resumed stage are its segments' steady states together: they had been
+    the last segment's alone, its start-up included when it ended within its warm-up (a requeued job's last minutes)."""
+    from alignlm.training import throughput
+
+    clock = iter([200.0, 260.0])
+    monkeypatch.setattr(throughput.time, "perf_counter", lambda: next(clock))
+    meter = throughput.Meter(warmup=3, earlier=[12, 120, 900, 12.0])  # the first segment's, from its checkpoint
+    meter.add(4, 40, at=250.0, pairs=300)  # one slow step (start-up), still within this segment's warm-up
+    meter.settle()
+    assert meter.rates() == pytest.approx((4 / 60.0, 40 / 60.0, 300 / 60.0))  # the segment's own, overall
+    assert meter.stage_rates() == pytest.approx((1.0, 10.0, 75.0))  # the steady state the stage had
+    assert meter.steady_totals() == pytest.approx([12, 120, 900, 12.0])  # nothing of the warm-up is kept
 
 
 def test_data_workers_count_the_cpus_this_process_may_use_on_its_node(monkeypatch):

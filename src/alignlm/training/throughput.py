@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -108,8 +108,11 @@ class Meter:
     the device has finished the added steps (right after a fetch), never at the moment the counts happen to arrive.
     """
 
-    def __init__(self, warmup: int = WARMUP_STEPS) -> None:
+    def __init__(self, warmup: int = WARMUP_STEPS, earlier: Sequence[float] | None = None) -> None:
+        """``earlier``: the steady-state samples, tokens, attended pairs and seconds of the stage's earlier segments
+        (a resumed run's, from its checkpoint: :meth:`steady_totals`), which :meth:`stage_rates` adds to this one's."""
         self.warmup = warmup
+        self.earlier = list(earlier) if earlier else [0, 0, 0, 0.0]
         self.steps = 0
         self.start = self.end = time.perf_counter()
         self.window = self.start
@@ -139,6 +142,22 @@ class Meter:
         counts, since = (self.counts, self.window) if steady else (self.all_counts, self.start)
         elapsed = max(self.end - since, 1e-9)
         return counts[0] / elapsed, counts[1] / elapsed, counts[2] / elapsed
+
+    def steady_totals(self) -> list[float]:
+        """Samples, tokens, attended pairs and seconds of the steady state so far, earlier segments included: what a
+        checkpoint keeps for the segment that resumes from it. A segment still warming up adds nothing."""
+        mine = [*self.counts, self.end - self.window] if self.steps > self.warmup else [0, 0, 0, 0.0]
+        return [a + b for a, b in zip(self.earlier, mine)]
+
+    def stage_rates(self) -> tuple[float, float, float]:
+        """The whole stage's steady rates over every segment's steady state (each segment's warm-up left out), as
+        ``summary.json`` reports them: a resumed stage had reported its last segment's alone, start-up included when
+        that segment ended within its warm-up (a requeued job's short last segment, 16x too slow). Overall rates of
+        this segment when no segment got past its warm-up."""
+        *counts, seconds = self.steady_totals()
+        if seconds <= 0:
+            return self.rates()
+        return counts[0] / seconds, counts[1] / seconds, counts[2] / seconds
 
 
 def peak_memory_gib(device: torch.device) -> float | None:

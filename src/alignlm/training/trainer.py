@@ -309,7 +309,7 @@ class Trainer:
         damaged, naming the file); a checkpoint of another model is refused, and so are a changed world size, global
         batch, stage setting or content of a file the stage names unless ``resume_allow_changes`` (then this run's
         settings apply from the resumed step). Also fixes what ``final/`` will record the stage was trained from."""
-        self.segment_seconds, self.nonfinite = 0.0, []
+        self.segment_seconds, self.nonfinite, self.steady_before = 0.0, [], None
         stage = OmegaConf.to_container(self.stage, resolve=True)
         seed, precision = int(self.cfg.seed), str(self.acc.mixed_precision)
         files = ckpt.input_files(stage, self.name)  # read once, at the stage's start: its checkpoints and final/ say so
@@ -361,6 +361,7 @@ class Trainer:
             if self.acc.is_main_process and "data" in written:  # the whole stage's report so far, counted once
                 self.report = DataReport.from_dict(written["data"])
             self.segment_seconds = float(written.get("seconds", 0.0))
+            self.steady_before = written.get("steady")  # the earlier segments' steady state (Meter.steady_totals)
             self.nonfinite = list(written.get("nonfinite_steps", []))
             return int(written["step"]), int(written.get("skipped", 0))
         raise RuntimeError(
@@ -789,7 +790,7 @@ class Trainer:
             dynamic_ncols=True,
         )
         losses: list[float] = []
-        meter = Meter()
+        meter = self.meter = Meter(earlier=self.steady_before)
         self.clock = meter.start
         pending: list[StepLog] = []
         self.model.train()
@@ -860,7 +861,7 @@ class Trainer:
                 f"written. Left out: {'; '.join(self.report.lines())}"
             )
         final = self.save_final()
-        sps, tps, pps = meter.rates()
+        sps, tps, pps = meter.stage_rates()
         tflops = self.tflops(tps, pps)
         if self.report.counts:
             self.log.warning(
@@ -943,6 +944,7 @@ class Trainer:
                 "stage": self.name,
                 "skipped": self.skipped,
                 "seconds": self.segment_seconds + time.perf_counter() - self.clock,
+                "steady": self.meter.steady_totals(),
                 "data": report.to_dict(),
                 "nonfinite_steps": list(self.nonfinite),
                 **self.run_state(),
