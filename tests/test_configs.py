@@ -188,6 +188,15 @@ LAUNCHERS = sorted(p.stem for p in (CONFIGS / "launcher").glob("*.yaml"))
         ("eval.sets=foo", "eval.sets='foo' must be a list or null"),
         # an objective's knobs are its constructor's arguments; a source's keys are Source's fields
         ("+stages.finetune.objectives.lm.weigth=2", "stages.finetune.objectives.lm.weigth is not a known setting"),
+        # an objective's knob of another type than its constructor's annotation: refused before the first stage trains
+        (
+            "+exp=contrastive stages.pretrain.objectives.contrastive.gather=sometimes",
+            "stages.pretrain.objectives.contrastive.gather='sometimes' must be a bool",
+        ),
+        (
+            "+exp=contrastive stages.pretrain.objectives.contrastive.temperature=cold",
+            "stages.pretrain.objectives.contrastive.temperature='cold' must be a float",
+        ),
         (
             "stages.finetune.data.sources=[{path:x.json,weigth:0.1}]",
             "a source is a mapping with a path and any of ['image_root', 'weight', 'allow_outside_root']; ['weigth'] is",

@@ -11,6 +11,8 @@ import inspect
 import json
 import math
 import signal
+import types
+import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -403,6 +405,39 @@ def _check_objectives(key: str, stage: DictConfig) -> None:
         if not any(p.kind is p.VAR_KEYWORD for p in knobs):
             allowed = {p.name for p in knobs} | {"weight"} | {k for k in node if str(k).startswith("_")}
             check_keys(f"{key}.objectives.{name}", node, allowed)
+        if knobs:
+            check_knob_types(f"{key}.objectives.{name}", cls, node)
+
+
+# a constructor annotation -> the config values it takes (a whole number where a float is asked is fine; a bool is no
+# number, though Python's bool is an int)
+_KNOB_TYPES: dict[Any, tuple[type, ...]] = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}
+
+
+def check_knob_types(key: str, cls: type, node: DictConfig) -> None:
+    """Each knob of ``node`` whose constructor argument is annotated ``bool``, ``int``, ``float`` or ``str`` (or one of
+    them or None) holds such a value: ``gather: "no"`` or ``temperature: "0.07"`` failed only when the stage built its
+    objectives, after the stages before it had trained. Other annotations are the constructor's own business."""
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # noqa: BLE001 - an annotation this module cannot resolve: nothing to check by type
+        return
+    for knob, hint in hints.items():
+        if knob not in node or knob == "return":
+            continue
+        args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        if not all(a in _KNOB_TYPES or a is type(None) for a in args):
+            continue
+        value = node[knob]
+        ok = any(
+            value is None
+            if a is type(None)
+            else isinstance(value, _KNOB_TYPES[a]) and (a is bool or not isinstance(value, bool))
+            for a in args
+        )
+        if not ok:
+            wanted = " or ".join("null" if a is type(None) else a.__name__ for a in args)
+            raise ConfigError(f"{key}.{knob}={value!r} must be a {wanted}")
 
 
 def _check_init_from(cfg: DictConfig, stage: str, before: list[str]) -> None:
