@@ -43,6 +43,58 @@ class VisionTower(nn.Module):
         (models/artifacts.py); towers that cannot expose their layers say so."""
         raise NotImplementedError(f"{type(self).__name__} does not expose its layers to the artifact probe")
 
+    def inert_parameters(self) -> list[str]:
+        """Names (every alias of a tied weight) of the parameters ``forward``'s output does not depend on.
+
+        A tower keeps every weight of its checkpoint, so export and ``final/`` hold it whole, but the features never
+        pass through the layers above ``select_layer``, a final norm, pooler or head only the pooled output uses
+        (CLIP's ``post_layernorm``, SigLIP's ``head``, DINOv2's ``layernorm``), or a classifier (EfficientNet's
+        ``_fc``), nor DINOv2's ``mask_token`` (masked pretraining only). Trained, these get no gradient: DDP fails at
+        step 2 waiting for it, and ZeRO decays them where AdamW leaves them alone; so a stage keeps them frozen
+        (training/stages.py). They are read from the autograd graph of one probe image, which covers any tower and
+        layer choice exactly; the activations it would save are dropped as they are made (inference's memory).
+        """
+        params = list(self.named_parameters(remove_duplicate=False))
+        if not params:
+            return []
+        grads = [p.requires_grad for _, p in params]
+        modes = [(m, m.training) for m in self.modules()]
+        size = self.image_spec.size
+        probe = torch.zeros(1, 3, size, size, device=params[0][1].device)
+        try:
+            for _, p in params:
+                p.requires_grad_(True)
+            self.eval()  # a BatchNorm's running statistics never see the probe
+            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_drop, _drop):
+                reached = _graph_leaves(self(probe))
+        finally:
+            for (_, p), grad in zip(params, grads):
+                p.requires_grad_(grad)
+            for m, training in modes:
+                m.training = training
+        return [n for n, p in params if id(p) not in reached]
+
+
+def _drop(tensor: torch.Tensor | None) -> None:
+    """A saved-tensor hook that keeps nothing: the probe's graph is walked, never run backwards."""
+
+
+def _graph_leaves(output: torch.Tensor) -> set[int]:
+    """``id``s of the tensors whose gradient ``output``'s autograd graph accumulates (its AccumulateGrad nodes)."""
+    leaves: set[int] = set()
+    seen: set[Any] = set()
+    stack = [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        leaf = getattr(node, "variable", None)
+        if leaf is not None:
+            leaves.add(id(leaf))
+        stack.extend(child for child, _ in node.next_functions)
+    return leaves
+
 
 def _check_select_feature(select_feature: str) -> None:
     if select_feature not in SELECT_FEATURES:

@@ -35,7 +35,11 @@ def check_parts(modes: Mapping[str, str], part_modes: Mapping[str, Sequence[str]
 
 
 def apply_stage(model: AlignLM, parts: Mapping[str, str], lora: Mapping[str, Any] | None = None) -> None:
-    """Set ``requires_grad`` per part and inject LoRA where asked; frozen parts stay in eval mode."""
+    """Set ``requires_grad`` per part and inject LoRA where asked; frozen parts stay in eval mode.
+
+    A part's inert parameters (``inert_parameters()``, e.g. a tower's layers above the one it reads) never train nor
+    get an adapter: they get no gradient, on which data-parallel ranks would wait (DDP fails at step 2), and ZeRO
+    would decay them where AdamW leaves them alone. They stay in the part, so ``final/`` and export hold them."""
     check_parts(parts, {p: getattr(getattr(model, p), "TRAIN_MODES", MODES) for p in model.PARTS})
     model.frozen_parts = set()
     for part in model.PARTS:
@@ -47,17 +51,43 @@ def apply_stage(model: AlignLM, parts: Mapping[str, str], lora: Mapping[str, Any
             module.requires_grad_(mode == "full")
         if mode == "frozen":
             model.frozen_parts.add(part)
-        elif mode == "lora":
-            setattr(model, part, _add_lora(module, dict(lora or {})))
+            continue
+        inert = _inert_parameters(module)
+        if mode == "lora":
+            setattr(model, part, _add_lora(module, dict(lora or {}), _inert_modules(module, inert)))
+        else:
+            named = dict(module.named_parameters(remove_duplicate=False))
+            for name in inert:
+                named[name].requires_grad_(False)
     model.train()
 
 
-def _add_lora(module: nn.Module, lora: dict[str, Any]) -> nn.Module:
+def _inert_parameters(module: nn.Module) -> list[str]:
+    """Names of the parameters of ``module`` its output does not depend on, as the part declares them (none if it
+    declares nothing)."""
+    declared = getattr(module, "inert_parameters", None)
+    return declared() if declared is not None else []
+
+
+def _inert_modules(module: nn.Module, inert: Sequence[str]) -> list[str]:
+    """Sub-modules whose own parameters are all inert: an adapter there would never get a gradient."""
+    names = set(inert)
+    out = []
+    for name, sub in module.named_modules(remove_duplicate=False):
+        own = [f"{name}.{n}" if name else n for n, _ in sub.named_parameters(recurse=False, remove_duplicate=False)]
+        if own and names.issuperset(own):
+            out.append(name)
+    return out
+
+
+def _add_lora(module: nn.Module, lora: dict[str, Any], exclude: list[str]) -> nn.Module:
+    """``module`` wrapped by peft, with no adapter in the ``exclude`` sub-modules (full names)."""
     config = LoraConfig(
         r=int(lora.get("r", 16)),
         lora_alpha=float(lora.get("alpha", 32)),  # scaling alpha / r; int() made an alpha of 0.5 a scaling of 0
         lora_dropout=float(lora.get("dropout", 0.05)),
         target_modules=lora.get("target_modules", "all-linear"),
+        exclude_modules=exclude or None,  # peft warns of an exclusion list that excludes nothing
     )
     return get_peft_model(module, config)
 
