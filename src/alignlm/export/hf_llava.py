@@ -46,6 +46,7 @@ from alignlm.models.io import (
     load_checkpoint_config,
     load_model,
 )
+from alignlm.models.llm import refuse_hub_kernel_attention
 from alignlm.models.lm_loss import head_transform
 from alignlm.models.mllm import AlignLM
 from alignlm.models.vision import HFVisionTower
@@ -368,8 +369,10 @@ def load_llava_weights(model: AlignLM, path: str | Path) -> None:
     Loading through ``LlavaForConditionalGeneration.from_pretrained`` accepts every key layout transformers
     accepts (including checkpoints converted before its 2025 renaming); the folder's weights file must hold exactly
     the weights of its ``config.json`` (``check_loading_info``), their shapes must match ``model``'s config, and every
-    weight must be finite (as ``final/`` weights must).
+    weight must be finite (as ``final/`` weights must). A folder whose ``config.json`` names Hub kernels as its attention
+    is refused before transformers reads it (``refuse_hub_kernel_attention``).
     """
+    refuse_hub_kernel_attention(str(path))
     hf, info = LlavaForConditionalGeneration.from_pretrained(
         str(path),
         dtype=model.llm.get_input_embeddings().weight.dtype,
@@ -455,11 +458,13 @@ def llm_from_llava(path: str) -> tuple[nn.Module, Any]:
 
 def llava_folder_config(path: str) -> Any:
     """A Llava folder's config, refused (naming the field) where alignlm's parts would compute something else: the
-    projector's activation and bias, one vision feature layer (not a list of them)."""
+    projector's activation and bias, one vision feature layer (not a list of them); or where it names Hub kernels as
+    its attention, code transformers would download and run when it builds a part (``refuse_hub_kernel_attention``)."""
     if not is_llava_dir(path):
         raise ConfigError(
             f"model.path={path!r} is not a transformers Llava folder (a config.json with model_type llava)"
         )
+    refuse_hub_kernel_attention(path)
     cfg = AutoConfig.from_pretrained(path)
     problems = []
     if cfg.projector_hidden_act != "gelu":

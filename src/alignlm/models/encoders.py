@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
 
 from alignlm.data.images import ImageSpec, preprocess
+from alignlm.models.llm import refuse_hub_kernel_attention
 from alignlm.models.vision import EfficientNetLiteTower
 
 MANIFEST = "dual_encoder.json"  # marks a folder written by `alignlm dual-encoder fit`
@@ -134,6 +135,7 @@ class HFDualEncoder(_Weights):
         trust_remote_code: bool = False,
     ) -> None:
         super().__init__()
+        refuse_hub_kernel_attention(name_or_path)  # a folder is data: its config.json may not fetch kernels
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         if config.model_type not in FAMILIES:
             raise ValueError(

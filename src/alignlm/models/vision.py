@@ -20,7 +20,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, CLIPVisionModel, SiglipVisionModel
 
 from alignlm.data.images import ImageSpec
-from alignlm.models.llm import torch_dtype
+from alignlm.models.llm import refuse_hub_kernel_attention, torch_dtype
 
 SELECT_FEATURES = ("patch", "cls_patch")
 REGISTERS = ("drop", "keep")
@@ -154,6 +154,7 @@ class HFVisionTower(VisionTower):
                 )
             hf_config = AutoConfig.for_model(model_type, **config)
         else:
+            refuse_hub_kernel_attention(name_or_path)  # a folder is data: its config.json may not fetch kernels
             hf_config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         hf_config = getattr(hf_config, "vision_config", hf_config)  # dual encoders: keep the vision half
         model_cls = _vision_model_class(hf_config)

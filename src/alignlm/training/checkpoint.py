@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from alignlm.export.hf_llava import is_llava_dir, load_llava_weights
-from alignlm.models.io import load_final_weights, part_state
+from alignlm.models.io import load_final_weights, part_state, read_config_yaml
 from alignlm.training import sharding, zero
 
 STEP_PREFIX = "step_"
@@ -79,7 +79,7 @@ def model_changes(init: Path, model_cfg: Any) -> list[str]:
     path = Path(init) / "config.yaml"
     if is_llava_dir(init) or not path.is_file():
         return []
-    theirs = flat(OmegaConf.to_container(OmegaConf.load(path).get("model") or {}, resolve=False), "model")
+    theirs = flat(OmegaConf.to_container(read_config_yaml(path).get("model") or {}, resolve=False), "model")
     if isinstance(model_cfg, DictConfig):
         model_cfg = OmegaConf.to_container(model_cfg, resolve=True)
     ours = flat(model_cfg, "model")
