@@ -80,6 +80,11 @@ class AlignOutput(ModelOutput):
     metrics: dict[str, torch.Tensor] | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     sample_logps: torch.Tensor | None = None  # [num_samples]: each sample's summed log-probability of its labels
+    # [rows, T, Dl]: the tensor the LLM decoded from, no copy (its first layer, or a checkpoint, keeps it for the
+    # backward anyway): each token's embedding, with the visual tokens and the extra parts' embeddings in their slots.
+    # Objectives read the captions' token embeddings here (a caption token is never a slot): a second lookup in the
+    # table after the forward finds it resharded under FSDP2 (a DTensor shard), where the forward had it whole.
+    inputs_embeds: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         # ModelOutput first: it tells a copy made from a dict (accelerate's fp32 conversion of a mixed-precision
@@ -308,6 +313,7 @@ class AlignLM(nn.Module):
             metrics=ex["conn"].metrics,
             hidden_states=out.hidden_states if output_hidden_states else None,
             sample_logps=logps,
+            inputs_embeds=embeds,
         )
 
     def varlen_kwargs(self, batch: Batch) -> dict[str, Any]:

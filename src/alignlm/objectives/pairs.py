@@ -6,9 +6,11 @@ caption and its newline). So a sample with two images gives two pairs that share
 sample gives none (its caption has no image to align with), and an image whose sample supervises no token is
 left out. Samples whose supervised tokens are identical share one caption too: the colour of a square, a stock
 caption repeated over a web-scale set, is one caption with several images, not several captions that would be
-each other's negatives. Both sides are read from what the model already computed: the visual tokens as the connector
-output them, and the LLM's input-embedding table; no extra batch field is needed. ``caption_keys`` names each caption
-by its token ids on the device, so that data-parallel ranks find their shared captions without asking the host.
+each other's negatives. Both sides are read from what the model's forward already computed: the visual tokens as the
+connector output them, and the captions' token embeddings in what the LLM decoded from (``AlignOutput.inputs_embeds``);
+no extra batch field is needed, and no second lookup in the embedding table, which a sharded model (FSDP2) has put
+back in shards after its forward. ``caption_keys`` names each caption by its token ids on the device, so that
+data-parallel ranks find their shared captions without asking the host.
 """
 
 from __future__ import annotations
@@ -50,10 +52,24 @@ def image_caption_pairs(batch: dict[str, Any], out: Any, model: nn.Module) -> Pa
     index = model.index(batch)
     n_samples = int(index["num_samples"])
     supervised = (batch["labels"] != IGNORE_INDEX) & (index["sample_ids"] >= 0)  # unshifted: the caption tokens
-    tok_embeds = model.llm.get_input_embeddings()(batch["input_ids"]).float()
+    tok_embeds = caption_token_embeddings(out).float()
     caption_mean = sample_means(tok_embeds, index["sample_ids"], supervised, n_samples)
     visual = out.visual_tokens[index["pair_images"]].float().mean(1)  # [n_images, M, Dl] holds a zero image if none
     return Pairs(visual, caption_mean[index["pair_samples"]], index["pair_caption"])
+
+
+def caption_token_embeddings(out: Any) -> torch.Tensor:
+    """The LLM's input embeddings of the forward that made ``out`` ``[rows, T, Dl]``, the captions' tokens among them.
+
+    Read from the output, not looked up again: the table's gradient then flows through the one lookup the LLM's input
+    came from (the same numbers as a second lookup), and the lookup ran where the weights were whole."""
+    embeds = getattr(out, "inputs_embeds", None)
+    if embeds is None:
+        raise ValueError(
+            f"the image-caption pairs read the captions' token embeddings from the model's output (inputs_embeds, "
+            f"set by AlignLM.forward); this {type(out).__name__} has none"
+        )
+    return embeds
 
 
 def caption_keys(batch: dict[str, Any], model: nn.Module) -> torch.Tensor:

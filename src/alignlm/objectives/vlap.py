@@ -18,16 +18,18 @@ the pairs of the micro-batch on this rank.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from alignlm.data.templates import plain_text_ids
 from alignlm.geometry.sinkhorn import sinkhorn
@@ -74,6 +76,36 @@ def log_word_prior(counts: torch.Tensor, temperature: float = 0.25) -> torch.Ten
     if temperature <= 0:
         raise ValueError(f"prior_temperature must be > 0, got {temperature}")
     return torch.log_softmax(torch.log1p(counts.double()) / temperature, dim=0)
+
+
+def table_rows(weight: torch.Tensor) -> int:
+    """The rows of the whole table ``weight``, also where this rank holds a part of it: under DeepSpeed ZeRO-3 a
+    partitioned parameter is an empty placeholder outside its module's forward (``ds_shape`` is its shape); a DTensor
+    (FSDP2) gives the whole shape as its own."""
+    return int(getattr(weight, "ds_shape", weight.shape)[0])
+
+
+def is_sharded(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` is held in parts over the ranks (ZeRO-3's partitioned parameter, FSDP2's DTensor)."""
+    return hasattr(weight, "ds_id") or isinstance(weight, DTensor)
+
+
+@contextlib.contextmanager
+def whole(weight: torch.Tensor) -> Iterator[torch.Tensor]:
+    """``weight``'s values whole on this rank for the block, detached (read, never written nor differentiated).
+
+    Outside its module's forward a sharded parameter holds this rank's part only: under ZeRO-3 an empty placeholder,
+    under FSDP2 a DTensor shard (with ``reshard_after_forward``). Both are gathered here, which is a collective:
+    every rank must enter the block together. DeepSpeed is imported only for a parameter it partitioned."""
+    if hasattr(weight, "ds_id"):
+        import deepspeed  # noqa: PLC0415 - optional dependency, present wherever a parameter carries a ds_id
+
+        with deepspeed.zero.GatheredParameters([weight], modifier_rank=None):
+            yield weight.detach()
+    elif isinstance(weight, DTensor):
+        yield weight.detach().full_tensor()
+    else:
+        yield weight.detach()
 
 
 def vlap_loss(
@@ -140,10 +172,19 @@ class VLAPObjective(Objective):
         self.log_mu = log_word_prior(counts, self.prior_temperature).float()
 
     def prototypes(self, weight: torch.Tensor) -> torch.Tensor:
-        """``norm(W)`` ``[V, Dl]``, recomputed only when the embedding table changed (it is frozen in pretraining)."""
-        key = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.device)
-        if self._prototype_key != key:
-            self._prototypes = F.normalize(weight.detach().float(), dim=-1)
+        """``norm(W)`` ``[V, Dl]`` of the whole table, recomputed only when the table may have changed (it is frozen in
+        pretraining).
+
+        A sharded table (ZeRO-3, FSDP2) is gathered (``whole``), a collective, so whether to gather must be the same
+        on every rank: a frozen one once, a trained one at every call (its own part's version, which a rank sees, is
+        not the others'). A table in one piece is recomputed when it was written in place (its version moved)."""
+        if is_sharded(weight):
+            key = None if weight.requires_grad else (id(weight), weight.device)
+        else:
+            key = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.device)
+        if key is None or self._prototype_key != key:
+            with whole(weight) as table:
+                self._prototypes = F.normalize(table.float(), dim=-1)
             self._prototype_key = key
         return self._prototypes
 
@@ -153,17 +194,18 @@ class VLAPObjective(Objective):
                 "VLAPObjective needs its word prior: the trainer calls setup(model, dataset) before step 1"
             )
         weight = model.llm.get_input_embeddings().weight
-        if weight.shape[0] != self.log_mu.shape[0]:
+        if table_rows(weight) != self.log_mu.shape[0]:
             raise ValueError(
-                f"VLAP prior covers {self.log_mu.shape[0]} words but the LLM has {weight.shape[0]} embedding rows"
+                f"VLAP prior covers {self.log_mu.shape[0]} words but the LLM has {table_rows(weight)} embedding rows"
             )
+        prototypes = self.prototypes(weight)  # before the early return: every rank gathers a sharded table alike
         pairs = image_caption_pairs(batch, out, model)
         if pairs.visual.shape[0] == 0:
             return LossTerm(zero_loss(out))
         loss, metrics = vlap_loss(
             F.normalize(pairs.visual, dim=-1),
             F.normalize(pairs.text, dim=-1),
-            self.prototypes(weight),
+            prototypes,
             self.log_mu,
             self.tau,
             self.epsilon,
