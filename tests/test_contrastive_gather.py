@@ -217,3 +217,74 @@ def test_one_process_is_the_local_loss_and_gather_is_validated(tiny_model):
     assert term.loss.item() == loss.item() and term.metrics["i2t_acc"] == metrics["i2t_acc"]
     with pytest.raises(ValueError, match="contrastive gather must be true or false, got 'yes'"):
         ContrastiveObjective(gather="yes")
+
+
+def _stand_in_rank(rank: int, port: int, out: str, data: str) -> None:
+    """One gloo rank of a tiny contrastive stage: one step, rank 0 on the first 4 records, rank 1 on a stand-in for a
+    micro-batch of bad data; rank 0 saves the step's logged row."""
+    import os
+
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(WORLD),
+        LOCAL_WORLD_SIZE=str(WORLD),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        ACCELERATE_USE_CPU="1",
+    )
+    torch.set_num_threads(1)
+    trainer = _contrastive_trainer(Path(data), Path(out) / "ranks")
+    bad = {"input_ids": None, "skipped": [], "lm_targets": []}
+    micro = trainer.collator()([trainer.dataset[i] for i in range(4)]) if rank == 0 else bad
+    rows = trainer.fetch([trainer.step([micro], 1)])
+    if rank == 0:
+        torch.save(rows[0][1], Path(out) / "ranks.pt")
+
+
+def _contrastive_trainer(data: Path, out: Path):
+    from alignlm.config import compose
+    from alignlm.pipeline import make_accelerator
+    from alignlm.training.trainer import Trainer
+    from tests.conftest import tiny_overrides
+
+    sets = {k: data / f"{k}.json" for k in ("pretrain", "instruct", "test")}
+    cfg = compose(
+        tiny_overrides(
+            sets,
+            out,
+            "+objective@stages.pretrain.objectives.contrastive=contrastive",
+            "stages.pretrain.objectives.contrastive.learnable_temperature=false",
+        )
+    )
+    trainer = Trainer(cfg, "pretrain", make_accelerator(cfg))
+    trainer.setup()
+    return trainer
+
+
+def test_a_rank_standing_in_for_bad_data_leaves_the_gathered_loss_its_weight(tmp_path, monkeypatch):
+    """Rank 1's micro-batch was all bad data: the gathered contrastive loss of the step is rank 0's pairs' alone, as
+    one process on rank 0's batch computes it (it was weighed as a per-rank mean over the ranks' micro-batches of
+    data, twice its value: loss and gradient doubled); the LM loss, a per-rank mean, was and is right."""
+    from tests.conftest import write_colour_set
+    from tests.test_cluster import free_port
+
+    data = write_colour_set(tmp_path / "data", n=8)["pretrain"].parent
+    context = mp.start_processes(
+        _stand_in_rank, args=(free_port(), str(tmp_path), str(data)), nprocs=WORLD, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + 180
+    try:
+        while not context.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail("the gloo ranks did not finish: a collective hung")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    one = _contrastive_trainer(data, tmp_path / "one")
+    theirs = one.fetch([one.step([one.collator()([one.dataset[i] for i in range(4)])], 1)])[0][1]
+    ours = torch.load(tmp_path / "ranks.pt")
+    for key in ("loss/total", "loss/lm", "loss/contrastive", "grad_norm"):
+        assert ours[key] == pytest.approx(theirs[key], rel=1e-5), key

@@ -46,6 +46,10 @@ class Objective(nn.Module):
     # other losses are per-micro-batch means that the trainer averages over the global step's micro-batches of data
     # (a rank's stand-in for a micro-batch of bad data not counted).
     token_normalized: bool = False
+    # True when the loss is already this rank's share of the loss over every rank's micro-batch of the same slot (it
+    # gathers across ranks): the trainer averages it over the slots in which any rank had data, since a rank's
+    # stand-in for bad data leaves the slot's gathered loss whole (counted per rank, it was scaled up by W a / (W a - 1))
+    global_batch: bool = False
     # every metric ``forward`` may return; the trainer logs each as its mean over the micro-batches that returned it
     metric_names: tuple[str, ...] = ()
     # the fewest samples a micro-batch needs for the loss to mean anything (a transport or contrast across pairs)

@@ -228,6 +228,11 @@ class ContrastiveObjective(Objective):
             self.register_buffer("log_scale", log_scale, persistent=False)
 
     @property
+    def global_batch(self) -> bool:  # type: ignore[override]
+        """Its loss is the ranks' gathered micro-batches' (``Objective.global_batch``) when it gathers."""
+        return self.gather and data_parallel()
+
+    @property
     def scale(self) -> torch.Tensor:
         """``1 / temperature``, at most ``max_scale`` so a learnable temperature cannot collapse (CLIP clamps at 100).
 

@@ -381,13 +381,15 @@ class Trainer:
         }
 
     def loss(
-        self, batch: dict[str, Any], share: torch.Tensor, data: bool
+        self, batch: dict[str, Any], shares: tuple[torch.Tensor, torch.Tensor], data: bool
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor | None], Any]:
         """Weighted sum of objectives (plus the connector's auxiliary losses) for one micro-batch; the losses to log,
         in their share of the step; and every metric the stage logs, its value or None where not measured.
 
-        ``share``: what a per-micro-batch mean weighs in this rank's loss, the number of ranks over the global step's
+        ``shares``: what a per-micro-batch mean weighs in this rank's loss, the number of ranks over the global step's
         micro-batches of data (the ranks' gradients averaged, each of those micro-batches weighs one over their count);
+        and what a loss already gathered over the ranks' micro-batches of one slot weighs (``Objective.global_batch``),
+        one over the slots in which any rank had data;
         ``data``: False for a rank's stand-in for a micro-batch of bad data, which measures nothing. The metric keys
         are the same in every micro-batch on every rank (objectives declare theirs; a connector reports the same ones
         in every training forward), so that the ranks reduce the same table."""
@@ -398,10 +400,11 @@ class Trainer:
         total = out.lm_loss.new_zeros(())
         logs: dict[str, torch.Tensor] = {}
         metrics: dict[str, torch.Tensor | None] = {}
+        share, global_share = shares
         for key, (obj, weight) in self.objectives.items():
             term = obj(batch, out, model)
             check_metrics(f"stage.objectives.{key}", obj, term)
-            scale = 1.0 if obj.token_normalized else share
+            scale = 1.0 if obj.token_normalized else global_share if obj.global_batch else share
             total = total + weight * term.loss * scale
             if not obj.token_normalized:
                 logs[f"loss/{key}"] = term.loss.detach() * scale
@@ -488,10 +491,13 @@ class Trainer:
         local_items = sum(len(b["lm_targets"]) for b, real in zip(micro, data) if real)  # a stand-in supervises none
         # the supervised tokens and the micro-batches of data of the global step: fill kernels (a copy from the host
         # would sync), then one queued collective that no host reads (but a rank without data under DeepSpeed)
-        totals = torch.stack([torch.full((), float(n), device=acc.device) for n in (local_items, sum(data))])
+        # and, per accumulation slot, whether it held data (how many ranks did, once reduced)
+        counts = (local_items, sum(data), *data)
+        totals = torch.stack([torch.full((), float(n), device=acc.device) for n in counts])
         if acc.num_processes > 1:
             totals = acc.reduce(totals, "sum")
         n_items, share = totals[0], acc.num_processes / totals[1].clamp(min=1)
+        global_share = 1 / (totals[2:] > 0).sum().clamp(min=1)  # over the slots in which any rank had data
         has_data = totals[1] > 0  # False: every micro-batch of every rank was bad data, the step must update nothing
         if not any(data) and (acc.num_processes == 1 or (self.engine is not None and not bool(has_data))):
             self.log.warning("step %d skipped: all its samples were bad data (see the skipped count)", step)
@@ -524,7 +530,7 @@ class Trainer:
             else:
                 sync = acc.no_sync(self.model)
             with sync, acc.autocast():
-                total, logs, metrics, out = self.loss(batch, share, real)
+                total, logs, metrics, out = self.loss(batch, (share, global_share), real)
                 if self.engine is not None:  # the loss is already normalised over the global step
                     self.engine.backward(total, scale_wrt_gas=False)
                 else:
