@@ -13,11 +13,13 @@ set -euo pipefail
 if [ $# -lt 2 ]; then
   sed -n 2,6p "$0"; exit 2
 fi
-# paths as the caller wrote them, from the caller's folder (a job starts in the folder it was submitted from)
-out=$(realpath -m "$1"); shift
+# every path (OUT, CKPT, the flags' --sets, --probe, --config) is read from the folder the script starts in, as in a
+# job (which starts where it was submitted): moving to the repository read the flags' relative paths there. Only the
+# virtualenv is the repository's: the script's, or, in a job (which runs a copy of it), the folder it was submitted from
+repo=${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}
+[ -f "$repo/.venv/bin/activate" ] && [ -z "${VIRTUAL_ENV:-}" ] && . "$repo/.venv/bin/activate"
+out=$1; shift
 ckpts=()
-while [ $# -gt 0 ] && [ "$1" != "--" ]; do ckpts+=("$(realpath -m "$1")"); shift; done
-cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
-[ -f .venv/bin/activate ] && [ -z "${VIRTUAL_ENV:-}" ] && . .venv/bin/activate
+while [ $# -gt 0 ] && [ "$1" != "--" ]; do ckpts+=("$1"); shift; done
 [ "${1:-}" = "--" ] && shift
 exec alignlm eval "${ckpts[@]}" --out "$out" "$@"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Evaluate an alignlm checkpoint with lmms-eval's `llava_hf` model: export it as a transformers Llava folder (kept while
-# newer than the checkpoint), then run lmms-eval on it. TASKS is lmms-eval task names (data from the Hugging Face Hub)
-# or a LLaVA-format question set (a .json path, e.g. data/digits/test.json), run offline as a local task (lmms-task).
+# it is of this checkpoint as it is now), then run lmms-eval on it. TASKS: lmms-eval task names (Hub data) or a
+# LLaVA-format question set (a .json path, e.g. data/digits/test.json), run offline as a local task (lmms-task).
 #   scripts/eval_lmms.sh outputs/tiny/finetune/final exports/tiny data/digits/test.json [extra lmms-eval flags]
 #   scripts/eval_lmms.sh outputs/tiny/finetune/final exports/tiny mme,textvqa_val
 # Needs lmms-eval importable beside alignlm (docs/evaluation.md: install it in its own venv). DEVICE, DTYPE,
@@ -15,16 +15,26 @@ fi
 final=$(realpath -m "$1"); export_dir=$(realpath -m "$2"); tasks=$3; shift 3
 [[ "$tasks" == *.json ]] && tasks=$(realpath -m "$tasks")
 [ -n "${OUTPUT_PATH:-}" ] && OUTPUT_PATH=$(realpath -m "$OUTPUT_PATH")
+if [ ! -f "$final/model.safetensors" ]; then  # a mistyped path scored whatever the export folder held
+  echo "eval_lmms.sh: $final/model.safetensors: no such file; name a final/ checkpoint folder" >&2
+  exit 2
+fi
 cd "$(dirname "$0")/.."
 [ -f .venv/bin/activate ] && [ -z "${VIRTUAL_ENV:-}" ] && . .venv/bin/activate
-# an export older than its checkpoint (retrained into the same folder) is made again: it had scored the old model
-if [ ! -f "$export_dir/config.json" ] || [ "$final/model.safetensors" -nt "$export_dir/model.safetensors" ]; then
+# the export folder is kept only while it is of this checkpoint as it is now (the source its export recorded): one of
+# another checkpoint, or of this one before it was trained again, is made again, unless that would lose lmms-eval
+# results of the model exported there
+current=0
+why=$(alignlm export "$final" "$export_dir" --is-current) || current=$?
+if [ "$current" = 1 ]; then
   if [ -e "$export_dir/lmms_eval" ]; then
-    echo "eval_lmms.sh: $final is newer than its export $export_dir, which a new export replaces whole, with the" \
-      "lmms-eval results of the old model in $export_dir/lmms_eval: move them, or name another export folder" >&2
+    echo "eval_lmms.sh: $why; a new export would replace $export_dir whole, with the lmms-eval results of the model" \
+      "exported there ($export_dir/lmms_eval): move them, or name another export folder" >&2
     exit 2
   fi
   alignlm export "$final" "$export_dir"
+elif [ "$current" != 0 ]; then
+  exit "$current"
 fi
 include=()
 if [[ "$tasks" == *.json ]]; then  # a local question set -> an lmms-eval task folder

@@ -4,7 +4,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+# a virtualenv is made once it has bin/activate and a pip that runs: an interrupted `python -m venv` (or one without
+# Debian's python3-venv, whose ensurepip fails) leaves bin/python alone, which every later run took as made and then
+# failed to activate. Making it again over it keeps what it holds (a torch installed by hand)
+if [ ! -f .venv/bin/activate ] || ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
+  if ! "$PYTHON" -m venv .venv; then
+    echo "setup.sh: '$PYTHON -m venv .venv' failed: install Python's venv module (Debian/Ubuntu: apt install" \
+      "python3-venv, or the python3.X-venv of PYTHON's version), then run this again" >&2
+    exit 1
+  fi
+fi
 . .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 # Install torch first and explicitly: a bare "torch" requirement would pull a multi-GB CUDA build on a CPU box.

@@ -333,6 +333,39 @@ def test_the_slurm_script_requeues_only_a_run_that_stopped_on_the_warning(tmp_pa
     assert job.returncode == (0 if ending == "finished" else 1) and not stop.exists(), out
 
 
+@pytest.mark.parametrize("failing", ["print-config", "system python3"])
+def test_the_slurm_script_launches_nothing_without_the_runs_stop_file(tmp_path, failing):
+    """The stop file was read by an unchecked `alignlm train --print-config | python3 -c 'import yaml ...'`: when that
+    failed (a bad override, or a system python3 without PyYAML beside alignlm's own environment) the job launched with
+    STOP="", its warning touched '' and it requeued, claiming a checkpoint. The YAML is read with the python beside
+    alignlm (this test's, under a python3 without PyYAML), and an unread stop file stops the job before it launches."""
+    env = stand_in_slurm(tmp_path, f"touch {tmp_path}/launched")
+    stale = tmp_path / "out" / "r" / "STOP"  # an earlier job's: removed before the launch
+    stale.parent.mkdir(parents=True)
+    stale.touch()
+    tools = tmp_path / "alignlm_env"  # an environment of alignlm (stand-in) and its python, first on PATH
+    tools.mkdir()
+    if failing == "print-config":
+        alignlm = "echo 'alignlm train: unknown key foo' >&2; exit 2"
+    else:
+        alignlm = f"printf 'run_name: r\\ndistributed:\\n  stop_file: {stale}\\n'"
+        (tools / "python").symlink_to(sys.executable)
+        (tmp_path / "bin" / "python3").write_text("#!/bin/sh\necho \"No module named 'yaml'\" >&2; exit 1\n")
+        (tmp_path / "bin" / "python3").chmod(0o755)
+    (tools / "alignlm").write_text(f"#!/usr/bin/env bash\n{alignlm}\n")
+    (tools / "alignlm").chmod(0o755)
+    env["PATH"] = f"{tools}:{env['PATH']}"
+    job = ["bash", str(ROOT / "scripts" / "slurm" / "train.sbatch"), "run_name=r"]
+    proc = subprocess.run(job, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    if failing == "print-config":
+        assert proc.returncode == 2 and not (tmp_path / "launched").exists(), proc.stderr
+        assert "could not read distributed.stop_file" in proc.stderr and "nothing launched" in proc.stderr
+        assert "unknown key foo" in proc.stderr and stale.exists()
+    else:
+        assert proc.returncode == 0 and (tmp_path / "launched").exists(), proc.stderr
+        assert not stale.exists()
+
+
 def test_the_slurm_script_gives_srun_the_jobs_cpus_gpus_and_a_port_of_its_own(tmp_path):
     """srun gets the job's --cpus-per-task (SLURM 22.05+ does not pass it on), a rank per GPU SLURM gave the node, and
     a rendezvous port from the job id (two jobs on one node would otherwise both take 29500)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -82,19 +83,64 @@ def test_the_cpu_images_default_command_runs_the_installed_demo():
     assert "PATH=/app/.venv/bin:$PATH" in text
 
 
+def instructions(dockerfile: Path) -> list[str]:
+    """A Dockerfile's instructions, each on one line (continuations joined, comments left out)."""
+    text = re.sub(r"\\\n", " ", "\n".join(line for line in dockerfile.read_text().splitlines() if line[:1] != "#"))
+    return [" ".join(line.split()) for line in text.splitlines() if line.strip()]
+
+
+def test_both_images_install_the_dependencies_before_copying_the_sources():
+    """`COPY . /app` came before the RUN that installs torch and every dependency: any edit in the repository
+    installed them all again (GBs). They install from the files that name them alone (pyproject.toml, setup.sh, the
+    pins), then the sources come, and alignlm installs over them without its dependencies."""
+    for dockerfile in DOCKERFILES:
+        steps = instructions(dockerfile)
+        setup = next(i for i, step in enumerate(steps) if "scripts/setup.sh" in step and step.startswith("RUN "))
+        sources = steps.index("COPY . /app")
+        assert setup < sources, dockerfile
+        copied = {path for step in steps[:setup] if step.startswith("COPY ") for path in step.split()[1:-1]}
+        assert copied == {"pyproject.toml", "scripts/setup.sh", "docker/constraints.txt"}, dockerfile
+        assert steps[sources + 1 :][:1] == ["RUN pip install --no-deps -e ."], dockerfile
+
+
+def test_the_docker_context_leaves_out_what_runs_exports_and_reports_write():
+    """README's export folder (exported/, ignored by git) was sent to `docker build` and baked into the image: every
+    folder at the root that git ignores is left out of the context, and so are the reports and job logs."""
+    left_out = set((ROOT / ".dockerignore").read_text().split())
+    ignored = {line.strip("/") for line in (ROOT / ".gitignore").read_text().splitlines() if line.startswith("/")}
+    assert ignored | {"eval_report", "logs"} <= left_out, sorted(ignored | {"eval_report", "logs"} - left_out)
+
+
+def test_the_documented_docker_run_quotes_its_volume():
+    """`-v $PWD/outputs:/app/outputs` unquoted splits in a checkout under a folder with a space."""
+    for doc in (ROOT / "docs" / "cluster.md", DOCKERFILES[0]):
+        text = doc.read_text()
+        assert "-v $PWD" not in text and '-v "$PWD/outputs:/app/outputs"' in text, doc
+
+
+def setup_sh_checkout(root: Path) -> None:
+    """scripts/setup.sh and pyproject.toml in ``root``, where the script makes its .venv."""
+    (root / "scripts").mkdir()
+    shutil.copy(ROOT / "scripts" / "setup.sh", root / "scripts" / "setup.sh")
+    shutil.copy(ROOT / "pyproject.toml", root / "pyproject.toml")
+
+
+def stand_in_venv(venv_bin: Path, pip_calls: Path) -> None:
+    """A made virtualenv's bin/ at ``venv_bin`` (its files named for the folder they will be in): python is this
+    test's (torch and alignlm importable, pip runs), pip a stand-in that records its calls in ``pip_calls``."""
+    venv_bin.mkdir(parents=True)
+    (venv_bin / "python").write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+    (venv_bin / "pip").write_text(f'#!/bin/sh\necho "$@" >> {pip_calls}\n')
+    for tool in ("python", "pip"):
+        (venv_bin / tool).chmod(0o755)
+    (venv_bin / "activate").write_text('PATH="$PWD/.venv/bin:$PATH"\n')
+
+
 def test_setup_sh_installs_alignlm_again_only_when_pyproject_changes(tmp_path):
     """A second `scripts/setup.sh` (scripts/test.sh and demo.sh run it) installs nothing, so it works offline, as in
     the CPU image; a changed pyproject.toml is installed again. pip here is a stand-in that records its calls."""
-    (tmp_path / "scripts").mkdir()
-    shutil.copy(ROOT / "scripts" / "setup.sh", tmp_path / "scripts" / "setup.sh")
-    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
-    venv_bin = tmp_path / ".venv" / "bin"
-    venv_bin.mkdir(parents=True)
-    (venv_bin / "python").write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')  # torch and alignlm importable
-    (venv_bin / "pip").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/pip_calls\n')
-    for tool in ("python", "pip"):
-        (venv_bin / tool).chmod(0o755)
-    (venv_bin / "activate").write_text(f'PATH="{venv_bin}:$PATH"\n')
+    setup_sh_checkout(tmp_path)
+    stand_in_venv(tmp_path / ".venv" / "bin", tmp_path / "pip_calls")
 
     def setup_installs_alignlm() -> bool:
         calls = tmp_path / "pip_calls"
@@ -107,3 +153,29 @@ def test_setup_sh_installs_alignlm_again_only_when_pyproject_changes(tmp_path):
     with (tmp_path / "pyproject.toml").open("a") as f:
         f.write("\n# changed\n")
     assert setup_installs_alignlm()
+
+
+@pytest.mark.parametrize("venv_module", [True, False])
+def test_setup_sh_makes_again_a_virtualenv_whose_making_was_interrupted(tmp_path, venv_module):
+    """An interrupted `python3 -m venv` (or one without Debian's python3-venv, whose ensurepip fails) leaves
+    .venv/bin/python with no bin/activate and no pip; setup.sh took it as made, and every later run failed at
+    activating it. It makes the virtualenv again over it, or, where that fails, says what to install."""
+    setup_sh_checkout(tmp_path)
+    half = tmp_path / ".venv" / "bin"
+    half.mkdir(parents=True)
+    (half / "python").write_text("#!/bin/sh\nexit 1\n")  # `python -m pip`: No module named pip
+    (half / "python").chmod(0o755)
+    stand_in_venv(tmp_path / "made", tmp_path / "pip_calls")
+    # PYTHON: `-m venv .venv` makes the stand-in virtualenv, or fails as without python3-venv
+    make = f"cp {tmp_path / 'made'}/* .venv/bin/" if venv_module else "echo 'ensurepip is not available' >&2; exit 1"
+    (tmp_path / "python3").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/venv_calls\n{make}\n')
+    (tmp_path / "python3").chmod(0o755)
+    env = {**os.environ, "PYTHON": str(tmp_path / "python3")}
+    env.pop("VIRTUAL_ENV", None)
+    proc = subprocess.run(["bash", "scripts/setup.sh"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert (tmp_path / "venv_calls").read_text().split() == ["-m", "venv", ".venv"], proc.stderr
+    if venv_module:
+        assert proc.returncode == 0, proc.stderr
+        assert "-e .[dev]" in (tmp_path / "pip_calls").read_text()
+    else:
+        assert proc.returncode == 1 and "apt install python3-venv" in proc.stderr, proc.stderr

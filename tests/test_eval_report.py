@@ -854,84 +854,187 @@ def test_revision_seed_table_hand_checked(tmp_path):
         table([tmp_path / "seed_b"], arms)
 
 
+EVAL_LMMS = Path(__file__).resolve().parents[1] / "scripts" / "eval_lmms.sh"
+# A stand-in `alignlm` for scripts/eval_lmms.sh, recording each command in $CALLS: `export` writes a folder (sharded
+# with SHARDED set: no model.safetensors, as transformers writes a large model) with its checkpoint and weights' size
+# and time as its source, `export --is-current` compares them (exit 1, saying why, when they differ), `lmms-eval`
+# writes a results file unless NO_RESULTS is set
+STAND_IN_ALIGNLM = """#!/usr/bin/env bash
+source_of() { echo "$1 $(stat -c '%s %Y' "$1/model.safetensors")"; }
+if [ "$1" = export ] && [ "${4:-}" = --is-current ]; then
+  echo "export --is-current" >> "$CALLS"
+  [ "$(cat "$3/source" 2>/dev/null)" = "$(source_of "$2")" ] && exit 0
+  echo "$3 is not of $2 as it is now"; exit 1
+fi
+echo "$1" >> "$CALLS"
+if [ "$1" = export ]; then
+  rm -rf "$3"; mkdir -p "$3"
+  weights=model.safetensors
+  [ -n "${SHARDED:-}" ] && weights="model.safetensors.index.json model-00001-of-00002.safetensors"
+  for f in config.json $weights; do echo {} > "$3/$f"; done
+  source_of "$2" > "$3/source"; exit 0
+fi
+out=""; while [ $# -gt 0 ]; do [ "$1" = --output_path ] && out=$2; shift; done
+[ -z "${NO_RESULTS:-}" ] && mkdir -p "$out/m" && echo {} > "$out/m/$(date +%s%N)_results.json"
+exit 0
+"""
+
+
+def eval_lmms(tmp_path: Path, *args: str, **env: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """scripts/eval_lmms.sh ``args`` from ``tmp_path`` with the stand-in alignlm: its result and the commands it ran
+    (exports and lmms-eval; not the `export --is-current` questions)."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
+    if not bin_dir.exists():
+        bin_dir.mkdir()
+        (bin_dir / "alignlm").write_text(STAND_IN_ALIGNLM)
+        (bin_dir / "alignlm").chmod(0o755)
+    calls.unlink(missing_ok=True)
+    environ = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "VIRTUAL_ENV": "x", "DEVICE": "cpu"}
+    environ |= {"CALLS": str(calls), **env}
+    proc = subprocess.run(["bash", str(EVAL_LMMS), *args], env=environ, capture_output=True, text=True, cwd=tmp_path)
+    ran = calls.read_text().splitlines() if calls.exists() else []
+    return proc, [c for c in ran if c != "export --is-current"]
+
+
+def trained_final(folder: Path, mtime: int) -> Path:
+    """A stand-in final/ folder whose weights were written at ``mtime`` (seconds)."""
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_text("weights")
+    os.utime(folder / "model.safetensors", (mtime, mtime))
+    return folder
+
+
 @pytest.mark.parametrize("writes_results", [False, True])
 def test_eval_lmms_script_fails_without_a_results_file(tmp_path, writes_results):
     """lmms-eval exits 0 when a task fails; the script's exit status must say whether it produced results."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    # a stand-in `alignlm`: `lmms-eval` exits 0 and writes a results file only when asked to
-    write = 'mkdir -p "$out/m" && echo {} > "$out/m/run_results.json"' if writes_results else ":"
-    fake = bin_dir / "alignlm"
-    fake.write_text(
-        '#!/usr/bin/env bash\nout=""\nwhile [ $# -gt 0 ]; do [ "$1" = --output_path ] && out=$2; shift; done\n'
-        f"{write}\nexit 0\n"
-    )
-    fake.chmod(0o755)
-    export_dir = tmp_path / "export"
-    export_dir.mkdir()
-    (export_dir / "config.json").write_text("{}")  # already exported: the script skips `alignlm export`
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "VIRTUAL_ENV": "x", "DEVICE": "cpu"}
-    script = Path(__file__).resolve().parents[1] / "scripts" / "eval_lmms.sh"
+    trained_final(tmp_path / "final", 1_000_000)
     # paths relative to the caller's folder: the script moves to the repository's, so it resolves them first
-    proc = subprocess.run(
-        ["bash", str(script), "unused", "export", "mme"], env=env, capture_output=True, text=True, cwd=tmp_path
-    )
+    proc, _ = eval_lmms(tmp_path, "final", "export", "mme", **({} if writes_results else {"NO_RESULTS": "1"}))
     assert proc.returncode == (0 if writes_results else 1), proc.stderr
     if not writes_results:
         assert "wrote no results file" in proc.stderr
     else:  # under the caller's export/, not one the script's own folder holds
-        assert (export_dir / "lmms_eval" / "m" / "run_results.json").exists()
+        assert len(list((tmp_path / "export" / "lmms_eval" / "m").glob("*_results.json"))) == 1
 
 
-def test_eval_lmms_script_exports_again_a_checkpoint_newer_than_its_export(tmp_path):
+def test_eval_lmms_script_exports_again_a_checkpoint_trained_again(tmp_path):
     """An export folder was reused whenever it held a config.json: a checkpoint retrained since was scored as the
-    old model. A newer checkpoint is exported again, unless that would replace the old model's lmms-eval results."""
-    bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
-    bin_dir.mkdir()
-    fake = bin_dir / "alignlm"  # records each command; lmms-eval writes a results file
-    fake.write_text(
-        '#!/usr/bin/env bash\necho "$1" >> "$CALLS"\nout=""\nwhile [ $# -gt 0 ]; do [ "$1" = --output_path ] && '
-        'out=$2; shift; done\n[ -n "$out" ] && mkdir -p "$out/m" && echo {} > "$out/m/run_results.json"\nexit 0\n'
-    )
-    fake.chmod(0o755)
-    final, export_dir = tmp_path / "final", tmp_path / "export"
-    final.mkdir()
-    export_dir.mkdir()
-    (export_dir / "config.json").write_text("{}")
-    (export_dir / "model.safetensors").write_text("")
-    os.utime(export_dir / "model.safetensors", (1_000_000, 1_000_000))
-    (final / "model.safetensors").write_text("")  # trained after the export
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "VIRTUAL_ENV": "x", "DEVICE": "cpu"}
-    env["CALLS"] = str(calls)
-    script = Path(__file__).resolve().parents[1] / "scripts" / "eval_lmms.sh"
-    run = ["bash", str(script), str(final), str(export_dir), "mme"]
-    proc = subprocess.run(run, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    assert calls.read_text().split() == ["export", "lmms-eval"]
-    calls.unlink()
-    proc = subprocess.run(run, env=env, capture_output=True, text=True)  # its results now in export/lmms_eval
-    assert proc.returncode == 2 and "lmms-eval results of the old model" in proc.stderr
-    assert not calls.exists()
+    old model. One trained again is exported again, unless that would replace the old model's lmms-eval results."""
+    final = trained_final(tmp_path / "final", 1_000_000)
+    proc, calls = eval_lmms(tmp_path, "final", "export", "mme")
+    assert proc.returncode == 0 and calls == ["export", "lmms-eval"], proc.stderr
+    os.utime(final / "model.safetensors", (2_000_000, 2_000_000))  # trained again
+    proc, calls = eval_lmms(tmp_path, "final", "export", "mme")  # its results now in export/lmms_eval
+    assert proc.returncode == 2 and calls == []
+    assert f"is not of {final} as it is now; a new export would replace" in proc.stderr
+    assert "with the lmms-eval results of the model exported there" in proc.stderr
+    (tmp_path / "export" / "lmms_eval").rename(tmp_path / "old_results")
+    proc, calls = eval_lmms(tmp_path, "final", "export", "mme")
+    assert proc.returncode == 0 and calls == ["export", "lmms-eval"], proc.stderr
+
+
+def test_eval_lmms_script_exports_again_for_another_checkpoint(tmp_path):
+    """One export folder for several checkpoints: a checkpoint trained before the one exported there was scored as
+    that one (its weights were not newer than the export's), with exit 0."""
+    trained_final(tmp_path / "run2" / "final", 1_000_000)  # trained first
+    trained_final(tmp_path / "run1" / "final", 2_000_000)
+    results = {"OUTPUT_PATH": "results"}  # beside the export: nothing in it to lose
+    proc, calls = eval_lmms(tmp_path, "run1/final", "export", "mme", **results)
+    assert proc.returncode == 0 and calls == ["export", "lmms-eval"], proc.stderr
+    assert (tmp_path / "export" / "source").read_text().startswith(f"{tmp_path / 'run1' / 'final'} ")
+    proc, calls = eval_lmms(tmp_path, "run2/final", "export", "mme", **results)
+    assert proc.returncode == 0 and calls == ["export", "lmms-eval"], proc.stderr
+    assert (tmp_path / "export" / "source").read_text().startswith(f"{tmp_path / 'run2' / 'final'} ")
+
+
+def test_eval_lmms_script_refuses_a_checkpoint_with_no_weights(tmp_path):
+    """A mistyped checkpoint path scored the model the export folder held, with exit 0."""
+    trained_final(tmp_path / "run2" / "final", 1_000_000)
+    assert eval_lmms(tmp_path, "run2/final", "export", "mme")[0].returncode == 0
+    proc, calls = eval_lmms(tmp_path, "run2/fianl", "export", "mme")
+    assert proc.returncode == 2 and calls == [], proc.stderr
+    assert f"{tmp_path / 'run2' / 'fianl' / 'model.safetensors'}: no such file" in proc.stderr
+
+
+def test_eval_lmms_script_keeps_a_sharded_export_of_its_checkpoint(tmp_path):
+    """A sharded export (model-0000N-of-0000M.safetensors, no model.safetensors) was taken as older than its
+    checkpoint at every run (bash's -nt with a missing file): exported again each time, and once lmms_eval/ held
+    results, refused with exit 2 and a false message."""
+    trained_final(tmp_path / "final", 1_000_000)
+    proc, calls = eval_lmms(tmp_path, "final", "export", "mme", SHARDED="1")
+    assert proc.returncode == 0 and calls == ["export", "lmms-eval"], proc.stderr
+    assert not (tmp_path / "export" / "model.safetensors").exists()
+    proc, calls = eval_lmms(tmp_path, "final", "export", "mme", SHARDED="1")
+    assert proc.returncode == 0 and calls == ["lmms-eval"], proc.stderr
+
+
+def stand_in_final(folder: Path, weights: bytes = b"weights") -> Path:
+    """The files of a final/ folder an export reads, as far as its recorded source goes."""
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text("run_name: t\n")
+    (folder / "model.safetensors").write_bytes(weights)
+    return folder
+
+
+def test_export_is_current_compares_the_checkpoint_with_the_source_its_export_recorded(tmp_path, capsys):
+    """`alignlm export FINAL OUT --is-current` (what scripts/eval_lmms.sh asks before it keeps OUT): 0 for an export
+    of FINAL as it is now, 1 and why for one of another checkpoint, of FINAL before it was written again, or no
+    export; 2 for a FINAL that is not a final/ folder."""
+    from alignlm.export.hf_llava import SOURCE_FILE, checkpoint_source
+
+    final, out = stand_in_final(tmp_path / "a" / "final"), tmp_path / "hf"
+    out.mkdir()
+    (out / SOURCE_FILE).write_text(json.dumps(checkpoint_source(final)))
+    assert main(["export", str(final), str(out), "--is-current"]) == 0
+    assert f"{out} is the export of {final} as it is now" in capsys.readouterr().out
+    other = stand_in_final(tmp_path / "b" / "final")
+    assert main(["export", str(other), str(out), "--is-current"]) == 1
+    assert f"{out} was exported from {final}, not from {other}" in capsys.readouterr().out
+    stat = (final / "model.safetensors").stat()
+    os.utime(final / "model.safetensors", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # written again
+    assert main(["export", str(final), str(out), "--is-current"]) == 1
+    assert f"{final} was written again since {out} was exported from it" in capsys.readouterr().out
+    (out / SOURCE_FILE).write_text("[]")
+    assert main(["export", str(final), str(out), "--is-current"]) == 1
+    assert "is not the JSON object an export writes" in capsys.readouterr().out
+    assert main(["export", str(final), str(tmp_path / "none"), "--is-current"]) == 1
+    assert f"{tmp_path / 'none'} has no {SOURCE_FILE}" in capsys.readouterr().out
+    assert main(["export", str(tmp_path / "c"), str(out), "--is-current"]) == 2
+    assert f"{tmp_path / 'c'} is not a final/ folder" in capsys.readouterr().err
+    assert main(["export", str(final), str(out), "--is-current", "--check", "set.json"]) == 2
+    assert "leave out --check" in capsys.readouterr().err
+
+
+def test_an_export_records_the_checkpoint_it_was_made_from(tiny_run, tmp_path):
+    """The source `--is-current` compares is the one a real export writes, read before the weights."""
+    from alignlm.export.hf_llava import SOURCE_FILE, checkpoint_source
+
+    final, out = tiny_run / "finetune" / "final", tmp_path / "hf"
+    assert main(["export", str(final), str(out)]) == 0
+    recorded = json.loads((out / SOURCE_FILE).read_text())
+    assert recorded == checkpoint_source(final) and recorded["checkpoint"] == str(final.resolve())
+    assert set(recorded["files"]) == {"config.yaml", "model.safetensors"}
+    assert main(["export", str(final), str(out), "--is-current"]) == 0
 
 
 def test_eval_checkpoint_script_reads_paths_from_the_callers_folder(tmp_path):
-    """The script moves to the repository's folder (its .venv); relative checkpoint and report paths given from
-    elsewhere named folders there."""
+    """The script moved to the repository's folder (its .venv): relative paths given from elsewhere, the checkpoint's
+    and the report's, and those in the flags after `--` (--sets NAME=PATH, --probe, --config), named files there,
+    a same-named file of the repository's silently. It stays in the caller's folder, as a SLURM job does."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    fake = bin_dir / "alignlm"
-    fake.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$ARGS_FILE"\n')
+    fake = bin_dir / "alignlm"  # records its folder and its arguments
+    fake.write_text('#!/usr/bin/env bash\n{ echo "$PWD"; printf "%s\\n" "$@"; } > "$ARGS_FILE"\n')
     fake.chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "ARGS_FILE": str(tmp_path / "args")}
     env["VIRTUAL_ENV"] = "x"  # an environment already active: the script keeps it (the stand-in alignlm first)
     env.pop("SLURM_SUBMIT_DIR", None)
     script = Path(__file__).resolve().parents[1] / "scripts" / "eval_checkpoint.sh"
-    proc = subprocess.run(
-        ["bash", str(script), "reports", "runs/a/final", "--", "--no-probe"], env=env, cwd=tmp_path, text=True
-    )
+    flags = ["--sets", "mine=sets/test.json", "--probe", "sets/captions.json", "--no-probe"]
+    proc = subprocess.run(["bash", str(script), "reports", "runs/a/final", "--", *flags], env=env, cwd=tmp_path)
     assert proc.returncode == 0
-    args = (tmp_path / "args").read_text().split()
-    assert args == ["eval", str(tmp_path / "runs/a/final"), "--out", str(tmp_path / "reports"), "--no-probe"]
+    cwd, *args = (tmp_path / "args").read_text().splitlines()
+    assert Path(cwd) == tmp_path and args == ["eval", "runs/a/final", "--out", "reports", *flags]
 
 
 def test_seed_line_and_the_seed_table_entry_point(tmp_path, capsys):

@@ -11,7 +11,7 @@ from pathlib import Path
 from alignlm.commands._flags import add_trust_flags
 from alignlm.evaluation.checkpoints import resolve
 from alignlm.evaluation.export_check import compare_with_export, format_check
-from alignlm.export.hf_llava import ExportError, export
+from alignlm.export.hf_llava import SOURCE_FILE, ExportError, checkpoint_source, export
 
 
 def not_a_final(path: str) -> str | None:
@@ -46,8 +46,35 @@ def export_final(args: argparse.Namespace) -> Path:
         raise ExportError(problem) from None
 
 
+def stale_export(checkpoint: str, out_dir: str) -> str | None:
+    """Why ``out_dir`` is not an export of ``checkpoint`` as it is now (None when it is): the source its export
+    recorded (``SOURCE_FILE``) is another checkpoint, or this one before it was written again. scripts/eval_lmms.sh
+    keeps an export folder only while this says nothing: comparing times alone scored the first checkpoint exported
+    there for every later one, and took a sharded export (no model.safetensors) for an old one."""
+    try:
+        now = checkpoint_source(checkpoint)
+    except FileNotFoundError as e:
+        raise ExportError(not_a_final(checkpoint) or f"{e.filename}: {e.strerror}") from None
+    recorded_file = Path(out_dir) / SOURCE_FILE
+    if not recorded_file.is_file():
+        return f"{out_dir} has no {SOURCE_FILE}: no export, or one made before exports recorded their checkpoint"
+    try:
+        recorded = json.loads(recorded_file.read_text())
+    except ValueError:  # not JSON, not UTF-8
+        recorded = None
+    if not isinstance(recorded, dict):
+        return f"{recorded_file} is not the JSON object an export writes"
+    if recorded.get("checkpoint") != now["checkpoint"]:
+        return f"{out_dir} was exported from {recorded.get('checkpoint')}, not from {now['checkpoint']}"
+    if recorded != now:
+        return f"{now['checkpoint']} was written again since {out_dir} was exported from it"
+    return None
+
+
 def check_args(args: argparse.Namespace) -> None:
     """What ``--check`` needs, before anything is exported (``--limit 0`` checked nothing and passed)."""
+    if args.is_current and args.check is not None:
+        raise ExportError("--is-current exports and checks nothing: leave out --check")
     if args.check is not None and not Path(args.check).is_file():
         raise ExportError(f"--check {args.check}: no such question set file")
     for flag, value in (("--limit", args.limit), ("--max-new-tokens", args.max_new_tokens)):
@@ -58,6 +85,10 @@ def check_args(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> int:
     try:
         check_args(args)
+        if args.is_current:
+            stale = stale_export(args.checkpoint, args.out_dir)
+            print(stale or f"{args.out_dir} is the export of {args.checkpoint} as it is now")
+            return 1 if stale else 0
         out = export_final(args)
     except ExportError as e:  # a model with no Llava counterpart, a bad flag: the reason, no traceback, nothing written
         print(f"alignlm export: {e}", file=sys.stderr)
@@ -96,5 +127,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--limit", type=int, default=None, help="--check: the first N questions")
     p.add_argument("--max-new-tokens", type=int, default=16, help="--check: greedy answer length limit")
+    p.add_argument(
+        "--is-current",
+        action="store_true",
+        help=f"export nothing: exit 0 when out_dir is an export of the checkpoint as it is now (its {SOURCE_FILE} "
+        "names the checkpoint and the sizes and times of its files), else 1, saying why",
+    )
     add_trust_flags(p)
     p.set_defaults(func=cmd_export)
