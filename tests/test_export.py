@@ -302,7 +302,7 @@ def test_a_llava_folder_is_imported_with_its_image_statistics_or_refused_naming_
     (folder / "processor_config.json").write_text(json.dumps(processor))
     with caplog.at_level("WARNING", logger="alignlm"):
         vision_from_llava(str(folder))
-    assert "crops the centre; alignlm pads to a square" in caplog.text
+    assert "crops the centre; alignlm makes a stage's images square by its data.image_aspect_ratio" in caplog.text
     for field, value, match in (
         ("projector_hidden_act", "silu", "projector_hidden_act='silu'"),
         ("vision_feature_layer", [-3, -2], r"vision_feature_layer=\[-3, -2\]"),

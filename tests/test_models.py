@@ -415,7 +415,7 @@ def test_demo_models_load_offline():
     x = preprocess(
         Image.fromarray(load_sample_image("flower.jpg")),
         ImageSpec(224, model.image_spec.mean, model.image_spec.std),
-        pad=False,
+        aspect_ratio="crop",
     )
     with torch.no_grad():
         top5 = model.vision.model.eval()(x[None]).topk(5).indices[0].tolist()  # eval: BatchNorm running stats

@@ -7,7 +7,7 @@ from typing import Any
 
 from alignlm.config import instantiate
 from alignlm.data.hooks import SampleHook
-from alignlm.data.images import MAX_PIXELS
+from alignlm.data.images import MAX_PIXELS, check_aspect_ratio
 from alignlm.data.llava import LlavaDataset
 from alignlm.data.records import Source
 from alignlm.data.templates import Template, get_template
@@ -39,12 +39,21 @@ def build_dataset(data_cfg: Mapping[str, Any], model: Any, seed: int, for_genera
         max_image_pixels=data_cfg.get("max_image_pixels", MAX_PIXELS),
         min_usable_fraction=float(data_cfg.get("min_usable_fraction", 0.5)),
         preference=bool(data_cfg.get("preference", False)) and not for_generation,
+        image_aspect_ratio=aspect_ratio_of(data_cfg),
     )
 
 
 def template_of(data_cfg: Mapping[str, Any]) -> Template:
     """The template a ``data`` node names (``template``, default ``plain``), built with its ``template_args``."""
     return get_template(str(data_cfg.get("template", "plain")), **dict(data_cfg.get("template_args") or {}))
+
+
+def aspect_ratio_of(data_cfg: Mapping[str, Any]) -> str:
+    """How a ``data`` node makes its images square (``image_aspect_ratio``: ``pad`` or ``crop``). Every stage file sets
+    it; a node without it is the config of a checkpoint saved before the setting existed, whose images were all
+    padded, so ``pad`` (not the pretraining stage's ``crop``): ``alignlm eval`` and export then preprocess as it
+    trained."""
+    return check_aspect_ratio(data_cfg.get("image_aspect_ratio", "pad"))
 
 
 def build_hooks(nodes: Mapping[str, Any] | None, model: Any) -> list[SampleHook]:

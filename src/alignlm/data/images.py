@@ -1,4 +1,5 @@
-"""Image loading and preprocessing: pad to square with the mean colour (LLaVA-1.5), resize, normalise.
+"""Image loading and preprocessing: a square from any aspect ratio (LLaVA-1.5's two ways: pad with the mean colour, or
+resize the shorter side and crop the centre), resize, normalise.
 
 ``ImageSpec`` lives here, on the data side: a vision tower declares the spec it expects, and everything that turns
 files into pixels (the dataset, the probes, the encoders) prepares images from it, so no reader ever guesses.
@@ -14,14 +15,21 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from alignlm.config import ConfigError
 from alignlm.data.records import IMAGE_TOO_LARGE, MISSING_IMAGE, UNREADABLE_IMAGE, DataError
 
 MAX_PIXELS = 50_000_000  # data.max_image_pixels default: ~7000 x 7000, far above any training image's need
+
+# data.image_aspect_ratio: how an image that is not square becomes the tower's square. LLaVA-1.5 does both:
+# finetune.sh passes --image_aspect_ratio pad (expand2square with the mean colour, then the processor), pretrain.sh
+# leaves its default 'square', the image processor alone (shorter side resized, centre cropped).
+ASPECT_RATIOS = ("pad", "crop")
 
 
 @dataclass(frozen=True)
@@ -93,7 +101,8 @@ def image_size(path: str | Path) -> tuple[int, int]:
 def check_size(path: str | Path, size: tuple[int, int], max_pixels: int | None) -> None:
     """Refuse an image whose padded square (``pad_to_square``: a 1 x 1,000,000 strip is as large as it becomes) is
     over ``max_pixels`` (``data.max_image_pixels``; None: no limit). The same for the size as stored and as shown
-    after its EXIF orientation: a turn or a mirror keeps the longer side."""
+    after its EXIF orientation: a turn or a mirror keeps the longer side. (``crop`` bounds its own resize too:
+    :func:`resize_and_crop`.)"""
     width, height = size
     if max_pixels and max(width, height) ** 2 > max_pixels:
         raise DataError(
@@ -161,11 +170,58 @@ def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image
     return canvas
 
 
-def preprocess(image: Image.Image, spec: ImageSpec, pad: bool = True) -> torch.Tensor:
-    """PIL image -> normalised ``[3, size, size]`` float tensor as the tower expects."""
-    if pad:
-        image = pad_to_square(image, tuple(int(m * 255) for m in spec.mean))  # truncated, as LLaVA and transformers do
-    image = image.resize((spec.size, spec.size), Image.Resampling.BICUBIC)
+def check_aspect_ratio(value: Any, key: str = "data.image_aspect_ratio") -> str:
+    """``value`` if it is one of :data:`ASPECT_RATIOS`, else a ``ConfigError`` naming ``key`` (a stage's
+    ``data.image_aspect_ratio``): checked before any image is read, so a misspelt value never reaches a sample."""
+    if not isinstance(value, str) or value not in ASPECT_RATIOS:
+        raise ConfigError(
+            f"{key}={value!r} is not known; choose pad (pad to a square with the tower's mean colour, LLaVA-1.5's "
+            "instruction tuning) or crop (shorter side resized, centre cropped: LLaVA-1.5's pretraining)"
+        )
+    return value
+
+
+def shorter_side_resized(width: int, height: int, side: int) -> tuple[int, int]:
+    """The ``(width, height)`` transformers' CLIP image processor resizes an image to for ``size: {shortest_edge:
+    side}``: the shorter side ``side``, the longer in proportion, truncated (``get_resize_output_image_size``)."""
+    short, long = min(width, height), max(width, height)
+    longer = int(side * long / short)
+    return (side, longer) if width <= height else (longer, side)
+
+
+def resize_and_crop(image: Image.Image, side: int, max_pixels: int | None = MAX_PIXELS) -> Image.Image:
+    """The image resized (bicubic) to ``side`` on its shorter side, then its centre ``side`` x ``side`` (the corner
+    rounded down): transformers' CLIP image processor, step for step, so the pixels are LLaVA's.
+
+    The whole image is resized before the crop, as there (resizing only the kept region in Pillow gives other
+    pixels). Resized, a thin strip is large (a 1 x 7000 one at 336: 800 M pixels), so one over ``max_pixels``
+    (``data.max_image_pixels``; None: no limit) is refused, counted as too large, before it is allocated."""
+    width, height = image.size
+    new_width, new_height = shorter_side_resized(width, height, side)
+    if max_pixels and new_width * new_height > max_pixels:
+        raise DataError(
+            f"a {width}x{height} image resized to {new_width}x{new_height} before its centre crop "
+            f"(data.image_aspect_ratio=crop) has {new_width * new_height} pixels, over "
+            f"data.max_image_pixels={max_pixels}",
+            IMAGE_TOO_LARGE,
+        )
+    resized = image.resize((new_width, new_height), Image.Resampling.BICUBIC)
+    left, top = (new_width - side) // 2, (new_height - side) // 2
+    return resized.crop((left, top, left + side, top + side))
+
+
+def preprocess(
+    image: Image.Image, spec: ImageSpec, aspect_ratio: str = "pad", max_pixels: int | None = MAX_PIXELS
+) -> torch.Tensor:
+    """PIL image -> normalised ``[3, size, size]`` float tensor as the tower expects, made square as
+    ``aspect_ratio`` says (:data:`ASPECT_RATIOS`). Its default, ``pad``, is what every checkpoint trained before the
+    setting existed saw; whatever preprocesses for a stage's checkpoint passes that stage's
+    ``data.image_aspect_ratio``. ``max_pixels`` bounds what ``crop`` resizes (:func:`resize_and_crop`)."""
+    if check_aspect_ratio(aspect_ratio, "image_aspect_ratio") == "pad":
+        square = pad_to_square(image, tuple(int(m * 255) for m in spec.mean))  # truncated, as LLaVA and transformers do
+        image = square.resize((spec.size, spec.size), Image.Resampling.BICUBIC)
+    else:
+        image = resize_and_crop(image, spec.size, max_pixels)
     x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
     mean = torch.tensor(spec.mean).view(3, 1, 1)
     std = torch.tensor(spec.std).view(3, 1, 1)

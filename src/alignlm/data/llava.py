@@ -27,7 +27,7 @@ from alignlm.config import ConfigError
 from alignlm.constants import IGNORE_INDEX, IMAGE_TOKEN
 from alignlm.data.collate import Skipped
 from alignlm.data.hooks import SampleHook
-from alignlm.data.images import MAX_PIXELS, ImageSpec, load_rgb, preprocess
+from alignlm.data.images import MAX_PIXELS, ImageSpec, check_aspect_ratio, load_rgb, preprocess
 from alignlm.data.records import (
     INVALID_JSON,
     MALFORMED,
@@ -101,8 +101,11 @@ class LlavaDataset(Dataset):
         max_image_pixels: int | None = MAX_PIXELS,
         min_usable_fraction: float = 0.5,
         preference: bool = False,
+        image_aspect_ratio: str = "pad",
     ) -> None:
         check_error_policy(on_error, min_usable_fraction)
+        # how a non-square image becomes the tower's square (data/images.py: ASPECT_RATIOS)
+        self.image_aspect_ratio = check_aspect_ratio(image_aspect_ratio)
         self.tokenizer = tokenizer
         self.template = template
         self.image_spec = image_spec
@@ -336,7 +339,8 @@ class LlavaDataset(Dataset):
         return chosen, rejected
 
     def _image(self, path: Path) -> torch.Tensor:
-        return preprocess(load_rgb(path, self.max_image_pixels), self.image_spec)
+        image = load_rgb(path, self.max_image_pixels)
+        return preprocess(image, self.image_spec, self.image_aspect_ratio, self.max_image_pixels)
 
     def _insert_slots(self, ids: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The reserved slot tokens (label -100) right after the tokenizer's own BOS, or first when there is none.

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from alignlm.config import ConfigError
+from alignlm.data.build import aspect_ratio_of
 from alignlm.evaluation import checkpoints as C
 from alignlm.evaluation import paired, plots
 from alignlm.evaluation.evaluate import answer_accuracy, caption_scores, set_kind
@@ -166,7 +167,8 @@ def evaluate_checkpoint(
     features: dict[str, Any] = {}
     if probe is not None:
         layers = resolve_layers(model, pcfg.get("layers"), "probe.layers")
-        feats = extract(model, probe, int(pcfg.get("batch_size", 32)), layers)
+        aspect_ratio = aspect_ratio_of(data_cfg)  # the probe images made square as the checkpoint's stage did
+        feats = extract(model, probe, int(pcfg.get("batch_size", 32)), layers, aspect_ratio=aspect_ratio)
         topk = int(pcfg.get("topk", 10))
         result["probe"] = {"path": path, **probe_metrics(feats, list(pcfg["metrics"]), topk, pcfg.get("layer_metrics"))}
         shift = dict(ecfg.get("gap_shift") or {})
@@ -178,7 +180,7 @@ def evaluate_checkpoint(
         if artifacts.get("enabled", True):
             factor = float(artifacts.get("factor", 4.0))
             try:
-                pixels = probe.pixels(model.image_spec)  # decoded once, by extract above
+                pixels = probe.pixels(model.image_spec, aspect_ratio)  # decoded once, by extract above
                 layers = artifact_report(model.vision, pixels, factor, int(pcfg.get("batch_size", 32)))
                 result["artifacts"] = {"factor": factor, "layers": layers}
             except NotImplementedError as e:

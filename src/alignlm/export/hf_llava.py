@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import os
 import shutil
 from pathlib import Path
@@ -36,6 +35,8 @@ from transformers import (
 
 from alignlm.config import ConfigError
 from alignlm.constants import IMAGE_TOKEN
+from alignlm.data.build import aspect_ratio_of
+from alignlm.data.images import check_aspect_ratio
 from alignlm.data.templates import get_template, turn_end
 from alignlm.models.connectors.mlp import MLPConnector
 from alignlm.models.io import (
@@ -49,7 +50,7 @@ from alignlm.models.io import (
 from alignlm.models.llm import refuse_hub_kernel_attention
 from alignlm.models.lm_loss import head_transform
 from alignlm.models.mllm import AlignLM
-from alignlm.models.vision import HFVisionTower
+from alignlm.models.vision import HFVisionTower, saved_image_norm, saved_image_processor
 
 
 class ExportError(ValueError):
@@ -200,17 +201,21 @@ def to_llava(model: AlignLM) -> Any:
     return hf.eval()
 
 
-def llava_processor(model: AlignLM, template: Any, strategy: str) -> Any:
-    """A ``LlavaProcessor`` whose image preprocessing and chat template are the ones the model was trained with."""
+def llava_processor(model: AlignLM, template: Any, strategy: str, aspect_ratio: str = "pad") -> Any:
+    """A ``LlavaProcessor`` whose image preprocessing and chat template are the ones the model was trained with;
+    ``aspect_ratio``: its stage's ``data.image_aspect_ratio`` (``data/images.py: preprocess``), ``pad`` (Llava's
+    ``do_pad``: the mean colour, then a square resize) or ``crop`` (the processor's own shorter-side resize and centre
+    crop, as CLIP's)."""
     # imported here: on a machine without torchvision, importing it prints a warning on every alignlm command
     from transformers import LlavaImageProcessor  # noqa: PLC0415
 
     spec = model.image_spec
+    pad = check_aspect_ratio(aspect_ratio, "image_aspect_ratio") == "pad"
     image_processor = LlavaImageProcessor(
-        do_pad=True,  # pad to square with the mean colour, as alignlm's loader does
+        do_pad=pad,
         do_resize=True,
-        size={"height": spec.size, "width": spec.size},
-        do_center_crop=False,
+        size={"height": spec.size, "width": spec.size} if pad else {"shortest_edge": spec.size},
+        do_center_crop=not pad,
         crop_size={"height": spec.size, "width": spec.size},  # what its token-count API reads, crop or not
         resample=3,  # bicubic
         do_rescale=True,
@@ -301,12 +306,33 @@ def set_stop_tokens(hf: Any, tokenizer: Any, template: Any) -> None:
         tokenizer.eos_token = tokenizer.convert_ids_to_tokens(ends[0])
 
 
+SOURCE_FILE = "alignlm_source.json"  # in an export: the checkpoint it was made from, as it was then
+SOURCE_FILES = ("config.yaml", "model.safetensors")  # what of a final/ folder an export reads
+
+
+def checkpoint_source(final_dir: str | Path) -> dict[str, Any]:
+    """Which checkpoint an export is made from, as it is now: its resolved path, and the size and modification time
+    (ns) of each file the export reads. An export records it (``SOURCE_FILE``) so that ``alignlm export --is-current``
+    (scripts/eval_lmms.sh) tells an export of this checkpoint as it is from one of another checkpoint, or of this one
+    before it was trained again: an export folder reused for several checkpoints scored the first one for all. Not
+    a SHA-256 of the weights: that reads all of them (28 GB for a 7B model in fp32) at every check, where writing
+    them again changes their modification time anyway."""
+    final = Path(final_dir).resolve()
+    files = {}
+    for name in SOURCE_FILES:
+        stat = (final / name).stat()
+        files[name] = {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return {"checkpoint": str(final), "files": files}
+
+
 def export(
     final_dir: str | Path, out_dir: str | Path, allow_code: bool = False, trust_remote_code: bool = False
 ) -> Path:
     """``alignlm export``: a ``final/`` checkpoint -> a transformers Llava directory (config, weights, processor, card)."""
     final_dir, out_dir = Path(final_dir), Path(out_dir)
     check_out_dir(final_dir, out_dir)
+    # taken before the weights are read: a checkpoint written again while it is exported differs from its record
+    source = checkpoint_source(final_dir)
     model = load_model(final_dir, allow_code, trust_remote_code)
     cfg = load_checkpoint_config(final_dir / "config.yaml")
     hf = to_llava(model)  # raises ExportError before anything is written
@@ -316,7 +342,7 @@ def export(
     data = cfg.stages[stage].data
     args = data.get("template_args")
     template = get_template(data.template, **(OmegaConf.to_container(args, resolve=True) if args else {}))
-    processor = llava_processor(model, template, hf.config.vision_feature_select_strategy)
+    processor = llava_processor(model, template, hf.config.vision_feature_select_strategy, aspect_ratio_of(data))
     set_stop_tokens(hf, processor.tokenizer, template)
     summary_file = final_dir.parent.parent / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.exists() else None
@@ -330,6 +356,7 @@ def export(
         processor.save_pretrained(tmp)
         (tmp / "README.md").write_text(model_card(cfg, stage, summary), encoding="utf-8")
         (tmp / "alignlm_config.yaml").write_text(config_yaml(cfg), encoding="utf-8")
+        (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n", encoding="utf-8")
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
@@ -485,36 +512,16 @@ def _own_fields(config: Any) -> dict[str, Any]:
 
 
 def _image_norm(path: str) -> dict[str, Any]:
-    """The mean/std the folder's image processor normalises with, if it has one: ``preprocessor_config.json``, or the
-    ``image_processor`` entry of ``processor_config.json``, where transformers 5 (and alignlm's export) write it.
-    Each must be 3 finite numbers, the std's above 0: a std of 0 made every pixel inf, and a short list or strings
-    failed only once training read an image."""
-    folder = Path(path)
-    found: dict[str, Any] = {}
-    where = ""
-    if (folder / "processor_config.json").exists():
-        found = json.loads((folder / "processor_config.json").read_text()).get("image_processor") or {}
-        where = f"{folder / 'processor_config.json'}: image_processor."
-    if (folder / "preprocessor_config.json").exists():
-        found = json.loads((folder / "preprocessor_config.json").read_text())
-        where = f"{folder / 'preprocessor_config.json'}: "
+    """The mean/std the Llava folder's image processor normalises with, if it has one (``models/vision.py:
+    saved_image_norm``: 3 finite numbers each, the std's above 0). A processor that crops the centre is said in a
+    warning: alignlm squares a stage's images by its ``data.image_aspect_ratio`` (pad in finetuning, as LLaVA-1.5)."""
+    found, _ = saved_image_processor(path)
     if found.get("do_center_crop") and not found.get("do_pad"):
         logging.getLogger("alignlm").warning(
-            "%s: its image processor resizes and crops the centre; alignlm pads to a square with the mean colour, as "
-            "LLaVA-1.5 trained, so its pixels (and answers) differ from transformers' own preprocessing of this folder",
+            "%s: its image processor resizes and crops the centre; alignlm makes a stage's images square by its "
+            "data.image_aspect_ratio (pad in finetuning, with the mean colour, as LLaVA-1.5 trained; crop as this "
+            "processor does): with pad its pixels (and answers) differ from transformers' own preprocessing of this "
+            "folder",
             path,
         )
-    norm = {k: found[k] for k in ("image_mean", "image_std") if k in found}
-    for key, value in norm.items():
-        numbers = isinstance(value, list) and len(value) == 3 and all(_finite_number(v) for v in value)
-        if not numbers or (key == "image_std" and min(value) <= 0):
-            raise ConfigError(
-                f"{where}{key}={value!r}: alignlm needs 3 finite numbers, one per colour channel"
-                f"{', each above 0' if key == 'image_std' else ''}"
-            )
-    return norm
-
-
-def _finite_number(value: Any) -> bool:
-    """A JSON number that is finite (not a bool, a string or null)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return {key: list(value) for key, value in saved_image_norm(path).items()}

@@ -37,11 +37,13 @@ class ProbeSet:
     captions: list[str]
     _pixels: dict[Any, Tensor] = field(default_factory=dict, repr=False)
 
-    def pixels(self, spec: Any) -> Tensor:
-        """Preprocessed images ``[n, 3, H, W]`` for a tower's image spec, decoded once (the monitor reuses them)."""
-        if spec not in self._pixels:
-            self._pixels[spec] = torch.stack([preprocess(load_rgb(p), spec) for p in self.images])
-        return self._pixels[spec]
+    def pixels(self, spec: Any, aspect_ratio: str = "pad") -> Tensor:
+        """Preprocessed images ``[n, 3, H, W]`` for a tower's image spec, made square as the probed checkpoint's stage
+        made its images (``aspect_ratio``: its ``data.image_aspect_ratio``), decoded once (the monitor reuses them)."""
+        key = (spec, aspect_ratio)
+        if key not in self._pixels:
+            self._pixels[key] = torch.stack([preprocess(load_rgb(p), spec, aspect_ratio) for p in self.images])
+        return self._pixels[key]
 
 
 def load_probe_set(path: str | Path, n: int | None = None, image_root: str | None = None) -> ProbeSet:
@@ -138,9 +140,15 @@ def resolve_layers(model: Any, layers: Any, key: str = "layers") -> list[int]:
 
 @torch.no_grad()
 def extract(
-    model: Any, probe: ProbeSet, batch_size: int = 32, layers: Sequence[int] = (), vision_features: Tensor | None = None
+    model: Any,
+    probe: ProbeSet,
+    batch_size: int = 32,
+    layers: Sequence[int] = (),
+    vision_features: Tensor | None = None,
+    aspect_ratio: str = "pad",
 ) -> ProbeFeatures:
-    """Run the probe set through vision tower, connector and (for ``layers``) the LLM, in eval mode.
+    """Run the probe set through vision tower, connector and (for ``layers``) the LLM, in eval mode, its images made
+    square as the model's stage made its own (``aspect_ratio``: that stage's ``data.image_aspect_ratio``).
 
     ``vision_features`` (the tower's output for the whole probe set) skips the tower: the monitor reuses them while
     the tower is frozen, since they cannot change then."""
@@ -148,7 +156,7 @@ def extract(
     was_training = model.training
     model.eval()
     tok, embed = model.tokenizer, model.llm.get_input_embeddings()
-    images = probe.pixels(model.image_spec)
+    images = probe.pixels(model.image_spec, aspect_ratio)
     visual: list[Tensor] = []
     encoder: list[Tensor] = []
     text_rows: list[Tensor] = []

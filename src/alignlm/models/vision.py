@@ -9,7 +9,11 @@ pipeline never guesses.
 
 from __future__ import annotations
 
+import json
+import logging
+import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,12 +22,19 @@ from efficientnet_lite_pytorch import EfficientNet
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from transformers import AutoConfig, AutoModel, CLIPVisionModel, SiglipVisionModel
+from transformers.utils import IMAGE_PROCESSOR_NAME, PROCESSOR_NAME, cached_file
 
+from alignlm.config import ConfigError
 from alignlm.data.images import ImageSpec
 from alignlm.models.llm import refuse_hub_kernel_attention, torch_dtype
 
 SELECT_FEATURES = ("patch", "cls_patch")
 REGISTERS = ("drop", "keep")
+# OpenAI CLIP's statistics: a tower's normalisation when neither the config nor its checkpoint's processor gives one
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+log = logging.getLogger(__name__)
 
 
 class VisionTower(nn.Module):
@@ -170,11 +181,8 @@ class HFVisionTower(VisionTower):
         # registers sit right after CLS ([CLS, registers, patches]); kept only when asked to
         self.num_registers = int(getattr(hf_config, "num_register_tokens", 0) or 0) if registers == "drop" else 0
         size = _image_size(hf_config)
-        self.image_spec = ImageSpec(
-            size=size,
-            mean=tuple(image_mean) if image_mean is not None else (0.48145466, 0.4578275, 0.40821073),
-            std=tuple(image_std) if image_std is not None else (0.26862954, 0.26130258, 0.27577711),
-        )
+        mean, std = _normalisation(name_or_path, image_mean, image_std)
+        self.image_spec = ImageSpec(size=size, mean=mean, std=std)
         with torch.no_grad():
             hidden = self._hidden(torch.zeros(1, 3, size, size, dtype=load_dtype))
             probe = self._tokens(hidden)
@@ -213,6 +221,87 @@ class HFVisionTower(VisionTower):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self._tokens(self._hidden(pixel_values.to(self.model.dtype)))
+
+
+def _normalisation(
+    name_or_path: str | None, image_mean: Sequence[float] | None, image_std: Sequence[float] | None
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """A tower's mean and std: the config's (``model.vision.image_mean`` / ``image_std``), else those of the image
+    processor saved with its checkpoint (:func:`saved_image_norm`), else OpenAI CLIP's, which the log says: a random
+    tower (``config``) has no checkpoint to ask."""
+    saved: dict[str, tuple[float, ...]] = {}
+    unset = [key for key, value in (("image_mean", image_mean), ("image_std", image_std)) if value is None]
+    if name_or_path is not None and unset:
+        saved = saved_image_norm(name_or_path)
+        taken = {key: saved[key] for key in unset if key in saved}
+        if taken:
+            log.info("model.vision: %s from the image processor saved with %s", taken, name_or_path)
+        if len(taken) < len(unset):
+            log.warning(
+                "model.vision: %s saved no image processor with %s (processor_config.json, preprocessor_config.json) "
+                "and model.vision sets none: using OpenAI CLIP's",
+                name_or_path,
+                " and ".join(key for key in unset if key not in taken),
+            )
+    mean = tuple(image_mean) if image_mean is not None else saved.get("image_mean", CLIP_MEAN)
+    std = tuple(image_std) if image_std is not None else saved.get("image_std", CLIP_STD)
+    return mean, std
+
+
+def saved_image_processor(name_or_path: str) -> tuple[dict[str, Any], str]:
+    """The settings of the image processor saved with a checkpoint (a folder, or a Hub name as ``from_pretrained``
+    reads it) and where they are, for messages (``<file>: image_processor.`` or ``<file>: ``): the ``image_processor``
+    entry of ``processor_config.json``, else ``preprocessor_config.json``, in transformers' order; ``({}, "")`` where
+    the checkpoint has none (or the Hub, not reached, gave none)."""
+    for name in (PROCESSOR_NAME, IMAGE_PROCESSOR_NAME):
+        path = cached_file(
+            name_or_path,
+            name,
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+        )
+        if path is None:
+            continue
+        try:
+            found = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{path} is not a readable JSON file: {e}") from None
+        where = f"{path}: "
+        if name == PROCESSOR_NAME and isinstance(found, dict):
+            if "image_processor" not in found:
+                continue  # a processor of another kind (text only): transformers reads preprocessor_config.json
+            found, where = found["image_processor"], f"{path}: image_processor."
+        if not isinstance(found, dict):
+            raise ConfigError(f"{path} holds a {type(found).__name__}, not an image processor's settings")
+        return found, where
+    return {}, ""
+
+
+def saved_image_norm(name_or_path: str) -> dict[str, tuple[float, ...]]:
+    """The ``image_mean`` / ``image_std`` of the image processor saved with a checkpoint (:func:`saved_image_processor`).
+    LLaVA builds its processor from the tower's checkpoint (``CLIPImageProcessor.from_pretrained``), so a SigLIP tower
+    (mean and std 0.5) normalised with CLIP's statistics saw other pixels than it was trained on. Each is 3 finite
+    numbers, the std's above 0, else a ``ConfigError`` naming the file; ``{}`` where the checkpoint has no processor."""
+    found, where = saved_image_processor(name_or_path)
+    return {key: _statistics(found[key], where, key) for key in ("image_mean", "image_std") if key in found}
+
+
+def _finite(value: Any) -> bool:
+    """A JSON number that is finite (not a bool, a string or null)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _statistics(value: Any, where: str, key: str) -> tuple[float, ...]:
+    """A saved processor's ``key`` (``image_mean`` or ``image_std``; ``where``: its file and entry) as 3 finite numbers,
+    the std's above 0: a std of 0 made every pixel inf, and a short list or strings failed only once training read an
+    image."""
+    std = key == "image_std"
+    if not (isinstance(value, list) and len(value) == 3 and all(map(_finite, value))) or (std and min(value) <= 0):
+        raise ConfigError(
+            f"{where}{key}={value!r}: alignlm needs 3 finite numbers, one per colour channel"
+            f"{', each above 0' if std else ''}; or set model.vision.{key}"
+        )
+    return tuple(float(v) for v in value)
 
 
 def _vision_model_class(hf_config: Any) -> type[nn.Module]:

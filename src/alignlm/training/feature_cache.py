@@ -34,14 +34,20 @@ BATCH = 32  # images per tower forward while filling
 SHARD = 4096  # images per cache shard
 
 
-def tower_fingerprint(model: AlignLM, vision_cfg: Any) -> str:
-    """The tower's config, the bytes of every weight, its image spec and the artifact filter on its output, hashed:
-    any change of a weight is another cache.
+def tower_fingerprint(model: AlignLM, vision_cfg: Any, aspect_ratio: str = "pad") -> str:
+    """The tower's config, the bytes of every weight, its image spec, how the stage makes its images square
+    (``aspect_ratio``, ``data.image_aspect_ratio``) and the artifact filter on its output, hashed: any change of a
+    weight or of the pixels is another cache.
 
-    The filter (``model.vision_artifacts``, hooked on the tower by the model builder) is no part of ``model.vision``'s
-    config, so it is read from the tower itself: another mode or factor gives other features (a run with another filter
-    had read the features an earlier run cached). Without one, nothing is added: caches filled before stay valid."""
+    A stage that crops had otherwise read the features of the padded images an earlier stage cached (the pretraining
+    and finetuning stages of one tower share its folder). Padding, what every cache before the setting was filled
+    with, adds nothing, so those caches stay valid. The filter (``model.vision_artifacts``, hooked on the tower by the
+    model builder) is no part of ``model.vision``'s config, so it is read from the tower itself: another mode or factor
+    gives other features (a run with another filter had read the features an earlier run cached). Without one,
+    nothing is added either."""
     context = [OmegaConf.to_yaml(vision_cfg, resolve=True), repr(model.image_spec)]
+    if aspect_ratio != "pad":
+        context.append(f"image_aspect_ratio: {aspect_ratio}")
     filt = getattr(model.vision, "artifact_filter", None)
     if filt is not None:
         context.append(f"vision_artifacts: mode={filt.mode} factor={filt.factor!r} prefix={filt.prefix}")
@@ -91,7 +97,7 @@ def attach_feature_cache(
             "the images of this stage; turn one of them off"
         )
     root = default_root if setting is True else Path(str(setting))
-    cache = FeatureCache(root / tower_fingerprint(model, vision_cfg))
+    cache = FeatureCache(root / tower_fingerprint(model, vision_cfg, dataset.image_aspect_ratio))
     paths = sorted({p for src, _, rec in dataset.distinct_records() for p in src.image_paths(rec)})
     missing = cache.missing(paths)
     changed = [p for p in missing if image_key(p) in cache.where]

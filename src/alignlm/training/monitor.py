@@ -26,13 +26,15 @@ from alignlm.models.probes import check_probe_size, extract, load_probe_set, pro
 class AlignmentMonitor:
     """Measures alignment probes at configured steps; calling it at other steps returns nothing."""
 
-    def __init__(self, cfg: Mapping[str, Any] | None, model: Any) -> None:
+    def __init__(self, cfg: Mapping[str, Any] | None, model: Any, aspect_ratio: str = "pad") -> None:
+        """``aspect_ratio``: the stage's ``data.image_aspect_ratio``; the probe images are made square as its own."""
         cfg = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg or {})
         self.every = int(cfg.get("every") or 0)
         if self.every < 0:
             raise ValueError(f"monitor.every={self.every}; use 0 (off) or a positive number of steps")
         if not self.every:
             return
+        self.aspect_ratio = aspect_ratio
         if not cfg.get("probe"):
             raise ValueError(
                 "monitor.every > 0 needs monitor.probe: a caption file (image + caption records), "
@@ -47,7 +49,7 @@ class AlignmentMonitor:
         # at set-up, on the pairs the file gave: the config check compares monitor.n with topk only
         asked = set(self.metrics) | (set(self.layer_metrics or self.metrics) if self.layers else set())
         check_probe_size(len(self.probe.ids), self.topk, asked, "monitor", "monitor.probe", cfg["probe"], cfg.get("n"))
-        self.probe.pixels(model.image_spec)  # decode the images once, before the clock starts
+        self.probe.pixels(model.image_spec, aspect_ratio)  # decode the images once, before the clock starts
         self.last: float | None = None
         self.tower_features: torch.Tensor | None = None
 
@@ -61,7 +63,7 @@ class AlignmentMonitor:
         if "vision" not in getattr(model, "frozen_parts", ()):
             return None
         if self.tower_features is None:
-            pixels = self.probe.pixels(model.image_spec)
+            pixels = self.probe.pixels(model.image_spec, self.aspect_ratio)
             device = next(model.parameters()).device
             self.tower_features = torch.cat(
                 [
@@ -81,7 +83,8 @@ class AlignmentMonitor:
         t0 = time.perf_counter()
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices):
-            feats = extract(model, self.probe, self.batch_size, self.layers, self.frozen_tower_features(model))
+            tower = self.frozen_tower_features(model)
+            feats = extract(model, self.probe, self.batch_size, self.layers, tower, self.aspect_ratio)
             tensors = [feats.visual_tokens, feats.text_tokens, *(t for pair in feats.layers.values() for t in pair)]
             if not all(bool(torch.isfinite(t).all()) for t in tensors):
                 # the metrics refuse such features; a diagnostic must not end the run, nor log a made-up number
