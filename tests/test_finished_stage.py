@@ -4,15 +4,18 @@ With resume=auto a stage whose final/ existed was skipped whatever had changed s
 a data file or a prepare step's file rewritten at the same path. The old weights went on to the next stages and the
 evaluation with one info line. Now final/ records what the stage was trained from (trained_from.json), a rerun that
 differs is refused before anything trains, naming each change, and a step checkpoint's recipe holds the files'
-digests too.
+digests too. The record names the weights the stage started from (a later stage kept after the earlier one it trained
+from was retrained had passed on stale weights), and a path spelled otherwise (relative, absolute) is no change.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from collections.abc import Iterator
+from hashlib import sha256
 from pathlib import Path
 
 import pytest
@@ -21,7 +24,7 @@ from alignlm.config import ConfigError
 from alignlm.pipeline import run
 from alignlm.training import checkpoint as ckpt
 from alignlm.training.trainer import StopTraining
-from tests.conftest import compose, tiny_overrides
+from tests.conftest import compose, tiny_overrides, write_colour_set
 
 
 @pytest.fixture
@@ -124,3 +127,87 @@ def test_a_step_checkpoint_resume_after_a_named_file_changed_is_refused_naming_i
         run(compose(*base))
     run(compose(*base, "resume_allow_changes=true"))  # continues from the checkpoint on this run's file
     assert (tmp_path / "t" / "pretrain" / "final" / "model.safetensors").exists()
+
+
+def test_a_finished_stage_trained_from_an_earlier_stage_since_retrained_is_refused_naming_its_init_from(
+    colour_set, tmp_path
+):
+    base = tiny_overrides(colour_set, tmp_path, "stages.pretrain.max_steps=2", "stages.finetune.max_steps=2")
+    base.append("eval.sets=[]")
+    pretrain, finetune = tmp_path / "t" / "pretrain" / "final", tmp_path / "t" / "finetune" / "final"
+    new_lr = "stages.pretrain.lr.connector=5e-3"
+    run(compose(*base))
+    first_pretrain = sha256((pretrain / ckpt.TRAINED_FROM).read_bytes()).hexdigest()
+    stamp = weights_stamp(finetune)
+
+    run(compose(*base, "run=[pretrain]", "resume=never", new_lr))  # pretrain alone retrained, finetune left as it was
+    with pytest.raises(ConfigError) as refused:  # pretrain matches this run; finetune was trained from its old weights
+        run(compose(*base, new_lr))
+    message = str(refused.value)
+    assert f"stages.finetune.init_from ({pretrain}): its weights changed since this stage trained from them" in message
+    assert "stage pretrain" not in message and weights_stamp(finetune) == stamp
+    started = json.loads((finetune / ckpt.TRAINED_FROM).read_text())[f"stages.finetune.init_from{ckpt.START}"]
+    assert started == {"path": str(pretrain), "trained_from sha256": first_pretrain}  # the record of run 1's pretrain
+
+    shutil.rmtree(pretrain)  # gone: this run would train pretrain anew, and finetune never saw those weights
+    with pytest.raises(ConfigError, match=r"stages\.finetune\.init_from \(.*\): no weights there now"):
+        run(compose(*base, new_lr))
+    assert weights_stamp(finetune) == stamp
+
+
+def test_a_rerun_naming_the_same_files_by_another_spelling_skips_the_finished_stages(
+    tmp_path, monkeypatch, alignlm_log
+):
+    monkeypatch.chdir(tmp_path)
+    write_colour_set(tmp_path / "data", n=8)
+    relative = {"pretrain": Path("data/pretrain.json"), "instruct": Path("data/instruct.json")}
+    absolute = {k: tmp_path / v for k, v in relative.items()}
+    extra = ("stages.pretrain.max_steps=2", "stages.finetune.max_steps=2", "eval.sets=[]")
+    finals = [tmp_path / "out" / "t" / name / "final" for name in ("pretrain", "finetune")]
+    run(compose(*tiny_overrides(relative, Path("out"), *extra)))
+    stamps = [weights_stamp(f) for f in finals]
+
+    run(compose(*tiny_overrides(absolute, tmp_path / "out", *extra)))  # same files and outputs, spelled absolutely
+    assert [weights_stamp(f) for f in finals] == stamps and "trained from other" not in alignlm_log.text
+
+    records = json.loads(absolute["pretrain"].read_text())
+    absolute["pretrain"].write_text(json.dumps(records[::-1]))  # now other bytes: named as such, not as a new path
+    with pytest.raises(ConfigError) as refused:
+        run(compose(*tiny_overrides(absolute, tmp_path / "out", *extra)))
+    message = str(refused.value)
+    assert f"stages.pretrain.data.sources[0].path ({absolute['pretrain']}): contents changed" in message
+    assert "stages.pretrain.data.sources:" not in message and "file data/" not in message
+
+
+def test_starting_weights_without_a_record_are_identified_by_size_and_time(tmp_path):
+    folder = tmp_path / "llava"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"weights")
+    (folder / "config.json").write_text("{}")  # not weights: not part of the identity
+    first = ckpt.start_weights(folder)
+    assert list(first["weights"]) == ["model.safetensors"] and ckpt.start_weights(None) is None
+    os.utime(folder / "model.safetensors", ns=(1, 1))  # rewritten (the same size)
+    changed = ckpt.recipe_changes({"k weights": first}, {"k weights": ckpt.start_weights(folder)})
+    assert (
+        ckpt.change_text("k weights", *changed["k weights"])
+        == f"k ({folder}): its weights changed since this stage trained from them"
+    )
+
+
+def test_a_resumed_stage_records_the_weights_its_first_segment_started_from(colour_set, tmp_path):
+    """finetune stopped after its first step, pretrain retrained under it, finetune resumed from its step checkpoint:
+    its weights still come from the old pretrain, and its final/ says so (it had recorded the new one, and a rerun
+    kept the stage)."""
+    base = tiny_overrides(colour_set, tmp_path, "stages.pretrain.max_steps=2", "stages.finetune.max_steps=3")
+    base += ["eval.sets=[]", "stages.finetune.save_every=1"]
+    pretrain = tmp_path / "t" / "pretrain" / "final"
+    new_lr = "stages.pretrain.lr.connector=5e-3"
+    with pytest.raises(StopTraining):
+        run(compose(*base, "stop_after_steps=3"))  # pretrain's 2 steps and finetune's first
+    first = sha256((pretrain / ckpt.TRAINED_FROM).read_bytes()).hexdigest()
+    run(compose(*base, "run=[pretrain]", "resume=never", new_lr))  # sets aside pretrain only
+    run(compose(*base, "run=[finetune]", "resume_allow_changes=true"))  # resumes finetune from its step 1
+    started = json.loads((tmp_path / "t" / "finetune" / "final" / ckpt.TRAINED_FROM).read_text())
+    assert started[f"stages.finetune.init_from{ckpt.START}"]["trained_from sha256"] == first
+    with pytest.raises(ConfigError, match=r"stages\.finetune\.init_from .*its weights changed"):
+        run(compose(*base, new_lr))

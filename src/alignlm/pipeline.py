@@ -348,9 +348,11 @@ def warn_other_model(cfg: DictConfig, stages: list[str], log: Any) -> None:
 
 def check_finished_stages(cfg: DictConfig, acc: Accelerator, log: Any) -> None:
     """``resume=auto`` skips a stage whose ``final/`` exists: refuse, before anything trains, every such stage of
-    ``cfg.run`` trained from other settings, model settings or file contents than this run's
-    (:func:`checkpoint.finished_changes`), naming each change; a changed lr, a regenerated labels file or pairs file
-    had been skipped over without a word, the old weights passed on to the next stages and the evaluation. With
+    ``cfg.run`` trained from other settings, model settings, file contents or starting weights than this run's
+    (:func:`checkpoint.finished_changes`), naming each change; a changed lr, a regenerated labels file or pairs file,
+    an earlier stage retrained since a later one trained from it, had been skipped over without a word, the old
+    weights passed on to the next stages and the evaluation. A path spelled otherwise (relative, absolute) is no
+    change. With
     ``resume_allow_changes=true`` such a stage is kept as it is, with a warning naming the changes. Every rank compares
     the same files after the prepare steps, so every rank refuses alike (the others do not wait on the main one)."""
     if cfg.resume == "never":  # every stage's earlier outputs were set aside: nothing is finished
@@ -360,6 +362,9 @@ def check_finished_stages(cfg: DictConfig, acc: Accelerator, log: Any) -> None:
     for name in (n for n in cfg.run if stage_done(cfg, n)):
         final = run_dir / name / "final"
         stage = OmegaConf.to_container(cfg.stages[name], resolve=True)
+        # the start a skipped stage would follow: an earlier stage's final/ as this run leaves it (none there: one
+        # this run trains anew, which the finished stage never saw)
+        start = ckpt.start_weights(ckpt.resolve_init(stage.get("init_from"), run_dir, cfg.stages))
         ours = ckpt.trained_from(
             stage,
             name,
@@ -367,6 +372,7 @@ def check_finished_stages(cfg: DictConfig, acc: Accelerator, log: Any) -> None:
             str(acc.mixed_precision),
             acc.num_processes,
             ckpt.input_files(stage, name),
+            start,
         )
         changes = ckpt.finished_changes(final, ours, cfg.model)
         if changes is None:
@@ -380,8 +386,8 @@ def check_finished_stages(cfg: DictConfig, acc: Accelerator, log: Any) -> None:
             )
         elif changes and cfg.get("resume_allow_changes"):
             log.warning(
-                "stage %s: keeping %s, trained from other settings or files than this run's, as finished "
-                "(resume_allow_changes=true): %s",
+                "stage %s: keeping %s, trained from other settings, files or starting weights than this run's, as "
+                "finished (resume_allow_changes=true): %s",
                 name,
                 final,
                 "; ".join(changes),
@@ -390,10 +396,10 @@ def check_finished_stages(cfg: DictConfig, acc: Accelerator, log: Any) -> None:
             refused.append(f"stage {name} ({final}): {'; '.join(changes)}")
     if refused:
         raise ConfigError(
-            "finished stages were trained from other settings or files than this run's, and resume=auto would keep "
-            f"their weights: {' | '.join(refused)}. Set resume=never to retrain every stage (earlier outputs are set "
-            "aside in <stage>/before-<time>/, not deleted), or resume_allow_changes=true to keep the finished stages "
-            "as they are"
+            "finished stages were trained from other settings, files or starting weights than this run's, and "
+            f"resume=auto would keep their weights: {' | '.join(refused)}. Set resume=never to retrain every stage "
+            "(earlier outputs are set aside in <stage>/before-<time>/, not deleted), or resume_allow_changes=true to "
+            "keep the finished stages as they are"
         )
 
 

@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Container, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,9 @@ MANIFEST = "manifest.json"
 OBJECTIVES_FILE = "objectives.safetensors"  # persistent objective state (a learned temperature), by config key
 TRAINED_FROM = "trained_from.json"  # in final/: the stage's recipe as it finished (:func:`trained_from`)
 CONTENTS = " contents"  # suffix of a recipe key holding the bytes' digest of the file its config key names
+START = " weights"  # suffix of the trained_from key identifying the weights a stage started from (init_from)
+IDENTIFIED = (CONTENTS, START)  # keys compared by what identifies the bytes, never by the path that named them
+WEIGHT_SUFFIXES = (".safetensors", ".bin")  # weights files of a final/ or a transformers Llava folder
 
 
 def resolve_init(
@@ -318,34 +321,128 @@ def input_files(stage: Mapping[str, Any], name: str) -> dict[str, dict[str, str]
     return out
 
 
+def start_weights(init: Path | None) -> dict[str, Any] | None:
+    """What identifies the weights a stage starts from (its ``init_from`` as :func:`resolve_init` finds it), as
+    :func:`trained_from` records it; None for a stage without ``init_from``. A ``final/`` holding a
+    :data:`TRAINED_FROM` record: that record's SHA-256, which names the earlier stage's recipe, files and,
+    recursively, its own start, so a stage retrained from anything else since gives another. A ``final/`` without one
+    or a transformers Llava folder: each weights file's size and modification time, not its digest (hashing a 28 GB
+    file at every rerun would take minutes; a rewrite changes them, and so does a copy that does not keep times). A
+    folder not there (a stage this run trains anew, or removed) has no weights files."""
+    if init is None:
+        return None
+    record = Path(init) / TRAINED_FROM
+    if record.is_file():
+        return {"path": str(init), "trained_from sha256": _sha256(record)}
+    files = sorted(p for p in Path(init).glob("*") if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+    return {"path": str(init), "weights": {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files}}
+
+
 def trained_from(
-    stage: Mapping[str, Any], name: str, seed: int, precision: str, world: int, files: Mapping[str, dict[str, str]]
+    stage: Mapping[str, Any],
+    name: str,
+    seed: int,
+    precision: str,
+    world: int,
+    files: Mapping[str, dict[str, str]],
+    start: Mapping[str, Any] | None,
 ) -> dict[str, Any]:
     """What a finished stage was trained from, as its ``final/`` records it (:data:`TRAINED_FROM`) and a rerun
-    compares (:func:`finished_changes`): its :func:`recipe` with the step count as written, and its global batch
-    (a step checkpoint holds that beside its recipe). ``stage``: resolved, as a container."""
+    compares (:func:`finished_changes`): its :func:`recipe` with the step count as written, its global batch (a step
+    checkpoint holds that beside its recipe) and its starting weights (``start``: :func:`start_weights`, null without
+    ``init_from``, so that a record written before starts were recorded, which lacks the key, is told apart). A later
+    stage trained from an earlier one's old weights had been kept after the earlier one was retrained: ``init_from``
+    is free on resume, since a step checkpoint holds its weights, but a finished stage holds what they became.
+    ``stage``: resolved, as a container."""
     batch = int(stage["per_device_batch_size"]) * int(stage["grad_accum"]) * world
-    settings = recipe(stage, name, None, seed, precision, files) | {f"stages.{name} global batch": batch}
+    settings = recipe(stage, name, None, seed, precision, files) | {
+        f"stages.{name} global batch": batch,
+        f"stages.{name}.init_from{START}": start,
+    }
     return json.loads(json.dumps(settings))  # as the record reads back (tuples as lists)
 
 
+def _exists(text: str) -> bool:
+    try:
+        return Path(text).exists()
+    except (OSError, ValueError):  # a prompt too long to be a file name, or holding a NUL byte: text, not a path
+        return False
+
+
+def _resolved(tree: Any) -> Any:
+    """``tree`` with every non-empty string that names an existing file or folder replaced by its absolute path, into
+    mappings and lists: ``data/x.json``, ``./data/x.json`` and ``/runs/data/x.json`` from ``/runs`` are one input, and
+    a rerun that spells it otherwise changes nothing. Applied to both sides of a comparison in one working folder, so
+    equal strings stay equal whatever they say, and only spellings of one existing path become equal (``""`` stays
+    itself: an empty ``image_root`` means the data file's folder, not this one)."""
+    if isinstance(tree, Mapping):
+        return {k: _resolved(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_resolved(v) for v in tree]
+    if isinstance(tree, str) and tree and _exists(tree):
+        return str(Path(tree).resolve())
+    return tree
+
+
+def _compared(key: str, value: Any) -> Any:
+    """What a recorded value is compared by: a file's digest or a start's identity without the path that named it
+    (:data:`IDENTIFIED`: the same bytes under another spelling or place are no change; a move is named by the config
+    key holding the path, if any), any other value with its paths resolved (:func:`_resolved`)."""
+    if key.endswith(IDENTIFIED) and isinstance(value, Mapping):
+        return {k: v for k, v in value.items() if k != "path"}
+    return _resolved(value)
+
+
+# stage settings added after a checkpoint may have been written, by key suffix: what the code that wrote it did
+# without them (a recipe lacking the key is compared as that value, not as a change)
+BEFORE_SETTINGS = {".data.image_aspect_ratio": "pad"}
+
+
 def recipe_changes(theirs: Mapping[str, Any], ours: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """``{key: (theirs, ours)}`` for every key in which two recipes differ. A file's contents count where both
-    recorded them: one written before files were hashed has none, and a path that appears or goes is named by its
-    own config key."""
+    """``{key: (theirs, ours)}`` for every key in which two recipes differ (:func:`_compared`: not by the spelling of
+    a path). A file's contents and a start's weights count where both recorded them: a record written before they
+    were has none, and a path that appears or goes is named by its own config key."""
+
+    def differ(key: str, a: Any, b: Any) -> bool:
+        return a != b and _compared(key, a) != _compared(key, b)
+
+    def recorded(key: str) -> Any:
+        """Their value of ``key``; a setting added since they were written, what their code did without it."""
+        if key in theirs:
+            return theirs[key]
+        return next((v for suffix, v in BEFORE_SETTINGS.items() if key.endswith(suffix)), None)
+
     changed = {
-        k: (theirs.get(k), v)
+        k: (recorded(k), v)
         for k, v in ours.items()
-        if theirs.get(k) != v and (k in theirs or not k.endswith(CONTENTS))
+        if (k in theirs or not k.endswith(IDENTIFIED)) and differ(k, recorded(k), v)
     }
-    return changed | {k: (v, None) for k, v in theirs.items() if k not in ours and not k.endswith(CONTENTS)}
+    return changed | {k: (v, None) for k, v in theirs.items() if k not in ours and not k.endswith(IDENTIFIED)}
+
+
+def _start_text(key: str, theirs: Any, ours: Any) -> str:
+    """A stage's starting weights (:func:`start_weights`) that are not the ones it trained from, for a message."""
+    if not isinstance(ours, Mapping):
+        where = theirs.get("path") if isinstance(theirs, Mapping) else theirs
+        return f"{key}: trained from the weights in {where}, this run starts from none"
+    if not isinstance(theirs, Mapping):
+        return f"{key}: trained from no starting weights, this run starts from {ours.get('path')}"
+    if "trained_from sha256" not in ours and not ours.get("weights"):
+        return (
+            f"{key} ({ours.get('path')}): no weights there now, this stage trained from the ones there were "
+            "(this run trains them anew, or they were removed)"
+        )
+    return f"{key} ({ours.get('path')}): its weights changed since this stage trained from them"
 
 
 def change_text(key: str, theirs: Any, ours: Any) -> str:
-    """One changed setting for a message, ``key: theirs -> ours``; a file whose bytes changed at the same path,
-    ``key (path): contents changed`` (two digests would tell a reader nothing)."""
+    """One changed setting for a message, ``key: theirs -> ours``; a file whose bytes changed at the same path
+    (however spelled), ``key (path): contents changed`` (two digests would tell a reader nothing); starting weights
+    that changed, ``stages.<name>.init_from (path): its weights changed since this stage trained from them``."""
+    if key.endswith(START):
+        return _start_text(key.removesuffix(START), theirs, ours)
     if key.endswith(CONTENTS) and isinstance(theirs, dict) and isinstance(ours, dict):
-        if theirs.get("path") == ours.get("path"):
+        if _resolved(theirs.get("path")) == _resolved(ours.get("path")):
             return f"{key.removesuffix(CONTENTS)} ({ours.get('path')}): contents changed"
         return f"{key.removesuffix(CONTENTS)}: file {theirs.get('path')} -> {ours.get('path')}"
     return f"{key}: {theirs} -> {ours}"
@@ -394,15 +491,41 @@ def layout_difference(theirs: Mapping[str, list[int]], ours: Mapping[str, list[i
     return "; ".join(parts) or None
 
 
+def _inert_surplus(theirs: Mapping[str, list[int]], ours: Mapping[str, list[int]], inert: Container[str]) -> list[str]:
+    """The tensors a checkpoint's layout holds beyond this run's when they are its whole difference and each is one
+    this run's model keeps frozen because its output never depends on it (``inert``: ``stages.InertTensors``), else
+    []: the checkpoint was written before alignlm kept a tower's inert weights frozen and out of LoRA."""
+    surplus = [n for n in theirs if n not in ours]
+    fits = all(n in theirs and theirs[n] == shape for n, shape in ours.items())
+    return surplus if fits and all(n in inert for n in surplus) else []
+
+
 def resume_changes(
-    folder: Path, written: Mapping[str, Any], ours: Mapping[str, Any], stage: str, allow: bool
+    folder: Path,
+    written: Mapping[str, Any],
+    ours: Mapping[str, Any],
+    stage: str,
+    allow: bool,
+    inert: Container[str] = frozenset(),
 ) -> dict[str, tuple[Any, Any]]:
     """Refuse a checkpoint whose tensors do not fit this run (another model, parts, LoRA or objectives) or whose
     optimizer state another strategy wrote; name what would make the resumed stage differ from an uninterrupted one
     (the data order of a step depends on the global batch, each rank's RNG on the world size, the rest on the stage's
     config: ``recipe``) and refuse it unless ``allow`` (``resume_allow_changes``). ``written``: the checkpoint's
-    ``trainer_state.json``; ``ours``: the same fields of this run. Returns what changed, ``{key: (theirs, ours)}``."""
-    difference = layout_difference(written.get("layout", ours["layout"]), ours["layout"])
+    ``trainer_state.json``; ``ours``: the same fields of this run; ``inert``: the tensors this run's model keeps
+    frozen because its output never depends on them (what ``apply_stage`` returned), which a checkpoint of an earlier
+    alignlm trained. Returns what changed, ``{key: (theirs, ours)}``."""
+    theirs = written.get("layout", ours["layout"])
+    difference = layout_difference(theirs, ours["layout"])
+    held = _inert_surplus(theirs, ours["layout"], inert) if difference else []
+    if held:
+        raise ValueError(
+            f"{folder} trained {len(held)} tensors that this run leaves alone because its model's output never "
+            f"depends on them ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}): it was written by an alignlm "
+            "from before a tower's inert weights (the layers above select_layer, a pooled-output head, a classifier) "
+            "were kept frozen and out of LoRA. Finish the stage with the alignlm version that wrote it, or start it "
+            "over with resume=never (its earlier outputs are set aside, not deleted)"
+        )
     if difference:
         raise ValueError(
             f"{folder} does not fit this run's model: {difference}. Was the model, stages.{stage}.parts, its lora or "
