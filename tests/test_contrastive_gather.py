@@ -240,6 +240,8 @@ def _stand_in_rank(rank: int, port: int, out: str, data: str) -> None:
     rows = trainer.fetch([trainer.step([micro], 1)])
     if rank == 0:
         torch.save(rows[0][1], Path(out) / "ranks.pt")
+    trainer.acc.wait_for_everyone()
+    torch.distributed.destroy_process_group()  # gloo's threads ended before exit (one aborted the process otherwise)
 
 
 def _contrastive_trainer(data: Path, out: Path):

@@ -8,15 +8,24 @@ weight-decayed them where AdamW did not. They now stay frozen, and in the model.
 
 from __future__ import annotations
 
+import json
+import logging
+
 import pytest
 import torch
-from safetensors.torch import load_file
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
 
+from alignlm.checks import check_stages_fit_model
+from alignlm.config import ConfigError
+from alignlm.evaluation.checkpoints import load, resolve
 from alignlm.models.build import build_model
-from alignlm.models.io import part_state
+from alignlm.models.io import config_yaml, part_state
 from alignlm.models.vision import EfficientNetLiteTower
-from alignlm.training.stages import apply_stage, param_groups
-from tests.conftest import compose, make_batch, tiny_overrides
+from alignlm.pipeline import run
+from alignlm.training.checkpoint import layout, resume_changes
+from alignlm.training.stages import apply_stage, merge_lora, param_groups
+from tests.conftest import compose, make_batch, tiny_overrides, write_colour_set
 
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0}
 TOWERS = {
@@ -141,3 +150,121 @@ def test_two_ddp_ranks_train_a_full_tower(colour_set, tmp_path):
     assert not torch.equal(
         final["vision.model.encoder.layers.0.mlp.fc1.weight"], start.vision.model.encoder.layers[0].mlp.fc1.weight
     )
+
+
+def _as_alignlm_trained_before(model, parts: dict[str, str]) -> None:
+    """The stage's parts set up as alignlm did before it kept a tower's inert weights frozen: a fully trained part
+    trained every weight, and LoRA adapted every linear layer."""
+    for part in model.PARTS:
+        module = getattr(model, part)
+        module.requires_grad_(parts.get(part, "frozen") == "full")
+        if parts.get(part) == "lora":
+            config = LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, target_modules="all-linear")
+            setattr(model, part, get_peft_model(module, config))
+
+
+def _old_step_checkpoint(colour_set, tmp_path, vision: str):
+    """A step checkpoint of a stage training the tiny tower (``vision``: full or lora) as an alignlm from before wrote
+    it: every trainable tensor (the inert ones and their adapters too) moved away from its start, as training does,
+    and the layout of its trainer state. Returns its folder, its stage's config and the model as it trained."""
+    parts = {"vision": vision, "connector": "full", "llm": "frozen"}
+    cfg = compose(
+        *tiny_overrides(colour_set, tmp_path, "run=[pretrain]", f"stages.pretrain.parts.vision={vision}"),
+        "stages.pretrain.lora={r:2,alpha:4,dropout:0.0,target_modules:all-linear}",
+    )
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    _as_alignlm_trained_before(model, parts)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    stage_dir = tmp_path / "t" / "pretrain"
+    folder = stage_dir / "checkpoints" / "step_000002"
+    folder.mkdir(parents=True)
+    (stage_dir / "config.yaml").write_text(config_yaml(cfg))
+    save_file(part_state(model, model.PARTS, only_trainable=True), str(folder / "trainable.safetensors"))
+    state = {"step": 2, "stage": "pretrain", "layout": layout(model, None)}
+    (folder / "trainer_state.json").write_text(json.dumps(state))
+    return folder, cfg, model
+
+
+@pytest.mark.parametrize("vision", ["lora", "full"])
+def test_a_step_checkpoint_that_trained_the_inert_weights_evaluates_and_its_resume_says_why_not(
+    colour_set, tmp_path, vision
+):
+    """A step checkpoint written before the inert weights stayed frozen: its evaluation had failed ("checkpoint has
+    weights the model lacks": adapters on the layer above select_layer) and its resume called it one of another
+    model, asking what the user had changed. Now the evaluation leaves those tensors out, saying so, and computes
+    what the checkpoint's model computed; the resume says why it cannot go on and what to do."""
+    folder, cfg, trained = _old_step_checkpoint(colour_set, tmp_path, vision)
+    logger = logging.getLogger("alignlm")
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        torch.manual_seed(0)  # its frozen weights as the trained model's
+        (ck,) = resolve([str(folder)])
+        model = load(ck)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    said = [r.getMessage() for r in records if "never depends on" in r.getMessage()]
+    assert len(said) == 1 and "encoder.layers.1." in said[0] and str(folder) in said[0]
+    merge_lora(trained)
+    torch.manual_seed(0)
+    ours = build_model(cfg.model)  # as the stage started
+    images = torch.rand(2, 3, *[model.vision.image_spec.size] * 2)
+    with torch.no_grad():
+        torch.testing.assert_close(model.vision(images), trained.vision(images))
+        assert not torch.allclose(model.vision(images), ours.vision(images))  # the step's weights loaded
+    inert = apply_stage(ours, cfg.stages.pretrain.parts, cfg.stages.pretrain.lora)
+    written = json.loads((folder / "trainer_state.json").read_text())
+    run_state = {"world": 1, "strategy": "ddp", "recipe": {}, "layout": layout(ours, None)}
+    for allow in (False, True):  # resume_allow_changes does not help
+        with pytest.raises(ValueError, match="from before a tower's inert weights") as refused:
+            resume_changes(folder, written, run_state, "pretrain", allow, inert)
+    assert "resume=never" in str(refused.value) and "encoder.layers.1." in str(refused.value)
+    other = run_state | {"layout": {**run_state["layout"], "connector.extra.weight": [2, 2]}}
+    with pytest.raises(ValueError, match="does not fit this run's model"):  # another difference: the message as was
+        resume_changes(folder, written, other, "pretrain", False, inert)
+
+
+def test_a_lora_tower_whose_only_linear_layer_is_inert_is_refused_before_anything_trains(tmp_path):
+    """EfficientNet-Lite's one linear layer is its classifier ``_fc``, which the features never reach: with
+    parts.vision=lora peft found nothing to adapt when the finetune stage began, after pretraining had trained (before
+    the inert weights stayed out of LoRA, it trained an adapter there that changed nothing)."""
+    sets = write_colour_set(tmp_path / "data", n=8)
+    overrides = tiny_overrides(
+        sets,
+        tmp_path / "out",
+        "model/vision=efficientnet_lite0",
+        "model.vision.weights=null",
+        "stages.pretrain.max_steps=1",
+        "stages.finetune.max_steps=1",
+        "eval.sets=[]",
+        "stages.finetune.parts.vision=lora",
+    )
+    with pytest.raises(ConfigError, match=r"stages\.finetune\.parts\.vision=lora adapts nothing") as refused:
+        run(compose(*overrides))
+    assert "no linear layer of model.vision reaches its features" in str(refused.value)
+    assert "stages.finetune.parts.vision=full or frozen" in str(refused.value)
+    assert not any((tmp_path / "out").rglob("*.safetensors"))  # pretraining never began
+
+
+def test_lora_targets_that_name_only_inert_layers_are_refused_before_anything_trains(colour_set, tmp_path):
+    """Explicit ``target_modules`` that match only the tower's layer above ``select_layer`` adapt nothing that
+    trains."""
+    cfg = compose(*tiny_overrides(colour_set, tmp_path, "stages.finetune.parts.vision=lora"))
+    cfg.stages.finetune.lora.target_modules = r"model\.encoder\.layers\.1\..*_proj"  # a pattern: peft's fullmatch
+    with pytest.raises(ConfigError, match=r"stages\.finetune\.parts\.vision=lora adapts nothing") as refused:
+        check_stages_fit_model(cfg, ["pretrain", "finetune"], build_model(cfg.model))
+    assert "layers.1" in str(refused.value) and "target layers its features pass through" in str(refused.value)
+    reaching = compose(
+        *tiny_overrides(colour_set, tmp_path, "stages.finetune.parts.vision=lora"),
+        "stages.finetune.lora.target_modules=[q_proj,v_proj]",
+    )
+    check_stages_fit_model(reaching, ["pretrain", "finetune"], build_model(reaching.model))

@@ -24,10 +24,11 @@ from peft import LoraConfig
 from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils import INCLUDE_LINEAR_LAYERS_SHORTHAND
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from alignlm.config import ConfigError, default_keys, plain
 from alignlm.data import GENERATORS, generator_knobs
-from alignlm.data.images import MAX_PIXELS
+from alignlm.data.images import MAX_PIXELS, check_aspect_ratio
 from alignlm.data.llava import check_error_policy
 from alignlm.data.records import DataError, Source, image_names, read_records
 from alignlm.data.templates import TEMPLATES
@@ -39,7 +40,7 @@ from alignlm.objectives.base import check_min_batch
 from alignlm.training.logging import WANDB_MODES
 from alignlm.training.optim import check_schedule
 from alignlm.training.sharding import STRATEGIES
-from alignlm.training.stages import MODES, check_parts
+from alignlm.training.stages import MODES, check_parts, lora_exclusions
 from alignlm.training.trainer import checkpointing_parts
 from alignlm.training.zero import STAGES as ZERO_STAGES
 
@@ -347,6 +348,7 @@ def _check_stage_choices(key: str, stage: DictConfig, part_modes: Mapping[str, t
     if data.get("template", "plain") not in TEMPLATES:
         raise ConfigError(f"{key}.data.template={data.template!r} is not known; choose one of {sorted(TEMPLATES)}")
     check_error_policy(data.get("on_error", "skip"), data.get("min_usable_fraction", 0.5), f"{key}.data")
+    check_aspect_ratio(data.get("image_aspect_ratio", "pad"), f"{key}.data.image_aspect_ratio")
     _whole(f"{key}.data.max_length", data.get("max_length", 2048))
     for name in ("template_args", "hooks"):
         _mapping(f"{key}.data.{name}", data.get(name), null=True)
@@ -504,13 +506,20 @@ def check_stages_fit_model(cfg: DictConfig, stages: Sequence[str], model: AlignL
     """What only the built model tells, for every stage of ``stages`` (those about to train), before the first trains:
     each LoRA stage's ``target_modules`` name modules of the part it adapts (peft refused them when that stage began,
     after the stages before it had trained), and ``data.max_length`` holds one image's visual tokens and a token of
-    text (the stage's dataset refused it then). ``model``: built from ``cfg.model``, nothing loaded."""
+    text (the stage's dataset refused it then). Those targets must also leave a module the part's output depends on
+    once its inert ones are excluded (peft found no module to adapt when the stage began). ``model``: built from
+    ``cfg.model``, nothing loaded."""
+    exclusions: dict[str, list[str]] = {}  # each part's, probed once for all stages
     for name in stages:
         key, stage = f"stages.{name}", cfg.stages[name]
         targets = (stage.get("lora") or {}).get("target_modules", INCLUDE_LINEAR_LAYERS_SHORTHAND)
         for part, mode in stage.parts.items():
             if mode == "lora":
-                _check_lora_targets(f"{key}.lora.target_modules", plain(targets), getattr(model, part), part)
+                module = getattr(model, part)
+                _check_lora_targets(f"{key}.lora.target_modules", plain(targets), module, part)
+                if part not in exclusions:
+                    exclusions[part] = lora_exclusions(module)
+                _check_lora_reaches(key, plain(targets), module, part, exclusions[part])
         max_length, tokens = stage.data.get("max_length", 2048), model.num_image_tokens
         if max_length <= tokens and _has_images(stage.data):
             raise ConfigError(
@@ -538,6 +547,36 @@ def _check_lora_targets(key: str, targets: str | list[str], module: nn.Module, p
             f"{key}={targets!r}: {target!r} names no module of model.{part}; {hint}its layers are named {leaves}, or "
             f"use {INCLUDE_LINEAR_LAYERS_SHORTHAND} (every linear layer)"
         )
+
+
+def _check_lora_reaches(key: str, targets: str | list[str], module: nn.Module, part: str, excluded: list[str]) -> None:
+    """``targets`` adapt a module of ``module`` that is not in ``excluded`` (its inert modules: ``lora_exclusions``),
+    matched as peft matches them (``all-linear``: every linear layer). A tower whose only linear layer is inert (a CNN's
+    classifier) otherwise failed with peft's "No modules were targeted" when its stage began, after the stages
+    before it had trained."""
+    every_linear = isinstance(targets, str) and targets.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND
+    names = [n for n, _ in module.named_modules() if n]
+    wanted = [n for n in names if _is_linear(module.get_submodule(n))] if every_linear else targets
+    kept = LoraConfig(target_modules=wanted, exclude_modules=excluded or None)
+    if any(check_target_module_exists(kept, n) for n in names):  # an excluded module matches as falsy
+        return
+    every = LoraConfig(target_modules=wanted)
+    named = [n for n in names if check_target_module_exists(every, n)]
+    beyond = f" ({named[:3]}{' ...' if len(named) > 3 else ''}: an adapter there would never train)" if named else ""
+    what = (
+        f"no linear layer of model.{part} reaches its features{beyond}"
+        if every_linear
+        else f"{key}.lora.target_modules={targets!r} names no module of model.{part} its features pass{beyond}"
+    )
+    raise ConfigError(
+        f"{key}.parts.{part}=lora adapts nothing: {what}; use {key}.parts.{part}=full or frozen"
+        + ("" if every_linear else ", or target layers its features pass through")
+    )
+
+
+def _is_linear(module: nn.Module) -> bool:
+    """A layer peft's ``all-linear`` adapts: ``nn.Linear`` or transformers' ``Conv1D``."""
+    return isinstance(module, (nn.Linear, Conv1D))
 
 
 def _has_images(data: DictConfig) -> bool:

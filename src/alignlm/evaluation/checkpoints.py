@@ -11,12 +11,14 @@ A path may be
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
 
@@ -31,7 +33,9 @@ from alignlm.models.io import (
 )
 from alignlm.training.checkpoint import load_init, resolve_init, stage_place, step_dirs, verify
 from alignlm.training.logging import read_rows
-from alignlm.training.stages import apply_stage, merge_lora
+from alignlm.training.stages import InertTensors, apply_stage, merge_lora
+
+log = logging.getLogger("alignlm")
 
 
 @dataclass(frozen=True)
@@ -167,8 +171,8 @@ def load(ck: Checkpoint, allow_code: bool = False, trust_remote_code: bool = Fal
         )
     if init:
         load_init(model, init)
-    apply_stage(model, stage.parts, stage.get("lora"))
-    state = load_file(str(ck.path / "trainable.safetensors"))
+    inert = apply_stage(model, stage.parts, stage.get("lora"))
+    state = _without_inert(ck, load_file(str(ck.path / "trainable.safetensors")), inert)
     held = {p.data_ptr() for k, p in model.state_dict().items() if k in state}  # a tied weight arrives with its twin
     untrained = [k for k, p in model.named_parameters() if p.requires_grad and p.data_ptr() not in held]
     if untrained:
@@ -181,3 +185,20 @@ def load(ck: Checkpoint, allow_code: bool = False, trust_remote_code: bool = Fal
     model.requires_grad_(False)
     model.eval()
     return model
+
+
+def _without_inert(ck: Checkpoint, state: dict[str, torch.Tensor], inert: InertTensors) -> dict[str, torch.Tensor]:
+    """``state`` without the tensors its model's output never depends on: an alignlm from before a tower's inert
+    weights were kept frozen and out of LoRA trained them (or adapters on them), and this model has no place for
+    such an adapter. Leaving them out changes no number the model computes; an info line says so."""
+    dropped = sorted(k for k in state if k in inert)
+    if dropped:
+        log.info(
+            "step checkpoint %s: left out %d tensors its model's output never depends on (%s%s), which an earlier "
+            "alignlm trained in a tower; the model computes the same without them",
+            ck.path,
+            len(dropped),
+            ", ".join(dropped[:3]),
+            ", ..." if len(dropped) > 3 else "",
+        )
+    return {k: v for k, v in state.items() if k not in inert}

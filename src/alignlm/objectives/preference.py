@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alignlm.models.precision import frozen_linears
+from alignlm.models.precision import frozen_linears, store_weight
 from alignlm.objectives.base import LossTerm, Objective
 from alignlm.objectives.pairs import zero_loss
 
@@ -121,7 +121,7 @@ class PreferenceObjective(Objective):
             dtype = torch.get_autocast_dtype(device)
             for linear in frozen_linears(self.frozen_reference):
                 if linear.weight.dtype != dtype:
-                    linear.to(dtype)
+                    store_weight(linear, dtype)
         return self.frozen_reference(batch, sample_logps=True).sample_logps
 
     def forward(self, batch: dict[str, Any], out: Any, model: nn.Module) -> LossTerm:

@@ -7,7 +7,8 @@ always holds plain weights that load without peft. A part may define its own mod
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,14 +35,42 @@ def check_parts(modes: Mapping[str, str], part_modes: Mapping[str, Sequence[str]
         raise ConfigError(f"{key}.parts.connector=lora is not supported; train the connector fully")
 
 
-def apply_stage(model: AlignLM, parts: Mapping[str, str], lora: Mapping[str, Any] | None = None) -> None:
-    """Set ``requires_grad`` per part and inject LoRA where asked; frozen parts stay in eval mode.
+@dataclass(frozen=True)
+class InertTensors:
+    """Tensors of a model that its output never depends on, by full name as the model (LoRA-wrapped or not) and its
+    checkpoints name them: the trained parts' inert parameters, and the sub-modules whose own parameters are all
+    inert (``modules``). An adapter in one of those could only be one an earlier alignlm put there (it adapted every
+    linear layer), trained without a gradient. A checkpoint's tensors among them change nothing the model computes,
+    so an evaluation may leave them out, and a resume can say why the checkpoint does not fit."""
+
+    parameters: frozenset[str] = frozenset()
+    modules: frozenset[str] = frozenset()
+
+    def __contains__(self, name: object) -> bool:
+        """Whether ``name`` is an inert parameter, or a LoRA tensor (``...<module>.lora_A.default.weight``) of an
+        inert module."""
+        if not isinstance(name, str):
+            return False
+        if name in self.parameters:
+            return True
+        components = name.split(".")
+        return any(
+            components[i].startswith("lora_") and ".".join(components[:i]) in self.modules
+            for i in range(1, len(components))
+        )
+
+
+def apply_stage(model: AlignLM, parts: Mapping[str, str], lora: Mapping[str, Any] | None = None) -> InertTensors:
+    """Set ``requires_grad`` per part and inject LoRA where asked; frozen parts stay in eval mode. Returns the trained
+    parts' inert tensors, named as the model names them now (under its adapters).
 
     A part's inert parameters (``inert_parameters()``, e.g. a tower's layers above the one it reads) never train nor
     get an adapter: they get no gradient, on which data-parallel ranks would wait (DDP fails at step 2), and ZeRO
     would decay them where AdamW leaves them alone. They stay in the part, so ``final/`` and export hold them."""
     check_parts(parts, {p: getattr(getattr(model, p), "TRAIN_MODES", MODES) for p in model.PARTS})
     model.frozen_parts = set()
+    params: set[str] = set()
+    modules: set[str] = set()
     for part in model.PARTS:
         mode = parts.get(part, "frozen")
         module: nn.Module = getattr(model, part)
@@ -53,13 +82,25 @@ def apply_stage(model: AlignLM, parts: Mapping[str, str], lora: Mapping[str, Any
             model.frozen_parts.add(part)
             continue
         inert = _inert_parameters(module)
+        excluded = _inert_modules(module, inert)
+        objects = _objects(module, inert, excluded)  # peft renames what it wraps: found again by identity
         if mode == "lora":
-            setattr(model, part, _add_lora(module, dict(lora or {}), _inert_modules(module, inert)))
+            setattr(model, part, _add_lora(module, dict(lora or {}), excluded))
         else:
             named = dict(module.named_parameters(remove_duplicate=False))
             for name in inert:
                 named[name].requires_grad_(False)
+        params |= _names_now(part, getattr(model, part).named_parameters(remove_duplicate=False), objects[0])
+        modules |= _names_now(part, getattr(model, part).named_modules(remove_duplicate=False), objects[1])
     model.train()
+    return InertTensors(frozenset(params), frozenset(modules))
+
+
+def lora_exclusions(module: nn.Module) -> list[str]:
+    """The sub-modules of a part that ``apply_stage`` gives no adapter (names within the part): those whose own
+    parameters are all inert. The config check asks, before the first stage trains, whether a LoRA stage's targets
+    leave anything else."""
+    return _inert_modules(module, _inert_parameters(module))
 
 
 def _inert_parameters(module: nn.Module) -> list[str]:
@@ -78,6 +119,20 @@ def _inert_modules(module: nn.Module, inert: Sequence[str]) -> list[str]:
         if own and names.issuperset(own):
             out.append(name)
     return out
+
+
+def _objects(module: nn.Module, inert: Sequence[str], excluded: Sequence[str]) -> tuple[set[int], set[int]]:
+    """``id``s of the named inert parameters and excluded sub-modules of ``module``."""
+    params, modules = set(inert), set(excluded)
+    return (
+        {id(p) for n, p in module.named_parameters(remove_duplicate=False) if n in params},
+        {id(m) for n, m in module.named_modules(remove_duplicate=False) if n in modules},
+    )
+
+
+def _names_now(part: str, named: Iterable[tuple[str, object]], ids: set[int]) -> set[str]:
+    """The full names that the objects of :func:`_objects` have in a part as it is now (perhaps wrapped by peft)."""
+    return {f"{part}.{n}" for n, obj in named if id(obj) in ids}
 
 
 def _add_lora(module: nn.Module, lora: dict[str, Any], exclude: list[str]) -> nn.Module:

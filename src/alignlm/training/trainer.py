@@ -40,14 +40,14 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from alignlm.config import ConfigError, instantiate
-from alignlm.data.build import build_dataset
+from alignlm.data.build import aspect_ratio_of, build_dataset
 from alignlm.data.collate import Collator
 from alignlm.data.records import TRUNCATED, DataError
 from alignlm.data.report import DataReport
 from alignlm.models.build import build_model
 from alignlm.models.io import config_yaml
 from alignlm.models.mllm import AlignLM, has_images
-from alignlm.models.precision import frozen_linears
+from alignlm.models.precision import frozen_linears, store_weight
 from alignlm.objectives.base import Objective, check_batch, check_metrics, check_min_batch
 from alignlm.training import checkpoint as ckpt
 from alignlm.training import sharding, zero
@@ -189,7 +189,7 @@ class Trainer:
             self.check_model(model)
         init = ckpt.resolve_init(stage.get("init_from"), Path(cfg.output_dir) / cfg.run_name, cfg.stages)
         self.prev_parts = ckpt.load_init(model, init) if init else []
-        apply_stage(model, stage.parts, stage.get("lora"))
+        self.inert = apply_stage(model, stage.parts, stage.get("lora"))  # what an older checkpoint may hold besides
         self.saved_parts = [p for p in model.PARTS if p in set(self.prev_parts) | set(trainable_parts(stage.parts))]
         self._store_frozen_in_half_precision(model)
         model.to(acc.device)
@@ -240,7 +240,7 @@ class Trainer:
         accelerator's wrapping, and a resume from the newest checkpoint."""
         cfg, stage, acc = self.cfg, self.stage, self.acc
         self.objectives = build_objectives(stage)
-        self.monitor = AlignmentMonitor(cfg.get("monitor"), model)
+        self.monitor = AlignmentMonitor(cfg.get("monitor"), model, aspect_ratio_of(stage.data))
         for obj, _ in self.objectives.values():
             obj.setup(model, dataset)
         # objectives by config key: their parameters train in their own optimizer group, their state resumes
@@ -291,7 +291,8 @@ class Trainer:
         Under bf16, whole frozen parts that this stage's ``final/`` will not save. Under bf16 and fp16, the frozen
         linear layers of a LoRA-adapted part (its base weights and an untied head; LoRA's own weights train in fp32):
         autocast casts exactly these to its dtype at every use, so no number of the step changes; embeddings and norms
-        keep their dtype. ``save_final`` casts those layers back before merging LoRA into them (``half_stored``)."""
+        keep their dtype, and so do biases (``models/precision.py``). ``save_final`` casts those layers back before
+        merging LoRA into them (``half_stored``)."""
         self.half_stored: list[tuple[torch.nn.Linear, torch.dtype]] = []
         half = HALF.get(self.acc.mixed_precision)
         if half is None:
@@ -302,7 +303,7 @@ class Trainer:
         for part in (p for p, mode in self.stage.parts.items() if mode == "lora"):
             for linear in frozen_linears(getattr(model, part)):
                 self.half_stored.append((linear, linear.weight.dtype))
-                linear.to(half)
+                store_weight(linear, half)
 
     def _maybe_resume(self) -> tuple[int, int]:
         """Resume from the newest step checkpoint that passes its integrity check (an older one when the newest is
@@ -315,7 +316,10 @@ class Trainer:
         files = ckpt.input_files(stage, self.name)  # read once, at the stage's start: its checkpoints and final/ say so
         recipe = ckpt.recipe(stage, self.name, self.total_steps, seed, precision, files)
         self.recipe = json.loads(json.dumps(recipe))  # as trainer_state.json will hold it (tuples as lists)
-        self.trained_from = ckpt.trained_from(stage, self.name, seed, precision, self.acc.num_processes, files)
+        init = ckpt.resolve_init(stage.get("init_from"), Path(self.cfg.output_dir) / self.cfg.run_name, self.cfg.stages)
+        start = ckpt.start_weights(init)  # the weights setup_model loaded: a rerun checks they are still the ones
+        self.trained_from = ckpt.trained_from(stage, self.name, seed, precision, self.acc.num_processes, files, start)
+        self.start_key = f"stages.{self.name}.init_from{ckpt.START}"
         self.layout = ckpt.layout(self.core(), self.objective_modules)
         fresh = ckpt.optimizer_settings(self.optimizer, self.scheduler)  # before a checkpoint's state replaces them
         # resume=never: the pipeline set every stage's earlier outputs aside before the run began (ckpt.set_aside)
@@ -333,7 +337,7 @@ class Trainer:
                 # a checkpoint of another layout is refused before anything is loaded: it is whole, not damaged
                 refuse_config_held_state(folder, written, self.objective_modules)
                 allow = bool(self.cfg.get("resume_allow_changes"))
-                changed = ckpt.resume_changes(folder, written, self.run_state(), self.name, allow)
+                changed = ckpt.resume_changes(folder, written, self.run_state(), self.name, allow, self.inert)
                 try:
                     ckpt.load_training_state(
                         folder,
@@ -358,6 +362,8 @@ class Trainer:
                     "; ".join(ckpt.change_text(k, a, b) for k, (a, b) in changed.items()),
                 )
             self.log.info("resumed stage %s from %s (step %d)", self.name, folder, written["step"])
+            if "start" in written:  # the weights its first segment started from, not what init_from holds now
+                self.trained_from[self.start_key] = written["start"]
             if self.acc.is_main_process and "data" in written:  # the whole stage's report so far, counted once
                 self.report = DataReport.from_dict(written["data"])
             self.segment_seconds = float(written.get("seconds", 0.0))
@@ -378,6 +384,7 @@ class Trainer:
             "strategy": self.strategy,
             "recipe": self.recipe,
             "layout": self.layout,
+            "start": self.trained_from[self.start_key],  # what final/ records the stage started from
         }
 
     def loss(
