@@ -237,6 +237,7 @@ def test_an_export_preprocesses_as_its_stage_did_and_its_check_agrees(model, col
 
     from alignlm.commands import main
     from alignlm.export.hf_llava import export
+    from alignlm.models.io import final_aspect_ratio
 
     image = noise(45, 30)
     cfg = compose(*tiny_overrides(colour_set, tmp_path))
@@ -244,7 +245,10 @@ def test_an_export_preprocesses_as_its_stage_did_and_its_check_agrees(model, col
     OmegaConf.set_struct(old, False)
     old.stages.pretrain.data.pop("image_aspect_ratio", None)  # a run from before the setting
     for run, stage, llava in ((cfg, "pretrain", "square"), (cfg, "finetune", "pad"), (old, "pretrain", "pad")):
-        out = export(_saved_final(run, stage), Path(run.output_dir) / f"hf_{stage}")
+        final = _saved_final(run, stage)
+        # what token-word accuracy and V2L's words read images with (they padded a cropping stage's checkpoint)
+        assert final_aspect_ratio(final) == ("crop" if llava == "square" else "pad")
+        out = export(final, Path(run.output_dir) / f"hf_{stage}")
         pixels = AutoProcessor.from_pretrained(out).image_processor(image, return_tensors="pt")["pixel_values"][0]
         expected = llava_pixels(image, model.image_spec.size, llava)
         torch.testing.assert_close(pixels, expected, atol=1e-5, rtol=0, msg=lambda m, s=stage: f"{s}: {m}")

@@ -19,7 +19,7 @@ from alignlm.commands._flags import add_trust_flags, positive_int
 from alignlm.data.records import record_images
 from alignlm.methods.sea.labels import DEFAULT_NAME, SeaLabels, make_labels
 from alignlm.methods.sea.token_words import token_word_report
-from alignlm.models.io import load_model
+from alignlm.models.io import final_aspect_ratio, load_model
 
 
 def register(subparsers: Any) -> None:
@@ -146,9 +146,11 @@ def cmd_sea_eval(args: argparse.Namespace) -> int:
     )
     report: dict[str, dict[str, Any]] = {ck: {} for ck in args.checkpoints}
     for ck in args.checkpoints:
-        model = load_model(ck, args.allow_code, args.trust_remote_code)
+        model, aspect = load_model(ck, args.allow_code, args.trust_remote_code), final_aspect_ratio(ck)
         for name, exclude in variants.items():
-            report[ck][name] = token_word_report(model, labels, images, args.word_prefix, args.batch_size, exclude)
+            report[ck][name] = token_word_report(
+                model, labels, images, args.word_prefix, args.batch_size, exclude, aspect
+            )
     names = [str(Path(ck).parent.parent.name + "/" + Path(ck).parent.name) for ck in args.checkpoints]
     width = max(12, *(len(n) for n in names))
     for name in variants:

@@ -17,7 +17,7 @@ from alignlm.commands._flags import add_trust_flags, positive_int
 from alignlm.data.images import load_rgb, preprocess
 from alignlm.data.records import record_images
 from alignlm.methods.v2l.connector import V2LConnector
-from alignlm.models.io import load_model
+from alignlm.models.io import final_aspect_ratio, load_model
 
 
 def register(subparsers: Any) -> None:
@@ -39,7 +39,8 @@ def cmd_v2l_words(args: argparse.Namespace) -> int:
     found = [(rid, paths[0]) for rid, paths in record_images(args.data, args.image_root)][: args.limit]
     if not found:
         raise SystemExit(f"no images in {args.data}")
-    pixels = torch.stack([preprocess(load_rgb(p), model.image_spec) for _, p in found])
+    aspect = final_aspect_ratio(args.checkpoint)  # the pixels its stage trained on
+    pixels = torch.stack([preprocess(load_rgb(p), model.image_spec, aspect) for _, p in found])
     with torch.no_grad():
         ids = conn.words(model.vision(pixels))
     report = {}

@@ -31,6 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
+from alignlm.data.build import aspect_ratio_of
 from alignlm.models.build import build_model
 from alignlm.models.connectors.base import Connector
 from alignlm.models.extras import InputPart
@@ -374,6 +375,14 @@ def checkpoint_stage(cfg: DictConfig, stage: str) -> str:
     of its run), the way ``alignlm eval`` picks it (``evaluation/checkpoints.py: data_config``), so an export prompts a
     checkpoint as it was trained and as its evaluation does."""
     return stage if stage in cfg.stages else cfg.run[-1]
+
+
+def final_aspect_ratio(final_dir: str | Path) -> str:
+    """How the stage that trained a ``final/`` made its images square (its ``data.image_aspect_ratio``; ``pad`` for a
+    config from before the setting), so a tool reading images for the checkpoint (token-word accuracy, V2L's words)
+    sees the pixels it was trained on: a pretraining checkpoint crops where a finetuned one pads."""
+    cfg = load_checkpoint_config(Path(final_dir) / "config.yaml")
+    return aspect_ratio_of(cfg.stages[checkpoint_stage(cfg, final_stage(final_dir))].get("data") or {})
 
 
 def load_model(final_dir: str | Path, allow_code: bool = False, trust_remote_code: bool = False) -> Any:

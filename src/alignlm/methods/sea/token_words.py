@@ -26,19 +26,21 @@ def token_word_report(
     word_prefix: str = " ",
     batch_size: int = 32,
     exclude: Sequence[str] = (),
+    aspect_ratio: str = "pad",
 ) -> dict[str, float]:
     """Token-word accuracy of a model's connector outputs on labelled images, among the label word list's embeddings.
 
     ``token_word_acc``: nearest word is any of the token's candidate words; ``top_word_acc``: it is the top-scoring
     one; ``constant_acc``: the best single word for every token, the level a collapsed connector gets for free.
-    ``exclude`` drops words (e.g. "background") from both the candidates and the words searched.
+    ``exclude`` drops words (e.g. "background") from both the candidates and the words searched. ``aspect_ratio``: how
+    the checkpoint's stage made its images square (``models/io.py: final_aspect_ratio``).
     """
     labels.place_on_model(model)
     device = next(model.parameters()).device
     tokens, ids = [], []
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
-        pixels = torch.stack([preprocess(load_rgb(p), model.image_spec) for p in chunk]).to(device)
+        pixels = torch.stack([preprocess(load_rgb(p), model.image_spec, aspect_ratio) for p in chunk]).to(device)
         tokens.append(model.connector(model.vision(pixels)).tokens.flatten(0, 1).float().cpu())
         ids.append(labels.for_images(chunk)[0].flatten(0, 1))
     tokens_t, ids_t = torch.cat(tokens), torch.cat(ids)
