@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from alignlm.data.images import ImageSpec, preprocess
+from alignlm.data.records import IMAGE_TOO_LARGE
 from tests.conftest import compose, tiny_overrides
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -388,3 +389,27 @@ def test_a_checkpoint_written_before_the_setting_resumes_as_the_padding_it_did()
     assert recipe_changes(before, {"seed": 0, "stages.finetune.data.image_aspect_ratio": "pad"}) == {}
     changed = recipe_changes(before, {"seed": 0, "stages.pretrain.data.image_aspect_ratio": "crop"})
     assert changed == {"stages.pretrain.data.image_aspect_ratio": ("pad", "crop")}
+
+
+def test_a_thin_strip_is_skipped_under_crop_with_the_feature_cache_as_without_it(tmp_path):
+    """An image within the padded bound but over crop's resize bound: the cache leaves it out, and its sample is
+    skipped as too large (it had been taken for an image the cache lacked, which stopped the stage)."""
+    from accelerate import Accelerator
+
+    from alignlm.data.llava import LlavaDataset
+    from alignlm.data.records import Source
+    from alignlm.data.templates import get_template
+    from alignlm.models.build import build_model
+    from alignlm.training.feature_cache import attach_feature_cache
+
+    cfg = compose()
+    model = build_model(cfg.model)
+    model.frozen_parts.add("vision")
+    # 2x30: padded 900 px, resized before the crop 15360 > 3000
+    path = caption_file(tmp_path / "data", (45, 30), (2, 30))
+    ds = LlavaDataset([Source(str(path))], model.tokenizer, get_template("plain"), model.image_spec,
+                      model.num_image_tokens, image_aspect_ratio="crop", max_image_pixels=3000, on_error="skip")  # fmt: skip
+    without = ds[1]
+    attach_feature_cache(model, ds, True, tmp_path / "cache", cfg.model.vision, Accelerator(cpu=True))
+    assert type(ds[1]) is type(without) and ds[1].cause == without.cause == IMAGE_TOO_LARGE
+    assert isinstance(ds[0], dict)  # the other image is served from the cache

@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from alignlm.data.hooks import HookedDataset, SampleHook
-from alignlm.data.images import check_size, image_size, load_rgb
+from alignlm.data.images import check_crop_size, check_size, image_size, load_rgb
 from alignlm.data.records import UNREADABLE_IMAGE, DataError, Source
 
 TENSOR = "features"
@@ -176,9 +176,10 @@ class FeatureCacheHook(SampleHook):
 
     replaces_visuals = True
 
-    def __init__(self, cache: FeatureCache, max_pixels: int | None) -> None:
+    def __init__(self, cache: FeatureCache, max_pixels: int | None, crop_side: int | None = None) -> None:
         self.cache = cache
         self.max_pixels = max_pixels  # the dataset's data.max_image_pixels
+        self.crop_side = crop_side  # the tower's side when the stage crops (data.image_aspect_ratio=crop), else None
         self.unreadable: dict[str, tuple[str, str]] = {}  # image key -> (message, cause) of its DataError
 
     def bind(self, dataset: HookedDataset) -> None:
@@ -189,7 +190,7 @@ class FeatureCacheHook(SampleHook):
         lacking = []
         for path in missing:
             try:
-                load_rgb(path, self.max_pixels)
+                self.check(path, load_rgb(path, self.max_pixels).size)
             except DataError as e:
                 self.unreadable[image_key(path)] = (str(e), e.cause)
             else:
@@ -198,11 +199,19 @@ class FeatureCacheHook(SampleHook):
             lacked = set(missing)
             for path in (p for p in paths if p not in lacked):
                 try:
-                    check_size(path, self.cache.size(path), self.max_pixels)
+                    self.check(path, self.cache.size(path))
                 except DataError as e:
                     self.unreadable[image_key(path)] = (str(e), e.cause)
         if lacking:
             raise DataError(f"the feature cache {self.cache.folder} lacks {len(lacking)} images, e.g. {lacking[:2]}")
+
+    def check(self, path: Path, size: tuple[int, int]) -> None:
+        """The dataset's size limits for an image of ``size`` (as shown): its padded square, and under ``crop`` its
+        resize before the crop (``images.check_crop_size``): a thin strip the cache left out for the second had been
+        taken for an image it lacked, which stopped the stage, where without the cache its samples are skipped."""
+        check_size(path, size, self.max_pixels)
+        if self.crop_side is not None:
+            check_crop_size(path, size, self.crop_side, self.max_pixels)
 
     def visual_inputs(self, source: Source, record: dict[str, Any]) -> list[Path]:
         return source.image_paths(record)

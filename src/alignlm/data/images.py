@@ -189,6 +189,22 @@ def shorter_side_resized(width: int, height: int, side: int) -> tuple[int, int]:
     return (side, longer) if width <= height else (longer, side)
 
 
+def check_crop_size(path: str | Path | None, size: tuple[int, int], side: int, max_pixels: int | None) -> None:
+    """Refuse an image ``size`` whose resize to ``side`` on its shorter side, before ``crop`` cuts out its centre
+    (:func:`resize_and_crop`), is over ``max_pixels`` (None: no limit). What reads images for a cropping stage without
+    preprocessing them (the feature cache's check of the images it lacks or holds) asks the same, so a sample is
+    refused, and counted as too large, whether its features are cached or not."""
+    width, height = size
+    new_width, new_height = shorter_side_resized(width, height, side)
+    if max_pixels and new_width * new_height > max_pixels:
+        raise DataError(
+            f"{'' if path is None else f'image {path}: '}a {width}x{height} image resized to {new_width}x{new_height} "
+            f"before its centre crop (data.image_aspect_ratio=crop) has {new_width * new_height} pixels, over "
+            f"data.max_image_pixels={max_pixels}",
+            IMAGE_TOO_LARGE,
+        )
+
+
 def resize_and_crop(image: Image.Image, side: int, max_pixels: int | None = MAX_PIXELS) -> Image.Image:
     """The image resized (bicubic) to ``side`` on its shorter side, then its centre ``side`` x ``side`` (the corner
     rounded down): transformers' CLIP image processor, step for step, so the pixels are LLaVA's.
@@ -196,15 +212,8 @@ def resize_and_crop(image: Image.Image, side: int, max_pixels: int | None = MAX_
     The whole image is resized before the crop, as there (resizing only the kept region in Pillow gives other
     pixels). Resized, a thin strip is large (a 1 x 7000 one at 336: 800 M pixels), so one over ``max_pixels``
     (``data.max_image_pixels``; None: no limit) is refused, counted as too large, before it is allocated."""
-    width, height = image.size
-    new_width, new_height = shorter_side_resized(width, height, side)
-    if max_pixels and new_width * new_height > max_pixels:
-        raise DataError(
-            f"a {width}x{height} image resized to {new_width}x{new_height} before its centre crop "
-            f"(data.image_aspect_ratio=crop) has {new_width * new_height} pixels, over "
-            f"data.max_image_pixels={max_pixels}",
-            IMAGE_TOO_LARGE,
-        )
+    check_crop_size(None, image.size, side, max_pixels)
+    new_width, new_height = shorter_side_resized(*image.size, side)
     resized = image.resize((new_width, new_height), Image.Resampling.BICUBIC)
     left, top = (new_width - side) // 2, (new_height - side) // 2
     return resized.crop((left, top, left + side, top + side))

@@ -130,5 +130,6 @@ def attach_feature_cache(
     model.vision.train(was_training)
     acc.wait_for_everyone()
     cache = FeatureCache(cache.folder)  # every rank's shards
-    dataset.set_visual_hook(FeatureCacheHook(cache, dataset.max_image_pixels))
+    crop = dataset.image_spec.size if dataset.image_aspect_ratio == "crop" else None
+    dataset.set_visual_hook(FeatureCacheHook(cache, dataset.max_image_pixels, crop))
     return cache
