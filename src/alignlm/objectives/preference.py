@@ -110,6 +110,7 @@ class PreferenceObjective(Objective):
         if self.reference == "copy":
             frozen = copy.deepcopy(model).eval().requires_grad_(False)
             object.__setattr__(self, "frozen_reference", frozen)  # not a submodule: never saved, never stepped
+            self.reference_dtype: torch.dtype | None = None  # what its linear weights were stored in (None: as copied)
 
     @torch.no_grad()
     def reference_logps(self, batch: dict[str, Any], model: nn.Module) -> torch.Tensor:
@@ -117,11 +118,11 @@ class PreferenceObjective(Objective):
             with adapters_disabled(model):
                 return model(batch, sample_logps=True).sample_logps
         device = batch["input_ids"].device.type
-        if torch.is_autocast_enabled(device):
-            dtype = torch.get_autocast_dtype(device)
+        # once, not at every step: walking a 7B model's modules per micro-batch is host time the step does not need
+        if torch.is_autocast_enabled(device) and self.reference_dtype != torch.get_autocast_dtype(device):
+            self.reference_dtype = torch.get_autocast_dtype(device)
             for linear in frozen_linears(self.frozen_reference):
-                if linear.weight.dtype != dtype:
-                    store_weight(linear, dtype)
+                store_weight(linear, self.reference_dtype)
         return self.frozen_reference(batch, sample_logps=True).sample_logps
 
     def forward(self, batch: dict[str, Any], out: Any, model: nn.Module) -> LossTerm:
