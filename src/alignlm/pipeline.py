@@ -364,16 +364,9 @@ def check_finished_stages(cfg: DictConfig, acc: Accelerator, log: Any) -> None:
         stage = OmegaConf.to_container(cfg.stages[name], resolve=True)
         # the start a skipped stage would follow: an earlier stage's final/ as this run leaves it (none there: one
         # this run trains anew, which the finished stage never saw)
-        start = ckpt.start_weights(ckpt.resolve_init(stage.get("init_from"), run_dir, cfg.stages))
-        ours = ckpt.trained_from(
-            stage,
-            name,
-            int(cfg.seed),
-            str(acc.mixed_precision),
-            acc.num_processes,
-            ckpt.input_files(stage, name),
-            start,
-        )
+        init = ckpt.resolve_init(stage.get("init_from"), run_dir, cfg.stages)
+        files = ckpt.input_files(stage, name)
+        ours = ckpt.trained_from(stage, name, int(cfg.seed), str(acc.mixed_precision), acc.num_processes, files, init)
         changes = ckpt.finished_changes(final, ours, cfg.model)
         if changes is None:
             log.warning(

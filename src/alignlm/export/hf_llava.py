@@ -40,6 +40,7 @@ from alignlm.data.images import check_aspect_ratio
 from alignlm.data.templates import get_template, turn_end
 from alignlm.models.connectors.mlp import MLPConnector
 from alignlm.models.io import (
+    FINAL_FILES,
     check_finite,
     checkpoint_stage,
     config_yaml,
@@ -307,7 +308,6 @@ def set_stop_tokens(hf: Any, tokenizer: Any, template: Any) -> None:
 
 
 SOURCE_FILE = "alignlm_source.json"  # in an export: the checkpoint it was made from, as it was then
-SOURCE_FILES = ("config.yaml", "model.safetensors")  # what of a final/ folder an export reads
 
 
 def checkpoint_source(final_dir: str | Path) -> dict[str, Any]:
@@ -319,7 +319,7 @@ def checkpoint_source(final_dir: str | Path) -> dict[str, Any]:
     them again changes their modification time anyway."""
     final = Path(final_dir).resolve()
     files = {}
-    for name in SOURCE_FILES:
+    for name in FINAL_FILES:  # what the export reads
         stat = (final / name).stat()
         files[name] = {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     return {"checkpoint": str(final), "files": files}

@@ -38,6 +38,7 @@ from alignlm.models.extras import InputPart
 from alignlm.models.vision import VisionTower
 
 PART_BASES = (VisionTower, Connector, InputPart)  # alignlm classes of these kinds may be built from a checkpoint
+FINAL_FILES = ("config.yaml", "model.safetensors")  # what load_model reads of a final/ folder
 PART_PACKAGES = ("alignlm.models.", "alignlm.methods.")  # where they live: nothing else is imported to tell
 LOADERS = {  # and these functions, which return parts
     f"alignlm.models.llm.{name}" for name in ("pretrained", "tiny", "smollm2_from_package")

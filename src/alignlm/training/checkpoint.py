@@ -297,9 +297,10 @@ def _strings(tree: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
         yield prefix, tree
 
 
-def _names_file(text: str) -> bool:
+def _names(text: str, file: bool = False) -> bool:
+    """Whether a config string names an existing file (``file``) or file or folder."""
     try:
-        return Path(text).is_file()
+        return Path(text).is_file() if file else Path(text).exists()
     except (OSError, ValueError):  # a prompt too long to be a file name, or holding a NUL byte: text, not a path
         return False
 
@@ -313,7 +314,7 @@ def input_files(stage: Mapping[str, Any], name: str) -> dict[str, dict[str, str]
     digests: dict[str, str] = {}
     out = {}
     for key, text in _strings(stage):
-        if any(_under(key, free) for free in FREE_ON_RESUME) or not _names_file(text):
+        if any(_under(key, free) for free in FREE_ON_RESUME) or not _names(text, file=True):
             continue
         if text not in digests:
             digests[text] = _sha256(Path(text))
@@ -345,28 +346,22 @@ def trained_from(
     precision: str,
     world: int,
     files: Mapping[str, dict[str, str]],
-    start: Mapping[str, Any] | None,
+    init: Path | None,
 ) -> dict[str, Any]:
     """What a finished stage was trained from, as its ``final/`` records it (:data:`TRAINED_FROM`) and a rerun
     compares (:func:`finished_changes`): its :func:`recipe` with the step count as written, its global batch (a step
-    checkpoint holds that beside its recipe) and its starting weights (``start``: :func:`start_weights`, null without
-    ``init_from``, so that a record written before starts were recorded, which lacks the key, is told apart). A later
+    checkpoint holds that beside its recipe) and its starting weights (:func:`start_weights` of ``init``, its
+    ``init_from`` as :func:`resolve_init` finds it: null without one, so that a record written before starts were
+    recorded, which lacks the key, is told apart). A later
     stage trained from an earlier one's old weights had been kept after the earlier one was retrained: ``init_from``
     is free on resume, since a step checkpoint holds its weights, but a finished stage holds what they became.
     ``stage``: resolved, as a container."""
     batch = int(stage["per_device_batch_size"]) * int(stage["grad_accum"]) * world
     settings = recipe(stage, name, None, seed, precision, files) | {
         f"stages.{name} global batch": batch,
-        f"stages.{name}.init_from{START}": start,
+        f"stages.{name}.init_from{START}": start_weights(init),
     }
     return json.loads(json.dumps(settings))  # as the record reads back (tuples as lists)
-
-
-def _exists(text: str) -> bool:
-    try:
-        return Path(text).exists()
-    except (OSError, ValueError):  # a prompt too long to be a file name, or holding a NUL byte: text, not a path
-        return False
 
 
 def _resolved(tree: Any) -> Any:
@@ -379,7 +374,7 @@ def _resolved(tree: Any) -> Any:
         return {k: _resolved(v) for k, v in tree.items()}
     if isinstance(tree, list):
         return [_resolved(v) for v in tree]
-    if isinstance(tree, str) and tree and _exists(tree):
+    if isinstance(tree, str) and tree and _names(tree):
         return str(Path(tree).resolve())
     return tree
 

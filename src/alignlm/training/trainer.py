@@ -187,7 +187,7 @@ class Trainer:
         model = build_model(cfg.model)
         if self.check_model is not None:
             self.check_model(model)
-        init = ckpt.resolve_init(stage.get("init_from"), Path(cfg.output_dir) / cfg.run_name, cfg.stages)
+        init = self.init = ckpt.resolve_init(stage.get("init_from"), Path(cfg.output_dir) / cfg.run_name, cfg.stages)
         self.prev_parts = ckpt.load_init(model, init) if init else []
         self.inert = apply_stage(model, stage.parts, stage.get("lora"))  # what an older checkpoint may hold besides
         self.saved_parts = [p for p in model.PARTS if p in set(self.prev_parts) | set(trainable_parts(stage.parts))]
@@ -316,9 +316,10 @@ class Trainer:
         files = ckpt.input_files(stage, self.name)  # read once, at the stage's start: its checkpoints and final/ say so
         recipe = ckpt.recipe(stage, self.name, self.total_steps, seed, precision, files)
         self.recipe = json.loads(json.dumps(recipe))  # as trainer_state.json will hold it (tuples as lists)
-        init = ckpt.resolve_init(stage.get("init_from"), Path(self.cfg.output_dir) / self.cfg.run_name, self.cfg.stages)
-        start = ckpt.start_weights(init)  # the weights setup_model loaded: a rerun checks they are still the ones
-        self.trained_from = ckpt.trained_from(stage, self.name, seed, precision, self.acc.num_processes, files, start)
+        # with the weights setup_model loaded (``self.init``): a rerun checks they are still the ones
+        self.trained_from = ckpt.trained_from(
+            stage, self.name, seed, precision, self.acc.num_processes, files, self.init
+        )
         self.start_key = f"stages.{self.name}.init_from{ckpt.START}"
         self.layout = ckpt.layout(self.core(), self.objective_modules)
         fresh = ckpt.optimizer_settings(self.optimizer, self.scheduler)  # before a checkpoint's state replaces them

@@ -41,11 +41,10 @@ from alignlm.data.templates import reply
 from alignlm.methods.provenance import KEY, as_json, changed_inputs, check_knobs, files_digest, stamps_digest
 from alignlm.models.device import default_device
 from alignlm.models.generation import generate_set, prompt_batches
-from alignlm.models.io import load_model
+from alignlm.models.io import FINAL_FILES, load_model
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FILES = ("config.yaml", "model.safetensors")  # what load_model reads of a final/ folder
 
 CRITERIA = (
     "objects: does it name only objects that are in the image?",
@@ -192,14 +191,14 @@ def checkpoint_identity(checkpoint: Path) -> str:
     """The checkpoint's files as ``load_model`` reads them, by size and modification time (a stat each, like an
     image's stamp): a model retrained into the same ``final/`` is another model. A path that holds no ``final/``
     checkpoint is refused here, before records another model made are kept for it."""
-    missing = [f for f in CHECKPOINT_FILES if not (checkpoint / f).is_file()]
+    missing = [f for f in FINAL_FILES if not (checkpoint / f).is_file()]
     if missing:
         why = "is not a final/ folder (no " + " or ".join(missing) + ")" if checkpoint.exists() else "does not exist"
         raise FileNotFoundError(
             f"SIMA's checkpoint {checkpoint} {why}: name the finetuned model's final/ (sima.from in +exp=sima, "
             "CHECKPOINT of `alignlm sima generate`)"
         )
-    return stamps_digest([checkpoint / f for f in CHECKPOINT_FILES], CHECKPOINT_FILES)
+    return stamps_digest([checkpoint / f for f in FINAL_FILES], FINAL_FILES)
 
 
 def preference_knobs(
