@@ -142,6 +142,20 @@ LAUNCHERS = sorted(p.stem for p in (CONFIGS / "launcher").glob("*.yaml"))
         ("stages.finetune.betas=0.9", "stages.finetune.betas=0.9 must be a list of 2 numbers"),
         ("stages.finetune.betas=[0.9,1.0]", "stages.finetune.betas[1]=1.0 must be a finite number >= 0.0 and < 1.0"),
         ("stages.finetune.data.template_args=5", "stages.finetune.data.template_args=5 must be a mapping"),
+        # a template's arguments are its constructor's: a mistyped one failed with a bare TypeError as its stage began
+        (
+            "+stages.finetune.data.template_args.image_frist=false",
+            "stages.finetune.data.template_args.image_frist is not a known setting; did you mean 'image_first'? "
+            "known: ['image_first', 'system']",
+        ),
+        (
+            "+stages.finetune.data.template_args.image_first=no",
+            "stages.finetune.data.template_args.image_first='no' must be a bool",
+        ),
+        (
+            "+stages.pretrain.data.template_args.system=x",
+            "stages.pretrain.data.template_args={'system': 'x'}: template 'plain' takes no arguments",
+        ),
         ("stages.finetune.data.hooks=5", "stages.finetune.data.hooks=5 must be a mapping"),
         (
             "stages.finetune.data.max_image_pixels=0",

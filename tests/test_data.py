@@ -15,7 +15,15 @@ from alignlm.constants import IGNORE_INDEX
 from alignlm.data.collate import Collator, Skipped
 from alignlm.data.images import ImageSpec, pad_to_square, preprocess
 from alignlm.data.llava import LlavaDataset
-from alignlm.data.records import DataError, Source, mixture_index, reference_captions
+from alignlm.data.records import (
+    DataError,
+    Source,
+    assistant_text,
+    mixture_index,
+    read_records,
+    record_caption,
+    reference_captions,
+)
 from alignlm.data.templates import get_template
 
 
@@ -310,6 +318,73 @@ def test_reference_captions_are_a_list_of_texts_never_the_characters_of_one(mode
         dataset(model, [{**captioned, "captions": "A red square."}], root, for_generation=True, on_error="raise")
 
 
+def test_roles_are_read_in_any_case_by_the_caption_readers_as_by_training(model, root):
+    """A record with "Human"/"GPT" turns trained (``to_turns`` lowercases) but read as captionless: the encoder fit got
+    empty captions, AlignGPT dropped every level and ``reference_captions`` raised."""
+    rec = record("r", answer="a red square")
+    rec["conversations"][0]["from"], rec["conversations"][1]["from"] = "Human", "GPT"
+    ds = dataset(model, [rec], root, template="plain", on_error="raise")
+    trained = model.tokenizer.decode(ds[0]["input_ids"][ds[0]["labels"] != IGNORE_INDEX])
+    assert trained.strip() == "a red square"
+    assert record_caption(rec) == assistant_text(rec) == "a red square" and reference_captions(rec) == ["a red square"]
+    rec["conversations"][1]["from"] = "Assistant"
+    assert record_caption(rec) == "a red square" and reference_captions(rec) == ["a red square"]
+
+
+def _surrogate_records() -> list[tuple[dict, str]]:
+    """Records holding a lone UTF-16 surrogate (valid JSON as ``"\\ud83d"``), and what start-up says of each."""
+    unicode = r"is not valid Unicode \(a lone surrogate at character"
+    return [
+        (record("answer", answer="smile \ud83d here"), rf"conversations\[1\].value {unicode} 6\)"),
+        (record("question", question="<image>\nQ \udc80"), rf"conversations\[0\].value {unicode} 10\)"),
+        (record("path", image="images/x\ud83d.png"), rf"'image' {unicode} 8\)"),
+        (record("paths", image=["images/0.png", "\ud83d.png"]), rf"'image'\[1\] {unicode} 0\)"),
+    ]
+
+
+@pytest.mark.parametrize("template", ["plain", "vicuna_v1", "chat"])
+def test_a_lone_surrogate_is_a_malformed_record_at_start_up(model, root, template):
+    """It passed start-up and, drawn, raised a TypeError (the tokenizer) or UnicodeEncodeError (the file system) that
+    on_error=skip did not catch: the stage ended."""
+    bad = _surrogate_records()
+    if template == "plain":  # plain takes one question and one image
+        bad = [(r, m) for r, m in bad if r["id"] != "paths"]
+    # dataset() writes the records with json.dumps, which escapes a lone surrogate: valid JSON text
+    ds = dataset(model, [record("ok"), *(r for r, _ in bad)], root, template=template, min_usable_fraction=0.0)
+    assert len(ds) == 1 and ds.report.counts == {"malformed record": len(bad)}
+    assert ds.report.examples["malformed record"] == [r["id"] for r, _ in bad][:3]
+    assert ds[0]["id"] == "ok"
+    for rec, message in bad:
+        with pytest.raises(DataError, match=rf"id='{rec['id']}'\): {message}"):
+            dataset(model, [rec], root, template=template, on_error="raise")
+    prompt = {**record("pref"), "chosen": "red", "rejected": "blue \ud83d"}
+    prompt["conversations"] = prompt["conversations"][:1]
+    with pytest.raises(DataError, match=r"id='pref'\): 'rejected' is not valid Unicode"):
+        dataset(model, [prompt], root, template=template, preference=True, on_error="raise")
+
+
+def test_an_empty_image_path_is_a_malformed_record_not_the_image_folder(model, root):
+    """``"image": ""`` named the data folder, then was skipped when drawn as "unreadable image ... not a regular
+    file"."""
+    records = [record("ok"), record("empty", image="", question="Q"), record("in_list", image=["images/0.png", ""])]
+    ds = dataset(model, records, root, min_usable_fraction=0.0)
+    assert len(ds) == 1 and ds.report.examples == {"malformed record": ["empty", "in_list"]}
+    for rec, message in zip(records[1:], ("'image' is an empty path", r"'image'\[1\] is an empty path")):
+        with pytest.raises(DataError, match=rf"id='{rec['id']}'\): {message}"):
+            dataset(model, [rec], root, on_error="raise")
+    assert len(dataset(model, [record("none", image=[], question="Q")], root)) == 1  # an empty list: no image
+
+
+def test_json_lines_named_json_is_told_to_be_named_jsonl(root):
+    lines = root / "lines.json"
+    lines.write_text(json.dumps(record("a")) + "\n" + json.dumps(record("b")) + "\n")
+    with pytest.raises(DataError, match=r"lines.json:2: not valid JSON \(Extra data\) \(one record per line\? name it"):
+        read_records(lines)
+    (root / "broken.json").write_text("[{},")
+    with pytest.raises(DataError, match=r"broken.json:1: not valid JSON \([^)]*\)$"):
+        read_records(root / "broken.json")
+
+
 def test_a_sources_switch_and_weight_are_checked_not_coerced():
     """``bool('false')`` turned the image-root guard off; a weight of nan, inf or -1 passed the start-up checks and
     failed only when its stage built its data, after the stages before it had trained."""
@@ -464,3 +539,14 @@ def test_the_feature_cache_of_a_tower_is_another_with_another_artifact_filter(mo
         prints.append(tower_fingerprint(build_model(compose(f"model.vision_artifacts={node}").model), cfg.vision))
     assert len(set(prints)) == 4
     assert tower_fingerprint(build_model(cfg), cfg.vision) == prints[0]  # without a filter: the key it always had
+
+
+def test_readers_that_skip_start_up_checks_refuse_an_empty_or_surrogate_image_name():
+    """`image_paths` is where every reader takes paths (encoder fit, AlignGPT levels, probes): an empty name read as
+    the image folder there, and a lone surrogate reached the file system."""
+    from alignlm.data.records import DataError, image_paths
+
+    with pytest.raises(DataError, match="'image' is an empty path"):
+        image_paths({"image": ""}, "/data")
+    with pytest.raises(DataError, match=r"'image'\[1\] is not valid Unicode"):
+        image_paths({"image": ["a.png", "\ud83d.png"]}, "/data")

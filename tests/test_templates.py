@@ -237,11 +237,19 @@ def test_a_sentencepiece_chat_answer_is_tokenized_as_the_whole_conversation(chat
     assert len(starts) == 2 and not any(t.startswith("▁") for t in tok.convert_ids_to_tokens(starts))
 
 
-def test_an_answer_that_would_merge_into_the_prompt_is_tokenized_alone(smollm2_tokenizer):
+def test_an_answer_that_would_merge_into_the_prompt_is_tokenized_alone(smollm2_tokenizer, monkeypatch):
     """Where the whole string would merge the prompt's last token into the answer ("\\n" + "  7" is "\\n " then " 7"
-    in SmolLM2), the answer is tokenized alone: training sees the prompt generation sees."""
+    in SmolLM2), the answer is tokenized alone: training sees the prompt generation sees. Answers are stripped, so
+    here the chat template writes the spaces that open the answer's turn."""
     tok, chat = smollm2_tokenizer, get_template("chat")
-    turns = to_turns([{"from": "human", "value": "Digit?"}, {"from": "gpt", "value": "  7"}])
+    monkeypatch.setattr(
+        tok,
+        "chat_template",
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + ('  ' if m['role'] == 'assistant' else '') "
+        "+ m['content'] + '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+        "{% endif %}",
+    )
+    turns = to_turns([{"from": "human", "value": "Digit?"}, {"from": "gpt", "value": "7"}])
     prompt, _ = tokenize(chat.render(turns[:1], tok, add_generation_prompt=True), tok)
     ids, labels = tokenize(chat.render(turns, tok), tok)
     assert ids[: len(prompt)].tolist() == prompt.tolist() and (labels[: len(prompt)] == IGNORE_INDEX).all()
@@ -338,13 +346,35 @@ def test_image_placement_in_place_on_request():
     )
 
 
-def test_answers_are_stripped_in_training_and_in_the_exported_template():
-    import jinja2
+@pytest.mark.parametrize(
+    "template,kwargs",
+    [("vicuna_v1", {}), ("chat", {}), ("chat", {"image_first": False})],
+)
+def test_answers_are_stripped_in_training_and_in_the_exported_template(template, kwargs):
+    """docs/core.md: an answer's surrounding whitespace is never a token the model must learn to write. ``chat``
+    supervised " 7\n\n" (the spaces and newlines before its end of turn); the exported chat template trims alike, so
+    an exported model is prompted with the history as training rendered it."""
+    from transformers.utils.chat_template_utils import render_jinja_template
 
     tok = _tiny()
-    conversation = [{"from": "human", "value": "<image>\nDigit?"}, {"from": "gpt", "value": "  7  "}]
-    template = get_template("vicuna_v1")
-    rendered = template.render(to_turns(conversation), tok)
-    assert rendered.text.endswith("ASSISTANT: 7</s>")
-    messages = [{"role": "user", "content": "<image>\nDigit?"}, {"role": "assistant", "content": "  7  "}]
-    assert jinja2.Environment().from_string(template.jinja(tok)).render(messages=messages) == rendered.text
+    t = get_template(template, **kwargs)
+    conversation = [
+        {"from": "human", "value": "<image>\nDigit?"},
+        {"from": "gpt", "value": "  7\n\n"},
+        {"from": "human", "value": "Sure?"},
+        {"from": "gpt", "value": " yes "},
+    ]
+    rendered = t.render(to_turns(conversation), tok)
+    ids, labels = tokenize(rendered, tok)
+    assert [s.strip(" ") for s in supervised_segments(ids, labels, tok)] == expected_answers(
+        template, tok, [{**m, "value": m["value"].strip()} for m in conversation]
+    )
+    for upto, gen in ((len(conversation), False), (3, True)):
+        want = t.render(to_turns(conversation[:upto]), tok, add_generation_prompt=gen).text
+        got, _ = render_jinja_template(
+            conversations=[_typed(conversation[:upto])],
+            chat_template=t.jinja(tok),
+            add_generation_prompt=gen,
+            **tok.special_tokens_map,
+        )
+        assert got[0] == want

@@ -347,11 +347,11 @@ def _check_stage_choices(key: str, stage: DictConfig, part_modes: Mapping[str, t
     data = stage.data
     if data.get("template", "plain") not in TEMPLATES:
         raise ConfigError(f"{key}.data.template={data.template!r} is not known; choose one of {sorted(TEMPLATES)}")
+    _check_template_args(key, data)
     check_error_policy(data.get("on_error", "skip"), data.get("min_usable_fraction", 0.5), f"{key}.data")
     check_aspect_ratio(data.get("image_aspect_ratio", "pad"), f"{key}.data.image_aspect_ratio")
     _whole(f"{key}.data.max_length", data.get("max_length", 2048))
-    for name in ("template_args", "hooks"):
-        _mapping(f"{key}.data.{name}", data.get(name), null=True)
+    _mapping(f"{key}.data.hooks", data.get("hooks"), null=True)
     for i, source in enumerate(_list(f"{key}.data.sources", data.get("sources", []), example="[{path: a.json}]")):
         Source.from_config(source, f"{key}.data.sources[{i}]")
     for name, default, note in (("max_image_pixels", MAX_PIXELS, "no limit"), ("pack_length", None, "max_length")):
@@ -364,6 +364,22 @@ def _check_stage_choices(key: str, stage: DictConfig, part_modes: Mapping[str, t
     for name in ("group_by_length", "preference"):
         _flag(f"{key}.data.{name}", data.get(name, False))
     _check_feature_cache(key, data.get("feature_cache", False), modes.get("vision", "frozen"))
+
+
+def _check_template_args(key: str, data: DictConfig) -> None:
+    """``data.template_args`` are arguments of the chosen template's constructor, of their types: a mistyped
+    ``image_frist`` failed with a bare TypeError when its stage built the template, after the stages before it had
+    trained."""
+    args = _mapping(f"{key}.data.template_args", data.get("template_args"), null=True)
+    if not args:
+        return
+    name = data.get("template", "plain")
+    cls = TEMPLATES[name]
+    allowed = set(inspect.signature(cls).parameters)
+    if not allowed:
+        raise ConfigError(f"{key}.data.template_args={plain(args)}: template {name!r} takes no arguments")
+    check_keys(f"{key}.data.template_args", args, allowed)
+    check_knob_types(f"{key}.data.template_args", cls, args)
 
 
 def _check_feature_cache(key: str, cache: Any, vision: str) -> None:

@@ -18,10 +18,7 @@ import numpy as np
 
 from alignlm.config import ConfigError
 from alignlm.constants import IMAGE_TOKEN
-from alignlm.data.templates import TemplateError, to_turns
-
-ASSISTANT_ROLES = ("gpt", "assistant")
-
+from alignlm.data.templates import TemplateError, role_of, to_turns, unicode_problem
 
 # Why a record or sample was left out: the keys of every per-cause count (stage table, summary.json, log).
 MALFORMED = "malformed record"
@@ -126,7 +123,8 @@ def read_records(path: str | Path, bad_lines: list[tuple[int, str]] | None = Non
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text (byte {e.start})", INVALID_JSON) from None
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})", INVALID_JSON) from None
+        hint = " (one record per line? name it .jsonl)" if e.msg == "Extra data" else ""
+        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg}){hint}", INVALID_JSON) from None
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
     return data
@@ -150,10 +148,26 @@ def record_problem(record: Any) -> str | None:
         isinstance(image, str) or (isinstance(image, list) and all(isinstance(i, str) for i in image))
     ):
         return f"'image' must be a path or a list of paths, got {image!r}"
+    if (problem := image_name_problem(record)) is not None:
+        return problem
     try:
         to_turns(conv)
     except TemplateError as e:
         return str(e)
+    return None
+
+
+def image_name_problem(record: dict[str, Any]) -> str | None:
+    """Why one of a record's image names (strings, checked by :func:`record_problem`) names no image file, or None: an
+    empty one named the image folder itself, then skipped as an unreadable image; one with a lone surrogate passed
+    start-up and ended the stage when the file system refused it."""
+    image = record.get("image")
+    for at, name in enumerate(image_names(record)):
+        where = "'image'" if isinstance(image, str) else f"'image'[{at}]"
+        if not name:
+            return f"{where} is an empty path"
+        if (problem := unicode_problem(name, where)) is not None:
+            return problem
     return None
 
 
@@ -163,6 +177,8 @@ def preference_problem(record: dict[str, Any]) -> str | None:
     for key in ("chosen", "rejected"):
         if not isinstance(record.get(key), str) or not record[key].strip():
             return f"a preference record needs a non-empty string {key!r}, got {record.get(key)!r}"
+        if (problem := unicode_problem(record[key], repr(key))) is not None:
+            return problem
     if record["chosen"] == record["rejected"]:
         return "'chosen' and 'rejected' are the same answer"
     if to_turns(record["conversations"])[-1].role != "user":
@@ -200,6 +216,8 @@ def image_paths(record: dict[str, Any], root: str | Path, allow_outside_root: bo
     """The record's image files in reading order, under ``root``: every reader of records takes its paths here, so a
     path that leaves the root (absolute, or climbing out with ``..``) is refused wherever it is read, unless the data's
     owner allowed it."""
+    if (problem := image_name_problem(record)) is not None:  # for readers that never ran record_problem
+        raise DataError(problem)
     names = image_names(record)
     bad = [] if allow_outside_root else [name for name in names if outside_root(name, root)]
     if bad:
@@ -244,13 +262,19 @@ def record_images(data: Sequence[str | Path], image_root: str | Path | None = No
     return out
 
 
+def is_answer(turn: Any) -> bool:
+    """Whether a record's turn, as written, is the assistant's: its ``from`` read as training reads it
+    (``templates.role_of``, any case), so a record that trains gives its caption and reference alike."""
+    return isinstance(turn, dict) and role_of(turn.get("from")) == "assistant"
+
+
 def record_caption(record: dict[str, Any]) -> str | None:
     """A caption record's text: its ``caption`` or ``text`` field, else its first assistant turn without ``<image>``."""
     for key in ("caption", "text"):
         if isinstance(record.get(key), str):
             return record[key]
     for turn in record.get("conversations") or []:
-        if isinstance(turn, dict) and turn.get("from") in ASSISTANT_ROLES:
+        if is_answer(turn):
             return str(turn.get("value", "")).replace(IMAGE_TOKEN, "").strip()
     return None
 
@@ -262,7 +286,7 @@ def reference_captions(record: dict[str, Any]) -> list[str]:
         raise DataError(f"record id={record.get('id')!r}: {problem}")
     if record.get("captions") is not None:
         return list(record["captions"])
-    turns = [t["value"] for t in record.get("conversations", []) if t.get("from") in ASSISTANT_ROLES]
+    turns = [t.get("value", "") for t in record.get("conversations", []) if is_answer(t)]
     if not turns:
         raise DataError(
             f"record id={record.get('id')!r} has neither 'captions' nor an assistant turn to use as reference"
@@ -272,9 +296,7 @@ def reference_captions(record: dict[str, Any]) -> list[str]:
 
 def assistant_text(record: dict[str, Any]) -> str:
     """Every assistant turn of a record, joined by newlines: the text the LM loss trains on."""
-    return "\n".join(
-        str(m.get("value", "")) for m in record["conversations"] if str(m.get("from", "")).lower() in ASSISTANT_ROLES
-    )
+    return "\n".join(str(m.get("value", "")) for m in record["conversations"] if is_answer(m))
 
 
 def mixture_index(sizes: Sequence[int], weights: Sequence[float]) -> tuple[np.ndarray, list[tuple[int, int, int]]]:

@@ -18,6 +18,7 @@ word from "▁A" to "A").
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -51,17 +52,38 @@ class Rendered:
     contents: tuple[tuple[int, int, str], ...] = ()
 
 
+def role_of(name: Any) -> str | None:
+    """The role (user, assistant, system) a turn's ``from`` names, in any case ("GPT" is "gpt"), or None for one no
+    template knows. Every reader of a record's turns reads roles here: the caption readers compared ``from``
+    case-sensitively, so a record with "Human"/"GPT" turns trained but read as having no caption."""
+    return ROLES.get(str(name).lower())
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def unicode_problem(text: str, where: str) -> str | None:
+    """Why ``text`` (at ``where``) is no Unicode text, or None: a lone UTF-16 surrogate, valid JSON as an escape such as
+    ``"\\ud83d"`` (scraped text holds half an emoji), is no character, so the tokenizer and the file system refuse it.
+    Found when records are read, it is a malformed record; found when the sample was drawn, it had ended the stage."""
+    found = _SURROGATE.search(text)
+    return None if found is None else f"{where} is not valid Unicode (a lone surrogate at character {found.start()})"
+
+
 def to_turns(conversations: Sequence[dict[str, Any]]) -> list[Turn]:
-    """LLaVA's ``[{"from": "human"|"gpt", "value": ...}]`` -> typed turns, with a clear error for bad roles."""
+    """LLaVA's ``[{"from": "human"|"gpt", "value": ...}]`` -> typed turns, with a clear error for bad roles and for
+    text that is not Unicode."""
     turns = []
     for i, msg in enumerate(conversations):
         if not isinstance(msg, dict) or "value" not in msg or "from" not in msg:
             raise TemplateError(f"conversations[{i}] must be an object with 'from' and 'value', got {msg!r}")
-        role = ROLES.get(str(msg["from"]).lower())
+        role = role_of(msg["from"])
         if role is None:
             raise TemplateError(f"conversations[{i}].from={msg['from']!r} is not one of {sorted(ROLES)}")
         if not isinstance(msg["value"], str):  # never str() a number, a null or a list into training text
             raise TemplateError(f"conversations[{i}].value must be a string, got {type(msg['value']).__name__}")
+        if (problem := unicode_problem(msg["value"], f"conversations[{i}].value")) is not None:
+            raise TemplateError(problem)
         if role == "system" and i > 0:  # the templates use one system text, the first turn's
             raise TemplateError(f"conversations[{i}] is a system turn: only the first turn may be one")
         turns.append(Turn(role, msg["value"]))
@@ -223,7 +245,8 @@ class ChatTemplate(Template):
     """The tokenizer's own chat template; assistant spans found by rendering each prefix of the dialog.
 
     ``image_first`` (default, as LLaVA does for every template): a user turn's images go to its front
-    (:func:`image_first`), as the exported chat template places them too."""
+    (:func:`image_first`), as the exported chat template places them too. Answers are stripped of surrounding
+    whitespace, as ``vicuna_v1`` strips them and the exported chat template trims them alike."""
 
     name = "chat"
 
@@ -234,10 +257,7 @@ class ChatTemplate(Template):
     def render(self, turns: Sequence[Turn], tokenizer: Any, add_generation_prompt: bool = False) -> Rendered:
         if not getattr(tokenizer, "chat_template", None):
             raise TemplateError("template 'chat' needs a tokenizer with a chat_template; use vicuna_v1 or plain")
-        messages = [
-            {"role": t.role, "content": image_first(t.content) if self.image_first and t.role == "user" else t.content}
-            for t in turns
-        ]
+        messages = [{"role": t.role, "content": self._content(t)} for t in turns]
         if self.system is not None and not any(m["role"] == "system" for m in messages):
             messages.insert(0, {"role": "system", "content": self.system})
         dialog = [m for m in messages if m["role"] != "system"]
@@ -268,6 +288,14 @@ class ChatTemplate(Template):
                 spans.append((len(before), _turn_close(upto, contents[-1][1], tokenizer)))
         return Rendered(text, tuple(spans), tuple(contents))
 
+    def _content(self, turn: Turn) -> str:
+        """A turn's content as this template gives it to the tokenizer's chat template (and :func:`_jinja_contents`
+        in the export): an answer stripped (a stray space is never a token the model must learn to write), a question
+        with its images first where ``image_first`` asks."""
+        if turn.role == "assistant":
+            return turn.content.strip()
+        return image_first(turn.content) if self.image_first and turn.role == "user" else turn.content
+
     def jinja(self, tokenizer: Any) -> str:
         """The tokenizer's chat template behind the same message rewriting as :meth:`render`. Where the tokenizer adds
         the BOS itself, a template that also writes ``bos_token`` (Llama-3, Mistral, Gemma) writes nothing for it:
@@ -282,19 +310,22 @@ class ChatTemplate(Template):
                 "{%- set messages = [{'role': 'system', 'content': " + _jinja_str(self.system) + "}] + messages -%}"
                 "{%- endif -%}"
             )
-        image_first = _JINJA_USER_IMAGE_FIRST if self.image_first else ""
-        return no_bos + _JINJA_FLATTEN + image_first + system + tokenizer.chat_template
+        return no_bos + _JINJA_FLATTEN + _jinja_contents(self.image_first) + system + tokenizer.chat_template
 
 
-# :data:`_JINJA_IMAGE_FIRST` applied to every user message of ``messages`` (the chat template reads them as given).
-_JINJA_USER_IMAGE_FIRST = (
-    "{%- set ns = namespace(msgs=[]) -%}"
-    "{%- for m in messages -%}{%- set c = m['content'] -%}"
-    "{%- if m['role'] == 'user' -%}" + _JINJA_IMAGE_FIRST + "{%- endif -%}"
-    "{%- set ns.msgs = ns.msgs + [{'role': m['role'], 'content': c}] -%}"
-    "{%- endfor -%}"
-    "{%- set messages = ns.msgs -%}"
-)
+def _jinja_contents(images_first: bool) -> str:
+    """:meth:`ChatTemplate._content` in Jinja, applied to every message of ``messages`` (the chat template reads them
+    as given): answers trimmed, and with ``images_first`` :data:`_JINJA_IMAGE_FIRST` on every user message."""
+    user = ("{%- if m['role'] == 'user' -%}" + _JINJA_IMAGE_FIRST + "{%- endif -%}") if images_first else ""
+    return (
+        "{%- set ns = namespace(msgs=[]) -%}"
+        "{%- for m in messages -%}{%- set c = m['content'] -%}"
+        "{%- if m['role'] == 'assistant' -%}{%- set c = c | trim -%}{%- endif -%}"
+        + user
+        + "{%- set ns.msgs = ns.msgs + [{'role': m['role'], 'content': c}] -%}"
+        "{%- endfor -%}"
+        "{%- set messages = ns.msgs -%}"
+    )
 
 
 # Stands in for a message's content to find where the template writes it: a search for the content itself could

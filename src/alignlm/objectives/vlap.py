@@ -31,14 +31,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from alignlm.data.records import assistant_text
 from alignlm.data.templates import plain_text_ids
 from alignlm.geometry.sinkhorn import sinkhorn
 from alignlm.objectives.base import LossTerm, Objective
 from alignlm.objectives.pairs import image_caption_pairs, zero_loss
 
 log = logging.getLogger(__name__)
-
-ASSISTANT_ROLES = ("gpt", "assistant")
 
 
 def caption_texts(dataset: Any) -> Iterable[str]:
@@ -53,9 +52,7 @@ def caption_texts(dataset: Any) -> Iterable[str]:
         if i in unused:
             continue
         _, rec = dataset.record(i)
-        yield "\n".join(
-            str(m.get("value", "")) for m in rec["conversations"] if str(m.get("from", "")).lower() in ASSISTANT_ROLES
-        )
+        yield assistant_text(rec)
 
 
 def token_counts(texts: Iterable[str], tokenizer: Any, vocab_size: int, chunk: int = 4096) -> torch.Tensor:
