@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
 # The GPU checks of one device call, every result kept as it comes, all within one deadline. A session has 15 minutes
-# of device time (a machine's start-up of 1-2 minutes included), 10 minutes a command, and at most 8 files come back
-# from $OUT, so $OUT holds three: log.txt (each step, its exit status and its figures), results.jsonl (one JSON
-# object a line, {"name", "rc", "result"}, for each benchmark point and the strategies run, appended as each ends,
-# "result" being what the point saved, null if nothing) and details.tgz (every other output: the machine, the
+# (900 s) of device time in all, a machine's start-up of 1-2 minutes included, 10 minutes a command, and at most 8
+# files come back from $OUT, so $OUT holds three: log.txt (each step, its exit status and its figures), results.jsonl
+# (one JSON object a line, {"name", "rc", "result"}, for each benchmark point and the strategies run, appended as each
+# ends, "result" being what the point saved, null if nothing) and details.tgz (every other output: the machine, the
 # pre-flight, each command's whole output; packed anew after each step, so a call cut short returns the newest).
 #
 # The two device calls, from the repository root (.carry/site, ignored by git, holds hydra, omegaconf, antlr4,
-# deepspeed and their needs; this script puts it and src/ on PYTHONPATH):
+# deepspeed and their needs; this script puts it and src/ on PYTHONPATH), the most important figures first:
 #   1. run(command="bash benchmarks/gpu_check.sh", carry=[".carry"], timeout_s=600)
-#      the default parts, "bench gputests suite", within DEADLINE=570 s
-#   2. run(command="PARTS=strategies bash benchmarks/gpu_check.sh", carry=[".carry"], timeout_s=600)
+#      the default parts, "bench gputests suite", within DEADLINE=570 s: with the start-up, 630-690 s of the 900
+#   2. what is left, read from status() at once (the machine still warm): B = budget_left_s, D = B - 30 (its end,
+#      the files' transfer and the hand-back), or D = B - 150 where status says warm: false (a fresh start-up too),
+#      and at most 570; with D under 55 nothing fits (see DEADLINE below): give_back() instead. Else, D written out:
+#      run(command="PARTS=strategies DEADLINE=D bash benchmarks/gpu_check.sh", carry=[".carry"], timeout_s=D+15)
+#      (about 180 s after a whole call 1: the sharded GPU test, cut to fit; strategies.py where 55 s are still
+#      left), then give_back(). A call cut from outside all the same (SIGTERM) stops its step at once and keeps
+#      what it wrote.
 #
 # Parts (PARTS, run in the order named):
 #   bench       throughput points of benchmarks/train_throughput.py (alignlm against transformers' Llava), the
@@ -28,7 +34,10 @@
 # DEADLINE (seconds from the start, default 570) bounds the whole script: each step's own timeout (BENCH_TIMEOUT a
 # point, default 200; GPUTESTS_TIMEOUT 180; TEST_TIMEOUT 300; SHARDED_TIMEOUT 200; STRATEGIES_TIMEOUT 400) is cut to
 # the time left less 15 s, a step cut at its timeout is logged so and the next gets what is left, and a step with
-# under 55 s left (40 s plus the margin) is skipped and logged.
+# under 55 s left (MIN_STEP 40 s plus MARGIN 15 s; both may be set, for the tests) is skipped and logged.
+# A TERM or INT (the device tool cutting the call) stops the running step at once: its process group is sent TERM,
+# then KILL 2 s later; its results line is written with rc 143 (130 for INT) and what it had saved, details.tgz is
+# packed with its partial output, $WORK is removed, and the log says "stopped by a signal".
 # Pre-flight: where deepspeed does not import, the carried one (CARRY_SITE/deepspeed*) is left off the path
 # (accelerate imports deepspeed wherever it finds it: a broken one would break every strategy, zero or not) and
 # zero2/zero3 are skipped; where alignlm.commands does not import, the script stops at once, the reason in log.txt.
@@ -43,7 +52,8 @@ START=$SECONDS
 DEADLINE=${DEADLINE:-570}
 log() { echo "[$(date +%T) +$((SECONDS - START))s] $*" | tee -a "$OUT/log.txt"; }
 left() { echo $((DEADLINE - (SECONDS - START))); }
-MARGIN=15 MIN_STEP=40 # seconds kept back at the end (a step's kill, the last packing); the least a step is given
+MARGIN=${MARGIN:-15}     # seconds kept back at the end (a step's kill, the last packing)
+MIN_STEP=${MIN_STEP:-40} # the least a step is given
 budget() { # the timeout of a step: its own ($1), cut to the time left less the margin; 0: skip it
   local want=$1 rest
   rest=$(($(left) - MARGIN))
@@ -51,22 +61,46 @@ budget() { # the timeout of a step: its own ($1), cut to the time left less the 
 }
 pack() { tar -czf "$OUT/details.tgz.part" -C "$WORK" details && mv -f "$OUT/details.tgz.part" "$OUT/details.tgz"; }
 trap 'pack; rm -rf "$WORK"' EXIT
-trap 'log "stopped by a signal"; exit 143' TERM INT
+STEP_PID= STEP_NAME= STEP_RESULT= STEP_JSON= # the running step: its timeout's pid (its process group), name, result
 
-step() { # NAME WANT FILE, then a command: run under its timeout (budget), output to details/FILE; status in RC
+stopped() { # STATUS: a TERM or INT (the caller cutting the call) arrived: stop the running step, keep what it wrote
+  trap '' TERM INT
+  log "stopped by a signal${STEP_PID:+ during $STEP_NAME}"
+  if [[ -n $STEP_PID ]]; then # timeout leads a process group of its own: the step's every process
+    kill -TERM -- "-$STEP_PID" "$STEP_PID" 2> /dev/null
+    for _ in {1..20}; do
+      kill -0 "$STEP_PID" 2> /dev/null || break
+      sleep 0.1
+    done
+    kill -KILL -- "-$STEP_PID" 2> /dev/null
+    [[ -z $STEP_RESULT ]] || record "$STEP_RESULT" "$1" "$STEP_JSON"
+  fi
+  exit "$1" # the EXIT trap packs details.tgz, the step's partial output with it, and removes $WORK
+}
+trap 'stopped 143' TERM
+trap 'stopped 130' INT
+
+step() { # NAME WANT FILE RESULT JSON, then a command: run under its timeout (budget), output to details/FILE, status
+  # in RC; RESULT (unless empty): its line of results.jsonl, written with JSON (what it saved) as it ends or is stopped.
+  # In the background, waited for: bash runs the TERM trap only between commands, and wait is one it leaves at once.
   local name=$1 limit
   limit=$(budget "$2")
-  local file=$DETAILS/$3
-  shift 3
+  local file=$DETAILS/$3 result=$4 json=$5
+  shift 5
   if ((limit == 0)); then
     log "$name: skipped, $(left) s left of DEADLINE=$DEADLINE (a step needs $((MIN_STEP + MARGIN)))"
     RC=skipped
     return
   fi
   log "$name (timeout $limit s): $*"
-  timeout -k 10 "$limit" "$@" > "$file" 2>&1
+  STEP_NAME=$name STEP_RESULT=$result STEP_JSON=$json
+  timeout -k 10 "$limit" "$@" > "$file" 2>&1 &
+  STEP_PID=$!
+  wait "$STEP_PID"
   RC=$?
+  STEP_PID= STEP_RESULT=
   if ((RC == 124 || RC == 137)); then log "  $name: cut at its timeout of $limit s"; fi
+  [[ -z $result ]] || record "$result" "$RC" "$json"
   pack
 }
 
@@ -131,10 +165,10 @@ if ((${MEM_MIB:-0} >= 100000)); then FT_BATCH=16 PT7_BATCH=32; else FT_BATCH=8 P
 run_bench() { # NAME BATCH, then train_throughput.py flags
   local name=$1 batch=$2
   shift 2
-  step "bench $name" "${BENCH_TIMEOUT:-200}" "bench_$name.txt" env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
+  step "bench $name" "${BENCH_TIMEOUT:-200}" "bench_$name.txt" "$name" "$DETAILS/$name.json" \
+    env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
     python3 benchmarks/train_throughput.py --json "$DETAILS/$name.json" --batch "$batch" "$@"
   [[ $RC == skipped ]] && return
-  record "$name" "$RC" "$DETAILS/$name.json"
   log "  rc=$RC $(grep -E '^\| [0-9.]+b |^558k' "$DETAILS/bench_$name.txt" | tr '\n' ' ')"
 }
 
@@ -159,7 +193,7 @@ part_bench() {
 pytest_gpu() { # NAME WANT FILE, then pytest arguments
   local name=$1 want=$2 file=$3
   shift 3
-  step "$name" "$want" "$file" python3 -m pytest -v -p no:cacheprovider -p no:randomly --tb=short "$@"
+  step "$name" "$want" "$file" "" "" python3 -m pytest -v -p no:cacheprovider -p no:randomly --tb=short "$@"
   [[ $RC == skipped ]] || log "  rc=$RC $(tail -n 1 "$DETAILS/$file")"
 }
 
@@ -174,10 +208,10 @@ part_strategies() {
   pytest_gpu "strategies: the sharded GPU test" "${SHARDED_TIMEOUT:-200}" pytest_sharded.txt tests/test_gpu.py \
     -k sharded
   step "strategies: 1.1b finetune, ${STRATEGY_STEPS:-50} steps, each sharded one stopped halfway and resumed" \
-    "${STRATEGIES_TIMEOUT:-400}" strategies.txt python3 benchmarks/strategies.py --size 1.1b --vocab 32000 --batch 8 \
-    --steps "${STRATEGY_STEPS:-50}" --timeout 150 --out "$DETAILS/strategies" --work "$WORK/strategies" "${only[@]}"
+    "${STRATEGIES_TIMEOUT:-400}" strategies.txt strategies "$DETAILS/strategies/strategies.json" \
+    python3 benchmarks/strategies.py --size 1.1b --vocab 32000 --batch 8 --steps "${STRATEGY_STEPS:-50}" \
+    --timeout 150 --out "$DETAILS/strategies" --work "$WORK/strategies" "${only[@]}"
   [[ $RC == skipped ]] && return
-  record strategies "$RC" "$DETAILS/strategies/strategies.json"
   log "  rc=$RC $(tail -n 6 "$DETAILS/strategies.txt" | tr '\n' ' ')"
 }
 
@@ -186,7 +220,7 @@ part_suite() {
   python3 -c "import xdist" 2> /dev/null && workers=(-n 16)
   # 16 processes of one thread each on 16 cores, not 16 x 16
   step "suite: the whole suite but tests/test_gpu.py${workers[*]:+, ${workers[*]}}" "${TEST_TIMEOUT:-300}" pytest.txt \
-    env OMP_NUM_THREADS="${OMP_NUM_THREADS:-$((${#workers[@]} ? 1 : 16))}" python3 -m pytest -q "${workers[@]}" \
+    "" "" env OMP_NUM_THREADS="${OMP_NUM_THREADS:-$((${#workers[@]} ? 1 : 16))}" python3 -m pytest -q "${workers[@]}" \
     -p no:cacheprovider --tb=short --maxfail=10 --ignore=tests/test_gpu.py
   [[ $RC == skipped ]] || log "  rc=$RC $(tail -n 1 "$DETAILS/pytest.txt")"
 }

@@ -99,18 +99,22 @@ case "$*" in
     done
     [[ -n ${OOM:-} && "$*" == *"$OOM"* ]] && echo "torch.OutOfMemoryError: CUDA out of memory"
     echo "| 1.1b | finetune | 32000 | 8 | alignlm | 1 | 1 | 1 | 40 % | 50 | 1.6x |"
-    [[ -n ${SLOW:-} && "$*" =~ $SLOW ]] && exec sleep 60
+    [[ -n ${SLOW:-} && "$*" =~ $SLOW ]] && { echo $$ >> "$CALLS.slow"; exec sleep 60; }  # its pid: in *_calls.txt.slow
     ;;
 esac
 exit 0
 """
 
 
-def gpu_check(tmp_path: Path, out: str, **env: str) -> tuple[int, list[str], list[str]]:
-    """benchmarks/gpu_check.sh on a stand-in machine (nvidia-smi and python3 faked, a carried site with hydra and
-    deepspeed): its exit status, the files it left in $OUT, and the python3 calls it made."""
+# gpu_check.sh's own settings: the caller's (a rerun of the script with PARTS=suite on the device runs this file's
+# stand-in calls) never reach the stand-in script, only what a test sets
+KNOBS = ("PARTS", "DEADLINE", "MARGIN", "MIN_STEP", "STRATEGY_STEPS")
+
+
+def stand_in(tmp_path: Path, out: str, **env: str) -> dict[str, str]:
+    """The environment of benchmarks/gpu_check.sh on a stand-in machine (nvidia-smi and python3 faked, a carried site
+    with hydra and deepspeed, $OUT at ``tmp_path / out``): the caller's less the script's settings, and ``env``."""
     import os
-    import subprocess
 
     fake = tmp_path / "bin"
     if not fake.exists():
@@ -123,23 +127,36 @@ def gpu_check(tmp_path: Path, out: str, **env: str) -> tuple[int, list[str], lis
             f.chmod(0o755)
         for name in ("hydra", "deepspeed", "deepspeed-0.19.8.dist-info"):
             (tmp_path / "site" / name).mkdir(parents=True)
-    calls = tmp_path / f"{out}_calls.txt"
-    env = {"PATH": f"{fake}:{os.environ['PATH']}", "OUT": str(tmp_path / out), "CALLS": str(calls), **env}
-    env["CARRY_SITE"] = str(tmp_path / "site")
+    inherited = {k: v for k, v in os.environ.items() if k not in KNOBS and not k.endswith("_TIMEOUT")}
+    calls = str(tmp_path / f"{out}_calls.txt")
+    stand = {"PATH": f"{fake}:{os.environ['PATH']}", "OUT": str(tmp_path / out), "CALLS": calls}
+    return {**inherited, **stand, **env, "CARRY_SITE": str(tmp_path / "site")}
+
+
+def gpu_check(tmp_path: Path, out: str, **env: str) -> tuple[int, list[str], list[str]]:
+    """benchmarks/gpu_check.sh on a stand-in machine (:func:`stand_in`): its exit status, the files it left in $OUT,
+    and the python3 calls it made."""
+    import subprocess
+
+    env = stand_in(tmp_path, out, **env)
     root = Path(__file__).parents[1]
-    proc = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=root, env={**os.environ, **env}, capture_output=True)
-    return proc.returncode, sorted(p.name for p in (tmp_path / out).iterdir()), calls.read_text().splitlines()
+    proc = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=root, env=env, capture_output=True)
+    files = sorted(p.name for p in (tmp_path / out).iterdir())
+    return proc.returncode, files, Path(env["CALLS"]).read_text().splitlines()
 
 
-def test_the_gpu_check_returns_three_files_in_the_planned_order_without_a_broken_deepspeed(tmp_path):
+def test_the_gpu_check_returns_three_files_in_the_planned_order_without_a_broken_deepspeed(tmp_path, monkeypatch):
     """A device call returns at most 8 files: $OUT holds log.txt, results.jsonl (one JSON line per benchmark point,
     in the order planned: the issue's targets first, a point out of memory again at half its batch) and details.tgz
     (everything else). src/ and the carried packages are on PYTHONPATH, a carried deepspeed that does not import is
     left off it (accelerate would import it) and the zero strategies are skipped; the GPU tests run the metrics check
-    first and leave the slow sharded test to the strategies part; the suite leaves tests/test_gpu.py out."""
+    first and leave the slow sharded test to the strategies part; the suite leaves tests/test_gpu.py out. The
+    settings of a gpu_check.sh that runs this suite (a rerun of its suite part) do not reach the stand-in."""
     import json
     import tarfile
 
+    for knob, value in {"PARTS": "suite", "DEADLINE": "1", "BENCH_TIMEOUT": "1", "MIN_STEP": "999"}.items():
+        monkeypatch.setenv(knob, value)
     rc, files, calls = gpu_check(tmp_path, "call1", BROKEN_DEEPSPEED="1", OOM="pt_7b_32k.json")
     assert rc == 0 and files == ["details.tgz", "log.txt", "results.jsonl"]
     root = Path(__file__).parents[1]
@@ -174,19 +191,20 @@ def test_the_gpu_check_returns_three_files_in_the_planned_order_without_a_broken
 
 def test_the_gpu_check_cuts_a_step_at_its_timeout_and_skips_what_no_longer_fits(tmp_path):
     """The first benchmark point hangs: it is cut at its own timeout (its saved figures still recorded) and the
-    next points run; the GPU tests hang too and are cut; the suite, with under 40 s left of the deadline less a
-    margin of 15 s, is skipped, and each is said in the log."""
+    next points run; the GPU tests hang too and are cut; the suite, with under MIN_STEP left of the deadline less
+    MARGIN, is skipped, and each is said in the log."""
     import json
+    import re
 
-    # the GPU tests start after 3 s and by 25 s (80 - 15 - 40: else skipped), and end after 28 s, past 25: the suite
-    # cannot have 40 s
-    rc, files, _ = gpu_check(
-        tmp_path, "out", SLOW="ft_1.1b_32k.json|test_gpu", DEADLINE="80", BENCH_TIMEOUT="3", GPUTESTS_TIMEOUT="25"
-    )
+    # the GPU tests start after 1 s and by 6 s (9 - 1 - 2: else skipped), and run to their timeout of 6 s or to
+    # DEADLINE less MARGIN, whichever comes first: the suite then cannot have 2 s
+    knobs = {"DEADLINE": "9", "MARGIN": "1", "MIN_STEP": "2", "BENCH_TIMEOUT": "1", "GPUTESTS_TIMEOUT": "6"}
+    rc, files, _ = gpu_check(tmp_path, "out", SLOW="ft_1.1b_32k.json|test_gpu", **knobs)
     log = (tmp_path / "out" / "log.txt").read_text()
     assert rc == 0 and files == ["details.tgz", "log.txt", "results.jsonl"]
-    assert "bench ft_1.1b_32k: cut at its timeout of 3 s" in log and "metrics check" in log
-    assert "cut at its timeout of 25 s" in log and "suite: the whole suite but tests/test_gpu.py: skipped" in log
+    assert "bench ft_1.1b_32k: cut at its timeout of 1 s" in log and "metrics check" in log
+    assert re.search(r"but the sharded one: cut at its timeout of \d s", log)
+    assert "suite: the whole suite but tests/test_gpu.py: skipped" in log
     lines = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
     assert [(r["name"], r["rc"]) for r in lines][:2] == [("ft_1.1b_32k", 124), ("pt_1.1b_cached", 0)]
     assert lines[0]["result"] == {"file": "ft_1.1b_32k.json"}
@@ -199,3 +217,57 @@ def test_the_gpu_check_stops_at_once_when_alignlm_does_not_import(tmp_path):
     assert rc == 1 and files == ["details.tgz", "log.txt"]
     assert "alignlm.commands does not import (No module named 'hydra'): stopping here" in log
     assert [c.split(" | ")[0] for c in calls][-2:] == ["ran -c import deepspeed", "ran -c import alignlm.commands"]
+
+
+def test_the_gpu_check_stopped_from_outside_stops_its_step_at_once_and_keeps_what_it_wrote(tmp_path):
+    """The device tool cuts a call past its time with a TERM (a KILL seconds later): the running step (strategies.py,
+    hanging) is stopped at once with its whole process group, its results line written (rc 143, what it saved), its
+    partial output packed into details.tgz, the temporary folder removed and the stop logged."""
+    import contextlib
+    import json
+    import os
+    import signal
+    import subprocess
+    import tarfile
+    import time
+
+    env = stand_in(tmp_path, "out", PARTS="strategies", SLOW="strategies.py", TMPDIR=str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    slow = Path(env["CALLS"] + ".slow")
+    proc = subprocess.Popen(["bash", "benchmarks/gpu_check.sh"], cwd=Path(__file__).parents[1], env=env)
+    try:
+        for _ in range(100):  # until the strategies benchmark hangs
+            if slow.exists() and slow.read_text().strip():
+                break
+            time.sleep(0.1)
+        pid = int(slow.read_text())
+        group = os.getpgid(pid)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=5) == 143
+    finally:  # nothing left behind should the script not stop
+        proc.kill()
+        for left in slow.read_text().split() if slow.exists() else []:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(left), signal.SIGKILL)
+    time.sleep(0.2)  # an orphan's reaping
+    assert not running(group)
+    out = tmp_path / "out"
+    (line,) = (out / "results.jsonl").read_text().splitlines()
+    assert json.loads(line) == {"name": "strategies", "rc": 143, "result": [{"strategy": "ddp"}]}
+    assert "stopped by a signal during strategies: 1.1b finetune" in (out / "log.txt").read_text()
+    with tarfile.open(out / "details.tgz") as tgz:
+        assert {"details/strategies.txt", "details/strategies/strategies.json"} <= set(tgz.getnames())
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def running(group: int) -> list[int]:
+    """The processes of a process group that have not ended (zombies left out), read from /proc."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, IndexError):
+            continue
+        if int(pgrp) == group and state != "Z":
+            pids.append(int(stat.parent.name))
+    return pids

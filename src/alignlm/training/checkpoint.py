@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -577,17 +578,45 @@ def take_optimizer_settings(optimizer: Any, scheduler: Any, fresh: list[dict[str
 
 
 def rng_state() -> dict[str, Any]:
-    """Torch CPU and CUDA generator states (data order is seeded separately, by step)."""
+    """Torch's CPU generator state and, with CUDA, the state of the one device this process trains on (the current
+    device, which accelerate sets to each process's own): not every visible GPU's, so a resume that sees fewer or
+    other GPUs (another CUDA_VISIBLE_DEVICES, one GPU per task) still restores it. Data order is seeded separately,
+    by step."""
     out: dict[str, Any] = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
-        out["cuda"] = torch.cuda.get_rng_state_all()
+        out["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return out
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore :func:`rng_state`'s states, the CUDA one onto the device this process trains on now."""
     torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" not in state or not torch.cuda.is_available():
+        return
+    device = torch.cuda.current_device()
+    cuda = _own_cuda_state(state["cuda"], device)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
+
+
+def _own_cuda_state(saved: torch.Tensor | list[torch.Tensor], device: int) -> torch.Tensor | None:
+    """The writer's own CUDA state. Checkpoints written before :func:`rng_state` kept one device's hold a list, one
+    state per GPU the writer could see: its own is the only entry, or the entry of this process's device (the same
+    launcher gives a rank the same device); where there is none, None and a warning (the CUDA generator starts
+    fresh: random draws on the GPU, dropout, differ from an uninterrupted run), rather than an IndexError."""
+    if isinstance(saved, torch.Tensor):
+        return saved
+    if len(saved) == 1:
+        return saved[0]
+    if device < len(saved):
+        return saved[device]
+    logging.getLogger("alignlm").warning(
+        "the checkpoint's RNG file holds CUDA generator states for %d GPUs, none for this process's cuda:%d: "
+        "its CUDA generator starts fresh (random draws on the GPU, dropout, differ from an uninterrupted run)",
+        len(saved),
+        device,
+    )
+    return None
 
 
 def step_dirs(stage_dir: Path) -> list[Path]:
