@@ -9,6 +9,7 @@ malformed records at the data path.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -698,17 +699,8 @@ def test_a_chat_message_that_is_only_template_text_stays_in_its_place(tiny_model
 
     benign, stand_in = encode("zq"), plain("zq")
     at = next(k for k in range(len(benign)) if benign[k : k + len(stand_in)] == stand_in)
-    assert encode(hostile) == benign[:at] + plain(hostile) + benign[at + len(stand_in) :]
-
-
-def test_a_chat_answer_with_leading_space_keeps_the_generation_prompt_tokens(tiny_model):
-    tok = tiny_model().tokenizer
-    chat = get_template("chat")
-    turns = to_turns([{"from": "human", "value": "Digit?"}, {"from": "gpt", "value": " 7"}])
-    prompt_ids, _ = tokenize(chat.render(turns[:1], tok, add_generation_prompt=True), tok)
-    train_ids, labels = tokenize(chat.render(turns, tok), tok)
-    assert train_ids[: len(prompt_ids)].tolist() == prompt_ids.tolist()  # training sees the prompt generation sees
-    assert (labels[: len(prompt_ids)] == -100).all() and (labels[len(prompt_ids) :] != -100).any()
+    text = hostile.strip() if where == "answer" else hostile  # answers are stripped (docs/core.md), questions kept
+    assert encode(hostile) == benign[:at] + plain(text) + benign[at + len(stand_in) :]
 
 
 # ---- the smaller ones ---------------------------------------------------------------------------------------------------
@@ -989,6 +981,52 @@ def test_a_loss_scaler_backing_off_is_logged_and_not_counted_as_divergence(colou
     assert rows[1]["loss/total"] is not None and rows[1]["grad_norm"] is None and trainer.nonfinite == [3]
     with pytest.raises(TrainingError, match=r"\(steps \[3\]\)"):
         trainer.check_divergence(3)
+
+
+def test_a_resumed_fp16_run_keeps_its_loss_scale(colour_set, tmp_path, caplog, monkeypatch):
+    """fp16's loss scaler was not in step checkpoints: a resumed run started from a fresh scale, which overflowed and
+    skipped the step the uninterrupted run took. Now its scale and growth count resume with the step; a checkpoint
+    written before resumes with a fresh scaler, as it did, and a warning says so. fp16 itself is refused on the CPU:
+    the accelerator gets a GradScaler as accelerate's fp16 mode sets one up, before the trainer prepares it."""
+    from alignlm.pipeline import make_accelerator
+    from alignlm.training.throughput import Meter
+    from alignlm.training.trainer import Trainer
+
+    def trainer(name: str) -> Trainer:
+        cfg = compose(
+            *tiny_overrides(colour_set, tmp_path, f"run_name={name}", "run=[pretrain]", "nonfinite.stop_after=0")
+        )
+        acc = make_accelerator(cfg)
+        # fp32 gradients overflow at 2**127 as fp16's do at 2**16; one back-off brings the scale to 2**27, where they fit
+        acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127, backoff_factor=2.0**-100)
+        t = Trainer(cfg, "pretrain", acc)
+        acc.unscale_gradients = lambda optimizer=None: acc.scaler.unscale_(t.optimizer.optimizer)
+        t.setup()
+        t.meter = Meter(earlier=None)
+        t.clock = t.meter.start
+        return t
+
+    def step(t: Trainer, batches, n: int) -> tuple[float, float]:
+        ((_, row, *_),) = t.fetch([t.step([next(batches)], n)])
+        return row["loss/total"], row["scaler/overflow"]
+
+    first = trainer("a")
+    batches = iter(first.loader())
+    assert [step(first, batches, n)[1] for n in (1, 2)] == [1.0, 0.0]  # step 1 backs the scale off
+    first.save_checkpoint(2)
+    uninterrupted = step(first, batches, 3)
+    resumed = trainer("a")
+    assert resumed.start_step == 2 and resumed.acc.scaler.get_scale() == first.acc.scaler.get_scale() == 2.0**27
+    assert step(resumed, iter(resumed.loader()), 3) == uninterrupted  # not another overflow
+    folder = ckpt.step_dirs(tmp_path / "a" / "pretrain")[-1]
+    for name in (ckpt.SCALER_FILE, ckpt.MANIFEST):  # as an earlier alignlm wrote it
+        (folder / name).unlink()
+    ckpt.write_manifest(folder)
+    monkeypatch.setattr(logging.getLogger("alignlm"), "propagate", True)  # its own handler keeps it from caplog's
+    with caplog.at_level("WARNING", logger="alignlm"):
+        older = trainer("a")
+    assert older.start_step == 2 and older.acc.scaler.get_scale() == 2.0**127
+    assert "holds no loss scaler state" in caplog.text
 
 
 # ---- weights that do not fit the model, and a metrics row cut short ---------------------------------------------------

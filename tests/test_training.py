@@ -446,6 +446,115 @@ def test_a_bf16_lora_stage_stores_its_frozen_base_in_bf16_and_merges_in_fp32(col
     assert read_losses(tmp_path / "resumed" / "finetune") == pytest.approx(read_losses(tmp_path / "t" / "finetune"))
 
 
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_what_trains_is_held_in_fp32_and_saved_so_whatever_its_part_was_loaded_in(
+    colour_set, tmp_path, monkeypatch, mode
+):
+    """An LLM loaded in bf16 (``model.llm.dtype: bfloat16``, as the vicuna_7b, llama3_8b and qwen2_5_0_5b presets load
+    it) trained in bf16 with no fp32 master weights: AdamW's steps of 2e-5 rounded away (3 steps moved 30 % of its
+    entries), and LoRA's delta merged into the bf16 base lost 12 % of itself. Now what trains is fp32 (frozen weights
+    keep their storage), ``final/`` holds the trained part in fp32, LoRA merged in fp32, and a later stage that trains
+    the part fully starts from those fp32 weights unrounded."""
+    from safetensors.torch import load_file
+
+    from alignlm.models.build import build_model
+    from alignlm.pipeline import make_accelerator
+    from alignlm.training import trainer as trainer_module
+    from alignlm.training.trainer import Trainer
+
+    def bf16_llm(cfg):  # what model.llm.dtype=bfloat16 loads (the tiny LLM is built, not loaded)
+        model = build_model(cfg)
+        model.llm.to(torch.bfloat16)
+        return model
+
+    monkeypatch.setattr(trainer_module, "build_model", bf16_llm)
+    seen: dict[str, torch.Tensor | torch.dtype] = {}
+    setup_model = Trainer.setup_model
+
+    def watched(self: Trainer):
+        model = setup_model(self)
+        seen.update({f"start.{k}": v.detach().float().clone() for k, v in model.llm.state_dict().items()})
+        seen["trained"] = {p.dtype for p in model.llm.parameters() if p.requires_grad}
+        seen["frozen"] = {p.dtype for p in model.llm.parameters() if not p.requires_grad}
+        return model
+
+    monkeypatch.setattr(Trainer, "setup_model", watched)
+    save_final = Trainer.save_final
+
+    def merged(self: Trainer):
+        if mode == "lora":
+            layer = self.core().llm.base_model.model.model.layers[0].self_attn.q_proj
+            seen["base"] = layer.base_layer.weight.detach().float().clone()
+            seen["delta"] = layer.get_delta_weight("default").detach().float().clone()
+        return save_final(self)
+
+    monkeypatch.setattr(Trainer, "save_final", merged)
+    lr = "2e-5" if mode == "full" else "2e-4"
+    overrides = tiny_overrides(
+        colour_set,
+        tmp_path,
+        "run=[finetune]",
+        "mixed_precision=bf16",
+        "stages.finetune.init_from=null",
+        f"stages.finetune.parts.llm={mode}",
+        f"stages.finetune.lr.llm={lr}",
+        "stages.finetune.max_steps=3",
+        "stages.finetune.save_every=0",
+    )
+    run(compose(*overrides))
+    assert seen["trained"] == {torch.float32}
+    weights = load_file(tmp_path / "t" / "finetune" / "final" / "model.safetensors")
+    llm = {k.removeprefix("llm."): v for k, v in weights.items() if k.startswith("llm.")}
+    assert {v.dtype for v in llm.values()} == {torch.float32}
+    if mode == "lora":
+        assert seen["frozen"] == {torch.bfloat16}  # the base, embeddings and norms keep their storage
+        assert seen["delta"].abs().max() > 0  # merged into the bf16 base: 12 % of it lost
+        torch.testing.assert_close(
+            llm["model.layers.0.self_attn.q_proj.weight"], seen["base"] + seen["delta"], rtol=0, atol=1e-7
+        )
+        return
+    matrices = [k for k, v in llm.items() if v.ndim == 2 and "embed" not in k]
+    changed = sum(int((llm[k] != seen[f"start.{k}"]).sum()) for k in matrices)
+    assert changed > 0.99 * sum(llm[k].numel() for k in matrices)  # bf16 weights: 30 %
+    later = compose(*overrides, f"stages.finetune.init_from={tmp_path / 't' / 'finetune' / 'final'}", "run_name=u")
+    model = Trainer(later, "finetune", make_accelerator(later)).setup_model()
+    assert all(torch.equal(p, llm[k]) for k, p in model.llm.state_dict().items())  # not rounded to bf16 on the way
+
+
+def test_the_feature_cache_keeps_each_autocasts_features_apart(colour_set, tmp_path, tiny_model):
+    """The cache's key left out the autocast the features were computed under: a tower that ``final/`` saves stays
+    fp32 under bf16, so a bf16 run and an fp32 run shared one folder and the fp32 run read bf16-computed features. Now
+    each precision has its own, and an fp32 run's key is the one it always had (fp32 caches stay valid)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    from alignlm.data.images import load_rgb, preprocess
+    from alignlm.data.llava import LlavaDataset
+    from alignlm.data.records import Source
+    from alignlm.data.templates import get_template
+    from alignlm.training.feature_cache import attach_feature_cache, tower_fingerprint
+
+    model = tiny_model()
+    model.frozen_parts.add("vision")
+    vision_cfg = compose().model.vision
+    features = {}
+    for precision in ("bf16", "no"):  # the bf16 run fills the cache first
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        acc = Accelerator(cpu=True, mixed_precision=precision)
+        args = (model.tokenizer, get_template("plain"), model.image_spec, model.num_image_tokens)
+        dataset = LlavaDataset([Source(str(colour_set["pretrain"]))], *args)
+        attach_feature_cache(model, dataset, True, tmp_path / "cache", vision_cfg, acc)
+        features[precision] = dataset[0]["image_embeds"][0]
+    pixels = preprocess(load_rgb(colour_set["pretrain"].parent / "images" / "0.png"), model.image_spec, "pad")
+    with torch.no_grad():
+        live = model.vision.eval()(pixels[None])[0]
+    torch.testing.assert_close(features["no"], live)
+    assert not torch.allclose(features["bf16"].float(), live, atol=1e-4)  # bf16 arithmetic: other numbers
+    folders = {p.name for p in (tmp_path / "cache").iterdir()}
+    assert len(folders) == 2 and tower_fingerprint(model, vision_cfg) in folders
+
+
 @pytest.mark.parametrize(
     "overrides,error,match",
     [

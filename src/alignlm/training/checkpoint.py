@@ -1,7 +1,7 @@
 """Checkpoints: full training state for exact resume, and ``final/`` weights that reload without training code.
 
 Layout (per stage): ``checkpoints/step_000500/`` holds trainable weights (safetensors), optimizer and
-scheduler state (under DeepSpeed ZeRO, one optimizer file per rank: its partition), per-rank RNG,
+scheduler state (under DeepSpeed ZeRO, one optimizer file per rank: its partition), per-rank RNG, fp16's loss scaler,
 ``trainer_state.json`` (step, data position) and, written last, ``manifest.json``
 (every file's size and SHA-256), so a file damaged after the fact is caught before it is loaded; ``final/`` holds
 ``config.yaml``, ``model.safetensors`` with every part trained so far and ``trained_from.json`` (what the stage was
@@ -37,6 +37,7 @@ STEP_PREFIX = "step_"
 SET_ASIDE_PREFIX = "before-"  # resume=never: an earlier run's outputs of a stage, in ``<stage>/before-<time>/``
 MANIFEST = "manifest.json"
 OBJECTIVES_FILE = "objectives.safetensors"  # persistent objective state (a learned temperature), by config key
+SCALER_FILE = "scaler.pt"  # fp16's loss scaler: its scale and growth count (:func:`load_scaler`)
 TRAINED_FROM = "trained_from.json"  # in final/: the stage's recipe as it finished (:func:`trained_from`)
 CONTENTS = " contents"  # suffix of a recipe key holding the bytes' digest of the file its config key names
 START = " weights"  # suffix of the trained_from key identifying the weights a stage started from (init_from)
@@ -131,12 +132,14 @@ def save_training_state(
     objective_state: Mapping[str, torch.Tensor] | None = None,
     model_state: Mapping[str, torch.Tensor] | None = None,
     started: bool = False,
+    scaler_state: Mapping[str, Any] | None = None,
 ) -> None:
     """Everything exact resume needs, written atomically (called on the main process, with the model's whole weights
     in place and ``optimizer_state`` from :func:`sharding.optimizer_state`, or None when every rank wrote its own
     :func:`zero_optimizer_file` into the folder's :func:`temporary` copy, which ``started=True`` says was made for
     them); ``objective_state``: the objectives' state by config key (a learned temperature resumes with them);
-    ``model_state``: the model's whole state dict when its own tensors are shards (:func:`sharding.full_state`)."""
+    ``model_state``: the model's whole state dict when its own tensors are shards (:func:`sharding.full_state`);
+    ``scaler_state``: fp16's loss scaler's ``state_dict()`` (None without one)."""
     tmp = temporary(ckpt_dir) if started else atomic_dir(ckpt_dir)
     save_file(
         part_state(model, model.PARTS, only_trainable=True, state=model_state), str(tmp / "trainable.safetensors")
@@ -146,6 +149,8 @@ def save_training_state(
     if optimizer_state is not None:
         torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    if scaler_state:
+        torch.save(dict(scaler_state), tmp / SCALER_FILE)
     for rank, r in rng.items():
         torch.save(r, tmp / f"rng_{rank}.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
@@ -224,6 +229,21 @@ def load_training_state(
     rng_file = ckpt_dir / f"rng_{rank}.pt"
     if rng_file.exists():
         set_rng_state(torch.load(rng_file, weights_only=True))
+
+
+def load_scaler(ckpt_dir: Path, scaler: Any) -> bool:
+    """Restore fp16's loss scaler (``torch.amp.GradScaler``) from a step checkpoint: its scale and growth count, this
+    run's growth and back-off settings kept. A fresh scaler starts high (2**16) and backs off by skipping steps whose
+    gradients overflow, so a resume without it skipped steps the uninterrupted run took. False when the checkpoint
+    holds none (written before the scaler was saved, or without fp16): the scaler starts afresh, as it did then."""
+    path = ckpt_dir / SCALER_FILE
+    if not path.exists():
+        return False
+    saved = torch.load(path, weights_only=True)
+    scaler.load_state_dict(
+        {**scaler.state_dict(), "scale": saved["scale"], "_growth_tracker": saved["_growth_tracker"]}
+    )
+    return True
 
 
 # Stage keys a resumed run may change without changing what it computes: when and how checkpoints are kept, how the

@@ -34,23 +34,28 @@ BATCH = 32  # images per tower forward while filling
 SHARD = 4096  # images per cache shard
 
 
-def tower_fingerprint(model: AlignLM, vision_cfg: Any, aspect_ratio: str = "pad") -> str:
+def tower_fingerprint(model: AlignLM, vision_cfg: Any, aspect_ratio: str = "pad", precision: str = "no") -> str:
     """The tower's config, the bytes of every weight, its image spec, how the stage makes its images square
-    (``aspect_ratio``, ``data.image_aspect_ratio``) and the artifact filter on its output, hashed: any change of a
-    weight or of the pixels is another cache.
+    (``aspect_ratio``, ``data.image_aspect_ratio``), the artifact filter on its output and the autocast the features
+    are computed under (``precision``, ``mixed_precision``), hashed: any change of a weight, of the pixels or of the
+    arithmetic is another cache.
 
     A stage that crops had otherwise read the features of the padded images an earlier stage cached (the pretraining
     and finetuning stages of one tower share its folder). Padding, what every cache before the setting was filled
     with, adds nothing, so those caches stay valid. The filter (``model.vision_artifacts``, hooked on the tower by the
     model builder) is no part of ``model.vision``'s config, so it is read from the tower itself: another mode or factor
     gives other features (a run with another filter had read the features an earlier run cached). Without one,
-    nothing is added either."""
+    nothing is added either. A tower that the stage's ``final/`` saves stays fp32 under bf16, so its weights alone
+    did not tell a bf16 run's features from an fp32 run's, and an fp32 run read bf16-computed ones (1e-2 apart at
+    most on the tiny tower); without mixed precision (``no``) nothing is added, so fp32 caches stay valid."""
     context = [OmegaConf.to_yaml(vision_cfg, resolve=True), repr(model.image_spec)]
     if aspect_ratio != "pad":
         context.append(f"image_aspect_ratio: {aspect_ratio}")
     filt = getattr(model.vision, "artifact_filter", None)
     if filt is not None:
         context.append(f"vision_artifacts: mode={filt.mode} factor={filt.factor!r} prefix={filt.prefix}")
+    if precision != "no":
+        context.append(f"autocast: {precision}")
     return weights_fingerprint(model.vision, *context)
 
 
@@ -97,7 +102,8 @@ def attach_feature_cache(
             "the images of this stage; turn one of them off"
         )
     root = default_root if setting is True else Path(str(setting))
-    cache = FeatureCache(root / tower_fingerprint(model, vision_cfg, dataset.image_aspect_ratio))
+    precision = str(acc.mixed_precision)
+    cache = FeatureCache(root / tower_fingerprint(model, vision_cfg, dataset.image_aspect_ratio, precision))
     paths = sorted({p for src, _, rec in dataset.distinct_records() for p in src.image_paths(rec)})
     missing = cache.missing(paths)
     changed = [p for p in missing if image_key(p) in cache.where]

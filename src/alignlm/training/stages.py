@@ -17,6 +17,7 @@ from torch import nn
 
 from alignlm.config import ConfigError
 from alignlm.models.mllm import AlignLM
+from alignlm.models.precision import hold_in_fp32
 
 MODES = ("frozen", "full", "lora")
 
@@ -66,7 +67,11 @@ def apply_stage(model: AlignLM, parts: Mapping[str, str], lora: Mapping[str, Any
 
     A part's inert parameters (``inert_parameters()``, e.g. a tower's layers above the one it reads) never train nor
     get an adapter: they get no gradient, on which data-parallel ranks would wait (DDP fails at step 2), and ZeRO
-    would decay them where AdamW leaves them alone. They stay in the part, so ``final/`` and export hold them."""
+    would decay them where AdamW leaves them alone. They stay in the part, so ``final/`` and export hold them.
+
+    Every parameter that trains is held in fp32 whatever dtype its part was loaded in (``models/precision.py``: an
+    update in bf16 rounds away), and so is the whole of a part that trains fully, its inert weights too: they run in
+    its forward, where without autocast a bf16 layer would meet fp32 activations. Frozen weights keep their dtype."""
     check_parts(parts, {p: getattr(getattr(model, p), "TRAIN_MODES", MODES) for p in model.PARTS})
     model.frozen_parts = set()
     params: set[str] = set()
@@ -90,6 +95,7 @@ def apply_stage(model: AlignLM, parts: Mapping[str, str], lora: Mapping[str, Any
             named = dict(module.named_parameters(remove_duplicate=False))
             for name in inert:
                 named[name].requires_grad_(False)
+        hold_in_fp32(getattr(model, part), only_trainable=mode != "full")
         params |= _names_now(part, getattr(model, part).named_parameters(remove_duplicate=False), objects[0])
         modules |= _names_now(part, getattr(model, part).named_modules(remove_duplicate=False), objects[1])
     model.train()
@@ -148,10 +154,14 @@ def _add_lora(module: nn.Module, lora: dict[str, Any], exclude: list[str]) -> nn
 
 
 def merge_lora(model: AlignLM) -> None:
-    """Fold LoRA adapters into their base weights (for final saves and export)."""
+    """Fold LoRA adapters into their base weights (for final saves and export), in fp32: the adapted part is widened
+    to fp32 first, base weights stored in bf16 or fp16 included, so the merged part is held (and ``final/`` saves it)
+    in fp32 as a part trained fully is. Added to a bf16 base, the fp32 delta rounded: 12 % of it was lost (a bf16
+    weight keeps 8 significant bits)."""
     for part in AlignLM.PARTS:
         module = getattr(model, part)
         if isinstance(module, PeftModel):
+            hold_in_fp32(module)
             setattr(model, part, module.merge_and_unload())
 
 

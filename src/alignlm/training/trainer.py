@@ -5,7 +5,10 @@ Exactness choices, so that a resumed run and a data-parallel run reproduce a pla
   step (all micro-batches on all ranks), so accumulation and DDP averaging give one big batch's gradient; the other
   losses, per-micro-batch means, are divided by the global step's count of micro-batches of data (a rank's stand-in
   for a micro-batch of bad data counts for none), so they are their mean over those micro-batches;
-- data order comes from ``StepSampler`` (a function of seed and step), model RNG is checkpointed per rank.
+- data order comes from ``StepSampler`` (a function of seed and step), model RNG is checkpointed per rank, and fp16's loss
+  scaler with the step;
+- every weight that trains is held in fp32 whatever dtype its part was loaded in (mixed precision's master weights:
+  autocast computes in half precision from them; an update of a bf16 weight rounds away), and ``final/`` saves it so.
 
 Speed choices, on by default: length-grouped batches (and packed rows where the attention kernel isolates packed
 samples for free), the step never waits on the GPU (but inside DeepSpeed's engine step, where a rank without data
@@ -47,7 +50,7 @@ from alignlm.data.report import DataReport
 from alignlm.models.build import build_model
 from alignlm.models.io import config_yaml
 from alignlm.models.mllm import AlignLM, has_images
-from alignlm.models.precision import frozen_linears, store_weight
+from alignlm.models.precision import frozen_linears, hold_in_fp32, store_weight
 from alignlm.objectives.base import Objective, check_batch, check_metrics, check_min_batch
 from alignlm.training import checkpoint as ckpt
 from alignlm.training import sharding, zero
@@ -180,13 +183,19 @@ class Trainer:
 
     def setup_model(self) -> AlignLM:
         """The stage's model on the device: built, its starting weights loaded, parts frozen or trained as the stage
-        says, frozen weights in half-precision storage where autocast would cast them anyway, checkpointing and
-        compilation as configured."""
+        says (what trains held in fp32, whatever dtype its part was loaded in: ``apply_stage``), frozen weights in
+        half-precision storage under mixed precision, checkpointing and compilation as configured. All before FSDP2
+        or DeepSpeed wrap the model (``setup_optimization``): they take the parameters in the dtype they have then.
+
+        A part the stage trains fully is widened to fp32 before its starting weights load, so that a ``final/`` that
+        holds it trained (in fp32) gives it unrounded, whatever ``model.<part>.dtype`` says."""
         cfg, stage, acc = self.cfg, self.stage, self.acc
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model)
         if self.check_model is not None:
             self.check_model(model)
+        for part in (p for p, mode in stage.parts.items() if mode == "full" and p in model.PARTS):
+            hold_in_fp32(getattr(model, part))
         init = self.init = ckpt.resolve_init(stage.get("init_from"), Path(cfg.output_dir) / cfg.run_name, cfg.stages)
         self.prev_parts = ckpt.load_init(model, init) if init else []
         self.inert = apply_stage(model, stage.parts, stage.get("lora"))  # what an older checkpoint may hold besides
@@ -285,15 +294,17 @@ class Trainer:
         self.start_step, self.skipped = self._maybe_resume()
 
     def _store_frozen_in_half_precision(self, model: AlignLM) -> None:
-        """Frozen weights run in half-precision storage under mixed precision: the same matmuls autocast would do,
-        without re-casting their weights at every step, in half the memory.
+        """Frozen weights run in half-precision storage under mixed precision, without re-casting their weights at
+        every step, in half the memory.
 
-        Under bf16, whole frozen parts that this stage's ``final/`` will not save. Under bf16 and fp16, the frozen
-        linear layers of a LoRA-adapted part (its base weights and an untied head; LoRA's own weights train in fp32):
-        autocast casts exactly these to its dtype at every use, so no number of the step changes; embeddings and norms
-        keep their dtype, and so do biases (``models/precision.py``). ``save_final`` casts those layers back before
-        merging LoRA into them (``half_stored``)."""
-        self.half_stored: list[tuple[torch.nn.Linear, torch.dtype]] = []
+        Under bf16, whole frozen parts that this stage's ``final/`` will not save: this casts their embeddings and
+        norms too, which autocast leaves in fp32, so it is close to autocast's numbers but not the same (on the CPU's
+        tiny model, the loss 6.257313 against 6.256911 stored in fp32, the connector's gradient 0.81 % apart, about
+        what autocast itself changes against fp32: 0.74 %). Under bf16 and fp16, the frozen linear layers of a
+        LoRA-adapted part (its base weights and an untied head; LoRA's own weights train in fp32): autocast casts
+        exactly these to its dtype at every use, so no number of the step changes; embeddings and norms keep their
+        dtype, and so do biases (``models/precision.py``). ``save_final`` merges LoRA into those layers in fp32
+        (``merge_lora``)."""
         half = HALF.get(self.acc.mixed_precision)
         if half is None:
             return
@@ -302,7 +313,6 @@ class Trainer:
                 getattr(model, part).to(half)
         for part in (p for p, mode in self.stage.parts.items() if mode == "lora"):
             for linear in frozen_linears(getattr(model, part)):
-                self.half_stored.append((linear, linear.weight.dtype))
                 store_weight(linear, half)
 
     def _maybe_resume(self) -> tuple[int, int]:
@@ -348,6 +358,7 @@ class Trainer:
                         self.acc.process_index,
                         self.objective_modules,
                     )
+                    scaled = self.acc.scaler is None or ckpt.load_scaler(folder, self.acc.scaler)
                 except Exception as e:  # a damaged file the manifest could not vouch for: try the one before
                     problem = f"{folder} could not be loaded: {type(e).__name__}: {e}"
             if problem is not None:
@@ -363,6 +374,12 @@ class Trainer:
                     "; ".join(ckpt.change_text(k, a, b) for k, (a, b) in changed.items()),
                 )
             self.log.info("resumed stage %s from %s (step %d)", self.name, folder, written["step"])
+            if not scaled:
+                self.log.warning(
+                    "resume: %s holds no loss scaler state (written before alignlm saved it, or without fp16): fp16's "
+                    "loss scale starts afresh, and the steps whose gradients overflow while it backs off are skipped",
+                    folder,
+                )
             if "start" in written:  # the weights its first segment started from, not what init_from holds now
                 self.trained_from[self.start_key] = written["start"]
             if self.acc.is_main_process and "data" in written:  # the whole stage's report so far, counted once
@@ -973,6 +990,7 @@ class Trainer:
                 objective_state,
                 model_state,
                 started=self.engine is not None,
+                scaler_state=self.acc.scaler.state_dict() if self.acc.scaler is not None else None,
             )
             ckpt.prune(self.dir, int(self.stage.get("keep_last", 2)), path)
         self.acc.wait_for_everyone()
@@ -981,20 +999,18 @@ class Trainer:
         """Every part trained so far, LoRA merged. Under fsdp2 and zero3 the main process rebuilds the model on the CPU
         from the gathered weights and merges there: the sharded model itself is never changed.
 
-        LoRA merges in its own precision (fp32): base weights stored in half precision go back to their dtype first,
-        since a delta added to a bf16 weight would round away (a bf16 weight keeps ~3 significant digits). The merged
-        base is then the half-precision-rounded one every matmul of the stage used: exact for LLMs shipped in bf16."""
+        LoRA merges in fp32 (``merge_lora``): base weights stored in half precision are widened first, since a delta
+        added to a bf16 weight would round away (a bf16 weight keeps ~3 significant digits), and the merged part is
+        saved in fp32, as every trained part is (``apply_stage`` holds what trains in fp32). The merged base is the
+        half-precision-rounded one every matmul of the stage used: exact for LLMs shipped in bf16."""
         self.check_finite_weights()
         model = self.core()
         final = self.dir / "final"
         full, _ = self.whole_state()
         if full is not None and self.acc.is_main_process:
             model = build_model(self.cfg.model)
-            apply_stage(model, self.stage.parts, self.stage.get("lora"))
+            apply_stage(model, self.stage.parts, self.stage.get("lora"))  # what trained in fp32: loaded unrounded
             model.load_state_dict(full)
-        if full is None:
-            for linear, dtype in self.half_stored:
-                linear.to(dtype)
         if full is None or self.acc.is_main_process:
             merge_lora(model)
         if self.acc.is_main_process:
