@@ -240,6 +240,23 @@ LAUNCHERS = sorted(p.stem for p in (CONFIGS / "launcher").glob("*.yaml"))
             "stages.finetune.parts.vision=full trains the tower",
         ),
         ("stages.finetune.data.feature_cache=5", "stages.finetune.data.feature_cache=5 must be true"),
+        # a later stage's objective or data hook that does not import: found when that stage built it, after the
+        # stages before it had trained and written final/, named without the stage ("stage.objectives.cos")
+        (
+            "+stages.finetune.objectives.cos={_target_:alignlm.objectives.lm.LMObjectiv,weight:0.5}",
+            "stages.finetune.objectives.cos._target_='alignlm.objectives.lm.LMObjectiv' cannot be imported: "
+            "alignlm.objectives.lm has no 'LMObjectiv'; did you mean alignlm.objectives.lm.LMObjective?",
+        ),
+        (
+            "+stages.finetune.objectives.cos={_target_:no_such_package.Cosine}",
+            "stages.finetune.objectives.cos._target_='no_such_package.Cosine' cannot be imported: Error loading",
+        ),
+        ("+stages.finetune.objectives.cos={weight:0.5}", "stages.finetune.objectives.cos._target_=None must name"),
+        (
+            "+stages.finetune.data.hooks.q={_target_:alignlm.data.hooks.SampleHok}",
+            "stages.finetune.data.hooks.q._target_='alignlm.data.hooks.SampleHok' cannot be imported: "
+            "alignlm.data.hooks has no 'SampleHok'; did you mean alignlm.data.hooks.SampleHook?",
+        ),
         (
             "+model/align_levels=aligngpt +stages.finetune.parts.align_levels=levelz "
             "+stages.finetune.lr.align_levels=1",

@@ -557,3 +557,21 @@ def test_export_refuses_a_symlinked_output_and_leaves_no_temporary_folder(colour
         export(final, tmp_path / "new")
     assert not (tmp_path / "new").exists()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_a_subclass_of_the_hf_tower_is_refused_naming_the_class(tiny_model):
+    """A plug-in tower averaging two hidden layers passed the isinstance check and exported with exit 0: Llava's
+    tower computes one layer's features, so the export answered with features 28 % away from the trained model's."""
+    from alignlm.models.mllm import AlignLM
+    from alignlm.models.vision import HFVisionTower
+
+    class TwoLayerMean(HFVisionTower):
+        def _hidden(self, pixel_values: torch.Tensor) -> torch.Tensor:
+            hidden = self.model(pixel_values=pixel_values, output_hidden_states=True).hidden_states
+            return 0.5 * (hidden[self.select_layer] + hidden[-3])
+
+    base = tiny_model()
+    tower = TwoLayerMean(config=base.vision.model.config.to_dict(), select_layer=base.vision.select_layer)
+    model = AlignLM(tower, base.connector, base.llm, base.tokenizer)
+    with pytest.raises(ExportError, match=r"TwoLayerMean is a subclass of HFVisionTower.*HFVisionTower itself"):
+        to_llava(model)

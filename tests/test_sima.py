@@ -10,13 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from alignlm.commands import main
+from alignlm.commands import console, main
 from alignlm.data.build import build_dataset
 from alignlm.evaluation.preferences import judge_agreement
 from alignlm.methods.sima import generate
 from alignlm.methods.sima.generate import critic_question, prepare_preferences
 from alignlm.models.build import build_model
-from alignlm.pipeline import run
+from alignlm.models.connectors.mlp import MLPConnector
+from alignlm.models.io import UnsafeConfigError, config_yaml
+from alignlm.pipeline import run, run_prepare_steps
+from alignlm.training.checkpoint import save_final
 from tests.conftest import compose, tiny_overrides, write_colour_set
 
 
@@ -132,7 +135,7 @@ def stub_sima(monkeypatch, caplog) -> list[str]:
     answer>``, so a test reads what the records were made from; returns the checkpoints loaded, and catches the
     step's warnings in ``caplog`` (the alignlm logger does not propagate to the root)."""
     loaded = []
-    monkeypatch.setattr(generate, "load_model", lambda final: loaded.append(final) or StubModel(final))
+    monkeypatch.setattr(generate, "load_model", lambda final, *_: loaded.append(final) or StubModel(final))
     monkeypatch.setattr(generate, "default_device", lambda: "cpu")
     monkeypatch.setattr(generate, "generate_set", lambda model, path, *_: [(None, model.tag, None)] * len(json.loads(Path(path).read_text())))  # fmt: skip
 
@@ -178,3 +181,65 @@ def test_sima_prepare_generates_again_from_a_retrained_model_or_a_changed_set_an
     caplog.clear()
     prepare()
     assert len(stub_sima) == 4 and "changed (checkpoint, data, images)" in caplog.text
+
+
+class PlugInConnector(MLPConnector):
+    """A connector outside alignlm's packages: the kind of part a checkpoint may name only with allow_code."""
+
+
+@pytest.fixture
+def plug_in_final(colour_set, tmp_path, monkeypatch) -> tuple[Path, list[str]]:
+    """An untrained ``final/`` of a model whose connector is :class:`PlugInConnector`, and the overrides of its run;
+    SIMA's answering and judging are stubbed out (every prompt gives one pair, "a" chosen), the model is loaded."""
+    overrides = [
+        *tiny_overrides(colour_set, tmp_path, "run=[finetune]", "stages.finetune.init_from=null"),
+        f"model.connector._target_={__name__}.PlugInConnector",
+    ]
+    cfg = compose(*overrides)
+    final = tmp_path / "t" / "finetune" / "final"
+    save_final(final, build_model(cfg.model), config_yaml(cfg), ["connector"], "finetune")
+    monkeypatch.setattr(generate, "default_device", lambda: "cpu")
+    monkeypatch.setattr(generate, "generate_set", lambda model, path, *_: [(None, "x", None)] * len(json.loads(Path(path).read_text())))  # fmt: skip
+
+    def pairs(model, prompts, *_):
+        assert isinstance(model.connector, PlugInConnector)
+        return [{"prompt": p, "a": "a", "b": "b", "p_a_first": 0.9, "p_a_second": 0.9} for p in prompts]
+
+    monkeypatch.setattr(generate, "self_critic_pairs", pairs)
+    return final, overrides
+
+
+def test_sima_generate_loads_a_plug_in_checkpoint_with_allow_code_the_flag_its_refusal_names(
+    plug_in_final, colour_set, tmp_path, capsys
+):
+    """`alignlm sima generate` had no --allow-code, while its refusal of a checkpoint with a plug-in part told the
+    user to pass it: no plug-in model could make SIMA pairs."""
+    final, _ = plug_in_final
+    args = ["sima", "generate", str(final), "--set", f"colours={colour_set['instruct']}", "--out", str(tmp_path / "s")]
+    assert console(args) == 1
+    assert "is not one of alignlm's part classes" in capsys.readouterr().err
+    assert console([*args, "--limit", "2", "--allow-code"]) == 0
+    assert len(json.loads((tmp_path / "s" / "colours.json").read_text())) == 2
+
+
+def test_the_sima_prepare_step_builds_the_runs_own_model_or_a_checkpoints_code_only_with_its_knob(
+    plug_in_final, colour_set, tmp_path
+):
+    """The prepare step loaded its checkpoint with no way to allow code, and its refusal named --allow-code, a flag
+    `alignlm train` does not have, although the run's own config named the part. Given ``model: ${model}`` it builds
+    the run's own model config with the checkpoint's weights, as the stage starting from the checkpoint does, and
+    as the pipeline builds every model of a run; the checkpoint's own config still needs ``allow_code: true``."""
+    final, overrides = plug_in_final
+    sets = [{"name": "colours", "path": str(colour_set["instruct"])}]
+    with pytest.raises(UnsafeConfigError, match="allow_code: true on this prepare step") as refused:
+        prepare_preferences(str(final), sets, str(tmp_path / "s"), {"template": "chat"}, limit=2)
+    assert "--allow-code" not in str(refused.value) and "model: ${model} (this run's" in str(refused.value)
+    prepare_preferences(str(final), sets, str(tmp_path / "s"), {"template": "chat"}, limit=2, allow_code=True)
+    assert len(json.loads((tmp_path / "s" / "colours.json").read_text())) == 2
+    step = (
+        f"+stages.finetune.prepare.sima={{_target_:alignlm.methods.sima.generate.prepare_preferences,_recursive_:false,"
+        f"checkpoint:{final},out:{tmp_path / 'own'},data:${{stages.finetune.data}},limit:2,"
+        f"sets:[{{name:colours,path:{colour_set['instruct']}}}],model:${{model}}}}"
+    )
+    run_prepare_steps(compose(*overrides, step))
+    assert len(json.loads((tmp_path / "own" / "colours.json").read_text())) == 2

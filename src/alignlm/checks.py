@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra._internal.utils import _locate
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from peft import LoraConfig
@@ -61,7 +62,7 @@ _UNCATCHABLE = ("SIGKILL", "SIGSTOP")  # no handler can be installed for these (
 def check_config(cfg: DictConfig) -> None:
     """Config mistakes that would otherwise surface mid-run, each named with its key and the values allowed: unknown
     stage names, a bad resume mode, a run name that is not a plain folder name, numbers out of range."""
-    known = default_keys()
+    known = default_keys(cfg)
     check_keys("", cfg, known[""])  # `+stop_after_step=2` (meant: stop_after_steps) had trained to the end
     check_keys("model", _mapping("model", cfg.get("model")), known["model"])
     for key in ("run", "offline_datasets"):
@@ -351,7 +352,9 @@ def _check_stage_choices(key: str, stage: DictConfig, part_modes: Mapping[str, t
     check_error_policy(data.get("on_error", "skip"), data.get("min_usable_fraction", 0.5), f"{key}.data")
     check_aspect_ratio(data.get("image_aspect_ratio", "pad"), f"{key}.data.image_aspect_ratio")
     _whole(f"{key}.data.max_length", data.get("max_length", 2048))
-    _mapping(f"{key}.data.hooks", data.get("hooks"), null=True)
+    for name, node in (_mapping(f"{key}.data.hooks", data.get("hooks"), null=True) or {}).items():
+        if node is not None:  # null: off
+            import_target(f"{key}.data.hooks.{name}", _mapping(f"{key}.data.hooks.{name}", node))
     for i, source in enumerate(_list(f"{key}.data.sources", data.get("sources", []), example="[{path: a.json}]")):
         Source.from_config(source, f"{key}.data.sources[{i}]")
     for name, default, note in (("max_image_pixels", MAX_PIXELS, "no limit"), ("pack_length", None, "max_length")):
@@ -413,10 +416,9 @@ def _check_objectives(key: str, stage: DictConfig) -> None:
         _mapping(f"{key}.objectives.{name}", node)
         off = " (set the objective to null to switch it off)"
         _number(f"{key}.objectives.{name}.weight", node.get("weight", 1.0), 0.0, low_open=True, note=off)
-        try:
-            cls = get_class(str(node["_target_"])) if node and node.get("_target_") else None
-        except (ImportError, ValueError, AttributeError):
-            continue  # an unknown target is named when the stage builds it
+        cls = import_target(f"{key}.objectives.{name}", node)
+        if not isinstance(cls, type):  # a function that builds the objective: its own arguments, checked when called
+            continue
         check_min_batch(cls, stage.get("per_device_batch_size", 1), f"{key}.objectives.{name}")
         # its knobs are its constructor's arguments (none where it keeps torch.nn.Module's, which takes no knob)
         knobs = [] if cls.__init__ is torch.nn.Module.__init__ else inspect.signature(cls).parameters.values()
@@ -425,6 +427,28 @@ def _check_objectives(key: str, stage: DictConfig) -> None:
             check_keys(f"{key}.objectives.{name}", node, allowed)
         if knobs:
             check_knob_types(f"{key}.objectives.{name}", cls, node)
+
+
+def import_target(key: str, node: Mapping[str, Any]) -> Any:
+    """The class or function ``node``'s ``_target_`` names, imported now: a typo in a later stage's objective or data
+    hook was found only when that stage built it, after the stages before it had trained and written their
+    ``final/``. A name its module lacks is told with the nearest one it holds."""
+    target = node.get("_target_")
+    if not isinstance(target, str) or not target:
+        raise ConfigError(f"{key}._target_={target!r} must name the class or function to build (package.module.Name)")
+    try:
+        return _locate(target)
+    except (ImportError, AttributeError, ValueError) as e:
+        why = " ".join(str(e).split())
+    module, _, name = target.rpartition(".")
+    try:
+        names = dir(_locate(module)) if module else []
+    except (ImportError, AttributeError, ValueError):
+        names = []  # the module itself does not import: the first error says why
+    if names and name not in names:
+        near = difflib.get_close_matches(name, names, n=1)
+        why = f"{module} has no {name!r}" + (f"; did you mean {module}.{near[0]}?" if near else "")
+    raise ConfigError(f"{key}._target_={target!r} cannot be imported: {why}")
 
 
 # a constructor annotation -> the config values it takes (a whole number where a float is asked is fine; a bool is no

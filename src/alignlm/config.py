@@ -6,7 +6,9 @@ and the commands compose the tree with ``compose``. Nothing here knows a model, 
 
 from __future__ import annotations
 
+import importlib.resources
 import os
+import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate as hydra_instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 
 class ConfigError(ValueError):
@@ -35,28 +37,70 @@ def config_dir() -> Path:
 
 
 def compose(overrides: Sequence[str], config_name: str = "train") -> DictConfig:
-    """The training config for these Hydra overrides (resolved on access)."""
+    """The training config for these Hydra overrides (resolved on access). Where Hydra found its files (the tree and
+    every ``hydra.searchpath`` folder, :func:`config_roots`) is remembered with it: Hydra's own node, which says so,
+    is left out of the config, as Hydra's ``compose`` leaves it out."""
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name="alignlm"):
-        return hydra_compose(config_name=config_name, overrides=list(overrides))
+        cfg = hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
+    roots = tuple(_source_folders(cfg.hydra.runtime.config_sources))
+    with open_dict(cfg):
+        del cfg["hydra"]
+    key = id(cfg)
+    _ROOTS[key] = (weakref.ref(cfg, lambda _: _ROOTS.pop(key, None)), roots)
+    return cfg
 
 
-def default_keys() -> dict[str, set[str]]:
+# The folders each config ``compose`` returned was read from, by the config's identity (its weak reference tells a
+# config from a later one at the same address; the entry goes with the config).
+_ROOTS: dict[int, tuple[weakref.ref, tuple[Path, ...]]] = {}
+
+
+def _source_folders(sources: Any) -> list[Path]:
+    """The folders of Hydra's config sources that hold files: ``file://`` folders and ``pkg://`` packages on disk
+    (Hydra's own configs and structured configs hold no alignlm settings)."""
+    folders = []
+    for source in sources:
+        if source.schema == "file":
+            folders.append(Path(source.path))
+        elif source.schema == "pkg" and source.provider != "hydra":
+            try:
+                folder = Path(str(importlib.resources.files(source.path.replace("/", "."))))
+            except ModuleNotFoundError:  # Hydra found nothing there either
+                continue
+            if folder.is_dir():
+                folders.append(folder)
+    return folders
+
+
+def config_roots(cfg: DictConfig | None = None) -> list[Path]:
+    """The config folders ``cfg`` was composed from: the tree (``config_dir()``) and every ``hydra.searchpath``
+    folder, where a plug-in keeps its configs outside the repository (only the tree for a config ``compose`` did not
+    return, or for none)."""
+    entry = _ROOTS.get(id(cfg))
+    if cfg is None or entry is None or entry[0]() is not cfg:
+        return [config_dir()]
+    return list(entry[1])
+
+
+def default_keys(cfg: DictConfig | None = None) -> dict[str, set[str]]:
     """The keys each mapping of the defaults sets, by its place in the tree: ``""`` (the top level: ``train.yaml``,
-    and the sections a recipe of ``configs/exp/*.yaml`` adds, a method's own settings), ``stage``, ``stage.data``,
-    ``stage.lora`` (from every ``configs/stage/*.yaml``), ``distributed`` (``train.yaml`` and every
-    ``configs/launcher/*.yaml``), ``model`` (every ``configs/model/*.yaml``), ``monitor``, ``logging.wandb``, ...
-    (``train.yaml``). A key no default sets is a typo: Hydra's advice for one, ``+stages.x.max_stepz=3`` or
-    ``+stop_after_step=2``, would add it unread."""
-    root = config_dir()
-    files = [("", root / "train.yaml")]
-    files += [("distributed", path) for path in sorted((root / "launcher").glob("*.yaml"))]
-    files += [("stage", path) for path in sorted((root / "stage").glob("*.yaml"))]
-    files += [("model", path) for path in sorted((root / "model").glob("*.yaml"))]
+    and the sections a recipe of ``exp/*.yaml`` adds, a method's own settings), ``stage``, ``stage.data``,
+    ``stage.lora`` (from every ``stage/*.yaml``), ``distributed`` (``train.yaml`` and every ``launcher/*.yaml``),
+    ``model`` (every ``model/*.yaml``), ``monitor``, ``logging.wandb``, ... (``train.yaml``), read in every folder
+    ``cfg`` was composed from (:func:`config_roots`): a plug-in's recipe on ``hydra.searchpath`` adds its own section
+    as one in ``configs/exp/`` does. A key no default sets is a typo: Hydra's advice for one,
+    ``+stages.x.max_stepz=3`` or ``+stop_after_step=2``, would add it unread."""
+    roots = config_roots(cfg)
+    files = [("", config_dir() / "train.yaml")]
+    for root in roots:
+        files += [("distributed", path) for path in sorted((root / "launcher").glob("*.yaml"))]
+        files += [("stage", path) for path in sorted((root / "stage").glob("*.yaml"))]
+        files += [("model", path) for path in sorted((root / "model").glob("*.yaml"))]
     keys: dict[str, set[str]] = {}
     for where, path in files:
         add_keys(keys, where, OmegaConf.to_container(OmegaConf.load(path), resolve=False))
     # a recipe's top-level keys only: what it sets below them are train.yaml's settings, whose typos stay typos
-    for path in sorted((root / "exp").glob("*.yaml")):
+    for path in (path for root in roots for path in sorted((root / "exp").glob("*.yaml"))):
         keys[""] |= {str(key) for key in OmegaConf.load(path) if key != "defaults"}
     return keys
 

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import argparse
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from alignlm.commands._flags import positive_float, positive_int
+from alignlm.commands._flags import add_trust_flags, positive_float, positive_int
 from alignlm.evaluation.checkpoints import data_config, resolve, stage_config
 from alignlm.evaluation.preferences import judge_agreement
-from alignlm.methods.sima.generate import prepare_preferences
+from alignlm.methods.sima.generate import generate_preferences
+from alignlm.models.io import load_model
 
 
 def register(subparsers: Any) -> None:
@@ -35,6 +37,7 @@ def register(subparsers: Any) -> None:
     g.add_argument("--limit", type=positive_int, default=None, help="first N records of each set (default: all)")
     g.add_argument("--keep-inconsistent", action="store_true", help="keep pairs whose two orders disagree")
     g.add_argument("--seed", type=int, default=0, help="seed of the sampled answers")
+    add_trust_flags(g)
     g.set_defaults(func=cmd_generate)
     c = sub.add_parser("check", help="agreement of the judged pairs with the reference answers")
     c.add_argument("out", help="a `sima generate` folder")
@@ -50,11 +53,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sets.append({"name": name, "path": path})
     checkpoint = resolve([args.checkpoint])[0]
     data = data_config(checkpoint, stage_config(checkpoint))  # the template the checkpoint was trained with
-    prepare_preferences(
+    generate_preferences(
         args.checkpoint,
         sets,
         args.out,
         data,
+        partial(load_model, args.checkpoint, args.allow_code, args.trust_remote_code),
         samples=args.samples,
         temperature=args.temperature,
         max_new_tokens=args.max_new_tokens,

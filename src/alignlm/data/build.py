@@ -13,19 +13,22 @@ from alignlm.data.records import Source
 from alignlm.data.templates import Template, get_template
 
 
-def build_dataset(data_cfg: Mapping[str, Any], model: Any, seed: int, for_generation: bool = False) -> LlavaDataset:
+def build_dataset(
+    data_cfg: Mapping[str, Any], model: Any, seed: int, for_generation: bool = False, key: str = "data"
+) -> LlavaDataset:
     """A dataset over ``data.sources`` rendered with ``data.template`` for this model, with the ``data.hooks`` of the
     stage's methods (none for generation: side data only trains).
 
     ``model`` is anything with ``tokenizer``, ``image_spec``, ``num_image_tokens`` and, optionally, ``slot_token_ids``
-    (an ``AlignLM``); hooks receive it whole to size their fields.
+    (an ``AlignLM``); hooks receive it whole to size their fields. ``key`` is where ``data_cfg`` sits in the config
+    (``stages.<stage>.data`` for a stage's), which the errors name: ``data.hooks.q`` did not say which stage's.
     """
     sources = data_cfg.get("sources")
     if not sources:
-        raise ValueError("data.sources is empty; give at least one {path, image_root, weight}")
-    hooks = [] if for_generation else build_hooks(data_cfg.get("hooks"), model)
+        raise ValueError(f"{key}.sources is empty; give at least one {{path, image_root, weight}}")
+    hooks = [] if for_generation else build_hooks(data_cfg.get("hooks"), model, f"{key}.hooks")
     return LlavaDataset(
-        [Source.from_config(s, f"data.sources[{i}]") for i, s in enumerate(sources)],
+        [Source.from_config(s, f"{key}.sources[{i}]") for i, s in enumerate(sources)],
         tokenizer=model.tokenizer,
         template=template_of(data_cfg),
         image_spec=model.image_spec,
@@ -56,14 +59,15 @@ def aspect_ratio_of(data_cfg: Mapping[str, Any]) -> str:
     return check_aspect_ratio(data_cfg.get("image_aspect_ratio", "pad"))
 
 
-def build_hooks(nodes: Mapping[str, Any] | None, model: Any) -> list[SampleHook]:
-    """``data.hooks`` (name -> node with ``_target_``; null entries are off), each built with the model."""
+def build_hooks(nodes: Mapping[str, Any] | None, model: Any, key: str = "data.hooks") -> list[SampleHook]:
+    """``data.hooks`` (name -> node with ``_target_``; null entries are off), each built with the model; ``key`` is
+    where they sit in the config (``stages.<stage>.data.hooks``), named in the errors."""
     hooks = []
     for name, node in (nodes or {}).items():
         if node is None:
             continue
-        hook = instantiate(node, f"data.hooks.{name}", model=model)
+        hook = instantiate(node, f"{key}.{name}", model=model)
         if not isinstance(hook, SampleHook):
-            raise TypeError(f"data.hooks.{name} built a {type(hook).__name__}, not an alignlm SampleHook")
+            raise TypeError(f"{key}.{name} built a {type(hook).__name__}, not an alignlm SampleHook")
         hooks.append(hook)
     return hooks

@@ -109,10 +109,18 @@ def check_exportable(model: AlignLM) -> str:
             "Llava has no such parts, so an export would answer differently from the trained model. "
             f"{_ALTERNATIVE[0].upper() + _ALTERNATIVE[1:]}"
         )
-    if not isinstance(model.vision, HFVisionTower):
+    if type(model.vision) is not HFVisionTower:
+        # exactly HFVisionTower, as for the connector below: a subclass may compute its features otherwise (two layers
+        # averaged, say), which Llava's tower would not repeat, so the export would answer differently without a word
+        kind = (
+            "a subclass of HFVisionTower: what it computes otherwise (two hidden layers averaged, say) Llava's tower "
+            "would not repeat"
+            if isinstance(model.vision, HFVisionTower)
+            else "not a transformers vision model, and Llava loads its tower with AutoModel"
+        )
         raise ExportError(
-            f"vision tower {type(model.vision).__name__} is not a transformers vision model, and Llava loads its tower "
-            f"with AutoModel; export needs model.vision=HFVisionTower (CLIP, SigLIP, ...), or {_ALTERNATIVE}"
+            f"vision tower {type(model.vision).__module__}.{type(model.vision).__qualname__} is {kind}; export needs "
+            f"model.vision=HFVisionTower itself (CLIP, SigLIP, ...), or {_ALTERNATIVE}"
         )
     if selected_hidden(model.vision).dim() == 4:
         raise ExportError(

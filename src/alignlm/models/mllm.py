@@ -206,6 +206,7 @@ class AlignLM(nn.Module):
             positions = batch.get("image_positions")
             positions = is_image.flatten().nonzero().squeeze(1) if positions is None else positions
             if positions.numel() != visual.shape[0] * visual.shape[1]:
+                self._check_connector_count(visual.shape[1])
                 raise ValueError(
                     f"the batch has {positions.numel()} image-token slots, not {visual.shape[0]} images x "
                     f"{visual.shape[1]} tokens; the data pipeline must expand each <image> to model.num_image_tokens "
@@ -221,6 +222,18 @@ class AlignLM(nn.Module):
         if self.extras:
             embeds = self._write_slots(batch, embeds, visual if has_images(batch) else None, is_image)
         return embeds, {"features": features, "visual": visual, "is_image": is_image, "conn": conn}
+
+    def _check_connector_count(self, returned: int) -> None:
+        """Refuse a connector whose ``forward`` returns another number of tokens per image than its ``num_tokens``
+        promised: the data pipeline made that many slots per ``<image>``, and the count of slots that followed named
+        neither the connector nor the method to fix."""
+        if returned != self.num_image_tokens:
+            n = self.vision.num_patches
+            raise ValueError(
+                f"model.connector ({type(self.connector).__name__}) returned {returned} tokens per image, but its "
+                f"num_tokens({n}) says {self.num_image_tokens}, the image-token slots the data pipeline makes for "
+                "each <image>: num_tokens must return the number of tokens forward returns"
+            )
 
     def index(self, batch: Batch) -> dict[str, Any]:
         """The batch's index (``INDEX_KEYS``: see ``data/collate.py``): the collator's (computed on the CPU), else

@@ -18,8 +18,8 @@ stage reads them with ``image_root`` set to the set's folder) and ``<name>.criti
 orders' probabilities and the reference answer, for the critic check of ``alignlm eval``), and last
 ``<name>.provenance.json``: what the records were made from (``methods/provenance.py``). The knobs (the sampling, the
 limit, the seed, the template) make one variant: a file of other knobs is refused, naming the knob. The inputs (the
-checkpoint's ``config.yaml`` and ``model.safetensors``, the set's records and the prompts' images, by size and
-modification time) are the model's own: when one changed (the model retrained, ``sima.from`` moved to another, the set
+checkpoint's ``config.yaml`` and ``model.safetensors``, the run's own model config when the step builds the model from
+it, the set's records and the prompts' images, by size and modification time) are the model's own: when one changed (the model retrained, ``sima.from`` moved to another, the set
 regenerated), the set is generated again with a warning, as it is when either file is missing. A set whose records
 are current is not generated again.
 """
@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +39,20 @@ from alignlm.constants import IGNORE_INDEX, IMAGE_TOKEN
 from alignlm.data.build import template_of
 from alignlm.data.records import image_names, read_records
 from alignlm.data.templates import reply
-from alignlm.methods.provenance import KEY, as_json, changed_inputs, check_knobs, files_digest, stamps_digest
+from alignlm.methods.provenance import (
+    KEY,
+    as_json,
+    changed_inputs,
+    check_knobs,
+    files_digest,
+    stamps_digest,
+    strings_digest,
+)
+from alignlm.models.build import build_model
 from alignlm.models.device import default_device
 from alignlm.models.generation import generate_set, prompt_batches
-from alignlm.models.io import FINAL_FILES, load_model
+from alignlm.models.io import FINAL_FILES, UnsafeConfigError, load_final_weights, load_model
+from alignlm.models.mllm import AlignLM
 
 log = logging.getLogger(__name__)
 
@@ -217,13 +228,18 @@ def preference_knobs(
     return as_json({**sampling, "limit": limit, "drop_inconsistent": drop_inconsistent, "seed": seed, **template})
 
 
-def preference_inputs(checkpoint: str, path: str | Path, prompts: Sequence[Mapping[str, Any]]) -> dict[str, str]:
-    """Digests of what a set's records are made from: the model (``checkpoint``, its identity), the set's records'
+def preference_inputs(
+    checkpoint: str, path: str | Path, prompts: Sequence[Mapping[str, Any]], model: Mapping[str, Any] | None = None
+) -> dict[str, str]:
+    """Digests of what a set's records are made from: the model (``checkpoint``, its identity, and the run's own
+    ``model`` config when that builds it: another config is another model on the same weights), the set's records'
     bytes and the prompts' images (their names, sizes and modification times)."""
     root = Path(path).parent
     names = [name for prompt in prompts for name in image_names(dict(prompt))]
+    config = {} if model is None else {"model": strings_digest([json.dumps(as_json(model), sort_keys=True)])}
     return {
         "checkpoint": checkpoint,
+        **config,
         "data": files_digest([path]),
         "images": stamps_digest([root / n for n in names], names),
     }
@@ -258,23 +274,93 @@ def prepare_preferences(
     batch_size: int = 16,
     drop_inconsistent: bool = True,
     seed: int = 0,
+    model: Mapping[str, Any] | None = None,
+    allow_code: bool = False,
+    trust_remote_code: bool = False,
 ) -> None:
     """The stage ``prepare`` step (``+exp=sima``): preference records from ``checkpoint`` for each of ``sets``
     (``{name, path}``), into ``out``, for the sets whose records are missing or stale (see the module docstring).
-    Every set's records are checked before the model is loaded, so a refused one stops the step before any work."""
+
+    The model that answers and judges is built as the pipeline builds every model of a run: from ``model``, the run's
+    own model config (``model: ${model}``, with ``_recursive_: false`` on the step so that Hydra passes the config
+    rather than building its parts), with the checkpoint's weights, as the stage that starts from the checkpoint
+    builds it; the run's config is the user's, so a part it names outside alignlm needs no permission (no load of a
+    run's own config asks for one). Without ``model``, the checkpoint's ``config.yaml`` builds it, and a checkpoint is
+    data: a part it names outside alignlm is built only with ``allow_code: true`` (``models/io.py``)."""
+    generate_preferences(
+        checkpoint,
+        sets,
+        out,
+        data,
+        partial(step_generator, Path(checkpoint), model, allow_code, trust_remote_code),
+        samples=samples,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        limit=limit,
+        batch_size=batch_size,
+        drop_inconsistent=drop_inconsistent,
+        seed=seed,
+        run_model=model,
+    )
+
+
+# How the prepare step lets a checkpoint's config build code, in place of the command-line flag that models/io.py's
+# refusal names: an ``alignlm train`` has no --allow-code.
+_FLAG_ALLOWS = "allow_code=True (--allow-code)"
+_STEP_ALLOWS = "allow_code: true on this prepare step (stages.<stage>.prepare.<name>.allow_code=true)"
+_STEP_BUILDS_OWN = (
+    "; or give the step model: ${model} (this run's own model config) and _recursive_: false (Hydra would build "
+    "its parts), to build the model as the stage that starts from the checkpoint builds it"
+)
+
+
+def step_generator(
+    checkpoint: Path, model: Mapping[str, Any] | None, allow_code: bool, trust_remote_code: bool
+) -> AlignLM:
+    """The prepare step's model (see :func:`prepare_preferences`), its refusal of a checkpoint's code naming the
+    step's knobs, not a flag of a command that was not run."""
+    if model is not None:
+        built = build_model(model)
+        load_final_weights(built, checkpoint)
+        return built.eval()
+    try:
+        return load_model(checkpoint, allow_code, trust_remote_code)
+    except UnsafeConfigError as e:
+        reason = str(e).replace(_FLAG_ALLOWS, _STEP_ALLOWS)
+        raise UnsafeConfigError(f"SIMA's checkpoint {checkpoint}: {reason}{_STEP_BUILDS_OWN}") from None
+
+
+def generate_preferences(
+    checkpoint: str,
+    sets: Sequence[Mapping[str, Any]],
+    out: str,
+    data: Mapping[str, Any],
+    load: Callable[[], AlignLM],
+    samples: int = 2,
+    temperature: float = 1.0,
+    max_new_tokens: int = 8,
+    limit: int | None = None,
+    batch_size: int = 16,
+    drop_inconsistent: bool = True,
+    seed: int = 0,
+    run_model: Mapping[str, Any] | None = None,
+) -> None:
+    """:func:`prepare_preferences` with the model from ``load`` (the step's, or ``alignlm sima generate``'s with its
+    flags): every set's records are checked before the model is loaded, so a refused one stops the step before any
+    work. ``run_model``, the run's own model config when ``load`` builds it, is one of what the records are made from."""
     out_dir = Path(out)
     identity = checkpoint_identity(Path(checkpoint))
     knobs = preference_knobs(data, samples, temperature, max_new_tokens, limit, drop_inconsistent, seed)
     todo = []
     for s in sets:
         prompts = single_turn_prompts(s["path"], limit)
-        provenance = {"knobs": knobs, "inputs": preference_inputs(identity, s["path"], prompts)}
+        provenance = {"knobs": knobs, "inputs": preference_inputs(identity, s["path"], prompts, run_model)}
         if not records_current(out_dir, s["name"], provenance):
             todo.append((s, prompts, provenance))
     if not todo:
         return
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = load_model(checkpoint).to(default_device())
+    model = load().to(default_device())
     for s, prompts, provenance in todo:
         write_preferences(
             model, s, prompts, out_dir, data, samples, temperature, max_new_tokens, batch_size, drop_inconsistent, seed

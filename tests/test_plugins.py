@@ -1,0 +1,116 @@
+"""A plug-in author's path: the README's own example part, configs kept outside the repository on Hydra's search
+path, and the errors a plug-in's mistakes meet, each naming the config key."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from alignlm.checks import check_config
+from alignlm.config import ConfigError, config_dir, config_roots
+from alignlm.data.build import build_dataset
+from alignlm.models.build import build_model
+from alignlm.models.connectors import Connector, ConnectorOutput
+from alignlm.pipeline import run
+from tests.conftest import compose, make_batch, tiny_overrides
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_blocks(section: str) -> dict[str, str]:
+    """The fenced code blocks of a README section by language, as written there."""
+    text = README.read_text().split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return dict(re.findall(r"```(\w+)\n(.*?)```", text, flags=re.S))
+
+
+@pytest.fixture
+def readme_part(tmp_path, monkeypatch) -> Path:
+    """The README's Extending example as a user writes it: the package its first line names, importable, and the
+    YAML file in a config folder of their own; returns that folder."""
+    blocks = readme_blocks("Extending")
+    module = re.match(r"# (\S+\.py)\n", blocks["python"]).group(1)  # my_pkg/connectors.py
+    yaml_path = re.match(r"# configs/(\S+\.yaml)", blocks["yaml"]).group(1)  # model/connector/pool2x.yaml
+    (tmp_path / "src" / module).parent.mkdir(parents=True)
+    (tmp_path / "src" / module).parent.joinpath("__init__.py").write_text("")
+    (tmp_path / "src" / module).write_text(blocks["python"])
+    (tmp_path / "conf" / yaml_path).parent.mkdir(parents=True)
+    (tmp_path / "conf" / yaml_path).write_text(blocks["yaml"])
+    monkeypatch.syspath_prepend(str(tmp_path / "src"))
+    package = module.split("/")[0]
+    for name in [n for n in sys.modules if n == package or n.startswith(f"{package}.")]:
+        monkeypatch.delitem(sys.modules, name)
+    yield tmp_path / "conf"
+    for name in [n for n in sys.modules if n == package or n.startswith(f"{package}.")]:
+        del sys.modules[name]
+
+
+@pytest.mark.parametrize("select", ["patch", "cls_patch"])
+def test_the_readmes_example_connector_trains_a_step_on_the_demos_tower(readme_part, colour_set, tmp_path, select):
+    """The README's Pool2x crashed on the demo model: its EfficientNet-Lite tower gives 1 + 16 = 17 tokens
+    (select_feature=cls_patch), which unflatten(1, (-1, 2)) cannot pair, and num_tokens (n // 2) disagreed with what
+    forward returned. The example is read from README.md itself, so it cannot go stale."""
+    overrides = tiny_overrides(
+        colour_set,
+        tmp_path / "out",
+        f"hydra.searchpath=[file://{readme_part}]",
+        "model/connector=pool2x",
+        "model/vision=efficientnet_lite0",
+        "model.vision.weights=null",
+        f"model.vision.select_feature={select}",
+        "run=[pretrain]",
+        "stages.pretrain.max_steps=1",
+        "stages.pretrain.save_every=0",
+    )
+    cfg = compose(*overrides)
+    assert build_model(cfg.model).vision.num_patches == {"patch": 16, "cls_patch": 17}[select]
+    run(cfg)
+    assert (tmp_path / "out" / "t" / "pretrain" / "final" / "model.safetensors").exists()
+
+
+def test_a_recipe_outside_the_repository_adds_its_own_section_as_one_inside_does(tmp_path):
+    """A recipe on hydra.searchpath composed, but its own top-level section was refused as an unknown setting: the
+    known keys were read from configs/exp alone. A typo of a setting is still refused, now with the recipe's
+    section among the known ones."""
+    (tmp_path / "conf" / "exp").mkdir(parents=True)
+    (tmp_path / "conf" / "exp" / "my_recipe.yaml").write_text(
+        "# @package _global_\nmymethod:\n  steps: 3\nstages:\n  pretrain:\n    max_steps: ${mymethod.steps}\n"
+    )
+    search = f"hydra.searchpath=[file://{tmp_path / 'conf'}]"
+    cfg = compose(search, "+exp=my_recipe", f"output_dir={tmp_path}")
+    assert config_roots(cfg) == [config_dir(), tmp_path / "conf"]
+    check_config(cfg)
+    assert cfg.stages.pretrain.max_steps == 3
+    with pytest.raises(ConfigError, match="mymethd is not a known setting; did you mean 'mymethod'?"):
+        check_config(compose(search, "+exp=my_recipe", "+mymethd.steps=4", f"output_dir={tmp_path}"))
+    with pytest.raises(ConfigError, match="mymethod is not a known setting"):  # no recipe of its own: a stray key
+        check_config(compose("+mymethod.steps=4", f"output_dir={tmp_path}"))
+
+
+def test_a_hook_that_builds_no_sample_hook_is_named_with_its_stage(tiny_model, colour_set):
+    """The error named data.hooks.q: which stage's hooks, the trainer did not say."""
+    data = {"template": "plain", "sources": [{"path": str(colour_set["pretrain"])}], "hooks": {"q": {"_target_": "builtins.dict"}}}  # fmt: skip
+    with pytest.raises(TypeError, match=r"^stages.finetune.data.hooks.q built a dict, not an alignlm SampleHook"):
+        build_dataset(data, tiny_model(), 0, key="stages.finetune.data")
+
+
+class FourTokens(Connector):
+    """A connector that forgot num_tokens: it returns 4 tokens per image whatever the tower gives."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__(in_dim, out_dim)
+        self.proj = torch.nn.Linear(in_dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> ConnectorOutput:
+        return ConnectorOutput(self.proj(torch.nn.functional.adaptive_avg_pool1d(x.transpose(1, 2), 4).transpose(1, 2)))
+
+
+def test_a_connector_returning_other_than_its_num_tokens_is_named(tiny_model):
+    """The forward failed with "the batch has 64 image-token slots, not 4 images x 4 tokens", naming neither the
+    connector nor num_tokens."""
+    model = tiny_model(f"model.connector._target_={__name__}.FourTokens", "~model.connector.depth")
+    with pytest.raises(ValueError, match=re.escape("model.connector (FourTokens) returned 4 tokens per image, but its num_tokens(16) says 16")):  # fmt: skip
+        model(make_batch(model, [2, 2]))
