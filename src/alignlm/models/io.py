@@ -220,15 +220,18 @@ def _is_part_builder(target: str) -> bool:
 
 
 def _unique_state(
-    module: nn.Module, prefix: str, only_trainable: bool, state: Mapping[str, torch.Tensor] | None
+    module: nn.Module,
+    prefix: str,
+    keep: set[str] | None,
+    state: Mapping[str, torch.Tensor] | None,
 ) -> dict[str, torch.Tensor]:
-    """State dict without tied duplicates (safetensors refuses shared storage); ``state``: the part's whole state when
-    the module's own tensors are shards (FSDP2), keyed as ``module.state_dict()``."""
+    """State dict without tied duplicates (safetensors refuses shared storage); ``keep``: the full names to save
+    (None: all); ``state``: the part's whole state when the module's own tensors are shards (FSDP2), keyed as
+    ``module.state_dict()``."""
     seen: set[int] = set()
     out = {}
-    params = dict(module.named_parameters())
     for name, t in (state if state is not None else module.state_dict()).items():
-        if only_trainable and not (name in params and params[name].requires_grad):
+        if keep is not None and prefix + name not in keep:
             continue
         ptr = t.data_ptr()
         if ptr in seen:
@@ -238,17 +241,40 @@ def _unique_state(
     return out
 
 
+def trained_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The persistent buffers of every part that is not frozen (``model.frozen_parts``), by full name: they change as
+    their part trains though no gradient reaches them (BatchNorm's running statistics and count of batches move with
+    every forward in training mode), so a step checkpoint holds them beside the trainable parameters. A frozen part
+    stays in eval mode (``AlignLM.train``) and keeps its buffers as its starting weights gave them."""
+    frozen = getattr(model, "frozen_parts", set())
+    out = {}
+    for part in (p for p in model.PARTS if p not in frozen):
+        module = getattr(model, part)
+        persistent = set(module.state_dict())  # a buffer registered persistent=False is rebuilt, never saved
+        out |= {f"{part}.{n}": b for n, b in module.named_buffers() if n in persistent}
+    return out
+
+
+def trained_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What a step checkpoint holds of the model (:func:`part_state` with ``only_trainable``), by full name: the
+    parameters that train (one name of a tied pair, as ``named_parameters`` gives it) and :func:`trained_buffers`."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad} | trained_buffers(model)
+
+
 def part_state(
     model: nn.Module,
     parts: Iterable[str],
     only_trainable: bool = False,
     state: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Weights of the named parts, keyed ``part.param``; from ``state`` (the model's whole state dict) when given."""
+    """Weights of the named parts, keyed ``part.param``; from ``state`` (the model's whole state dict) when given.
+    ``only_trainable``: what a step checkpoint holds of them, what the stage changes (:func:`trained_tensors`): the
+    parameters that train and the buffers of the parts that are not frozen."""
+    keep = set(trained_tensors(model)) if only_trainable else None
     out: dict[str, torch.Tensor] = {}
     for part in parts:
         sub = None if state is None else {k[len(part) + 1 :]: v for k, v in state.items() if k.startswith(f"{part}.")}
-        out.update(_unique_state(getattr(model, part), f"{part}.", only_trainable, sub))
+        out.update(_unique_state(getattr(model, part), f"{part}.", keep, sub))
     return out
 
 

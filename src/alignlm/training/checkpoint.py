@@ -1,6 +1,7 @@
 """Checkpoints: full training state for exact resume, and ``final/`` weights that reload without training code.
 
-Layout (per stage): ``checkpoints/step_000500/`` holds trainable weights (safetensors), optimizer and
+Layout (per stage): ``checkpoints/step_000500/`` holds what the stage changes of the model (safetensors: the weights
+that train and the buffers of the parts not frozen, BatchNorm's running statistics), optimizer and
 scheduler state (under DeepSpeed ZeRO, one optimizer file per rank: its partition), per-rank RNG, fp16's loss scaler,
 ``trainer_state.json`` (step, data position) and, written last, ``manifest.json``
 (every file's size and SHA-256), so a file damaged after the fact is caught before it is loaded; ``final/`` holds
@@ -20,7 +21,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Container, Iterable, Iterator, Mapping
+from collections.abc import Collection, Container, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from alignlm.export.hf_llava import is_llava_dir, load_llava_weights
-from alignlm.models.io import load_final_weights, part_state, read_config_yaml
+from alignlm.models.io import load_final_weights, part_state, read_config_yaml, trained_buffers, trained_tensors
 from alignlm.training import sharding, zero
 
 STEP_PREFIX = "step_"
@@ -143,7 +144,7 @@ def save_training_state(
     tmp = temporary(ckpt_dir) if started else atomic_dir(ckpt_dir)
     save_file(
         part_state(model, model.PARTS, only_trainable=True, state=model_state), str(tmp / "trainable.safetensors")
-    )  # extra parts too
+    )  # extra parts too; the buffers of the parts this stage trains with their weights
     if objective_state:
         save_file({k: v.detach().cpu().contiguous() for k, v in objective_state.items()}, str(tmp / OBJECTIVES_FILE))
     if optimizer_state is not None:
@@ -208,10 +209,13 @@ def load_training_state(
     scheduler: Any,
     rank: int,
     objectives: nn.Module | None = None,
-) -> None:
+) -> list[str]:
     """Restore weights, objective state, optimizer, scheduler and this rank's RNG (the trainer state, which says
-    whether this checkpoint may be resumed at all, is read and checked before: :func:`resume_changes`)."""
-    sharding.load_weights(model, load_file(str(ckpt_dir / "trainable.safetensors")))
+    whether this checkpoint may be resumed at all, is read and checked before: :func:`resume_changes`). Returns the
+    buffers of the trained parts (:func:`trained_buffers`) the checkpoint does not hold: written before step
+    checkpoints held them, they keep their values at the stage's start (the caller warns)."""
+    weights = load_file(str(ckpt_dir / "trainable.safetensors"))
+    sharding.load_weights(model, weights)
     if objectives is not None and objectives.state_dict():
         if not (ckpt_dir / OBJECTIVES_FILE).exists():
             raise FileNotFoundError(
@@ -225,10 +229,34 @@ def load_training_state(
     else:
         optimizer_file = torch.load(ckpt_dir / "optimizer.pt", weights_only=True)
         sharding.load_optimizer_state(sharding.optimizer_owner(model, objectives), optimizer, optimizer_file)
+    keep_kernels(optimizer)
     scheduler.load_state_dict(torch.load(ckpt_dir / "scheduler.pt", weights_only=True))
     rng_file = ckpt_dir / f"rng_{rank}.pt"
     if rng_file.exists():
         set_rng_state(torch.load(rng_file, weights_only=True))
+    return [n for n in trained_buffers(model) if n not in weights]
+
+
+KERNELS = ("fused", "foreach")  # an optimizer's choice of kernel: how its step is computed, not what
+
+
+def keep_kernels(optimizer: Any) -> None:
+    """After an optimizer's state was loaded: this run's choice of kernel (:data:`KERNELS`, as the optimizer was
+    built: its ``defaults``) in every parameter group, where loading put the checkpoint's (``fused_optimizer`` is free
+    on resume). The trainer hands a fused optimizer its skip flag by its defaults, and a group that had come back
+    unfused crashed on it; one that came back fused stayed fused whatever this run said. Each step counter is placed
+    where this run's kernel keeps it, as torch's own loading places it (a fused or capturable AdamW: on its
+    parameter's device, in float32)."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's and DeepSpeed's wrappers hold torch's AdamW
+    ours = {k: inner.defaults[k] for k in KERNELS if k in inner.defaults}
+    for group in inner.param_groups:
+        group.update(ours)
+        if not (group.get("fused") or group.get("capturable")):
+            continue
+        for param in group["params"]:
+            state = inner.state.get(param, {})
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].to(dtype=torch.float32, device=param.device)
 
 
 def load_scaler(ckpt_dir: Path, scaler: Any) -> bool:
@@ -249,8 +277,11 @@ def load_scaler(ckpt_dir: Path, scaler: Any) -> bool:
 # Stage keys a resumed run may change without changing what it computes: when and how checkpoints are kept, how the
 # same numbers are computed (recomputation, compilation, one fused kernel, cached tower features), data loading.
 # Every other key of the stage (learning rates, schedule, data, objectives, ...), the seed and the precision make the
-# trajectory and are compared (``recipe``); the step count is compared as the stage's total, not as epochs/max_steps,
-# and the batch as the global batch (with the world size), not as its split into micro-batches.
+# trajectory and are compared (``recipe``); the step count is compared as the stage's total, not as epochs/max_steps.
+# The batch is compared as the global batch (with the world size) and as its split into micro-batches
+# (``per_device_batch_size``, ``grad_accum``: :data:`SPLIT`): the token-normalised LM loss is the same over any split,
+# but an objective relating a micro-batch's samples (contrastive negatives), the MoE balance loss and LoRA's dropout
+# masks are computed per micro-batch.
 FREE_ON_RESUME = (
     "save_every",
     "keep_last",
@@ -261,8 +292,6 @@ FREE_ON_RESUME = (
     "prepare",
     "epochs",
     "max_steps",
-    "per_device_batch_size",
-    "grad_accum",
     "data.num_workers",
     "data.feature_cache",
     "data.on_error",
@@ -412,12 +441,16 @@ def _compared(key: str, value: Any) -> Any:
 # stage settings added after a checkpoint may have been written, by key suffix: what the code that wrote it did
 # without them (a recipe lacking the key is compared as that value, not as a change)
 BEFORE_SETTINGS = {".data.image_aspect_ratio": "pad"}
+# the global batch's split into micro-batches, by key suffix: compared since it was found to change what some objectives
+# compute; a record written while it was free on resume lacks it and says nothing of it (compared where both hold it)
+SPLIT = (".per_device_batch_size", ".grad_accum")
 
 
 def recipe_changes(theirs: Mapping[str, Any], ours: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
     """``{key: (theirs, ours)}`` for every key in which two recipes differ (:func:`_compared`: not by the spelling of
-    a path). A file's contents and a start's weights count where both recorded them: a record written before they
-    were has none, and a path that appears or goes is named by its own config key."""
+    a path). A file's contents, a start's weights and the batch's split (:data:`SPLIT`) count where both recorded
+    them: a record written before they were has none, and a path that appears or goes is named by its own config
+    key."""
 
     def differ(key: str, a: Any, b: Any) -> bool:
         return a != b and _compared(key, a) != _compared(key, b)
@@ -431,7 +464,7 @@ def recipe_changes(theirs: Mapping[str, Any], ours: Mapping[str, Any]) -> dict[s
     changed = {
         k: (recorded(k), v)
         for k, v in ours.items()
-        if (k in theirs or not k.endswith(IDENTIFIED)) and differ(k, recorded(k), v)
+        if (k in theirs or not k.endswith(IDENTIFIED + SPLIT)) and differ(k, recorded(k), v)
     }
     return changed | {k: (v, None) for k, v in theirs.items() if k not in ours and not k.endswith(IDENTIFIED)}
 
@@ -486,9 +519,10 @@ def finished_changes(final: Path, ours: Mapping[str, Any], model_cfg: Any) -> li
 
 
 def layout(model: nn.Module, objectives: nn.Module | None) -> dict[str, list[int]]:
-    """Every trained tensor's name and shape (and the objectives' state): what a checkpoint must hold to load here
-    (under ZeRO-3 a parameter's own shape is its partition's; ``ds_shape`` is the whole one)."""
-    out = {n: list(getattr(p, "ds_shape", p.shape)) for n, p in model.named_parameters() if p.requires_grad}
+    """Every trained tensor's name and shape (``trained_tensors``: the parameters that train and the buffers of the
+    parts not frozen) and the objectives' state: what a checkpoint must hold to load here (under ZeRO-3 a parameter's
+    own shape is its partition's; ``ds_shape`` is the whole one)."""
+    out = {n: list(getattr(t, "ds_shape", t.shape)) for n, t in trained_tensors(model).items()}
     if objectives is not None:
         out |= {f"objectives.{k}": list(getattr(v, "ds_shape", v.shape)) for k, v in objectives.state_dict().items()}
     return out
@@ -523,17 +557,28 @@ def resume_changes(
     stage: str,
     allow: bool,
     inert: Container[str] = frozenset(),
+    buffers: Collection[str] = frozenset(),
 ) -> dict[str, tuple[Any, Any]]:
     """Refuse a checkpoint whose tensors do not fit this run (another model, parts, LoRA or objectives) or whose
     optimizer state another strategy wrote; name what would make the resumed stage differ from an uninterrupted one
     (the data order of a step depends on the global batch, each rank's RNG on the world size, the rest on the stage's
-    config: ``recipe``) and refuse it unless ``allow`` (``resume_allow_changes``). ``written``: the checkpoint's
-    ``trainer_state.json``; ``ours``: the same fields of this run; ``inert``: the tensors this run's model keeps
-    frozen because its output never depends on them (what ``apply_stage`` returned), which a checkpoint of an earlier
-    alignlm trained. Returns what changed, ``{key: (theirs, ours)}``."""
-    theirs = written.get("layout", ours["layout"])
-    difference = layout_difference(theirs, ours["layout"])
-    held = _inert_surplus(theirs, ours["layout"], inert) if difference else []
+    config: ``recipe``, and on the weights it started from: ``start``) and refuse it unless ``allow``
+    (``resume_allow_changes``). ``written``: the checkpoint's ``trainer_state.json``; ``ours``: the same fields of
+    this run; ``inert``: the tensors this run's model keeps frozen because its output never depends on them (what
+    ``apply_stage`` returned), which a checkpoint of an earlier alignlm trained; ``buffers``: this run's trained
+    buffers (:func:`trained_buffers`), of which a checkpoint written before step checkpoints held them has none (it
+    resumes, :func:`load_training_state` names them). Returns what changed, ``{key: (theirs, ours)}``.
+
+    The start is compared because a step checkpoint holds only what the stage changes: a frozen part (and DPO's
+    reference model) comes from ``init_from`` as it is now, so an earlier stage retrained since would have gone on
+    under the checkpoint's weights, and ``final/`` named the old start. A changed global batch names the change of its
+    split into micro-batches too (:data:`SPLIT`)."""
+    ours_layout = ours["layout"]
+    theirs = written.get("layout", ours_layout)
+    if not any(n in theirs for n in buffers):  # written before step checkpoints held a trained part's buffers
+        ours_layout = {n: shape for n, shape in ours_layout.items() if n not in buffers}
+    difference = layout_difference(theirs, ours_layout)
+    held = _inert_surplus(theirs, ours_layout, inert) if difference else []
     if held:
         raise ValueError(
             f"{folder} trained {len(held)} tensors that this run leaves alone because its model's output never "
@@ -556,6 +601,11 @@ def resume_changes(
         )
     changed = {k: (written[k], ours[k]) for k in ("world", "global_batch") if k in written and written[k] != ours[k]}
     changed |= recipe_changes(written.get("recipe", ours["recipe"]), ours["recipe"])
+    if "start" in written:  # one written before starts were recorded has none to compare
+        start = f"stages.{stage}.init_from{START}"
+        changed |= recipe_changes({start: written["start"]}, {start: ours["start"]})
+    if "global_batch" in changed:
+        changed = {k: ab for k, ab in changed.items() if not k.endswith(SPLIT)}
     if strategy in zero.STAGES and "world" in changed:
         raise ValueError(
             f"{folder} was written by {written['world']} ranks under distributed.strategy={strategy}, this run has "
@@ -564,20 +614,29 @@ def resume_changes(
             "starts a new stage at any size)"
         )
     if changed and not allow:
-        files = [change_text(k, a, b) for k, (a, b) in changed.items() if k.endswith(CONTENTS)]
-        settings = {k: ab for k, ab in changed.items() if not k.endswith(CONTENTS)}
-        said = [f"was written from other files: {'; '.join(files)}"] if files else []
-        if settings:
-            said.insert(
-                0,
-                f"was written with {', '.join(f'{k}={a}' for k, (a, _) in settings.items())}, this run has "
-                f"{', '.join(f'{k}={b}' for k, (_, b) in settings.items())}",
-            )
         raise ValueError(
-            f"{folder} {' and '.join(said)}: the resumed stage would not reproduce an uninterrupted one. Resume with "
-            "the same settings and files, or set resume_allow_changes=true to continue with this run's"
+            f"{folder} {' and '.join(_said(changed))}: the resumed stage would not reproduce an uninterrupted one. "
+            "Resume with the same settings, files and starting weights, or set resume_allow_changes=true to continue "
+            "with this run's"
         )
     return changed
+
+
+def _said(changed: Mapping[str, tuple[Any, Any]]) -> list[str]:
+    """What :func:`resume_changes` found changed, for its refusal: the settings as ``key=value``, files and starting
+    weights as the finished-stage check names them (:func:`change_text`)."""
+    settings = {k: ab for k, ab in changed.items() if not k.endswith(IDENTIFIED)}
+    said = []
+    if settings:
+        said.append(
+            f"was written with {', '.join(f'{k}={a}' for k, (a, _) in settings.items())}, this run has "
+            f"{', '.join(f'{k}={b}' for k, (_, b) in settings.items())}"
+        )
+    for suffix, what in ((CONTENTS, "was written from other files"), (START, "was trained from other weights")):
+        texts = [change_text(k, a, b) for k, (a, b) in changed.items() if k.endswith(suffix)]
+        if texts:
+            said.append(f"{what}: {'; '.join(texts)}")
+    return said
 
 
 def optimizer_settings(optimizer: Any, scheduler: Any) -> list[dict[str, Any]]:

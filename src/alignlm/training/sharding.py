@@ -10,9 +10,9 @@ rest of the LLM (token embeddings, final norm, LM head), which ``AlignLM.forward
 tokens itself, and the chunked loss reads the head's weight) and which the root's own forward gathers. A unit holds one dtype (FSDP2 needs it), which the layout gives: a frozen part stored in
 bf16 is a unit of its own.
 
-Checkpoints gather the whole weights and optimizer state on rank 0 (:func:`full_state`, :func:`optimizer_state`) and
-write the same files as unsharded training; resume loads them back into the shards. The alignment monitor, which
-calls the parts outside a forward, is not available under FSDP2.
+Checkpoints gather the whole weights (buffers included: FSDP2 leaves them whole) and optimizer state on rank 0
+(:func:`full_state`, :func:`optimizer_state`) and write the same files as unsharded training; resume loads them back
+into the shards. The alignment monitor, which calls the parts outside a forward, is not available under FSDP2.
 """
 
 from __future__ import annotations

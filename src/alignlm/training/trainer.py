@@ -48,7 +48,7 @@ from alignlm.data.collate import Collator
 from alignlm.data.records import TRUNCATED, DataError
 from alignlm.data.report import DataReport
 from alignlm.models.build import build_model
-from alignlm.models.io import config_yaml
+from alignlm.models.io import config_yaml, trained_buffers
 from alignlm.models.mllm import AlignLM, has_images
 from alignlm.models.precision import frozen_linears, hold_in_fp32, store_weight
 from alignlm.objectives.base import Objective, check_batch, check_metrics, check_min_batch
@@ -116,21 +116,22 @@ class StepLog:
     measured: dict[str, int] = field(default_factory=dict)
 
 
-def build_objectives(stage: Mapping[str, Any]) -> dict[str, tuple[Objective, float]]:
-    """Objectives of a stage with their weights: ``total = sum(weight * loss)``; null entries are off."""
+def build_objectives(stage: Mapping[str, Any], where: str = "stage.objectives") -> dict[str, tuple[Objective, float]]:
+    """Objectives of a stage with their weights: ``total = sum(weight * loss)``; null entries are off. ``where``: the
+    key they sit at, as the config spells it (``stages.<name>.objectives``), named in the errors."""
     objectives = {}
     for key, node in (stage.get("objectives") or {}).items():
         if node is None:  # switched off (a stage that inherits the LM loss and trains on another)
             continue
         node = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
         weight = float(node.pop("weight", 1.0))
-        obj = instantiate(node, f"stage.objectives.{key}")
+        obj = instantiate(node, f"{where}.{key}")
         if not isinstance(obj, Objective):
-            raise TypeError(f"stage.objectives.{key} built a {type(obj).__name__}, not an alignlm Objective")
-        check_min_batch(obj, stage.get("per_device_batch_size", 1), f"stage.objectives.{key}")
+            raise TypeError(f"{where}.{key} built a {type(obj).__name__}, not an alignlm Objective")
+        check_min_batch(obj, stage.get("per_device_batch_size", 1), f"{where}.{key}")
         objectives[key] = (obj, weight)
     if not objectives:
-        raise ValueError("stage.objectives is empty; add at least objective lm")
+        raise ValueError(f"{where} is empty; add at least objective lm")
     return objectives
 
 
@@ -210,7 +211,7 @@ class Trainer:
     def setup_data(self, model: AlignLM) -> None:
         """The stage's dataset (with the feature cache when configured), its step sampler and its number of steps."""
         cfg, stage, acc = self.cfg, self.stage, self.acc
-        self.dataset = build_dataset(stage.data, model, cfg.seed, for_generation=False)
+        self.dataset = build_dataset(stage.data, model, cfg.seed, for_generation=False, key=f"stages.{self.name}.data")
         # start-up drops are the same on every rank: counted once
         self.report = self.dataset.report if acc.is_main_process else DataReport()
         cache_root = Path(cfg.output_dir) / "feature_cache"
@@ -248,7 +249,7 @@ class Trainer:
         """Objectives (set up on ``dataset``), the monitor, optimizer and schedule over ``self.total_steps``, the
         accelerator's wrapping, and a resume from the newest checkpoint."""
         cfg, stage, acc = self.cfg, self.stage, self.acc
-        self.objectives = build_objectives(stage)
+        self.objectives = build_objectives(stage, f"stages.{self.name}.objectives")
         self.monitor = AlignmentMonitor(cfg.get("monitor"), model, aspect_ratio_of(stage.data))
         for obj, _ in self.objectives.values():
             obj.setup(model, dataset)
@@ -318,15 +319,18 @@ class Trainer:
     def _maybe_resume(self) -> tuple[int, int]:
         """Resume from the newest step checkpoint that passes its integrity check (an older one when the newest is
         damaged, naming the file); a checkpoint of another model is refused, and so are a changed world size, global
-        batch, stage setting or content of a file the stage names unless ``resume_allow_changes`` (then this run's
-        settings apply from the resumed step). Also fixes what ``final/`` will record the stage was trained from."""
+        batch or its split, stage setting, content of a file the stage names or starting weights (``init_from``, which
+        gives the parts the checkpoint does not hold) unless ``resume_allow_changes`` (then this run's settings,
+        files and starting weights apply from the resumed step; ``final/`` records the weights the first segment
+        started from, so a later rerun still names the change). Also fixes what ``final/`` will record the stage was
+        trained from."""
         self.segment_seconds, self.nonfinite, self.steady_before = 0.0, [], None
         stage = OmegaConf.to_container(self.stage, resolve=True)
         seed, precision = int(self.cfg.seed), str(self.acc.mixed_precision)
         files = ckpt.input_files(stage, self.name)  # read once, at the stage's start: its checkpoints and final/ say so
         recipe = ckpt.recipe(stage, self.name, self.total_steps, seed, precision, files)
         self.recipe = json.loads(json.dumps(recipe))  # as trainer_state.json will hold it (tuples as lists)
-        # with the weights setup_model loaded (``self.init``): a rerun checks they are still the ones
+        # with the weights setup_model loaded (``self.init``): a resume and a rerun check they are still the ones
         self.trained_from = ckpt.trained_from(
             stage, self.name, seed, precision, self.acc.num_processes, files, self.init
         )
@@ -348,9 +352,10 @@ class Trainer:
                 # a checkpoint of another layout is refused before anything is loaded: it is whole, not damaged
                 refuse_config_held_state(folder, written, self.objective_modules)
                 allow = bool(self.cfg.get("resume_allow_changes"))
-                changed = ckpt.resume_changes(folder, written, self.run_state(), self.name, allow, self.inert)
+                buffers = trained_buffers(self.core())
+                changed = ckpt.resume_changes(folder, written, self.run_state(), self.name, allow, self.inert, buffers)
                 try:
-                    ckpt.load_training_state(
+                    unsaved = ckpt.load_training_state(
                         folder,
                         self.core(),
                         self.optimizer,
@@ -380,8 +385,18 @@ class Trainer:
                     "loss scale starts afresh, and the steps whose gradients overflow while it backs off are skipped",
                     folder,
                 )
-            if "start" in written:  # the weights its first segment started from, not what init_from holds now
+            if "start" in written:  # the weights its first segment started from (a change allowed is still named later)
                 self.trained_from[self.start_key] = written["start"]
+            if unsaved:
+                self.log.warning(
+                    "resume: %s holds no buffers of the parts this stage trains (written before step checkpoints "
+                    "held them): %d (%s%s) keep their values at the stage's start, so the resumed stage's final/ "
+                    "holds other running statistics than an uninterrupted run's",
+                    folder,
+                    len(unsaved),
+                    ", ".join(unsaved[:3]),
+                    ", ..." if len(unsaved) > 3 else "",
+                )
             if self.acc.is_main_process and "data" in written:  # the whole stage's report so far, counted once
                 self.report = DataReport.from_dict(written["data"])
             self.segment_seconds = float(written.get("seconds", 0.0))
@@ -428,7 +443,7 @@ class Trainer:
         share, global_share = shares
         for key, (obj, weight) in self.objectives.items():
             term = obj(batch, out, model)
-            check_metrics(f"stage.objectives.{key}", obj, term)
+            check_metrics(f"stages.{self.name}.objectives.{key}", obj, term)
             scale = 1.0 if obj.token_normalized else global_share if obj.global_batch else share
             total = total + weight * term.loss * scale
             if not obj.token_normalized:

@@ -11,9 +11,10 @@ What DeepSpeed owns is one module, :class:`Owner`: the model and the objectives'
 temperature), so ZeRO-3 partitions and gathers those too. Under ZeRO-3 the LM head's weight, which the chunked loss
 reads outside the head's forward, is registered as an external parameter of the model.
 
-Checkpoints are alignlm's files: whole trainable weights (gathered on rank 0 under ZeRO-3), and each rank's partition
-of the optimizer state in its own file (``optimizer_rank<R>.pt``, written by that rank: the output folder must be
-shared by the nodes), so a step checkpoint resumes on the same number of ranks and its weights read like any other.
+Checkpoints are alignlm's files: whole trainable weights and the buffers of the parts that train (gathered on rank 0
+under ZeRO-3: :func:`full_state`), and each rank's partition of the optimizer state in its own file
+(``optimizer_rank<R>.pt``, written by that rank: the output folder must be shared by the nodes), so a step checkpoint
+resumes on the same number of ranks and its weights read like any other.
 Nothing is loaded with pickle: DeepSpeed's own ``load_checkpoint`` would unpickle arbitrary objects, so it is not used.
 """
 
