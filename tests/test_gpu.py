@@ -13,14 +13,18 @@ from tests.conftest import WAIT_FREE_RECIPES, compose, tiny_overrides
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
-@pytest.mark.parametrize("stage, extra", WAIT_FREE_RECIPES.values(), ids=WAIT_FREE_RECIPES.keys())
-def test_training_step_never_waits_for_the_device(colour_set, tmp_path, stage, extra):
+# every recipe under bf16, and fp16's loss scaler on the fused optimizer (its skip flag handed to the kernel)
+CASES = {**{name: (*recipe, "bf16") for name, recipe in WAIT_FREE_RECIPES.items()}, "fp16": ("finetune", [], "fp16")}
+
+
+@pytest.mark.parametrize("stage, extra, precision", CASES.values(), ids=CASES.keys())
+def test_training_step_never_waits_for_the_device(colour_set, tmp_path, stage, extra, precision):
     cfg = compose(
         *tiny_overrides(colour_set, tmp_path),
         f"run=[{stage}]",
         f"stages.{stage}.init_from=null",
         f"stages.{stage}.max_steps=8",
-        "mixed_precision=bf16",
+        f"mixed_precision={precision}",
         *extra,
     )
     trainer = Trainer(cfg, stage, make_accelerator(cfg))

@@ -5,7 +5,8 @@ returns into that step's metrics row (``metrics.jsonl`` and wandb). It measures 
 in eval mode under ``no_grad``, with the RNG state saved and restored so a monitored run trains exactly like an
 unmonitored one. The probe images are decoded once, and while the vision tower is frozen its features of them are
 computed once too (they cannot change; the tower is most of the cost). It logs its own cost: ``monitor/seconds`` and
-``monitor/time_share`` (its time over the wall time since the previous measurement, itself included). Every rank
+``monitor/time_share`` (its time over the wall time since the previous measurement, itself included), its clock
+started once the device has finished the training steps queued before it. Every rank
 runs it (sharded ZeRO-3 weights need all ranks in a forward); only the main process writes the log.
 """
 
@@ -21,6 +22,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from alignlm.geometry.suite import flat
 from alignlm.models.probes import check_probe_size, extract, load_probe_set, probe_metrics, resolve_layers
+
+
+def wait_for_device(device: torch.device) -> None:
+    """Let the training steps already queued on a GPU finish before the monitor's clock starts: its first read back
+    to the host would wait for them and count their time as its own (``monitor/seconds``, ``monitor/time_share``).
+    The monitor reads back to the host anyway: this wait only moves the training's share out of its clock. A CPU
+    runs every op as it is called."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class AlignmentMonitor:
@@ -80,6 +90,7 @@ class AlignmentMonitor:
         """``monitor/*`` metrics for this step when due, else an empty dict."""
         if not self.due(step):
             return {}
+        wait_for_device(next(model.parameters()).device)
         t0 = time.perf_counter()
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices):

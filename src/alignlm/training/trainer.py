@@ -12,7 +12,7 @@ Exactness choices, so that a resumed run and a data-parallel run reproduce a pla
 
 Speed choices, on by default: length-grouped batches (and packed rows where the attention kernel isolates packed
 samples for free), the step never waits on the GPU (but inside DeepSpeed's engine step, where a rank without data
-also reads the step's count) (counts come from the CPU-side batch, logged values stay on the device and are fetched together every
+also reads the step's count, and with an unfused AdamW, ``fused_optimizer: false``, whose skip the host decides) (counts come from the CPU-side batch, logged values stay on the device and are fetched together every
 ``logging.every`` steps and before every checkpoint), frozen parts that no checkpoint saves are stored in bf16
 when training in bf16 and the frozen base weights of a LoRA-adapted part in bf16 or fp16 under that mixed precision,
 AdamW is fused on CUDA, data loading runs in worker processes with pinned memory on CUDA.
@@ -114,6 +114,17 @@ class StepLog:
     counts: tuple[int, int, int, int, int]  # samples, real tokens, supervised tokens, skipped samples, attended pairs
     # per metric of ``device`` (an objective's or the connector's): how many of this rank's micro-batches measured it
     measured: dict[str, int] = field(default_factory=dict)
+
+
+def update_scaler(scaler: torch.amp.GradScaler, data: torch.Tensor) -> None:
+    """fp16's loss scaler after a step, without the host: backing off on its own overflow flag, growing otherwise, as
+    ``GradScaler.update()`` does, but where ``data`` is false (no rank had data) its scale and growth count stay as
+    they were, chosen on the device. ``update(scale)``, which keeps them, is a choice the host would make."""
+    scale, growth = scaler._scale, scaler._growth_tracker  # the public readers (get_scale) wait for the device
+    before = scale.clone(), growth.clone()
+    scaler.update()  # in place: the same tensors
+    scale.copy_(torch.where(data, scale, before[0]))
+    growth.copy_(torch.where(data, growth, before[1]))
 
 
 def build_objectives(stage: Mapping[str, Any], where: str = "stage.objectives") -> dict[str, tuple[Objective, float]]:
@@ -506,7 +517,8 @@ class Trainer:
         )
 
     def step(self, micro: list[dict[str, Any]], step: int) -> StepLog | None:
-        """One optimizer step over this rank's micro-batches; nothing here waits on the device (but DeepSpeed's step).
+        """One optimizer step over this rank's micro-batches; nothing here waits on the device (but DeepSpeed's step and
+        an unfused optimizer's: ``optimizer_step``).
 
         A micro-batch whose samples were all skipped is replaced by an empty batch, so the step trains on the rest of
         its data (normalised by their supervised tokens, as one big batch without them; a per-micro-batch loss by their
@@ -550,7 +562,7 @@ class Trainer:
                 micro[data.index(True)],
             )
             self.batch_checked = True
-        kept = [b if real else self.empty_batch() for b, real in zip(micro, data)]
+        kept = [b if real else self.stand_in_batch for b, real in zip(micro, data)]
         samples = sum(b["num_samples"] for b in kept)
         tokens = sum(b["num_tokens"] for b in kept)
         pairs = sum(b.get("attended_pairs", 0) for b in kept)  # an empty stand-in batch attends to nothing
@@ -623,32 +635,42 @@ class Trainer:
     def optimizer_step(self, finite: torch.Tensor, data: torch.Tensor) -> None:
         """Update unless the loss or the gradient is not finite, or no rank had data (``data`` false: the ranks ran
         stand-ins only, whose zero gradients would still move the weights through AdamW's momentum and weight decay).
-        A fused optimizer skips the update on the device (its ``found_inf``, as a gradient scaler uses it): no wait for
-        the host; otherwise the host decides. A skipped step under fp16 still updates the gradient scaler (its
-        gradients were unscaled, and unscaling again before an update raises): backing off where the gradients
-        overflowed, keeping its scale and growth count after a step of no data, as one process, which skips such a
-        step before unscaling."""
+        A fused optimizer skips the update on the device (its ``found_inf``, as a gradient scaler hands it one): no
+        wait for the host, under fp16 too; otherwise the host decides (one read of ``update``). A skipped step under
+        fp16 still updates the gradient scaler (its gradients were unscaled, and unscaling again before an update
+        raises): backing off where the gradients overflowed, keeping its scale and growth count after a step of no
+        data, as one process, which skips such a step before unscaling."""
         update = finite & data
         inner = getattr(self.optimizer, "optimizer", self.optimizer)
-        if inner.defaults.get("fused") and self.acc.scaler is None:
+        scaler = self.acc.scaler
+        if inner.defaults.get("fused"):
+            # the gradients are unscaled already (``unscale_gradients``) and an overflow made the clipped norm, so
+            # ``finite``, false: ``~update`` is the flag GradScaler.step would hand the kernel, "no data" folded in
             inner.found_inf = (~update).float()  # 0-dim, like the step counters the fused kernel corrects with it
             try:
-                self.optimizer.step()
+                inner.step()  # what accelerate's wrapper calls, less its scaler's step and update, done here
             finally:
                 del inner.found_inf
+            if scaler is not None:
+                update_scaler(scaler, data)
         elif bool(update):
             self.optimizer.step()
-        elif self.acc.scaler is not None:
-            scaler = self.acc.scaler  # the host has waited for ``update`` already: reading ``data`` waits on nothing
+        elif scaler is not None:
+            # the host has waited for ``update`` already: reading ``data`` waits on nothing
             scaler.update(None if bool(data) else scaler.get_scale())
 
-    def empty_batch(self) -> dict[str, Any]:
-        """A one-token batch that supervises nothing and has no image: a rank's stand-in for a micro-batch of bad data."""
+    @functools.cached_property
+    def stand_in_batch(self) -> dict[str, Any]:
+        """A one-token batch that supervises nothing and has no image: a rank's stand-in for a micro-batch of bad data.
+
+        Made once per stage (it depends on the tokenizer's pad id and the image slots only) and, where the loader pins
+        its batches (CUDA), pinned too: a ``non_blocking`` copy from pageable memory waits for the host. Nothing
+        writes to it: ``send_to_device`` hands the step a new dict, and each step only reads its tensors."""
         pad = self.dataset.tokenizer.pad_token_id
         collate = Collator(
             pad, image_token_id=self.dataset.image_token_id, num_image_tokens=self.dataset.num_image_tokens
         )
-        return collate(
+        batch = collate(
             [
                 {
                     "id": "empty",
@@ -659,6 +681,9 @@ class Trainer:
                 }
             ]
         )
+        if self.acc.device.type == "cuda":  # the loader's pin_memory
+            batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        return batch
 
     def fetch(self, pending: list[StepLog]) -> list[dict[str, float]]:
         """The global values of buffered steps: one collective and one device-to-host copy for all of them.
