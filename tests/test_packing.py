@@ -597,10 +597,12 @@ def fake_flash(monkeypatch):
             k: kw[k] for k in ("max_seqlen_q",) if k in kw
         }}  # fmt: skip
 
+    # transformers >= 5.19 returns a (flash, kv-cache) pair of kwargs builders, earlier ones the flash builder alone
+    builders = (kwargs, dict) if hasattr(fa, "_process_with_kvcache_kwargs_fn") else kwargs
     monkeypatch.setattr(
         fa,
         "lazy_import_flash_attention",
-        lambda *a, **k: ((dense, varlen, None, fa._pad_input, fa._unpad_input), (kwargs, dict)),
+        lambda *a, **k: ((dense, varlen, None, fa._pad_input, fa._unpad_input), builders),
     )
 
     class Reads(TorchDispatchMode):

@@ -25,7 +25,11 @@ from typing import Any, Protocol
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
+from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+# from its module: transformers 5.2-5.18's top-level name is a stand-in that raises ImportError without torchvision,
+# which no checkpoint needs for its mean/std (the processor's PIL backend has them)
+from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
 from alignlm.data.images import ImageSpec, preprocess
 from alignlm.models.llm import refuse_hub_kernel_attention
