@@ -453,8 +453,8 @@ def test_pillows_own_limit_follows_max_image_pixels(tmp_path):
 
 def test_images_are_loaded_upright_and_transparency_on_white_as_transformers_loads_them(tmp_path):
     """EXIF orientation was ignored (a portrait photo trained sideways, transformers' load_image turns it upright),
-    and convert('RGB') kept the colour under transparent pixels where the exported processor composites onto white."""
-    from transformers.image_transforms import convert_to_rgb
+    and convert('RGB') kept the colour under transparent pixels where the exported processor composites onto white
+    (transformers' convert_to_rgb does from 5.19; earlier ones drop the alpha channel as convert('RGB') does)."""
     from transformers.image_utils import load_image
 
     from alignlm.data.images import load_rgb
@@ -481,7 +481,9 @@ def test_images_are_loaded_upright_and_transparency_on_white_as_transformers_loa
     for name, image in images.items():
         image.save(tmp_path / name, **({"transparency": 0} if image.mode == "P" else {}))
         loaded = np.asarray(load_rgb(tmp_path / name))
-        assert np.array_equal(loaded, convert_to_rgb(Image.open(tmp_path / name), return_numpy=True)), name
+        rgba_image = Image.open(tmp_path / name).convert("RGBA")
+        white = Image.new("RGBA", rgba_image.size, (255, 255, 255, 255))
+        assert np.array_equal(loaded, np.asarray(Image.alpha_composite(white, rgba_image).convert("RGB"))), name
         assert loaded[7, 7].tolist() == [255, 255, 255], name  # transparent: white, not the colour under it
 
 

@@ -248,7 +248,7 @@ def trained_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     stays in eval mode (``AlignLM.train``) and keeps its buffers as its starting weights gave them."""
     frozen = getattr(model, "frozen_parts", set())
     out = {}
-    for part in (p for p in model.PARTS if p not in frozen):
+    for part in (p for p in getattr(model, "PARTS", ()) if p not in frozen):  # a plain module has no parts
         module = getattr(model, part)
         persistent = set(module.state_dict())  # a buffer registered persistent=False is rebuilt, never saved
         out |= {f"{part}.{n}": b for n, b in module.named_buffers() if n in persistent}
