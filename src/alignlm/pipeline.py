@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState, PartialState
 from accelerate.utils import InitProcessGroupKwargs
 from omegaconf import DictConfig, OmegaConf
 
@@ -206,6 +207,7 @@ def make_accelerator(cfg: DictConfig) -> Accelerator:
         mp = "bf16" if not cpu and torch.cuda.is_bf16_supported() else "no"
     # a collective that outwaits this (a dead or hung rank) raises on every rank still running, instead of hanging
     timeout = timedelta(seconds=float((cfg.get("distributed") or {}).get("timeout_s", 600)))
+    rejoin_process_group(timeout, prepare_timeout(cfg))
     return Accelerator(mixed_precision=mp, cpu=cpu, kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)])
 
 
@@ -262,23 +264,70 @@ def run_prepare_steps(cfg: DictConfig) -> None:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Run every stage of ``cfg.run`` in order, then evaluate the last stage's ``final/``."""
+    """Run every stage of ``cfg.run`` in order, then evaluate the last stage's ``final/``. Another ``run`` may follow
+    in the same process (a sweep script, a notebook), with other settings: :func:`accelerate_state_of_this_run`."""
     check_config(cfg)
     resolve_precision(cfg)  # before the strategy's checks, which depend on it
     resolve_strategy(cfg)
+    with accelerate_state_of_this_run():
+        try:
+            with deterministic(cfg.get("deterministic", False)):  # before anything touches the GPU
+                # the accelerator first: with DeepSpeed's LOCAL_RANK already set, a process started without a launcher
+                # would wait for a launcher's rendezvous (MASTER_ADDR) instead of training as one rank
+                acc = make_accelerator(cfg)
+                with zero_launcher_env(cfg.distributed.strategy in ZERO_STAGES, cpu_only()):
+                    return _run(cfg, acc)
+        finally:
+            # DeepSpeed's communication threads can abort a process that exits with its group alive; a one-rank group
+            # (no launcher) is kept: DeepSpeed caches it, and a later run in this process reuses it
+            dist = torch.distributed
+            if cfg.distributed.strategy in ZERO_STAGES and dist.is_initialized() and dist.get_world_size() > 1:
+                end_process_group()
+
+
+# the backend of every process group of several ranks that a run in this process ended, in order
+_ENDED_GROUPS: list[str] = []
+
+
+def end_process_group() -> None:
+    """Destroy the default process group, remembering its backend for a later run's :func:`rejoin_process_group`."""
+    _ENDED_GROUPS.append(str(torch.distributed.get_backend()))
+    torch.distributed.destroy_process_group()
+
+
+def rejoin_process_group(timeout: timedelta, wait: timedelta) -> None:
+    """A run after one that ended its process group in this process (:func:`end_process_group`: a sweep script under
+    torchrun) joins a new one of the same ranks and backend, its keys under a prefix of their own in the launcher's
+    store: torch names the new group as the ended one, whose keys torchrun's store still held, and the ranks hung in
+    their first collective. ``timeout``: the group's (``distributed.timeout_s``); ``wait``: how long a rank waits for
+    the others to join (``distributed.prepare_timeout_s``), as the main process may still be evaluating the last
+    run."""
+    if not _ENDED_GROUPS or torch.distributed.is_initialized():
+        return
+    store, rank, world = next(torch.distributed.rendezvous("env://", timeout=wait))
+    store = torch.distributed.PrefixStore(f"alignlm-run{len(_ENDED_GROUPS)}", store)
+    torch.distributed.init_process_group(_ENDED_GROUPS[-1], store=store, rank=rank, world_size=world, timeout=timeout)
+
+
+@contextlib.contextmanager
+def accelerate_state_of_this_run() -> Iterator[None]:
+    """accelerate's process-wide state (precision, device, process group, accumulation) made during the run is reset
+    at its end, whether it finished or raised, and so is any that names a process group the run destroyed (the other
+    ranks leave it before the evaluation, DeepSpeed's is ended): a second ``run`` in the process failed, with
+    "AcceleratorState has already been initialized and cannot be changed" for another ``mixed_precision``, or under
+    torchrun with "Default process group has not been initialized" (reset, accelerate takes the new group that
+    :func:`rejoin_process_group` makes). State made before the run (a caller's own ``Accelerator`` or
+    ``PartialState``) is the caller's, and stays while its process group does."""
+    made = {state: not state._shared_state for state in (PartialState, AcceleratorState, GradientState)}
     try:
-        with deterministic(cfg.get("deterministic", False)):  # before anything touches the GPU
-            # the accelerator first: with DeepSpeed's LOCAL_RANK already set, a process started without a launcher
-            # would wait for a launcher's rendezvous (MASTER_ADDR) instead of training as one rank
-            acc = make_accelerator(cfg)
-            with zero_launcher_env(cfg.distributed.strategy in ZERO_STAGES, cpu_only()):
-                return _run(cfg, acc)
+        yield
     finally:
-        # DeepSpeed's communication threads can abort a process that exits with its group alive; a one-rank group
-        # (no launcher) is kept: DeepSpeed caches it, and a later run in this process reuses it
-        dist = torch.distributed
-        if cfg.distributed.strategy in ZERO_STAGES and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.destroy_process_group()
+        shared = PartialState._shared_state
+        group_gone = shared.get("num_processes", 1) > 1 and not torch.distributed.is_initialized()
+        if made[AcceleratorState] or group_gone:
+            AcceleratorState._reset_state(reset_partial_state=made[PartialState] or group_gone)
+        if made[GradientState] or group_gone:
+            GradientState._reset_state()
 
 
 def prepare_timeout(cfg: DictConfig) -> timedelta:
@@ -311,7 +360,7 @@ def leave_process_group(acc: Accelerator) -> None:
     failure of the main process still fails the job."""
     if acc.num_processes > 1 and torch.distributed.is_initialized():
         acc.wait_for_everyone()
-        torch.distributed.destroy_process_group()
+        end_process_group()
 
 
 def set_aside_earlier_runs(cfg: DictConfig, run_dir: Path) -> None:

@@ -97,12 +97,15 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.log(row, step=step)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """``failed``: the stage raised (diverged, bad data, out of memory, Ctrl-C): its wandb run finishes with exit
+        code 1. Left open, it was finished by the next ``wandb.init`` in the process (a sweep's next config) and
+        recorded as a success."""
         if not self.enabled:
             return
         self.file.close()
         if self.wandb is not None:
-            self.wandb.finish()
+            self.wandb.finish(exit_code=1 if failed else None)
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:

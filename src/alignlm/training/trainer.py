@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import gc
 import json
 import math
 import os
@@ -30,6 +31,7 @@ import signal
 import threading
 import time
 import types
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +74,22 @@ from alignlm.training.throughput import (
 LOG_EVERY = 10  # logging.every default: steps between fetches of the logged values from the device
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}  # mixed_precision -> autocast dtype
 PACKED_ATTENTION = ("flash_attention_2", "flash_attention_3", "flex_attention")  # isolate packed samples for free
+# what a stage holds that may reach its model or optimizer (``Trainer.release`` lets go of them): the wrapped model,
+# the optimizer with its AdamW state, the schedule over it, the objectives (DPO's holds a frozen copy of the model) and
+# their parameters, the monitor and the dataset (handed the model at set-up), the stand-in batch
+STAGE_OBJECTS = (
+    "model",
+    "optimizer",
+    "scheduler",
+    "objectives",
+    "objective_modules",
+    "objective_params",
+    "monitor",
+    "dataset",
+    "stand_in_batch",
+)
+# each loss scaler's state when the first stage on it began (``start_scaler_afresh``), dropped with the scaler
+_FRESH_SCALERS: weakref.WeakKeyDictionary[torch.amp.GradScaler, dict[str, Any]] = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -127,6 +145,16 @@ def update_scaler(scaler: torch.amp.GradScaler, data: torch.Tensor) -> None:
     growth.copy_(torch.where(data, growth, before[1]))
 
 
+def start_scaler_afresh(scaler: torch.amp.GradScaler | None) -> None:
+    """fp16's loss scaler is the accelerator's, one object for all the stages of a run: stage 2 started from stage
+    1's last scale and growth count, where a rerun that skips the finished stage 1 starts at the initial scale, so
+    the two runs skipped different steps. Each stage starts from the state the scaler had when the first stage on it
+    began (its initial scale, no growth counted); a resumed stage then loads its checkpoint's."""
+    if scaler is None or not scaler.is_enabled():
+        return
+    scaler.load_state_dict(_FRESH_SCALERS.setdefault(scaler, scaler.state_dict()))
+
+
 def build_objectives(stage: Mapping[str, Any], where: str = "stage.objectives") -> dict[str, tuple[Objective, float]]:
     """Objectives of a stage with their weights: ``total = sum(weight * loss)``; null entries are off. ``where``: the
     key they sit at, as the config spells it (``stages.<name>.objectives``), named in the errors."""
@@ -179,7 +207,9 @@ class Trainer:
         return model.model if isinstance(model, zero.Owner) else model
 
     def setup(self) -> None:
-        """The model, the stage's data and everything that steps: what ``fit`` needs, in that order."""
+        """The model, the stage's data and everything that steps: what ``fit`` needs, in that order; fp16's loss
+        scaler from its initial state (``start_scaler_afresh``)."""
+        start_scaler_afresh(self.acc.scaler)
         model = self.setup_model()
         self.setup_data(model)
         self.setup_optimization(model, self.dataset)
@@ -835,30 +865,64 @@ class Trainer:
             )
 
     def fit(self) -> StageResult:
-        reset_peak_memory(self.acc.device)
-        self.setup()
-        acc, st = self.acc, self.stage
+        """Train the stage and write its ``final/``. However it ends, its metrics log and wandb run are closed
+        (``metrics_logger``) and its model, optimizer and engine let go of (``release``)."""
+        try:
+            reset_peak_memory(self.acc.device)
+            self.setup()
+            with self.metrics_logger() as metrics:
+                return self.train(metrics)
+        finally:
+            self.release()
+
+    @contextlib.contextmanager
+    def metrics_logger(self) -> Iterator[MetricsLogger]:
+        """The stage's ``metrics.jsonl`` and wandb run, closed however the stage ends. One that raises (it diverged,
+        bad data, out of memory, Ctrl-C) finishes its wandb run as failed: left open, the run was finished by the next
+        ``wandb.init`` in the process (a sweep script's next config) and recorded as a success. A clean stop
+        (``StopTraining``: stop_after_steps, the stop signal or file) is no failure: its rerun continues the run."""
         metrics = MetricsLogger(
             self.dir / "metrics.jsonl",
             self.cfg.logging.get("wandb"),
             f"{self.cfg.run_name}/{self.name}",
             OmegaConf.to_container(self.cfg, resolve=True),
-            acc.is_main_process,
+            self.acc.is_main_process,
             self.start_step,
         )
+        try:
+            yield metrics
+        except BaseException as e:
+            metrics.close(failed=not isinstance(e, StopTraining))
+            raise
+        metrics.close()
+
+    def release(self) -> None:
+        """Let go of the stage's model, optimizer (with its AdamW state), schedule, objectives and DeepSpeed engine,
+        whether it finished or raised. The run's one accelerator kept every model and optimizer prepared on it
+        (``prepare`` appends them to its lists) until the run ended: the later stages and the evaluation ran beside
+        every earlier stage's weights and optimizer state (a 7B finetune's 28 GB and 56 GB). ``free_memory`` empties
+        those lists and nothing else: the process group, the gradient state and the loss scaler stay for the next
+        stage. The engine, which alignlm makes itself (``zero.initialize``), is destroyed here: its hooks and
+        buffers go, as accelerate's ``free_memory`` does for an engine of its own. CUDA's cached blocks go last."""
+        if self.engine is not None:
+            self.engine.destroy()
+        self.engine = None
+        for name in STAGE_OBJECTS:
+            self.__dict__.pop(name, None)
+        self.acc.free_memory()
+        gc.collect()  # the models' reference cycles (modules, hooks): before the cache is emptied
+        if self.acc.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def train(self, metrics: MetricsLogger) -> StageResult:
+        """The step loop of a stage set up, logging to ``metrics``, then its ``final/`` (``fit``)."""
+        acc, st = self.acc, self.stage
         if acc.is_main_process:  # what eval needs to rebuild a step checkpoint before final/ exists
             (self.dir / "config.yaml").write_text(config_yaml(self.cfg))
         batches = iter(self.loader())
         accum, every = int(st.grad_accum), int(self.cfg.logging.get("every") or LOG_EVERY)
         stop_at = min(
             self.total_steps, self.start_step + (self.total_steps if self.steps_left is None else self.steps_left)
-        )
-        bar = tqdm(
-            total=self.total_steps,
-            initial=self.start_step,
-            desc=self.name,
-            disable=not acc.is_main_process,
-            dynamic_ncols=True,
         )
         losses: list[float] = []
         meter = self.meter = Meter(earlier=self.steady_before)
@@ -896,7 +960,17 @@ class Trainer:
 
         monitored: dict[int, dict[str, float]] = {}
         why, saved_at = "stop_after_steps", 0
-        with self.stop_signal_handler(), self.failure_names_rank_and_step() as at:
+        with (
+            tqdm(
+                total=self.total_steps,
+                initial=self.start_step,
+                desc=self.name,
+                disable=not acc.is_main_process,
+                dynamic_ncols=True,
+            ) as bar,
+            self.stop_signal_handler(),
+            self.failure_names_rank_and_step() as at,
+        ):
             for step in range(self.start_step + 1, stop_at + 1):
                 at.step = step
                 log = self.step([next(batches) for _ in range(accum)], step)
@@ -915,8 +989,6 @@ class Trainer:
                 if due_checkpoint:
                     self.save_checkpoint(step)
                     saved_at = step
-        bar.close()
-        metrics.close()
         self.report = self.merged_report()
         if stop_at < self.total_steps:
             if saved_at != stop_at:  # not twice: a checkpoint of a 7B run with its optimizer state is ~100 GB
