@@ -3,6 +3,7 @@ path, and the errors a plug-in's mistakes meet, each naming the config key."""
 
 from __future__ import annotations
 
+import copy
 import re
 import sys
 from pathlib import Path
@@ -88,6 +89,9 @@ def test_a_recipe_outside_the_repository_adds_its_own_section_as_one_inside_does
         check_config(compose(search, "+exp=my_recipe", "+mymethd.steps=4", f"output_dir={tmp_path}"))
     with pytest.raises(ConfigError, match="mymethod is not a known setting"):  # no recipe of its own: a stray key
         check_config(compose("+mymethod.steps=4", f"output_dir={tmp_path}"))
+    # a sweep script's copy has lost where its recipe came from: the refusal says so, rather than calling it a typo
+    with pytest.raises(ConfigError, match="mymethod is not a known setting.*a copy or merge of the one"):
+        check_config(copy.deepcopy(cfg))
 
 
 def test_a_hook_that_builds_no_sample_hook_is_named_with_its_stage(tiny_model, colour_set):

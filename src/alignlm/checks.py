@@ -27,7 +27,7 @@ from peft.utils import INCLUDE_LINEAR_LAYERS_SHORTHAND
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from alignlm.config import ConfigError, default_keys, plain
+from alignlm.config import ConfigError, composed, default_keys, plain
 from alignlm.data import GENERATORS, generator_knobs
 from alignlm.data.images import MAX_PIXELS, check_aspect_ratio
 from alignlm.data.llava import check_error_policy
@@ -63,8 +63,16 @@ def check_config(cfg: DictConfig) -> None:
     """Config mistakes that would otherwise surface mid-run, each named with its key and the values allowed: unknown
     stage names, a bad resume mode, a run name that is not a plain folder name, numbers out of range."""
     known = default_keys(cfg)
-    check_keys("", cfg, known[""])  # `+stop_after_step=2` (meant: stop_after_steps) had trained to the end
-    check_keys("model", _mapping("model", cfg.get("model")), known["model"])
+    try:
+        check_keys("", cfg, known[""])  # `+stop_after_step=2` (meant: stop_after_steps) had trained to the end
+        check_keys("model", _mapping("model", cfg.get("model")), known["model"])
+    except ConfigError as e:
+        if composed(cfg):
+            raise
+        raise ConfigError(
+            f"{e} (this config is a copy or merge of the one alignlm.config.compose returned, so the "
+            "hydra.searchpath folders a plug-in's recipe came from are unknown here: pass the composed config itself)"
+        ) from None
     for key in ("run", "offline_datasets"):
         _list(key, cfg.get(key, []))
     if not cfg.run:

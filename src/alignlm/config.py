@@ -72,14 +72,17 @@ def _source_folders(sources: Any) -> list[Path]:
     return folders
 
 
+def composed(cfg: DictConfig | None) -> bool:
+    """Whether ``cfg`` is a config :func:`compose` returned (its folders known), not a copy or merge of one."""
+    entry = _ROOTS.get(id(cfg))
+    return cfg is not None and entry is not None and entry[0]() is cfg
+
+
 def config_roots(cfg: DictConfig | None = None) -> list[Path]:
     """The config folders ``cfg`` was composed from: the tree (``config_dir()``) and every ``hydra.searchpath``
     folder, where a plug-in keeps its configs outside the repository (only the tree for a config ``compose`` did not
     return, or for none)."""
-    entry = _ROOTS.get(id(cfg))
-    if cfg is None or entry is None or entry[0]() is not cfg:
-        return [config_dir()]
-    return list(entry[1])
+    return list(_ROOTS[id(cfg)][1]) if composed(cfg) else [config_dir()]
 
 
 def default_keys(cfg: DictConfig | None = None) -> dict[str, set[str]]:
