@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -235,6 +236,18 @@ def write_colour_set(root: Path, n: int = 48) -> dict[str, Path]:
         paths[key] = root / f"{key}.json"
         paths[key].write_text(json.dumps(recs))
     return paths
+
+
+@pytest.fixture
+def alignlm_log(caplog) -> Iterator[pytest.LogCaptureFixture]:
+    """The run's warnings: the ``alignlm`` logger writes to its own handler and does not propagate."""
+    log = logging.getLogger("alignlm")
+    log.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger="alignlm"):
+            yield caplog
+    finally:
+        log.removeHandler(caplog.handler)
 
 
 @pytest.fixture(autouse=True)

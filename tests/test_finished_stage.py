@@ -11,10 +11,8 @@ from was retrained had passed on stale weights), and a path spelled otherwise (r
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
-from collections.abc import Iterator
 from hashlib import sha256
 from pathlib import Path
 
@@ -25,18 +23,6 @@ from alignlm.pipeline import run
 from alignlm.training import checkpoint as ckpt
 from alignlm.training.trainer import StopTraining
 from tests.conftest import compose, tiny_overrides, write_colour_set
-
-
-@pytest.fixture
-def alignlm_log(caplog) -> Iterator[pytest.LogCaptureFixture]:
-    """The run's warnings: the ``alignlm`` logger writes to its own handler and does not propagate."""
-    log = logging.getLogger("alignlm")
-    log.addHandler(caplog.handler)
-    try:
-        with caplog.at_level(logging.WARNING, logger="alignlm"):
-            yield caplog
-    finally:
-        log.removeHandler(caplog.handler)
 
 
 def own_data(colour_set: dict[str, Path], tmp_path: Path) -> Path:

@@ -11,9 +11,7 @@ the checkpoint's kernel (crashing when it had been unfused).
 from __future__ import annotations
 
 import json
-import logging
 import shutil
-from collections.abc import Iterator
 from hashlib import sha256
 from pathlib import Path
 
@@ -25,19 +23,6 @@ from alignlm.pipeline import run
 from alignlm.training import checkpoint as ckpt
 from alignlm.training.trainer import StopTraining
 from tests.conftest import compose, tiny_overrides
-
-
-@pytest.fixture
-def alignlm_log(caplog) -> Iterator[pytest.LogCaptureFixture]:
-    """The run's warnings: the ``alignlm`` logger writes to its own handler and does not propagate."""
-    log = logging.getLogger("alignlm")
-    log.addHandler(caplog.handler)
-    try:
-        with caplog.at_level(logging.WARNING, logger="alignlm"):
-            yield caplog
-    finally:
-        log.removeHandler(caplog.handler)
-
 
 # EfficientNet-Lite (BatchNorm throughout) trained fully by the pretraining stage
 BATCHNORM_TOWER = (
