@@ -900,19 +900,25 @@ class Trainer:
         """Let go of the stage's model, optimizer (with its AdamW state), schedule, objectives and DeepSpeed engine,
         whether it finished or raised. The run's one accelerator kept every model and optimizer prepared on it
         (``prepare`` appends them to its lists) until the run ended: the later stages and the evaluation ran beside
-        every earlier stage's weights and optimizer state (a 7B finetune's 28 GB and 56 GB). ``free_memory`` empties
-        those lists and nothing else: the process group, the gradient state and the loss scaler stay for the next
-        stage. The engine, which alignlm makes itself (``zero.initialize``), is destroyed here: its hooks and
-        buffers go, as accelerate's ``free_memory`` does for an engine of its own. CUDA's cached blocks go last."""
+        every earlier stage's weights and optimizer state (a 7B finetune's 28 GB and 56 GB). Those lists are emptied
+        and nothing else: the process group, the gradient state and the loss scaler stay for the next stage. The
+        engine, which alignlm makes itself (``zero.initialize``), is destroyed here: its hooks and buffers go, as
+        accelerate's ``free_memory`` does for an engine of its own. On CUDA a collection and CUDA's cached blocks go
+        last."""
         if self.engine is not None:
             self.engine.destroy()
         self.engine = None
         for name in STAGE_OBJECTS:
             self.__dict__.pop(name, None)
-        self.acc.free_memory()
-        gc.collect()  # the models' reference cycles (modules, hooks): before the cache is emptied
         if self.acc.device.type == "cuda":
+            self.acc.free_memory()
+            gc.collect()  # the models' reference cycles (modules, hooks): before the cache is emptied
             torch.cuda.empty_cache()
+        else:  # no device memory to hand back now: the lists emptied without free_memory's two full collections (a
+            # second a stage in a long-lived process: minutes over the test suite's stages); the collector frees
+            # the models' cycles in its own time
+            for held in (self.acc._models, self.acc._optimizers, self.acc._schedulers, self.acc._dataloaders):
+                held.clear()
 
     def train(self, metrics: MetricsLogger) -> StageResult:
         """The step loop of a stage set up, logging to ``metrics``, then its ``final/`` (``fit``)."""
