@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -1137,3 +1138,126 @@ def test_generation_settings_alignlm_sets_itself_are_refused_and_lmms_tasks_ask_
     for record in (two, system):
         with pytest.raises(ValueError, match=f"id='{record['id']}'"):
             question_of(record)
+
+
+# ------------------------------------------------------------------------------ probe storage and refusals
+
+
+def test_the_probe_keeps_every_items_tokens_only_for_a_metric_that_reads_them(tiny_model, colour_set, monkeypatch):
+    """``extract`` kept every visual and caption token in float32, also when no metric read them (LLaVA-1.5-7B: 19.5
+    GiB at 2k probe items, twice that for a moment in ``torch.cat``). Without ``a_score`` only the pooled features are
+    kept, and every figure is the same; the A-score over groups of items is the A-score over all of them."""
+    from alignlm.geometry import metrics as M
+    from alignlm.models import probes
+    from alignlm.models.probes import extract, load_probe_set, needs_tokens, probe_metrics
+
+    model, probe = tiny_model(), load_probe_set(colour_set["pretrain"], 12)
+    names = ["modality_gap", "mutual_knn", "cka", "cknna", "svcca", "retrieval"]
+    assert needs_tokens([*names, "a_score"]) and not needs_tokens(names)
+    pooled = extract(model, probe, batch_size=5, tokens=False)
+    whole = extract(model, probe, batch_size=5, tokens=True)
+    assert pooled.visual_tokens is None and pooled.text_tokens is None
+    assert probe_metrics(pooled, names, topk=4) == probe_metrics(whole, names, topk=4)
+    torch.testing.assert_close(whole.visual_mean, whole.visual_tokens.float().mean(dim=1))
+    torch.testing.assert_close(extract(model, probe, 12, tokens=True).text_tokens, whole.text_tokens)  # across batches
+    for row, k in zip(whole.text_tokens, whole.text_lengths.tolist()):  # padded by its own last token
+        torch.testing.assert_close(row[k:], row[k - 1 : k].expand(len(row) - k, -1))
+    with pytest.raises(ValueError, match="a_score reads every item's tokens"):
+        probe_metrics(pooled, ["a_score"], topk=4)
+    expected = {
+        "a_score_visual_to_text": M.a_score(whole.visual_tokens, whole.text_tokens),
+        "a_score_text_to_visual": M.a_score(whole.text_tokens, whole.visual_tokens, whole.text_lengths),
+    }
+    assert probe_metrics(whole, ["a_score"], topk=4)["per_token"] == expected
+    monkeypatch.setattr(probes, "_A_SCORE_ELEMENTS", 5 * whole.visual_tokens[0].numel())  # groups of 5, 5 and 2
+    assert probe_metrics(whole, ["a_score"], topk=4)["per_token"] == pytest.approx(expected, rel=1e-12)
+
+
+def _eval_config(*overrides: str) -> dict:
+    from omegaconf import OmegaConf
+
+    from alignlm.commands.evaluate import eval_defaults
+
+    return OmegaConf.to_container(OmegaConf.merge(eval_defaults(), OmegaConf.from_dotlist(list(overrides))))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["probe.topk=1"], "probe.topk=1: cknna needs probe.topk >= 2"),  # cknna in the default metrics
+        (["probe.topk=1", "probe.metrics=[cka]", "gap_shift.metric=cknna"], "probe.topk=1: cknna needs"),
+        (["probe.n=3", "probe.topk=1", "probe.metrics=[unbiased_cka]"], "probe.n=3 is fewer than the 4 probe pairs"),
+    ],
+)
+def test_probe_settings_its_metrics_cannot_measure_with_are_refused_before_a_checkpoint_is_loaded(overrides, message):
+    """cknna needs topk >= 2 and the unbiased HSIC (unbiased_cka, cknna) 4 pairs: the checks compared n with topk + 2
+    only, so these raised in the metrics after every answer had been generated."""
+    from alignlm.commands.evaluate import check_eval_config
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_eval_config(_eval_config(*overrides))
+    check_eval_config(_eval_config(*overrides, "probe.enabled=false"))  # no probe, nothing it cannot measure
+    check_eval_config(_eval_config("probe.topk=2", "probe.n=4"))
+
+
+def test_a_probe_file_too_small_for_the_unbiased_hsic_is_refused_naming_it():
+    """3 pairs passed ``check_probe_size`` for topk 1 (3 >= topk + 2); unbiased_cka then raised once measured."""
+    from alignlm.models.probes import check_probe_size
+
+    args = ("probe", "eval probe.path", "p.json", None)
+    with pytest.raises(ConfigError, match=r"eval probe.path=p.json gives 3 usable .* the 4 that \['unbiased_cka'\]"):
+        check_probe_size(3, 1, {"mutual_knn", "unbiased_cka"}, *args)
+    with pytest.raises(ConfigError, match="probe.topk=1: cknna needs"):
+        check_probe_size(40, 1, {"cknna"}, *args)
+    check_probe_size(3, 1, {"mutual_knn", "cka"}, *args)
+    check_probe_size(4, 2, {"cknna", "unbiased_cka"}, *args)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["monitor.topk=1"], "monitor.topk=1: cknna needs monitor.topk >= 2"),  # cknna in the default metrics
+        (
+            ["monitor.topk=1", "monitor.metrics=[cka]", "monitor.layers=[-1]", "monitor.layer_metrics=[cknna]"],
+            "monitor.topk=1: cknna needs",
+        ),
+        (["monitor.n=3", "monitor.topk=1", "monitor.metrics=[unbiased_cka]"], "monitor.n=3 is fewer than the 4"),
+    ],
+)
+def test_monitor_settings_its_metrics_cannot_measure_with_are_refused_before_training(
+    tiny_model, colour_set, overrides, message
+):
+    """``monitor.topk=1`` passed the config check and the monitor's set-up, then stopped the run at its first
+    measurement (after step 1): cknna needs topk >= 2, the unbiased HSIC 4 pairs."""
+    from alignlm.checks import _check_monitor
+    from alignlm.training.monitor import AlignmentMonitor
+
+    cfg = compose("model=tiny", f"monitor.probe={colour_set['pretrain']}", "monitor.every=5", *overrides)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        _check_monitor(cfg.monitor)
+    if "monitor.n=3" not in overrides:  # the file gives more pairs than that: the set-up checks the settings too
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            AlignmentMonitor(cfg.monitor, tiny_model())
+    unmeasured = ("monitor.metrics=[cka]", "monitor.topk=1", "monitor.layer_metrics=[cknna]")  # no layers asked
+    _check_monitor(compose(f"monitor.probe={colour_set['pretrain']}", "monitor.every=5", *unmeasured).monitor)
+
+
+def test_the_pca_plot_joins_the_pairs_with_one_collection(tmp_path, monkeypatch):
+    """One ``ax.plot`` per pair took 1.6 ms each (6 s for 4k pairs, 80 s for 50k); one collection draws them all."""
+    from matplotlib.collections import LineCollection
+
+    from alignlm.evaluation import plots
+    from alignlm.evaluation.plots import plt
+
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+    g = torch.Generator().manual_seed(0)
+    image, text = torch.randn(30, 8, generator=g), torch.randn(30, 8, generator=g)
+    plots.plot_pca([("a", image, text, 0.5), ("b", text, image, 0.5)], tmp_path / "pca.png")
+    for ax, (first, second) in zip(figures[0].axes, ((image, text), (text, image))):
+        assert not ax.lines
+        (lines,) = [c for c in ax.collections if isinstance(c, LineCollection)]
+        a, b = plots.pca_2d(first, second)
+        segments = torch.stack([torch.as_tensor(s) for s in lines.get_segments()])
+        torch.testing.assert_close(segments, torch.stack([a, b], dim=1))
+    plt.close(figures[0])

@@ -138,7 +138,7 @@ def test_the_probe_reads_control_token_text_in_a_caption_as_training_does(model,
 
     trained = [_trained_caption_ids(model, c) for c in (HOSTILE_CAPTION, "red")]
     Image.new("RGB", (8, 8), (200, 0, 0)).save(tmp_path / "0.png")
-    feats = extract(model, ProbeSet(["a", "b"], [tmp_path / "0.png"] * 2, [HOSTILE_CAPTION, "red"]))
+    feats = extract(model, ProbeSet(["a", "b"], [tmp_path / "0.png"] * 2, [HOSTILE_CAPTION, "red"]), tokens=True)
     assert feats.text_lengths.tolist() == [len(t) for t in trained]
     with torch.no_grad():
         words = model.llm.get_input_embeddings()(torch.tensor(trained[0])).float()

@@ -37,6 +37,7 @@ from alignlm.export.hf_llava import is_llava_dir
 from alignlm.geometry.suite import ALL_METRICS
 from alignlm.models.generation import check_generation
 from alignlm.models.mllm import AlignLM
+from alignlm.models.probes import check_probe_metrics
 from alignlm.objectives.base import check_min_batch
 from alignlm.training.logging import WANDB_MODES
 from alignlm.training.optim import check_schedule
@@ -291,10 +292,16 @@ def _check_monitor(monitor: Any) -> None:
     n, topk = monitor.get("n", 64), monitor.get("topk", 10)
     if n < topk + 2:
         raise ConfigError(f"monitor.n={n} must be at least monitor.topk + 2 = {topk + 2} for the kNN metrics")
+    asked: dict[str, list[Any]] = {}
     for name in ("metrics", "layer_metrics"):
-        unknown = [m for m in _list(f"monitor.{name}", monitor.get(name), null=True) or [] if m not in ALL_METRICS]
+        asked[name] = _list(f"monitor.{name}", monitor.get(name), null=True) or []
+        unknown = [m for m in asked[name] if m not in ALL_METRICS]
         if unknown:
             raise ConfigError(f"monitor.{name} has unknown metrics {unknown}; choose from {list(ALL_METRICS)}")
+    # as the monitor reads them: the layers' metrics are its table's unless given; a null table is its own default
+    layers = monitor.get("layers")
+    per_layer = set(asked["layer_metrics"] or asked["metrics"]) if layers and layers != "none" else set()
+    check_probe_metrics(set(asked["metrics"]) | per_layer, topk, n, "monitor")
 
 
 def _flag(key: str, value: Any, also: tuple[Any, ...] = ()) -> None:

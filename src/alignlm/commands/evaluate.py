@@ -27,10 +27,18 @@ from alignlm.evaluation import checkpoints
 from alignlm.evaluation.lmms import run_lmms_eval, write_local_task
 from alignlm.evaluation.paired import against_first, markdown_lines, run_key, same_step_pairs, too_few_shared
 from alignlm.evaluation.plots import plot_accuracy_curves, plot_runs
-from alignlm.evaluation.report import check_set_names, evaluate_checkpoint, json_values, shift_metrics, write_report
+from alignlm.evaluation.report import (
+    check_set_names,
+    evaluate_checkpoint,
+    json_values,
+    probe_metrics_asked,
+    shift_metrics,
+    write_report,
+)
 from alignlm.geometry.suite import ALL_METRICS
 from alignlm.models.device import default_device
 from alignlm.models.generation import check_generation
+from alignlm.models.probes import check_probe_metrics
 from alignlm.training.logging import get_logger
 
 
@@ -143,6 +151,8 @@ def check_eval_config(ecfg: dict[str, Any]) -> None:
     shift = ecfg.get("gap_shift") or {}
     if shift.get("deltas") and shift.get("metric") not in shift_metrics():
         raise SystemExit(f"eval gap_shift.metric={shift.get('metric')!r} is not known; choose from {shift_metrics()}")
+    if probe.get("enabled", True):  # what the probe cannot measure, before a checkpoint is loaded
+        check_probe_metrics(probe_metrics_asked(probe, ecfg), probe["topk"], probe.get("n"), "probe")
     check_device(ecfg["device"])
 
 

@@ -24,6 +24,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.collections import LineCollection  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from alignlm.evaluation.checkpoints import unique_labels  # noqa: E402
@@ -65,12 +66,12 @@ def pca_2d(image: Tensor, text: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def plot_pca(panels: Sequence[tuple[str, Tensor, Tensor, float]], path: Path) -> Path:
-    """One panel per ``(label, image [n, d], text [n, d], gap)``: matched pairs joined by faint lines."""
+    """One panel per ``(label, image [n, d], text [n, d], gap)``: matched pairs joined by faint lines, all of a panel
+    one collection (a line each took 1.6 ms: 80 s for 50k pairs)."""
     fig, axes = _grid(len(panels), 3.8, 3.6)
     for ax, (label, image, text, gap) in zip(axes, panels):
         a, b = pca_2d(image, text)
-        for p, q in zip(a.tolist(), b.tolist()):
-            ax.plot([p[0], q[0]], [p[1], q[1]], color="0.85", lw=0.4, zorder=1)
+        ax.add_collection(LineCollection(torch.stack([a, b], dim=1).numpy(), colors="0.85", linewidths=0.4, zorder=1))
         ax.scatter(a[:, 0], a[:, 1], s=9, c=COLOURS["image"], label="image (visual tokens)", zorder=2)
         ax.scatter(b[:, 0], b[:, 1], s=9, c=COLOURS["text"], label="text (caption embedding)", zorder=2)
         ax.set_title(f"{label}\ngap {gap:.3f}", fontsize=8)

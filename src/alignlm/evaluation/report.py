@@ -31,6 +31,7 @@ from alignlm.models.probes import (
     extract,
     gap_shift,
     load_probe_set,
+    needs_tokens,
     probe_metrics,
     resolve_layers,
 )
@@ -168,7 +169,14 @@ def evaluate_checkpoint(
     if probe is not None:
         layers = resolve_layers(model, pcfg.get("layers"), "probe.layers")
         aspect_ratio = aspect_ratio_of(data_cfg)  # the probe images made square as the checkpoint's stage did
-        feats = extract(model, probe, int(pcfg.get("batch_size", 32)), layers, aspect_ratio=aspect_ratio)
+        feats = extract(
+            model,
+            probe,
+            int(pcfg.get("batch_size", 32)),
+            layers,
+            aspect_ratio=aspect_ratio,
+            tokens=needs_tokens(pcfg["metrics"]),
+        )
         topk = int(pcfg.get("topk", 10))
         result["probe"] = {"path": path, **probe_metrics(feats, list(pcfg["metrics"]), topk, pcfg.get("layer_metrics"))}
         shift = dict(ecfg.get("gap_shift") or {})

@@ -12,7 +12,7 @@ Then every metric of ``alignlm.geometry.suite`` between the two sides (docs/meth
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ from alignlm.data.images import load_rgb, preprocess
 from alignlm.data.records import DataError, image_names, image_paths, read_records, record_id, reference_captions
 from alignlm.data.templates import plain_text_ids
 from alignlm.geometry import metrics as M
-from alignlm.geometry.suite import KNN_METRICS, pair_metrics
+from alignlm.geometry.suite import KNN_METRICS, TOKEN_METRICS, pair_metrics
 
 
 @dataclass
@@ -70,10 +70,43 @@ def load_probe_set(path: str | Path, n: int | None = None, image_root: str | Non
     return probe
 
 
+# Song et al.'s unbiased HSIC, which these compute, divides by n - 3: it needs 4 items
+UNBIASED_HSIC_METRICS = {"unbiased_cka", "cknna"}
+UNBIASED_HSIC_ITEMS = 4
+
+
+def needs_tokens(names: Collection[str]) -> bool:
+    """Whether a metric among ``names`` reads every item's tokens (the A-score), not only their means: ``extract``
+    keeps them only then, as they are most of its memory (LLaVA-1.5-7B: 640 tokens x 4096 dims an item)."""
+    return any(name in TOKEN_METRICS for name in names)
+
+
+def check_probe_metrics(asked: Collection[str], topk: int, n: int | None, key: str) -> None:
+    """Settings the ``asked`` metrics cannot measure with, refused from the config alone, before a model is built:
+    cknna needs ``topk >= 2``, and the unbiased HSIC (unbiased_cka, cknna) ``n >= 4`` (``n`` null: the whole file,
+    which ``check_probe_size`` counts). The metrics raised either only once measured: after every answer was
+    generated (eval), at the monitor's first measurement (a training run stopped at step 1). ``key``: the config node
+    of ``n`` and ``topk`` (``monitor``, ``probe``)."""
+    if "cknna" in asked and topk < 2:
+        raise ConfigError(
+            f"{key}.topk={topk}: cknna needs {key}.topk >= 2; raise it, or leave cknna out of {key}.metrics and "
+            f"{key}.layer_metrics"
+        )
+    hsic = sorted(set(asked) & UNBIASED_HSIC_METRICS)
+    if hsic and n is not None and n < UNBIASED_HSIC_ITEMS:
+        raise ConfigError(
+            f"{key}.n={n} is fewer than the {UNBIASED_HSIC_ITEMS} probe pairs that {hsic} need (their unbiased HSIC "
+            f"divides by n - 3): raise {key}.n, or leave them out of {key}.metrics and {key}.layer_metrics"
+        )
+
+
 def check_probe_size(pairs: int, topk: int, asked: set[str], key: str, file: str, path: str, n: Any) -> None:
-    """The kNN metrics among ``asked`` need ``topk + 2`` probe pairs, counted on the pairs the probe file gave
-    (``n`` only caps them): a smaller file failed once its features were measured, naming no setting. ``key``: the
-    config node of ``n`` and ``topk`` (``monitor``, ``probe``); ``file``: the key naming the probe file ``path``."""
+    """The kNN metrics among ``asked`` need ``topk + 2`` probe pairs, the unbiased HSIC ones 4, counted on the pairs
+    the probe file gave (``n`` only caps them): a smaller file failed once its features were measured, naming no
+    setting. ``key``: the config node of ``n`` and ``topk`` (``monitor``, ``probe``); ``file``: the key naming the
+    probe file ``path``. The settings themselves are checked too (``check_probe_metrics``): the monitor is also built
+    from a config no check has seen."""
+    check_probe_metrics(asked, topk, None, key)
     knn = sorted(asked & KNN_METRICS)
     if knn and pairs < topk + 2:
         raise ConfigError(
@@ -81,28 +114,35 @@ def check_probe_size(pairs: int, topk: int, asked: set[str], key: str, file: str
             f"{topk + 2} that the kNN metrics {knn} need: probe a larger file, lower {key}.topk, or leave them out of "
             f"{key}.metrics"
         )
+    hsic = sorted(asked & UNBIASED_HSIC_METRICS)
+    if hsic and pairs < UNBIASED_HSIC_ITEMS:
+        raise ConfigError(
+            f"{file}={path} gives {pairs} usable image+caption records ({key}.n={n}), fewer than the "
+            f"{UNBIASED_HSIC_ITEMS} that {hsic} need (their unbiased HSIC divides by n - 3): probe a larger file, or "
+            f"leave them out of {key}.metrics"
+        )
 
 
 @dataclass
 class ProbeFeatures:
-    """Both modalities of every probe item, on the CPU in float32."""
+    """Both modalities of every probe item, on the CPU: the pooled features in float32, and the tokens, where asked
+    (``extract(tokens=True)``), in the dtype the model made them (float32 of a bfloat16 model's was twice the memory,
+    and the A-score measures in float64 from either)."""
 
-    visual_tokens: Tensor  # [n, M, D]
-    text_tokens: Tensor  # [n, T, D], short captions padded by repeating their own last token
-    text_lengths: Tensor  # [n] each caption's real token count (the A-score averages over those only)
+    visual_mean: Tensor  # [n, D] mean visual token
     text_mean: Tensor  # [n, D] mean input embedding of the caption
+    text_lengths: Tensor  # [n] each caption's real token count (the A-score averages over those only)
     encoder: Tensor  # [n, Dv] pooled vision-tower features
+    visual_tokens: Tensor | None = None  # [n, M, D]; None unless asked
+    text_tokens: Tensor | None = None  # [n, T, D], short captions padded by repeating their own last token; None too
     layers: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)  # layer -> (visual [n, D], text [n, D])
 
-    @property
-    def visual_mean(self) -> Tensor:
-        return self.visual_tokens.mean(dim=1)
 
-
-def _pad_by_repeat(rows: list[Tensor]) -> Tensor:
-    """Stack ragged ``[t, D]`` rows; repeating a row's last token leaves every max-cosine (A-score) unchanged."""
-    length = max(r.shape[0] for r in rows)
-    return torch.stack([torch.cat([r, r[-1:].expand(length - r.shape[0], -1)]) for r in rows])
+def _repeat_last(words: Tensor, lengths: Tensor, length: int) -> Tensor:
+    """``words [b, t, D]`` as ``[b, length, D]``, each row past its ``lengths`` filled with its own last real token:
+    that leaves every max-cosine (A-score) unchanged."""
+    positions = torch.minimum(torch.arange(length, device=words.device), (lengths - 1)[:, None])
+    return words.gather(1, positions[..., None].expand(-1, -1, words.shape[-1]))
 
 
 def _layer_means(llm: Any, embeds: Tensor, mask: Tensor, layers: Sequence[int]) -> list[Tensor]:
@@ -146,54 +186,84 @@ def extract(
     layers: Sequence[int] = (),
     vision_features: Tensor | None = None,
     aspect_ratio: str = "pad",
+    tokens: bool = False,
 ) -> ProbeFeatures:
     """Run the probe set through vision tower, connector and (for ``layers``) the LLM, in eval mode, its images made
     square as the model's stage made its own (``aspect_ratio``: that stage's ``data.image_aspect_ratio``).
 
     ``vision_features`` (the tower's output for the whole probe set) skips the tower: the monitor reuses them while
-    the tower is frozen, since they cannot change then."""
+    the tower is frozen, since they cannot change then. ``tokens``: keep every item's visual and caption tokens, for
+    a metric that reads them (``needs_tokens``); without them only the pooled features are kept. They are written
+    into one tensor each as the batches come: a list joined at the end held them twice."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     tok, embed = model.tokenizer, model.llm.get_input_embeddings()
     images = probe.pixels(model.image_spec, aspect_ratio)
-    visual: list[Tensor] = []
+    n = len(probe.ids)
+    all_ids = [i or [tok.eos_token_id] for i in plain_text_ids(probe.captions, tok)]  # as training reads them
+    text_lengths = torch.tensor([len(i) for i in all_ids])
+    longest = int(text_lengths.max())
+    visual_mean: list[Tensor] = []
     encoder: list[Tensor] = []
-    text_rows: list[Tensor] = []
     text_mean: list[Tensor] = []
+    visual_tokens: Tensor | None = None
+    text_tokens: Tensor | None = None
     per_layer: dict[int, tuple[list[Tensor], list[Tensor]]] = {i: ([], []) for i in layers}
-    for start in range(0, len(probe.ids), batch_size):
+    for start in range(0, n, batch_size):
         sl = slice(start, start + batch_size)
         feats = model.vision(images[sl].to(device)) if vision_features is None else vision_features[sl].to(device)
-        tokens = model.connector(feats).tokens
+        visual = model.connector(feats).tokens
         encoder.append(feats.float().mean(dim=1).cpu())
-        visual.append(tokens.float().cpu())
-        ids = [i or [tok.eos_token_id] for i in plain_text_ids(probe.captions[sl], tok)]  # as training reads them
+        visual_mean.append(visual.float().mean(dim=1).cpu())
+        ids = all_ids[sl]
         length = max(len(i) for i in ids)
         id_tensor = torch.tensor([i + [tok.pad_token_id] * (length - len(i)) for i in ids], device=device)
         mask = torch.tensor([[1] * len(i) + [0] * (length - len(i)) for i in ids], device=device)
         words = embed(id_tensor)
-        for row, k in zip(words, mask.sum(1).tolist()):
-            text_rows.append(row[:k].float().cpu())
         text_mean.append(((words * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)).float().cpu())
+        if tokens:
+            if visual_tokens is None or text_tokens is None:
+                visual_tokens = torch.empty((n, *visual.shape[1:]), dtype=visual.dtype)
+                text_tokens = torch.empty((n, longest, words.shape[-1]), dtype=words.dtype)
+            visual_tokens[sl] = visual.cpu()
+            text_tokens[sl] = _repeat_last(words, text_lengths[sl].to(device), longest).cpu()
         if layers:
-            image_mask = torch.ones(tokens.shape[:2], dtype=torch.long, device=device)
+            image_mask = torch.ones(visual.shape[:2], dtype=torch.long, device=device)
             for i, v, t in zip(
                 layers,
-                _layer_means(model.llm, tokens.to(words.dtype), image_mask, layers),
+                _layer_means(model.llm, visual.to(words.dtype), image_mask, layers),
                 _layer_means(model.llm, words, mask, layers),
             ):
                 per_layer[i][0].append(v)
                 per_layer[i][1].append(t)
     model.train(was_training)
     return ProbeFeatures(
-        torch.cat(visual),
-        _pad_by_repeat(text_rows),
-        torch.tensor([r.shape[0] for r in text_rows]),
+        torch.cat(visual_mean),
         torch.cat(text_mean),
+        text_lengths,
         torch.cat(encoder),
+        visual_tokens,
+        text_tokens,
         {i: (torch.cat(v), torch.cat(t)) for i, (v, t) in per_layer.items()},
     )
+
+
+# elements of one side's tokens the A-score takes at a time: it measures its inputs whole in float64
+_A_SCORE_ELEMENTS = 2**25
+
+
+def _a_score(query: Tensor, reference: Tensor, lengths: Tensor | None = None) -> float:
+    """``M.a_score`` over groups of items, averaged by item (its own figure: the mean over items). Taken whole, it
+    held float64 copies of every item's tokens at once: 94 GiB for 5k LLaVA-1.5-7B probe items."""
+    n = query.shape[0]
+    rows = max(1, _A_SCORE_ELEMENTS // (max(query.shape[1], reference.shape[1]) * query.shape[2]))
+    total = 0.0
+    for start in range(0, n, rows):
+        sl = slice(start, start + rows)
+        part = M.a_score(query[sl], reference[sl], None if lengths is None else lengths[sl])
+        total += part * (min(start + rows, n) - start)
+    return total / n
 
 
 def probe_metrics(
@@ -206,13 +276,18 @@ def probe_metrics(
     """``pooled`` (visual vs caption), ``per_token`` (A-score both ways), ``encoder`` (the vision tower's pooled
     features vs caption, a reference for what the connector adds) and ``layers`` groups."""
     out: dict[str, Any] = {
-        "n": int(feats.visual_tokens.shape[0]),
+        "n": int(feats.visual_mean.shape[0]),
         "pooled": pair_metrics(feats.visual_mean, feats.text_mean, names, topk),
     }
     if "a_score" in names:
+        if feats.visual_tokens is None or feats.text_tokens is None:
+            raise ValueError(
+                "a_score reads every item's tokens, which these features left out: extract them with "
+                "tokens=needs_tokens(metrics)"
+            )
         out["per_token"] = {
-            "a_score_visual_to_text": M.a_score(feats.visual_tokens, feats.text_tokens),
-            "a_score_text_to_visual": M.a_score(feats.text_tokens, feats.visual_tokens, feats.text_lengths),
+            "a_score_visual_to_text": _a_score(feats.visual_tokens, feats.text_tokens),
+            "a_score_text_to_visual": _a_score(feats.text_tokens, feats.visual_tokens, feats.text_lengths),
         }
     if encoder:
         out["encoder"] = pair_metrics(feats.encoder, feats.text_mean, names, topk)

@@ -21,7 +21,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from alignlm.geometry.suite import flat
-from alignlm.models.probes import check_probe_size, extract, load_probe_set, probe_metrics, resolve_layers
+from alignlm.models.probes import (
+    check_probe_size,
+    extract,
+    load_probe_set,
+    needs_tokens,
+    probe_metrics,
+    resolve_layers,
+)
 
 
 def wait_for_device(device: torch.device) -> None:
@@ -95,8 +102,10 @@ class AlignmentMonitor:
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices):
             tower = self.frozen_tower_features(model)
-            feats = extract(model, self.probe, self.batch_size, self.layers, tower, self.aspect_ratio)
-            tensors = [feats.visual_tokens, feats.text_tokens, *(t for pair in feats.layers.values() for t in pair)]
+            tokens = needs_tokens(self.metrics)  # only the pooled table's A-score reads them
+            feats = extract(model, self.probe, self.batch_size, self.layers, tower, self.aspect_ratio, tokens)
+            kept = [feats.visual_mean, feats.text_mean, feats.visual_tokens, feats.text_tokens]
+            tensors = [t for t in kept if t is not None] + [t for pair in feats.layers.values() for t in pair]
             if not all(bool(torch.isfinite(t).all()) for t in tensors):
                 # the metrics refuse such features; a diagnostic must not end the run, nor log a made-up number
                 logging.getLogger("alignlm").warning("monitor at step %d: probe features are not finite; skipped", step)
