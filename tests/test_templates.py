@@ -378,3 +378,23 @@ def test_answers_are_stripped_in_training_and_in_the_exported_template(template,
             **tok.special_tokens_map,
         )
         assert got[0] == want
+
+
+@pytest.mark.parametrize("with_image", [True, False], ids=["image_token", "no_image_token"])
+def test_a_sample_is_tokenized_without_building_the_whole_vocabulary(with_image, monkeypatch):
+    """``tokenize`` built the whole vocabulary as a dict (``get_vocab``) for every sample, to ask whether ``<image>``
+    is in it: 80 % of a sample's CPU time at SmolLM2's 49k entries, 69 ms a sample at Qwen2's 151k. The image token
+    stays a control token in a user turn and is plain text in an answer, with it in the vocabulary or not."""
+    tok = _tiny() if with_image else build_tiny_tokenizer()
+    conversation = [
+        {"from": "human", "value": "<image>\nWhat is it?"},
+        {"from": "gpt", "value": "A <image> tag."},
+    ]
+    rendered = get_template("vicuna_v1").render(to_turns(conversation), tok)
+    expected = tokenize(rendered, tok)
+    monkeypatch.setattr(type(tok), "get_vocab", lambda self: pytest.fail("get_vocab() for one sample"))
+    ids, labels = tokenize(rendered, tok)
+    assert ids.tolist() == expected[0].tolist() and labels.tolist() == expected[1].tolist()
+    image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    assert (ids.tolist().count(image_id) == 1) == with_image  # the question's, not the answer's
+    assert tok.decode(labels[labels != IGNORE_INDEX].tolist()).strip() == "A <image> tag.</s>"
