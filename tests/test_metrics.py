@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from alignlm.geometry import metrics as M
 from alignlm.training.determinism import deterministic
@@ -46,9 +47,10 @@ def naive_prepare(x: torch.Tensor, q: float = 0.95) -> np.ndarray:
 
 
 def naive_knn(x: np.ndarray, k: int) -> list[list[int]]:
-    """Each item's k most similar other items by inner product, most similar first."""
+    """Each item's k most similar other items by inner product, most similar first; the products correctly rounded,
+    so that repeated items tie exactly, broken by item order."""
     n = len(x)
-    sim = x @ x.T
+    sim = np.array([[math.fsum(p * q for p, q in zip(x[i], x[j])) for j in range(n)] for i in range(n)])
     return [sorted((j for j in range(n) if j != i), key=lambda j: -sim[i, j])[:k] for i in range(n)]
 
 
@@ -531,44 +533,230 @@ def test_knn_ties_do_not_depend_on_item_order(metric):
         assert metric(images[order], captions[order]) == pytest.approx(want, abs=1e-12)
 
 
-def test_mutual_knn_under_ties_is_the_mean_over_random_tie_breaks():
-    """With exact ties (integer features), each side's neighbour sets averaged over every order of the items, i.e.
-    over every tie-break, and the overlap taken between independent tie-breaks of the two sides."""
+def test_mutual_knn_under_ties_lies_between_independent_and_shared_tie_breaks():
+    """With exact ties (integer features) on different items in the two spaces: the mean overlap when one order of
+    the items breaks the ties in both (every order of the six items) lies between the overlap of independent
+    tie-breaks (the mean memberships multiplied, which mutual kNN used to report) and the mean memberships' minimum,
+    which it reports."""
     A = torch.tensor([[1, 0, 0], [1, 0, 0], [1, 1, 0], [0, 1, 0], [0, 1, 1], [1, 1, 0]], dtype=torch.float64)
     B = torch.tensor([[0, 1, 1], [1, 0, 1], [0, 1, 1], [1, 1, 0], [1, 0, 1], [0, 1, 0]], dtype=torch.float64)
     n, k = len(A), 2
+    orders = list(itertools.permutations(range(n)))
 
-    def mean_membership(x: torch.Tensor) -> np.ndarray:
+    def neighbours(x: torch.Tensor, place: dict[int, int]) -> list[set[int]]:
         sim = (x @ x.T).tolist()
-        total = np.zeros((n, n))
-        orders = list(itertools.permutations(range(n)))
-        for order in orders:
-            place = {item: p for p, item in enumerate(order)}
-            for i in range(n):
-                for j in sorted((j for j in range(n) if j != i), key=lambda j: (-sim[i][j], place[j]))[:k]:
-                    total[i, j] += 1
-        return total / len(orders)
+        return [
+            set(sorted((j for j in range(n) if j != i), key=lambda j: (-sim[i][j], place[j]))[:k]) for i in range(n)
+        ]
 
-    want = float(np.mean((mean_membership(A) * mean_membership(B)).sum(axis=1) / k))
-    assert M.mutual_knn(A, B, topk=k, preprocess=False) == pytest.approx(want, abs=1e-12)
+    shared, in_a, in_b = 0.0, np.zeros((n, n)), np.zeros((n, n))
+    for order in orders:
+        place = {item: p for p, item in enumerate(order)}
+        sets_a, sets_b = neighbours(A, place), neighbours(B, place)
+        shared += np.mean([len(sets_a[i] & sets_b[i]) / k for i in range(n)]) / len(orders)
+        for i in range(n):
+            in_a[i, list(sets_a[i])] += 1 / len(orders)
+            in_b[i, list(sets_b[i])] += 1 / len(orders)
+    got = M.mutual_knn(A, B, topk=k, preprocess=False)
+    assert got == pytest.approx(float(np.mean(np.minimum(in_a, in_b).sum(axis=1) / k)), abs=1e-12)
+    assert float(np.mean((in_a * in_b).sum(axis=1) / k)) < shared - 0.1 < got - 0.1
+
+
+def duplicate_pairs() -> tuple[torch.Tensor, torch.Tensor]:
+    """20 related (image, caption) pairs, each listed twice (a data set's duplicates): ties in both spaces, between
+    the same two copies."""
+    rng = np.random.default_rng(1)
+    a0 = rng.standard_normal((20, 16))
+    b0 = a0 @ rng.standard_normal((16, 12)) + 0.1 * rng.standard_normal((20, 12))
+    return torch.tensor(np.repeat(a0, 2, axis=0)), torch.tensor(np.repeat(b0, 2, axis=0))
+
+
+def test_identical_features_with_repeated_items_score_one():
+    """The two spaces broke a tie independently (memberships multiplied), so identical features listing an item twice
+    scored below 1 (mutual kNN 0.667 with k = 1, CKNNA 0.958); one tie-break shared by both picks the same copy."""
+    X = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.8, 0.6], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]], dtype=torch.float64)
+    for k in range(1, 5):
+        assert M.mutual_knn(X, X, topk=k, preprocess=False) == pytest.approx(1.0, abs=1e-12)
+    images, captions = duplicate_pairs()
+    for k in (2, 3, 5):
+        assert M.mutual_knn(images, images, topk=k) == pytest.approx(1.0, abs=1e-12)
+        assert M.cknna(images, images, topk=k) == pytest.approx(1.0, abs=1e-12)
+    n = len(images)
+    assert M.cknna(images, captions, topk=n - 1) == pytest.approx(M.unbiased_cka(images, captions), abs=1e-12)
+
+
+def test_duplicate_pairs_score_what_every_item_order_gives():
+    """Every order of the items breaks the copies' ties the same way in both spaces, so every order gives the
+    reference the same value (0.625 for k = 2); multiplying the memberships gave 0.5625."""
+    images, captions = duplicate_pairs()
+    a, b = naive_prepare(images), naive_prepare(captions)
+    for k in (2, 3):
+        got = M.mutual_knn(images, captions, topk=k)
+        for seed in range(4):
+            order = np.random.default_rng(seed).permutation(len(a))
+            assert got == pytest.approx(naive_knn_metric("mutual_knn", a[order], b[order], k), abs=1e-12)
+    assert M.mutual_knn(images, captions, topk=2) == pytest.approx(0.625, abs=1e-12)
+
+
+def test_one_high_norm_item_makes_no_ties_without_preprocessing():
+    """With ``preprocess=False`` the tie tolerance was 1e-9 times the largest inner product of all: one item scaled by
+    1e5 turned every other item's distinct neighbours into ties (mutual kNN 0.051 where the reference gives 0.473).
+    It is per pair, 1e-9 |x_i| |x_j|: a cosine difference, as with unit rows."""
+    rng = np.random.default_rng(0)
+    n, k = 100, 10
+    a = rng.standard_normal((n, 32))
+    b = a + 0.5 * rng.standard_normal((n, 32))
+    a[0] *= 1e5
+    A, B = torch.tensor(a), torch.tensor(b)
+    assert M.mutual_knn(A, B, topk=k, preprocess=False) == pytest.approx(naive_knn_metric("mutual_knn", a, b, k))
+    assert M.cknna(A, B, topk=k, preprocess=False) == pytest.approx(naive_cknna(a, b, k), rel=1e-9)
+
+
+# ----------------------------------------------- the whole-matrix implementation the blocked metrics replaced
+
+
+def dense_memberships(x: torch.Tensor, k: int) -> torch.Tensor:
+    """[n, n]: j's membership among i's k nearest neighbours: 1 above the k-th similarity, those tied with it (within
+    TIE |x_i| |x_j|) sharing the slots left equally."""
+    sim = (x @ x.T).fill_diagonal_(float("-inf"))
+    norms = x.norm(dim=1)
+    tolerance = M.TIE * norms[:, None] * norms[None, :]
+    kth = sim.topk(k, dim=1).values[:, -1:]
+    sure = sim > kth + tolerance
+    tied = (sim >= kth - tolerance) & ~sure
+    share = (k - sure.sum(dim=1, keepdim=True)).double() / tied.sum(dim=1, keepdim=True)
+    return torch.where(sure, 1.0, tied * share)
+
+
+def dense_hsic_biased(K: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    def centre(X: torch.Tensor) -> torch.Tensor:
+        return X - X.mean(dim=0, keepdim=True) - X.mean(dim=1, keepdim=True) + X.mean()
+
+    return (centre(K) * centre(L).T).sum()
+
+
+def dense_hsic_unbiased(K: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    n = len(K)
+    k0, l0 = K.clone().fill_diagonal_(0), L.clone().fill_diagonal_(0)
+    totals = k0.sum() * l0.sum() / ((n - 1) * (n - 2))
+    return ((k0 * l0.T).sum() + totals - 2 * (k0.sum(dim=0) @ l0.sum(dim=1)) / (n - 2)) / (n * (n - 3))
+
+
+def dense_metrics(A: torch.Tensor, B: torch.Tensor, k: int, preprocess: bool) -> dict[str, float]:
+    """Mutual kNN, linear CKA, unbiased CKA and CKNNA from whole n x n matrices (the pairs' mask the minimum)."""
+    a, b = (M.prepare_features(A), M.prepare_features(B)) if preprocess else (A.double(), B.double())
+    K, L = a @ a.T, b @ b.T
+    in_a, in_b = dense_memberships(a, k), dense_memberships(b, k)
+    both = torch.minimum(in_a, in_b)
+
+    def ratio(hsic, kl: tuple, kk: tuple, ll: tuple) -> float:
+        return (hsic(*kl) / torch.sqrt(hsic(*kk) * hsic(*ll))).item()
+
+    got = {
+        "mutual_knn": (both.sum(dim=1) / k).mean().item(),
+        "cka": ratio(dense_hsic_biased, (K, L), (K, K), (L, L)),
+    }
+    if len(a) >= 4:
+        got["unbiased_cka"] = ratio(dense_hsic_unbiased, (K, L), (K, K), (L, L))
+        if k >= 2:
+            kl, kk, ll = (K * both, L * both), (K * in_a, K * in_a), (L * in_b, L * in_b)
+            got["cknna"] = ratio(dense_hsic_unbiased, kl, kk, ll)
+    return got
+
+
+def blocked_metrics(A: torch.Tensor, B: torch.Tensor, k: int, preprocess: bool, names) -> dict[str, float]:
+    knn = {"mutual_knn", "cknna"}
+    return {
+        name: getattr(M, name)(A, B, **({"topk": k} if name in knn else {}), preprocess=preprocess) for name in names
+    }
+
+
+def small_cases() -> list[tuple[str, torch.Tensor, torch.Tensor, int]]:
+    """n = 3 to 6 items with every k, k = n - 1 included."""
+    cases = []
+    for n in range(3, 7):
+        A, B = related_pair(n=n, da=5, db=4, seed=40 + n)
+        cases += [(f"n={n}, k={k}", A, B, k) for k in range(1, n)]
+    return cases
+
+
+def equality_cases() -> list[tuple[str, torch.Tensor, torch.Tensor, int]]:
+    integers = torch.Generator().manual_seed(34)
+    repeated = torch.randint(-3, 4, (15, 6), generator=integers).double().repeat(2, 1)  # exact duplicates and ties
+    return [
+        ("random", *related_pair(seed=31), 10),
+        ("fewer items than features", *related_pair(n=40, da=64, db=96, seed=32), 5),
+        ("in one cone", *(x + 2.0 for x in related_pair(seed=33)), 10),
+        ("repeated captions", *digits_like_probe(), 10),
+        ("duplicate pairs", *duplicate_pairs(), 3),
+        ("integer duplicates", repeated, repeated @ torch.randint(-2, 3, (6, 5), generator=integers).double(), 4),
+        ("k = n - 1", *related_pair(n=12, seed=35), 11),
+        *small_cases(),
+    ]
+
+
+@pytest.mark.parametrize("preprocess", [True, False])
+def test_blocked_metrics_equal_the_whole_matrix_ones(preprocess):
+    """Mutual kNN, linear CKA, unbiased CKA and CKNNA built several n x n float64 matrices (past 24 GiB at 17k-23k
+    items); now row blocks and feature space. The same values to 1e-10, with and without ties, down to 3 items."""
+    for name, A, B, k in equality_cases():
+        want = dense_metrics(A, B, k, preprocess)
+        got = blocked_metrics(A, B, k, preprocess, want)
+        for metric, value in want.items():
+            assert got[metric] == pytest.approx(value, rel=1e-10, abs=1e-14), (name, metric)
 
 
 @pytest.mark.parametrize("preprocess", [True, False])
 def test_knn_memberships_without_ties_are_topks(preprocess):
-    """Without ties the fractional memberships are topk's 0 / 1 sets, so mutual kNN and CKNNA are unchanged."""
+    """Without ties the fractional memberships are topk's 0 / 1 sets, so mutual kNN and CKNNA are the reference's."""
+
+    def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
+        nearest = (x @ x.T).fill_diagonal_(float("-inf")).topk(k, dim=1).indices
+        return torch.zeros(len(x), len(x), dtype=torch.bool).scatter_(1, nearest, True)
+
     for seed, k in ((27, 10), (28, 3)):
         A, B = related_pair(seed=seed)
         a, b = (M.prepare_features(A), M.prepare_features(B)) if preprocess else (A.double(), B.double())
-        mask_a, mask_b = M._knn_mask(M._knn(a @ a.T, k)), M._knn_mask(M._knn(b @ b.T, k))
+        mask_a, mask_b = topk_mask(a, k), topk_mask(b, k)
         mutual = ((mask_a & mask_b).sum(dim=1).to(torch.float64) / k).mean().item()
         assert M.mutual_knn(A, B, topk=k, preprocess=preprocess) == mutual
         K, L, both = a @ a.T, b @ b.T, mask_a & mask_b
-        cknna = M._normalised(
-            M._hsic_unbiased(K * both, L * both),
-            M._hsic_unbiased(K * mask_a, K * mask_a),
-            M._hsic_unbiased(L * mask_b, L * mask_b),
+        kl, kk, ll = (
+            dense_hsic_unbiased(*m) for m in ((K * both, L * both), (K * mask_a, K * mask_a), (L * mask_b, L * mask_b))
         )
-        assert M.cknna(A, B, topk=k, preprocess=preprocess) == pytest.approx(cknna, abs=1e-12)
+        want = (kl / torch.sqrt(kk * ll)).item()
+        assert M.cknna(A, B, topk=k, preprocess=preprocess) == pytest.approx(want, abs=1e-12)
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the most elements of any tensor an operation returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.numel = max(self.numel, t.numel())
+        return out
+
+
+def test_metrics_never_build_an_n_by_n_matrix(monkeypatch):
+    """Real probes hold 5k-50k items, whose n x n float64 matrix is 0.2-20 GB, and mutual kNN, CKA and CKNNA built
+    5 to 10 of them. With small blocks no operation makes a tensor of n x n / 8 elements, and the values do not
+    move with the block size."""
+    n = 1200
+    A, B = related_pair(n=n, da=16, db=12, seed=36)
+    metrics = [*KNN, M.cka, M.unbiased_cka, M.cknna]
+    want = [metric(A, B) for metric in metrics]
+    monkeypatch.setattr(M, "_BLOCK_ELEMENTS", 2**17)
+    for metric, value in zip(metrics, want):
+        with LargestTensor() as largest:
+            got = metric(A, B)
+        assert largest.numel < n * n // 8, metric.__name__
+        assert got == pytest.approx(value, rel=1e-12), metric.__name__
 
 
 def test_a_score_ignores_zero_padding_past_lengths():

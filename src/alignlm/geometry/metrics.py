@@ -16,6 +16,10 @@ The Platonic metrics take ``preprocess`` (default True): the reference pipeline 
 the 0.95 quantile of its entries' magnitudes and L2-normalises each row before any metric, so that a few
 outlier channels cannot dominate inner products. With ``preprocess=False`` the features are used as given
 (kNN and linear kernels then use the raw inner product, as the reference's metric functions do).
+
+Probes hold 5k-50k items, whose n x n float64 matrix is 0.2-20 GB: no metric builds one but rbf CKA (its median
+bandwidth needs every distance). The kNN metrics and CKNNA work on row blocks of the similarities, linear CKA on
+the features (memory O(d^2 + n d)).
 """
 
 from __future__ import annotations
@@ -30,11 +34,12 @@ from torch import Tensor
 Kernel = Literal["linear", "rbf"]
 Metric = Callable[[Tensor, Tensor], float]
 
-# Largest float64 block (elements, 128 MiB) built at once by the chunked similarity computations (retrieval,
-# A-score, token-word accuracy; the kNN and kernel metrics build whole n x n matrices).
+# Largest float64 block (elements, 128 MiB) built at once by the chunked similarity computations, shared by the
+# block-sized arrays alive together (``_chunks``'s row cost counts them): retrieval, A-score, token-word accuracy, the
+# kNN metrics, linear CKA and CKNNA. Only rbf CKA builds whole n x n matrices.
 _BLOCK_ELEMENTS = 2**24
-# Cosines closer than this are a tie: far above float64 rounding of a dot product (d * 1e-16), far below any
-# difference between real items.
+# Cosines closer than this are a tie (raw inner products: closer than this times both items' norms): far above
+# float64 rounding of a dot product (d * 1e-16), far below any difference between real items.
 TIE = 1e-9
 # A centred direction counts towards a feature set's rank (SVCCA) when its singular value exceeds this times the
 # features' norm: far above the rounding noise of centring (about 1e-16 of it), far below real structure.
@@ -182,60 +187,90 @@ def gap_shift_curve(A: Tensor, B: Tensor, deltas: Iterable[float], metric: Metri
 # ----------------------------------------------------------------------------------------- kNN metrics
 
 
-def _others(sim: Tensor, topk: int) -> Tensor:
-    """A copy of ``sim`` with the diagonal at -inf, so no item is its own neighbour; checks ``topk`` against n."""
-    n = sim.shape[0]
+def _check_topk(n: int, topk: int) -> None:
+    """Refuse a ``topk`` for which an item has not that many other items."""
     if not 1 <= topk <= n - 1:
         raise ValueError(f"topk must be in [1, n - 1] = [1, {n - 1}] for n = {n} items, got {topk}")
-    return sim.clone().fill_diagonal_(float("-inf"))
 
 
-def _knn(sim: Tensor, topk: int) -> Tensor:
+def _similarities(x: Tensor, rows: slice) -> Tensor:
+    """Inner products [rows, n] of the items in ``rows`` with every item, each item's own at -inf so that no item is
+    its own neighbour. One row block at a time: a probe's 5k-50k items make a whole n x n matrix 0.2-20 GB."""
+    sim = x[rows] @ x.T
+    sim.diagonal(rows.start).fill_(float("-inf"))  # entries (i, rows.start + i): the items' own
+    return sim
+
+
+def _knn(x: Tensor, topk: int) -> Tensor:
     """Indices [n, topk] of each item's most similar other items, most similar first, self excluded. Exact ties
     are broken by ``topk``, i.e. by item order: the ranked lists of cycle, LCS and edit-distance kNN need one."""
-    return _others(sim, topk).topk(topk, dim=1).indices
+    n = x.shape[0]
+    _check_topk(n, topk)
+    return torch.cat([_similarities(x, rows).topk(topk, dim=1).indices for rows in _chunks(n, 2 * n)])
 
 
-def _neighbour_weights(sim: Tensor, topk: int) -> Tensor:
-    """[n, n] float64: how much each item j belongs to item i's k nearest neighbours, self excluded; rows sum to k.
-
-    Items more similar than i's k-th most similar count 1; those tied with it (within ``TIE`` times the largest
-    similarity's magnitude, which is 1 for cosines) share the remaining slots equally: their chance of being picked
-    when the tie is broken uniformly at random. ``topk`` breaks ties by item order, so repeated captions made the
-    set, and the metric, depend on the order the items were listed in. Without ties this is ``topk``'s set, as 0 / 1.
-    """
-    others = _others(sim, topk)
-    tolerance = TIE * sim.abs().max()
-    kth = others.topk(topk, dim=1).values[:, -1:]
-    sure = others > kth + tolerance
-    tied = (others >= kth - tolerance) & ~sure
-    share = (topk - sure.sum(dim=1, keepdim=True)).to(torch.float64) / tied.sum(dim=1, keepdim=True)
-    return torch.where(sure, 1.0, tied * share)
+def _tolerance(norms: Tensor, rows: slice) -> Tensor:
+    """[rows, n]: how close two similarities of item i must be to tie, ``TIE * |x_i| |x_j|`` (``TIE`` for unit
+    rows): a cosine difference of ``TIE`` whatever the norms. A tolerance scaled by the largest similarity of all
+    made one high-norm item (``preprocess=False``) turn every other item's distinct neighbours into ties."""
+    return torch.outer(TIE * norms[rows], norms)
 
 
-def _knn_mask(knn: Tensor) -> Tensor:
-    """Boolean [n, n] matrix, row i true at i's neighbours."""
-    n = knn.shape[0]
-    return torch.zeros(n, n, dtype=torch.bool, device=knn.device).scatter_(1, knn, True)
+def _kth_and_share(sim: Tensor, tolerance: Tensor, topk: int) -> tuple[Tensor, Tensor]:
+    """Per row of a similarity block ([rows, 1] each): its k-th largest value, and the membership of each candidate
+    tied with it (within ``tolerance``). Those share the slots that the items clearly above it leave, equally: their
+    chance of being picked when the tie is broken uniformly at random. ``topk`` breaks ties by item order, so
+    repeated captions made the neighbour set, and the metric, depend on the order the items were listed in."""
+    kth = sim.topk(topk, dim=1).values[:, -1:]
+    sure = (sim > kth + tolerance).count_nonzero(dim=1)[:, None]
+    candidates = (sim >= kth - tolerance).count_nonzero(dim=1)[:, None]
+    return kth, (topk - sure).to(torch.float64) / (candidates - sure)
+
+
+def _memberships(sim: Tensor, kth: Tensor, share: Tensor, tolerance: Tensor) -> Tensor:
+    """How much each entry's column item belongs to its row item's k nearest neighbours: 1 above the k-th value,
+    ``share`` tied with it, else 0 (an item's own -inf gives 0). With ``kth`` and ``share`` of the block's rows
+    ([rows, 1]) these are the rows' memberships, each row summing to k; with every item's as a row ([1, n]), the
+    transposed ones, item i's membership among j's neighbours (the similarity is symmetric). Without ties they are
+    ``topk``'s sets, as 0 / 1."""
+    return torch.where(sim > kth + tolerance, 1.0, (sim >= kth - tolerance) * share)
+
+
+def _block_memberships(x: Tensor, norms: Tensor, rows: slice, topk: int) -> Tensor:
+    """[rows, n]: every item's membership among the k nearest neighbours of the items in ``rows``."""
+    sim, tolerance = _similarities(x, rows), _tolerance(norms, rows)
+    return _memberships(sim, *_kth_and_share(sim, tolerance, topk), tolerance)
 
 
 def _knn_pair(A: Tensor, B: Tensor, topk: int, preprocess: bool) -> tuple[Tensor, Tensor]:
     """Both sides' ranked neighbour lists, for the metrics that read lists (cycle, LCS, edit distance). They have
-    no order-free form as simple as ``_neighbour_weights``: under exact ties (repeated captions, duplicate images)
-    these metrics depend on item order, as ``topk`` breaks ties by index."""
+    no order-free form as simple as the memberships: under exact ties (repeated captions, duplicate images) these
+    metrics depend on item order, as ``topk`` breaks ties by index."""
     a, b = _prepared_pair(A, B, preprocess)
-    return _knn(a @ a.T, topk), _knn(b @ b.T, topk)
+    return _knn(a, topk), _knn(b, topk)
 
 
 def mutual_knn(A: Tensor, B: Tensor, topk: int = 10, preprocess: bool = True) -> float:
     """Platonic Representation (Huh et al. 2024): mean_i |kNN_A(i) & kNN_B(i)| / k.
 
     Asks whether both models agree on which items are near each item. Identical features give 1, independent
-    random features about k / (n - 1). Under ties the overlap is its expectation over random tie-breaks,
-    sum_j w_A(i, j) w_B(i, j) / k with the memberships of ``_neighbour_weights``, so it does not depend on item order.
+    random features about k / (n - 1). Under ties the overlap is sum_j min(w_A(i, j), w_B(i, j)) / k with the
+    memberships of ``_kth_and_share``, so it does not depend on item order. The minimum is the expected overlap when
+    one random order of the items breaks the ties in both spaces (as listing them in a random order does) wherever
+    j is tied in one space only or the tied candidates are the same items in both (duplicates in both: identical
+    features with repeated items still give 1); elsewhere it bounds that expectation from above (the product,
+    independent tie-breaks, bounds it from below). Works on row blocks: memory O(n) plus one block.
     """
     a, b = _prepared_pair(A, B, preprocess)
-    overlap = (_neighbour_weights(a @ a.T, topk) * _neighbour_weights(b @ b.T, topk)).sum(dim=1)
+    n = a.shape[0]
+    _check_topk(n, topk)
+    norms_a, norms_b = torch.linalg.vector_norm(a, dim=1), torch.linalg.vector_norm(b, dim=1)
+    overlap = torch.cat(
+        [
+            torch.minimum(_block_memberships(a, norms_a, rows, topk), _block_memberships(b, norms_b, rows, topk)).sum(1)
+            for rows in _chunks(n, 8 * n)
+        ]
+    )
     return (overlap / topk).mean().item()
 
 
@@ -244,7 +279,13 @@ def cycle_knn(A: Tensor, B: Tensor, topk: int = 10, preprocess: bool = True) -> 
     among its A-neighbours, i.e. the walk i -> kNN_B -> kNN_A can return to i. Under exact ties it depends on
     item order (``_knn_pair``)."""
     knn_a, knn_b = _knn_pair(A, B, topk, preprocess)
-    returns = (_knn_mask(knn_b) & _knn_mask(knn_a).T).any(dim=1)
+    items = torch.arange(knn_a.shape[0], device=knn_a.device)
+    returns = torch.cat(
+        [  # knn_a[knn_b[i]]: the A-neighbours of each of i's B-neighbours, [rows, k, k]
+            (knn_a[knn_b[rows]] == items[rows, None, None]).flatten(1).any(dim=1)
+            for rows in _chunks(len(items), topk * topk)
+        ]
+    )
     return returns.to(torch.float64).mean().item()
 
 
@@ -306,19 +347,16 @@ def _median(x: Tensor) -> Tensor:
     return (values[(m - 1) // 2] + values[m // 2]) / 2
 
 
-def _gram(x: Tensor, kernel: Kernel, sigma: float | None) -> Tensor:
-    """Kernel matrix: inner products, or exp(-|xi - xj|^2 / (2 sigma^2)) with sigma the median distance
-    between items when not given (Kornblith et al. 2019)."""
-    if kernel == "linear":
-        return x @ x.T
-    if kernel == "rbf":
-        sq_dist = torch.cdist(x, x).square()
-        bandwidth_sq = _median(sq_dist).item() if sigma is None else float(sigma) ** 2
-        if not bandwidth_sq > 0:
-            source = f"sigma = {sigma}" if sigma is not None else "the median distance (are most items identical?)"
-            raise ValueError(f"the rbf bandwidth must be positive, got 0 from {source}")
-        return torch.exp(-sq_dist / (2 * bandwidth_sq))
-    raise ValueError(f"kernel must be 'linear' or 'rbf', got {kernel!r}")
+def _rbf_gram(x: Tensor, sigma: float | None) -> Tensor:
+    """exp(-|xi - xj|^2 / (2 sigma^2)), sigma the median distance between items when not given (Kornblith et al.
+    2019). A whole n x n matrix, as the median needs every distance: rbf CKA takes O(n^2) memory, several n x n
+    float64 matrices (each 0.8 GB at n = 10k, 20 GB at 50k)."""
+    sq_dist = torch.cdist(x, x).square()
+    bandwidth_sq = _median(sq_dist).item() if sigma is None else float(sigma) ** 2
+    if not bandwidth_sq > 0:
+        source = f"sigma = {sigma}" if sigma is not None else "the median distance (are most items identical?)"
+        raise ValueError(f"the rbf bandwidth must be positive, got 0 from {source}")
+    return torch.exp(-sq_dist / (2 * bandwidth_sq))
 
 
 def _centre(K: Tensor) -> Tensor:
@@ -331,16 +369,68 @@ def _hsic_biased(K: Tensor, L: Tensor) -> Tensor:
     return (_centre(K) * _centre(L).T).sum()
 
 
-def _hsic_unbiased(K: Tensor, L: Tensor) -> Tensor:
-    """Song et al. 2012, equation 5: the unbiased HSIC estimator, free of the biased one's O(1/n) offset."""
-    n = K.shape[0]
+def _hsic_sums(k0: Tensor, k0_t: Tensor, l0: Tensor, l0_t: Tensor) -> Tensor:
+    """The four sums of Song et al.'s unbiased HSIC over K0 and L0 (kernels with a zero diagonal), [4]:
+    tr(K0 L0), 1^T K0 1, 1^T L0 1 and 1^T K0 L0 1, from some rows of K0, K0^T, L0 and L0^T (the same rows of each).
+    Sums over row blocks add up to the whole matrices' (1^T K0 L0 1 pairs K0's column sums, K0^T's row sums, with
+    L0's row sums), so the masked kernels of CKNNA need no n x n matrix."""
+    return torch.stack([(k0 * l0_t).sum(), k0.sum(), l0.sum(), (k0_t.sum(dim=1) * l0.sum(dim=1)).sum()])
+
+
+def _hsic_unbiased_from(n: int, trace: Tensor, total_k: Tensor, total_l: Tensor, cross: Tensor) -> Tensor:
+    """Song et al. 2012, equation 5, from its four sums (``_hsic_sums``): the unbiased HSIC estimator, free of the
+    biased one's O(1/n) offset."""
     if n < 4:
         raise ValueError(f"the unbiased HSIC needs at least 4 items, got {n}")
-    k0, l0 = K.clone().fill_diagonal_(0), L.clone().fill_diagonal_(0)  # the kernels with a zero diagonal
-    trace = (k0 * l0.T).sum()
-    totals = k0.sum() * l0.sum() / ((n - 1) * (n - 2))
-    cross = 2 * (k0.sum(dim=0) @ l0.sum(dim=1)) / (n - 2)
-    return (trace + totals - cross) / (n * (n - 3))
+    return (trace + total_k * total_l / ((n - 1) * (n - 2)) - 2 * cross / (n - 2)) / (n * (n - 3))
+
+
+def _hsic_unbiased(K: Tensor, L: Tensor) -> Tensor:
+    """The unbiased HSIC of two whole kernel matrices (rbf CKA)."""
+    k0, l0 = K.clone().fill_diagonal_(0), L.clone().fill_diagonal_(0)
+    return _hsic_unbiased_from(K.shape[0], *_hsic_sums(k0, k0.T, l0, l0.T))
+
+
+def _gram_inner(a: Tensor, b: Tensor) -> Tensor:
+    """sum_ij (a_i . a_j)(b_i . b_j) = ||a^T b||_F^2: the linear kernels' entrywise product, summed without an n x n
+    matrix. In feature space, by column blocks of a^T b (n da db operations), or over row blocks of both kernels
+    where that is cheaper (n^2 (da + db) operations: fewer items than about the features' width)."""
+    n, da = a.shape
+    db = b.shape[1]
+    if da * db <= n * (da + db):
+        return torch.stack([(a.T @ b[:, cols]).square().sum() for cols in _chunks(db, 2 * da)]).sum()
+    return torch.stack([((a[rows] @ a.T) * (b[rows] @ b.T)).sum() for rows in _chunks(n, 3 * n)]).sum()
+
+
+def _centred(x: Tensor) -> Tensor:
+    """Features less their mean over the items."""
+    return x - x.mean(dim=0)
+
+
+def _linear_hsic_biased(a: Tensor, b: Tensor) -> Tensor:
+    """``_hsic_biased`` of linear kernels from the features: H K H is the centred features' kernel, so
+    tr(K H L H) = ||a~^T b~||_F^2 (memory O(d^2 + n d) at most, never n x n)."""
+    return _gram_inner(_centred(a), _centred(b))
+
+
+def _linear_hsic_unbiased(a: Tensor, b: Tensor) -> Tensor:
+    """``_hsic_unbiased`` of linear kernels from the features (memory O(d^2 + n d) at most, never n x n). With
+    K0 = a a^T less its diagonal and s = sum_i a_i: tr(K0 L0) = ||a^T b||_F^2 - sum_i |a_i|^2 |b_i|^2,
+    1^T K0 1 = |s_a|^2 - sum_i |a_i|^2 and 1^T K0 L0 1 = sum_i (a_i . s_a - |a_i|^2)(b_i . s_b - |b_i|^2).
+
+    The features are centred first. A common shift adds g_i + g_j + c to every kernel entry, which the estimator
+    ignores (its U-statistic cancels such terms), but which inflates its four sums: features in one cone (most
+    models') made them cancel to a fraction of their size, costing that many digits."""
+    a, b = _centred(a), _centred(b)
+    sq_a, sq_b = a.square().sum(dim=1), b.square().sum(dim=1)
+    sum_a, sum_b = a.sum(dim=0), b.sum(dim=0)
+    return _hsic_unbiased_from(
+        a.shape[0],
+        _gram_inner(a, b) - (sq_a * sq_b).sum(),
+        sum_a.square().sum() - sq_a.sum(),
+        sum_b.square().sum() - sq_b.sum(),
+        ((a @ sum_a - sq_a) * (b @ sum_b - sq_b)).sum(),
+    )
 
 
 def _normalised(kl: Tensor, kk: Tensor, ll: Tensor) -> float:
@@ -348,33 +438,57 @@ def _normalised(kl: Tensor, kk: Tensor, ll: Tensor) -> float:
     return (kl / torch.sqrt(kk * ll)).item()
 
 
-def _cka(
-    A: Tensor,
-    B: Tensor,
-    kernel: Kernel,
-    sigma: float | None,
-    preprocess: bool,
-    hsic: Callable[[Tensor, Tensor], Tensor],
-) -> float:
+def _cka(A: Tensor, B: Tensor, kernel: Kernel, sigma: float | None, preprocess: bool, unbiased: bool) -> float:
+    """CKA with the biased or the unbiased HSIC: linear kernels from the features, rbf ones as n x n matrices."""
+    if kernel not in ("linear", "rbf"):
+        raise ValueError(f"kernel must be 'linear' or 'rbf', got {kernel!r}")
     a, b = _prepared_pair(A, B, preprocess)
     if _no_spread(a) or _no_spread(b):
         return float("nan")
-    K, L = _gram(a, kernel, sigma), _gram(b, kernel, sigma)
+    if kernel == "linear":
+        linear_hsic = _linear_hsic_unbiased if unbiased else _linear_hsic_biased
+        return _normalised(linear_hsic(a, b), linear_hsic(a, a), linear_hsic(b, b))
+    K, L = _rbf_gram(a, sigma), _rbf_gram(b, sigma)
+    hsic = _hsic_unbiased if unbiased else _hsic_biased
     return _normalised(hsic(K, L), hsic(K, K), hsic(L, L))
 
 
 def cka(A: Tensor, B: Tensor, kernel: Kernel = "linear", sigma: float | None = None, preprocess: bool = True) -> float:
     """Kornblith et al. 2019, as used in the Platonic Representation: centred kernel alignment with the biased
     HSIC, invariant to rotations and isotropic scaling of either representation. ``sigma=None`` picks the
-    rbf bandwidth by the median heuristic. nan when either representation has every row equal."""
-    return _cka(A, B, kernel, sigma, preprocess, _hsic_biased)
+    rbf bandwidth by the median heuristic. nan when either representation has every row equal. The linear kernel
+    is computed in feature space (memory O(d^2 + n d)); rbf builds n x n matrices, O(n^2) memory (``_rbf_gram``)."""
+    return _cka(A, B, kernel, sigma, preprocess, unbiased=False)
 
 
 def unbiased_cka(
     A: Tensor, B: Tensor, kernel: Kernel = "linear", sigma: float | None = None, preprocess: bool = True
 ) -> float:
-    """Platonic Representation's CKA with Song et al.'s unbiased HSIC, which does not drift with n."""
-    return _cka(A, B, kernel, sigma, preprocess, _hsic_unbiased)
+    """Platonic Representation's CKA with Song et al.'s unbiased HSIC, which does not drift with n. Memory as
+    ``cka``: linear in feature space, rbf O(n^2)."""
+    return _cka(A, B, kernel, sigma, preprocess, unbiased=True)
+
+
+def _neighbour_stats(x: Tensor, norms: Tensor, topk: int) -> tuple[Tensor, Tensor]:
+    """Every item's k-th largest similarity and tied share ([n] each, ``_kth_and_share``), by row blocks: what
+    ``_memberships`` needs for the transposed memberships of any block."""
+    stats = [
+        _kth_and_share(_similarities(x, rows), _tolerance(norms, rows), topk) for rows in _chunks(len(x), 4 * len(x))
+    ]
+    return torch.cat([kth for kth, _ in stats])[:, 0], torch.cat([share for _, share in stats])[:, 0]
+
+
+def _kernel_and_memberships(
+    x: Tensor, norms: Tensor, stats: tuple[Tensor, Tensor], rows: slice
+) -> tuple[Tensor, Tensor, Tensor]:
+    """For the items in ``rows``: their rows of the linear kernel (zero diagonal), of their neighbour memberships and
+    of the transposed memberships (their own among every item's neighbours), each [rows, n]."""
+    kth, share = stats
+    sim, tolerance = _similarities(x, rows), _tolerance(norms, rows)
+    mine = _memberships(sim, kth[rows, None], share[rows, None], tolerance)
+    theirs = _memberships(sim, kth[None, :], share[None, :], tolerance)
+    sim.diagonal(rows.start).fill_(0.0)
+    return sim, mine, theirs
 
 
 def cknna(A: Tensor, B: Tensor, topk: int = 10, preprocess: bool = True) -> float:
@@ -384,22 +498,38 @@ def cknna(A: Tensor, B: Tensor, topk: int = 10, preprocess: bool = True) -> floa
     space alone for the self terms), then the unbiased HSIC. With k = n - 1 it equals ``unbiased_cka``.
     Unlike CKA it is not bounded by 1: a masked kernel is not positive semi-definite, so Cauchy-Schwarz no longer
     caps the ratio. The reference definition shares this (a 12-item probe with k = 10 gave 1.26); use n >> k.
-    Under ties the masks hold the fractional memberships of ``_neighbour_weights`` (the pairs' mask their product),
-    so the value does not depend on item order; without ties they are the reference's 0 / 1 masks.
+    Under ties the masks hold the fractional memberships of ``_kth_and_share`` (the pairs' mask their minimum, as
+    ``mutual_knn``: identical features give 1 with repeated items too), so the value does not depend on item order;
+    without ties they are the reference's 0 / 1 masks.
+
+    Works on row blocks, memory O(n) plus one block: each space's k-th similarities and tied shares first, then per
+    block the masked kernels' rows and those of their transposes, which the HSIC's trace and sums need.
     """
     if topk < 2:
         raise ValueError(f"cknna needs topk >= 2, got {topk}")
     a, b = _prepared_pair(A, B, preprocess)
+    n = a.shape[0]
+    _check_topk(n, topk)
     if _no_spread(a) or _no_spread(b):
         return float("nan")  # the neighbour masks would be chosen by rounding noise
-    K, L = a @ a.T, b @ b.T
-    mask_k, mask_l = _neighbour_weights(K, topk), _neighbour_weights(L, topk)
-    both = mask_k * mask_l
-    return _normalised(
-        _hsic_unbiased(K * both, L * both),
-        _hsic_unbiased(K * mask_k, K * mask_k),
-        _hsic_unbiased(L * mask_l, L * mask_l),
-    )
+    norms_a, norms_b = torch.linalg.vector_norm(a, dim=1), torch.linalg.vector_norm(b, dim=1)
+    stats_a, stats_b = _neighbour_stats(a, norms_a, topk), _neighbour_stats(b, norms_b, topk)
+    sums = torch.zeros(3, 4, dtype=torch.float64, device=a.device)  # HSIC(K, L), HSIC(K, K), HSIC(L, L)
+    for rows in _chunks(n, 16 * n):
+        gram_a, in_a, in_a_t = _kernel_and_memberships(a, norms_a, stats_a, rows)
+        gram_b, in_b, in_b_t = _kernel_and_memberships(b, norms_b, stats_b, rows)
+        both, both_t = torch.minimum(in_a, in_b), torch.minimum(in_a_t, in_b_t)
+        own_a, own_a_t = gram_a * in_a, gram_a * in_a_t  # each kernel masked by its own space alone
+        own_b, own_b_t = gram_b * in_b, gram_b * in_b_t
+        sums += torch.stack(
+            [
+                _hsic_sums(gram_a * both, gram_a * both_t, gram_b * both, gram_b * both_t),
+                _hsic_sums(own_a, own_a_t, own_a, own_a_t),
+                _hsic_sums(own_b, own_b_t, own_b, own_b_t),
+            ]
+        )
+    kl, kk, ll = (_hsic_unbiased_from(n, *terms) for terms in sums)
+    return _normalised(kl, kk, ll)
 
 
 def _standardise(x: Tensor) -> Tensor:
