@@ -8,12 +8,18 @@ malformed records at the data path.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
 import os
 import random
 import re
+import signal
+import socket
 import struct
+import subprocess
+import sys
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -26,7 +32,9 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from alignlm import pipeline
 from alignlm.commands import main
+from alignlm.config import ConfigError
 from alignlm.constants import IGNORE_INDEX
 from alignlm.data.build import build_dataset
 from alignlm.data.collate import Collator, Skipped
@@ -38,7 +46,7 @@ from alignlm.models.io import UnsafeConfigError, config_yaml, load_checkpoint_co
 from alignlm.models.probes import load_probe_set
 from alignlm.pipeline import run
 from alignlm.training import checkpoint as ckpt
-from alignlm.training.trainer import StopTraining, TrainingError
+from alignlm.training.trainer import StopTraining, Trainer, TrainingError
 from tests.conftest import compose, read_losses, tiny_overrides
 
 
@@ -721,6 +729,189 @@ def test_stop_after_steps_exits_cleanly_with_its_own_status(colour_set, tmp_path
     assert main(["train", *base]) == 0
     summary = json.loads((tmp_path / "t" / "summary.json").read_text())["stages"]["pretrain"]
     assert summary["steps"] == 4 and summary["first_loss"] == read_losses(tmp_path / "t" / "pretrain")[0]
+
+
+# ---- a clean stop, asked for at any point; one run of a name at a time -------------------------------------------------
+
+STOPPED_BEFORE_FINETUNE = "stopped after stage pretrain, before stage finetune (distributed.stop_signal or stop_file)"
+
+
+@pytest.fixture
+def heard_outside() -> list[int]:
+    """SIGUSR1's default action ends the process (here: pytest); in its place, a handler that records each signal it
+    hears. A run holds a handler of its own from start to end, so this one hears nothing sent during a run: before,
+    it heard what came outside a stage's step loop (the signal's default action killed a real run there)."""
+    heard: list[int] = []
+
+    def hear(signum: int, frame) -> None:
+        heard.append(signum)
+
+    previous = signal.signal(signal.SIGUSR1, hear)
+    yield heard
+    assert signal.getsignal(signal.SIGUSR1) is hear  # each run handed back the handler it found
+    signal.signal(signal.SIGUSR1, previous)
+
+
+def stop_signal() -> None:
+    """SIGUSR1 to this process, as ``kill -USR1`` or ``scancel --signal=USR1`` sends it to a rank."""
+    os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def two_short_stages(colour_set, tmp_path, *extra: str) -> list[str]:
+    return [
+        *tiny_overrides(colour_set, tmp_path, "eval.sets=[]", "logging.every=1"),
+        "stages.pretrain.max_steps=2",
+        "stages.finetune.max_steps=2",
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize("how", ["signal", "file"])
+def test_a_stop_asked_at_a_stages_last_step_stops_before_the_next_stage(
+    colour_set, tmp_path, monkeypatch, heard_outside, how
+):
+    """At stage 1's last step the stop signal was forgotten (stage 2 trained all its steps, exit 0), where the stop
+    file stopped after stage 2's first step: both now let stage 1 end, its final/ written, and stop before stage 2
+    with exit 75; the stop file is served, and the rerun trains stage 2."""
+    base = two_short_stages(colour_set, tmp_path)
+    step = Trainer.step
+
+    def asked_at_the_last_step(self, micro, n):
+        if self.name == "pretrain" and n == 2:
+            stop_signal() if how == "signal" else (tmp_path / "t" / "STOP").touch()
+        return step(self, micro, n)
+
+    monkeypatch.setattr(Trainer, "step", asked_at_the_last_step)
+    with pytest.raises(StopTraining, match=re.escape(STOPPED_BEFORE_FINETUNE)):
+        run(compose(*base))
+    assert heard_outside == [] and not (tmp_path / "t" / "STOP").exists()
+    assert (tmp_path / "t" / "pretrain" / "final").is_dir() and not (tmp_path / "t" / "finetune").exists()
+    monkeypatch.setattr(Trainer, "step", step)
+    summary = run(compose(*base))
+    assert summary["stages"]["pretrain"]["steps"] == 2 and summary["stages"]["finetune"]["steps"] == 2
+
+
+@pytest.mark.parametrize("point", ["final", "next_stage_setup", "stop_checkpoint", "evaluation"])
+def test_the_stop_signal_never_kills_a_run_and_is_kept_to_the_next_safe_point(
+    colour_set, tmp_path, monkeypatch, heard_outside, point
+):
+    """The signal's handler lived only around a stage's step loop: sent while final/ was written, the next stage set
+    up, the stop's own checkpoint written (a second signal) or the run evaluated, it killed the rank (steps since the
+    last checkpoint, the checkpoint promised, the evaluation and summary.json lost), and a request before a stage
+    began was dropped. Now the write in progress ends whole and the run stops at the next safe point; asked during
+    the evaluation, the run's last work, the run finishes."""
+    extra = {
+        "stop_checkpoint": ["run=[pretrain]", "stages.pretrain.max_steps=4"],
+        "evaluation": [f"eval.sets=[{{name:colours,path:{colour_set['test']}}}]", "eval.limit=2"],
+    }
+    base = two_short_stages(colour_set, tmp_path, *extra.get(point, []))
+    where = {
+        "final": (ckpt, "save_final"),
+        "next_stage_setup": (Trainer, "setup"),
+        "stop_checkpoint": (ckpt, "save_training_state"),
+        "evaluation": (pipeline, "evaluate_final"),
+    }
+    owner, name = where[point]
+    inner = getattr(owner, name)
+
+    def signalled(*args, **kwargs):
+        if point != "next_stage_setup" or args[0].name == "finetune":
+            stop_signal()
+        return inner(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, signalled)
+    step = Trainer.step
+
+    def asked_at_step_1(self, micro, n):
+        if n == 1:
+            stop_signal()
+        return step(self, micro, n)
+
+    if point == "stop_checkpoint":  # asked at step 1, and again while the stop's checkpoint is written
+        monkeypatch.setattr(Trainer, "step", asked_at_step_1)
+    if point == "evaluation":
+        summary = run(compose(*base))
+        assert summary["eval"]["colours"]["n"] == 2
+        assert json.loads((tmp_path / "t" / "summary.json").read_text())["eval"] == summary["eval"]
+    else:
+        stops = {"final": STOPPED_BEFORE_FINETUNE, "next_stage_setup": "stopped after step 1 of 2 ("}
+        with pytest.raises(StopTraining, match=re.escape(stops.get(point, "stopped after step 1 of 4 ("))):
+            run(compose(*base))
+    assert heard_outside == []
+    pretrain = tmp_path / "t" / "pretrain"
+    if point != "stop_checkpoint":  # written whole, the signal notwithstanding
+        assert (pretrain / "final" / "model.safetensors").exists() and not (pretrain / "final.tmp").exists()
+    if point in ("next_stage_setup", "stop_checkpoint"):
+        (written,) = ckpt.step_dirs(tmp_path / "t" / ("pretrain" if point == "stop_checkpoint" else "finetune"))
+        assert written.name == "step_000001" and ckpt.verify(written) is None
+
+
+def test_a_second_run_of_the_same_name_is_refused_while_the_first_holds_its_lock(colour_set, tmp_path, monkeypatch):
+    """A requeued job overlapping the old one trained into the same folder with it: steps logged twice, each deleting
+    the other's checkpoint being written. The run's main process locks the run while it runs; a second run is
+    refused, naming the holder, before it writes anything. A holder that died let go of the lock with its life."""
+    base = [*tiny_overrides(colour_set, tmp_path), "run=[pretrain]", "eval.sets=[]", "stages.pretrain.max_steps=1"]
+    lock = tmp_path / ".t.lock"
+    hold = "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+    hold += "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'node7:4242'); print('held', flush=True); time.sleep(60)"
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(lock)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        message = f"run_name=t in output_dir={tmp_path} is in use by another alignlm run (node7:4242), which holds"
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            run(compose(*base))
+        assert not (tmp_path / "t").exists()
+    finally:
+        holder.kill()  # as a crash, with no chance to let go
+        holder.wait()
+        holder.stdout.close()
+    assert lock.read_text() == "node7:4242"  # a dead process's name: no longer a holder
+
+    def held_while_it_runs(cfg):
+        fd = os.open(lock, os.O_RDWR)
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
+        assert lock.read_text().startswith(f"{socket.gethostname()}:{os.getpid()}, since ")
+
+    monkeypatch.setattr(pipeline, "run_prepare_steps", held_while_it_runs)
+    assert run(compose(*base))["stages"]["pretrain"]["steps"] == 1
+    fd = os.open(lock, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # let go when the run ended
+    os.close(fd)
+
+
+def test_a_stage_summary_is_written_whole_and_an_unreadable_one_is_left_out_with_a_warning(
+    colour_set, tmp_path, monkeypatch, caplog
+):
+    """<stage>/summary.json was written in place after final/: a full disk left it at 0 bytes, and every rerun ended
+    with "JSONDecodeError: Expecting value", naming no file. It is written beside and renamed; one that cannot be read
+    is left out of the run's summary with a warning naming it, and the rerun goes on."""
+    import io
+
+    base = two_short_stages(colour_set, tmp_path)
+    real_open = io.open  # what every Path's open and write_text call
+
+    def full_disk(file, mode="r", *args, **kwargs):
+        if "summary.json" in Path(file).name and "w" in mode:
+            real_open(file, "w").close()  # created or truncated, then the write fails: what ENOSPC leaves
+            raise OSError(errno.ENOSPC, "No space left on device", str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(io, "open", full_disk)
+    with pytest.raises(OSError, match="No space left on device"):
+        run(compose(*base))
+    monkeypatch.setattr(io, "open", real_open)
+    stage_file = tmp_path / "t" / "pretrain" / "summary.json"
+    assert (tmp_path / "t" / "pretrain" / "final").is_dir() and not stage_file.exists()
+    stage_file.write_text("")  # as an alignlm that wrote it in place left it
+    monkeypatch.setattr(logging.getLogger("alignlm"), "propagate", True)  # a trainer's logger keeps to its handler
+    with caplog.at_level("WARNING", logger="alignlm"):
+        summary = run(compose(*base))
+    assert f"{stage_file} could not be read (JSONDecodeError: Expecting value" in caplog.text
+    assert list(summary["stages"]) == ["finetune"]
 
 
 # ---- fuzz ---------------------------------------------------------------------------------------------------------------

@@ -12,8 +12,12 @@ evaluates alone.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import os
+import socket
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from functools import partial
@@ -23,7 +27,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState, PartialState
-from accelerate.utils import InitProcessGroupKwargs
+from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list
 from omegaconf import DictConfig, OmegaConf
 
 from alignlm.checks import check_config, check_stages_fit_model
@@ -37,7 +41,16 @@ from alignlm.models.io import load_final_weights
 from alignlm.training import checkpoint as ckpt
 from alignlm.training.determinism import deterministic, warn_only
 from alignlm.training.logging import get_logger, summary_table
-from alignlm.training.trainer import StageResult, StopTraining, Trainer, stage_done, summarize
+from alignlm.training.trainer import (
+    STOP_WHY,
+    StageResult,
+    StopRequest,
+    StopTraining,
+    Trainer,
+    damaged_final,
+    stage_done,
+    summarize,
+)
 from alignlm.training.zero import STAGES as ZERO_STAGES
 from alignlm.training.zero import check_settings as check_zero_settings
 from alignlm.training.zero import launcher_env as zero_launcher_env
@@ -45,6 +58,8 @@ from alignlm.training.zero import owned_by_alignlm
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 STAGE_SUMMARY = "summary.json"  # a stage's figures in its own folder; the run's summary.json gathers them
+# flock's errors on a filesystem that does not lock (Lustre mounted without -o flock, some NFS set-ups)
+_NO_LOCKING = (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK, errno.EINVAL)
 
 
 # an accelerate launch config's DeepSpeed settings that alignlm sets itself (zero.OWNED), as accelerate passes them on
@@ -265,18 +280,23 @@ def run_prepare_steps(cfg: DictConfig) -> None:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run every stage of ``cfg.run`` in order, then evaluate the last stage's ``final/``. Another ``run`` may follow
-    in the same process (a sweep script, a notebook), with other settings: :func:`accelerate_state_of_this_run`."""
+    in the same process (a sweep script, a notebook), with other settings: :func:`accelerate_state_of_this_run`. The
+    stop signal asks for a clean stop from here to the end (``StopRequest``), and the run's folder is locked against
+    a second run of the same name (:func:`run_lock`)."""
     check_config(cfg)
     resolve_precision(cfg)  # before the strategy's checks, which depend on it
     resolve_strategy(cfg)
-    with accelerate_state_of_this_run():
+    with accelerate_state_of_this_run(), StopRequest(cfg.get("distributed") or {}).handling() as stop:
         try:
             with deterministic(cfg.get("deterministic", False)):  # before anything touches the GPU
                 # the accelerator first: with DeepSpeed's LOCAL_RANK already set, a process started without a launcher
                 # would wait for a launcher's rendezvous (MASTER_ADDR) instead of training as one rank
                 acc = make_accelerator(cfg)
-                with zero_launcher_env(cfg.distributed.strategy in ZERO_STAGES, cpu_only()):
-                    return _run(cfg, acc)
+                with (
+                    run_lock(Path(cfg.output_dir), str(cfg.run_name), acc),
+                    zero_launcher_env(cfg.distributed.strategy in ZERO_STAGES, cpu_only()),
+                ):
+                    return _run(cfg, acc, stop)
         finally:
             # DeepSpeed's communication threads can abort a process that exits with its group alive; a one-rank group
             # (no launcher) is kept: DeepSpeed caches it, and a later run in this process reuses it
@@ -363,6 +383,71 @@ def leave_process_group(acc: Accelerator) -> None:
         end_process_group()
 
 
+def run_lock_file(output_dir: Path, run_name: str) -> Path:
+    """The lock of the run ``output_dir/run_name``: beside its folder, not in it, so that a run refused before its
+    first stage trains still leaves no folder behind."""
+    return output_dir / f".{run_name}.lock"
+
+
+def lock_run(output_dir: Path, run_name: str) -> int | None:
+    """Lock the run ``output_dir/run_name`` for this process (``flock`` on :func:`run_lock_file`, which records
+    ``host:pid`` and the start for the message of a run refused) and return the lock file's descriptor, to close at
+    the run's end. The kernel drops the lock when its process dies, however it ends: a crashed run leaves no stale
+    lock. Refused with a ``ConfigError`` naming the holder while another process holds it; None, with a warning, on a
+    filesystem that cannot lock."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = run_lock_file(output_dir, run_name)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        holder = path.read_text().strip() or "a process that has not written its name yet"
+        raise ConfigError(
+            f"run_name={run_name} in output_dir={output_dir} is in use by another alignlm run ({holder}), which holds "
+            f"{path}: two runs of one name write into each other's checkpoints and logs. Wait for it to end (a "
+            "requeued job: end the old one first), or choose another run_name"
+        ) from None
+    except OSError as e:
+        os.close(fd)
+        if e.errno not in _NO_LOCKING:
+            raise
+        get_logger("alignlm", 0).warning(
+            "%s cannot be locked on this filesystem (%s): a second run of this run_name started while this one runs "
+            "would not be refused",
+            path,
+            e.strerror,
+        )
+        return None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{socket.gethostname()}:{os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+    return fd
+
+
+@contextlib.contextmanager
+def run_lock(output_dir: Path, run_name: str, acc: Accelerator) -> Iterator[None]:
+    """The run is locked for its lifetime by its main process (global rank 0: one lock per run, also when the ranks
+    of several nodes share the folder), so a second run of the same ``output_dir``/``run_name`` (a requeued job
+    overlapping the old one, a second launch by hand) is refused before it writes anything: both had trained into the
+    same folder, steps logged twice, each deleting the other's checkpoint being written. Every rank learns the
+    refusal and raises it, instead of waiting for a main process that has gone."""
+    fd, refused = None, None
+    if acc.is_main_process:
+        try:
+            fd = lock_run(output_dir, run_name)
+        except ConfigError as e:
+            refused = str(e)
+    if acc.num_processes > 1:
+        refused = broadcast_object_list([refused])[0]
+    if refused is not None:
+        raise ConfigError(refused)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
 def set_aside_earlier_runs(cfg: DictConfig, run_dir: Path) -> None:
     """``resume=never``: every stage of ``cfg.run`` starts over, so each one's earlier outputs move aside before any
     trains (:func:`checkpoint.set_aside`). Stage by stage as each began, an interrupted new run left a later stage's
@@ -382,6 +467,8 @@ def warn_other_model(cfg: DictConfig, stages: list[str], log: Any) -> None:
     (:func:`checkpoint.model_changes`). One this run trains first has this run's config, and is not there yet."""
     run_dir = Path(cfg.output_dir) / cfg.run_name
     for name in stages:
+        if cfg.stages[name].get("init_from") in stages:  # trained again first: it will have this run's config
+            continue
         init = ckpt.resolve_init(cfg.stages[name].get("init_from"), run_dir, cfg.stages)
         changes = ckpt.model_changes(init, cfg.model) if init is not None and init.is_dir() else []
         if changes:
@@ -445,7 +532,43 @@ def check_finished_stages(cfg: DictConfig, acc: Accelerator, log: Any) -> None:
         )
 
 
-def _run(cfg: DictConfig, acc: Accelerator) -> dict[str, Any]:
+def finished_stage_figures(stage_file: Path, name: str, log: Any) -> dict[str, Any] | None:
+    """A skipped stage's figures, from the ``summary.json`` it wrote beside its ``final/``; None, with a warning
+    naming the file, where it is missing or cannot be read (a 0-byte one left by a full disk or a kill before it was
+    written whole ended every rerun with a ``JSONDecodeError`` naming no file): the stage's ``final/`` is whole, the
+    rerun goes on, and only the run's ``summary.json`` lacks the stage."""
+    try:
+        figures = json.loads(stage_file.read_text())
+    except FileNotFoundError:
+        problem = "is missing"
+    except (OSError, ValueError) as e:
+        problem = f"could not be read ({type(e).__name__}: {e})"
+    else:
+        if isinstance(figures, dict):
+            return figures
+        problem = f"holds a JSON {type(figures).__name__}, not an object"
+    log.warning(
+        "stage %s is finished, but %s %s: the run's summary.json leaves the stage's figures out",
+        name,
+        stage_file,
+        problem,
+    )
+    return None
+
+
+def stop_if_asked(stop: StopRequest, acc: Accelerator, done: str, later: list[str], evaluates: bool) -> None:
+    """After stage ``done``, before the stages ``later`` or the evaluation: stop there (``StopTraining``, exit 75) if
+    any rank was asked to (``StopRequest``), with nothing to write: the stage's ``final/`` is whole. A request at a
+    stage's last step, or while its ``final/`` was written, stops here; the rerun begins with the next stage (or
+    evaluates). With nothing left to run, the run finishes. Every rank calls it."""
+    if not (later or evaluates) or not stop.agreed(acc):
+        return
+    stop.served(acc)
+    before = f"stage {later[0]}" if later else "the evaluation"
+    raise StopTraining(f"stopped after stage {done}, before {before} ({STOP_WHY}); rerun to resume")
+
+
+def _run(cfg: DictConfig, acc: Accelerator, stop: StopRequest) -> dict[str, Any]:
     log = get_logger("alignlm", acc.process_index)
     run_dir = Path(cfg.output_dir) / cfg.run_name
     with others_wait_for_main(acc, prepare_timeout(cfg)):
@@ -457,6 +580,14 @@ def _run(cfg: DictConfig, acc: Accelerator) -> dict[str, Any]:
     check_finished_stages(cfg, acc, log)  # on every rank, from the files the prepare steps left
     to_train = [name for name in cfg.run if not stage_done(cfg, name)]
     if acc.is_main_process:
+        for name in to_train:
+            problem = damaged_final(cfg, name)
+            if problem is not None:
+                log.warning(
+                    "stage %s: its final/ is damaged (%s): training it again from its newest whole step checkpoint",
+                    name,
+                    problem,
+                )
         warn_other_model(cfg, to_train, log)
     # what only a built model tells (LoRA targets, room for the visual tokens), for every stage to train, on the first
     # one's model as built: its mistakes had surfaced when their stage began, after the stages before it had trained
@@ -469,15 +600,16 @@ def _run(cfg: DictConfig, acc: Accelerator) -> dict[str, Any]:
         stage_file = run_dir / name / STAGE_SUMMARY
         if stage_done(cfg, name):
             log.info("stage %s already finished at %s; skipping (resume=never retrains)", name, final)
-            if stage_file.exists():
-                summary["stages"][name] = json.loads(stage_file.read_text())
+            figures = finished_stage_figures(stage_file, name, log)
+            if figures is not None:
+                summary["stages"][name] = figures
             continue
         if steps_left == 0:  # the earlier stages used up this process's steps: the rerun starts this one
             raise StopTraining(
                 f"stopped before stage {name} (stop_after_steps={cfg.stop_after_steps} steps trained in this "
                 "process); rerun to resume"
             )
-        result: StageResult = Trainer(cfg, name, acc, steps_left, check_model).fit()
+        result: StageResult = Trainer(cfg, name, acc, steps_left, check_model, stop).fit()
         check_model = None
         if steps_left is not None:
             steps_left -= result.process_steps
@@ -497,8 +629,10 @@ def _run(cfg: DictConfig, acc: Accelerator) -> dict[str, Any]:
             "nonfinite_steps": result.nonfinite_steps,
             "world_size": result.world_size,
         }
-        if acc.is_main_process:  # beside final/ as soon as the stage ends: a later stage's stop and rerun keeps it
-            stage_file.write_text(json.dumps(json_values(summary["stages"][name]), indent=2, allow_nan=False))
+        # beside final/ as soon as the stage ends: a later stage's stop and rerun keeps it; whole or not at all
+        if acc.is_main_process:
+            ckpt.replace_text(stage_file, json.dumps(json_values(summary["stages"][name]), indent=2, allow_nan=False))
+        stop_if_asked(stop, acc, name, to_train[to_train.index(name) + 1 :], bool(cfg.eval.sets))
     leave_process_group(acc)
     if not acc.is_main_process:
         return summary
@@ -506,8 +640,11 @@ def _run(cfg: DictConfig, acc: Accelerator) -> dict[str, Any]:
         with warn_only():  # the weights are saved: an op without a deterministic kernel (top-p) must not stop it now
             summary["eval"] = evaluate_final(cfg, final, acc.device)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "summary.json").write_text(json.dumps(json_values(summary), indent=2, allow_nan=False))
+    ckpt.replace_text(run_dir / "summary.json", json.dumps(json_values(summary), indent=2, allow_nan=False))
     log.info("\n%s", pipeline_table(summary))
+    if stop.asked():  # during the evaluation, or the last stage's end with no evaluation: nothing was left to stop
+        stop.served(acc)
+        log.warning("a stop was asked for (%s) when the run had nothing left to stop: it finished", STOP_WHY)
     return summary
 
 

@@ -2,9 +2,9 @@
 
 ``train`` takes Hydra overrides (``alignlm train +exp=demo stages.pretrain.max_steps=20``) and composes the config
 tree in ``configs/`` (or ``$ALIGNLM_CONFIG_DIR``); ``--print-config`` shows the result and exits. Config errors
-surface before any process is spawned. Exit status: 0 done, 75 stopped by ``stop_after_steps`` (rerun to resume),
-65 unusable data, 2 a config that cannot work (an unknown key or choice, a value out of range), 1 a stage that
-diverged or trained nothing.
+surface before any process is spawned. Exit status: 0 done, 75 stopped by ``stop_after_steps``, the stop signal or the
+stop file (rerun to resume), 65 unusable data, 2 a config that cannot work (an unknown key or choice, a value out of
+range) or another run of the same output_dir/run_name running, 1 a stage that diverged or trained nothing.
 """
 
 from __future__ import annotations
@@ -60,9 +60,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "train",
         help="run the stages of a config (Hydra overrides follow)",
         description="Compose the config from Hydra overrides and run its stages, then evaluate the last one. "
-        "Exit status: 0 done; 75 stopped by stop_after_steps (rerun to resume); 65 data that cannot be used; "
-        "2 a config that cannot work (an unknown key or choice, a value out of range); 1 a stage that diverged or "
-        "trained nothing, or a file that cannot be read. Each is one line on stderr, not a traceback.",
+        "Exit status: 0 done; 75 stopped by stop_after_steps, the stop signal or the stop file (rerun to resume); "
+        "65 data that cannot be used; 2 a config that cannot work (an unknown key or choice, a value out of range) "
+        "or another run of the same output_dir/run_name running; 1 a stage that diverged or trained nothing, or a "
+        "file that cannot be read. Each is one line on stderr, not a traceback.",
     )
     p.add_argument("--print-config", action="store_true", help="print the composed config and exit")
     p.add_argument(

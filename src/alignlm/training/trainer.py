@@ -184,11 +184,15 @@ class Trainer:
         accelerator: Accelerator,
         steps_left: int | None = None,
         check_model: Callable[[AlignLM], None] | None = None,
+        stop: StopRequest | None = None,
     ) -> None:
         """``steps_left``: the steps this process may still train, at least 1 (``stop_after_steps`` less what the run's
         earlier stages trained in it: the pipeline counts them); None: no limit. ``check_model``: called with the model
         as built, before anything is loaded onto it (the pipeline checks every stage to train against the first
-        stage's model there, rather than building one more)."""
+        stage's model there, rather than building one more). ``stop``: the run's stop request, whose signal handler
+        the pipeline holds for the whole run; None: one of this stage's own, which sees the stop file only (a
+        trainer never installs a handler: a handler that lived only as long as the stage let the signal kill the
+        rank between stages)."""
         self.cfg, self.name, self.acc = cfg, name, accelerator
         self.steps_left = steps_left
         self.check_model = check_model
@@ -196,10 +200,11 @@ class Trainer:
         self.dir = Path(cfg.output_dir) / cfg.run_name / name
         self.log = get_logger("alignlm", accelerator.process_index)
         self.dist = cfg.get("distributed") or {}  # strategy, timeout, stop signal and file
+        self.stop = stop if stop is not None else StopRequest(self.dist)
         self.strategy = str(self.dist.get("strategy", "ddp"))  # resolved by the pipeline (never ``auto`` here)
         self.engine: Any = None  # the DeepSpeed engine under zero2 / zero3
         self.batch_checked = False  # this rank's first batch of data was checked against what the objectives need
-        self.stop_requested = self.stop_agreed = False  # distributed.stop_signal: received here / by some rank
+        self.stop_agreed = False  # some rank was asked to stop (``fetch``)
 
     def core(self) -> AlignLM:
         """The model itself, whatever wraps it (DDP, the DeepSpeed engine and its owner module)."""
@@ -727,8 +732,7 @@ class Trainer:
         device = self.acc.device
         zero = torch.zeros((), device=device)
         # this rank got the stop signal or sees the stop file: every rank learns it in the same reduce
-        stop_file = self.dist.get("stop_file")
-        stop = float(self.stop_requested or bool(stop_file and Path(stop_file).exists()))
+        stop = float(self.stop.asked())
         host = [[*s.counts, *(s.measured.get(k, 0) for k in metric_keys), stop] for s in pending]
         table = torch.tensor(host, dtype=torch.float32).to(device)  # one copy
         if keys:
@@ -766,34 +770,13 @@ class Trainer:
         return rows
 
     @contextlib.contextmanager
-    def stop_signal_handler(self) -> Iterator[None]:
-        """``distributed.stop_signal`` (SIGUSR1 by default) or ``distributed.stop_file`` asks for a clean stop: the flag
-        travels with the next fetch of logged values, so every rank stops after the same step, with a checkpoint, and
-        exits 75. A file works where a signal cannot reach the ranks through the launchers (SLURM's batch shell)."""
-        self.stop_requested = self.stop_agreed = False
-        name = self.dist.get("stop_signal")
-        if not name or threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        number = getattr(signal, str(name))
-
-        def request_stop(signum: int, frame: Any) -> None:
-            self.stop_requested = True
-
-        previous = signal.signal(number, request_stop)
-        try:
-            yield
-        finally:
-            signal.signal(number, previous)
-
-    @contextlib.contextmanager
     def failure_names_rank_and_step(self) -> Iterator[Any]:
         """An error inside the step loop (a collective that timed out or lost a peer, a device fault) is logged with
         this rank and the step before it propagates; the launcher then ends the other ranks. So is SIGTERM, which is
         how torchrun ends the surviving ranks when one dies: it can arrive before a rank's next collective would
         have failed, and without this the job would end with no rank naming its step.
 
-        SIGTERM is not a stop request (``stop_signal_handler``): that same SIGTERM from torchrun would then send the
+        SIGTERM is not a stop request (``StopRequest``): that same SIGTERM from torchrun would then send the
         survivors into a checkpoint's collectives with a dead peer, and torchrun kills a rank 30 s after its SIGTERM,
         too soon for a large checkpoint anyway. SLURM's preemption and time limit send it too: the time limit's warning
         (``--signal``, scripts/slurm/train.sbatch) is what stops with a checkpoint."""
@@ -974,7 +957,6 @@ class Trainer:
                 disable=not acc.is_main_process,
                 dynamic_ncols=True,
             ) as bar,
-            self.stop_signal_handler(),
             self.failure_names_rank_and_step() as at,
         ):
             for step in range(self.start_step + 1, stop_at + 1):
@@ -989,8 +971,10 @@ class Trainer:
                 due_checkpoint = int(st.save_every) and step % int(st.save_every) == 0 and step < self.total_steps
                 if len(pending) >= every or due_checkpoint or step == stop_at:
                     flush()
-                if self.stop_agreed and step < self.total_steps:  # a rank was asked to stop: all stop here
-                    stop_at, why = step, "distributed.stop_signal or stop_file"
+                # a rank was asked to stop: all stop here; at the stage's last step the stage ends first, and the
+                # pipeline stops before what follows it (``StopRequest``)
+                if self.stop_agreed and step < self.total_steps:
+                    stop_at, why = step, STOP_WHY
                     break
                 if due_checkpoint:
                     self.save_checkpoint(step)
@@ -999,8 +983,8 @@ class Trainer:
         if stop_at < self.total_steps:
             if saved_at != stop_at:  # not twice: a checkpoint of a 7B run with its optimizer state is ~100 GB
                 self.save_checkpoint(stop_at, merge=False)
-            if self.stop_agreed and self.dist.get("stop_file") and acc.is_main_process:  # served: a rerun goes on
-                Path(self.dist["stop_file"]).unlink(missing_ok=True)
+            if self.stop_agreed:
+                self.stop.served(acc)
             raise StopTraining(f"stopped after step {stop_at} of {self.total_steps} ({why}); rerun to resume")
         # the whole stage, every resumed segment included: the main process reads its log and every rank learns it
         trained = self.logged_losses() if acc.is_main_process else []
@@ -1205,7 +1189,62 @@ def ignore_signal(name: str, worker_id: int) -> None:
 
 
 class StopTraining(RuntimeError):
-    """Raised when ``stop_after_steps`` ends a process early, after a checkpoint was written."""
+    """Raised when ``stop_after_steps``, the stop signal or the stop file ends a process early, after a checkpoint was
+    written (or between stages, with nothing to write)."""
+
+
+STOP_WHY = "distributed.stop_signal or stop_file"  # what a stop's message says asked for it
+
+
+class StopRequest:
+    """A clean stop asked for by ``distributed.stop_signal`` (SIGUSR1 by default) to any rank, or by
+    ``distributed.stop_file``; a file works where a signal cannot reach the ranks through the launchers (SLURM's batch
+    shell). The pipeline holds the signal's handler for the whole run (``handling``): held around a stage's step loop
+    alone, the signal's default action killed the rank while it wrote the stop's checkpoint or a ``final/``, set up the
+    next stage or evaluated, and a request at a stage's last step was forgotten. A request stays until the run stops on
+    it, and a repeated signal only asks again. Every rank stops at the same safe point: the next fetch of logged values
+    inside a stage (the flag rides on its all-reduce: ``Trainer.fetch``), or after a stage, before the next stage or
+    the evaluation (``agreed``)."""
+
+    def __init__(self, dist: Mapping[str, Any]) -> None:
+        """``dist``: the ``distributed`` config (its ``stop_signal`` checked by ``check_config``)."""
+        self.signal_name = dist.get("stop_signal")
+        self.file = Path(dist["stop_file"]) if dist.get("stop_file") else None
+        self.received = False  # the signal reached this process
+
+    def asked(self) -> bool:
+        """Whether this rank was asked to stop: it received the signal, or sees the stop file."""
+        return self.received or bool(self.file is not None and self.file.exists())
+
+    def agreed(self, acc: Accelerator) -> bool:
+        """Whether any rank was asked to stop: a collective, which every rank calls at the same point."""
+        if acc.num_processes == 1:
+            return self.asked()
+        asked = torch.full((1,), float(self.asked()), device=acc.device)
+        return bool(acc.reduce(asked, "sum").item() > 0)
+
+    def served(self, acc: Accelerator) -> None:
+        """The run stops on the request: the main process removes the stop file, so that the rerun goes on."""
+        if self.file is not None and acc.is_main_process:
+            self.file.unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def handling(self) -> Iterator[StopRequest]:
+        """The signal only sets the request while inside; the handler before it is restored at the end, however the
+        run ends. Off where the signal is null, or outside the main thread (where Python cannot set a handler)."""
+        if not self.signal_name or threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        number = getattr(signal, str(self.signal_name))
+
+        def receive(signum: int, frame: Any) -> None:
+            self.received = True
+
+        previous = signal.signal(number, receive)
+        try:
+            yield self
+        finally:
+            signal.signal(number, previous)
 
 
 class Terminated(RuntimeError):
@@ -1217,10 +1256,20 @@ class TrainingError(RuntimeError):
 
 
 def stage_done(cfg: DictConfig, name: str) -> bool:
-    """A stage whose ``final/`` exists is complete (resume=auto skips it, once the pipeline has checked that it was
-    trained from this run's settings and files: ``pipeline.check_finished_stages``)."""
+    """A stage whose ``final/`` exists whole is complete (resume=auto skips it, once the pipeline has checked that it
+    was trained from this run's settings and files: ``pipeline.check_finished_stages``)."""
     final = Path(cfg.output_dir) / cfg.run_name / name / "final"
-    return cfg.resume != "never" and (final / "model.safetensors").exists()
+    return cfg.resume != "never" and (final / "model.safetensors").exists() and ckpt.final_intact(final) is None
+
+
+def damaged_final(cfg: DictConfig, name: str) -> str | None:
+    """What is wrong with a stage's ``final/`` that is there but not whole (a file cut short or empty: a node lost
+    during or after its write), so the stage is trained again from its step checkpoints; None otherwise. Every rerun
+    had crashed loading it, naming no file."""
+    final = Path(cfg.output_dir) / cfg.run_name / name / "final"
+    if cfg.resume == "never" or not (final / "model.safetensors").exists():
+        return None
+    return ckpt.final_intact(final)
 
 
 def summarize(result: StageResult) -> str:
