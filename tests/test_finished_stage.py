@@ -86,6 +86,7 @@ def test_a_finished_stage_with_a_changed_setting_is_refused_or_kept_on_request_a
 
     alignlm_log.clear()
     (final / ckpt.TRAINED_FROM).unlink()  # a final/ written before the record existed: skipped, with a warning
+    (final / ckpt.MANIFEST).unlink()  # (nor had it a manifest)
     run(compose(*base, new_lr))
     assert weights_stamp(final) == stamp and "cannot be compared" in alignlm_log.text
 
@@ -197,3 +198,20 @@ def test_a_resumed_stage_records_the_weights_its_first_segment_started_from(colo
     assert started[f"stages.finetune.init_from{ckpt.START}"]["trained_from sha256"] == first
     with pytest.raises(ConfigError, match=r"stages\.finetune\.init_from .*its weights changed"):
         run(compose(*base, new_lr))
+
+
+def test_a_finished_stage_whose_final_was_cut_short_is_trained_again_naming_the_file(colour_set, tmp_path, alignlm_log):
+    """A ``final/`` whose weights were cut short (a node lost during or after the write) counted as finished: every rerun
+    crashed loading it with a SafetensorError naming no file. Its manifest now tells, the rerun warns naming the file
+    and trains the stage again from its newest whole step checkpoint, and the final/ it writes is whole."""
+    data = own_data(colour_set, tmp_path)
+    base = pretrain_only(colour_set, tmp_path, data, "stages.pretrain.save_every=1")
+    run(compose(*base))
+    final = tmp_path / "t" / "pretrain" / "final"
+    weights = final / "model.safetensors"
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[: len(whole) // 2])
+    alignlm_log.clear()
+    run(compose(*base))
+    assert "stage pretrain: its final/ is damaged" in alignlm_log.text and "model.safetensors" in alignlm_log.text
+    assert ckpt.final_intact(final) is None and len(weights.read_bytes()) == len(whole)

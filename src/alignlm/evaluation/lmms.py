@@ -17,7 +17,6 @@ upright, transparency on white), and an unreadable one is a ``DataError`` naming
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +28,7 @@ from alignlm.constants import IMAGE_TOKEN
 from alignlm.data.records import image_paths, read_records, record_id
 from alignlm.data.templates import to_turns
 from alignlm.evaluation.answers import choice_texts, reference_answers
+from alignlm.training.checkpoint import replace_text
 
 TASK_UTILS = '''"""lmms-eval task functions for a question set written by ``alignlm lmms-task``."""
 
@@ -99,9 +99,9 @@ def write_local_task(questions: Path, out_dir: Path, name: str, max_new_tokens: 
         }
         rows.append(json.dumps(row) + "\n")
     task.mkdir(parents=True, exist_ok=True)
-    _replace(task / f"{name}.jsonl", "".join(rows))
-    _replace(task / "utils.py", TASK_UTILS)
-    _replace(
+    replace_text(task / f"{name}.jsonl", "".join(rows))
+    replace_text(task / "utils.py", TASK_UTILS)
+    replace_text(
         task / f"{name}.yaml",
         f"# lmms-eval task over {Path(questions).resolve()} (written by alignlm lmms-task)\n"
         f"task: {name}\n"
@@ -118,14 +118,6 @@ def write_local_task(questions: Path, out_dir: Path, name: str, max_new_tokens: 
         "metadata:\n  - version: 0.0\n",
     )
     return task
-
-
-def _replace(path: Path, text: str) -> None:
-    """Write ``path`` whole or not at all (beside it, then renamed): an interrupted write left a task lmms-eval would
-    run on part of its questions without a word."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def drop_unused_image_sizes() -> None:

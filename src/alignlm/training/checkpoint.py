@@ -5,9 +5,10 @@ that train and the buffers of the parts not frozen, BatchNorm's running statisti
 scheduler state (under DeepSpeed ZeRO, one optimizer file per rank: its partition), per-rank RNG, fp16's loss scaler,
 ``trainer_state.json`` (step, data position) and, written last, ``manifest.json``
 (every file's size and SHA-256), so a file damaged after the fact is caught before it is loaded; ``final/`` holds
-``config.yaml``, ``model.safetensors`` with every part trained so far and ``trained_from.json`` (what the stage was
-trained from: :func:`trained_from`, compared when a rerun would skip it). Everything is written under a
-temporary name and renamed, so a killed job never leaves a half checkpoint that looks whole. Tensors
+``config.yaml``, ``model.safetensors`` with every part trained so far, ``trained_from.json`` (what the stage was
+trained from: :func:`trained_from`, compared when a rerun would skip it) and the same ``manifest.json``
+(:func:`final_intact`). Everything is written under a temporary name, synced to the disk and renamed
+(:func:`publish`), so neither a killed job nor a lost node leaves a half checkpoint that looks whole. Tensors
 load with safetensors or ``torch.load(weights_only=True)``: no arbitrary pickle.
 
 A stage's starting weights (``init_from``) are read here too: another stage's ``final/`` or a transformers Llava folder.
@@ -15,6 +16,7 @@ A stage's starting weights (``init_from``) are read here too: another stage's ``
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -117,10 +119,51 @@ def atomic_dir(final: Path) -> Path:
 
 
 def publish(tmp: Path, final: Path) -> None:
-    """Replace ``final`` with ``tmp`` in one rename (the old copy is removed first if present)."""
+    """Replace ``final`` with ``tmp`` in one rename (the old copy is removed first if present), its
+    :func:`write_manifest` written last. The files and the folder's entries are synced to the disk before the rename
+    and the rename after it: a rename is atomic for readers at once, but after a power loss or a lost node only what
+    was synced is sure to be there, and an unsynced ``final/`` came back with a 0-byte or half-length
+    ``model.safetensors`` under a name that said it was whole."""
+    write_manifest(tmp)
+    for path in tmp.iterdir():
+        if path.is_file():
+            sync(path)
+    sync(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    sync(final.parent)
+    _whole[str(final.resolve())] = _looks(final)  # its manifest was made from these very bytes
+
+
+def sync(path: Path) -> None:
+    """Flush ``path`` (a file's bytes, a folder's entries) to the disk. A file system that cannot sync a folder
+    (EINVAL: some network and FUSE mounts) keeps its entries as well as it can; any other error is raised."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if not (path.is_dir() and e.errno == errno.EINVAL):
+            raise
+    finally:
+        os.close(fd)
+
+
+def replace_text(path: Path, text: str) -> None:
+    """Rewrite ``path`` whole or not at all: written beside it, synced, renamed over it, the rename synced. Written in
+    place (truncate, then write), a full disk or a kill in between left it empty: a resume's rewrite of
+    ``metrics.jsonl`` erased the stage's history, and the finished stage reported the wrong steps and first loss."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    sync(path.parent)
 
 
 def save_training_state(
@@ -155,7 +198,6 @@ def save_training_state(
     for rank, r in rng.items():
         torch.save(r, tmp / f"rng_{rank}.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-    write_manifest(tmp)
     publish(tmp, ckpt_dir)
 
 
@@ -173,13 +215,42 @@ def write_manifest(folder: Path) -> None:
     (folder / MANIFEST).write_text(json.dumps(files, indent=2))
 
 
-def verify(folder: Path) -> str | None:
-    """Why a step checkpoint cannot be trusted (naming the file), or None when every file matches its manifest."""
-    manifest = folder / MANIFEST
-    if not manifest.exists():  # written before manifests existed: its atomic publication is all the proof there is
+# Looks = a folder's manifest and each file's (name, bytes, modification time, inode): what it is without reading it.
+Looks = tuple[bytes, tuple[tuple[str, int, int, int], ...]]
+# The folders verify found whole in this process, as they looked then: hashing a 7B run's checkpoint (~100 GB with its
+# optimizer state) again at every save to prune would take minutes. A damaged one is checked again each time.
+_whole: dict[str, Looks] = {}
+
+
+def _looks(folder: Path) -> Looks:
+    """What a folder holding a manifest is like without reading its other files: a file rewritten, replaced or cut
+    since, or another manifest, changes it."""
+    stats = ((p.name, p.stat()) for p in sorted(folder.iterdir()) if p.is_file())
+    files = tuple((name, st.st_size, st.st_mtime_ns, st.st_ino) for name, st in stats)
+    return (folder / MANIFEST).read_bytes(), files
+
+
+def verify(folder: Path, digests: bool = True) -> str | None:
+    """Why a step checkpoint or ``final/`` cannot be trusted (naming the file), or None when every file matches its
+    manifest. ``digests`` False: names and sizes only (what a full disk, a kill or a lost node leaves: a file missing,
+    empty or short), without reading the files. A folder found whole is not read again while it looks the same
+    (:func:`_looks`): hashed once per process, not at every save."""
+    if not (folder / MANIFEST).exists():  # written before manifests existed: its atomic publication is all the proof
         return None
+    key, looks = str(folder.resolve()), _looks(folder)
+    if digests and _whole.get(key) == looks:
+        return None
+    problem = _manifest_problem(folder, looks[0], digests)
+    if digests and problem is None:
+        _whole[key] = looks
+    return problem
+
+
+def _manifest_problem(folder: Path, text: bytes, digests: bool) -> str | None:
+    """:func:`verify`'s reading of a folder holding a manifest, ``text``."""
+    manifest = folder / MANIFEST
     try:
-        files = json.loads(manifest.read_text())
+        files = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError):
         return f"{manifest} is not valid JSON"
     if not isinstance(files, dict) or not all(
@@ -197,9 +268,18 @@ def verify(folder: Path) -> str | None:
             return f"{path} is missing"
         if path.stat().st_size != want["bytes"]:
             return f"{path} has {path.stat().st_size} bytes, the manifest says {want['bytes']} (truncated?)"
-        if _sha256(path) != want["sha256"]:
-            return f"{path} does not match its SHA-256 in the manifest (damaged)"
+    for name, want in files.items() if digests else ():
+        if _sha256(folder / name) != want["sha256"]:
+            return f"{folder / name} does not match its SHA-256 in the manifest (damaged)"
     return None
+
+
+def final_intact(final: Path) -> str | None:
+    """Why a stage's ``final/`` cannot count as finished (naming the file), or None: every file its manifest lists is
+    there at its size. Sizes, not digests: every rank asks at every rerun, where hashing a 7B model's weights would
+    take minutes, and what a full disk, a kill or a lost node leaves (a file missing, empty or short) shows in its
+    size; ``verify`` checks the digests too. A ``final/`` written before it held a manifest is trusted, as it was."""
+    return verify(final, digests=False)
 
 
 def load_training_state(
@@ -737,12 +817,22 @@ def set_aside_name(stage_dirs: Iterable[Path]) -> str:
 
 
 def prune(stage_dir: Path, keep_last: int, written: Path) -> None:
-    """Keep ``written`` (the checkpoint just saved) and the newest others up to ``keep_last`` in all (0 keeps all).
-    By name alone, a newer folder the run resumed past (damaged) would outlive the one just written."""
-    if keep_last > 0:
-        others = [d for d in step_dirs(stage_dir) if d.resolve() != written.resolve()]
-        for old in others[: max(0, len(others) - (keep_last - 1))]:
-            shutil.rmtree(old)
+    """Keep ``written`` (the checkpoint just saved) and the newest others that are whole (:func:`verify`) up to
+    ``keep_last`` in all (0 keeps all); delete the rest, a damaged one with a warning naming what is wrong. Ranked by
+    name alone, a damaged newer folder a resume had passed over outlived the older whole one, the last to fall back
+    on. Only the folders that would be kept are verified, each hashed once per process: the one just written and the
+    one a resume started from are known whole already."""
+    if keep_last <= 0:
+        return
+    room = keep_last - 1  # beside the one just written
+    for folder in reversed([d for d in step_dirs(stage_dir) if d.resolve() != written.resolve()]):
+        if room:
+            problem = verify(folder)
+            if problem is None:
+                room -= 1
+                continue
+            logging.getLogger("alignlm").warning("checkpoint %s is damaged (%s): deleted", folder, problem)
+        shutil.rmtree(folder)
 
 
 def save_final(
@@ -755,9 +845,10 @@ def save_final(
 ) -> None:
     """Weights of every part trained so far plus the resolved config: enough to rebuild the model. The metadata names
     the parts held whole and the stage that trained them (``io.final_stage``: its template prompts the model).
-    ``settings``: what the stage was trained from (:func:`trained_from`), written in the same publish, so a
-    ``final/`` holds it exactly when it is whole; None for a folder no stage trained (written by a tool or a test),
-    which a rerun skips with a warning that its inputs cannot be compared."""
+    ``settings``: what the stage was trained from (:func:`trained_from`), written in the same publish (with the
+    manifest a rerun checks: :func:`final_intact`), so a ``final/`` holds it exactly when it is whole; None for a
+    folder no stage trained (written by a tool or a test), which a rerun skips with a warning that its inputs cannot
+    be compared."""
     tmp = atomic_dir(final_dir)
     metadata = {"parts": ",".join(parts), "stage": stage}
     save_file(part_state(model, parts), str(tmp / "model.safetensors"), metadata=metadata)

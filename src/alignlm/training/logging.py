@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from alignlm.training.checkpoint import replace_text
+
 WANDB_MODES = ("disabled", "offline", "online")
 
 
@@ -132,11 +134,12 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
 
 def _drop_rows_after(path: Path, step: int) -> None:
     """A resumed run repeats the steps after its checkpoint: forget their first, unfinished record (and a row cut
-    short, which the next row would otherwise continue on its line)."""
+    short, which the next row would otherwise continue on its line). Rewritten whole or not at all
+    (:func:`replace_text`): the file is the stage's only record of its earlier segments' losses."""
     rows = read_rows(path)
     kept = "".join(json.dumps(row) + "\n" for row in rows if row.get("step", 0) <= step)
     if path.exists() and kept != path.read_text(encoding="utf-8"):
-        path.write_text(kept, encoding="utf-8")
+        replace_text(path, kept)
 
 
 def summary_table(title: str, rows: Mapping[str, Any]) -> str:

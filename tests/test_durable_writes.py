@@ -1,0 +1,142 @@
+"""Durable writes (docs/reliability.md): a rewrite of ``metrics.jsonl`` is whole or not at all, ``final/`` carries a
+manifest that a rerun checks, checkpoints are synced to the disk around their rename, and pruning never keeps a
+damaged checkpoint in place of a whole one."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from alignlm.training import checkpoint as ckpt
+from alignlm.training.logging import MetricsLogger, read_rows
+
+
+class Parts(nn.Module):
+    """The least a checkpoint writer needs of a model: named parts."""
+
+    PARTS = ("connector",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.connector = nn.Linear(3, 2)
+
+
+def save_step(stage_dir: Path, step: int) -> Path:
+    """A small step checkpoint, written as the trainer writes one."""
+    model = Parts()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    path = stage_dir / "checkpoints" / f"{ckpt.STEP_PREFIX}{step:06d}"
+    ckpt.save_training_state(path, model, optimizer.state_dict(), scheduler, {"step": step}, {0: ckpt.rng_state()})
+    return path
+
+
+def replace_bytes(path: Path, data: bytes) -> None:
+    """Damage ``path`` as a new file renamed over it (a new inode: what it looks like on disk changes for sure)."""
+    other = path.with_name(path.name + ".new")
+    other.write_bytes(data)
+    os.replace(other, path)
+
+
+def test_a_metrics_rewrite_that_fails_on_resume_keeps_every_row(tmp_path, monkeypatch):
+    """The resume's rewrite truncated metrics.jsonl, then wrote it: a full disk there left it empty, and the finished
+    stage reported 4 steps and a later first loss instead of 6 and its own."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 5)))
+    opened = Path.open
+
+    def full_disk(self: Path, mode: str = "r", *args, **kwargs):
+        if "metrics.jsonl" in self.name and mode.startswith("w"):
+            opened(self, mode, *args, **kwargs).close()  # opening for writing truncates ...
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))  # ... and the write fails
+        return opened(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        MetricsLogger(path, None, "t", {}, enabled=True, start_step=2)
+    monkeypatch.undo()
+    assert [r["step"] for r in read_rows(path)] == [1, 2, 3, 4]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # nothing left beside it
+    MetricsLogger(path, None, "t", {}, enabled=True, start_step=2).close()  # space is back
+    assert [r["step"] for r in read_rows(path)] == [1, 2]
+
+
+def test_a_final_folder_short_or_empty_is_named_and_one_without_a_manifest_trusted(tmp_path):
+    """final/ had no integrity record: a 0-byte or half-length model.safetensors or a 0-byte config.yaml counted as a
+    finished stage, and every rerun ended in a traceback naming no file."""
+    final = tmp_path / "pretrain" / "final"
+    ckpt.save_final(final, Parts(), "model: {}\n", ["connector"], "pretrain", {"seed": 0})
+    manifest = json.loads((final / ckpt.MANIFEST).read_text())
+    assert sorted(manifest) == ["config.yaml", "model.safetensors", ckpt.TRAINED_FROM]
+    assert ckpt.final_intact(final) is None and ckpt.verify(final) is None
+    weights = (final / "model.safetensors").read_bytes()
+    for name, data in (("model.safetensors", weights[: len(weights) // 2]), ("config.yaml", b"")):
+        whole = (final / name).read_bytes()
+        replace_bytes(final / name, data)
+        assert ckpt.final_intact(final) == (
+            f"{final / name} has {len(data)} bytes, the manifest says {len(whole)} (truncated?)"
+        )
+        replace_bytes(final / name, whole)
+        assert ckpt.final_intact(final) is None
+    (final / "model.safetensors").write_bytes(b"")
+    (final / ckpt.MANIFEST).unlink()  # as an alignlm from before final/ held a manifest wrote it: trusted
+    assert ckpt.final_intact(final) is None
+
+
+def test_checkpoint_files_and_folders_reach_the_disk_around_the_rename(tmp_path, monkeypatch):
+    """Nothing was synced: after a lost node, a published final/ or step checkpoint could hold empty or short files
+    under names that said they were whole."""
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("needs /proc to name what a file descriptor is")
+    events: list[tuple[str, str]] = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(
+        os, "fsync", lambda fd: (events.append(("sync", os.readlink(f"/proc/self/fd/{fd}"))), fsync(fd))
+    )
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("rename", str(b))), replace(a, b)))
+    final = tmp_path / "pretrain" / "final"
+    ckpt.save_final(final, Parts(), "model: {}\n", ["connector"], "pretrain")
+    step = save_step(tmp_path / "pretrain", 2)
+    for folder in (final, step):
+        tmp = str(ckpt.temporary(folder))
+        renamed = events.index(("rename", str(folder)))
+        before, after = {p for _, p in events[:renamed]}, {p for _, p in events[renamed + 1 :]}
+        assert {f"{tmp}/{p.name}" for p in folder.iterdir()} | {tmp} <= before
+        assert str(folder.parent) in after
+
+
+def test_pruning_keeps_whole_checkpoints_over_damaged_newer_ones(tmp_path, alignlm_log):
+    """After a resume passed over a damaged newer checkpoint, keep_last=2 kept the damaged one and deleted the older
+    whole one, the last the stage could fall back on."""
+    stage = tmp_path / "pretrain"
+    for step in (2, 4, 5):
+        save_step(stage, step)
+    cut = stage / "checkpoints" / "step_000004" / "optimizer.pt"
+    replace_bytes(cut, cut.read_bytes()[:50])  # a node lost before its write-back
+    flipped = stage / "checkpoints" / "step_000005" / "scheduler.pt"
+    replace_bytes(flipped, bytes(b ^ 0xFF for b in flipped.read_bytes()))  # damage of the same length
+    ckpt.prune(stage, 2, save_step(stage, 3))  # the resume from step 2 wrote step 3
+    assert [p.name for p in ckpt.step_dirs(stage)] == ["step_000002", "step_000003"]
+    assert f"checkpoint {stage / 'checkpoints' / 'step_000004'} is damaged ({cut} has 50 bytes" in alignlm_log.text
+    assert f"({flipped} does not match its SHA-256 in the manifest (damaged)): deleted" in alignlm_log.text
+
+
+def test_pruning_hashes_no_checkpoint_this_process_knows(tmp_path, monkeypatch):
+    """Pruning verifies the checkpoints it keeps; hashing the one before at every save would take minutes for a 7B
+    run's (~100 GB with its optimizer state): what this process wrote or verified is not read again."""
+    stage = tmp_path / "pretrain"
+    for step in (1, 2):
+        save_step(stage, step)
+    hashed: list[Path] = []
+    sha256 = ckpt._sha256
+    monkeypatch.setattr(ckpt, "_sha256", lambda path: (hashed.append(path), sha256(path))[1])
+    for step in (3, 4):
+        ckpt.prune(stage, 2, save_step(stage, step))
+    assert [p.name for p in ckpt.step_dirs(stage)] == ["step_000003", "step_000004"]
+    assert hashed and all(p.parent.name.endswith(".tmp") for p in hashed)  # the new files alone, for their manifest
