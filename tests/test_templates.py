@@ -398,3 +398,198 @@ def test_a_sample_is_tokenized_without_building_the_whole_vocabulary(with_image,
     image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
     assert (ids.tolist().count(image_id) == 1) == with_image  # the question's, not the answer's
     assert tok.decode(labels[labels != IGNORE_INDEX].tolist()).strip() == "A <image> tag.</s>"
+
+
+# ---- cost that grew with the square of the number of turns ---------------------------------------------------------
+
+
+def _reference_tokenize(rendered, tok):
+    """``tokenize`` as it was, tokenizing the whole prefix again at every answer and scanning every content span for
+    every token: the definition the faster one must match. Ids and offsets (no BOS), then ids and labels."""
+    import numpy as np
+
+    from alignlm.data.templates import _image_id, adds_bos, special_ids
+
+    text = rendered.text
+    cuts = sorted({0, len(text), *(start for start, _ in rendered.spans)})
+    ids, offsets, before = [], [], []
+    for a, b in zip(cuts, cuts[1:]):
+        upto = tok(text[:b], add_special_tokens=False, return_offsets_mapping=True)
+        if upto["input_ids"][: len(before)] == before:
+            ids += upto["input_ids"][len(before) :]
+            offsets += upto["offset_mapping"][len(before) :]
+        else:
+            alone = tok(text[a:b], add_special_tokens=False, return_offsets_mapping=True)
+            ids += alone["input_ids"]
+            offsets += [(x + a, y + a) for x, y in alone["offset_mapping"]]
+        before = upto["input_ids"]
+    if rendered.contents:
+        specials, image, plain_ids, plain_offsets = special_ids(tok), _image_id(tok), [], []
+        for token, (a, b) in zip(ids, offsets):
+            role = next((r for s, e, r in rendered.contents if s <= a and b <= e and a < b), None)
+            if token in specials and role is not None and not (token == image and role == "user"):
+                enc = tok(text[a:b], add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
+                plain_ids += enc["input_ids"]
+                plain_offsets += [(x + a, y + a) for x, y in enc["offset_mapping"]]
+            else:
+                plain_ids.append(token)
+                plain_offsets.append((a, b))
+        ids, offsets = plain_ids, plain_offsets
+    pieces = (list(ids), [tuple(o) for o in offsets])
+    if adds_bos(tok) and ids[:1] != [tok.bos_token_id]:
+        ids, offsets = [tok.bos_token_id, *ids], [(0, 0), *offsets]
+    ids_arr, offs = np.asarray(ids, dtype=np.int64), np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    labels = np.full_like(ids_arr, IGNORE_INDEX)
+    if rendered.spans:
+        spans = np.asarray(rendered.spans, dtype=np.int64)
+        supervised = ((offs[:, None, 0] < spans[None, :, 1]) & (offs[:, None, 1] > spans[None, :, 0])).any(axis=1)
+        labels[supervised] = ids_arr[supervised]
+    return pieces, ids_arr.tolist(), labels.tolist()
+
+
+def _reference_chat_render(template, turns, tok, add_generation_prompt=False):
+    """``ChatTemplate.render`` as it was, three renders of a prefix per message."""
+    from alignlm.data.templates import _MARK, Rendered, _locate, _turn_close
+
+    messages = [{"role": t.role, "content": template._content(t)} for t in turns]
+    if template.system is not None and not any(m["role"] == "system" for m in messages):
+        messages.insert(0, {"role": "system", "content": template.system})
+    render = lambda msgs, gen: tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+    text = render(messages, add_generation_prompt)
+    spans, contents = [], []
+    for i, m in enumerate(messages):
+        before = render(messages[:i], m["role"] == "assistant") if i else ""
+        upto = render(messages[: i + 1], False)
+        assert text.startswith(before) and text.startswith(upto) and upto.startswith(before)
+        marked = render([*messages[:i], {**m, "content": _MARK}], False)
+        contents.append(_locate(m["content"], upto, marked.find(_MARK, len(before)), m["role"]))
+        if m["role"] == "assistant":
+            spans.append((len(before), _turn_close(upto, contents[-1][1], tok)))
+    return Rendered(text, tuple(spans), tuple(contents))
+
+
+_PIECES = [  # what a conversation's text is drawn from: words, spaces that merge, control-token text, unicode
+    "The", " cat", "7", " 42", "  ", " ", "\n", "\n\n", "\t", "<image>", "</s>", "<s>", "<|im_end|>",
+    "<|im_start|>assistant\n", "é", "e\u0301", "🙂", "漢字", "▁", "ASSISTANT:", "USER:", "!", "...", "'s", "  x",
+]  # fmt: skip
+
+
+def _random_conversation(rng, pairs: int) -> list[dict]:
+    text = lambda: "".join(rng.choice(_PIECES) for _ in range(rng.randint(0, 8)))
+    system = [{"from": "system", "value": text()}] if rng.random() < 0.2 else []
+    return system + [{"from": f, "value": text()} for _ in range(pairs) for f in ("human", "gpt")]
+
+
+def _oracle_tokenizers(smollm2):
+    """Every kind of tokenizer the data meets, and templates and tokenizers that defeat the shortcut (a cut then
+    tokenized whole): spaces the answer merges into, a normalizer that strips, control tokens split as text."""
+    from tokenizers import normalizers
+
+    merge_template = (  # writes the spaces an answer merges into
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + ('  ' if m['role'] == 'assistant' else '') "
+        "+ m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    )
+    strip = _tiny()
+    strip.backend_tokenizer.normalizer = normalizers.Strip()  # a prefix's closing "\n" is dropped: no shortcut
+    split = _tiny()
+    split.split_special_tokens = True  # control tokens are text: no pieces to tokenize alone
+    out = [
+        ("tiny", _tiny(), CHATML),
+        ("tiny_bos", _tiny_with_bos(), CHATML),
+        ("smollm2", smollm2, smollm2.chat_template),
+    ]
+    out += [("smollm2_merge", smollm2, merge_template), ("strip", strip, CHATML), ("split", split, CHATML)]
+    for legacy in (True, False):
+        out += [(f"llama_{legacy}_{n}", _llama(legacy), t) for n, t in (("zephyr", ZEPHYR), ("mistral", MISTRAL))]
+    return out
+
+
+def test_tokenize_matches_the_prefix_by_prefix_definition(smollm2_tokenizer, monkeypatch):
+    """Reading each prefix's tokens off the whole text's (and rendering each prefix once) gives exactly the ids,
+    offsets and labels of tokenizing every prefix, for every template and tokenizer, on conversations of 1 to 30
+    rounds written to trip it: spaces that merge, control-token text and ``<image>`` in answers, empty answers."""
+    import random
+
+    from alignlm.data.templates import _pieces, _plain_specials
+
+    for name, tok, chat_template in _oracle_tokenizers(smollm2_tokenizer):
+        monkeypatch.setattr(tok, "chat_template", chat_template)
+        rng = random.Random(name)
+        for template in ("plain", "vicuna_v1", "chat"):
+            for pairs in (1, rng.randint(2, 30), rng.randint(2, 30)) if template != "plain" else (1, 1):
+                turns = to_turns(_random_conversation(rng, pairs))
+                gen = template != "plain" and rng.random() < 0.25
+                turns = turns[:-1] if gen else turns
+                rendered = get_template(template).render(turns, tok, add_generation_prompt=gen)
+                if template == "chat":
+                    assert rendered == _reference_chat_render(get_template("chat"), turns, tok, gen), name
+                pieces, ids, labels = _reference_tokenize(rendered, tok)
+                got = _plain_specials(*_pieces(rendered, tok), rendered, tok)
+                assert (got[0], [tuple(o) for o in got[1]]) == pieces, (name, template, rendered.text)
+                got_ids, got_labels = tokenize(rendered, tok)
+                assert (got_ids.tolist(), got_labels.tolist()) == (ids, labels), (name, template, rendered.text)
+
+
+@pytest.mark.parametrize("template", ["vicuna_v1", "chat"])
+def test_a_long_conversation_is_tokenized_in_about_two_passes(template, smollm2_tokenizer, monkeypatch):
+    """Every answer's prefix was tokenized whole again: 30 rounds cost 15 passes over the text (51 ms against 3 ms for
+    one tokenizer call). Now a sample's text is read about twice, whatever its number of turns."""
+    tok = smollm2_tokenizer
+    rendered = get_template(template).render(to_turns(CONVERSATION * 15), tok)
+    read, call = [], type(tok).__call__
+
+    def counting(self, text, *args, **kwargs):
+        read.extend([text] if isinstance(text, str) else text)
+        return call(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(type(tok), "__call__", counting)
+    tokenize(rendered, tok)
+    assert sum(map(len, read)) <= 2.5 * len(rendered.text)
+
+
+def test_control_tokens_are_looked_up_in_the_content_spans_once(smollm2_tokenizer):
+    """Each token was looked up in every content span (tokens x turns); the spans are now read once a sample."""
+    from alignlm.data.templates import Rendered
+
+    class Counted(tuple):
+        reads = 0
+
+        def __iter__(self):
+            Counted.reads += 1
+            return super().__iter__()
+
+    tok = smollm2_tokenizer
+    rendered = get_template("chat").render(to_turns(CONVERSATION * 15), tok)
+    expected = tokenize(rendered, tok)
+    ids, labels = tokenize(Rendered(rendered.text, rendered.spans, Counted(rendered.contents)), tok)
+    assert ids.tolist() == expected[0].tolist() and labels.tolist() == expected[1].tolist()
+    assert Counted.reads <= 2
+
+
+def test_a_chat_conversation_renders_each_prefix_once(monkeypatch):
+    """The text before a user turn is the render of the turns before it, and the last turn's render is the whole text:
+    each was rendered again for every message."""
+    tok = _tiny()
+    calls, render = [], type(tok).apply_chat_template
+
+    def recording(self, messages, *args, **kwargs):
+        calls.append((json.dumps(messages), kwargs.get("add_generation_prompt")))
+        return render(self, messages, *args, **kwargs)
+
+    monkeypatch.setattr(type(tok), "apply_chat_template", recording)
+    rendered = get_template("chat", system="Be brief.").render(to_turns(CONVERSATION * 3), tok)
+    assert len(calls) == len(set(calls)) and rendered.text.count("<|im_start|>assistant") == 6
+
+
+def test_offsets_out_of_order_tokenize_every_prefix_whole():
+    """Where the whole text's offsets are not in order, no cut can be looked up in them: each prefix is tokenized."""
+    from alignlm.data.templates import _encode, _prefix_tokens
+
+    tok = _tiny()
+    rendered = get_template("vicuna_v1").render(to_turns(CONVERSATION), tok)
+    text = rendered.text
+    ids, offsets = _encode([text], tok)[0]
+    cuts = [start for start, _ in rendered.spans]
+    shuffled = (ids, [offsets[1], offsets[0], *offsets[2:]])
+    assert _prefix_tokens(text, cuts, shuffled, tok) == dict(zip(cuts, _encode([text[:c] for c in cuts], tok)))
+    assert all(isinstance(k, int) for k in _prefix_tokens(text, cuts, (ids, offsets), tok).values())
