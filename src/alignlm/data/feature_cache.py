@@ -8,14 +8,17 @@ images' resolved paths as ``ids``, their files' ``(size, mtime_ns)`` when read a
 height)`` as ``sizes`` in the metadata: an image edited or regenerated in place has another stamp, so it is not cached
 any more and is computed again (a stat per image, no hashing of content); the sizes hold every cached image to the
 reading run's ``data.max_image_pixels`` without opening it. :class:`FeatureCacheHook` serves them as
-``image_embeds``; the training layer fills the cache (``training/feature_cache.py``).
+``image_embeds``; the training layer fills the cache (``training/feature_cache.py``), looking at each image's file once
+per stage start (a :class:`Survey`) and handing what it saw to the hook.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+import stat
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +33,34 @@ from alignlm.data.records import UNREADABLE_IMAGE, DataError, Source
 TENSOR = "features"
 Stamp = tuple[int, int]  # an image file's (size, mtime_ns)
 Size = tuple[int, int]  # an image's (width, height) as stored
+Copy = tuple[Path, int, Stamp | None, Size | None]  # cached features: shard, row, the file's stamp when read, its size
+FINITE_ROWS = 32  # rows checked for finiteness at a time: the temporaries of the check stay a block's, not a shard's
 
 
 def image_key(path: str | Path) -> str:
     """An image's key in the cache: its resolved path."""
     return str(Path(path).resolve())
+
+
+def keys_and_stamps(paths: Iterable[Path]) -> Iterator[tuple[Path, str, Stamp | None]]:
+    """Each image's ``image_key`` and ``file_stamp`` from one ``lstat`` of its file and one resolve per folder: a file
+    that is not a link resolves to its folder's resolved path and its name, and its lstat is its stat. A resolve
+    lstats every component of a path, and start-up's three passes of a resolve and a stat made 24 metadata calls per
+    image (86 s per rank at 558k images). A link, a name that is no file's (``..``) and a file that cannot be stat'ed
+    take the whole way (``realpath``: ``image_key`` without the symlink-loop error, which left such a file unstat'ed)."""
+    folders: dict[str, str] = {}
+    for path in paths:
+        folder, name = os.path.split(os.fspath(path))  # strings: a Path's parent is parsed anew, 10 us an image
+        try:
+            st: os.stat_result | None = os.lstat(path)
+        except OSError:
+            st = None
+        if st is None or stat.S_ISLNK(st.st_mode) or name in ("", ".", ".."):
+            yield path, os.path.realpath(path), file_stamp(path)
+            continue
+        if folder not in folders:
+            folders[folder] = os.path.realpath(folder)
+        yield path, os.path.join(folders[folder], name), (st.st_size, st.st_mtime_ns)
 
 
 def file_stamp(path: str | Path) -> Stamp | None:
@@ -45,6 +71,19 @@ def file_stamp(path: str | Path) -> Stamp | None:
     except OSError:
         return None
     return st.st_size, st.st_mtime_ns
+
+
+def _refuse_non_finite(features: torch.Tensor, paths: Sequence[str | Path]) -> None:
+    """Refuse features with a NaN or an infinity (cached, every later run had trained on them), a block of rows at a
+    time: ``isfinite`` of a whole shard held 2.4 times its bytes in temporaries (12 GB at CLIP-L/336)."""
+    for start in range(0, len(features), FINITE_ROWS):
+        block = features[start : start + FINITE_ROWS]
+        finite = torch.isfinite(block).reshape(len(block), -1).all(1)
+        if not bool(finite.all()):
+            bad = start + int((~finite).nonzero()[0, 0])
+            raise DataError(
+                f"the tower's features of {len(paths)} images, e.g. {paths[bad]}, are not finite: not cached"
+            )
 
 
 def _is_pair(value: Any) -> bool:
@@ -61,6 +100,17 @@ def _pairs(meta: dict[str, str], key: str, rows: int, shard: Path, what: str) ->
     return [None if v is None else (v[0], v[1]) for v in values]
 
 
+@dataclass
+class Survey:
+    """The stage's images as one look at each file at start-up found them (``keys_and_stamps``): the cached copy of
+    each image as its file is now, else the image's key and stamp (what filling writes with, and what the shards
+    other ranks wrote are matched by). Filling hands it to :class:`FeatureCacheHook`, so start-up never stats or
+    resolves an image twice."""
+
+    found: dict[Path, Copy] = field(default_factory=dict)
+    missing: dict[Path, tuple[str, Stamp | None]] = field(default_factory=dict)
+
+
 class FeatureCache:
     """The shards of one tower's folder, looked up by image path (as its file is now); rows are read lazily."""
 
@@ -68,12 +118,19 @@ class FeatureCache:
         self.folder = Path(folder)
         # every cached copy of an image: shard, row, the file's stamp when it was read (one per edit of the image)
         # and the image's size (None in a shard written before sizes were)
-        self.where: dict[str, list[tuple[Path, int, Stamp | None, Size | None]]] = {}
+        self.where: dict[str, list[Copy]] = {}
         self.layout: tuple[tuple[int, ...], str] | None = None  # (shape of one image's features, dtype), all shards
-        for shard in sorted(self.folder.glob("*.safetensors")) if self.folder.exists() else []:
-            for row, (key, stamp, size) in enumerate(zip(*self._check(shard))):
-                self.where.setdefault(key, []).append((shard, row, stamp, size))
+        self.indexed: set[Path] = set()  # the shards in ``where``
+        self._index_new_shards()
         self._handles: dict[Path, Any] = {}
+
+    def _index_new_shards(self) -> None:
+        """Add the folder's shards not indexed yet to ``where`` (all of them when the cache is opened)."""
+        for shard in sorted(self.folder.glob("*.safetensors")) if self.folder.exists() else []:
+            if shard not in self.indexed:
+                for row, (key, stamp, size) in enumerate(zip(*self._check(shard))):
+                    self.where.setdefault(key, []).append((shard, row, stamp, size))
+                self.indexed.add(shard)
 
     def _check(self, shard: Path) -> tuple[list[str], list[Stamp | None], list[Size | None]]:
         """A shard's ids, stamps and sizes, once its index, rows, shape and dtype agree (a damaged shard fails here,
@@ -104,38 +161,46 @@ class FeatureCache:
     def __getstate__(self) -> dict[str, Any]:  # data-loader workers open their own handles
         return {**self.__dict__, "_handles": {}}
 
-    def _copy(self, path: str | Path) -> tuple[Path, int, Size | None] | None:
-        """Shard, row and size of the features of the image as its file is now: a copy read with the file's current
-        stamp."""
-        stamp = file_stamp(path)
-        copies = self.where.get(image_key(path), []) if stamp is not None else []
-        return next(((shard, row, size) for shard, row, cached, size in copies if cached == stamp), None)
+    def _match(self, key: str, stamp: Stamp | None) -> Copy | None:
+        """The cached copy of the image of ``key`` read with this stamp (its file as it is now), if any."""
+        if stamp is None:
+            return None
+        return next((copy for copy in self.where.get(key, []) if copy[2] == stamp), None)
 
-    def size(self, path: str | Path) -> Size:
-        """The (width, height) of a cached image as its file is now: stored with its features, else (a shard written
-        before sizes were) read from its header."""
-        found = self._copy(path)
-        if found is None or found[2] is None:
-            return image_size(path)
-        return found[2]
+    def survey(self, paths: Iterable[Path]) -> Survey:
+        """Each image looked at once: its cached copy as its file is now, or its key and stamp."""
+        survey = Survey()
+        for path, key, stamp in keys_and_stamps(dict.fromkeys(paths)):
+            copy = self._match(key, stamp)
+            if copy is None:
+                survey.missing[path] = (key, stamp)
+            else:
+                survey.found[path] = copy
+        return survey
 
-    def missing(self, paths: Sequence[str | Path]) -> list[Path]:
-        """The images with no cached features of their file as it is now (never cached, or changed since), each
-        once, in the order given."""
-        return [p for p in dict.fromkeys(Path(p) for p in paths) if self._copy(p) is None]
+    def refresh(self, survey: Survey) -> None:
+        """Index the shards written since the cache was opened by other ranks (this one's are indexed as written) and
+        move the images they hold from ``survey.missing`` to ``survey.found``: no shard is read twice, no image
+        looked at again."""
+        self._index_new_shards()
+        for path, (key, stamp) in list(survey.missing.items()):
+            if (copy := self._match(key, stamp)) is not None:
+                survey.found[path] = copy
+                del survey.missing[path]
 
     def get(self, paths: Sequence[str | Path]) -> torch.Tensor:
         """``[len(paths), N, Dv]`` features of these images."""
         rows = []
         for p in paths:
-            found = self._copy(p)
+            stamp = file_stamp(p)
+            found = None if stamp is None else self._match(image_key(p), stamp)
             if found is None:
                 raise DataError(
                     f"image {p} has no features in the feature cache {self.folder} for its file as it is now (size, "
-                    f"modification time {file_stamp(p)}): it changed after the cache was filled; rerun to recompute",
+                    f"modification time {stamp}): it changed after the cache was filled; rerun to recompute",
                     UNREADABLE_IMAGE,
                 )
-            shard, row, _ = found
+            shard, row, _, _ = found
             if shard not in self._handles:
                 self._handles[shard] = safe_open(str(shard), "pt")
             rows.append(self._handles[shard].get_slice(TENSOR)[row])
@@ -148,22 +213,24 @@ class FeatureCache:
         stamps: Sequence[Stamp | None],
         features: torch.Tensor,
         sizes: Sequence[Size | None] | None = None,
+        keys: Sequence[str] | None = None,
     ) -> Path:
         """One more shard (atomically: a temporary name, then a rename); ``stamps``: each file's, taken before it was
         read (an edit while it is read then counts as a change next time); ``sizes``: each image's (width, height)
-        (None: not known, read from its header when a limit needs it)."""
+        (None: not known, read from its header when a limit needs it); ``keys``: the images' ``image_key`` where the
+        caller has them (a survey's), else resolved here. ``features`` is saved as it is, without a copy."""
+        _refuse_non_finite(features, paths)
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"{name}.safetensors"
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        keys = [image_key(p) for p in paths]
-        if not bool(torch.isfinite(features).all()):
-            raise DataError(f"the tower's features of {len(paths)} images, e.g. {paths[0]}, are not finite: not cached")
+        keys = [image_key(p) for p in paths] if keys is None else list(keys)
         sizes = [None] * len(keys) if sizes is None else [None if s is None else list(s) for s in sizes]
         meta = {"ids": json.dumps(keys), "stamps": json.dumps(list(stamps)), "sizes": json.dumps(sizes)}
         save_file({TENSOR: features.detach().cpu().contiguous()}, str(tmp), metadata=meta)
         os.replace(tmp, path)
         for row, (key, stamp, size) in enumerate(zip(keys, stamps, sizes)):
             self.where.setdefault(key, []).append((path, row, stamp, None if size is None else (size[0], size[1])))
+        self.indexed.add(path)
         return path
 
 
@@ -176,32 +243,37 @@ class FeatureCacheHook(SampleHook):
 
     replaces_visuals = True
 
-    def __init__(self, cache: FeatureCache, max_pixels: int | None, crop_side: int | None = None) -> None:
+    def __init__(
+        self, cache: FeatureCache, max_pixels: int | None, crop_side: int | None = None, survey: Survey | None = None
+    ) -> None:
         self.cache = cache
         self.max_pixels = max_pixels  # the dataset's data.max_image_pixels
         self.crop_side = crop_side  # the tower's side when the stage crops (data.image_aspect_ratio=crop), else None
-        self.unreadable: dict[str, tuple[str, str]] = {}  # image key -> (message, cause) of its DataError
+        self.survey = survey  # filling's look at every image of the dataset bound (``FeatureCache.survey``), or None
+        self.unreadable: dict[Path, tuple[str, str]] = {}  # image path -> (message, cause) of its DataError
 
     def bind(self, dataset: HookedDataset) -> None:
         """Every image is cached and within ``data.max_image_pixels``, or cannot be read (kept with its error, raised
-        by the samples that need it)."""
-        paths = list(dict.fromkeys(p for src, _, rec in dataset.distinct_records() for p in src.image_paths(rec)))
-        missing = self.cache.missing(paths)
+        by the samples that need it). The images are those filling surveyed when it did, else the dataset's records
+        are read for them (each listing of 558k records' images took 20 s)."""
+        if self.survey is None:
+            images = (p for src, _, rec in dataset.distinct_records() for p in src.image_paths(rec))
+            self.survey = self.cache.survey(images)
+        survey, self.survey = self.survey, None  # start-up's alone: not carried into every data-loader worker
         lacking = []
-        for path in missing:
+        for path in survey.missing:
             try:
                 self.check(path, load_rgb(path, self.max_pixels).size)
             except DataError as e:
-                self.unreadable[image_key(path)] = (str(e), e.cause)
+                self.unreadable[path] = (str(e), e.cause)
             else:
                 lacking.append(path)
         if self.max_pixels:
-            lacked = set(missing)
-            for path in (p for p in paths if p not in lacked):
+            for path, (_, _, _, size) in survey.found.items():
                 try:
-                    self.check(path, self.cache.size(path))
+                    self.check(path, image_size(path) if size is None else size)
                 except DataError as e:
-                    self.unreadable[image_key(path)] = (str(e), e.cause)
+                    self.unreadable[path] = (str(e), e.cause)
         if lacking:
             raise DataError(f"the feature cache {self.cache.folder} lacks {len(lacking)} images, e.g. {lacking[:2]}")
 
@@ -218,6 +290,6 @@ class FeatureCacheHook(SampleHook):
 
     def load_visuals(self, inputs: list[Path]) -> dict[str, torch.Tensor | None]:
         for path in inputs:
-            if (error := self.unreadable.get(image_key(path))) is not None:
+            if (error := self.unreadable.get(path)) is not None:
                 raise DataError(*error)
         return {"pixel_values": None, "image_embeds": self.cache.get(inputs) if inputs else None}
