@@ -552,3 +552,112 @@ def test_readers_that_skip_start_up_checks_refuse_an_empty_or_surrogate_image_na
         image_paths({"image": ""}, "/data")
     with pytest.raises(DataError, match=r"'image'\[1\] is not valid Unicode"):
         image_paths({"image": ["a.png", "\ud83d.png"]}, "/data")
+
+
+ODD_RECORDS = [
+    {
+        "id": "u",
+        "text": '日本語 · émoji 🐱 · \u0000 nul · "quoted" \\ back',
+        "half": "\ud83d",  # a lone surrogate is valid JSON as an escape; start-up refuses it only in turns and names
+        "nested": [[1, [2.5, None]], {"b": True, "a": False}],
+        "numbers": [0, -1, 2**70, 1e308, -0.0, 5e-324, 0.1, float("inf")],
+    },
+    {"z": 1, "a": 2},  # key order kept
+    {},
+]
+
+
+def test_packed_records_decode_to_exactly_the_records_they_were_made_of():
+    """Records are held as one buffer of their JSON text and decoded per read (no Python object per record for a
+    forked DataLoader worker to copy): every string, number and key order comes back as it was."""
+    import pickle
+
+    from alignlm.data.records import PackedRecords
+
+    packed = PackedRecords.pack(ODD_RECORDS)
+    assert len(packed) == 3 and list(packed) == ODD_RECORDS and packed[-3] == ODD_RECORDS[0]
+    assert [list(r) for r in packed] == [list(r) for r in ODD_RECORDS]  # the order of the keys
+    assert repr(packed[0]["numbers"]) == repr(ODD_RECORDS[0]["numbers"])  # -0.0 stays -0.0, 2**70 an int
+    assert packed.data.dtype == np.uint8 and packed.ends.dtype == np.int64 and not packed.data.flags.writeable
+    assert list(pickle.loads(pickle.dumps(packed))) == ODD_RECORDS  # what a spawned worker receives
+    with pytest.raises(IndexError):
+        packed[3]
+    assert len(PackedRecords.pack([])) == 0
+
+
+def test_the_dataset_holds_its_records_packed_and_gives_the_samples_it_gave_as_dicts(model, root):
+    """`dataset.records[s]` is packed (numpy storage, no per-record object: a list of dicts had each forked worker copy
+    ~2 GB of a 665k mixture); every sample, id, record and length estimate is the one the records as dicts give."""
+    from alignlm.data.hooks import SampleHook
+    from alignlm.data.records import PackedRecords
+
+    two = {
+        "id": "two",
+        "image": ["images/0.png", "images/1.png"],
+        "conversations": [{"from": "human", "value": "<image> and <image>: même?"}, {"from": "gpt", "value": "non 🐱"}],
+        "meta": {"n": [1, 2.5, None]},
+    }
+    text = {"conversations": [{"from": "human", "value": "Hi ☃"}, {"from": "gpt", "value": "Hello"}]}  # no id
+    records = [record("a"), {"id": "bad", "conversations": []}, two, text, record("b", answer="日本")]
+    path = root / "data.json"
+    path.write_text(json.dumps(records))
+    args = (model.tokenizer, get_template("vicuna_v1"), model.image_spec, model.num_image_tokens)
+    ds = LlavaDataset([Source(str(path)), Source(str(path), weight=2.0)], *args)
+    for per_source in (ds.records, ds.file_index, ds.text_chars, ds.image_counts):
+        assert len(per_source) == 2
+    assert all(isinstance(recs, PackedRecords) and recs.data.dtype == np.uint8 for recs in ds.records)
+    assert all(isinstance(a, np.ndarray) for a in (*ds.file_index, *ds.text_chars, *ds.image_counts))
+    kept = [records[i] for i in (0, 2, 3, 4)]
+    assert list(ds.records[0]) == kept and list(ds.records[1]) == kept
+    ids = ["a", "two", f"{path}#3", "b"]
+    assert [rid for _, rid, _ in ds.distinct_records()] == ids * 2
+    assert len(ds) == 12 and ds.report.counts == {"malformed record": 2}
+    for i in range(len(ds)):
+        src, rec = ds.record(i)
+        want = ds.encode(src, kept[i % 4], ids[i % 4])  # the record as read from the file, never packed
+        got = ds[i]
+        assert rec == kept[i % 4] and got.keys() == want.keys()
+        for key, value in want.items():
+            assert torch.equal(got[key], value) if isinstance(value, torch.Tensor) else got[key] == value
+
+    def estimate(rec, n_visual):  # the estimate as it was computed from each record's dict
+        return sum(len(str(m.get("value", ""))) for m in rec["conversations"]) // 4 + n_visual * model.num_image_tokens
+
+    assert ds.length_estimates() == [estimate(kept[i % 4], [1, 2, 0, 1][i % 4]) for i in range(12)]
+
+    class OnePseudoImage(SampleHook):
+        replaces_visuals = True
+
+        def visual_inputs(self, source, rec):
+            return ["x"]
+
+    ds.set_visual_hook(OnePseudoImage())  # a hook that replaces the images is asked how many stand for each record
+    assert ds.length_estimates() == [estimate(kept[i % 4], 1) for i in range(12)]
+
+
+def test_start_up_reads_each_records_turns_once_and_builds_no_image_path(model, root, monkeypatch):
+    """Building a dataset (every rank, every stage start and resume) read each record's turns twice and built its
+    image paths twice, and length estimates built them a third time: 12 s of 100k records' 12 s start-up."""
+    import alignlm.data.llava as llava
+    import alignlm.data.records as records_module
+    from alignlm.data.templates import to_turns
+
+    calls = []
+
+    def counted(conversations):
+        calls.append(1)
+        return to_turns(conversations)
+
+    def no_paths(*args, **kwargs):
+        raise AssertionError("start-up built an image path")
+
+    monkeypatch.setattr(llava, "to_turns", counted)
+    monkeypatch.setattr(records_module, "to_turns", counted)
+    monkeypatch.setattr(records_module, "image_paths", no_paths)
+    monkeypatch.setattr(Source, "image_paths", no_paths)
+    records = [record(f"r{i}") for i in range(5)] + [record("out", image="../escape.png")]
+    ds = dataset(model, records, root, min_usable_fraction=0.0)
+    assert len(calls) == 6 and len(ds) == 5 and ds.report.counts == {"image path outside its image_root": 1}
+    assert len(ds.length_estimates()) == 5
+    with pytest.raises(DataError, match="image path '../escape.png' leaves image_root .* set allow_outside_root"):
+        dataset(model, records, root, on_error="raise")

@@ -10,7 +10,7 @@ picture). Generation datasets (evaluation) use no hooks: side data trains, it is
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -22,12 +22,12 @@ class HookedDataset(Protocol):
     """What a hook may read of the dataset it is bound to (``data.llava.LlavaDataset`` is one)."""
 
     sources: list[Source]
-    records: list[list[Any]]
+    records: Sequence[Sequence[dict[str, Any]]]
     seed: int
     on_error: str
 
-    def distinct_records(self) -> list[tuple[Source, str, dict[str, Any]]]:
-        """``(source, record id, record)`` of every usable record once."""
+    def distinct_records(self) -> Iterator[tuple[Source, str, dict[str, Any]]]:
+        """``(source, record id, record)`` of every usable record once (to be read once: it decodes as it goes)."""
 
     def visual_inputs(self, source: Source, record: dict[str, Any]) -> list[Any]:
         """What stands for each image of a record, in order."""

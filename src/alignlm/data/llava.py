@@ -2,7 +2,9 @@
 
 Records are read and validated at start-up (a malformed record, an invalid JSONL line, an image path that leaves its
 ``image_root``, ``<image>`` placeholders that do not match the images, or turns the template does not take is reported
-with its file and index before step 1); images and tokenization happen lazily per sample.
+with its file and index before step 1), in one pass that keeps each record packed (``records.PackedRecords``: no
+Python object per record) and what its sample's id and length estimate need; a record is decoded, its images loaded
+and its text tokenized lazily per sample.
 Missing, corrupt or oversized images and over-long samples follow ``on_error``: ``skip`` drops the sample and counts
 it under its cause (``data/report.py``), ``raise`` stops with the record id. A stage whose usable records fall below
 ``min_usable_fraction`` fails at start-up. Truncation never cuts inside or before visual tokens, never leaves a sample
@@ -15,7 +17,9 @@ input embedding of their own get a reserved slot token right after BOS (``slot_t
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import os
+from array import array
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,16 +38,17 @@ from alignlm.data.records import (
     OUTSIDE_ROOT,
     TOO_LONG,
     DataError,
+    PackedRecords,
     Source,
     cause_of,
     generation_problem,
     image_names,
-    image_problem,
     mixture_index,
     preference_problem,
     read_records,
     record_id,
-    record_problem,
+    root_problem,
+    shape_problem,
 )
 from alignlm.data.report import DataReport
 from alignlm.data.templates import Template, TemplateError, Turn, adds_bos, to_turns, tokenize
@@ -67,6 +72,11 @@ def answered(rec: dict[str, Any], key: str) -> dict[str, Any]:
     """A preference record's prompt answered with its ``key`` answer (``chosen`` or ``rejected``): a conversation
     ending with the assistant's turn."""
     return {**rec, "conversations": [*rec["conversations"], {"from": "gpt", "value": rec[key]}]}
+
+
+def text_chars(rec: dict[str, Any]) -> int:
+    """The characters of a record's turns' text (each ``value`` a string: checked at start-up), for length grouping."""
+    return sum(len(turn["value"]) for turn in rec["conversations"])
 
 
 ON_ERROR = ("skip", "raise")
@@ -118,10 +128,14 @@ class LlavaDataset(Dataset):
         self.max_image_pixels = max_image_pixels
         self.preference = preference  # items are (chosen, rejected) sample pairs of one prompt
         self.sources = list(sources)
-        self.records: list[list[Any]] = []
+        # per source, its kept records (PackedRecords: no Python object per record for a forked worker to copy) and,
+        # per kept record, numpy arrays of what the start-up pass read of it
+        self.records: list[PackedRecords] = []
         # each kept record's index among all the records of its file: its fallback id ``<file>#<index>`` is the one
         # start-up names it by, whatever was left out before it
-        self.file_index: list[list[int]] = []
+        self.file_index: list[np.ndarray] = []
+        self.text_chars: list[np.ndarray] = []  # characters of its turns' text (length_estimates)
+        self.image_counts: list[np.ndarray] = []  # its images as written
         self.report = DataReport()  # what start-up left out, by cause
         # reserved tokens after BOS, one per model part that writes its own input embedding there (ids, never text)
         self.slot_token_ids = [int(t) for t in slot_token_ids]
@@ -140,19 +154,13 @@ class LlavaDataset(Dataset):
             records = read_records(src.path, bad_lines if on_error == "skip" else None)
             for lineno, why in bad_lines:
                 self._drop(INVALID_JSON, f"{src.path}:{lineno}", f"{src.path}:{lineno}: not valid JSON ({why})")
-            kept, kept_index = [], []
-            for i, rec in enumerate(records):
-                found = self.startup_problem(rec, src, accepted)
-                if found is None:
-                    kept.append(rec)
-                    kept_index.append(i)
-                    continue
-                problem, cause = found
-                rid = record_id(rec, src.path, i) if isinstance(rec, dict) else f"{src.path}#{i}"
-                self._drop(cause, rid, f"{src.path} record {i} (id={rid!r}): {problem}")
+            facts = array("q")
+            self.records.append(PackedRecords.pack(self._kept(src, records, accepted, facts)))
+            file_index, chars, images = np.frombuffer(facts, dtype=np.int64).reshape(-1, 3).T.copy()
+            self.file_index.append(file_index)
+            self.text_chars.append(chars)
+            self.image_counts.append(images)
             total += len(records) + len(bad_lines)
-            self.records.append(kept)
-            self.file_index.append(kept_index)
         if self.report.counts:
             log.warning(
                 "left out %d of %d records at start-up: %s", self.report.left_out, total, "; ".join(self.report.lines())
@@ -163,7 +171,7 @@ class LlavaDataset(Dataset):
                 f"only {usable} of {total} records of {[s.path for s in self.sources]} are usable, below "
                 f"data.min_usable_fraction={min_usable_fraction}: {'; '.join(self.report.lines())}"
             )
-        if max_length <= num_image_tokens and any(image_names(r) for recs in self.records for r in recs):
+        if max_length <= num_image_tokens and any(counts.any() for counts in self.image_counts):
             raise DataError(
                 f"data.max_length={max_length} cannot hold one image's {num_image_tokens} visual tokens and a token "
                 "of text: every record with an image would be cut away"
@@ -174,30 +182,61 @@ class LlavaDataset(Dataset):
         for hook in self.hooks:
             hook.bind(self)
 
-    def startup_problem(self, rec: Any, src: Source, accepted: set[tuple[str, ...]]) -> tuple[str, str] | None:
+    def _kept(
+        self, src: Source, records: list[Any], accepted: set[tuple[str, ...]], facts: array
+    ) -> Iterator[dict[str, Any]]:
+        """The records of ``src`` that start-up keeps, in order; each other one is dropped under its cause.
+
+        ``records`` lets go of each record as it is read, so a record is held as a dict or packed, never both (the
+        build's peak memory stays that of reading the file). ``facts`` gets ``(index in the file, characters of its turns' text, images)`` of each
+        kept record: what the samples' ids and length estimates need, read in this one pass.
+        """
+        base = os.path.abspath(src.root)
+        for i in range(len(records)):
+            rec, records[i] = records[i], None
+            found = self.startup_problem(rec, src, accepted, base)
+            if found is None:
+                facts.extend((i, text_chars(rec), len(image_names(rec))))
+                yield rec
+                continue
+            problem, cause = found
+            rid = record_id(rec, src.path, i) if isinstance(rec, dict) else f"{src.path}#{i}"
+            self._drop(cause, rid, f"{src.path} record {i} (id={rid!r}): {problem}")
+
+    def startup_problem(
+        self, rec: Any, src: Source, accepted: set[tuple[str, ...]], base: str
+    ) -> tuple[str, str] | None:
         """Why a record can never become a sample, with the cause it is counted under, or None: the start-up check of
         every record, so what the docs call malformed counts towards ``min_usable_fraction`` and stops
-        ``on_error=raise`` before step 1. ``accepted``: the role sequences the template has rendered so far.
+        ``on_error=raise`` before step 1. ``accepted``: the role sequences the template has rendered so far; ``base``:
+        the source's root made absolute (once per source).
 
         Beyond the record's own shape and image paths, its ``<image>`` placeholders must match its images and the
         template must take its turns, as :meth:`encode` places and renders them. The template is asked once per
         sequence of roles it accepted: its turn-order rules read the roles only, so a million records cost a handful
         of renders; a refusal that depends on the text itself is found when the sample is drawn, as is anything
         that needs tokenizing. With a data hook that replaces the images the number of images is the hook's, known
-        per sample: the placeholders are then checked when the sample is drawn.
+        per sample: the placeholders are then checked when the sample is drawn. The turns are read once and the
+        image paths checked as text, never built (every rank builds its dataset at every stage start and resume).
         """
-        problem = record_problem(rec)
-        if problem is None and self.preference:
-            problem = preference_problem(rec)
+        if (problem := shape_problem(rec)) is not None:
+            return problem, MALFORMED
+        try:
+            turns = to_turns(rec["conversations"])
+        except TemplateError as e:
+            return str(e), MALFORMED
+        problem = preference_problem(rec) if self.preference else None
         if problem is None and self.for_generation:
             problem = generation_problem(rec)
         if problem is not None:
             return problem, MALFORMED
-        if (problem := image_problem(rec, src)) is not None:
+        names = image_names(rec)
+        if not src.allow_outside_root and (problem := root_problem(names, src.root, base)) is not None:
             return problem, OUTSIDE_ROOT
-        rendered = answered(rec, "chosen") if self.preference else rec
+        if self.preference:  # rendered with its chosen answer
+            turns = to_turns(answered(rec, "chosen")["conversations"])
         try:
-            turns = self.dialog(rendered, None if self.visual_hook is not None else len(image_names(rec)))
+            turns = self.place_images(turns, None if self.visual_hook is not None else len(names))
             roles = tuple(t.role for t in turns)
             if roles not in accepted:
                 self.template.render(turns, self.tokenizer, add_generation_prompt=self.for_generation)
@@ -229,25 +268,33 @@ class LlavaDataset(Dataset):
         return len(self.index)
 
     def record(self, i: int) -> tuple[Source, dict[str, Any]]:
+        """Sample ``i``'s source and record (decoded afresh on each call)."""
         s, r = self.index[i]
         return self.sources[s], self.records[s][r]
 
-    def distinct_records(self) -> list[tuple[Source, str, dict[str, Any]]]:
-        """``(source, record id, record)`` of every usable record once, whatever the mixture weights (start-up checks)."""
-        return [
-            (src, record_id(rec, src.path, at), rec)
-            for src, recs, index in zip(self.sources, self.records, self.file_index)
-            for rec, at in zip(recs, index)
-        ]
+    def distinct_records(self) -> Iterator[tuple[Source, str, dict[str, Any]]]:
+        """``(source, record id, record)`` of every usable record once, whatever the mixture weights (start-up checks),
+        decoded one at a time: a list of them all held every record as dicts again."""
+        for src, recs, index in zip(self.sources, self.records, self.file_index):
+            for rec, at in zip(recs, index.tolist()):
+                yield src, record_id(rec, src.path, at), rec
 
     def length_estimates(self) -> list[int]:
-        """Cheap per-sample token-count estimates (characters / 4 plus visual tokens) for length grouping."""
-        out = []
-        for s, r in self.index:
-            rec = self.records[s][r]
-            chars = sum(len(str(m.get("value", ""))) for m in rec["conversations"])
-            out.append(chars // 4 + len(self.visual_inputs(self.sources[s], rec)) * self.num_image_tokens)
-        return out
+        """Cheap per-sample token-count estimates (characters / 4 plus visual tokens) for length grouping, from what
+        the start-up pass read; a data hook that replaces the images is asked how many stand for each record."""
+        per_record = [
+            chars // 4 + self.visual_counts(src, recs, images) * self.num_image_tokens
+            for src, recs, chars, images in zip(self.sources, self.records, self.text_chars, self.image_counts)
+        ]
+        starts = np.cumsum([0] + [len(r) for r in self.records])
+        flat = np.concatenate(per_record) if per_record else np.zeros(0, dtype=np.int64)
+        return flat[starts[self.index[:, 0]] + self.index[:, 1]].tolist()
+
+    def visual_counts(self, src: Source, recs: PackedRecords, images: np.ndarray) -> np.ndarray:
+        """How many visual inputs stand for each of a source's records: its images, or what a visual hook puts there."""
+        if self.visual_hook is None:
+            return images
+        return np.fromiter((len(self.visual_hook.visual_inputs(src, rec)) for rec in recs), np.int64, len(recs))
 
     def __getitem__(self, i: int) -> dict[str, Any] | tuple[dict[str, Any], dict[str, Any]] | Skipped:
         src, rec = self.record(i)
@@ -307,15 +354,19 @@ class LlavaDataset(Dataset):
         return sample
 
     def dialog(self, rec: dict[str, Any], n_images: int | None) -> list[Turn]:
-        """The turns the template renders for a record that stands for ``n_images`` images: the images placed, and for
-        generation cut after the last user turn. One function for the start-up check and :meth:`encode`, so both see
-        the same conversation. ``None``: the number is not known yet (a hook's), the placeholders stay as written.
+        """The turns the template renders for a record that stands for ``n_images`` images (:meth:`place_images`)."""
+        return self.place_images(to_turns(rec["conversations"]), n_images)
+
+    def place_images(self, turns: list[Turn], n_images: int | None) -> list[Turn]:
+        """A record's turns with its ``n_images`` images placed, and for generation cut after the last user turn. One
+        function for the start-up check and :meth:`encode`, so both see the same conversation. ``None``: the number
+        is not known yet (a hook's), the placeholders stay as written.
 
         An image's place is an ``<image>`` in a user turn (anywhere else the characters are text:
         ``templates.tokenize``); a record with images and no placeholder gets one per image before its first question
         (LLaVA's convention); any other mismatch of placeholders and images is a ``DataError``.
         """
-        turns = to_turns(rec["conversations"])
+        turns = list(turns)
         if n_images is not None:
             n_placeholders = sum(t.content.count(IMAGE_TOKEN) for t in turns if t.role == "user")
             if n_images and n_placeholders == 0:

@@ -908,7 +908,7 @@ class Trainer:
         acc, st = self.acc, self.stage
         if acc.is_main_process:  # what eval needs to rebuild a step checkpoint before final/ exists
             (self.dir / "config.yaml").write_text(config_yaml(self.cfg))
-        batches = iter(self.loader())
+        batches = start_workers(self.loader())
         accum, every = int(st.grad_accum), int(self.cfg.logging.get("every") or LOG_EVERY)
         stop_at = min(
             self.total_steps, self.start_step + (self.total_steps if self.steps_left is None else self.steps_left)
@@ -1181,6 +1181,21 @@ def compile_llm_layers(model: AlignLM) -> None:
         raise ValueError("stage.compile: the LLM has no decoder .layers to compile")
     for layer in layers:
         layer.compile(dynamic=True)
+
+
+def start_workers(loader: DataLoader) -> Iterator[Any]:
+    """``iter(loader)``, its worker processes forked with the collector's objects frozen, so a worker's collections
+    never write the headers of what it inherited (the dataset's records, the model's Python side) and those pages stay
+    shared with the rank: on 100k packed LLaVA-665k-like records a worker's private copy grew to 80 MB after an eighth
+    of an epoch and one full collection, 4 MB frozen. The rank unfreezes at once, so its own cycles (a finished stage's
+    modules) are still collected; the workers keep the frozen state they were forked with."""
+    if not loader.num_workers:
+        return iter(loader)
+    gc.freeze()
+    try:
+        return iter(loader)
+    finally:
+        gc.unfreeze()
 
 
 def ignore_signal(name: str, worker_id: int) -> None:
