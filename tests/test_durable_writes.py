@@ -140,3 +140,18 @@ def test_pruning_hashes_no_checkpoint_this_process_knows(tmp_path, monkeypatch):
         ckpt.prune(stage, 2, save_step(stage, step))
     assert [p.name for p in ckpt.step_dirs(stage)] == ["step_000003", "step_000004"]
     assert hashed and all(p.parent.name.endswith(".tmp") for p in hashed)  # the new files alone, for their manifest
+
+
+def test_a_final_folder_cut_short_is_named_by_every_command_that_reads_it(tmp_path):
+    """``alignlm eval``, ``export``, ``sea`` and ``v2l`` read a ``final/`` through ``load_model``: a cut-short weights
+    file ended them with safetensors' own "header too small", naming no file."""
+    from alignlm.models.build import build_model
+    from alignlm.models.io import config_yaml, load_model
+    from tests.conftest import compose
+
+    cfg, final = compose(), tmp_path / "final"
+    ckpt.save_final(final, build_model(cfg.model), config_yaml(cfg), ["connector"], "pretrain")
+    weights = final / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:8])
+    with pytest.raises(ValueError, match=f"{weights}.*cut short"):
+        load_model(final)

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf._utils import get_yaml_loader
 from omegaconf.grammar.gen.OmegaConfGrammarParser import OmegaConfGrammarParser
 from omegaconf.grammar_parser import parse
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
@@ -363,9 +363,15 @@ def final_parts(final_dir: Path) -> list[str]:
     metadata (re-saved with ``save_file``) is refused rather than loaded part by part over the built model's weights,
     and a part the metadata leaves out is still checked when the file holds some of its weights."""
     weights = final_dir / "model.safetensors"
-    with safe_open(str(weights), "pt") as f:
-        metadata = f.metadata() or {}
-        held = {k.split(".", 1)[0] for k in f.keys()}
+    try:
+        with safe_open(str(weights), "pt") as f:
+            metadata = f.metadata() or {}
+            held = {k.split(".", 1)[0] for k in f.keys()}
+    except SafetensorError as e:  # its own message names no file
+        raise ValueError(
+            f"{weights} cannot be read ({e}): the file is cut short or damaged (a full disk, a node lost while it was "
+            "written); rerun the stage's training, which trains it again from its step checkpoints"
+        ) from e
     if "parts" not in metadata:
         raise ValueError(
             f"{weights} has no 'parts' metadata, which alignlm writes with every final/ checkpoint to say which parts "
