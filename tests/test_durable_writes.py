@@ -121,6 +121,7 @@ def test_pruning_keeps_whole_checkpoints_over_damaged_newer_ones(tmp_path, align
     replace_bytes(cut, cut.read_bytes()[:50])  # a node lost before its write-back
     flipped = stage / "checkpoints" / "step_000005" / "scheduler.pt"
     replace_bytes(flipped, bytes(b ^ 0xFF for b in flipped.read_bytes()))  # damage of the same length
+    assert ckpt.verify(flipped.parent) and ckpt.verify(cut.parent)  # what the resume found, passing over them
     ckpt.prune(stage, 2, save_step(stage, 3))  # the resume from step 2 wrote step 3
     assert [p.name for p in ckpt.step_dirs(stage)] == ["step_000002", "step_000003"]
     assert f"checkpoint {stage / 'checkpoints' / 'step_000004'} is damaged ({cut} has 50 bytes" in alignlm_log.text
@@ -140,18 +141,25 @@ def test_pruning_hashes_no_checkpoint_this_process_knows(tmp_path, monkeypatch):
         ckpt.prune(stage, 2, save_step(stage, step))
     assert [p.name for p in ckpt.step_dirs(stage)] == ["step_000003", "step_000004"]
     assert hashed and all(p.parent.name.endswith(".tmp") for p in hashed)  # the new files alone, for their manifest
+    ckpt._whole.clear()  # a new process: a requeued job resuming from step 4
+    hashed.clear()
+    for step in (5, 6):
+        ckpt.prune(stage, 3, save_step(stage, step))
+    assert all(p.parent.name.endswith(".tmp") for p in hashed)  # the older checkpoints by their sizes alone
+    assert [p.name for p in ckpt.step_dirs(stage)] == ["step_000004", "step_000005", "step_000006"]
 
 
 def test_a_final_folder_cut_short_is_named_by_every_command_that_reads_it(tmp_path):
     """``alignlm eval``, ``export``, ``sea`` and ``v2l`` read a ``final/`` through ``load_model``: a cut-short weights
     file ended them with safetensors' own "header too small", naming no file."""
     from alignlm.models.build import build_model
-    from alignlm.models.io import config_yaml, load_model
+    from alignlm.models.io import config_yaml, final_stage, load_model
     from tests.conftest import compose
 
     cfg, final = compose(), tmp_path / "final"
     ckpt.save_final(final, build_model(cfg.model), config_yaml(cfg), ["connector"], "pretrain")
     weights = final / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:8])
-    with pytest.raises(ValueError, match=f"{weights}.*cut short"):
-        load_model(final)
+    for read in (load_model, final_stage):  # eval reads the stage first
+        with pytest.raises(ValueError, match=f"{weights}.*cut short"):
+            read(final)

@@ -254,3 +254,24 @@ def test_refresh_reads_only_the_shards_other_ranks_wrote(tmp_path, monkeypatch):
     assert checked == ["rank1.safetensors"]
     assert list(survey.found) == images and survey.missing == {}
     assert torch.equal(mine.get(images[1:3]), torch.stack([torch.zeros(3, 4), torch.ones(3, 4)]))
+
+
+def test_an_image_that_appears_after_the_survey_is_cached_under_a_stamp_taken_before_it_is_read(tmp_path, monkeypatch):
+    """An image start-up could not stat (still being written, a transient error) but readable when filling read it was
+    written with no stamp, which matches nothing: the hook then said the cache lacked it and the stage stopped."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from alignlm.data.feature_cache import FeatureCache, FeatureCacheHook, file_stamp
+    from alignlm.training import feature_cache as filling
+
+    image, cache = tmp_path / "late.png", FeatureCache(tmp_path / "cache")
+    survey = cache.survey([image])  # not there yet
+    Image.new("RGB", (8, 8)).save(image)
+    monkeypatch.setattr(filling, "shard_features", lambda model, dataset, part, acc: (list(part), [(8, 8)], torch.zeros(1, 2, 3)))  # fmt: skip
+    model = SimpleNamespace(vision=torch.nn.Identity())
+    filling.fill(model, None, cache, survey, [image], SimpleNamespace(process_index=0))
+    assert survey.missing[image][1] == file_stamp(image)
+    cache.refresh(survey)
+    FeatureCacheHook(cache, 10**8, None, survey).bind(None)  # found, not "lacks 1 images"

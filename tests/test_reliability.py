@@ -1280,3 +1280,61 @@ def test_a_metrics_row_cut_short_is_left_out_on_resume_with_a_warning(tmp_path, 
     with pytest.raises(ValueError, match=f"{re.escape(str(path))}:2: not a JSON object"):
         read_rows(path)
     assert read_rows(tmp_path / "none.jsonl") == []
+
+
+def _start_and_sleep(started) -> None:
+    import time
+
+    started.set()
+    time.sleep(30)
+
+
+def test_a_run_lock_is_not_held_by_the_processes_the_run_forked(tmp_path):
+    """A data-loader worker forked during the run shared the lock: kept alive after the run (by the traceback a
+    notebook keeps), it held it, and the rerun in that notebook was refused, naming its own process."""
+    import multiprocessing
+
+    from alignlm.pipeline import lock_run, unlock_run
+
+    fd = lock_run(tmp_path, "t")
+    fork = multiprocessing.get_context("fork")
+    started = fork.Event()
+    worker = fork.Process(target=_start_and_sleep, args=(started,))
+    worker.start()
+    try:
+        assert started.wait(30)
+        unlock_run(fd)  # the run ended; its worker lives on
+        again = lock_run(tmp_path, "t")
+        assert again is not None
+        unlock_run(again)
+    finally:
+        worker.kill()
+        worker.join()
+
+
+def test_a_run_lock_in_a_folder_or_file_this_user_cannot_write_is_taken_read_only_or_skipped(tmp_path, monkeypatch):
+    """The lock was created 0644 whatever the umask, and a lock file or folder this user cannot write (a team's shared
+    folder, a run folder an admin made) ended the run with a PermissionError traceback, where every other file of the
+    run let it resume. A lock file of another user is locked read-only (flock needs no write access); a folder where
+    none can be made runs unlocked, with a warning."""
+    fd = pipeline.lock_run(tmp_path, "t")
+    pipeline.unlock_run(fd)
+    lock = pipeline.run_lock_file(tmp_path, "t")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert lock.stat().st_mode & 0o777 == 0o666 & ~umask
+    opened = os.open
+
+    def no_write(path, flags, *args):
+        if str(path).endswith(".lock") and flags & (os.O_RDWR | os.O_WRONLY):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return opened(path, flags, *args)
+
+    monkeypatch.setattr(pipeline.os, "open", no_write)
+    fd = pipeline.lock_run(tmp_path, "t")  # another user's lock file: taken read-only ...
+    try:
+        with pytest.raises(ConfigError, match="in use by another alignlm run"):  # ... and it still refuses a second
+            pipeline.lock_run(tmp_path, "t")
+    finally:
+        pipeline.unlock_run(fd)
+    assert pipeline.lock_run(tmp_path, "u") is None  # no lock file there, none can be made: unlocked

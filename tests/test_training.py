@@ -912,3 +912,9 @@ def test_data_workers_are_forked_with_the_collectors_objects_frozen_and_the_rank
     frozen_in_worker = list(start_workers(loader))
     assert min(frozen_in_worker) > 0 and gc.get_freeze_count() == 0
     assert list(start_workers(torch.utils.data.DataLoader(_FreezeCount(), batch_size=None))) == [0, 0]
+    gc.freeze()  # a caller's own freeze is left as it is
+    try:
+        start_workers(torch.utils.data.DataLoader(_FreezeCount(), batch_size=None, num_workers=1))
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()

@@ -60,6 +60,7 @@ PRECISIONS = ("auto", "no", "bf16", "fp16")
 STAGE_SUMMARY = "summary.json"  # a stage's figures in its own folder; the run's summary.json gathers them
 # flock's errors on a filesystem that does not lock (Lustre mounted without -o flock, some NFS set-ups)
 _NO_LOCKING = (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK, errno.EINVAL)
+_READ_ONLY = (errno.EACCES, errno.EPERM, errno.EROFS)  # the lock file cannot be created or opened for writing
 
 
 # an accelerate launch config's DeepSpeed settings that alignlm sets itself (zero.OWNED), as accelerate passes them on
@@ -397,7 +398,14 @@ def lock_run(output_dir: Path, run_name: str) -> int | None:
     filesystem that cannot lock."""
     output_dir.mkdir(parents=True, exist_ok=True)
     path = run_lock_file(output_dir, run_name)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:  # the umask decides who else may write it, as for every other file of the run (a team's shared folder)
+        fd, writable = os.open(path, os.O_RDWR | os.O_CREAT, 0o666), True
+    except OSError as e:
+        if e.errno not in _READ_ONLY:
+            raise
+        if not path.exists():  # nowhere to put a lock: a folder another user made for this run
+            return _unlocked(path, e.strerror)
+        fd, writable = os.open(path, os.O_RDONLY), False  # flock needs no write access: another user's lock file
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -412,16 +420,40 @@ def lock_run(output_dir: Path, run_name: str) -> int | None:
         os.close(fd)
         if e.errno not in _NO_LOCKING:
             raise
-        get_logger("alignlm", 0).warning(
-            "%s cannot be locked on this filesystem (%s): a second run of this run_name started while this one runs "
-            "would not be refused",
-            path,
-            e.strerror,
-        )
-        return None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{socket.gethostname()}:{os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+        return _unlocked(path, e.strerror)
+    if writable:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{socket.gethostname()}:{os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+    _HELD_LOCKS.add(fd)
     return fd
+
+
+def unlock_run(fd: int) -> None:
+    """Let go of a run's lock (:func:`lock_run`'s descriptor)."""
+    _HELD_LOCKS.discard(fd)
+    os.close(fd)
+
+
+def _unlocked(path: Path, why: str) -> None:
+    get_logger("alignlm", 0).warning(
+        "%s cannot be locked (%s): a second run of this run_name started while this one runs would not be refused",
+        path,
+        why,
+    )
+    return None
+
+
+def _forget_locks_in_child() -> None:
+    """A forked process (a data-loader worker) drops its copies of the run locks: it shared them, so a worker kept
+    alive after its run (by a traceback a notebook keeps) held the lock, and the rerun in that notebook was refused,
+    naming its own process. The parent's lock is untouched."""
+    for fd in _HELD_LOCKS:
+        os.close(fd)
+    _HELD_LOCKS.clear()
+
+
+_HELD_LOCKS: set[int] = set()  # the run locks this process holds (lock_run), closed in forked children
+os.register_at_fork(after_in_child=_forget_locks_in_child)
 
 
 @contextlib.contextmanager
@@ -437,6 +469,8 @@ def run_lock(output_dir: Path, run_name: str, acc: Accelerator) -> Iterator[None
             fd = lock_run(output_dir, run_name)
         except ConfigError as e:
             refused = str(e)
+        except OSError as e:  # every rank learns it, not only this one (the others would wait for a lost main process)
+            refused = f"the lock of run_name={run_name} cannot be taken in output_dir={output_dir}: {e}"
     if acc.num_processes > 1:
         refused = broadcast_object_list([refused])[0]
     if refused is not None:
@@ -445,7 +479,7 @@ def run_lock(output_dir: Path, run_name: str, acc: Accelerator) -> Iterator[None
         yield
     finally:
         if fd is not None:
-            os.close(fd)
+            unlock_run(fd)
 
 
 def set_aside_earlier_runs(cfg: DictConfig, run_dir: Path) -> None:

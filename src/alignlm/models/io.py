@@ -357,21 +357,26 @@ def adapt_parts(model: nn.Module, state: dict[str, torch.Tensor], parts: Iterabl
     return state
 
 
+def _weights_header(weights: Path) -> tuple[dict[str, str], set[str]]:
+    """A ``final/`` weights file's metadata and the parts its tensors belong to, read from its header; a file cut
+    short or damaged is named (safetensors' own message, "header too small", names none)."""
+    try:
+        with safe_open(str(weights), "pt") as f:
+            return f.metadata() or {}, {k.split(".", 1)[0] for k in f.keys()}
+    except SafetensorError as e:
+        raise ValueError(
+            f"{weights} cannot be read ({e}): the file is cut short or damaged (a full disk, a node lost while it was "
+            "written); rerun the stage's training, which trains it again from its step checkpoints"
+        ) from e
+
+
 def final_parts(final_dir: Path) -> list[str]:
     """Which parts a ``final/`` checkpoint carries: those its ``parts`` metadata names (``save_final`` always writes
     it), and any part it holds weights of. Each must then arrive whole (``load_part_state``), so a file without the
     metadata (re-saved with ``save_file``) is refused rather than loaded part by part over the built model's weights,
     and a part the metadata leaves out is still checked when the file holds some of its weights."""
     weights = final_dir / "model.safetensors"
-    try:
-        with safe_open(str(weights), "pt") as f:
-            metadata = f.metadata() or {}
-            held = {k.split(".", 1)[0] for k in f.keys()}
-    except SafetensorError as e:  # its own message names no file
-        raise ValueError(
-            f"{weights} cannot be read ({e}): the file is cut short or damaged (a full disk, a node lost while it was "
-            "written); rerun the stage's training, which trains it again from its step checkpoints"
-        ) from e
+    metadata, held = _weights_header(weights)
     if "parts" not in metadata:
         raise ValueError(
             f"{weights} has no 'parts' metadata, which alignlm writes with every final/ checkpoint to say which parts "
@@ -397,8 +402,7 @@ def final_stage(final_dir: str | Path) -> str:
     folder it sits in (a ``final/`` saved before the name was written). The folder alone says nothing once the run's
     outputs were set aside (``resume=never``: ``<stage>/before-<time>/final``) or the folder was copied elsewhere."""
     final_dir = Path(os.path.abspath(final_dir))
-    with safe_open(str(final_dir / "model.safetensors"), "pt") as f:
-        stage = (f.metadata() or {}).get("stage")
+    stage = _weights_header(final_dir / "model.safetensors")[0].get("stage")
     return stage or final_dir.parent.name
 
 

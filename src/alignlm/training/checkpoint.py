@@ -218,8 +218,11 @@ def write_manifest(folder: Path) -> None:
 # Looks = a folder's manifest and each file's (name, bytes, modification time, inode): what it is without reading it.
 Looks = tuple[bytes, tuple[tuple[str, int, int, int], ...]]
 # The folders verify found whole in this process, as they looked then: hashing a 7B run's checkpoint (~100 GB with its
-# optimizer state) again at every save to prune would take minutes. A damaged one is checked again each time.
+# optimizer state) again at every save to prune would take minutes.
 _whole: dict[str, Looks] = {}
+# folders this process found damaged by their digests (a resume passing over them), while they look the same: what
+# the sizes alone cannot tell (damage of the same length) is still known to pruning
+_damaged: dict[str, tuple[Looks, str]] = {}
 
 
 def _looks(folder: Path) -> Looks:
@@ -240,9 +243,15 @@ def verify(folder: Path, digests: bool = True) -> str | None:
     key, looks = str(folder.resolve()), _looks(folder)
     if digests and _whole.get(key) == looks:
         return None
+    known = _damaged.get(key)
+    if known is not None and known[0] == looks:
+        return known[1]
     problem = _manifest_problem(folder, looks[0], digests)
-    if digests and problem is None:
-        _whole[key] = looks
+    if digests:
+        if problem is None:
+            _whole[key] = looks
+        else:
+            _damaged[key] = (looks, problem)
     return problem
 
 
@@ -820,14 +829,15 @@ def prune(stage_dir: Path, keep_last: int, written: Path) -> None:
     """Keep ``written`` (the checkpoint just saved) and the newest others that are whole (:func:`verify`) up to
     ``keep_last`` in all (0 keeps all); delete the rest, a damaged one with a warning naming what is wrong. Ranked by
     name alone, a damaged newer folder a resume had passed over outlived the older whole one, the last to fall back
-    on. Only the folders that would be kept are verified, each hashed once per process: the one just written and the
-    one a resume started from are known whole already."""
+    on. Only the folders that would be kept are checked, by their sizes and what a resume found hashing them: rank 0
+    prunes while the other ranks wait, and hashing the older checkpoints after each requeue (a 7B run's are ~100 GB
+    each) could outlast the collective timeout."""
     if keep_last <= 0:
         return
     room = keep_last - 1  # beside the one just written
     for folder in reversed([d for d in step_dirs(stage_dir) if d.resolve() != written.resolve()]):
         if room:
-            problem = verify(folder)
+            problem = verify(folder, digests=False)
             if problem is None:
                 room -= 1
                 continue

@@ -24,7 +24,7 @@ import torch
 from accelerate import Accelerator
 from omegaconf import OmegaConf
 
-from alignlm.data.feature_cache import FeatureCache, FeatureCacheHook, Size, Survey
+from alignlm.data.feature_cache import FeatureCache, FeatureCacheHook, Size, Survey, file_stamp
 from alignlm.data.images import image_size
 from alignlm.data.llava import LlavaDataset
 from alignlm.data.records import DataError
@@ -117,10 +117,15 @@ def fill(
 ) -> None:
     """Compute and write the features of ``images`` (this rank's share of those missing), a shard of ``SHARD`` at a
     time, each image with the key and stamp the survey saw: taken before it is read, so an edit meanwhile counts as a
-    change next time."""
+    change next time. An image the survey could not stat (it appeared since) is stamped now, before it is read: written
+    with no stamp it matched nothing, and the stage stopped saying the cache lacked it."""
     was_training = model.vision.training
     model.vision.eval()
     for start in range(0, len(images), SHARD):
+        for p in images[start : start + SHARD]:
+            key, stamp = survey.missing[p]
+            if stamp is None:
+                survey.missing[p] = (key, file_stamp(p))
         kept, sizes, features = shard_features(model, dataset, images[start : start + SHARD], acc)
         if features is not None:  # a unique name: a concurrent run or rank never replaces another's shard
             keys, stamps = zip(*(survey.missing[p] for p in kept))

@@ -1189,7 +1189,7 @@ def start_workers(loader: DataLoader) -> Iterator[Any]:
     shared with the rank: on 100k packed LLaVA-665k-like records a worker's private copy grew to 80 MB after an eighth
     of an epoch and one full collection, 4 MB frozen. The rank unfreezes at once, so its own cycles (a finished stage's
     modules) are still collected; the workers keep the frozen state they were forked with."""
-    if not loader.num_workers:
+    if not loader.num_workers or gc.get_freeze_count():  # frozen already by the caller: left as it is
         return iter(loader)
     gc.freeze()
     try:
