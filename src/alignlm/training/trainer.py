@@ -241,6 +241,9 @@ class Trainer:
         model = build_model(cfg.model)
         if self.check_model is not None:
             self.check_model(model)
+        # on the device before anything is widened or loaded: on the CPU every rank had made private fp32 copies of a
+        # memory-mapped bf16 LLM and of the starting weights (a 7B finetune: ~30 GB a rank, 8 ranks on one node)
+        model.to(acc.device)
         for part in (p for p, mode in stage.parts.items() if mode == "full" and p in model.PARTS):
             hold_in_fp32(getattr(model, part))
         init = self.init = ckpt.resolve_init(stage.get("init_from"), Path(cfg.output_dir) / cfg.run_name, cfg.stages)
@@ -248,7 +251,6 @@ class Trainer:
         self.inert = apply_stage(model, stage.parts, stage.get("lora"))  # what an older checkpoint may hold besides
         self.saved_parts = [p for p in model.PARTS if p in set(self.prev_parts) | set(trainable_parts(stage.parts))]
         self._store_frozen_in_half_precision(model)
-        model.to(acc.device)
         enable_checkpointing(model, stage.get("gradient_checkpointing"))
         if stage.get("compile"):
             compile_llm_layers(model)
@@ -1109,11 +1111,13 @@ class Trainer:
         model = self.core()
         final = self.dir / "final"
         full, _ = self.whole_state()
-        if full is not None and self.acc.is_main_process:
+        sharded = full is not None
+        if sharded and self.acc.is_main_process:
             model = build_model(self.cfg.model)
             apply_stage(model, self.stage.parts, self.stage.get("lora"))  # what trained in fp32: loaded unrounded
             model.load_state_dict(full)
-        if full is None or self.acc.is_main_process:
+        del full  # copied into the model: held through the merge and the save, rank 0 peaked at 5-6x the model
+        if not sharded or self.acc.is_main_process:
             merge_lora(model)
         if self.acc.is_main_process:
             ckpt.save_final(final, model, config_yaml(self.cfg), self.saved_parts, self.name, self.trained_from)
