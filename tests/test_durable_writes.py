@@ -135,8 +135,8 @@ def test_pruning_hashes_no_checkpoint_this_process_knows(tmp_path, monkeypatch):
     for step in (1, 2):
         save_step(stage, step)
     hashed: list[Path] = []
-    sha256 = ckpt._sha256
-    monkeypatch.setattr(ckpt, "_sha256", lambda path: (hashed.append(path), sha256(path))[1])
+    sha256 = ckpt.file_sha256
+    monkeypatch.setattr(ckpt, "file_sha256", lambda path: (hashed.append(path), sha256(path))[1])
     for step in (3, 4):
         ckpt.prune(stage, 2, save_step(stage, step))
     assert [p.name for p in ckpt.step_dirs(stage)] == ["step_000003", "step_000004"]

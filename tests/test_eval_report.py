@@ -1261,3 +1261,236 @@ def test_the_pca_plot_joins_the_pairs_with_one_collection(tmp_path, monkeypatch)
         segments = torch.stack([torch.as_tensor(s) for s in lines.get_segments()])
         torch.testing.assert_close(segments, torch.stack([a, b], dim=1))
     plt.close(figures[0])
+
+
+# ------------------------------------------------------------------ evaluations that stop part-way, and their cost
+
+
+def _copy_run(tiny_run, tmp_path):
+    """A copy of the tiny run, whose files a test may change."""
+    import shutil
+
+    return Path(shutil.copytree(tiny_run, tmp_path / "runs" / "t"))
+
+
+def test_an_interrupted_eval_keeps_what_finished_and_the_same_command_computes_only_the_rest(
+    tiny_run, colour_set, tmp_path, monkeypatch
+):
+    """Every checkpoint's results were held in memory until the last one was done: a job pre-empted in its third
+    checkpoint (or at 80 % of one 12.6k-question set) left nothing in --out, and the requeued job redid it all."""
+    from alignlm.evaluation import report
+
+    run = _copy_run(tiny_run, tmp_path)
+    ckpts = [run / "pretrain" / "final", run / "finetune" / "final"]
+    whole = _eval(ckpts, tmp_path / "whole", colour_set, "--no-plots")
+    calls = []
+    for name in ("answer_accuracy", "caption_scores"):
+        real = getattr(report, name)
+        monkeypatch.setattr(report, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
+    real_caption_scores = report.caption_scores
+
+    def pre_empted(*args, **kwargs):
+        if calls.count("caption_scores") == 1:  # the second checkpoint's caption set
+            raise KeyboardInterrupt
+        return real_caption_scores(*args, **kwargs)
+
+    monkeypatch.setattr(report, "caption_scores", pre_empted)
+    with pytest.raises(KeyboardInterrupt):
+        _eval(ckpts, tmp_path / "r", colour_set, "--no-plots")
+    kept = sorted(str(p.relative_to(tmp_path / "r")) for p in (tmp_path / "r").rglob("*") if p.is_file())
+    first, second = sorted({Path(p).parent.name for p in kept})
+    assert first.startswith("t--finetune--final-") and second.startswith("t--pretrain--final-")
+    assert [Path(p).name for p in kept] == [
+        "set-colours.json",  # the second checkpoint's question set, finished before the stop
+        "probe.json",
+        "probe.safetensors",  # the pooled features the PCA plot draws
+        "set-captions.json",
+        "set-colours.json",
+    ]
+    monkeypatch.setattr(report, "caption_scores", real_caption_scores)
+    loads = []
+    real_load = report.C.load
+    monkeypatch.setattr(report.C, "load", lambda ck, *a: loads.append(ck.label) or real_load(ck, *a))
+    calls.clear()
+    _eval(ckpts, tmp_path / "r", colour_set)  # the same command again (plots on: the kept features draw the PCA)
+    assert loads == ["t/finetune/final"] and calls == ["caption_scores"]  # only what was missing
+    assert (tmp_path / "r" / "report.json").read_bytes() == (whole / "report.json").read_bytes()
+    assert (tmp_path / "r" / "pca.png").exists()
+    # a changed scoring knob recomputes what it scores with; changed weights recompute their checkpoint
+    loads.clear(), calls.clear()
+    _eval(ckpts[:1], tmp_path / "r", colour_set, "--no-plots", "--max-new-tokens", "3")
+    assert loads == ["t/pretrain/final"] and calls == ["answer_accuracy"]
+    loads.clear(), calls.clear()
+    weights = ckpts[0] / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    _eval(ckpts[:1], tmp_path / "r", colour_set, "--no-plots", "--max-new-tokens", "3")
+    assert loads == ["t/pretrain/final"] and calls == ["answer_accuracy", "caption_scores"]
+
+
+def test_every_eval_knob_is_either_part_of_what_a_kept_result_is_keyed_by_or_changes_no_number():
+    """A knob missing from the keys of the kept pieces would serve results computed with its old value."""
+    from alignlm.commands.evaluate import eval_defaults
+    from alignlm.evaluation.report import NO_SCORE_KNOBS, PROBE_KNOBS, SET_KNOBS, TOKEN_BUDGET
+
+    classified = {*SET_KNOBS, *TOKEN_BUDGET.values(), *PROBE_KNOBS, *NO_SCORE_KNOBS}
+    assert set(eval_defaults()) == classified
+
+
+def _final_with_own_sets(tiny_run, tmp_path, run: str, sets: str):
+    """A copy of the tiny run's finetune final/ as run ``run``, its config's eval.sets set to ``sets``."""
+    import shutil
+
+    final = Path(shutil.copytree(tiny_run / "finetune" / "final", tmp_path / run / "finetune" / "final"))
+    config = final / "config.yaml"
+    text = config.read_text()
+    assert "eval:\n  sets: []" in text
+    config.write_text(text.replace("eval:\n  sets: []", f"eval:\n  sets: {sets}"))
+    return final
+
+
+def _refused_before_loading(monkeypatch):
+    from alignlm.evaluation import report
+
+    monkeypatch.setattr(report.C, "load", lambda *a, **k: pytest.fail("a checkpoint was loaded before the check"))
+
+
+def test_a_later_runs_own_set_that_is_not_there_is_refused_before_any_checkpoint_is_loaded(
+    tiny_run, colour_set, tmp_path, monkeypatch
+):
+    """Set files were checked for --sets only: a second run's own eval.sets naming a cluster path was found at its
+    turn, after the first run's evaluation, which was then lost."""
+    a = _final_with_own_sets(tiny_run, tmp_path, "a", f"[{{name: c, path: {colour_set['test']}}}]")
+    b = _final_with_own_sets(tiny_run, tmp_path, "b", "[{name: c, path: /scratch/data/gqa_testdev.json}]")
+    _refused_before_loading(monkeypatch)
+    message = r"b/finetune/final: the eval.sets of its run's config name files that are not there: \['/scratch/data"
+    with pytest.raises(ConfigError, match=message):
+        main(["eval", str(a), str(b), "--out", str(tmp_path / "r"), "--no-probe"])
+
+
+def test_a_reference_answer_that_cannot_be_scored_is_refused_before_any_checkpoint_is_loaded(
+    tiny_run, colour_set, tmp_path, monkeypatch
+):
+    """One annotator's "?" among ten human answers of the last question was refused after the whole set had been
+    generated (and every checkpoint before)."""
+    from alignlm.data.records import DataError
+
+    records = json.loads(colour_set["test"].read_text())
+    records[-1]["answer"] = ["red"] * 9 + ["?"]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(records))
+    _refused_before_loading(monkeypatch)
+    final = tiny_run / "finetune" / "final"
+    with pytest.raises(DataError, match=r"eval set 'q' \(.*bad.json\) record id=t11: answer '\?' is empty after"):
+        main(["eval", str(tiny_run / "pretrain" / "final"), str(final), "--out", str(tmp_path / "r"),
+              "--sets", f"q={bad}", "--no-probe"])  # fmt: skip
+
+
+def test_a_prompt_longer_than_the_stages_max_length_is_refused_before_any_answer_naming_it(
+    tiny_run, colour_set, tmp_path, monkeypatch
+):
+    """A question over data.max_length was found when its batch was made, after every answer before it, as "a cut
+    would leave no answer" (of a prompt), naming no set."""
+    from alignlm.data.records import DataError
+    from alignlm.evaluation import report
+
+    records = json.loads(colour_set["test"].read_text())
+    records[-1]["conversations"][0]["value"] = "<image>\n" + " ".join(f"tok{i}" for i in range(3000)) + "\nWhat?"
+    long = tmp_path / "long.json"
+    long.write_text(json.dumps(records))
+    monkeypatch.setattr(report, "answer_accuracy", lambda *a, **k: pytest.fail("answers generated before the check"))
+    message = (
+        r"t/finetune/final: eval set 'q' \(.*long.json\): record id=t11 has a prompt of \d+ tokens "
+        r"\(\d+ visual tokens per image\), over its stage.s data.max_length=2048"
+    )
+    with pytest.raises(DataError, match=message):
+        main(["eval", str(tiny_run / "finetune" / "final"), "--out", str(tmp_path / "r"), "--sets", f"q={long}",
+              "--no-probe"])  # fmt: skip
+
+
+def test_a_report_that_cannot_be_written_whole_leaves_the_last_one_as_it_was(tmp_path):
+    """report.json and report.md were rewritten in place: a full disk left report.json cut and unparseable beside the
+    last run's report.md, which looked whole."""
+    import resource
+
+    def result(label, n):
+        scores = {f"q{i}": float(i % 2) for i in range(n)}
+        return {
+            "label": label,
+            "sets": {"s": {"kind": "qa", "accuracy": 0.5, "n": n, "examples": [], "scores": scores}},
+        }
+
+    write_report([result("a", 4)], [{}], {"plots": False}, tmp_path)
+    before = {name: (tmp_path / name).read_bytes() for name in ("report.json", "report.md")}
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))  # a disk that fills while the new report is written
+    try:
+        with pytest.raises(OSError) as refused:
+            write_report([result("a", 200), result("b", 200)], [{}, {}], {"plots": False}, tmp_path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert refused.value.filename == str(tmp_path / "report.json")
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "report.md"]  # no temporary left
+
+
+def test_eval_workers_build_the_same_batches_in_the_same_order(tiny_model, colour_set, tmp_path):
+    """The images were decoded on the main thread between generation calls (5.6 ms a 336-px question, ~138 s a
+    checkpoint over four benchmarks); workers decode them ahead, and the answers stay the same."""
+    from omegaconf import OmegaConf
+
+    from alignlm.commands.evaluate import check_eval_config
+    from alignlm.evaluation.report import eval_workers
+    from alignlm.models.generation import generate_set
+    from alignlm.training.trainer import usable_cpus
+
+    model = tiny_model().eval()
+    data = OmegaConf.to_container(compose().stages.finetune.data, resolve=True)
+    path = str(colour_set["test"])
+    alone = generate_set(model, path, data, batch_size=5, max_new_tokens=4)
+    workers = generate_set(model, path, data, batch_size=5, max_new_tokens=4, num_workers=2)
+    assert workers == alone and len(alone) == 12
+    assert eval_workers("auto", torch.device("cpu")) == 0  # workers would take the cores generation runs on
+    assert eval_workers("auto", torch.device("cuda")) == min(8, usable_cpus())
+    assert eval_workers(3, torch.device("cpu")) == 3
+    with pytest.raises(SystemExit, match=r"num_workers=-1 must be auto or a whole number >= 0"):
+        check_eval_config(_eval_config("num_workers=-1"))
+
+
+def test_a_plain_templates_stop_string_is_prepared_once_per_tokenizer(tiny_model, colour_set, tmp_path, monkeypatch):
+    """transformers built a StopStringCriteria (the whole vocabulary read and sorted: 43 ms at 49k tokens) in every
+    generate() call; it is built once, and answers still end at the template's newline."""
+    from omegaconf import OmegaConf
+    from transformers import LogitsProcessor, LogitsProcessorList
+    from transformers.generation import stopping_criteria
+
+    from alignlm.models.generation import generate_set
+
+    built = []
+    real = stopping_criteria.StopStringCriteria.__init__
+    monkeypatch.setattr(
+        stopping_criteria.StopStringCriteria, "__init__", lambda self, *a, **k: built.append(1) or real(self, *a, **k)
+    )
+    model = tiny_model().eval()
+    tok = model.tokenizer
+    answer = tok("red", add_special_tokens=False).input_ids + tok("\n", add_special_tokens=False).input_ids
+    answer += tok(" blue green", add_special_tokens=False).input_ids
+
+    class Force(LogitsProcessor):  # every question answered "red\n blue green"
+        prompt = None
+
+        def __call__(self, input_ids, scores):
+            self.prompt = input_ids.shape[1] if self.prompt is None else self.prompt
+            out = torch.full_like(scores, -1e9)
+            out[:, answer[min(input_ids.shape[1] - self.prompt, len(answer) - 1)]] = 0
+            return out
+
+    data = {**OmegaConf.to_container(compose().stages.pretrain.data, resolve=True), "template": "plain"}
+    preds = []
+    for start in range(0, 12, 4):  # three calls of generate(), one per batch; a new processor each (its prompt)
+        gen = {"do_sample": False, "logits_processor": LogitsProcessorList([Force()])}
+        part = tmp_path / f"{start}.json"
+        part.write_text(json.dumps(json.loads(colour_set["test"].read_text())[start : start + 4]))
+        preds += generate_set(model, str(part), data, batch_size=4, max_new_tokens=8, generation=gen,
+                              image_root=str(colour_set["test"].parent))  # fmt: skip
+    assert [p for _, p, _ in preds] == ["red"] * 12
+    assert len(built) == 1

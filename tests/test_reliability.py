@@ -491,7 +491,7 @@ def test_a_manifest_that_is_not_one_is_a_reason_to_pass_the_checkpoint_by_not_a_
     for bad, why in [
         ([], "is not a manifest"),
         ({"trainable.safetensors": 5}, "is not a manifest"),
-        ({**whole, "../victim.bin": {"bytes": 1, "sha256": ckpt._sha256(outside)}}, "is not a manifest"),
+        ({**whole, "../victim.bin": {"bytes": 1, "sha256": ckpt.file_sha256(outside)}}, "is not a manifest"),
         ({}, "trainable.safetensors is not in the manifest"),  # an empty manifest once vouched for any files
     ]:
         (tmp_path / ckpt.MANIFEST).write_text(json.dumps(bad))

@@ -28,6 +28,8 @@ from alignlm.evaluation.lmms import run_lmms_eval, write_local_task
 from alignlm.evaluation.paired import against_first, markdown_lines, run_key, same_step_pairs, too_few_shared
 from alignlm.evaluation.plots import plot_accuracy_curves, plot_runs
 from alignlm.evaluation.report import (
+    PARTS,
+    check_checkpoints,
     check_set_names,
     evaluate_checkpoint,
     json_values,
@@ -138,6 +140,9 @@ def check_eval_config(ecfg: dict[str, Any]) -> None:
         nullable = key in ("limit", "probe.n")
         if (value is not None or not nullable) and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise SystemExit(f"eval {key}={value!r} must be a whole number >= 1" + (" (or null: all)" * nullable))
+    workers = ecfg.get("num_workers", "auto")
+    if workers != "auto" and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
+        raise SystemExit(f"eval num_workers={workers!r} must be auto or a whole number >= 0")
     if ecfg.get("template") is not None and ecfg["template"] not in TEMPLATES:
         raise SystemExit(f"eval template={ecfg['template']!r} is not known; choose one of {sorted(TEMPLATES)}")
     check_sets(ecfg.get("sets") or [])
@@ -189,10 +194,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     prepare_out(Path(args.out))
     device = torch.device(default_device() if ecfg["device"] == "auto" else ecfg["device"])
     cks = checkpoints.resolve(args.checkpoints)
+    check_checkpoints(cks, ecfg)
     log.info("evaluating %d checkpoints: %s", len(cks), ", ".join(c.label for c in cks))
     results, features = [], []
     for ck in cks:
-        r, f = evaluate_checkpoint(ck, ecfg, device)
+        try:
+            r, f = evaluate_checkpoint(ck, ecfg, device, Path(args.out))
+        except Exception:
+            log.warning(
+                "stopped at %s; what was finished is kept in %s, and the same command into --out %s reuses it",
+                ck.label,
+                Path(args.out) / PARTS,
+                args.out,
+            )
+            raise
         results.append(r)
         features.append(f)
     files = write_report(results, features, ecfg, Path(args.out))

@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
-from alignlm.data.records import read_records, reference_captions
+from alignlm.data.records import DataError, read_records, record_id, reference_captions
 from alignlm.evaluation.answers import choice_texts, names_only, reference_answers, score_answer
 from alignlm.evaluation.captions import bleu, cider_d
 from alignlm.models.generation import generate_set
@@ -43,6 +43,37 @@ def score_key(rid: str, record: Mapping[str, Any]) -> str:
     return "#" + str(rid).rpartition("#")[2]
 
 
+def scored(prediction: str, record: Mapping[str, Any]) -> tuple[float, float | None, int]:
+    """One question's score, its names-only score (None unless it has ``meta.choices`` and one answer) and how many
+    choices it has. Raises ``ValueError`` for what the record holds, whatever the prediction: an answer or a choice
+    that cannot be scored (:func:`check_answers` asks with an empty prediction)."""
+    choices = choice_texts((record.get("meta") or {}).get("choices") or [])
+    refs = reference_answers(record["answer"])
+    score = score_answer(prediction, refs, choices)
+    named = (
+        float(names_only(prediction, refs[0], choices)) if choices and not isinstance(record["answer"], list) else None
+    )
+    return score, named, len(choices)
+
+
+def check_answers(name: str, path: str, limit: int | None = None) -> None:
+    """Every question of a set's first ``limit`` records can be scored, checked from the file before any model is
+    loaded: a reference answer alignlm refuses (one annotator's "?" among ten) was found after the whole set had been
+    generated. A record that is no object is left to the dataset, which names it."""
+    for i, record in enumerate(read_records(path)[:limit]):
+        if not isinstance(record, dict):
+            continue
+        rid = record_id(record, path, i)
+        if "answer" not in record:
+            raise DataError(
+                f"eval set {name!r} ({path}) record id={rid} has no 'answer'; a question set needs one per record"
+            )
+        try:
+            scored("", record)
+        except ValueError as e:
+            raise DataError(f"eval set {name!r} ({path}) record id={rid}: {e}") from e
+
+
 def answer_accuracy(
     model: Any,
     name: str,
@@ -53,6 +84,7 @@ def answer_accuracy(
     limit: int | None = None,
     generation: Mapping[str, Any] | None = None,
     seed: int = 0,
+    num_workers: int = 0,
 ) -> dict[str, Any]:
     """Accuracy (exact match, or VQA accuracy for lists of answers), chance level, a few examples, and every
     question's score by id (``scores``, keyed by :func:`score_key`), so that two checkpoints can be compared question
@@ -62,7 +94,9 @@ def answer_accuracy(
     ``chance`` is the mean of ``1 / len(choices)`` over the ``chance_n`` records that have choices (0.0 when none
     has): a record without choices has no guessing level, and counting it as 0 would understate the others'.
     """
-    preds = generate_set(model, path, data_cfg, batch_size, max_new_tokens, limit, generation, seed)
+    preds = generate_set(
+        model, path, data_cfg, batch_size, max_new_tokens, limit, generation, seed, num_workers=num_workers
+    )
     correct, examples, scores, seen = 0.0, [], {}, Counter[str]()
     guesses: list[float] = []
     choice_scores: dict[str, float] = {}
@@ -73,17 +107,15 @@ def answer_accuracy(
         seen[base] += 1  # a repeated id gets "#k" from its second occurrence on, so no score is lost
         key = base if seen[base] == 1 else f"{base}#{seen[base] - 1}"
         try:
-            choices = choice_texts((rec.get("meta") or {}).get("choices") or [])
-            refs = reference_answers(rec["answer"])
-            score = score_answer(pred, refs, choices)
-            if choices and not isinstance(rec["answer"], list):
-                choice_scores[key] = float(names_only(pred, refs[0], choices))
+            score, named, n_choices = scored(pred, rec)
         except ValueError as e:
             raise ValueError(f"{path} record id={rid}: {e}") from e
+        if named is not None:
+            choice_scores[key] = named
         correct += score
         scores[key] = score
-        if choices:
-            guesses.append(1.0 / len(choices))
+        if n_choices:
+            guesses.append(1.0 / n_choices)
         if len(examples) < N_EXAMPLES:
             examples.append({"id": rid, "prediction": pred, "answer": rec["answer"], "correct": score == 1.0})
     n = len(preds)
@@ -113,9 +145,12 @@ def caption_scores(
     limit: int | None = None,
     generation: Mapping[str, Any] | None = None,
     seed: int = 0,
+    num_workers: int = 0,
 ) -> dict[str, Any]:
     """BLEU-4 and CIDEr-D of generated captions against the set's references, with a few examples."""
-    preds = generate_set(model, path, data_cfg, batch_size, max_new_tokens, limit, generation, seed)
+    preds = generate_set(
+        model, path, data_cfg, batch_size, max_new_tokens, limit, generation, seed, num_workers=num_workers
+    )
     hyps = [p for _, p, _ in preds]
     refs = [reference_captions(rec) for _, _, rec in preds]
     examples = [{"id": rid, "prediction": p, "reference": r[0]} for (rid, p, _), r in zip(preds[:N_EXAMPLES], refs)]

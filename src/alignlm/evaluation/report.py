@@ -3,29 +3,40 @@
 For each checkpoint: generation sets (question accuracy, caption BLEU-4 / CIDEr-D), alignment probes on a held-out
 caption set (docs/methods.md, metrics), and Mind the Gap's shift curve. The report is deterministic: fixed seeds,
 first-``n`` subsets, rounded floats, sorted keys; timings go to the console, never into the report.
+
+Each set's results and each probe's are kept under ``--out/parts`` as they finish (:class:`Parts`), keyed by what they
+were computed from, so an evaluation killed part-way (a pre-empted job) loses only the piece it was in, and the same
+command again computes only what is missing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import logging
 import math
+import os
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import DictConfig
+from safetensors.torch import load_file, save_file
 
 from alignlm.config import ConfigError
 from alignlm.data.build import aspect_ratio_of
 from alignlm.evaluation import checkpoints as C
 from alignlm.evaluation import paired, plots
-from alignlm.evaluation.evaluate import answer_accuracy, caption_scores, set_kind
+from alignlm.evaluation.evaluate import answer_accuracy, caption_scores, check_answers, set_kind
 from alignlm.geometry.metrics import retrieval_recall
 from alignlm.geometry.suite import PAIR_METRICS, flat
 from alignlm.models.artifacts import artifact_report
+from alignlm.models.generation import check_prompt_lengths
 from alignlm.models.probes import (
     check_probe_size,
     extract,
@@ -35,7 +46,9 @@ from alignlm.models.probes import (
     probe_metrics,
     resolve_layers,
 )
+from alignlm.training.checkpoint import file_sha256, replace_text, resolve_init, stage_place
 from alignlm.training.logging import json_values
+from alignlm.training.trainer import local_processes, usable_cpus
 
 log = logging.getLogger("alignlm")
 
@@ -52,6 +65,16 @@ HEADLINE = (
 DIGITS = 6
 PLOTS = ("pca", "metrics", "gap_shift", "layers", "artifacts")  # what write_plots draws, each to out/<name>.png
 Column = tuple[str, Callable[[dict[str, Any]], float | None], int]  # header, the value, its decimals in the table
+PARTS = "parts"  # the folder of --out that keeps each finished piece (Parts)
+# The eval knobs a set's results are computed with (and its kind's answer length, TOKEN_BUDGET), the knobs the probe's
+# are, and those that change no number of the report; every knob of configs/eval/default.yaml is in one of them
+# (tested), so a new knob cannot leave a finished piece reused after it changed.
+SET_KNOBS = ("template", "batch_size", "limit", "generation", "seed")
+TOKEN_BUDGET = {"qa": "max_new_tokens", "caption": "caption_max_new_tokens"}
+PROBE_KNOBS = ("probe", "gap_shift")
+# the sets are keyed by their files; the device by its type (cpu, cuda), as it was resolved
+NO_SCORE_KNOBS = ("sets", "plots", "num_workers", "device", "allow_code", "trust_remote_code")
+UNREPORTED_KNOBS = ("plots", "num_workers")  # which files were drawn, how fast: not what was measured
 
 
 def rounded(x: Any) -> Any:
@@ -74,12 +97,23 @@ def check_set_names(sets: Sequence[Mapping[str, Any]]) -> None:
         raise ConfigError(f"eval.sets name {twice} more than once; give each set a name of its own")
 
 
-def eval_sets(ecfg: Mapping[str, Any], train_cfg: Any) -> list[dict[str, Any]]:
-    """The configured sets, else the ones the checkpoint's run evaluated (``eval.sets`` of its config)."""
+def eval_sets(ecfg: Mapping[str, Any], train_cfg: Any, whose: str = "the checkpoint") -> list[dict[str, Any]]:
+    """The configured sets, else the ones the checkpoint's run evaluated (``eval.sets`` of its config), each file
+    there: a run's own set missing (a path relative to another folder, a cluster's path) was found at its turn, after
+    the checkpoints before it had been evaluated. ``whose``: the checkpoint, as the message names it."""
     sets = list(ecfg.get("sets") or [])
-    if not sets:
+    own = not sets
+    if own:
         sets = [dict(s) for s in (train_cfg.get("eval") or {}).get("sets") or []]
     check_set_names(sets)
+    missing = [str(s["path"]) for s in sets if not Path(str(s["path"])).is_file()]
+    if missing:
+        raise ConfigError(
+            f"{whose}: the eval.sets of its run's config name files that are not there: {missing} (a relative path "
+            "is read from the folder alignlm eval runs in); give the sets with --sets NAME=PATH"
+            if own
+            else f"{whose}: eval.sets name files that are not there: {missing}"
+        )
     return [
         {"name": str(s["name"]), "path": str(s["path"]), "kind": set_kind(str(s["path"]), str(s.get("kind", "auto")))}
         for s in sets
@@ -113,29 +147,178 @@ def probe_metrics_asked(pcfg: Mapping[str, Any], ecfg: Mapping[str, Any]) -> set
     return asked | ({shift.get("metric")} if shift.get("deltas") else set())
 
 
-def evaluate_checkpoint(
-    ck: C.Checkpoint, ecfg: Mapping[str, Any], device: torch.device
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """One checkpoint's results, and the pooled features the plots draw."""
-    t0 = time.perf_counter()
+@dataclass(frozen=True)
+class Plan:
+    """What one checkpoint is evaluated on, read from the eval config and its run's config without loading it."""
+
+    train_cfg: DictConfig
+    sets: list[dict[str, Any]]
+    probe: str | None  # the probe's caption file; None: no probe
+
+
+def checkpoint_plan(ck: C.Checkpoint, ecfg: Mapping[str, Any]) -> Plan:
+    """The sets and the probe file of one checkpoint; a checkpoint with neither is refused."""
     train_cfg = C.stage_config(ck)
-    sets = eval_sets(ecfg, train_cfg)
-    pcfg = dict(ecfg.get("probe") or {})
+    sets = eval_sets(ecfg, train_cfg, ck.label)
     path = probe_path(ecfg, sets)
-    if not sets and not (path and pcfg.get("enabled", True)):
+    if not sets and not (path and (ecfg.get("probe") or {}).get("enabled", True)):
         raise ValueError(
             f"nothing to evaluate for {ck.label}: its run had eval.sets=[] and no --sets NAME=PATH was "
             f"given, and the probe is {'off (--no-probe)' if path else 'without a caption set (probe.path)'}"
         )
-    probe = None
-    if path and pcfg.get("enabled", True):  # read first: a file too small for topk failed after the generation
-        probe = load_probe_set(path, pcfg.get("n"), pcfg.get("image_root"))
-        topk, asked = int(pcfg.get("topk", 10)), probe_metrics_asked(pcfg, ecfg)
-        check_probe_size(len(probe.ids), topk, asked, "probe", "eval probe.path", path, pcfg.get("n"))
-    model = C.load(ck, bool(ecfg.get("allow_code")), bool(ecfg.get("trust_remote_code"))).to(device)
-    data_cfg = C.data_config(ck, train_cfg)
+    return Plan(train_cfg, sets, path if (ecfg.get("probe") or {}).get("enabled", True) else None)
+
+
+def read_probe(path: str, ecfg: Mapping[str, Any]) -> Any:
+    """The probe's image-caption pairs, refused when too few for the metrics asked (a file too small for topk failed
+    after every answer had been generated)."""
+    pcfg = dict(ecfg.get("probe") or {})
+    probe = load_probe_set(path, pcfg.get("n"), pcfg.get("image_root"))
+    topk, asked = int(pcfg.get("topk", 10)), probe_metrics_asked(pcfg, ecfg)
+    check_probe_size(len(probe.ids), topk, asked, "probe", "eval probe.path", path, pcfg.get("n"))
+    return probe
+
+
+def check_checkpoints(cks: Sequence[C.Checkpoint], ecfg: Mapping[str, Any]) -> None:
+    """What would otherwise fail part-way, for every checkpoint before any is loaded: each has something to evaluate,
+    its sets are there (a run's own ``eval.sets`` too), every question's reference answer can be scored, and its probe
+    file has enough pairs. A prompt too long for a checkpoint's ``data.max_length`` needs its tokenizer: that is
+    checked once it is loaded, before its first answer (:func:`evaluate_checkpoint`)."""
+    answers: set[tuple[str, str]] = set()
+    probes: set[str] = set()
+    for ck in cks:
+        plan = checkpoint_plan(ck, ecfg)
+        for s in plan.sets:
+            if s["kind"] == "qa" and (s["name"], s["path"]) not in answers:
+                check_answers(s["name"], s["path"], ecfg.get("limit"))
+                answers.add((s["name"], s["path"]))
+        if plan.probe is not None and plan.probe not in probes:
+            read_probe(plan.probe, ecfg)
+            probes.add(plan.probe)
+
+
+def eval_workers(setting: Any, device: torch.device) -> int:
+    """``num_workers``: a number, or auto, training's rule: on CUDA ``min(8, CPUs of this process / processes on
+    its node)`` (SLURM's --cpus-per-task, not the machine's count), on the CPU 0, where workers would take the cores
+    generation runs on."""
+    if setting == "auto":
+        return min(8, usable_cpus() // local_processes(1)) if device.type == "cuda" else 0
+    return int(setting)
+
+
+def _stats(path: Path) -> list[list[Any]]:
+    """``[name, bytes, modification time]`` of a file, or of every file in a folder (below it too): a file rewritten,
+    replaced or cut since changes them, without reading it (a 7B ``final/`` is 14 GB)."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.exists() else []
+    return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+
+
+def checkpoint_identity(ck: C.Checkpoint, train_cfg: DictConfig) -> list[list[Any]]:
+    """What a checkpoint's weights are, as :func:`_stats` sees its files; a step checkpoint's model is also its
+    stage's ``config.yaml`` and the ``init_from`` weights it was rebuilt on (as ``checkpoints.load`` finds them)."""
+    if ck.kind == "final":
+        return _stats(ck.path)
+    run_dir, aside = stage_place(ck.stage_dir)
+    init = resolve_init(train_cfg.stages[ck.stage].get("init_from"), run_dir, train_cfg.stages, aside)
+    return _stats(ck.path) + _stats(ck.stage_dir / "config.yaml") + (_stats(init) if init else [])
+
+
+def _file_name(text: str) -> str:
+    """``text`` as a file name: other characters than letters, digits, ``.``, ``_`` and ``-`` become ``_``, and then a
+    digest of ``text`` keeps two names apart that became one."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", text).lstrip(".")
+    return safe if safe == text else f"{safe}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+
+
+@dataclass(frozen=True)
+class Parts:
+    """One checkpoint's finished pieces under ``--out/parts/<label>-<digest of its path>/``: ``set-<name>.json`` per
+    set, ``probe.json`` (with ``probe.safetensors``, the pooled features the PCA plot draws). Each is written whole
+    (``replace_text``) once computed, with its key: the checkpoint's files (:func:`checkpoint_identity`), the device
+    type, the input file's digest and the eval knobs it was computed with. A piece is reused only under the same key;
+    the report is built from the pieces, reused or not, exactly as from results just computed."""
+
+    folder: Path
+    checkpoint: list[list[Any]]
+    device: str
+
+    @classmethod
+    def of(cls, out: Path, ck: C.Checkpoint, train_cfg: DictConfig, device: torch.device) -> Parts:
+        where = hashlib.sha256(str(ck.path).encode()).hexdigest()[:8]
+        folder = out / PARTS / f"{_file_name(ck.label.replace('/', '--'))}-{where}"
+        return cls(folder, checkpoint_identity(ck, train_cfg), device.type)
+
+    def key(self, file: str, knobs: Mapping[str, Any]) -> dict[str, Any]:
+        """What a piece computed from ``file`` with ``knobs`` is keyed by, as JSON reads it back."""
+        path = os.path.abspath(file)
+        key = {
+            "checkpoint": self.checkpoint,
+            "device": self.device,
+            "file": [path, file_sha256(Path(path))],
+            "knobs": knobs,
+        }
+        return json.loads(json.dumps(key))
+
+    def read(self, name: str, key: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The piece ``name`` when it was computed under ``key``, else None (none yet, or another key: computed
+        again)."""
+        path = self.folder / f"{name}.json"
+        if not path.exists():
+            return None
+        try:
+            kept = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            log.warning("%s cannot be read (%s): computed again", path, e)
+            return None
+        if not isinstance(kept, dict) or kept.get("key") != key or "result" not in kept:
+            log.info("%s was computed from other weights, files or settings: computed again", path)
+            return None
+        features = kept.get("features")
+        if features is None:
+            return kept["result"]
+        file = self.folder / features["file"]
+        if not file.exists() or file_sha256(file) != features["sha256"]:
+            return None
+        return kept["result"] | {"features": load_file(str(file))}
+
+    def write(self, name: str, key: Mapping[str, Any], result: Mapping[str, Any]) -> None:
+        """Keep the piece ``name``; its ``features`` (tensors) in a safetensors file beside it, named with its digest
+        in the JSON, which is written last: a piece whose features were cut is computed again."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        kept: dict[str, Any] = {"key": key, "result": {k: v for k, v in result.items() if k != "features"}}
+        if result.get("features"):
+            file = self.folder / f"{name}.safetensors"
+            tmp = file.with_name(f".{file.name}.tmp{os.getpid()}")
+            save_file({k: v.detach().cpu().contiguous() for k, v in result["features"].items()}, str(tmp))
+            os.replace(tmp, file)
+            kept["features"] = {"file": file.name, "sha256": file_sha256(file)}
+        replace_text(self.folder / f"{name}.json", json.dumps(kept, sort_keys=True) + "\n")
+
+
+def set_knobs(ecfg: Mapping[str, Any], kind: str) -> dict[str, Any]:
+    """The eval knobs a set of ``kind`` is answered and scored with."""
+    return {k: ecfg.get(k) for k in (*SET_KNOBS, TOKEN_BUDGET[kind])}
+
+
+def evaluate_checkpoint(
+    ck: C.Checkpoint, ecfg: Mapping[str, Any], device: torch.device, out: Path | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One checkpoint's results, and the pooled features the plots draw. With ``out``, each set's and the probe's are
+    kept under ``out/parts`` as they finish, and those kept there under the same key are reused (:class:`Parts`); the
+    model is loaded only when something is left to compute."""
+    plan = checkpoint_plan(ck, ecfg)
+    data_cfg = C.data_config(ck, plan.train_cfg)
     if ecfg.get("template"):
         data_cfg["template"] = ecfg["template"]
+    pieces = {f"set-{_file_name(s['name'])}": s for s in plan.sets} | ({"probe": None} if plan.probe else {})
+    parts = Parts.of(out, ck, plan.train_cfg, device) if out is not None else None
+    keys = {name: piece_key(parts, s, plan, ecfg) for name, s in pieces.items()} if parts else {}
+    done = {n: found for n, key in keys.items() if parts and (found := parts.read(n, key)) is not None}
+    if parts and done:
+        reused = ", ".join(pieces[n]["name"] if pieces[n] else n for n in done)
+        log.info("%s: reused %s from %s (the same weights, files and settings)", ck.label, reused, parts.folder)
+    todo = [n for n in pieces if n not in done]
+    kept = done | _compute(ck, ecfg, device, plan, data_cfg, {n: pieces[n] for n in todo}, parts, keys)
     result: dict[str, Any] = {
         "label": ck.label,
         "above": ck.above,
@@ -145,57 +328,101 @@ def evaluate_checkpoint(
         "stage": ck.stage,
         "step": ck.step,
         "template": data_cfg.get("template"),
-        "sets": {},
+        "sets": {s["name"]: kept[name] for name, s in pieces.items() if s},
     }
-    gen = dict(ecfg.get("generation") or {})
+    probe = dict(kept.get("probe") or {})
+    features = probe.pop("features", {})
+    return result | probe, features
+
+
+def piece_key(parts: Parts, s: Mapping[str, Any] | None, plan: Plan, ecfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The key of a set's piece (``s``), or with None the probe's."""
+    if s is None:
+        return parts.key(str(plan.probe), {k: ecfg.get(k) for k in PROBE_KNOBS})
+    return parts.key(s["path"], set_knobs(ecfg, s["kind"]))
+
+
+def _compute(
+    ck: C.Checkpoint,
+    ecfg: Mapping[str, Any],
+    device: torch.device,
+    plan: Plan,
+    data_cfg: dict[str, Any],
+    pieces: Mapping[str, Mapping[str, Any] | None],
+    parts: Parts | None,
+    keys: Mapping[str, dict[str, Any]],
+) -> dict[str, dict[str, Any]]:
+    """The ``pieces`` of one checkpoint not kept yet (a set's, or None: the probe's), each kept in ``parts`` under its
+    key as it finishes. The model is loaded only for them, and every prompt of their sets is checked against the
+    stage's ``data.max_length`` before the first answer is generated."""
+    if not pieces:
+        return {}
+    t0 = time.perf_counter()
+    sets = {name: s for name, s in pieces.items() if s}
+    probe_set = read_probe(str(plan.probe), ecfg) if "probe" in pieces else None  # before loading, as the check did
+    model = C.load(ck, bool(ecfg.get("allow_code")), bool(ecfg.get("trust_remote_code"))).to(device)
+    limit = ecfg.get("limit")
+    for s in sets.values():
+        where = f"{ck.label}: eval set {s['name']!r} ({s['path']})"
+        check_prompt_lengths(model, s["path"], data_cfg, limit, where=where)
     common = {
         "batch_size": int(ecfg["batch_size"]),
-        "limit": ecfg.get("limit"),
-        "generation": gen,
+        "limit": limit,
+        "generation": dict(ecfg.get("generation") or {}),
         "seed": int(ecfg.get("seed", 0)),
+        "num_workers": eval_workers(ecfg.get("num_workers", "auto"), device),
     }
-    for s in sets:
-        if s["kind"] == "qa":
-            r = answer_accuracy(
-                model, s["name"], s["path"], data_cfg, max_new_tokens=int(ecfg["max_new_tokens"]), **common
-            )
-        else:
-            r = caption_scores(
-                model, s["name"], s["path"], data_cfg, max_new_tokens=int(ecfg["caption_max_new_tokens"]), **common
-            )
-        result["sets"][s["name"]] = r
+    computed: dict[str, dict[str, Any]] = {}
+    for name, s in sets.items():
+        score = answer_accuracy if s["kind"] == "qa" else caption_scores
+        budget = int(ecfg[TOKEN_BUDGET[s["kind"]]])
+        computed[name] = score(model, s["name"], s["path"], data_cfg, max_new_tokens=budget, **common)
+        if parts:
+            parts.write(name, keys[name], computed[name])
     t_gen = time.perf_counter()
-    features: dict[str, Any] = {}
-    if probe is not None:
-        layers = resolve_layers(model, pcfg.get("layers"), "probe.layers")
-        aspect_ratio = aspect_ratio_of(data_cfg)  # the probe images made square as the checkpoint's stage did
-        feats = extract(
-            model,
-            probe,
-            int(pcfg.get("batch_size", 32)),
-            layers,
-            aspect_ratio=aspect_ratio,
-            tokens=needs_tokens(pcfg["metrics"]),
-        )
-        topk = int(pcfg.get("topk", 10))
-        result["probe"] = {"path": path, **probe_metrics(feats, list(pcfg["metrics"]), topk, pcfg.get("layer_metrics"))}
-        shift = dict(ecfg.get("gap_shift") or {})
-        if shift.get("deltas"):  # the probe's k: the curve at delta 0 is the table's value
-            curve = gap_shift(feats, [float(d) for d in shift["deltas"]], shift["metric"], topk)
-            result["gap_shift"] = {"metric": shift["metric"], "curve": curve}
-        features = {"image": feats.visual_mean, "text": feats.text_mean}
-        artifacts = dict(pcfg.get("artifacts") or {})
-        if artifacts.get("enabled", True):
-            factor = float(artifacts.get("factor", 4.0))
-            try:
-                pixels = probe.pixels(model.image_spec, aspect_ratio)  # decoded once, by extract above
-                layers = artifact_report(model.vision, pixels, factor, int(pcfg.get("batch_size", 32)))
-                result["artifacts"] = {"factor": factor, "layers": layers}
-            except NotImplementedError as e:
-                result["artifacts"] = {"unavailable": str(e)}
+    if probe_set is not None:
+        computed["probe"] = probe_result(model, probe_set, str(plan.probe), ecfg, data_cfg)
+        if parts:
+            parts.write("probe", keys["probe"], computed["probe"])
     log.info("%s: generation %.1f s, probes %.1f s", ck.label, t_gen - t0, time.perf_counter() - t_gen)
     del model
-    return result, features
+    return computed
+
+
+def probe_result(
+    model: Any, probe: Any, path: str, ecfg: Mapping[str, Any], data_cfg: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The probe's metrics, the gap-shift curve and the tower's artifact tokens, with the pooled ``features``."""
+    pcfg = dict(ecfg.get("probe") or {})
+    layers = resolve_layers(model, pcfg.get("layers"), "probe.layers")
+    aspect_ratio = aspect_ratio_of(data_cfg)  # the probe images made square as the checkpoint's stage did
+    feats = extract(
+        model,
+        probe,
+        int(pcfg.get("batch_size", 32)),
+        layers,
+        aspect_ratio=aspect_ratio,
+        tokens=needs_tokens(pcfg["metrics"]),
+    )
+    topk = int(pcfg.get("topk", 10))
+    result: dict[str, Any] = {
+        "probe": {"path": path, **probe_metrics(feats, list(pcfg["metrics"]), topk, pcfg.get("layer_metrics"))}
+    }
+    shift = dict(ecfg.get("gap_shift") or {})
+    if shift.get("deltas"):  # the probe's k: the curve at delta 0 is the table's value
+        curve = gap_shift(feats, [float(d) for d in shift["deltas"]], shift["metric"], topk)
+        result["gap_shift"] = {"metric": shift["metric"], "curve": curve}
+    result["features"] = {"image": feats.visual_mean, "text": feats.text_mean}
+    artifacts = dict(pcfg.get("artifacts") or {})
+    if artifacts.get("enabled", True):
+        factor = float(artifacts.get("factor", 4.0))
+        try:
+            pixels = probe.pixels(model.image_spec, aspect_ratio)  # decoded once, by extract above
+            tower = artifact_report(model.vision, pixels, factor, int(pcfg.get("batch_size", 32)))
+            result["artifacts"] = {"factor": factor, "layers": tower}
+        except NotImplementedError as e:
+            result["artifacts"] = {"unavailable": str(e)}
+    return result
 
 
 def write_report(
@@ -205,18 +432,29 @@ def write_report(
     :data:`PLOTS` this report does not draw is removed from ``out``: an earlier report's ``pca.png`` beside this one
     would show checkpoints it never measured."""
     out.mkdir(parents=True, exist_ok=True)
-    config = {k: v for k, v in ecfg.items() if k != "plots"}  # what was measured, not which files were drawn
+    config = {k: v for k, v in ecfg.items() if k not in UNREPORTED_KNOBS}
     plot = bool(ecfg.get("plots", True))
     report = rounded({"config": config, "checkpoints": results, "paired": paired.against_first(results)})
     files = {"json": out / "report.json", "md": out / "report.md"}
-    files["json"].write_text(json.dumps(json_values(report), indent=2, sort_keys=True, allow_nan=False) + "\n")
-    files["md"].write_text(markdown(report["checkpoints"], report["paired"]))
+    write_whole(files["json"], json.dumps(json_values(report), indent=2, sort_keys=True, allow_nan=False) + "\n")
+    write_whole(files["md"], markdown(report["checkpoints"], report["paired"]))  # last: a whole table, a whole report
     if plot:
         files.update(write_plots(report["checkpoints"], features, out))
     for name in PLOTS:
         if name not in files:
             (out / f"{name}.png").unlink(missing_ok=True)
     return files
+
+
+def write_whole(path: Path, text: str) -> None:
+    """``path`` rewritten whole or not at all (``replace_text``), an error naming it: written in place, a full disk
+    left ``report.json`` cut and unparseable beside the last report's ``report.md``, which looked whole."""
+    try:
+        replace_text(path, text)
+    except OSError as e:
+        raise OSError(
+            e.errno, f"cannot write it ({e.strerror or e}); the report there before is unchanged", str(path)
+        ) from e
 
 
 def table_columns(results: list[dict[str, Any]]) -> list[Column]:

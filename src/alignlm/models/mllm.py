@@ -22,6 +22,7 @@ Nothing in the forward pass waits on the GPU: consistency checks are device-side
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.generation.stopping_criteria import StoppingCriteriaList, StopStringCriteria
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
@@ -395,7 +397,8 @@ class AlignLM(nn.Module):
         """Decode continuations of left-padded prompts; returns only the new token ids ``[B, <=max_new_tokens]`` (with
         ``return_dict_in_generate``, transformers' output with its ``sequences`` cut to them).
         ``stop``: the template's end of turn, where decoding stops besides EOS (plain text through transformers' stop
-        strings; the caller cuts the decoded text there too).
+        string criterion, built once per tokenizer: :func:`stop_string_criteria`, beside any ``stopping_criteria``
+        given; the caller cuts the decoded text there too).
 
         The prompt's ids go in beside its embeddings (which the LLM decodes from; the ids are not embedded again):
         with embeddings alone, transformers' repetition penalty took each row's left padding as the prompt to skip in
@@ -405,7 +408,9 @@ class AlignLM(nn.Module):
         embeds, _ = self.embed(batch)
         tok = self.tokenizer
         ends = sorted({tok.eos_token_id, *(stop.ids if stop else ())} - {None})
-        strings = {"stop_strings": [stop.text], "tokenizer": tok} if stop and stop.text else {}
+        criteria = StoppingCriteriaList(gen_kwargs.pop("stopping_criteria", None) or [])
+        if stop and stop.text:
+            criteria.append(stop_string_criteria(tok, stop.text))
         prompt = batch["input_ids"]
         out = self.llm.generate(
             input_ids=prompt,
@@ -414,13 +419,29 @@ class AlignLM(nn.Module):
             max_new_tokens=max_new_tokens,
             pad_token_id=tok.pad_token_id,
             eos_token_id=ends,
-            **strings,
+            stopping_criteria=criteria,
             **gen_kwargs,
         )
         if isinstance(out, torch.Tensor):
             return out[:, prompt.shape[1] :]
         out.sequences = out.sequences[:, prompt.shape[1] :]
         return out
+
+
+# Per tokenizer, its stop-string criteria by stop text: built once, not at every generate() call (a plain template's
+# "\n" made transformers read and sort the whole vocabulary per batch: 43 ms at SmolLM2's 49k tokens). Weak keys: a
+# checkpoint's tokenizer goes with its model.
+_STOP_CRITERIA: weakref.WeakKeyDictionary[Any, dict[tuple[int, str], StopStringCriteria]] = weakref.WeakKeyDictionary()
+
+
+def stop_string_criteria(tokenizer: Any, text: str) -> StopStringCriteria:
+    """transformers' criterion that stops a sequence once it ends in ``text``, as its ``stop_strings`` builds it, kept
+    per tokenizer and vocabulary size (a token added since would change what the criterion matches)."""
+    known = _STOP_CRITERIA.setdefault(tokenizer, {})
+    key = (len(tokenizer), text)
+    if key not in known:
+        known[key] = StopStringCriteria(tokenizer, [text])
+    return known[key]
 
 
 def attention_windows(config: Any) -> dict[str, int | None]:

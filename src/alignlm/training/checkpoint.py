@@ -201,7 +201,8 @@ def save_training_state(
     publish(tmp, ckpt_dir)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes, read in blocks (checkpoint manifests, evaluation's kept results)."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 23), b""):
@@ -211,7 +212,9 @@ def _sha256(path: Path) -> str:
 
 def write_manifest(folder: Path) -> None:
     """Every file's size and SHA-256, written last: a checkpoint is whole only when its manifest says so."""
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(folder.iterdir()) if p.is_file()}
+    files = {
+        p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in sorted(folder.iterdir()) if p.is_file()
+    }
     (folder / MANIFEST).write_text(json.dumps(files, indent=2))
 
 
@@ -278,7 +281,7 @@ def _manifest_problem(folder: Path, text: bytes, digests: bool) -> str | None:
         if path.stat().st_size != want["bytes"]:
             return f"{path} has {path.stat().st_size} bytes, the manifest says {want['bytes']} (truncated?)"
     for name, want in files.items() if digests else ():
-        if _sha256(folder / name) != want["sha256"]:
+        if file_sha256(folder / name) != want["sha256"]:
             return f"{folder / name} does not match its SHA-256 in the manifest (damaged)"
     return None
 
@@ -465,7 +468,7 @@ def input_files(stage: Mapping[str, Any], name: str) -> dict[str, dict[str, str]
         if any(_under(key, free) for free in FREE_ON_RESUME) or not _names(text, file=True):
             continue
         if text not in digests:
-            digests[text] = _sha256(Path(text))
+            digests[text] = file_sha256(Path(text))
         out[f"stages.{name}.{key}{CONTENTS}"] = {"path": text, "sha256": digests[text]}
     return out
 
@@ -482,7 +485,7 @@ def start_weights(init: Path | None) -> dict[str, Any] | None:
         return None
     record = Path(init) / TRAINED_FROM
     if record.is_file():
-        return {"path": str(init), "trained_from sha256": _sha256(record)}
+        return {"path": str(init), "trained_from sha256": file_sha256(record)}
     files = sorted(p for p in Path(init).glob("*") if p.suffix in WEIGHT_SUFFIXES and p.is_file())
     return {"path": str(init), "weights": {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files}}
 
