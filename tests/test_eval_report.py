@@ -1057,7 +1057,7 @@ def test_seed_line_and_the_seed_table_entry_point(tmp_path, capsys):
         (["--template", "vicunaa"], "template='vicunaa' is not known"),
         (["--sets", "x=/missing.json"], r"do not exist: \['/missing.json'\]"),
         (["--set", "probe.metrics=[cka,foo]"], r"unknown metrics \['foo'\]"),
-        (["--device", "gpu"], "device='gpu': auto, cpu, cuda or cuda:N"),
+        (["--device", "gpu"], "device='gpu': not a device torch knows; use auto, cpu, cuda or cuda:N"),
     ],
 )
 def test_eval_refuses_knobs_that_cannot_work_before_loading_anything(tmp_path, flags, message):

@@ -496,3 +496,135 @@ def test_exp_sea_writes_its_labels_and_trains(shapes_root, tmp_path):
     )  # every cell lists background
     assert figures["without background"]["tokens"] < 2 * 16
     assert all(0 <= f[k] <= 1 for f in figures.values() for k in ("token_word_acc", "top_word_acc", "constant_acc"))
+
+
+def _old_write_order(ids: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """write_labels' whole-array sort before it went by blocks: the bytes a labels file must keep."""
+    ids, scores = ids.astype(np.int32), scores.astype(np.float32)
+    scores = np.where(ids < 0, -np.inf, scores)
+    order = np.argsort(-scores, axis=-1, kind="stable")
+    ids, scores = np.take_along_axis(ids, order, -1), np.take_along_axis(scores, order, -1)
+    return ids, np.where(ids < 0, 0.0, scores).astype(np.float32)
+
+
+def _label_set(ids: np.ndarray, scores: np.ndarray, tmp_path, grid: tuple[int, int] = (2, 2)) -> LabelSet:
+    images = [tmp_path / f"{i}.png" for i in range(len(ids))]
+    return LabelSet([f"w{i}" for i in range(8)], grid, images, ids, scores, "test")
+
+
+@pytest.mark.parametrize("already_sorted", [True, False])
+def test_written_labels_are_the_bytes_of_the_whole_array_sort_sorted_or_not(tmp_path, monkeypatch, already_sorted):
+    """Blocks (a smaller block size here than at scale) and a sorted source left as it is write the same file."""
+    from safetensors.numpy import load_file
+
+    from alignlm.methods.sea import labels as sea_labels
+
+    monkeypatch.setattr(sea_labels, "SORT_ROWS", 3, raising=False)
+    rng = np.random.default_rng(0)
+    scores = rng.standard_normal((10, 4, 5)).astype(np.float32)
+    ids = rng.integers(-1, 8, (10, 4, 5))
+    if already_sorted:  # a top-k source: descending, empty slots last with score 0 (and one -0.0, which is not +0.0)
+        ids[..., :3], ids[..., 3:] = rng.integers(0, 8, (10, 4, 3)), -1
+        scores = -np.sort(-scores, axis=-1)
+        scores[..., 3:] = 0.0
+        scores[7, 1, 4] = -0.0
+    else:
+        scores[ids < 0] = 2.5  # an empty slot's score is dropped
+    out = write_labels(tmp_path / "l.safetensors", _label_set(ids, scores, tmp_path))
+    written, (want_ids, want_scores) = load_file(str(out)), _old_write_order(ids, scores)
+    assert written["words"].dtype == np.int32 and written["scores"].dtype == np.float32
+    assert written["words"].tobytes() == want_ids.tobytes() and written["scores"].tobytes() == want_scores.tobytes()
+
+
+def test_writing_sorted_labels_holds_no_copy_of_them(tmp_path, monkeypatch):
+    """At LLaVA-558k (576 cells, k=5) write_labels held ~46 bytes per entry for a 13 GB file: int64 sort order,
+    take_along_axis copies and a float64 where. A top-k source's arrays are written as they are; the order check
+    holds one block's temporaries (a tenth of the images here)."""
+    import tracemalloc
+
+    from alignlm.methods.sea import labels as sea_labels
+
+    monkeypatch.setattr(sea_labels, "SORT_ROWS", 40, raising=False)
+
+    n, cells, k = 400, 576, 5
+    scores = -np.sort(-np.random.default_rng(0).random((n, cells, k), dtype=np.float32), axis=-1)
+    ids = np.tile(np.arange(k, dtype=np.int32), (n, cells, 1))
+    labels = _label_set(ids, scores, tmp_path, (24, 24))
+    tracemalloc.start()
+    try:
+        write_labels(tmp_path / "l.safetensors", labels)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak / ids.size < 2, f"{peak / ids.size:.1f} bytes per entry at the peak"
+
+
+class _PatchEncoder:
+    """A dual encoder whose patch features are fixed per image (its path's digits), on whatever device it was put."""
+
+    name = "patches"
+
+    def __init__(self) -> None:
+        from alignlm.data.images import ImageSpec
+
+        self.image_spec = ImageSpec(8, (0.5,) * 3, (0.5,) * 3)
+
+    def encode_texts(self, texts):
+        return torch.eye(4)[: len(texts)] + 0.01
+
+    def patch_embeddings(self, pixel_values):
+        g = torch.Generator().manual_seed(int(pixel_values.sum() * 1000) % 1000)
+        return torch.randn(len(pixel_values), 3, 3, 4, generator=g)
+
+
+def test_dual_encoder_labels_fill_int32_arrays_a_sorted_write_keeps_as_they_are(shapes_root):
+    """Fewer words than k: the slots past them are empty; the arrays are the final dtype, and sorted already."""
+    from alignlm.methods.sea.labels import from_dual_encoder, sorted_candidates
+
+    data = [str(shapes_root / "shapes" / "pretrain.json")]
+    labels = from_dual_encoder(data, 5, _PatchEncoder(), ["a", "b", "c"], batch_size=3)
+    assert labels.word_ids.dtype == np.int32 and labels.scores.dtype == np.float32
+    assert labels.word_ids.shape == (8, 9, 5) and (labels.word_ids[..., 3:] == -1).all()
+    assert (labels.scores[..., 3:] == 0).all() and (labels.word_ids[..., :3] >= 0).all()
+    ids, scores = sorted_candidates(labels.word_ids, labels.scores)
+    assert ids is labels.word_ids and scores is labels.scores
+
+
+def test_dual_encoder_labels_refuse_a_missing_image_before_the_encoder_loads(shapes_root, tmp_path, monkeypatch):
+    import shutil
+
+    from alignlm.methods.sea import labels as sea_labels
+
+    folder = tmp_path / "shapes"
+    shutil.copytree(shapes_root / "shapes", folder)
+    (folder / "images" / "shapes_train_00001.png").unlink()
+    monkeypatch.setattr(sea_labels, "load_encoder", lambda *a, **kw: pytest.fail("the encoder loaded"))
+    with pytest.raises(DataError, match="1 images of the data are not files, the first .*shapes_train_00001.png"):
+        sea_labels.make_labels(
+            tmp_path / "l.safetensors", "dual_encoder", [folder / "pretrain.json"], model="m", words=["red"]
+        )
+
+
+def test_dual_encoder_labels_run_the_encoder_on_the_device_knob_which_makes_no_variant(shapes_root, monkeypatch):
+    from alignlm.methods.sea import labels as sea_labels
+
+    asked = []
+    monkeypatch.setattr(sea_labels, "load_encoder", lambda model, **kw: asked.append(kw["device"]) or _PatchEncoder())
+    data = [str(shapes_root / "shapes" / "pretrain.json")]
+    sea_labels.from_dual_encoder(data, 2, "m", ["a", "b"], device="cpu")
+    sea_labels.from_dual_encoder(data, 2, "m", ["a", "b"])
+    assert asked == ["cpu", sea_labels.default_device()]
+    knobs = sea_labels.label_knobs("dual_encoder", 2, {"model": "m", "words": ["a"], "device": "cpu"})
+    assert "device" not in knobs
+    with pytest.raises(ValueError, match="SEA labels device='gpu0': not a device torch knows; use cpu, cuda or cuda:N"):
+        sea_labels.from_dual_encoder(data, 2, "m", ["a", "b"], device="gpu0")
+
+
+def test_the_sea_labels_command_passes_device(shapes_root, tmp_path, monkeypatch):
+    from alignlm.methods.sea import labels as sea_labels
+
+    asked = []
+    monkeypatch.setattr(sea_labels, "load_encoder", lambda model, **kw: asked.append(kw["device"]) or _PatchEncoder())
+    argv = ["sea-labels", "dual_encoder", "--model", "m", "--words", "a,b", "--device", "cpu"]
+    argv += ["--data", str(shapes_root / "shapes" / "pretrain.json"), "--out", str(tmp_path / "l.safetensors")]
+    assert main(argv) == 0 and asked == ["cpu"]

@@ -122,3 +122,40 @@ def test_the_command_refuses_knobs_that_cannot_score_before_reading_anything(tmp
         main(["wca", "--encoder", missing, "--set", missing, "--descriptions", "a {c}", *flags])
     with pytest.raises(ValueError, match="crops=0"):
         WCAConfig(crops=0)
+
+
+def test_the_command_decodes_each_image_when_it_scores_it_on_the_asked_device(
+    tiny_clip, colour_set, tmp_path, monkeypatch, capsys
+):
+    """Decoding the whole set before scoring held ~1.2 MB per 640x480 image (57 GB for 50k): loads and scores now
+    alternate, with the same results as images decoded up front."""
+    from alignlm.commands import wca as wca_command
+    from alignlm.methods.wca import score as wca_score
+
+    events, devices = [], []
+    load, encode, build = wca_command.load_rgb, wca_score.scores, wca_command.load_encoder
+    monkeypatch.setattr(wca_command, "load_rgb", lambda p: events.append("load") or load(p))
+    monkeypatch.setattr(wca_score, "scores", lambda *a: events.append("score") or encode(*a))
+    monkeypatch.setattr(wca_command, "load_encoder", lambda e, device: devices.append(device) or build(e, device))
+    args = ["wca", "--encoder", str(tiny_clip), "--set", str(colour_set["test"]), "--descriptions", "a {c} square"]
+    out = tmp_path / "wca.json"
+    assert main([*args, "--crops", "2", "--seeds", "0", "1", "--device", "cpu", "--out", str(out)]) == 0
+    assert events == ["load", "score"] * 24 and devices == ["cpu"]
+    report = json.loads(out.read_text())
+    monkeypatch.undo()
+    shot = wca_command.zero_shot
+    monkeypatch.setattr(wca_command, "zero_shot", lambda encoder, images, *a: shot(encoder, list(images), *a))
+    upfront = tmp_path / "upfront.json"
+    assert main([*args, "--crops", "2", "--seeds", "0", "1", "--out", str(upfront)]) == 0
+    assert json.loads(upfront.read_text())["runs"] == report["runs"]
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [("gpu0", "'gpu0': not a device torch knows; use cpu, cuda or cuda:N"), ("cuda:0", "no CUDA device")],
+)
+def test_the_command_refuses_a_device_it_cannot_use(device, message, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        main(["wca", "--encoder", "e", "--set", "s", "--descriptions", "a {c}", "--device", device])
+    assert message in capsys.readouterr().err

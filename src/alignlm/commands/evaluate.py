@@ -38,7 +38,7 @@ from alignlm.evaluation.report import (
     write_report,
 )
 from alignlm.geometry.suite import ALL_METRICS
-from alignlm.models.device import default_device
+from alignlm.models.device import default_device, device_problem
 from alignlm.models.generation import check_generation
 from alignlm.models.probes import check_probe_metrics
 from alignlm.training.logging import get_logger
@@ -165,14 +165,9 @@ def check_device(device: str) -> None:
     """``device`` names one this machine has: ``--device cuda`` without CUDA failed after the model was loaded."""
     if device == "auto":
         return
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise SystemExit(f"eval device={device!r}: auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"eval device={device!r}: this machine has no CUDA device; use auto or cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise SystemExit(f"eval device={device!r}: this machine has {torch.cuda.device_count()} CUDA devices")
+    problem = device_problem(device)
+    if problem:
+        raise SystemExit(f"eval device={device!r}: {problem}; use auto, cpu, cuda or cuda:N")
 
 
 def prepare_out(out: Path) -> None:

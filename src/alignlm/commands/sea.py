@@ -62,6 +62,11 @@ def register(subparsers: Any) -> None:
     )
     s.add_argument("--batch-size", type=positive_int, default=32, help="images encoded at once")
     s.add_argument("--trust-remote-code", action="store_true", help="let transformers run code shipped with the model")
+    s.add_argument(
+        "--device",
+        default=None,
+        help="where the encoder runs (default: cuda when present, else cpu; also under accelerate launch --cpu)",
+    )
     p.set_defaults(func=cmd_sea_labels)
 
     p = subparsers.add_parser("sea-eval", help="token-word accuracy of final/ checkpoints, side by side")
@@ -113,6 +118,7 @@ def cmd_sea_labels(args: argparse.Namespace) -> int:
             grid=args.grid,
             batch_size=args.batch_size,
             trust_remote_code=args.trust_remote_code,
+            device=args.device,
         )
     out = Path(args.out) if args.out else Path(args.data[0]).parent / DEFAULT_NAME
     path = make_labels(out, args.source, args.data, args.k, **knobs)

@@ -251,8 +251,9 @@ class OfflineDualEncoder(_Weights):
 
     @torch.inference_mode()
     def image_features(self, images: list) -> Tensor:
-        """Pooled frozen EfficientNet features ``[B, 1280]``."""
-        return self.image_tower(self._pixels(images))[:, 0].float()
+        """Pooled frozen EfficientNet features ``[B, 1280]``, copied out of the tower's ``[B, 1 + cells, 1280]``
+        output: the fit keeps every batch's features, and a view would keep every batch's whole output alive."""
+        return self.image_tower(self._pixels(images))[:, 0].to(torch.float32, copy=True)
 
     @torch.inference_mode()
     def text_features(self, texts: list[str]) -> Tensor:

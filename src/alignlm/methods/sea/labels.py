@@ -37,7 +37,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from alignlm.data.images import load_rgb, preprocess
-from alignlm.data.records import DataError, record_images
+from alignlm.data.records import MISSING_IMAGE, DataError, record_images
 from alignlm.methods.provenance import (
     KEY,
     as_json,
@@ -48,6 +48,7 @@ from alignlm.methods.provenance import (
     files_digest,
     stamps_digest,
 )
+from alignlm.models.device import default_device, device_problem
 from alignlm.models.encoders import DualEncoder, load_encoder
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ log = logging.getLogger(__name__)
 VERSION = 1
 META_KEY = "alignlm.sea_labels"
 DEFAULT_NAME = "sea_labels.safetensors"
+SORT_ROWS = 1024  # images sorted at once when writing: bounds the sort's temporaries, whatever the set's size
 
 
 def check_shapes(words: tuple[int, ...], scores: tuple[int, ...], n_images: int, cells: int, where: str) -> None:
@@ -115,11 +117,7 @@ def write_labels(path: str | Path, labels: LabelSet, provenance: dict[str, Any] 
     (``{knobs, inputs}``, see :func:`make_labels`) goes into its metadata."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    ids, scores = labels.word_ids.astype(np.int32), labels.scores.astype(np.float32)
-    scores = np.where(ids < 0, -np.inf, scores)
-    order = np.argsort(-scores, axis=-1, kind="stable")
-    ids, scores = np.take_along_axis(ids, order, -1), np.take_along_axis(scores, order, -1)
-    scores = np.where(ids < 0, 0.0, scores).astype(np.float32)
+    ids, scores = sorted_candidates(labels.word_ids, labels.scores)
     root = path.parent.resolve()
     meta = {
         "version": VERSION,
@@ -139,6 +137,39 @@ def write_labels(path: str | Path, labels: LabelSet, provenance: dict[str, Any] 
     tmp.chmod(0o644)  # readable like the data beside it
     tmp.replace(path)
     return path
+
+
+def _rank(ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Scores as candidates rank: an empty slot (id -1) below every candidate."""
+    return np.where(ids < 0, np.float32(-np.inf), scores)
+
+
+def _is_sorted(ids: np.ndarray, scores: np.ndarray) -> bool:
+    """Candidates already descending and every empty slot's score exactly +0.0 (its bits): sorting would change no
+    byte."""
+    ranked = _rank(ids, scores)
+    return bool((ranked[..., :-1] >= ranked[..., 1:]).all()) and not np.where(ids < 0, scores.view(np.uint32), 0).any()
+
+
+def sorted_candidates(ids: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """int32 ids and float32 scores with each cell's candidates by descending score, empty slots last with score 0.
+
+    A block of ``SORT_ROWS`` images at a time, and arrays already in that order (a top-k source's) are returned as they
+    are: at LLaVA-558k's 576 cells and k=5 a whole-array sort held several 13 GB copies at once."""
+    ids, scores = np.asarray(ids, dtype=np.int32), np.asarray(scores, dtype=np.float32)
+    out_ids, out_scores = ids, scores  # copied at the first block that needs sorting
+    for start in range(0, len(ids), SORT_ROWS):
+        rows = slice(start, start + SORT_ROWS)
+        block_ids, block_scores = ids[rows], scores[rows]
+        if _is_sorted(block_ids, block_scores):
+            continue
+        if out_ids is ids:
+            out_ids, out_scores = ids.copy(), scores.copy()
+        ranked = _rank(block_ids, block_scores)
+        order = np.argsort(-ranked, axis=-1, kind="stable")
+        block_ids, ranked = np.take_along_axis(block_ids, order, -1), np.take_along_axis(ranked, order, -1)
+        out_ids[rows], out_scores[rows] = block_ids, np.where(block_ids < 0, np.float32(0.0), ranked)
+    return out_ids, out_scores
 
 
 class SeaLabels:
@@ -345,39 +376,65 @@ def from_dual_encoder(
     batch_size: int = 32,
     image_root: str | Path | None = None,
     trust_remote_code: bool = False,
+    device: str | None = None,
 ) -> LabelSet:
     """Label every image of ``data`` with its patches' nearest words under a dual encoder.
 
     ``model`` is a Hugging Face CLIPModel / SiglipModel name or path, an ``alignlm dual-encoder fit`` folder, or any
     ``DualEncoder``; ``words`` a list or a
-    text file with one word per line; ``prompt`` wraps each word before the text encoder.
+    text file with one word per line; ``prompt`` wraps each word before the text encoder. ``device`` is where a
+    named model runs (default: the GPU unless there is none, ``models/device.py``; CLIP-L/336 on the CPU takes
+    ~35 h for LLaVA-558k). Each batch's top-k goes straight into the final int32 / float32 arrays: per-batch lists
+    concatenated at the end held several copies of a 13 GB result.
     """
-    encoder = load_encoder(model, trust_remote_code=trust_remote_code) if isinstance(model, str) else model
     words = read_words(words)
     if "{w}" not in prompt:
         raise ValueError(f"prompt {prompt!r} must contain {{w}}, where each word goes")
     paths = sorted({p for _, images in record_images(data, image_root) for p in images})
+    if not paths:
+        raise DataError(f"no images in {[str(d) for d in data]}")
+    check_images(paths)
+    if isinstance(model, str):
+        encoder = load_encoder(model, device=encoder_device(device), trust_remote_code=trust_remote_code)
+    else:
+        encoder = model
+    word_ids = score_arr = None
     with torch.no_grad():
         text = encoder.encode_texts([prompt.format(w=w) for w in words])
-        ids, scores, shape = [], [], None
         for start in range(0, len(paths), batch_size):
             pixels = torch.stack(
                 [preprocess(load_rgb(p), encoder.image_spec) for p in paths[start : start + batch_size]]
             )
             i, s, shape = dual_encoder_scores(encoder, pixels, text, k, grid)
-            ids.append(i)
-            scores.append(s)
-    if shape is None:
-        raise DataError(f"no images in {[str(d) for d in data]}")
-    word_ids = torch.cat(ids).to(torch.int32).numpy()
-    if word_ids.shape[-1] < k:  # fewer words than k: pad with no-candidate slots
-        pad = ((0, 0), (0, 0), (0, k - word_ids.shape[-1]))
-        word_ids = np.pad(word_ids, pad, constant_values=-1)
-        score_arr = np.pad(torch.cat(scores).numpy(), pad)
-    else:
-        score_arr = torch.cat(scores).numpy()
+            if word_ids is None or score_arr is None:  # fewer words than k: the slots past them stay empty (-1, 0)
+                word_ids = np.full((len(paths), i.shape[1], k), -1, dtype=np.int32)
+                score_arr = np.zeros((len(paths), i.shape[1], k), dtype=np.float32)
+            rows = slice(start, start + len(i))
+            word_ids[rows, :, : i.shape[-1]], score_arr[rows, :, : s.shape[-1]] = i.numpy(), s.numpy()
     info = {"model": model if isinstance(model, str) else type(model).__name__, "prompt": prompt, "pooled_grid": grid}
     return LabelSet(list(words), shape, paths, word_ids, score_arr, "dual_encoder", info)
+
+
+def check_images(paths: Sequence[Path]) -> None:
+    """Every image a file, checked (a stat each) before the encoder loads: one missing image stopped the pass where it
+    came, after hours of work, and kept nothing."""
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise DataError(
+            f"SEA labels: {len(missing)} images of the data are not files, the first {str(missing[0])!r} (name the "
+            "folder the paths are relative to with image_root / --image-root, or drop the records)",
+            MISSING_IMAGE,
+        )
+
+
+def encoder_device(device: str | None) -> str:
+    """The ``device`` knob checked (a name torch knows, a GPU this machine has), ``default_device()`` when unset."""
+    if device is None:
+        return default_device()
+    problem = device_problem(device)
+    if problem:
+        raise ValueError(f"SEA labels device={device!r}: {problem}; use cpu, cuda or cuda:N, or leave it unset")
+    return device
 
 
 def read_words(words: Sequence[str] | str) -> list[str]:
@@ -400,7 +457,7 @@ SOURCES: dict[str, Callable[..., LabelSet]] = {"annotations": from_annotations, 
 
 # the knobs of a source that name what it reads (their contents are inputs) or only how it computes: not variants
 READ_KNOBS = ("annotations", "model", "image_root")
-HOW_KNOBS = ("batch_size", "trust_remote_code")
+HOW_KNOBS = ("batch_size", "trust_remote_code", "device")
 
 
 def source_arguments(source: str, data: Sequence[str | Path], k: int, knobs: dict[str, Any]) -> dict[str, Any]:

@@ -16,7 +16,7 @@ similarity); the temperatures, crop scales and the count are knobs (*ours* where
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,7 +94,7 @@ def scores(
 
 def zero_shot(
     encoder: Any,
-    images: Sequence[Image.Image],
+    images: Iterable[Image.Image],
     labels: Sequence[int],
     prompts: Sequence[str],
     descriptions: Sequence[Sequence[str]],
@@ -102,7 +102,8 @@ def zero_shot(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Zero-shot classification of ``images`` by the plain score and by WCA: accuracies and every image's
-    correctness under both (for paired differences)."""
+    correctness under both (for paired differences). ``images`` may be a generator: each is taken when it is scored,
+    so a large set is never decoded at once."""
     p, per_class = class_texts(encoder, prompts, descriptions, config.tau_text)
     rng = np.random.default_rng(seed)
     plain_right, wca_right = [], []
