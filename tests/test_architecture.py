@@ -15,7 +15,7 @@ PACKAGE = SRC / "alignlm"
 
 # Bottom to top: a module may import its own layer and the layers listed before it, never one after it.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("alignlm", "alignlm.constants", "alignlm.config")),
+    ("base", ("alignlm", "alignlm.constants", "alignlm.config", "alignlm.files")),
     ("geometry", ("alignlm.geometry",)),
     ("data", ("alignlm.data",)),
     ("models", ("alignlm.models",)),

@@ -243,3 +243,103 @@ def test_the_sima_prepare_step_builds_the_runs_own_model_or_a_checkpoints_code_o
     )
     run_prepare_steps(compose(*overrides, step))
     assert len(json.loads((tmp_path / "own" / "colours.json").read_text())) == 2
+
+
+def test_sima_keeps_each_finished_generation_pass_and_its_rerun_makes_the_same_files(
+    stub_sima, tmp_path, monkeypatch, caplog
+):
+    """The step kept nothing of a set until every pass was generated and judged: a run stopped in its last phase left
+    only the prompts, and the rerun generated every answer again (hours at SIMA's 17k prompts on one GPU). Each pass
+    is now kept as it finishes and reused under the same model, prompts and settings; the files equal an
+    uninterrupted run's."""
+    instruct = write_colour_set(tmp_path / "colours", n=3)["instruct"]
+    final = tmp_path / "final"
+    final.mkdir()
+    (final / "config.yaml").write_text("model: {}")
+    (final / "model.safetensors").write_text("first model")
+    passes, stop = [], {"at": None}
+
+    def answers(model, path, data, batch, tokens, limit, generation, seed, *_):
+        if seed == stop["at"]:
+            raise KeyboardInterrupt("killed at a sampled pass")
+        passes.append(seed)
+        n = len(json.loads(Path(path).read_text()))
+        return [(None, f"{model.tag} t={generation.get('temperature')} seed {seed} #{i}", None) for i in range(n)]
+
+    def pairs(model, prompts, options, *_):  # each prompt's greedy answer against its last sampled one
+        return [{"prompt": p, "a": o[0], "b": o[-1], "p_a_first": 0.9, "p_a_second": 0.9} for p, o in zip(prompts, options)]  # fmt: skip
+
+    monkeypatch.setattr(generate, "generate_set", answers)
+    monkeypatch.setattr(generate, "self_critic_pairs", pairs)
+    caplog.set_level(logging.INFO, logger=generate.__name__)
+
+    def prepare(out: Path, **knobs) -> dict[str, bytes]:
+        sets = [{"name": "colours", "path": str(instruct)}]
+        prepare_preferences(str(final), sets, str(out), {"template": "chat"}, samples=2, **knobs)
+        return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+    whole = prepare(tmp_path / "whole")
+    assert passes == [0, 1, 2] and {"colours.json", "colours.critic.json", "colours.run2.json"} <= set(whole)
+    passes.clear()
+    stop["at"] = 1  # killed at the first sampled pass
+    with pytest.raises(KeyboardInterrupt):
+        prepare(tmp_path / "cut")
+    assert passes == [0] and (tmp_path / "cut" / "colours.run0.json").exists()
+    assert not (tmp_path / "cut" / "colours.json").exists()
+    assert not list((tmp_path / "cut").glob(".*"))  # no half-written file left beside
+    passes.clear()
+    stop["at"] = None
+    assert prepare(tmp_path / "cut") == whole and passes == [1, 2]  # only the sampled passes generated again
+    assert "colours.run0.json reused" in caplog.text
+    (tmp_path / "cut" / "colours.json").unlink()  # made again: every pass reused
+    passes.clear()
+    assert prepare(tmp_path / "cut") == whole and passes == []
+    (tmp_path / "cut" / "colours.json").unlink()
+    prepare(tmp_path / "cut", temperature=0.5)  # another temperature: the greedy pass is still the same
+    assert passes == [1, 2]
+    (tmp_path / "cut" / "colours.json").unlink()
+    (final / "model.safetensors").write_text("the retrained model")
+    passes.clear()
+    caplog.clear()
+    assert prepare(tmp_path / "cut", temperature=0.5) != whole and passes == [0, 1, 2]  # another model: all again
+    assert "colours.run0.json were made from another model, prompts or settings" in caplog.text
+    records = json.loads((tmp_path / "cut" / "colours.json").read_text())
+    assert {r["chosen"] for r in records} == {f"the retrained model t=None seed 0 #{i}" for i in range(3)}
+
+
+def test_sima_writes_its_files_whole_so_a_full_disk_keeps_the_last_ones(stub_sima, tmp_path, monkeypatch):
+    """The critic file and the records were written in place (truncate, then write): a full disk or a kill in between
+    left half of the last ones, which no rerun or critic check could read."""
+    instruct = write_colour_set(tmp_path / "colours", n=3)["instruct"]
+    final = tmp_path / "final"
+    final.mkdir()
+    (final / "config.yaml").write_text("model: {}")
+    (final / "model.safetensors").write_text("first model")
+    out = tmp_path / "sima"
+    sets = [{"name": "colours", "path": str(instruct)}]
+    prepare_preferences(str(final), sets, str(out), {"template": "chat"})
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    opened = Path.open
+
+    def disk_full_at_the_critic(path, mode="r", *args, **kwargs):
+        f = opened(path, mode, *args, **kwargs)
+        if "w" not in mode or "critic.json" not in path.name:
+            return f
+        write = f.write
+
+        def half(text):  # the disk fills up halfway through the file
+            write(text[: len(text) // 2])
+            f.flush()
+            raise OSError(28, "No space left on device")
+
+        f.write = half
+        return f
+
+    (final / "model.safetensors").write_text("the retrained model")
+    with monkeypatch.context() as patch, pytest.raises(OSError, match="No space left"):
+        patch.setattr(Path, "open", disk_full_at_the_critic)
+        prepare_preferences(str(final), sets, str(out), {"template": "chat"})
+    after = {p.name: p.read_bytes() for p in out.iterdir()}
+    for name in ("colours.critic.json", "colours.json", "colours.provenance.json"):
+        assert after[name] == before[name]  # the last whole ones, still what they were made from
+    assert not [name for name in after if name.startswith(".")]

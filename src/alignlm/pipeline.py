@@ -35,6 +35,7 @@ from alignlm.config import ConfigError, instantiate
 from alignlm.data import GENERATORS, generator_defaults
 from alignlm.evaluation.evaluate import answer_accuracy
 from alignlm.evaluation.report import json_values
+from alignlm.files import replace_text
 from alignlm.models.build import build_model
 from alignlm.models.device import cpu_only
 from alignlm.models.io import load_final_weights
@@ -665,7 +666,7 @@ def _run(cfg: DictConfig, acc: Accelerator, stop: StopRequest) -> dict[str, Any]
         }
         # beside final/ as soon as the stage ends: a later stage's stop and rerun keeps it; whole or not at all
         if acc.is_main_process:
-            ckpt.replace_text(stage_file, json.dumps(json_values(summary["stages"][name]), indent=2, allow_nan=False))
+            replace_text(stage_file, json.dumps(json_values(summary["stages"][name]), indent=2, allow_nan=False))
         stop_if_asked(stop, acc, name, to_train[to_train.index(name) + 1 :], bool(cfg.eval.sets))
     leave_process_group(acc)
     if not acc.is_main_process:
@@ -674,7 +675,7 @@ def _run(cfg: DictConfig, acc: Accelerator, stop: StopRequest) -> dict[str, Any]
         with warn_only():  # the weights are saved: an op without a deterministic kernel (top-p) must not stop it now
             summary["eval"] = evaluate_final(cfg, final, acc.device)
     run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt.replace_text(run_dir / "summary.json", json.dumps(json_values(summary), indent=2, allow_nan=False))
+    replace_text(run_dir / "summary.json", json.dumps(json_values(summary), indent=2, allow_nan=False))
     log.info("\n%s", pipeline_table(summary))
     if stop.asked():  # during the evaluation, or the last stage's end with no evaluation: nothing was left to stop
         stop.served(acc)

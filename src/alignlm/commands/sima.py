@@ -17,6 +17,7 @@ from typing import Any
 from alignlm.commands._flags import add_trust_flags, positive_float, positive_int
 from alignlm.evaluation.checkpoints import data_config, resolve, stage_config
 from alignlm.evaluation.preferences import judge_agreement
+from alignlm.files import replace_text
 from alignlm.methods.sima.generate import generate_preferences
 from alignlm.models.io import load_model
 
@@ -28,7 +29,12 @@ def register(subparsers: Any) -> None:
     g = sub.add_parser("generate", help="answer, judge and write preference records from a final/ checkpoint")
     g.add_argument("checkpoint", help="a final/ folder (its config gives the template)")
     g.add_argument("--set", action="append", required=True, metavar="NAME=JSON", help="question set (repeatable)")
-    g.add_argument("--out", required=True, help="folder for <name>.json (records) and <name>.critic.json")
+    g.add_argument(
+        "--out",
+        required=True,
+        help="folder for <name>.json (records), <name>.critic.json and each generation pass's "
+        "<name>.run<k>.json (reused by a rerun)",
+    )
     g.add_argument(
         "--samples", type=positive_int, default=2, help="sampled answers per question besides the greedy one"
     )
@@ -77,5 +83,5 @@ def cmd_check(args: argparse.Namespace) -> int:
         )
     report = {f.name.removesuffix(".critic.json"): judge_agreement(json.loads(f.read_text())) for f in critics}
     print(json.dumps(report, indent=2))
-    (Path(args.out) / "critic_check.json").write_text(json.dumps(report, indent=2))
+    replace_text(Path(args.out) / "critic_check.json", json.dumps(report, indent=2))
     return 0

@@ -28,7 +28,7 @@ from alignlm.constants import IMAGE_TOKEN
 from alignlm.data.records import image_paths, read_records, record_id
 from alignlm.data.templates import to_turns
 from alignlm.evaluation.answers import choice_texts, reference_answers
-from alignlm.training.checkpoint import replace_text
+from alignlm.files import replace_text
 
 TASK_UTILS = '''"""lmms-eval task functions for a question set written by ``alignlm lmms-task``."""
 

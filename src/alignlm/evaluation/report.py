@@ -33,6 +33,7 @@ from alignlm.data.build import aspect_ratio_of
 from alignlm.evaluation import checkpoints as C
 from alignlm.evaluation import paired, plots
 from alignlm.evaluation.evaluate import answer_accuracy, caption_scores, check_answers, set_kind
+from alignlm.files import file_sha256, replace_text
 from alignlm.geometry.metrics import retrieval_recall
 from alignlm.geometry.suite import PAIR_METRICS, flat
 from alignlm.models.artifacts import artifact_report
@@ -46,7 +47,7 @@ from alignlm.models.probes import (
     probe_metrics,
     resolve_layers,
 )
-from alignlm.training.checkpoint import file_sha256, replace_text, resolve_init, stage_place
+from alignlm.training.checkpoint import resolve_init, stage_place
 from alignlm.training.logging import json_values
 from alignlm.training.trainer import local_processes, usable_cpus
 

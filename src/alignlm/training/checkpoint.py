@@ -16,8 +16,6 @@ A stage's starting weights (``init_from``) are read here too: another stage's ``
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import json
 import logging
 import os
@@ -33,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from alignlm.export.hf_llava import is_llava_dir, load_llava_weights
+from alignlm.files import file_sha256, sync
 from alignlm.models.io import load_final_weights, part_state, read_config_yaml, trained_buffers, trained_tensors
 from alignlm.training import sharding, zero
 
@@ -136,36 +135,6 @@ def publish(tmp: Path, final: Path) -> None:
     _whole[str(final.resolve())] = _looks(final)  # its manifest was made from these very bytes
 
 
-def sync(path: Path) -> None:
-    """Flush ``path`` (a file's bytes, a folder's entries) to the disk. A file system that cannot sync a folder
-    (EINVAL: some network and FUSE mounts) keeps its entries as well as it can; any other error is raised."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as e:
-        if not (path.is_dir() and e.errno == errno.EINVAL):
-            raise
-    finally:
-        os.close(fd)
-
-
-def replace_text(path: Path, text: str) -> None:
-    """Rewrite ``path`` whole or not at all: written beside it, synced, renamed over it, the rename synced. Written in
-    place (truncate, then write), a full disk or a kill in between left it empty: a resume's rewrite of
-    ``metrics.jsonl`` erased the stage's history, and the finished stage reported the wrong steps and first loss."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with tmp.open("w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    sync(path.parent)
-
-
 def save_training_state(
     ckpt_dir: Path,
     model: nn.Module,
@@ -199,15 +168,6 @@ def save_training_state(
         torch.save(r, tmp / f"rng_{rank}.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
     publish(tmp, ckpt_dir)
-
-
-def file_sha256(path: Path) -> str:
-    """The SHA-256 of a file's bytes, read in blocks (checkpoint manifests, evaluation's kept results)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 23), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_manifest(folder: Path) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from alignlm.training.checkpoint import replace_text
+from alignlm.files import replace_text
 
 WANDB_MODES = ("disabled", "offline", "online")
 

@@ -22,6 +22,14 @@ checkpoint's ``config.yaml`` and ``model.safetensors``, the run's own model conf
 it, the set's records and the prompts' images, by size and modification time) are the model's own: when one changed (the model retrained, ``sima.from`` moved to another, the set
 regenerated), the set is generated again with a warning, as it is when either file is missing. A set whose records
 are current is not generated again.
+
+Each generation pass over a set (the greedy one, then each sampled one) is kept as it finishes, in
+``<name>.run<k>.json``, with what its answers were made from (:func:`run_key`): the model's inputs above, the prompts'
+digest, the data config that renders them, the pass's generation settings and seed, the batch size and the device
+type. A step stopped later (killed while sampling or judging) keeps the passes it finished, and its rerun reuses those
+made under the same key and generates the others: each pass seeds itself (``seed + k``), so its answers, and the
+records judged from them, are the ones an uninterrupted step makes. Every file is written whole (beside it, then
+renamed over it): a kill never leaves half of one.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -39,6 +48,7 @@ from alignlm.constants import IGNORE_INDEX, IMAGE_TOKEN
 from alignlm.data.build import template_of
 from alignlm.data.records import image_names, read_records
 from alignlm.data.templates import reply
+from alignlm.files import replace_text
 from alignlm.methods.provenance import (
     KEY,
     as_json,
@@ -132,7 +142,7 @@ def judge(
     as the template writes them after the prompt, from the logits of one pass per reply (one pass in all when each
     reply is one token, the usual case: then it is the next-token distribution)."""
     path = work / "critic_prompts.json"
-    path.write_text(json.dumps(list(pairs)))
+    replace_text(path, json.dumps(list(pairs)))
     replies = answer_tokens(model.tokenizer, data_cfg)
     out = []
     for inputs, _ in prompt_batches(model, str(path), data_cfg, batch, image_root=image_root):
@@ -360,13 +370,99 @@ def generate_preferences(
     if not todo:
         return
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = load().to(default_device())
+    device = default_device()
+    model = load().to(device)
     for s, prompts, provenance in todo:
-        write_preferences(
-            model, s, prompts, out_dir, data, samples, temperature, max_new_tokens, batch_size, drop_inconsistent, seed
-        )
+        settings = GenerationSettings(samples, temperature, max_new_tokens, batch_size, seed, torch.device(device).type)
+        write_preferences(model, s, prompts, out_dir, data, settings, provenance["inputs"], drop_inconsistent)
         # last: records interrupted or refused before this keep the provenance of the records they replace
-        (out_dir / f"{s['name']}.provenance.json").write_text(json.dumps({KEY: provenance}, indent=1))
+        replace_text(out_dir / f"{s['name']}.provenance.json", json.dumps({KEY: provenance}, indent=1))
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How a set's answers are generated: ``samples`` sampled passes at ``temperature`` besides the greedy one, each
+    pass ``k`` seeded with ``seed + k``, on a device of type ``device`` (``cpu``, ``cuda``): the batch size and the
+    device change which numbers a sampled pass draws, so both are part of what a kept pass was made from."""
+
+    samples: int
+    temperature: float
+    max_new_tokens: int
+    batch_size: int
+    seed: int
+    device: str
+
+    def passes(self) -> list[dict[str, Any]]:
+        """The ``generate`` settings of each pass: the greedy one first, then the sampled ones."""
+        sampled = {"do_sample": True, "temperature": self.temperature, "top_k": 0}
+        return [{"do_sample": False}] + [sampled] * self.samples
+
+
+def run_key(
+    inputs: Mapping[str, str],
+    prompts: str,
+    data: Mapping[str, Any],
+    settings: GenerationSettings,
+    generation: Mapping[str, Any],
+    k: int,
+) -> dict[str, Any]:
+    """What pass ``k``'s answers are made from, as JSON reads it back: the model and the set (``inputs``, the records'
+    provenance inputs), the prompts' text (``prompts``, the prompt file's), the data config that renders them (less
+    its sources and hooks, which answering replaces and leaves out), the pass's ``generation`` settings, answer length
+    and seed, the batch size and the device type."""
+    rendering = {name: v for name, v in data.items() if name not in ("sources", "hooks")}
+    key = {
+        "inputs": dict(inputs),
+        "prompts": strings_digest([prompts]),
+        "data": rendering,
+        "generation": dict(generation),
+        "max_new_tokens": settings.max_new_tokens,
+        "seed": settings.seed + k,
+        "batch_size": settings.batch_size,
+        "device": settings.device,
+    }
+    return as_json(key)
+
+
+def kept_answers(path: Path, key: Mapping[str, Any]) -> list[str] | None:
+    """The answers kept in ``path`` when they were made under ``key``, else None (none kept, or made from other
+    inputs or settings: generated again, saying why)."""
+    if not path.exists():
+        return None
+    try:
+        kept = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        log.warning("SIMA answers %s cannot be read (%s): generating them again", path, e)
+        return None
+    if not isinstance(kept, dict) or kept.get("key") != key or not isinstance(kept.get("answers"), list):
+        log.info("SIMA answers %s were made from another model, prompts or settings: generating them again", path)
+        return None
+    log.info("SIMA answers %s reused (the same model, prompts and settings)", path)
+    return kept["answers"]
+
+
+def answer_pass(
+    model: Any, prompt_file: Path, data: Mapping[str, Any], image_root: str, path: Path, key: Mapping[str, Any]
+) -> list[str]:
+    """One pass's answers to every prompt of ``prompt_file``, in order: those kept in ``path`` under ``key``, or
+    generated with the settings ``key`` holds and kept there, whole, before the next pass starts."""
+    kept = kept_answers(path, key)
+    if kept is not None:
+        return kept
+    generated = generate_set(
+        model,
+        str(prompt_file),
+        data,
+        key["batch_size"],
+        key["max_new_tokens"],
+        None,
+        key["generation"],
+        key["seed"],
+        image_root,
+    )
+    answers = [pred for _, pred, _ in generated]
+    replace_text(path, json.dumps({"key": key, "answers": answers}))
+    return answers
 
 
 def write_preferences(
@@ -375,29 +471,30 @@ def write_preferences(
     prompts: list[dict[str, Any]],
     out_dir: Path,
     data: Mapping[str, Any],
-    samples: int,
-    temperature: float,
-    max_new_tokens: int,
-    batch_size: int,
+    settings: GenerationSettings,
+    inputs: Mapping[str, str],
     drop_inconsistent: bool,
-    seed: int,
 ) -> None:
-    """Answer, judge and write one set's ``<name>.critic.json`` and ``<name>.json`` (see the module docstring)."""
+    """Answer (each pass kept in ``<name>.run<k>.json``, or reused from there: :func:`answer_pass`), judge and write
+    one set's ``<name>.critic.json`` and ``<name>.json`` (see the module docstring); ``inputs`` are what the set's
+    records are made from."""
     image_root = str(Path(s["path"]).parent)
     prompt_file = out_dir / f"{s['name']}.prompts.json"
-    prompt_file.write_text(json.dumps(prompts))
-    runs = [{"do_sample": False}] + [{"do_sample": True, "temperature": temperature, "top_k": 0}] * samples
+    prompt_text = json.dumps(prompts)
+    replace_text(prompt_file, prompt_text)
     answers_by_run = [
-        [
-            pred
-            for _, pred, _ in generate_set(
-                model, str(prompt_file), data, batch_size, max_new_tokens, None, g, seed + k, image_root
-            )
-        ]
-        for k, g in enumerate(runs)
+        answer_pass(
+            model,
+            prompt_file,
+            data,
+            image_root,
+            out_dir / f"{s['name']}.run{k}.json",
+            run_key(inputs, prompt_text, data, settings, g, k),
+        )
+        for k, g in enumerate(settings.passes())
     ]
     answers = [list(a) for a in zip(*answers_by_run)]
-    pairs = self_critic_pairs(model, prompts, answers, data, image_root, out_dir, batch_size)
+    pairs = self_critic_pairs(model, prompts, answers, data, image_root, out_dir, settings.batch_size)
     records = []
     for p in pairs:
         prefer_a = (p["p_a_first"] + p["p_a_second"]) / 2 > 0.5
@@ -428,7 +525,7 @@ def write_preferences(
         }
         for p in pairs
     ]
-    (out_dir / f"{s['name']}.critic.json").write_text(json.dumps(critic, indent=1))
+    replace_text(out_dir / f"{s['name']}.critic.json", json.dumps(critic, indent=1))
     if not records:
         raise ValueError(
             f"SIMA kept no preference pair of {s['name']}: {len(pairs)} pairs judged, "
@@ -436,4 +533,4 @@ def write_preferences(
             "the same letter agrees with itself in neither order). Set drop_inconsistent=false (`alignlm sima generate --keep-inconsistent`) to keep every pair "
             f"with the two orders averaged; the judged pairs are in {out_dir / (s['name'] + '.critic.json')}"
         )
-    (out_dir / f"{s['name']}.json").write_text(json.dumps(records))
+    replace_text(out_dir / f"{s['name']}.json", json.dumps(records))
