@@ -1494,3 +1494,33 @@ def test_a_plain_templates_stop_string_is_prepared_once_per_tokenizer(tiny_model
                               image_root=str(colour_set["test"].parent))  # fmt: skip
     assert [p for _, p, _ in preds] == ["red"] * 12
     assert len(built) == 1
+
+
+def test_a_kept_result_is_keyed_by_the_images_its_file_names_the_code_and_the_local_weights_of_its_model(
+    tmp_path, monkeypatch
+):
+    """A set or probe file unchanged whose images were replaced, another alignlm (a scoring fix), and new weights at a
+    local path the run's model config names (a final/ holds only the parts it trained) had all been served the results
+    kept before."""
+    from omegaconf import OmegaConf
+
+    from alignlm.evaluation import report
+
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.png").write_bytes(b"one")
+    questions = tmp_path / "set.json"
+    questions.write_text(json.dumps([{"id": "1", "image": "a.png", "conversations": []}]))
+    parts = report.Parts(tmp_path / "parts", [], "cpu")
+    before = parts.key(str(questions), {}, str(images))
+    assert before == parts.key(str(questions), {}, str(images))
+    (images / "a.png").write_bytes(b"other")
+    assert parts.key(str(questions), {}, str(images)) != before
+    again = parts.key(str(questions), {}, str(images))
+    monkeypatch.setattr(report, "code_digest", lambda: "another version")
+    assert parts.key(str(questions), {}, str(images)) != again
+    llm = tmp_path / "llm"
+    llm.mkdir()
+    (llm / "model.safetensors").write_bytes(b"w")
+    cfg = OmegaConf.create({"model": {"llm": {"name_or_path": str(llm)}, "vision": {"name": "hub/model"}}})
+    assert [Path(p).name for p, *_ in report._model_files(cfg)] == ["model.safetensors"]

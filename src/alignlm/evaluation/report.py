@@ -11,6 +11,7 @@ command again computes only what is missing.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -25,11 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
+import alignlm
 from alignlm.config import ConfigError
 from alignlm.data.build import aspect_ratio_of
+from alignlm.data.records import DataError, image_paths, read_records
 from alignlm.evaluation import checkpoints as C
 from alignlm.evaluation import paired, plots
 from alignlm.evaluation.evaluate import answer_accuracy, caption_scores, check_answers, set_kind
@@ -216,12 +219,52 @@ def _stats(path: Path) -> list[list[Any]]:
 
 def checkpoint_identity(ck: C.Checkpoint, train_cfg: DictConfig) -> list[list[Any]]:
     """What a checkpoint's weights are, as :func:`_stats` sees its files; a step checkpoint's model is also its
-    stage's ``config.yaml`` and the ``init_from`` weights it was rebuilt on (as ``checkpoints.load`` finds them)."""
+    stage's ``config.yaml`` and the ``init_from`` weights it was rebuilt on (as ``checkpoints.load`` finds them). The
+    local files its model config names too (a frozen LLM or tower rebuilt from a folder: a ``final/`` holds only the
+    parts it trained, so new weights at that path had been served the old results)."""
+    own = _stats(ck.path) + _model_files(train_cfg)
     if ck.kind == "final":
-        return _stats(ck.path)
+        return own
     run_dir, aside = stage_place(ck.stage_dir)
     init = resolve_init(train_cfg.stages[ck.stage].get("init_from"), run_dir, train_cfg.stages, aside)
-    return _stats(ck.path) + _stats(ck.stage_dir / "config.yaml") + (_stats(init) if init else [])
+    return own + _stats(ck.stage_dir / "config.yaml") + (_stats(init) if init else [])
+
+
+def _model_files(train_cfg: DictConfig) -> list[list[Any]]:
+    """:func:`_stats` of every local file or folder a string of the run's ``model`` config names."""
+
+    def strings(node: Any) -> list[str]:
+        if isinstance(node, str):
+            return [node]
+        items = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        return [text for item in items for text in strings(item)]
+
+    model = OmegaConf.to_container(train_cfg.get("model") or {}, resolve=True)
+    return [stat for text in sorted(set(strings(model))) if os.path.exists(text) for stat in _stats(Path(text))]
+
+
+def _image_files(file: Path, root: Path) -> list[list[Any]]:
+    """:func:`_stats` of the images the records of ``file`` name under ``root``: a set or probe file unchanged whose
+    images were replaced had been served the old results. A record whose images cannot be listed is left to the
+    reading, which names it."""
+    found: set[Path] = set()
+    for record in read_records(file):
+        try:
+            found.update(image_paths(record, root) if isinstance(record, dict) else [])
+        except (DataError, ValueError):
+            continue
+    return [stat for path in sorted(found) for stat in _stats(path)]
+
+
+@functools.cache
+def code_digest() -> str:
+    """A digest of alignlm's own source: a piece kept by another version (a scoring fix, a metric changed) is
+    computed again, not served into the new version's report."""
+    root = Path(alignlm.__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(f"{path.relative_to(root)}\0".encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _file_name(text: str) -> str:
@@ -249,13 +292,16 @@ class Parts:
         folder = out / PARTS / f"{_file_name(ck.label.replace('/', '--'))}-{where}"
         return cls(folder, checkpoint_identity(ck, train_cfg), device.type)
 
-    def key(self, file: str, knobs: Mapping[str, Any]) -> dict[str, Any]:
-        """What a piece computed from ``file`` with ``knobs`` is keyed by, as JSON reads it back."""
-        path = os.path.abspath(file)
+    def key(self, file: str, knobs: Mapping[str, Any], image_root: str | None = None) -> dict[str, Any]:
+        """What a piece computed from ``file`` (its images under ``image_root``, by default its folder) with ``knobs``
+        is keyed by, as JSON reads it back."""
+        path = Path(os.path.abspath(file))
         key = {
+            "alignlm": code_digest(),
             "checkpoint": self.checkpoint,
             "device": self.device,
-            "file": [path, file_sha256(Path(path))],
+            "file": [str(path), file_sha256(path)],
+            "images": _image_files(path, Path(image_root) if image_root else path.parent),
             "knobs": knobs,
         }
         return json.loads(json.dumps(key))
@@ -291,8 +337,9 @@ class Parts:
             file = self.folder / f"{name}.safetensors"
             tmp = file.with_name(f".{file.name}.tmp{os.getpid()}")
             save_file({k: v.detach().cpu().contiguous() for k, v in result["features"].items()}, str(tmp))
+            digest = file_sha256(tmp)  # before the rename: another run may replace the file right after it
             os.replace(tmp, file)
-            kept["features"] = {"file": file.name, "sha256": file_sha256(file)}
+            kept["features"] = {"file": file.name, "sha256": digest}
         replace_text(self.folder / f"{name}.json", json.dumps(kept, sort_keys=True) + "\n")
 
 
@@ -339,7 +386,8 @@ def evaluate_checkpoint(
 def piece_key(parts: Parts, s: Mapping[str, Any] | None, plan: Plan, ecfg: Mapping[str, Any]) -> dict[str, Any]:
     """The key of a set's piece (``s``), or with None the probe's."""
     if s is None:
-        return parts.key(str(plan.probe), {k: ecfg.get(k) for k in PROBE_KNOBS})
+        image_root = (ecfg.get("probe") or {}).get("image_root")
+        return parts.key(str(plan.probe), {k: ecfg.get(k) for k in PROBE_KNOBS}, image_root)
     return parts.key(s["path"], set_knobs(ecfg, s["kind"]))
 
 
