@@ -231,7 +231,8 @@ def checkpoint_identity(ck: C.Checkpoint, train_cfg: DictConfig) -> list[list[An
 
 
 def _model_files(train_cfg: DictConfig) -> list[list[Any]]:
-    """:func:`_stats` of every local file or folder a string of the run's ``model`` config names."""
+    """:func:`_stats` of every local file or folder a string of the run's ``model`` config names as a path (with a
+    ``/``: a word such as ``auto`` or ``.`` is no model's folder, whatever the current folder holds)."""
 
     def strings(node: Any) -> list[str]:
         if isinstance(node, str):
@@ -240,7 +241,8 @@ def _model_files(train_cfg: DictConfig) -> list[list[Any]]:
         return [text for item in items for text in strings(item)]
 
     model = OmegaConf.to_container(train_cfg.get("model") or {}, resolve=True)
-    return [stat for text in sorted(set(strings(model))) if os.path.exists(text) for stat in _stats(Path(text))]
+    named = sorted(text for text in set(strings(model)) if "/" in text and text.strip("./") and os.path.exists(text))
+    return [stat for text in named for stat in _stats(Path(text))]
 
 
 def _image_files(file: Path, root: Path) -> list[list[Any]]:
