@@ -132,7 +132,6 @@ def publish(tmp: Path, final: Path) -> None:
         shutil.rmtree(final)
     os.replace(tmp, final)
     sync(final.parent)
-    _whole[str(final.resolve())] = _looks(final)  # its manifest was made from these very bytes
 
 
 def save_training_state(
@@ -180,9 +179,6 @@ def write_manifest(folder: Path) -> None:
 
 # Looks = a folder's manifest and each file's (name, bytes, modification time, inode): what it is without reading it.
 Looks = tuple[bytes, tuple[tuple[str, int, int, int], ...]]
-# The folders verify found whole in this process, as they looked then: hashing a 7B run's checkpoint (~100 GB with its
-# optimizer state) again at every save to prune would take minutes.
-_whole: dict[str, Looks] = {}
 # folders this process found damaged by their digests (a resume passing over them), while they look the same: what
 # the sizes alone cannot tell (damage of the same length) is still known to pruning
 _damaged: dict[str, tuple[Looks, str]] = {}
@@ -199,22 +195,17 @@ def _looks(folder: Path) -> Looks:
 def verify(folder: Path, digests: bool = True) -> str | None:
     """Why a step checkpoint or ``final/`` cannot be trusted (naming the file), or None when every file matches its
     manifest. ``digests`` False: names and sizes only (what a full disk, a kill or a lost node leaves: a file missing,
-    empty or short), without reading the files. A folder found whole is not read again while it looks the same
-    (:func:`_looks`): hashed once per process, not at every save."""
+    empty or short), without reading the files. A folder found damaged by its digests is remembered while it looks the
+    same (:func:`_looks`), so pruning, which reads sizes only, still knows it."""
     if not (folder / MANIFEST).exists():  # written before manifests existed: its atomic publication is all the proof
         return None
     key, looks = str(folder.resolve()), _looks(folder)
-    if digests and _whole.get(key) == looks:
-        return None
     known = _damaged.get(key)
     if known is not None and known[0] == looks:
         return known[1]
     problem = _manifest_problem(folder, looks[0], digests)
-    if digests:
-        if problem is None:
-            _whole[key] = looks
-        else:
-            _damaged[key] = (looks, problem)
+    if digests and problem is not None:
+        _damaged[key] = (looks, problem)
     return problem
 
 
