@@ -1277,18 +1277,22 @@ class TrainingError(RuntimeError):
 def stage_done(cfg: DictConfig, name: str) -> bool:
     """A stage whose ``final/`` exists whole is complete (resume=auto skips it, once the pipeline has checked that it
     was trained from this run's settings and files: ``pipeline.check_finished_stages``)."""
-    final = Path(cfg.output_dir) / cfg.run_name / name / "final"
-    return cfg.resume != "never" and (final / "model.safetensors").exists() and ckpt.final_intact(final) is None
+    final = _final_to_keep(cfg, name)
+    return final is not None and ckpt.final_intact(final) is None
 
 
 def damaged_final(cfg: DictConfig, name: str) -> str | None:
     """What is wrong with a stage's ``final/`` that is there but not whole (a file cut short or empty: a node lost
     during or after its write), so the stage is trained again from its step checkpoints; None otherwise. Every rerun
     had crashed loading it, naming no file."""
+    final = _final_to_keep(cfg, name)
+    return None if final is None else ckpt.final_intact(final)
+
+
+def _final_to_keep(cfg: DictConfig, name: str) -> Path | None:
+    """The stage's ``final/`` where it holds weights and the run may keep it (not ``resume=never``)."""
     final = Path(cfg.output_dir) / cfg.run_name / name / "final"
-    if cfg.resume == "never" or not (final / "model.safetensors").exists():
-        return None
-    return ckpt.final_intact(final)
+    return final if cfg.resume != "never" and (final / "model.safetensors").exists() else None
 
 
 def summarize(result: StageResult) -> str:
