@@ -40,7 +40,7 @@ from alignlm.data.build import build_dataset
 from alignlm.data.collate import Collator, Skipped
 from alignlm.data.images import load_rgb
 from alignlm.data.llava import LlavaDataset
-from alignlm.data.records import TOO_LONG, DataError, Source, image_problem, record_images
+from alignlm.data.records import TOO_LONG, DataError, Source, record_images
 from alignlm.data.templates import get_template, special_ids, to_turns, tokenize
 from alignlm.models.io import UnsafeConfigError, config_yaml, load_checkpoint_config, load_model, safe_model_config
 from alignlm.models.probes import load_probe_set
@@ -431,7 +431,7 @@ def test_every_reader_of_records_keeps_image_paths_inside_their_root(root, monke
         load_probe_set(root / "odd.json")
     monkeypatch.chdir(root)  # a relative root, "." included, is the folder it names
     assert Source("ok.json").image_paths(captions[0]) == [Path("images/0.png")]
-    assert image_problem(captions[0], Source("ok.json", image_root=".")) is None
+    assert Source("ok.json", image_root=".").image_paths(captions[0]) == [Path("images/0.png")]
 
 
 # ---- damaged checkpoints ------------------------------------------------------------------------------------------------

@@ -293,15 +293,6 @@ def outside_root(name: str, base: str) -> bool:
     return joined != base and not joined.startswith(base.rstrip(os.sep) + os.sep)
 
 
-def image_problem(record: dict[str, Any], source: Source) -> str | None:
-    """Why a record's images may not be read from ``source``, or None."""
-    try:
-        source.image_paths(record)
-    except DataError as e:
-        return str(e)
-    return None
-
-
 def record_images(data: Sequence[str | Path], image_root: str | Path | None = None) -> list[tuple[str, list[Path]]]:
     """``(record id, absolute image paths)`` of every record with an image, over LLaVA data files."""
     out = []
