@@ -31,7 +31,7 @@ from alignlm.config import ConfigError, composed, default_keys, plain
 from alignlm.data import GENERATORS, generator_knobs
 from alignlm.data.images import MAX_PIXELS, check_aspect_ratio
 from alignlm.data.llava import check_error_policy
-from alignlm.data.records import DataError, Source, image_names, read_records
+from alignlm.data.records import DataError, Source, image_names, iter_records
 from alignlm.data.templates import TEMPLATES
 from alignlm.export.hf_llava import is_llava_dir
 from alignlm.geometry.suite import ALL_METRICS
@@ -639,10 +639,10 @@ def _has_images(data: DictConfig) -> bool:
     rarely: a text-only stage may be that short). A file that cannot be read counts as none: the stage's dataset
     names it when it starts."""
     for i, node in enumerate(data.get("sources") or []):
-        try:
-            records = read_records(Source.from_config(node, f"data.sources[{i}]").path, [])
+        try:  # read up to the first record with an image
+            records = iter_records(Source.from_config(node, f"data.sources[{i}]").path, [])
+            if any(isinstance(r, dict) and image_names(r) for r in records):
+                return True
         except DataError:
             continue
-        if any(isinstance(r, dict) and image_names(r) for r in records):
-            return True
     return False

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 from array import array
+from collections import deque
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,9 +44,9 @@ from alignlm.data.records import (
     cause_of,
     generation_problem,
     image_names,
+    iter_records,
     mixture_index,
     preference_problem,
-    read_records,
     record_id,
     root_problem,
     shape_problem,
@@ -151,16 +152,17 @@ class LlavaDataset(Dataset):
         accepted: set[tuple[str, ...]] = set()  # role sequences the template rendered (startup_problem)
         for src in self.sources:
             bad_lines: list[tuple[int, str]] = []
-            records = read_records(src.path, bad_lines if on_error == "skip" else None)
+            records = iter_records(src.path, bad_lines if on_error == "skip" else None)
+            left_out, facts = self.report.left_out, array("q")
+            self.records.append(PackedRecords.pack(self._kept(src, records, accepted, facts)))
             for lineno, why in bad_lines:
                 self._drop(INVALID_JSON, f"{src.path}:{lineno}", f"{src.path}:{lineno}: not valid JSON ({why})")
-            facts = array("q")
-            self.records.append(PackedRecords.pack(self._kept(src, records, accepted, facts)))
             file_index, chars, images = np.frombuffer(facts, dtype=np.int64).reshape(-1, 3).T.copy()
             self.file_index.append(file_index)
             self.text_chars.append(chars)
             self.image_counts.append(images)
-            total += len(records) + len(bad_lines)
+            # every record and line read was kept or counted under its cause (under on_error=raise, none was left out)
+            total += len(self.records[-1]) + self.report.left_out - left_out
         if self.report.counts:
             log.warning(
                 "left out %d of %d records at start-up: %s", self.report.left_out, total, "; ".join(self.report.lines())
@@ -183,17 +185,19 @@ class LlavaDataset(Dataset):
             hook.bind(self)
 
     def _kept(
-        self, src: Source, records: list[Any], accepted: set[tuple[str, ...]], facts: array
+        self, src: Source, records: Iterator[Any], accepted: set[tuple[str, ...]], facts: array
     ) -> Iterator[dict[str, Any]]:
         """The records of ``src`` that start-up keeps, in order; each other one is dropped under its cause.
 
-        ``records`` lets go of each record as it is read, so a record is held as a dict or packed, never both (the
-        build's peak memory stays that of reading the file). ``facts`` gets ``(index in the file, characters of its turns' text, images)`` of each
-        kept record: what the samples' ids and length estimates need, read in this one pass.
+        ``records`` are read from the file one at a time (``records.iter_records``), so a record is held as a dict only
+        until it is packed: the build's peak memory is the packed records and a chunk of the file. ``facts`` gets
+        ``(index in the file, characters of its turns' text, images)`` of each kept record: what the samples' ids and
+        length estimates need, read in this one pass. Under ``on_error=raise`` a record's fault is raised once the rest
+        of the file is read, so a fault of the file itself (not UTF-8, not JSON, an invalid line) is the one named, as
+        when the whole file was read before its records were checked.
         """
         base = os.path.abspath(src.root)
-        for i in range(len(records)):
-            rec, records[i] = records[i], None
+        for i, rec in enumerate(records):
             found = self.startup_problem(rec, src, accepted, base)
             if found is None:
                 facts.extend((i, text_chars(rec), len(image_names(rec))))
@@ -201,7 +205,11 @@ class LlavaDataset(Dataset):
                 continue
             problem, cause = found
             rid = record_id(rec, src.path, i) if isinstance(rec, dict) else f"{src.path}#{i}"
-            self._drop(cause, rid, f"{src.path} record {i} (id={rid!r}): {problem}")
+            try:
+                self._drop(cause, rid, f"{src.path} record {i} (id={rid!r}): {problem}")
+            except DataError:
+                deque(records, maxlen=0)  # the rest of the file, read for its own faults only
+                raise
 
     def startup_problem(
         self, rec: Any, src: Source, accepted: set[tuple[str, ...]], base: str

@@ -6,16 +6,18 @@ the probes, ``alignlm embed``) goes through these functions, so a record means t
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
 import operator
 import os
+import re
 from array import array
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -96,9 +98,20 @@ JSON_LINES = (".jsonl", ".ndjson")  # file suffixes, in any case, of one record 
 
 
 def read_records(path: str | Path, bad_lines: list[tuple[int, str]] | None = None) -> list[Any]:
-    """All records of a ``.json`` file (a list) or a JSON Lines file (``.jsonl`` or ``.ndjson``, in any case), with the
-    line named on a parse error. A UTF-8 byte order mark at the start is not part of the text (it had cost a JSON Lines
-    file its first record and failed a ``.json`` file).
+    """All records of a file, as :func:`iter_records` reads them, in a list."""
+    return list(iter_records(path, bad_lines))
+
+
+def iter_records(path: str | Path, bad_lines: list[tuple[int, str]] | None = None) -> Iterator[Any]:
+    """The records of a ``.json`` file (a list) or a JSON Lines file (``.jsonl`` or ``.ndjson``, in any case), one at a
+    time in order, with the line named on a parse error. A UTF-8 byte order mark at the start is not part of the text
+    (it had cost a JSON Lines file its first record and failed a ``.json`` file).
+
+    A ``.json`` list is read a chunk at a time and decoded record by record: parsing it whole held its bytes, its text
+    and every record as Python objects at once (3.5 GB for LLaVA-665k's 1 GB, on each rank of a node), where a reader
+    that keeps the records packed now holds one chunk and one record more. The records and the errors are those of
+    ``json.loads`` of the whole file. A missing file or a folder is refused at the call, a fault in the text when the
+    records are read up to it.
 
     ``bad_lines``: a list to collect ``(line number, why)`` of invalid JSONL lines instead of failing on the first.
     """
@@ -107,30 +120,116 @@ def read_records(path: str | Path, bad_lines: list[tuple[int, str]] | None = Non
         raise DataError(f"data file {path} does not exist (run `alignlm data ...` to make the offline sets)")
     if path.is_dir():
         raise DataError(f"data file {path} is a folder; name a .json, .jsonl or .ndjson file of records")
-    if path.suffix.lower() in JSON_LINES:
-        records = []
-        with path.open("rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                try:
-                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-                    if line.strip():
-                        records.append(json.loads(line))
-                except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                    why = e.msg if isinstance(e, json.JSONDecodeError) else f"not UTF-8 at byte {e.start}"
-                    if bad_lines is None:
-                        raise DataError(f"{path}:{lineno}: not valid JSON ({why})", INVALID_JSON) from None
-                    bad_lines.append((lineno, why))
-        return records
+    return json_lines(path, bad_lines) if path.suffix.lower() in JSON_LINES else json_list(path)
+
+
+def json_lines(path: Path, bad_lines: list[tuple[int, str]] | None) -> Iterator[Any]:
+    """The records of a JSON Lines file, one per non-blank line (:func:`iter_records`)."""
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                if line.strip():
+                    yield json.loads(line)
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                why = e.msg if isinstance(e, json.JSONDecodeError) else f"not UTF-8 at byte {e.start}"
+                if bad_lines is None:
+                    raise DataError(f"{path}:{lineno}: not valid JSON ({why})", INVALID_JSON) from None
+                bad_lines.append((lineno, why))
+
+
+READ_CHUNK = 1 << 20  # bytes of a .json file read at a time (a record longer than this waits for the chunks it spans)
+NOT_SPACE = re.compile(r"[^ \t\n\r]")  # not the whitespace JSON allows between values (json's scanner skips the same)
+
+
+class NotAList(Exception):
+    """A ``.json`` file's text is not one JSON list: :func:`whole_file_error` says why."""
+
+
+def json_list(path: Path) -> Iterator[Any]:
+    """The elements of a ``.json`` file's top-level list, decoded one at a time (:func:`iter_records`)."""
+    decoder = json.JSONDecoder()  # json.loads's own
+    with path.open("rb") as f:
+        text = ChunkedText(f)
+        try:
+            if text.next_char() != "[":
+                raise NotAList
+            text.pos += 1
+            more = text.next_char() != "]"
+            if not more:  # an empty list
+                text.pos += 1
+            while more:
+                record, after = text.element(decoder)
+                yield record
+                more = after == ","
+            if text.next_char():  # anything but whitespace after the list
+                raise NotAList
+        except (UnicodeDecodeError, NotAList):
+            raise whole_file_error(path) from None
+
+
+class ChunkedText:
+    """A file's UTF-8 text, read a chunk at a time: ``text[pos:]`` is read and not yet parsed."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self.file = file
+        self.decoder = codecs.getincrementaldecoder("utf-8-sig")()  # a byte order mark at the start is no text
+        self.text, self.pos, self.ended = "", 0, False
+
+    def read(self) -> None:
+        """Read on: a chunk, or as much again as the text not yet parsed when that is longer (a record of many chunks
+        is decoded from its start a few times, not once per chunk). Raises ``UnicodeDecodeError``."""
+        data = self.file.read(max(READ_CHUNK, len(self.text) - self.pos))
+        self.ended = not data
+        self.text = self.text[self.pos :] + self.decoder.decode(data, final=self.ended)
+        self.pos = 0
+
+    def next_char(self) -> str:
+        """The next character that is not whitespace, ``pos`` moved onto it; '' at the end of the file."""
+        while True:
+            self.pos = after_space(self.text, self.pos)
+            if self.pos < len(self.text) or self.ended:
+                return self.text[self.pos : self.pos + 1]
+            self.read()
+
+    def element(self, decoder: json.JSONDecoder) -> tuple[Any, str]:
+        """The list's next element and the ',' or ']' after it, ``pos`` past that. An element is taken only once the
+        character after it is read: a number or a word at the end of a chunk may go on in the next one (``12|34``,
+        ``tr|ue``), and text that does not parse may parse with more of it. Text that does not parse to the end of the
+        file raises ``NotAList``."""
+        while True:
+            self.next_char()
+            try:
+                value, end = decoder.raw_decode(self.text, self.pos)
+                after = after_space(self.text, end)
+                if after < len(self.text) and self.text[after] in ",]":
+                    self.pos = after + 1
+                    return value, self.text[after]
+            except json.JSONDecodeError:
+                pass
+            if self.ended:
+                raise NotAList
+            self.read()
+
+
+def after_space(text: str, pos: int) -> int:
+    """The first position from ``pos`` on that is not whitespace, ``len(text)`` if there is none."""
+    found = NOT_SPACE.search(text, pos)
+    return found.start() if found else len(text)
+
+
+def whole_file_error(path: Path) -> DataError:
+    """Why a ``.json`` file is not a JSON list of records, said as parsing it whole says it: the first byte that is not
+    UTF-8 (before any JSON error, wherever that is), the line of the first JSON error, or what the file holds instead
+    of a list. Only a file that is refused is read whole."""
     try:
         data = json.loads(path.read_bytes().decode("utf-8-sig"))
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text (byte {e.start})", INVALID_JSON) from None
+        return DataError(f"{path}: not UTF-8 text (byte {e.start})", INVALID_JSON)
     except json.JSONDecodeError as e:
         hint = " (one record per line? name it .jsonl)" if e.msg == "Extra data" else ""
-        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg}){hint}", INVALID_JSON) from None
-    if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
-    return data
+        return DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg}){hint}", INVALID_JSON)
+    return DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
 
 
 # how PackedRecords writes a record: UTF-8 text as it is (a caption in Chinese takes 3 bytes a character, not the 6 of
