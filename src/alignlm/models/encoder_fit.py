@@ -23,7 +23,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from alignlm.data.images import load_rgb
-from alignlm.data.records import MISSING_IMAGE, DataError, image_paths, read_records, record_caption
+from alignlm.data.records import MISSING_IMAGE, DataError, image_paths, iter_records, record_caption
 from alignlm.geometry.metrics import TIE, modality_gap
 from alignlm.models.device import default_device
 from alignlm.models.encoders import OfflineDualEncoder
@@ -128,7 +128,7 @@ def _pairs(
     images, texts = [], []
     for path in map(Path, paths):
         root = Path(image_root) if image_root else path.parent
-        for rec in read_records(path):
+        for rec in iter_records(path):
             try:
                 paths_of = image_paths(rec, root)
             except DataError as e:

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from alignlm.config import ConfigError
 from alignlm.data.images import load_rgb, preprocess
-from alignlm.data.records import DataError, image_names, image_paths, read_records, record_id, reference_captions
+from alignlm.data.records import DataError, image_names, image_paths, iter_records, record_id, reference_captions
 from alignlm.data.templates import plain_text_ids
 from alignlm.geometry import metrics as M
 from alignlm.geometry.suite import KNN_METRICS, TOKEN_METRICS, pair_metrics
@@ -51,7 +51,7 @@ def load_probe_set(path: str | Path, n: int | None = None, image_root: str | Non
     path = Path(path)
     root = Path(image_root) if image_root else path.parent
     probe = ProbeSet([], [], [])
-    for i, rec in enumerate(read_records(path)):
+    for i, rec in enumerate(iter_records(path)):
         if n is not None and len(probe.ids) >= n:
             break
         if not isinstance(rec, dict):

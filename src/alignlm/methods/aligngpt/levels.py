@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from alignlm.data.images import load_rgb
-from alignlm.data.records import DataError, image_names, image_paths, read_records, record_caption
+from alignlm.data.records import DataError, image_names, image_paths, iter_records, record_caption
 from alignlm.methods.provenance import KEY, changed_inputs, check_knobs, encoder_identity, files_digest, stamps_digest
 from alignlm.models.device import default_device
 from alignlm.models.encoder_fit import fit_encoder
@@ -71,7 +71,7 @@ def caption_pairs(
     where: dict[str, str] = {}
     for path in map(Path, data):
         root = Path(image_root) if image_root else path.parent
-        for i, rec in enumerate(read_records(path)):
+        for i, rec in enumerate(iter_records(path)):
             if not isinstance(rec, dict) or "id" not in rec:
                 raise DataError(f"{path} record {i} has no 'id'; AlignGPT levels are keyed by record id")
             rid = str(rec["id"])

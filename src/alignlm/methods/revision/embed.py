@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from alignlm.data.images import load_rgb
-from alignlm.data.records import image_names, image_paths, read_records, record_caption
+from alignlm.data.records import image_names, image_paths, iter_records, record_caption
 from alignlm.methods.provenance import stamps_digest, strings_digest
 from alignlm.methods.revision.shards import open_shard, shard_metadata, write_shard
 from alignlm.models.encoders import DualEncoder
@@ -54,7 +54,7 @@ def collect_images(source: str | Path, image_root: str | Path | None = None) -> 
         ]
     root = Path(image_root) if image_root else source.parent
     seen: dict[str, Path] = {}
-    for rec in read_records(source):
+    for rec in iter_records(source):
         for name, path in zip(image_names(rec), image_paths(rec, root)):
             seen.setdefault(name, path)
     if not seen:
@@ -67,7 +67,7 @@ def collect_texts(source: str | Path) -> list[tuple[str, str]]:
     source = Path(source)
     if source.suffix in (".json", ".jsonl"):
         out = []
-        for i, rec in enumerate(read_records(source)):
+        for i, rec in enumerate(iter_records(source)):
             rid, caption = str(rec["id"]) if rec.get("id") is not None else str(i), record_caption(rec)
             if caption is None:
                 raise ValueError(
