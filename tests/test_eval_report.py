@@ -1524,3 +1524,111 @@ def test_a_kept_result_is_keyed_by_the_images_its_file_names_the_code_and_the_lo
     (llm / "model.safetensors").write_bytes(b"w")
     cfg = OmegaConf.create({"model": {"llm": {"name_or_path": str(llm)}, "vision": {"name": "hub/model"}}})
     assert [Path(p).name for p, *_ in report._model_files(cfg)] == ["model.safetensors"]
+
+
+# ------------------------------------------------------------------ a set stopped part-way resumes at its first batch
+
+
+def _generate_counted(model, calls: list[int], stop_at: list[int | None]):
+    """``model`` whose ``generate`` counts its calls in ``calls`` and raises KeyboardInterrupt (a kill) at the call
+    ``stop_at[0]`` (0: the first; None: never)."""
+    real = model.generate
+
+    def generate(*args, **kwargs):
+        if len(calls) == stop_at[0]:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    model.generate = generate
+    return model
+
+
+SAMPLED = ["--set", "generation.do_sample=true", "--set", "generation.temperature=5.0"]
+
+
+@pytest.mark.parametrize("decoding", [[], SAMPLED], ids=["greedy", "sampled"])
+def test_an_eval_killed_inside_a_set_generates_only_the_batches_it_had_not_finished(
+    tiny_run, colour_set, tmp_path, monkeypatch, decoding
+):
+    """A set was the unit of what a stopped evaluation kept: a job killed at 80 % of a 12.6k-question set generated it
+    again from its first question. Each batch's answers are kept as it finishes, and the same command again generates
+    only the batches left, to the report of an evaluation that never stopped: sampled too (a seed per batch, where one
+    stream for the whole set made a batch's samples depend on the batches before it)."""
+    from alignlm.evaluation import report
+
+    calls: list[int] = []
+    stop_at: list[int | None] = [None]
+    real_load = report.C.load
+    monkeypatch.setattr(report.C, "load", lambda ck, *a: _generate_counted(real_load(ck, *a), calls, stop_at))
+    final = tiny_run / "finetune" / "final"
+    argv = ["eval", str(final), "--sets", f"colours={colour_set['test']}", "--no-probe", "--no-plots",
+            "--batch-size", "2", "--max-new-tokens", "3", *decoding]  # fmt: skip
+    assert main([*argv, "--out", str(tmp_path / "whole")]) == 0
+    assert len(calls) == 6  # 12 questions, 2 a batch
+    calls.clear()
+    stop_at[0] = 2  # killed in the third batch, whose first answer is among the report's examples
+    with pytest.raises(KeyboardInterrupt):
+        main([*argv, "--out", str(tmp_path / "r")])
+    (partial,) = (tmp_path / "r").rglob("set-colours.partial.jsonl")
+    key, *batches = [json.loads(line) for line in partial.read_text().splitlines()]
+    assert [[rid for rid, _ in batch] for batch in batches] == [["t0", "t1"], ["t2", "t3"]]
+    assert key["knobs"]["batch_size"] == 2 and not list((tmp_path / "r").rglob("set-colours.json"))
+    calls.clear()
+    stop_at[0] = None
+    assert main([*argv, "--out", str(tmp_path / "r")]) == 0
+    assert len(calls) == 4  # the batches left
+    assert (tmp_path / "r" / "report.json").read_bytes() == (tmp_path / "whole" / "report.json").read_bytes()
+    assert not partial.exists() and partial.with_name("set-colours.json").exists()  # the piece holds every answer
+    # answers kept under another key (another answer length) are not reused
+    calls.clear()
+    stop_at[0] = 1
+    with pytest.raises(KeyboardInterrupt):
+        main([*argv, "--out", str(tmp_path / "r"), "--max-new-tokens", "2"])
+    assert len(partial.read_text().splitlines()) == 2  # its key, its first batch
+    calls.clear()
+    stop_at[0] = None
+    assert main([*argv, "--out", str(tmp_path / "r"), "--max-new-tokens", "1"]) == 0
+    assert len(calls) == 6
+
+
+def test_a_kept_batch_is_reused_only_under_its_key_and_a_line_the_kill_cut_is_ignored(
+    tiny_model, colour_set, tmp_path, caplog
+):
+    """What a partial set file holds is reused only where it was answered under the same key (weights, files, knobs,
+    code) and for the same records; a last line a kill cut is ignored and cut off, so the batches appended after it
+    read back whole."""
+    from omegaconf import OmegaConf
+
+    from alignlm.evaluation.report import PartialSet
+    from alignlm.models.generation import generate_set
+
+    calls: list[int] = []
+    stop_at: list[int | None] = [None]
+    model = _generate_counted(tiny_model().eval(), calls, stop_at)
+    data = OmegaConf.to_container(compose().stages.finetune.data, resolve=True)
+    path, settings = str(colour_set["test"]), {"batch_size": 5, "max_new_tokens": 3, "generation": {"do_sample": True}}
+    whole = generate_set(model, path, data, **settings)
+    file = tmp_path / "set-c.partial.jsonl"
+    stop_at[0], calls[:] = 1, []
+    with pytest.raises(KeyboardInterrupt):
+        generate_set(model, path, data, **settings, keep=PartialSet(file, {"k": 1}))
+    assert len(file.read_text().splitlines()) == 2  # the key, the first batch
+    with file.open("a") as f:
+        f.write('[["t5", "re')  # the second batch's line, cut by a kill
+    stop_at[0], calls[:] = None, []
+    with caplog.at_level("INFO", logger="alignlm"):
+        assert generate_set(model, path, data, **settings, keep=PartialSet(file, {"k": 1})) == whole
+    assert len(calls) == 2 and "5 answers kept from before" in caplog.text
+    lines = [json.loads(line) for line in file.read_text().splitlines()]
+    assert lines[0] == {"k": 1} and [len(batch) for batch in lines[1:]] == [5, 5, 2]
+    assert PartialSet(file, {"k": 1}).answered([["t0", "t1", "t2", "t3", "t4"], ["t5", "x"]]) == [
+        [p for _, p, _ in whole[:5]]  # a line of other records ends what is reused, and is cut off
+    ]
+    assert len(file.read_text().splitlines()) == 2
+    caplog.clear()
+    calls[:] = []
+    with caplog.at_level("INFO", logger="alignlm"):
+        assert generate_set(model, path, data, **settings, keep=PartialSet(file, {"k": 2})) == whole
+    assert len(calls) == 3 and "answered from other weights, files or settings" in caplog.text
+    assert [json.loads(line) for line in file.read_text().splitlines()][0] == {"k": 2}

@@ -17,7 +17,7 @@ from typing import Any
 from alignlm.data.records import DataError, read_records, record_id, reference_captions
 from alignlm.evaluation.answers import choice_texts, names_only, reference_answers, score_answer
 from alignlm.evaluation.captions import bleu, cider_d
-from alignlm.models.generation import generate_set
+from alignlm.models.generation import AnswerKeeper, generate_set
 
 KINDS = ("auto", "qa", "caption")
 N_EXAMPLES = 5
@@ -85,6 +85,7 @@ def answer_accuracy(
     generation: Mapping[str, Any] | None = None,
     seed: int = 0,
     num_workers: int = 0,
+    keep: AnswerKeeper | None = None,
 ) -> dict[str, Any]:
     """Accuracy (exact match, or VQA accuracy for lists of answers), chance level, a few examples, and every
     question's score by id (``scores``, keyed by :func:`score_key`), so that two checkpoints can be compared question
@@ -93,9 +94,12 @@ def answer_accuracy(
 
     ``chance`` is the mean of ``1 / len(choices)`` over the ``chance_n`` records that have choices (0.0 when none
     has): a record without choices has no guessing level, and counting it as 0 would understate the others'.
+
+    ``keep``: where each batch's answers are kept as it finishes, and read back by a run resumed (see
+    :func:`~alignlm.models.generation.generate_set`).
     """
     preds = generate_set(
-        model, path, data_cfg, batch_size, max_new_tokens, limit, generation, seed, num_workers=num_workers
+        model, path, data_cfg, batch_size, max_new_tokens, limit, generation, seed, num_workers=num_workers, keep=keep
     )
     correct, examples, scores, seen = 0.0, [], {}, Counter[str]()
     guesses: list[float] = []
@@ -146,10 +150,12 @@ def caption_scores(
     generation: Mapping[str, Any] | None = None,
     seed: int = 0,
     num_workers: int = 0,
+    keep: AnswerKeeper | None = None,
 ) -> dict[str, Any]:
-    """BLEU-4 and CIDEr-D of generated captions against the set's references, with a few examples."""
+    """BLEU-4 and CIDEr-D of generated captions against the set's references, with a few examples (``keep``: as for
+    :func:`answer_accuracy`)."""
     preds = generate_set(
-        model, path, data_cfg, batch_size, max_new_tokens, limit, generation, seed, num_workers=num_workers
+        model, path, data_cfg, batch_size, max_new_tokens, limit, generation, seed, num_workers=num_workers, keep=keep
     )
     hyps = [p for _, p, _ in preds]
     refs = [reference_captions(rec) for _, _, rec in preds]

@@ -4,9 +4,10 @@ For each checkpoint: generation sets (question accuracy, caption BLEU-4 / CIDEr-
 caption set (docs/methods.md, metrics), and Mind the Gap's shift curve. The report is deterministic: fixed seeds,
 first-``n`` subsets, rounded floats, sorted keys; timings go to the console, never into the report.
 
-Each set's results and each probe's are kept under ``--out/parts`` as they finish (:class:`Parts`), keyed by what they
-were computed from, so an evaluation killed part-way (a pre-empted job) loses only the piece it was in, and the same
-command again computes only what is missing.
+Each set's results and each probe's are kept under ``--out/parts`` as they finish (:class:`Parts`), and a set's answers
+batch by batch while it is generated (:class:`PartialSet`), keyed by what they were computed from, so an evaluation
+killed part-way (a pre-empted job) loses only the batch or the probe it was in, and the same command again computes
+only what is missing.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,8 @@ DIGITS = 6
 PLOTS = ("pca", "metrics", "gap_shift", "layers", "artifacts")  # what write_plots draws, each to out/<name>.png
 Column = tuple[str, Callable[[dict[str, Any]], float | None], int]  # header, the value, its decimals in the table
 PARTS = "parts"  # the folder of --out that keeps each finished piece (Parts)
+PARTIAL = ".partial.jsonl"  # beside a set's piece, its answers batch by batch until it is written whole (PartialSet)
+SYNC_EVERY = 5.0  # seconds between syncs of a PartialSet file to the disk (each batch is flushed to the system at once)
 # The eval knobs a set's results are computed with (and its kind's answer length, TOKEN_BUDGET), the knobs the probe's
 # are, and those that change no number of the report; every knob of configs/eval/default.yaml is in one of them
 # (tested), so a new knob cannot leave a finished piece reused after it changed.
@@ -282,7 +285,9 @@ class Parts:
     set, ``probe.json`` (with ``probe.safetensors``, the pooled features the PCA plot draws). Each is written whole
     (``replace_text``) once computed, with its key: the checkpoint's files (:func:`checkpoint_identity`), the device
     type, the input file's digest and the eval knobs it was computed with. A piece is reused only under the same key;
-    the report is built from the pieces, reused or not, exactly as from results just computed."""
+    the report is built from the pieces, reused or not, exactly as from results just computed. While a set is
+    generated, its answers are kept batch by batch beside it (:meth:`partial`), under the same key, until its piece is
+    written."""
 
     folder: Path
     checkpoint: list[list[Any]]
@@ -343,6 +348,92 @@ class Parts:
             os.replace(tmp, file)
             kept["features"] = {"file": file.name, "sha256": digest}
         replace_text(self.folder / f"{name}.json", json.dumps(kept, sort_keys=True) + "\n")
+        (self.folder / f"{name}{PARTIAL}").unlink(missing_ok=True)  # the piece holds every answer now
+
+    def partial(self, name: str, key: Mapping[str, Any]) -> PartialSet:
+        """Where the set piece ``name`` keeps its answers under ``key`` batch by batch until it is written whole."""
+        return PartialSet(self.folder / f"{name}{PARTIAL}", key)
+
+
+@dataclass
+class PartialSet:
+    """A set's answers batch by batch while it is generated (:class:`~alignlm.models.generation.AnswerKeeper`):
+    ``set-<name>.partial.jsonl`` beside its piece, the piece's key on the first line, then a line per finished batch,
+    ``[[id, prediction], ...]``. A job killed at 80 % of a 12.6k-question set had to generate it again from its first
+    question; now the same command resumes at its first unanswered batch. A last line the kill cut is ignored and cut
+    off before the next batch is appended; a file under another key (other weights, files, knobs or code) is started
+    again.
+
+    Each line is flushed to the system before the next batch is generated, so a killed process loses no finished
+    batch; it is synced to the disk at most every :data:`SYNC_EVERY` seconds, so a machine that goes down loses at
+    most those seconds of batches (a sync took 0.2 to 2.9 ms on a local disk, up to 6 % of the tiny model's 45 ms CPU
+    batch, and a network file system's can take longer)."""
+
+    path: Path
+    key: Mapping[str, Any]
+    synced: float = field(default=-math.inf, init=False)  # time.monotonic() of the last sync
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def answered(self, batches: Sequence[Sequence[str]]) -> list[list[str]]:
+        """The predictions of the leading lines that answer ``batches`` (their record ids, in order), batch by batch.
+        What follows them (a line the kill cut, a line of other records) is cut off; a file under another key, or
+        none, is started with this key."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            data = b""
+        lines = data.split(b"\n")[:-1]  # each whole line: what follows the last newline is a line the kill cut
+        if not lines or _json_line(lines[0]) != self.key:
+            if lines:
+                log.info("%s was answered from other weights, files or settings: generated again", self.path)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            replace_text(self.path, json.dumps(self.key, sort_keys=True) + "\n")
+            return []
+        kept: list[list[str]] = []
+        for line, ids in zip(lines[1:], batches):
+            preds = _predictions(_json_line(line), ids)
+            if preds is None:
+                break
+            kept.append(preds)
+        end = sum(len(line) + 1 for line in lines[: len(kept) + 1])
+        if end < len(data):
+            log.info("%s: %d bytes after its last whole batch of this set cut off", self.path, len(data) - end)
+            with self.path.open("r+b") as f:
+                f.truncate(end)
+                f.flush()
+                os.fsync(f.fileno())
+        if kept:
+            log.info("%s: %d answers kept from before; generation resumes after them", self.path, sum(map(len, kept)))
+        return kept
+
+    def add(self, answers: Sequence[tuple[str, str]]) -> None:
+        """Append one batch's ``(id, prediction)`` pairs as a line, flushed (a kill after it keeps them) and synced
+        when the last sync is :data:`SYNC_EVERY` seconds old."""
+        with self.path.open("ab") as f:
+            f.write((json.dumps([list(pair) for pair in answers]) + "\n").encode())
+            f.flush()
+            if time.monotonic() - self.synced >= SYNC_EVERY:
+                os.fsync(f.fileno())
+                self.synced = time.monotonic()
+
+
+def _json_line(line: bytes) -> Any:
+    """A line of a :class:`PartialSet` file read as JSON, or None where it is none."""
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
+
+
+def _predictions(pairs: Any, ids: Sequence[str]) -> list[str] | None:
+    """The predictions of a batch's line ``pairs`` when it holds ``[id, prediction]`` for exactly ``ids``, else None."""
+    if not isinstance(pairs, list) or not all(
+        isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair) for pair in pairs
+    ):
+        return None
+    return [pred for _, pred in pairs] if [rid for rid, _ in pairs] == list(ids) else None
 
 
 def set_knobs(ecfg: Mapping[str, Any], kind: str) -> dict[str, Any]:
@@ -427,7 +518,8 @@ def _compute(
     for name, s in sets.items():
         score = answer_accuracy if s["kind"] == "qa" else caption_scores
         budget = int(ecfg[TOKEN_BUDGET[s["kind"]]])
-        computed[name] = score(model, s["name"], s["path"], data_cfg, max_new_tokens=budget, **common)
+        keep = parts.partial(name, keys[name]) if parts else None
+        computed[name] = score(model, s["name"], s["path"], data_cfg, max_new_tokens=budget, keep=keep, **common)
         if parts:
             parts.write(name, keys[name], computed[name])
     t_gen = time.perf_counter()

@@ -6,8 +6,8 @@ the model's answers (SIMA's self-generated responses).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Protocol
 
 import torch
 from torch.utils.data import DataLoader
@@ -62,8 +62,7 @@ def check_prompt_lengths(
     visual = dataset.num_image_tokens
     for i in first(dataset, limit):
         src, rec = dataset.record(i)
-        s, r = dataset.index[i]
-        rid = record_id(rec, src.path, int(dataset.file_index[s][r]))
+        rid = _record_id(dataset, i)
         try:
             length = prompt_length(dataset, src, rec)
         except (DataError, TemplateError) as e:
@@ -74,6 +73,13 @@ def check_prompt_lengths(
                 f"over its stage's data.max_length={dataset.max_length}, which a cut would take the question from; "
                 "shorten it or leave the record out of the set"
             )
+
+
+def _record_id(dataset: LlavaDataset, i: int) -> str:
+    """Record ``i``'s id as the dataset gives it to its sample (its ``id``, else ``<file>#<index in the file>``)."""
+    src, rec = dataset.record(i)
+    s, r = dataset.index[i]
+    return record_id(rec, src.path, int(dataset.file_index[s][r]))
 
 
 def prompt_batches(
@@ -91,7 +97,13 @@ def prompt_batches(
     ``num_workers`` processes decode the images and build the batches ahead (in order: the batches are the same), with
     pinned memory on CUDA: on the main thread, a 336-px image cost 5.6 ms a question, serially with generation."""
     dataset = generation_dataset(model, path, data_cfg, image_root)
-    indices = first(dataset, limit)
+    return _batches(model, dataset, first(dataset, limit), batch_size, num_workers)
+
+
+def _batches(
+    model: Any, dataset: LlavaDataset, indices: list[int], batch_size: int, num_workers: int
+) -> Iterator[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """:func:`prompt_batches` of the records ``indices`` of ``dataset``: only theirs are read, their images decoded."""
     device = next(model.parameters()).device
     cuda = device.type == "cuda"
     loader = DataLoader(
@@ -128,6 +140,28 @@ def check_generation(generation: Mapping[str, Any] | None, key: str = "eval.gene
         )
 
 
+class AnswerKeeper(Protocol):
+    """Where :func:`generate_set` keeps each batch's answers as it finishes, so that a run stopped part-way (a
+    pre-empted evaluation at 80 % of a 12.6k-question set) resumes at its first unanswered batch instead of its first
+    question; evaluation's is ``set-<name>.partial.jsonl`` (``evaluation/report.py: PartialSet``)."""
+
+    def answered(self, batches: Sequence[Sequence[str]]) -> list[list[str]]:
+        """The predictions of the leading batches answered before, batch by batch, given every batch's record ids in
+        order: what was kept for other records is not an answer to these."""
+        ...
+
+    def add(self, answers: Sequence[tuple[str, str]]) -> None:
+        """Keep one more batch's ``(id, prediction)`` pairs, durably, before the next batch is generated."""
+        ...
+
+
+def batch_seed(seed: int, start: int) -> int:
+    """The seed of the batch whose first record is the set's ``start``-th: sampled decoding gives each batch a stream
+    of its own (the training sampler's rule, ``seed * 1_000_003 + epoch``), so a batch samples the same answers
+    whether its set was generated from its first question or resumed there."""
+    return seed * 1_000_003 + start
+
+
 @torch.no_grad()
 def generate_set(
     model: Any,
@@ -140,17 +174,39 @@ def generate_set(
     seed: int = 0,
     image_root: str | None = None,
     num_workers: int = 0,
+    keep: AnswerKeeper | None = None,
 ) -> list[tuple[str, str, dict[str, Any]]]:
     """``(id, prediction, record)`` for the first ``limit`` records of a set, in file order (see
-    :func:`prompt_batches`; ``num_workers`` build its batches)."""
+    :func:`prompt_batches`; ``num_workers`` build its batches).
+
+    The batches are the set's records ``batch_size`` at a time from its first, and each is decoded under its own seed,
+    :func:`batch_seed` (``seed`` and its first record's place), set just before it: sampled decoding gives the same
+    answers twice, and the same resumed or not. (Before, one stream seeded once for the whole set made a batch's
+    samples depend on every batch before it: a sampled report differs from one of those versions.)
+
+    With ``keep``, the leading batches it has answered are not generated again (no prompt built, no image decoded):
+    generation starts at its first unanswered batch, and each batch's answers go to ``keep`` as it finishes."""
     check_generation(generation)
     model.eval()
-    torch.manual_seed(seed)  # sampled decoding gives the same report twice
     stop = turn_end(template_of(data_cfg), model.tokenizer)
-    out = []
-    for inputs, records in prompt_batches(model, path, data_cfg, batch_size, limit, image_root, num_workers):
+    dataset = generation_dataset(model, path, data_cfg, image_root)
+    indices = first(dataset, limit)
+    starts = range(0, len(indices), batch_size) if keep else range(0)  # the ids are read only to resume
+    ids = [[_record_id(dataset, i) for i in indices[s : s + batch_size]] for s in starts]
+    kept = keep.answered(ids) if keep else []
+    if len(kept) > len(ids) or any(len(preds) != len(batch) for preds, batch in zip(kept, ids)):
+        raise ValueError(f"{keep} holds answers to other batches than those of {path}")  # else zip would drop some
+    done = indices[: len(kept) * batch_size]
+    answers = [pred for batch in kept for pred in batch]
+    done_ids = [rid for batch in ids[: len(kept)] for rid in batch]
+    out = [(rid, pred, dataset.record(i)[1]) for rid, pred, i in zip(done_ids, answers, done)]
+    batches = _batches(model, dataset, indices[len(done) :], batch_size, num_workers)
+    for k, (inputs, records) in enumerate(batches):
+        torch.manual_seed(batch_seed(seed, len(done) + k * batch_size))  # on every device
         new_tokens = model.generate(inputs, max_new_tokens=max_new_tokens, stop=stop, **dict(generation or {}))
-        for pred_ids, rid, record in zip(new_tokens, inputs["ids"], records):
-            text = model.tokenizer.decode(pred_ids, skip_special_tokens=True)
-            out.append((rid, (text.split(stop.text)[0] if stop.text else text).strip(), record))
+        texts = [model.tokenizer.decode(pred_ids, skip_special_tokens=True) for pred_ids in new_tokens]
+        preds = [(text.split(stop.text)[0] if stop.text else text).strip() for text in texts]
+        if keep:
+            keep.add(list(zip(inputs["ids"], preds)))
+        out += zip(inputs["ids"], preds, records)
     return out
