@@ -204,3 +204,68 @@ def test_a_gathered_state_is_saved_without_a_second_copy_and_a_live_part_is_copi
     assert all(saved[f"connector.{k}"].data_ptr() == v.data_ptr() for k, v in gathered.items())
     own = part_state(model, ["connector"])
     assert all(own[f"connector.{k}"].data_ptr() != v.data_ptr() for k, v in model.connector.state_dict().items())
+
+
+def test_a_file_replaced_whole_is_synced_before_its_rename_and_a_failed_write_leaves_nothing(tmp_path, monkeypatch):
+    """``files.replace_file``, the one writer of whole files: the temporary file is synced before the rename and the
+    folder after it, and a write that fails leaves the old file and no temporary one."""
+    from alignlm import files
+
+    synced: list[str] = []
+    monkeypatch.setattr(files, "sync", lambda p: synced.append(p.name))
+    path = tmp_path / "kept.bin"
+    path.write_bytes(b"old")
+    files.replace_file(path, lambda tmp: tmp.write_bytes(b"new"))
+    assert path.read_bytes() == b"new" and synced == [f".kept.bin.tmp{os.getpid()}", tmp_path.name]
+
+    def cut(tmp: Path) -> None:
+        tmp.write_bytes(b"ha")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError):
+        files.replace_file(path, cut)
+    assert path.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["kept.bin"]
+
+
+@pytest.mark.parametrize("writer", ["embedding_shard_npy", "embedding_shard_safetensors", "realign", "sea", "cache"])
+def test_prepared_files_reach_the_disk_before_their_name_says_they_are_whole(tmp_path, monkeypatch, writer):
+    """A method's prepared files (ReVision's embedding shards and ReAlign statistics, SEA's labels, a feature-cache
+    shard) were renamed into place unsynced: after a lost node one could come back 0 bytes long under its whole name.
+    Each now goes through ``files.replace_file``: its bytes are synced before the rename."""
+    import numpy as np
+
+    from alignlm import files
+
+    synced: list[Path] = []
+    real = files.sync
+    monkeypatch.setattr(files, "sync", lambda p: (synced.append(Path(p)), real(p)))
+    if writer.startswith("embedding_shard"):
+        from alignlm.methods.revision.shards import write_shard
+
+        path = write_shard(tmp_path / ("e.npy" if writer.endswith("npy") else "e.safetensors"), np.ones((3, 4)))
+    elif writer == "realign":
+        from alignlm.methods.revision.realign import fit
+        from alignlm.methods.revision.shards import write_shard
+
+        write_shard(tmp_path / "img" / "shard_000.npy", np.random.default_rng(0).normal(size=(16, 4)))
+        write_shard(tmp_path / "txt" / "shard_000.npy", np.random.default_rng(1).normal(size=(16, 4)))
+        synced.clear()
+        path = fit(tmp_path / "img", tmp_path / "txt").save(tmp_path / "stats.safetensors")
+    elif writer == "sea":
+        from alignlm.methods.sea.labels import LabelSet, write_labels
+
+        image = tmp_path / "a.png"
+        image.write_bytes(b"")
+        labels = LabelSet(
+            ["cat", "dog"], (1, 1), [image], np.zeros((1, 1, 1), np.int32), np.ones((1, 1, 1), np.float32), "test"
+        )
+        path = write_labels(tmp_path / "labels.safetensors", labels)
+    else:
+        from alignlm.data.feature_cache import FeatureCache
+
+        FeatureCache(tmp_path / "cache").write("shard_00000", [tmp_path / "a.png"], [None], torch.ones(1, 2, 3))
+        path = tmp_path / "cache" / "shard_00000.safetensors"
+    assert path.exists() and path.stat().st_size > 0
+    temporary = [p for p in synced if p.parent == path.parent and p.name.startswith(f".{path.name}.tmp")]
+    assert temporary and synced[-1] == path.parent, synced
+    assert not [p for p in path.parent.iterdir() if ".tmp" in p.name]

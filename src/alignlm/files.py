@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -22,21 +23,28 @@ def sync(path: Path) -> None:
         os.close(fd)
 
 
-def replace_text(path: Path, text: str) -> None:
-    """Rewrite ``path`` whole or not at all: written beside it, synced, renamed over it, the rename synced. Written in
-    place (truncate, then write), a full disk or a kill in between left it empty: a resume's rewrite of
-    ``metrics.jsonl`` erased the stage's history, and the finished stage reported the wrong steps and first loss."""
+def replace_file(path: Path, write: Callable[[Path], object]) -> Path:
+    """Rewrite ``path`` whole or not at all: ``write(tmp)`` writes it beside, under a name of this process's own; it
+    is synced, renamed over ``path``, the rename synced; a failure leaves no temporary file. Written in place
+    (truncate, then write), a full disk or a kill in between left it empty: a resume's rewrite of ``metrics.jsonl``
+    erased the stage's history. Renamed but not synced, a lost node brought a prepared file (a feature shard, SEA's
+    labels) back 0 bytes long under its whole name; and a temporary name shared by two processes let one rename the
+    other's half-written file."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with tmp.open("w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        write(tmp)
+        sync(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     sync(path.parent)
+    return path
+
+
+def replace_text(path: Path, text: str) -> Path:
+    """Rewrite ``path`` with ``text`` (UTF-8) whole or not at all (:func:`replace_file`)."""
+    return replace_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def file_sha256(path: Path) -> str:

@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from alignlm.data.hooks import HookedDataset, SampleHook
 from alignlm.data.images import check_crop_size, check_size, image_size, load_rgb
 from alignlm.data.records import UNREADABLE_IMAGE, DataError, Source
+from alignlm.files import replace_file
 
 TENSOR = "features"
 Stamp = tuple[int, int]  # an image file's (size, mtime_ns)
@@ -222,12 +223,12 @@ class FeatureCache:
         _refuse_non_finite(features, paths)
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"{name}.safetensors"
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         keys = [image_key(p) for p in paths] if keys is None else list(keys)
         sizes = [None] * len(keys) if sizes is None else [None if s is None else list(s) for s in sizes]
         meta = {"ids": json.dumps(keys), "stamps": json.dumps(list(stamps)), "sizes": json.dumps(sizes)}
-        save_file({TENSOR: features.detach().cpu().contiguous()}, str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        replace_file(
+            path, lambda tmp: save_file({TENSOR: features.detach().cpu().contiguous()}, str(tmp), metadata=meta)
+        )
         for row, (key, stamp, size) in enumerate(zip(keys, stamps, sizes)):
             self.where.setdefault(key, []).append((path, row, stamp, None if size is None else (size[0], size[1])))
         self.indexed.add(path)

@@ -37,7 +37,7 @@ from alignlm.data.records import DataError, image_paths, read_records
 from alignlm.evaluation import checkpoints as C
 from alignlm.evaluation import paired, plots
 from alignlm.evaluation.evaluate import answer_accuracy, caption_scores, check_answers, set_kind
-from alignlm.files import file_sha256, replace_text
+from alignlm.files import file_sha256, replace_file, replace_text
 from alignlm.geometry.metrics import retrieval_recall
 from alignlm.geometry.suite import PAIR_METRICS, flat
 from alignlm.models.artifacts import artifact_report
@@ -341,12 +341,14 @@ class Parts:
         self.folder.mkdir(parents=True, exist_ok=True)
         kept: dict[str, Any] = {"key": key, "result": {k: v for k, v in result.items() if k != "features"}}
         if result.get("features"):
-            file = self.folder / f"{name}.safetensors"
-            tmp = file.with_name(f".{file.name}.tmp{os.getpid()}")
-            save_file({k: v.detach().cpu().contiguous() for k, v in result["features"].items()}, str(tmp))
-            digest = file_sha256(tmp)  # before the rename: another run may replace the file right after it
-            os.replace(tmp, file)
-            kept["features"] = {"file": file.name, "sha256": digest}
+            file, digest = self.folder / f"{name}.safetensors", []
+
+            def save(tmp: Path) -> None:
+                save_file({k: v.detach().cpu().contiguous() for k, v in result["features"].items()}, str(tmp))
+                digest.append(file_sha256(tmp))  # before the rename: another run may replace the file right after it
+
+            replace_file(file, save)
+            kept["features"] = {"file": file.name, "sha256": digest[0]}
         replace_text(self.folder / f"{name}.json", json.dumps(kept, sort_keys=True) + "\n")
         (self.folder / f"{name}{PARTIAL}").unlink(missing_ok=True)  # the piece holds every answer now
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,6 +31,7 @@ from tqdm.auto import tqdm
 
 from alignlm.data.images import load_rgb
 from alignlm.data.records import DataError, image_names, image_paths, iter_records, record_caption
+from alignlm.files import replace_text
 from alignlm.methods.provenance import KEY, changed_inputs, check_knobs, encoder_identity, files_digest, stamps_digest
 from alignlm.models.device import default_device
 from alignlm.models.encoder_fit import fit_encoder
@@ -167,9 +167,7 @@ def make_levels(
     }
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(meta), encoding="utf-8")
-    tmp.replace(out)  # a kill never leaves a half file that looks whole
+    replace_text(out, json.dumps(meta))  # a kill never leaves a half file that looks whole
     log.info("aligngpt levels: %d pairs in %d levels -> %s (skipped %s)", len(kept), num_levels, out, dict(skipped))
     return out
 

@@ -43,6 +43,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from alignlm.files import replace_file
 from alignlm.methods.revision.shards import Shard, list_shards, shard_metadata, write_shard
 
 EPS_TRACE = 1e-10  # the paper's s = sqrt(T_x / (T_y + 1e-10))
@@ -289,14 +290,9 @@ class ReAlignStats:
         }
         if self.A is not None:
             tensors["A"] = self.A
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(
-            {k: v.contiguous().cpu() for k, v in tensors.items()},
-            str(tmp),
-            metadata={"realign": json.dumps(self.summary())},
-        )
-        tmp.replace(path)
-        return path
+        tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
+        metadata = {"realign": json.dumps(self.summary())}
+        return replace_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
     @classmethod
     def load(cls, path: str | Path) -> ReAlignStats:

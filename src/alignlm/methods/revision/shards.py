@@ -13,7 +13,6 @@ finds rows by id instead (ReVision's text-only data), memory-mapped, so it too w
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,8 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.numpy import save_file
+
+from alignlm.files import replace_file
 
 SUFFIXES = (".safetensors", ".npy")
 TENSOR = "embeddings"
@@ -175,7 +176,7 @@ class ShardTable:
 def write_shard(
     path: str | Path, embeddings: torch.Tensor | np.ndarray, metadata: dict[str, str] | None = None
 ) -> Path:
-    """Write one shard atomically (temporary name, then rename); the suffix picks the format."""
+    """Write one shard whole or not at all (``files.replace_file``); the suffix picks the format."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     array = embeddings.detach().cpu().numpy() if isinstance(embeddings, torch.Tensor) else np.asarray(embeddings)
@@ -183,16 +184,18 @@ def write_shard(
         raise ValueError(
             f"{path}: {int((~np.isfinite(array)).any(axis=-1).sum())} embeddings are not finite: not written"
         )
-    tmp = path.with_name(f".{path.name}.tmp")
     if path.suffix == ".npy":
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-    elif path.suffix == ".safetensors":
-        save_file({TENSOR: np.ascontiguousarray(array)}, str(tmp), metadata=metadata or {})
-    else:
-        raise ValueError(f"{path}: an embedding shard must end in one of {SUFFIXES}")
-    os.replace(tmp, path)
-    return path
+
+        def save_npy(tmp: Path) -> None:
+            with tmp.open("wb") as f:  # a file, not a name: np.save would add ".npy" to the temporary one
+                np.save(f, array)
+
+        return replace_file(path, save_npy)
+    if path.suffix == ".safetensors":
+        return replace_file(
+            path, lambda tmp: save_file({TENSOR: np.ascontiguousarray(array)}, str(tmp), metadata=metadata or {})
+        )
+    raise ValueError(f"{path}: an embedding shard must end in one of {SUFFIXES}")
 
 
 def shard_metadata(ids: Sequence[str], encoder: str, modality: str, **extra: str) -> dict[str, str]:

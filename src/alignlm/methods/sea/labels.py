@@ -38,6 +38,7 @@ from safetensors.numpy import save_file
 
 from alignlm.data.images import load_rgb, preprocess
 from alignlm.data.records import MISSING_IMAGE, DataError, record_images
+from alignlm.files import replace_file
 from alignlm.methods.provenance import (
     KEY,
     as_json,
@@ -128,15 +129,13 @@ def write_labels(path: str | Path, labels: LabelSet, provenance: dict[str, Any] 
         "info": labels.info,
         KEY: provenance,
     }
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(
-        {"words": np.ascontiguousarray(ids), "scores": np.ascontiguousarray(scores)},
-        str(tmp),
-        metadata={META_KEY: json.dumps(meta)},
-    )
-    tmp.chmod(0o644)  # readable like the data beside it
-    tmp.replace(path)
-    return path
+    tensors = {"words": np.ascontiguousarray(ids), "scores": np.ascontiguousarray(scores)}
+
+    def save(tmp: Path) -> None:
+        save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
+        tmp.chmod(0o644)  # readable like the data beside it
+
+    return replace_file(path, save)
 
 
 def _rank(ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
