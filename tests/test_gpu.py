@@ -68,3 +68,26 @@ def test_sharded_strategies_on_cuda_stop_resume_and_train_like_ddp(tmp_path):
     for r in sharded:
         assert r["ok"] and r["resumed"] and r["final_saved"], r["strategy"]
         assert r["losses"] == pytest.approx(ddp["losses"], rel=2e-2), r["strategy"]
+
+
+def test_sea_labels_score_the_words_where_the_encoder_put_the_patches(shapes_root):
+    """SEA's dual-encoder labels: the cosines against every word and their top-k run on the encoder's device (on the
+    CPU they made a GPU encoder's labelling CPU-bound), and come back on the CPU equal to the CPU's."""
+    from alignlm.methods.sea.labels import from_dual_encoder
+    from tests.test_sea import _PatchEncoder
+
+    class OnGpu(_PatchEncoder):
+        def encode_texts(self, texts):
+            return torch.randn(len(texts), 4, generator=torch.Generator().manual_seed(1))
+
+        def patch_embeddings(self, pixel_values):
+            return super().patch_embeddings(pixel_values).cuda()
+
+    class OnCpu(OnGpu):
+        def patch_embeddings(self, pixel_values):
+            return _PatchEncoder.patch_embeddings(self, pixel_values)
+
+    data, words = [str(shapes_root / "shapes" / "pretrain.json")], [f"w{i}" for i in range(12)]
+    gpu = from_dual_encoder(data, 3, OnGpu(), words, batch_size=3)
+    cpu = from_dual_encoder(data, 3, OnCpu(), words, batch_size=3)
+    assert (gpu.word_ids == cpu.word_ids).all() and abs(gpu.scores - cpu.scores).max() < 1e-5

@@ -54,7 +54,8 @@ class DualEncoder(Protocol):
         """``[n, D]`` text features, on the CPU."""
 
     def patch_embeddings(self, pixel_values: Tensor) -> Tensor:
-        """Dense patch features in the joint space, ``[B, rows, cols, D]``, on the CPU."""
+        """Dense patch features in the joint space, ``[B, rows, cols, D]`` float32, on the encoder's device (SEA scores
+        them against every word there: on the CPU that product took longer than the tower)."""
 
     def fingerprint(self) -> str:
         """Its weights and image spec hashed: what embeddings made with it are checked against."""
@@ -204,7 +205,7 @@ class HFDualEncoder(_Weights):
         grid = math.isqrt(patches.shape[1])
         if grid * grid != patches.shape[1]:
             raise ValueError(f"{self.name}: {patches.shape[1]} patch tokens do not form a square grid")
-        return patches.reshape(patches.shape[0], grid, grid, patches.shape[-1]).float().cpu()
+        return patches.reshape(patches.shape[0], grid, grid, patches.shape[-1]).float()
 
 
 HEADS = "heads.safetensors"
@@ -283,7 +284,7 @@ class OfflineDualEncoder(_Weights):
         joint space, as the pooled feature gets, the MaskCLIP observation)."""
         cells = self.image_head(self.image_tower(pixel_values.to(self.device))[:, 1:].float())
         grid = math.isqrt(cells.shape[1])
-        return cells.reshape(cells.shape[0], grid, grid, -1).float().cpu()
+        return cells.reshape(cells.shape[0], grid, grid, -1).float()
 
     def save(self, folder: str | Path, report: dict[str, Any] | None = None) -> Path:
         """The heads and temperature (safetensors) and a manifest; the frozen towers come from their wheels."""
