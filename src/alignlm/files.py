@@ -27,7 +27,7 @@ def replace_file(path: Path, write: Callable[[Path], object]) -> Path:
     """Rewrite ``path`` whole or not at all: ``write(tmp)`` writes it beside, under a name of this process's own; it
     is synced, renamed over ``path``, the rename synced; a failure leaves no temporary file. Written in place
     (truncate, then write), a full disk or a kill in between left it empty: a resume's rewrite of ``metrics.jsonl``
-    erased the stage's history. Renamed but not synced, a lost node brought a prepared file (a feature shard, SEA's
+    erased the stage's history. Renamed but not synced, a lost node could bring a prepared file (a feature shard, a method's
     labels) back 0 bytes long under its whole name; and a temporary name shared by two processes let one rename the
     other's half-written file."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")

@@ -54,8 +54,8 @@ class DualEncoder(Protocol):
         """``[n, D]`` text features, on the CPU."""
 
     def patch_embeddings(self, pixel_values: Tensor) -> Tensor:
-        """Dense patch features in the joint space, ``[B, rows, cols, D]`` float32, on the encoder's device (SEA scores
-        them against every word there: on the CPU that product took longer than the tower)."""
+        """Dense patch features in the joint space, ``[B, rows, cols, D]`` float32, on the encoder's device (a consumer
+        scores them against thousands of words there: on the CPU that product took longer than the tower)."""
 
     def fingerprint(self) -> str:
         """Its weights and image spec hashed: what embeddings made with it are checked against."""
