@@ -1632,3 +1632,203 @@ def test_a_kept_batch_is_reused_only_under_its_key_and_a_line_the_kill_cut_is_ig
         assert generate_set(model, path, data, **settings, keep=PartialSet(file, {"k": 2})) == whole
     assert len(calls) == 3 and "answered from other weights, files or settings" in caplog.text
     assert [json.loads(line) for line in file.read_text().splitlines()][0] == {"k": 2}
+
+
+# ------------------------------------------------------------------ figures: order, colours, gaps, many lines
+
+
+def _monitor_rows(stage: Path, rows: list[dict], mtime: float | None = None) -> None:
+    """A stage folder's metrics.jsonl of ``rows``, last written at ``mtime``."""
+    stage.mkdir(parents=True, exist_ok=True)
+    (stage / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if mtime is not None:
+        os.utime(stage / "metrics.jsonl", (mtime, mtime))
+
+
+def _drawn_figures(monkeypatch) -> list:
+    """The figures the plot functions draw, kept instead of saved (their lines are the data the PNG shows)."""
+    from alignlm.evaluation import plots
+
+    figures: list = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+    return figures
+
+
+def _lines(fig) -> dict[str, dict[str, tuple[list, list, object]]]:
+    """Panel title -> line label -> (x, y, colour) of a drawn figure."""
+    return {
+        ax.get_title(): {
+            line.get_label(): (list(line.get_xdata()), list(line.get_ydata()), line.get_color()) for line in ax.lines
+        }
+        for ax in fig.axes
+    }
+
+
+def test_plot_runs_chains_a_later_dpo_jobs_stage_after_the_stages_it_started_from(tmp_path):
+    """README's preference tuning is a later job in the same run folder (`run=[dpo]`): the order came from the `run`
+    list of the config first by name (dpo's: [dpo]), so dpo was drawn first, then finetune, pretrain; with no
+    config.yaml (only the metrics copied off a cluster) stages went by name: finetune before pretrain."""
+    from alignlm.evaluation.plots import read_monitor
+
+    run = tmp_path / "t"
+    configs = {
+        "pretrain": "run: [pretrain, finetune]\nstages: {pretrain: {init_from: null}, finetune: {init_from: pretrain}}\n",
+        "finetune": "run: [pretrain, finetune]\nstages: {pretrain: {init_from: null}, finetune: {init_from: pretrain}}\n",
+        "dpo": "run: [dpo]\nstages: {finetune: {init_from: pretrain}, dpo: {init_from: finetune}}\n",
+    }
+    now = 1_800_000_000
+    # copied folders: last written in the reverse order; the configs order them all the same
+    for i, (stage, gap) in enumerate((("pretrain", 3.0), ("finetune", 2.0), ("dpo", 1.0))):
+        _monitor_rows(run / stage, [{"step": s, "monitor/pooled/modality_gap": gap} for s in (1, 2)], now - 60 * i)
+        (run / stage / "config.yaml").write_text(configs[stage])
+    assert read_monitor(run)["pooled/modality_gap"] == [(1, 3.0), (2, 3.0), (3, 2.0), (4, 2.0), (5, 1.0), (6, 1.0)]
+    # no config.yaml: when each stage last wrote its metrics
+    bare = tmp_path / "bare"
+    for i, (stage, gap) in enumerate((("pretrain", 3.0), ("finetune", 2.0))):
+        _monitor_rows(bare / stage, [{"step": 1, "monitor/pooled/modality_gap": gap}], now + 60 * i)
+    assert read_monitor(bare)["pooled/modality_gap"] == [(1, 3.0), (2, 2.0)]
+
+
+def test_a_towers_layers_are_in_layer_order_in_a_fresh_and_a_reused_report(tmp_path, monkeypatch):
+    """A reused probe is read back from parts/probe.json, written with its keys sorted as text: report.md's tower
+    table and artifacts.png put `layer 10` before `layer 2` (and drew each at that place on the x axis)."""
+    from alignlm.evaluation import plots
+
+    fresh = {f"layer {i}": {"outlier_share": i / 100, "max_ratio": 1 + i, "prefix_ratio": None} for i in range(12)}
+    fresh["output"] = {"outlier_share": 0.5, "max_ratio": 50.0, "prefix_ratio": None}
+    reused = json.loads(json.dumps(fresh, sort_keys=True))
+    assert list(reused)[:3] == ["layer 0", "layer 1", "layer 10"]
+    drawn = []
+    monkeypatch.setattr(plots, "plot_panels", lambda panels, path, xlabel: drawn.append(panels) or path)
+    tables = []
+    for name, layers in (("fresh", fresh), ("reused", reused)):
+        results = [{"label": "a", "sets": {}, "artifacts": {"factor": 4.0, "layers": layers}}]
+        files = write_report(results, [{}], {}, tmp_path / name)
+        rows = [line.split("|")[1].strip() for line in files["md"].read_text().splitlines() if line.startswith("| ")]
+        tables.append(rows[rows.index("layer") + 1 :])  # the tower table's rows, below its header
+    assert tables[0] == tables[1] == [f"layer {i}" for i in range(12)] + ["output"]
+    assert drawn[0] == drawn[1]
+    assert [y for _, y in drawn[1]["max / median token norm"]["a"]] == [1 + i for i in range(12)] + [50.0]
+
+
+def test_a_label_keeps_one_colour_in_every_panel_and_the_one_legend_names_every_run(tmp_path, monkeypatch, alignlm_log):
+    """Colours went panel by panel and the legend was the first panel's: run B, alone in the modality_gap panel, took
+    run A's colour there, and a run absent from the first panel was named nowhere; a run without monitor metrics was
+    left out without a word."""
+    from alignlm.evaluation.plots import plot_runs
+
+    figures = _drawn_figures(monkeypatch)
+    _monitor_rows(tmp_path / "A" / "pretrain", [{"step": 1, "monitor/pooled/cka": 0.9, "monitor/pooled/mutual_knn": 1}])
+    _monitor_rows(
+        tmp_path / "B" / "pretrain", [{"step": 1, "monitor/pooled/cka": 0.1, "monitor/pooled/modality_gap": 1}]
+    )
+    _monitor_rows(tmp_path / "C" / "pretrain", [{"step": 1, "loss/total": 2.0}])
+    plot_runs([tmp_path / r for r in "ABC"], tmp_path / "runs.png")
+    (fig,) = figures
+    lines = _lines(fig)
+    assert set(lines["pooled/modality_gap"]) == {"B"} and set(lines["pooled/mutual_knn"]) == {"A"}
+    for label in "AB":
+        assert len({panel[label][2] for panel in lines.values() if label in panel}) == 1
+    assert lines["pooled/cka"]["A"][2] != lines["pooled/cka"]["B"][2]
+    assert lines["pooled/modality_gap"]["B"][2] == lines["pooled/cka"]["B"][2]
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["A", "B"]
+    assert not any(ax.get_legend() for ax in fig.axes)
+    assert "C (" in alignlm_log.text and "no monitor/* metrics" in alignlm_log.text
+    from alignlm.evaluation.plots import plt
+
+    plt.close(fig)
+
+
+def test_plot_runs_reads_a_run_whose_last_metrics_row_was_cut_short(tmp_path, alignlm_log):
+    """A killed run's metrics.jsonl can end in half a row: plot-runs crashed on it with a JSONDecodeError naming no
+    file; it reads the rows as training does (read_rows): the cut row left out, with a warning naming the file."""
+    from alignlm.evaluation.plots import plot_runs, read_monitor
+
+    stage = tmp_path / "K" / "pretrain"
+    stage.mkdir(parents=True)
+    (stage / "metrics.jsonl").write_text(json.dumps({"step": 1, "monitor/pooled/cka": 0.5}) + '\n{"step": 2, "monit')
+    assert read_monitor(tmp_path / "K") == {"pooled/cka": [(1, 0.5)]}
+    assert plot_runs([tmp_path / "K"], tmp_path / "k.png").read_bytes()[:4] == b"\x89PNG"
+    assert "metrics.jsonl:2: the last row was cut short" in alignlm_log.text
+
+
+def test_a_monitor_value_that_was_not_finite_is_a_gap_in_its_line(tmp_path, monkeypatch, alignlm_log):
+    """A NaN CKA is null in metrics.jsonl; it was skipped, so the line ran straight from step 2 to step 4 as if
+    measured between them. It is NaN now: matplotlib leaves a gap there."""
+    from alignlm.evaluation.plots import plot_runs, plt, read_monitor
+
+    values = (0.2, 0.4, None, 0.8)
+    _monitor_rows(tmp_path / "N" / "pretrain", [{"step": s, "monitor/pooled/cka": v} for s, v in enumerate(values, 1)])
+    read = read_monitor(tmp_path / "N")["pooled/cka"]
+    assert [s for s, _ in read] == [1, 2, 3, 4] and math.isnan(read[2][1])
+    figures = _drawn_figures(monkeypatch)
+    plot_runs([tmp_path / "N"], tmp_path / "n.png")
+    x, y, _ = _lines(figures[0])["pooled/cka"]["N"]
+    assert x == [1, 2, 3, 4] and [v for v in y if not math.isnan(v)] == [0.2, 0.4, 0.8] and math.isnan(y[2])
+    assert "1 monitor values were not finite" in alignlm_log.text
+    plt.close(figures[0])
+
+
+def test_the_pooled_accuracy_line_pools_only_the_sets_every_point_of_it_has(monkeypatch, alignlm_log):
+    """A checkpoint evaluated without one set moved the pooled line (90 % / 10 % pooled to 50 %, gqa alone 90 %) with
+    no set's accuracy changing."""
+    from alignlm.evaluation import plots
+
+    def ck(step, sets):
+        return {
+            "run": "A",
+            "above": "",
+            "stage": "finetune",
+            "step": step,
+            "label": f"A/finetune/step_{step}",
+            "sets": {n: {"kind": "qa", "accuracy": a, "n": 100} for n, a in sets.items()},
+        }
+
+    results = [ck(2, {"gqa": 0.9, "pope": 0.1}), ck(4, {"gqa": 0.9}), ck(6, {"gqa": 0.9, "pope": 0.1})]
+    monkeypatch.setattr(plots, "plot_panels", lambda panels, path, xlabel: panels)
+    panels = plots.plot_accuracy_curves(results, Path("unused.png"))
+    (pooled,) = [t for t in panels if "pooled" in t or "all questions" in t]
+    assert panels[pooled] == {"A": [(2, 90.0), (4, 90.0), (6, 90.0)]}
+    assert pooled != "all questions accuracy %" and "['pope'] (not at every step)" in alignlm_log.text
+    whole = [ck(2, {"gqa": 0.9, "pope": 0.1}), ck(4, {"gqa": 0.8, "pope": 0.2})]
+    assert plots.plot_accuracy_curves(whole, Path("unused.png"))["all questions accuracy %"] == {
+        "A": [(2, 50.0), (4, 50.0)]
+    }
+
+
+def test_twenty_checkpoints_have_twenty_colours_and_a_legend_beside_the_panels(tmp_path, monkeypatch):
+    """Past ten lines the colour cycle came round again (step 500 and step 5500 drawn alike), and the legend inside the
+    first panel covered its lines and ran off the figure; metrics.png had no x label, the PCA panels no axis names."""
+    from matplotlib.colors import to_hex
+
+    from alignlm.evaluation.plots import plt
+    from alignlm.evaluation.report import write_plots
+
+    figures = _drawn_figures(monkeypatch)
+    g = torch.Generator().manual_seed(0)
+    results, features = [], []
+    for i in range(20):
+        results.append(
+            {
+                "label": f"raw/finetune/step_{(i + 1) * 500:06d}",
+                "sets": {"vqa": {"kind": "qa", "accuracy": i / 20, "n": 50, "examples": []}},
+                "probe": {
+                    "n": 12,
+                    "pooled": {"modality_gap": 1 - i / 40},
+                    "layers": {"0": {"cka": i}, "4": {"cka": i}},
+                },
+            }
+        )
+        features.append({"image": torch.randn(6, 4, generator=g), "text": torch.randn(6, 4, generator=g)})
+    files = write_plots(results, features, tmp_path)
+    drawn = dict(zip(files, figures))
+    lines = _lines(drawn["layers"])["cka"]
+    assert len({to_hex(colour) for _, _, colour in lines.values()}) == 20
+    (legend,) = drawn["layers"].legends
+    assert [t.get_text() for t in legend.get_texts()] == [r["label"] for r in results]
+    assert not any(ax.get_legend() for fig in figures for ax in fig.axes)
+    assert all(ax.get_xlabel().startswith("checkpoint") for ax in drawn["metrics"].axes if ax.get_title())
+    assert {(ax.get_xlabel(), ax.get_ylabel()) for ax in drawn["pca"].axes if ax.get_title()} == {("PC1", "PC2")}
+    for fig in figures:
+        plt.close(fig)

@@ -694,9 +694,22 @@ def artifact_lines(results: list[dict[str, Any]]) -> list[str]:
         ]
         lines += [
             f"| {name} | {_pct(v['outlier_share'])} | {_num(v['max_ratio'])} | {_num(v['prefix_ratio'])} |"
-            for name, v in art["layers"].items()
+            for name, v in tower_layers(art["layers"])
         ]
     return lines
+
+
+def tower_layers(layers: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """A tower's layers from input to output (``layer 0`` ... ``layer 24``; EfficientNet's ``block 0`` ... ``block 15``,
+    ``head``), then its ``output``, however they were read: a kept probe (``parts/probe.json``, written with its keys
+    sorted as text) gave ``layer 10`` before ``layer 2``, so a reused evaluation's table and plot differed from a fresh
+    one's. The numbers in a name are compared as numbers."""
+
+    def key(item: tuple[str, Any]) -> tuple[bool, list[Any]]:
+        parts = re.split(r"(\d+)", item[0])  # text, number, text, ...: lists of one pattern compare part by part
+        return item[0] == "output", [int(p) if i % 2 else p for i, p in enumerate(parts)]
+
+    return sorted(layers.items(), key=key)
 
 
 def write_plots(results: list[dict[str, Any]], features: list[dict[str, Any]], out: Path) -> dict[str, Path]:
@@ -715,7 +728,7 @@ def write_plots(results: list[dict[str, Any]], features: list[dict[str, Any]], o
         for header, get, _ in table_columns(results)
     }
     if series:
-        files["metrics"] = plots.plot_series(series, labels, out / "metrics.png")
+        files["metrics"] = plots.plot_series(series, labels, out / "metrics.png", "checkpoint")
     curves = {r["label"]: r["gap_shift"]["curve"] for r in results if "gap_shift" in r}
     if curves:
         metric = next(r["gap_shift"]["metric"] for r in results if "gap_shift" in r)
@@ -736,7 +749,7 @@ def write_plots(results: list[dict[str, Any]], features: list[dict[str, Any]], o
     for r in results:
         layers = (r.get("artifacts") or {}).get("layers") or {}
         for key, title in (("outlier_share", "outlier token share"), ("max_ratio", "max / median token norm")):
-            pts = [(float(i), v[key]) for i, v in enumerate(layers.values())]
+            pts = [(float(i), v[key]) for i, (_, v) in enumerate(tower_layers(layers))]
             if pts:
                 towers.setdefault(title, {})[r["label"]] = pts
     if towers:
