@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 
 from alignlm.checks import check_config
 from alignlm.config import ConfigError, config_dir, instantiate
+from alignlm.data.records import DataError
 from alignlm.models.build import build_model
 from alignlm.models.io import config_yaml
 from alignlm.objectives.base import Objective
@@ -358,3 +359,86 @@ def test_a_stage_starting_from_a_final_of_other_model_settings_is_warned_naming_
     with caplog.at_level("WARNING", logger=log.name):
         warn_other_model(cfg, ["finetune"], log)
     assert not caplog.text  # the same settings
+
+
+# ---- every stage's data, checked before the first stage trains -----------------------------------------------------
+
+
+class StageStarted(Exception):
+    """Raised in place of a stage's training: the run got past its start-up checks."""
+
+
+def _no_training(monkeypatch) -> list[str]:
+    """The stages the run would have trained (none does: the first raises ``StageStarted``)."""
+    started: list[str] = []
+
+    def trainer(cfg, name, *args):
+        started.append(name)
+        raise StageStarted(name)
+
+    monkeypatch.setattr("alignlm.pipeline.Trainer", trainer)
+    return started
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ([], "stages.pretrain.data.sources is empty: stage pretrain has no data to train on; start from a recipe"),
+        (["stages.finetune.data.sources=[]"], "stages.finetune.data.sources is empty: stage finetune has no data"),
+        (
+            ["+stage@stages.dpo=dpo", "run=[pretrain,finetune,dpo]", "stages.dpo.data.sources=[]"],
+            "or give stages.dpo.data.sources=[{path: records.json}] (a file of preference pairs;",
+        ),
+    ],
+)
+def test_a_stage_without_data_is_a_config_error_before_anything_runs(
+    colour_set, tmp_path, monkeypatch, overrides, message
+):
+    """Bare ``alignlm train`` (the README's Extending command had no recipe) failed with a ValueError, exit status 1,
+    when the stage built its data; an empty later stage (a dpo stage added without records) after the stages before it
+    had trained."""
+    started = _no_training(monkeypatch)
+    base = [f"output_dir={tmp_path}"] if not overrides else tiny_overrides(colour_set, tmp_path)
+    with pytest.raises(ConfigError, match=re.escape(message)) as refused:
+        run(compose(*base, *overrides))
+    assert "+exp=demo" in str(refused.value) and not started and not list(tmp_path.iterdir())
+
+
+def test_a_later_stages_missing_data_file_is_refused_before_the_first_stage_trains(colour_set, tmp_path, monkeypatch):
+    """A finetune source that does not exist (or is a folder) was found when finetuning built its data, after
+    pretraining had trained; docs/reliability.md said before the first stage trains."""
+    started = _no_training(monkeypatch)
+    for path, problem in ((tmp_path / "nope.json", "does not exist"), (tmp_path, "is a folder")):
+        sources = f"stages.finetune.data.sources=[{{path:{colour_set['instruct']}}},{{path:{path}}}]"
+        with pytest.raises(DataError, match=re.escape(f"stages.finetune.data.sources[1]: data file {path} {problem}")):
+            run(compose(*tiny_overrides(colour_set, tmp_path / "out"), sources))
+        assert not started and not (tmp_path / "out" / "t" / "pretrain").exists()
+
+
+def test_a_stages_data_that_a_prepare_step_writes_is_not_refused(colour_set, tmp_path, monkeypatch):
+    """A stage's records may be a prepare step's output (SIMA's preference pairs): the files are checked after the
+    offline sets and every prepare step have written theirs, so a file missing at start-up but made then passes."""
+    started = _no_training(monkeypatch)
+    made = tmp_path / "made" / "instruct.json"
+    made.parent.mkdir()
+    prepare = f"+stages.finetune.prepare.copy={{_target_:shutil.copyfile,src:{colour_set['instruct']},dst:{made}}}"
+    cfg = compose(
+        *tiny_overrides(colour_set, tmp_path / "out"), f"stages.finetune.data.sources=[{{path:{made}}}]", prepare
+    )
+    with pytest.raises(StageStarted):
+        run(cfg)
+    assert started == ["pretrain"] and made.exists()
+
+
+def test_alignlm_config_dir_naming_no_config_tree_is_refused(tmp_path, monkeypatch):
+    """A mistyped ALIGNLM_CONFIG_DIR, or a plug-in's conf/ folder (no train.yaml), fell back to the repository's
+    configs/ without a word."""
+    (tmp_path / "conf" / "model").mkdir(parents=True)
+    for folder, problem in ((tmp_path / "nope", "does not exist"), (tmp_path / "conf", "has no train.yaml")):
+        monkeypatch.setenv("ALIGNLM_CONFIG_DIR", str(folder))
+        with pytest.raises(
+            ConfigError, match=re.escape(f"ALIGNLM_CONFIG_DIR={folder} {problem}: it replaces the whole")
+        ):
+            config_dir()
+    monkeypatch.setenv("ALIGNLM_CONFIG_DIR", str(CONFIGS))
+    assert config_dir() == CONFIGS

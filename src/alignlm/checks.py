@@ -10,6 +10,7 @@ import difflib
 import inspect
 import json
 import math
+import re
 import signal
 import types
 import typing
@@ -19,6 +20,7 @@ from typing import Any
 
 import torch
 from hydra._internal.utils import _locate
+from hydra.errors import HydraException, MissingConfigException
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from peft import LoraConfig
@@ -27,7 +29,7 @@ from peft.utils import INCLUDE_LINEAR_LAYERS_SHORTHAND
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from alignlm.config import ConfigError, composed, default_keys, plain
+from alignlm.config import ConfigError, compose, composed, config_roots, default_keys, plain
 from alignlm.data import GENERATORS, generator_knobs
 from alignlm.data.images import MAX_PIXELS, check_aspect_ratio
 from alignlm.data.llava import check_error_policy
@@ -139,6 +141,147 @@ def check_config(cfg: DictConfig) -> None:
         _check_objectives(f"stages.{stage}", cfg.stages[stage])
         _check_stage_choices(f"stages.{stage}", cfg.stages[stage], parts)
         _check_init_from(cfg, stage, cfg.run[:i])
+
+
+def check_sources(cfg: DictConfig) -> None:
+    """Every stage of ``cfg.run`` reads at least one data source (after :func:`check_config`, which checks that each
+    ``sources`` is a list of sources). Bare ``alignlm train`` (no recipe: the stage files set none), or a stage added
+    with ``+stage@stages.dpo=dpo`` and no records, failed with a ValueError (exit status 1) when that stage built its
+    data, after the stages before it had trained."""
+    for stage in cfg.run:
+        key = f"stages.{stage}.data.sources"
+        if not OmegaConf.select(cfg, key):
+            pairs = cfg.stages[stage].data.get("preference")
+            raise ConfigError(
+                f"{key} is empty: stage {stage} has no data to train on; start from a recipe that sets it (alignlm "
+                f"train +exp=demo, configs/exp/) or give {key}=[{{path: records.json}}] (a file of "
+                f"{'preference pairs' if pairs else 'LLaVA records'}; image_root and weight optional)"
+            )
+
+
+def check_source_files(cfg: DictConfig, stages: Sequence[str]) -> None:
+    """Each data source of ``stages`` (those about to train) is a file of records: a ``DataError`` (exit status 65)
+    naming the source otherwise. Called once the offline sets and every stage's prepare steps have written their
+    files (a stage's records may be one's output, as SIMA's preference pairs are) and before the first stage trains:
+    a later stage's missing file was found when that stage built its data, after the stages before it had trained.
+    No stage writes another's records: what a stage leaves is its checkpoints."""
+    for stage in stages:
+        for i, node in enumerate(cfg.stages[stage].data.sources):
+            key = f"stages.{stage}.data.sources[{i}]"
+            try:
+                iter_records(Source.from_config(node, key).path)  # refuses a missing file or a folder; reads nothing
+            except DataError as e:
+                raise DataError(f"{key}: {e}", e.cause) from None
+
+
+# Hydra's refusal of an override of a key or a group the composed config lacks, and its advice (the override with +)
+_NOT_THERE = re.compile(
+    r"(?:In '[^']*': )?Could not override '([^']+)'\.(.*?)To append to your \w+(?: list)? use \+(.+)$"
+)
+
+
+def override_mistake(overrides: Sequence[str], error: HydraException) -> str:
+    """One line for Hydra's refusal of ``overrides``, naming what to type instead. Hydra's advice for a key the config
+    lacks, "To append to your config use +stages.pretrain.max_step=50" (on a line of its own), only moved the refusal of
+    a mistyped key to the start-up checks; for ``stage=dpo`` it was "+stage=dpo", a top-level ``stage`` nothing reads.
+    A key is now told with the nearest known one (as the start-up checks tell one added with ``+``), a group or an
+    option that does not exist with the nearest there is, and a group the defaults list picks under packages
+    (``stage@stages.pretrain``) with the form that adds one more; Hydra's other errors (a malformed override) lose
+    only their line breaks (its list of options and search path took a dozen lines)."""
+    if isinstance(error, MissingConfigException) and error.missing_cfg_file and error.options is not None:
+        group, _, option = str(error.missing_cfg_file).rpartition("/")
+        near = difflib.get_close_matches(option, error.options, n=1)
+        hint = f"did you mean {group}={near[0]}? " if near else ""
+        return f"{group}={option}: no such option of {group}; {hint}its options: {sorted(error.options)}"
+    text = " ".join(str(error).split())
+    found = _NOT_THERE.match(text)
+    if found is None:
+        return text
+    key, said, given = found.group(1), found.group(2), found.group(3)
+    value = given.partition("=")[2]
+    if "defaults list" in text or "Did you mean to override" in said:
+        return _group_not_in_defaults(key, value, re.findall(r"[\w/]+@[\w.]+", said))
+    rest = list(overrides)
+    if given in rest:
+        rest.remove(given)
+    try:
+        cfg = compose(rest)
+    except HydraException:  # another override fails too: Hydra names the first
+        return text
+    try:
+        _check_override_key(cfg, key)
+    except ConfigError as e:
+        return str(e)
+    return f"{key} is not in the composed config: a new key is added with a +, +{given}"
+
+
+def _group_not_in_defaults(key: str, value: str, picked: list[str]) -> str:
+    """A config group ``key`` (``group`` or ``group@package``) that no entry of the defaults list picks; ``picked``:
+    the entries that pick the group under other packages."""
+    group, _, package = key.partition("@")
+    if not picked:
+        return f"{key}={value}: no default picks {key}, so the choice is added with a +: +{key}={value}"
+    parents = {p.partition("@")[2].rpartition(".")[0] for p in picked}
+    where = package or (f"{parents.pop()}.{value}" if len(parents) == 1 else "<package>")
+    then = f" and add {where.rpartition('.')[2]} to run" if where.startswith("stages.") else ""
+    return (
+        f"{key}={value}: the defaults pick {group} as {', '.join(picked)}; add one more with "
+        f"+{group}@{where}={value}{then}, or give one of those another option, e.g. {picked[0]}={value}"
+    )
+
+
+def _check_override_key(cfg: DictConfig, key: str) -> None:
+    """``key`` (dotted; with a ``/``, a config group) is a setting ``cfg`` knows, level by level, where the start-up
+    checks know every key of the level (``check_config``: the top, a stage, its data and LoRA, the model, the
+    sections of ``train.yaml``); a ``ConfigError`` with the nearest known one otherwise. A level of free keys (a
+    generation setting, an objective's knob) passes."""
+    if "/" in key:
+        groups = sorted(
+            {str(p.parent.relative_to(root)) for root in config_roots(cfg) for p in root.glob("*/**/*.yaml")}
+        )
+        near = difflib.get_close_matches(key, groups, n=1)
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        raise ConfigError(f"{key} is not a config group; {hint}groups: {groups}")
+    known = default_keys(cfg)
+    parts = key.split(".")
+    for depth, name in enumerate(parts):
+        if parts[:depth] == ["stages"]:
+            if name not in cfg.stages:
+                raise ConfigError(_not_a_stage(cfg, name))
+            continue
+        allowed = _keys_at(cfg, known, parts[:depth])
+        if allowed is None:
+            return
+        check_keys(".".join(parts[:depth]), {name: None}, allowed)
+
+
+def _keys_at(cfg: DictConfig, known: dict[str, set[str]], parts: list[str]) -> set[str] | None:
+    """Every key the mapping at ``parts`` (below ``stages.<name>`` or outside ``stages``) may hold, where the start-up
+    checks know them all (``known``: ``default_keys``; a stage's ``lr`` and ``parts``: the model's parts); None where
+    its keys are free."""
+    if parts[:1] == ["stages"]:
+        below = parts[2:]
+        if not below:
+            return known["stage"]
+        if below in (["data"], ["lora"]):
+            return known.get(f"stage.{below[0]}", set())
+        if below in (["lr"], ["parts"]):
+            return set(_part_modes(cfg.model)) | ({"objectives"} if below == ["lr"] else set())
+        return None
+    where = ".".join(parts)
+    return known.get(where, set()) if where in ("", "model", *_SECTIONS) else None
+
+
+def _not_a_stage(cfg: DictConfig, name: str) -> str:
+    """``stages.<name>`` names no stage of ``cfg``: the nearest, and how a stage is added."""
+    near = difflib.get_close_matches(name, list(cfg.stages), n=1)
+    hint = f"did you mean {near[0]!r}? " if near else ""
+    options = sorted({p.stem for root in config_roots(cfg) for p in (root / "stage").glob("*.yaml")})
+    choice = name if name in options else f"<one of {options}>"
+    return (
+        f"stages.{name} is not a stage of this config; {hint}stages: {sorted(cfg.stages)}; a stage is added with "
+        f"+stage@stages.{name}={choice} (and named in run)"
+    )
 
 
 def _check_switches_and_counts(cfg: DictConfig) -> None:

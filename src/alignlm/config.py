@@ -26,14 +26,24 @@ class ConfigError(ValueError):
 
 
 def config_dir() -> Path:
-    """The config tree: ``$ALIGNLM_CONFIG_DIR``, else ``configs/`` of the source checkout."""
+    """The config tree: ``$ALIGNLM_CONFIG_DIR``, else ``configs/`` of the source checkout. A variable naming no tree
+    (a typo, or a plug-in's ``conf/`` folder, which holds only its own files) is refused: it had fallen back to the
+    checkout's tree without a word, training what the user meant to replace."""
     env = os.environ.get("ALIGNLM_CONFIG_DIR")
-    candidates = [Path(env)] if env else []
-    candidates.append(Path(__file__).resolve().parents[2] / "configs")
-    for c in candidates:
-        if (c / "train.yaml").exists():
-            return c
-    raise FileNotFoundError(f"no configs/train.yaml found in {[str(c) for c in candidates]}; set ALIGNLM_CONFIG_DIR")
+    if env:
+        tree = Path(env)
+        if (tree / "train.yaml").is_file():
+            return tree
+        problem = "has no train.yaml" if tree.is_dir() else "is not a folder" if tree.exists() else "does not exist"
+        raise ConfigError(
+            f"ALIGNLM_CONFIG_DIR={env} {problem}: it replaces the whole config tree, so it names a copy of configs/ "
+            "(train.yaml at its top); a folder of only your own configs joins the tree with "
+            "hydra.searchpath=[file:///path/to/conf] instead (README, Extending), or unset the variable"
+        )
+    tree = Path(__file__).resolve().parents[2] / "configs"
+    if not (tree / "train.yaml").is_file():
+        raise FileNotFoundError(f"no train.yaml in {tree}: set ALIGNLM_CONFIG_DIR=/path/to/configs")
+    return tree
 
 
 def compose(overrides: Sequence[str], config_name: str = "train") -> DictConfig:

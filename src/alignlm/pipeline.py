@@ -30,7 +30,7 @@ from accelerate.state import AcceleratorState, GradientState, PartialState
 from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list
 from omegaconf import DictConfig, OmegaConf
 
-from alignlm.checks import check_config, check_stages_fit_model
+from alignlm.checks import check_config, check_source_files, check_sources, check_stages_fit_model
 from alignlm.config import ConfigError, instantiate
 from alignlm.data import GENERATORS, generator_defaults
 from alignlm.evaluation.evaluate import answer_accuracy
@@ -286,6 +286,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     stop signal asks for a clean stop from here to the end (``StopRequest``), and the run's folder is locked against
     a second run of the same name (:func:`run_lock`)."""
     check_config(cfg)
+    check_sources(cfg)
     resolve_precision(cfg)  # before the strategy's checks, which depend on it
     resolve_strategy(cfg)
     with accelerate_state_of_this_run(), StopRequest(cfg.get("distributed") or {}).handling() as stop:
@@ -614,6 +615,7 @@ def _run(cfg: DictConfig, acc: Accelerator, stop: StopRequest) -> dict[str, Any]
             run_prepare_steps(cfg)
     check_finished_stages(cfg, acc, log)  # on every rank, from the files the prepare steps left
     to_train = [name for name in cfg.run if not stage_done(cfg, name)]
+    check_source_files(cfg, to_train)  # on every rank, once the offline sets and prepare steps wrote theirs
     if acc.is_main_process:
         for name in to_train:
             problem = damaged_final(cfg, name)

@@ -15,6 +15,7 @@ import sys
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
+from alignlm.checks import override_mistake
 from alignlm.commands import BAD_DATA, FAILED, USAGE
 from alignlm.commands.launch import cpu_processes_to_spawn, spawn_cpu_ranks
 from alignlm.config import ConfigError, compose
@@ -28,8 +29,8 @@ STOPPED = 75  # exit status of a run that stop_after_steps ended early (sysexits
 def cmd_train(args: argparse.Namespace) -> int:
     try:
         cfg = compose(args.overrides)
-    except HydraException as e:  # a key or a choice that does not exist, a malformed override: the message, no trace
-        print(f"alignlm: {e}", file=sys.stderr)
+    except HydraException as e:  # a key or a choice that does not exist, a malformed override: one line, no trace
+        print(f"alignlm: {override_mistake(args.overrides, e)}", file=sys.stderr)
         return USAGE
     if args.print_config:
         print(OmegaConf.to_yaml(cfg, resolve=True))
