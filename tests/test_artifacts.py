@@ -127,7 +127,7 @@ def test_probe_reports_each_layer_and_the_output_and_counts_planted_outliers():
         hidden[:, 5 + 3] *= 30
 
     tower.model.encoder.layer[0].register_forward_hook(plant)
-    report = artifact_report(tower, torch.randn(5, 3, 32, 32), factor=4.0, batch_size=2)
+    report = artifact_report(tower, torch.randn(5, 3, 32, 32).split(2), factor=4.0)
     assert list(report) == ["layer 0", "layer 1", "layer 2", "output"]
     assert report["layer 0"]["outlier_share"] < 1 / 16 and report["layer 1"]["outlier_share"] >= 1 / 16
     assert report["layer 1"]["max_ratio"] > 4 and report["layer 1"]["prefix_ratio"] is not None
@@ -136,7 +136,7 @@ def test_probe_reports_each_layer_and_the_output_and_counts_planted_outliers():
 
 def test_the_cnn_tower_reports_every_block_and_its_head():
     tower = EfficientNetLiteTower(weights=None, image_size=64).eval()
-    report = artifact_report(tower, torch.randn(2, 3, 64, 64), factor=4.0)
+    report = artifact_report(tower, [torch.randn(2, 3, 64, 64)], factor=4.0)
     names = list(report)
     assert names[0] == "block 0" and names[-2:] == ["head", "output"] and len(names) == len(tower.model._blocks) + 2
     assert report["head"] == report["output"]  # the head's map is what forward turns into tokens

@@ -806,3 +806,117 @@ def test_sign_test_is_fast_for_many_discordant_questions():
         z = (n - 2 * wins - 1) / math.sqrt(n)  # continuity-corrected
         assert sign_test(wins, n - wins) == pytest.approx(math.erfc(z / math.sqrt(2)), rel=2e-2)
     assert sign_test(n // 2, n // 2) == 1.0 and sign_test(0, n) == 0.0
+
+
+# ------------------------------------------------------------------------ probes and monitor, on the device
+
+
+def _probe_reference(model, probe) -> dict[str, float]:
+    """The probe's A-score and pooled features the old way: every item's tokens held whole (captions padded to the
+    longest by their own last token), measured at once in float64."""
+    from alignlm.data.templates import plain_text_ids
+
+    tok, embed = model.tokenizer, model.llm.get_input_embeddings()
+    ids = [i or [tok.eos_token_id] for i in plain_text_ids(probe.captions, tok)]
+    lengths = torch.tensor([len(i) for i in ids])
+    longest = int(lengths.max())
+    with torch.no_grad():
+        visual = model.connector(model.vision(probe.pixels(model.image_spec)[:])).tokens
+        words = embed(torch.tensor([i + [i[-1]] * (longest - len(i)) for i in ids]))
+    return {
+        "visual_mean": visual.float().mean(dim=1),
+        "a_score_visual_to_text": M.a_score(visual, words),
+        "a_score_text_to_visual": M.a_score(words, visual, lengths),
+    }
+
+
+def test_the_probe_measures_the_a_score_batch_by_batch_as_over_the_whole_set(tiny_model, colour_set):
+    """``extract`` copied every item's tokens to the host (5 MiB an item for a bfloat16 7B model) for an A-score
+    taken on the CPU; it measures each item's A-score on the model's device batch by batch now, keeps no token, and
+    gives the figures of the whole set's tokens, whatever the batch size."""
+    from alignlm.models.probes import extract, load_probe_set, probe_metrics
+
+    model, probe = tiny_model(), load_probe_set(colour_set["pretrain"], 12)
+    model.eval()
+    reference = _probe_reference(model, probe)
+    for batch_size in (5, 12):
+        feats = extract(model, probe, batch_size=batch_size, tokens=True)
+        assert not hasattr(feats, "visual_tokens") and not hasattr(feats, "text_tokens")
+        assert all(s.shape == (12,) and s.dtype == torch.float64 for s in feats.a_scores)
+        values = probe_metrics(feats, ["a_score"], topk=4, encoder=False)["per_token"]
+        for key, value in values.items():
+            assert value == pytest.approx(reference[key], rel=0, abs=1e-10), key
+        torch.testing.assert_close(feats.visual_mean, reference["visual_mean"])
+    with pytest.raises(ValueError, match="a_score reads every item's tokens"):
+        probe_metrics(extract(model, probe, batch_size=5), ["a_score"], topk=4)
+
+
+def test_the_monitor_reports_the_whole_sets_figures(tiny_model, colour_set):
+    """The monitor measures through the same ``extract``, so its A-score and pooled metrics are the whole set's
+    figures, measured the old way."""
+    from alignlm.geometry.suite import pair_metrics
+    from alignlm.models.probes import extract, load_probe_set
+    from alignlm.training.monitor import AlignmentMonitor
+
+    model = tiny_model()
+    metrics = ["modality_gap", "cka", "mutual_knn", "a_score"]
+    cfg = {"every": 1, "probe": str(colour_set["pretrain"]), "n": 12, "topk": 4, "batch_size": 5, "metrics": metrics}
+    monitor = AlignmentMonitor(cfg, model)
+    values = monitor(1, model)
+    model.eval()
+    probe = load_probe_set(colour_set["pretrain"], 12)
+    reference = _probe_reference(model, probe)
+    text_mean = extract(model, probe, batch_size=12).text_mean
+    pooled = pair_metrics(reference["visual_mean"], text_mean, metrics, 4)
+    for key in ("a_score_visual_to_text", "a_score_text_to_visual"):
+        assert values[f"monitor/per_token/{key}"] == pytest.approx(reference[key], rel=0, abs=1e-10)
+    for key, value in pooled.items():
+        assert values[f"monitor/pooled/{key}"] == pytest.approx(value, rel=0, abs=1e-10), key
+
+
+def test_the_probe_images_are_decoded_a_batch_at_a_time(tiny_model, colour_set, monkeypatch):
+    """``ProbeSet.pixels`` decoded every probe image into one float32 tensor before the first batch ran, and kept
+    it (13.5 GB at 10k items of 336 px; the monitor held it for the whole run on every rank). The images are decoded
+    as the batches are read now: when the tower sees a batch, no more than it has been decoded, and nothing is kept."""
+    from alignlm.models import probes
+    from alignlm.training.monitor import AlignmentMonitor
+
+    model, decoded, seen = tiny_model(), [], []
+    real_preprocess, real_vision = probes.preprocess, model.vision.forward
+    monkeypatch.setattr(probes, "preprocess", lambda *a, **k: decoded.append(1) or real_preprocess(*a, **k))
+
+    def vision(pixels, *a, **k):
+        seen.append((len(pixels), len(decoded)))
+        return real_vision(pixels, *a, **k)
+
+    monkeypatch.setattr(model.vision, "forward", vision)
+    cfg = {"every": 1, "probe": str(colour_set["pretrain"]), "n": 12, "topk": 4, "batch_size": 5}
+    monitor = AlignmentMonitor(cfg, model)
+    assert not decoded  # nothing decoded ahead of the measurements
+    for _ in range(2):
+        decoded.clear(), seen.clear()
+        assert monitor(1, model)
+        assert [b for b, _ in seen] == [5, 5, 2]
+        assert [d for _, d in seen] == [5, 10, 12]  # each batch decoded as it was read, none held before
+    assert not [v for v in vars(monitor.probe).values() if isinstance(v, dict) and v]  # no pixel cache
+    probe = monitor.probe
+    decoded.clear(), seen.clear()
+    probes.extract(model, probe, batch_size=4)
+    assert seen == [(4, 4), (4, 8), (4, 12)]
+
+
+@pytest.mark.parametrize("n, d", [(40, 16), (6, 32)])  # more rows than dims, and fewer
+def test_the_pca_plot_projects_as_the_whole_svd_without_one(n, d, monkeypatch):
+    """The PCA plot took a whole float64 SVD of ``[2n, d]`` to keep two directions; the smaller Gram matrix's top
+    eigenvectors give the same coordinates (to the sign the plot fixes)."""
+    from alignlm.evaluation.plots import pca_2d
+
+    image, text = related_pair(n, d, d, seed=3)
+    x = torch.cat([torch.nn.functional.normalize(t.double(), dim=1) for t in (image, text)])
+    x = x - x.mean(0)
+    expected = x @ torch.linalg.svd(x, full_matrices=False).Vh[:2].T
+    monkeypatch.setattr(torch.linalg, "svd", lambda *a, **k: pytest.fail("a whole SVD"))
+    got = torch.cat(pca_2d(image, text))
+    for j in range(2):
+        sign = torch.sign((got[:, j] * expected[:, j]).sum())
+        assert (got[:, j] - sign * expected[:, j]).abs().max() <= 1e-6 * expected[:, j].abs().max()

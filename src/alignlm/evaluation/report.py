@@ -46,6 +46,7 @@ from alignlm.models.probes import (
     check_probe_size,
     extract,
     gap_shift,
+    image_batches,
     load_probe_set,
     needs_tokens,
     probe_metrics,
@@ -541,6 +542,8 @@ def probe_result(
     pcfg = dict(ecfg.get("probe") or {})
     layers = resolve_layers(model, pcfg.get("layers"), "probe.layers")
     aspect_ratio = aspect_ratio_of(data_cfg)  # the probe images made square as the checkpoint's stage did
+    device = next(model.parameters()).device
+    workers = eval_workers(ecfg.get("num_workers", "auto"), device)
     feats = extract(
         model,
         probe,
@@ -548,6 +551,7 @@ def probe_result(
         layers,
         aspect_ratio=aspect_ratio,
         tokens=needs_tokens(pcfg["metrics"]),
+        num_workers=workers,
     )
     topk = int(pcfg.get("topk", 10))
     result: dict[str, Any] = {
@@ -557,13 +561,15 @@ def probe_result(
     if shift.get("deltas"):  # the probe's k: the curve at delta 0 is the table's value
         curve = gap_shift(feats, [float(d) for d in shift["deltas"]], shift["metric"], topk)
         result["gap_shift"] = {"metric": shift["metric"], "curve": curve}
-    result["features"] = {"image": feats.visual_mean, "text": feats.text_mean}
+    # the metrics above ran where the features are, the model's device; the report keeps them, the plots draw them
+    result["features"] = {"image": feats.visual_mean.cpu(), "text": feats.text_mean.cpu()}
     artifacts = dict(pcfg.get("artifacts") or {})
     if artifacts.get("enabled", True):
         factor = float(artifacts.get("factor", 4.0))
         try:
-            pixels = probe.pixels(model.image_spec, aspect_ratio)  # decoded once, by extract above
-            tower = artifact_report(model.vision, pixels, factor, int(pcfg.get("batch_size", 32)))
+            images = probe.pixels(model.image_spec, aspect_ratio)  # decoded again, a batch at a time, ahead
+            batches = image_batches(images, int(pcfg.get("batch_size", 32)), device, workers)
+            tower = artifact_report(model.vision, batches, factor)
             result["artifacts"] = {"factor": factor, "layers": tower}
         except NotImplementedError as e:
             result["artifacts"] = {"unavailable": str(e)}

@@ -574,8 +574,14 @@ def svcca(A: Tensor, B: Tensor, cca_dim: int = 10, preprocess: bool = True) -> f
 def a_score(visual_tokens: Tensor, reference_tokens: Tensor, lengths: Sequence[int] | None = None) -> float:
     """Law of Vision Representation (Yang et al. 2024): how well connector outputs cover a reference model's
     tokens of the same image; for each visual token the best cosine to any reference token, mean over tokens,
-    then over images. Takes ``[n, m, d]`` and ``[n, r, d]``; ``lengths``: how many of each item's ``m`` query
-    tokens are real (ragged rows padded at the end), the rest left out of the mean."""
+    then over images (``a_scores``, averaged)."""
+    return a_scores(visual_tokens, reference_tokens, lengths).mean().item()
+
+
+def a_scores(visual_tokens: Tensor, reference_tokens: Tensor, lengths: Sequence[int] | None = None) -> Tensor:
+    """Each image's A-score ``[n]`` (float64, on the tokens' device), whose mean is ``a_score``: a caller measuring
+    batch by batch keeps these, not the tokens. Takes ``[n, m, d]`` and ``[n, r, d]``; ``lengths``: how many of each
+    item's ``m`` query tokens are real (ragged rows padded at the end), the rest left out of its mean."""
     if visual_tokens.ndim != 3 or reference_tokens.ndim != 3:
         raise ValueError(
             f"a_score takes [images, tokens, dim] tensors, got shapes {tuple(visual_tokens.shape)} "
@@ -594,13 +600,12 @@ def a_score(visual_tokens: Tensor, reference_tokens: Tensor, lengths: Sequence[i
     visual = _directions(_finite(visual_tokens, "visual_tokens"), "visual_tokens", tokens)
     reference = _directions(_finite(reference_tokens, "reference_tokens"), "reference_tokens")
     weight = tokens.to(torch.float64) / real[:, None]
-    per_image = torch.cat(
+    return torch.cat(
         [
             (torch.bmm(visual[rows], reference[rows].transpose(1, 2)).amax(dim=2) * weight[rows]).sum(dim=1)
             for rows in _chunks(n, m * reference.shape[1])
         ]
     )
-    return per_image.mean().item()
 
 
 def retrieval_recall(img: Tensor, txt: Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:

@@ -16,7 +16,7 @@ outlier patch tokens, the mean over images of the largest norm ratio, and the pr
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -37,41 +37,34 @@ def norm_ratios(tokens: torch.Tensor, prefix: int) -> tuple[torch.Tensor, torch.
 
 
 @torch.no_grad()
-def artifact_report(
-    vision: Any, pixels: torch.Tensor, factor: float, batch_size: int = 32
-) -> dict[str, dict[str, Any]]:
+def artifact_report(vision: Any, batches: Iterable[torch.Tensor], factor: float) -> dict[str, dict[str, Any]]:
     """Per tower layer (``vision.layer_tokens``) and for the tower's ``output`` (after ``model.vision_artifacts`` when
-    set): ``outlier_share`` (patch tokens over ``factor`` x their image's median norm), ``max_ratio`` (mean over images
-    of the largest patch ratio), ``prefix_ratio`` (mean norm ratio of the prefix tokens; None without any)."""
-    sums: dict[
-        str, list[float]
-    ] = {}  # name -> [outliers, patches, sum of max ratios, images, prefix ratio sum, prefix n]
+    set), over the images of ``batches`` (pixels ``[B, 3, H, W]``; eval's come decoded ahead by loader workers):
+    ``outlier_share`` (patch tokens over ``factor`` x their image's median norm), ``max_ratio`` (mean over images of
+    the largest patch ratio), ``prefix_ratio`` (mean norm ratio of the prefix tokens; None without any). The sums stay
+    on the tower's device until the end: a read per layer and batch waited for the device each time."""
+    sums: dict[str, torch.Tensor] = {}  # name -> [outliers, sum of max ratios, prefix ratio sum], float64
+    counts: dict[str, list[int]] = {}  # name -> [patches, images, prefix tokens]
     device = next(vision.parameters()).device
-    for start in range(0, len(pixels), batch_size):
-        batch = pixels[start : start + batch_size].to(device)
+    for batch in batches:
+        batch = batch.to(device)
         layers = [*vision.layer_tokens(batch), ("output", vision(batch), vision.num_prefix_tokens)]
         for name, tokens, prefix in layers:
             patches, pre = norm_ratios(tokens, prefix)
-            acc = sums.setdefault(name, [0.0] * 6)
-            for i, v in enumerate(
-                (
-                    (patches > factor).sum().item(),
-                    patches.numel(),
-                    patches.max(dim=1).values.sum().item(),
-                    len(patches),
-                    pre.sum().item(),
-                    pre.numel(),
-                )
-            ):
-                acc[i] += v
-    return {
-        name: {
-            "outlier_share": a[0] / a[1],
-            "max_ratio": a[2] / a[3],
-            "prefix_ratio": a[4] / a[5] if a[5] else None,
+            found = torch.stack([(patches > factor).sum(), patches.max(dim=1).values.sum(), pre.sum()]).double()
+            sums[name] = sums[name] + found if name in sums else found
+            n = counts.setdefault(name, [0, 0, 0])
+            n[0], n[1], n[2] = n[0] + patches.numel(), n[1] + len(patches), n[2] + pre.numel()
+    report = {}
+    for name, total in sums.items():
+        outliers, max_ratios, prefix_ratios = total.tolist()
+        patches, images, prefixes = counts[name]
+        report[name] = {
+            "outlier_share": outliers / patches,
+            "max_ratio": max_ratios / images,
+            "prefix_ratio": prefix_ratios / prefixes if prefixes else None,
         }
-        for name, a in sums.items()
-    }
+    return report
 
 
 class ArtifactFilter(nn.Module):

@@ -12,13 +12,14 @@ Then every metric of ``alignlm.geometry.suite`` between the two sides (docs/meth
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
 
 from alignlm.config import ConfigError
 from alignlm.data.images import load_rgb, preprocess
@@ -28,6 +29,23 @@ from alignlm.geometry import metrics as M
 from alignlm.geometry.suite import KNN_METRICS, TOKEN_METRICS, pair_metrics
 
 
+class ProbeImages(Dataset[Tensor]):
+    """A probe's images preprocessed for a tower's image spec, each decoded when read: held whole, a 10k-item probe
+    was 13.5 GB of float32 pixels on the host (336 px). An index gives one image ``[3, H, W]``, a slice a stack of
+    them (``artifact_report`` reads batches so)."""
+
+    def __init__(self, paths: Sequence[Path], spec: Any, aspect_ratio: str) -> None:
+        self.paths, self.spec, self.aspect_ratio = list(paths), spec, aspect_ratio
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int | slice) -> Tensor:
+        if isinstance(index, slice):
+            return torch.stack([self[i] for i in range(*index.indices(len(self)))])
+        return preprocess(load_rgb(self.paths[index]), self.spec, self.aspect_ratio)
+
+
 @dataclass
 class ProbeSet:
     """Images and one caption each, in file order."""
@@ -35,15 +53,27 @@ class ProbeSet:
     ids: list[str]
     images: list[Path]
     captions: list[str]
-    _pixels: dict[Any, Tensor] = field(default_factory=dict, repr=False)
 
-    def pixels(self, spec: Any, aspect_ratio: str = "pad") -> Tensor:
-        """Preprocessed images ``[n, 3, H, W]`` for a tower's image spec, made square as the probed checkpoint's stage
-        made its images (``aspect_ratio``: its ``data.image_aspect_ratio``), decoded once (the monitor reuses them)."""
-        key = (spec, aspect_ratio)
-        if key not in self._pixels:
-            self._pixels[key] = torch.stack([preprocess(load_rgb(p), spec, aspect_ratio) for p in self.images])
-        return self._pixels[key]
+    def pixels(self, spec: Any, aspect_ratio: str = "pad") -> ProbeImages:
+        """The images for a tower's image spec, made square as the probed checkpoint's stage made its images
+        (``aspect_ratio``: its ``data.image_aspect_ratio``), decoded as they are read."""
+        return ProbeImages(self.images, spec, aspect_ratio)
+
+
+def image_batches(images: ProbeImages, batch_size: int, device: torch.device, num_workers: int = 0) -> Iterator[Tensor]:
+    """``images`` in order, ``batch_size`` at a time on ``device``: the host holds the batches in flight, not the set.
+    ``num_workers`` processes decode them ahead, into pinned memory on CUDA, as generation's batches
+    (``models.generation``); the caller picks the count by its own rule (eval's ``num_workers``, the trainer's)."""
+    cuda = device.type == "cuda"
+    loader = DataLoader(
+        images,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=cuda,
+        prefetch_factor=4 if num_workers else None,
+    )
+    for batch in loader:
+        yield batch.to(device, non_blocking=cuda)
 
 
 def load_probe_set(path: str | Path, n: int | None = None, image_root: str | None = None) -> ProbeSet:
@@ -77,7 +107,7 @@ UNBIASED_HSIC_ITEMS = 4
 
 def needs_tokens(names: Collection[str]) -> bool:
     """Whether a metric among ``names`` reads every item's tokens (the A-score), not only their means: ``extract``
-    keeps them only then, as they are most of its memory (LLaVA-1.5-7B: 640 tokens x 4096 dims an item)."""
+    measures it batch by batch only then, from tokens it never keeps (LLaVA-1.5-7B: 640 x 4096 an item)."""
     return any(name in TOKEN_METRICS for name in names)
 
 
@@ -125,16 +155,16 @@ def check_probe_size(pairs: int, topk: int, asked: set[str], key: str, file: str
 
 @dataclass
 class ProbeFeatures:
-    """Both modalities of every probe item, on the CPU: the pooled features in float32, and the tokens, where asked
-    (``extract(tokens=True)``), in the dtype the model made them (float32 of a bfloat16 model's was twice the memory,
-    and the A-score measures in float64 from either)."""
+    """Both modalities of every probe item, on the model's device, where the metrics run: only their numbers go to the
+    host (``.cpu()`` what is kept, as the report's features). The pooled features in float32; where asked
+    (``extract(tokens=True)``), each item's A-score both ways in float64, measured batch by batch as the tokens
+    came, so the tokens themselves are never kept (a bfloat16 7B model's were 5 MiB an item, copied to the host)."""
 
     visual_mean: Tensor  # [n, D] mean visual token
     text_mean: Tensor  # [n, D] mean input embedding of the caption
-    text_lengths: Tensor  # [n] each caption's real token count (the A-score averages over those only)
+    text_lengths: Tensor  # [n] each caption's real token count (the A-score averages over those only), on the CPU
     encoder: Tensor  # [n, Dv] pooled vision-tower features
-    visual_tokens: Tensor | None = None  # [n, M, D]; None unless asked
-    text_tokens: Tensor | None = None  # [n, T, D], short captions padded by repeating their own last token; None too
+    a_scores: tuple[Tensor, Tensor] | None = None  # ([n] visual -> text, [n] text -> visual); None unless asked
     layers: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)  # layer -> (visual [n, D], text [n, D])
 
 
@@ -151,7 +181,7 @@ def _layer_means(llm: Any, embeds: Tensor, mask: Tensor, layers: Sequence[int]) 
         inputs_embeds=embeds, attention_mask=mask, output_hidden_states=True, use_cache=False
     ).hidden_states
     w = mask.unsqueeze(-1).to(embeds.dtype)
-    return [((hidden[i] * w).sum(1) / w.sum(1)).float().cpu() for i in layers]
+    return [((hidden[i] * w).sum(1) / w.sum(1)).float() for i in layers]
 
 
 def resolve_layers(model: Any, layers: Any, key: str = "layers") -> list[int]:
@@ -187,47 +217,51 @@ def extract(
     vision_features: Tensor | None = None,
     aspect_ratio: str = "pad",
     tokens: bool = False,
+    num_workers: int = 0,
 ) -> ProbeFeatures:
     """Run the probe set through vision tower, connector and (for ``layers``) the LLM, in eval mode, its images made
-    square as the model's stage made its own (``aspect_ratio``: that stage's ``data.image_aspect_ratio``).
+    square as the model's stage made its own (``aspect_ratio``: that stage's ``data.image_aspect_ratio``), decoded
+    batch by batch (``image_batches``, ``num_workers`` processes ahead).
 
-    ``vision_features`` (the tower's output for the whole probe set) skips the tower: the monitor reuses them while
-    the tower is frozen, since they cannot change then. ``tokens``: keep every item's visual and caption tokens, for
-    a metric that reads them (``needs_tokens``); without them only the pooled features are kept. They are written
-    into one tensor each as the batches come: a list joined at the end held them twice."""
+    ``vision_features`` (the tower's output for the whole probe set) skips the tower and the images: the monitor
+    reuses them while the tower is frozen, since they cannot change then. ``tokens``: measure each item's A-score
+    from its visual and caption tokens (``needs_tokens``) on the device, batch by batch. Everything stays on the
+    model's device: features sent to the host per batch left the metrics to the CPU in float64 while the GPU
+    waited."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     tok, embed = model.tokenizer, model.llm.get_input_embeddings()
-    images = probe.pixels(model.image_spec, aspect_ratio)
     n = len(probe.ids)
     all_ids = [i or [tok.eos_token_id] for i in plain_text_ids(probe.captions, tok)]  # as training reads them
     text_lengths = torch.tensor([len(i) for i in all_ids])
-    longest = int(text_lengths.max())
+    if vision_features is None:
+        towers = (
+            model.vision(pixels)
+            for pixels in image_batches(probe.pixels(model.image_spec, aspect_ratio), batch_size, device, num_workers)
+        )
+    else:
+        towers = (vision_features[i : i + batch_size].to(device) for i in range(0, n, batch_size))
     visual_mean: list[Tensor] = []
     encoder: list[Tensor] = []
     text_mean: list[Tensor] = []
-    visual_tokens: Tensor | None = None
-    text_tokens: Tensor | None = None
+    scores: tuple[list[Tensor], list[Tensor]] = ([], [])
     per_layer: dict[int, tuple[list[Tensor], list[Tensor]]] = {i: ([], []) for i in layers}
-    for start in range(0, n, batch_size):
+    for start, feats in zip(range(0, n, batch_size), towers):
         sl = slice(start, start + batch_size)
-        feats = model.vision(images[sl].to(device)) if vision_features is None else vision_features[sl].to(device)
         visual = model.connector(feats).tokens
-        encoder.append(feats.float().mean(dim=1).cpu())
-        visual_mean.append(visual.float().mean(dim=1).cpu())
+        encoder.append(feats.float().mean(dim=1))
+        visual_mean.append(visual.float().mean(dim=1))
         ids = all_ids[sl]
         length = max(len(i) for i in ids)
         id_tensor = torch.tensor([i + [tok.pad_token_id] * (length - len(i)) for i in ids], device=device)
         mask = torch.tensor([[1] * len(i) + [0] * (length - len(i)) for i in ids], device=device)
         words = embed(id_tensor)
-        text_mean.append(((words * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)).float().cpu())
+        text_mean.append(((words * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)).float())
         if tokens:
-            if visual_tokens is None or text_tokens is None:
-                visual_tokens = torch.empty((n, *visual.shape[1:]), dtype=visual.dtype)
-                text_tokens = torch.empty((n, longest, words.shape[-1]), dtype=words.dtype)
-            visual_tokens[sl] = visual.cpu()
-            text_tokens[sl] = _repeat_last(words, text_lengths[sl].to(device), longest).cpu()
+            captions = _repeat_last(words, text_lengths[sl].to(device), length)
+            scores[0].append(_a_scores(visual, captions))
+            scores[1].append(_a_scores(captions, visual, text_lengths[sl]))
         if layers:
             image_mask = torch.ones(visual.shape[:2], dtype=torch.long, device=device)
             for i, v, t in zip(
@@ -243,8 +277,7 @@ def extract(
         torch.cat(text_mean),
         text_lengths,
         torch.cat(encoder),
-        visual_tokens,
-        text_tokens,
+        (torch.cat(scores[0]), torch.cat(scores[1])) if tokens else None,
         {i: (torch.cat(v), torch.cat(t)) for i, (v, t) in per_layer.items()},
     )
 
@@ -253,17 +286,21 @@ def extract(
 _A_SCORE_ELEMENTS = 2**25
 
 
-def _a_score(query: Tensor, reference: Tensor, lengths: Tensor | None = None) -> float:
-    """``M.a_score`` over groups of items, averaged by item (its own figure: the mean over items). Taken whole, it
-    held float64 copies of every item's tokens at once: 94 GiB for 5k LLaVA-1.5-7B probe items."""
+def _a_scores(query: Tensor, reference: Tensor, lengths: Tensor | None = None) -> Tensor:
+    """``M.a_scores`` of one batch's items ``[b]``, by groups of items, on the tokens' device: taken whole, it held
+    float64 copies of all their tokens at once. Tokens that are not finite give nan, for the items of their group:
+    the metrics refuse those items' pooled features too, and the monitor skips such a measurement (a connector's
+    fp16 overflow must not end a training run)."""
     n = query.shape[0]
     rows = max(1, _A_SCORE_ELEMENTS // (max(query.shape[1], reference.shape[1]) * query.shape[2]))
-    total = 0.0
+    parts = []
     for start in range(0, n, rows):
-        sl = slice(start, start + rows)
-        part = M.a_score(query[sl], reference[sl], None if lengths is None else lengths[sl])
-        total += part * (min(start + rows, n) - start)
-    return total / n
+        q, r = query[start : start + rows], reference[start : start + rows]
+        if bool(torch.isfinite(q).all() & torch.isfinite(r).all()):
+            parts.append(M.a_scores(q, r, None if lengths is None else lengths[start : start + rows]))
+        else:
+            parts.append(torch.full((len(q),), float("nan"), dtype=torch.float64, device=q.device))
+    return torch.cat(parts)
 
 
 def probe_metrics(
@@ -280,14 +317,17 @@ def probe_metrics(
         "pooled": pair_metrics(feats.visual_mean, feats.text_mean, names, topk),
     }
     if "a_score" in names:
-        if feats.visual_tokens is None or feats.text_tokens is None:
+        if feats.a_scores is None:
             raise ValueError(
-                "a_score reads every item's tokens, which these features left out: extract them with "
+                "a_score reads every item's tokens, which these features did not measure: extract them with "
                 "tokens=needs_tokens(metrics)"
             )
+        bad = int(sum((~torch.isfinite(s)).sum() for s in feats.a_scores))
+        if bad:
+            raise ValueError(f"a_score: {bad} of the probe items' A-scores are nan, from tokens that are not finite")
         out["per_token"] = {
-            "a_score_visual_to_text": _a_score(feats.visual_tokens, feats.text_tokens),
-            "a_score_text_to_visual": _a_score(feats.text_tokens, feats.visual_tokens, feats.text_lengths),
+            "a_score_visual_to_text": feats.a_scores[0].mean().item(),
+            "a_score_text_to_visual": feats.a_scores[1].mean().item(),
         }
     if encoder:
         out["encoder"] = pair_metrics(feats.encoder, feats.text_mean, names, topk)

@@ -3,8 +3,10 @@
 Configured by the ``monitor`` node of ``configs/train.yaml``; the trainer calls it once per step and merges what it
 returns into that step's metrics row (``metrics.jsonl`` and wandb). It measures at step 1 and every ``every`` steps,
 in eval mode under ``no_grad``, with the RNG state saved and restored so a monitored run trains exactly like an
-unmonitored one. The probe images are decoded once, and while the vision tower is frozen its features of them are
-computed once too (they cannot change; the tower is most of the cost). It logs its own cost: ``monitor/seconds`` and
+unmonitored one. While the vision tower is frozen its features of the probe images are computed once (they cannot
+change; the tower is most of the cost); else the images are decoded a batch at a time at each measurement, so the
+host never holds the whole set's pixels. The features and the metrics stay on the model's device; only the
+numbers come back. It logs its own cost: ``monitor/seconds`` and
 ``monitor/time_share`` (its time over the wall time since the previous measurement, itself included), its clock
 started once the device has finished the training steps queued before it. Every rank
 runs it (sharded ZeRO-3 weights need all ranks in a forward); only the main process writes the log.
@@ -24,6 +26,7 @@ from alignlm.geometry.suite import flat
 from alignlm.models.probes import (
     check_probe_size,
     extract,
+    image_batches,
     load_probe_set,
     needs_tokens,
     probe_metrics,
@@ -43,15 +46,18 @@ def wait_for_device(device: torch.device) -> None:
 class AlignmentMonitor:
     """Measures alignment probes at configured steps; calling it at other steps returns nothing."""
 
-    def __init__(self, cfg: Mapping[str, Any] | None, model: Any, aspect_ratio: str = "pad") -> None:
-        """``aspect_ratio``: the stage's ``data.image_aspect_ratio``; the probe images are made square as its own."""
+    def __init__(
+        self, cfg: Mapping[str, Any] | None, model: Any, aspect_ratio: str = "pad", num_workers: int = 0
+    ) -> None:
+        """``aspect_ratio``: the stage's ``data.image_aspect_ratio``; the probe images are made square as its own.
+        ``num_workers``: processes decoding the probe images ahead, the count the trainer gives its own loader."""
         cfg = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg or {})
         self.every = int(cfg.get("every") or 0)
         if self.every < 0:
             raise ValueError(f"monitor.every={self.every}; use 0 (off) or a positive number of steps")
         if not self.every:
             return
-        self.aspect_ratio = aspect_ratio
+        self.aspect_ratio, self.num_workers = aspect_ratio, num_workers
         if not cfg.get("probe"):
             raise ValueError(
                 "monitor.every > 0 needs monitor.probe: a caption file (image + caption records), "
@@ -66,7 +72,6 @@ class AlignmentMonitor:
         # at set-up, on the pairs the file gave: the config check compares monitor.n with topk only
         asked = set(self.metrics) | (set(self.layer_metrics or self.metrics) if self.layers else set())
         check_probe_size(len(self.probe.ids), self.topk, asked, "monitor", "monitor.probe", cfg["probe"], cfg.get("n"))
-        self.probe.pixels(model.image_spec, aspect_ratio)  # decode the images once, before the clock starts
         self.last: float | None = None
         self.tower_features: torch.Tensor | None = None
 
@@ -80,14 +85,10 @@ class AlignmentMonitor:
         if "vision" not in getattr(model, "frozen_parts", ()):
             return None
         if self.tower_features is None:
-            pixels = self.probe.pixels(model.image_spec, self.aspect_ratio)
+            images = self.probe.pixels(model.image_spec, self.aspect_ratio)
             device = next(model.parameters()).device
-            self.tower_features = torch.cat(
-                [
-                    model.vision(pixels[i : i + self.batch_size].to(device)).cpu()
-                    for i in range(0, len(pixels), self.batch_size)
-                ]
-            )
+            batches = image_batches(images, self.batch_size, device, self.num_workers)
+            self.tower_features = torch.cat([model.vision(pixels).cpu() for pixels in batches])
         return self.tower_features
 
     def due(self, step: int) -> bool:
@@ -103,9 +104,11 @@ class AlignmentMonitor:
         with torch.random.fork_rng(devices=devices):
             tower = self.frozen_tower_features(model)
             tokens = needs_tokens(self.metrics)  # only the pooled table's A-score reads them
-            feats = extract(model, self.probe, self.batch_size, self.layers, tower, self.aspect_ratio, tokens)
-            kept = [feats.visual_mean, feats.text_mean, feats.visual_tokens, feats.text_tokens]
-            tensors = [t for t in kept if t is not None] + [t for pair in feats.layers.values() for t in pair]
+            feats = extract(
+                model, self.probe, self.batch_size, self.layers, tower, self.aspect_ratio, tokens, self.num_workers
+            )
+            kept = [feats.visual_mean, feats.text_mean, *(feats.a_scores or ())]  # on the device: one sync each
+            tensors = kept + [t for pair in feats.layers.values() for t in pair]
             if not all(bool(torch.isfinite(t).all()) for t in tensors):
                 # the metrics refuse such features; a diagnostic must not end the run, nor log a made-up number
                 logging.getLogger("alignlm").warning("monitor at step %d: probe features are not finite; skipped", step)
