@@ -21,6 +21,16 @@ if [ ! -f "$final/model.safetensors" ]; then  # a mistyped path scored whatever 
 fi
 cd "$(dirname "$0")/.."
 [ -f .venv/bin/activate ] && [ -z "${VIRTUAL_ENV:-}" ] && . .venv/bin/activate
+# lmms-eval must be importable by the python beside `alignlm` (its venv's): checked before the export (37 s with the
+# tiny model), not after it; and not `pip install lmms-eval` there, which breaks that venv (docs/evaluation.md).
+# Without a python beside it (another kind of install) `alignlm lmms-eval` says the same when it starts.
+python=$(dirname "$(command -v alignlm || echo .)")/python
+if [ -x "$python" ] && ! "$python" -c 'import importlib.util as u, sys; sys.exit(not u.find_spec("lmms_eval"))'; then
+  echo "eval_lmms.sh: lmms-eval is not installed beside alignlm ($python cannot import lmms_eval): install it in a" \
+    "virtualenv of its own, as docs/evaluation.md says (section 'lmms-eval (llava_hf)', 'Install it in its own" \
+    "virtualenv'), activate that one and run this again; a \`pip install lmms-eval\` into alignlm's venv breaks it" >&2
+  exit 2
+fi
 # the export folder is kept only while it is of this checkpoint as it is now (the source its export recorded): one of
 # another checkpoint, or of this one before it was trained again, is made again, unless that would lose lmms-eval
 # results of the model exported there

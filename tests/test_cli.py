@@ -260,7 +260,7 @@ def test_eval_names_a_mistyped_knob_at_any_level(tmp_path, knob, message):
 
 def test_eval_checks_metric_names_sets_the_device_and_out_before_loading(tmp_path, monkeypatch):
     """Each of these failed only after every checkpoint was generated (or said nothing: a set of the same name)."""
-    with pytest.raises(FileNotFoundError, match="neither a final/ folder"):  # transformers' own knobs pass
+    with pytest.raises(FileNotFoundError, match="no_checkpoint_here does not exist"):  # transformers' own knobs pass
         _eval(tmp_path, "--set", "generation.temperature=0.7", "--set", "generation.top_k=5")
     with pytest.raises(SystemExit, match=r"gap_shift.metric='nope' is not known; choose from \['modality_gap'"):
         _eval(tmp_path, "--set", "gap_shift.metric=nope")
@@ -361,3 +361,128 @@ def test_export_says_it_takes_a_final_folder_and_where_one_is(tmp_path, capsys):
         assert main(["export", str(given), str(tmp_path / "hf")]) == 2
         assert f"alignlm export: {given} {says}" in capsys.readouterr().err
     assert not (tmp_path / "hf").exists()
+
+
+# ---- alignlm train: Hydra's refusals and a config without data, one line and exit status 2 -------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, line",
+    [
+        # Hydra's two lines advised +stages.pretrain.max_step=50, which the start-up checks then refused
+        (
+            ["+exp=demo", "stages.pretrain.max_step=50"],
+            "alignlm: stages.pretrain.max_step is not a known setting; did you mean 'max_steps'? known: [",
+        ),
+        (["stop_after_step=2"], "alignlm: stop_after_step is not a known setting; did you mean 'stop_after_steps'?"),
+        (["monitor.evry=5"], "alignlm: monitor.evry is not a known setting; did you mean 'every'?"),
+        (["stages.pretrain.lr.conector=1e-3"], "alignlm: stages.pretrain.lr.conector is not a known setting; did you"),
+        (["stages.pretrian.max_steps=3"], "alignlm: stages.pretrian is not a stage of this config; did you mean 'pre"),
+        # the README's table said stage=dpo; Hydra advised +stage=dpo, a top-level `stage` no run reads
+        (
+            ["stage=dpo"],
+            "alignlm: stage=dpo: the defaults pick stage as stage@stages.finetune, stage@stages.pretrain; add one more "
+            "with +stage@stages.dpo=dpo and add dpo to run",
+        ),
+        (
+            ["stages.dpo.max_steps=3"],
+            "alignlm: stages.dpo is not a stage of this config; stages: ['finetune', 'pretrain']; a stage is added "
+            "with +stage@stages.dpo=dpo (and named in run)",
+        ),
+        (["model/conector=pool2x"], "alignlm: model/conector is not a config group; did you mean 'model/connector'?"),
+        (["model=tinny"], "alignlm: model=tinny: no such option of model; did you mean model=tiny? its options: ["),
+        (["exp=demo"], "alignlm: exp=demo: no default picks exp, so the choice is added with a +: +exp=demo"),
+        # a mapping of free keys: Hydra's advice stands, on one line
+        (
+            ["eval.generation.temperature=0.5"],
+            "alignlm: eval.generation.temperature is not in the composed config: a new key is added with a +, "
+            "+eval.generation.temperature=0.5",
+        ),
+        # no recipe: no stage has data (a ValueError, exit status 1, when the first stage built it)
+        (
+            [],
+            "alignlm: stages.pretrain.data.sources is empty: stage pretrain has no data to train on; start from a "
+            "recipe that sets it (alignlm train +exp=demo, configs/exp/) or give stages.pretrain.data.sources=[",
+        ),
+    ],
+)
+def test_train_names_a_mistyped_override_or_a_stage_without_data_in_one_line(tmp_path, capsys, overrides, line):
+    assert console(["train", f"output_dir={tmp_path}", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(line) and err.count("\n") == 1, err
+    assert not list(tmp_path.iterdir())
+
+
+def test_train_refuses_an_alignlm_config_dir_that_is_no_config_tree(tmp_path, monkeypatch, capsys):
+    """It fell back to the repository's configs/ without a word."""
+    monkeypatch.setenv("ALIGNLM_CONFIG_DIR", str(tmp_path / "conf"))
+    assert console(["train", "--print-config", "+exp=demo"]) == 2
+    assert capsys.readouterr().err.startswith(f"alignlm train: ALIGNLM_CONFIG_DIR={tmp_path / 'conf'} does not exist:")
+
+
+# ---- a checkpoint that is not there, reports that clash, lmms-eval missing: what to do, before any work ------------
+
+
+def test_eval_of_a_checkpoint_that_does_not_exist_says_so_and_to_train_it(tmp_path, capsys):
+    """`alignlm eval outputs/nothere/finetune/final` said the path "is neither a final/ folder, a step checkpoint, a
+    stage folder nor a run folder", as if it held the wrong files."""
+    (tmp_path / "outputs" / "demo").mkdir(parents=True)
+    missing = tmp_path / "outputs" / "nothere" / "finetune" / "final"
+    assert console(["eval", str(missing)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"alignlm eval: {missing} does not exist; {tmp_path / 'outputs'} holds ['demo']: train it")
+    assert "neither a final/" not in err
+
+
+def test_compare_names_the_report_files_that_repeat_a_checkpoint(tmp_path, capsys):
+    """`alignlm compare reports/*/report.json` with a combined report beside its parts said "the reports repeat a
+    checkpoint label: [...]", a list of every label, and not which files held the one repeated."""
+    path = {"path": "/runs/a/finetune/final", "above": ""}
+    a = _report(tmp_path / "a.json", _checkpoint("a/finetune/final", {"q0": 1}, **path))
+    both = _report(
+        tmp_path / "both.json",
+        _checkpoint("a/finetune/final", {"q0": 1}, **path),
+        _checkpoint("b/finetune/final", {"q0": 0}, path="/runs/b/finetune/final", above=""),
+    )
+    assert console(["compare", a, both]) == 2
+    err = capsys.readouterr().err
+    assert f"repeat a checkpoint label: a/finetune/final is in each of {a}, {both}; compare each checkpoint once" in err
+    assert console(["compare", a, a]) == 2
+    assert f"a/finetune/final is in {a}, given 2 times" in capsys.readouterr().err
+
+
+def test_lmms_eval_missing_is_said_before_the_export_with_the_docs_recipe_not_pip_install(tmp_path):
+    """scripts/eval_lmms.sh exported first (37 s with the tiny model), then `alignlm lmms-eval` said "pip install
+    lmms-eval", which docs/evaluation.md says breaks alignlm's venv: the script now asks the python beside `alignlm`
+    before anything else, and both point to the docs' recipe of a venv of its own."""
+    import importlib.util
+    import os
+    import subprocess
+
+    if importlib.util.find_spec("lmms_eval") is not None:
+        pytest.skip("lmms-eval is installed here")
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir()
+    (bin_dir / "alignlm").write_text(f'#!/usr/bin/env bash\necho "$*" >> {calls}\n')  # any command it is asked
+    (bin_dir / "python").write_text(f'#!/usr/bin/env bash\nexec {sys.executable} "$@"\n')  # this venv's, beside it
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    (tmp_path / "final").mkdir()
+    (tmp_path / "final" / "model.safetensors").write_text("weights")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "eval_lmms.sh"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "VIRTUAL_ENV": "x", "DEVICE": "cpu"}
+    proc = subprocess.run(
+        ["bash", str(script), "final", "export", "mme"], env=env, capture_output=True, text=True, cwd=tmp_path
+    )
+    assert proc.returncode == 2 and not calls.exists(), proc.stderr  # no export, nothing run
+    recipe = "as docs/evaluation.md says (section 'lmms-eval (llava_hf)', 'Install it in its own virtualenv')"
+    assert f"{bin_dir / 'python'} cannot import lmms_eval): install it in a virtualenv of its own, {recipe}" in (
+        proc.stderr
+    )
+    with pytest.raises(SystemExit) as stopped:
+        main(["lmms-eval", "--model", "llava_hf"])
+    said = str(stopped.value)
+    assert (
+        said.startswith("lmms-eval is not installed here")
+        and f"install it in a virtualenv of its own, {recipe}" in said
+    )

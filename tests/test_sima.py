@@ -343,3 +343,81 @@ def test_sima_writes_its_files_whole_so_a_full_disk_keeps_the_last_ones(stub_sim
     for name in ("colours.critic.json", "colours.json", "colours.provenance.json"):
         assert after[name] == before[name]  # the last whole ones, still what they were made from
     assert not [name for name in after if name.startswith(".")]
+
+
+@pytest.fixture
+def stub_answers(monkeypatch, tmp_path, caplog) -> tuple[Path, Path, dict]:
+    """SIMA's step with a stub model: each pass's answers are ``answers[seed]`` (a list per pass, one per prompt), the
+    judge prefers the first answer shown; the real pairing (``self_critic_pairs``) runs. Returns the checkpoint, the
+    set and ``answers`` to fill."""
+    instruct = write_colour_set(tmp_path / "colours", n=3)["instruct"]
+    final = tmp_path / "final"
+    final.mkdir()
+    (final / "config.yaml").write_text("model: {}")
+    (final / "model.safetensors").write_text("a model")
+    answers: dict[int, list[str]] = {}
+    monkeypatch.setattr(generate, "load_model", lambda final, *_: StubModel(final))
+    monkeypatch.setattr(generate, "default_device", lambda: "cpu")
+    monkeypatch.setattr(
+        generate, "generate_set", lambda model, path, *args: [(None, a, None) for a in answers[args[5]]]
+    )
+    monkeypatch.setattr(generate, "judge", lambda model, critic, *_: [0.9] * len(critic))
+    monkeypatch.setattr(logging.getLogger(generate.__name__), "handlers", [caplog.handler])
+    return final, instruct, answers
+
+
+def test_sima_leaves_out_pairs_with_an_empty_answer_and_says_how_many(stub_answers, tmp_path, caplog):
+    """A model that answered nothing (the demo after a short run) gave pairs with an empty chosen or rejected answer,
+    which the dpo stage refused as "malformed record: 80", saying no more: +exp=sima stopped with 0 usable records."""
+    final, instruct, answers = stub_answers
+    sets = [{"name": "colours", "path": str(instruct)}]
+    # per pass (greedy, then two sampled), one answer per prompt q0, q1, q2
+    answers |= {0: ["", "green", "blue"], 1: ["red", "", "blue"], 2: ["pink", "red", " "]}
+    prepare_preferences(str(final), sets, str(tmp_path / "s"), {"template": "chat"}, drop_inconsistent=False)
+    records = json.loads((tmp_path / "s" / "colours.json").read_text())
+    assert [(r["id"], {r["chosen"], r["rejected"]}) for r in records] == [("q1", {"green", "red"})]
+    assert "SIMA left out 4 of 5 answer pairs with an empty answer (e.g. prompt q0: greedy '', sampled 'red')" in (
+        caplog.text
+    )
+    answers |= {k: ["", " ", ""] for k in range(3)}
+    with pytest.raises(ValueError, match=r"no prompt of 3 had two different non-empty answers \(9 of 9 answers were"):
+        prepare_preferences(str(final), sets, str(tmp_path / "none"), {"template": "chat"}, drop_inconsistent=False)
+
+
+def test_sima_records_name_their_images_so_a_dpo_stage_reads_them_under_a_root_that_holds_them(
+    stub_answers, tiny_model, tmp_path
+):
+    """`alignlm sima generate --out prefs` wrote the set's image paths as the set had them, relative to its folder:
+    the README's dpo command, reading prefs/<set>.json, looked for the images under prefs/ and skipped every sample,
+    step after step. The paths are absolute, so any image_root that holds them reads them; one that does not refuses
+    them at start-up by name, as the image-root guard refuses any path that leaves its root."""
+    from alignlm.data.llava import LlavaDataset
+    from alignlm.data.records import DataError, Source
+    from alignlm.data.templates import get_template
+
+    final, instruct, answers = stub_answers
+    answers |= {0: ["red", "green", "blue"], 1: ["pink", "red", "red"], 2: ["red", "green", "blue"]}
+    out = tmp_path / "prefs"
+    sets = [{"name": "colours", "path": str(instruct)}]
+    prepare_preferences(str(final), sets, str(out), {"template": "chat"}, drop_inconsistent=False)
+    records = json.loads((out / "colours.json").read_text())
+    assert [r["image"] for r in records] == [str(instruct.parent / "images" / f"{i}.png") for i in range(3)]
+    model = tiny_model()
+
+    def pairs(root: Path | None, **kwargs) -> LlavaDataset:
+        source = Source(str(out / "colours.json"), str(root) if root else None)
+        args = (model.tokenizer, get_template("chat"), model.image_spec, model.num_image_tokens)
+        return LlavaDataset([source], *args, preference=True, **kwargs)
+
+    for root in (instruct.parent, tmp_path):  # the set's folder, or one above it
+        ds = pairs(root)
+        assert len(ds) == 3 and all(isinstance(ds[i], tuple) for i in range(3))
+    with pytest.raises(
+        DataError, match=f"image path '{instruct.parent / 'images' / '0.png'}' leaves image_root '{out}'"
+    ):
+        pairs(None, on_error="raise")
+    from alignlm.commands.sima import dpo_sources  # the override `alignlm sima generate` prints
+
+    assert dpo_sources(sets, str(out)) == (
+        f"'stages.dpo.data.sources=[{{path:{out / 'colours.json'},image_root:{instruct.parent}}}]'"
+    )

@@ -246,7 +246,7 @@ def tell_apart(results: list[dict[str, Any]], reports: Sequence[Path]) -> list[d
     folders = [_run_parent(c, report) for c, report in zip(results, reports)]
     named = checkpoints.unique_labels(labels, folders)
     if len(set(named)) != len(named):
-        raise SystemExit(f"the reports repeat a checkpoint label: {labels}; compare each checkpoint once")
+        raise SystemExit(repeated(labels, named, reports))
     out = []
     for c, label in zip(results, named):
         own = c["label"].removeprefix(f"{c['above']}/") if c.get("above") else c["label"]
@@ -257,6 +257,21 @@ def tell_apart(results: list[dict[str, Any]], reports: Sequence[Path]) -> list[d
         file=sys.stderr,
     )
     return out
+
+
+def repeated(labels: Sequence[str], named: Sequence[str], reports: Sequence[Path]) -> str:
+    """Why the reports cannot be compared: a checkpoint they hold twice (``named``: the labels that no folder above
+    the runs told apart), by its label as the reports write it, and each report file that holds it (``reports``: each
+    label's file). A glob such as ``reports/*/report.json`` takes in a report of a combined evaluation beside the
+    reports of its parts; a list of every label did not say which files to leave out."""
+    twice = next(i for i, name in enumerate(named) if named.count(name) > 1)
+    files = [str(report) for name, report in zip(named, reports) if name == named[twice]]
+    distinct = list(dict.fromkeys(files))
+    where = f"{files[0]}, given {len(files)} times" if len(distinct) == 1 else f"each of {', '.join(distinct)}"
+    return (
+        f"the reports repeat a checkpoint label: {labels[twice]} is in {where}; compare each checkpoint once (leave "
+        "out one of these files)"
+    )
 
 
 def _run_parent(result: Mapping[str, Any], report: Path) -> Path:

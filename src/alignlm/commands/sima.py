@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -72,7 +73,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
         drop_inconsistent=not args.keep_inconsistent,
         seed=args.seed,
     )
+    print(
+        f"alignlm sima generate: a dpo stage trains on these pairs with {dpo_sources(sets, args.out)}", file=sys.stderr
+    )
     return cmd_check(argparse.Namespace(out=args.out))
+
+
+def dpo_sources(sets: list[dict[str, str]], out: str) -> str:
+    """The override that trains a dpo stage on the written records, each with its set's folder as ``image_root``:
+    the records name their images by absolute paths under it (``generate.absolute_images``), which a source reads only
+    under a root that holds them, and the records file's own folder (the default root) does not."""
+    entries = ",".join(
+        f"{{path:{Path(out) / (s['name'] + '.json')},image_root:{Path(s['path']).parent}}}" for s in sets
+    )
+    return f"'stages.dpo.data.sources=[{entries}]'"
 
 
 def cmd_check(args: argparse.Namespace) -> int:

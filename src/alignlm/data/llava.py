@@ -4,7 +4,10 @@ Records are read and validated at start-up (a malformed record, an invalid JSONL
 ``image_root``, ``<image>`` placeholders that do not match the images, or turns the template does not take is reported
 with its file and index before step 1), in one pass that keeps each record packed (``records.PackedRecords``: no
 Python object per record) and what its sample's id and length estimate need; a record is decoded, its images loaded
-and its text tokenized lazily per sample.
+and its text tokenized lazily per sample. Images are not looked for at start-up, but for a few records spread over
+each file (:data:`IMAGE_PROBES`): when none of those is there, nor the folder it would be in, the paths are read under
+the wrong folder (a pairs file written away from its images, a mistyped ``image_root``) and start-up says so, naming
+the path and the folder, where every sample was skipped as a missing image, step after step.
 Missing, corrupt or oversized images and over-long samples follow ``on_error``: ``skip`` drops the sample and counts
 it under its cause (``data/report.py``), ``raise`` stops with the record id. A stage whose usable records fall below
 ``min_usable_fraction`` fails at start-up. Truncation never cuts inside or before visual tokens, never leaves a sample
@@ -36,6 +39,7 @@ from alignlm.data.images import MAX_PIXELS, ImageSpec, check_aspect_ratio, load_
 from alignlm.data.records import (
     INVALID_JSON,
     MALFORMED,
+    MISSING_IMAGE,
     OUTSIDE_ROOT,
     TOO_LONG,
     DataError,
@@ -81,6 +85,7 @@ def text_chars(rec: dict[str, Any]) -> int:
 
 
 ON_ERROR = ("skip", "raise")
+IMAGE_PROBES = 16  # records per source, spread over it, whose first image start-up looks for (a stat each)
 
 
 def check_error_policy(on_error: Any, min_usable_fraction: Any, key: str = "data") -> None:
@@ -91,6 +96,34 @@ def check_error_policy(on_error: Any, min_usable_fraction: Any, key: str = "data
     ok = isinstance(min_usable_fraction, (int, float)) and not isinstance(min_usable_fraction, bool)
     if not (ok and 0 <= min_usable_fraction <= 1):
         raise ConfigError(f"{key}.min_usable_fraction={min_usable_fraction!r} must be a number within [0, 1]")
+
+
+def check_image_folder(src: Source, records: PackedRecords, image_counts: np.ndarray) -> None:
+    """Refuse a source whose image paths are read under the wrong folder: for :data:`IMAGE_PROBES` of its records
+    with an image, spread over the file, neither the first image nor the folder it would be in exists.
+
+    Why here: start-up checks every record's image paths as text only (it would otherwise stat every image of a
+    665k-record mixture on every rank at every stage start and resume), so a wrong ``image_root`` showed only while
+    training, as every sample skipped for a missing image ("no step trained ... missing image: 80"), naming neither
+    the path nor the folder. A few stats tell that case apart: one image missing from a folder that holds the others
+    is a missing image, counted or raised per ``on_error`` when its sample is drawn; a folder that is not there at all
+    means the paths are read under another folder than the one they were written for.
+    """
+    with_images = np.flatnonzero(image_counts)
+    if len(with_images) == 0:
+        return
+    picks = with_images[np.unique(np.linspace(0, len(with_images) - 1, IMAGE_PROBES).round().astype(np.int64))]
+    base = os.path.abspath(src.root)  # names that start-up kept (inside the root, or allowed out), joined as text
+    paths = [Path(os.path.normpath(os.path.join(base, image_names(records[int(at)])[0]))) for at in picks]
+    if any(p.exists() or p.parent.is_dir() for p in paths):
+        return
+    others = f", nor those of the {len(paths) - 1} other records looked at across the file" if len(paths) > 1 else ""
+    raise DataError(
+        f"{src.path}: image {paths[0]} does not exist, nor does its folder{others}: the file's image paths are read "
+        f"under {src.root_text()}; set the source's image_root to the folder they are relative to (data.sources "
+        "entries are {path, image_root, weight})",
+        MISSING_IMAGE,
+    )
 
 
 class LlavaDataset(Dataset):
@@ -156,11 +189,14 @@ class LlavaDataset(Dataset):
             left_out, facts = self.report.left_out, array("q")
             self.records.append(PackedRecords.pack(self._kept(src, records, accepted, facts)))
             for lineno, why in bad_lines:
-                self._drop(INVALID_JSON, f"{src.path}:{lineno}", f"{src.path}:{lineno}: not valid JSON ({why})")
+                where = f"{src.path}:{lineno}"
+                self._drop(INVALID_JSON, where, f"{where}: not valid JSON ({why})", f"not valid JSON ({why})")
             file_index, chars, images = np.frombuffer(facts, dtype=np.int64).reshape(-1, 3).T.copy()
             self.file_index.append(file_index)
             self.text_chars.append(chars)
             self.image_counts.append(images)
+            if self.visual_hook is None:  # a hook that replaces the images may need none of them
+                check_image_folder(src, self.records[-1], images)
             # every record and line read was kept or counted under its cause (under on_error=raise, none was left out)
             total += len(self.records[-1]) + self.report.left_out - left_out
         if self.report.counts:
@@ -206,7 +242,7 @@ class LlavaDataset(Dataset):
             problem, cause = found
             rid = record_id(rec, src.path, i) if isinstance(rec, dict) else f"{src.path}#{i}"
             try:
-                self._drop(cause, rid, f"{src.path} record {i} (id={rid!r}): {problem}")
+                self._drop(cause, rid, f"{src.path} record {i} (id={rid!r}): {problem}", problem)
             except DataError:
                 deque(records, maxlen=0)  # the rest of the file, read for its own faults only
                 raise
@@ -253,11 +289,12 @@ class LlavaDataset(Dataset):
             return str(e), cause_of(e)
         return None
 
-    def _drop(self, cause: str, rid: str, message: str) -> None:
-        """A record left out at start-up: raised under ``on_error=raise``, else counted under its cause."""
+    def _drop(self, cause: str, rid: str, message: str, reason: str) -> None:
+        """A record left out at start-up: raised under ``on_error=raise`` (``message`` names the file and the record),
+        else counted under its cause with its ``reason``, which the report keeps for the cause's first record."""
         if self.on_error == "raise":
             raise DataError(message, cause)
-        self.report.add(cause, rid)
+        self.report.add(cause, rid, reason=reason)
 
     @property
     def malformed(self) -> list[str]:
@@ -327,6 +364,16 @@ class LlavaDataset(Dataset):
             return self.visual_hook.load_visuals(inputs)
         return {"pixel_values": torch.stack([self._image(p) for p in inputs]) if inputs else None}
 
+    def source_visuals(self, src: Source, inputs: list[Any]) -> dict[str, torch.Tensor | None]:
+        """:meth:`load_visuals` of a record of ``src``: a missing image file is named with the folder its path was
+        read under (``image_root``, or the data file's own folder when the source sets none), the usual mistake."""
+        try:
+            return self.load_visuals(inputs)
+        except DataError as e:
+            if e.cause != MISSING_IMAGE or self.visual_hook is not None:
+                raise
+            raise DataError(f"{e}: its path is read under {src.root_text()}", MISSING_IMAGE) from None
+
     def encode(self, src: Source, rec: dict[str, Any], rid: str, last_answer: bool = False) -> dict[str, Any]:
         """Render, tokenize, expand image placeholders and load images for one record; ``last_answer``: supervise its
         final assistant turn only, decided before the cut to ``max_length`` (a cut into the final answer's prompt
@@ -351,7 +398,7 @@ class LlavaDataset(Dataset):
             "id": rid,
             "input_ids": torch.from_numpy(ids),
             "labels": torch.from_numpy(labels),
-            **self.load_visuals(images),
+            **self.source_visuals(src, images),
             "n_images": len(images),
         }
         for hook in self.hooks:
@@ -398,7 +445,7 @@ class LlavaDataset(Dataset):
         return chosen, rejected
 
     def _image(self, path: Path) -> torch.Tensor:
-        image = load_rgb(path, self.max_image_pixels)
+        image = load_rgb(os.path.abspath(path), self.max_image_pixels)  # an error names the whole path
         return preprocess(image, self.image_spec, self.image_aspect_ratio, self.max_image_pixels)
 
     def _insert_slots(self, ids: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

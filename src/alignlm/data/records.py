@@ -93,6 +93,15 @@ class Source:
         """A record's image files under this source's root (``image_paths`` with the source's permission)."""
         return image_paths(record, self.root, self.allow_outside_root)
 
+    def root_text(self) -> str:
+        """Where this source's image paths are read from, for a message about an image that is not there: the
+        ``image_root`` as given and made absolute, or, with none given, the data file's folder (a pairs file written
+        elsewhere than its images needs an ``image_root``, and the message must say which folder was looked in)."""
+        where = os.path.abspath(self.root)
+        if self.image_root:
+            return f"its image_root {self.image_root!r} ({where})"
+        return f"the folder of {self.path} ({where}), as the source sets no image_root"
+
 
 JSON_LINES = (".jsonl", ".ndjson")  # file suffixes, in any case, of one record per line
 

@@ -109,12 +109,30 @@ def unique_labels(labels: Sequence[str], folders: Sequence[Path]) -> list[str]:
     return out
 
 
+def _not_there(path: Path) -> str:
+    """Why a checkpoint path that does not exist names nothing, with the nearest folder above it that does: it was
+    said to be "neither a final/ folder, a step checkpoint, a stage folder nor a run folder", as if it held the wrong
+    files, when the run was never trained or its name was mistyped."""
+    above = next(a for a in Path(os.path.abspath(path)).parents if a.is_dir())  # the file system's root at least
+    try:
+        runs = sorted(d.name for d in above.iterdir() if d.is_dir())
+    except OSError:  # a folder it may not list: the message goes without its contents
+        runs = []
+    held = f"; {above} holds {runs[:10]}{' ...' if len(runs) > 10 else ''}" if runs else ""
+    return (
+        f"{path} does not exist{held}: train it first (`alignlm train` writes <output_dir>/<run_name>/<stage>/final/), "
+        "or name a checkpoint that exists"
+    )
+
+
 def resolve(paths: list[str]) -> list[Checkpoint]:
     """Expand the paths given on the command line into checkpoints, in the order given; each named once, with a label
     of its own (:func:`unique_labels` over the folders that hold the runs)."""
     out: list[Checkpoint] = []
     for raw in paths:
         p = Path(raw)
+        if not p.exists():
+            raise FileNotFoundError(_not_there(p))
         if _is_final(p) or _is_step(p):
             out.append(_one(p))
         elif _steps(p) or _is_final(p / "final"):

@@ -30,6 +30,14 @@ from alignlm.data.templates import to_turns
 from alignlm.evaluation.answers import choice_texts, reference_answers
 from alignlm.files import replace_text
 
+# What to do without lmms-eval: not `pip install lmms-eval` into alignlm's venv, which breaks it (a CUDA torch over the
+# CPU one, an antlr4 Hydra cannot use, a filelock lmms-eval itself cannot start with); scripts/eval_lmms.sh says it too
+INSTALL_APART = (
+    "install it in a virtualenv of its own, as docs/evaluation.md says (section 'lmms-eval (llava_hf)', "
+    "'Install it in its own virtualenv'), activate that one and run this again there; a `pip install lmms-eval` into "
+    "alignlm's own venv breaks it"
+)
+
 TASK_UTILS = '''"""lmms-eval task functions for a question set written by ``alignlm lmms-task``."""
 
 from alignlm.data.images import load_rgb
@@ -141,7 +149,7 @@ def run_lmms_eval(argv: Sequence[str]) -> None:
     try:
         from lmms_eval.cli.dispatch import main as lmms_main  # noqa: PLC0415 - optional, installed in its own venv
     except ImportError as e:
-        raise SystemExit(f"lmms-eval is not installed here ({e}); pip install lmms-eval") from e
+        raise SystemExit(f"lmms-eval is not installed here ({e}); {INSTALL_APART}") from e
     drop_unused_image_sizes()
     sys.argv = ["lmms-eval", *argv]
     lmms_main()

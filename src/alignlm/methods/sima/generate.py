@@ -10,11 +10,15 @@ For each prompt (an image and a question, with its reference answer) of a questi
    probabilities of the two replies as the template writes them, ``p(A) / (p(A) + p(B))`` (the next-token
    distribution when each reply is one token), asked in both orders to cancel position bias:
    ``prefer(a over b) = (p_A(a, b) + p_B(b, a)) / 2``. A pair whose two orders disagree is dropped
-   (``drop_inconsistent``).
+   (``drop_inconsistent``). A pair with an empty answer (nothing but whitespace) is never judged: a dpo stage refuses
+   an empty ``chosen`` or ``rejected``, so its record would be left out there as malformed; such pairs are counted
+   and named in a warning (:func:`answer_pairs`).
 3. The preferred answer becomes ``chosen``, the other ``rejected``: records for ``data.preference: true``.
 
-Written per set, into ``out``: ``<name>.json`` (the preference records; images stay where the set has them, so a
-stage reads them with ``image_root`` set to the set's folder) and ``<name>.critic.json`` (every judged pair with both
+Written per set, into ``out``: ``<name>.json`` (the preference records; images stay where the set has them, and each
+record names its image by its absolute path, :func:`absolute_images`: a stage reads them with its ``image_root`` set to
+the set's folder or any folder above it, and refuses them at start-up, naming the path and the root, under a root
+that does not hold them) and ``<name>.critic.json`` (every judged pair with both
 orders' probabilities and the reference answer, for the critic check of ``alignlm eval``), and last
 ``<name>.provenance.json``: what the records were made from (``methods/provenance.py``). The knobs (the sampling, the
 limit, the seed, the template) make one variant: a file of other knobs is refused, naming the knob. The inputs (the
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -175,6 +180,29 @@ def _reply_logps(model: Any, inputs: dict[str, Any], reply: list[int]) -> torch.
     return logps.gather(2, tail[:, :, None]).squeeze(2).sum(1)
 
 
+def answer_pairs(prompts: list[dict[str, Any]], answers: list[list[str]]) -> list[dict[str, Any]]:
+    """Every (greedy, sampled) pair of distinct answers of each prompt, but those with an empty answer (nothing but
+    whitespace): they are left out, counted and named in a warning. As ``chosen`` or ``rejected`` a dpo stage refuses
+    an empty answer (``records.preference_problem``), and a model that answers nothing (one trained too briefly) made
+    every record a "malformed record" there, with no reason given."""
+    pairs, empty = [], []
+    for prompt, options in zip(prompts, answers):
+        greedy = options[0]
+        for other in dict.fromkeys(a for a in options[1:] if a != greedy):
+            (pairs if greedy.strip() and other.strip() else empty).append({"prompt": prompt, "a": greedy, "b": other})
+    if empty:
+        log.warning(
+            "SIMA left out %d of %d answer pairs with an empty answer (e.g. prompt %s: greedy %r, sampled %r): a dpo "
+            "stage refuses an empty 'chosen' or 'rejected'",
+            len(empty),
+            len(pairs) + len(empty),
+            empty[0]["prompt"]["id"],
+            empty[0]["a"],
+            empty[0]["b"],
+        )
+    return pairs
+
+
 def self_critic_pairs(
     model: Any,
     prompts: list[dict[str, Any]],
@@ -184,12 +212,8 @@ def self_critic_pairs(
     work: Path,
     batch: int,
 ) -> list[dict[str, Any]]:
-    """Every (greedy, sampled) pair of distinct answers, judged in both orders."""
-    pairs = []
-    for prompt, options in zip(prompts, answers):
-        greedy = options[0]
-        for other in dict.fromkeys(a for a in options[1:] if a.strip() and a != greedy):
-            pairs.append({"prompt": prompt, "a": greedy, "b": other})
+    """Every (greedy, sampled) pair of distinct, non-empty answers (:func:`answer_pairs`), judged in both orders."""
+    pairs = answer_pairs(prompts, answers)
     critic = []
     for p in pairs:
         question = p["prompt"]["conversations"][0]["value"].replace(IMAGE_TOKEN, "").strip()
@@ -465,6 +489,22 @@ def answer_pass(
     return answers
 
 
+def absolute_images(image: str | list[str] | None, folder: Path) -> str | list[str] | None:
+    """A prompt's image entry with each path made absolute (``folder``: the set's, which its paths are relative to).
+
+    Why absolute: the records are written into ``out``, away from the set's images, and a relative path is read under
+    the reading source's ``image_root`` (by default the records file's own folder, where the images are not). A path
+    relative to ``out`` would climb out of it with ``..``, which the data layer refuses as leaving the root
+    (``records.root_problem``) unless the source allows it. An absolute path stays under the guard: a source reads it
+    when its ``image_root`` holds it (the set's folder, or one above it), and refuses it at start-up, naming the path
+    and the root, when it does not."""
+    if image is None:
+        return None
+    names = [image] if isinstance(image, str) else image
+    absolute = [os.path.abspath(folder / name) for name in names]
+    return absolute[0] if isinstance(image, str) else absolute
+
+
 def write_preferences(
     model: Any,
     s: Mapping[str, Any],
@@ -495,6 +535,18 @@ def write_preferences(
     ]
     answers = [list(a) for a in zip(*answers_by_run)]
     pairs = self_critic_pairs(model, prompts, answers, data, image_root, out_dir, settings.batch_size)
+    if not pairs:
+        empty = sum(not a.strip() for options in answers for a in options)
+        why = (
+            f"{empty} of {sum(map(len, answers))} answers were empty: a model that answers nothing has not learnt to "
+            "answer yet, train it longer"
+            if empty
+            else "every sampled answer was the greedy one: sample more answers, or at a higher temperature"
+        )
+        raise ValueError(
+            f"SIMA made no answer pair of {s['name']} to judge: no prompt of {len(prompts)} had two different "
+            f"non-empty answers ({why}). The answers are in {out_dir / s['name']}.run<k>.json"
+        )
     records = []
     for p in pairs:
         prefer_a = (p["p_a_first"] + p["p_a_second"]) / 2 > 0.5
@@ -505,7 +557,7 @@ def write_preferences(
             records.append(
                 {
                     "id": f"{prompt['id']}",
-                    "image": prompt["image"],
+                    "image": absolute_images(prompt["image"], Path(image_root)),
                     "conversations": prompt["conversations"],
                     "chosen": p["chosen"],
                     "rejected": p["b"] if prefer_a else p["a"],
