@@ -267,6 +267,22 @@ def colour_set(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def shapes_root(tmp_path_factory) -> Path:
+    """A tiny shapes set (32 px, 4x4 label grid = the tiny tower's 16 patches) with its SEA labels file."""
+    from alignlm.commands import main
+    from alignlm.data.shapes import generate
+
+    root = tmp_path_factory.mktemp("sea")
+    generate(root / "shapes", n_train=8, n_test=2, image_size=32, label_grid=4)
+    shapes = root / "shapes"
+    assert (
+        main(["sea-labels", "annotations", "--data", str(shapes / "pretrain.json"), str(shapes / "test_captions.json")])
+        == 0
+    )
+    return root
+
+
+@pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory) -> Path:
     """A tiny random CLIPModel folder with tokenizer and image processor (32 px images, 16-d joint space)."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel

@@ -413,3 +413,54 @@ def test_resumed_level_training_matches_an_uninterrupted_run(colour_set, clip_pa
         load_model(tmp_path / r / "pretrain" / "final").align_levels.embeddings for r in ("full", "resumed")
     )
     torch.testing.assert_close(resumed, full)
+
+
+# ---- levels' images read by data-loader workers (fix D3)
+
+
+def test_pair_scores_read_images_in_worker_processes_with_the_same_scores(colour_set, tmp_path, monkeypatch):
+    """The images were read one at a time in the main process while the encoder waited; now ``num_workers``
+    processes read them, in order: the same scores, an unreadable image still no level (logged)."""
+    import os
+    from pathlib import Path
+
+    from alignlm.data import images as images_mod
+    from alignlm.methods.aligngpt.levels import caption_pairs, pair_scores
+
+    pairs, _ = caption_pairs([colour_set["pretrain"]])
+    paths = [p[1] for p in pairs[:10]]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    paths[3] = Path(broken)
+    captions = [p[2] for p in pairs[:10]]
+    serial, ok_serial = pair_scores(ColourEncoder(), paths, captions, batch_size=4, num_workers=0)
+    load, readers = images_mod.load_rgb, tmp_path / "readers"
+
+    def recording(path, *args):
+        with readers.open("a") as f:  # a file: the workers' appends reach it
+            f.write(f"{os.getpid()}\n")
+        return load(path, *args)
+
+    monkeypatch.setattr("alignlm.models.encoders.load_rgb", recording)
+    parallel, ok_parallel = pair_scores(ColourEncoder(), paths, captions, batch_size=4, num_workers=2)
+    assert not ok_serial[3] and (ok_serial == ok_parallel).all() and ok_serial.sum() == 9
+    np.testing.assert_array_equal(serial[ok_serial], parallel[ok_parallel])
+    pids = set(readers.read_text().split())
+    assert len(readers.read_text().split()) == 10 and str(os.getpid()) not in pids  # read in the workers
+
+
+def test_hf_encoder_prepared_pixels_equal_its_encode_images(tiny_clip, colour_set):
+    """``image_steps``: the processor run per image in a worker, then ``encode_prepared``, is ``encode_images``."""
+    import torch
+
+    from alignlm.data.images import load_rgb
+    from alignlm.methods.aligngpt.levels import caption_pairs
+    from alignlm.models.encoders import HFDualEncoder, image_steps
+
+    encoder = HFDualEncoder(str(tiny_clip))
+    paths = [p[1] for p in caption_pairs([colour_set["pretrain"]])[0][:5]]
+    prepare, encode = image_steps(encoder)
+    batch = encode(torch.stack([prepare(p) for p in paths]))
+    pixels = encoder.image_processor(images=[load_rgb(p) for p in paths], return_tensors="pt")["pixel_values"]
+    assert torch.equal(batch, encoder.encode_pixels(pixels).float())
+    assert torch.equal(batch, encoder.encode_images([load_rgb(p) for p in paths]))

@@ -85,6 +85,7 @@ def _rank_main(rank: int, port: int, out: str) -> None:
             "waits": waits.seen,
         }
     torch.save(results, Path(out) / f"rank{rank}.pt")
+    torch.distributed.barrier()  # both ranks past their last collective: one torn down early aborted the other
     torch.distributed.destroy_process_group()
 
 

@@ -123,3 +123,23 @@ def test_captions_and_images_changed_under_the_same_ids_are_embedded_again(tmp_p
     (shard,) = embed_items(encoder, "images", collect_images(folder), tmp_path, progress=False)
     got = np.concatenate(list(list_shards(shard)[0].chunks(10)))
     np.testing.assert_allclose(got, encoder.encode_images([Image.open(folder / "x.png")]).numpy(), atol=1e-5)
+
+
+# ---- images read by data-loader workers (fix D3)
+
+
+def test_embed_images_with_workers_writes_the_same_shards(tmp_path, tiny_clip, colour_set):
+    """``num_workers`` processes read and preprocess the images (in order): the shards are those of the serial pass;
+    an unreadable image still stops the pass, naming it."""
+    from safetensors.torch import load_file
+
+    encoder = HFDualEncoder(str(tiny_clip))
+    items = collect_images(colour_set["pretrain"])[:9]
+    serial = embed_items(encoder, "images", items, tmp_path / "a", shard_size=4, batch_size=3, num_workers=0)
+    parallel = embed_items(encoder, "images", items, tmp_path / "b", shard_size=4, batch_size=3, num_workers=2)
+    for x, y in zip(serial, parallel, strict=True):
+        assert all((load_file(str(x))[k] == load_file(str(y))[k]).all() for k in load_file(str(x)))
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="broken.png"):
+        embed_items(encoder, "images", [*items[:2], ("x", broken)], tmp_path / "c", batch_size=2, num_workers=2)

@@ -1390,6 +1390,7 @@ def test_a_prompt_longer_than_the_stages_max_length_is_refused_before_any_answer
     records[-1]["conversations"][0]["value"] = "<image>\n" + " ".join(f"tok{i}" for i in range(3000)) + "\nWhat?"
     long = tmp_path / "long.json"
     long.write_text(json.dumps(records))
+    (tmp_path / "images").symlink_to(colour_set["test"].parent / "images")  # the set's images, where it reads them
     monkeypatch.setattr(report, "answer_accuracy", lambda *a, **k: pytest.fail("answers generated before the check"))
     message = (
         r"t/finetune/final: eval set 'q' \(.*long.json\): record id=t11 has a prompt of \d+ tokens "
@@ -1432,9 +1433,9 @@ def test_eval_workers_build_the_same_batches_in_the_same_order(tiny_model, colou
     from omegaconf import OmegaConf
 
     from alignlm.commands.evaluate import check_eval_config
-    from alignlm.evaluation.report import eval_workers
+    from alignlm.data.images import loader_workers as eval_workers
+    from alignlm.data.images import usable_cpus
     from alignlm.models.generation import generate_set
-    from alignlm.training.trainer import usable_cpus
 
     model = tiny_model().eval()
     data = OmegaConf.to_container(compose().stages.finetune.data, resolve=True)

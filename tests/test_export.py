@@ -575,3 +575,40 @@ def test_a_subclass_of_the_hf_tower_is_refused_naming_the_class(tiny_model):
     model = AlignLM(tower, base.connector, base.llm, base.tokenizer)
     with pytest.raises(ExportError, match=r"TwoLayerMean is a subclass of HFVisionTower.*HFVisionTower itself"):
         to_llava(model)
+
+
+def test_export_check_answers_both_sides_on_the_asked_device(tiny_model, tmp_path, monkeypatch, capsys):
+    """`export --check` rebuilt the checkpoint and loaded the export on the CPU whatever the machine had: both sides
+    now answer on ``--device`` (by default eval's), one device for both, and a device this machine cannot use is
+    refused naming the flag, before anything is exported."""
+    import alignlm.commands.export as command
+    from alignlm.evaluation import export_check
+
+    seen, record = {}, {"id": "q1", "answer": "red"}
+    monkeypatch.setattr(export_check, "resolve", lambda paths: ["ck"])
+    monkeypatch.setattr(export_check, "load", lambda ck, *a: tiny_model().eval())
+    monkeypatch.setattr(export_check, "stage_config", lambda ck: None)
+    monkeypatch.setattr(export_check, "data_config", lambda ck, cfg: {})
+    monkeypatch.setattr(
+        export_check,
+        "generate_set",
+        lambda model, *a, **k: seen.update(alignlm=next(model.parameters()).device) or [("q1", "red", record)],
+    )
+    monkeypatch.setattr(
+        export_check, "exported_answers", lambda out, records, root, n, device: seen.update(export=device) or ["red"]
+    )
+    exported = []
+    monkeypatch.setattr(command, "export", lambda *a: exported.append(a) or tmp_path)
+    monkeypatch.setattr(command, "default_device", lambda: "meta")  # stands in for the GPU eval would take
+    (tmp_path / "s.json").write_text("[]")
+    args = ["export", "ckpt", str(tmp_path), "--check", str(tmp_path / "s.json")]
+    assert main(args) == 0 and seen == {"alignlm": torch.device("meta"), "export": torch.device("meta")}
+    assert main([*args, "--device", "cpu"]) == 0 and seen == {
+        "alignlm": torch.device("cpu"),
+        "export": torch.device("cpu"),
+    }
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    exported.clear()
+    with pytest.raises(SystemExit):
+        main([*args, "--device", "cuda:0"])
+    assert "argument --device: 'cuda:0': this machine has no CUDA device" in capsys.readouterr().err and exported == []

@@ -48,8 +48,20 @@ def test_filling_writes_the_features_and_index_it_always_wrote(tiny_model, tmp_p
     """The shard is gathered in one buffer now, not concatenated from the batches: the same bytes of features and the
     same index as the tower's batches concatenated (as filling did), an unreadable image left out as before."""
     from alignlm.data.feature_cache import file_stamp
+    from alignlm.data.images import image_size
+    from alignlm.data.records import DataError
     from alignlm.training import feature_cache
-    from alignlm.training.feature_cache import readable
+
+    def readable(dataset, batch):  # each image read alone; one that fails left out, as filling always did
+        kept, sizes, pixels = [], [], []
+        for p in batch:
+            try:
+                pixels.append(dataset.load_visuals([p])["pixel_values"])
+            except DataError:
+                continue
+            kept.append(p)
+            sizes.append(image_size(p))
+        return kept, sizes, torch.cat(pixels)
 
     monkeypatch.setattr(feature_cache, "BATCH", 6)  # 20 images: three whole batches and a part
     colours = write_colour_set(tmp_path / "colours", n=20)
@@ -109,7 +121,7 @@ def test_filling_holds_one_shard_not_its_batches_too(tiny_model, tmp_path, monke
     monkeypatch.setattr(FeatureCache, "write", watched_write)
     attach(model, colours["pretrain"], tmp_path / "cache")
     assert len(outputs) == 5 and alive_at_write == [0]
-    assert checked_rows == [4] * 5
+    assert checked_rows == []  # checked on the device as the batches came off the tower, not on the host here
 
 
 def test_a_non_finite_batch_is_still_refused_and_nothing_is_written(tiny_model, tmp_path):
@@ -269,9 +281,46 @@ def test_an_image_that_appears_after_the_survey_is_cached_under_a_stamp_taken_be
     image, cache = tmp_path / "late.png", FeatureCache(tmp_path / "cache")
     survey = cache.survey([image])  # not there yet
     Image.new("RGB", (8, 8)).save(image)
-    monkeypatch.setattr(filling, "shard_features", lambda model, dataset, part, acc: (list(part), [(8, 8)], torch.zeros(1, 2, 3)))  # fmt: skip
+    monkeypatch.setattr(filling, "shard_features", lambda model, dataset, part, acc, workers: (list(part), [(8, 8)], torch.zeros(1, 2, 3), torch.ones(1, dtype=torch.bool)))  # fmt: skip
     model = SimpleNamespace(vision=torch.nn.Identity())
-    filling.fill(model, None, cache, survey, [image], SimpleNamespace(process_index=0))
+    filling.fill(model, None, cache, survey, [image], SimpleNamespace(process_index=0, device=torch.device("cpu"), num_processes=1))  # fmt: skip
     assert survey.missing[image][1] == file_stamp(image)
     cache.refresh(survey)
     FeatureCacheHook(cache, 10**8, None, survey).bind(None)  # found, not "lacks 1 images"
+
+
+# ---- filling reads images in data-loader workers, checks finiteness on the device (fix D3)
+
+
+def test_filling_with_workers_writes_the_shard_of_the_serial_fill(tiny_model, tmp_path, monkeypatch):
+    """The images are read by ``num_workers`` processes (in order) and the features' finiteness is computed as they
+    come off the tower: the same shard bytes and index as filling in the rank's process, an unreadable image left
+    out, and no host pass over the shard."""
+    from alignlm.data import images as images_mod
+    from alignlm.training import feature_cache
+
+    monkeypatch.setattr(feature_cache, "BATCH", 6)
+    colours = write_colour_set(tmp_path / "colours", n=20)
+    (tmp_path / "colours" / "images" / "7.png").write_bytes(b"not a png")
+    model = frozen(tiny_model)
+    stored = {}
+    for workers in (0, 2):
+        monkeypatch.setattr(images_mod, "loader_workers", lambda *a, w=workers: w)
+        monkeypatch.setattr(feature_cache, "loader_workers", lambda *a, w=workers: w)
+        attach(model, colours["pretrain"], tmp_path / f"cache{workers}")
+        (shard,) = shards(tmp_path / f"cache{workers}")
+        with safe_open(str(shard), "pt") as f:
+            stored[workers] = (f.metadata(), f.get_tensor("features"))
+    assert stored[0][0] == stored[2][0] and len(json.loads(stored[0][0]["ids"])) == 19
+    assert torch.equal(stored[0][1], stored[2][1])
+
+
+def test_non_finite_features_flagged_on_the_device_are_refused_naming_an_image(tmp_path):
+    from alignlm.data.feature_cache import FeatureCache
+    from alignlm.data.records import DataError
+
+    with pytest.raises(DataError, match="b.png"):
+        FeatureCache(tmp_path).write(
+            "x", ["a.png", "b.png"], [None, None], torch.zeros(2, 3), finite=torch.tensor([True, False])
+        )
+    assert not list(tmp_path.glob("*.safetensors"))

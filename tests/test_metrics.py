@@ -878,12 +878,13 @@ def test_the_probe_images_are_decoded_a_batch_at_a_time(tiny_model, colour_set, 
     """``ProbeSet.pixels`` decoded every probe image into one float32 tensor before the first batch ran, and kept
     it (13.5 GB at 10k items of 336 px; the monitor held it for the whole run on every rank). The images are decoded
     as the batches are read now: when the tower sees a batch, no more than it has been decoded, and nothing is kept."""
-    from alignlm.models import probes
+    from alignlm.data import images
+    from alignlm.models.probes import extract
     from alignlm.training.monitor import AlignmentMonitor
 
     model, decoded, seen = tiny_model(), [], []
-    real_preprocess, real_vision = probes.preprocess, model.vision.forward
-    monkeypatch.setattr(probes, "preprocess", lambda *a, **k: decoded.append(1) or real_preprocess(*a, **k))
+    real_preprocess, real_vision = images.preprocess, model.vision.forward
+    monkeypatch.setattr(images, "preprocess", lambda *a, **k: decoded.append(1) or real_preprocess(*a, **k))
 
     def vision(pixels, *a, **k):
         seen.append((len(pixels), len(decoded)))
@@ -901,7 +902,7 @@ def test_the_probe_images_are_decoded_a_batch_at_a_time(tiny_model, colour_set, 
     assert not [v for v in vars(monitor.probe).values() if isinstance(v, dict) and v]  # no pixel cache
     probe = monitor.probe
     decoded.clear(), seen.clear()
-    probes.extract(model, probe, batch_size=4)
+    extract(model, probe, batch_size=4)
     assert seen == [(4, 4), (4, 8), (4, 12)]
 
 

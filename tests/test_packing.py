@@ -353,7 +353,9 @@ def test_an_unreadable_image_is_skipped_or_raised_with_the_cache_as_without_it(t
         run(compose(*common, *skip))
         counts[name] = json.loads((tmp_path / name / "summary.json").read_text())["stages"]["pretrain"]["data"]
     left_out = {"left_out": 1, "counts": {"unreadable image": 1}, "examples": {"unreadable image": ["p0"]}}
+    reasons = {name: c.pop("reasons") for name, c in counts.items()}  # the first reason per cause, naming the file
     assert counts == {"live": left_out, "cached": left_out}
+    assert all(r["unreadable image"][0] == "p0" and "0.png" in r["unreadable image"][1] for r in reasons.values())
     with pytest.raises(DataError, match=r"record id=p0 in .*cannot read image .*0\.png"):
         run(
             compose(

@@ -20,21 +20,6 @@ from alignlm.methods.sea.objective import SEAObjective, sample_labels, sea_logit
 from tests.conftest import DeviceWaits, compose, make_batch, waits_in_training_steps
 
 
-@pytest.fixture(scope="session")
-def shapes_root(tmp_path_factory) -> Path:
-    """A tiny shapes set (32 px, 4x4 label grid = the tiny tower's 16 patches) with its SEA labels file."""
-    from alignlm.data.shapes import generate
-
-    root = tmp_path_factory.mktemp("sea")
-    generate(root / "shapes", n_train=8, n_test=2, image_size=32, label_grid=4)
-    shapes = root / "shapes"
-    assert (
-        main(["sea-labels", "annotations", "--data", str(shapes / "pretrain.json"), str(shapes / "test_captions.json")])
-        == 0
-    )
-    return root
-
-
 def tiny_clip(path: Path) -> Path:
     """A random tiny CLIPModel and a local tokenizer saved to ``path``, loadable by path like a hub checkpoint."""
     from transformers import CLIPConfig, CLIPModel
@@ -628,3 +613,82 @@ def test_the_sea_labels_command_passes_device(shapes_root, tmp_path, monkeypatch
     argv = ["sea-labels", "dual_encoder", "--model", "m", "--words", "a,b", "--device", "cpu"]
     argv += ["--data", str(shapes_root / "shapes" / "pretrain.json"), "--out", str(tmp_path / "l.safetensors")]
     assert main(argv) == 0 and asked == ["cpu"]
+
+
+# ---- sea-eval on a device, one arg max -----------------------------------------------------------------------------
+
+
+def test_sea_eval_runs_each_checkpoint_on_the_asked_device_and_refuses_one_it_cannot_use(
+    shapes_root, tiny_model, monkeypatch, capsys
+):
+    """load_model leaves a checkpoint on the CPU, and sea-eval measured it there with a GPU beside it: it now moves it
+    to ``--device``, by default eval's (``default_device``), and refuses a device it cannot use before loading."""
+    from alignlm.commands import sea as sea_command
+
+    shapes, devices, loads = shapes_root / "shapes", [], []
+    figures = {"token_word_acc": 0.5, "top_word_acc": 0.5, "constant_acc": 0.5, "tokens": 1.0}
+    monkeypatch.setattr(sea_command, "load_model", lambda *a: loads.append(a[0]) or tiny_model().eval())
+    monkeypatch.setattr(sea_command, "final_aspect_ratio", lambda ck: "pad")
+    monkeypatch.setattr(
+        sea_command, "token_word_report", lambda model, *a: devices.append(next(model.parameters()).device) or figures
+    )
+    monkeypatch.setattr(sea_command, "default_device", lambda: "meta")  # stands in for the GPU eval would take
+    args = ["sea-eval", "r/a/s/final", "--labels", str(shapes / "sea_labels.safetensors")]
+    args += ["--data", str(shapes / "test_captions.json")]
+    assert main(args) == 0 and devices == [torch.device("meta")]
+    assert main([*args, "--device", "cpu"]) == 0 and devices[1:] == [torch.device("cpu")]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    loads.clear()
+    with pytest.raises(SystemExit):
+        main([*args, "--device", "cuda:0"])
+    assert "argument --device: 'cuda:0': this machine has no CUDA device" in capsys.readouterr().err and loads == []
+
+
+def test_token_word_report_takes_each_tokens_nearest_word_once_and_scores_as_the_metric(shapes_root, tiny_model):
+    """Both accuracies come from one arg max per token (each once ran its own [T, V] product and arg max), with the
+    figures of ``geometry.metrics.token_word_accuracy`` on the labelled tokens."""
+    from alignlm.data.images import load_rgb, preprocess
+    from alignlm.geometry.metrics import token_word_accuracy
+    from alignlm.methods.sea.objective import word_embeddings
+    from alignlm.methods.sea.token_words import token_word_report
+
+    model, labels = tiny_model().eval(), SeaLabels(shapes_root / "shapes" / "sea_labels.safetensors")
+    images = sorted((shapes_root / "shapes" / "images").glob("shapes_*.png"))[:6]
+    calls, argmax = [], torch.Tensor.argmax
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.Tensor, "argmax", lambda self, *a, **k: calls.append(1) or argmax(self, *a, **k))
+        report = token_word_report(model, labels, images, batch_size=len(images))
+    assert len(calls) == 1
+    with torch.no_grad():
+        pixels = torch.stack([preprocess(load_rgb(p), model.image_spec, "pad") for p in images])
+        tokens = model.connector(model.vision(pixels)).tokens.flatten(0, 1)
+    rows = [[w for w in row if w >= 0] for row in labels.for_images(images)[0].flatten(0, 1).tolist()]
+    kept = [i for i, row in enumerate(rows) if row]
+    words = word_embeddings(model, labels.words)
+    assert report["tokens"] == len(kept)
+    assert report["token_word_acc"] == token_word_accuracy(tokens[kept], words, [rows[i] for i in kept])
+    assert report["top_word_acc"] == token_word_accuracy(tokens[kept], words, [rows[i][:1] for i in kept])
+    assert token_word_report(model, labels, images, batch_size=4) == report  # batches of tokens: the same figures
+
+
+# ---- dual-encoder labels: images read by data-loader workers (fix D3)
+
+
+def test_dual_encoder_labels_with_workers_equal_the_serial_ones_an_unreadable_image_stops(shapes_root, tmp_path):
+    """``num_workers`` processes read and preprocess the images, in order: the same labels as read in this process;
+    an image that exists but cannot be read stops the pass naming it, as before."""
+    import shutil
+
+    from alignlm.data.records import DataError
+    from alignlm.methods.sea.labels import from_dual_encoder, label_knobs
+
+    data = [str(shapes_root / "shapes" / "pretrain.json")]
+    serial = from_dual_encoder(data, 2, _PatchEncoder(), ["a", "b", "c"], batch_size=3, num_workers=0)
+    parallel = from_dual_encoder(data, 2, _PatchEncoder(), ["a", "b", "c"], batch_size=3, num_workers=2)
+    assert (serial.word_ids == parallel.word_ids).all() and (serial.scores == parallel.scores).all()
+    assert "num_workers" not in label_knobs("dual_encoder", 2, {"num_workers": 2})  # not a variant of the labels
+    folder = tmp_path / "shapes"
+    shutil.copytree(shapes_root / "shapes", folder)
+    (folder / "images" / "shapes_train_00001.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="shapes_train_00001"):
+        from_dual_encoder([str(folder / "pretrain.json")], 2, _PatchEncoder(), ["a"], batch_size=3, num_workers=2)

@@ -693,7 +693,7 @@ def test_data_workers_count_the_cpus_this_process_may_use_on_its_node(monkeypatc
     """A SLURM job with --cpus-per-task gets that many CPUs of a bigger machine, shared by the ranks of its node only."""
     import os
 
-    from alignlm.training.trainer import local_processes, usable_cpus
+    from alignlm.data.images import local_processes, usable_cpus
 
     if hasattr(os, "sched_getaffinity"):
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})

@@ -164,3 +164,31 @@ def test_every_auxiliary_term_is_logged_with_its_weight(v2l_model):
         torch.testing.assert_close(out.aux_losses[f"v2l_{name}"].detach(), weight * out.metrics[f"v2l_{name}"])
     with pytest.raises(ValueError, match="reconstruction_weight"):
         V2LConnector(8, 8, reconstruction_weight=-1)
+
+
+def test_v2l_words_reads_images_in_batches_on_the_asked_device(colour_set, monkeypatch, capsys, tmp_path):
+    """Every image went through one forward pass, on the CPU where load_model leaves the checkpoint: images now go
+    ``--batch-size`` at a time (the same words), on ``--device`` (by default eval's), and a device this machine
+    cannot use is refused naming the flag, before the checkpoint is loaded."""
+    from alignlm.commands import main
+    from alignlm.commands import v2l as v2l_command
+
+    model, loads, passes = build_model(compose("model=tiny", "model/connector=v2l").model).eval(), [], []
+    model.vision.register_forward_hook(lambda module, inputs, output: passes.append(len(inputs[0])))
+    monkeypatch.setattr(v2l_command, "load_model", lambda *a: loads.append(a[0]) or model)
+    monkeypatch.setattr(v2l_command, "final_aspect_ratio", lambda ck: "pad")
+    args = ["v2l-words", "r/s/final", "--data", str(colour_set["pretrain"]), "--limit", "5"]
+    one, batched = tmp_path / "one.json", tmp_path / "batched.json"
+    assert main([*args, "--json", str(one)]) == 0 and passes == [5]
+    passes.clear()
+    assert main([*args, "--batch-size", "2", "--json", str(batched)]) == 0 and passes == [2, 2, 1]
+    assert json.loads(batched.read_text()) == json.loads(one.read_text())
+    devices = []
+    monkeypatch.setattr(v2l_command, "default_device", lambda: "meta")  # stands in for the GPU eval would take
+    monkeypatch.setattr(v2l_command, "image_words", lambda m, *a: devices.append(next(m.parameters()).device) or [])
+    assert main(args) == 0 and devices == [torch.device("meta")]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    loads.clear()
+    with pytest.raises(SystemExit):
+        main([*args, "--device", "cuda:0"])
+    assert "argument --device: 'cuda:0': this machine has no CUDA device" in capsys.readouterr().err and loads == []

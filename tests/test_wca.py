@@ -34,7 +34,8 @@ def test_wca_is_the_plain_score_with_whole_image_crops_and_the_prompt_as_the_onl
     plain, wca = scores(encoder, image, p, per_class, WCAConfig(crops=4, scale=(1.0, 1.0)), np.random.default_rng(0))
     assert torch.allclose(plain, wca, atol=1e-5)
     p, per_class = class_texts(encoder, prompts, descriptions_for(classes, ["a {c} square", "the colour {c}"]), tau=0.1)
-    assert all(torch.isclose(v.sum(), torch.tensor(1.0)) and v.shape == (2,) for _, v in per_class)
+    assert per_class.owner.tolist() == [0, 0, 1, 1, 2, 2]
+    assert torch.allclose(per_class.weights.view(3, 2).sum(1), torch.ones(3))
 
 
 def test_descriptions_from_templates_or_a_mapping():
@@ -159,3 +160,49 @@ def test_the_command_refuses_a_device_it_cannot_use(device, message, capsys, mon
     with pytest.raises(SystemExit):
         main(["wca", "--encoder", "e", "--set", "s", "--descriptions", "a {c}", "--device", device])
     assert message in capsys.readouterr().err
+
+
+def _loop_wca(crops: torch.Tensor, w: torch.Tensor, rows: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """The per-class loop WCA scored with before its one product: the reference the product must agree with."""
+    return torch.stack([w @ (crops @ d.T) @ v for d, v in rows])
+
+
+def test_one_product_over_all_descriptions_scores_as_the_per_class_loop(tiny_clip):
+    """Classes with different description counts (a mapping), one matrix on the encoder's device, one product and a
+    per-class sum: the scores of the old loop over classes, within float rounding."""
+    from alignlm.methods.wca.score import Descriptions
+
+    encoder = load_encoder(str(tiny_clip))
+    classes = ["red", "green", "blue"]
+    texts = {"red": ["a red square"], "green": ["green", "a green thing", "the colour green"], "blue": ["blue", "sky"]}
+    p, described = class_texts(encoder, [f"a {c} square" for c in classes], descriptions_for(classes, texts), 0.1)
+    assert isinstance(described, Descriptions) and described.embeddings.shape[0] == 6
+    assert described.embeddings.device == encoder.device == p.device
+    rows, start = [], 0
+    for c in classes:
+        n = len(texts[c])
+        rows.append((described.embeddings[start : start + n], described.weights[start : start + n]))
+        start += n
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        crops = torch.nn.functional.normalize(torch.randn(7, p.shape[1], generator=g), dim=-1)
+        w = torch.softmax(torch.randn(7, generator=g), dim=0)
+        torch.testing.assert_close(described.score(crops, w), _loop_wca(crops, w, rows), rtol=1e-5, atol=1e-6)
+    image = Image.new("RGB", (40, 30), (30, 160, 40))
+    plain, wca = scores(encoder, image, p, described, WCAConfig(crops=4), np.random.default_rng(1))
+    assert plain.shape == wca.shape == (3,)
+
+
+def test_wca_makes_no_per_class_product(tiny_clip, monkeypatch):
+    """An image's WCA score is a fixed number of products, however many classes: the loop made one per class."""
+    encoder = load_encoder(str(tiny_clip))
+    classes = [f"c{i}" for i in range(12)]
+    p, described = class_texts(encoder, classes, descriptions_for(classes, ["a {c}", "the {c}"]), 0.1)
+    image = Image.new("RGB", (32, 32), (200, 30, 30))
+    encoder.encode_images([image])  # warm: only the scoring's own products are counted below
+    calls = []
+    matmul = torch.Tensor.__matmul__
+    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: calls.append(1) or matmul(a, b))
+    monkeypatch.setattr(encoder, "encode_images", lambda images: torch.randn(len(images), p.shape[1]))
+    scores(encoder, image, p, described, WCAConfig(crops=3), np.random.default_rng(0))
+    assert len(calls) <= 5

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import math
 
+from alignlm.models.device import device_problem
+
 
 def positive_int(text: str) -> int:
     """argparse ``type=`` of a count (a limit, a batch size, samples, epochs): a whole number >= 1. Zero and negative
@@ -43,3 +45,11 @@ def add_trust_flags(p: argparse.ArgumentParser) -> None:
         help="let transformers run code shipped with the weights "
         "(a checkpoint's own trust_remote_code is always ignored)",
     )
+
+
+def device_flag(value: str) -> str:
+    """``--device``: a name torch knows and a GPU this machine has, refused before anything is read or loaded."""
+    problem = device_problem(value)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{value!r}: {problem}; use cpu, cuda or cuda:N, or leave it unset")
+    return value

@@ -8,10 +8,11 @@ import os
 import sys
 from pathlib import Path
 
-from alignlm.commands._flags import add_trust_flags
+from alignlm.commands._flags import add_trust_flags, device_flag
 from alignlm.evaluation.checkpoints import resolve
 from alignlm.evaluation.export_check import compare_with_export, format_check
 from alignlm.export.hf_llava import SOURCE_FILE, ExportError, checkpoint_source, export
+from alignlm.models.device import default_device
 
 
 def not_a_final(path: str) -> str | None:
@@ -104,6 +105,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         args.max_new_tokens,
         args.allow_code,
         args.trust_remote_code,
+        args.device or default_device(),
     )
     print(format_check(result))
     (out / "export_check.json").write_text(json.dumps(result, indent=2))
@@ -127,6 +129,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--limit", type=int, default=None, help="--check: the first N questions")
     p.add_argument("--max-new-tokens", type=int, default=16, help="--check: greedy answer length limit")
+    p.add_argument(
+        "--device",
+        type=device_flag,
+        default=None,
+        help="--check: where both sides answer (default: cuda when present, else cpu; also under accelerate launch "
+        "--cpu)",
+    )
     p.add_argument(
         "--is-current",
         action="store_true",

@@ -15,10 +15,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-from alignlm.commands._flags import add_trust_flags, positive_int
+import torch
+
+from alignlm.commands._flags import add_trust_flags, device_flag, positive_int
 from alignlm.data.records import record_images
 from alignlm.methods.sea.labels import DEFAULT_NAME, SeaLabels, make_labels
 from alignlm.methods.sea.token_words import token_word_report
+from alignlm.models.device import default_device
 from alignlm.models.io import final_aspect_ratio, load_model
 
 
@@ -89,6 +92,12 @@ def register(subparsers: Any) -> None:
         help="also report with these words left out (e.g. background, which every shapes cell lists)",
     )
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    p.add_argument(
+        "--device",
+        type=device_flag,
+        default=None,
+        help="where the checkpoints run (default: cuda when present, else cpu; also under accelerate launch --cpu)",
+    )
     add_trust_flags(p)
     p.set_defaults(func=cmd_sea_eval)
 
@@ -151,12 +160,14 @@ def cmd_sea_eval(args: argparse.Namespace) -> int:
         {f"without {' '.join(args.exclude_words)}": args.exclude_words} if args.exclude_words else {}
     )
     report: dict[str, dict[str, Any]] = {ck: {} for ck in args.checkpoints}
+    device = torch.device(args.device or default_device())  # load_model leaves the model on the CPU
     for ck in args.checkpoints:
-        model, aspect = load_model(ck, args.allow_code, args.trust_remote_code), final_aspect_ratio(ck)
+        model, aspect = load_model(ck, args.allow_code, args.trust_remote_code).to(device), final_aspect_ratio(ck)
         for name, exclude in variants.items():
             report[ck][name] = token_word_report(
                 model, labels, images, args.word_prefix, args.batch_size, exclude, aspect
             )
+        del model  # before the next checkpoint is moved to the device: one model there at a time
     names = [str(Path(ck).parent.parent.name + "/" + Path(ck).parent.name) for ck in args.checkpoints]
     width = max(12, *(len(n) for n in names))
     for name in variants:

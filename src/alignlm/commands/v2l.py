@@ -9,14 +9,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from alignlm.commands._flags import add_trust_flags, positive_int
+from alignlm.commands._flags import add_trust_flags, device_flag, positive_int
 from alignlm.data.images import load_rgb, preprocess
 from alignlm.data.records import record_images
 from alignlm.methods.v2l.connector import V2LConnector
+from alignlm.models.device import default_device
 from alignlm.models.io import final_aspect_ratio, load_model
 
 
@@ -27,24 +30,43 @@ def register(subparsers: Any) -> None:
     p.add_argument("--image-root", default=None, help="image folder (default: each data file's folder)")
     p.add_argument("--limit", type=positive_int, default=4, help="the first N images")
     p.add_argument("--json", default=None, help="also write {record id: {global: [...], patches: [...]}} here")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass")
+    p.add_argument(
+        "--device",
+        type=device_flag,
+        default=None,
+        help="where the checkpoint runs (default: cuda when present, else cpu; also under accelerate launch --cpu)",
+    )
     add_trust_flags(p)
     p.set_defaults(func=cmd_v2l_words)
+
+
+@torch.no_grad()
+def image_words(model: Any, paths: Sequence[Path], aspect: str, batch_size: int) -> list[list[int]]:
+    """Per image, the vocabulary id of each of its visual tokens, ``batch_size`` images per forward pass on the
+    model's device: all of them in one pass once held every image's pixels and activations at once."""
+    device = next(model.parameters()).device
+    ids: list[list[int]] = []
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start : start + batch_size]
+        pixels = torch.stack([preprocess(load_rgb(p), model.image_spec, aspect) for p in chunk]).to(device)
+        ids += model.connector.words(model.vision(pixels)).tolist()
+    return ids
 
 
 def cmd_v2l_words(args: argparse.Namespace) -> int:
     model = load_model(args.checkpoint, args.allow_code, args.trust_remote_code)
     if not isinstance(model.connector, V2LConnector):
         raise SystemExit(f"{args.checkpoint} has a {type(model.connector).__name__} connector, not v2l")
+    model.to(args.device or default_device())  # load_model leaves it on the CPU
     conn, prefix = model.connector, model.vision.num_prefix_tokens
     found = [(rid, paths[0]) for rid, paths in record_images(args.data, args.image_root)][: args.limit]
     if not found:
         raise SystemExit(f"no images in {args.data}")
     aspect = final_aspect_ratio(args.checkpoint)  # the pixels its stage trained on
-    pixels = torch.stack([preprocess(load_rgb(p), model.image_spec, aspect) for _, p in found])
-    with torch.no_grad():
-        ids = conn.words(model.vision(pixels))
+    ids = image_words(model, [p for _, p in found], aspect, args.batch_size)
     report = {}
-    for (rid, path), row in zip(found, ids.tolist()):
+    for (rid, path), row in zip(found, ids):
         words = [w.strip() or repr(w) for w in model.tokenizer.batch_decode([[i] for i in row])]
         glob, patches = words[: conn.global_tokens], words[conn.global_tokens + prefix :]
         report[rid] = {"image": str(path), "global": glob, "patches": patches}

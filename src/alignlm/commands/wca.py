@@ -15,12 +15,12 @@ from typing import Any
 
 from PIL import Image
 
-from alignlm.commands._flags import positive_int
+from alignlm.commands._flags import device_flag, positive_int
 from alignlm.data.images import load_rgb
 from alignlm.data.records import MISSING_IMAGE, DataError, image_paths, read_records
 from alignlm.evaluation.paired import mean_se, paired_difference
 from alignlm.methods.wca.score import WCAConfig, descriptions_for, zero_shot
-from alignlm.models.device import default_device, device_problem
+from alignlm.models.device import default_device
 from alignlm.models.encoders import load_encoder
 
 
@@ -54,14 +54,6 @@ def register(subparsers: Any) -> None:
         help="where the encoder runs (default: cuda when present, else cpu; also under accelerate launch --cpu)",
     )
     p.set_defaults(func=cmd_wca)
-
-
-def device_flag(value: str) -> str:
-    """``--device``: a name torch knows and a GPU this machine has, refused before the set and the encoder are read."""
-    problem = device_problem(value)
-    if problem:
-        raise argparse.ArgumentTypeError(f"{value!r}: {problem}; use cpu, cuda or cuda:N, or leave it unset")
-    return value
 
 
 def lazy_images(paths: Sequence[Path]) -> Iterator[Image.Image]:

@@ -11,15 +11,16 @@ import os
 import stat
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
 
 from alignlm.config import ConfigError
 from alignlm.data.records import IMAGE_TOO_LARGE, MISSING_IMAGE, UNREADABLE_IMAGE, DataError
@@ -235,3 +236,105 @@ def preprocess(
     mean = torch.tensor(spec.mean).view(3, 1, 1)
     std = torch.tensor(spec.std).view(3, 1, 1)
     return (x - mean) / std
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity (SLURM's --cpus-per-task, a cgroup), not the machine's count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def local_processes(world_size: int) -> int:
+    """Processes on this node, which share its CPUs: torchrun's and accelerate's LOCAL_WORLD_SIZE, else all of them."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
+
+
+def loader_workers(setting: Any, device: torch.device, world_size: int = 1) -> int:
+    """Processes that decode images ahead of ``device``: a number, or auto, the one rule of training, evaluation and
+    the prepare steps: on CUDA ``min(8, CPUs of this process / processes on its node)`` (SLURM's --cpus-per-task, not
+    the machine's count), on the CPU 0, where workers would take the cores the model runs on."""
+    if setting == "auto":
+        return min(8, usable_cpus() // local_processes(world_size)) if device.type == "cuda" else 0
+    return int(setting)
+
+
+@dataclass
+class DecodedBatch:
+    """One batch of :func:`decoded_batches`: where its images stand in the paths given (``index``, in order), what
+    ``prepare`` made of each that could be read (``items``: stacked when they are tensors), their sizes as stored
+    when asked for, and the errors of those that could not, by place."""
+
+    index: list[int]
+    items: Any
+    sizes: list[tuple[int, int]] = field(default_factory=list)
+    errors: dict[int, DataError] = field(default_factory=dict)
+
+    def pin_memory(self) -> DecodedBatch:
+        """The batch with its stacked items in pinned memory: ``DataLoader(pin_memory=True)``'s thread calls it, so
+        their copy to the GPU need not wait."""
+        if isinstance(self.items, torch.Tensor):
+            self.items = self.items.pin_memory()
+        return self
+
+
+class _Prepared(Dataset):
+    """``prepare`` of each path, or the ``DataError`` it raised: one unreadable image is its own, not its batch's."""
+
+    def __init__(self, paths: Sequence[Path], prepare: Callable[[Path], Any], sizes: bool) -> None:
+        self.paths, self.prepare, self.sizes = list(paths), prepare, sizes
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[int, Any, tuple[int, int] | None, DataError | None]:
+        try:
+            item = self.prepare(self.paths[i])
+            return i, item, image_size(self.paths[i]) if self.sizes else None, None
+        except DataError as e:
+            return i, None, None, e
+
+
+def _collate(rows: list[tuple[int, Any, tuple[int, int] | None, DataError | None]]) -> DecodedBatch:
+    """A batch assembled in the worker: the readable images' items stacked there (tensors), so the main process
+    receives one block, pinned on CUDA."""
+    good = [(i, item, size) for i, item, size, error in rows if error is None]
+    items = [item for _, item, _ in good]
+    return DecodedBatch(
+        index=[i for i, _, _ in good],
+        items=torch.stack(items) if items and isinstance(items[0], torch.Tensor) else items,
+        sizes=[size for _, _, size in good if size is not None],
+        errors={i: error for i, _, _, error in rows if error is not None},
+    )
+
+
+def decoded_batches(
+    paths: Sequence[Path],
+    prepare: Callable[[Path], Any],
+    batch_size: int,
+    device: torch.device,
+    num_workers: int = 0,
+    sizes: bool = False,
+) -> Iterator[DecodedBatch]:
+    """``prepare`` (a decode and a preprocessing, e.g. ``preprocess(load_rgb(path), spec)``) of every path,
+    ``batch_size`` at a time, in order: the batches are the same whatever ``num_workers``.
+
+    ``num_workers`` processes (:func:`loader_workers`) decode ahead of the device, into pinned memory on CUDA, as
+    generation's batches do: decoded one at a time in the main process, an image cost 5-7 ms while the GPU waited
+    (86 % of a 558k-image scoring pass with a bf16 CLIP-L). An image ``prepare`` cannot read (a ``DataError``)
+    is left out of its batch with its error, for the caller to skip or raise as it did. ``sizes``: each readable
+    image's size as stored, read in the worker too (:func:`image_size`). ``prepare`` runs in the workers: a module
+    function or a ``functools.partial`` of one, holding no model."""
+    loader = DataLoader(
+        _Prepared(paths, prepare, sizes),
+        batch_size=batch_size,
+        collate_fn=_collate,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if num_workers else None,
+    )
+    yield from loader
+
+
+def prepared(spec: ImageSpec, aspect_ratio: str, path: Path) -> torch.Tensor:
+    """An image file read (:func:`load_rgb`) and preprocessed for ``spec``: what :func:`decoded_batches`' workers run
+    for a reader that prepares pixels itself (``functools.partial(prepared, spec, aspect_ratio)``)."""
+    return preprocess(load_rgb(path), spec, aspect_ratio)

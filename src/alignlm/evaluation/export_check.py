@@ -28,10 +28,13 @@ N_SHOWN = 5
 
 
 @torch.no_grad()
-def exported_answers(out_dir: str | Path, records: list[dict[str, Any]], root: Path, max_new_tokens: int) -> list[str]:
-    """Greedy answers of the exported folder, one question at a time, as lmms-eval's ``llava_hf`` asks them."""
+def exported_answers(
+    out_dir: str | Path, records: list[dict[str, Any]], root: Path, max_new_tokens: int, device: torch.device
+) -> list[str]:
+    """Greedy answers of the exported folder, one question at a time, as lmms-eval's ``llava_hf`` asks them, on
+    ``device`` (alignlm's side's: both sides answer on one device, in the dtypes they load in)."""
     processor = AutoProcessor.from_pretrained(out_dir)
-    model = LlavaForConditionalGeneration.from_pretrained(out_dir).eval()
+    model = LlavaForConditionalGeneration.from_pretrained(out_dir).eval().to(device)
     answers = []
     for record in records:
         paths = image_paths(record, root)  # inside the root: alignlm's side read the same records with the checks on
@@ -40,7 +43,7 @@ def exported_answers(out_dir: str | Path, records: list[dict[str, Any]], root: P
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question_of(record)}]}]
         prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
         image = load_rgb(paths[0])  # as alignlm's side reads it: raster formats only, upright, on white
-        inputs = processor(images=image, text=prompt, return_tensors="pt")
+        inputs = processor(images=image, text=prompt, return_tensors="pt").to(device)
         new = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)[
             0, inputs["input_ids"].shape[1] :
         ]
@@ -56,14 +59,17 @@ def compare_with_export(
     max_new_tokens: int = 16,
     allow_code: bool = False,
     trust_remote_code: bool = False,
+    device: str | torch.device = "cpu",
 ) -> dict[str, Any]:
-    """Both sides' answers on the first ``limit`` questions: agreement, each side's accuracy, the first differences."""
+    """Both sides' answers on the first ``limit`` questions: agreement, each side's accuracy, the first differences.
+    Both run on ``device``, one after the other: alignlm's model is let go before the export's is loaded."""
     ck = resolve([str(checkpoint)])[-1]
-    model = load(ck, allow_code, trust_remote_code)
+    model = load(ck, allow_code, trust_remote_code).to(device)  # load leaves it on the CPU
     data_cfg = data_config(ck, stage_config(ck))
     ours = generate_set(model, str(questions), data_cfg, max_new_tokens=max_new_tokens, limit=limit)
+    del model
     records = [rec for _, _, rec in ours]
-    theirs = exported_answers(out_dir, records, Path(questions).resolve().parent, max_new_tokens)
+    theirs = exported_answers(out_dir, records, Path(questions).resolve().parent, max_new_tokens, torch.device(device))
     differ = [
         {"id": rid, "alignlm": pred, "export": other, "answer": rec.get("answer")}
         for (rid, pred, rec), other in zip(ours, theirs)

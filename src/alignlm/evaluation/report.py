@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 import alignlm
 from alignlm.config import ConfigError
 from alignlm.data.build import aspect_ratio_of
+from alignlm.data.images import loader_workers
 from alignlm.data.records import DataError, image_paths, read_records
 from alignlm.evaluation import checkpoints as C
 from alignlm.evaluation import paired, plots
@@ -54,7 +55,6 @@ from alignlm.models.probes import (
 )
 from alignlm.training.checkpoint import resolve_init, stage_place
 from alignlm.training.logging import json_values
-from alignlm.training.trainer import local_processes, usable_cpus
 
 log = logging.getLogger("alignlm")
 
@@ -203,15 +203,6 @@ def check_checkpoints(cks: Sequence[C.Checkpoint], ecfg: Mapping[str, Any]) -> N
         if plan.probe is not None and plan.probe not in probes:
             read_probe(plan.probe, ecfg)
             probes.add(plan.probe)
-
-
-def eval_workers(setting: Any, device: torch.device) -> int:
-    """``num_workers``: a number, or auto, training's rule: on CUDA ``min(8, CPUs of this process / processes on
-    its node)`` (SLURM's --cpus-per-task, not the machine's count), on the CPU 0, where workers would take the cores
-    generation runs on."""
-    if setting == "auto":
-        return min(8, usable_cpus() // local_processes(1)) if device.type == "cuda" else 0
-    return int(setting)
 
 
 def _stats(path: Path) -> list[list[Any]]:
@@ -515,7 +506,7 @@ def _compute(
         "limit": limit,
         "generation": dict(ecfg.get("generation") or {}),
         "seed": int(ecfg.get("seed", 0)),
-        "num_workers": eval_workers(ecfg.get("num_workers", "auto"), device),
+        "num_workers": loader_workers(ecfg.get("num_workers", "auto"), device),
     }
     computed: dict[str, dict[str, Any]] = {}
     for name, s in sets.items():
@@ -543,7 +534,7 @@ def probe_result(
     layers = resolve_layers(model, pcfg.get("layers"), "probe.layers")
     aspect_ratio = aspect_ratio_of(data_cfg)  # the probe images made square as the checkpoint's stage did
     device = next(model.parameters()).device
-    workers = eval_workers(ecfg.get("num_workers", "auto"), device)
+    workers = loader_workers(ecfg.get("num_workers", "auto"), device)
     feats = extract(
         model,
         probe,

@@ -15,10 +15,11 @@ CLIPModel / SiglipModel folder or hub name (``trust_remote_code`` stays off unle
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -31,7 +32,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer
 # which no checkpoint needs for its mean/std (the processor's PIL backend has them)
 from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
-from alignlm.data.images import ImageSpec, preprocess
+from alignlm.data.images import ImageSpec, load_rgb, preprocess
 from alignlm.models.llm import refuse_hub_kernel_attention
 from alignlm.models.vision import EfficientNetLiteTower
 
@@ -43,12 +44,21 @@ class DualEncoder(Protocol):
 
     name: str
     image_spec: ImageSpec
+    device: torch.device  # where it computes; a consumer puts what it compares with its outputs there
 
     def encode_images(self, images: list) -> Tensor:
         """``[n, D]`` pooled image features of PIL images, on the CPU."""
 
     def encode_pixels(self, pixel_values: Tensor) -> Tensor:
         """``[B, D]`` pooled features of preprocessed pixels, on their device (a frozen vision tower's forward)."""
+
+    def image_preprocessor(self) -> Callable[[Any], Tensor]:
+        """One PIL image -> its ``[3, H, W]`` pixels as ``encode_images`` prepares them, holding no weights: what
+        data-loader workers run (``image_steps``)."""
+
+    def encode_prepared(self, pixels: Tensor) -> Tensor:
+        """``encode_images`` of images ``image_preprocessor`` prepared, stacked (pinned or not): ``[n, D]``, on the
+        CPU."""
 
     def encode_texts(self, texts: Sequence[str]) -> Tensor:
         """``[n, D]`` text features, on the CPU."""
@@ -73,6 +83,25 @@ def weights_fingerprint(module: nn.Module, *context: str) -> str:
             digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}:".encode())
             digest.update(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()[:16]
+
+
+def _processed(processor: Any, image: Any) -> Tensor:
+    """One image through a Hugging Face image processor: ``[3, H, W]``."""
+    return processor(images=[image], return_tensors="pt")["pixel_values"][0]
+
+
+def _read(prepare: Callable[[Any], Tensor], path: Path) -> Tensor:
+    """An image file read (``load_rgb``) and prepared: what a data-loader worker runs for an encoder."""
+    return prepare(load_rgb(path))
+
+
+def image_steps(encoder: Any) -> tuple[Callable[[Path], Any], Callable[[Any], Tensor]]:
+    """How a pass over image files splits between data-loader workers and the encoder: what a worker makes of a
+    path (read and preprocessed, or only read for an object that has ``encode_images`` alone, a stand-in) and what
+    encodes a batch of those into ``[n, D]`` CPU features, exactly as ``encode_images`` of the images would."""
+    if not hasattr(encoder, "image_preprocessor"):
+        return load_rgb, encoder.encode_images
+    return functools.partial(_read, encoder.image_preprocessor()), encoder.encode_prepared
 
 
 def load_encoder(
@@ -170,14 +199,23 @@ class HFDualEncoder(_Weights):
             mod = getattr(mod, part)
         return mod
 
+    def image_preprocessor(self) -> Callable[[Any], Tensor]:
+        """One PIL image -> ``[3, H, W]``: the checkpoint's processor (its own resize and crop, run in the workers:
+        ``preprocess`` rescales and normalises in another order, a few ulps apart) when it ships one, else
+        ``preprocess`` for the image spec."""
+        if self.image_processor is not None:
+            return functools.partial(_processed, self.image_processor)
+        return functools.partial(preprocess, spec=self.image_spec)
+
     @torch.inference_mode()
+    def encode_prepared(self, pixels: Tensor) -> Tensor:
+        """``[n, D]`` pooled features of pixels ``image_preprocessor`` prepared, on the CPU."""
+        return self.encode_pixels(pixels.to(self.device, non_blocking=True)).float().cpu()
+
     def encode_images(self, images: list) -> Tensor:
         """``[n, D]`` pooled image features of PIL images (the processor's own resize and crop when there is one)."""
-        if self.image_processor is not None:
-            pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
-        else:
-            pixels = torch.stack([preprocess(im, self.image_spec) for im in images])
-        return self.encode_pixels(pixels.to(self.device)).float().cpu()
+        prepare = self.image_preprocessor()
+        return self.encode_prepared(torch.stack([prepare(im) for im in images]))
 
     def encode_pixels(self, pixel_values: Tensor) -> Tensor:
         """``[B, D]`` pooled image features of preprocessed pixels, on their device (a frozen tower's forward)."""
@@ -250,6 +288,10 @@ class OfflineDualEncoder(_Weights):
     def _pixels(self, images: list) -> Tensor:
         return torch.stack([preprocess(im, self.image_spec) for im in images]).to(self.device)
 
+    def image_preprocessor(self) -> Callable[[Any], Tensor]:
+        """One PIL image -> ``[3, H, W]``: ``preprocess`` for the image tower's spec."""
+        return functools.partial(preprocess, spec=self.image_spec)
+
     @torch.inference_mode()
     def image_features(self, images: list) -> Tensor:
         """Pooled frozen EfficientNet features ``[B, 1280]``, copied out of the tower's ``[B, 1 + cells, 1280]``
@@ -269,6 +311,11 @@ class OfflineDualEncoder(_Weights):
     def encode_pixels(self, pixel_values: Tensor) -> Tensor:
         """``[B, dim]`` image embeddings of preprocessed pixels, on their device (a frozen tower's forward)."""
         return self.image_head(self.image_tower(pixel_values)[:, 0].float())
+
+    @torch.inference_mode()
+    def encode_prepared(self, pixels: Tensor) -> Tensor:
+        """``[n, dim]`` image embeddings of pixels ``image_preprocessor`` prepared, on the CPU."""
+        return self.encode_pixels(pixels.to(self.device, non_blocking=True)).cpu()
 
     @torch.inference_mode()
     def encode_images(self, images: list) -> Tensor:

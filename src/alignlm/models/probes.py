@@ -12,6 +12,7 @@ Then every metric of ``alignlm.geometry.suite`` between the two sides (docs/meth
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,10 +20,10 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from alignlm.config import ConfigError
-from alignlm.data.images import load_rgb, preprocess
+from alignlm.data.images import decoded_batches, prepared
 from alignlm.data.records import DataError, image_names, image_paths, iter_records, record_id, reference_captions
 from alignlm.data.templates import plain_text_ids
 from alignlm.geometry import metrics as M
@@ -43,7 +44,7 @@ class ProbeImages(Dataset[Tensor]):
     def __getitem__(self, index: int | slice) -> Tensor:
         if isinstance(index, slice):
             return torch.stack([self[i] for i in range(*index.indices(len(self)))])
-        return preprocess(load_rgb(self.paths[index]), self.spec, self.aspect_ratio)
+        return prepared(self.spec, self.aspect_ratio, self.paths[index])
 
 
 @dataclass
@@ -62,18 +63,14 @@ class ProbeSet:
 
 def image_batches(images: ProbeImages, batch_size: int, device: torch.device, num_workers: int = 0) -> Iterator[Tensor]:
     """``images`` in order, ``batch_size`` at a time on ``device``: the host holds the batches in flight, not the set.
-    ``num_workers`` processes decode them ahead, into pinned memory on CUDA, as generation's batches
-    (``models.generation``); the caller picks the count by its own rule (eval's ``num_workers``, the trainer's)."""
+    ``num_workers`` processes decode them ahead (``data.images.decoded_batches``, into pinned memory on CUDA); the
+    caller picks the count (``loader_workers``). An image that cannot be read stops the probe, naming it."""
     cuda = device.type == "cuda"
-    loader = DataLoader(
-        images,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        pin_memory=cuda,
-        prefetch_factor=4 if num_workers else None,
-    )
-    for batch in loader:
-        yield batch.to(device, non_blocking=cuda)
+    prepare = functools.partial(prepared, images.spec, images.aspect_ratio)
+    for batch in decoded_batches(images.paths, prepare, batch_size, device, num_workers):
+        if batch.errors:
+            raise batch.errors[min(batch.errors)]
+        yield batch.items.to(device, non_blocking=cuda)
 
 
 def load_probe_set(path: str | Path, n: int | None = None, image_root: str | None = None) -> ProbeSet:

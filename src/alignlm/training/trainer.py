@@ -26,7 +26,6 @@ import functools
 import gc
 import json
 import math
-import os
 import signal
 import threading
 import time
@@ -47,6 +46,7 @@ from tqdm.auto import tqdm
 from alignlm.config import ConfigError, instantiate
 from alignlm.data.build import aspect_ratio_of, build_dataset
 from alignlm.data.collate import Collator
+from alignlm.data.images import loader_workers
 from alignlm.data.records import TRUNCATED, DataError
 from alignlm.data.report import DataReport
 from alignlm.models.build import build_model
@@ -530,9 +530,7 @@ class Trainer:
     def loader(self) -> DataLoader:
         """The stage's batches from ``start_step`` on; workers and pinned memory on CUDA by default."""
         data, cuda = self.stage.data, self.acc.device.type == "cuda"
-        workers = data.get("num_workers", "auto")
-        if workers == "auto":
-            workers = min(8, usable_cpus() // local_processes(self.acc.num_processes)) if cuda else 0
+        workers = loader_workers(data.get("num_workers", "auto"), self.acc.device, self.acc.num_processes)
         order = dataclasses.replace(self.order, total_steps=self.total_steps, start_step=self.start_step)
         extra: dict[str, Any] = {}
         if int(workers) > 0:
@@ -573,7 +571,7 @@ class Trainer:
         skipped = sum(len(b["skipped"]) for b in micro)
         for b in micro:  # per cause, on this rank; merged over ranks at checkpoints and at the end
             for sample in b["skipped"]:
-                self.report.add(sample.cause, sample.id)
+                self.report.add(sample.cause, sample.id, reason=sample.reason)
             for rid in b.get("truncated", []):
                 self.report.add(TRUNCATED, rid)
         data = [b.get("input_ids") is not None for b in micro]  # False: every sample of the micro-batch was bad
@@ -1139,16 +1137,6 @@ def refuse_config_held_state(folder: Path, written: Mapping[str, Any], objective
             "with the config it was written with; or an earlier alignlm wrote it, saving fixed values too: finish the "
             "stage with that version, or start it over with resume=never (its checkpoints are set aside, not deleted)"
         )
-
-
-def usable_cpus() -> int:
-    """The CPUs this process may run on: its affinity (SLURM's --cpus-per-task, a cgroup), not the machine's count."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def local_processes(world_size: int) -> int:
-    """Processes on this node, which share its CPUs: torchrun's and accelerate's LOCAL_WORLD_SIZE, else all of them."""
-    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
 
 
 def checkpointing_parts(setting: Any, key: str = "stage.gradient_checkpointing") -> list[str]:

@@ -29,13 +29,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from alignlm.data.images import load_rgb
+from alignlm.data.images import decoded_batches, loader_workers
 from alignlm.data.records import DataError, image_names, image_paths, iter_records, record_caption
 from alignlm.files import replace_text
 from alignlm.methods.provenance import KEY, changed_inputs, check_knobs, encoder_identity, files_digest, stamps_digest
 from alignlm.models.device import default_device
 from alignlm.models.encoder_fit import fit_encoder
-from alignlm.models.encoders import MANIFEST, DualEncoder, load_encoder
+from alignlm.models.encoders import MANIFEST, DualEncoder, image_steps, load_encoder
 
 log = logging.getLogger(__name__)
 
@@ -108,22 +108,28 @@ def level_inputs(
 
 @torch.no_grad()
 def pair_scores(
-    encoder: DualEncoder, images: Sequence[Path], captions: Sequence[str], batch_size: int = 64
+    encoder: DualEncoder,
+    images: Sequence[Path],
+    captions: Sequence[str],
+    batch_size: int = 64,
+    num_workers: int | str = "auto",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Cosine of each image with its caption, and a mask of the pairs whose image could be read."""
+    """Cosine of each image with its caption, and a mask of the pairs whose image could be read.
+
+    ``num_workers`` (``data.images.loader_workers``: auto, by the encoder's device) processes read and preprocess the
+    images ahead of the encoder, in order: read one at a time in this process, they were 86 % of the time at
+    LLaVA-558k with a bf16 CLIP-L on a GPU."""
+    device = torch.device(getattr(encoder, "device", "cpu"))
+    prepare, encode = image_steps(encoder)
     scores = np.full(len(images), np.nan)
-    for start in tqdm(range(0, len(images), batch_size), desc="aligngpt levels", unit="batch"):
-        readable, pictures = [], []
-        for j in range(start, min(start + batch_size, len(images))):
-            try:
-                pictures.append(load_rgb(images[j]))
-                readable.append(j)
-            except (OSError, ValueError) as e:
-                log.warning("aligngpt levels: cannot read %s (%s); the record gets no level", images[j], e)
-        if readable:
-            img = F.normalize(encoder.encode_images(pictures).float(), dim=-1)
-            txt = F.normalize(encoder.encode_texts([captions[j] for j in readable]).float(), dim=-1)
-            scores[readable] = (img * txt).sum(-1).double().numpy()
+    batches = decoded_batches(images, prepare, batch_size, device, loader_workers(num_workers, device))
+    for batch in tqdm(batches, total=-(-len(images) // batch_size), desc="aligngpt levels", unit="batch"):
+        for j, e in batch.errors.items():
+            log.warning("aligngpt levels: cannot read %s (%s); the record gets no level", images[j], e)
+        if batch.index:
+            img = F.normalize(encode(batch.items).float(), dim=-1)
+            txt = F.normalize(encoder.encode_texts([captions[j] for j in batch.index]).float(), dim=-1)
+            scores[batch.index] = (img * txt).sum(-1).double().numpy()
     return scores, ~np.isnan(scores)
 
 

@@ -62,34 +62,54 @@ def random_crops(image: Image.Image, n: int, scale: tuple[float, float], rng: np
     return out
 
 
+@dataclass(frozen=True)
+class Descriptions:
+    """Every class's description embeddings as one matrix, on the encoder's device: one product scores an image
+    against all of them (a loop over classes of small CPU products once took longer than the encoder's forward)."""
+
+    embeddings: Tensor  # [R, D], normalised, the classes' descriptions one after another
+    weights: Tensor  # [R], each description's v within its class
+    owner: Tensor  # [R], the class each row describes
+    classes: int
+
+    def score(self, crops: Tensor, w: Tensor) -> Tensor:
+        """``[C]``: ``sum_i sum_j w_i v_cj cos(x_i, d_cj)`` of every class ``c`` at once."""
+        per_row = (w @ crops @ self.embeddings.T) * self.weights
+        return torch.zeros(self.classes, dtype=per_row.dtype, device=per_row.device).index_add_(0, self.owner, per_row)
+
+
 def class_texts(
     encoder: Any, prompts: Sequence[str], descriptions: Sequence[Sequence[str]], tau: float
-) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
-    """Normalised class-prompt embeddings ``[C, D]`` and, per class, its description embeddings ``[M, D]`` with their
-    weights ``v`` ``[M]``."""
-    p = F.normalize(encoder.encode_texts(list(prompts)).float(), dim=-1)
-    per_class = []
+) -> tuple[Tensor, Descriptions]:
+    """Normalised class-prompt embeddings ``[C, D]`` and every class's description embeddings with their weights
+    ``v`` (a softmax within each class), both on the encoder's device."""
+    device = encoder.device
+    p = F.normalize(encoder.encode_texts(list(prompts)).float(), dim=-1).to(device)
+    rows, weights = [], []
     for c, texts in enumerate(descriptions):
-        d = F.normalize(encoder.encode_texts(list(texts)).float(), dim=-1)
-        per_class.append((d, torch.softmax(d @ p[c] / tau, dim=0)))
-    return p, per_class
+        d = F.normalize(encoder.encode_texts(list(texts)).float(), dim=-1).to(device)
+        rows.append(d)
+        weights.append(torch.softmax(d @ p[c] / tau, dim=0))
+    owner = torch.repeat_interleave(
+        torch.arange(len(rows), device=device), torch.tensor([len(d) for d in rows]).to(device)
+    )
+    return p, Descriptions(torch.cat(rows), torch.cat(weights), owner, len(rows))
 
 
 def scores(
     encoder: Any,
     image: Image.Image,
     prompts: Tensor,
-    per_class: Sequence[tuple[Tensor, Tensor]],
+    descriptions: Descriptions,
     config: WCAConfig,
     rng: np.random.Generator,
 ) -> tuple[Tensor, Tensor]:
-    """``(plain, wca)`` scores ``[C]`` of one image (see the module docstring)."""
+    """``(plain, wca)`` scores ``[C]`` of one image (see the module docstring), on the encoder's device."""
     views = encoder.encode_images([image, *random_crops(image, config.crops, config.scale, rng)]).float()
-    views = F.normalize(views, dim=-1)
+    views = F.normalize(views.to(prompts.device), dim=-1)
     whole, crops = views[0], views[1:]
     w = torch.softmax(crops @ whole / config.tau_crop, dim=0)
-    wca = torch.stack([w @ (crops @ d.T) @ v for d, v in per_class])
-    return prompts @ whole, wca
+    return prompts @ whole, descriptions.score(crops, w)
 
 
 def zero_shot(
@@ -104,11 +124,11 @@ def zero_shot(
     """Zero-shot classification of ``images`` by the plain score and by WCA: accuracies and every image's
     correctness under both (for paired differences). ``images`` may be a generator: each is taken when it is scored,
     so a large set is never decoded at once."""
-    p, per_class = class_texts(encoder, prompts, descriptions, config.tau_text)
+    p, texts = class_texts(encoder, prompts, descriptions, config.tau_text)
     rng = np.random.default_rng(seed)
     plain_right, wca_right = [], []
     for image, label in zip(images, labels):
-        plain, wca = scores(encoder, image, p, per_class, config, rng)
+        plain, wca = scores(encoder, image, p, texts, config, rng)
         plain_right.append(float(int(plain.argmax()) == label))
         wca_right.append(float(int(wca.argmax()) == label))
     n = max(len(labels), 1)
