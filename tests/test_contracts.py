@@ -280,3 +280,64 @@ def test_every_packed_sample_has_the_position_ids_it_has_alone():
     tail = owner == -1
     for r in range(positions.shape[0]):
         assert positions[r][tail[r]].tolist() == list(range(int(tail[r].sum())))
+
+
+def test_a_probe_image_damaged_during_training_skips_the_monitors_measurement_not_the_run(
+    tiny_model, colour_set, tmp_path
+):
+    """The monitor reads its probe images at each measurement: one damaged after set-up raised out of the training
+    step, though a diagnostic must not end the run. It is a warning and a skipped measurement."""
+    import shutil
+
+    from alignlm.training.monitor import AlignmentMonitor
+
+    folder = tmp_path / "probe"
+    shutil.copytree(colour_set["pretrain"].parent, folder)
+    model = tiny_model()
+    model.frozen_parts = ()  # a tower that trains: its features are computed at every measurement
+    monitor = AlignmentMonitor(
+        {"every": 1, "probe": str(folder / colour_set["pretrain"].name), "n": 8, "topk": 2}, model
+    )
+    assert monitor(1, model)
+    (folder / "images" / "0.png").write_bytes(b"not a png")
+    assert monitor(2, model) == {}
+
+
+def test_an_objective_group_override_gets_no_advice_to_add_it_to_run():
+    """The nearest-choice message for a group picked under a stage's objectives said "and add c to run", which a run
+    then refused as a stage that is not configured: only a stage's own package is a stage."""
+    from hydra.errors import HydraException
+
+    from alignlm.checks import override_mistake
+    from alignlm.config import compose
+
+    for overrides, stage in ((["+exp=demo", "objective@stages.finetune.objectives.c=contrastive"], False),
+                             (["+exp=demo", "stage=dpo"], True)):  # fmt: skip
+        with pytest.raises(HydraException) as refused:
+            compose(overrides)
+        message = override_mistake(overrides, refused.value)
+        assert ("to run" in message) is stage, message
+
+
+def test_the_feature_cache_fill_decodes_with_the_stages_own_worker_count(tmp_path, monkeypatch):
+    """The fill took ``auto`` workers whatever the stage's ``data.num_workers`` said: a stage that set 0 (a
+    container's small /dev/shm) got up to 8 workers with 4 batches each in flight on a GPU node."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from alignlm.data.feature_cache import FeatureCache
+    from alignlm.training import feature_cache as filling
+
+    image, cache = tmp_path / "a.png", FeatureCache(tmp_path / "cache")
+    Image.new("RGB", (8, 8)).save(image)
+    survey, used = cache.survey([image]), []
+
+    def shard(model, dataset, part, acc, workers):
+        used.append(workers)
+        return list(part), [(8, 8)], torch.zeros(1, 2, 3), torch.ones(1, dtype=torch.bool)
+
+    monkeypatch.setattr(filling, "shard_features", shard)
+    cuda = SimpleNamespace(process_index=0, device=torch.device("cuda"), num_processes=1)
+    filling.fill(SimpleNamespace(vision=torch.nn.Identity()), None, cache, survey, [image], cuda, 0)
+    assert used == [0]

@@ -223,7 +223,7 @@ def _group_not_in_defaults(key: str, value: str, picked: list[str]) -> str:
         return f"{key}={value}: no default picks {key}, so the choice is added with a +: +{key}={value}"
     parents = {p.partition("@")[2].rpartition(".")[0] for p in picked}
     where = package or (f"{parents.pop()}.{value}" if len(parents) == 1 else "<package>")
-    then = f" and add {where.rpartition('.')[2]} to run" if where.startswith("stages.") else ""
+    then = f" and add {where.rpartition('.')[2]} to run" if re.fullmatch(r"stages\.[^.]+", where) else ""
     return (
         f"{key}={value}: the defaults pick {group} as {', '.join(picked)}; add one more with "
         f"+{group}@{where}={value}{then}, or give one of those another option, e.g. {picked[0]}={value}"

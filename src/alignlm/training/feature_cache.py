@@ -105,15 +105,22 @@ def shard_features(
 
 
 def fill(
-    model: AlignLM, dataset: LlavaDataset, cache: FeatureCache, survey: Survey, images: Sequence[Path], acc: Accelerator
+    model: AlignLM,
+    dataset: LlavaDataset,
+    cache: FeatureCache,
+    survey: Survey,
+    images: Sequence[Path],
+    acc: Accelerator,
+    num_workers: Any = "auto",
 ) -> None:
     """Compute and write the features of ``images`` (this rank's share of those missing), a shard of ``SHARD`` at a
     time, each image with the key and stamp the survey saw: taken before it is read, so an edit meanwhile counts as a
     change next time. An image the survey could not stat (it appeared since) is stamped now, before it is read: written
-    with no stamp it matched nothing, and the stage stopped saying the cache lacked it."""
+    with no stamp it matched nothing, and the stage stopped saying the cache lacked it. ``num_workers``: the stage's
+    ``data.num_workers`` (a number, or auto), decoding the images ahead as its own loader's workers do."""
     was_training = model.vision.training
     model.vision.eval()
-    workers = loader_workers("auto", acc.device, acc.num_processes)  # the rule the stage's own loader goes by
+    workers = loader_workers(num_workers, acc.device, acc.num_processes)  # as many as the stage's own loader
     for start in range(0, len(images), SHARD):
         for p in images[start : start + SHARD]:
             key, stamp = survey.missing[p]
@@ -128,11 +135,19 @@ def fill(
 
 
 def attach_feature_cache(
-    model: AlignLM, dataset: LlavaDataset, setting: Any, default_root: Path, vision_cfg: Any, acc: Accelerator
+    model: AlignLM,
+    dataset: LlavaDataset,
+    setting: Any,
+    default_root: Path,
+    vision_cfg: Any,
+    acc: Accelerator,
+    num_workers: Any = "auto",
 ) -> FeatureCache | None:
     """Fill the cache for ``dataset``'s images and make it read them from there; None when the setting is off.
 
     ``setting``: false / null (off), true (``default_root``), or a folder. Refused for a tower that trains.
+    ``num_workers``: the stage's ``data.num_workers``, which the fill's image decoding follows (a stage that set 0,
+    say for a container's small /dev/shm, had got up to 8 workers).
     """
     if not setting:
         return None
@@ -161,7 +176,7 @@ def attach_feature_cache(
             len(changed),
             changed[0],
         )
-    fill(model, dataset, cache, survey, missing[acc.process_index :: acc.num_processes], acc)
+    fill(model, dataset, cache, survey, missing[acc.process_index :: acc.num_processes], acc, num_workers)
     acc.wait_for_everyone()
     cache.refresh(survey)  # the other ranks' shards
     crop = dataset.image_spec.size if dataset.image_aspect_ratio == "crop" else None

@@ -263,7 +263,15 @@ class Trainer:
         # start-up drops are the same on every rank: counted once
         self.report = self.dataset.report if acc.is_main_process else DataReport()
         cache_root = Path(cfg.output_dir) / "feature_cache"
-        attach_feature_cache(model, self.dataset, stage.data.get("feature_cache"), cache_root, cfg.model.vision, acc)
+        attach_feature_cache(
+            model,
+            self.dataset,
+            stage.data.get("feature_cache"),
+            cache_root,
+            cfg.model.vision,
+            acc,
+            stage.data.get("num_workers", "auto"),
+        )
         self.order = StepSampler(
             len(self.dataset),
             int(stage.per_device_batch_size),

@@ -15,10 +15,10 @@ For each prompt (an image and a question, with its reference answer) of a questi
    and named in a warning (:func:`answer_pairs`).
 3. The preferred answer becomes ``chosen``, the other ``rejected``: records for ``data.preference: true``.
 
-Written per set, into ``out``: ``<name>.json`` (the preference records; images stay where the set has them, and each
-record names its image by its absolute path, :func:`absolute_images`: a stage reads them with its ``image_root`` set to
-the set's folder or any folder above it, and refuses them at start-up, naming the path and the root, under a root
-that does not hold them) and ``<name>.critic.json`` (every judged pair with both
+Written per set, into ``out``: ``<name>.json`` (the preference records; images stay where the set has them, named as
+the set names them, relative to its folder, so a stage reads them with ``image_root`` set to the set's folder:
+``alignlm sima generate`` prints that override; a source that reads them under another folder stops at start-up,
+naming the path and the folder) and ``<name>.critic.json`` (every judged pair with both
 orders' probabilities and the reference answer, for the critic check of ``alignlm eval``), and last
 ``<name>.provenance.json``: what the records were made from (``methods/provenance.py``). The knobs (the sampling, the
 limit, the seed, the template) make one variant: a file of other knobs is refused, naming the knob. The inputs (the
@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -489,22 +488,6 @@ def answer_pass(
     return answers
 
 
-def absolute_images(image: str | list[str] | None, folder: Path) -> str | list[str] | None:
-    """A prompt's image entry with each path made absolute (``folder``: the set's, which its paths are relative to).
-
-    Why absolute: the records are written into ``out``, away from the set's images, and a relative path is read under
-    the reading source's ``image_root`` (by default the records file's own folder, where the images are not). A path
-    relative to ``out`` would climb out of it with ``..``, which the data layer refuses as leaving the root
-    (``records.root_problem``) unless the source allows it. An absolute path stays under the guard: a source reads it
-    when its ``image_root`` holds it (the set's folder, or one above it), and refuses it at start-up, naming the path
-    and the root, when it does not."""
-    if image is None:
-        return None
-    names = [image] if isinstance(image, str) else image
-    absolute = [os.path.abspath(folder / name) for name in names]
-    return absolute[0] if isinstance(image, str) else absolute
-
-
 def write_preferences(
     model: Any,
     s: Mapping[str, Any],
@@ -557,7 +540,7 @@ def write_preferences(
             records.append(
                 {
                     "id": f"{prompt['id']}",
-                    "image": absolute_images(prompt["image"], Path(image_root)),
+                    "image": prompt["image"],
                     "conversations": prompt["conversations"],
                     "chosen": p["chosen"],
                     "rejected": p["b"] if prefer_a else p["a"],
