@@ -81,8 +81,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def dpo_sources(sets: list[dict[str, str]], out: str) -> str:
     """The override that trains a dpo stage on the written records, each with its set's folder as ``image_root``:
-    the records name their images by absolute paths under it (``generate.absolute_images``), which a source reads only
-    under a root that holds them, and the records file's own folder (the default root) does not."""
+    the records name their images as the set does, relative to its folder, so a source reads them only with that
+    folder as its root; the records file's own folder (the default root) is not it."""
     entries = ",".join(
         f"{{path:{Path(out) / (s['name'] + '.json')},image_root:{Path(s['path']).parent}}}" for s in sets
     )
