@@ -311,27 +311,32 @@ def decoded_batches(
     prepare: Callable[[Path], Any],
     batch_size: int,
     device: torch.device,
-    num_workers: int = 0,
+    num_workers: Any = 0,
     sizes: bool = False,
+    raise_unreadable: bool = False,
 ) -> Iterator[DecodedBatch]:
     """``prepare`` (a decode and a preprocessing, e.g. ``preprocess(load_rgb(path), spec)``) of every path,
     ``batch_size`` at a time, in order: the batches are the same whatever ``num_workers``.
 
-    ``num_workers`` processes (:func:`loader_workers`) decode ahead of the device, into pinned memory on CUDA, as
-    generation's batches do: decoded one at a time in the main process, an image cost 5-7 ms while the GPU waited
-    (86 % of a 558k-image scoring pass with a bf16 CLIP-L). An image ``prepare`` cannot read (a ``DataError``)
-    is left out of its batch with its error, for the caller to skip or raise as it did. ``sizes``: each readable
+    ``num_workers`` (a number, or auto: :func:`loader_workers` for ``device``) processes decode ahead of the device,
+    into pinned memory on CUDA, as generation's batches do: decoded one at a time in the main process, an image cost
+    5-7 ms while the GPU waited (86 % of a 558k-image scoring pass with a bf16 CLIP-L). An image ``prepare`` cannot
+    read (a ``DataError``) is left out of its batch with its error, for the caller to skip; ``raise_unreadable``
+    raises the first of a batch instead, naming it, as a read in this process did. ``sizes``: each readable
     image's size as stored, read in the worker too (:func:`image_size`). ``prepare`` runs in the workers: a module
     function or a ``functools.partial`` of one, holding no model."""
     loader = DataLoader(
         _Prepared(paths, prepare, sizes),
         batch_size=batch_size,
         collate_fn=_collate,
-        num_workers=num_workers,
+        num_workers=(workers := loader_workers(num_workers, device)),
         pin_memory=device.type == "cuda",
-        prefetch_factor=4 if num_workers else None,
+        prefetch_factor=4 if workers else None,
     )
-    yield from loader
+    for batch in loader:
+        if raise_unreadable and batch.errors:
+            raise batch.errors[min(batch.errors)]
+        yield batch
 
 
 def prepared(spec: ImageSpec, aspect_ratio: str, path: Path) -> torch.Tensor:

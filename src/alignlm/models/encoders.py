@@ -95,6 +95,11 @@ def _read(prepare: Callable[[Any], Tensor], path: Path) -> Tensor:
     return prepare(load_rgb(path))
 
 
+def device_of(encoder: Any) -> torch.device:
+    """Where ``encoder`` computes: its ``device``, or the CPU for an object of the API's own that does not say."""
+    return torch.device(getattr(encoder, "device", "cpu"))
+
+
 def image_steps(encoder: Any) -> tuple[Callable[[Path], Any], Callable[[Any], Tensor]]:
     """How a pass over image files splits between data-loader workers and the encoder: what a worker makes of a
     path (read and preprocessed, or only read for an object that has ``encode_images`` alone, a stand-in) and what

@@ -67,9 +67,7 @@ def image_batches(images: ProbeImages, batch_size: int, device: torch.device, nu
     caller picks the count (``loader_workers``). An image that cannot be read stops the probe, naming it."""
     cuda = device.type == "cuda"
     prepare = functools.partial(prepared, images.spec, images.aspect_ratio)
-    for batch in decoded_batches(images.paths, prepare, batch_size, device, num_workers):
-        if batch.errors:
-            raise batch.errors[min(batch.errors)]
+    for batch in decoded_batches(images.paths, prepare, batch_size, device, num_workers, raise_unreadable=True):
         yield batch.items.to(device, non_blocking=cuda)
 
 

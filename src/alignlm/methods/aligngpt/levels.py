@@ -29,13 +29,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from alignlm.data.images import decoded_batches, loader_workers
+from alignlm.data.images import decoded_batches
 from alignlm.data.records import DataError, image_names, image_paths, iter_records, record_caption
 from alignlm.files import replace_text
 from alignlm.methods.provenance import KEY, changed_inputs, check_knobs, encoder_identity, files_digest, stamps_digest
 from alignlm.models.device import default_device
 from alignlm.models.encoder_fit import fit_encoder
-from alignlm.models.encoders import MANIFEST, DualEncoder, image_steps, load_encoder
+from alignlm.models.encoders import MANIFEST, DualEncoder, device_of, image_steps, load_encoder
 
 log = logging.getLogger(__name__)
 
@@ -119,10 +119,9 @@ def pair_scores(
     ``num_workers`` (``data.images.loader_workers``: auto, by the encoder's device) processes read and preprocess the
     images ahead of the encoder, in order: read one at a time in this process, they were 86 % of the time at
     LLaVA-558k with a bf16 CLIP-L on a GPU."""
-    device = torch.device(getattr(encoder, "device", "cpu"))
     prepare, encode = image_steps(encoder)
     scores = np.full(len(images), np.nan)
-    batches = decoded_batches(images, prepare, batch_size, device, loader_workers(num_workers, device))
+    batches = decoded_batches(images, prepare, batch_size, device_of(encoder), num_workers)
     for batch in tqdm(batches, total=-(-len(images) // batch_size), desc="aligngpt levels", unit="batch"):
         for j, e in batch.errors.items():
             log.warning("aligngpt levels: cannot read %s (%s); the record gets no level", images[j], e)

@@ -27,11 +27,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from alignlm.data.images import decoded_batches, loader_workers
+from alignlm.data.images import decoded_batches
 from alignlm.data.records import image_names, image_paths, iter_records, record_caption
 from alignlm.methods.provenance import stamps_digest, strings_digest
 from alignlm.methods.revision.shards import open_shard, shard_metadata, write_shard
-from alignlm.models.encoders import DualEncoder, image_steps
+from alignlm.models.encoders import DualEncoder, device_of, image_steps
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +100,7 @@ def embed_items(
     if modality not in MODALITIES:
         raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
     folder = Path(out_dir) / modality
-    device = torch.device(getattr(encoder, "device", "cpu"))
     prepare, encode_prepared = image_steps(encoder)
-    workers = loader_workers(num_workers, device)
     n_shards = (len(items) + shard_size - 1) // shard_size
     paths = [folder / f"shard_{k:05d}.safetensors" for k in range(n_shards)]
     fingerprint = encoder.fingerprint()
@@ -124,9 +122,10 @@ def embed_items(
         shard = items[k * shard_size : (k + 1) * shard_size]
         parts = []
         if modality == "images":
-            for batch in decoded_batches([Path(str(p)) for _, p in shard], prepare, batch_size, device, workers):
-                if batch.errors:  # an unreadable image stops the pass, naming it, as its read did in this process
-                    raise batch.errors[min(batch.errors)]
+            images = [Path(str(p)) for _, p in shard]  # an unreadable image stops the pass, naming it
+            for batch in decoded_batches(
+                images, prepare, batch_size, device_of(encoder), num_workers, raise_unreadable=True
+            ):
                 parts.append(encode_prepared(batch.items))
                 bar.update(len(batch.index))
         else:

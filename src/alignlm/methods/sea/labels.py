@@ -37,7 +37,7 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from alignlm.data.images import decoded_batches, loader_workers, prepared
+from alignlm.data.images import decoded_batches, prepared
 from alignlm.data.records import MISSING_IMAGE, DataError, record_images
 from alignlm.files import replace_file
 from alignlm.methods.provenance import (
@@ -51,7 +51,7 @@ from alignlm.methods.provenance import (
     stamps_digest,
 )
 from alignlm.models.device import default_device, device_problem
-from alignlm.models.encoders import DualEncoder, load_encoder
+from alignlm.models.encoders import DualEncoder, device_of, load_encoder
 
 log = logging.getLogger(__name__)
 
@@ -409,13 +409,8 @@ def from_dual_encoder(
     with torch.no_grad():
         text = encoder.encode_texts([prompt.format(w=w) for w in words])
         prepare = functools.partial(prepared, encoder.image_spec, "pad")
-        where = torch.device(getattr(encoder, "device", "cpu"))
-        for start, batch in zip(
-            range(0, len(paths), batch_size),
-            decoded_batches(paths, prepare, batch_size, where, loader_workers(num_workers, where)),
-        ):
-            if batch.errors:  # an unreadable image stops the pass, naming it, as its read did in this process
-                raise batch.errors[min(batch.errors)]
+        batches = decoded_batches(paths, prepare, batch_size, device_of(encoder), num_workers, raise_unreadable=True)
+        for start, batch in zip(range(0, len(paths), batch_size), batches):  # an unreadable image stops the pass
             i, s, shape = dual_encoder_scores(encoder, batch.items, text, k, grid)
             if word_ids is None or score_arr is None:  # fewer words than k: the slots past them stay empty (-1, 0)
                 word_ids = np.full((len(paths), i.shape[1], k), -1, dtype=np.int32)

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from alignlm.models.encoders import device_of
+
 
 @dataclass(frozen=True)
 class WCAConfig:
@@ -83,7 +85,7 @@ def class_texts(
 ) -> tuple[Tensor, Descriptions]:
     """Normalised class-prompt embeddings ``[C, D]`` and every class's description embeddings with their weights
     ``v`` (a softmax within each class), both on the encoder's device."""
-    device = torch.device(getattr(encoder, "device", "cpu"))  # an encoder of the API's own may not say
+    device = device_of(encoder)
     p = F.normalize(encoder.encode_texts(list(prompts)).float(), dim=-1).to(device)
     rows, weights = [], []
     for c, texts in enumerate(descriptions):
