@@ -62,14 +62,13 @@ def check_prompt_lengths(
     visual = dataset.num_image_tokens
     for i in first(dataset, limit):
         src, rec = dataset.record(i)
-        rid = _record_id(dataset, i)
         try:
             length = prompt_length(dataset, src, rec)
         except (DataError, TemplateError) as e:
-            raise DataError(f"{where or path}: record id={rid}: {e}") from e
+            raise DataError(f"{where or path}: record id={_record_id(dataset, i)}: {e}") from e
         if length > dataset.max_length:
             raise DataError(
-                f"{where or path}: record id={rid} has a prompt of {length} tokens ({visual} visual tokens per image), "
+                f"{where or path}: record id={_record_id(dataset, i)} has a prompt of {length} tokens ({visual} visual tokens per image), "
                 f"over its stage's data.max_length={dataset.max_length}, which a cut would take the question from; "
                 "shorten it or leave the record out of the set"
             )

@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
 
 from alignlm.config import ConfigError
 from alignlm.data.images import decoded_batches, prepared
@@ -30,10 +29,10 @@ from alignlm.geometry import metrics as M
 from alignlm.geometry.suite import KNN_METRICS, TOKEN_METRICS, pair_metrics
 
 
-class ProbeImages(Dataset[Tensor]):
+class ProbeImages:
     """A probe's images preprocessed for a tower's image spec, each decoded when read: held whole, a 10k-item probe
-    was 13.5 GB of float32 pixels on the host (336 px). An index gives one image ``[3, H, W]``, a slice a stack of
-    them (``artifact_report`` reads batches so)."""
+    was 13.5 GB of float32 pixels on the host (336 px). :func:`image_batches` reads them batch by batch through loader
+    workers; an index gives one image ``[3, H, W]``, a slice a stack of them (a caller that wants them all at once)."""
 
     def __init__(self, paths: Sequence[Path], spec: Any, aspect_ratio: str) -> None:
         self.paths, self.spec, self.aspect_ratio = list(paths), spec, aspect_ratio
