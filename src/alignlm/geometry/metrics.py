@@ -637,6 +637,19 @@ def retrieval_recall(img: Tensor, txt: Tensor, ks: Sequence[int] = (1, 5, 10)) -
     return result
 
 
+def nearest_words(tokens: Tensor, words: Tensor) -> Tensor:
+    """Each token's nearest word by cosine, in float64, on the tokens' device, by row blocks of the float64 budget;
+    -1 for a token with no direction (a non-finite entry, all zeros), for a caller that measures only some of its
+    tokens (SEA's labelled ones) and refuses those. Every word needs a direction (refused otherwise)."""
+    unit_words = _directions(_matrix(words, "word_embeddings"), "word_embeddings")
+    picks = []
+    for rows in _chunks(len(tokens), len(unit_words)):
+        block = tokens[rows].to(torch.float64)
+        no_direction = ~torch.isfinite(block).all(dim=-1) | (block == 0).all(dim=-1)
+        picks.append((_unit(block) @ unit_words.T).argmax(dim=1).masked_fill(no_direction, -1))
+    return torch.cat(picks)
+
+
 def token_word_accuracy(visual_tokens: Tensor, word_embeddings: Tensor, label_word_ids: list[list[int]]) -> float:
     """Token-level alignment check (ours): the fraction of visual tokens whose nearest word embedding (cosine) is one of that
     token's label words, i.e. whether the connector put each patch next to the words describing it.
@@ -654,8 +667,7 @@ def token_word_accuracy(visual_tokens: Tensor, word_embeddings: Tensor, label_wo
         raise ValueError(
             f"label_word_ids needs one list per visual token: got {len(label_word_ids)} lists for {n_tokens} tokens"
         )
-    tokens, words = _directions(tokens, "visual_tokens"), _directions(words, "word_embeddings")
-    nearest = torch.cat([(tokens[rows] @ words.T).argmax(dim=1) for rows in _chunks(n_tokens, vocab)])
+    nearest = nearest_words(_directions(tokens, "visual_tokens"), words)
     ids = torch.tensor([w for token_ids in label_word_ids for w in token_ids], dtype=torch.long, device=tokens.device)
     if ids.numel() and (ids.min() < 0 or ids.max() >= vocab):
         raise ValueError(f"label word ids must be in [0, {vocab}), got range [{ids.min().item()}, {ids.max().item()}]")

@@ -6,38 +6,17 @@ sea-eval`` prints it for checkpoints side by side.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from alignlm.data.images import load_rgb, preprocess
+from alignlm.data.images import decoded_batches, prepared
+from alignlm.geometry.metrics import nearest_words
 from alignlm.methods.sea.labels import SeaLabels
 from alignlm.methods.sea.objective import word_embeddings
-
-BLOCK_ELEMENTS = 2**24  # float64 elements of one block of token rows (``geometry.metrics``' budget)
-
-
-def nearest_words(tokens: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
-    """Each token's nearest word by cosine (float64, as ``geometry.metrics.token_word_accuracy`` measures it), on the
-    tokens' device, -1 for a token with no direction (a non-finite entry, all zeros): both accuracies of
-    :func:`token_word_report` are read from this one arg max, which each once computed again in full, on the CPU.
-    Rows go in blocks of the metrics' size, so a batch's float64 products stay ~128 MB."""
-    if not bool(torch.isfinite(words).all()) or bool((words == 0).all(dim=-1).any()):
-        raise ValueError(
-            "token-word accuracy: a label word's embedding is non-finite or all zeros: it has no direction"
-        )
-    unit_words = F.normalize(words.to(torch.float64), dim=-1).T
-    step = max(1, BLOCK_ELEMENTS // max(words.shape[0], tokens.shape[1]))
-    nearest = []
-    for start in range(0, tokens.shape[0], step):
-        rows = tokens[start : start + step].to(torch.float64)
-        pick = (F.normalize(rows, dim=-1) @ unit_words).argmax(dim=1)
-        no_direction = ~torch.isfinite(rows).all(dim=-1) | (rows == 0).all(dim=-1)
-        nearest.append(pick.masked_fill(no_direction, -1))
-    return torch.cat(nearest)
 
 
 def hit_rate(nearest: torch.Tensor, label_ids: torch.Tensor) -> float:
@@ -68,11 +47,12 @@ def token_word_report(
     kept = [i for i, w in enumerate(labels.words) if w not in set(exclude)]
     words = word_embeddings(model, [labels.words[i] for i in kept], word_prefix).to(device)
     nearest, ids = [], []
-    for start in range(0, len(images), batch_size):
-        chunk = images[start : start + batch_size]
-        pixels = torch.stack([preprocess(load_rgb(p), model.image_spec, aspect_ratio) for p in chunk]).to(device)
+    prepare = functools.partial(prepared, model.image_spec, aspect_ratio)
+    batches = decoded_batches(images, prepare, batch_size, device, "auto", raise_unreadable=True)
+    for start, batch in zip(range(0, len(images), batch_size), batches):
+        pixels = batch.items.to(device, non_blocking=True)
         nearest.append(nearest_words(model.connector(model.vision(pixels)).tokens.flatten(0, 1), words).cpu())
-        ids.append(labels.for_images(chunk)[0].flatten(0, 1))
+        ids.append(labels.for_images(images[start : start + batch_size])[0].flatten(0, 1))
     nearest_t, ids_t = torch.cat(nearest), torch.cat(ids)
     remap = torch.full((len(labels.words) + 1,), -1, dtype=torch.long)  # last slot: id -1 stays -1
     remap[kept] = torch.arange(len(kept))
