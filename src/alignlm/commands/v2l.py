@@ -7,6 +7,7 @@ token (docs/methods.md, V2L): the image's global words, then one word per patch 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 from collections.abc import Sequence
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 
 from alignlm.commands._flags import add_trust_flags, device_flag, positive_int
-from alignlm.data.images import load_rgb, preprocess
+from alignlm.data.images import decoded_batches, prepared
 from alignlm.data.records import record_images
 from alignlm.methods.v2l.connector import V2LConnector
 from alignlm.models.device import default_device
@@ -46,11 +47,10 @@ def image_words(model: Any, paths: Sequence[Path], aspect: str, batch_size: int)
     """Per image, the vocabulary id of each of its visual tokens, ``batch_size`` images per forward pass on the
     model's device: all of them in one pass once held every image's pixels and activations at once."""
     device = next(model.parameters()).device
+    prepare = functools.partial(prepared, model.image_spec, aspect)
     ids: list[list[int]] = []
-    for start in range(0, len(paths), batch_size):
-        chunk = paths[start : start + batch_size]
-        pixels = torch.stack([preprocess(load_rgb(p), model.image_spec, aspect) for p in chunk]).to(device)
-        ids += model.connector.words(model.vision(pixels)).tolist()
+    for batch in decoded_batches(paths, prepare, batch_size, device, "auto", raise_unreadable=True):
+        ids += model.connector.words(model.vision(batch.items.to(device, non_blocking=True))).tolist()
     return ids
 
 
