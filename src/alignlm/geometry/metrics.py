@@ -640,7 +640,7 @@ def retrieval_recall(img: Tensor, txt: Tensor, ks: Sequence[int] = (1, 5, 10)) -
 def nearest_words(tokens: Tensor, words: Tensor) -> Tensor:
     """Each token's nearest word by cosine, in float64, on the tokens' device, by row blocks of the float64 budget;
     -1 for a token with no direction (a non-finite entry, all zeros), for a caller that measures only some of its
-    tokens (SEA's labelled ones) and refuses those. Every word needs a direction (refused otherwise)."""
+    tokens (a method's labelled ones) and refuses those. Every word needs a direction (refused otherwise)."""
     unit_words = _directions(_matrix(words, "word_embeddings"), "word_embeddings")
     picks = []
     for rows in _chunks(len(tokens), len(unit_words)):
