@@ -154,3 +154,19 @@ def test_the_layer_check_catches_an_upward_import():
         "alignlm.data.records" in GRAPH["alignlm.data.llava"]
         and "alignlm.models.extras" in GRAPH["alignlm.models.mllm"]
     )
+
+
+def test_a_run_without_lora_never_imports_peft():
+    """peft is imported only by a LoRA stage (and its config check): importing it took seconds of every CLI call's
+    and every rank's start. Its shorthand for every linear layer is named once, and equals peft's."""
+    import subprocess
+    import sys
+
+    from peft.utils import INCLUDE_LINEAR_LAYERS_SHORTHAND
+
+    from alignlm.training.stages import ALL_LINEAR
+
+    assert ALL_LINEAR == INCLUDE_LINEAR_LAYERS_SHORTHAND
+    code = "import sys, alignlm.pipeline, alignlm.commands.train; print('peft' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

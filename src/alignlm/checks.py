@@ -23,9 +23,6 @@ from hydra._internal.utils import _locate
 from hydra.errors import HydraException, MissingConfigException
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
-from peft import LoraConfig
-from peft.tuners.tuners_utils import check_target_module_exists
-from peft.utils import INCLUDE_LINEAR_LAYERS_SHORTHAND
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -44,7 +41,7 @@ from alignlm.objectives.base import check_min_batch
 from alignlm.training.logging import WANDB_MODES
 from alignlm.training.optim import check_schedule
 from alignlm.training.sharding import STRATEGIES
-from alignlm.training.stages import MODES, check_parts, lora_exclusions
+from alignlm.training.stages import ALL_LINEAR, MODES, check_parts, lora_exclusions, lora_matches
 from alignlm.training.trainer import checkpointing_parts
 from alignlm.training.zero import STAGES as ZERO_STAGES
 
@@ -710,7 +707,7 @@ def check_stages_fit_model(cfg: DictConfig, stages: Sequence[str], model: AlignL
     exclusions: dict[str, list[str]] = {}  # each part's, probed once for all stages
     for name in stages:
         key, stage = f"stages.{name}", cfg.stages[name]
-        targets = (stage.get("lora") or {}).get("target_modules", INCLUDE_LINEAR_LAYERS_SHORTHAND)
+        targets = (stage.get("lora") or {}).get("target_modules", ALL_LINEAR)
         for part, mode in stage.parts.items():
             if mode == "lora":
                 module = getattr(model, part)
@@ -731,19 +728,18 @@ def _check_lora_targets(key: str, targets: str | list[str], module: nn.Module, p
     pattern ``targets`` (a string, matched whole against a module's name) matches a module of ``module``: peft fails
     only when none of a list does, and a mistyped entry beside a right one adapted fewer layers without a word.
     ``all-linear`` is every linear layer (peft's own shorthand)."""
-    if isinstance(targets, str) and targets.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND:
+    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
         return
     names = [n for n, _ in module.named_modules() if n]
     for target in [targets] if isinstance(targets, str) else targets:
-        config = LoraConfig(target_modules=target if isinstance(targets, str) else [target])
-        if any(check_target_module_exists(config, n) for n in names):
+        if lora_matches(target if isinstance(targets, str) else [target], names):
             continue
         leaves = sorted({n.rsplit(".", 1)[-1] for n, m in module.named_modules() if n and not next(m.children(), None)})
         near = difflib.get_close_matches(target, leaves, n=1)
         hint = f"did you mean {near[0]!r}? " if near else ""
         raise ConfigError(
             f"{key}={targets!r}: {target!r} names no module of model.{part}; {hint}its layers are named {leaves}, or "
-            f"use {INCLUDE_LINEAR_LAYERS_SHORTHAND} (every linear layer)"
+            f"use {ALL_LINEAR} (every linear layer)"
         )
 
 
@@ -752,14 +748,12 @@ def _check_lora_reaches(key: str, targets: str | list[str], module: nn.Module, p
     matched as peft matches them (``all-linear``: every linear layer). A tower whose only linear layer is inert (a CNN's
     classifier) otherwise failed with peft's "No modules were targeted" when its stage began, after the stages
     before it had trained."""
-    every_linear = isinstance(targets, str) and targets.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND
+    every_linear = isinstance(targets, str) and targets.lower() == ALL_LINEAR
     names = [n for n, _ in module.named_modules() if n]
     wanted = [n for n in names if _is_linear(module.get_submodule(n))] if every_linear else targets
-    kept = LoraConfig(target_modules=wanted, exclude_modules=excluded or None)
-    if any(check_target_module_exists(kept, n) for n in names):  # an excluded module matches as falsy
+    if lora_matches(wanted, names, excluded):
         return
-    every = LoraConfig(target_modules=wanted)
-    named = [n for n in names if check_target_module_exists(every, n)]
+    named = lora_matches(wanted, names)
     beyond = f" ({named[:3]}{' ...' if len(named) > 3 else ''}: an adapter there would never train)" if named else ""
     what = (
         f"no linear layer of model.{part} reaches its features{beyond}"

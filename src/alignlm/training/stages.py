@@ -7,12 +7,12 @@ always holds plain weights that load without peft. A part may define its own mod
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from alignlm.config import ConfigError
@@ -20,6 +20,7 @@ from alignlm.models.mllm import AlignLM
 from alignlm.models.precision import hold_in_fp32
 
 MODES = ("frozen", "full", "lora")
+ALL_LINEAR = "all-linear"  # peft's shorthand for every linear layer (``INCLUDE_LINEAR_LAYERS_SHORTHAND``)
 
 
 def check_parts(modes: Mapping[str, str], part_modes: Mapping[str, Sequence[str]], key: str = "stage") -> None:
@@ -142,15 +143,29 @@ def _names_now(part: str, named: Iterable[tuple[str, object]], ids: set[int]) ->
 
 
 def _add_lora(module: nn.Module, lora: dict[str, Any], exclude: list[str]) -> nn.Module:
-    """``module`` wrapped by peft, with no adapter in the ``exclude`` sub-modules (full names)."""
+    """``module`` wrapped by peft, with no adapter in the ``exclude`` sub-modules (full names). peft is imported here,
+    not with the module: importing it takes seconds (most of a CLI call's or a rank's start) and few stages use it."""
+    from peft import LoraConfig, get_peft_model  # noqa: PLC0415 - seconds to import, LoRA stages only
+
     config = LoraConfig(
         r=int(lora.get("r", 16)),
         lora_alpha=float(lora.get("alpha", 32)),  # scaling alpha / r; int() made an alpha of 0.5 a scaling of 0
         lora_dropout=float(lora.get("dropout", 0.05)),
-        target_modules=lora.get("target_modules", "all-linear"),
+        target_modules=lora.get("target_modules", ALL_LINEAR),
         exclude_modules=exclude or None,  # peft warns of an exclusion list that excludes nothing
     )
     return get_peft_model(module, config)
+
+
+def lora_matches(targets: str | list[str], names: Iterable[str], exclude: list[str] | None = None) -> list[str]:
+    """The module names of ``names`` that peft adapts for ``target_modules=targets`` less ``exclude``, matched as peft
+    matches them (a list entry: the name or its last components; a string: a pattern matched whole), so the config
+    check asks peft itself, before any stage trains."""
+    from peft import LoraConfig  # noqa: PLC0415 - seconds to import, LoRA stages only
+    from peft.tuners.tuners_utils import check_target_module_exists  # noqa: PLC0415
+
+    config = LoraConfig(target_modules=targets, exclude_modules=exclude or None)
+    return [n for n in names if check_target_module_exists(config, n)]  # an excluded name matches as falsy
 
 
 def merge_lora(model: AlignLM) -> None:
@@ -158,9 +173,10 @@ def merge_lora(model: AlignLM) -> None:
     to fp32 first, base weights stored in bf16 or fp16 included, so the merged part is held (and ``final/`` saves it)
     in fp32 as a part trained fully is. Added to a bf16 base, the fp32 delta rounded: 12 % of it was lost (a bf16
     weight keeps 8 significant bits)."""
+    peft = sys.modules.get("peft")  # not imported: no part was wrapped by it
     for part in AlignLM.PARTS:
         module = getattr(model, part)
-        if isinstance(module, PeftModel):
+        if peft is not None and isinstance(module, peft.PeftModel):
             hold_in_fp32(module)
             setattr(model, part, module.merge_and_unload())
 
