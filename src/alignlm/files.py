@@ -1,13 +1,31 @@
 """Files written whole and read back as they were: the one atomic writer and the one file digest of the package
-(checkpoints, logs, summaries, evaluation's kept results, a method's prepared outputs)."""
+(checkpoints, logs, summaries, evaluation's kept results, a method's prepared outputs), and the rows of a long pass
+kept while it runs (:class:`PartialRows`), so a killed pass resumes where it stopped, and the lock that keeps one
+process at a time writing a folder (:func:`take_lock`)."""
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
+import json
+import logging
+import math
 import os
-from collections.abc import Callable
+import shutil
+import socket
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import DTypeLike
+
+log = logging.getLogger(__name__)
+
+COMMIT_EVERY = 5.0  # seconds between a PartialRows pass's commits to the disk (each syncs what changed since the last)
+PROGRESS = "progress.json"  # a PartialRows folder's record of its key, its arrays and the rows done
 
 
 def sync(path: Path) -> None:
@@ -54,3 +72,235 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 23), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def partial_folder(path: Path) -> Path:
+    """Where :class:`PartialRows` keeps the rows of a pass whose result is ``path`` while it runs: ``<path>.partial/``,
+    beside it."""
+    return path.with_name(path.name + ".partial")
+
+
+class PartialRows:
+    """The result arrays of a long pass over rows in a fixed order (one image a row), kept on the disk while it runs:
+    a pass killed at 90 % (a preempted, requeued job; a crash) resumes at its first uncommitted row, not at row 0.
+
+    ``folder`` (:func:`partial_folder` of the pass's result) holds one ``<name>.npy`` per array, memory-mapped (row
+    ``i`` of every array is the result of input ``i``), and ``progress.json``: a digest of ``key`` (what the rows are
+    computed from and with: the inputs and knobs the caller records in its result), the row count, the rows done, each
+    array's shape and dtype, and the caller's ``info``. A pass calls :meth:`resume`, :meth:`allocate` at its first
+    batch when nothing was kept (a shape may depend on what that batch returned), writes each batch's rows whole, then
+    :meth:`commit`; :meth:`save` once it ends or stops on an error, and :meth:`remove` once its result is written.
+    Kept rows serve only the same key: another key, a missing or unreadable ``progress.json``, an array that is not
+    what it records or not what the caller asks for start the pass again at row 0, with a log line saying why, so the
+    rows of two inputs never meet in one result.
+
+    A commit flushes the arrays to the disk before ``progress.json`` counts their rows, and happens at most every
+    :data:`COMMIT_EVERY` seconds: a machine lost loses at most those seconds of rows, and a batch costs no sync. With
+    ``folder`` None the arrays live in memory and nothing is kept (a pass called on its own, outside a prepare step)."""
+
+    def __init__(self, folder: Path | None, key: Mapping[str, Any]) -> None:
+        self.folder = folder
+        self.key = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+        self.rows = 0
+        self.done = 0  # rows [0, done) are written whole
+        self.arrays: dict[str, np.ndarray] = {}
+        self.info: dict[str, Any] = {}
+        self._written = 0  # the rows progress.json counts
+        self._committed = -math.inf  # time.monotonic() of the last write of progress.json
+
+    def resume(
+        self,
+        rows: int,
+        dtypes: Mapping[str, DTypeLike],
+        check: Callable[[Mapping[str, np.ndarray], Mapping[str, Any]], str | None] | None = None,
+    ) -> int:
+        """Open what was kept under this key for a pass over ``rows`` rows into arrays of these names and ``dtypes``;
+        returns the rows done (0: the pass starts at its first row). ``check`` (the kept arrays and info -> a reason
+        they cannot serve, or None) adds the caller's own conditions, such as a trailing shape that must agree with
+        the info."""
+        self.rows, self.done, self.arrays, self.info, self._written = rows, 0, {}, {}, 0
+        if self.folder is None or not self.folder.exists():
+            return 0
+        problem = self._load(rows, {name: np.dtype(d) for name, d in dtypes.items()})
+        if problem is None and check is not None:
+            problem = check(self.arrays, self.info)
+        if problem is not None:
+            self.restart(problem)
+        elif self.done:
+            log.info("%s: %d of %d rows kept from before; the pass resumes after them", self.folder, self.done, rows)
+        return self.done
+
+    def _load(self, rows: int, dtypes: Mapping[str, np.dtype]) -> str | None:
+        """Read ``progress.json`` and map its arrays; a reason they cannot serve this pass, or None."""
+        assert self.folder is not None
+        try:
+            state = json.loads((self.folder / PROGRESS).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return f"no {PROGRESS} (the pass stopped before its first commit)"
+        except (OSError, ValueError) as e:
+            return f"{PROGRESS} cannot be read ({e})"
+        if not isinstance(state, dict) or state.get("key") != self.key:
+            return "its rows were computed from other inputs or knobs"
+        done, specs, info = state.get("done"), state.get("arrays"), state.get("info")
+        if (
+            state.get("rows") != rows
+            or type(done) is not int
+            or not 0 <= done <= rows
+            or not isinstance(info, dict)
+            or not isinstance(specs, dict)
+            or set(specs) != set(dtypes)
+        ):
+            return f"{PROGRESS} does not describe a pass over {rows} rows into arrays {sorted(dtypes)}"
+        arrays = {}
+        for name, dtype in dtypes.items():
+            try:
+                array = np.load(self.folder / f"{name}.npy", mmap_mode="r+")
+                recorded = (tuple(specs[name]["shape"]), np.dtype(specs[name]["dtype"]))
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                return f"array {name} cannot be read ({e})"
+            if (array.shape, array.dtype) != recorded or recorded[1] != dtype or array.shape[:1] != (rows,):
+                return (
+                    f"array {name} is {array.dtype} {list(array.shape)}, recorded as {recorded[1]} "
+                    f"{list(recorded[0])}, wanted {dtype} of {rows} rows"
+                )
+            arrays[name] = array
+        self.done, self.arrays, self.info, self._written = done, arrays, info, done
+        return None
+
+    def allocate(
+        self, shapes: Mapping[str, tuple[tuple[int, ...], DTypeLike]], info: Mapping[str, Any] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Make the pass's arrays, ``{name: (shape, dtype)}`` with ``shape[0]`` its rows, when :meth:`resume` kept
+        none; ``info`` (JSON) is whatever else a resumed pass needs to finish (a grid its first batch returned). Their
+        rows hold anything until the pass writes them: each is written whole (a fill of the whole array up front
+        would write it to the disk once more)."""
+        if self.arrays:
+            raise RuntimeError(f"{self.folder}: the arrays are made already")
+        for name, (shape, _) in shapes.items():
+            if not name.isidentifier() or tuple(shape)[:1] != (self.rows,):
+                raise ValueError(f"array {name!r} of shape {shape}: a name and {self.rows} rows first (resume first)")
+        self.info = json.loads(json.dumps(dict(info or {})))
+        if self.folder is None or self.rows == 0:  # nothing to keep (a file cannot map 0 bytes)
+            self.arrays = {name: np.empty(shape, dtype) for name, (shape, dtype) in shapes.items()}
+            return self.arrays
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.arrays = {
+            name: np.lib.format.open_memmap(self.folder / f"{name}.npy", mode="w+", dtype=dtype, shape=tuple(shape))
+            for name, (shape, dtype) in shapes.items()
+        }
+        self._write()
+        return self.arrays
+
+    def commit(self, done: int) -> None:
+        """Rows ``[0, done)`` are written whole: kept on the disk now when the last commit is :data:`COMMIT_EVERY`
+        seconds old."""
+        self.done = done
+        if time.monotonic() - self._committed >= COMMIT_EVERY:
+            self.save()
+
+    def save(self) -> None:
+        """Keep the rows done on the disk now, whatever the time: once the pass ends (a kill while its result is
+        written then redoes none) or stops on an error (those since the last commit are not lost)."""
+        if self.folder is None or not self.arrays or self.rows == 0 or self.done == self._written:
+            return
+        for array in self.arrays.values():
+            array.flush()  # the rows on the disk before the count that says they are done
+        self._write()
+
+    def _write(self) -> None:
+        """Rewrite ``progress.json`` (whole or not at all) with the rows done now."""
+        assert self.folder is not None
+        state = {
+            "key": self.key,
+            "rows": self.rows,
+            "done": self.done,
+            "arrays": {name: {"shape": list(a.shape), "dtype": a.dtype.str} for name, a in self.arrays.items()},
+            "info": self.info,
+        }
+        replace_text(self.folder / PROGRESS, json.dumps(state))
+        self._written, self._committed = self.done, time.monotonic()
+
+    def restart(self, reason: str) -> None:
+        """Drop every kept row, saying why: the pass starts again at row 0."""
+        if self.folder is not None and self.folder.exists():
+            log.warning("%s: %s; the pass starts again at its first row", self.folder, reason)
+            shutil.rmtree(self.folder)
+        self.done, self.arrays, self.info, self._written = 0, {}, {}, 0
+
+    def remove(self) -> None:
+        """Delete the kept rows once the pass's result is written: they are in it now."""
+        self.arrays = {}
+        if self.folder is not None and self.folder.exists():
+            shutil.rmtree(self.folder)
+
+
+# ----------------------------------------------------------------------------------- locks: one process at a time
+
+# flock's errors on a filesystem that does not lock (Lustre mounted without -o flock, some NFS set-ups)
+_NO_LOCKING = (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK, errno.EINVAL)
+_READ_ONLY = (errno.EACCES, errno.EPERM, errno.EROFS)  # the lock file cannot be created or opened for writing
+
+
+class LockHeld(Exception):
+    """Another process holds the lock :func:`take_lock` was asked for; ``holder`` is what it wrote there (``host:pid,
+    since <start>``). The caller says what the lock guards, in its own words."""
+
+    def __init__(self, path: Path, holder: str) -> None:
+        super().__init__(f"{path} is held by {holder}")
+        self.path, self.holder = path, holder
+
+
+def take_lock(path: Path, what: str) -> int | None:
+    """Lock ``path`` for this process (``flock``; the file records ``host:pid`` and the start, for the message of a
+    process refused) and return its descriptor, to give to :func:`release_lock` at the end. The kernel drops the lock
+    when its process dies, however it ends: a crash leaves no stale lock. Raises :class:`LockHeld` while another
+    process holds it. On a filesystem that cannot lock, or in a folder where no lock file can be made, returns None
+    with a warning that ``what`` (e.g. "a second run of this run_name") would not be refused. A lock file this user
+    cannot write (another user's, in a shared folder) is locked read-only: ``flock`` needs no write access."""
+    try:  # the umask decides who else may write it, as for every other file there (a team's shared folder)
+        fd, writable = os.open(path, os.O_RDWR | os.O_CREAT, 0o666), True
+    except OSError as e:
+        if e.errno not in _READ_ONLY:
+            raise
+        if not path.exists():  # nowhere to put a lock: a folder another user made
+            return _unlocked(path, e.strerror, what)
+        fd, writable = os.open(path, os.O_RDONLY), False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise LockHeld(path, path.read_text().strip() or "a process that has not written its name yet") from None
+    except OSError as e:
+        os.close(fd)
+        if e.errno not in _NO_LOCKING:
+            raise
+        return _unlocked(path, e.strerror, what)
+    if writable:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{socket.gethostname()}:{os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+    _HELD_LOCKS.add(fd)
+    return fd
+
+
+def release_lock(fd: int) -> None:
+    """Let go of a lock (:func:`take_lock`'s descriptor)."""
+    _HELD_LOCKS.discard(fd)
+    os.close(fd)
+
+
+def _unlocked(path: Path, why: str, what: str) -> None:
+    log.warning("%s cannot be locked (%s): %s started while this one runs would not be refused", path, why, what)
+    return None
+
+
+def _forget_locks_in_child() -> None:
+    """A forked process (a data-loader worker) drops its copies of the locks: it shared them, so a worker kept alive
+    after its run (by a traceback a notebook keeps) held the lock, and the rerun in that notebook was refused, naming
+    its own process. The parent's lock is untouched."""
+    for fd in _HELD_LOCKS:
+        os.close(fd)
+    _HELD_LOCKS.clear()
+
+
+_HELD_LOCKS: set[int] = set()  # the locks this process holds (take_lock), closed in forked children
+os.register_at_fork(after_in_child=_forget_locks_in_child)

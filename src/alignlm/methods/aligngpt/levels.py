@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from alignlm.data.images import decoded_batches
 from alignlm.data.records import DataError, image_names, image_paths, iter_records, record_caption
-from alignlm.files import replace_text
+from alignlm.files import PartialRows, partial_folder, replace_text
 from alignlm.methods.provenance import KEY, changed_inputs, check_knobs, encoder_identity, files_digest, stamps_digest
 from alignlm.models.device import default_device
 from alignlm.models.encoder_fit import fit_encoder
@@ -113,22 +113,41 @@ def pair_scores(
     captions: Sequence[str],
     batch_size: int = 64,
     num_workers: int | str = "auto",
+    progress: PartialRows | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Cosine of each image with its caption, and a mask of the pairs whose image could be read.
 
     ``num_workers`` (``data.images.loader_workers``: auto, by the encoder's device) processes read and preprocess the
     images ahead of the encoder, in order: read one at a time in this process, they were 86 % of the time at
-    LLaVA-558k with a bf16 CLIP-L on a GPU."""
+    LLaVA-558k with a bf16 CLIP-L on a GPU. ``progress`` (:func:`make_levels` gives one beside the levels file) keeps
+    the scores on the disk while the pass runs, an unreadable image's NaN among them, so a killed pass (an hour of a
+    GPU at LLaVA-558k) resumes at its first unscored batch; none keeps them in memory only."""
     prepare, encode = image_steps(encoder)
-    scores = np.full(len(images), np.nan)
-    batches = decoded_batches(images, prepare, batch_size, device_of(encoder), num_workers)
-    for batch in tqdm(batches, total=-(-len(images) // batch_size), desc="aligngpt levels", unit="batch"):
-        for j, e in batch.errors.items():
-            log.warning("aligngpt levels: cannot read %s (%s); the record gets no level", images[j], e)
-        if batch.index:
-            img = F.normalize(encode(batch.items).float(), dim=-1)
-            txt = F.normalize(encoder.encode_texts([captions[j] for j in batch.index]).float(), dim=-1)
-            scores[batch.index] = (img * txt).sum(-1).double().numpy()
+    progress = PartialRows(None, {}) if progress is None else progress
+    n = len(images)
+    first = progress.resume(n, {"scores": np.float64})
+    scores = progress.arrays.get("scores")
+    if scores is None:
+        scores = progress.allocate({"scores": ((n,), np.float64)})["scores"]
+    batches = decoded_batches(images[first:], prepare, batch_size, device_of(encoder), num_workers)
+    steps = zip(range(first, n, batch_size), batches)
+    try:
+        for start, batch in tqdm(
+            steps, total=-(-n // batch_size), initial=first // batch_size, desc="aligngpt levels", unit="batch"
+        ):
+            index = [first + j for j in batch.index]  # where the batch's readable images stand in ``images``
+            for j, e in batch.errors.items():
+                log.warning("aligngpt levels: cannot read %s (%s); the record gets no level", images[first + j], e)
+            block = np.full(min(batch_size, n - start), np.nan)  # NaN: an unreadable image, no score
+            if index:
+                img = F.normalize(encode(batch.items).float(), dim=-1)
+                txt = F.normalize(encoder.encode_texts([captions[j] for j in index]).float(), dim=-1)
+                block[[j - start for j in index]] = (img * txt).sum(-1).double().numpy()
+            scores[start : start + len(block)] = block
+            progress.commit(start + len(block))
+    finally:
+        progress.save()  # the batches scored, also when the pass stopped on an error
+    scores = np.array(scores)  # in memory: the kept file goes once the levels are written
     return scores, ~np.isnan(scores)
 
 
@@ -152,7 +171,9 @@ def make_levels(
     if isinstance(encoder, str):
         encoder = load_encoder(encoder, device=device or default_device())
     pairs, skipped = caption_pairs(data, image_root)
-    scores, ok = pair_scores(encoder, [p[1] for p in pairs], [p[2] for p in pairs], batch_size)
+    out = Path(out)
+    progress = PartialRows(partial_folder(out), {"format": FORMAT, "inputs": inputs})  # what the scores are made of
+    scores, ok = pair_scores(encoder, [p[1] for p in pairs], [p[2] for p in pairs], batch_size, progress=progress)
     if (~ok).any():
         skipped["unreadable image"] += int((~ok).sum())
     kept = [p[0] for p, good in zip(pairs, ok) if good]
@@ -170,9 +191,9 @@ def make_levels(
         "levels": dict(zip(kept, levels.tolist())),
         KEY: {"knobs": {"num_levels": int(num_levels)}, "inputs": inputs},
     }
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     replace_text(out, json.dumps(meta))  # a kill never leaves a half file that looks whole
+    progress.remove()
     log.info("aligngpt levels: %d pairs in %d levels -> %s (skipped %s)", len(kept), num_levels, out, dict(skipped))
     return out
 

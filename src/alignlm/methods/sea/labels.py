@@ -27,7 +27,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,7 @@ from safetensors.numpy import save_file
 
 from alignlm.data.images import decoded_batches, prepared
 from alignlm.data.records import MISSING_IMAGE, DataError, record_images
-from alignlm.files import replace_file
+from alignlm.files import PartialRows, partial_folder, replace_file
 from alignlm.methods.provenance import (
     KEY,
     as_json,
@@ -382,6 +382,7 @@ def from_dual_encoder(
     trust_remote_code: bool = False,
     device: str | None = None,
     num_workers: int | str = "auto",
+    progress: PartialRows | None = None,
 ) -> LabelSet:
     """Label every image of ``data`` with its patches' nearest words under a dual encoder.
 
@@ -392,7 +393,9 @@ def from_dual_encoder(
     ~35 h for LLaVA-558k). Each batch's top-k goes straight into the final int32 / float32 arrays: per-batch lists
     concatenated at the end held several copies of a 13 GB result. ``num_workers`` (``data.images.loader_workers``:
     auto, by the encoder's device) processes read and preprocess the images ahead of the encoder, in order: read one
-    at a time in this process, 5-7 ms an image kept the GPU waiting.
+    at a time in this process, 5-7 ms an image kept the GPU waiting. ``progress`` (:func:`make_labels` gives one
+    beside the labels file) keeps those arrays on the disk while the pass runs, so a killed pass resumes at its first
+    unlabelled batch, not after an hour of a GPU's work redone; none keeps them in memory only.
     """
     words = read_words(words)
     if "{w}" not in prompt:
@@ -405,20 +408,63 @@ def from_dual_encoder(
         encoder = load_encoder(model, device=encoder_device(device), trust_remote_code=trust_remote_code)
     else:
         encoder = model
-    word_ids = score_arr = None
+    progress = PartialRows(None, {}) if progress is None else progress
     with torch.no_grad():
         text = encoder.encode_texts([prompt.format(w=w) for w in words])
-        prepare = functools.partial(prepared, encoder.image_spec, "pad")
-        batches = decoded_batches(paths, prepare, batch_size, device_of(encoder), num_workers, raise_unreadable=True)
-        for start, batch in zip(range(0, len(paths), batch_size), batches):  # an unreadable image stops the pass
-            i, s, shape = dual_encoder_scores(encoder, batch.items, text, k, grid)
-            if word_ids is None or score_arr is None:  # fewer words than k: the slots past them stay empty (-1, 0)
-                word_ids = np.full((len(paths), i.shape[1], k), -1, dtype=np.int32)
-                score_arr = np.zeros((len(paths), i.shape[1], k), dtype=np.float32)
-            rows = slice(start, start + len(i))
-            word_ids[rows, :, : i.shape[-1]], score_arr[rows, :, : s.shape[-1]] = i.numpy(), s.numpy()
+        try:
+            shape = label_rows(encoder, paths, text, k, grid, batch_size, num_workers, progress)
+        finally:
+            progress.save()  # the rows done, also when an unreadable image stopped the pass
     info = {"model": model if isinstance(model, str) else type(model).__name__, "prompt": prompt, "pooled_grid": grid}
-    return LabelSet(list(words), shape, paths, word_ids, score_arr, "dual_encoder", info)
+    arrays = progress.arrays
+    return LabelSet(list(words), shape, paths, arrays["words"], arrays["scores"], "dual_encoder", info)
+
+
+def label_rows(
+    encoder: DualEncoder,
+    paths: Sequence[Path],
+    text: torch.Tensor,
+    k: int,
+    grid: int | None,
+    batch_size: int,
+    num_workers: int | str,
+    progress: PartialRows,
+) -> tuple[int, int]:
+    """Fill ``progress``' ``words`` and ``scores`` arrays ``[n_images, cells, k]`` from its first row not done on;
+    returns the grid ``(rows, cols)``.
+
+    The grid is known once the encoder has seen a batch, so the arrays are made at the first batch and the grid kept
+    with them (a pass resumed after its last batch still has it). Kept rows of another grid than this encoder gives
+    (a hub model updated under its name) are dropped and the pass starts again: two grids never meet in one file."""
+    n = len(paths)
+
+    def kept_problem(arrays: Mapping[str, np.ndarray], info: Mapping[str, Any]) -> str | None:
+        kept = info.get("grid")
+        fits = isinstance(kept, list) and len(kept) == 2 and all(type(g) is int for g in kept)
+        if fits and all(a.shape == (n, kept[0] * kept[1], k) for a in arrays.values()):
+            return None
+        return f"its arrays {[list(a.shape) for a in arrays.values()]} are not {n} images x grid {kept} x k={k}"
+
+    first = progress.resume(n, {"words": np.int32, "scores": np.float32}, kept_problem)
+    prepare = functools.partial(prepared, encoder.image_spec, "pad")
+    batches = decoded_batches(
+        paths[first:], prepare, batch_size, device_of(encoder), num_workers, raise_unreadable=True
+    )
+    for start, batch in zip(range(first, n, batch_size), batches):  # an unreadable image stops the pass
+        i, s, shape = dual_encoder_scores(encoder, batch.items, text, k, grid)
+        if not progress.arrays:
+            cells = (n, i.shape[1], k)
+            progress.allocate({"words": (cells, np.int32), "scores": (cells, np.float32)}, {"grid": list(shape)})
+        elif list(shape) != progress.info["grid"]:
+            progress.restart(f"its rows have a {progress.info['grid']} grid, the encoder gives {list(shape)}")
+            return label_rows(encoder, paths, text, k, grid, batch_size, num_workers, progress)
+        word_ids, score_arr, rows = progress.arrays["words"], progress.arrays["scores"], slice(start, start + len(i))
+        if i.shape[-1] < k:  # fewer words than k: the slots past them stay empty (-1, 0)
+            word_ids[rows], score_arr[rows] = -1, 0
+        word_ids[rows, :, : i.shape[-1]], score_arr[rows, :, : s.shape[-1]] = i.numpy(), s.numpy()
+        progress.commit(rows.stop)
+    kept = progress.info["grid"]
+    return kept[0], kept[1]
 
 
 def check_images(paths: Sequence[Path]) -> None:
@@ -463,7 +509,7 @@ SOURCES: dict[str, Callable[..., LabelSet]] = {"annotations": from_annotations, 
 
 # the knobs of a source that name what it reads (their contents are inputs) or only how it computes: not variants
 READ_KNOBS = ("annotations", "model", "image_root")
-HOW_KNOBS = ("batch_size", "trust_remote_code", "device", "num_workers")
+HOW_KNOBS = ("batch_size", "trust_remote_code", "device", "num_workers", "progress")
 
 
 def source_arguments(source: str, data: Sequence[str | Path], k: int, knobs: dict[str, Any]) -> dict[str, Any]:
@@ -516,7 +562,12 @@ def make_labels(out: str | Path, source: str, data: Sequence[str | Path], k: int
     and the pipeline call."""
     out = Path(out)
     arguments, provenance = label_provenance(out, source, data, k, knobs)
-    return write_labels(out, SOURCES[source]([str(d) for d in data], k, **arguments), provenance)
+    progress = PartialRows(partial_folder(out), provenance)  # kept under what the labels record they were made from
+    if "progress" in arguments:  # a source whose pass keeps its rows while it runs
+        arguments["progress"] = progress
+    path = write_labels(out, SOURCES[source]([str(d) for d in data], k, **arguments), provenance)
+    progress.remove()
+    return path
 
 
 def ensure_labels(path: str | Path, source: str, data: Sequence[str | Path], k: int = 5, **knobs: Any) -> Path:
