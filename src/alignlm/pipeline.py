@@ -12,12 +12,8 @@ evaluates alone.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import json
 import os
-import socket
-import time
 from collections.abc import Iterator
 from datetime import timedelta
 from functools import partial
@@ -35,7 +31,7 @@ from alignlm.config import ConfigError, instantiate
 from alignlm.data import GENERATORS, generator_defaults
 from alignlm.evaluation.evaluate import answer_accuracy
 from alignlm.evaluation.report import json_values
-from alignlm.files import replace_text
+from alignlm.files import LockHeld, release_lock, replace_text, take_lock
 from alignlm.models.build import build_model
 from alignlm.models.device import cpu_only
 from alignlm.models.io import load_final_weights
@@ -59,9 +55,6 @@ from alignlm.training.zero import owned_by_alignlm
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 STAGE_SUMMARY = "summary.json"  # a stage's figures in its own folder; the run's summary.json gathers them
-# flock's errors on a filesystem that does not lock (Lustre mounted without -o flock, some NFS set-ups)
-_NO_LOCKING = (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK, errno.EINVAL)
-_READ_ONLY = (errno.EACCES, errno.EPERM, errno.EROFS)  # the lock file cannot be created or opened for writing
 
 
 # an accelerate launch config's DeepSpeed settings that alignlm sets itself (zero.OWNED), as accelerate passes them on
@@ -393,69 +386,24 @@ def run_lock_file(output_dir: Path, run_name: str) -> Path:
 
 
 def lock_run(output_dir: Path, run_name: str) -> int | None:
-    """Lock the run ``output_dir/run_name`` for this process (``flock`` on :func:`run_lock_file`, which records
-    ``host:pid`` and the start for the message of a run refused) and return the lock file's descriptor, to close at
-    the run's end. The kernel drops the lock when its process dies, however it ends: a crashed run leaves no stale
-    lock. Refused with a ``ConfigError`` naming the holder while another process holds it; None, with a warning, on a
+    """Lock the run ``output_dir/run_name`` for this process (:func:`~alignlm.files.take_lock` on
+    :func:`run_lock_file`) and return the lock file's descriptor, to close at the run's end (:func:`unlock_run`).
+    Refused with a ``ConfigError`` naming the holder while another process holds it; None, with a warning, on a
     filesystem that cannot lock."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    path = run_lock_file(output_dir, run_name)
-    try:  # the umask decides who else may write it, as for every other file of the run (a team's shared folder)
-        fd, writable = os.open(path, os.O_RDWR | os.O_CREAT, 0o666), True
-    except OSError as e:
-        if e.errno not in _READ_ONLY:
-            raise
-        if not path.exists():  # nowhere to put a lock: a folder another user made for this run
-            return _unlocked(path, e.strerror)
-        fd, writable = os.open(path, os.O_RDONLY), False  # flock needs no write access: another user's lock file
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        holder = path.read_text().strip() or "a process that has not written its name yet"
+        return take_lock(run_lock_file(output_dir, run_name), "a second run of this run_name")
+    except LockHeld as e:
         raise ConfigError(
-            f"run_name={run_name} in output_dir={output_dir} is in use by another alignlm run ({holder}), which holds "
-            f"{path}: two runs of one name write into each other's checkpoints and logs. Wait for it to end (a "
+            f"run_name={run_name} in output_dir={output_dir} is in use by another alignlm run ({e.holder}), which holds "
+            f"{e.path}: two runs of one name write into each other's checkpoints and logs. Wait for it to end (a "
             "requeued job: end the old one first), or choose another run_name"
         ) from None
-    except OSError as e:
-        os.close(fd)
-        if e.errno not in _NO_LOCKING:
-            raise
-        return _unlocked(path, e.strerror)
-    if writable:
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{socket.gethostname()}:{os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
-    _HELD_LOCKS.add(fd)
-    return fd
 
 
 def unlock_run(fd: int) -> None:
     """Let go of a run's lock (:func:`lock_run`'s descriptor)."""
-    _HELD_LOCKS.discard(fd)
-    os.close(fd)
-
-
-def _unlocked(path: Path, why: str) -> None:
-    get_logger("alignlm", 0).warning(
-        "%s cannot be locked (%s): a second run of this run_name started while this one runs would not be refused",
-        path,
-        why,
-    )
-    return None
-
-
-def _forget_locks_in_child() -> None:
-    """A forked process (a data-loader worker) drops its copies of the run locks: it shared them, so a worker kept
-    alive after its run (by a traceback a notebook keeps) held the lock, and the rerun in that notebook was refused,
-    naming its own process. The parent's lock is untouched."""
-    for fd in _HELD_LOCKS:
-        os.close(fd)
-    _HELD_LOCKS.clear()
-
-
-_HELD_LOCKS: set[int] = set()  # the run locks this process holds (lock_run), closed in forked children
-os.register_at_fork(after_in_child=_forget_locks_in_child)
+    release_lock(fd)
 
 
 @contextlib.contextmanager

@@ -8,11 +8,12 @@ Eval knobs come from ``configs/eval/default.yaml``, then ``--config FILE``, then
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from alignlm.checks import check_keys
 from alignlm.commands._flags import add_trust_flags, positive_int
-from alignlm.config import add_keys, config_dir
+from alignlm.config import ConfigError, add_keys, config_dir
 from alignlm.data.templates import TEMPLATES
 from alignlm.evaluation import checkpoints
 from alignlm.evaluation.lmms import run_lmms_eval, write_local_task
@@ -37,6 +38,7 @@ from alignlm.evaluation.report import (
     shift_metrics,
     write_report,
 )
+from alignlm.files import LockHeld, release_lock, take_lock
 from alignlm.geometry.suite import ALL_METRICS
 from alignlm.models.device import default_device, device_problem
 from alignlm.models.generation import check_generation
@@ -181,37 +183,68 @@ def prepare_out(out: Path) -> None:
         raise SystemExit(f"--out {out}: cannot make the folder ({e.strerror or e})") from None
 
 
+def out_lock_file(out: Path) -> Path:
+    """The lock of the evaluation writing into ``out``: beside the folder (where ``--out`` names it through a link,
+    beside the folder it links to), not in it, as a training run's is beside its folder, so --out holds only what the
+    evaluation wrote."""
+    folder = out.resolve()
+    return folder.parent / f".{folder.name}.eval.lock"
+
+
+@contextlib.contextmanager
+def out_lock(out: Path) -> Iterator[None]:
+    """``--out`` is this evaluation's from here to its end (:func:`~alignlm.files.take_lock` on
+    :func:`out_lock_file`, the lock a training run takes on its folder): two evaluations into one folder appended
+    their batches to one ``set-<name>.partial.jsonl`` in turns and overwrote each other's reports. A second is
+    refused, naming the holder, before it loads anything. ``alignlm eval`` is one process (it starts no ranks), so
+    that process holds it."""
+    try:
+        fd = take_lock(out_lock_file(out), "a second alignlm eval into this --out")
+    except LockHeld as e:
+        raise ConfigError(
+            f"--out {out} is in use by another alignlm eval ({e.holder}), which holds {e.path}: two evaluations into "
+            "one folder mix their answers in its partial files and overwrite each other's reports. Wait for it to "
+            "end, or give another --out"
+        ) from None
+    try:
+        yield
+    finally:
+        if fd is not None:
+            release_lock(fd)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     log = get_logger("alignlm", 0)
     t0 = time.perf_counter()
     ecfg = eval_config(args)
     check_eval_config(ecfg)
     prepare_out(Path(args.out))
-    device = torch.device(default_device() if ecfg["device"] == "auto" else ecfg["device"])
-    cks = checkpoints.resolve(args.checkpoints)
-    check_checkpoints(cks, ecfg)
-    log.info("evaluating %d checkpoints: %s", len(cks), ", ".join(c.label for c in cks))
-    results, features = [], []
-    for ck in cks:
-        try:
-            r, f = evaluate_checkpoint(ck, ecfg, device, Path(args.out))
-        except Exception:
-            log.warning(
-                "stopped at %s; what was finished is kept in %s, and the same command into --out %s reuses it",
-                ck.label,
-                Path(args.out) / PARTS,
-                args.out,
-            )
-            raise
-        results.append(r)
-        features.append(f)
-    files = write_report(results, features, ecfg, Path(args.out))
-    if args.json:
-        print(files["json"].read_text())
-    else:
-        print(files["md"].read_text())
-    log.info("wrote %s in %.1f s", ", ".join(str(p) for p in files.values()), time.perf_counter() - t0)
-    return 0
+    with out_lock(Path(args.out)):
+        device = torch.device(default_device() if ecfg["device"] == "auto" else ecfg["device"])
+        cks = checkpoints.resolve(args.checkpoints)
+        check_checkpoints(cks, ecfg)
+        log.info("evaluating %d checkpoints: %s", len(cks), ", ".join(c.label for c in cks))
+        results, features = [], []
+        for ck in cks:
+            try:
+                r, f = evaluate_checkpoint(ck, ecfg, device, Path(args.out))
+            except Exception:
+                log.warning(
+                    "stopped at %s; what was finished is kept in %s, and the same command into --out %s reuses it",
+                    ck.label,
+                    Path(args.out) / PARTS,
+                    args.out,
+                )
+                raise
+            results.append(r)
+            features.append(f)
+        files = write_report(results, features, ecfg, Path(args.out))
+        if args.json:
+            print(files["json"].read_text())
+        else:
+            print(files["md"].read_text())
+        log.info("wrote %s in %.1f s", ", ".join(str(p) for p in files.values()), time.perf_counter() - t0)
+        return 0
 
 
 def read_reports(paths: Sequence[str]) -> list[dict[str, Any]]:
