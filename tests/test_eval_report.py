@@ -1826,3 +1826,26 @@ def test_twenty_checkpoints_have_twenty_colours_and_a_legend_beside_the_panels(t
     assert {(ax.get_xlabel(), ax.get_ylabel()) for ax in drawn["pca"].axes if ax.get_title()} == {("PC1", "PC2")}
     for fig in figures:
         plt.close(fig)
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_a_step_checkpoint_is_evaluated_in_the_dtypes_its_final_loads_in(colour_set, tmp_path, monkeypatch, mode):
+    """An LLM loaded in bf16 trains in fp32 (what trains is held in fp32, LoRA merged in fp32); a step checkpoint
+    rebuilt for evaluation kept its LLM in fp32 where its stage's ``final/`` loads it in the configured bf16: twice
+    the memory at 7B, and the step rows of a curve not computed as its final row."""
+    from alignlm.evaluation import checkpoints
+    from alignlm.models.build import build_model
+
+    def bf16_llm(cfg):  # what model.llm.dtype=bfloat16 loads (the tiny LLM is built, not loaded)
+        model = build_model(cfg)
+        model.llm.to(torch.bfloat16)
+        return model
+
+    overrides = ["run=[finetune]", "stages.finetune.init_from=null", f"stages.finetune.parts.llm={mode}"]
+    overrides += ["stages.finetune.max_steps=3", "stages.finetune.save_every=2"]
+    run(compose(*tiny_overrides(colour_set, tmp_path, *overrides)))
+    monkeypatch.setattr(checkpoints, "build_model", bf16_llm)
+    [step] = [c for c in checkpoints.resolve([str(tmp_path / "t" / "finetune")]) if c.kind != "final"]
+    model = checkpoints.load(step)
+    assert {p.dtype for p in model.llm.parameters()} == {torch.bfloat16}
+    assert not any("lora" in k for k in model.state_dict())

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
 
 from alignlm.models.build import build_model
+from alignlm.models.precision import store_as_built
 from alignlm.models.io import (
     checkpoint_stage,
     final_stage,
@@ -180,6 +181,7 @@ def load(ck: Checkpoint, allow_code: bool = False, trust_remote_code: bool = Fal
     cfg = stage_config(ck)
     stage = cfg.stages[ck.stage]
     model = build_model(safe_model_config(cfg.model, allow_code, trust_remote_code))
+    built = {name: p.dtype for name, p in model.named_parameters(remove_duplicate=False)}
     run_dir, aside = stage_place(ck.stage_dir)
     init = resolve_init(stage.get("init_from"), run_dir, cfg.stages, aside)
     if init and not init.exists():
@@ -200,6 +202,7 @@ def load(ck: Checkpoint, allow_code: bool = False, trust_remote_code: bool = Fal
         )
     load_part_state(model, state, [])
     merge_lora(model)
+    store_as_built(model, built)  # as its stage's final/ loads: training held what it trained in fp32
     model.requires_grad_(False)
     model.eval()
     return model

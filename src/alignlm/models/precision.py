@@ -15,6 +15,8 @@ one's).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 
@@ -35,6 +37,17 @@ def frozen_linears(module: torch.nn.Module) -> list[torch.nn.Linear]:
 def store_weight(linear: torch.nn.Linear, dtype: torch.dtype) -> None:
     """Store ``linear``'s weight (not its bias: see the module docstring) in ``dtype``, in place."""
     linear.weight.data = linear.weight.data.to(dtype)
+
+
+def store_as_built(module: torch.nn.Module, dtypes: Mapping[str, torch.dtype]) -> None:
+    """Each parameter of ``module`` named in ``dtypes`` stored in the dtype given there (the one it was built in), in
+    place. A model rebuilt from a step checkpoint for evaluation had its trained parts widened to fp32 for training
+    (:func:`hold_in_fp32`), where its stage's ``final/`` loads them in the configured dtype: at 7B twice the memory,
+    and a step's figures not computed as the final's were."""
+    for name, p in module.named_parameters(remove_duplicate=False):
+        want = dtypes.get(name)
+        if want is not None and p.dtype != want:
+            p.data = p.data.to(want)
 
 
 def hold_in_fp32(module: torch.nn.Module, only_trainable: bool = False) -> None:
