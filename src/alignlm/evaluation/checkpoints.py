@@ -23,7 +23,6 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
 
 from alignlm.models.build import build_model
-from alignlm.models.precision import store_as_built
 from alignlm.models.io import (
     checkpoint_stage,
     final_stage,
@@ -32,6 +31,7 @@ from alignlm.models.io import (
     load_part_state,
     safe_model_config,
 )
+from alignlm.models.precision import store_as_built
 from alignlm.training.checkpoint import load_init, resolve_init, stage_place, step_dirs, verify
 from alignlm.training.logging import read_rows
 from alignlm.training.stages import InertTensors, apply_stage, merge_lora
