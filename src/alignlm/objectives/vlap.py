@@ -169,14 +169,17 @@ class VLAPObjective(Objective):
         self.log_mu = log_word_prior(counts, self.prior_temperature).float()
 
     def prototypes(self, weight: torch.Tensor) -> torch.Tensor:
-        """``norm(W)`` ``[V, Dl]`` of the whole table, recomputed only when the table may have changed (it is frozen in
-        pretraining).
+        """``norm(W)`` ``[V, Dl]`` of the whole table: a trained table's at every call, a frozen one's (pretraining)
+        once, recomputed only when it was replaced or written in place (its version moved: a checkpoint loaded).
 
-        A sharded table (ZeRO-3, FSDP2) is gathered (``whole``), a collective, so whether to gather must be the same
-        on every rank: a frozen one once, a trained one at every call (its own part's version, which a rank sees, is
-        not the others'). A table in one piece is recomputed when it was written in place (its version moved)."""
-        if is_sharded(weight):
-            key = None if weight.requires_grad else (id(weight), weight.device)
+        A trained table is never keyed on its version: fused AdamW (the default on CUDA) and DeepSpeed write the
+        updated weights in place without moving it, so the prototypes stayed step 1's for the whole stage. A sharded
+        table (ZeRO-3, FSDP2) is gathered (``whole``), a collective, so whether to gather is the same on every rank:
+        it follows ``requires_grad``, which every rank shares."""
+        if weight.requires_grad:
+            key = None
+        elif is_sharded(weight):
+            key = (id(weight), weight.device)
         else:
             key = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.device)
         if key is None or self._prototype_key != key:
