@@ -206,3 +206,33 @@ def test_wca_makes_no_per_class_product(tiny_clip, monkeypatch):
     monkeypatch.setattr(encoder, "encode_images", lambda images: torch.randn(len(images), p.shape[1]))
     scores(encoder, image, p, described, WCAConfig(crops=3), np.random.default_rng(0))
     assert len(calls) <= 5
+
+
+def test_an_images_crops_and_scores_do_not_depend_on_the_images_before_it(tiny_clip, monkeypatch):
+    """One crop stream over the set gave an image other crops, and another WCA score, when the set was reordered or
+    filtered (--qtype, --limit); each image now draws from its own stream under the seed."""
+    from alignlm.methods.wca import score as wca_score
+
+    encoder = load_encoder(str(tiny_clip))
+    classes = ["red", "green", "blue"]
+    noise = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    images = [Image.fromarray(a) for a in noise]  # crops of a textured image differ from each other
+    labels, keys = [0, 1, 2], ["a", "b", "c"]
+    prompts, described = [f"a {c} square" for c in classes], descriptions_for(classes, ["a {c} square", "{c}"])
+    config = WCAConfig(crops=3, scale=(0.3, 0.6))
+    seen: dict[tuple[int, int], torch.Tensor] = {}
+    score = wca_score.scores
+
+    def watched(encoder, image, *rest):
+        plain, wca = score(encoder, image, *rest)
+        seen[(seed, images.index(image))] = wca
+        return plain, wca
+
+    monkeypatch.setattr(wca_score, "scores", watched)
+    for seed in (0, 1):
+        wca_score.zero_shot(encoder, images, labels, prompts, described, config, seed, keys)
+    first = dict(seen)
+    seed = 0
+    wca_score.zero_shot(encoder, images[::-1], labels[::-1], prompts, described, config, seed, keys[::-1])
+    assert all(torch.equal(first[(0, i)], seen[(0, i)]) for i in range(3))
+    assert not torch.equal(first[(0, 2)], first[(1, 2)])  # another seed, other crops

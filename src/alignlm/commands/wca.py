@@ -84,6 +84,7 @@ def cmd_wca(args: argparse.Namespace) -> int:
     paths = [image_paths(r, Path(args.set).parent)[0] for r in records]
     check_images(paths, args.set)
     labels = [classes.index(str(r["answer"])) for r in records]
+    keys = [str(r.get("id", p)) for r, p in zip(records, paths)]  # an image's crops follow it, not its position
     given = args.descriptions
     templates = json.loads(Path(given[0]).read_text()) if len(given) == 1 and given[0].endswith(".json") else given
     descriptions = descriptions_for(classes, templates)
@@ -91,7 +92,7 @@ def cmd_wca(args: argparse.Namespace) -> int:
     prompts = [args.prompt.format(c=c) for c in classes]
     runs = []
     for seed in args.seeds:
-        r = zero_shot(encoder, lazy_images(paths), labels, prompts, descriptions, config, seed)
+        r = zero_shot(encoder, lazy_images(paths), labels, prompts, descriptions, config, seed, keys)
         ids = [str(i) for i in range(len(labels))]
         d = paired_difference(dict(zip(ids, r["plain_right"])), dict(zip(ids, r["wca_right"])))
         runs.append({"seed": seed, "plain": r["plain"], "wca": r["wca"], "diff": d["diff"], "se": d["se"]})

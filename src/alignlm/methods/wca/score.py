@@ -15,6 +15,7 @@ similarity); the temperatures, crop scales and the count are knobs (*ours* where
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -114,6 +115,12 @@ def scores(
     return prompts @ whole, descriptions.score(crops, w)
 
 
+def crop_rng(seed: int, key: str) -> np.random.Generator:
+    """The crop stream of the image named ``key`` under ``seed``: the key hashed (Python's ``hash`` of a string
+    changes between processes), so a seed and an image always give the same crops."""
+    return np.random.default_rng([seed, int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")])
+
+
 def zero_shot(
     encoder: Any,
     images: Iterable[Image.Image],
@@ -122,15 +129,18 @@ def zero_shot(
     descriptions: Sequence[Sequence[str]],
     config: WCAConfig = WCAConfig(),
     seed: int = 0,
+    keys: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Zero-shot classification of ``images`` by the plain score and by WCA: accuracies and every image's
     correctness under both (for paired differences). ``images`` may be a generator: each is taken when it is scored,
-    so a large set is never decoded at once."""
+    so a large set is never decoded at once. ``keys`` (default: the positions) name the images: each image's crops
+    come from its own stream (:func:`crop_rng`), so its score does not depend on the images scored before it (one
+    stream over the set gave an image other crops when the set was reordered or filtered)."""
     p, texts = class_texts(encoder, prompts, descriptions, config.tau_text)
-    rng = np.random.default_rng(seed)
+    keys = [str(i) for i in range(len(labels))] if keys is None else keys
     plain_right, wca_right = [], []
-    for image, label in zip(images, labels):
-        plain, wca = scores(encoder, image, p, texts, config, rng)
+    for image, label, key in zip(images, labels, keys, strict=True):
+        plain, wca = scores(encoder, image, p, texts, config, crop_rng(seed, key))
         plain_right.append(float(int(plain.argmax()) == label))
         wca_right.append(float(int(wca.argmax()) == label))
     n = max(len(labels), 1)
