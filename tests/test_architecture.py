@@ -156,9 +156,10 @@ def test_the_layer_check_catches_an_upward_import():
     )
 
 
-def test_a_run_without_lora_never_imports_peft():
-    """peft is imported only by a LoRA stage (and its config check): importing it took seconds of every CLI call's
-    and every rank's start. Its shorthand for every linear layer is named once, and equals peft's."""
+def test_a_run_without_lora_imports_neither_peft_nor_matplotlib():
+    """peft is imported only by a LoRA stage (and its config check), matplotlib only by what draws: importing them took
+    seconds of every CLI call's and every rank's start. peft's shorthand for every linear layer is named once, and
+    equals peft's."""
     import subprocess
     import sys
 
@@ -167,6 +168,8 @@ def test_a_run_without_lora_never_imports_peft():
     from alignlm.training.stages import ALL_LINEAR
 
     assert ALL_LINEAR == INCLUDE_LINEAR_LAYERS_SHORTHAND
-    code = "import sys, alignlm.pipeline, alignlm.commands.train; print('peft' in sys.modules)"
+    code = (
+        "import sys, alignlm.pipeline, alignlm.commands.train; print(sorted({'peft', 'matplotlib'} & set(sys.modules)))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "False"
+    assert out.strip() == "[]"

@@ -30,14 +30,13 @@ from alignlm.checks import check_config, check_source_files, check_sources, chec
 from alignlm.config import ConfigError, instantiate
 from alignlm.data import GENERATORS, generator_defaults
 from alignlm.evaluation.evaluate import answer_accuracy
-from alignlm.evaluation.report import json_values
 from alignlm.files import LockHeld, release_lock, replace_text, take_lock
 from alignlm.models.build import build_model
 from alignlm.models.device import cpu_only
 from alignlm.models.io import load_final_weights
 from alignlm.training import checkpoint as ckpt
 from alignlm.training.determinism import deterministic, warn_only
-from alignlm.training.logging import get_logger, summary_table
+from alignlm.training.logging import get_logger, json_values, summary_table
 from alignlm.training.trainer import (
     STOP_WHY,
     StageResult,
