@@ -24,7 +24,6 @@ from hydra.errors import HydraException, MissingConfigException
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from alignlm.config import ConfigError, compose, composed, config_roots, default_keys, plain
 from alignlm.data import GENERATORS, generator_knobs
@@ -41,7 +40,15 @@ from alignlm.objectives.base import check_min_batch
 from alignlm.training.logging import WANDB_MODES
 from alignlm.training.optim import check_schedule
 from alignlm.training.sharding import STRATEGIES
-from alignlm.training.stages import ALL_LINEAR, MODES, check_parts, lora_exclusions, lora_matches
+from alignlm.training.stages import (
+    ALL_LINEAR,
+    LORA_LAYERS,
+    MODES,
+    check_parts,
+    lora_adapted,
+    lora_exclusions,
+    lora_matches,
+)
 from alignlm.training.trainer import checkpointing_parts
 from alignlm.training.zero import STAGES as ZERO_STAGES
 
@@ -702,8 +709,9 @@ def check_stages_fit_model(cfg: DictConfig, stages: Sequence[str], model: AlignL
     each LoRA stage's ``target_modules`` name modules of the part it adapts (peft refused them when that stage began,
     after the stages before it had trained), and ``data.max_length`` holds one image's visual tokens and a token of
     text (the stage's dataset refused it then). Those targets must also leave a module the part's output depends on
-    once its inert ones are excluded (peft found no module to adapt when the stage began). ``model``: built from
-    ``cfg.model``, nothing loaded."""
+    once its inert ones are excluded (peft found no module to adapt when the stage began), and every module they adapt
+    must be a layer LoRA can adapt (peft refused it when the stage began) whose weights no other module shares (a
+    tied LM head: ``final/`` was not the model trained). ``model``: built from ``cfg.model``, nothing loaded."""
     exclusions: dict[str, list[str]] = {}  # each part's, probed once for all stages
     for name in stages:
         key, stage = f"stages.{name}", cfg.stages[name]
@@ -714,7 +722,10 @@ def check_stages_fit_model(cfg: DictConfig, stages: Sequence[str], model: AlignL
                 _check_lora_targets(f"{key}.lora.target_modules", plain(targets), module, part)
                 if part not in exclusions:
                     exclusions[part] = lora_exclusions(module)
-                _check_lora_reaches(key, plain(targets), module, part, exclusions[part])
+                adapted = lora_adapted(module, plain(targets), exclusions[part])
+                _check_lora_reaches(key, plain(targets), module, part, adapted)
+                _check_lora_layers(f"{key}.lora.target_modules", plain(targets), module, part, adapted)
+                _check_lora_untied(key, plain(targets), module, part, adapted)
         max_length, tokens = stage.data.get("max_length", 2048), model.num_image_tokens
         if max_length <= tokens and _has_images(stage.data):
             raise ConfigError(
@@ -735,6 +746,8 @@ def _check_lora_targets(key: str, targets: str | list[str], module: nn.Module, p
         if lora_matches(target if isinstance(targets, str) else [target], names):
             continue
         leaves = sorted({n.rsplit(".", 1)[-1] for n, m in module.named_modules() if n and not next(m.children(), None)})
+        if isinstance(targets, str):
+            _check_pattern_names_no_layers(key, targets, part, leaves)
         near = difflib.get_close_matches(target, leaves, n=1)
         hint = f"did you mean {near[0]!r}? " if near else ""
         raise ConfigError(
@@ -743,17 +756,29 @@ def _check_lora_targets(key: str, targets: str | list[str], module: nn.Module, p
         )
 
 
-def _check_lora_reaches(key: str, targets: str | list[str], module: nn.Module, part: str, excluded: list[str]) -> None:
-    """``targets`` adapt a module of ``module`` that is not in ``excluded`` (its inert modules: ``lora_exclusions``),
-    matched as peft matches them (``all-linear``: every linear layer). A tower whose only linear layer is inert (a CNN's
-    classifier) otherwise failed with peft's "No modules were targeted" when its stage began, after the stages
-    before it had trained."""
-    every_linear = isinstance(targets, str) and targets.lower() == ALL_LINEAR
-    names = [n for n, _ in module.named_modules() if n]
-    wanted = [n for n in names if _is_linear(module.get_submodule(n))] if every_linear else targets
-    if lora_matches(wanted, names, excluded):
+def _check_pattern_names_no_layers(key: str, pattern: str, part: str, leaves: list[str]) -> None:
+    """A string ``target_modules`` that matched nothing but names layers (``q_proj``, or LLaMA-Factory's
+    ``q_proj,v_proj``) is refused saying why: peft reads a string as a pattern matched against a module's whole dotted
+    name, and a layer's name only in a list. The refusal had suggested the very name it refused."""
+    named = [name.strip() for name in pattern.split(",") if name.strip()]
+    if not any(name in leaves for name in named):
         return
-    named = lora_matches(wanted, names)
+    raise ConfigError(
+        f"{key}={pattern!r} matches no module of model.{part}: a string is a pattern matched against a module's whole "
+        f"name (model.layers.0.self_attn.q_proj), and a layer is named by its last components only in a list; write "
+        f"{key}=[{', '.join(named)}]"
+    )
+
+
+def _check_lora_reaches(key: str, targets: str | list[str], module: nn.Module, part: str, adapted: list[str]) -> None:
+    """``targets`` adapt some module of ``module``: ``adapted`` (``lora_adapted``: matched as peft matches them,
+    ``all-linear`` every linear layer but an LM head, less the part's inert modules, ``lora_exclusions``) is not empty.
+    A tower whose only linear layer is inert (a CNN's classifier) otherwise failed with peft's "No modules were
+    targeted" when its stage began, after the stages before it had trained."""
+    if adapted:
+        return
+    every_linear = isinstance(targets, str) and targets.lower() == ALL_LINEAR
+    named = lora_adapted(module, targets)
     beyond = f" ({named[:3]}{' ...' if len(named) > 3 else ''}: an adapter there would never train)" if named else ""
     what = (
         f"no linear layer of model.{part} reaches its features{beyond}"
@@ -766,9 +791,42 @@ def _check_lora_reaches(key: str, targets: str | list[str], module: nn.Module, p
     )
 
 
-def _is_linear(module: nn.Module) -> bool:
-    """A layer peft's ``all-linear`` adapts: ``nn.Linear`` or transformers' ``Conv1D``."""
-    return isinstance(module, (nn.Linear, Conv1D))
+def _check_lora_layers(key: str, targets: str | list[str], module: nn.Module, part: str, adapted: list[str]) -> None:
+    """Every module ``targets`` adapt in ``module`` (``adapted``) is a layer LoRA can adapt (``LORA_LAYERS``): a norm
+    or a whole attention block named there passed the name check, and peft refused it ("Target module ... is not
+    supported") when its stage began, after the stages before it had trained."""
+    for name in adapted:
+        sub = module.get_submodule(name)
+        if isinstance(sub, LORA_LAYERS):
+            continue
+        inside = sorted({n.rsplit(".", 1)[-1] for n, m in sub.named_modules() if n and isinstance(m, LORA_LAYERS)})
+        instead = f"name the layers inside it instead ([{', '.join(inside)}])" if inside else "leave it out"
+        raise ConfigError(
+            f"{key}={targets!r} adapts model.{part}.{name}, a {type(sub).__name__}, which LoRA cannot adapt (peft adapts "
+            f"only {sorted({t.__name__ for t in LORA_LAYERS})} layers): {instead}, or use {ALL_LINEAR}"
+        )
+
+
+def _check_lora_untied(key: str, targets: str | list[str], module: nn.Module, part: str, adapted: list[str]) -> None:
+    """No module ``targets`` adapt in ``module`` shares a weight with another module (an LLM's LM head tied to its
+    input embeddings, ``tie_word_embeddings``: SmolLM2, Qwen2.5-0.5B), found by parameter identity. The adapter acts on
+    one use of the shared weight while training, and merging it into the weight for ``final/`` changes both uses: the
+    saved model was not the model trained. ``all-linear`` leaves an LM head out (as peft does)."""
+    owners: dict[int, list[str]] = {}
+    for name, sub in module.named_modules(remove_duplicate=False):
+        for param in sub.parameters(recurse=False):
+            owners.setdefault(id(param), []).append(name)
+    for name in adapted:
+        shared = [o for p in module.get_submodule(name).parameters(recurse=False) for o in owners[id(p)] if o != name]
+        if shared:
+            raise ConfigError(
+                f"{key}.lora.target_modules={targets!r} adapts model.{part}.{name}, whose weight is tied to "
+                f"model.{part}.{shared[0]}'s: the adapter trains one use of the shared weight and merging it into "
+                f"final/ changes both, so final/ would not be the model trained. Leave {name.rsplit('.', 1)[-1]} out "
+                f"of {key}.lora.target_modules ({ALL_LINEAR} leaves the LM head out), untie the weights in a copy of "
+                f"the model (an LLM's config.json: tie_word_embeddings: false, its head saved as a weight of its own), "
+                f"or train the part fully ({key}.parts.{part}=full)"
+            )
 
 
 def _has_images(data: DictConfig) -> bool:

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
+from transformers.pytorch_utils import Conv1D
 
 from alignlm.config import ConfigError
 from alignlm.models.mllm import AlignLM
@@ -21,6 +23,11 @@ from alignlm.models.precision import hold_in_fp32
 
 MODES = ("frozen", "full", "lora")
 ALL_LINEAR = "all-linear"  # peft's shorthand for every linear layer (``INCLUDE_LINEAR_LAYERS_SHORTHAND``)
+LINEAR_LAYERS = (nn.Linear, Conv1D)  # the layers all-linear adapts (peft's ``_maybe_include_all_linear_layers``)
+# The layers LoRA can adapt: those peft's ``dispatch_default`` (peft/tuners/lora/layer.py) wraps. For any other type
+# ``LoraModel._create_new_module`` raises "Target module ... is not supported" when the stage begins; peft exposes no
+# predicate to ask, only that dispatch, which builds the adapter.
+LORA_LAYERS = (*LINEAR_LAYERS, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention)
 
 
 def check_parts(modes: Mapping[str, str], part_modes: Mapping[str, Sequence[str]], key: str = "stage") -> None:
@@ -168,15 +175,34 @@ def lora_matches(targets: str | list[str], names: Iterable[str], exclude: list[s
     return [n for n in names if check_target_module_exists(config, n)]  # an excluded name matches as falsy
 
 
+def lora_adapted(module: nn.Module, targets: str | list[str], exclude: list[str] | None = None) -> list[str]:
+    """The names of the sub-modules of ``module`` (a part) that peft adapts for ``target_modules=targets`` less
+    ``exclude``: ``all-linear`` as peft expands it (every linear layer but a transformers model's output embeddings,
+    its LM head), anything else matched by :func:`lora_matches`. What the config check finds in them (a layer LoRA
+    cannot adapt, a weight tied to another module's) is what peft meets when the stage begins."""
+    named = [(n, m) for n, m in module.named_modules() if n]
+    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+        head = module.get_output_embeddings() if isinstance(module, PreTrainedModel) else None
+        targets = [n for n, m in named if isinstance(m, LINEAR_LAYERS) and m is not head]
+    return lora_matches(targets, [n for n, _ in named], exclude) if targets else []
+
+
+def lora_base(module: nn.Module) -> nn.Module:
+    """The part a peft wrapper (a LoRA part of ``apply_stage``) holds, or ``module`` itself: where the part's own
+    attributes are read (a tower's transformers ``model``; the wrapper's ``model`` is the part). peft is looked up,
+    not imported: when it is not loaded, no part was wrapped by it."""
+    peft = sys.modules.get("peft")
+    return module.get_base_model() if peft is not None and isinstance(module, peft.PeftModel) else module
+
+
 def merge_lora(model: AlignLM) -> None:
     """Fold LoRA adapters into their base weights (for final saves and export), in fp32: the adapted part is widened
     to fp32 first, base weights stored in bf16 or fp16 included, so the merged part is held (and ``final/`` saves it)
     in fp32 as a part trained fully is. Added to a bf16 base, the fp32 delta rounded: 12 % of it was lost (a bf16
     weight keeps 8 significant bits)."""
-    peft = sys.modules.get("peft")  # not imported: no part was wrapped by it
     for part in AlignLM.PARTS:
         module = getattr(model, part)
-        if peft is not None and isinstance(module, peft.PeftModel):
+        if lora_base(module) is not module:
             hold_in_fp32(module)
             setattr(model, part, module.merge_and_unload())
 

@@ -61,7 +61,7 @@ from alignlm.training.logging import MetricsLogger, get_logger, read_rows, summa
 from alignlm.training.monitor import AlignmentMonitor
 from alignlm.training.optim import build_optimizer
 from alignlm.training.sampler import StepSampler
-from alignlm.training.stages import apply_stage, count_params, merge_lora, trainable_parts
+from alignlm.training.stages import apply_stage, count_params, lora_base, merge_lora, trainable_parts
 from alignlm.training.throughput import (
     Meter,
     attention_flops_per_pair,
@@ -1167,7 +1167,7 @@ def enable_checkpointing(model: AlignLM, setting: Any) -> None:
     if not setting:
         return
     for part in checkpointing_parts(setting):
-        module = getattr(model, part)
+        module = lora_base(getattr(model, part))  # under a LoRA part's peft wrapper, whose .model is the part itself
         inner = getattr(module, "model", module)  # an HFVisionTower wraps the transformers model
         if not hasattr(inner, "gradient_checkpointing_enable"):
             raise ValueError(f"stage.gradient_checkpointing: model.{part} ({type(inner).__name__}) cannot checkpoint")
