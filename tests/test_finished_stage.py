@@ -215,3 +215,30 @@ def test_a_finished_stage_whose_final_was_cut_short_is_trained_again_naming_the_
     run(compose(*base))
     assert "stage pretrain: its final/ is damaged" in alignlm_log.text and "model.safetensors" in alignlm_log.text
     assert ckpt.final_intact(final) is None and len(weights.read_bytes()) == len(whole)
+
+
+def test_a_resume_past_a_lowered_max_steps_is_refused(colour_set, tmp_path):
+    """With resume_allow_changes=true a checkpoint past the stage's new max_steps resumed into a loop of no step: its
+    final/ was written from the checkpoint's weights, recorded as trained to the new max_steps, and the negative count
+    of this process's steps raised the budget stop_after_steps gives the stages after it."""
+    data = own_data(colour_set, tmp_path)
+    base = pretrain_only(colour_set, tmp_path, data, "stages.pretrain.save_every=2")
+    with pytest.raises(StopTraining):
+        run(compose(*base, "stages.pretrain.max_steps=6", "stop_after_steps=4"))
+    lowered = [*base, "stages.pretrain.max_steps=3", "resume_allow_changes=true"]
+    with pytest.raises(ConfigError, match=r"stages\.pretrain\.max_steps=3 ends before .*step_000004, at step 4"):
+        run(compose(*lowered))
+    assert not (tmp_path / "t" / "pretrain" / "final").exists()
+
+
+def test_step_checkpoints_are_ordered_by_step_past_six_digits_and_pruning_clears_what_a_kill_left(tmp_path):
+    """By name, step_1000000 sorted before step_999995: a resume took the older for the newest and pruning deleted the
+    newer ones. A job killed while it wrote a checkpoint left its temporary folder (nearly a whole checkpoint), which no
+    later save of another step removed."""
+    root = tmp_path / "checkpoints"
+    for name in ["step_999995", "step_1000005", "step_1000000", "step_000013.tmp", "step_1000010.tmp", "stepx"]:
+        (root / name).mkdir(parents=True)
+    assert [p.name for p in ckpt.step_dirs(tmp_path)] == ["step_999995", "step_1000000", "step_1000005"]
+    assert ckpt.step_of(root / "step_000013.tmp") is None and ckpt.step_of(root / "step_1000000") == 1000000
+    ckpt.prune(tmp_path, 0, root / "step_1000005")
+    assert sorted(p.name for p in root.iterdir()) == ["step_1000000", "step_1000005", "step_999995", "stepx"]

@@ -750,12 +750,20 @@ def _own_cuda_state(saved: torch.Tensor | list[torch.Tensor], device: int) -> to
     return None
 
 
+def step_of(folder: Path) -> int | None:
+    """The step a checkpoint folder's name gives (``step_000120``: 120), None for any other name (a temporary one)."""
+    digits = folder.name.removeprefix(STEP_PREFIX)
+    return int(digits) if folder.name.startswith(STEP_PREFIX) and digits.isdigit() else None
+
+
 def step_dirs(stage_dir: Path) -> list[Path]:
-    """Complete step checkpoints, oldest first (temporary ones are ignored)."""
+    """Step checkpoints, oldest first, by their step (temporary ones are ignored): by name, ``step_1000000`` (seven
+    digits past the six of the padding) came before ``step_999995``, and a resume took the older one for the newest
+    while pruning deleted the newer ones."""
     root = stage_dir / "checkpoints"
     if not root.exists():
         return []
-    return sorted(p for p in root.iterdir() if p.name.startswith(STEP_PREFIX) and not p.name.endswith(".tmp"))
+    return sorted((p for p in root.iterdir() if step_of(p) is not None), key=lambda p: (step_of(p), p.name))
 
 
 def set_aside(stage_dir: Path, name: str) -> Path | None:
@@ -794,7 +802,14 @@ def prune(stage_dir: Path, keep_last: int, written: Path) -> None:
     name alone, a damaged newer folder a resume had passed over outlived the older whole one, the last to fall back
     on. Only the folders that would be kept are checked, by their sizes and what a resume found hashing them: rank 0
     prunes while the other ranks wait, and hashing the older checkpoints after each requeue (a 7B run's are ~100 GB
-    each) could outlast the collective timeout."""
+    each) could outlast the collective timeout.
+
+    Temporary step folders are deleted too: no save is under way while rank 0 prunes, so each was left by a job
+    killed while it wrote a checkpoint (a stop checkpoint at an irregular step is not written again under its name,
+    and each held nearly a whole checkpoint: ~100 GB at 7B)."""
+    for tmp in (stage_dir / "checkpoints").glob(f"{STEP_PREFIX}*.tmp"):
+        if tmp.resolve() != temporary(written).resolve():
+            shutil.rmtree(tmp, ignore_errors=True)
     if keep_last <= 0:
         return
     room = keep_last - 1  # beside the one just written

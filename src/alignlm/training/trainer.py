@@ -410,6 +410,12 @@ class Trainer:
                 allow = bool(self.cfg.get("resume_allow_changes"))
                 buffers = trained_buffers(self.core())
                 changed = ckpt.resume_changes(folder, written, self.run_state(), self.name, allow, self.inert, buffers)
+                if int(written["step"]) > self.total_steps:  # only with resume_allow_changes: max_steps is compared
+                    raise ConfigError(
+                        f"stages.{self.name}.max_steps={self.total_steps} ends before {folder}, at step "
+                        f"{written['step']}: a resume there would train nothing and record steps it did not take; "
+                        "raise max_steps, or rerun with resume=never to start the stage over"
+                    )
                 try:
                     unsaved = ckpt.load_training_state(
                         folder,
