@@ -67,6 +67,11 @@ def stale_export(checkpoint: str, out_dir: str) -> str | None:
         return f"{recorded_file} is not the JSON object an export writes"
     if recorded.get("checkpoint") != now["checkpoint"]:
         return f"{out_dir} was exported from {recorded.get('checkpoint')}, not from {now['checkpoint']}"
+    if recorded.get("files") == now["files"] and recorded != now:
+        return (
+            f"files {now['checkpoint']}'s model config loads (a frozen LLM's or tower's folder) changed since "
+            f"{out_dir} was exported from it"
+        )
     if recorded != now:
         return f"{now['checkpoint']} was written again since {out_dir} was exported from it"
     return None

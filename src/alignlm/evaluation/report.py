@@ -22,12 +22,12 @@ import os
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from safetensors.torch import load_file, save_file
 
 import alignlm
@@ -43,6 +43,7 @@ from alignlm.geometry.metrics import retrieval_recall
 from alignlm.geometry.suite import PAIR_METRICS, flat
 from alignlm.models.artifacts import artifact_report
 from alignlm.models.generation import check_prompt_lengths
+from alignlm.models.io import file_stamps, model_stamps
 from alignlm.models.probes import (
     check_probe_size,
     extract,
@@ -205,43 +206,27 @@ def check_checkpoints(cks: Sequence[C.Checkpoint], ecfg: Mapping[str, Any]) -> N
             probes.add(plan.probe)
 
 
-def _stats(path: Path) -> list[list[Any]]:
-    """``[name, bytes, modification time]`` of a file, or of every file in a folder (below it too): a file rewritten,
-    replaced or cut since changes them, without reading it (a 7B ``final/`` is 14 GB)."""
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.exists() else []
-    return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
-
-
 def checkpoint_identity(ck: C.Checkpoint, train_cfg: DictConfig) -> list[list[Any]]:
-    """What a checkpoint's weights are, as :func:`_stats` sees its files; a step checkpoint's model is also its
+    """What a checkpoint's weights are, as ``file_stamps`` sees its files; a step checkpoint's model is also its
     stage's ``config.yaml`` and the ``init_from`` weights it was rebuilt on (as ``checkpoints.load`` finds them). The
-    local files its model config names too (a frozen LLM or tower rebuilt from a folder: a ``final/`` holds only the
-    parts it trained, so new weights at that path had been served the old results)."""
-    own = _stats(ck.path) + _model_files(train_cfg)
+    local files its model config loads too (:func:`_model_files`: a frozen LLM or tower rebuilt from a folder; a
+    ``final/`` holds only the parts it trained, so new weights at that path had been served the old results)."""
+    own = file_stamps(ck.path) + _model_files(train_cfg)
     if ck.kind == "final":
         return own
     run_dir, aside = stage_place(ck.stage_dir)
     init = resolve_init(train_cfg.stages[ck.stage].get("init_from"), run_dir, train_cfg.stages, aside)
-    return own + _stats(ck.stage_dir / "config.yaml") + (_stats(init) if init else [])
+    return own + file_stamps(ck.stage_dir / "config.yaml") + (file_stamps(init) if init else [])
 
 
 def _model_files(train_cfg: DictConfig) -> list[list[Any]]:
-    """:func:`_stats` of every local file or folder a string of the run's ``model`` config names as a path (with a
-    ``/``: a word such as ``auto`` or ``.`` is no model's folder, whatever the current folder holds)."""
-
-    def strings(node: Any) -> list[str]:
-        if isinstance(node, str):
-            return [node]
-        items = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
-        return [text for item in items for text in strings(item)]
-
-    model = OmegaConf.to_container(train_cfg.get("model") or {}, resolve=True)
-    named = sorted(text for text in set(strings(model)) if "/" in text and text.strip("./") and os.path.exists(text))
-    return [stat for text in named for stat in _stats(Path(text))]
+    """``file_stamps`` of every local file or folder the run's ``model`` config loads (``model_stamps``, the list
+    export and a finished stage's skip compare too), one list."""
+    return [stamp for source in model_stamps(train_cfg.get("model")).values() for stamp in source["files"]]
 
 
 def _image_files(file: Path, root: Path) -> list[list[Any]]:
-    """:func:`_stats` of the images the records of ``file`` name under ``root``: a set or probe file unchanged whose
+    """``file_stamps`` of the images the records of ``file`` name under ``root``: a set or probe file unchanged whose
     images were replaced had been served the old results. A record whose images cannot be listed is left to the
     reading, which names it."""
     found: set[Path] = set()
@@ -250,7 +235,7 @@ def _image_files(file: Path, root: Path) -> list[list[Any]]:
             found.update(image_paths(record, root) if isinstance(record, dict) else [])
         except (DataError, ValueError):
             continue
-    return [stat for path in sorted(found) for stat in _stats(path)]
+    return [stat for path in sorted(found) for stat in file_stamps(path)]
 
 
 @functools.cache
@@ -273,13 +258,13 @@ def _file_name(text: str) -> str:
 
 @dataclass(frozen=True)
 class Parts:
-    """One checkpoint's finished pieces under ``--out/parts/<label>-<digest of its path>/``: ``set-<name>.json`` per
-    set, ``probe.json`` (with ``probe.safetensors``, the pooled features the PCA plot draws). Each is written whole
-    (``replace_text``) once computed, with its key: the checkpoint's files (:func:`checkpoint_identity`), the device
-    type, the input file's digest and the eval knobs it was computed with. A piece is reused only under the same key;
-    the report is built from the pieces, reused or not, exactly as from results just computed. While a set is
-    generated, its answers are kept batch by batch beside it (:meth:`partial`), under the same key, until its piece is
-    written."""
+    """One checkpoint's finished pieces under ``--out/parts/<run>--<stage>--<checkpoint>-<digest of its path>/``
+    (:meth:`of`): ``set-<name>.json`` per set, ``probe.json`` (with ``probe.safetensors``, the pooled features the PCA
+    plot draws). Each is written whole (``replace_text``) once computed, with its key: the checkpoint's files
+    (:func:`checkpoint_identity`), the device type, the input file's digest and the eval knobs it was computed with. A
+    piece is reused only under the same key; the report is built from the pieces, reused or not, exactly as from
+    results just computed. While a set is generated, its answers are kept batch by batch beside it (:meth:`partial`),
+    under the same key, until its piece is written."""
 
     folder: Path
     checkpoint: list[list[Any]]
@@ -287,8 +272,13 @@ class Parts:
 
     @classmethod
     def of(cls, out: Path, ck: C.Checkpoint, train_cfg: DictConfig, device: torch.device) -> Parts:
+        """The pieces of ``ck``, in a folder named from the checkpoint alone: its label without the folders that tell
+        it from another evaluated run of the same name (``above``: they depend on the other checkpoints of the
+        command, so the same checkpoint evaluated alone and beside another found none of its pieces), and the digest
+        of its path, which tells apart two checkpoints of one label. A folder named by the older rule is left as it is
+        (its pieces were keyed by the older code, so they would be computed again anyway)."""
         where = hashlib.sha256(str(ck.path).encode()).hexdigest()[:8]
-        folder = out / PARTS / f"{_file_name(ck.label.replace('/', '--'))}-{where}"
+        folder = out / PARTS / f"{_file_name(replace(ck, above='').label.replace('/', '--'))}-{where}"
         return cls(folder, checkpoint_identity(ck, train_cfg), device.type)
 
     def key(self, file: str, knobs: Mapping[str, Any], image_root: str | None = None) -> dict[str, Any]:

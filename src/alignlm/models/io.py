@@ -16,7 +16,7 @@ from __future__ import annotations
 import inspect
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -433,3 +433,46 @@ def load_model(final_dir: str | Path, allow_code: bool = False, trust_remote_cod
     load_final_weights(model, final_dir)
     model.eval()
     return model
+
+
+def config_strings(tree: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
+    """Every string of a nested config (plain containers) with its key, into lists too (``data.sources[0].path``)."""
+    if isinstance(tree, Mapping):
+        for k, v in tree.items():
+            yield from config_strings(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            yield from config_strings(v, f"{prefix}[{i}]")
+    elif isinstance(tree, str):
+        yield prefix, tree
+
+
+def file_stamps(path: str | Path) -> list[list[Any]]:
+    """``[name, bytes, modification time (ns)]`` of a file, or of every file in a folder (below it too); [] for
+    nothing there. A file rewritten, replaced or cut since changes them, without reading it (a 7B LLM's folder is
+    14 GB); a copy that does not keep times counts as a change."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.exists() else []
+    return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+
+
+def model_sources(model: Any) -> dict[str, str]:
+    """``{model.<key>: absolute path}`` for every string of a ``model`` config that names a local file or folder (with
+    a ``/``: a word such as ``auto`` or ``.`` is no model's folder, whatever the current folder holds). A ``final/``
+    holds only the parts its run trained: a frozen LLM or tower is rebuilt from the folder its config names (and a
+    part's own files, such as a prepare step's encoder, are read from theirs), so new weights there change the model
+    under the same ``final/``. The one list of them that evaluation's kept results, ``alignlm export --is-current`` and
+    a finished stage's skip compare (:func:`model_stamps`)."""
+    if isinstance(model, DictConfig):
+        model = OmegaConf.to_container(model, resolve=True)
+    return {
+        key: os.path.abspath(text)
+        for key, text in config_strings(model or {}, "model")
+        if "/" in text and text.strip("./") and os.path.exists(text)
+    }
+
+
+def model_stamps(model: Any) -> dict[str, dict[str, Any]]:
+    """``{model.<key>: {"path", "files"}}``: each of :func:`model_sources` with the :func:`file_stamps` of what is there
+    now, as JSON reads it back (lists)."""
+    return {key: {"path": path, "files": file_stamps(path)} for key, path in model_sources(model).items()}

@@ -21,7 +21,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Collection, Container, Iterable, Iterator, Mapping
+from collections.abc import Collection, Container, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,16 @@ from torch import nn
 
 from alignlm.export.hf_llava import is_llava_dir, load_llava_weights
 from alignlm.files import file_sha256, sync
-from alignlm.models.io import load_final_weights, part_state, read_config_yaml, trained_buffers, trained_tensors
+from alignlm.models.io import (
+    config_strings,
+    file_stamps,
+    load_final_weights,
+    model_stamps,
+    part_state,
+    read_config_yaml,
+    trained_buffers,
+    trained_tensors,
+)
 from alignlm.training import sharding, zero
 
 STEP_PREFIX = "step_"
@@ -43,6 +52,9 @@ SCALER_FILE = "scaler.pt"  # fp16's loss scaler: its scale and growth count (:fu
 TRAINED_FROM = "trained_from.json"  # in final/: the stage's recipe as it finished (:func:`trained_from`)
 CONTENTS = " contents"  # suffix of a recipe key holding the bytes' digest of the file its config key names
 START = " weights"  # suffix of the trained_from key identifying the weights a stage started from (init_from)
+# in trained_from.json: the files the stage's model config loads as they were when its final/ was written (the
+# frozen parts a final/ is rebuilt from: models.io.model_stamps), compared apart from the recipe (model_file_changes)
+MODEL_FILES = "model files"
 IDENTIFIED = (CONTENTS, START)  # keys compared by what identifies the bytes, never by the path that named them
 WEIGHT_SUFFIXES = (".safetensors", ".bin")  # weights files of a final/ or a transformers Llava folder
 
@@ -387,18 +399,6 @@ def _under(key: str, prefix: str) -> bool:
     return key == prefix or key.startswith(prefix + ".") or key.startswith(prefix + "[")
 
 
-def _strings(tree: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
-    """Every string of a nested config with its key, into lists too (``data.sources[0].path``)."""
-    if isinstance(tree, Mapping):
-        for k, v in tree.items():
-            yield from _strings(v, f"{prefix}.{k}" if prefix else str(k))
-    elif isinstance(tree, (list, tuple)):
-        for i, v in enumerate(tree):
-            yield from _strings(v, f"{prefix}[{i}]")
-    elif isinstance(tree, str):
-        yield prefix, tree
-
-
 def _names(text: str, file: bool = False) -> bool:
     """Whether a config string names an existing file (``file``) or file or folder."""
     try:
@@ -415,7 +415,7 @@ def input_files(stage: Mapping[str, Any], name: str) -> dict[str, dict[str, str]
     came from, not what they are). Each file is read once, however many keys name it."""
     digests: dict[str, str] = {}
     out = {}
-    for key, text in _strings(stage):
+    for key, text in config_strings(stage):
         if any(_under(key, free) for free in FREE_ON_RESUME) or not _names(text, file=True):
             continue
         if text not in digests:
@@ -550,8 +550,9 @@ def change_text(key: str, theirs: Any, ours: Any) -> str:
 
 
 def finished_changes(final: Path, ours: Mapping[str, Any], model_cfg: Any) -> list[str] | None:
-    """How what ``final/`` was trained from (its :data:`TRAINED_FROM` record, and its ``config.yaml``'s model
-    settings: :func:`model_changes`) differs from this run's ``ours`` (:func:`trained_from`), one line each; None for
+    """How what ``final/`` was trained from (its :data:`TRAINED_FROM` record, its ``config.yaml``'s model settings:
+    :func:`model_changes`, and the files they loaded: :func:`model_file_changes`) differs from this run's ``ours``
+    (:func:`trained_from`) and ``model_cfg``, one line each; None for
     a ``final/`` written before the record existed, whose inputs cannot be compared. A rerun that skips a finished
     stage otherwise passed its old weights on to the next stages and the evaluation whatever had changed."""
     path = Path(final) / TRAINED_FROM
@@ -566,8 +567,35 @@ def finished_changes(final: Path, ours: Mapping[str, Any], model_cfg: Any) -> li
         ) from e
     if not isinstance(theirs, dict):
         raise ValueError(f"{path} is not a mapping of settings: retrain with resume=never")
+    files = theirs.pop(MODEL_FILES, None)  # written by save_final, not by trained_from: compared on their own
     lines = [change_text(k, a, b) for k, (a, b) in recipe_changes(theirs, ours).items()]
-    return lines + model_changes(final, model_cfg)
+    return lines + model_changes(final, model_cfg) + model_file_changes(files, model_cfg)
+
+
+def model_file_changes(theirs: Any, model_cfg: Any) -> list[str]:
+    """The local files or folders a finished stage's model config named (its record's :data:`MODEL_FILES`) that this
+    run's ``model_cfg`` names under the same key and that changed since (size, modification time, files added or
+    gone), one line each: ``model.llm.name_or_path (<path>): its files changed since this stage trained with them``.
+    A ``final/`` holds only the parts its stage trained, so the next stage rebuilds a frozen LLM or tower from that
+    folder: new weights there had been skipped over, and the next stage trained on them from a connector fitted to
+    the old ones. A key naming another path now is :func:`model_changes`' to name; a record written before the files
+    were recorded (None) is compared without them."""
+    if not isinstance(theirs, Mapping):
+        return []
+    if isinstance(model_cfg, DictConfig):
+        model_cfg = OmegaConf.to_container(model_cfg, resolve=True)
+    named = dict(config_strings(model_cfg or {}, "model"))
+    lines = []
+    for key, was in sorted(theirs.items()):
+        was = was if isinstance(was, Mapping) else {}
+        path = was.get("path")
+        if key not in named or os.path.abspath(named[key]) != path:
+            continue
+        now = file_stamps(path)
+        if now != was.get("files"):
+            what = "its files changed since" if now else "nothing there now, though"
+            lines.append(f"{key} ({path}): {what} this stage trained with them")
+    return lines
 
 
 def layout(model: nn.Module, objectives: nn.Module | None) -> dict[str, list[int]]:
@@ -836,11 +864,13 @@ def save_final(
     ``settings``: what the stage was trained from (:func:`trained_from`), written in the same publish (with the
     manifest a rerun checks: :func:`final_intact`), so a ``final/`` holds it exactly when it is whole; None for a
     folder no stage trained (written by a tool or a test), which a rerun skips with a warning that its inputs cannot
-    be compared."""
+    be compared. With them, the files its model config loads as they are now (:data:`MODEL_FILES`: the frozen parts
+    the ``final/`` is rebuilt from, which it does not hold)."""
     tmp = atomic_dir(final_dir)
     metadata = {"parts": ",".join(parts), "stage": stage}
     save_file(part_state(model, parts), str(tmp / "model.safetensors"), metadata=metadata)
     (tmp / "config.yaml").write_text(config_yaml)
     if settings is not None:
-        (tmp / TRAINED_FROM).write_text(json.dumps(settings, indent=2))
+        record = {**settings, MODEL_FILES: model_stamps(read_config_yaml(tmp / "config.yaml").get("model"))}
+        (tmp / TRAINED_FROM).write_text(json.dumps(record, indent=2))
     publish(tmp, final_dir)
