@@ -9,7 +9,7 @@
 #
 # PRETRAINED lists pairs of pretrain final/ folders (ReVision, no ReAlign); seed k starts from pair k mod n.
 # Overrides go to every arm; they must name the dual encoder the connectors were pretrained with
-# (revision.encoder=...). Results: OUT/seed_<k>/eval_<arm>/report.json, then one paired comparison per seed and the
+# (revision.encoder=...), which each arm uses as it is (revision.fit=null). Results: OUT/seed_<k>/eval_<arm>/report.json, then one paired comparison per seed and the
 # per-seed table with means (experiments/revision/seed_table.py). Rerunning skips finished arms and evaluations.
 set -euo pipefail
 out=${1:?usage: PRETRAINED=... bash experiments/revision/finetune_seeds.sh OUT "SEEDS" [hydra overrides...]}
@@ -23,7 +23,7 @@ data=${DATA_ROOT:-data}
 arm() {  # arm SEED NAME INIT [overrides...]: finetune one arm at one seed, then evaluate its final/
   local seed=$1 name=$2 init=$3 dir="$out/seed_$1"
   shift 3
-  alignlm train +exp=revision "seed=$seed" "output_dir=$dir" "data_root=$data" "eval.sets=[]" run=[finetune] \
+  alignlm train +exp=revision "seed=$seed" "output_dir=$dir" "data_root=$data" "eval.sets=[]" run=[finetune] revision.fit=null \
       "run_name=$name" "stages.finetune.init_from=$init" stages.finetune.save_every=0 "$@" > "$dir.$name.log" 2>&1
   [ -f "$dir/eval_$name/report.json" ] || alignlm eval "$dir/$name/finetune" --no-probe --no-plots \
       --sets "digits=$data/digits/test.json" "shapes=$data/shapes/test.json" --out "$dir/eval_$name" > /dev/null

@@ -11,19 +11,28 @@ same record ids and image paths, other scenes). So each file records two things:
 - ``inputs``: digests of what the file was computed from, by part (the data files' bytes, the images' size and
   modification time, as the feature cache stamps them, the encoder). When one differs, the step writes the file again
   with a warning naming the parts, as it would if the file were missing: the file is the step's own derived output.
+
+A file that records neither (written before files recorded them) is written again, as one whose inputs changed. The
+offline dual encoder a prepare step fits (``fit``: AlignGPT's levels, ReVision's encoder) follows the same rule, its
+knobs and inputs in its folder's manifest (``ensure_fitted_encoder``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from alignlm.data.feature_cache import file_stamp
+from alignlm.models.encoder_fit import PROVENANCE, fit_encoder, fit_inputs, fit_knobs, fitted_provenance
+from alignlm.models.encoders import MANIFEST
 
-KEY = "provenance"  # where a file's metadata holds {"knobs": {...}, "inputs": {...}}
+log = logging.getLogger(__name__)
+
+KEY = PROVENANCE  # where a file's metadata holds {"knobs": {...}, "inputs": {...}}
 
 
 def strings_digest(parts: Iterable[str]) -> str:
@@ -74,15 +83,15 @@ def as_json(values: Mapping[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(dict(values)))
 
 
-def check_knobs(path: Path, stored: Mapping[str, Any], wanted: Mapping[str, Any], step: str) -> None:
+def check_knobs(path: Path, stored: Mapping[str, Any], wanted: Mapping[str, Any], step: str, prefix: str = "") -> None:
     """Refuse a file made with other knobs than the step's, naming the file and the first knob that differs (in the
-    step's order: the source before its own knobs)."""
+    step's order: the source before its own knobs), as the config names it (``prefix``: where the knobs sit)."""
     for knob in [*wanted, *(k for k in stored if k not in wanted)]:
         if stored.get(knob) != wanted.get(knob):
             raise ValueError(
-                f"{path} was written with {knob}={stored.get(knob)!r}, but the {step} step asks for "
-                f"{knob}={wanted.get(knob)!r}: point the step at another file, or delete this one so it is written "
-                "again"
+                f"{path} was written with {prefix}{knob}={stored.get(knob)!r}, but the {step} step asks for "
+                f"{prefix}{knob}={wanted.get(knob)!r}: point the step at another file, or delete this one so it is "
+                "written again"
             )
 
 
@@ -91,3 +100,41 @@ def changed_inputs(stored: Mapping[str, Any] | None, inputs: Mapping[str, str]) 
     if not stored:
         return sorted(inputs)
     return sorted(k for k in set(stored) | set(inputs) if stored.get(k) != inputs.get(k))
+
+
+def ensure_fitted_encoder(encoder: str | Path, fit: Mapping[str, Any] | None, step: str, key: str) -> None:
+    """Fit the offline dual encoder into the folder ``encoder`` (``fit``: ``fit_encoder``'s knobs, set at the config
+    key ``key``) when it holds none, or when the data it was fitted on changed or it records nothing of its fit (a
+    folder fitted before folders recorded it), with a warning; a folder fitted with other knobs is refused, naming the
+    knob. Whatever was derived from the encoder (levels, embeddings) records its files' stamps and follows a refit.
+    ``fit`` null never fits: ``encoder`` is then a CLIP / SigLIP name or a folder used as it is."""
+    if not fit:
+        return
+    fit = dict(fit)
+    try:
+        wanted = as_json(fit_knobs(fit))
+    except TypeError as e:
+        raise ValueError(
+            f"{key} has a knob `alignlm dual-encoder fit` does not take, or lacks one it needs: {e}"
+        ) from e
+    folder = Path(encoder)
+    if not (folder / MANIFEST).exists():
+        log.info("%s: fitting the offline dual encoder into %s", step, folder)
+        fit_encoder(out=folder, **fit)
+        return
+    stored = fitted_provenance(folder)
+    if stored is not None:
+        check_knobs(folder, stored.get("knobs", {}), wanted, step, f"{key}.")
+    inputs = fit_inputs(fit["train"], wanted["limit"], fit.get("image_root"))
+    changed = changed_inputs(None if stored is None else stored.get("inputs"), inputs)
+    if not changed:
+        return
+    log.warning(
+        "%s: the dual encoder in %s %s: fitting it again",
+        step,
+        folder,
+        "records nothing of how it was fitted (fitted before folders recorded it)"
+        if stored is None
+        else f"was fitted on other {' and '.join(changed)} ({key}.train regenerated or edited since)",
+    )
+    fit_encoder(out=folder, **fit)

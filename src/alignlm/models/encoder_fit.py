@@ -7,13 +7,20 @@ steps of the recipes that need an encoder) train on LLaVA caption records and wr
 (``heads.safetensors`` + ``dual_encoder.json``) that ``load_encoder`` reads. Held-out evaluation reports the modality
 gap and image->text / text->image recall@k, where a hit is any gallery item with the same caption text (the offline
 sets repeat captions), next to the exact chance level of that protocol.
+
+The manifest also records how the folder was fitted (``provenance``: the knobs that make one variant of the heads and
+digests of the training data), so a prepare step that names the folder with ``fit`` knobs tells a current encoder from
+one fitted another way or on data regenerated since (``methods/provenance.py: ensure_fitted_encoder``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +29,16 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from alignlm.data.feature_cache import file_stamp
 from alignlm.data.images import load_rgb
 from alignlm.data.records import MISSING_IMAGE, DataError, image_paths, iter_records, record_caption
+from alignlm.files import file_sha256, replace_text
 from alignlm.geometry.metrics import TIE, modality_gap
 from alignlm.models.device import default_device
-from alignlm.models.encoders import OfflineDualEncoder
+from alignlm.models.encoders import MANIFEST, OfflineDualEncoder
+
+PROVENANCE = "provenance"  # the manifest's record of how the heads were fitted (the key prepare steps' files use too)
+FIT_KNOBS = ("dim", "image_size", "epochs", "batch_size", "lr", "limit", "name", "seed", "temperature")
 
 
 def info_nce(img: Tensor, txt: Tensor, logit_scale: Tensor) -> Tensor:
@@ -190,6 +202,58 @@ def _check_fit_args(dim: int, image_size: int, epochs: int, batch_size: int, lim
         raise ValueError(f"dual-encoder lr={lr!r} must be a finite number > 0")
 
 
+# -------------------------------------------------------------------------------------------- provenance
+
+
+def fit_knobs(fit: Mapping[str, Any]) -> dict[str, Any]:
+    """The knobs of ``fit`` (``fit_encoder``'s keyword arguments, ``train`` among them) that make one variant of the
+    heads, with ``fit_encoder``'s defaults where ``fit`` leaves one out, so a knob spelled out at its default is the
+    same variant. A key ``fit_encoder`` does not take is a TypeError naming it. Not knobs: the training data (an input,
+    :func:`fit_inputs`), the held-out sets (they only measure), the device and the image root (where, not what)."""
+    bound = inspect.signature(fit_encoder).bind(out=None, **fit)
+    bound.apply_defaults()
+    return {knob: bound.arguments[knob] for knob in FIT_KNOBS}
+
+
+def _digest(parts: list[Any]) -> str:
+    """One digest of a JSON list (unambiguous: no two lists encode alike)."""
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+
+def _inputs(train: Sequence[str | Path], images: Sequence[Path]) -> dict[str, str]:
+    """:func:`fit_inputs` of training files whose pairs' images are already read."""
+    return {
+        "train": _digest([file_sha256(Path(p)) for p in train]),
+        "images": _digest([file_stamp(p) for p in images]),
+    }
+
+
+def fit_inputs(
+    train: Sequence[str | Path], limit: int | None = None, image_root: str | Path | None = None
+) -> dict[str, str]:
+    """Digests of what a fit reads: the training files' bytes (not their paths: a moved data folder still matches)
+    and the size and modification time of each trained pair's image (a stat, as the feature cache stamps them), so
+    data regenerated in place under the same names (another generator seed) is another input."""
+    return _inputs(train, _pairs(train, limit, image_root)[0])
+
+
+def fitted_provenance(folder: str | Path) -> dict[str, Any] | None:
+    """How the encoder in ``folder`` was fitted, as its manifest records it: ``{"knobs": ..., "inputs": ...}``;
+    None for a folder fitted before manifests recorded it."""
+    return json.loads((Path(folder) / MANIFEST).read_text()).get(PROVENANCE)
+
+
+def _save(model: OfflineDualEncoder, out: str | Path, report: dict[str, Any], record: dict[str, Any]) -> None:
+    """The folder with ``record`` (knobs and inputs) added to its manifest after the heads are written, so a fit
+    killed in between leaves a folder that records nothing, which a prepare step fits again."""
+    model.save(out, report)
+    manifest = Path(out) / MANIFEST
+    replace_text(manifest, json.dumps({**json.loads(manifest.read_text()), PROVENANCE: record}, indent=2))
+
+
+# -------------------------------------------------------------------------------------------- fit
+
+
 def fit_encoder(
     train: Sequence[str | Path],
     out: str | Path,
@@ -209,14 +273,20 @@ def fit_encoder(
 ) -> dict[str, Any]:
     """Fit the heads on caption records, report held-out gap and recall, and write the folder; returns the report.
 
-    The one entry point of ``alignlm dual-encoder fit`` and of the prepare steps that fit an encoder when missing.
+    The one entry point of ``alignlm dual-encoder fit`` and of the prepare steps that fit an encoder when missing or
+    stale.
     ``image_root``: the folder every file's image paths are relative to (by default each file's own folder). The
     records are read and their images checked before the towers load; the fitted heads are written before the
     held-out evaluation, which then writes the folder again with its figures (a failing evaluation lost the fit).
+    The manifest records the knobs and the digests of the training data (:func:`fit_knobs`, :func:`fit_inputs`),
+    taken before the fit reads them.
     """
     _check_fit_args(dim=dim, image_size=image_size, epochs=epochs, batch_size=batch_size, limit=limit, lr=lr)
+    knobs = {"dim": dim, "image_size": image_size, "epochs": epochs, "batch_size": batch_size, "lr": lr}
+    knobs |= {"limit": limit, "name": name, "seed": seed, "temperature": temperature}
     images, texts = _pairs(train, limit, image_root)
     _check_pairs(f"train={[str(p) for p in train]}" + f" (limit={limit})" * (limit is not None), images, 2)
+    record = {"knobs": knobs, "inputs": _inputs(train, images)}
     pairs = {str(p): _pairs([p], image_root=image_root) for p in held_out}
     for path, (held_images, _) in pairs.items():
         _check_pairs(f"held_out file {path}", held_images, 1)
@@ -235,9 +305,9 @@ def fit_encoder(
         "temperature": 1 / min(model.logit_scale.exp().item(), 100.0),
         "temperature_learnt": temperature is None,
     }
-    model.save(out, {**report, "seconds": round(time.perf_counter() - start, 1)})
+    _save(model, out, {**report, "seconds": round(time.perf_counter() - start, 1)}, record)
     for path, feats in pair_feats.items():
         report[path] = evaluate(model, *feats, pairs[path][1])
     report["seconds"] = round(time.perf_counter() - start, 1)
-    model.save(out, report)
+    _save(model, out, report, record)
     return report

@@ -32,10 +32,17 @@ from tqdm.auto import tqdm
 from alignlm.data.images import decoded_batches
 from alignlm.data.records import DataError, image_names, image_paths, iter_records, record_caption
 from alignlm.files import PartialRows, partial_folder, replace_text
-from alignlm.methods.provenance import KEY, changed_inputs, check_knobs, encoder_identity, files_digest, stamps_digest
+from alignlm.methods.provenance import (
+    KEY,
+    changed_inputs,
+    check_knobs,
+    encoder_identity,
+    ensure_fitted_encoder,
+    files_digest,
+    stamps_digest,
+)
 from alignlm.models.device import default_device
-from alignlm.models.encoder_fit import fit_encoder
-from alignlm.models.encoders import MANIFEST, DualEncoder, device_of, image_steps, load_encoder
+from alignlm.models.encoders import DualEncoder, device_of, image_steps, load_encoder
 
 log = logging.getLogger(__name__)
 
@@ -255,13 +262,13 @@ def ensure_levels(
     changed (the data regenerated under the same ids, another or a refitted encoder); a file of another
     ``num_levels`` is refused.
 
-    ``fit`` (``alignlm dual-encoder fit`` knobs) fits the offline dual encoder into ``encoder`` first when that folder
-    does not exist yet; null never fits (``encoder`` is then a CLIP / SigLIP name or an existing folder).
+    ``fit`` (``alignlm dual-encoder fit`` knobs) fits the offline dual encoder into the folder ``encoder`` first when
+    it holds none or one fitted on other data, and refuses one fitted with other knobs
+    (``provenance.ensure_fitted_encoder``); null never fits (``encoder`` is then a CLIP / SigLIP name or a folder).
     """
     out = Path(out)
-    if fit and isinstance(encoder, str) and not (Path(encoder) / MANIFEST).exists():
-        log.info("aligngpt levels: fitting the offline dual encoder into %s", encoder)
-        fit_encoder(out=encoder, **dict(fit))
+    if isinstance(encoder, (str, Path)):
+        ensure_fitted_encoder(encoder, fit, "aligngpt_levels", "aligngpt_levels.fit")
     if out.exists():
         stored = LevelLabels(out).provenance
         if stored is not None:

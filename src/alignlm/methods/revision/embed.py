@@ -8,12 +8,16 @@ JSON/JSONL (the first assistant turn, the caption in LLaVA pretraining data).
 Items are cut into shards of ``shard_size`` in input order; shard ``k`` is
 ``OUT/<modality>/shard_<k>.safetensors`` (float32 ``embeddings`` with ``ids``, ``encoder``, ``encoder_fingerprint``,
 ``items`` and ``modality`` metadata, see :mod:`alignlm.methods.revision.shards`). Shards are written whole and
-atomically, so a rerun skips the finished ones (after checking they hold the expected ids) and resumes at the first
-missing one. A shard is embedded again when what it embedded changed under the same ids: an encoder of the same name
-with other weights (refitted into the same folder), other captions, or images of another size or modification time
-(``items``, their digest: an offline set regenerated with other knobs keeps its ids). Shards numbered past the item
-list's last (left by a longer list) are removed: the folder holds the embeddings of this list, and ReAlign fits on
-the whole folder.
+atomically, so a rerun skips the finished ones and resumes at the first missing one. The encoder is known by its
+weights' fingerprint (``DualEncoder.fingerprint``), not by how the run names it: a shard of the same weights is kept
+under another name (a folder named relatively, or moved with the project), and relabelled with this run's name, so
+the folder names one encoder. A shard is embedded again when it is not this list's: other ids in its place (items
+added, removed or reordered before it, in any shard: a list narrowed or grown), other weights under the same name (an
+encoder refitted into its folder), other captions, or images of another size or modification time under the same ids
+(``items``, their digest: an offline set regenerated with other knobs keeps its ids). A shard of another encoder
+(another name and other weights) is refused, the folder untouched: its embeddings live in another space. Shards
+numbered past the item list's last (left by a longer list) are removed: the folder holds the embeddings of this
+list, and ReAlign fits on the whole folder.
 Embeddings are stored as the encoder returns them (not normalised); ReAlign normalises.
 """
 
@@ -24,6 +28,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -108,7 +113,9 @@ def embed_items(
     for k, path in enumerate(paths):
         shard = items[k * shard_size : (k + 1) * shard_size]
         done.append(_finished(path, [i for i, _ in shard], encoder.name, fingerprint, items_digest(modality, shard)))
-    _remove_past(folder, n_shards)  # after the checks: a folder of other items is refused untouched
+    _remove_past(folder, n_shards)  # after the checks: a folder of another encoder is refused untouched
+    for path in (p for p, d in zip(paths, done) if d):
+        _relabel(path, encoder.name)
     bar = tqdm(
         total=len(items),
         initial=sum(min(shard_size, len(items) - k * shard_size) for k, d in enumerate(done) if d),
@@ -168,19 +175,23 @@ def _remove_past(folder: Path, n_shards: int) -> None:
 
 
 def _finished(path: Path, ids: list[str], encoder: str, fingerprint: str, items: str) -> bool:
-    """Whether a shard already holds exactly these ids from this encoder, its weights and the items as they are now.
-    Other ids or another encoder's name are an error, not a redo; other weights under the same name (an encoder
-    refitted into its folder: `alignlm dual-encoder fit` writes one default name) or other items under the same ids
+    """Whether a shard already holds exactly these ids from this encoder's weights and the items as they are now.
+
+    The weights decide, not the name (a CLIP folder's name is its path as the run spells it). Other weights under
+    another name are another encoder, an error, not a redo: its embeddings may be wanted, and ReAlign cannot mix two
+    spaces. Other weights under the same name (an encoder refitted into its folder: `alignlm dual-encoder fit` writes
+    one default name), other ids (the item list changed before or inside this shard) or other items under the same ids
     (captions edited, images regenerated) are a redo."""
     if not path.exists():
         return False
     shard = open_shard(path)
-    if shard.ids != ids or shard.encoder != encoder:
-        raise ValueError(
-            f"{path} exists but holds other items or another encoder ({shard.encoder!r}, want {encoder!r}): "
-            "the input changed since it was written; use a new --out folder or delete it"
-        )
     if shard.encoder_fingerprint != fingerprint:
+        if shard.encoder != encoder:
+            raise ValueError(
+                f"{path} holds embeddings of another encoder: {shard.encoder!r} (weights "
+                f"{shard.encoder_fingerprint}), this run's is {encoder!r} (weights {fingerprint}); embed into another "
+                "folder (`alignlm embed --out`, revision.embeddings) or delete this one"
+            )
         log.warning(
             "%s was embedded by %s with other weights (fingerprint %s, now %s): the encoder changed, embedding again",
             path,
@@ -189,7 +200,26 @@ def _finished(path: Path, ids: list[str], encoder: str, fingerprint: str, items:
             fingerprint,
         )
         return False
+    if shard.ids != ids:
+        log.warning(
+            "%s holds other items than this item list puts there (%d ids, now %d; items added, removed or reordered): "
+            "embedding again",
+            path,
+            len(shard.ids),
+            len(ids),
+        )
+        return False
     if shard.metadata.get("items") != items:
         log.warning("%s was embedded from other captions or images under the same ids: embedding again", path)
         return False
     return True
+
+
+def _relabel(path: Path, encoder: str) -> None:
+    """Write a kept shard's ``encoder`` as this run names the same weights, so every shard of the folder names one
+    encoder (ReAlign refuses shards of two names, and records the one it fitted on); the embeddings are kept."""
+    shard = open_shard(path)
+    if shard.encoder == encoder:
+        return
+    log.info("%s: the same encoder weights, named %r before and %r now: renamed", path, shard.encoder, encoder)
+    write_shard(path, np.array(shard.matrix()), {**shard.metadata, "encoder": encoder})

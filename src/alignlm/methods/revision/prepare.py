@@ -1,15 +1,17 @@
 """ReVision's prepare steps, run by ``alignlm train`` before training (``stage.prepare`` in ``configs/exp/revision.yaml``).
 
 Three steps, each skipped when its output exists and is current, so a rerun goes straight to training:
-``ensure_encoder`` fits the offline dual encoder into the encoder folder when it is missing and ``fit`` says how;
-``ensure_embeddings`` embeds the images and captions (``alignlm embed``: resumable shards, embedded again when the
-encoder's weights changed, a refitted encoder keeps its folder and name, or the captions or images changed under the
-same ids; shards of a longer, earlier item list are removed); ``ensure_realign`` fits ReAlign's statistics (again when
-the shards are not the ones they were fitted on: other items, other captions or images, another encoder). The text-embedding data hook applies
-them to each caption embedding as it reads it (the same float64 map as ``alignlm realign apply``), so switching
-ReAlign off for the ablation (``revision.realign=null``) changes one knob and no files. The pretraining stage (which
-reads caption embeddings) names all three; the finetuning stage only the encoder (its vision tower), so a
-finetune-only run fits nothing else.
+``ensure_encoder`` fits the offline dual encoder into the encoder folder when ``fit`` says how and the folder holds
+none, or one fitted on other data (one fitted with other ``revision.fit`` knobs is refused);
+``ensure_embeddings`` embeds the images and captions (``alignlm embed``: resumable shards, kept for the same encoder
+weights however the encoder is named, embedded again when the weights changed, a refitted encoder keeps its folder
+and name, when the item list put other ids in a shard, or when the captions or images changed under the same ids;
+shards of a longer, earlier item list are removed); ``ensure_realign`` fits ReAlign's statistics (again when the
+shards are not the ones they were fitted on: other items, other captions or images, another encoder or name).
+The text-embedding data hook applies them to each caption embedding as it reads it (the same float64 map as
+``alignlm realign apply``), so switching ReAlign off for the ablation (``revision.realign=null``) changes one knob and
+no files. The pretraining stage (which reads caption embeddings) names all three; the finetuning stage only the
+encoder (its vision tower), so a finetune-only run fits nothing else.
 """
 
 from __future__ import annotations
@@ -20,26 +22,20 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from alignlm.methods.provenance import KEY, changed_inputs, strings_digest
+from alignlm.methods.provenance import KEY, changed_inputs, ensure_fitted_encoder, strings_digest
 from alignlm.methods.revision.embed import collect_images, collect_texts, embed_items
 from alignlm.methods.revision.realign import ReAlignStats, fit
 from alignlm.methods.revision.shards import list_shards
 from alignlm.models.device import default_device
-from alignlm.models.encoder_fit import fit_encoder
-from alignlm.models.encoders import MANIFEST, load_encoder
+from alignlm.models.encoders import load_encoder
 
 log = logging.getLogger(__name__)
 
 
 def ensure_encoder(encoder: str, fit: Mapping[str, Any] | None = None) -> None:
-    """Fit the offline dual encoder into ``encoder`` when it is not a dual encoder folder yet and ``fit`` is set."""
-    if (Path(encoder) / MANIFEST).exists() or not fit:
-        return  # an existing folder, or a CLIP / SigLIP name that load_encoder resolves
-    log.info("revision: fitting the offline dual encoder into %s", encoder)
-    try:
-        fit_encoder(out=encoder, **dict(fit))
-    except TypeError as e:
-        raise ValueError(f"revision.fit has a knob `alignlm dual-encoder fit` does not take: {e}") from e
+    """Fit the offline dual encoder into ``encoder`` when ``fit`` is set and the folder holds none, or one fitted on
+    other data (a folder fitted with other ``revision.fit`` knobs is refused: ``provenance.ensure_fitted_encoder``)."""
+    ensure_fitted_encoder(encoder, fit, "revision_encoder", "revision.fit")
 
 
 def ensure_embeddings(
@@ -76,7 +72,7 @@ def shards_inputs(embeddings: str | Path) -> dict[str, str]:
 
 def ensure_realign(embeddings: str, realign: str | None, covariance: float | None = None) -> None:
     """ReAlign's statistics of the image and caption shards, written to ``realign`` when missing or fitted on other
-    shards (other items, captions, images or encoder weights; null: no ReAlign).
+    shards (other items, captions, images, encoder weights or encoder name; null: no ReAlign).
 
     ``covariance`` (null: the paper's trace step; a shrinkage: Anchor + Covariance) must agree with an existing file,
     so changing the knob never silently reuses statistics fitted the other way.
@@ -97,8 +93,8 @@ def ensure_realign(embeddings: str, realign: str | None, covariance: float | Non
         if not changed:
             return
         log.warning(
-            "revision: %s was fitted on other %s shards than %s now holds (other items, captions, images or encoder "
-            "weights): fitting it again",
+            "revision: %s was fitted on other %s shards than %s now holds (other items, captions, images, encoder "
+            "weights or encoder name): fitting it again",
             path,
             " and ".join(changed),
             embeddings,
