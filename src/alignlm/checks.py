@@ -711,26 +711,57 @@ def check_stages_fit_model(cfg: DictConfig, stages: Sequence[str], model: AlignL
     text (the stage's dataset refused it then). Those targets must also leave a module the part's output depends on
     once its inert ones are excluded (peft found no module to adapt when the stage began), and every module they adapt
     must be a layer LoRA can adapt (peft refused it when the stage began) whose weights no other module shares (a
-    tied LM head: ``final/`` was not the model trained). ``model``: built from ``cfg.model``, nothing loaded."""
+    tied LM head: ``final/`` was not the model trained). No stage trains the LLM's input embedding table while a copy
+    of it is in use (:func:`_check_input_embedding_copies`). ``model``: built from ``cfg.model``, nothing loaded."""
     exclusions: dict[str, list[str]] = {}  # each part's, probed once for all stages
     for name in stages:
         key, stage = f"stages.{name}", cfg.stages[name]
         targets = (stage.get("lora") or {}).get("target_modules", ALL_LINEAR)
+        adapted_by_part: dict[str, list[str]] = {}
         for part, mode in stage.parts.items():
             if mode == "lora":
                 module = getattr(model, part)
                 _check_lora_targets(f"{key}.lora.target_modules", plain(targets), module, part)
                 if part not in exclusions:
                     exclusions[part] = lora_exclusions(module)
-                adapted = lora_adapted(module, plain(targets), exclusions[part])
+                adapted = adapted_by_part[part] = lora_adapted(module, plain(targets), exclusions[part])
                 _check_lora_reaches(key, plain(targets), module, part, adapted)
                 _check_lora_layers(f"{key}.lora.target_modules", plain(targets), module, part, adapted)
                 _check_lora_untied(key, plain(targets), module, part, adapted)
+        _check_input_embedding_copies(key, stage, model, adapted_by_part.get("llm", []))
         max_length, tokens = stage.data.get("max_length", 2048), model.num_image_tokens
         if max_length <= tokens and _has_images(stage.data):
             raise ConfigError(
                 f"{key}.data.max_length={max_length} cannot hold one image's {tokens} visual tokens and a token of "
                 f"text: every record with an image would be cut away; set it above {tokens}"
+            )
+
+
+def _check_input_embedding_copies(key: str, stage: DictConfig, model: AlignLM, adapted: list[str]) -> None:
+    """A stage that trains the LLM's input embedding table (``parts.llm=full``, or LoRA adapting it: ``adapted``, the
+    LLM's modules the stage's LoRA adapts) while a part of the model or one of the stage's objectives holds a copy of
+    that table taken once (it says what in its ``input_embedding_copy``) is refused: the copy stays the table as it
+    was, and what it stood for (visual tokens that are the LLM's words, targets among its embeddings) silently no
+    longer holds. Each method declares its copy; nothing here knows which method holds one."""
+    mode = stage.parts.get("llm", "frozen")
+    table = model.llm.get_input_embeddings()
+    name = next((n for n, m in model.llm.named_modules() if m is table), "the input embeddings")
+    if mode == "full":
+        trains = f"{key}.parts.llm=full trains the LLM's input embedding table"
+    elif mode == "lora" and name in adapted:
+        trains = f"{key}.lora.target_modules adapts the LLM's input embedding table ({name})"
+    else:
+        return
+    holders = [(f"model.{part}", getattr(model, part)) for part in model.PARTS]
+    for obj, node in (stage.get("objectives") or {}).items():
+        if node is not None:
+            holders.append((f"{key}.objectives.{obj}", import_target(f"{key}.objectives.{obj}", node)))
+    for where, holder in holders:
+        copy = getattr(holder, "input_embedding_copy", None)
+        if copy:
+            raise ConfigError(
+                f"{trains}, but {where} holds {copy}: training the table leaves that copy behind. Set "
+                f"{key}.parts.llm=frozen, or lora with target_modules that leave {name} alone (all-linear does)"
             )
 
 

@@ -4,12 +4,16 @@ While the tower is frozen its features of an image never change, so a stage that
 (several epochs, captions and questions about the same image, a sweep over connectors) can compute them once. The
 cache is a folder per tower (named by its fingerprint, so another tower or other weights never hit it) of
 safetensors shards: ``features`` ``[n, N, Dv]`` in the tower's output dtype (bf16 stays bf16, bit for bit), with the
-images' resolved paths as ``ids``, their files' ``(size, mtime_ns)`` when read as ``stamps`` and their ``(width,
-height)`` as ``sizes`` in the metadata: an image edited or regenerated in place has another stamp, so it is not cached
-any more and is computed again (a stat per image, no hashing of content); the sizes hold every cached image to the
-reading run's ``data.max_image_pixels`` without opening it. :class:`FeatureCacheHook` serves them as
-``image_embeds``; the training layer fills the cache (``training/feature_cache.py``), looking at each image's file once
-per stage start (a :class:`Survey`) and handing what it saw to the hook.
+images' resolved paths as ``ids``, their files' ``(size, mtime_ns)`` when read as ``stamps``, their ``(width,
+height)`` as ``sizes`` and the cache folder's own resolved path as ``folder`` in the metadata: an image edited or
+regenerated in place has another stamp, so it is not cached any more and is computed again (a stat per image, no
+hashing of content); the sizes hold every cached image to the reading run's ``data.max_image_pixels`` without opening
+it. A row serves the file that lies where its image lay, with its stamp: at the same resolved path, or, once the
+folder has moved since the shard was written and the image is no longer there, at the same path relative to the
+folder (:meth:`FeatureCache.moved`): a project moved with its cache (data and ``outputs/`` together, another mount
+point, a renamed folder) hits, as does a cache moved away from images that stayed put. :class:`FeatureCacheHook`
+serves them as ``image_embeds``; the training layer fills the cache (``training/feature_cache.py``), looking at each
+image's file once per stage start (a :class:`Survey`) and handing what it saw to the hook.
 """
 
 from __future__ import annotations
@@ -122,6 +126,7 @@ class FeatureCache:
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
+        self.home = os.path.realpath(self.folder)  # where the shards are now, written into each new one as ``folder``
         # every cached copy of an image: shard, row, the file's stamp when it was read (one per edit of the image)
         # and the image's size (None in a shard written before sizes were)
         self.where: dict[str, list[Copy]] = {}
@@ -131,20 +136,45 @@ class FeatureCache:
         self._handles: dict[Path, Any] = {}
 
     def _index_new_shards(self) -> None:
-        """Add the folder's shards not indexed yet to ``where`` (all of them when the cache is opened)."""
+        """Add the folder's shards not indexed yet to ``where`` (all of them when the cache is opened); a row of a
+        shard written where the folder was before is indexed where its image is now too, when it left its own path
+        (:meth:`moved`; a stat per row of such a shard, none for a folder that stayed)."""
         for shard in sorted(self.folder.glob("*.safetensors")) if self.folder.exists() else []:
             if shard not in self.indexed:
-                for row, (key, stamp, size) in enumerate(zip(*self._check(shard))):
-                    self.where.setdefault(key, []).append((shard, row, stamp, size))
+                ids, stamps, sizes, written_in = self._check(shard)
+                elsewhere = written_in is not None and written_in != self.home
+                for row, (key, stamp, size) in enumerate(zip(ids, stamps, sizes)):
+                    copy = (shard, row, stamp, size)
+                    self.where.setdefault(key, []).append(copy)
+                    if elsewhere and stamp is not None and file_stamp(key) != stamp:
+                        self.where.setdefault(self.moved(key, written_in), []).append(copy)
                 self.indexed.add(shard)
 
-    def _check(self, shard: Path) -> tuple[list[str], list[Stamp | None], list[Size | None]]:
-        """A shard's ids, stamps and sizes, once its index, rows, shape and dtype agree (a damaged shard fails here,
-        at start-up, not at the step that first reads it)."""
+    def moved(self, key: str, written_in: str) -> str:
+        """Where the image of ``key``, cached while this folder was ``written_in``, lies now if it moved with the
+        folder: at the same path relative to it (``outputs/feature_cache/<tower>`` -> ``../../../data/a.png``).
+
+        Why this key, and no false hit: a row serves an image only at its own place, its resolved path as cached, or
+        that path relative to the cache once its own place no longer holds it (the image left with the folder), and
+        only a file with the stamp read there. Two images present at once never share a place, so two sources with
+        the same names under other roots never share features; a copied cache, or one moved beside other images of
+        the same names while its own stayed, serves only the images it was filled from. What tells the image at its
+        new place is what tells it at its own path: its file's size and modification time to the nanosecond, kept
+        by a move (``mv``, ``rsync -a``, a remount). Keying an image by its path relative to its source's root would
+        serve one set's features to another set with the same names wherever the two lay (files of the same size,
+        extracted from archives with the same times); keying it by a hash of its bytes would read every image at
+        each start-up."""
+        return os.path.normpath(os.path.join(self.home, os.path.relpath(key, written_in)))
+
+    def _check(self, shard: Path) -> tuple[list[str], list[Stamp | None], list[Size | None], str | None]:
+        """A shard's ids, stamps, sizes and the folder it was written in (None in a shard written before folders
+        were: its rows serve only the paths they name), once its index, rows, shape and dtype agree (a damaged shard
+        fails here, at start-up, not at the step that first reads it)."""
         try:
             with safe_open(str(shard), "pt") as f:
                 meta = f.metadata() or {}
                 ids = json.loads(meta.get("ids", "[]"))
+                written_in = meta.get("folder")
                 if TENSOR not in f.keys():
                     raise ValueError(f"no {TENSOR!r} tensor")
                 part = f.get_slice(TENSOR)
@@ -153,6 +183,8 @@ class FeatureCache:
             raise DataError(f"feature cache shard {shard} cannot be read: {type(e).__name__}: {e}") from e
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids) or len(ids) != shape[0]:
             raise DataError(f"feature cache shard {shard}: its index does not list one image per row of {shape}")
+        if written_in is not None and not os.path.isabs(written_in):
+            raise DataError(f"feature cache shard {shard}: its folder {written_in!r} is not an absolute path")
         # stamps null: written before stamps, every row computed again; sizes null: read from the header when needed
         stamps = _pairs(meta, "stamps", shape[0], shard, "(size, mtime_ns)")
         sizes = _pairs(meta, "sizes", shape[0], shard, "(width, height)")
@@ -162,7 +194,7 @@ class FeatureCache:
                 f"{self.layout[0]} {self.layout[1]}"
             )
         self.layout = (shape[1:], dtype)
-        return ids, stamps, sizes
+        return ids, stamps, sizes, written_in
 
     def __getstate__(self) -> dict[str, Any]:  # data-loader workers open their own handles
         return {**self.__dict__, "_handles": {}}
@@ -233,7 +265,12 @@ class FeatureCache:
         path = self.folder / f"{name}.safetensors"
         keys = [image_key(p) for p in paths] if keys is None else list(keys)
         sizes = [None] * len(keys) if sizes is None else [None if s is None else list(s) for s in sizes]
-        meta = {"ids": json.dumps(keys), "stamps": json.dumps(list(stamps)), "sizes": json.dumps(sizes)}
+        meta = {
+            "ids": json.dumps(keys),
+            "stamps": json.dumps(list(stamps)),
+            "sizes": json.dumps(sizes),
+            "folder": self.home,
+        }
         replace_file(
             path, lambda tmp: save_file({TENSOR: features.detach().cpu().contiguous()}, str(tmp), metadata=meta)
         )

@@ -42,6 +42,8 @@ class Objective(nn.Module):
     requires_batch_keys: tuple[str, ...] = ()
     needs_hidden_states: bool = False
     needs_sample_logps: bool = False  # each sample's summed log-probability of its labels (preference objectives)
+    # what it copies of the LLM's input embedding table once (None: nothing): a stage that trains the table is refused
+    input_embedding_copy: str | None = None
     # True when the loss is already normalised by the global supervised-token count (the LM loss);
     # other losses are per-micro-batch means that the trainer averages over the global step's micro-batches of data
     # (a rank's stand-in for a micro-batch of bad data not counted).

@@ -4,7 +4,9 @@ connector outputs it, toward the LLM input embedding of a word that describes it
 Per step, one label per token is sampled from its top-k candidates with ``softmax(score / t_sample)``; the
 classes are the *distinct* sampled labels of the batch, so the same word twice is never its own negative;
 ``L_sea = CE(norm(V) @ norm(T_U).T / tau)``. Word embeddings ``T_w`` are the mean of the LLM's input-embedding
-rows of the word's sub-tokens, taken once in ``setup`` and frozen, so the loss trains the connector only.
+rows of the word's sub-tokens, taken once in ``setup`` and frozen, so the loss trains the connector only (SEA aligns
+during pretraining, the LLM frozen); a stage that trains the table, which they would not follow, is refused by the
+config check before any stage trains (``input_embedding_copy``).
 The batch carries ``sea_words`` / ``sea_scores`` ``[n_images, M, k]`` (word id -1 = no candidate), laid out on
 the visual tokens by SEA's data hook (``data.hooks.sea``, ``methods/sea/hook.py``).
 """
@@ -83,6 +85,12 @@ class SEAObjective(Objective):
     name = "sea"
     requires_batch_keys = ("sea_words", "sea_scores")
     metric_names = ("acc",)
+    # what of the LLM's input embedding table it copies once: the config check (checks.py) refuses a stage of this
+    # objective that trains the table, which the copy would not follow
+    input_embedding_copy = (
+        "its label words' embeddings, the table's rows taken when the stage starts (the targets it pulls the visual "
+        "tokens to, which would stay the table's as it was)"
+    )
 
     def __init__(self, k: int = 5, t_sample: float = 0.1, tau: float = 0.07, word_prefix: str = " ") -> None:
         super().__init__()

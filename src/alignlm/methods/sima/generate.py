@@ -21,7 +21,9 @@ the set names them, relative to its folder, so a stage reads them with ``image_r
 naming the path and the folder) and ``<name>.critic.json`` (every judged pair with both
 orders' probabilities and the reference answer, for the critic check of ``alignlm eval``), and last
 ``<name>.provenance.json``: what the records were made from (``methods/provenance.py``). The knobs (the sampling, the
-limit, the seed, the template) make one variant: a file of other knobs is refused, naming the knob. The inputs (the
+limit, the seed, and the data config that renders the prompts: the template and its arguments, how the images are made
+square; :func:`rendering`) make one variant: a file of other knobs is refused, naming the knob; a file that records
+not every knob (written before it was recorded) is generated again with a warning. The inputs (the
 checkpoint's ``config.yaml`` and ``model.safetensors``, the run's own model config when the step builds the model from
 it, the set's records and the prompts' images, by size and modification time) are the model's own: when one changed (the model retrained, ``sima.from`` moved to another, the set
 regenerated), the set is generated again with a warning, as it is when either file is missing. A set whose records
@@ -29,11 +31,11 @@ are current is not generated again.
 
 Each generation pass over a set (the greedy one, then each sampled one) is kept as it finishes, in
 ``<name>.run<k>.json``, with what its answers were made from (:func:`run_key`): the model's inputs above, the prompts'
-digest, the data config that renders them, the pass's generation settings and seed, the batch size and the device
-type. A step stopped later (killed while sampling or judging) keeps the passes it finished, and its rerun reuses those
-made under the same key and generates the others: each pass seeds itself (``seed + k``), so its answers, and the
-records judged from them, are the ones an uninterrupted step makes. Every file is written whole (beside it, then
-renamed over it): a kill never leaves half of one.
+digest, the data config that renders them (:func:`rendering`), the pass's generation settings and seed, the batch size
+and the device type. A step stopped later (killed while sampling or judging) keeps the passes it finished, and its
+rerun reuses those made under the same key and generates the others: each pass seeds itself (``seed + k``), so its
+answers, and the records judged from them, are the ones an uninterrupted step makes. Every file is written whole
+(beside it, then renamed over it): a kill never leaves half of one.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from typing import Any
 import torch
 
 from alignlm.constants import IGNORE_INDEX, IMAGE_TOKEN
-from alignlm.data.build import template_of
+from alignlm.data.build import aspect_ratio_of, template_of
 from alignlm.data.records import image_names, read_records
 from alignlm.data.templates import reply
 from alignlm.files import replace_text
@@ -245,6 +247,40 @@ def checkpoint_identity(checkpoint: Path) -> str:
     return stamps_digest([checkpoint / f for f in FINAL_FILES], FINAL_FILES)
 
 
+# The keys of a data config that never change an answer: answering replaces the sources (the set's own file) and
+# on_error (raise), and uses no hooks; a prompt over max_length, an image over max_image_pixels or too few usable
+# records (min_usable_fraction) stop the step rather than change a prompt; the rest is how a stage trains and loads
+# (preference pairs, packing, batching by length, loader workers, the feature cache), which generation does not read.
+_NOT_RENDERING = frozenset(
+    {
+        "sources",
+        "hooks",
+        "on_error",
+        "max_length",
+        "max_image_pixels",
+        "min_usable_fraction",
+        "preference",
+        "packing",
+        "pack_length",
+        "group_by_length",
+        "num_workers",
+        "feature_cache",
+    }
+)
+
+
+def rendering(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The data config that decides what the model is shown of each prompt, and so its answers and judgements: the
+    template and its arguments, how the images are made square (``image_aspect_ratio``: crop shows the model another
+    image than pad) and any key not listed as leaving the answers alone (:data:`_NOT_RENDERING`: a new data knob counts
+    until it is listed), as JSON reads it back, defaults filled in (a config that leaves a key out means its default).
+    The records' knobs and each generation pass's key (:func:`run_key`) both hold it: the records kept the template
+    alone, so records made from padded images were kept for a step that crops them."""
+    kept = {name: v for name, v in data.items() if name not in _NOT_RENDERING}
+    template = {"template": str(data.get("template", "plain")), "template_args": dict(data.get("template_args") or {})}
+    return as_json({**kept, **template, "image_aspect_ratio": aspect_ratio_of(data)})
+
+
 def preference_knobs(
     data: Mapping[str, Any],
     samples: int,
@@ -254,11 +290,13 @@ def preference_knobs(
     drop_inconsistent: bool,
     seed: int,
 ) -> dict[str, Any]:
-    """The choices that make one variant of a set's records: the sampling, the prompts (how many, the template that
-    renders them) and the seed. The batch size is left out: it changes how the answers are computed, not which."""
-    template = {"template": str(data.get("template", "plain")), "template_args": dict(data.get("template_args") or {})}
+    """The choices that make one variant of a set's records: the sampling, the prompts (how many, and how the data
+    config renders them: :func:`rendering`) and the seed. The batch size is left out: it changes how the answers are
+    computed, not which."""
     sampling = {"samples": samples, "temperature": temperature, "max_new_tokens": max_new_tokens}
-    return as_json({**sampling, "limit": limit, "drop_inconsistent": drop_inconsistent, "seed": seed, **template})
+    return as_json(
+        {**sampling, "limit": limit, "drop_inconsistent": drop_inconsistent, "seed": seed, **rendering(data)}
+    )
 
 
 def preference_inputs(
@@ -280,19 +318,29 @@ def preference_inputs(
 
 def records_current(out_dir: Path, name: str, provenance: Mapping[str, Any]) -> bool:
     """Whether ``<name>.json`` was made from ``provenance``; a file of other knobs is refused (naming the knob), one
-    whose inputs changed, or that records none (written before they were recorded), is announced stale."""
+    whose inputs changed, or that records none of them or not every knob (written before they were recorded: what it
+    was made with is not known), is announced stale."""
     records, made_from = out_dir / f"{name}.json", out_dir / f"{name}.provenance.json"
     if not records.exists():
         return False
     stored = json.loads(made_from.read_text()).get(KEY) if made_from.exists() else None
+    unrecorded: list[str] = []
     if stored is not None:
-        check_knobs(records, stored.get("knobs", {}), provenance["knobs"], "sima")
+        knobs = stored.get("knobs", {})
+        check_knobs(records, knobs, {k: v for k, v in provenance["knobs"].items() if k in knobs}, "sima")
+        unrecorded = [k for k in provenance["knobs"] if k not in knobs]
     changed = changed_inputs(None if stored is None else stored.get("inputs"), provenance["inputs"])
     if changed:
         log.warning(
             "SIMA records %s: what they were made from changed (%s); generating them again", records, ", ".join(changed)
         )
-    return not changed
+    elif unrecorded:
+        log.warning(
+            "SIMA records %s do not record the %s they were made with (written before it was): generating them again",
+            records,
+            ", ".join(unrecorded),
+        )
+    return not changed and not unrecorded
 
 
 def prepare_preferences(
@@ -430,14 +478,13 @@ def run_key(
     k: int,
 ) -> dict[str, Any]:
     """What pass ``k``'s answers are made from, as JSON reads it back: the model and the set (``inputs``, the records'
-    provenance inputs), the prompts' text (``prompts``, the prompt file's), the data config that renders them (less
-    its sources and hooks, which answering replaces and leaves out), the pass's ``generation`` settings, answer length
-    and seed, the batch size and the device type."""
-    rendering = {name: v for name, v in data.items() if name not in ("sources", "hooks")}
+    provenance inputs), the prompts' text (``prompts``, the prompt file's), the data config that renders them
+    (:func:`rendering`, as the records' knobs hold it), the pass's ``generation`` settings, answer length and seed, the
+    batch size and the device type."""
     key = {
         "inputs": dict(inputs),
         "prompts": strings_digest([prompts]),
-        "data": rendering,
+        "data": rendering(data),
         "generation": dict(generation),
         "max_new_tokens": settings.max_new_tokens,
         "seed": settings.seed + k,

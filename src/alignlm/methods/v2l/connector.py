@@ -6,9 +6,10 @@ Here an encoder (``Linear -> GELU -> Linear``, as ``mlp2x_gelu``) maps each patc
 nearest codebook row by cosine becomes the token; a projection of the mean-pooled feature picks ``global_tokens``
 distinct words for the whole image, placed before the local ones (the paper's global and local tokens).
 
-The codebook is the LLM's input embedding table as built (a copy kept out of checkpoints; the LLM must stay frozen
-for the tokens to stay its words), restricted by ``codebook``: ``words`` keeps the vocabulary entries that decode to
-a space and letters (" red", " circle"), which is what makes the tokens readable; ``all`` keeps every non-special
+The codebook is the LLM's input embedding table as built (a copy kept out of checkpoints; the table must stay frozen
+for the tokens to stay its words: the config check refuses, before any stage trains, a stage that trains it, by this
+connector's ``input_embedding_copy``), restricted by ``codebook``: ``words`` keeps the vocabulary entries that decode
+to a space and letters (" red", " circle"), which is what makes the tokens readable; ``all`` keeps every non-special
 entry. Gradients reach the encoder by the straight-through estimator: the forward value is exactly the chosen word's
 embedding, the backward pass treats it as the encoder's output rescaled to that word's norm. Three auxiliary losses
 (docs/methods.md, V2L): commitment ``mean(1 - cos(z, e))`` pulls each encoder output towards its word (a cosine, as the
@@ -51,6 +52,14 @@ def word_ids(tokenizer: Any, rows: int, codebook: str) -> list[int]:
 
 class V2LConnector(Connector):
     """Patch features ``[B, N, Dv]`` -> ``global_tokens + N`` word embeddings of the LLM ``[B, G + N, Dl]``."""
+
+    # What of the LLM's input embedding table this part copies once, and why the copy matters: the config check
+    # (checks.py) refuses a stage that trains the table, which the copy would not follow (the paper's LLM is frozen;
+    # following a trained table would move every token and gather a sharded table at each step).
+    input_embedding_copy = (
+        "its codebook, a copy of the table's rows taken when the model is built (the visual tokens are to be the "
+        "LLM's own words, and would stay the words of the table as built)"
+    )
 
     def __init__(
         self,

@@ -43,6 +43,9 @@ class ConnectorOutput(ModelOutput):
 class Connector(nn.Module):
     """Base class. Subclasses take ``in_dim`` and ``out_dim`` (filled in by the model) plus their own knobs."""
 
+    # what it copies of the LLM's input embedding table once (None: nothing): a stage that trains the table is refused
+    input_embedding_copy: str | None = None
+
     def __init__(self, in_dim: int, out_dim: int) -> None:
         super().__init__()
         self.in_dim = in_dim
