@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 
 from alignlm.checks import check_keys
@@ -56,7 +58,7 @@ def eval_config(args: argparse.Namespace) -> dict[str, Any]:
     cfg = eval_defaults()
     if args.config:
         cfg = OmegaConf.merge(cfg, OmegaConf.load(args.config))
-    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(args.set or [])))
+    apply_set_items(cfg, args.set or [])
     flags = {
         "template": args.template,
         "batch_size": args.batch_size,
@@ -87,6 +89,27 @@ def eval_config(args: argparse.Namespace) -> dict[str, Any]:
         cfg.plots = False
     cfg.allow_code, cfg.trust_remote_code = args.allow_code, args.trust_remote_code
     return OmegaConf.to_container(cfg, resolve=True)
+
+
+def apply_set_items(cfg: DictConfig, items: Sequence[str]) -> None:
+    """Apply ``--set`` items to ``cfg``, each read with Hydra's override grammar, as ``alignlm train`` reads its
+    overrides. OmegaConf's dotlist read the value as YAML: ``generation={do_sample:true,temperature:0.7}`` became the
+    keys ``'do_sample:true'`` and ``'temperature:0.7'`` without values, and the report was greedy. A mapping merges
+    into the knob's mapping, as in train; a leading ``+`` or ``++`` changes nothing (every key is checked by name
+    after, :func:`check_eval_keys`); a deletion (``~key``), a sweep (``a,b``) or a package (``@``) sets no knob and is
+    refused."""
+    parser = OverridesParser.create()
+    for item in items:
+        try:
+            (override,) = parser.parse_overrides([item])
+        except OverrideParseException as e:
+            why = " ".join(str(e).split())
+            raise SystemExit(
+                f"--set {item!r} is not key=value in the override grammar alignlm train takes: {why}"
+            ) from None
+        if override.is_delete() or override.is_sweep_override() or override.package is not None:
+            raise SystemExit(f"--set {item!r} sets no eval knob: give key=value (no ~key, a,b sweep or @package)")
+        OmegaConf.update(cfg, override.key_or_group, override.value(), merge=True)
 
 
 def layer_list(text: str) -> str | list[int]:
@@ -148,6 +171,7 @@ def check_eval_config(ecfg: dict[str, Any]) -> None:
     if ecfg.get("template") is not None and ecfg["template"] not in TEMPLATES:
         raise SystemExit(f"eval template={ecfg['template']!r} is not known; choose one of {sorted(TEMPLATES)}")
     check_sets(ecfg.get("sets") or [])
+    check_generation_settings(ecfg.get("generation"))
     check_generation(ecfg.get("generation"))
     if probe.get("n") is not None and probe["n"] < probe["topk"] + 2:
         raise SystemExit(f"eval probe.n={probe['n']} must be at least probe.topk + 2 = {probe['topk'] + 2}")
@@ -161,6 +185,26 @@ def check_eval_config(ecfg: dict[str, Any]) -> None:
     if probe.get("enabled", True):  # what the probe cannot measure, before a checkpoint is loaded
         check_probe_metrics(probe_metrics_asked(probe, ecfg), probe["topk"], probe.get("n"), "probe")
     check_device(ecfg["device"])
+
+
+def check_generation_settings(generation: Any) -> None:
+    """``eval.generation`` is null or a mapping of named, valued ``generate`` settings: a YAML flow mapping without
+    spaces (``{do_sample:true,temperature:0.7}`` in a ``--config`` file, or in ``--set`` before it took the override
+    grammar) is the keys ``'do_sample:true'`` and ``'temperature:0.7'`` with null values, which sampled nothing and
+    exited 0. Such keys are refused by name."""
+    if generation is None:
+        return
+    example = "e.g. {do_sample: true, temperature: 0.7}, or --set generation.temperature=0.7"
+    if not isinstance(generation, Mapping):
+        raise SystemExit(
+            f"eval generation={generation!r} must be a mapping of transformers generate() settings, {example}"
+        )
+    unnamed = [k for k in generation if not (isinstance(k, str) and k.isidentifier())]
+    unset = [k for k, v in generation.items() if v is None and k not in unnamed]
+    said = [f"keys {unnamed} are not setting names"] if unnamed else []
+    said += [f"{unset} have no value (null)"] if unset else []
+    if said:
+        raise SystemExit(f"eval generation: {' and '.join(said)}; write each setting as name: value, {example}")
 
 
 def check_device(device: str) -> None:
@@ -402,9 +446,18 @@ def register(sub: Any) -> None:
     p.add_argument("--out", default="eval_report", help="folder for report.json, report.md and the plots")
     p.add_argument("--config", help="YAML merged over configs/eval/default.yaml")
     p.add_argument(
-        "--set", action="append", metavar="KEY=VALUE", help="eval config override, e.g. --set generation.do_sample=true"
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="eval knob, written as alignlm train's overrides: e.g. --set generation.do_sample=true or "
+        "--set 'generation={do_sample: true, temperature: 0.7}' (a mapping merges into the knob's)",
     )
-    p.add_argument("--template", default=None, help="override the template the checkpoint was trained with")
+    p.add_argument(
+        "--template",
+        default=None,
+        help="override the template the checkpoint was trained with; another template than its stage's is built "
+        "without the stage's data.template_args (e.g. its system prompt)",
+    )
     p.add_argument(
         "--batch-size", type=int, default=None, help="questions per generation batch (default: the config's)"
     )

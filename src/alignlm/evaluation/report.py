@@ -35,6 +35,7 @@ from alignlm.config import ConfigError
 from alignlm.data.build import aspect_ratio_of
 from alignlm.data.images import loader_workers
 from alignlm.data.records import DataError, image_paths, read_records
+from alignlm.data.templates import TEMPLATES
 from alignlm.evaluation import checkpoints as C
 from alignlm.evaluation import paired, plots
 from alignlm.evaluation.evaluate import answer_accuracy, caption_scores, check_answers, set_kind
@@ -197,6 +198,7 @@ def check_checkpoints(cks: Sequence[C.Checkpoint], ecfg: Mapping[str, Any]) -> N
     probes: set[str] = set()
     for ck in cks:
         plan = checkpoint_plan(ck, ecfg)
+        check_template(ck.label, eval_data_config(ck, plan.train_cfg, ecfg))
         for s in plan.sets:
             if s["kind"] == "qa" and (s["name"], s["path"]) not in answers:
                 check_answers(s["name"], s["path"], ecfg.get("limit"))
@@ -204,6 +206,37 @@ def check_checkpoints(cks: Sequence[C.Checkpoint], ecfg: Mapping[str, Any]) -> N
         if plan.probe is not None and plan.probe not in probes:
             read_probe(plan.probe, ecfg)
             probes.add(plan.probe)
+
+
+def eval_data_config(ck: C.Checkpoint, train_cfg: DictConfig, ecfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The data node a checkpoint is evaluated with: its stage's, with eval's ``template`` (``--template``) in place
+    of the stage's. Another template than the stage's is built without the stage's ``template_args``: they are
+    arguments of the stage's template (``vicuna_v1``'s system prompt), and ``plain`` takes none (a ``TypeError``
+    after the model had loaded)."""
+    data_cfg = C.data_config(ck, train_cfg)
+    template = ecfg.get("template")
+    if template and template != data_cfg.get("template", "plain"):
+        data_cfg["template"] = template
+        data_cfg.pop("template_args", None)
+    return data_cfg
+
+
+def check_template(label: str, data_cfg: Mapping[str, Any]) -> None:
+    """The template of ``data_cfg`` is known and takes its ``template_args`` (a checkpoint's config written before
+    the training checks refused args its template lacks), refused before any model is loaded."""
+    name = str(data_cfg.get("template", "plain"))
+    args = dict(data_cfg.get("template_args") or {})
+    if name not in TEMPLATES:
+        raise ConfigError(
+            f"{label}: its stage's data.template={name!r} is not known; give --template, one of {sorted(TEMPLATES)}"
+        )
+    try:
+        inspect.signature(TEMPLATES[name]).bind(**args)
+    except TypeError as e:
+        raise ConfigError(
+            f"{label}: its stage's data.template_args={args} do not fit template {name!r} ({e}); evaluate it with "
+            "--template of another template, which is built without them"
+        ) from None
 
 
 def checkpoint_identity(ck: C.Checkpoint, train_cfg: DictConfig) -> list[list[Any]]:
@@ -432,9 +465,7 @@ def evaluate_checkpoint(
     kept under ``out/parts`` as they finish, and those kept there under the same key are reused (:class:`Parts`); the
     model is loaded only when something is left to compute."""
     plan = checkpoint_plan(ck, ecfg)
-    data_cfg = C.data_config(ck, plan.train_cfg)
-    if ecfg.get("template"):
-        data_cfg["template"] = ecfg["template"]
+    data_cfg = eval_data_config(ck, plan.train_cfg, ecfg)
     pieces = {f"set-{_file_name(s['name'])}": s for s in plan.sets} | ({"probe": None} if plan.probe else {})
     parts = Parts.of(out, ck, plan.train_cfg, device) if out is not None else None
     keys = {name: piece_key(parts, s, plan, ecfg) for name, s in pieces.items()} if parts else {}

@@ -5,7 +5,8 @@ of the chosen (``y_c``) and rejected (``y_r``) answers' tokens (masks from the t
 
 - ``sigmoid`` (DPO, Rafailov et al. 2023): ``-(1 - eps) log sigma(beta h) - eps log sigma(-beta h)``; ``eps`` is
   ``label_smoothing``, > 0 giving conservative DPO (a share ``eps`` of the labels assumed flipped);
-- ``ipo`` (Azar et al. 2023): ``(h - 1 / (2 beta))^2``, which does not push the margin to infinity.
+- ``ipo`` (Azar et al. 2023): ``(h - 1 / (2 beta))^2``, which does not push the margin to infinity; it has no labels
+  to smooth, so ``label_smoothing`` > 0 with it is refused (it was ignored).
 
 The reference is the stage's starting model. When every trained parameter is a LoRA adapter, it is the model itself
 with its adapters disabled (no second copy in memory); otherwise a frozen copy taken when the stage starts (kept out
@@ -88,6 +89,11 @@ class PreferenceObjective(Objective):
             raise ValueError(f"dpo reference={reference!r} is not known; choose one of {list(REFERENCES)}")
         if not beta > 0 or not 0 <= label_smoothing < 0.5:
             raise ValueError(f"dpo needs beta > 0 and 0 <= label_smoothing < 0.5, got {beta} and {label_smoothing}")
+        if loss == "ipo" and label_smoothing > 0:  # IPO's squared loss has no labels to smooth: it was ignored
+            raise ValueError(
+                f"dpo label_smoothing={label_smoothing} is conservative DPO's, of loss=sigmoid; loss=ipo has no "
+                "labels to smooth and would ignore it: set label_smoothing=0 for loss=ipo, or loss=sigmoid"
+            )
         self.beta, self.loss, self.label_smoothing, self.reference = (
             float(beta),
             loss,
