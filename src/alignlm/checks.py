@@ -7,6 +7,7 @@ be, raised before the first stage trains. A mistake in the second stage used to 
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 import json
 import math
@@ -20,19 +21,23 @@ from typing import Any
 
 import torch
 from hydra._internal.utils import _locate
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from transformers import GenerationConfig, GenerationMixin
 
 from alignlm.config import ConfigError, compose, composed, config_roots, default_keys, plain
 from alignlm.data import GENERATORS, generator_knobs
 from alignlm.data.images import MAX_PIXELS, check_aspect_ratio
 from alignlm.data.llava import check_error_policy
 from alignlm.data.records import DataError, Source, image_names, iter_records
-from alignlm.data.templates import TEMPLATES
+from alignlm.data.templates import TEMPLATES, PlainTemplate
+from alignlm.evaluation.evaluate import KINDS, check_answers, set_kind
 from alignlm.export.hf_llava import is_llava_dir
 from alignlm.geometry.suite import ALL_METRICS
+from alignlm.models.build import check_model_settings
 from alignlm.models.generation import check_generation
 from alignlm.models.mllm import AlignLM
 from alignlm.models.probes import check_probe_metrics
@@ -64,6 +69,9 @@ _SECTIONS = {
     "logging.wandb": True,
 }
 _UNCATCHABLE = ("SIGKILL", "SIGSTOP")  # no handler can be installed for these (POSIX)
+EVAL_SET_KEYS = ("name", "path", "kind")  # an entry of eval.sets (alignlm eval reads a run's entries too)
+# generate()'s arguments that no eval.generation setting gives: the prompts, a whole config, the catch-all
+_NOT_GENERATION_KNOBS = ("self", "inputs", "generation_config", "kwargs")
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -129,6 +137,8 @@ def check_config(cfg: DictConfig) -> None:
     if not isinstance(dist.get("stop_file"), (str, type(None))):
         raise ConfigError(f"distributed.stop_file={dist.stop_file!r} must be a file path, or null (off)")
     _check_switches_and_counts(cfg)
+    _check_eval(cfg, known.get("eval", set()))
+    _check_model_settings(cfg.model)
     _check_datasets(cfg)
     _check_monitor(cfg.get("monitor") or {})
     if dist.get("strategy") in ZERO_STAGES and dist.get("deepspeed_config"):
@@ -161,6 +171,43 @@ def check_sources(cfg: DictConfig) -> None:
                 f"train +exp=demo, configs/exp/) or give {key}=[{{path: records.json}}] (a file of "
                 f"{'preference pairs' if pairs else 'LLaVA records'}; image_root and weight optional)"
             )
+
+
+def prompt_changes(cfg: DictConfig) -> list[str]:
+    """For each stage of ``cfg.run`` whose ``init_from`` names a stage of this config, one line where its
+    ``data.template`` or ``data.template_args`` differ from that stage's, naming both values and the override that
+    makes them alike: the stage trains (and, the last, the run evaluates) on prompts its starting model was not trained
+    with. ``+stage@stages.dpo=dpo`` builds the dpo stage from ``stage/dpo.yaml``, not from the recipe's finetune stage,
+    so on the demo it lost the system prompt the model was finetuned with. A warning, not a refusal (a new prompt may
+    be meant); none after a stage of the plain template, a captioning stage that teaches no prompt (LLaVA's pretrain,
+    before the finetune stage's conversation template)."""
+    lines = []
+    for name in cfg.run:
+        init = cfg.stages[name].get("init_from")
+        if not isinstance(init, str) or init not in cfg.stages or init == name:
+            continue
+        ours, theirs = _prompt_of(cfg.stages[name].data), _prompt_of(cfg.stages[init].data)
+        if theirs["template"] == PlainTemplate.name:
+            continue
+        differ = [(knob, ours[knob], theirs[knob]) for knob in ours if ours[knob] != theirs[knob]]
+        if not differ:
+            continue
+        said = "; ".join(f"stages.{name}.data.{k}={a!r}, stages.{init}.data.{k}={b!r}" for k, a, b in differ)
+        fix = " ".join(f"'stages.{name}.data.{k}=${{stages.{init}.data.{k}}}'" for k, _, _ in differ)
+        lines.append(
+            f"stage {name} starts from stage {init} (stages.{name}.init_from) but renders its prompts otherwise: "
+            f"{said}; it trains{' and the run evaluates' if name == cfg.run[-1] else ''} on prompts its starting "
+            f"model was not trained with. To render them as stage {init} does: {fix}"
+        )
+    return lines
+
+
+def _prompt_of(data: DictConfig) -> dict[str, Any]:
+    """What of a stage's ``data`` renders its prompts: its template and the template's arguments, as it reads them."""
+    return {
+        "template": data.get("template", PlainTemplate.name),
+        "template_args": plain(data.get("template_args") or {}),
+    }
 
 
 def check_source_files(cfg: DictConfig, stages: Sequence[str]) -> None:
@@ -216,7 +263,49 @@ def override_mistake(overrides: Sequence[str], error: HydraException) -> str:
         _check_override_key(cfg, key)
     except ConfigError as e:
         return str(e)
+    node = OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
+    if isinstance(node, DictConfig):
+        return _mapping_override(cfg, key, node, given, value)
     return f"{key} is not in the composed config: a new key is added with a +, +{given}"
+
+
+def _mapping_override(cfg: DictConfig, key: str, node: DictConfig, given: str, value: str) -> str:
+    """Hydra's refusal of ``key=value`` where ``key`` is a mapping of the config (``offline_dataset_args``,
+    ``eval.generation``, a stage's ``data.template_args``) and the value a mapping with keys it lacks: Hydra merges a
+    mapping given with ``=`` into the one there, and only ``+`` adds keys. It had been told as "not in the composed
+    config", of a key that is there. A new key that no setting has is named with the nearest known one."""
+    new = [f"{key}.{path}" for path in _new_keys(node, _override_value(given))]
+    for path in new:
+        try:
+            _check_override_key(cfg, path)
+        except ConfigError as e:
+            return str(e)
+    one = f" (or one key at a time: +{new[0]}=...)" if new else ""
+    return (
+        f"{key}={value} adds {', '.join(new) or 'keys'} to {key}, a mapping this config has ({plain(node)}): an "
+        f"override with = merges into a mapping and sets only the keys it has; new keys are added with a +: "
+        f"+{given}{one}"
+    )
+
+
+def _override_value(override: str) -> Any:
+    """The value of one command-line override as Hydra reads it (None where it does not parse)."""
+    try:
+        return OverridesParser.create().parse_override(override).value()
+    except HydraException:
+        return None
+
+
+def _new_keys(node: Any, value: Any, path: str = "") -> list[str]:
+    """The dotted paths of ``value`` (a mapping) whose keys ``node`` (a mapping of the config) lacks: each new key,
+    not the keys below it."""
+    if not (isinstance(node, Mapping) and isinstance(value, Mapping)):
+        return []
+    found = []
+    for name, sub in value.items():
+        where = f"{path}{name}"
+        found += _new_keys(node[name], sub, f"{where}.") if name in node else [where]
+    return found
 
 
 def _group_not_in_defaults(key: str, value: str, picked: list[str]) -> str:
@@ -236,9 +325,9 @@ def _group_not_in_defaults(key: str, value: str, picked: list[str]) -> str:
 
 def _check_override_key(cfg: DictConfig, key: str) -> None:
     """``key`` (dotted; with a ``/``, a config group) is a setting ``cfg`` knows, level by level, where the start-up
-    checks know every key of the level (``check_config``: the top, a stage, its data and LoRA, the model, the
-    sections of ``train.yaml``); a ``ConfigError`` with the nearest known one otherwise. A level of free keys (a
-    generation setting, an objective's knob) passes."""
+    checks know every key of the level (``check_config``: the top, a stage, its data, LoRA and template arguments,
+    the model, the sections of ``train.yaml``, the offline sets' knobs, ``generate()``'s settings); a ``ConfigError``
+    with the nearest known one otherwise. A level of free keys (an objective's knob) passes."""
     if "/" in key:
         groups = sorted(
             {str(p.parent.relative_to(root)) for root in config_roots(cfg) for p in root.glob("*/**/*.yaml")}
@@ -253,6 +342,9 @@ def _check_override_key(cfg: DictConfig, key: str) -> None:
             if name not in cfg.stages:
                 raise ConfigError(_not_a_stage(cfg, name))
             continue
+        if parts[:depth] == ["eval", "generation"]:
+            check_generation_keys({name: None})
+            return
         allowed = _keys_at(cfg, known, parts[:depth])
         if allowed is None:
             return
@@ -261,8 +353,9 @@ def _check_override_key(cfg: DictConfig, key: str) -> None:
 
 def _keys_at(cfg: DictConfig, known: dict[str, set[str]], parts: list[str]) -> set[str] | None:
     """Every key the mapping at ``parts`` (below ``stages.<name>`` or outside ``stages``) may hold, where the start-up
-    checks know them all (``known``: ``default_keys``; a stage's ``lr`` and ``parts``: the model's parts); None where
-    its keys are free."""
+    checks know them all (``known``: ``default_keys``; a stage's ``lr`` and ``parts``: the model's parts; its
+    ``data.template_args``: its template's arguments; ``offline_dataset_args``: the generators and their knobs); None
+    where its keys are free."""
     if parts[:1] == ["stages"]:
         below = parts[2:]
         if not below:
@@ -271,9 +364,29 @@ def _keys_at(cfg: DictConfig, known: dict[str, set[str]], parts: list[str]) -> s
             return known.get(f"stage.{below[0]}", set())
         if below in (["lr"], ["parts"]):
             return set(_part_modes(cfg.model)) | ({"objectives"} if below == ["lr"] else set())
+        if below == ["data", "template_args"]:
+            return _template_arguments(cfg, parts[1])
         return None
+    if parts == ["offline_dataset_args"]:
+        return set(GENERATORS)
+    if parts[:1] == ["offline_dataset_args"] and len(parts) == 2 and parts[1] in GENERATORS:
+        return set(generator_knobs(parts[1]))
     where = ".".join(parts)
     return known.get(where, set()) if where in ("", "model", *_SECTIONS) else None
+
+
+def _template_arguments(cfg: DictConfig, stage: str) -> set[str] | None:
+    """The arguments stage ``stage``'s template takes (None where the template is not known: the start-up checks name
+    it); a template that takes none is said so."""
+    name = str(cfg.stages[stage].data.get("template", PlainTemplate.name))
+    if name not in TEMPLATES:
+        return None
+    allowed = set(inspect.signature(TEMPLATES[name]).parameters)
+    if not allowed:
+        raise ConfigError(
+            f"stages.{stage}.data.template_args: template {name!r} (stages.{stage}.data.template) takes no arguments"
+        )
+    return allowed
 
 
 def _not_a_stage(cfg: DictConfig, name: str) -> str:
@@ -289,7 +402,7 @@ def _not_a_stage(cfg: DictConfig, name: str) -> str:
 
 
 def _check_switches_and_counts(cfg: DictConfig) -> None:
-    """True/false switches, the seed, logging and the non-finite rule, the evaluation's sizes and sets."""
+    """True/false switches, the seed, logging and the non-finite rule."""
     for flag in ("resume_allow_changes", "distributed.offload_optimizer", "distributed.offload_param",
                  "distributed.reshard_after_forward"):  # fmt: skip
         _flag(flag, OmegaConf.select(cfg, flag, default=False))
@@ -310,15 +423,111 @@ def _check_switches_and_counts(cfg: DictConfig) -> None:
             f"nonfinite.stop_after={stop_after} can never stop the run: it counts the non-finite steps among the last "
             f"nonfinite.window={window} steps; set it to at most {window}, or 0 (never stop)"
         )
+
+
+def _check_eval(cfg: DictConfig, section: set[str]) -> None:
+    """The final evaluation's knobs, read only after the last stage trained: its sizes, ``generate()``'s settings
+    (:func:`check_generation_keys`) and each ``eval.sets`` entry: its keys (``limt: 3`` was dropped unread, every
+    question evaluated) and its ``kind``. The sets' files are checked once the offline sets are written
+    (:func:`check_eval_sets`). ``section``: the keys of ``eval`` (one of them in a set, ``limt`` for ``eval.limit``,
+    is told so)."""
     ecfg = cfg.eval
     for name in ("batch_size", "max_new_tokens"):
         _whole(f"eval.{name}", ecfg.get(name))
     if ecfg.get("limit") is not None:
         _whole("eval.limit", ecfg.limit)
-    check_generation(_mapping("eval.generation", ecfg.get("generation")))
-    for i, s in enumerate(_list("eval.sets", ecfg.get("sets"), null=True, example="[{name:x,path:x.json}]") or []):
-        if not (isinstance(s, DictConfig) and isinstance(s.get("name"), str) and isinstance(s.get("path"), str)):
-            raise ConfigError(f"eval.sets[{i}]={s!r} must be {{name: ..., path: ...}}")
+    check_generation_keys(_mapping("eval.generation", ecfg.get("generation")))
+    sets = _list("eval.sets", ecfg.get("sets"), null=True, example="[{name:x,path:x.json}]") or []
+    for i, entry in enumerate(sets):
+        key = f"eval.sets[{i}]"
+        if isinstance(entry, DictConfig):
+            _check_set_keys(key, entry, section)
+        if not (
+            isinstance(entry, DictConfig) and isinstance(entry.get("name"), str) and isinstance(entry.get("path"), str)
+        ):
+            raise ConfigError(f"{key}={entry!r} must be {{name: ..., path: ...}} (kind optional)")
+        kind = entry.get("kind", "auto")
+        if kind not in KINDS:
+            raise ConfigError(f"{key}.kind={kind!r} is not known; choose one of {list(KINDS)}")
+        if kind == "caption":
+            raise ConfigError(f"{key}.kind=caption: {_captions_elsewhere(cfg, entry)}")
+
+
+def _check_set_keys(key: str, entry: DictConfig, section: set[str]) -> None:
+    """Every key of the ``eval.sets`` entry at ``key`` is one of :data:`EVAL_SET_KEYS`, a mistyped one named with the
+    nearest; one near a key of ``eval`` itself (``section``) is told to be set there, for every set."""
+    for name in entry:
+        whole = difflib.get_close_matches(str(name), sorted(section - {"sets"}), n=1)
+        if name not in EVAL_SET_KEYS and whole and not difflib.get_close_matches(str(name), EVAL_SET_KEYS):
+            raise ConfigError(
+                f"{key}.{name} is not a setting of a set ({list(EVAL_SET_KEYS)}); did you mean eval.{whole[0]}, "
+                "which applies to every set?"
+            )
+    check_keys(key, entry, set(EVAL_SET_KEYS))
+
+
+def _captions_elsewhere(cfg: DictConfig, entry: DictConfig) -> str:
+    """Why a caption set is refused in ``eval.sets`` and where it is scored instead."""
+    final = Path(str(cfg.output_dir)) / str(cfg.run_name) / str(cfg.run[-1]) / "final"
+    return (
+        "the run's final evaluation scores question sets only (answer accuracy): leave the set out of eval.sets and "
+        f"score its captions (BLEU-4, CIDEr-D) with alignlm eval {final} --sets {entry.name}={entry.path}"
+    )
+
+
+def check_eval_sets(cfg: DictConfig) -> None:
+    """Each of ``eval.sets`` is a file of questions the run's final evaluation can score, as evaluation checks a set
+    before it generates (``evaluation/evaluate.py: check_answers``, on the first ``eval.limit`` records): a
+    ``DataError`` (exit status 65) naming ``eval.sets[i]`` otherwise. Called where :func:`check_source_files` is, once
+    the offline sets and prepare steps have written their files (the demo's sets are an offline set's), before the
+    first stage trains: a missing file or a caption set had stopped the run after every stage had trained."""
+    for i, entry in enumerate(cfg.eval.get("sets") or []):
+        key, name, path = f"eval.sets[{i}]", str(entry.name), str(entry.path)
+        try:
+            if set_kind(path, str(entry.get("kind", "auto"))) == "caption":
+                raise DataError(
+                    f"{path} is a caption set (its first record has no 'answer', or it has no record): "
+                    f"{_captions_elsewhere(cfg, entry)}"
+                )
+            check_answers(name, path, cfg.eval.get("limit"))
+        except DataError as e:
+            raise DataError(f"{key}: {e}", e.cause) from None
+
+
+@functools.cache
+def generation_keys() -> frozenset[str]:
+    """What ``eval.generation`` may set: the settings of the installed transformers' ``GenerationConfig`` and the
+    arguments of ``generate()`` itself."""
+    config = {k for k in GenerationConfig().to_dict() if not k.startswith("_") and k != "transformers_version"}
+    named = set(inspect.signature(GenerationMixin.generate).parameters) - set(_NOT_GENERATION_KNOBS)
+    return frozenset(config | named)
+
+
+def check_generation_keys(generation: Mapping[str, Any] | None, key: str = "eval.generation") -> None:
+    """``generation`` sets none of the settings alignlm sets itself (``check_generation``) and only settings of
+    ``generate()`` (:func:`generation_keys`), a mistyped one named with the nearest: ``temprature: 0.7`` passed the
+    start-up checks and stopped the run at its final evaluation, after every stage trained (transformers refuses a
+    keyword no model input takes)."""
+    check_generation(generation, key)
+    for name in generation or {}:
+        if name not in generation_keys():
+            near = difflib.get_close_matches(str(name), sorted(generation_keys()), n=1)
+            hint = f"did you mean {near[0]!r}? " if near else ""
+            raise ConfigError(
+                f"{key}.{name} is not a setting of transformers' generate(); {hint}the settings are those of "
+                "transformers.GenerationConfig"
+            )
+
+
+def _check_model_settings(model: Any) -> None:
+    """What building the model checks of ``model`` (``models/build.py: check_model_settings``), before the offline
+    sets and prepare steps run: a filter mode that does not exist, a token norm that is not a number > 0 or one the
+    connector does not take had been refused when the first stage built its model, after they ran (exit status 1)."""
+    _mapping("model.vision_artifacts", model.get("vision_artifacts"), null=True)
+    try:
+        check_model_settings(model)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _check_datasets(cfg: DictConfig) -> None:

@@ -26,7 +26,14 @@ from accelerate.state import AcceleratorState, GradientState, PartialState
 from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list
 from omegaconf import DictConfig, OmegaConf
 
-from alignlm.checks import check_config, check_source_files, check_sources, check_stages_fit_model
+from alignlm.checks import (
+    check_config,
+    check_eval_sets,
+    check_source_files,
+    check_sources,
+    check_stages_fit_model,
+    prompt_changes,
+)
 from alignlm.config import ConfigError, instantiate
 from alignlm.data import GENERATORS, generator_defaults
 from alignlm.evaluation.evaluate import answer_accuracy
@@ -43,6 +50,7 @@ from alignlm.training.trainer import (
     StopRequest,
     StopTraining,
     Trainer,
+    check_monitor_strategy,
     damaged_final,
     stage_done,
     summarize,
@@ -125,7 +133,8 @@ _LAUNCH_SHARDING_VARS = ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP")
 def resolve_strategy(cfg: DictConfig) -> None:
     """``distributed.strategy: auto`` becomes the launch config's strategy (else ddp), with its settings; an explicit
     strategy and its settings must agree with the launch config. alignlm then wraps the model itself, so accelerate is
-    kept from doing it too."""
+    kept from doing it too. What the strategy rules out is refused here, before anything runs: the in-training
+    monitor under a sharded one (:func:`check_monitor_strategy`), DeepSpeed's settings under another."""
     launched, knobs = launch_strategy()
     dist = cfg.distributed
     asked = dist.strategy
@@ -145,6 +154,7 @@ def resolve_strategy(cfg: DictConfig) -> None:
             )
     for var in _LAUNCH_SHARDING_VARS:
         os.environ.pop(var, None)
+    check_monitor_strategy(str(dist.strategy), int((cfg.get("monitor") or {}).get("every", 0)))
     if dist.strategy in ZERO_STAGES:
         check_zero_settings(dist.strategy, dist, str(cfg.mixed_precision))
     else:
@@ -554,6 +564,9 @@ def stop_if_asked(stop: StopRequest, acc: Accelerator, done: str, later: list[st
 def _run(cfg: DictConfig, acc: Accelerator, stop: StopRequest) -> dict[str, Any]:
     log = get_logger("alignlm", acc.process_index)
     run_dir = Path(cfg.output_dir) / cfg.run_name
+    if acc.is_main_process:  # before the offline sets and prepare steps: a stop now costs nothing
+        for line in prompt_changes(cfg):
+            log.warning("%s", line)
     with others_wait_for_main(acc, prepare_timeout(cfg)):
         if acc.is_main_process:
             if cfg.resume == "never":
@@ -563,6 +576,7 @@ def _run(cfg: DictConfig, acc: Accelerator, stop: StopRequest) -> dict[str, Any]
     check_finished_stages(cfg, acc, log)  # on every rank, from the files the prepare steps left
     to_train = [name for name in cfg.run if not stage_done(cfg, name)]
     check_source_files(cfg, to_train)  # on every rank, once the offline sets and prepare steps wrote theirs
+    check_eval_sets(cfg)  # so are the final evaluation's sets, read after every stage trained
     if acc.is_main_process:
         for name in to_train:
             problem = damaged_final(cfg, name)

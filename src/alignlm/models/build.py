@@ -6,10 +6,13 @@ needs to change. Errors name the config key and what went wrong.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
 import torch
+from hydra.utils import get_class
+from torch import nn
 
 from alignlm.config import instantiate
 from alignlm.models.artifacts import attach_filter
@@ -32,6 +35,32 @@ def build_model(model_cfg: Mapping[str, Any]) -> AlignLM:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(model_cfg.get("init_seed", 0)))
         return _assemble(model_cfg)
+
+
+class _NoTower(nn.Module):
+    """Stands in for a vision tower where ``model.vision_artifacts`` is checked before any is built: the filter is
+    built and hooked onto it by the builder's own :func:`attach_filter`, so its checks are the ones a build runs."""
+
+    num_prefix_tokens = 0
+
+
+def check_model_settings(model_cfg: Mapping[str, Any]) -> None:
+    """The settings of ``model`` that :func:`build_model` checks as it builds, checked by the same code without
+    building anything (a ``ValueError`` naming the key): the start-up checks call it before the offline sets and
+    prepare steps run, which a mistake here had waited out (hours for a method's encoder) to fail with exit status 1
+    when the first stage built its model. ``model.vision_artifacts`` (:func:`attach_filter`),
+    ``model.visual_token_norm`` (:func:`token_norm_factor`) and whether the connector takes one: a connector whose
+    ``token_norm`` setter refuses a value (its tokens must keep their own norm) refuses it here too."""
+    attach_filter(_NoTower(), model_cfg.get("vision_artifacts"))
+    factor = token_norm_factor(model_cfg)
+    target = (model_cfg.get("connector") or {}).get("_target_")
+    try:
+        cls = get_class(str(target))
+    except (ImportError, ValueError, AttributeError):
+        return  # building the connector names its target
+    setter = getattr(inspect.getattr_static(cls, "token_norm", None), "fset", None)
+    if setter is not None:  # a connector's own rule for the norm (its property), asked of a bare instance
+        setter(cls.__new__(cls), factor)
 
 
 def _assemble(model_cfg: Mapping[str, Any]) -> AlignLM:
@@ -63,11 +92,8 @@ def _embedding_sample(llm: Any) -> torch.Tensor:
     return table[:: max(1, table.shape[0] // 4096)].float()
 
 
-def _visual_token_norm(model_cfg: Mapping[str, Any], llm: Any) -> float | None:
-    """``model.visual_token_norm`` times the mean norm of the LLM's token embeddings, or None when the knob is null.
-
-    Measured on the LLM as the config builds it (before any checkpoint loads), so a rebuilt model gets the same value.
-    """
+def token_norm_factor(model_cfg: Mapping[str, Any]) -> float | None:
+    """``model.visual_token_norm``: a number > 0 (a multiple of the LLM's mean token-embedding norm), or None."""
     factor = model_cfg.get("visual_token_norm")
     if factor is None:
         return None
@@ -76,7 +102,18 @@ def _visual_token_norm(model_cfg: Mapping[str, Any], llm: Any) -> float | None:
             f"model.visual_token_norm={factor!r} must be a number > 0 (a multiple of the LLM's mean "
             "token-embedding norm), or null to leave the connector's outputs as they are"
         )
-    return float(factor) * float(_embedding_sample(llm).norm(dim=-1).mean())
+    return float(factor)
+
+
+def _visual_token_norm(model_cfg: Mapping[str, Any], llm: Any) -> float | None:
+    """``model.visual_token_norm`` times the mean norm of the LLM's token embeddings, or None when the knob is null.
+
+    Measured on the LLM as the config builds it (before any checkpoint loads), so a rebuilt model gets the same value.
+    """
+    factor = token_norm_factor(model_cfg)
+    if factor is None:
+        return None
+    return factor * float(_embedding_sample(llm).norm(dim=-1).mean())
 
 
 def _extras(model_cfg: Mapping[str, Any], vision: VisionTower, connector: Connector, llm: Any) -> dict[str, InputPart]:

@@ -52,9 +52,14 @@ SCALER_FILE = "scaler.pt"  # fp16's loss scaler: its scale and growth count (:fu
 TRAINED_FROM = "trained_from.json"  # in final/: the stage's recipe as it finished (:func:`trained_from`)
 CONTENTS = " contents"  # suffix of a recipe key holding the bytes' digest of the file its config key names
 START = " weights"  # suffix of the trained_from key identifying the weights a stage started from (init_from)
-# in trained_from.json: the files the stage's model config loads as they were when its final/ was written (the
-# frozen parts a final/ is rebuilt from: models.io.model_stamps), compared apart from the recipe (model_file_changes)
+# in trained_from.json and a step checkpoint's recipe: the files the stage's model config loads as they were when it
+# was written (the frozen parts a final/ is rebuilt from, and a step checkpoint does not hold: models.io.model_stamps),
+# compared apart from the recipe (model_file_changes)
 MODEL_FILES = "model files"
+# in a step checkpoint's recipe: the model settings it was written with (a final/ holds them in its config.yaml),
+# compared apart from the recipe as a final/'s are (model_setting_changes)
+MODEL_SETTINGS = "model"
+LOADED = " files"  # suffix of a changed key naming the files a model config's key loads (model_file_diff)
 IDENTIFIED = (CONTENTS, START)  # keys compared by what identifies the bytes, never by the path that named them
 WEIGHT_SUFFIXES = (".safetensors", ".bin")  # weights files of a final/ or a transformers Llava folder
 
@@ -98,16 +103,35 @@ def model_changes(init: Path, model_cfg: Any) -> list[str]:
     path = Path(init) / "config.yaml"
     if is_llava_dir(init) or not path.is_file():
         return []
-    theirs = flat(OmegaConf.to_container(read_config_yaml(path).get("model") or {}, resolve=False), "model")
+    model = read_config_yaml(path).get("model")  # interpolations left as text, as it was written
+    theirs = OmegaConf.to_container(model, resolve=False) if isinstance(model, DictConfig) else {}
+    return [change_text(k, a, b) for k, (a, b) in model_setting_changes(theirs, model_cfg).items()]
+
+
+def model_settings(model_cfg: Any) -> dict[str, Any]:
+    """A ``model`` config as plain containers, resolved (what a ``final/``'s ``config.yaml`` holds of it)."""
     if isinstance(model_cfg, DictConfig):
-        model_cfg = OmegaConf.to_container(model_cfg, resolve=True)
-    ours = flat(model_cfg, "model")
+        return OmegaConf.to_container(model_cfg, resolve=True)
+    return dict(model_cfg or {})
+
+
+# model settings that choose how a part computes, not what: a resume on a machine with other kernels may change them
+HOW_MODEL_KEYS = ("attn_implementation",)
+
+
+def model_setting_changes(theirs: Any, ours: Any) -> dict[str, tuple[Any, Any]]:
+    """``{model.<key>: (theirs, ours)}`` for every setting in which two ``model`` configs differ, ``(not set)`` for
+    one a side lacks; a path is compared as what it names, not as spelled (:func:`_compared`); a key of
+    :data:`HOW_MODEL_KEYS` is not compared (flash-attention on one machine, SDPA on the next). The one comparison of
+    model settings: a ``final/``'s (:func:`model_changes`) and a step checkpoint's (:func:`resume_changes`)."""
+    theirs, ours = flat(model_settings(theirs), "model"), flat(model_settings(ours), "model")
     absent = "(not set)"
-    return [
-        f"{key}: {theirs.get(key, absent)} -> {ours.get(key, absent)}"
+    return {
+        key: (theirs.get(key, absent), ours.get(key, absent))
         for key in sorted(theirs.keys() | ours.keys())
-        if theirs.get(key, absent) != ours.get(key, absent)
-    ]
+        if key.rsplit(".", 1)[-1] not in HOW_MODEL_KEYS
+        and _compared(key, theirs.get(key, absent)) != _compared(key, ours.get(key, absent))
+    }
 
 
 def temporary(final: Path) -> Path:
@@ -395,6 +419,17 @@ def recipe(
     return keys | {"seed": seed, "mixed_precision": precision} | dict(files)
 
 
+def step_recipe(recipe: Mapping[str, Any], model_cfg: Any) -> dict[str, Any]:
+    """A step checkpoint's recipe: the stage's :func:`recipe` with the model settings (:data:`MODEL_SETTINGS`) and
+    the files they load as they are now (:data:`MODEL_FILES`), as ``trainer_state.json`` holds it. A step checkpoint
+    holds only what the stage trains: a frozen LLM or tower comes from its folder as it is at the resume, and a model
+    setting (a visual token norm, a loss weight, a rate scale its optimizer group holds) makes the trajectory as a
+    stage setting does; both had resumed without a word. A ``final/`` holds the same in its ``config.yaml`` and
+    ``trained_from.json`` (:func:`finished_changes`)."""
+    model = model_settings(model_cfg)
+    return json.loads(json.dumps({**recipe, MODEL_SETTINGS: model, MODEL_FILES: model_stamps(model)}))
+
+
 def _under(key: str, prefix: str) -> bool:
     return key == prefix or key.startswith(prefix + ".") or key.startswith(prefix + "[")
 
@@ -542,6 +577,9 @@ def change_text(key: str, theirs: Any, ours: Any) -> str:
     that changed, ``stages.<name>.init_from (path): its weights changed since this stage trained from them``."""
     if key.endswith(START):
         return _start_text(key.removesuffix(START), theirs, ours)
+    if key.endswith(LOADED) and isinstance(ours, Mapping):
+        what = "its files changed since" if ours.get("files") else "nothing there now, though"
+        return f"{key.removesuffix(LOADED)} ({ours.get('path')}): {what} this stage trained with them"
     if key.endswith(CONTENTS) and isinstance(theirs, dict) and isinstance(ours, dict):
         if _resolved(theirs.get("path")) == _resolved(ours.get("path")):
             return f"{key.removesuffix(CONTENTS)} ({ours.get('path')}): contents changed"
@@ -573,19 +611,23 @@ def finished_changes(final: Path, ours: Mapping[str, Any], model_cfg: Any) -> li
 
 
 def model_file_changes(theirs: Any, model_cfg: Any) -> list[str]:
-    """The local files or folders a finished stage's model config named (its record's :data:`MODEL_FILES`) that this
-    run's ``model_cfg`` names under the same key and that changed since (size, modification time, files added or
-    gone), one line each: ``model.llm.name_or_path (<path>): its files changed since this stage trained with them``.
-    A ``final/`` holds only the parts its stage trained, so the next stage rebuilds a frozen LLM or tower from that
-    folder: new weights there had been skipped over, and the next stage trained on them from a connector fitted to
-    the old ones. A key naming another path now is :func:`model_changes`' to name; a record written before the files
-    were recorded (None) is compared without them."""
+    """:func:`model_file_diff` one line each: ``model.llm.name_or_path (<path>): its files changed since this stage
+    trained with them``."""
+    return [change_text(k, a, b) for k, (a, b) in model_file_diff(theirs, model_cfg).items()]
+
+
+def model_file_diff(theirs: Any, model_cfg: Any) -> dict[str, tuple[Any, Any]]:
+    """The local files or folders a stage's model config named (a record's :data:`MODEL_FILES`: a finished stage's
+    or a step checkpoint's) that this run's ``model_cfg`` names under the same key and that changed since (size,
+    modification time, files added or gone), as ``{model.<key> files: (theirs, ours)}`` (:data:`LOADED`; each side
+    ``{"path", "files"}``). A ``final/`` or a step checkpoint holds only the parts its stage trained, so the next stage
+    or the resumed one rebuilds a frozen LLM or tower from that folder: new weights there went unnoticed, under a
+    connector fitted to the old ones. A key naming another path now is :func:`model_setting_changes`' to name; a
+    record written before the files were recorded (None) is compared without them."""
     if not isinstance(theirs, Mapping):
-        return []
-    if isinstance(model_cfg, DictConfig):
-        model_cfg = OmegaConf.to_container(model_cfg, resolve=True)
-    named = dict(config_strings(model_cfg or {}, "model"))
-    lines = []
+        return {}
+    named = dict(config_strings(model_settings(model_cfg), "model"))
+    changed = {}
     for key, was in sorted(theirs.items()):
         was = was if isinstance(was, Mapping) else {}
         path = was.get("path")
@@ -593,9 +635,8 @@ def model_file_changes(theirs: Any, model_cfg: Any) -> list[str]:
             continue
         now = file_stamps(path)
         if now != was.get("files"):
-            what = "its files changed since" if now else "nothing there now, though"
-            lines.append(f"{key} ({path}): {what} this stage trained with them")
-    return lines
+            changed[f"{key}{LOADED}"] = (dict(was), {"path": path, "files": now})
+    return changed
 
 
 def layout(model: nn.Module, objectives: nn.Module | None) -> dict[str, list[int]]:
@@ -680,7 +721,14 @@ def resume_changes(
             f"{strategy}: their optimizer states differ in layout; resume with the same strategy"
         )
     changed = {k: (written[k], ours[k]) for k in ("world", "global_batch") if k in written and written[k] != ours[k]}
-    changed |= recipe_changes(written.get("recipe", ours["recipe"]), ours["recipe"])
+    theirs_recipe = dict(written.get("recipe", ours["recipe"]))
+    ours_recipe = dict(ours["recipe"])
+    their_model, their_files = theirs_recipe.pop(MODEL_SETTINGS, None), theirs_recipe.pop(MODEL_FILES, None)
+    our_model = ours_recipe.pop(MODEL_SETTINGS, None)
+    ours_recipe.pop(MODEL_FILES, None)
+    changed |= recipe_changes(theirs_recipe, ours_recipe)
+    if their_model is not None and our_model is not None:  # one written before they were recorded has none
+        changed |= model_setting_changes(their_model, our_model) | model_file_diff(their_files, our_model)
     if "start" in written:  # one written before starts were recorded has none to compare
         start = f"stages.{stage}.init_from{START}"
         changed |= recipe_changes({start: written["start"]}, {start: ours["start"]})
@@ -705,14 +753,17 @@ def resume_changes(
 def _said(changed: Mapping[str, tuple[Any, Any]]) -> list[str]:
     """What :func:`resume_changes` found changed, for its refusal: the settings as ``key=value``, files and starting
     weights as the finished-stage check names them (:func:`change_text`)."""
-    settings = {k: ab for k, ab in changed.items() if not k.endswith(IDENTIFIED)}
+    settings = {k: ab for k, ab in changed.items() if not k.endswith((*IDENTIFIED, LOADED))}
     said = []
     if settings:
         said.append(
             f"was written with {', '.join(f'{k}={a}' for k, (a, _) in settings.items())}, this run has "
             f"{', '.join(f'{k}={b}' for k, (_, b) in settings.items())}"
         )
-    for suffix, what in ((CONTENTS, "was written from other files"), (START, "was trained from other weights")):
+    for suffix, what in (
+        ((CONTENTS, LOADED), "was written from other files"),
+        ((START,), "was trained from other weights"),
+    ):
         texts = [change_text(k, a, b) for k, (a, b) in changed.items() if k.endswith(suffix)]
         if texts:
             said.append(f"{what}: {'; '.join(texts)}")

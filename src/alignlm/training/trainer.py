@@ -319,12 +319,7 @@ class Trainer:
         self.flops_per_token = model_flops_per_token(model, tower_runs=tower_runs)
         self.flops_per_pair = attention_flops_per_pair(model, tower_runs=tower_runs)
         self.peak_tflops = peak_tflops(cfg.logging.get("peak_tflops", "auto"), acc.device)
-        if self.strategy in ("fsdp2", "zero3") and self.monitor.every:
-            raise ValueError(
-                f"monitor.every > 0 is not available with distributed.strategy={self.strategy} (the probes call the "
-                "model's parts outside its forward, where their weights are shards): set monitor.every=0, or probe "
-                "the checkpoints afterwards with alignlm eval"
-            )
+        check_monitor_strategy(self.strategy, self.monitor.every)  # a Trainer built without the pipeline's checks
         if self.strategy == "fsdp2":  # sharded before the optimizer is built: it must hold the sharded parameters
             sharding.shard(model, acc.device, bool(self.dist.get("reshard_after_forward", True)))
         offload = self.strategy in zero.STAGES and bool(self.dist.get("offload_optimizer"))
@@ -375,17 +370,18 @@ class Trainer:
     def _maybe_resume(self) -> tuple[int, int]:
         """Resume from the newest step checkpoint that passes its integrity check (an older one when the newest is
         damaged, naming the file); a checkpoint of another model is refused, and so are a changed world size, global
-        batch or its split, stage setting, content of a file the stage names or starting weights (``init_from``, which
-        gives the parts the checkpoint does not hold) unless ``resume_allow_changes`` (then this run's settings,
-        files and starting weights apply from the resumed step; ``final/`` records the weights the first segment
-        started from, so a later rerun still names the change). Also fixes what ``final/`` will record the stage was
-        trained from."""
+        batch or its split, stage setting, model setting, content of a file the stage names, files a frozen part loads
+        or starting weights (``init_from``, which gives the parts the checkpoint does not hold) unless
+        ``resume_allow_changes`` (then this run's settings, files and starting weights apply from the resumed step,
+        the optimizer groups' rates among them, those a model setting scales too (a MoE router's); ``final/`` records
+        the weights the first segment started from, so a later rerun still names the change). Also fixes what
+        ``final/`` will record the stage was trained from."""
         self.segment_seconds, self.nonfinite, self.steady_before = 0.0, [], None
         stage = OmegaConf.to_container(self.stage, resolve=True)
         seed, precision = int(self.cfg.seed), str(self.acc.mixed_precision)
         files = ckpt.input_files(stage, self.name)  # read once, at the stage's start: its checkpoints and final/ say so
         recipe = ckpt.recipe(stage, self.name, self.total_steps, seed, precision, files)
-        self.recipe = json.loads(json.dumps(recipe))  # as trainer_state.json will hold it (tuples as lists)
+        self.recipe = ckpt.step_recipe(recipe, self.cfg.model)  # with the model settings and the files they load
         # with the weights setup_model loaded (``self.init``): a resume and a rerun check they are still the ones
         self.trained_from = ckpt.trained_from(
             stage, self.name, seed, precision, self.acc.num_processes, files, self.init
@@ -1150,6 +1146,19 @@ def refuse_config_held_state(folder: Path, written: Mapping[str, Any], objective
             "as a contrastive temperature with learnable_temperature=false). Either the checkpoint learned it: resume "
             "with the config it was written with; or an earlier alignlm wrote it, saving fixed values too: finish the "
             "stage with that version, or start it over with resume=never (its checkpoints are set aside, not deleted)"
+        )
+
+
+def check_monitor_strategy(strategy: str, every: int) -> None:
+    """The in-training monitor (``monitor.every`` > 0) runs under a strategy whose ranks hold whole weights: its probes
+    call the model's parts outside the forward, where under fsdp2 or zero3 the weights are shards. The pipeline asks
+    where it resolves the strategy, before the offline sets and prepare steps (``pipeline.resolve_strategy``; the
+    refusal came when the first stage set up its optimizer, with exit status 1), the trainer again at set-up."""
+    if strategy in ("fsdp2", "zero3") and every:
+        raise ConfigError(
+            f"monitor.every > 0 is not available with distributed.strategy={strategy} (the probes call the "
+            "model's parts outside its forward, where their weights are shards): set monitor.every=0, or probe "
+            "the checkpoints afterwards with alignlm eval"
         )
 
 

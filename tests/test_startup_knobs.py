@@ -1,0 +1,257 @@
+"""Knobs whose mistakes surfaced late: the final evaluation's sets and generate() settings (after every stage trained),
+the monitor under a sharded strategy and the model's own knobs (after the offline sets and prepare steps, exit status
+1), an override that adds keys to a mapping (told as a key the config lacks), and a stage whose prompt is not its
+starting stage's (the documented DPO command trained on another system prompt)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from alignlm import checks
+from alignlm.checks import check_config
+from alignlm.commands import console
+from alignlm.config import ConfigError, config_dir
+from alignlm.data.records import DataError
+from alignlm.pipeline import resolve_strategy, run
+from tests.conftest import compose, pretrain_on
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["eval.sets=[{name:t,path:t.json,limt:3}]"],
+            "eval.sets[0].limt is not a setting of a set (['name', 'path', "
+            "'kind']); did you mean eval.limit, which applies to every set?",
+        ),
+        (["eval.sets=[{name:t,path:t.json,knd:qa}]"], "eval.sets[0].knd is not a known setting; did you mean 'kind'?"),
+        (
+            ["eval.sets=[{name:t,path:t.json,kind:captions}]"],
+            "eval.sets[0].kind='captions' is not known; choose one of",
+        ),
+        (
+            ["eval.sets=[{name:t,path:t.json,kind:caption}]"],
+            "eval.sets[0].kind=caption: the run's final evaluation "
+            "scores question sets only (answer accuracy): leave the set out of eval.sets and score its captions (BLEU-4, "
+            "CIDEr-D) with alignlm eval",
+        ),
+        (
+            ["+eval.generation.temprature=0.7"],
+            "eval.generation.temprature is not a setting of transformers' generate(); did you mean 'temperature'?",
+        ),
+        (["+eval.generation.max_new_tokens=4"], "eval.generation sets ['max_new_tokens'], which alignlm sets itself"),
+    ],
+)
+def test_an_eval_set_or_generation_mistake_is_refused_by_the_start_up_checks(tmp_path, overrides, message):
+    """A mistyped key of a set was dropped unread, a caption set and a mistyped generate() setting stopped the run at
+    its final evaluation, after every stage had trained."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_config(compose(f"output_dir={tmp_path}", *overrides))
+
+
+def test_eval_sets_and_generate_settings_that_work_pass(tmp_path):
+    cfg = compose(
+        f"output_dir={tmp_path}",
+        "eval.sets=[{name:a,path:a.json},{name:b,path:b.json,kind:qa},{name:c,path:c.json,kind:auto}]",
+        "+eval.generation.top_p=0.9",
+        "+eval.generation.repetition_penalty=1.1",
+    )
+    check_config(cfg)
+
+
+def _records(path: Path, records: list[dict]) -> str:
+    path.write_text(json.dumps(records))
+    return str(path)
+
+
+def test_an_eval_set_the_final_evaluation_cannot_score_is_a_data_error_naming_it(colour_set, tmp_path):
+    """As evaluation checks a set before generating (check_answers): a caption set (kind auto), a question without
+    an answer; within eval.limit only."""
+    test = json.loads(colour_set["test"].read_text())
+    captions = _records(tmp_path / "captions.json", json.loads(colour_set["pretrain"].read_text()))
+    unanswered = _records(tmp_path / "unanswered.json", [test[0], {k: v for k, v in test[1].items() if k != "answer"}])
+
+    def sets(path: str) -> str:
+        return f"eval.sets=[{{name:ok,path:{colour_set['test']}}},{{name:x,path:{path}}}]"
+
+    cases = [
+        (captions, r"eval.sets\[1\]: .*captions.json is a caption set .* alignlm eval .*final --sets x="),
+        (unanswered, r"eval.sets\[1\]: eval set 'x' \(.*unanswered.json\) record id=t1 has no 'answer'"),
+        (str(tmp_path / "nowhere.json"), r"eval.sets\[1\]: data file .*nowhere.json does not exist"),
+    ]
+    for path, message in cases:
+        with pytest.raises(DataError, match=message):
+            checks.check_eval_sets(compose(f"output_dir={tmp_path}", sets(path)))
+    checks.check_eval_sets(compose(f"output_dir={tmp_path}", sets(unanswered), "eval.limit=1"))
+
+
+def test_an_eval_set_is_checked_once_the_prepare_steps_wrote_theirs_and_before_any_stage_trains(colour_set, tmp_path):
+    """A set a prepare step writes is there when the sets are checked; a missing one is refused before the first
+    stage trains (it had stopped the run after every stage trained, its weights unevaluated)."""
+    written = tmp_path / "written.json"
+    copy = f"+stages.pretrain.prepare.copy={{_target_:shutil.copyfile,_args_:[{colour_set['test']},{written}]}}"
+    sets = f"eval.sets=[{{name:a,path:{written}}},{{name:b,path:{tmp_path / 'missing.json'}}}]"
+    cfg = compose(*pretrain_on(colour_set, tmp_path, "mixed_precision=no", "stages.pretrain.max_steps=1", copy, sets))
+    with pytest.raises(DataError, match=r"eval.sets\[1\]: data file .*missing.json does not exist"):
+        run(cfg)
+    assert written.exists()  # the prepare step ran, and its set passed
+    assert not (tmp_path / "t" / "pretrain" / "final").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["launcher=fsdp2", "monitor.every=1"], "monitor.every > 0 is not available with distributed.strategy=fsdp2"),
+        (["model.vision_artifacts={mode:drop,factor:4.0}"], "model.vision_artifacts.mode='drop' is not known"),
+        (["model.visual_token_norm=-1"], "model.visual_token_norm=-1 must be a number > 0"),
+        (["model/connector=v2l", "model.visual_token_norm=1.0"], "model.visual_token_norm must be null with the v2l"),
+        (["model.vision_artifacts=3"], "model.vision_artifacts=3 must be a mapping"),
+    ],
+)
+def test_a_monitor_or_model_knob_mistake_is_exit_2_before_the_prepare_steps(
+    colour_set, tmp_path, capsys, overrides, message
+):
+    """Refused when the first stage set up its optimizer or built its model, exit status 1, after the offline sets
+    and every prepare step had run (hours for a method's encoder)."""
+    marker = tmp_path / "prepared"
+    touch = f"+stages.pretrain.prepare.marker={{_target_:pathlib.Path.touch,_args_:[{marker}]}}"
+    probe = f"monitor.probe={colour_set['pretrain']}"
+    args = pretrain_on(colour_set, tmp_path, "mixed_precision=no", "eval.sets=[]", probe, touch, *overrides)
+    assert console(["train", *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("launcher", ["fsdp2", "zero3"])
+def test_the_monitor_under_a_sharded_strategy_is_refused_where_the_strategy_is_resolved(launcher, tmp_path):
+    cfg = compose(f"output_dir={tmp_path}", f"launcher={launcher}", "monitor.every=2", "monitor.probe=p.json")
+    check_config(cfg)
+    with pytest.raises(ConfigError, match=f"monitor.every > 0 is not available with distributed.strategy={launcher}"):
+        resolve_strategy(cfg)
+
+
+@pytest.mark.parametrize(
+    "overrides, line",
+    [
+        (
+            ["offline_dataset_args={shapes:{n_train:500}}"],
+            "alignlm: offline_dataset_args={shapes:{n_train:500}} adds "
+            "offline_dataset_args.shapes to offline_dataset_args, a mapping this config has ({}): an override with = "
+            "merges into a mapping and sets only the keys it has; new keys are added with a +: "
+            "+offline_dataset_args={shapes:{n_train:500}} (or one key at a time: +offline_dataset_args.shapes=...)",
+        ),
+        (
+            ["eval.generation={temperature:0.7}"],
+            "alignlm: eval.generation={temperature:0.7} adds "
+            "eval.generation.temperature to eval.generation, a mapping this config has ({'do_sample': False}): an "
+            "override with = merges into a mapping and sets only the keys it has; new keys are added with a +: "
+            "+eval.generation={temperature:0.7}",
+        ),
+        (
+            ["stages.finetune.data.template_args={system:hi}"],
+            "alignlm: stages.finetune.data.template_args={system:hi} "
+            "adds stages.finetune.data.template_args.system to stages.finetune.data.template_args, a mapping",
+        ),
+        # a new key of such a mapping that is no setting: the nearest one
+        (
+            ["eval.generation={temprature:0.7}"],
+            "alignlm: eval.generation.temprature is not a setting of "
+            "transformers' generate(); did you mean 'temperature'?",
+        ),
+        (
+            ["offline_dataset_args={shapez:{n_train:5}}"],
+            "alignlm: offline_dataset_args.shapez is not a known setting; did you mean 'shapes'?",
+        ),
+        (
+            ["stages.pretrain.data.template_args={system:hi}"],
+            "alignlm: stages.pretrain.data.template_args: template "
+            "'plain' (stages.pretrain.data.template) takes no arguments",
+        ),
+    ],
+)
+def test_an_override_adding_keys_to_a_mapping_says_the_mapping_exists_and_gives_the_plus_form(
+    tmp_path, capsys, overrides, line
+):
+    """It was told "offline_dataset_args is not in the composed config", of a key the config has."""
+    assert console(["train", f"output_dir={tmp_path}", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(line) and err.count("\n") == 1, err
+    advised = re.search(r"new keys are added with a \+: (\S+)", err)
+    if advised:  # the form it gives composes, with the keys added
+        cfg = compose(f"output_dir={tmp_path}", advised.group(1))
+        check_config(cfg)
+
+
+def test_train_yamls_comment_shows_overrides_that_compose(tmp_path):
+    """train.yaml's comment showed {shapes: {n_train: 500}}, whose override form Hydra refuses without a +."""
+    text = (config_dir() / "train.yaml").read_text()
+    shown = re.findall(r"\+(?:offline_dataset_args|eval\.generation)\.[\w.]+=[\w.]+", text)
+    assert len(shown) == 2, shown
+    for override in shown:
+        check_config(compose(f"output_dir={tmp_path}", override))
+
+
+def test_a_stage_with_another_prompt_than_the_stage_it_starts_from_is_warned_with_the_override(tmp_path):
+    """+stage@stages.dpo=dpo on the demo builds the dpo stage from stage/dpo.yaml: the demo's system prompt was lost,
+    and DPO trained and the run evaluated on a prompt the model was never finetuned with."""
+    (line,) = checks.prompt_changes(compose("+exp=demo", "+stage@stages.dpo=dpo", "run=[dpo]"))
+    assert line.startswith(
+        "stage dpo starts from stage finetune (stages.dpo.init_from) but renders its prompts otherwise: "
+        "stages.dpo.data.template_args={}, stages.finetune.data.template_args={'system': 'Answer briefly.'}; it trains "
+        "and the run evaluates on prompts its starting model was not trained with"
+    ), line
+    fix = shlex.split(line.rpartition(": ")[2])
+    assert fix == ["stages.dpo.data.template_args=${stages.finetune.data.template_args}"]
+    assert checks.prompt_changes(compose("+exp=demo", "+stage@stages.dpo=dpo", "run=[dpo]", *fix)) == []
+    # the template too; none after the plain template's captioning stage (LLaVA's pretrain -> finetune), none in sima
+    (line,) = checks.prompt_changes(
+        compose("+exp=demo", "+stage@stages.dpo=dpo", "stages.finetune.data.template=vicuna_v1", "run=[finetune,dpo]")
+    )
+    assert "stages.dpo.data.template='chat', stages.finetune.data.template='vicuna_v1'" in line
+    assert "'stages.dpo.data.template=${stages.finetune.data.template}'" in line
+    assert checks.prompt_changes(compose("+exp=demo")) == []
+    assert checks.prompt_changes(compose("+exp=sima")) == []
+
+
+def test_the_run_warns_of_another_prompt_at_start_up(colour_set, tmp_path, alignlm_log):
+    cfg = compose(
+        *pretrain_on(colour_set, tmp_path, "mixed_precision=no", "run=[pretrain,finetune]"),
+        "stages.pretrain.data.template=chat",
+        "stages.finetune.data.template=vicuna_v1",
+        f"stages.finetune.data.sources=[{{path:{colour_set['instruct']}}}]",
+        f"eval.sets=[{{name:a,path:{tmp_path / 'missing.json'}}}]",  # refused before anything trains
+    )
+    with pytest.raises(DataError, match="missing.json does not exist"):
+        run(cfg)
+    warned = [
+        r.getMessage() for r in alignlm_log.records if "stage finetune starts from stage pretrain" in r.getMessage()
+    ]
+    assert (
+        len(warned) == 1
+        and "stages.finetune.data.template='vicuna_v1', stages.pretrain.data.template='chat'" in (warned[0])
+    )
+
+
+def _documented_dpo_commands() -> list[list[str]]:
+    """Every `alignlm train ... +stage@stages.dpo=dpo` command of README.md and docs/methods.md, as its words."""
+    command = r"alignlm train \+exp=demo \+stage@stages\.dpo=dpo"
+    found = []
+    for doc in ("README.md", "docs/methods.md"):
+        text = (ROOT / doc).read_text().replace("\\\n", " ")  # a code block's continued line
+        spans = re.findall(rf"`({command}[^`]*)`", text) + re.findall(rf"^({command}.*)$", text, re.MULTILINE)
+        found += [shlex.split(span.replace("\n", " "), comments=True)[2:] for span in spans]
+    return found
+
+
+def test_the_documented_dpo_commands_train_on_the_finetune_stages_prompt():
+    commands = _documented_dpo_commands()
+    assert len(commands) >= 3, commands
+    for words in commands:
+        assert checks.prompt_changes(compose(*words)) == [], words
