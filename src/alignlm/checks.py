@@ -34,7 +34,7 @@ from alignlm.data.images import MAX_PIXELS, check_aspect_ratio
 from alignlm.data.llava import check_error_policy
 from alignlm.data.records import DataError, Source, image_names, iter_records
 from alignlm.data.templates import TEMPLATES, PlainTemplate
-from alignlm.evaluation.evaluate import KINDS, check_answers, set_kind
+from alignlm.evaluation.evaluate import KINDS, check_answers, check_set_names, set_kind
 from alignlm.export.hf_llava import is_llava_dir
 from alignlm.geometry.suite import ALL_METRICS
 from alignlm.models.build import check_model_settings
@@ -54,7 +54,7 @@ from alignlm.training.stages import (
     lora_exclusions,
     lora_matches,
 )
-from alignlm.training.trainer import checkpointing_parts
+from alignlm.training.trainer import build_objectives, checkpointing_parts
 from alignlm.training.zero import STAGES as ZERO_STAGES
 
 _LLAVA_BUILDERS = ("alignlm.export.hf_llava.vision_from_llava", "alignlm.export.hf_llava.llm_from_llava")
@@ -69,7 +69,7 @@ _SECTIONS = {
     "logging.wandb": True,
 }
 _UNCATCHABLE = ("SIGKILL", "SIGSTOP")  # no handler can be installed for these (POSIX)
-EVAL_SET_KEYS = ("name", "path", "kind")  # an entry of eval.sets (alignlm eval reads a run's entries too)
+EVAL_SET_KEYS = ("name", "path", "kind")  # an entry of eval.sets, a run's or alignlm eval's (--sets, --config, --set)
 # generate()'s arguments that no eval.generation setting gives: the prompts, a whole config, the catch-all
 _NOT_GENERATION_KNOBS = ("self", "inputs", "generation_config", "kwargs")
 
@@ -186,14 +186,14 @@ def prompt_changes(cfg: DictConfig) -> list[str]:
         init = cfg.stages[name].get("init_from")
         if not isinstance(init, str) or init not in cfg.stages or init == name:
             continue
-        ours, theirs = _prompt_of(cfg.stages[name].data), _prompt_of(cfg.stages[init].data)
+        ours, theirs = prompt_of(cfg.stages[name].data), prompt_of(cfg.stages[init].data)
         if theirs["template"] == PlainTemplate.name:
             continue
         differ = [(knob, ours[knob], theirs[knob]) for knob in ours if ours[knob] != theirs[knob]]
         if not differ:
             continue
         said = "; ".join(f"stages.{name}.data.{k}={a!r}, stages.{init}.data.{k}={b!r}" for k, a, b in differ)
-        fix = " ".join(f"'stages.{name}.data.{k}=${{stages.{init}.data.{k}}}'" for k, _, _ in differ)
+        fix = prompt_overrides(name, init, [k for k, _, _ in differ])
         lines.append(
             f"stage {name} starts from stage {init} (stages.{name}.init_from) but renders its prompts otherwise: "
             f"{said}; it trains{' and the run evaluates' if name == cfg.run[-1] else ''} on prompts its starting "
@@ -202,12 +202,20 @@ def prompt_changes(cfg: DictConfig) -> list[str]:
     return lines
 
 
-def _prompt_of(data: DictConfig) -> dict[str, Any]:
+def prompt_of(data: Mapping[str, Any]) -> dict[str, Any]:
     """What of a stage's ``data`` renders its prompts: its template and the template's arguments, as it reads them."""
     return {
         "template": data.get("template", PlainTemplate.name),
         "template_args": plain(data.get("template_args") or {}),
     }
+
+
+def prompt_overrides(stage: str, init: str, knobs: Sequence[str]) -> str:
+    """The overrides that make stage ``stage`` render its prompts as stage ``init`` does, one per knob of ``knobs``
+    (:func:`prompt_of`'s), as README's DPO command writes them: ``init``'s value by interpolation, which replaces a
+    mapping whole (``template_args`` given as a mapping with ``=`` merges into the stage's, and Hydra refuses the keys
+    it lacks)."""
+    return " ".join(f"'stages.{stage}.data.{k}=${{stages.{init}.data.{k}}}'" for k in knobs)
 
 
 def check_source_files(cfg: DictConfig, stages: Sequence[str]) -> None:
@@ -428,7 +436,8 @@ def _check_switches_and_counts(cfg: DictConfig) -> None:
 def _check_eval(cfg: DictConfig, section: set[str]) -> None:
     """The final evaluation's knobs, read only after the last stage trained: its sizes, ``generate()``'s settings
     (:func:`check_generation_keys`) and each ``eval.sets`` entry: its keys (``limt: 3`` was dropped unread, every
-    question evaluated) and its ``kind``. The sets' files are checked once the offline sets are written
+    question evaluated), its ``kind`` and a name no other entry has (the report keeps one result per name: two of one
+    name were reduced to one). The sets' files are checked once the offline sets are written
     (:func:`check_eval_sets`). ``section``: the keys of ``eval`` (one of them in a set, ``limt`` for ``eval.limit``,
     is told so)."""
     ecfg = cfg.eval
@@ -451,6 +460,7 @@ def _check_eval(cfg: DictConfig, section: set[str]) -> None:
             raise ConfigError(f"{key}.kind={kind!r} is not known; choose one of {list(KINDS)}")
         if kind == "caption":
             raise ConfigError(f"{key}.kind=caption: {_captions_elsewhere(cfg, entry)}")
+    check_set_names(sets)
 
 
 def _check_set_keys(key: str, entry: DictConfig, section: set[str]) -> None:
@@ -774,7 +784,8 @@ def _check_feature_cache(key: str, cache: Any, vision: str) -> None:
 def _check_objectives(key: str, stage: DictConfig) -> None:
     """A stage trains on at least one objective (null ones are off), each with a weight > 0 (a negative one trained by
     gradient ascent); one that relates a micro-batch's samples gets its ``min_batch_size`` per device, known from its
-    class before anything is built."""
+    class before anything is built; its knobs are its constructor's, of their types, and the constructor takes them
+    (:func:`_check_objective_builds`)."""
     objectives = _mapping(f"{key}.objectives", stage.get("objectives"), null=True) or {}
     if all(node is None for node in objectives.values()):
         raise ConfigError(
@@ -798,6 +809,25 @@ def _check_objectives(key: str, stage: DictConfig) -> None:
             check_keys(f"{key}.objectives.{name}", node, allowed)
         if knobs:
             check_knob_types(f"{key}.objectives.{name}", cls, node)
+        _check_objective_builds(key, name, stage)
+
+
+def _check_objective_builds(key: str, name: str, stage: DictConfig) -> None:
+    """The objective ``name`` of the stage at ``key``, built as the stage's trainer builds it
+    (``training/trainer.py: build_objectives``) and let go: a refusal of its constructor (DPO's unknown ``loss``,
+    ``beta <= 0``, ``loss=ipo`` with ``label_smoothing > 0``) came when its stage started, after the stages before it
+    had trained. Cheap: the Objective contract keeps what needs the model, the data or a file for ``setup()``, and the
+    built-in constructors hold numbers and a one-element tensor at most. One that a function builds is not built here
+    (nothing holds a function to that contract: it may read a file a prepare step has not written yet)."""
+    where = f"{key}.objectives"
+    one = {"objectives": {name: stage.objectives[name]}, "per_device_batch_size": stage.get("per_device_batch_size", 1)}
+    try:
+        build_objectives(one, where)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:
+        said = str(e)
+        raise ConfigError(said if f"{where}.{name}" in said else f"{where}.{name}: {said}") from None
 
 
 def import_target(key: str, node: Mapping[str, Any]) -> Any:

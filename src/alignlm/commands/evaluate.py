@@ -22,18 +22,18 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 
-from alignlm.checks import check_keys
+from alignlm.checks import EVAL_SET_KEYS, check_generation_keys, check_keys
 from alignlm.commands._flags import add_trust_flags, positive_int
 from alignlm.config import ConfigError, add_keys, config_dir
 from alignlm.data.templates import TEMPLATES
 from alignlm.evaluation import checkpoints
+from alignlm.evaluation.evaluate import check_set_names
 from alignlm.evaluation.lmms import run_lmms_eval, write_local_task
 from alignlm.evaluation.paired import against_first, markdown_lines, run_key, same_step_pairs, too_few_shared
 from alignlm.evaluation.plots import plot_accuracy_curves, plot_runs
 from alignlm.evaluation.report import (
     PARTS,
     check_checkpoints,
-    check_set_names,
     evaluate_checkpoint,
     json_values,
     probe_metrics_asked,
@@ -43,7 +43,6 @@ from alignlm.evaluation.report import (
 from alignlm.files import LockHeld, release_lock, take_lock
 from alignlm.geometry.suite import ALL_METRICS
 from alignlm.models.device import default_device, device_problem
-from alignlm.models.generation import check_generation
 from alignlm.models.probes import check_probe_metrics
 from alignlm.training.logging import get_logger
 
@@ -125,9 +124,8 @@ def layer_list(text: str) -> str | list[int]:
     return layers
 
 
-# eval knobs whose keys are another library's: transformers' generate() settings (check_generation checks them)
+# eval knobs whose keys are another library's: transformers' generate() settings (check_generation_keys checks them)
 OPEN_KNOBS = ("eval.generation",)
-SET_KEYS = ("name", "path", "kind")  # an entry of eval.sets
 
 
 def check_eval_keys(node: Mapping[str, Any], known: Mapping[str, set[str]], where: str = "eval") -> None:
@@ -146,7 +144,7 @@ def check_sets(sets: Sequence[Any]) -> None:
     for i, s in enumerate(sets):
         if not isinstance(s, Mapping) or not s.get("name") or not s.get("path"):
             raise SystemExit(f"eval sets[{i}]={s!r} needs a name and a path ({{name, path, kind}}; --sets NAME=PATH)")
-        check_keys(f"eval.sets[{i}]", s, set(SET_KEYS))
+        check_keys(f"eval.sets[{i}]", s, set(EVAL_SET_KEYS))
     check_set_names(sets)
     missing = [s["path"] for s in sets if not Path(s["path"]).exists()]
     if missing:
@@ -172,7 +170,7 @@ def check_eval_config(ecfg: dict[str, Any]) -> None:
         raise SystemExit(f"eval template={ecfg['template']!r} is not known; choose one of {sorted(TEMPLATES)}")
     check_sets(ecfg.get("sets") or [])
     check_generation_settings(ecfg.get("generation"))
-    check_generation(ecfg.get("generation"))
+    check_generation_keys(ecfg.get("generation"))  # a mistyped one failed in generate(), after the loading
     if probe.get("n") is not None and probe["n"] < probe["topk"] + 2:
         raise SystemExit(f"eval probe.n={probe['n']} must be at least probe.topk + 2 = {probe['topk'] + 2}")
     for key in ("metrics", "layer_metrics"):

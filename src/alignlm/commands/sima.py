@@ -15,12 +15,16 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from omegaconf import DictConfig
+
+from alignlm.checks import prompt_of, prompt_overrides
 from alignlm.commands._flags import add_trust_flags, positive_float, positive_int
+from alignlm.config import compose
 from alignlm.evaluation.checkpoints import data_config, resolve, stage_config
 from alignlm.evaluation.preferences import judge_agreement
 from alignlm.files import replace_text
 from alignlm.methods.sima.generate import generate_preferences
-from alignlm.models.io import load_model
+from alignlm.models.io import checkpoint_stage, load_model
 
 
 def register(subparsers: Any) -> None:
@@ -59,7 +63,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise SystemExit(f"alignlm sima generate: --set takes NAME=JSON, got {item!r}")
         sets.append({"name": name, "path": path})
     checkpoint = resolve([args.checkpoint])[0]
-    data = data_config(checkpoint, stage_config(checkpoint))  # the template the checkpoint was trained with
+    cfg = stage_config(checkpoint)
+    data = data_config(checkpoint, cfg)  # the template the checkpoint was trained with
     generate_preferences(
         args.checkpoint,
         sets,
@@ -73,9 +78,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         drop_inconsistent=not args.keep_inconsistent,
         seed=args.seed,
     )
-    print(
-        f"alignlm sima generate: a dpo stage trains on these pairs with {dpo_sources(sets, args.out)}", file=sys.stderr
+    overrides = " ".join(
+        filter(None, (dpo_prompt(cfg, checkpoint_stage(cfg, checkpoint.stage)), dpo_sources(sets, args.out)))
     )
+    print(f"alignlm sima generate: a dpo stage trains on these pairs with {overrides}", file=sys.stderr)
     return cmd_check(argparse.Namespace(out=args.out))
 
 
@@ -87,6 +93,21 @@ def dpo_sources(sets: list[dict[str, str]], out: str) -> str:
         f"{{path:{Path(out) / (s['name'] + '.json')},image_root:{Path(s['path']).parent}}}" for s in sets
     )
     return f"'stages.dpo.data.sources=[{entries}]'"
+
+
+def dpo_prompt(cfg: DictConfig, stage: str) -> str:
+    """The overrides, in README's form (:func:`~alignlm.checks.prompt_overrides`), that make a dpo stage added with
+    ``+stage@stages.dpo=dpo`` render its prompts as stage ``stage`` of the checkpoint's config ``cfg`` did, for the
+    template and its arguments where ``stage/dpo.yaml`` renders them otherwise ("" where it does not): the pairs were
+    answered and judged under that stage's prompts, and the dpo stage starts from it (its ``init_from``). The demo's
+    finetune stage has a system prompt that ``stage/dpo.yaml`` lacks, and the sources override alone trained DPO on the
+    pairs under another prompt than they were made with (``configs/exp/sima.yaml`` sets the demo's for its dpo stage).
+    A checkpoint of a stage named dpo gets none: its own stage is no stage to take the prompt from."""
+    if stage == "dpo":
+        return ""
+    added = prompt_of(compose(["+stage@stages.dpo=dpo"]).stages.dpo.data)
+    made = prompt_of(cfg.stages[stage].data)
+    return prompt_overrides("dpo", stage, [knob for knob in added if added[knob] != made[knob]])
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -11,9 +11,10 @@ Two kinds of set share one generation path:
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+from alignlm.config import ConfigError
 from alignlm.data.records import DataError, read_records, record_id, reference_captions
 from alignlm.evaluation.answers import choice_texts, names_only, reference_answers, score_answer
 from alignlm.evaluation.captions import bleu, cider_d
@@ -31,6 +32,16 @@ def set_kind(path: str, kind: str = "auto") -> str:
         return kind
     records = read_records(path)
     return "qa" if records and "answer" in records[0] else "caption"
+
+
+def check_set_names(sets: Sequence[Mapping[str, Any]]) -> None:
+    """Each set has a name of its own: the report keeps a set's scores under its name, so the last of two sets of one
+    name replaced the first, after both were generated. Here, below the report, so that the start-up checks of a
+    training run (``checks.py``) refuse them too without importing the report and its plots."""
+    names = [str(s["name"]) for s in sets]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"eval.sets name {twice} more than once; give each set a name of its own")
 
 
 def score_key(rid: str, record: Mapping[str, Any]) -> str:

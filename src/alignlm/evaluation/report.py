@@ -38,7 +38,7 @@ from alignlm.data.records import DataError, image_paths, read_records
 from alignlm.data.templates import TEMPLATES
 from alignlm.evaluation import checkpoints as C
 from alignlm.evaluation import paired, plots
-from alignlm.evaluation.evaluate import answer_accuracy, caption_scores, check_answers, set_kind
+from alignlm.evaluation.evaluate import answer_accuracy, caption_scores, check_answers, check_set_names, set_kind
 from alignlm.files import file_sha256, replace_file, replace_text
 from alignlm.geometry.metrics import retrieval_recall
 from alignlm.geometry.suite import PAIR_METRICS, flat
@@ -96,15 +96,6 @@ def rounded(x: Any) -> Any:
     if isinstance(x, (list, tuple)):
         return [rounded(v) for v in x]
     return x
-
-
-def check_set_names(sets: Sequence[Mapping[str, Any]]) -> None:
-    """Each set has a name of its own: the report keeps a set's scores under its name, so the last of two sets of one
-    name replaced the first, after both were generated."""
-    names = [str(s["name"]) for s in sets]
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:
-        raise ConfigError(f"eval.sets name {twice} more than once; give each set a name of its own")
 
 
 def eval_sets(ecfg: Mapping[str, Any], train_cfg: Any, whose: str = "the checkpoint") -> list[dict[str, Any]]:

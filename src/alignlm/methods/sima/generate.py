@@ -17,7 +17,8 @@ For each prompt (an image and a question, with its reference answer) of a questi
 
 Written per set, into ``out``: ``<name>.json`` (the preference records; images stay where the set has them, named as
 the set names them, relative to its folder, so a stage reads them with ``image_root`` set to the set's folder:
-``alignlm sima generate`` prints that override; a source that reads them under another folder stops at start-up,
+``alignlm sima generate`` prints that override, and those that render a dpo stage's prompts as the checkpoint's stage
+rendered the pairs' (its template and ``template_args``, where ``stage/dpo.yaml``'s differ); a source that reads them under another folder stops at start-up,
 naming the path and the folder) and ``<name>.critic.json`` (every judged pair with both
 orders' probabilities and the reference answer, for the critic check of ``alignlm eval``), and last
 ``<name>.provenance.json``: what the records were made from (``methods/provenance.py``). The knobs (the sampling, the
