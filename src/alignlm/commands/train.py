@@ -19,6 +19,7 @@ from alignlm.checks import override_mistake
 from alignlm.commands import BAD_DATA, FAILED, USAGE
 from alignlm.commands.launch import cpu_processes_to_spawn, spawn_cpu_ranks
 from alignlm.config import ConfigError, compose
+from alignlm.data.llava import error_message
 from alignlm.data.records import DataError
 from alignlm.pipeline import run
 from alignlm.training.trainer import StopTraining, TrainingError
@@ -49,8 +50,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     except TrainingError as e:
         print(f"alignlm: {e}", file=sys.stderr)
         return FAILED
-    except DataError as e:
-        print(f"alignlm: {e}", file=sys.stderr)
+    except DataError as e:  # one line, also when a loader worker raised it (error_message)
+        print(f"alignlm: {error_message(e)}", file=sys.stderr)
         return BAD_DATA
     return 0
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from array import array
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -96,6 +97,24 @@ def check_error_policy(on_error: Any, min_usable_fraction: Any, key: str = "data
     ok = isinstance(min_usable_fraction, (int, float)) and not isinstance(min_usable_fraction, bool)
     if not (ok and 0 <= min_usable_fraction <= 1):
         raise ConfigError(f"{key}.min_usable_fraction={min_usable_fraction!r} must be a number within [0, 1]")
+
+
+# How PyTorch re-raises in the main process what a DataLoader worker raised: the worker's traceback as the message.
+_FROM_WORKER = re.compile(r"Caught \w+ in DataLoader worker process \d+\.\nOriginal Traceback")
+
+
+def error_message(error: DataError) -> str:
+    """``error``'s message as it was raised, also when a DataLoader worker raised it: ``on_error: raise`` with loader
+    workers (``num_workers: auto`` on CUDA) reached the user as PyTorch's re-raise, "Caught DataError in DataLoader
+    worker process 1." and ~50 lines of the worker's traceback, where the same record without workers said one line.
+    That message ends with the worker's exception as ``traceback`` formats it, ``<module>.<class>: <message>``: its
+    message is what this returns (a message of its own is returned as it is)."""
+    text = str(error)
+    if not _FROM_WORKER.match(text):
+        return text
+    head = f"\n{type(error).__module__}.{type(error).__qualname__}: "
+    at = text.rfind(head)
+    return text[at + len(head) :].rstrip("\n") if at >= 0 else text
 
 
 def check_image_folder(src: Source, records: PackedRecords, image_counts: np.ndarray) -> None:

@@ -203,10 +203,28 @@ def _similarities(x: Tensor, rows: slice) -> Tensor:
 
 def _knn(x: Tensor, topk: int) -> Tensor:
     """Indices [n, topk] of each item's most similar other items, most similar first, self excluded. Exact ties
-    are broken by ``topk``, i.e. by item order: the ranked lists of cycle, LCS and edit-distance kNN need one."""
+    are broken by item order (``_ranked``): the ranked lists of cycle, LCS and edit-distance kNN need one."""
     n = x.shape[0]
     _check_topk(n, topk)
-    return torch.cat([_similarities(x, rows).topk(topk, dim=1).indices for rows in _chunks(n, 2 * n)])
+    return torch.cat([_ranked(_similarities(x, rows), topk) for rows in _chunks(n, 2 * n)])
+
+
+def _ranked(sim: Tensor, topk: int) -> Tensor:
+    """Column indices [rows, topk] of each row's ``topk`` largest entries, largest first, an exact tie going to the
+    lower index, on every device. ``topk``'s own indices order tied entries as its kernel happens to (CPU and CUDA
+    differ, pytorch#127196; on the CPU not by index either), which gave one probe's ranked-list metrics a value per
+    device. Only its values are read here, which are the same everywhere: a key with no ties, ``n`` times the
+    entry's place (0 above the k-th value, 1 equal to it, 2 below) plus its index, whose k smallest are the entries
+    above the k-th value and then those equal to it, each in index order; a stable sort of those k by value puts them
+    in rank order. The key is int32 (``3 n`` fits), so a block holds no more than its similarities and their topk."""
+    kth = sim.topk(topk, dim=1).values[:, -1:]
+    n = sim.shape[1]
+    key = (sim < kth).to(torch.int32)
+    key += sim <= kth
+    key *= n
+    key += torch.arange(n, dtype=torch.int32, device=sim.device)
+    picked = key.topk(topk, dim=1, largest=False).values.long() % n
+    return picked.gather(1, sim.gather(1, picked).sort(dim=1, descending=True, stable=True).indices)
 
 
 def _tolerance(norms: Tensor, rows: slice) -> Tensor:
@@ -219,8 +237,8 @@ def _tolerance(norms: Tensor, rows: slice) -> Tensor:
 def _kth_and_share(sim: Tensor, tolerance: Tensor, topk: int) -> tuple[Tensor, Tensor]:
     """Per row of a similarity block ([rows, 1] each): its k-th largest value, and the membership of each candidate
     tied with it (within ``tolerance``). Those share the slots that the items clearly above it leave, equally: their
-    chance of being picked when the tie is broken uniformly at random. ``topk`` breaks ties by item order, so
-    repeated captions made the neighbour set, and the metric, depend on the order the items were listed in."""
+    chance of being picked when the tie is broken uniformly at random. Breaking ties by item order (as ``_knn``
+    does) made the neighbour set of repeated captions, and the metric, depend on the order the items were listed in."""
     kth = sim.topk(topk, dim=1).values[:, -1:]
     sure = (sim > kth + tolerance).count_nonzero(dim=1)[:, None]
     candidates = (sim >= kth - tolerance).count_nonzero(dim=1)[:, None]
@@ -245,7 +263,7 @@ def _block_memberships(x: Tensor, norms: Tensor, rows: slice, topk: int) -> Tens
 def _knn_pair(A: Tensor, B: Tensor, topk: int, preprocess: bool) -> tuple[Tensor, Tensor]:
     """Both sides' ranked neighbour lists, for the metrics that read lists (cycle, LCS, edit distance). They have
     no order-free form as simple as the memberships: under exact ties (repeated captions, duplicate images) these
-    metrics depend on item order, as ``topk`` breaks ties by index."""
+    metrics depend on item order, as ``_knn`` breaks ties by index."""
     a, b = _prepared_pair(A, B, preprocess)
     return _knn(a, topk), _knn(b, topk)
 

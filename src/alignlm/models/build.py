@@ -7,7 +7,8 @@ needs to change. Errors name the config key and what went wrong.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -32,9 +33,19 @@ def build_model(model_cfg: Mapping[str, Any]) -> AlignLM:
     for part in ("vision", "connector", "llm"):
         if part not in model_cfg:
             raise ValueError(f"config model.{part} is missing; pick one, e.g. model/{part}=tiny")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(model_cfg.get("init_seed", 0)))
+    with _init_stream(int(model_cfg.get("init_seed", 0))):
         return _assemble(model_cfg)
+
+
+@contextmanager
+def _init_stream(seed: int) -> Iterator[None]:
+    """Random draws seeded with ``seed`` inside, every generator as it was outside. ``torch.manual_seed`` seeds
+    the CPU's and every CUDA device's generator, so all of them are forked: forking the CPU's alone had left the GPUs
+    seeded with ``model.init_seed + k`` after every build, so that a stage's dropout, LoRA dropout and objectives'
+    random draws on the GPU were the same whatever ``seed`` said."""
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count()), device_type="cuda"):
+        torch.manual_seed(seed)
+        yield
 
 
 class _NoTower(nn.Module):
@@ -71,8 +82,7 @@ def _assemble(model_cfg: Mapping[str, Any]) -> AlignLM:
     llm, tokenizer = instantiate(model_cfg["llm"], "model.llm")
     # The connector draws from its own stream, so swapping connectors (dense -> MoE upcycling) leaves the
     # other random inits, such as the new <image> embedding row, unchanged.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(model_cfg.get("init_seed", 0)) + 1)
+    with _init_stream(int(model_cfg.get("init_seed", 0)) + 1):
         connector = instantiate(
             model_cfg["connector"],
             "model.connector",
@@ -128,8 +138,7 @@ def _extras(model_cfg: Mapping[str, Any], vision: VisionTower, connector: Connec
     sample = _embedding_sample(llm)
     parts = {}
     for i, (name, node) in enumerate(nodes.items()):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(model_cfg.get("init_seed", 0)) + 2 + i)
+        with _init_stream(int(model_cfg.get("init_seed", 0)) + 2 + i):
             part = instantiate(
                 node,
                 f"model.extras.{name}",
