@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -251,6 +252,41 @@ def test_a_sea_pass_killed_while_writing_its_file_encodes_nothing_again(shapes_r
     rest = CountingPatches()
     sea(out, shapes_root, rest)
     assert rest.images == 0 and out.read_bytes() == sea_whole
+
+
+def test_a_second_process_preparing_the_same_labels_waits_and_reuses_the_first_ones(
+    shapes_root, tmp_path, sea_whole, caplog
+):
+    """Seed runs launched together all prepare the SEA labels beside one data set: they wrote one ``.partial`` folder
+    at once (the second made the first's arrays again under it). The second now waits for the first (a line names
+    it), then finds the labels made and encodes nothing."""
+    out = tmp_path / "whole.safetensors"
+    taken, go = os.pipe(), os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the first job: holds the output while it makes it (re-entrant: make_labels takes it again)
+        code = 1
+        try:
+            with files.sole_writer(out, f"labelling {out}"):
+                os.write(taken[1], b"1")
+                os.read(go[0], 1)
+                sea(out, shapes_root, CountingPatches())
+            code = 0
+        finally:
+            os._exit(code)
+    assert os.read(taken[0], 1) == b"1"
+    threading.Timer(1.0, os.write, (go[1], b"1")).start()  # the first job labels once this one waits
+    second = CountingPatches()
+    data = [shapes_root / "shapes" / "pretrain.json"]
+    with caplog.at_level(logging.WARNING, logger="alignlm"):
+        sea_labels.ensure_labels(
+            out, "dual_encoder", data, 2, model=second, words=["a", "b", "c"], batch_size=3, num_workers=0
+        )
+    assert os.WEXITSTATUS(exit_status(pid, timeout=120)) == 0
+    assert second.images == 0 and out.read_bytes() == sea_whole
+    assert any(
+        "waiting for it to let go" in r.getMessage() and f"{os.uname().nodename}:{pid}" in r.getMessage()
+        for r in caplog.records
+    )
 
 
 def test_sea_rows_kept_under_other_knobs_a_damaged_record_or_another_grid_are_labelled_again(

@@ -15,7 +15,8 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -250,11 +251,11 @@ class LockHeld(Exception):
         self.path, self.holder = path, holder
 
 
-def take_lock(path: Path, what: str) -> int | None:
+def take_lock(path: Path, what: str, wait: bool = False) -> int | None:
     """Lock ``path`` for this process (``flock``; the file records ``host:pid`` and the start, for the message of a
     process refused) and return its descriptor, to give to :func:`release_lock` at the end. The kernel drops the lock
     when its process dies, however it ends: a crash leaves no stale lock. Raises :class:`LockHeld` while another
-    process holds it. On a filesystem that cannot lock, or in a folder where no lock file can be made, returns None
+    process holds it, or with ``wait`` waits for it, saying so. On a filesystem that cannot lock, or in a folder where no lock file can be made, returns None
     with a warning that ``what`` (e.g. "a second run of this run_name") would not be refused. A lock file this user
     cannot write (another user's, in a shared folder) is locked read-only: ``flock`` needs no write access."""
     try:  # the umask decides who else may write it, as for every other file there (a team's shared folder)
@@ -268,8 +269,12 @@ def take_lock(path: Path, what: str) -> int | None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        os.close(fd)
-        raise LockHeld(path, path.read_text().strip() or "a process that has not written its name yet") from None
+        holder = path.read_text().strip() or "a process that has not written its name yet"
+        if not wait:
+            os.close(fd)
+            raise LockHeld(path, holder) from None
+        log.warning("%s is held by %s: waiting for it to let go (%s is not run alongside it)", path, holder, what)
+        fcntl.flock(fd, fcntl.LOCK_EX)
     except OSError as e:
         os.close(fd)
         if e.errno not in _NO_LOCKING:
@@ -288,6 +293,30 @@ def release_lock(fd: int) -> None:
     os.close(fd)
 
 
+@contextmanager
+def sole_writer(path: Path, what: str) -> Iterator[None]:
+    """Inside, no other process that writes ``path`` this way does: :func:`take_lock` on ``.<name>.lock`` beside it,
+    waiting while another holds it, so the one that comes second finds what the first wrote (a prepare step then
+    reuses it). Seed sweeps launched together all prepared one data folder's files: each pass kept its rows in one
+    ``<path>.partial/`` folder (:class:`PartialRows`), whose arrays the second process made again under the first.
+    ``what`` names the work for the log (e.g. "labelling <path>"). Re-entrant within a process: a step that checks a
+    file and then makes it holds the lock across both."""
+    lock = path.with_name(f".{path.name}.lock")
+    key = os.path.abspath(lock)
+    if key in _WRITING:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = take_lock(lock, what, wait=True)
+    _WRITING.add(key)
+    try:
+        yield
+    finally:
+        _WRITING.discard(key)
+        if fd is not None:
+            release_lock(fd)
+
+
 def _unlocked(path: Path, why: str, what: str) -> None:
     log.warning("%s cannot be locked (%s): %s started while this one runs would not be refused", path, why, what)
     return None
@@ -300,7 +329,9 @@ def _forget_locks_in_child() -> None:
     for fd in _HELD_LOCKS:
         os.close(fd)
     _HELD_LOCKS.clear()
+    _WRITING.clear()
 
 
 _HELD_LOCKS: set[int] = set()  # the locks this process holds (take_lock), closed in forked children
+_WRITING: set[str] = set()  # the lock files of the sole_writer blocks this process is in
 os.register_at_fork(after_in_child=_forget_locks_in_child)

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from alignlm.data.images import decoded_batches
 from alignlm.data.records import DataError, image_names, image_paths, iter_records, record_caption
-from alignlm.files import PartialRows, partial_folder, replace_text
+from alignlm.files import PartialRows, partial_folder, replace_text, sole_writer
 from alignlm.methods.provenance import (
     KEY,
     changed_inputs,
@@ -179,28 +179,29 @@ def make_levels(
         encoder = load_encoder(encoder, device=device or default_device())
     pairs, skipped = caption_pairs(data, image_root)
     out = Path(out)
-    progress = PartialRows(partial_folder(out), {"format": FORMAT, "inputs": inputs})  # what the scores are made of
-    scores, ok = pair_scores(encoder, [p[1] for p in pairs], [p[2] for p in pairs], batch_size, progress=progress)
-    if (~ok).any():
-        skipped["unreadable image"] += int((~ok).sum())
-    kept = [p[0] for p, good in zip(pairs, ok) if good]
-    levels, edges = equal_count_levels(scores[ok], num_levels)
-    meta = {
-        "format": FORMAT,
-        "version": VERSION,
-        "num_levels": int(num_levels),
-        "encoder": encoder.name,
-        "similarity": "cosine",
-        "edges": [round(float(e), 6) for e in edges],
-        "counts": np.bincount(levels, minlength=num_levels).tolist(),
-        "data": [str(d) for d in data],
-        "skipped": dict(skipped),
-        "levels": dict(zip(kept, levels.tolist())),
-        KEY: {"knobs": {"num_levels": int(num_levels)}, "inputs": inputs},
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    replace_text(out, json.dumps(meta))  # a kill never leaves a half file that looks whole
-    progress.remove()
+    with sole_writer(out, f"scoring {out}"):
+        progress = PartialRows(partial_folder(out), {"format": FORMAT, "inputs": inputs})  # what the scores are made of
+        scores, ok = pair_scores(encoder, [p[1] for p in pairs], [p[2] for p in pairs], batch_size, progress=progress)
+        if (~ok).any():
+            skipped["unreadable image"] += int((~ok).sum())
+        kept = [p[0] for p, good in zip(pairs, ok) if good]
+        levels, edges = equal_count_levels(scores[ok], num_levels)
+        meta = {
+            "format": FORMAT,
+            "version": VERSION,
+            "num_levels": int(num_levels),
+            "encoder": encoder.name,
+            "similarity": "cosine",
+            "edges": [round(float(e), 6) for e in edges],
+            "counts": np.bincount(levels, minlength=num_levels).tolist(),
+            "data": [str(d) for d in data],
+            "skipped": dict(skipped),
+            "levels": dict(zip(kept, levels.tolist())),
+            KEY: {"knobs": {"num_levels": int(num_levels)}, "inputs": inputs},
+        }
+        out.parent.mkdir(parents=True, exist_ok=True)
+        replace_text(out, json.dumps(meta))  # a kill never leaves a half file that looks whole
+        progress.remove()
     log.info("aligngpt levels: %d pairs in %d levels -> %s (skipped %s)", len(kept), num_levels, out, dict(skipped))
     return out
 
@@ -269,16 +270,17 @@ def ensure_levels(
     out = Path(out)
     if isinstance(encoder, (str, Path)):
         ensure_fitted_encoder(encoder, fit, "aligngpt_levels", "aligngpt_levels.fit")
-    if out.exists():
-        stored = LevelLabels(out).provenance
-        if stored is not None:
-            check_knobs(out, stored.get("knobs", {}), {"num_levels": int(num_levels)}, "aligngpt_levels")
-        changed = changed_inputs(
-            None if stored is None else stored.get("inputs"), level_inputs(data, encoder, image_root)
-        )
-        if not changed:
-            return out
-        log.warning(
-            "aligngpt levels %s: what they were made from changed (%s); writing them again", out, ", ".join(changed)
-        )
-    return make_levels(out, data, encoder, num_levels, batch_size, image_root, device)
+    with sole_writer(out, f"scoring {out}"):
+        if out.exists():
+            stored = LevelLabels(out).provenance
+            if stored is not None:
+                check_knobs(out, stored.get("knobs", {}), {"num_levels": int(num_levels)}, "aligngpt_levels")
+            changed = changed_inputs(
+                None if stored is None else stored.get("inputs"), level_inputs(data, encoder, image_root)
+            )
+            if not changed:
+                return out
+            log.warning(
+                "aligngpt levels %s: what they were made from changed (%s); writing them again", out, ", ".join(changed)
+            )
+        return make_levels(out, data, encoder, num_levels, batch_size, image_root, device)

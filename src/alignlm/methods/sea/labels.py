@@ -39,7 +39,7 @@ from safetensors.numpy import save_file
 
 from alignlm.data.images import decoded_batches, prepared
 from alignlm.data.records import MISSING_IMAGE, DataError, record_images
-from alignlm.files import PartialRows, partial_folder, replace_file
+from alignlm.files import PartialRows, partial_folder, replace_file, sole_writer
 from alignlm.methods.provenance import (
     KEY,
     as_json,
@@ -562,28 +562,30 @@ def make_labels(out: str | Path, source: str, data: Sequence[str | Path], k: int
     and the pipeline call."""
     out = Path(out)
     arguments, provenance = label_provenance(out, source, data, k, knobs)
-    progress = PartialRows(partial_folder(out), provenance)  # kept under what the labels record they were made from
-    if "progress" in arguments:  # a source whose pass keeps its rows while it runs
-        arguments["progress"] = progress
-    path = write_labels(out, SOURCES[source]([str(d) for d in data], k, **arguments), provenance)
-    progress.remove()
+    with sole_writer(out, f"labelling {out}"):
+        progress = PartialRows(partial_folder(out), provenance)  # kept under what the labels record they came from
+        if "progress" in arguments:  # a source whose pass keeps its rows while it runs
+            arguments["progress"] = progress
+        path = write_labels(out, SOURCES[source]([str(d) for d in data], k, **arguments), provenance)
+        progress.remove()
     return path
 
 
 def ensure_labels(path: str | Path, source: str, data: Sequence[str | Path], k: int = 5, **knobs: Any) -> Path:
     """The ``sea_labels`` prepare step: write the labels file from this recipe when it is missing or what it was made
     from changed since (the data regenerated under the same paths, an encoder refitted); a file made with other knobs
-    is refused, naming the knob."""
+    is refused, naming the knob. Another process making it is waited for (``files.sole_writer``)."""
     path = Path(path)
-    if path.exists():
-        stored = SeaLabels(path).provenance
-        _, wanted = label_provenance(path, source, data, k, knobs)
-        if stored is not None:
-            check_knobs(path, stored.get("knobs", {}), wanted["knobs"], "sea_labels")
-        changed = changed_inputs(None if stored is None else stored.get("inputs"), wanted["inputs"])
-        if not changed:
-            return path
-        log.warning(
-            "SEA labels %s: what they were made from changed (%s); writing them again", path, ", ".join(changed)
-        )
-    return make_labels(path, source, data, k, **knobs)
+    with sole_writer(path, f"labelling {path}"):
+        if path.exists():
+            stored = SeaLabels(path).provenance
+            _, wanted = label_provenance(path, source, data, k, knobs)
+            if stored is not None:
+                check_knobs(path, stored.get("knobs", {}), wanted["knobs"], "sea_labels")
+            changed = changed_inputs(None if stored is None else stored.get("inputs"), wanted["inputs"])
+            if not changed:
+                return path
+            log.warning(
+                "SEA labels %s: what they were made from changed (%s); writing them again", path, ", ".join(changed)
+            )
+        return make_labels(path, source, data, k, **knobs)
