@@ -129,3 +129,26 @@ def test_the_attention_kernel_is_no_change_of_model_setting():
     assert model_setting_changes(theirs, {"llm": {"attn_implementation": "sdpa", "hidden_size": 32}}) == {
         "model.llm.hidden_size": (64, 32)
     }
+
+
+def test_a_model_setting_added_since_the_checkpoint_at_its_null_default_is_no_change(colour_set, tmp_path):
+    """A checkpoint written before a model setting existed lacks the key; the setting at its default (null) is what
+    the code without it did. Every resume of such a checkpoint was refused (``(not set)`` against ``None``), so each
+    new model setting would have refused every run in flight; one set to a value is still refused."""
+    data = own_data(colour_set, tmp_path)
+    base = pretrain_only(colour_set, tmp_path, data, "stages.pretrain.max_steps=4")
+    with pytest.raises(StopTraining):
+        run(compose(*base, "stop_after_steps=2"))
+    folder = tmp_path / "t" / "pretrain" / "checkpoints" / "step_000002"
+    state_file = folder / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["recipe"][ckpt.MODEL_SETTINGS].pop("visual_token_norm", "absent") is None
+    state_file.write_text(json.dumps(state, indent=2))
+    (folder / ckpt.MANIFEST).unlink()
+    ckpt.write_manifest(folder)
+    with pytest.raises(
+        ValueError, match=r"model\.visual_token_norm=\(not set\), this run has model\.visual_token_norm"
+    ):
+        run(compose(*base, "model.visual_token_norm=1.0"))
+    run(compose(*base))
+    assert (tmp_path / "t" / "pretrain" / "final").is_dir()

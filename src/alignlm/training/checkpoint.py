@@ -122,15 +122,21 @@ HOW_MODEL_KEYS = ("attn_implementation",)
 def model_setting_changes(theirs: Any, ours: Any) -> dict[str, tuple[Any, Any]]:
     """``{model.<key>: (theirs, ours)}`` for every setting in which two ``model`` configs differ, ``(not set)`` for
     one a side lacks; a path is compared as what it names, not as spelled (:func:`_compared`); a key of
-    :data:`HOW_MODEL_KEYS` is not compared (flash-attention on one machine, SDPA on the next). The one comparison of
-    model settings: a ``final/``'s (:func:`model_changes`) and a step checkpoint's (:func:`resume_changes`)."""
+    :data:`HOW_MODEL_KEYS` is not compared (flash-attention on one machine, SDPA on the next). A key one side lacks
+    is compared as what the code without it did (:func:`setting_before`: null unless recorded otherwise), so a setting
+    added later at its default is no change: a checkpoint written before ``model.visual_token_norm`` existed was
+    refused by every run after it. The one comparison of model settings: a ``final/``'s (:func:`model_changes`) and a
+    step checkpoint's (:func:`resume_changes`)."""
     theirs, ours = flat(model_settings(theirs), "model"), flat(model_settings(ours), "model")
     absent = "(not set)"
+
+    def compared(side: Mapping[str, Any], key: str) -> Any:
+        return _compared(key, side[key] if key in side else setting_before(key))
+
     return {
         key: (theirs.get(key, absent), ours.get(key, absent))
         for key in sorted(theirs.keys() | ours.keys())
-        if key.rsplit(".", 1)[-1] not in HOW_MODEL_KEYS
-        and _compared(key, theirs.get(key, absent)) != _compared(key, ours.get(key, absent))
+        if key.rsplit(".", 1)[-1] not in HOW_MODEL_KEYS and compared(theirs, key) != compared(ours, key)
     }
 
 
@@ -525,9 +531,16 @@ def _compared(key: str, value: Any) -> Any:
     return _resolved(value)
 
 
-# stage settings added after a checkpoint may have been written, by key suffix: what the code that wrote it did
-# without them (a recipe lacking the key is compared as that value, not as a change)
+# stage and model settings added after a checkpoint may have been written, by key suffix: what the code that wrote it
+# did without them where that was not null (a recipe lacking the key is compared as that value, not as a change)
 BEFORE_SETTINGS = {".data.image_aspect_ratio": "pad"}
+
+
+def setting_before(key: str) -> Any:
+    """What a recorded recipe that lacks ``key`` did: :data:`BEFORE_SETTINGS`'s value for it, else null."""
+    return next((v for suffix, v in BEFORE_SETTINGS.items() if key.endswith(suffix)), None)
+
+
 # the global batch's split into micro-batches, by key suffix: compared since it was found to change what some objectives
 # compute; a record written while it was free on resume lacks it and says nothing of it (compared where both hold it)
 SPLIT = (".per_device_batch_size", ".grad_accum")
@@ -544,9 +557,7 @@ def recipe_changes(theirs: Mapping[str, Any], ours: Mapping[str, Any]) -> dict[s
 
     def recorded(key: str) -> Any:
         """Their value of ``key``; a setting added since they were written, what their code did without it."""
-        if key in theirs:
-            return theirs[key]
-        return next((v for suffix, v in BEFORE_SETTINGS.items() if key.endswith(suffix)), None)
+        return theirs[key] if key in theirs else setting_before(key)
 
     changed = {
         k: (recorded(k), v)
