@@ -12,11 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from alignlm.config import ConfigError
+from alignlm.methods import provenance
 from alignlm.methods.aligngpt.levels import LevelLabels, ensure_levels
 from alignlm.methods.provenance import encoder_identity
 from alignlm.methods.revision.prepare import ensure_embeddings, ensure_encoder, ensure_realign
 from alignlm.methods.revision.realign import ReAlignStats, fit
 from alignlm.methods.revision.shards import list_shards
+from alignlm.models.encoder_fit import fit_encoder
 from alignlm.models.encoders import MANIFEST, OfflineDualEncoder
 from tests.conftest import write_colour_set
 
@@ -95,22 +98,49 @@ def test_an_encoder_fitted_on_data_regenerated_since_is_fitted_again_with_a_warn
     assert json.loads((enc / MANIFEST).read_text())[PROVENANCE]["inputs"]["images"] != after["images"]
 
 
-def test_a_folder_fitted_before_folders_recorded_their_fit_is_fitted_again(small_set, tmp_path, fits, alignlm_log):
-    """As a prepared file written before files recorded their knobs and inputs: written again, with a warning."""
-    enc = tmp_path / "dual_encoder"
-    fit_knobs = {"train": [str(small_set["pretrain"])], **FIT}
-    ensure_encoder(str(enc), fit_knobs)
+def _unrecorded_folder(enc: Path, train: Path, **knobs) -> dict[str, bytes]:
+    """A folder as fits wrote it before folders recorded their fit (their manifest without its provenance), and its
+    files' bytes."""
+    fit_encoder([str(train)], enc, **{**FIT, **knobs})
     manifest = json.loads((enc / MANIFEST).read_text())
     del manifest[PROVENANCE]
     (enc / MANIFEST).write_text(json.dumps(manifest))
-    done = len(fits)
-    ensure_encoder(str(enc), fit_knobs)
-    assert len(fits) > done and PROVENANCE in json.loads((enc / MANIFEST).read_text())
-    assert "records nothing of how it was fitted" in alignlm_log.text
-    done = len(fits)
-    ensure_encoder(str(enc), None)  # fit null: the folder is used as it is
-    ensure_encoder(str(enc), fit_knobs)
-    assert len(fits) == done
+    return {p.name: p.read_bytes() for p in enc.iterdir()}
+
+
+def test_a_folder_fitted_before_folders_recorded_their_fit_with_other_knobs_is_refused_untouched(small_set, tmp_path):
+    """A dim=8 encoder fitted before folders recorded their fit, named by a step whose fit asks for dim=16: it was
+    fitted again in place with a warning, the user's encoder overwritten (heads and manifest, dim 8 -> 16)."""
+    enc = tmp_path / "dual_encoder"
+    kept = _unrecorded_folder(enc, small_set["pretrain"], dim=8)
+    fit_knobs = {"train": [str(small_set["pretrain"])], **FIT}
+    with pytest.raises(
+        ConfigError,
+        match=r"dual_encoder holds a dual encoder fitted with revision.fit.dim=8 .* asks for revision.fit.dim=16; "
+        r".*point revision.encoder at another folder .* or set revision.fit: null",
+    ):
+        ensure_encoder(str(enc), fit_knobs)
+    with pytest.raises(ConfigError, match=r"revision.fit.temperature=None .* asks for revision.fit.temperature=0.05"):
+        ensure_encoder(str(enc), {**fit_knobs, "dim": 8, "temperature": 0.05})
+    assert {p.name: p.read_bytes() for p in enc.iterdir()} == kept
+
+
+def test_a_folder_fitted_before_folders_recorded_their_fit_with_the_same_knobs_is_used_as_it_is(
+    small_set, tmp_path, monkeypatch, alignlm_log
+):
+    """The same folder named by a step whose fit gives the knobs its manifest records: used as it is, with one
+    warning that what it was fitted on cannot be checked, not fitted again (it was, as a file recording nothing)."""
+    enc = tmp_path / "dual_encoder"
+    kept = _unrecorded_folder(enc, small_set["pretrain"], temperature=0.05)
+    monkeypatch.setattr(provenance, "fit_encoder", lambda *a, **k: pytest.fail("the folder was fitted again"))
+    ensure_encoder(str(enc), {"train": [str(small_set["pretrain"])], **FIT, "temperature": 0.05})
+    assert {p.name: p.read_bytes() for p in enc.iterdir()} == kept
+    # each record once: the handler sits on the alignlm logger and, under pytest, on the root it propagates to
+    warnings = [r.getMessage() for r in {id(r): r for r in alignlm_log.records}.values()]
+    assert len(warnings) == 1
+    assert "records nothing of how it was fitted" in warnings[0] and "used as it is, not fitted again" in warnings[0]
+    assert "provenance is unknown" in warnings[0] and "(revision.fit.train)" in warnings[0]
+    assert "name, dim, image_size, temperature match revision.fit" in warnings[0]
 
 
 def test_the_levels_step_refits_its_encoder_on_regenerated_data_and_refuses_other_fit_knobs(small_set, tmp_path, fits):

@@ -14,7 +14,9 @@ same record ids and image paths, other scenes). So each file records two things:
 
 A file that records neither (written before files recorded them) is written again, as one whose inputs changed. The
 offline dual encoder a prepare step fits (``fit``: AlignGPT's levels, ReVision's encoder) follows the same rule, its
-knobs and inputs in its folder's manifest (``ensure_fitted_encoder``).
+knobs and inputs in its folder's manifest (``ensure_fitted_encoder``), but for a folder that records neither: that
+is a user's encoder, not a step's by-product, so it is compared with ``fit`` where its manifest allows and used as it
+is or refused, never fitted again in place.
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from alignlm.config import ConfigError
 from alignlm.data.feature_cache import file_stamp
 from alignlm.models.encoder_fit import PROVENANCE, fit_encoder, fit_inputs, fit_knobs, fitted_provenance
 from alignlm.models.encoders import MANIFEST
@@ -102,12 +106,64 @@ def changed_inputs(stored: Mapping[str, Any] | None, inputs: Mapping[str, str]) 
     return sorted(k for k in set(stored) | set(inputs) if stored.get(k) != inputs.get(k))
 
 
+def unrecorded_fit_knobs(folder: Path) -> dict[str, Any]:
+    """The fit knobs the manifest of a folder fitted before folders recorded their fit gives all the same: the heads'
+    ``name``, ``dim`` and ``image_size``, and ``temperature`` from its report (None: learnt), where it has one."""
+    manifest = json.loads((folder / MANIFEST).read_text())
+    knobs = {knob: manifest[knob] for knob in ("name", "dim", "image_size") if knob in manifest}
+    report = manifest.get("report") or {}
+    if "temperature_learnt" in report:
+        knobs["temperature"] = None if report["temperature_learnt"] else report["temperature"]
+    return knobs
+
+
+def same_fit_knob(knob: str, stored: Any, wanted: Any) -> bool:
+    """Whether a manifest's knob is ``fit``'s. A fixed temperature is read back from the report, which gives
+    ``1 / exp(logit_scale)`` in float32 and at most 100 as the loss clamps it: ``fit``'s value is compared as the
+    report would give it, to float32 precision (compared exactly, the folder's own temperature would read as another)."""
+    if knob == "temperature" and isinstance(stored, float) and isinstance(wanted, (int, float)) and wanted > 0:
+        return math.isclose(stored, 1 / min(1 / wanted, 100.0), rel_tol=1e-4)
+    return stored == wanted
+
+
+def use_unrecorded_encoder(folder: Path, wanted: Mapping[str, Any], step: str, key: str) -> None:
+    """Use as it is, with a warning, a folder fitted before folders recorded their fit, or refuse it where its manifest
+    gives a knob other than ``fit``'s, naming the knob, both values and the way out. Fitting it again replaced a user's
+    encoder (an ``alignlm dual-encoder fit`` folder a config pointed the step at, ``fit`` set as the recipes set it)
+    with one of other knobs, without a word: what it was fitted on cannot be checked, and a refit is irreversible."""
+    recorded = unrecorded_fit_knobs(folder)
+    encoder_key = f"{key.rpartition('.')[0]}.encoder"
+    for knob, stored in recorded.items():
+        if not same_fit_knob(knob, stored, wanted[knob]):
+            raise ConfigError(
+                f"{folder} holds a dual encoder fitted with {key}.{knob}={stored!r} (its {MANIFEST} records nothing "
+                f"else of how it was fitted), but the {step} step asks for {key}.{knob}={wanted[knob]!r}; it is not "
+                f"fitted again in place, which would overwrite it: point {encoder_key} at another folder to fit a new "
+                f"one there, or set {key}: null to use this one as it is"
+            )
+    log.warning(
+        "%s: the dual encoder in %s records nothing of how it was fitted (fitted before folders recorded it): used as "
+        "it is, not fitted again; its provenance is unknown: its %s match %s, but what it was fitted on (%s.train) "
+        "and its %s cannot be checked (set %s: null to use it as it is, or point %s at another folder to fit one "
+        "that records them)",
+        step,
+        folder,
+        ", ".join(recorded),
+        key,
+        key,
+        ", ".join(knob for knob in wanted if knob not in recorded),
+        key,
+        encoder_key,
+    )
+
+
 def ensure_fitted_encoder(encoder: str | Path, fit: Mapping[str, Any] | None, step: str, key: str) -> None:
     """Fit the offline dual encoder into the folder ``encoder`` (``fit``: ``fit_encoder``'s knobs, set at the config
-    key ``key``) when it holds none, or when the data it was fitted on changed or it records nothing of its fit (a
-    folder fitted before folders recorded it), with a warning; a folder fitted with other knobs is refused, naming the
-    knob. Whatever was derived from the encoder (levels, embeddings) records its files' stamps and follows a refit.
-    ``fit`` null never fits: ``encoder`` is then a CLIP / SigLIP name or a folder used as it is."""
+    key ``key``) when it holds none, or when the data it was fitted on changed, with a warning; a folder fitted with
+    other knobs is refused, naming the knob. A folder that records nothing of its fit (fitted before folders recorded
+    it) is never fitted again: ``use_unrecorded_encoder``. Whatever was derived from the encoder (levels,
+    embeddings) records its files' stamps and follows a refit. ``fit`` null never fits: ``encoder`` is then a CLIP /
+    SigLIP name or a folder used as it is."""
     if not fit:
         return
     fit = dict(fit)
@@ -123,18 +179,18 @@ def ensure_fitted_encoder(encoder: str | Path, fit: Mapping[str, Any] | None, st
         fit_encoder(out=folder, **fit)
         return
     stored = fitted_provenance(folder)
-    if stored is not None:
-        check_knobs(folder, stored.get("knobs", {}), wanted, step, f"{key}.")
-    inputs = fit_inputs(fit["train"], wanted["limit"], fit.get("image_root"))
-    changed = changed_inputs(None if stored is None else stored.get("inputs"), inputs)
+    if stored is None:
+        use_unrecorded_encoder(folder, wanted, step, key)
+        return
+    check_knobs(folder, stored.get("knobs", {}), wanted, step, f"{key}.")
+    changed = changed_inputs(stored.get("inputs"), fit_inputs(fit["train"], wanted["limit"], fit.get("image_root")))
     if not changed:
         return
     log.warning(
-        "%s: the dual encoder in %s %s: fitting it again",
+        "%s: the dual encoder in %s was fitted on other %s (%s.train regenerated or edited since): fitting it again",
         step,
         folder,
-        "records nothing of how it was fitted (fitted before folders recorded it)"
-        if stored is None
-        else f"was fitted on other {' and '.join(changed)} ({key}.train regenerated or edited since)",
+        " and ".join(changed),
+        key,
     )
     fit_encoder(out=folder, **fit)

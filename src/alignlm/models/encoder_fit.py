@@ -244,8 +244,9 @@ def fitted_provenance(folder: str | Path) -> dict[str, Any] | None:
 
 
 def _save(model: OfflineDualEncoder, out: str | Path, report: dict[str, Any], record: dict[str, Any]) -> None:
-    """The folder with ``record`` (knobs and inputs) added to its manifest after the heads are written, so a fit
-    killed in between leaves a folder that records nothing, which a prepare step fits again."""
+    """The folder with ``record`` (knobs and inputs) added to its manifest after the heads are written: a fit killed
+    in between leaves whole heads in a folder that records nothing of its fit, which a prepare step uses as it is once
+    the knobs its manifest gives match (as a folder fitted before folders recorded their fit)."""
     model.save(out, report)
     manifest = Path(out) / MANIFEST
     replace_text(manifest, json.dumps({**json.loads(manifest.read_text()), PROVENANCE: record}, indent=2))
