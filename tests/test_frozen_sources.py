@@ -8,6 +8,9 @@ alone and beside another run of the same name had found none of its pieces.
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -16,8 +19,9 @@ import torch
 from alignlm.commands.export import stale_export
 from alignlm.config import ConfigError
 from alignlm.evaluation import checkpoints as C
+from alignlm.evaluation import report
 from alignlm.evaluation.report import Parts
-from alignlm.export.hf_llava import checkpoint_source, export
+from alignlm.export.hf_llava import SOURCE_FILE, checkpoint_source, export
 from alignlm.models import io
 from alignlm.models.build import build_model
 from alignlm.models.io import config_yaml
@@ -38,6 +42,15 @@ def save_llm(folder: Path, seed: int) -> None:
 def local_llm(llm: Path) -> list[str]:
     """Overrides that load the LLM from the folder ``llm``."""
     return ["model/llm=qwen2_5_0_5b", f"model.llm.name_or_path={llm}", "model.llm.dtype=float32"]
+
+
+def copy_again(folder: Path) -> None:
+    """Copy ``folder`` away and back, as a cluster job's ``cp -r`` to node-local disk at each requeue does: the same
+    bytes, in new files (other inodes and modification times)."""
+    away = folder.with_name(f"{folder.name}.away")
+    shutil.copytree(folder, away, copy_function=shutil.copyfile)  # copyfile keeps no modification time
+    shutil.rmtree(folder)
+    away.rename(folder)
 
 
 def test_model_sources_are_the_local_paths_a_model_config_names_by_key(tmp_path, monkeypatch):
@@ -111,3 +124,83 @@ def test_a_checkpoints_kept_results_folder_is_the_same_alone_and_beside_a_run_of
         return Parts.of(tmp_path / "rep", ck, C.stage_config(ck), torch.device("cpu")).folder
 
     assert folder(alone) == folder(beside) != folder(other)
+
+
+# ---------------------------------------------- a byte-identical copy of a frozen folder is the same files (requeues)
+
+
+def test_model_stamps_compare_digests_where_both_sides_hold_them_else_modification_times():
+    """A record written before model stamps held digests is compared as before (times), and says so."""
+    was = [["/m/w", 4, 1, "aa"]]
+    assert io.stamps_change(was, [["/m/w", 4, 2, "aa"]]) is None  # copied: other time, same bytes
+    assert io.stamps_change(was, [["/m/w", 4, 1, "bb"]]) == "changed"
+    assert io.stamps_change(was, [["/m/w", 5, 2, "aa"]]) == "changed"
+    assert io.stamps_change(was, [["/m/w", 4, 1, "aa"], ["/m/x", 1, 1, "cc"]]) == "changed"
+    assert io.stamps_change([["/m/w", 4, 1]], [["/m/w", 4, 1, "aa"]]) is None
+    assert io.stamps_change([["/m/w", 4, 1]], [["/m/w", 4, 2, "aa"]]) == "rewritten"
+    assert io.stamps_change("edited", [["/m/w", 4, 1, "aa"]]) == "changed"
+
+
+def test_a_check_of_unchanged_model_files_reads_none_of_them(tmp_path, monkeypatch):
+    """A resume's and a finished stage's check compare this run's stamps with the record's: files of the recorded
+    name, size and time keep the recorded digest, unread (every rank checks; a 7B folder is 14 GB); another time
+    reads the file."""
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"abcd")
+    record = io.model_file_stamps(tmp_path)
+    monkeypatch.setattr(io, "file_sha256", lambda path: pytest.fail(f"{path} was read"))
+    assert io.model_file_stamps(tmp_path, record) == record
+    os.utime(weights, ns=(1, 1))
+    monkeypatch.setattr(io, "file_sha256", lambda path: "read")
+    assert io.model_file_stamps(tmp_path, record)[0][3] == "read"
+
+
+def test_a_finished_stage_is_skipped_after_its_frozen_llm_folder_was_copied_again(colour_set, tmp_path, alignlm_log):
+    """Stamps of size and time alone refused the rerun: "its files changed since this stage trained with them"."""
+    llm = tmp_path / "llm"
+    save_llm(llm, 0)
+    base = tiny_overrides(
+        colour_set, tmp_path, "run=[pretrain]", "eval.sets=[]", "stages.pretrain.max_steps=2", *local_llm(llm)
+    )
+    final = tmp_path / "t" / "pretrain" / "final" / "model.safetensors"
+    run(compose(*base))
+    stamp = final.stat().st_mtime_ns
+    copy_again(llm)
+    run(compose(*base))  # the same bytes: skipped
+    assert final.stat().st_mtime_ns == stamp and "trained from other" not in alignlm_log.text
+
+
+def test_export_is_current_after_a_copy_of_the_frozen_llm_folder_or_when_recorded_without_model_files(
+    colour_set, tmp_path
+):
+    """An export recorded before its source held ``model files`` was called stale ("files ...'s model config loads
+    ... changed"), and scripts/eval_lmms.sh exported every checkpoint again."""
+    llm = tmp_path / "llm"
+    save_llm(llm, 0)
+    cfg = compose(*tiny_overrides(colour_set, tmp_path), *local_llm(llm))
+    final, out = tmp_path / "t" / "pretrain" / "final", tmp_path / "hf"
+    ckpt.save_final(final, build_model(cfg.model), config_yaml(cfg), ["connector"], "pretrain")
+    export(final, out)
+    source = json.loads((out / SOURCE_FILE).read_text())
+    del source["model files"]
+    (out / SOURCE_FILE).write_text(json.dumps(source))
+    assert stale_export(str(final), str(out)) is None
+    export(final, out)
+    copy_again(llm)
+    assert stale_export(str(final), str(out)) is None
+    save_llm(llm, 1)  # new weights: the record's model files say so
+    export(final, out)
+    save_llm(llm, 0)
+    assert "model config loads" in (stale_export(str(final), str(out)) or "")
+
+
+def test_evaluations_kept_results_are_found_after_a_copy_of_the_frozen_llm_folder(tmp_path):
+    """Their key held the folder's modification times: a requeue's copy computed every result again."""
+    llm = tmp_path / "llm"
+    save_llm(llm, 0)
+    cfg = compose(*local_llm(llm))
+    before = report._model_files(cfg)
+    copy_again(llm)
+    assert report._model_files(cfg) == before
+    save_llm(llm, 1)
+    assert report._model_files(cfg) != before

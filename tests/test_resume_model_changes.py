@@ -22,7 +22,7 @@ from alignlm.training.logging import read_rows
 from alignlm.training.trainer import StopTraining
 from tests.conftest import compose, tiny_overrides
 from tests.test_finished_stage import own_data, pretrain_only
-from tests.test_frozen_sources import local_llm, save_llm
+from tests.test_frozen_sources import copy_again, local_llm, save_llm
 
 
 def forget_model(folder: Path) -> None:
@@ -152,3 +152,44 @@ def test_a_model_setting_added_since_the_checkpoint_at_its_null_default_is_no_ch
         run(compose(*base, "model.visual_token_norm=1.0"))
     run(compose(*base))
     assert (tmp_path / "t" / "pretrain" / "final").is_dir()
+
+
+def test_a_resume_after_the_frozen_llm_folder_was_copied_again_goes_on(colour_set, tmp_path):
+    """Cluster jobs copy the weights to node-local disk with ``cp -r`` at every requeue: the same bytes, new
+    modification times. Stamps of size and time alone refused every requeue, "its files changed since this stage
+    trained with them"; their digests now say the files are the same."""
+    llm = tmp_path / "llm"
+    save_llm(llm, 0)
+    base = tiny_overrides(colour_set, tmp_path, "run=[pretrain]", "eval.sets=[]", "stages.pretrain.max_steps=4")
+    base += local_llm(llm)
+    with pytest.raises(StopTraining):
+        run(compose(*base, "stop_after_steps=2"))
+    copy_again(llm)
+    run(compose(*base))
+    assert (tmp_path / "t" / "pretrain" / "final" / "model.safetensors").exists()
+
+
+def test_a_copy_of_the_frozen_llm_folder_against_a_record_without_digests_is_called_rewritten(colour_set, tmp_path):
+    """A step checkpoint written before model stamps held digests compares modification times, as it did: refused,
+    but not said to hold other weights."""
+    llm = tmp_path / "llm"
+    save_llm(llm, 0)
+    base = tiny_overrides(colour_set, tmp_path, "run=[pretrain]", "eval.sets=[]", "stages.pretrain.max_steps=4")
+    base += local_llm(llm)
+    with pytest.raises(StopTraining):
+        run(compose(*base, "stop_after_steps=2"))
+    folder = tmp_path / "t" / "pretrain" / "checkpoints" / "step_000002"
+    state_file = folder / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    for source in state["recipe"][ckpt.MODEL_FILES].values():
+        source["files"] = [stamp[:3] for stamp in source["files"]]  # [name, bytes, modification time]
+    state_file.write_text(json.dumps(state, indent=2))
+    (folder / ckpt.MANIFEST).unlink()
+    ckpt.write_manifest(folder)
+    copy_again(llm)
+    with pytest.raises(ValueError) as refused:
+        run(compose(*base))
+    assert (
+        f"model.llm.name_or_path ({llm}): its files were rewritten (same sizes, other modification times; this record "
+        "holds no digests to compare)" in str(refused.value)
+    )

@@ -6,13 +6,18 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from alignlm.commands._flags import add_trust_flags, device_flag
 from alignlm.evaluation.checkpoints import resolve
 from alignlm.evaluation.export_check import compare_with_export, format_check
 from alignlm.export.hf_llava import SOURCE_FILE, ExportError, checkpoint_source, export
 from alignlm.models.device import default_device
+from alignlm.models.io import stamps_change
+
+MODEL_FILES = "model files"  # checkpoint_source's record of the files a checkpoint's model config loads
 
 
 def not_a_final(path: str) -> str | None:
@@ -51,7 +56,9 @@ def stale_export(checkpoint: str, out_dir: str) -> str | None:
     """Why ``out_dir`` is not an export of ``checkpoint`` as it is now (None when it is): the source its export
     recorded (``SOURCE_FILE``) is another checkpoint, or this one before it was written again. scripts/eval_lmms.sh
     keeps an export folder only while this says nothing: comparing times alone scored the first checkpoint exported
-    there for every later one, and took a sharded export (no model.safetensors) for an old one."""
+    there for every later one, and took a sharded export (no model.safetensors) for an old one. An export recorded
+    before its source held ``model files`` is compared without them: it was called stale, wrongly naming them, and
+    the script exported again."""
     try:
         now = checkpoint_source(checkpoint)
     except FileNotFoundError as e:
@@ -67,14 +74,32 @@ def stale_export(checkpoint: str, out_dir: str) -> str | None:
         return f"{recorded_file} is not the JSON object an export writes"
     if recorded.get("checkpoint") != now["checkpoint"]:
         return f"{out_dir} was exported from {recorded.get('checkpoint')}, not from {now['checkpoint']}"
-    if recorded.get("files") == now["files"] and recorded != now:
-        return (
-            f"files {now['checkpoint']}'s model config loads (a frozen LLM's or tower's folder) changed since "
-            f"{out_dir} was exported from it"
-        )
-    if recorded != now:
+    if recorded.get("files") != now["files"]:
         return f"{now['checkpoint']} was written again since {out_dir} was exported from it"
-    return None
+    if MODEL_FILES not in recorded:  # exported before they were recorded: compared without them
+        return None
+    change = model_files_change(recorded[MODEL_FILES], now.get(MODEL_FILES, {}))
+    loads = f"files {now['checkpoint']}'s model config loads (a frozen LLM's or tower's folder)"
+    if change == "rewritten":
+        return (
+            f"{loads} were rewritten since {out_dir} was exported from it (same sizes, other modification times; "
+            f"its {SOURCE_FILE} holds no digests to compare)"
+        )
+    return f"{loads} changed since {out_dir} was exported from it" if change else None
+
+
+def model_files_change(recorded: Any, now: Mapping[str, Any]) -> str | None:
+    """How the ``model files`` an export recorded differ from the checkpoint's now (``models.io.stamps_change`` of
+    each, the comparison a resume and a finished stage's skip make): a byte-identical copy of a frozen LLM's folder is
+    current; a source added, gone or at another path is ``"changed"``."""
+    if not isinstance(recorded, Mapping) or recorded.keys() != now.keys():
+        return "changed"
+    changes = set()
+    for key, was in recorded.items():
+        if not isinstance(was, Mapping) or was.get("path") != now[key]["path"]:
+            return "changed"
+        changes.add(stamps_change(was.get("files"), now[key]["files"]))
+    return "changed" if "changed" in changes else "rewritten" if "rewritten" in changes else None
 
 
 def check_args(args: argparse.Namespace) -> None:

@@ -244,9 +244,13 @@ def checkpoint_identity(ck: C.Checkpoint, train_cfg: DictConfig) -> list[list[An
 
 
 def _model_files(train_cfg: DictConfig) -> list[list[Any]]:
-    """``file_stamps`` of every local file or folder the run's ``model`` config loads (``model_stamps``, the list
-    export and a finished stage's skip compare too), one list."""
-    return [stamp for source in model_stamps(train_cfg.get("model")).values() for stamp in source["files"]]
+    """``[name, bytes, sha256]`` of every file of each local file or folder the run's ``model`` config loads
+    (``model_stamps``, the list export and a finished stage's skip compare too), one list: without modification times,
+    as ``models.io.stamps_change`` compares two records holding digests, so a byte-identical copy of a frozen LLM's
+    folder (``cp -r`` to node-local disk) finds the results kept for it. Results kept before digests are computed
+    again."""
+    sources = model_stamps(train_cfg.get("model")).values()
+    return [[name, size, digest] for source in sources for name, size, _, digest in source["files"]]
 
 
 def _image_files(file: Path, root: Path) -> list[list[Any]]:

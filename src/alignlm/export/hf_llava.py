@@ -321,15 +321,17 @@ SOURCE_FILE = "alignlm_source.json"  # in an export: the checkpoint it was made 
 
 def checkpoint_source(final_dir: str | Path) -> dict[str, Any]:
     """Which checkpoint an export is made from, as it is now: its resolved path, the size and modification time (ns)
-    of each file the export reads of it, and, under ``model files``, those of every local file or folder its model
-    config loads (``models.io.model_stamps``: a ``final/`` holds only the parts its run trained, the frozen LLM or
-    tower is rebuilt from its folder, so new weights there had left an export of the old ones "current"). An export
-    records it (``SOURCE_FILE``) so that ``alignlm export --is-current`` (scripts/eval_lmms.sh) tells an export of this
-    checkpoint as it is from one of another checkpoint, or of this one before it was trained again: an export folder
-    reused for several checkpoints scored the first one for all. Not a SHA-256 of the weights: that reads all of them
-    (28 GB for a 7B model in fp32) at every check, where writing them again changes their modification time anyway.
-    A checkpoint whose model config names no local file records no ``model files``, as an export made before they
-    were recorded did."""
+    of each file the export reads of it, and, under ``model files``, those and the SHA-256 of every file of each local
+    file or folder its model config loads (``models.io.model_stamps``: a ``final/`` holds only the parts its run
+    trained, the frozen LLM or tower is rebuilt from its folder, so new weights there had left an export of the old
+    ones "current"; digested, so a byte-identical copy of that folder, ``cp -r`` to node-local disk, leaves it
+    current). An export records it (``SOURCE_FILE``) so that ``alignlm export --is-current`` (scripts/eval_lmms.sh)
+    tells an export of this checkpoint as it is from one of another checkpoint, or of this one before it was trained
+    again: an export folder reused for several checkpoints scored the first one for all. The checkpoint's own files
+    are not digested: that reads all of them (28 GB for a 7B model in fp32) at every check, where writing them again
+    changes their modification time anyway; a frozen folder's are, once per process (``models.io.model_file_stamps``:
+    about 25 s for a 7B LLM's on the 2-core builder). A checkpoint whose model config names no local file records no ``model files``, as an export made
+    before they were recorded did."""
     final = Path(final_dir).resolve()
     files = {}
     for name in FINAL_FILES:  # what the export reads

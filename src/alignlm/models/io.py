@@ -32,11 +32,14 @@ from safetensors.torch import load_file
 from torch import nn
 
 from alignlm.data.build import aspect_ratio_of
+from alignlm.files import file_sha256
 from alignlm.models.build import build_model
 from alignlm.models.connectors.base import Connector
 from alignlm.models.extras import InputPart
 from alignlm.models.vision import VisionTower
 
+# model_file_stamps' memo: (absolute path, bytes, modification time (ns), inode) -> the file's SHA-256
+_DIGESTS: dict[tuple[str, int, int, int], str] = {}
 PART_BASES = (VisionTower, Connector, InputPart)  # alignlm classes of these kinds may be built from a checkpoint
 FINAL_FILES = ("config.yaml", "model.safetensors")  # what load_model reads of a final/ folder
 PART_PACKAGES = ("alignlm.models.", "alignlm.methods.")  # where they live: nothing else is imported to tell
@@ -450,7 +453,7 @@ def config_strings(tree: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
 def file_stamps(path: str | Path) -> list[list[Any]]:
     """``[name, bytes, modification time (ns)]`` of a file, or of every file in a folder (below it too); [] for
     nothing there. A file rewritten, replaced or cut since changes them, without reading it (a 7B LLM's folder is
-    14 GB); a copy that does not keep times counts as a change."""
+    14 GB); a copy that does not keep times counts as a change (not in a model folder: :func:`model_file_stamps`)."""
     path = Path(path)
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.exists() else []
     return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
@@ -473,6 +476,58 @@ def model_sources(model: Any) -> dict[str, str]:
 
 
 def model_stamps(model: Any) -> dict[str, dict[str, Any]]:
-    """``{model.<key>: {"path", "files"}}``: each of :func:`model_sources` with the :func:`file_stamps` of what is there
-    now, as JSON reads it back (lists)."""
-    return {key: {"path": path, "files": file_stamps(path)} for key, path in model_sources(model).items()}
+    """``{model.<key>: {"path", "files"}}``: each of :func:`model_sources` with the :func:`model_file_stamps` of what
+    is there now, as JSON reads it back (lists)."""
+    return {key: {"path": path, "files": model_file_stamps(path)} for key, path in model_sources(model).items()}
+
+
+def model_file_stamps(path: str | Path, known: Any = None) -> list[list[Any]]:
+    """:func:`file_stamps` with each file's SHA-256 last, ``[name, bytes, modification time (ns), sha256]``, so that
+    :func:`stamps_change` tells a byte-identical copy from new weights: cluster jobs copy a model folder to node-local
+    disk with ``cp -r`` at every requeue (new modification times), and every resume and rerun was refused as if its
+    files had changed. Cost: the files are read whole, once per process (memoised by absolute path, size,
+    modification time and inode; ``step_recipe`` stamps them at every step checkpoint): SHA-256 read 1 GB in 1.8 s
+    from the page cache on the 2-core builder (another job running), so about 25 s for a 7B LLM's 14 GB folder there,
+    more from a cold disk. ``known``: a
+    record's stamps of the same folder; a file of its name, size and modification time keeps its digest unread (the
+    check that a resume's or a finished stage's files are unchanged reads nothing while they are)."""
+    recorded = {s[0]: s for s in known if isinstance(s, list) and len(s) > 3} if isinstance(known, list) else {}
+    stamps = []
+    for name, size, mtime in file_stamps(path):
+        old = recorded.get(name)
+        if old is not None and old[1:3] == [size, mtime]:
+            stamps.append([name, size, mtime, old[3]])
+            continue
+        file = Path(name)
+        key = (os.path.abspath(file), size, mtime, file.stat().st_ino)
+        if key not in _DIGESTS:
+            _DIGESTS[key] = file_sha256(file)
+        stamps.append([name, size, mtime, _DIGESTS[key]])
+    return stamps
+
+
+def stamps_change(was: Any, now: Any) -> str | None:
+    """How two stamp lists of one file or folder differ (a record's, as JSON reads it back, and this run's): None for
+    the same files; ``"changed"`` for files added, gone, of another size, or of another digest where both sides hold
+    one (then their modification times are not compared: a copy with the same bytes is the same files);
+    ``"rewritten"`` for the same names and sizes whose modification times differ where a side holds no digest (a
+    record written before :func:`model_file_stamps` kept them: a copy cannot be told from new bytes of the same
+    size). The one comparison of model files: a resume, a finished stage's skip and ``alignlm export --is-current``."""
+    theirs, ours = _by_name(was), _by_name(now)
+    if theirs is None or ours is None or theirs.keys() != ours.keys():
+        return "changed"
+    pairs = [(theirs[name], ours[name]) for name in theirs]
+    if any(a[1] != b[1] or (len(a) > 3 and len(b) > 3 and a[3] != b[3]) for a, b in pairs):
+        return "changed"
+    if any((len(a) < 4 or len(b) < 4) and a[2] != b[2] for a, b in pairs):
+        return "rewritten"
+    return None
+
+
+def _by_name(stamps: Any) -> dict[str, list[Any]] | None:
+    """A stamp list by file name; None for what is no stamp list (a record edited by hand): compared as changed."""
+    if not isinstance(stamps, list) or not all(
+        isinstance(s, list) and len(s) >= 3 and isinstance(s[0], str) for s in stamps
+    ):
+        return None
+    return {s[0]: s for s in stamps}

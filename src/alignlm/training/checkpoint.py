@@ -34,11 +34,12 @@ from alignlm.export.hf_llava import is_llava_dir, load_llava_weights
 from alignlm.files import file_sha256, sync
 from alignlm.models.io import (
     config_strings,
-    file_stamps,
     load_final_weights,
+    model_file_stamps,
     model_stamps,
     part_state,
     read_config_yaml,
+    stamps_change,
     trained_buffers,
     trained_tensors,
 )
@@ -589,8 +590,7 @@ def change_text(key: str, theirs: Any, ours: Any) -> str:
     if key.endswith(START):
         return _start_text(key.removesuffix(START), theirs, ours)
     if key.endswith(LOADED) and isinstance(ours, Mapping):
-        what = "its files changed since" if ours.get("files") else "nothing there now, though"
-        return f"{key.removesuffix(LOADED)} ({ours.get('path')}): {what} this stage trained with them"
+        return _loaded_text(key.removesuffix(LOADED), theirs, ours)
     if key.endswith(CONTENTS) and isinstance(theirs, dict) and isinstance(ours, dict):
         if _resolved(theirs.get("path")) == _resolved(ours.get("path")):
             return f"{key.removesuffix(CONTENTS)} ({ours.get('path')}): contents changed"
@@ -629,12 +629,14 @@ def model_file_changes(theirs: Any, model_cfg: Any) -> list[str]:
 
 def model_file_diff(theirs: Any, model_cfg: Any) -> dict[str, tuple[Any, Any]]:
     """The local files or folders a stage's model config named (a record's :data:`MODEL_FILES`: a finished stage's
-    or a step checkpoint's) that this run's ``model_cfg`` names under the same key and that changed since (size,
-    modification time, files added or gone), as ``{model.<key> files: (theirs, ours)}`` (:data:`LOADED`; each side
-    ``{"path", "files"}``). A ``final/`` or a step checkpoint holds only the parts its stage trained, so the next stage
-    or the resumed one rebuilds a frozen LLM or tower from that folder: new weights there went unnoticed, under a
-    connector fitted to the old ones. A key naming another path now is :func:`model_setting_changes`' to name; a
-    record written before the files were recorded (None) is compared without them."""
+    or a step checkpoint's) that this run's ``model_cfg`` names under the same key and that changed since
+    (``models.io.stamps_change``: files added or gone, sizes, digests; modification times where the record holds no
+    digests), as ``{model.<key> files: (theirs, ours)}`` (:data:`LOADED`; each side ``{"path", "files"}``). A
+    ``final/`` or a step checkpoint holds only the parts its stage trained, so the next stage or the resumed one
+    rebuilds a frozen LLM or tower from that folder: new weights there went unnoticed, under a connector fitted to the
+    old ones. A byte-identical copy (``cp -r`` to node-local disk at a requeue) is no change. A key naming another
+    path now is :func:`model_setting_changes`' to name; a record written before the files were recorded (None) is
+    compared without them."""
     if not isinstance(theirs, Mapping):
         return {}
     named = dict(config_strings(model_settings(model_cfg), "model"))
@@ -644,10 +646,26 @@ def model_file_diff(theirs: Any, model_cfg: Any) -> dict[str, tuple[Any, Any]]:
         path = was.get("path")
         if key not in named or os.path.abspath(named[key]) != path:
             continue
-        now = file_stamps(path)
-        if now != was.get("files"):
+        now = model_file_stamps(path, was.get("files"))
+        if stamps_change(was.get("files"), now):
             changed[f"{key}{LOADED}"] = (dict(was), {"path": path, "files": now})
     return changed
+
+
+def _loaded_text(key: str, theirs: Any, ours: Mapping[str, Any]) -> str:
+    """One :func:`model_file_diff` change for a message. Files of the same names and sizes whose modification times
+    alone differ, in a record without digests, are said to be rewritten: "changed" sent a user looking for new
+    weights where a requeue had only copied the folder again."""
+    where = f"{key} ({ours.get('path')})"
+    if not ours.get("files"):
+        return f"{where}: nothing there now, though this stage trained with them"
+    was = theirs.get("files") if isinstance(theirs, Mapping) else None
+    if stamps_change(was, ours["files"]) == "rewritten":
+        return (
+            f"{where}: its files were rewritten (same sizes, other modification times; this record holds no digests "
+            "to compare)"
+        )
+    return f"{where}: its files changed since this stage trained with them"
 
 
 def layout(model: nn.Module, objectives: nn.Module | None) -> dict[str, list[int]]:
