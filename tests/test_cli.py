@@ -392,6 +392,15 @@ def test_export_says_it_takes_a_final_folder_and_where_one_is(tmp_path, capsys):
         (["model/conector=pool2x"], "alignlm: model/conector is not a config group; did you mean 'model/connector'?"),
         (["model=tinny"], "alignlm: model=tinny: no such option of model; did you mean model=tiny? its options: ["),
         (["exp=demo"], "alignlm: exp=demo: no default picks exp, so the choice is added with a +: +exp=demo"),
+        # a sweep: Hydra advised --multirun, which the command line then refused as an unknown argument
+        (
+            ["seed=0,1"],
+            "alignlm: seed=0,1: a comma makes a Hydra sweep, and alignlm train runs one configuration: run one command "
+            "per value, each under its own run_name, e.g. for s in 0 1 2; do alignlm train +exp=demo seed=$s "
+            "run_name=demo_seed$s; done (a SLURM job array on a cluster); a list is written seed=[0,1]",
+        ),
+        (["+exp=demo", "seed=0", "-m"], "alignlm: -m/--multirun asks for a Hydra sweep, and alignlm train runs one"),
+        (["--multirun"], "alignlm: -m/--multirun asks for a Hydra sweep, and alignlm train runs one configuration"),
         # a mapping of free keys: Hydra's advice stands, on one line
         (
             ["eval.generation.temperature=0.5"],

@@ -68,6 +68,7 @@ _SECTIONS = {
     "logging": False,
     "logging.wandb": True,
 }
+_SWEEP = re.compile(r"Ambiguous value for argument '((\S+?)=(\S+))'.*--multirun")  # Hydra's word for a=1,2
 _UNCATCHABLE = ("SIGKILL", "SIGSTOP")  # no handler can be installed for these (POSIX)
 EVAL_SET_KEYS = ("name", "path", "kind")  # an entry of eval.sets, a run's or alignlm eval's (--sets, --config, --set)
 # generate()'s arguments that no eval.generation setting gives: the prompts, a whole config, the catch-all
@@ -253,6 +254,12 @@ def override_mistake(overrides: Sequence[str], error: HydraException) -> str:
         hint = f"did you mean {group}={near[0]}? " if near else ""
         return f"{group}={option}: no such option of {group}; {hint}its options: {sorted(error.options)}"
     text = " ".join(str(error).split())
+    swept = _SWEEP.match(text)
+    if swept is not None:
+        return sweep_advice(f"{swept.group(1)}: a comma makes a Hydra sweep") + (
+            f"; a list is written {swept.group(2)}=[{swept.group(3)}], a text with a comma quoted: "
+            f"{swept.group(2)}='{swept.group(3)}'"
+        )
     found = _NOT_THERE.match(text)
     if found is None:
         return text
@@ -275,6 +282,18 @@ def override_mistake(overrides: Sequence[str], error: HydraException) -> str:
     if isinstance(node, DictConfig):
         return _mapping_override(cfg, key, node, given, value)
     return f"{key} is not in the composed config: a new key is added with a +, +{given}"
+
+
+def sweep_advice(said: str) -> str:
+    """The one line for a sweep asked of ``alignlm train`` (``-m``, ``--multirun``, ``seed=0,1``): Hydra's advice for
+    ``seed=0,1``, "add --multirun to your command line", was then refused by the command line as an unknown
+    argument. A run is one configuration whose checkpoints, lock and skips are its ``run_name``'s: a sweep is one
+    command per value, each with its own ``run_name`` (the same one resumed, or refused, the first value's run)."""
+    return (
+        f"{said}, and alignlm train runs one configuration: run one command per value, each under its own run_name, "
+        "e.g. for s in 0 1 2; do alignlm train +exp=demo seed=$s run_name=demo_seed$s; done (a SLURM job array on a "
+        "cluster)"
+    )
 
 
 def _mapping_override(cfg: DictConfig, key: str, node: DictConfig, given: str, value: str) -> str:

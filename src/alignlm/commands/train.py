@@ -15,7 +15,7 @@ import sys
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
-from alignlm.checks import override_mistake
+from alignlm.checks import override_mistake, sweep_advice
 from alignlm.commands import BAD_DATA, FAILED, USAGE
 from alignlm.commands.launch import cpu_processes_to_spawn, spawn_cpu_ranks
 from alignlm.config import ConfigError, compose
@@ -28,6 +28,9 @@ STOPPED = 75  # exit status of a run that stop_after_steps ended early (sysexits
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.multirun:
+        print(f"alignlm: {sweep_advice('-m/--multirun asks for a Hydra sweep')}", file=sys.stderr)
+        return USAGE
     try:
         cfg = compose(args.overrides)
     except HydraException as e:  # a key or a choice that does not exist, a malformed override: one line, no trace
@@ -68,6 +71,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "file that cannot be read. Each is one line on stderr, not a traceback.",
     )
     p.add_argument("--print-config", action="store_true", help="print the composed config and exit")
+    p.add_argument("-m", "--multirun", action="store_true", help=argparse.SUPPRESS)  # refused with the way to sweep
     p.add_argument(
         "overrides", nargs="*", help="Hydra overrides, e.g. +exp=demo model=tiny stages.pretrain.max_steps=10"
     )
