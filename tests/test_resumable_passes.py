@@ -5,6 +5,7 @@ Kept rows serve only the same inputs and knobs; a damaged record of them starts 
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -386,3 +387,16 @@ def test_pair_scores_kept_from_another_encoder_or_a_damaged_record_are_scored_ag
     again = CountingColours()
     levels(out, pairs, again)
     assert again.images == 12 and out.read_bytes() == whole.read_bytes()
+
+
+def test_a_writer_on_a_filesystem_without_locks_goes_on_saying_what_is_unguarded(tmp_path, monkeypatch, caplog):
+    """Where ``flock`` is refused (Lustre without -o flock, a read-only shared data folder) the file is still made;
+    the warning had said a second one "would not be refused", of a lock that only makes it wait."""
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(files.fcntl, "flock", no_locks)
+    with caplog.at_level(logging.WARNING, logger="alignlm"), files.sole_writer(tmp_path / "x", "labelling x"):
+        (tmp_path / "x").write_text("made")
+    assert "a second process labelling x while this one runs would not wait" in caplog.text

@@ -14,6 +14,7 @@ import math
 import os
 import shutil
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -264,7 +265,7 @@ def take_lock(path: Path, what: str, wait: bool = False) -> int | None:
         if e.errno not in _READ_ONLY:
             raise
         if not path.exists():  # nowhere to put a lock: a folder another user made
-            return _unlocked(path, e.strerror, what)
+            return _unlocked(path, e.strerror, what, wait)
         fd, writable = os.open(path, os.O_RDONLY), False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -273,13 +274,13 @@ def take_lock(path: Path, what: str, wait: bool = False) -> int | None:
         if not wait:
             os.close(fd)
             raise LockHeld(path, holder) from None
-        log.warning("%s is held by %s: waiting for it to let go (%s is not run alongside it)", path, holder, what)
+        log.warning("%s is held by %s: waiting for it to let go before %s", path, holder, what)
         fcntl.flock(fd, fcntl.LOCK_EX)
     except OSError as e:
         os.close(fd)
         if e.errno not in _NO_LOCKING:
             raise
-        return _unlocked(path, e.strerror, what)
+        return _unlocked(path, e.strerror, what, wait)
     if writable:
         os.ftruncate(fd, 0)
         os.write(fd, f"{socket.gethostname()}:{os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
@@ -299,10 +300,10 @@ def sole_writer(path: Path, what: str) -> Iterator[None]:
     waiting while another holds it, so the one that comes second finds what the first wrote (a prepare step then
     reuses it). Seed sweeps launched together all prepared one data folder's files: each pass kept its rows in one
     ``<path>.partial/`` folder (:class:`PartialRows`), whose arrays the second process made again under the first.
-    ``what`` names the work for the log (e.g. "labelling <path>"). Re-entrant within a process: a step that checks a
+    ``what`` names the work for the log (e.g. "labelling <path>"). Re-entrant within a thread: a step that checks a
     file and then makes it holds the lock across both."""
     lock = path.with_name(f".{path.name}.lock")
-    key = os.path.abspath(lock)
+    key = (os.path.abspath(lock), threading.get_ident())  # re-entrant per thread: another thread waits
     if key in _WRITING:
         yield
         return
@@ -317,8 +318,14 @@ def sole_writer(path: Path, what: str) -> Iterator[None]:
             release_lock(fd)
 
 
-def _unlocked(path: Path, why: str, what: str) -> None:
-    log.warning("%s cannot be locked (%s): %s started while this one runs would not be refused", path, why, what)
+def _unlocked(path: Path, why: str, what: str, wait: bool) -> None:
+    """Say that ``path`` cannot be locked, and what goes unguarded: a refusal, or with ``wait`` a wait."""
+    unguarded = (
+        f"a second process {what} while this one runs would not wait"
+        if wait
+        else (f"{what} started while this one runs would not be refused")
+    )
+    log.warning("%s cannot be locked (%s): %s", path, why, unguarded)
     return None
 
 
@@ -333,5 +340,5 @@ def _forget_locks_in_child() -> None:
 
 
 _HELD_LOCKS: set[int] = set()  # the locks this process holds (take_lock), closed in forked children
-_WRITING: set[str] = set()  # the lock files of the sole_writer blocks this process is in
+_WRITING: set[tuple[str, int]] = set()  # (lock file, thread) of the sole_writer blocks this process is in
 os.register_at_fork(after_in_child=_forget_locks_in_child)
