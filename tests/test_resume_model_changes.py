@@ -143,6 +143,21 @@ def test_the_attention_kernel_is_no_change_of_model_setting():
     }
 
 
+def test_a_setting_one_side_lacks_is_compared_as_its_builders_default():
+    """A tower config without ``weights`` builds with its pretrained weights (the parameter's default), one with
+    ``weights: null`` a random tower: reading every absent key as null called them the same, and a resume went on
+    with another tower under the connector."""
+    tower = "alignlm.models.vision.EfficientNetLiteTower"
+    lacking = {"vision": {"_target_": tower}, "init_seed": 0}
+    assert ckpt.model_setting_changes(lacking, {"vision": {"_target_": tower, "weights": None}, "init_seed": 0}) == {
+        "model.vision.weights": ("(not set)", None)
+    }
+    assert (
+        ckpt.model_setting_changes(lacking, {"vision": {"_target_": tower, "weights": "package"}, "init_seed": 0}) == {}
+    )
+    assert ckpt.model_setting_changes({"init_seed": 0}, {"init_seed": 0, "visual_token_norm": None}) == {}
+
+
 def test_a_model_setting_added_since_the_checkpoint_at_its_null_default_is_no_change(colour_set, tmp_path):
     """A checkpoint written before a model setting existed lacks the key; the setting at its default (null) is what
     the code without it did. Every resume of such a checkpoint was refused (``(not set)`` against ``None``), so each

@@ -16,6 +16,7 @@ A stage's starting weights (``init_from``) are read here too: another stage's ``
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -124,15 +126,15 @@ def model_setting_changes(theirs: Any, ours: Any) -> dict[str, tuple[Any, Any]]:
     """``{model.<key>: (theirs, ours)}`` for every setting in which two ``model`` configs differ, ``(not set)`` for
     one a side lacks; a path is compared as what it names, not as spelled (:func:`_compared`); a key of
     :data:`HOW_MODEL_KEYS` is not compared (flash-attention on one machine, SDPA on the next). A key one side lacks
-    is compared as what the code without it did (:func:`setting_before`: null unless recorded otherwise), so a setting
-    added later at its default is no change: a checkpoint written before ``model.visual_token_norm`` existed was
-    refused by every run after it. The one comparison of model settings: a ``final/``'s (:func:`model_changes`) and a
-    step checkpoint's (:func:`resume_changes`)."""
+    is compared as what was built without it (:func:`built_without`), so a setting added later at its default is no
+    change: a checkpoint written before ``model.visual_token_norm`` existed was refused by every run after it. The one
+    comparison of model settings: a ``final/``'s (:func:`model_changes`) and a step checkpoint's
+    (:func:`resume_changes`)."""
     theirs, ours = flat(model_settings(theirs), "model"), flat(model_settings(ours), "model")
     absent = "(not set)"
 
     def compared(side: Mapping[str, Any], key: str) -> Any:
-        return _compared(key, side[key] if key in side else setting_before(key))
+        return _compared(key, side[key] if key in side else built_without(key, side, theirs | ours))
 
     return {
         key: (theirs.get(key, absent), ours.get(key, absent))
@@ -426,15 +428,18 @@ def recipe(
     return keys | {"seed": seed, "mixed_precision": precision} | dict(files)
 
 
-def step_recipe(recipe: Mapping[str, Any], model_cfg: Any) -> dict[str, Any]:
+def step_recipe(recipe: Mapping[str, Any], model_cfg: Any, stamped: bool = True) -> dict[str, Any]:
     """A step checkpoint's recipe: the stage's :func:`recipe` with the model settings (:data:`MODEL_SETTINGS`) and
     the files they load as they are now (:data:`MODEL_FILES`), as ``trainer_state.json`` holds it. A step checkpoint
     holds only what the stage trains: a frozen LLM or tower comes from its folder as it is at the resume, and a model
     setting (a visual token norm, a loss weight, a rate scale its optimizer group holds) makes the trajectory as a
     stage setting does; both had resumed without a word. A ``final/`` holds the same in its ``config.yaml`` and
-    ``trained_from.json`` (:func:`finished_changes`)."""
+    ``trained_from.json`` (:func:`finished_changes`). ``stamped`` False (a rank that writes no checkpoint): without
+    the files, which only a written checkpoint holds (a resume compares the record with the files as they are,
+    :func:`model_file_diff`): every rank had read a 7B LLM's folder whole at every stage start."""
     model = model_settings(model_cfg)
-    return json.loads(json.dumps({**recipe, MODEL_SETTINGS: model, MODEL_FILES: model_stamps(model)}))
+    files = {MODEL_FILES: model_stamps(model)} if stamped else {}
+    return json.loads(json.dumps({**recipe, MODEL_SETTINGS: model, **files}))
 
 
 def _under(key: str, prefix: str) -> bool:
@@ -535,6 +540,24 @@ def _compared(key: str, value: Any) -> Any:
 # stage and model settings added after a checkpoint may have been written, by key suffix: what the code that wrote it
 # did without them where that was not null (a recipe lacking the key is compared as that value, not as a change)
 BEFORE_SETTINGS = {".data.image_aspect_ratio": "pad"}
+
+
+def built_without(key: str, side: Mapping[str, Any], both: Mapping[str, Any]) -> Any:
+    """What a flat model config ``side`` that lacks ``key`` built: the default of the parameter of that name of the
+    ``_target_`` of the node holding it (``side``'s, else the other side's, in ``both``), where it has one; else
+    :func:`setting_before`. Reading every absent key as null took a tower whose ``weights`` key was deleted (built
+    with its pretrained weights) for one with ``weights: null`` (random): a resume went on with another tower under
+    the connector."""
+    parent, _, name = key.rpartition(".")
+    target = side.get(f"{parent}._target_", both.get(f"{parent}._target_"))
+    if isinstance(target, str):
+        try:
+            default = inspect.signature(get_object(target)).parameters[name].default
+        except (ImportError, AttributeError, KeyError, TypeError, ValueError):  # no such parameter, or not importable
+            default = inspect.Parameter.empty
+        if default is not inspect.Parameter.empty:
+            return default
+    return setting_before(key)
 
 
 def setting_before(key: str) -> Any:

@@ -381,7 +381,8 @@ class Trainer:
         seed, precision = int(self.cfg.seed), str(self.acc.mixed_precision)
         files = ckpt.input_files(stage, self.name)  # read once, at the stage's start: its checkpoints and final/ say so
         recipe = ckpt.recipe(stage, self.name, self.total_steps, seed, precision, files)
-        self.recipe = ckpt.step_recipe(recipe, self.cfg.model)  # with the model settings and the files they load
+        # with the model settings and (on the process that writes the checkpoints) the files they load
+        self.recipe = ckpt.step_recipe(recipe, self.cfg.model, stamped=self.acc.is_main_process)
         # with the weights setup_model loaded (``self.init``): a resume and a rerun check they are still the ones
         self.trained_from = ckpt.trained_from(
             stage, self.name, seed, precision, self.acc.num_processes, files, self.init
