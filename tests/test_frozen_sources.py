@@ -158,10 +158,11 @@ def test_a_check_of_unchanged_model_files_reads_none_of_them(tmp_path, monkeypat
 
 
 def test_export_is_current_after_a_copy_of_the_frozen_llm_folder_or_when_recorded_without_model_files(
-    colour_set, tmp_path
+    colour_set, tmp_path, monkeypatch
 ):
     """An export recorded before its source held ``model files`` was called stale ("files ...'s model config loads
-    ... changed"), and scripts/eval_lmms.sh exported every checkpoint again."""
+    ... changed"), and scripts/eval_lmms.sh exported every checkpoint again; it is stale where one of them is newer
+    than its record. A check of unchanged files reads none of them (each read the whole folder)."""
     llm = tmp_path / "llm"
     save_llm(llm, 0)
     cfg = compose(*tiny_overrides(colour_set, tmp_path), *local_llm(llm))
@@ -172,6 +173,9 @@ def test_export_is_current_after_a_copy_of_the_frozen_llm_folder_or_when_recorde
     del source["model files"]
     (out / SOURCE_FILE).write_text(json.dumps(source))
     assert stale_export(str(final), str(out)) is None
+    save_llm(llm, 1)  # new weights since that export
+    assert "is newer" in (stale_export(str(final), str(out)) or "")
+    save_llm(llm, 0)
     export(final, out)
     copy_again(llm)
     assert stale_export(str(final), str(out)) is None
@@ -179,6 +183,10 @@ def test_export_is_current_after_a_copy_of_the_frozen_llm_folder_or_when_recorde
     export(final, out)
     save_llm(llm, 0)
     assert "model config loads" in (stale_export(str(final), str(out)) or "")
+    export(final, out)
+    monkeypatch.setattr(io, "_DIGESTS", {})  # a new process: eval_lmms.sh runs one check each
+    monkeypatch.setattr(io, "file_sha256", lambda path: pytest.fail(f"{path} was read"))
+    assert stale_export(str(final), str(out)) is None
 
 
 def test_evaluations_kept_results_are_found_after_a_copy_of_the_frozen_llm_folder(tmp_path):

@@ -57,29 +57,35 @@ def stale_export(checkpoint: str, out_dir: str) -> str | None:
     recorded (``SOURCE_FILE``) is another checkpoint, or this one before it was written again. scripts/eval_lmms.sh
     keeps an export folder only while this says nothing: comparing times alone scored the first checkpoint exported
     there for every later one, and took a sharded export (no model.safetensors) for an old one. An export recorded
-    before its source held ``model files`` is compared without them: it was called stale, wrongly naming them, and
-    the script exported again."""
+    before its source held ``model files`` is stale where one of them is newer than its record (compared whole, it
+    was called stale whatever they held); the files its record digested are read only where their size or time
+    changed (every check had read a 7B LLM's folder whole)."""
+    recorded_file = Path(out_dir) / SOURCE_FILE
     try:
-        now = checkpoint_source(checkpoint)
+        recorded = json.loads(recorded_file.read_text()) if recorded_file.is_file() else None
+    except ValueError:  # not JSON, not UTF-8
+        recorded = "unreadable"
+    known = recorded.get(MODEL_FILES) if isinstance(recorded, dict) else None
+    try:
+        now = checkpoint_source(checkpoint, known)
     except FileNotFoundError as e:
         raise ExportError(not_a_final(checkpoint) or f"{e.filename}: {e.strerror}") from None
-    recorded_file = Path(out_dir) / SOURCE_FILE
-    if not recorded_file.is_file():
+    if recorded is None:
         return f"{out_dir} has no {SOURCE_FILE}: no export, or one made before exports recorded their checkpoint"
-    try:
-        recorded = json.loads(recorded_file.read_text())
-    except ValueError:  # not JSON, not UTF-8
-        recorded = None
     if not isinstance(recorded, dict):
         return f"{recorded_file} is not the JSON object an export writes"
     if recorded.get("checkpoint") != now["checkpoint"]:
         return f"{out_dir} was exported from {recorded.get('checkpoint')}, not from {now['checkpoint']}"
     if recorded.get("files") != now["files"]:
         return f"{now['checkpoint']} was written again since {out_dir} was exported from it"
-    if MODEL_FILES not in recorded:  # exported before they were recorded: compared without them
-        return None
-    change = model_files_change(recorded[MODEL_FILES], now.get(MODEL_FILES, {}))
     loads = f"files {now['checkpoint']}'s model config loads (a frozen LLM's or tower's folder)"
+    if MODEL_FILES not in recorded:  # exported before they were recorded: any written since is newer than the export
+        since = recorded_file.stat().st_mtime_ns
+        newer = [
+            stamp[0] for source in now.get(MODEL_FILES, {}).values() for stamp in source["files"] if stamp[2] > since
+        ]
+        return f"{loads} changed since {out_dir} was exported from it ({newer[0]} is newer)" if newer else None
+    change = model_files_change(recorded[MODEL_FILES], now.get(MODEL_FILES, {}))
     if change == "rewritten":
         return (
             f"{loads} were rewritten since {out_dir} was exported from it (same sizes, other modification times; "

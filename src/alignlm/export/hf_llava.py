@@ -319,7 +319,7 @@ def set_stop_tokens(hf: Any, tokenizer: Any, template: Any) -> None:
 SOURCE_FILE = "alignlm_source.json"  # in an export: the checkpoint it was made from, as it was then
 
 
-def checkpoint_source(final_dir: str | Path) -> dict[str, Any]:
+def checkpoint_source(final_dir: str | Path, known: Any = None) -> dict[str, Any]:
     """Which checkpoint an export is made from, as it is now: its resolved path, the size and modification time (ns)
     of each file the export reads of it, and, under ``model files``, those and the SHA-256 of every file of each local
     file or folder its model config loads (``models.io.model_stamps``: a ``final/`` holds only the parts its run
@@ -330,14 +330,15 @@ def checkpoint_source(final_dir: str | Path) -> dict[str, Any]:
     again: an export folder reused for several checkpoints scored the first one for all. The checkpoint's own files
     are not digested: that reads all of them (28 GB for a 7B model in fp32) at every check, where writing them again
     changes their modification time anyway; a frozen folder's are, once per process (``models.io.model_file_stamps``:
-    about 25 s for a 7B LLM's on the 2-core builder). A checkpoint whose model config names no local file records no ``model files``, as an export made
-    before they were recorded did."""
+    about 25 s for a 7B LLM's on the 2-core builder; ``known``, a record's ``model files``, serves the digests of the
+    files unchanged since, unread). A checkpoint whose model config names no local file records no ``model files``,
+    as an export made before they were recorded did."""
     final = Path(final_dir).resolve()
     files = {}
     for name in FINAL_FILES:  # what the export reads
         stat = (final / name).stat()
         files[name] = {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    loaded = model_stamps(load_checkpoint_config(final / "config.yaml").get("model"))
+    loaded = model_stamps(load_checkpoint_config(final / "config.yaml").get("model"), known)
     return {"checkpoint": str(final), "files": files} | ({"model files": loaded} if loaded else {})
 
 

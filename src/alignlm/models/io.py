@@ -475,10 +475,19 @@ def model_sources(model: Any) -> dict[str, str]:
     }
 
 
-def model_stamps(model: Any) -> dict[str, dict[str, Any]]:
+def model_stamps(model: Any, known: Any = None) -> dict[str, dict[str, Any]]:
     """``{model.<key>: {"path", "files"}}``: each of :func:`model_sources` with the :func:`model_file_stamps` of what
-    is there now, as JSON reads it back (lists)."""
-    return {key: {"path": path, "files": model_file_stamps(path)} for key, path in model_sources(model).items()}
+    is there now, as JSON reads it back (lists). ``known``: a record of the same form, whose digests serve the files
+    of its name, size and time unread."""
+    known = known if isinstance(known, Mapping) else {}
+
+    def recorded(key: str) -> Any:
+        return known[key].get("files") if isinstance(known.get(key), Mapping) else None
+
+    return {
+        key: {"path": path, "files": model_file_stamps(path, recorded(key))}
+        for key, path in model_sources(model).items()
+    }
 
 
 def model_file_stamps(path: str | Path, known: Any = None) -> list[list[Any]]:
