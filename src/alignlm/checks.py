@@ -68,7 +68,9 @@ _SECTIONS = {
     "logging": False,
     "logging.wandb": True,
 }
-_SWEEP = re.compile(r"Ambiguous value for argument '((\S+?)=(\S+))'.*--multirun")  # Hydra's word for a=1,2
+# Hydra's words for a=1,2 (the value might be a list or a text) and for a=range(0,3) or a=choice(1,2) (a sweep)
+_SWEEP = re.compile(r"Ambiguous value for argument '(([^=']+)=([^']*))'.*--multirun")
+_SWEEP_FUNCTION = re.compile(r"Sweep parameters '([^']+)' requires --multirun")
 _UNCATCHABLE = ("SIGKILL", "SIGSTOP")  # no handler can be installed for these (POSIX)
 EVAL_SET_KEYS = ("name", "path", "kind")  # an entry of eval.sets, a run's or alignlm eval's (--sets, --config, --set)
 # generate()'s arguments that no eval.generation setting gives: the prompts, a whole config, the catch-all
@@ -254,6 +256,9 @@ def override_mistake(overrides: Sequence[str], error: HydraException) -> str:
         hint = f"did you mean {group}={near[0]}? " if near else ""
         return f"{group}={option}: no such option of {group}; {hint}its options: {sorted(error.options)}"
     text = " ".join(str(error).split())
+    function = _SWEEP_FUNCTION.match(text)
+    if function is not None:
+        return sweep_advice(f"{function.group(1)}: a sweep")
     swept = _SWEEP.match(text)
     if swept is not None:
         return sweep_advice(f"{swept.group(1)}: a comma makes a Hydra sweep") + (
