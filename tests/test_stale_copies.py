@@ -5,7 +5,6 @@ their images once the project moved."""
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 from pathlib import Path
@@ -24,34 +23,16 @@ from alignlm.methods.sima.generate import prepare_preferences
 from alignlm.models.build import build_model
 from alignlm.pipeline import run
 from tests.conftest import compose, tiny_overrides, write_colour_set
+from tests.test_sima import stub_sima  # noqa: F401 - the SIMA tests' stub, a fixture of this module too
 
 # ---- SIMA: the records' knobs hold the rendering config each generation pass is keyed on
 
 
-class StubModel:
-    """Stands in for the loaded checkpoint: its answers are the text of its model.safetensors."""
-
-    def __init__(self, final: str) -> None:
-        self.tag = Path(final, "model.safetensors").read_text()
-
-    def to(self, device: str) -> StubModel:
-        return self
-
-
 @pytest.fixture
-def sima_step(monkeypatch, caplog, tmp_path):
-    """SIMA's prepare step on a three-record set with the model's work stubbed out; returns ``prepare(data, **knobs)``
-    and the list of checkpoints loaded (one per step that generated anything)."""
-    loaded: list[str] = []
-    monkeypatch.setattr(generate, "load_model", lambda final, *_: loaded.append(final) or StubModel(final))
-    monkeypatch.setattr(generate, "default_device", lambda: "cpu")
-    monkeypatch.setattr(generate, "generate_set", lambda model, path, *_: [(None, model.tag, None)] * len(json.loads(Path(path).read_text())))  # fmt: skip
-
-    def pairs(model, prompts, *_):
-        return [{"prompt": p, "a": f"{model.tag}: {p['answer']}", "b": "?", "p_a_first": 0.9, "p_a_second": 0.9} for p in prompts]  # fmt: skip
-
-    monkeypatch.setattr(generate, "self_critic_pairs", pairs)
-    monkeypatch.setattr(logging.getLogger(generate.__name__), "handlers", [caplog.handler])
+def sima_step(request, tmp_path):
+    """SIMA's prepare step on a three-record set with the model's work stubbed out (``stub_sima``); returns
+    ``prepare(data, **knobs)`` and the list of checkpoints loaded (one per step that generated anything)."""
+    loaded = request.getfixturevalue("stub_sima")
     instruct = write_colour_set(tmp_path / "colours", n=3)["instruct"]
     final = tmp_path / "finetune" / "final"
     final.mkdir(parents=True)
