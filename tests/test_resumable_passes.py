@@ -44,6 +44,15 @@ def kept(folder: Path, key: dict, rows: int = 10) -> files.PartialRows:
     return progress
 
 
+def saved(folder: Path, key: dict, done: int) -> files.PartialRows:
+    """A pass of 10 rows under ``key`` whose first ``done`` rows are written and kept on the disk."""
+    progress = kept(folder, key)
+    progress.allocate({"ids": ((10, 2), np.int32), "scores": ((10,), np.float64)})
+    fill(progress, range(0, done))
+    progress.save()
+    return progress
+
+
 def fill(progress: files.PartialRows, rows: range) -> None:
     """Write ``rows`` whole, then count them done."""
     progress.arrays["ids"][rows.start : rows.stop] = np.arange(rows.start, rows.stop)[:, None]
@@ -99,10 +108,7 @@ def test_a_commit_syncs_at_most_every_interval_and_flushes_the_rows_before_count
 )
 def test_damaged_kept_rows_start_the_pass_again_saying_why(tmp_path, caplog, damage):
     folder = tmp_path / "p"
-    progress = kept(folder, {"k": 1})
-    progress.allocate({"ids": ((10, 2), np.int32), "scores": ((10,), np.float64)})
-    fill(progress, range(0, 4))
-    progress.save()
+    saved(folder, {"k": 1}, 4)
     record = folder / files.PROGRESS
     if damage == "garbage progress":
         record.write_bytes(b"\x00{not json")
@@ -125,25 +131,16 @@ def test_damaged_kept_rows_start_the_pass_again_saying_why(tmp_path, caplog, dam
 
 def test_kept_arrays_must_be_the_ones_the_pass_asks_for(tmp_path):
     folder = tmp_path / "p"
-    progress = kept(folder, {"k": 1})
-    progress.allocate({"ids": ((10, 2), np.int32), "scores": ((10,), np.float64)})
-    fill(progress, range(0, 4))
-    progress.save()
+    saved(folder, {"k": 1}, 4)
     assert files.PartialRows(folder, {"k": 1}).resume(10, {"ids": np.int64, "scores": np.float64}) == 0  # a dtype
     assert not folder.exists()
-    progress = kept(folder, {"k": 1})
-    progress.allocate({"ids": ((10, 2), np.int32), "scores": ((10,), np.float64)})
-    fill(progress, range(0, 4))
-    progress.save()
+    saved(folder, {"k": 1}, 4)
     assert files.PartialRows(folder, {"k": 1}).resume(12, {"ids": np.int32, "scores": np.float64}) == 0  # the rows
 
 
 def test_kept_rows_are_removed_and_a_pass_without_a_folder_keeps_nothing(tmp_path):
     folder = tmp_path / "p"
-    progress = kept(folder, {"k": 1})
-    progress.allocate({"ids": ((10, 2), np.int32), "scores": ((10,), np.float64)})
-    fill(progress, range(0, 10))
-    progress.save()
+    progress = saved(folder, {"k": 1}, 10)
     progress.remove()
     assert not folder.exists()
     memory = files.PartialRows(None, {})

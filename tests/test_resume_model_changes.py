@@ -47,6 +47,18 @@ def forget_model(folder: Path) -> None:
     edit_recipe(folder, forget)
 
 
+def stopped_at_step_two(colour_set: dict[str, Path], tmp_path: Path) -> tuple[Path, list[str]]:
+    """A 4-step pretraining whose frozen LLM loads from the local folder ``<tmp_path>/llm``, stopped after step 2;
+    returns the folder and the run's overrides."""
+    llm = tmp_path / "llm"
+    save_llm(llm, 0)
+    base = tiny_overrides(colour_set, tmp_path, "run=[pretrain]", "eval.sets=[]", "stages.pretrain.max_steps=4")
+    base += local_llm(llm)
+    with pytest.raises(StopTraining):
+        run(compose(*base, "stop_after_steps=2"))
+    return llm, base
+
+
 def test_a_model_setting_changed_on_resume_is_refused_naming_it_or_applied_to_the_optimizer(
     colour_set, tmp_path, alignlm_log
 ):
@@ -119,12 +131,7 @@ def test_a_resume_after_the_frozen_llm_folder_changed_is_refused_naming_it_or_al
 
 
 def test_a_step_checkpoint_without_recorded_model_files_is_compared_without_them(colour_set, tmp_path):
-    llm = tmp_path / "llm"
-    save_llm(llm, 0)
-    base = tiny_overrides(colour_set, tmp_path, "run=[pretrain]", "eval.sets=[]", "stages.pretrain.max_steps=4")
-    base += local_llm(llm)
-    with pytest.raises(StopTraining):
-        run(compose(*base, "stop_after_steps=2"))
+    llm, base = stopped_at_step_two(colour_set, tmp_path)
     forget_model(tmp_path / "t" / "pretrain" / "checkpoints" / "step_000002")
     save_llm(llm, 1)
     run(compose(*base))  # written before the files were recorded: resumed as before
@@ -183,12 +190,7 @@ def test_a_model_setting_added_since_the_checkpoint_at_its_null_default_is_no_ch
 def test_a_copy_of_the_frozen_llm_folder_against_a_record_without_digests_is_called_rewritten(colour_set, tmp_path):
     """A step checkpoint written before model stamps held digests compares modification times, as it did: refused,
     but not said to hold other weights."""
-    llm = tmp_path / "llm"
-    save_llm(llm, 0)
-    base = tiny_overrides(colour_set, tmp_path, "run=[pretrain]", "eval.sets=[]", "stages.pretrain.max_steps=4")
-    base += local_llm(llm)
-    with pytest.raises(StopTraining):
-        run(compose(*base, "stop_after_steps=2"))
+    llm, base = stopped_at_step_two(colour_set, tmp_path)
 
     def without_digests(recipe: dict[str, Any]) -> None:
         for source in recipe[ckpt.MODEL_FILES].values():
