@@ -15,9 +15,7 @@ from alignlm.evaluation.checkpoints import resolve
 from alignlm.evaluation.export_check import compare_with_export, format_check
 from alignlm.export.hf_llava import SOURCE_FILE, ExportError, checkpoint_source, export
 from alignlm.models.device import default_device
-from alignlm.models.io import stamps_change
-
-MODEL_FILES = "model files"  # checkpoint_source's record of the files a checkpoint's model config loads
+from alignlm.models.io import MODEL_FILES, stamps_change
 
 
 def not_a_final(path: str) -> str | None:

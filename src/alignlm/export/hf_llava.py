@@ -41,6 +41,7 @@ from alignlm.data.templates import get_template, turn_end
 from alignlm.models.connectors.mlp import MLPConnector
 from alignlm.models.io import (
     FINAL_FILES,
+    MODEL_FILES,
     check_finite,
     checkpoint_stage,
     config_yaml,
@@ -339,7 +340,7 @@ def checkpoint_source(final_dir: str | Path, known: Any = None) -> dict[str, Any
         stat = (final / name).stat()
         files[name] = {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     loaded = model_stamps(load_checkpoint_config(final / "config.yaml").get("model"), known)
-    return {"checkpoint": str(final), "files": files} | ({"model files": loaded} if loaded else {})
+    return {"checkpoint": str(final), "files": files} | ({MODEL_FILES: loaded} if loaded else {})
 
 
 def export(

@@ -38,6 +38,8 @@ from alignlm.models.connectors.base import Connector
 from alignlm.models.extras import InputPart
 from alignlm.models.vision import VisionTower
 
+# the key under which a record (a step checkpoint's recipe, trained_from.json, an export's source) holds model_stamps
+MODEL_FILES = "model files"
 # model_file_stamps' memo: (absolute path, bytes, modification time (ns), inode) -> the file's SHA-256
 _DIGESTS: dict[tuple[str, int, int, int], str] = {}
 PART_BASES = (VisionTower, Connector, InputPart)  # alignlm classes of these kinds may be built from a checkpoint

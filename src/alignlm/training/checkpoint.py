@@ -35,6 +35,7 @@ from torch import nn
 from alignlm.export.hf_llava import is_llava_dir, load_llava_weights
 from alignlm.files import file_sha256, sync
 from alignlm.models.io import (
+    MODEL_FILES,
     config_strings,
     load_final_weights,
     model_file_stamps,
@@ -55,10 +56,6 @@ SCALER_FILE = "scaler.pt"  # fp16's loss scaler: its scale and growth count (:fu
 TRAINED_FROM = "trained_from.json"  # in final/: the stage's recipe as it finished (:func:`trained_from`)
 CONTENTS = " contents"  # suffix of a recipe key holding the bytes' digest of the file its config key names
 START = " weights"  # suffix of the trained_from key identifying the weights a stage started from (init_from)
-# in trained_from.json and a step checkpoint's recipe: the files the stage's model config loads as they were when it
-# was written (the frozen parts a final/ is rebuilt from, and a step checkpoint does not hold: models.io.model_stamps),
-# compared apart from the recipe (model_file_changes)
-MODEL_FILES = "model files"
 # in a step checkpoint's recipe: the model settings it was written with (a final/ holds them in its config.yaml),
 # compared apart from the recipe as a final/'s are (model_setting_changes)
 MODEL_SETTINGS = "model"
