@@ -458,7 +458,7 @@ def file_stamps(path: str | Path) -> list[list[Any]]:
     14 GB); a copy that does not keep times counts as a change (not in a model folder: :func:`model_file_stamps`)."""
     path = Path(path)
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.exists() else []
-    return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    return [[str(p), st.st_size, st.st_mtime_ns] for p in files for st in (p.stat(),)]  # one stat a file
 
 
 def model_sources(model: Any) -> dict[str, str]:
