@@ -4,4 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-exec python -m pytest -q "$@"
+# one pytest-xdist worker per core, at most 8; tests that launch ranks share one worker (tests/conftest.py: RANKS)
+workers=$(nproc)
+((workers > 8)) && workers=8
+exec python -m pytest -q -n "$workers" --dist loadgroup "$@"

@@ -31,6 +31,17 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", DETERMINISTIC_ENV["CUBLAS_WORKS
 # NVIDIA's libraries read this variable, so their convolutions run in fp32 like this process's
 os.environ.setdefault("NVIDIA_TF32_OVERRIDE", "0")
 
+# scripts/test.sh runs the suite in several pytest-xdist workers, one per core: each computes on one thread, and so do
+# the processes it launches (a worker with every core's threads would slow the others several times over)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+# A test that launches several ranks (torchrun, accelerate launch, spawned gloo groups) runs in one worker with the
+# others like it, one at a time (`--dist loadgroup`): two at once would put four ranks on two cores, past the short
+# collective timeouts some of them set. Without xdist the mark does nothing.
+RANKS = pytest.mark.xdist_group("ranks")
+
 
 # ops whose result the host must wait for on a GPU: a scalar read, or an output whose size depends on the data
 WAITING_OPS = {

@@ -16,7 +16,9 @@ import pytest
 import torch
 
 from alignlm.pipeline import run
-from tests.conftest import compose, read_losses, tiny_overrides
+from tests.conftest import RANKS, compose, read_losses, tiny_overrides
+
+pytestmark = RANKS
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,7 +18,7 @@ from alignlm.constants import IGNORE_INDEX
 from alignlm.data.collate import Collator
 from alignlm.objectives.contrastive import ContrastiveObjective, info_nce
 from alignlm.objectives.pairs import image_caption_pairs
-from tests.conftest import DeviceWaits, make_batch
+from tests.conftest import RANKS, DeviceWaits, make_batch
 
 WORLD = 2
 DIM = 8
@@ -134,6 +134,7 @@ def reference(per_rank: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor
     }
 
 
+@RANKS
 def test_two_ranks_give_one_process_loss_and_gradients_on_the_concatenated_pairs(tmp_path):
     """The mean of the ranks' losses is the global loss, and the ranks' gradients, averaged as data parallelism
     averages them, are its gradients: each rank's feature gradient over the world size (the all-gather's backward
@@ -265,6 +266,7 @@ def _contrastive_trainer(data: Path, out: Path):
     return trainer
 
 
+@RANKS
 def test_a_rank_standing_in_for_bad_data_leaves_the_gathered_loss_its_weight(tmp_path, monkeypatch):
     """Rank 1's micro-batch was all bad data: the gathered contrastive loss of the step is rank 0's pairs' alone, as
     one process on rank 0's batch computes it (it was weighed as a per-rank mean over the ranks' micro-batches of

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from alignlm.pipeline import make_accelerator, run
 from alignlm.training.trainer import StopTraining, Trainer
-from tests.conftest import compose, tiny_overrides
+from tests.conftest import RANKS, compose, tiny_overrides
 
 
 def two_stages(colour_set: dict[str, Path], out: Path, *extra: str) -> list[str]:
@@ -128,6 +128,7 @@ def test_a_second_run_in_the_process_may_change_the_precision(colour_set, tmp_pa
     assert not any(state._shared_state for state in (PartialState, AcceleratorState, GradientState))
 
 
+@RANKS
 def test_a_second_run_under_torchrun_joins_a_new_process_group(colour_set, tmp_path):
     """Two gloo ranks calling ``run`` twice in one process each: the first run's ranks leave its process group before
     the evaluation, and the second failed ("Default process group has not been initialized"), then, its state reset,

@@ -20,7 +20,7 @@ from alignlm.objectives.preference import PreferenceObjective, preference_loss
 from alignlm.pipeline import run
 from alignlm.training.stages import apply_stage
 from alignlm.training.trainer import StopTraining
-from tests.conftest import COLOURS, compose, read_losses, tiny_overrides, waits_in_training_steps
+from tests.conftest import COLOURS, RANKS, compose, read_losses, tiny_overrides, waits_in_training_steps
 
 
 def write_preferences(colour_set: dict[str, Path]) -> Path:
@@ -198,6 +198,7 @@ def test_preference_records_that_cannot_be_used_are_counted(tiny_model, colour_s
     assert len(dataset) == 8 and dataset.report.counts == {"malformed record": 3}
 
 
+@RANKS
 def test_two_data_parallel_ranks_train_like_one_process(colour_set, tmp_path, monkeypatch):
     """The pair index is local to a micro-batch and the loss a mean over pairs: 2 gloo ranks of 2 pairs each give one
     process's losses with 4 pairs a step (fp32, rel. 1e-5)."""

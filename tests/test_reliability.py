@@ -47,7 +47,7 @@ from alignlm.models.probes import load_probe_set
 from alignlm.pipeline import run
 from alignlm.training import checkpoint as ckpt
 from alignlm.training.trainer import StopTraining, Trainer, TrainingError
-from tests.conftest import compose, read_losses, tiny_overrides
+from tests.conftest import RANKS, compose, read_losses, tiny_overrides
 
 
 def png_claiming(path: Path, width: int, height: int) -> Path:
@@ -609,6 +609,7 @@ def test_a_stage_of_only_bad_data_fails_and_writes_nothing(tmp_path):
     assert not (tmp_path / "t" / "pretrain" / "final").exists() and not (tmp_path / "t" / "summary.json").exists()
 
 
+@RANKS
 @pytest.mark.parametrize("launcher", ["ddp", "zero2"])
 def test_ranks_of_which_none_had_data_skip_the_step_as_one_process_does(tmp_path, monkeypatch, launcher):
     """Two gloo ranks, one sample each per step, against one process accumulating both: in the pretraining stage

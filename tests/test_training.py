@@ -20,6 +20,7 @@ from alignlm.pipeline import run
 from alignlm.training.determinism import deterministic, strict
 from alignlm.training.trainer import StopTraining
 from tests.conftest import (
+    RANKS,
     WAIT_FREE_RECIPES,
     compose,
     read_losses,
@@ -611,6 +612,7 @@ def test_metrics_rows_hold_null_where_a_value_is_not_finite(tmp_path):
     assert row == {"step": 1, "loss/total": 1.5, "monitor/pooled/cka": None, "grad_norm": None}
 
 
+@RANKS
 def test_data_parallel_two_processes_matches_one(colour_set, tmp_path, monkeypatch):
     """Two gloo processes (per-device 2) == one process accumulating 2 micro-batches of 2: same global batch.
 
@@ -807,6 +809,7 @@ def test_every_step_logs_the_same_keys_and_a_metric_averages_over_the_micro_batc
     assert all(rows[3][k] == pytest.approx(rows[2][k]) for k in [*pair_metrics, "contrastive/temperature"])
 
 
+@RANKS
 def test_two_ranks_whose_micro_batches_differ_in_image_caption_pairs_log_together(tmp_path):
     """The run behind the test above, on 2 gloo ranks: half the records text-only, so at some step one rank's
     micro-batch has pairs and the other's none; gloo aborted it with "Received data size doesn't match"."""

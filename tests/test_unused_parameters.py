@@ -25,7 +25,7 @@ from alignlm.models.vision import EfficientNetLiteTower
 from alignlm.pipeline import run
 from alignlm.training.checkpoint import layout, resume_changes
 from alignlm.training.stages import apply_stage, merge_lora, param_groups
-from tests.conftest import compose, make_batch, tiny_overrides, write_colour_set
+from tests.conftest import RANKS, compose, make_batch, tiny_overrides, write_colour_set
 
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0}
 TOWERS = {
@@ -124,6 +124,7 @@ def test_declaring_the_inert_parameters_leaves_a_frozen_tower_as_it_was():
     assert [m.training for m in model.vision.modules()] == modes
 
 
+@RANKS
 def test_two_ddp_ranks_train_a_full_tower(colour_set, tmp_path):
     """2 gloo ranks with parts.vision=full failed at step 2; now they train, and the tower's ``final/`` weights keep
     every tensor, the inert ones as they started."""
