@@ -29,7 +29,8 @@ def gpus(monkeypatch: pytest.MonkeyPatch, visible: int) -> list[torch.Generator]
         monkeypatch.setattr(module, "device_count", lambda: visible)
     monkeypatch.setattr(cuda_random, "_lazy_init", lambda: None)
     monkeypatch.setattr(cuda_random, "_lazy_call", lambda callback, **kwargs: callback())
-    monkeypatch.setattr(cuda_random, "is_initialized", lambda: True)
+    for module in (torch.cuda, cuda_random):
+        monkeypatch.setattr(module, "is_initialized", lambda: True)
     return generators
 
 
@@ -40,6 +41,27 @@ def test_building_a_model_leaves_every_cuda_generator_as_it_found_it(monkeypatch
     before = [g.get_state() for g in generators]
     tiny_model("+model/align_levels=aligngpt")  # an extra part: the third seeded init
     assert all(torch.equal(g.get_state(), state) for g, state in zip(generators, before))
+
+
+def test_building_a_model_leaves_cuda_uninitialised_where_nothing_initialised_it(monkeypatch, tiny_model):
+    """A ``--cpu`` run on a GPU machine: the build forked every GPU's generator, which initialised CUDA in each rank on
+    every visible GPU. Where CUDA is not initialised, the build neither initialises it nor queues a seed for its first
+    use (``torch.manual_seed`` queues one), so the stage's own seed stays the one queued."""
+    queued = []
+
+    def initialise():
+        raise AssertionError("the build initialised CUDA")
+
+    monkeypatch.setattr(cuda_random, "_lazy_init", initialise)
+    monkeypatch.setattr(cuda_random, "_lazy_call", lambda callback, **kwargs: queued.append(callback))
+    for module in (torch.cuda, cuda_random):
+        monkeypatch.setattr(module, "is_initialized", lambda: False)
+        monkeypatch.setattr(module, "device_count", lambda: 2)
+    state = torch.random.get_rng_state()
+    model = tiny_model("+model/align_levels=aligngpt")
+    assert queued == [] and torch.equal(torch.random.get_rng_state(), state)
+    again = tiny_model("+model/align_levels=aligngpt")  # the init seed still decides the weights
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
 
 
 def test_a_stages_draws_on_the_gpu_follow_seed(monkeypatch, tmp_path):

@@ -42,9 +42,17 @@ def _init_stream(seed: int) -> Iterator[None]:
     """Random draws seeded with ``seed`` inside, every generator as it was outside. ``torch.manual_seed`` seeds
     the CPU's and every CUDA device's generator, so all of them are forked: forking the CPU's alone had left the GPUs
     seeded with ``model.init_seed + k`` after every build, so that a stage's dropout, LoRA dropout and objectives'
-    random draws on the GPU were the same whatever ``seed`` said."""
-    with torch.random.fork_rng(devices=range(torch.cuda.device_count()), device_type="cuda"):
-        torch.manual_seed(seed)
+    random draws on the GPU were the same whatever ``seed`` said.
+
+    Where CUDA is not initialised yet (a ``--cpu`` run on a GPU machine), nothing touches it: reading the GPUs' states
+    would initialise CUDA, on every visible GPU, in every rank. The CPU's generator alone is seeded and forked then,
+    and the seed ``torch.manual_seed`` queued for the GPUs' first use (the stage's ``seed``) stays queued."""
+    cuda = torch.cuda.is_initialized()
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if cuda else (), device_type="cuda"):
+        if cuda:
+            torch.manual_seed(seed)
+        else:
+            torch.default_generator.manual_seed(seed)
         yield
 
 
