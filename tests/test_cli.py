@@ -403,6 +403,7 @@ def test_export_says_it_takes_a_final_folder_and_where_one_is(tmp_path, capsys):
         (["run_name=x y,z"], "alignlm: run_name=x y,z: a comma makes a Hydra sweep, and alignlm train runs one"),
         (["+exp=demo", "seed=0", "-m"], "alignlm: -m/--multirun asks for a Hydra sweep, and alignlm train runs one"),
         (["--multirun"], "alignlm: -m/--multirun asks for a Hydra sweep, and alignlm train runs one configuration"),
+        (["+exp=demo", "-m", "seed=0,1"], "alignlm: -m/--multirun asks for a Hydra sweep, and alignlm train runs one"),
         # a mapping of free keys: Hydra's advice stands, on one line
         (
             ["eval.generation.temperature=0.5"],
@@ -422,6 +423,17 @@ def test_train_names_a_mistyped_override_or_a_stage_without_data_in_one_line(tmp
     err = capsys.readouterr().err
     assert err.startswith(line) and err.count("\n") == 1, err
     assert not list(tmp_path.iterdir())
+
+
+def test_train_takes_its_flags_between_the_overrides(capsys):
+    """`alignlm train +exp=demo --print-config seed=3`: argparse gave the overrides only the words before the flag and
+    refused the rest ("unrecognized arguments: seed=3"); they are overrides, in their order, and a word that looks
+    like a flag is still refused."""
+    assert console(["train", "+exp=demo", "--print-config", "seed=3", "seed=4", "model=tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "\nseed: 4\n" in out and "tiny" in out
+    assert console(["train", "+exp=demo", "--print-config", "seed=3", "--verbose"]) == 2
+    assert "unrecognized arguments: seed=3 --verbose" in capsys.readouterr().err
 
 
 def test_train_refuses_an_alignlm_config_dir_that_is_no_config_tree(tmp_path, monkeypatch, capsys):

@@ -61,7 +61,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The command line as a function: errors propagate (tests and callers catch them; ``console`` prints them).
 
     A subcommand whose parser has a ``pass_through`` function (a wrapped tool's own command line, such as
-    ``lmms-eval``) receives its arguments unparsed.
+    ``lmms-eval``) receives its arguments unparsed. A flag may sit between a command's trailing arguments (``alignlm
+    train +exp=demo --print-config seed=1``): argparse gives a list argument only the words before the flag and
+    refused the rest as unrecognized; they are appended to it, in their order.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -69,7 +71,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     pass_through = getattr(commands.get(argv[0]), "pass_through", None) if argv else None
     if pass_through is not None:
         return pass_through(argv[1:])
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        trailing = getattr(args, "trailing", None)
+        if trailing is None or any(word.startswith("-") for word in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        setattr(args, trailing, [*getattr(args, trailing), *extra])
     return args.func(args)
 
 

@@ -75,4 +75,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "overrides", nargs="*", help="Hydra overrides, e.g. +exp=demo model=tiny stages.pretrain.max_steps=10"
     )
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_train, trailing="overrides")
