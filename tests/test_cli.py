@@ -446,15 +446,18 @@ def test_train_refuses_an_alignlm_config_dir_that_is_no_config_tree(tmp_path, mo
 # ---- a checkpoint that is not there, reports that clash, lmms-eval missing: what to do, before any work ------------
 
 
-def test_eval_of_a_checkpoint_that_does_not_exist_says_so_and_to_train_it(tmp_path, capsys):
+def test_eval_of_a_checkpoint_that_does_not_exist_says_so_and_to_train_it(tmp_path, capsys, monkeypatch):
     """`alignlm eval outputs/nothere/finetune/final` said the path "is neither a final/ folder, a step checkpoint, a
-    stage folder nor a run folder", as if it held the wrong files."""
+    stage folder nor a run folder", as if it held the wrong files; and it left the default --out, an empty
+    eval_report/ and its lock file, in the working folder."""
     (tmp_path / "outputs" / "demo").mkdir(parents=True)
     missing = tmp_path / "outputs" / "nothere" / "finetune" / "final"
+    monkeypatch.chdir(tmp_path)
     assert console(["eval", str(missing)]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"alignlm eval: {missing} does not exist; {tmp_path / 'outputs'} holds ['demo']: train it")
     assert "neither a final/" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["outputs"]
 
 
 def test_compare_names_the_report_files_that_repeat_a_checkpoint(tmp_path, capsys):

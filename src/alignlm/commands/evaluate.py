@@ -214,11 +214,15 @@ def check_device(device: str) -> None:
         raise SystemExit(f"eval device={device!r}: {problem}; use auto, cpu, cuda or cuda:N")
 
 
-def prepare_out(out: Path) -> None:
-    """``--out`` as a folder, made before anything is loaded: a file there failed only once every checkpoint had
-    been evaluated."""
+def refuse_file_out(out: Path) -> None:
+    """``--out`` is not a file, checked first: a file there failed only once every checkpoint had been evaluated."""
     if out.exists() and not out.is_dir():
         raise SystemExit(f"--out {out} is a file; give a folder for report.json, report.md and the plots")
+
+
+def prepare_out(out: Path) -> None:
+    """``--out`` as a folder, made once the checkpoints are found and before anything is loaded."""
+    refuse_file_out(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -260,11 +264,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     ecfg = eval_config(args)
     check_eval_config(ecfg)
+    refuse_file_out(Path(args.out))
+    # the checkpoints before --out is made: a mistyped one left an empty eval_report/ and its lock behind
+    cks = checkpoints.resolve(args.checkpoints)
+    check_checkpoints(cks, ecfg)
     prepare_out(Path(args.out))
     with out_lock(Path(args.out)):
         device = torch.device(default_device() if ecfg["device"] == "auto" else ecfg["device"])
-        cks = checkpoints.resolve(args.checkpoints)
-        check_checkpoints(cks, ecfg)
         log.info("evaluating %d checkpoints: %s", len(cks), ", ".join(c.label for c in cks))
         results, features = [], []
         for ck in cks:
