@@ -5,6 +5,8 @@ settings, or under torchrun), and each stage's fp16 loss scaler starts afresh (d
 from __future__ import annotations
 
 import gc
+import io
+import logging
 import sys
 import textwrap
 import types
@@ -18,6 +20,7 @@ from accelerate.state import AcceleratorState, GradientState, PartialState
 from tqdm.auto import tqdm
 
 from alignlm.pipeline import make_accelerator, run
+from alignlm.training.logging import get_logger
 from alignlm.training.trainer import StopTraining, Trainer
 from tests.conftest import RANKS, compose, tiny_overrides
 
@@ -181,3 +184,20 @@ def test_each_stage_starts_with_a_fresh_fp16_loss_scale(colour_set, tmp_path):
     assert (acc.scaler.get_scale(), acc.scaler._get_growth_tracker()) == (2.0**27, 1)
     Trainer(cfg, "finetune", acc).setup()
     assert acc.scaler.state_dict() == fresh
+
+
+def test_the_console_log_goes_to_stderr_as_it_is_at_each_line(monkeypatch):
+    """The logger kept the ``sys.stderr`` of the moment it was made: a notebook or a program that swapped it later got
+    nothing, and once that stream was closed (a test's capture, when the suite ran in another order), each line became
+    a "--- Logging error ---" traceback."""
+    first, second = io.StringIO(), io.StringIO()
+    name = "alignlm.test_current_stderr"
+    try:
+        monkeypatch.setattr(sys, "stderr", first)
+        get_logger(name, 0).info("one")
+        first.close()
+        monkeypatch.setattr(sys, "stderr", second)
+        get_logger(name, 0).info("two")
+    finally:
+        logging.getLogger(name).handlers.clear()
+    assert second.getvalue().endswith(" two\n") and "Logging error" not in second.getvalue(), second.getvalue()

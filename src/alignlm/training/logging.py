@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import secrets
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,11 +17,28 @@ from alignlm.files import replace_text
 WANDB_MODES = ("disabled", "offline", "online")
 
 
+class CurrentStderr(logging.StreamHandler):
+    """A handler of ``sys.stderr`` as it is when a record is written, not as it was when the logger was made: a
+    notebook, a test's output capture or a program that swaps ``sys.stderr`` afterwards got nothing, and once that
+    first stream was closed, a "--- Logging error ---" traceback in place of each line."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        """Nothing to keep: each record goes to the ``sys.stderr`` of its time."""
+
+
 def get_logger(name: str, rank: int) -> logging.Logger:
     """A logger that speaks on rank 0 only (other ranks warn and above), with the rank in each line."""
     log = logging.getLogger(name)
     if not log.handlers:
-        handler = logging.StreamHandler()
+        handler = CurrentStderr()
         handler.setFormatter(logging.Formatter(f"[%(asctime)s rank{rank} %(levelname)s] %(message)s", "%H:%M:%S"))
         log.addHandler(handler)
         log.propagate = False
