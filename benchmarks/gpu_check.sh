@@ -217,8 +217,9 @@ part_strategies() {
 
 part_suite() {
   local workers=()
-  python3 -c "import xdist" 2> /dev/null && workers=(-n 16 --dist loadgroup)
-  # 16 processes of one thread each on 16 cores, not 16 x 16; the tests that launch ranks one at a time, in one of them
+  python3 -c "import xdist" 2> /dev/null && workers=(-n 16)
+  # 16 processes of one thread each on 16 cores, not 16 x 16; tests that launch ranks spread over them (scripts/test.sh
+  # runs those one at a time, for 2-core machines: in one worker they would take most of TEST_TIMEOUT here)
   step "suite: the whole suite but tests/test_gpu.py${workers[*]:+, ${workers[*]}}" "${TEST_TIMEOUT:-300}" pytest.txt \
     "" "" env OMP_NUM_THREADS="${OMP_NUM_THREADS:-$((${#workers[@]} ? 1 : 16))}" python3 -m pytest -q "${workers[@]}" \
     -p no:cacheprovider --tb=short --maxfail=10 --ignore=tests/test_gpu.py
