@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,27 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # others like it, one at a time (`--dist loadgroup`): two at once would put four ranks on two cores, past the short
 # collective timeouts some of them set. Without xdist the mark does nothing.
 RANKS = pytest.mark.xdist_group("ranks")
+_RUNNING: list[pytest.Item] = []  # the test being run (running_test)
+
+
+@pytest.fixture(autouse=True)
+def running_test(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Keeps the running test at hand for :func:`free_port`, which checks its marks."""
+    _RUNNING.append(request.node)
+    yield
+    _RUNNING.pop()
+
+
+def free_port() -> int:
+    """A free loopback port for the ranks a test launches to meet on. Every launch of ranks asks for one, so this is
+    where a test that launches them without ``RANKS`` is stopped, naming the mark: run beside the other such tests,
+    it would be the one to time out, now and then, on two cores."""
+    item = _RUNNING[-1] if _RUNNING else None
+    if item is not None and not any(m.args[:1] == ("ranks",) for m in item.iter_markers("xdist_group")):
+        pytest.fail(f"{item.nodeid} launches ranks: mark it @RANKS (tests/conftest.py)", pytrace=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 # ops whose result the host must wait for on a GPU: a scalar read, or an output whose size depends on the data

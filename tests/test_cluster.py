@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -16,17 +15,11 @@ import pytest
 import torch
 
 from alignlm.pipeline import run
-from tests.conftest import RANKS, compose, read_losses, tiny_overrides
+from tests.conftest import RANKS, compose, free_port, read_losses, tiny_overrides
 
 pytestmark = RANKS
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(

@@ -18,7 +18,7 @@ from alignlm.constants import IGNORE_INDEX
 from alignlm.data.collate import Collator
 from alignlm.objectives.contrastive import ContrastiveObjective, info_nce
 from alignlm.objectives.pairs import image_caption_pairs
-from tests.conftest import RANKS, DeviceWaits, make_batch
+from tests.conftest import RANKS, DeviceWaits, free_port, make_batch
 
 WORLD = 2
 DIM = 8
@@ -91,7 +91,6 @@ def _rank_main(rank: int, port: int, out: str) -> None:
 
 def run_ranks(tmp_path: Path, timeout: float = 120) -> list[dict]:
     """The two ranks' results; a rank that hangs past ``timeout`` seconds fails the test (its processes killed)."""
-    from tests.test_cluster import free_port
 
     context = mp.start_processes(
         _rank_main, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=False, start_method="spawn"
@@ -272,7 +271,6 @@ def test_a_rank_standing_in_for_bad_data_leaves_the_gathered_loss_its_weight(tmp
     one process on rank 0's batch computes it (it was weighed as a per-rank mean over the ranks' micro-batches of
     data, twice its value: loss and gradient doubled); the LM loss, a per-rank mean, was and is right."""
     from tests.conftest import write_colour_set
-    from tests.test_cluster import free_port
 
     data = write_colour_set(tmp_path / "data", n=8)["pretrain"].parent
     context = mp.start_processes(

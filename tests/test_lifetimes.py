@@ -201,3 +201,12 @@ def test_the_console_log_goes_to_stderr_as_it_is_at_each_line(monkeypatch):
     finally:
         logging.getLogger(name).handlers.clear()
     assert second.getvalue().endswith(" two\n") and "Logging error" not in second.getvalue(), second.getvalue()
+
+
+def test_a_test_that_launches_ranks_without_the_ranks_mark_is_stopped():
+    """Every launch of ranks asks conftest's free_port for its port; a test without RANKS is stopped there, naming the
+    mark, where it would run beside the other such tests and time out now and then on two cores."""
+    from tests.conftest import free_port
+
+    with pytest.raises(pytest.fail.Exception, match=r"launches ranks: mark it @RANKS"):
+        free_port()

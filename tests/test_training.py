@@ -23,6 +23,7 @@ from tests.conftest import (
     RANKS,
     WAIT_FREE_RECIPES,
     compose,
+    free_port,
     read_losses,
     tiny_overrides,
     waits_in_training_steps,
@@ -633,6 +634,8 @@ def test_data_parallel_two_processes_matches_one(colour_set, tmp_path, monkeypat
         "no",
         "--dynamo_backend",
         "no",
+        "--main_process_port",
+        str(free_port()),
         str(ROOT / "train.py"),
     ]
     subprocess.run([*launch, *base, "run_name=ddp"], cwd=ROOT, check=True, capture_output=True, timeout=300)
