@@ -486,17 +486,18 @@ def test_strategy_settings_that_cannot_work_are_refused(colour_set, tmp_path, mo
 @pytest.mark.parametrize(
     ("launched", "ours", "trains"), [("bf16", "auto", "bf16"), ("no", "no", "no"), ("no", "bf16", "bf16")]
 )
-def test_auto_precision_follows_the_accelerate_launch_config(launched, ours, trains):
+def test_auto_precision_follows_the_accelerate_launch_config(launched, ours, trains, monkeypatch):
     """``mixed_precision: auto`` trains in the precision a launch config asks for (bf16 here also on the CPU, where
     auto alone would be fp32); an explicit one equal to the launch's stands (the refusal of a different one is above);
-    a launch's ``no``, which plain ``accelerate launch`` always passes, asks for nothing and leaves alignlm's own."""
-    code = (
-        "from omegaconf import OmegaConf; from alignlm.pipeline import make_accelerator; "
-        f"print(make_accelerator(OmegaConf.create({{'mixed_precision': '{ours}'}})).mixed_precision)"
-    )
-    env = {**os.environ, "ACCELERATE_MIXED_PRECISION": launched, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and proc.stdout.split()[-1] == trains, proc.stderr[-2000:]
+    a launch's ``no``, which plain ``accelerate launch`` always passes, asks for nothing and leaves alignlm's own.
+    In this process: accelerate's state starts afresh for each test (conftest), as in a launched process."""
+    from omegaconf import OmegaConf
+
+    from alignlm.pipeline import make_accelerator
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launched)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    assert make_accelerator(OmegaConf.create({"mixed_precision": ours})).mixed_precision == trains
 
 
 @pytest.mark.parametrize("config", ["zero2", "zero3", "zero3_offload"])
