@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import time
 
 import pytest
 import torch
@@ -322,8 +324,19 @@ def test_feature_cache_trains_exactly_like_live_features_and_is_reused(colour_se
     shards = sorted((tmp_path / "feature_cache").rglob("*.safetensors"))
     assert len(shards) == 1
     stamp = shards[0].stat().st_mtime_ns
+    # a fill killed mid-shard two hours ago (its temporary is removed), one writing now, another file's (both kept)
+    folder = shards[0].parent
+    abandoned, writing, other = (
+        folder / n for n in (".rank0_a.safetensors.tmp41", ".rank1_b.safetensors.tmp42", ".x.tmp4")
+    )
+    for f in (abandoned, writing, other):
+        f.write_bytes(b"\0" * 100)
+    hours_ago = time.time() - 7200
+    for f in (abandoned, other):
+        os.utime(f, (hours_ago, hours_ago))
     run(compose(*common, "run_name=again", "stages.pretrain.data.feature_cache=true"))  # same tower: nothing recomputed
     assert [p.stat().st_mtime_ns for p in (tmp_path / "feature_cache").rglob("*.safetensors")] == [stamp]
+    assert not abandoned.exists() and writing.exists() and other.exists()
     with pytest.raises(
         ValueError, match=r"feature_cache=True caches a frozen tower.s features, but stages.pretrain.parts.vision=full"
     ):

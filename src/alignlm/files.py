@@ -50,7 +50,7 @@ def replace_file(path: Path, write: Callable[[Path], object]) -> Path:
     erased the stage's history. Renamed but not synced, a lost node could bring a prepared file (a feature shard, a method's
     labels) back 0 bytes long under its whole name; and a temporary name shared by two processes let one rename the
     other's half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = temporary_path(path)
     try:
         write(tmp)
         sync(tmp)
@@ -60,6 +60,30 @@ def replace_file(path: Path, write: Callable[[Path], object]) -> Path:
         raise
     sync(path.parent)
     return path
+
+
+def temporary_path(path: Path) -> Path:
+    """Where :func:`replace_file` writes ``path`` before renaming it: beside it, under this process's own name."""
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def remove_abandoned(folder: Path, pattern: str, idle_s: float = 3600.0) -> tuple[int, int]:
+    """Delete :func:`replace_file` temporaries of files matching ``pattern`` in ``folder`` that nothing has written
+    for ``idle_s`` seconds: those of processes killed mid-write (SIGKILL, a node lost, a preemption's grace run out),
+    which nothing else removes. A writer that still runs writes its file, then syncs and renames it at once, so an hour
+    untouched is no live write, on any node sharing the folder. Returns how many files and bytes were removed."""
+    files = size = 0
+    now = time.time()
+    for tmp in folder.glob(f".{pattern}.tmp*") if folder.is_dir() else []:
+        try:
+            info = tmp.stat()
+        except FileNotFoundError:  # renamed or removed meanwhile
+            continue
+        if not tmp.name.rpartition(".tmp")[2].isdigit() or now - info.st_mtime < idle_s:
+            continue
+        tmp.unlink(missing_ok=True)
+        files, size = files + 1, size + info.st_size
+    return files, size
 
 
 def replace_text(path: Path, text: str) -> Path:

@@ -28,6 +28,7 @@ from omegaconf import OmegaConf
 from alignlm.data.feature_cache import FeatureCache, FeatureCacheHook, Size, Survey, file_stamp
 from alignlm.data.images import decoded_batches, loader_workers
 from alignlm.data.llava import LlavaDataset
+from alignlm.files import remove_abandoned
 from alignlm.models.encoders import weights_fingerprint
 from alignlm.models.mllm import AlignLM
 
@@ -163,6 +164,10 @@ def attach_feature_cache(
     root = default_root if setting is True else Path(str(setting))
     precision = str(acc.mixed_precision)
     cache = FeatureCache(root / tower_fingerprint(model, vision_cfg, dataset.image_aspect_ratio, precision))
+    if acc.is_local_main_process:  # a fill killed mid-shard left up to SHARD images' features (4.8 GB at CLIP-L/336)
+        files, size = remove_abandoned(cache.folder, "*.safetensors")
+        if files:
+            log.info("feature cache: removed %d shards that killed fills left unfinished (%.1f GB)", files, size / 1e9)
     # one order on every rank (they split what is missing): by parts, as Paths compare, but compared in C (a sort of
     # 558k Paths took 6 s)
     paths = sorted({p for src, _, rec in dataset.distinct_records() for p in src.image_paths(rec)}, key=by_parts)
