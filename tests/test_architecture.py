@@ -168,8 +168,9 @@ def test_a_run_without_lora_imports_neither_peft_nor_matplotlib():
     from alignlm.training.stages import ALL_LINEAR
 
     assert ALL_LINEAR == INCLUDE_LINEAR_LAYERS_SHORTHAND
-    code = (
-        "import sys, alignlm.pipeline, alignlm.commands.train; print(sorted({'peft', 'matplotlib'} & set(sys.modules)))"
+    code = (  # the command line imports every command's module: evaluation's and its plots' too
+        "import sys, alignlm.pipeline, alignlm.commands; alignlm.commands.build_parser(); "
+        "print(sorted({'peft', 'matplotlib'} & set(sys.modules)))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

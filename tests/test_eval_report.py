@@ -1240,7 +1240,7 @@ def test_the_pca_plot_joins_the_pairs_with_one_collection(tmp_path, monkeypatch)
     from matplotlib.collections import LineCollection
 
     from alignlm.evaluation import plots
-    from alignlm.evaluation.plots import plt
+    from alignlm.evaluation.plots import pyplot
 
     figures = []
     monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
@@ -1253,7 +1253,7 @@ def test_the_pca_plot_joins_the_pairs_with_one_collection(tmp_path, monkeypatch)
         a, b = plots.pca_2d(first, second)
         segments = torch.stack([torch.as_tensor(s) for s in lines.get_segments()])
         torch.testing.assert_close(segments, torch.stack([a, b], dim=1))
-    plt.close(figures[0])
+    pyplot().close(figures[0])
 
 
 # ------------------------------------------------------------------ evaluations that stop part-way, and their cost
@@ -1729,9 +1729,9 @@ def test_a_label_keeps_one_colour_in_every_panel_and_the_one_legend_names_every_
     assert [t.get_text() for t in legend.get_texts()] == ["A", "B"]
     assert not any(ax.get_legend() for ax in fig.axes)
     assert "C (" in alignlm_log.text and "no monitor/* metrics" in alignlm_log.text
-    from alignlm.evaluation.plots import plt
+    from alignlm.evaluation.plots import pyplot
 
-    plt.close(fig)
+    pyplot().close(fig)
 
 
 def test_plot_runs_reads_a_run_whose_last_metrics_row_was_cut_short(tmp_path, alignlm_log):
@@ -1750,7 +1750,7 @@ def test_plot_runs_reads_a_run_whose_last_metrics_row_was_cut_short(tmp_path, al
 def test_a_monitor_value_that_was_not_finite_is_a_gap_in_its_line(tmp_path, monkeypatch, alignlm_log):
     """A NaN CKA is null in metrics.jsonl; it was skipped, so the line ran straight from step 2 to step 4 as if
     measured between them. It is NaN now: matplotlib leaves a gap there."""
-    from alignlm.evaluation.plots import plot_runs, plt, read_monitor
+    from alignlm.evaluation.plots import plot_runs, pyplot, read_monitor
 
     values = (0.2, 0.4, None, 0.8)
     _monitor_rows(tmp_path / "N" / "pretrain", [{"step": s, "monitor/pooled/cka": v} for s, v in enumerate(values, 1)])
@@ -1761,7 +1761,7 @@ def test_a_monitor_value_that_was_not_finite_is_a_gap_in_its_line(tmp_path, monk
     x, y, _ = _lines(figures[0])["pooled/cka"]["N"]
     assert x == [1, 2, 3, 4] and [v for v in y if not math.isnan(v)] == [0.2, 0.4, 0.8] and math.isnan(y[2])
     assert "1 monitor values were not finite" in alignlm_log.text
-    plt.close(figures[0])
+    pyplot().close(figures[0])
 
 
 def test_the_pooled_accuracy_line_pools_only_the_sets_every_point_of_it_has(monkeypatch, alignlm_log):
@@ -1796,7 +1796,7 @@ def test_twenty_checkpoints_have_twenty_colours_and_a_legend_beside_the_panels(t
     first panel covered its lines and ran off the figure; metrics.png had no x label, the PCA panels no axis names."""
     from matplotlib.colors import to_hex
 
-    from alignlm.evaluation.plots import plt
+    from alignlm.evaluation.plots import pyplot
     from alignlm.evaluation.report import write_plots
 
     figures = _drawn_figures(monkeypatch)
@@ -1825,7 +1825,7 @@ def test_twenty_checkpoints_have_twenty_colours_and_a_legend_beside_the_panels(t
     assert all(ax.get_xlabel().startswith("checkpoint") for ax in drawn["metrics"].axes if ax.get_title())
     assert {(ax.get_xlabel(), ax.get_ylabel()) for ax in drawn["pca"].axes if ax.get_title()} == {("PC1", "PC2")}
     for fig in figures:
-        plt.close(fig)
+        pyplot().close(fig)
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -19,25 +20,19 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import torch
+from torch import Tensor
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.collections import LineCollection  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
-from torch import Tensor  # noqa: E402
-
-from alignlm.evaluation.checkpoints import unique_labels  # noqa: E402
-from alignlm.evaluation.paired import run_key  # noqa: E402
-from alignlm.models.io import load_checkpoint_config  # noqa: E402
-from alignlm.training.logging import read_rows  # noqa: E402
+from alignlm.evaluation.checkpoints import unique_labels
+from alignlm.evaluation.paired import run_key
+from alignlm.models.io import load_checkpoint_config
+from alignlm.training.logging import read_rows
 
 log = logging.getLogger("alignlm")
 
 COLOURS = {"image": "tab:blue", "text": "tab:red"}
-CYCLE = matplotlib.colormaps["tab10"].colors  # up to ten lines: the usual distinct colours
-MANY = matplotlib.colormaps["viridis"]  # more lines: sampled in their order (checkpoints by step), no colour twice
+CYCLE = "tab10"  # up to ten lines: the usual distinct colours
+MANY = "viridis"  # more lines: sampled in their order (checkpoints by step), no colour twice
 MANY_SPAN = 0.92  # of the colormap used: its last, pale yellow is hard to see on white
 TICKS_UPRIGHT = 8  # more checkpoints than this on one axis: their names stand upright
 TICKS_MAX = 24  # more than this: every k-th name, the last always
@@ -46,10 +41,23 @@ MONITOR_COST = ("monitor/seconds", "monitor/time_share")  # the monitor's cost, 
 _SAVE = {"dpi": 90, "metadata": {"Software": None}, "bbox_inches": "tight"}
 
 
+@functools.cache
+def pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend (no display), imported at the first figure: imported with this module,
+    it took 0.6 s of every command's start, the ranks ``alignlm train`` launches included (the command line imports
+    every command's module)."""
+    import matplotlib  # noqa: PLC0415 - 0.6 s to import, for drawing only
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    return plt
+
+
 def _grid(n: int, width: float = 3.6, height: float = 3.0) -> tuple[Any, list[Any]]:
     cols = min(n, 4)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    fig, axes = pyplot().subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
     flat = [a for row in axes for a in row]
     for a in flat[n:]:
         a.axis("off")
@@ -59,7 +67,7 @@ def _grid(n: int, width: float = 3.6, height: float = 3.0) -> tuple[Any, list[An
 def _save(fig: Any, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, **_SAVE)
-    plt.close(fig)
+    pyplot().close(fig)
     return path
 
 
@@ -90,6 +98,8 @@ def plot_pca(panels: Sequence[tuple[str, Tensor, Tensor, float]], path: Path) ->
     """One panel per ``(label, image [n, d], text [n, d], gap)``: matched pairs joined by faint lines, all of a panel
     one collection (a line each took 1.6 ms: 80 s for 50k pairs)."""
     fig, axes = _grid(len(panels), 3.8, 3.6)
+    from matplotlib.collections import LineCollection  # noqa: PLC0415 - matplotlib is imported when drawing
+
     for ax, (label, image, text, gap) in zip(axes, panels):
         a, b = pca_2d(image, text)
         ax.add_collection(LineCollection(torch.stack([a, b], dim=1).numpy(), colors="0.85", linewidths=0.4, zorder=1))
@@ -140,6 +150,8 @@ def plot_panels(panels: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]
         ax.set_title(title, fontsize=9)
         ax.set_xlabel(xlabel, fontsize=8)
         ax.grid(alpha=0.3)
+    from matplotlib.lines import Line2D  # noqa: PLC0415 - matplotlib is imported when drawing
+
     _legend(fig, [Line2D([], [], color=colours[label], marker="o", ms=2.5) for label in labels], labels)
     return _save(fig, path)
 
@@ -147,9 +159,14 @@ def plot_panels(panels: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]
 def line_colours(labels: Sequence[str]) -> dict[str, Any]:
     """A colour per label: the ten-colour cycle for up to ten, past that a colormap sampled in the labels' order,
     where the cycle came round again and two of twenty checkpoints' lines were drawn alike."""
-    if len(labels) <= len(CYCLE):
-        return dict(zip(labels, CYCLE))
-    return {label: MANY(MANY_SPAN * i / (len(labels) - 1)) for i, label in enumerate(labels)}
+    import matplotlib  # noqa: PLC0415 - imported when drawing
+
+    colormaps = matplotlib.colormaps
+    cycle = colormaps[CYCLE].colors
+    if len(labels) <= len(cycle):
+        return dict(zip(labels, cycle))
+    many = colormaps[MANY]
+    return {label: many(MANY_SPAN * i / (len(labels) - 1)) for i, label in enumerate(labels)}
 
 
 def _legend(fig: Any, handles: Sequence[Any], labels: Sequence[str]) -> None:
