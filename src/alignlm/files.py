@@ -62,9 +62,10 @@ def replace_file(path: Path, write: Callable[[Path], object]) -> Path:
     return path
 
 
-def temporary_path(path: Path) -> Path:
-    """Where :func:`replace_file` writes ``path`` before renaming it: beside it, under this process's own name."""
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+def temporary_path(path: Path, pid: int | str | None = None) -> Path:
+    """Where :func:`replace_file` writes ``path`` before renaming it: beside it, under the writing process's own name
+    (this process's; ``pid="*"`` gives the glob of every writer's)."""
+    return path.with_name(f".{path.name}.tmp{os.getpid() if pid is None else pid}")
 
 
 def remove_abandoned(folder: Path, pattern: str, idle_s: float = 3600.0) -> tuple[int, int]:
@@ -74,7 +75,7 @@ def remove_abandoned(folder: Path, pattern: str, idle_s: float = 3600.0) -> tupl
     untouched is no live write, on any node sharing the folder. Returns how many files and bytes were removed."""
     files = size = 0
     now = time.time()
-    for tmp in folder.glob(f".{pattern}.tmp*") if folder.is_dir() else []:
+    for tmp in folder.glob(temporary_path(Path(pattern), "*").name) if folder.is_dir() else []:
         try:
             info = tmp.stat()
         except FileNotFoundError:  # renamed or removed meanwhile
