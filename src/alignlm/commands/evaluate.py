@@ -221,8 +221,8 @@ def refuse_file_out(out: Path) -> None:
 
 
 def prepare_out(out: Path) -> None:
-    """``--out`` as a folder, made once the checkpoints are found and before anything is loaded."""
-    refuse_file_out(out)
+    """``--out`` as a folder (:func:`refuse_file_out` checked it first), made once the checkpoints are found and
+    before anything is loaded."""
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
