@@ -387,6 +387,35 @@ def test_llm_loads_a_saved_checkpoint_by_path(tmp_path):
     torch.testing.assert_close(model.llm(input_ids=ids).logits[..., : len(tok)], llm(input_ids=ids).logits)
 
 
+def test_the_demo_llms_conversion_is_whole_once_and_leaves_no_temporary(tmp_path, monkeypatch):
+    """The GGUF -> safetensors conversion writes beside the cache folder and renames: a conversion that fails leaves
+    no temporary folder behind, and one that finds the folder written meanwhile (another rank or run converted first)
+    keeps that one instead of failing to rename onto it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alignlm.models import llm as loaders
+
+    model, tok = loaders.tiny()
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: model)
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda *a, **k: tok)
+    gguf = tmp_path / "wheel" / "model.gguf"
+    loaders._convert_gguf(gguf, tmp_path / "fresh")
+    assert (tmp_path / "fresh" / "model.safetensors").is_file()
+    won = tmp_path / "won"
+    won.mkdir()
+    (won / "model.safetensors").write_bytes(b"the other process's")
+    loaders._convert_gguf(gguf, won)
+    assert (won / "model.safetensors").read_bytes() == b"the other process's"
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(type(tok), "save_pretrained", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        loaders._convert_gguf(gguf, tmp_path / "failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh", "won"]
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_model):
     a, b = tiny_model(), tiny_model()
     b.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

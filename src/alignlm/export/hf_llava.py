@@ -38,6 +38,7 @@ from alignlm.constants import IMAGE_TOKEN
 from alignlm.data.build import aspect_ratio_of
 from alignlm.data.images import check_aspect_ratio
 from alignlm.data.templates import get_template, turn_end
+from alignlm.files import temporary_path
 from alignlm.models.connectors.mlp import MLPConnector
 from alignlm.models.io import (
     FINAL_FILES,
@@ -366,7 +367,7 @@ def export(
     summary = json.loads(summary_file.read_text()) if summary_file.exists() else None
     # written beside, then swapped in: an interrupted export leaves no half folder, and a re-export keeps nothing of
     # the old one (an export_check.json of other weights); a failed one leaves nothing of its own behind
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
+    tmp = temporary_path(out_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PretrainedConfig
 
 from alignlm.config import ConfigError
+from alignlm.files import temporary_path
 from alignlm.models.tokenizer import build_tiny_tokenizer
 
 LLMAndTokenizer = tuple[nn.Module, Any]
@@ -126,11 +128,15 @@ def _convert_gguf(gguf: Path, folder: Path) -> None:
             delattr(config, attr)
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(loaded.state_dict())
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    plain.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, folder)
+    tmp = temporary_path(folder)
+    try:
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        if not (folder / "model.safetensors").exists():  # another process (a rank, a second run) may have won
+            shutil.rmtree(folder, ignore_errors=True)  # a folder of an older, interrupted layout
+            os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def tiny(
