@@ -420,6 +420,35 @@ def test_a_swap_of_two_weight_rows_is_another_tower(tiny_model):
     assert tower_fingerprint(model, {"name": "tiny"}) != before
 
 
+def test_a_tower_copied_elsewhere_keeps_its_feature_cache_and_one_edited_in_place_does_not(tmp_path):
+    """The cache key holds the tower's weights, not the folder they were read from: a cluster job that copies its
+    tower to node-local disk at each requeue had computed (and stored: 660 GB at LLaVA's 558k images, CLIP-L/336)
+    every feature again. An edit of the folder's config in place is another tower."""
+    import shutil
+    from types import SimpleNamespace
+
+    from alignlm.models.vision import HFVisionTower
+    from alignlm.training.feature_cache import tower_fingerprint
+
+    shape = {"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
+    HFVisionTower(config={**shape, "num_attention_heads": 2, "image_size": 32, "patch_size": 8}).model.save_pretrained(
+        tmp_path / "shared" / "tower"
+    )
+
+    def fingerprint(folder):
+        tower = HFVisionTower(name_or_path=str(folder))
+        model = SimpleNamespace(vision=tower, image_spec=tower.image_spec)
+        return tower_fingerprint(model, {"_target_": "HFVisionTower", "name_or_path": str(folder)})
+
+    shutil.copytree(tmp_path / "shared" / "tower", tmp_path / "node_local" / "job7" / "tower")
+    assert fingerprint(tmp_path / "shared" / "tower") == fingerprint(tmp_path / "node_local" / "job7" / "tower")
+    config = tmp_path / "shared" / "tower" / "config.json"
+    settings = json.loads(config.read_text())
+    before = fingerprint(config.parent)
+    config.write_text(json.dumps({**settings, "hidden_act": "gelu"}))  # quick_gelu before: other features
+    assert fingerprint(config.parent) != before
+
+
 def test_a_damaged_feature_cache_is_refused_when_opened_and_never_written_with_nan(tmp_path):
     from safetensors.torch import save_file
 

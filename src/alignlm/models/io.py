@@ -13,6 +13,7 @@ repository of kernels. Its ``config.yaml`` is read without YAML anchors or alias
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import os
 import re
@@ -470,11 +471,37 @@ def model_sources(model: Any) -> dict[str, str]:
     a finished stage's skip compare (:func:`model_stamps`)."""
     if isinstance(model, DictConfig):
         model = OmegaConf.to_container(model, resolve=True)
-    return {
-        key: os.path.abspath(text)
-        for key, text in config_strings(model or {}, "model")
-        if "/" in text and text.strip("./") and os.path.exists(text)
-    }
+    return {key: os.path.abspath(text) for key, text in config_strings(model or {}, "model") if _names_local(text)}
+
+
+def _names_local(text: str) -> bool:
+    """Whether a config string names a local file or folder (:func:`model_sources`' rule)."""
+    return "/" in text and bool(text.strip("./")) and os.path.exists(text)
+
+
+SMALL_FILE = 1 << 20  # bytes: a config, an image processor's settings, a vocabulary; not weights
+
+
+def without_local_paths(tree: Any) -> Any:
+    """``tree`` (plain containers) with each string that names a local file or folder (:func:`model_sources`' rule)
+    replaced by the digest of its small files (names below it and bytes, each under ``SMALL_FILE``): what a cache key
+    built from a config keeps of a model folder whose weights it hashes from the loaded module. The same files copied
+    elsewhere (a cluster job copies its towers to node-local disk at every requeue) give the same key, and a config
+    edited in place another."""
+    if isinstance(tree, Mapping):
+        return {k: without_local_paths(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [without_local_paths(v) for v in tree]
+    if not isinstance(tree, str) or not _names_local(tree):
+        return tree
+    root = Path(tree)
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    digest = hashlib.sha256()
+    for file in files:
+        if file.stat().st_size < SMALL_FILE:
+            digest.update(f"{file.relative_to(root) if root.is_dir() else file.name}\0".encode())
+            digest.update(file_sha256(file).encode())
+    return f"<local files {digest.hexdigest()[:16]}>"
 
 
 def model_stamps(model: Any, known: Any = None) -> dict[str, dict[str, Any]]:

@@ -23,13 +23,14 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from alignlm.data.feature_cache import FeatureCache, FeatureCacheHook, Size, Survey, file_stamp
 from alignlm.data.images import decoded_batches, loader_workers
 from alignlm.data.llava import LlavaDataset
 from alignlm.files import remove_abandoned
 from alignlm.models.encoders import weights_fingerprint
+from alignlm.models.io import without_local_paths
 from alignlm.models.mllm import AlignLM
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,8 @@ def tower_fingerprint(model: AlignLM, vision_cfg: Any, aspect_ratio: str = "pad"
     """The tower's config, the bytes of every weight, its image spec, how the stage makes its images square
     (``aspect_ratio``, ``data.image_aspect_ratio``), the artifact filter on its output and the autocast the features
     are computed under (``precision``, ``mixed_precision``), hashed: any change of a weight, of the pixels or of the
-    arithmetic is another cache.
+    arithmetic is another cache. A folder the config names counts by its small files, not its path
+    (:func:`~alignlm.models.io.without_local_paths`): a tower copied elsewhere keeps its cache.
 
     A stage that crops had otherwise read the features of the padded images an earlier stage cached (the pretraining
     and finetuning stages of one tower share its folder). Padding, what every cache before the setting was filled
@@ -53,7 +55,9 @@ def tower_fingerprint(model: AlignLM, vision_cfg: Any, aspect_ratio: str = "pad"
     nothing is added either. A tower that the stage's ``final/`` saves stays fp32 under bf16, so its weights alone
     did not tell a bf16 run's features from an fp32 run's, and an fp32 run read bf16-computed ones (1e-2 apart at
     most on the tiny tower); without mixed precision (``no``) nothing is added, so fp32 caches stay valid."""
-    context = [OmegaConf.to_yaml(vision_cfg, resolve=True), repr(model.image_spec)]
+    if isinstance(vision_cfg, DictConfig):
+        vision_cfg = OmegaConf.to_container(vision_cfg, resolve=True)
+    context = [OmegaConf.to_yaml(without_local_paths(vision_cfg)), repr(model.image_spec)]
     if aspect_ratio != "pad":
         context.append(f"image_aspect_ratio: {aspect_ratio}")
     filt = getattr(model.vision, "artifact_filter", None)
