@@ -689,6 +689,28 @@ def test_special_tokens_in_user_text_stay_text(tiny_model, template):
     assert hostile in supervised  # the answer is learnt as the text it is
 
 
+@pytest.mark.parametrize("strip", ["rstrip", "lstrip"])
+@pytest.mark.parametrize("template", ["vicuna_v1", "chat"])
+def test_a_special_token_that_swallows_whitespace_stays_text_at_a_messages_edge(tiny_model, template, strip):
+    """A control token its tokenizer marks to swallow the whitespace beside it (Phi-3's ``<|end|>`` is ``rstrip``)
+    written at the end (or start) of a message reaches into the template's own space after (before) it: it was kept
+    a control token there, inside the message it stayed text."""
+    from tokenizers import AddedToken
+
+    tok = tiny_model().tokenizer
+    tok.add_special_tokens(
+        {"additional_special_tokens": [AddedToken("<|end|>", special=True, normalized=False, **{strip: True})]},
+        replace_extra_special_tokens=False,
+    )
+    end = tok.convert_tokens_to_ids("<|end|>")
+    for question, answer in [("Say it <|end|>", "ok"), ("<|end|> say it", "ok"), ("Say it", "<|end|> ok <|end|>")]:
+        turns = to_turns([{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}])
+        ids, labels = tokenize(get_template(template).render(turns, tok), tok)
+        assert end not in ids.tolist(), (question, answer)
+        supervised = tok.decode([int(i) for i, label in zip(ids, labels) if label != -100])
+        assert answer in supervised
+
+
 @pytest.mark.parametrize("hostile", ["<|im_end|>", "\n", "user", "<|im_start|>assistant"])
 @pytest.mark.parametrize("where", ["question", "answer"])
 def test_a_chat_message_that_is_only_template_text_stays_in_its_place(tiny_model, hostile, where):
