@@ -188,6 +188,7 @@ def test_preference_records_that_cannot_be_used_are_counted(tiny_model, colour_s
     good = json.loads(write_preferences(colour_set).read_text())[:8]
     bad = [
         {**good[0], "id": "same", "rejected": good[0]["chosen"]},
+        {**good[3], "id": "spaced", "rejected": f" {good[3]['chosen']}\n"},  # the templates strip answers
         {k: v for k, v in good[1].items() if k != "rejected"} | {"id": "none"},
         {**good[2], "id": "answered", "conversations": [*good[2]["conversations"], {"from": "gpt", "value": "x"}]},
     ]
@@ -195,7 +196,30 @@ def test_preference_records_that_cannot_be_used_are_counted(tiny_model, colour_s
     path.write_text(json.dumps(good + bad))
     cfg = compose(*dpo_stage(colour_set, tmp_path, f"stages.dpo.data.sources=[{{path:{path}}}]"))
     dataset = build_dataset(cfg.stages.dpo.data, model, 0)
-    assert len(dataset) == 8 and dataset.report.counts == {"malformed record": 3}
+    assert len(dataset) == 8 and dataset.report.counts == {"malformed record": 4}
+
+
+def test_a_cut_that_leaves_both_answers_the_same_tokens_is_too_long(tiny_model, colour_set, tmp_path):
+    """Answers that start alike, cut by data.max_length inside their common start, were two equal samples: a pair
+    with no preference in it (loss log 2, no gradient) that counted as kept. It is data too long to cut."""
+    from alignlm.data.records import TOO_LONG, DataError
+
+    model = tiny_model()
+    record = json.loads(write_preferences(colour_set).read_text())[0]
+    shared = "It is a colour of the rainbow and of many flags, namely"
+    record |= {"chosen": f"{shared} red.", "rejected": f"{shared} blue."}
+    path = Path(colour_set["instruct"]).parent / "preferences_alike.json"
+    path.write_text(json.dumps([record]))
+    stage = dpo_stage(
+        colour_set, tmp_path, f"stages.dpo.data.sources=[{{path:{path}}}]", "stages.dpo.data.on_error=raise"
+    )
+    chosen, rejected = build_dataset(compose(*stage).stages.dpo.data, model, 0)[0]
+    assert not torch.equal(chosen["input_ids"], rejected["input_ids"])
+    answer = int((chosen["labels"] != IGNORE_INDEX).nonzero()[0])
+    cut = compose(*stage, f"stages.dpo.data.max_length={answer + 4}").stages.dpo.data
+    with pytest.raises(DataError, match="leaves 'chosen' and 'rejected' the same tokens") as e:
+        build_dataset(cut, model, 0)[0]
+    assert e.value.cause == TOO_LONG
 
 
 @RANKS

@@ -457,10 +457,20 @@ class LlavaDataset(Dataset):
     def encode_pair(self, src: Source, rec: dict[str, Any], rid: str) -> tuple[dict[str, Any], dict[str, Any]]:
         """A preference record as two samples, its prompt answered with ``chosen`` and with ``rejected``, each
         supervising its final answer only (the template's labels of that last assistant turn: earlier assistant turns
-        of the prompt are context, as the prompt is)."""
+        of the prompt are context, as the prompt is). A cut at ``data.max_length`` inside the answers' common start
+        leaves two equal samples, a pair with no preference in it (its loss log 2 and no gradient, whatever the
+        model): a ``DataError``, counted as too long."""
         chosen, rejected = (
             self.encode(src, answered(rec, key), rid, last_answer=True) for key in ("chosen", "rejected")
         )
+        if torch.equal(chosen["input_ids"], rejected["input_ids"]) and torch.equal(
+            chosen["labels"], rejected["labels"]
+        ):
+            raise DataError(
+                f"the cut at data.max_length={self.max_length} leaves 'chosen' and 'rejected' the same tokens (it falls "
+                "in the start their answers share)",
+                TOO_LONG,
+            )
         return chosen, rejected
 
     def _image(self, path: Path) -> torch.Tensor:

@@ -334,8 +334,8 @@ def preference_problem(record: dict[str, Any]) -> str | None:
             return f"a preference record needs a non-empty string {key!r}, got {record.get(key)!r}"
         if (problem := unicode_problem(record[key], repr(key))) is not None:
             return problem
-    if record["chosen"] == record["rejected"]:
-        return "'chosen' and 'rejected' are the same answer"
+    if record["chosen"].strip() == record["rejected"].strip():  # the templates strip answers: the same tokens
+        return "'chosen' and 'rejected' are the same answer (whitespace at their ends is no part of an answer)"
     if to_turns(record["conversations"])[-1].role != "user":
         return "a preference record's 'conversations' must end with the user's turn (the answers are 'chosen' and 'rejected')"
     return None
