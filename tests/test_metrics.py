@@ -468,6 +468,26 @@ def test_kernel_metrics_of_a_collapsed_representation_are_nan(d):
         assert math.isnan(value)
 
 
+@pytest.mark.parametrize("odd", [1, 2, 4, 10])
+def test_a_representation_collapsed_but_for_a_few_items_is_no_alignment(odd):
+    """A dead connector and a few odd images against random captions: unbiased CKA's normaliser is zero (every
+    quadruple of items holds three equal ones) and came out as rounding of either sign (nan or 1e-10); CKNNA's tied
+    items shared their neighbour slots evenly, leaving next to nothing under its ratio: 0.3 to 28, where unrelated
+    features give 0.07. Both nan where undefined; repeated items that decide their neighbours still score."""
+    g = torch.Generator().manual_seed(40 + odd)
+    A = torch.randn(1, 64, generator=g).repeat(128, 1)
+    A[:odd] = torch.randn(odd, 64, generator=g)
+    B = torch.randn(128, 64, generator=g)
+    assert math.isnan(M.cknna(A, B)) and math.isnan(M.cknna(B, A))
+    if odd == 1:
+        assert math.isnan(M.unbiased_cka(A, B)) and math.isnan(M.unbiased_cka(B, A))
+    else:
+        assert abs(M.unbiased_cka(A, B)) < 0.05
+    assert M.cknna(torch.randn(128, 64, generator=g), B) == pytest.approx(0.07, abs=0.05)
+    classes = torch.randn(10, 64, generator=g)[torch.arange(128) % 10]  # 12-13 copies of each, k = 10
+    assert M.cknna(classes, classes) == pytest.approx(1.0) and abs(M.cknna(classes, B)) < 0.2
+
+
 def test_suite_refuses_a_topk_that_makes_knn_metrics_trivial():
     """With k = n - 1 every item's neighbours are all the others: the kNN metrics were 1 for independent features."""
     from alignlm.geometry.suite import pair_metrics

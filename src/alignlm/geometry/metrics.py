@@ -44,6 +44,9 @@ TIE = 1e-9
 # A centred direction counts towards a feature set's rank (SVCCA) when its singular value exceeds this times the
 # features' norm: far above the rounding noise of centring (about 1e-16 of it), far below real structure.
 _RANK_TOLERANCE = 1e-10
+# An unbiased HSIC of a kernel with itself is zero (``_hsic_unbiased_from``) when it is under this times the sum of
+# its terms' sizes: above their rounding over n^2 kernel entries (about n^2 * 1e-16 of it), below any real spread.
+ROUNDING = 1e-9
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -234,15 +237,16 @@ def _tolerance(norms: Tensor, rows: slice) -> Tensor:
     return torch.outer(TIE * norms[rows], norms)
 
 
-def _kth_and_share(sim: Tensor, tolerance: Tensor, topk: int) -> tuple[Tensor, Tensor]:
-    """Per row of a similarity block ([rows, 1] each): its k-th largest value, and the membership of each candidate
-    tied with it (within ``tolerance``). Those share the slots that the items clearly above it leave, equally: their
-    chance of being picked when the tie is broken uniformly at random. Breaking ties by item order (as ``_knn``
-    does) made the neighbour set of repeated captions, and the metric, depend on the order the items were listed in."""
+def _kth_and_share(sim: Tensor, tolerance: Tensor, topk: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per row of a similarity block ([rows, 1] each): its k-th largest value, the membership of each candidate
+    tied with it (within ``tolerance``) and how many slots those share. They share the slots that the items clearly
+    above it leave, equally: their chance of being picked when the tie is broken uniformly at random. Breaking ties
+    by item order (as ``_knn`` does) made the neighbour set of repeated captions, and the metric, depend on the order
+    the items were listed in."""
     kth = sim.topk(topk, dim=1).values[:, -1:]
     sure = (sim > kth + tolerance).count_nonzero(dim=1)[:, None]
     candidates = (sim >= kth - tolerance).count_nonzero(dim=1)[:, None]
-    return kth, (topk - sure).to(torch.float64) / (candidates - sure)
+    return kth, (topk - sure).to(torch.float64) / (candidates - sure), topk - sure
 
 
 def _memberships(sim: Tensor, kth: Tensor, share: Tensor, tolerance: Tensor) -> Tensor:
@@ -257,7 +261,8 @@ def _memberships(sim: Tensor, kth: Tensor, share: Tensor, tolerance: Tensor) -> 
 def _block_memberships(x: Tensor, norms: Tensor, rows: slice, topk: int) -> Tensor:
     """[rows, n]: every item's membership among the k nearest neighbours of the items in ``rows``."""
     sim, tolerance = _similarities(x, rows), _tolerance(norms, rows)
-    return _memberships(sim, *_kth_and_share(sim, tolerance, topk), tolerance)
+    kth, share, _ = _kth_and_share(sim, tolerance, topk)
+    return _memberships(sim, kth, share, tolerance)
 
 
 def _knn_pair(A: Tensor, B: Tensor, topk: int, preprocess: bool) -> tuple[Tensor, Tensor]:
@@ -395,18 +400,32 @@ def _hsic_sums(k0: Tensor, k0_t: Tensor, l0: Tensor, l0_t: Tensor) -> Tensor:
     return torch.stack([(k0 * l0_t).sum(), k0.sum(), l0.sum(), (k0_t.sum(dim=1) * l0.sum(dim=1)).sum()])
 
 
-def _hsic_unbiased_from(n: int, trace: Tensor, total_k: Tensor, total_l: Tensor, cross: Tensor) -> Tensor:
+def _hsic_unbiased_from(
+    n: int, trace: Tensor, total_k: Tensor, total_l: Tensor, cross: Tensor, itself: bool = False
+) -> Tensor:
     """Song et al. 2012, equation 5, from its four sums (``_hsic_sums``): the unbiased HSIC estimator, free of the
-    biased one's O(1/n) offset."""
+    biased one's O(1/n) offset.
+
+    ``itself``: a kernel's HSIC with itself (a CKA's normaliser), nan where it is zero up to the rounding of its terms
+    (``ROUNDING``). The estimator averages over quadruples of distinct items, and a representation whose items are
+    all equal but one (a dead connector and one odd image) leaves every quadruple at least three equal items: it is
+    zero, and what was computed was the sums' rounding, of either sign (unbiased CKA came out nan or 1e-10 by the
+    seed)."""
     if n < 4:
         raise ValueError(f"the unbiased HSIC needs at least 4 items, got {n}")
-    return (trace + total_k * total_l / ((n - 1) * (n - 2)) - 2 * cross / (n - 2)) / (n * (n - 3))
+    terms = (trace, total_k * total_l / ((n - 1) * (n - 2)), 2 * cross / (n - 2))
+    value = (terms[0] + terms[1] - terms[2]) / (n * (n - 3))
+    if not itself:
+        return value
+    size = (terms[0].abs() + terms[1].abs() + terms[2].abs()) / (n * (n - 3))
+    return torch.where(value.abs() <= ROUNDING * size, torch.nan, value)
 
 
 def _hsic_unbiased(K: Tensor, L: Tensor) -> Tensor:
-    """The unbiased HSIC of two whole kernel matrices (rbf CKA)."""
+    """The unbiased HSIC of two whole kernel matrices (rbf CKA); a kernel with itself as ``_hsic_unbiased_from``'s
+    ``itself``."""
     k0, l0 = K.clone().fill_diagonal_(0), L.clone().fill_diagonal_(0)
-    return _hsic_unbiased_from(K.shape[0], *_hsic_sums(k0, k0.T, l0, l0.T))
+    return _hsic_unbiased_from(K.shape[0], *_hsic_sums(k0, k0.T, l0, l0.T), itself=K is L)
 
 
 def _gram_inner(a: Tensor, b: Tensor) -> Tensor:
@@ -439,6 +458,7 @@ def _linear_hsic_unbiased(a: Tensor, b: Tensor) -> Tensor:
     The features are centred first. A common shift adds g_i + g_j + c to every kernel entry, which the estimator
     ignores (its U-statistic cancels such terms), but which inflates its four sums: features in one cone (most
     models') made them cancel to a fraction of their size, costing that many digits."""
+    itself = a is b
     a, b = _centred(a), _centred(b)
     sq_a, sq_b = a.square().sum(dim=1), b.square().sum(dim=1)
     sum_a, sum_b = a.sum(dim=0), b.sum(dim=0)
@@ -448,6 +468,7 @@ def _linear_hsic_unbiased(a: Tensor, b: Tensor) -> Tensor:
         sum_a.square().sum() - sq_a.sum(),
         sum_b.square().sum() - sq_b.sum(),
         ((a @ sum_a - sq_a) * (b @ sum_b - sq_b)).sum(),
+        itself=itself,
     )
 
 
@@ -487,21 +508,29 @@ def unbiased_cka(
     return _cka(A, B, kernel, sigma, preprocess, unbiased=True)
 
 
-def _neighbour_stats(x: Tensor, norms: Tensor, topk: int) -> tuple[Tensor, Tensor]:
-    """Every item's k-th largest similarity and tied share ([n] each, ``_kth_and_share``), by row blocks: what
-    ``_memberships`` needs for the transposed memberships of any block."""
+def _neighbour_stats(x: Tensor, norms: Tensor, topk: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Every item's k-th largest similarity, tied share and tied slots ([n] each, ``_kth_and_share``), by row blocks:
+    what ``_memberships`` needs for the transposed memberships of any block."""
     stats = [
         _kth_and_share(_similarities(x, rows), _tolerance(norms, rows), topk) for rows in _chunks(len(x), 4 * len(x))
     ]
-    return torch.cat([kth for kth, _ in stats])[:, 0], torch.cat([share for _, share in stats])[:, 0]
+    return tuple(torch.cat(column)[:, 0] for column in zip(*stats))  # type: ignore[return-value]
+
+
+def _mostly_undecided(stats: tuple[Tensor, Tensor, Tensor], topk: int) -> bool:
+    """Whether over half of a space's neighbour slots (k per item) go to ties spread thin: each of the tied
+    candidates belongs with a share under one half, so which ones fill the slots is mostly the tie-break's choice
+    (a connector that gives one vector for most images)."""
+    _, share, tied = stats
+    return bool((tied * (share < 0.5)).sum() > tied.new_tensor(0.5 * topk * len(share)))
 
 
 def _kernel_and_memberships(
-    x: Tensor, norms: Tensor, stats: tuple[Tensor, Tensor], rows: slice
+    x: Tensor, norms: Tensor, stats: tuple[Tensor, Tensor, Tensor], rows: slice
 ) -> tuple[Tensor, Tensor, Tensor]:
     """For the items in ``rows``: their rows of the linear kernel (zero diagonal), of their neighbour memberships and
     of the transposed memberships (their own among every item's neighbours), each [rows, n]."""
-    kth, share = stats
+    kth, share, _ = stats
     sim, tolerance = _similarities(x, rows), _tolerance(norms, rows)
     mine = _memberships(sim, kth[rows, None], share[rows, None], tolerance)
     theirs = _memberships(sim, kth[None, :], share[None, :], tolerance)
@@ -518,7 +547,11 @@ def cknna(A: Tensor, B: Tensor, topk: int = 10, preprocess: bool = True) -> floa
     caps the ratio. The reference definition shares this (a 12-item probe with k = 10 gave 1.26); use n >> k.
     Under ties the masks hold the fractional memberships of ``_kth_and_share`` (the pairs' mask their minimum, as
     ``mutual_knn``: identical features give 1 with repeated items too), so the value does not depend on item order;
-    without ties they are the reference's 0 / 1 masks.
+    without ties they are the reference's 0 / 1 masks. Where most of a space's neighbour slots go to ties spread
+    thin (``_mostly_undecided``: a connector that gives one vector for all images but a few), the even shares make
+    the tied items' masked kernel a constant, which the estimator removes, and the ratio rests on next to nothing
+    under it: 0.3 to 28 against random captions for a connector collapsed but for 1-4 of 128 images, where
+    unrelated features give 0.07. Any one tie-break would give its own value: nan.
 
     Works on row blocks, memory O(n) plus one block: each space's k-th similarities and tied shares first, then per
     block the masked kernels' rows and those of their transposes, which the HSIC's trace and sums need.
@@ -532,6 +565,8 @@ def cknna(A: Tensor, B: Tensor, topk: int = 10, preprocess: bool = True) -> floa
         return float("nan")  # the neighbour masks would be chosen by rounding noise
     norms_a, norms_b = torch.linalg.vector_norm(a, dim=1), torch.linalg.vector_norm(b, dim=1)
     stats_a, stats_b = _neighbour_stats(a, norms_a, topk), _neighbour_stats(b, norms_b, topk)
+    if _mostly_undecided(stats_a, topk) or _mostly_undecided(stats_b, topk):
+        return float("nan")
     sums = torch.zeros(3, 4, dtype=torch.float64, device=a.device)  # HSIC(K, L), HSIC(K, K), HSIC(L, L)
     for rows in _chunks(n, 16 * n):
         gram_a, in_a, in_a_t = _kernel_and_memberships(a, norms_a, stats_a, rows)
@@ -546,7 +581,7 @@ def cknna(A: Tensor, B: Tensor, topk: int = 10, preprocess: bool = True) -> floa
                 _hsic_sums(own_b, own_b_t, own_b, own_b_t),
             ]
         )
-    kl, kk, ll = (_hsic_unbiased_from(n, *terms) for terms in sums)
+    kl, kk, ll = (_hsic_unbiased_from(n, *terms, itself=k > 0) for k, terms in enumerate(sums))
     return _normalised(kl, kk, ll)
 
 
