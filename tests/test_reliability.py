@@ -200,6 +200,36 @@ def test_a_diverging_run_skips_non_finite_steps_and_stops_with_a_report(colour_s
     assert main(["train", *base, "run_name=cli"]) == 1  # a message and exit status 1, not a traceback
 
 
+def test_a_skipped_step_leaves_a_trained_batchnorm_towers_running_statistics_as_they_were(colour_set, tmp_path):
+    """A non-finite step updates no weight, but its forward in training mode had moved a trained BatchNorm tower's
+    running statistics to NaN: the stage finished and wrote them into its checkpoints and final/, which every later
+    stage and rerun then refused. They are kept back like the weights, and a non-finite buffer is never written."""
+    from safetensors.torch import load_file
+
+    cfg = compose(
+        *tiny_overrides(colour_set, tmp_path, "eval.sets=[]"),
+        "run=[pretrain]",
+        "model/vision=efficientnet_lite0",
+        "model.vision.weights=null",
+        "model.vision.image_size=32",
+        "stages.pretrain.parts.vision=full",
+        "stages.pretrain.lr.vision=1e30",
+        "stages.pretrain.warmup_ratio=0",
+        "stages.pretrain.max_grad_norm=0",
+        "stages.pretrain.max_steps=3",
+        "stages.pretrain.save_every=1",
+        "nonfinite.stop_after=0",
+    )
+    run(cfg)
+    stage = tmp_path / "t" / "pretrain"
+    assert json.loads((tmp_path / "t" / "summary.json").read_text())["stages"]["pretrain"]["nonfinite_steps"] == [2, 3]
+    final = load_file(stage / "final" / "model.safetensors")
+    after_step_1 = load_file(stage / "checkpoints" / "step_000001" / "trainable.safetensors")
+    running = [k for k in final if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert running and all(torch.equal(final[k], after_step_1[k]) for k in running)
+    assert all(v.isfinite().all() for v in final.values() if v.is_floating_point())
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_a_non_finite_step_changes_no_weight_and_counts_no_step(colour_set, tmp_path, fused):
     """The fused optimizer skips on the device (its found_inf), the other one on the host: either way a non-finite

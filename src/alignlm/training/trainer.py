@@ -76,7 +76,8 @@ HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}  # mixed_precision -> aut
 PACKED_ATTENTION = ("flash_attention_2", "flash_attention_3", "flex_attention")  # isolate packed samples for free
 # what a stage holds that may reach its model or optimizer (``Trainer.release`` lets go of them): the wrapped model,
 # the optimizer with its AdamW state, the schedule over it, the objectives (DPO's holds a frozen copy of the model) and
-# their parameters, the monitor and the dataset (handed the model at set-up), the stand-in batch
+# their parameters, the monitor and the dataset (handed the model at set-up), the stand-in batch, the model's moving
+# buffers
 STAGE_OBJECTS = (
     "model",
     "optimizer",
@@ -87,6 +88,7 @@ STAGE_OBJECTS = (
     "monitor",
     "dataset",
     "stand_in_batch",
+    "moving",
 )
 # each loss scaler's state when the first stage on it began (``start_scaler_afresh``), dropped with the scaler
 _FRESH_SCALERS: weakref.WeakKeyDictionary[torch.amp.GradScaler, dict[str, Any]] = weakref.WeakKeyDictionary()
@@ -218,6 +220,9 @@ class Trainer:
         model = self.setup_model()
         self.setup_data(model)
         self.setup_optimization(model, self.dataset)
+        # what a forward in training mode moves besides the weights (BatchNorm's running statistics): kept back from a
+        # step that updates nothing (``step``)
+        self.moving = list(trained_buffers(self.core()).values())
         self.log.info(
             "stage %s: %d steps of %d samples (global batch), %s trainable of %s params, %d processes, %s",
             self.name,
@@ -575,7 +580,9 @@ class Trainer:
         divergence and is dropped from the logs at the fetch. DeepSpeed's engine takes no such flag: there a rank
         without data reads the count (the engine's step reads its gradient norm to the host anyway) and, when no rank
         had data, every rank skips the step before its forward, as one process does. The stand-in measures no metric;
-        a metric is logged as its mean over the micro-batches that measured it.
+        a metric is logged as its mean over the micro-batches that measured it. A step that updates nothing leaves the
+        buffers its forwards moved as they were (a trained BatchNorm tower's running statistics: a non-finite step
+        had written NaN statistics into every later checkpoint and ``final/``).
         """
         acc = self.acc
         host = self.learning_rates()  # the rates this step's update uses (the schedule moves on after it)
@@ -613,6 +620,7 @@ class Trainer:
         tokens = sum(b["num_tokens"] for b in kept)
         pairs = sum(b.get("attended_pairs", 0) for b in kept)  # an empty stand-in batch attends to nothing
         kept = [send_to_device(b, acc.device, non_blocking=True) for b in kept]
+        before = [b.clone() for b in self.moving]
         sums: dict[str, torch.Tensor] = {}
         measured: dict[str, int] = {}
         nothing = torch.zeros((), device=acc.device)  # summed where a micro-batch measured nothing
@@ -656,6 +664,8 @@ class Trainer:
             self.optimizer_step(finite, has_data)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        for now, was in zip(self.moving, before):  # a skipped step changes nothing, on the device (no wait)
+            now.copy_(torch.where(finite & has_data, now, was))
         diverged = ~finite & has_data  # a step of no data was skipped, not diverged
         # fp16: a gradient that overflowed under a finite loss is the loss scaler backing off, not divergence
         if self.acc.scaler is not None:
@@ -849,8 +859,9 @@ class Trainer:
             )
 
     def check_finite_weights(self) -> None:
-        """Never write a checkpoint with a non-finite weight."""
+        """Never write a checkpoint with a non-finite weight, or a non-finite buffer of a part that trains."""
         bad = sharding.nonfinite_trainable(self.core())
+        bad += [n for n, b in trained_buffers(self.core()).items() if b.is_floating_point() and not b.isfinite().all()]
         if sharding.is_sharded(self.model) or zero.is_partitioned(self.core()):  # each rank saw its own shard
             bad = sorted({n for part in gather_object([bad]) for n in part})
         if bad:
