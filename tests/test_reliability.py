@@ -515,6 +515,12 @@ def test_a_manifest_that_is_not_one_is_a_reason_to_pass_the_checkpoint_by_not_a_
     (tmp_path / "trainer_state.json").write_text("{}")
     ckpt.write_manifest(tmp_path)
     assert ckpt.verify(tmp_path) is None
+    (tmp_path / "README.md").write_text("notes")  # the user's: a finished stage trained again and the note was lost
+    (tmp_path / ".DS_Store").write_bytes(b"x")
+    assert ckpt.verify(tmp_path) is None
+    (tmp_path / "extra.safetensors").write_bytes(b"weights")  # what a loader could read: the manifest must list it
+    assert "extra.safetensors is not in the manifest" in ckpt.verify(tmp_path)
+    (tmp_path / "extra.safetensors").unlink()
     whole = json.loads((tmp_path / ckpt.MANIFEST).read_text())
     outside = tmp_path.parent / "victim.bin"
     outside.write_bytes(b"x")

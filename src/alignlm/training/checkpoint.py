@@ -62,6 +62,9 @@ MODEL_SETTINGS = "model"
 LOADED = " files"  # suffix of a changed key naming the files a model config's key loads (model_file_diff)
 IDENTIFIED = (CONTENTS, START)  # keys compared by what identifies the bytes, never by the path that named them
 WEIGHT_SUFFIXES = (".safetensors", ".bin")  # weights files of a final/ or a transformers Llava folder
+# files of a checkpoint that something reads (weights, states, records, configs): one its manifest does not list makes
+# it untrusted (an empty manifest vouched for any files); any other (a README.md, .DS_Store) is the user's, kept
+READ_SUFFIXES = (*WEIGHT_SUFFIXES, ".pt", ".pth", ".json", ".yaml", ".yml")
 
 
 def resolve_init(
@@ -264,7 +267,11 @@ def _manifest_problem(folder: Path, text: bytes, digests: bool) -> str | None:
         for name, want in files.items()
     ):  # fmt: skip
         return f"{manifest} is not a manifest (file names in this folder, each with its bytes and sha256)"
-    unlisted = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != MANIFEST and p.name not in files)
+    unlisted = sorted(
+        p.name
+        for p in folder.iterdir()
+        if p.is_file() and p.name != MANIFEST and p.name not in files and p.suffix in READ_SUFFIXES
+    )
     if unlisted:
         return f"{folder / unlisted[0]} is not in the manifest"
     for name, want in files.items():
