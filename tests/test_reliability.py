@@ -200,6 +200,43 @@ def test_a_diverging_run_skips_non_finite_steps_and_stops_with_a_report(colour_s
     assert main(["train", *base, "run_name=cli"]) == 1  # a message and exit status 1, not a traceback
 
 
+def test_non_finite_steps_stop_the_run_in_any_window_whatever_the_fetches_and_a_resume(
+    colour_set, tmp_path, monkeypatch
+):
+    """``nonfinite.stop_after`` skipped steps within ``nonfinite.window`` steps stop the run wherever the window lies:
+    only the window ending at a fetch of the logged values was counted, and a resume moved the fetches, so the same
+    skipped steps stopped an uninterrupted run and not its resumed twin (or no run at all)."""
+    poisoned, step, loss = {3, 6}, Trainer.step, Trainer.loss
+
+    def poisoning_step(self, micro, n):
+        self.poisoned = n in poisoned
+        return step(self, micro, n)
+
+    def poisoning_loss(self, *args, **kwargs):
+        total, *rest = loss(self, *args, **kwargs)
+        return (total * float("nan") if self.poisoned else total), *rest
+
+    monkeypatch.setattr(Trainer, "step", poisoning_step)
+    monkeypatch.setattr(Trainer, "loss", poisoning_loss)
+    base = [
+        *tiny_overrides(colour_set, tmp_path, "eval.sets=[]"),
+        "run=[pretrain]",
+        "stages.pretrain.max_steps=10",
+        "stages.pretrain.save_every=0",
+        "nonfinite.stop_after=2",
+        "nonfinite.window=4",
+    ]
+    stopped = r"2 of the 4 steps up to step 6 had a non-finite loss or gradient \(steps \[3, 6\]\)"
+    with pytest.raises(TrainingError, match=stopped):  # fetched at step 10 alone: the window ending there holds one
+        run(compose(*base, "run_name=whole", "logging.every=10"))
+    with pytest.raises(StopTraining):
+        run(compose(*base, "run_name=resumed", "logging.every=3", "stop_after_steps=2"))
+    with pytest.raises(TrainingError, match=stopped):  # fetched at 5 and 8 after the resume: neither window held two
+        run(compose(*base, "run_name=resumed", "logging.every=3"))
+    rows = [json.loads(r) for r in (tmp_path / "resumed" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 7))  # fetched at 3 and 6 as an uninterrupted run: stopped at 6
+
+
 def test_a_skipped_step_leaves_a_trained_batchnorm_towers_running_statistics_as_they_were(colour_set, tmp_path):
     """A non-finite step updates no weight, but its forward in training mode had moved a trained BatchNorm tower's
     running statistics to NaN: the stage finished and wrote them into its checkpoints and final/, which every later

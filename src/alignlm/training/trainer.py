@@ -846,17 +846,21 @@ class Trainer:
         attended pair, both counted on the host from the batches."""
         return (tokens_per_s * self.flops_per_token + pairs_per_s * self.flops_per_pair) / 1e12
 
-    def check_divergence(self, step: int) -> None:
-        """``nonfinite.stop_after`` skipped steps within the last ``nonfinite.window`` steps stop the stage."""
+    def check_divergence(self, after: int) -> None:
+        """``nonfinite.stop_after`` skipped steps within any ``nonfinite.window`` steps stop the stage: each skipped
+        step after step ``after`` (those of the values just fetched) ends a window to count. Only the window ending
+        at the last fetched step was counted, so whether a run stopped hung on where a resume had put its fetches."""
         policy = self.cfg.get("nonfinite") or {}
         limit, window = int(policy.get("stop_after", 5)), int(policy.get("window", 100))
-        recent = [s for s in self.nonfinite if s > step - window]
-        if limit and len(recent) >= limit:
-            raise TrainingError(
-                f"stage {self.name}: {len(recent)} of the last {window} steps had a non-finite loss or gradient "
-                f"(steps {recent}); each was skipped, nothing was updated, and the run stops here (nonfinite.stop_after="
-                f"{limit}). Lower the learning rate (stage.lr), check the data, or resume from the last checkpoint"
-            )
+        for end in (s for s in self.nonfinite if s > after) if limit else ():
+            recent = [s for s in self.nonfinite if end - window < s <= end]
+            if len(recent) >= limit:
+                raise TrainingError(
+                    f"stage {self.name}: {len(recent)} of the {window} steps up to step {end} had a non-finite loss or "
+                    f"gradient (steps {recent}); each was skipped, nothing was updated, and the run stops here "
+                    f"(nonfinite.stop_after={limit}). Lower the learning rate (stage.lr), check the data, or resume "
+                    "from the last checkpoint"
+                )
 
     def check_finite_weights(self) -> None:
         """Never write a checkpoint with a non-finite weight, or a non-finite buffer of a part that trains."""
@@ -945,6 +949,7 @@ class Trainer:
         issued: dict[int, float] = {}  # step -> host time it was issued at, for the meter
 
         def flush() -> None:
+            after = pending[0].step - 1 if pending else 0
             rows = self.fetch(pending)  # waits for the device: every pending step is done
             meter.settle()
             for step, _, samples, tokens, pairs in rows:
@@ -965,9 +970,8 @@ class Trainer:
             if rows:
                 loss = rows[-1][1]["loss/total"]
                 bar.set_postfix(loss="skipped" if loss is None else f"{loss:.4f}", sps=f"{sps:.2f}", tps=f"{tps:.0f}")
-            last = pending[-1].step if pending else 0
             pending.clear()
-            self.check_divergence(last)
+            self.check_divergence(after)
 
         monitored: dict[int, dict[str, float]] = {}
         why, saved_at = "stop_after_steps", 0
@@ -991,7 +995,8 @@ class Trainer:
                         monitored[step] = self.monitor(step, self.core())
                 bar.update(1)
                 due_checkpoint = int(st.save_every) and step % int(st.save_every) == 0 and step < self.total_steps
-                if len(pending) >= every or due_checkpoint or step == stop_at:
+                # every ``every`` steps counted from the stage's start, not from a resume: the same fetches either way
+                if step % every == 0 or due_checkpoint or step == stop_at:
                     flush()
                 # a rank was asked to stop: all stop here; at the stage's last step the stage ends first, and the
                 # pipeline stops before what follows it (``StopRequest``)
