@@ -144,6 +144,20 @@ def test_a_record_written_while_the_split_was_free_is_not_taken_for_a_change():
     assert ckpt.recipe_changes(ours | {"stages.pretrain.grad_accum": 2}, ours) == {"stages.pretrain.grad_accum": (2, 1)}
 
 
+def test_a_resume_that_turns_compilation_on_is_refused_naming_it(colour_set, tmp_path):
+    """Compiled layers draw their dropout masks from another random stream: a resume that turned ``compile`` on was
+    free, and trained on with other masks (LoRA dropout 0.1: the losses parted at the next step). A record written
+    while it was free says nothing of it."""
+    base = pretrain(colour_set, tmp_path)
+    stopped(base, 2)
+    with pytest.raises(
+        ValueError, match=r"stages\.pretrain\.compile=False, this run has stages\.pretrain\.compile=True"
+    ):
+        run(compose(*base, "stages.pretrain.compile=true"))
+    ours = {"stages.pretrain.compile": True, "seed": 0}
+    assert ckpt.recipe_changes({"seed": 0}, ours) == {}
+
+
 def test_a_resume_that_turns_the_fused_optimizer_on_trains_fused(colour_set, tmp_path):
     """The checkpoint's parameter groups came back unfused while the trainer read the optimizer's defaults (fused)
     and handed it its skip flag: "Expected grad_scale and found_inf to be None" at the first resumed step."""

@@ -376,7 +376,8 @@ def load_scaler(ckpt_dir: Path, scaler: Any) -> bool:
 
 
 # Stage keys a resumed run may change without changing what it computes: when and how checkpoints are kept, how the
-# same numbers are computed (recomputation, compilation, one fused kernel, cached tower features), data loading.
+# same numbers are computed (recomputation, which restores the RNG for its dropout; one fused optimizer kernel, whose
+# rounding differs by 1e-9; cached tower features), data loading. Not compilation (:data:`NUMERICS`).
 # Every other key of the stage (learning rates, schedule, data, objectives, ...), the seed and the precision make the
 # trajectory and are compared (``recipe``); the step count is compared as the stage's total, not as epochs/max_steps.
 # The batch is compared as the global batch (with the world size) and as its split into micro-batches
@@ -387,7 +388,6 @@ FREE_ON_RESUME = (
     "save_every",
     "keep_last",
     "gradient_checkpointing",
-    "compile",
     "fused_optimizer",
     "init_from",
     "prepare",
@@ -572,6 +572,10 @@ def setting_before(key: str) -> Any:
 # the global batch's split into micro-batches, by key suffix: compared since it was found to change what some objectives
 # compute; a record written while it was free on resume lacks it and says nothing of it (compared where both hold it)
 SPLIT = (".per_device_batch_size", ".grad_accum")
+# compiled layers draw their dropout masks from another random stream than eager ones: a resume that turned
+# ``compile`` on trained on with other masks (LoRA dropout 0.1: losses apart from the next step). Compared where both
+# records hold it, as :data:`SPLIT` (a record written while it was free on resume lacks it)
+NUMERICS = (".compile",)
 
 
 def recipe_changes(theirs: Mapping[str, Any], ours: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
@@ -590,7 +594,7 @@ def recipe_changes(theirs: Mapping[str, Any], ours: Mapping[str, Any]) -> dict[s
     changed = {
         k: (recorded(k), v)
         for k, v in ours.items()
-        if (k in theirs or not k.endswith(IDENTIFIED + SPLIT)) and differ(k, recorded(k), v)
+        if (k in theirs or not k.endswith(IDENTIFIED + SPLIT + NUMERICS)) and differ(k, recorded(k), v)
     }
     return changed | {k: (v, None) for k, v in theirs.items() if k not in ours and not k.endswith(IDENTIFIED)}
 
