@@ -88,6 +88,18 @@ def test_a_resumed_batchnorm_tower_ends_with_the_uninterrupted_runs_running_stat
     assert int(kept) == 1 and int(theirs[count]) == 3  # counted from the stage's start: the one resumed step
 
 
+def test_a_checkpoint_without_this_ranks_random_state_is_resumed_with_a_warning(colour_set, tmp_path, alignlm_log):
+    """A rank the checkpoint's run did not have, or an rng file gone from a checkpoint without a manifest: its random
+    draws go on from the seed, not as the uninterrupted run's, which was resumed without a word."""
+    base = pretrain(colour_set, tmp_path)
+    stopped(base, 2)
+    step = ckpt.step_dirs(tmp_path / "t" / "pretrain")[-1]
+    (step / "rng_0.pt").unlink()
+    (step / ckpt.MANIFEST).unlink()  # written before manifests: its files are trusted as they are
+    run(compose(*base))
+    assert f"rank 0: {step} holds no random state of this rank (rng_0.pt)" in alignlm_log.text
+
+
 def test_a_sharded_step_checkpoint_holds_the_trained_buffers_too(colour_set, tmp_path):
     """Under fsdp2 the checkpoint's weights come from the gathered whole state (``sharding.full_state``): the buffers
     of a tower trained fully are there, as the steps left them."""

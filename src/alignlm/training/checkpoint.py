@@ -326,6 +326,14 @@ def load_training_state(
     rng_file = ckpt_dir / f"rng_{rank}.pt"
     if rng_file.exists():
         set_rng_state(torch.load(rng_file, weights_only=True))
+    else:  # a rank the checkpoint's run did not have (resume_allow_changes), or a file gone from one without a manifest
+        logging.getLogger("alignlm").warning(
+            "rank %d: %s holds no random state of this rank (%s): its dropout and other random draws go on from this "
+            "run's seed, not as an uninterrupted run's would",
+            rank,
+            ckpt_dir,
+            rng_file.name,
+        )
     return [n for n in trained_buffers(model) if n not in weights]
 
 
