@@ -665,9 +665,13 @@ def retrieval_recall(img: Tensor, txt: Tensor, ks: Sequence[int] = (1, 5, 10)) -
     """Cross-modal retrieval by cosine similarity, item i matching item i: keys ``i2t_recall@k`` (image
     queries, text gallery) and ``t2i_recall@k``.
 
-    A match's rank counts the other items scoring at least as high, within ``TIE`` (the match's score and the
-    others' come from different summation orders, whose last bits differ), so ties count against the match and
-    collapsed features or repeated captions cannot score well.
+    Items scoring within ``TIE`` of the match tie with it (the match's score and the others' come from different
+    summation orders, whose last bits differ) and the tie is broken uniformly at random: a query counts by its
+    chance of ranking its match within k, ``min(max(k - above, 0), tied + 1) / (tied + 1)`` with ``above`` items
+    clearly higher and ``tied`` tied, as the kNN metrics count tied neighbours. Collapsed features score chance,
+    k / n, not the 0.94 that rounding gave them; an image whose caption the probe repeats (the digits probe: 39
+    texts for 128 images) scores 1 / copies for a perfect model, where counting ties against the match capped
+    i2t recall@1 at 2 / 128 whatever the model.
     """
     if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
         raise ValueError(f"every k in ks must be a whole number >= 1, got {tuple(ks)}")
@@ -676,17 +680,21 @@ def retrieval_recall(img: Tensor, txt: Tensor, ks: Sequence[int] = (1, 5, 10)) -
     n = i.shape[0]
     matched = (i * t).sum(dim=1)
     items = torch.arange(n, device=i.device)
-    i2t_rank = torch.empty(n, dtype=torch.long, device=i.device)
-    t2i_rank = torch.zeros(n, dtype=torch.long, device=i.device)
-    for rows in _chunks(n, n):
+    i2t = torch.empty(2, n, dtype=torch.long, device=i.device)  # per query: rivals clearly above, and within TIE
+    t2i = torch.zeros(2, n, dtype=torch.long, device=i.device)
+    for rows in _chunks(n, 2 * n):
         sim = i[rows] @ t.T
         others = items[rows, None] != items[None, :]
-        i2t_rank[rows] = ((sim >= matched[rows, None] - TIE) & others).sum(dim=1)
-        t2i_rank += ((sim >= matched[None, :] - TIE) & others).sum(dim=0)
+        i2t[0, rows] = ((sim > matched[rows, None] + TIE) & others).sum(dim=1)
+        i2t[1, rows] = ((sim >= matched[rows, None] - TIE) & others).sum(dim=1)
+        t2i[0] += ((sim > matched[None, :] + TIE) & others).sum(dim=0)
+        t2i[1] += ((sim >= matched[None, :] - TIE) & others).sum(dim=0)
     result = {}
-    for direction, rank in (("i2t", i2t_rank), ("t2i", t2i_rank)):
+    for direction, (above, near) in (("i2t", i2t), ("t2i", t2i)):
+        places = (near - above + 1).to(torch.float64)  # the match and its tied rivals share these ranks
         for k in ks:
-            result[f"{direction}_recall@{k}"] = (rank < k).to(torch.float64).mean().item()
+            chance = torch.minimum((k - above).clamp(min=0).to(torch.float64), places) / places
+            result[f"{direction}_recall@{k}"] = chance.mean().item()
     return result
 
 
