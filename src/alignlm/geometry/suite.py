@@ -31,8 +31,15 @@ ALL_METRICS = (*PAIR_METRICS, *TOKEN_METRICS)
 KNN_METRICS = {"mutual_knn", "cycle_knn", "lcs_knn", "edit_distance_knn", "cknna"}
 
 
-def pair_metrics(A: Tensor, B: Tensor, names: Sequence[str], topk: int = 10) -> dict[str, float]:
-    """The named pooled-feature metrics between ``A`` and ``B`` (those needing one space are skipped otherwise)."""
+# pooled metrics that only normalise their features' rows; every other one clamps outliers first (``preprocess``)
+NORMALISING_METRICS = ("modality_gap", "retrieval")
+
+
+def pair_metrics(
+    A: Tensor, B: Tensor, names: Sequence[str], topk: int = 10, preprocess: bool = True
+) -> dict[str, float]:
+    """The named pooled-feature metrics between ``A`` and ``B`` (those needing one space are skipped otherwise).
+    ``preprocess`` False: features the caller prepared (``metrics.prepare_features``) are not clamped again."""
     unknown = [m for m in names if m not in ALL_METRICS]
     if unknown:
         raise ValueError(f"unknown probe metrics {unknown}; choose from {list(ALL_METRICS)}")
@@ -51,12 +58,14 @@ def pair_metrics(A: Tensor, B: Tensor, names: Sequence[str], topk: int = 10) -> 
             continue
         if name == "retrieval":
             out.update(fn(A, B))
-        elif name in KNN_METRICS:
-            out[name] = fn(A, B, topk=topk)
-        elif name == "svcca":
-            out[name] = fn(A, B, cca_dim=min(10, n - 2, A.shape[1], B.shape[1]))
-        else:
+        elif name == "modality_gap":
             out[name] = fn(A, B)
+        elif name in KNN_METRICS:
+            out[name] = fn(A, B, topk=topk, preprocess=preprocess)
+        elif name == "svcca":
+            out[name] = fn(A, B, cca_dim=min(10, n - 2, A.shape[1], B.shape[1]), preprocess=preprocess)
+        else:
+            out[name] = fn(A, B, preprocess=preprocess)
     return out
 
 
