@@ -1188,6 +1188,21 @@ def test_the_probe_keeps_every_items_tokens_only_for_a_metric_that_reads_them(ti
     assert probe_metrics(grouped, ["a_score"], topk=4)["per_token"] == pytest.approx(expected, rel=1e-12)
 
 
+def test_caption_means_of_a_half_precision_llm_are_summed_in_fp32(tiny_model, colour_set):
+    """The captions' mean embeddings were summed in the LLM's dtype (bf16 for Vicuna-7B), the visual tokens' in fp32:
+    2e-3 off, moving the metrics by 3e-5."""
+    from alignlm.data.templates import plain_text_ids
+    from alignlm.models.probes import extract, load_probe_set
+
+    model, probe = tiny_model(), load_probe_set(colour_set["pretrain"], 12)
+    model.llm.get_input_embeddings().to(torch.bfloat16)
+    table = model.llm.get_input_embeddings().weight.double()
+    ids = plain_text_ids(probe.captions, model.tokenizer)
+    exact = torch.stack([table[i].mean(dim=0) for i in ids])
+    got = extract(model, probe, batch_size=5).text_mean.double()
+    assert (got - exact).abs().max() < 1e-6
+
+
 def _eval_config(*overrides: str) -> dict:
     from omegaconf import OmegaConf
 
