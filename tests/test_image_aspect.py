@@ -162,6 +162,27 @@ def test_a_thin_strip_is_refused_before_the_crop_resizes_it(model, tmp_path):
     assert "resized to 32x480 before its centre crop" in skipped.reason and "15360 pixels" in skipped.reason
 
 
+def test_a_tall_image_is_bounded_by_its_own_pixels_under_crop_not_by_a_padded_square(model, tmp_path):
+    """Nothing pads an image under crop, but its padded square was checked against data.max_image_pixels: every image
+    longer than about 7071 px on a side (a tall screenshot, a panorama) was skipped as too large at the default limit,
+    with the feature cache too. Under crop an image counts by its own pixels (and by its resize before the crop)."""
+    from accelerate import Accelerator
+
+    from alignlm.data.build import build_dataset
+    from alignlm.data.collate import Skipped
+    from alignlm.training.feature_cache import attach_feature_cache
+
+    path = caption_file(tmp_path, (12, 120))  # 1440 pixels; padded 14400; resized for the crop 32 x 320 = 10240
+    data = {"sources": [{"path": str(path)}], "max_image_pixels": 12000, "template": "plain"}
+    padded = build_dataset({**data, "image_aspect_ratio": "pad"}, model, seed=0)[0]
+    assert isinstance(padded, Skipped) and "padded to a square 14400" in padded.reason
+    cropped = build_dataset({**data, "image_aspect_ratio": "crop"}, model, seed=0)
+    live = cropped[0]["pixel_values"]
+    model.frozen_parts.add("vision")
+    attach_feature_cache(model, cropped, True, tmp_path / "cache", compose().model.vision, Accelerator(cpu=True))
+    assert live.shape[-1] == model.image_spec.size and "image_embeds" in cropped[0]  # served from the cache
+
+
 def test_eval_prompts_a_checkpoint_with_its_stages_pixels_and_an_older_one_padded(model, tmp_path):
     """``alignlm eval`` and ``export --check`` build their prompts from the checkpoint's stage data node: a cropping
     stage's checkpoint sees cropped images; a checkpoint's config saved before the setting existed has none, and was

@@ -309,7 +309,7 @@ class FeatureCacheHook(SampleHook):
         lacking = []
         for path in survey.missing:
             try:
-                self.check(path, load_rgb(path, self.max_pixels).size)
+                self.check(path, load_rgb(path, self.max_pixels, self.crop_side is None).size)
             except DataError as e:
                 self.unreadable[path] = (str(e), e.cause)
             else:
@@ -327,7 +327,7 @@ class FeatureCacheHook(SampleHook):
         """The dataset's size limits for an image of ``size`` (as shown): its padded square, and under ``crop`` its
         resize before the crop (``images.check_crop_size``): a thin strip the cache left out for the second had been
         taken for an image it lacked, which stopped the stage, where without the cache its samples are skipped."""
-        check_size(path, size, self.max_pixels)
+        check_size(path, size, self.max_pixels, self.crop_side is None)
         if self.crop_side is not None:
             check_crop_size(path, size, self.crop_side, self.max_pixels)
 

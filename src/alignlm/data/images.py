@@ -99,25 +99,28 @@ def image_size(path: str | Path) -> tuple[int, int]:
         return im.size
 
 
-def check_size(path: str | Path, size: tuple[int, int], max_pixels: int | None) -> None:
+def check_size(path: str | Path, size: tuple[int, int], max_pixels: int | None, padded: bool = True) -> None:
     """Refuse an image whose padded square (``pad_to_square``: a 1 x 1,000,000 strip is as large as it becomes) is
-    over ``max_pixels`` (``data.max_image_pixels``; None: no limit). The same for the size as stored and as shown
-    after its EXIF orientation: a turn or a mirror keeps the longer side. (``crop`` bounds its own resize too:
-    :func:`resize_and_crop`.)"""
+    over ``max_pixels`` (``data.max_image_pixels``; None: no limit), or, for a stage that crops (``padded`` False:
+    nothing pads it), the image itself. The same for the size as stored and as shown after its EXIF orientation: a
+    turn or a mirror keeps both. (``crop`` bounds its own resize too: :func:`resize_and_crop`; its padded square
+    had refused every image longer than about 7071 pixels on a side at the default limit, a tall screenshot or a
+    panorama that the crop reads as well as any.)"""
     width, height = size
-    if max_pixels and max(width, height) ** 2 > max_pixels:
+    area = max(width, height) ** 2 if padded else width * height
+    if max_pixels and area > max_pixels:
+        shape = f"padded to a square {area}" if padded else f"{area} in all"
         raise DataError(
-            f"image {path} has {width}x{height} pixels, padded to a square {max(width, height) ** 2}, over "
-            f"data.max_image_pixels={max_pixels}",
+            f"image {path} has {width}x{height} pixels, {shape}, over data.max_image_pixels={max_pixels}",
             IMAGE_TOO_LARGE,
         )
 
 
-def load_rgb(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> Image.Image:
+def load_rgb(path: str | Path, max_pixels: int | None = MAX_PIXELS, padded: bool = True) -> Image.Image:
     """Open an image fully (so a truncated file fails here, not later) and convert it to RGB as an exported model's
     processor sees it.
 
-    The size is read from the header and checked against ``max_pixels`` (:func:`check_size`) before anything is
+    The size is read from the header and checked against ``max_pixels`` (:func:`check_size`, ``padded`` or not) before anything is
     decoded, so a decompression bomb (a few hundred kilobytes that expand to gigabytes) costs nothing; while decoding,
     Pillow's own limit is the same (:func:`_pillow_limit`: a GIF frame larger than its header said). The image is then
     turned upright by its EXIF orientation (as transformers' ``load_image`` does: a portrait photo trained sideways),
@@ -128,7 +131,7 @@ def load_rgb(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> Image.Ima
     cause: missing file, image too large, unreadable file (any error of the decoder, whatever its type).
     """
     with _open_image(path) as im:
-        check_size(path, im.size, max_pixels)
+        check_size(path, im.size, max_pixels, padded)
         try:
             with _pillow_limit(max_pixels):
                 im.load()

@@ -474,7 +474,8 @@ class LlavaDataset(Dataset):
         return chosen, rejected
 
     def _image(self, path: Path) -> torch.Tensor:
-        image = load_rgb(os.path.abspath(path), self.max_image_pixels)  # an error names the whole path
+        padded = self.image_aspect_ratio == "pad"
+        image = load_rgb(os.path.abspath(path), self.max_image_pixels, padded)  # an error names the whole path
         return preprocess(image, self.image_spec, self.image_aspect_ratio, self.max_image_pixels)
 
     def _insert_slots(self, ids: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
