@@ -512,3 +512,15 @@ def test_lmms_eval_missing_is_said_before_the_export_with_the_docs_recipe_not_pi
         said.startswith("lmms-eval is not installed here")
         and f"install it in a virtualenv of its own, {recipe}" in said
     )
+
+
+def test_a_training_process_killed_in_native_code_prints_where_every_thread_was():
+    """A rank that SIGABRT or SIGSEGV ends in C++ (a thread left running at exit, a driver fault) died with no word of
+    where; ``alignlm train`` turns the fault handler on, so it prints every thread's Python stack as it dies."""
+    import subprocess
+
+    crash = "from alignlm.commands.train import report_crashes\nreport_crashes()\nimport os\nos.abort()\n"
+    got = subprocess.run([sys.executable, "-c", crash], capture_output=True, text=True, timeout=120)
+    assert (
+        got.returncode != 0 and "Fatal Python error: Aborted" in got.stderr and 'File "<string>", line 4' in got.stderr
+    )

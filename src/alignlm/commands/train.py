@@ -10,6 +10,9 @@ range) or another run of the same output_dir/run_name running, 1 a stage that di
 from __future__ import annotations
 
 import argparse
+import contextlib
+import faulthandler
+import io
 import sys
 
 from hydra.errors import HydraException
@@ -27,6 +30,16 @@ from alignlm.training.trainer import StopTraining, TrainingError
 STOPPED = 75  # exit status of a run that stop_after_steps ended early (sysexits' EX_TEMPFAIL: rerun to continue)
 
 
+def report_crashes() -> None:
+    """A process that a signal kills in native code (SIGSEGV, SIGABRT, SIGBUS, SIGFPE, SIGILL: a driver fault, a C++
+    thread left running at exit) prints every thread's Python stack on its stderr as it dies, as
+    ``PYTHONFAULTHANDLER=1`` does: a rank died with "terminate called without an active exception" and no word of
+    where. Left as it is where a handler is on already (pytest's, the user's) or stderr is no file (a notebook's)."""
+    if not faulthandler.is_enabled():
+        with contextlib.suppress(AttributeError, ValueError, io.UnsupportedOperation):
+            faulthandler.enable(all_threads=True)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     if args.multirun:
         print(f"alignlm: {sweep_advice('-m/--multirun asks for a Hydra sweep')}", file=sys.stderr)
@@ -42,6 +55,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     n = cpu_processes_to_spawn()
     if n:
         return spawn_cpu_ranks(n, args.overrides)
+    report_crashes()
     try:
         run(cfg)
     except ConfigError as e:

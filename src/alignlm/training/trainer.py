@@ -220,9 +220,6 @@ class Trainer:
         model = self.setup_model()
         self.setup_data(model)
         self.setup_optimization(model, self.dataset)
-        # what a forward in training mode moves besides the weights (BatchNorm's running statistics): kept back from a
-        # step that updates nothing (``step``)
-        self.moving = list(trained_buffers(self.core()).values())
         self.log.info(
             "stage %s: %d steps of %d samples (global batch), %s trainable of %s params, %d processes, %s",
             self.name,
@@ -349,6 +346,9 @@ class Trainer:
         else:
             self.model, self.optimizer = acc.prepare(model, optimizer)
         self.start_step, self.skipped = self._maybe_resume()
+        # what a forward in training mode moves besides the weights (BatchNorm's running statistics): kept back from a
+        # step that updates nothing (``step``)
+        self.moving = list(trained_buffers(self.core()).values())
 
     def _store_frozen_in_half_precision(self, model: AlignLM) -> None:
         """Frozen weights run in half-precision storage under mixed precision, without re-casting their weights at
