@@ -120,10 +120,11 @@ def load_rgb(path: str | Path, max_pixels: int | None = MAX_PIXELS, padded: bool
     """Open an image fully (so a truncated file fails here, not later) and convert it to RGB as an exported model's
     processor sees it.
 
-    The size is read from the header and checked against ``max_pixels`` (:func:`check_size`, ``padded`` or not) before anything is
-    decoded, so a decompression bomb (a few hundred kilobytes that expand to gigabytes) costs nothing; while decoding,
-    Pillow's own limit is the same (:func:`_pillow_limit`: a GIF frame larger than its header said). The image is then
-    turned upright by its EXIF orientation (as transformers' ``load_image`` does: a portrait photo trained sideways),
+    The size is read from the header and checked against ``max_pixels`` (:func:`check_size`: the padded square, or
+    under ``crop``, ``padded`` False, the image itself) before anything is decoded, so a decompression bomb (a few
+    hundred kilobytes that expand to gigabytes) costs nothing; while decoding, Pillow's own limit is the same
+    (:func:`_pillow_limit`: a GIF frame larger than its header said). The image is then turned upright by its EXIF
+    orientation (as transformers' ``load_image`` does: a portrait photo trained sideways),
     and transparency (an alpha band, or a palette or colour marked transparent) is composited onto white (as
     transformers' ``convert_rgb`` does: ``convert("RGB")`` kept whatever colour hid under transparent pixels).
     16-bit grey images are scaled to 8 bits (convert() clips them); 32-bit integer or float pixels, whose range

@@ -514,7 +514,8 @@ def _neighbour_stats(x: Tensor, norms: Tensor, topk: int) -> tuple[Tensor, Tenso
     stats = [
         _kth_and_share(_similarities(x, rows), _tolerance(norms, rows), topk) for rows in _chunks(len(x), 4 * len(x))
     ]
-    return tuple(torch.cat(column)[:, 0] for column in zip(*stats))  # type: ignore[return-value]
+    kth, share, tied = (torch.cat(column)[:, 0] for column in zip(*stats))
+    return kth, share, tied
 
 
 def _mostly_undecided(stats: tuple[Tensor, Tensor, Tensor], topk: int) -> bool:
@@ -522,7 +523,7 @@ def _mostly_undecided(stats: tuple[Tensor, Tensor, Tensor], topk: int) -> bool:
     candidates belongs with a share under one half, so which ones fill the slots is mostly the tie-break's choice
     (a connector that gives one vector for most images)."""
     _, share, tied = stats
-    return bool((tied * (share < 0.5)).sum() > tied.new_tensor(0.5 * topk * len(share)))
+    return bool(2 * (tied * (share < 0.5)).sum() > topk * len(share))
 
 
 def _kernel_and_memberships(
