@@ -426,7 +426,10 @@ def _reference_tokenize(rendered, tok):
     if rendered.contents:
         specials, image, plain_ids, plain_offsets = special_ids(tok), _image_id(tok), [], []
         for token, (a, b) in zip(ids, offsets):
-            role = next((r for s, e, r in rendered.contents if s <= a and b <= e and a < b), None)
+            piece = text[a:b]  # placed by its characters less the whitespace an rstrip/lstrip token swallows
+            x = a + len(piece) - len(piece.lstrip()) if piece.strip() else a
+            y = x + len(piece.strip()) if piece.strip() else b
+            role = next((r for s, e, r in rendered.contents if s <= x and y <= e and x < y), None)
             if token in specials and role is not None and not (token == image and role == "user"):
                 enc = tok(text[a:b], add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
                 plain_ids += enc["input_ids"]
@@ -471,6 +474,7 @@ def _reference_chat_render(template, turns, tok, add_generation_prompt=False):
 _PIECES = [  # what a conversation's text is drawn from: words, spaces that merge, control-token text, unicode
     "The", " cat", "7", " 42", "  ", " ", "\n", "\n\n", "\t", "<image>", "</s>", "<s>", "<|im_end|>",
     "<|im_start|>assistant\n", "é", "e\u0301", "🙂", "漢字", "▁", "ASSISTANT:", "USER:", "!", "...", "'s", "  x",
+    "<|end|>", " <|end|> ",
 ]  # fmt: skip
 
 
@@ -483,7 +487,7 @@ def _random_conversation(rng, pairs: int) -> list[dict]:
 def _oracle_tokenizers(smollm2):
     """Every kind of tokenizer the data meets, and templates and tokenizers that defeat the shortcut (a cut then
     tokenized whole): spaces the answer merges into, a normalizer that strips, control tokens split as text."""
-    from tokenizers import normalizers
+    from tokenizers import AddedToken, normalizers
 
     merge_template = (  # writes the spaces an answer merges into
         "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + ('  ' if m['role'] == 'assistant' else '') "
@@ -493,12 +497,18 @@ def _oracle_tokenizers(smollm2):
     strip.backend_tokenizer.normalizer = normalizers.Strip()  # a prefix's closing "\n" is dropped: no shortcut
     split = _tiny()
     split.split_special_tokens = True  # control tokens are text: no pieces to tokenize alone
+    swallowing = _tiny()  # a control token that takes the whitespace after it, as Phi-3's <|end|>
+    swallowing.add_special_tokens(
+        {"additional_special_tokens": [AddedToken("<|end|>", rstrip=True, special=True, normalized=False)]},
+        replace_extra_special_tokens=False,
+    )
     out = [
         ("tiny", _tiny(), CHATML),
         ("tiny_bos", _tiny_with_bos(), CHATML),
         ("smollm2", smollm2, smollm2.chat_template),
     ]
     out += [("smollm2_merge", smollm2, merge_template), ("strip", strip, CHATML), ("split", split, CHATML)]
+    out += [("swallowing", swallowing, CHATML)]
     for legacy in (True, False):
         out += [(f"llama_{legacy}_{n}", _llama(legacy), t) for n, t in (("zephyr", ZEPHYR), ("mistral", MISTRAL))]
     return out
