@@ -280,6 +280,22 @@ def test_mixture_weights():
         mixture_index([3], [-1.0])
 
 
+def test_a_fractional_weight_rounds_to_the_nearest_record_and_never_silently_to_none():
+    """Python's round took a half record down to none (1 record at 0.5, 2 at 0.25), and a share under half a record
+    (3 records at 0.1) dropped the source from every epoch without a word; 2.5 records went to 2. A half now rounds
+    up, and a positive weight that still gives no record is refused, naming the weight that would."""
+    from alignlm.config import ConfigError
+
+    assert mixture_index([100, 1], [1.0, 0.5])[1] == [(100, 101, 1)]
+    assert mixture_index([100, 2], [1.0, 0.25])[1] == [(100, 102, 1)]
+    assert mixture_index([100, 5], [1.0, 0.5])[1] == [(100, 105, 3)]
+    with pytest.raises(
+        ConfigError, match=r"weight 0.1 over its 3 usable records: 0.3 records an epoch.*at least 0.167"
+    ):
+        mixture_index([100, 3], [1.0, 0.1])
+    assert mixture_index([100, 3], [1.0, 1.1])[1] == []  # its whole copy is seen; the tenth rounds to none
+
+
 def test_left_padding_for_generation(model, root):
     ds = dataset(
         model,

@@ -457,16 +457,24 @@ def mixture_index(sizes: Sequence[int], weights: Sequence[float]) -> tuple[np.nd
     """``(source, record)`` pairs and the fractional pools of a weighted mixture of sources.
 
     A weight's integer part repeats its source; its fractional part adds one more copy of the source as a *pool*
-    ``(start, stop, take)`` of index positions, of which each epoch draws ``take = round(frac * n)`` afresh (the
-    sampler does, seeded by the epoch): a weight of 0.1 shows a different tenth each epoch, where a draw made once
-    showed the same tenth all run and never the rest.
+    ``(start, stop, take)`` of index positions, of which each epoch draws ``take`` afresh (the sampler does, seeded
+    by the epoch): a weight of 0.1 shows a different tenth each epoch, where a draw made once showed the same tenth
+    all run and never the rest. ``take`` is ``frac * n`` to the nearest whole record, a half up (every epoch the same
+    size, so the schedule's steps are known). A positive weight that rounds to no record at all is refused: the
+    source was never seen, and nothing said so (Python's ``round`` also took a half record down to none).
     """
     parts, pools, at = [], [], 0
     for s, (n, w) in enumerate(zip(sizes, weights)):
         if w < 0:
             raise ValueError(f"data source {s} has weight {w}; weights must be >= 0")
         whole, frac = int(w), w - int(w)
-        take = int(round(frac * n))
+        take = math.floor(frac * n + 0.5)
+        if n and w > 0 and not whole and not take:
+            raise ConfigError(
+                f"data source {s} has weight {w} over its {n} usable records: {w * n:.3g} records an epoch, which "
+                f"rounds to none, so it would never be seen; give it a weight of at least {0.5 / n:.3g} (half a "
+                "record an epoch) or 0 to leave it out"
+            )
         copies = whole + (take > 0)
         rec = np.tile(np.arange(n), copies)
         parts.append(np.stack([np.full_like(rec, s), rec], axis=1))
