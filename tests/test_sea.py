@@ -562,6 +562,62 @@ class _PatchEncoder:
         return torch.randn(len(pixel_values), 3, 3, 4, generator=g)
 
 
+class _ColourEncoder:
+    """A dual encoder whose 4 x 4 patch features are the patches' mean colours, and whose words are colours."""
+
+    name = "colours"
+    words = {"red": [1, -1, -1, 0], "green": [-1, 1, -1, 0], "blue": [-1, -1, 1, 0], "background": [0, 0, 0, 1]}
+
+    def __init__(self) -> None:
+        from alignlm.data.images import ImageSpec
+
+        self.image_spec = ImageSpec(32, (0.5,) * 3, (0.5,) * 3)
+
+    def encode_texts(self, texts):
+        return torch.tensor([self.words[t.split()[-1]] for t in texts], dtype=torch.float32)
+
+    def patch_embeddings(self, pixel_values):
+        rgb = F.avg_pool2d(pixel_values, 8).permute(0, 2, 3, 1)
+        return torch.cat([rgb, torch.full_like(rgb[..., :1], 0.3)], -1)
+
+
+def test_dual_encoder_labels_describe_the_patches_of_images_made_square_as_the_stage_makes_them(tmp_path):
+    """Labels were made on padded images while SEA's pretraining stage crops: on a 2:1 image of red | green | blue
+    stripes, 12 of 16 cells labelled what the token's patch does not show. Made as the stage makes its images (crop by
+    default) and recorded; a file made otherwise is refused where it would be laid on tokens."""
+    from PIL import Image
+
+    from alignlm.config import ConfigError
+    from alignlm.data.images import preprocess
+    from alignlm.methods.sea.labels import from_dual_encoder
+
+    stripes = np.zeros((32, 64, 3), np.uint8)
+    stripes[:, :16], stripes[:, 16:48], stripes[:, 48:] = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+    Image.fromarray(stripes).save(tmp_path / "wide.png")
+    record = {"id": "w", "image": "wide.png", "conversations": [{"from": "human", "value": "<image>"}]}
+    (tmp_path / "data.json").write_text(
+        json.dumps([record | {"conversations": [*record["conversations"], {"from": "gpt", "value": "x"}]}])
+    )
+    encoder, words = _ColourEncoder(), list(_ColourEncoder.words)
+    shown = {}
+    for mode in ("crop", "pad"):
+        pixels = preprocess(Image.open(tmp_path / "wide.png").convert("RGB"), encoder.image_spec, mode)[None]
+        cosines = (
+            F.normalize(encoder.patch_embeddings(pixels).flatten(1, 2), dim=-1)
+            @ F.normalize(encoder.encode_texts(words), dim=-1).T
+        )
+        shown[mode] = cosines.argmax(-1)[0].numpy()
+    crop = from_dual_encoder([tmp_path / "data.json"], 1, encoder, words, num_workers=0)
+    padded = from_dual_encoder([tmp_path / "data.json"], 1, encoder, words, num_workers=0, image_aspect_ratio="pad")
+    assert (crop.word_ids[0, :, 0] == shown["crop"]).all() and (padded.word_ids[0, :, 0] == shown["pad"]).all()
+    assert (shown["crop"] != shown["pad"]).sum() == 12
+    write_labels(tmp_path / "pad.safetensors", padded)
+    write_labels(tmp_path / "crop.safetensors", crop)
+    SeaLabels(tmp_path / "crop.safetensors").check_aspect_ratio("crop", "the stage")
+    with pytest.raises(ConfigError, match="made on pad-squared images, but the stage makes them crop"):
+        SeaLabels(tmp_path / "pad.safetensors").check_aspect_ratio("crop", "the stage")
+
+
 def test_dual_encoder_labels_fill_int32_arrays_a_sorted_write_keeps_as_they_are(shapes_root):
     """Fewer words than k: the slots past them are empty; the arrays are the final dtype, and sorted already."""
     from alignlm.methods.sea.labels import from_dual_encoder, sorted_candidates

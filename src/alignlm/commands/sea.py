@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from alignlm.commands._flags import add_trust_flags, device_flag, positive_int
+from alignlm.data.images import ASPECT_RATIOS
 from alignlm.data.records import record_images
 from alignlm.methods.sea.labels import DEFAULT_NAME, SeaLabels, make_labels
 from alignlm.methods.sea.token_words import token_word_report
@@ -64,6 +65,12 @@ def register(subparsers: Any) -> None:
         help="pool the patch features to GRID x GRID (match the training tower; default: the model's own grid)",
     )
     s.add_argument("--batch-size", type=positive_int, default=32, help="images encoded at once")
+    s.add_argument(
+        "--image-aspect-ratio",
+        choices=ASPECT_RATIOS,
+        default="crop",
+        help="how images are made square, as the stage training on the labels makes them (SEA's pretraining: crop)",
+    )
     s.add_argument("--trust-remote-code", action="store_true", help="let transformers run code shipped with the model")
     s.add_argument(
         "--device",
@@ -128,6 +135,7 @@ def cmd_sea_labels(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             trust_remote_code=args.trust_remote_code,
             device=args.device,
+            image_aspect_ratio=args.image_aspect_ratio,
         )
     out = Path(args.out) if args.out else Path(args.data[0]).parent / DEFAULT_NAME
     path = make_labels(out, args.source, args.data, args.k, **knobs)
@@ -162,7 +170,9 @@ def cmd_sea_eval(args: argparse.Namespace) -> int:
     report: dict[str, dict[str, Any]] = {ck: {} for ck in args.checkpoints}
     device = torch.device(args.device or default_device())  # load_model leaves the model on the CPU
     for ck in args.checkpoints:
-        model, aspect = load_model(ck, args.allow_code, args.trust_remote_code).to(device), final_aspect_ratio(ck)
+        aspect = final_aspect_ratio(ck)
+        labels.check_aspect_ratio(aspect, f"{ck} (its stage's data.image_aspect_ratio)")
+        model = load_model(ck, args.allow_code, args.trust_remote_code).to(device)
         for name, exclude in variants.items():
             report[ck][name] = token_word_report(
                 model, labels, images, args.word_prefix, args.batch_size, exclude, aspect

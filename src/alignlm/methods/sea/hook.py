@@ -28,6 +28,9 @@ class SeaLabelHook(SampleHook):
         self.labels = SeaLabels(path).place_on_model(model)
 
     def bind(self, dataset: HookedDataset) -> None:
+        self.labels.check_aspect_ratio(
+            getattr(dataset, "image_aspect_ratio", "pad"), "the stage's data.image_aspect_ratio"
+        )
         uses = sum(self.labels.coverage(dataset.visual_inputs(src, rec)) for src, _, rec in dataset.distinct_records())
         if uses == 0:
             raise DataError(

@@ -37,7 +37,8 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from alignlm.data.images import decoded_batches, prepared
+from alignlm.config import ConfigError
+from alignlm.data.images import check_aspect_ratio, decoded_batches, prepared
 from alignlm.data.records import MISSING_IMAGE, DataError, record_images
 from alignlm.files import PartialRows, partial_folder, replace_file, sole_writer
 from alignlm.methods.provenance import (
@@ -213,6 +214,23 @@ class SeaLabels:
     def cells(self) -> int:
         return self.grid[0] * self.grid[1]
 
+    @property
+    def aspect_ratio(self) -> str | None:
+        """How the images were made square before their patches were labelled (``data.image_aspect_ratio``: a label
+        describes the patch at its cell only in images made square the same way); None for annotations, which give
+        each image's grid themselves. A dual encoder's file written before it was recorded labelled padded images."""
+        return str(self.info.get("image_aspect_ratio", "pad")) if self.source == "dual_encoder" else None
+
+    def check_aspect_ratio(self, aspect_ratio: str, where: str) -> None:
+        """Refuse to lay these labels on images made square otherwise than theirs (``where`` names the setting)."""
+        if self.aspect_ratio not in (None, aspect_ratio):
+            raise ConfigError(
+                f"SEA labels {self.path} were made on {self.aspect_ratio}-squared images, but {where} makes them "
+                f"{aspect_ratio}: each visual token's label would describe another part of its image (padding, or "
+                f"what the crop cut away); write them again with image_aspect_ratio={aspect_ratio} (`alignlm "
+                "sea-labels dual_encoder --image-aspect-ratio`, or the sea_labels prepare step's knob)"
+            )
+
     def check_arrays(self, handle: Any, images: list[str]) -> int:
         """Check the open file's arrays line up with its image list and grid (their values: per row, at lookup);
         returns ``k``."""
@@ -383,6 +401,7 @@ def from_dual_encoder(
     device: str | None = None,
     num_workers: int | str = "auto",
     progress: PartialRows | None = None,
+    image_aspect_ratio: str = "crop",
 ) -> LabelSet:
     """Label every image of ``data`` with its patches' nearest words under a dual encoder.
 
@@ -396,7 +415,12 @@ def from_dual_encoder(
     at a time in this process, 5-7 ms an image kept the GPU waiting. ``progress`` (:func:`make_labels` gives one
     beside the labels file) keeps those arrays on the disk while the pass runs, so a killed pass resumes at its first
     unlabelled batch, not after an hour of a GPU's work redone; none keeps them in memory only.
+    ``image_aspect_ratio``: how the images are made square first, as the stage that trains on the labels makes them
+    (``data.image_aspect_ratio``; SEA's pretraining stage crops, as LLaVA-1.5's): labels of padded images laid on
+    cropped ones described another part of each non-square image (12 of 16 cells of a 2:1 image). Recorded in the
+    file, and checked where the labels are used.
     """
+    image_aspect_ratio = check_aspect_ratio(image_aspect_ratio, "image_aspect_ratio")
     words = read_words(words)
     if "{w}" not in prompt:
         raise ValueError(f"prompt {prompt!r} must contain {{w}}, where each word goes")
@@ -412,10 +436,11 @@ def from_dual_encoder(
     with torch.no_grad():
         text = encoder.encode_texts([prompt.format(w=w) for w in words])
         try:
-            shape = label_rows(encoder, paths, text, k, grid, batch_size, num_workers, progress)
+            shape = label_rows(encoder, paths, text, k, grid, batch_size, num_workers, progress, image_aspect_ratio)
         finally:
             progress.save()  # the rows done, also when an unreadable image stopped the pass
     info = {"model": model if isinstance(model, str) else type(model).__name__, "prompt": prompt, "pooled_grid": grid}
+    info["image_aspect_ratio"] = image_aspect_ratio
     arrays = progress.arrays
     return LabelSet(list(words), shape, paths, arrays["words"], arrays["scores"], "dual_encoder", info)
 
@@ -429,6 +454,7 @@ def label_rows(
     batch_size: int,
     num_workers: int | str,
     progress: PartialRows,
+    aspect_ratio: str = "crop",
 ) -> tuple[int, int]:
     """Fill ``progress``' ``words`` and ``scores`` arrays ``[n_images, cells, k]`` from its first row not done on;
     returns the grid ``(rows, cols)``.
@@ -446,7 +472,7 @@ def label_rows(
         return f"its arrays {[list(a.shape) for a in arrays.values()]} are not {n} images x grid {kept} x k={k}"
 
     first = progress.resume(n, {"words": np.int32, "scores": np.float32}, kept_problem)
-    prepare = functools.partial(prepared, encoder.image_spec, "pad")
+    prepare = functools.partial(prepared, encoder.image_spec, aspect_ratio)
     batches = decoded_batches(
         paths[first:], prepare, batch_size, device_of(encoder), num_workers, raise_unreadable=True
     )
@@ -457,7 +483,7 @@ def label_rows(
             progress.allocate({"words": (cells, np.int32), "scores": (cells, np.float32)}, {"grid": list(shape)})
         elif list(shape) != progress.info["grid"]:
             progress.restart(f"its rows have a {progress.info['grid']} grid, the encoder gives {list(shape)}")
-            return label_rows(encoder, paths, text, k, grid, batch_size, num_workers, progress)
+            return label_rows(encoder, paths, text, k, grid, batch_size, num_workers, progress, aspect_ratio)
         word_ids, score_arr, rows = progress.arrays["words"], progress.arrays["scores"], slice(start, start + len(i))
         if i.shape[-1] < k:  # fewer words than k: the slots past them stay empty (-1, 0)
             word_ids[rows], score_arr[rows] = -1, 0
