@@ -387,6 +387,32 @@ def test_llm_loads_a_saved_checkpoint_by_path(tmp_path):
     torch.testing.assert_close(model.llm(input_ids=ids).logits[..., : len(tok)], llm(input_ids=ids).logits)
 
 
+def test_an_llm_folders_decoding_settings_do_not_reach_generation(tmp_path):
+    """A folder's generation_config.json (Qwen2.5's samples, penalises repeats, top-k 20) filled every setting
+    eval.generation left unset: "greedy" evaluation penalised repeats, and export --check compared that with the
+    exported Llava's greedy answers. Only its special token ids are kept."""
+    from transformers import GenerationConfig
+
+    from alignlm.models.llm import tiny
+
+    torch.manual_seed(0)
+    llm, tok = tiny()
+    llm.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    GenerationConfig(**ids, do_sample=True, top_p=0.8, top_k=20, repetition_penalty=1.1).save_pretrained(tmp_path)
+    model = build_model(
+        compose("model/llm=qwen2_5_0_5b", f"model.llm.name_or_path={tmp_path}", "model.llm.dtype=float32").model
+    ).eval()
+    kept = model.llm.generation_config
+    assert {k: getattr(kept, k) for k in ids} == ids and not kept.do_sample and kept.repetition_penalty in (None, 1.0)
+    batch = make_batch(model, [1])
+    batch = {k: v for k, v in batch.items() if k != "labels"}
+    greedy = model.generate(batch, max_new_tokens=24, do_sample=False)
+    plain = model.generate(batch, max_new_tokens=24, do_sample=False, repetition_penalty=1.0, top_k=None, top_p=None)
+    assert torch.equal(greedy, plain)
+
+
 def test_the_demo_llms_conversion_is_whole_once_and_leaves_no_temporary(tmp_path, monkeypatch):
     """The GGUF -> safetensors conversion writes beside the cache folder and renames: a conversion that fails leaves
     no temporary folder behind, and one that finds the folder written meanwhile (another rank or run converted first)

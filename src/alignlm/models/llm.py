@@ -21,7 +21,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PretrainedConfig
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PretrainedConfig,
+)
 
 from alignlm.config import ConfigError
 from alignlm.files import temporary_path
@@ -51,12 +58,22 @@ def pretrained(
     trust_remote_code: bool = False,
     tokenizer: str | None = None,
 ) -> LLMAndTokenizer:
-    """Load any ``AutoModelForCausalLM`` and its tokenizer (a local folder, or a hub name where online)."""
+    """Load any ``AutoModelForCausalLM`` and its tokenizer (a local folder, or a hub name where online).
+
+    The folder's ``generation_config.json`` keeps only its special token ids: its decoding settings (Qwen2.5's
+    ``do_sample: true, repetition_penalty: 1.1, top_k: 20, top_p: 0.8``) filled every setting ``eval.generation``
+    left unset, so "greedy" evaluation sampled or penalised repeats, and ``export --check`` compared those answers
+    with the exported Llava's greedy ones (0 of 12 identical). Decoding is what ``eval.generation`` says, as in the
+    export."""
     refuse_hub_kernel_attention(name_or_path)
     kwargs: dict[str, Any] = {"dtype": torch_dtype(dtype), "trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    loaded = model.generation_config
+    model.generation_config = GenerationConfig(
+        **{k: getattr(loaded, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    )
     tok = AutoTokenizer.from_pretrained(tokenizer or name_or_path, trust_remote_code=trust_remote_code)
     return model, tok
 
