@@ -279,6 +279,30 @@ def test_dataset_puts_labels_on_the_visual_tokens(shapes_root, tiny_model, colou
         SEAObjective().setup(model, plain)
 
 
+def test_a_micro_batch_without_a_labelled_image_measures_no_accuracy(shapes_root, tiny_model, colour_set):
+    """``sea/acc`` of a micro-batch whose images the labels file does not cover (the digits of ``+exp=sea``) was a
+    measured 0, pulling the step's mean down; the hook counts labelled images on the host, and such a micro-batch
+    measures nothing (its loss is 0 either way)."""
+    model = tiny_model()
+    shapes = shapes_root / "shapes"
+    path = str(shapes / "sea_labels.safetensors")
+    data_cfg = {
+        "sources": [{"path": str(shapes / "pretrain.json")}, {"path": str(colour_set["pretrain"])}],
+        "hooks": {"sea": {"_target_": "alignlm.methods.sea.hook.SeaLabelHook", "path": path}},
+    }
+    ds = build_dataset(data_cfg, model, seed=0)
+    objective = SEAObjective(k=5)
+    objective.set_words(model, SeaLabels(path).words)
+    collate = Collator(model.tokenizer.pad_token_id, hooks=ds.hooks)
+    shape_items = [ds[i] for i in range(len(ds)) if ds[i]["id"].startswith("shapes")][:2]
+    colour_items = [ds[i] for i in range(len(ds)) if not ds[i]["id"].startswith("shapes")][:2]
+    unlabelled, labelled = collate(colour_items), collate([colour_items[0], shape_items[0]])
+    assert unlabelled["sea_labelled"] == 0 and labelled["sea_labelled"] == 1
+    none = objective(unlabelled, model(unlabelled), model)
+    assert "acc" not in none.metrics and none.loss.item() == 0.0
+    assert "acc" in objective(labelled, model(labelled), model).metrics
+
+
 def test_grid_to_token_mapping_skips_pooled_tokens_and_checks_counts(shapes_root):
     labels = SeaLabels(shapes_root / "shapes" / "sea_labels.safetensors")
     image = shapes_root / "shapes" / "images" / "shapes_train_00000.png"

@@ -43,4 +43,8 @@ class SeaLabelHook(SampleHook):
         return {"sea_words": words, "sea_scores": scores}
 
     def collate(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        return {key: cat_per_image(samples, key) for key in FIELDS}
+        """The fields concatenated, and ``sea_labelled``: the images with a label, counted on the host where the batch
+        is made, so that a micro-batch without one measures no accuracy with nothing read back from the device."""
+        fields: dict[str, Any] = {key: cat_per_image(samples, key) for key in FIELDS}
+        fields["sea_labelled"] = int((fields["sea_words"][..., 0] >= 0).any(-1).sum())
+        return fields

@@ -121,8 +121,8 @@ class SEAObjective(Objective):
         visual = out.visual_tokens
         words, scores = batch["sea_words"][..., : self.k], batch["sea_scores"][..., : self.k]
         zero = 0.0 * visual.sum()  # keeps the graph (and data-parallel ranks) in step when nothing is labelled
-        if words.shape[0] == 0:
-            return LossTerm(zero)  # no label word measured: left out of the step's mean, not counted as 0
+        if words.shape[0] == 0 or batch.get("sea_labelled") == 0:  # the hook's host-side count: no image labelled
+            return LossTerm(zero)  # no label word measured: left out of the step's mean, not counted as 0 (it was)
         if words.shape[:2] != visual.shape[:2]:
             raise ValueError(
                 f"sea_words cover {tuple(words.shape[:2])} (images, tokens) but the connector gave "
