@@ -852,7 +852,9 @@ class Trainer:
         at the last fetched step was counted, so whether a run stopped hung on where a resume had put its fetches."""
         policy = self.cfg.get("nonfinite") or {}
         limit, window = int(policy.get("stop_after", 5)), int(policy.get("window", 100))
-        for end in (s for s in self.nonfinite if s > after) if limit else ():
+        if not limit:
+            return
+        for end in (s for s in self.nonfinite if s > after):
             recent = [s for s in self.nonfinite if end - window < s <= end]
             if len(recent) >= limit:
                 raise TrainingError(

@@ -454,7 +454,7 @@ def label_rows(
     batch_size: int,
     num_workers: int | str,
     progress: PartialRows,
-    aspect_ratio: str = "crop",
+    aspect_ratio: str,
 ) -> tuple[int, int]:
     """Fill ``progress``' ``words`` and ``scores`` arrays ``[n_images, cells, k]`` from its first row not done on;
     returns the grid ``(rows, cols)``.
