@@ -217,11 +217,21 @@ def test_opening_a_labels_file_checks_it_against_its_metadata(shapes_root, tmp_p
         "grid": (ids[:, :8], scores[:, :8], r"shape \[10 images, 16 cells, k\]; got \(10, 8, 5\) and \(10, 8, 5\)"),
         "images": (ids[:9], scores[:9], r"shape \[10 images, 16 cells, k\]; got \(9, 16, 5\)"),
         "2-d": (ids[..., 0], scores[..., 0], r"got \(10, 16\) and \(10, 16\)"),
+        # a float id was cut to another word (2.7 -> 2) and a NaN one past the range check to no candidate
+        "float_ids": (ids.astype(np.float32), scores, r"integer word ids and floating-point scores; got words F32"),
+        "int_scores": (ids, scores.astype(np.int32), r"got words I32 and scores I32"),
+        "word_list": (ids, scores, r"the metadata's word list must be a list of strings; got 'redbluegreen"),
     }
     for name, (bad_ids, bad_scores, message) in broken.items():
         path = tmp_path / f"{name}.safetensors"
-        arrays = {"words": np.ascontiguousarray(bad_ids), "scores": np.ascontiguousarray(bad_scores, dtype=np.float32)}
-        save_file(arrays, str(path), metadata=meta)
+        arrays = {"words": np.ascontiguousarray(bad_ids), "scores": np.ascontiguousarray(bad_scores)}
+        if name == "word_list":  # a string was read as a list of letters
+            bad = json.loads(meta["alignlm.sea_labels"])
+            save_file(
+                arrays, str(path), metadata={**meta, "alignlm.sea_labels": json.dumps({**bad, "words": "redbluegreen"})}
+            )
+        else:
+            save_file(arrays, str(path), metadata=meta)
         if name in ("word_id", "score"):  # values are checked row by row as they are read: a bad row, a bad sample
             labels = SeaLabels(path)
             with pytest.raises(DataError, match=f"{path}: .*{message}"):
@@ -331,6 +341,14 @@ def test_sampling_frequency_matches_softmax_of_scores():
     assert (picked >= 0).all()
     none = sample_labels(torch.full((5, 3), -1), torch.zeros(5, 3), t)
     assert (none == -1).all()
+
+
+def test_sampling_takes_large_finite_scores():
+    """``score / t_sample`` overflowed to inf for a finite score of 3e38, and the draw failed mid-step on a NaN
+    probability; the best candidate is taken to 0 first."""
+    words = torch.tensor([[3, 7, -1], [1, -1, -1]])
+    picked = sample_labels(words, torch.tensor([[3e38, -3e38, 0.0], [1e38, 0.0, 0.0]]), 0.01)
+    assert picked.tolist() == [3, 1]
 
 
 def test_loss_is_minimal_when_tokens_equal_their_label_embedding():

@@ -198,7 +198,10 @@ class SeaLabels:
                 raise DataError(
                     f"{self.path}: labels format version {meta.get('version')} is not supported (expected {VERSION})"
                 )
-            self.words: list[str] = list(meta["words"])
+            words = meta.get("words")
+            if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+                raise DataError(f"{self.path}: the metadata's word list must be a list of strings; got {words!r:.80}")
+            self.words: list[str] = words
             self.grid: tuple[int, int] = (int(meta["grid"][0]), int(meta["grid"][1]))
             self.k: int = self.check_arrays(f, meta["images"])
         self.source: str = meta["source"]
@@ -237,6 +240,12 @@ class SeaLabels:
         missing = sorted({"words", "scores"} - set(handle.keys()))
         if missing:
             raise DataError(f"{self.path}: no {missing} array in the file; a SEA labels file holds words and scores")
+        dtypes = {name: handle.get_slice(name).get_dtype() for name in ("words", "scores")}
+        if not dtypes["words"].startswith(("I", "U")) or not dtypes["scores"].startswith(("F", "BF")):
+            raise DataError(
+                f"{self.path}: SEA labels need integer word ids and floating-point scores; got words {dtypes['words']} "
+                f"and scores {dtypes['scores']} (a fractional or NaN word id would be cut to another word, or to none)"
+            )
         shape = tuple(handle.get_slice("words").get_shape())
         check_shapes(shape, tuple(handle.get_slice("scores").get_shape()), len(images), self.cells, str(self.path))
         return int(shape[2])

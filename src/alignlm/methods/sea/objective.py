@@ -43,7 +43,9 @@ def sample_labels(words: torch.Tensor, scores: torch.Tensor, t_sample: float) ->
     """One word id per row of candidates ``[T, k]`` drawn with ``softmax(score / t_sample)``; -1 for rows with none."""
     valid = words >= 0
     has = valid.any(-1)
-    logits = (scores.float() / t_sample).masked_fill(~valid, float("-inf"))
+    scores = scores.float().masked_fill(~valid, float("-inf"))
+    top = scores.amax(-1, keepdim=True).masked_fill(~has[:, None], 0.0)
+    logits = (scores - top) / t_sample  # the best candidate at 0 first: a large score over t_sample overflowed to inf
     probs = torch.softmax(logits.masked_fill(~has[:, None], 0.0), dim=-1)  # unlabelled rows: any pick, dropped below
     pick = torch.multinomial(probs, 1)
     return torch.where(has, words.gather(-1, pick).squeeze(-1), -1)
