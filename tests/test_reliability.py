@@ -818,6 +818,23 @@ def test_run_names_are_plain_folder_names(colour_set, tmp_path):
         run(compose(*base, "run_name=../x"))
 
 
+def test_stage_names_are_plain_folder_names(colour_set, tmp_path):
+    """A recipe's stage named ``/some/folder`` trained there, and ``resume=never`` moved that folder's files aside;
+    ``../x`` was refused for a config key it misread."""
+    from omegaconf import open_dict
+
+    from alignlm.checks import check_config
+
+    for name in ("/tmp/elsewhere", "../x", "a.b", ""):
+        cfg = compose(*tiny_overrides(colour_set, tmp_path), "run=[pretrain]")
+        with open_dict(cfg):
+            cfg.stages[name] = cfg.stages.pretrain
+        cfg.run = [name]
+        with pytest.raises(ValueError, match=f"stage name '{re.escape(name)}' must be a plain folder name"):
+            check_config(cfg)
+    assert not (tmp_path / "elsewhere").exists()
+
+
 def test_stop_after_steps_exits_cleanly_with_its_own_status(colour_set, tmp_path, capsys):
     base = [*tiny_overrides(colour_set, tmp_path), "run=[pretrain]", "eval.sets=[]", "stages.pretrain.max_steps=4"]
     assert main(["train", *base, "stop_after_steps=2"]) == 75

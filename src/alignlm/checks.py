@@ -95,6 +95,12 @@ def check_config(cfg: DictConfig) -> None:
         _list(key, cfg.get(key, []))
     if not cfg.run:
         raise ConfigError(f"run=[] names no stage to run; stages: {list(cfg.stages)}")
+    for stage in cfg.stages:  # a stage trains into output_dir/run_name/<stage>, and resume=never moves what is there
+        if not isinstance(stage, str) or "." in stage or not _plain_name(stage):
+            raise ConfigError(
+                f"stage name {stage!r} must be a plain folder name (letters, digits, '_', '-'; no '.', which config "
+                "keys read as a level): a stage's outputs go to output_dir/run_name/<stage>"
+            )
     unknown = [s for s in cfg.run if s not in cfg.stages]
     if unknown:
         raise ConfigError(f"run lists stages {unknown} that are not configured; stages: {list(cfg.stages)}")
