@@ -208,6 +208,24 @@ def test_bad_json_line_is_counted_under_skip_and_named_under_raise(model, root):
         LlavaDataset(*args, on_error="raise")
 
 
+def test_json_that_parses_but_does_not_decode_is_an_invalid_line(model, root):
+    """A line nested deeper than Python's recursion limit, or holding an integer of 5000 digits, ended start-up with a
+    RecursionError or ValueError naming no file, even under on_error=skip."""
+    deep, big = "[" * 5000 + "]" * 5000, '{"id": ' + "7" * 5000 + "}"
+    path = root / "d.jsonl"
+    path.write_text("\n".join([json.dumps(record("a")), deep, big, json.dumps(record("b"))]) + "\n")
+    args = ([Source(str(path))], model.tokenizer, get_template("plain"), model.image_spec, model.num_image_tokens)
+    ds = LlavaDataset(*args)
+    assert len(ds) == 2 and ds.report.examples["invalid JSON line"] == [f"{path}:2", f"{path}:3"]
+    with pytest.raises(DataError, match="d.jsonl:2: not valid JSON \\(nested too deeply to decode\\)"):
+        LlavaDataset(*args, on_error="raise")
+    for text, why in ((deep, "nested too deeply to decode"), (big, "Exceeds the limit \\(4300 digits\\)")):
+        (root / "l.json").write_text(f"[{json.dumps(record('a'))}, {text}]")
+        with pytest.raises(DataError, match=f"l.json: a record does not decode \\({why}") as e:
+            LlavaDataset([Source(str(root / "l.json"))], *args[1:])
+        assert e.value.cause == "invalid JSON line"
+
+
 def test_bytes_that_are_not_utf8_are_refused_not_replaced(model, root):
     latin1 = json.dumps(record("a", answer="caf\u00e9"), ensure_ascii=False).encode("latin-1")
     jsonl = root / "d.jsonl"

@@ -140,11 +140,23 @@ def json_lines(path: Path, bad_lines: list[tuple[int, str]] | None) -> Iterator[
                 line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
                 if line.strip():
                     yield json.loads(line)
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                why = e.msg if isinstance(e, json.JSONDecodeError) else f"not UTF-8 at byte {e.start}"
+            except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+                why = json_problem(e)
                 if bad_lines is None:
                     raise DataError(f"{path}:{lineno}: not valid JSON ({why})", INVALID_JSON) from None
                 bad_lines.append((lineno, why))
+
+
+def json_problem(error: ValueError | RecursionError) -> str:
+    """Why text did not decode, in a few words. Beside JSON errors and bytes that are not UTF-8, JSON that parses can
+    still fail to decode: nesting deeper than Python's recursion limit, an integer of more than 4300 digits."""
+    if isinstance(error, json.JSONDecodeError):
+        return error.msg
+    if isinstance(error, UnicodeDecodeError):
+        return f"not UTF-8 at byte {error.start}"
+    if isinstance(error, RecursionError):
+        return "nested too deeply to decode"
+    return str(error).split(":")[0]
 
 
 READ_CHUNK = 1 << 20  # bytes of a .json file read at a time (a record longer than this waits for the chunks it spans)
@@ -175,6 +187,8 @@ def json_list(path: Path) -> Iterator[Any]:
                 raise NotAList
         except (UnicodeDecodeError, NotAList):
             raise whole_file_error(path) from None
+        except (ValueError, RecursionError) as e:  # a list element that parses but does not decode
+            raise DataError(f"{path}: a record does not decode ({json_problem(e)})", INVALID_JSON) from None
 
 
 class ChunkedText:
@@ -238,6 +252,8 @@ def whole_file_error(path: Path) -> DataError:
     except json.JSONDecodeError as e:
         hint = " (one record per line? name it .jsonl)" if e.msg == "Extra data" else ""
         return DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg}){hint}", INVALID_JSON)
+    except (ValueError, RecursionError) as e:
+        return DataError(f"{path}: does not decode ({json_problem(e)})", INVALID_JSON)
     return DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
 
 
