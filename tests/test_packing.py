@@ -450,9 +450,10 @@ def test_a_tower_copied_elsewhere_keeps_its_feature_cache_and_one_edited_in_plac
 
 
 def test_a_damaged_feature_cache_is_refused_when_opened_and_never_written_with_nan(tmp_path):
+    from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from alignlm.data.feature_cache import FeatureCache
+    from alignlm.data.feature_cache import FeatureCache, file_stamp
     from alignlm.data.records import DataError
 
     with pytest.raises(DataError, match="not finite: not cached"):
@@ -471,6 +472,7 @@ def test_a_damaged_feature_cache_is_refused_when_opened_and_never_written_with_n
         ("ids", {"features": torch.zeros(1, 3, 4)}, "not json", "cannot be read"),
         ("tensor", {"other": torch.zeros(1, 3, 4)}, ["a"], "no 'features' tensor"),
         ("shape", {"features": torch.zeros(1, 5, 4)}, ["z"], r"holds \(5, 4\) F32 features per image"),
+        ("dtype", {"features": torch.zeros(1, 3, 4, dtype=torch.int32)}, ["z"], "holds I32 features; a tower's"),
         (
             "stamps",
             {"features": torch.zeros(2, 3, 4)},
@@ -488,6 +490,17 @@ def test_a_damaged_feature_cache_is_refused_when_opened_and_never_written_with_n
         save_file(tensors, str(folder / "1.safetensors"), metadata=meta)
         with pytest.raises(DataError, match=match):
             FeatureCache(folder)
+    # a shard rewritten with NaN after it was written: its rows had made every step non-finite, naming no shard
+    image = tmp_path / "z.png"
+    image.write_bytes(b"z")
+    folder = tmp_path / "rewritten"
+    FeatureCache(folder).write("a", [image], [file_stamp(image)], torch.zeros(1, 3, 4))
+    with safe_open(str(folder / "a.safetensors"), "pt") as f:
+        meta = f.metadata()
+    save_file({"features": torch.full((1, 3, 4), float("nan"))}, str(folder / "a.safetensors"), metadata=meta)
+    with pytest.raises(DataError, match=r"z.png: its cached features in .*a.safetensors are not finite") as e:
+        FeatureCache(folder).get([image])
+    assert e.value.cause == "unreadable image"
 
 
 # ---- checkpointing per part, compilation ------------------------------------------------------------------------------

@@ -188,6 +188,8 @@ class FeatureCache:
         # stamps null: written before stamps, every row computed again; sizes null: read from the header when needed
         stamps = _pairs(meta, "stamps", shape[0], shard, "(size, mtime_ns)")
         sizes = _pairs(meta, "sizes", shape[0], shard, "(width, height)")
+        if not dtype.startswith(("F", "BF")):
+            raise DataError(f"feature cache shard {shard} holds {dtype} features; a tower's features are floats")
         if self.layout is not None and (shape[1:], dtype) != self.layout:
             raise DataError(
                 f"feature cache shard {shard} holds {shape[1:]} {dtype} features per image, the folder's others "
@@ -241,7 +243,14 @@ class FeatureCache:
             shard, row, _, _ = found
             if shard not in self._handles:
                 self._handles[shard] = safe_open(str(shard), "pt")
-            rows.append(self._handles[shard].get_slice(TENSOR)[row])
+            features = self._handles[shard].get_slice(TENSOR)[row]
+            if not bool(torch.isfinite(features).all()):  # written finite: the shard changed since (0.1 ms a row)
+                raise DataError(
+                    f"image {p}: its cached features in {shard} are not finite (the shard changed after it was "
+                    "written); delete the shard to compute them again",
+                    UNREADABLE_IMAGE,
+                )
+            rows.append(features)
         return torch.stack(rows)
 
     def write(
