@@ -4,6 +4,7 @@ modules, fetch Hub kernels or expand into billions of values (docs/reliability.m
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -204,6 +205,22 @@ def test_a_single_alias_is_refused_naming_its_key(tmp_path):
     config.write_text("model:\n  llm:\n    layers: [1, 2, *x]\n")
     with pytest.raises(UnsafeConfigError, match=r"line 3: model\.llm\.layers\[2\] holds the YAML alias \*x"):
         read_config_yaml(config)
+
+
+@pytest.mark.timeout(20)
+def test_a_fifo_in_a_final_checkpoint_is_refused_not_waited_on(tmp_path):
+    """A checkpoint copied from elsewhere with a FIFO as its config.yaml or model.safetensors (tar keeps FIFOs)
+    blocked ``load_model``, and so ``eval`` and ``export``, for ever."""
+    from alignlm.models.io import final_parts, read_config_yaml
+
+    fifo = tmp_path / "final"
+    fifo.mkdir()
+    for name in ("config.yaml", "model.safetensors"):
+        os.mkfifo(fifo / name)
+    with pytest.raises(ValueError, match="config.yaml is not a regular file"):
+        read_config_yaml(fifo / "config.yaml")
+    with pytest.raises(ValueError, match="model.safetensors is not a regular file"):
+        final_parts(fifo)
 
 
 def test_a_written_config_has_no_anchor_and_reads_back_the_same(tmp_path):

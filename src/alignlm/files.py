@@ -14,6 +14,7 @@ import math
 import os
 import shutil
 import socket
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -90,6 +91,14 @@ def remove_abandoned(folder: Path, pattern: str, idle_s: float = 3600.0) -> tupl
 def replace_text(path: Path, text: str) -> Path:
     """Rewrite ``path`` with ``text`` (UTF-8) whole or not at all (:func:`replace_file`)."""
     return replace_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def refuse_special_file(path: str | Path) -> None:
+    """Refuse a path that exists but is no regular file (a FIFO, a device) before it is opened: opening a FIFO blocks
+    until something writes to it, for ever in a checkpoint copied from elsewhere (tar keeps FIFOs), and a device never
+    ends. A missing path is left to the caller's own message."""
+    if os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode):
+        raise ValueError(f"{path} is not a regular file (a FIFO or a device): refused")
 
 
 def file_sha256(path: Path) -> str:

@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from alignlm.data.build import aspect_ratio_of
-from alignlm.files import file_sha256
+from alignlm.files import file_sha256, refuse_special_file
 from alignlm.models.build import build_model
 from alignlm.models.connectors.base import Connector
 from alignlm.models.extras import InputPart
@@ -117,7 +117,9 @@ class _NoAliasLoader(get_yaml_loader()):  # type: ignore[misc]
 def read_config_yaml(path: str | Path) -> DictConfig:
     """A config file alignlm did not compose itself (a checkpoint's ``config.yaml``), read as ``OmegaConf.load`` reads
     it but with YAML anchors and aliases refused (``_NoAliasLoader``), so reading it takes time in proportion to its
-    size. Interpolations are left as they are: ``load_checkpoint_config`` refuses them."""
+    size. Interpolations are left as they are: ``load_checkpoint_config`` refuses them. Only a regular file is opened:
+    a FIFO blocked the reader (and every ``eval``/``export`` of the folder) for ever, a device never ended."""
+    refuse_special_file(path)
     with open(path, encoding="utf-8") as f:
         plain = yaml.load(f, Loader=_NoAliasLoader)  # a SafeLoader: plain YAML types only
     if not isinstance(plain, dict):
@@ -368,6 +370,7 @@ def adapt_parts(model: nn.Module, state: dict[str, torch.Tensor], parts: Iterabl
 def _weights_header(weights: Path) -> tuple[dict[str, str], set[str]]:
     """A ``final/`` weights file's metadata and the parts its tensors belong to, read from its header; a file cut
     short or damaged is named (safetensors' own message, "header too small", names none)."""
+    refuse_special_file(weights)
     try:
         with safe_open(str(weights), "pt") as f:
             return f.metadata() or {}, {k.split(".", 1)[0] for k in f.keys()}
