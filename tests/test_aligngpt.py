@@ -95,6 +95,13 @@ def test_levels_file_ranks_mismatched_pairs_lowest(mismatched, tmp_path):
     assert min(v for r, v in levels.levels.items() if r not in wrong) == 1
     with pytest.raises(DataError, match="holds 4 levels but model.align_levels.num_levels=8"):
         levels.check(8)
+    meta = json.loads((tmp_path / "levels.json").read_text())
+    first = next(iter(meta["levels"]))
+    for key, value in (("level", 2.9), ("level", "3"), ("level", True), ("num_levels", 4.7)):
+        edited = {**meta, "levels": {**meta["levels"], first: value}} if key == "level" else {**meta, key: value}
+        (tmp_path / "edited.json").write_text(json.dumps(edited))  # 2.9 was read as level 2, "3" as 3, 4.7 as 4
+        with pytest.raises(DataError, match=f"every level must be whole numbers; got {value!r}"):
+            LevelLabels(tmp_path / "edited.json")
 
 
 def test_the_prepare_step_writes_levels_again_when_data_or_encoder_changed_and_refuses_another_L(mismatched, tmp_path):

@@ -223,13 +223,17 @@ class LevelLabels:
             raise DataError(
                 f"{self.path}: levels format version {meta.get('version')} is not supported (expected {VERSION})"
             )
-        self.num_levels: int = int(meta["num_levels"])
+        whole = (meta.get("num_levels"), *(meta.get("levels") or {}).values())  # 2.9 was read as level 2, "3" as 3
+        if not isinstance(meta.get("levels"), dict) or not all(type(v) is int for v in whole):
+            bad = next((v for v in whole if type(v) is not int), meta.get("levels"))
+            raise DataError(f"{self.path}: num_levels and every level must be whole numbers; got {bad!r}")
+        self.num_levels: int = meta["num_levels"]
         self.encoder: str = str(meta["encoder"])
         self.edges: list[float] = list(meta["edges"])
         self.counts: list[int] = list(meta["counts"])
         self.skipped: dict[str, int] = dict(meta.get("skipped", {}))
         self.provenance: dict[str, Any] | None = meta.get(KEY)  # None: written before files recorded it
-        self.levels: dict[str, int] = {str(k): int(v) for k, v in meta["levels"].items()}
+        self.levels: dict[str, int] = {str(k): v for k, v in meta["levels"].items()}
         bad = [k for k, v in self.levels.items() if not 0 <= v < self.num_levels]
         if bad:
             raise DataError(f"{self.path}: levels of {bad[:3]} are outside 0..{self.num_levels - 1}")
