@@ -136,6 +136,10 @@ def test_zero_or_non_finite_rows_are_reported_with_their_place(tmp_path, pair):
     np.save(tmp_path / "txt" / "shard_000.npy", texts.numpy())  # another tool's
     with pytest.raises(ValueError, match=r"shard_000.npy: row 17 "):
         fit(write_set(tmp_path / "img", images, [len(images)]), tmp_path / "txt")
+    (tmp_path / "int").mkdir()  # another tool's whole numbers were read as embeddings
+    np.save(tmp_path / "int" / "shard_000.npy", (texts.nan_to_num() * 100).int().numpy())
+    with pytest.raises(ValueError, match=r"shard_000.npy: embeddings of dtype int32 are not supported"):
+        fit(tmp_path / "img", tmp_path / "int")
 
 
 def test_cli_fit_then_apply_writes_stats_and_aligned_shards(tmp_path, pair, capsys):

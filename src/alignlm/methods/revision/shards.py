@@ -105,6 +105,8 @@ def open_shard(path: str | Path) -> Shard:
     path = Path(path)
     if path.suffix == ".npy":
         array = np.load(path, mmap_mode="r")
+        if array.dtype.kind != "f":  # whole numbers or bytes read as embeddings would train without a word
+            raise ValueError(f"{path}: embeddings of dtype {array.dtype} are not supported; store float16/32/64")
         shape, metadata = array.shape, {}
     elif path.suffix == ".safetensors":
         with safe_open(str(path), framework="numpy") as f:
