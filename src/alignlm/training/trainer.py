@@ -255,7 +255,7 @@ class Trainer:
         self._store_frozen_in_half_precision(model)
         enable_checkpointing(model, stage.get("gradient_checkpointing"))
         if stage.get("compile"):
-            compile_llm_layers(model)
+            compile_llm_layers(model, "llm" in checkpointing_parts(stage.get("gradient_checkpointing") or False))
         return model
 
     def setup_data(self, model: AlignLM) -> None:
@@ -1208,11 +1208,19 @@ def enable_checkpointing(model: AlignLM, setting: Any) -> None:
         inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def compile_llm_layers(model: AlignLM) -> None:
-    """``stage.compile``: each LLM decoder layer through ``torch.compile`` (dynamic shapes: packed rows vary)."""
+def compile_llm_layers(model: AlignLM, checkpointed: bool = False) -> None:
+    """``stage.compile``: each LLM decoder layer through ``torch.compile`` (dynamic shapes: packed rows vary).
+
+    ``checkpointed``: the layers are checkpointed too. A layer's forward then runs inside checkpointing, which Dynamo
+    traces only where the forward has no side effect outside it, or where it may skip replaying one in the backward.
+    The layers' only such effect is a context variable that routes hub kernels (the ``kernels`` package, which
+    transformers' Llama-like layers are decorated with), set and reset within the one call: skipping its replay
+    changes nothing. Without that setting every layer broke the graph and nothing was compiled, without a word."""
     layers = getattr(model.llm.get_decoder(), "layers", None)
     if layers is None:
         raise ValueError("stage.compile: the LLM has no decoder .layers to compile")
+    if checkpointed:
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     for layer in layers:
         layer.compile(dynamic=True)
 
