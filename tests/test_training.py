@@ -679,6 +679,45 @@ def test_meter_measures_steps_by_when_they_ran(monkeypatch):
     assert meter.steady_totals() == pytest.approx([12, 120, 900, 12.0])
 
 
+def test_steady_rates_leave_checkpoint_writes_out(colour_set, tmp_path, monkeypatch):
+    """A checkpoint written between steps counted as training time: at save_every=1 the tiny model's steady tokens/s
+    fell 4x, and a 7B run's (100 GB a checkpoint) would fall by its minutes of writing."""
+    from alignlm.training import throughput
+    from alignlm.training.trainer import Trainer
+
+    clock = iter([100.0, 113.0, 149.0])  # construction, a settle, then a save's 30 s and one more step
+    with monkeypatch.context() as patched:
+        patched.setattr(throughput.time, "perf_counter", lambda: next(clock))
+        meter = throughput.Meter(warmup=1)
+        for at in (101.0, 104.0, 107.0, 110.0):
+            meter.add(4, 40, at=at)
+        meter.settle()
+        meter.leave_out(30.0)
+        meter.add(4, 40, at=146.0)  # issued after the save
+        meter.settle()
+    assert meter.rates()[0] == pytest.approx(16 / (149.0 - 101.0 - 30.0))  # 4 steps after the warm-up one
+
+    saves: list[float] = []
+    save, leave_out = Trainer.save_checkpoint, throughput.Meter.leave_out
+
+    def slow_save(self, *args, **kwargs):
+        time.sleep(0.3)
+        return save(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", slow_save)
+    monkeypatch.setattr(throughput.Meter, "leave_out", lambda self, s: (saves.append(s), leave_out(self, s)))
+    run(
+        compose(
+            *tiny_overrides(colour_set, tmp_path),
+            "run=[pretrain]",
+            "eval.sets=[]",
+            "stages.pretrain.max_steps=5",
+            "stages.pretrain.save_every=2",
+        )
+    )
+    assert len(saves) == 2 and min(saves) >= 0.3  # steps 2 and 4; the last step's is final/, after the rates
+
+
 def test_a_resumed_stages_rates_cover_every_segments_steady_state(monkeypatch):
     """summary.json's rates of a stopped and resumed stage are its segments' steady states together: they had been
     the last segment's alone, its start-up included when it ended within its warm-up (a requeued job's last minutes)."""

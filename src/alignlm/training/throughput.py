@@ -135,6 +135,13 @@ class Meter:
         """The added steps are done (the device was just synchronised): the rates are measured up to now."""
         self.end = time.perf_counter()
 
+    def leave_out(self, seconds: float) -> None:
+        """Take ``seconds`` spent between settled steps on something else (a checkpoint written: minutes at 7B) out
+        of the steady window: steady rates measure training steps, and had fallen 4x on the tiny model saved at every
+        step. The warm-up's overall rates and the stage's wall time keep them."""
+        if self.steps >= self.warmup:  # else the window opens at a later step's issue time
+            self.window += seconds
+
     def rates(self) -> tuple[float, float, float]:
         """(samples/s, tokens/s, attended pairs/s) up to the last :meth:`settle`: steady state once past the warm-up,
         else overall."""

@@ -1005,8 +1005,10 @@ class Trainer:
                 if self.stop_agreed and step < self.total_steps:
                     stop_at, why = step, STOP_WHY
                     break
-                if due_checkpoint:
+                if due_checkpoint:  # right after a flush: the device is done, the steady window leaves the save out
+                    saving = time.perf_counter()
                     self.save_checkpoint(step)
+                    meter.leave_out(time.perf_counter() - saving)
                     saved_at = step
         self.report = self.merged_report()
         if stop_at < self.total_steps:
