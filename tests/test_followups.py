@@ -31,6 +31,8 @@ def test_eval_refuses_a_mistyped_generation_setting_before_loading_anything(tmp_
     ):
         main(["eval", str(tmp_path / "no_checkpoint_here"), "--out", str(out), "--set", "generation.temprature=0.7"])
     assert not out.exists()  # refused before --out was made, before any checkpoint was looked for
+    with pytest.raises(ConfigError, match=r"eval\.generation\.do_sample='maybe' must be true or false"):
+        main(["eval", str(tmp_path / "no_checkpoint_here"), "--out", str(out), "--set", "generation.do_sample=maybe"])
 
 
 def test_eval_and_the_start_up_checks_share_one_list_of_set_keys_and_one_name_check():

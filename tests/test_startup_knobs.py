@@ -47,6 +47,12 @@ ROOT = Path(__file__).resolve().parents[1]
             "eval.generation.temprature is not a setting of transformers' generate(); did you mean 'temperature'?",
         ),
         (["+eval.generation.max_new_tokens=4"], "eval.generation sets ['max_new_tokens'], which alignlm sets itself"),
+        # values: transformers takes any, so "maybe" sampled and num_beams 0 failed the final evaluation
+        (["eval.generation.do_sample=maybe"], "eval.generation.do_sample='maybe' must be true or false"),
+        (["+eval.generation.num_beams=0"], "eval.generation.num_beams=0 must be a whole number >= 1"),
+        (["+eval.generation.temperature=-1"], "eval.generation.temperature=-1 must be"),
+        (["+eval.generation.top_p=1.5"], "eval.generation.top_p=1.5 must be"),
+        (["+eval.generation.top_k=2.5"], "eval.generation.top_k=2.5 must be a whole number >= 0"),
     ],
 )
 def test_an_eval_set_or_generation_mistake_is_refused_by_the_start_up_checks(tmp_path, overrides, message):
@@ -62,6 +68,9 @@ def test_eval_sets_and_generate_settings_that_work_pass(tmp_path):
         "eval.sets=[{name:a,path:a.json},{name:b,path:b.json,kind:qa},{name:c,path:c.json,kind:auto}]",
         "+eval.generation.top_p=0.9",
         "+eval.generation.repetition_penalty=1.1",
+        "+eval.generation.num_beams=2",
+        "+eval.generation.temperature=0.7",
+        "eval.generation.do_sample=true",
     )
     check_config(cfg)
 

@@ -15,7 +15,7 @@ import re
 import signal
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -557,6 +557,9 @@ def check_generation_keys(generation: Mapping[str, Any] | None, key: str = "eval
                 f"{key}.{name} is not a setting of transformers' generate(); {hint}the settings are those of "
                 "transformers.GenerationConfig"
             )
+    for name, value in (generation or {}).items():
+        if value is not None and name in GENERATION_VALUES:
+            GENERATION_VALUES[name](f"{key}.{name}", value)
 
 
 def _check_model_settings(model: Any) -> None:
@@ -651,6 +654,30 @@ def _whole(key: str, value: Any, low: int = 1, note: str = "") -> None:
     """``value`` is a whole number (not a bool, float or string) of at least ``low``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ConfigError(f"{key}={value!r} must be a whole number >= {low}{note}")
+
+
+def _flag(key: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r} must be true or false")
+
+
+# the values of the generate() settings a user sets most, checked before anything runs: transformers takes any value
+# of any type there, so `do_sample: maybe` sampled (a string is true) and `num_beams: 0` failed in the final
+# evaluation, after every stage trained
+GENERATION_VALUES: dict[str, Callable[[str, Any], None]] = {
+    "do_sample": _flag,
+    "use_cache": _flag,
+    "num_beams": _whole,
+    "top_k": functools.partial(_whole, low=0),
+    "no_repeat_ngram_size": functools.partial(_whole, low=0),
+    "min_new_tokens": functools.partial(_whole, low=0),
+    "temperature": functools.partial(_number, low=0.0, low_open=True),
+    "repetition_penalty": functools.partial(_number, low=0.0, low_open=True),
+    "length_penalty": functools.partial(_number, low=-math.inf),
+    "top_p": functools.partial(_number, low=0.0, high=1.0, low_open=True),
+    "typical_p": functools.partial(_number, low=0.0, high=1.0, low_open=True),
+    "min_p": functools.partial(_number, low=0.0, high=1.0),
+}
 
 
 def _check_stage(key: str, stage: DictConfig) -> None:
