@@ -261,7 +261,7 @@ def test_a_tower_whose_registers_are_dropped_but_cls_kept_is_not_exported(tiny_m
 
     tower = HFVisionTower(
         config=dict(
-            model_type="dinov2_with_registers", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            model_type="dinov2_with_registers", hidden_size=32, num_hidden_layers=2,
             num_attention_heads=2, image_size=32, patch_size=8, num_register_tokens=4,
         ),
         select_feature="cls_patch",
@@ -456,6 +456,7 @@ def test_a_llava_folder_whose_weights_miss_exceed_or_misfit_its_config_is_refuse
 DINO_REGISTERS = [
     "model.vision.config.model_type=dinov2_with_registers",
     "+model.vision.config.num_register_tokens=4",
+    "~model.vision.config.intermediate_size",  # DINOv2 sizes its MLP by mlp_ratio
     "model.vision.select_feature=cls_patch",
 ]
 

@@ -245,7 +245,6 @@ def test_image_embeds_bypass_the_tower(tiny_model):
             {
                 "model_type": "dinov2",
                 "hidden_size": 32,
-                "intermediate_size": 64,
                 "num_hidden_layers": 2,
                 "num_attention_heads": 2,
                 "image_size": 32,

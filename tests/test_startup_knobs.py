@@ -264,3 +264,26 @@ def test_the_documented_dpo_commands_train_on_the_finetune_stages_prompt():
     assert len(commands) >= 3, commands
     for words in commands:
         assert checks.prompt_changes(compose(*words)) == [], words
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["+model.vision.config.num_hiden_layers=4"],
+            "model.vision.config.num_hiden_layers is not a setting of 'clip_vision_model' configs; did you mean "
+            "'num_hidden_layers'?",
+        ),
+        (
+            ["model.vision.config.model_type=dinov2"],
+            "model.vision.config.intermediate_size is not a setting of 'dinov2'",
+        ),
+        (["model.init_seed=1.9"], "model.init_seed=1.9 must be a whole number >= 0"),
+        (["model.init_seed=abc"], "model.init_seed='abc' must be a whole number >= 0"),
+    ],
+)
+def test_a_model_setting_a_build_would_drop_or_cut_is_refused_at_start_up(tmp_path, overrides, message):
+    """transformers keeps an unknown config keyword as an attribute, so a mistyped tower setting built the default
+    tower without a word; an init_seed of 1.9 seeded 1, and "abc" failed when the first stage built its model."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_config(compose(f"output_dir={tmp_path}", "model=tiny", *overrides))

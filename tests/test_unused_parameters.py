@@ -34,6 +34,7 @@ TOWERS = {
     "dinov2_registers": [
         "model.vision.config.model_type=dinov2_with_registers",
         "+model.vision.config.num_register_tokens=4",
+        "~model.vision.config.intermediate_size",  # DINOv2 sizes its MLP by mlp_ratio
     ],
 }
 # what the selected features never pass through, beside the layers above select_layer (the tiny towers have 2)

@@ -69,7 +69,18 @@ def check_model_settings(model_cfg: Mapping[str, Any]) -> None:
     prepare steps run, which a mistake here had waited out (hours for a method's encoder) to fail with exit status 1
     when the first stage built its model. ``model.vision_artifacts`` (:func:`attach_filter`),
     ``model.visual_token_norm`` (:func:`token_norm_factor`) and whether the connector takes one: a connector whose
-    ``token_norm`` setter refuses a value (its tokens must keep their own norm) refuses it here too."""
+    ``token_norm`` setter refuses a value (its tokens must keep their own norm) refuses it here too; ``init_seed``; and
+    the tower's own settings (``VisionTower.check_settings``)."""
+    seed = model_cfg.get("init_seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:  # 1.9 had seeded as 1, "abc" failed unnamed
+        raise ValueError(f"model.init_seed={seed!r} must be a whole number >= 0")
+    vision = model_cfg.get("vision") or {}
+    try:
+        tower = get_class(str(vision.get("_target_")))
+    except (ImportError, ValueError, AttributeError):
+        tower = None  # building the tower names its target
+    if isinstance(tower, type) and issubclass(tower, VisionTower):
+        tower.check_settings(vision)
     attach_filter(_NoTower(), model_cfg.get("vision_artifacts"))
     factor = token_norm_factor(model_cfg)
     target = (model_cfg.get("connector") or {}).get("_target_")

@@ -9,10 +9,12 @@ pipeline never guesses.
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,11 @@ class VisionTower(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
+
+    @classmethod
+    def check_settings(cls, settings: Mapping[str, Any]) -> None:
+        """Refuse ``model.vision`` settings a build would take without using, before anything is built (the start-up
+        checks call it); a tower class with such settings says which."""
 
     def layer_tokens(self, pixel_values: torch.Tensor) -> list[tuple[str, torch.Tensor, int]]:
         """Every layer's tokens ``(name, [B, T, D], prefix tokens)``, input to output, for the artifact probe
@@ -136,6 +143,12 @@ class HFVisionTower(VisionTower):
     saved one: a bf16 tower fails an fp32 connector and rounds away most of a full stage's AdamW updates.
     """
 
+    @classmethod
+    def check_settings(cls, settings: Mapping[str, Any]) -> None:
+        config = settings.get("config")
+        if isinstance(config, Mapping):
+            _config_type(config)
+
     def __init__(
         self,
         name_or_path: str | None = None,
@@ -158,11 +171,8 @@ class HFVisionTower(VisionTower):
         if config is not None:
             # Hydra hands over a DictConfig whose lists are ListConfigs, which transformers' strict configs refuse
             config = OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else dict(config)
-            model_type = config.pop("model_type", None)
-            if model_type is None:
-                raise ValueError(
-                    "model.vision.config needs a model_type, e.g. clip_vision_model or siglip_vision_model"
-                )
+            model_type = _config_type(config)
+            config.pop("model_type")
             hf_config = AutoConfig.for_model(model_type, **config)
         else:
             refuse_hub_kernel_attention(name_or_path)  # a folder is data: its config.json may not fetch kernels
@@ -221,6 +231,25 @@ class HFVisionTower(VisionTower):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self._tokens(self._hidden(pixel_values.to(self.model.dtype)))
+
+
+def _config_type(config: Mapping[str, Any]) -> str:
+    """The ``model_type`` of an inline ``model.vision.config``, once every other key is a setting of that type's
+    transformers config: transformers keeps an unknown keyword as an attribute, so ``num_hiden_layers: 4`` built the
+    default depth, without a word."""
+    model_type = config.get("model_type")
+    if model_type is None:
+        raise ValueError("model.vision.config needs a model_type, e.g. clip_vision_model or siglip_vision_model")
+    default = AutoConfig.for_model(str(model_type))
+    known = set(default.to_dict()) | set(inspect.signature(type(default).__init__).parameters)
+    known |= {"attn_implementation", "num_labels", "torch_dtype"}  # taken by every transformers config
+    known.add("image_size")  # read by alignlm itself where the type has none (a CNN: :func:`_image_size`)
+    for key in config:
+        if key not in known:
+            near = difflib.get_close_matches(str(key), sorted(k for k in known if not k.startswith("_")), n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise ValueError(f"model.vision.config.{key} is not a setting of {model_type!r} configs{hint}")
+    return str(model_type)
 
 
 def _normalisation(
