@@ -123,6 +123,20 @@ def test_a_data_source_that_is_missing_or_a_folder_is_a_data_error_exit_65(tmp_p
         (["dual-encoder", "fit", "--train", "d.json", "--out", "o", "--batch-size", "0"], "--batch-size: '0'"),
         (["dual-encoder", "fit", "--train", "d.json", "--out", "o", "--epochs", "-1"], "--epochs: '-1'"),
         (["dual-encoder", "fit", "--train", "d.json", "--out", "o", "--limit", "0"], "--limit: '0'"),
+        # checked after the long pass before (the frozen features, every pair scored, every shard streamed)
+        (
+            ["dual-encoder", "fit", "--train", "d.json", "--out", "o", "--temperature", "0"],
+            "--temperature: '0' is not a finite number in (0, 1]",
+        ),
+        (
+            ["aligngpt-levels", "--data", "d.json", "--encoder", "e", "--levels", "1"],
+            "--levels: '1' is not a whole number >= 2",
+        ),
+        (
+            ["realign", "fit", "--images", "i", "--texts", "t", "--out", "o", "--covariance", "-1"],
+            "--covariance: '-1' is not a finite number >= 0",
+        ),
+        (["data", "digits", "--seed", "-1"], "--seed: '-1' is not a whole number >= 0"),
         (["realign", "fit", "--images", "i", "--texts", "t", "--out", "o", "--chunk-rows", "0"], "--chunk-rows: '0'"),
         (["realign", "fit", "--images", "i", "--texts", "t", "--out", "o", "--threads", "0"], "--threads: '0'"),
         (["realign", "apply", "--stats", "s", "--texts", "t", "--out", "o", "--chunk-rows", "0"], "--chunk-rows"),

@@ -4,31 +4,53 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
 
 from alignlm.models.device import device_problem
 
 
-def positive_int(text: str) -> int:
-    """argparse ``type=`` of a count (a limit, a batch size, samples, epochs): a whole number >= 1. Zero and negative
-    counts once ran on and did nothing (``--limit 0`` measured nothing and exited 0) or failed late with a traceback."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
-    return value
+def whole_number(low: int) -> Callable[[str], int]:
+    """argparse ``type=`` of a count: a whole number >= ``low``. Zero and negative counts once ran on and did nothing
+    (``--limit 0`` measured nothing and exited 0) or failed late with a traceback, after the long pass."""
+
+    def check(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= {low}")
+        return value
+
+    return check
 
 
-def positive_float(text: str) -> float:
-    """argparse ``type=`` of a rate or a temperature: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number > 0")
-    return value
+def number(low: float, high: float = math.inf, *, low_open: bool = True) -> Callable[[str], float]:
+    """argparse ``type=`` of a rate, a temperature or a shrinkage: a finite number in ``(low, high]`` (``[low, high]``
+    where not ``low_open``), refused before the pass that would read it (a dual encoder's features, ReAlign's
+    shards) rather than after."""
+
+    def check(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and (value > low if low_open else value >= low) and value <= high):
+            where = (
+                f"{'(' if low_open else '['}{low:g}, {high:g}]"
+                if high < math.inf
+                else f"{'>' if low_open else '>='} {low:g}"
+            )
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a finite number {'in ' if high < math.inf else ''}{where}"
+            )
+        return value
+
+    return check
+
+
+positive_int = whole_number(1)  # a limit, a batch size, samples, epochs
+positive_float = number(0.0)  # a rate, a temperature
 
 
 def add_trust_flags(p: argparse.ArgumentParser) -> None:

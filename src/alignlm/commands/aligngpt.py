@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from alignlm.commands._flags import positive_int
+from alignlm.commands._flags import positive_int, whole_number
 from alignlm.methods.aligngpt.levels import LevelLabels, make_levels
 
 
@@ -27,7 +27,7 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument(
         "--levels",
-        type=int,
+        type=whole_number(2),
         default=8,
         help="L: equal-count bins of the image-text cosine (model.extras.align_levels.num_levels)",
     )

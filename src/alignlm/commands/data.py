@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from alignlm.commands._flags import whole_number
 from alignlm.data import GENERATORS, generator_knobs
 
 
@@ -34,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="write an offline dataset in LLaVA JSON + PNG")
     p.add_argument("name", choices=sorted(GENERATORS), help="the generator")
     p.add_argument("--out", default="data", help="parent folder; the set goes to OUT/NAME")
-    p.add_argument("--seed", type=int, default=0, help="seed of the generator")
+    p.add_argument("--seed", type=whole_number(0), default=0, help="seed of the generator")
     p.add_argument(
         "--set",
         action="append",

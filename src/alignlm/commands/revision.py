@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from alignlm.commands._flags import positive_float, positive_int
+from alignlm.commands._flags import number, positive_float, positive_int
 from alignlm.methods.revision.embed import collect_images, collect_texts, embed_items
 from alignlm.methods.revision.realign import CHUNK_ROWS, THREADS, ReAlignStats, apply, fit
 from alignlm.models.device import default_device
@@ -126,7 +126,7 @@ def _register_realign(subparsers: argparse._SubParsersAction) -> None:
     f.add_argument("--threads", type=positive_int, default=THREADS, help="intra-op threads of the streaming passes")
     f.add_argument(
         "--covariance",
-        type=float,
+        type=number(0.0, low_open=False),
         default=None,
         metavar="SHRINKAGE",
         help="match the images' covariance, not only their trace (an extension of the paper; "
@@ -194,7 +194,7 @@ def _register_dual_encoder(subparsers: argparse._SubParsersAction) -> None:
     f.add_argument("--device", default=None, help="default: cuda when present, else cpu")
     f.add_argument(
         "--temperature",
-        type=float,
+        type=number(0.0, 1.0),
         default=None,
         help="fix the InfoNCE temperature (e.g. 0.01, CLIP's final value, keeps a modality gap); "
         "default: learnt from 0.07",
