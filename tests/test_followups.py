@@ -31,7 +31,7 @@ def test_eval_refuses_a_mistyped_generation_setting_before_loading_anything(tmp_
     ):
         main(["eval", str(tmp_path / "no_checkpoint_here"), "--out", str(out), "--set", "generation.temprature=0.7"])
     assert not out.exists()  # refused before --out was made, before any checkpoint was looked for
-    with pytest.raises(ConfigError, match=r"eval\.generation\.do_sample='maybe' must be true or false"):
+    with pytest.raises(ConfigError, match=r"eval\.generation\.do_sample='maybe': choose one of \[True, False\]"):
         main(["eval", str(tmp_path / "no_checkpoint_here"), "--out", str(out), "--set", "generation.do_sample=maybe"])
 
 

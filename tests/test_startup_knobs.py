@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
         ),
         (["+eval.generation.max_new_tokens=4"], "eval.generation sets ['max_new_tokens'], which alignlm sets itself"),
         # values: transformers takes any, so "maybe" sampled and num_beams 0 failed the final evaluation
-        (["eval.generation.do_sample=maybe"], "eval.generation.do_sample='maybe' must be true or false"),
+        (["eval.generation.do_sample=maybe"], "eval.generation.do_sample='maybe': choose one of [True, False]"),
         (["+eval.generation.num_beams=0"], "eval.generation.num_beams=0 must be a whole number >= 1"),
         (["+eval.generation.temperature=-1"], "eval.generation.temperature=-1 must be"),
         (["+eval.generation.top_p=1.5"], "eval.generation.top_p=1.5 must be"),

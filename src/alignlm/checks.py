@@ -656,30 +656,6 @@ def _whole(key: str, value: Any, low: int = 1, note: str = "") -> None:
         raise ConfigError(f"{key}={value!r} must be a whole number >= {low}{note}")
 
 
-def _flag(key: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key}={value!r} must be true or false")
-
-
-# the values of the generate() settings a user sets most, checked before anything runs: transformers takes any value
-# of any type there, so `do_sample: maybe` sampled (a string is true) and `num_beams: 0` failed in the final
-# evaluation, after every stage trained
-GENERATION_VALUES: dict[str, Callable[[str, Any], None]] = {
-    "do_sample": _flag,
-    "use_cache": _flag,
-    "num_beams": _whole,
-    "top_k": functools.partial(_whole, low=0),
-    "no_repeat_ngram_size": functools.partial(_whole, low=0),
-    "min_new_tokens": functools.partial(_whole, low=0),
-    "temperature": functools.partial(_number, low=0.0, low_open=True),
-    "repetition_penalty": functools.partial(_number, low=0.0, low_open=True),
-    "length_penalty": functools.partial(_number, low=-math.inf),
-    "top_p": functools.partial(_number, low=0.0, high=1.0, low_open=True),
-    "typical_p": functools.partial(_number, low=0.0, high=1.0, low_open=True),
-    "min_p": functools.partial(_number, low=0.0, high=1.0),
-}
-
-
 def _check_stage(key: str, stage: DictConfig) -> None:
     """A stage's numbers, checked before anything is built (an ``inf`` learning rate never reaches step 1)."""
     for part, lr in _mapping(f"{key}.lr", stage.get("lr")).items():
@@ -731,6 +707,25 @@ def _flag(key: str, value: Any, also: tuple[Any, ...] = ()) -> None:
     """A switch is true or false (a string such as ``maybe`` would otherwise count as true)."""
     if not isinstance(value, bool) and value not in also:
         raise ConfigError(f"{key}={value!r}: choose one of {[*also, True, False]}")
+
+
+# the values of the generate() settings a user sets most, checked before anything runs: transformers takes any value
+# of any type there, so `do_sample: maybe` sampled (a string is true) and `num_beams: 0` failed in the final
+# evaluation, after every stage trained
+GENERATION_VALUES: dict[str, Callable[[str, Any], None]] = {
+    "do_sample": _flag,
+    "use_cache": _flag,
+    "num_beams": _whole,
+    "top_k": functools.partial(_whole, low=0),
+    "no_repeat_ngram_size": functools.partial(_whole, low=0),
+    "min_new_tokens": functools.partial(_whole, low=0),
+    "temperature": functools.partial(_number, low=0.0, low_open=True),
+    "repetition_penalty": functools.partial(_number, low=0.0, low_open=True),
+    "length_penalty": functools.partial(_number, low=-math.inf),
+    "top_p": functools.partial(_number, low=0.0, high=1.0, low_open=True),
+    "typical_p": functools.partial(_number, low=0.0, high=1.0, low_open=True),
+    "min_p": functools.partial(_number, low=0.0, high=1.0),
+}
 
 
 def _part_modes(model: Any) -> dict[str, tuple[str, ...]]:
