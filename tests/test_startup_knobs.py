@@ -287,3 +287,28 @@ def test_a_model_setting_a_build_would_drop_or_cut_is_refused_at_start_up(tmp_pa
     tower without a word; an init_seed of 1.9 seeded 1, and "abc" failed when the first stage built its model."""
     with pytest.raises(ConfigError, match=re.escape(message)):
         check_config(compose(f"output_dir={tmp_path}", "model=tiny", *overrides))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "+stages.pretrain.prepare.revision_realign.realing=x",
+            "stages.pretrain.prepare.revision_realign.realing is not a known setting; did you mean 'realign'?",
+        ),
+        (
+            "revision.covariance=abc",
+            "stages.pretrain.prepare.revision_realign.covariance='abc' must be a float or null",
+        ),
+        (
+            "+stages.pretrain.data.hooks.text_embeds.embed_nose=1",
+            "stages.pretrain.data.hooks.text_embeds.embed_nose is not a known setting; did you mean 'embed_noise'?",
+        ),
+        ("revision.embed_noise=x", "stages.pretrain.data.hooks.text_embeds.embed_noise='x' must be a float"),
+    ],
+)
+def test_a_prepare_steps_or_data_hooks_knob_is_checked_before_any_step_runs(tmp_path, override, message):
+    """A prepare step's knobs were checked when it was called, after the steps before it (an encoder fitted, every
+    image and caption embedded), and a hook's when its stage built its data."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_config(compose(f"output_dir={tmp_path}", "+exp=revision", override))

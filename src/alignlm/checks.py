@@ -162,6 +162,10 @@ def check_config(cfg: DictConfig) -> None:
     for i, stage in enumerate(cfg.run):
         _check_stage(f"stages.{stage}", cfg.stages[stage])
         _check_objectives(f"stages.{stage}", cfg.stages[stage])
+        for name, node in (
+            _mapping(f"stages.{stage}.prepare", cfg.stages[stage].get("prepare"), null=True) or {}
+        ).items():
+            _check_call_knobs(f"stages.{stage}.prepare.{name}", node)
         _check_stage_choices(f"stages.{stage}", cfg.stages[stage], parts)
         _check_init_from(cfg, stage, cfg.run[:i])
 
@@ -786,8 +790,7 @@ def _check_stage_choices(key: str, stage: DictConfig, part_modes: Mapping[str, t
     check_aspect_ratio(data.get("image_aspect_ratio", "pad"), f"{key}.data.image_aspect_ratio")
     _whole(f"{key}.data.max_length", data.get("max_length", 2048))
     for name, node in (_mapping(f"{key}.data.hooks", data.get("hooks"), null=True) or {}).items():
-        if node is not None:  # null: off
-            import_target(f"{key}.data.hooks.{name}", _mapping(f"{key}.data.hooks.{name}", node))
+        _check_call_knobs(f"{key}.data.hooks.{name}", node)
     for i, source in enumerate(_list(f"{key}.data.sources", data.get("sources", []), example="[{path: a.json}]")):
         Source.from_config(source, f"{key}.data.sources[{i}]")
     for name, default, note in (("max_image_pixels", MAX_PIXELS, "no limit"), ("pack_length", None, "max_length")):
@@ -904,17 +907,32 @@ def import_target(key: str, node: Mapping[str, Any]) -> Any:
     raise ConfigError(f"{key}._target_={target!r} cannot be imported: {why}")
 
 
+def _check_call_knobs(key: str, node: Any) -> None:
+    """A prepare step or data hook (null: off) names a function or class that imports, and its knobs are arguments
+    of it of their annotated types: these are called or built only when their stage comes (a prepare step after the
+    steps before it, a hook when its stage builds its data), so a misspelt knob or a string for a number had failed
+    after the work before them had run (an encoder fitted, every image embedded)."""
+    if node is None:
+        return
+    target = import_target(key, _mapping(key, node))
+    params = inspect.signature(target).parameters.values()
+    if not any(p.kind is p.VAR_KEYWORD for p in params):
+        check_keys(key, node, {p.name for p in params} | {k for k in node if str(k).startswith("_")})
+    check_knob_types(key, target, node)
+
+
 # a constructor annotation -> the config values it takes (a whole number where a float is asked is fine; a bool is no
 # number, though Python's bool is an int)
 _KNOB_TYPES: dict[Any, tuple[type, ...]] = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}
 
 
-def check_knob_types(key: str, cls: type, node: DictConfig) -> None:
-    """Each knob of ``node`` whose constructor argument is annotated ``bool``, ``int``, ``float`` or ``str`` (or one of
-    them or None) holds such a value: ``gather: "no"`` or ``temperature: "0.07"`` failed only when the stage built its
-    objectives, after the stages before it had trained. Other annotations are the constructor's own business."""
+def check_knob_types(key: str, cls: Any, node: DictConfig) -> None:
+    """Each knob of ``node`` whose constructor argument (or function argument, ``cls`` being a function) is annotated
+    ``bool``, ``int``, ``float`` or ``str`` (or one of them or None) holds such a value: ``gather: "no"`` or
+    ``temperature: "0.07"`` failed only when the stage built its objectives, after the stages before it had trained.
+    Other annotations are the constructor's own business."""
     try:
-        hints = typing.get_type_hints(cls.__init__)
+        hints = typing.get_type_hints(cls.__init__ if isinstance(cls, type) else cls)
     except Exception:  # noqa: BLE001 - an annotation this module cannot resolve: nothing to check by type
         return
     for knob, hint in hints.items():
