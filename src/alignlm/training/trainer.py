@@ -51,7 +51,7 @@ from alignlm.data.records import TRUNCATED, DataError
 from alignlm.data.report import DataReport
 from alignlm.models.build import build_model
 from alignlm.models.io import config_yaml, trained_buffers
-from alignlm.models.mllm import AlignLM, has_images
+from alignlm.models.mllm import VARLEN_ATTENTION, AlignLM, has_images
 from alignlm.models.precision import frozen_linears, hold_in_fp32, store_weight
 from alignlm.objectives.base import Objective, check_batch, check_metrics, check_min_batch
 from alignlm.training import checkpoint as ckpt
@@ -73,7 +73,7 @@ from alignlm.training.throughput import (
 
 LOG_EVERY = 10  # logging.every default: steps between fetches of the logged values from the device
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}  # mixed_precision -> autocast dtype
-PACKED_ATTENTION = ("flash_attention_2", "flash_attention_3", "flex_attention")  # isolate packed samples for free
+PACKED_ATTENTION = (*VARLEN_ATTENTION, "flex_attention")  # isolate packed samples for free (flash_attention_4 too)
 # what a stage holds that may reach its model or optimizer (``Trainer.release`` lets go of them): the wrapped model,
 # the optimizer with its AdamW state, the schedule over it, the objectives (DPO's holds a frozen copy of the model) and
 # their parameters, the monitor and the dataset (handed the model at set-up), the stand-in batch, the model's moving
