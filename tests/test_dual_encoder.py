@@ -59,6 +59,20 @@ def test_fit_heads_learns_the_temperature_unless_it_is_fixed():
     assert not torch.equal(fixed.image_head.weight, head_before)
     with pytest.raises(ValueError, match="temperature must be in"):
         fit_heads(_Heads(), img, txt, epochs=1, temperature=0.0)
+    # a schedule sized with a last batch of one pair, which is skipped, ended at a quarter of the peak rate
+    ends: list[float] = []
+    schedule = torch.optim.lr_scheduler.OneCycleLR
+
+    class Recorded(schedule):
+        def step(self, *args, **kwargs):
+            super().step(*args, **kwargs)
+            if self.last_epoch < self.total_steps:  # OneCycleLR refuses a step past its total
+                ends.append(self.get_last_lr()[0])
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.optim.lr_scheduler, "OneCycleLR", Recorded)
+        fit_heads(_Heads(), img[:5], txt[:5], epochs=10, batch_size=2)
+    assert ends[-1] < 1e-6  # the last planned step taken: lr at its floor (it had stopped at 2.5e-4, a quarter)
     # a batch of one pair was skipped: batch_size=1 left the heads random with a loss of 0.0
     for rows, batch_size in ((64, 1), (1, 16)):
         with pytest.raises(ValueError, match=f"batch_size >= 2 and at least 2 pairs, got batch_size={batch_size} "):

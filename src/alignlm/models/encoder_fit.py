@@ -80,7 +80,8 @@ def fit_heads(
         with torch.no_grad():
             model.logit_scale.fill_(math.log(1 / temperature))
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    steps = epochs * math.ceil(len(img_feats) / batch_size)
+    # the batches trained: a last batch of one pair is skipped, and a schedule sized with it ended at a quarter of lr
+    steps = epochs * (len(img_feats) // batch_size + (len(img_feats) % batch_size >= 2))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     g = torch.Generator().manual_seed(seed)
     history = []
