@@ -4,6 +4,7 @@ path. (Answer scoring itself: tests/test_answers.py.)"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -152,6 +153,11 @@ def test_report_over_several_checkpoints_is_deterministic(tiny_run, colour_set, 
     assert [c["step"] for c in report["checkpoints"]] == [4, 2, 4]  # a final/ is at its stage's last step
     for c in report["checkpoints"]:
         assert c["sets"]["colours"]["kind"] == "qa" and c["sets"]["colours"]["n"] == 4
+        assert c["sets"]["colours"]["file"] == {  # what paired differences pair by (not the set's name alone)
+            "path": str(Path(colour_set["test"]).resolve()),
+            "sha256": hashlib.sha256(Path(colour_set["test"]).read_bytes()).hexdigest(),
+        }
+        assert c["sets"]["colours"]["scored_with"]["limit"] == 4
         assert c["sets"]["captions"]["kind"] == "caption" and c["sets"]["captions"]["cider"] >= 0.0
         probe = c["probe"]
         assert probe["n"] == 12 and 0.0 <= probe["pooled"]["modality_gap"] <= 2.0
@@ -759,6 +765,42 @@ def test_paired_rows_per_set_and_pooled():
     md = "\n".join(markdown_lines(rows))
     assert "Paired differences" in md and "| new | base | all | 5 | 80.0 | 20.0 | +60.0 |" in md
     assert against_first(results[:1]) == [] and markdown_lines([]) == []
+
+
+def test_sets_of_one_name_from_other_files_are_not_paired_and_other_settings_are_named(tmp_path, capsys):
+    """Each checkpoint may read its own run's eval.sets: two runs' ``shapes`` from two data roots (other questions
+    under the same ids) were paired, labelled "same questions", with no word; so were reports of other limits,
+    decoding or templates, in ``alignlm compare``."""
+    from alignlm.evaluation.paired import against_first, markdown_lines, pairing_notes
+
+    def ck(label, sha, scored_with, scores=(1, 0, 0, 1)):
+        files = {"path": f"/data_{sha}/shapes/test.json", "sha256": sha}
+        sets = {"shapes": {"scores": dict(enumerate(scores)), "file": files, "scored_with": scored_with}}
+        return {"label": label, "run": label.split("/")[0], "step": 8, "sets": sets}
+
+    greedy = {"generation": {}, "limit": 50, "template": "chat"}
+    base, other = ck("a/finetune/final", "x1", greedy), ck("b/finetune/final", "x2", greedy, (1, 1, 1, 1))
+    assert against_first([base, other]) == []
+    notes = pairing_notes(base, other)
+    assert notes == [
+        "shapes: b/finetune/final read /data_x2/shapes/test.json, a/finetune/final read /data_x1/shapes/test.json, "
+        "other questions under the same ids: not paired"
+    ]
+    assert "not paired" in "\n".join(markdown_lines([], notes))
+    sampled = ck("c/finetune/final", "x1", {**greedy, "generation": {"do_sample": True}, "limit": 80}, (1, 1, 1, 1))
+    assert [r["set"] for r in against_first([base, sampled])] == ["shapes"]  # the same questions: paired, and said
+    assert pairing_notes(base, sampled) == [
+        "shapes: c/finetune/final was scored with other settings than a/finetune/final: generation "
+        "{'do_sample': True} against {}; limit 80 against 50"
+    ]
+    reports = []
+    for name, result in (("a", base), ("b", other), ("c", sampled)):
+        reports.append(tmp_path / f"{name}.json")
+        reports[-1].write_text(json.dumps({"checkpoints": [result]}))
+    with pytest.raises(SystemExit, match="nothing to compare: shapes: b/finetune/final read"):
+        main(["compare", str(reports[0]), str(reports[1])])
+    assert main(["compare", str(reports[0]), str(reports[2])]) == 0
+    assert "alignlm compare: shapes: c/finetune/final was scored with other settings" in capsys.readouterr().err
 
 
 def test_compare_reads_separate_reports(tmp_path, capsys):

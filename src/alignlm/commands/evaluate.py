@@ -29,7 +29,14 @@ from alignlm.data.templates import TEMPLATES
 from alignlm.evaluation import checkpoints
 from alignlm.evaluation.evaluate import check_set_names
 from alignlm.evaluation.lmms import run_lmms_eval, write_local_task
-from alignlm.evaluation.paired import against_first, markdown_lines, run_key, same_step_pairs, too_few_shared
+from alignlm.evaluation.paired import (
+    against_first,
+    markdown_lines,
+    pairing_notes,
+    run_key,
+    same_step_pairs,
+    too_few_shared,
+)
 from alignlm.evaluation.plots import plot_accuracy_curves, plot_runs
 from alignlm.evaluation.report import (
     PARTS,
@@ -389,6 +396,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         base = next(c for c in results if c["label"] == ref)
         pairs = [(base, c) for c in results if c["label"] != ref]
     rows = [row for a, b in pairs for row in against_first([a, b])]
+    notes = [note for a, b in pairs for note in pairing_notes(a, b)]
     unshared = [f"{name} ({a['label']} vs {b['label']})" for a, b in pairs for name in too_few_shared(a, b)]
     few = (
         f"the question sets {unshared} share fewer than 2 question ids: different questions, or a report written "
@@ -399,11 +407,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise SystemExit(
             f"nothing to compare: {few}"
             if unshared
+            else f"nothing to compare: {'; '.join(notes)}"
+            if notes
             else "nothing to compare: the checkpoints share no question set with per-question scores "
             "(reports written before alignlm recorded them lack 'scores'; evaluate again)"
         )
     if unshared:
         print(f"alignlm compare: left out: {few}", file=sys.stderr)
+    for note in notes:
+        print(f"alignlm compare: {note}", file=sys.stderr)
     if args.json:  # as in report.json, a z that is not finite (every shared question moved one way) is null
         print(json.dumps(json_values(rows), indent=2, allow_nan=False))
     else:

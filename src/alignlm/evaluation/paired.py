@@ -102,8 +102,41 @@ def mean_se(xs: Sequence[float]) -> tuple[float, float]:
     return m, math.sqrt(math.fsum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
 
 
+def other_questions(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+    """The question sets two checkpoints' results share by name but scored from files of other content: other
+    questions under the same ids (each run's own ``eval.sets``, two data roots), which are never paired. Results
+    written before a set's file was recorded are taken as the same."""
+    return [
+        name
+        for name in sorted(a["sets"].keys() & b["sets"].keys())
+        if (fa := a["sets"][name].get("file")) and (fb := b["sets"][name].get("file")) and fa["sha256"] != fb["sha256"]
+    ]
+
+
+def pairing_notes(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+    """What a reader of ``b``'s paired differences against ``a`` must know: the shared set names scored from other
+    files (left out), and the scoring settings that differ on the sets that are paired (decoding, limit, seed, answer
+    length, template: a difference then measures them too)."""
+    notes = [
+        f"{name}: {b['label']} read {b['sets'][name]['file']['path']}, {a['label']} read "
+        f"{a['sets'][name]['file']['path']}, other questions under the same ids: not paired"
+        for name in other_questions(a, b)
+    ]
+    for name in sorted(a["sets"].keys() & b["sets"].keys()):
+        ka, kb = a["sets"][name].get("scored_with"), b["sets"][name].get("scored_with")
+        if name in other_questions(a, b) or not ka or not kb:
+            continue
+        changed = [
+            f"{k} {kb.get(k)!r} against {ka.get(k)!r}" for k in sorted(ka.keys() | kb.keys()) if ka.get(k) != kb.get(k)
+        ]
+        if changed:
+            notes.append(f"{name}: {b['label']} was scored with other settings than {a['label']}: {'; '.join(changed)}")
+    return notes
+
+
 def against_first(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Every checkpoint after the first against the first, per shared question set and pooled over them."""
+    """Every checkpoint after the first against the first, per shared question set (scored from the same file) and
+    pooled over them."""
     if len(results) < 2:
         return []
     base = results[0]
@@ -111,7 +144,7 @@ def against_first(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     for res in results[1:]:
         pooled_a: dict[str, float] = {}
         pooled_b: dict[str, float] = {}
-        for name in sorted(base["sets"].keys() & res["sets"].keys()):
+        for name in sorted(base["sets"].keys() & res["sets"].keys() - set(other_questions(base, res))):
             sa, sb = base["sets"][name].get("scores"), res["sets"][name].get("scores")
             if sa is None or sb is None:
                 continue
@@ -168,10 +201,11 @@ def too_few_shared(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def markdown_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The report's section for :func:`against_first` / :func:`same_step` rows (empty when there are none)."""
+def markdown_lines(rows: Sequence[Mapping[str, Any]], notes: Sequence[str] = ()) -> list[str]:
+    """The report's section for :func:`against_first` / :func:`same_step` rows and their :func:`pairing_notes`
+    (empty when there are neither)."""
     if not rows:
-        return []
+        return ["", "## Paired differences", "", *(f"- {n}" for n in notes)] if notes else []
     lines = [
         "",
         "## Paired differences (same questions)",
@@ -191,4 +225,4 @@ def markdown_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
         "the two score differently (McNemar's exact test for right/wrong scores); z is its normal approximation, "
         "which overstates confidence when few questions differ.",
     ]
-    return lines
+    return lines + (["", *(f"- {n}" for n in notes)] if notes else [])

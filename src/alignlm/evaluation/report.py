@@ -479,7 +479,17 @@ def evaluate_checkpoint(
         "stage": ck.stage,
         "step": ck.step,
         "template": data_cfg.get("template"),
-        "sets": {s["name"]: kept[name] for name, s in pieces.items() if s},
+        # which file each set's questions came from and how they were scored: paired differences pair only sets of
+        # one file, and name the settings that differ (``paired.pairing_notes``)
+        "sets": {
+            s["name"]: {
+                **kept[name],
+                "file": {"path": os.path.abspath(s["path"]), "sha256": file_sha256(Path(s["path"]))},
+                "scored_with": {**set_knobs(ecfg, s["kind"]), "template": data_cfg.get("template")},
+            }
+            for name, s in pieces.items()
+            if s
+        },
     }
     probe = dict(kept.get("probe") or {})
     features = probe.pop("features", {})
@@ -595,7 +605,10 @@ def write_report(
     report = rounded({"config": config, "checkpoints": results, "paired": paired.against_first(results)})
     files = {"json": out / "report.json", "md": out / "report.md"}
     write_whole(files["json"], json.dumps(json_values(report), indent=2, sort_keys=True, allow_nan=False) + "\n")
-    write_whole(files["md"], markdown(report["checkpoints"], report["paired"]))  # last: a whole table, a whole report
+    notes = [n for res in report["checkpoints"][1:] for n in paired.pairing_notes(report["checkpoints"][0], res)]
+    for note in notes:
+        log.warning("paired differences: %s", note)
+    write_whole(files["md"], markdown(report["checkpoints"], report["paired"], notes))  # last: a whole report
     if plot:
         files.update(write_plots(report["checkpoints"], features, out))
     for name in PLOTS:
@@ -641,7 +654,9 @@ def table_columns(results: list[dict[str, Any]]) -> list[Column]:
     return cols
 
 
-def markdown(results: list[dict[str, Any]], paired_rows: Sequence[Mapping[str, Any]] = ()) -> str:
+def markdown(
+    results: list[dict[str, Any]], paired_rows: Sequence[Mapping[str, Any]] = (), notes: Sequence[str] = ()
+) -> str:
     """The comparison table, chance levels, paired differences, every probe metric, and a few predictions per set."""
     cols = table_columns(results)
     lines = [
@@ -654,7 +669,7 @@ def markdown(results: list[dict[str, Any]], paired_rows: Sequence[Mapping[str, A
     chance = {n: r["chance"] for res in results for n, r in res["sets"].items() if r.get("chance")}
     if chance:
         lines += ["", "Chance level: " + ", ".join(f"{n} {100 * c:.1f} %" for n, c in sorted(chance.items()))]
-    lines += paired.markdown_lines(paired_rows)
+    lines += paired.markdown_lines(paired_rows, notes)
     probes = [flat(res.get("probe", {})) for res in results]
     keys = sorted({k for p in probes for k in p if k != "n" and not k.startswith("layers/")})
     if keys:
