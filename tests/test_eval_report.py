@@ -718,6 +718,19 @@ def test_numeric_choices_name_the_numeric_answer(monkeypatch):
         _answer_accuracy_of(monkeypatch, [("q1", "2", {"answer": 2, "meta": {"choices": [None, 2]}})])
 
 
+def test_the_names_choice_column_says_it_covers_only_the_questions_with_choices(monkeypatch, tmp_path):
+    """The lenient score is over the records with choices, beside the strict one over all: half of them with choices
+    read 12 % against 20 %, with no n to tell why."""
+    questions = [
+        ("q0", "red", {"answer": "red", "meta": {"choices": ["red", "blue"]}}),
+        ("q1", "red", {"answer": "red"}),
+    ]
+    r = _answer_accuracy_of(monkeypatch, questions)
+    assert (r["n"], r["choice_n"]) == (2, 1)
+    files = write_report([{"label": "a", "sets": {"s": r}}], [], {"plots": False}, tmp_path)
+    assert "Names-choice % over the questions with choices (meta.choices) only: s 1 of 2" in files["md"].read_text()
+
+
 def test_a_metric_that_is_not_finite_is_null_in_report_json_and_nan_in_the_table(tmp_path):
     result = {"label": "a", "sets": {}, "probe": {"n": 3, "pooled": {"cka": float("nan"), "mutual_knn": 0.5}}}
     files = write_report([result], [], {"plots": False}, tmp_path)

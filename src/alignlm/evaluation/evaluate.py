@@ -144,7 +144,11 @@ def answer_accuracy(
         "examples": examples,
         "scores": scores,
     } | (
-        {"choice_accuracy": sum(choice_scores.values()) / len(choice_scores), "choice_scores": choice_scores}
+        {
+            "choice_accuracy": sum(choice_scores.values()) / len(choice_scores),
+            "choice_n": len(choice_scores),  # the records with choices: the lenient score's denominator, not n
+            "choice_scores": choice_scores,
+        }
         if choice_scores
         else {}
     )

@@ -669,6 +669,18 @@ def markdown(
     chance = {n: r["chance"] for res in results for n, r in res["sets"].items() if r.get("chance")}
     if chance:
         lines += ["", "Chance level: " + ", ".join(f"{n} {100 * c:.1f} %" for n, c in sorted(chance.items()))]
+    fewer = {  # the lenient column beside the strict one, over fewer questions: said, not left to be guessed
+        (n, r["choice_n"], r["n"])
+        for res in results
+        for n, r in res["sets"].items()
+        if r.get("choice_n", r.get("n")) != r.get("n")
+    }
+    if fewer:
+        lines += [
+            "",
+            "Names-choice % over the questions with choices (meta.choices) only: "
+            + ", ".join(f"{n} {k} of {total}" for n, k, total in sorted(fewer)),
+        ]
     lines += paired.markdown_lines(paired_rows, notes)
     probes = [flat(res.get("probe", {})) for res in results]
     keys = sorted({k for p in probes for k in p if k != "n" and not k.startswith("layers/")})
