@@ -451,7 +451,9 @@ def test_metrics_plot_draws_the_measured_numbers_not_the_tables_text(tmp_path, m
     from alignlm.evaluation import plots
 
     drawn = {}
-    monkeypatch.setattr(plots, "plot_series", lambda series, xlabels, path, xlabel="": drawn.update(series))
+    monkeypatch.setattr(
+        plots, "plot_series", lambda series, xlabels, path, xlabel="", groups=None: drawn.update(series)
+    )
     results = [
         {
             "label": label,
@@ -463,6 +465,19 @@ def test_metrics_plot_draws_the_measured_numbers_not_the_tables_text(tmp_path, m
     files = write_report(results, [{}, {}], {}, tmp_path)
     assert drawn == {"colours acc %": [12.345, 50.0], "modality_gap": [0.50001, 0.50004]}
     assert "| a | 12.3 | 0.5000 |" in files["md"].read_text()
+
+
+def test_metrics_plot_joins_only_the_checkpoints_of_one_run(tmp_path, monkeypatch):
+    """Two runs' checkpoints in one report were one line: b's finetune down to c's pretrain, a trajectory no training
+    took."""
+    from alignlm.evaluation import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+    plots.plot_series({"m": [1.0, 2.0, 3.0, 4.0]}, ["b/p", "b/f", "c/p", "c/f"], tmp_path / "m.png", "", list("bbcc"))
+    lines = figures[0].axes[0].get_lines()
+    assert [list(line.get_xdata()) for line in lines] == [[0, 1], [2, 3]]
+    assert [line.get_label() for line in lines] == ["b", "c"] and lines[0].get_color() != lines[1].get_color()
 
 
 def test_a_step_checkpoint_unlike_its_manifest_or_lacking_a_trained_weight_is_refused(tiny_run, tmp_path):

@@ -115,17 +115,31 @@ def plot_pca(panels: Sequence[tuple[str, Tensor, Tensor, float]], path: Path) ->
     return _save(fig, path)
 
 
-def plot_series(series: Mapping[str, Sequence[float]], xlabels: Sequence[str], path: Path, xlabel: str = "") -> Path:
+def plot_series(
+    series: Mapping[str, Sequence[float]],
+    xlabels: Sequence[str],
+    path: Path,
+    xlabel: str = "",
+    groups: Sequence[str] | None = None,
+) -> Path:
     """One small panel per metric, its value at each checkpoint (or step). The checkpoints' common leading folders
-    move to the axis label, so twenty ``raw/finetune/step_...`` names are twenty short ones that do not overlap."""
+    move to the axis label, so twenty ``raw/finetune/step_...`` names are twenty short ones that do not overlap.
+    ``groups``: each checkpoint's run; a line joins only the consecutive checkpoints of one run, a colour each (one
+    line through two runs' checkpoints drew a trajectory that no training took)."""
     fig, axes = _grid(len(series))
     xs = list(range(len(xlabels)))
+    groups = list(groups) if groups is not None else [""] * len(xs)
+    colours = line_colours(list(dict.fromkeys(groups)))
     common, names = _common_prefix(xlabels)
     upright = len(xs) > TICKS_UPRIGHT
     every = math.ceil(len(xs) / TICKS_MAX)
     shown = [x for x in xs if x % every == 0 or x == xs[-1]]
     for ax, (name, ys) in zip(axes, series.items()):
-        ax.plot(xs, ys, marker="o")
+        start = 0
+        for end in [*(x for x in xs[1:] if groups[x] != groups[x - 1]), len(xs)]:
+            run = groups[start]
+            ax.plot(xs[start:end], ys[start:end], marker="o", color=colours[run], label=run or None)
+            start = end
         ax.set_title(name, fontsize=9)
         ax.set_xticks(shown)
         ax.set_xticklabels(
@@ -133,6 +147,10 @@ def plot_series(series: Mapping[str, Sequence[float]], xlabels: Sequence[str], p
         )
         ax.set_xlabel(f"{xlabel} ({common}...)" if common else xlabel, fontsize=8)
         ax.grid(alpha=0.3)
+    if len(colours) > 1:
+        handles, labels = axes[0].get_legend_handles_labels()
+        runs = dict(zip(labels, handles))  # a run whose checkpoints lie apart has several segments, one entry
+        _legend(fig, list(runs.values()), list(runs))
     return _save(fig, path)
 
 

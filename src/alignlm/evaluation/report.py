@@ -768,7 +768,8 @@ def write_plots(results: list[dict[str, Any]], features: list[dict[str, Any]], o
         for header, get, _ in table_columns(results)
     }
     if series:
-        files["metrics"] = plots.plot_series(series, labels, out / "metrics.png", "checkpoint")
+        runs = [paired.run_key(res) for res in results] if all("run" in res for res in results) else None
+        files["metrics"] = plots.plot_series(series, labels, out / "metrics.png", "checkpoint", runs)
     curves = {r["label"]: r["gap_shift"]["curve"] for r in results if "gap_shift" in r}
     if curves:
         metric = next(r["gap_shift"]["metric"] for r in results if "gap_shift" in r)
