@@ -325,3 +325,17 @@ def test_non_finite_features_flagged_on_the_device_are_refused_naming_an_image(t
             "x", ["a.png", "b.png"], [None, None], torch.zeros(2, 3), finite=torch.tensor([True, False])
         )
     assert not list(tmp_path.glob("*.safetensors"))
+
+
+def test_filling_the_cache_draws_nothing_from_the_global_random_stream(tiny_model, tmp_path):
+    """The fill's loader took its workers' seed from torch's global stream, which the stage had just seeded: every
+    random draw after it (SEA's labels, dropout) moved, and the run that filled a cache trained to other numbers
+    than its rerun, which read it."""
+    colours = write_colour_set(tmp_path / "colours", n=8)
+    model = frozen(tiny_model)
+    torch.manual_seed(0)
+    attach(model, colours["pretrain"], tmp_path / "cache")
+    assert shards(tmp_path / "cache")  # filled here
+    after_fill = torch.rand(3)
+    torch.manual_seed(0)
+    assert torch.equal(after_fill, torch.rand(3))

@@ -328,11 +328,14 @@ def decoded_batches(
     read (a ``DataError``) is left out of its batch with its error, for the caller to skip; ``raise_unreadable``
     raises the first of a batch instead, naming it, as a read in this process did. ``sizes``: each readable
     image's size as stored, read in the worker too (:func:`image_size`). ``prepare`` runs in the workers: a module
-    function or a ``functools.partial`` of one, holding no model."""
+    function or a ``functools.partial`` of one, holding no model. The loader draws its workers' seeds from a
+    generator of its own: from torch's global stream, a feature-cache fill before training moved every random draw
+    after it (SEA's label sampling, dropout), so the run that filled a cache trained to other numbers than its rerun."""
     loader = DataLoader(
         _Prepared(paths, prepare, sizes),
         batch_size=batch_size,
         collate_fn=_collate,
+        generator=torch.Generator().manual_seed(0),  # nothing here is random: the seed only keeps the stream apart
         num_workers=(workers := loader_workers(num_workers, device)),
         pin_memory=device.type == "cuda",
         prefetch_factor=4 if workers else None,
