@@ -175,3 +175,14 @@ def note_size(sizes: list[int], tensor: torch.Tensor) -> torch.Tensor:
     """A saved-tensors hook: count what autograd keeps for the backward."""
     sizes.append(tensor.numel())
     return tensor
+
+
+def test_checkpointing_a_tower_that_cannot_checkpoint_is_refused_before_anything_trains():
+    """``gradient_checkpointing: [llm, vision]`` on the demo's EfficientNet-Lite (or ReVision's dual-encoder tower)
+    was refused when the finetuning stage began, after pretraining had trained."""
+    cfg = compose("model=tiny", "stages.finetune.gradient_checkpointing=[llm,vision]")
+    model = build_model(cfg.model)
+    check_stages_fit_model(cfg, ["pretrain", "finetune"], model)  # a transformers tower checkpoints
+    model.vision.model = torch.nn.Identity()  # a tower of no transformers model
+    with pytest.raises(ConfigError, match=r"stages.finetune.gradient_checkpointing: model.vision \(Identity\) cannot"):
+        check_stages_fit_model(cfg, ["pretrain", "finetune"], model)

@@ -54,7 +54,7 @@ from alignlm.training.stages import (
     lora_exclusions,
     lora_matches,
 )
-from alignlm.training.trainer import build_objectives, checkpointing_parts
+from alignlm.training.trainer import build_objectives, checkpointable, checkpointing_parts
 from alignlm.training.zero import STAGES as ZERO_STAGES
 
 _LLAVA_BUILDERS = ("alignlm.export.hf_llava.vision_from_llava", "alignlm.export.hf_llava.llm_from_llava")
@@ -1023,7 +1023,7 @@ def check_stages_fit_model(cfg: DictConfig, stages: Sequence[str], model: AlignL
     text (the stage's dataset refused it then). Those targets must also leave a module the part's output depends on
     once its inert ones are excluded (peft found no module to adapt when the stage began), and every module they adapt
     must be a layer LoRA can adapt (peft refused it when the stage began) whose weights no other module shares (a
-    tied LM head: ``final/`` was not the model trained). No stage trains the LLM's input embedding table while a copy
+    tied LM head: ``final/`` was not the model trained). Each part a stage checkpoints can checkpoint. No stage trains the LLM's input embedding table while a copy
     of it is in use (:func:`_check_input_embedding_copies`). ``model``: built from ``cfg.model``, nothing loaded."""
     exclusions: dict[str, list[str]] = {}  # each part's, probed once for all stages
     for name in stages:
@@ -1041,6 +1041,11 @@ def check_stages_fit_model(cfg: DictConfig, stages: Sequence[str], model: AlignL
                 _check_lora_layers(f"{key}.lora.target_modules", plain(targets), module, part, adapted)
                 _check_lora_untied(key, plain(targets), module, part, adapted)
         _check_input_embedding_copies(key, stage, model, adapted_by_part.get("llm", []))
+        for part in checkpointing_parts(stage.get("gradient_checkpointing") or False):
+            try:  # a tower that cannot checkpoint had been refused when its stage began, after the ones before trained
+                checkpointable(model, part, f"{key}.gradient_checkpointing")
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         max_length, tokens = stage.data.get("max_length", 2048), model.num_image_tokens
         if max_length <= tokens and _has_images(stage.data):
             raise ConfigError(

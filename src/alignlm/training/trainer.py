@@ -1203,11 +1203,19 @@ def enable_checkpointing(model: AlignLM, setting: Any) -> None:
     if not setting:
         return
     for part in checkpointing_parts(setting):
-        module = lora_base(getattr(model, part))  # under a LoRA part's peft wrapper, whose .model is the part itself
-        inner = getattr(module, "model", module)  # an HFVisionTower wraps the transformers model
-        if not hasattr(inner, "gradient_checkpointing_enable"):
-            raise ValueError(f"stage.gradient_checkpointing: model.{part} ({type(inner).__name__}) cannot checkpoint")
-        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpointable(model, part, "stage.gradient_checkpointing").gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+
+
+def checkpointable(model: AlignLM, part: str, key: str) -> Any:
+    """The transformers model of ``part`` that checkpoints its layers; a part that cannot (EfficientNet-Lite, the
+    offline dual encoder's tower) is refused, naming ``key``: the start-up checks ask first, before any stage trains."""
+    module = lora_base(getattr(model, part))  # under a LoRA part's peft wrapper, whose .model is the part itself
+    inner = getattr(module, "model", module)  # an HFVisionTower wraps the transformers model
+    if not hasattr(inner, "gradient_checkpointing_enable"):
+        raise ValueError(f"{key}: model.{part} ({type(inner).__name__}) cannot checkpoint")
+    return inner
 
 
 def compile_llm_layers(model: AlignLM, checkpointed: bool = False) -> None:
