@@ -790,3 +790,14 @@ def test_dual_encoder_labels_with_workers_equal_the_serial_ones_an_unreadable_im
     (folder / "images" / "shapes_train_00001.png").write_bytes(b"not a png")
     with pytest.raises(DataError, match="shapes_train_00001"):
         from_dual_encoder([str(folder / "pretrain.json")], 2, _PatchEncoder(), ["a"], batch_size=3, num_workers=2)
+
+
+def test_the_sea_objective_without_its_labels_hook_is_refused_before_anything_trains(tmp_path):
+    """``+objective@stages.finetune.objectives.sea=sea`` on a recipe without the labels hook was refused when the
+    finetuning stage began, after pretraining had trained."""
+    from alignlm.checks import check_config
+    from alignlm.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"stages.finetune.objectives.sea needs the data hook .*SeaLabelHook among"):
+        check_config(compose(f"output_dir={tmp_path}", "+exp=demo", "+objective@stages.finetune.objectives.sea=sea"))
+    check_config(compose(f"output_dir={tmp_path}", "+exp=sea"))  # the recipe has it

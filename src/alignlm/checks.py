@@ -864,7 +864,26 @@ def _check_objectives(key: str, stage: DictConfig) -> None:
             check_keys(f"{key}.objectives.{name}", node, allowed)
         if knobs:
             check_knob_types(f"{key}.objectives.{name}", cls, node)
+        _check_needed_hooks(key, name, cls, stage)
         _check_objective_builds(key, name, stage)
+
+
+def _check_needed_hooks(key: str, name: str, cls: type, stage: DictConfig) -> None:
+    """The objective's ``needs_hooks`` are among the stage's data hooks (null ones are off): an objective of per-image
+    labels without the hook that reads them was refused when its stage began, after the stages before it trained."""
+    hooks = _mapping(f"{key}.data.hooks", (stage.get("data") or {}).get("hooks"), null=True) or {}
+    built = [
+        import_target(f"{key}.data.hooks.{h}", _mapping(f"{key}.data.hooks.{h}", node))
+        for h, node in hooks.items()
+        if node is not None
+    ]
+    for need in getattr(cls, "needs_hooks", ()):
+        if not any(isinstance(hook, type) and issubclass(hook, need) for hook in built):
+            raise ConfigError(
+                f"{key}.objectives.{name} needs the data hook {need.__module__}.{need.__qualname__} among "
+                f"{key}.data.hooks, which has {sorted(hooks)}: its loss reads what that hook puts in the batch (a "
+                "recipe that uses it shows how: configs/exp/)"
+            )
 
 
 def _check_objective_builds(key: str, name: str, stage: DictConfig) -> None:

@@ -56,6 +56,9 @@ class Objective(nn.Module):
     metric_names: tuple[str, ...] = ()
     # the fewest samples a micro-batch needs for the loss to mean anything (a transport or contrast across pairs)
     min_batch_size: int = 1
+    # data hooks (classes) the stage must have, one of each, for what the loss reads (per-image labels): the config
+    # check refuses a stage without one before anything trains, which ``setup`` found only when that stage began
+    needs_hooks: tuple[type, ...] = ()
 
     def setup(self, model: nn.Module, dataset: Any) -> None:
         """Called once by the trainer after the model and the stage's dataset exist, before the first step.

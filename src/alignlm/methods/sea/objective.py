@@ -86,6 +86,7 @@ class SEAObjective(Objective):
 
     name = "sea"
     requires_batch_keys = ("sea_words", "sea_scores")
+    needs_hooks = (SeaLabelHook,)  # the labels: a labels file from alignlm sea-labels or the sea_labels prepare step
     metric_names = ("acc",)
     # what of the LLM's input embedding table it copies once: the config check (checks.py) refuses a stage of this
     # objective that trains the table, which the copy would not follow
