@@ -312,3 +312,10 @@ def test_a_prepare_steps_or_data_hooks_knob_is_checked_before_any_step_runs(tmp_
     image and caption embedded), and a hook's when its stage built its data."""
     with pytest.raises(ConfigError, match=re.escape(message)):
         check_config(compose(f"output_dir={tmp_path}", "+exp=revision", override))
+
+
+def test_the_feature_cache_beside_a_hook_that_replaces_the_images_is_refused_at_start_up(tmp_path):
+    """ReVision's caption embeddings stand in for the images: with the cache on too, the stage refused it when it built
+    its data, after the prepare steps had fitted an encoder and embedded every image and caption."""
+    with pytest.raises(ConfigError, match=r"hooks.text_embeds \(TextEmbeddingHook\) already replaces the images"):
+        check_config(compose(f"output_dir={tmp_path}", "+exp=revision", "stages.pretrain.data.feature_cache=true"))

@@ -802,7 +802,7 @@ def _check_stage_choices(key: str, stage: DictConfig, part_modes: Mapping[str, t
     _flag(f"{key}.data.packing", data.get("packing", "auto"), ("auto",))
     for name in ("group_by_length", "preference"):
         _flag(f"{key}.data.{name}", data.get(name, False))
-    _check_feature_cache(key, data.get("feature_cache", False), modes.get("vision", "frozen"))
+    _check_feature_cache(key, data.get("feature_cache", False), modes.get("vision", "frozen"), data.get("hooks"))
 
 
 def _check_template_args(key: str, data: DictConfig) -> None:
@@ -821,9 +821,11 @@ def _check_template_args(key: str, data: DictConfig) -> None:
     check_knob_types(f"{key}.data.template_args", cls, args)
 
 
-def _check_feature_cache(key: str, cache: Any, vision: str) -> None:
+def _check_feature_cache(key: str, cache: Any, vision: str, hooks: Any = None) -> None:
     """``data.feature_cache`` (``training/feature_cache.py``): true, a folder, or false / null (off); only for a
-    frozen tower, whose features do not change (the stage had refused a trained one after the stages before it)."""
+    frozen tower, whose features do not change (the stage had refused a trained one after the stages before it), and
+    not beside a data hook that replaces the images itself (refused when the stage built its data, after the prepare
+    steps had run)."""
     if not (cache is None or isinstance(cache, bool) or (isinstance(cache, str) and cache)):
         raise ConfigError(
             f"{key}.data.feature_cache={cache!r} must be true (the folder output_dir/feature_cache), a folder, or "
@@ -834,6 +836,13 @@ def _check_feature_cache(key: str, cache: Any, vision: str) -> None:
             f"{key}.data.feature_cache={cache!r} caches a frozen tower's features, but {key}.parts.vision={vision} "
             "trains the tower: turn one of them off"
         )
+    for name, node in (hooks or {}).items() if cache and isinstance(hooks, Mapping) else ():
+        hook = import_target(f"{key}.data.hooks.{name}", node) if isinstance(node, Mapping) else None
+        if getattr(hook, "replaces_visuals", False):
+            raise ConfigError(
+                f"{key}.data.feature_cache={cache!r}: the data hook {key}.data.hooks.{name} ({hook.__name__}) already "
+                "replaces the images of this stage; turn one of them off"
+            )
 
 
 def _check_objectives(key: str, stage: DictConfig) -> None:
