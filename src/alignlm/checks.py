@@ -802,7 +802,7 @@ def _check_stage_choices(key: str, stage: DictConfig, part_modes: Mapping[str, t
     _flag(f"{key}.data.packing", data.get("packing", "auto"), ("auto",))
     for name in ("group_by_length", "preference"):
         _flag(f"{key}.data.{name}", data.get(name, False))
-    _check_feature_cache(key, data.get("feature_cache", False), modes.get("vision", "frozen"), data.get("hooks"))
+    _check_feature_cache(key, data.get("feature_cache", False), modes.get("vision", "frozen"), _hook_targets(key, data))
 
 
 def _check_template_args(key: str, data: DictConfig) -> None:
@@ -821,11 +821,11 @@ def _check_template_args(key: str, data: DictConfig) -> None:
     check_knob_types(f"{key}.data.template_args", cls, args)
 
 
-def _check_feature_cache(key: str, cache: Any, vision: str, hooks: Any = None) -> None:
+def _check_feature_cache(key: str, cache: Any, vision: str, hooks: Mapping[str, Any] | None = None) -> None:
     """``data.feature_cache`` (``training/feature_cache.py``): true, a folder, or false / null (off); only for a
     frozen tower, whose features do not change (the stage had refused a trained one after the stages before it), and
     not beside a data hook that replaces the images itself (refused when the stage built its data, after the prepare
-    steps had run)."""
+    steps had run). ``hooks``: the stage's, as :func:`_hook_targets` gives them."""
     if not (cache is None or isinstance(cache, bool) or (isinstance(cache, str) and cache)):
         raise ConfigError(
             f"{key}.data.feature_cache={cache!r} must be true (the folder output_dir/feature_cache), a folder, or "
@@ -836,8 +836,7 @@ def _check_feature_cache(key: str, cache: Any, vision: str, hooks: Any = None) -
             f"{key}.data.feature_cache={cache!r} caches a frozen tower's features, but {key}.parts.vision={vision} "
             "trains the tower: turn one of them off"
         )
-    for name, node in (hooks or {}).items() if cache and isinstance(hooks, Mapping) else ():
-        hook = import_target(f"{key}.data.hooks.{name}", node) if isinstance(node, Mapping) else None
+    for name, hook in (hooks or {}).items() if cache else ():
         if getattr(hook, "replaces_visuals", False):
             raise ConfigError(
                 f"{key}.data.feature_cache={cache!r}: the data hook {key}.data.hooks.{name} ({hook.__name__}) already "
@@ -880,19 +879,25 @@ def _check_objectives(key: str, stage: DictConfig) -> None:
 def _check_needed_hooks(key: str, name: str, cls: type, stage: DictConfig) -> None:
     """The objective's ``needs_hooks`` are among the stage's data hooks (null ones are off): an objective of per-image
     labels without the hook that reads them was refused when its stage began, after the stages before it trained."""
-    hooks = _mapping(f"{key}.data.hooks", (stage.get("data") or {}).get("hooks"), null=True) or {}
-    built = [
-        import_target(f"{key}.data.hooks.{h}", _mapping(f"{key}.data.hooks.{h}", node))
-        for h, node in hooks.items()
-        if node is not None
-    ]
+    hooks = _hook_targets(key, stage.get("data"))
     for need in getattr(cls, "needs_hooks", ()):
-        if not any(isinstance(hook, type) and issubclass(hook, need) for hook in built):
+        if not any(isinstance(hook, type) and issubclass(hook, need) for hook in hooks.values()):
             raise ConfigError(
                 f"{key}.objectives.{name} needs the data hook {need.__module__}.{need.__qualname__} among "
                 f"{key}.data.hooks, which has {sorted(hooks)}: its loss reads what that hook puts in the batch (a "
                 "recipe that uses it shows how: configs/exp/)"
             )
+
+
+def _hook_targets(key: str, data: Any) -> dict[str, Any]:
+    """The data hooks of the stage at ``key`` that are on (null: off), each the class or function its ``_target_``
+    names, imported: what the checks of the objectives that need a hook and of the feature cache look at."""
+    hooks = _mapping(f"{key}.data.hooks", (data or {}).get("hooks"), null=True) or {}
+    return {
+        name: import_target(f"{key}.data.hooks.{name}", _mapping(f"{key}.data.hooks.{name}", node))
+        for name, node in hooks.items()
+        if node is not None
+    }
 
 
 def _check_objective_builds(key: str, name: str, stage: DictConfig) -> None:
@@ -1051,8 +1056,8 @@ def check_stages_fit_model(cfg: DictConfig, stages: Sequence[str], model: AlignL
     text (the stage's dataset refused it then). Those targets must also leave a module the part's output depends on
     once its inert ones are excluded (peft found no module to adapt when the stage began), and every module they adapt
     must be a layer LoRA can adapt (peft refused it when the stage began) whose weights no other module shares (a
-    tied LM head: ``final/`` was not the model trained). Each part a stage checkpoints can checkpoint. No stage trains the LLM's input embedding table while a copy
-    of it is in use (:func:`_check_input_embedding_copies`). ``model``: built from ``cfg.model``, nothing loaded."""
+    tied LM head: ``final/`` was not the model trained). Each part a stage checkpoints can checkpoint. No stage trains
+    the LLM's input embedding table while a copy of it is in use (:func:`_check_input_embedding_copies`). ``model``: built from ``cfg.model``, nothing loaded."""
     exclusions: dict[str, list[str]] = {}  # each part's, probed once for all stages
     for name in stages:
         key, stage = f"stages.{name}", cfg.stages[name]

@@ -330,7 +330,8 @@ def decoded_batches(
     image's size as stored, read in the worker too (:func:`image_size`). ``prepare`` runs in the workers: a module
     function or a ``functools.partial`` of one, holding no model. The loader draws its workers' seeds from a
     generator of its own: from torch's global stream, a feature-cache fill before training moved every random draw
-    after it (an objective's label sampling, dropout), so the run that filled a cache trained to other numbers than its rerun."""
+    after it (an objective's label sampling, dropout), so the run that filled a cache trained to other numbers than
+    its rerun."""
     loader = DataLoader(
         _Prepared(paths, prepare, sizes),
         batch_size=batch_size,

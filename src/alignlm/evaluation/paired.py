@@ -117,14 +117,15 @@ def pairing_notes(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
     """What a reader of ``b``'s paired differences against ``a`` must know: the shared set names scored from other
     files (left out), and the scoring settings that differ on the sets that are paired (decoding, limit, seed, answer
     length, template: a difference then measures them too)."""
+    other = other_questions(a, b)
     notes = [
         f"{name}: {b['label']} read {b['sets'][name]['file']['path']}, {a['label']} read "
         f"{a['sets'][name]['file']['path']}, other questions under the same ids: not paired"
-        for name in other_questions(a, b)
+        for name in other
     ]
-    for name in sorted(a["sets"].keys() & b["sets"].keys()):
+    for name in sorted(a["sets"].keys() & b["sets"].keys() - set(other)):
         ka, kb = a["sets"][name].get("scored_with"), b["sets"][name].get("scored_with")
-        if name in other_questions(a, b) or not ka or not kb:
+        if not ka or not kb:
             continue
         changed = [
             f"{k} {kb.get(k)!r} against {ka.get(k)!r}" for k in sorted(ka.keys() | kb.keys()) if ka.get(k) != kb.get(k)

@@ -484,7 +484,7 @@ def evaluate_checkpoint(
         "sets": {
             s["name"]: {
                 **kept[name],
-                "file": {"path": os.path.abspath(s["path"]), "sha256": file_sha256(Path(s["path"]))},
+                "file": _set_file(s["path"], keys.get(name)),
                 "scored_with": {**set_knobs(ecfg, s["kind"]), "template": data_cfg.get("template")},
             }
             for name, s in pieces.items()
@@ -494,6 +494,13 @@ def evaluate_checkpoint(
     probe = dict(kept.get("probe") or {})
     features = probe.pop("features", {})
     return result | probe, features
+
+
+def _set_file(path: str, key: Mapping[str, Any] | None) -> dict[str, str]:
+    """A set's file as its result records it: its absolute path and SHA-256, read off the set's piece key where the
+    pieces are kept (:meth:`Parts.key` hashed it already), else hashed here."""
+    at, digest = key["file"] if key else (os.path.abspath(path), file_sha256(Path(path)))
+    return {"path": at, "sha256": digest}
 
 
 def piece_key(parts: Parts, s: Mapping[str, Any] | None, plan: Plan, ecfg: Mapping[str, Any]) -> dict[str, Any]:
