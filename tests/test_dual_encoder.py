@@ -57,7 +57,7 @@ def test_fit_heads_learns_the_temperature_unless_it_is_fixed():
     assert learnt.logit_scale.item() != pytest.approx(math.log(1 / 0.07))
     assert fixed.logit_scale.item() == pytest.approx(math.log(100.0))
     assert not torch.equal(fixed.image_head.weight, head_before)
-    with pytest.raises(ValueError, match="temperature must be in"):
+    with pytest.raises(ValueError, match=r"temperature=0.0 must be a finite number in \(0, 1\] \(or null: learnt\)"):
         fit_heads(_Heads(), img, txt, epochs=1, temperature=0.0)
     # a schedule sized with a last batch of one pair, which is skipped, ended at a quarter of the peak rate
     ends: list[float] = []
@@ -86,8 +86,9 @@ def test_fit_heads_learns_the_temperature_unless_it_is_fixed():
         ({"epochs": -1}, "epochs=-1 must be a whole number >= 1"),
         ({"batch_size": 0}, "batch_size=0 must be a whole number >= 2"),
         ({"batch_size": 1}, "batch_size=1 must be a whole number >= 2"),  # once: untrained heads, loss 0.0
-        ({"limit": 0}, r"limit=0 must be a whole number >= 1 \(or null: all\)"),
+        ({"limit": 0}, "limit=0 must be a whole number >= 1"),
         ({"lr": float("inf")}, "lr=inf must be a finite number > 0"),
+        ({"temperature": 0.0}, r"temperature=0.0 must be a finite number in \(0, 1\]"),
     ],
 )
 def test_fit_refuses_counts_below_one_before_the_towers_load(tmp_path, knob, message):

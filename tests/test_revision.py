@@ -124,7 +124,7 @@ def test_embed_noise_perturbs_each_caption_reproducibly_and_stays_on_the_sphere(
     assert 0.4 < cos < 0.95  # 32 coordinates of std 0.1: noise of norm ~0.57 against a unit vector
     assert torch.equal(b, again[5]["image_embeds"][0]) and torch.equal(b[0], b[-1])  # one draw, on every token
     assert not torch.equal(b, other[5]["image_embeds"][0])
-    with pytest.raises(DataError, match="embed_noise must be >= 0"):
+    with pytest.raises(DataError, match="embed_noise=-0.1 must be a finite number >= 0"):
         build_dataset(revision_data(colour_set, folder, embed_noise=-0.1), model, seed=0)
 
 

@@ -314,6 +314,34 @@ def test_a_prepare_steps_or_data_hooks_knob_is_checked_before_any_step_runs(tmp_
         check_config(compose(f"output_dir={tmp_path}", "+exp=revision", override))
 
 
+@pytest.mark.parametrize(
+    ("exp", "override", "message"),
+    [
+        ("revision", "revision.covariance=-1", "prepare.revision_realign.covariance=-1 must be a finite number >= 0"),
+        ("revision", "revision.embed_noise=-1", "hooks.text_embeds.embed_noise=-1 must be a finite number >= 0"),
+        ("revision", "revision.batch_size=0", "prepare.revision_embeddings.batch_size=0 must be a whole number >= 1"),
+        # a knob of the dual-encoder fit a step makes: by its name, type and bounds, one level down
+        ("revision", "revision.fit.temperature=0", "revision_encoder.fit.temperature=0 must be a finite number in (0, 1]"),
+        ("revision", "revision.fit.batch_size=1", "revision_encoder.fit.batch_size=1 must be a whole number >= 2"),
+        ("revision", "+revision.fit.epoch=3", "revision_encoder.fit.epoch is not a known setting; did you mean 'epochs'?"),
+        ("revision", "revision.fit.lr=fast", "revision_encoder.fit.lr='fast' must be a float"),
+        ("sea", "stages.pretrain.prepare.sea_labels.k=0", "prepare.sea_labels.k=0 must be a whole number >= 1"),
+        ("aligngpt", "stages.pretrain.prepare.aligngpt_levels.num_levels=1", "num_levels=1 must be a whole number >= 2"),
+        ("aligngpt", "+stages.pretrain.prepare.aligngpt_levels.fit.dim=0", "aligngpt_levels.fit.dim=0 must be a whole"),
+        ("sima", "stages.dpo.prepare.sima.temperature=0", "prepare.sima.temperature=0 must be a finite number > 0"),
+        ("sima", "stages.dpo.prepare.sima.samples=0", "prepare.sima.samples=0 must be a whole number >= 1"),
+    ],
+)
+def test_a_prepare_steps_or_hooks_value_out_of_its_bounds_is_refused_before_any_step_runs(
+    tmp_path, exp, override, message
+):
+    """Each was refused when its step ran or its stage built its data, after the steps before it had run (a dual
+    encoder fitted, every image embedded): the bounds are declared once beside the argument (``config.Bounds``) and
+    read by the start-up check, the command-line flag and the code that uses the value."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_config(compose(f"output_dir={tmp_path}", f"+exp={exp}", override))
+
+
 def test_the_feature_cache_beside_a_hook_that_replaces_the_images_is_refused_at_start_up(tmp_path):
     """ReVision's caption embeddings stand in for the images: with the cache on too, the stage refused it when it built
     its data, after the prepare steps had fitted an encoder and embedded every image and caption."""

@@ -28,7 +28,17 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from transformers import GenerationConfig, GenerationMixin
 
-from alignlm.config import ConfigError, compose, composed, config_roots, default_keys, plain
+from alignlm.config import (
+    ConfigError,
+    KnobsOf,
+    check_bounds,
+    compose,
+    composed,
+    config_roots,
+    default_keys,
+    knob_annotations,
+    plain,
+)
 from alignlm.data import GENERATORS, generator_knobs
 from alignlm.data.images import MAX_PIXELS, check_aspect_ratio
 from alignlm.data.llava import check_error_policy
@@ -942,12 +952,16 @@ def import_target(key: str, node: Mapping[str, Any]) -> Any:
 
 def _check_call_knobs(key: str, node: Any) -> None:
     """A prepare step or data hook (null: off) names a function or class that imports, and its knobs are arguments
-    of it of their annotated types: these are called or built only when their stage comes (a prepare step after the
+    of it (:func:`_check_knobs_of`): these are called or built only when their stage comes (a prepare step after the
     steps before it, a hook when its stage builds its data), so a misspelt knob or a string for a number had failed
     after the work before them had run (an encoder fitted, every image embedded)."""
-    if node is None:
-        return
-    target = import_target(key, _mapping(key, node))
+    if node is not None:
+        _check_knobs_of(key, import_target(key, _mapping(key, node)), node)
+
+
+def _check_knobs_of(key: str, target: Any, node: Mapping[str, Any]) -> None:
+    """The keys of ``node`` (``_``-prefixed ones aside) are arguments of ``target``, a function or class, unless it
+    takes any (``**kwargs``), and hold values of their annotated types and bounds (:func:`check_knob_types`)."""
     try:
         params = inspect.signature(target).parameters.values()
     except (TypeError, ValueError):  # a built-in (time.sleep) tells no signature: its call checks its arguments
@@ -962,31 +976,32 @@ def _check_call_knobs(key: str, node: Any) -> None:
 _KNOB_TYPES: dict[Any, tuple[type, ...]] = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}
 
 
-def check_knob_types(key: str, cls: Any, node: DictConfig) -> None:
+def check_knob_types(key: str, cls: Any, node: Mapping[str, Any]) -> None:
     """Each knob of ``node`` whose constructor argument (or function argument, ``cls`` being a function) is annotated
     ``bool``, ``int``, ``float`` or ``str`` (or one of them or None) holds such a value: ``gather: "no"`` or
     ``temperature: "0.07"`` failed only when the stage built its objectives, after the stages before it had trained.
-    Other annotations are the constructor's own business."""
-    try:
-        hints = typing.get_type_hints(cls.__init__ if isinstance(cls, type) else cls)
-    except Exception:  # noqa: BLE001 - an annotation this module cannot resolve: nothing to check by type
-        return
-    for knob, hint in hints.items():
-        if knob not in node or knob == "return":
+    An annotation ``Annotated[..., Bounds(...)]`` bounds a number (``k: 0`` had been refused when its prepare step
+    ran, after the steps before it); ``Annotated[..., KnobsOf(fn)]`` makes a mapping's keys ``fn``'s arguments,
+    checked the same way. Other annotations are the constructor's own business."""
+    for knob, (hint, extras) in knob_annotations(cls).items():
+        if knob not in node:
             continue
         args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-        if not all(a in _KNOB_TYPES or a is type(None) for a in args):
-            continue
         value = node[knob]
-        ok = any(
+        if all(a in _KNOB_TYPES or a is type(None) for a in args) and not any(
             value is None
             if a is type(None)
             else isinstance(value, _KNOB_TYPES[a]) and (a is bool or not isinstance(value, bool))
             for a in args
-        )
-        if not ok:
+        ):
             wanted = " or ".join("null" if a is type(None) else a.__name__ for a in args)
             raise ConfigError(f"{key}.{knob}={value!r} must be a {wanted}")
+        for of in (e.target for e in extras if isinstance(e, KnobsOf) and value is not None):
+            _check_knobs_of(f"{key}.{knob}", of, _mapping(f"{key}.{knob}", value))
+    try:
+        check_bounds(cls, node, f"{key}.")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _check_init_from(cfg: DictConfig, stage: str, before: list[str]) -> None:

@@ -7,9 +7,14 @@ and the commands compose the tree with ``compose``. Nothing here knows a model, 
 from __future__ import annotations
 
 import importlib.resources
+import math
+import numbers
 import os
+import types
+import typing
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +28,85 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 class ConfigError(ValueError):
     """A value of the composed config that cannot work, found before anything is built; the message names the key
     and what it may be (``alignlm train`` prints it without a traceback)."""
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The values a number knob takes: finite, at least ``low`` (above it where ``low_open``), at most ``high``.
+    Written once, beside the argument it bounds (``k: Annotated[int, Bounds(1)] = 5``), and read by each check of
+    that knob: the start-up checks of a recipe (``checks.check_knob_types``), before the prepare steps and stages
+    before it have run; a command-line flag of the same knob (``commands/_flags``); the code that uses it
+    (:meth:`check`). A prepare step's bad value had been refused only when that step ran, after the work before it."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+
+    def __str__(self) -> str:
+        """``> 0``, ``>= 2``, ``in (0, 1]``: what follows "a finite number" in a message."""
+        if self.high < math.inf:
+            return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
+        return f"{'>' if self.low_open else '>='} {self.low:g}"
+
+    def holds(self, value: Any, whole: bool = False) -> bool:
+        """``value`` is a number (a whole one where ``whole``; never a bool or a string) within the bounds."""
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral if whole else numbers.Real):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        return math.isfinite(value) and above and value <= self.high
+
+    def problem(self, value: Any, whole: bool = False) -> str | None:
+        """What is wrong with ``value`` (``must be a whole number >= 2``), or None where it holds."""
+        if self.holds(value, whole):
+            return None
+        return f"must be a {'whole' if whole else 'finite'} number {self}"
+
+    def check(self, key: str, value: Any, whole: bool = False, note: str = "") -> None:
+        """Refuse ``value`` of the knob ``key`` (a ValueError naming both) unless it holds."""
+        problem = self.problem(value, whole)
+        if problem:
+            raise ValueError(f"{key}={value!r} {problem}{note}")
+
+
+@dataclass(frozen=True)
+class KnobsOf:
+    """A mapping knob that holds keyword arguments of ``target`` (``fit: Annotated[dict | None, KnobsOf(fit)]``): the
+    start-up checks check its keys, types and bounds as they check a step's own knobs."""
+
+    target: Callable[..., Any]
+
+
+def knob_annotations(target: Any) -> dict[str, tuple[Any, tuple[Any, ...]]]:
+    """Each annotated argument of the function ``target`` (of its constructor, a class): its type and the metadata
+    of ``Annotated[type, ...]`` (``Bounds``, ``KnobsOf``; none for a plain annotation). Empty where an annotation
+    does not resolve: nothing to check by it."""
+    try:
+        hints = typing.get_type_hints(target.__init__ if isinstance(target, type) else target, include_extras=True)
+    except Exception:  # noqa: BLE001 - an annotation this module cannot resolve
+        return {}
+    hints.pop("return", None)
+    return {
+        knob: (typing.get_args(hint)[0], typing.get_args(hint)[1:])
+        if typing.get_origin(hint) is typing.Annotated
+        else (hint, ())
+        for knob, hint in hints.items()
+    }
+
+
+def check_bounds(target: Any, values: Mapping[str, Any], where: str = "") -> None:
+    """Each of ``values`` (an argument of ``target`` -> its value; None passes) within the ``Bounds`` its annotation
+    declares (a whole number where annotated ``int``), else a ValueError naming ``where`` + the argument: the check
+    of the code that takes them, for callers the start-up checks never saw (the command line, Python)."""
+    for knob, (hint, extras) in knob_annotations(target).items():
+        value = values.get(knob)
+        for bounds in (e for e in extras if isinstance(e, Bounds)):
+            if value is not None:
+                bounds.check(f"{where}{knob}", value, whole=int in _union_args(hint))
+
+
+def _union_args(hint: Any) -> tuple[Any, ...]:
+    """``(int, NoneType)`` of ``int | None``; ``(int,)`` of ``int``."""
+    return typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
 
 
 def config_dir() -> Path:

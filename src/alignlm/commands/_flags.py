@@ -6,51 +6,35 @@ import argparse
 import math
 from collections.abc import Callable
 
+from alignlm.config import Bounds
 from alignlm.models.device import device_problem
 
 
-def whole_number(low: int) -> Callable[[str], int]:
-    """argparse ``type=`` of a count: a whole number >= ``low``. Zero and negative counts once ran on and did nothing
-    (``--limit 0`` measured nothing and exited 0) or failed late with a traceback, after the long pass."""
-
-    def check(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = low - 1
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= {low}")
-        return value
-
-    return check
-
-
-def number(low: float, high: float = math.inf, *, low_open: bool = True) -> Callable[[str], float]:
-    """argparse ``type=`` of a rate, a temperature or a shrinkage: a finite number in ``(low, high]`` (``[low, high]``
-    where not ``low_open``), refused before the pass that would read it (a dual encoder's features, ReAlign's
-    shards) rather than after."""
+def within(bounds: Bounds, whole: bool = False) -> Callable[[str], float]:
+    """argparse ``type=`` of a number within ``bounds`` (a whole one where ``whole``: a count), refused before the
+    pass that would read it (a dual encoder's features, ReAlign's shards) rather than after. Zero and negative counts
+    once ran on and did nothing (``--limit 0`` measured nothing and exited 0). A flag that sets a config knob shares
+    the knob's ``Bounds``."""
 
     def check(text: str) -> float:
         try:
-            value = float(text)
+            value: float = int(text) if whole else float(text)
         except ValueError:
             value = math.nan
-        if not (math.isfinite(value) and (value > low if low_open else value >= low) and value <= high):
-            where = (
-                f"{'(' if low_open else '['}{low:g}, {high:g}]"
-                if high < math.inf
-                else f"{'>' if low_open else '>='} {low:g}"
-            )
-            raise argparse.ArgumentTypeError(
-                f"{text!r} is not a finite number {'in ' if high < math.inf else ''}{where}"
-            )
+        if not bounds.holds(value, whole):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole' if whole else 'finite'} number {bounds}")
         return value
 
     return check
 
 
+def whole_number(low: int) -> Callable[[str], float]:
+    """argparse ``type=`` of a count: a whole number >= ``low`` (returned as an int)."""
+    return within(Bounds(low), whole=True)
+
+
 positive_int = whole_number(1)  # a limit, a batch size, samples, epochs
-positive_float = number(0.0)  # a rate, a temperature
+positive_float = within(Bounds(0, low_open=True))  # a rate, a temperature
 
 
 def add_trust_flags(p: argparse.ArgumentParser) -> None:

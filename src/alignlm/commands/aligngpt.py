@@ -14,8 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from alignlm.commands._flags import positive_int, whole_number
-from alignlm.methods.aligngpt.levels import LevelLabels, make_levels
+from alignlm.commands._flags import positive_int, within
+from alignlm.methods.aligngpt.levels import LEVELS, LevelLabels, make_levels
 
 
 def register(subparsers: Any) -> None:
@@ -27,7 +27,7 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument(
         "--levels",
-        type=whole_number(2),
+        type=within(LEVELS, whole=True),
         default=8,
         help="L: equal-count bins of the image-text cosine (model.extras.align_levels.num_levels)",
     )

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from alignlm.commands._flags import number, positive_float, positive_int
+from alignlm.commands._flags import positive_float, positive_int, whole_number, within
 from alignlm.methods.revision.embed import collect_images, collect_texts, embed_items
-from alignlm.methods.revision.realign import CHUNK_ROWS, THREADS, ReAlignStats, apply, fit
+from alignlm.methods.revision.realign import CHUNK_ROWS, SHRINKAGE, THREADS, ReAlignStats, apply, fit
 from alignlm.models.device import default_device
-from alignlm.models.encoder_fit import fit_encoder
+from alignlm.models.encoder_fit import TEMPERATURE, fit_encoder
 from alignlm.models.encoders import load_encoder
 
 
@@ -126,7 +126,7 @@ def _register_realign(subparsers: argparse._SubParsersAction) -> None:
     f.add_argument("--threads", type=positive_int, default=THREADS, help="intra-op threads of the streaming passes")
     f.add_argument(
         "--covariance",
-        type=number(0.0, low_open=False),
+        type=within(SHRINKAGE),
         default=None,
         metavar="SHRINKAGE",
         help="match the images' covariance, not only their trace (an extension of the paper; "
@@ -184,7 +184,7 @@ def _register_dual_encoder(subparsers: argparse._SubParsersAction) -> None:
     f.add_argument("--dim", type=positive_int, default=256, help="shared embedding width")
     f.add_argument("--image-size", type=positive_int, default=224, help="EfficientNet input side (a multiple of 32)")
     f.add_argument("--epochs", type=positive_int, default=40, help="passes over the training pairs")
-    f.add_argument("--batch-size", type=positive_int, default=256, help="pairs per InfoNCE batch")
+    f.add_argument("--batch-size", type=whole_number(2), default=256, help="pairs per InfoNCE batch")
     f.add_argument(
         "--lr", type=positive_float, default=1e-3, help="peak learning rate of the heads (AdamW, one-cycle schedule)"
     )
@@ -194,7 +194,7 @@ def _register_dual_encoder(subparsers: argparse._SubParsersAction) -> None:
     f.add_argument("--device", default=None, help="default: cuda when present, else cpu")
     f.add_argument(
         "--temperature",
-        type=number(0.0, 1.0),
+        type=within(TEMPERATURE),
         default=None,
         help="fix the InfoNCE temperature (e.g. 0.01, CLIP's final value, keeps a modality gap); "
         "default: learnt from 0.07",

@@ -22,13 +22,14 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from alignlm.config import Bounds, check_bounds
 from alignlm.data.feature_cache import file_stamp
 from alignlm.data.images import load_rgb
 from alignlm.data.records import MISSING_IMAGE, DataError, image_paths, iter_records, record_caption
@@ -38,6 +39,7 @@ from alignlm.models.device import default_device
 from alignlm.models.encoders import MANIFEST, OfflineDualEncoder
 
 PROVENANCE = "provenance"  # the manifest's record of how the heads were fitted (the key prepare steps' files use too)
+TEMPERATURE = Bounds(0, 1, low_open=True)  # a fixed InfoNCE temperature (the flag, the prepare steps' knob)
 FIT_KNOBS = ("dim", "image_size", "epochs", "batch_size", "lr", "limit", "name", "seed", "temperature")
 
 
@@ -75,8 +77,7 @@ def fit_heads(
     if temperature is None:
         params.append(model.logit_scale)
     else:
-        if not 0 < temperature <= 1:
-            raise ValueError(f"dual-encoder temperature must be in (0, 1] (or null: learnt), got {temperature}")
+        TEMPERATURE.check("dual-encoder temperature", temperature, note=" (or null: learnt)")
         with torch.no_grad():
             model.logit_scale.fill_(math.log(1 / temperature))
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -185,24 +186,6 @@ def evaluate(model: OfflineDualEncoder, img_feats: Tensor, txt_feats: Tensor, ca
     return {"n": len(captions), "modality_gap": modality_gap(img, txt), **grouped_recall(img, txt, captions)}
 
 
-def _check_fit_args(dim: int, image_size: int, epochs: int, batch_size: int, limit: int | None, lr: float) -> None:
-    """Counts are whole numbers >= 1 (``limit`` may be None: all pairs; ``batch_size`` >= 2, as InfoNCE contrasts a
-    pair with the others of its batch) and ``lr`` a finite number > 0, checked before the towers load: ``dim=0``
-    fitted a chance-level encoder and exited 0, ``epochs=0`` or ``batch_size=0`` failed after the frozen features were
-    computed, ``batch_size=1`` skipped every batch and wrote the untrained heads with a loss of 0.0."""
-    counts = {"dim": dim, "image_size": image_size, "epochs": epochs, "batch_size": batch_size, "limit": limit}
-    for key, value in counts.items():
-        least = 2 if key == "batch_size" else 1
-        if (value is not None or key != "limit") and (
-            isinstance(value, bool) or not isinstance(value, int) or value < least
-        ):
-            raise ValueError(
-                f"dual-encoder {key}={value!r} must be a whole number >= {least}" + " (or null: all)" * (key == "limit")
-            )
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
-        raise ValueError(f"dual-encoder lr={lr!r} must be a finite number > 0")
-
-
 # -------------------------------------------------------------------------------------------- provenance
 
 
@@ -261,16 +244,16 @@ def fit_encoder(
     out: str | Path,
     *,
     held_out: Sequence[str | Path] = (),
-    dim: int = 256,
-    image_size: int = 224,
-    epochs: int = 40,
-    batch_size: int = 256,
-    lr: float = 1e-3,
-    limit: int | None = None,
+    dim: Annotated[int, Bounds(1)] = 256,
+    image_size: Annotated[int, Bounds(1)] = 224,
+    epochs: Annotated[int, Bounds(1)] = 40,
+    batch_size: Annotated[int, Bounds(2)] = 256,
+    lr: Annotated[float, Bounds(0, low_open=True)] = 1e-3,
+    limit: Annotated[int | None, Bounds(1)] = None,
     name: str = "alignlm-lit-effnet-minilm",
     seed: int = 0,
     device: str | None = None,
-    temperature: float | None = None,
+    temperature: Annotated[float | None, TEMPERATURE] = None,
     image_root: str | Path | None = None,
 ) -> dict[str, Any]:
     """Fit the heads on caption records, report held-out gap and recall, and write the folder; returns the report.
@@ -283,9 +266,11 @@ def fit_encoder(
     The manifest records the knobs and the digests of the training data (:func:`fit_knobs`, :func:`fit_inputs`),
     taken before the fit reads them.
     """
-    _check_fit_args(dim=dim, image_size=image_size, epochs=epochs, batch_size=batch_size, limit=limit, lr=lr)
     knobs = {"dim": dim, "image_size": image_size, "epochs": epochs, "batch_size": batch_size, "lr": lr}
     knobs |= {"limit": limit, "name": name, "seed": seed, "temperature": temperature}
+    # before the towers load: dim=0 fitted a chance-level encoder and exited 0, epochs=0 failed after the frozen
+    # features were computed, batch_size=1 (InfoNCE contrasts a pair with the rest of its batch) skipped every batch
+    check_bounds(fit_encoder, knobs, "dual-encoder ")
     images, texts = _pairs(train, limit, image_root)
     _check_pairs(f"train={[str(p) for p in train]}" + f" (limit={limit})" * (limit is not None), images, 2)
     record = {"knobs": knobs, "inputs": _inputs(train, images)}

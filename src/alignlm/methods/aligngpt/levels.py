@@ -22,13 +22,14 @@ import logging
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from alignlm.config import Bounds, KnobsOf
 from alignlm.data.images import decoded_batches
 from alignlm.data.records import DataError, image_names, image_paths, iter_records, record_caption
 from alignlm.files import PartialRows, partial_folder, replace_text, sole_writer
@@ -42,11 +43,13 @@ from alignlm.methods.provenance import (
     stamps_digest,
 )
 from alignlm.models.device import default_device
+from alignlm.models.encoder_fit import fit_encoder
 from alignlm.models.encoders import DualEncoder, device_of, image_steps, load_encoder
 
 log = logging.getLogger(__name__)
 
 FORMAT = "alignlm.aligngpt_levels"
+LEVELS = Bounds(2)  # num_levels: AlignGPT needs two levels at least (the flag, the knob)
 VERSION = 1
 
 
@@ -54,8 +57,7 @@ def equal_count_levels(scores: np.ndarray, num_levels: int) -> tuple[np.ndarray,
     """Levels ``0..L-1`` by rank (bin sizes differ by at most one; ties keep input order) and the ``L-1`` bin edges."""
     scores = np.asarray(scores, dtype=np.float64)
     n = len(scores)
-    if num_levels < 2:
-        raise ValueError(f"num_levels={num_levels}: AlignGPT needs at least 2 levels")
+    LEVELS.check("num_levels", num_levels, whole=True, note=": AlignGPT needs at least 2 levels")
     if n < num_levels:
         raise DataError(f"{n} scored pairs cannot fill {num_levels} equal-count levels; give more data or fewer levels")
     order = np.argsort(scores, kind="stable")
@@ -162,8 +164,8 @@ def make_levels(
     out: str | Path,
     data: Sequence[str | Path],
     encoder: str | DualEncoder,
-    num_levels: int = 8,
-    batch_size: int = 64,
+    num_levels: Annotated[int, LEVELS] = 8,
+    batch_size: Annotated[int, Bounds(1)] = 64,
     image_root: str | Path | None = None,
     device: str | None = None,
 ) -> Path:
@@ -257,11 +259,11 @@ def ensure_levels(
     out: str | Path,
     data: Sequence[str | Path],
     encoder: str | DualEncoder,
-    num_levels: int = 8,
-    batch_size: int = 64,
+    num_levels: Annotated[int, LEVELS] = 8,
+    batch_size: Annotated[int, Bounds(1)] = 64,
     image_root: str | Path | None = None,
     device: str | None = None,
-    fit: dict[str, Any] | None = None,
+    fit: Annotated[dict[str, Any] | None, KnobsOf(fit_encoder)] = None,
 ) -> Path:
     """The ``aligngpt_levels`` prepare step: write the levels file when it is missing or what it was made from
     changed (the data regenerated under the same ids, another or a refitted encoder); a file of another

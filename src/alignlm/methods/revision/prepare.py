@@ -20,19 +20,21 @@ import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+from alignlm.config import Bounds, KnobsOf
 from alignlm.methods.provenance import KEY, changed_inputs, ensure_fitted_encoder, strings_digest
 from alignlm.methods.revision.embed import collect_images, collect_texts, embed_items
-from alignlm.methods.revision.realign import ReAlignStats, fit
+from alignlm.methods.revision.realign import SHRINKAGE, ReAlignStats, fit
 from alignlm.methods.revision.shards import list_shards
 from alignlm.models.device import default_device
+from alignlm.models.encoder_fit import fit_encoder
 from alignlm.models.encoders import load_encoder
 
 log = logging.getLogger(__name__)
 
 
-def ensure_encoder(encoder: str, fit: Mapping[str, Any] | None = None) -> None:
+def ensure_encoder(encoder: str, fit: Annotated[Mapping[str, Any] | None, KnobsOf(fit_encoder)] = None) -> None:
     """Fit the offline dual encoder into ``encoder`` when ``fit`` is set and the folder holds none, or one fitted on
     other data (a folder fitted with other ``revision.fit`` knobs is refused: ``provenance.ensure_fitted_encoder``)."""
     ensure_fitted_encoder(encoder, fit, "revision_encoder", "revision.fit")
@@ -43,8 +45,8 @@ def ensure_embeddings(
     embeddings: str,
     images: Sequence[str],
     texts: Sequence[str],
-    shard_size: int = 10_000,
-    batch_size: int = 64,
+    shard_size: Annotated[int, Bounds(1)] = 10_000,
+    batch_size: Annotated[int, Bounds(1)] = 64,
     device: str | None = None,
 ) -> None:
     """Image and caption embedding shards in ``embeddings``/images and /texts; finished shards are checked and kept."""
@@ -70,7 +72,7 @@ def shards_inputs(embeddings: str | Path) -> dict[str, str]:
     }
 
 
-def ensure_realign(embeddings: str, realign: str | None, covariance: float | None = None) -> None:
+def ensure_realign(embeddings: str, realign: str | None, covariance: Annotated[float | None, SHRINKAGE] = None) -> None:
     """ReAlign's statistics of the image and caption shards, written to ``realign`` when missing or fitted on other
     shards (other items, captions, images, encoder weights or encoder name; null: no ReAlign).
 

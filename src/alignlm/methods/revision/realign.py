@@ -43,11 +43,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from alignlm.config import Bounds
 from alignlm.files import replace_file
 from alignlm.methods.revision.shards import Shard, list_shards, shard_metadata, write_shard
 
 EPS_TRACE = 1e-10  # the paper's s = sqrt(T_x / (T_y + 1e-10))
 CHUNK_ROWS = 256  # rows widened to float64 at once: 256 x 768 x 8 B = 1.5 MiB, stays in cache across the ops
+SHRINKAGE = Bounds(0)  # the Anchor + Covariance step's shrinkage of the text covariance (the flag, the knob)
 THREADS = 1  # intra-op threads of the streaming passes (module doc: memory-bound, one process)
 FORMAT = "alignlm.realign/1"
 
@@ -186,8 +188,7 @@ def _sym_power(c: Tensor, power: float) -> Tensor:
 
 def covariance_map(image: Moments, text: Moments, shrinkage: float) -> Tensor:
     """``A = C_x^1/2 (C_y + shrinkage * T_y/D * I)^-1/2``: the Anchor + Covariance matrix (see the module doc)."""
-    if not shrinkage >= 0:
-        raise ValueError(f"ReAlign covariance shrinkage must be >= 0 (or null: the trace step), got {shrinkage}")
+    SHRINKAGE.check("ReAlign covariance shrinkage", shrinkage, note=" (or null: the trace step)")
     c_y = text.covariance
     dim = c_y.shape[0]
     c_y = c_y + shrinkage * text.trace / dim * torch.eye(dim, dtype=torch.float64)

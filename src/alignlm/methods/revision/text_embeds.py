@@ -21,17 +21,20 @@ from __future__ import annotations
 import logging
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
 
+from alignlm.config import Bounds
 from alignlm.data.hooks import HookedDataset, SampleHook
 from alignlm.data.records import DataError, Source
 from alignlm.methods.revision.realign import ReAlignStats
 from alignlm.methods.revision.shards import ShardTable
 
 log = logging.getLogger(__name__)
+
+NOISE = Bounds(0)  # embed_noise: a standard deviation
 
 
 class TextEmbeddingHook(SampleHook):
@@ -40,10 +43,14 @@ class TextEmbeddingHook(SampleHook):
     replaces_visuals = True
 
     def __init__(
-        self, text_embeds: str | Path, model: Any, realign: str | Path | None = None, embed_noise: float = 0.0
+        self,
+        text_embeds: str | Path,
+        model: Any,
+        realign: str | Path | None = None,
+        embed_noise: Annotated[float, NOISE] = 0.0,
     ) -> None:
-        if embed_noise < 0:
-            raise DataError(f"embed_noise must be >= 0 (a standard deviation per coordinate), got {embed_noise}")
+        if problem := NOISE.problem(embed_noise):
+            raise DataError(f"embed_noise={embed_noise!r} {problem} (a standard deviation per coordinate)")
         vision = model.vision
         self.embed_noise = float(embed_noise)
         self.table = ShardTable(text_embeds)

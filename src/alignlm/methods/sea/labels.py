@@ -30,14 +30,14 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from alignlm.config import ConfigError
+from alignlm.config import Bounds, ConfigError
 from alignlm.data.images import check_aspect_ratio, decoded_batches, prepared
 from alignlm.data.records import MISSING_IMAGE, DataError, record_images
 from alignlm.files import PartialRows, partial_folder, replace_file, sole_writer
@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 VERSION = 1
 META_KEY = "alignlm.sea_labels"
 DEFAULT_NAME = "sea_labels.safetensors"
+CANDIDATES = Bounds(1)  # k, the candidate words kept per patch
 SORT_ROWS = 1024  # images sorted at once when writing: bounds the sort's temporaries, whatever the set's size
 
 
@@ -586,13 +587,14 @@ def label_provenance(
     make labels."""
     if not data:
         raise ValueError("SEA labels need at least one data file (LLaVA JSON) whose images to label")
-    if k < 1:
-        raise ValueError(f"k={k}: keep at least one candidate word per patch")
+    CANDIDATES.check("k", k, whole=True, note=": keep at least one candidate word per patch")
     arguments = source_arguments(source, data, k, knobs)
     return arguments, {"knobs": label_knobs(source, k, arguments), "inputs": label_inputs(out, data, arguments)}
 
 
-def make_labels(out: str | Path, source: str, data: Sequence[str | Path], k: int = 5, **knobs: Any) -> Path:
+def make_labels(
+    out: str | Path, source: str, data: Sequence[str | Path], k: Annotated[int, CANDIDATES] = 5, **knobs: Any
+) -> Path:
     """Compute labels from a source and write them to ``out`` with what they were made from; the one entry the CLI
     and the pipeline call."""
     out = Path(out)
@@ -606,7 +608,9 @@ def make_labels(out: str | Path, source: str, data: Sequence[str | Path], k: int
     return path
 
 
-def ensure_labels(path: str | Path, source: str, data: Sequence[str | Path], k: int = 5, **knobs: Any) -> Path:
+def ensure_labels(
+    path: str | Path, source: str, data: Sequence[str | Path], k: Annotated[int, CANDIDATES] = 5, **knobs: Any
+) -> Path:
     """The ``sea_labels`` prepare step: write the labels file from this recipe when it is missing or what it was made
     from changed since (the data regenerated under the same paths, an encoder refitted); a file made with other knobs
     is refused, naming the knob. Another process making it is waited for (``files.sole_writer``)."""
