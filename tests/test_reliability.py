@@ -44,6 +44,7 @@ from alignlm.data.records import TOO_LONG, DataError, Source, record_images
 from alignlm.data.templates import get_template, special_ids, to_turns, tokenize
 from alignlm.models.io import UnsafeConfigError, config_yaml, load_checkpoint_config, load_model, safe_model_config
 from alignlm.models.probes import load_probe_set
+from alignlm.objectives.lm import LMObjective
 from alignlm.pipeline import run
 from alignlm.training import checkpoint as ckpt
 from alignlm.training.trainer import StopTraining, Trainer, TrainingError
@@ -265,6 +266,42 @@ def test_a_skipped_step_leaves_a_trained_batchnorm_towers_running_statistics_as_
     running = [k for k in final if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
     assert running and all(torch.equal(final[k], after_step_1[k]) for k in running)
     assert all(v.isfinite().all() for v in final.values() if v.is_floating_point())
+
+
+class CountingLM(LMObjective):
+    """The LM loss, with a persistent buffer its forward moves (as a running mean or a queue would be)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, batch, out, model):
+        self.calls += 1
+        return super().forward(batch, out, model)
+
+
+def test_a_skipped_step_leaves_an_objectives_buffers_as_they_were(colour_set, tmp_path):
+    """A non-finite step had kept back the model's buffers but not an objective's: a running statistic a forward moved
+    (an EMA going to inf) stayed moved, and was written into every later checkpoint. The count here moves once per
+    forward: step 2 is skipped, so it stays at the first step's."""
+    cfg = compose(
+        *tiny_overrides(colour_set, tmp_path, "eval.sets=[]"),
+        "run=[pretrain]",
+        f"stages.pretrain.objectives.lm._target_={__name__}.CountingLM",
+        "~stages.pretrain.objectives.lm.weight",
+        "stages.pretrain.lr.connector=1e30",
+        "stages.pretrain.warmup_ratio=0",
+        "stages.pretrain.max_grad_norm=0",
+        "stages.pretrain.max_steps=3",
+        "stages.pretrain.grad_accum=1",
+        "stages.pretrain.save_every=1",
+        "nonfinite.stop_after=0",
+    )
+    run(cfg)
+    assert json.loads((tmp_path / "t" / "summary.json").read_text())["stages"]["pretrain"]["nonfinite_steps"] == [2, 3]
+    held = tmp_path / "t" / "pretrain" / "checkpoints"
+    calls = [int(load_file(held / f"step_00000{s}" / "objectives.safetensors")["lm.calls"]) for s in (1, 2)]
+    assert calls == [1, 1]
 
 
 @pytest.mark.parametrize("fused", [True, False])

@@ -346,9 +346,11 @@ class Trainer:
         else:
             self.model, self.optimizer = acc.prepare(model, optimizer)
         self.start_step, self.skipped = self._maybe_resume()
-        # what a forward in training mode moves besides the weights (BatchNorm's running statistics): kept back from a
-        # step that updates nothing (``step``)
-        self.moving = list(trained_buffers(self.core()).values())
+        # what a forward in training mode moves besides the weights (BatchNorm's running statistics, an objective's
+        # running mean or queue): kept back from a step that updates nothing (``step``)
+        kept = set(self.objective_modules.state_dict())  # a buffer registered persistent=False is rebuilt, never saved
+        held = [b for n, b in self.objective_modules.named_buffers() if n in kept]
+        self.moving = [*trained_buffers(self.core()).values(), *held]
 
     def _store_frozen_in_half_precision(self, model: AlignLM) -> None:
         """Frozen weights run in half-precision storage under mixed precision, without re-casting their weights at
