@@ -16,6 +16,7 @@ from alignlm import checks
 from alignlm.checks import check_config
 from alignlm.commands import console
 from alignlm.config import ConfigError, config_dir
+from alignlm.data.hooks import SampleHook
 from alignlm.data.records import DataError
 from alignlm.pipeline import resolve_strategy, run
 from tests.conftest import compose, pretrain_on
@@ -321,12 +322,24 @@ def test_a_prepare_steps_or_data_hooks_knob_is_checked_before_any_step_runs(tmp_
         ("revision", "revision.embed_noise=-1", "hooks.text_embeds.embed_noise=-1 must be a finite number >= 0"),
         ("revision", "revision.batch_size=0", "prepare.revision_embeddings.batch_size=0 must be a whole number >= 1"),
         # a knob of the dual-encoder fit a step makes: by its name, type and bounds, one level down
-        ("revision", "revision.fit.temperature=0", "revision_encoder.fit.temperature=0 must be a finite number in (0, 1]"),
+        (
+            "revision",
+            "revision.fit.temperature=0",
+            "revision_encoder.fit.temperature=0 must be a finite number in (0, 1]",
+        ),
         ("revision", "revision.fit.batch_size=1", "revision_encoder.fit.batch_size=1 must be a whole number >= 2"),
-        ("revision", "+revision.fit.epoch=3", "revision_encoder.fit.epoch is not a known setting; did you mean 'epochs'?"),
+        (
+            "revision",
+            "+revision.fit.epoch=3",
+            "revision_encoder.fit.epoch is not a known setting; did you mean 'epochs'?",
+        ),
         ("revision", "revision.fit.lr=fast", "revision_encoder.fit.lr='fast' must be a float"),
         ("sea", "stages.pretrain.prepare.sea_labels.k=0", "prepare.sea_labels.k=0 must be a whole number >= 1"),
-        ("aligngpt", "stages.pretrain.prepare.aligngpt_levels.num_levels=1", "num_levels=1 must be a whole number >= 2"),
+        (
+            "aligngpt",
+            "stages.pretrain.prepare.aligngpt_levels.num_levels=1",
+            "num_levels=1 must be a whole number >= 2",
+        ),
         ("aligngpt", "+stages.pretrain.prepare.aligngpt_levels.fit.dim=0", "aligngpt_levels.fit.dim=0 must be a whole"),
         ("sima", "stages.dpo.prepare.sima.temperature=0", "prepare.sima.temperature=0 must be a finite number > 0"),
         ("sima", "stages.dpo.prepare.sima.samples=0", "prepare.sima.samples=0 must be a whole number >= 1"),
@@ -340,6 +353,39 @@ def test_a_prepare_steps_or_hooks_value_out_of_its_bounds_is_refused_before_any_
     read by the start-up check, the command-line flag and the code that uses the value."""
     with pytest.raises(ConfigError, match=re.escape(message)):
         check_config(compose(f"output_dir={tmp_path}", f"+exp={exp}", override))
+
+
+class NoModelHook(SampleHook):
+    """A hook whose constructor lacks the ``model`` its builder passes."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model/connector=linear", "model.connector.bias=no"], "model.connector.bias='no' must be a bool"),
+        (["+model.connector.dept=3"], "model.connector.dept is not a known setting; did you mean 'depth'?"),
+        (["+model.connector.in_dim=3"], "model.connector.in_dim is set by its builder (from the model), not by"),
+        (["+model.llm.hiden_size=8"], "model.llm.hiden_size is not a known setting; did you mean 'hidden_size'?"),
+        (["model.llm.num_hidden_layers=two"], "model.llm.num_hidden_layers='two' must be an int"),
+        (
+            ["+exp=aligngpt", "+model.extras.align_levels.num_level=3"],
+            "model.extras.align_levels.num_level is not a known setting; did you mean 'num_levels'?",
+        ),
+        (
+            [f"+stages.pretrain.data.hooks.q._target_={__name__}.NoModelHook", "+stages.pretrain.data.hooks.q.path=x"],
+            f"stages.pretrain.data.hooks.q._target_='{__name__}.NoModelHook' takes no argument 'model', which its",
+        ),
+    ],
+)
+def test_a_model_parts_or_hooks_knob_is_checked_before_the_prepare_steps(tmp_path, overrides, message):
+    """The model is first built when the first stage starts, after every prepare step (hours for a method's encoder):
+    a misspelt connector knob failed there with exit status 1, ``bias: no`` built the bias (a non-empty string is
+    true), and a hook whose constructor takes no ``model`` failed when its stage built its data."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_config(compose(f"output_dir={tmp_path}", *overrides))
 
 
 def test_the_feature_cache_beside_a_hook_that_replaces_the_images_is_refused_at_start_up(tmp_path):

@@ -23,7 +23,6 @@ import torch
 from hydra._internal.utils import _locate
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
-from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from transformers import GenerationConfig, GenerationMixin
@@ -157,6 +156,7 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"distributed.stop_file={dist.stop_file!r} must be a file path, or null (off)")
     _check_switches_and_counts(cfg)
     _check_eval(cfg, known.get("eval", set()))
+    _check_llava_start(cfg)  # model.path first: the parts' knobs below read it
     _check_model_settings(cfg.model)
     _check_datasets(cfg)
     _check_monitor(cfg.get("monitor") or {})
@@ -167,7 +167,6 @@ def check_config(cfg: DictConfig) -> None:
         except (OSError, ValueError) as e:
             raise ConfigError(f"distributed.deepspeed_config={str(path)!r} is not a readable JSON file: {e}") from None
     _check_stage_keys(cfg, known)
-    _check_llava_start(cfg)
     parts = _part_modes(cfg.model)
     for i, stage in enumerate(cfg.run):
         _check_stage(f"stages.{stage}", cfg.stages[stage])
@@ -579,8 +578,15 @@ def check_generation_keys(generation: Mapping[str, Any] | None, key: str = "eval
 def _check_model_settings(model: Any) -> None:
     """What building the model checks of ``model`` (``models/build.py: check_model_settings``), before the offline
     sets and prepare steps run: a filter mode that does not exist, a token norm that is not a number > 0 or one the
-    connector does not take had been refused when the first stage built its model, after they ran (exit status 1)."""
+    connector does not take had been refused when the first stage built its model, after they ran (exit status 1).
+    The parts' knobs by name and annotated type, as an objective's (:func:`_check_call_knobs`): a misspelt connector
+    knob had failed there too, and ``bias: no`` had built the bias (a non-empty string is true)."""
     _mapping("model.vision_artifacts", model.get("vision_artifacts"), null=True)
+    _check_call_knobs("model.vision", model.get("vision"))
+    _check_call_knobs("model.llm", model.get("llm"))
+    _check_call_knobs("model.connector", model.get("connector"), ("in_dim", "out_dim"))
+    for name, node in (_mapping("model.extras", model.get("extras"), null=True) or {}).items():
+        _check_call_knobs(f"model.extras.{name}", node, ("hidden_size", "num_visual_tokens", "embed_std"))
     try:
         check_model_settings(model)
     except ValueError as e:
@@ -750,7 +756,7 @@ def _part_modes(model: Any) -> dict[str, tuple[str, ...]]:
         if node is None:  # off
             continue
         try:
-            modes[name] = tuple(getattr(get_class(str(node.get("_target_"))), "TRAIN_MODES", MODES))
+            modes[name] = tuple(getattr(_locate(str(node.get("_target_"))), "TRAIN_MODES", MODES))
         except (ImportError, ValueError, AttributeError):
             modes[name] = ()
     return modes
@@ -800,7 +806,7 @@ def _check_stage_choices(key: str, stage: DictConfig, part_modes: Mapping[str, t
     check_aspect_ratio(data.get("image_aspect_ratio", "pad"), f"{key}.data.image_aspect_ratio")
     _whole(f"{key}.data.max_length", data.get("max_length", 2048))
     for name, node in (_mapping(f"{key}.data.hooks", data.get("hooks"), null=True) or {}).items():
-        _check_call_knobs(f"{key}.data.hooks.{name}", node)
+        _check_call_knobs(f"{key}.data.hooks.{name}", node, ("model",))
     for i, source in enumerate(_list(f"{key}.data.sources", data.get("sources", []), example="[{path: a.json}]")):
         Source.from_config(source, f"{key}.data.sources[{i}]")
     for name, default, note in (("max_image_pixels", MAX_PIXELS, "no limit"), ("pack_length", None, "max_length")):
@@ -950,24 +956,37 @@ def import_target(key: str, node: Mapping[str, Any]) -> Any:
     raise ConfigError(f"{key}._target_={target!r} cannot be imported: {why}")
 
 
-def _check_call_knobs(key: str, node: Any) -> None:
-    """A prepare step or data hook (null: off) names a function or class that imports, and its knobs are arguments
-    of it (:func:`_check_knobs_of`): these are called or built only when their stage comes (a prepare step after the
-    steps before it, a hook when its stage builds its data), so a misspelt knob or a string for a number had failed
-    after the work before them had run (an encoder fitted, every image embedded)."""
+def _check_call_knobs(key: str, node: Any, supplied: Sequence[str] = ()) -> None:
+    """A prepare step, data hook or model part (null: off) names a function or class that imports, and its knobs are
+    arguments of it (:func:`_check_knobs_of`): these are called or built only when their stage comes (a prepare step
+    after the steps before it, a hook when its stage builds its data, the model after every prepare step), so a
+    misspelt knob or a string for a number had failed after the work before them had run (an encoder fitted, every
+    image embedded). ``supplied``: the arguments its builder passes (a hook's ``model``, a connector's widths)."""
     if node is not None:
-        _check_knobs_of(key, import_target(key, _mapping(key, node)), node)
+        _check_knobs_of(key, import_target(key, _mapping(key, node)), node, supplied)
 
 
-def _check_knobs_of(key: str, target: Any, node: Mapping[str, Any]) -> None:
+def _check_knobs_of(key: str, target: Any, node: Mapping[str, Any], supplied: Sequence[str] = ()) -> None:
     """The keys of ``node`` (``_``-prefixed ones aside) are arguments of ``target``, a function or class, unless it
-    takes any (``**kwargs``), and hold values of their annotated types and bounds (:func:`check_knob_types`)."""
+    takes any (``**kwargs``), and hold values of their annotated types and bounds (:func:`check_knob_types`). It takes
+    the arguments its builder ``supplied`` (a hook without ``model`` had failed when its stage built its data), and
+    the config sets none of them (the builder's value had silently won)."""
     try:
         params = inspect.signature(target).parameters.values()
     except (TypeError, ValueError):  # a built-in (time.sleep) tells no signature: its call checks its arguments
         return
-    if not any(p.kind is p.VAR_KEYWORD for p in params):
-        check_keys(key, node, {p.name for p in params} | {k for k in node if str(k).startswith("_")})
+    names = {p.name for p in params}
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params)
+    lacks = [s for s in supplied if s not in names and not takes_any]
+    if lacks:
+        raise ConfigError(
+            f"{key}._target_={node.get('_target_')!r} takes no argument {lacks[0]!r}, which its builder passes: add "
+            f"it to the signature (docs/architecture.md, extension points)"
+        )
+    for given in (s for s in supplied if s in node):
+        raise ConfigError(f"{key}.{given} is set by its builder (from the model), not by the config: leave it out")
+    if not takes_any:
+        check_keys(key, node, names - set(supplied) | {k for k in node if str(k).startswith("_")})
     check_knob_types(key, target, node)
 
 
@@ -995,7 +1014,7 @@ def check_knob_types(key: str, cls: Any, node: Mapping[str, Any]) -> None:
             for a in args
         ):
             wanted = " or ".join("null" if a is type(None) else a.__name__ for a in args)
-            raise ConfigError(f"{key}.{knob}={value!r} must be a {wanted}")
+            raise ConfigError(f"{key}.{knob}={value!r} must be {'an' if wanted[0] in 'aeiou' else 'a'} {wanted}")
         for of in (e.target for e in extras if isinstance(e, KnobsOf) and value is not None):
             _check_knobs_of(f"{key}.{knob}", of, _mapping(f"{key}.{knob}", value))
     try:

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from hydra.utils import get_class
+from hydra._internal.utils import _locate
 from torch import nn
 
 from alignlm.config import instantiate
@@ -76,7 +76,7 @@ def check_model_settings(model_cfg: Mapping[str, Any]) -> None:
         raise ValueError(f"model.init_seed={seed!r} must be a whole number >= 0")
     vision = model_cfg.get("vision") or {}
     try:
-        tower = get_class(str(vision.get("_target_")))
+        tower = _locate(str(vision.get("_target_")))  # get_class logged an error for a function (model=llava_hf)
     except (ImportError, ValueError, AttributeError):
         tower = None  # building the tower names its target
     if isinstance(tower, type) and issubclass(tower, VisionTower):
@@ -85,7 +85,7 @@ def check_model_settings(model_cfg: Mapping[str, Any]) -> None:
     factor = token_norm_factor(model_cfg)
     target = (model_cfg.get("connector") or {}).get("_target_")
     try:
-        cls = get_class(str(target))
+        cls = _locate(str(target))
     except (ImportError, ValueError, AttributeError):
         return  # building the connector names its target
     setter = getattr(inspect.getattr_static(cls, "token_norm", None), "fset", None)
