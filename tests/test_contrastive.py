@@ -266,11 +266,11 @@ def test_a_fixed_temperature_is_config_not_checkpoint_state():
 def test_an_objective_returning_a_metric_it_does_not_declare_is_refused_naming_it():
     """Ranks reduce their logged values as one table: a metric logged by some micro-batches only would change its
     width on one rank, so every metric is declared in metric_names, and an undeclared one fails at once."""
-    from alignlm.objectives.base import LossTerm, check_metrics
+    from alignlm.objectives.base import LossTerm, check_term
 
     obj = ContrastiveObjective()
-    check_metrics("stage.objectives.contrastive", obj, LossTerm(torch.zeros(()), {"temperature": torch.ones(())}))
+    check_term("stage.objectives.contrastive", obj, LossTerm(torch.zeros(()), {"temperature": torch.ones(())}))
     with pytest.raises(
         ValueError, match=r"stage.objectives.contrastive \(ContrastiveObjective\) returned metrics \['x'\]"
     ):
-        check_metrics("stage.objectives.contrastive", obj, LossTerm(torch.zeros(()), {"x": torch.ones(())}))
+        check_term("stage.objectives.contrastive", obj, LossTerm(torch.zeros(()), {"x": torch.ones(())}))

@@ -7,6 +7,7 @@ import copy
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from alignlm.config import ConfigError, config_dir, config_roots
 from alignlm.data.build import build_dataset
 from alignlm.models.build import build_model
 from alignlm.models.connectors import Connector, ConnectorOutput
+from alignlm.objectives.base import LossTerm, Objective, check_term
 from alignlm.pipeline import run
 from tests.conftest import compose, make_batch, tiny_overrides
 
@@ -118,3 +120,64 @@ def test_a_connector_returning_other_than_its_num_tokens_is_named(tiny_model):
     model = tiny_model(f"model.connector._target_={__name__}.FourTokens", "~model.connector.depth")
     with pytest.raises(ValueError, match=re.escape("model.connector (FourTokens) returned 4 tokens per image, but its num_tokens(16) says 16")):  # fmt: skip
         model(make_batch(model, [2, 2]))
+
+
+class BareTensor(FourTokens):
+    """A connector that returns its tokens alone, not a ConnectorOutput."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+class RowAux(BareTensor):
+    """A connector whose auxiliary loss is one value per image, not reduced."""
+
+    def forward(self, x: torch.Tensor) -> ConnectorOutput:
+        tokens = self.proj(x)
+        return ConnectorOutput(tokens, aux_losses={"spread": tokens.pow(2).mean((1, 2))})
+
+
+@pytest.mark.parametrize(
+    ("connector", "message"),
+    [
+        ("BareTensor", "model.connector (BareTensor) returned a Tensor, not a ConnectorOutput"),
+        ("RowAux", "model.connector (RowAux) returned aux_losses['spread'] of a tensor of shape [2]: each is a 0-dim"),
+    ],
+)
+def test_a_connector_breaking_its_output_contract_is_named(tiny_model, connector, message):
+    """A bare tensor failed in the model with "'Tensor' object has no attribute 'tokens'", an auxiliary loss per
+    image in the backward with "grad can be implicitly created only for scalar outputs": neither named the connector."""
+    model = tiny_model(f"model.connector._target_={__name__}.{connector}", "~model.connector.depth")
+    with pytest.raises(TypeError, match=re.escape(message)):
+        model(make_batch(model, [1, 1]))
+
+
+class Returns(Objective):
+    """An objective that returns what it is given."""
+
+    def __init__(self, value: Any) -> None:
+        super().__init__()
+        self.value = value
+
+    def forward(self, batch, out, model):
+        return self.value
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (
+            LossTerm(torch.zeros(3)),
+            "returned a loss of a torch.float32 tensor of shape [3]: a LossTerm's loss is a 0-dim",
+        ),
+        (LossTerm(0.5), "returned a loss of a float: a LossTerm's loss is a 0-dim floating tensor"),
+        ({"loss": torch.zeros(())}, "returned a dict, not a LossTerm(loss, metrics)"),
+        (LossTerm(torch.zeros((), dtype=torch.long)), "returned a loss of a torch.int64 tensor of shape []"),
+    ],
+)
+def test_an_objective_breaking_its_output_contract_is_named(value, message):
+    """A loss per sample failed in the backward ("grad can be implicitly created only for scalar outputs"), a float or
+    a dict in the logging ("'float' object has no attribute 'detach'"), naming no objective."""
+    objective = Returns(value)
+    with pytest.raises(TypeError, match=re.escape(f"stages.s.objectives.mine (Returns) {message}")):
+        check_term("stages.s.objectives.mine", objective, objective(None, None, None))

@@ -83,13 +83,27 @@ def check_min_batch(objective: Any, per_device: Any, key: str) -> None:
         )
 
 
-def check_metrics(who: str, objective: Objective, term: LossTerm) -> None:
-    """Fail on a metric ``objective`` does not declare in ``metric_names``: other ranks would not log it, and the
-    all-reduce of the logged values needs the same columns on every rank (``who``: the objective's config key)."""
+def check_term(who: str, objective: Objective, term: Any) -> None:
+    """Fail on an output of ``objective`` that is not the contract's (``who``: its config key): a ``LossTerm``
+    whose loss is a 0-dim floating tensor (a loss per sample, a Python float or a dict had failed in the trainer's
+    backward or logging, naming no objective), with only the metrics its ``metric_names`` declare (other ranks would
+    not log another, and the all-reduce of the logged values needs the same columns on every rank). Host-side
+    metadata only: no device wait."""
+    name = f"{who} ({type(objective).__name__})"
+    if not isinstance(term, LossTerm):
+        raise TypeError(f"{name} returned a {type(term).__name__}, not a LossTerm(loss, metrics)")
+    loss = term.loss
+    if not (isinstance(loss, torch.Tensor) and loss.dim() == 0 and loss.is_floating_point()):
+        what = (
+            f"a {loss.dtype} tensor of shape {list(loss.shape)}"
+            if isinstance(loss, torch.Tensor)
+            else f"a {type(loss).__name__}"
+        )
+        raise TypeError(f"{name} returned a loss of {what}: a LossTerm's loss is a 0-dim floating tensor (reduce it)")
     undeclared = sorted(set(term.metrics) - set(objective.metric_names))
     if undeclared:
         raise ValueError(
-            f"{who} ({type(objective).__name__}) returned metrics {undeclared} that its metric_names "
+            f"{name} returned metrics {undeclared} that its metric_names "
             f"{list(objective.metric_names)} do not declare: declare every metric it may log"
         )
 

@@ -53,7 +53,7 @@ from alignlm.models.build import build_model
 from alignlm.models.io import config_yaml, trained_buffers
 from alignlm.models.mllm import VARLEN_ATTENTION, AlignLM, has_images
 from alignlm.models.precision import frozen_linears, hold_in_fp32, store_weight
-from alignlm.objectives.base import Objective, check_batch, check_metrics, check_min_batch
+from alignlm.objectives.base import Objective, check_batch, check_min_batch, check_term
 from alignlm.training import checkpoint as ckpt
 from alignlm.training import sharding, zero
 from alignlm.training.feature_cache import attach_feature_cache
@@ -509,7 +509,7 @@ class Trainer:
         share, global_share = shares
         for key, (obj, weight) in self.objectives.items():
             term = obj(batch, out, model)
-            check_metrics(f"stages.{self.name}.objectives.{key}", obj, term)
+            check_term(f"stages.{self.name}.objectives.{key}", obj, term)
             scale = 1.0 if obj.token_normalized else global_share if obj.global_batch else share
             total = total + weight * term.loss * scale
             if not obj.token_normalized:

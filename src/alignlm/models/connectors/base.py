@@ -68,7 +68,17 @@ class Connector(nn.Module):
 
 
 def _fix_token_norm(module: Connector, args: tuple, output: ConnectorOutput) -> ConnectorOutput:
-    """Rescale each visual token to ``module.token_norm`` (a hook, so subclasses need not remember to)."""
+    """Rescale each visual token to ``module.token_norm`` (a hook, so subclasses need not remember to), once the
+    output is checked to be the contract's: a connector returning a bare tensor, or an auxiliary loss that is no
+    scalar, had failed deep in the model or the trainer (``'Tensor' object has no attribute 'tokens'``, ``grad can
+    be implicitly created only for scalar outputs``), naming neither. Host-side metadata only: no device wait."""
+    who = f"model.connector ({type(module).__name__})"
+    if not isinstance(output, ConnectorOutput):
+        raise TypeError(f"{who} returned a {type(output).__name__}, not a ConnectorOutput(tokens, aux_losses, metrics)")
+    for key, aux in output.aux_losses.items():
+        if not (isinstance(aux, torch.Tensor) and aux.dim() == 0 and aux.is_floating_point()):
+            shape = f"a tensor of shape {list(aux.shape)}" if isinstance(aux, torch.Tensor) else type(aux).__name__
+            raise TypeError(f"{who} returned aux_losses[{key!r}] of {shape}: each is a 0-dim floating tensor")
     if module.token_norm is not None:
         output.tokens = F.normalize(output.tokens, dim=-1) * module.token_norm
     return output
