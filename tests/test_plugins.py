@@ -181,3 +181,28 @@ def test_an_objective_breaking_its_output_contract_is_named(value, message):
     objective = Returns(value)
     with pytest.raises(TypeError, match=re.escape(f"stages.s.objectives.mine (Returns) {message}")):
         check_term("stages.s.objectives.mine", objective, objective(None, None, None))
+
+
+class KeepsTheTower(Returns):
+    """An objective that keeps the model's tower as a submodule."""
+
+    def setup(self, model, dataset) -> None:
+        self.tower = model.vision
+
+
+def test_an_objective_holding_a_part_of_the_model_is_refused_naming_both(colour_set, tmp_path):
+    """Its weights became the objective's state: a frozen tower was written whole into every step checkpoint, and a
+    trained part failed with "some parameters appear in more than one parameter group", naming nothing."""
+    from alignlm.pipeline import make_accelerator
+    from alignlm.training.trainer import Trainer
+
+    cfg = compose(
+        *tiny_overrides(colour_set, tmp_path),
+        f"+stages.pretrain.objectives.keep._target_={__name__}.KeepsTheTower",
+        "+stages.pretrain.objectives.keep.value=null",
+    )
+    trainer = Trainer(cfg, "pretrain", make_accelerator(cfg))
+    with pytest.raises(
+        TypeError, match=r"stages.pretrain.objectives.keep \(KeepsTheTower\) holds the model's vision\."
+    ):
+        trainer.setup()

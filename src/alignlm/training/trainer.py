@@ -157,6 +157,23 @@ def start_scaler_afresh(scaler: torch.amp.GradScaler | None) -> None:
     scaler.load_state_dict(_FRESH_SCALERS.setdefault(scaler, scaler.state_dict()))
 
 
+def refuse_shared_state(objectives: Mapping[str, tuple[Objective, float]], model: torch.nn.Module, where: str) -> None:
+    """Refuse an objective that holds a part of the model as a submodule (``self.tower = model.vision`` in
+    ``setup``): its weights became the objective's, written whole into every step checkpoint (a frozen tower or
+    embedding table: gigabytes a save) or listed in two optimizer groups ("some parameters appear in more than one
+    parameter group", naming nothing). An objective keeps a reference to a model part out of its state as the DPO
+    reference does: ``object.__setattr__(self, "name", module)``."""
+    mine = {id(t): n for n, t in (*model.named_parameters(), *model.named_buffers())}
+    for key, (obj, _) in objectives.items():
+        for name, tensor in (*obj.named_parameters(), *obj.named_buffers()):
+            if id(tensor) in mine:
+                raise TypeError(
+                    f"{where}.{key} ({type(obj).__name__}) holds the model's {mine[id(tensor)]} as its own {name}: "
+                    "keep a model part out of an objective's state (object.__setattr__(self, name, part), as the DPO "
+                    "reference is kept), or read it from the model passed to forward()"
+                )
+
+
 def build_objectives(stage: Mapping[str, Any], where: str = "stage.objectives") -> dict[str, tuple[Objective, float]]:
     """Objectives of a stage with their weights: ``total = sum(weight * loss)``; null entries are off. ``where``: the
     key they sit at, as the config spells it (``stages.<name>.objectives``), named in the errors."""
@@ -311,6 +328,7 @@ class Trainer:
         self.monitor = AlignmentMonitor(cfg.get("monitor"), model, aspect_ratio_of(stage.data))
         for obj, _ in self.objectives.values():
             obj.setup(model, dataset)
+        refuse_shared_state(self.objectives, model, f"stages.{self.name}.objectives")
         # objectives by config key: their parameters train in their own optimizer group, their state resumes
         self.objective_modules = torch.nn.ModuleDict({k: o for k, (o, _) in self.objectives.items()}).to(acc.device)
         self.objective_params = [p for p in self.objective_modules.parameters() if p.requires_grad]
