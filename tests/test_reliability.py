@@ -44,6 +44,7 @@ from alignlm.data.records import TOO_LONG, DataError, Source, record_images
 from alignlm.data.templates import get_template, special_ids, to_turns, tokenize
 from alignlm.models.io import UnsafeConfigError, config_yaml, load_checkpoint_config, load_model, safe_model_config
 from alignlm.models.probes import load_probe_set
+from alignlm.objectives.base import LossTerm
 from alignlm.objectives.lm import LMObjective
 from alignlm.pipeline import run
 from alignlm.training import checkpoint as ckpt
@@ -302,6 +303,27 @@ def test_a_skipped_step_leaves_an_objectives_buffers_as_they_were(colour_set, tm
     held = tmp_path / "t" / "pretrain" / "checkpoints"
     calls = [int(load_file(held / f"step_00000{s}" / "objectives.safetensors")["lm.calls"]) for s in (1, 2)]
     assert calls == [1, 1]
+
+
+class NotFiniteLM(LMObjective):
+    """The LM loss times NaN."""
+
+    def forward(self, batch, out, model):
+        term = super().forward(batch, out, model)
+        return LossTerm(term.loss * float("nan"))
+
+
+def test_a_stage_of_only_non_finite_steps_says_so_not_bad_data(colour_set, tmp_path):
+    """It had been told as "every micro-batch was bad data", with no sample left out."""
+    cfg = compose(
+        *tiny_overrides(colour_set, tmp_path, "eval.sets=[]"),
+        "run=[pretrain]",
+        f"stages.pretrain.objectives.lm._target_={__name__}.NotFiniteLM",
+        "stages.pretrain.max_steps=2",
+        "nonfinite.stop_after=0",
+    )
+    with pytest.raises(TrainingError, match=re.escape("no step trained, every step's loss or gradient was not finite (steps [1, 2]")):  # fmt: skip
+        run(cfg)
 
 
 @pytest.mark.parametrize("fused", [True, False])

@@ -1040,9 +1040,15 @@ class Trainer:
         # the whole stage, every resumed segment included: the main process reads its log and every rank learns it
         trained = self.logged_losses() if acc.is_main_process else []
         if not gather_object([len(trained) if acc.is_main_process else None])[0]:
+            why = (  # a short stage of only non-finite steps had been told as one of bad data
+                f"every step's loss or gradient was not finite (steps {self.nonfinite}: lower the learning rate, or "
+                "check the objectives' weights)"
+                if self.nonfinite
+                else "every micro-batch was bad data"
+            )
             raise TrainingError(
-                f"stage {self.name}: no step trained, every micro-batch was bad data; nothing was "
-                f"written. Left out: {'; '.join(self.report.lines())}"
+                f"stage {self.name}: no step trained, {why}; nothing was written. Left out: "
+                f"{'; '.join(self.report.lines())}"
             )
         final = self.save_final()
         sps, tps, pps = meter.stage_rates()
