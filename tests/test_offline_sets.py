@@ -131,3 +131,31 @@ def test_cli_names_the_knobs_when_one_is_unknown(tmp_path, capsys):
     assert (
         "its knobs: ['image_size', 'n_test', 'limit']" in capsys.readouterr().err and not (tmp_path / "digits").exists()
     )
+
+
+def test_a_runs_own_eval_set_written_again_by_another_seed_is_refused_naming_the_command(tmp_path, monkeypatch):
+    """A seed sweep writes the shared data_root/digits again for each seed: seed 0's checkpoint, evaluated after the
+    seed-1 run on its run's own eval.sets, was scored on seed 1's test split, which holds most of seed 0's training
+    digits, without a word. The run's set written again with the command given is accepted."""
+    from alignlm.commands import main
+    from alignlm.config import ConfigError
+    from alignlm.evaluation.report import eval_sets
+
+    monkeypatch.chdir(tmp_path)
+    knobs = SMALL["digits"]
+    run = {  # what a checkpoint's config.yaml says of its offline sets and eval sets (paths relative to the run)
+        "seed": 0,
+        "data_root": "data",
+        "offline_datasets": ["digits"],
+        "offline_dataset_args": {"digits": knobs},
+        "eval": {"sets": [{"name": "digits", "path": "data/digits/test.json"}]},
+    }
+    GENERATORS["digits"](Path("data/digits"), seed=0, **knobs)
+    assert [s["name"] for s in eval_sets({}, run, "ck")] == ["digits"]
+    GENERATORS["digits"](Path("data/digits"), seed=1, **knobs)  # the next seed's run
+    with pytest.raises(ConfigError, match=r"ck: its run's eval set digits \(data/digits/test.json\) is in data/digits, written again since the run with seed=1 \(the run's: seed=0\)") as e:  # fmt: skip
+        eval_sets({}, run, "ck")
+    assert eval_sets({"sets": [{"name": "mine", "path": "data/digits/test.json"}]}, run, "ck")  # the user's choice
+    command = str(e.value).split("Write the run's set again (alignlm ")[1].split(")")[0]
+    assert main(command.split()) == 0
+    assert [s["name"] for s in eval_sets({}, run, "ck")] == ["digits"]

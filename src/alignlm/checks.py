@@ -315,8 +315,8 @@ def sweep_advice(said: str) -> str:
     command per value, each with its own ``run_name`` (the same one resumed, or refused, the first value's run)."""
     return (
         f"{said}, and alignlm train runs one configuration: run one command per value, each under its own run_name, "
-        "e.g. for s in 0 1 2; do alignlm train +exp=demo seed=$s run_name=demo_seed$s; done (a SLURM job array on a "
-        "cluster)"
+        "e.g. for s in 0 1 2; do alignlm train +exp=demo seed=$s run_name=demo_seed$s data_root=data/seed$s; done "
+        "(a SLURM job array on a cluster; the offline sets are drawn with the seed, each into its own data_root)"
     )
 
 

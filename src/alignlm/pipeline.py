@@ -35,7 +35,7 @@ from alignlm.checks import (
     prompt_changes,
 )
 from alignlm.config import ConfigError, instantiate
-from alignlm.data import GENERATORS, generator_defaults
+from alignlm.data import GENERATORS, offline_set_differences, offline_sets, offline_settings
 from alignlm.evaluation.evaluate import answer_accuracy
 from alignlm.files import LockHeld, release_lock, replace_text, take_lock
 from alignlm.models.build import build_model
@@ -230,39 +230,19 @@ def make_accelerator(cfg: DictConfig) -> Accelerator:
     return Accelerator(mixed_precision=mp, cpu=cpu, kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)])
 
 
-def offline_set_differences(info: Path, wanted: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """``{knob: (as written, as asked)}`` for every knob (and the ``seed``) in which the set whose ``info`` this is
-    differs from ``wanted``: the generator's defaults with the config's knobs over them, so a config back at the
-    defaults gets a set of the defaults, not the one an earlier config asked for. A knob the file does not record (a
-    set written before the generator had it, or before info.json recorded it) counts as differing: what an older
-    generator drew for it cannot be told, and regenerating costs one run of the generator (the prepare steps' files
-    made from the set follow their inputs' digests), where keeping it would serve a set nobody asked for."""
-    missing = "not recorded"
-    written = json.loads(info.read_text())
-    stored = {"seed": written.get("seed", missing), **(written.get("knobs") or {})}
-    asked = json.loads(json.dumps(wanted))  # as it reads back from info.json (tuples become lists)
-    return {
-        k: (stored.get(k, missing), asked.get(k, missing))
-        for k in [*asked, *(k for k in stored if k not in asked)]
-        if stored.get(k, missing) != asked.get(k, missing)
-    }
-
-
 def ensure_offline_datasets(cfg: DictConfig) -> None:
     """Generate the offline sets the config names (digits, shapes) when their folder has no info.json, or was written
     with another seed or other generator knobs than the defaults with ``offline_dataset_args`` over them (e.g.
     ``{shapes: {som: true}}``, or back to the defaults after it)."""
-    node = cfg.get("offline_dataset_args")
-    given = OmegaConf.to_container(node, resolve=True) if node is not None else {}
-    seed = int(cfg.seed)
     for name in cfg.offline_datasets:
         if name not in GENERATORS:
             raise ConfigError(f"offline_datasets has {name!r}; available: {sorted(GENERATORS)}")
-        out = Path(cfg.data_root) / name
-        args = dict(given.get(name) or {})
+    settings = offline_settings(cfg)
+    given = settings["offline_dataset_args"] or {}
+    for name, (out, wanted) in offline_sets(settings).items():
         info = out / "info.json"
         if info.exists():
-            differs = offline_set_differences(info, {**generator_defaults(name), **args, "seed": seed})
+            differs = offline_set_differences(info, wanted)
             if not differs:
                 continue
             get_logger("alignlm", 0).warning(
@@ -271,7 +251,7 @@ def ensure_offline_datasets(cfg: DictConfig) -> None:
                 ", ".join(f"{k}={was!r}" for k, (was, _) in differs.items()),
                 ", ".join(f"{k}={now!r}" for k, (_, now) in differs.items()),
             )
-        GENERATORS[name](out, seed=seed, **args)
+        GENERATORS[name](out, seed=wanted["seed"], **dict(given.get(name) or {}))
 
 
 def run_prepare_steps(cfg: DictConfig) -> None:

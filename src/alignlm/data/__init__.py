@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
 
 # name -> module with ``generate(out_dir, *, seed, **knobs) -> dict``, every knob with a default and recorded in the
 # info.json it writes; add a generator by adding a line.
@@ -33,3 +36,48 @@ def generator_defaults(name: str) -> dict[str, Any]:
 def generator_knobs(name: str) -> list[str]:
     """The knobs generator ``name`` takes: its keyword arguments besides the seed."""
     return list(generator_defaults(name))
+
+
+def offline_settings(cfg: Any) -> dict[str, Any]:
+    """What of a run's config (a ``DictConfig`` or a checkpoint's ``config.yaml`` as read) says which offline sets it
+    generates and how, resolved: the rest of it is not read."""
+    args = cfg.get("offline_dataset_args")
+    return {
+        "data_root": str(cfg.get("data_root", "data")),
+        "seed": cfg.get("seed", 0),
+        "offline_datasets": list(cfg.get("offline_datasets") or []),
+        "offline_dataset_args": OmegaConf.to_container(args, resolve=True) if isinstance(args, DictConfig) else args,
+    }
+
+
+def offline_sets(cfg: Mapping[str, Any]) -> dict[str, tuple[Path, dict[str, Any]]]:
+    """Each offline set a run's config generates (``offline_datasets``), with its folder (``data_root/<name>``) and
+    what that folder's info.json records when it holds the set this config asks for: the generator's defaults with
+    ``offline_dataset_args`` over them, and the run's ``seed``. ``cfg``: resolved, as a container or config."""
+    given = cfg.get("offline_dataset_args") or {}
+    return {
+        str(name): (
+            Path(str(cfg["data_root"])) / str(name),
+            {**generator_defaults(str(name)), **dict(given.get(name) or {}), "seed": int(cfg["seed"])},
+        )
+        for name in cfg.get("offline_datasets") or []
+        if name in GENERATORS
+    }
+
+
+def offline_set_differences(info: Path, wanted: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{knob: (as written, as asked)}`` for every knob (and the ``seed``) in which the set whose ``info`` this is
+    differs from ``wanted`` (:func:`offline_sets`), so a config back at the defaults gets a set of the defaults, not
+    the one an earlier config asked for. A knob the file does not record (a set written before the generator had it,
+    or before info.json recorded it) counts as differing: what an older generator drew for it cannot be told, and
+    regenerating costs one run of the generator (the prepare steps' files made from the set follow their inputs'
+    digests), where keeping it would serve a set nobody asked for."""
+    missing = "not recorded"
+    written = json.loads(info.read_text())
+    stored = {"seed": written.get("seed", missing), **(written.get("knobs") or {})}
+    asked = json.loads(json.dumps(wanted))  # as it reads back from info.json (tuples become lists)
+    return {
+        k: (stored.get(k, missing), asked.get(k, missing))
+        for k in [*asked, *(k for k in stored if k not in asked)]
+        if stored.get(k, missing) != asked.get(k, missing)
+    }

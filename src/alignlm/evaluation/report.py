@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 
 import alignlm
 from alignlm.config import ConfigError
+from alignlm.data import generator_defaults, offline_set_differences, offline_sets, offline_settings
 from alignlm.data.build import aspect_ratio_of
 from alignlm.data.images import loader_workers
 from alignlm.data.records import DataError, image_paths, read_records
@@ -115,10 +116,38 @@ def eval_sets(ecfg: Mapping[str, Any], train_cfg: Any, whose: str = "the checkpo
             if own
             else f"{whose}: eval.sets name files that are not there: {missing}"
         )
+    if own:
+        _refuse_regenerated_sets(sets, train_cfg, whose)
     return [
         {"name": str(s["name"]), "path": str(s["path"]), "kind": set_kind(str(s["path"]), str(s.get("kind", "auto")))}
         for s in sets
     ]
+
+
+def _refuse_regenerated_sets(sets: Sequence[Mapping[str, Any]], train_cfg: Any, whose: str) -> None:
+    """Refuse a run's own eval set inside an offline set's folder (``data_root/digits``) that another config wrote
+    again since the run (a seed sweep regenerates the shared folder for each seed): its split is another one, whose
+    questions may be images the checkpoint trained on. Evaluating seed 0's checkpoint after the seed-1 run had scored
+    it on a test split that held 258 of seed 0's 300 training digits, without a word."""
+    for name, (folder, wanted) in offline_sets(offline_settings(train_cfg)).items():
+        info, root = folder / "info.json", folder.resolve()
+        inside = [s for s in sets if Path(str(s["path"])).resolve().is_relative_to(root)]
+        if not inside or not info.is_file():
+            continue
+        differs = offline_set_differences(info, wanted)
+        if differs:
+            now = ", ".join(f"{k}={was!r}" for k, (was, _) in differs.items())
+            then = ", ".join(f"{k}={asked!r}" for k, (_, asked) in differs.items())
+            defaults = generator_defaults(name)  # the run's set: every knob it set apart from the defaults
+            knobs = "".join(
+                f" --set {k}={json.dumps(v)}" for k, v in wanted.items() if k in defaults and v != defaults[k]
+            )
+            raise ConfigError(
+                f"{whose}: its run's eval set {inside[0]['name']} ({inside[0]['path']}) is in {folder}, written again "
+                f"since the run with {now} (the run's: {then}): another split, whose questions may be among what the "
+                f"checkpoint trained on. Write the run's set again (alignlm data {name} --out {folder.parent} --seed "
+                f"{wanted['seed']}{knobs}) or give the sets with --sets NAME=PATH"
+            )
 
 
 def shift_metrics() -> list[str]:
