@@ -600,6 +600,29 @@ def test_wandb_offline_needs_no_network_and_a_resumed_stage_continues_its_run(co
     assert len(runs) == 2 and len({r.name.rsplit("-", 1)[1] for r in runs}) == 1
 
 
+def test_wandb_mode_from_the_environment_wins_and_online_without_a_key_is_one_line(tmp_path, monkeypatch):
+    """A cluster's compute nodes set WANDB_MODE=offline: the config's mode had been passed over it, so online ended the
+    run with a traceback ("No API key configured"), and WANDB_MODE=disabled still wrote a wandb folder."""
+    pytest.importorskip("wandb")
+    from alignlm.config import ConfigError
+    from alignlm.training.logging import MetricsLogger
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: no key
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    logger = MetricsLogger(tmp_path / "a" / "metrics.jsonl", {"mode": "online"}, "r", {}, enabled=True)
+    logger.log({"loss/total": 1.0}, step=1)
+    logger.close()
+    assert list((tmp_path / "a" / "wandb").glob("offline-run-*"))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    MetricsLogger(tmp_path / "b" / "metrics.jsonl", {"mode": "offline"}, "r", {}, enabled=True).close()
+    assert not (tmp_path / "b" / "wandb").exists() and not (tmp_path / "b" / "wandb_id").exists()
+    monkeypatch.delenv("WANDB_MODE")
+    with pytest.raises(ConfigError, match=r"logging.wandb.mode=online: .*API key.*logging.wandb.mode=offline"):
+        MetricsLogger(tmp_path / "c" / "metrics.jsonl", {"mode": "online"}, "r", {}, enabled=True)
+
+
 def test_metrics_rows_hold_null_where_a_value_is_not_finite(tmp_path):
     """Every value of metrics.jsonl, a probe's NaN CKA included, is strict JSON: a bare NaN made jq and pandas refuse
     the line (the trainer nulled its own non-finite losses, not the monitor's metrics)."""

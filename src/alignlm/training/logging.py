@@ -12,9 +12,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from alignlm.config import ConfigError
 from alignlm.files import replace_text
 
 WANDB_MODES = ("disabled", "offline", "online")
+_WANDB_ALIASES = {"dryrun": "offline", "run": "online"}  # wandb's older names of its modes
 
 
 class CurrentStderr(logging.StreamHandler):
@@ -59,6 +61,20 @@ def json_values(x: Any) -> Any:
     return x
 
 
+def wandb_mode(configured: str) -> str:
+    """The wandb mode a run logs in: ``WANDB_MODE`` from the environment where it names one (a cluster's compute nodes
+    set ``offline``, or ``disabled``), else ``logging.wandb.mode``. The config's mode had been passed to wandb over
+    the variable, so ``online`` on a node without a network ended the run, and ``disabled`` still wrote a wandb
+    folder."""
+    if configured not in WANDB_MODES:
+        raise ValueError(f"logging.wandb.mode={configured!r} is not known; choose one of {list(WANDB_MODES)}")
+    env = _WANDB_ALIASES.get(os.environ.get("WANDB_MODE", ""), os.environ.get("WANDB_MODE", ""))
+    if env in WANDB_MODES and env != configured:
+        logging.getLogger("alignlm").info("wandb: WANDB_MODE=%s overrides logging.wandb.mode=%s", env, configured)
+        return env
+    return configured
+
+
 class MetricsLogger:
     """Writes every scalar to ``metrics.jsonl`` and, when enabled, to wandb (offline mode needs no network).
 
@@ -85,9 +101,7 @@ class MetricsLogger:
         _drop_rows_after(path, start_step)
         self.file = path.open("a", encoding="utf-8")
         cfg = dict(wandb_cfg or {})
-        mode = cfg.get("mode", "disabled")
-        if mode not in WANDB_MODES:
-            raise ValueError(f"logging.wandb.mode={mode!r} is not known; choose one of {list(WANDB_MODES)}")
+        mode = wandb_mode(cfg.get("mode", "disabled"))
         if mode != "disabled":
             import wandb  # noqa: PLC0415 - heavy (seconds to import), needed only when logging to it
 
@@ -96,17 +110,24 @@ class MetricsLogger:
             resumed = start_step > 0 and id_file.exists()
             run_id = id_file.read_text().strip() if resumed else secrets.token_hex(8)
             id_file.write_text(run_id)
-            self.wandb = wandb.init(
-                project=cfg.get("project", "alignlm"),
-                entity=cfg.get("entity"),
-                name=run_name,
-                id=run_id,
-                resume="allow",
-                mode=mode,
-                dir=str(path.parent),
-                config=config,
-                reinit="finish_previous",
-            )
+            try:
+                self.wandb = wandb.init(
+                    project=cfg.get("project", "alignlm"),
+                    entity=cfg.get("entity"),
+                    name=run_name,
+                    id=run_id,
+                    resume="allow",
+                    mode=mode,
+                    dir=str(path.parent),
+                    config=config,
+                    reinit="finish_previous",
+                )
+            except wandb.errors.UsageError as e:  # no API key for online: had ended the run with a traceback
+                self.file.close()
+                raise ConfigError(
+                    f"logging.wandb.mode={mode}: {e} (or log offline: logging.wandb.mode=offline or WANDB_MODE=offline, "
+                    "then wandb sync the stage's wandb/ folder)"
+                ) from None
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         if not self.enabled:
