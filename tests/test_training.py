@@ -623,6 +623,25 @@ def test_wandb_mode_from_the_environment_wins_and_online_without_a_key_is_one_li
         MetricsLogger(tmp_path / "c" / "metrics.jsonl", {"mode": "online"}, "r", {}, enabled=True)
 
 
+def test_the_training_bar_leaves_tqdms_variables_to_tqdm_and_redraws_seldom_into_a_file(monkeypatch):
+    """``disable=False`` passed on the main process had kept TQDM_DISABLE=1 from turning the bar off, and a CI or SLURM
+    log got a line about 16 times a second."""
+    from types import SimpleNamespace
+
+    from alignlm.training.trainer import progress_bar
+
+    monkeypatch.delenv("TQDM_MININTERVAL", raising=False)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    main, other = SimpleNamespace(is_main_process=True), SimpleNamespace(is_main_process=False)
+    assert progress_bar(other) == {"disable": True}
+    assert "disable" not in progress_bar(main) and progress_bar(main)["mininterval"] == 30.0
+    monkeypatch.setenv("TQDM_MININTERVAL", "1")
+    assert "mininterval" not in progress_bar(main)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    monkeypatch.delenv("TQDM_MININTERVAL")
+    assert "mininterval" not in progress_bar(main)
+
+
 def test_metrics_rows_hold_null_where_a_value_is_not_finite(tmp_path):
     """Every value of metrics.jsonl, a probe's NaN CKA included, is strict JSON: a bare NaN made jq and pandas refuse
     the line (the trainer nulled its own non-finite losses, not the monitor's metrics)."""

@@ -26,7 +26,9 @@ import functools
 import gc
 import json
 import math
+import os
 import signal
+import sys
 import threading
 import time
 import types
@@ -155,6 +157,16 @@ def start_scaler_afresh(scaler: torch.amp.GradScaler | None) -> None:
     if scaler is None or not scaler.is_enabled():
         return
     scaler.load_state_dict(_FRESH_SCALERS.setdefault(scaler, scaler.state_dict()))
+
+
+def progress_bar(acc: Accelerator) -> dict[str, Any]:
+    """The training bar's settings: off on every rank but the main process; there, left to tqdm's own ``TQDM_*``
+    variables (passing ``disable=False`` had kept ``TQDM_DISABLE=1`` from turning it off), and redrawn at most every
+    30 s where stderr is a file (a CI or SLURM log had a line about 16 times a second)."""
+    if not acc.is_main_process:
+        return {"disable": True}
+    quiet = not sys.stderr.isatty() and "TQDM_MININTERVAL" not in os.environ
+    return {"dynamic_ncols": True, **({"mininterval": 30.0} if quiet else {})}
 
 
 def refuse_shared_state(objectives: Mapping[str, tuple[Objective, float]], model: torch.nn.Module, where: str) -> None:
@@ -991,20 +1003,16 @@ class Trainer:
                 metrics.log(row, step)
             if rows:
                 loss = rows[-1][1]["loss/total"]
-                bar.set_postfix(loss="skipped" if loss is None else f"{loss:.4f}", sps=f"{sps:.2f}", tps=f"{tps:.0f}")
+                bar.set_postfix(
+                    loss="skipped" if loss is None else f"{loss:.4f}", sps=f"{sps:.2f}", tps=f"{tps:.0f}", refresh=False
+                )
             pending.clear()
             self.check_divergence(after)
 
         monitored: dict[int, dict[str, float]] = {}
         why, saved_at = "stop_after_steps", 0
         with (
-            tqdm(
-                total=self.total_steps,
-                initial=self.start_step,
-                desc=self.name,
-                disable=not acc.is_main_process,
-                dynamic_ncols=True,
-            ) as bar,
+            tqdm(total=self.total_steps, initial=self.start_step, desc=self.name, **progress_bar(acc)) as bar,
             self.failure_names_rank_and_step() as at,
         ):
             for step in range(self.start_step + 1, stop_at + 1):
