@@ -248,3 +248,29 @@ def test_bad_knobs_raise_naming_the_knob_the_value_and_what_is_allowed(tmp_path,
     with pytest.raises(ValueError, match=re.escape(match) + " is not allowed: an integer"):
         GENERATE[name](tmp_path / "out", **knobs)
     assert not (tmp_path / "out").exists(), "a bad knob must fail before anything is written"
+
+
+def test_a_generation_killed_half_way_leaves_no_info_so_the_next_run_writes_the_set_again(tmp_path, monkeypatch):
+    """info.json is written last: a regeneration for another seed killed half way had left the old seed's info.json
+    over half-new files, and the next run of the old seed kept them as its set."""
+    from alignlm.data import synthetic
+
+    small = {"n_train": 3, "n_test": 2, "image_size": 32}
+    shapes.generate(tmp_path / "shapes", seed=0, **small)
+    saved = []
+
+    def dies_after_two(pixels, path):
+        if len(saved) == 2:
+            raise KeyboardInterrupt
+        saved.append(path)
+
+    monkeypatch.setattr(synthetic, "save_png", dies_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        shapes.generate(tmp_path / "shapes", seed=1, **small)
+    monkeypatch.undo()
+    assert saved and not (tmp_path / "shapes" / "info.json").exists()
+    cfg = {"data_root": str(tmp_path), "offline_datasets": ["shapes"], "offline_dataset_args": {"shapes": small}}
+    ensure_offline_datasets(OmegaConf.create({**cfg, "seed": 0}))
+    fresh = tmp_path / "fresh"
+    shapes.generate(fresh / "shapes", seed=0, **small)
+    assert (tmp_path / "shapes" / "test.json").read_bytes() == (fresh / "shapes" / "test.json").read_bytes()

@@ -37,7 +37,7 @@ from alignlm.checks import (
 from alignlm.config import ConfigError, instantiate
 from alignlm.data import GENERATORS, offline_set_differences, offline_sets, offline_settings
 from alignlm.evaluation.evaluate import answer_accuracy
-from alignlm.files import LockHeld, release_lock, replace_text, take_lock
+from alignlm.files import LockHeld, release_lock, replace_text, sole_writer, take_lock
 from alignlm.models.build import build_model
 from alignlm.models.device import cpu_only
 from alignlm.models.io import load_final_weights
@@ -241,17 +241,19 @@ def ensure_offline_datasets(cfg: DictConfig) -> None:
     given = settings["offline_dataset_args"] or {}
     for name, (out, wanted) in offline_sets(settings).items():
         info = out / "info.json"
-        if info.exists():
-            differs = offline_set_differences(info, wanted)
-            if not differs:
-                continue
-            get_logger("alignlm", 0).warning(
-                "regenerating %s: it was written with %s, the config asks for %s",
-                out,
-                ", ".join(f"{k}={was!r}" for k, (was, _) in differs.items()),
-                ", ".join(f"{k}={now!r}" for k, (_, now) in differs.items()),
-            )
-        GENERATORS[name](out, seed=wanted["seed"], **dict(given.get(name) or {}))
+        # runs started together (a job array) find the set the first one writes: they had written it all at once
+        with sole_writer(info, f"generating {out}"):
+            if info.exists():
+                differs = offline_set_differences(info, wanted)
+                if not differs:
+                    continue
+                get_logger("alignlm", 0).warning(
+                    "regenerating %s: it was written with %s, the config asks for %s",
+                    out,
+                    ", ".join(f"{k}={was!r}" for k, (was, _) in differs.items()),
+                    ", ".join(f"{k}={now!r}" for k, (_, now) in differs.items()),
+                )
+            GENERATORS[name](out, seed=wanted["seed"], **dict(given.get(name) or {}))
 
 
 def run_prepare_steps(cfg: DictConfig) -> None:

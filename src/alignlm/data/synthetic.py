@@ -99,6 +99,9 @@ class DatasetWriter:
         self.files: dict[str, list[dict[str, Any]]] = {"pretrain": [], "instruct": [], "test": [], "test_captions": []}
         self.written: set[str] = set()  # image paths relative to ``out``
         (self.out / "images").mkdir(parents=True, exist_ok=True)
+        # written last (``finish``): a generation killed half way over a set of another seed had left that set's
+        # info.json over half-new files, which the next run then kept as the set its config asks for
+        (self.out / "info.json").unlink(missing_ok=True)
 
     def _image(self, rid: str, pixels: np.ndarray) -> str:
         image = f"images/{rid}.png"
