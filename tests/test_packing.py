@@ -602,6 +602,23 @@ def test_packing_auto_packs_only_where_attention_isolates_samples_for_free(colou
     assert collator("model.llm.attn_implementation=flex_attention").pack_length == 2048
 
 
+def test_a_pack_length_that_nothing_reads_is_warned_about(colour_set, tmp_path, alignlm_log):
+    """Set while batches stay padded (packing auto under SDPA), it had been accepted without a word."""
+    from alignlm.pipeline import make_accelerator
+    from alignlm.training.trainer import Trainer
+    from tests.conftest import compose, tiny_overrides
+
+    for packing, warned in (("auto", True), ("true", False)):
+        extra = [f"stages.pretrain.data.packing={packing}", "stages.pretrain.data.pack_length=64"]
+        cfg = compose(*tiny_overrides(colour_set, tmp_path), "run=[pretrain]", *extra)
+        trainer = Trainer(cfg, "pretrain", make_accelerator(cfg))
+        trainer.model = trainer.setup_model()
+        alignlm_log.clear()
+        trainer.collator()
+        said = "stage pretrain: data.pack_length=64 is unused: batches are padded, not packed (data.packing=auto"
+        assert (said in alignlm_log.text) is warned
+
+
 @pytest.fixture
 def fake_flash(monkeypatch):
     """transformers' flash-attention path on the CPU, with kernels made of SDPA: which kernel runs, whether packed

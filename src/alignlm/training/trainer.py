@@ -565,8 +565,19 @@ class Trainer:
         """
         data, model = self.stage.data, self.core()
         packing = data.get("packing", "auto")
+        attention = getattr(model.llm.config, "_attn_implementation", None)
         if packing == "auto":
-            packing = getattr(model.llm.config, "_attn_implementation", None) in PACKED_ATTENTION
+            packing = attention in PACKED_ATTENTION
+        if not packing and data.get("pack_length") is not None:  # set, and nothing read it: said, not left silent
+            self.log.warning(
+                "stage %s: data.pack_length=%s is unused: batches are padded, not packed (data.packing=%s, attention "
+                "%s; auto packs under %s)",
+                self.name,
+                data.pack_length,
+                data.get("packing", "auto"),
+                attention,
+                ", ".join(PACKED_ATTENTION),
+            )
         return Collator(
             model.tokenizer.pad_token_id,
             hooks=hooks,
