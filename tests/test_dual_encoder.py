@@ -79,6 +79,16 @@ def test_fit_heads_learns_the_temperature_unless_it_is_fixed():
             fit_heads(_Heads(), img[:rows], txt[:rows], epochs=1, batch_size=batch_size)
 
 
+@pytest.mark.parametrize("pairs", [160, 96, 320])
+def test_fit_heads_trains_a_schedule_of_any_length(pairs):
+    """10 steps (160 pairs in batches of 32, 2 epochs) had failed in torch's one-cycle schedule with a
+    ZeroDivisionError: its warmup tenth ended at step 1 exactly."""
+    g = torch.Generator().manual_seed(0)
+    img, txt = torch.randn(pairs, 6, generator=g), torch.randn(pairs, 5, generator=g)
+    losses = fit_heads(_Heads(), img, txt, epochs=2, batch_size=32)
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+
+
 @pytest.mark.parametrize(
     "knob,message",
     [

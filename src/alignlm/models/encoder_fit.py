@@ -83,7 +83,10 @@ def fit_heads(
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     # the batches trained: a last batch of one pair is skipped, and a schedule sized with it ended at a quarter of lr
     steps = epochs * (len(img_feats) // batch_size + (len(img_feats) % batch_size >= 2))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    # a tenth warms up; torch's one-cycle divides by zero where that tenth ends at step 1 exactly (of 10 steps, the
+    # only length where it does): there, 1.5 steps
+    warmup = 0.15 if steps == 10 else 0.1
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=warmup)
     g = torch.Generator().manual_seed(seed)
     history = []
     for _ in range(epochs):
