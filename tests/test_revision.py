@@ -111,6 +111,22 @@ def test_revision_dataset_feeds_each_records_caption_embedding(tiny_model, colou
     torch.testing.assert_close(sample["image_embeds"][0, 0], 2 * F.normalize(vectors[sample["id"]], dim=-1))
 
 
+def test_caption_embeddings_of_other_encoder_weights_than_the_towers_are_refused(tiny_model, colour_set, tmp_path):
+    """Every fitted encoder has the default name: a seed sweep sharing one embeddings folder pretrained seed 1 on seed
+    0's caption embeddings, the shards and the tower compared by name only. The weights' fingerprints decide."""
+    from types import SimpleNamespace
+
+    vectors, ids = torch.randn(48, 32, generator=torch.Generator().manual_seed(1)), [f"p{i}" for i in range(48)]
+    meta = shard_metadata(ids, "enc", "texts", encoder_fingerprint="seed0weights")
+    write_shard(tmp_path / "texts" / "shard_00000.safetensors", vectors, meta)
+    model = tiny_model()
+    model.vision.encoder = SimpleNamespace(fingerprint=lambda: "seed1weights")  # the tower's own dual encoder
+    with pytest.raises(DataError, match=r"was embedded by encoder weights \['seed0weights'\], but model.vision's encoder has weights seed1weights"):  # fmt: skip
+        build_dataset(revision_data(colour_set, tmp_path / "texts"), model, seed=0)
+    model.vision.encoder = SimpleNamespace(fingerprint=lambda: "seed0weights")
+    assert len(build_dataset(revision_data(colour_set, tmp_path / "texts"), model, seed=0)) == 48
+
+
 def test_embed_noise_perturbs_each_caption_reproducibly_and_stays_on_the_sphere(tiny_model, colour_set, text_shards):
     model = tiny_model()
     folder, vectors = text_shards

@@ -14,7 +14,7 @@ its outputs over the 4 x 10 caption grid splits between the digit and the wordin
 prints only that table.
 
     python experiments/revision/zero_shot.py outputs/revision/pretrain/final \\
-        --realign outputs/revision_inputs/embeddings/realign.safetensors --n 100
+        --realign outputs/revision_inputs/embeddings_seed0/realign.safetensors --n 100
 """
 
 from __future__ import annotations

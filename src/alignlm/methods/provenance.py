@@ -31,6 +31,7 @@ from typing import Any
 
 from alignlm.config import ConfigError
 from alignlm.data.feature_cache import file_stamp
+from alignlm.files import sole_writer
 from alignlm.models.encoder_fit import PROVENANCE, fit_encoder, fit_inputs, fit_knobs, fitted_provenance
 from alignlm.models.encoders import MANIFEST
 
@@ -174,6 +175,13 @@ def ensure_fitted_encoder(encoder: str | Path, fit: Mapping[str, Any] | None, st
             f"{key} has a knob `alignlm dual-encoder fit` does not take, or lacks one it needs: {e}"
         ) from e
     folder = Path(encoder)
+    # runs started together fit one folder once: they had fitted it at once, each writing over the other's files
+    with sole_writer(folder, f"fitting the dual encoder into {folder}"):
+        _ensure_fitted(folder, fit, wanted, step, key)
+
+
+def _ensure_fitted(folder: Path, fit: dict[str, Any], wanted: dict[str, Any], step: str, key: str) -> None:
+    """:func:`ensure_fitted_encoder` under the folder's lock."""
     if not (folder / MANIFEST).exists():
         log.info("%s: fitting the offline dual encoder into %s", step, folder)
         fit_encoder(out=folder, **fit)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from alignlm.config import Bounds, KnobsOf
+from alignlm.files import sole_writer
 from alignlm.methods.provenance import KEY, changed_inputs, ensure_fitted_encoder, strings_digest
 from alignlm.methods.revision.embed import collect_images, collect_texts, embed_items
 from alignlm.methods.revision.realign import SHRINKAGE, ReAlignStats, fit
@@ -49,14 +50,17 @@ def ensure_embeddings(
     batch_size: Annotated[int, Bounds(1)] = 64,
     device: str | None = None,
 ) -> None:
-    """Image and caption embedding shards in ``embeddings``/images and /texts; finished shards are checked and kept."""
+    """Image and caption embedding shards in ``embeddings``/images and /texts; finished shards are checked and kept.
+    One process at a time (``files.sole_writer``): two runs started together had embedded into one folder at once,
+    each over the other's shards."""
     for key, value in (("images", images), ("texts", texts)):
         if not value:
             raise ValueError(f"revision.{key} is empty; list the LLaVA JSON files (or folders) to embed")
-    model = load_encoder(str(encoder), device=device or default_device())
-    knobs = {"shard_size": int(shard_size), "batch_size": int(batch_size)}
-    embed_items(model, "images", [item for source in images for item in collect_images(source)], embeddings, **knobs)
-    embed_items(model, "texts", [item for source in texts for item in collect_texts(source)], embeddings, **knobs)
+    with sole_writer(Path(embeddings), f"embedding into {embeddings}"):
+        model = load_encoder(str(encoder), device=device or default_device())
+        knobs = {"shard_size": int(shard_size), "batch_size": int(batch_size)}
+        for modality, sources, collect in (("images", images, collect_images), ("texts", texts, collect_texts)):
+            embed_items(model, modality, [item for source in sources for item in collect(source)], embeddings, **knobs)
 
 
 def shards_inputs(embeddings: str | Path) -> dict[str, str]:
@@ -81,6 +85,12 @@ def ensure_realign(embeddings: str, realign: str | None, covariance: Annotated[f
     """
     if not realign:
         return
+    with sole_writer(Path(embeddings), f"fitting ReAlign in {embeddings}"):  # not while a run embeds into it
+        _fit_realign(embeddings, realign, covariance)
+
+
+def _fit_realign(embeddings: str, realign: str, covariance: float | None) -> None:
+    """:func:`ensure_realign` under the folder's lock."""
     path = Path(realign)
     covariance = None if covariance is None else float(covariance)
     inputs = shards_inputs(embeddings)

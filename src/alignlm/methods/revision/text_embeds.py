@@ -60,6 +60,7 @@ class TextEmbeddingHook(SampleHook):
                 f"{self.where} holds {self.table.dim}-d embeddings but model.vision gives {vision.hidden_size}-d "
                 "features: embed the captions with the tower's dual encoder"
             )
+        self._check_weights(getattr(vision, "encoder", None))
         encoder = getattr(vision, "encoder_name", None)
         if encoder is not None and self.table.encoders and self.table.encoders != [encoder]:
             log.warning(
@@ -76,6 +77,21 @@ class TextEmbeddingHook(SampleHook):
             )
         self.num_tokens, self.scale = vision.num_patches, float(getattr(vision, "scale", 1.0))
         self.noise_seed = 0
+
+    def _check_weights(self, encoder: Any) -> None:
+        """The shards were embedded by the tower's own encoder weights (its fingerprint), not only an encoder of its
+        name: every fitted encoder has the default name, and a seed sweep sharing one embeddings folder had pretrained
+        one seed on another seed's caption embeddings, without a word."""
+        stored = sorted({s.encoder_fingerprint for s in self.table.shards if s.encoder_fingerprint})
+        if encoder is None or not hasattr(encoder, "fingerprint") or not stored:
+            return  # a tower that is no dual encoder, or shards written before they recorded the weights
+        weights = encoder.fingerprint()
+        if stored != [weights]:
+            raise DataError(
+                f"{self.where} was embedded by encoder weights {stored}, but model.vision's encoder has weights "
+                f"{weights}: the captions stand in for this tower's image embeddings, so embed them with it (one "
+                "revision.embeddings folder per encoder, as configs/exp/revision.yaml gives each seed)"
+            )
 
     def bind(self, dataset: HookedDataset) -> None:
         """Every record needs an ``id`` with a row in the shards; the noise is seeded by the run's seed."""
