@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import re
+import shlex
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -40,7 +41,7 @@ from alignlm.data.templates import TEMPLATES
 from alignlm.evaluation import checkpoints as C
 from alignlm.evaluation import paired, plots
 from alignlm.evaluation.evaluate import answer_accuracy, caption_scores, check_answers, check_set_names, set_kind
-from alignlm.files import file_sha256, replace_file, replace_text
+from alignlm.files import file_sha256, replace_file, replace_text, sole_writer
 from alignlm.geometry.metrics import retrieval_recall
 from alignlm.geometry.suite import PAIR_METRICS, flat
 from alignlm.models.artifacts import artifact_report
@@ -126,28 +127,33 @@ def eval_sets(ecfg: Mapping[str, Any], train_cfg: Any, whose: str = "the checkpo
 
 def _refuse_regenerated_sets(sets: Sequence[Mapping[str, Any]], train_cfg: Any, whose: str) -> None:
     """Refuse a run's own eval set inside an offline set's folder (``data_root/digits``) that another config wrote
-    again since the run (a seed sweep regenerates the shared folder for each seed): its split is another one, whose
-    questions may be images the checkpoint trained on. Evaluating seed 0's checkpoint after the seed-1 run had scored
-    it on a test split that held 258 of seed 0's 300 training digits, without a word."""
+    again since the run (a seed sweep regenerates the shared folder for each seed), or that holds no info.json (a
+    generation under way or killed: what it holds cannot be told): its split is another one, whose questions may be
+    images the checkpoint trained on. Evaluating seed 0's checkpoint after the seed-1 run had scored it on a test
+    split that held 258 of seed 0's 300 training digits, without a word. A generation under way is waited for."""
     for name, (folder, wanted) in offline_sets(offline_settings(train_cfg)).items():
         info, root = folder / "info.json", folder.resolve()
         inside = [s for s in sets if Path(str(s["path"])).resolve().is_relative_to(root)]
-        if not inside or not info.is_file():
+        if not inside:
             continue
-        differs = offline_set_differences(info, wanted)
-        if differs:
+        with sole_writer(info, f"reading {folder}"):  # the lock a generation holds (pipeline.ensure_offline_datasets)
+            differs = offline_set_differences(info, wanted) if info.is_file() else None
+        if differs == {}:
+            continue
+        defaults = generator_defaults(name)  # the run's set: every knob it set apart from the defaults
+        knobs = "".join(f" --set {k}={json.dumps(v)}" for k, v in wanted.items() if k in defaults and v != defaults[k])
+        command = f"alignlm data {name} --out {shlex.quote(str(folder.parent))} --seed {wanted['seed']}{knobs}"
+        if differs is None:
+            why = "which holds no info.json (a generation under way or killed: what it holds cannot be told)"
+        else:
             now = ", ".join(f"{k}={was!r}" for k, (was, _) in differs.items())
             then = ", ".join(f"{k}={asked!r}" for k, (_, asked) in differs.items())
-            defaults = generator_defaults(name)  # the run's set: every knob it set apart from the defaults
-            knobs = "".join(
-                f" --set {k}={json.dumps(v)}" for k, v in wanted.items() if k in defaults and v != defaults[k]
-            )
-            raise ConfigError(
-                f"{whose}: its run's eval set {inside[0]['name']} ({inside[0]['path']}) is in {folder}, written again "
-                f"since the run with {now} (the run's: {then}): another split, whose questions may be among what the "
-                f"checkpoint trained on. Write the run's set again (alignlm data {name} --out {folder.parent} --seed "
-                f"{wanted['seed']}{knobs}) or give the sets with --sets NAME=PATH"
-            )
+            why = f"written again since the run with {now} (the run's: {then}): another split"
+        raise ConfigError(
+            f"{whose}: its run's eval set {inside[0]['name']} ({inside[0]['path']}) is in {folder}, {why}, whose "
+            f"questions may be among what the checkpoint trained on. Write the run's set again ({command}) or give "
+            "the sets with --sets NAME=PATH"
+        )
 
 
 def shift_metrics() -> list[str]:
