@@ -270,15 +270,18 @@ def test_a_skipped_step_leaves_a_trained_batchnorm_towers_running_statistics_as_
 
 
 class CountingLM(LMObjective):
-    """The LM loss, with a persistent buffer its forward moves (as a running mean or a queue would be)."""
+    """The LM loss, with persistent buffers its forward moves: a count in place, a running mean by assignment."""
 
     def __init__(self) -> None:
         super().__init__()
         self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.register_buffer("ema", torch.zeros(()))
 
     def forward(self, batch, out, model):
         self.calls += 1
-        return super().forward(batch, out, model)
+        term = super().forward(batch, out, model)
+        self.ema = 0.9 * self.ema + 0.1 * term.loss.detach().float()  # a new tensor: the usual idiom
+        return term
 
 
 def test_a_skipped_step_leaves_an_objectives_buffers_as_they_were(colour_set, tmp_path):
@@ -301,8 +304,9 @@ def test_a_skipped_step_leaves_an_objectives_buffers_as_they_were(colour_set, tm
     run(cfg)
     assert json.loads((tmp_path / "t" / "summary.json").read_text())["stages"]["pretrain"]["nonfinite_steps"] == [2, 3]
     held = tmp_path / "t" / "pretrain" / "checkpoints"
-    calls = [int(load_file(held / f"step_00000{s}" / "objectives.safetensors")["lm.calls"]) for s in (1, 2)]
-    assert calls == [1, 1]
+    state = [load_file(held / f"step_00000{s}" / "objectives.safetensors") for s in (1, 2)]
+    assert [int(s["lm.calls"]) for s in state] == [1, 1]
+    assert state[0]["lm.ema"].isfinite() and torch.equal(state[1]["lm.ema"], state[0]["lm.ema"])
 
 
 class NotFiniteLM(LMObjective):

@@ -376,11 +376,10 @@ class Trainer:
         else:
             self.model, self.optimizer = acc.prepare(model, optimizer)
         self.start_step, self.skipped = self._maybe_resume()
-        # what a forward in training mode moves besides the weights (BatchNorm's running statistics, an objective's
-        # running mean or queue): kept back from a step that updates nothing (``step``)
-        kept = set(self.objective_modules.state_dict())  # a buffer registered persistent=False is rebuilt, never saved
-        held = [b for n, b in self.objective_modules.named_buffers() if n in kept]
-        self.moving = [*trained_buffers(self.core()).values(), *held]
+        # what a forward in training mode moves besides the weights (BatchNorm's running statistics): kept back from a
+        # step that updates nothing (``step``); an objective's, by name (``objective_buffers``)
+        self.moving = list(trained_buffers(self.core()).values())
+        self.held = set(self.objective_modules.state_dict())  # persistent=False: rebuilt, never saved
 
     def _store_frozen_in_half_precision(self, model: AlignLM) -> None:
         """Frozen weights run in half-precision storage under mixed precision, without re-casting their weights at
@@ -515,6 +514,12 @@ class Trainer:
             "layout": self.layout,
             "start": self.trained_from[self.start_key],  # what final/ records the stage started from
         }
+
+    def objective_buffers(self) -> list[tuple[str, torch.Tensor]]:
+        """The objectives' persistent buffers as registered now, by name: an objective may move one in place
+        (``self.calls += 1``) or assign a new tensor (``self.ema = 0.9 * self.ema + ...``), which a list taken at
+        set-up would no longer hold, so a skipped step's NaN stayed in it."""
+        return [(n, b) for n, b in self.objective_modules.named_buffers() if n in self.held]
 
     def loss(
         self, batch: dict[str, Any], shares: tuple[torch.Tensor, torch.Tensor], data: bool
@@ -664,6 +669,7 @@ class Trainer:
         pairs = sum(b.get("attended_pairs", 0) for b in kept)  # an empty stand-in batch attends to nothing
         kept = [send_to_device(b, acc.device, non_blocking=True) for b in kept]
         before = [b.clone() for b in self.moving]
+        held = {n: b.clone() for n, b in self.objective_buffers()}
         sums: dict[str, torch.Tensor] = {}
         measured: dict[str, int] = {}
         nothing = torch.zeros((), device=acc.device)  # summed where a micro-batch measured nothing
@@ -709,6 +715,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         for now, was in zip(self.moving, before):  # a skipped step changes nothing, on the device (no wait)
             now.copy_(torch.where(finite & has_data, now, was))
+        for name, now in self.objective_buffers():
+            if name in held:  # one registered in this step's forward has nothing to go back to
+                now.copy_(torch.where(finite & has_data, now, held[name]))
         diverged = ~finite & has_data  # a step of no data was skipped, not diverged
         # fp16: a gradient that overflowed under a finite loss is the loss scaler backing off, not divergence
         if self.acc.scaler is not None:
