@@ -618,6 +618,9 @@ def test_wandb_mode_from_the_environment_wins_and_online_without_a_key_is_one_li
     monkeypatch.setenv("WANDB_MODE", "disabled")
     MetricsLogger(tmp_path / "b" / "metrics.jsonl", {"mode": "offline"}, "r", {}, enabled=True).close()
     assert not (tmp_path / "b" / "wandb").exists() and not (tmp_path / "b" / "wandb_id").exists()
+    monkeypatch.setenv("WANDB_MODE", "online")  # exported for other work: turns on nothing the config leaves off
+    MetricsLogger(tmp_path / "d" / "metrics.jsonl", {"mode": "disabled"}, "r", {}, enabled=True).close()
+    assert not (tmp_path / "d" / "wandb").exists()
     monkeypatch.delenv("WANDB_MODE")
     with pytest.raises(ConfigError, match=r"logging.wandb.mode=online: .*API key.*logging.wandb.mode=offline"):
         MetricsLogger(tmp_path / "c" / "metrics.jsonl", {"mode": "online"}, "r", {}, enabled=True)

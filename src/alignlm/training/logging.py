@@ -15,7 +15,7 @@ from typing import Any
 from alignlm.config import ConfigError
 from alignlm.files import replace_text
 
-WANDB_MODES = ("disabled", "offline", "online")
+WANDB_MODES = ("disabled", "offline", "online")  # from less to more: the environment may only lower it
 _WANDB_ALIASES = {"dryrun": "offline", "run": "online"}  # wandb's older names of its modes
 
 
@@ -62,14 +62,14 @@ def json_values(x: Any) -> Any:
 
 
 def wandb_mode(configured: str) -> str:
-    """The wandb mode a run logs in: ``WANDB_MODE`` from the environment where it names one (a cluster's compute nodes
-    set ``offline``, or ``disabled``), else ``logging.wandb.mode``. The config's mode had been passed to wandb over
-    the variable, so ``online`` on a node without a network ended the run, and ``disabled`` still wrote a wandb
-    folder."""
+    """The wandb mode a run logs in: ``logging.wandb.mode``, or ``WANDB_MODE`` from the environment where that asks
+    for less (a cluster's compute nodes set ``offline``, or ``disabled``). The config's mode had been passed to wandb
+    over the variable, so ``online`` on a node without a network ended the run, and ``disabled`` still wrote a wandb
+    folder. The variable never turns on what the config leaves off: one exported for other work would upload this."""
     if configured not in WANDB_MODES:
         raise ValueError(f"logging.wandb.mode={configured!r} is not known; choose one of {list(WANDB_MODES)}")
     env = _WANDB_ALIASES.get(os.environ.get("WANDB_MODE", ""), os.environ.get("WANDB_MODE", ""))
-    if env in WANDB_MODES and env != configured:
+    if env in WANDB_MODES and WANDB_MODES.index(env) < WANDB_MODES.index(configured):
         logging.getLogger("alignlm").info("wandb: WANDB_MODE=%s overrides logging.wandb.mode=%s", env, configured)
         return env
     return configured
