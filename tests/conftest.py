@@ -275,12 +275,16 @@ def write_colour_set(root: Path, n: int = 48) -> dict[str, Path]:
 def alignlm_log(caplog) -> Iterator[pytest.LogCaptureFixture]:
     """The run's warnings: the ``alignlm`` logger writes to its own handler and does not propagate."""
     log = logging.getLogger("alignlm")
+    # not through the root logger too: where no run had set the logger up yet (the test alone), get_logger found this
+    # handler, left propagation on, and every warning was captured twice
+    propagate, log.propagate = log.propagate, False
     log.addHandler(caplog.handler)
     try:
         with caplog.at_level(logging.WARNING, logger="alignlm"):
             yield caplog
     finally:
         log.removeHandler(caplog.handler)
+        log.propagate = propagate
 
 
 @pytest.fixture(autouse=True)

@@ -334,6 +334,7 @@ def test_a_prepare_steps_or_data_hooks_knob_is_checked_before_any_step_runs(tmp_
             "revision_encoder.fit.epoch is not a known setting; did you mean 'epochs'?",
         ),
         ("revision", "revision.fit.lr=fast", "revision_encoder.fit.lr='fast' must be a float"),
+        ("revision", "+revision.fit.out=x", "revision_encoder.fit.out is passed by what builds or calls it"),
         ("sea", "stages.pretrain.prepare.sea_labels.k=0", "prepare.sea_labels.k=0 must be a whole number >= 1"),
         (
             "aligngpt",
@@ -367,7 +368,10 @@ class NoModelHook(SampleHook):
     [
         (["model/connector=linear", "model.connector.bias=no"], "model.connector.bias='no' must be a bool"),
         (["+model.connector.dept=3"], "model.connector.dept is not a known setting; did you mean 'depth'?"),
-        (["+model.connector.in_dim=3"], "model.connector.in_dim is set by its builder (from the model), not by"),
+        (
+            ["+model.connector.in_dim=3"],
+            "model.connector.in_dim is passed by what builds or calls it, not by the config",
+        ),
         (["+model.llm.hiden_size=8"], "model.llm.hiden_size is not a known setting; did you mean 'hidden_size'?"),
         (["model.llm.num_hidden_layers=two"], "model.llm.num_hidden_layers='two' must be an int"),
         (

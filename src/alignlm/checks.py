@@ -984,7 +984,7 @@ def _check_knobs_of(key: str, target: Any, node: Mapping[str, Any], supplied: Se
             f"it to the signature (docs/architecture.md, extension points)"
         )
     for given in (s for s in supplied if s in node):
-        raise ConfigError(f"{key}.{given} is set by its builder (from the model), not by the config: leave it out")
+        raise ConfigError(f"{key}.{given} is passed by what builds or calls it, not by the config: leave it out")
     if not takes_any:
         check_keys(key, node, names - set(supplied) | {k for k in node if str(k).startswith("_")})
     check_knob_types(key, target, node)
@@ -1015,8 +1015,8 @@ def check_knob_types(key: str, cls: Any, node: Mapping[str, Any]) -> None:
         ):
             wanted = " or ".join("null" if a is type(None) else a.__name__ for a in args)
             raise ConfigError(f"{key}.{knob}={value!r} must be {'an' if wanted[0] in 'aeiou' else 'a'} {wanted}")
-        for of in (e.target for e in extras if isinstance(e, KnobsOf) and value is not None):
-            _check_knobs_of(f"{key}.{knob}", of, _mapping(f"{key}.{knob}", value))
+        for of in (e for e in extras if isinstance(e, KnobsOf) and value is not None):
+            _check_knobs_of(f"{key}.{knob}", of.target, _mapping(f"{key}.{knob}", value), of.supplied)
     try:
         check_bounds(cls, node, f"{key}.")
     except ValueError as e:

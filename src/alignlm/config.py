@@ -71,9 +71,11 @@ class Bounds:
 @dataclass(frozen=True)
 class KnobsOf:
     """A mapping knob that holds keyword arguments of ``target`` (``fit: Annotated[dict | None, KnobsOf(fit)]``): the
-    start-up checks check its keys, types and bounds as they check a step's own knobs."""
+    start-up checks check its keys, types and bounds as they check a step's own knobs. ``supplied``: the arguments
+    the step passes itself (a fit's ``out``), which the mapping may not set."""
 
     target: Callable[..., Any]
+    supplied: tuple[str, ...] = ()
 
 
 def knob_annotations(target: Any) -> dict[str, tuple[Any, tuple[Any, ...]]]:

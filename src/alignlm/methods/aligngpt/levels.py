@@ -263,7 +263,7 @@ def ensure_levels(
     batch_size: Annotated[int, Bounds(1)] = 64,
     image_root: str | Path | None = None,
     device: str | None = None,
-    fit: Annotated[dict[str, Any] | None, KnobsOf(fit_encoder)] = None,
+    fit: Annotated[dict[str, Any] | None, KnobsOf(fit_encoder, ("out",))] = None,
 ) -> Path:
     """The ``aligngpt_levels`` prepare step: write the levels file when it is missing or what it was made from
     changed (the data regenerated under the same ids, another or a refitted encoder); a file of another

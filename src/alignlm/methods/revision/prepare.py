@@ -35,7 +35,9 @@ from alignlm.models.encoders import load_encoder
 log = logging.getLogger(__name__)
 
 
-def ensure_encoder(encoder: str, fit: Annotated[Mapping[str, Any] | None, KnobsOf(fit_encoder)] = None) -> None:
+def ensure_encoder(
+    encoder: str, fit: Annotated[Mapping[str, Any] | None, KnobsOf(fit_encoder, ("out",))] = None
+) -> None:
     """Fit the offline dual encoder into ``encoder`` when ``fit`` is set and the folder holds none, or one fitted on
     other data (a folder fitted with other ``revision.fit`` knobs is refused: ``provenance.ensure_fitted_encoder``)."""
     ensure_fitted_encoder(encoder, fit, "revision_encoder", "revision.fit")
