@@ -13,8 +13,6 @@ import json
 import math
 import re
 import signal
-import types
-import typing
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +35,7 @@ from alignlm.config import (
     default_keys,
     knob_annotations,
     plain,
+    union_args,
 )
 from alignlm.data import GENERATORS, generator_knobs
 from alignlm.data.images import MAX_PIXELS, check_aspect_ratio
@@ -1005,7 +1004,7 @@ def check_knob_types(key: str, cls: Any, node: Mapping[str, Any]) -> None:
     for knob, (hint, extras) in knob_annotations(cls).items():
         if knob not in node:
             continue
-        args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        args = union_args(hint)
         value = node[knob]
         if all(a in _KNOB_TYPES or a is type(None) for a in args) and not any(
             value is None

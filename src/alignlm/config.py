@@ -103,10 +103,10 @@ def check_bounds(target: Any, values: Mapping[str, Any], where: str = "") -> Non
         value = values.get(knob)
         for bounds in (e for e in extras if isinstance(e, Bounds)):
             if value is not None:
-                bounds.check(f"{where}{knob}", value, whole=int in _union_args(hint))
+                bounds.check(f"{where}{knob}", value, whole=int in union_args(hint))
 
 
-def _union_args(hint: Any) -> tuple[Any, ...]:
+def union_args(hint: Any) -> tuple[Any, ...]:
     """``(int, NoneType)`` of ``int | None``; ``(int,)`` of ``int``."""
     return typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
 

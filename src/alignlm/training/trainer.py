@@ -379,7 +379,7 @@ class Trainer:
         # what a forward in training mode moves besides the weights (BatchNorm's running statistics): kept back from a
         # step that updates nothing (``step``); an objective's, by name (``objective_buffers``)
         self.moving = list(trained_buffers(self.core()).values())
-        self.held = set(self.objective_modules.state_dict())  # persistent=False: rebuilt, never saved
+        self.saved_buffers = set(self.objective_modules.state_dict())  # persistent=False: rebuilt, never saved
 
     def _store_frozen_in_half_precision(self, model: AlignLM) -> None:
         """Frozen weights run in half-precision storage under mixed precision, without re-casting their weights at
@@ -519,7 +519,7 @@ class Trainer:
         """The objectives' persistent buffers as registered now, by name: an objective may move one in place
         (``self.calls += 1``) or assign a new tensor (``self.ema = 0.9 * self.ema + ...``), which a list taken at
         set-up would no longer hold, so a skipped step's NaN stayed in it."""
-        return [(n, b) for n, b in self.objective_modules.named_buffers() if n in self.held]
+        return [(n, b) for n, b in self.objective_modules.named_buffers() if n in self.saved_buffers]
 
     def loss(
         self, batch: dict[str, Any], shares: tuple[torch.Tensor, torch.Tensor], data: bool
