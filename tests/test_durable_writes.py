@@ -227,6 +227,23 @@ def test_a_file_replaced_whole_is_synced_before_its_rename_and_a_failed_write_le
     assert path.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["kept.bin"]
 
 
+def test_a_replaced_safetensors_file_is_readable_as_the_umask_allows(tmp_path):
+    """safetensors writes owner-only (0600): a checkpoint or a shared feature cache was unreadable to the rest of a
+    cluster group, whatever its umask allowed. A file replaced whole and a checkpoint folder published whole get the
+    mode the umask gives."""
+    from safetensors.torch import save_file
+
+    from alignlm import files
+
+    path = files.replace_file(tmp_path / "w.safetensors", lambda tmp: save_file({"a": torch.zeros(2)}, str(tmp)))
+    assert path.stat().st_mode & 0o777 == 0o666 & ~files._UMASK  # 0o644 under the usual umask 022
+    folder = tmp_path / "step"  # a checkpoint folder, published whole
+    tmp = ckpt.atomic_dir(folder)
+    save_file({"a": torch.zeros(2)}, str(tmp / "trainable.safetensors"))
+    ckpt.publish(tmp, folder)
+    assert (folder / "trainable.safetensors").stat().st_mode & 0o777 == 0o666 & ~files._UMASK
+
+
 @pytest.mark.parametrize("writer", ["embedding_shard_npy", "embedding_shard_safetensors", "realign", "sea", "cache"])
 def test_prepared_files_reach_the_disk_before_their_name_says_they_are_whole(tmp_path, monkeypatch, writer):
     """A method's prepared files (ReVision's embedding shards and ReAlign statistics, SEA's labels, a feature-cache

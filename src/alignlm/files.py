@@ -44,6 +44,10 @@ def sync(path: Path) -> None:
         os.close(fd)
 
 
+_UMASK = os.umask(0o022)  # read once (umask can only be read by setting it), and set back at once
+os.umask(_UMASK)
+
+
 def replace_file(path: Path, write: Callable[[Path], object]) -> Path:
     """Rewrite ``path`` whole or not at all: ``write(tmp)`` writes it beside, under a name of this process's own; it
     is synced, renamed over ``path``, the rename synced; a failure leaves no temporary file. Written in place
@@ -54,6 +58,7 @@ def replace_file(path: Path, write: Callable[[Path], object]) -> Path:
     tmp = temporary_path(path)
     try:
         write(tmp)
+        as_umask_allows(tmp)
         sync(tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -61,6 +66,13 @@ def replace_file(path: Path, write: Callable[[Path], object]) -> Path:
         raise
     sync(path.parent)
     return path
+
+
+def as_umask_allows(path: Path) -> None:
+    """Give ``path`` the mode a file this process creates gets (0644 under the usual umask 022): safetensors writes
+    owner-only (0600), so a checkpoint or a shared feature cache was unreadable to the rest of a cluster group,
+    whatever its umask allowed."""
+    os.chmod(path, 0o666 & ~_UMASK)
 
 
 def temporary_path(path: Path, pid: int | str | None = None) -> Path:

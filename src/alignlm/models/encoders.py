@@ -33,6 +33,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer
 from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
 from alignlm.data.images import ImageSpec, load_rgb, preprocess
+from alignlm.files import as_umask_allows
 from alignlm.models.llm import refuse_hub_kernel_attention
 from alignlm.models.vision import EfficientNetLiteTower
 
@@ -348,6 +349,7 @@ class OfflineDualEncoder(_Weights):
             if k.startswith(("image_head.", "text_head.", "logit_scale"))
         }
         save_file(trained, str(folder / HEADS))
+        as_umask_allows(folder / HEADS)
         manifest = {
             "name": self.name,
             "dim": self.dim,

@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from alignlm.export.hf_llava import is_llava_dir, load_llava_weights
-from alignlm.files import file_sha256, sync
+from alignlm.files import as_umask_allows, file_sha256, sync
 from alignlm.models.io import (
     MODEL_FILES,
     config_strings,
@@ -171,6 +171,7 @@ def publish(tmp: Path, final: Path) -> None:
     write_manifest(tmp)
     for path in tmp.iterdir():
         if path.is_file():
+            as_umask_allows(path)  # safetensors' weights are written owner-only
             sync(path)
     sync(tmp)
     if final.exists():
