@@ -638,6 +638,7 @@ def test_the_training_bar_leaves_tqdms_variables_to_tqdm_and_redraws_seldom_into
     main, other = SimpleNamespace(is_main_process=True), SimpleNamespace(is_main_process=False)
     assert progress_bar(other) == {"disable": True}
     assert "disable" not in progress_bar(main) and progress_bar(main)["mininterval"] == 30.0
+    assert progress_bar(main)["maxinterval"] == 30.0  # else tqdm's monitor thread redraws every ~15 s
     monkeypatch.setenv("TQDM_MININTERVAL", "1")
     assert "mininterval" not in progress_bar(main)
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)

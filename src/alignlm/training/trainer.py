@@ -166,7 +166,8 @@ def progress_bar(acc: Accelerator) -> dict[str, Any]:
     if not acc.is_main_process:
         return {"disable": True}
     quiet = not sys.stderr.isatty() and "TQDM_MININTERVAL" not in os.environ
-    return {"dynamic_ncols": True, **({"mininterval": 30.0} if quiet else {})}
+    # tqdm's monitor thread redraws after maxinterval (10 s) whatever mininterval says: both, or it drew every ~15 s
+    return {"dynamic_ncols": True, **({"mininterval": 30.0, "maxinterval": 30.0} if quiet else {})}
 
 
 def refuse_shared_state(objectives: Mapping[str, tuple[Objective, float]], model: torch.nn.Module, where: str) -> None:
