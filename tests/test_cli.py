@@ -55,6 +55,17 @@ def test_console_prints_a_mistake_as_one_line_and_an_exit_status(monkeypatch, ca
     assert err.startswith(line) and err.count("\n") == 1 and "Traceback" not in err
 
 
+def test_a_foreign_value_or_key_error_says_how_to_see_where_it_was_raised(monkeypatch, capsys):
+    """A plug-in's own KeyError inside its hook printed one line with no location, and nothing named ALIGNLM_DEBUG."""
+
+    def fail(argv):
+        raise KeyError("missing")
+
+    monkeypatch.setattr(commands, "main", fail)
+    assert console(["train"]) == 1
+    assert capsys.readouterr().err == "alignlm train: KeyError: 'missing' (ALIGNLM_DEBUG=1 shows where it was raised)\n"
+
+
 def test_console_keeps_argparse_statuses_and_the_traceback_of_a_bug_or_under_alignlm_debug(monkeypatch, capsys):
     assert console(["--help"]) == 0
     assert console(["bogus"]) == 2  # argparse printed the usage

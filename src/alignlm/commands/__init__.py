@@ -105,10 +105,13 @@ def console(argv: Sequence[str] | None = None) -> int:
     except OSError as e:  # errno errors read "[Errno 2] No such file or directory: 'x'": the file first
         return _say(prog, f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e), FAILED)
     except (ValueError, KeyError) as e:
-        ours = type(e).__module__.startswith("alignlm.")
-        return _say(prog, str(e) if ours else f"{type(e).__name__}: {e}", FAILED)
+        ours = type(e).__module__.startswith("alignlm.")  # another's (a plug-in's, a library's) says where to look
+        return _say(prog, str(e) if ours else f"{type(e).__name__}: {e} ({DEBUG_HINT})", FAILED)
     except KeyboardInterrupt:
         return _say(prog, "interrupted", INTERRUPTED)
+
+
+DEBUG_HINT = "ALIGNLM_DEBUG=1 shows where it was raised"
 
 
 def _say(prog: str, message: str, status: int) -> int:
