@@ -18,7 +18,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +71,10 @@ def replace_file(path: Path, write: Callable[[Path], object]) -> Path:
 def as_umask_allows(path: Path) -> None:
     """Give ``path`` the mode a file this process creates gets (0644 under the usual umask 022): safetensors writes
     owner-only (0600), so a checkpoint or a shared feature cache was unreadable to the rest of a cluster group,
-    whatever its umask allowed."""
-    os.chmod(path, 0o666 & ~_UMASK)
+    whatever its umask allowed. A file system that keeps no modes (some network or object-store mounts refuse
+    chmod) keeps the file as written: its mode is no reason to fail a checkpoint."""
+    with suppress(OSError):
+        os.chmod(path, 0o666 & ~_UMASK)
 
 
 def temporary_path(path: Path, pid: int | str | None = None) -> Path:
