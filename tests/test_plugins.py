@@ -141,7 +141,10 @@ class RowAux(BareTensor):
     ("connector", "message"),
     [
         ("BareTensor", "model.connector (BareTensor) returned a Tensor, not a ConnectorOutput"),
-        ("RowAux", "model.connector (RowAux) returned aux_losses['spread'] of a tensor of shape [2]: each is a 0-dim"),
+        (
+            "RowAux",
+            "model.connector (RowAux) returned aux_losses['spread'] of a torch.float32 tensor of shape [2]: each is a 0-dim",
+        ),
     ],
 )
 def test_a_connector_breaking_its_output_contract_is_named(tiny_model, connector, message):

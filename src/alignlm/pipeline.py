@@ -35,7 +35,7 @@ from alignlm.checks import (
     prompt_changes,
 )
 from alignlm.config import ConfigError, instantiate
-from alignlm.data import GENERATORS, offline_set_differences, offline_sets, offline_settings
+from alignlm.data import GENERATORS, differences_said, offline_set_differences, offline_sets, offline_settings
 from alignlm.evaluation.evaluate import answer_accuracy
 from alignlm.files import LockHeld, release_lock, replace_text, sole_writer, take_lock
 from alignlm.models.build import build_model
@@ -237,9 +237,7 @@ def ensure_offline_datasets(cfg: DictConfig) -> None:
     for name in cfg.offline_datasets:
         if name not in GENERATORS:
             raise ConfigError(f"offline_datasets has {name!r}; available: {sorted(GENERATORS)}")
-    settings = offline_settings(cfg)
-    given = settings["offline_dataset_args"] or {}
-    for name, (out, wanted) in offline_sets(settings).items():
+    for name, (out, wanted) in offline_sets(offline_settings(cfg)).items():
         info = out / "info.json"
         # runs started together (a job array) find the set the first one writes: they had written it all at once
         with sole_writer(info, f"generating {out}"):
@@ -248,12 +246,9 @@ def ensure_offline_datasets(cfg: DictConfig) -> None:
                 if not differs:
                     continue
                 get_logger("alignlm", 0).warning(
-                    "regenerating %s: it was written with %s, the config asks for %s",
-                    out,
-                    ", ".join(f"{k}={was!r}" for k, (was, _) in differs.items()),
-                    ", ".join(f"{k}={now!r}" for k, (_, now) in differs.items()),
+                    "regenerating %s: it was written with %s, the config asks for %s", out, *differences_said(differs)
                 )
-            GENERATORS[name](out, seed=wanted["seed"], **dict(given.get(name) or {}))
+            GENERATORS[name](out, **wanted)  # the generator's defaults with the config's knobs over them, and the seed
 
 
 def run_prepare_steps(cfg: DictConfig) -> None:

@@ -81,3 +81,11 @@ def offline_set_differences(info: Path, wanted: dict[str, Any]) -> dict[str, tup
         for k in [*asked, *(k for k in stored if k not in asked)]
         if stored.get(k, missing) != asked.get(k, missing)
     }
+
+
+def differences_said(differs: Mapping[str, tuple[Any, Any]]) -> tuple[str, str]:
+    """:func:`offline_set_differences` as two phrases, ``("k=as written, ...", "k=as asked, ...")``, so every
+    message about a set on disk that is not the one asked for says it in the same words."""
+    written = ", ".join(f"{k}={was!r}" for k, (was, _) in differs.items())
+    asked = ", ".join(f"{k}={now!r}" for k, (_, now) in differs.items())
+    return written, asked

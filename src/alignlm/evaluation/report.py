@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 
 import alignlm
 from alignlm.config import ConfigError
-from alignlm.data import generator_defaults, offline_set_differences, offline_sets, offline_settings
+from alignlm.data import differences_said, generator_defaults, offline_set_differences, offline_sets, offline_settings
 from alignlm.data.build import aspect_ratio_of
 from alignlm.data.images import loader_workers
 from alignlm.data.records import DataError, image_paths, read_records
@@ -146,8 +146,7 @@ def _refuse_regenerated_sets(sets: Sequence[Mapping[str, Any]], train_cfg: Any, 
         if differs is None:
             why = "which holds no info.json (a generation under way or killed: what it holds cannot be told)"
         else:
-            now = ", ".join(f"{k}={was!r}" for k, (was, _) in differs.items())
-            then = ", ".join(f"{k}={asked!r}" for k, (_, asked) in differs.items())
+            now, then = differences_said(differs)
             why = f"written again since the run with {now} (the run's: {then}): another split"
         raise ConfigError(
             f"{whose}: its run's eval set {inside[0]['name']} ({inside[0]['path']}) is in {folder}, {why}, whose "

@@ -38,6 +38,17 @@ MULTIPLIED_LOGITS_SCALING = frozenset({"hyperclovax"})
 UNUSED_LOGIT_SCALE = frozenset({"mpt"})
 
 
+def scalar_problem(value: Any) -> str | None:
+    """What keeps ``value`` from being a loss the trainer can add and back-propagate (a 0-dim floating tensor), or
+    None: an objective's loss and a connector's auxiliary losses are checked by it, so both name what they got in the
+    same words. Host-side metadata only: no device wait."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0 and value.is_floating_point():
+            return None
+        return f"a {value.dtype} tensor of shape {list(value.shape)}"
+    return f"a {type(value).__name__}"
+
+
 @dataclass(frozen=True)
 class HeadTransform:
     """What a causal LM does to its head's output before the softmax: a scale, then a soft-cap

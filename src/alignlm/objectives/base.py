@@ -16,6 +16,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from alignlm.config import ConfigError
+from alignlm.models.lm_loss import scalar_problem
 
 
 @dataclass
@@ -92,14 +93,11 @@ def check_term(who: str, objective: Objective, term: Any) -> None:
     name = f"{who} ({type(objective).__name__})"
     if not isinstance(term, LossTerm):
         raise TypeError(f"{name} returned a {type(term).__name__}, not a LossTerm(loss, metrics)")
-    loss = term.loss
-    if not (isinstance(loss, torch.Tensor) and loss.dim() == 0 and loss.is_floating_point()):
-        what = (
-            f"a {loss.dtype} tensor of shape {list(loss.shape)}"
-            if isinstance(loss, torch.Tensor)
-            else f"a {type(loss).__name__}"
+    problem = scalar_problem(term.loss)
+    if problem is not None:
+        raise TypeError(
+            f"{name} returned a loss of {problem}: a LossTerm's loss is a 0-dim floating tensor (reduce it)"
         )
-        raise TypeError(f"{name} returned a loss of {what}: a LossTerm's loss is a 0-dim floating tensor (reduce it)")
     undeclared = sorted(set(term.metrics) - set(objective.metric_names))
     if undeclared:
         raise ValueError(

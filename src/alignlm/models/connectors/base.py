@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
 
+from alignlm.models.lm_loss import scalar_problem
+
 
 @dataclass
 class ConnectorOutput(ModelOutput):
@@ -76,9 +78,9 @@ def _fix_token_norm(module: Connector, args: tuple, output: ConnectorOutput) -> 
     if not isinstance(output, ConnectorOutput):
         raise TypeError(f"{who} returned a {type(output).__name__}, not a ConnectorOutput(tokens, aux_losses, metrics)")
     for key, aux in output.aux_losses.items():
-        if not (isinstance(aux, torch.Tensor) and aux.dim() == 0 and aux.is_floating_point()):
-            shape = f"a tensor of shape {list(aux.shape)}" if isinstance(aux, torch.Tensor) else type(aux).__name__
-            raise TypeError(f"{who} returned aux_losses[{key!r}] of {shape}: each is a 0-dim floating tensor")
+        problem = scalar_problem(aux)
+        if problem is not None:
+            raise TypeError(f"{who} returned aux_losses[{key!r}] of {problem}: each is a 0-dim floating tensor")
     if module.token_norm is not None:
         output.tokens = F.normalize(output.tokens, dim=-1) * module.token_norm
     return output
