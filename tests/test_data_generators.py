@@ -12,7 +12,7 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from alignlm.data import GENERATORS, digits, generator_knobs, shapes
+from alignlm.data import GENERATORS, digits, generator_defaults, generator_knobs, shapes
 from alignlm.pipeline import ensure_offline_datasets
 
 # Small but non-default sizes, so the tests also check that the knobs reach the files.
@@ -136,6 +136,7 @@ def test_an_offline_set_is_regenerated_for_the_defaults_another_seed_or_a_knob_i
     small = {"n_train": 3, "n_test": 2, "image_size": 32}
     shapes.generate(tmp_path / "shapes", seed=0, **small)
     calls = []
+    defaults = generator_defaults("shapes")
     monkeypatch.setitem(GENERATORS, "shapes", lambda out, seed, **knobs: calls.append((seed, knobs)))
 
     def ensure(args, seed=0):
@@ -144,12 +145,12 @@ def test_an_offline_set_is_regenerated_for_the_defaults_another_seed_or_a_knob_i
         return calls.pop() if calls else None
 
     assert ensure({"shapes": small}) is None  # as written: left alone
-    assert ensure({}) == (0, {})  # back to the defaults
-    assert ensure({"shapes": small}, seed=1) == (1, small)
+    assert ensure({}) == (0, defaults)  # back to the defaults
+    assert ensure({"shapes": small}, seed=1) == (1, {**defaults, **small})
     info = load(tmp_path / "shapes" / "info.json")
     del info["knobs"]["som"]  # as written before the generator had the knob
     (tmp_path / "shapes" / "info.json").write_text(json.dumps(info))
-    assert ensure({"shapes": small}) == (0, small)
+    assert ensure({"shapes": small}) == (0, {**defaults, **small})
 
 
 def test_digit_captions_name_the_digit_as_numeral_and_word(tmp_path):
