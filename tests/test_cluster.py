@@ -550,18 +550,10 @@ def with_text_only_records(instruct: Path) -> Path:
     return mixed
 
 
-@pytest.mark.parametrize("strategy", ["fsdp2", "zero2", "zero3"])
-def test_sharded_training_matches_one_process_and_resumes_exactly(colour_set, tmp_path, monkeypatch, strategy):
-    """Two gloo ranks under FSDP2 or DeepSpeed ZeRO, 20 steps (pretrain, then LoRA finetuning on a set with text-only records,
-    one sample per micro-batch, 2 accumulated: in this order rank 1's second micro-batch has no image, rank 0's has
-    one), stopped after step 5 and resumed, give the losses (fp32, rel. 1e-5) and the final weights of one DDP process
-    with the same global batch."""
-    if strategy.startswith("zero"):
-        deepspeed_on_cpu()
-    from safetensors.torch import load_file
-
+def sharded_stages(colour_set) -> list[str]:
+    """Pretraining, then LoRA finetuning on a set with text-only records, one sample per micro-batch: 20 steps."""
     mixed = with_text_only_records(Path(colour_set["instruct"]))
-    stages = [
+    return [
         "run=[pretrain,finetune]",
         "stages.finetune.parts.llm=lora",
         "stages.finetune.lora.dropout=0.0",  # each rank draws its own masks: two ranks never draw one process's
@@ -571,8 +563,35 @@ def test_sharded_training_matches_one_process_and_resumes_exactly(colour_set, tm
         "stages.finetune.per_device_batch_size=1",
         "stages.pretrain.max_steps=16",  # 20 steps in all with the finetuning's 4
     ]
+
+
+@pytest.fixture(scope="module")
+def one_process_run(colour_set, tmp_path_factory) -> Path:
+    """The run every sharded strategy is compared with: one process, the same global batch (4 accumulated samples).
+    Run once for the three strategies: each had run it again."""
+    tmp_path = tmp_path_factory.mktemp("one_process")
+    one = ["stages.pretrain.grad_accum=4", "stages.finetune.grad_accum=4"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ACCELERATE_USE_CPU", "true")
+        run(compose(*base(colour_set, tmp_path, "run_name=one", *sharded_stages(colour_set), *one)))
+    return tmp_path / "one"
+
+
+@pytest.mark.parametrize("strategy", ["fsdp2", "zero2", "zero3"])
+def test_sharded_training_matches_one_process_and_resumes_exactly(
+    colour_set, one_process_run, tmp_path, monkeypatch, strategy
+):
+    """Two gloo ranks under FSDP2 or DeepSpeed ZeRO, 20 steps (pretrain, then LoRA finetuning on a set with text-only records,
+    one sample per micro-batch, 2 accumulated: in this order rank 1's second micro-batch has no image, rank 0's has
+    one), stopped after step 5 and resumed, give the losses (fp32, rel. 1e-5) and the final weights of one DDP process
+    with the same global batch."""
+    if strategy.startswith("zero"):
+        deepspeed_on_cpu()
+    from safetensors.torch import load_file
+
     partition = partitioning_zero3(tmp_path) if strategy == "zero3" else []
-    job = base(colour_set, tmp_path, f"run_name={strategy}", f"launcher={strategy}", *stages, *partition)
+    job = base(colour_set, tmp_path, f"run_name={strategy}", f"launcher={strategy}", *sharded_stages(colour_set))
+    job += partition
     accumulate = ["stages.pretrain.grad_accum=2", "stages.finetune.grad_accum=2"]
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # DeepSpeed's ranks stay on the CPU on a GPU machine too
     assert torchrun([*job, *accumulate, "stop_after_steps=5"]).returncode != 0  # stopped (75 from each rank)
@@ -581,13 +600,12 @@ def test_sharded_training_matches_one_process_and_resumes_exactly(colour_set, tm
     assert step5.exists() and sorted(p.name for p in step5.glob("optimizer_rank*.pt")) == partitions
     resumed = torchrun([*job, *accumulate])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
-    one = ["stages.pretrain.grad_accum=4", "stages.finetune.grad_accum=4"]
-    run(compose(*base(colour_set, tmp_path, "run_name=one", *stages, *one)))
     for stage in ("pretrain", "finetune"):
-        theirs = read_losses(tmp_path / "one" / stage)
+        theirs = read_losses(one_process_run / stage)
         assert read_losses(tmp_path / strategy / stage) == pytest.approx(theirs, rel=1e-5)
-    ours, theirs = (load_file(tmp_path / r / "finetune" / "final" / "model.safetensors") for r in (strategy, "one"))
+    ours, theirs = (
+        load_file(r / "finetune" / "final" / "model.safetensors") for r in (tmp_path / strategy, one_process_run)
+    )
     assert ours.keys() == theirs.keys() and not any("lora" in k for k in ours)  # LoRA merged
     # Adam's first steps on LoRA's zero-initialised B turn reduction-order noise into ~4e-5 on merged weights of
     # scale 0.1; DDP against one process differs by the same 4.2e-5
