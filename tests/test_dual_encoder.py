@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from alignlm.geometry.metrics import retrieval_recall
 from alignlm.models import encoder_fit
 from alignlm.models.encoder_fit import fit_encoder, fit_heads, grouped_recall, info_nce
 from alignlm.models.encoders import OfflineDualEncoder
@@ -31,11 +32,29 @@ def test_grouped_recall_counts_same_caption_hits_and_gives_exact_chance():
     assert r["i2t_recall@1"] == r["t2i_recall@1"] == 1.0
     assert r["chance@1"] == pytest.approx((2 / 4 + 2 / 4 + 1 / 4 + 1 / 4) / 4)
     assert r["chance@2"] == pytest.approx((5 / 6 + 5 / 6 + 1 / 2 + 1 / 2) / 4)
-    # collapsed features tie every item: a tie is a miss, as in the alignment metrics' retrieval (topk broke ties by
-    # index, so each query "found" the first items, its own group among them: recall@1 0.5 for nothing learned)
+    # collapsed features tie every item: ties are broken at random, as in the alignment metrics' retrieval, so they
+    # score chance (topk broke them by index: the first items, its own group among them; a tie counted as a miss
+    # scored 0, under chance)
     flat = torch.ones(4, 3)
     r = grouped_recall(flat, flat, ["a", "a", "c", "d"], ks=(1, 2))
-    assert r["i2t_recall@1"] == r["t2i_recall@1"] == r["i2t_recall@2"] == 0.0
+    for k in (1, 2):
+        assert r[f"i2t_recall@{k}"] == r[f"t2i_recall@{k}"] == pytest.approx(r[f"chance@{k}"], abs=1e-12)
+
+
+def test_grouped_recall_breaks_ties_at_random_as_the_alignment_metrics_retrieval():
+    """One image file under two captions that a perfect model embeds alike: each query ties its match with the other
+    pair's. It ranks first half the time, as random tie-breaking gives (and geometry's retrieval); counted as a miss,
+    a perfect model had scored 0 on every such pair."""
+    img = torch.eye(5, dtype=torch.float64)
+    img[1] = img[0]  # the same image file, captioned twice
+    r = grouped_recall(img, img, list("abcde"), ks=(1, 2))
+    assert r["t2i_recall@1"] == r["i2t_recall@1"] == pytest.approx((0.5 + 0.5 + 3) / 5)
+    assert r["t2i_recall@2"] == r["i2t_recall@2"] == 1.0
+    assert r["t2i_recall@1"] == pytest.approx(retrieval_recall(img, img, (1,))["t2i_recall@1"])
+    # a query among tied wrong items: recall is the chance that one of its 2 right items is among the first k
+    g = torch.ones(6, 2, dtype=torch.float64)
+    r = grouped_recall(g, g, ["a", "a", "b", "c", "d", "e"], ks=(1, 2))
+    assert r["i2t_recall@2"] == pytest.approx((2 * (1 - 6 / 15) + 4 * (1 - 10 / 15)) / 6)
 
 
 class _Heads(nn.Module):

@@ -122,12 +122,12 @@ def grouped_recall(img: Tensor, txt: Tensor, groups: Sequence[Any], ks: Sequence
     n, m = len(label), same.sum(1)
     out = {}
     for direction, scores in (("i2t", sim), ("t2i", sim.T)):
-        # the best right item's rank: the wrong items scoring at least as high, within the metrics' TIE (a tie is
-        # a loss, as in geometry.metrics.retrieval; topk broke it by index, so collapsed features found their group)
-        best = scores.masked_fill(~same, -math.inf).amax(1)
-        ahead = ((scores >= best[:, None] - TIE) & ~same).sum(1)
+        best = scores.masked_fill(~same, -math.inf).amax(1)[:, None]
+        tied = (scores >= best - TIE) & (scores <= best + TIE)
+        above = ((scores > best + TIE) & ~same).sum(1)
+        wrong, right = (tied & ~same).sum(1), (tied & same).sum(1)  # right >= 1: the best right item itself
         for k in ks:
-            out[f"{direction}_recall@{k}"] = (ahead < k).double().mean().item()
+            out[f"{direction}_recall@{k}"] = _tied_hit_chance(above, wrong, right, k).mean().item()
     for k in ks:
         if k >= n:
             out[f"chance@{k}"] = 1.0
@@ -135,6 +135,22 @@ def grouped_recall(img: Tensor, txt: Tensor, groups: Sequence[Any], ks: Sequence
         chance = [1 - math.comb(n - int(mi), k) / math.comb(n, k) for mi in m]
         out[f"chance@{k}"] = sum(chance) / n
     return out
+
+
+def _tied_hit_chance(above: Tensor, wrong: Tensor, right: Tensor, k: int) -> Tensor:
+    """Each query's chance of a right item within its top ``k`` when ties are broken uniformly at random, as
+    ``geometry.metrics.retrieval_recall`` counts them: ``above`` wrong items score clearly higher than its best right
+    one, and ``wrong`` + ``right`` items score within ``TIE`` of it. The first ``s = k - above`` places (at most the
+    tied group) go to tied items at random, so it misses with probability ``C(wrong, s) / C(wrong + right, s)``.
+    Counting a tie as a miss had scored collapsed heads 0 under their chance, and a perfect model 0 where a text's
+    image file was repeated (a caption set with several captions per image); breaking it by index had scored them
+    1."""
+    slots = torch.minimum((k - above).clamp(min=0), wrong + right)
+    miss = torch.ones(len(above), dtype=torch.float64)
+    for j in range(k):  # C(w, s) / C(w + r, s) as the product of (w - j) / (w + r - j) over j < s
+        factor = (wrong - j).clamp(min=0).double() / (wrong + right - j).clamp(min=1).double()
+        miss = torch.where(slots > j, miss * factor, miss)
+    return 1 - miss
 
 
 def _pairs(
