@@ -228,9 +228,21 @@ def test_rbf_cka_invariant_to_rotation_and_scale_with_median_bandwidth():
 
 @pytest.mark.parametrize("metric", PLATONIC, ids=lambda f: f.__name__)
 @pytest.mark.parametrize("preprocess", [True, False])
-def test_invariant_to_isotropic_scaling(metric, preprocess):
+@pytest.mark.parametrize("scale", [7.5, 1e-13])
+def test_invariant_to_isotropic_scaling(metric, preprocess, scale):
+    """1e-13: rows of norm under 1e-12 (F.normalize's floor) had stayed off the unit sphere."""
+    if metric is M.svcca and scale < 1e-8:
+        pytest.skip("SVCCA divides each column by its deviation + 1e-8, as the reference: not scale-free below that")
     A, B = related_pair()
-    assert metric(7.5 * A, B, preprocess=preprocess) == pytest.approx(metric(A, B, preprocess=preprocess), abs=1e-7)
+    want = metric(A, B, preprocess=preprocess)
+    assert metric(scale * A.double(), B, preprocess=preprocess) == pytest.approx(want, abs=1e-7)
+
+
+def test_modality_gap_and_retrieval_are_invariant_to_the_scale_of_a_side():
+    A, B = related_pair()
+    B = B[:, : A.shape[1]]  # one feature space
+    for metric in (M.modality_gap, M.retrieval_recall):
+        assert metric(1e-13 * A.double(), B) == pytest.approx(metric(A, B), abs=1e-12)
 
 
 def test_cknna_over_all_neighbours_is_unbiased_cka():

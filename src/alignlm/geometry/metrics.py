@@ -28,7 +28,6 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 Kernel = Literal["linear", "rbf"]
@@ -102,8 +101,11 @@ def _pair(A: Tensor, B: Tensor, same_dim: bool = False) -> tuple[Tensor, Tensor]
 
 
 def _unit(x: Tensor) -> Tensor:
-    """Rows projected to the unit sphere, where cosine similarity is an inner product."""
-    return F.normalize(x, dim=-1)
+    """Rows projected to the unit sphere, where cosine similarity is an inner product; an all-zero row (padding) stays
+    zero. Each row is divided by its own norm, however small: ``F.normalize`` divides by at least 1e-12, so a row of
+    norm 1e-13 had stayed off the sphere and moved every cosine metric (the gap of a set scaled by 1e-13 doubled)."""
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    return x / torch.where(norm > 0, norm, torch.ones_like(norm))
 
 
 def _chunks(n: int, row_cost: int) -> Iterator[slice]:
@@ -494,7 +496,8 @@ def _cka(A: Tensor, B: Tensor, kernel: Kernel, sigma: float | None, preprocess: 
 
 def cka(A: Tensor, B: Tensor, kernel: Kernel = "linear", sigma: float | None = None, preprocess: bool = True) -> float:
     """Kornblith et al. 2019, as used in the Platonic Representation: centred kernel alignment with the biased
-    HSIC, invariant to rotations and isotropic scaling of either representation. ``sigma=None`` picks the
+    HSIC, invariant to isotropic scaling of either representation, and to its rotations with ``preprocess=False``
+    (the outlier clamp of ``preprocess`` is per coordinate, as the reference's). ``sigma=None`` picks the
     rbf bandwidth by the median heuristic. nan when either representation has every row equal. The linear kernel
     is computed in feature space (memory O(d^2 + n d)); rbf builds n x n matrices, O(n^2) memory (``_rbf_gram``)."""
     return _cka(A, B, kernel, sigma, preprocess, unbiased=False)
