@@ -417,6 +417,17 @@ def test_an_accelerate_deepspeed_config_launches_zero3_with_offloading(colour_se
     ("env", "overrides", "message"),
     [
         ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, [], "alignlm shards with FSDP2"),
+        # what an accelerate FSDP config switches on that alignlm's FSDP2 does not do is refused, not dropped
+        (
+            {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_OFFLOAD_PARAMS": "true"},
+            [],
+            "sets fsdp_offload_params: true, which alignlm's FSDP2 does not do .*zero3_offload.yaml",
+        ),
+        (
+            {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_ACTIVATION_CHECKPOINTING": "true"},
+            [],
+            r"sets fsdp_activation_checkpointing: true.*stages.<stage>.gradient_checkpointing=true",
+        ),
         ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "1"}, [], "runs stages 2 and 3"),
         (
             {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"},

@@ -70,6 +70,22 @@ _LAUNCH_OWNED = {
     "ACCELERATE_GRADIENT_CLIPPING": "gradient_clipping",
 }
 _OFFLOADS = ("offload_optimizer", "offload_param")
+# an accelerate launch config's FSDP switches that would change memory or compute, with what alignlm offers instead:
+# they had been dropped without a word (the run used the memory the user had configured away)
+_FSDP_REFUSED = {
+    "FSDP_OFFLOAD_PARAMS": (
+        "fsdp_offload_params",
+        "offload with DeepSpeed instead (configs/accelerate/zero3_offload.yaml)",
+    ),
+    "FSDP_ACTIVATION_CHECKPOINTING": (
+        "fsdp_activation_checkpointing",
+        "checkpoint by part instead (stages.<stage>.gradient_checkpointing=true, or a list such as [llm])",
+    ),
+    "FSDP_ACTIVATION_CHECKPOINTING_OFFLOAD": (
+        "fsdp_activation_checkpointing_offload",
+        "checkpoint by part instead (stages.<stage>.gradient_checkpointing=true)",
+    ),
+}
 
 
 def _on(var: str) -> bool:
@@ -122,6 +138,12 @@ def launch_strategy() -> tuple[str | None, dict[str, Any]]:
                 "the accelerate launch config asks for FSDP version 1; alignlm shards with FSDP2: set fsdp_version: 2 "
                 "(configs/accelerate/fsdp2.yaml)"
             )
+        for var, (field, instead) in _FSDP_REFUSED.items():
+            if _on(var):
+                raise ConfigError(
+                    f"the accelerate launch config's fsdp_config sets {field}: true, which alignlm's FSDP2 does not do "
+                    f"(it shards the model itself: training/sharding.py): set it to false, and {instead}"
+                )
         return "fsdp2", {"reshard_after_forward": env.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() == "true"}
     return None, {}
 
