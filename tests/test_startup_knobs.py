@@ -397,3 +397,90 @@ def test_the_feature_cache_beside_a_hook_that_replaces_the_images_is_refused_at_
     its data, after the prepare steps had fitted an encoder and embedded every image and caption."""
     with pytest.raises(ConfigError, match=r"hooks.text_embeds \(TextEmbeddingHook\) already replaces the images"):
         check_config(compose(f"output_dir={tmp_path}", "+exp=revision", "stages.pretrain.data.feature_cache=true"))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "line"),
+    [
+        (
+            ["stages.finetune.parts.llm=full", "stages.finetune.lora.r=128"],
+            "stages.finetune.lora.r is unused: no part of stages.finetune.parts is lora ({'vision': 'frozen', "
+            "'connector': 'full', 'llm': 'full'}): set e.g. stages.finetune.parts.llm=lora",
+        ),
+        (
+            ["stages.pretrain.epochs=2"],
+            "stages.pretrain.epochs is unused: stages.pretrain.max_steps=250 sets the stage's length "
+            "(stages.pretrain.max_steps=null trains by epochs)",
+        ),
+        (["stages.finetune.lr.vision=0.5"], "stages.finetune.lr.vision is unused: stages.finetune.parts.vision=frozen"),
+        (
+            ["stages.pretrain.gradient_checkpointing=[llm,vision]"],
+            "stages.pretrain.gradient_checkpointing names vision, which checkpoints nothing: the tower is frozen",
+        ),
+        (
+            ["offline_datasets=[digits]", "+offline_dataset_args.shapes.n_train=40"],
+            "offline_dataset_args.shapes.n_train is unused: shapes is not in offline_datasets=['digits']",
+        ),
+        (["monitor.probe=p.json"], "monitor.probe is unused: monitor.every=0 runs no probe"),
+        (["logging.wandb.project=mine"], "logging.wandb.project is unused: logging.wandb.mode=disabled"),
+        (
+            ["launcher=ddp", "distributed.reshard_after_forward=false"],
+            "distributed.reshard_after_forward is unused: only FSDP2 reshards, and this run's strategy is ddp",
+        ),
+    ],
+)
+def test_an_override_that_nothing_reads_is_named_with_why(overrides, line):
+    """Each had been accepted and dropped: a LoRA rank without a LoRA part (the LLM trained whole, the same losses),
+    epochs under a recipe's max_steps (2 epochs asked, 0.74 of one trained), a probe with the monitor off."""
+    cfg = compose("+exp=demo", "model=tiny", *overrides)
+    resolve_strategy(cfg)
+    (said,) = checks.unused_overrides(cfg)
+    assert said.startswith(line), said
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["+exp=demo", "model=tiny", "stages.finetune.parts.llm=lora", "stages.finetune.lora.r=8"],
+        ["+exp=demo", "stages.pretrain.epochs=2", "stages.pretrain.max_steps=null"],
+        ["+exp=demo", "stages.finetune.lr.llm=1e-5", "monitor.every=5", "monitor.probe=p.json"],
+        [
+            "+exp=demo",
+            "stages.finetune.gradient_checkpointing=[llm]",
+            "logging.wandb.mode=offline",
+            "logging.wandb.project=x",
+        ],
+        [
+            "+exp=demo",
+            "+offline_dataset_args.shapes.som=true",
+            "launcher=fsdp2",
+            "distributed.reshard_after_forward=false",
+        ],
+        ["+exp=sea"],  # what a recipe sets is not the user's to be told of
+    ],
+)
+def test_an_override_that_is_read_is_not_warned_of(overrides):
+    cfg = compose(*overrides)
+    resolve_strategy(cfg)
+    assert checks.unused_overrides(cfg) == []
+
+
+def test_the_run_warns_of_an_unused_override_at_start_up(colour_set, tmp_path, alignlm_log):
+    cfg = compose(
+        *pretrain_on(colour_set, tmp_path, "mixed_precision=no"),
+        "stages.pretrain.lora.r=4",
+        f"eval.sets=[{{name:a,path:{tmp_path / 'missing.json'}}}]",  # refused before anything trains
+    )
+    with pytest.raises(DataError, match="missing.json does not exist"):
+        run(cfg)
+    assert [r.getMessage() for r in alignlm_log.records if "is unused" in r.getMessage()] == [
+        "stages.pretrain.lora.r is unused: no part of stages.pretrain.parts is lora ({'vision': 'frozen', "
+        "'connector': 'full', 'llm': 'frozen'}): set e.g. stages.pretrain.parts.llm=lora"
+    ]
+
+
+@pytest.mark.parametrize("override", ["hydra.run.dir=/tmp/elsewhere", "hydra.job.chdir=true", "hydra/job_logging=none"])
+def test_an_override_of_hydras_own_settings_is_refused(override):
+    """alignlm composes with Hydra's compose API: hydra.run.dir had been accepted, and the outputs went to output_dir."""
+    with pytest.raises(ConfigError, match=re.escape(f"{override}: alignlm composes its config with Hydra's compose")):
+        compose("+exp=demo", override)

@@ -34,6 +34,7 @@ from alignlm.config import (
     config_roots,
     default_keys,
     knob_annotations,
+    overridden_keys,
     plain,
     union_args,
 )
@@ -221,6 +222,60 @@ def prompt_changes(cfg: DictConfig) -> list[str]:
             f"model was not trained with. To render them as stage {init} does: {fix}"
         )
     return lines
+
+
+def unused_overrides(cfg: DictConfig) -> list[str]:
+    """One line for each override of the command line (``alignlm.config.overridden_keys``) that nothing reads in this
+    config, saying why and what would make it count. Each had been accepted and dropped: ``stages.finetune.lora.r=128``
+    without a LoRA part trained the LLM whole with the same losses; ``stages.pretrain.epochs=2`` under a recipe's
+    ``max_steps`` trained 0.74 of an epoch; ``monitor.probe=...`` without ``monitor.every`` probed nothing. A warning,
+    not a refusal: a sweep over ``parts.llm=full,lora`` sets the LoRA knobs for both. Only what the user named is
+    looked at, since every stage file sets a rate and a LoRA block for every part."""
+    lines = []
+    for key in dict.fromkeys(overridden_keys(cfg)):
+        said = _unused_because(cfg, key)
+        if said:
+            lines.append(f"{key} {said}")
+    return lines
+
+
+def _unused_because(cfg: DictConfig, key: str) -> str | None:
+    """What of the knob ``key`` (an override's key) nothing in ``cfg`` reads, and why (``is unused: ...``), or None
+    where something may read it all."""
+    parts = key.split(".")
+    if parts[0] == "stages" and len(parts) >= 3 and parts[1] in cfg.stages:
+        name, knob, stage = parts[1], parts[2:], cfg.stages[parts[1]]
+        modes = dict(stage.get("parts") or {})
+        if knob[0] == "lora" and "lora" not in modes.values() and stage.get("lora") is not None:
+            return (
+                f"is unused: no part of stages.{name}.parts is lora ({plain(modes)}): set e.g. "
+                f"stages.{name}.parts.llm=lora"
+            )
+        if knob == ["epochs"] and stage.get("max_steps") is not None:
+            return (
+                f"is unused: stages.{name}.max_steps={stage.max_steps} sets the stage's length "
+                f"(stages.{name}.max_steps=null trains by epochs)"
+            )
+        if knob[0] == "lr" and len(knob) == 2 and modes.get(knob[1]) == "frozen":
+            return f"is unused: stages.{name}.parts.{knob[1]}=frozen trains nothing to use it"
+        checkpointed = checkpointing_parts(stage.get("gradient_checkpointing") or False)
+        if knob == ["gradient_checkpointing"] and modes.get("vision") == "frozen" and "vision" in checkpointed:
+            return (
+                f"names vision, which checkpoints nothing: the tower is frozen (stages.{name}.parts.vision), so its "
+                "forward keeps no activations; the LLM's are what checkpointing saves (true, or [llm])"
+            )
+    if parts[0] == "offline_dataset_args" and len(parts) >= 2 and parts[1] not in (cfg.get("offline_datasets") or []):
+        listed = plain(cfg.get("offline_datasets"))
+        return f"is unused: {parts[1]} is not in offline_datasets={listed}, so nothing generates it"
+    if parts[0] == "monitor" and parts[1:] != ["every"] and not int((cfg.get("monitor") or {}).get("every") or 0):
+        return "is unused: monitor.every=0 runs no probe (monitor.every=N probes every N steps)"
+    wandb = (cfg.get("logging") or {}).get("wandb") or {}
+    if parts[:2] == ["logging", "wandb"] and parts[2:] != ["mode"] and wandb.get("mode") == "disabled":
+        return "is unused: logging.wandb.mode=disabled logs nothing to wandb (offline or online does)"
+    strategy = (cfg.get("distributed") or {}).get("strategy")
+    if key == "distributed.reshard_after_forward" and strategy != "fsdp2":
+        return f"is unused: only FSDP2 reshards, and this run's strategy is {strategy}"
+    return None
 
 
 def prompt_of(data: Mapping[str, Any]) -> dict[str, Any]:

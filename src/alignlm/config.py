@@ -135,20 +135,30 @@ def config_dir() -> Path:
 def compose(overrides: Sequence[str], config_name: str = "train") -> DictConfig:
     """The training config for these Hydra overrides (resolved on access). Where Hydra found its files (the tree and
     every ``hydra.searchpath`` folder, :func:`config_roots`) is remembered with it: Hydra's own node, which says so,
-    is left out of the config, as Hydra's ``compose`` leaves it out."""
+    is left out of the config, as Hydra's ``compose`` leaves it out. An override of Hydra's other settings is refused:
+    nothing reads them (``hydra.run.dir=...`` had been accepted, and the outputs went to ``output_dir`` all the
+    same)."""
+    for override in overrides:
+        key = override.lstrip("+~").split("=", 1)[0]
+        if (key == "hydra" or key.startswith(("hydra.", "hydra/"))) and key != "hydra.searchpath":
+            raise ConfigError(
+                f"{override}: alignlm composes its config with Hydra's compose API and runs no Hydra app, so Hydra's "
+                "own settings (hydra.run.dir, hydra.job.*, hydra.verbose, its logging and launcher groups) do nothing "
+                "(outputs go to output_dir/run_name); only hydra.searchpath is read: drop it"
+            )
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name="alignlm"):
         cfg = hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
     roots = tuple(_source_folders(cfg.hydra.runtime.config_sources))
     with open_dict(cfg):
         del cfg["hydra"]
     key = id(cfg)
-    _ROOTS[key] = (weakref.ref(cfg, lambda _: _ROOTS.pop(key, None)), roots)
+    _ROOTS[key] = (weakref.ref(cfg, lambda _: _ROOTS.pop(key, None)), roots, tuple(overrides))
     return cfg
 
 
-# The folders each config ``compose`` returned was read from, by the config's identity (its weak reference tells a
-# config from a later one at the same address; the entry goes with the config).
-_ROOTS: dict[int, tuple[weakref.ref, tuple[Path, ...]]] = {}
+# The folders each config ``compose`` returned was read from, and the overrides it was composed with, by the config's
+# identity (its weak reference tells a config from a later one at the same address; the entry goes with the config).
+_ROOTS: dict[int, tuple[weakref.ref, tuple[Path, ...], tuple[str, ...]]] = {}
 
 
 def _source_folders(sources: Any) -> list[Path]:
@@ -179,6 +189,15 @@ def config_roots(cfg: DictConfig | None = None) -> list[Path]:
     folder, where a plug-in keeps its configs outside the repository (only the tree for a config ``compose`` did not
     return, or for none)."""
     return list(_ROOTS[id(cfg)][1]) if composed(cfg) else [config_dir()]
+
+
+def overridden_keys(cfg: DictConfig | None) -> list[str]:
+    """The keys the overrides ``cfg`` was composed with set (``stages.finetune.lora.r`` of ``stages.finetune.lora.r=64``,
+    ``model`` of ``model=tiny``), in their order; none for a config ``compose`` did not return. What the user asked
+    for by name, as against what a recipe or a default sets: a knob that nothing reads is worth a word only there."""
+    if not composed(cfg):
+        return []
+    return [o.lstrip("+~").split("=", 1)[0].split("@", 1)[0] for o in _ROOTS[id(cfg)][2]]
 
 
 def default_keys(cfg: DictConfig | None = None) -> dict[str, set[str]]:
