@@ -289,7 +289,7 @@ def test_eval_checks_metric_names_sets_the_device_and_out_before_loading(tmp_pat
         _eval(tmp_path, "--set", "generation.temperature=0.7", "--set", "generation.top_k=5")
     with pytest.raises(SystemExit, match=r"gap_shift.metric='nope' is not known; choose from \['modality_gap'"):
         _eval(tmp_path, "--set", "gap_shift.metric=nope")
-    with pytest.raises(SystemExit, match=r"probe.layer_metrics has unknown metrics \['nope'\]"):
+    with pytest.raises(SystemExit, match=r"probe.layer_metrics has unknown metrics: nope \(no metric of that name"):
         _eval(tmp_path, "--set", "probe.layer_metrics=[nope]")
     questions = tmp_path / "q.json"
     questions.write_text("[]")

@@ -1148,7 +1148,7 @@ def test_seed_line_and_the_seed_table_entry_point(tmp_path, capsys):
         (["--limit", "-1"], r"limit=-1 must be a whole number >= 1 \(or null: all\)"),  # once: n=0, exit 0
         (["--template", "vicunaa"], "template='vicunaa' is not known"),
         (["--sets", "x=/missing.json"], r"do not exist: \['/missing.json'\]"),
-        (["--set", "probe.metrics=[cka,foo]"], r"unknown metrics \['foo'\]"),
+        (["--set", "probe.metrics=[cka,foo]"], r"unknown metrics: foo \(no metric of that name"),
         (["--device", "gpu"], "device='gpu': not a device torch knows; use auto, cpu, cuda or cuda:N"),
     ],
 )

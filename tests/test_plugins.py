@@ -4,6 +4,7 @@ path, and the errors a plug-in's mistakes meet, each naming the config key."""
 from __future__ import annotations
 
 import copy
+import json
 import re
 import sys
 from pathlib import Path
@@ -209,3 +210,76 @@ def test_an_objective_holding_a_part_of_the_model_is_refused_naming_both(colour_
         TypeError, match=r"stages.pretrain.objectives.keep \(KeepsTheTower\) holds the model's vision\."
     ):
         trainer.setup()
+
+
+# A researcher's own alignment metrics, named by their dotted paths (tests.test_plugins.<name>)
+def mean_cosine(A: torch.Tensor, B: torch.Tensor) -> float:
+    """The mean cosine of each item's two features: one space."""
+    return torch.nn.functional.cosine_similarity(A, B, dim=1).mean().item()
+
+
+mean_cosine.same_space = True
+
+
+def neighbour_counts(A: torch.Tensor, B: torch.Tensor, topk: int) -> dict[str, torch.Tensor]:
+    """Two numbers, one a 0-dim tensor, and the suite's topk."""
+    return {"topk": torch.tensor(float(topk)), "items": float(A.shape[0])}
+
+
+def a_word(A: torch.Tensor, B: torch.Tensor) -> str:
+    return "high"
+
+
+def test_a_metric_of_ones_own_is_measured_by_its_dotted_path_beside_the_suites():
+    from alignlm.geometry.suite import pair_metrics
+
+    g = torch.Generator().manual_seed(0)
+    A, B = (torch.randn(12, 6, generator=g, dtype=torch.float64) for _ in range(2))
+    names = ["modality_gap", f"{__name__}.mean_cosine", f"{__name__}.neighbour_counts"]
+    got = pair_metrics(A, B, names, topk=3)
+    assert set(got) == {
+        "modality_gap",
+        f"{__name__}.mean_cosine",
+        f"{__name__}.neighbour_counts/topk",
+        f"{__name__}.neighbour_counts/items",
+    }
+    assert got[f"{__name__}.mean_cosine"] == pytest.approx(mean_cosine(A, B))
+    assert got[f"{__name__}.neighbour_counts/topk"] == 3.0 and got[f"{__name__}.neighbour_counts/items"] == 12.0
+    # a metric of one space is skipped for features of two (the vision tower's against the captions'), as the gap is
+    other = pair_metrics(A, torch.randn(12, 4, generator=g, dtype=torch.float64), names, topk=3)
+    assert set(other) == {f"{__name__}.neighbour_counts/topk", f"{__name__}.neighbour_counts/items"}
+    with pytest.raises(TypeError, match=rf"metric {__name__}.a_word returned str for its value: a metric returns a"):
+        pair_metrics(A, B, [f"{__name__}.a_word"])
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        ("tests.test_plugins.no_such_metric", "tests.test_plugins has no function no_such_metric"),
+        ("no_such_package.metric", "its module does not import: No module named 'no_such_package'"),
+        ("cosine", "no metric of that name, nor a dotted path pkg.module.fn"),
+    ],
+)
+def test_an_unknown_metric_is_refused_at_start_up_saying_why(tmp_path, name, why):
+    overrides = ["monitor.every=2", "monitor.probe=x.json", f"monitor.metrics=[{name}]", f"output_dir={tmp_path}"]
+    with pytest.raises(ConfigError, match=re.escape(f"monitor.metrics has unknown metrics: {name} ({why}). Choose")):
+        check_config(compose(*overrides))
+
+
+def test_the_monitor_and_alignlm_eval_report_a_metric_of_ones_own(colour_set, tmp_path):
+    """The in-training monitor and alignlm eval's probe measure through one suite: a plug-in metric reaches
+    metrics.jsonl and the evaluation's report under its name, beside the suite's."""
+    from alignlm.commands import main
+
+    metric = f"{__name__}.mean_cosine"
+    probe = [f"monitor.probe={colour_set['pretrain']}", "monitor.every=2", "monitor.n=8", "monitor.topk=3"]
+    run(compose(*tiny_overrides(colour_set, tmp_path, "run=[pretrain]", *probe, f"monitor.metrics=[cka,{metric}]")))
+    rows = [json.loads(line) for line in (tmp_path / "t" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    measured = [r for r in rows if f"monitor/pooled/{metric}" in r]
+    assert measured and all(-1 <= r[f"monitor/pooled/{metric}"] <= 1 and "monitor/pooled/cka" in r for r in measured)
+    flags = ["--probe", str(colour_set["pretrain"]), "--probe-n", "8", "--no-plots", "--out", str(tmp_path / "r")]
+    knobs = [f"--set=probe.metrics=[cka,{metric}]", "--set=probe.topk=3", "--set=probe.artifacts.enabled=false"]
+    assert main(["eval", str(tmp_path / "t" / "pretrain" / "final"), *flags, *knobs]) == 0
+    (checkpoint,) = json.loads((tmp_path / "r" / "report.json").read_text())["checkpoints"]
+    assert -1 <= checkpoint["probe"]["pooled"][metric] <= 1
+    assert metric in (tmp_path / "r" / "report.md").read_text()

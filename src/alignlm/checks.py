@@ -45,7 +45,7 @@ from alignlm.data.records import DataError, Source, image_names, iter_records
 from alignlm.data.templates import TEMPLATES, PlainTemplate
 from alignlm.evaluation.evaluate import KINDS, check_answers, check_set_names, set_kind
 from alignlm.export.hf_llava import is_llava_dir
-from alignlm.geometry.suite import ALL_METRICS
+from alignlm.geometry.suite import metric_problems, unknown_metrics_said
 from alignlm.models.build import check_model_settings
 from alignlm.models.generation import check_generation
 from alignlm.models.mllm import AlignLM
@@ -768,9 +768,9 @@ def _check_monitor(monitor: Any) -> None:
     asked: dict[str, list[Any]] = {}
     for name in ("metrics", "layer_metrics"):
         asked[name] = _list(f"monitor.{name}", monitor.get(name), null=True) or []
-        unknown = [m for m in asked[name] if m not in ALL_METRICS]
-        if unknown:
-            raise ConfigError(f"monitor.{name} has unknown metrics {unknown}; choose from {list(ALL_METRICS)}")
+        problems = metric_problems(asked[name])
+        if problems:
+            raise ConfigError(unknown_metrics_said(f"monitor.{name}", problems))
     # as the monitor reads them: the layers' metrics are its table's unless given; a null table is its own default
     layers = monitor.get("layers")
     per_layer = set(asked["layer_metrics"] or asked["metrics"]) if layers and layers != "none" else set()

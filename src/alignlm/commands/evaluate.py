@@ -48,7 +48,7 @@ from alignlm.evaluation.report import (
     write_report,
 )
 from alignlm.files import LockHeld, release_lock, take_lock
-from alignlm.geometry.suite import ALL_METRICS
+from alignlm.geometry.suite import metric_problems, unknown_metrics_said
 from alignlm.models.device import default_device, device_problem
 from alignlm.models.probes import check_probe_metrics
 from alignlm.training.logging import get_logger
@@ -181,9 +181,9 @@ def check_eval_config(ecfg: dict[str, Any]) -> None:
     if probe.get("n") is not None and probe["n"] < probe["topk"] + 2:
         raise SystemExit(f"eval probe.n={probe['n']} must be at least probe.topk + 2 = {probe['topk'] + 2}")
     for key in ("metrics", "layer_metrics"):
-        unknown = [m for m in probe.get(key) or [] if m not in ALL_METRICS]
-        if unknown:
-            raise SystemExit(f"eval probe.{key} has unknown metrics {unknown}; choose from {list(ALL_METRICS)}")
+        problems = metric_problems(probe.get(key) or [])
+        if problems:
+            raise SystemExit(unknown_metrics_said(f"eval probe.{key}", problems))
     shift = ecfg.get("gap_shift") or {}
     if shift.get("deltas") and shift.get("metric") not in shift_metrics():
         raise SystemExit(f"eval gap_shift.metric={shift.get('metric')!r} is not known; choose from {shift_metrics()}")

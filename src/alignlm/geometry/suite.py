@@ -1,12 +1,23 @@
-"""The metric suite: every alignment metric of ``geometry.metrics`` by name, between two pooled feature sets.
+"""The metric suite: every alignment metric of ``geometry.metrics`` by name, between two pooled feature sets, and a
+researcher's own by the dotted path of its function.
 
 Used by the probes of ``alignlm eval`` and by the in-training monitor, so both report the same figures under the
 same names; ``flat`` turns the nested results into ``group/metric`` keys for tables and logs.
+
+A metric of one's own is a function ``fn(A, B) -> float`` (or a mapping of named floats) of two float64 feature sets
+``[n, d_a]`` and ``[n, d_b]`` on the probe's device, row ``i`` of each the same item; it also gets ``topk`` and
+``preprocess`` (whether to clamp outliers: false where the caller prepared the features) where its signature names
+them, and ``fn.same_space = True`` marks one that needs both sets in one space (it is then skipped for the vision
+tower's features, as the modality gap is). Named in ``monitor.metrics`` or the eval's ``probe.metrics`` as
+``pkg.module.fn``, it is reported under that name (a mapping's entries as ``pkg.module.fn/key``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import functools
+import importlib
+import inspect
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from torch import Tensor
@@ -35,14 +46,73 @@ KNN_METRICS = {"mutual_knn", "cycle_knn", "lcs_knn", "edit_distance_knn", "cknna
 NORMALISING_METRICS = ("modality_gap", "retrieval")
 
 
+def metric_problems(names: Collection[str]) -> list[str]:
+    """Each of ``names`` that is neither a metric of the suite nor the dotted path of a function, with why: what a
+    config check reports before a model is built."""
+    problems = []
+    for name in names:
+        if name in ALL_METRICS:
+            continue
+        try:
+            _own_metric(str(name))
+        except ValueError as e:
+            problems.append(f"{name} ({e})")
+    return problems
+
+
+def unknown_metrics_said(key: str, problems: Sequence[str]) -> str:
+    """The one message for metric names ``metric_problems`` refused, under the config key ``key``."""
+    return (
+        f"{key} has unknown metrics: {'; '.join(problems)}. Choose from {list(ALL_METRICS)}, or name a function of "
+        "your own by its dotted path (pkg.module.fn: docs/evaluation.md)"
+    )
+
+
+@functools.cache
+def _own_metric(path: str) -> Callable[..., Any]:
+    """The function at the dotted ``path`` (``pkg.module.fn``); a ValueError saying why there is none."""
+    module, _, attribute = path.rpartition(".")
+    if not module:
+        raise ValueError("no metric of that name, nor a dotted path pkg.module.fn")
+    try:
+        fn = getattr(importlib.import_module(module), attribute, None)
+    except ImportError as e:
+        raise ValueError(f"its module does not import: {e}") from None
+    if not callable(fn):
+        raise ValueError(f"{module} has no function {attribute}")
+    return fn
+
+
+def _measure_own(name: str, A: Tensor, B: Tensor, topk: int, preprocess: bool) -> dict[str, float]:
+    """A researcher's metric ``name`` (a dotted path) between ``A`` and ``B``, as the suite's entries."""
+    fn = _own_metric(name)
+    if getattr(fn, "same_space", False) and A.shape[1] != B.shape[1]:
+        return {}
+    takes = inspect.signature(fn).parameters
+    knobs = {k: v for k, v in (("topk", topk), ("preprocess", preprocess)) if k in takes}
+    value = fn(A, B, **knobs)
+    values = value.items() if isinstance(value, Mapping) else [("", value)]
+    out = {}
+    for key, v in values:
+        if isinstance(v, Tensor) and v.numel() == 1:
+            v = v.item()
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise TypeError(
+                f"metric {name} returned {type(v).__name__} for {key or 'its value'}: a metric returns a float or a "
+                "mapping of named floats"
+            )
+        out[f"{name}/{key}" if key else name] = float(v)
+    return out
+
+
 def pair_metrics(
     A: Tensor, B: Tensor, names: Sequence[str], topk: int = 10, preprocess: bool = True
 ) -> dict[str, float]:
     """The named pooled-feature metrics between ``A`` and ``B`` (those needing one space are skipped otherwise).
     ``preprocess`` False: features the caller prepared (``metrics.prepare_features``) are not clamped again."""
-    unknown = [m for m in names if m not in ALL_METRICS]
-    if unknown:
-        raise ValueError(f"unknown probe metrics {unknown}; choose from {list(ALL_METRICS)}")
+    problems = metric_problems(names)
+    if problems:
+        raise ValueError(unknown_metrics_said("the probe metrics", problems))
     n = A.shape[0]
     if any(m in KNN_METRICS for m in names) and not 1 <= topk <= n - 2:
         raise ValueError(
@@ -51,6 +121,9 @@ def pair_metrics(
         )
     out: dict[str, float] = {}
     for name in names:
+        if name not in ALL_METRICS:
+            out.update(_measure_own(name, A, B, topk, preprocess))
+            continue
         if name not in PAIR_METRICS:
             continue
         fn, same_dim = PAIR_METRICS[name]
