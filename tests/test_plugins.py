@@ -222,7 +222,8 @@ mean_cosine.same_space = True
 
 
 def neighbour_counts(A: torch.Tensor, B: torch.Tensor, topk: int) -> dict[str, torch.Tensor]:
-    """Two numbers, one a 0-dim tensor, and the suite's topk."""
+    """Two numbers, one a 0-dim tensor, and the suite's topk; the features come in float64."""
+    assert A.dtype == B.dtype == torch.float64
     return {"topk": torch.tensor(float(topk)), "items": float(A.shape[0])}
 
 
@@ -246,7 +247,7 @@ def test_a_metric_of_ones_own_is_measured_by_its_dotted_path_beside_the_suites()
     assert got[f"{__name__}.mean_cosine"] == pytest.approx(mean_cosine(A, B))
     assert got[f"{__name__}.neighbour_counts/topk"] == 3.0 and got[f"{__name__}.neighbour_counts/items"] == 12.0
     # a metric of one space is skipped for features of two (the vision tower's against the captions'), as the gap is
-    other = pair_metrics(A, torch.randn(12, 4, generator=g, dtype=torch.float64), names, topk=3)
+    other = pair_metrics(A.float(), torch.randn(12, 4, generator=g), names, topk=3)
     assert set(other) == {f"{__name__}.neighbour_counts/topk", f"{__name__}.neighbour_counts/items"}
     with pytest.raises(TypeError, match=rf"metric {__name__}.a_word returned str for its value: a metric returns a"):
         pair_metrics(A, B, [f"{__name__}.a_word"])
