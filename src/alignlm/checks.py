@@ -272,6 +272,10 @@ def _unused_because(cfg: DictConfig, key: str) -> str | None:
     wandb = (cfg.get("logging") or {}).get("wandb") or {}
     if parts[:2] == ["logging", "wandb"] and parts[2:] != ["mode"] and wandb.get("mode") == "disabled":
         return "is unused: logging.wandb.mode=disabled logs nothing to wandb (offline or online does)"
+    if key == "resume_allow_changes" and cfg.get("resume") == "never":
+        return "is unused: resume=never sets earlier outputs aside, so nothing is resumed or kept"
+    if key == "nonfinite.window" and not (cfg.get("nonfinite") or {}).get("stop_after"):
+        return "is unused: nonfinite.stop_after=0 never stops the run (a count within the window does)"
     strategy = (cfg.get("distributed") or {}).get("strategy")
     if key == "distributed.reshard_after_forward" and strategy != "fsdp2":
         return f"is unused: only FSDP2 reshards, and this run's strategy is {strategy}"
