@@ -417,6 +417,13 @@ def test_an_accelerate_deepspeed_config_launches_zero3_with_offloading(colour_se
     ("env", "overrides", "message"),
     [
         ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, [], "alignlm shards with FSDP2"),
+        # the launch config's resharding had replaced the command line's under distributed.strategy=auto
+        (
+            {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "true"},
+            ["distributed.reshard_after_forward=false"],
+            "asks for fsdp2 with reshard_after_forward=True; this run's command line has "
+            "distributed.reshard_after_forward=False: make them agree",
+        ),
         # what an accelerate FSDP config switches on that alignlm's FSDP2 does not do is refused, not dropped
         (
             {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_OFFLOAD_PARAMS": "true"},

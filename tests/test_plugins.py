@@ -249,6 +249,8 @@ def test_a_metric_of_ones_own_is_measured_by_its_dotted_path_beside_the_suites()
     # a metric of one space is skipped for features of two (the vision tower's against the captions'), as the gap is
     other = pair_metrics(A.float(), torch.randn(12, 4, generator=g), names, topk=3)
     assert set(other) == {f"{__name__}.neighbour_counts/topk", f"{__name__}.neighbour_counts/items"}
+    # a builtin without a signature gets the two sets alone
+    assert pair_metrics(A, B, ["torch.dist"]) == {"torch.dist": pytest.approx(torch.dist(A, B).item())}
     with pytest.raises(TypeError, match=rf"metric {__name__}.a_word returned str for its value: a metric returns a"):
         pair_metrics(A, B, [f"{__name__}.a_word"])
 

@@ -460,6 +460,12 @@ def test_an_override_that_nothing_reads_is_named_with_why(overrides, line):
         ],
         ["+exp=demo", "resume_allow_changes=true", "nonfinite.window=10", "stages.pretrain.keep_last=0"],
         ["+exp=sea"],  # what a recipe sets is not the user's to be told of
+        ["+exp=demo", "stages.finetune.max_steps=4", "run=[pretrain]", "stages.finetune=null"],  # no stage
+        # read by another stage through an interpolation
+        ["+exp=demo", "stages.pretrain.lora.r=32", "stages.finetune.lora=${stages.pretrain.lora}"],
+        ["+exp=demo", "stages.pretrain.lr.llm=1e-4", "stages.finetune.lr.llm=${stages.pretrain.lr.llm}"],
+        # a stage that does not run is not checked (nor refused) here
+        ["+exp=demo", "run=[pretrain]", "stages.finetune.gradient_checkpointing=[llm,connector]"],
     ],
 )
 def test_an_override_that_is_read_is_not_warned_of(overrides):

@@ -232,19 +232,41 @@ def unused_overrides(cfg: DictConfig) -> list[str]:
     not a refusal: a sweep over ``parts.llm=full,lora`` sets the LoRA knobs for both. Only what the user named is
     looked at, since every stage file sets a rate and a LoRA block for every part."""
     lines = []
+    referenced = _interpolated_keys(OmegaConf.to_container(cfg, resolve=False))
     for key in dict.fromkeys(overridden_keys(cfg)):
+        # another knob that reads it through an interpolation (stages.finetune.lora=${stages.pretrain.lora}) uses it
+        if any(_within(key, ref) or _within(ref, key) for ref in referenced):
+            continue
         said = _unused_because(cfg, key)
         if said:
             lines.append(f"{key} {said}")
     return lines
 
 
+def _interpolated_keys(node: Any) -> set[str]:
+    """The config keys the interpolations in ``node`` (unresolved) read: ``stages.pretrain.lora`` of
+    ``${stages.pretrain.lora}``; a resolver's (``${oc.env:HOME}``) is none."""
+    if isinstance(node, Mapping):
+        return set().union(*(_interpolated_keys(v) for v in node.values()))
+    if isinstance(node, list):
+        return set().union(*(_interpolated_keys(v) for v in node))
+    if isinstance(node, str):
+        return {ref.strip() for ref in re.findall(r"\$\{([^${}:]+)\}", node)}
+    return set()
+
+
+def _within(key: str, outer: str) -> bool:
+    """Whether ``key`` is ``outer`` or lies below it (``stages.a.lora.r`` within ``stages.a.lora``)."""
+    return key == outer or key.startswith(outer + ".")
+
+
 def _unused_because(cfg: DictConfig, key: str) -> str | None:
     """What of the knob ``key`` (an override's key) nothing in ``cfg`` reads, and why (``is unused: ...``), or None
     where something may read it all."""
     parts = key.split(".")
-    if parts[0] == "stages" and len(parts) >= 3 and parts[1] in cfg.stages:
-        name, knob, stage = parts[1], parts[2:], cfg.stages[parts[1]]
+    stage = cfg.stages.get(parts[1]) if parts[0] == "stages" and len(parts) >= 3 else None
+    if isinstance(stage, DictConfig):  # a stage set to null (stages.finetune=null) is no stage
+        name, knob = parts[1], parts[2:]
         modes = dict(stage.get("parts") or {})
         if knob[0] == "lora" and "lora" not in modes.values() and stage.get("lora") is not None:
             return (
@@ -258,8 +280,7 @@ def _unused_because(cfg: DictConfig, key: str) -> str | None:
             )
         if knob[0] == "lr" and len(knob) == 2 and modes.get(knob[1]) == "frozen":
             return f"is unused: stages.{name}.parts.{knob[1]}=frozen trains nothing to use it"
-        checkpointed = checkpointing_parts(stage.get("gradient_checkpointing") or False)
-        if knob == ["gradient_checkpointing"] and modes.get("vision") == "frozen" and "vision" in checkpointed:
+        if knob == ["gradient_checkpointing"] and modes.get("vision") == "frozen" and "vision" in _parts_named(stage):
             return (
                 f"names vision, which checkpoints nothing: the tower is frozen (stages.{name}.parts.vision), so its "
                 "forward keeps no activations; the LLM's are what checkpointing saves (true, or [llm])"
@@ -267,7 +288,12 @@ def _unused_because(cfg: DictConfig, key: str) -> str | None:
     if parts[0] == "offline_dataset_args" and len(parts) >= 2 and parts[1] not in (cfg.get("offline_datasets") or []):
         listed = plain(cfg.get("offline_datasets"))
         return f"is unused: {parts[1]} is not in offline_datasets={listed}, so nothing generates it"
-    if parts[0] == "monitor" and parts[1:] != ["every"] and not int((cfg.get("monitor") or {}).get("every") or 0):
+    if (
+        parts[0] == "monitor"
+        and len(parts) >= 2
+        and parts[1:] != ["every"]
+        and not int((cfg.get("monitor") or {}).get("every") or 0)
+    ):
         return "is unused: monitor.every=0 runs no probe (monitor.every=N probes every N steps)"
     wandb = (cfg.get("logging") or {}).get("wandb") or {}
     if parts[:2] == ["logging", "wandb"] and parts[2:] != ["mode"] and wandb.get("mode") == "disabled":
@@ -280,6 +306,15 @@ def _unused_because(cfg: DictConfig, key: str) -> str | None:
     if key == "distributed.reshard_after_forward" and strategy != "fsdp2":
         return f"is unused: only FSDP2 reshards, and this run's strategy is {strategy}"
     return None
+
+
+def _parts_named(stage: DictConfig) -> list[str]:
+    """The parts a stage's ``gradient_checkpointing`` names; none where the value is not one (refused by
+    ``check_config`` where the stage runs: a stage that does not run is not this warning's to refuse)."""
+    try:
+        return checkpointing_parts(stage.get("gradient_checkpointing") or False)
+    except ConfigError:
+        return []
 
 
 def prompt_of(data: Mapping[str, Any]) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from alignlm.checks import (
     prompt_changes,
     unused_overrides,
 )
-from alignlm.config import ConfigError, instantiate
+from alignlm.config import ConfigError, instantiate, overridden_keys
 from alignlm.data import GENERATORS, differences_said, offline_set_differences, offline_sets, offline_settings
 from alignlm.evaluation.evaluate import answer_accuracy
 from alignlm.files import LockHeld, release_lock, replace_text, sole_writer, take_lock
@@ -163,7 +163,13 @@ def resolve_strategy(cfg: DictConfig) -> None:
     asked = dist.strategy
     if dist.strategy == "auto":
         dist.strategy = launched or "ddp"
+        named = overridden_keys(cfg)
         for key, value in knobs.items():  # an offload the alignlm config turns on stays on
+            if key not in _OFFLOADS and f"distributed.{key}" in named and dist[key] != value:
+                raise ConfigError(  # the launch config's had replaced the command line's without a word
+                    f"the accelerate launch config asks for {launched} with {key}={value}; this run's command line "
+                    f"has distributed.{key}={dist[key]}: make them agree"
+                )
             dist[key] = value or (key in _OFFLOADS and dist[key])
     elif launched is not None:
         ours = {key: dist.get(key) for key, value in knobs.items() if dist.get(key) != value}

@@ -88,7 +88,10 @@ def _measure_own(name: str, A: Tensor, B: Tensor, topk: int, preprocess: bool) -
     fn = _own_metric(name)
     if getattr(fn, "same_space", False) and A.shape[1] != B.shape[1]:
         return {}
-    takes = inspect.signature(fn).parameters
+    try:
+        takes = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a builtin (torch.dist) may have none: it gets the two sets alone
+        takes = {}
     knobs = {k: v for k, v in (("topk", topk), ("preprocess", preprocess)) if k in takes}
     value = fn(A.double(), B.double(), **knobs)  # as the contract says, whatever the caller's dtype
     values = value.items() if isinstance(value, Mapping) else [("", value)]
