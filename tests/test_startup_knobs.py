@@ -422,6 +422,7 @@ def test_the_feature_cache_beside_a_hook_that_replaces_the_images_is_refused_at_
             "offline_dataset_args.shapes.n_train is unused: shapes is not in offline_datasets=['digits']",
         ),
         (["monitor.probe=p.json"], "monitor.probe is unused: monitor.every=0 runs no probe"),
+        (["eval.sets=[]", "eval.max_new_tokens=32"], "eval.max_new_tokens is unused: eval.sets=[] runs no final"),
         (["resume=never", "resume_allow_changes=true"], "resume_allow_changes is unused: resume=never sets earlier"),
         (["nonfinite.stop_after=0", "nonfinite.window=10"], "nonfinite.window is unused: nonfinite.stop_after=0"),
         (["logging.wandb.project=mine"], "logging.wandb.project is unused: logging.wandb.mode=disabled"),
@@ -459,6 +460,7 @@ def test_an_override_that_nothing_reads_is_named_with_why(overrides, line):
             "distributed.reshard_after_forward=false",
         ],
         ["+exp=demo", "resume_allow_changes=true", "nonfinite.window=10", "stages.pretrain.keep_last=0"],
+        ["+exp=demo", "eval.max_new_tokens=32", "eval.limit=10"],
         ["+exp=sea"],  # what a recipe sets is not the user's to be told of
         ["+exp=demo", "stages.finetune.max_steps=4", "run=[pretrain]", "stages.finetune=null"],  # no stage
         # read by another stage through an interpolation

@@ -298,6 +298,8 @@ def _unused_because(cfg: DictConfig, key: str) -> str | None:
     wandb = (cfg.get("logging") or {}).get("wandb") or {}
     if parts[:2] == ["logging", "wandb"] and parts[2:] != ["mode"] and wandb.get("mode") == "disabled":
         return "is unused: logging.wandb.mode=disabled logs nothing to wandb (offline or online does)"
+    if parts[0] == "eval" and len(parts) >= 2 and parts[1] != "sets" and not (cfg.get("eval") or {}).get("sets"):
+        return "is unused: eval.sets=[] runs no final evaluation (alignlm eval takes settings of its own)"
     if key == "resume_allow_changes" and cfg.get("resume") == "never":
         return "is unused: resume=never sets earlier outputs aside, so nothing is resumed or kept"
     if key == "nonfinite.window" and not (cfg.get("nonfinite") or {}).get("stop_after"):
