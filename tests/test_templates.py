@@ -479,9 +479,14 @@ _PIECES = [  # what a conversation's text is drawn from: words, spaces that merg
 
 
 def _random_conversation(rng, pairs: int) -> list[dict]:
+    """Turns of random pieces, empty ones too; an answer of only whitespace (refused: a reply of nothing to train on)
+    gets a word after it, so its spaces still meet the template's."""
     text = lambda: "".join(rng.choice(_PIECES) for _ in range(rng.randint(0, 8)))
+    answer = lambda: (lambda t: t if t.strip() else t + "x")(text())
     system = [{"from": "system", "value": text()}] if rng.random() < 0.2 else []
-    return system + [{"from": f, "value": text()} for _ in range(pairs) for f in ("human", "gpt")]
+    return system + [
+        {"from": f, "value": answer() if f == "gpt" else text()} for _ in range(pairs) for f in ("human", "gpt")
+    ]
 
 
 def _oracle_tokenizers(smollm2):
@@ -517,7 +522,7 @@ def _oracle_tokenizers(smollm2):
 def test_tokenize_matches_the_prefix_by_prefix_definition(smollm2_tokenizer, monkeypatch):
     """Reading each prefix's tokens off the whole text's (and rendering each prefix once) gives exactly the ids,
     offsets and labels of tokenizing every prefix, for every template and tokenizer, on conversations of 1 to 30
-    rounds written to trip it: spaces that merge, control-token text and ``<image>`` in answers, empty answers."""
+    rounds written to trip it: spaces that merge, control-token text and ``<image>`` in answers, empty questions."""
     import random
 
     from alignlm.data.templates import _pieces, _plain_specials
@@ -603,3 +608,21 @@ def test_offsets_out_of_order_tokenize_every_prefix_whole():
     shuffled = (ids, [offsets[1], offsets[0], *offsets[2:]])
     assert _prefix_tokens(text, cuts, shuffled, tok) == dict(zip(cuts, _encode([text[:c] for c in cuts], tok)))
     assert all(isinstance(k, int) for k in _prefix_tokens(text, cuts, (ids, offsets), tok).values())
+
+
+@pytest.mark.parametrize("template", ["plain", "vicuna_v1", "chat"])
+@pytest.mark.parametrize("reply", ["", " \n"])
+def test_an_empty_reply_is_refused_for_training_not_in_a_prompt(template, reply):
+    """An assistant turn of nothing had trained a lone space and the end of turn (plain: a newline after the image);
+    LLaVA trains no such turn. In a prompt (generation) nothing is supervised, so an earlier empty turn stays."""
+    tok = _tiny()
+    tok.chat_template = CHATML
+    turns = [("human", f"{IMAGE_TOKEN}\nWhat?"), ("gpt", reply)]
+    if template != "plain":
+        turns = [("human", "Hi"), ("gpt", "Hello."), *turns]
+    conversation = to_turns([{"from": f, "value": v} for f, v in turns])
+    with pytest.raises(TemplateError, match=f"template '{template}': assistant turn .* is empty, a reply of nothing"):
+        get_template(template).render(conversation, tok)
+    if template != "plain":
+        earlier = to_turns([{"from": f, "value": v} for f, v in [turns[0], ("gpt", reply), ("human", "And?")]])
+        assert "And?" in get_template(template).render(earlier, tok, add_generation_prompt=True).text

@@ -155,6 +155,7 @@ class PlainTemplate(Template):
         prefix = IMAGE_TOKEN * dialog[0].content.count(IMAGE_TOKEN)
         if add_generation_prompt:
             return Rendered(prefix, ())
+        _check_replies(dialog, self.name)
         caption = dialog[1].content.strip()
         text = prefix + caption + "\n"
         return Rendered(text, ((len(prefix), len(text)),), ((len(prefix), len(prefix) + len(caption), "assistant"),))
@@ -372,6 +373,22 @@ def _check_alternation(dialog: Sequence[Turn], name: str, add_generation_prompt:
             else "alternate user/assistant turns, starting with user and ending with assistant"
         )
         raise TemplateError(f"template {name!r}: turns must {want}, got {roles}")
+    if not add_generation_prompt:
+        _check_replies(dialog, name)
+
+
+def _check_replies(dialog: Sequence[Turn], name: str) -> None:
+    """Refuse an assistant turn of only whitespace in a conversation to train on: it had trained the model to answer
+    with a lone space and the end of turn (a caption of nothing: a newline after the image), where LLaVA trains no
+    such turn (an empty last reply masks its whole sample there). A prompt's turns, which nothing supervises, may
+    be empty."""
+    replies = [t for t in dialog if t.role == "assistant"]
+    empty = [k for k, t in enumerate(replies) if not t.content.strip()]
+    if empty:
+        raise TemplateError(
+            f"template {name!r}: assistant turn {empty[0] + 1} of {len(replies)} is empty, a reply of nothing to "
+            "train on"
+        )
 
 
 TEMPLATES: dict[str, type[Template]] = {t.name: t for t in (PlainTemplate, VicunaV1Template, ChatTemplate)}

@@ -100,7 +100,7 @@ def as_text(text: str) -> str:
 def critic_question(question: str, reference: str, first: str, second: str) -> str:
     """The in-context critic's question (ours; SIMA's criteria, the reference answer and both answers). Every text
     copied in is :func:`as_text`, so it holds no image placeholder: the record's own image is placed before the
-    question as the data layer places a record's images that have none (LLaVA's convention)."""
+    question as the data layer places a record's images that have none (as LLaVA's evaluation scripts do)."""
     criteria = "\n".join(f"- {c}" for c in CRITERIA)
     question, reference, first, second = (as_text(t) for t in (question, reference, first, second))
     return (
