@@ -423,6 +423,11 @@ def test_the_feature_cache_beside_a_hook_that_replaces_the_images_is_refused_at_
         ),
         (["monitor.probe=p.json"], "monitor.probe is unused: monitor.every=0 runs no probe"),
         (["eval.sets=[]", "eval.max_new_tokens=32"], "eval.max_new_tokens is unused: eval.sets=[] runs no final"),
+        (
+            ["stages.finetune.data.template=vicuna_v1"],
+            "stages.finetune.data.template keeps stages.finetune.data.template_args={'system': 'Answer briefly.'}, "
+            "which the config set for another template: vicuna_v1 renders them too",
+        ),
         (["resume=never", "resume_allow_changes=true"], "resume_allow_changes is unused: resume=never sets earlier"),
         (["nonfinite.stop_after=0", "nonfinite.window=10"], "nonfinite.window is unused: nonfinite.stop_after=0"),
         (["logging.wandb.project=mine"], "logging.wandb.project is unused: logging.wandb.mode=disabled"),
@@ -437,7 +442,7 @@ def test_an_override_that_nothing_reads_is_named_with_why(overrides, line):
     epochs under a recipe's max_steps (2 epochs asked, 0.74 of one trained), a probe with the monitor off."""
     cfg = compose("+exp=demo", "model=tiny", *overrides)
     resolve_strategy(cfg)
-    (said,) = checks.unused_overrides(cfg)
+    (said,) = checks.override_warnings(cfg)
     assert said.startswith(line), said
 
 
@@ -461,6 +466,8 @@ def test_an_override_that_nothing_reads_is_named_with_why(overrides, line):
         ],
         ["+exp=demo", "resume_allow_changes=true", "nonfinite.window=10", "stages.pretrain.keep_last=0"],
         ["+exp=demo", "eval.max_new_tokens=32", "eval.limit=10"],
+        ["+exp=demo", "stages.finetune.data.template=vicuna_v1", "stages.finetune.data.template_args={}"],
+        ["stages.finetune.data.template=vicuna_v1"],  # no recipe: the stage file's template_args are empty
         ["+exp=sea"],  # what a recipe sets is not the user's to be told of
         ["+exp=demo", "stages.finetune.max_steps=4", "run=[pretrain]", "stages.finetune=null"],  # no stage
         # read by another stage through an interpolation
@@ -473,7 +480,7 @@ def test_an_override_that_nothing_reads_is_named_with_why(overrides, line):
 def test_an_override_that_is_read_is_not_warned_of(overrides):
     cfg = compose(*overrides)
     resolve_strategy(cfg)
-    assert checks.unused_overrides(cfg) == []
+    assert checks.override_warnings(cfg) == []
 
 
 def test_the_run_warns_of_an_unused_override_at_start_up(colour_set, tmp_path, alignlm_log):

@@ -224,23 +224,47 @@ def prompt_changes(cfg: DictConfig) -> list[str]:
     return lines
 
 
-def unused_overrides(cfg: DictConfig) -> list[str]:
+def override_warnings(cfg: DictConfig) -> list[str]:
     """One line for each override of the command line (``alignlm.config.overridden_keys``) that nothing reads in this
-    config, saying why and what would make it count. Each had been accepted and dropped: ``stages.finetune.lora.r=128``
-    without a LoRA part trained the LLM whole with the same losses; ``stages.pretrain.epochs=2`` under a recipe's
-    ``max_steps`` trained 0.74 of an epoch; ``monitor.probe=...`` without ``monitor.every`` probed nothing. A warning,
-    not a refusal: a sweep over ``parts.llm=full,lora`` sets the LoRA knobs for both. Only what the user named is
+    config, saying why and what would make it count, and for each that leaves in place a setting made for another
+    choice. Each had been accepted without a word: ``stages.finetune.lora.r=128`` without a LoRA part trained the LLM
+    whole with the same losses; ``stages.pretrain.epochs=2`` under a recipe's ``max_steps`` trained 0.74 of an epoch;
+    ``monitor.probe=...`` without ``monitor.every`` probed nothing; ``stages.finetune.data.template=vicuna_v1`` under
+    a recipe kept the recipe's system prompt for its chat template ("Answer briefly.") in place of LLaVA's. Warnings,
+    not refusals: a sweep over ``parts.llm=full,lora`` sets the LoRA knobs for both. Only what the user named is
     looked at, since every stage file sets a rate and a LoRA block for every part."""
     lines = []
+    named = list(dict.fromkeys(overridden_keys(cfg)))
     referenced = _interpolated_keys(OmegaConf.to_container(cfg, resolve=False))
-    for key in dict.fromkeys(overridden_keys(cfg)):
+    for key in named:
         # another knob that reads it through an interpolation (stages.finetune.lora=${stages.pretrain.lora}) uses it
         if any(_within(key, ref) or _within(ref, key) for ref in referenced):
             continue
-        said = _unused_because(cfg, key)
+        said = _unused_because(cfg, key) or _kept_for_another_template(cfg, key, named)
         if said:
             lines.append(f"{key} {said}")
     return lines
+
+
+def _kept_for_another_template(cfg: DictConfig, key: str, named: Sequence[str]) -> str | None:
+    """Where ``key`` picks a stage's template and the stage's ``template_args`` (a recipe's, written for the template
+    it picked) are kept, not given with it: what the new template does with them."""
+    parts = key.split(".")
+    stage = (
+        cfg.stages.get(parts[1])
+        if len(parts) == 4 and parts[0] == "stages" and parts[2:] == ["data", "template"]
+        else None
+    )
+    if not isinstance(stage, DictConfig):
+        return None
+    args_key = f"stages.{parts[1]}.data.template_args"
+    given = plain(stage.data.get("template_args") or {})
+    if not given or any(_within(args_key, k) or _within(k, args_key) for k in named):
+        return None
+    return (
+        f"keeps {args_key}={given}, which the config set for another template: {stage.data.template} renders them too "
+        f"(a system prompt there replaces the template's own); set {args_key}={{}} for the template's own"
+    )
 
 
 def _interpolated_keys(node: Any) -> set[str]:

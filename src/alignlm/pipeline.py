@@ -32,8 +32,8 @@ from alignlm.checks import (
     check_source_files,
     check_sources,
     check_stages_fit_model,
+    override_warnings,
     prompt_changes,
-    unused_overrides,
 )
 from alignlm.config import ConfigError, instantiate, overridden_keys
 from alignlm.data import GENERATORS, differences_said, offline_set_differences, offline_sets, offline_settings
@@ -571,7 +571,7 @@ def _run(cfg: DictConfig, acc: Accelerator, stop: StopRequest) -> dict[str, Any]
     log = get_logger("alignlm", acc.process_index)
     run_dir = Path(cfg.output_dir) / cfg.run_name
     if acc.is_main_process:  # before the offline sets and prepare steps: a stop now costs nothing
-        for line in [*unused_overrides(cfg), *prompt_changes(cfg)]:
+        for line in [*override_warnings(cfg), *prompt_changes(cfg)]:
             log.warning("%s", line)
     with others_wait_for_main(acc, prepare_timeout(cfg)):
         if acc.is_main_process:
