@@ -468,6 +468,7 @@ def test_an_override_that_nothing_reads_is_named_with_why(overrides, line):
         ["+exp=demo", "eval.max_new_tokens=32", "eval.limit=10"],
         ["+exp=demo", "stages.finetune.data.template=vicuna_v1", "stages.finetune.data.template_args={}"],
         ["stages.finetune.data.template=vicuna_v1"],  # no recipe: the stage file's template_args are empty
+        ["+exp=demo", "stages.finetune.data.template=chat"],  # the template the recipe's template_args are for
         ["+exp=sea"],  # what a recipe sets is not the user's to be told of
         ["+exp=demo", "stages.finetune.max_steps=4", "run=[pretrain]", "stages.finetune=null"],  # no stage
         # read by another stage through an interpolation

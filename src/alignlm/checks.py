@@ -31,6 +31,7 @@ from alignlm.config import (
     check_bounds,
     compose,
     composed,
+    composed_without,
     config_roots,
     default_keys,
     knob_annotations,
@@ -247,8 +248,9 @@ def override_warnings(cfg: DictConfig) -> list[str]:
 
 
 def _kept_for_another_template(cfg: DictConfig, key: str, named: Sequence[str]) -> str | None:
-    """Where ``key`` picks a stage's template and the stage's ``template_args`` (a recipe's, written for the template
-    it picked) are kept, not given with it: what the new template does with them."""
+    """Where ``key`` picks another template for a stage than the config would (its recipe's, its stage file's) and
+    the stage's ``template_args``, written for that one, are kept, not given with it: what the new template does with
+    them."""
     parts = key.split(".")
     stage = (
         cfg.stages.get(parts[1])
@@ -260,6 +262,9 @@ def _kept_for_another_template(cfg: DictConfig, key: str, named: Sequence[str]) 
     args_key = f"stages.{parts[1]}.data.template_args"
     given = plain(stage.data.get("template_args") or {})
     if not given or any(_within(args_key, k) or _within(k, args_key) for k in named):
+        return None
+    before = (composed_without(cfg, key).stages.get(parts[1]) or {}).get("data") or {}
+    if before.get("template") == stage.data.template:  # the template they were written for
         return None
     return (
         f"keeps {args_key}={given}, which the config set for another template: {stage.data.template} renders them too "

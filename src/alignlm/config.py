@@ -139,7 +139,7 @@ def compose(overrides: Sequence[str], config_name: str = "train") -> DictConfig:
     nothing reads them (``hydra.run.dir=...`` had been accepted, and the outputs went to ``output_dir`` all the
     same)."""
     for override in overrides:
-        key = override.lstrip("+~").split("=", 1)[0]
+        key = _override_key(override)
         if (key == "hydra" or key.startswith(("hydra.", "hydra/"))) and key != "hydra.searchpath":
             raise ConfigError(
                 f"{override}: alignlm composes its config with Hydra's compose API and runs no Hydra app, so Hydra's "
@@ -197,7 +197,17 @@ def overridden_keys(cfg: DictConfig | None) -> list[str]:
     for by name, as against what a recipe or a default sets: a knob that nothing reads is worth a word only there."""
     if not composed(cfg):
         return []
-    return [o.lstrip("+~").split("=", 1)[0].split("@", 1)[0] for o in _ROOTS[id(cfg)][2]]
+    return [_override_key(o) for o in _ROOTS[id(cfg)][2]]
+
+
+def composed_without(cfg: DictConfig, key: str) -> DictConfig:
+    """The config ``cfg``'s overrides compose without those of ``key``: what the recipe and defaults set there."""
+    return compose([o for o in _ROOTS[id(cfg)][2] if _override_key(o) != key]) if composed(cfg) else cfg
+
+
+def _override_key(override: str) -> str:
+    """The key an override sets: ``stages.a.lr`` of ``++stages.a.lr=1``, ``model`` of ``model@x=tiny``."""
+    return override.lstrip("+~").split("=", 1)[0].split("@", 1)[0]
 
 
 def default_keys(cfg: DictConfig | None = None) -> dict[str, set[str]]:
