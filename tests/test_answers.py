@@ -8,6 +8,7 @@ import pytest
 from alignlm.data.digits import NUMERALS, WORDS
 from alignlm.data.shapes import COLOURS, POSITIONS, SHAPES
 from alignlm.evaluation.answers import choice_letter, names_only, normalize_answer, score_answer, vqa_accuracy
+from alignlm.evaluation.evaluate import scored
 
 LETTERS = ["A", "B", "C", "D"]
 
@@ -152,3 +153,48 @@ def test_the_offline_sets_answers_score_as_before(choices):
             assert [score_answer(form, other) for other in choices] == [float(c == answer) for c in choices]
             assert names_only(f"It is {form}", answer, choices)
     assert all(score_answer(word, digit) == 1.0 for word, digit in zip(WORDS, NUMERALS))
+
+
+@pytest.mark.parametrize("sentence", ["{} is correct.", "I choose {}", "{}, because the circle is red"])
+def test_a_sentence_names_the_letter_a_as_it_names_the_others(sentence):
+    """On a letter question the capital A is the choice, not an article: "A is correct." had named nothing while
+    "B is correct." named B (names-choice lost every A of a set: 0.75 for a model always right)."""
+    letters = ["A", "B", "C", "D"]
+    for letter in letters:
+        assert names_only(sentence.format(letter), letter, letters), letter
+        assert not names_only(sentence.format(letter), "B" if letter != "B" else "C", letters)
+
+
+@pytest.mark.parametrize("two", ["A, B", "A and B", "A B"])
+def test_an_answer_naming_two_letters_matches_neither(two):
+    """ "A, B" had matched the answer B exactly, its A dropped as an article."""
+    assert score_answer(two, "B", ["A", "B", "C"]) == 0.0 and not names_only(two, "B", ["A", "B", "C"])
+
+
+@pytest.mark.parametrize("prediction", ["B", "B) green", "Answer: B", "The answer is B", "B. green", "green"])
+def test_a_letter_answer_of_option_texts_is_scored_by_its_letter(prediction):
+    """A ScienceQA-style record (the answer "B", the option texts as choices) had been scored as exact match on the
+    text: "B) green" scored 0, and names-choice was 0 whatever the prediction."""
+    record = {"answer": "B", "meta": {"choices": ["red", "green", "blue"]}}
+    score, named, n = scored(prediction, record)
+    assert (score, named, n) == (0.0 if prediction == "green" else 1.0, 1.0, 3)
+    assert scored("A) red", record)[:2] == (0.0, 0.0)
+
+
+def test_an_answer_that_is_none_of_its_choices_is_refused():
+    """Its names-choice score was 0 whatever the model answered."""
+    with pytest.raises(ValueError, match=r"answer 'purple' is none of its choices \['red', 'green'\]"):
+        scored("", {"answer": "purple", "meta": {"choices": ["red", "green"]}})
+    with pytest.raises(ValueError, match="answer 'E' is the letter of none of its 2 choices"):
+        scored("", {"answer": "E", "meta": {"choices": ["red", "green"]}})
+
+
+def test_vqa_accuracy_does_not_depend_on_which_annotators_matched():
+    """A plain sum had rounded 2 matches of 10 to 0.6 or 0.6000000000000001 by their places: a paired comparison
+    counted two answers of one score as a difference."""
+    scores = set()
+    for first in range(9):
+        answers = ["blue"] * 10
+        answers[first] = answers[first + 1] = "red"
+        scores.add(vqa_accuracy("red", answers))
+    assert len(scores) == 1

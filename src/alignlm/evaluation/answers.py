@@ -7,8 +7,9 @@ a digit-comma-digit, so "1,000" is "1000") and replaced by a space otherwise ("t
 unless a digit follows it ("2.5" stays, "Red." is "red"); other marks ($ % : ') are kept; "none" and the number words
 up to ten become digits; articles go; a contraction written without its apostrophe gets it back ("dont" is "don't").
 
-One deliberate difference: an answer made of articles only keeps them, so the multiple-choice letter "A" stays "a"
-instead of vanishing (the official rules would let an empty prediction match it).
+Deliberate differences: an answer made of articles only keeps them, so the multiple-choice letter "A" stays "a"
+instead of vanishing (the official rules would let an empty prediction match it), and on a question answered by
+letter a capital "A" standing alone is the letter, not an article (``normalize_answer(letters=True)``).
 
 Multiple-choice questions whose choices (or answer) are single letters are scored on the letter the prediction picks:
 "(B)", "B.", "B) red", "Answer: B", "The answer is B" and "Option A is wrong; the answer is B" all answer B (the rule:
@@ -58,16 +59,23 @@ def _strip_punctuation(text: str) -> str:
     return _PERIOD.sub("", spaced)
 
 
-def normalize_answer(text: str) -> str:
-    """Canonical form of a short answer under the official VQA rules (module docstring), so "Seven." matches "7"."""
+def normalize_answer(text: str, letters: bool = False) -> str:
+    """Canonical form of a short answer under the official VQA rules (module docstring), so "Seven." matches "7".
+    ``letters``: the text answers a question by letter, where a capital "A" standing alone is the choice A, not an
+    article ("A is correct", "A and B"): dropped as one, names-choice never credited A in a sentence, and "A, B"
+    matched the answer B exactly."""
+    articles = _ARTICLES - {"a"} if letters and _CAPITAL_A.search(text) else _ARTICLES
     words = [_NUMBERS.get(w, w) for w in _strip_punctuation(text.lower().strip()).split()]
-    kept = [w for w in words if w not in _ARTICLES] or words  # a lone letter "A" is an answer, not an article
+    kept = [w for w in words if w not in articles] or words  # a lone letter "A" is an answer, not an article
     return " ".join(_CONTRACTIONS.get(w, w) for w in kept)
 
 
-def is_correct(prediction: str, answer: str) -> bool:
-    """Exact match after normalisation."""
-    return normalize_answer(prediction) == normalize_answer(answer)
+_CAPITAL_A = re.compile(r"(?<![A-Za-z'])A(?![A-Za-z'])")
+
+
+def is_correct(prediction: str, answer: str, letters: bool = False) -> bool:
+    """Exact match after normalisation (``letters``: :func:`normalize_answer`'s)."""
+    return normalize_answer(prediction, letters) == normalize_answer(answer, letters)
 
 
 def _as_text(value: object) -> str | None:
@@ -114,15 +122,17 @@ def reference_answers(answer: object) -> list[str]:
     return [_reference(answer)]
 
 
-def vqa_accuracy(prediction: str, answers: object) -> float:
+def vqa_accuracy(prediction: str, answers: object, letters: bool = False) -> float:
     """VQA accuracy (Antol et al. 2015): ``min(1, matches / 3)`` against each leave-one-out subset of the
-    human answers, averaged; a single reference answer (a list of one, a string or a number) reduces to exact match."""
+    human answers, averaged; a single reference answer (a list of one, a string or a number) reduces to exact match.
+    Summed exactly (``fsum``): a plain sum rounded by which annotators matched (0.6 against 0.6000000000000001), and
+    two answers of one score differed in a paired comparison."""
     refs = reference_answers(answers)
     if len(refs) == 1:
-        return float(is_correct(prediction, refs[0]))
-    pred = normalize_answer(prediction)
-    hits = [normalize_answer(a) == pred for a in refs]
-    return sum(min(1.0, (sum(hits) - h) / 3.0) for h in hits) / len(hits)
+        return float(is_correct(prediction, refs[0], letters))
+    pred = normalize_answer(prediction, letters)
+    hits = [normalize_answer(a, letters) == pred for a in refs]
+    return math.fsum(min(1.0, (sum(hits) - h) / 3.0) for h in hits) / len(hits)
 
 
 _LETTER = re.compile(r"[A-Za-z]")
@@ -159,8 +169,13 @@ def choice_letter(prediction: str) -> str | None:
 
 
 def _lettered(references: Sequence[str], choices: Sequence[str]) -> bool:
-    """Whether a question is answered by letter: its choices, or else its reference answers, are single letters."""
-    return all(_LETTER.fullmatch(s.strip()) for s in (choices or references))
+    """Whether a question is answered by letter: its choices are single letters, or its reference answers are (a
+    ScienceQA-style record: the answer "B" of the option texts in its choices, whose letters it names)."""
+    return (
+        bool(choices)
+        and all(_LETTER.fullmatch(c.strip()) for c in choices)
+        or all(_LETTER.fullmatch(r.strip()) for r in references)
+    )
 
 
 def _as_scored(prediction: str, references: Sequence[str], choices: Sequence[str]) -> str:
@@ -181,21 +196,33 @@ def names_only(prediction: str, answer: str, choices: Sequence[str]) -> bool:
     Longer choices are found first and blanked out, so "dark red" names "dark red" but not also "red", while "red, not
     dark red" names both. On a question answered by letter, the prediction's letter is what it names.
     """
-    forms = {normalize_answer(c): c for c in choices}
+    if _LETTER.fullmatch(answer.strip()) and not all(_LETTER.fullmatch(c.strip()) for c in choices):
+        # the letter of one of the option texts: the prediction names that option, by its letter or its text
+        index = ord(answer.strip().upper()) - ord("A")
+        if not 0 <= index < len(choices):
+            raise ValueError(f"answer {answer!r} is the letter of none of its {len(choices)} choices")
+        picked = choice_letter(prediction)
+        if picked is not None:
+            return picked == answer.strip().upper()
+        answer = choices[index]
+    lettered = _lettered([answer], choices)
+    forms = {normalize_answer(c, lettered): c for c in choices}
     if "" in forms:
         raise ValueError(f"choice {forms['']!r} is empty after normalisation; every choice must be an answer")
-    text = normalize_answer(_as_scored(prediction, [answer], choices))
+    if normalize_answer(answer, lettered) not in forms:  # names-choice would be 0 whatever the prediction
+        raise ValueError(f"answer {answer!r} is none of its choices {list(choices)} (nor the letter of one)")
+    text = normalize_answer(_as_scored(prediction, [answer], choices), lettered)
     named = set()
     for form in sorted(forms, key=lambda f: (len(f.split()), len(f)), reverse=True):
         pattern = _whole(form)
         if pattern.search(text):
             named.add(form)
             text = pattern.sub("|", text)
-    return named == {normalize_answer(answer)}
+    return named == {normalize_answer(answer, lettered)}
 
 
 def score_answer(prediction: str, answer: object, choices: Sequence[str] = ()) -> float:
     """One question's score: exact match for one reference (a string or a number), VQA accuracy for a list of human
     answers; with single-letter ``choices`` (or a single-letter answer), on the letter the prediction picks."""
     refs = reference_answers(answer)
-    return vqa_accuracy(_as_scored(prediction, refs, choices), refs)
+    return vqa_accuracy(_as_scored(prediction, refs, choices), refs, _lettered(refs, choices))

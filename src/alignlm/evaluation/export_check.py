@@ -19,8 +19,8 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from alignlm.data.images import load_rgb
 from alignlm.data.records import image_paths
-from alignlm.evaluation.answers import score_answer
 from alignlm.evaluation.checkpoints import data_config, load, resolve, stage_config
+from alignlm.evaluation.evaluate import scored
 from alignlm.evaluation.lmms import question_of
 from alignlm.models.generation import generate_set
 
@@ -76,15 +76,14 @@ def compare_with_export(
         if pred != other
     ]
     n = len(records)
-    scored = all("answer" in rec for rec in records)
+    answered = all("answer" in rec for rec in records)
     return {
         "set": str(questions),
         "n": n,
         "same_answers": n - len(differ),
-        "alignlm_accuracy": sum(score_answer(p, r["answer"]) for _, p, r in ours) / max(n, 1) if scored else None,
-        "export_accuracy": sum(score_answer(t, r["answer"]) for t, r in zip(theirs, records)) / max(n, 1)
-        if scored
-        else None,
+        # scored as alignlm eval scores them, meta.choices included (a letter answer of option texts by its letter)
+        "alignlm_accuracy": sum(scored(p, r)[0] for _, p, r in ours) / max(n, 1) if answered else None,
+        "export_accuracy": sum(scored(t, r)[0] for t, r in zip(theirs, records)) / max(n, 1) if answered else None,
         "differences": differ[:N_SHOWN],
     }
 
