@@ -1131,10 +1131,12 @@ def test_eval_checkpoint_script_reads_paths_from_the_callers_folder(tmp_path):
 
 
 def test_seed_line_and_the_seed_table_entry_point(tmp_path, capsys):
-    from alignlm.evaluation.paired import print_seed_table, seed_line
+    from alignlm.evaluation.paired import print_seed_table, seed_line, t_test_p
 
-    assert seed_line("d", [0.01, 0.03]) == "- d: +2.00 points over 2 seeds (SE 1.00, t +2.00)"
-    assert seed_line("same", [0.5, 0.5], scale=1.0, unit="") == "- same: +0.50 over 2 seeds (SE 0.00, t +nan)"
+    assert seed_line("d", [0.01, 0.03]) == "- d: +2.00 points over 2 seeds (SE 1.00, t +2.00, df 1, p 0.295)"
+    assert seed_line("same", [0.5, 0.5], 1.0, "") == "- same: +0.50 over 2 seeds (SE 0.00, t +nan, df 1, p nan)"
+    # over 3 seeds a t of -2.73 (the SIMA table's) is p 0.11, and p 0.05 needs |t| 4.30: read p, not t as a z
+    assert t_test_p(-2.727, 2) == pytest.approx(0.112, abs=1e-3) and t_test_p(4.303, 2) == pytest.approx(0.05, abs=1e-4)
     print_seed_table(lambda out: [f"read {out.name}"], "usage", [str(tmp_path / "runs")])
     assert capsys.readouterr().out == "read runs\n"
     with pytest.raises(SystemExit, match="usage"):
@@ -1956,3 +1958,40 @@ def test_a_step_checkpoint_is_evaluated_in_the_dtypes_its_final_loads_in(colour_
     model = checkpoints.load(step)
     assert {p.dtype for p in model.llm.parameters()} == {torch.bfloat16}
     assert not any("lora" in k for k in model.state_dict())
+
+
+def test_scores_of_one_value_reached_by_other_sums_are_a_tie():
+    """0.6 and 0.5999999999999999 (two VQA answers, each given by 2 of 10 annotators) had counted as a question the
+    reference scored higher: p 0.50 where the 8 real discordant questions give 0.0078."""
+    from alignlm.evaluation.paired import paired_difference
+
+    a = {f"q{i}": 0.0 for i in range(8)} | {f"t{i}": 0.6 for i in range(12)}
+    b = {f"q{i}": 1.0 for i in range(8)} | {f"t{i}": 0.5999999999999999 for i in range(12)}
+    r = paired_difference(a, b)
+    assert (r["only_b"], r["only_a"]) == (8, 0) and r["p"] == pytest.approx(0.0078125)
+    alike = paired_difference({f"q{i}": 0.0 for i in range(50)}, {f"q{i}": 1 / 3 for i in range(50)})
+    assert alike["se"] == 0.0 and alike["z"] == math.inf  # every difference alike: no spread (it was 1e-17: z 4e16)
+
+
+def test_seed_tables_pair_only_questions_of_the_same_file(tmp_path):
+    """A seed sweep that regenerated the test set under the same ids had paired other questions in the seed tables,
+    which alignlm compare refuses to pair."""
+    from alignlm.evaluation.paired import POOLED, final_scores, paired_difference
+
+    def report(name: str, digest: str, scores: dict[str, float]) -> Path:
+        sets = {"shapes": {"file": {"path": "data/shapes/test.json", "sha256": digest}, "scores": scores}}
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"checkpoints": [{"kind": "final", "label": name, "sets": sets}]}))
+        return path
+
+    scores = {f"q{i}": float(i % 2) for i in range(10)}
+    before = final_scores(report("before", "a" * 64, scores))
+    assert paired_difference(before[POOLED], final_scores(report("same", "a" * 64, scores))[POOLED])["n"] == 10
+    assert paired_difference(before[POOLED], final_scores(report("other", "b" * 64, scores))[POOLED]) is None
+
+
+def test_a_set_named_as_the_pooled_row_is_refused():
+    from alignlm.evaluation.evaluate import check_set_names
+
+    with pytest.raises(ConfigError, match="eval.sets has a set named 'all', the name of all sets pooled"):
+        check_set_names([{"name": "digits"}, {"name": "all"}])

@@ -18,6 +18,7 @@ from alignlm.config import ConfigError
 from alignlm.data.records import DataError, read_records, record_id, reference_captions
 from alignlm.evaluation.answers import choice_texts, names_only, reference_answers, score_answer
 from alignlm.evaluation.captions import bleu, cider_d
+from alignlm.evaluation.paired import POOLED
 from alignlm.models.generation import AnswerKeeper, generate_set
 
 KINDS = ("auto", "qa", "caption")
@@ -42,6 +43,8 @@ def check_set_names(sets: Sequence[Mapping[str, Any]]) -> None:
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise ConfigError(f"eval.sets name {twice} more than once; give each set a name of its own")
+    if POOLED in names:  # the comparison's row of all sets pooled: a set of that name had two rows, or was replaced
+        raise ConfigError(f"eval.sets has a set named {POOLED!r}, the name of all sets pooled; give it another")
 
 
 def score_key(rid: str, record: Mapping[str, Any]) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 POOLED = "all"
+TIE = 1e-9  # per-question scores are multiples of 1/30 at the finest (VQA accuracy over 10 annotators)
 
 
 def paired_difference(a: Mapping[str, float], b: Mapping[str, float]) -> dict[str, Any] | None:
@@ -27,10 +28,11 @@ def paired_difference(a: Mapping[str, float], b: Mapping[str, float]) -> dict[st
     n = len(ids)
     if n < 2:
         return None
-    d = [float(b[i]) - float(a[i]) for i in ids]
+    # a difference under TIE is rounding (scores of one value reached by other sums), not a discordant question
+    d = [0.0 if abs(x) <= TIE else x for x in (float(b[i]) - float(a[i]) for i in ids)]
     mean = math.fsum(d) / n
     var = math.fsum((x - mean) ** 2 for x in d) / (n - 1)
-    se = math.sqrt(var / n)
+    se = math.sqrt(var / n) if max(d) - min(d) > TIE else 0.0  # every difference alike: no spread, not 1e-17
     return {
         "n": n,
         "a_acc": math.fsum(float(a[i]) for i in ids) / n,
@@ -69,11 +71,17 @@ def sign_test(wins: int, losses: int) -> float:
 def final_scores(report: str | Path, key: str = "scores") -> dict[str, dict[str, float]]:
     """Per question set of an ``alignlm eval`` report, each question's score at its final checkpoint (the last one),
     plus all sets pooled (:data:`POOLED`, ids prefixed by the set); ``key="choice_scores"`` for the names-the-choice
-    scores."""
+    scores. Each id also names the digest of the file its set was read from (where the report records it), so two
+    reports' scores pair only on questions of the same file, as :func:`other_questions` pairs them: a seed sweep that
+    regenerated the test set under the same ids had paired other questions."""
     last = json.loads(Path(report).read_text())["checkpoints"][-1]
     if last["kind"] != "final":
         raise ValueError(f"{report}: the last checkpoint is {last['label']}, not a final/")
-    sets = {name: s[key] for name, s in last["sets"].items() if key in s}
+    sets = {
+        name: {f"{(s.get('file') or {}).get('sha256', '')[:16]}:{k}": v for k, v in s[key].items()}
+        for name, s in last["sets"].items()
+        if key in s
+    }
     sets[POOLED] = {f"{name}/{k}": v for name, scores in sets.items() for k, v in scores.items()}
     return sets
 
@@ -87,11 +95,25 @@ def print_seed_table(table: Callable[[Path], list[str]], usage: str, argv: Seque
 
 
 def seed_line(name: str, xs: Sequence[float], scale: float = 100.0, unit: str = " points") -> str:
-    """``- name: +m unit over n seeds (SE se, t t)``: a difference's mean over seeds (times ``scale``), its standard
-    error and ``t = mean / SE`` (nan when the seeds agree exactly or there is one)."""
+    """``- name: +m unit over n seeds (SE se, t t, df n-1, p p)``: a difference's mean over seeds (times ``scale``),
+    its standard error, ``t = mean / SE`` and the two-sided p of Student's t with ``n - 1`` degrees of freedom (nan
+    when the seeds agree exactly or there is one). Read p: over 3 seeds |t| must pass 4.30 for p < 0.05, where the
+    normal's 1.96 reads a t of 2.7 as an effect (p 0.11)."""
     m, se = mean_se(xs)
     t = m / se if se and se > 0 else math.nan
-    return f"- {name}: {scale * m:+.2f}{unit} over {len(xs)} seeds (SE {scale * se:.2f}, t {t:+.2f})"
+    return (
+        f"- {name}: {scale * m:+.2f}{unit} over {len(xs)} seeds (SE {scale * se:.2f}, t {t:+.2f}, df {len(xs) - 1}, "
+        f"p {t_test_p(t, len(xs) - 1):.3f})"
+    )
+
+
+def t_test_p(t: float, df: int) -> float:
+    """Two-sided p of Student's t with ``df`` degrees of freedom (nan for a nan t or no degree of freedom)."""
+    if math.isnan(t) or df < 1:
+        return math.nan
+    from scipy.stats import t as student  # noqa: PLC0415 - seconds of import, for the seed tables only
+
+    return float(2 * student.sf(abs(t), df))
 
 
 def mean_se(xs: Sequence[float]) -> tuple[float, float]:
