@@ -940,7 +940,7 @@ def test_revision_seed_table_hand_checked(tmp_path):
         "| +50.0 (22.4) | +50.0 (34.2) |"
     )
     # across seeds, revision - untrained: +0.5 and -1.0, mean -0.25, SE 0.75
-    assert "| -25.0 (SE 75.0, t -0.33, positive at 1/2) |" in lines[6]
+    assert "| -25.0 (SE 75.0, t -0.33, p 0.80, positive at 1/2) |" in lines[6]
     assert lines[6].startswith("| mean of 2 | 75.0 / 50.0 / 66.7 |")
     (tmp_path / "seed_b" / "eval_raw" / "report.json").write_text(json.dumps({"checkpoints": [step]}))
     with pytest.raises(ValueError, match="not a final/"):

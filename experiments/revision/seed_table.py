@@ -19,7 +19,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from alignlm.evaluation.paired import POOLED, final_scores, mean_se, paired_difference
+from alignlm.evaluation.paired import POOLED, final_scores, mean_se, paired_difference, t_test_p
 
 
 def table(seed_dirs: list[Path], arms: list[str]) -> list[str]:
@@ -55,10 +55,11 @@ def table(seed_dirs: list[Path], arms: list[str]) -> list[str]:
         + " | ".join(means)
         + " | "
         + " | ".join(
-            "{:+.1f} (SE {:.1f}, t {:+.2f}, positive at {}/{})".format(
+            "{:+.1f} (SE {:.1f}, t {:+.2f}, p {:.2f}, positive at {}/{})".format(
                 100 * m,
                 100 * se,
                 m / se if se > 0 else math.nan,
+                t_test_p(m / se if se > 0 else math.nan, len(rows) - 1),
                 sum(r["diffs"][k]["diff"] > 0 for r in rows),
                 len(rows),
             )

@@ -15,7 +15,7 @@ import json
 import math
 from pathlib import Path
 
-from alignlm.evaluation.paired import POOLED, final_scores, mean_se, paired_difference
+from alignlm.evaluation.paired import POOLED, final_scores, paired_difference, seed_line
 
 
 def table(out: Path) -> list[str]:
@@ -49,9 +49,7 @@ def table(out: Path) -> list[str]:
             + " | ".join(cells)
             + f" | {100 * d['diff']:+.1f} ({100 * d['se']:.1f}) |"
         )
-    m, se = mean_se(diffs)
-    t = m / se if se and se > 0 else math.nan
-    lines += ["", f"Across {len(diffs)} seeds: after - before = {100 * m:+.2f} points (SE {100 * se:.2f}, t {t:+.2f})."]
+    lines += ["", "Across the seeds: " + seed_line("after - before", diffs)[2:] + "."]
     return lines
 
 
