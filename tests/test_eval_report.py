@@ -28,9 +28,14 @@ from tests.conftest import compose, tiny_overrides
 def test_bleu_hand_checked():
     assert tokenize("A red, square!") == ["a", "red", "square"]
     assert bleu(["a red square on grey"], [["a red square on grey"]]) == pytest.approx(1.0)
-    assert bleu(["blue"], [["a red square"]]) == 0.0
-    # hypothesis "the cat sat on the mat" vs reference "the cat is on the mat": matches 5/6, 3/5, 1/4, 0/3 -> 0
-    assert bleu(["the cat sat on the mat"], [["the cat is on the mat"]]) == 0.0
+    # an order without a match scores pycocoevalcap's floor, (0 + 1e-15) / (guesses + 1e-9), not 0: a checkpoint of
+    # short captions had scored 0 where COCO's scorer gives 0.03
+    t, s = 1e-15, 1e-9
+    floor = ((t / (1 + s)) * (t / s) ** 3) ** 0.25 * math.exp(1 - (3 + s) / (1 + t))  # and the brevity of 1 word of 3
+    assert bleu(["blue"], [["a red square"]]) == pytest.approx(floor, rel=1e-12)
+    # hypothesis "the cat sat on the mat" vs reference "the cat is on the mat": matches 5/6, 3/5, 1/4, 0/3
+    cat = ((5 + t) / (6 + s) * (3 + t) / (5 + s) * (1 + t) / (4 + s) * t / (3 + s)) ** 0.25
+    assert bleu(["the cat sat on the mat"], [["the cat is on the mat"]]) == pytest.approx(cat, rel=1e-12)
     # 7-word hypothesis, reference with one substitution at the end: p = 6/7, 5/6, 4/5, 3/4, no brevity penalty
     hyp, ref = "a b c d e f g", "a b c d e f x"
     expected = math.exp((math.log(6 / 7) + math.log(5 / 6) + math.log(4 / 5) + math.log(3 / 4)) / 4)

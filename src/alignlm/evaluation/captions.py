@@ -31,7 +31,8 @@ def ngrams(words: Sequence[str], n: int) -> Counter:
 
 
 def bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str]], max_n: int = MAX_N) -> float:
-    """Corpus BLEU-``max_n``: clipped n-gram precisions pooled over the corpus, geometric mean, brevity penalty."""
+    """Corpus BLEU-``max_n``: clipped n-gram precisions pooled over the corpus, geometric mean, brevity penalty, in
+    pycocoevalcap's arithmetic (its smoothing of each precision and of the length ratio)."""
     _check(hypotheses, references)
     matches, totals = [0] * max_n, [0] * max_n
     hyp_len = ref_len = 0
@@ -46,11 +47,14 @@ def bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str]], max_n: 
                 best |= ngrams(r, n)
             matches[n - 1] += sum(min(c, best[g]) for g, c in counts.items())
             totals[n - 1] += max(len(h) - n + 1, 0)
-    if min(matches) == 0:
-        return 0.0
-    log_precision = sum(math.log(m / t) for m, t in zip(matches, totals)) / max_n
-    brevity = 1.0 if hyp_len >= ref_len else math.exp(1.0 - ref_len / max(hyp_len, 1))
-    return brevity * math.exp(log_precision)
+    # pycocoevalcap's arithmetic, its smoothing included: an order without a match scores its floor (1e-15 / 1e-9 of
+    # a precision), not 0 (short captions of a pretrained checkpoint had scored 0 where COCO's scorer gives 0.03)
+    product = math.prod((m + _TINY) / (t + _SMALL) for m, t in zip(matches, totals))
+    ratio = (hyp_len + _TINY) / (ref_len + _SMALL)
+    return product ** (1.0 / max_n) * (math.exp(1.0 - 1.0 / ratio) if ratio < 1 else 1.0)
+
+
+_TINY, _SMALL = 1e-15, 1e-9  # pycocoevalcap's bleu_scorer smoothing
 
 
 def cider_d(hypotheses: Sequence[str], references: Sequence[Sequence[str]], sigma: float = 6.0) -> float:
