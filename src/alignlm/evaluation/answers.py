@@ -9,7 +9,10 @@ up to ten become digits; articles go; a contraction written without its apostrop
 
 Deliberate differences: an answer made of articles only keeps them, so the multiple-choice letter "A" stays "a"
 instead of vanishing (the official rules would let an empty prediction match it), and on a question answered by
-letter a capital "A" standing alone is the letter, not an article (``normalize_answer(letters=True)``).
+letter a capital "A" standing alone is the letter, not an article (``normalize_answer(letters=True)``). Others
+(docs/evaluation.md): "," and "?" follow the punctuation rule as in Antol et al.'s ``vqaEval.py`` (lmms-eval's
+processor deletes them first), and "im", "ive", "shes" get their apostrophe back (the official scripts' capitalised
+keys for them never match lower-cased text).
 
 Multiple-choice questions whose choices (or answer) are single letters are scored on the letter the prediction picks:
 "(B)", "B.", "B) red", "Answer: B", "The answer is B" and "Option A is wrong; the answer is B" all answer B (the rule:
