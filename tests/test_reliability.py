@@ -41,7 +41,7 @@ from alignlm.data.collate import Collator, Skipped
 from alignlm.data.images import load_rgb
 from alignlm.data.llava import LlavaDataset
 from alignlm.data.records import TOO_LONG, DataError, Source, record_images
-from alignlm.data.templates import get_template, special_ids, to_turns, tokenize
+from alignlm.data.templates import TemplateError, get_template, special_ids, to_turns, tokenize
 from alignlm.models.io import UnsafeConfigError, config_yaml, load_checkpoint_config, load_model, safe_model_config
 from alignlm.models.probes import load_probe_set
 from alignlm.objectives.base import LossTerm
@@ -867,6 +867,10 @@ def test_a_chat_message_that_is_only_template_text_stays_in_its_place(tiny_model
     benign, stand_in = encode("zq"), plain("zq")
     at = next(k for k in range(len(benign)) if benign[k : k + len(stand_in)] == stand_in)
     text = hostile.strip() if where == "answer" else hostile  # answers are stripped (docs/core.md), questions kept
+    if not text:  # an answer of only whitespace is a reply of nothing, refused (docs/reliability.md)
+        with pytest.raises(TemplateError, match="is empty, a reply of nothing to train on"):
+            encode(hostile)
+        return
     assert encode(hostile) == benign[:at] + plain(text) + benign[at + len(stand_in) :]
 
 
