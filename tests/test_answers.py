@@ -181,9 +181,25 @@ def test_a_letter_answer_of_option_texts_is_scored_by_its_letter(prediction):
     assert scored("A) red", record)[:2] == (0.0, 0.0)
 
 
+def test_a_letter_answer_that_is_itself_a_choice_is_scored_as_that_choice():
+    """The blood type O of A, B, AB, O and the element C of Co, Cu, Ca, C are choices, not letters of options: they
+    had been refused (O: "the letter of none of its 4 choices") or read as the third option (Ca credited for C)."""
+    blood = {"answer": "O", "meta": {"choices": ["A", "B", "AB", "O"]}}
+    assert scored("O", blood)[:2] == (1.0, 1.0) and scored("AB", blood)[:2] == (0.0, 0.0)
+    element = {"answer": "C", "meta": {"choices": ["Co", "Cu", "Ca", "C"]}}
+    assert scored("It is C.", element)[1] == 1.0 and scored("Ca", element)[1] == 0.0
+
+
+@pytest.mark.parametrize("answer", ["(B)", "B."])
+def test_a_marked_letter_answer_of_option_texts_names_its_option(answer):
+    record = {"answer": answer, "meta": {"choices": ["cat", "dog"]}}
+    assert scored("(B)", record)[:2] == (1.0, 1.0) and scored("dog", record)[1] == 1.0
+    assert scored("cat", record)[:2] == (0.0, 0.0)
+
+
 def test_an_answer_that_is_none_of_its_choices_is_refused():
     """Its names-choice score was 0 whatever the model answered."""
-    with pytest.raises(ValueError, match=r"answer 'purple' is none of its choices \['red', 'green'\]"):
+    with pytest.raises(ValueError, match=r"answer 'purple' is none of its choices \['red', 'green'\], nor the letter"):
         scored("", {"answer": "purple", "meta": {"choices": ["red", "green"]}})
     with pytest.raises(ValueError, match="answer 'E' is the letter of none of its 2 choices"):
         scored("", {"answer": "E", "meta": {"choices": ["red", "green"]}})
@@ -198,3 +214,18 @@ def test_vqa_accuracy_does_not_depend_on_which_annotators_matched():
         answers[first] = answers[first + 1] = "red"
         scores.add(vqa_accuracy("red", answers))
     assert len(scores) == 1
+
+
+def test_export_check_refuses_an_unscorable_set_before_loading_anything(tmp_path, monkeypatch):
+    """It had scored after both models generated every answer, and then failed with a traceback."""
+    import json
+
+    from alignlm.data.records import DataError
+    from alignlm.evaluation import export_check
+
+    questions = tmp_path / "q.json"
+    record = {"id": "q0", "conversations": [{"from": "human", "value": "?"}], "answer": "E"}
+    questions.write_text(json.dumps([record | {"meta": {"choices": ["cat", "dog"]}}]))
+    monkeypatch.setattr(export_check, "resolve", lambda *_: pytest.fail("loaded a checkpoint"))
+    with pytest.raises(DataError, match="answer 'E' is the letter of none of its 2 choices"):
+        export_check.compare_with_export("ck", tmp_path / "out", questions)

@@ -1976,23 +1976,31 @@ def test_scores_of_one_value_reached_by_other_sums_are_a_tie():
     assert (r["only_b"], r["only_a"]) == (8, 0) and r["p"] == pytest.approx(0.0078125)
     alike = paired_difference({f"q{i}": 0.0 for i in range(50)}, {f"q{i}": 1 / 3 for i in range(50)})
     assert alike["se"] == 0.0 and alike["z"] == math.inf  # every difference alike: no spread (it was 1e-17: z 4e16)
+    # as alignlm compare reads them back from report.json (6 digits): 1/3 and 2/3 - 1/3 are one difference there too
+    rounded = {f"q{i}": 0.333333 if i % 2 else 0.666667 - 0.333333 for i in range(50)}
+    assert paired_difference({f"q{i}": 0.0 for i in range(50)}, rounded)["z"] == math.inf
 
 
 def test_seed_tables_pair_only_questions_of_the_same_file(tmp_path):
     """A seed sweep that regenerated the test set under the same ids had paired other questions in the seed tables,
-    which alignlm compare refuses to pair."""
-    from alignlm.evaluation.paired import POOLED, final_scores, paired_difference
+    which alignlm compare refuses to pair; a report that does not record its file pairs, as compare pairs it."""
+    from alignlm.evaluation.paired import paired_reports, pooled_pair
 
-    def report(name: str, digest: str, scores: dict[str, float]) -> Path:
-        sets = {"shapes": {"file": {"path": "data/shapes/test.json", "sha256": digest}, "scores": scores}}
+    def report(name: str, digest: str | None, scores: dict[str, float]) -> Path:
+        shapes = {"scores": scores} | ({"file": {"path": "data/shapes/test.json", "sha256": digest}} if digest else {})
+        digits = {"scores": {"d0": 1.0, "d1": 0.0}, "file": {"path": "data/digits/test.json", "sha256": "c" * 64}}
+        sets = {"shapes": shapes, "digits": digits}
         path = tmp_path / f"{name}.json"
         path.write_text(json.dumps({"checkpoints": [{"kind": "final", "label": name, "sets": sets}]}))
         return path
 
     scores = {f"q{i}": float(i % 2) for i in range(10)}
-    before = final_scores(report("before", "a" * 64, scores))
-    assert paired_difference(before[POOLED], final_scores(report("same", "a" * 64, scores))[POOLED])["n"] == 10
-    assert paired_difference(before[POOLED], final_scores(report("other", "b" * 64, scores))[POOLED]) is None
+    before = report("before", "a" * 64, scores)
+    assert paired_reports(before, report("same", "a" * 64, scores))["n"] == 12
+    assert paired_reports(before, report("unrecorded", None, scores))["n"] == 12  # an older report
+    other = report("other", "b" * 64, scores)
+    assert sorted(pooled_pair(before, other)[0]) == ["digits/d0", "digits/d1"]  # shapes left out of both
+    assert paired_reports(before, other)["n"] == 2
 
 
 def test_a_set_named_as_the_pooled_row_is_refused():

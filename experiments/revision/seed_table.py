@@ -19,7 +19,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from alignlm.evaluation.paired import POOLED, final_scores, mean_se, paired_difference, t_test_p
+from alignlm.evaluation.paired import POOLED, final_scores, mean_se, paired_reports, t_test_p
 
 
 def table(seed_dirs: list[Path], arms: list[str]) -> list[str]:
@@ -30,10 +30,9 @@ def table(seed_dirs: list[Path], arms: list[str]) -> list[str]:
         scores = {a: final_scores(d / f"eval_{a}" / "report.json") for a in arms}
         sets = [s for s in scores[ref] if s != POOLED] + [POOLED]
         acc = {a: {s: math.fsum(scores[a][s].values()) / len(scores[a][s]) for s in sets} for a in arms}
-        diffs: dict[str, dict[str, Any]] = {}
-        for a in others:
-            diffs[a] = paired_difference(scores[ref][POOLED], scores[a][POOLED]) or {}
-        diffs[f"{arms[-1]}-{others[0]}"] = paired_difference(scores[others[0]][POOLED], scores[arms[-1]][POOLED]) or {}
+        report = {a: d / f"eval_{a}" / "report.json" for a in arms}
+        diffs: dict[str, dict[str, Any]] = {a: paired_reports(report[ref], report[a]) for a in others}
+        diffs[f"{arms[-1]}-{others[0]}"] = paired_reports(report[others[0]], report[arms[-1]])
         rows.append({"seed": d.name, "sets": sets, "acc": acc, "diffs": diffs})
     sets = rows[0]["sets"]
     dkeys = list(rows[0]["diffs"])

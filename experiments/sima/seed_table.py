@@ -15,7 +15,7 @@ import json
 import math
 from pathlib import Path
 
-from alignlm.evaluation.paired import POOLED, final_scores, paired_difference, seed_line
+from alignlm.evaluation.paired import POOLED, final_scores, paired_reports, seed_line
 
 
 def table(out: Path) -> list[str]:
@@ -41,7 +41,7 @@ def table(out: Path) -> list[str]:
             f"{c['informative_consistent']}"
             for name, c in critic.items()
         )
-        d = paired_difference(before[POOLED], after[POOLED])
+        d = paired_reports(out / "eval_before" / "report.json", out / f"eval_{run.name}" / "report.json")
         diffs.append(d["diff"])
         cells = [f"{100 * math.fsum(after[s].values()) / len(after[s]):.1f}" for s in sets]
         lines.append(

@@ -11,7 +11,7 @@ import json
 import math
 from pathlib import Path
 
-from alignlm.evaluation.paired import POOLED, final_scores, paired_difference, print_seed_table, seed_line
+from alignlm.evaluation.paired import paired_reports, pooled_pair, print_seed_table, seed_line
 
 
 def qtypes(test_set: Path) -> dict[str, str]:
@@ -42,8 +42,8 @@ def arm_block(out: Path, arm: str, kinds: dict[str, str]) -> list[str]:
     diffs: list[float] = []
     per_type: dict[str, list[float]] = {t: [] for t in types}
     for seed in seeds:
-        plain, other = (final_scores(out / f"eval_{a}_seed_{seed}" / "report.json")[POOLED] for a in ("plain", arm))
-        d = paired_difference(plain, other)
+        plain, other = pooled_pair(*(out / f"eval_{a}_seed_{seed}" / "report.json" for a in ("plain", arm)))
+        d = paired_reports(*(out / f"eval_{a}_seed_{seed}" / "report.json" for a in ("plain", arm)))
         diffs.append(d["diff"])
         cells = []
         for t in types:

@@ -13,7 +13,7 @@ import json
 import math
 from pathlib import Path
 
-from alignlm.evaluation.paired import POOLED, final_scores, paired_difference, print_seed_table, seed_line
+from alignlm.evaluation.paired import POOLED, final_scores, paired_reports, print_seed_table, seed_line
 
 ARMS = ("baseline", "vlap", "v2l")
 OTHERS = ("baseline", "vlap")
@@ -37,8 +37,9 @@ def table(out: Path) -> list[str]:
             diffs.setdefault(f"token-word accuracy, v2l - {a}", []).append(g)
         lines.append(f"| {seed} | token-word | {cells} | " + " | ".join(f"{100 * g:+.1f}" for g in gaps) + " |")
         for metric, key in SCORES.items():
-            scores = {a: final_scores(out / f"eval_{a}_seed_{seed}" / "report.json", key)[POOLED] for a in ARMS}
-            paired = {a: paired_difference(scores[a], scores["v2l"]) for a in OTHERS}
+            report = {a: out / f"eval_{a}_seed_{seed}" / "report.json" for a in ARMS}
+            scores = {a: final_scores(report[a], key)[POOLED] for a in ARMS}
+            paired = {a: paired_reports(report[a], report["v2l"], key) for a in OTHERS}
             for a in OTHERS:
                 diffs.setdefault(f"answers ({metric}), v2l - {a}", []).append(paired[a]["diff"])
             acc = " | ".join(f"{100 * math.fsum(scores[a].values()) / len(scores[a]):.1f}" for a in ARMS)

@@ -172,13 +172,22 @@ def choice_letter(prediction: str) -> str | None:
 
 
 def _lettered(references: Sequence[str], choices: Sequence[str]) -> bool:
-    """Whether a question is answered by letter: its choices are single letters, or its reference answers are (a
-    ScienceQA-style record: the answer "B" of the option texts in its choices, whose letters it names)."""
-    return (
-        bool(choices)
-        and all(_LETTER.fullmatch(c.strip()) for c in choices)
-        or all(_LETTER.fullmatch(r.strip()) for r in references)
-    )
+    """Whether a question is answered by letter: its choices are single letters, or its reference answers are letters
+    (with option texts as choices, a ScienceQA-style record: the answer "B" or "(B)" names the second option)."""
+    if choices and all(_LETTER.fullmatch(c.strip()) for c in choices):
+        return True
+    if choices:
+        return all(_option_letter(r, choices) for r in references)
+    return all(_LETTER.fullmatch(r.strip()) for r in references)
+
+
+def _option_letter(answer: str, choices: Sequence[str]) -> str | None:
+    """The letter by which ``answer`` names one of the option texts ``choices`` ("B", "(B)", "B."), or None where the
+    answer is itself one of them (the blood type "O" of A, B, AB, O; the element "C" of Co, Cu, Ca, C)."""
+    text = answer.strip()
+    if normalize_answer(text) in {normalize_answer(c) for c in choices}:
+        return None
+    return choice_letter(text) if _LETTER.fullmatch(text) or _MARKED_LETTER.fullmatch(text) else None
 
 
 def _as_scored(prediction: str, references: Sequence[str], choices: Sequence[str]) -> str:
@@ -199,21 +208,23 @@ def names_only(prediction: str, answer: str, choices: Sequence[str]) -> bool:
     Longer choices are found first and blanked out, so "dark red" names "dark red" but not also "red", while "red, not
     dark red" names both. On a question answered by letter, the prediction's letter is what it names.
     """
-    if _LETTER.fullmatch(answer.strip()) and not all(_LETTER.fullmatch(c.strip()) for c in choices):
-        # the letter of one of the option texts: the prediction names that option, by its letter or its text
-        index = ord(answer.strip().upper()) - ord("A")
+    letter = None if all(_LETTER.fullmatch(c.strip()) for c in choices) else _option_letter(answer, choices)
+    if letter is not None:  # the letter of one of the option texts: named by that letter or that text
+        index = ord(letter) - ord("A")
         if not 0 <= index < len(choices):
             raise ValueError(f"answer {answer!r} is the letter of none of its {len(choices)} choices")
         picked = choice_letter(prediction)
         if picked is not None:
-            return picked == answer.strip().upper()
+            return picked == letter
         answer = choices[index]
     lettered = _lettered([answer], choices)
     forms = {normalize_answer(c, lettered): c for c in choices}
     if "" in forms:
         raise ValueError(f"choice {forms['']!r} is empty after normalisation; every choice must be an answer")
     if normalize_answer(answer, lettered) not in forms:  # names-choice would be 0 whatever the prediction
-        raise ValueError(f"answer {answer!r} is none of its choices {list(choices)} (nor the letter of one)")
+        raise ValueError(
+            f"answer {answer!r} is none of its choices {list(choices)}, nor the letter of one (B, (B) or B.)"
+        )
     text = normalize_answer(_as_scored(prediction, [answer], choices), lettered)
     named = set()
     for form in sorted(forms, key=lambda f: (len(f.split()), len(f)), reverse=True):

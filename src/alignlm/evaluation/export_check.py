@@ -18,9 +18,9 @@ import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from alignlm.data.images import load_rgb
-from alignlm.data.records import image_paths
+from alignlm.data.records import image_paths, read_records
 from alignlm.evaluation.checkpoints import data_config, load, resolve, stage_config
-from alignlm.evaluation.evaluate import scored
+from alignlm.evaluation.evaluate import check_answers, scored
 from alignlm.evaluation.lmms import question_of
 from alignlm.models.generation import generate_set
 
@@ -63,6 +63,9 @@ def compare_with_export(
 ) -> dict[str, Any]:
     """Both sides' answers on the first ``limit`` questions: agreement, each side's accuracy, the first differences.
     Both run on ``device``, one after the other: alignlm's model is let go before the export's is loaded."""
+    asked = read_records(str(questions))[:limit]
+    if asked and all(isinstance(r, dict) and "answer" in r for r in asked):  # scored: refused before any generation
+        check_answers(Path(questions).name, str(questions), limit)
     ck = resolve([str(checkpoint)])[-1]
     model = load(ck, allow_code, trust_remote_code).to(device)  # load leaves it on the CPU
     data_cfg = data_config(ck, stage_config(ck))

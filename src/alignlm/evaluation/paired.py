@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 POOLED = "all"
-TIE = 1e-9  # per-question scores are multiples of 1/30 at the finest (VQA accuracy over 10 annotators)
+TIE = 1e-5  # scores are multiples of 1/30 at the finest (VQA over 10 annotators); report.json keeps 6 digits
 
 
 def paired_difference(a: Mapping[str, float], b: Mapping[str, float]) -> dict[str, Any] | None:
@@ -28,7 +28,7 @@ def paired_difference(a: Mapping[str, float], b: Mapping[str, float]) -> dict[st
     n = len(ids)
     if n < 2:
         return None
-    # a difference under TIE is rounding (scores of one value reached by other sums), not a discordant question
+    # a difference under TIE is rounding (scores of one value reached by other sums, or 6 digits in report.json)
     d = [0.0 if abs(x) <= TIE else x for x in (float(b[i]) - float(a[i]) for i in ids)]
     mean = math.fsum(d) / n
     var = math.fsum((x - mean) ** 2 for x in d) / (n - 1)
@@ -71,17 +71,38 @@ def sign_test(wins: int, losses: int) -> float:
 def final_scores(report: str | Path, key: str = "scores") -> dict[str, dict[str, float]]:
     """Per question set of an ``alignlm eval`` report, each question's score at its final checkpoint (the last one),
     plus all sets pooled (:data:`POOLED`, ids prefixed by the set); ``key="choice_scores"`` for the names-the-choice
-    scores. Each id also names the digest of the file its set was read from (where the report records it), so two
-    reports' scores pair only on questions of the same file, as :func:`other_questions` pairs them: a seed sweep that
-    regenerated the test set under the same ids had paired other questions."""
+    scores. To pair two reports, :func:`pooled_pair`."""
+    return _pooled(_final(report), key)
+
+
+def pooled_pair(a: str | Path, b: str | Path, key: str = "scores") -> tuple[dict[str, float], dict[str, float]]:
+    """Two reports' pooled final scores (:func:`final_scores`) over the sets they read from the same files, as
+    ``alignlm compare`` pairs them (:func:`other_questions`: a set whose file either report does not record counts as
+    the same): a seed sweep that regenerated the test set under the same ids had paired other questions."""
+    first, second = _final(a), _final(b)
+    other = set(other_questions(first, second))
+    return (_pooled(first, key, other)[POOLED], _pooled(second, key, other)[POOLED])
+
+
+def paired_reports(a: str | Path, b: str | Path, key: str = "scores") -> dict[str, Any]:
+    """:func:`paired_difference` of report ``b``'s final scores against report ``a``'s (:func:`pooled_pair`), or a
+    ValueError naming both where they share fewer than two questions of the same files."""
+    found = paired_difference(*pooled_pair(a, b, key))
+    if found is None:
+        raise ValueError(f"{b} and {a} share fewer than 2 questions read from the same files: nothing to pair")
+    return found
+
+
+def _final(report: str | Path) -> dict[str, Any]:
+    """The last checkpoint of an ``alignlm eval`` report, refused unless it is a ``final/``."""
     last = json.loads(Path(report).read_text())["checkpoints"][-1]
     if last["kind"] != "final":
         raise ValueError(f"{report}: the last checkpoint is {last['label']}, not a final/")
-    sets = {
-        name: {f"{(s.get('file') or {}).get('sha256', '')[:16]}:{k}": v for k, v in s[key].items()}
-        for name, s in last["sets"].items()
-        if key in s
-    }
+    return last
+
+
+def _pooled(checkpoint: Mapping[str, Any], key: str, leave_out: set[str] = frozenset()) -> dict[str, dict[str, float]]:
+    sets = {name: s[key] for name, s in checkpoint["sets"].items() if key in s and name not in leave_out}
     sets[POOLED] = {f"{name}/{k}": v for name, scores in sets.items() for k, v in scores.items()}
     return sets
 
