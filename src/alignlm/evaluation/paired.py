@@ -102,6 +102,7 @@ def _final(report: str | Path) -> dict[str, Any]:
 
 
 def _pooled(checkpoint: Mapping[str, Any], key: str, leave_out: set[str] = frozenset()) -> dict[str, dict[str, float]]:
+    """A checkpoint's scores per set but those of ``leave_out``, and those sets pooled (:data:`POOLED`)."""
     sets = {name: s[key] for name, s in checkpoint["sets"].items() if key in s and name not in leave_out}
     sets[POOLED] = {f"{name}/{k}": v for name, scores in sets.items() for k, v in scores.items()}
     return sets
