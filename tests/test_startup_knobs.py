@@ -503,3 +503,11 @@ def test_an_override_of_hydras_own_settings_is_refused(override):
     """alignlm composes with Hydra's compose API: hydra.run.dir had been accepted, and the outputs went to output_dir."""
     with pytest.raises(ConfigError, match=re.escape(f"{override}: alignlm composes its config with Hydra's compose")):
         compose("+exp=demo", override)
+
+
+def test_a_template_read_through_an_interpolation_is_still_warned_of_keeping_its_recipes_arguments():
+    """SIMA's prepare step reads ${stages.dpo.data}: the template it reads renders the recipe's system prompt too."""
+    cfg = compose("+exp=sima", "model=tiny", "stages.dpo.data.template=vicuna_v1")
+    resolve_strategy(cfg)
+    (said,) = checks.override_warnings(cfg)
+    assert said.startswith("stages.dpo.data.template keeps stages.dpo.data.template_args={'system': 'Answer briefly.'}")

@@ -239,9 +239,8 @@ def override_warnings(cfg: DictConfig) -> list[str]:
     referenced = _interpolated_keys(OmegaConf.to_container(cfg, resolve=False))
     for key in named:
         # another knob that reads it through an interpolation (stages.finetune.lora=${stages.pretrain.lora}) uses it
-        if any(_within(key, ref) or _within(ref, key) for ref in referenced):
-            continue
-        said = _unused_because(cfg, key) or _kept_for_another_template(cfg, key, named)
+        read = any(_within(key, ref) or _within(ref, key) for ref in referenced)
+        said = (None if read else _unused_because(cfg, key)) or _kept_for_another_template(cfg, key, named)
         if said:
             lines.append(f"{key} {said}")
     return lines
