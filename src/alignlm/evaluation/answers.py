@@ -11,8 +11,8 @@ Deliberate differences: an answer made of articles only keeps them, so the multi
 instead of vanishing (the official rules would let an empty prediction match it), and on a question answered by
 letter a capital "A" standing alone is the letter, not an article (``normalize_answer(letters=True)``). Others
 (docs/evaluation.md): "," and "?" follow the punctuation rule as in Antol et al.'s ``vqaEval.py`` (lmms-eval's
-processor deletes them first), and "im", "ive", "shes" get their apostrophe back (the official scripts' capitalised
-keys for them never match lower-cased text).
+processor deletes them first), and "im", "ive", "shes" get their apostrophe back (the official scripts list "Im" and
+"Ive" capitalised, which never match lower-cased text, and have no "shes").
 
 Multiple-choice questions whose choices (or answer) are single letters are scored on the letter the prediction picks:
 "(B)", "B.", "B) red", "Answer: B", "The answer is B" and "Option A is wrong; the answer is B" all answer B (the rule:
