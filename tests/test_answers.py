@@ -186,6 +186,8 @@ def test_a_letter_answer_that_is_itself_a_choice_is_scored_as_that_choice():
     had been refused (O: "the letter of none of its 4 choices") or read as the third option (Ca credited for C)."""
     blood = {"answer": "O", "meta": {"choices": ["A", "B", "AB", "O"]}}
     assert scored("O", blood)[:2] == (1.0, 1.0) and scored("AB", blood)[:2] == (0.0, 0.0)
+    type_a = {"answer": "A", "meta": {"choices": ["A", "B", "AB", "O"]}}
+    assert scored("The blood type is A", type_a)[1] == 1.0 and scored("The blood type is O", type_a)[1] == 0.0
     element = {"answer": "C", "meta": {"choices": ["Co", "Cu", "Ca", "C"]}}
     assert scored("It is C.", element)[1] == 1.0 and scored("Ca", element)[1] == 0.0
 

@@ -217,7 +217,9 @@ def names_only(prediction: str, answer: str, choices: Sequence[str]) -> bool:
         if picked is not None:
             return picked == letter
         answer = choices[index]
-    lettered = _lettered([answer], choices)
+    # a capital A standing alone is a word where a choice is "A" (a letter question, the blood type A): an article
+    # dropped, "The blood type is A" had named nothing
+    lettered = _lettered([answer], choices) or any(c.strip() == "A" for c in choices)
     forms = {normalize_answer(c, lettered): c for c in choices}
     if "" in forms:
         raise ValueError(f"choice {forms['']!r} is empty after normalisation; every choice must be an answer")
