@@ -231,3 +231,10 @@ def test_export_check_refuses_an_unscorable_set_before_loading_anything(tmp_path
     monkeypatch.setattr(export_check, "resolve", lambda *_: pytest.fail("loaded a checkpoint"))
     with pytest.raises(DataError, match="answer 'E' is the letter of none of its 2 choices"):
         export_check.compare_with_export("ck", tmp_path / "out", questions)
+
+
+@pytest.mark.parametrize("prediction", ["**B**", "**B.** green", "Answer: 'B'", "`B`", "The answer is \u201cB\u201d."])
+def test_a_letter_in_markdown_emphasis_or_quotes_is_read(prediction):
+    """Instruction-tuned models write "**B**": it had picked no letter and scored 0."""
+    assert choice_letter(prediction) == "B"
+    assert score_answer(prediction, "B", ["A", "B", "C"]) == 1.0 and names_only(prediction, "B", ["A", "B", "C"])

@@ -154,6 +154,9 @@ def _letter_after(lead: re.Pattern[str], text: str) -> re.Match[str] | None:
     return found
 
 
+_QUOTED_LETTER = re.compile(r"[\"'\u2018\u2019\u201c\u201d]([A-Za-z])[\"'\u2018\u2019\u201c\u201d]")
+
+
 def choice_letter(prediction: str) -> str | None:
     """The letter a multiple-choice prediction picks, upper-case, or None when it picks none.
 
@@ -162,9 +165,10 @@ def choice_letter(prediction: str) -> str | None:
     answer is B, not option C"), and without one, after the last "option" or "choice" a letter follows ("Option A is
     wrong; option B"): a prediction that names its answer says so last, and "answer" outranks the options it weighs.
     After these words an upper-case letter counts bare too, so that the article in "the answer is a red circle" is no
-    letter.
+    letter. Markdown emphasis and quotes around a letter are read through ("**B**", "**B.** green", "Answer: 'B'"),
+    as instruction-tuned models write them: they had picked no letter and scored 0.
     """
-    text = prediction.strip()
+    text = _QUOTED_LETTER.sub(r"\1", prediction.replace("**", "").replace("`", "")).strip()
     if _LETTER.fullmatch(text):
         return text.upper()
     found = _MARKED_LETTER.match(text) or _letter_after(_ANSWER_LEAD, text) or _letter_after(_CHOICE_LEAD, text)
