@@ -223,22 +223,22 @@ def names_only(prediction: str, answer: str, choices: Sequence[str]) -> bool:
         answer = choices[index]
     # a capital A standing alone is a word where a choice is "A" (a letter question, the blood type A): an article
     # dropped, "The blood type is A" had named nothing
-    lettered = _lettered([answer], choices) or any(c.strip() == "A" for c in choices)
-    forms = {normalize_answer(c, lettered): c for c in choices}
+    keep_a = _lettered([answer], choices) or any(c.strip() == "A" for c in choices)
+    forms = {normalize_answer(c, keep_a): c for c in choices}
     if "" in forms:
         raise ValueError(f"choice {forms['']!r} is empty after normalisation; every choice must be an answer")
-    if normalize_answer(answer, lettered) not in forms:  # names-choice would be 0 whatever the prediction
+    if normalize_answer(answer, keep_a) not in forms:  # names-choice would be 0 whatever the prediction
         raise ValueError(
             f"answer {answer!r} is none of its choices {list(choices)}, nor the letter of one (B, (B) or B.)"
         )
-    text = normalize_answer(_as_scored(prediction, [answer], choices), lettered)
+    text = normalize_answer(_as_scored(prediction, [answer], choices), keep_a)
     named = set()
     for form in sorted(forms, key=lambda f: (len(f.split()), len(f)), reverse=True):
         pattern = _whole(form)
         if pattern.search(text):
             named.add(form)
             text = pattern.sub("|", text)
-    return named == {normalize_answer(answer, lettered)}
+    return named == {normalize_answer(answer, keep_a)}
 
 
 def score_answer(prediction: str, answer: object, choices: Sequence[str] = ()) -> float:
