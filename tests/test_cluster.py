@@ -599,10 +599,10 @@ def one_process_run(colour_set, tmp_path_factory) -> Path:
 def test_sharded_training_matches_one_process_and_resumes_exactly(
     colour_set, one_process_run, tmp_path, monkeypatch, strategy
 ):
-    """Two gloo ranks under FSDP2 or DeepSpeed ZeRO, 20 steps (pretrain, then LoRA finetuning on a set with text-only records,
-    one sample per micro-batch, 2 accumulated: in this order rank 1's second micro-batch has no image, rank 0's has
-    one), stopped after step 5 and resumed, give the losses (fp32, rel. 1e-5) and the final weights of one DDP process
-    with the same global batch."""
+    """Two gloo ranks under FSDP2 or DeepSpeed ZeRO, 20 steps (pretrain, then LoRA finetuning on a set with text-only
+    records, one sample per micro-batch, 2 accumulated: in this order rank 1's second micro-batch has no image, rank
+    0's has one), stopped after step 5 and resumed, give the losses (fp32, rel. 1e-5) and the final weights of one DDP
+    process with the same global batch."""
     if strategy.startswith("zero"):
         deepspeed_on_cpu()
     from safetensors.torch import load_file

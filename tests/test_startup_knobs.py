@@ -500,7 +500,7 @@ def test_the_run_warns_of_an_unused_override_at_start_up(colour_set, tmp_path, a
 
 @pytest.mark.parametrize("override", ["hydra.run.dir=/tmp/elsewhere", "hydra.job.chdir=true", "hydra/job_logging=none"])
 def test_an_override_of_hydras_own_settings_is_refused(override):
-    """alignlm composes with Hydra's compose API: hydra.run.dir had been accepted, and the outputs went to output_dir."""
+    """alignlm composes with Hydra's compose API: hydra.run.dir had been accepted, the outputs going to output_dir."""
     with pytest.raises(ConfigError, match=re.escape(f"{override}: alignlm composes its config with Hydra's compose")):
         compose("+exp=demo", override)
 

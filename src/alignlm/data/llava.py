@@ -438,7 +438,8 @@ class LlavaDataset(Dataset):
 
         An image's place is an ``<image>`` in a user turn (anywhere else the characters are text:
         ``templates.tokenize``); a record with images and no placeholder gets one per image before its first question
-        (as LLaVA's evaluation scripts place one; its training shows the model no such image); any other mismatch of placeholders and images is a ``DataError``.
+        (as LLaVA's evaluation scripts place one; its training shows the model no such image); any other mismatch of
+        placeholders and images is a ``DataError``.
         """
         turns = list(turns)
         if n_images is not None:

@@ -178,11 +178,16 @@ def choice_letter(prediction: str) -> str | None:
 def _lettered(references: Sequence[str], choices: Sequence[str]) -> bool:
     """Whether a question is answered by letter: its choices are single letters, or its reference answers are letters
     (with option texts as choices, a ScienceQA-style record: the answer "B" or "(B)" names the second option)."""
-    if choices and all(_LETTER.fullmatch(c.strip()) for c in choices):
+    if choices and _single_letters(choices):
         return True
     if choices:
         return all(_option_letter(r, choices) for r in references)
-    return all(_LETTER.fullmatch(r.strip()) for r in references)
+    return _single_letters(references)
+
+
+def _single_letters(texts: Sequence[str]) -> bool:
+    """Whether every one of ``texts`` is a single letter (surrounding whitespace aside)."""
+    return all(_LETTER.fullmatch(t.strip()) for t in texts)
 
 
 def _option_letter(answer: str, choices: Sequence[str]) -> str | None:
@@ -212,7 +217,7 @@ def names_only(prediction: str, answer: str, choices: Sequence[str]) -> bool:
     Longer choices are found first and blanked out, so "dark red" names "dark red" but not also "red", while "red, not
     dark red" names both. On a question answered by letter, the prediction's letter is what it names.
     """
-    letter = None if all(_LETTER.fullmatch(c.strip()) for c in choices) else _option_letter(answer, choices)
+    letter = None if _single_letters(choices) else _option_letter(answer, choices)
     if letter is not None:  # the letter of one of the option texts: named by that letter or that text
         index = ord(letter) - ord("A")
         if not 0 <= index < len(choices):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +101,7 @@ def _final(report: str | Path) -> dict[str, Any]:
     return last
 
 
-def _pooled(checkpoint: Mapping[str, Any], key: str, leave_out: set[str] = frozenset()) -> dict[str, dict[str, float]]:
+def _pooled(checkpoint: Mapping[str, Any], key: str, leave_out: Collection[str] = ()) -> dict[str, dict[str, float]]:
     """A checkpoint's scores per set but those of ``leave_out``, and those sets pooled (:data:`POOLED`)."""
     sets = {name: s[key] for name, s in checkpoint["sets"].items() if key in s and name not in leave_out}
     sets[POOLED] = {f"{name}/{k}": v for name, scores in sets.items() for k, v in scores.items()}
