@@ -238,3 +238,19 @@ def test_a_letter_in_markdown_emphasis_or_quotes_is_read(prediction):
     """Instruction-tuned models write "**B**": it had picked no letter and scored 0."""
     assert choice_letter(prediction) == "B"
     assert score_answer(prediction, "B", ["A", "B", "C"]) == 1.0 and names_only(prediction, "B", ["A", "B", "C"])
+
+
+@pytest.mark.parametrize("prediction", ["B, because the circle is red", "**B**, the red one", "B, not C"])
+def test_a_leading_letter_before_a_comma_is_picked(prediction):
+    """ "B, because ..." had picked no letter and scored 0; "A, B" still picks neither (above)."""
+    assert choice_letter(prediction) == "B"
+    assert score_answer(prediction, "B", LETTERS) == 1.0
+    assert score_answer(prediction, "B", ["red", "green", "blue"]) == 1.0
+
+
+def test_a_letter_that_names_no_choice_is_not_picked():
+    """Of four choices, the pronoun in "Answer: I think so" had been picked as the letter I."""
+    four = {"A", "B", "C", "D"}
+    assert choice_letter("Answer: I think so") == "I" and choice_letter("Answer: I think so", four) is None
+    assert choice_letter("E", four) is None and choice_letter("Answer: E. Option B", four) == "B"
+    assert not names_only("Answer: I think so", "B", ["red", "green", "blue"])

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from itertools import product
 
 _PUNCTUATION = frozenset(';/[]"{}()=+\\_-><@`,?!')  # the official list
@@ -138,29 +138,40 @@ def vqa_accuracy(prediction: str, answers: object, letters: bool = False) -> flo
     return math.fsum(min(1.0, (sum(hits) - h) / 3.0) for h in hits) / len(hits)
 
 
-_LETTER = re.compile(r"[A-Za-z]")
+_LETTER = re.compile(r"([A-Za-z])")
 _ANSWER_LEAD = re.compile(r"\banswer\b(?:\s+is)?\s*:?\s*", re.IGNORECASE)
 _CHOICE_LEAD = re.compile(r"\b(?:option|choice)\b(?:\s+is)?\s*:?\s*", re.IGNORECASE)
 _MARKED_LETTER = re.compile(r"(?:\(([A-Za-z])\)|([A-Za-z])[.):])(?=[\s.,;:!]|$)")  # "(B)", "B.", "B)", "B:"
 _BARE_LETTER = re.compile(r"(?:([A-Z])(?=[\s.,;:!]|$)|([a-z])(?=[.!]?$))")  # "B ...", or a lower-case "b" that ends
+_COMMA_LETTER = re.compile(r"([A-Z]),(?!\s*[A-Za-z](?![A-Za-z']))")  # "B, because ...", but not "A, B"
 
 
-def _letter_after(lead: re.Pattern[str], text: str) -> re.Match[str] | None:
-    """The letter after the last match of ``lead`` that a letter follows (marked, or bare and upper-case)."""
+def _picked(found: re.Match[str] | None, letters: Collection[str] | None) -> str | None:
+    """The upper-case letter ``found`` holds, or None where it holds none of ``letters`` (any letter when None)."""
+    letter = next(g for g in found.groups() if g).upper() if found else None
+    return letter if letter is not None and (letters is None or letter in letters) else None
+
+
+def _letter_after(lead: re.Pattern[str], text: str, letters: Collection[str] | None) -> str | None:
+    """The letter after the last match of ``lead`` that a letter of ``letters`` follows (marked, or bare and
+    upper-case)."""
     found = None
     for m in lead.finditer(text):
         rest = text[m.end() :]
-        found = _MARKED_LETTER.match(rest) or _BARE_LETTER.match(rest) or found
+        found = _picked(_MARKED_LETTER.match(rest) or _BARE_LETTER.match(rest), letters) or found
     return found
 
 
 _QUOTED_LETTER = re.compile(r"[\"'\u2018\u2019\u201c\u201d]([A-Za-z])[\"'\u2018\u2019\u201c\u201d]")
 
 
-def choice_letter(prediction: str) -> str | None:
+def choice_letter(prediction: str, letters: Collection[str] | None = None) -> str | None:
     """The letter a multiple-choice prediction picks, upper-case, or None when it picks none.
 
-    A letter counts when it is the whole prediction ("b") or leads it marked ("(B)", "B.", "B) red"). Else it is the
+    Only ``letters`` (upper-case; any letter when None) are picked: of four choices, the pronoun in "Answer: I think
+    so" picks none (it had picked I). A letter counts when it is the whole prediction ("b"), leads it
+    marked ("(B)", "B.", "B) red"), or leads it before a comma that no other letter follows ("B, because it is red";
+    "A, B" picks neither). Else it is the
     letter after the last "answer" a letter follows ("Answer: B", "Looking at each option, the answer is C", "the
     answer is B, not option C"), and without one, after the last "option" or "choice" a letter follows ("Option A is
     wrong; option B"): a prediction that names its answer says so last, and "answer" outranks the options it weighs.
@@ -169,10 +180,12 @@ def choice_letter(prediction: str) -> str | None:
     as instruction-tuned models write them: they had picked no letter and scored 0.
     """
     text = _QUOTED_LETTER.sub(r"\1", prediction.replace("**", "").replace("`", "")).strip()
-    if _LETTER.fullmatch(text):
-        return text.upper()
-    found = _MARKED_LETTER.match(text) or _letter_after(_ANSWER_LEAD, text) or _letter_after(_CHOICE_LEAD, text)
-    return next(g for g in found.groups() if g).upper() if found else None
+    leading = _LETTER.fullmatch(text) or _MARKED_LETTER.match(text) or _COMMA_LETTER.match(text)
+    return (
+        _picked(leading, letters)
+        or _letter_after(_ANSWER_LEAD, text, letters)
+        or _letter_after(_CHOICE_LEAD, text, letters)
+    )
 
 
 def _lettered(references: Sequence[str], choices: Sequence[str]) -> bool:
@@ -199,9 +212,19 @@ def _option_letter(answer: str, choices: Sequence[str]) -> str | None:
     return choice_letter(text) if _LETTER.fullmatch(text) or _MARKED_LETTER.fullmatch(text) else None
 
 
+def _choice_letters(choices: Sequence[str]) -> set[str] | None:
+    """The letters that name one of ``choices``: the choices themselves where they are letters, else A, B, ... one per
+    option text; None (any letter) without choices."""
+    if not choices:
+        return None
+    if _single_letters(choices):
+        return {c.strip().upper() for c in choices}
+    return {chr(ord("A") + i) for i in range(len(choices))}
+
+
 def _as_scored(prediction: str, references: Sequence[str], choices: Sequence[str]) -> str:
     """The prediction as it is scored: on a question answered by letter, the letter it picks (if any)."""
-    letter = choice_letter(prediction) if _lettered(references, choices) else None
+    letter = choice_letter(prediction, _choice_letters(choices)) if _lettered(references, choices) else None
     return letter or prediction
 
 
@@ -222,7 +245,7 @@ def names_only(prediction: str, answer: str, choices: Sequence[str]) -> bool:
         index = ord(letter) - ord("A")
         if not 0 <= index < len(choices):
             raise ValueError(f"answer {answer!r} is the letter of none of its {len(choices)} choices")
-        picked = choice_letter(prediction)
+        picked = choice_letter(prediction, _choice_letters(choices))
         if picked is not None:
             return picked == letter
         answer = choices[index]
