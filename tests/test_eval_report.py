@@ -2008,3 +2008,23 @@ def test_a_set_named_as_the_pooled_row_is_refused():
 
     with pytest.raises(ConfigError, match="eval.sets has a set named 'all', the name of all sets pooled"):
         check_set_names([{"name": "digits"}, {"name": "all"}])
+
+
+def test_plot_runs_metrics_name_whole_parts_of_a_metric(tmp_path, monkeypatch, alignlm_log):
+    """``--metrics retrieval`` and a plug-in's dotted path (whose mapping is logged as ``pooled/pkg.fn/key``) matched
+    nothing: only the last "/"-part counted. A name asked that no run has is said, not dropped."""
+    from alignlm.evaluation import plots
+
+    row = {"monitor/pooled/retrieval/i2t_r1": 0.5, "monitor/pooled/mine.fn/a": 1.0, "monitor/layer1/mutual_knn": 0.2}
+    row |= {"monitor/pooled/mutual_knn": 0.3, "monitor/pooled/cka": 0.1}
+    _monitor_rows(tmp_path / "R" / "pretrain", [{"step": 1} | row])
+    drawn = {}
+    monkeypatch.setattr(plots, "plot_panels", lambda panels, path, _: drawn.setdefault("names", sorted(panels)))
+    plots.plot_runs([tmp_path / "R"], tmp_path / "r.png", ["retrieval", "mine.fn", "mutual_knn", "typo"])
+    assert drawn["names"] == [
+        "layer1/mutual_knn",
+        "pooled/mine.fn/a",
+        "pooled/mutual_knn",
+        "pooled/retrieval/i2t_r1",
+    ]
+    assert "no run has the metrics ['typo']" in alignlm_log.text

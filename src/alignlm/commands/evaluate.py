@@ -521,7 +521,12 @@ def register(sub: Any) -> None:
     )
     p.add_argument("runs", nargs="+", help="run folders (stages chained) or stage folders")
     p.add_argument("--out", default="runs.png", help="image file to write")
-    p.add_argument("--metrics", nargs="*", default=None, help="only these metrics, e.g. pooled/modality_gap mutual_knn")
+    p.add_argument(
+        "--metrics",
+        nargs="*",
+        default=None,
+        help="only these metrics (whole /-parts of a name), e.g. pooled/modality_gap mutual_knn retrieval",
+    )
     p.set_defaults(func=cmd_plot_runs)
     p = sub.add_parser("lmms-task", help="write a LLaVA-format question set as a local lmms-eval task (no Hub needed)")
     p.add_argument("questions", help="LLaVA JSON whose records carry 'answer', e.g. data/digits/test.json")

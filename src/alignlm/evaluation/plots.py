@@ -335,6 +335,13 @@ def _stage_dirs(run: Path) -> list[Path]:
     return [names[n] for n in ordered]
 
 
+def _names_metric(asked: str, name: str) -> bool:
+    """Whether ``asked`` names the monitor metric ``name``: as a run of its whole "/"-parts, so that "mutual_knn" is
+    every layer's, "retrieval" each of its recalls, and a plug-in metric's dotted path each entry of its mapping
+    ("pooled/pkg.fn/key"); those had matched nothing, only the last part counted."""
+    return f"/{asked.strip('/')}/" in f"/{name}/"
+
+
 def plot_runs(runs: Sequence[Path], path: Path, metrics: Sequence[str] | None = None) -> Path:
     """The monitor's curves of several runs side by side: one panel per metric, one line per run, named by its folder
     (with as many folders above it as tell apart two runs of the same name)."""
@@ -343,7 +350,10 @@ def plot_runs(runs: Sequence[Path], path: Path, metrics: Sequence[str] | None = 
     data = {label: read_monitor(f) for label, f in zip(labels, folders)}
     names = sorted(set().union(*(d.keys() for d in data.values())))
     if metrics:
-        names = [n for n in names if n in metrics or n.split("/")[-1] in metrics]
+        unmatched = [m for m in metrics if not any(_names_metric(m, n) for n in names)]
+        names = [n for n in names if any(_names_metric(m, n) for m in metrics)]
+        if names and unmatched:
+            log.warning("plot-runs: no run has the metrics %s; the plot has the others asked", unmatched)
     for (label, series), folder in zip(data.items(), folders):
         if names and not any(n in series for n in names):
             log.warning(
