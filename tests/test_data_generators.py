@@ -3,6 +3,7 @@ per-patch labels for SEA, and knob errors that name the knob and the value."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
+from alignlm.config import ConfigError
 from alignlm.data import GENERATORS, digits, generator_defaults, generator_knobs, shapes
 from alignlm.pipeline import ensure_offline_datasets
 
@@ -275,3 +277,23 @@ def test_a_generation_killed_half_way_leaves_no_info_so_the_next_run_writes_the_
     fresh = tmp_path / "fresh"
     shapes.generate(fresh / "shapes", seed=0, **small)
     assert (tmp_path / "shapes" / "test.json").read_bytes() == (fresh / "shapes" / "test.json").read_bytes()
+
+
+def test_a_set_a_run_reads_is_not_written_again_under_it(tmp_path):
+    """Seed sweeps started together on one data_root: the seed-1 run wrote the set again while the seed-0 run trained
+    on it, which then trained and was scored on a mix of the two seeds' images and questions, exit 0. A run holds its
+    sets as read until it ends; another that would write one again is refused, and the set is left as it was."""
+    small = {"shapes": {"n_train": 3, "n_test": 2, "image_size": 32}}
+    cfg = {"data_root": str(tmp_path), "offline_datasets": ["shapes"], "offline_dataset_args": small}
+    test_json = tmp_path / "shapes" / "test.json"
+    with contextlib.ExitStack() as readers:  # the seed-0 run, under way
+        ensure_offline_datasets(OmegaConf.create({**cfg, "seed": 0}), readers)
+        written = test_json.read_bytes()
+        ensure_offline_datasets(OmegaConf.create({**cfg, "seed": 0}))  # the same set asked for: read beside it
+        with pytest.raises(ConfigError, match=r"shapes is being read by a run in progress .* data_root of its own"):
+            ensure_offline_datasets(OmegaConf.create({**cfg, "seed": 1}))
+        with pytest.raises(ConfigError, match="being read by a run in progress"):
+            shapes.generate(tmp_path / "shapes", seed=1, **small["shapes"])  # `alignlm data` too
+        assert test_json.read_bytes() == written and load(tmp_path / "shapes" / "info.json")["seed"] == 0
+    ensure_offline_datasets(OmegaConf.create({**cfg, "seed": 1}))  # that run ended
+    assert load(tmp_path / "shapes" / "info.json")["seed"] == 1

@@ -21,12 +21,14 @@ data=${DATA_ROOT:-data}
 [ "$jobs" -gt 1 ] && export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 arm() {  # arm SEED NAME INIT [overrides...]: finetune one arm at one seed, then evaluate its final/
-  local seed=$1 name=$2 init=$3 dir="$out/seed_$1"
+  # each seed draws its offline sets into a data root of its own: with JOBS > 1 the next seed's run starts while this
+  # one's arms train and evaluate, and a run refuses to write again a set another run reads
+  local seed=$1 name=$2 init=$3 dir="$out/seed_$1" sdata="$data/seed_$1"
   shift 3
-  alignlm train +exp=revision "seed=$seed" "output_dir=$dir" "data_root=$data" "eval.sets=[]" run=[finetune] revision.fit=null \
+  alignlm train +exp=revision "seed=$seed" "output_dir=$dir" "data_root=$sdata" "eval.sets=[]" run=[finetune] revision.fit=null \
       "run_name=$name" "stages.finetune.init_from=$init" stages.finetune.save_every=0 "$@" > "$dir.$name.log" 2>&1
   [ -f "$dir/eval_$name/report.json" ] || alignlm eval "$dir/$name/finetune" --no-probe --no-plots \
-      --sets "digits=$data/digits/test.json" "shapes=$data/shapes/test.json" --out "$dir/eval_$name" > /dev/null
+      --sets "digits=$sdata/digits/test.json" "shapes=$sdata/shapes/test.json" --out "$dir/eval_$name" > /dev/null
 }
 
 mkdir -p "$out"

@@ -336,6 +336,50 @@ def take_lock(path: Path, what: str, wait: bool = False) -> int | None:
     return fd
 
 
+def take_shared_lock(path: Path, what: str) -> int | None:
+    """Hold ``path`` shared (``flock``'s shared lock) for this process, beside any other holder, and return its
+    descriptor for :func:`release_lock`; waits while a process holds it alone. :func:`held_by_others` then tells a
+    writer to keep off. None where no lock can be taken (that filesystem, a folder another user made), with a warning
+    that ``what`` (e.g. "a run writing <set> again") would not be refused."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        if e.errno not in _READ_ONLY:
+            raise
+        if not path.exists():
+            return _unlocked(path, e.strerror, what, wait=False)
+        fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    except OSError as e:
+        os.close(fd)
+        if e.errno not in _NO_LOCKING:
+            raise
+        return _unlocked(path, e.strerror, what, wait=False)
+    _HELD_LOCKS.add(fd)
+    return fd
+
+
+def held_by_others(path: Path) -> bool:
+    """Whether a process holds a lock on ``path`` (:func:`take_shared_lock`, :func:`take_lock`): taking it alone, on a
+    descriptor of its own, is refused. False where there is no such file or it cannot be locked."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError as e:
+        if e.errno not in _NO_LOCKING:
+            raise
+        return False
+    finally:
+        os.close(fd)  # closing lets go of the lock taken just now
+    return False
+
+
 def release_lock(fd: int) -> None:
     """Let go of a lock (:func:`take_lock`'s descriptor)."""
     _HELD_LOCKS.discard(fd)

@@ -37,8 +37,9 @@ from alignlm.checks import (
 )
 from alignlm.config import ConfigError, instantiate, overridden_keys
 from alignlm.data import GENERATORS, differences_said, offline_set_differences, offline_sets, offline_settings
+from alignlm.data.synthetic import readers_lock
 from alignlm.evaluation.evaluate import answer_accuracy
-from alignlm.files import LockHeld, release_lock, replace_text, sole_writer, take_lock
+from alignlm.files import LockHeld, release_lock, replace_text, sole_writer, take_lock, take_shared_lock
 from alignlm.models.build import build_model
 from alignlm.models.device import cpu_only
 from alignlm.models.io import load_final_weights
@@ -259,10 +260,14 @@ def make_accelerator(cfg: DictConfig) -> Accelerator:
     return Accelerator(mixed_precision=mp, cpu=cpu, kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)])
 
 
-def ensure_offline_datasets(cfg: DictConfig) -> None:
+def ensure_offline_datasets(cfg: DictConfig, readers: contextlib.ExitStack | None = None) -> None:
     """Generate the offline sets the config names (digits, shapes) when their folder has no info.json, or was written
     with another seed or other generator knobs than the defaults with ``offline_dataset_args`` over them (e.g.
-    ``{shapes: {som: true}}``, or back to the defaults after it)."""
+    ``{shapes: {som: true}}``, or back to the defaults after it).
+
+    With ``readers`` (the run's), each set is held as read until that stack closes: a run of another seed started
+    meanwhile on the same ``data_root`` is refused where it would write the set again (``DatasetWriter``). It had
+    rewritten the images and test questions under the first run, which trained and was scored on a mix, exit 0."""
     for name in cfg.offline_datasets:
         if name not in GENERATORS:
             raise ConfigError(f"offline_datasets has {name!r}; available: {sorted(GENERATORS)}")
@@ -278,6 +283,10 @@ def ensure_offline_datasets(cfg: DictConfig) -> None:
                     "regenerating %s: it was written with %s, the config asks for %s", out, *differences_said(differs)
                 )
             GENERATORS[name](out, **wanted)  # the generator's defaults with the config's knobs over them, and the seed
+        if readers is not None:
+            fd = take_shared_lock(readers_lock(out), f"a run writing {out} again with other settings")
+            if fd is not None:
+                readers.callback(release_lock, fd)
 
 
 def run_prepare_steps(cfg: DictConfig) -> None:
@@ -306,8 +315,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 with (
                     run_lock(Path(cfg.output_dir), str(cfg.run_name), acc),
                     zero_launcher_env(cfg.distributed.strategy in ZERO_STAGES, cpu_only()),
+                    contextlib.ExitStack() as readers,
                 ):
-                    return _run(cfg, acc, stop)
+                    return _run(cfg, acc, stop, readers)
         finally:
             # DeepSpeed's communication threads can abort a process that exits with its group alive; a one-rank group
             # (no launcher) is kept: DeepSpeed caches it, and a later run in this process reuses it
@@ -567,7 +577,7 @@ def stop_if_asked(stop: StopRequest, acc: Accelerator, done: str, later: list[st
     raise StopTraining(f"stopped after stage {done}, before {before} ({STOP_WHY}); rerun to resume")
 
 
-def _run(cfg: DictConfig, acc: Accelerator, stop: StopRequest) -> dict[str, Any]:
+def _run(cfg: DictConfig, acc: Accelerator, stop: StopRequest, readers: contextlib.ExitStack) -> dict[str, Any]:
     log = get_logger("alignlm", acc.process_index)
     run_dir = Path(cfg.output_dir) / cfg.run_name
     if acc.is_main_process:  # before the offline sets and prepare steps: a stop now costs nothing
@@ -577,7 +587,7 @@ def _run(cfg: DictConfig, acc: Accelerator, stop: StopRequest) -> dict[str, Any]
         if acc.is_main_process:
             if cfg.resume == "never":
                 set_aside_earlier_runs(cfg, run_dir)
-            ensure_offline_datasets(cfg)
+            ensure_offline_datasets(cfg, readers)
             run_prepare_steps(cfg)
     check_finished_stages(cfg, acc, log)  # on every rank, from the files the prepare steps left
     to_train = [name for name in cfg.run if not stage_done(cfg, name)]

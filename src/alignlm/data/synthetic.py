@@ -18,7 +18,9 @@ from typing import Any, NamedTuple
 import numpy as np
 from PIL import Image
 
+from alignlm.config import ConfigError
 from alignlm.constants import IMAGE_TOKEN
+from alignlm.files import held_by_others
 
 
 class Question(NamedTuple):
@@ -90,12 +92,25 @@ def save_png(pixels: np.ndarray, path: Path) -> None:
     Image.fromarray(pixels).save(path, format="PNG")
 
 
+def readers_lock(out: str | Path) -> Path:
+    """The lock a run holds shared on a set's folder while it reads the set (``pipeline.ensure_offline_datasets``)."""
+    return Path(out) / ".readers.lock"
+
+
 class DatasetWriter:
-    """Writes one set's images as they come and collects its records; ``finish`` writes the JSON files."""
+    """Writes one set's images as they come and collects its records; ``finish`` writes the JSON files. A folder a
+    run is reading (its :func:`readers_lock` held) is refused: the set written again under it had changed that run's
+    images and questions mid-run (a seed sweep started together on one ``data_root``)."""
 
     def __init__(self, out_dir: str | Path, name: str) -> None:
         self.out = Path(out_dir)
         self.name = name
+        if held_by_others(readers_lock(self.out)):
+            raise ConfigError(
+                f"{self.out} is being read by a run in progress (it holds {readers_lock(self.out)}), and writing the "
+                f"{name} set again there would change that run's images and questions under it. Wait for that run to "
+                "end, or give this one a data_root of its own (a seed sweep: data_root=data/seed_<seed>)"
+            )
         self.files: dict[str, list[dict[str, Any]]] = {"pretrain": [], "instruct": [], "test": [], "test_captions": []}
         self.written: set[str] = set()  # image paths relative to ``out``
         (self.out / "images").mkdir(parents=True, exist_ok=True)
