@@ -297,3 +297,17 @@ def test_a_set_a_run_reads_is_not_written_again_under_it(tmp_path):
         assert test_json.read_bytes() == written and load(tmp_path / "shapes" / "info.json")["seed"] == 0
     ensure_offline_datasets(OmegaConf.create({**cfg, "seed": 1}))  # that run ended
     assert load(tmp_path / "shapes" / "info.json")["seed"] == 1
+
+
+def test_offline_dataset_seed_holds_one_draw_of_the_data_for_every_run_seed(tmp_path):
+    """Varying the training seed redrew the offline sets (their seed was the run's): a seed study of the training
+    alone, or SIMA's seeds from a model finetuned on seed 0's split, had no way to keep the data."""
+    small = {"shapes": {"n_train": 3, "n_test": 2, "image_size": 32}}
+    cfg = {"data_root": str(tmp_path), "offline_datasets": ["shapes"], "offline_dataset_args": small}
+    ensure_offline_datasets(OmegaConf.create({**cfg, "seed": 0, "offline_dataset_seed": None}))
+    written = (tmp_path / "shapes" / "test.json").read_bytes()
+    ensure_offline_datasets(OmegaConf.create({**cfg, "seed": 5, "offline_dataset_seed": 0}))
+    assert (tmp_path / "shapes" / "test.json").read_bytes() == written
+    assert load(tmp_path / "shapes" / "info.json")["seed"] == 0
+    ensure_offline_datasets(OmegaConf.create({**cfg, "seed": 5, "offline_dataset_seed": None}))
+    assert load(tmp_path / "shapes" / "info.json")["seed"] == 5

@@ -54,6 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
         (["+eval.generation.temperature=-1"], "eval.generation.temperature=-1 must be"),
         (["+eval.generation.top_p=1.5"], "eval.generation.top_p=1.5 must be"),
         (["+eval.generation.top_k=2.5"], "eval.generation.top_k=2.5 must be a whole number >= 0"),
+        (["offline_dataset_seed=-1"], "offline_dataset_seed=-1 must be a whole number >= 0 (or null: the run's seed)"),
     ],
 )
 def test_an_eval_set_or_generation_mistake_is_refused_by_the_start_up_checks(tmp_path, overrides, message):
@@ -421,6 +422,7 @@ def test_the_feature_cache_beside_a_hook_that_replaces_the_images_is_refused_at_
             ["offline_datasets=[digits]", "+offline_dataset_args.shapes.n_train=40"],
             "offline_dataset_args.shapes.n_train is unused: shapes is not in offline_datasets=['digits']",
         ),
+        (["offline_datasets=[]", "offline_dataset_seed=0"], "offline_dataset_seed is unused: offline_datasets=[]"),
         (["monitor.probe=p.json"], "monitor.probe is unused: monitor.every=0 runs no probe"),
         (["eval.sets=[]", "eval.max_new_tokens=32"], "eval.max_new_tokens is unused: eval.sets=[] runs no final"),
         (
@@ -465,7 +467,7 @@ def test_an_override_that_nothing_reads_is_named_with_why(overrides, line):
             "distributed.reshard_after_forward=false",
         ],
         ["+exp=demo", "resume_allow_changes=true", "nonfinite.window=10", "stages.pretrain.keep_last=0"],
-        ["+exp=demo", "eval.max_new_tokens=32", "eval.limit=10"],
+        ["+exp=demo", "eval.max_new_tokens=32", "eval.limit=10", "offline_dataset_seed=0"],
         ["+exp=demo", "stages.finetune.data.template=vicuna_v1", "stages.finetune.data.template_args={}"],
         ["stages.finetune.data.template=vicuna_v1"],  # no recipe: the stage file's template_args are empty
         ["+exp=demo", "stages.finetune.data.template=chat"],  # the template the recipe's template_args are for

@@ -313,6 +313,8 @@ def _unused_because(cfg: DictConfig, key: str) -> str | None:
                 f"names vision, which checkpoints nothing: the tower is frozen (stages.{name}.parts.vision), so its "
                 "forward keeps no activations; the LLM's are what checkpointing saves (true, or [llm])"
             )
+    if parts == ["offline_dataset_seed"] and not cfg.get("offline_datasets"):
+        return "is unused: offline_datasets=[] generates no set to draw with it"
     if parts[0] == "offline_dataset_args" and len(parts) >= 2 and parts[1] not in (cfg.get("offline_datasets") or []):
         listed = plain(cfg.get("offline_datasets"))
         return f"is unused: {parts[1]} is not in offline_datasets={listed}, so nothing generates it"
@@ -581,6 +583,8 @@ def _check_switches_and_counts(cfg: DictConfig) -> None:
                  "distributed.reshard_after_forward"):  # fmt: skip
         _flag(flag, OmegaConf.select(cfg, flag, default=False))
     _whole("seed", cfg.get("seed", 0), 0)
+    if cfg.get("offline_dataset_seed") is not None:
+        _whole("offline_dataset_seed", cfg.offline_dataset_seed, 0, " (or null: the run's seed)")
     _whole("logging.every", cfg.logging.get("every", 10))
     peak = cfg.logging.get("peak_tflops", "auto")
     if peak not in ("auto", None):

@@ -44,10 +44,17 @@ def offline_settings(cfg: Any) -> dict[str, Any]:
     args = cfg.get("offline_dataset_args")
     return {
         "data_root": str(cfg.get("data_root", "data")),
-        "seed": cfg.get("seed", 0),
+        "seed": _drawn_with(cfg),
         "offline_datasets": list(cfg.get("offline_datasets") or []),
         "offline_dataset_args": OmegaConf.to_container(args, resolve=True) if isinstance(args, DictConfig) else args,
     }
+
+
+def _drawn_with(cfg: Any) -> Any:
+    """The seed a run's offline sets are drawn with: ``offline_dataset_seed``, or where that is null (or a config
+    written before it existed does not have it) the run's ``seed``."""
+    held = cfg.get("offline_dataset_seed")
+    return cfg.get("seed", 0) if held is None else held
 
 
 def offline_sets(cfg: Mapping[str, Any]) -> dict[str, tuple[Path, dict[str, Any]]]:
