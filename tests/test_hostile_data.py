@@ -253,3 +253,66 @@ def test_records_left_out_at_start_up_say_why_with_the_first_of_each_cause(model
         "missing image: 2 (e.g. a: image /x/a.png does not exist; also b)",
         "unreadable image: 1 (e.g. c)",
     ]
+
+
+def test_a_climb_back_out_of_a_linked_folder_opens_the_file_the_root_check_approved(tmp_path):
+    """With ``coco`` a link to another disk (LLaVA's layout), ``coco/../private.png`` passed the root check on its text
+    (``root/private.png``) while the probe, SEA and V2L readers opened it through the link: ``disk/private.png``,
+    outside the root and another file than training read."""
+    from alignlm.data.records import image_paths, record_images
+    from alignlm.models.probes import load_probe_set
+
+    (tmp_path / "disk" / "coco").mkdir(parents=True)
+    (root := tmp_path / "llava").mkdir()
+    os.symlink(tmp_path / "disk" / "coco", root / "coco")
+    Image.new("RGB", (8, 8), (255, 0, 255)).save(tmp_path / "disk" / "private.png")  # outside the root
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(root / "private.png")  # the file the text names
+    Image.new("RGB", (8, 8), (0, 255, 0)).save(tmp_path / "disk" / "coco" / "a.png")
+    data = [json.loads(_one_image_set(root, "coco/a.png").read_text())[0] | {"id": f"ok{i}"} for i in range(3)]
+    data.append({"id": "x", "image": "coco/../private.png", "conversations": data[0]["conversations"]})
+    (root / "data.json").write_text(json.dumps(data))
+    assert image_paths(data[3], root) == [root / "private.png"]
+    assert record_images([root / "data.json"])[-1] == ("x", [(root / "private.png").resolve()])
+    probe = load_probe_set(root / "data.json")
+    assert load_rgb(probe.images[-1]).getpixel((0, 0)) == (0, 0, 255)
+
+
+@pytest.mark.parametrize("value", [None, ["a", "b"], 3])
+def test_a_caption_that_is_not_text_is_refused_not_read_as_its_python_spelling(tmp_path, value):
+    """The probe and caption scoring read a null assistant value as the caption "None" (a list, a number likewise);
+    training refuses the record as malformed."""
+    from alignlm.data.records import record_caption, reference_captions
+    from alignlm.models.probes import load_probe_set
+
+    record = {"id": "n", "image": "0.png", "conversations": [{"from": "human", "value": "<image>"}]}
+    record["conversations"].append({"from": "gpt", "value": value})
+    with pytest.raises(DataError, match=r"record id='n': an assistant turn's value is a \w+ .*, not text"):
+        reference_captions(record)
+    with pytest.raises(DataError, match="not text"):
+        record_caption(record)
+    Image.new("RGB", (8, 8)).save(tmp_path / "0.png")
+    answered = [*record["conversations"][:1], {"from": "gpt", "value": "a"}]
+    good = [{**record, "id": str(i), "conversations": answered} for i in range(3)]
+    (tmp_path / "p.json").write_text(json.dumps([*good, record]))
+    with pytest.raises(DataError, match="not text"):
+        load_probe_set(tmp_path / "p.json")
+
+
+def test_a_tall_image_a_crop_stage_trains_on_is_read_by_the_probe_too(model, tmp_path):
+    """Under ``crop`` training checks the image itself against max_image_pixels; the probe and SEA's labels checked
+    the square it would pad to (300x8000: 64 M over 50 M) and stopped."""
+    from alignlm.data.images import prepared
+
+    Image.new("RGB", (300, 8000), (0, 0, 255)).save(tmp_path / "tall.png")
+    assert prepared(model.image_spec, "crop", tmp_path / "tall.png").shape[0] == 3
+    with pytest.raises(DataError, match="padded to a square"):
+        prepared(model.image_spec, "pad", tmp_path / "tall.png")
+
+
+def test_a_data_file_that_is_a_fifo_is_refused_not_waited_on(tmp_path):
+    """A source named a FIFO passed the start-up check and the run then waited at open() for ever, with no output."""
+    from alignlm.data.records import iter_records
+
+    os.mkfifo(tmp_path / "fifo.jsonl")
+    with pytest.raises(DataError, match="fifo.jsonl is not a regular file"):
+        iter_records(tmp_path / "fifo.jsonl")

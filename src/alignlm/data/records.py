@@ -12,6 +12,7 @@ import math
 import operator
 import os
 import re
+import stat
 from array import array
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -129,6 +130,8 @@ def iter_records(path: str | Path, bad_lines: list[tuple[int, str]] | None = Non
         raise DataError(f"data file {path} does not exist (run `alignlm data ...` to make the offline sets)")
     if path.is_dir():
         raise DataError(f"data file {path} is a folder; name a .json, .jsonl or .ndjson file of records")
+    if not stat.S_ISREG(path.stat().st_mode):  # opening a FIFO waits, with no output, for a writer that may never come
+        raise DataError(f"data file {path} is not a regular file (a FIFO or a device); name a file of records")
     return json_lines(path, bad_lines) if path.suffix.lower() in JSON_LINES else json_list(path)
 
 
@@ -392,7 +395,9 @@ def image_paths(record: dict[str, Any], root: str | Path, allow_outside_root: bo
     names = image_names(record)
     if not allow_outside_root and (problem := root_problem(names, root)) is not None:
         raise DataError(problem, OUTSIDE_ROOT)
-    return [Path(root) / name for name in names]
+    # normalised as the check above reads them: "coco/../x.png" with coco a link elsewhere had been opened by the OS
+    # through the link, outside the root, where the training dataset (which normalises) opened another file
+    return [Path(os.path.normpath(os.path.join(root, name))) for name in names]
 
 
 def root_problem(names: Sequence[str], root: str | Path, base: str | None = None) -> str | None:
@@ -445,8 +450,20 @@ def record_caption(record: dict[str, Any]) -> str | None:
             return record[key]
     for turn in record.get("conversations") or []:
         if is_answer(turn):
-            return str(turn.get("value", "")).replace(IMAGE_TOKEN, "").strip()
+            return _text_of(turn, record).replace(IMAGE_TOKEN, "").strip()
     return None
+
+
+def _text_of(turn: dict[str, Any], record: dict[str, Any]) -> str:
+    """An assistant turn's ``value``, which must be a string: a null, a list or a number had been read as the caption
+    "None", "['a', 'b']" or "3" (training refuses such a record as malformed)."""
+    value = turn.get("value", "")
+    if not isinstance(value, str):
+        raise DataError(
+            f"record id={record.get('id')!r}: an assistant turn's value is a {type(value).__name__} "
+            f"({value!r:.40}), not text"
+        )
+    return value
 
 
 def reference_captions(record: dict[str, Any]) -> list[str]:
@@ -456,12 +473,12 @@ def reference_captions(record: dict[str, Any]) -> list[str]:
         raise DataError(f"record id={record.get('id')!r}: {problem}")
     if record.get("captions") is not None:
         return list(record["captions"])
-    turns = [t.get("value", "") for t in record.get("conversations", []) if is_answer(t)]
+    turns = [_text_of(t, record) for t in record.get("conversations", []) if is_answer(t)]
     if not turns:
         raise DataError(
             f"record id={record.get('id')!r} has neither 'captions' nor an assistant turn to use as reference"
         )
-    return [str(turns[-1])]
+    return [turns[-1]]
 
 
 def assistant_text(record: dict[str, Any]) -> str:
