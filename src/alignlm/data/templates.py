@@ -265,16 +265,22 @@ class ChatTemplate(Template):
         dialog = [m for m in messages if m["role"] != "system"]
         _check_alternation([Turn(m["role"], m["content"]) for m in dialog], self.name, add_generation_prompt)
 
+        bos = tokenizer.bos_token if adds_bos(tokenizer) else None
+
         def render(msgs: list[dict[str, str]], gen: bool) -> str:
             try:
-                return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+                out = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
             except jinja2.TemplateError as e:  # raise_exception(...) in the template: a record it does not take
                 roles = [m["role"] for m in msgs]
                 raise TemplateError(
                     f"the tokenizer's chat template refused this conversation (roles {roles}): {e}"
                 ) from e
+            # the BOS the template writes first is the one the tokenizer adds (``tokenize``), as the exported
+            # processor adds it to a prompt without it: the text after it is then tokenized as the text's start
+            return out[len(bos) :] if bos and out.startswith(bos) else out
 
         text = render(messages, add_generation_prompt)
+        controls = control_texts(tokenizer)
         spans, contents = [], []
         upto = ""
         for i, m in enumerate(messages):
@@ -282,16 +288,22 @@ class ChatTemplate(Template):
             # turn's render, and the last turn's render is the text
             before = render(messages[:i], True) if m["role"] == "assistant" and i else upto
             last = i == len(messages) - 1 and not add_generation_prompt
-            upto = text if last else render(messages[: i + 1], False)
+            upto = text if last else _as_prefix(render(messages[: i + 1], False), text, controls)
+            before = _as_prefix(before, text, controls)
             if not (text.startswith(before) and text.startswith(upto) and upto.startswith(before)):
                 raise TemplateError(
                     "the tokenizer's chat template does not render conversations prefix by prefix, "
                     "so turns cannot be located; use template vicuna_v1"
                 )
             marked = render([*messages[:i], {**m, "content": _MARK}], False)
-            contents.append(_locate(m["content"], upto, marked.find(_MARK, len(before)), m["role"]))
+            at = marked.find(_MARK, len(before))
+            if at < 0 and m["role"] == "system" and i + 1 < len(messages):
+                # a template that writes the system prompt inside the first user turn (Llama-2, Mistral, Gemma-3)
+                # writes nothing for it alone
+                at = render([*messages[:i], {**m, "content": _MARK}, messages[i + 1]], False).find(_MARK, len(before))
+            contents.append(_locate(m["content"], text, at, m["role"]))
             if m["role"] == "assistant":
-                spans.append((len(before), _turn_close(upto, contents[-1][1], tokenizer)))
+                spans.append((len(before), _turn_close(upto, contents[-1][1], controls)))
         return Rendered(text, tuple(spans), tuple(contents))
 
     def _content(self, turn: Turn) -> str:
@@ -304,11 +316,12 @@ class ChatTemplate(Template):
 
     def jinja(self, tokenizer: Any) -> str:
         """The tokenizer's chat template behind the same message rewriting as :meth:`render`. Where the tokenizer adds
-        the BOS itself, a template that also writes ``bos_token`` (Llama-3, Mistral, Gemma) writes nothing for it:
-        training puts one BOS first (``tokenize``), and ``processor(text=...)`` adds its own to the rendered text."""
+        the BOS itself, a template that also writes ``bos_token`` first (Llama-3, Mistral, Gemma) is rendered without
+        that one: training puts one BOS first (``tokenize``), and ``processor(text=...)`` adds its own to the rendered
+        text. A BOS written later is kept, as training keeps it (Llama-2 writes one before every question; blanking
+        ``bos_token`` had dropped them from the export)."""
         if not getattr(tokenizer, "chat_template", None):
             raise TemplateError("template 'chat' needs a tokenizer with a chat_template; use vicuna_v1 or plain")
-        no_bos = "{%- set bos_token = '' -%}" if adds_bos(tokenizer) else ""
         system = ""
         if self.system is not None:
             system = (
@@ -316,7 +329,14 @@ class ChatTemplate(Template):
                 "{%- set messages = [{'role': 'system', 'content': " + _jinja_str(self.system) + "}] + messages -%}"
                 "{%- endif -%}"
             )
-        return no_bos + _JINJA_FLATTEN + _jinja_contents(self.image_first) + system + tokenizer.chat_template
+        template = tokenizer.chat_template
+        if adds_bos(tokenizer):
+            template = (
+                "{%- set alignlm_text %}" + template + "{% endset -%}"
+                "{{- alignlm_text[bos_token | length :] if bos_token and alignlm_text.startswith(bos_token) "
+                "else alignlm_text -}}"
+            )
+        return _JINJA_FLATTEN + _jinja_contents(self.image_first) + system + template
 
 
 def _jinja_contents(images_first: bool) -> str:
@@ -339,15 +359,34 @@ def _jinja_contents(images_first: bool) -> str:
 _MARK = "\u2063alignlm-content\u2063"
 
 
-def _turn_close(upto: str, content_end: int, tokenizer: Any) -> int:
-    """Where the supervised end of an assistant turn rendered as ``upto`` lies: after its closing control token
-    (whitespace after it is the template's, not the model's to write), else at the end of the turn's text, so the
-    plain text that ends the turn (``### Assistant: a\\n\\n``) is learnt, as ``plain`` supervises its newline."""
+def _turn_close(upto: str, content_end: int, controls: Sequence[str]) -> int:
+    """Where the supervised end of an assistant turn rendered as ``upto`` lies: after the control token that follows
+    its content (past whitespace), or else its closing one (whitespace after it is the template's, not the model's to
+    write), else at the end of the turn's text, so the plain text that ends the turn (``### Assistant: a\\n\\n``) is
+    learnt, as ``plain`` supervises its newline. The first control token, not the last: Phi-3 writes ``<|end|>``
+    after an answer and its EOS after the last turn, which no other answer learnt to write."""
+    gap = len(upto) - content_end - len(upto[content_end:].lstrip())
+    following = next((c for c in controls if upto.startswith(c, content_end + gap)), None)
+    if following is not None:
+        return content_end + gap + len(following)
     closed = upto.rstrip()
-    controls = tokenizer.convert_ids_to_tokens(sorted(special_ids(tokenizer)))
     if any(closed.endswith(c) and len(closed) - len(c) >= content_end for c in controls):
         return len(closed)
     return len(upto)
+
+
+def _as_prefix(part: str, text: str, controls: Sequence[str]) -> str:
+    """A render of the start of a conversation as the start of the whole one's ``text``: less a tail of control tokens
+    and whitespace that only ends a conversation (Phi-3 writes its EOS after the last turn where no generation prompt
+    follows), where without it it is a start of ``text``; else as rendered (the caller refuses it)."""
+    cut = part
+    while not text.startswith(cut):
+        stripped = cut.rstrip()
+        control = next((c for c in controls if stripped.endswith(c)), None)
+        if control is None and stripped == cut:
+            return part
+        cut = stripped[: -len(control)] if control else stripped
+    return cut
 
 
 def _locate(content: str, text: str, at: int, role: str) -> tuple[int, int, str]:
@@ -356,6 +395,13 @@ def _locate(content: str, text: str, at: int, role: str) -> tuple[int, int, str]
     for needle in (content, content.strip()):
         if at >= 0 and text.startswith(needle, at):
             return at, at + len(needle), role
+    if role == "system":
+        raise TemplateError(
+            "the tokenizer's chat template writes the system prompt where it cannot be located (not before the "
+            "first question nor inside it: Mistral-v0.3's writes it into the last question of a conversation), so it "
+            "cannot be told apart from the template's own text; give no system prompt (template_args.system=null, "
+            "records without a system turn) or use template vicuna_v1"
+        )
     raise TemplateError(
         "the tokenizer's chat template changes message contents (beyond trimming), so they cannot be "
         "told apart from the template's own text; use template vicuna_v1"
@@ -569,11 +615,22 @@ def turn_end(template: Template, tokenizer: Any) -> TurnEnd:
 
 
 def special_ids(tokenizer: Any) -> set[int]:
-    """Every id the tokenizer treats as a control token: its special tokens and its added special tokens."""
+    """Every id the tokenizer treats as a control token: its special tokens, its added special tokens, and any added
+    token its chat template writes (as transformers' ``sanitize_control_tokens`` counts them): Qwen2.5's
+    ``<tool_call>`` is added without the special flag, and a record's text "<tool_call>" had become that token."""
     found = set(tokenizer.all_special_ids)
     decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
-    found.update(i for i, t in decoder.items() if getattr(t, "special", False))
+    template = getattr(tokenizer, "chat_template", None)
+    template = template if isinstance(template, str) else ""
+    found.update(i for i, t in decoder.items() if getattr(t, "special", False) or (t.content and t.content in template))
     return found
+
+
+def control_texts(tokenizer: Any) -> list[str]:
+    """The control tokens' texts (:func:`special_ids`), longest first, so that one is never found as a start of
+    another."""
+    texts = tokenizer.convert_ids_to_tokens(sorted(special_ids(tokenizer)))
+    return sorted((t for t in texts if t), key=len, reverse=True)
 
 
 def plain_text_ids(texts: Sequence[str], tokenizer: Any) -> list[list[int]]:
@@ -622,13 +679,25 @@ def _plain_specials(
         if role is None or (ids[k] == image and role == "user"):
             continue
         a, b = offsets[k]
-        enc = tokenizer(
-            rendered.text[a:b], add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True
-        )
-        out_ids += [*ids[done:k], *enc["input_ids"]]
-        out_offsets += [*offsets[done:k], *((x + a, y + a) for x, y in enc["offset_mapping"])]
+        plain_ids, plain_offsets = _plain_tokens(rendered.text[a:b], tokenizer, specials)
+        out_ids += [*ids[done:k], *plain_ids]
+        out_offsets += [*offsets[done:k], *((x + a, y + a) for x, y in plain_offsets)]
         done = k + 1
     return out_ids + ids[done:], out_offsets + list(offsets[done:])
+
+
+def _plain_tokens(piece: str, tokenizer: Any, controls: set[int]) -> _Tokens:
+    """The tokens of ``piece`` as the plain characters it is made of: special tokens split (``split_special_tokens``),
+    and where a control token that is no special one still matches (an added token the chat template writes, which
+    the tokenizer always matches), the piece is cut after that match's first character and each side tokenized so."""
+    enc = tokenizer(piece, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
+    ids, offsets = list(enc["input_ids"]), [(x, y) for x, y in enc["offset_mapping"]]
+    hit = next((k for k, i in enumerate(ids) if i in controls and offsets[k][1] - offsets[k][0] > 1), None)
+    if hit is None:
+        return ids, offsets
+    cut = offsets[hit][0] + 1
+    left, right = _plain_tokens(piece[:cut], tokenizer, controls), _plain_tokens(piece[cut:], tokenizer, controls)
+    return left[0] + right[0], left[1] + [(x + cut, y + cut) for x, y in right[1]]
 
 
 def _without_whitespace(text: str, offset: tuple[int, int]) -> tuple[int, int]:
