@@ -240,12 +240,19 @@ def test_a_letter_in_markdown_emphasis_or_quotes_is_read(prediction):
     assert score_answer(prediction, "B", ["A", "B", "C"]) == 1.0 and names_only(prediction, "B", ["A", "B", "C"])
 
 
-@pytest.mark.parametrize("prediction", ["B, because the circle is red", "**B**, the red one", "B, not C"])
+@pytest.mark.parametrize(
+    "prediction", ["B, because the circle is red", "**B**, the red one", "B, not C", "B, a green circle", "B, I think"]
+)
 def test_a_leading_letter_before_a_comma_is_picked(prediction):
-    """ "B, because ..." had picked no letter and scored 0; "A, B" still picks neither (above)."""
-    assert choice_letter(prediction) == "B"
+    """ "B, because ..." had picked no letter and scored 0; "A, B" still picks neither (above), nor a hedge."""
+    assert choice_letter(prediction, set(LETTERS)) == "B"
     assert score_answer(prediction, "B", LETTERS) == 1.0
     assert score_answer(prediction, "B", ["red", "green", "blue"]) == 1.0
+
+
+@pytest.mark.parametrize("hedge", ["B, or maybe C", "B, (C)", "B, and C"])
+def test_a_letter_before_a_comma_and_another_choice_is_a_hedge(hedge):
+    assert choice_letter(hedge, set(LETTERS)) is None and score_answer(hedge, "B", LETTERS) == 0.0
 
 
 def test_a_letter_that_names_no_choice_is_not_picked():

@@ -288,14 +288,20 @@ def test_a_caption_that_is_not_text_is_refused_not_read_as_its_python_spelling(t
     record["conversations"].append({"from": "gpt", "value": value})
     with pytest.raises(DataError, match=r"record id='n': an assistant turn's value is a \w+ .*, not text"):
         reference_captions(record)
-    with pytest.raises(DataError, match="not text"):
-        record_caption(record)
+    assert record_caption(record) is None  # no caption: its readers skip and count it, or name it
     Image.new("RGB", (8, 8)).save(tmp_path / "0.png")
     answered = [*record["conversations"][:1], {"from": "gpt", "value": "a"}]
     good = [{**record, "id": str(i), "conversations": answered} for i in range(3)]
     (tmp_path / "p.json").write_text(json.dumps([*good, record]))
     with pytest.raises(DataError, match="not text"):
         load_probe_set(tmp_path / "p.json")
+    # the dual encoder's fit and AlignGPT's levels leave it out (they had paired the image with "None")
+    from alignlm.methods.aligngpt.levels import caption_pairs
+    from alignlm.models.encoder_fit import _pairs
+
+    assert [p.name for p in _pairs([tmp_path / "p.json"])[0]] == ["0.png"] * 3
+    pairs, skipped = caption_pairs([tmp_path / "p.json"])
+    assert len(pairs) == 3 and skipped["no caption"] == 1
 
 
 def test_a_tall_image_a_crop_stage_trains_on_is_read_by_the_probe_too(model, tmp_path):

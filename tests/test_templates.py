@@ -726,3 +726,51 @@ def test_an_added_token_the_chat_template_writes_is_text_in_a_record():
     ids, _ = tokenize(get_template("chat").render(to_turns(conv), tok), tok)
     tool = {tok.convert_tokens_to_ids(t) for t in ("<tool_call>", "</tool_call>")}
     assert tool.isdisjoint(ids.tolist()) and "<tool_call>rm -rf</tool_call>" in tok.decode(ids.tolist())
+
+
+def test_an_exported_template_with_generation_blocks_keeps_its_assistant_masks():
+    """Leaving out a template's first BOS captures its text; ``{% generation %}`` spans (transformers'
+    ``return_assistant_tokens_mask``, TRL's assistant-only loss) were then placed in that captured text, not the output:
+    such a template has ``bos_token`` blanked instead."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    tok = _tiny_with_bos()
+    tok.chat_template = (
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %}{{ '<|im_start|>assistant\\n' }}"
+        "{% generation %}{{ m['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
+        "{% else %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
+    )
+    chat = get_template("chat")
+    (text,), (spans,) = render_jinja_template(
+        conversations=[_typed(CONVERSATION)],
+        chat_template=chat.jinja(tok),
+        return_assistant_tokens_mask=True,
+        **tok.special_tokens_map,
+    )
+    assert text == chat.render(to_turns(CONVERSATION), tok).text
+    assert [text[a:b] for a, b in spans] == [
+        "7<|im_end|>",
+        "It is odd, because seven is not divisible by two.<|im_end|>",
+    ]
+
+
+def test_whitespace_added_tokens_a_template_holds_as_text_stay_tokens_in_an_answer():
+    """The chat template's indentation and blank lines held the added whitespace tokens of some tokenizers (CodeGen's
+    space runs, Gemma's newlines): counted as control tokens, an answer's code was re-tokenized character by
+    character, and training's ids differed from the tokenizer's. Only the template's literal text counts, and no
+    whitespace token (transformers' rule)."""
+    from tokenizers import AddedToken
+
+    tok = _tiny()
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in ("    ", "\n\n")])
+    tok.chat_template = (
+        "{%- for m in messages %}\n    {{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}\n"
+        "{%- endfor %}\n\n{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+    )
+    conv = [
+        {"from": "human", "value": "<image>\nWrite f."},
+        {"from": "gpt", "value": "Here:\n\ndef f():\n    return 1"},
+    ]
+    rendered = get_template("chat").render(to_turns(conv), tok)
+    ids, _ = tokenize(rendered, tok)
+    assert ids.tolist() == tok(rendered.text).input_ids

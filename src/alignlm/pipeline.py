@@ -275,16 +275,18 @@ def ensure_offline_datasets(cfg: DictConfig, readers: contextlib.ExitStack | Non
         info = out / "info.json"
         # runs started together (a job array) find the set the first one writes: they had written it all at once
         with sole_writer(info, f"generating {out}"):
-            if info.exists():
-                differs = offline_set_differences(info, wanted)
-                if not differs:
-                    continue
+            differs = offline_set_differences(info, wanted) if info.exists() else None
+            if differs:
                 get_logger("alignlm", 0).warning(
                     "regenerating %s: it was written with %s, the config asks for %s", out, *differences_said(differs)
                 )
-            GENERATORS[name](out, **wanted)  # the generator's defaults with the config's knobs over them, and the seed
-        if readers is not None:
-            fd = take_shared_lock(readers_lock(out), f"a run writing {out} again with other settings")
+            if differs or not info.exists():
+                GENERATORS[name](
+                    out, **wanted
+                )  # the generator's defaults with the config's knobs over them, and the seed
+            # held before the writer's lock is let go: a run waiting on it would otherwise find no reader, and write
+            # the set again under this one
+            fd = take_shared_lock(readers_lock(out), f"a run writing {out} again") if readers is not None else None
             if fd is not None:
                 readers.callback(release_lock, fd)
 

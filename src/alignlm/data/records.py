@@ -444,13 +444,16 @@ def is_answer(turn: Any) -> bool:
 
 
 def record_caption(record: dict[str, Any]) -> str | None:
-    """A caption record's text: its ``caption`` or ``text`` field, else its first assistant turn without ``<image>``."""
+    """A caption record's text: its ``caption`` or ``text`` field, else its first assistant turn without ``<image>``;
+    None where it has none, or where that turn is not text (a null had been the caption "None"): its readers skip
+    and count such a record, or name it, as training leaves a malformed record out."""
     for key in ("caption", "text"):
         if isinstance(record.get(key), str):
             return record[key]
     for turn in record.get("conversations") or []:
         if is_answer(turn):
-            return _text_of(turn, record).replace(IMAGE_TOKEN, "").strip()
+            value = turn.get("value", "")
+            return value.replace(IMAGE_TOKEN, "").strip() if isinstance(value, str) else None
     return None
 
 

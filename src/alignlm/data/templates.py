@@ -18,6 +18,7 @@ word from "▁A" to "A").
 from __future__ import annotations
 
 import bisect
+import functools
 import json
 import re
 from collections.abc import Sequence
@@ -319,7 +320,9 @@ class ChatTemplate(Template):
         the BOS itself, a template that also writes ``bos_token`` first (Llama-3, Mistral, Gemma) is rendered without
         that one: training puts one BOS first (``tokenize``), and ``processor(text=...)`` adds its own to the rendered
         text. A BOS written later is kept, as training keeps it (Llama-2 writes one before every question; blanking
-        ``bos_token`` had dropped them from the export)."""
+        ``bos_token`` had dropped them from the export); only in a template with ``{% generation %}`` blocks (the
+        assistant masks of transformers' ``return_assistant_tokens_mask``), which a captured text would misplace, is
+        ``bos_token`` blanked throughout."""
         if not getattr(tokenizer, "chat_template", None):
             raise TemplateError("template 'chat' needs a tokenizer with a chat_template; use vicuna_v1 or plain")
         system = ""
@@ -331,12 +334,18 @@ class ChatTemplate(Template):
             )
         template = tokenizer.chat_template
         if adds_bos(tokenizer):
-            template = (
-                "{%- set alignlm_text %}" + template + "{% endset -%}"
-                "{{- alignlm_text[bos_token | length :] if bos_token and alignlm_text.startswith(bos_token) "
-                "else alignlm_text -}}"
-            )
+            if _GENERATION_BLOCK.search(template):  # its spans are of the text a capture holds, not of the output
+                template = "{%- set bos_token = '' -%}" + template
+            else:
+                template = (
+                    "{%- set alignlm_text %}" + template + "{% endset -%}"
+                    "{{- alignlm_text[bos_token | length :] if alignlm_text.startswith(bos_token) else alignlm_text -}}"
+                )
         return _JINJA_FLATTEN + _jinja_contents(self.image_first) + system + template
+
+
+_GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
+_GENERATION_TAG = re.compile(r"\{%-?\s*(?:end)?generation\s*-?%\}")
 
 
 def _jinja_contents(images_first: bool) -> str:
@@ -615,15 +624,34 @@ def turn_end(template: Template, tokenizer: Any) -> TurnEnd:
 
 
 def special_ids(tokenizer: Any) -> set[int]:
-    """Every id the tokenizer treats as a control token: its special tokens, its added special tokens, and any added
-    token its chat template writes (as transformers' ``sanitize_control_tokens`` counts them): Qwen2.5's
-    ``<tool_call>`` is added without the special flag, and a record's text "<tool_call>" had become that token."""
+    """Every id the tokenizer treats as a control token: its special tokens, its added special tokens, and, as
+    transformers' ``sanitize_control_tokens`` counts them, an added token its ``chat_control_tokens`` list, or
+    otherwise one that its chat template's literal text holds, whitespace tokens aside (Gemma's newlines are text
+    there): Qwen2.5 adds ``<tool_call>`` without the special flag, and a record's text "<tool_call>" had become it."""
     found = set(tokenizer.all_special_ids)
     decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    listed = getattr(tokenizer, "chat_control_tokens", None)
     template = getattr(tokenizer, "chat_template", None)
-    template = template if isinstance(template, str) else ""
-    found.update(i for i, t in decoder.items() if getattr(t, "special", False) or (t.content and t.content in template))
+    literal = _literal_text(template) if isinstance(template, str) and listed is None else ""
+    for i, t in decoder.items():
+        written = t.content in listed if listed is not None else t.content in literal and not t.content.isspace()
+        if getattr(t, "special", False) or (t.content and written):
+            found.add(i)
     return found
+
+
+@functools.lru_cache(maxsize=16)
+def _literal_text(template: str) -> str:
+    """A chat template's literal text (its raw text and string constants, joined by NULs so that no token is found
+    across two): what it can write as it stands. The whole template where it does not parse here."""
+    source = _GENERATION_TAG.sub("", template)  # transformers' extension, unknown to a plain environment
+    try:
+        tree = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(source)
+    except jinja2.TemplateSyntaxError:
+        return template
+    literals = {node.data for node in tree.find_all(jinja2.nodes.TemplateData)}
+    literals |= {node.value for node in tree.find_all(jinja2.nodes.Const) if isinstance(node.value, str)}
+    return "\0".join(literals)
 
 
 def control_texts(tokenizer: Any) -> list[str]:

@@ -143,7 +143,10 @@ _ANSWER_LEAD = re.compile(r"\banswer\b(?:\s+is)?\s*:?\s*", re.IGNORECASE)
 _CHOICE_LEAD = re.compile(r"\b(?:option|choice)\b(?:\s+is)?\s*:?\s*", re.IGNORECASE)
 _MARKED_LETTER = re.compile(r"(?:\(([A-Za-z])\)|([A-Za-z])[.):])(?=[\s.,;:!]|$)")  # "(B)", "B.", "B)", "B:"
 _BARE_LETTER = re.compile(r"(?:([A-Z])(?=[\s.,;:!]|$)|([a-z])(?=[.!]?$))")  # "B ...", or a lower-case "b" that ends
-_COMMA_LETTER = re.compile(r"([A-Z]),(?!\s*[A-Za-z](?![A-Za-z']))")  # "B, because ...", but not "A, B"
+_COMMA_LETTER = re.compile(r"([A-Z]),")  # "B, because ...": unless another choice follows (_HEDGE)
+_HEDGE = re.compile(
+    r"\s*(?:(?:or|and)\s+)?(?:(?:maybe|perhaps)\s+)?\(?([A-Z])\)?(?![A-Za-z'])"
+)  # "A, B", "B, or maybe C"
 
 
 def _picked(found: re.Match[str] | None, letters: Collection[str] | None) -> str | None:
@@ -165,13 +168,23 @@ def _letter_after(lead: re.Pattern[str], text: str, letters: Collection[str] | N
 _QUOTED_LETTER = re.compile(r"[\"'\u2018\u2019\u201c\u201d]([A-Za-z])[\"'\u2018\u2019\u201c\u201d]")
 
 
+def _before_comma(text: str, letters: Collection[str] | None) -> re.Match[str] | None:
+    """A letter that leads ``text`` before a comma, unless another choice's letter follows it there ("A, B", "B, or
+    maybe C": a hedge picks none); a word after the comma is no choice ("B, a green circle", "B, I think" of four)."""
+    found = _COMMA_LETTER.match(text)
+    if found is None:
+        return None
+    hedge = _HEDGE.match(text, found.end())
+    return None if hedge and (letters is None or hedge.group(1) in letters) else found
+
+
 def choice_letter(prediction: str, letters: Collection[str] | None = None) -> str | None:
     """The letter a multiple-choice prediction picks, upper-case, or None when it picks none.
 
     Only ``letters`` (upper-case; any letter when None) are picked: of four choices, the pronoun in "Answer: I think
     so" picks none (it had picked I). A letter counts when it is the whole prediction ("b"), leads it
-    marked ("(B)", "B.", "B) red"), or leads it before a comma that no other letter follows ("B, because it is red";
-    "A, B" picks neither). Else it is the
+    marked ("(B)", "B.", "B) red"), or leads it before a comma that no other choice follows ("B, because it is red";
+    "A, B" and "B, or maybe C" pick neither). Else it is the
     letter after the last "answer" a letter follows ("Answer: B", "Looking at each option, the answer is C", "the
     answer is B, not option C"), and without one, after the last "option" or "choice" a letter follows ("Option A is
     wrong; option B"): a prediction that names its answer says so last, and "answer" outranks the options it weighs.
@@ -180,7 +193,7 @@ def choice_letter(prediction: str, letters: Collection[str] | None = None) -> st
     as instruction-tuned models write them: they had picked no letter and scored 0.
     """
     text = _QUOTED_LETTER.sub(r"\1", prediction.replace("**", "").replace("`", "")).strip()
-    leading = _LETTER.fullmatch(text) or _MARKED_LETTER.match(text) or _COMMA_LETTER.match(text)
+    leading = _LETTER.fullmatch(text) or _MARKED_LETTER.match(text) or _before_comma(text, letters)
     return (
         _picked(leading, letters)
         or _letter_after(_ANSWER_LEAD, text, letters)

@@ -157,7 +157,8 @@ def _pairs(
     paths: Sequence[str | Path], limit: int | None = None, image_root: str | Path | None = None
 ) -> tuple[list[Path], list[str]]:
     """Image paths and captions of LLaVA caption records, in order; image paths are under ``image_root`` (by default
-    each file's folder), as every reader of records takes them."""
+    each file's folder), as every reader of records takes them. A record with an image and no caption text is
+    left out: it had been paired with an empty text, which the contrastive fit then matched to its image."""
     images, texts = [], []
     for path in map(Path, paths):
         root = Path(image_root) if image_root else path.parent
@@ -166,9 +167,10 @@ def _pairs(
                 paths_of = image_paths(rec, root)
             except DataError as e:
                 raise DataError(f"{path}: {e}", e.cause) from e
-            if paths_of:
+            caption = record_caption(rec)
+            if paths_of and caption:
                 images.append(paths_of[0])
-                texts.append(record_caption(rec) or "")
+                texts.append(caption)
     return images[:limit], texts[:limit]
 
 
