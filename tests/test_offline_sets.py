@@ -162,3 +162,26 @@ def test_a_runs_own_eval_set_written_again_by_another_seed_is_refused_naming_the
     Path("data/digits/info.json").unlink()  # a generation killed half way: what the folder holds cannot be told
     with pytest.raises(ConfigError, match=r"is in data/digits, which holds no info.json"):
         eval_sets({}, run, "ck")
+
+
+def test_a_set_written_again_with_a_knob_that_keeps_its_split_still_scores_the_runs_checkpoint(tmp_path, monkeypatch):
+    """``+exp=som`` and ``+exp=baseline`` write data/shapes with and without som.json, every other file the same:
+    ``alignlm eval`` of either arm was refused after the other ran ("another split"). A knob that changes none of the
+    split's files is no other split; one that does (the seed) still is."""
+    from alignlm.config import ConfigError
+    from alignlm.evaluation.report import eval_sets
+
+    monkeypatch.chdir(tmp_path)
+    knobs = {"n_train": 4, "n_test": 3, "image_size": 32}
+    run = {
+        "seed": 0,
+        "data_root": "data",
+        "offline_datasets": ["shapes"],
+        "offline_dataset_args": {"shapes": {**knobs, "som": True}},
+        "eval": {"sets": [{"name": "shapes", "path": "data/shapes/test.json"}]},
+    }
+    GENERATORS["shapes"](Path("data/shapes"), seed=0, **knobs, som=False)  # the baseline arm, after the SoM arm
+    assert [s["name"] for s in eval_sets({}, run, "ck")] == ["shapes"]
+    GENERATORS["shapes"](Path("data/shapes"), seed=1, **knobs, som=False)
+    with pytest.raises(ConfigError, match=r"written again since the run with seed=1 \(the run.s: seed=0\)"):
+        eval_sets({}, run, "ck")

@@ -513,3 +513,14 @@ def test_a_template_read_through_an_interpolation_is_still_warned_of_keeping_its
     resolve_strategy(cfg)
     (said,) = checks.override_warnings(cfg)
     assert said.startswith("stages.dpo.data.template keeps stages.dpo.data.template_args={'system': 'Answer briefly.'}")
+
+
+def test_overrides_only_training_reads_are_named_when_every_stage_has_finished():
+    """The README's run followed by the same command with the monitor added skipped both finished stages, monitored
+    nothing, and said nothing until plot-runs found no curve."""
+    cfg = compose("+exp=demo", "model=tiny", "monitor.every=10", "monitor.probe=p.json", "logging.every=5", "seed=3")
+    (line,) = checks.idle_overrides(cfg, [])
+    assert line.startswith("monitor.every, monitor.probe, logging.every: unused, every stage of run=['pretrain', ")
+    assert "give a new run_name, or resume=never" in line
+    assert checks.idle_overrides(cfg, ["finetune"]) == []
+    assert checks.idle_overrides(compose("+exp=demo", "seed=3"), []) == []

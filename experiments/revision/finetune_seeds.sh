@@ -9,7 +9,7 @@
 #
 # PRETRAINED lists pairs of pretrain final/ folders (ReVision, no ReAlign); seed k starts from pair k mod n.
 # Overrides go to every arm; they must name the dual encoder the connectors were pretrained with
-# (revision.encoder=...), which each arm uses as it is (revision.fit=null). Results: OUT/seed_<k>/eval_<arm>/report.json, then one paired comparison per seed and the
+# (revision.encoder=...), which each arm uses as it is (revision.fit=null, so no revision.fit.* override). Results: OUT/seed_<k>/eval_<arm>/report.json, then one paired comparison per seed and the
 # per-seed table with means (experiments/revision/seed_table.py). Rerunning skips finished arms and evaluations.
 set -euo pipefail
 out=${1:?usage: PRETRAINED=... bash experiments/revision/finetune_seeds.sh OUT "SEEDS" [hydra overrides...]}
@@ -21,14 +21,18 @@ data=${DATA_ROOT:-data}
 [ "$jobs" -gt 1 ] && export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 arm() {  # arm SEED NAME INIT [overrides...]: finetune one arm at one seed, then evaluate its final/
-  # each seed draws its offline sets into a data root of its own: with JOBS > 1 the next seed's run starts while this
-  # one's arms train and evaluate, and a run refuses to write again a set another run reads
-  local seed=$1 name=$2 init=$3 dir="$out/seed_$1" sdata="$data/seed_$1"
+  # every seed reads the one draw of the offline sets its connectors were pretrained on (offline_dataset_seed)
+  local seed=$1 name=$2 init=$3 dir="$out/seed_$1"
   shift 3
-  alignlm train +exp=revision "seed=$seed" "output_dir=$dir" "data_root=$sdata" "eval.sets=[]" run=[finetune] revision.fit=null \
-      "run_name=$name" "stages.finetune.init_from=$init" stages.finetune.save_every=0 "$@" > "$dir.$name.log" 2>&1
+  if ! alignlm train +exp=revision "seed=$seed" "output_dir=$dir" "data_root=$data" "eval.sets=[]" run=[finetune] \
+      revision.fit=null "run_name=$name" "stages.finetune.init_from=$init" stages.finetune.save_every=0 "$@" \
+      > "$dir.$name.log" 2>&1; then
+    echo "seed $seed, arm $name failed; the end of $dir.$name.log:" >&2
+    tail -n 5 "$dir.$name.log" >&2
+    return 1
+  fi
   [ -f "$dir/eval_$name/report.json" ] || alignlm eval "$dir/$name/finetune" --no-probe --no-plots \
-      --sets "digits=$sdata/digits/test.json" "shapes=$sdata/shapes/test.json" --out "$dir/eval_$name" > /dev/null
+      --sets "digits=$data/digits/test.json" "shapes=$data/shapes/test.json" --out "$dir/eval_$name" > /dev/null
 }
 
 mkdir -p "$out"

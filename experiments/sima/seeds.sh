@@ -11,15 +11,11 @@ out=${1:?usage: bash experiments/sima/seeds.sh OUTPUT_DIR SEED...}
 shift
 data=${DATA_ROOT:-data}
 from=${SIMA_FROM:-outputs/demo/finetune/final}
-# the data of the finetuned model's run, for every seed: the seed varies SIMA's sampling and DPO, not the sets (drawn
-# with the run's seed, seed 1's held-out split holds most of seed 0's training digits)
-data_seed=${DATA_SEED:-0}
 sets=(--sets "digits=$data/digits/test.json" "shapes=$data/shapes/test.json")
 [ -f "$out/eval_before/report.json" ] || alignlm eval "$from" --no-probe --no-plots "${sets[@]}" --out "$out/eval_before" > /dev/null
 for seed in "$@"; do
   run="seed_$seed"
-  alignlm train +exp=sima "seed=$seed" "output_dir=$out" "run_name=$run" "sima.from=$from" "data_root=$data" "eval.sets=[]" \
-      "offline_dataset_seed=$data_seed"
+  alignlm train +exp=sima "seed=$seed" "output_dir=$out" "run_name=$run" "sima.from=$from" "data_root=$data" "eval.sets=[]"
   alignlm sima check "$out/$run/sima" > /dev/null
   [ -f "$out/eval_$run/report.json" ] || alignlm eval "$out/$run/dpo/final" --no-probe --no-plots "${sets[@]}" \
       --out "$out/eval_$run" > /dev/null

@@ -246,6 +246,25 @@ def override_warnings(cfg: DictConfig) -> list[str]:
     return lines
 
 
+# what only a stage that trains reads: the in-training probes and the training log's settings
+_READ_WHILE_TRAINING = ("monitor", "logging")
+
+
+def idle_overrides(cfg: DictConfig, to_train: Sequence[str]) -> list[str]:
+    """Where every stage of ``cfg.run`` has finished (skipped on a rerun), one line naming the command line's
+    overrides that only training reads (``monitor.*``, ``logging.*``): the README's run followed by the same command
+    with the monitor added skipped both stages, monitored nothing, and said nothing until ``plot-runs`` found no
+    curve."""
+    named = [k for k in dict.fromkeys(overridden_keys(cfg)) if k.split(".")[0] in _READ_WHILE_TRAINING]
+    if to_train or not named:
+        return []
+    return [
+        f"{', '.join(named)}: unused, every stage of run={plain(cfg.run)} has finished in "
+        f"{Path(str(cfg.output_dir)) / str(cfg.run_name)} and is skipped, so nothing trains to read them (give a new "
+        "run_name, or resume=never to set the finished run aside and train again)"
+    ]
+
+
 def _kept_for_another_template(cfg: DictConfig, key: str, named: Sequence[str]) -> str | None:
     """Where ``key`` picks another template for a stage than the config would (its recipe's, its stage file's) and
     the stage's ``template_args``, written for that one, are kept, not given with it: what the new template does with
@@ -440,8 +459,8 @@ def sweep_advice(said: str) -> str:
     command per value, each with its own ``run_name`` (the same one resumed, or refused, the first value's run)."""
     return (
         f"{said}, and alignlm train runs one configuration: run one command per value, each under its own run_name, "
-        "e.g. for s in 0 1 2; do alignlm train +exp=demo seed=$s run_name=demo_seed$s data_root=data/seed$s; done "
-        "(a SLURM job array on a cluster; the offline sets are drawn with the seed, each into its own data_root)"
+        "e.g. for s in 0 1 2; do alignlm train +exp=demo seed=$s run_name=demo_seed$s; done (a SLURM job array on a "
+        "cluster; every seed reads one draw of the offline sets, offline_dataset_seed)"
     )
 
 

@@ -32,6 +32,7 @@ from alignlm.checks import (
     check_source_files,
     check_sources,
     check_stages_fit_model,
+    idle_overrides,
     override_warnings,
     prompt_changes,
 )
@@ -593,6 +594,9 @@ def _run(cfg: DictConfig, acc: Accelerator, stop: StopRequest, readers: contextl
             run_prepare_steps(cfg)
     check_finished_stages(cfg, acc, log)  # on every rank, from the files the prepare steps left
     to_train = [name for name in cfg.run if not stage_done(cfg, name)]
+    if acc.is_main_process:
+        for line in idle_overrides(cfg, to_train):
+            log.warning("%s", line)
     check_source_files(cfg, to_train)  # on every rank, once the offline sets and prepare steps wrote theirs
     check_eval_sets(cfg)  # so are the final evaluation's sets, read after every stage trained
     if acc.is_main_process:

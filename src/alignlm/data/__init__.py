@@ -33,6 +33,12 @@ def generator_defaults(name: str) -> dict[str, Any]:
     return {k: p.default for k, p in params.items() if p.kind is p.KEYWORD_ONLY and k != "seed"}
 
 
+def split_neutral_knobs(name: str) -> set[str]:
+    """The knobs of generator ``name`` that add files but change none of the set's split (its module's
+    ``SPLIT_NEUTRAL``): shapes' ``som`` writes som.json and tagged images, every other file byte-identical."""
+    return set(getattr(importlib.import_module(_GENERATOR_MODULES[name]), "SPLIT_NEUTRAL", ()))
+
+
 def generator_knobs(name: str) -> list[str]:
     """The knobs generator ``name`` takes: its keyword arguments besides the seed."""
     return list(generator_defaults(name))

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from alignlm.config import ConfigError
 from alignlm.evaluation.checkpoints import unique_labels
 from alignlm.evaluation.paired import run_key
 from alignlm.models.io import load_checkpoint_config
@@ -364,7 +365,7 @@ def plot_runs(runs: Sequence[Path], path: Path, metrics: Sequence[str] | None = 
             )
     if not names:
         found = sorted(set().union(*(d.keys() for d in data.values())))
-        raise ValueError(
+        raise ConfigError(  # a usage error (exit 2): the runs or the metrics asked for
             f"none of the metrics {list(metrics or [])} is among the runs' monitor metrics {found}"
             if found
             else f"no monitor/* metrics in {list(map(str, runs))}: train with monitor.every > 0 and monitor.probe set"

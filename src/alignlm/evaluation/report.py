@@ -33,7 +33,14 @@ from safetensors.torch import load_file, save_file
 
 import alignlm
 from alignlm.config import ConfigError
-from alignlm.data import differences_said, generator_defaults, offline_set_differences, offline_sets, offline_settings
+from alignlm.data import (
+    differences_said,
+    generator_defaults,
+    offline_set_differences,
+    offline_sets,
+    offline_settings,
+    split_neutral_knobs,
+)
 from alignlm.data.build import aspect_ratio_of
 from alignlm.data.images import loader_workers
 from alignlm.data.records import DataError, image_paths, read_records
@@ -130,7 +137,9 @@ def _refuse_regenerated_sets(sets: Sequence[Mapping[str, Any]], train_cfg: Any, 
     again since the run (a seed sweep regenerates the shared folder for each seed), or that holds no info.json (a
     generation under way or killed: what it holds cannot be told): its split is another one, whose questions may be
     images the checkpoint trained on. Evaluating seed 0's checkpoint after the seed-1 run had scored it on a test
-    split that held 258 of seed 0's 300 training digits, without a word. A generation under way is waited for."""
+    split that held 258 of seed 0's 300 training digits, without a word. A generation under way is waited for. A knob
+    that changes none of the split's files (shapes' ``som``) is no other split: the SoM arm and its baseline had each
+    been refused after the other wrote the set."""
     for name, (folder, wanted) in offline_sets(offline_settings(train_cfg)).items():
         info, root = folder / "info.json", folder.resolve()
         inside = [s for s in sets if Path(str(s["path"])).resolve().is_relative_to(root)]
@@ -138,6 +147,8 @@ def _refuse_regenerated_sets(sets: Sequence[Mapping[str, Any]], train_cfg: Any, 
             continue
         with sole_writer(info, f"reading {folder}"):  # the lock a generation holds (pipeline.ensure_offline_datasets)
             differs = offline_set_differences(info, wanted) if info.is_file() else None
+        if differs is not None:  # +exp=som and +exp=baseline write one split with and without som.json
+            differs = {k: v for k, v in differs.items() if k not in split_neutral_knobs(name)}
         if differs == {}:
             continue
         defaults = generator_defaults(name)  # the run's set: every knob it set apart from the defaults
