@@ -250,7 +250,7 @@ def test_a_leading_letter_before_a_comma_is_picked(prediction):
     assert score_answer(prediction, "B", ["red", "green", "blue"]) == 1.0
 
 
-@pytest.mark.parametrize("hedge", ["B, or maybe C", "B, (C)", "B, and C"])
+@pytest.mark.parametrize("hedge", ["B, or maybe C", "B, (C)", "B, and C", "B, or possibly C", "B, Or maybe C"])
 def test_a_letter_before_a_comma_and_another_choice_is_a_hedge(hedge):
     assert choice_letter(hedge, set(LETTERS)) is None and score_answer(hedge, "B", LETTERS) == 0.0
 

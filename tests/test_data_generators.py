@@ -311,3 +311,31 @@ def test_offline_dataset_seed_holds_one_draw_of_the_data_for_every_run_seed(tmp_
     assert load(tmp_path / "shapes" / "info.json")["seed"] == 0
     ensure_offline_datasets(OmegaConf.create({**cfg, "seed": 5, "offline_dataset_seed": None}))
     assert load(tmp_path / "shapes" / "info.json")["seed"] == 5
+
+
+def test_a_set_a_finished_stage_of_the_run_trained_on_is_not_written_again_before_the_refusal(tmp_path):
+    """A run drawn with seed 1 before offline_dataset_seed's default became 0, rerun: the set was written again with
+    seed 0 first, and the rerun refused for the changed files only then: the draw its stages (and every checkpoint
+    sharing the folder) trained on was gone. Refused first now, naming the knob, the set left as it was."""
+    small = {"shapes": {"n_train": 3, "n_test": 2, "image_size": 32}}
+    cfg = {
+        "data_root": str(tmp_path),
+        "offline_datasets": ["shapes"],
+        "offline_dataset_args": small,
+        "output_dir": str(tmp_path / "outputs"),
+        "run_name": "r",
+        "run": ["pretrain", "finetune"],
+        "stages": {
+            "pretrain": {"data": {"sources": [{"path": str(tmp_path / "shapes" / "pretrain.json")}]}},
+            "finetune": {"data": {"sources": [{"path": str(tmp_path / "other.json")}]}},
+        },
+    }
+    ensure_offline_datasets(OmegaConf.create({**cfg, "seed": 1, "offline_dataset_seed": None}))
+    written = (tmp_path / "shapes" / "test.json").read_bytes()
+    (tmp_path / "outputs" / "r" / "finetune" / "final").mkdir(parents=True)  # reads no file of the set
+    ensure_offline_datasets(OmegaConf.create({**cfg, "seed": 1, "offline_dataset_seed": None}))
+    (tmp_path / "outputs" / "r" / "pretrain" / "checkpoints" / "step_000002").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"holds the set that stages \['pretrain'\] of this run trained on, written "
+                       r"with seed=1; this config asks for seed=0.*offline_dataset_seed=null"):  # fmt: skip
+        ensure_offline_datasets(OmegaConf.create({**cfg, "seed": 1, "offline_dataset_seed": 0}))
+    assert (tmp_path / "shapes" / "test.json").read_bytes() == written

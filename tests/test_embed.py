@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from alignlm.commands import main
+from alignlm.data.records import DataError
 from alignlm.methods.revision.embed import collect_images, collect_texts, embed_items
 from alignlm.methods.revision.shards import list_shards
 from alignlm.models.encoders import HFDualEncoder
@@ -22,6 +23,10 @@ def test_collect_from_llava_json_and_text_files(tmp_path, colour_set):
     (tmp_path / "caps.txt").write_text("a cat\n\na dog\n")
     assert collect_texts(tmp_path / "caps.txt") == [("caps:0", "a cat"), ("caps:2", "a dog")]
     assert [i for i, _ in collect_images(colour_set["pretrain"].parent / "images")][:2] == ["0.png", "1.png"]
+    # a caption that is not text is a data error (exit 65) naming the record, not a record without a caption
+    (tmp_path / "null.json").write_text('[{"id": "b", "conversations": [{"from": "gpt", "value": null}]}]')
+    with pytest.raises(DataError, match=r"null.json record b: no caption text"):
+        collect_texts(tmp_path / "null.json")
 
 
 def test_embed_writes_id_shards_matching_the_model_and_resumes(tmp_path, tiny_clip, colour_set, capsys):

@@ -1136,12 +1136,13 @@ def test_eval_checkpoint_script_reads_paths_from_the_callers_folder(tmp_path):
 
 
 def test_seed_line_and_the_seed_table_entry_point(tmp_path, capsys):
-    from alignlm.evaluation.paired import print_seed_table, seed_line, t_test_p
+    from alignlm.evaluation.paired import mean_se, print_seed_table, seed_line, t_test_p
 
     assert seed_line("d", [0.01, 0.03]) == "- d: +2.00 points over 2 seeds (SE 1.00, t +2.00, df 1, p 0.295)"
     assert seed_line("same", [0.5, 0.5], 1.0, "") == "- same: +0.50 over 2 seeds (SE 0.00, t +nan, df 1, p nan)"
     alike = [0.3, 0.1 + 0.2]  # equal but for float noise: an SE of 1e-17 had made t 1e16
     assert seed_line("alike", alike).endswith("(SE 0.00, t +nan, df 1, p nan)")
+    assert mean_se([1.0, math.nan, 1.0])[1] != mean_se([1.0, math.nan, 1.0])[1]  # a missing seed: no SE, not 0
     # over 3 seeds a t of -2.73 (the SIMA table's) is p 0.11, and p 0.05 needs |t| 4.30: read p, not t as a z
     assert t_test_p(-2.727, 2) == pytest.approx(0.112, abs=1e-3) and t_test_p(4.303, 2) == pytest.approx(0.05, abs=1e-4)
     print_seed_table(lambda out: [f"read {out.name}"], "usage", [str(tmp_path / "runs")])

@@ -774,3 +774,15 @@ def test_whitespace_added_tokens_a_template_holds_as_text_stay_tokens_in_an_answ
     rendered = get_template("chat").render(to_turns(conv), tok)
     ids, _ = tokenize(rendered, tok)
     assert ids.tolist() == tok(rendered.text).input_ids
+
+
+def test_an_exported_template_renders_without_its_special_tokens_given():
+    """A renderer that passes no ``bos_token`` (undefined, or None) got a TypeError from the exported template."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    tok = _tiny_with_bos()
+    tok.chat_template = "{{ bos_token }}" + CHATML
+    chat = get_template("chat")
+    for given in ({}, {"bos_token": None}):
+        (text,), _ = render_jinja_template(conversations=[_typed(CAPTION)], chat_template=chat.jinja(tok), **given)
+        assert "<|im_start|>assistant\nA handwritten digit seven.<|im_end|>" in text

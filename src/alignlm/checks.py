@@ -421,10 +421,10 @@ def override_mistake(overrides: Sequence[str], error: HydraException) -> str:
     text = " ".join(str(error).split())
     function = _SWEEP_FUNCTION.match(text)
     if function is not None:
-        return sweep_advice(f"{function.group(1)}: a sweep")
+        return sweep_advice(f"{function.group(1)}: a sweep", per_seed_draws(overrides))
     swept = _SWEEP.match(text)
     if swept is not None:
-        return sweep_advice(f"{swept.group(1)}: a comma makes a Hydra sweep") + (
+        return sweep_advice(f"{swept.group(1)}: a comma makes a Hydra sweep", per_seed_draws(overrides)) + (
             f"; a list is written {swept.group(2)}=[{swept.group(3)}], a text with a comma quoted: "
             f"{swept.group(2)}='{swept.group(3)}'"
         )
@@ -452,15 +452,26 @@ def override_mistake(overrides: Sequence[str], error: HydraException) -> str:
     return f"{key} is not in the composed config: a new key is added with a +, +{given}"
 
 
-def sweep_advice(said: str) -> str:
+def per_seed_draws(overrides: Sequence[str]) -> bool:
+    """Whether the command line draws the offline sets with each run's seed (``offline_dataset_seed=null``)."""
+    return any(o.replace(" ", "") in ("offline_dataset_seed=null", "offline_dataset_seed=~") for o in overrides)
+
+
+def sweep_advice(said: str, per_seed: bool = False) -> str:
     """The one line for a sweep asked of ``alignlm train`` (``-m``, ``--multirun``, ``seed=0,1``): Hydra's advice for
     ``seed=0,1``, "add --multirun to your command line", was then refused by the command line as an unknown
     argument. A run is one configuration whose checkpoints, lock and skips are its ``run_name``'s: a sweep is one
     command per value, each with its own ``run_name`` (the same one resumed, or refused, the first value's run)."""
     return (
         f"{said}, and alignlm train runs one configuration: run one command per value, each under its own run_name, "
-        "e.g. for s in 0 1 2; do alignlm train +exp=demo seed=$s run_name=demo_seed$s; done (a SLURM job array on a "
-        "cluster; every seed reads one draw of the offline sets, offline_dataset_seed)"
+        + (
+            "e.g. for s in 0 1 2; do alignlm train +exp=demo seed=$s run_name=demo_seed$s data_root=data/seed$s; done "
+            "(a SLURM job array on a cluster; with offline_dataset_seed=null each seed draws its own sets, into its "
+            "own data_root)"
+            if per_seed
+            else "e.g. for s in 0 1 2; do alignlm train +exp=demo seed=$s run_name=demo_seed$s; done (a SLURM job "
+            "array on a cluster; every seed reads one draw of the offline sets, offline_dataset_seed)"
+        )
     )
 
 

@@ -277,6 +277,15 @@ def ensure_offline_datasets(cfg: DictConfig, readers: contextlib.ExitStack | Non
         # runs started together (a job array) find the set the first one writes: they had written it all at once
         with sole_writer(info, f"generating {out}"):
             differs = offline_set_differences(info, wanted) if info.exists() else None
+            if differs and (stages := trained_on(cfg, out)):
+                written, asked = differences_said(differs)
+                seed = " (offline_dataset_seed=null draws with the run's seed, as runs did before that knob)"
+                raise ConfigError(
+                    f"{out} holds the set that stages {stages} of this run trained on, written with {written}; this "
+                    f"config asks for {asked}, and writing it again would change what they trained on. Keep their "
+                    f"settings{seed if 'seed' in differs else ''}, or start afresh: resume=never sets the run aside, "
+                    "or give another run_name"
+                )
             if differs:
                 get_logger("alignlm", 0).warning(
                     "regenerating %s: it was written with %s, the config asks for %s", out, *differences_said(differs)
@@ -290,6 +299,23 @@ def ensure_offline_datasets(cfg: DictConfig, readers: contextlib.ExitStack | Non
             fd = take_shared_lock(readers_lock(out), f"a run writing {out} again") if readers is not None else None
             if fd is not None:
                 readers.callback(release_lock, fd)
+
+
+def trained_on(cfg: DictConfig, folder: Path) -> list[str]:
+    """The stages of this run to resume or skip that have trained (a ``final/`` or a step checkpoint) on data inside
+    ``folder``: an offline set written again under them had been lost before the rerun was refused for its changed
+    files, and the other checkpoints that read it with it."""
+    run_dir, root = Path(str(cfg.get("output_dir", "outputs"))) / str(cfg.get("run_name", "")), folder.resolve()
+    names = []
+    for name in cfg.get("run") or []:
+        stage_dir = run_dir / str(name)
+        if not ((stage_dir / "final").is_dir() or any((stage_dir / "checkpoints").glob("step_*"))):
+            continue
+        sources = ((cfg.stages[name].get("data") or {}).get("sources")) or []
+        paths = [p for s in sources for p in (s.get("path"), s.get("image_root")) if p]
+        if any(Path(str(p)).resolve().is_relative_to(root) for p in paths):
+            names.append(str(name))
+    return names
 
 
 def run_prepare_steps(cfg: DictConfig) -> None:

@@ -18,7 +18,7 @@ import sys
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
-from alignlm.checks import override_mistake, sweep_advice
+from alignlm.checks import override_mistake, per_seed_draws, sweep_advice
 from alignlm.commands import BAD_DATA, FAILED, USAGE
 from alignlm.commands.launch import cpu_processes_to_spawn, spawn_cpu_ranks
 from alignlm.config import ConfigError, compose
@@ -42,7 +42,8 @@ def report_crashes() -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     if args.multirun:
-        print(f"alignlm: {sweep_advice('-m/--multirun asks for a Hydra sweep')}", file=sys.stderr)
+        advice = sweep_advice("-m/--multirun asks for a Hydra sweep", per_seed_draws(args.overrides))
+        print(f"alignlm: {advice}", file=sys.stderr)
         return USAGE
     try:
         cfg = compose(args.overrides)

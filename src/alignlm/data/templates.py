@@ -339,7 +339,8 @@ class ChatTemplate(Template):
             else:
                 template = (
                     "{%- set alignlm_text %}" + template + "{% endset -%}"
-                    "{{- alignlm_text[bos_token | length :] if alignlm_text.startswith(bos_token) else alignlm_text -}}"
+                    "{{- alignlm_text[bos_token | length :] if bos_token is string and bos_token and "
+                    "alignlm_text.startswith(bos_token) else alignlm_text -}}"
                 )
         return _JINJA_FLATTEN + _jinja_contents(self.image_first) + system + template
 

@@ -144,9 +144,8 @@ _CHOICE_LEAD = re.compile(r"\b(?:option|choice)\b(?:\s+is)?\s*:?\s*", re.IGNOREC
 _MARKED_LETTER = re.compile(r"(?:\(([A-Za-z])\)|([A-Za-z])[.):])(?=[\s.,;:!]|$)")  # "(B)", "B.", "B)", "B:"
 _BARE_LETTER = re.compile(r"(?:([A-Z])(?=[\s.,;:!]|$)|([a-z])(?=[.!]?$))")  # "B ...", or a lower-case "b" that ends
 _COMMA_LETTER = re.compile(r"([A-Z]),")  # "B, because ...": unless another choice follows (_HEDGE)
-_HEDGE = re.compile(
-    r"\s*(?:(?:or|and)\s+)?(?:(?:maybe|perhaps)\s+)?\(?([A-Z])\)?(?![A-Za-z'])"
-)  # "A, B", "B, or maybe C"
+# "A, B", "B, or maybe C", "B, Or possibly C": another choice after at most two such words ("B, not C" is B)
+_HEDGE = re.compile(r"\s*(?i:(?:or|and|maybe|perhaps|possibly|probably|also|either)\s+){0,2}\(?([A-Z])\)?(?![A-Za-z'])")
 
 
 def _picked(found: re.Match[str] | None, letters: Collection[str] | None) -> str | None:

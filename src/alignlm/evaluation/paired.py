@@ -144,6 +144,8 @@ def mean_se(xs: Sequence[float]) -> tuple[float, float]:
     m = math.fsum(xs) / len(xs)
     if len(xs) < 2:
         return m, math.nan
+    if not all(map(math.isfinite, xs)):
+        return m, math.nan
     if max(xs) - min(xs) < TIE:
         return m, 0.0
     return m, math.sqrt(math.fsum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs))

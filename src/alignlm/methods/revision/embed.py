@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from alignlm.data.images import decoded_batches
-from alignlm.data.records import image_names, image_paths, iter_records, record_caption
+from alignlm.data.records import DataError, image_names, image_paths, iter_records, record_caption
 from alignlm.methods.provenance import stamps_digest, strings_digest
 from alignlm.methods.revision.shards import open_shard, shard_metadata, write_shard
 from alignlm.models.encoders import DualEncoder, device_of, image_steps
@@ -75,8 +75,9 @@ def collect_texts(source: str | Path) -> list[tuple[str, str]]:
         for i, rec in enumerate(iter_records(source)):
             rid, caption = str(rec["id"]) if rec.get("id") is not None else str(i), record_caption(rec)
             if caption is None:
-                raise ValueError(
-                    f"{source} record {rid}: no caption ('caption', 'text' or an assistant turn in 'conversations')"
+                raise DataError(
+                    f"{source} record {rid}: no caption text ('caption', 'text' or an assistant turn's text in "
+                    "'conversations')"
                 )
             out.append((rid, caption))
         return out
