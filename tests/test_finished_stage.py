@@ -242,3 +242,18 @@ def test_step_checkpoints_are_ordered_by_step_past_six_digits_and_pruning_clears
     assert ckpt.step_of(root / "step_000013.tmp") is None and ckpt.step_of(root / "step_1000000") == 1000000
     ckpt.prune(tmp_path, 0, root / "step_1000005")
     assert sorted(p.name for p in root.iterdir()) == ["step_1000000", "step_1000005", "step_999995", "stepx"]
+
+
+def test_a_changed_setting_is_refused_before_the_prepare_steps_run(colour_set, tmp_path, monkeypatch):
+    """`+exp=aligngpt model.extras.align_levels.num_levels=4` after the L=8 run scored every caption pair with the
+    dual encoder (minutes; hours at LLaVA's 558k) and only then was refused for its changed setting. Settings are
+    compared before the offline sets and prepare steps; the refusal names a new run_name as the way to a second arm."""
+    from alignlm import pipeline
+
+    data = own_data(colour_set, tmp_path)
+    base = pretrain_only(colour_set, tmp_path, data)
+    run(compose(*base))
+    monkeypatch.setattr(pipeline, "run_prepare_steps", lambda cfg: pytest.fail("the prepare steps ran"))
+    monkeypatch.setattr(pipeline, "ensure_offline_datasets", lambda *a: pytest.fail("the offline sets were made"))
+    with pytest.raises(ConfigError, match=r"stages\.pretrain\.lr\.connector: 0\.001 -> 0\.05.*another run_name"):
+        run(compose(*base, "stages.pretrain.lr.connector=5e-2"))

@@ -520,7 +520,7 @@ def warn_other_model(cfg: DictConfig, stages: list[str], log: Any) -> None:
             )
 
 
-def check_finished_stages(cfg: DictConfig, acc: Accelerator, log: Any) -> None:
+def check_finished_stages(cfg: DictConfig, acc: Accelerator, log: Any, settings_only: bool = False) -> None:
     """``resume=auto`` skips a stage whose ``final/`` exists: refuse, before anything trains, every such stage of
     ``cfg.run`` trained from other settings, model settings, file contents or starting weights than this run's
     (:func:`checkpoint.finished_changes`), naming each change; a changed lr, a regenerated labels file or pairs file,
@@ -528,8 +528,10 @@ def check_finished_stages(cfg: DictConfig, acc: Accelerator, log: Any) -> None:
     weights passed on to the next stages and the evaluation. A path spelled otherwise (relative, absolute) is no
     change. With
     ``resume_allow_changes=true`` such a stage is kept as it is, with a warning naming the changes. Every rank compares
-    the same files after the prepare steps, so every rank refuses alike (the others do not wait on the main one)."""
-    if cfg.resume == "never":  # every stage's earlier outputs were set aside: nothing is finished
+    the same files after the prepare steps, so every rank refuses alike (the others do not wait on the main one).
+    ``settings_only`` (before the offline sets and prepare steps): the settings alone, so that a changed setting is
+    refused before a prepare step spends its hours (AlignGPT's levels of 558k pairs) for a run that cannot go on."""
+    if cfg.resume == "never" or (settings_only and cfg.get("resume_allow_changes")):
         return
     run_dir = Path(cfg.output_dir) / cfg.run_name
     refused = []
@@ -539,9 +541,11 @@ def check_finished_stages(cfg: DictConfig, acc: Accelerator, log: Any) -> None:
         # the start a skipped stage would follow: an earlier stage's final/ as this run leaves it (none there: one
         # this run trains anew, which the finished stage never saw)
         init = ckpt.resolve_init(stage.get("init_from"), run_dir, cfg.stages)
-        files = ckpt.input_files(stage, name)
+        files = {} if settings_only else ckpt.input_files(stage, name)
         ours = ckpt.trained_from(stage, name, int(cfg.seed), str(acc.mixed_precision), acc.num_processes, files, init)
-        changes = ckpt.finished_changes(final, ours, cfg.model)
+        changes = ckpt.finished_changes(final, ours, cfg.model, settings_only)
+        if changes is None and settings_only:
+            continue
         if changes is None:
             log.warning(
                 "stage %s: %s was written before finished stages recorded what they were trained from "
@@ -564,9 +568,9 @@ def check_finished_stages(cfg: DictConfig, acc: Accelerator, log: Any) -> None:
     if refused:
         raise ConfigError(
             "finished stages were trained from other settings, files or starting weights than this run's, and "
-            f"resume=auto would keep their weights: {' | '.join(refused)}. Set resume=never to retrain every stage "
-            "(earlier outputs are set aside in <stage>/before-<time>/, not deleted), or resume_allow_changes=true to "
-            "keep the finished stages as they are"
+            f"resume=auto would keep their weights: {' | '.join(refused)}. Give another run_name to train this config "
+            "as a run of its own, set resume=never to retrain every stage (earlier outputs are set aside in "
+            "<stage>/before-<time>/, not deleted), or resume_allow_changes=true to keep the finished stages as they are"
         )
 
 
@@ -612,6 +616,7 @@ def _run(cfg: DictConfig, acc: Accelerator, stop: StopRequest, readers: contextl
     if acc.is_main_process:  # before the offline sets and prepare steps: a stop now costs nothing
         for line in [*override_warnings(cfg), *prompt_changes(cfg)]:
             log.warning("%s", line)
+    check_finished_stages(cfg, acc, log, settings_only=True)  # every rank, before the prepare steps' work
     with others_wait_for_main(acc, prepare_timeout(cfg)):
         if acc.is_main_process:
             if cfg.resume == "never":

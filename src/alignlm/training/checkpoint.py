@@ -638,11 +638,14 @@ def change_text(key: str, theirs: Any, ours: Any) -> str:
     return f"{key}: {theirs} -> {ours}"
 
 
-def finished_changes(final: Path, ours: Mapping[str, Any], model_cfg: Any) -> list[str] | None:
+def finished_changes(
+    final: Path, ours: Mapping[str, Any], model_cfg: Any, settings_only: bool = False
+) -> list[str] | None:
     """How what ``final/`` was trained from (its :data:`TRAINED_FROM` record, its ``config.yaml``'s model settings:
     :func:`model_changes`, and the files they loaded: :func:`model_file_changes`) differs from this run's ``ours``
     (:func:`trained_from`) and ``model_cfg``, one line each; None for
-    a ``final/`` written before the record existed, whose inputs cannot be compared. A rerun that skips a finished
+    a ``final/`` written before the record existed, whose inputs cannot be compared. ``settings_only``: the settings
+    and model settings alone, not the files nor the starting weights. A rerun that skips a finished
     stage otherwise passed its old weights on to the next stages and the evaluation whatever had changed."""
     path = Path(final) / TRAINED_FROM
     if not path.is_file():
@@ -657,6 +660,9 @@ def finished_changes(final: Path, ours: Mapping[str, Any], model_cfg: Any) -> li
     if not isinstance(theirs, dict):
         raise ValueError(f"{path} is not a mapping of settings: retrain with resume=never")
     files = theirs.pop(MODEL_FILES, None)  # written by save_final, not by trained_from: compared on their own
+    if settings_only:  # before the prepare steps write the files and the earlier stages their weights
+        theirs, ours = ({k: v for k, v in d.items() if not k.endswith((CONTENTS, START))} for d in (theirs, ours))
+        files = None
     lines = [change_text(k, a, b) for k, (a, b) in recipe_changes(theirs, ours).items()]
     return lines + model_changes(final, model_cfg) + model_file_changes(files, model_cfg)
 
