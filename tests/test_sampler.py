@@ -49,13 +49,29 @@ def test_length_grouping_reduces_padding():
     lengths = torch.randint(10, 200, (256,), generator=g).tolist()
 
     def padding(s: StepSampler) -> int:
-        batches = s.epoch_batches(0)
+        batches = s.epoch_batches(0).view(-1, s.per_device)  # micro-batches
         lens = torch.tensor(lengths)[batches]
         return int((lens.max(1).values[:, None] - lens).sum())
 
     plain = StepSampler(256, 8, 1, 0, 1, seed=0, total_steps=32)
-    grouped = StepSampler(256, 8, 1, 0, 1, seed=0, total_steps=32, lengths=lengths)
-    assert padding(grouped) < padding(plain) / 3
+    banded = StepSampler(256, 8, 1, 0, 1, seed=0, total_steps=32, lengths=lengths, grouping="band")
+    assert padding(banded) < padding(plain) / 3
+    kw = {"per_device": 4, "world": 2, "rank": 0, "accum": 4, "seed": 0, "total_steps": 8}
+    stepped = StepSampler(256, **kw, lengths=lengths)  # a step of 8 micro-batches: sorted across them
+    assert padding(stepped) < padding(StepSampler(256, **kw)) / 3
+
+
+def test_grouping_within_a_step_keeps_every_steps_samples():
+    """``band`` made each global batch a band of similar lengths, which changes the objective (a token mean over the
+    step: a short caption weighed as much as a long one); ``step`` sorts each step's random sample only, so every
+    step trains on the samples it trains on without grouping, and the loss is the same."""
+    lengths = [(i * 37) % 101 for i in range(96)]
+    kw = {"per_device": 3, "world": 2, "rank": 0, "accum": 2, "seed": 3, "total_steps": 16}
+    plain, stepped = StepSampler(96, **kw), StepSampler(96, **kw, lengths=lengths)
+    for epoch in range(2):
+        a, b = plain.epoch_batches(epoch), stepped.epoch_batches(epoch)
+        assert [sorted(r) for r in a.tolist()] == [sorted(r) for r in b.tolist()]
+        assert all(lengths[x] >= lengths[y] for row in b.tolist() for x, y in zip(row, row[1:]))
 
 
 def test_too_small_dataset_is_a_clear_error():
@@ -76,3 +92,16 @@ def test_a_fractional_mixture_weight_draws_a_fresh_share_each_epoch():
         seen |= {i for i in batch if i >= 100}
     assert seen == set(range(100, 120))
     assert list(StepSampler(120, **{**kw, "start_step": 70}, pools=[(100, 120, 10)])) == list(s)[70:]
+
+
+def test_group_by_length_true_is_the_banding_it_always_was():
+    """A run started when ``true`` was the only grouping resumes with its own order."""
+    from alignlm.training.trainer import length_grouping
+
+    assert [length_grouping({"group_by_length": v}) for v in (True, "band", "step", False)] == [
+        "band",
+        "band",
+        "step",
+        None,
+    ]
+    assert length_grouping({}) == "step"

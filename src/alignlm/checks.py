@@ -973,8 +973,8 @@ def _check_stage_choices(key: str, stage: DictConfig, part_modes: Mapping[str, t
     if data.get("num_workers", "auto") != "auto":
         _whole(f"{key}.data.num_workers", data.num_workers, 0, ", or auto")
     _flag(f"{key}.data.packing", data.get("packing", "auto"), ("auto",))
-    for name in ("group_by_length", "preference"):
-        _flag(f"{key}.data.{name}", data.get(name, False))
+    _flag(f"{key}.data.group_by_length", data.get("group_by_length", "step"), ("step", "band"))
+    _flag(f"{key}.data.preference", data.get("preference", False))
     _check_feature_cache(key, data.get("feature_cache", False), modes.get("vision", "frozen"), _hook_targets(key, data))
 
 

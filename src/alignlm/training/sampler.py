@@ -1,10 +1,15 @@
 """Deterministic data order defined per *global* step, so resume and data parallelism are exact.
 
-With ``lengths`` given, batches are length-grouped: each run of ``group_size`` global batches of the shuffled order
-is sorted by length and cut into batches, and the batches are shuffled again, so padding shrinks while every epoch
-still visits each sample at most once. Each global batch is then a band of similar lengths (bucketing, as fairseq does),
-unlike LLaVA's ``group_by_modality_length``, which keeps a global batch a random sample (and separates images from
-text) and sorts it only across ranks: with one GPU that saves no padding, this does.
+With ``lengths`` given, batches are length-grouped, by ``grouping``:
+
+- ``step``: each global batch stays a random sample and is sorted by length across its micro-batches and ranks (as
+  LLaVA's ``group_by_modality_length`` sorts across ranks). The step's loss is a token mean over the whole global
+  batch, so it is the unsorted batch's: padding shrinks where a step has several micro-batches, and no number changes.
+- ``band``: each run of ``group_size`` global batches of the shuffled order is sorted by length and cut into batches,
+  and the batches are shuffled again (bucketing, as fairseq does), which saves padding on one GPU too. Each global
+  batch is then a band of similar lengths, and that changes the objective: under the token mean a short sample
+  weighs about as much as a long one, where in a random batch it weighs by its tokens (long against short captions,
+  1.0 against 8.4 times). Every epoch still visits each sample at most once either way.
 
 ``pools`` are the fractional shares of a weighted mixture (``data.records.mixture_index``): index ranges of which
 each epoch takes a fresh random ``take``, seeded by the epoch like the rest of its order.
@@ -39,6 +44,7 @@ class StepSampler:
     start_step: int = 0
     lengths: Sequence[int] | None = None
     group_size: int = 16
+    grouping: str = "step"  # "step" | "band" (module docstring)
     pools: Sequence[tuple[int, int, int]] = ()  # (start, stop, take): draw ``take`` of positions start..stop-1
 
     @property
@@ -69,6 +75,9 @@ class StepSampler:
         if self.lengths is None:
             return order.view(spe, gb)
         lengths = torch.as_tensor(self.lengths)[order]
+        if self.grouping == "step":  # each global batch sorted within itself: the same samples in every step
+            batches, lens = order.view(spe, gb), lengths.view(spe, gb)
+            return torch.gather(batches, 1, torch.argsort(lens, dim=1, descending=True, stable=True))
         groups = []
         for start in range(0, spe * gb, gb * self.group_size):
             idx, lens = order[start : start + gb * self.group_size], lengths[start : start + gb * self.group_size]

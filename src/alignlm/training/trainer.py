@@ -312,7 +312,8 @@ class Trainer:
             int(stage.grad_accum),
             int(cfg.seed),
             total_steps=0,
-            lengths=self.dataset.length_estimates() if stage.data.get("group_by_length") else None,
+            lengths=self.dataset.length_estimates() if (grouping := length_grouping(stage.data)) else None,
+            grouping=grouping or "step",
             pools=self.dataset.pools,
         )
         self.total_steps = (
@@ -1375,6 +1376,13 @@ class Terminated(RuntimeError):
 
 class TrainingError(RuntimeError):
     """A stage that cannot go on: it diverged (non-finite steps) or had no usable data; nothing bad was written."""
+
+
+def length_grouping(data: Any) -> str | None:
+    """How a stage's batches are grouped by length (``data.group_by_length``: ``step``, ``band``, or false for none;
+    ``true`` is ``band``, what it meant before ``step`` existed, so a run started then resumes with its own order)."""
+    value = data.get("group_by_length", "step")
+    return "band" if value is True else value or None
 
 
 def stage_done(cfg: DictConfig, name: str) -> bool:
