@@ -2031,3 +2031,53 @@ def test_plot_runs_metrics_name_whole_parts_of_a_metric(tmp_path, monkeypatch, a
         "pooled/retrieval/i2t_r1",
     ]
     assert "no run has the metrics ['typo']" in alignlm_log.text
+
+
+def test_answers_cut_at_max_new_tokens_are_counted_in_a_warning(tiny_model, colour_set, alignlm_log):
+    """A model that answers in sentences read 0 % at 8 tokens ("I think the ans") and 67 % at 16, without a word:
+    answers that reach the limit before their turn's end are said, with the knob that lengthens them."""
+    from omegaconf import OmegaConf
+
+    from alignlm.models.generation import generate_set
+
+    model = tiny_model().eval()  # untrained: it runs on to any limit
+    data = OmegaConf.to_container(compose().stages.finetune.data, resolve=True)
+    answers = generate_set(model, str(colour_set["test"]), data, batch_size=5, max_new_tokens=3)
+    assert f"12 of {len(answers)} answers reached max_new_tokens=3 before the end of their turn" in alignlm_log.text
+
+
+def test_every_command_answers_at_one_default_length():
+    """export --check and the lmms-eval task answered at 16 tokens where alignlm eval and the run's evaluation stop at
+    8: one checkpoint read another accuracy from each."""
+    import inspect
+
+    from omegaconf import OmegaConf
+
+    from alignlm.config import config_dir
+    from alignlm.constants import MAX_NEW_TOKENS
+    from alignlm.evaluation.export_check import compare_with_export
+    from alignlm.evaluation.lmms import write_local_task
+
+    assert OmegaConf.load(config_dir() / "eval" / "default.yaml").max_new_tokens == MAX_NEW_TOKENS
+    assert compose().eval.max_new_tokens == MAX_NEW_TOKENS
+    for fn in (compare_with_export, write_local_task):
+        assert inspect.signature(fn).parameters["max_new_tokens"].default == MAX_NEW_TOKENS
+
+
+def test_a_runs_own_sets_scored_otherwise_than_its_final_evaluation_are_said(tmp_path, alignlm_log):
+    """alignlm eval of a run's final/ takes the run's eval.sets and nothing else of its evaluation: a run that sampled
+    at temperature 2 on 20 questions (0 %) read 50 % greedy on all 36, without a word."""
+    from alignlm.evaluation.report import eval_sets
+
+    (tmp_path / "t.json").write_text("[]")
+    run = {"eval": {"sets": [{"name": "t", "path": str(tmp_path / "t.json")}], "max_new_tokens": 24, "limit": 20}}
+    run["eval"]["generation"] = {"do_sample": True, "temperature": 2.0}
+    ours = {"max_new_tokens": 8, "limit": None, "generation": {"do_sample": False}, "seed": 0}
+    assert [s["name"] for s in eval_sets(ours, run, "ck")] == ["t"]
+    assert (
+        "ck: its run's sets are scored with max_new_tokens=8, generation={'do_sample': False}, limit=None, where its "
+        "run's final evaluation had max_new_tokens=24, generation={'do_sample': True, 'temperature': 2.0}, limit=20"
+    ) in alignlm_log.text
+    alignlm_log.clear()
+    eval_sets({**ours, "max_new_tokens": 24, "limit": 20, "generation": run["eval"]["generation"]}, run, "ck")
+    assert "scored with" not in alignlm_log.text

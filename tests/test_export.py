@@ -211,7 +211,14 @@ def test_export_check_fails_when_an_answer_differs(tmp_path, monkeypatch, capsys
     import alignlm.commands.export as command
 
     differ = {"id": "q1", "alignlm": "red", "export": "redredred", "answer": "red"}
-    result = {"set": "s.json", "n": 2, "same_answers": 1, "alignlm_accuracy": 1.0, "export_accuracy": 0.5}
+    result = {
+        "set": "s.json",
+        "n": 2,
+        "same_answers": 1,
+        "max_new_tokens": 8,
+        "alignlm_accuracy": 1.0,
+        "export_accuracy": 0.5,
+    }
     monkeypatch.setattr(command, "export", lambda *a: tmp_path)
     monkeypatch.setattr(command, "compare_with_export", lambda *a: {**result, "differences": [differ]})
     (tmp_path / "s.json").write_text("[]")

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from alignlm.checks import EVAL_SET_KEYS, check_generation_keys, check_keys
 from alignlm.commands._flags import add_trust_flags, positive_int
 from alignlm.config import ConfigError, add_keys, config_dir
+from alignlm.constants import MAX_NEW_TOKENS
 from alignlm.data.templates import TEMPLATES
 from alignlm.evaluation import checkpoints
 from alignlm.evaluation.evaluate import check_set_names
@@ -532,7 +533,12 @@ def register(sub: Any) -> None:
     p.add_argument("questions", help="LLaVA JSON whose records carry 'answer', e.g. data/digits/test.json")
     p.add_argument("out", help="task folder parent, given to lmms-eval as --include_path")
     p.add_argument("--name", default="alignlm_local", help="task name (and sub-folder)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=16, help="answer length limit the task sets")
+    p.add_argument(
+        "--max-new-tokens",
+        type=positive_int,
+        default=MAX_NEW_TOKENS,
+        help=f"answer length limit the task sets ({MAX_NEW_TOKENS}, as alignlm eval's)",
+    )
     p.set_defaults(func=cmd_lmms_task)
     p = sub.add_parser(
         "lmms-eval",

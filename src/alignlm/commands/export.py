@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from alignlm.commands._flags import add_trust_flags, device_flag
+from alignlm.constants import MAX_NEW_TOKENS
 from alignlm.evaluation.checkpoints import resolve
 from alignlm.evaluation.export_check import compare_with_export, format_check
 from alignlm.export.hf_llava import SOURCE_FILE, ExportError, checkpoint_source, export
@@ -162,7 +163,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "generate, as lmms-eval's llava_hf) and compare; exit 1 when an answer differs (export_check.json)",
     )
     p.add_argument("--limit", type=int, default=None, help="--check: the first N questions")
-    p.add_argument("--max-new-tokens", type=int, default=16, help="--check: greedy answer length limit")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=MAX_NEW_TOKENS,
+        help=f"--check: greedy answer length limit ({MAX_NEW_TOKENS}, as alignlm eval's)",
+    )
     p.add_argument(
         "--device",
         type=device_flag,

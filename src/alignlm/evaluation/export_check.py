@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+from alignlm.constants import MAX_NEW_TOKENS
 from alignlm.data.images import load_rgb
 from alignlm.data.records import image_paths, read_records
 from alignlm.evaluation.checkpoints import data_config, load, resolve, stage_config
@@ -56,7 +57,7 @@ def compare_with_export(
     out_dir: str | Path,
     questions: str | Path,
     limit: int | None = None,
-    max_new_tokens: int = 16,
+    max_new_tokens: int = MAX_NEW_TOKENS,
     allow_code: bool = False,
     trust_remote_code: bool = False,
     device: str | torch.device = "cpu",
@@ -84,6 +85,7 @@ def compare_with_export(
         "set": str(questions),
         "n": n,
         "same_answers": n - len(differ),
+        "max_new_tokens": max_new_tokens,
         # scored as alignlm eval scores them, meta.choices included (a letter answer of option texts by its letter)
         "alignlm_accuracy": sum(scored(p, r)[0] for _, p, r in ours) / max(n, 1) if answered else None,
         "export_accuracy": sum(scored(t, r)[0] for t, r in zip(theirs, records)) / max(n, 1) if answered else None,
@@ -97,7 +99,8 @@ def format_check(result: dict[str, Any]) -> str:
     if result["alignlm_accuracy"] is not None:
         lines.append(
             f"  accuracy: alignlm {100 * result['alignlm_accuracy']:.1f} %, "
-            f"exported folder (transformers generate) {100 * result['export_accuracy']:.1f} %"
+            f"exported folder (transformers generate) {100 * result['export_accuracy']:.1f} % "
+            f"(answers of at most {result['max_new_tokens']} tokens)"
         )
     lines += [f"  differs: {json.dumps(d)}" for d in result["differences"]]
     return "\n".join(lines)

@@ -24,7 +24,7 @@ from typing import Any
 
 from transformers import LlavaForConditionalGeneration
 
-from alignlm.constants import IMAGE_TOKEN
+from alignlm.constants import IMAGE_TOKEN, MAX_NEW_TOKENS
 from alignlm.data.records import image_paths, read_records, record_id
 from alignlm.data.templates import to_turns
 from alignlm.evaluation.answers import choice_texts, reference_answers
@@ -70,7 +70,7 @@ def question_of(record: dict[str, Any]) -> str:
     return next(t.content for t in turns if t.role == "user").replace(IMAGE_TOKEN, "").strip()
 
 
-def write_local_task(questions: Path, out_dir: Path, name: str, max_new_tokens: int = 16) -> Path:
+def write_local_task(questions: Path, out_dir: Path, name: str, max_new_tokens: int = MAX_NEW_TOKENS) -> Path:
     """Write ``out_dir/name/`` (task YAML, ``utils.py``, ``name.jsonl`` with absolute image paths); returns it.
 
     Each record's one image is the task's; a record with none or several is refused (the task shows one image per

@@ -126,10 +126,31 @@ def eval_sets(ecfg: Mapping[str, Any], train_cfg: Any, whose: str = "the checkpo
         )
     if own:
         _refuse_regenerated_sets(sets, train_cfg, whose)
+        _say_other_scoring(ecfg, train_cfg, whose)
     return [
         {"name": str(s["name"]), "path": str(s["path"]), "kind": set_kind(str(s["path"]), str(s.get("kind", "auto")))}
         for s in sets
     ]
+
+
+# what scores a run's own sets other than its final evaluation did, besides the checkpoint
+_SCORING = ("max_new_tokens", "generation", "limit", "seed")
+
+
+def _say_other_scoring(ecfg: Mapping[str, Any], train_cfg: Any, whose: str) -> None:
+    """A warning where the run's own sets are scored with other settings than its final evaluation used (answer
+    length, decoding, limit, sampling seed): only the sets had been taken from the run, and its 0 % sampled at
+    temperature 2 on 20 questions read as 50 % greedy on 36, without a word."""
+    run = dict(train_cfg.get("eval") or {})
+    differ = {k: (run[k], ecfg.get(k)) for k in _SCORING if k in run and k in ecfg and run[k] != ecfg.get(k)}
+    if differ:
+        log.warning(
+            "%s: its run's sets are scored with %s, where its run's final evaluation had %s (--set KEY=VALUE to score "
+            "them as it did)",
+            whose,
+            ", ".join(f"{k}={v[1]!r}" for k, v in differ.items()),
+            ", ".join(f"{k}={v[0]!r}" for k, v in differ.items()),
+        )
 
 
 def _refuse_regenerated_sets(sets: Sequence[Mapping[str, Any]], train_cfg: Any, whose: str) -> None:
