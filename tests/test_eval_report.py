@@ -2079,5 +2079,8 @@ def test_a_runs_own_sets_scored_otherwise_than_its_final_evaluation_are_said(tmp
         "run's final evaluation had max_new_tokens=24, generation={'do_sample': True, 'temperature': 2.0}, limit=20"
     ) in alignlm_log.text
     alignlm_log.clear()
-    eval_sets({**ours, "max_new_tokens": 24, "limit": 20, "generation": run["eval"]["generation"]}, run, "ck")
+    same = {**ours, "max_new_tokens": 24, "limit": 20, "generation": run["eval"]["generation"]}
+    eval_sets(same, run, "ck")
     assert "scored with" not in alignlm_log.text
+    eval_sets({**same, "seed": 5}, run, "ck")  # sampled: the final evaluation sampled under seed 0
+    assert "ck: its run's sets are scored with seed=5, where its run's final evaluation had seed=0" in alignlm_log.text

@@ -257,3 +257,29 @@ def test_a_changed_setting_is_refused_before_the_prepare_steps_run(colour_set, t
     monkeypatch.setattr(pipeline, "ensure_offline_datasets", lambda *a: pytest.fail("the offline sets were made"))
     with pytest.raises(ConfigError, match=r"stages\.pretrain\.lr\.connector: 0\.001 -> 0\.05.*another run_name"):
         run(compose(*base, "stages.pretrain.lr.connector=5e-2"))
+
+
+def test_group_by_length_true_and_band_are_one_setting_and_step_names_band_as_the_way_on(tmp_path):
+    """A run started when the stage files said ``group_by_length: true`` was refused under the new default ``step``,
+    and ``band``, documented as the way to its order, was refused too (``True -> band``)."""
+    key = "stages.pretrain.data.group_by_length"
+    assert ckpt.recipe_changes({key: True}, {key: "band"}) == {}
+    (line,) = [ckpt.change_text(k, a, b) for k, (a, b) in ckpt.recipe_changes({key: True}, {key: "step"}).items()]
+    assert line == f"{key}: True -> step ({key}=band goes on in the order it started with)"
+
+
+def test_the_early_check_leaves_a_path_not_there_yet_to_the_full_check(tmp_path):
+    """Before the offline sets are written, `data/x.json` and its absolute spelling cannot be told the same: the
+    early check refused a rerun that the full check, after the sets, accepts."""
+    final = tmp_path / "final"
+    final.mkdir()
+    key = "stages.pretrain.data.sources"
+    theirs = {key: [{"path": "data/x.json"}], "stages.pretrain.lr.connector": 0.001}
+    (final / ckpt.TRAINED_FROM).write_text(json.dumps(theirs))
+    ours = {key: [{"path": str(tmp_path / "data" / "x.json")}], "stages.pretrain.lr.connector": 0.001}
+    assert ckpt.finished_changes(final, ours, {}, settings_only=True) == []
+    assert ckpt.finished_changes(final, ours, {}) == [f"{key}: {theirs[key]} -> {ours[key]}"]
+    changed = {**ours, "stages.pretrain.lr.connector": 0.05}
+    assert ckpt.finished_changes(final, changed, {}, settings_only=True) == [
+        "stages.pretrain.lr.connector: 0.001 -> 0.05"
+    ]

@@ -530,7 +530,9 @@ def check_finished_stages(cfg: DictConfig, acc: Accelerator, log: Any, settings_
     ``resume_allow_changes=true`` such a stage is kept as it is, with a warning naming the changes. Every rank compares
     the same files after the prepare steps, so every rank refuses alike (the others do not wait on the main one).
     ``settings_only`` (before the offline sets and prepare steps): the settings alone, so that a changed setting is
-    refused before a prepare step spends its hours (AlignGPT's levels of 558k pairs) for a run that cannot go on."""
+    refused before a prepare step spends its hours (scoring 558k caption pairs) for a run that cannot go on. A
+    path whose file is not there yet (an offline set or a prepare step's output to be written) is left to the full
+    check: two spellings of it cannot be told the same before it exists."""
     if cfg.resume == "never" or (settings_only and cfg.get("resume_allow_changes")):
         return
     run_dir = Path(cfg.output_dir) / cfg.run_name

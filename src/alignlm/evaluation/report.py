@@ -133,16 +133,20 @@ def eval_sets(ecfg: Mapping[str, Any], train_cfg: Any, whose: str = "the checkpo
     ]
 
 
-# what scores a run's own sets other than its final evaluation did, besides the checkpoint
-_SCORING = ("max_new_tokens", "generation", "limit", "seed")
+# what scores a run's own sets other than its final evaluation did, besides the checkpoint; with sampled decoding the
+# batches and their seed too (the final evaluation samples under seed 0)
+_SCORING = ("max_new_tokens", "generation", "limit")
+_SAMPLING = ("batch_size", "seed")
 
 
 def _say_other_scoring(ecfg: Mapping[str, Any], train_cfg: Any, whose: str) -> None:
     """A warning where the run's own sets are scored with other settings than its final evaluation used (answer
-    length, decoding, limit, sampling seed): only the sets had been taken from the run, and its 0 % sampled at
-    temperature 2 on 20 questions read as 50 % greedy on 36, without a word."""
-    run = dict(train_cfg.get("eval") or {})
-    differ = {k: (run[k], ecfg.get(k)) for k in _SCORING if k in run and k in ecfg and run[k] != ecfg.get(k)}
+    length, decoding, limit; sampled, the batch size and seed): only the sets had been taken from the run, and its
+    0 % sampled at temperature 2 on 20 questions read as 50 % greedy on 36, without a word."""
+    run = {"seed": 0, **dict(train_cfg.get("eval") or {})}
+    sampled = any(bool((g or {}).get("do_sample")) for g in (run.get("generation"), ecfg.get("generation")))
+    keys = _SCORING + (_SAMPLING if sampled else ())
+    differ = {k: (run[k], ecfg.get(k)) for k in keys if k in run and k in ecfg and run[k] != ecfg.get(k)}
     if differ:
         log.warning(
             "%s: its run's sets are scored with %s, where its run's final evaluation had %s (--set KEY=VALUE to score "

@@ -467,6 +467,15 @@ def _names(text: str, file: bool = False) -> bool:
         return False
 
 
+def _names_what_is_not_there(value: Any) -> bool:
+    """Whether a setting holds a string that reads as a path (it has a folder in it) to nothing there now."""
+    if isinstance(value, Mapping):
+        return any(map(_names_what_is_not_there, value.values()))
+    if isinstance(value, list):
+        return any(map(_names_what_is_not_there, value))
+    return isinstance(value, str) and os.sep in value and not _names(value)
+
+
 def input_files(stage: Mapping[str, Any], name: str) -> dict[str, dict[str, str]]:
     """Every existing file that a string of the stage's config names (data sources, the labels, levels or preference
     pairs a prepare step writes), as ``{"stages.<name>.<key> contents": {"path", "sha256"}}``: a prepare step or a
@@ -541,12 +550,19 @@ def _resolved(tree: Any) -> Any:
     return tree
 
 
+# settings an older config wrote otherwise, by key suffix: compared by what they mean
+SAME_MEANING = {".data.group_by_length": {True: "band"}}
+
+
 def _compared(key: str, value: Any) -> Any:
     """What a recorded value is compared by: a file's digest or a start's identity without the path that named it
     (:data:`IDENTIFIED`: the same bytes under another spelling or place are no change; a move is named by the config
     key holding the path, if any), any other value with its paths resolved (:func:`_resolved`)."""
     if key.endswith(IDENTIFIED) and isinstance(value, Mapping):
         return {k: v for k, v in value.items() if k != "path"}
+    for suffix, meaning in SAME_MEANING.items():
+        if key.endswith(suffix) and isinstance(value, bool | str) and value in meaning:
+            return meaning[value]
     return _resolved(value)
 
 
@@ -635,6 +651,8 @@ def change_text(key: str, theirs: Any, ours: Any) -> str:
         if _resolved(theirs.get("path")) == _resolved(ours.get("path")):
             return f"{key.removesuffix(CONTENTS)} ({ours.get('path')}): contents changed"
         return f"{key.removesuffix(CONTENTS)}: file {theirs.get('path')} -> {ours.get('path')}"
+    if key.endswith(".data.group_by_length") and _compared(key, theirs) == "band":
+        return f"{key}: {theirs} -> {ours} ({key}=band goes on in the order it started with)"
     return f"{key}: {theirs} -> {ours}"
 
 
@@ -663,7 +681,10 @@ def finished_changes(
     if settings_only:  # before the prepare steps write the files and the earlier stages their weights
         theirs, ours = ({k: v for k, v in d.items() if not k.endswith((CONTENTS, START))} for d in (theirs, ours))
         files = None
-    lines = [change_text(k, a, b) for k, (a, b) in recipe_changes(theirs, ours).items()]
+    changed = recipe_changes(theirs, ours)
+    if settings_only:  # a path not there yet cannot be told the same as another spelling of it: the full check will
+        changed = {k: ab for k, ab in changed.items() if not any(map(_names_what_is_not_there, ab))}
+    lines = [change_text(k, a, b) for k, (a, b) in changed.items()]
     return lines + model_changes(final, model_cfg) + model_file_changes(files, model_cfg)
 
 

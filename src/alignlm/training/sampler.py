@@ -2,9 +2,11 @@
 
 With ``lengths`` given, batches are length-grouped, by ``grouping``:
 
-- ``step``: each global batch stays a random sample and is sorted by length across its micro-batches and ranks (as
-  LLaVA's ``group_by_modality_length`` sorts across ranks). The step's loss is a token mean over the whole global
-  batch, so it is the unsorted batch's: padding shrinks where a step has several micro-batches, and no number changes.
+- ``step``: each global batch stays a random sample, and each of its micro-steps (one micro-batch per rank) is
+  sorted by length across the ranks, as LLaVA's ``group_by_modality_length`` sorts its megabatch. Every micro-step
+  holds the samples it holds unsorted, so the step's token-mean loss and the objectives taken over a micro-step's
+  ranks (a gathered contrastive batch) are the unsorted ones; padding shrinks with several ranks. (Sorting across the
+  accumulation's micro-batches too had changed what a per-micro-batch objective saw: the contrastive loss 4.5 %.)
 - ``band``: each run of ``group_size`` global batches of the shuffled order is sorted by length and cut into batches,
   and the batches are shuffled again (bucketing, as fairseq does), which saves padding on one GPU too. Each global
   batch is then a band of similar lengths, and that changes the objective: under the token mean a short sample
@@ -75,9 +77,10 @@ class StepSampler:
         if self.lengths is None:
             return order.view(spe, gb)
         lengths = torch.as_tensor(self.lengths)[order]
-        if self.grouping == "step":  # each global batch sorted within itself: the same samples in every step
-            batches, lens = order.view(spe, gb), lengths.view(spe, gb)
-            return torch.gather(batches, 1, torch.argsort(lens, dim=1, descending=True, stable=True))
+        if self.grouping == "step":  # each micro-step sorted across its ranks: the same samples in every micro-step
+            shape = (spe, self.accum, self.world * self.per_device)
+            batches, lens = order.view(shape), lengths.view(shape)
+            return torch.gather(batches, 2, torch.argsort(lens, dim=2, descending=True, stable=True)).view(spe, gb)
         groups = []
         for start in range(0, spe * gb, gb * self.group_size):
             idx, lens = order[start : start + gb * self.group_size], lengths[start : start + gb * self.group_size]
