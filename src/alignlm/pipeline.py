@@ -290,10 +290,8 @@ def ensure_offline_datasets(cfg: DictConfig, readers: contextlib.ExitStack | Non
                 get_logger("alignlm", 0).warning(
                     "regenerating %s: it was written with %s, the config asks for %s", out, *differences_said(differs)
                 )
-            if differs or not info.exists():
-                GENERATORS[name](
-                    out, **wanted
-                )  # the generator's defaults with the config's knobs over them, and the seed
+            if differs or not info.exists():  # the generator's defaults with the config's knobs over them, and the seed
+                GENERATORS[name](out, **wanted)
             # held before the writer's lock is let go: a run waiting on it would otherwise find no reader, and write
             # the set again under this one
             fd = take_shared_lock(readers_lock(out), f"a run writing {out} again") if readers is not None else None

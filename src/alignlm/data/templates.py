@@ -334,7 +334,7 @@ class ChatTemplate(Template):
             )
         template = tokenizer.chat_template
         if adds_bos(tokenizer):
-            if _GENERATION_BLOCK.search(template):  # its spans are of the text a capture holds, not of the output
+            if _GENERATION_TAG.search(template):  # its spans are of the text a capture holds, not of the output
                 template = "{%- set bos_token = '' -%}" + template
             else:
                 template = (
@@ -345,7 +345,6 @@ class ChatTemplate(Template):
         return _JINJA_FLATTEN + _jinja_contents(self.image_first) + system + template
 
 
-_GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
 _GENERATION_TAG = re.compile(r"\{%-?\s*(?:end)?generation\s*-?%\}")
 
 
