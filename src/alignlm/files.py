@@ -307,14 +307,9 @@ def take_lock(path: Path, what: str, wait: bool = False) -> int | None:
     process holds it, or with ``wait`` waits for it, saying so. On a filesystem that cannot lock, or in a folder where no lock file can be made, returns None
     with a warning that ``what`` (e.g. "a second run of this run_name") would not be refused. A lock file this user
     cannot write (another user's, in a shared folder) is locked read-only: ``flock`` needs no write access."""
-    try:  # the umask decides who else may write it, as for every other file there (a team's shared folder)
-        fd, writable = os.open(path, os.O_RDWR | os.O_CREAT, 0o666), True
-    except OSError as e:
-        if e.errno not in _READ_ONLY:
-            raise
-        if not path.exists():  # nowhere to put a lock: a folder another user made
-            return _unlocked(path, e.strerror, what, wait)
-        fd, writable = os.open(path, os.O_RDONLY), False
+    fd, writable, why = _open_lock(path)
+    if fd is None:
+        return _unlocked(path, why, what, wait)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -336,19 +331,28 @@ def take_lock(path: Path, what: str, wait: bool = False) -> int | None:
     return fd
 
 
+def _open_lock(path: Path) -> tuple[int | None, bool, str]:
+    """A lock file's descriptor and whether it is writable, or None and why none can be had: a lock file this user
+    cannot write (another user's, in a shared folder) is opened read-only, since ``flock`` needs no write access, and
+    a folder where none can be made (another user's) has none."""
+    try:  # the umask decides who else may write it, as for every other file there (a team's shared folder)
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o666), True, ""
+    except OSError as e:
+        if e.errno not in _READ_ONLY:
+            raise
+        if not path.exists():  # nowhere to put a lock: a folder another user made
+            return None, False, e.strerror
+        return os.open(path, os.O_RDONLY), False, ""
+
+
 def take_shared_lock(path: Path, what: str) -> int | None:
     """Hold ``path`` shared (``flock``'s shared lock) for this process, beside any other holder, and return its
     descriptor for :func:`release_lock`; waits while a process holds it alone. :func:`held_by_others` then tells a
     writer to keep off. None where no lock can be taken (that filesystem, a folder another user made), with a warning
     that ``what`` (e.g. "a run writing <set> again") would not be refused."""
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError as e:
-        if e.errno not in _READ_ONLY:
-            raise
-        if not path.exists():
-            return _unlocked(path, e.strerror, what, wait=False)
-        fd = os.open(path, os.O_RDONLY)
+    fd, _, why = _open_lock(path)
+    if fd is None:
+        return _unlocked(path, why, what, wait=False)
     try:
         fcntl.flock(fd, fcntl.LOCK_SH)
     except OSError as e:
