@@ -422,8 +422,8 @@ def test_export_says_it_takes_a_final_folder_and_where_one_is(tmp_path, capsys):
             ["seed=0,1"],
             "alignlm: seed=0,1: a comma makes a Hydra sweep, and alignlm train runs one configuration: run one command "
             "per value, each under its own run_name, e.g. for s in 0 1 2; do alignlm train +exp=demo seed=$s "
-            "run_name=demo_seed$s; done (a SLURM job array on a cluster; every seed reads one draw of the offline sets, "
-            "offline_dataset_seed); a list is written seed=[0,1]",
+            "run_name=demo_seed$s; done (a SLURM job array on a cluster; every seed reads one draw of the offline "
+            "sets, offline_dataset_seed); a list is written seed=[0,1]",
         ),
         (["seed=range(0,3)"], "alignlm: seed=range(0,3): a sweep, and alignlm train runs one configuration: run one"),
         (  # each seed draws its own sets: each its own data_root

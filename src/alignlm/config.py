@@ -193,8 +193,9 @@ def config_roots(cfg: DictConfig | None = None) -> list[Path]:
 
 def overridden_keys(cfg: DictConfig | None) -> list[str]:
     """The keys the overrides ``cfg`` was composed with set (``stages.finetune.lora.r`` of
-    ``stages.finetune.lora.r=64``, ``model`` of ``model=tiny``), in their order; none for a config ``compose`` did not return. What the user asked
-    for by name, as against what a recipe or a default sets: a knob that nothing reads is worth a word only there."""
+    ``stages.finetune.lora.r=64``, ``model`` of ``model=tiny``), in their order; none for a config ``compose`` did not
+    return. What the user asked for by name, as against what a recipe or a default sets: a knob that nothing reads is
+    worth a word only there."""
     if not composed(cfg):
         return []
     return [_override_key(o) for o in _ROOTS[id(cfg)][2]]

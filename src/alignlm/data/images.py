@@ -351,5 +351,6 @@ def prepared(spec: ImageSpec, aspect_ratio: str, path: Path) -> torch.Tensor:
     """An image file read (:func:`load_rgb`) and preprocessed for ``spec``: what :func:`decoded_batches`' workers run
     for a reader that prepares pixels itself (``functools.partial(prepared, spec, aspect_ratio)``). Its size is
     checked as the training dataset checks it under ``aspect_ratio``: under ``crop`` the image itself, not the square
-    it would pad to (a 300x8000 screenshot that a crop stage trained on had stopped the probe and a method's label pass)."""
+    it would pad to (a 300x8000 screenshot that a crop stage trained on had stopped the probe and a method's label
+    pass)."""
     return preprocess(load_rgb(path, padded=aspect_ratio == "pad"), spec, aspect_ratio)

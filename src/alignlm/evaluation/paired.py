@@ -30,9 +30,7 @@ def paired_difference(a: Mapping[str, float], b: Mapping[str, float]) -> dict[st
         return None
     # a difference under TIE is rounding (scores of one value reached by other sums, or 6 digits in report.json)
     d = [0.0 if abs(x) <= TIE else x for x in (float(b[i]) - float(a[i]) for i in ids)]
-    mean = math.fsum(d) / n
-    var = math.fsum((x - mean) ** 2 for x in d) / (n - 1)
-    se = math.sqrt(var / n) if max(d) - min(d) > TIE else 0.0  # every difference alike: no spread, not 1e-17
+    mean, se = mean_se(d)  # every difference alike: no spread, not 1e-17
     return {
         "n": n,
         "a_acc": math.fsum(float(a[i]) for i in ids) / n,
@@ -140,13 +138,14 @@ def t_test_p(t: float, df: int) -> float:
 
 def mean_se(xs: Sequence[float]) -> tuple[float, float]:
     """Mean and its standard error over independent runs (seeds); ``nan`` error with a single value, 0 where the
-    values agree within :data:`TIE` (float noise had given an SE of 1e-17 and a t of 1e16)."""
+    values agree within :data:`TIE` (float noise had given an SE of 1e-17 and a t of 1e16): the standard error of
+    :func:`paired_difference` and of the seed tables alike."""
     m = math.fsum(xs) / len(xs)
     if len(xs) < 2:
         return m, math.nan
     if not all(map(math.isfinite, xs)):
         return m, math.nan
-    if max(xs) - min(xs) < TIE:
+    if max(xs) - min(xs) <= TIE:  # a tie as paired_difference reads one
         return m, 0.0
     return m, math.sqrt(math.fsum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
 

@@ -212,9 +212,9 @@ def generate_set(
     for k, (inputs, records) in enumerate(batches):
         torch.manual_seed(batch_seed(seed, len(done) + k * batch_size))  # on every device
         new_tokens = model.generate(inputs, max_new_tokens=max_new_tokens, stop=stop, **dict(generation or {}))
-        texts = [model.tokenizer.decode(pred_ids, skip_special_tokens=True) for pred_ids in new_tokens]
+        rows = new_tokens.tolist()
+        texts = [model.tokenizer.decode(row, skip_special_tokens=True) for row in rows]
         preds = [(text.split(stop.text)[0] if stop.text else text).strip() for text in texts]
-        rows = new_tokens.tolist() if isinstance(new_tokens, torch.Tensor) else []
         cut += sum(
             len(row) >= max_new_tokens and ends.isdisjoint(row) and not (stop.text and stop.text in text)
             for row, text in zip(rows, texts)
