@@ -620,3 +620,15 @@ def test_export_check_answers_both_sides_on_the_asked_device(tiny_model, tmp_pat
     with pytest.raises(SystemExit):
         main([*args, "--device", "cuda:0"])
     assert "argument --device: 'cuda:0': this machine has no CUDA device" in capsys.readouterr().err and exported == []
+
+
+def test_a_bfloat16_model_is_exported_in_bfloat16_with_its_weights_and_config_saying_so(tiny_model, tmp_path):
+    """Built in the LLM's dtype, not in float32 and cast (which had held twice its size at once and left its config's
+    dtype unset): the model, its config and the folder's config.json name the dtype its weights have."""
+    model = tiny_model().to(torch.bfloat16)
+    hf = to_llava(model)
+    assert {p.dtype for p in hf.parameters()} == {torch.bfloat16}
+    assert hf.config.dtype == hf.config.text_config.dtype == torch.bfloat16
+    assert torch.equal(hf.lm_head.weight, model.llm.get_output_embeddings().weight)
+    hf.save_pretrained(tmp_path / "llava")
+    assert json.loads((tmp_path / "llava" / "config.json").read_text())["dtype"] == "bfloat16"

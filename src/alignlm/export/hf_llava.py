@@ -27,6 +27,7 @@ from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForImageTextToText,
     AutoTokenizer,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -202,11 +203,11 @@ def _copy(src: nn.Module, dst: nn.Module, name: str) -> None:
 
 
 def to_llava(model: AlignLM) -> Any:
-    """An in-memory ``LlavaForConditionalGeneration`` with ``model``'s weights (LoRA must be merged already)."""
+    """An in-memory ``LlavaForConditionalGeneration`` with ``model``'s weights (LoRA must be merged already), built in
+    the LLM's dtype: built in float32 and then cast, a bf16 model's export had held twice its size at once."""
     strategy = check_exportable(model)
     config = llava_config(model, strategy)
-    dtype = model.llm.get_input_embeddings().weight.dtype
-    hf = LlavaForConditionalGeneration(config).to(dtype)
+    hf = AutoModelForImageTextToText.from_config(config, dtype=model.llm.get_input_embeddings().weight.dtype)
     for name, src, dst in _pairs(model, hf):
         _copy(src, dst, name)
     hf.tie_weights()
