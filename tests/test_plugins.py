@@ -285,4 +285,5 @@ def test_the_monitor_and_alignlm_eval_report_a_metric_of_ones_own(colour_set, tm
     assert main(["eval", str(tmp_path / "t" / "pretrain" / "final"), *flags, *knobs]) == 0
     (checkpoint,) = json.loads((tmp_path / "r" / "report.json").read_text())["checkpoints"]
     assert -1 <= checkpoint["probe"]["pooled"][metric] <= 1
-    assert metric in (tmp_path / "r" / "report.md").read_text()
+    table = (tmp_path / "r" / "report.md").read_text().split("\n\n")[1]  # the comparison table, the headline
+    assert table.startswith("| checkpoint |") and f"| {metric} |" in table.splitlines()[0]

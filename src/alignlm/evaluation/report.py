@@ -725,10 +725,18 @@ def table_columns(results: list[dict[str, Any]]) -> list[Column]:
             cols.append((f"{name} BLEU-4", lambda res, n=name: res["sets"].get(n, {}).get("bleu4"), 4))
             cols.append((f"{name} CIDEr", lambda res, n=name: res["sets"].get(n, {}).get("cider"), 4))
     flats = [flat(res.get("probe", {})) for res in results]
-    for key in HEADLINE:
+    for key in (*HEADLINE, *own_pooled_metrics(flats)):
         if any(key in f for f in flats):
             cols.append((key.split("/", 1)[1], lambda res, k=key: flat(res.get("probe", {})).get(k), 4))
     return cols
+
+
+def own_pooled_metrics(flats: Sequence[Mapping[str, float]]) -> list[str]:
+    """The pooled figures of researchers' own metrics (``pooled/pkg.module.fn``, ``.../<name>`` for a mapping), in
+    order: a metric one names in ``probe.metrics`` is one to compare, so it joins the headline (it had shown only in
+    the list of every probe metric). The suite's names hold no dot; a dotted path always does."""
+    keys = {k for f in flats for k in f if k.startswith("pooled/") and "." in k.split("/")[1]}
+    return sorted(keys)
 
 
 def markdown(
