@@ -42,11 +42,21 @@ for seed in $seeds; do
     mkdir -p "$out/seed_$seed"
     # shellcheck disable=SC2086  # each spec is a name and its init_from
     arm "$seed" $spec "$@" &
-    while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do wait -n; done
+    while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do wait -n || true; done  # a failed arm said so; the others go on
   done
 done
 wait
 
+missing=()
+for seed in $seeds; do
+  for name in revision_untrained revision_raw revision; do
+    [ -f "$out/seed_$seed/eval_$name/report.json" ] || missing+=("seed $seed $name")
+  done
+done
+if [ "${#missing[@]}" -gt 0 ]; then  # no comparison or table of fewer arms than asked; a rerun trains only these
+  printf 'no evaluation of: %s\n' "${missing[@]}" >&2
+  exit 1
+fi
 for seed in $seeds; do
   d="$out/seed_$seed"
   alignlm compare "$d"/eval_revision_untrained/report.json "$d"/eval_revision_raw/report.json \
