@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import torch
 import transformers.integrations.hub_kernels as hub_kernels
 from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
 
 from alignlm.config import ConfigError
 from alignlm.models.build import build_model
@@ -258,3 +261,56 @@ def test_a_vision_tower_or_dual_encoder_folder_naming_a_hub_kernel_is_refused(tm
         with pytest.raises(ConfigError, match=f"{folder}/config.json: attn_implementation='{KERNEL}' names a Hub"):
             build(folder)
     assert kernel_fetches == []
+
+
+def _poison(folder: Path, value: float) -> None:
+    """One weight of the folder's ``model.safetensors`` set to ``value`` in place."""
+    weights = load_file(folder / "model.safetensors")
+    name = sorted(k for k, v in weights.items() if v.is_floating_point())[0]
+    weights[name].view(-1)[0] = value
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_an_llm_tower_or_dual_encoder_folder_holding_non_finite_weights_is_refused_naming_it(tmp_path, value):
+    """A NaN in a frozen LLM's folder loaded, and ``alignlm eval`` reported 0 % accuracy with exit status 0 (training
+    from it blamed the learning rate): every folder a part is loaded from is checked as ``final/`` weights are."""
+    from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
+
+    from alignlm.models.encoders import HFDualEncoder
+    from alignlm.models.llm import pretrained, tiny
+    from alignlm.models.vision import HFVisionTower
+
+    llm, tok = tiny()
+    llm.save_pretrained(tmp_path / "llm")
+    tok.save_pretrained(tmp_path / "llm")
+    small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+    CLIPVisionModel(CLIPVisionConfig(**small, image_size=32, patch_size=16)).save_pretrained(tmp_path / "tower")
+    CLIPModel(
+        CLIPConfig(text_config=small, vision_config={**small, "image_size": 32, "patch_size": 16})
+    ).save_pretrained(tmp_path / "dual")
+    held = "NaN" if value != value else "inf"
+    for name, build in (
+        ("llm", pretrained),
+        ("tower", lambda f: HFVisionTower(name_or_path=f)),
+        ("dual", HFDualEncoder),
+    ):
+        folder = tmp_path / name
+        _poison(folder, value)
+        with pytest.raises(ValueError, match=rf"weights hold {held}: \[.*\] \(1 tensors of {re.escape(str(folder))}\)"):
+            build(str(folder))
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.float8_e5m2]
+)
+def test_the_finite_test_finds_one_nan_or_infinity_of_either_sign_in_every_dtype(dtype):
+    from alignlm.models.loading import finite
+
+    assert finite(torch.randn(64, 8).to(dtype)) and finite(torch.zeros(0, 8, dtype=dtype))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        if dtype == torch.float8_e4m3fn and bad in (float("inf"), float("-inf")):  # none there: it saturates
+            continue
+        weights = torch.randn(64, 8).to(dtype)
+        weights[37, 5] = bad
+        assert not finite(weights), (dtype, bad)

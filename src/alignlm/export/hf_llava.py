@@ -44,7 +44,6 @@ from alignlm.models.connectors.mlp import MLPConnector
 from alignlm.models.io import (
     FINAL_FILES,
     MODEL_FILES,
-    check_finite,
     checkpoint_stage,
     config_yaml,
     final_stage,
@@ -52,8 +51,8 @@ from alignlm.models.io import (
     load_model,
     model_stamps,
 )
-from alignlm.models.llm import refuse_hub_kernel_attention
 from alignlm.models.lm_loss import head_transform
+from alignlm.models.loading import check_finite, refuse_hub_kernel_attention
 from alignlm.models.mllm import AlignLM
 from alignlm.models.vision import HFVisionTower, saved_image_norm, saved_image_processor
 

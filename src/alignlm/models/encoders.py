@@ -34,7 +34,7 @@ from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
 from alignlm.data.images import ImageSpec, load_rgb, preprocess
 from alignlm.files import as_umask_allows
-from alignlm.models.llm import refuse_hub_kernel_attention
+from alignlm.models.loading import check_finite, refuse_hub_kernel_attention
 from alignlm.models.vision import EfficientNetLiteTower
 
 MANIFEST = "dual_encoder.json"  # marks a folder written by `alignlm dual-encoder fit`
@@ -184,9 +184,9 @@ class HFDualEncoder(_Weights):
             )
         self.family = FAMILIES[config.model_type]
         self.name = name or str(name_or_path)
-        self.model = (
-            AutoModel.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code).to(device).eval()
-        )
+        self.model = AutoModel.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
+        check_finite(self.model.state_dict(), name_or_path)
+        self.model = self.model.to(device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         self.max_length = config.text_config.max_position_embeddings
         mean, std = self.family["mean"], self.family["std"]

@@ -37,6 +37,7 @@ from alignlm.files import file_sha256, refuse_special_file
 from alignlm.models.build import build_model
 from alignlm.models.connectors.base import Connector
 from alignlm.models.extras import InputPart
+from alignlm.models.loading import check_finite
 from alignlm.models.vision import VisionTower
 
 # the key under which a record (a step checkpoint's recipe, trained_from.json, an export's source) holds model_stamps
@@ -319,22 +320,6 @@ def load_part_state(
     with torch.no_grad():
         for k, v in state.items():
             full[k].copy_(v)
-
-
-def check_finite(state: Mapping[str, torch.Tensor], source: str) -> None:
-    """Refuse weights holding NaN or inf before any is copied, naming them: they would surface later as a loss of nan
-    or a linear-algebra error in a metric."""
-    bad = sorted(k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
-    if bad:
-        held = [
-            name
-            for name, test in (("NaN", torch.isnan), ("inf", torch.isinf))
-            if any(test(state[k]).any() for k in bad)
-        ]
-        raise ValueError(
-            f"checkpoint weights hold {' and '.join(held)}: {bad[:5]} ({len(bad)} tensors of {source}); nothing was "
-            "loaded"
-        )
 
 
 def check_fits(state: Mapping[str, torch.Tensor], model_state: Mapping[str, torch.Tensor], source: str) -> None:

@@ -8,7 +8,7 @@ checkpoint and the offline demo share one code path:
 - ``tiny``: a random Llama built from a config, with a tokenizer trained locally, for tests.
 
 A model folder is data, never code: one whose ``config.json`` names a Hub repository of kernels as its attention is
-refused (``refuse_hub_kernel_attention``).
+refused, and so are weights holding NaN or inf (``models/loading.py``).
 """
 
 from __future__ import annotations
@@ -27,11 +27,10 @@ from transformers import (
     GenerationConfig,
     LlamaConfig,
     LlamaForCausalLM,
-    PretrainedConfig,
 )
 
-from alignlm.config import ConfigError
 from alignlm.files import temporary_path
+from alignlm.models.loading import check_finite, refuse_hub_kernel_attention
 from alignlm.models.tokenizer import build_tiny_tokenizer
 
 LLMAndTokenizer = tuple[nn.Module, Any]
@@ -70,49 +69,13 @@ def pretrained(
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    check_finite(model.state_dict(), name_or_path)
     loaded = model.generation_config
     model.generation_config = GenerationConfig(
         **{k: getattr(loaded, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     )
     tok = AutoTokenizer.from_pretrained(tokenizer or name_or_path, trust_remote_code=trust_remote_code)
     return model, tok
-
-
-def refuse_hub_kernel_attention(name_or_path: str) -> None:
-    """Refuse a model folder (or Hub model) whose ``config.json`` names a Hub repository as an ``attn_implementation``
-    at any level (``text_config.attn_implementation``, a mapping per sub-config): transformers would download and run
-    that repository's kernels when it builds the model, without asking for trust_remote_code. transformers never
-    writes the key itself, so one there was put by hand; a built-in attention's name (sdpa, eager) is no code and
-    stays the folder's choice. Raises ``ConfigError`` naming the file and the key."""
-    found = _hub_kernel(PretrainedConfig.get_config_dict(name_or_path)[0], "")
-    if found is not None:
-        key, value = found
-        raise ConfigError(
-            f"{name_or_path}/config.json: {key}={value!r} names a Hub repository of kernels, code transformers would "
-            "download and run; a model folder is data, never code: remove the key from the file, or set a built-in "
-            "attention there (sdpa, eager, flash_attention_2, ...)"
-        )
-
-
-def _hub_kernel(node: Any, key: str) -> tuple[str, Any] | None:
-    """The first ``attn_implementation`` under ``node`` (a ``config.json``) holding a name with a ``/`` (transformers'
-    Hub kernel form ``<org>/<repo>``), as ``(key, value)``."""
-    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
-    for k, v in items:
-        here = f"{key}.{k}" if key else str(k)
-        if k == "attn_implementation" and _names_repository(v):
-            return here, v
-        if (found := _hub_kernel(v, here)) is not None:
-            return found
-    return None
-
-
-def _names_repository(value: Any) -> bool:
-    """Whether an ``attn_implementation`` value, or any name in it (a mapping per sub-config), holds a ``/``."""
-    if isinstance(value, str):
-        return "/" in value
-    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
-    return any(_names_repository(v) for v in items)
 
 
 def smollm2_from_package(dtype: str = "float32", attn_implementation: str | None = None) -> LLMAndTokenizer:

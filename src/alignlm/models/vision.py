@@ -28,7 +28,8 @@ from transformers.utils import IMAGE_PROCESSOR_NAME, PROCESSOR_NAME, cached_file
 
 from alignlm.config import ConfigError
 from alignlm.data.images import ImageSpec
-from alignlm.models.llm import refuse_hub_kernel_attention, torch_dtype
+from alignlm.models.llm import torch_dtype
+from alignlm.models.loading import check_finite, refuse_hub_kernel_attention
 
 SELECT_FEATURES = ("patch", "cls_patch")
 REGISTERS = ("drop", "keep")
@@ -186,6 +187,7 @@ class HFVisionTower(VisionTower):
             self.model = model_cls.from_pretrained(
                 name_or_path, config=hf_config, trust_remote_code=trust_remote_code, dtype=load_dtype
             )
+            check_finite(self.model.state_dict(), name_or_path)
         self.select_layer = select_layer
         self.select_feature = select_feature
         # registers sit right after CLS ([CLS, registers, patches]); kept only when asked to
