@@ -106,3 +106,46 @@ def test_group_by_length_true_is_the_banding_it_always_was():
         None,
     ]
     assert length_grouping({}) == "step"
+
+
+@pytest.mark.parametrize(
+    ("objective", "connector", "relating"),
+    [
+        ("lm", "mlp2x_gelu", []),
+        ("contrastive", "mlp2x_gelu", []),  # gathers the ranks' micro-batches: each step's sum is the same
+        ("contrastive", "moe", ["model.connector"]),
+        ("vlap", "mlp2x_gelu", ["objectives.vlap"]),
+    ],
+)
+def test_step_grouping_keeps_each_ranks_micro_batch_where_something_relates_its_samples(
+    tiny_model, monkeypatch, objective, connector, relating
+):
+    """Sorted across the ranks, each rank's micro-batch is a band of lengths (the longest on rank 0): a loss computed
+    on a rank's micro-batch alone (a contrast without gathering, a transport, an MoE balance) changed, though the docs
+    said no number did. Then the micro-steps stay unsorted on every rank; one rank keeps the sort."""
+    import logging
+
+    from alignlm.training.trainer import build_objectives, rank_batches_kept, sample_relations
+    from tests.conftest import compose
+
+    monkeypatch.setattr("alignlm.objectives.contrastive.data_parallel", lambda: True)  # as on several ranks
+    overrides = [f"model/connector={connector}"] if connector != "mlp2x_gelu" else []
+    if objective != "lm":
+        overrides.append(f"+objective@stages.pretrain.objectives.{objective}={objective}")
+    cfg = compose(*overrides)
+    objectives = build_objectives(cfg.stages.pretrain)
+    found = sample_relations(tiny_model(*overrides), objectives)
+    assert found == relating
+    if objective == "contrastive":
+        no_gather = build_objectives(
+            compose(*overrides, "stages.pretrain.objectives.contrastive.gather=false").stages.pretrain
+        )
+        assert "objectives.contrastive" in sample_relations(tiny_model(*overrides), no_gather)
+    lengths = [(i * 37) % 101 for i in range(96)]
+    kw = {"per_device": 3, "rank": 0, "accum": 2, "seed": 3, "total_steps": 16, "lengths": lengths}
+    for world in (1, 2):
+        order = StepSampler(96, world=world, **kw)
+        kept = rank_batches_kept(order, found, logging.getLogger("test"), "pretrain")
+        unsorted = StepSampler(96, world=world, **{**kw, "lengths": None})
+        want = unsorted if found and world > 1 else order
+        assert torch.equal(kept.epoch_batches(0), want.epoch_batches(0))

@@ -339,6 +339,7 @@ class Trainer:
         accelerator's wrapping, and a resume from the newest checkpoint."""
         cfg, stage, acc = self.cfg, self.stage, self.acc
         self.objectives = build_objectives(stage, f"stages.{self.name}.objectives")
+        self.order = rank_batches_kept(self.order, sample_relations(model, self.objectives), self.log, self.name)
         self.monitor = AlignmentMonitor(cfg.get("monitor"), model, aspect_ratio_of(stage.data))
         for obj, _ in self.objectives.values():
             obj.setup(model, dataset)
@@ -1376,6 +1377,36 @@ class Terminated(RuntimeError):
 
 class TrainingError(RuntimeError):
     """A stage that cannot go on: it diverged (non-finite steps) or had no usable data; nothing bad was written."""
+
+
+def sample_relations(model: AlignLM, objectives: Mapping[str, tuple[Objective, float]]) -> list[str]:
+    """What relates the samples of one rank's micro-batch, by config key: an objective computed on it alone (one that
+    needs two or more samples and does not gather the ranks': a contrast, a transport) and a connector that routes or
+    balances its tokens together."""
+    relating = [
+        f"objectives.{key}"
+        for key, (objective, _) in objectives.items()
+        if int(getattr(objective, "min_batch_size", 1)) > 1 and not getattr(objective, "global_batch", False)
+    ]
+    return relating + (["model.connector"] if getattr(model.connector, "relates_samples", False) else [])
+
+
+def rank_batches_kept(order: StepSampler, relating: Sequence[str], log: Any, stage: str) -> StepSampler:
+    """``order`` with its micro-steps unsorted where ``step`` grouping would change a number: sorted across the ranks,
+    each rank's micro-batch is a band of lengths (the longest on rank 0), and what ``relating`` computes on a rank's
+    micro-batch alone changed with it (a contrastive loss without gathering drew its negatives from a band). One rank,
+    or nothing relating the samples, keeps the sort: it moves samples only within the micro-batch, or between ranks
+    whose losses sum alike."""
+    if order.grouping != "step" or order.lengths is None or order.world == 1 or not relating:
+        return order
+    log.info(
+        "stage %s: micro-steps not sorted by length across the %d ranks (group_by_length=step): %s compute on each "
+        "rank's micro-batch alone, which the sort would change; group_by_length=band groups anyway",
+        stage,
+        order.world,
+        ", ".join(relating),
+    )
+    return dataclasses.replace(order, lengths=None)
 
 
 def length_grouping(data: Any) -> str | None:

@@ -97,6 +97,8 @@ def z_loss(logits: torch.Tensor) -> torch.Tensor:
 class MoEConnector(Connector):
     """Experts ``Linear(Dv, Dl) -> GELU -> Linear(Dl, Dl)``, router ``Linear(Dv, E, bias=False)``."""
 
+    relates_samples = True  # the balance loss and the capacity cap count the micro-batch's tokens together
+
     def __init__(
         self,
         in_dim: int,
