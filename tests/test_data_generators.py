@@ -339,3 +339,26 @@ def test_a_set_a_finished_stage_of_the_run_trained_on_is_not_written_again_befor
                        r"with seed=1; this config asks for seed=0.*offline_dataset_seed=null"):  # fmt: skip
         ensure_offline_datasets(OmegaConf.create({**cfg, "seed": 1, "offline_dataset_seed": 0}))
     assert (tmp_path / "shapes" / "test.json").read_bytes() == written
+
+
+def test_a_knob_that_only_adds_files_is_written_again_under_a_finished_stage(tmp_path):
+    """+exp=demo and +exp=som share data/shapes and differ in ``som`` alone, which changes none of the files demo's
+    stages read: after the SoM run wrote its tagged scenes, rerunning the finished demo run was refused."""
+    small = {"n_train": 3, "n_test": 2, "image_size": 32}
+    cfg = {
+        "data_root": str(tmp_path),
+        "offline_datasets": ["shapes"],
+        "output_dir": str(tmp_path / "outputs"),
+        "run_name": "r",
+        "run": ["pretrain"],
+        "offline_dataset_seed": 0,
+        "seed": 0,
+        "stages": {"pretrain": {"data": {"sources": [{"path": str(tmp_path / "shapes" / "pretrain.json")}]}}},
+    }
+    ensure_offline_datasets(OmegaConf.create({**cfg, "offline_dataset_args": {"shapes": small}}))
+    read = {f: (tmp_path / "shapes" / f).read_bytes() for f in ("pretrain.json", "instruct.json", "test.json")}
+    (tmp_path / "outputs" / "r" / "pretrain" / "final").mkdir(parents=True)
+    for som in (True, False):
+        ensure_offline_datasets(OmegaConf.create({**cfg, "offline_dataset_args": {"shapes": {**small, "som": som}}}))
+        assert (tmp_path / "shapes" / "som.json").exists() == som
+        assert {f: (tmp_path / "shapes" / f).read_bytes() for f in read} == read

@@ -37,7 +37,14 @@ from alignlm.checks import (
     prompt_changes,
 )
 from alignlm.config import ConfigError, instantiate, overridden_keys
-from alignlm.data import GENERATORS, differences_said, offline_set_differences, offline_sets, offline_settings
+from alignlm.data import (
+    GENERATORS,
+    differences_said,
+    offline_set_differences,
+    offline_sets,
+    offline_settings,
+    split_neutral_knobs,
+)
 from alignlm.data.synthetic import readers_lock
 from alignlm.evaluation.evaluate import answer_accuracy
 from alignlm.files import LockHeld, release_lock, replace_text, sole_writer, take_lock, take_shared_lock
@@ -277,7 +284,8 @@ def ensure_offline_datasets(cfg: DictConfig, readers: contextlib.ExitStack | Non
         # runs started together (a job array) find the set the first one writes: they had written it all at once
         with sole_writer(info, f"generating {out}"):
             differs = offline_set_differences(info, wanted) if info.exists() else None
-            if differs and (stages := trained_on(cfg, out)):
+            # a knob that only adds files (shapes' som) rewrites nothing a stage read: +exp=demo after +exp=som
+            if differs and set(differs) - split_neutral_knobs(name) and (stages := trained_on(cfg, out)):
                 written, asked = differences_said(differs)
                 seed = " (offline_dataset_seed=null draws with the run's seed, as runs did before that knob)"
                 raise ConfigError(

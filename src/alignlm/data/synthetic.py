@@ -109,7 +109,8 @@ class DatasetWriter:
             raise ConfigError(
                 f"{self.out} is being read by a run in progress (it holds {readers_lock(self.out)}), and writing the "
                 f"{name} set again there would change that run's images and questions under it. Wait for that run to "
-                "end, or give this one a data_root of its own (a seed sweep: data_root=data/seed_<seed>)"
+                "end, or give this one a data_root of its own (a sweep over offline_dataset_seed, or with it null: "
+                "data_root=data/seed_<seed>)"
             )
         self.files: dict[str, list[dict[str, Any]]] = {"pretrain": [], "instruct": [], "test": [], "test_captions": []}
         self.written: set[str] = set()  # image paths relative to ``out``
