@@ -241,16 +241,28 @@ def test_a_letter_in_markdown_emphasis_or_quotes_is_read(prediction):
 
 
 @pytest.mark.parametrize(
-    "prediction", ["B, because the circle is red", "**B**, the red one", "B, not C", "B, a green circle", "B, I think"]
+    "prediction",
+    [
+        "B, because the circle is red",
+        "**B**, the red one",
+        "B, not C",
+        "B, a green circle",
+        "B, I think",
+        "B, A green circle",  # an option text's capital article: no second choice
+        "B, C is wrong",
+    ],
 )
 def test_a_leading_letter_before_a_comma_is_picked(prediction):
-    """ "B, because ..." had picked no letter and scored 0; "A, B" still picks neither (above), nor a hedge."""
-    assert choice_letter(prediction, set(LETTERS)) == "B"
+    """ "B, because ..." had picked no letter and scored 0; "A, B" still picks neither (above), nor a hedge. A capital
+    after the comma is a second choice only marked or standing alone: "B, A green circle" had scored 0."""
+    assert choice_letter(prediction, set(LETTERS)) == choice_letter(prediction) == "B"
     assert score_answer(prediction, "B", LETTERS) == 1.0
     assert score_answer(prediction, "B", ["red", "green", "blue"]) == 1.0
 
 
-@pytest.mark.parametrize("hedge", ["B, or maybe C", "B, (C)", "B, and C", "B, or possibly C", "B, Or maybe C"])
+@pytest.mark.parametrize(
+    "hedge", ["B, or maybe C", "B, (C)", "B, and C", "B, or possibly C", "B, Or maybe C", "B, C.", "B, A or C", "B, C?"]
+)
 def test_a_letter_before_a_comma_and_another_choice_is_a_hedge(hedge):
     assert choice_letter(hedge, set(LETTERS)) is None and score_answer(hedge, "B", LETTERS) == 0.0
 
