@@ -786,3 +786,27 @@ def test_an_exported_template_renders_without_its_special_tokens_given():
     for given in ({}, {"bos_token": None}):
         (text,), _ = render_jinja_template(conversations=[_typed(CAPTION)], chat_template=chat.jinja(tok), **given)
         assert "<|im_start|>assistant\nA handwritten digit seven.<|im_end|>" in text
+
+
+@pytest.mark.parametrize("ending", ["\n", "\r\n", "\n\n", ""])
+def test_an_exported_template_that_writes_bos_and_ends_in_a_line_break_prompts_as_training(ending):
+    """A chat template saved with a final line break (chat_template.jinja files are): Jinja drops one at a template's
+    end, but inside the block that strips the first BOS it was kept, and the exported prompt ended in a line break
+    training never saw."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    tok = _tiny_with_bos()
+    tok.chat_template = (
+        "{{ bos_token }}{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}{{ '' }}" + ending
+    )
+    chat = get_template("chat")
+    conversation = [{"from": "human", "value": "<image>\nDigit?"}]
+    want = chat.render(to_turns(conversation), tok, add_generation_prompt=True).text
+    (got,), _ = render_jinja_template(
+        conversations=[_typed(conversation)],
+        chat_template=chat.jinja(tok),
+        add_generation_prompt=True,
+        **tok.special_tokens_map,
+    )
+    assert got == want and got.endswith("assistant\n" + ending.replace("\r\n", "\n")[1:])

@@ -336,9 +336,9 @@ class ChatTemplate(Template):
         if adds_bos(tokenizer):
             if _GENERATION_TAG.search(template):  # its spans are of the text a capture holds, not of the output
                 template = "{%- set bos_token = '' -%}" + template
-            else:
+            else:  # less the one line break Jinja drops at a template's end, which inside the block it would keep
                 template = (
-                    "{%- set alignlm_text %}" + template + "{% endset -%}"
+                    "{%- set alignlm_text %}" + _JINJA_LAST_BREAK.sub("", template) + "{% endset -%}"
                     "{{- alignlm_text[bos_token | length :] if bos_token is string and bos_token and "
                     "alignlm_text.startswith(bos_token) else alignlm_text -}}"
                 )
@@ -346,6 +346,7 @@ class ChatTemplate(Template):
 
 
 _GENERATION_TAG = re.compile(r"\{%-?\s*(?:end)?generation\s*-?%\}")
+_JINJA_LAST_BREAK = re.compile(r"(?:\r\n|\r|\n)\Z")  # keep_trailing_newline=False, as transformers renders
 
 
 def _jinja_contents(images_first: bool) -> str:
