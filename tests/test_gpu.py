@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from alignlm.data.images import PADDED
 from alignlm.pipeline import make_accelerator
 from alignlm.training.trainer import Trainer
 from tests.conftest import WAIT_FREE_RECIPES, compose, tiny_overrides
@@ -157,14 +158,14 @@ def test_sea_eval_v2l_words_export_check_and_wca_run_on_cuda_as_on_the_cpu(
     devices = []
     report, words = sea_command.token_word_report, v2l_command.image_words
     monkeypatch.setattr(sea_command, "load_model", lambda *a: fresh())
-    monkeypatch.setattr(sea_command, "final_aspect_ratio", lambda ck: "pad")
+    monkeypatch.setattr(sea_command, "final_image_reading", lambda ck: PADDED)
     monkeypatch.setattr(
         sea_command,
         "token_word_report",
         lambda m, *a: devices.append(next(m.parameters()).device.type) or report(m, *a),
     )
     monkeypatch.setattr(v2l_command, "load_model", lambda *a: fresh("model/connector=v2l"))
-    monkeypatch.setattr(v2l_command, "final_aspect_ratio", lambda ck: "pad")
+    monkeypatch.setattr(v2l_command, "final_image_reading", lambda ck: PADDED)
     monkeypatch.setattr(
         v2l_command, "image_words", lambda m, *a: devices.append(next(m.parameters()).device.type) or words(m, *a)
     )

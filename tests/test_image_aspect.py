@@ -259,7 +259,7 @@ def test_an_export_preprocesses_as_its_stage_did_and_its_check_agrees(model, col
 
     from alignlm.commands import main
     from alignlm.export.hf_llava import export
-    from alignlm.models.io import final_aspect_ratio
+    from alignlm.models.io import final_image_reading
 
     image = noise(45, 30)
     cfg = compose(*tiny_overrides(colour_set, tmp_path))
@@ -269,7 +269,7 @@ def test_an_export_preprocesses_as_its_stage_did_and_its_check_agrees(model, col
     for run, stage, llava in ((cfg, "pretrain", "square"), (cfg, "finetune", "pad"), (old, "pretrain", "pad")):
         final = _saved_final(run, stage)
         # what token-word accuracy and V2L's words read images with (they padded a cropping stage's checkpoint)
-        assert final_aspect_ratio(final) == ("crop" if llava == "square" else "pad")
+        assert final_image_reading(final).aspect_ratio == ("crop" if llava == "square" else "pad")
         out = export(final, Path(run.output_dir) / f"hf_{stage}")
         pixels = AutoProcessor.from_pretrained(out).image_processor(image, return_tensors="pt")["pixel_values"][0]
         expected = llava_pixels(image, model.image_spec.size, llava)
@@ -355,6 +355,7 @@ def test_an_unknown_aspect_ratio_of_a_later_stage_is_refused_before_the_first_tr
 def test_the_probes_and_the_monitor_see_the_images_as_the_stage_trained_on_them(model, tmp_path):
     """The alignment probes (``alignlm eval``'s, the in-training monitor's) padded every image: a cropping stage's
     checkpoint was measured on pixels it never trained on. They make the probe images square as the stage did."""
+    from alignlm.data.images import ImageReading
     from alignlm.models.probes import extract, load_probe_set
     from alignlm.training.monitor import AlignmentMonitor
 
@@ -363,16 +364,33 @@ def test_the_probes_and_the_monitor_see_the_images_as_the_stage_trained_on_them(
     probe = load_probe_set(path)
     model.eval()
     for aspect_ratio, llava in (("crop", "square"), ("pad", "pad")):
+        reading = ImageReading(aspect_ratio)
         expected = torch.stack(
             [llava_pixels(noise(*s, seed=i), model.image_spec.size, llava) for i, s in enumerate(shapes)]
         )
-        torch.testing.assert_close(probe.pixels(model.image_spec, aspect_ratio)[:], expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(probe.pixels(model.image_spec, reading)[:], expected, atol=1e-5, rtol=0)
         with torch.no_grad():
             tower = model.vision(expected)
-        torch.testing.assert_close(extract(model, probe, aspect_ratio=aspect_ratio).encoder, tower.mean(dim=1))
-        monitor = AlignmentMonitor({"every": 1, "probe": str(path), "topk": 1}, model, aspect_ratio)
+        torch.testing.assert_close(extract(model, probe, reading=reading).encoder, tower.mean(dim=1))
+        monitor = AlignmentMonitor({"every": 1, "probe": str(path), "topk": 1}, model, reading)
         model.frozen_parts.add("vision")
         torch.testing.assert_close(monitor.frozen_tower_features(model), tower)
+
+
+def test_the_probes_read_images_under_their_stages_pixel_limit(model, tmp_path):
+    """The probes, token-word accuracy and V2L's words read images against the default limit: a stage that lifted
+    ``data.max_image_pixels`` trained on large images that its probe then refused, naming a limit it had not set."""
+    from alignlm.data.build import image_reading_of
+    from alignlm.data.images import ImageReading
+    from alignlm.data.records import DataError
+    from alignlm.models.probes import load_probe_set
+
+    probe = load_probe_set(caption_file(tmp_path, (45, 30), (30, 45), (40, 25)))
+    with pytest.raises(DataError, match=r"45x30 pixels, padded to a square 2025, over data.max_image_pixels=1000"):
+        probe.pixels(model.image_spec, image_reading_of({"image_aspect_ratio": "pad", "max_image_pixels": 1000}))[0]
+    assert probe.pixels(model.image_spec, ImageReading("crop", 2000))[0].shape[0] == 3  # 1350, resized 1536
+    assert image_reading_of({"image_aspect_ratio": "crop", "max_image_pixels": None}) == ImageReading("crop", None)
+    assert image_reading_of({}) == ImageReading()  # a config from before both settings: padded, the default limit
 
 
 def test_eval_probes_a_cropping_stages_checkpoint_on_cropped_images(colour_set, tmp_path, monkeypatch):
@@ -386,7 +404,7 @@ def test_eval_probes_a_cropping_stages_checkpoint_on_cropped_images(colour_set, 
     (ck,) = C.resolve([str(_saved_final(cfg, "pretrain"))])
     seen = []
     real = report.extract
-    monkeypatch.setattr(report, "extract", lambda *a, **kw: seen.append(kw.get("aspect_ratio")) or real(*a, **kw))
+    monkeypatch.setattr(report, "extract", lambda *a, **kw: seen.append(kw["reading"].aspect_ratio) or real(*a, **kw))
     ecfg = OmegaConf.to_container(compose().eval, resolve=True) | OmegaConf.to_container(
         OmegaConf.load("configs/eval/default.yaml"), resolve=True
     )

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from alignlm.commands import main
 from alignlm.data.build import build_dataset
 from alignlm.data.collate import Collator
+from alignlm.data.images import PADDED
 from alignlm.data.records import DataError
 from alignlm.methods.sea.labels import LabelSet, SeaLabels, write_labels
 from alignlm.methods.sea.objective import SEAObjective, sample_labels, sea_logits, sea_loss
@@ -726,7 +727,7 @@ def test_sea_eval_runs_each_checkpoint_on_the_asked_device_and_refuses_one_it_ca
     shapes, devices, loads = shapes_root / "shapes", [], []
     figures = {"token_word_acc": 0.5, "top_word_acc": 0.5, "constant_acc": 0.5, "tokens": 1.0}
     monkeypatch.setattr(sea_command, "load_model", lambda *a: loads.append(a[0]) or tiny_model().eval())
-    monkeypatch.setattr(sea_command, "final_aspect_ratio", lambda ck: "pad")
+    monkeypatch.setattr(sea_command, "final_image_reading", lambda ck: PADDED)
     monkeypatch.setattr(
         sea_command, "token_word_report", lambda model, *a: devices.append(next(model.parameters()).device) or figures
     )

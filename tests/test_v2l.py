@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from alignlm.data.images import PADDED
 from alignlm.methods.v2l.connector import V2LConnector, word_ids
 from alignlm.models.build import build_model
 from alignlm.models.io import load_model
@@ -176,7 +177,7 @@ def test_v2l_words_reads_images_in_batches_on_the_asked_device(colour_set, monke
     model, loads, passes = build_model(compose("model=tiny", "model/connector=v2l").model).eval(), [], []
     model.vision.register_forward_hook(lambda module, inputs, output: passes.append(len(inputs[0])))
     monkeypatch.setattr(v2l_command, "load_model", lambda *a: loads.append(a[0]) or model)
-    monkeypatch.setattr(v2l_command, "final_aspect_ratio", lambda ck: "pad")
+    monkeypatch.setattr(v2l_command, "final_image_reading", lambda ck: PADDED)
     args = ["v2l-words", "r/s/final", "--data", str(colour_set["pretrain"]), "--limit", "5"]
     one, batched = tmp_path / "one.json", tmp_path / "batched.json"
     assert main([*args, "--json", str(one)]) == 0 and passes == [5]

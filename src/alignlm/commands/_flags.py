@@ -37,6 +37,12 @@ positive_int = whole_number(1)  # a limit, a batch size, samples, epochs
 positive_float = within(Bounds(0, low_open=True))  # a rate, a temperature
 
 
+def pixel_limit(text: str) -> int | None:
+    """argparse ``type=`` of an image size limit, as ``data.max_image_pixels``: a positive whole number of pixels, or
+    ``none`` for no limit."""
+    return None if text.strip().lower() in ("none", "null") else int(positive_int(text))
+
+
 def add_trust_flags(p: argparse.ArgumentParser) -> None:
     """``--allow-code`` and ``--trust-remote-code``: what a checkpoint may run, decided by the user, never by the file."""
     p.add_argument(

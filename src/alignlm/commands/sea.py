@@ -17,13 +17,13 @@ from typing import Any
 
 import torch
 
-from alignlm.commands._flags import add_trust_flags, device_flag, positive_int
-from alignlm.data.images import ASPECT_RATIOS
+from alignlm.commands._flags import add_trust_flags, device_flag, pixel_limit, positive_int
+from alignlm.data.images import ASPECT_RATIOS, MAX_PIXELS
 from alignlm.data.records import record_images
 from alignlm.methods.sea.labels import DEFAULT_NAME, SeaLabels, make_labels
 from alignlm.methods.sea.token_words import token_word_report
 from alignlm.models.device import default_device
-from alignlm.models.io import final_aspect_ratio, load_model
+from alignlm.models.io import final_image_reading, load_model
 
 
 def register(subparsers: Any) -> None:
@@ -70,6 +70,12 @@ def register(subparsers: Any) -> None:
         choices=ASPECT_RATIOS,
         default="crop",
         help="how images are made square, as the stage training on the labels makes them (SEA's pretraining: crop)",
+    )
+    s.add_argument(
+        "--max-image-pixels",
+        type=pixel_limit,
+        default=MAX_PIXELS,
+        help="as that stage's data.max_image_pixels: larger images are refused undecoded (none: no limit)",
     )
     s.add_argument("--trust-remote-code", action="store_true", help="let transformers run code shipped with the model")
     s.add_argument(
@@ -136,6 +142,7 @@ def cmd_sea_labels(args: argparse.Namespace) -> int:
             trust_remote_code=args.trust_remote_code,
             device=args.device,
             image_aspect_ratio=args.image_aspect_ratio,
+            max_image_pixels=args.max_image_pixels,
         )
     out = Path(args.out) if args.out else Path(args.data[0]).parent / DEFAULT_NAME
     path = make_labels(out, args.source, args.data, args.k, **knobs)
@@ -170,12 +177,12 @@ def cmd_sea_eval(args: argparse.Namespace) -> int:
     report: dict[str, dict[str, Any]] = {ck: {} for ck in args.checkpoints}
     device = torch.device(args.device or default_device())  # load_model leaves the model on the CPU
     for ck in args.checkpoints:
-        aspect = final_aspect_ratio(ck)
-        labels.check_aspect_ratio(aspect, f"{ck} (its stage's data.image_aspect_ratio)")
+        reading = final_image_reading(ck)
+        labels.check_aspect_ratio(reading.aspect_ratio, f"{ck} (its stage's data.image_aspect_ratio)")
         model = load_model(ck, args.allow_code, args.trust_remote_code).to(device)
         for name, exclude in variants.items():
             report[ck][name] = token_word_report(
-                model, labels, images, args.word_prefix, args.batch_size, exclude, aspect
+                model, labels, images, args.word_prefix, args.batch_size, exclude, reading
             )
         del model  # before the next checkpoint is moved to the device: one model there at a time
     names = [str(Path(ck).parent.parent.name + "/" + Path(ck).parent.name) for ck in args.checkpoints]

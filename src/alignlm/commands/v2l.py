@@ -17,11 +17,11 @@ from typing import Any
 import torch
 
 from alignlm.commands._flags import add_trust_flags, device_flag, positive_int
-from alignlm.data.images import decoded_batches, prepared
+from alignlm.data.images import ImageReading, decoded_batches, prepared
 from alignlm.data.records import record_images
 from alignlm.methods.v2l.connector import V2LConnector
 from alignlm.models.device import default_device
-from alignlm.models.io import final_aspect_ratio, load_model
+from alignlm.models.io import final_image_reading, load_model
 
 
 def register(subparsers: Any) -> None:
@@ -43,11 +43,11 @@ def register(subparsers: Any) -> None:
 
 
 @torch.no_grad()
-def image_words(model: Any, paths: Sequence[Path], aspect: str, batch_size: int) -> list[list[int]]:
+def image_words(model: Any, paths: Sequence[Path], reading: ImageReading, batch_size: int) -> list[list[int]]:
     """Per image, the vocabulary id of each of its visual tokens, ``batch_size`` images per forward pass on the
     model's device: all of them in one pass once held every image's pixels and activations at once."""
     device = next(model.parameters()).device
-    prepare = functools.partial(prepared, model.image_spec, aspect)
+    prepare = functools.partial(prepared, model.image_spec, reading)
     ids: list[list[int]] = []
     for batch in decoded_batches(paths, prepare, batch_size, device, "auto", raise_unreadable=True):
         ids += model.connector.words(model.vision(batch.items.to(device, non_blocking=True))).tolist()
@@ -63,8 +63,8 @@ def cmd_v2l_words(args: argparse.Namespace) -> int:
     found = [(rid, paths[0]) for rid, paths in record_images(args.data, args.image_root)][: args.limit]
     if not found:
         raise SystemExit(f"no images in {args.data}")
-    aspect = final_aspect_ratio(args.checkpoint)  # the pixels its stage trained on
-    ids = image_words(model, [p for _, p in found], aspect, args.batch_size)
+    reading = final_image_reading(args.checkpoint)  # the pixels its stage trained on
+    ids = image_words(model, [p for _, p in found], reading, args.batch_size)
     report = {}
     for (rid, path), row in zip(found, ids):
         words = [w.strip() or repr(w) for w in model.tokenizer.batch_decode([[i] for i in row])]

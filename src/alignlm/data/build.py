@@ -7,7 +7,7 @@ from typing import Any
 
 from alignlm.config import instantiate
 from alignlm.data.hooks import SampleHook
-from alignlm.data.images import MAX_PIXELS, check_aspect_ratio
+from alignlm.data.images import MAX_PIXELS, ImageReading, check_aspect_ratio
 from alignlm.data.llava import LlavaDataset
 from alignlm.data.records import Source
 from alignlm.data.templates import Template, get_template
@@ -49,6 +49,12 @@ def build_dataset(
 def template_of(data_cfg: Mapping[str, Any]) -> Template:
     """The template a ``data`` node names (``template``, default ``plain``), built with its ``template_args``."""
     return get_template(str(data_cfg.get("template", "plain")), **dict(data_cfg.get("template_args") or {}))
+
+
+def image_reading_of(data_cfg: Mapping[str, Any]) -> ImageReading:
+    """How a ``data`` node reads its images (:func:`aspect_ratio_of`, ``max_image_pixels``), for what reads images for
+    its stage's checkpoint besides training."""
+    return ImageReading(aspect_ratio_of(data_cfg), data_cfg.get("max_image_pixels", MAX_PIXELS))
 
 
 def aspect_ratio_of(data_cfg: Mapping[str, Any]) -> str:

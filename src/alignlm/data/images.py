@@ -42,6 +42,20 @@ class ImageSpec:
     std: tuple[float, float, float]
 
 
+@dataclass(frozen=True)
+class ImageReading:
+    """How a stage reads its images (its ``data`` node): made square as ``aspect_ratio`` says (``pad`` | ``crop``), one
+    over ``max_pixels`` refused undecoded (``data.max_image_pixels``; None: no limit). What reads images for a
+    checkpoint besides its training (the probes, token-word accuracy, V2L's words) reads them as its stage did: with
+    the default limit, a probe refused the large images a stage that lifted it trained on."""
+
+    aspect_ratio: str = "pad"
+    max_pixels: int | None = MAX_PIXELS
+
+
+PADDED = ImageReading()  # the defaults: a checkpoint from before either setting padded its images
+
+
 _PILLOW_LIMIT = threading.Lock()  # Pillow's limit is one global: one read at a time sets and restores it
 
 
@@ -347,10 +361,12 @@ def decoded_batches(
         yield batch
 
 
-def prepared(spec: ImageSpec, aspect_ratio: str, path: Path) -> torch.Tensor:
+def prepared(spec: ImageSpec, reading: ImageReading, path: Path) -> torch.Tensor:
     """An image file read (:func:`load_rgb`) and preprocessed for ``spec``: what :func:`decoded_batches`' workers run
-    for a reader that prepares pixels itself (``functools.partial(prepared, spec, aspect_ratio)``). Its size is
-    checked as the training dataset checks it under ``aspect_ratio``: under ``crop`` the image itself, not the square
+    for a reader that prepares pixels itself (``functools.partial(prepared, spec, reading)``). Its size is checked as
+    the training dataset checks it under ``reading``: its limit, and under ``crop`` the image itself, not the square
     it would pad to (a 300x8000 screenshot that a crop stage trained on had stopped the probe and a method's label
     pass)."""
-    return preprocess(load_rgb(path, padded=aspect_ratio == "pad"), spec, aspect_ratio)
+    padded = reading.aspect_ratio == "pad"
+    image = load_rgb(path, reading.max_pixels, padded)
+    return preprocess(image, spec, reading.aspect_ratio, reading.max_pixels)

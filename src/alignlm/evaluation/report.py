@@ -41,7 +41,7 @@ from alignlm.data import (
     offline_settings,
     split_neutral_knobs,
 )
-from alignlm.data.build import aspect_ratio_of
+from alignlm.data.build import image_reading_of
 from alignlm.data.images import loader_workers
 from alignlm.data.records import DataError, image_paths, read_records
 from alignlm.data.templates import TEMPLATES
@@ -635,7 +635,7 @@ def probe_result(
     """The probe's metrics, the gap-shift curve and the tower's artifact tokens, with the pooled ``features``."""
     pcfg = dict(ecfg.get("probe") or {})
     layers = resolve_layers(model, pcfg.get("layers"), "probe.layers")
-    aspect_ratio = aspect_ratio_of(data_cfg)  # the probe images made square as the checkpoint's stage did
+    reading = image_reading_of(data_cfg)  # the probe images read as the checkpoint's stage read its own
     device = next(model.parameters()).device
     workers = loader_workers(ecfg.get("num_workers", "auto"), device)
     feats = extract(
@@ -643,7 +643,7 @@ def probe_result(
         probe,
         int(pcfg.get("batch_size", 32)),
         layers,
-        aspect_ratio=aspect_ratio,
+        reading=reading,
         tokens=needs_tokens(pcfg["metrics"]),
         num_workers=workers,
     )
@@ -661,7 +661,7 @@ def probe_result(
     if artifacts.get("enabled", True):
         factor = float(artifacts.get("factor", 4.0))
         try:
-            images = probe.pixels(model.image_spec, aspect_ratio)  # decoded again, a batch at a time, ahead
+            images = probe.pixels(model.image_spec, reading)  # decoded again, a batch at a time, ahead
             batches = image_batches(images, int(pcfg.get("batch_size", 32)), device, workers)
             tower = artifact_report(model.vision, batches, factor)
             result["artifacts"] = {"factor": factor, "layers": tower}

@@ -32,7 +32,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from alignlm.data.build import aspect_ratio_of
+from alignlm.data.build import image_reading_of
+from alignlm.data.images import ImageReading
 from alignlm.files import file_sha256, refuse_special_file
 from alignlm.models.build import build_model
 from alignlm.models.connectors.base import Connector
@@ -410,12 +411,13 @@ def checkpoint_stage(cfg: DictConfig, stage: str) -> str:
     return stage if stage in cfg.stages else cfg.run[-1]
 
 
-def final_aspect_ratio(final_dir: str | Path) -> str:
-    """How the stage that trained a ``final/`` made its images square (its ``data.image_aspect_ratio``; ``pad`` for a
-    config from before the setting), so a tool reading images for the checkpoint (token-word accuracy, V2L's words)
-    sees the pixels it was trained on: a pretraining checkpoint crops where a finetuned one pads."""
+def final_image_reading(final_dir: str | Path) -> ImageReading:
+    """How the stage that trained a ``final/`` read its images (its ``data.image_aspect_ratio``, ``pad`` for a config
+    from before the setting, and its ``data.max_image_pixels``), so a tool reading images for the checkpoint
+    (token-word accuracy, V2L's words) sees the pixels it was trained on: a pretraining checkpoint crops where a
+    finetuned one pads."""
     cfg = load_checkpoint_config(Path(final_dir) / "config.yaml")
-    return aspect_ratio_of(cfg.stages[checkpoint_stage(cfg, final_stage(final_dir))].get("data") or {})
+    return image_reading_of(cfg.stages[checkpoint_stage(cfg, final_stage(final_dir))].get("data") or {})
 
 
 def load_model(final_dir: str | Path, allow_code: bool = False, trust_remote_code: bool = False) -> Any:

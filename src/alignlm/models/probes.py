@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from alignlm.config import ConfigError
-from alignlm.data.images import decoded_batches, prepared
+from alignlm.data.images import PADDED, ImageReading, decoded_batches, prepared
 from alignlm.data.records import DataError, image_names, image_paths, iter_records, record_id, reference_captions
 from alignlm.data.templates import plain_text_ids
 from alignlm.geometry import metrics as M
@@ -34,8 +34,8 @@ class ProbeImages:
     was 13.5 GB of float32 pixels on the host (336 px). :func:`image_batches` reads them batch by batch through loader
     workers; an index gives one image ``[3, H, W]``, a slice a stack of them (a caller that wants them all at once)."""
 
-    def __init__(self, paths: Sequence[Path], spec: Any, aspect_ratio: str) -> None:
-        self.paths, self.spec, self.aspect_ratio = list(paths), spec, aspect_ratio
+    def __init__(self, paths: Sequence[Path], spec: Any, reading: ImageReading) -> None:
+        self.paths, self.spec, self.reading = list(paths), spec, reading
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -43,7 +43,7 @@ class ProbeImages:
     def __getitem__(self, index: int | slice) -> Tensor:
         if isinstance(index, slice):
             return torch.stack([self[i] for i in range(*index.indices(len(self)))])
-        return prepared(self.spec, self.aspect_ratio, self.paths[index])
+        return prepared(self.spec, self.reading, self.paths[index])
 
 
 @dataclass
@@ -54,10 +54,10 @@ class ProbeSet:
     images: list[Path]
     captions: list[str]
 
-    def pixels(self, spec: Any, aspect_ratio: str = "pad") -> ProbeImages:
-        """The images for a tower's image spec, made square as the probed checkpoint's stage made its images
-        (``aspect_ratio``: its ``data.image_aspect_ratio``), decoded as they are read."""
-        return ProbeImages(self.images, spec, aspect_ratio)
+    def pixels(self, spec: Any, reading: ImageReading = PADDED) -> ProbeImages:
+        """The images for a tower's image spec, read as the probed checkpoint's stage read its images (``reading``:
+        its ``data`` node's, ``data.build.image_reading_of``), decoded as they are read."""
+        return ProbeImages(self.images, spec, reading)
 
 
 def image_batches(images: ProbeImages, batch_size: int, device: torch.device, num_workers: int = 0) -> Iterator[Tensor]:
@@ -65,7 +65,7 @@ def image_batches(images: ProbeImages, batch_size: int, device: torch.device, nu
     ``num_workers`` processes decode them ahead (``data.images.decoded_batches``, into pinned memory on CUDA); the
     caller picks the count (``loader_workers``). An image that cannot be read stops the probe, naming it."""
     cuda = device.type == "cuda"
-    prepare = functools.partial(prepared, images.spec, images.aspect_ratio)
+    prepare = functools.partial(prepared, images.spec, images.reading)
     for batch in decoded_batches(images.paths, prepare, batch_size, device, num_workers, raise_unreadable=True):
         yield batch.items.to(device, non_blocking=cuda)
 
@@ -209,13 +209,13 @@ def extract(
     batch_size: int = 32,
     layers: Sequence[int] = (),
     vision_features: Tensor | None = None,
-    aspect_ratio: str = "pad",
+    reading: ImageReading = PADDED,
     tokens: bool = False,
     num_workers: int = 0,
 ) -> ProbeFeatures:
-    """Run the probe set through vision tower, connector and (for ``layers``) the LLM, in eval mode, its images made
-    square as the model's stage made its own (``aspect_ratio``: that stage's ``data.image_aspect_ratio``), decoded
-    batch by batch (``image_batches``, ``num_workers`` processes ahead).
+    """Run the probe set through vision tower, connector and (for ``layers``) the LLM, in eval mode, its images read as
+    the model's stage read its own (``reading``: that stage's ``data`` node's), decoded batch by batch
+    (``image_batches``, ``num_workers`` processes ahead).
 
     ``vision_features`` (the tower's output for the whole probe set) skips the tower and the images: the monitor
     reuses them while the tower is frozen, since they cannot change then. ``tokens``: measure each item's A-score
@@ -232,7 +232,7 @@ def extract(
     if vision_features is None:
         towers = (
             model.vision(pixels)
-            for pixels in image_batches(probe.pixels(model.image_spec, aspect_ratio), batch_size, device, num_workers)
+            for pixels in image_batches(probe.pixels(model.image_spec, reading), batch_size, device, num_workers)
         )
     else:
         towers = (vision_features[i : i + batch_size].to(device) for i in range(0, n, batch_size))

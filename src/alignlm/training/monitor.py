@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from alignlm.data.images import PADDED, ImageReading
 from alignlm.data.records import DataError
 from alignlm.geometry.suite import flat
 from alignlm.models.probes import (
@@ -48,9 +49,9 @@ class AlignmentMonitor:
     """Measures alignment probes at configured steps; calling it at other steps returns nothing."""
 
     def __init__(
-        self, cfg: Mapping[str, Any] | None, model: Any, aspect_ratio: str = "pad", num_workers: int = 0
+        self, cfg: Mapping[str, Any] | None, model: Any, reading: ImageReading = PADDED, num_workers: int = 0
     ) -> None:
-        """``aspect_ratio``: the stage's ``data.image_aspect_ratio``; the probe images are made square as its own.
+        """``reading``: how the stage reads its images (``data.build.image_reading_of``); the probe's are read alike.
         ``num_workers``: processes decoding the probe images ahead at each measurement (the trainer gives none: a probe
         of 64 images decodes in about 0.4 s on the main thread, less than starting workers each time)."""
         cfg = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg or {})
@@ -59,7 +60,7 @@ class AlignmentMonitor:
             raise ValueError(f"monitor.every={self.every}; use 0 (off) or a positive number of steps")
         if not self.every:
             return
-        self.aspect_ratio, self.num_workers = aspect_ratio, num_workers
+        self.reading, self.num_workers = reading, num_workers
         if not cfg.get("probe"):
             raise ValueError(
                 "monitor.every > 0 needs monitor.probe: a caption file (image + caption records), "
@@ -87,7 +88,7 @@ class AlignmentMonitor:
         if "vision" not in getattr(model, "frozen_parts", ()):
             return None
         if self.tower_features is None:
-            images = self.probe.pixels(model.image_spec, self.aspect_ratio)
+            images = self.probe.pixels(model.image_spec, self.reading)
             device = next(model.parameters()).device
             batches = image_batches(images, self.batch_size, device, self.num_workers)
             self.tower_features = torch.cat([model.vision(pixels).cpu() for pixels in batches])
@@ -108,7 +109,7 @@ class AlignmentMonitor:
                 tower = self.frozen_tower_features(model)
                 tokens = needs_tokens(self.metrics)  # only the pooled table's A-score reads them
                 feats = extract(
-                    model, self.probe, self.batch_size, self.layers, tower, self.aspect_ratio, tokens, self.num_workers
+                    model, self.probe, self.batch_size, self.layers, tower, self.reading, tokens, self.num_workers
                 )
             except DataError as e:  # an image gone or damaged since set-up: a diagnostic must not end the run
                 logging.getLogger("alignlm").warning("monitor at step %d: %s; skipped", step, e)

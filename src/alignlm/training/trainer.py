@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from alignlm.config import ConfigError, instantiate
-from alignlm.data.build import aspect_ratio_of, build_dataset
+from alignlm.data.build import build_dataset, image_reading_of
 from alignlm.data.collate import Collator
 from alignlm.data.images import loader_workers
 from alignlm.data.records import TRUNCATED, DataError
@@ -340,7 +340,7 @@ class Trainer:
         cfg, stage, acc = self.cfg, self.stage, self.acc
         self.objectives = build_objectives(stage, f"stages.{self.name}.objectives")
         self.order = rank_batches_kept(self.order, sample_relations(model, self.objectives), self.log, self.name)
-        self.monitor = AlignmentMonitor(cfg.get("monitor"), model, aspect_ratio_of(stage.data))
+        self.monitor = AlignmentMonitor(cfg.get("monitor"), model, image_reading_of(stage.data))
         for obj, _ in self.objectives.values():
             obj.setup(model, dataset)
         refuse_shared_state(self.objectives, model, f"stages.{self.name}.objectives")

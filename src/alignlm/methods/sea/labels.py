@@ -38,7 +38,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from alignlm.config import Bounds, ConfigError
-from alignlm.data.images import check_aspect_ratio, decoded_batches, prepared
+from alignlm.data.images import MAX_PIXELS, ImageReading, check_aspect_ratio, decoded_batches, prepared
 from alignlm.data.records import MISSING_IMAGE, DataError, record_images
 from alignlm.files import PartialRows, partial_folder, replace_file, sole_writer
 from alignlm.methods.provenance import (
@@ -412,6 +412,7 @@ def from_dual_encoder(
     num_workers: int | str = "auto",
     progress: PartialRows | None = None,
     image_aspect_ratio: str = "crop",
+    max_image_pixels: int | None = MAX_PIXELS,
 ) -> LabelSet:
     """Label every image of ``data`` with its patches' nearest words under a dual encoder.
 
@@ -428,7 +429,8 @@ def from_dual_encoder(
     ``image_aspect_ratio``: how the images are made square first, as the stage that trains on the labels makes them
     (``data.image_aspect_ratio``; SEA's pretraining stage crops, as LLaVA-1.5's): labels of padded images laid on
     cropped ones described another part of each non-square image (12 of 16 cells of a 2:1 image). Recorded in the
-    file, and checked where the labels are used.
+    file, and checked where the labels are used. ``max_image_pixels``: that stage's ``data.max_image_pixels`` (None:
+    no limit), so the pass reads every image the stage trains on.
     """
     image_aspect_ratio = check_aspect_ratio(image_aspect_ratio, "image_aspect_ratio")
     words = read_words(words)
@@ -446,7 +448,8 @@ def from_dual_encoder(
     with torch.no_grad():
         text = encoder.encode_texts([prompt.format(w=w) for w in words])
         try:
-            shape = label_rows(encoder, paths, text, k, grid, batch_size, num_workers, progress, image_aspect_ratio)
+            reading = ImageReading(image_aspect_ratio, max_image_pixels)
+            shape = label_rows(encoder, paths, text, k, grid, batch_size, num_workers, progress, reading)
         finally:
             progress.save()  # the rows done, also when an unreadable image stopped the pass
     info = {"model": model if isinstance(model, str) else type(model).__name__, "prompt": prompt, "pooled_grid": grid}
@@ -464,7 +467,7 @@ def label_rows(
     batch_size: int,
     num_workers: int | str,
     progress: PartialRows,
-    aspect_ratio: str,
+    reading: ImageReading,
 ) -> tuple[int, int]:
     """Fill ``progress``' ``words`` and ``scores`` arrays ``[n_images, cells, k]`` from its first row not done on;
     returns the grid ``(rows, cols)``.
@@ -482,7 +485,7 @@ def label_rows(
         return f"its arrays {[list(a.shape) for a in arrays.values()]} are not {n} images x grid {kept} x k={k}"
 
     first = progress.resume(n, {"words": np.int32, "scores": np.float32}, kept_problem)
-    prepare = functools.partial(prepared, encoder.image_spec, aspect_ratio)
+    prepare = functools.partial(prepared, encoder.image_spec, reading)
     batches = decoded_batches(
         paths[first:], prepare, batch_size, device_of(encoder), num_workers, raise_unreadable=True
     )
@@ -493,7 +496,7 @@ def label_rows(
             progress.allocate({"words": (cells, np.int32), "scores": (cells, np.float32)}, {"grid": list(shape)})
         elif list(shape) != progress.info["grid"]:
             progress.restart(f"its rows have a {progress.info['grid']} grid, the encoder gives {list(shape)}")
-            return label_rows(encoder, paths, text, k, grid, batch_size, num_workers, progress, aspect_ratio)
+            return label_rows(encoder, paths, text, k, grid, batch_size, num_workers, progress, reading)
         word_ids, score_arr, rows = progress.arrays["words"], progress.arrays["scores"], slice(start, start + len(i))
         if i.shape[-1] < k:  # fewer words than k: the slots past them stay empty (-1, 0)
             word_ids[rows], score_arr[rows] = -1, 0
@@ -545,7 +548,7 @@ SOURCES: dict[str, Callable[..., LabelSet]] = {"annotations": from_annotations, 
 
 # the knobs of a source that name what it reads (their contents are inputs) or only how it computes: not variants
 READ_KNOBS = ("annotations", "model", "image_root")
-HOW_KNOBS = ("batch_size", "trust_remote_code", "device", "num_workers", "progress")
+HOW_KNOBS = ("batch_size", "trust_remote_code", "device", "num_workers", "progress", "max_image_pixels")
 
 
 def source_arguments(source: str, data: Sequence[str | Path], k: int, knobs: dict[str, Any]) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from alignlm.data.images import decoded_batches, prepared
+from alignlm.data.images import PADDED, ImageReading, decoded_batches, prepared
 from alignlm.geometry.metrics import nearest_words
 from alignlm.methods.sea.labels import SeaLabels
 from alignlm.methods.sea.objective import word_embeddings
@@ -32,14 +32,14 @@ def token_word_report(
     word_prefix: str = " ",
     batch_size: int = 32,
     exclude: Sequence[str] = (),
-    aspect_ratio: str = "pad",
+    reading: ImageReading = PADDED,
 ) -> dict[str, float]:
     """Token-word accuracy of a model's connector outputs on labelled images, among the label word list's embeddings.
 
     ``token_word_acc``: nearest word is any of the token's candidate words; ``top_word_acc``: it is the top-scoring
     one; ``constant_acc``: the best single word for every token, the level a collapsed connector gets for free.
-    ``exclude`` drops words (e.g. "background") from both the candidates and the words searched. ``aspect_ratio``: how
-    the checkpoint's stage made its images square (``models/io.py: final_aspect_ratio``). Each batch's tokens meet
+    ``exclude`` drops words (e.g. "background") from both the candidates and the words searched. ``reading``: how the
+    checkpoint's stage read its images (``models/io.py: final_image_reading``). Each batch's tokens meet
     the words on the model's device and only their nearest word ids are kept: the tokens of the whole set never are.
     """
     labels.place_on_model(model)
@@ -47,7 +47,7 @@ def token_word_report(
     kept = [i for i, w in enumerate(labels.words) if w not in set(exclude)]
     words = word_embeddings(model, [labels.words[i] for i in kept], word_prefix).to(device)
     nearest, ids = [], []
-    prepare = functools.partial(prepared, model.image_spec, aspect_ratio)
+    prepare = functools.partial(prepared, model.image_spec, reading)
     batches = decoded_batches(images, prepare, batch_size, device, "auto", raise_unreadable=True)
     for start, batch in zip(range(0, len(images), batch_size), batches):
         pixels = batch.items.to(device, non_blocking=True)
