@@ -64,7 +64,7 @@ def test_two_eval_sets_of_one_name_are_refused_at_start_up(tmp_path):
             r"loss=ipo has no labels to smooth",
         ),
         (("loss=ipoo",), r"stages\.dpo\.objectives\.dpo: dpo loss='ipoo' is not known; choose one of"),
-        (("beta=0",), r"stages\.dpo\.objectives\.dpo: dpo needs beta > 0"),
+        (("beta=0",), r"stages\.dpo\.objectives\.dpo\.beta=0 must be a finite number > 0"),
     ],
 )
 def test_an_objective_its_constructor_refuses_is_refused_before_the_first_stage_trains(tmp_path, knobs, message):

@@ -524,3 +524,26 @@ def test_overrides_only_training_reads_are_named_when_every_stage_has_finished()
     assert "give a new run_name, or resume=never" in line
     assert checks.idle_overrides(cfg, ["finetune"]) == []
     assert checks.idle_overrides(compose("+exp=demo", "seed=3"), []) == []
+
+
+@pytest.mark.parametrize(
+    "objective, knob, value",
+    [
+        ("vlap", "tau", "-0.01"),  # trained the loss's opposite, with no word
+        ("vlap", "tau", "nan"),  # these made every step non-finite: the run stopped blaming the learning rate
+        ("vlap", "epsilon", "0"),
+        ("vlap", "iterations", "0"),
+        ("vlap", "prior_temperature", "nan"),
+        ("contrastive", "temperature", "nan"),
+        ("contrastive", "max_scale", "inf"),
+        ("dpo", "beta", "inf"),
+    ],
+)
+def test_an_objectives_number_out_of_its_range_is_refused_at_start_up_naming_the_knob(objective, knob, value):
+    stage = "dpo" if objective == "dpo" else "pretrain"
+    overrides = ["+stage@stages.dpo=dpo", "run=[pretrain,dpo]"] if objective == "dpo" else []
+    if objective != "dpo":
+        overrides.append(f"+objective@stages.pretrain.objectives.{objective}={objective}")
+    key = f"stages.{stage}.objectives.{objective}.{knob}"
+    with pytest.raises(ConfigError, match=rf"{re.escape(key)}={value}.* must be a (finite|whole) number"):
+        check_config(compose(*overrides, f"{key}={value}"))

@@ -68,6 +68,10 @@ class Bounds:
             raise ValueError(f"{key}={value!r} {problem}{note}")
 
 
+POSITIVE = Bounds(0, low_open=True)  # a temperature, a scale, a rate: finite and above 0
+COUNT = Bounds(1)  # a number of iterations, candidates, items: a whole number of at least one (``whole=True``)
+
+
 @dataclass(frozen=True)
 class KnobsOf:
     """A mapping knob that holds keyword arguments of ``target`` (``fit: Annotated[dict | None, KnobsOf(fit)]``): the

@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from alignlm.config import POSITIVE
 from alignlm.objectives.base import LossTerm, Objective
 from alignlm.objectives.pairs import caption_keys, image_caption_pairs, zero_loss
 
@@ -207,15 +208,16 @@ class ContrastiveObjective(Objective):
 
     def __init__(
         self,
-        temperature: float = 0.07,
+        temperature: Annotated[float, POSITIVE] = 0.07,
         learnable_temperature: bool = True,
-        max_scale: float = 100.0,
+        max_scale: Annotated[float, POSITIVE] = 100.0,
         gather: bool = True,
     ) -> None:
-        """``gather``: global negatives across data-parallel ranks (see the module docstring)."""
+        """``gather``: global negatives across data-parallel ranks (see the module docstring). ``temperature`` and
+        ``max_scale`` are finite and above 0 (a NaN had passed, and made every step non-finite)."""
         super().__init__()
-        if temperature <= 0 or max_scale <= 0:
-            raise ValueError(f"contrastive needs temperature > 0 and max_scale > 0, got {temperature} and {max_scale}")
+        POSITIVE.check("contrastive temperature", temperature)
+        POSITIVE.check("contrastive max_scale", max_scale)
         if not isinstance(gather, bool):
             raise ValueError(f"contrastive gather must be true or false, got {gather!r}")
         self.gather = gather

@@ -22,12 +22,13 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Iterator
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from alignlm.config import POSITIVE
 from alignlm.models.precision import frozen_linears, store_weight
 from alignlm.objectives.base import LossTerm, Objective
 from alignlm.objectives.pairs import zero_loss
@@ -80,15 +81,20 @@ class PreferenceObjective(Objective):
     )
 
     def __init__(
-        self, beta: float = 0.1, loss: str = "sigmoid", label_smoothing: float = 0.0, reference: str = "auto"
+        self,
+        beta: Annotated[float, POSITIVE] = 0.1,
+        loss: str = "sigmoid",
+        label_smoothing: float = 0.0,
+        reference: str = "auto",
     ) -> None:
         super().__init__()
+        POSITIVE.check("dpo beta", beta)
         if loss not in LOSSES:
             raise ValueError(f"dpo loss={loss!r} is not known; choose one of {list(LOSSES)}")
         if reference not in REFERENCES:
             raise ValueError(f"dpo reference={reference!r} is not known; choose one of {list(REFERENCES)}")
-        if not beta > 0 or not 0 <= label_smoothing < 0.5:
-            raise ValueError(f"dpo needs beta > 0 and 0 <= label_smoothing < 0.5, got {beta} and {label_smoothing}")
+        if not 0 <= label_smoothing < 0.5:
+            raise ValueError(f"dpo needs 0 <= label_smoothing < 0.5, got {label_smoothing}")
         if loss == "ipo" and label_smoothing > 0:  # IPO's squared loss has no labels to smooth: it was ignored
             raise ValueError(
                 f"dpo label_smoothing={label_smoothing} is conservative DPO's, of loss=sigmoid; loss=ipo has no "

@@ -23,7 +23,7 @@ import itertools
 import logging
 import time
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from alignlm.config import COUNT, POSITIVE
 from alignlm.data.records import assistant_text
 from alignlm.data.templates import plain_text_ids
 from alignlm.geometry.sinkhorn import sinkhorn
@@ -141,9 +142,18 @@ class VLAPObjective(Objective):
     metric_names = ("assign_agree", "pred_agree")  # a micro-batch without pairs measures neither
 
     def __init__(
-        self, tau: float = 0.01, epsilon: float = 0.01, iterations: int = 3, prior_temperature: float = 0.25
+        self,
+        tau: Annotated[float, POSITIVE] = 0.01,
+        epsilon: Annotated[float, POSITIVE] = 0.01,
+        iterations: Annotated[int, COUNT] = 3,
+        prior_temperature: Annotated[float, POSITIVE] = 0.25,
     ) -> None:
+        """Each knob is checked here, at start-up (a negative ``tau`` had trained the loss's opposite, and a NaN or a
+        zero made every step non-finite, the run stopping with advice about the learning rate)."""
         super().__init__()
+        for key, value in (("tau", tau), ("epsilon", epsilon), ("prior_temperature", prior_temperature)):
+            POSITIVE.check(f"vlap {key}", value)
+        COUNT.check("vlap iterations", iterations, whole=True)
         self.tau, self.epsilon, self.iterations, self.prior_temperature = tau, epsilon, iterations, prior_temperature
         self.register_buffer("log_mu", None, persistent=False)
         self._prototypes: torch.Tensor | None = None

@@ -14,12 +14,13 @@ the visual tokens by SEA's data hook (``data.hooks.sea``, ``methods/sea/hook.py`
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from alignlm.config import COUNT, POSITIVE
 from alignlm.methods.sea.hook import SeaLabelHook
 from alignlm.objectives.base import LossTerm, Objective
 
@@ -95,11 +96,17 @@ class SEAObjective(Objective):
         "tokens to, which would stay the table's as it was)"
     )
 
-    def __init__(self, k: int = 5, t_sample: float = 0.1, tau: float = 0.07, word_prefix: str = " ") -> None:
+    def __init__(
+        self,
+        k: Annotated[int, COUNT] = 5,
+        t_sample: Annotated[float, POSITIVE] = 0.1,
+        tau: Annotated[float, POSITIVE] = 0.07,
+        word_prefix: str = " ",
+    ) -> None:
         super().__init__()
-        for key, value in (("k", k), ("t_sample", t_sample), ("tau", tau)):
-            if not value > 0:
-                raise ValueError(f"objective sea: {key}={value!r} must be > 0")
+        COUNT.check("objective sea: k", k, whole=True)
+        for key, value in (("t_sample", t_sample), ("tau", tau)):
+            POSITIVE.check(f"objective sea: {key}", value)
         self.k, self.t_sample, self.tau, self.word_prefix = int(k), float(t_sample), float(tau), word_prefix
         self.words: list[str] = []
         self.register_buffer("word_emb", torch.empty(0), persistent=False)
