@@ -202,6 +202,33 @@ def test_a_diverging_run_skips_non_finite_steps_and_stops_with_a_report(colour_s
     assert main(["train", *base, "run_name=cli"]) == 1  # a message and exit status 1, not a traceback
 
 
+def test_the_stop_for_non_finite_steps_names_the_loss_term_that_was_not_finite(colour_set, tmp_path, monkeypatch):
+    """A NaN in one objective's term (a knob, its inputs) stopped the run with advice about the learning rate; the
+    message names the term, and says so when every term was finite and only the gradient was not."""
+    from alignlm.objectives.base import LossTerm
+    from alignlm.objectives.contrastive import ContrastiveObjective
+
+    real = ContrastiveObjective.forward
+    monkeypatch.setattr(
+        ContrastiveObjective,
+        "forward",
+        lambda self, *a: (lambda t: LossTerm(t.loss * float("nan"), t.metrics))(real(self, *a)),
+    )
+    base = [
+        *tiny_overrides(colour_set, tmp_path),
+        "run=[pretrain]",
+        "eval.sets=[]",
+        "+objective@stages.pretrain.objectives.contrastive=contrastive",
+        "stages.pretrain.save_every=0",
+        "nonfinite.stop_after=2",
+        "logging.every=1",
+    ]
+    with pytest.raises(
+        TrainingError, match=r"\(steps \[1, 2\]\).*Not finite: loss/contrastive at steps \[1, 2\]\. Look"
+    ):
+        run(compose(*base))
+
+
 def test_non_finite_steps_stop_the_run_in_any_window_whatever_the_fetches_and_a_resume(
     colour_set, tmp_path, monkeypatch
 ):

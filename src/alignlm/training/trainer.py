@@ -416,6 +416,7 @@ class Trainer:
         the weights the first segment started from, so a later rerun still names the change). Also fixes what
         ``final/`` will record the stage was trained from."""
         self.segment_seconds, self.nonfinite, self.steady_before = 0.0, [], None
+        self.nonfinite_terms: dict[str, list[int]] = {}  # a loss term not finite -> the steps (of this segment)
         stage = OmegaConf.to_container(self.stage, resolve=True)
         seed, precision = int(self.cfg.seed), str(self.acc.mixed_precision)
         files = ckpt.input_files(stage, self.name)  # read once, at the stage's start: its checkpoints and final/ say so
@@ -837,6 +838,10 @@ class Trainer:
             row.update(s.host)
             if s.grad_norm is not None:
                 row["grad_norm"] = norm
+            if nonfinite:  # which terms, for the message that stops the stage
+                for term in (k for k, x in row.items() if k.startswith("loss/") and k != "loss/total"):
+                    if isinstance(row[term], float) and not math.isfinite(row[term]):
+                        self.nonfinite_terms.setdefault(term, []).append(s.step)
             row = {k: (x if not isinstance(x, float) or math.isfinite(x) else None) for k, x in row.items()}
             if nonfinite:  # skipped: logged, as null where a value was not finite, never hidden
                 row["nonfinite"] = True
@@ -915,9 +920,19 @@ class Trainer:
                 raise TrainingError(
                     f"stage {self.name}: {len(recent)} of the {window} steps up to step {end} had a non-finite loss or "
                     f"gradient (steps {recent}); each was skipped, nothing was updated, and the run stops here "
-                    f"(nonfinite.stop_after={limit}). Lower the learning rate (stage.lr), check the data, or resume "
-                    "from the last checkpoint"
+                    f"(nonfinite.stop_after={limit}). {self.nonfinite_advice()}, or resume from the last checkpoint"
                 )
+
+    def nonfinite_advice(self) -> str:
+        """What to look at for the skipped steps: the loss terms that were not finite where some were (an objective's
+        knob or weight, its inputs; the advice had been the learning rate's whatever the term), else the gradient."""
+        if self.nonfinite_terms:
+            terms = "; ".join(f"{k} at steps {v[:5]}" for k, v in sorted(self.nonfinite_terms.items()))
+            return (
+                f"Not finite: {terms}. Look at what computes them (its objective's knobs and weight, the inputs it "
+                "reads), then the learning rate (stage.lr) and the data"
+            )
+        return "Every loss term was finite, the gradient was not: lower the learning rate (stage.lr), or check the data"
 
     def check_finite_weights(self) -> None:
         """Never write a checkpoint with a non-finite weight, or a non-finite buffer of a part that trains."""
@@ -1072,8 +1087,7 @@ class Trainer:
         trained = self.logged_losses() if acc.is_main_process else []
         if not gather_object([len(trained) if acc.is_main_process else None])[0]:
             why = (  # a short stage of only non-finite steps had been told as one of bad data
-                f"every step's loss or gradient was not finite (steps {self.nonfinite}: lower the learning rate, or "
-                "check the objectives' weights)"
+                f"every step's loss or gradient was not finite (steps {self.nonfinite}). {self.nonfinite_advice()}"
                 if self.nonfinite
                 else "every micro-batch was bad data"
             )
