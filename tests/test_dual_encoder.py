@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from alignlm.geometry.metrics import retrieval_recall
@@ -222,6 +223,30 @@ def test_fit_with_a_held_out_file_of_fewer_pairs_than_k_reports_and_the_heads_ar
         fit_encoder([str(colour_set["pretrain"])], tmp_path / "kept", **knobs)
     assert (tmp_path / "kept" / "heads.safetensors").is_file()
     assert json.loads((tmp_path / "kept" / "dual_encoder.json").read_text())["report"]["train_pairs"] == 48
+
+
+def test_a_diverging_fit_stops_naming_the_batch_and_saves_nothing_non_finite(tmp_path, colour_set, monkeypatch):
+    """At lr=1e6 the loss went NaN: the NaN heads were saved with a manifest that was no valid JSON (a bare NaN), the
+    fit returned normally and the folder loaded. It stops at the first non-finite loss now, naming the batch; heads
+    holding NaN are refused when saved and when loaded."""
+    monkeypatch.setattr(encoder_fit, "OfflineDualEncoder", _StubEncoder)
+    knobs = {"batch_size": 8, "epochs": 3, "lr": 1e6, "image_root": colour_set["pretrain"].parent}
+    with pytest.raises(
+        ValueError, match=r"dual-encoder fit: the loss of epoch \d+, batch \d+ is nan; nothing was saved"
+    ):
+        fit_encoder([str(colour_set["pretrain"])], tmp_path / "enc", **knobs)
+    assert not (tmp_path / "enc" / "heads.safetensors").exists()
+    enc = _StubEncoder(16, 32, "stub")
+    with torch.no_grad():
+        enc.logit_scale.fill_(float("nan"))
+    with pytest.raises(ValueError, match=r"weights hold NaN: \['logit_scale'\]"):
+        enc.save(tmp_path / "nan")
+    _StubEncoder(16, 32, "stub").save(tmp_path / "good")
+    heads = load_file(str(tmp_path / "good" / "heads.safetensors"))
+    heads["logit_scale"].fill_(float("inf"))
+    save_file(heads, str(tmp_path / "good" / "heads.safetensors"))
+    with pytest.raises(ValueError, match=r"weights hold inf: \['logit_scale'\]"):
+        OfflineDualEncoder.load(tmp_path / "good")
 
 
 @pytest.mark.slow

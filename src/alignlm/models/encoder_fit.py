@@ -89,12 +89,17 @@ def fit_heads(
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=warmup)
     g = torch.Generator().manual_seed(seed)
     history = []
-    for _ in range(epochs):
+    for epoch in range(epochs):
         order, losses = torch.randperm(len(img_feats), generator=g), []
-        for rows in order.split(batch_size):
+        for batch, rows in enumerate(order.split(batch_size)):
             if len(rows) < 2:
                 continue
             loss = info_nce(model.image_head(img_feats[rows]), model.text_head(txt_feats[rows]), model.logit_scale)
+            if not torch.isfinite(loss):  # the heads and report of a diverged fit had been saved, NaN and all
+                raise ValueError(
+                    f"dual-encoder fit: the loss of epoch {epoch + 1}, batch {batch + 1} is {loss.item()}; nothing "
+                    f"was saved: lower lr (it is {lr:g}) or check the features"
+                )
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -348,6 +348,7 @@ class OfflineDualEncoder(_Weights):
             for k, v in self.state_dict().items()
             if k.startswith(("image_head.", "text_head.", "logit_scale"))
         }
+        check_finite(trained, str(folder))
         save_file(trained, str(folder / HEADS))
         as_umask_allows(folder / HEADS)
         manifest = {
@@ -358,7 +359,7 @@ class OfflineDualEncoder(_Weights):
             "text_encoder": TEXT_ENCODER,
             "report": report or {},
         }
-        (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, allow_nan=False))
         return folder
 
     @classmethod
@@ -366,8 +367,10 @@ class OfflineDualEncoder(_Weights):
         cls, folder: str | Path, device: str | torch.device = "cpu", name: str | None = None
     ) -> OfflineDualEncoder:
         manifest = json.loads((Path(folder) / MANIFEST).read_text())
+        heads = load_file(str(Path(folder) / HEADS))
+        check_finite(heads, str(folder))  # before the towers load
         model = cls(manifest["dim"], manifest["image_size"], name or manifest["name"], device=device)
-        missing, unexpected = model.load_state_dict(load_file(str(Path(folder) / HEADS)), strict=False)
+        missing, unexpected = model.load_state_dict(heads, strict=False)
         trained_missing = [k for k in missing if not k.startswith(("image_tower.", "text_model."))]
         if trained_missing or unexpected:
             raise ValueError(f"{folder}/{HEADS}: missing {trained_missing}, unexpected {unexpected}")

@@ -47,6 +47,7 @@ from alignlm.models.io import (
     trained_tensors,
 )
 from alignlm.training import sharding, zero
+from alignlm.training.logging import json_values
 
 STEP_PREFIX = "step_"
 SET_ASIDE_PREFIX = "before-"  # resume=never: an earlier run's outputs of a stage, in ``<stage>/before-<time>/``
@@ -211,7 +212,7 @@ def save_training_state(
         torch.save(dict(scaler_state), tmp / SCALER_FILE)
     for rank, r in rng.items():
         torch.save(r, tmp / f"rng_{rank}.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+    (tmp / "trainer_state.json").write_text(json.dumps(json_values(state), indent=2, allow_nan=False))
     publish(tmp, ckpt_dir)
 
 
@@ -1019,5 +1020,5 @@ def save_final(
     (tmp / "config.yaml").write_text(config_yaml)
     if settings is not None:
         record = {**settings, MODEL_FILES: model_stamps(read_config_yaml(tmp / "config.yaml").get("model"))}
-        (tmp / TRAINED_FROM).write_text(json.dumps(record, indent=2))
+        (tmp / TRAINED_FROM).write_text(json.dumps(json_values(record), indent=2, allow_nan=False))
     publish(tmp, final_dir)

@@ -49,14 +49,14 @@ def get_logger(name: str, rank: int) -> logging.Logger:
 
 
 def json_values(x: Any) -> Any:
-    """``x`` for a JSON file (metrics.jsonl, summary.json, report.json): a value that is not finite (CKA of a probe
+    """``x`` for a JSON file (metrics.jsonl, summary.json, report.json, a checkpoint's records): a value that is not finite (CKA of a probe
     set whose items are all alike, a diverged loss) is null there, where strict JSON readers (jq, pandas, JavaScript)
     refuse a bare ``NaN``; the tables show it as ``nan``."""
     if isinstance(x, float) and not math.isfinite(x):
         return None
     if isinstance(x, Mapping):
         return {k: json_values(v) for k, v in x.items()}
-    if isinstance(x, list):
+    if isinstance(x, (list, tuple)):
         return [json_values(v) for v in x]
     return x
 
