@@ -229,6 +229,38 @@ def test_the_stop_for_non_finite_steps_names_the_loss_term_that_was_not_finite(c
         run(compose(*base))
 
 
+def test_a_logged_value_not_finite_at_a_step_that_trained_is_warned_once(
+    colour_set, tmp_path, monkeypatch, alignlm_log
+):
+    """A learnable temperature driven past its range logged null at every step while the loss stayed finite (the
+    objective pinned at chance) and the run ended as if all was well: it is said once, naming the value and step."""
+    from alignlm.objectives.base import LossTerm
+    from alignlm.objectives.contrastive import ContrastiveObjective
+
+    real = ContrastiveObjective.forward
+
+    def forward(self, *args):
+        term = real(self, *args)
+        return LossTerm(term.loss, {**term.metrics, "temperature": term.metrics["temperature"] * float("inf")})
+
+    monkeypatch.setattr(ContrastiveObjective, "forward", forward)
+    overrides = [
+        *tiny_overrides(colour_set, tmp_path),
+        "run=[pretrain]",
+        "eval.sets=[]",
+        "+objective@stages.pretrain.objectives.contrastive=contrastive",
+        "stages.pretrain.save_every=0",
+        "logging.every=1",
+    ]
+    run(compose(*overrides))
+    said = [r.getMessage() for r in alignlm_log.records if "was not finite at step" in r.getMessage()]
+    assert said == [
+        "stage pretrain: contrastive/temperature was not finite at step 1, a step whose loss was (logged as null): "
+        "what computes it may have stopped working (a learnable temperature past its range, an objective pinned at "
+        "chance)"
+    ]
+
+
 def test_non_finite_steps_stop_the_run_in_any_window_whatever_the_fetches_and_a_resume(
     colour_set, tmp_path, monkeypatch
 ):

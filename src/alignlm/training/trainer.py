@@ -417,6 +417,7 @@ class Trainer:
         ``final/`` will record the stage was trained from."""
         self.segment_seconds, self.nonfinite, self.steady_before = 0.0, [], None
         self.nonfinite_terms: dict[str, list[int]] = {}  # a loss term not finite -> the steps (of this segment)
+        self.nonfinite_metrics: set[str] = set()  # logged values not finite at a step that trained: warned once each
         stage = OmegaConf.to_container(self.stage, resolve=True)
         seed, precision = int(self.cfg.seed), str(self.acc.mixed_precision)
         files = ckpt.input_files(stage, self.name)  # read once, at the stage's start: its checkpoints and final/ say so
@@ -838,10 +839,19 @@ class Trainer:
             row.update(s.host)
             if s.grad_norm is not None:
                 row["grad_norm"] = norm
+            bad = [k for k, x in row.items() if isinstance(x, float) and not math.isfinite(x)]
             if nonfinite:  # which terms, for the message that stops the stage
-                for term in (k for k, x in row.items() if k.startswith("loss/") and k != "loss/total"):
-                    if isinstance(row[term], float) and not math.isfinite(row[term]):
-                        self.nonfinite_terms.setdefault(term, []).append(s.step)
+                for term in (k for k in bad if k.startswith("loss/") and k != "loss/total"):
+                    self.nonfinite_terms.setdefault(term, []).append(s.step)
+            for key in (k for k in bad if not nonfinite and k not in self.nonfinite_metrics):
+                self.nonfinite_metrics.add(key)  # a step that trained: said once per key, not only a null in the log
+                self.log.warning(
+                    "stage %s: %s was not finite at step %d, a step whose loss was (logged as null): what computes it "
+                    "may have stopped working (a learnable temperature past its range, an objective pinned at chance)",
+                    self.name,
+                    key,
+                    s.step,
+                )
             row = {k: (x if not isinstance(x, float) or math.isfinite(x) else None) for k, x in row.items()}
             if nonfinite:  # skipped: logged, as null where a value was not finite, never hidden
                 row["nonfinite"] = True
