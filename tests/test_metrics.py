@@ -957,3 +957,11 @@ def test_the_pca_plot_projects_as_the_whole_svd_without_one(n, d, monkeypatch):
     for j in range(2):
         sign = torch.sign((got[:, j] * expected[:, j]).sum())
         assert (got[:, j] - sign * expected[:, j]).abs().max() <= 1e-6 * expected[:, j].abs().max()
+
+
+@pytest.mark.parametrize("sigma", [-1.0, 0.0, float("inf"), float("nan")])
+def test_an_rbf_bandwidth_that_is_not_a_finite_positive_number_is_refused_naming_it(sigma):
+    """sigma=-1 had given the same CKA as sigma=1, inf a silent nan, and nan a message saying it was 0."""
+    x = torch.randn(12, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=rf"sigma must be a finite number > 0, got {sigma}"):
+        M.cka(x, x, kernel="rbf", sigma=sigma)

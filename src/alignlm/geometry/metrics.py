@@ -24,6 +24,7 @@ the features (memory O(d^2 + n d)).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Literal
 
@@ -376,6 +377,8 @@ def _rbf_gram(x: Tensor, sigma: float | None) -> Tensor:
     """exp(-|xi - xj|^2 / (2 sigma^2)), sigma the median distance between items when not given (Kornblith et al.
     2019). A whole n x n matrix, as the median needs every distance: rbf CKA takes O(n^2) memory, several n x n
     float64 matrices (each 0.8 GB at n = 10k, 20 GB at 50k)."""
+    if sigma is not None and not (math.isfinite(sigma) and sigma > 0):  # -1 had acted as 1, inf had given nan
+        raise ValueError(f"the rbf bandwidth sigma must be a finite number > 0, got {sigma}")
     sq_dist = torch.cdist(x, x).square()
     bandwidth_sq = _median(sq_dist).item() if sigma is None else float(sigma) ** 2
     if not bandwidth_sq > 0:
