@@ -547,3 +547,21 @@ def test_an_objectives_number_out_of_its_range_is_refused_at_start_up_naming_the
     key = f"stages.{stage}.objectives.{objective}.{knob}"
     with pytest.raises(ConfigError, match=rf"{re.escape(key)}={value}.* must be a (finite|whole) number"):
         check_config(compose(*overrides, f"{key}={value}"))
+
+
+def test_a_later_stages_global_batch_larger_than_its_records_is_refused_before_the_first_stage_trains(
+    colour_set, tmp_path
+):
+    """The finetune stage's 48 records at weight 0.5 against a global batch of 32: refused when that stage began,
+    after pretraining had trained. Counted at start-up now, the weights applied, naming the knobs."""
+    from tests.conftest import tiny_overrides
+
+    weighted = f"stages.finetune.data.sources=[{{path:{colour_set['instruct']},weight:0.5}}]"
+    overrides = [*tiny_overrides(colour_set, tmp_path), weighted, "eval.sets=[]"]
+    with pytest.raises(ConfigError, match=re.escape(
+        "stages.finetune: its sources hold 24 records an epoch (their weights applied), fewer than one global batch of "
+        "32 (per_device_batch_size 16 x 1 processes x grad_accum 2): lower stages.finetune.per_device_batch_size"
+    )):  # fmt: skip
+        run(compose(*overrides, "stages.finetune.per_device_batch_size=16", "stages.finetune.grad_accum=2"))
+    assert not (tmp_path / "t" / "pretrain").exists()
+    run(compose(*overrides, "stages.finetune.per_device_batch_size=12", "stages.finetune.grad_accum=2"))  # 24: one

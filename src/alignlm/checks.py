@@ -399,6 +399,34 @@ def check_source_files(cfg: DictConfig, stages: Sequence[str]) -> None:
                 raise DataError(f"{key}: {e}", e.cause) from None
 
 
+SMALL_SOURCE = 64 << 20  # bytes: a source this small is counted at start-up (a second's read at most)
+
+
+def check_stage_batches(cfg: DictConfig, stages: Sequence[str], world: int) -> None:
+    """Each stage about to train whose sources are small (:data:`SMALL_SOURCE` each) holds at least one global batch
+    of records an epoch (``per_device_batch_size x processes x grad_accum``, the sources' weights applied): a later
+    stage's batch larger than its records was refused when that stage began, after the stages before it had trained.
+    Records its start-up checks drop still count here (an upper bound); a stage with a larger source is not counted (a
+    64 MB file holds tens of thousands of records, more than any global batch)."""
+    for stage in stages:
+        node = cfg.stages[stage]
+        batch = int(node.per_device_batch_size) * world * int(node.grad_accum)
+        records = 0.0
+        for i, entry in enumerate(node.data.sources):
+            source = Source.from_config(entry, f"stages.{stage}.data.sources[{i}]")
+            if Path(source.path).stat().st_size > SMALL_SOURCE:
+                break
+            records += source.weight * sum(1 for _ in iter_records(source.path, bad_lines=[]))
+        else:
+            if records < batch:
+                raise ConfigError(
+                    f"stages.{stage}: its sources hold {records:g} records an epoch (their weights applied), fewer than "
+                    f"one global batch of {batch} (per_device_batch_size {node.per_device_batch_size} x {world} "
+                    f"processes x grad_accum {node.grad_accum}): lower stages.{stage}.per_device_batch_size or "
+                    "grad_accum, or give the stage more data"
+                )
+
+
 # Hydra's refusal of an override of a key or a group the composed config lacks, and its advice (the override with +)
 _NOT_THERE = re.compile(
     r"(?:In '[^']*': )?Could not override '([^']+)'\.(.*?)To append to your \w+(?: list)? use \+(.+)$"

@@ -31,6 +31,7 @@ from alignlm.checks import (
     check_eval_sets,
     check_source_files,
     check_sources,
+    check_stage_batches,
     check_stages_fit_model,
     idle_overrides,
     override_warnings,
@@ -637,6 +638,7 @@ def _run(cfg: DictConfig, acc: Accelerator, stop: StopRequest, readers: contextl
         for line in idle_overrides(cfg, to_train):
             log.warning("%s", line)
     check_source_files(cfg, to_train)  # on every rank, once the offline sets and prepare steps wrote theirs
+    check_stage_batches(cfg, to_train, acc.num_processes)
     check_eval_sets(cfg)  # so are the final evaluation's sets, read after every stage trained
     if acc.is_main_process:
         for name in to_train:
