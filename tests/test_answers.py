@@ -261,7 +261,20 @@ def test_a_leading_letter_before_a_comma_is_picked(prediction):
 
 
 @pytest.mark.parametrize(
-    "hedge", ["B, or maybe C", "B, (C)", "B, and C", "B, or possibly C", "B, Or maybe C", "B, C.", "B, A or C", "B, C?"]
+    "hedge",
+    [
+        "B, or maybe C",
+        "B, (C)",
+        "B, and C",
+        "B, or possibly C",
+        "B, Or maybe C",
+        "B, C.",
+        "B, A or C",
+        "B, C?",
+        "B, or maybe C if the circle is red",  # after a hedge word, a letter before more words is still a choice
+        "B, or C would also fit",
+        "B, maybe C too",
+    ],
 )
 def test_a_letter_before_a_comma_and_another_choice_is_a_hedge(hedge):
     assert choice_letter(hedge, set(LETTERS)) is None and score_answer(hedge, "B", LETTERS) == 0.0

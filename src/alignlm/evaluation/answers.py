@@ -144,11 +144,12 @@ _CHOICE_LEAD = re.compile(r"\b(?:option|choice)\b(?:\s+is)?\s*:?\s*", re.IGNOREC
 _MARKED_LETTER = re.compile(r"(?:\(([A-Za-z])\)|([A-Za-z])[.):])(?=[\s.,;:!]|$)")  # "(B)", "B.", "B)", "B:"
 _BARE_LETTER = re.compile(r"(?:([A-Z])(?=[\s.,;:!]|$)|([a-z])(?=[.!]?$))")  # "B ...", or a lower-case "b" that ends
 _COMMA_LETTER = re.compile(r"([A-Z]),")  # "B, because ...": unless another choice follows (_HEDGE)
-# "A, B", "B, or maybe C", "B, Or possibly C": another choice after at most two such words ("B, not C" is B), marked
-# "(C)" or standing alone: before punctuation, the end, "or" or "and" ("B, A green circle" and "B, C is wrong" are B)
+# "A, B", "B, or maybe C if ...", "B, Or possibly C": another choice after one or two such words ("B, not C" is B), or
+# right after the comma marked "(C)" or standing alone: before punctuation, the end, "or" or "and" ("B, A green
+# circle" and "B, C is wrong" are B)
 _HEDGE = re.compile(
-    r"\s*(?i:(?:or|and|maybe|perhaps|possibly|probably|also|either)\s+){0,2}"
-    r"(?:\(([A-Z])\)|([A-Z])(?=\s*(?:[,;.:!?)]|$)|\s+(?i:or|and)\b))"
+    r"\s*(?:(?i:(?:or|and|maybe|perhaps|possibly|probably|also|either)\s+){1,2}\(?([A-Z])\)?(?![A-Za-z'])"
+    r"|\(([A-Z])\)|([A-Z])(?=\s*(?:[,;.:!?)]|$)|\s+(?i:or|and)\b))"
 )
 
 
@@ -179,7 +180,7 @@ def _before_comma(text: str, letters: Collection[str] | None) -> re.Match[str] |
     if found is None:
         return None
     hedge = _HEDGE.match(text, found.end())
-    return None if hedge and (letters is None or (hedge.group(1) or hedge.group(2)) in letters) else found
+    return None if hedge and (letters is None or next(g for g in hedge.groups() if g) in letters) else found
 
 
 def choice_letter(prediction: str, letters: Collection[str] | None = None) -> str | None:
