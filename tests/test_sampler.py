@@ -114,6 +114,7 @@ def test_group_by_length_true_is_the_banding_it_always_was():
         ("lm", "mlp2x_gelu", []),
         ("contrastive", "mlp2x_gelu", []),  # gathers the ranks' micro-batches: each step's sum is the same
         ("contrastive", "moe", ["model.connector"]),
+        ("lm", "v2l", ["model.connector"]),  # its diversity loss: the micro-batch's mean assignment
         ("vlap", "mlp2x_gelu", ["objectives.vlap"]),
     ],
 )
