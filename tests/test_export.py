@@ -603,7 +603,9 @@ def test_export_check_answers_both_sides_on_the_asked_device(tiny_model, tmp_pat
         lambda model, *a, **k: seen.update(alignlm=next(model.parameters()).device) or [("q1", "red", record)],
     )
     monkeypatch.setattr(
-        export_check, "exported_answers", lambda out, records, root, n, device: seen.update(export=device) or ["red"]
+        export_check,
+        "exported_answers",
+        lambda out, records, root, n, device, reading: seen.update(export=device) or ["red"],
     )
     exported = []
     monkeypatch.setattr(command, "export", lambda *a: exported.append(a) or tmp_path)

@@ -18,7 +18,8 @@ import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from alignlm.constants import MAX_NEW_TOKENS
-from alignlm.data.images import load_rgb
+from alignlm.data.build import image_reading_of
+from alignlm.data.images import PADDED, ImageReading, load_rgb
 from alignlm.data.records import image_paths, read_records
 from alignlm.evaluation.checkpoints import data_config, load, resolve, stage_config
 from alignlm.evaluation.evaluate import check_answers, scored
@@ -30,10 +31,17 @@ N_SHOWN = 5
 
 @torch.no_grad()
 def exported_answers(
-    out_dir: str | Path, records: list[dict[str, Any]], root: Path, max_new_tokens: int, device: torch.device
+    out_dir: str | Path,
+    records: list[dict[str, Any]],
+    root: Path,
+    max_new_tokens: int,
+    device: torch.device,
+    reading: ImageReading = PADDED,
 ) -> list[str]:
     """Greedy answers of the exported folder, one question at a time, as lmms-eval's ``llava_hf`` asks them, on
-    ``device`` (alignlm's side's: both sides answer on one device, in the dtypes they load in)."""
+    ``device`` (alignlm's side's: both sides answer on one device, in the dtypes they load in). Each image is read as
+    alignlm's side read it (``reading``: the checkpoint's stage's; with the default limit and a padded square, a tall
+    image a cropping stage had read was refused here)."""
     processor = AutoProcessor.from_pretrained(out_dir)
     model = LlavaForConditionalGeneration.from_pretrained(out_dir).eval().to(device)
     answers = []
@@ -43,7 +51,8 @@ def exported_answers(
             raise ValueError(f"export check: record {record.get('id')!r} has {len(paths)} images; it compares one")
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question_of(record)}]}]
         prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-        image = load_rgb(paths[0])  # as alignlm's side reads it: raster formats only, upright, on white
+        # as alignlm's side reads it: raster formats only, upright, on white, within its stage's limit
+        image = load_rgb(paths[0], reading.max_pixels, reading.aspect_ratio == "pad")
         inputs = processor(images=image, text=prompt, return_tensors="pt").to(device)
         new = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)[
             0, inputs["input_ids"].shape[1] :
@@ -73,7 +82,8 @@ def compare_with_export(
     ours = generate_set(model, str(questions), data_cfg, max_new_tokens=max_new_tokens, limit=limit)
     del model
     records = [rec for _, _, rec in ours]
-    theirs = exported_answers(out_dir, records, Path(questions).resolve().parent, max_new_tokens, torch.device(device))
+    root, reading = Path(questions).resolve().parent, image_reading_of(data_cfg)
+    theirs = exported_answers(out_dir, records, root, max_new_tokens, torch.device(device), reading)
     differ = [
         {"id": rid, "alignlm": pred, "export": other, "answer": rec.get("answer")}
         for (rid, pred, rec), other in zip(ours, theirs)
