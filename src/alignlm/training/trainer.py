@@ -418,6 +418,7 @@ class Trainer:
         self.segment_seconds, self.nonfinite, self.steady_before = 0.0, [], None
         self.nonfinite_terms: dict[str, list[int]] = {}  # a loss term not finite -> the steps (of this segment)
         self.nonfinite_metrics: set[str] = set()  # logged values not finite at a step that trained: warned once each
+        self.logged_terms: set[str] = set()  # the loss terms the steps logged (loss/<objective>)
         stage = OmegaConf.to_container(self.stage, resolve=True)
         seed, precision = int(self.cfg.seed), str(self.acc.mixed_precision)
         files = ckpt.input_files(stage, self.name)  # read once, at the stage's start: its checkpoints and final/ say so
@@ -840,6 +841,11 @@ class Trainer:
             if s.grad_norm is not None:
                 row["grad_norm"] = norm
             bad = [k for k, x in row.items() if isinstance(x, float) and not math.isfinite(x)]
+            if row.get(
+                "scaler/overflow"
+            ):  # fp16's loss scaler backing off: an overflowed gradient is its ordinary work
+                bad = [k for k in bad if k != "grad_norm"]
+            self.logged_terms.update(k for k in row if k.startswith("loss/") and k != "loss/total")
             if nonfinite:  # which terms, for the message that stops the stage
                 for term in (k for k in bad if k.startswith("loss/") and k != "loss/total"):
                     self.nonfinite_terms.setdefault(term, []).append(s.step)
@@ -938,9 +944,11 @@ class Trainer:
         knob or weight, its inputs; the advice had been the learning rate's whatever the term), else the gradient."""
         if self.nonfinite_terms:
             terms = "; ".join(f"{k} at steps {v[:5]}" for k, v in sorted(self.nonfinite_terms.items()))
+            if set(self.nonfinite_terms) >= set(self.logged_terms):  # every term: the weights, not one objective
+                return f"Not finite: {terms}, every term. Lower the learning rate (stage.lr), or check the data"
             return (
-                f"Not finite: {terms}. Look at what computes them (its objective's knobs and weight, the inputs it "
-                "reads), then the learning rate (stage.lr) and the data"
+                f"Not finite: {terms}; the other terms were. Look at what computes those (its objective's knobs and "
+                "weight, the inputs it reads), then the learning rate (stage.lr) and the data"
             )
         return "Every loss term was finite, the gradient was not: lower the learning rate (stage.lr), or check the data"
 
