@@ -578,6 +578,9 @@ def test_compiled_llm_layers_train_like_eager_ones(tiny_model, colour_set, tmp_p
     run(compose(*common, "run_name=eager"))
     for name, extra in (("compiled", []), ("checkpointed", ["stages.finetune.gradient_checkpointing=true"])):
         counters.clear()  # checkpointed: every layer broke the graph on a hub-kernel context variable, none compiled
+        # transformers 5.17 checkpoints in GradientCheckpointingLayer.__call__ (5.25: in forward), outside the compiled
+        # forward: the checkpointed run's layers were the compiled run's graphs, served from the cache, counting none
+        torch._dynamo.reset()
         with without_dispatch_modes():
             run(compose(*common, f"run_name={name}", "stages.finetune.compile=true", *extra))
         assert counters["stats"]["unique_graphs"] > 0 and not counters["graph_break"], name  # compiled, whole layers
