@@ -307,12 +307,12 @@ def test_a_caption_that_is_not_text_is_refused_not_read_as_its_python_spelling(t
 def test_a_tall_image_a_crop_stage_trains_on_is_read_by_the_probe_too(model, tmp_path):
     """Under ``crop`` training checks the image itself against max_image_pixels; the probe and SEA's labels checked
     the square it would pad to (300x8000: 64 M over 50 M) and stopped."""
-    from alignlm.data.images import prepared
+    from alignlm.data.images import ImageReading, prepared
 
     Image.new("RGB", (300, 8000), (0, 0, 255)).save(tmp_path / "tall.png")
-    assert prepared(model.image_spec, "crop", tmp_path / "tall.png").shape[0] == 3
+    assert prepared(model.image_spec, ImageReading("crop"), tmp_path / "tall.png").shape[0] == 3
     with pytest.raises(DataError, match="padded to a square"):
-        prepared(model.image_spec, "pad", tmp_path / "tall.png")
+        prepared(model.image_spec, ImageReading("pad"), tmp_path / "tall.png")
 
 
 def test_a_data_file_that_is_a_fifo_is_refused_not_waited_on(tmp_path):

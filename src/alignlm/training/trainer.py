@@ -339,7 +339,8 @@ class Trainer:
         accelerator's wrapping, and a resume from the newest checkpoint."""
         cfg, stage, acc = self.cfg, self.stage, self.acc
         self.objectives = build_objectives(stage, f"stages.{self.name}.objectives")
-        self.order = rank_batches_kept(self.order, sample_relations(model, self.objectives), self.log, self.name)
+        if getattr(self, "order", None) is not None:  # a caller feeding its own batches builds none (the benchmark)
+            self.order = rank_batches_kept(self.order, sample_relations(model, self.objectives), self.log, self.name)
         self.monitor = AlignmentMonitor(cfg.get("monitor"), model, image_reading_of(stage.data))
         for obj, _ in self.objectives.values():
             obj.setup(model, dataset)
