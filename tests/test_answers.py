@@ -280,9 +280,29 @@ def test_a_letter_before_a_comma_and_another_choice_is_a_hedge(hedge):
     assert choice_letter(hedge, set(LETTERS)) is None and score_answer(hedge, "B", LETTERS) == 0.0
 
 
+@pytest.mark.parametrize(
+    ("prediction", "letter"),
+    [
+        ("My answer: I think B", "B"),  # had picked none
+        ("The answer is probably B", "B"),
+        ("The answer is most likely (C).", "C"),
+        ("answer: it is D", "D"),
+        ("Answer: it is a square", None),  # the article is no letter
+        ("The answer is B or C", None),  # a hedge after "answer" picks none, as one before a comma does (it was B)
+        ("The answer is B, or maybe C", None),
+        ("Answer: A. Final answer: B or C", None),  # the last answer is the one given, hedged
+        ("The answer is B, not option C", "B"),
+        ("Answer: B. C is wrong", "B"),
+    ],
+)
+def test_an_answer_after_a_hedge_word_is_read_and_one_hedged_between_two_choices_is_not(prediction, letter):
+    assert choice_letter(prediction, {"A", "B", "C", "D"}) == letter
+
+
 def test_a_letter_that_names_no_choice_is_not_picked():
-    """Of four choices, the pronoun in "Answer: I think so" had been picked as the letter I."""
+    """Of four choices, the pronoun in "Answer: I think so" had been picked as the letter I ("I think" before the
+    answer is a hedge now, whatever the choices)."""
     four = {"A", "B", "C", "D"}
-    assert choice_letter("Answer: I think so") == "I" and choice_letter("Answer: I think so", four) is None
+    assert choice_letter("Answer: I think so") is None and choice_letter("Answer: I think so", four) is None
     assert choice_letter("E", four) is None and choice_letter("Answer: E. Option B", four) == "B"
     assert not names_only("Answer: I think so", "B", ["red", "green", "blue"])

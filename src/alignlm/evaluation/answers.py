@@ -139,7 +139,11 @@ def vqa_accuracy(prediction: str, answers: object, letters: bool = False) -> flo
 
 
 _LETTER = re.compile(r"([A-Za-z])")
-_ANSWER_LEAD = re.compile(r"\banswer\b(?:\s+is)?\s*:?\s*", re.IGNORECASE)
+# "answer", "answer is", "answer:", then at most one hedge before the letter ("answer: I think B", "answer is likely C")
+_ANSWER_LEAD = re.compile(
+    r"\banswer\b(?:\s+is)?\s*:?\s*(?:(?:I\s+think|I\s+believe|probably|likely|most\s+likely|it\s+is|it's)\s+)?",
+    re.IGNORECASE,
+)
 _CHOICE_LEAD = re.compile(r"\b(?:option|choice)\b(?:\s+is)?\s*:?\s*", re.IGNORECASE)
 _MARKED_LETTER = re.compile(r"(?:\(([A-Za-z])\)|([A-Za-z])[.):])(?=[\s.,;:!]|$)")  # "(B)", "B.", "B)", "B:"
 _BARE_LETTER = re.compile(r"(?:([A-Z])(?=[\s.,;:!]|$)|([a-z])(?=[.!]?$))")  # "B ...", or a lower-case "b" that ends
@@ -161,12 +165,22 @@ def _picked(found: re.Match[str] | None, letters: Collection[str] | None) -> str
 
 def _letter_after(lead: re.Pattern[str], text: str, letters: Collection[str] | None) -> str | None:
     """The letter after the last match of ``lead`` that a letter of ``letters`` follows (marked, or bare and
-    upper-case)."""
+    upper-case), or None where another choice follows it there ("the answer is B or C": a hedge picks none)."""
     found = None
     for m in lead.finditer(text):
         rest = text[m.end() :]
-        found = _picked(_MARKED_LETTER.match(rest) or _BARE_LETTER.match(rest), letters) or found
+        letter = _MARKED_LETTER.match(rest) or _BARE_LETTER.match(rest)
+        picked = _picked(letter, letters)
+        if picked is not None:
+            found = None if _hedged(rest, letter.end(), letters) else picked
     return found
+
+
+def _hedged(text: str, at: int, letters: Collection[str] | None) -> bool:
+    """Whether another choice's letter follows position ``at`` of ``text`` (after a comma, if one is there):
+    :data:`_HEDGE`."""
+    hedge = _HEDGE.match(text, at + (text[at : at + 1] == ","))
+    return hedge is not None and (letters is None or next(g for g in hedge.groups() if g) in letters)
 
 
 _QUOTED_LETTER = re.compile(r"[\"'\u2018\u2019\u201c\u201d]([A-Za-z])[\"'\u2018\u2019\u201c\u201d]")
@@ -177,10 +191,7 @@ def _before_comma(text: str, letters: Collection[str] | None) -> re.Match[str] |
     maybe C": a hedge picks none); a word after the comma is no choice ("B, a green circle", "B, I think", "B, A green
     circle", "B, C is wrong")."""
     found = _COMMA_LETTER.match(text)
-    if found is None:
-        return None
-    hedge = _HEDGE.match(text, found.end())
-    return None if hedge and (letters is None or next(g for g in hedge.groups() if g) in letters) else found
+    return None if found is None or _hedged(text, found.end(), letters) else found
 
 
 def choice_letter(prediction: str, letters: Collection[str] | None = None) -> str | None:
@@ -191,7 +202,8 @@ def choice_letter(prediction: str, letters: Collection[str] | None = None) -> st
     marked ("(B)", "B.", "B) red"), or leads it before a comma that no other choice follows ("B, because it is red";
     "A, B" and "B, or maybe C" pick neither). Else it is the
     letter after the last "answer" a letter follows ("Answer: B", "Looking at each option, the answer is C", "the
-    answer is B, not option C"), and without one, after the last "option" or "choice" a letter follows ("Option A is
+    answer is B, not option C", a hedge between: "My answer: I think B"; "the answer is B or C" picks none), and
+    without one, after the last "option" or "choice" a letter follows ("Option A is
     wrong; option B"): a prediction that names its answer says so last, and "answer" outranks the options it weighs.
     After these words an upper-case letter counts bare too, so that the article in "the answer is a red circle" is no
     letter. Markdown emphasis and quotes around a letter are read through ("**B**", "**B.** green", "Answer: 'B'"),
