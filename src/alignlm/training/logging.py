@@ -49,9 +49,9 @@ def get_logger(name: str, rank: int) -> logging.Logger:
 
 
 def json_values(x: Any) -> Any:
-    """``x`` for a JSON file (metrics.jsonl, summary.json, report.json, a checkpoint's records): a value that is not finite (CKA of a probe
-    set whose items are all alike, a diverged loss) is null there, where strict JSON readers (jq, pandas, JavaScript)
-    refuse a bare ``NaN``; the tables show it as ``nan``."""
+    """``x`` for a JSON file (metrics.jsonl, summary.json, report.json, a checkpoint's records): a value that is not
+    finite (CKA of a probe set whose items are all alike, a diverged loss) is null there, where strict JSON readers
+    (jq, pandas, JavaScript) refuse a bare ``NaN``; the tables show it as ``nan``."""
     if isinstance(x, float) and not math.isfinite(x):
         return None
     if isinstance(x, Mapping):

@@ -841,16 +841,19 @@ class Trainer:
             row.update(s.host)
             if s.grad_norm is not None:
                 row["grad_norm"] = norm
-            bad = [k for k, x in row.items() if isinstance(x, float) and not math.isfinite(x)]
-            if row.get(
-                "scaler/overflow"
-            ):  # fp16's loss scaler backing off: an overflowed gradient is its ordinary work
-                bad = [k for k in bad if k != "grad_norm"]
+            backed_off = bool(row.get("scaler/overflow"))  # fp16's loss scaler: an overflowed gradient is its work
+            bad = [
+                k
+                for k, x in row.items()
+                if isinstance(x, float) and not math.isfinite(x) and not (backed_off and k == "grad_norm")
+            ]
             self.logged_terms.update(k for k in row if k.startswith("loss/") and k != "loss/total")
             if nonfinite:  # which terms, for the message that stops the stage
                 for term in (k for k in bad if k.startswith("loss/") and k != "loss/total"):
                     self.nonfinite_terms.setdefault(term, []).append(s.step)
-            for key in (k for k in bad if not nonfinite and k not in self.nonfinite_metrics):
+            for key in (
+                k for k in bad if not nonfinite and k not in self.nonfinite_metrics and self.acc.is_main_process
+            ):
                 self.nonfinite_metrics.add(key)  # a step that trained: said once per key, not only a null in the log
                 self.log.warning(
                     "stage %s: %s was not finite at step %d, a step whose loss was (logged as null): what computes it "
