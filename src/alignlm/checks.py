@@ -413,10 +413,13 @@ def check_stage_batches(cfg: DictConfig, stages: Sequence[str], world: int) -> N
         batch = int(node.per_device_batch_size) * world * int(node.grad_accum)
         records = 0.0
         for i, entry in enumerate(node.data.sources):
-            source = Source.from_config(entry, f"stages.{stage}.data.sources[{i}]")
+            source = Source.from_config(entry, key := f"stages.{stage}.data.sources[{i}]")
             if Path(source.path).stat().st_size > SMALL_SOURCE:
                 break
-            records += source.weight * sum(1 for _ in iter_records(source.path, bad_lines=[]))
+            try:  # a line of bad JSON Lines is the stage's to skip and count; a broken JSON file stops it anyway
+                records += source.weight * sum(1 for _ in iter_records(source.path, bad_lines=[]))
+            except DataError as e:
+                raise DataError(f"{key}: {e}", e.cause) from None
         else:
             if records < batch:
                 raise ConfigError(
