@@ -48,7 +48,7 @@ class Connector(nn.Module):
     # what it copies of the LLM's input embedding table once (None: nothing): a stage that trains the table is refused
     input_embedding_copy: str | None = None
     # True when its output or losses relate the samples of a micro-batch (routing, a balance loss over its tokens): the
-    # trainer then never sorts samples across ranks, which would change them (``training/trainer.py: rank_batches_kept``)
+    # trainer then never sorts samples across ranks, which would change them (trainer.py: ``rank_batches_kept``)
     relates_samples: bool = False
 
     def __init__(self, in_dim: int, out_dim: int) -> None:
