@@ -55,7 +55,9 @@ class Objective(nn.Module):
     global_batch: bool = False
     # every metric ``forward`` may return; the trainer logs each as its mean over the micro-batches that returned it
     metric_names: tuple[str, ...] = ()
-    # the fewest samples a micro-batch needs for the loss to mean anything (a transport or contrast across pairs)
+    # the fewest samples a micro-batch needs for the loss to mean anything (a transport or contrast across pairs); above
+    # 1, the loss relates the micro-batch's samples, and without ``global_batch`` several ranks' micro-steps are left
+    # unsorted by length (``training/trainer.py: rank_batches_kept``)
     min_batch_size: int = 1
     # data hooks (classes) the stage must have, one of each, for what the loss reads (per-image labels): the config
     # check refuses a stage without one before anything trains, which ``setup`` found only when that stage began
