@@ -28,7 +28,11 @@ alignlm train "${common[@]}" run_name=revision run=[pretrain]
 arm() {  # arm NAME [overrides...]: train, then evaluate every finetuning checkpoint
   local name=$1
   shift
-  alignlm train "${common[@]}" "run_name=$name" "$@"
+  if ! alignlm train "${common[@]}" "run_name=$name" "$@" > "$out/$name.log" 2>&1; then
+    echo "arm $name failed; the end of $out/$name.log:" >&2
+    tail -n 5 "$out/$name.log" >&2
+    return 1
+  fi
   [ -f "$out/eval_$name/report.json" ] || alignlm eval "$out/$name/finetune" --no-probe --no-plots \
       --sets "digits=$data/digits/test.json" "shapes=$data/shapes/test.json" --out "$out/eval_$name" > /dev/null
 }
@@ -38,10 +42,13 @@ for spec in "revision" "revision_raw revision.realign=null" \
   # shellcheck disable=SC2086  # each spec is a name and its overrides
   arm $spec &
   pids+=($!)
-  if [ "${#pids[@]}" -ge "$jobs" ]; then wait "${pids[0]}"; pids=("${pids[@]:1}"); fi
+  if [ "${#pids[@]}" -ge "$jobs" ]; then wait "${pids[0]}" || true; pids=("${pids[@]:1}"); fi  # the others go on
 done
-for p in "${pids[@]}"; do wait "$p"; done
+for p in "${pids[@]}"; do wait "$p" || true; done
 
 reports=("$out"/eval_revision_untrained/report.json "$out"/eval_revision_raw/report.json "$out"/eval_revision/report.json)
+for r in "${reports[@]}"; do  # no comparison of fewer arms than asked; a rerun trains only the missing ones
+  [ -f "$r" ] || { echo "no evaluation at $r: see the failed arm above" >&2; exit 1; }
+done
 alignlm compare "${reports[@]}" --same-step --reference revision_untrained --plot "$out/curves.png"
 alignlm compare "${reports[@]}" --same-step --reference revision_raw
