@@ -114,16 +114,18 @@ def test_group_by_length_true_is_the_banding_it_always_was():
         ("lm", "mlp2x_gelu", []),
         ("contrastive", "mlp2x_gelu", []),  # gathers the ranks' micro-batches: each step's sum is the same
         ("contrastive", "moe", ["model.connector"]),
-        ("lm", "v2l", ["model.connector"]),  # its diversity loss: the micro-batch's mean assignment
+        ("lm", "v2l", ["model.connector"]),  # its losses: means over the micro-batch's image tokens
+        ("sea", "mlp2x_gelu", ["objectives.sea"]),  # a mean over the micro-batch's labelled tokens
         ("vlap", "mlp2x_gelu", ["objectives.vlap"]),
     ],
 )
 def test_step_grouping_keeps_each_ranks_micro_batch_where_something_relates_its_samples(
     tiny_model, monkeypatch, objective, connector, relating
 ):
-    """Sorted across the ranks, each rank's micro-batch is a band of lengths (the longest on rank 0): a loss computed
-    on a rank's micro-batch alone (a contrast without gathering, a transport, an MoE balance) changed, though the docs
-    said no number did. Then the micro-steps stay unsorted on every rank; one rank keeps the sort."""
+    """Sorted across the ranks, each rank's micro-batch is a band of lengths (the longest on rank 0): a loss that is a
+    mean over a rank's micro-batch (a contrast without gathering, a transport, SEA's labelled tokens, an MoE balance,
+    V2L's image tokens, which a sort piling the images onto rank 0 halved) changed, though the docs said no number did.
+    Then the micro-steps stay unsorted on every rank; one rank keeps the sort."""
     import logging
 
     from alignlm.training.trainer import build_objectives, rank_batches_kept, sample_relations
@@ -150,3 +152,18 @@ def test_step_grouping_keeps_each_ranks_micro_batch_where_something_relates_its_
         unsorted = StepSampler(96, world=world, **{**kw, "lengths": None})
         want = unsorted if found and world > 1 else order
         assert torch.equal(kept.epoch_batches(0), want.epoch_batches(0))
+
+
+def test_a_trainable_tower_with_batch_normalisation_relates_a_micro_batchs_samples(tiny_model):
+    """Each micro-batch normalised by its own statistics: a sort across the ranks changed them. Frozen, it runs in
+    eval mode on its running statistics, and relates nothing."""
+    from torch import nn
+
+    from alignlm.training.trainer import sample_relations
+
+    model = tiny_model()
+    model.vision.add_module("norm", nn.BatchNorm1d(4))
+    model.frozen_parts = set()
+    assert sample_relations(model, {}) == ["model.vision"]
+    model.frozen_parts = {"vision"}
+    assert sample_relations(model, {}) == []

@@ -47,7 +47,9 @@ class Objective(nn.Module):
     input_embedding_copy: str | None = None
     # True when the loss is already normalised by the global supervised-token count (the LM loss);
     # other losses are per-micro-batch means that the trainer averages over the global step's micro-batches of data
-    # (a rank's stand-in for a micro-batch of bad data not counted).
+    # (a rank's stand-in for a micro-batch of bad data not counted). Such a mean depends on which samples share a
+    # micro-batch: with neither this nor ``global_batch``, several ranks' micro-steps are left unsorted by length
+    # (``training/trainer.py: rank_batches_kept``).
     token_normalized: bool = False
     # True when the loss is already this rank's share of the loss over every rank's micro-batch of the same slot (it
     # gathers across ranks): the trainer averages it over the slots in which any rank had data, since a rank's
@@ -55,9 +57,7 @@ class Objective(nn.Module):
     global_batch: bool = False
     # every metric ``forward`` may return; the trainer logs each as its mean over the micro-batches that returned it
     metric_names: tuple[str, ...] = ()
-    # the fewest samples a micro-batch needs for the loss to mean anything (a transport or contrast across pairs); above
-    # 1, the loss relates the micro-batch's samples, and without ``global_batch`` several ranks' micro-steps are left
-    # unsorted by length (``training/trainer.py: rank_batches_kept``)
+    # the fewest samples a micro-batch needs for the loss to mean anything (a transport or contrast across pairs)
     min_batch_size: int = 1
     # data hooks (classes) the stage must have, one of each, for what the loss reads (per-image labels): the config
     # check refuses a stage without one before anything trains, which ``setup`` found only when that stage began

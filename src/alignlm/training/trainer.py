@@ -1416,15 +1416,23 @@ class TrainingError(RuntimeError):
 
 
 def sample_relations(model: AlignLM, objectives: Mapping[str, tuple[Objective, float]]) -> list[str]:
-    """What relates the samples of one rank's micro-batch, by config key: an objective computed on it alone (one that
-    needs two or more samples and does not gather the ranks': a contrast, a transport) and a connector that routes or
-    balances its tokens together."""
+    """What depends on which samples share one rank's micro-batch, by config key: an objective that is a mean over
+    the micro-batch (neither normalised over the whole step, as the LM loss is, nor gathered over the ranks): a
+    contrast, a transport, SEA's mean over the labelled tokens, a mean over pairs; a connector whose output or losses
+    relate them (MoE's routing, V2L's losses over the micro-batch's image tokens); a trainable tower with batch
+    normalisation (each micro-batch its own statistics)."""
     relating = [
         f"objectives.{key}"
         for key, (objective, _) in objectives.items()
-        if int(getattr(objective, "min_batch_size", 1)) > 1 and not getattr(objective, "global_batch", False)
+        if not getattr(objective, "token_normalized", False) and not getattr(objective, "global_batch", False)
     ]
-    return relating + (["model.connector"] if getattr(model.connector, "relates_samples", False) else [])
+    if getattr(model.connector, "relates_samples", False):
+        relating.append("model.connector")
+    if "vision" not in model.frozen_parts and any(
+        isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.vision.modules()
+    ):
+        relating.append("model.vision")
+    return relating
 
 
 def rank_batches_kept(order: StepSampler, relating: Sequence[str], log: Any, stage: str) -> StepSampler:

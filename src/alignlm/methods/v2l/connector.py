@@ -88,8 +88,8 @@ class V2LConnector(Connector):
             raise ValueError(f"model.connector.temperature must be > 0, got {temperature!r}")
         self.global_tokens, self.codebook, self.temperature = global_tokens, codebook, temperature
         self.commitment_weight, self.reconstruction_weight, self.diversity_weight = weights.values()
-        # the diversity loss compares each token with the mean assignment over the micro-batch's tokens
-        self.relates_samples = bool(diversity_weight)
+        # its losses are means over the micro-batch's image tokens (the diversity loss against their mean assignment)
+        self.relates_samples = any(weights.values())
         self.num_prefix_tokens = global_tokens
         self.proj = nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
         self.global_proj = nn.Linear(in_dim, out_dim) if global_tokens else None
