@@ -1418,9 +1418,9 @@ class TrainingError(RuntimeError):
 def sample_relations(model: AlignLM, objectives: Mapping[str, tuple[Objective, float]]) -> list[str]:
     """What depends on which samples share one rank's micro-batch, by config key: an objective that is a mean over
     the micro-batch (neither normalised over the whole step, as the LM loss is, nor gathered over the ranks): a
-    contrast, a transport, SEA's mean over the labelled tokens, a mean over pairs; a connector whose output or losses
-    relate them (MoE's routing, V2L's losses over the micro-batch's image tokens); a trainable tower with batch
-    normalisation (each micro-batch its own statistics)."""
+    contrast, a transport, a mean over labelled tokens or over pairs; a connector whose output or losses relate them
+    (routing, losses over the micro-batch's image tokens); a trainable tower with batch normalisation (each
+    micro-batch its own statistics)."""
     relating = [
         f"objectives.{key}"
         for key, (objective, _) in objectives.items()
