@@ -565,3 +565,16 @@ def test_a_later_stages_global_batch_larger_than_its_records_is_refused_before_t
         run(compose(*overrides, "stages.finetune.per_device_batch_size=16", "stages.finetune.grad_accum=2"))
     assert not (tmp_path / "t" / "pretrain").exists()
     run(compose(*overrides, "stages.finetune.per_device_batch_size=12", "stages.finetune.grad_accum=2"))  # 24: one
+
+
+def test_the_batch_check_rounds_a_fractional_weight_as_the_mixture_does(tmp_path):
+    """3 records at weight 0.5 are 2 an epoch (1.5, a half up): a global batch of 2 trains, and was refused."""
+    from omegaconf import OmegaConf
+
+    turns = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]
+    (tmp_path / "three.json").write_text(json.dumps([{"id": str(i), "conversations": turns} for i in range(3)]))
+    stage = {"per_device_batch_size": 2, "grad_accum": 1, "data": {"sources": [{"path": str(tmp_path / "three.json")}]}}
+    stage["data"]["sources"][0]["weight"] = 0.5
+    checks.check_stage_batches(OmegaConf.create({"stages": {"sft": stage}}), ["sft"], 1)
+    with pytest.raises(ConfigError, match="hold 2 records an epoch"):
+        checks.check_stage_batches(OmegaConf.create({"stages": {"sft": stage}}), ["sft"], 2)

@@ -42,7 +42,7 @@ from alignlm.config import (
 from alignlm.data import GENERATORS, generator_knobs
 from alignlm.data.images import MAX_PIXELS, check_aspect_ratio
 from alignlm.data.llava import check_error_policy
-from alignlm.data.records import DataError, Source, image_names, iter_records
+from alignlm.data.records import DataError, Source, epoch_share, image_names, iter_records
 from alignlm.data.templates import TEMPLATES, PlainTemplate
 from alignlm.evaluation.evaluate import KINDS, check_answers, check_set_names, set_kind
 from alignlm.export.hf_llava import is_llava_dir
@@ -406,24 +406,27 @@ def check_stage_batches(cfg: DictConfig, stages: Sequence[str], world: int) -> N
     """Each stage about to train whose sources are small (:data:`SMALL_SOURCE` each) holds at least one global batch
     of records an epoch (``per_device_batch_size x processes x grad_accum``, the sources' weights applied): a later
     stage's batch larger than its records was refused when that stage began, after the stages before it had trained.
-    Records its start-up checks drop still count here (an upper bound); a stage with a larger source is not counted (a
-    64 MB file holds tens of thousands of records, more than any global batch)."""
+    Records its start-up checks drop still count here (an upper bound: the fractional weights rounded as the mixture
+    rounds them); a stage with a larger source is not counted (a 64 MB file holds tens of thousands of records, more
+    than any global batch)."""
     for stage in stages:
         node = cfg.stages[stage]
         batch = int(node.per_device_batch_size) * world * int(node.grad_accum)
-        records = 0.0
+        records = 0
         for i, entry in enumerate(node.data.sources):
             source = Source.from_config(entry, key := f"stages.{stage}.data.sources[{i}]")
             if Path(source.path).stat().st_size > SMALL_SOURCE:
                 break
             try:  # a line of bad JSON Lines is the stage's to skip and count; a broken JSON file stops it anyway
-                records += source.weight * sum(1 for _ in iter_records(source.path, bad_lines=[]))
+                n = sum(1 for _ in iter_records(source.path, bad_lines=[]))
             except DataError as e:
                 raise DataError(f"{key}: {e}", e.cause) from None
+            whole, take = epoch_share(n, source.weight)  # as the stage's mixture counts them
+            records += whole * n + take
         else:
             if records < batch:
                 raise ConfigError(
-                    f"stages.{stage}: its sources hold {records:g} records an epoch (their weights applied), fewer than "
+                    f"stages.{stage}: its sources hold {records} records an epoch (their weights applied), fewer than "
                     f"one global batch of {batch} (per_device_batch_size {node.per_device_batch_size} x {world} "
                     f"processes x grad_accum {node.grad_accum}): lower stages.{stage}.per_device_batch_size or "
                     "grad_accum, or give the stage more data"

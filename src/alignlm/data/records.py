@@ -489,6 +489,13 @@ def assistant_text(record: dict[str, Any]) -> str:
     return "\n".join(str(m.get("value", "")) for m in record["conversations"] if is_answer(m))
 
 
+def epoch_share(n: int, weight: float) -> tuple[int, int]:
+    """``(whole copies, records drawn from the pool)`` an epoch shows of a source of ``n`` records at ``weight``: the
+    integer part repeats it, the fractional part draws ``frac * n`` records to the nearest whole one, a half up."""
+    whole = int(weight)
+    return whole, math.floor((weight - whole) * n + 0.5)
+
+
 def mixture_index(sizes: Sequence[int], weights: Sequence[float]) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
     """``(source, record)`` pairs and the fractional pools of a weighted mixture of sources.
 
@@ -503,8 +510,7 @@ def mixture_index(sizes: Sequence[int], weights: Sequence[float]) -> tuple[np.nd
     for s, (n, w) in enumerate(zip(sizes, weights)):
         if w < 0:
             raise ValueError(f"data source {s} has weight {w}; weights must be >= 0")
-        whole, frac = int(w), w - int(w)
-        take = math.floor(frac * n + 0.5)
+        whole, take = epoch_share(n, w)
         if n and w > 0 and not whole and not take:
             raise ConfigError(
                 f"data source {s} has weight {w} over its {n} usable records: {w * n:.3g} records an epoch, which "
