@@ -293,6 +293,17 @@ def test_a_letter_before_a_comma_and_another_choice_is_a_hedge(hedge):
         ("Answer: A. Final answer: B or C", None),  # the last answer is the one given, hedged
         ("The answer is B, not option C", "B"),
         ("Answer: B. C is wrong", "B"),
+        # a sentence that ends with the letter, or "and"/"also" before an option weighed, is no hedge (a first
+        # version had read these as hedges and scored them 0)
+        ("The answer is B. A and C are incorrect because neither shows a circle.", "B"),
+        ("The answer is B.\n\nA. A red square - incorrect\nC. A blue circle - incorrect", "B"),
+        ("Answer: B. C, the green one, is wrong.", "B"),
+        ("The answer is B and A is wrong.", "B"),
+        ("The answer is (B) and (A) is wrong.", "B"),
+        ("The answer is D. Either A or B could seem right, but", "D"),
+        ("B, and A is wrong since the dog is brown.", "B"),
+        ("B, also A is a distractor.", "B"),
+        ("The answer is B and C.", None),
     ],
 )
 def test_an_answer_after_a_hedge_word_is_read_and_one_hedged_between_two_choices_is_not(prediction, letter):

@@ -148,12 +148,17 @@ _CHOICE_LEAD = re.compile(r"\b(?:option|choice)\b(?:\s+is)?\s*:?\s*", re.IGNOREC
 _MARKED_LETTER = re.compile(r"(?:\(([A-Za-z])\)|([A-Za-z])[.):])(?=[\s.,;:!]|$)")  # "(B)", "B.", "B)", "B:"
 _BARE_LETTER = re.compile(r"(?:([A-Z])(?=[\s.,;:!]|$)|([a-z])(?=[.!]?$))")  # "B ...", or a lower-case "b" that ends
 _COMMA_LETTER = re.compile(r"([A-Z]),")  # "B, because ...": unless another choice follows (_HEDGE)
-# "A, B", "B, or maybe C if ...", "B, Or possibly C": another choice after one or two such words ("B, not C" is B), or
-# right after the comma marked "(C)" or standing alone: before punctuation, the end, "or" or "and" ("B, A green
-# circle" and "B, C is wrong" are B)
+# Another choice after a letter: after a word offering an alternative ("B, or maybe C if ...", "B, Or possibly C", "B
+# or C"), wherever words follow it; after "and" or "also", or right after the comma, only standing alone (before
+# punctuation, the end, "or" or "and") or marked "(C)" right after the comma: "A, B", "B and C." and "B, (C)" are
+# hedges, "B, A green circle", "B, C is wrong", "B and A is wrong" and "B, also A is a distractor" are not; "B, not C"
+# is B
+_ALT, _CONJ = r"(?:or|maybe|perhaps|possibly|probably|either)", r"(?:and|also)"
+_ALONE = r"(?=\s*(?:[,;.:!?)]|$)|\s+(?i:or|and)\b)"
 _HEDGE = re.compile(
-    r"\s*(?:(?i:(?:or|and|maybe|perhaps|possibly|probably|also|either)\s+){1,2}\(?([A-Z])\)?(?![A-Za-z'])"
-    r"|\(([A-Z])\)|([A-Z])(?=\s*(?:[,;.:!?)]|$)|\s+(?i:or|and)\b))"
+    rf"\s*(?:(?i:(?:{_CONJ}\s+)?{_ALT}\s+(?:{_ALT}\s+)?)\(?([A-Z])\)?(?![A-Za-z'])"
+    rf"|(?i:{_CONJ}\s+(?:{_CONJ}\s+)?)(?:\(([A-Z])\)|([A-Z])){_ALONE}"
+    rf"|\(([A-Z])\)|([A-Z]){_ALONE})"
 )
 
 
@@ -171,8 +176,9 @@ def _letter_after(lead: re.Pattern[str], text: str, letters: Collection[str] | N
         rest = text[m.end() :]
         letter = _MARKED_LETTER.match(rest) or _BARE_LETTER.match(rest)
         picked = _picked(letter, letters)
-        if picked is not None:
-            found = None if _hedged(rest, letter.end(), letters) else picked
+        if picked is not None:  # "B." ends its sentence: what follows weighs the options ("B. A and C are wrong")
+            ended = letter.group(0)[-1] in ".:"
+            found = None if not ended and _hedged(rest, letter.end(), letters) else picked
     return found
 
 
