@@ -27,6 +27,7 @@ def build_dataset(
     if not sources:
         raise ValueError(f"{key}.sources is empty; give at least one {{path, image_root, weight}}")
     hooks = [] if for_generation else build_hooks(data_cfg.get("hooks"), model, f"{key}.hooks")
+    reading = image_reading_of(data_cfg)
     return LlavaDataset(
         [Source.from_config(s, f"{key}.sources[{i}]") for i, s in enumerate(sources)],
         tokenizer=model.tokenizer,
@@ -39,10 +40,10 @@ def build_dataset(
         seed=seed,
         hooks=hooks,
         slot_token_ids=getattr(model, "slot_token_ids", ()),
-        max_image_pixels=data_cfg.get("max_image_pixels", MAX_PIXELS),
+        max_image_pixels=reading.max_pixels,
         min_usable_fraction=float(data_cfg.get("min_usable_fraction", 0.5)),
         preference=bool(data_cfg.get("preference", False)) and not for_generation,
-        image_aspect_ratio=aspect_ratio_of(data_cfg),
+        image_aspect_ratio=reading.aspect_ratio,
     )
 
 
@@ -52,8 +53,8 @@ def template_of(data_cfg: Mapping[str, Any]) -> Template:
 
 
 def image_reading_of(data_cfg: Mapping[str, Any]) -> ImageReading:
-    """How a ``data`` node reads its images (:func:`aspect_ratio_of`, ``max_image_pixels``), for what reads images for
-    its stage's checkpoint besides training."""
+    """How a ``data`` node reads its images (:func:`aspect_ratio_of`, ``max_image_pixels``): its dataset, and what
+    reads images for its stage's checkpoint besides training."""
     return ImageReading(aspect_ratio_of(data_cfg), data_cfg.get("max_image_pixels", MAX_PIXELS))
 
 
