@@ -6,7 +6,7 @@ import argparse
 import math
 from collections.abc import Callable
 
-from alignlm.config import Bounds
+from alignlm.config import POSITIVE, Bounds
 from alignlm.models.device import device_problem
 
 
@@ -34,7 +34,7 @@ def whole_number(low: int) -> Callable[[str], float]:
 
 
 positive_int = whole_number(1)  # a limit, a batch size, samples, epochs
-positive_float = within(Bounds(0, low_open=True))  # a rate, a temperature
+positive_float = within(POSITIVE)  # a rate, a temperature
 
 
 def pixel_limit(text: str) -> int | None:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from alignlm.config import Bounds, check_bounds
+from alignlm.config import COUNT, POSITIVE, Bounds, check_bounds
 from alignlm.data.feature_cache import file_stamp
 from alignlm.data.images import load_rgb
 from alignlm.data.records import MISSING_IMAGE, DataError, image_paths, iter_records, record_caption
@@ -270,12 +270,12 @@ def fit_encoder(
     out: str | Path,
     *,
     held_out: Sequence[str | Path] = (),
-    dim: Annotated[int, Bounds(1)] = 256,
-    image_size: Annotated[int, Bounds(1)] = 224,
-    epochs: Annotated[int, Bounds(1)] = 40,
+    dim: Annotated[int, COUNT] = 256,
+    image_size: Annotated[int, COUNT] = 224,
+    epochs: Annotated[int, COUNT] = 40,
     batch_size: Annotated[int, Bounds(2)] = 256,
-    lr: Annotated[float, Bounds(0, low_open=True)] = 1e-3,
-    limit: Annotated[int | None, Bounds(1)] = None,
+    lr: Annotated[float, POSITIVE] = 1e-3,
+    limit: Annotated[int | None, COUNT] = None,
     name: str = "alignlm-lit-effnet-minilm",
     seed: int = 0,
     device: str | None = None,

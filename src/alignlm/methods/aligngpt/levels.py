@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from alignlm.config import Bounds, KnobsOf
+from alignlm.config import COUNT, Bounds, KnobsOf
 from alignlm.data.images import decoded_batches
 from alignlm.data.records import DataError, image_names, image_paths, iter_records, record_caption
 from alignlm.files import PartialRows, partial_folder, replace_text, sole_writer
@@ -165,7 +165,7 @@ def make_levels(
     data: Sequence[str | Path],
     encoder: str | DualEncoder,
     num_levels: Annotated[int, LEVELS] = 8,
-    batch_size: Annotated[int, Bounds(1)] = 64,
+    batch_size: Annotated[int, COUNT] = 64,
     image_root: str | Path | None = None,
     device: str | None = None,
 ) -> Path:
@@ -260,7 +260,7 @@ def ensure_levels(
     data: Sequence[str | Path],
     encoder: str | DualEncoder,
     num_levels: Annotated[int, LEVELS] = 8,
-    batch_size: Annotated[int, Bounds(1)] = 64,
+    batch_size: Annotated[int, COUNT] = 64,
     image_root: str | Path | None = None,
     device: str | None = None,
     fit: Annotated[dict[str, Any] | None, KnobsOf(fit_encoder, ("out",))] = None,

@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
-from alignlm.config import Bounds, KnobsOf
+from alignlm.config import COUNT, KnobsOf
 from alignlm.files import sole_writer
 from alignlm.methods.provenance import KEY, changed_inputs, ensure_fitted_encoder, strings_digest
 from alignlm.methods.revision.embed import collect_images, collect_texts, embed_items
@@ -48,8 +48,8 @@ def ensure_embeddings(
     embeddings: str,
     images: Sequence[str],
     texts: Sequence[str],
-    shard_size: Annotated[int, Bounds(1)] = 10_000,
-    batch_size: Annotated[int, Bounds(1)] = 64,
+    shard_size: Annotated[int, COUNT] = 10_000,
+    batch_size: Annotated[int, COUNT] = 64,
     device: str | None = None,
 ) -> None:
     """Image and caption embedding shards in ``embeddings``/images and /texts; finished shards are checked and kept.

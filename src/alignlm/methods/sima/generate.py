@@ -51,7 +51,7 @@ from typing import Annotated, Any
 
 import torch
 
-from alignlm.config import Bounds
+from alignlm.config import COUNT, POSITIVE
 from alignlm.constants import IGNORE_INDEX, IMAGE_TOKEN
 from alignlm.data.build import aspect_ratio_of, template_of
 from alignlm.data.records import image_names, read_records
@@ -350,11 +350,11 @@ def prepare_preferences(
     sets: Sequence[Mapping[str, Any]],
     out: str,
     data: Mapping[str, Any],
-    samples: Annotated[int, Bounds(1)] = 2,
-    temperature: Annotated[float, Bounds(0, low_open=True)] = 1.0,
-    max_new_tokens: Annotated[int, Bounds(1)] = 8,
-    limit: Annotated[int | None, Bounds(1)] = None,
-    batch_size: Annotated[int, Bounds(1)] = 16,
+    samples: Annotated[int, COUNT] = 2,
+    temperature: Annotated[float, POSITIVE] = 1.0,
+    max_new_tokens: Annotated[int, COUNT] = 8,
+    limit: Annotated[int | None, COUNT] = None,
+    batch_size: Annotated[int, COUNT] = 16,
     drop_inconsistent: bool = True,
     seed: int = 0,
     model: Mapping[str, Any] | None = None,
