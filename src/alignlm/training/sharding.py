@@ -36,6 +36,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
 from alignlm.models.io import check_known_keys, load_part_state
+from alignlm.models.loading import finite
 from alignlm.training import zero
 
 STRATEGIES = ("ddp", "fsdp2", *zero.STAGES)  # zero2 / zero3: DeepSpeed (training/zero.py)
@@ -159,6 +160,6 @@ def nonfinite_trainable(model: nn.Module) -> list[str]:
     for name, p in model.named_parameters():
         if p.requires_grad:
             local = p.to_local() if isinstance(p, DTensor) else getattr(p, "ds_tensor", p)
-            if not bool(torch.isfinite(local).all()):
+            if not finite(local.detach()):
                 bad.append(name)
     return bad

@@ -53,6 +53,7 @@ from alignlm.data.records import TRUNCATED, DataError
 from alignlm.data.report import DataReport
 from alignlm.models.build import build_model
 from alignlm.models.io import config_yaml, trained_buffers
+from alignlm.models.loading import finite
 from alignlm.models.mllm import VARLEN_ATTENTION, AlignLM, has_images
 from alignlm.models.precision import frozen_linears, hold_in_fp32, store_weight
 from alignlm.objectives.base import Objective, check_batch, check_min_batch, check_term
@@ -959,7 +960,7 @@ class Trainer:
     def check_finite_weights(self) -> None:
         """Never write a checkpoint with a non-finite weight, or a non-finite buffer of a part that trains."""
         bad = sharding.nonfinite_trainable(self.core())
-        bad += [n for n, b in trained_buffers(self.core()).items() if b.is_floating_point() and not b.isfinite().all()]
+        bad += [n for n, b in trained_buffers(self.core()).items() if b.is_floating_point() and not finite(b)]
         if sharding.is_sharded(self.model) or zero.is_partitioned(self.core()):  # each rank saw its own shard
             bad = sorted({n for part in gather_object([bad]) for n in part})
         if bad:
