@@ -743,6 +743,45 @@ def test_sea_eval_runs_each_checkpoint_on_the_asked_device_and_refuses_one_it_ca
     assert "argument --device: 'cuda:0': this machine has no CUDA device" in capsys.readouterr().err and loads == []
 
 
+def test_labels_of_images_regenerated_since_are_refused_by_sea_eval_and_a_stage_given_the_file(
+    tmp_path, tiny_model, monkeypatch
+):
+    """The prepare step writes labels again when the images change; sea-eval, and a stage given a labels file without
+    that step, had scored and trained on labels of the pictures the paths showed before (one digest over the whole
+    set cannot tell which images a tool uses): each image's stamp is kept in the file and checked where it is used."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    from alignlm.commands import sea as sea_command
+    from alignlm.data.shapes import generate
+
+    shapes = tmp_path / "shapes"
+    generate(shapes, n_train=8, n_test=2, image_size=32, label_grid=4, seed=0)
+    labels = shapes / "sea_labels.safetensors"
+    data = [str(shapes / "pretrain.json"), str(shapes / "test_captions.json")]
+    assert main(["sea-labels", "annotations", "--data", *data]) == 0
+    figures = {"token_word_acc": 0.5, "top_word_acc": 0.5, "constant_acc": 0.5, "tokens": 1.0}
+    monkeypatch.setattr(sea_command, "load_model", lambda *a: tiny_model().eval())
+    monkeypatch.setattr(sea_command, "final_image_reading", lambda ck: PADDED)
+    monkeypatch.setattr(sea_command, "token_word_report", lambda *a: figures)
+    args = ["sea-eval", "r/a/s/final", "--labels", str(labels), "--data", data[1], "--device", "cpu"]
+    hooks = {"sea": {"_target_": "alignlm.methods.sea.hook.SeaLabelHook", "path": str(labels)}}
+    stage_data = {"sources": [{"path": data[0]}], "hooks": hooks}
+    assert main(args) == 0 and len(build_dataset(stage_data, tiny_model(), seed=0)) == 8  # unchanged images pass
+
+    generate(shapes, n_train=8, n_test=2, image_size=32, label_grid=4, seed=1, max_shapes=1)  # same paths, new scenes
+    with pytest.raises(SystemExit, match=r"sea_labels.safetensors: 2 of the images of .*test_captions.json changed "):
+        main(args)
+    with pytest.raises(DataError, match=r"8 of the images of this stage's data changed since they were labelled"):
+        build_dataset(stage_data, tiny_model(), seed=0)
+
+    # a file written before the stamps were kept cannot tell, and is read as before
+    with safe_open(str(labels), "np") as f:
+        meta = f.metadata()
+    save_file({k: v for k, v in load_file(str(labels)).items() if k != "stamps"}, str(labels), metadata=meta)
+    assert main(args) == 0 and len(build_dataset(stage_data, tiny_model(), seed=0)) == 8
+
+
 def test_token_word_report_takes_each_tokens_nearest_word_once_and_scores_as_the_metric(shapes_root, tiny_model):
     """Both accuracies come from one arg max per token (each once ran its own [T, V] product and arg max), with the
     figures of ``geometry.metrics.token_word_accuracy`` on the labelled tokens."""

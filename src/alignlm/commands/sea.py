@@ -19,7 +19,7 @@ import torch
 
 from alignlm.commands._flags import add_trust_flags, device_flag, pixel_limit, positive_int
 from alignlm.data.images import ASPECT_RATIOS, MAX_PIXELS
-from alignlm.data.records import record_images
+from alignlm.data.records import DataError, record_images
 from alignlm.methods.sea.labels import DEFAULT_NAME, SeaLabels, make_labels
 from alignlm.methods.sea.token_words import token_word_report
 from alignlm.models.device import default_device
@@ -171,6 +171,10 @@ def cmd_sea_eval(args: argparse.Namespace) -> int:
     if not images:
         raise SystemExit(f"{args.labels} labels none of the images of {args.data}")
     images = images[: args.limit]
+    try:
+        labels.check_unchanged(images, ", ".join(args.data))
+    except DataError as e:
+        raise SystemExit(str(e)) from None
     variants = {"all words": ()} | (
         {f"without {' '.join(args.exclude_words)}": args.exclude_words} if args.exclude_words else {}
     )

@@ -5,6 +5,10 @@ A labels file is a single safetensors file (``<data dir>/sea_labels.safetensors`
 
 - ``words``  int32 ``[n_images, cells, k]``: index into the word list, -1 where a cell has fewer candidates;
 - ``scores`` float32 ``[n_images, cells, k]``: the candidates' scores, descending within a cell;
+- ``stamps`` int64 ``[n_images, 2]``: each image's size and modification time (ns) when the file was written, -1
+  where it could not be stat'ed (absent from files written before it was recorded), so that a tool scoring some of
+  the images (``alignlm sea-eval``, a stage given the file without its prepare step) refuses labels of images edited
+  or regenerated since;
 - metadata ``alignlm.sea_labels``: JSON ``{version, source, grid: [rows, cols], words, images, info, provenance}``.
 
 ``cells = rows * cols`` in row-major order. ``images`` are image paths relative to the labels file's folder,
@@ -27,7 +31,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -38,6 +42,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from alignlm.config import Bounds, ConfigError
+from alignlm.data.feature_cache import file_stamp
 from alignlm.data.images import MAX_PIXELS, ImageReading, check_aspect_ratio, decoded_batches, prepared
 from alignlm.data.records import MISSING_IMAGE, DataError, record_images
 from alignlm.files import PartialRows, partial_folder, replace_file, sole_writer
@@ -132,7 +137,8 @@ def write_labels(path: str | Path, labels: LabelSet, provenance: dict[str, Any] 
         "info": labels.info,
         KEY: provenance,
     }
-    tensors = {"words": np.ascontiguousarray(ids), "scores": np.ascontiguousarray(scores)}
+    stamps = np.array([file_stamp(p) or (-1, -1) for p in labels.images], dtype=np.int64).reshape(-1, 2)
+    tensors = {"words": np.ascontiguousarray(ids), "scores": np.ascontiguousarray(scores), "stamps": stamps}
 
     def save(tmp: Path) -> None:
         save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
@@ -249,6 +255,13 @@ class SeaLabels:
             )
         shape = tuple(handle.get_slice("words").get_shape())
         check_shapes(shape, tuple(handle.get_slice("scores").get_shape()), len(images), self.cells, str(self.path))
+        if "stamps" in handle.keys():
+            stamps = handle.get_slice("stamps")
+            if stamps.get_dtype() != "I64" or tuple(stamps.get_shape()) != (len(images), 2):
+                raise DataError(
+                    f"{self.path}: SEA labels' stamps must be int64 of shape [{len(images)} images, 2]; got "
+                    f"{stamps.get_dtype()} {tuple(stamps.get_shape())}"
+                )
         return int(shape[2])
 
     def __getstate__(self) -> dict[str, Any]:  # data-loader workers open their own handle
@@ -315,6 +328,28 @@ class SeaLabels:
     def coverage(self, images: Sequence[str | Path]) -> int:
         """How many of these images the file labels (a stage whose data it does not cover fails at start-up)."""
         return sum(self.key(p) in self.index for p in images)
+
+    def check_unchanged(self, images: Iterable[str | Path], where: str) -> None:
+        """Refuse to serve labels of images whose size or modification time differs from when the file was written
+        (regenerated or edited in place: the labels describe other pictures), naming how many and the first; a file
+        written before it recorded them cannot tell, and passes. A copy that did not keep modification times counts
+        as a change, as it does for the feature cache and the prepare steps."""
+        with safe_open(str(self.path), "np") as f:
+            if "stamps" not in f.keys():
+                return
+            stamps = f.get_tensor("stamps")
+        changed = []
+        for image in images:
+            i = self.index.get(self.key(image))
+            if i is not None and tuple(int(v) for v in stamps[i]) != (file_stamp(image) or (-1, -1)):
+                changed.append(self.key(image))
+        if changed:
+            raise DataError(
+                f"SEA labels {self.path}: {len(changed)} of the images of {where} changed since they were labelled"
+                f" (size or modification time; the first: {changed[0]}), so their labels describe other "
+                "pictures; write the labels again (`alignlm sea-labels`, or the stage's sea_labels prepare step). A "
+                "copy that did not keep modification times counts as a change: copy with `cp -p` or `rsync -a`"
+            )
 
 
 # ---- sources -------------------------------------------------------------------------------------------------------
