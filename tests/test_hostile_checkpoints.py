@@ -314,3 +314,23 @@ def test_the_finite_test_finds_one_nan_or_infinity_of_either_sign_in_every_dtype
         weights = torch.randn(64, 8).to(dtype)
         weights[37, 5] = bad
         assert not finite(weights), (dtype, bad)
+
+
+def test_the_finite_test_reads_complex_tensors_by_their_parts_and_integer_ones_as_finite():
+    """A trainable complex parameter (a plug-in's learned filter) had made the check before each checkpoint raise
+    NotImplementedError, after training, where it names a non-finite parameter."""
+    from alignlm.models.loading import finite
+    from alignlm.training.sharding import nonfinite_trainable
+
+    spectrum = torch.randn(16, 4, dtype=torch.complex64)
+    assert finite(spectrum) and finite(torch.zeros(8, dtype=torch.uint32)) and finite(torch.ones(3, dtype=torch.bool))
+    for bad in (complex(float("nan"), 0), complex(0, float("inf"))):
+        poisoned = spectrum.clone()
+        poisoned[3, 1] = bad
+        assert not finite(poisoned), bad
+    module = torch.nn.Module()
+    module.filter = torch.nn.Parameter(spectrum.clone())
+    assert nonfinite_trainable(module) == []
+    with torch.no_grad():
+        module.filter[0, 0] = complex(float("nan"), 1)
+    assert nonfinite_trainable(module) == ["filter"]

@@ -960,7 +960,7 @@ class Trainer:
     def check_finite_weights(self) -> None:
         """Never write a checkpoint with a non-finite weight, or a non-finite buffer of a part that trains."""
         bad = sharding.nonfinite_trainable(self.core())
-        bad += [n for n, b in trained_buffers(self.core()).items() if b.is_floating_point() and not finite(b)]
+        bad += [n for n, b in trained_buffers(self.core()).items() if not finite(b)]
         if sharding.is_sharded(self.model) or zero.is_partitioned(self.core()):  # each rank saw its own shard
             bad = sorted({n for part in gather_object([bad]) for n in part})
         if bad:
