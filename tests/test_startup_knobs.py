@@ -345,6 +345,7 @@ def test_a_prepare_steps_or_data_hooks_knob_is_checked_before_any_step_runs(tmp_
         ("aligngpt", "+stages.pretrain.prepare.aligngpt_levels.fit.dim=0", "aligngpt_levels.fit.dim=0 must be a whole"),
         ("sima", "stages.dpo.prepare.sima.temperature=0", "prepare.sima.temperature=0 must be a finite number > 0"),
         ("sima", "stages.dpo.prepare.sima.samples=0", "prepare.sima.samples=0 must be a whole number >= 1"),
+        ("sima", f"stages.dpo.prepare.sima.samples={10**400}", "samples=1000"),  # an OverflowError naming no key
     ],
 )
 def test_a_prepare_steps_or_hooks_value_out_of_its_bounds_is_refused_before_any_step_runs(

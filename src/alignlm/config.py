@@ -53,7 +53,11 @@ class Bounds:
         if isinstance(value, bool) or not isinstance(value, numbers.Integral if whole else numbers.Real):
             return False
         above = value > self.low if self.low_open else value >= self.low
-        return math.isfinite(value) and above and value <= self.high
+        try:
+            finite = math.isfinite(value)
+        except OverflowError:  # a whole number past any float's range: no computation takes it
+            finite = False
+        return finite and above and value <= self.high
 
     def problem(self, value: Any, whole: bool = False) -> str | None:
         """What is wrong with ``value`` (``must be a whole number >= 2``), or None where it holds."""
