@@ -344,7 +344,8 @@ def test_the_slurm_script_launches_nothing_without_the_runs_stop_file(tmp_path, 
         alignlm = "echo 'alignlm train: unknown key foo' >&2; exit 2"
     else:
         alignlm = f"printf 'run_name: r\\ndistributed:\\n  stop_file: {stale}\\n'"
-        (tools / "python").symlink_to(sys.executable)
+        (tools / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+        (tools / "python").chmod(0o755)
         (tmp_path / "bin" / "python3").write_text("#!/bin/sh\necho \"No module named 'yaml'\" >&2; exit 1\n")
         (tmp_path / "bin" / "python3").chmod(0o755)
     (tools / "alignlm").write_text(f"#!/usr/bin/env bash\n{alignlm}\n")

@@ -1329,13 +1329,18 @@ def compile_llm_layers(model: AlignLM, checkpointed: bool = False) -> None:
         layer.compile(dynamic=True)
 
 
+# what the interpreter holds frozen of itself (CPython 3.12.1: 375 tuples of the built-in types), not a caller's freeze:
+# read as one, workers had been forked unfrozen on 3.12
+FROZEN_AT_IMPORT = gc.get_freeze_count()
+
+
 def start_workers(loader: DataLoader) -> Iterator[Any]:
     """``iter(loader)``, its worker processes forked with the collector's objects frozen, so a worker's collections
     never write the headers of what it inherited (the dataset's records, the model's Python side) and those pages stay
     shared with the rank: on 100k packed LLaVA-665k-like records a worker's private copy grew to 80 MB after an eighth
     of an epoch and one full collection, 4 MB frozen. The rank unfreezes at once, so its own cycles (a finished stage's
     modules) are still collected; the workers keep the frozen state they were forked with."""
-    if not loader.num_workers or gc.get_freeze_count():  # frozen already by the caller: left as it is
+    if not loader.num_workers or gc.get_freeze_count() > FROZEN_AT_IMPORT:  # frozen by the caller: left as it is
         return iter(loader)
     gc.freeze()
     try:
