@@ -123,6 +123,7 @@ def pair_metrics(
             "item's neighbours are all the others, and they score 1 for any features): probe more items or lower topk"
         )
     out: dict[str, float] = {}
+    prepared: tuple[Tensor, Tensor] | None = None  # both sets clamped once for every metric that clamps
     for name in names:
         if name not in ALL_METRICS:
             out.update(_measure_own(name, A, B, topk, preprocess))
@@ -132,16 +133,22 @@ def pair_metrics(
         fn, same_dim = PAIR_METRICS[name]
         if same_dim and A.shape[1] != B.shape[1]:
             continue
-        if name == "retrieval":
-            out.update(fn(A, B))
-        elif name == "modality_gap":
+        if name == "retrieval":  # recall@k of k or more items is 1 whatever the features: not reported
+            out.update(fn(A, B, ks=[k for k in M.RECALL_AT if k < n]))
+            continue
+        if name == "modality_gap":
             out[name] = fn(A, B)
-        elif name in KNN_METRICS:
-            out[name] = fn(A, B, topk=topk, preprocess=preprocess)
+            continue
+        # each metric had clamped both sets itself: a sort of every entry, 8 times per pair of sets
+        if prepared is None:
+            prepared = (M.prepare_features(A), M.prepare_features(B)) if preprocess else (A, B)
+        a, b = prepared
+        if name in KNN_METRICS:
+            out[name] = fn(a, b, topk=topk, preprocess=False)
         elif name == "svcca":
-            out[name] = fn(A, B, cca_dim=min(10, n - 2, A.shape[1], B.shape[1]), preprocess=preprocess)
+            out[name] = fn(a, b, cca_dim=min(10, n - 2, A.shape[1], B.shape[1]), preprocess=False)
         else:
-            out[name] = fn(A, B, preprocess=preprocess)
+            out[name] = fn(a, b, preprocess=False)
     return out
 
 
