@@ -743,16 +743,19 @@ def test_sea_eval_runs_each_checkpoint_on_the_asked_device_and_refuses_one_it_ca
     assert "argument --device: 'cuda:0': this machine has no CUDA device" in capsys.readouterr().err and loads == []
 
 
-def test_labels_of_images_regenerated_since_are_refused_by_sea_eval_and_a_stage_given_the_file(
+def test_labels_of_images_regenerated_since_are_refused_by_sea_eval_and_never_served_to_a_stage(
     tmp_path, tiny_model, monkeypatch
 ):
     """The prepare step writes labels again when the images change; sea-eval, and a stage given a labels file without
     that step, had scored and trained on labels of the pictures the paths showed before (one digest over the whole
-    set cannot tell which images a tool uses): each image's stamp is kept in the file and checked where it is used."""
+    set cannot tell which images a tool uses): each image's stamp is kept in the file, checked by sea-eval before it
+    loads a model and by each lookup (a stage's sample is bad data, skipped and counted or raised per on_error). A
+    missing image is left to its own read; a stage pays no stat of every image at its start."""
     from safetensors import safe_open
     from safetensors.numpy import load_file, save_file
 
     from alignlm.commands import sea as sea_command
+    from alignlm.data.collate import Skipped
     from alignlm.data.shapes import generate
 
     shapes = tmp_path / "shapes"
@@ -767,19 +770,50 @@ def test_labels_of_images_regenerated_since_are_refused_by_sea_eval_and_a_stage_
     args = ["sea-eval", "r/a/s/final", "--labels", str(labels), "--data", data[1], "--device", "cpu"]
     hooks = {"sea": {"_target_": "alignlm.methods.sea.hook.SeaLabelHook", "path": str(labels)}}
     stage_data = {"sources": [{"path": data[0]}], "hooks": hooks}
-    assert main(args) == 0 and len(build_dataset(stage_data, tiny_model(), seed=0)) == 8  # unchanged images pass
+
+    def served() -> list[bool]:
+        ds = build_dataset(stage_data, tiny_model(), seed=0)
+        return [not isinstance(ds[i], Skipped) for i in range(len(ds))]
+
+    assert main(args) == 0 and served() == [True] * 8  # unchanged images pass
+    (shapes / "images" / "shapes_train_00003.png").unlink()  # missing: its own cause, not a changed picture
+    assert main(args) == 0 and sum(served()) == 7
 
     generate(shapes, n_train=8, n_test=2, image_size=32, label_grid=4, seed=1, max_shapes=1)  # same paths, new scenes
     with pytest.raises(SystemExit, match=r"sea_labels.safetensors: 2 of the images of .*test_captions.json changed "):
         main(args)
-    with pytest.raises(DataError, match=r"8 of the images of this stage's data changed since they were labelled"):
-        build_dataset(stage_data, tiny_model(), seed=0)
+    ds = build_dataset(stage_data, tiny_model(), seed=0)
+    assert isinstance(ds[0], Skipped) and "changed since it was labelled" in ds[0].reason
+    with pytest.raises(DataError, match=r"image images/shapes_train_\d+.png changed since it was labelled"):
+        build_dataset({**stage_data, "on_error": "raise"}, tiny_model(), seed=0)[0]
 
     # a file written before the stamps were kept cannot tell, and is read as before
     with safe_open(str(labels), "np") as f:
         meta = f.metadata()
     save_file({k: v for k, v in load_file(str(labels)).items() if k != "stamps"}, str(labels), metadata=meta)
-    assert main(args) == 0 and len(build_dataset(stage_data, tiny_model(), seed=0)) == 8
+    assert main(args) == 0 and served() == [True] * 8
+
+
+def test_labels_keep_the_stamps_their_images_had_before_the_source_read_them(tmp_path, monkeypatch):
+    """The stamps were taken when the file was written, after a pass of hours: an image regenerated during it kept
+    labels of the picture it showed before under its new stamp, and every check let them through."""
+    from alignlm.data.shapes import generate
+    from alignlm.methods.sea import labels as sea_labels
+
+    shapes = tmp_path / "shapes"
+    generate(shapes, n_train=4, n_test=1, image_size=32, label_grid=4, seed=0)
+    image = shapes / "images" / "shapes_train_00001.png"
+    source = sea_labels.SOURCES["annotations"]
+
+    def regenerating(*args, **kwargs):
+        labelled = source(*args, **kwargs)
+        image.write_bytes(image.read_bytes() + b"\0")  # regenerated while the labels were computed
+        return labelled
+
+    monkeypatch.setitem(sea_labels.SOURCES, "annotations", regenerating)
+    path = sea_labels.make_labels(shapes / "labels.safetensors", "annotations", [str(shapes / "pretrain.json")])
+    with pytest.raises(DataError, match=r"1 of the images of the set changed since they were labelled"):
+        SeaLabels(path).check_unchanged([image], "the set")
 
 
 def test_token_word_report_takes_each_tokens_nearest_word_once_and_scores_as_the_metric(shapes_root, tiny_model):

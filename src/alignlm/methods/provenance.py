@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from alignlm.config import ConfigError
-from alignlm.data.feature_cache import file_stamp
+from alignlm.data.feature_cache import Stamp, file_stamp
 from alignlm.files import sole_writer
 from alignlm.models.encoder_fit import PROVENANCE, fit_encoder, fit_inputs, fit_knobs, fitted_provenance
 from alignlm.models.encoders import MANIFEST
@@ -62,12 +62,16 @@ def files_digest(paths: Iterable[str | Path]) -> str:
     return strings_digest(file_digest(p) for p in paths)
 
 
-def stamps_digest(paths: Iterable[str | Path], keys: Iterable[str] | None = None) -> str:
+def stamps_digest(
+    paths: Iterable[str | Path], keys: Iterable[str] | None = None, stamps: Iterable[Stamp | None] | None = None
+) -> str:
     """Each file's size and modification time (a stat, not a read), with ``keys`` (what the file is known by in the
-    output) when given: an image edited or regenerated in place has another stamp."""
+    output) when given: an image edited or regenerated in place has another stamp. ``stamps``: the files' stamps
+    taken already, in ``paths``' order (a caller that keeps them), so each file is stat'ed once."""
     paths = list(paths)
     names = [""] * len(paths) if keys is None else list(keys)
-    return strings_digest(f"{name}={file_stamp(p)}" for name, p in zip(names, paths, strict=True))
+    taken = [file_stamp(p) for p in paths] if stamps is None else list(stamps)
+    return strings_digest(f"{name}={stamp}" for name, stamp in zip(names, taken, strict=True))
 
 
 def encoder_identity(encoder: Any) -> str:

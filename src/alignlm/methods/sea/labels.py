@@ -5,10 +5,11 @@ A labels file is a single safetensors file (``<data dir>/sea_labels.safetensors`
 
 - ``words``  int32 ``[n_images, cells, k]``: index into the word list, -1 where a cell has fewer candidates;
 - ``scores`` float32 ``[n_images, cells, k]``: the candidates' scores, descending within a cell;
-- ``stamps`` int64 ``[n_images, 2]``: each image's size and modification time (ns) when the file was written, -1
-  where it could not be stat'ed (absent from files written before it was recorded), so that a tool scoring some of
-  the images (``alignlm sea-eval``, a stage given the file without its prepare step) refuses labels of images edited
-  or regenerated since;
+- ``stamps`` int64 ``[n_images, 2]``: each image's size and modification time (ns) before the labels were computed
+  from it, -1 where it could not be stat'ed (absent from files written before it was recorded), so that labels of an
+  image edited or regenerated since are never served: each lookup checks its image (a stage's sample with one is bad
+  data, skipped or raised per ``data.on_error``), and ``alignlm sea-eval`` checks the images it scores before it
+  loads a model;
 - metadata ``alignlm.sea_labels``: JSON ``{version, source, grid: [rows, cols], words, images, info, provenance}``.
 
 ``cells = rows * cols`` in row-major order. ``images`` are image paths relative to the labels file's folder,
@@ -42,7 +43,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from alignlm.config import Bounds, ConfigError
-from alignlm.data.feature_cache import file_stamp
+from alignlm.data.feature_cache import Stamp, file_stamp
 from alignlm.data.images import MAX_PIXELS, ImageReading, check_aspect_ratio, decoded_batches, prepared
 from alignlm.data.records import MISSING_IMAGE, DataError, record_images
 from alignlm.files import PartialRows, partial_folder, replace_file, sole_writer
@@ -65,6 +66,11 @@ VERSION = 1
 META_KEY = "alignlm.sea_labels"
 DEFAULT_NAME = "sea_labels.safetensors"
 CANDIDATES = Bounds(1)  # k, the candidate words kept per patch
+# what to do about labels of images changed since: a copy without its times counts as a change, as for every stamp
+REWRITE = (
+    "write the labels again (`alignlm sea-labels`, or the stage's sea_labels prepare step); a copy that did not keep "
+    "modification times counts as a change: copy with `cp -p` or `rsync -a`"
+)
 SORT_ROWS = 1024  # images sorted at once when writing: bounds the sort's temporaries, whatever the set's size
 
 
@@ -121,9 +127,29 @@ def image_key(image: str | Path, root: Path) -> str:
     return Path(os.path.relpath(Path(image).resolve(), root)).as_posix()
 
 
-def write_labels(path: str | Path, labels: LabelSet, provenance: dict[str, Any] | None = None) -> Path:
+def image_stamps(images: Iterable[str | Path]) -> dict[Path, Stamp | None]:
+    """Each image's stamp (``file_stamp``: size and modification time) by its resolved path."""
+    return {Path(p).resolve(): file_stamp(p) for p in images}
+
+
+def _stamp_changed(stored: np.ndarray, image: str | Path) -> bool:
+    """Whether an image's stamp now differs from the one stored when it was labelled; an image that cannot be stat'ed
+    now is left to its own read (a missing image is bad data, per ``data.on_error``), one not stat'ed then to trust."""
+    now = file_stamp(image)
+    then = (int(stored[0]), int(stored[1]))
+    return now is not None and then != (-1, -1) and now != then
+
+
+def write_labels(
+    path: str | Path,
+    labels: LabelSet,
+    provenance: dict[str, Any] | None = None,
+    stamps: Mapping[Path, Stamp | None] | None = None,
+) -> Path:
     """Write a labels file atomically (a temporary name, then a rename), candidates sorted by score; ``provenance``
-    (``{knobs, inputs}``, see :func:`make_labels`) goes into its metadata."""
+    (``{knobs, inputs}``, see :func:`make_labels`) goes into its metadata. ``stamps``: each image's (resolved path)
+    stamp taken before the source read it (:func:`image_stamps`; a pass can take hours, and an image regenerated
+    during it keeps labels of the picture it showed before); where not given, the images are stat'ed now."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     ids, scores = sorted_candidates(labels.word_ids, labels.scores)
@@ -137,8 +163,10 @@ def write_labels(path: str | Path, labels: LabelSet, provenance: dict[str, Any] 
         "info": labels.info,
         KEY: provenance,
     }
-    stamps = np.array([file_stamp(p) or (-1, -1) for p in labels.images], dtype=np.int64).reshape(-1, 2)
-    tensors = {"words": np.ascontiguousarray(ids), "scores": np.ascontiguousarray(scores), "stamps": stamps}
+    taken = stamps if stamps is not None else image_stamps(labels.images)
+    rows = [taken.get(Path(p).resolve()) or (-1, -1) for p in labels.images]
+    stamps_array = np.array(rows, dtype=np.int64).reshape(-1, 2)
+    tensors = {"words": np.ascontiguousarray(ids), "scores": np.ascontiguousarray(scores), "stamps": stamps_array}
 
     def save(tmp: Path) -> None:
         save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
@@ -255,7 +283,8 @@ class SeaLabels:
             )
         shape = tuple(handle.get_slice("words").get_shape())
         check_shapes(shape, tuple(handle.get_slice("scores").get_shape()), len(images), self.cells, str(self.path))
-        if "stamps" in handle.keys():
+        self.stamped = "stamps" in handle.keys()
+        if self.stamped:
             stamps = handle.get_slice("stamps")
             if stamps.get_dtype() != "I64" or tuple(stamps.get_shape()) != (len(images), 2):
                 raise DataError(
@@ -278,6 +307,11 @@ class SeaLabels:
             return None
         if self._handle is None:
             self._handle = safe_open(str(self.path), "np")
+        if self.stamped and _stamp_changed(self._handle.get_slice("stamps")[i : i + 1][0], image):
+            raise DataError(
+                f"SEA labels {self.path}: image {self.key(image)} changed since it was labelled (size or modification "
+                f"time), so its labels describe another picture; {REWRITE}"
+            )
         ids, scores = self._handle.get_slice("words")[i : i + 1], self._handle.get_slice("scores")[i : i + 1]
         check_candidates(ids, scores, len(self.words), [self.key(image)], str(self.path))
         return torch.from_numpy(ids[0]).long(), torch.from_numpy(scores[0]).float()
@@ -330,25 +364,24 @@ class SeaLabels:
         return sum(self.key(p) in self.index for p in images)
 
     def check_unchanged(self, images: Iterable[str | Path], where: str) -> None:
-        """Refuse to serve labels of images whose size or modification time differs from when the file was written
-        (regenerated or edited in place: the labels describe other pictures), naming how many and the first; a file
-        written before it recorded them cannot tell, and passes. A copy that did not keep modification times counts
-        as a change, as it does for the feature cache and the prepare steps."""
+        """Refuse labels of images whose size or modification time differs from when they were labelled, naming how
+        many and the first, before any is scored (``lookup`` checks each image it serves too); a file written before
+        it recorded them cannot tell, and passes. A copy that did not keep modification times counts as a change, as
+        it does for the feature cache and the prepare steps."""
+        if not self.stamped:
+            return
         with safe_open(str(self.path), "np") as f:
-            if "stamps" not in f.keys():
-                return
             stamps = f.get_tensor("stamps")
-        changed = []
-        for image in images:
-            i = self.index.get(self.key(image))
-            if i is not None and tuple(int(v) for v in stamps[i]) != (file_stamp(image) or (-1, -1)):
-                changed.append(self.key(image))
+        changed = [
+            self.key(image)
+            for image in images
+            if (i := self.index.get(self.key(image))) is not None and _stamp_changed(stamps[i], image)
+        ]
         if changed:
             raise DataError(
                 f"SEA labels {self.path}: {len(changed)} of the images of {where} changed since they were labelled"
-                f" (size or modification time; the first: {changed[0]}), so their labels describe other "
-                "pictures; write the labels again (`alignlm sea-labels`, or the stage's sea_labels prepare step). A "
-                "copy that did not keep modification times counts as a change: copy with `cp -p` or `rsync -a`"
+                f" (size or modification time; the first: {changed[0]}), so their labels describe other pictures; "
+                f"{REWRITE}"
             )
 
 
@@ -605,29 +638,38 @@ def label_knobs(source: str, k: int, arguments: dict[str, Any]) -> dict[str, Any
     return as_json(knobs)
 
 
-def label_inputs(path: Path, data: Sequence[str | Path], arguments: dict[str, Any]) -> dict[str, str]:
+def label_inputs(
+    path: Path, data: Sequence[str | Path], arguments: dict[str, Any]
+) -> tuple[dict[str, str], dict[Path, Stamp | None]]:
     """Digests of what the labels are made from: the data files' bytes, the images (their keys in the file, sizes
-    and modification times), the annotations' bytes and the encoder, where the source reads them."""
+    and modification times), the annotations' bytes and the encoder, where the source reads them; and each image's
+    stamp, which the file keeps (taken here, before the source reads any image)."""
     images = sorted({p for _, paths in record_images(data, arguments.get("image_root")) for p in paths})
     root = path.parent.resolve()
-    inputs = {"data": files_digest(data), "images": stamps_digest(images, [image_key(p, root) for p in images])}
+    taken = image_stamps(images)
+    keys = [image_key(p, root) for p in images]
+    inputs = {
+        "data": files_digest(data),
+        "images": stamps_digest(images, keys, [taken[Path(p).resolve()] for p in images]),
+    }
     if "annotations" in arguments:
         inputs["annotations"] = file_digest(annotations_file(data, arguments["annotations"]))
     if "model" in arguments:
         inputs["model"] = encoder_identity(arguments["model"])
-    return inputs
+    return inputs, taken
 
 
 def label_provenance(
     out: Path, source: str, data: Sequence[str | Path], k: int, knobs: dict[str, Any]
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The source's arguments and the ``{knobs, inputs}`` labels made from them record; refuses a request that cannot
-    make labels."""
+) -> tuple[dict[str, Any], dict[str, Any], dict[Path, Stamp | None]]:
+    """The source's arguments, the ``{knobs, inputs}`` labels made from them record and the images' stamps; refuses a
+    request that cannot make labels."""
     if not data:
         raise ValueError("SEA labels need at least one data file (LLaVA JSON) whose images to label")
     CANDIDATES.check("k", k, whole=True, note=": keep at least one candidate word per patch")
     arguments = source_arguments(source, data, k, knobs)
-    return arguments, {"knobs": label_knobs(source, k, arguments), "inputs": label_inputs(out, data, arguments)}
+    inputs, stamps = label_inputs(out, data, arguments)
+    return arguments, {"knobs": label_knobs(source, k, arguments), "inputs": inputs}, stamps
 
 
 def make_labels(
@@ -636,12 +678,12 @@ def make_labels(
     """Compute labels from a source and write them to ``out`` with what they were made from; the one entry the CLI
     and the pipeline call."""
     out = Path(out)
-    arguments, provenance = label_provenance(out, source, data, k, knobs)
+    arguments, provenance, stamps = label_provenance(out, source, data, k, knobs)
     with sole_writer(out, f"labelling {out}"):
         progress = PartialRows(partial_folder(out), provenance)  # kept under what the labels record they came from
         if "progress" in arguments:  # a source whose pass keeps its rows while it runs
             arguments["progress"] = progress
-        path = write_labels(out, SOURCES[source]([str(d) for d in data], k, **arguments), provenance)
+        path = write_labels(out, SOURCES[source]([str(d) for d in data], k, **arguments), provenance, stamps)
         progress.remove()
     return path
 
@@ -656,7 +698,7 @@ def ensure_labels(
     with sole_writer(path, f"labelling {path}"):
         if path.exists():
             stored = SeaLabels(path).provenance
-            _, wanted = label_provenance(path, source, data, k, knobs)
+            _, wanted, _ = label_provenance(path, source, data, k, knobs)
             if stored is not None:
                 check_knobs(path, stored.get("knobs", {}), wanted["knobs"], "sea_labels")
             changed = changed_inputs(None if stored is None else stored.get("inputs"), wanted["inputs"])
