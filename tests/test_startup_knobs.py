@@ -358,6 +358,17 @@ def test_a_prepare_steps_or_hooks_value_out_of_its_bounds_is_refused_before_any_
         check_config(compose(f"output_dir={tmp_path}", f"+exp={exp}", override))
 
 
+@pytest.mark.parametrize(
+    "override",
+    [f"distributed.timeout_s={10**400}", f"stages.pretrain.lr={10**400}"],
+)
+def test_a_number_past_any_floats_range_is_refused_naming_its_key(tmp_path, override):
+    """math.isfinite raised an OverflowError naming no key: a traceback from the start-up check itself."""
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=re.escape(key) + "=1000"):
+        check_config(compose(f"output_dir={tmp_path}", override))
+
+
 class NoModelHook(SampleHook):
     """A hook whose constructor lacks the ``model`` its builder passes."""
 

@@ -34,6 +34,7 @@ from alignlm.config import (
     composed_without,
     config_roots,
     default_keys,
+    is_finite,
     knob_annotations,
     overridden_keys,
     plain,
@@ -853,7 +854,7 @@ def _number(
     note: str = "",
 ) -> None:
     """``value`` is a finite number (not a bool or string) between ``low`` and ``high``."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and is_finite(value)
     ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
     if not ok:
         bound = f"{'>' if low_open else '>='} {low}"

@@ -30,6 +30,15 @@ class ConfigError(ValueError):
     and what it may be (``alignlm train`` prints it without a traceback)."""
 
 
+def is_finite(value: numbers.Real) -> bool:
+    """``math.isfinite``, where a whole number past any float's range (``10**400``) is not finite: no computation takes
+    it, and ``math.isfinite`` raises an OverflowError that names no knob."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 @dataclass(frozen=True)
 class Bounds:
     """The values a number knob takes: finite, at least ``low`` (above it where ``low_open``), at most ``high``.
@@ -53,11 +62,7 @@ class Bounds:
         if isinstance(value, bool) or not isinstance(value, numbers.Integral if whole else numbers.Real):
             return False
         above = value > self.low if self.low_open else value >= self.low
-        try:
-            finite = math.isfinite(value)
-        except OverflowError:  # a whole number past any float's range: no computation takes it
-            finite = False
-        return finite and above and value <= self.high
+        return is_finite(value) and above and value <= self.high
 
     def problem(self, value: Any, whole: bool = False) -> str | None:
         """What is wrong with ``value`` (``must be a whole number >= 2``), or None where it holds."""

@@ -13,7 +13,6 @@ import difflib
 import inspect
 import json
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, CLIPVisionModel, SiglipVisionModel
 from transformers.utils import IMAGE_PROCESSOR_NAME, PROCESSOR_NAME, cached_file
 
-from alignlm.config import ConfigError
+from alignlm.config import ConfigError, is_finite
 from alignlm.data.images import ImageSpec
 from alignlm.models.llm import torch_dtype
 from alignlm.models.loading import check_finite, refuse_hub_kernel_attention
@@ -319,7 +318,7 @@ def saved_image_norm(name_or_path: str) -> dict[str, tuple[float, ...]]:
 
 def _finite(value: Any) -> bool:
     """A JSON number that is finite (not a bool, a string or null)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and is_finite(value)
 
 
 def _statistics(value: Any, where: str, key: str) -> tuple[float, ...]:

@@ -16,7 +16,6 @@ similarity); the temperatures, crop scales and the count are knobs (*ours* where
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from alignlm.config import POSITIVE
 from alignlm.models.encoders import device_of
 
 
@@ -44,7 +44,7 @@ class WCAConfig:
             raise ValueError(f"WCA crops={self.crops!r} must be a whole number >= 1 (random crops per image)")
         for name in ("tau_crop", "tau_text"):
             tau = getattr(self, name)
-            if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not (math.isfinite(tau) and tau > 0):
+            if not POSITIVE.holds(tau):
                 raise ValueError(f"WCA {name}={tau!r} must be a finite number > 0 (a softmax temperature)")
         if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1] <= 1:
             raise ValueError(
