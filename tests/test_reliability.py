@@ -696,6 +696,27 @@ def test_a_manifest_that_is_not_one_is_a_reason_to_pass_the_checkpoint_by_not_a_
         assert why in ckpt.verify(tmp_path)  # the trainer then resumes from an older checkpoint, naming this one
 
 
+def test_a_resuming_rank_hashes_the_files_it_reads_not_another_ranks_own(tmp_path):
+    """Every rank of a resume hashed every file of the checkpoint, each rank's ZeRO optimizer partition included: the
+    world size times the optimizer's bytes read per resume (64 ranks x 84 GB at 7B). A rank hashes what it reads
+    and checks the sizes of the rest; a damaged file of its own, or a shared one, still passes the checkpoint by."""
+    for name in ("trainable.safetensors", "optimizer_rank0.pt", "optimizer_rank1.pt", "rng_0.pt", "rng_1.pt"):
+        (tmp_path / name).write_bytes(b"state of " + name.encode())
+    ckpt.write_manifest(tmp_path)
+    hashed = []
+    sha256 = ckpt.file_sha256
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ckpt, "file_sha256", lambda path: hashed.append(path.name) or sha256(path))
+        assert ckpt.verify(tmp_path, rank=1) is None
+    assert sorted(hashed) == ["optimizer_rank1.pt", "rng_1.pt", "trainable.safetensors"]
+    (tmp_path / "optimizer_rank0.pt").write_bytes(b"state of optimizer_rankX.pt")  # same size, other bytes
+    assert ckpt.verify(tmp_path, rank=1) is None
+    assert "optimizer_rank0.pt does not match its SHA-256" in ckpt.verify(tmp_path, rank=0)
+    assert "optimizer_rank0.pt does not match its SHA-256" in ckpt.verify(tmp_path)
+    (tmp_path / "rng_0.pt").write_bytes(b"short")
+    assert "rng_0.pt has 5 bytes" in ckpt.verify(tmp_path, rank=1)  # sizes: every file, whoever reads it
+
+
 def test_resuming_with_another_global_batch_is_refused_unless_allowed(colour_set, tmp_path):
     base = [*tiny_overrides(colour_set, tmp_path), "run=[pretrain]", "eval.sets=[]", "stages.pretrain.max_steps=4"]
     with pytest.raises(StopTraining):

@@ -20,6 +20,7 @@ import inspect
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Collection, Container, Iterable, Mapping
@@ -154,6 +155,10 @@ def zero_optimizer_file(rank: int) -> str:
     return f"optimizer_rank{rank}.pt"
 
 
+# the files of a step checkpoint one rank alone reads: its random state, its ZeRO optimizer partition
+_RANK_FILE = re.compile(r"(?:rng_|optimizer_rank)(\d+)\.pt")
+
+
 def atomic_dir(final: Path) -> Path:
     """A fresh temporary sibling of ``final``; publish it with ``publish``."""
     tmp = temporary(final)
@@ -239,24 +244,33 @@ def _looks(folder: Path) -> Looks:
     return (folder / MANIFEST).read_bytes(), files
 
 
-def verify(folder: Path, digests: bool = True) -> str | None:
+def verify(folder: Path, digests: bool = True, rank: int | None = None) -> str | None:
     """Why a step checkpoint or ``final/`` cannot be trusted (naming the file), or None when every file matches its
     manifest. ``digests`` False: names and sizes only (what a full disk, a kill or a lost node leaves: a file missing,
-    empty or short), without reading the files. A folder found damaged by its digests is remembered while it looks the
-    same (:func:`_looks`), so pruning, which reads sizes only, still knows it."""
+    empty or short), without reading the files. ``rank``: the rank that will load the folder hashes only the files it
+    reads, not another rank's own (its random state, its ZeRO optimizer partition), whose sizes it still checks: every
+    rank of a resume had hashed every rank's partition, the world size times the optimizer's bytes read per resume. A
+    folder found damaged by its digests is remembered while it looks the same (:func:`_looks`), so pruning, which reads
+    sizes only, still knows it."""
     if not (folder / MANIFEST).exists():  # written before manifests existed: its atomic publication is all the proof
         return None
     key, looks = str(folder.resolve()), _looks(folder)
     known = _damaged.get(key)
     if known is not None and known[0] == looks:
         return known[1]
-    problem = _manifest_problem(folder, looks[0], digests)
+    problem = _manifest_problem(folder, looks[0], digests, rank)
     if digests and problem is not None:
         _damaged[key] = (looks, problem)
     return problem
 
 
-def _manifest_problem(folder: Path, text: bytes, digests: bool) -> str | None:
+def _another_ranks(name: str, rank: int | None) -> bool:
+    """Whether the checkpoint file ``name`` is read by one rank alone, not ``rank`` (None: every file is ours)."""
+    match = _RANK_FILE.fullmatch(name)
+    return rank is not None and match is not None and int(match.group(1)) != rank
+
+
+def _manifest_problem(folder: Path, text: bytes, digests: bool, rank: int | None = None) -> str | None:
     """:func:`verify`'s reading of a folder holding a manifest, ``text``."""
     manifest = folder / MANIFEST
     try:
@@ -283,7 +297,7 @@ def _manifest_problem(folder: Path, text: bytes, digests: bool) -> str | None:
         if path.stat().st_size != want["bytes"]:
             return f"{path} has {path.stat().st_size} bytes, the manifest says {want['bytes']} (truncated?)"
     for name, want in files.items() if digests else ():
-        if file_sha256(folder / name) != want["sha256"]:
+        if not _another_ranks(name, rank) and file_sha256(folder / name) != want["sha256"]:
             return f"{folder / name} does not match its SHA-256 in the manifest (damaged)"
     return None
 

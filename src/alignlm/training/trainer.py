@@ -439,7 +439,7 @@ class Trainer:
             return 0, 0
         problems = []
         for folder in reversed(ckpt.step_dirs(self.dir)):
-            problem = ckpt.verify(folder)
+            problem = ckpt.verify(folder, rank=self.acc.process_index)
             if problem is None:
                 try:
                     written = json.loads((folder / "trainer_state.json").read_text())
