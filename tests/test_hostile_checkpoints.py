@@ -328,6 +328,7 @@ def test_the_finite_test_reads_complex_tensors_by_their_parts_and_integer_ones_a
         poisoned = spectrum.clone()
         poisoned[3, 1] = bad
         assert not finite(poisoned), bad
+        assert not finite(poisoned.conj())  # a conjugate view, which view_as_real refuses unresolved
     module = torch.nn.Module()
     module.filter = torch.nn.Parameter(spectrum.clone())
     assert nonfinite_trainable(module) == []

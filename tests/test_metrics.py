@@ -530,9 +530,12 @@ def test_the_suite_clamps_each_feature_set_once_and_gives_each_metrics_own_value
     alone = {n: v for name in names for n, v in suite.pair_metrics(A, B, [name], topk=10).items()}
     calls = []
     prepare = M.prepare_features
-    monkeypatch.setattr(M, "prepare_features", lambda x, *a: calls.append(x.shape) or prepare(x, *a))
+    monkeypatch.setattr(M, "prepare_features", lambda x, *a, **k: calls.append(x.shape) or prepare(x, *a, **k))
     together = suite.pair_metrics(A, B, names, topk=10)
     assert together == alone and len(calls) == 2
+    B[7, 2] = float("nan")
+    with pytest.raises(ValueError, match="^B has 1 non-finite"):  # which set, as each metric named it
+        suite.pair_metrics(A, B, ["cka"])
 
 
 def test_the_suite_reports_no_recall_at_k_of_k_or_fewer_items():

@@ -1544,6 +1544,15 @@ def test_a_metrics_row_cut_short_is_left_out_on_resume_with_a_warning(tmp_path, 
     with pytest.raises(ValueError, match=f"{re.escape(str(path))}:2: not a JSON object"):
         read_rows(path)
     assert read_rows(tmp_path / "none.jsonl") == []
+    # a stage's end, which a resume reading the tail did not stop before it trained, leaves a damaged row out
+    with caplog.at_level("WARNING", logger="alignlm"):
+        assert read_rows(path, skip_damaged=True) == [{"step": 1}, {"step": 3}]
+    assert f"{path}:2: not a JSON object" in caplog.text
+    # rows that carriage returns alone separate read as one cut-short row: refused, not cut away
+    path.write_bytes(b'{"step": 1}\r{"step": 2}\r{"step": 3}\r')
+    with pytest.raises(ValueError, match=":1: not a JSON object"):
+        MetricsLogger(path, None, "t", {}, enabled=True, start_step=2)
+    assert path.read_bytes() == b'{"step": 1}\r{"step": 2}\r{"step": 3}\r'
 
 
 def test_a_resume_reads_only_the_tail_of_metrics_jsonl_and_cuts_it_there(tmp_path, monkeypatch):

@@ -116,7 +116,7 @@ def _chunks(n: int, row_cost: int) -> Iterator[slice]:
         yield slice(start, min(start + step, n))
 
 
-def prepare_features(x: Tensor, q: float = 0.95) -> Tensor:
+def prepare_features(x: Tensor, q: float = 0.95, name: str = "features") -> Tensor:
     """Clamp outlier activations, then L2-normalise rows: the Platonic Representation preprocessing.
 
     The threshold is one scalar per feature set, the ``q`` quantile of all entries' magnitudes taken as the
@@ -128,11 +128,11 @@ def prepare_features(x: Tensor, q: float = 0.95) -> Tensor:
 
     A threshold of 0 (sparse features, e.g. post-ReLU, with more than a fraction ``q`` of their entries exactly 0) would
     clamp every entry to 0 and leave no row a direction; such features are only normalised. Any positive threshold
-    clamps as the reference does.
+    clamps as the reference does. ``name``: what a refusal (a non-finite entry, a row of zeros) calls the features.
     """
     if not 0.0 < q <= 1.0:
         raise ValueError(f"q must be in (0, 1], got {q}")
-    x = _matrix(x, "features")
+    x = _matrix(x, name)
     index = int(q * x.numel())
     if index < x.numel():
         magnitudes = x.abs().flatten()
@@ -142,7 +142,7 @@ def prepare_features(x: Tensor, q: float = 0.95) -> Tensor:
             threshold = magnitudes.sort().values[index]
         if threshold > 0:
             x = x.clamp(min=-threshold, max=threshold)
-    return _directions(x, "features")
+    return _directions(x, name)
 
 
 def _prepared_pair(A: Tensor, B: Tensor, preprocess: bool) -> tuple[Tensor, Tensor]:

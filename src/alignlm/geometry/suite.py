@@ -133,7 +133,7 @@ def pair_metrics(
         fn, same_dim = PAIR_METRICS[name]
         if same_dim and A.shape[1] != B.shape[1]:
             continue
-        if name == "retrieval":  # recall@k of k or more items is 1 whatever the features: not reported
+        if name == "retrieval":  # recall@k of k or fewer items is 1 whatever the features: not reported
             out.update(fn(A, B, ks=[k for k in M.RECALL_AT if k < n]))
             continue
         if name == "modality_gap":
@@ -141,7 +141,7 @@ def pair_metrics(
             continue
         # each metric had clamped both sets itself: a sort of every entry, 8 times per pair of sets
         if prepared is None:
-            prepared = (M.prepare_features(A), M.prepare_features(B)) if preprocess else (A, B)
+            prepared = (M.prepare_features(A, name="A"), M.prepare_features(B, name="B")) if preprocess else (A, B)
         a, b = prepared
         if name in KNN_METRICS:
             out[name] = fn(a, b, topk=topk, preprocess=False)

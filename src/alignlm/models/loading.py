@@ -73,8 +73,8 @@ def finite(tensor: torch.Tensor) -> bool:
     bool one is finite."""
     if tensor.numel() == 0 or not (tensor.is_floating_point() or tensor.is_complex()):
         return True
-    if tensor.is_complex():  # aminmax has no order for complex numbers
-        tensor = torch.view_as_real(tensor)
+    if tensor.is_complex():  # aminmax has no order for complex numbers; a conjugate view is resolved first
+        tensor = torch.view_as_real(tensor.resolve_conj())
     if tensor.element_size() == 1:  # float8 (a quantised folder): aminmax has no kernel, and e8m0's isfinite misses NaN
         tensor = tensor.float()
     low, high = torch.aminmax(tensor)

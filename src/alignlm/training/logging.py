@@ -148,10 +148,11 @@ class MetricsLogger:
             self.wandb.finish(exit_code=1 if failed else None)
 
 
-def read_rows(path: Path) -> list[dict[str, Any]]:
+def read_rows(path: Path, skip_damaged: bool = False) -> list[dict[str, Any]]:
     """The rows of a ``metrics.jsonl`` (none if it does not exist). A last row that is not a JSON object was cut short
     (disk full, a node lost mid-write): left out with a warning naming the file and line. Any other such row is
-    damage this writer never makes: an error naming the file and line."""
+    damage this writer never makes: an error naming the file and line, or where ``skip_damaged`` (a stage's end,
+    which a resume reading only the file's tail did not stop before it trained) left out with a warning too."""
     if not path.exists():
         return []
     lines = [(n, line) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
@@ -165,6 +166,8 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
             rows.append(row)
         elif n == lines[-1][0]:
             logging.getLogger("alignlm").warning("%s:%d: the last row was cut short (%r); left out", path, n, line[:80])
+        elif skip_damaged:
+            logging.getLogger("alignlm").warning("%s:%d: not a JSON object (%r); left out", path, n, line[:80])
         else:
             raise ValueError(f"{path}:{n}: not a JSON object ({line[:80]!r}); mend or delete that line")
     return rows
@@ -190,7 +193,7 @@ def _drop_rows_after(path: Path, step: int) -> None:
                 row = None
             if not isinstance(row, dict):
                 number = _line_number(f, offset)
-                if not last:
+                if not last or b"\r" in line.rstrip(b"\r"):  # damage, or rows that carriage returns alone separate
                     raise ValueError(f"{path}:{number}: not a JSON object ({line[:80]!r}); mend or delete that line")
                 logging.getLogger("alignlm").warning(
                     "%s:%d: the last row was cut short (%r); left out", path, number, line[:80].decode(errors="replace")

@@ -1150,8 +1150,11 @@ class Trainer:
         )
 
     def logged_losses(self) -> list[float]:
-        """Every finite ``loss/total`` of the stage's ``metrics.jsonl`` (all segments; the main process writes it)."""
-        return [r["loss/total"] for r in read_rows(self.dir / "metrics.jsonl") if r.get("loss/total") is not None]
+        """Every finite ``loss/total`` of the stage's ``metrics.jsonl`` (all segments; the main process writes it). A
+        damaged row is left out with a warning: a resume reads only the file's tail, so one before it is first seen
+        here, where refusing it would end a stage that trained."""
+        rows = read_rows(self.dir / "metrics.jsonl", skip_damaged=True)
+        return [r["loss/total"] for r in rows if r.get("loss/total") is not None]
 
     def merged_report(self) -> DataReport:
         """Every rank's report summed (an all-gather of a small object)."""
@@ -1330,7 +1333,8 @@ def compile_llm_layers(model: AlignLM, checkpointed: bool = False) -> None:
 
 
 # what the interpreter holds frozen of itself (CPython 3.12.1: 375 tuples of the built-in types), not a caller's freeze:
-# read as one, workers had been forked unfrozen on 3.12
+# read as one, workers had been forked unfrozen on 3.12. A caller's gc.freeze() before alignlm is imported counts as
+# the interpreter's, and start_workers' unfreeze undoes it (freeze after the import to keep it)
 FROZEN_AT_IMPORT = gc.get_freeze_count()
 
 
