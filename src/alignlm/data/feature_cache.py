@@ -297,6 +297,7 @@ class FeatureCacheHook(SampleHook):
     limit had served them), known from the size stored with its features."""
 
     replaces_visuals = True
+    one_per_image = True
 
     def __init__(
         self, cache: FeatureCache, max_pixels: int | None, crop_side: int | None = None, survey: Survey | None = None

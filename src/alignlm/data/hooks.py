@@ -37,6 +37,9 @@ class SampleHook:
     """Base class: a no-op that subclasses specialise; every method has a working default."""
 
     replaces_visuals: bool = False
+    # ``visual_inputs`` gives one input per image of the record (the feature cache's: each image's features): the
+    # counts are the images' own, from the start-up pass, and no record is read again to count them
+    one_per_image: bool = False
 
     def bind(self, dataset: HookedDataset) -> None:
         """Start-up check against every record of the stage (coverage, sizes); raise ``DataError`` naming the gap."""
