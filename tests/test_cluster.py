@@ -222,6 +222,22 @@ def test_a_two_node_job_stops_on_the_signal_at_one_step_and_resumes_exactly(colo
     assert summary["steps"] == 8 and summary["world_size"] == 2
 
 
+def test_ranks_resume_from_one_checkpoint_when_one_rank_finds_its_own_file_damaged(colour_set, tmp_path):
+    """Each rank hashes only the checkpoint files it reads: rank 1 alone found its random state in the newest
+    checkpoint damaged and fell back to the one before, while rank 0 resumed from the newest (steps apart: a hang at a
+    collective). The ranks agree on one verdict: both resume from the checkpoint before, and the stage ends."""
+    job = base(colour_set, tmp_path, "stages.pretrain.save_every=2", "run_name=r", "distributed.timeout_s=60")
+    assert torchrun([*job, "stop_after_steps=4"]).returncode != 0  # stopped (75 from each rank)
+    newest = tmp_path / "r" / "pretrain" / "checkpoints" / "step_000004"
+    state = newest / "rng_1.pt"
+    state.write_bytes(bytes(b ^ 0xFF for b in state.read_bytes()))  # same size, other bytes: only its hash tells
+    proc = torchrun(job, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("rng_1.pt does not match its SHA-256 in the manifest (damaged); falling back") == 2
+    assert "step_000002 (step 2)" in proc.stderr and "step_000004 (step 4)" not in proc.stderr  # rank 0's log
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["stages"]["pretrain"]["steps"] == 8
+
+
 def test_a_stop_file_stops_cleanly_once_and_is_consumed(colour_set, tmp_path):
     from alignlm.training.trainer import StopTraining
 

@@ -264,6 +264,12 @@ def verify(folder: Path, digests: bool = True, rank: int | None = None) -> str |
     return problem
 
 
+def remember_damage(folder: Path, problem: str) -> None:
+    """Record that another rank found ``folder`` damaged (a file only it hashes): pruning, which reads sizes only,
+    knows it here too while the folder looks the same, and never counts it as the checkpoint to keep."""
+    _damaged[str(folder.resolve())] = (_looks(folder), problem)
+
+
 def _another_ranks(name: str, rank: int | None) -> bool:
     """Whether the checkpoint file ``name`` is read by one rank alone, not ``rank`` (None: every file is ours)."""
     match = _RANK_FILE.fullmatch(name)

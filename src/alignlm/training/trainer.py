@@ -439,7 +439,7 @@ class Trainer:
             return 0, 0
         problems = []
         for folder in reversed(ckpt.step_dirs(self.dir)):
-            problem = ckpt.verify(folder, rank=self.acc.process_index)
+            damage = problem = ckpt.verify(folder, rank=self.acc.process_index)  # the files this rank reads
             if problem is None:
                 try:
                     written = json.loads((folder / "trainer_state.json").read_text())
@@ -469,6 +469,9 @@ class Trainer:
                     scaled = self.acc.scaler is None or ckpt.load_scaler(folder, self.acc.scaler)
                 except Exception as e:  # a damaged file the manifest could not vouch for: try the one before
                     problem = f"{folder} could not be loaded: {type(e).__name__}: {e}"
+            problem, damage = self.agreed_verdict(problem, damage)
+            if damage is not None:  # known to rank 0's pruning too, which checks sizes only
+                ckpt.remember_damage(folder, damage)
             if problem is not None:
                 self.log.warning("resume: %s; falling back to the checkpoint before it", problem)
                 problems.append(problem)
@@ -1147,6 +1150,19 @@ class Trainer:
             self.report.to_dict(),
             list(self.nonfinite),
             stop_at - self.start_step,
+        )
+
+    def agreed_verdict(self, problem: str | None, damage: str | None) -> tuple[str | None, str | None]:
+        """One verdict on a checkpoint for every rank (the first rank's problem, and its damage by the manifest): each
+        rank hashes and loads only the files it reads, so one rank alone may find its own file damaged, and the ranks
+        would resume from different steps (a hang or a silent divergence). A collective: every rank calls it for each
+        checkpoint it looks at, in the same order."""
+        if self.acc.num_processes == 1:
+            return problem, damage
+        verdicts = gather_object([(problem, damage)])
+        return (
+            next((p for p, _ in verdicts if p is not None), None),
+            next((d for _, d in verdicts if d is not None), None),
         )
 
     def logged_losses(self) -> list[float]:
