@@ -269,7 +269,8 @@ def pooled_accuracy(
 
 def read_monitor(run: Path) -> dict[str, list[tuple[int, float]]]:
     """``monitor/*`` values of a run folder (its stages chained, steps continuing across stages) or one stage. Rows
-    are read by ``read_rows``, which leaves out a last row cut short (a killed run) with a warning naming the file; a
+    are read by ``read_rows``, which leaves out a row that is not JSON (a last one cut short by a killed run) with a
+    warning naming the file and line; a
     value that was not finite (null in metrics.jsonl) is NaN, a gap in its line, and counted in a warning."""
     stages = [run] if (run / "metrics.jsonl").exists() else _stage_dirs(run)
     if not stages:

@@ -148,11 +148,11 @@ class MetricsLogger:
             self.wandb.finish(exit_code=1 if failed else None)
 
 
-def read_rows(path: Path, skip_damaged: bool = False) -> list[dict[str, Any]]:
-    """The rows of a ``metrics.jsonl`` (none if it does not exist). A last row that is not a JSON object was cut short
-    (disk full, a node lost mid-write): left out with a warning naming the file and line. Any other such row is
-    damage this writer never makes: an error naming the file and line, or where ``skip_damaged`` (a stage's end,
-    which a resume reading only the file's tail did not stop before it trained) left out with a warning too."""
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a ``metrics.jsonl`` (none if it does not exist). A row that is not a JSON object is left out with a
+    warning naming the file and line: a last row was cut short (disk full, a node lost mid-write); any other is damage
+    this writer never makes, which a resume, reading only the file's tail, no longer stops at, so its readers after
+    training (a stage's end, eval, plots) go on without it rather than end a stage that trained."""
     if not path.exists():
         return []
     lines = [(n, line) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
@@ -166,10 +166,8 @@ def read_rows(path: Path, skip_damaged: bool = False) -> list[dict[str, Any]]:
             rows.append(row)
         elif n == lines[-1][0]:
             logging.getLogger("alignlm").warning("%s:%d: the last row was cut short (%r); left out", path, n, line[:80])
-        elif skip_damaged:
-            logging.getLogger("alignlm").warning("%s:%d: not a JSON object (%r); left out", path, n, line[:80])
         else:
-            raise ValueError(f"{path}:{n}: not a JSON object ({line[:80]!r}); mend or delete that line")
+            logging.getLogger("alignlm").warning("%s:%d: not a JSON object (%r); left out", path, n, line[:80])
     return rows
 
 

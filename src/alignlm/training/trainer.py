@@ -1166,11 +1166,8 @@ class Trainer:
         )
 
     def logged_losses(self) -> list[float]:
-        """Every finite ``loss/total`` of the stage's ``metrics.jsonl`` (all segments; the main process writes it). A
-        damaged row is left out with a warning: a resume reads only the file's tail, so one before it is first seen
-        here, where refusing it would end a stage that trained."""
-        rows = read_rows(self.dir / "metrics.jsonl", skip_damaged=True)
-        return [r["loss/total"] for r in rows if r.get("loss/total") is not None]
+        """Every finite ``loss/total`` of the stage's ``metrics.jsonl`` (all segments; the main process writes it)."""
+        return [r["loss/total"] for r in read_rows(self.dir / "metrics.jsonl") if r.get("loss/total") is not None]
 
     def merged_report(self) -> DataReport:
         """Every rank's report summed (an all-gather of a small object)."""
