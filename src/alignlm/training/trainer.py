@@ -445,6 +445,10 @@ class Trainer:
                     written = json.loads((folder / "trainer_state.json").read_text())
                 except (OSError, json.JSONDecodeError) as e:
                     problem = f"{folder}/trainer_state.json could not be read: {type(e).__name__}: {e}"
+            # before loading, whose sharded weights may take collectives every rank must enter
+            problem, damage = self.agreed_verdict(problem, damage)
+            if damage is not None:  # known to rank 0's pruning too, which checks sizes only
+                ckpt.remember_damage(folder, damage)
             if problem is None:
                 # a checkpoint of another layout is refused before anything is loaded: it is whole, not damaged
                 refuse_config_held_state(folder, written, self.objective_modules)
@@ -469,9 +473,7 @@ class Trainer:
                     scaled = self.acc.scaler is None or ckpt.load_scaler(folder, self.acc.scaler)
                 except Exception as e:  # a damaged file the manifest could not vouch for: try the one before
                     problem = f"{folder} could not be loaded: {type(e).__name__}: {e}"
-            problem, damage = self.agreed_verdict(problem, damage)
-            if damage is not None:  # known to rank 0's pruning too, which checks sizes only
-                ckpt.remember_damage(folder, damage)
+                problem, _ = self.agreed_verdict(problem, None)  # a rank that could not load it: the one before
             if problem is not None:
                 self.log.warning("resume: %s; falling back to the checkpoint before it", problem)
                 problems.append(problem)
@@ -1155,8 +1157,8 @@ class Trainer:
     def agreed_verdict(self, problem: str | None, damage: str | None) -> tuple[str | None, str | None]:
         """One verdict on a checkpoint for every rank (the first rank's problem, and its damage by the manifest): each
         rank hashes and loads only the files it reads, so one rank alone may find its own file damaged, and the ranks
-        would resume from different steps (a hang or a silent divergence). A collective: every rank calls it for each
-        checkpoint it looks at, in the same order."""
+        would resume from different steps (a hang or a silent divergence). A collective: every rank calls it at the
+        same points for each checkpoint it looks at (once its files are checked, once it is loaded)."""
         if self.acc.num_processes == 1:
             return problem, damage
         verdicts = gather_object([(problem, damage)])
