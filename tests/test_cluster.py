@@ -234,6 +234,7 @@ def test_ranks_resume_from_one_checkpoint_when_one_rank_finds_its_own_file_damag
     proc = torchrun(job, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("rng_1.pt does not match its SHA-256 in the manifest (damaged); falling back") == 2
+    assert proc.stderr.count("resume: rank 1: ") == 2  # every rank names the rank that found it
     assert "step_000002 (step 2)" in proc.stderr and "step_000004 (step 4)" not in proc.stderr  # rank 0's log
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["stages"]["pretrain"]["steps"] == 8
 

@@ -439,7 +439,10 @@ class Trainer:
             return 0, 0
         problems = []
         for folder in reversed(ckpt.step_dirs(self.dir)):
-            damage = problem = ckpt.verify(folder, rank=self.acc.process_index)  # the files this rank reads
+            try:
+                damage = problem = ckpt.verify(folder, rank=self.acc.process_index)  # the files this rank reads
+            except OSError as e:  # one rank's read error must reach the verdict every rank waits in
+                damage, problem = None, f"{folder} could not be read: {type(e).__name__}: {e}"
             if problem is None:
                 try:
                     written = json.loads((folder / "trainer_state.json").read_text())
@@ -1163,7 +1166,7 @@ class Trainer:
             return problem, damage
         verdicts = gather_object([(problem, damage)])
         return (
-            next((p for p, _ in verdicts if p is not None), None),
+            next((f"rank {i}: {p}" for i, (p, _) in enumerate(verdicts) if p is not None), None),
             next((d for _, d in verdicts if d is not None), None),
         )
 
