@@ -127,11 +127,6 @@ def image_key(image: str | Path, root: Path) -> str:
     return Path(os.path.relpath(Path(image).resolve(), root)).as_posix()
 
 
-def image_stamps(images: Iterable[str | Path]) -> dict[Path, Stamp | None]:
-    """Each image's stamp (``file_stamp``: size and modification time) by its resolved path."""
-    return {Path(p).resolve(): file_stamp(p) for p in images}
-
-
 def _stamp_changed(stored: np.ndarray, image: str | Path) -> bool:
     """Whether an image's stamp now differs from the one stored when it was labelled; an image that cannot be stat'ed
     now is left to its own read (a missing image is bad data, per ``data.on_error``), one not stat'ed then to trust."""
@@ -144,28 +139,28 @@ def write_labels(
     path: str | Path,
     labels: LabelSet,
     provenance: dict[str, Any] | None = None,
-    stamps: Mapping[Path, Stamp | None] | None = None,
+    stamps: Mapping[str, Stamp | None] | None = None,
 ) -> Path:
     """Write a labels file atomically (a temporary name, then a rename), candidates sorted by score; ``provenance``
-    (``{knobs, inputs}``, see :func:`make_labels`) goes into its metadata. ``stamps``: each image's (resolved path)
-    stamp taken before the source read it (:func:`image_stamps`; a pass can take hours, and an image regenerated
-    during it keeps labels of the picture it showed before); where not given, the images are stat'ed now."""
+    (``{knobs, inputs}``, see :func:`make_labels`) goes into its metadata. ``stamps``: each image's stamp by its key
+    in the file, taken before the source read it (:func:`label_inputs`; a pass can take hours, and an image
+    regenerated during it keeps labels of the picture it showed before); where not given, the images are stat'ed now."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     ids, scores = sorted_candidates(labels.word_ids, labels.scores)
     root = path.parent.resolve()
+    keys = [image_key(p, root) for p in labels.images]
     meta = {
         "version": VERSION,
         "source": labels.source,
         "grid": list(labels.grid),
         "words": labels.words,
-        "images": [image_key(p, root) for p in labels.images],
+        "images": keys,
         "info": labels.info,
         KEY: provenance,
     }
-    taken = stamps if stamps is not None else image_stamps(labels.images)
-    rows = [taken.get(Path(p).resolve()) or (-1, -1) for p in labels.images]
-    stamps_array = np.array(rows, dtype=np.int64).reshape(-1, 2)
+    taken = stamps if stamps is not None else dict(zip(keys, map(file_stamp, labels.images), strict=True))
+    stamps_array = np.array([taken.get(key) or (-1, -1) for key in keys], dtype=np.int64).reshape(-1, 2)
     tensors = {"words": np.ascontiguousarray(ids), "scores": np.ascontiguousarray(scores), "stamps": stamps_array}
 
     def save(tmp: Path) -> None:
@@ -640,28 +635,25 @@ def label_knobs(source: str, k: int, arguments: dict[str, Any]) -> dict[str, Any
 
 def label_inputs(
     path: Path, data: Sequence[str | Path], arguments: dict[str, Any]
-) -> tuple[dict[str, str], dict[Path, Stamp | None]]:
+) -> tuple[dict[str, str], dict[str, Stamp | None]]:
     """Digests of what the labels are made from: the data files' bytes, the images (their keys in the file, sizes
     and modification times), the annotations' bytes and the encoder, where the source reads them; and each image's
-    stamp, which the file keeps (taken here, before the source reads any image)."""
+    stamp by its key in the file, which the file keeps (taken here, before the source reads any image)."""
     images = sorted({p for _, paths in record_images(data, arguments.get("image_root")) for p in paths})
     root = path.parent.resolve()
-    taken = image_stamps(images)
     keys = [image_key(p, root) for p in images]
-    inputs = {
-        "data": files_digest(data),
-        "images": stamps_digest(images, keys, [taken[Path(p).resolve()] for p in images]),
-    }
+    taken = [file_stamp(p) for p in images]
+    inputs = {"data": files_digest(data), "images": stamps_digest(images, keys, taken)}
     if "annotations" in arguments:
         inputs["annotations"] = file_digest(annotations_file(data, arguments["annotations"]))
     if "model" in arguments:
         inputs["model"] = encoder_identity(arguments["model"])
-    return inputs, taken
+    return inputs, dict(zip(keys, taken, strict=True))
 
 
 def label_provenance(
     out: Path, source: str, data: Sequence[str | Path], k: int, knobs: dict[str, Any]
-) -> tuple[dict[str, Any], dict[str, Any], dict[Path, Stamp | None]]:
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Stamp | None]]:
     """The source's arguments, the ``{knobs, inputs}`` labels made from them record and the images' stamps; refuses a
     request that cannot make labels."""
     if not data:
