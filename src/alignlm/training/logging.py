@@ -158,17 +158,27 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     lines = [(n, line) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
     rows = []
     for n, line in lines:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            row = None
-        if isinstance(row, dict):
+        row = _row(line)
+        if row is not None:
             rows.append(row)
-        elif n == lines[-1][0]:
-            logging.getLogger("alignlm").warning("%s:%d: the last row was cut short (%r); left out", path, n, line[:80])
         else:
-            logging.getLogger("alignlm").warning("%s:%d: not a JSON object (%r); left out", path, n, line[:80])
+            _left_out(path, n, line, "the last row was cut short" if n == lines[-1][0] else "not a JSON object")
     return rows
+
+
+def _row(line: str | bytes) -> dict[str, Any] | None:
+    """A line of ``metrics.jsonl`` as its row, or None where it is not a JSON object (cut short, damaged, not UTF-8)."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) else None
+
+
+def _left_out(path: Path, number: int, line: str | bytes, why: str) -> None:
+    """Warn of a row left out, naming the file, the line and why."""
+    text = line.decode(errors="replace") if isinstance(line, bytes) else line
+    logging.getLogger("alignlm").warning("%s:%d: %s (%r); left out", path, number, why, text[:80])
 
 
 def _drop_rows_after(path: Path, step: int) -> None:
@@ -185,17 +195,12 @@ def _drop_rows_after(path: Path, step: int) -> None:
         for offset, line in _lines_backwards(f, end):
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
-            except ValueError:  # not JSON, or not UTF-8
-                row = None
-            if not isinstance(row, dict):
+            row = _row(line)
+            if row is None:
                 number = _line_number(f, offset)
                 if not last or b"\r" in line.rstrip(b"\r"):  # damage, or rows that carriage returns alone separate
                     raise ValueError(f"{path}:{number}: not a JSON object ({line[:80]!r}); mend or delete that line")
-                logging.getLogger("alignlm").warning(
-                    "%s:%d: the last row was cut short (%r); left out", path, number, line[:80].decode(errors="replace")
-                )
+                _left_out(path, number, line, "the last row was cut short")
             elif row.get("step", 0) <= step:
                 keep = offset + len(line) + 1  # through its line break
                 break
