@@ -239,6 +239,21 @@ def test_ranks_resume_from_one_checkpoint_when_one_rank_finds_its_own_file_damag
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["stages"]["pretrain"]["steps"] == 8
 
 
+def test_ranks_fall_back_together_when_one_rank_cannot_read_a_checkpoint_file(colour_set, tmp_path):
+    """Under FSDP2 loading weights takes collectives: rank 1 alone failed to read the newest checkpoint's weights (an
+    I/O error its manifest could not foresee) while rank 0 went on loading them, and the ranks waited in different
+    collectives until the timeout. Every rank reads first and the ranks agree: both resume from the one before."""
+    job = base(colour_set, tmp_path, "launcher=fsdp2", "stages.pretrain.save_every=2", "run_name=r")
+    # the fault from the start (a resume compares a hook's settings); the first run reads no checkpoint
+    job += [*fault("unreadable", 0), "+stages.pretrain.data.hooks.fault.file=step_000004/trainable.safetensors"]
+    assert torchrun([*job, "distributed.timeout_s=60", "stop_after_steps=4"]).returncode != 0  # stopped (75 each)
+    proc = torchrun([*job, "distributed.timeout_s=60"], timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("resume: rank 1: ") == 2 and "Input/output error" in proc.stderr
+    assert "step_000002 (step 2)" in proc.stderr and "step_000004 (step 4)" not in proc.stderr
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["stages"]["pretrain"]["steps"] == 8
+
+
 def test_a_stop_file_stops_cleanly_once_and_is_consumed(colour_set, tmp_path):
     from alignlm.training.trainer import StopTraining
 

@@ -24,6 +24,7 @@ import re
 import shutil
 import time
 from collections.abc import Collection, Container, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,7 @@ STEP_PREFIX = "step_"
 SET_ASIDE_PREFIX = "before-"  # resume=never: an earlier run's outputs of a stage, in ``<stage>/before-<time>/``
 MANIFEST = "manifest.json"
 OBJECTIVES_FILE = "objectives.safetensors"  # persistent objective state (a learned temperature), by config key
-SCALER_FILE = "scaler.pt"  # fp16's loss scaler: its scale and growth count (:func:`load_scaler`)
+SCALER_FILE = "scaler.pt"  # fp16's loss scaler: its scale and growth count (:func:`apply_training_state`)
 TRAINED_FROM = "trained_from.json"  # in final/: the stage's recipe as it finished (:func:`trained_from`)
 CONTENTS = " contents"  # suffix of a recipe key holding the bytes' digest of the file its config key names
 START = " weights"  # suffix of the trained_from key identifying the weights a stage started from (init_from)
@@ -316,47 +317,87 @@ def final_intact(final: Path) -> str | None:
     return verify(final, digests=False)
 
 
-def load_training_state(
-    ckpt_dir: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    rank: int,
-    objectives: nn.Module | None = None,
-) -> list[str]:
-    """Restore weights, objective state, optimizer, scheduler and this rank's RNG (the trainer state, which says
-    whether this checkpoint may be resumed at all, is read and checked before: :func:`resume_changes`). Returns the
-    buffers of the trained parts (:func:`trained_buffers`) the checkpoint does not hold: written before step
-    checkpoints held them, they keep their values at the stage's start (the caller warns)."""
-    weights = load_file(str(ckpt_dir / "trainable.safetensors"))
-    sharding.load_weights(model, weights)
+@dataclass
+class TrainingState:
+    """A step checkpoint as one rank read it (:func:`read_training_state`), none of it applied yet. Reading is where a
+    rank alone can fail (its own files, its node's disk), and applying takes collectives under FSDP2 and ZeRO-3 (each
+    sharded parameter gathered or scattered), which a rank that failed would never enter: so the ranks agree on their
+    readings before any applies them (the trainer's verdict)."""
+
+    folder: Path
+    weights: dict[str, torch.Tensor]
+    objectives: dict[str, torch.Tensor] | None  # None: this stage's objectives hold no state
+    optimizer: dict[str, Any]
+    partition: bool  # ``optimizer`` is this rank's ZeRO partition, not the whole state
+    scheduler: dict[str, Any]
+    rng: dict[str, Any] | None  # None: the checkpoint holds no random state of this rank
+    scaler: dict[str, Any] | None  # None: no fp16 loss scaler saved
+
+
+def read_training_state(ckpt_dir: Path, rank: int, objectives: nn.Module | None = None) -> TrainingState:
+    """Read what rank ``rank`` restores from a step checkpoint (the trainer state, which says whether it may be resumed
+    at all, is read and checked before: :func:`resume_changes`); raises if a file is missing or cannot be read."""
+    objective_state = None
     if objectives is not None and objectives.state_dict():
         if not (ckpt_dir / OBJECTIVES_FILE).exists():
             raise FileNotFoundError(
                 f"{ckpt_dir} has no {OBJECTIVES_FILE}, but this stage's objectives have state to resume "
                 "(was the checkpoint written with other objectives?)"
             )
-        sharding.load_weights(objectives, load_file(str(ckpt_dir / OBJECTIVES_FILE)))
+        objective_state = load_file(str(ckpt_dir / OBJECTIVES_FILE))
     partition = ckpt_dir / zero_optimizer_file(rank)
-    if partition.exists():  # written under DeepSpeed ZeRO: this rank's partition
-        zero.load_optimizer(optimizer, _load_state(partition))
+    rng_file, scaler_file = ckpt_dir / f"rng_{rank}.pt", ckpt_dir / SCALER_FILE
+    return TrainingState(
+        ckpt_dir,
+        load_file(str(ckpt_dir / "trainable.safetensors")),
+        objective_state,
+        _load_state(partition if partition.exists() else ckpt_dir / "optimizer.pt"),
+        partition.exists(),  # written under DeepSpeed ZeRO: one partition per rank
+        torch.load(ckpt_dir / "scheduler.pt", weights_only=True),
+        torch.load(rng_file, weights_only=True) if rng_file.exists() else None,
+        torch.load(scaler_file, weights_only=True) if scaler_file.exists() else None,
+    )
+
+
+def apply_training_state(
+    state: TrainingState,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    rank: int,
+    objectives: nn.Module | None = None,
+    scaler: Any = None,
+) -> tuple[list[str], bool]:
+    """Restore weights, objective state, optimizer, scheduler, this rank's RNG and fp16's loss ``scaler`` from what
+    :func:`read_training_state` read (collectives under FSDP2 and ZeRO-3: every rank applies). Returns the buffers of
+    the trained parts (:func:`trained_buffers`) the checkpoint does not hold (written before step checkpoints held
+    them, they keep their values at the stage's start), and whether the scaler was restored (False when the
+    checkpoint holds none: written before the scaler was saved, or without fp16; a fresh one starts high, 2**16, and
+    backs off by skipping the steps whose gradients overflow). The caller warns of both."""
+    sharding.load_weights(model, state.weights)
+    if state.objectives is not None and objectives is not None:
+        sharding.load_weights(objectives, state.objectives)
+    if state.partition:
+        zero.load_optimizer(optimizer, state.optimizer)
     else:
-        optimizer_file = _load_state(ckpt_dir / "optimizer.pt")
-        sharding.load_optimizer_state(sharding.optimizer_owner(model, objectives), optimizer, optimizer_file)
+        sharding.load_optimizer_state(sharding.optimizer_owner(model, objectives), optimizer, state.optimizer)
     keep_kernels(optimizer)
-    scheduler.load_state_dict(torch.load(ckpt_dir / "scheduler.pt", weights_only=True))
-    rng_file = ckpt_dir / f"rng_{rank}.pt"
-    if rng_file.exists():
-        set_rng_state(torch.load(rng_file, weights_only=True))
+    scheduler.load_state_dict(state.scheduler)
+    if state.rng is not None:
+        set_rng_state(state.rng)
     else:  # a rank the checkpoint's run did not have (resume_allow_changes), or a file gone from one without a manifest
         logging.getLogger("alignlm").warning(
-            "rank %d: %s holds no random state of this rank (%s): its dropout and other random draws go on from this "
-            "run's seed, not as an uninterrupted run's would",
+            "rank %d: %s holds no random state of this rank (rng_%d.pt): its dropout and other random draws go on from "
+            "this run's seed, not as an uninterrupted run's would",
             rank,
-            ckpt_dir,
-            rng_file.name,
+            state.folder,
+            rank,
         )
-    return [n for n in trained_buffers(model) if n not in weights]
+    scaled = scaler is None or state.scaler is not None
+    if scaler is not None and state.scaler is not None:  # its scale and growth count; this run's growth settings
+        saved = {k: state.scaler[k] for k in ("scale", "_growth_tracker")}
+        scaler.load_state_dict({**scaler.state_dict(), **saved})
+    return [n for n in trained_buffers(model) if n not in state.weights], scaled
 
 
 def _load_state(path: Path) -> Any:
@@ -388,21 +429,6 @@ def keep_kernels(optimizer: Any) -> None:
             state = inner.state.get(param, {})
             if torch.is_tensor(state.get("step")):
                 state["step"] = state["step"].to(dtype=torch.float32, device=param.device)
-
-
-def load_scaler(ckpt_dir: Path, scaler: Any) -> bool:
-    """Restore fp16's loss scaler (``torch.amp.GradScaler``) from a step checkpoint: its scale and growth count, this
-    run's growth and back-off settings kept. A fresh scaler starts high (2**16) and backs off by skipping steps whose
-    gradients overflow, so a resume without it skipped steps the uninterrupted run took. False when the checkpoint
-    holds none (written before the scaler was saved, or without fp16): the scaler starts afresh, as it did then."""
-    path = ckpt_dir / SCALER_FILE
-    if not path.exists():
-        return False
-    saved = torch.load(path, weights_only=True)
-    scaler.load_state_dict(
-        {**scaler.state_dict(), "scale": saved["scale"], "_growth_tracker": saved["_growth_tracker"]}
-    )
-    return True
 
 
 # Stage keys a resumed run may change without changing what it computes: when and how checkpoints are kept, how the
@@ -805,7 +831,7 @@ def resume_changes(
     this run; ``inert``: the tensors this run's model keeps frozen because its output never depends on them (what
     ``apply_stage`` returned), which a checkpoint of an earlier alignlm trained; ``buffers``: this run's trained
     buffers (:func:`trained_buffers`), of which a checkpoint written before step checkpoints held them has none (it
-    resumes, :func:`load_training_state` names them). Returns what changed, ``{key: (theirs, ours)}``.
+    resumes, :func:`apply_training_state` names them). Returns what changed, ``{key: (theirs, ours)}``.
 
     The start is compared because a step checkpoint holds only what the stage changes: a frozen part (and DPO's
     reference model) comes from ``init_from`` as it is now, so an earlier stage retrained since would have gone on

@@ -464,18 +464,26 @@ class Trainer:
                         f"{written['step']}: a resume there would train nothing and record steps it did not take; "
                         "raise max_steps, or rerun with resume=never to start the stage over"
                     )
+                try:  # every file this rank restores read first: a rank alone may fail here
+                    state = ckpt.read_training_state(folder, self.acc.process_index, self.objective_modules)
+                except Exception as e:  # a damaged file the manifest could not vouch for: try the one before
+                    problem = f"{folder} could not be read: {type(e).__name__}: {e}"
+                # before applying, whose collectives (FSDP2, ZeRO-3) a rank that failed to read would never enter
+                problem, _ = self.agreed_verdict(problem, None)
+            if problem is None:
                 try:
-                    unsaved = ckpt.load_training_state(
-                        folder,
+                    unsaved, scaled = ckpt.apply_training_state(
+                        state,
                         self.core(),
                         self.optimizer,
                         self.scheduler,
                         self.acc.process_index,
                         self.objective_modules,
+                        self.acc.scaler,
                     )
-                    scaled = self.acc.scaler is None or ckpt.load_scaler(folder, self.acc.scaler)
-                except Exception as e:  # a damaged file the manifest could not vouch for: try the one before
+                except Exception as e:  # read, but not of this model's shapes or state: try the one before
                     problem = f"{folder} could not be loaded: {type(e).__name__}: {e}"
+                del state  # its weights not held while the checkpoint before is read
                 problem, _ = self.agreed_verdict(problem, None)  # a rank that could not load it: the one before
             if problem is not None:
                 self.log.warning("resume: %s; falling back to the checkpoint before it", problem)
