@@ -1050,7 +1050,6 @@ class Trainer:
         stop_at = min(
             self.total_steps, self.start_step + (self.total_steps if self.steps_left is None else self.steps_left)
         )
-        losses: list[float] = []
         meter = self.meter = Meter(earlier=self.steady_before)
         self.clock = meter.start
         pending: list[StepLog] = []
@@ -1075,8 +1074,6 @@ class Trainer:
                 if memory is not None:
                     row["memory/peak_gib"] = memory
                 row.update(monitored.pop(step, {}))
-                if row["loss/total"] is not None:
-                    losses.append(row["loss/total"])
                 metrics.log(row, step)
             if rows:
                 loss = rows[-1][1]["loss/total"]
@@ -1123,8 +1120,11 @@ class Trainer:
                 self.stop.served(acc)
             raise StopTraining(f"stopped after step {stop_at} of {self.total_steps} ({why}); rerun to resume")
         # the whole stage, every resumed segment included: the main process reads its log and every rank learns it
+        # (steps trained, first and last loss); the other ranks had kept every step's loss for it
         trained = self.logged_losses() if acc.is_main_process else []
-        if not gather_object([len(trained) if acc.is_main_process else None])[0]:
+        span = (len(trained), trained[0], trained[-1]) if trained else (0, None, None)
+        count, first, last = gather_object([span if acc.is_main_process else None])[0]
+        if not count:
             why = (  # a short stage of only non-finite steps had been told as one of bad data
                 f"every step's loss or gradient was not finite (steps {self.nonfinite}). {self.nonfinite_advice()}"
                 if self.nonfinite
@@ -1144,13 +1144,12 @@ class Trainer:
                 self.report.left_out,
                 "; ".join(self.report.lines()),
             )
-        trained = trained or losses  # ranks other than the main one report nothing the summary keeps
         return StageResult(
             self.name,
             final,
-            len(trained),
-            trained[0],
-            trained[-1],
+            count,
+            first,
+            last,
             self.segment_seconds + time.perf_counter() - meter.start,
             sps,
             tps,
