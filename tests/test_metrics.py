@@ -521,7 +521,8 @@ def test_suite_refuses_a_topk_that_makes_knn_metrics_trivial():
 
 def test_the_suite_clamps_each_feature_set_once_and_gives_each_metrics_own_value(monkeypatch):
     """Every clamping metric had clamped both sets itself (a sort of every entry, 11.8 s a time for 20k x 4096 features
-    on one CPU thread, 8 times per pair); the suite clamps them once and passes them on, to the same numbers."""
+    on one CPU thread, 8 times per pair); the suite clamps them once and passes them on, to the same numbers. Each
+    list metric (cycle, LCS, edit distance) had ranked both sets' neighbours itself: the suite ranks them once."""
     from alignlm.geometry import suite
 
     A, B = related_pair(seed=9)
@@ -531,8 +532,10 @@ def test_the_suite_clamps_each_feature_set_once_and_gives_each_metrics_own_value
     calls = []
     prepare = M.prepare_features
     monkeypatch.setattr(M, "prepare_features", lambda x, *a, **k: calls.append(x.shape) or prepare(x, *a, **k))
+    ranked, knn = [], M._knn
+    monkeypatch.setattr(M, "_knn", lambda x, topk: ranked.append(x.shape) or knn(x, topk))
     together = suite.pair_metrics(A, B, names, topk=10)
-    assert together == alone and len(calls) == 2
+    assert together == alone and len(calls) == 2 and len(ranked) == 2
     B[7, 2] = float("nan")
     with pytest.raises(ValueError, match="^B has 1 non-finite"):  # which set, as each metric named it
         suite.pair_metrics(A, B, ["cka"])

@@ -274,9 +274,10 @@ def _block_memberships(x: Tensor, norms: Tensor, rows: slice, topk: int) -> Tens
     return _memberships(sim, kth, share, tolerance)
 
 
-def _knn_pair(A: Tensor, B: Tensor, topk: int, preprocess: bool) -> tuple[Tensor, Tensor]:
-    """Both sides' ranked neighbour lists, for the metrics that read lists (cycle, LCS, edit distance). They have
-    no order-free form as simple as the memberships: under exact ties (repeated captions, duplicate images) these
+def knn_lists(A: Tensor, B: Tensor, topk: int = 10, preprocess: bool = True) -> tuple[Tensor, Tensor]:
+    """Both sides' ranked neighbour lists [n, topk], which the list metrics score (:data:`LIST_SCORES`: cycle, LCS,
+    edit distance; a caller computing several computes them once, each an n x n similarity per side). They have no
+    order-free form as simple as the memberships: under exact ties (repeated captions, duplicate images) these
     metrics depend on item order, as ``_knn`` breaks ties by index."""
     a, b = _prepared_pair(A, B, preprocess)
     return _knn(a, topk), _knn(b, topk)
@@ -309,8 +310,13 @@ def mutual_knn(A: Tensor, B: Tensor, topk: int = 10, preprocess: bool = True) ->
 def cycle_knn(A: Tensor, B: Tensor, topk: int = 10, preprocess: bool = True) -> float:
     """Platonic Representation (Huh et al. 2024): fraction of items i that some B-neighbour j of i has
     among its A-neighbours, i.e. the walk i -> kNN_B -> kNN_A can return to i. Under exact ties it depends on
-    item order (``_knn_pair``)."""
-    knn_a, knn_b = _knn_pair(A, B, topk, preprocess)
+    item order (:func:`knn_lists`)."""
+    return cycle_score(*knn_lists(A, B, topk, preprocess))
+
+
+def cycle_score(knn_a: Tensor, knn_b: Tensor) -> float:
+    """:func:`cycle_knn` of the two sides' ranked lists (:func:`knn_lists`)."""
+    topk = knn_a.shape[1]
     items = torch.arange(knn_a.shape[0], device=knn_a.device)
     returns = torch.cat(
         [  # knn_a[knn_b[i]]: the A-neighbours of each of i's B-neighbours, [rows, k, k]
@@ -356,17 +362,33 @@ def lcs_knn(A: Tensor, B: Tensor, topk: int = 10, preprocess: bool = True) -> fl
     neighbour lists, divided by k, so that neighbour order counts, not only membership.
 
     The reference returns the raw mean length (k times this value); dividing by k puts it on the same
-    [0, 1] scale as the other kNN metrics. Under exact ties it depends on item order (``_knn_pair``).
+    [0, 1] scale as the other kNN metrics. Under exact ties it depends on item order (:func:`knn_lists`).
     """
-    knn_a, knn_b = _knn_pair(A, B, topk, preprocess)
-    return (_lcs_lengths(knn_a, knn_b).to(torch.float64) / topk).mean().item()
+    return lcs_score(*knn_lists(A, B, topk, preprocess))
+
+
+def lcs_score(knn_a: Tensor, knn_b: Tensor) -> float:
+    """:func:`lcs_knn` of the two sides' ranked lists (:func:`knn_lists`)."""
+    return (_lcs_lengths(knn_a, knn_b).to(torch.float64) / knn_a.shape[1]).mean().item()
 
 
 def edit_distance_knn(A: Tensor, B: Tensor, topk: int = 10, preprocess: bool = True) -> float:
     """Platonic Representation (Huh et al. 2024): 1 - mean edit distance of the ranked neighbour lists / k.
-    Under exact ties it depends on item order (``_knn_pair``)."""
-    knn_a, knn_b = _knn_pair(A, B, topk, preprocess)
-    return 1.0 - (_edit_distances(knn_a, knn_b).to(torch.float64) / topk).mean().item()
+    Under exact ties it depends on item order (:func:`knn_lists`)."""
+    return edit_distance_score(*knn_lists(A, B, topk, preprocess))
+
+
+def edit_distance_score(knn_a: Tensor, knn_b: Tensor) -> float:
+    """:func:`edit_distance_knn` of the two sides' ranked lists (:func:`knn_lists`)."""
+    return 1.0 - (_edit_distances(knn_a, knn_b).to(torch.float64) / knn_a.shape[1]).mean().item()
+
+
+# the metrics scoring ranked neighbour lists, by name: what each scores, given both sides' lists (:func:`knn_lists`)
+LIST_SCORES: dict[str, Callable[[Tensor, Tensor], float]] = {
+    "cycle_knn": cycle_score,
+    "lcs_knn": lcs_score,
+    "edit_distance_knn": edit_distance_score,
+}
 
 
 # ------------------------------------------------------------------------------------- kernel metrics

@@ -124,6 +124,7 @@ def pair_metrics(
         )
     out: dict[str, float] = {}
     prepared: tuple[Tensor, Tensor] | None = None  # both sets clamped once for every metric that clamps
+    lists: tuple[Tensor, Tensor] | None = None  # both sets' ranked neighbour lists, once for the list metrics
     for name in names:
         if name not in ALL_METRICS:
             out.update(_measure_own(name, A, B, topk, preprocess))
@@ -143,7 +144,10 @@ def pair_metrics(
         if prepared is None:
             prepared = (M.prepare_features(A, name="A"), M.prepare_features(B, name="B")) if preprocess else (A, B)
         a, b = prepared
-        if name in KNN_METRICS:
+        if name in M.LIST_SCORES:  # each had ranked both sets' neighbours itself: an n x n similarity per set
+            lists = lists or M.knn_lists(a, b, topk, preprocess=False)
+            out[name] = M.LIST_SCORES[name](*lists)
+        elif name in KNN_METRICS:
             out[name] = fn(a, b, topk=topk, preprocess=False)
         elif name == "svcca":
             out[name] = fn(a, b, cca_dim=min(10, n - 2, A.shape[1], B.shape[1]), preprocess=False)
