@@ -100,6 +100,29 @@ def test_a_checkpoint_without_this_ranks_random_state_is_resumed_with_a_warning(
     assert f"rank 0: {step} holds no random state of this rank (rng_0.pt)" in alignlm_log.text
 
 
+def test_a_checkpoint_that_recorded_no_settings_is_refused_unless_changes_are_allowed(
+    colour_set, tmp_path, alignlm_log
+):
+    """A step checkpoint of an alignlm from before they recorded their settings (no ``recipe`` in its trainer state)
+    was resumed as if its settings were this run's: nothing could differ, and the stage went on along another data
+    order and settings without a word. It is refused, saying how to go on; allowed, the warning says so."""
+    base = pretrain(colour_set, tmp_path)
+    stopped(base, 2)
+    step = ckpt.step_dirs(tmp_path / "t" / "pretrain")[-1]
+    state = json.loads((step / "trainer_state.json").read_text())
+    del state["recipe"]
+    (step / "trainer_state.json").write_text(json.dumps(state))
+    (step / ckpt.MANIFEST).unlink()
+    ckpt.write_manifest(step)
+    with pytest.raises(ValueError, match="from before step checkpoints recorded the settings they were trained with"):
+        run(compose(*base))
+    run(compose(*base, "resume_allow_changes=true"))
+    assert "continuing with this run's settings and files (the stage's settings: not recorded -> this run's" in (
+        alignlm_log.text
+    )
+    assert json.loads((tmp_path / "t" / "summary.json").read_text())["stages"]["pretrain"]["steps"] == 3
+
+
 def test_a_sharded_step_checkpoint_holds_the_trained_buffers_too(colour_set, tmp_path):
     """Under fsdp2 the checkpoint's weights come from the gathered whole state (``sharding.full_state``): the buffers
     of a tower trained fully are there, as the steps left them."""

@@ -62,6 +62,8 @@ START = " weights"  # suffix of the trained_from key identifying the weights a s
 # in a step checkpoint's recipe: the model settings it was written with (a final/ holds them in its config.yaml),
 # compared apart from the recipe as a final/'s are (model_setting_changes)
 MODEL_SETTINGS = "model"
+# what a resume allowed to change names when the checkpoint recorded no settings (written before they were recorded)
+UNRECORDED = "the stage's settings"
 LOADED = " files"  # suffix of a changed key naming the files a model config's key loads (model_file_diff)
 IDENTIFIED = (CONTENTS, START)  # keys compared by what identifies the bytes, never by the path that named them
 WEIGHT_SUFFIXES = (".safetensors", ".bin")  # weights files of a final/ or a transformers Llava folder
@@ -864,6 +866,16 @@ def resume_changes(
             f"{strategy}: their optimizer states differ in layout; resume with the same strategy"
         )
     changed = {k: (written[k], ours[k]) for k in ("world", "global_batch") if k in written and written[k] != ours[k]}
+    if "recipe" not in written:  # nothing to compare this run's settings with: it had resumed as if they were its own
+        if not allow:
+            raise ValueError(
+                f"{folder} was written by an alignlm from before step checkpoints recorded the settings they were "
+                "trained with, so whether this run's settings, data order and files are its own cannot be checked: "
+                "a resume would go on along another trajectory, unsaid. Finish the stage with the alignlm version "
+                "that wrote it, start it over with resume=never (its checkpoints are set aside, not deleted), or set "
+                "resume_allow_changes=true to continue with this run's settings"
+            )
+        changed[UNRECORDED] = ("not recorded", "this run's")
     theirs_recipe = dict(written.get("recipe", ours["recipe"]))
     ours_recipe = dict(ours["recipe"])
     their_model, their_files = theirs_recipe.pop(MODEL_SETTINGS, None), theirs_recipe.pop(MODEL_FILES, None)
