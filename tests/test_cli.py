@@ -436,6 +436,27 @@ def test_export_says_it_takes_a_final_folder_and_where_one_is(tmp_path, capsys):
         (["+exp=demo", "seed=0", "-m"], "alignlm: -m/--multirun asks for a Hydra sweep, and alignlm train runs one"),
         (["--multirun"], "alignlm: -m/--multirun asks for a Hydra sweep, and alignlm train runs one configuration"),
         (["+exp=demo", "-m", "seed=0,1"], "alignlm: -m/--multirun asks for a Hydra sweep, and alignlm train runs one"),
+        # a swept config group: a list there would merge the options into one run, under the last one's run_name
+        (
+            ["+exp=sea,contrastive"],
+            "alignlm: +exp=sea,contrastive: a comma makes a Hydra sweep, and alignlm train runs one configuration: run "
+            "one command per value, each under its own run_name, e.g. for v in sea contrastive; do alignlm train "
+            "+exp=$v run_name=$v; done (a SLURM job array on a cluster)\n",
+        ),
+        # a deleted setting crashed with a traceback where it was first read, after earlier stages had trained
+        (["+exp=demo", "~seed"], "alignlm: ~seed deletes a setting alignlm reads (every key its defaults set is one"),
+        (
+            ["+exp=demo", "stages.finetune.max_steps=null", "~stages.finetune.epochs"],
+            "alignlm: ~stages.finetune.epochs deletes a setting alignlm reads (every key its defaults set is one, and a "
+            "deleted one had stopped the run where it was first read): leave it out to keep stages.finetune.epochs=1, "
+            "or set it to another value",
+        ),
+        (["+exp=demo", "~offline_datasets"], 'leave it out to keep offline_datasets=["digits", "shapes"]'),
+        # an interpolation to no key: omegaconf's three lines, exit status 1, named as a possible library bug
+        (
+            ["+exp=demo", "stages.finetune.warmup_ratio=${nope}"],
+            "alignlm: stages.finetune.warmup_ratio: Interpolation key 'nope' not found\n",
+        ),
         # a mapping of free keys: Hydra's advice stands, on one line
         (
             ["eval.generation.temperature=0.5"],
@@ -453,7 +474,7 @@ def test_export_says_it_takes_a_final_folder_and_where_one_is(tmp_path, capsys):
 def test_train_names_a_mistyped_override_or_a_stage_without_data_in_one_line(tmp_path, capsys, overrides, line):
     assert console(["train", f"output_dir={tmp_path}", *overrides]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(line) and err.count("\n") == 1, err
+    assert (err.startswith(line) if line.startswith("alignlm") else line in err) and err.count("\n") == 1, err
     assert not list(tmp_path.iterdir())
 
 
@@ -466,6 +487,28 @@ def test_train_takes_its_flags_between_the_overrides(capsys):
     assert "\nseed: 4\n" in out and "tiny" in out
     assert console(["train", "+exp=demo", "--print-config", "seed=3", "--verbose"]) == 2
     assert "unrecognized arguments: seed=3 --verbose" in capsys.readouterr().err
+
+
+def test_print_config_checks_the_config_and_a_hydra_apps_flags_point_to_it(capsys):
+    """`--print-config` printed a config the run would refuse (a deleted setting, a mistyped key) with exit status 0,
+    where a Hydra user's `--cfg job` is what they check one with; `--cfg`, `-c`, `--info` got argparse's "unrecognized
+    arguments" under the root's usage. A deleted stage is the user's to drop."""
+    assert console(["train", "+exp=demo", "~seed", "--print-config"]) == 2
+    assert capsys.readouterr().err.startswith("alignlm: ~seed deletes a setting alignlm reads")
+    assert console(["train", "+exp=demo", "~stages.finetune", "run=[pretrain]", "--print-config"]) == 0
+    assert "finetune" not in capsys.readouterr().out
+    for flags in (["--cfg", "job"], ["-c", "job", "--package", "stages.pretrain"], ["--info"]):
+        assert console(["train", "+exp=demo", *flags]) == 2
+        err = capsys.readouterr().err
+        assert (
+            err.startswith("usage: alignlm train ")
+            and (
+                f"alignlm train: error: {flags[0]} is a flag of a Hydra app; alignlm composes its config with Hydra's "
+                "compose API and runs no Hydra app: alignlm train <overrides> --print-config checks the composed config "
+                "and prints it"
+            )
+            in err
+        )
 
 
 def test_train_refuses_an_alignlm_config_dir_that_is_no_config_tree(tmp_path, monkeypatch, capsys):

@@ -22,6 +22,7 @@ from hydra._internal.utils import _locate
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import GrammarParseError, InterpolationResolutionError, InterpolationToMissingValueError
 from torch import nn
 from transformers import GenerationConfig, GenerationMixin
 
@@ -34,6 +35,7 @@ from alignlm.config import (
     composed_without,
     config_roots,
     default_keys,
+    deleted_keys,
     is_finite,
     knob_annotations,
     overridden_keys,
@@ -91,7 +93,14 @@ _NOT_GENERATION_KNOBS = ("self", "inputs", "generation_config", "kwargs")
 def check_config(cfg: DictConfig) -> None:
     """Config mistakes that would otherwise surface mid-run, each named with its key and the values allowed: unknown
     stage names, a bad resume mode, a run name that is not a plain folder name, numbers out of range."""
+    try:  # every interpolation resolved once, named by its key: a check's get() raised naming none
+        OmegaConf.to_container(cfg, resolve=True)
+    except InterpolationToMissingValueError:  # to a mandatory value (???) left unset: the checks below name it
+        pass
+    except (InterpolationResolutionError, GrammarParseError) as e:
+        raise ConfigError(f"{e.full_key}: {str(e.msg).splitlines()[0]}") from None
     known = default_keys(cfg)
+    check_deletions(cfg, known)
     try:
         check_keys("", cfg, known[""])  # `+stop_after_step=2` (meant: stop_after_steps) had trained to the end
         check_keys("model", _mapping("model", cfg.get("model")), known["model"])
@@ -459,9 +468,13 @@ def override_mistake(overrides: Sequence[str], error: HydraException) -> str:
         return sweep_advice(f"{function.group(1)}: a sweep", per_seed_draws(overrides))
     swept = _SWEEP.match(text)
     if swept is not None:
-        return sweep_advice(f"{swept.group(1)}: a comma makes a Hydra sweep", per_seed_draws(overrides)) + (
-            f"; a list is written {swept.group(2)}=[{swept.group(3)}], a text with a comma quoted: "
-            f"{swept.group(2)}='{swept.group(3)}'"
+        said, key, values = f"{swept.group(1)}: a comma makes a Hydra sweep", swept.group(2), swept.group(3)
+        group = key.lstrip("+~").split("@", 1)[0]
+        if any((root / group).is_dir() for root in config_roots()):  # a list of options would merge them into one run
+            loop = f"for v in {' '.join(values.split(','))}; do alignlm train {key}=$v run_name=$v; done"
+            return sweep_advice(said, example=loop)
+        return sweep_advice(said, per_seed_draws(overrides)) + (
+            f"; a list is written {key}=[{values}], a text with a comma quoted: {key}='{values}'"
         )
     found = _NOT_THERE.match(text)
     if found is None:
@@ -492,21 +505,23 @@ def per_seed_draws(overrides: Sequence[str]) -> bool:
     return any(o.replace(" ", "") in ("offline_dataset_seed=null", "offline_dataset_seed=~") for o in overrides)
 
 
-def sweep_advice(said: str, per_seed: bool = False) -> str:
+def sweep_advice(said: str, per_seed: bool = False, example: str = "") -> str:
     """The one line for a sweep asked of ``alignlm train`` (``-m``, ``--multirun``, ``seed=0,1``): Hydra's advice for
     ``seed=0,1``, "add --multirun to your command line", was then refused by the command line as an unknown
     argument. A run is one configuration whose checkpoints, lock and skips are its ``run_name``'s: a sweep is one
-    command per value, each with its own ``run_name`` (the same one resumed, or refused, the first value's run)."""
+    command per value, each with its own ``run_name`` (the same one resumed, or refused, the first value's run).
+    ``example``: the loop to show (a seed loop otherwise)."""
+    if example:
+        note = ""
+    elif per_seed:
+        example = "for s in 0 1 2; do alignlm train +exp=demo seed=$s run_name=demo_seed$s data_root=data/seed$s; done"
+        note = "; with offline_dataset_seed=null each seed draws its own sets, into its own data_root"
+    else:
+        example = "for s in 0 1 2; do alignlm train +exp=demo seed=$s run_name=demo_seed$s; done"
+        note = "; every seed reads one draw of the offline sets, offline_dataset_seed"
     return (
         f"{said}, and alignlm train runs one configuration: run one command per value, each under its own run_name, "
-        + (
-            "e.g. for s in 0 1 2; do alignlm train +exp=demo seed=$s run_name=demo_seed$s data_root=data/seed$s; done "
-            "(a SLURM job array on a cluster; with offline_dataset_seed=null each seed draws its own sets, into its "
-            "own data_root)"
-            if per_seed
-            else "e.g. for s in 0 1 2; do alignlm train +exp=demo seed=$s run_name=demo_seed$s; done (a SLURM job "
-            "array on a cluster; every seed reads one draw of the offline sets, offline_dataset_seed)"
-        )
+        f"e.g. {example} (a SLURM job array on a cluster{note})"
     )
 
 
@@ -811,6 +826,36 @@ def _check_stage_keys(cfg: DictConfig, known: dict[str, set[str]]) -> None:
         check_keys(key, node, known["stage"])
         check_keys(f"{key}.data", _mapping(f"{key}.data", node.get("data")), known["stage.data"])
         check_keys(f"{key}.lora", _mapping(f"{key}.lora", node.get("lora"), null=True) or {}, known["stage.lora"])
+
+
+# the places whose keys are alignlm's settings (``default_keys``), checked by name at start-up: a key deleted there
+# (``~seed``) is one alignlm reads; below them (a stage's objectives, hooks, prepare steps) entries are the user's
+SETTING_PLACES = ("", "model", "stage", "stage.data", "stage.lora")
+
+
+def check_deletions(cfg: DictConfig, known: Mapping[str, set[str]]) -> None:
+    """Refuse an override that deletes a setting (``~seed``, ``~stages.finetune.epochs``): alignlm reads every setting
+    its defaults set, and a deleted one had crashed with a traceback where it was first read, after earlier stages
+    had trained. Deleting an entry of the user's (a stage, an objective, a hook) is left alone."""
+    for key in deleted_keys(cfg):
+        parts = key.split(".")
+        if parts[0] == "stages":
+            if len(parts) < 3:  # ~stages.<name> drops a stage; ~stages drops them all, told as a setting
+                if len(parts) == 2:
+                    continue
+                place = ""
+            else:
+                place = ".".join(["stage", *parts[2:-1]])
+        else:
+            place = ".".join(parts[:-1])
+        if place in SETTING_PLACES and parts[-1] in known.get(place, set()):
+            given = OmegaConf.select(composed_without(cfg, key), key)  # what the defaults and the recipe set there
+            shown = json.dumps(plain(given)) if not isinstance(given, DictConfig) else None
+            said = f"{key}={shown}" if shown is not None and len(shown) <= 80 else f"its value ({key}=...)"
+            raise ConfigError(
+                f"~{key} deletes a setting alignlm reads (every key its defaults set is one, and a deleted one had "
+                f"stopped the run where it was first read): leave it out to keep {said}, or set it to another value"
+            )
 
 
 def check_keys(where: str, node: Mapping[str, Any], allowed: set[str]) -> None:

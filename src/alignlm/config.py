@@ -214,6 +214,14 @@ def overridden_keys(cfg: DictConfig | None) -> list[str]:
     return [_override_key(o) for o in _ROOTS[id(cfg)][2]]
 
 
+def deleted_keys(cfg: DictConfig | None) -> list[str]:
+    """The keys the overrides ``cfg`` was composed with delete (``stages.pretrain.epochs`` of
+    ``~stages.pretrain.epochs``), in their order; none for a config ``compose`` did not return."""
+    if not composed(cfg):
+        return []
+    return [_override_key(o) for o in _ROOTS[id(cfg)][2] if o.startswith("~")]
+
+
 def composed_without(cfg: DictConfig, key: str) -> DictConfig:
     """The config ``cfg``'s overrides compose without those of ``key``: what the recipe and defaults set there."""
     return compose([o for o in _ROOTS[id(cfg)][2] if _override_key(o) != key]) if composed(cfg) else cfg

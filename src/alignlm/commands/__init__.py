@@ -17,6 +17,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from omegaconf.errors import GrammarParseError, InterpolationResolutionError, MissingMandatoryValue
+
 from alignlm.config import ConfigError
 from alignlm.data.records import DataError
 
@@ -57,6 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# a Hydra app's own command-line flags (``@hydra.main``), which a user of one types out of habit
+HYDRA_APP_FLAGS = frozenset(
+    "--cfg -c --package -p --info -i --resolve --config-path -cp --config-name -cn --config-dir -cd --hydra-help "
+    "--run -r --shell-completion -sc --experimental-rerun".split()
+)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line as a function: errors propagate (tests and callers catch them; ``console`` prints them).
 
@@ -73,9 +82,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return pass_through(argv[1:])
     args, extra = parser.parse_known_args(argv)
     if extra:
+        command = commands.get(argv[0], parser)  # its usage, not the root's
+        hydra = [word for word in extra if word.split("=", 1)[0] in HYDRA_APP_FLAGS]
+        if hydra:
+            command.error(
+                f"{hydra[0]} is a flag of a Hydra app; alignlm composes its config with Hydra's compose API and runs "
+                "no Hydra app: alignlm train <overrides> --print-config checks the composed config and prints it"
+            )
         trailing = getattr(args, "trailing", None)
         if trailing is None or any(word.startswith("-") for word in extra):
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            command.error(f"unrecognized arguments: {' '.join(extra)}")
         setattr(args, trailing, [*getattr(args, trailing), *extra])
     return args.func(args)
 
@@ -84,7 +100,7 @@ def console(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``alignlm`` console script, ``python -m alignlm.commands`` and ``train.py``: ``main`` with
     a user's mistake as one line ``alignlm <command>: <message>`` on stderr and an exit status, not a traceback.
 
-    65 unusable data, 2 a usage or config mistake, 1 a file that cannot be read or written, or another ``ValueError``
+    65 unusable data, 2 a usage or config mistake (a config value that cannot be read among them), 1 a file that cannot be read or written, or another ``ValueError``
     or ``KeyError`` (its type named: it may be a library's bug), 130 Ctrl-C; any other exception is a bug and keeps
     its traceback. ``ALIGNLM_DEBUG=1`` re-raises everything, with the traceback.
     """
@@ -102,6 +118,10 @@ def console(argv: Sequence[str] | None = None) -> int:
         return _say(prog, str(e), BAD_DATA)
     except ConfigError as e:
         return _say(prog, str(e), USAGE)
+    except CONFIG_VALUE_ERRORS as e:  # ``${nope}``, ``???`` left unset: omegaconf's text, 3 lines, names the key last
+        message = (getattr(e, "msg", None) or str(e)).splitlines()[0]
+        key = getattr(e, "full_key", None)
+        return _say(prog, f"config {key}: {message}" if key else f"config: {message}", USAGE)
     except OSError as e:  # errno errors read "[Errno 2] No such file or directory: 'x'": the file first
         return _say(prog, f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e), FAILED)
     except (ValueError, KeyError) as e:
@@ -112,6 +132,8 @@ def console(argv: Sequence[str] | None = None) -> int:
 
 
 DEBUG_HINT = "ALIGNLM_DEBUG=1 shows where it was raised"
+# a config value that cannot be read: an interpolation to a missing key or of bad syntax, a mandatory value (???) unset
+CONFIG_VALUE_ERRORS = (InterpolationResolutionError, GrammarParseError, MissingMandatoryValue)
 
 
 def _say(prog: str, message: str, status: int) -> int:

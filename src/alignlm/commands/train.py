@@ -1,7 +1,7 @@
 """``alignlm train``: compose the config from Hydra overrides, then run the pipeline (or print the config).
 
 ``train`` takes Hydra overrides (``alignlm train +exp=demo stages.pretrain.max_steps=20``) and composes the config
-tree in ``configs/`` (or ``$ALIGNLM_CONFIG_DIR``); ``--print-config`` shows the result and exits. Config errors
+tree in ``configs/`` (or ``$ALIGNLM_CONFIG_DIR``); ``--print-config`` checks the result as a run would, shows it and exits. Config errors
 surface before any process is spawned. Exit status: 0 done, 75 stopped by ``stop_after_steps``, the stop signal or the
 stop file (rerun to resume), 65 unusable data, 2 a config that cannot work (an unknown key or choice, a value out of
 range) or another run of the same output_dir/run_name running, 1 a stage that diverged or trained nothing.
@@ -18,7 +18,7 @@ import sys
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
-from alignlm.checks import override_mistake, per_seed_draws, sweep_advice
+from alignlm.checks import check_config, override_mistake, per_seed_draws, sweep_advice
 from alignlm.commands import BAD_DATA, FAILED, USAGE
 from alignlm.commands.launch import cpu_processes_to_spawn, spawn_cpu_ranks
 from alignlm.config import ConfigError, compose
@@ -50,7 +50,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     except HydraException as e:  # a key or a choice that does not exist, a malformed override: one line, no trace
         print(f"alignlm: {override_mistake(args.overrides, e)}", file=sys.stderr)
         return USAGE
-    if args.print_config:
+    if args.print_config:  # a config the run would refuse is refused here too, not printed as if it were good
+        try:
+            check_config(cfg)
+        except ConfigError as e:
+            print(f"alignlm: {e}", file=sys.stderr)
+            return USAGE
         print(OmegaConf.to_yaml(cfg, resolve=True))
         return 0
     n = cpu_processes_to_spawn()
@@ -85,7 +90,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "or another run of the same output_dir/run_name running; 1 a stage that diverged or trained nothing, or a "
         "file that cannot be read. Each is one line on stderr, not a traceback.",
     )
-    p.add_argument("--print-config", action="store_true", help="print the composed config and exit")
+    p.add_argument(
+        "--print-config", action="store_true", help="check the composed config as a run would, print it and exit"
+    )
     p.add_argument("-m", "--multirun", action="store_true", help=argparse.SUPPRESS)  # refused with the way to sweep
     p.add_argument(
         "overrides", nargs="*", help="Hydra overrides, e.g. +exp=demo model=tiny stages.pretrain.max_steps=10"

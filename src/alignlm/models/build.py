@@ -30,9 +30,9 @@ def build_model(model_cfg: Mapping[str, Any]) -> AlignLM:
     under ``model.init_seed``, so a config always rebuilds the same model and a ``final/`` checkpoint
     only needs to store the parts that trained.
     """
-    for part in ("vision", "connector", "llm"):
+    for part, example in (("vision", "clip_vit_l14_336"), ("connector", "mlp2x_gelu"), ("llm", "vicuna_7b")):
         if part not in model_cfg:
-            raise ValueError(f"config model.{part} is missing; pick one, e.g. model/{part}=tiny")
+            raise ValueError(f"config model.{part} is missing; pick one, e.g. model/{part}={example}")
     with _init_stream(int(model_cfg.get("init_seed", 0))):
         return _assemble(model_cfg)
 
