@@ -92,6 +92,33 @@ def test_the_prepare_step_writes_labels_again_when_the_data_is_regenerated_under
             assert set(ids[cell].tolist()) == set(truth.word_ids[i, cell].tolist()), (image, cell)
 
 
+def test_labels_that_record_nothing_of_their_inputs_are_written_again_saying_so(shapes_root, tmp_path, caplog):
+    """A labels file written before they recorded their inputs was told as one whose annotations, data and images had
+    all changed since (an upgrade audit: labels of an older alignlm, nothing changed)."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from alignlm.methods.provenance import KEY
+    from alignlm.methods.sea.labels import META_KEY, ensure_labels
+
+    shapes = shapes_root / "shapes"
+    path, data = tmp_path / "labels.safetensors", [str(shapes / "pretrain.json")]
+    node = {"path": path, "source": "annotations", "data": data, "annotations": str(shapes / "patch_labels.json")}
+    ensure_labels(**node)
+    with safe_open(str(path), "pt") as f:
+        meta, tensors = json.loads(f.metadata()[META_KEY]), {k: f.get_tensor(k) for k in f.keys()}
+    del meta[KEY]
+    save_file(tensors, str(path), metadata={META_KEY: json.dumps(meta)})
+    with caplog.at_level("WARNING", logger="alignlm"):
+        ensure_labels(**node)
+    assert "they record nothing of what they were made from (written before they did); writing them again" in (
+        caplog.text
+    )
+    assert "changed" not in caplog.text and SeaLabels(path).provenance is not None
+
+
 def test_the_prepare_step_refuses_labels_made_with_other_knobs_naming_the_knob(shapes_root, tmp_path):
     """k, the source and a source's own choices make another variant of the labels: the step never serves the old
     file for them, and never overwrites it (it may be wanted beside the new one)."""

@@ -25,7 +25,7 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +109,14 @@ def changed_inputs(stored: Mapping[str, Any] | None, inputs: Mapping[str, str]) 
     if not stored:
         return sorted(inputs)
     return sorted(k for k in set(stored) | set(inputs) if stored.get(k) != inputs.get(k))
+
+
+def why_again(stored: Mapping[str, Any] | None, changed: Sequence[str]) -> str:
+    """Why a prepared file (labels, levels, records) is made again, for its log line: a file written before it
+    recorded its inputs had been told as one whose inputs all changed."""
+    if not stored:
+        return "they record nothing of what they were made from (written before they did)"
+    return f"what they were made from changed ({', '.join(changed)})"
 
 
 def unrecorded_fit_knobs(folder: Path) -> dict[str, Any]:

@@ -41,6 +41,7 @@ from alignlm.methods.provenance import (
     ensure_fitted_encoder,
     files_digest,
     stamps_digest,
+    why_again,
 )
 from alignlm.models.device import default_device
 from alignlm.models.encoder_fit import fit_encoder
@@ -281,12 +282,9 @@ def ensure_levels(
             stored = LevelLabels(out).provenance
             if stored is not None:
                 check_knobs(out, stored.get("knobs", {}), {"num_levels": int(num_levels)}, "aligngpt_levels")
-            changed = changed_inputs(
-                None if stored is None else stored.get("inputs"), level_inputs(data, encoder, image_root)
-            )
+            recorded = None if stored is None else stored.get("inputs")
+            changed = changed_inputs(recorded, level_inputs(data, encoder, image_root))
             if not changed:
                 return out
-            log.warning(
-                "aligngpt levels %s: what they were made from changed (%s); writing them again", out, ", ".join(changed)
-            )
+            log.warning("aligngpt levels %s: %s; writing them again", out, why_again(recorded, changed))
         return make_levels(out, data, encoder, num_levels, batch_size, image_root, device)

@@ -56,6 +56,7 @@ from alignlm.methods.provenance import (
     file_digest,
     files_digest,
     stamps_digest,
+    why_again,
 )
 from alignlm.models.device import default_device, device_problem
 from alignlm.models.encoders import DualEncoder, device_of, load_encoder
@@ -693,10 +694,9 @@ def ensure_labels(
             _, wanted, _ = label_provenance(path, source, data, k, knobs)
             if stored is not None:
                 check_knobs(path, stored.get("knobs", {}), wanted["knobs"], "sea_labels")
-            changed = changed_inputs(None if stored is None else stored.get("inputs"), wanted["inputs"])
+            recorded = None if stored is None else stored.get("inputs")
+            changed = changed_inputs(recorded, wanted["inputs"])
             if not changed:
                 return path
-            log.warning(
-                "SEA labels %s: what they were made from changed (%s); writing them again", path, ", ".join(changed)
-            )
+            log.warning("SEA labels %s: %s; writing them again", path, why_again(recorded, changed))
         return make_labels(path, source, data, k, **knobs)

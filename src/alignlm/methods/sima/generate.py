@@ -65,6 +65,7 @@ from alignlm.methods.provenance import (
     files_digest,
     stamps_digest,
     strings_digest,
+    why_again,
 )
 from alignlm.models.build import build_model
 from alignlm.models.device import default_device
@@ -331,11 +332,10 @@ def records_current(out_dir: Path, name: str, provenance: Mapping[str, Any]) -> 
         knobs = stored.get("knobs", {})
         check_knobs(records, knobs, {k: v for k, v in provenance["knobs"].items() if k in knobs}, "sima")
         unrecorded = [k for k in provenance["knobs"] if k not in knobs]
-    changed = changed_inputs(None if stored is None else stored.get("inputs"), provenance["inputs"])
+    recorded = None if stored is None else stored.get("inputs")
+    changed = changed_inputs(recorded, provenance["inputs"])
     if changed:
-        log.warning(
-            "SIMA records %s: what they were made from changed (%s); generating them again", records, ", ".join(changed)
-        )
+        log.warning("SIMA records %s: %s; generating them again", records, why_again(recorded, changed))
     elif unrecorded:
         log.warning(
             "SIMA records %s do not record the %s they were made with (written before it was): generating them again",
