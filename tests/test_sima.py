@@ -180,7 +180,10 @@ def test_sima_prepare_generates_again_from_a_retrained_model_or_a_changed_set_an
     (out / "colours.provenance.json").unlink()  # as written before SIMA recorded what its records were made from
     caplog.clear()
     prepare()
-    assert len(stub_sima) == 4 and "changed (checkpoint, data, images)" in caplog.text
+    assert (
+        len(stub_sima) == 4
+        and "they record nothing of what they were made from (written before they did)" in caplog.text
+    )
 
 
 class PlugInConnector(MLPConnector):
