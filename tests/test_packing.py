@@ -309,7 +309,7 @@ def test_layer_types_without_a_mask_here_are_refused_beside_sliding_ones():
 # ---- the vision-feature cache ------------------------------------------------------------------------------------------
 
 
-def test_feature_cache_trains_exactly_like_live_features_and_is_reused(colour_set, tmp_path):
+def test_feature_cache_trains_exactly_like_live_features_and_is_reused(colour_set, tmp_path, alignlm_log):
     from alignlm.pipeline import run
     from tests.conftest import compose, read_losses, tiny_overrides
 
@@ -337,6 +337,14 @@ def test_feature_cache_trains_exactly_like_live_features_and_is_reused(colour_se
     run(compose(*common, "run_name=again", "stages.pretrain.data.feature_cache=true"))  # same tower: nothing recomputed
     assert [p.stat().st_mtime_ns for p in (tmp_path / "feature_cache").rglob("*.safetensors")] == [stamp]
     assert not abandoned.exists() and writing.exists() and other.exists()
+    assert "other caches" not in alignlm_log.text
+    # another tower key (padded images, the pretraining crops): filled anew beside the first, which it no longer reads
+    padded = ["stages.pretrain.data.feature_cache=true", "stages.pretrain.data.image_aspect_ratio=pad"]
+    run(compose(*common, "run_name=padded", *padded))
+    assert (
+        f"so all 48 are computed into it; {tmp_path / 'feature_cache'} holds 1 other caches this stage does not read "
+        f"(another tower or settings, or an older alignlm's key: delete any no longer wanted): {folder.name}"
+    ) in alignlm_log.text
     with pytest.raises(
         ValueError, match=r"feature_cache=True caches a frozen tower.s features, but stages.pretrain.parts.vision=full"
     ):

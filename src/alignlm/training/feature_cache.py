@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 import operator
+import re
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,6 +39,9 @@ log = logging.getLogger(__name__)
 BATCH = 32  # images per tower forward while filling
 SHARD = 4096  # images per cache shard
 by_parts = operator.attrgetter("parts")
+
+
+FINGERPRINT = re.compile(r"[0-9a-f]{16}")  # a cache folder's name (:func:`tower_fingerprint`)
 
 
 def tower_fingerprint(model: AlignLM, vision_cfg: Any, aspect_ratio: str = "pad", precision: str = "no") -> str:
@@ -139,6 +143,13 @@ def fill(
     model.vision.train(was_training)
 
 
+def other_caches(root: Path, folder: Path) -> list[str]:
+    """The cache folders under ``root`` beside ``folder`` (named by a tower fingerprint, :func:`tower_fingerprint`)."""
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p != folder and p.is_dir() and FINGERPRINT.fullmatch(p.name))
+
+
 def attach_feature_cache(
     model: AlignLM,
     dataset: LlavaDataset,
@@ -185,6 +196,20 @@ def attach_feature_cache(
             len(changed),
             changed[0],
         )
+    if missing and not cache.where and acc.is_main_process:
+        others = other_caches(root, cache.folder)
+        if others:  # hours of tower passes and their disk again: say why, and what lies unread beside it
+            log.warning(
+                "feature cache: none of this stage's images are cached for its tower as it is now (%s: its config, "
+                "weights, image handling and precision), so all %d are computed into it; %s holds %d other caches this "
+                "stage does not read (another tower or settings, or an older alignlm's key: delete any no longer "
+                "wanted): %s",
+                cache.folder.name,
+                len(missing),
+                root,
+                len(others),
+                ", ".join(others[:5]) + (", ..." if len(others) > 5 else ""),
+            )
     fill(model, dataset, cache, survey, missing[acc.process_index :: acc.num_processes], acc, num_workers)
     acc.wait_for_everyone()
     cache.refresh(survey)  # the other ranks' shards
