@@ -254,6 +254,20 @@ def test_ranks_fall_back_together_when_one_rank_cannot_read_a_checkpoint_file(co
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["stages"]["pretrain"]["steps"] == 8
 
 
+def test_a_resume_that_one_rank_alone_refuses_is_refused_by_every_rank(colour_set, tmp_path):
+    """Each rank compares its own view of the stage's files with the checkpoint's: rank 1 alone, whose node holds
+    other data, refused the resume and died while rank 0 went on into the next collective (a launcher without
+    torchrun's agent left it there until the timeout). Every rank now raises the same refusal, naming the rank."""
+    job = base(colour_set, tmp_path, "stages.pretrain.save_every=2", "run_name=r", "distributed.timeout_s=60")
+    job += fault("other_data", 0)  # from the start (a resume compares a hook's settings); a fresh start compares none
+    assert torchrun([*job, "stop_after_steps=4"]).returncode != 0  # stopped (75 from each rank)
+    proc = torchrun(job, timeout=240)
+    # whichever rank exits first, torchrun ends the other: one rank's line at least, the same on each
+    refusal = f"rank 1: {tmp_path / 'r' / 'pretrain' / 'checkpoints' / 'step_000004'} was written from other files: "
+    assert proc.returncode != 0 and refusal + "stages.pretrain.data.sources[0].path" in proc.stderr, proc.stderr[-3000:]
+    assert "Connection closed" not in proc.stderr and "could not be loaded" not in proc.stderr
+
+
 def test_a_stop_file_stops_cleanly_once_and_is_consumed(colour_set, tmp_path):
     from alignlm.training.trainer import StopTraining
 

@@ -53,6 +53,7 @@ from alignlm.models.build import build_model
 from alignlm.models.device import cpu_only
 from alignlm.models.io import load_final_weights
 from alignlm.training import checkpoint as ckpt
+from alignlm.training.agreement import agreed
 from alignlm.training.determinism import deterministic, warn_only
 from alignlm.training.logging import get_logger, json_values, summary_table
 from alignlm.training.trainer import (
@@ -535,7 +536,8 @@ def check_finished_stages(cfg: DictConfig, acc: Accelerator, log: Any, settings_
     weights passed on to the next stages and the evaluation. A path spelled otherwise (relative, absolute) is no
     change. With
     ``resume_allow_changes=true`` such a stage is kept as it is, with a warning naming the changes. Every rank compares
-    the same files after the prepare steps, so every rank refuses alike (the others do not wait on the main one).
+    its own view of the files (a node's copy of the data or the starting weights may differ), and the caller makes the
+    ranks agree (:func:`~alignlm.training.agreement.agreed`): a rank that alone refused had left the others waiting.
     ``settings_only`` (before the offline sets and prepare steps): the settings alone, so that a changed setting is
     refused before a prepare step spends its hours (scoring 558k caption pairs) for a run that cannot go on. A
     path whose file is not there yet (an offline set or a prepare step's output to be written) is left to the full
@@ -625,14 +627,14 @@ def _run(cfg: DictConfig, acc: Accelerator, stop: StopRequest, readers: contextl
     if acc.is_main_process:  # before the offline sets and prepare steps: a stop now costs nothing
         for line in [*override_warnings(cfg), *prompt_changes(cfg)]:
             log.warning("%s", line)
-    check_finished_stages(cfg, acc, log, settings_only=True)  # every rank, before the prepare steps' work
+    agreed(acc, check_finished_stages, cfg, acc, log, settings_only=True)  # before the prepare steps' work
     with others_wait_for_main(acc, prepare_timeout(cfg)):
         if acc.is_main_process:
             if cfg.resume == "never":
                 set_aside_earlier_runs(cfg, run_dir)
             ensure_offline_datasets(cfg, readers)
             run_prepare_steps(cfg)
-    check_finished_stages(cfg, acc, log)  # on every rank, from the files the prepare steps left
+    agreed(acc, check_finished_stages, cfg, acc, log)  # from the files the prepare steps left
     to_train = [name for name in cfg.run if not stage_done(cfg, name)]
     if acc.is_main_process:
         for line in idle_overrides(cfg, to_train):

@@ -59,6 +59,7 @@ from alignlm.models.precision import frozen_linears, hold_in_fp32, store_weight
 from alignlm.objectives.base import Objective, check_batch, check_min_batch, check_term
 from alignlm.training import checkpoint as ckpt
 from alignlm.training import sharding, zero
+from alignlm.training.agreement import agreed
 from alignlm.training.feature_cache import attach_feature_cache
 from alignlm.training.logging import MetricsLogger, get_logger, read_rows, summary_table
 from alignlm.training.monitor import AlignmentMonitor
@@ -453,17 +454,8 @@ class Trainer:
             if damage is not None:  # known to rank 0's pruning too, which checks sizes only
                 ckpt.remember_damage(folder, damage)
             if problem is None:
-                # a checkpoint of another layout is refused before anything is loaded: it is whole, not damaged
-                refuse_config_held_state(folder, written, self.objective_modules)
-                allow = bool(self.cfg.get("resume_allow_changes"))
-                buffers = trained_buffers(self.core())
-                changed = ckpt.resume_changes(folder, written, self.run_state(), self.name, allow, self.inert, buffers)
-                if int(written["step"]) > self.total_steps:  # only with resume_allow_changes: max_steps is compared
-                    raise ConfigError(
-                        f"stages.{self.name}.max_steps={self.total_steps} ends before {folder}, at step "
-                        f"{written['step']}: a resume there would train nothing and record steps it did not take; "
-                        "raise max_steps, or rerun with resume=never to start the stage over"
-                    )
+                # each rank compares its own files (a node's copy of the data): one refusal, on every rank
+                changed = agreed(self.acc, self.resumable, folder, written)
                 try:  # every file this rank restores read first: a rank alone may fail here
                     state = ckpt.read_training_state(folder, self.acc.process_index, self.objective_modules)
                 except Exception as e:  # a damaged file the manifest could not vouch for: try the one before
@@ -526,6 +518,21 @@ class Trainer:
             f"no step checkpoint of {self.dir} can be resumed: {'; '.join(problems)}; "
             "delete them or rerun with resume=never to start the stage over"
         )
+
+    def resumable(self, folder: Path, written: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+        """What differs between a step checkpoint and this run (``ckpt.resume_changes``), or its refusal: a
+        checkpoint of another layout is refused before anything is loaded (it is whole, not damaged)."""
+        refuse_config_held_state(folder, written, self.objective_modules)
+        allow = bool(self.cfg.get("resume_allow_changes"))
+        buffers = trained_buffers(self.core())
+        changed = ckpt.resume_changes(folder, written, self.run_state(), self.name, allow, self.inert, buffers)
+        if int(written["step"]) > self.total_steps:  # only with resume_allow_changes: max_steps is compared
+            raise ConfigError(
+                f"stages.{self.name}.max_steps={self.total_steps} ends before {folder}, at step "
+                f"{written['step']}: a resume there would train nothing and record steps it did not take; "
+                "raise max_steps, or rerun with resume=never to start the stage over"
+            )
+        return changed
 
     def run_state(self) -> dict[str, Any]:
         """What a step checkpoint records of the run that wrote it, and what a resume compares with its own
