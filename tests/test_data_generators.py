@@ -7,6 +7,7 @@ import contextlib
 import json
 import re
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -277,6 +278,26 @@ def test_a_generation_killed_half_way_leaves_no_info_so_the_next_run_writes_the_
     fresh = tmp_path / "fresh"
     shapes.generate(fresh / "shapes", seed=0, **small)
     assert (tmp_path / "shapes" / "test.json").read_bytes() == (fresh / "shapes" / "test.json").read_bytes()
+
+
+def test_a_set_whose_info_a_full_disk_left_empty_is_written_again_naming_it(tmp_path, alignlm_log):
+    """info.json was written in place: a full disk left it 0 bytes, and every rerun then stopped on a JSONDecodeError
+    that named no file. It is written whole or not at all, and one that cannot be read is a set written again."""
+    small = {"shapes": {"n_train": 3, "n_test": 2, "image_size": 32}}
+    cfg = OmegaConf.create({"data_root": str(tmp_path), "offline_datasets": ["shapes"], "offline_dataset_args": small})
+    cfg.seed = 0
+    info = tmp_path / "shapes" / "info.json"
+    with mock.patch.object(Path, "write_text", side_effect=OSError(28, "No space left on device")):
+        with pytest.raises(OSError, match="No space left"):
+            shapes.generate(tmp_path / "shapes", seed=0, **small["shapes"])
+    assert not info.exists() and not list((tmp_path / "shapes").glob(".*tmp*"))  # nothing half-written stays
+    ensure_offline_datasets(cfg)
+    info.write_bytes(b"")  # as an alignlm that wrote it in place left it
+    ensure_offline_datasets(cfg)
+    assert f"regenerating {tmp_path / 'shapes'}: it was written with info.json='unreadable (JSONDecodeError)'" in (
+        alignlm_log.text
+    )
+    assert load(info)["seed"] == 0
 
 
 def test_a_set_a_run_reads_is_not_written_again_under_it(tmp_path):

@@ -86,7 +86,12 @@ def offline_set_differences(info: Path, wanted: dict[str, Any]) -> dict[str, tup
     regenerating costs one run of the generator (the prepare steps' files made from the set follow their inputs'
     digests), where keeping it would serve a set nobody asked for."""
     missing = "not recorded"
-    written = json.loads(info.read_text())
+    try:  # one left empty by a full disk (written in place before) had stopped every rerun, naming no file
+        written = json.loads(info.read_text())
+    except (OSError, ValueError) as e:
+        written = e
+    if not isinstance(written, dict):  # what it was written with cannot be told: the set is written again
+        return {info.name: (f"unreadable ({type(written).__name__})", "whole")}
     stored = {"seed": written.get("seed", missing), **(written.get("knobs") or {})}
     asked = json.loads(json.dumps(wanted))  # as it reads back from info.json (tuples become lists)
     return {

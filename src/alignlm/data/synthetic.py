@@ -20,7 +20,7 @@ from PIL import Image
 
 from alignlm.config import ConfigError
 from alignlm.constants import IMAGE_TOKEN
-from alignlm.files import held_by_others
+from alignlm.files import held_by_others, replace_text
 
 
 class Question(NamedTuple):
@@ -83,8 +83,9 @@ def chance(tests: Sequence[dict[str, Any]]) -> float:
 
 
 def write_json(path: Path, obj: Any, indent: int | None = None) -> None:
-    """Write JSON in key-insertion order, so the same data always gives the same bytes."""
-    path.write_text(json.dumps(obj, ensure_ascii=False, indent=indent), encoding="utf-8")
+    """Write JSON in key-insertion order, so the same data always gives the same bytes; whole or not at all (a full
+    disk had left an empty ``info.json``, which every rerun then failed to parse)."""
+    replace_text(path, json.dumps(obj, ensure_ascii=False, indent=indent))
 
 
 def save_png(pixels: np.ndarray, path: Path) -> None:
