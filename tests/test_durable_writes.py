@@ -276,3 +276,43 @@ def test_prepared_files_reach_the_disk_before_their_name_says_they_are_whole(tmp
     temporary = [p for p in synced if p.parent == path.parent and p.name.startswith(f".{path.name}.tmp")]
     assert temporary and synced[-1] == path.parent, synced
     assert not [p for p in path.parent.iterdir() if ".tmp" in p.name]
+
+
+def test_a_full_disk_is_one_error_naming_the_file_and_what_is_left_on_its_disk(tmp_path, monkeypatch, capsys):
+    """A disk that fills under a checkpoint: torch.save reported it as a RuntimeError ("unexpected pos 18688 vs
+    18580") naming no file, and the command line printed its traceback; Python's own write errors name no file
+    (metrics.jsonl: "[Errno 28] No space left on device"), and a file replaced whole was named by its temporary."""
+    from alignlm.commands import console
+    from alignlm.files import replace_text
+
+    def full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 18688 vs 18580")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(OSError) as e:
+        save_step(tmp_path / "pretrain", 2)
+    step = tmp_path / "pretrain" / "checkpoints" / "step_000002"
+    assert e.value.filename == str(step) and e.value.strerror.startswith(
+        "could not be written (RuntimeError: [enforce fail at inline_container.cc:672] . unexpected pos 18688 vs "
+    )
+    assert "GB free on its disk)" in e.value.strerror and not step.exists()
+    monkeypatch.setattr("alignlm.commands.main", lambda argv: save_step(tmp_path / "pretrain", 2))
+    assert console(["train"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"alignlm train: {step}: could not be written (RuntimeError: ") and err.count("\n") == 1
+
+    log = MetricsLogger(tmp_path / "metrics.jsonl", None, "r", {}, True)
+    monkeypatch.setattr(log, "file", type("Full", (), {"write": full_disk, "flush": lambda self: None})())
+    with pytest.raises(OSError) as e:
+        log.log({"loss/total": 1.0}, 1)
+    assert (e.value.errno, e.value.filename) == (errno.ENOSPC, str(tmp_path / "metrics.jsonl"))
+
+    monkeypatch.setattr(Path, "write_text", lambda self, *a, **k: full_disk(None, filename=str(self)))
+    with pytest.raises(OSError) as e:
+        replace_text(tmp_path / "summary.json", "{}")
+    assert e.value.filename == str(tmp_path / "summary.json")  # not its temporary's name
+    assert not list(tmp_path.glob(".summary.json*"))
+
+
+def full_disk(self, *args, filename=None, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)

@@ -328,6 +328,29 @@ def test_a_reused_out_folder_keeps_no_plot_of_another_report(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["mine.png"]
 
 
+def test_a_plot_a_full_disk_stops_leaves_the_report_whole_and_says_so(tmp_path, monkeypatch, caplog):
+    """report.json and report.md were written whole, then a plot's write on a full disk ended alignlm eval with exit
+    1 and no word of the report, leaving a 0-byte metrics.png; the plot is written whole or not at all, and the
+    report stands with a warning."""
+    import errno
+
+    from matplotlib.figure import Figure
+
+    results = [{"label": "a", "sets": {"colours": {"kind": "qa", "accuracy": 0.5, "n": 4, "examples": []}}}]
+    save = Figure.savefig
+
+    def full(self, path, **kwargs):
+        save(self, path, **kwargs)  # a part of it written, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", full)
+    with caplog.at_level("WARNING", logger="alignlm"):
+        files = write_report(results, [{}], {}, tmp_path)
+    assert f"plots not written ({tmp_path / 'metrics.png'}: No space left on device); " in caplog.text
+    assert "metrics" not in files and json.loads(files["json"].read_text())["checkpoints"][0]["label"] == "a"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "report.md"]
+
+
 def test_runs_of_one_name_are_two_runs_at_the_same_step_and_two_lines():
     """``s1/raw`` and ``s2/raw`` evaluated together: ``--same-step`` compared bare run names (both ``raw``: one run),
     and the accuracy plot drew them as one line."""

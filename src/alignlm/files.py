@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import DTypeLike
+from safetensors import SafetensorError
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,29 @@ _UMASK = os.umask(0o022)  # read once (umask can only be read by setting it), an
 os.umask(_UMASK)
 
 
+@contextmanager
+def writing(path: Path, temporary: Path | None = None) -> Iterator[None]:
+    """Inside, a failed write of ``path`` (a file, or a folder whose files are written) is an ``OSError`` naming it,
+    which the command line prints as one line: Python's own write errors name no file (``[Errno 28] No space left on
+    device``), and ``torch.save`` and safetensors report a full disk as a ``RuntimeError`` or ``SafetensorError``
+    (``unexpected pos 18688 vs 18580``, ``iostream error``) that names neither the file nor the disk, with a
+    traceback. The error keeps its cause; the free space of the disk is said where the cause does not say it.
+    ``temporary``: the name ``path`` is written under first, named as ``path`` (the file the user knows)."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno is None or (e.filename is not None and str(e.filename) != str(temporary)):
+            raise  # its own file named already (or no errno to keep)
+        raise OSError(e.errno, e.strerror, str(path)) from e
+    except (RuntimeError, SafetensorError) as e:
+        where = next((p for p in (Path(path), *Path(path).parents) if p.exists()), Path("/"))
+        free = shutil.disk_usage(where).free / 1e9
+        cause = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise OSError(
+            errno.EIO, f"could not be written ({type(e).__name__}: {cause}; {free:.2f} GB free on its disk)", str(path)
+        ) from e
+
+
 def replace_file(path: Path, write: Callable[[Path], object]) -> Path:
     """Rewrite ``path`` whole or not at all: ``write(tmp)`` writes it beside, under a name of this process's own; it
     is synced, renamed over ``path``, the rename synced; a failure leaves no temporary file. Written in place
@@ -57,10 +81,11 @@ def replace_file(path: Path, write: Callable[[Path], object]) -> Path:
     other's half-written file."""
     tmp = temporary_path(path)
     try:
-        write(tmp)
-        as_umask_allows(tmp)
-        sync(tmp)
-        os.replace(tmp, path)
+        with writing(path, tmp):
+            write(tmp)
+            as_umask_allows(tmp)
+            sync(tmp)
+            os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

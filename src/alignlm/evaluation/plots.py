@@ -26,6 +26,7 @@ from torch import Tensor
 from alignlm.config import ConfigError
 from alignlm.evaluation.checkpoints import unique_labels
 from alignlm.evaluation.paired import run_key
+from alignlm.files import replace_file
 from alignlm.models.io import load_checkpoint_config
 from alignlm.training.logging import read_rows
 
@@ -66,9 +67,12 @@ def _grid(n: int, width: float = 3.6, height: float = 3.0) -> tuple[Any, list[An
 
 
 def _save(fig: Any, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, **_SAVE)
-    pyplot().close(fig)
+    """``fig`` as a PNG at ``path``, whole or not at all (a full disk had left a 0-byte plot)."""
+    try:
+        fig.tight_layout()
+        replace_file(path, lambda tmp: fig.savefig(tmp, format="png", **_SAVE))
+    finally:
+        pyplot().close(fig)
     return path
 
 

@@ -687,7 +687,12 @@ def write_report(
         log.warning("paired differences: %s", note)
     write_whole(files["md"], markdown(report["checkpoints"], report["paired"], notes))  # last: a whole report
     if plot:
-        files.update(write_plots(report["checkpoints"], features, out))
+        try:
+            files.update(write_plots(report["checkpoints"], features, out))
+        except OSError as e:  # a full disk: the report is written whole, and says so, not an error after it
+            log.warning(
+                "plots not written (%s: %s); %s and %s are whole", e.filename, e.strerror, files["json"], files["md"]
+            )
     for name in PLOTS:
         if name not in files:
             (out / f"{name}.png").unlink(missing_ok=True)

@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from alignlm.export.hf_llava import is_llava_dir, load_llava_weights
-from alignlm.files import as_umask_allows, file_sha256, sync
+from alignlm.files import as_umask_allows, file_sha256, sync, writing
 from alignlm.models.io import (
     MODEL_FILES,
     config_strings,
@@ -207,21 +207,23 @@ def save_training_state(
     them); ``objective_state``: the objectives' state by config key (a learned temperature resumes with them);
     ``model_state``: the model's whole state dict when its own tensors are shards (:func:`sharding.full_state`);
     ``scaler_state``: fp16's loss scaler's ``state_dict()`` (None without one)."""
-    tmp = temporary(ckpt_dir) if started else atomic_dir(ckpt_dir)
-    save_file(
-        part_state(model, model.PARTS, only_trainable=True, state=model_state), str(tmp / "trainable.safetensors")
-    )  # extra parts too; the buffers of the parts this stage trains with their weights
-    if objective_state:
-        save_file({k: v.detach().cpu().contiguous() for k, v in objective_state.items()}, str(tmp / OBJECTIVES_FILE))
-    if optimizer_state is not None:
-        torch.save(optimizer_state, tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    if scaler_state:
-        torch.save(dict(scaler_state), tmp / SCALER_FILE)
-    for rank, r in rng.items():
-        torch.save(r, tmp / f"rng_{rank}.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps(json_values(state), indent=2, allow_nan=False))
-    publish(tmp, ckpt_dir)
+    with writing(ckpt_dir):  # a full disk named by the checkpoint, as one line
+        tmp = temporary(ckpt_dir) if started else atomic_dir(ckpt_dir)
+        save_file(
+            part_state(model, model.PARTS, only_trainable=True, state=model_state), str(tmp / "trainable.safetensors")
+        )  # extra parts too; the buffers of the parts this stage trains with their weights
+        if objective_state:
+            objectives = {k: v.detach().cpu().contiguous() for k, v in objective_state.items()}
+            save_file(objectives, str(tmp / OBJECTIVES_FILE))
+        if optimizer_state is not None:
+            torch.save(optimizer_state, tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        if scaler_state:
+            torch.save(dict(scaler_state), tmp / SCALER_FILE)
+        for rank, r in rng.items():
+            torch.save(r, tmp / f"rng_{rank}.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps(json_values(state), indent=2, allow_nan=False))
+        publish(tmp, ckpt_dir)
 
 
 def write_manifest(folder: Path) -> None:
@@ -1072,11 +1074,12 @@ def save_final(
     folder no stage trained (written by a tool or a test), which a rerun skips with a warning that its inputs cannot
     be compared. With them, the files its model config loads as they are now (:data:`MODEL_FILES`: the frozen parts
     the ``final/`` is rebuilt from, which it does not hold)."""
-    tmp = atomic_dir(final_dir)
-    metadata = {"parts": ",".join(parts), "stage": stage}
-    save_file(part_state(model, parts), str(tmp / "model.safetensors"), metadata=metadata)
-    (tmp / "config.yaml").write_text(config_yaml)
-    if settings is not None:
-        record = {**settings, MODEL_FILES: model_stamps(read_config_yaml(tmp / "config.yaml").get("model"))}
-        (tmp / TRAINED_FROM).write_text(json.dumps(json_values(record), indent=2, allow_nan=False))
-    publish(tmp, final_dir)
+    with writing(final_dir):  # a full disk named by the folder, as one line
+        tmp = atomic_dir(final_dir)
+        metadata = {"parts": ",".join(parts), "stage": stage}
+        save_file(part_state(model, parts), str(tmp / "model.safetensors"), metadata=metadata)
+        (tmp / "config.yaml").write_text(config_yaml)
+        if settings is not None:
+            record = {**settings, MODEL_FILES: model_stamps(read_config_yaml(tmp / "config.yaml").get("model"))}
+            (tmp / TRAINED_FROM).write_text(json.dumps(json_values(record), indent=2, allow_nan=False))
+        publish(tmp, final_dir)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from alignlm.config import ConfigError
+from alignlm.files import writing
 
 WANDB_MODES = ("disabled", "offline", "online")  # from less to more: the environment may only lower it
 _WANDB_ALIASES = {"dryrun": "offline", "run": "online"}  # wandb's older names of its modes
@@ -132,8 +133,9 @@ class MetricsLogger:
         if not self.enabled:
             return
         row = json_values(dict(metrics))
-        self.file.write(json.dumps({"step": step, **row}, allow_nan=False) + "\n")
-        self.file.flush()
+        with writing(self.path):  # Python's write errors name no file
+            self.file.write(json.dumps({"step": step, **row}, allow_nan=False) + "\n")
+            self.file.flush()
         if self.wandb is not None:
             self.wandb.log(row, step=step)
 

@@ -51,6 +51,7 @@ from alignlm.data.collate import Collator
 from alignlm.data.images import loader_workers
 from alignlm.data.records import TRUNCATED, DataError
 from alignlm.data.report import DataReport
+from alignlm.files import writing
 from alignlm.models.build import build_model
 from alignlm.models.io import config_yaml, trained_buffers
 from alignlm.models.loading import finite
@@ -1222,7 +1223,8 @@ class Trainer:
                 ckpt.atomic_dir(path)
             self.acc.wait_for_everyone()
             partition = zero.optimizer_state(self.optimizer)
-            torch.save(partition, ckpt.temporary(path) / ckpt.zero_optimizer_file(self.acc.process_index))
+            with writing(path):
+                torch.save(partition, ckpt.temporary(path) / ckpt.zero_optimizer_file(self.acc.process_index))
             self.acc.wait_for_everyone()
             optimizer_state = None
         else:
