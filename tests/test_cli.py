@@ -444,12 +444,12 @@ def test_export_says_it_takes_a_final_folder_and_where_one_is(tmp_path, capsys):
             "+exp=$v run_name=$v; done (a SLURM job array on a cluster)\n",
         ),
         # a deleted setting crashed with a traceback where it was first read, after earlier stages had trained
-        (["+exp=demo", "~seed"], "alignlm: ~seed deletes a setting alignlm reads (every key its defaults set is one"),
+        (["+exp=demo", "~seed"], "alignlm: ~seed deletes a value alignlm reads (a deleted one had stopped the run"),
         (
             ["+exp=demo", "stages.finetune.max_steps=null", "~stages.finetune.epochs"],
-            "alignlm: ~stages.finetune.epochs deletes a setting alignlm reads (every key its defaults set is one, and a "
-            "deleted one had stopped the run where it was first read): leave it out to keep stages.finetune.epochs=1, "
-            "or set it to another value",
+            "alignlm: ~stages.finetune.epochs deletes a value alignlm reads (a deleted one had stopped the run where it "
+            "was first read, after earlier stages trained): leave it out to keep stages.finetune.epochs=1, or set it to "
+            "another value",
         ),
         (["+exp=demo", "~offline_datasets"], 'leave it out to keep offline_datasets=["digits", "shapes"]'),
         # an interpolation to no key: omegaconf's three lines, exit status 1, named as a possible library bug
@@ -491,12 +491,17 @@ def test_train_takes_its_flags_between_the_overrides(capsys):
 
 def test_print_config_checks_the_config_and_a_hydra_apps_flags_point_to_it(capsys):
     """`--print-config` printed a config the run would refuse (a deleted setting, a mistyped key) with exit status 0,
-    where a Hydra user's `--cfg job` is what they check one with; `--cfg`, `-c`, `--info` got argparse's "unrecognized
-    arguments" under the root's usage. A deleted stage is the user's to drop."""
+    where a Hydra user's `--cfg job` is what they check one with; it prints it and exits as the run would. `--cfg`,
+    `-c`, `--info` got argparse's "unrecognized arguments" under the root's usage. A deleted stage is the user's to
+    drop."""
     assert console(["train", "+exp=demo", "~seed", "--print-config"]) == 2
-    assert capsys.readouterr().err.startswith("alignlm: ~seed deletes a setting alignlm reads")
+    assert capsys.readouterr().err.startswith("alignlm: ~seed deletes a value alignlm reads")
     assert console(["train", "+exp=demo", "~stages.finetune", "run=[pretrain]", "--print-config"]) == 0
     assert "finetune" not in capsys.readouterr().out
+    # a section or a setting null by default is read as absent: deleting one is no mistake
+    deleted = ["~stages.pretrain.lora", "~stages.finetune.init_from", "~monitor"]
+    assert console(["train", "+exp=demo", *deleted, "--print-config"]) == 0
+    capsys.readouterr()
     for flags in (["--cfg", "job"], ["-c", "job", "--package", "stages.pretrain"], ["--info"]):
         assert console(["train", "+exp=demo", *flags]) == 2
         err = capsys.readouterr().err
@@ -504,8 +509,8 @@ def test_print_config_checks_the_config_and_a_hydra_apps_flags_point_to_it(capsy
             err.startswith("usage: alignlm train ")
             and (
                 f"alignlm train: error: {flags[0]} is a flag of a Hydra app; alignlm composes its config with Hydra's "
-                "compose API and runs no Hydra app: alignlm train <overrides> --print-config checks the composed config "
-                "and prints it"
+                "compose API and runs no Hydra app: alignlm train <overrides> --print-config prints the composed config "
+                "and checks it"
             )
             in err
         )

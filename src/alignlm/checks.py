@@ -38,6 +38,7 @@ from alignlm.config import (
     deleted_keys,
     is_finite,
     knob_annotations,
+    optional_keys,
     overridden_keys,
     plain,
     union_args,
@@ -93,14 +94,14 @@ _NOT_GENERATION_KNOBS = ("self", "inputs", "generation_config", "kwargs")
 def check_config(cfg: DictConfig) -> None:
     """Config mistakes that would otherwise surface mid-run, each named with its key and the values allowed: unknown
     stage names, a bad resume mode, a run name that is not a plain folder name, numbers out of range."""
+    known = default_keys(cfg)
+    check_deletions(cfg, known)  # first: a deleted run_name leaves the interpolations of it unresolved
     try:  # every interpolation resolved once, named by its key: a check's get() raised naming none
         OmegaConf.to_container(cfg, resolve=True)
     except InterpolationToMissingValueError:  # to a mandatory value (???) left unset: the checks below name it
         pass
     except (InterpolationResolutionError, GrammarParseError) as e:
         raise ConfigError(f"{e.full_key}: {str(e.msg).splitlines()[0]}") from None
-    known = default_keys(cfg)
-    check_deletions(cfg, known)
     try:
         check_keys("", cfg, known[""])  # `+stop_after_step=2` (meant: stop_after_steps) had trained to the end
         check_keys("model", _mapping("model", cfg.get("model")), known["model"])
@@ -834,9 +835,11 @@ SETTING_PLACES = ("", "model", "stage", "stage.data", "stage.lora")
 
 
 def check_deletions(cfg: DictConfig, known: Mapping[str, set[str]]) -> None:
-    """Refuse an override that deletes a setting (``~seed``, ``~stages.finetune.epochs``): alignlm reads every setting
-    its defaults set, and a deleted one had crashed with a traceback where it was first read, after earlier stages
-    had trained. Deleting an entry of the user's (a stage, an objective, a hook) is left alone."""
+    """Refuse an override that deletes a setting's value (``~seed``, ``~stages.finetune.epochs``, ``~stages``): a
+    deleted one had crashed with a traceback where it was first read, after earlier stages had trained. A section or
+    a setting null by default (``~stages.<s>.lora``, ``~stages.<s>.init_from``, ``~monitor``) is read as absent, and
+    an entry of the user's (a stage, an objective, a hook) is theirs: both are left alone."""
+    optional = optional_keys(cfg) if deleted_keys(cfg) else {}
     for key in deleted_keys(cfg):
         parts = key.split(".")
         if parts[0] == "stages":
@@ -848,13 +851,18 @@ def check_deletions(cfg: DictConfig, known: Mapping[str, set[str]]) -> None:
                 place = ".".join(["stage", *parts[2:-1]])
         else:
             place = ".".join(parts[:-1])
-        if place in SETTING_PLACES and parts[-1] in known.get(place, set()):
-            given = OmegaConf.select(composed_without(cfg, key), key)  # what the defaults and the recipe set there
+        if place not in SETTING_PLACES or parts[-1] not in known.get(place, set()):
+            continue
+        # a section or a setting some default leaves null (lora, init_from, hooks, monitor) is read as absent
+        if key != "stages" and parts[-1] in optional.get(place, set()):
+            continue
+        given = OmegaConf.select(composed_without(cfg, key), key)  # what the defaults and the recipe set there
+        if key == "stages" or not (given is None or isinstance(given, DictConfig)):
             shown = json.dumps(plain(given)) if not isinstance(given, DictConfig) else None
             said = f"{key}={shown}" if shown is not None and len(shown) <= 80 else f"its value ({key}=...)"
             raise ConfigError(
-                f"~{key} deletes a setting alignlm reads (every key its defaults set is one, and a deleted one had "
-                f"stopped the run where it was first read): leave it out to keep {said}, or set it to another value"
+                f"~{key} deletes a value alignlm reads (a deleted one had stopped the run where it was first read, "
+                f"after earlier stages trained): leave it out to keep {said}, or set it to another value"
             )
 
 

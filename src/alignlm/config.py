@@ -240,19 +240,43 @@ def default_keys(cfg: DictConfig | None = None) -> dict[str, set[str]]:
     ``cfg`` was composed from (:func:`config_roots`): a plug-in's recipe on ``hydra.searchpath`` adds its own section
     as one in ``configs/exp/`` does. A key no default sets is a typo: Hydra's advice for one,
     ``+stages.x.max_stepz=3`` or ``+stop_after_step=2``, would add it unread."""
-    roots = config_roots(cfg)
+    keys: dict[str, set[str]] = {}
+    for where, node in _defaults(cfg):
+        add_keys(keys, where, node)
+    # a recipe's top-level keys only: what it sets below them are train.yaml's settings, whose typos stay typos
+    for path in (path for root in config_roots(cfg) for path in sorted((root / "exp").glob("*.yaml"))):
+        keys[""] |= {str(key) for key in OmegaConf.load(path) if key != "defaults"}
+    return keys
+
+
+def optional_keys(cfg: DictConfig | None = None) -> dict[str, set[str]]:
+    """The keys some mapping of the defaults (:func:`default_keys`'s files) sets to null or to a mapping, by place:
+    settings read as absent where they are (``init_from``, ``lora``, ``monitor``), which an override may delete."""
+    keys: dict[str, set[str]] = {}
+
+    def add(where: str, node: dict[str, Any]) -> None:
+        for key, value in node.items():
+            if key in ("defaults", "hydra"):
+                continue
+            if value is None or isinstance(value, dict):
+                keys.setdefault(where, set()).add(str(key))
+            if isinstance(value, dict):
+                add(f"{where}.{key}" if where else str(key), value)
+
+    for where, node in _defaults(cfg):
+        add(where, node)
+    return keys
+
+
+def _defaults(cfg: DictConfig | None) -> list[tuple[str, dict[str, Any]]]:
+    """Each file of the defaults (``train.yaml``, every ``launcher/``, ``stage/`` and ``model/`` option in every folder
+    ``cfg`` was composed from) as a container, with its place in the tree."""
     files = [("", config_dir() / "train.yaml")]
-    for root in roots:
+    for root in config_roots(cfg):
         files += [("distributed", path) for path in sorted((root / "launcher").glob("*.yaml"))]
         files += [("stage", path) for path in sorted((root / "stage").glob("*.yaml"))]
         files += [("model", path) for path in sorted((root / "model").glob("*.yaml"))]
-    keys: dict[str, set[str]] = {}
-    for where, path in files:
-        add_keys(keys, where, OmegaConf.to_container(OmegaConf.load(path), resolve=False))
-    # a recipe's top-level keys only: what it sets below them are train.yaml's settings, whose typos stay typos
-    for path in (path for root in roots for path in sorted((root / "exp").glob("*.yaml"))):
-        keys[""] |= {str(key) for key in OmegaConf.load(path) if key != "defaults"}
-    return keys
+    return [(where, OmegaConf.to_container(OmegaConf.load(path), resolve=False)) for where, path in files]
 
 
 def add_keys(keys: dict[str, set[str]], where: str, node: dict[str, Any]) -> None:

@@ -84,10 +84,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra:
         command = commands.get(argv[0], parser)  # its usage, not the root's
         hydra = [word for word in extra if word.split("=", 1)[0] in HYDRA_APP_FLAGS]
-        if hydra:
+        if hydra and argv[0] == "train":  # the one command of Hydra overrides
             command.error(
                 f"{hydra[0]} is a flag of a Hydra app; alignlm composes its config with Hydra's compose API and runs "
-                "no Hydra app: alignlm train <overrides> --print-config checks the composed config and prints it"
+                "no Hydra app: alignlm train <overrides> --print-config prints the composed config and checks it"
             )
         trailing = getattr(args, "trailing", None)
         if trailing is None or any(word.startswith("-") for word in extra):

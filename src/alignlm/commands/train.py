@@ -1,7 +1,7 @@
 """``alignlm train``: compose the config from Hydra overrides, then run the pipeline (or print the config).
 
 ``train`` takes Hydra overrides (``alignlm train +exp=demo stages.pretrain.max_steps=20``) and composes the config
-tree in ``configs/`` (or ``$ALIGNLM_CONFIG_DIR``); ``--print-config`` checks the result as a run would, shows it and exits. Config errors
+tree in ``configs/`` (or ``$ALIGNLM_CONFIG_DIR``); ``--print-config`` shows the result, checks it as a run would and exits. Config errors
 surface before any process is spawned. Exit status: 0 done, 75 stopped by ``stop_after_steps``, the stop signal or the
 stop file (rerun to resume), 65 unusable data, 2 a config that cannot work (an unknown key or choice, a value out of
 range) or another run of the same output_dir/run_name running, 1 a stage that diverged or trained nothing.
@@ -17,6 +17,7 @@ import sys
 
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
+from omegaconf.errors import GrammarParseError, InterpolationResolutionError
 
 from alignlm.checks import check_config, override_mistake, per_seed_draws, sweep_advice
 from alignlm.commands import BAD_DATA, FAILED, USAGE
@@ -50,13 +51,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     except HydraException as e:  # a key or a choice that does not exist, a malformed override: one line, no trace
         print(f"alignlm: {override_mistake(args.overrides, e)}", file=sys.stderr)
         return USAGE
-    if args.print_config:  # a config the run would refuse is refused here too, not printed as if it were good
+    if args.print_config:  # printed, then checked as a run would: a config the run refuses exits as the run would
+        try:
+            print(OmegaConf.to_yaml(cfg, resolve=True))
+        except (InterpolationResolutionError, GrammarParseError):
+            print(OmegaConf.to_yaml(cfg))  # as composed: the check names the interpolation that does not resolve
         try:
             check_config(cfg)
         except ConfigError as e:
             print(f"alignlm: {e}", file=sys.stderr)
             return USAGE
-        print(OmegaConf.to_yaml(cfg, resolve=True))
         return 0
     n = cpu_processes_to_spawn()
     if n:
@@ -91,7 +95,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "file that cannot be read. Each is one line on stderr, not a traceback.",
     )
     p.add_argument(
-        "--print-config", action="store_true", help="check the composed config as a run would, print it and exit"
+        "--print-config",
+        action="store_true",
+        help="print the composed config, check it as a run would and exit (status 2 where it would refuse it)",
     )
     p.add_argument("-m", "--multirun", action="store_true", help=argparse.SUPPRESS)  # refused with the way to sweep
     p.add_argument(

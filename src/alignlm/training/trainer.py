@@ -476,8 +476,8 @@ class Trainer:
                     )
                 except Exception as e:  # read, but not of this model's shapes or state: try the one before
                     problem = f"{folder} could not be loaded: {type(e).__name__}: {e}"
-                del state  # its weights not held while the checkpoint before is read
                 problem, _ = self.agreed_verdict(problem, None)  # a rank that could not load it: the one before
+            state = None  # what was read is not held while the checkpoint before is read (twice the host memory)
             if problem is not None:
                 self.log.warning("resume: %s; falling back to the checkpoint before it", problem)
                 problems.append(problem)
