@@ -1580,6 +1580,33 @@ def _start_and_sleep(started) -> None:
     time.sleep(30)
 
 
+def test_a_run_into_a_folder_it_cannot_write_or_on_a_full_disk_is_refused_before_it_starts(
+    colour_set, tmp_path, capsys
+):
+    """A read-only output_dir had only warned that the lock could not be taken, and the run built its sets, prepare
+    steps and model before its first log failed. A full disk while the lock's holder was written left the lock held
+    by its own descriptor: the same process's next run was refused as if another held it. Both are one line, exit
+    status 1 (no config mistake), before anything is written."""
+    from unittest import mock
+
+    from alignlm.commands import console
+
+    base = [*tiny_overrides(colour_set, tmp_path), "run=[pretrain]", "eval.sets=[]", "stages.pretrain.max_steps=1"]
+    with mock.patch.object(pipeline.os, "access", lambda path, mode: Path(path) != tmp_path):
+        assert console(["train", *base]) == 1
+    said = f"cannot be taken in output_dir={tmp_path}: {tmp_path}: cannot be written (a read-only file system, or no"
+    err = capsys.readouterr().err
+    assert said in err and err.count("\n") == 1 and not (tmp_path / "t").exists()
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with mock.patch.object(os, "write", full), pytest.raises(OSError) as e:
+        pipeline.lock_run(tmp_path, "t")
+    assert (e.value.errno, e.value.filename) == (errno.ENOSPC, str(pipeline.run_lock_file(tmp_path, "t")))
+    pipeline.unlock_run(pipeline.lock_run(tmp_path, "t"))  # the lock went with the failed try
+
+
 def test_a_run_lock_is_not_held_by_the_processes_the_run_forked(tmp_path):
     """A data-loader worker forked during the run shared the lock: kept alive after the run (by the traceback a
     notebook keeps), it held it, and the rerun in that notebook was refused, naming its own process."""

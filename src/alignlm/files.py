@@ -350,8 +350,15 @@ def take_lock(path: Path, what: str, wait: bool = False) -> int | None:
             raise
         return _unlocked(path, e.strerror, what, wait)
     if writable:
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{socket.gethostname()}:{os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+        try:
+            with writing(path):
+                os.ftruncate(fd, 0)
+                os.write(
+                    fd, f"{socket.gethostname()}:{os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode()
+                )
+        except OSError:  # a full disk: the lock goes with its descriptor (kept, it refused this process's next try)
+            os.close(fd)
+            raise
     _HELD_LOCKS.add(fd)
     return fd
 

@@ -12,6 +12,7 @@ evaluates alone.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 from collections.abc import Iterator
@@ -453,6 +454,15 @@ def lock_run(output_dir: Path, run_name: str) -> int | None:
     Refused with a ``ConfigError`` naming the holder while another process holds it; None, with a warning, on a
     filesystem that cannot lock."""
     output_dir.mkdir(parents=True, exist_ok=True)
+    # where the run writes (its folder, or the one it is made in): every checkpoint and log would fail there, after
+    # the set-up's minutes or hours (offline sets, prepare steps, the model)
+    writes = output_dir / run_name if (output_dir / run_name).is_dir() else output_dir
+    if not os.access(writes, os.W_OK):
+        raise OSError(
+            errno.EACCES,
+            "cannot be written (a read-only file system, or no write permission): no checkpoint or log could be saved",
+            str(writes),
+        )
     try:
         return take_lock(run_lock_file(output_dir, run_name), "a second run of this run_name")
     except LockHeld as e:
@@ -475,18 +485,19 @@ def run_lock(output_dir: Path, run_name: str, acc: Accelerator) -> Iterator[None
     overlapping the old one, a second launch by hand) is refused before it writes anything: both had trained into the
     same folder, steps logged twice, each deleting the other's checkpoint being written. Every rank learns the
     refusal and raises it, instead of waiting for a main process that has gone."""
-    fd, refused = None, None
+    fd, refused = None, None  # (whether a config's mistake, the message)
     if acc.is_main_process:
         try:
             fd = lock_run(output_dir, run_name)
         except ConfigError as e:
-            refused = str(e)
+            refused = (True, str(e))
         except OSError as e:  # every rank learns it, not only this one (the others would wait for a lost main process)
-            refused = f"the lock of run_name={run_name} cannot be taken in output_dir={output_dir}: {e}"
+            said = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)
+            refused = (False, f"the lock of run_name={run_name} cannot be taken in output_dir={output_dir}: {said}")
     if acc.num_processes > 1:
         refused = broadcast_object_list([refused])[0]
-    if refused is not None:
-        raise ConfigError(refused)
+    if refused is not None:  # a full disk or a read-only folder is no config mistake: exit status 1, not 2
+        raise (ConfigError if refused[0] else OSError)(refused[1])
     try:
         yield
     finally:
