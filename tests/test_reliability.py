@@ -1607,6 +1607,33 @@ def test_a_run_into_a_folder_it_cannot_write_or_on_a_full_disk_is_refused_before
     pipeline.unlock_run(pipeline.lock_run(tmp_path, "t"))  # the lock went with the failed try
 
 
+def test_a_stage_folder_removed_while_it_trains_is_said_and_the_rerun_says_what_is_lost(
+    colour_set, tmp_path, monkeypatch, alignlm_log
+):
+    """The stage's folder removed mid-stage: the run logged on into the unlinked metrics.jsonl, the next checkpoint
+    recreated the folder, and the stage ended as "no step trained, every micro-batch was bad data"; the rerun resumed
+    without a word and its summary covered the resumed steps only."""
+    import shutil
+
+    base = [*tiny_overrides(colour_set, tmp_path), "run=[pretrain]", "eval.sets=[]", "stages.pretrain.max_steps=6"]
+    base += ["stages.pretrain.save_every=2"]
+    stage = tmp_path / "t" / "pretrain"
+    step = Trainer.step
+
+    def removed_at_step_3(self, batches, n):
+        if n == 3:
+            shutil.rmtree(stage)
+        return step(self, batches, n)
+
+    monkeypatch.setattr(Trainer, "step", removed_at_step_3)
+    with pytest.raises(TrainingError, match=r"its log .*metrics.jsonl is gone: was the stage's folder removed or"):
+        run(compose(*base))
+    monkeypatch.undo()
+    assert [p.name for p in (stage / "checkpoints").iterdir()] == ["step_000004"] and not (stage / "final").exists()
+    run(compose(*base))
+    assert f"resuming at step 4, but {stage / 'metrics.jsonl'} is gone" in alignlm_log.text
+
+
 def test_a_run_lock_is_not_held_by_the_processes_the_run_forked(tmp_path):
     """A data-loader worker forked during the run shared the lock: kept alive after the run (by the traceback a
     notebook keeps), it held it, and the rerun in that notebook was refused, naming its own process."""

@@ -190,6 +190,13 @@ def _drop_rows_after(path: Path, step: int) -> None:
     done or not (the file is the stage's only record of its earlier segments' losses). Parsing and rewriting the whole
     file had cost every resume about 10 s and 1 GB of the main process's memory at 500k logged steps."""
     if not path.exists():
+        if step:  # the stage folder removed or replaced since its checkpoint: its earlier segments' losses are gone
+            logging.getLogger("alignlm").warning(
+                "resuming at step %d, but %s is gone (the stage's folder removed or replaced since?): the losses of the "
+                "steps before are lost, and the stage's summary covers the steps from here only",
+                step,
+                path,
+            )
         return
     with path.open("r+b") as f:
         end = keep = f.seek(0, os.SEEK_END)

@@ -1130,8 +1130,14 @@ class Trainer:
         # the whole stage, every resumed segment included: the main process reads its log and every rank learns it
         # (steps trained, first and last loss); the other ranks had kept every step's loss for it
         trained = self.logged_losses() if acc.is_main_process else []
-        span = (len(trained), trained[0], trained[-1]) if trained else (0, None, None)
-        count, first, last = gather_object([span if acc.is_main_process else None])[0]
+        gone = acc.is_main_process and not metrics.path.exists()  # written on, unlinked: the folder went mid-stage
+        span = (len(trained), trained[0], trained[-1], gone) if trained else (0, None, None, gone)
+        count, first, last, gone = gather_object([span if acc.is_main_process else None])[0]
+        if gone:  # told as a stage where every micro-batch was bad data
+            raise TrainingError(
+                f"stage {self.name}: its log {metrics.path} is gone: was the stage's folder removed or replaced while "
+                "it ran? Nothing more was written; a rerun resumes from the step checkpoints left there"
+            )
         if not count:
             why = (  # a short stage of only non-finite steps had been told as one of bad data
                 f"every step's loss or gradient was not finite (steps {self.nonfinite}). {self.nonfinite_advice()}"
