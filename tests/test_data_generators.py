@@ -294,7 +294,7 @@ def test_a_set_whose_info_a_full_disk_left_empty_is_written_again_naming_it(tmp_
     ensure_offline_datasets(cfg)
     info.write_bytes(b"")  # as an alignlm that wrote it in place left it
     ensure_offline_datasets(cfg)
-    assert f"regenerating {tmp_path / 'shapes'}: it was written with info.json='unreadable (JSONDecodeError)'" in (
+    assert f"regenerating {tmp_path / 'shapes'}: its info.json cannot be read (JSONDecodeError: Expecting value" in (
         alignlm_log.text
     )
     assert load(info)["seed"] == 0

@@ -307,6 +307,18 @@ def test_a_full_disk_is_one_error_naming_the_file_and_what_is_left_on_its_disk(t
         log.log({"loss/total": 1.0}, 1)
     assert (e.value.errno, e.value.filename) == (errno.ENOSPC, str(tmp_path / "metrics.jsonl"))
 
+    # what is not the disk's goes on as it was, traceback and all: no "could not be written" pointing at the disk
+    from alignlm.files import writing
+    from alignlm.training.trainer import Terminated
+
+    for other in (
+        NotImplementedError("Cannot copy out of meta tensor"),
+        RuntimeError("can't allocate memory"),
+        Terminated("SIGTERM"),
+    ):
+        with pytest.raises(type(other)), writing(tmp_path / "x"):
+            raise other
+
     monkeypatch.setattr(Path, "write_text", lambda self, *a, **k: full_disk(None, filename=str(self)))
     with pytest.raises(OSError) as e:
         replace_text(tmp_path / "summary.json", "{}")

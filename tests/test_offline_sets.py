@@ -159,6 +159,9 @@ def test_a_runs_own_eval_set_written_again_by_another_seed_is_refused_naming_the
     command = str(e.value).split("Write the run's set again (alignlm ")[1].split(")")[0]
     assert main(command.split()) == 0
     assert [s["name"] for s in eval_sets({}, run, "ck")] == ["digits"]
+    Path("data/digits/info.json").write_bytes(b"")  # as a full disk left it, when it was written in place
+    with pytest.raises(ConfigError, match=r"is in data/digits, whose info.json cannot be read \(JSONDecodeError: "):
+        eval_sets({}, run, "ck")
     Path("data/digits/info.json").unlink()  # a generation killed half way: what the folder holds cannot be told
     with pytest.raises(ConfigError, match=r"is in data/digits, which holds no info.json"):
         eval_sets({}, run, "ck")

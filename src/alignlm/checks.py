@@ -36,6 +36,7 @@ from alignlm.config import (
     config_roots,
     default_keys,
     deleted_keys,
+    group_lists,
     is_finite,
     knob_annotations,
     optional_keys,
@@ -254,6 +255,12 @@ def override_warnings(cfg: DictConfig) -> list[str]:
         said = (None if read else _unused_because(cfg, key)) or _kept_for_another_template(cfg, key, named)
         if said:
             lines.append(f"{key} {said}")
+    for key, options in group_lists(cfg):  # a sweep's list form, merging what the user may have meant as runs apart
+        lines.append(
+            f"{key}=[{','.join(options)}] merges the options {options} into one config, each later one over the "
+            f"earlier (run_name={cfg.get('run_name')}, the last one's where each sets one); for one run of each: "
+            f"for v in {' '.join(options)}; do alignlm train {key}=$v run_name=$v; done"
+        )
     return lines
 
 

@@ -214,6 +214,20 @@ def overridden_keys(cfg: DictConfig | None) -> list[str]:
     return [_override_key(o) for o in _ROOTS[id(cfg)][2]]
 
 
+def group_lists(cfg: DictConfig | None) -> list[tuple[str, list[str]]]:
+    """The overrides ``cfg`` was composed with that give a config group a list of options (``+exp=[sea,contrastive]``),
+    as ``(group key, options)``: Hydra merges them into one config, later over earlier."""
+    if not composed(cfg):
+        return []
+    found = []
+    for override in _ROOTS[id(cfg)][2]:
+        key, _, value = override.partition("=")
+        group = _override_key(key)
+        if value.startswith("[") and value.endswith("]") and any((r / group).is_dir() for r in config_roots(cfg)):
+            found.append((key, [v.strip() for v in value[1:-1].split(",") if v.strip()]))
+    return found
+
+
 def deleted_keys(cfg: DictConfig | None) -> list[str]:
     """The keys the overrides ``cfg`` was composed with delete (``stages.pretrain.epochs`` of
     ``~stages.pretrain.epochs``), in their order; none for a config ``compose`` did not return."""

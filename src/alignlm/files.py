@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import socket
 import stat
@@ -49,13 +50,18 @@ _UMASK = os.umask(0o022)  # read once (umask can only be read by setting it), an
 os.umask(_UMASK)
 
 
+# what torch.save's writer says when the disk refuses a write (its stream's failure, as a RuntimeError)
+_WRITE_FAILED = re.compile(r"unexpected pos|iostream error|PytorchStreamWriter failed|failed writing|No space left")
+
+
 @contextmanager
 def writing(path: Path, temporary: Path | None = None) -> Iterator[None]:
     """Inside, a failed write of ``path`` (a file, or a folder whose files are written) is an ``OSError`` naming it,
     which the command line prints as one line: Python's own write errors name no file (``[Errno 28] No space left on
     device``), and ``torch.save`` and safetensors report a full disk as a ``RuntimeError`` or ``SafetensorError``
     (``unexpected pos 18688 vs 18580``, ``iostream error``) that names neither the file nor the disk, with a
-    traceback. The error keeps its cause; the free space of the disk is said where the cause does not say it.
+    traceback. The error keeps its cause; the free space of the disk is said where the cause does not say it. Any
+    other error (a meta tensor, out of memory, a stop signal's ``Terminated``) goes on as it was.
     ``temporary``: the name ``path`` is written under first, named as ``path`` (the file the user knows)."""
     try:
         yield
@@ -64,6 +70,8 @@ def writing(path: Path, temporary: Path | None = None) -> Iterator[None]:
             raise  # its own file named already (or no errno to keep)
         raise OSError(e.errno, e.strerror, str(path)) from e
     except (RuntimeError, SafetensorError) as e:
+        if not (isinstance(e, SafetensorError) or type(e) is RuntimeError and _WRITE_FAILED.search(str(e))):
+            raise  # not the disk's (a meta tensor, out of memory, a stop signal): as it was, with its traceback
         where = next((p for p in (Path(path), *Path(path).parents) if p.exists()), Path("/"))
         free = shutil.disk_usage(where).free / 1e9
         cause = str(e).strip().splitlines()[0] if str(e).strip() else ""

@@ -45,6 +45,7 @@ from alignlm.data import (
     offline_set_differences,
     offline_sets,
     offline_settings,
+    read_info,
     split_neutral_knobs,
 )
 from alignlm.data.synthetic import readers_lock
@@ -286,7 +287,18 @@ def ensure_offline_datasets(cfg: DictConfig, readers: contextlib.ExitStack | Non
         info = out / "info.json"
         # runs started together (a job array) find the set the first one writes: they had written it all at once
         with sole_writer(info, f"generating {out}"):
-            differs = offline_set_differences(info, wanted) if info.exists() else None
+            held = read_info(info) if info.exists() else None
+            if isinstance(held, str):  # what it was written with cannot be told
+                if stages := trained_on(cfg, out):
+                    raise ConfigError(
+                        f"{info} cannot be read ({held}), so what {out} was written with cannot be told, and stages "
+                        f"{stages} of this run trained on it: delete {info} to have the set written again with this "
+                        "config's settings, or start afresh: resume=never sets the run aside, or give another run_name"
+                    )
+                get_logger("alignlm", 0).warning("regenerating %s: its info.json cannot be read (%s)", out, held)
+                info.unlink()
+                held = None
+            differs = offline_set_differences(held, wanted) if held is not None else None
             # a knob that only adds files (shapes' som) rewrites nothing a stage read: +exp=demo after +exp=som
             if differs and set(differs) - split_neutral_knobs(name) and (stages := trained_on(cfg, out)):
                 written, asked = differences_said(differs)

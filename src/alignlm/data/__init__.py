@@ -78,20 +78,24 @@ def offline_sets(cfg: Mapping[str, Any]) -> dict[str, tuple[Path, dict[str, Any]
     }
 
 
-def offline_set_differences(info: Path, wanted: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """``{knob: (as written, as asked)}`` for every knob (and the ``seed``) in which the set whose ``info`` this is
-    differs from ``wanted`` (:func:`offline_sets`), so a config back at the defaults gets a set of the defaults, not
-    the one an earlier config asked for. A knob the file does not record (a set written before the generator had it,
+def read_info(info: Path) -> dict[str, Any] | str:
+    """An offline set's ``info.json``, or why it cannot be read (a full disk had left one empty, when it was written
+    in place: every rerun stopped on a ``JSONDecodeError`` naming no file)."""
+    try:
+        written = json.loads(info.read_text())
+    except (OSError, ValueError) as e:
+        return f"{type(e).__name__}: {e}"
+    return written if isinstance(written, dict) else f"a JSON {type(written).__name__}, not an object"
+
+
+def offline_set_differences(written: Mapping[str, Any], wanted: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{knob: (as written, as asked)}`` for every knob (and the ``seed``) in which the set whose ``info.json`` holds
+    ``written`` (:func:`read_info`) differs from ``wanted`` (:func:`offline_sets`), so a config back at the defaults
+    gets a set of the defaults, not the one an earlier config asked for. A knob the file does not record (a set written before the generator had it,
     or before info.json recorded it) counts as differing: what an older generator drew for it cannot be told, and
     regenerating costs one run of the generator (the prepare steps' files made from the set follow their inputs'
     digests), where keeping it would serve a set nobody asked for."""
     missing = "not recorded"
-    try:  # one left empty by a full disk (written in place before) had stopped every rerun, naming no file
-        written = json.loads(info.read_text())
-    except (OSError, ValueError) as e:
-        written = e
-    if not isinstance(written, dict):  # what it was written with cannot be told: the set is written again
-        return {info.name: (f"unreadable ({type(written).__name__})", "whole")}
     stored = {"seed": written.get("seed", missing), **(written.get("knobs") or {})}
     asked = json.loads(json.dumps(wanted))  # as it reads back from info.json (tuples become lists)
     return {

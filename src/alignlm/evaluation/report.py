@@ -39,6 +39,7 @@ from alignlm.data import (
     offline_set_differences,
     offline_sets,
     offline_settings,
+    read_info,
     split_neutral_knobs,
 )
 from alignlm.data.build import image_reading_of
@@ -171,7 +172,8 @@ def _refuse_regenerated_sets(sets: Sequence[Mapping[str, Any]], train_cfg: Any, 
         if not inside:
             continue
         with sole_writer(info, f"reading {folder}"):  # the lock a generation holds (pipeline.ensure_offline_datasets)
-            differs = offline_set_differences(info, wanted) if info.is_file() else None
+            written = read_info(info) if info.is_file() else None
+        differs = offline_set_differences(written, wanted) if isinstance(written, dict) else None
         if differs is not None:  # +exp=som and +exp=baseline write one split with and without som.json
             differs = {k: v for k, v in differs.items() if k not in split_neutral_knobs(name)}
         if differs == {}:
@@ -179,7 +181,9 @@ def _refuse_regenerated_sets(sets: Sequence[Mapping[str, Any]], train_cfg: Any, 
         defaults = generator_defaults(name)  # the run's set: every knob it set apart from the defaults
         knobs = "".join(f" --set {k}={json.dumps(v)}" for k, v in wanted.items() if k in defaults and v != defaults[k])
         command = f"alignlm data {name} --out {shlex.quote(str(folder.parent))} --seed {wanted['seed']}{knobs}"
-        if differs is None:
+        if isinstance(written, str):
+            why = f"whose info.json cannot be read ({written}: what it holds cannot be told)"
+        elif differs is None:
             why = "which holds no info.json (a generation under way or killed: what it holds cannot be told)"
         else:
             now, then = differences_said(differs)
