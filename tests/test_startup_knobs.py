@@ -590,3 +590,14 @@ def test_the_batch_check_rounds_a_fractional_weight_as_the_mixture_does(tmp_path
     checks.check_stage_batches(OmegaConf.create({"stages": {"sft": stage}}), ["sft"], 1)
     with pytest.raises(ConfigError, match="hold 2 records an epoch"):
         checks.check_stage_batches(OmegaConf.create({"stages": {"sft": stage}}), ["sft"], 2)
+
+
+def test_a_config_group_given_a_list_is_warned_as_options_merged_into_one_run():
+    """`+exp=[sea,contrastive]` merges both recipes into one run under the last one's run_name (a SEA + contrastive
+    hybrid in outputs/contrastive), where a user may have meant a run of each; it went unsaid."""
+    (said,) = checks.override_warnings(compose("+exp=[sea,contrastive]", "model=tiny"))
+    assert said == (
+        "+exp=[sea,contrastive] merges the options ['sea', 'contrastive'] into one config, each later one over the "
+        "earlier (run_name=contrastive, the last one's where each sets one); for one run of each: for v in sea "
+        "contrastive; do alignlm train +exp=$v run_name=$v; done"
+    )
