@@ -763,3 +763,25 @@ def test_zero3_writes_the_final_weights_of_an_llm_with_a_tied_head_as_ddp_does(c
     assert ours.keys() == theirs.keys()
     for k in ours:
         assert torch.allclose(ours[k], theirs[k], rtol=0, atol=1e-6), k
+
+
+def test_every_rank_raises_the_first_ranks_refusal_of_its_kind(monkeypatch):
+    """`agreed`: a refusal one rank alone makes (a config's mistake, a file its node lacks) is raised by every rank,
+    naming that rank, of its kind; an OSError on one rank had been left out, and the others waited at the gather."""
+    from types import SimpleNamespace
+
+    from alignlm.config import ConfigError
+    from alignlm.training import agreement
+
+    two = SimpleNamespace(num_processes=2)
+    for theirs, kind in (
+        (("file", "data/a.json: No such file or directory"), OSError),
+        (("config", "x changed"), ConfigError),
+    ):
+        monkeypatch.setattr(agreement, "gather_object", lambda mine, theirs=theirs: [*mine, theirs])
+        with pytest.raises(kind, match=f"^rank 1: {theirs[1]}$"):
+            agreement.agreed(two, lambda: "fine")  # this rank (0) passed
+    monkeypatch.setattr(agreement, "gather_object", lambda mine: [*mine, None])
+    with pytest.raises(OSError, match="^rank 0: gone$"):
+        agreement.agreed(two, lambda: (_ for _ in ()).throw(FileNotFoundError("gone")))
+    assert agreement.agreed(two, lambda: 7) == 7

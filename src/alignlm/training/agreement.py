@@ -17,24 +17,28 @@ from alignlm.config import ConfigError
 
 T = TypeVar("T")
 
+# the refusals agreed on, by kind: a config's mistake, another value, a file (one node lacking it, or unreadable there)
+KINDS: dict[str, type[Exception]] = {"config": ConfigError, "value": ValueError, "file": OSError}
+
 
 def agreed(acc: Accelerator, check: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """``check(*args, **kwargs)`` on every rank (a collective: every rank calls it at the same point); where it refuses on any rank
-    (a ``ConfigError`` or another ``ValueError``), every rank raises the first rank's refusal, naming that rank, of
-    the same kind. Other exceptions (bugs) propagate on their own rank as they would."""
-    refusal: tuple[bool, str] | None = None
+    """``check(*args, **kwargs)`` on every rank (a collective: every rank calls it at the same point); where it refuses
+    on any rank (a ``ConfigError``, another ``ValueError`` or an ``OSError``), every rank raises the first rank's
+    refusal, naming that rank, of the same kind. Other exceptions (bugs) propagate on their own rank as they would."""
+    refusal: tuple[str, str] | None = None
     result = None
     try:
         result = check(*args, **kwargs)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         if acc.num_processes == 1:
             raise
-        refusal = (isinstance(e, ConfigError), str(e))
+        kind = "config" if isinstance(e, ConfigError) else "value" if isinstance(e, ValueError) else "file"
+        refusal = (kind, str(e))
     if acc.num_processes == 1:
         return result  # type: ignore[return-value]
     refusals = gather_object([refusal])
     first = next(((rank, r) for rank, r in enumerate(refusals) if r is not None), None)
     if first is not None:
-        rank, (config, message) = first
-        raise (ConfigError if config else ValueError)(f"rank {rank}: {message}")
+        rank, (kind, message) = first
+        raise KINDS[kind](f"rank {rank}: {message}")
     return result  # type: ignore[return-value]
