@@ -38,6 +38,7 @@ from alignlm.config import (
     deleted_keys,
     group_lists,
     is_finite,
+    is_group,
     knob_annotations,
     optional_keys,
     overridden_keys,
@@ -477,8 +478,7 @@ def override_mistake(overrides: Sequence[str], error: HydraException) -> str:
     swept = _SWEEP.match(text)
     if swept is not None:
         said, key, values = f"{swept.group(1)}: a comma makes a Hydra sweep", swept.group(2), swept.group(3)
-        group = key.lstrip("+~").split("@", 1)[0]
-        if any((root / group).is_dir() for root in config_roots()):  # a list of options would merge them into one run
+        if is_group(key):  # a list of options would merge them into one run
             loop = f"for v in {' '.join(values.split(','))}; do alignlm train {key}=$v run_name=$v; done"
             return sweep_advice(said, example=loop)
         return sweep_advice(said, per_seed_draws(overrides)) + (
@@ -846,8 +846,9 @@ def check_deletions(cfg: DictConfig, known: Mapping[str, set[str]]) -> None:
     deleted one had crashed with a traceback where it was first read, after earlier stages had trained. A section or
     a setting null by default (``~stages.<s>.lora``, ``~stages.<s>.init_from``, ``~monitor``) is read as absent, and
     an entry of the user's (a stage, an objective, a hook) is theirs: both are left alone."""
-    optional = optional_keys(cfg) if deleted_keys(cfg) else {}
-    for key in deleted_keys(cfg):
+    deleted = deleted_keys(cfg)
+    optional = optional_keys(cfg) if deleted else {}
+    for key in deleted:
         parts = key.split(".")
         if parts[0] == "stages":
             if len(parts) < 3:  # ~stages.<name> drops a stage; ~stages drops them all, told as a setting

@@ -222,10 +222,16 @@ def group_lists(cfg: DictConfig | None) -> list[tuple[str, list[str]]]:
     found = []
     for override in _ROOTS[id(cfg)][2]:
         key, _, value = override.partition("=")
-        group = _override_key(key)
-        if value.startswith("[") and value.endswith("]") and any((r / group).is_dir() for r in config_roots(cfg)):
+        if value.startswith("[") and value.endswith("]") and is_group(key, cfg):
             found.append((key, [v.strip() for v in value[1:-1].split(",") if v.strip()]))
     return found
+
+
+def is_group(key: str, cfg: DictConfig | None = None) -> bool:
+    """Whether an override's ``key`` (``+exp``, ``model/connector``, ``stage@stages.dpo``) picks a config group: a
+    folder of options in a config folder ``cfg`` was composed from (:func:`config_roots`)."""
+    group = _override_key(key)
+    return any((root / group).is_dir() for root in config_roots(cfg))
 
 
 def deleted_keys(cfg: DictConfig | None) -> list[str]:
@@ -267,18 +273,8 @@ def optional_keys(cfg: DictConfig | None = None) -> dict[str, set[str]]:
     """The keys some mapping of the defaults (:func:`default_keys`'s files) sets to null or to a mapping, by place:
     settings read as absent where they are (``init_from``, ``lora``, ``monitor``), which an override may delete."""
     keys: dict[str, set[str]] = {}
-
-    def add(where: str, node: dict[str, Any]) -> None:
-        for key, value in node.items():
-            if key in ("defaults", "hydra"):
-                continue
-            if value is None or isinstance(value, dict):
-                keys.setdefault(where, set()).add(str(key))
-            if isinstance(value, dict):
-                add(f"{where}.{key}" if where else str(key), value)
-
     for where, node in _defaults(cfg):
-        add(where, node)
+        add_keys(keys, where, node, lambda value: value is None or isinstance(value, dict))
     return keys
 
 
@@ -293,14 +289,18 @@ def _defaults(cfg: DictConfig | None) -> list[tuple[str, dict[str, Any]]]:
     return [(where, OmegaConf.to_container(OmegaConf.load(path), resolve=False)) for where, path in files]
 
 
-def add_keys(keys: dict[str, set[str]], where: str, node: dict[str, Any]) -> None:
-    """``node``'s keys under ``where``, and those of each mapping below it under its dotted place."""
+def add_keys(
+    keys: dict[str, set[str]], where: str, node: dict[str, Any], holds: Callable[[Any], bool] = lambda value: True
+) -> None:
+    """``node``'s keys under ``where``, and those of each mapping below it under its dotted place; ``holds``: which
+    values' keys to add (every one's by default)."""
     for key, value in node.items():
         if key in ("defaults", "hydra"):  # Hydra's own: what to compose, where it writes; no setting of a run
             continue
-        keys.setdefault(where, set()).add(str(key))
+        if holds(value):
+            keys.setdefault(where, set()).add(str(key))
         if isinstance(value, dict):
-            add_keys(keys, f"{where}.{key}" if where else str(key), value)
+            add_keys(keys, f"{where}.{key}" if where else str(key), value, holds)
 
 
 def plain(node: Any) -> Any:

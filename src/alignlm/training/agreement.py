@@ -25,17 +25,15 @@ def agreed(acc: Accelerator, check: Callable[..., T], *args: Any, **kwargs: Any)
     """``check(*args, **kwargs)`` on every rank (a collective: every rank calls it at the same point); where it refuses
     on any rank (a ``ConfigError``, another ``ValueError`` or an ``OSError``), every rank raises the first rank's
     refusal, naming that rank, of the same kind. Other exceptions (bugs) propagate on their own rank as they would."""
+    if acc.num_processes == 1:
+        return check(*args, **kwargs)
     refusal: tuple[str, str] | None = None
     result = None
     try:
         result = check(*args, **kwargs)
     except (ValueError, OSError) as e:
-        if acc.num_processes == 1:
-            raise
         kind = "config" if isinstance(e, ConfigError) else "value" if isinstance(e, ValueError) else "file"
         refusal = (kind, str(e))
-    if acc.num_processes == 1:
-        return result  # type: ignore[return-value]
     refusals = gather_object([refusal])
     first = next(((rank, r) for rank, r in enumerate(refusals) if r is not None), None)
     if first is not None:
