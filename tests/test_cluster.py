@@ -785,3 +785,28 @@ def test_every_rank_raises_the_first_ranks_refusal_of_its_kind(monkeypatch):
     with pytest.raises(OSError, match="^rank 0: gone$"):
         agreement.agreed(two, lambda: (_ for _ in ()).throw(FileNotFoundError("gone")))
     assert agreement.agreed(two, lambda: 7) == 7
+
+
+def test_a_bug_on_one_rank_inside_an_agreed_check_ends_every_rank(monkeypatch):
+    """`agreed`: another error than a refusal (a bug) on one rank had propagated on that rank alone, and the others
+    waited at the gather until the timeout; every rank raises now: the failing one its own error, traceback whole,
+    the others a RuntimeError naming the rank and the error's type."""
+    from types import SimpleNamespace
+
+    from alignlm.training import agreement
+
+    two = SimpleNamespace(num_processes=2)
+    gathered = []
+
+    def gather(mine, theirs=("error", "KeyError: 'recipe'")):
+        gathered.append(mine)
+        return [*mine, theirs]
+
+    monkeypatch.setattr(agreement, "gather_object", gather)
+    with pytest.raises(RuntimeError, match=r"^rank 1: KeyError: 'recipe'$"):
+        agreement.agreed(two, lambda: "fine")  # this rank (0) passed: it leaves too
+    monkeypatch.setattr(agreement, "gather_object", lambda mine: (gathered.append(mine), [*mine, None])[1])
+    with pytest.raises(TypeError, match="^unhashable$"):  # this rank's own bug, as it was raised
+        agreement.agreed(two, lambda: (_ for _ in ()).throw(TypeError("unhashable")))
+    assert gathered[-1] == [("error", "TypeError: unhashable")]  # what the other ranks were told
+    assert len(gathered) == 2  # both ranks reached the gather every time
