@@ -166,19 +166,36 @@ def test_a_rerun_naming_the_same_files_by_another_spelling_skips_the_finished_st
     assert "stages.pretrain.data.sources:" not in message and "file data/" not in message
 
 
-def test_starting_weights_without_a_record_are_identified_by_size_and_time(tmp_path):
+def test_starting_weights_without_a_record_are_identified_by_their_bytes(tmp_path):
+    """A transformers Llava folder (or a final/ without a record) as init_from: a copy with new modification times
+    (``cp -r`` to node-local disk at each requeue) is the same start (it had been refused on resume as changed
+    weights); new bytes of the same size are a change; a record written before starts held digests is compared by
+    size and time, a rewrite said as such."""
     folder = tmp_path / "llava"
     folder.mkdir()
     (folder / "model.safetensors").write_bytes(b"weights")
     (folder / "config.json").write_text("{}")  # not weights: not part of the identity
     first = ckpt.start_weights(folder)
     assert list(first["weights"]) == ["model.safetensors"] and ckpt.start_weights(None) is None
-    os.utime(folder / "model.safetensors", ns=(1, 1))  # rewritten (the same size)
-    changed = ckpt.recipe_changes({"k weights": first}, {"k weights": ckpt.start_weights(folder)})
-    assert (
-        ckpt.change_text("k weights", *changed["k weights"])
-        == f"k ({folder}): its weights changed since this stage trained from them"
-    )
+
+    def changes(theirs, ours):
+        return {k: ckpt.change_text(k, *ab) for k, ab in ckpt.recipe_changes({"k weights": theirs}, ours).items()}
+
+    os.utime(folder / "model.safetensors", ns=(1, 1))  # touched: the same bytes
+    copy = shutil.copytree(folder, tmp_path / "local" / "llava", copy_function=shutil.copy)  # no times kept
+    assert changes(first, {"k weights": ckpt.start_weights(folder)}) == {}
+    assert changes(first, {"k weights": ckpt.start_weights(copy)}) == {}
+    (copy / "model.safetensors").write_bytes(b"WEIGHTS")  # new weights, the same size
+    assert changes(first, {"k weights": ckpt.start_weights(copy)}) == {
+        "k weights": f"k ({copy}): its weights changed since this stage trained from them"
+    }
+    old = {"path": str(folder), "weights": {"model.safetensors": first["weights"]["model.safetensors"][:2]}}
+    assert changes(old, {"k weights": ckpt.start_weights(copy)}) == {
+        "k weights": f"k ({copy}): its weights files were rewritten (same sizes, other modification times; this "
+        "record holds no digests to compare)"
+    }
+    old["weights"]["model.safetensors"][1] = (folder / "model.safetensors").stat().st_mtime_ns
+    assert changes(old, {"k weights": ckpt.start_weights(folder)}) == {}  # an old record of unchanged files
 
 
 def test_a_resumed_stage_records_the_weights_its_first_segment_started_from(colour_set, tmp_path):

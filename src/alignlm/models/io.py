@@ -43,7 +43,7 @@ from alignlm.models.vision import VisionTower
 
 # the key under which a record (a step checkpoint's recipe, trained_from.json, an export's source) holds model_stamps
 MODEL_FILES = "model files"
-# model_file_stamps' memo: (absolute path, bytes, modification time (ns), inode) -> the file's SHA-256
+# file_digest's memo: (absolute path, bytes, modification time (ns), inode) -> the file's SHA-256
 _DIGESTS: dict[tuple[str, int, int, int], str] = {}
 PART_BASES = (VisionTower, Connector, InputPart)  # alignlm classes of these kinds may be built from a checkpoint
 FINAL_FILES = ("config.yaml", "model.safetensors")  # what load_model reads of a final/ folder
@@ -526,12 +526,18 @@ def model_file_stamps(path: str | Path, known: Any = None) -> list[list[Any]]:
         if old is not None and old[1:3] == [size, mtime]:
             stamps.append([name, size, mtime, old[3]])
             continue
-        file = Path(name)
-        key = (os.path.abspath(file), size, mtime, file.stat().st_ino)
-        if key not in _DIGESTS:
-            _DIGESTS[key] = file_sha256(file)
-        stamps.append([name, size, mtime, _DIGESTS[key]])
+        stamps.append([name, size, mtime, file_digest(Path(name))])
     return stamps
+
+
+def file_digest(file: Path) -> str:
+    """``file``'s SHA-256, read once per process while its absolute path, size, modification time and inode stay the
+    same (:func:`model_file_stamps`, ``checkpoint.start_weights``)."""
+    st = file.stat()
+    key = (os.path.abspath(file), st.st_size, st.st_mtime_ns, st.st_ino)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = file_sha256(file)
+    return _DIGESTS[key]
 
 
 def stamps_change(was: Any, now: Any) -> str | None:

@@ -39,6 +39,7 @@ from alignlm.files import as_umask_allows, file_sha256, sync, writing
 from alignlm.models.io import (
     MODEL_FILES,
     config_strings,
+    file_digest,
     load_final_weights,
     model_file_stamps,
     model_stamps,
@@ -546,19 +547,38 @@ def input_files(stage: Mapping[str, Any], name: str) -> dict[str, dict[str, str]
 
 def start_weights(init: Path | None) -> dict[str, Any] | None:
     """What identifies the weights a stage starts from (its ``init_from`` as :func:`resolve_init` finds it), as
-    :func:`trained_from` records it; None for a stage without ``init_from``. A ``final/`` holding a
-    :data:`TRAINED_FROM` record: that record's SHA-256, which names the earlier stage's recipe, files and,
-    recursively, its own start, so a stage retrained from anything else since gives another. A ``final/`` without one
-    or a transformers Llava folder: each weights file's size and modification time, not its digest (hashing a 28 GB
-    file at every rerun would take minutes; a rewrite changes them, and so does a copy that does not keep times). A
-    folder not there (a stage this run trains anew, or removed) has no weights files."""
+    :func:`trained_from` records it and :func:`same_start` compares it; None for a stage without ``init_from``. A
+    ``final/`` holding a :data:`TRAINED_FROM` record: that record's SHA-256, which names the earlier stage's recipe,
+    files and, recursively, its own start, so a stage retrained from anything else since gives another. A ``final/``
+    without one or a transformers Llava folder: each weights file's ``[bytes, modification time (ns), sha256]``, so
+    that a byte-identical copy (``cp -r`` to node-local disk at every requeue, new times) is the same start; it had
+    been refused on resume as changed weights. Cost: the weights files read whole once per process (memoised:
+    :func:`~alignlm.models.io.file_digest`), about 25 s for a 7B Llava folder's 14 GB on the 2-core builder. A folder
+    not there (a stage this run trains anew, or removed) has no weights files."""
     if init is None:
         return None
     record = Path(init) / TRAINED_FROM
     if record.is_file():
         return {"path": str(init), "trained_from sha256": file_sha256(record)}
     files = sorted(p for p in Path(init).glob("*") if p.suffix in WEIGHT_SUFFIXES and p.is_file())
-    return {"path": str(init), "weights": {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files}}
+    weights = {p.name: [st.st_size, st.st_mtime_ns, file_digest(p)] for p in files for st in (p.stat(),)}
+    return {"path": str(init), "weights": weights}
+
+
+def start_change(theirs: Any, ours: Any) -> str | None:
+    """How two :func:`start_weights` differ: None for the same start (wherever it lies: a move or a copy is no
+    change), else ``"changed"``, or ``"rewritten"`` for weights files of the same names and sizes whose modification
+    times alone differ where a side holds no digests (a record written before starts held them: a copy cannot be
+    told from new weights of the same size). Files are compared as model files are
+    (:func:`~alignlm.models.io.stamps_change`)."""
+    if not (isinstance(theirs, Mapping) and isinstance(ours, Mapping)):
+        return None if theirs == ours else "changed"
+    if "trained_from sha256" in theirs or "trained_from sha256" in ours:
+        return None if theirs.get("trained_from sha256") == ours.get("trained_from sha256") else "changed"
+    a, b = theirs.get("weights"), ours.get("weights")
+    if not (isinstance(a, Mapping) and isinstance(b, Mapping)):
+        return "changed"
+    return stamps_change(*([[name, *v] if isinstance(v, list) else v for name, v in w.items()] for w in (a, b)))
 
 
 def trained_from(
@@ -661,6 +681,8 @@ def recipe_changes(theirs: Mapping[str, Any], ours: Mapping[str, Any]) -> dict[s
     key."""
 
     def differ(key: str, a: Any, b: Any) -> bool:
+        if key.endswith(START):
+            return start_change(a, b) is not None
         return a != b and _compared(key, a) != _compared(key, b)
 
     def recorded(key: str) -> Any:
@@ -686,6 +708,11 @@ def _start_text(key: str, theirs: Any, ours: Any) -> str:
         return (
             f"{key} ({ours.get('path')}): no weights there now, this stage trained from the ones there were "
             "(this run trains them anew, or they were removed)"
+        )
+    if start_change(theirs, ours) == "rewritten":
+        return (
+            f"{key} ({ours.get('path')}): its weights files were rewritten (same sizes, other modification times; "
+            "this record holds no digests to compare)"
         )
     return f"{key} ({ours.get('path')}): its weights changed since this stage trained from them"
 
