@@ -315,11 +315,6 @@ class LlavaDataset(Dataset):
             raise DataError(message, cause)
         self.report.add(cause, rid, reason=reason)
 
-    @property
-    def malformed(self) -> list[str]:
-        """Record ids left out at start-up (the first few per cause)."""
-        return [i for ids in self.report.examples.values() for i in ids]
-
     def set_visual_hook(self, hook: SampleHook) -> None:
         """Add a hook that replaces the images after construction (the trainer's feature cache), and bind it."""
         if self.visual_hook is not None:

@@ -124,12 +124,6 @@ def linear_weight(head: nn.Module) -> Tensor | None:
     return head.weight if plain and head.bias is None else None
 
 
-def plain_head(llm: nn.Module) -> bool:
-    """A causal LM's logits are its output embeddings' matmul and nothing else (no bias, adapter, scale or cap): what
-    a model whose LM head is a bare linear layer (Llava's) computes."""
-    return head_transform(llm.config).plain and linear_weight(llm.get_output_embeddings()) is not None
-
-
 def chunk_rows(vocab: int) -> int:
     """Positions per chunk so one chunk's float32 logits take about ``CHUNK_BYTES``."""
     return max(64, CHUNK_BYTES // (4 * vocab))

@@ -113,7 +113,6 @@ class StageResult:
     tokens_per_s: float
     skipped: int
     world_size: int
-    skipped_examples: list[str] = field(default_factory=list)
     tflops: float = 0.0
     mfu: float | None = None
     peak_memory_gib: float | None = None
@@ -1169,7 +1168,6 @@ class Trainer:
             tps,
             self.skipped,
             acc.num_processes,
-            self.dataset.malformed[:3],
             tflops,
             tflops / (self.peak_tflops * acc.num_processes) if self.peak_tflops else None,
             peak_memory_gib(acc.device),
