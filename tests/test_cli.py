@@ -604,3 +604,16 @@ def test_a_training_process_killed_in_native_code_prints_where_every_thread_was(
     assert (
         got.returncode != 0 and "Fatal Python error: Aborted" in got.stderr and 'File "<string>", line 4' in got.stderr
     )
+
+
+def test_a_plug_in_config_group_swept_with_a_comma_is_advised_a_loop(tmp_path, capsys):
+    """A plug-in's config group on hydra.searchpath swept with a comma (`+mygroup=a,b`) was advised the list form
+    `+mygroup=[a,b]`, which merges the options into one run (the start-up warning says so): only the repository's
+    own groups were advised a loop over their options."""
+    for option in ("a", "b"):
+        (tmp_path / "conf" / "mygroup").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "conf" / "mygroup" / f"{option}.yaml").write_text("# @package _global_\nseed: 1\n")
+    search = f"hydra.searchpath=[file://{tmp_path / 'conf'}]"
+    assert console(["train", f"output_dir={tmp_path / 'out'}", search, "+mygroup=a,b"]) == 2
+    err = capsys.readouterr().err
+    assert "e.g. for v in a b; do alignlm train +mygroup=$v run_name=$v; done" in err and "[a,b]" not in err, err

@@ -458,6 +458,18 @@ _NOT_THERE = re.compile(
 )
 
 
+def _searched(overrides: Sequence[str]) -> DictConfig | None:
+    """The config of ``overrides``' ``hydra.searchpath`` alone, whose folders (``config.config_roots``) hold a
+    plug-in's config groups; None without one, or where it does not compose (the tree's folders alone then)."""
+    search = [o for o in overrides if o.lstrip("+").startswith("hydra.searchpath=")]
+    if not search:
+        return None
+    try:
+        return compose(search)
+    except (HydraException, ConfigError):
+        return None
+
+
 def override_mistake(overrides: Sequence[str], error: HydraException) -> str:
     """One line for Hydra's refusal of ``overrides``, naming what to type instead. Hydra's advice for a key the config
     lacks, "To append to your config use +stages.pretrain.max_step=50" (on a line of its own), only moved the refusal of
@@ -478,7 +490,7 @@ def override_mistake(overrides: Sequence[str], error: HydraException) -> str:
     swept = _SWEEP.match(text)
     if swept is not None:
         said, key, values = f"{swept.group(1)}: a comma makes a Hydra sweep", swept.group(2), swept.group(3)
-        if is_group(key):  # a list of options would merge them into one run
+        if is_group(key, _searched(overrides)):  # a list of options would merge them into one run
             loop = f"for v in {' '.join(values.split(','))}; do alignlm train {key}=$v run_name=$v; done"
             return sweep_advice(said, example=loop)
         return sweep_advice(said, per_seed_draws(overrides)) + (
