@@ -61,6 +61,24 @@ def test_tokens_keep_the_features_precision_under_bf16_autocast():
     torch.testing.assert_close(full, moe(x).tokens, atol=5e-2, rtol=5e-2)  # bf16 matmuls, float32 mixing
 
 
+def test_the_router_computes_in_float32_under_bf16_autocast():
+    """Switch Transformer's selective precision: the router's logits under bf16 autocast equal the float32 ones (its
+    matmul ran in bf16: logits 8e-3 off, another top expert for some tokens), from bf16 features (a frozen tower
+    stored in bf16) too, and a router stored in bf16 (a frozen connector) computes in its own dtype."""
+    torch.manual_seed(0)
+    moe = MoEConnector(64, 5, num_experts=8, top_k=2)
+    x = torch.randn(4096, 64)
+    want = moe.route(x)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = moe.route(x)[0]
+        from_half = moe.route(x.bfloat16())[0]
+    assert logits.dtype == torch.float32 and torch.equal(logits, want)
+    torch.testing.assert_close(from_half, moe.route(x.bfloat16().float())[0], atol=0, rtol=0)
+    moe.router.bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert moe.route(x)[0].dtype == torch.float32
+
+
 def test_gradients_reach_router_and_experts():
     moe = MoEConnector(6, 5)
     out = moe(torch.randn(2, 4, 6))

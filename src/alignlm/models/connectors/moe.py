@@ -153,10 +153,15 @@ class MoEConnector(Connector):
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Router logits, probabilities (float32), and the mixing weights and ids of each token's experts.
 
+        The logits are computed with autocast off, in the router's own dtype (float32 wherever it trains): under bf16
+        autocast its matmul ran in bf16 (logits 8e-3 off, the top expert another for 2 of 1000 tokens), where Switch
+        Transformer's selective precision keeps the router in float32.
+
         The weights are the chosen experts' probabilities renormalised to sum to 1, except with ``top_k`` 1: there the
         renormalised weight is the constant 1, through which the task loss sends the router no gradient, so the
         expert's output is scaled by its probability as it is (Switch Transformer, Fedus et al. 2021, eq. 2)."""
-        logits = self.router(x).float()
+        with torch.autocast(x.device.type, enabled=False):
+            logits = self.router(x.to(self.router.weight.dtype)).float()
         probs = logits.softmax(-1)
         capacity = self.capacity(len(x))
         if capacity is None:
