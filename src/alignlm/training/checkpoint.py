@@ -547,7 +547,7 @@ def input_files(stage: Mapping[str, Any], name: str) -> dict[str, dict[str, str]
 
 def start_weights(init: Path | None) -> dict[str, Any] | None:
     """What identifies the weights a stage starts from (its ``init_from`` as :func:`resolve_init` finds it), as
-    :func:`trained_from` records it and :func:`same_start` compares it; None for a stage without ``init_from``. A
+    :func:`trained_from` records it and :func:`start_change` compares it; None for a stage without ``init_from``. A
     ``final/`` holding a :data:`TRAINED_FROM` record: that record's SHA-256, which names the earlier stage's recipe,
     files and, recursively, its own start, so a stage retrained from anything else since gives another. A ``final/``
     without one or a transformers Llava folder: each weights file's ``[bytes, modification time (ns), sha256]``, so
