@@ -31,7 +31,18 @@ from tests.test_vlap import textbook_sinkhorn
 # ---- 1. per-micro-batch objectives under gradient accumulation ------------------------------------------------------
 
 
-def test_a_contrastive_stage_accumulating_one_micro_batch_twice_steps_as_with_it_once(colour_set, tmp_path):
+@pytest.mark.parametrize(
+    "extra, term",
+    [
+        (
+            ["+objective@stages.pretrain.objectives.contrastive=contrastive", "stages.pretrain.lr.objectives=0"],
+            "loss/contrastive",
+        ),
+        (["model/connector=moe"], "aux/moe_balance"),  # a connector's auxiliary losses: its logs were averaged, not it
+    ],
+    ids=["contrastive", "moe"],
+)
+def test_a_stage_accumulating_one_micro_batch_twice_steps_as_with_it_once(colour_set, tmp_path, extra, term):
     """With ``grad_accum`` N every objective that is a per-micro-batch mean (contrastive, VLAP, SEA, DPO, a connector's
     auxiliary loss) must be averaged over the step's micro-batches, as the LM loss is normalised by the step's
     supervised tokens: summed instead, it weighed N times more against the LM loss than with one micro-batch, and a
@@ -43,10 +54,9 @@ def test_a_contrastive_stage_accumulating_one_micro_batch_twice_steps_as_with_it
 
     cfg = compose(
         *tiny_overrides(colour_set, tmp_path, "run=[pretrain]"),
-        "+objective@stages.pretrain.objectives.contrastive=contrastive",
+        *extra,
         "stages.pretrain.grad_accum=2",
         "stages.pretrain.lr.connector=0",  # the weights stay as they are: both steps see the same model
-        "stages.pretrain.lr.objectives=0",
     )
     trainer = Trainer(cfg, "pretrain", make_accelerator(cfg))
     trainer.setup()
@@ -62,8 +72,8 @@ def test_a_contrastive_stage_accumulating_one_micro_batch_twice_steps_as_with_it
     trainer.optimizer_step = recorded
     logs = [trainer.step([batch, batch], 1), trainer.step([batch], 2)]
     (_, twice, *_), (_, once, *_) = trainer.fetch(logs)
-    assert once["loss/contrastive"] > 0.1  # the objective contributes
-    for key in ("loss/total", "loss/lm", "loss/contrastive", "grad_norm"):
+    assert once[term] > 0.1  # the objective or the connector's loss contributes
+    for key in ("loss/total", "loss/lm", term, "grad_norm"):
         assert twice[key] == pytest.approx(once[key], rel=1e-5), key
     assert any(g.abs().max() > 0 for g in grads[1])
     for a, b in zip(*grads):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from alignlm.constants import IGNORE_INDEX
 from alignlm.data.build import build_dataset
 from alignlm.data.collate import Collator, pack_rows
-from alignlm.models.lm_loss import HeadTransform, linear_cross_entropy, linear_token_nll
+from alignlm.models.lm_loss import HeadTransform, linear_cross_entropy, linear_token_nll, linear_weight
 from alignlm.models.mllm import AlignLM, attention_windows
 from tests.conftest import small_llm_shape
 
@@ -59,6 +59,9 @@ def test_packed_batch_layout(samples):
         pos, sid = batch["position_ids"][r], batch["sample_ids"][r]
         starts = torch.nonzero(pos == 0).flatten().tolist()
         assert starts[0] == 0 and all(sid[s] != sid[s - 1] for s in starts[1:])
+    for k in range(batch["num_samples"]):  # and count up from it: flash and flex attention find samples by them
+        pos = batch["position_ids"][batch["sample_ids"] == k]
+        assert torch.equal(pos, torch.arange(len(pos))), k
     by_id = {s["id"]: s for s in picked}
     for k, sid in enumerate(batch["ids"]):  # each sample's tokens, contiguous, in the order of batch["ids"]
         assert torch.equal(batch["input_ids"][batch["sample_ids"] == k], by_id[sid]["input_ids"])
@@ -307,6 +310,40 @@ def test_layer_types_without_a_mask_here_are_refused_beside_sliding_ones():
 
 
 # ---- the vision-feature cache ------------------------------------------------------------------------------------------
+
+
+def test_packed_samples_are_isolated_by_their_position_ids_alone(samples, monkeypatch):
+    """Under flex_attention (packed by default) alignlm passes no mask: transformers finds the samples of a row where
+    the position ids restart. Emulated under SDPA with no mask: each packed sample's loss is its loss alone (RoPE's
+    relative positions hid positions that counted on across a row from the masked tests)."""
+    model, picked = samples
+    model.eval()
+    monkeypatch.setattr(type(model), "sample_mask", lambda self, ids, dtype: None)
+    alone = {s["id"]: model({**collator(model)([s]), "num_items_in_batch": torch.tensor(1.0)}).lm_loss for s in picked}
+    packed = collator(model, pack_length=2 * max(len(s["input_ids"]) for s in picked))(picked)
+    assert packed["input_ids"].shape[0] < len(picked)  # rows hold several samples
+    index = model.index(packed)
+    logits = model(packed, return_logits=True).logits.flatten(0, 1)[index["lm_positions"]].float()
+    nll = F.cross_entropy(logits, index["lm_targets"], reduction="none")
+    owner = index["sample_ids"].flatten()[index["lm_positions"]]
+    for k, sid in enumerate(packed["ids"]):
+        assert nll[owner == k].sum().item() == pytest.approx(alone[sid].item(), abs=1e-4), sid
+
+
+def test_a_head_that_runs_as_a_module_gives_the_chunked_heads_loss(samples):
+    """A head that does more when called than its matmul (a bias, LoRA on lm_head, a class of its own) runs as a
+    module on the supervised positions: its summed loss is the chunked path's (a mean there had divided the loss by
+    the supervised tokens twice, unseen: the tiny model's head is a plain linear layer)."""
+    model, picked = samples
+    model.eval()
+    batch = collator(model)(picked)
+    with torch.no_grad():
+        want = model(batch).lm_loss_sum
+        head = model.llm.get_output_embeddings()
+        head.forward = torch.nn.Linear.forward.__get__(head)  # a forward of its own: linear_weight() is None
+        assert linear_weight(head) is None
+        got = model(batch).lm_loss_sum
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_feature_cache_trains_exactly_like_live_features_under_bf16(colour_set, tmp_path):

@@ -392,6 +392,29 @@ def test_a_stage_of_only_non_finite_steps_says_so_not_bad_data(colour_set, tmp_p
         run(cfg)
 
 
+def test_a_weight_that_turns_non_finite_under_a_finite_step_is_never_written(colour_set, tmp_path, monkeypatch):
+    """The last guard before a checkpoint: a weight that an update made non-finite while the loss and the gradient
+    were finite (an overflowing update) stops the stage before any step checkpoint or ``final/`` holds it. Every
+    non-finite test had made the loss or gradient so, whose steps are skipped: the guard itself went untested."""
+    from alignlm.models.loading import finite
+
+    update = Trainer.optimizer_step
+
+    def overflowing(self, finite_step, data):
+        update(self, finite_step, data)
+        with torch.no_grad():
+            next(p for p in self.core().connector.parameters() if p.requires_grad).view(-1)[0] = float("inf")
+
+    monkeypatch.setattr(Trainer, "optimizer_step", overflowing)
+    cfg = compose(
+        *tiny_overrides(colour_set, tmp_path, "eval.sets=[]"), "run=[pretrain]", "stages.pretrain.max_steps=3"
+    )
+    with pytest.raises(TrainingError, match=r"stage pretrain: non-finite weights in \['connector\..*no checkpoint was"):
+        run(cfg)
+    written = list(tmp_path.rglob("*.safetensors"))
+    assert all(finite(t) for f in written for t in load_file(f).values()), written
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_a_non_finite_step_changes_no_weight_and_counts_no_step(colour_set, tmp_path, fused):
     """The fused optimizer skips on the device (its found_inf), the other one on the host: either way a non-finite

@@ -8,7 +8,16 @@ from functools import lru_cache
 import pytest
 
 from alignlm.constants import IGNORE_INDEX, IMAGE_TOKEN
-from alignlm.data.templates import TemplateError, TurnEnd, get_template, to_turns, tokenize, turn_end
+from alignlm.data.templates import (
+    TemplateError,
+    TurnEnd,
+    get_template,
+    plain_text_ids,
+    special_ids,
+    to_turns,
+    tokenize,
+    turn_end,
+)
 from alignlm.models.tokenizer import CHATML, build_tiny_tokenizer
 
 CONVERSATION = [
@@ -810,3 +819,14 @@ def test_an_exported_template_that_writes_bos_and_ends_in_a_line_break_prompts_a
         **tok.special_tokens_map,
     )
     assert got == want and got.endswith("assistant\n" + ending.replace("\r\n", "\n")[1:])
+
+
+def test_text_read_outside_training_never_holds_a_control_token():
+    """Captions and answers read outside training (the alignment probes, VLAP's word prior): a special token or
+    ``<image>`` written in them is its plain characters, as training tokenizes it inside a conversation; the tests
+    that use ``plain_text_ids`` took it as their own reference, so control tokens there had gone unseen."""
+    tok = build_tiny_tokenizer()
+    text = f"A {tok.eos_token} tag {IMAGE_TOKEN} here."
+    ids = plain_text_ids([text, "A tag here."], tok)
+    assert not set(ids[0]) & special_ids(tok)
+    assert ids[1] == tok("A tag here.", add_special_tokens=False)["input_ids"]  # nothing else changed
