@@ -3,6 +3,7 @@ chain with tiny models, and the zero-shot analysis of experiments/revision."""
 
 from __future__ import annotations
 
+import copy
 import json
 import runpy
 from pathlib import Path
@@ -125,6 +126,34 @@ def test_caption_embeddings_of_other_encoder_weights_than_the_towers_are_refused
         build_dataset(revision_data(colour_set, tmp_path / "texts"), model, seed=0)
     model.vision.encoder = SimpleNamespace(fingerprint=lambda: "seed0weights")
     assert len(build_dataset(revision_data(colour_set, tmp_path / "texts"), model, seed=0)) == 48
+
+
+def test_caption_embeddings_serve_the_same_encoder_stored_in_bf16(tiny_model, colour_set, tmp_path):
+    """Under mixed_precision=bf16 the trainer stores the frozen dual-encoder tower in bf16, whose weights hashed as
+    stored were another encoder to the fp32 encoder that embedded the captions: every bf16 ReVision run was refused at
+    its start, after its prepare steps. The fingerprint takes the weights at bf16's resolution; another encoder is
+    still another fingerprint, and shards that recorded the weights as stored (before) still match in fp32."""
+    from alignlm.models.encoders import OfflineDualEncoder, weights_fingerprint
+
+    encoder = OfflineDualEncoder(dim=8, image_size=64)
+    vectors, ids = torch.randn(48, 8, generator=torch.Generator().manual_seed(1)), [f"p{i}" for i in range(48)]
+    meta = shard_metadata(ids, "enc", "texts", encoder_fingerprint=encoder.fingerprint())
+    write_shard(tmp_path / "texts" / "shard_00000.safetensors", vectors, meta)
+    stored = weights_fingerprint(encoder, repr(encoder.image_spec))  # what shards recorded before
+    write_shard(tmp_path / "old" / "shard_00000.safetensors", vectors, {**meta, "encoder_fingerprint": stored})
+    model = tiny_model()
+    model.vision.encoder = encoder
+    model.vision.hidden_size = 8
+    assert len(build_dataset(revision_data(colour_set, tmp_path / "old"), model, seed=0)) == 48
+    encoder.to(torch.bfloat16)  # as the trainer stores a frozen part under bf16
+    assert len(build_dataset(revision_data(colour_set, tmp_path / "texts"), model, seed=0)) == 48
+    other = copy.deepcopy(encoder)
+    with torch.no_grad():
+        next(p for p in other.parameters() if p.ndim == 2)[0, 0] += 1.0  # one weight moved
+    assert other.fingerprint() != encoder.fingerprint()
+    model.vision.encoder = other
+    with pytest.raises(DataError, match="was embedded by encoder weights"):
+        build_dataset(revision_data(colour_set, tmp_path / "texts"), model, seed=0)
 
 
 def test_embed_noise_perturbs_each_caption_reproducibly_and_stays_on_the_sphere(tiny_model, colour_set, text_shards):

@@ -72,15 +72,19 @@ class DualEncoder(Protocol):
         """Its weights and image spec hashed: what embeddings made with it are checked against."""
 
 
-def weights_fingerprint(module: nn.Module, *context: str) -> str:
+def weights_fingerprint(module: nn.Module, *context: str, dtype: torch.dtype | None = None) -> str:
     """The bytes of every weight of ``module`` and the ``context`` that shapes its output (config, image spec),
     hashed: any change of a weight, a swap of two rows included, is another fingerprint (a sum and a sum of squares
-    per tensor, which a swap leaves equal, would not be). The key of the feature cache and of a method's stored embeddings."""
+    per tensor, which a swap leaves equal, would not be). The key of the feature cache and of a method's stored
+    embeddings. ``dtype``: each floating-point weight rounded to it first, so that its copies stored in that dtype or
+    wider give one fingerprint."""
     digest = hashlib.sha256()
     for part in context:
         digest.update(f"{len(part)}:{part}".encode())
     with torch.no_grad():
         for name, tensor in module.state_dict().items():
+            if dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(dtype)
             digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}:".encode())
             digest.update(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()[:16]
@@ -159,8 +163,21 @@ class _Weights(nn.Module):
 
     def fingerprint(self) -> str:
         """Its weights and image spec hashed: an encoder refitted into the same folder, under the same name, is
-        another encoder to the embeddings made with the old one."""
-        return weights_fingerprint(self, repr(self.image_spec))
+        another encoder to the embeddings made with the old one. The weights are taken at bf16's resolution: a tower
+        stored in bf16 under mixed precision (``trainer._store_frozen_in_half_precision``) is the encoder that
+        embedded the captions in fp32 (hashed as stored, ReVision refused every bf16 run at its start)."""
+        return weights_fingerprint(self, repr(self.image_spec), dtype=torch.bfloat16)
+
+    def fingerprints(self) -> set[str]:
+        """What embeddings made by this encoder may record: its :meth:`fingerprint`, and the one of its weights as
+        stored that embeddings written before the fingerprint was taken at bf16's resolution hold."""
+        return {self.fingerprint(), weights_fingerprint(self, repr(self.image_spec))}
+
+
+def known_fingerprints(encoder: Any) -> set[str]:
+    """The fingerprints that name ``encoder`` in what it embedded: :meth:`_Weights.fingerprints` for alignlm's own,
+    ``fingerprint()`` alone for another object of the ``DualEncoder`` API."""
+    return encoder.fingerprints() if hasattr(encoder, "fingerprints") else {encoder.fingerprint()}
 
 
 class HFDualEncoder(_Weights):

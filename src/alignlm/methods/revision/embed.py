@@ -36,7 +36,7 @@ from alignlm.data.images import decoded_batches
 from alignlm.data.records import DataError, image_names, image_paths, iter_records, record_caption
 from alignlm.methods.provenance import stamps_digest, strings_digest
 from alignlm.methods.revision.shards import open_shard, shard_metadata, write_shard
-from alignlm.models.encoders import DualEncoder, device_of, image_steps
+from alignlm.models.encoders import DualEncoder, device_of, image_steps, known_fingerprints
 
 log = logging.getLogger(__name__)
 
@@ -109,11 +109,12 @@ def embed_items(
     prepare, encode_prepared = image_steps(encoder)
     n_shards = (len(items) + shard_size - 1) // shard_size
     paths = [folder / f"shard_{k:05d}.safetensors" for k in range(n_shards)]
-    fingerprint = encoder.fingerprint()
+    fingerprint, known = encoder.fingerprint(), known_fingerprints(encoder)
     done = []
     for k, path in enumerate(paths):
         shard = items[k * shard_size : (k + 1) * shard_size]
-        done.append(_finished(path, [i for i, _ in shard], encoder.name, fingerprint, items_digest(modality, shard)))
+        ids, digest = [i for i, _ in shard], items_digest(modality, shard)
+        done.append(_finished(path, ids, encoder.name, (fingerprint, known), digest))
     _remove_past(folder, n_shards)  # after the checks: a folder of another encoder is refused untouched
     for path in (p for p, d in zip(paths, done) if d):
         _relabel(path, encoder.name)
@@ -175,8 +176,9 @@ def _remove_past(folder: Path, n_shards: int) -> None:
             path.unlink()
 
 
-def _finished(path: Path, ids: list[str], encoder: str, fingerprint: str, items: str) -> bool:
+def _finished(path: Path, ids: list[str], encoder: str, weights: tuple[str, set[str]], items: str) -> bool:
     """Whether a shard already holds exactly these ids from this encoder's weights and the items as they are now.
+    ``weights``: the encoder's fingerprint and every one that names it (``models.encoders.known_fingerprints``).
 
     The weights decide, not the name (a CLIP folder's name is its path as the run spells it). Other weights under
     another name are another encoder, an error, not a redo: its embeddings may be wanted, and ReAlign cannot mix two
@@ -186,7 +188,8 @@ def _finished(path: Path, ids: list[str], encoder: str, fingerprint: str, items:
     if not path.exists():
         return False
     shard = open_shard(path)
-    if shard.encoder_fingerprint != fingerprint:
+    fingerprint, known = weights
+    if shard.encoder_fingerprint not in known:
         if shard.encoder != encoder:
             raise ValueError(
                 f"{path} holds embeddings of another encoder: {shard.encoder!r} (weights "

@@ -31,6 +31,7 @@ from alignlm.data.hooks import HookedDataset, SampleHook
 from alignlm.data.records import DataError, Source
 from alignlm.methods.revision.realign import ReAlignStats
 from alignlm.methods.revision.shards import ShardTable
+from alignlm.models.encoders import known_fingerprints
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class TextEmbeddingHook(SampleHook):
         if encoder is None or not hasattr(encoder, "fingerprint") or not stored:
             return  # a tower that is no dual encoder, or shards written before they recorded the weights
         weights = encoder.fingerprint()
-        if stored != [weights]:
+        if not set(stored) <= known_fingerprints(encoder):
             raise DataError(
                 f"{self.where} was embedded by encoder weights {stored}, but model.vision's encoder has weights "
                 f"{weights}: the captions stand in for this tower's image embeddings, so embed them with it (one "
