@@ -150,3 +150,26 @@ def test_embed_images_with_workers_writes_the_same_shards(tmp_path, tiny_clip, c
     broken.write_bytes(b"not a png")
     with pytest.raises(ValueError, match="broken.png"):
         embed_items(encoder, "images", [*items[:2], ("x", broken)], tmp_path / "c", batch_size=2, num_workers=2)
+
+
+def test_shards_that_recorded_the_weights_as_stored_are_kept_and_take_the_fingerprint_of_now(
+    tmp_path, tiny_clip, colour_set, alignlm_log
+):
+    """A shard written before the fingerprint took the weights at bf16's resolution holds the weights' fingerprint as
+    stored: the same encoder, kept (nothing embedded again), and its record rewritten to this fingerprint, which the
+    tower stored in bf16 under mixed precision matches (the old one only an fp32 tower did)."""
+    from alignlm.methods.revision.shards import open_shard, write_shard
+    from alignlm.models.encoders import weights_fingerprint
+
+    encoder = HFDualEncoder(str(tiny_clip))
+    items = collect_texts(colour_set["pretrain"])[:12]
+    (path,) = embed_items(encoder, "texts", items, tmp_path, shard_size=20)
+    shard = open_shard(path)
+    before = weights_fingerprint(encoder, repr(encoder.image_spec))
+    assert before != encoder.fingerprint()
+    write_shard(path, np.array(shard.matrix()), {**shard.metadata, "encoder_fingerprint": before})
+    embed_items(encoder, "texts", items, tmp_path, shard_size=20)
+    again = open_shard(path)
+    assert again.encoder_fingerprint == encoder.fingerprint()
+    assert np.array_equal(np.array(again.matrix()), np.array(shard.matrix()))
+    assert "embedding again" not in alignlm_log.text

@@ -117,7 +117,7 @@ def embed_items(
         done.append(_finished(path, ids, encoder.name, (fingerprint, known), digest))
     _remove_past(folder, n_shards)  # after the checks: a folder of another encoder is refused untouched
     for path in (p for p, d in zip(paths, done) if d):
-        _relabel(path, encoder.name)
+        _relabel(path, encoder.name, fingerprint)
     bar = tqdm(
         total=len(items),
         initial=sum(min(shard_size, len(items) - k * shard_size) for k, d in enumerate(done) if d),
@@ -219,11 +219,15 @@ def _finished(path: Path, ids: list[str], encoder: str, weights: tuple[str, set[
     return True
 
 
-def _relabel(path: Path, encoder: str) -> None:
+def _relabel(path: Path, encoder: str, fingerprint: str) -> None:
     """Write a kept shard's ``encoder`` as this run names the same weights, so every shard of the folder names one
-    encoder (ReAlign refuses shards of two names, and records the one it fitted on); the embeddings are kept."""
+    encoder (ReAlign refuses shards of two names, and records the one it fitted on), and its ``encoder_fingerprint``
+    as this encoder's fingerprint is taken now (a shard written before the fingerprint took the weights at bf16's
+    resolution: the bf16 tower that trains on it matches only that one); the embeddings are kept."""
     shard = open_shard(path)
-    if shard.encoder == encoder:
+    if shard.encoder == encoder and shard.encoder_fingerprint == fingerprint:
         return
-    log.info("%s: the same encoder weights, named %r before and %r now: renamed", path, shard.encoder, encoder)
-    write_shard(path, np.array(shard.matrix()), {**shard.metadata, "encoder": encoder})
+    if shard.encoder != encoder:
+        log.info("%s: the same encoder weights, named %r before and %r now: renamed", path, shard.encoder, encoder)
+    meta = {**shard.metadata, "encoder": encoder, "encoder_fingerprint": fingerprint}
+    write_shard(path, np.array(shard.matrix()), meta)
