@@ -19,9 +19,11 @@ import torch
 from accelerate.state import AcceleratorState, GradientState, PartialState
 from tqdm.auto import tqdm
 
+from alignlm.objectives.base import LossTerm
+from alignlm.objectives.lm import LMObjective
 from alignlm.pipeline import make_accelerator, run
 from alignlm.training.logging import get_logger
-from alignlm.training.trainer import StopTraining, Trainer
+from alignlm.training.trainer import StopTraining, Trainer, TrainingError
 from tests.conftest import RANKS, compose, tiny_overrides
 
 
@@ -184,6 +186,49 @@ def test_each_stage_starts_with_a_fresh_fp16_loss_scale(colour_set, tmp_path):
     assert (acc.scaler.get_scale(), acc.scaler._get_growth_tracker()) == (2.0**27, 1)
     Trainer(cfg, "finetune", acc).setup()
     assert acc.scaler.state_dict() == fresh
+
+
+def scaled_trainer(cfg, scaler: torch.amp.GradScaler) -> Trainer:
+    """The stage's trainer with fp16's loss scaler as accelerate's fp16 mode sets one up (fp16 itself is refused on
+    the CPU)."""
+    acc = make_accelerator(cfg)
+    acc.scaler = scaler
+    trainer = Trainer(cfg, "pretrain", acc)
+    acc.unscale_gradients = lambda optimizer=None: acc.scaler.unscale_(trainer.optimizer.optimizer)
+    return trainer
+
+
+def test_a_stage_whose_every_update_the_fp16_scaler_skipped_writes_nothing(colour_set, tmp_path):
+    """Every step's gradient overflowed and the scaler backed off each time: the stage had ended with exit 0 and a
+    final/ holding the weights it started from, its summary "loss 6.237 -> 6.199 (8 steps)"."""
+    cfg = compose(*two_stages(colour_set, tmp_path, "run=[pretrain]", "stages.pretrain.max_steps=3"))
+    # fp32 gradients overflow at 2**127 as fp16's do at 2**16; a back-off factor near 1 keeps the scale there
+    trainer = scaled_trainer(cfg, torch.amp.GradScaler("cpu", init_scale=2.0**127, backoff_factor=0.99))
+    with pytest.raises(TrainingError, match=r"stage pretrain: no step updated the weights: fp16's loss scaler skipped all 3"):  # fmt: skip
+        trainer.fit()
+    assert not (tmp_path / "t" / "pretrain" / "final").exists()
+
+
+class GradientNotFinite(LMObjective):
+    """The LM loss plus a term worth 0 whose gradient is NaN (a square root's at 0): a finite loss, no finite
+    gradient."""
+
+    def forward(self, batch, out, model):
+        term = super().forward(batch, out, model)
+        return LossTerm(term.loss + torch.sqrt((out.visual_tokens - out.visual_tokens.detach()).abs().sum()))
+
+
+def test_a_gradient_not_finite_at_a_scale_of_one_is_divergence_not_the_scalers_back_off(colour_set, tmp_path):
+    """An overflow at a loss scale of 1 or below is no scaling's doing: it had been taken for the scaler's back-off at
+    every step (nothing updated, the stage never stopped, the scale halving towards 0); it counts as a non-finite step
+    and stops the stage as one does."""
+    cfg = compose(
+        *two_stages(colour_set, tmp_path, "run=[pretrain]", "stages.pretrain.max_steps=3", "nonfinite.stop_after=2"),
+        f"stages.pretrain.objectives.lm._target_={__name__}.GradientNotFinite",
+    )
+    trainer = scaled_trainer(cfg, torch.amp.GradScaler("cpu", init_scale=1.0))
+    with pytest.raises(TrainingError, match=r"non-finite loss or gradient"):
+        trainer.fit()
 
 
 def test_the_console_log_goes_to_stderr_as_it_is_at_each_line(monkeypatch):

@@ -126,8 +126,9 @@ class StepLog:
     """One step's logged values: device tensors until the next fetch, plus what the host already knows.
 
     ``device["nonfinite"]`` is 1 when the step's loss or gradient norm was not finite (nothing was updated). Under
-    fp16's loss scaler a gradient that overflowed while the loss was finite is the scaler's ordinary back-off, not
-    divergence: ``device["scaler/overflow"]`` is 1 instead (nothing updated either; the scale halves).
+    fp16's loss scaler a gradient that overflowed while the loss was finite and the scale above 1 is the scaler's
+    ordinary back-off, not divergence: ``device["scaler/overflow"]`` is 1 instead (nothing updated either; the scale
+    halves).
     ``device["nodata"]`` is 1 on every rank when no rank had a micro-batch of data: the ranks ran stand-ins only,
     nothing was updated, and the fetch drops the step as it drops one process's step of only bad data."""
 
@@ -728,6 +729,8 @@ class Trainer:
                 v = nothing if v is None else v
                 sums[k] = sums[k] + v if k in sums else v
         max_norm = float(self.stage.get("max_grad_norm", 1.0))
+        scale = getattr(acc.scaler, "_scale", None)  # fp16: the scale this step's backward ran at (updated below)
+        scaled = None if scale is None else scale > 1
         if self.engine is not None:  # reduces, clips to max_grad_norm and skips a step whose gradient is not finite
             self.engine.step()
             grad_norm = zero.grad_norm(self.engine, acc.device)
@@ -750,9 +753,12 @@ class Trainer:
             if name in held:  # one registered in this step's forward has nothing to go back to
                 now.copy_(torch.where(finite & has_data, now, held[name]))
         diverged = ~finite & has_data  # a step of no data was skipped, not diverged
-        # fp16: a gradient that overflowed under a finite loss is the loss scaler backing off, not divergence
+        # fp16: a gradient that overflowed under a finite loss is the loss scaler backing off, not divergence, where
+        # the scale was above 1; at 1 or below no scaling made it overflow, and backing off for ever (every step
+        # skipped, the stage never stopped) had hidden a gradient that is not finite
         if self.acc.scaler is not None:
             overflow = torch.isfinite(sums["loss/total"]) & diverged
+            overflow = overflow if scaled is None else overflow & scaled
             sums["scaler/overflow"] = overflow.float()
             diverged = diverged & ~overflow
         sums["nonfinite"] = diverged.float()
@@ -1128,10 +1134,10 @@ class Trainer:
             raise StopTraining(f"stopped after step {stop_at} of {self.total_steps} ({why}); rerun to resume")
         # the whole stage, every resumed segment included: the main process reads its log and every rank learns it
         # (steps trained, first and last loss); the other ranks had kept every step's loss for it
-        trained = self.logged_losses() if acc.is_main_process else []
+        trained, updated = self.logged_losses() if acc.is_main_process else ([], 0)
         gone = acc.is_main_process and not metrics.path.exists()  # written on, unlinked: the folder went mid-stage
-        span = (len(trained), trained[0], trained[-1], gone) if trained else (0, None, None, gone)
-        count, first, last, gone = gather_object([span if acc.is_main_process else None])[0]
+        span = (len(trained), trained[0], trained[-1], updated, gone) if trained else (0, None, None, 0, gone)
+        count, first, last, updated, gone = gather_object([span if acc.is_main_process else None])[0]
         if gone:  # told as a stage where every micro-batch was bad data
             raise TrainingError(
                 f"stage {self.name}: its log {metrics.path} is gone: was the stage's folder removed or replaced while "
@@ -1146,6 +1152,12 @@ class Trainer:
             raise TrainingError(
                 f"stage {self.name}: no step trained, {why}; nothing was written. Left out: "
                 f"{'; '.join(self.report.lines())}"
+            )
+        if not updated:  # its final/ would hold the weights it started from, as if trained
+            raise TrainingError(
+                f"stage {self.name}: no step updated the weights: fp16's loss scaler skipped all {count} (each "
+                "gradient overflowed, the scale halving each time); nothing was written. Train more steps, or use "
+                "mixed_precision=bf16"
             )
         final = self.save_final()
         sps, tps, pps = meter.stage_rates()
@@ -1189,9 +1201,11 @@ class Trainer:
             next((d for _, d in verdicts if d is not None), None),
         )
 
-    def logged_losses(self) -> list[float]:
-        """Every finite ``loss/total`` of the stage's ``metrics.jsonl`` (all segments; the main process writes it)."""
-        return [r["loss/total"] for r in read_rows(self.dir / "metrics.jsonl") if r.get("loss/total") is not None]
+    def logged_losses(self) -> tuple[list[float], int]:
+        """Every finite ``loss/total`` of the stage's ``metrics.jsonl`` (all segments; the main process writes it),
+        and how many of those steps updated the weights: fp16's loss scaler skips one whose gradient overflowed."""
+        rows = [r for r in read_rows(self.dir / "metrics.jsonl") if r.get("loss/total") is not None]
+        return [r["loss/total"] for r in rows], sum(not r.get("scaler/overflow") for r in rows)
 
     def merged_report(self) -> DataReport:
         """Every rank's report summed (an all-gather of a small object)."""
