@@ -29,7 +29,9 @@ def scenarios() -> dict[str, list[dict[str, torch.Tensor]]]:
     """Per scenario, each rank's pairs: pooled images ``visual``, ``captions``, ``caption_of_image``, caption ``keys``.
 
     ``unequal``: 3 images over 2 captions and 5 over 4, key 10 on both ranks (rank 1's copy has a vector of its own:
-    only the first occurrence may count); ``text_only``: rank 0 has no pair; ``none``: no rank has one."""
+    only the first occurrence may count); ``text_only``: rank 0 has no pair; ``none``: no rank has one;
+    ``bigger_first``: ``unequal``'s sizes on the other ranks, where slicing a rank's first-occurrence flags by its own
+    caption count instead of the padded one goes wrong (with the smaller rank first the two agree)."""
     g = torch.Generator().manual_seed(0)
 
     def rank(keys: list[int], caption_of_image: list[int]) -> dict[str, torch.Tensor]:
@@ -44,6 +46,7 @@ def scenarios() -> dict[str, list[dict[str, torch.Tensor]]]:
         "unequal": [rank([10, 11], [0, 0, 1]), rank([12, 10, 13, 14], [3, 1, 0, 2, 1])],
         "text_only": [rank([], []), rank([20, 21, 22], [0, 1, 2, 2])],
         "none": [rank([], []), rank([], [])],
+        "bigger_first": [rank([32, 30, 33, 34], [3, 1, 0, 2, 1]), rank([30, 31], [0, 0, 1])],
     }
 
 
@@ -223,18 +226,7 @@ def test_one_process_is_the_local_loss_and_gather_is_validated(tiny_model):
 def _stand_in_rank(rank: int, port: int, out: str, data: str) -> None:
     """One gloo rank of a tiny contrastive stage: one step, rank 0 on the first 4 records, rank 1 on a stand-in for a
     micro-batch of bad data; rank 0 saves the step's logged row."""
-    import os
-
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(WORLD),
-        LOCAL_WORLD_SIZE=str(WORLD),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        ACCELERATE_USE_CPU="1",
-    )
-    torch.set_num_threads(1)
+    _two_rank_env(rank, port)
     trainer = _contrastive_trainer(Path(data), Path(out) / "ranks")
     bad = {"input_ids": None, "skipped": [], "lm_targets": []}
     micro = trainer.collator()([trainer.dataset[i] for i in range(4)]) if rank == 0 else bad
@@ -245,7 +237,7 @@ def _stand_in_rank(rank: int, port: int, out: str, data: str) -> None:
     torch.distributed.destroy_process_group()  # gloo's threads ended before exit (one aborted the process otherwise)
 
 
-def _contrastive_trainer(data: Path, out: Path):
+def _contrastive_trainer(data: Path, out: Path, learnable: bool = False):
     from alignlm.config import compose
     from alignlm.pipeline import make_accelerator
     from alignlm.training.trainer import Trainer
@@ -257,7 +249,7 @@ def _contrastive_trainer(data: Path, out: Path):
             sets,
             out,
             "+objective@stages.pretrain.objectives.contrastive=contrastive",
-            "stages.pretrain.objectives.contrastive.learnable_temperature=false",
+            f"stages.pretrain.objectives.contrastive.learnable_temperature={str(learnable).lower()}",
         )
     )
     trainer = Trainer(cfg, "pretrain", make_accelerator(cfg))
@@ -290,4 +282,61 @@ def test_a_rank_standing_in_for_bad_data_leaves_the_gathered_loss_its_weight(tmp
     theirs = one.fetch([one.step([one.collator()([one.dataset[i] for i in range(4)])], 1)])[0][1]
     ours = torch.load(tmp_path / "ranks.pt")
     for key in ("loss/total", "loss/lm", "loss/contrastive", "grad_norm"):
+        assert ours[key] == pytest.approx(theirs[key], rel=1e-5), key
+
+
+def _two_rank_env(rank: int, port: int) -> None:
+    """This process as gloo rank ``rank`` of two on the CPU, as a launcher would set it up."""
+    import os
+
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(WORLD),
+        LOCAL_WORLD_SIZE=str(WORLD),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        ACCELERATE_USE_CPU="1",
+    )
+    torch.set_num_threads(1)
+
+
+def _learnable_rank(rank: int, port: int, out: str, data: str) -> None:
+    """One gloo rank of a contrastive stage with a learned temperature: one step on its two of the first 4 records."""
+    _two_rank_env(rank, port)
+    trainer = _contrastive_trainer(Path(data), Path(out) / "ranks", learnable=True)
+    rows = trainer.fetch(
+        [trainer.step([trainer.collator()([trainer.dataset[i] for i in (2 * rank, 2 * rank + 1)])], 1)]
+    )
+    if rank == 0:
+        torch.save(rows[0][1], Path(out) / "ranks.pt")
+    trainer.acc.wait_for_everyone()
+    torch.distributed.destroy_process_group()
+
+
+@RANKS
+def test_two_ranks_average_a_learned_temperatures_gradient_as_one_process_on_their_samples(tmp_path, monkeypatch):
+    """An objective's parameters live outside the DDP model and the trainer averages their gradients itself: a sum
+    had doubled the temperature's gradient on two ranks (the logged gradient norm, the clipping, an SGD update), and
+    the two-rank tests had fixed the temperature."""
+    from tests.conftest import write_colour_set
+
+    data = write_colour_set(tmp_path / "data", n=8)["pretrain"].parent
+    context = mp.start_processes(
+        _learnable_rank, args=(free_port(), str(tmp_path), str(data)), nprocs=WORLD, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + 180
+    try:
+        while not context.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail("the gloo ranks did not finish: a collective hung")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    one = _contrastive_trainer(data, tmp_path / "one", learnable=True)
+    theirs = one.fetch([one.step([one.collator()([one.dataset[i] for i in range(4)])], 1)])[0][1]
+    ours = torch.load(tmp_path / "ranks.pt")
+    for key in ("loss/total", "loss/contrastive", "grad_norm"):
         assert ours[key] == pytest.approx(theirs[key], rel=1e-5), key

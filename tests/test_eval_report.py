@@ -2107,3 +2107,17 @@ def test_a_runs_own_sets_scored_otherwise_than_its_final_evaluation_are_said(tmp
     assert "scored with" not in alignlm_log.text
     eval_sets({**same, "seed": 5}, run, "ck")  # sampled: the final evaluation sampled under seed 0
     assert "ck: its run's sets are scored with seed=5, where its run's final evaluation had seed=0" in alignlm_log.text
+
+
+def test_choice_accuracy_is_over_the_records_with_choices(monkeypatch):
+    """The lenient names-the-choice score is over the ``choice_n`` records that have choices: over every record, a set
+    where half have none read 0.5 for a model naming every right choice."""
+    two = {"choices": ["red", "blue"]}
+    preds = [
+        ("q0", "It is red.", {"answer": "red", "meta": two}),
+        ("q1", "blue", {"answer": "blue", "meta": two}),
+        ("q2", "red", {"answer": "red"}),
+        ("q3", "green", {"answer": "green"}),
+    ]
+    r = _answer_accuracy_of(monkeypatch, preds)
+    assert r["choice_n"] == 2 and r["choice_scores"] == {"q0": 1.0, "q1": 1.0} and r["choice_accuracy"] == 1.0

@@ -634,3 +634,22 @@ def test_a_bfloat16_model_is_exported_in_bfloat16_with_its_weights_and_config_sa
     assert torch.equal(hf.lm_head.weight, model.llm.get_output_embeddings().weight)
     hf.save_pretrained(tmp_path / "llava")
     assert json.loads((tmp_path / "llava" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_a_llava_folder_whose_config_disagrees_with_the_model_is_refused_and_an_export_counts_its_tokens(
+    tiny_model, tmp_path
+):
+    """The weights fit whatever the folder's image token or feature layer says: without the comparison a model had
+    answered with another image token or layer, silently. The exported config's ``image_seq_length`` (serving tools
+    size an image's placeholder by it) is the model's count, not LLaVA-1.5's 576."""
+    from alignlm.export.hf_llava import load_llava_weights, to_llava
+
+    model = tiny_model()
+    load_llava_weights(model, _llava_folder(model, tmp_path / "good"))  # its own export loads
+    layer = model.vision.select_layer
+    for field, value in (("image_token_index", model.image_token_id - 1), ("vision_feature_layer", layer - 1)):
+        bad = _llava_folder(model, tmp_path / field, **{field: value})
+        with pytest.raises(ValueError, match="the Llava config disagrees with model config"):
+            load_llava_weights(model, bad)
+    config = to_llava(model).config
+    assert (config.image_seq_length, config.image_token_index) == (model.num_image_tokens, model.image_token_id)

@@ -288,3 +288,45 @@ def test_a_frozen_copy_reference_under_autocast_is_stored_half_and_gives_the_pol
     assert linears and all(m.weight.dtype == torch.bfloat16 for m in linears)
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)  # the policy is untouched
     assert term.metrics["rewards/margin"].item() == 0.0 and term.loss.item() == pytest.approx(math.log(2))
+
+
+def test_ipo_targets_a_margin_of_half_over_beta():
+    """IPO is (h - 1/(2 beta))^2; the one check there was (h 1.5, beta 0.5) gives 0.25 for (h - 1/beta)^2 too."""
+    pc, pr, rc, rr = (torch.tensor([v]) for v in (-1.0, -2.0, -1.5, -1.0))  # h = 1.5
+    for beta in (0.1, 0.25, 2.0):
+        assert preference_loss(pc, pr, rc, rr, beta, loss="ipo").item() == pytest.approx((1.5 - 1 / (2 * beta)) ** 2)
+
+
+def test_auto_reference_is_a_copy_when_the_stage_trains_more_than_lora_adapters(tiny_model):
+    """``auto`` disables the adapters only when every trained parameter is one: with the connector trained too, the
+    adapters-off model moves with the connector, and would not be the starting model."""
+    model = tiny_model()
+    apply_stage(model, {"connector": "full", "llm": "lora"}, {"r": 4, "alpha": 8, "dropout": 0.0})
+    objective = PreferenceObjective(reference="auto")
+    objective.setup(model, None)
+    assert objective.reference == "copy"
+    with pytest.raises(ValueError, match="reference=adapters needs a stage whose only trained parameters"):
+        PreferenceObjective(reference="adapters").setup(model, None)
+
+
+def rewards_of(policy: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
+    """The logged metrics of a DPO step (beta 0.1) on two pairs, the first answer of each chosen."""
+    objective = PreferenceObjective(beta=0.1, reference="copy")
+    objective.reference_logps = lambda batch, model: reference.clone()
+    batch = {"pair": torch.tensor([0, 0, 1, 1]), "chosen": torch.tensor([1, 0, 1, 0]), "num_samples": 4}
+    term = objective(batch, SimpleNamespace(sample_logps=policy.clone(), lm_loss=torch.zeros(())), None)
+    return {k: v.item() for k, v in term.metrics.items()} | {"loss": term.loss.item()}
+
+
+def test_logged_rewards_are_beta_times_the_log_ratio_and_a_tie_is_no_right_preference():
+    """The implicit rewards are beta (log pi - log ref), as TRL logs them (without beta they read 10x at beta 0.1);
+    a tie (the policy is the reference: step 1 of every DPO stage) is no pair preferred rightly (1.0 had been logged
+    there)."""
+    got = rewards_of(torch.tensor([-3.0, -5.0, -2.0, -2.5]), torch.tensor([-4.0, -4.0, -2.5, -2.0]))
+    chosen, rejected = 0.1 * torch.tensor([1.0, 0.5]), 0.1 * torch.tensor([-1.0, -0.5])
+    assert got["rewards/chosen"] == pytest.approx(chosen.mean().item())
+    assert got["rewards/rejected"] == pytest.approx(rejected.mean().item())
+    assert got["rewards/margin"] == pytest.approx((chosen - rejected).mean().item())
+    same = torch.tensor([-3.0, -5.0, -2.0, -2.5])
+    tie = rewards_of(same, same)
+    assert tie["rewards/margin"] == 0.0 and tie["rewards/accuracy"] == 0.0 and tie["loss"] == pytest.approx(math.log(2))

@@ -324,3 +324,16 @@ def test_the_cli_refuses_a_launch_of_several_processes(tmp_path, pair, monkeypat
     with pytest.raises(SystemExit, match=rf"alignlm realign {command} runs in one process, but it was launched as 2"):
         main(["realign", command, "--texts", str(tmp_path / "txt"), *args])
     assert not (tmp_path / "out.safetensors").exists() and not (tmp_path / "out").exists()
+
+
+def test_the_covariance_step_applies_the_map_transposed_to_the_rows(tmp_path):
+    """Anchor + Covariance is y1 = norm((y - mu_y) A^T + mu_x), A not symmetric: the test of the covariance map
+    computed ``@ A.T`` itself, so ``anchor_`` applying ``A`` went unseen."""
+    g = torch.Generator().manual_seed(0)
+    images = cone(300, F.normalize(torch.randn(32, generator=g), dim=0), 0.08, 1)
+    texts = cone(200, F.normalize(torch.randn(32, generator=g), dim=0), 0.15, 2)
+    stats = fit_tensors(tmp_path, images, texts, covariance=0.0)
+    assert (stats.A - stats.A.T).abs().max() > 1e-3  # not symmetric: the orientation matters
+    y = F.normalize(texts.double(), dim=-1)
+    want = F.normalize((y - stats.mu_y) @ stats.A.T + stats.mu_x, dim=-1)
+    torch.testing.assert_close(stats.anchor_(y.clone()), want, rtol=0, atol=1e-10)

@@ -167,3 +167,36 @@ def test_a_trainable_tower_with_batch_normalisation_relates_a_micro_batchs_sampl
     assert sample_relations(model, {}) == ["model.vision"]
     model.frozen_parts = {"vision"}
     assert sample_relations(model, {}) == []
+
+
+def test_the_ranks_micro_step_together_hold_one_process_micro_batch_of_the_same_step():
+    """Micro-step a of the W ranks (what they train on at once: a gathered contrastive batch, a step's length sort) is
+    micro-batch a of one process with W times the per-device batch; a [world, accum] view had kept every sample and
+    every step's batch but given rank 0 the first micro-steps' samples and rank 1 the last ones."""
+    for lengths in (None, [((i * 7919) % 53) + 1 for i in range(40)]):
+        kw = dict(num_samples=40, accum=2, seed=3, total_steps=6, lengths=lengths)
+        ranks = [list(StepSampler(per_device=2, world=2, rank=r, **kw)) for r in range(2)]
+        one = list(StepSampler(per_device=4, world=1, rank=0, **kw))
+        for i, micro in enumerate(one):
+            assert sorted(ranks[0][i] + ranks[1][i]) == sorted(micro)
+
+
+def test_band_grouping_shuffles_its_batches_not_longest_first():
+    """``band`` sorts each group by length and cuts it into batches, then shuffles the batches: unshuffled, every epoch
+    ran its batches longest first (a curriculum nobody asked for)."""
+    lengths = list(range(1, 65))
+    for seed in range(3):
+        sampler = StepSampler(
+            num_samples=64,
+            per_device=4,
+            world=1,
+            rank=0,
+            accum=1,
+            seed=seed,
+            total_steps=16,
+            lengths=lengths,
+            grouping="band",
+            group_size=16,
+        )
+        means = [sum(lengths[i] for i in b) / len(b) for b in sampler]
+        assert means != sorted(means, reverse=True)

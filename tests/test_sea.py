@@ -902,3 +902,23 @@ def test_the_sea_objective_without_its_labels_hook_is_refused_before_anything_tr
     with pytest.raises(ConfigError, match=r"stages.finetune.objectives.sea needs the data hook .*SeaLabelHook among"):
         check_config(compose(f"output_dir={tmp_path}", "+exp=demo", "+objective@stages.finetune.objectives.sea=sea"))
     check_config(compose(f"output_dir={tmp_path}", "+exp=sea"))  # the recipe has it
+
+
+def test_a_words_embedding_is_the_mean_of_all_its_sub_tokens():
+    """A label word the tokenizer splits (" circle" in three pieces) is the mean of its pieces' input embeddings, not
+    its first piece's (no word of the tiny vocabulary split)."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from alignlm.methods.sea.objective import word_embeddings
+
+    table = nn.Embedding(10, 3)
+    vocab = {" red": [1, 2], " circle": [3, 4, 5], " sky": [6]}
+    model = SimpleNamespace(
+        llm=SimpleNamespace(get_input_embeddings=lambda: table),
+        tokenizer=lambda text, add_special_tokens=False: {"input_ids": vocab[text]},
+    )
+    w = table.weight.detach()
+    want = torch.stack([w[[1, 2]].mean(0), w[[3, 4, 5]].mean(0), w[6]])
+    torch.testing.assert_close(word_embeddings(model, ["red", "circle", "sky"]), want)

@@ -274,3 +274,28 @@ def test_a_trained_table_gives_this_steps_prototypes_whatever_the_optimizer(tiny
     assert not torch.equal(obj.prototypes(weight), first)
     weight.requires_grad_(False)  # a frozen table: computed once, kept while it is unchanged
     assert obj.prototypes(weight) is obj.prototypes(weight)
+
+
+def test_the_word_prior_is_the_softmax_of_log_counts_over_the_temperature():
+    """mu = softmax(log(count + 1) / T), by hand: counts 0, 1, 3 at T 0.25 give shares 1 : 16 : 256 (the test before
+    compared the objective's prior with this same function)."""
+    mu = log_word_prior(torch.tensor([0, 1, 3]), 0.25).exp()
+    torch.testing.assert_close(mu, torch.tensor([1.0, 16.0, 256.0], dtype=torch.float64) / 273.0)
+    flat = log_word_prior(torch.tensor([0, 1, 3]), 1.0).exp()  # T = 1: proportional to count + 1
+    torch.testing.assert_close(flat, torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64) / 7.0)
+
+
+def test_the_word_prior_counts_only_the_records_an_epoch_draws_from_a_fractional_pool():
+    """Of a pool (start, stop, take) only the first ``take`` positions stand for the epoch's share of its records."""
+    from alignlm.objectives.vlap import caption_texts
+
+    class Pooled:
+        pools = [(2, 6, 1)]  # positions 2..5, one drawn an epoch: 3, 4 and 5 stand for nothing
+
+        def __len__(self):
+            return 7
+
+        def record(self, i):
+            return None, {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": f"c{i}"}]}
+
+    assert list(caption_texts(Pooled())) == ["c0", "c1", "c2", "c6"]
