@@ -153,11 +153,13 @@ def test_embed_images_with_workers_writes_the_same_shards(tmp_path, tiny_clip, c
 
 
 def test_shards_that_recorded_the_weights_as_stored_are_kept_and_take_the_fingerprint_of_now(
-    tmp_path, tiny_clip, colour_set, alignlm_log
+    tmp_path, tiny_clip, colour_set, alignlm_log, monkeypatch
 ):
     """A shard written before the fingerprint took the weights at bf16's resolution holds the weights' fingerprint as
     stored: the same encoder, kept (nothing embedded again), and its record rewritten to this fingerprint, which the
-    tower stored in bf16 under mixed precision matches (the old one only an fp32 tower did)."""
+    tower stored in bf16 under mixed precision matches (the old one only an fp32 tower did). In a folder that cannot
+    be written (shared, read-only) it is kept as it is, with a warning: the rewrite had failed the prepare step."""
+    from alignlm.methods.revision import embed
     from alignlm.methods.revision.shards import open_shard, write_shard
     from alignlm.models.encoders import weights_fingerprint
 
@@ -168,6 +170,11 @@ def test_shards_that_recorded_the_weights_as_stored_are_kept_and_take_the_finger
     before = weights_fingerprint(encoder, repr(encoder.image_spec))
     assert before != encoder.fingerprint()
     write_shard(path, np.array(shard.matrix()), {**shard.metadata, "encoder_fingerprint": before})
+    with monkeypatch.context() as m:
+        m.setattr(embed, "write_shard", lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
+        embed_items(encoder, "texts", items, tmp_path, shard_size=20)
+    assert open_shard(path).encoder_fingerprint == before
+    assert "kept as written, its encoder fingerprint of before" in alignlm_log.text
     embed_items(encoder, "texts", items, tmp_path, shard_size=20)
     again = open_shard(path)
     assert again.encoder_fingerprint == encoder.fingerprint()

@@ -1134,10 +1134,10 @@ class Trainer:
             raise StopTraining(f"stopped after step {stop_at} of {self.total_steps} ({why}); rerun to resume")
         # the whole stage, every resumed segment included: the main process reads its log and every rank learns it
         # (steps trained, first and last loss); the other ranks had kept every step's loss for it
-        trained, updated = self.logged_losses() if acc.is_main_process else ([], 0)
+        trained, skipped = self.logged_losses() if acc.is_main_process else ([], (0, 0))
         gone = acc.is_main_process and not metrics.path.exists()  # written on, unlinked: the folder went mid-stage
-        span = (len(trained), trained[0], trained[-1], updated, gone) if trained else (0, None, None, 0, gone)
-        count, first, last, updated, gone = gather_object([span if acc.is_main_process else None])[0]
+        span = (len(trained), trained[0], trained[-1], skipped, gone) if trained else (0, None, None, (0, 0), gone)
+        count, first, last, (overflowed, nonfinite), gone = gather_object([span if acc.is_main_process else None])[0]
         if gone:  # told as a stage where every micro-batch was bad data
             raise TrainingError(
                 f"stage {self.name}: its log {metrics.path} is gone: was the stage's folder removed or replaced while "
@@ -1153,11 +1153,12 @@ class Trainer:
                 f"stage {self.name}: no step trained, {why}; nothing was written. Left out: "
                 f"{'; '.join(self.report.lines())}"
             )
-        if not updated:  # its final/ would hold the weights it started from, as if trained
+        if overflowed + nonfinite >= count:  # its final/ would hold the weights it started from, as if trained
+            why = [f"fp16's loss scaler skipped {overflowed} (their gradients overflowed)"] if overflowed else []
+            why += [f"{nonfinite} had a gradient that was not finite (steps {self.nonfinite})"] if nonfinite else []
             raise TrainingError(
-                f"stage {self.name}: no step updated the weights: fp16's loss scaler skipped all {count} (each "
-                "gradient overflowed, the scale halving each time); nothing was written. Train more steps, or use "
-                "mixed_precision=bf16"
+                f"stage {self.name}: no step updated the weights: of its {count} steps, {' and '.join(why)}; nothing "
+                f"was written. {self.nonfinite_advice() if nonfinite else 'Train more steps, or use bf16'}"
             )
         final = self.save_final()
         sps, tps, pps = meter.stage_rates()
@@ -1201,11 +1202,13 @@ class Trainer:
             next((d for _, d in verdicts if d is not None), None),
         )
 
-    def logged_losses(self) -> tuple[list[float], int]:
+    def logged_losses(self) -> tuple[list[float], tuple[int, int]]:
         """Every finite ``loss/total`` of the stage's ``metrics.jsonl`` (all segments; the main process writes it),
-        and how many of those steps updated the weights: fp16's loss scaler skips one whose gradient overflowed."""
+        and how many of those steps updated nothing: fp16's loss scaler skipped them (their gradient overflowed), or
+        their gradient was not finite."""
         rows = [r for r in read_rows(self.dir / "metrics.jsonl") if r.get("loss/total") is not None]
-        return [r["loss/total"] for r in rows], sum(not r.get("scaler/overflow") for r in rows)
+        overflowed = sum(bool(r.get("scaler/overflow")) for r in rows)
+        return [r["loss/total"] for r in rows], (overflowed, sum(bool(r.get("nonfinite")) for r in rows))
 
     def merged_report(self) -> DataReport:
         """Every rank's report summed (an all-gather of a small object)."""

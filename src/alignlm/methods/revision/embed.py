@@ -223,11 +223,24 @@ def _relabel(path: Path, encoder: str, fingerprint: str) -> None:
     """Write a kept shard's ``encoder`` as this run names the same weights, so every shard of the folder names one
     encoder (ReAlign refuses shards of two names, and records the one it fitted on), and its ``encoder_fingerprint``
     as this encoder's fingerprint is taken now (a shard written before the fingerprint took the weights at bf16's
-    resolution: the bf16 tower that trains on it matches only that one); the embeddings are kept."""
+    resolution: the bf16 tower that trains on it matches only that one); the embeddings are kept. The fingerprint
+    alone is rewritten where the folder lets it: a shared, read-only folder of such shards still serves an fp32 run
+    as it did, and a warning says what a bf16 run needs."""
     shard = open_shard(path)
-    if shard.encoder == encoder and shard.encoder_fingerprint == fingerprint:
+    renamed = shard.encoder != encoder
+    if not renamed and shard.encoder_fingerprint == fingerprint:
         return
-    if shard.encoder != encoder:
+    if renamed:
         log.info("%s: the same encoder weights, named %r before and %r now: renamed", path, shard.encoder, encoder)
     meta = {**shard.metadata, "encoder": encoder, "encoder_fingerprint": fingerprint}
-    write_shard(path, np.array(shard.matrix()), meta)
+    try:
+        write_shard(path, np.array(shard.matrix()), meta)
+    except OSError as e:
+        if renamed:
+            raise
+        log.warning(
+            "%s: kept as written, its encoder fingerprint of before (%s): a run under mixed_precision=bf16 will refuse "
+            "it; make the folder writable, or embed into another (revision.embeddings)",
+            path,
+            e,
+        )
