@@ -571,3 +571,21 @@ def test_generation_settings_that_change_what_generate_returns_are_refused(key):
 
     with pytest.raises(ConfigError, match=rf"eval.generation sets \['{key}'\], which alignlm sets itself"):
         check_generation({key: True, "do_sample": False})
+
+
+def test_a_tower_or_llm_stored_in_half_precision_feeds_the_model_without_a_dtype_error(tiny_model):
+    """``model.vision.dtype=bfloat16`` gave an fp32 connector bf16 features: a dtype error at the first step without
+    autocast, and under bf16 autocast at the evaluation after the stages had trained; the connector takes features
+    in its own dtype. An LLM loaded in fp16 under the CPU's bf16 autocast: splicing the visual tokens into its fp16
+    embeddings failed ("Unexpected floating ScalarType in at::autocast::prioritize")."""
+    model = tiny_model().eval()
+    batch = make_batch(model, [1, 2, 0])
+    with torch.no_grad():
+        want = model(batch).lm_loss
+        model.vision.to(torch.bfloat16)
+        got = model(batch).lm_loss
+        assert got.dtype == torch.float32 and got.item() == pytest.approx(want.item(), rel=1e-2)
+        model.vision.float()
+        model.llm.to(torch.float16)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.isfinite(model(batch).lm_loss)

@@ -38,7 +38,7 @@ from transformers.utils import ModelOutput
 from alignlm.constants import IMAGE_TOKEN
 from alignlm.data.collate import index_fields, sample_counts
 from alignlm.data.templates import TurnEnd
-from alignlm.models.connectors.base import Connector
+from alignlm.models.connectors.base import Connector, ConnectorOutput
 from alignlm.models.extras import InputPart
 from alignlm.models.lm_loss import head_transform, linear_cross_entropy, linear_token_nll, linear_weight
 from alignlm.models.vision import VisionTower
@@ -189,19 +189,26 @@ class AlignLM(nn.Module):
             return self._run_vision(torch.zeros(1, 3, size, size, device=batch["input_ids"].device))
 
     def _run_vision(self, pixels: torch.Tensor) -> torch.Tensor:
-        """The tower's features, contiguous as the feature cache's are: a tower's output is often a slice (the class
-        token dropped), and under bf16 the connector's matmul kernel, whose order of summation follows the input's
-        layout, gave tokens 1 ulp apart from cached features of the same values (the loss 6e-5 apart)."""
         if "vision" in self.frozen_parts:
             with torch.no_grad():
-                return self.vision(pixels).contiguous()
-        return self.vision(pixels).contiguous()
+                return self.vision(pixels)
+        return self.vision(pixels)
+
+    def connect(self, features: torch.Tensor) -> ConnectorOutput:
+        """The connector on vision features (the tower's, or cached ones), contiguous and of the connector's dtype.
+        Contiguous as the feature cache's are: a tower's output is often a slice (the class token dropped), and under
+        bf16 the connector's matmul kernel, whose order of summation follows the input's layout, gave tokens 1 ulp
+        apart from cached features of the same values (the loss 6e-5 apart). Of its dtype: a tower loaded in bf16
+        (``model.vision.dtype``) gave an fp32 connector bf16 features, a dtype error at the first step without
+        autocast, and at the evaluation after a bf16 run had trained."""
+        dtype = next((p.dtype for p in self.connector.parameters() if p.is_floating_point()), features.dtype)
+        return self.connector(features.contiguous().to(dtype))
 
     def embed(self, batch: Batch) -> tuple[torch.Tensor, dict[str, Any]]:
         """Input embeddings with visual tokens spliced in, plus the intermediate tensors objectives use."""
         input_ids = batch["input_ids"]
         features = self.encode_images(batch)
-        conn = self.connector(features)
+        conn = self.connect(features)
         visual = conn.tokens
         embeds = self.llm.get_input_embeddings()(input_ids)
         is_image = input_ids == self.image_token_id
@@ -217,7 +224,8 @@ class AlignLM(nn.Module):
                     f"{visual.shape[1]} tokens; the data pipeline must expand each <image> to model.num_image_tokens "
                     "positions"
                 )
-            flat = embeds.flatten(0, 1).index_copy(0, positions, visual.flatten(0, 1).to(embeds.dtype))
+            with torch.autocast(embeds.device.type, enabled=False):  # a copy: the CPU's bf16 autocast refused fp16
+                flat = embeds.flatten(0, 1).index_copy(0, positions, visual.flatten(0, 1).to(embeds.dtype))
             embeds = flat.view_as(embeds)
         else:
             check(~is_image.any(), "the batch has image-token slots but no pixel_values or image_embeds")

@@ -243,7 +243,7 @@ def extract(
     per_layer: dict[int, tuple[list[Tensor], list[Tensor]]] = {i: ([], []) for i in layers}
     for start, feats in zip(range(0, n, batch_size), towers):
         sl = slice(start, start + batch_size)
-        visual = model.connector(feats).tokens
+        visual = model.connect(feats).tokens
         encoder.append(feats.float().mean(dim=1))
         visual_mean.append(visual.float().mean(dim=1))
         ids = all_ids[sl]

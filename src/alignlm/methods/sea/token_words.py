@@ -51,7 +51,7 @@ def token_word_report(
     batches = decoded_batches(images, prepare, batch_size, device, "auto", raise_unreadable=True)
     for start, batch in zip(range(0, len(images), batch_size), batches):
         pixels = batch.items.to(device, non_blocking=True)
-        nearest.append(nearest_words(model.connector(model.vision(pixels)).tokens.flatten(0, 1), words).cpu())
+        nearest.append(nearest_words(model.connect(model.vision(pixels)).tokens.flatten(0, 1), words).cpu())
         ids.append(labels.for_images(images[start : start + batch_size])[0].flatten(0, 1))
     nearest_t, ids_t = torch.cat(nearest), torch.cat(ids)
     remap = torch.full((len(labels.words) + 1,), -1, dtype=torch.long)  # last slot: id -1 stays -1
