@@ -17,6 +17,7 @@ from hashlib import sha256
 from pathlib import Path
 
 import pytest
+import torch
 
 from alignlm.config import ConfigError
 from alignlm.pipeline import run
@@ -300,3 +301,32 @@ def test_the_early_check_leaves_a_path_not_there_yet_to_the_full_check(tmp_path)
     assert ckpt.finished_changes(final, changed, {}, settings_only=True) == [
         "stages.pretrain.lr.connector: 0.001 -> 0.05"
     ]
+
+
+def test_a_part_a_final_holds_in_fp32_starts_the_next_stage_in_fp32(tiny_model, tmp_path):
+    """An LLM trained fully from a bf16-loaded preset is saved in fp32; the next stage, built from the preset in bf16
+    with the LLM frozen, had loaded it into its bf16 weights and saved it again so (67 % of a short finetune's change
+    lost). A part a final/ holds in fp32 starts the stage in fp32, unrounded; one it holds in bf16 keeps the built
+    dtype."""
+    from safetensors.torch import save_file
+
+    from alignlm.models.io import part_state
+
+    trained = tiny_model()
+    with torch.no_grad():
+        for p in trained.llm.parameters():
+            p.add_(1e-4)  # below bf16's resolution at these weights
+    folder = tmp_path / "final"
+    folder.mkdir()
+    state = {k: v.contiguous() for k, v in part_state(trained, ["llm"]).items()}
+    save_file(state, folder / "model.safetensors", metadata={"parts": "llm"})
+    model = tiny_model()
+    model.llm.to(torch.bfloat16)  # as a preset's model.llm.dtype builds it
+    assert ckpt.load_init(model, folder) == ["llm"]
+    loaded = part_state(model, ["llm"])
+    assert all(v.dtype == torch.float32 and torch.equal(v, state[k]) for k, v in loaded.items())
+    save_file({k: v.bfloat16() for k, v in state.items()}, folder / "model.safetensors", metadata={"parts": "llm"})
+    model = tiny_model()
+    model.llm.to(torch.bfloat16)
+    ckpt.load_init(model, folder)
+    assert {p.dtype for p in model.llm.parameters()} == {torch.bfloat16}

@@ -367,6 +367,14 @@ def _weights_header(weights: Path) -> tuple[dict[str, str], set[str]]:
         ) from e
 
 
+def wide_parts(final_dir: Path) -> set[str]:
+    """The parts a ``final/`` holds weights of in float32 (``save_final`` keeps the parts a stage trained so)."""
+    weights = Path(final_dir) / "model.safetensors"
+    _weights_header(weights)  # a damaged file named
+    with safe_open(str(weights), "pt") as f:
+        return {k.split(".", 1)[0] for k in f.keys() if f.get_slice(k).get_dtype() == "F32"}
+
+
 def final_parts(final_dir: Path) -> list[str]:
     """Which parts a ``final/`` checkpoint carries: those its ``parts`` metadata names (``save_final`` always writes
     it), and any part it holds weights of. Each must then arrive whole (``load_part_state``), so a file without the

@@ -48,7 +48,9 @@ from alignlm.models.io import (
     stamps_change,
     trained_buffers,
     trained_tensors,
+    wide_parts,
 )
+from alignlm.models.precision import hold_in_fp32
 from alignlm.training import sharding, zero
 from alignlm.training.logging import json_values
 
@@ -96,10 +98,16 @@ def stage_place(stage_dir: Path) -> tuple[Path, str | None]:
 
 
 def load_init(model: nn.Module, init: Path) -> list[str]:
-    """Load a stage's starting weights; returns the parts they covered (saved again in the stage's ``final/``)."""
+    """Load a stage's starting weights; returns the parts they covered (saved again in the stage's ``final/``). A part
+    a ``final/`` holds in float32 (one an earlier stage trained) is held in float32 here, whatever this stage does
+    with it, so that its ``final/`` passes it on unrounded: an LLM trained fully from a bf16-loaded preset, frozen in
+    the next stage, had been loaded into the bf16 model built from the preset and saved again in bf16 (67 % of a
+    short finetune's change to its weights lost)."""
     if is_llava_dir(init):
         load_llava_weights(model, init)
         return list(model.PARTS)
+    for part in wide_parts(init) & set(model.PARTS):
+        hold_in_fp32(getattr(model, part))
     return load_final_weights(model, init)
 
 
