@@ -140,3 +140,44 @@ def test_the_cnn_tower_reports_every_block_and_its_head():
     names = list(report)
     assert names[0] == "block 0" and names[-2:] == ["head", "output"] and len(names) == len(tower.model._blocks) + 2
     assert report["head"] == report["output"]  # the head's map is what forward turns into tokens
+
+
+def test_norm_ratios_divide_by_the_lower_middle_norm_of_an_even_count():
+    """``norm_ratios``: the median of an even number of patch norms is torch.median's lower middle value."""
+    import torch
+
+    from alignlm.models.artifacts import norm_ratios
+
+    tokens = torch.zeros(1, 1 + 4, 2)
+    tokens[0, :, 0] = torch.tensor([6.0, 1.0, 2.0, 3.0, 4.0])  # a prefix, then patch norms 1..4
+    patches, prefix = norm_ratios(tokens, 1)
+    torch.testing.assert_close(patches[0], torch.tensor([0.5, 1.0, 1.5, 2.0]))
+    torch.testing.assert_close(prefix[0], torch.tensor([3.0]))
+
+
+def test_the_artifact_probe_reports_the_share_of_patches_not_of_images():
+    """``artifact_report``: ``outlier_share`` is outliers over patch tokens (one in 16 here), ``max_ratio`` a mean
+    over images."""
+    import torch
+    from torch import nn
+
+    class Tower(nn.Module):
+        num_prefix_tokens = 0
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(()))
+
+        def forward(self, x):
+            tokens = torch.ones(x.shape[0], 16, 4) * self.w
+            tokens[:, 3] *= 10  # one outlier patch per image
+            return tokens
+
+        def layer_tokens(self, x):
+            return [("layer 0", self(x), 0)]
+
+    from alignlm.models.artifacts import artifact_report
+
+    report = artifact_report(Tower(), [torch.zeros(2, 3, 4, 4), torch.zeros(1, 3, 4, 4)], factor=4.0)
+    assert report["output"]["outlier_share"] == pytest.approx(1 / 16)
+    assert report["layer 0"]["max_ratio"] == pytest.approx(10.0) and report["output"]["prefix_ratio"] is None

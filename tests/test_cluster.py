@@ -810,3 +810,22 @@ def test_a_bug_on_one_rank_inside_an_agreed_check_ends_every_rank(monkeypatch):
         agreement.agreed(two, lambda: (_ for _ in ()).throw(TypeError("unhashable")))
     assert gathered[-1] == [("error", "TypeError: unhashable")]  # what the other ranks were told
     assert len(gathered) == 2  # both ranks reached the gather every time
+
+
+def test_the_slurm_script_gives_each_node_its_own_machine_rank(tmp_path):
+    """scripts/slurm/train.sbatch: the launch's ``--machine_rank`` is expanded by srun's shell on each node (its own
+    ``SLURM_NODEID``), never once in the batch script on the first node, which gave every node rank 0."""
+    import subprocess
+
+    from tests.test_cluster import ROOT, stand_in_slurm
+
+    env = stand_in_slurm(tmp_path, f'printf "%s\\n" "$@" > {tmp_path}/srun_args')
+    env |= {"SLURM_NNODES": "2", "SLURM_JOB_ID": "12345", "SLURM_GPUS_ON_NODE": "4", "SLURM_NODEID": "0"}
+    job = ["bash", str(ROOT / "scripts" / "slurm" / "train.sbatch"), f"output_dir={tmp_path / 'out'}", "run_name=r"]
+    proc = subprocess.run(job, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    launch = (tmp_path / "srun_args").read_text().splitlines()[-1]  # bash -c "<the launch>", as srun runs it
+    on_node_1 = subprocess.run(
+        ["bash", "-c", f"echo {launch}"], env={**env, "SLURM_NODEID": "1"}, capture_output=True, text=True
+    )
+    assert "--machine_rank 1 " in on_node_1.stdout, (launch, on_node_1.stdout)

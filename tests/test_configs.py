@@ -442,3 +442,33 @@ def test_alignlm_config_dir_naming_no_config_tree_is_refused(tmp_path, monkeypat
             config_dir()
     monkeypatch.setenv("ALIGNLM_CONFIG_DIR", str(CONFIGS))
     assert config_dir() == CONFIGS
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (
+            "stages.finetune.warmup_ratio=1.5",
+            "stages.finetune.warmup_ratio=1.5 must be a finite number >= 0.0 and <= 1",
+        ),
+        ("stages.pretrain.lr.connector=0", "stages.pretrain.lr.connector=0 must be a finite number > 0.0"),
+        (
+            "monitor.every=2 monitor.probe=x.json monitor.topk=10 monitor.n=11",
+            "monitor.n=11 must be at least monitor.topk + 2 = 12",
+        ),
+    ],
+)
+def test_a_bound_at_its_edge_is_refused_at_start_up(colour_set, tmp_path, bad, message):
+    """``check_config``'s bounds at their edges: a warmup over the whole schedule, a learning rate of 0 (a part that
+    silently never trains: freeze it instead), a monitor of topk + 1 items (no kNN item has topk others and one
+    more)."""
+    import re
+
+    from alignlm.checks import check_config
+    from alignlm.config import ConfigError
+    from tests.conftest import compose, tiny_overrides
+
+    cfg = compose(*tiny_overrides(colour_set, tmp_path, "run=[pretrain,finetune]"), *bad.split())
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_config(cfg)
+    assert check_config(compose(*tiny_overrides(colour_set, tmp_path, "run=[pretrain,finetune]"))) is None

@@ -839,3 +839,47 @@ def test_a_records_fault_is_named_after_the_faults_of_its_file_as_when_the_file_
     listed.write_text(f"[{malformed}, {json.dumps(record('b'))}]")
     with pytest.raises(DataError, match=r"record 0 \(id='m'\): missing or empty 'conversations'"):
         LlavaDataset([Source(str(listed))], *args, on_error="raise")
+
+
+def test_a_cut_that_drops_only_the_last_visual_token_is_refused_not_kept(model, root):
+    """``_fit_length``: a cut exactly at the last visual token (an earlier answer still supervised, so the no-answer
+    check does not fire) splits the image; it is skipped as split visual tokens, never kept with one token fewer."""
+    rec = record("late", question="<image>\nWhat color?")
+    rec["conversations"] = [
+        {"from": "human", "value": "Hi"},
+        {"from": "gpt", "value": "Hello there"},
+    ] + rec["conversations"]
+    full = dataset(model, [rec], root)[0]
+    last = int(np.flatnonzero(full["input_ids"] == model.image_token_id)[-1])
+    assert (full["labels"][:last] != IGNORE_INDEX).any()  # the first answer comes before the image
+    cut = dataset(model, [rec], root, max_length=last)[0]
+    assert isinstance(cut, Skipped) and "split visual tokens" in cut.reason
+    kept = dataset(model, [rec], root, max_length=last + 1)[0]  # the whole image fits: kept, cut after it
+    assert int((kept["input_ids"] == model.image_token_id).sum()) == model.num_image_tokens
+
+
+def test_truncated_samples_are_counted_but_not_left_out():
+    """``DataReport.left_out``: samples cut to max_length were trained on; only the other causes are left out."""
+    from alignlm.data.records import TRUNCATED
+    from alignlm.data.report import DataReport
+
+    report = DataReport()
+    report.add(TRUNCATED, "a", n=5)
+    report.add("missing image", "b", n=2)
+    assert report.left_out == 2 and report.to_dict()["left_out"] == 2
+
+
+def test_a_fractional_pool_follows_its_sources_whole_copies():
+    """``mixture_index``: a weight of 1.5 repeats the source once, its pool is the second copy (positions n..2n)."""
+    from alignlm.data.records import mixture_index
+
+    idx, pools = mixture_index([3, 4], [1.0, 1.5])
+    assert len(idx) == 3 + 8 and pools == [(7, 11, 2)]
+    assert (idx[7:11] == [[1, 0], [1, 1], [1, 2], [1, 3]]).all()
+
+
+def test_a_record_of_several_images_and_no_placeholder_gets_one_per_image(model, root):
+    """``place_images``: two images and no ``<image>``: both are placed before the first question, none skipped."""
+    rec = record("two", image=["images/0.png", "images/1.png"], question="Same colour?")
+    s = dataset(model, [rec], root, on_error="raise")[0]
+    assert s["n_images"] == 2 and int((s["input_ids"] == model.image_token_id).sum()) == 2 * model.num_image_tokens

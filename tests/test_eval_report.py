@@ -2121,3 +2121,31 @@ def test_choice_accuracy_is_over_the_records_with_choices(monkeypatch):
     ]
     r = _answer_accuracy_of(monkeypatch, preds)
     assert r["choice_n"] == 2 and r["choice_scores"] == {"q0": 1.0, "q1": 1.0} and r["choice_accuracy"] == 1.0
+
+
+def test_an_answer_length_change_keys_a_set_piece_anew():
+    """``set_knobs``: a set's kept piece is keyed by its kind's answer length (``max_new_tokens`` for qa,
+    ``caption_max_new_tokens`` for captions): a longer limit must not reuse answers cut at the shorter one."""
+    from alignlm.evaluation.report import set_knobs
+
+    base = {"template": None, "batch_size": 4, "limit": None, "generation": None, "seed": 0}
+    qa8, qa64 = ({**base, "max_new_tokens": m, "caption_max_new_tokens": 30} for m in (8, 64))
+    assert set_knobs(qa8, "qa") != set_knobs(qa64, "qa") and set_knobs(qa8, "qa")["max_new_tokens"] == 8
+    cap = {**base, "max_new_tokens": 8}
+    assert set_knobs({**cap, "caption_max_new_tokens": 30}, "caption") != set_knobs(
+        {**cap, "caption_max_new_tokens": 60}, "caption"
+    )
+
+
+def test_a_piece_computed_on_another_device_type_is_not_reused(tmp_path):
+    """``Parts.key``: the device type (cpu, cuda) is part of a kept piece's key: results computed on the CPU are not
+    served to an evaluation on a GPU (bf16 kernels, other numbers)."""
+    from alignlm.evaluation.report import Parts
+
+    data = tmp_path / "set.json"
+    data.write_text("[]")
+    cpu, gpu = (Parts(tmp_path / "parts", [["w", 1, "x"]], d) for d in ("cpu", "cuda"))
+    assert cpu.key(str(data), {}) != gpu.key(str(data), {})
+    cpu.write("set-a", cpu.key(str(data), {}), {"accuracy": 1.0})
+    assert cpu.read("set-a", cpu.key(str(data), {})) is not None
+    assert gpu.read("set-a", gpu.key(str(data), {})) is None

@@ -1013,3 +1013,31 @@ def test_an_rbf_bandwidth_that_is_not_a_finite_positive_number_is_refused_naming
     x = torch.randn(12, 4, dtype=torch.float64)
     with pytest.raises(ValueError, match=rf"sigma must be a finite number > 0, got {sigma}"):
         M.cka(x, x, kernel="rbf", sigma=sigma)
+
+
+def test_per_layer_caption_means_ignore_the_padding_of_a_batch(tiny_model, colour_set, tmp_path):
+    """``extract(layers=...)``: each caption's per-layer mean is over its own tokens: batched with longer captions
+    (padded), it is the same as alone."""
+    import json
+
+    import torch
+
+    from alignlm.models.probes import extract, load_probe_set
+
+    root = colour_set["pretrain"].parent
+    captions = ["red", "A green square on a white page, seen from above.", "blue square", "A red one."]
+    records = [
+        {
+            "id": f"c{i}",
+            "image": f"images/{i}.png",
+            "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": c}],
+        }
+        for i, c in enumerate(captions)
+    ]
+    path = root / "probe_lengths.json"
+    path.write_text(json.dumps(records))
+    model, probe = tiny_model(), load_probe_set(path, 4)
+    batched = extract(model, probe, batch_size=4, layers=[1, 2])
+    alone = extract(model, probe, batch_size=1, layers=[1, 2])
+    for i in (1, 2):
+        torch.testing.assert_close(batched.layers[i][1], alone.layers[i][1], rtol=1e-4, atol=1e-5)
