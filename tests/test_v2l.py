@@ -206,3 +206,16 @@ def test_the_word_search_is_float32_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mixed = conn._similarity(z)
     assert mixed.dtype == torch.float32 and torch.equal(mixed, conn._similarity(z))
+
+
+def test_v2l_words_read_a_tower_stored_in_bf16(v2l_model, colour_set):
+    """`alignlm v2l-words` handed the connector the tower's features as they came: a tower loaded in bf16
+    (``model.vision.dtype``) met the fp32 connector in a dtype error at its first batch; the words are those of the
+    fp32 tower's features rounded to bf16."""
+    from alignlm.commands.v2l import image_words
+
+    paths = sorted((colour_set["pretrain"].parent / "images").glob("*.png"))[:3]
+    model = v2l_model.eval()
+    model.vision.to(torch.bfloat16)
+    ids = image_words(model, paths, PADDED, batch_size=2)
+    assert len(ids) == 3 and all(len(row) == model.num_image_tokens for row in ids)

@@ -50,7 +50,8 @@ def image_words(model: Any, paths: Sequence[Path], reading: ImageReading, batch_
     prepare = functools.partial(prepared, model.image_spec, reading)
     ids: list[list[int]] = []
     for batch in decoded_batches(paths, prepare, batch_size, device, "auto", raise_unreadable=True):
-        ids += model.connector.words(model.vision(batch.items.to(device, non_blocking=True))).tolist()
+        features = model.vision(batch.items.to(device, non_blocking=True))
+        ids += model.connector.words(model.connector_input(features)).tolist()
     return ids
 
 

@@ -201,8 +201,13 @@ class AlignLM(nn.Module):
         apart from cached features of the same values (the loss 6e-5 apart). Of its dtype: a tower loaded in bf16
         (``model.vision.dtype``) gave an fp32 connector bf16 features, a dtype error at the first step without
         autocast, and at the evaluation after a bf16 run had trained."""
+        return self.connector(self.connector_input(features))
+
+    def connector_input(self, features: torch.Tensor) -> torch.Tensor:
+        """Vision features as :meth:`connect` hands them to the connector (for its other entry points, V2L's
+        ``words``): contiguous, in the dtype of the connector's first floating-point parameter."""
         dtype = next((p.dtype for p in self.connector.parameters() if p.is_floating_point()), features.dtype)
-        return self.connector(features.contiguous().to(dtype))
+        return features.contiguous().to(dtype)
 
     def embed(self, batch: Batch) -> tuple[torch.Tensor, dict[str, Any]]:
         """Input embeddings with visual tokens spliced in, plus the intermediate tensors objectives use."""

@@ -185,7 +185,9 @@ class MoEConnector(Connector):
         logits, probs, weights, experts = self.route(x)
         gates = torch.zeros_like(probs).scatter(1, experts, weights)  # [T, E]: 0 for the experts not chosen
         out = self.experts_forward(x)  # autocast's dtype under autocast
-        dtype = torch.promote_types(out.dtype, x.dtype)  # float32 features mix in float32, bf16 ones in bf16
+        # the features come in the connector's dtype (``AlignLM.connect``): a trained connector's float32 mixes in
+        # float32 (a tower stored in bf16 included), a frozen one stored in bf16 in bf16
+        dtype = torch.promote_types(out.dtype, x.dtype)
         with torch.autocast(x.device.type, enabled=False):
             y = torch.einsum("te,etd->td", gates.to(dtype), out.to(dtype))
         preferred = probs.topk(self.top_k, dim=-1).indices  # the router's own choice, before any capacity cap
