@@ -257,16 +257,14 @@ def _contrastive_trainer(data: Path, out: Path, learnable: bool = False):
     return trainer
 
 
-@RANKS
-def test_a_rank_standing_in_for_bad_data_leaves_the_gathered_loss_its_weight(tmp_path, monkeypatch):
-    """Rank 1's micro-batch was all bad data: the gathered contrastive loss of the step is rank 0's pairs' alone, as
-    one process on rank 0's batch computes it (it was weighed as a per-rank mean over the ranks' micro-batches of
-    data, twice its value: loss and gradient doubled); the LM loss, a per-rank mean, was and is right."""
+def two_ranks_and_one(main, tmp_path: Path, monkeypatch, learnable: bool = False) -> tuple[dict, dict]:
+    """The logged row of one step of a tiny contrastive stage on two gloo ranks (``main`` on each, rank 0 saving its
+    row) and on one process over the first 4 records."""
     from tests.conftest import write_colour_set
 
     data = write_colour_set(tmp_path / "data", n=8)["pretrain"].parent
     context = mp.start_processes(
-        _stand_in_rank, args=(free_port(), str(tmp_path), str(data)), nprocs=WORLD, join=False, start_method="spawn"
+        main, args=(free_port(), str(tmp_path), str(data)), nprocs=WORLD, join=False, start_method="spawn"
     )
     deadline = time.monotonic() + 180
     try:
@@ -278,9 +276,18 @@ def test_a_rank_standing_in_for_bad_data_leaves_the_gathered_loss_its_weight(tmp
             if process.is_alive():
                 process.kill()
     monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
-    one = _contrastive_trainer(data, tmp_path / "one")
+    one = _contrastive_trainer(data, tmp_path / "one", learnable=learnable)
     theirs = one.fetch([one.step([one.collator()([one.dataset[i] for i in range(4)])], 1)])[0][1]
     ours = torch.load(tmp_path / "ranks.pt")
+    return ours, theirs
+
+
+@RANKS
+def test_a_rank_standing_in_for_bad_data_leaves_the_gathered_loss_its_weight(tmp_path, monkeypatch):
+    """Rank 1's micro-batch was all bad data: the gathered contrastive loss of the step is rank 0's pairs' alone, as
+    one process on rank 0's batch computes it (it was weighed as a per-rank mean over the ranks' micro-batches of
+    data, twice its value: loss and gradient doubled); the LM loss, a per-rank mean, was and is right."""
+    ours, theirs = two_ranks_and_one(_stand_in_rank, tmp_path, monkeypatch)
     for key in ("loss/total", "loss/lm", "loss/contrastive", "grad_norm"):
         assert ours[key] == pytest.approx(theirs[key], rel=1e-5), key
 
@@ -319,24 +326,6 @@ def test_two_ranks_average_a_learned_temperatures_gradient_as_one_process_on_the
     """An objective's parameters live outside the DDP model and the trainer averages their gradients itself: a sum
     had doubled the temperature's gradient on two ranks (the logged gradient norm, the clipping, an SGD update), and
     the two-rank tests had fixed the temperature."""
-    from tests.conftest import write_colour_set
-
-    data = write_colour_set(tmp_path / "data", n=8)["pretrain"].parent
-    context = mp.start_processes(
-        _learnable_rank, args=(free_port(), str(tmp_path), str(data)), nprocs=WORLD, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + 180
-    try:
-        while not context.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail("the gloo ranks did not finish: a collective hung")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
-    one = _contrastive_trainer(data, tmp_path / "one", learnable=True)
-    theirs = one.fetch([one.step([one.collator()([one.dataset[i] for i in range(4)])], 1)])[0][1]
-    ours = torch.load(tmp_path / "ranks.pt")
+    ours, theirs = two_ranks_and_one(_learnable_rank, tmp_path, monkeypatch, learnable=True)
     for key in ("loss/total", "loss/contrastive", "grad_norm"):
         assert ours[key] == pytest.approx(theirs[key], rel=1e-5), key
