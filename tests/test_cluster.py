@@ -829,3 +829,30 @@ def test_the_slurm_script_gives_each_node_its_own_machine_rank(tmp_path):
         ["bash", "-c", f"echo {launch}"], env={**env, "SLURM_NODEID": "1"}, capture_output=True, text=True
     )
     assert "--machine_rank 1 " in on_node_1.stdout, (launch, on_node_1.stdout)
+
+
+def test_accelerate_launch_cpu_keeps_the_work_on_the_cpu_on_a_gpu_machine(monkeypatch):
+    """``ACCELERATE_USE_CPU`` (``accelerate launch --cpu``, inherited by every rank alignlm respawns) is the CPU for
+    prepare steps, evaluation and the accelerator even where a GPU is present; without it a GPU machine uses CUDA."""
+    from alignlm.models import device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    assert device.cpu_only() and device.default_device() == "cpu"
+    monkeypatch.delenv("ACCELERATE_USE_CPU")
+    assert not device.cpu_only() and device.default_device() == "cuda"
+
+
+def test_a_single_cpu_process_asked_of_accelerate_starts_no_ranks(monkeypatch):
+    """``accelerate launch --cpu --num_processes 1``: the one process accelerate started is the run; only N > 1 is
+    respawned as N gloo ranks (a respawn of one rank ran the run under torchrun for nothing)."""
+    from alignlm.commands import launch
+
+    for var in launch._RANK_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    for n, spawned in (("1", 0), ("2", 2)):
+        argv = ["--cpu", "--num_processes", n, "train.py"]
+        monkeypatch.setattr(launch, "_launcher_argv", lambda pid, argv=argv: argv)
+        assert launch.cpu_processes_to_spawn() == spawned

@@ -2149,3 +2149,42 @@ def test_a_piece_computed_on_another_device_type_is_not_reused(tmp_path):
     cpu.write("set-a", cpu.key(str(data), {}), {"accuracy": 1.0})
     assert cpu.read("set-a", cpu.key(str(data), {})) is not None
     assert gpu.read("set-a", gpu.key(str(data), {})) is None
+
+
+def test_the_per_layer_plot_draws_layers_in_number_order_from_a_kept_report(tmp_path, monkeypatch):
+    """A kept probe's layers come back keyed as sorted text (``"0"``, ``"10"``, ``"2"``): the per-layer lines go
+    through the layers in number order, not 0, 10, 2 (a line zigzagging back across the plot)."""
+    from alignlm.evaluation import plots
+    from alignlm.evaluation.report import write_plots
+
+    drawn = {}
+    monkeypatch.setattr(plots, "plot_panels", lambda panels, path, xlabel: drawn.update(panels) or path)
+    monkeypatch.setattr(plots, "plot_series", lambda *a, **k: tmp_path / "m.png")
+    layers = {"0": {"cka": 0.1}, "10": {"cka": 0.3}, "2": {"cka": 0.2}}
+    results = [{"label": "a", "sets": {}, "probe": {"n": 4, "pooled": {}, "layers": layers}}]
+    write_plots(results, [{}], tmp_path)
+    assert drawn["cka"]["a"] == [(0, 0.1), (2, 0.2), (10, 0.3)]
+
+
+def test_the_reports_chance_level_is_in_percent():
+    """report.md's chance line says 25.0 % for a four-choice set's chance of 0.25, as its table's accuracies are
+    percent (0.2 % read as a chance level far below any score)."""
+    from alignlm.evaluation.report import markdown
+
+    res = {"label": "a", "sets": {"mc": {"kind": "qa", "accuracy": 0.5, "n": 4, "chance": 0.25, "examples": []}}}
+    assert "Chance level: mc 25.0 %" in markdown([res])
+
+
+def test_the_pca_plot_gets_each_checkpoints_image_and_text_features_as_such(tmp_path, monkeypatch):
+    """The PCA panel's points labelled "image (visual tokens)" are the visual-token means, the others the caption
+    embeddings: swapped, the picture named each side as the other."""
+    from alignlm.evaluation import plots
+    from alignlm.evaluation.report import write_plots
+
+    got = []
+    monkeypatch.setattr(plots, "plot_pca", lambda panels, path: got.extend(panels) or path)
+    monkeypatch.setattr(plots, "plot_series", lambda *a, **k: tmp_path / "m.png")
+    image, text = torch.zeros(3, 4), torch.ones(3, 4)
+    results = [{"label": "a", "sets": {}, "probe": {"n": 3, "pooled": {"modality_gap": 0.5}}}]
+    write_plots(results, [{"image": image, "text": text}], tmp_path)
+    assert got[0][0] == "a" and got[0][1] is image and got[0][2] is text and got[0][3] == 0.5

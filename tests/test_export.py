@@ -653,3 +653,17 @@ def test_a_llava_folder_whose_config_disagrees_with_the_model_is_refused_and_an_
             load_llava_weights(model, bad)
     config = to_llava(model).config
     assert (config.image_seq_length, config.image_token_index) == (model.num_image_tokens, model.image_token_id)
+
+
+def test_the_export_pads_generation_with_the_tokenizers_pad_token(tiny_model):
+    """The exported generation_config pads with the tokenizer's pad token (batched generation in transformers), not
+    with EOS, which the export sets apart as the stop token."""
+    from alignlm.data.templates import get_template
+    from alignlm.export.hf_llava import set_stop_tokens, to_llava
+
+    model = tiny_model()
+    tok = model.tokenizer
+    assert tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id
+    hf = to_llava(model)
+    set_stop_tokens(hf, tok, get_template("chat"))
+    assert hf.generation_config.pad_token_id == tok.pad_token_id

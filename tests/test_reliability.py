@@ -1706,3 +1706,29 @@ def test_a_run_lock_in_a_folder_or_file_this_user_cannot_write_is_taken_read_onl
     finally:
         pipeline.unlock_run(fd)
     assert pipeline.lock_run(tmp_path, "u") is None  # no lock file there, none can be made: unlocked
+
+
+def test_a_run_whose_own_folder_is_read_only_is_refused_though_its_output_dir_is_writable(tmp_path):
+    """A rerun writes into ``output_dir/run_name`` (its checkpoints, its logs): that folder read-only (copied back
+    from an archive) is refused before the run starts, though the folder above it can be written."""
+    from unittest import mock
+
+    (tmp_path / "t").mkdir()
+    with mock.patch.object(pipeline.os, "access", lambda path, mode: Path(path) != tmp_path / "t"):
+        with pytest.raises(OSError, match="cannot be written") as e:
+            pipeline.lock_run(tmp_path, "t")
+    assert e.value.filename == str(tmp_path / "t")
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_every_rank_of_a_multi_rank_run_learns_the_lock_refusal(tmp_path, monkeypatch, ranks):
+    """A rank that is not the main process learns the main process's refusal by a broadcast at any world size above
+    one: without it, it went on to wait at a collective for a main process that had gone."""
+    from types import SimpleNamespace
+
+    said = []
+    monkeypatch.setattr(pipeline, "broadcast_object_list", lambda objs: said.append(objs) or [(True, "in use")])
+    acc = SimpleNamespace(is_main_process=False, num_processes=ranks)
+    with pytest.raises(ConfigError, match="in use"), pipeline.run_lock(tmp_path, "t", acc):
+        pass
+    assert said == [[None]]

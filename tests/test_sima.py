@@ -422,3 +422,20 @@ def test_sima_records_are_read_under_the_sets_folder_and_anywhere_else_stop_star
     assert dpo_sources(sets, str(out)) == (
         f"'stages.dpo.data.sources=[{{path:{out / 'colours.json'},image_root:{instruct.parent}}}]'"
     )
+
+
+def test_sima_reads_the_second_judging_order_as_the_probability_that_a_is_better(monkeypatch, tmp_path):
+    """The second critic record shows ``b`` first, so the judge's p(first better) there is p(b better): a judge that
+    always prefers "red" wherever it is shown gives p(a better) 0.8 in both orders (not 0.8 and 0.2, which had made
+    every pair look inconsistent and averaged the preference away)."""
+    from alignlm.methods.sima import generate
+
+    def judge(model, critic, *_):
+        return [0.8 if "Answer A: red" in r["conversations"][0]["value"] else 0.2 for r in critic]
+
+    monkeypatch.setattr(generate, "judge", judge)
+    prompt = {"id": "q0", "image": "0.png", "answer": "red",
+              "conversations": [{"from": "human", "value": "<image>\nWhat color is it?"}]}  # fmt: skip
+    pairs = generate.self_critic_pairs(None, [prompt], [["red", "blue"]], {}, "", tmp_path, 2)
+    assert [(p["a"], p["b"]) for p in pairs] == [("red", "blue")]
+    assert pairs[0]["p_a_first"] == pytest.approx(0.8) and pairs[0]["p_a_second"] == pytest.approx(0.8)

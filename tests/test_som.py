@@ -102,3 +102,21 @@ def test_exp_som_mixes_the_listing_records_into_finetuning_only():
 def test_som_must_be_a_bool(tmp_path):
     with pytest.raises(ValueError, match="som must be true or false"):
         generate(tmp_path, n_train=2, n_test=1, som="yes")
+
+
+def test_each_set_of_mark_tag_is_drawn_on_the_object_the_listing_names_with_it():
+    """The listing names tag k with the object that got tag k: drawing the scene's tags is, inside each object's
+    box, drawing that object's tag alone (a tag drawn on another object makes the listing's answer unreadable)."""
+    from alignlm.data.shapes import Shape, draw_marks, draw_scene
+
+    scene = [
+        Shape("square", "red", "top left", (4, 4, 28, 28)),
+        Shape("circle", "blue", "bottom right", (36, 36, 60, 60)),
+    ]
+    pixels, _ = draw_scene(64, scene)
+    tags = [1, 2]
+    both = draw_marks(pixels, scene, tags)
+    for obj, tag in zip(scene, tags):
+        alone = draw_marks(pixels, [obj], [tag])
+        x0, y0, x1, y1 = obj.box
+        assert np.array_equal(both[y0:y1, x0:x1], alone[y0:y1, x0:x1]), (obj, tag)

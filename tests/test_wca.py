@@ -236,3 +236,46 @@ def test_an_images_crops_and_scores_do_not_depend_on_the_images_before_it(tiny_c
     wca_score.zero_shot(encoder, images[::-1], labels[::-1], prompts, described, config, seed, keys[::-1])
     assert all(torch.equal(first[(0, i)], seen[(0, i)]) for i in range(3))
     assert not torch.equal(first[(0, 2)], first[(1, 2)])  # another seed, other crops
+
+
+class _Encoder:
+    """A dual encoder of fixed unit vectors: texts by a table, images in the order given (the whole image, then
+    its crops)."""
+
+    def __init__(self, texts: dict[str, list[float]], views: list[list[float]]) -> None:
+        self.texts, self.views = texts, torch.tensor(views)
+
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        return torch.tensor([self.texts[t] for t in texts])
+
+    def encode_images(self, images: list) -> torch.Tensor:
+        assert len(images) == len(self.views)
+        return self.views
+
+
+def test_wca_weighs_crops_like_the_image_and_descriptions_like_the_prompt_more_as_the_module_says():
+    """WCA(x, c) = sum_i sum_j softmax_i(cos(x_i, x) / tau_crop) softmax_j(cos(d_cj, p_c) / tau_text) cos(x_i, d_cj),
+    by hand on fixed vectors: a description far from its class prompt weighed more (a flipped sign), or a crop
+    weight multiplied by the temperature (uniform weights), scored other numbers."""
+    import torch.nn.functional as F
+
+    from alignlm.methods.wca.score import WCAConfig, class_texts, scores
+
+    texts = {"p0": [1.0, 0.0, 0.0], "p1": [0.0, 1.0, 0.0], "d00": [1.0, 0.0, 0.0], "d01": [0.0, 0.0, 1.0],
+             "d10": [0.0, 1.0, 0.0], "d11": [0.6, 0.8, 0.0]}  # fmt: skip
+    views = [[1.0, 0.0, 0.0], [0.8, 0.6, 0.0], [0.0, 0.6, 0.8]]  # the whole image, then two crops
+    enc = _Encoder(texts, views)
+    p, described = class_texts(enc, ["p0", "p1"], [["d00", "d01"], ["d10", "d11"]], tau=0.5)
+    config = WCAConfig(crops=2, tau_crop=0.25, tau_text=0.5)
+    plain, wca = scores(enc, Image.new("RGB", (8, 8)), p, described, config, np.random.default_rng(0))
+    t = {k: F.normalize(torch.tensor(v), dim=0) for k, v in texts.items()}
+    x = F.normalize(torch.tensor(views), dim=1)
+    w = torch.softmax(x[1:] @ x[0] / 0.25, 0)
+    expected = []
+    for c, ds in enumerate((["d00", "d01"], ["d10", "d11"])):
+        d = torch.stack([t[n] for n in ds])
+        v = torch.softmax(d @ t[f"p{c}"] / 0.5, 0)
+        assert v[0] > v[1]  # the description closer to the class prompt weighs more
+        expected.append(sum(w[i] * v[j] * (x[1 + i] @ d[j]) for i in range(2) for j in range(2)))
+    torch.testing.assert_close(wca, torch.stack(expected).float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(plain, torch.stack([x[0] @ t["p0"], x[0] @ t["p1"]]).float())
