@@ -165,7 +165,7 @@ class _Weights(nn.Module):
         """Its weights and image spec hashed: an encoder refitted into the same folder, under the same name, is
         another encoder to the embeddings made with the old one. The weights are taken at bf16's resolution: a tower
         stored in bf16 under mixed precision (``trainer._store_frozen_in_half_precision``) is the encoder that
-        embedded the captions in fp32 (hashed as stored, ReVision refused every bf16 run at its start)."""
+        embedded the captions in fp32 (hashed as stored, their embeddings were refused by every bf16 run at its start)."""
         return weights_fingerprint(self, repr(self.image_spec), dtype=torch.bfloat16)
 
     def fingerprints(self) -> set[str]:
