@@ -168,16 +168,18 @@ class _Weights(nn.Module):
         embedded the captions in fp32 (hashed as stored, their embeddings were refused by every bf16 run at its start)."""
         return weights_fingerprint(self, repr(self.image_spec), dtype=torch.bfloat16)
 
-    def fingerprints(self) -> set[str]:
-        """What embeddings made by this encoder may record: its :meth:`fingerprint`, and the one of its weights as
-        stored that embeddings written before the fingerprint was taken at bf16's resolution hold."""
-        return {self.fingerprint(), weights_fingerprint(self, repr(self.image_spec))}
+    def stored_fingerprint(self) -> str:
+        """Its weights hashed as stored: what embeddings written before :meth:`fingerprint` took them at bf16's
+        resolution record."""
+        return weights_fingerprint(self, repr(self.image_spec))
 
 
-def known_fingerprints(encoder: Any) -> set[str]:
-    """The fingerprints that name ``encoder`` in what it embedded: :meth:`_Weights.fingerprints` for alignlm's own,
-    ``fingerprint()`` alone for another object of the ``DualEncoder`` API."""
-    return encoder.fingerprints() if hasattr(encoder, "fingerprints") else {encoder.fingerprint()}
+def known_fingerprints(encoder: Any, fingerprint: str) -> set[str]:
+    """The fingerprints that name ``encoder`` in what it embedded: ``fingerprint`` (its ``fingerprint()``, which the
+    caller has taken: the weights are hashed once for it), and :meth:`_Weights.stored_fingerprint` for alignlm's own
+    encoders (another object of the ``DualEncoder`` API has none)."""
+    stored = getattr(encoder, "stored_fingerprint", None)
+    return {fingerprint} if stored is None else {fingerprint, stored()}
 
 
 class HFDualEncoder(_Weights):

@@ -109,7 +109,8 @@ def embed_items(
     prepare, encode_prepared = image_steps(encoder)
     n_shards = (len(items) + shard_size - 1) // shard_size
     paths = [folder / f"shard_{k:05d}.safetensors" for k in range(n_shards)]
-    fingerprint, known = encoder.fingerprint(), known_fingerprints(encoder)
+    fingerprint = encoder.fingerprint()
+    known = known_fingerprints(encoder, fingerprint)
     done = []
     for k, path in enumerate(paths):
         shard = items[k * shard_size : (k + 1) * shard_size]

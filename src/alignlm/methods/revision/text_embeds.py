@@ -87,7 +87,7 @@ class TextEmbeddingHook(SampleHook):
         if encoder is None or not hasattr(encoder, "fingerprint") or not stored:
             return  # a tower that is no dual encoder, or shards written before they recorded the weights
         weights = encoder.fingerprint()
-        if not set(stored) <= known_fingerprints(encoder):
+        if not set(stored) <= known_fingerprints(encoder, weights):
             raise DataError(
                 f"{self.where} was embedded by encoder weights {stored}, but model.vision's encoder has weights "
                 f"{weights}: the captions stand in for this tower's image embeddings, so embed them with it (one "
