@@ -1727,7 +1727,7 @@ def test_every_rank_of_a_multi_rank_run_learns_the_lock_refusal(tmp_path, monkey
     from types import SimpleNamespace
 
     said = []
-    monkeypatch.setattr(pipeline, "broadcast_object_list", lambda objs: said.append(objs) or [(True, "in use")])
+    monkeypatch.setattr(pipeline, "broadcast_object_list", lambda objs: said.append(objs) or [("config", "in use")])
     acc = SimpleNamespace(is_main_process=False, num_processes=ranks)
     with pytest.raises(ConfigError, match="in use"), pipeline.run_lock(tmp_path, "t", acc):
         pass

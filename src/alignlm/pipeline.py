@@ -55,7 +55,7 @@ from alignlm.models.build import build_model
 from alignlm.models.device import cpu_only
 from alignlm.models.io import load_final_weights
 from alignlm.training import checkpoint as ckpt
-from alignlm.training.agreement import agreed
+from alignlm.training.agreement import KINDS, agreed
 from alignlm.training.determinism import deterministic, warn_only
 from alignlm.training.logging import get_logger, json_values, summary_table
 from alignlm.training.trainer import (
@@ -497,19 +497,19 @@ def run_lock(output_dir: Path, run_name: str, acc: Accelerator) -> Iterator[None
     overlapping the old one, a second launch by hand) is refused before it writes anything: both had trained into the
     same folder, steps logged twice, each deleting the other's checkpoint being written. Every rank learns the
     refusal and raises it, instead of waiting for a main process that has gone."""
-    fd, refused = None, None  # (whether a config's mistake, the message)
+    fd, refused = None, None  # (its kind in agreement.KINDS, the message)
     if acc.is_main_process:
         try:
             fd = lock_run(output_dir, run_name)
         except ConfigError as e:
-            refused = (True, str(e))
+            refused = ("config", str(e))
         except OSError as e:  # every rank learns it, not only this one (the others would wait for a lost main process)
             said = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)
-            refused = (False, f"the lock of run_name={run_name} cannot be taken in output_dir={output_dir}: {said}")
+            refused = ("file", f"the lock of run_name={run_name} cannot be taken in output_dir={output_dir}: {said}")
     if acc.num_processes > 1:
         refused = broadcast_object_list([refused])[0]
     if refused is not None:  # a full disk or a read-only folder is no config mistake: exit status 1, not 2
-        raise (ConfigError if refused[0] else OSError)(refused[1])
+        raise KINDS[refused[0]](refused[1])
     try:
         yield
     finally:
