@@ -634,10 +634,10 @@ SAME_MEANING = {".data.group_by_length": {True: "band"}}
 
 
 def _compared(key: str, value: Any) -> Any:
-    """What a recorded value is compared by: a file's digest or a start's identity without the path that named it
-    (:data:`IDENTIFIED`: the same bytes under another spelling or place are no change; a move is named by the config
-    key holding the path, if any), any other value with its paths resolved (:func:`_resolved`)."""
-    if key.endswith(IDENTIFIED) and isinstance(value, Mapping):
+    """What a recorded value is compared by: a file's digest without the path that named it (the same bytes under
+    another spelling or place are no change; a move is named by the config key holding the path, if any), any other
+    value with its paths resolved (:func:`_resolved`). A start's weights are compared by :func:`start_change`."""
+    if key.endswith(CONTENTS) and isinstance(value, Mapping):
         return {k: v for k, v in value.items() if k != "path"}
     for suffix, meaning in SAME_MEANING.items():
         if key.endswith(suffix) and isinstance(value, bool | str) and value in meaning:
