@@ -169,7 +169,7 @@ run_bench() { # NAME BATCH, then train_throughput.py flags
     env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
     python3 benchmarks/train_throughput.py --json "$DETAILS/$name.json" --batch "$batch" "$@"
   [[ $RC == skipped ]] && return
-  log "  rc=$RC $(grep -E '^\| [0-9.]+b |^558k' "$DETAILS/bench_$name.txt" | tr '\n' ' ')"
+  log "  rc=$RC $(grep -E '^\| [0-9.]+b |^558k|^cached' "$DETAILS/bench_$name.txt" | tr '\n' ' ')"
 }
 
 bench() { # as run_bench; out of memory at BATCH (either side), once more at half of it

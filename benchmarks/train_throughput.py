@@ -13,16 +13,23 @@ real (non-padding) tokens/s, samples/s, peak memory, model TFLOP/s and MFU, and 
   default settings (packed rows where the attention kernel isolates them for free, else padded; chunked LM loss over
   supervised positions; bf16 storage of frozen parts; fused AdamW; no host sync in the step); ``--cached-features``
   feeds the frozen tower's features as the feature cache would.
-- peer: the loop a user writes in an afternoon: ``LlavaForConditionalGeneration`` on the device in float32 under
-  bf16 autocast, ``torch.optim.AdamW`` over the trainable parts, each batch padded to its longest sample,
-  ``labels=`` to the model (its loss over every position), ``loss.backward()``, ``optimizer.step()``.
-- MFU = model FLOPs per real token (``training/throughput.py``: 2 x non-embedding params x 3 trained, 2 frozen
-  with gradients flowing back through them, 1 otherwise, plus causal attention 12 x layers x width x the positions a
-  token attends to on average, over the timed samples) x tokens/s / peak dense bf16 FLOP/s (989 TFLOP/s on an
-  H100/H200); the same formula for both sides.
-- Stage 1 (``pretrain``) also projects LLaVA-1.5's 558k captions, one epoch, from alignlm's samples/s: the hours on
-  this one GPU, and on ``--gpus`` (default 8, LLaVA-1.5's 3.5 h were on 8 A100s) at ideal scaling, fewer hours than
-  that many GPUs would take.
+- peer: the loop a user writes in an afternoon: ``LlavaForConditionalGeneration`` on the device, its trained parts
+  in float32 and its frozen ones in bf16 under bf16 autocast (as alignlm stores them), ``torch.optim.AdamW`` over the
+  trained parts with the stage's learning rates, betas, weight decay and fused kernel, each batch padded to its
+  longest sample, ``labels=`` to the model (its loss over every position), ``loss.backward()``, the gradient clipped
+  to the stage's ``max_grad_norm``, ``optimizer.step()``.
+- MFU = model FLOPs per second / peak dense bf16 FLOP/s (989 TFLOP/s on an H100/H200), model FLOPs by
+  ``training/throughput.py``'s formula: 2 x non-embedding params x 3 trained, 2 frozen with gradients flowing back
+  through them, 1 otherwise, per real token, but the LM head's per supervised position (alignlm computes logits only
+  there), plus causal attention 12 x layers x width x the positions a token attends to on average over the timed
+  samples; the same formula for both sides (the peer's head products at unsupervised positions are no model FLOPs).
+- Cached features (``--cached-features``): the tower's features are computed before the timed steps, as the
+  feature cache computes them before a stage (batches of ``--batch`` images, timed after one warm-up batch). The
+  ratio per step leaves that build out; ``ratio_tokens_per_s_one_epoch`` charges each sample its image's build, what
+  one epoch pays (LLaVA's stage 1 is one epoch; a cache pays off when several runs read it).
+- Stage 1 (``pretrain``) also projects LLaVA-1.5's 558k captions, one epoch, from alignlm's samples/s (with cached
+  features, the cache's build added): the hours on this one GPU, and on ``--gpus`` (default 8, LLaVA-1.5's 3.5 h
+  were on 8 A100s) at ideal scaling, fewer hours than that many GPUs would take.
 
     python benchmarks/train_throughput.py --size tiny --steps 3 --warmup 1 --batch 2      # CPU, seconds
     python benchmarks/train_throughput.py --size 1.1b --stage finetune --vocab 32000 --batch 16
@@ -49,7 +56,12 @@ from alignlm.config import compose
 from alignlm.constants import IGNORE_INDEX
 from alignlm.export.hf_llava import to_llava
 from alignlm.models.mllm import AlignLM
-from alignlm.training.throughput import attended_positions, model_flops_per_token, peak_tflops
+from alignlm.training.throughput import (
+    attended_positions,
+    head_flops_per_target,
+    model_flops_per_token,
+    peak_tflops,
+)
 from alignlm.training.trainer import Trainer
 
 CLIP_L_336 = {
@@ -137,8 +149,8 @@ def text_lengths(stage: str, n: int, rng: np.random.Generator) -> list[list[tupl
     return out
 
 
-def make_samples(model: AlignLM, stage: str, n: int, seed: int, cached_features: bool) -> list[dict[str, Any]]:
-    """alignlm samples (BOS, 576 image tokens, text segments; answers supervised) with their image or features."""
+def make_samples(model: AlignLM, stage: str, n: int, seed: int) -> list[dict[str, Any]]:
+    """alignlm samples (BOS, 576 image tokens, text segments; answers supervised), each with its image."""
     rng = np.random.default_rng(seed)
     vocab = model.llm.get_input_embeddings().num_embeddings
     size, m = model.image_spec.size, model.num_image_tokens
@@ -161,13 +173,28 @@ def make_samples(model: AlignLM, stage: str, n: int, seed: int, cached_features:
             "pixel_values": torch.randn(1, 3, size, size, generator=g),
         }
         samples.append(sample)
-    if cached_features:  # what the feature cache stores: the frozen tower's output, once per image
-        device = next(model.vision.parameters()).device
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            for s in samples:
-                s["image_embeds"] = model.vision(s.pop("pixel_values").to(device)).cpu()
-                s["pixel_values"] = None
     return samples
+
+
+def cache_features(model: AlignLM, samples: list[dict[str, Any]], batch: int) -> float:
+    """Give each sample its image's features in place of the image, as the feature cache stores them (the frozen
+    tower's output, batches of ``batch`` images under bf16 autocast on CUDA, copied to the host), and return the
+    seconds per image this build took, timed after one warm-up batch (the whole build when it is one batch)."""
+    device = next(model.vision.parameters()).device
+    chunks = [samples[i : i + batch] for i in range(0, len(samples), batch)]
+    seconds, timed = 0.0, 0
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        for k, chunk in enumerate(chunks):
+            sync(device)
+            start = time.perf_counter()
+            pixels = torch.cat([s["pixel_values"] for s in chunk]).to(device, non_blocking=True)
+            features = model.vision(pixels).cpu()
+            sync(device)
+            if k > 0 or len(chunks) == 1:
+                seconds, timed = seconds + time.perf_counter() - start, timed + len(chunk)
+            for s, f in zip(chunk, features):
+                s["image_embeds"], s["pixel_values"] = f[None], None
+    return seconds / timed
 
 
 def pinned(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -209,10 +236,10 @@ def bench_alignlm(
     chunks: list[list[dict[str, Any]]],
     warmup: int,
     trainer: Trainer,
-    model: AlignLM,
-    flops_per_token: float,
+    flops: tuple[float, float],
 ) -> dict[str, Any]:
-    """alignlm's own step and collator, default settings."""
+    """alignlm's own step and collator, default settings; ``flops``: model FLOPs per real token (the LM head's left
+    out) and per supervised position (the head's)."""
     acc = trainer.acc
     collate = trainer.collator()
     batches = [pinned(collate(c), acc.device) for c in chunks]  # as the data loader hands them over on CUDA
@@ -225,7 +252,7 @@ def bench_alignlm(
     if acc.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(acc.device)
     seconds, timed = time_steps(run_step, batches, warmup, acc.device)
-    result = summarise("alignlm", seconds, [chunks[i] for i in timed], acc.device, flops_per_token)
+    result = summarise("alignlm", seconds, [chunks[i] for i in timed], acc.device, flops)
     result["packed"] = collate.pack_length is not None
     return result
 
@@ -233,21 +260,38 @@ def bench_alignlm(
 def bench_peer(
     model: AlignLM,
     stage: str,
+    settings: Any,
     chunks: list[list[dict[str, Any]]],
     warmup: int,
     device: torch.device,
-    attended: float,
+    flops: tuple[float, float],
 ) -> dict[str, Any]:
-    """The plain transformers loop on the same weights and the same batches (the tower always runs)."""
-    flops = model_flops_per_token(model, attended=attended)
+    """The plain transformers loop on the same weights and the same batches (the tower always runs), with the
+    stage's optimizer ``settings`` (its ``lr`` per part, ``betas``, ``weight_decay``, ``max_grad_norm``) and its frozen
+    parts stored in bf16 under bf16 autocast, as alignlm stores them: in fp32 they had cost the peer a cast of every
+    frozen weight at each use and gigabytes of memory alignlm does not spend."""
     trainable = {"finetune": ("connector", "llm"), "pretrain": ("connector",)}[stage]
     with torch.device(device):  # the peer's copy made on the device, then every weight copied from alignlm's
         hf = to_llava(model.float()).train()
     train_prefixes = {"connector": ("model.multi_modal_projector.",), "llm": ("model.language_model.", "lm_head.")}
-    prefixes = tuple(p for part in trainable for p in train_prefixes[part])
-    for name, p in hf.named_parameters():
-        p.requires_grad_(name.startswith(prefixes))
-    opt = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=1e-5)
+    half = device.type == "cuda"  # bf16 autocast there, as alignlm's side
+    groups = []
+    for part in trainable:
+        params = [p for n, p in hf.named_parameters() if n.startswith(train_prefixes[part])]
+        groups.append({"params": params, "lr": float(settings.lr[part])})
+    trained = {id(p) for g in groups for p in g["params"]}
+    for p in hf.parameters():
+        p.requires_grad_(id(p) in trained)
+        if half and id(p) not in trained:
+            p.data = p.data.to(torch.bfloat16)
+    opt = torch.optim.AdamW(
+        groups,
+        betas=tuple(settings.get("betas", (0.9, 0.999))),
+        eps=1e-8,
+        weight_decay=float(settings.get("weight_decay", 0.0)),
+        fused=half or None,
+    )
+    max_norm = float(settings.get("max_grad_norm", 1.0))
     pad = model.tokenizer.pad_token_id
     batches = []
     for c in chunks:
@@ -271,6 +315,8 @@ def bench_peer(
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = hf(**b).loss
         loss.backward()
+        if max_norm > 0:
+            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], max_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -281,16 +327,22 @@ def bench_peer(
 
 
 def summarise(
-    name: str, seconds: float, chunks: list[list[dict[str, Any]]], device: torch.device, flops_per_token: float
+    name: str,
+    seconds: float,
+    chunks: list[list[dict[str, Any]]],
+    device: torch.device,
+    flops: tuple[float, float],
 ) -> dict[str, Any]:
+    """One side's rates over the timed ``chunks``; ``flops``: model FLOPs per real token and per supervised position."""
     samples = sum(len(c) for c in chunks)
     tokens = sum(len(s["input_ids"]) for c in chunks for s in c)
+    targets = sum(int((s["labels"] != IGNORE_INDEX).sum()) for c in chunks for s in c)
     peak = peak_tflops("auto", device)
     out = {
         "side": name,
         "samples_per_s": samples / seconds,
         "tokens_per_s": tokens / seconds,
-        "tflops": tokens / seconds * flops_per_token / 1e12,
+        "tflops": (tokens * flops[0] + targets * flops[1]) / seconds / 1e12,
         "seconds": seconds,
         "steps": len(chunks),
     }
@@ -324,7 +376,8 @@ def run(
         model = trainer.setup_model()
     trainer.total_steps = warmup + steps
     trainer.setup_optimization(model, None)
-    samples = make_samples(model, stage, batch * (warmup + steps), seed, cached_features)
+    samples = make_samples(model, stage, batch * (warmup + steps), seed)
+    cache_s = cache_features(model, samples, batch) if cached_features else None
     chunks = grouped(samples, batch, seed)
     # the timed samples' own lengths (both sides isolate each sample in attention, padding is no model FLOP)
     attended = attended_positions(len(s["input_ids"]) for c in chunks[warmup:] for s in c)
@@ -337,16 +390,26 @@ def run(
         "cached_features": cached_features,
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "attended_positions": attended,
-        # alignlm's side: with cached features the tower never runs
-        "flops_per_token": model_flops_per_token(model, tower_runs=not cached_features, attended=attended),
+        # alignlm's side: with cached features the tower never runs; the LM head per supervised position
+        "flops_per_token": model_flops_per_token(model, tower_runs=not cached_features, attended=attended, head=False),
+        "flops_per_target": head_flops_per_target(model, tower_runs=not cached_features),
     }
-    result["alignlm"] = bench_alignlm(stage, chunks, warmup, trainer, model, result["flops_per_token"])
+    peer_flops = (model_flops_per_token(model, attended=attended, head=False), result["flops_per_target"])
+    result["alignlm"] = bench_alignlm(stage, chunks, warmup, trainer, (result["flops_per_token"], peer_flops[1]))
+    seconds_per_sample = 1 / result["alignlm"]["samples_per_s"]
+    if cache_s is not None:  # one epoch pays each image's build once: per sample, beside its share of the steps
+        result["cache_build_s_per_image"] = cache_s
+        result["alignlm"]["tokens_per_s_one_epoch"] = result["alignlm"]["tokens_per_s"] / (
+            1 + cache_s / seconds_per_sample
+        )
+        seconds_per_sample += cache_s
     if stage == "pretrain":  # LLaVA-1.5 stage 1: 558k captions, one epoch (its 3.5 h: on 8 A100s)
-        result["projected_hours_558k"] = 558_000 / result["alignlm"]["samples_per_s"] / 3600  # this one GPU
+        result["projected_hours_558k"] = 558_000 * seconds_per_sample / 3600  # this one GPU, the cache's build in
         result["projection_gpus"] = gpus
         result["projected_hours_558k_ideal_on_gpus"] = result["projected_hours_558k"] / gpus  # ideal scaling
     save(result)
     if peer:  # free alignlm's side first: the peer's peak memory is its own
+        trainer_stage = trainer.stage
         acc.free_memory()
         del trainer
         model.cpu()
@@ -357,8 +420,11 @@ def run(
             if s.get("pixel_values") is None:
                 s["pixel_values"] = torch.randn(1, 3, model.image_spec.size, model.image_spec.size)
         try:
-            result["peer"] = bench_peer(model, stage, chunks, warmup, acc.device, attended)
+            result["peer"] = bench_peer(model, stage, trainer_stage, chunks, warmup, acc.device, peer_flops)
             result["ratio_tokens_per_s"] = result["alignlm"]["tokens_per_s"] / result["peer"]["tokens_per_s"]
+            if cache_s is not None:
+                one_epoch = result["alignlm"]["tokens_per_s_one_epoch"]
+                result["ratio_tokens_per_s_one_epoch"] = one_epoch / result["peer"]["tokens_per_s"]
         except (torch.OutOfMemoryError, RuntimeError) as e:  # alignlm fitted this batch; the peer did not
             if not isinstance(e, torch.OutOfMemoryError) and "out of memory" not in str(e).lower():
                 raise
@@ -389,14 +455,27 @@ def table(results: list[dict[str, Any]]) -> str:
             )
         if "peer_error" in r:
             lines.append(f"| {r['size']} | {named} | {r['vocab']} | {r['batch']} | peer | {r['peer_error']} |||||")
+    lines += [one_epoch(r) for r in results if "cache_build_s_per_image" in r]
     lines += [projection(r) for r in results if "projected_hours_558k" in r]
     return "\n".join(lines)
+
+
+def one_epoch(result: dict[str, Any]) -> str:
+    """A cached point in words: the cache's build per image, and alignlm's one-epoch tokens/s and ratio with it."""
+    ratio = result.get("ratio_tokens_per_s_one_epoch")
+    return (
+        f"cached features, one epoch: the cache's build {1000 * result['cache_build_s_per_image']:.2f} ms/image; "
+        f"alignlm {result['alignlm']['tokens_per_s_one_epoch']:,.0f} tokens/s with it"
+        + (f", {ratio:.2f}x the peer" if ratio is not None else "")
+    )
 
 
 def projection(result: dict[str, Any]) -> str:
     """Stage 1's 558k projection in words: one GPU's hours first, then the ideal-scaling figure, said to be one."""
     return (
-        f"558k captions, one epoch, at alignlm's {result['alignlm']['samples_per_s']:.1f} samples/s: "
+        f"558k captions, one epoch, at alignlm's {result['alignlm']['samples_per_s']:.1f} samples/s"
+        + (" and the cache's build" if "cache_build_s_per_image" in result else "")
+        + ": "
         f"{result['projected_hours_558k']:.2f} h on one {result['device']} (this run's); "
         f"{result['projected_hours_558k_ideal_on_gpus']:.2f} h on {result['projection_gpus']} of them at ideal scaling "
         "(no communication cost; LLaVA-1.5's 3.5 h: on 8 A100s)"

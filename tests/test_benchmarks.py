@@ -22,14 +22,45 @@ def test_tiny_throughput_benchmark_prints_both_sides_and_the_ratio(stage, cached
     table = BENCH["table"]([result])
     assert "transformers Llava (peer)" in table and "alignlm" in table and "x |" in table
     if stage == "pretrain":  # 558k captions: one device's hours first, then 8 GPUs' (LLaVA-1.5's 3.5 h) said ideal
-        one = 558_000 / result["alignlm"]["samples_per_s"] / 3600
-        assert result["projected_hours_558k"] == pytest.approx(one) and result["projection_gpus"] == 8
+        # one epoch pays each image's feature build once: in the projection, and in a ratio of its own
+        build = result["cache_build_s_per_image"]
+        one = 558_000 * (1 / result["alignlm"]["samples_per_s"] + build) / 3600
+        assert 0 < build and result["projected_hours_558k"] == pytest.approx(one) and result["projection_gpus"] == 8
         assert result["projected_hours_558k_ideal_on_gpus"] == pytest.approx(one / 8)
         assert f"{one:.2f} h on one {result['device']}" in table and "on 8 of them at ideal scaling" in table
-    else:  # both sides' FLOPs per token count attention over the timed samples' own lengths
-        assert result["attended_positions"] > 0
-        flops = result["peer"]["tflops"] / result["peer"]["tokens_per_s"] * 1e12
-        assert flops == pytest.approx(result["flops_per_token"])
+        epoch = result["alignlm"]["tokens_per_s"] / (1 + build * result["alignlm"]["samples_per_s"])
+        assert result["alignlm"]["tokens_per_s_one_epoch"] == pytest.approx(epoch)
+        assert result["ratio_tokens_per_s_one_epoch"] == pytest.approx(epoch / result["peer"]["tokens_per_s"])
+        assert f"{1000 * build:.2f} ms/image" in table and f"{epoch:,.0f} tokens/s with it" in table
+    else:  # both sides' FLOPs count attention over the timed samples' own lengths, the head per supervised token
+        assert result["attended_positions"] > 0 and result["flops_per_target"] > 0
+        samples = result["peer"]["samples_per_s"] * result["peer"]["seconds"]
+        tokens = result["peer"]["tokens_per_s"] * result["peer"]["seconds"]
+        flops = result["peer"]["tflops"] * result["peer"]["seconds"] * 1e12
+        targets = (flops - tokens * result["flops_per_token"]) / result["flops_per_target"]
+        assert 0 < targets < tokens - samples and targets == pytest.approx(round(targets), abs=1e-3)
+
+
+@pytest.mark.parametrize("stage, rates", [("pretrain", [1.0e-3]), ("finetune", [2.0e-5, 2.0e-5])])
+def test_the_peer_steps_with_the_stages_optimizer_settings(stage, rates, monkeypatch):
+    """Like for like: the peer's AdamW takes the stage's learning rate per trained part, betas and weight decay, and
+    its gradient is clipped to the stage's max_grad_norm at every step, as alignlm's (it had run torch's defaults:
+    lr 1e-5, weight decay 0.01, no clipping)."""
+    import torch
+
+    built, clipped = [], []
+    adamw, clip = torch.optim.AdamW, torch.nn.utils.clip_grad_norm_
+
+    def recording_adamw(groups, **kwargs):
+        built.append(([g["lr"] for g in groups], kwargs))
+        return adamw(groups, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", recording_adamw)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda ps, norm: (clipped.append(norm), clip(ps, norm))[1])
+    BENCH["run"]("tiny", stage, vocab=1000, batch=2, steps=2, warmup=1, cached_features=False, peer=True)
+    lrs, kwargs = built[-1]  # the peer's, built after alignlm's
+    assert lrs == rates and kwargs["betas"] == (0.9, 0.999) and kwargs["weight_decay"] == 0.0
+    assert clipped == [1.0] * 3  # the warm-up step and the two timed ones
 
 
 def test_alignlm_figures_are_saved_before_the_peer_runs_and_kept_when_it_runs_out_of_memory(monkeypatch):

@@ -115,6 +115,21 @@ def test_resume_after_stop_matches_uninterrupted(colour_set, tmp_path):
     assert resumed == pytest.approx(full, rel=1e-6, abs=1e-7)
 
 
+def test_a_resumed_stages_peak_memory_is_the_highest_of_its_segments(colour_set, tmp_path, monkeypatch):
+    """summary.json's peak memory of a stopped and resumed stage is its segments' highest (a checkpoint carries it):
+    it had been the last segment's alone, whose device memory counts afresh."""
+    from alignlm.training import trainer
+
+    base = tiny_overrides(colour_set, tmp_path, "run=[pretrain]", "stages.pretrain.max_steps=5", "eval.sets=[]")
+    monkeypatch.setattr(trainer, "peak_memory_gib", lambda device: 5.0)
+    with pytest.raises(StopTraining, match="after step 3"):
+        run(compose(*base, "stop_after_steps=3"))
+    monkeypatch.setattr(trainer, "peak_memory_gib", lambda device: 3.0)
+    assert run(compose(*base))["stages"]["pretrain"]["peak_memory_gib"] == 5.0
+    rows = [json.loads(line) for line in (tmp_path / "t" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["memory/peak_gib"] for r in rows if "memory/peak_gib" in r][-1] == 5.0  # the resumed segment's rows
+
+
 def test_resume_after_sigkill_matches_uninterrupted(colour_set, tmp_path):
     """A hard kill mid-epoch: rerunning the same command resumes from the newest checkpoint and reproduces every step."""
     steps = 40
@@ -277,7 +292,12 @@ def test_model_flops_follow_the_standard_formula_counted_by_hand(tiny_model):
     positions; MLP connector 32 -> 64 -> 64). The input embedding and the tower's position table are lookups, no
     matmul; causal attention is charged for the positions each token sees; a tower fed from the cache is not counted."""
     from alignlm.data.collate import attended_pairs
-    from alignlm.training.throughput import attended_positions, attention_flops_per_pair, model_flops_per_token
+    from alignlm.training.throughput import (
+        attended_positions,
+        attention_flops_per_pair,
+        head_flops_per_target,
+        model_flops_per_token,
+    )
 
     layer = 64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128 + 2 * 64  # q, k, v, o, gate/up/down, two norms
     llm = 2 * layer + 64 + 513 * 64  # the final norm and the (untied) LM head; not the 513 x 64 embedding
@@ -298,11 +318,16 @@ def test_model_flops_follow_the_standard_formula_counted_by_hand(tiny_model):
     )
     assert model_flops_per_token(model) == 2 * tower + 6 * connector + 4 * llm  # attention left out
     assert attention_flops_per_pair(model) == pytest.approx(3 * attention)  # a step's: tokens x that + pairs x this
+    head = 513 * 64  # charged by the trainer per supervised position, where alone alignlm computes logits
+    assert head_flops_per_target(model) == 4 * head
+    assert model_flops_per_token(model, head=False) == 2 * tower + 6 * connector + 4 * (llm - head)
     model.llm.requires_grad_(True)  # the finetune: the embedding trains too and is still no matmul
     expected = 2 * tower + 6 * connector + 6 * llm + 3 * attention * seen
     assert model_flops_per_token(model, attended=seen) == pytest.approx(expected, rel=1e-12)
+    assert head_flops_per_target(model) == 6 * head
     model.llm.lm_head.weight = model.llm.get_input_embeddings().weight  # a tied head is still a matmul
     assert model_flops_per_token(model, attended=seen) == pytest.approx(expected, rel=1e-12)
+    assert head_flops_per_target(model) == 6 * head  # the head's, not the embedding table it shares
     model.requires_grad_(False)  # nothing trains: one forward pass
     expected = 2 * (tower + connector + llm) + attention * seen
     assert model_flops_per_token(model, attended=seen) == pytest.approx(expected, rel=1e-12)
@@ -719,7 +744,7 @@ def test_meter_measures_steps_by_when_they_ran(monkeypatch):
     monkeypatch.setattr(throughput.time, "perf_counter", lambda: next(clock))
     meter = throughput.Meter(warmup=1)
     for at in (101.0, 104.0, 107.0, 110.0):  # 4 steps issued 3 s apart, their counts all fetched at 113 s
-        meter.add(4, 40, at=at, pairs=300)
+        meter.add(4, 40, at=at, flops=300.0)
     meter.settle()
     assert meter.rates() == pytest.approx((12 / 12.0, 120 / 12.0, 900 / 12.0))  # 3 steps after the warm-up one
     assert meter.steady_totals() == pytest.approx([12, 120, 900, 12.0])
@@ -772,11 +797,53 @@ def test_a_resumed_stages_rates_cover_every_segments_steady_state(monkeypatch):
     clock = iter([200.0, 260.0])
     monkeypatch.setattr(throughput.time, "perf_counter", lambda: next(clock))
     meter = throughput.Meter(warmup=3, earlier=[12, 120, 900, 12.0])  # the first segment's, from its checkpoint
-    meter.add(4, 40, at=250.0, pairs=300)  # one slow step (start-up), still within this segment's warm-up
+    meter.add(4, 40, at=250.0, flops=300.0)  # one slow step (start-up), still within this segment's warm-up
     meter.settle()
     assert meter.rates() == pytest.approx((4 / 60.0, 40 / 60.0, 300 / 60.0))  # the segment's own, overall
     assert meter.stage_rates() == pytest.approx((1.0, 10.0, 75.0))  # the steady state the stage had
     assert meter.steady_totals() == pytest.approx([12, 120, 900, 12.0])  # nothing of the warm-up is kept
+
+
+def test_a_steps_model_flops_charge_the_lm_head_per_supervised_position(colour_set, tmp_path, monkeypatch):
+    """alignlm computes logits only where a label is: a step's model FLOPs charge the head for its supervised
+    positions, the rest of the weights for every real token (the head had been charged at every token, MFU 5 % high
+    at the 1.1B finetune's shape and 32k words)."""
+    from types import SimpleNamespace
+
+    from alignlm.training import throughput
+    from alignlm.training.trainer import Trainer
+
+    supervised: list[int] = []
+    charged: list[tuple[float, float, float]] = []
+    added: list[float] = []
+    returned: list[float] = []
+    step, step_flops, add = Trainer.step, Trainer.step_flops, throughput.Meter.add
+
+    def counting_step(self, micro, i):
+        supervised.append(sum(len(b["lm_targets"]) for b in micro))
+        return step(self, micro, i)
+
+    def counting_flops(self, tokens, targets, pairs):
+        charged.append((tokens, targets, pairs))
+        assert self.flops_per_target > 0
+        flops = step_flops(self, tokens, targets, pairs)
+        returned.append(flops)
+        return flops
+
+    monkeypatch.setattr(Trainer, "step", counting_step)
+    monkeypatch.setattr(Trainer, "step_flops", counting_flops)
+    monkeypatch.setattr(throughput.Meter, "add", lambda self, *a, **k: (added.append(a[3]), add(self, *a, **k)))
+    run(compose(*tiny_overrides(colour_set, tmp_path), "run=[pretrain]", "eval.sets=[]", "stages.pretrain.max_steps=3"))
+    assert [targets for _, targets, _ in charged] == supervised  # one process: the step's own supervised tokens
+    assert all(targets < tokens for tokens, targets, _ in charged) and added == returned  # the meter counts them
+    coefficients = SimpleNamespace(flops_per_token=2.0, flops_per_target=3.0, flops_per_pair=5.0)
+    coefficients.step_flops = lambda *counts: step_flops(coefficients, *counts)
+    assert step_flops(coefficients, 100, 7, 1000) == 100 * 2.0 + 7 * 3.0 + 1000 * 5.0
+    # a checkpoint written before: attended pairs where FLOPs are now, its segments counted as they were then
+    old = {"steady": [12, 120, 900, 12.0]}
+    assert Trainer.earlier_steady(coefficients, old) == [12, 120, 120 * 2.0 + 120 * 3.0 + 900 * 5.0, 12.0]
+    assert Trainer.earlier_steady(coefficients, {"throughput": [12, 120, 7.5e9, 12.0], **old}) == [12, 120, 7.5e9, 12.0]
+    assert Trainer.earlier_steady(coefficients, {}) is None
 
 
 def test_data_workers_count_the_cpus_this_process_may_use_on_its_node(monkeypatch):

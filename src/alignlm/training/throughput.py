@@ -2,7 +2,8 @@
 
 Model FLOPs per real (non-padding) token, the formula every alignlm figure uses (:func:`model_flops_per_token`): the
 standard one of PaLM's appendix B and Megatron-LM, ``6 N + 12 L d s`` when everything trains, with each part charged
-for the passes it takes. MFU = achieved model FLOP/s / (peak FLOP/s of the device x devices).
+for the passes it takes, the LM head per supervised position (:func:`head_flops_per_target`). MFU = achieved model
+FLOP/s / (peak FLOP/s of the device x devices).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ PEAK_TFLOPS = {
 WARMUP_STEPS = 3  # steps left out of the steady-state figures (allocator growth, kernel selection, compilation)
 
 
-def model_flops_per_token(model: nn.Module, tower_runs: bool = True, attended: float = 0.0) -> float:
+def model_flops_per_token(model: nn.Module, tower_runs: bool = True, attended: float = 0.0, head: bool = True) -> float:
     """Model FLOPs per real token of an ``AlignLM`` in its current train/freeze state, the sum of two terms.
 
     Weights: ``2 x m x n`` for each parameter ``n`` of every part but its embedding tables (a lookup is no matmul;
@@ -50,8 +51,10 @@ def model_flops_per_token(model: nn.Module, tower_runs: bool = True, attended: f
     place of images) the tower does not run and is not counted. Two approximations: the tower and connector are
     charged for every token, text tokens included (each visual token does pass through them, about once; overstates
     by ``2 x tower x text share``, 0.2 % of a 7B stage 1's FLOPs, 2.3 % of the 1.1B finetune's in the benchmark), and
-    the tower's own attention is left out (understates by 0.2 % and 0.6 %).
+    the tower's own attention is left out (understates by 0.2 % and 0.6 %). ``head`` False leaves the LM head out:
+    the trainer charges it per supervised position instead (:func:`head_flops_per_target`).
     """
+    left_out = set() if head else {id(p) for p in lm_head_parameters(model)}
     parts = {name: getattr(model, name) for name in model.PARTS if tower_runs or name != "vision"}
     trains = {name: any(p.requires_grad for p in part.parameters()) for name, part in parts.items()}
     upstream = {"connector": ("vision",), "llm": tuple(parts)}  # the parts a part's input comes from (and itself)
@@ -59,12 +62,28 @@ def model_flops_per_token(model: nn.Module, tower_runs: bool = True, attended: f
     flops = 0.0
     for name, part in parts.items():
         flops += sum(
-            2 * p.numel() * (3 if p.requires_grad else 2 if backward[name] else 1) for p in matmul_parameters(part)
+            2 * p.numel() * (3 if p.requires_grad else 2 if backward[name] else 1)
+            for p in matmul_parameters(part)
+            if id(p) not in left_out
         )
     cfg = model.llm.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     attention = 2 * 2 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim * attended
     return flops + attention * (3 if backward["llm"] else 1)
+
+
+def head_flops_per_target(model: nn.Module, tower_runs: bool = True) -> float:
+    """The LM head's share of :func:`model_flops_per_token`, which the trainer charges per supervised position, not
+    per token: alignlm computes logits only where a label is (``models/lm_loss.py``), and model FLOPs are the work
+    the model needs, so the head's product at every other position is no model FLOP (it had been charged at every
+    token: 5 % of the 1.1B finetune's FLOPs at 32k words and 13 % of its tokens supervised, far more at 152k)."""
+    return model_flops_per_token(model, tower_runs) - model_flops_per_token(model, tower_runs, head=False)
+
+
+def lm_head_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of the LLM's output projection (a LoRA adapter on it included)."""
+    head = model.llm.get_output_embeddings()
+    return list(head.parameters()) if head is not None else []
 
 
 def matmul_parameters(module: nn.Module) -> list[nn.Parameter]:
@@ -100,8 +119,8 @@ def peak_tflops(setting: float | str | None, device: torch.device) -> float | No
 
 
 class Meter:
-    """Samples, tokens and attended token pairs per second over the steps after the first ``warmup`` (whole run while
-    still warming up).
+    """Samples, tokens and model FLOPs per second over the steps after the first ``warmup`` (whole run while still
+    warming up).
 
     Logged values reach the host in batches (every ``logging.every`` steps), so a step's counts arrive long after it
     ran: each step is added with the host time it was issued at, and the clock stops at :meth:`settle`, called once
@@ -109,25 +128,25 @@ class Meter:
     """
 
     def __init__(self, warmup: int = WARMUP_STEPS, earlier: Sequence[float] | None = None) -> None:
-        """``earlier``: the steady-state samples, tokens, attended pairs and seconds of the stage's earlier segments
+        """``earlier``: the steady-state samples, tokens, model FLOPs and seconds of the stage's earlier segments
         (a resumed run's, from its checkpoint: :meth:`steady_totals`), which :meth:`stage_rates` adds to this one's."""
         self.warmup = warmup
         self.earlier = list(earlier) if earlier else [0, 0, 0, 0.0]
         self.steps = 0
         self.start = self.end = time.perf_counter()
         self.window = self.start
-        self.counts = [0, 0, 0]  # samples, tokens, attended pairs since the window opened
-        self.all_counts = [0, 0, 0]
+        self.counts = [0, 0, 0.0]  # samples, tokens, model FLOPs since the window opened
+        self.all_counts = [0, 0, 0.0]
 
-    def add(self, samples: int, tokens: int, at: float, pairs: int = 0) -> None:
-        """Record one step, issued at host time ``at`` (``time.perf_counter()``); ``pairs``: the (query, key)
-        positions its causal attention covered, :func:`attended_pairs` of its samples."""
+    def add(self, samples: int, tokens: int, at: float, flops: float = 0.0) -> None:
+        """Record one step, issued at host time ``at`` (``time.perf_counter()``); ``flops``: its model FLOPs, counted
+        on the host from its batches (the trainer's ``step_flops``)."""
         self.steps += 1
-        step = (samples, tokens, pairs)
+        step = (samples, tokens, flops)
         self.all_counts = [a + b for a, b in zip(self.all_counts, step)]
         if self.steps == self.warmup:
             self.window = at
-            self.counts = [0, 0, 0]
+            self.counts = [0, 0, 0.0]
         elif self.steps > self.warmup:
             self.counts = [a + b for a, b in zip(self.counts, step)]
 
@@ -143,17 +162,17 @@ class Meter:
             self.window += seconds
 
     def rates(self) -> tuple[float, float, float]:
-        """(samples/s, tokens/s, attended pairs/s) up to the last :meth:`settle`: steady state once past the warm-up,
-        else overall."""
+        """(samples/s, tokens/s, model FLOP/s) up to the last :meth:`settle`: steady state once past the warm-up, else
+        overall."""
         steady = self.steps > self.warmup
         counts, since = (self.counts, self.window) if steady else (self.all_counts, self.start)
         elapsed = max(self.end - since, 1e-9)
         return counts[0] / elapsed, counts[1] / elapsed, counts[2] / elapsed
 
     def steady_totals(self) -> list[float]:
-        """Samples, tokens, attended pairs and seconds of the steady state so far, earlier segments included: what a
+        """Samples, tokens, model FLOPs and seconds of the steady state so far, earlier segments included: what a
         checkpoint keeps for the segment that resumes from it. A segment still warming up adds nothing."""
-        mine = [*self.counts, self.end - self.window] if self.steps > self.warmup else [0, 0, 0, 0.0]
+        mine = [*self.counts, self.end - self.window] if self.steps > self.warmup else [0, 0, 0.0, 0.0]
         return [a + b for a, b in zip(self.earlier, mine)]
 
     def stage_rates(self) -> tuple[float, float, float]:

@@ -70,6 +70,7 @@ from alignlm.training.stages import apply_stage, count_params, lora_base, merge_
 from alignlm.training.throughput import (
     Meter,
     attention_flops_per_pair,
+    head_flops_per_target,
     model_flops_per_token,
     peak_memory_gib,
     peak_tflops,
@@ -354,8 +355,10 @@ class Trainer:
         # a visual hook supplies the tower's output (the feature cache, a method's embeddings in place of images):
         # then the tower never runs
         tower_runs = getattr(dataset, "visual_hook", None) is None
-        # counted before any partitioning: the weights' FLOPs per token, attention's per attended (query, key) pair
-        self.flops_per_token = model_flops_per_token(model, tower_runs=tower_runs)
+        # counted before any partitioning: the weights' FLOPs per token but the LM head's, the head's per supervised
+        # position, attention's per attended (query, key) pair (``step_flops``)
+        self.flops_per_token = model_flops_per_token(model, tower_runs=tower_runs, head=False)
+        self.flops_per_target = head_flops_per_target(model, tower_runs=tower_runs)
         self.flops_per_pair = attention_flops_per_pair(model, tower_runs=tower_runs)
         self.peak_tflops = peak_tflops(cfg.logging.get("peak_tflops", "auto"), acc.device)
         check_monitor_strategy(self.strategy, self.monitor.every)  # a Trainer built without the pipeline's checks
@@ -420,6 +423,7 @@ class Trainer:
         the weights the first segment started from, so a later rerun still names the change). Also fixes what
         ``final/`` will record the stage was trained from."""
         self.segment_seconds, self.nonfinite, self.steady_before = 0.0, [], None
+        self.peak_before: float | None = None  # the earlier segments' peak device memory, GiB
         self.nonfinite_terms: dict[str, list[int]] = {}  # a loss term not finite -> the steps (of this segment)
         self.nonfinite_metrics: set[str] = set()  # logged values not finite at a step that trained: warned once each
         self.logged_terms: set[str] = set()  # the loss terms the steps logged (loss/<objective>)
@@ -512,7 +516,8 @@ class Trainer:
             if self.acc.is_main_process and "data" in written:  # the whole stage's report so far, counted once
                 self.report = DataReport.from_dict(written["data"])
             self.segment_seconds = float(written.get("seconds", 0.0))
-            self.steady_before = written.get("steady")  # the earlier segments' steady state (Meter.steady_totals)
+            self.steady_before = self.earlier_steady(written)  # the earlier segments' steady state
+            self.peak_before = written.get("peak_memory_gib")
             self.nonfinite = list(written.get("nonfinite_steps", []))
             return int(written["step"]), int(written.get("skipped", 0))
         raise RuntimeError(
@@ -830,7 +835,7 @@ class Trainer:
             batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         return batch
 
-    def fetch(self, pending: list[StepLog]) -> list[dict[str, float]]:
+    def fetch(self, pending: list[StepLog]) -> list[tuple[int, dict[str, Any], int, int, float]]:
         """The global values of buffered steps: one collective and one device-to-host copy for all of them.
 
         Losses are their sum over the ranks' shares; a metric is its mean over the micro-batches of all ranks that
@@ -897,7 +902,7 @@ class Trainer:
                 row["nonfinite"] = True
                 self.nonfinite.append(s.step)
             row["skipped"] = self.skipped
-            rows.append((s.step, row, int(samples), int(tokens), int(pairs)))
+            rows.append((s.step, row, int(samples), int(tokens), self.step_flops(tokens, items, pairs)))
         return rows
 
     @contextlib.contextmanager
@@ -951,10 +956,28 @@ class Trainer:
             if main:
                 signal.signal(signal.SIGTERM, previous)
 
-    def tflops(self, tokens_per_s: float, pairs_per_s: float) -> float:
-        """Model TFLOP/s (training/throughput.py's formula): the weights' share per real token plus attention's per
-        attended pair, both counted on the host from the batches."""
-        return (tokens_per_s * self.flops_per_token + pairs_per_s * self.flops_per_pair) / 1e12
+    def step_flops(self, tokens: float, targets: float, pairs: float) -> float:
+        """Model FLOPs of a step (training/throughput.py's formula) from its counts, all taken on the host from the
+        batches: the weights' share per real token, the LM head's per supervised position (``targets``), attention's
+        per attended pair."""
+        return tokens * self.flops_per_token + targets * self.flops_per_target + pairs * self.flops_per_pair
+
+    def peak_memory(self) -> float | None:
+        """The stage's peak device memory so far, GiB (None off CUDA): this segment's and its earlier segments' (a
+        checkpoint carries theirs), as ``summary.json`` reports it; a resumed stage had reported its last segment's."""
+        mine = peak_memory_gib(self.acc.device)
+        return max(mine, self.peak_before) if mine is not None and self.peak_before is not None else mine
+
+    def earlier_steady(self, written: Mapping[str, Any]) -> list[float] | None:
+        """The steady state of the segments before a resume (``Meter.steady_totals``) from its checkpoint's state. A
+        checkpoint written before the head was charged per supervised position kept attended pairs in place of FLOPs
+        (``steady``): its segments are counted as they were then, the head at every token."""
+        if "throughput" in written:
+            return list(written["throughput"])
+        if "steady" not in written:
+            return None
+        samples, tokens, pairs, seconds = written["steady"]
+        return [samples, tokens, self.step_flops(tokens, tokens, pairs), seconds]
 
     def check_divergence(self, after: int) -> None:
         """``nonfinite.stop_after`` skipped steps within any ``nonfinite.window`` steps stop the stage: each skipped
@@ -1075,15 +1098,15 @@ class Trainer:
             after = pending[0].step - 1 if pending else 0
             rows = self.fetch(pending)  # waits for the device: every pending step is done
             meter.settle()
-            for step, _, samples, tokens, pairs in rows:
-                meter.add(samples, tokens, issued.pop(step), pairs)
+            for step, _, samples, tokens, flops in rows:
+                meter.add(samples, tokens, issued.pop(step), flops)
             issued.clear()  # steps skipped for bad data are not in the rows
-            sps, tps, pps = meter.rates()
+            sps, tps, fps = meter.rates()
             for step, row, *_ in rows:
-                row.update({"samples_per_s": sps, "tokens_per_s": tps, "tflops": self.tflops(tps, pps)})
+                row.update({"samples_per_s": sps, "tokens_per_s": tps, "tflops": fps / 1e12})
                 if self.peak_tflops:
                     row["mfu"] = row["tflops"] / (self.peak_tflops * acc.num_processes)
-                memory = peak_memory_gib(acc.device)
+                memory = self.peak_memory()
                 if memory is not None:
                     row["memory/peak_gib"] = memory
                 row.update(monitored.pop(step, {}))
@@ -1161,8 +1184,8 @@ class Trainer:
                 f"was written. {self.nonfinite_advice() if nonfinite else 'Train more steps, or use bf16'}"
             )
         final = self.save_final()
-        sps, tps, pps = meter.stage_rates()
-        tflops = self.tflops(tps, pps)
+        sps, tps, fps = meter.stage_rates()
+        tflops = fps / 1e12
         if self.report.counts:
             self.log.warning(
                 "stage %s left out %d samples/records: %s",
@@ -1183,7 +1206,7 @@ class Trainer:
             acc.num_processes,
             tflops,
             tflops / (self.peak_tflops * acc.num_processes) if self.peak_tflops else None,
-            peak_memory_gib(acc.device),
+            self.peak_memory(),
             self.report.to_dict(),
             list(self.nonfinite),
             stop_at - self.start_step,
@@ -1260,7 +1283,8 @@ class Trainer:
                 "stage": self.name,
                 "skipped": self.skipped,
                 "seconds": self.segment_seconds + time.perf_counter() - self.clock,
-                "steady": self.meter.steady_totals(),
+                "throughput": self.meter.steady_totals(),
+                "peak_memory_gib": self.peak_memory(),
                 "data": report.to_dict(),
                 "nonfinite_steps": list(self.nonfinite),
                 **self.run_state(),
