@@ -328,6 +328,10 @@ def test_model_flops_follow_the_standard_formula_counted_by_hand(tiny_model):
     model.llm.lm_head.weight = model.llm.get_input_embeddings().weight  # a tied head is still a matmul
     assert model_flops_per_token(model, attended=seen) == pytest.approx(expected, rel=1e-12)
     assert head_flops_per_target(model) == 6 * head  # the head's, not the embedding table it shares
+    model.requires_grad_(False)
+    model.vision.requires_grad_(True)  # the tower alone trains: gradients flow back through the connector and LLM
+    expected = 6 * tower + 4 * connector + 4 * llm + 3 * attention * seen
+    assert model_flops_per_token(model, attended=seen) == pytest.approx(expected, rel=1e-12)
     model.requires_grad_(False)  # nothing trains: one forward pass
     expected = 2 * (tower + connector + llm) + attention * seen
     assert model_flops_per_token(model, attended=seen) == pytest.approx(expected, rel=1e-12)
@@ -709,11 +713,15 @@ def test_data_parallel_two_processes_matches_one(colour_set, tmp_path, monkeypat
         str(free_port()),
         str(ROOT / "train.py"),
     ]
-    subprocess.run([*launch, *base, "run_name=ddp"], cwd=ROOT, check=True, capture_output=True, timeout=300)
+    ddp = [*launch, *base, "run_name=ddp", "logging.peak_tflops=1"]  # MFU: per device, over both ranks' peak
+    subprocess.run(ddp, cwd=ROOT, check=True, capture_output=True, timeout=300)
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
     run(compose(*base, "run_name=one", "stages.pretrain.grad_accum=2"))
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert summary["stages"]["pretrain"]["world_size"] == 2  # really two ranks, not two lone processes
+    rows = [json.loads(line) for line in (tmp_path / "ddp" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    for figures in [summary["stages"]["pretrain"], *rows]:
+        assert figures["mfu"] == pytest.approx(figures["tflops"] / 2)
     assert read_losses(tmp_path / "ddp" / "pretrain") == pytest.approx(
         read_losses(tmp_path / "one" / "pretrain"), rel=1e-5
     )
