@@ -57,6 +57,7 @@ def test_building_a_model_leaves_cuda_uninitialised_where_nothing_initialised_it
     for module in (torch.cuda, cuda_random):
         monkeypatch.setattr(module, "is_initialized", lambda: False)
         monkeypatch.setattr(module, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine: what counts is CUDA's state
     state = torch.random.get_rng_state()
     model = tiny_model("+model/align_levels=aligngpt")
     assert queued == [] and torch.equal(torch.random.get_rng_state(), state)
