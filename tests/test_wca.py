@@ -34,8 +34,8 @@ def test_wca_is_the_plain_score_with_whole_image_crops_and_the_prompt_as_the_onl
     plain, wca = scores(encoder, image, p, per_class, WCAConfig(crops=4, scale=(1.0, 1.0)), np.random.default_rng(0))
     assert torch.allclose(plain, wca, atol=1e-5)
     p, per_class = class_texts(encoder, prompts, descriptions_for(classes, ["a {c} square", "the colour {c}"]), tau=0.1)
-    assert per_class.owner.tolist() == [0, 0, 1, 1, 2, 2]
-    assert torch.allclose(per_class.weights.view(3, 2).sum(1), torch.ones(3))
+    assert per_class.embeddings.shape == p.shape  # one weighted, renormalised embedding a class
+    assert torch.allclose(per_class.embeddings.norm(dim=-1), torch.ones(3))
 
 
 def test_descriptions_from_templates_or_a_mapping():
@@ -70,6 +70,7 @@ def test_the_command_reports_plain_and_wca_per_seed(tiny_clip, colour_set, tmp_p
     assert report["n"] == 12 and report["classes"] == ["red", "green", "blue"] and len(report["runs"]) == 2
     assert all(0 <= r["plain"] <= 1 and 0 <= r["wca"] <= 1 for r in report["runs"])
     assert report["runs"][0]["plain"] == report["runs"][1]["plain"]  # the crops' seed moves WCA only
+    assert report["config"]["normalise"] is True and report["config"]["tau_crop"] == 0.1  # the knobs it scored with
 
 
 def test_one_seed_reports_no_spread_over_seeds(tiny_clip, colour_set, tmp_path, capsys):
@@ -168,24 +169,26 @@ def _loop_wca(crops: torch.Tensor, w: torch.Tensor, rows: list[tuple[torch.Tenso
 
 
 def test_one_product_over_all_descriptions_scores_as_the_per_class_loop(tiny_clip):
-    """Classes with different description counts (a mapping), one matrix on the encoder's device, one product and a
-    per-class sum: the scores of the old loop over classes, within float rounding."""
+    """Classes with different description counts (a mapping), one matrix on the encoder's device, one product: the
+    unnormalised scores of the old loop over classes and descriptions, within float rounding."""
+    import torch.nn.functional as F
+
     from alignlm.methods.wca.score import Descriptions
 
     encoder = load_encoder(str(tiny_clip))
     classes = ["red", "green", "blue"]
     texts = {"red": ["a red square"], "green": ["green", "a green thing", "the colour green"], "blue": ["blue", "sky"]}
-    p, described = class_texts(encoder, [f"a {c} square" for c in classes], descriptions_for(classes, texts), 0.1)
-    assert isinstance(described, Descriptions) and described.embeddings.shape[0] == 6
+    prompts = [f"a {c} square" for c in classes]
+    p, described = class_texts(encoder, prompts, descriptions_for(classes, texts), 0.1, normalise=False)
+    assert isinstance(described, Descriptions) and described.embeddings.shape[0] == 3
     assert described.embeddings.device == encoder.device == p.device
-    rows, start = [], 0
-    for c in classes:
-        n = len(texts[c])
-        rows.append((described.embeddings[start : start + n], described.weights[start : start + n]))
-        start += n
+    rows = []
+    for c, prompt in zip(classes, p):
+        d = F.normalize(encoder.encode_texts(texts[c]).float(), dim=-1)
+        rows.append((d, torch.softmax(d @ prompt / 0.1, dim=0)))
     g = torch.Generator().manual_seed(0)
     for _ in range(5):
-        crops = torch.nn.functional.normalize(torch.randn(7, p.shape[1], generator=g), dim=-1)
+        crops = F.normalize(torch.randn(7, p.shape[1], generator=g), dim=-1)
         w = torch.softmax(torch.randn(7, generator=g), dim=0)
         torch.testing.assert_close(described.score(crops, w), _loop_wca(crops, w, rows), rtol=1e-5, atol=1e-6)
     image = Image.new("RGB", (40, 30), (30, 160, 40))
@@ -265,17 +268,22 @@ def test_wca_weighs_crops_like_the_image_and_descriptions_like_the_prompt_more_a
              "d10": [0.0, 1.0, 0.0], "d11": [0.6, 0.8, 0.0]}  # fmt: skip
     views = [[1.0, 0.0, 0.0], [0.8, 0.6, 0.0], [0.0, 0.6, 0.8]]  # the whole image, then two crops
     enc = _Encoder(texts, views)
-    p, described = class_texts(enc, ["p0", "p1"], [["d00", "d01"], ["d10", "d11"]], tau=0.5)
-    config = WCAConfig(crops=2, tau_crop=0.25, tau_text=0.5)
+    p, described = class_texts(enc, ["p0", "p1"], [["d00", "d01"], ["d10", "d11"]], tau=0.5, normalise=False)
+    config = WCAConfig(crops=2, tau_crop=0.25, tau_text=0.5, normalise=False)
     plain, wca = scores(enc, Image.new("RGB", (8, 8)), p, described, config, np.random.default_rng(0))
+    _, official = class_texts(enc, ["p0", "p1"], [["d00", "d01"], ["d10", "d11"]], tau=0.5)
+    _, cosine = scores(enc, Image.new("RGB", (8, 8)), p, official, config, np.random.default_rng(0))
     t = {k: F.normalize(torch.tensor(v), dim=0) for k, v in texts.items()}
     x = F.normalize(torch.tensor(views), dim=1)
     w = torch.softmax(x[1:] @ x[0] / 0.25, 0)
-    expected = []
+    expected, cosines = [], []
     for c, ds in enumerate((["d00", "d01"], ["d10", "d11"])):
         d = torch.stack([t[n] for n in ds])
         v = torch.softmax(d @ t[f"p{c}"] / 0.5, 0)
         assert v[0] > v[1]  # the description closer to the class prompt weighs more
         expected.append(sum(w[i] * v[j] * (x[1 + i] @ d[j]) for i in range(2) for j in range(2)))
+        cosines.append(F.cosine_similarity(w @ x[1:], v @ d, dim=0))  # the official code's: each side renormalised
     torch.testing.assert_close(wca, torch.stack(expected).float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cosine, torch.stack(cosines).float(), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(cosine, wca)
     torch.testing.assert_close(plain, torch.stack([x[0] @ t["p0"], x[0] @ t["p1"]]).float())

@@ -8,6 +8,7 @@ WCA's crop-description score (docs/methods.md, WCA), over several crop seeds wit
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -44,6 +45,13 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--tau-text", type=float, default=WCAConfig.tau_text, help="temperature of the description weights (> 0)"
     )
+    p.add_argument(
+        "--normalise",
+        action=argparse.BooleanOptionalAction,
+        default=WCAConfig.normalise,
+        help="score the cosine of the weighted crop and description embeddings, as the official code does (default); "
+        "--no-normalise: the paper's unnormalised sum of weighted cosines",
+    )
     p.add_argument("--limit", type=positive_int, default=None, help="only the first N records (default: all)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="crop seeds")
     p.add_argument("--out", default=None, help="write the report as JSON here")
@@ -73,7 +81,7 @@ def check_images(paths: Sequence[Path], where: str) -> None:
 
 def cmd_wca(args: argparse.Namespace) -> int:
     try:  # before the set and the encoder are read
-        config = WCAConfig(args.crops, tuple(args.scale), args.tau_crop, args.tau_text)
+        config = WCAConfig(args.crops, tuple(args.scale), args.tau_crop, args.tau_text, args.normalise)
     except ValueError as e:
         raise SystemExit(f"alignlm wca: {e}") from None
     records = [
@@ -108,6 +116,7 @@ def cmd_wca(args: argparse.Namespace) -> int:
         "classes": classes,
         "n": len(labels),
         "chance": 1 / len(classes),
+        "config": dataclasses.asdict(config),
         "runs": runs,
         "mean_diff": m,
         "se_over_seeds": se if len(runs) > 1 else None,
