@@ -439,3 +439,28 @@ def test_sima_reads_the_second_judging_order_as_the_probability_that_a_is_better
     pairs = generate.self_critic_pairs(None, [prompt], [["red", "blue"]], {}, "", tmp_path, 2)
     assert [(p["a"], p["b"]) for p in pairs] == [("red", "blue")]
     assert pairs[0]["p_a_first"] == pytest.approx(0.8) and pairs[0]["p_a_second"] == pytest.approx(0.8)
+
+
+def test_sima_samples_its_answers_as_the_official_code_does_and_the_nucleus_is_part_of_the_records_knobs(capsys):
+    """Sampled answers at temperature 0.8 from the nucleus 0.9 (the official code's; the whole distribution at 1.0
+    had given rejected answers from a flatter, untruncated distribution): the step's, the command's and the recipe's
+    defaults; another nucleus makes other records, and one outside (0, 1] is refused."""
+    import inspect
+
+    knobs = inspect.signature(prepare_preferences).parameters
+    assert knobs["temperature"].default == 0.8 and knobs["top_p"].default == 0.9
+    step = compose("+exp=sima").stages.dpo.prepare.sima
+    assert step.temperature == 0.8 and step.top_p == 0.9
+    sampled = {"do_sample": True, "temperature": 0.8, "top_k": 0, "top_p": 0.9}
+    assert generate.GenerationSettings(2, 0.8, 0.9, 8, 16, 0, "cpu").passes() == [
+        {"do_sample": False},
+        sampled,
+        sampled,
+    ]
+    data = {"template": "plain"}
+    assert generate.preference_knobs(data, 2, 0.8, 0.9, 8, None, True, 0) != generate.preference_knobs(
+        data, 2, 0.8, 1.0, 8, None, True, 0
+    )
+    with pytest.raises(SystemExit):
+        main(["sima", "generate", "final", "--set", "a=b.json", "--out", "o", "--top-p", "1.5"])
+    assert "--top-p" in capsys.readouterr().err

@@ -79,6 +79,7 @@ class Bounds:
 
 POSITIVE = Bounds(0, low_open=True)  # a temperature, a scale, a rate: finite and above 0
 COUNT = Bounds(1)  # a number of iterations, candidates, items: a whole number of at least one (``whole=True``)
+SHARE = Bounds(0, 1, low_open=True)  # a share of a whole: nucleus sampling's top_p
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ from typing import Any
 from omegaconf import DictConfig
 
 from alignlm.checks import prompt_of, prompt_overrides
-from alignlm.commands._flags import add_trust_flags, positive_float, positive_int
-from alignlm.config import compose
+from alignlm.commands._flags import add_trust_flags, positive_float, positive_int, within
+from alignlm.config import SHARE, compose
 from alignlm.evaluation.checkpoints import data_config, resolve, stage_config
 from alignlm.evaluation.preferences import judge_agreement
 from alignlm.files import replace_text
@@ -43,7 +43,8 @@ def register(subparsers: Any) -> None:
     g.add_argument(
         "--samples", type=positive_int, default=2, help="sampled answers per question besides the greedy one"
     )
-    g.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature of those answers")
+    g.add_argument("--temperature", type=positive_float, default=0.8, help="sampling temperature of those answers")
+    g.add_argument("--top-p", type=within(SHARE), default=0.9, help="nucleus of those answers' sampling, in (0, 1]")
     g.add_argument("--max-new-tokens", type=positive_int, default=8, help="answer length limit in tokens")
     g.add_argument("--limit", type=positive_int, default=None, help="first N records of each set (default: all)")
     g.add_argument("--keep-inconsistent", action="store_true", help="keep pairs whose two orders disagree")
@@ -73,6 +74,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         partial(load_model, args.checkpoint, args.allow_code, args.trust_remote_code),
         samples=args.samples,
         temperature=args.temperature,
+        top_p=args.top_p,
         max_new_tokens=args.max_new_tokens,
         limit=args.limit,
         drop_inconsistent=not args.keep_inconsistent,

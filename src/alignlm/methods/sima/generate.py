@@ -2,7 +2,8 @@
 
 For each prompt (an image and a question, with its reference answer) of a question set:
 
-1. *Self-generation*: one greedy answer and ``samples`` sampled ones (``temperature``), all from the model itself.
+1. *Self-generation*: one greedy answer and ``samples`` sampled ones (``temperature`` 0.8, nucleus ``top_p`` 0.9, as
+   the official code samples them), all from the model itself.
 2. *Self-critic*: every sampled answer that differs from the greedy one is paired with it, and the same model judges
    the pair in context: the image, the question, the reference answer, the two answers as "A" and "B", and SIMA's
    three visual criteria (the objects named, their relationships, their attributes); an ``<image>`` written in
@@ -51,7 +52,7 @@ from typing import Annotated, Any
 
 import torch
 
-from alignlm.config import COUNT, POSITIVE
+from alignlm.config import COUNT, POSITIVE, SHARE
 from alignlm.constants import IGNORE_INDEX, IMAGE_TOKEN
 from alignlm.data.build import aspect_ratio_of, template_of
 from alignlm.data.records import image_names, read_records
@@ -288,6 +289,7 @@ def preference_knobs(
     data: Mapping[str, Any],
     samples: int,
     temperature: float,
+    top_p: float,
     max_new_tokens: int,
     limit: int | None,
     drop_inconsistent: bool,
@@ -296,7 +298,7 @@ def preference_knobs(
     """The choices that make one variant of a set's records: the sampling, the prompts (how many, and how the data
     config renders them: :func:`rendering`) and the seed. The batch size is left out: it changes how the answers are
     computed, not which."""
-    sampling = {"samples": samples, "temperature": temperature, "max_new_tokens": max_new_tokens}
+    sampling = {"samples": samples, "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens}
     return as_json(
         {**sampling, "limit": limit, "drop_inconsistent": drop_inconsistent, "seed": seed, **rendering(data)}
     )
@@ -351,7 +353,8 @@ def prepare_preferences(
     out: str,
     data: Mapping[str, Any],
     samples: Annotated[int, COUNT] = 2,
-    temperature: Annotated[float, POSITIVE] = 1.0,
+    temperature: Annotated[float, POSITIVE] = 0.8,
+    top_p: Annotated[float, SHARE] = 0.9,
     max_new_tokens: Annotated[int, COUNT] = 8,
     limit: Annotated[int | None, COUNT] = None,
     batch_size: Annotated[int, COUNT] = 16,
@@ -378,6 +381,7 @@ def prepare_preferences(
         partial(step_generator, Path(checkpoint), model, allow_code, trust_remote_code),
         samples=samples,
         temperature=temperature,
+        top_p=top_p,
         max_new_tokens=max_new_tokens,
         limit=limit,
         batch_size=batch_size,
@@ -420,7 +424,8 @@ def generate_preferences(
     data: Mapping[str, Any],
     load: Callable[[], AlignLM],
     samples: int = 2,
-    temperature: float = 1.0,
+    temperature: float = 0.8,
+    top_p: float = 0.9,
     max_new_tokens: int = 8,
     limit: int | None = None,
     batch_size: int = 16,
@@ -433,7 +438,7 @@ def generate_preferences(
     work. ``run_model``, the run's own model config when ``load`` builds it, is one of what the records are made from."""
     out_dir = Path(out)
     identity = checkpoint_identity(Path(checkpoint))
-    knobs = preference_knobs(data, samples, temperature, max_new_tokens, limit, drop_inconsistent, seed)
+    knobs = preference_knobs(data, samples, temperature, top_p, max_new_tokens, limit, drop_inconsistent, seed)
     todo = []
     for s in sets:
         prompts = single_turn_prompts(s["path"], limit)
@@ -446,7 +451,9 @@ def generate_preferences(
     device = default_device()
     model = load().to(device)
     for s, prompts, provenance in todo:
-        settings = GenerationSettings(samples, temperature, max_new_tokens, batch_size, seed, torch.device(device).type)
+        settings = GenerationSettings(
+            samples, temperature, top_p, max_new_tokens, batch_size, seed, torch.device(device).type
+        )
         write_preferences(model, s, prompts, out_dir, data, settings, provenance["inputs"], drop_inconsistent)
         # last: records interrupted or refused before this keep the provenance of the records they replace
         replace_text(out_dir / f"{s['name']}.provenance.json", json.dumps({KEY: provenance}, indent=1))
@@ -454,12 +461,14 @@ def generate_preferences(
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    """How a set's answers are generated: ``samples`` sampled passes at ``temperature`` besides the greedy one, each
+    """How a set's answers are generated: ``samples`` sampled passes at ``temperature`` (from the nucleus ``top_p``)
+    besides the greedy one, each
     pass ``k`` seeded with ``seed + k``, on a device of type ``device`` (``cpu``, ``cuda``): the batch size and the
     device change which numbers a sampled pass draws, so both are part of what a kept pass was made from."""
 
     samples: int
     temperature: float
+    top_p: float
     max_new_tokens: int
     batch_size: int
     seed: int
@@ -467,7 +476,7 @@ class GenerationSettings:
 
     def passes(self) -> list[dict[str, Any]]:
         """The ``generate`` settings of each pass: the greedy one first, then the sampled ones."""
-        sampled = {"do_sample": True, "temperature": self.temperature, "top_k": 0}
+        sampled = {"do_sample": True, "temperature": self.temperature, "top_k": 0, "top_p": self.top_p}
         return [{"do_sample": False}] + [sampled] * self.samples
 
 
