@@ -247,24 +247,60 @@ def _with_slot(model, batch: dict, prompt: int = 0) -> dict:
 
 
 def test_level_token_is_H_of_the_level_or_the_gated_mixture(tiny_model):
+    """A sample with an image gets ``H[level]`` (pretraining) or the gate's mixture at its slot; a text-only sample
+    has no slot, as in the official code (it had one, where the gate's mixture from no visual tokens put one learned
+    constant token before every text-only sample)."""
     model = tiny_model(WITH_LEVELS)
     levels = model.align_levels
     batch = _with_slot(model, make_batch(model, [1, 2, 0]), prompt=3)
+    batch["input_ids"][2, 0] = 10  # the text-only sample: a word where the others have their slot
+    table = model.llm.get_input_embeddings()
     with torch.no_grad():
         embeds, _ = model.embed({**batch, "align_levels": torch.tensor([0, 3, 7])})
-        torch.testing.assert_close(embeds[:, 0], levels.embeddings[[0, 3, 7]])
+        torch.testing.assert_close(embeds[:2, 0], levels.embeddings[[0, 3]])
+        torch.testing.assert_close(embeds[2, 0], table.weight[10])
         mixed, _ = model.embed(batch)
         visual = model.connector(model.vision(batch["pixel_values"])).tokens
-        per_sample = torch.stack([visual[0], visual[1:3].mean(0), torch.zeros_like(visual[0])])
-        ids = batch["input_ids"]
+        per_sample = torch.stack([visual[0], visual[1:3].mean(0)])
+        ids = batch["input_ids"][:2]
         prompt = [
             row[(row != model.image_token_id) & (row != model.extras["align_levels"])][:3] for row in ids
         ]  # unsupervised text
-        text = torch.stack([model.llm.get_input_embeddings()(t).mean(0) for t in prompt])
-        torch.testing.assert_close(mixed[:, 0], levels.gated(per_sample, text))
-        torch.testing.assert_close(mixed[:, 1:], embeds[:, 1:])  # only the slot differs
+        text = torch.stack([table(t).mean(0) for t in prompt])
+        torch.testing.assert_close(mixed[:2, 0], levels.gated(per_sample, text))
+        torch.testing.assert_close(mixed[:, 1:], embeds[:, 1:])  # only the slots differ
+        torch.testing.assert_close(mixed[2], embeds[2])
     with pytest.raises(ValueError, match="exactly one <align> slot"):
         model.embed({**batch, **{k: batch[k][:, 1:] for k in ("input_ids", "attention_mask", "labels")}})
+    batch["input_ids"][2, 0] = model.extras["align_levels"]
+    with pytest.raises(ValueError, match="a sample without one none"):
+        model.embed(batch)
+
+
+def test_only_samples_with_an_image_get_the_level_slot(tiny_model, colour_set):
+    """The data pipeline inserts the <align> slot after BOS in a sample with an image and in none without, and a
+    generation prompt's length counts it only there."""
+    from alignlm.models.generation import prompt_length
+
+    model = tiny_model(WITH_LEVELS)
+    records = json.loads(colour_set["instruct"].read_text())[:2]
+    records[1].pop("image")
+    records[1]["conversations"][0]["value"] = records[1]["conversations"][0]["value"].replace("<image>", "").strip()
+    path = colour_set["instruct"].parent / "mixed.json"
+    path.write_text(json.dumps(records))
+    dataset = build_dataset({"template": "vicuna_v1", "sources": [{"path": str(path)}]}, model, 0)
+    slot = model.extras["align_levels"]
+    with_image, text_only = dataset[0], dataset[1]
+    assert int((with_image["input_ids"] == slot).sum()) == 1 and int((text_only["input_ids"] == slot).sum()) == 0
+    at = int(int(with_image["input_ids"][0]) == model.tokenizer.bos_token_id)
+    assert int(with_image["input_ids"][at]) == slot  # right after BOS, or first without one
+    batch = Collator(model.tokenizer.pad_token_id)([with_image, text_only])
+    with torch.no_grad():
+        model.embed(batch)  # one slot with the image, none without: accepted
+    prompts = build_dataset({"template": "vicuna_v1", "sources": [{"path": str(path)}]}, model, 0, for_generation=True)
+    for i in range(2):
+        src, rec = prompts.record(i)
+        assert prompt_length(prompts, src, rec) == len(prompts[i]["input_ids"])
 
 
 def test_the_gate_reads_in_training_the_prompt_it_reads_when_generating(tiny_model, colour_set, monkeypatch):

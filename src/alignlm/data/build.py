@@ -40,6 +40,7 @@ def build_dataset(
         seed=seed,
         hooks=hooks,
         slot_token_ids=getattr(model, "slot_token_ids", ()),
+        image_only_slot_ids=getattr(model, "image_only_slot_ids", ()),
         max_image_pixels=reading.max_pixels,
         min_usable_fraction=float(data_cfg.get("min_usable_fraction", 0.5)),
         preference=bool(data_cfg.get("preference", False)) and not for_generation,

@@ -161,6 +161,7 @@ class LlavaDataset(Dataset):
         seed: int = 0,
         hooks: Sequence[SampleHook] = (),
         slot_token_ids: Sequence[int] = (),
+        image_only_slot_ids: Sequence[int] = (),
         max_image_pixels: int | None = MAX_PIXELS,
         min_usable_fraction: float = 0.5,
         preference: bool = False,
@@ -192,6 +193,7 @@ class LlavaDataset(Dataset):
         self.report = DataReport()  # what start-up left out, by cause
         # reserved tokens after BOS, one per model part that writes its own input embedding there (ids, never text)
         self.slot_token_ids = [int(t) for t in slot_token_ids]
+        self.image_only_slot_ids = {int(t) for t in image_only_slot_ids}  # of those, the ones text-only samples lack
         self.bos_token_id = tokenizer.bos_token_id if self.slot_token_ids and adds_bos(tokenizer) else None
         self.hooks = list(hooks)
         visual = [h for h in self.hooks if h.replaces_visuals]
@@ -404,7 +406,7 @@ class LlavaDataset(Dataset):
         if not self.for_generation and not (labels != IGNORE_INDEX).any():
             raise TemplateError(f"template {self.template.name!r} supervised no token of this record")
         if self.slot_token_ids:
-            ids, labels = self._insert_slots(ids, labels)
+            ids, labels = self._insert_slots(ids, labels, self.slots_for(bool(images)))
         ids, labels = self._expand_images(ids, labels)
         full_length = len(ids)
         ids, labels = self._fit_length(ids, labels)
@@ -475,16 +477,23 @@ class LlavaDataset(Dataset):
         image = load_rgb(os.path.abspath(path), self.max_image_pixels, padded)  # an error names the whole path
         return preprocess(image, self.image_spec, self.image_aspect_ratio, self.max_image_pixels)
 
-    def _insert_slots(self, ids: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The reserved slot tokens (label -100) right after the tokenizer's own BOS, or first when there is none.
+    def slots_for(self, with_images: bool) -> list[int]:
+        """The slot tokens a sample gets: every extra part's, but those of parts only samples with an image get."""
+        return [t for t in self.slot_token_ids if with_images or t not in self.image_only_slot_ids]
+
+    def _insert_slots(
+        self, ids: np.ndarray, labels: np.ndarray, slot_ids: Sequence[int]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The reserved slot tokens ``slot_ids`` (label -100) right after the tokenizer's own BOS, or first when there
+        is none. Text holding any reserved token is refused, whichever this sample gets.
 
         Placed by token id, never by string: the template's text is tokenized exactly as without them.
         """
-        slots = np.asarray(self.slot_token_ids, dtype=ids.dtype)
-        if np.isin(ids, slots).any():
+        if np.isin(ids, np.asarray(self.slot_token_ids, dtype=ids.dtype)).any():
             raise DataError(
                 f"the text contains a reserved token {self.tokenizer.convert_ids_to_tokens(self.slot_token_ids)}"
             )
+        slots = np.asarray(slot_ids, dtype=ids.dtype)
         at = int(self.bos_token_id is not None and len(ids) > 0 and ids[0] == self.bos_token_id)
         return np.insert(ids, at, slots), np.insert(labels, at, np.full(len(slots), IGNORE_INDEX))
 

@@ -2,8 +2,9 @@
 
 A method that needs the LLM to read something besides text and images (e.g. an alignment-level token) adds a
 part under ``model.extras.<name>``. The part owns a special token (``slot_token``); the data pipeline inserts it
-right after BOS in every sequence (by id, never from text), and after the visual tokens are spliced in, the model
-asks the part for each sample's embedding at that slot. The part is saved, loaded and trained like any other
+right after BOS in every sequence (by id, never from text), or only in those of samples with an image where the part
+says ``with_images_only``, and after the visual tokens are spliced in, the model asks the part for each sample's
+embedding at that slot. The part is saved, loaded and trained like any other
 (``stage.parts.<name>``, with its own ``TRAIN_MODES`` if it defines them), and export refuses a model that has one.
 """
 
@@ -20,6 +21,7 @@ class InputPart(nn.Module):
     LLM input-embedding table's std, a natural init scale) plus its own knobs from config."""
 
     slot_token: str = ""
+    with_images_only: bool = False  # a text-only sample gets no slot (its sequence is as without the part)
 
     @property
     def requires_batch_keys(self) -> tuple[str, ...]:
@@ -40,6 +42,7 @@ class InputPart(nn.Module):
         ``embeds`` ``[B, T, D]`` are the input embeddings with visual tokens spliced in; ``visual`` ``[n_images, M, D]``
         the connector's tokens (None when the batch has no image); ``is_image`` / ``is_slot`` ``[rows, T]`` mark the
         visual positions and every extra part's slot; ``index`` is ``AlignLM.index(batch)`` (which sample each token
-        and each image belongs to; samples may be packed several to a row). Rows of the result follow sample order.
+        and each image belongs to; samples may be packed several to a row). Rows of the result follow sample order;
+        a sample without a slot (``with_images_only``, no image) has a row all the same, which nothing reads.
         """
         raise NotImplementedError

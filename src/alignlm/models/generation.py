@@ -47,7 +47,7 @@ def prompt_length(dataset: LlavaDataset, src: Source, rec: dict[str, Any]) -> in
     turns = dataset.dialog(rec, len(dataset.visual_inputs(src, rec)))
     ids, _ = tokenize(dataset.template.render(turns, dataset.tokenizer, add_generation_prompt=True), dataset.tokenizer)
     images = int((ids == dataset.image_token_id).sum())
-    return len(ids) + len(dataset.slot_token_ids) + images * (dataset.num_image_tokens - 1)
+    return len(ids) + len(dataset.slots_for(images > 0)) + images * (dataset.num_image_tokens - 1)
 
 
 def check_prompt_lengths(

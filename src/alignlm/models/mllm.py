@@ -151,6 +151,11 @@ class AlignLM(nn.Module):
         return list(self.extras.values())
 
     @property
+    def image_only_slot_ids(self) -> list[int]:
+        """The slot tokens of the extra parts that only samples with an image get (``InputPart.with_images_only``)."""
+        return [token_id for name, token_id in self.extras.items() if getattr(self, name).with_images_only]
+
+    @property
     def requires_batch_keys(self) -> tuple[str, ...]:
         """Batch fields the extra parts need in their current train modes."""
         return tuple(k for name in self.extras for k in getattr(self, name).requires_batch_keys)
@@ -277,12 +282,15 @@ class AlignLM(nn.Module):
         for token_id in self.slot_token_ids:
             is_slot |= input_ids == token_id
         sample_ids, n = index["sample_ids"], int(index["num_samples"])
+        with_image = sample_counts(sample_ids, is_image, n) > 0
         for name, token_id in self.extras.items():
-            here = input_ids == token_id
+            here, part = input_ids == token_id, getattr(self, name)
+            wanted = with_image.long() if part.with_images_only else 1
             check(
-                (sample_counts(sample_ids, here, n) == 1).all(),
-                f"every sample needs exactly one {getattr(self, name).slot_token} slot for model.extras.{name} "
-                "(the data pipeline inserts it after BOS)",
+                (sample_counts(sample_ids, here, n) == wanted).all(),
+                f"every sample{' with an image' if part.with_images_only else ''} needs exactly one "
+                f"{part.slot_token} slot for model.extras.{name} (the data pipeline inserts it after BOS)"
+                + (", and a sample without one none" if part.with_images_only else ""),
             )
             tokens = getattr(self, name)(batch, embeds, visual, is_image, is_slot, index)  # [n, D]
             # each token's sample's row, kept at the slots: a masked_scatter's backward would select by mask (a wait)

@@ -46,6 +46,9 @@ class AlignLevels(InputPart):
 
     TRAIN_MODES = ("frozen", "levels", "gate")
     slot_token = ALIGN_TOKEN
+    # as the official code: a sample without an image gets no level token (its gate ran on nothing but its prompt
+    # and gave every text-only sample one learned constant token, which the gate's training then served too)
+    with_images_only = True
 
     def __init__(
         self,
