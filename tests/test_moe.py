@@ -23,6 +23,25 @@ def test_balance_is_one_for_uniform_routing_and_larger_when_skewed():
     assert balance_loss(skewed, torch.zeros(12, dtype=torch.long)).item() == pytest.approx(4 * 0.7)
 
 
+def test_balance_is_each_images_averaged_over_the_images_as_cumo_computes_it():
+    """Eight images, each sending all its tokens to one expert (two images an expert): pooled over the batch the
+    shares are uniform and the loss is 1, its minimum, as if routing were balanced; per image, as CuMo computes it,
+    it is E x the expert's probability. The connector's loss is the per-image one of its features' images."""
+    from alignlm.models.connectors.moe import MoEConnector
+
+    top1 = torch.arange(8).repeat_interleave(16) % 4
+    probs = torch.full((128, 4), 0.01).scatter(1, top1[:, None], 0.97)
+    assert balance_loss(probs, top1).item() == pytest.approx(1.0)
+    assert balance_loss(probs, top1, groups=8).item() == pytest.approx(4 * 0.97)
+    torch.manual_seed(0)
+    moe = MoEConnector(8, 8, num_experts=4, top_k=2, balance_weight=1.0)
+    features = torch.randn(3, 5, 8)
+    _, expected_probs, _, _ = moe.route(features.reshape(15, 8))
+    expected = balance_loss(expected_probs, expected_probs.argmax(-1), groups=3)
+    torch.testing.assert_close(moe(features).aux_losses["moe_balance"], expected)
+    assert not torch.allclose(expected, balance_loss(expected_probs, expected_probs.argmax(-1)))
+
+
 def test_z_loss_is_mean_squared_logsumexp():
     logits = torch.tensor([[0.0, 0.0], [1.0, 2.0]])
     want = (torch.log(torch.tensor(2.0)) ** 2 + torch.logsumexp(torch.tensor([1.0, 2.0]), 0) ** 2) / 2

@@ -4,8 +4,10 @@ Each visual token goes to its ``top_k`` experts and their outputs are mixed by t
 probabilities; with ``top_k`` 1 the one expert's output is scaled by its router probability instead (Switch
 Transformer): a renormalised weight would be exactly 1, and the router would get no gradient from the task. The
 router is kept honest by two auxiliary losses, returned with their configured weights so the trainer adds them as
-they are: the Switch-Transformer balance loss ``E * sum_e f_e * P_e`` (1 for perfectly uniform routing) and the
-router z-loss ``mean(logsumexp(logits)^2)`` (keeps logits small).
+they are: the Switch-Transformer balance loss ``E * sum_e f_e * P_e`` (1 for perfectly uniform routing) of each
+image's tokens, averaged over the images as CuMo's is (pooled over a micro-batch it was 1, its minimum, where each
+image sent every token to one expert, and put no pressure on spreading an image's tokens), and the router z-loss
+``mean(logsumexp(logits)^2)`` (keeps logits small).
 
 Optional expert capacity (``capacity_factor``, GShard / Switch style, separate knobs for training and
 evaluation): no expert takes more than ``ceil(capacity_factor * T * k / E)`` of a batch's ``T * k`` (token, slot)
@@ -46,11 +48,14 @@ def expert_counts(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
     return (experts.reshape(-1, 1) == ids).sum(0)
 
 
-def balance_loss(probs: torch.Tensor, top1: torch.Tensor) -> torch.Tensor:
-    """``E * sum_e f_e * P_e``: ``f_e`` share of tokens whose top-1 expert is ``e``, ``P_e`` mean router probability."""
+def balance_loss(probs: torch.Tensor, top1: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """``E * sum_e f_e * P_e`` of each of ``groups`` equal runs of tokens (an image's), averaged over them: ``f_e``
+    share of the run's tokens whose top-1 expert is ``e``, ``P_e`` their mean router probability. ``probs`` ``[T, E]``,
+    ``top1`` ``[T]``."""
     num_experts = probs.shape[-1]
-    f = expert_counts(top1, num_experts).to(probs.dtype) / top1.numel()
-    return num_experts * (f * probs.mean(0)).sum()
+    ids = torch.arange(num_experts, device=top1.device)
+    f = (top1.reshape(groups, -1, 1) == ids).to(probs.dtype).mean(1)  # [G, E]
+    return num_experts * (f * probs.reshape(groups, -1, num_experts).mean(1)).sum(-1).mean()
 
 
 def capacity_route(probs: torch.Tensor, top_k: int, capacity: int) -> torch.Tensor:
@@ -97,7 +102,7 @@ def z_loss(logits: torch.Tensor) -> torch.Tensor:
 class MoEConnector(Connector):
     """Experts ``Linear(Dv, Dl) -> GELU -> Linear(Dl, Dl)``, router ``Linear(Dv, E, bias=False)``."""
 
-    relates_samples = True  # the balance loss and the capacity cap count the micro-batch's tokens together
+    relates_samples = True  # the capacity cap counts the micro-batch's tokens together, the balance loss its images
 
     def __init__(
         self,
@@ -191,7 +196,8 @@ class MoEConnector(Connector):
         with torch.autocast(x.device.type, enabled=False):
             y = torch.einsum("te,etd->td", gates.to(dtype), out.to(dtype))
         preferred = probs.topk(self.top_k, dim=-1).indices  # the router's own choice, before any capacity cap
-        balance, z = balance_loss(probs, preferred[:, 0]), z_loss(logits)
+        images = shape[0] if len(shape) > 1 else 1  # features [images, tokens, D]: the balance loss per image
+        balance, z = balance_loss(probs, preferred[:, 0], images), z_loss(logits)
         load = expert_counts(experts, self.num_experts).float() / experts.numel()
         metrics = {"moe_balance": balance.detach(), "moe_z": z.detach()}
         metrics.update({f"expert_load/{e}": load[e] for e in range(self.num_experts)})
