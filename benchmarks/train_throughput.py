@@ -24,8 +24,9 @@ real (non-padding) tokens/s, samples/s, peak memory, model TFLOP/s and MFU, and 
   there), plus causal attention 12 x layers x width x the positions a token attends to on average over the timed
   samples; the same formula for both sides (the peer's head products at unsupervised positions are no model FLOPs).
 - Cached features (``--cached-features``): the tower's features are computed before the timed steps, as the
-  feature cache computes them before a stage (batches of ``--batch`` images, timed after one warm-up batch). The
-  ratio per step leaves that build out; ``ratio_tokens_per_s_one_epoch`` charges each sample its image's build, what
+  feature cache computes them before a stage (batches of ``--batch`` images, timed after one warm-up batch: the
+  tower and the copy to the host; the cache's decoding, finiteness check, shard writes and reads are left out, so
+  the build's cost is a lower bound). The ratio per step leaves that build out; ``ratio_tokens_per_s_one_epoch`` charges each sample its image's build, what
   one epoch pays (LLaVA's stage 1 is one epoch; a cache pays off when several runs read it).
 - Stage 1 (``pretrain``) also projects LLaVA-1.5's 558k captions, one epoch, from alignlm's samples/s (with cached
   features, the cache's build added): the hours on this one GPU, and on ``--gpus`` (default 8, LLaVA-1.5's 3.5 h
@@ -275,10 +276,13 @@ def bench_peer(
         hf = to_llava(model.float()).train()
     train_prefixes = {"connector": ("model.multi_modal_projector.",), "llm": ("model.language_model.", "lm_head.")}
     half = device.type == "cuda"  # bf16 autocast there, as alignlm's side
+    decay = float(settings.get("weight_decay", 0.0))
     groups = []
-    for part in trainable:
-        params = [p for n, p in hf.named_parameters() if n.startswith(train_prefixes[part])]
-        groups.append({"params": params, "lr": float(settings.lr[part])})
+    for part in trainable:  # per part its rate; biases and norm weights undecayed, as alignlm's groups
+        named = [(n, p) for n, p in hf.named_parameters() if n.startswith(train_prefixes[part])]
+        for decays in (True, False):
+            params = [p for n, p in named if (p.ndim >= 2 and not n.endswith("bias")) == decays]
+            groups.append({"params": params, "lr": float(settings.lr[part]), "weight_decay": decay if decays else 0.0})
     trained = {id(p) for g in groups for p in g["params"]}
     for p in hf.parameters():
         p.requires_grad_(id(p) in trained)
@@ -288,7 +292,6 @@ def bench_peer(
         groups,
         betas=tuple(settings.get("betas", (0.9, 0.999))),
         eps=1e-8,
-        weight_decay=float(settings.get("weight_decay", 0.0)),
         fused=half or None,
     )
     max_norm = float(settings.get("max_grad_norm", 1.0))

@@ -277,6 +277,24 @@ def test_level_token_is_H_of_the_level_or_the_gated_mixture(tiny_model):
         model.embed(batch)
 
 
+@pytest.mark.parametrize("images_only", [True, False])
+def test_the_stand_in_for_bad_data_carries_the_slots_a_text_only_sample_gets(tiny_model, colour_set, images_only):
+    """A step whose micro-batch was all bad data runs a one-token stand-in: with an extra part whose slot every
+    sample gets, the model refused it ("every sample needs exactly one slot"), which ended the run."""
+    from types import SimpleNamespace
+
+    from alignlm.training.trainer import Trainer
+
+    model = tiny_model(WITH_LEVELS)
+    model.align_levels.with_images_only = images_only
+    dataset = build_dataset({"template": "vicuna_v1", "sources": [{"path": str(colour_set["instruct"])}]}, model, 0)
+    fake = SimpleNamespace(dataset=dataset, acc=SimpleNamespace(device=torch.device("cpu")))
+    stand_in = Trainer.stand_in_batch.__get__(fake)
+    assert int((stand_in["input_ids"] == model.extras["align_levels"]).sum()) == (0 if images_only else 1)
+    with torch.no_grad():
+        model.embed(stand_in)
+
+
 def test_only_samples_with_an_image_get_the_level_slot(tiny_model, colour_set):
     """The data pipeline inserts the <align> slot after BOS in a sample with an image and in none without, and a
     generation prompt's length counts it only there."""

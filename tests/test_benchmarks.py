@@ -48,18 +48,21 @@ def test_the_peer_steps_with_the_stages_optimizer_settings(stage, rates, monkeyp
     lr 1e-5, weight decay 0.01, no clipping)."""
     import torch
 
-    built, clipped = [], []
+    built, clipped, decays = [], [], []
     adamw, clip = torch.optim.AdamW, torch.nn.utils.clip_grad_norm_
 
     def recording_adamw(groups, **kwargs):
-        built.append(([g["lr"] for g in groups], kwargs))
+        built.append((sorted({g["lr"] for g in groups}), kwargs))
+        decays[:] = [(g["weight_decay"], {p.ndim for p in g["params"]}) for g in groups]
         return adamw(groups, **kwargs)
 
     monkeypatch.setattr(torch.optim, "AdamW", recording_adamw)
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda ps, norm: (clipped.append(norm), clip(ps, norm))[1])
     BENCH["run"]("tiny", stage, vocab=1000, batch=2, steps=2, warmup=1, cached_features=False, peer=True)
     lrs, kwargs = built[-1]  # the peer's, built after alignlm's
-    assert lrs == rates and kwargs["betas"] == (0.9, 0.999) and kwargs["weight_decay"] == 0.0
+    assert lrs == sorted(set(rates)) and kwargs["betas"] == (0.9, 0.999)
+    assert all(decay == 0.0 for decay, _ in decays)  # the stage's weight decay: 0
+    assert any(dims == {1} for _, dims in decays) and any(2 in dims for _, dims in decays)  # biases apart
     assert clipped == [1.0] * 3  # the warm-up step and the two timed ones
 
 

@@ -98,7 +98,10 @@ def test_the_stand_in_for_bad_data_is_made_once_per_stage_and_pinned_on_cuda(mon
     """It was collated in the main process for every bad micro-batch and not pinned, so its ``non_blocking`` copy to
     the GPU waited. Now it is made once, pinned as the loader's batches are."""
     dataset = types.SimpleNamespace(
-        tokenizer=types.SimpleNamespace(pad_token_id=0), image_token_id=5, num_image_tokens=4
+        tokenizer=types.SimpleNamespace(pad_token_id=0),
+        image_token_id=5,
+        num_image_tokens=4,
+        slots_for=lambda with_images: [],
     )
     pinned: list[torch.Size] = []
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t: pinned.append(t.shape) or t)

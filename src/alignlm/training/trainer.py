@@ -811,12 +811,15 @@ class Trainer:
 
     @functools.cached_property
     def stand_in_batch(self) -> dict[str, Any]:
-        """A one-token batch that supervises nothing and has no image: a rank's stand-in for a micro-batch of bad data.
+        """A one-token batch that supervises nothing and has no image: a rank's stand-in for a micro-batch of bad data,
+        with the slot tokens of the model's extra input parts that a sample without an image gets (the model refuses
+        a sample without them).
 
         Made once per stage (it depends on the tokenizer's pad id and the image slots only) and, where the loader pins
         its batches (CUDA), pinned too: a ``non_blocking`` copy from pageable memory waits for the host. Nothing
         writes to it: ``send_to_device`` hands the step a new dict, and each step only reads its tensors."""
         pad = self.dataset.tokenizer.pad_token_id
+        slots = self.dataset.slots_for(with_images=False)
         collate = Collator(
             pad, image_token_id=self.dataset.image_token_id, num_image_tokens=self.dataset.num_image_tokens
         )
@@ -824,8 +827,8 @@ class Trainer:
             [
                 {
                     "id": "empty",
-                    "input_ids": torch.tensor([pad]),
-                    "labels": torch.tensor([-100]),
+                    "input_ids": torch.tensor([*slots, pad]),
+                    "labels": torch.full((len(slots) + 1,), -100),
                     "pixel_values": None,
                     "n_images": 0,
                 }

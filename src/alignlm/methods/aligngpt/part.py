@@ -1,5 +1,6 @@
-"""AlignGPT's alignment levels (docs/methods.md, AlignGPT): one extra input token per sample telling the LLM how well
-its image and text agree, so it can learn to lean on the image more or less.
+"""AlignGPT's alignment levels (docs/methods.md, AlignGPT): one extra input token per sample with an image telling the
+LLM how well its image and text agree, so it can learn to lean on the image more or less (a text-only sample gets
+none, as in the authors' code).
 
 - Pretraining: each image-caption pair carries a level ``0..L-1`` (its dual-encoder image-text cosine, bucketed into
   equal-count bins by ``alignlm aligngpt-levels``) and the token is the learned row ``H[level]``.
@@ -123,7 +124,8 @@ class AlignLevels(InputPart):
         index: dict[str, Any],
     ) -> Tensor:
         """Each sample's level token: ``H[level]`` with ``batch["align_levels"]`` (pretraining); without (finetuning,
-        generation) the gate's mixture from the sample's visual tokens (mean over its images; zeros without one) and
+        generation) the gate's mixture from the sample's visual tokens (mean over its images; a sample without one has
+        no slot, and its row, made from zeros, is read by nothing) and
         the mean embedding of its text before its first supervised token: the prompt of the first answer, which is all
         that generating that answer sees, so training matches it (later turns, questions included, come after it)."""
         levels = batch.get(LEVELS_KEY)
@@ -137,7 +139,8 @@ class AlignLevels(InputPart):
         return self.gated(self._per_sample_visual(visual, index["image_sample"], n), text_mean)
 
     def _per_sample_visual(self, visual: Tensor | None, image_sample: Tensor, n: int) -> Tensor:
-        """Each sample's visual tokens ``[n, M, D]``, averaged over its images; zeros for a sample without any."""
+        """Each sample's visual tokens ``[n, M, D]``, averaged over its images; zeros for a sample without any (which
+        has no slot: its row is read by nothing)."""
         dtype = self.embeddings.dtype if visual is None else visual.dtype
         out = torch.zeros(n, self.num_visual_tokens, self.embeddings.shape[1], device=image_sample.device, dtype=dtype)
         if visual is None:
