@@ -582,7 +582,7 @@ def write_preferences(
             f"{empty} of {sum(map(len, answers))} answers were empty: a model that answers nothing has not learnt to "
             "answer yet, train it longer"
             if empty
-            else "every sampled answer was the greedy one: sample more answers, or at a higher temperature"
+            else "every sampled answer was the greedy one: sample more answers, or at a higher temperature or top_p"
         )
         raise ValueError(
             f"SIMA made no answer pair of {s['name']} to judge: no prompt of {len(prompts)} had two different "
