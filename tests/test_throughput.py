@@ -112,3 +112,35 @@ def test_a_resumed_stage_starts_its_meter_from_the_checkpoints_steady_state(colo
     )
     run(compose(*base))
     assert earlier == [written]
+
+
+def test_the_monitors_time_share_is_its_measurement_over_the_time_since_the_last(monkeypatch):
+    """``monitor/time_share``: the measurement's seconds over all the seconds since the previous measurement ended,
+    the measurement included (a share of the run's time, at most 1)."""
+    from types import SimpleNamespace
+
+    from alignlm.training import monitor
+
+    clock = iter([10.0, 12.0])  # the measurement starts 10 s after the last one ended and takes 2 s
+    monkeypatch.setattr(monitor.time, "perf_counter", lambda: next(clock))
+    zero = torch.zeros(2, 3)
+    features = SimpleNamespace(visual_mean=zero, text_mean=zero, a_scores=None, layers={})
+    monkeypatch.setattr(monitor, "extract", lambda *args: features)
+    monkeypatch.setattr(monitor, "probe_metrics", lambda *args, **kwargs: {})
+    monkeypatch.setattr(monitor, "flat", lambda values: {"pooled/cka": 0.5})
+    fake = SimpleNamespace(
+        due=lambda step: True,
+        frozen_tower_features=lambda model: None,
+        metrics=["cka"],
+        probe=None,
+        batch_size=2,
+        layers=[],
+        reading=None,
+        num_workers=0,
+        topk=1,
+        layer_metrics=None,
+        last=0.0,
+    )
+    row = monitor.AlignmentMonitor.__call__(fake, 1, torch.nn.Linear(1, 1))
+    assert row["monitor/seconds"] == 2.0 and row["monitor/time_share"] == pytest.approx(2.0 / 12.0)
+    assert fake.last == 12.0
