@@ -716,24 +716,43 @@ def test_zero3_partitions_objective_parameters_and_resumes_like_ddp(colour_set, 
 
     if launcher == "zero3_offload" and torch.cuda.is_available() and CUDA_HOME is None:
         pytest.skip("on a GPU, DeepSpeed builds the offloaded optimizer's CPU Adam with the CUDA toolkit: none here")
-    job = [
-        "+exp=contrastive",
-        *tiny_overrides(colour_set, tmp_path, "model=tiny", "run=[pretrain]", "offline_datasets=[]", "eval.sets=[]"),
-        "stages.pretrain.max_steps=4",
-        "mixed_precision=no",
-    ]
+    job = contrastive_job(colour_set, tmp_path)
     zero = ["run_name=zero", f"launcher={launcher}", *partitioning_zero3(tmp_path)]
     with pytest.raises(StopTraining):
         run(compose(*job, *zero, "stop_after_steps=2"))
     run(compose(*job, *zero))
     run(compose(*job, "run_name=ddp"))
+    assert_temperature_trains_like_ddp(tmp_path, "zero")
+
+
+def test_fsdp2_trains_an_objectives_learned_temperature_like_ddp(colour_set, tmp_path):
+    """Under FSDP2 the contrastive objective's learned temperature lives outside the sharded model and must be in the
+    optimizer all the same: one process, the losses and the temperature are DDP's (fp32, rel. 1e-5), and it moved."""
+    job = contrastive_job(colour_set, tmp_path)
+    run(compose(*job, "run_name=fsdp2", "launcher=fsdp2"))
+    run(compose(*job, "run_name=ddp"))
+    assert_temperature_trains_like_ddp(tmp_path, "fsdp2")
+
+
+def contrastive_job(colour_set, tmp_path: Path) -> list[str]:
+    """A tiny fp32 stage 1 of 4 steps with the contrastive objective and its learned temperature."""
+    return [
+        "+exp=contrastive",
+        *tiny_overrides(colour_set, tmp_path, "model=tiny", "run=[pretrain]", "offline_datasets=[]", "eval.sets=[]"),
+        "stages.pretrain.max_steps=4",
+        "mixed_precision=no",
+    ]
+
+
+def assert_temperature_trains_like_ddp(tmp_path: Path, name: str) -> None:
+    """Run ``name``'s losses and temperature are run ``ddp``'s (rel. 1e-5), and its temperature moved."""
     rows = {
         r: [json.loads(x) for x in (tmp_path / r / "pretrain" / "metrics.jsonl").read_text().splitlines()]
-        for r in ("zero", "ddp")
+        for r in (name, "ddp")
     }
     for key in ("loss/total", "loss/contrastive", "contrastive/temperature"):
-        assert [x[key] for x in rows["zero"]] == pytest.approx([x[key] for x in rows["ddp"]], rel=1e-5), key
-    assert rows["zero"][-1]["contrastive/temperature"] != rows["zero"][0]["contrastive/temperature"]  # it trained
+        assert [x[key] for x in rows[name]] == pytest.approx([x[key] for x in rows["ddp"]], rel=1e-5), key
+    assert rows[name][-1]["contrastive/temperature"] != rows[name][0]["contrastive/temperature"]  # it trained
 
 
 def tied_tiny(**kw):
