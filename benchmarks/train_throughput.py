@@ -26,8 +26,9 @@ real (non-padding) tokens/s, samples/s, peak memory, model TFLOP/s and MFU, and 
 - Cached features (``--cached-features``): the tower's features are computed before the timed steps, as the
   feature cache computes them before a stage (batches of ``--batch`` images, timed after one warm-up batch: the
   tower and the copy to the host; the cache's decoding, finiteness check, shard writes and reads are left out, so
-  the build's cost is a lower bound). The ratio per step leaves that build out; ``ratio_tokens_per_s_one_epoch`` charges each sample its image's build, what
-  one epoch pays (LLaVA's stage 1 is one epoch; a cache pays off when several runs read it).
+  the build's cost is a lower bound). The ratio per step leaves that build out; ``ratio_tokens_per_s_one_epoch``
+  charges each sample its image's build, what one epoch pays (LLaVA's stage 1 is one epoch; a cache pays off when
+  several runs read it).
 - Stage 1 (``pretrain``) also projects LLaVA-1.5's 558k captions, one epoch, from alignlm's samples/s (with cached
   features, the cache's build added): the hours on this one GPU, and on ``--gpus`` (default 8, LLaVA-1.5's 3.5 h
   were on 8 A100s) at ideal scaling, fewer hours than that many GPUs would take.
@@ -426,8 +427,8 @@ def run(
             result["peer"] = bench_peer(model, stage, trainer_stage, chunks, warmup, acc.device, peer_flops)
             result["ratio_tokens_per_s"] = result["alignlm"]["tokens_per_s"] / result["peer"]["tokens_per_s"]
             if cache_s is not None:
-                one_epoch = result["alignlm"]["tokens_per_s_one_epoch"]
-                result["ratio_tokens_per_s_one_epoch"] = one_epoch / result["peer"]["tokens_per_s"]
+                epoch_rate = result["alignlm"]["tokens_per_s_one_epoch"]
+                result["ratio_tokens_per_s_one_epoch"] = epoch_rate / result["peer"]["tokens_per_s"]
         except (torch.OutOfMemoryError, RuntimeError) as e:  # alignlm fitted this batch; the peer did not
             if not isinstance(e, torch.OutOfMemoryError) and "out of memory" not in str(e).lower():
                 raise
