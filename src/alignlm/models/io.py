@@ -353,13 +353,17 @@ def adapt_parts(model: nn.Module, state: dict[str, torch.Tensor], parts: Iterabl
     return state
 
 
-def _weights_header(weights: Path) -> tuple[dict[str, str], set[str]]:
-    """A ``final/`` weights file's metadata and the parts its tensors belong to, read from its header; a file cut
-    short or damaged is named (safetensors' own message, "header too small", names none)."""
+def _weights_header(weights: Path) -> tuple[dict[str, str], dict[str, set[str]]]:
+    """A ``final/`` weights file's metadata and, per part its tensors belong to, their dtypes (safetensors' names,
+    ``F32``, ``BF16``), read from its header; a file cut short or damaged is named (safetensors' own message, "header
+    too small", names none)."""
     refuse_special_file(weights)
     try:
         with safe_open(str(weights), "pt") as f:
-            return f.metadata() or {}, {k.split(".", 1)[0] for k in f.keys()}
+            dtypes: dict[str, set[str]] = {}
+            for k in f.keys():
+                dtypes.setdefault(k.split(".", 1)[0], set()).add(f.get_slice(k).get_dtype())
+            return f.metadata() or {}, dtypes
     except SafetensorError as e:
         raise ValueError(
             f"{weights} cannot be read ({e}): the file is cut short or damaged (a full disk, a node lost while it was "
@@ -369,10 +373,9 @@ def _weights_header(weights: Path) -> tuple[dict[str, str], set[str]]:
 
 def wide_parts(final_dir: Path) -> set[str]:
     """The parts a ``final/`` holds weights of in float32 (``save_final`` keeps the parts a stage trained so)."""
-    weights = Path(final_dir) / "model.safetensors"
-    _weights_header(weights)  # a damaged file named
-    with safe_open(str(weights), "pt") as f:
-        return {k.split(".", 1)[0] for k in f.keys() if f.get_slice(k).get_dtype() == "F32"}
+    return {
+        part for part, dtypes in _weights_header(Path(final_dir) / "model.safetensors")[1].items() if "F32" in dtypes
+    }
 
 
 def final_parts(final_dir: Path) -> list[str]:
@@ -389,7 +392,7 @@ def final_parts(final_dir: Path) -> list[str]:
             "Save it again with save_file(..., metadata={'parts': 'connector,llm'}) naming the parts it holds"
         )
     declared = [p for p in metadata["parts"].split(",") if p]
-    return declared + sorted(held - set(declared))
+    return declared + sorted(set(held) - set(declared))
 
 
 def load_final_weights(model: nn.Module, final_dir: Path) -> list[str]:
