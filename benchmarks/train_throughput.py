@@ -58,6 +58,7 @@ from alignlm.config import compose
 from alignlm.constants import IGNORE_INDEX
 from alignlm.export.hf_llava import to_llava
 from alignlm.models.mllm import AlignLM
+from alignlm.training.stages import decays
 from alignlm.training.throughput import (
     attended_positions,
     head_flops_per_target,
@@ -281,9 +282,9 @@ def bench_peer(
     groups = []
     for part in trainable:  # per part its rate; biases and norm weights undecayed, as alignlm's groups
         named = [(n, p) for n, p in hf.named_parameters() if n.startswith(train_prefixes[part])]
-        for decays in (True, False):
-            params = [p for n, p in named if (p.ndim >= 2 and not n.endswith("bias")) == decays]
-            groups.append({"params": params, "lr": float(settings.lr[part]), "weight_decay": decay if decays else 0.0})
+        for decayed in (True, False):
+            params = [p for n, p in named if decays(n, p) == decayed]
+            groups.append({"params": params, "lr": float(settings.lr[part]), "weight_decay": decay if decayed else 0.0})
     trained = {id(p) for g in groups for p in g["params"]}
     for p in hf.parameters():
         p.requires_grad_(id(p) in trained)

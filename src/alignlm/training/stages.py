@@ -212,6 +212,12 @@ def trainable_parts(parts: Mapping[str, str]) -> list[str]:
     return [p for p, mode in parts.items() if mode != "frozen"]
 
 
+def decays(name: str, p: torch.nn.Parameter) -> bool:
+    """Whether weight decay applies to the parameter ``name``: not to 1-D ones nor to biases (stacked MoE biases are
+    2-D, told by their name)."""
+    return p.ndim >= 2 and not name.rsplit(".", 1)[-1].startswith("bias")
+
+
 def param_groups(model: AlignLM, lr: Mapping[str, float], weight_decay: float) -> list[dict[str, Any]]:
     """One group per (part, lr scale, decay) triple: biases and norm weights are never decayed.
 
@@ -235,14 +241,13 @@ def param_groups(model: AlignLM, lr: Mapping[str, float], weight_decay: float) -
         by_key: dict[tuple[str, float, bool], list[torch.nn.Parameter]] = {}
         for n, p in params:
             prefix = max((k for k in scales if n == k or n.startswith(k + ".")), key=len, default="")
-            decays = p.ndim >= 2 and not n.rsplit(".", 1)[-1].startswith("bias")  # stacked MoE biases are 2-D
-            by_key.setdefault((prefix, float(scales.get(prefix, 1.0)), decays), []).append(p)
-        for (prefix, scale, decays), ps in by_key.items():
+            by_key.setdefault((prefix, float(scales.get(prefix, 1.0)), decays(n, p)), []).append(p)
+        for (prefix, scale, decayed), ps in by_key.items():
             groups.append(
                 {
                     "params": ps,
                     "lr": float(lr[part]) * scale,
-                    "weight_decay": weight_decay if decays else 0.0,
+                    "weight_decay": weight_decay if decayed else 0.0,
                     "name": f"{part}.{prefix}" if prefix else part,
                 }
             )
