@@ -400,7 +400,9 @@ def run(
         "flops_per_target": head_flops_per_target(model, tower_runs=not cached_features),
     }
     peer_flops = (model_flops_per_token(model, attended=attended, head=False), result["flops_per_target"])
-    result["alignlm"] = bench_alignlm(stage, chunks, warmup, trainer, (result["flops_per_token"], peer_flops[1]))
+    result["alignlm"] = bench_alignlm(
+        stage, chunks, warmup, trainer, (result["flops_per_token"], result["flops_per_target"])
+    )
     seconds_per_sample = 1 / result["alignlm"]["samples_per_s"]
     if cache_s is not None:  # one epoch pays each image's build once: per sample, beside its share of the steps
         result["cache_build_s_per_image"] = cache_s
