@@ -477,6 +477,47 @@ def test_a_bf16_lora_stage_stores_its_frozen_base_in_bf16_and_merges_in_fp32(col
     assert read_losses(tmp_path / "resumed" / "finetune") == pytest.approx(read_losses(tmp_path / "t" / "finetune"))
 
 
+def test_lora_merges_into_the_unrounded_weights_an_earlier_stage_trained(colour_set, tmp_path, alignlm_log):
+    """A LoRA stage under bf16 after a full finetune (a DPO stage's place) stores the finetuned LLM's frozen linear
+    layers in bf16 and had merged its adapters into that rounding: its final/ undid 8 % of the finetune's change to
+    the LLM. With a learning rate too small to move the adapters, the LoRA stage's final/ holds the finetune's LLM
+    exactly; a starting weight written again since the stage began is left rounded, with a warning."""
+    from safetensors.torch import load_file, save_file
+
+    from alignlm.training import checkpoint as ckpt
+
+    overrides = tiny_overrides(
+        colour_set,
+        tmp_path,
+        "mixed_precision=bf16",
+        "run=[finetune,lora]",
+        "stages.finetune.init_from=null",
+        "stages.finetune.lr.llm=1e-4",
+        "+stage@stages.lora=finetune",
+        "stages.lora.init_from=finetune",
+        "stages.lora.parts={vision:frozen,connector:frozen,llm:lora}",
+        "stages.lora.lr.llm=1e-30",
+        "stages.lora.max_steps=2",
+        "stages.lora.per_device_batch_size=4",
+        f"stages.lora.data.sources=[{{path:{colour_set['instruct']}}}]",
+    )
+    run(compose(*overrides))
+    finetuned = load_file(tmp_path / "t" / "finetune" / "final" / "model.safetensors")
+    merged = load_file(tmp_path / "t" / "lora" / "final" / "model.safetensors")
+    q = "llm.model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(finetuned[q], finetuned[q].bfloat16().float())  # the finetune's weights are not bf16's
+    assert all(torch.equal(merged[k], v) for k, v in finetuned.items() if k.startswith("llm."))
+
+    model = torch.nn.ModuleDict({"llm": torch.nn.Linear(4, 4, bias=False)}).bfloat16()
+    start = tmp_path / "start"
+    start.mkdir()
+    save_file({"llm.weight": model.llm.weight.detach().float() + 1.0}, start / "model.safetensors")
+    assert ckpt.rounded_at_start(model, start) == {"llm.weight": torch.bfloat16}
+    ckpt.restore_unrounded(model, start, {"llm.weight": torch.bfloat16})
+    assert model.llm.weight.dtype == torch.bfloat16
+    assert "changed since this stage started: 1 weights (llm.weight)" in alignlm_log.text
+
+
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_what_trains_is_held_in_fp32_and_saved_so_whatever_its_part_was_loaded_in(
     colour_set, tmp_path, monkeypatch, mode

@@ -353,17 +353,13 @@ def adapt_parts(model: nn.Module, state: dict[str, torch.Tensor], parts: Iterabl
     return state
 
 
-def _weights_header(weights: Path) -> tuple[dict[str, str], dict[str, set[str]]]:
-    """A ``final/`` weights file's metadata and, per part its tensors belong to, their dtypes (safetensors' names,
-    ``F32``, ``BF16``), read from its header; a file cut short or damaged is named (safetensors' own message, "header
-    too small", names none)."""
+def _weights_header(weights: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """A ``final/`` weights file's metadata and each tensor's dtype (safetensors' names, ``F32``, ``BF16``), read from
+    its header; a file cut short or damaged is named (safetensors' own message, "header too small", names none)."""
     refuse_special_file(weights)
     try:
         with safe_open(str(weights), "pt") as f:
-            dtypes: dict[str, set[str]] = {}
-            for k in f.keys():
-                dtypes.setdefault(k.split(".", 1)[0], set()).add(f.get_slice(k).get_dtype())
-            return f.metadata() or {}, dtypes
+            return f.metadata() or {}, {k: f.get_slice(k).get_dtype() for k in f.keys()}
     except SafetensorError as e:
         raise ValueError(
             f"{weights} cannot be read ({e}): the file is cut short or damaged (a full disk, a node lost while it was "
@@ -371,11 +367,14 @@ def _weights_header(weights: Path) -> tuple[dict[str, str], dict[str, set[str]]]
         ) from e
 
 
+def wide_tensors(final_dir: Path) -> set[str]:
+    """The tensors a ``final/`` holds in float32 (``save_final`` keeps the parts a stage trained so), by full name."""
+    return {k for k, dtype in _weights_header(Path(final_dir) / "model.safetensors")[1].items() if dtype == "F32"}
+
+
 def wide_parts(final_dir: Path) -> set[str]:
-    """The parts a ``final/`` holds weights of in float32 (``save_final`` keeps the parts a stage trained so)."""
-    return {
-        part for part, dtypes in _weights_header(Path(final_dir) / "model.safetensors")[1].items() if "F32" in dtypes
-    }
+    """The parts a ``final/`` holds weights of in float32."""
+    return {k.split(".", 1)[0] for k in wide_tensors(final_dir)}
 
 
 def final_parts(final_dir: Path) -> list[str]:
@@ -384,7 +383,8 @@ def final_parts(final_dir: Path) -> list[str]:
     metadata (re-saved with ``save_file``) is refused rather than loaded part by part over the built model's weights,
     and a part the metadata leaves out is still checked when the file holds some of its weights."""
     weights = final_dir / "model.safetensors"
-    metadata, held = _weights_header(weights)
+    metadata, dtypes = _weights_header(weights)
+    held = {k.split(".", 1)[0] for k in dtypes}
     if "parts" not in metadata:
         raise ValueError(
             f"{weights} has no 'parts' metadata, which alignlm writes with every final/ checkpoint to say which parts "

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -49,10 +50,12 @@ from alignlm.models.io import (
     trained_buffers,
     trained_tensors,
     wide_parts,
+    wide_tensors,
 )
 from alignlm.models.precision import hold_in_fp32
 from alignlm.training import sharding, zero
 from alignlm.training.logging import json_values
+from alignlm.training.stages import merged_name
 
 STEP_PREFIX = "step_"
 SET_ASIDE_PREFIX = "before-"  # resume=never: an earlier run's outputs of a stage, in ``<stage>/before-<time>/``
@@ -109,6 +112,50 @@ def load_init(model: nn.Module, init: Path) -> list[str]:
     for part in wide_parts(init) & set(model.PARTS):
         hold_in_fp32(getattr(model, part))
     return load_final_weights(model, init)
+
+
+def rounded_at_start(model: nn.Module, init: Path | None) -> dict[str, torch.dtype]:
+    """The parameters the stage stores in half precision whose starting weights ``init`` holds in float32, with the
+    dtype each is stored in, by the model's names for them: the frozen linear layers of a part an earlier stage trained
+    fully and this one adapts with LoRA (the trainer stores them in the autocast dtype, which casts them so at every
+    use anyway). :func:`restore_unrounded` gives them their values back before LoRA merges into them."""
+    if init is None or is_llava_dir(init):
+        return {}
+    wide = wide_tensors(init)
+    return {
+        n: p.dtype
+        for n, p in model.named_parameters()
+        if p.is_floating_point() and p.element_size() < 4 and merged_name(n) in wide
+    }
+
+
+def restore_unrounded(model: nn.Module, init: Path | None, rounded: Mapping[str, torch.dtype]) -> None:
+    """Give the parameters :func:`rounded_at_start` named their float32 values from ``init``, in place, so that LoRA
+    merges into the weights the stage started from rather than their half-precision rounding: a DPO stage under bf16
+    after a full finetune had saved the finetuned LLM's linear layers rounded to bf16 (on the tiny model, 8 % of the
+    finetune's change to the LLM undone). Autocast computed every matmul of the stage from the same rounding either
+    way. A value whose rounding is not what the stage held (``init`` written again since the stage started) is left
+    as the stage held it, with a warning naming it."""
+    if not rounded:
+        return
+    params = dict(model.named_parameters())
+    moved = []
+    with safe_open(str(Path(init) / "model.safetensors"), "pt") as f, torch.no_grad():
+        for name, dtype in rounded.items():
+            p = params[name]
+            value = f.get_tensor(merged_name(name)).to(p.device)
+            if torch.equal(value.to(dtype), p.to(dtype)):
+                p.data = value
+            else:
+                moved.append(merged_name(name))
+    if moved:
+        logging.getLogger("alignlm").warning(
+            "%s changed since this stage started: %d weights (%s) are saved as the stage held them, rounded to half "
+            "precision, not from the float32 values they started from",
+            init,
+            len(moved),
+            ", ".join(moved[:3]),
+        )
 
 
 def model_changes(init: Path, model_cfg: Any) -> list[str]:

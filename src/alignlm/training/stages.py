@@ -195,11 +195,19 @@ def lora_base(module: nn.Module) -> nn.Module:
     return module.get_base_model() if peft is not None and isinstance(module, peft.PeftModel) else module
 
 
+def merged_name(name: str) -> str:
+    """A model parameter's name once LoRA is merged (``merge_lora``), as a ``final/`` names it: a part peft wraps
+    (``llm.base_model.model.…``) loses the wrapper's two levels, an adapted layer's weight its ``base_layer``."""
+    part, dot, rest = name.partition(".base_model.model.")
+    return f"{part}.{rest.replace('.base_layer.', '.')}" if dot else name
+
+
 def merge_lora(model: AlignLM) -> None:
     """Fold LoRA adapters into their base weights (for final saves and export), in fp32: the adapted part is widened
     to fp32 first, base weights stored in bf16 or fp16 included, so the merged part is held (and ``final/`` saves it)
     in fp32 as a part trained fully is. Added to a bf16 base, the fp32 delta rounded: 12 % of it was lost (a bf16
-    weight keeps 8 significant bits)."""
+    weight keeps 8 significant bits). A base that came in fp32 has its unrounded values back first
+    (``checkpoint.restore_unrounded``)."""
     for part in AlignLM.PARTS:
         module = getattr(model, part)
         if lora_base(module) is not module:

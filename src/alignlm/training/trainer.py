@@ -287,6 +287,7 @@ class Trainer:
         self.inert = apply_stage(model, stage.parts, stage.get("lora"))  # what an older checkpoint may hold besides
         self.saved_parts = [p for p in model.PARTS if p in set(self.prev_parts) | set(trainable_parts(stage.parts))]
         self._store_frozen_in_half_precision(model)
+        self.rounded = ckpt.rounded_at_start(model, init)  # given back their float32 values before LoRA merges
         enable_checkpointing(model, stage.get("gradient_checkpointing"))
         if stage.get("compile"):
             compile_llm_layers(model, "llm" in checkpointing_parts(stage.get("gradient_checkpointing") or False))
@@ -1314,7 +1315,8 @@ class Trainer:
         LoRA merges in fp32 (``merge_lora``): base weights stored in half precision are widened first, since a delta
         added to a bf16 weight would round away (a bf16 weight keeps ~3 significant digits), and the merged part is
         saved in fp32, as every trained part is (``apply_stage`` holds what trains in fp32). The merged base is the
-        half-precision-rounded one every matmul of the stage used: exact for LLMs shipped in bf16."""
+        one the stage started from: a base a ``final/`` gave in fp32 has its unrounded values back first
+        (``checkpoint.restore_unrounded``; the stage stored it in half precision), one shipped in bf16 is exact."""
         self.check_finite_weights()
         model = self.core()
         final = self.dir / "final"
@@ -1325,6 +1327,8 @@ class Trainer:
             apply_stage(model, self.stage.parts, self.stage.get("lora"))  # what trained in fp32: loaded unrounded
             model.load_state_dict(full)
         del full  # copied into the model: held through the merge and the save, rank 0 peaked at 5-6x the model
+        if self.acc.is_main_process:
+            ckpt.restore_unrounded(model, self.init, self.rounded)
         if not sharded or self.acc.is_main_process:
             merge_lora(model)
         if self.acc.is_main_process:
