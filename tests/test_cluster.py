@@ -875,3 +875,44 @@ def test_a_single_cpu_process_asked_of_accelerate_starts_no_ranks(monkeypatch):
         argv = ["--cpu", "--num_processes", n, "train.py"]
         monkeypatch.setattr(launch, "_launcher_argv", lambda pid, argv=argv: argv)
         assert launch.cpu_processes_to_spawn() == spawned
+
+
+@pytest.mark.parametrize("mode", ["lora", "frozen"])
+def test_fsdp2_saves_an_llm_an_earlier_stage_trained_unrounded(colour_set, tmp_path, monkeypatch, mode):
+    """Under fsdp2 the main process writes ``final/`` from a model built again from the config: an LLM a preset loads
+    in bf16 (``model.llm.dtype``) got there the fp32 weights a full finetune had saved rounded to bf16, frozen or
+    adapted by LoRA in the next stage. The next stage's ``final/`` now holds the finetune's LLM exactly (LoRA's
+    learning rate too small to move its adapters)."""
+    from safetensors.torch import load_file
+
+    from alignlm.models.build import build_model
+    from alignlm.training import trainer as trainer_module
+
+    def bf16_llm(cfg):  # what model.llm.dtype=bfloat16 loads (the tiny LLM is built, not loaded)
+        model = build_model(cfg)
+        model.llm.to(torch.bfloat16)
+        return model
+
+    monkeypatch.setattr(trainer_module, "build_model", bf16_llm)
+    job = tiny_overrides(
+        colour_set,
+        tmp_path,
+        "mixed_precision=bf16",
+        "eval.sets=[]",
+        "run=[finetune,next]",
+        "stages.finetune.init_from=null",
+        "stages.finetune.lr.llm=1e-4",
+        "+stage@stages.next=finetune",
+        "stages.next.init_from=finetune",
+        f"stages.next.parts={{vision:frozen,connector:full,llm:{mode}}}",
+        "stages.next.lr.llm=1e-30",
+        "stages.next.max_steps=2",
+        "stages.next.per_device_batch_size=4",
+        f"stages.next.data.sources=[{{path:{colour_set['instruct']}}}]",
+        "launcher=fsdp2",
+    )
+    run(compose(*job))
+    finetuned, saved = (load_file(tmp_path / "t" / s / "final" / "model.safetensors") for s in ("finetune", "next"))
+    llm = {k: v for k, v in finetuned.items() if k.startswith("llm.")}
+    assert all(v.dtype == torch.float32 for v in llm.values())
+    assert all(torch.equal(saved[k], v) for k, v in llm.items())

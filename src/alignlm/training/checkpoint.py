@@ -109,9 +109,16 @@ def load_init(model: nn.Module, init: Path) -> list[str]:
     if is_llava_dir(init):
         load_llava_weights(model, init)
         return list(model.PARTS)
-    for part in wide_parts(init) & set(model.PARTS):
-        hold_in_fp32(getattr(model, part))
+    hold_wide_parts(model, init)
     return load_final_weights(model, init)
+
+
+def hold_wide_parts(model: nn.Module, init: Path) -> None:
+    """Hold in float32 each part the ``final/`` folder ``init`` holds weights of in float32, whatever dtype the model
+    was built in: before its weights (or a stage's gathered state of them) load into it."""
+    if not is_llava_dir(init):
+        for part in wide_parts(init) & set(model.PARTS):
+            hold_in_fp32(getattr(model, part))
 
 
 def rounded_at_start(model: nn.Module, init: Path | None) -> dict[str, torch.dtype]:

@@ -1324,6 +1324,8 @@ class Trainer:
         sharded = full is not None
         if sharded and self.acc.is_main_process:
             model = build_model(self.cfg.model)
+            if self.init:  # what init_from gave in fp32, frozen parts too: loaded unrounded, as setup_model held it
+                ckpt.hold_wide_parts(model, self.init)
             apply_stage(model, self.stage.parts, self.stage.get("lora"))  # what trained in fp32: loaded unrounded
             model.load_state_dict(full)
         del full  # copied into the model: held through the merge and the save, rank 0 peaked at 5-6x the model
