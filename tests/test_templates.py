@@ -830,3 +830,53 @@ def test_text_read_outside_training_never_holds_a_control_token():
     ids = plain_text_ids([text, "A tag here."], tok)
     assert not set(ids[0]) & special_ids(tok)
     assert ids[1] == tok("A tag here.", add_special_tokens=False)["input_ids"]  # nothing else changed
+
+
+# Qwen3's rule, cut down: an empty think block before the last answer only (earlier answers are written as ChatML)
+THINK_LAST = (
+    "{%- for m in messages %}"
+    "{%- if m['role'] == 'assistant' and loop.last %}"
+    "{{- '<|im_start|>assistant\n<think>\n\n</think>\n\n' + m['content'] + '<|im_end|>\n' }}"
+    "{%- else %}{{- '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)
+
+
+def test_model_llm_chat_template_replaces_the_tokenizers_for_training_and_export(tiny_model, tmp_path):
+    """A tokenizer whose template writes an empty think block before the last answer only (Qwen3) renders no
+    conversation prefix by prefix: records of several turns were refused, with no setting to give it another
+    template. ``model.llm.chat_template`` sets one (``chatml`` or a Jinja file) for training, prompts and the export
+    alike; a missing file or one that is not Jinja is refused, naming the key."""
+    from alignlm.config import ConfigError
+
+    tok = _tiny()
+    tok.chat_template = THINK_LAST
+    with pytest.raises(TemplateError, match="does not render conversations prefix by prefix"):
+        get_template("chat").render(to_turns(CONVERSATION), tok)
+
+    from alignlm.models.llm import pretrained, tiny
+
+    llm, own = tiny()
+    own.chat_template = THINK_LAST
+    llm.save_pretrained(tmp_path / "llm")
+    own.save_pretrained(tmp_path / "llm")
+    assert pretrained(str(tmp_path / "llm"))[1].chat_template == THINK_LAST
+    assert pretrained(str(tmp_path / "llm"), chat_template="chatml")[1].chat_template == CHATML
+    upper = tmp_path / "upper.jinja"  # the roles in capitals: a template no tokenizer here has
+    upper.write_text(CHATML.replace("message['role']", "message['role'] | upper").replace("assistant\n", "ASSISTANT\n"))
+    tok = tiny_model(f"model.llm.chat_template={upper}").tokenizer
+    template = get_template("chat")
+    rendered = template.render(to_turns(CONVERSATION), tok)
+    assert rendered.text.startswith("<|im_start|>USER\n") and rendered.text.count("<|im_start|>ASSISTANT\n") == 2
+    ids, labels = tokenize(rendered, tok)
+    answers = tok.decode([i for i, label in zip(ids, labels) if label != IGNORE_INDEX])
+    assert answers == "7<|im_end|>It is odd, because seven is not divisible by two.<|im_end|>"
+    assert "| upper" in template.jinja(tok)  # what the exported processor prompts with
+
+    with pytest.raises(ConfigError, match=r"model.llm.chat_template='missing.jinja': no such file; give chatml"):
+        tiny_model("model.llm.chat_template=missing.jinja")
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% for m in messages %}{{ m['content'] }}")
+    with pytest.raises(ConfigError, match=r"model.llm.chat_template: .*broken.jinja is not a Jinja template \(line 1"):
+        tiny_model(f"model.llm.chat_template={broken}")

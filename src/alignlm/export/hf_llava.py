@@ -51,6 +51,7 @@ from alignlm.models.io import (
     load_model,
     model_stamps,
 )
+from alignlm.models.llm import with_chat_template
 from alignlm.models.lm_loss import head_transform
 from alignlm.models.loading import check_finite, refuse_hub_kernel_attention
 from alignlm.models.mllm import AlignLM
@@ -495,11 +496,12 @@ def vision_from_llava(path: str) -> HFVisionTower:
     return tower
 
 
-def llm_from_llava(path: str) -> tuple[nn.Module, Any]:
-    """The causal LM and tokenizer a Llava folder describes (random weights; ``init_from`` the folder loads them)."""
+def llm_from_llava(path: str, chat_template: str | None = None) -> tuple[nn.Module, Any]:
+    """The causal LM and tokenizer a Llava folder describes (random weights; ``init_from`` the folder loads them);
+    ``chat_template`` as ``model.llm.chat_template`` of any LLM (``models/llm.py``)."""
     cfg = llava_folder_config(path)
     llm = AutoModelForCausalLM.from_config(cfg.text_config)
-    return llm, AutoTokenizer.from_pretrained(path)
+    return llm, with_chat_template(AutoTokenizer.from_pretrained(path), chat_template)
 
 
 def llava_folder_config(path: str) -> Any:

