@@ -667,3 +667,23 @@ def test_the_export_pads_generation_with_the_tokenizers_pad_token(tiny_model):
     hf = to_llava(model)
     set_stop_tokens(hf, tok, get_template("chat"))
     assert hf.generation_config.pad_token_id == tok.pad_token_id
+
+
+def test_the_exported_processor_prompts_with_model_llm_chat_template(tiny_model, tmp_path):
+    """``model.llm.chat_template`` replaces the tokenizer's template in training; the exported processor prompts with
+    the same one (the roles in capitals here, a template no tokenizer of the tests has), so transformers' users see
+    the prompt the model was trained on."""
+    from transformers import AutoProcessor
+
+    from alignlm.export.hf_llava import llava_processor
+    from alignlm.models.tokenizer import CHATML
+
+    upper = tmp_path / "upper.jinja"
+    upper.write_text(CHATML.replace("message['role']", "message['role'] | upper").replace("assistant\n", "ASSISTANT\n"))
+    model = tiny_model(f"model.llm.chat_template={upper}")
+    hf = to_llava(model)
+    llava_processor(model, get_template("chat"), hf.config.vision_feature_select_strategy).save_pretrained(tmp_path)
+    processor = AutoProcessor.from_pretrained(tmp_path)
+    ids = _inputs(processor, Image.new("RGB", (40, 30), (200, 40, 40)))["input_ids"][0].tolist()
+    assert ids == _prompt_ids(model, "chat")
+    assert "<|im_start|>ASSISTANT\n" in model.tokenizer.decode(ids)
