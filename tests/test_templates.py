@@ -855,7 +855,7 @@ def test_model_llm_chat_template_replaces_the_tokenizers_for_training_and_export
     with pytest.raises(TemplateError, match="does not render conversations prefix by prefix"):
         get_template("chat").render(to_turns(CONVERSATION), tok)
 
-    from alignlm.models.llm import pretrained, tiny
+    from alignlm.models.llm import pretrained, tiny, with_chat_template
 
     llm, own = tiny()
     own.chat_template = THINK_LAST
@@ -873,6 +873,18 @@ def test_model_llm_chat_template_replaces_the_tokenizers_for_training_and_export
     answers = tok.decode([i for i, label in zip(ids, labels) if label != IGNORE_INDEX])
     assert answers == "7<|im_end|>It is odd, because seven is not divisible by two.<|im_end|>"
     assert "| upper" in template.jinja(tok)  # what the exported processor prompts with
+
+    # Qwen3's <think> is an added token without the special flag, a control token because its own template writes
+    # it: under ChatML, which does not, a record's "<think>" stays text all the same
+    tok = _tiny()
+    tok.add_tokens(["<think>"])
+    tok.chat_template = THINK_LAST
+    think = tok.convert_tokens_to_ids("<think>")
+    with_chat_template(tok, "chatml")
+    assert tok.chat_template == CHATML and think in special_ids(tok)
+    said = [{"from": "human", "value": "Write <think> here."}, {"from": "gpt", "value": "<think> is a tag."}]
+    ids, _ = tokenize(get_template("chat").render(to_turns(said), tok), tok)
+    assert think not in ids.tolist()
 
     with pytest.raises(ConfigError, match=r"model.llm.chat_template='missing.jinja': no such file; give chatml"):
         tiny_model("model.llm.chat_template=missing.jinja")

@@ -35,6 +35,7 @@ from transformers import (
 )
 
 from alignlm.config import ConfigError
+from alignlm.data.templates import replace_chat_template
 from alignlm.files import refuse_special_file, temporary_path
 from alignlm.models.loading import check_finite, refuse_hub_kernel_attention
 from alignlm.models.tokenizer import CHATML, build_tiny_tokenizer
@@ -80,7 +81,7 @@ def with_chat_template(tok: Any, chat_template: str | None) -> Any:
     """``tok`` with the chat template ``model.llm.chat_template`` names (:func:`chat_template_text`); None keeps its
     own."""
     if chat_template is not None:
-        tok.chat_template = chat_template_text(chat_template)
+        replace_chat_template(tok, chat_template_text(chat_template))
     return tok
 
 
