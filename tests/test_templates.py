@@ -892,3 +892,24 @@ def test_model_llm_chat_template_replaces_the_tokenizers_for_training_and_export
     broken.write_text("{% for m in messages %}{{ m['content'] }}")
     with pytest.raises(ConfigError, match=r"model.llm.chat_template: .*broken.jinja is not a Jinja template \(line 1"):
         tiny_model(f"model.llm.chat_template={broken}")
+
+
+def test_a_stage_is_warned_of_text_its_template_supervises_before_every_answer(
+    tiny_model, colour_set, tmp_path, alignlm_log
+):
+    """Qwen3's own template writes an empty think block after its generation prompt, before the answer: a one-turn
+    record trained it as part of the answer, so the model learns to write it and its answers start with it, without
+    a word. Building a stage's dataset warns, naming the text and the remedy; a template without it says nothing."""
+    from alignlm.data.build import build_dataset
+
+    data = {"template": "chat", "sources": [{"path": str(colour_set["pretrain"])}]}  # one-turn records
+    model = tiny_model()
+    build_dataset(data, model, 0, key="stages.finetune.data")
+    assert "before every answer" not in alignlm_log.text
+    model.tokenizer.chat_template = THINK_LAST
+    build_dataset(data, model, 0, key="stages.finetune.data")
+    assert (
+        "stages.finetune.data.template 'chat' writes '<think>\\n\\n</think>' before every answer, inside the span it "
+        "supervises" in alignlm_log.text
+    )
+    assert "set model.llm.chat_template=chatml" in alignlm_log.text

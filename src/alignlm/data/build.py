@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -10,7 +11,7 @@ from alignlm.data.hooks import SampleHook
 from alignlm.data.images import MAX_PIXELS, ImageReading, check_aspect_ratio
 from alignlm.data.llava import LlavaDataset
 from alignlm.data.records import Source
-from alignlm.data.templates import Template, get_template
+from alignlm.data.templates import Template, TemplateError, answer_preamble, get_template
 
 
 def build_dataset(
@@ -28,10 +29,13 @@ def build_dataset(
         raise ValueError(f"{key}.sources is empty; give at least one {{path, image_root, weight}}")
     hooks = [] if for_generation else build_hooks(data_cfg.get("hooks"), model, f"{key}.hooks")
     reading = image_reading_of(data_cfg)
+    template = template_of(data_cfg)
+    if not for_generation:
+        warn_of_preamble(template, model.tokenizer, key)
     return LlavaDataset(
         [Source.from_config(s, f"{key}.sources[{i}]") for i, s in enumerate(sources)],
         tokenizer=model.tokenizer,
-        template=template_of(data_cfg),
+        template=template,
         image_spec=model.image_spec,
         num_image_tokens=model.num_image_tokens,
         max_length=int(data_cfg.get("max_length", 2048)),
@@ -46,6 +50,23 @@ def build_dataset(
         preference=bool(data_cfg.get("preference", False)) and not for_generation,
         image_aspect_ratio=reading.aspect_ratio,
     )
+
+
+def warn_of_preamble(template: Template, tokenizer: Any, key: str) -> None:
+    """Warn where the template supervises text of its own before every answer (:func:`answer_preamble`), naming it."""
+    try:
+        preamble = answer_preamble(template, tokenizer)
+    except TemplateError:  # a template that takes no one-question exchange: the dataset's own checks say so
+        return
+    if preamble:
+        logging.getLogger("alignlm").warning(
+            "%s.template %r writes %r before every answer, inside the span it supervises: the model learns to write "
+            "it and its generated answers start with it (Qwen3's empty think block: set "
+            "model.llm.chat_template=chatml to train without it)",
+            key,
+            template.name,
+            preamble,
+        )
 
 
 def template_of(data_cfg: Mapping[str, Any]) -> Template:

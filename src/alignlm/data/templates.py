@@ -607,6 +607,16 @@ def reply(template: Template, tokenizer: Any, answer: str) -> tuple[Rendered, li
     return rendered, ids[labels != IGNORE_INDEX].tolist()
 
 
+def answer_preamble(template: Template, tokenizer: Any) -> str:
+    """What ``template`` writes inside an answer's supervised span before the answer itself, surrounding whitespace
+    aside: '' where the generation prompt ends where the answer starts. Qwen3's own template writes an empty think
+    block there, after its generation prompt: a model trained on it learns to write the block, and its generated
+    answers start with it."""
+    rendered, _ = reply(template, tokenizer, "y")
+    start = max(begin for begin, _, role in rendered.contents if role == "assistant")
+    return rendered.text[rendered.spans[-1][0] : start].strip()
+
+
 def turn_end(template: Template, tokenizer: Any) -> TurnEnd:
     """The end of an answer as ``template`` trains it: the supervised text after the answer's content."""
     rendered, supervised = reply(template, tokenizer, "y")
