@@ -848,6 +848,8 @@ def test_model_llm_chat_template_replaces_the_tokenizers_for_training_and_export
     conversation prefix by prefix: records of several turns were refused, with no setting to give it another
     template. ``model.llm.chat_template`` sets one (``chatml`` or a Jinja file) for training, prompts and the export
     alike; a missing file or one that is not Jinja is refused, naming the key."""
+    from transformers import AutoTokenizer
+
     from alignlm.config import ConfigError
 
     tok = _tiny()
@@ -885,9 +887,13 @@ def test_model_llm_chat_template_replaces_the_tokenizers_for_training_and_export
     said = [{"from": "human", "value": "Write <think> here."}, {"from": "gpt", "value": "<think> is a tag."}]
     ids, _ = tokenize(get_template("chat").render(to_turns(said), tok), tok)
     assert think not in ids.tolist()
+    tok.save_pretrained(tmp_path / "exported")  # as the export writes it: the list goes with it
+    assert think in special_ids(AutoTokenizer.from_pretrained(tmp_path / "exported"))
 
-    with pytest.raises(ConfigError, match=r"model.llm.chat_template='missing.jinja': no such file; give chatml"):
-        tiny_model("model.llm.chat_template=missing.jinja")
+    with pytest.raises(ConfigError, match=r"chat_template='t.jinja': give chatml or a Jinja file's path with a folder"):
+        tiny_model("model.llm.chat_template=t.jinja")  # a path without one is never stamped as the model's file
+    with pytest.raises(ConfigError, match=r"model.llm.chat_template='./missing.jinja': no such file; give chatml"):
+        tiny_model("model.llm.chat_template=./missing.jinja")
     broken = tmp_path / "broken.jinja"
     broken.write_text("{% for m in messages %}{{ m['content'] }}")
     with pytest.raises(ConfigError, match=r"model.llm.chat_template: .*broken.jinja is not a Jinja template \(line 1"):
@@ -912,4 +918,4 @@ def test_a_stage_is_warned_of_text_its_template_supervises_before_every_answer(
         "stages.finetune.data.template 'chat' writes '<think>\\n\\n</think>' before every answer, inside the span it "
         "supervises" in alignlm_log.text
     )
-    assert "set model.llm.chat_template=chatml" in alignlm_log.text
+    assert "model.llm.chat_template (chatml, or a Jinja file of your own) trains without it" in alignlm_log.text

@@ -516,6 +516,11 @@ def test_lora_merges_into_the_unrounded_weights_an_earlier_stage_trained(colour_
     ckpt.restore_unrounded(model, start, {"llm.weight": torch.bfloat16})
     assert model.llm.weight.dtype == torch.bfloat16
     assert "changed since this stage started: 1 weights (llm.weight)" in alignlm_log.text
+    save_file({"other.weight": torch.zeros(4, 4)}, start / "model.safetensors")  # written again without it: no crash
+    ckpt.restore_unrounded(model, start, {"llm.weight": torch.bfloat16})
+    (start / "model.safetensors").unlink()
+    ckpt.restore_unrounded(model, start, {"llm.weight": torch.bfloat16})
+    assert alignlm_log.text.count("changed since this stage started: 1 weights (llm.weight)") == 3
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])

@@ -61,8 +61,8 @@ def warn_of_preamble(template: Template, tokenizer: Any, key: str) -> None:
     if preamble:
         logging.getLogger("alignlm").warning(
             "%s.template %r writes %r before every answer, inside the span it supervises: the model learns to write "
-            "it and its generated answers start with it (Qwen3's empty think block: set "
-            "model.llm.chat_template=chatml to train without it)",
+            "it and its generated answers start with it; model.llm.chat_template (chatml, or a Jinja file of your "
+            "own) trains without it (Qwen3's empty think block: chatml)",
             key,
             template.name,
             preamble,

@@ -634,29 +634,29 @@ def turn_end(template: Template, tokenizer: Any) -> TurnEnd:
     return TurnEnd((), text)
 
 
-_REPLACED = "alignlm_replaced_chat_templates"  # a tokenizer's attribute: the chat templates it had before
-
-
 def replace_chat_template(tokenizer: Any, template: str) -> None:
-    """Give ``tokenizer`` the chat template ``template`` in place of its own (``model.llm.chat_template``), keeping the
-    one it had for :func:`special_ids`: the control tokens its own template writes stay control tokens, so a record's
-    text "<think>" does not become Qwen3's ``<think>`` under a template that no longer writes it."""
-    own = getattr(tokenizer, "chat_template", None)
-    setattr(tokenizer, _REPLACED, [*getattr(tokenizer, _REPLACED, []), *([own] if isinstance(own, str) else [])])
+    """Give ``tokenizer`` the chat template ``template`` in place of its own (``model.llm.chat_template``), keeping its
+    control tokens: unless the tokenizer lists them already, the control tokens of both templates (:func:`special_ids`)
+    become its ``chat_control_tokens``, the list transformers' ``sanitize_control_tokens`` reads and
+    ``save_pretrained`` writes, so that a record's text "<think>" does not become Qwen3's ``<think>`` under a template
+    that no longer writes it, in training or in the exported tokenizer."""
+    listed = getattr(tokenizer, "chat_control_tokens", None)
+    before = control_texts(tokenizer)
     tokenizer.chat_template = template
+    if listed is None:
+        tokenizer.chat_control_tokens = sorted({*before, *control_texts(tokenizer)})
 
 
 def special_ids(tokenizer: Any) -> set[int]:
     """Every id the tokenizer treats as a control token: its special tokens, its added special tokens, and, as
     transformers' ``sanitize_control_tokens`` counts them, an added token its ``chat_control_tokens`` list, or
-    otherwise one that its chat template's literal text holds (or one it had before :func:`replace_chat_template`),
-    whitespace tokens aside (Gemma's newlines are text there): Qwen2.5 adds ``<tool_call>`` without the special flag,
-    and a record's text "<tool_call>" had become it."""
+    otherwise one that its chat template's literal text holds, whitespace tokens aside (Gemma's newlines are text
+    there): Qwen2.5 adds ``<tool_call>`` without the special flag, and a record's text "<tool_call>" had become it."""
     found = set(tokenizer.all_special_ids)
     decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
     listed = getattr(tokenizer, "chat_control_tokens", None)
-    templates = [getattr(tokenizer, "chat_template", None), *getattr(tokenizer, _REPLACED, [])]
-    literal = "\0".join(_literal_text(t) for t in templates if isinstance(t, str)) if listed is None else ""
+    template = getattr(tokenizer, "chat_template", None)
+    literal = _literal_text(template) if isinstance(template, str) and listed is None else ""
     for i, t in decoder.items():
         written = t.content in listed if listed is not None else t.content in literal and not t.content.isspace()
         if getattr(t, "special", False) or (t.content and written):

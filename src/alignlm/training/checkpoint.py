@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -141,20 +141,25 @@ def restore_unrounded(model: nn.Module, init: Path | None, rounded: Mapping[str,
     merges into the weights the stage started from rather than their half-precision rounding: a DPO stage under bf16
     after a full finetune had saved the finetuned LLM's linear layers rounded to bf16 (on the tiny model, 8 % of the
     finetune's change to the LLM undone). Autocast computed every matmul of the stage from the same rounding either
-    way. A value whose rounding is not what the stage held (``init`` written again since the stage started) is left
-    as the stage held it, with a warning naming it."""
+    way. A value whose rounding is not what the stage held, or that ``init`` no longer holds (written again or removed
+    since the stage started), is left as the stage held it, with a warning naming it: the stage's training is saved."""
     if not rounded:
         return
     params = dict(model.named_parameters())
-    moved = []
-    with safe_open(str(Path(init) / "model.safetensors"), "pt") as f, torch.no_grad():
-        for name, dtype in rounded.items():
-            p = params[name]
-            value = f.get_tensor(merged_name(name)).to(p.device)
-            if torch.equal(value.to(dtype), p.to(dtype)):
-                p.data = value
-            else:
-                moved.append(merged_name(name))
+    moved = [merged_name(n) for n in rounded]
+    try:
+        with safe_open(str(Path(init) / "model.safetensors"), "pt") as f, torch.no_grad():
+            held = set(f.keys())
+            for name, dtype in rounded.items():
+                if merged_name(name) not in held:
+                    continue
+                p = params[name]
+                value = f.get_tensor(merged_name(name)).to(p.device)
+                if torch.equal(value.to(dtype), p.to(dtype)):
+                    p.data = value
+                    moved.remove(merged_name(name))
+    except (OSError, SafetensorError):  # gone or cut short since the stage started: the stage's weights are saved
+        pass
     if moved:
         logging.getLogger("alignlm").warning(
             "%s changed since this stage started: %d weights (%s) are saved as the stage held them, rounded to half "
