@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from alignlm import files
@@ -407,3 +408,41 @@ def test_a_stage_that_read_only_the_images_of_an_offline_set_trained_on_it(tmp_p
         }
     )
     assert trained_on(cfg, tmp_path / "set") == ["a"]
+
+
+def test_the_runs_final_evaluation_prompts_with_the_last_stages_data(tiny_model, tmp_path, monkeypatch):
+    """The run's closing evaluation asks its questions with the last stage's data settings (its template, the one
+    the model was last trained with): with the first stage's, a finetuned model was prompted with pretraining's
+    ``plain`` template and its accuracy read far below what it had learnt."""
+    from safetensors.torch import save_file
+
+    from alignlm import pipeline
+    from alignlm.models.io import part_state
+    from tests.conftest import compose
+
+    cfg = compose("run=[pretrain,finetune]", "eval.sets=[{name:s,path:x.json}]")
+    final = tmp_path / "final"
+    final.mkdir()
+    state = {k: v.contiguous() for k, v in part_state(tiny_model(), ["connector"]).items()}
+    save_file(state, final / "model.safetensors", metadata={"parts": "connector"})
+    seen = []
+    monkeypatch.setattr(pipeline, "answer_accuracy", lambda model, name, path, data, *rest: seen.append(data) or 0.5)
+    assert pipeline.evaluate_final(cfg, final, torch.device("cpu")) == {"s": 0.5}
+    assert seen[0]["template"] == cfg.stages.finetune.data.template != cfg.stages.pretrain.data.template
+
+
+def test_a_finished_stages_summary_that_holds_no_object_is_left_out_with_a_warning(tmp_path, alignlm_log):
+    """A finished stage's ``summary.json`` that holds JSON of another kind (a list, a number: a file written by hand
+    or by another tool) is left out of the run's summary with a warning naming it: taken as the stage's figures, the
+    run's table then failed reading them."""
+    import json
+    import logging
+
+    from alignlm.pipeline import finished_stage_figures
+
+    stage_file = tmp_path / "summary.json"
+    stage_file.write_text(json.dumps([1, 2]))
+    assert finished_stage_figures(stage_file, "pretrain", logging.getLogger("alignlm")) is None
+    assert "holds a JSON list, not an object" in alignlm_log.text
+    stage_file.write_text(json.dumps({"steps": 3}))
+    assert finished_stage_figures(stage_file, "pretrain", logging.getLogger("alignlm")) == {"steps": 3}
