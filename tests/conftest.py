@@ -453,3 +453,24 @@ def make_batch(model, image_counts: list[int], text_len: int = 6, seed: int = 0)
         "attention_mask": pad([torch.ones(len(r), dtype=torch.long) for r in rows], 0),
         "pixel_values": torch.randn(sum(image_counts), 3, size, size, generator=g) if sum(image_counts) else None,
     }
+
+
+def fake_monitor(**extra: Any) -> Any:
+    """A stand-in for ``AlignmentMonitor`` whose call is due at every step, one metric, no layers, no probe set: its
+    ``__call__`` run on this (``AlignmentMonitor.__call__(fake, step, model)``) with ``extract`` patched."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        due=lambda step: True,
+        frozen_tower_features=lambda model: None,
+        metrics=["cka"],
+        probe=None,
+        batch_size=2,
+        layers=[],
+        reading=None,
+        num_workers=0,
+        topk=1,
+        layer_metrics=None,
+        last=0.0,
+        **extra,
+    )

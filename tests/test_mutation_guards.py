@@ -10,6 +10,7 @@ import torch
 
 from alignlm.constants import IGNORE_INDEX
 from alignlm.data.templates import get_template, to_turns, tokenize
+from tests.conftest import fake_monitor
 from tests.test_templates import CONVERSATION, _tiny, _tiny_with_bos, supervised_segments
 
 
@@ -291,25 +292,6 @@ def test_a_data_report_merge_keeps_at_most_its_few_examples_per_cause():
     assert merged.examples["missing image"] == [f"a{i}" for i in range(EXAMPLES)]
 
 
-def _fake_monitor(**extra):
-    from types import SimpleNamespace
-
-    return SimpleNamespace(
-        due=lambda step: True,
-        frozen_tower_features=lambda model: None,
-        metrics=["cka"],
-        probe=None,
-        batch_size=2,
-        layers=[],
-        reading=None,
-        num_workers=0,
-        topk=1,
-        layer_metrics=None,
-        last=0.0,
-        **extra,
-    )
-
-
 def test_the_monitor_skips_a_measurement_whose_layer_features_are_not_finite(monkeypatch, alignlm_log):
     """Per-layer features are checked as the pooled ones are: a NaN in one layer's features reached the metrics, which
     refuse it, and the diagnostic ended the run."""
@@ -324,7 +306,7 @@ def test_the_monitor_skips_a_measurement_whose_layer_features_are_not_finite(mon
     monkeypatch.setattr(monitor, "extract", lambda *args: features)
     monkeypatch.setattr(monitor, "probe_metrics", lambda *args, **kwargs: {})
     monkeypatch.setattr(monitor, "flat", lambda values: {"pooled/cka": 0.5})
-    assert monitor.AlignmentMonitor.__call__(_fake_monitor(), 1, torch.nn.Linear(1, 1)) == {}
+    assert monitor.AlignmentMonitor.__call__(fake_monitor(), 1, torch.nn.Linear(1, 1)) == {}
     assert "not finite" in alignlm_log.text
 
 
@@ -341,6 +323,6 @@ def test_a_monitor_measurement_skipped_for_a_damaged_image_restarts_the_time_sha
 
     monkeypatch.setattr(monitor.time, "perf_counter", lambda: next(clock))
     monkeypatch.setattr(monitor, "extract", damaged)
-    fake = _fake_monitor()
+    fake = fake_monitor()
     assert monitor.AlignmentMonitor.__call__(fake, 1, torch.nn.Linear(1, 1)) == {}
     assert fake.last == 11.0

@@ -13,7 +13,7 @@ from alignlm.pipeline import run
 from alignlm.training import throughput, trainer
 from alignlm.training.throughput import Meter, model_flops_per_token
 from alignlm.training.trainer import StopTraining, Trainer
-from tests.conftest import compose, tiny_overrides
+from tests.conftest import compose, fake_monitor, tiny_overrides
 
 
 def test_a_meter_fetched_just_as_its_warm_up_ends_gives_the_overall_rates(monkeypatch):
@@ -128,19 +128,7 @@ def test_the_monitors_time_share_is_its_measurement_over_the_time_since_the_last
     monkeypatch.setattr(monitor, "extract", lambda *args: features)
     monkeypatch.setattr(monitor, "probe_metrics", lambda *args, **kwargs: {})
     monkeypatch.setattr(monitor, "flat", lambda values: {"pooled/cka": 0.5})
-    fake = SimpleNamespace(
-        due=lambda step: True,
-        frozen_tower_features=lambda model: None,
-        metrics=["cka"],
-        probe=None,
-        batch_size=2,
-        layers=[],
-        reading=None,
-        num_workers=0,
-        topk=1,
-        layer_metrics=None,
-        last=0.0,
-    )
+    fake = fake_monitor()
     row = monitor.AlignmentMonitor.__call__(fake, 1, torch.nn.Linear(1, 1))
     assert row["monitor/seconds"] == 2.0 and row["monitor/time_share"] == pytest.approx(2.0 / 12.0)
     assert fake.last == 12.0
