@@ -60,10 +60,10 @@ def cache_dir() -> Path:
 def chat_template_text(value: str, key: str = "model.llm.chat_template") -> str:
     """The chat template ``value`` names: ``chatml`` (each turn ``<|im_start|>role\\n…<|im_end|>``, no system prompt
     of its own), else the text of the Jinja file at that path, which must parse and be written with a folder
-    (``./t.jinja``): a path so written is one of the model's files, whose content a resume checks. Why a tokenizer's own may need
-    replacing: Qwen3's writes an empty think block before the last answer only, so its conversations do not render
-    prefix by prefix and records of several turns are refused (``data/templates.py``); ChatML is what it writes for
-    every earlier turn."""
+    (``./t.jinja``): a path so written is one of the model's files, whose content a resume checks. Why a tokenizer's
+    own may need replacing: Qwen3's writes an empty think block before the last answer only, so its conversations do
+    not render prefix by prefix and records of several turns are refused (``data/templates.py``); ChatML is what it
+    writes for every earlier turn."""
     if value == "chatml":
         return CHATML
     if "/" not in value:  # a path is written as one, as a model folder is (``io.model_sources`` stamps those)
