@@ -446,3 +446,19 @@ def test_a_finished_stages_summary_that_holds_no_object_is_left_out_with_a_warni
     assert "holds a JSON list, not an object" in alignlm_log.text
     stage_file.write_text(json.dumps({"steps": 3}))
     assert finished_stage_figures(stage_file, "pretrain", logging.getLogger("alignlm")) == {"steps": 3}
+
+
+def test_compare_names_step_checkpoints_of_one_label_by_the_folders_above_their_runs(tmp_path, capsys):
+    """Two runs named alike (``s1/raw`` and ``s2/raw``), each evaluated alone at a step checkpoint, are told apart by
+    the folder above each run, as their ``final/`` would be: a step checkpoint sits one folder deeper
+    (``<stage>/checkpoints/step_*``), and read as a ``final/`` its run was taken for the folder above it
+    (``raw/raw/finetune/step_000010``)."""
+    from alignlm.commands.evaluate import tell_apart
+
+    def step(seed: str) -> dict:
+        path = tmp_path / seed / "raw" / "finetune" / "checkpoints" / "step_000010"
+        return {"label": "raw/finetune/step_000010", "path": str(path), "kind": "step", "sets": {}}
+
+    named = tell_apart([step("s1"), step("s2")], [tmp_path / "a.json", tmp_path / "b.json"])
+    assert [c["label"] for c in named] == ["s1/raw/finetune/step_000010", "s2/raw/finetune/step_000010"]
+    assert [c["above"] for c in named] == ["s1", "s2"]
