@@ -146,20 +146,21 @@ def restore_unrounded(model: nn.Module, init: Path | None, rounded: Mapping[str,
     if not rounded:
         return
     params = dict(model.named_parameters())
-    moved = [merged_name(n) for n in rounded]
+    restored: set[str] = set()
     try:
         with safe_open(str(Path(init) / "model.safetensors"), "pt") as f, torch.no_grad():
             held = set(f.keys())
             for name, dtype in rounded.items():
-                if merged_name(name) not in held:
+                key, p = merged_name(name), params[name]
+                if key not in held:
                     continue
-                p = params[name]
-                value = f.get_tensor(merged_name(name)).to(p.device)
+                value = f.get_tensor(key).to(p.device)
                 if torch.equal(value.to(dtype), p.to(dtype)):
                     p.data = value
-                    moved.remove(merged_name(name))
+                    restored.add(name)
     except (OSError, SafetensorError):  # gone or cut short since the stage started: the stage's weights are saved
         pass
+    moved = [merged_name(n) for n in rounded if n not in restored]
     if moved:
         logging.getLogger("alignlm").warning(
             "%s changed since this stage started: %d weights (%s) are saved as the stage held them, rounded to half "
