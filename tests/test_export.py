@@ -676,10 +676,10 @@ def test_the_exported_processor_prompts_with_model_llm_chat_template(tiny_model,
     from transformers import AutoProcessor
 
     from alignlm.export.hf_llava import llava_processor
-    from alignlm.models.tokenizer import CHATML
+    from tests.test_templates import UPPER_ROLES
 
     upper = tmp_path / "upper.jinja"
-    upper.write_text(CHATML.replace("message['role']", "message['role'] | upper").replace("assistant\n", "ASSISTANT\n"))
+    upper.write_text(UPPER_ROLES)
     model = tiny_model(f"model.llm.chat_template={upper}")
     hf = to_llava(model)
     llava_processor(model, get_template("chat"), hf.config.vision_feature_select_strategy).save_pretrained(tmp_path)

@@ -842,6 +842,10 @@ THINK_LAST = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
 )
 
+UPPER_ROLES = (  # ChatML with the roles in capitals: a template no tokenizer of the tests has
+    CHATML.replace("message['role']", "message['role'] | upper").replace("assistant\n", "ASSISTANT\n")
+)
+
 
 def test_model_llm_chat_template_replaces_the_tokenizers_for_training_and_export(tiny_model, tmp_path):
     """A tokenizer whose template writes an empty think block before the last answer only (Qwen3) renders no
@@ -865,8 +869,8 @@ def test_model_llm_chat_template_replaces_the_tokenizers_for_training_and_export
     own.save_pretrained(tmp_path / "llm")
     assert pretrained(str(tmp_path / "llm"))[1].chat_template == THINK_LAST
     assert pretrained(str(tmp_path / "llm"), chat_template="chatml")[1].chat_template == CHATML
-    upper = tmp_path / "upper.jinja"  # the roles in capitals: a template no tokenizer here has
-    upper.write_text(CHATML.replace("message['role']", "message['role'] | upper").replace("assistant\n", "ASSISTANT\n"))
+    upper = tmp_path / "upper.jinja"
+    upper.write_text(UPPER_ROLES)
     tok = tiny_model(f"model.llm.chat_template={upper}").tokenizer
     template = get_template("chat")
     rendered = template.render(to_turns(CONVERSATION), tok)
