@@ -259,6 +259,28 @@ def test_the_console_log_goes_to_stderr_as_it_is_at_each_line(monkeypatch):
     assert second.getvalue().endswith(" two\n") and "Logging error" not in second.getvalue(), second.getvalue()
 
 
+def test_a_warning_every_rank_makes_alike_is_printed_by_rank_zero_alone(monkeypatch):
+    """A warning that comes from the config or the data (a record left out at start-up, a template's preamble) is
+    made alike by every rank: rank 0 prints it, where a 64-rank job had printed it 64 times. A rank's own warning (a
+    checkpoint file it alone cannot read) is still printed by that rank, and a child logger's records pass the same
+    way."""
+    from alignlm.constants import ALIKE_ON_EVERY_RANK
+
+    name = "alignlm.test_alike_on_every_rank"
+    said = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", said)
+    try:
+        for rank in (1, 0):
+            log = get_logger(name, rank)
+            log.warning("rank %d: from the data", rank, extra=ALIKE_ON_EVERY_RANK)
+            log.warning("rank %d: its own", rank)
+            logging.getLogger(f"{name}.child").warning("rank %d: a child's, alike", rank, extra=ALIKE_ON_EVERY_RANK)
+    finally:
+        logging.getLogger(name).handlers.clear()
+    lines = [line.split("] ", 1)[1] for line in said.getvalue().splitlines()]
+    assert lines == ["rank 1: its own", "rank 0: from the data", "rank 0: its own", "rank 0: a child's, alike"]
+
+
 def test_a_test_that_launches_ranks_without_the_ranks_mark_is_stopped():
     """Every launch of ranks asks conftest's free_port for its port; a test without RANKS is stopped there, naming the
     mark, where it would run beside the other such tests and time out now and then on two cores."""

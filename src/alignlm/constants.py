@@ -7,3 +7,6 @@ IMAGE_TOKEN = "<image>"
 # the same (tests/test_eval_knobs.py); export --check and the lmms-eval task had 16, so one checkpoint read another
 # accuracy from each
 MAX_NEW_TOKENS = 8
+# ``extra=`` of a warning that every rank of a run makes alike, from the config or the data every rank reads the same:
+# rank 0 alone prints it (training/logging.py: get_logger), where a 64-rank job had printed each 64 times
+ALIKE_ON_EVERY_RANK = {"alike_on_every_rank": True}

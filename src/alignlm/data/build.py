@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from alignlm.config import instantiate
+from alignlm.constants import ALIKE_ON_EVERY_RANK
 from alignlm.data.hooks import SampleHook
 from alignlm.data.images import MAX_PIXELS, ImageReading, check_aspect_ratio
 from alignlm.data.llava import LlavaDataset
@@ -66,6 +67,7 @@ def warn_of_preamble(template: Template, tokenizer: Any, key: str) -> None:
             key,
             template.name,
             preamble,
+            extra=ALIKE_ON_EVERY_RANK,
         )
 
 

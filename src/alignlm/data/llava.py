@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import Dataset
 
 from alignlm.config import ConfigError
-from alignlm.constants import IGNORE_INDEX, IMAGE_TOKEN
+from alignlm.constants import ALIKE_ON_EVERY_RANK, IGNORE_INDEX, IMAGE_TOKEN
 from alignlm.data.collate import Skipped
 from alignlm.data.hooks import SampleHook
 from alignlm.data.images import MAX_PIXELS, ImageSpec, check_aspect_ratio, load_rgb, preprocess
@@ -222,7 +222,11 @@ class LlavaDataset(Dataset):
             total += len(self.records[-1]) + self.report.left_out - left_out
         if self.report.counts:
             log.warning(
-                "left out %d of %d records at start-up: %s", self.report.left_out, total, "; ".join(self.report.lines())
+                "left out %d of %d records at start-up: %s",
+                self.report.left_out,
+                total,
+                "; ".join(self.report.lines()),
+                extra=ALIKE_ON_EVERY_RANK,
             )
         usable = sum(len(r) for r in self.records)
         if total and usable < min_usable_fraction * total:

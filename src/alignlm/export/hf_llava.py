@@ -35,7 +35,7 @@ from transformers import (
 )
 
 from alignlm.config import ConfigError
-from alignlm.constants import IMAGE_TOKEN
+from alignlm.constants import ALIKE_ON_EVERY_RANK, IMAGE_TOKEN
 from alignlm.data.build import aspect_ratio_of
 from alignlm.data.images import check_aspect_ratio
 from alignlm.data.templates import get_template, turn_end
@@ -544,5 +544,6 @@ def _image_norm(path: str) -> dict[str, Any]:
             "processor does): with pad its pixels (and answers) differ from transformers' own preprocessing of this "
             "folder",
             path,
+            extra=ALIKE_ON_EVERY_RANK,
         )
     return {key: list(value) for key, value in saved_image_norm(path).items()}

@@ -26,6 +26,7 @@ from transformers import AutoConfig, AutoModel, CLIPVisionModel, SiglipVisionMod
 from transformers.utils import IMAGE_PROCESSOR_NAME, PROCESSOR_NAME, cached_file
 
 from alignlm.config import ConfigError, is_finite
+from alignlm.constants import ALIKE_ON_EVERY_RANK
 from alignlm.data.images import ImageSpec
 from alignlm.models.llm import torch_dtype
 from alignlm.models.loading import check_finite, refuse_hub_kernel_attention
@@ -272,6 +273,7 @@ def _normalisation(
                 "and model.vision sets none: using OpenAI CLIP's",
                 name_or_path,
                 " and ".join(key for key in unset if key not in taken),
+                extra=ALIKE_ON_EVERY_RANK,
             )
     mean = tuple(image_mean) if image_mean is not None else saved.get("image_mean", CLIP_MEAN)
     std = tuple(image_std) if image_std is not None else saved.get("image_std", CLIP_STD)

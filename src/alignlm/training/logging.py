@@ -36,8 +36,17 @@ class CurrentStderr(logging.StreamHandler):
         """Nothing to keep: each record goes to the ``sys.stderr`` of its time."""
 
 
+class OnRankZero(logging.Filter):
+    """Leaves out a record that every rank makes alike (``extra=ALIKE_ON_EVERY_RANK``): rank 0 prints it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(record, "alike_on_every_rank", False)
+
+
 def get_logger(name: str, rank: int) -> logging.Logger:
-    """A logger that speaks on rank 0 only (other ranks warn and above), with the rank in each line."""
+    """A logger that speaks on rank 0 only (other ranks warn and above, less the warnings every rank makes alike:
+    ``constants.ALIKE_ON_EVERY_RANK``), with the rank in each line. A warning of one rank's own (a checkpoint file
+    it cannot read, its random state missing) is printed by that rank."""
     log = logging.getLogger(name)
     if not log.handlers:
         handler = CurrentStderr()
@@ -45,6 +54,11 @@ def get_logger(name: str, rank: int) -> logging.Logger:
         log.addHandler(handler)
         log.propagate = False
     log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    for handler in log.handlers:  # on the handlers: they also print what the child loggers (``alignlm.*``) pass up
+        for f in [f for f in handler.filters if isinstance(f, OnRankZero)]:
+            handler.removeFilter(f)
+        if rank != 0:
+            handler.addFilter(OnRankZero())
     return log
 
 

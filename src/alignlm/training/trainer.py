@@ -46,6 +46,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from alignlm.config import ConfigError, instantiate
+from alignlm.constants import ALIKE_ON_EVERY_RANK
 from alignlm.data.build import build_dataset, image_reading_of
 from alignlm.data.collate import Collator
 from alignlm.data.images import loader_workers
@@ -337,6 +338,7 @@ class Trainer:
                 self.order.steps_per_epoch,
                 self.order.global_batch,
                 left,
+                extra=ALIKE_ON_EVERY_RANK,
             )
 
     def setup_optimization(self, model: AlignLM, dataset: Any) -> None:
@@ -620,6 +622,7 @@ class Trainer:
                 data.get("packing", "auto"),
                 attention,
                 ", ".join(PACKED_ATTENTION),
+                extra=ALIKE_ON_EVERY_RANK,
             )
         return Collator(
             model.tokenizer.pad_token_id,
