@@ -28,4 +28,4 @@ for seed in "$@"; do
         "model.init_seed=$seed" "${arms[$arm]}"
   done
 done
-python experiments/artifacts/table.py "$out"
+python experiments/monitor_table.py "$out"

@@ -1,8 +1,9 @@
-"""The artifact filter's effect on the alignment monitor (experiments/artifacts/run.sh): per seed and arm, the last
-monitor measurement and the final training loss; each filtered arm minus the unfiltered one paired by seed, with the
-mean over seeds, its standard error and ``t = mean / SE``.
+"""Arms of caption pretraining side by side by the alignment monitor (experiments/artifacts/run.sh,
+experiments/objectives/run.sh): per seed and arm (runs named ``<arm>_seed_<seed>``), the last monitor measurement and
+the mean captioning loss of the last 10 steps; each arm minus the ``none`` arm paired by seed, with the mean over seeds,
+its standard error and ``t = mean / SE``.
 
-    python experiments/artifacts/table.py outputs/artifacts
+    python experiments/monitor_table.py outputs/artifacts
 """
 
 from __future__ import annotations
@@ -17,16 +18,17 @@ METRICS = ("pooled/modality_gap", "pooled/mutual_knn", "pooled/cka", "pooled/ckn
 
 
 def last_row(run: Path) -> dict[str, float]:
-    """The monitor's last measurement, with the mean loss of the last 10 steps as ``loss``."""
+    """The monitor's last measurement, with the mean captioning loss (``loss/lm``, without any other objective's
+    term) of the last 10 steps as ``caption_loss``."""
     rows = [json.loads(r) for r in (run / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     monitor = [r for r in rows if any(k.startswith("monitor/") for k in r)][-1]
     out = {m: monitor[f"monitor/{m}"] for m in METRICS if f"monitor/{m}" in monitor}
-    losses = [r["loss/total"] for r in rows if "loss/total" in r][-10:]
-    return out | {"loss": math.fsum(losses) / len(losses)}
+    losses = [r["loss/lm"] for r in rows if r.get("loss/lm") is not None][-10:]
+    return out | {"caption_loss": math.fsum(losses) / len(losses)}
 
 
 def table(out: Path) -> list[str]:
-    runs = {p.name for p in out.iterdir() if (p / "pretrain" / "metrics.jsonl").exists()}
+    runs = {p.name for p in out.iterdir() if (p / "pretrain" / "final" / "config.yaml").exists()}  # finished runs
     arms = sorted({r.rsplit("_seed_", 1)[0] for r in runs}, key=lambda a: (a != "none", a))
     seeds = sorted({r.rsplit("_seed_", 1)[1] for r in runs}, key=int)
     values = {(a, s): last_row(out / f"{a}_seed_{s}") for a in arms for s in seeds if f"{a}_seed_{s}" in runs}
