@@ -4,8 +4,6 @@ checkpoints that the other test files leave unchecked: boundaries, tie handling,
 from __future__ import annotations
 
 import math
-from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -24,6 +22,7 @@ from alignlm.models.io import (
 )
 from alignlm.models.lm_loss import head_transform, linear_cross_entropy, linear_token_nll, linear_weight, scalar_problem
 from alignlm.training import checkpoint as ckpt
+from tests.test_durable_writes import written_step
 
 # ---------------------------------------------------------------------------------------------- alignment metrics
 
@@ -344,7 +343,7 @@ def test_a_tied_weight_arrives_with_the_one_it_is_tied_to():
 # ------------------------------------------------------------------------------------------------ step checkpoints
 
 
-class Parts(nn.Module):
+class WithStatistics(nn.Module):
     """The least a checkpoint writer needs of a model: named parts, one of them with running statistics."""
 
     PARTS = ("connector",)
@@ -354,20 +353,10 @@ class Parts(nn.Module):
         self.connector = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
 
 
-def written_step(stage_dir: Path, step: int, model: nn.Module | None = None) -> tuple[Path, nn.Module, Any, Any]:
-    """A small step checkpoint, written as the trainer writes one; with the model, optimizer and schedule."""
-    model = model or Parts()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    path = stage_dir / "checkpoints" / f"{ckpt.STEP_PREFIX}{step:06d}"
-    ckpt.save_training_state(path, model, optimizer.state_dict(), scheduler, {"step": step}, {0: ckpt.rng_state()})
-    return path, model, optimizer, scheduler
-
-
 def test_resuming_names_the_trained_buffers_a_checkpoint_does_not_hold(tmp_path):
     """A checkpoint written before step checkpoints held trained parts' buffers resumes with those buffers as they
     started, and ``apply_training_state`` names them for the caller's warning."""
-    folder, model, optimizer, scheduler = written_step(tmp_path, 1)
+    folder, model, optimizer, scheduler = written_step(tmp_path, 1, WithStatistics())
     state = ckpt.read_training_state(folder, 0)
     state.weights = {k: v for k, v in state.weights.items() if "running" not in k and "num_batches" not in k}
     missing, _ = ckpt.apply_training_state(state, model, optimizer, scheduler, 0)
@@ -377,7 +366,7 @@ def test_resuming_names_the_trained_buffers_a_checkpoint_does_not_hold(tmp_path)
 def test_resuming_without_a_saved_loss_scaler_says_so(tmp_path):
     """An fp16 run resumed from a checkpoint that holds no loss scaler (written without one) is told the scaler starts
     afresh: ``apply_training_state`` returns False for the caller's warning."""
-    folder, model, optimizer, scheduler = written_step(tmp_path, 1)
+    folder, model, optimizer, scheduler = written_step(tmp_path, 1, WithStatistics())
     state = ckpt.read_training_state(folder, 0)
     scaler = torch.amp.GradScaler("cpu")
     assert ckpt.apply_training_state(state, model, optimizer, scheduler, 0, scaler=scaler)[1] is False

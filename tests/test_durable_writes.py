@@ -27,14 +27,22 @@ class Parts(nn.Module):
         self.connector = nn.Linear(3, 2)
 
 
-def save_step(stage_dir: Path, step: int) -> Path:
-    """A small step checkpoint, written as the trainer writes one."""
-    model = Parts()
+def written_step(
+    stage_dir: Path, step: int, model: nn.Module | None = None
+) -> tuple[Path, nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """A small step checkpoint of ``model`` (default :class:`Parts`), written as the trainer writes one; with the
+    model, optimizer and schedule it was written from."""
+    model = model or Parts()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     path = stage_dir / "checkpoints" / f"{ckpt.STEP_PREFIX}{step:06d}"
     ckpt.save_training_state(path, model, optimizer.state_dict(), scheduler, {"step": step}, {0: ckpt.rng_state()})
-    return path
+    return path, model, optimizer, scheduler
+
+
+def save_step(stage_dir: Path, step: int) -> Path:
+    """A small step checkpoint, written as the trainer writes one."""
+    return written_step(stage_dir, step)[0]
 
 
 def replace_bytes(path: Path, data: bytes) -> None:
